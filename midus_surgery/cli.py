@@ -1,0 +1,139 @@
+"""The ``midus-surgery`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import MidusError, RecipeError
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _compile(path: str):
+    from .compile import compile_recipe
+
+    c = compile_recipe(path)
+    return c.loaded, c.config, c.anatomy, c.plan
+
+
+def _human(n: int) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _ratio(a: int, b: int) -> str:
+    return f"{a / b:.3f}x" if b else "-"
+
+
+def cmd_validate(args) -> int:
+    failed = 0
+    for path in args.recipes:
+        try:
+            _, _, _, plan = _compile(path)
+        except MidusError as exc:
+            failed += 1
+            err.print(f"[bold red]INVALID[/] {path}", markup=True)
+            for line in str(exc).splitlines():
+                err.print(f"  {line}", markup=False)
+            continue
+        kinds = Counter(layer.kind for layer in plan.layers if layer.inserted)
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+        out.print(f"[bold green]OK[/] {path}: {plan.base_num_layers} -> {plan.num_hidden_layers} layers ({summary})", markup=True)
+    return 2 if failed else 0
+
+
+def cmd_plan(args) -> int:
+    try:
+        loaded, config, anatomy, plan = _compile(args.recipe)
+    except MidusError as exc:
+        err.print(str(exc), markup=False)
+        return exc.exit_code
+    if args.json:
+        data = plan.to_json()
+        if not args.tensors:
+            data.pop("tensors")
+        print(json.dumps(data, indent=2))
+        return 0
+
+    out.print(f"[bold]{args.recipe}[/]: {config.model_type}, {plan.base_num_layers} -> {plan.num_hidden_layers} layers", markup=True)
+    if anatomy is not None:
+        out.print(f"anatomy ({anatomy.source}): {anatomy.describe() if hasattr(anatomy, 'describe') else anatomy}", markup=False)
+    table = Table(title="Layer map", show_lines=False)
+    for col in ("out", "source", "kind", "params"):
+        table.add_column(col, justify="right" if col != "kind" else "left")
+    style = {"base": "dim", "transformer": "cyan", "identity": "yellow", "memory": "bold magenta"}
+    for layer, n in zip(plan.layers, plan.layer_params):
+        table.add_row(str(layer.index), str(layer.source), f"[{style[layer.kind]}]{layer.kind}[/]", _human(n))
+    out.print(table)
+
+    counts = Table(title="Counts")
+    for col in ("", "base", "DUS equivalent", "this plan", "plan / DUS"):
+        counts.add_column(col, justify="right")
+    p, f = plan.params, plan.flops_per_token
+    counts.add_row("parameters", _human(p["base"]), _human(p["base"] + p["dus_added"]), _human(p["total"]), _ratio(p["total"], p["base"] + p["dus_added"]))
+    counts.add_row("added parameters", "-", _human(p["dus_added"]), _human(p["added"]), _ratio(p["added"], p["dus_added"]))
+    counts.add_row(f"FLOPs/token (ctx {loaded.recipe.flops_seq_len})", _human(f["base"]), _human(f["dus"]), _human(f["plan"]), _ratio(f["plan"], f["dus"]))
+    out.print(counts)
+    if args.tensors:
+        tensors = Table(title="Tensor map")
+        for col in ("output tensor", "shape", "from"):
+            tensors.add_column(col)
+        for t in plan.tensors:
+            origin = t.source if t.rule == "copy" else (f"{t.source} (zeroed)" if t.source else t.rule)
+            tensors.add_row(t.name, "x".join(map(str, t.shape)), origin)
+        out.print(tensors)
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from .recipe import recipe_json_schema_text
+
+    sys.stdout.write(recipe_json_schema_text())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="midus-surgery", description="Memory-Infused Depth Up-Scaling: compile YAML recipes into deeper models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check recipes against their base models' configs (no weights read)")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plan", help="print the layer map, parameter and FLOP counts of a recipe (no weights read)")
+    p.add_argument("recipe", metavar="RECIPE")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--tensors", action="store_true", help="include the tensor map")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("schema", help="print the recipe JSON Schema (for editors and tools)")
+    p.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RecipeError as exc:
+        err.print(str(exc), markup=False)
+        return exc.exit_code
+    except MidusError as exc:
+        err.print(f"error: {exc}", markup=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

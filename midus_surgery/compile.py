@@ -1,0 +1,39 @@
+"""The compiler's front half in one call: recipe file -> validated recipe, base config, anatomy, plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .anatomy import Anatomy
+from .base import load_base_config
+from .plan import Plan, make_plan
+from .recipe import LoadedRecipe, load_recipe
+
+
+@dataclass(frozen=True)
+class Compiled:
+    loaded: LoadedRecipe
+    config: object  # transformers.PretrainedConfig of the base
+    anatomy: Anatomy | None
+    plan: Plan
+
+
+def anatomy_for(loaded: LoadedRecipe, config) -> Anatomy | None:
+    """The recipe's stated anatomy, else the traced one; None when tracing cannot tell."""
+    if loaded.recipe.anatomy is not None:
+        return loaded.recipe.anatomy.model_copy(update={"source": "recipe"})
+    from .anatomy import AnatomyError, find_anatomy
+
+    try:
+        return find_anatomy(config, trust_remote_code=loaded.recipe.base.trust_remote_code)
+    except AnatomyError:
+        # make_plan reports it, located, if the layout needs the anatomy (identity/memory blocks).
+        return None
+
+
+def compile_recipe(path) -> Compiled:
+    """Raises RecipeError (every problem, located) when the recipe does not fit its base."""
+    loaded = load_recipe(path)
+    config = load_base_config(loaded)
+    anatomy = anatomy_for(loaded, config)
+    return Compiled(loaded, config, anatomy, make_plan(loaded, config, anatomy))

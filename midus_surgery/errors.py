@@ -1,0 +1,34 @@
+"""Errors a user can cause. The CLI prints them as one clear message and exits non-zero."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class MidusError(Exception):
+    """Base of every error caused by user input (recipes, paths, weights, data)."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a recipe, located in its YAML file when known."""
+
+    where: str  # "recipe.yaml:12:5" or "recipe.yaml" when no position is known
+    field: str  # dotted path of the field, e.g. "layout.interleave.after_every"; "" for the whole file
+    message: str
+
+    def __str__(self) -> str:
+        field = f" {self.field}:" if self.field else ""
+        return f"{self.where}:{field} {self.message}"
+
+
+class RecipeError(MidusError):
+    """A recipe is invalid; carries every problem found, each with file:line:col."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))

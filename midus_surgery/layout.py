@@ -1,0 +1,92 @@
+"""Expand a recipe's layout into the output layer map: (output index, source base layer, kind)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import Problem
+from .recipe import LoadedRecipe
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    index: int  # position in the up-scaled model
+    source: int  # base layer it is made from
+    kind: str  # "base" | "transformer" | "identity" | "memory"
+
+    @property
+    def inserted(self) -> bool:
+        return self.kind != "base"
+
+
+def expand_layout(loaded: LoadedRecipe, num_base_layers: int) -> tuple[list[LayerSpec], list[Problem]]:
+    """The layer map, and every problem found (indices out of range, adjacent memory blocks...)."""
+    layout = loaded.recipe.layout
+    problems: list[Problem] = []
+    L = num_base_layers
+
+    def check_range(path: tuple, index: int, end: bool = False) -> bool:
+        limit = L if end else L - 1
+        if not 0 <= index <= limit:
+            bound = f"[0, {L}]" if end else f"0..{L - 1}"
+            problems.append(loaded.problem(path, f"layer {index} is out of range: the base model has {L} layers ({bound})"))
+            return False
+        return True
+
+    pairs: list[tuple[int, str | None]] = []  # (source, kind or None = decide by first use)
+    if layout.slices is not None:
+        for s, piece in enumerate(layout.slices):
+            start, end = piece.layers
+            ok = check_range(("layout", "slices", s, "layers", 0), start) & check_range(("layout", "slices", s, "layers", 1), end, end=True)
+            if not ok:
+                continue
+            seen_before = {src for src, _ in pairs}
+            for m, layer in enumerate(piece.memory):
+                if layer not in seen_before:
+                    problems.append(loaded.problem(("layout", "slices", s, "memory", m),
+                                                   f"base layer {layer} is first used in this slice, so it is the original, not a copy; only copies can become memory blocks"))
+            for i in range(start, end):
+                if i in seen_before:
+                    pairs.append((i, "memory" if i in piece.memory else piece.kind))
+                else:
+                    pairs.append((i, "base"))
+    elif layout.interleave is not None:
+        rule = layout.interleave
+        if rule.after_every is not None:
+            if rule.after_every > L:
+                problems.append(loaded.problem(("layout", "interleave", "after_every"), f"after_every {rule.after_every} exceeds the base model's {L} layers"))
+            after = set(range(rule.after_every - 1, L, rule.after_every))
+        else:
+            after = set()
+            for a, layer in enumerate(rule.after):
+                if check_range(("layout", "interleave", "after", a), layer):
+                    after.add(layer)
+        for i in range(L):
+            pairs.append((i, "base"))
+            if i in after:
+                pairs.append((i, rule.kind))
+    elif layout.stack is not None:
+        start, end = layout.stack.layers
+        ok = check_range(("layout", "stack", "layers", 0), start) & check_range(("layout", "stack", "layers", 1), end, end=True)
+        pairs = [(i, "base") for i in range(L)]
+        if ok:
+            pairs += [(i, layout.stack.kind) for i in range(start, end)]
+    else:
+        used: set[int] = set()
+        for e, entry in enumerate(layout.layers):
+            if not check_range(("layout", "layers", e, "source"), entry.source):
+                continue
+            kind = entry.kind or ("transformer" if entry.source in used else "base")
+            if kind == "base" and entry.source in used:
+                problems.append(loaded.problem(("layout", "layers", e, "kind"), f"base layer {entry.source} is already used as `base`; a second use is a copy (transformer, identity or memory)"))
+            used.add(entry.source)
+            pairs.append((entry.source, kind))
+
+    layers = [LayerSpec(index, source, kind) for index, (source, kind) in enumerate(pairs)]
+    if not loaded.recipe.allow_adjacent_memory:
+        for prev, cur in zip(layers, layers[1:]):
+            if prev.kind == "memory" and cur.kind == "memory":
+                problems.append(loaded.problem(("layout",), f"output layers {prev.index} and {cur.index} are two memory blocks back to back; MIDUS never does this (set allow_adjacent_memory: true to do it anyway)"))
+    if layers and not any(layer.inserted for layer in layers) and not problems:
+        problems.append(loaded.problem(("layout",), "the layout inserts no layer: the output would be the base model"))
+    return layers, problems

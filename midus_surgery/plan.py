@@ -1,0 +1,336 @@
+"""The planner: (recipe, base config, block anatomy) -> Plan, without touching weights.
+
+The plan is everything the emitter executes and the CLI prints: the output layer map, the
+rewritten config (new depth and every per-layer list), the tensor map (each output tensor from
+a source tensor or from an init rule), and parameter / FLOP counts against plain DUS.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .anatomy import Anatomy
+from .errors import RecipeError
+from .layout import LayerSpec, expand_layout
+from .recipe import LoadedRecipe, MemorySettings
+
+SHARED_BANK_PREFIX = "midus_shared_bank"  # top-level module holding the bank when memory.share_bank
+HML_SUBMODULE = "hml"  # the HML lives at <layer>.<last FFN module>.hml in a memory block
+
+# Config integers that assign behaviour to layers by index. Where the new layout would give an
+# output layer a different behaviour than its source layer, the plan refuses (named, explained).
+INDEX_PATTERNS = {
+    "first_k_dense_replace": lambda cfg, i: i < cfg["first_k_dense_replace"],
+    "decoder_sparse_step": lambda cfg, i: (i + 1) % max(1, cfg["decoder_sparse_step"]) == 0,
+}
+# Config lists holding layer indices (not one entry per layer).
+INDEX_LISTS = ("mlp_only_layers", "moe_layers")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str  # output tensor name
+    shape: tuple[int, ...]
+    source: str | None  # base tensor it is read from, or None for a new tensor
+    rule: str  # "copy", "zeros" (a zeroed copy's shape), or the init rule of a new tensor
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class Plan:
+    model_type: str
+    base_num_layers: int
+    layers: list[LayerSpec]
+    config: dict  # the rewritten architecture config (transformers accepts it)
+    midus: dict  # what the emitted config carries beyond the base architecture
+    tensors: list[TensorEntry]
+    params: dict[str, int]  # base, added, total, dus_added
+    flops_per_token: dict[str, int]  # base, dus, plan
+    layer_params: list[int] = field(default_factory=list)  # per output layer
+    anatomy: Anatomy | None = None
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def memory_layers(self) -> list[int]:
+        return [layer.index for layer in self.layers if layer.kind == "memory"]
+
+    def to_json(self) -> dict:
+        return {
+            "model_type": self.model_type,
+            "base_num_hidden_layers": self.base_num_layers,
+            "num_hidden_layers": self.num_hidden_layers,
+            "layers": [{**asdict(layer), "params": n} for layer, n in zip(self.layers, self.layer_params)],
+            "params": self.params,
+            "flops_per_token": self.flops_per_token,
+            "anatomy": self.anatomy.model_dump(mode="json") if self.anatomy else None,
+            "midus": self.midus,
+            "config": self.config,
+            "tensors": [{"name": t.name, "shape": list(t.shape), "source": t.source, "rule": t.rule} for t in self.tensors],
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Base model facts from its config alone (a meta-device instance: shapes, no memory, no weights)
+
+
+@functools.lru_cache(maxsize=8)
+def _base_tensor_shapes_cached(config_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    data = json.loads(config_json)
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    # named_parameters drops tied duplicates (lm_head tied to the embedding is written once).
+    shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    persistent = set(model.state_dict().keys())
+    shapes += [(name, tuple(b.shape)) for name, b in model.named_buffers() if name in persistent]
+    return tuple(shapes)
+
+
+def base_tensor_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the base causal LM (tied ones once) -> shape, from the config alone."""
+    data = config.to_dict()
+    data.pop("transformers_version", None)
+    return dict(_base_tensor_shapes_cached(json.dumps(data, sort_keys=True, default=str)))
+
+
+def attention_dims(config) -> tuple[int, int]:
+    """(query heads H, head dim d_h) of the base's attention."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, head_dim
+
+
+# ----------------------------------------------------------------------------------------------
+# Config rewriting
+
+
+def rewrite_config(config, layers: list[LayerSpec]) -> tuple[dict, list[str]]:
+    """The base config with the new depth, every per-layer entry taken from its source layer.
+
+    Returns the config dict and problems (messages) for per-layer behaviour the dict can't express.
+    """
+    L = config.num_hidden_layers
+    new = copy.deepcopy(config)
+    problems: list[str] = []
+    data = config.to_dict()
+    for key, value in data.items():
+        if isinstance(value, list) and len(value) == L and L > 1 and key not in INDEX_LISTS:
+            setattr(new, key, [value[layer.source] for layer in layers])
+    for key in INDEX_LISTS:
+        if isinstance(data.get(key), list):
+            chosen = set(data[key])
+            setattr(new, key, [layer.index for layer in layers if layer.source in chosen])
+    for key, rule in INDEX_PATTERNS.items():
+        if isinstance(data.get(key), int):
+            moved = [layer for layer in layers if rule(data, layer.index) != rule(data, layer.source)]
+            if moved:
+                problems.append(f"the base config's {key}={data[key]} assigns behaviour to layers by index, and the new layout gives output layer "
+                                f"{moved[0].index} (from base layer {moved[0].source}) a different one; use a layout that keeps the pattern")
+    new.num_hidden_layers = len(layers)
+    out = new.to_dict()
+    out.pop("transformers_version", None)
+    return out, problems
+
+
+def check_config_accepted(config_dict: dict) -> str | None:
+    """None when transformers builds a config from ``config_dict``, else the reason it refuses."""
+    from transformers import AutoConfig
+
+    data = dict(config_dict)
+    try:
+        AutoConfig.for_model(data.pop("model_type"), **data)
+    except Exception as exc:  # noqa: BLE001 - any refusal by transformers is a plan problem to report
+        return f"transformers rejects the rewritten config: {exc}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory checks and the HML module's own facts
+
+
+def memory_problems(loaded: LoadedRecipe, config) -> list:
+    """Problems with the memory settings against this base model's attention shape."""
+    mem = loaded.recipe.memory
+    heads, head_dim = attention_dims(config)
+    problems = []
+    if mem.query_source == "heads" and head_dim % 2:
+        problems.append(loaded.problem(("memory",), f"the base's head_dim {head_dim} is odd; product keys split each head's query in two halves"))
+    if mem.query_source == "heads" and heads * head_dim != config.hidden_size and mem.output_proj == "never":
+        problems.append(loaded.problem(("memory", "output_proj"), f"heads*head_dim = {heads * head_dim} differs from hidden size {config.hidden_size}: the memory needs an output projection (output_proj: auto or always)"))
+    return problems
+
+
+def build_hml(config, mem: MemorySettings, device="meta"):
+    """An HML module of the right size for this base (on the meta device: shapes only)."""
+    from .hml import HeadwiseMemory, HMLConfig
+
+    heads, head_dim = attention_dims(config)
+    with torch.device(device):
+        return HeadwiseMemory(heads, head_dim, config.hidden_size, HMLConfig.from_dict(mem.hml_dict()))
+
+
+# ----------------------------------------------------------------------------------------------
+# The planner
+
+
+def _is_under(name: str, module: str) -> bool:
+    return name == module or name.startswith(module + ".")
+
+
+def _matmul_params(shapes: dict[str, tuple[int, ...]]) -> int:
+    return sum(_numel(s) for s in shapes.values() if len(s) >= 2)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None) -> Plan:
+    """Plan the recipe against the base config; RecipeError lists every problem found."""
+    recipe = loaded.recipe
+    L = config.num_hidden_layers
+    layers, problems = expand_layout(loaded, L)
+    kinds = {layer.kind for layer in layers}
+    if "memory" in kinds:
+        problems += memory_problems(loaded, config)
+    if kinds & {"identity", "memory"} and anatomy is None:
+        problems.append(loaded.problem(("layout",), "identity and memory blocks need the block anatomy, which could not be found; state it with an `anatomy:` block"))
+    if problems:
+        raise RecipeError(problems)
+
+    new_config, config_problems = rewrite_config(config, layers)
+    refusal = check_config_accepted(new_config)
+    if config_problems or refusal:
+        raise RecipeError([loaded.problem(("layout",), msg) for msg in config_problems + ([refusal] if refusal else [])])
+
+    shapes = base_tensor_shapes(config)
+    layers_path = anatomy.layers_path if anatomy else _guess_layers_path(shapes, L)
+    if layers_path is None:
+        raise RecipeError([loaded.problem(("base",), "cannot tell where the decoder layers are in this model; state it with an `anatomy:` block")])
+    per_layer: list[dict[str, tuple[int, ...]]] = [{} for _ in range(L)]
+    global_shapes: dict[str, tuple[int, ...]] = {}
+    prefix = layers_path + "."
+    for name, shape in shapes.items():
+        if name.startswith(prefix):
+            index, rest = name[len(prefix):].split(".", 1)
+            per_layer[int(index)][rest] = shape
+        else:
+            global_shapes[name] = shape
+
+    hml = build_hml(config, recipe.memory) if "memory" in kinds else None
+    hml_shapes = {n: tuple(p.shape) for n, p in hml.named_parameters()} if hml else {}
+    hml_rules = hml.init_rules() if hml else {}
+    share = recipe.memory.share_bank
+    hml_bank_shape = hml_shapes.pop("bank.weight", None) if share else None
+
+    tensors: list[TensorEntry] = [TensorEntry(n, s, n, "copy") for n, s in global_shapes.items()]
+    layer_params: list[int] = []
+    heads, head_dim = attention_dims(config)
+    attn_ctx_flops = []  # per output layer, attention score/value flops per token
+    window = getattr(config, "sliding_window", None)
+    layer_types = new_config.get("layer_types")
+    for layer in layers:
+        ctx = recipe.flops_seq_len
+        if layer_types and "sliding" in str(layer_types[layer.index]) and window:
+            ctx = min(ctx, window)
+        attn_ctx_flops.append(4 * ctx * heads * head_dim)
+
+    plan_layer_flops: list[int] = []
+    for layer in layers:
+        src = per_layer[layer.source]
+        out_prefix, src_prefix = f"{prefix}{layer.index}.", f"{prefix}{layer.source}."
+        count = 0
+        kept: dict[str, tuple[int, ...]] = {}
+        for rest, shape in src.items():
+            if layer.kind == "memory" and (
+                _is_under(rest, anatomy.attn_out_proj) or any(_is_under(rest, m) for m in anatomy.ffn) or any(_is_under(rest, m) for m in anatomy.ffn_norms)
+            ):
+                continue  # replaced by the tap / the HML readout / identities
+            zero = layer.kind == "identity" and (_is_under(rest, anatomy.attn_out_proj) or _is_under(rest, anatomy.ffn_down_proj))
+            tensors.append(TensorEntry(out_prefix + rest, shape, src_prefix + rest, "zeros" if zero else "copy"))
+            kept[rest] = shape
+            count += _numel(shape)
+        flops = 2 * _matmul_params(kept) + attn_ctx_flops[layer.index]
+        if layer.kind == "memory":
+            readout = f"{out_prefix}{anatomy.ffn[-1]}.{HML_SUBMODULE}."
+            for pname, shape in hml_shapes.items():
+                tensors.append(TensorEntry(readout + pname, shape, None, hml_rules.get(pname, "init")))
+                count += _numel(shape)
+            flops += hml.flops_per_token()
+        layer_params.append(count)
+        plan_layer_flops.append(flops)
+    if share and hml is not None:
+        # One bank for the whole model, owned at the top level and written once.
+        tensors.append(TensorEntry(f"{SHARED_BANK_PREFIX}.weight", hml_bank_shape, None, hml_rules.get("bank.weight", "init")))
+
+    base_total = sum(_numel(s) for s in shapes.values())
+    total = sum(t.numel for t in tensors)
+    layer_size = [sum(_numel(s) for s in per_layer[i].values()) for i in range(L)]
+    dus_added = sum(layer_size[layer.source] for layer in layers if layer.inserted)
+    base_layer_flops = [2 * _matmul_params(per_layer[i]) for i in range(L)]
+    head_flops = 2 * config.vocab_size * config.hidden_size
+    base_flops = head_flops + sum(base_layer_flops[i] + 4 * _base_ctx(config, recipe.flops_seq_len, i) * heads * head_dim for i in range(L))
+    dus_flops = head_flops + sum(base_layer_flops[layer.source] + attn_ctx_flops[layer.index] for layer in layers)
+    plan_flops = head_flops + sum(plan_layer_flops)
+
+    midus = {
+        "layer_map": [asdict(layer) for layer in layers],
+        "memory_layers": [layer.index for layer in layers if layer.kind == "memory"],
+        "hml": recipe.memory.hml_dict(),
+        "share_bank": share,
+        "anatomy": anatomy.model_dump(mode="json") if anatomy else None,
+        "base_model_type": config.model_type,
+    }
+    return Plan(
+        model_type=config.model_type,
+        base_num_layers=L,
+        layers=layers,
+        config=new_config,
+        midus=midus,
+        tensors=tensors,
+        params={"base": base_total, "added": total - base_total, "total": total, "dus_added": dus_added},
+        flops_per_token={"base": base_flops, "dus": dus_flops, "plan": plan_flops},
+        layer_params=layer_params,
+        anatomy=anatomy,
+    )
+
+
+def _base_ctx(config, seq_len: int, index: int) -> int:
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if layer_types and "sliding" in str(layer_types[index]) and window:
+        return min(seq_len, window)
+    return seq_len
+
+
+def _guess_layers_path(shapes: dict[str, tuple[int, ...]], num_layers: int) -> str | None:
+    """Without an anatomy: the longest dotted prefix followed by every index 0..L-1."""
+    candidates: dict[str, set[int]] = {}
+    for name in shapes:
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if part.isdigit():
+                candidates.setdefault(".".join(parts[:i]), set()).add(int(part))
+    for path, seen in candidates.items():
+        if seen == set(range(num_layers)):
+            return path
+    return None

@@ -1,0 +1,248 @@
+"""The recipe language: a strict pydantic schema for YAML recipes.
+
+A recipe names a base model, the layout of the new depth (slices, interleaved insertion, top
+stacking or an explicit list), the kind of every inserted block (``transformer``, ``identity``
+or ``memory``), the memory (HML) settings, and where and how to write the output. Unknown
+keys, wrong types and impossible values are errors naming the field and file:line:col.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .anatomy import Anatomy
+from .errors import Problem, RecipeError
+from .yaml_source import YamlSource, load_yaml
+
+SCHEMA_URL_COMMENT = "# yaml-language-server: $schema=../docs/recipe.schema.json"
+
+InsertedKind = Literal["transformer", "identity", "memory"]
+LayerKind = Literal["base", "transformer", "identity", "memory"]
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseModelSpec(Strict):
+    """The pre-trained model to up-scale."""
+
+    path: str = Field(description="A local Hugging Face model directory (config.json + safetensors) or a .gguf file. Relative paths are resolved against the recipe's directory.")
+    config: str | None = Field(None, description="A config.json to plan from when `path` is not present (lets `validate`/`plan` run on a machine without the weights). Defaults to `path`/config.json, or the GGUF's own metadata.")
+    gguf_file: str | None = Field(None, description="The GGUF file's name inside `path` when `path` is a directory holding one.")
+    trust_remote_code: bool = Field(False, description="Allow the base model's own modeling code (Hub `auto_map`). Off by default.")
+
+
+class Slice(Strict):
+    """A contiguous range of base layers, mergekit-style half-open [start, end)."""
+
+    layers: tuple[NonNegInt, NonNegInt] = Field(description="[start, end): base layers start..end-1, e.g. [0, 24].")
+    kind: InsertedKind = Field("transformer", description="Kind given to the copies in this slice (base layers that already appeared in an earlier slice).")
+    memory: list[NonNegInt] = Field(default_factory=list, description="Base layer indices whose copies in this slice become `memory` blocks (overrides `kind` for them).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Slice":
+        start, end = self.layers
+        if end <= start:
+            raise ValueError(f"layers must be [start, end) with end > start, got [{start}, {end}]")
+        outside = [i for i in self.memory if not start <= i < end]
+        if outside:
+            raise ValueError(f"memory lists layers {outside} that are outside this slice [{start}, {end})")
+        return self
+
+
+class Interleave(Strict):
+    """Insert a copy of a base layer right after it (LLaMA-Pro / MIDUS placement)."""
+
+    after_every: int | None = Field(None, ge=1, description="Insert after every N base layers: after layers N-1, 2N-1, ... (the last layer of each group).")
+    after: list[NonNegInt] | None = Field(None, description="Insert after exactly these base layers.")
+    kind: InsertedKind = Field("memory", description="Kind of the inserted blocks.")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "Interleave":
+        if (self.after_every is None) == (self.after is None):
+            raise ValueError("give exactly one of `after_every` or `after`")
+        if self.after is not None and len(set(self.after)) != len(self.after):
+            raise ValueError("`after` lists a layer twice")
+        return self
+
+
+class Stack(Strict):
+    """Append copies of a range of base layers on top of the whole base stack."""
+
+    layers: tuple[NonNegInt, NonNegInt] = Field(description="[start, end): the base layers to copy, appended in order after the last base layer.")
+    kind: InsertedKind = Field("transformer", description="Kind of the appended copies.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Stack":
+        if self.layers[1] <= self.layers[0]:
+            raise ValueError(f"layers must be [start, end) with end > start, got {list(self.layers)}")
+        return self
+
+
+class LayerEntry(Strict):
+    """One output layer of an explicit layout."""
+
+    source: NonNegInt = Field(description="The base layer this output layer is made from.")
+    kind: LayerKind | None = Field(None, description="`base` (the original layer), or the kind of a copy. Default: `base` for the first use of a source layer, `transformer` after.")
+
+
+class Layout(Strict):
+    """The new depth. Give exactly one of `slices`, `interleave`, `stack`, `layers`."""
+
+    slices: list[Slice] | None = Field(None, min_length=1, description="SOLAR-style: output = the slices concatenated. The first use of a base layer is the original; later uses are copies.")
+    interleave: Interleave | None = Field(None, description="LLaMA-Pro/MIDUS-style insertion of copies after chosen base layers.")
+    stack: Stack | None = Field(None, description="Top stacking: copies of a range of layers appended at the top.")
+    layers: list[LayerEntry] | None = Field(None, min_length=1, description="Explicit per-layer list, for anything else.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Layout":
+        given = [name for name in ("slices", "interleave", "stack", "layers") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of slices, interleave, stack, layers (got {', '.join(given) or 'none'})")
+        return self
+
+
+class MemorySettings(Strict):
+    """The Head-wise Memory Layer (HML + HIVE) of every `memory` block (MIDUS.md sections 3-5)."""
+
+    n_subkeys: int = Field(256, ge=2, description="n: sub-keys per query half; each head addresses n*n slots.")
+    topk: int = Field(32, ge=1, description="k: slots read per head and token (two-stage top-k). Must be <= n.")
+    latent_dim: int = Field(256, ge=1, description="d_l: width of the shared HIVE latent bank (n*n x d_l). Ignored when hive is false.")
+    hive: bool = Field(True, description="HIVE values: one latent bank shared by all heads plus a d_l x d_h projection per head. False: a value table of width d_h per head.")
+    query_norm: Literal["none", "rms", "layer"] = Field("rms", description="Per-head normalisation of the query before scoring (never batch norm: it breaks causality).")
+    gate: bool = Field(False, description="Memory+-style SiLU gate on the memory output.")
+    output_proj: Literal["auto", "always", "never"] = Field("auto", description="Output projection to the hidden size: `auto` adds one only when heads*head_dim != hidden size.")
+    query_source: Literal["heads", "hidden"] = Field("heads", description="`heads`: each head's attention output queries its memory (MIDUS). `hidden`: the generic variant, queries projected from x + Attn(Norm(x)).")
+    init: Literal["zero_proj", "zero_bank", "random"] = Field("zero_proj", description="`zero_proj`: head projections zero, bank random (output exactly 0 at start, function-preserving). `zero_bank`: bank zero, projections random (also function-preserving). `random`: not function-preserving.")
+    share_bank: bool = Field(False, description="One latent bank shared by all memory blocks of the model instead of one per block.")
+
+    @model_validator(mode="after")
+    def _k_le_n(self) -> "MemorySettings":
+        if self.topk > self.n_subkeys:
+            raise ValueError(f"topk ({self.topk}) must be <= n_subkeys ({self.n_subkeys})")
+        if self.share_bank and not self.hive:
+            raise ValueError("share_bank needs hive: true (the shared object is the HIVE latent bank)")
+        return self
+
+    def hml_dict(self) -> dict:
+        """The settings the HML layer itself takes (everything but model-level sharing)."""
+        return self.model_dump(exclude={"share_bank"})
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """``"2GB"`` -> 2_000_000_000, ``"500MiB"`` -> 524_288_000, ints are bytes."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(value)
+    if not match:
+        raise ValueError(f"not a size: {value!r} (use e.g. 2GB, 500MB, 1GiB or a number of bytes)")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
+
+
+class OutputSpec(Strict):
+    """Where and how the up-scaled model is written."""
+
+    dir: str = Field(description="Output directory (relative to the recipe's directory). Written atomically; an existing one needs --overwrite.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of the written weights. `auto`: the base's dtype.")
+    shard_size: int | str = Field("2GB", description="Largest output shard, e.g. 2GB, 500MB, 1GiB, or bytes.")
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, value: int | str) -> int | str:
+        if parse_size(value) < 1_000_000:
+            raise ValueError("shard_size must be at least 1MB")
+        return value
+
+    @property
+    def shard_bytes(self) -> int:
+        return parse_size(self.shard_size)
+
+
+class Recipe(Strict):
+    """A MIDUS / DUS up-scaling recipe."""
+
+    base: BaseModelSpec = Field(description="The pre-trained model to up-scale (see `base`).")
+    layout: Layout = Field(description="The new depth (see `layout`).")
+    memory: MemorySettings = Field(default_factory=MemorySettings, description="HML settings for `memory` blocks.")
+    allow_adjacent_memory: bool = Field(False, description="Allow two memory blocks back to back (MIDUS never does; say so explicitly to do it).")
+    anatomy: Anatomy | None = Field(None, description="State the decoder block's anatomy when it cannot be traced (normally found automatically).")
+    seed: int = Field(0, ge=0, description="Seed of every new tensor's initialisation (each tensor is seeded from this and its name).")
+    flops_seq_len: int = Field(2048, ge=1, description="Sequence length assumed by the FLOPs-per-token estimate (attention cost grows with it).")
+    output: OutputSpec = Field(description="Where and how the up-scaled model is written (see `output`).")
+
+
+class LoadedRecipe(BaseModel):
+    """A validated recipe plus where it came from, for locating later (semantic) problems."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    recipe: Recipe
+    source: YamlSource
+    directory: Path
+
+    def where(self, *path: str | int) -> str:
+        return self.source.where(tuple(path))
+
+    def problem(self, path: tuple[str | int, ...], message: str) -> Problem:
+        return Problem(self.source.where(path), ".".join(map(str, path)), message)
+
+    def resolve(self, relative: str) -> Path:
+        """A path written in the recipe, resolved against the recipe's directory."""
+        p = Path(relative).expanduser()
+        return p if p.is_absolute() else (self.directory / p)
+
+
+def _problems_from_validation(error: ValidationError, source: YamlSource) -> list[Problem]:
+    problems = []
+    for item in error.errors():
+        # pydantic adds pseudo-locations for union members and validators; keep the data path.
+        loc = tuple(part for part in item["loc"] if not (isinstance(part, str) and ("[" in part or part.startswith("function-"))))
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = f"unknown key {loc[-1]!r}" if loc else "unknown key"
+        elif item["type"] == "missing":
+            message = f"missing required key {loc[-1]!r}" if loc else "missing required key"
+        elif message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        problems.append(Problem(source.where(loc), ".".join(map(str, loc)), message))
+    return problems
+
+
+def parse_recipe(source: YamlSource, directory: Path) -> LoadedRecipe:
+    """Validate parsed YAML against the schema; every schema problem is reported at once."""
+    if not isinstance(source.data, dict):
+        raise RecipeError([Problem(source.where(), "", "a recipe is a YAML mapping (key: value pairs) at the top level")])
+    try:
+        recipe = Recipe.model_validate(source.data)
+    except ValidationError as exc:
+        raise RecipeError(_problems_from_validation(exc, source)) from None
+    return LoadedRecipe(recipe=recipe, source=source, directory=directory)
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    """Read, parse and schema-check a recipe file."""
+    path = Path(path)
+    source = load_yaml(path)
+    return parse_recipe(source, path.resolve().parent)
+
+
+def recipe_json_schema() -> dict:
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "midus-surgery recipe"
+    return schema
+
+
+def recipe_json_schema_text() -> str:
+    return json.dumps(recipe_json_schema(), indent=2, sort_keys=False) + "\n"

@@ -1,0 +1,172 @@
+"""The recipe language: acceptance, and every rejection path with its file:line:col."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from midus_surgery.errors import RecipeError
+from midus_surgery.recipe import Recipe, load_recipe, parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = """\
+base:
+  path: base-model
+layout:
+  interleave:
+    after_every: 2
+    kind: memory
+memory:
+  n_subkeys: 64
+  topk: 8
+output:
+  dir: out
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems(tmp_path: Path, text: str) -> list:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, text))
+    return info.value.problems
+
+
+def test_good_recipe_loads_with_defaults(tmp_path):
+    loaded = load_recipe(write(tmp_path, GOOD))
+    r = loaded.recipe
+    assert r.layout.interleave.after_every == 2 and r.layout.interleave.kind == "memory"
+    assert r.memory.n_subkeys == 64 and r.memory.topk == 8
+    assert r.memory.latent_dim == 256 and r.memory.hive is True and r.memory.query_norm == "rms"
+    assert r.output.shard_bytes == 2_000_000_000 and r.output.dtype == "auto"
+    assert loaded.resolve(r.base.path) == tmp_path / "base-model"
+
+
+def test_unknown_key_names_field_and_line(tmp_path):
+    (p,) = problems(tmp_path, GOOD.replace("  topk: 8\n", "  topk: 8\n  top_k: 8\n"))
+    assert p.field == "memory.top_k"
+    assert "unknown key 'top_k'" in p.message
+    assert p.where.endswith("r.yaml:10:3")
+
+
+def test_wrong_type_names_field_and_line(tmp_path):
+    (p,) = problems(tmp_path, GOOD.replace("after_every: 2", "after_every: two"))
+    assert p.field == "layout.interleave.after_every"
+    assert p.where.endswith("r.yaml:5:5")
+    assert "integer" in p.message
+
+
+def test_impossible_value(tmp_path):
+    (p,) = problems(tmp_path, GOOD.replace("topk: 8", "topk: 100"))
+    assert p.field == "memory"
+    assert "topk (100) must be <= n_subkeys (64)" in p.message
+    assert p.where.endswith("r.yaml:7:1")
+
+
+def test_every_problem_is_listed_at_once(tmp_path):
+    text = GOOD.replace("after_every: 2", "after_every: 0").replace("topk: 8", "topk: 8\n  bogus: 1").replace("  dir: out\n", "  dir: out\n  shard_size: lots\n")
+    found = {p.field for p in problems(tmp_path, text)}
+    assert found == {"layout.interleave.after_every", "memory.bogus", "output.shard_size"}
+
+
+def test_missing_required_keys(tmp_path):
+    found = problems(tmp_path, "base:\n  path: x\nlayout:\n  stack:\n    layers: [0, 2]\n")
+    assert [(p.field, p.message) for p in found] == [("output", "missing required key 'output'")]
+
+
+def test_layout_needs_exactly_one_form(tmp_path):
+    text = GOOD.replace("layout:\n", "layout:\n  stack:\n    layers: [0, 2]\n")
+    (p,) = problems(tmp_path, text)
+    assert p.field == "layout" and "exactly one of" in p.message and "interleave, stack" in p.message
+
+
+def test_interleave_needs_one_rule(tmp_path):
+    (p,) = problems(tmp_path, GOOD.replace("after_every: 2", "after_every: 2\n    after: [1]"))
+    assert "exactly one of `after_every` or `after`" in p.message
+
+
+def test_slice_range_must_be_ordered(tmp_path):
+    text = "base: {path: b}\nlayout:\n  slices:\n    - layers: [4, 2]\noutput: {dir: o}\n"
+    (p,) = problems(tmp_path, text)
+    assert p.field == "layout.slices.0" and "end > start" in p.message and p.where.endswith(":4:7")
+
+
+def test_slice_memory_must_lie_in_slice(tmp_path):
+    text = "base: {path: b}\nlayout:\n  slices:\n    - layers: [0, 4]\n    - layers: [2, 4]\n      memory: [1]\noutput: {dir: o}\n"
+    (p,) = problems(tmp_path, text)
+    assert p.field == "layout.slices.1" and "outside this slice" in p.message
+
+
+def test_duplicate_key_is_an_error(tmp_path):
+    (p,) = problems(tmp_path, GOOD + "output:\n  dir: other\n")
+    assert p.message == "duplicate key" and p.where.endswith("r.yaml:12:1")
+
+
+def test_yaml_syntax_error_is_located(tmp_path):
+    (p,) = problems(tmp_path, "base:\n  path: [unclosed\nlayout: {}\n")
+    assert "YAML syntax error" in p.message and ":3:" in p.where
+
+
+def test_top_level_must_be_mapping(tmp_path):
+    (p,) = problems(tmp_path, "- 1\n- 2\n")
+    assert "mapping" in p.message
+
+
+def test_empty_and_missing_files(tmp_path):
+    (p,) = problems(tmp_path, "")
+    assert "empty" in p.message
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tmp_path / "nope.yaml")
+    assert "file not found" in str(info.value)
+
+
+def test_share_bank_needs_hive(tmp_path):
+    (p,) = problems(tmp_path, GOOD.replace("topk: 8", "topk: 8\n  hive: false\n  share_bank: true"))
+    assert "share_bank needs hive" in p.message
+
+
+@pytest.mark.parametrize("text,expected", [("2GB", 2 * 10**9), ("500MB", 5 * 10**8), ("1GiB", 2**30), ("1.5 gb", 15 * 10**8), (12345678, 12345678)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+def test_memory_settings_mirror_hml_config():
+    """The recipe's memory section and the HML layer's own config must not drift apart."""
+    import dataclasses
+
+    from midus_surgery.hml import HMLConfig
+    from midus_surgery.recipe import MemorySettings
+
+    hml_fields = {f.name: f.default for f in dataclasses.fields(HMLConfig)}
+    recipe_fields = {k: v.default for k, v in MemorySettings.model_fields.items() if k != "share_bank"}
+    assert recipe_fields == {k: hml_fields[k] for k in recipe_fields}
+    assert set(hml_fields) == set(recipe_fields), "every HML knob must be a recipe knob"
+
+
+def test_schema_command_prints_json_schema():
+    result = subprocess.run([sys.executable, "-m", "midus_surgery.cli", "schema"], capture_output=True, text=True, check=True)
+    schema = json.loads(result.stdout)
+    assert schema["title"] == "midus-surgery recipe"
+    assert schema["additionalProperties"] is False
+    assert set(schema["required"]) == {"base", "layout", "output"}
+    assert schema == json.loads(json.dumps(Recipe.model_json_schema() | {"$schema": schema["$schema"], "title": schema["title"]}))
+
+
+def test_docs_are_generated_from_the_schema():
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "gen_docs.py"), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_bundled_recipes_carry_the_schema_modeline():
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        assert path.read_text().startswith("# yaml-language-server: $schema=../docs/recipe.schema.json"), path
