@@ -1,0 +1,717 @@
+"""Head-wise Memory Layer (HML) with HIVE values, the FFN replacement of MIDUS Memory blocks.
+
+Self-contained on purpose: this file imports only ``torch`` and the Python standard library,
+because it is copied beside emitted model weights and loaded with ``trust_remote_code``
+without ``midus_surgery`` installed.  See ``docs/hml.md`` for the math, the knobs and the
+measured speed.
+
+Shapes (T = tokens after flattening the leading dims, H heads of width d_h, n sub-keys per
+half, k = top-k, N = n*n slots per head, d_l = latent width):
+
+    q      [T, H, d_h]        per-head queries (optionally normalised per head)
+    keys   [H, 2, n, d_h/2]   two sub-key sets per head
+    s      [H, 2, T, n]       half scores (float32, always)
+    slots  [H, T, k]          exact top-k slots of the n*n table (two-stage lookup)
+    w      [H, T, k]          softmax of the k slot scores
+    z      [H, T, d_l]        z = sum_i w_i * bank[slot_i]          (pool first ...)
+    m      [H, T, d_h]        m = z @ proj[h]                       (... project after)
+    out    [T, H*d_h] -> (gate) -> (out_proj) -> [..., hidden]
+
+Tie rule (documented, tested): slots are ranked by score (descending), equal scores by the
+lower flat slot index ``i*n + j`` (i, j = sub-key indices of the two halves).  The two-stage
+lookup returns exactly the first k slots of the full n*n table in that order whenever equal
+sums come from equal sub-scores (always true in exact arithmetic); two *different* sums that
+round to the same float32 are ranked by the same rule only up to that rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "HMLConfig",
+    "LatentBank",
+    "HeadwiseMemory",
+    "hml_parameter_count",
+    "two_stage_topk",
+    "candidate_pairs",
+]
+
+_QUERY_NORMS = ("none", "rms", "layer")
+_OUTPUT_PROJ = ("auto", "always", "never")
+_QUERY_SOURCES = ("heads", "hidden")
+_INITS = ("zero_proj", "zero_bank", "random")
+_BANK_GRADS = ("sparse_mm", "embedding_bag", "index_add")
+
+
+@dataclass(frozen=True)
+class HMLConfig:
+    """Knobs of one Head-wise Memory Layer.
+
+    Fields beyond the issue's interface (all with defaults):
+      norm_eps   epsilon of the per-head query norm.
+      bank_grad  how the latent-bank (or value-table) gradient is accumulated on the backward:
+                 "sparse_mm" (default; dU = A^T @ dz with A the sparse [bags, slots] weight
+                 matrix, COO, one torch.sparse.mm), "embedding_bag" (PyTorch's embedding-bag
+                 backward) or "index_add" (rows w_i * dz index-added in chunks).  All give a
+                 dense gradient (so any optimiser works); the timings are in docs/hml.md.
+    """
+
+    n_subkeys: int = 256
+    topk: int = 32
+    latent_dim: int = 256
+    hive: bool = True
+    query_norm: str = "rms"
+    gate: bool = False
+    output_proj: str = "auto"
+    query_source: str = "heads"
+    init: str = "zero_proj"
+    norm_eps: float = 1e-6
+    bank_grad: str = "sparse_mm"
+
+    def __post_init__(self) -> None:
+        for name in ("n_subkeys", "topk", "latent_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"HMLConfig.{name} must be a positive int, got {v!r}")
+        if self.topk > self.n_subkeys:
+            raise ValueError(f"HMLConfig.topk ({self.topk}) must be <= n_subkeys ({self.n_subkeys})")
+        if self.n_subkeys > 46340:  # n*n must fit comfortably in int32-sized slot ids
+            raise ValueError(f"HMLConfig.n_subkeys too large ({self.n_subkeys}); n*n must be < 2**31")
+        if not isinstance(self.hive, bool) or not isinstance(self.gate, bool):
+            raise ValueError("HMLConfig.hive and HMLConfig.gate must be bools")
+        choices = {
+            "query_norm": _QUERY_NORMS,
+            "output_proj": _OUTPUT_PROJ,
+            "query_source": _QUERY_SOURCES,
+            "init": _INITS,
+            "bank_grad": _BANK_GRADS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"HMLConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
+            raise ValueError(f"HMLConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HMLConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown HMLConfig keys: {unknown} (known: {sorted(known)})")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------
+# Initialisation helpers
+# ----------------------------------------------------------------------------------------
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator whose state depends only on (seed, parameter name)."""
+    digest = hashlib.sha256(f"midus-hml:{int(seed)}:{name}".encode()).digest()
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return g
+
+
+@torch.no_grad()
+def _fill(param: Tensor, rule: str, seed: int, name: str, scale: float = 0.0) -> None:
+    """Fill ``param`` in place: values drawn on CPU in float32, then copied (any device/dtype)."""
+    if param.device.type == "meta":
+        return
+    if rule == "zeros":
+        param.zero_()
+        return
+    if rule == "ones":
+        param.fill_(1.0)
+        return
+    g = _generator(seed, name)
+    buf = torch.empty(param.shape, dtype=torch.float32)
+    if rule == "normal":
+        buf.normal_(0.0, scale, generator=g)
+    elif rule == "uniform":
+        buf.uniform_(-scale, scale, generator=g)
+    else:  # pragma: no cover - internal
+        raise ValueError(rule)
+    param.copy_(buf)
+
+
+# ----------------------------------------------------------------------------------------
+# Two-stage top-k with a deterministic tie rule
+# ----------------------------------------------------------------------------------------
+
+_PAIR_CACHE: dict = {}
+
+
+def candidate_pairs(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Rank pairs (r, s) with (r+1)*(s+1) <= k, the only ones that can reach the final top k.
+
+    Both per-half lists are sorted, so the pair at ranks (r, s) is beaten (or tied with a
+    lower slot) by every pair (r', s') with r' <= r, s' <= s: (r+1)(s+1)-1 others.  About
+    k*ln(k) pairs instead of k*k (119 for k = 32).  Pairs are ordered by r, then s.
+    The cache is a pure memo (derived from k and the device only), not model state.
+    """
+    key = (k, str(device))
+    hit = _PAIR_CACHE.get(key)
+    if hit is None:
+        rs = [(r, s) for r in range(k) for s in range(k) if (r + 1) * (s + 1) <= k]
+        r = torch.tensor([p[0] for p in rs], dtype=torch.long, device=device)
+        s = torch.tensor([p[1] for p in rs], dtype=torch.long, device=device)
+        hit = _PAIR_CACHE[key] = (r, s)
+    return hit
+
+
+def _ordered_key(values: Tensor, tie_index: Tensor) -> Tensor:
+    """int64 keys ordering by (value desc, tie_index asc) under a *descending* topk."""
+    bits = (values.float() + 0.0).view(torch.int32).to(torch.int64)  # +0.0 folds -0.0 into +0.0
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone float -> int map
+    return (bits << 32) | ((1 << 32) - 1 - tie_index)
+
+
+def _det_topk(values: Tensor, k: int, tie_index: Tensor) -> Tensor:
+    """Positions of the top-k of ``values`` along the last dim, sorted by (value desc, tie_index asc).
+
+    Fast path: one float topk of k+1 entries; rows where two adjacent returned values are
+    equal (the only rows where torch.topk's arbitrary tie order could matter) are recomputed
+    with exact int64 (value, index) keys.  ``tie_index`` broadcasts to ``values``.
+    """
+    m = values.shape[-1]
+    kk = min(k + 1, m)
+    vals, pos = values.topk(kk, dim=-1, sorted=True)
+    tied = (vals[..., 1:] == vals[..., :-1]).any(-1)
+    pos = pos[..., :k].contiguous()
+    if bool(tied.any()):
+        flat_vals = values.reshape(-1, m)
+        flat_tie = tie_index.expand(values.shape).reshape(-1, m)
+        rows = tied.reshape(-1).nonzero().squeeze(1)
+        fixed = _ordered_key(flat_vals[rows], flat_tie[rows]).topk(k, dim=-1, sorted=True).indices
+        pos.view(-1, k)[rows] = fixed
+    return pos
+
+
+def two_stage_topk(s1: Tensor, s2: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Exact top-k over the n*n sums ``s1[..., i] + s2[..., j]``, without the n*n table.
+
+    s1, s2: [..., n] float scores of the two halves.  Returns (scores [..., k], slots [..., k])
+    with ``slots = i*n + j``, sorted by score descending, ties by lower slot (see module doc).
+    The returned scores are differentiable w.r.t. s1 and s2.
+    """
+    return _two_stage_topk(torch.stack((s1, s2), dim=0), k)
+
+
+def _two_stage_topk(both: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """two_stage_topk on stacked halves ``both`` [2, ..., n] (may be a strided view)."""
+    n = both.shape[-1]
+    ar = torch.arange(n, device=both.device)
+    pos = _det_topk(both.detach(), k, ar)  # [2, ..., k] sub-key indices, sorted
+    v = both.gather(-1, pos)  # differentiable
+    r, s = candidate_pairs(k, both.device)
+    cand = v[0].index_select(-1, r) + v[1].index_select(-1, s)  # [..., C]
+    cand_slot = pos[0].index_select(-1, r) * n + pos[1].index_select(-1, s)
+    if cand.shape[-1] > k:
+        best = _det_topk(cand.detach(), k, cand_slot)
+    else:  # k == 1 (C == k): just order them
+        best = _det_topk(cand.detach(), cand.shape[-1], cand_slot)
+    return cand.gather(-1, best), cand_slot.gather(-1, best)
+
+
+class _Lookup(torch.autograd.Function):
+    """Scores, exact two-stage top-k and softmax in one node: (q [T,H,d_h], keys) -> (w, slots).
+
+    The backward scatters d(score) of the k chosen slots into the two half-score tables and
+    runs the two scoring matmuls backwards; no gather/index_select chains, no [.., k*k] tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, q, keys, k):
+        T, H, dh = q.shape
+        n = keys.shape[2]
+        qh = q.reshape(T, 2 * H, dh // 2).transpose(0, 1)  # [2H, T, dh/2]
+        kf = keys.reshape(2 * H, n, dh // 2)
+        s = torch.bmm(qh, kf.transpose(1, 2))  # [2H, T, n]
+        both = s.view(H, 2, T, n).transpose(0, 1)  # [2, H, T, n] view
+        ar = torch.arange(n, device=q.device)
+        pos = _det_topk(both, k, ar)  # [2, H, T, k]
+        v = both.gather(-1, pos)
+        r, c = candidate_pairs(k, q.device)
+        cand = v[0].index_select(-1, r) + v[1].index_select(-1, c)  # [H, T, C]
+        i_c = pos[0].index_select(-1, r)
+        j_c = pos[1].index_select(-1, c)
+        best = _det_topk(cand, min(k, cand.shape[-1]), i_c * n + j_c)
+        i_sub, j_sub = i_c.gather(-1, best), j_c.gather(-1, best)
+        w = torch.softmax(cand.gather(-1, best), dim=-1)
+        slots = i_sub * n + j_sub
+        ctx.mark_non_differentiable(slots)
+        ctx.save_for_backward(q, keys, w, i_sub, j_sub)
+        return w, slots
+
+    @staticmethod
+    def backward(ctx, dw, _dslots):
+        q, keys, w, i_sub, j_sub = ctx.saved_tensors
+        T, H, dh = q.shape
+        n = keys.shape[2]
+        dsel = w * (dw - (w * dw).sum(-1, keepdim=True))  # softmax backward, [H, T, k]
+        ds = torch.zeros(H, 2, T, n, dtype=dsel.dtype, device=dsel.device)
+        ds[:, 0].scatter_add_(-1, i_sub, dsel)
+        ds[:, 1].scatter_add_(-1, j_sub, dsel)
+        ds = ds.view(2 * H, T, n)
+        dq = dkeys = None
+        if ctx.needs_input_grad[0]:
+            dq = torch.bmm(ds, keys.reshape(2 * H, n, dh // 2)).transpose(0, 1).reshape(T, H, dh)
+        if ctx.needs_input_grad[1]:
+            qh = q.reshape(T, 2 * H, dh // 2).transpose(0, 1)
+            dkeys = torch.bmm(ds.transpose(1, 2), qh).view(keys.shape)
+        return dq, dkeys, None
+
+
+# ----------------------------------------------------------------------------------------
+# Pool-then-project (HIVE) with a sparse-friendly backward
+# ----------------------------------------------------------------------------------------
+
+
+def _bag_forward(table: Tensor, idx: Tensor, w: Tensor):
+    """z[b] = sum_i w[b, i] * table[idx[b, i]]; idx/w: [B, k].  Returns (z, offset2bag)."""
+    B, k = idx.shape
+    offsets = torch.arange(0, B * k, k, device=idx.device)
+    z, offset2bag, _, _ = torch.ops.aten._embedding_bag(
+        table, idx.reshape(-1), offsets, False, 0, False, w.reshape(-1).to(table.dtype), False, -1
+    )
+    return z, offsets, offset2bag
+
+
+def _bag_backward(dz: Tensor, table: Tensor, idx: Tensor, w: Tensor, offsets, offset2bag, need_w, need_table, mode):
+    """Gradients of _bag_forward: (dw [B, k], dtable [rows, d])."""
+    B, k = idx.shape
+    dw = dtable = None
+    flat_idx = idx.reshape(-1)
+    if need_w:
+        dw = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            dz.to(table.dtype), table, flat_idx, offsets, offset2bag, 0, -1
+        ).view(B, k)
+    if need_table:
+        if mode == "embedding_bag":
+            dtable = torch.ops.aten._embedding_bag_backward(
+                dz.to(table.dtype), flat_idx, offsets, offset2bag,
+                torch.full((B,), k, dtype=torch.long, device=idx.device),
+                torch.empty(0, dtype=torch.long, device=idx.device),
+                table.shape[0], False, 0, False, w.reshape(-1).to(table.dtype), -1,
+            )
+        elif mode == "sparse_mm":
+            gd = torch.float64 if table.dtype == torch.float64 else torch.float32
+            bag = torch.arange(B, device=idx.device).repeat_interleave(k)
+            a_t = torch.sparse_coo_tensor(
+                torch.stack((flat_idx, bag)), w.reshape(-1).to(gd), (table.shape[0], B), check_invariants=False
+            )
+            dtable = torch.sparse.mm(a_t, dz.to(gd)).to(table.dtype)
+        else:
+            dtable = torch.zeros(table.shape, dtype=torch.float32 if table.dtype != torch.float64 else table.dtype,
+                                 device=table.device)
+            # Chunk so the [rows*k, d] source never exceeds ~32 MiB.
+            d = table.shape[1]
+            step = max(1, (1 << 23) // max(1, k * d))
+            for b0 in range(0, B, step):
+                b1 = min(B, b0 + step)
+                src = (w[b0:b1, :, None].to(dtable.dtype) * dz[b0:b1, None, :].to(dtable.dtype)).reshape(-1, d)
+                dtable.index_add_(0, idx[b0:b1].reshape(-1), src)
+            dtable = dtable.to(table.dtype)
+    return dw, dtable
+
+
+class _PoolProject(torch.autograd.Function):
+    """HIVE: m[h, t] = (sum_i w[h,t,i] * bank[slot[h,t,i]]) @ proj[h]; never per-slot values."""
+
+    @staticmethod
+    def forward(ctx, w, slots, bank, proj, mode):
+        H, T, k = slots.shape
+        z, offsets, offset2bag = _bag_forward(bank, slots.reshape(H * T, k), w.reshape(H * T, k))
+        z = z.view(H, T, -1)
+        cd = proj.dtype if proj.dtype == torch.float64 else torch.float32
+        if bank.device.type != "cpu":
+            cd = proj.dtype
+        m = torch.bmm(z.to(cd), proj.to(cd))
+        ctx.save_for_backward(w, slots, bank, proj, z, offsets, offset2bag)
+        ctx.mode = mode
+        ctx.cd = cd
+        return m
+
+    @staticmethod
+    def backward(ctx, dm):
+        w, slots, bank, proj, z, offsets, offset2bag = ctx.saved_tensors
+        H, T, k = slots.shape
+        cd = ctx.cd
+        dm = dm.to(cd)
+        dproj = torch.bmm(z.to(cd).transpose(1, 2), dm).to(proj.dtype) if ctx.needs_input_grad[3] else None
+        dw = dbank = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+            dz = torch.bmm(dm, proj.to(cd).transpose(1, 2)).view(H * T, -1)
+            dw, dbank = _bag_backward(
+                dz, bank, slots.reshape(H * T, k), w.reshape(H * T, k), offsets, offset2bag,
+                ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.mode,
+            )
+            if dw is not None:
+                dw = dw.view(H, T, k).to(w.dtype)
+        return dw, None, dbank, dproj, None
+
+
+class _Pool(torch.autograd.Function):
+    """HIVE off: m[h, t] = sum_i w[h,t,i] * values[h, slot[h,t,i]] (values flattened to [H*N, d_h])."""
+
+    @staticmethod
+    def forward(ctx, w, slots, table, mode):
+        H, T, k = slots.shape
+        z, offsets, offset2bag = _bag_forward(table, slots.reshape(H * T, k), w.reshape(H * T, k))
+        ctx.save_for_backward(w, slots, table, offsets, offset2bag)
+        ctx.mode = mode
+        return z.view(H, T, -1)
+
+    @staticmethod
+    def backward(ctx, dm):
+        w, slots, table, offsets, offset2bag = ctx.saved_tensors
+        H, T, k = slots.shape
+        dw, dtable = _bag_backward(
+            dm.reshape(H * T, -1), table, slots.reshape(H * T, k), w.reshape(H * T, k), offsets, offset2bag,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.mode,
+        )
+        if dw is not None:
+            dw = dw.view(H, T, k).to(w.dtype)
+        return dw, None, dtable, None
+
+
+# ----------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------
+
+
+class LatentBank(nn.Module):
+    """The HIVE latent bank U, shape [n*n, d_l] (parameter ``weight``).
+
+    To share one bank across several Memory blocks, the *model* owns a single LatentBank as a
+    submodule (so it appears once in ``state_dict``, e.g. as ``model.hml_bank.weight``) and
+    passes it to each ``HeadwiseMemory(..., bank=that_bank)``; those layers keep only an
+    unregistered reference and never re-initialise it.
+    """
+
+    def __init__(self, n_subkeys: int, latent_dim: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.n_subkeys = int(n_subkeys)
+        self.latent_dim = int(latent_dim)
+        self.weight = nn.Parameter(torch.empty(self.n_subkeys**2, self.latent_dim, device=device, dtype=dtype))
+
+    @property
+    def num_slots(self) -> int:
+        return self.n_subkeys**2
+
+    def reset_parameters(self, seed: int = 0, zero: bool = False, name: str = "bank.weight") -> None:
+        """normal(0, d_l^-0.5) from a generator keyed by (seed, name); zeros when ``zero``."""
+        _fill(self.weight, "zeros" if zero else "normal", seed, name, self.latent_dim**-0.5)
+
+    def extra_repr(self) -> str:
+        return f"slots={self.num_slots}, latent_dim={self.latent_dim}"
+
+
+class _HeadNorm(nn.Module):
+    """Per-head RMS / Layer norm over d_h with a per-head affine weight [H, d_h] (float32 math)."""
+
+    def __init__(self, kind: str, num_heads: int, head_dim: int, eps: float, device=None, dtype=None) -> None:
+        super().__init__()
+        self.kind = kind
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.empty(num_heads, head_dim, device=device, dtype=dtype))
+        if kind == "layer":
+            self.bias = nn.Parameter(torch.empty(num_heads, head_dim, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, q: Tensor) -> Tensor:  # q [T, H, d_h] (float32/64)
+        if self.kind == "rms":
+            q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + self.eps)
+            return q * self.weight.to(q.dtype)
+        mu = q.mean(-1, keepdim=True)
+        q = q - mu
+        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + self.eps)
+        return q * self.weight.to(q.dtype) + self.bias.to(q.dtype)
+
+
+class HeadwiseMemory(nn.Module):
+    """Head-wise Memory Layer: per-head product-key lookup, shared HIVE latent bank, per-head P_h.
+
+    forward: [..., H, d_h] (query_source="heads") or [..., hidden] ("hidden") -> [..., hidden].
+    Parameters (names are stable): ``keys`` [H, 2, n, d_h/2]; ``bank.weight`` [n*n, d_l] (HIVE,
+    own bank) or none (shared bank passed in); ``proj`` [H, d_l, d_h] (HIVE); ``values``
+    [H, n*n, d_h] (HIVE off); ``query_norm.weight`` (+ ``.bias`` for layer) [H, d_h];
+    ``query_proj.weight`` [H*d_h, hidden]; ``gate.weight`` [H*d_h, in]; ``out_proj.weight``
+    [hidden, H*d_h].
+
+    Precision: scores, top-k and softmax always run in float32 (float64 when the input is
+    float64).  On CPU all matmuls run in float32 too, because bfloat16 GEMMs without hardware
+    support are 40-100x slower there; on CUDA they run in the parameter dtype.  The output has
+    the input's dtype.  Autocast is disabled inside the layer for the same reasons.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        hidden_size: int,
+        config: Optional[HMLConfig] = None,
+        bank: Optional[LatentBank] = None,
+    ) -> None:
+        super().__init__()
+        config = HMLConfig() if config is None else config
+        if not isinstance(config, HMLConfig):
+            raise ValueError(f"config must be an HMLConfig, got {type(config).__name__}")
+        for name, v in (("num_heads", num_heads), ("head_dim", head_dim), ("hidden_size", hidden_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even (the query is split in two halves), got {head_dim}")
+        inner = num_heads * head_dim
+        if config.output_proj == "never" and inner != hidden_size:
+            raise ValueError(
+                f"output_proj='never' needs num_heads*head_dim == hidden_size ({inner} != {hidden_size})"
+            )
+        if bank is not None:
+            if not config.hive:
+                raise ValueError("a shared LatentBank was passed but config.hive is False")
+            if not isinstance(bank, LatentBank):
+                raise ValueError(f"bank must be a LatentBank, got {type(bank).__name__}")
+            if bank.n_subkeys != config.n_subkeys or bank.latent_dim != config.latent_dim:
+                raise ValueError(
+                    f"shared bank is [{bank.n_subkeys}^2, {bank.latent_dim}] but config wants "
+                    f"[{config.n_subkeys}^2, {config.latent_dim}]"
+                )
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.hidden_size = hidden_size
+        self.config = config
+        n, dl = config.n_subkeys, config.latent_dim
+        in_features = hidden_size if config.query_source == "hidden" else inner
+
+        if config.query_source == "hidden":
+            self.query_proj = nn.Linear(hidden_size, inner, bias=False)
+        else:
+            self.query_proj = None
+        self.query_norm = (
+            _HeadNorm(config.query_norm, num_heads, head_dim, config.norm_eps) if config.query_norm != "none" else None
+        )
+        self.keys = nn.Parameter(torch.empty(num_heads, 2, n, head_dim // 2))
+        self._shared_bank: tuple = ()
+        if config.hive:
+            if bank is None:
+                self.bank = LatentBank(n, dl)
+            else:
+                self.bank = None
+                self._shared_bank = (bank,)  # plain tuple: not a submodule, not in state_dict
+            self.proj = nn.Parameter(torch.empty(num_heads, dl, head_dim))
+            self.register_parameter("values", None)
+        else:
+            self.bank = None
+            self.register_parameter("proj", None)
+            self.values = nn.Parameter(torch.empty(num_heads, n * n, head_dim))
+        self.gate = nn.Linear(in_features, inner, bias=False) if config.gate else None
+        use_out = config.output_proj == "always" or (config.output_proj == "auto" and inner != hidden_size)
+        self.out_proj = nn.Linear(inner, hidden_size, bias=False) if use_out else None
+        if self.keys.device.type != "meta":
+            self.reset_parameters()
+
+    # -- bank access -------------------------------------------------------------------
+    @property
+    def latent_bank(self) -> Optional[LatentBank]:
+        """The bank in use (own or shared); None when HIVE is off."""
+        if self._shared_bank:
+            return self._shared_bank[0]
+        return self.bank
+
+    @property
+    def shares_bank(self) -> bool:
+        return bool(self._shared_bank)
+
+    # -- init ----------------------------------------------------------------------------
+    def init_rules(self) -> dict[str, str]:
+        cfg, H, dh = self.config, self.num_heads, self.head_dim
+        dl = cfg.latent_dim
+        rules: dict[str, str] = {"keys": f"uniform(±1/sqrt(d_h/2)) = uniform(±{1 / math.sqrt(dh / 2):.4g})"}
+        if cfg.hive:
+            if self.bank is not None:
+                rules["bank.weight"] = (
+                    "zeros" if cfg.init == "zero_bank" else f"normal(0, d_l^-0.5) = normal(0, {dl**-0.5:.4g})"
+                )
+            rules["proj"] = "zeros" if cfg.init == "zero_proj" else f"normal(0, d_l^-0.5) = normal(0, {dl**-0.5:.4g})"
+        else:
+            rules["values"] = (
+                "zeros" if cfg.init in ("zero_proj", "zero_bank") else f"normal(0, d_h^-0.5) = normal(0, {dh**-0.5:.4g})"
+            )
+        if self.query_norm is not None:
+            rules["query_norm.weight"] = "ones"
+            if self.query_norm.bias is not None:
+                rules["query_norm.bias"] = "zeros"
+        if self.query_proj is not None:
+            rules["query_proj.weight"] = f"normal(0, hidden^-0.5) = normal(0, {self.hidden_size**-0.5:.4g})"
+        if self.gate is not None:
+            fi = self.gate.in_features
+            rules["gate.weight"] = f"normal(0, in^-0.5) = normal(0, {fi**-0.5:.4g})"
+        if self.out_proj is not None:
+            fi = self.out_proj.in_features
+            rules["out_proj.weight"] = f"normal(0, (H*d_h)^-0.5) = normal(0, {fi**-0.5:.4g})"
+        return rules
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int = 0) -> None:
+        """Initialise every owned parameter from its own generator keyed by (seed, name).
+
+        A shared bank is not touched: its owner calls ``LatentBank.reset_parameters``.
+        """
+        cfg, dh, dl = self.config, self.head_dim, self.config.latent_dim
+        _fill(self.keys, "uniform", seed, "keys", 1.0 / math.sqrt(dh / 2))
+        if cfg.hive:
+            if self.bank is not None:
+                self.bank.reset_parameters(seed, zero=cfg.init == "zero_bank", name="bank.weight")
+            _fill(self.proj, "zeros" if cfg.init == "zero_proj" else "normal", seed, "proj", dl**-0.5)
+        else:
+            _fill(self.values, "zeros" if cfg.init != "random" else "normal", seed, "values", dh**-0.5)
+        if self.query_norm is not None:
+            _fill(self.query_norm.weight, "ones", seed, "query_norm.weight")
+            if self.query_norm.bias is not None:
+                _fill(self.query_norm.bias, "zeros", seed, "query_norm.bias")
+        if self.query_proj is not None:
+            _fill(self.query_proj.weight, "normal", seed, "query_proj.weight", self.hidden_size**-0.5)
+        if self.gate is not None:
+            _fill(self.gate.weight, "normal", seed, "gate.weight", self.gate.in_features**-0.5)
+        if self.out_proj is not None:
+            _fill(self.out_proj.weight, "normal", seed, "out_proj.weight", self.out_proj.in_features**-0.5)
+
+    # -- cost ----------------------------------------------------------------------------
+    def flops_per_token(self) -> int:
+        """2 * multiply-adds of one token's forward (additions of candidate sums count as 1 MAC)."""
+        cfg, H, dh, D = self.config, self.num_heads, self.head_dim, self.hidden_size
+        n, k, dl = cfg.n_subkeys, cfg.topk, cfg.latent_dim
+        inner = H * dh
+        C = len(candidate_pairs(k, torch.device("cpu"))[0])
+        macs = 0
+        if self.query_proj is not None:
+            macs += D * inner
+        macs += H * n * dh  # two halves: 2 * n * d_h/2
+        macs += H * C  # candidate sums
+        macs += H * k  # softmax (exp + normalise), ~1 op per weight
+        if cfg.hive:
+            macs += H * k * dl + H * dl * dh  # pool in latent space, then project
+        else:
+            macs += H * k * dh
+        if self.gate is not None:
+            macs += self.gate.in_features * inner + inner
+        if self.out_proj is not None:
+            macs += inner * D
+        return int(2 * macs)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"heads={self.num_heads}, head_dim={self.head_dim}, hidden={self.hidden_size}, n={c.n_subkeys}, "
+            f"k={c.topk}, d_l={c.latent_dim}, hive={c.hive}, shared_bank={self.shares_bank}"
+        )
+
+    # -- forward -------------------------------------------------------------------------
+    def lookup(self, queries: Tensor) -> tuple[Tensor, Tensor]:
+        """(weights [H, T, k], slots [H, T, k]) for queries of the forward's input shape."""
+        q, _, _ = self._queries(queries)
+        w, slots = self._lookup(q)
+        return w, slots
+
+    def _queries(self, x: Tensor):
+        H, dh = self.num_heads, self.head_dim
+        if self.config.query_source == "hidden":
+            if x.shape[-1] != self.hidden_size:
+                raise ValueError(f"expected [..., {self.hidden_size}] input, got {tuple(x.shape)}")
+            lead = x.shape[:-1]
+            flat_in = x.reshape(-1, self.hidden_size)
+            cd = self._mm_dtype(x)
+            q = F.linear(flat_in.to(cd), self.query_proj.weight.to(cd)).view(-1, H, dh)
+        else:
+            if x.dim() < 2 or x.shape[-2:] != (H, dh):
+                raise ValueError(f"expected [..., {H}, {dh}] queries, got {tuple(x.shape)}")
+            lead = x.shape[:-2]
+            q = x.reshape(-1, H, dh)
+            flat_in = q.reshape(-1, H * dh)
+        return q, flat_in, lead
+
+    def _mm_dtype(self, x: Tensor) -> torch.dtype:
+        if x.dtype == torch.float64:
+            return torch.float64
+        if x.device.type == "cpu":
+            return torch.float32
+        return x.dtype
+
+    def _lookup(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        cfg, H, dh = self.config, self.num_heads, self.head_dim
+        sd = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q = q.to(sd)
+        if self.query_norm is not None:
+            q = self.query_norm(q)
+        return _Lookup.apply(q.contiguous(), self.keys.to(sd), cfg.topk)  # w, slots: [H, T, k]
+
+    def forward(self, queries: Tensor) -> Tensor:
+        dev = queries.device.type
+        with torch.autocast(device_type=dev if dev in ("cpu", "cuda") else "cpu", enabled=False):
+            return self._forward(queries)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        cfg, H, dh = self.config, self.num_heads, self.head_dim
+        out_dtype = x.dtype
+        q, flat_in, lead = self._queries(x)
+        T = q.shape[0]
+        w, slots = self._lookup(q)
+        if cfg.hive:
+            bank = self.latent_bank.weight
+            m = _PoolProject.apply(w, slots, bank, self.proj, cfg.bank_grad)  # [H, T, d_h]
+        else:
+            N = cfg.n_subkeys**2
+            offs = (torch.arange(H, device=slots.device) * N).view(H, 1, 1)
+            m = _Pool.apply(w, slots + offs, self.values.view(H * N, dh), cfg.bank_grad)
+        cd = self._mm_dtype(x)
+        out = m.to(cd).transpose(0, 1).reshape(T, H * dh)
+        if self.gate is not None:
+            out = out * F.silu(F.linear(flat_in.to(cd), self.gate.weight.to(cd)))
+        if self.out_proj is not None:
+            out = F.linear(out, self.out_proj.weight.to(cd))
+        return out.to(out_dtype).view(*lead, self.hidden_size)
+
+
+def hml_parameter_count(
+    num_heads: int, head_dim: int, hidden_size: int, config: Optional[HMLConfig] = None, include_bank: bool = True
+) -> int:
+    """Parameters of one HeadwiseMemory (``include_bank=False``: without the latent bank, e.g. shared)."""
+    config = HMLConfig() if config is None else config
+    H, dh, D = num_heads, head_dim, hidden_size
+    n, dl = config.n_subkeys, config.latent_dim
+    inner = H * dh
+    count = H * n * dh  # keys: H * 2 * n * dh/2
+    if config.hive:
+        count += H * dl * dh
+        if include_bank:
+            count += n * n * dl
+    else:
+        count += H * n * n * dh
+    if config.query_norm == "rms":
+        count += inner
+    elif config.query_norm == "layer":
+        count += 2 * inner
+    in_features = D if config.query_source == "hidden" else inner
+    if config.query_source == "hidden":
+        count += D * inner
+    if config.gate:
+        count += in_features * inner
+    if config.output_proj == "always" or (config.output_proj == "auto" and inner != D):
+        count += inner * D
+    return int(count)

@@ -1,0 +1,323 @@
+"""Correctness tests of the Head-wise Memory Layer (midus_surgery/hml.py). CPU, fast."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from midus_surgery.hml import (
+    HeadwiseMemory,
+    HMLConfig,
+    LatentBank,
+    candidate_pairs,
+    hml_parameter_count,
+    two_stage_topk,
+)
+
+
+# ------------------------------------------------------------------ brute-force references
+def brute_topk(s1: torch.Tensor, s2: torch.Tensor, k: int):
+    """Top-k of the full n*n table; ties by lower flat slot (python sort, exact)."""
+    n = s1.shape[-1]
+    full = (s1[..., :, None] + s2[..., None, :]).reshape(-1, n * n)
+    scores, slots = [], []
+    for row in full.tolist():
+        order = sorted(range(n * n), key=lambda i: (-row[i], i))[:k]
+        slots.append(order)
+        scores.append([row[i] for i in order])
+    shape = s1.shape[:-1] + (k,)
+    return torch.tensor(scores, dtype=s1.dtype).view(shape), torch.tensor(slots).view(shape)
+
+
+def dense_reference(m: HeadwiseMemory, x: torch.Tensor, params: dict) -> torch.Tensor:
+    """Straightforward HML: full n*n score table, torch.topk, dense gathers, einsum."""
+    cfg, H, dh = m.config, m.num_heads, m.head_dim
+    n, k = cfg.n_subkeys, cfg.topk
+    if cfg.query_source == "hidden":
+        flat_in = x.reshape(-1, m.hidden_size)
+        q = (flat_in @ params["query_proj.weight"].t()).view(-1, H, dh)
+    else:
+        q = x.reshape(-1, H, dh)
+        flat_in = q.reshape(-1, H * dh)
+    if cfg.query_norm == "rms":
+        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * params["query_norm.weight"]
+    elif cfg.query_norm == "layer":
+        q = q - q.mean(-1, keepdim=True)
+        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+        q = q * params["query_norm.weight"] + params["query_norm.bias"]
+    keys = params["keys"]  # [H, 2, n, dh/2]
+    s1 = torch.einsum("thd,hnd->thn", q[..., : dh // 2], keys[:, 0])
+    s2 = torch.einsum("thd,hnd->thn", q[..., dh // 2 :], keys[:, 1])
+    full = (s1[..., :, None] + s2[..., None, :]).reshape(q.shape[0], H, n * n)
+    sc, slots = full.topk(k, dim=-1)
+    w = torch.softmax(sc, -1)
+    if cfg.hive:
+        rows = params["bank.weight"][slots]  # [T, H, k, d_l]
+        z = (w[..., None] * rows).sum(-2)
+        mh = torch.einsum("thl,hld->thd", z, params["proj"])
+    else:
+        vals = params["values"]  # [H, N, dh]
+        rows = vals[torch.arange(H)[None, :, None], slots]  # [T, H, k, dh]
+        mh = (w[..., None] * rows).sum(-2)
+    out = mh.reshape(-1, H * dh)
+    if cfg.gate:
+        out = out * F.silu(flat_in @ params["gate.weight"].t())
+    if m.out_proj is not None:
+        out = out @ params["out_proj.weight"].t()
+    lead = x.shape[:-1] if cfg.query_source == "hidden" else x.shape[:-2]
+    return out.view(*lead, m.hidden_size)
+
+
+def tiny(H=2, dh=8, D=None, **kw) -> HeadwiseMemory:
+    base = dict(n_subkeys=6, topk=4, latent_dim=5, init="random")
+    base.update(kw)
+    return HeadwiseMemory(H, dh, D if D is not None else H * dh, HMLConfig(**base))
+
+
+# ------------------------------------------------------------------ lookup exactness
+def test_candidate_pairs_count():
+    r, s = candidate_pairs(32, torch.device("cpu"))
+    assert len(r) == 119  # sum_{i=1..32} floor(32/i)
+    assert all((a + 1) * (b + 1) <= 32 for a, b in zip(r.tolist(), s.tolist()))
+
+
+@pytest.mark.parametrize("n,k", [(5, 1), (6, 3), (8, 8), (9, 4), (12, 7)])
+def test_two_stage_equals_bruteforce_random(n, k):
+    g = torch.Generator().manual_seed(n * 100 + k)
+    s1, s2 = torch.randn(3, 7, n, generator=g), torch.randn(3, 7, n, generator=g)
+    sc, sl = two_stage_topk(s1, s2, k)
+    bsc, bsl = brute_topk(s1, s2, k)
+    assert torch.equal(sl, bsl)
+    assert torch.equal(sc, bsc)
+
+
+@pytest.mark.parametrize("n,k", [(4, 4), (6, 5), (8, 3), (10, 10)])
+def test_two_stage_ties_lowest_slot_wins(n, k):
+    # small integers: many exact ties in halves and in sums, all exactly representable
+    g = torch.Generator().manual_seed(7 + n + k)
+    s1 = torch.randint(-2, 3, (40, n), generator=g).float()
+    s2 = torch.randint(-2, 3, (40, n), generator=g).float()
+    s1[0] = 0.0  # a row of all-equal scores
+    s2[0] = 0.0
+    sc, sl = two_stage_topk(s1, s2, k)
+    bsc, bsl = brute_topk(s1, s2, k)
+    assert torch.equal(sl, bsl)
+    assert torch.equal(sc, bsc)
+    assert sl[0].tolist() == list(range(k))  # all tied: slots 0..k-1
+
+
+def test_module_lookup_matches_bruteforce_with_ties():
+    m = tiny(H=2, dh=4, n_subkeys=7, topk=5, query_norm="none")
+    with torch.no_grad():
+        m.keys.copy_(torch.randint(-1, 2, m.keys.shape).float())
+    q = torch.randint(-1, 2, (11, 2, 4)).float()
+    w, slots = m.lookup(q)
+    s1 = torch.einsum("thd,hnd->htn", q[..., :2], m.keys[:, 0])
+    s2 = torch.einsum("thd,hnd->htn", q[..., 2:], m.keys[:, 1])
+    bsc, bsl = brute_topk(s1, s2, 5)
+    assert torch.equal(slots, bsl)
+    assert torch.allclose(w, torch.softmax(bsc, -1))
+
+
+# ------------------------------------------------------------------ gradients
+CONFIGS = [
+    dict(),
+    dict(gate=True, output_proj="always", query_norm="layer"),
+    dict(hive=False, gate=True, query_norm="none"),
+    dict(query_source="hidden", gate=True, query_norm="rms"),
+    dict(bank_grad="embedding_bag"),
+    dict(bank_grad="index_add", hive=False),
+]
+
+
+@pytest.mark.parametrize("kw", CONFIGS)
+def test_matches_dense_reference_values_and_grads(kw):
+    torch.manual_seed(0)
+    D = 12 if kw.get("query_source") == "hidden" else 16
+    m = tiny(H=2, dh=8, D=D, n_subkeys=6, topk=4, latent_dim=5, **kw).double()
+    shape = (3, 5, D) if kw.get("query_source") == "hidden" else (3, 5, 2, 8)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    out = m(x)
+    g_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x] + list(m.parameters()), g_out)
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in m.named_parameters()}
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = dense_reference(m, x2, params)
+    rgrads = torch.autograd.grad(ref, [x2] + list(params.values()), g_out)
+    assert torch.allclose(out, ref, atol=1e-12, rtol=1e-10)
+    names = ["input"] + list(params)
+    for name, a, b in zip(names, grads, rgrads):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-8), name
+
+
+@pytest.mark.parametrize("kw", [dict(gate=True, output_proj="always"), dict(hive=False, gate=True), dict(bank_grad="index_add")])
+def test_gradcheck_float64(kw):
+    torch.manual_seed(1)
+    m = tiny(H=2, dh=4, D=8, n_subkeys=4, topk=3, latent_dim=3, **kw).double()
+    names = [n for n, _ in m.named_parameters()]
+    x = torch.randn(2, 3, 2, 4, dtype=torch.float64, requires_grad=True)
+    ps = [p.detach().clone().requires_grad_(True) for p in m.parameters()]
+
+    def f(x, *ps):
+        return torch.func.functional_call(m, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *ps), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ identity at start
+@pytest.mark.parametrize(
+    "kw,factor",
+    [(dict(), "proj"), (dict(init="zero_bank"), "bank.weight"), (dict(hive=False), "values"),
+     (dict(gate=True, output_proj="always"), "proj")],
+)
+def test_identity_at_start_then_learns(kw, factor):
+    torch.manual_seed(0)
+    m = HeadwiseMemory(3, 8, 24, HMLConfig(n_subkeys=8, topk=4, latent_dim=6, **kw))
+    x = torch.randn(2, 5, 3, 8)
+    out = m(x)
+    assert torch.count_nonzero(out) == 0
+    target = torch.randn_like(out)
+    (m(x) * target).sum().backward()
+    grads = {n: p.grad for n, p in m.named_parameters()}
+    assert grads[factor] is not None and torch.count_nonzero(grads[factor]) > 0
+    torch.optim.SGD(m.parameters(), lr=0.1).step()
+    assert torch.count_nonzero(m(x)) > 0
+
+
+# ------------------------------------------------------------------ init, params, config
+def test_same_seed_same_weights_and_name_keyed():
+    cfg = HMLConfig(n_subkeys=8, topk=4, latent_dim=6, init="random")
+    a, b = HeadwiseMemory(3, 8, 24, cfg), HeadwiseMemory(3, 8, 24, cfg)
+    a.reset_parameters(seed=5)
+    b.reset_parameters(seed=5)
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert na == nb and torch.equal(pa, pb)
+    b.reset_parameters(seed=6)
+    assert not torch.equal(a.keys, b.keys)
+    c = HeadwiseMemory(3, 8, 24, dataclass_replace(cfg, gate=True, output_proj="always"))
+    c.reset_parameters(seed=5)
+    assert torch.equal(c.keys, a.keys) and torch.equal(c.bank.weight, a.bank.weight)
+    assert set(a.init_rules()) == {n for n, _ in a.named_parameters()}
+    assert set(c.init_rules()) == {n for n, _ in c.named_parameters()}
+
+
+def dataclass_replace(cfg, **kw):
+    return HMLConfig.from_dict({**cfg.to_dict(), **kw})
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(hive=False), dict(gate=True), dict(query_norm="layer", output_proj="always"),
+     dict(query_source="hidden", gate=True), dict(query_norm="none")],
+)
+def test_meta_construction_and_parameter_count(kw):
+    cfg = HMLConfig(n_subkeys=16, topk=4, latent_dim=8, **kw)
+    with torch.device("meta"):
+        m = HeadwiseMemory(4, 8, 48, cfg)  # 4*8 != 48: out_proj needed for auto
+    assert all(p.device.type == "meta" for p in m.parameters())
+    assert sum(p.numel() for p in m.parameters()) == hml_parameter_count(4, 8, 48, cfg)
+    assert m.flops_per_token() > 0
+
+
+def test_paper_size_parameter_count():
+    cfg = HMLConfig(n_subkeys=256, topk=32, latent_dim=256, query_norm="none")
+    # Llama-3.2-1B: keys 0.5M + bank 16.8M + proj 0.5M
+    assert hml_parameter_count(32, 64, 2048, cfg) == 32 * 256 * 64 + 65536 * 256 + 32 * 256 * 64
+    assert hml_parameter_count(32, 64, 2048, cfg, include_bank=False) == 2 * 32 * 256 * 64
+
+
+def test_shared_bank_not_in_state_dict_and_accumulates():
+    cfg = HMLConfig(n_subkeys=8, topk=4, latent_dim=6, init="random")
+    owner = torch.nn.Module()
+    owner.bank = LatentBank(8, 6)
+    owner.bank.reset_parameters(seed=1)
+    owner.m0 = HeadwiseMemory(2, 8, 16, cfg, bank=owner.bank)
+    owner.m1 = HeadwiseMemory(2, 8, 16, cfg, bank=owner.bank)
+    keys = set(owner.state_dict())
+    assert "bank.weight" in keys and not any(k.startswith("m0.bank") or k.startswith("m1.bank") for k in keys)
+    assert sum(p.numel() for p in owner.m0.parameters()) == hml_parameter_count(2, 8, 16, cfg, include_bank=False)
+    assert owner.m0.latent_bank is owner.bank and owner.m0.shares_bank
+    x = torch.randn(3, 2, 8)
+    owner.m0(x).sum().backward()
+    g0 = owner.bank.weight.grad.clone()
+    owner.m1(x).sum().backward()
+    assert not torch.equal(owner.bank.weight.grad, g0)
+    before = owner.bank.weight.detach().clone()
+    owner.m0.reset_parameters(seed=9)  # never touches the shared bank
+    assert torch.equal(owner.bank.weight, before)
+
+
+def test_config_roundtrip_and_validation():
+    cfg = HMLConfig(n_subkeys=16, topk=8, gate=True)
+    assert HMLConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        HMLConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    bad = [dict(topk=300), dict(query_norm="batch"), dict(output_proj="sometimes"), dict(init="ones"),
+           dict(n_subkeys=0), dict(query_source="x"), dict(bank_grad="x")]
+    for kw in bad:
+        with pytest.raises(ValueError):
+            HMLConfig(**kw)
+    with pytest.raises(ValueError, match="even"):
+        HeadwiseMemory(2, 7, 14, HMLConfig(n_subkeys=8, topk=4, latent_dim=4))
+    with pytest.raises(ValueError, match="never"):
+        HeadwiseMemory(2, 8, 20, HMLConfig(n_subkeys=8, topk=4, latent_dim=4, output_proj="never"))
+    with pytest.raises(ValueError, match="shared bank"):
+        HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=8, topk=4, latent_dim=4), bank=LatentBank(8, 5))
+    m = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=8, topk=4, latent_dim=4))
+    with pytest.raises(ValueError):
+        m(torch.randn(3, 3, 8))
+
+
+# ------------------------------------------------------------------ dtypes, shapes, autocast, compile
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3, 4)])
+def test_leading_shapes(lead):
+    m = tiny(H=2, dh=8, D=16)
+    x = torch.randn(*lead, 2, 8)
+    out = m(x)
+    assert out.shape == (*lead, 16)
+    flat = m(x.reshape(-1, 2, 8)).reshape(*lead, 16)
+    assert torch.allclose(out, flat)
+
+
+def test_float32_and_bfloat16():
+    torch.manual_seed(0)
+    m = tiny(H=2, dh=8, D=24, n_subkeys=8, topk=4, latent_dim=6, gate=True)
+    x = torch.randn(4, 7, 2, 8)
+    out32 = m(x)
+    assert out32.dtype == torch.float32
+    mb = tiny(H=2, dh=8, D=24, n_subkeys=8, topk=4, latent_dim=6, gate=True).to(torch.bfloat16)
+    outb = mb(x.bfloat16())
+    assert outb.dtype == torch.bfloat16 and torch.isfinite(outb.float()).all()
+    outb.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in mb.parameters())
+    # same lookup on most tokens: compare where the bf16 output is close
+    close = torch.isclose(outb.float(), out32, atol=5e-2, rtol=5e-2).float().mean()
+    assert close > 0.8
+
+
+def test_autocast_cpu_bf16():
+    m = tiny(H=2, dh=8, D=16, gate=True)
+    x = torch.randn(3, 4, 2, 8)
+    ref = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x.bfloat16())
+        out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and m.keys.grad is not None
+
+
+def test_torch_compile_small():
+    torch._dynamo.reset()
+    m = tiny(H=2, dh=8, D=16, gate=True)
+    x = torch.randn(2, 3, 2, 8, requires_grad=True)
+    ref = m(x)
+    cm = torch.compile(m, backend="aot_eager")
+    out = cm(x)
+    assert torch.allclose(out, ref, atol=1e-6)
+    out.sum().backward()
+    assert x.grad is not None and m.proj.grad is not None

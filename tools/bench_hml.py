@@ -1,0 +1,229 @@
+#!/usr/bin/env python
+"""Benchmark: HML (midus_surgery/hml.py) vs the FFN it replaces (transformers' LlamaMLP).
+
+Forward+backward time and peak memory, side by side, interleaved repeats, at two block sizes
+(SmolLM2-135M, Llama-3.2-1B), batch 4 x 256 tokens, float32 and bfloat16.
+
+    python tools/bench_hml.py            # table; --write-docs puts it in docs/benchmarks.md
+    python tools/bench_hml.py --json     # one JSON object {"rows": [...]}
+    python tools/bench_hml.py --quick    # fewer repeats (whole run under about a minute)
+
+Time: the minimum over interleaved repeats (the machine is shared; the minimum is the least
+disturbed run).  Peak memory: sum of live tensor bytes allocated during one fwd+bwd step,
+from torch.profiler's allocation events (profile_memory=True), i.e. activations, saved
+tensors, temporaries and gradients, not the parameters themselves.
+
+bfloat16 FFN at the Llama size: this CPU has no bf16 matmul support (AVX2 only) and a bf16
+GEMM of that size takes minutes, so that FFN is timed on fewer tokens and scaled linearly
+in tokens (GEMM time is linear in M); those rows say so ("ffn_tokens_timed").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from midus_surgery.hml import HeadwiseMemory, HMLConfig, hml_parameter_count  # noqa: E402
+
+SIZES = {
+    "SmolLM2-135M": dict(hidden=576, heads=9, head_dim=64, ffn=1536, n=256, k=32, d_l=64),
+    "Llama-3.2-1B": dict(hidden=2048, heads=32, head_dim=64, ffn=8192, n=256, k=32, d_l=256),
+}
+BATCH, SEQ = 4, 256
+
+
+def build(size: str, dtype: torch.dtype):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    s = SIZES[size]
+    ffn = LlamaMLP(LlamaConfig(hidden_size=s["hidden"], intermediate_size=s["ffn"])).to(dtype)
+    cfg = HMLConfig(n_subkeys=s["n"], topk=s["k"], latent_dim=s["d_l"], init="random")
+    hml = HeadwiseMemory(s["heads"], s["head_dim"], s["hidden"], cfg).to(dtype)
+    return ffn, hml, cfg
+
+
+def step_fn(mod, x):
+    gy = None
+
+    def step():
+        nonlocal gy
+        for p in mod.parameters():
+            p.grad = None
+        x.grad = None
+        y = mod(x)
+        if gy is None:
+            gy = torch.ones_like(y)
+        y.backward(gy)
+
+    return step
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def peak_bytes(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    evs = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for _, b in sorted(evs, key=lambda t: t[0]):
+        live += b
+        peak = max(peak, live)
+    return peak
+
+
+def run_row(size: str, dtype: torch.dtype, repeats: int, sub_tokens: int | None, log) -> dict:
+    s = SIZES[size]
+    torch.manual_seed(0)
+    ffn, hml, cfg = build(size, dtype)
+    xf = torch.randn(BATCH, SEQ, s["hidden"], dtype=dtype, requires_grad=True)
+    xh = torch.randn(BATCH, SEQ, s["heads"], s["head_dim"], dtype=dtype, requires_grad=True)
+    ffn_tokens = BATCH * SEQ
+    if sub_tokens:
+        xf = torch.randn(1, sub_tokens, s["hidden"], dtype=dtype, requires_grad=True)
+        ffn_tokens = sub_tokens
+    f_step, h_step = step_fn(ffn, xf), step_fn(hml, xh)
+    f_step(), h_step()  # warm-up
+    ft, ht = [], []
+    for _ in range(repeats):  # interleaved
+        ft.append(timed(f_step))
+        ht.append(timed(h_step))
+    scale = (BATCH * SEQ) / ffn_tokens
+    ffn_ms = min(ft) * scale
+    hml_ms = min(ht)
+    hml_peak = peak_bytes(h_step)
+    ffn_peak = peak_bytes(f_step) if not sub_tokens else None
+    row = dict(
+        size=size,
+        dtype=str(dtype).replace("torch.", ""),
+        hml_ms=round(hml_ms, 1),
+        ffn_ms=round(ffn_ms, 1),
+        ratio=round(hml_ms / ffn_ms, 3),
+        hml_params=sum(p.numel() for p in hml.parameters()),
+        ffn_params=sum(p.numel() for p in ffn.parameters()),
+        n=cfg.n_subkeys,
+        k=cfg.topk,
+        d_l=cfg.latent_dim,
+        hml_peak_mib=round(hml_peak / 2**20, 1),
+        ffn_peak_mib=None if ffn_peak is None else round(ffn_peak / 2**20, 1),
+        hml_ms_median=round(sorted(ht)[len(ht) // 2], 1),
+        ffn_ms_median=round(sorted(ft)[len(ft) // 2] * scale, 1),
+        repeats=repeats,
+    )
+    assert row["hml_params"] == hml_parameter_count(s["heads"], s["head_dim"], s["hidden"], cfg)
+    if sub_tokens:
+        row["ffn_tokens_timed"] = sub_tokens
+    log(f"  {size} {row['dtype']}: hml {row['hml_ms']} ms, ffn {row['ffn_ms']} ms, ratio {row['ratio']}")
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| size | dtype | n | k | d_l | HML params | FFN params | HML ms | FFN ms | HML/FFN | "
+        "HML peak MiB | FFN peak MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        ffn_ms = f"{r['ffn_ms']}" + (f" (timed on {r['ffn_tokens_timed']} tok, scaled)" if "ffn_tokens_timed" in r else "")
+        fpeak = r["ffn_peak_mib"]
+        if fpeak is None:
+            fpeak = "n/a (see note)"
+        lines.append(
+            f"| {r['size']} | {r['dtype']} | {r['n']} | {r['k']} | {r['d_l']} | {r['hml_params'] / 1e6:.2f}M | "
+            f"{r['ffn_params'] / 1e6:.2f}M | {r['hml_ms']} | {ffn_ms} | **{r['ratio']:.2f}x** | "
+            f"{r['hml_peak_mib']} | {fpeak} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
+
+
+def write_docs(path: str, rows: list[dict], command: str) -> None:
+    section = (
+        "## HML\n\n"
+        "Head-wise Memory Layer (`midus_surgery/hml.py`) vs the FFN it replaces (transformers' `LlamaMLP`), "
+        f"forward+backward, batch {BATCH} x {SEQ} tokens, interleaved repeats, minimum time.\n\n"
+        f"- Machine: {machine()}\n"
+        f"- Command: `{command}`\n"
+        "- Peak memory: live tensor bytes during one fwd+bwd step from torch.profiler allocation events "
+        "(`profile_memory=True`); parameters excluded, gradients included.\n"
+        "- bfloat16 FFN at the Llama size: bf16 GEMMs on this AVX2-only CPU take minutes, so it is timed on "
+        "fewer tokens and scaled linearly in tokens; its peak memory is not measured at the full size.\n"
+        "- HML runs its matmuls in float32 on CPU for bf16 inputs (see docs/hml.md), so its bf16 times are "
+        "close to its fp32 times, while the FFN's bf16 times hit slow bf16 GEMM kernels.\n\n"
+        + table(rows)
+    )
+    text = ""
+    if os.path.exists(path):
+        with open(path) as fh:
+            text = fh.read()
+    if "## HML" in text:
+        start = text.index("## HML")
+        nxt = text.find("\n## ", start + 1)
+        text = text[:start] + section + ("" if nxt < 0 else "\n" + text[nxt + 1 :])
+    else:
+        if not text:
+            text = "# Benchmarks\n\n"
+        text = text.rstrip("\n") + "\n\n" + section
+    with open(path, "w") as fh:
+        fh.write(text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (under about a minute)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--sizes", default=",".join(SIZES))
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md (## HML)")
+    args = ap.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 5)
+    log = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    rows = []
+    for size in args.sizes.split(","):
+        for dt in args.dtypes.split(","):
+            dtype = getattr(torch, dt)
+            sub = None
+            if dtype == torch.bfloat16 and size == "Llama-3.2-1B":
+                sub = 16 if args.quick else 64
+            rows.append(run_row(size, dtype, repeats if not sub else max(1, repeats // 2), sub, log))
+    if args.json:
+        keys = ("size", "dtype", "hml_ms", "ffn_ms", "ratio", "hml_params", "ffn_params")
+        extra = ("n", "k", "d_l", "hml_peak_mib", "ffn_peak_mib", "ffn_tokens_timed")
+        print(json.dumps({"rows": [{k: r[k] for k in keys + extra if k in r} for r in rows]}))
+    else:
+        print(table(rows))
+    if args.write_docs:
+        command = "python tools/bench_hml.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_docs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "benchmarks.md"), rows,
+                   command.strip())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""One prepared CUDA check of the Head-wise Memory Layer: correctness + a timing run.
+
+    python tools/gpu_check_hml.py            # exits 0 with a message when there is no CUDA
+
+Runs on the GPU: (1) two-stage top-k == brute force incl. ties, (2) values and gradients vs the
+dense reference of tests/test_hml.py (float64), (3) CPU vs CUDA agreement (float32), (4) bf16 and
+autocast, (5) torch.compile (inductor), (6) fwd+bwd timing HML vs LlamaMLP at both bench sizes.
+Prints one line per check and a final OK / FAILED; exit status 1 on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("gpu_check_hml: no CUDA device available; nothing to check (exit 0).")
+        return 0
+    from midus_surgery.hml import HeadwiseMemory, HMLConfig, two_stage_topk
+    from test_hml import brute_topk, dense_reference
+
+    dev = torch.device("cuda")
+    failures = []
+
+    def check(name, cond):
+        print(f"[{'ok' if cond else 'FAIL'}] {name}")
+        if not cond:
+            failures.append(name)
+
+    # 1. lookup exactness with ties
+    g = torch.Generator().manual_seed(0)
+    for n, k in [(6, 3), (8, 8), (12, 7)]:
+        s1 = torch.randint(-2, 3, (50, n), generator=g).float()
+        s2 = torch.randint(-2, 3, (50, n), generator=g).float()
+        sc, sl = two_stage_topk(s1.to(dev), s2.to(dev), k)
+        bsc, bsl = brute_topk(s1, s2, k)
+        check(f"two-stage top-k == brute force (n={n}, k={k}, ties)", torch.equal(sl.cpu(), bsl))
+
+    # 2. values and grads vs dense reference, float64 on CUDA
+    for kw in [dict(), dict(gate=True, output_proj="always", query_norm="layer"), dict(hive=False, gate=True),
+               dict(bank_grad="embedding_bag"), dict(bank_grad="index_add")]:
+        torch.manual_seed(0)
+        cfg = HMLConfig(n_subkeys=6, topk=4, latent_dim=5, init="random", **kw)
+        m = HeadwiseMemory(2, 8, 16, cfg).double().to(dev)
+        x = torch.randn(3, 5, 2, 8, dtype=torch.float64, device=dev, requires_grad=True)
+        out = m(x)
+        gy = torch.randn_like(out)
+        grads = torch.autograd.grad(out, [x] + list(m.parameters()), gy)
+        params = {k: v.detach().clone().requires_grad_(True) for k, v in m.named_parameters()}
+        x2 = x.detach().clone().requires_grad_(True)
+        ref = dense_reference(m, x2, params)
+        rgrads = torch.autograd.grad(ref, [x2] + list(params.values()), gy)
+        ok = torch.allclose(out, ref, atol=1e-10) and all(
+            torch.allclose(a, b, atol=1e-9, rtol=1e-7) for a, b in zip(grads, rgrads)
+        )
+        check(f"dense reference values+grads {kw}", ok)
+
+    # 3. CPU vs CUDA, float32
+    torch.manual_seed(0)
+    cfg = HMLConfig(n_subkeys=64, topk=8, latent_dim=32, init="random", gate=True)
+    m = HeadwiseMemory(4, 16, 64, cfg)
+    x = torch.randn(2, 33, 4, 16)
+    ref = m(x)
+    mc = HeadwiseMemory(4, 16, 64, cfg).to(dev)
+    mc.load_state_dict(m.state_dict())
+    check("CPU == CUDA float32 (atol 1e-4)", torch.allclose(mc(x.to(dev)).cpu(), ref, atol=1e-4))
+
+    # 4. bf16 + autocast
+    mb = HeadwiseMemory(4, 16, 64, cfg).to(dev, torch.bfloat16)
+    yb = mb(x.to(dev, torch.bfloat16))
+    yb.float().sum().backward()
+    check("bf16 forward/backward finite", torch.isfinite(yb.float()).all().item() and mb.keys.grad is not None)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ya = mc(x.to(dev))
+    check("autocast cuda bf16 == no autocast (layer disables it)", torch.allclose(ya, mc(x.to(dev))))
+
+    # 5. torch.compile (inductor)
+    torch._dynamo.reset()
+    cm = torch.compile(mc)
+    xc = x.to(dev).requires_grad_(True)
+    yc = cm(xc)
+    yc.sum().backward()
+    check("torch.compile inductor matches eager", torch.allclose(yc, mc(x.to(dev)), atol=1e-5))
+
+    # 6. timing
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from bench_hml import SIZES, build, step_fn
+
+    for size in SIZES:
+        for dtype in (torch.float32, torch.bfloat16):
+            ffn, hml, _ = build(size, dtype)
+            ffn, hml = ffn.to(dev), hml.to(dev)
+            s = SIZES[size]
+            xf = torch.randn(4, 256, s["hidden"], dtype=dtype, device=dev, requires_grad=True)
+            xh = torch.randn(4, 256, s["heads"], s["head_dim"], dtype=dtype, device=dev, requires_grad=True)
+            fs, hs = step_fn(ffn, xf), step_fn(hml, xh)
+            res = {}
+            for name, fn in (("ffn", fs), ("hml", hs)):
+                for _ in range(3):
+                    fn()
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(20):
+                    fn()
+                torch.cuda.synchronize()
+                res[name] = (time.perf_counter() - t) / 20 * 1e3
+            print(f"[time] {size} {str(dtype)[6:]}: hml {res['hml']:.2f} ms, ffn {res['ffn']:.2f} ms, "
+                  f"ratio {res['hml'] / res['ffn']:.2f}  ({torch.cuda.get_device_name()})")
+
+    print("OK" if not failures else f"FAILED: {failures}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
