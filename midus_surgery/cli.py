@@ -12,8 +12,8 @@ from rich.table import Table
 
 from .errors import MidusError, RecipeError
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _compile(path: str):
@@ -94,6 +94,47 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _print_check(check) -> None:
+    mark = "[bold green]PASS[/]" if check.ok else "[bold red]FAIL[/]"
+    out.print(f"{mark} {check.name}: ", markup=True, end="")
+    out.print(check.detail, markup=False)
+
+
+def _run_verify(path, base) -> int:
+    from pathlib import Path
+
+    from .verify import verify
+
+    checks = verify(Path(path), Path(base) if base else None, report=_print_check)
+    failed = [c.name for c in checks if not c.ok]
+    if failed:
+        err.print(f"verify failed: {', '.join(failed)}", markup=False)
+        return 1
+    out.print(f"verify: all {len(checks)} checks passed", markup=False)
+    return 0
+
+
+def cmd_apply(args) -> int:
+    import time
+
+    from .compile import compile_recipe
+    from .emit import emit
+
+    started = time.perf_counter()
+    compiled = compile_recipe(args.recipe)
+    plan = compiled.plan
+    out.print(f"{args.recipe}: {plan.base_num_layers} -> {plan.num_hidden_layers} layers, {_human(plan.params['total'])} parameters", markup=False)
+    result = emit(compiled, out_dir=args.out, overwrite=args.overwrite, allow_pickle=args.allow_pickle, progress=not args.quiet)
+    out.print(f"wrote {result.out_dir}: {result.num_tensors} tensors, {result.num_bytes / 2**20:.1f} MiB in {result.shards} shard(s), {time.perf_counter() - started:.1f} s", markup=False)
+    if args.verify:
+        return _run_verify(result.out_dir, None)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    return _run_verify(args.model, args.base)
+
+
 def cmd_schema(args) -> int:
     from .recipe import recipe_json_schema_text
 
@@ -114,6 +155,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--tensors", action="store_true", help="include the tensor map")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("apply", help="emit the up-scaled model a recipe describes")
+    p.add_argument("recipe", metavar="RECIPE")
+    p.add_argument("--out", help="output directory (default: the recipe's output.dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--allow-pickle", action="store_true", help="read pickle .bin base weights (with weights_only=True)")
+    p.add_argument("--verify", action="store_true", help="run `verify` on the output right after emitting it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("verify", help="load an emitted model and check it (tensors, identity at start, KV cache, reload)")
+    p.add_argument("model", metavar="MODEL_DIR")
+    p.add_argument("--base", help="the base model to compare logits with (default: the one recorded at apply time)")
+    p.set_defaults(func=cmd_verify)
+
+    from .train_cli import add_commands
+
+    add_commands(sub)
 
     p = sub.add_parser("schema", help="print the recipe JSON Schema (for editors and tools)")
     p.set_defaults(func=cmd_schema)

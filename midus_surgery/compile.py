@@ -18,22 +18,22 @@ class Compiled:
     plan: Plan
 
 
-def anatomy_for(loaded: LoadedRecipe, config) -> Anatomy | None:
-    """The recipe's stated anatomy, else the traced one; None when tracing cannot tell."""
+def anatomy_for(loaded: LoadedRecipe, config) -> tuple[Anatomy | None, str | None]:
+    """The recipe's stated anatomy, else the traced one; (None, why) when tracing cannot tell."""
     if loaded.recipe.anatomy is not None:
-        return loaded.recipe.anatomy.model_copy(update={"source": "recipe"})
+        return loaded.recipe.anatomy.model_copy(update={"source": "recipe"}), None
     from .anatomy import AnatomyError, find_anatomy
 
     try:
-        return find_anatomy(config, trust_remote_code=loaded.recipe.base.trust_remote_code)
-    except AnatomyError:
+        return find_anatomy(config, trust_remote_code=loaded.recipe.base.trust_remote_code), None
+    except AnatomyError as exc:
         # make_plan reports it, located, if the layout needs the anatomy (identity/memory blocks).
-        return None
+        return None, str(exc)
 
 
 def compile_recipe(path) -> Compiled:
     """Raises RecipeError (every problem, located) when the recipe does not fit its base."""
     loaded = load_recipe(path)
     config = load_base_config(loaded)
-    anatomy = anatomy_for(loaded, config)
-    return Compiled(loaded, config, anatomy, make_plan(loaded, config, anatomy))
+    anatomy, why = anatomy_for(loaded, config)
+    return Compiled(loaded, config, anatomy, make_plan(loaded, config, anatomy, anatomy_problem=why))

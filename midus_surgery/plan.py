@@ -204,7 +204,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None) -> Plan:
+def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None, *, anatomy_problem: str | None = None) -> Plan:
     """Plan the recipe against the base config; RecipeError lists every problem found."""
     recipe = loaded.recipe
     L = config.num_hidden_layers
@@ -213,7 +213,8 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None) -> Plan:
     if "memory" in kinds:
         problems += memory_problems(loaded, config)
     if kinds & {"identity", "memory"} and anatomy is None:
-        problems.append(loaded.problem(("layout",), "identity and memory blocks need the block anatomy, which could not be found; state it with an `anatomy:` block"))
+        why = f": {anatomy_problem}" if anatomy_problem else "; state it with an `anatomy:` block"
+        problems.append(loaded.problem(("layout",), f"identity and memory blocks need the block anatomy, which could not be found{why}"))
     if problems:
         raise RecipeError(problems)
 

@@ -121,6 +121,8 @@ class MemorySettings(Strict):
     output_proj: Literal["auto", "always", "never"] = Field("auto", description="Output projection to the hidden size: `auto` adds one only when heads*head_dim != hidden size.")
     query_source: Literal["heads", "hidden"] = Field("heads", description="`heads`: each head's attention output queries its memory (MIDUS). `hidden`: the generic variant, queries projected from x + Attn(Norm(x)).")
     init: Literal["zero_proj", "zero_bank", "random"] = Field("zero_proj", description="`zero_proj`: head projections zero, bank random (output exactly 0 at start, function-preserving). `zero_bank`: bank zero, projections random (also function-preserving). `random`: not function-preserving.")
+    norm_eps: float = Field(1e-6, gt=0, description="Epsilon of the per-head query norm.")
+    bank_grad: Literal["sparse_mm", "embedding_bag", "index_add"] = Field("sparse_mm", description="How the backward accumulates the bank (or value table) gradient; all give the same dense gradient, at different speeds (docs/hml.md).")
     share_bank: bool = Field(False, description="One latent bank shared by all memory blocks of the model instead of one per block.")
 
     @model_validator(mode="after")

@@ -1,0 +1,283 @@
+"""The emitter: executes a Plan by streaming tensors from the base into output shards.
+
+Memory stays bounded by one output shard plus the memory tensors being initialised: tensors are
+read one at a time (safetensors ``safe_open``), each shard is written as soon as it is full, and
+new tensors are initialised deterministically from the recipe seed and their module's name.
+The output directory appears whole or not at all: everything is written into a hidden sibling
+directory that is renamed into place at the end, and removed on any failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .base import resolve_base
+from .compile import Compiled
+from .errors import MidusError
+from .plan import HML_SUBMODULE, SHARED_BANK_PREFIX, Plan, TensorEntry
+
+MODELING_FILES = ("configuration_midus.py", "modeling_midus.py", "hml.py")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EmitResult:
+    out_dir: Path
+    num_tensors: int
+    num_bytes: int
+    shards: int
+
+
+def output_dtype(compiled: Compiled) -> torch.dtype:
+    wanted = compiled.loaded.recipe.output.dtype
+    if wanted != "auto":
+        return DTYPES[wanted]
+    base = getattr(compiled.config, "dtype", None) or getattr(compiled.config, "torch_dtype", None)
+    if isinstance(base, str):
+        base = DTYPES.get(base)
+    return base if isinstance(base, torch.dtype) else torch.float32
+
+
+def shard_tensors(entries: list[TensorEntry], dtype: torch.dtype, shard_bytes: int) -> list[list[TensorEntry]]:
+    """Greedy, in plan order: a new shard starts when the next tensor would overflow this one."""
+    size = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[TensorEntry]] = [[]]
+    filled = 0
+    for entry in entries:
+        nbytes = entry.numel * size
+        if shards[-1] and filled + nbytes > shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(entry)
+        filled += nbytes
+    return shards
+
+
+class MemoryInit:
+    """Builds each new memory module once, initialised from (seed, module name), and hands out its tensors."""
+
+    def __init__(self, compiled: Compiled, dtype: torch.dtype):
+        from .modeling_midus import _name_seed  # the model's own rule: same seed + name, same bytes
+
+        self._name_seed = _name_seed
+        self._compiled = compiled
+        self._dtype = dtype
+        self._module_name: str | None = None
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def _build(self, module_name: str) -> dict[str, torch.Tensor]:
+        from .hml import LatentBank
+        from .plan import build_hml
+
+        mem = self._compiled.loaded.recipe.memory
+        seed = self._name_seed(self._compiled.loaded.recipe.seed, module_name)
+        if module_name == SHARED_BANK_PREFIX:
+            module = LatentBank(mem.n_subkeys, mem.latent_dim)
+            module.reset_parameters(seed=seed, zero=mem.init == "zero_bank")
+        else:
+            module = build_hml(self._compiled.config, mem, device="cpu")
+            module.reset_parameters(seed=seed)
+        return {name: p.detach().to(self._dtype) for name, p in module.named_parameters()}
+
+    def get(self, tensor_name: str) -> torch.Tensor:
+        if tensor_name.startswith(SHARED_BANK_PREFIX + "."):
+            module_name, param = SHARED_BANK_PREFIX, tensor_name[len(SHARED_BANK_PREFIX) + 1:]
+        else:
+            marker = f".{HML_SUBMODULE}."
+            head, _, param = tensor_name.partition(marker)
+            module_name = head + f".{HML_SUBMODULE}"
+        if module_name != self._module_name:  # plan order keeps a module's tensors together
+            self._tensors = self._build(module_name)
+            self._module_name = module_name
+        return self._tensors[param]
+
+
+def emitted_config(plan: Plan, dtype: torch.dtype) -> dict:
+    """config.json: the rewritten base config, under model type ``midus`` when it has memory blocks."""
+    config = dict(plan.config)
+    config.pop("torch_dtype", None)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    if not plan.memory_layers:
+        return config  # a stock architecture, just deeper
+    base_type = config.pop("model_type")
+    config.pop("architectures", None)
+    return {
+        "model_type": "midus",
+        "architectures": ["MidusForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_midus.MidusConfig", "AutoModelForCausalLM": "modeling_midus.MidusForCausalLM"},
+        "base_model_type": base_type,
+        "midus": plan.midus,
+        **config,
+    }
+
+
+def model_card(compiled: Compiled, recipe_text: str) -> str:
+    plan = compiled.plan
+    p, f = plan.params, plan.flops_per_token
+    rows = "\n".join(f"| {layer.index} | {layer.source} | {layer.kind} | {n:,} |" for layer, n in zip(plan.layers, plan.layer_params))
+    kind = "MIDUS (Memory-Infused Depth Up-Scaling)" if plan.memory_layers else "Depth Up-Scaling"
+    loading = (
+        "```python\nimport midus_surgery  # registers the MIDUS classes\nfrom transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(PATH)\n# or, without midus_surgery installed:\n"
+        "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)\n```"
+        if plan.memory_layers
+        else "```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(PATH)\n```"
+    )
+    return f"""---
+library_name: transformers
+tags: [midus-surgery, depth-up-scaling]
+---
+# {compiled.loaded.source.file}: {kind}
+
+Made by `midus-surgery apply` from a `{compiled.config.model_type}` base of {plan.base_num_layers} layers;
+{plan.num_hidden_layers} layers out ({len(plan.memory_layers)} memory blocks). Not trained yet: continue pre-training it
+(`midus-surgery train`).
+
+## Loading
+{loading}
+
+## Counts
+| | base | DUS equivalent | this model |
+| --- | --- | --- | --- |
+| parameters | {p['base']:,} | {p['base'] + p['dus_added']:,} | {p['total']:,} |
+| added parameters | - | {p['dus_added']:,} | {p['added']:,} |
+| FLOPs per token (estimate) | {f['base']:,} | {f['dus']:,} | {f['plan']:,} |
+
+## Layer map
+| out | source | kind | parameters |
+| --- | --- | --- | --- |
+{rows}
+
+## Recipe
+```yaml
+{recipe_text.rstrip()}
+```
+"""
+
+
+def _copy_tokenizer(ref, config, dest: Path) -> None:
+    if ref.is_gguf:
+        from transformers import AutoTokenizer
+
+        try:
+            AutoTokenizer.from_pretrained(ref.directory, gguf_file=ref.gguf_file).save_pretrained(dest)
+        except Exception as exc:  # noqa: BLE001 - a base without a usable tokenizer still emits
+            tqdm.write(f"warning: no tokenizer written (the GGUF's could not be read: {exc})")
+        return
+    copied = 0
+    for name in TOKENIZER_FILES:
+        if (ref.directory / name).is_file():
+            shutil.copy2(ref.directory / name, dest / name)
+            copied += 1
+    if not copied:
+        tqdm.write(f"warning: {ref.directory} has no tokenizer files; the output has none either")
+
+
+def _write_generation_config(ref, config_dict: dict, dest: Path) -> None:
+    source = ref.directory / "generation_config.json"
+    if not ref.is_gguf and source.is_file():
+        shutil.copy2(source, dest / "generation_config.json")
+        return
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    data = {k: config_dict[k] for k in keys if config_dict.get(k) is not None}
+    (dest / "generation_config.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+def emit(compiled: Compiled, *, out_dir: Path | None = None, overwrite: bool = False, allow_pickle: bool = False, progress: bool = True) -> EmitResult:
+    """Write the up-scaled model. Raises MidusError for anything the user can fix."""
+    recipe, plan = compiled.loaded.recipe, compiled.plan
+    out = (Path(out_dir) if out_dir is not None else compiled.loaded.resolve(recipe.output.dir)).resolve()
+    if out.exists() and not overwrite:
+        raise MidusError(f"output {out} already exists (pass --overwrite to replace it)")
+    ref = resolve_base(compiled.loaded)
+    dtype = output_dtype(compiled)
+    prefixes = tuple({n.split(".", 1)[0] for n in (t.name for t in plan.tensors) if "." in n})
+    source = None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        source = _open_source(compiled, ref, allow_pickle, prefixes)
+        shards = shard_tensors(plan.tensors, dtype, recipe.output.shard_bytes)
+        total_bytes = sum(t.numel for t in plan.tensors) * torch.empty((), dtype=dtype).element_size()
+        init = MemoryInit(compiled, dtype) if any(t.source is None for t in plan.tensors) else None
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))] if len(shards) > 1 else ["model.safetensors"]
+        weight_map: dict[str, str] = {}
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="apply", disable=not progress) as bar:
+            for shard, file in zip(shards, names):
+                tensors = {}
+                used: set[str] = set()
+                for entry in shard:
+                    tensor = _materialise(entry, source, init, dtype)
+                    if entry.source in used:  # a duplicated layer: safetensors refuses shared storage
+                        tensor = tensor.clone()
+                    used.add(entry.source)
+                    tensors[entry.name] = tensor
+                    weight_map[entry.name] = file
+                    bar.update(entry.numel * dtype.itemsize)
+                save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+                del tensors
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+        config_dict = emitted_config(plan, dtype)
+        (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, default=str) + "\n")
+        if plan.memory_layers:
+            package = Path(__file__).resolve().parent
+            for name in MODELING_FILES:
+                shutil.copy2(package / name, tmp / name)
+        _copy_tokenizer(ref, compiled.config, tmp)
+        _write_generation_config(ref, config_dict, tmp)
+        recipe_text = Path(compiled.loaded.source.file).read_text()
+        (tmp / "midus_recipe.yaml").write_text(recipe_text)
+        summary = {k: v for k, v in plan.to_json().items() if k != "tensors"}
+        summary["base_path"] = str(compiled.loaded.resolve(recipe.base.path).resolve())  # for `verify` without --base
+        (tmp / "midus_plan.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(compiled, recipe_text))
+
+        if out.exists():  # --overwrite: swap in the new one, then drop the old
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if source is not None:
+            source.close()
+    return EmitResult(out, len(plan.tensors), total_bytes, len(shards))
+
+
+def _open_source(compiled: Compiled, ref, allow_pickle: bool, prefixes: tuple[str, ...]):
+    from .tensor_source import open_base_tensors
+
+    return open_base_tensors(ref, allow_pickle=allow_pickle, prefixes=prefixes, model_type=compiled.config.model_type)
+
+
+def _materialise(entry: TensorEntry, source, init: MemoryInit, dtype: torch.dtype) -> torch.Tensor:
+    if entry.source is None:
+        tensor = init.get(entry.name)
+    else:
+        tensor = source.get(entry.source)
+        if tuple(tensor.shape) != entry.shape:
+            raise MidusError(f"base tensor {entry.source} has shape {tuple(tensor.shape)}, but its config implies {entry.shape}: the weights do not match the config")
+        if entry.rule == "zeros":
+            tensor = torch.zeros(entry.shape, dtype=dtype)
+    return tensor.to(dtype).contiguous()  # safetensors wants contiguous tensors

@@ -1,0 +1,143 @@
+"""Read base model tensors one at a time, whatever the base's format.
+
+- HF safetensors directories (single file or sharded with an index): lazily, with ``safe_open``,
+  so memory holds one tensor at a time.
+- GGUF files: through transformers' GGUF loader (dequantised); the whole model is in memory.
+- pickle ``.bin`` checkpoints: only when explicitly allowed, and then with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .base import BaseRef
+from .errors import MidusError
+
+
+def checkpoint_renames(model_type: str) -> list[tuple[str, str]]:
+    """transformers' own (checkpoint pattern -> model name) renames for this architecture.
+
+    transformers 5 renames some tensors between disk and module (GPT-NeoX writes ``lm_head`` as
+    ``embed_out``); the plan speaks module names, so the base's names go through the same renames.
+    """
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    transforms = get_checkpoint_conversion_mapping(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, "")) or get_checkpoint_conversion_mapping(model_type) or []
+    return [
+        (t._original_source_patterns[0], t._original_target_patterns[0])
+        for t in transforms
+        if type(t) is WeightRenaming and len(t._original_source_patterns) == 1
+    ]
+
+
+class TensorSource:
+    """name -> tensor for the base model, tolerant of a missing base-model prefix in names."""
+
+    def __init__(self, names: dict[str, object], prefixes: tuple[str, ...] = (), renames: list[tuple[str, str]] = ()):
+        self._where = names  # checkpoint name -> handle for _read
+        self._prefixes = prefixes
+        self._renamed: dict[str, str] = {}  # module name -> checkpoint name, where they differ
+        for key in names:
+            new = key
+            for pattern, target in renames:
+                new = re.sub(pattern, target, new)
+            if new != key:
+                self._renamed[new] = key
+
+    def resolve(self, name: str) -> str | None:
+        """The checkpoint's own name for a module tensor name (renamed on disk, or without 'transformer.')."""
+        if name in self._renamed:
+            return self._renamed[name]
+        if name in self._where:
+            return name
+        for prefix in self._prefixes:
+            if name.startswith(prefix + ".") and name[len(prefix) + 1:] in self._where:
+                return name[len(prefix) + 1:]
+        return None
+
+    def get(self, name: str) -> torch.Tensor:
+        key = self.resolve(name)
+        if key is None:
+            raise MidusError(f"the base checkpoint has no tensor {name!r}")
+        return self._read(key)
+
+    def _read(self, key: str) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class SafetensorsSource(TensorSource):
+    def __init__(self, directory: Path, prefixes: tuple[str, ...], renames: list[tuple[str, str]]):
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in directory.glob("*.safetensors"))
+            weight_map = None
+        if not files:
+            raise MidusError(f"no .safetensors files in {directory} (pickle .bin checkpoints need --allow-pickle)")
+        self._handles = {}
+        names = {}
+        try:
+            for file in files:
+                handle = safe_open(str(directory / file), framework="pt")
+                self._handles[file] = handle
+                for key in handle.keys():
+                    names[key] = file
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise MidusError(f"cannot read {directory / file}: {exc}") from None
+        if weight_map is not None:
+            missing = [k for k, f in weight_map.items() if names.get(k) != f]
+            if missing:
+                raise MidusError(f"{index}: {len(missing)} tensors listed in the index are not in their shard, e.g. {missing[0]}")
+        super().__init__(names, prefixes, renames)
+
+    def _read(self, key: str) -> torch.Tensor:
+        return self._handles[self._where[key]].get_tensor(key)
+
+
+class DictSource(TensorSource):
+    def __init__(self, tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...], renames: list[tuple[str, str]] = ()):
+        super().__init__(dict(tensors), prefixes, renames)
+
+    def _read(self, key: str) -> torch.Tensor:
+        # A copy: the same base tensor may be written twice (duplicated layers), and
+        # safetensors refuses tensors that share storage.
+        return self._where[key].clone()
+
+
+def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, ...], model_type: str) -> TensorSource:
+    if not ref.exists:
+        raise MidusError(f"base model not found: {ref.directory / (ref.gguf_file or 'config.json')}")
+    if ref.is_gguf:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(ref.directory, gguf_file=ref.gguf_file, dtype=torch.float32)
+        except Exception as exc:  # transformers' GGUF loader raises many types for unsupported files
+            raise MidusError(f"cannot load the GGUF base {ref.directory / ref.gguf_file}: {exc}") from None
+        return DictSource(model.state_dict(), prefixes)
+    if any(ref.directory.glob("*.safetensors")):
+        return SafetensorsSource(ref.directory, prefixes, checkpoint_renames(model_type))
+    bins = sorted(ref.directory.glob("*.bin"))
+    if bins:
+        if not allow_pickle:
+            raise MidusError(f"{ref.directory} holds only pickle .bin weights; pickle can run code when loaded: pass --allow-pickle to read them (with weights_only=True)")
+        tensors: dict[str, torch.Tensor] = {}
+        for file in bins:
+            try:
+                tensors.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+            except Exception as exc:  # noqa: BLE001 - corrupt or unsafe pickles raise many types
+                raise MidusError(f"cannot read {file}: {exc}") from None
+        return DictSource(tensors, prefixes, checkpoint_renames(model_type))
+    raise MidusError(f"no weights found in {ref.directory} (expected .safetensors files)")

@@ -1,0 +1,231 @@
+"""`apply` + `verify` on tiny random models of nine architectures, three recipes each.
+
+For each: apply a DUS, a LLaMA-Pro and a MIDUS recipe -> load (registered Auto classes) ->
+verify passes -> one training step of the new blocks lowers the loss. Loading with
+trust_remote_code without midus_surgery importable is checked once for all, in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny_configs import ARCHS, tiny_config
+from transformers import AutoModelForCausalLM
+
+import midus_surgery  # noqa: F401 - registers the MIDUS classes
+from midus_surgery.compile import compile_recipe
+from midus_surgery.emit import emit
+from midus_surgery.errors import MidusError
+from midus_surgery.verify import verify
+
+KINDS = {"dus": "transformer", "llama-pro": "identity", "midus": "memory"}
+MEMORY = "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n"
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bases")
+    paths = {}
+    for arch in ARCHS:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(arch))
+        paths[arch] = root / arch
+        model.save_pretrained(paths[arch])
+    return paths
+
+
+def write_recipe(tmp: Path, base: Path, kind: str, extra: str = "", name: str | None = None) -> Path:
+    name = name or f"{base.name}-{kind}"
+    text = f"base:\n  path: {base}\nlayout:\n  interleave:\n    after_every: 2\n    kind: {KINDS[kind]}\n{MEMORY if kind == 'midus' else ''}{extra}output:\n  dir: out/{name}\n  dtype: float32\n"
+    path = tmp / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def new_block_params(model, plan) -> list[torch.nn.Parameter]:
+    layers_path = plan.anatomy.layers_path
+    inserted = {layer.index for layer in plan.layers if layer.inserted}
+    chosen = []
+    for name, p in model.named_parameters():
+        parts = name[len(layers_path) + 1:].split(".") if name.startswith(layers_path + ".") else None
+        keep = bool(parts) and int(parts[0]) in inserted
+        p.requires_grad_(keep)
+        if keep:
+            chosen.append(p)
+    return chosen
+
+
+def one_step_lowers_loss(model, plan) -> tuple[float, float]:
+    params = new_block_params(model, plan)
+    model.eval()  # no dropout: the two losses must differ only by the step
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.SGD(params, lr=0.05)
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), "no gradient reaches the new blocks"
+    opt.step()
+    with torch.no_grad():
+        after = model(input_ids=ids, labels=ids, use_cache=False).loss
+    return loss.item(), after.item()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_apply_verify_train(arch, kind, bases, tmp_path):
+    compiled = compile_recipe(write_recipe(tmp_path, bases[arch], kind))
+    result = emit(compiled, progress=False)
+    config = json.loads((result.out_dir / "config.json").read_text())
+    if kind == "midus":
+        assert config["model_type"] == "midus" and config["base_model_type"] == arch
+        assert (result.out_dir / "modeling_midus.py").is_file() and (result.out_dir / "hml.py").is_file()
+    else:
+        assert config["model_type"] == arch  # a stock architecture, just deeper
+    assert (result.out_dir / "README.md").read_text().count("| memory |") == (2 if kind == "midus" else 0)
+
+    checks = {c.name: c for c in verify(result.out_dir, report=lambda c: None)}
+    assert all(c.ok for c in checks.values()), {n: c.detail for n, c in checks.items() if not c.ok}
+    if kind != "dus":  # identity and zero-initialised memory blocks: exactly the base function
+        assert "against the base: 0 (" in checks["identity"].detail
+
+    model = AutoModelForCausalLM.from_pretrained(result.out_dir, dtype=torch.float32)
+    assert model.config.num_hidden_layers == 6
+    layers = model.get_submodule(compiled.plan.anatomy.layers_path)
+    for i, layer in enumerate(layers):  # renumbered: a stale layer_idx corrupts cached generation
+        attn = layer.get_submodule(compiled.plan.anatomy.attention)
+        if hasattr(attn, "layer_idx"):
+            assert attn.layer_idx == i
+    before, after = one_step_lowers_loss(model, compiled.plan)
+    assert after < before
+
+
+def test_emitted_tensors_follow_the_plan(bases, tmp_path):
+    compiled = compile_recipe(write_recipe(tmp_path, bases["llama"], "llama-pro"))
+    out = emit(compiled, progress=False).out_dir
+    base = safe_open(str(bases["llama"] / "model.safetensors"), framework="pt")
+    made = safe_open(str(out / "model.safetensors"), framework="pt")
+    assert torch.equal(made.get_tensor("model.layers.2.mlp.up_proj.weight"), base.get_tensor("model.layers.1.mlp.up_proj.weight"))
+    assert torch.equal(made.get_tensor("model.layers.4.mlp.up_proj.weight"), base.get_tensor("model.layers.3.mlp.up_proj.weight"))
+    assert not made.get_tensor("model.layers.2.mlp.down_proj.weight").any()
+    assert not made.get_tensor("model.layers.2.self_attn.o_proj.weight").any()
+    assert "lm_head.weight" not in made.keys()  # tied embeddings are written once
+
+
+def test_same_recipe_same_bytes_and_seed_matters(bases, tmp_path):
+    recipe = write_recipe(tmp_path, bases["llama"], "midus")
+    a = emit(compile_recipe(recipe), out_dir=tmp_path / "a", progress=False).out_dir
+    b = emit(compile_recipe(recipe), out_dir=tmp_path / "b", progress=False).out_dir
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    other = write_recipe(tmp_path, bases["llama"], "midus", extra="seed: 1\n", name="seed1")
+    c = emit(compile_recipe(other), out_dir=tmp_path / "c", progress=False).out_dir
+    assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
+
+
+def test_emitted_memory_matches_the_models_own_init(bases, tmp_path):
+    """Same seed + name -> same bytes, whether the emitter or the model initialises."""
+    recipe = write_recipe(tmp_path, bases["llama"], "midus", extra="seed: 7\n")
+    out = emit(compile_recipe(recipe), progress=False).out_dir
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if ".hml." in n}
+    model.reset_memory_parameters(seed=7)
+    for name, p in model.named_parameters():
+        if name in saved:
+            assert torch.equal(p, saved[name]), name
+
+
+def test_sharded_output_with_index(bases, tmp_path):
+    recipe = write_recipe(tmp_path, bases["llama"], "midus", name="sharded")
+    recipe.write_text(recipe.read_text().replace("  dtype: float32\n", "  dtype: float32\n  shard_size: 1MB\n"))
+    bigger = tmp_path / "bigbase"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama", hidden_size=256, intermediate_size=512, vocab_size=1024)).save_pretrained(bigger)
+    recipe.write_text(recipe.read_text().replace(str(bases["llama"]), str(bigger)))
+    out = emit(compile_recipe(recipe), progress=False).out_dir
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert all(c.ok for c in verify(out, report=lambda c: None))
+
+
+def test_existing_output_needs_overwrite_and_failures_leave_nothing(bases, tmp_path):
+    recipe = write_recipe(tmp_path, bases["llama"], "dus")
+    compiled = compile_recipe(recipe)
+    out = emit(compiled, progress=False).out_dir
+    with pytest.raises(MidusError, match="already exists"):
+        emit(compiled, progress=False)
+    emit(compiled, overwrite=True, progress=False)
+    # a base whose weights don't match its config: the error names it, and no output appears
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((bases["llama"] / "config.json").read_text())
+    from safetensors.torch import save_file
+
+    save_file({"model.embed_tokens.weight": torch.zeros(3, 3)}, str(broken / "model.safetensors"))
+    bad = write_recipe(tmp_path, broken, "dus", name="broken")
+    with pytest.raises(MidusError, match="has no tensor|shape"):
+        emit(compile_recipe(bad), progress=False)
+    assert not (tmp_path / "out" / "broken").exists()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+    assert out.is_dir()
+
+
+def test_pickle_base_needs_permission(bases, tmp_path):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((bases["llama"] / "config.json").read_text())
+    torch.save(AutoModelForCausalLM.from_pretrained(bases["llama"]).state_dict(), pickled / "pytorch_model.bin")
+    recipe = write_recipe(tmp_path, pickled, "dus", name="pickled")
+    with pytest.raises(MidusError, match="--allow-pickle"):
+        emit(compile_recipe(recipe), progress=False)
+    out = emit(compile_recipe(recipe), allow_pickle=True, progress=False).out_dir
+    assert all(c.ok for c in verify(out, base=bases["llama"], report=lambda c: None))
+
+
+def test_loads_with_trust_remote_code_without_the_package(bases, tmp_path):
+    outs = []
+    for arch in ("llama", "gpt2", "opt", "gpt_neox"):
+        outs.append(str(emit(compile_recipe(write_recipe(tmp_path, bases[arch], "midus")), progress=False).out_dir))
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["midus_surgery"] = None  # importing it now fails: only the copied code may be used
+        import torch
+        from transformers import AutoModelForCausalLM
+        for path in sys.argv[1:]:
+            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+            assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+            ids = torch.randint(0, model.config.vocab_size, (1, 8))
+            assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size
+            print("ok", type(model).__name__)
+        """
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script, *outs], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("ok Midus") == 4
+
+
+def test_loading_without_our_classes_fails_loudly(bases, tmp_path):
+    out = emit(compile_recipe(write_recipe(tmp_path, bases["llama"], "midus")), progress=False).out_dir
+    script = "import sys\nfrom transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+    result = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True)
+    assert result.returncode != 0 and "midus" in result.stderr
+
+
+def test_missing_tensor_is_a_load_error(bases, tmp_path):
+    out = emit(compile_recipe(write_recipe(tmp_path, bases["llama"], "midus")), progress=False).out_dir
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(out / "model.safetensors")
+    dropped = next(n for n in tensors if ".hml." in n)
+    del tensors[dropped]
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing 1"):
+        AutoModelForCausalLM.from_pretrained(out)

@@ -1,0 +1,91 @@
+"""The command line as a user meets it: exit codes, messages, no tracebacks for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from midus_surgery.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if not p.name.startswith("train-"))
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "midus_surgery.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_bundled_recipes_validate():
+    assert {p.name for p in BUNDLED} >= {"smollm2-135m-midus.yaml", "smollm2-135m-dus.yaml", "smollm2-135m-llama-pro.yaml", "llama-3.2-1b-midus.yaml", "solar-10.7b-dus.yaml"}
+    result = run("validate", *map(str, BUNDLED))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("OK ") == len(BUNDLED)
+    assert "16 -> 24 layers (8 memory)" in result.stdout
+    assert "32 -> 48 layers (16 transformer)" in result.stdout
+
+
+def test_invalid_recipe_lists_every_problem_and_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "base:\n  path: x\n  config: " + str(ROOT / "recipes/configs/llama-3.2-1b.json") + "\n"
+        "layout:\n  interleave:\n    after: [3, 40]\n    kind: memory\nmemory:\n  top_k: 3\noutput:\n  dir: out\n"
+    )
+    good = ROOT / "recipes" / "smollm2-135m-dus.yaml"
+    result = run("validate", str(good), str(bad))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "OK " in result.stdout and "INVALID" in result.stderr
+    assert f"{bad}:9:3: memory.top_k: unknown key 'top_k'" in result.stderr
+    # schema problems come first; range problems need a schema-valid recipe
+    bad.write_text(bad.read_text().replace("  top_k: 3\n", "  topk: 3\n"))
+    result = run("validate", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}:6:15: layout.interleave.after.1: layer 40 is out of range" in result.stderr
+
+
+def test_plan_json_keys():
+    result = run("plan", str(ROOT / "recipes" / "llama-3.2-1b-midus.yaml"), "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["num_hidden_layers"] == 24
+    assert [layer["kind"] for layer in plan["layers"][:3]] == ["base", "base", "memory"]
+    assert set(plan["layers"][0]) >= {"index", "source", "kind"}
+    assert set(plan["params"]) == {"base", "added", "total", "dus_added"}
+    assert set(plan["flops_per_token"]) == {"base", "dus", "plan"}
+    # the paper's setting: fewer added parameters and FLOPs than 8 plain copies
+    assert plan["params"]["added"] < plan["params"]["dus_added"]
+    assert plan["flops_per_token"]["plan"] < plan["flops_per_token"]["dus"]
+    assert plan["anatomy"]["attn_out_proj"] == "self_attn.o_proj"
+
+
+def test_plan_table_shows_layers_counts_and_anatomy():
+    result = run("plan", str(ROOT / "recipes" / "smollm2-135m-midus.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "Layer map" in result.stdout and "memory" in result.stdout
+    assert "DUS equivalent" in result.stdout and "FLOPs/token" in result.stdout
+    assert "o_proj" in result.stdout  # the anatomy line
+
+
+def test_apply_with_missing_base_is_one_clear_error(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("base:\n  path: nowhere\nlayout:\n  stack:\n    layers: [0, 2]\noutput:\n  dir: out\n")
+    code = main(["apply", str(recipe)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "base model not found" in err and "r.yaml:2:3" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_on_a_non_model_dir(tmp_path, capsys):
+    assert main(["verify", str(tmp_path)]) == 1
+    assert "not a model directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["validate"], ["frobnicate"]])
+def test_usage_errors(argv):
+    result = run(*argv)
+    assert result.returncode == 2 and "usage:" in result.stderr

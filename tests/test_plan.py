@@ -1,0 +1,256 @@
+"""The planner: layer maps, rewritten configs, tensor maps and counts, on several architectures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tiny_configs import tiny_config
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from midus_surgery.anatomy import find_anatomy
+from midus_surgery.errors import RecipeError
+from midus_surgery.hml import HeadwiseMemory, HMLConfig
+from midus_surgery.plan import attention_dims, make_plan
+from midus_surgery.recipe import parse_recipe
+from midus_surgery.yaml_source import load_yaml
+
+MEMORY = {"n_subkeys": 8, "topk": 4, "latent_dim": 8}
+
+
+def loaded_from(data: dict):
+    data = {"base": {"path": "unused"}, "output": {"dir": "out"}, **data}
+    return parse_recipe(load_yaml("test.yaml", text=yaml.safe_dump(data, sort_keys=False)), Path("."))
+
+
+def plan_for(config, layout: dict, **extra):
+    return make_plan(loaded_from({"layout": layout, **extra}), config, find_anatomy(config))
+
+
+def layer_map(plan):
+    return [(layer.index, layer.source, layer.kind) for layer in plan.layers]
+
+
+def count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# layer maps
+
+
+def test_slices_solar_style():
+    plan = plan_for(tiny_config("llama"), {"slices": [{"layers": [0, 3]}, {"layers": [1, 4]}]})
+    assert layer_map(plan) == [(0, 0, "base"), (1, 1, "base"), (2, 2, "base"), (3, 1, "transformer"), (4, 2, "transformer"), (5, 3, "base")]
+
+
+def test_slices_choose_memory_copies():
+    layout = {"slices": [{"layers": [0, 3]}, {"layers": [1, 4], "kind": "identity", "memory": [2]}]}
+    plan = plan_for(tiny_config("llama"), layout, memory=MEMORY)
+    assert [k for _, _, k in layer_map(plan)] == ["base", "base", "base", "identity", "memory", "base"]
+
+
+def test_interleave_after_every():
+    plan = plan_for(tiny_config("llama"), {"interleave": {"after_every": 2, "kind": "memory"}}, memory=MEMORY)
+    assert layer_map(plan) == [(0, 0, "base"), (1, 1, "base"), (2, 1, "memory"), (3, 2, "base"), (4, 3, "base"), (5, 3, "memory")]
+    assert plan.memory_layers == [2, 5]
+
+
+def test_interleave_after_list():
+    plan = plan_for(tiny_config("llama"), {"interleave": {"after": [0, 3], "kind": "identity"}})
+    assert layer_map(plan) == [(0, 0, "base"), (1, 0, "identity"), (2, 1, "base"), (3, 2, "base"), (4, 3, "base"), (5, 3, "identity")]
+
+
+def test_stack_on_top():
+    plan = plan_for(tiny_config("llama"), {"stack": {"layers": [2, 4], "kind": "identity"}})
+    assert layer_map(plan)[4:] == [(4, 2, "identity"), (5, 3, "identity")]
+
+
+def test_explicit_layers_default_kinds():
+    plan = plan_for(tiny_config("llama"), {"layers": [{"source": 0}, {"source": 1}, {"source": 1}, {"source": 2}, {"source": 3}, {"source": 3, "kind": "memory"}]}, memory=MEMORY)
+    assert [k for _, _, k in layer_map(plan)] == ["base", "base", "transformer", "base", "base", "memory"]
+
+
+# ----------------------------------------------------------------------------------------------
+# semantic problems, located
+
+
+def problems_of(config, layout, **extra):
+    with pytest.raises(RecipeError) as info:
+        plan_for(config, layout, **extra)
+    return info.value.problems
+
+
+def test_out_of_range_layers_are_each_reported():
+    found = problems_of(tiny_config("llama"), {"slices": [{"layers": [0, 9]}, {"layers": [7, 8]}]})
+    assert [p.field for p in found] == ["layout.slices.0.layers.1", "layout.slices.1.layers.0", "layout.slices.1.layers.1"]
+    assert "out of range: the base model has 4 layers" in found[0].message
+    assert found[0].where.startswith("test.yaml:")
+
+
+def test_memory_back_to_back_needs_explicit_permission():
+    layout = {"layers": [{"source": 0}, {"source": 0, "kind": "memory"}, {"source": 1, "kind": "memory"}, {"source": 1}]}
+    (p,) = problems_of(tiny_config("llama"), layout, memory=MEMORY)
+    assert "back to back" in p.message and "allow_adjacent_memory" in p.message
+    plan = plan_for(tiny_config("llama"), layout, memory=MEMORY, allow_adjacent_memory=True)
+    assert plan.memory_layers == [1, 2]
+
+
+def test_original_layer_cannot_be_a_memory_block():
+    (p,) = problems_of(tiny_config("llama"), {"slices": [{"layers": [0, 2]}, {"layers": [1, 4], "memory": [3]}]}, memory=MEMORY)
+    assert p.field == "layout.slices.1.memory.0" and "first used in this slice" in p.message
+
+
+def test_memory_needs_even_head_dim():
+    config = tiny_config("gpt2", n_embd=60)  # 4 heads of 15 (RoPE models refuse odd head dims anyway)
+    (p,) = problems_of(config, {"interleave": {"after_every": 2, "kind": "memory"}}, memory=MEMORY)
+    assert "head_dim 15 is odd" in p.message
+
+
+def test_memory_without_output_projection_needs_matching_width():
+    config = tiny_config("qwen3", head_dim=8)  # 4 heads * 8 = 32 != hidden 64
+    (p,) = problems_of(config, {"interleave": {"after_every": 2, "kind": "memory"}}, memory={**MEMORY, "output_proj": "never"})
+    assert p.field == "memory.output_proj" and "differs from hidden size 64" in p.message
+
+
+def test_layout_that_inserts_nothing_is_refused():
+    (p,) = problems_of(tiny_config("llama"), {"slices": [{"layers": [0, 4]}]})
+    assert "inserts no layer" in p.message
+
+
+# ----------------------------------------------------------------------------------------------
+# rewritten configs: depth, every per-layer list, accepted by transformers
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gpt2", "opt"])
+def test_rewritten_config_builds_the_deeper_model(arch):
+    config = tiny_config(arch)
+    plan = plan_for(config, {"slices": [{"layers": [0, 3]}, {"layers": [1, 4]}]})
+    data = dict(plan.config)
+    new = AutoConfig.for_model(data.pop("model_type"), **data)
+    assert new.num_hidden_layers == 6
+    model = AutoModelForCausalLM.from_config(new)
+    assert count(model) == plan.params["total"]  # plain copies: the counts must match a real instance
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+def test_layer_types_follow_the_source_layer(arch):
+    config = tiny_config(arch)
+    base_types = list(config.layer_types)
+    plan = plan_for(config, {"slices": [{"layers": [0, 3]}, {"layers": [1, 4]}]})
+    assert plan.config["layer_types"] == [base_types[s] for s in (0, 1, 2, 1, 2, 3)]
+    if arch == "gemma2":  # alternating sliding windows keep each copy's own kind
+        assert plan.config["layer_types"][3] == "full_attention" and plan.config["layer_types"][4] == "sliding_attention"
+
+
+def test_index_lists_are_renumbered():
+    config = tiny_config("llama")
+    config.mlp_only_layers = [1, 3]  # an MoE-style list of layer indices
+    plan = plan_for(config, {"interleave": {"after_every": 2, "kind": "transformer"}})
+    assert plan.config["mlp_only_layers"] == [1, 2, 4, 5]
+
+
+# ----------------------------------------------------------------------------------------------
+# tensor map and counts
+
+
+def test_tensor_map_of_memory_and_identity_blocks():
+    config = tiny_config("llama")
+    layout = {"layers": [{"source": 0}, {"source": 0, "kind": "identity"}, {"source": 1}, {"source": 1, "kind": "memory"}, {"source": 2}, {"source": 3}]}
+    plan = plan_for(config, layout, memory=MEMORY)
+    entries = {t.name: t for t in plan.tensors}
+    assert entries["model.layers.1.self_attn.o_proj.weight"].rule == "zeros"
+    assert entries["model.layers.1.mlp.down_proj.weight"].rule == "zeros"
+    assert entries["model.layers.1.mlp.up_proj.weight"].source == "model.layers.0.mlp.up_proj.weight"
+    assert entries["model.layers.3.self_attn.q_proj.weight"].source == "model.layers.1.self_attn.q_proj.weight"
+    assert "model.layers.3.self_attn.o_proj.weight" not in entries
+    assert not any(n.startswith("model.layers.3.mlp.") and ".hml." not in n for n in entries)
+    assert "model.layers.3.post_attention_layernorm.weight" not in entries
+    new = [t for t in plan.tensors if t.source is None]
+    assert new and all(t.name.startswith("model.layers.3.mlp.hml.") for t in new)
+    assert entries["model.layers.5.input_layernorm.weight"].source == "model.layers.3.input_layernorm.weight"
+    assert "lm_head.weight" not in entries  # tied to the embedding: written once
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "opt", "gpt_neox"])
+def test_memory_counts_match_real_modules(arch):
+    """params of a memory plan = base + copies - (o_proj, FFN, FFN norms) + real HML modules."""
+    config = tiny_config(arch)
+    anatomy = find_anatomy(config)
+    plan = make_plan(loaded_from({"layout": {"interleave": {"after_every": 2, "kind": "memory"}}, "memory": MEMORY}), config, anatomy)
+    base = AutoModelForCausalLM.from_config(config)
+    layers = base.get_submodule(anatomy.layers_path)
+    heads, head_dim = attention_dims(config)
+    hml = HeadwiseMemory(heads, head_dim, config.hidden_size, HMLConfig.from_dict(MEMORY))
+    expected = count(base)
+    for source in (1, 3):
+        layer = layers[source]
+        removed = {anatomy.attn_out_proj, *anatomy.ffn, *anatomy.ffn_norms}
+        expected += count(layer) - sum(count(layer.get_submodule(m)) for m in removed) + count(hml)
+    assert plan.params["total"] == expected
+    assert plan.params["added"] == expected - count(base)
+    assert plan.params["dus_added"] == count(layers[1]) + count(layers[3])
+    assert plan.flops_per_token["plan"] < plan.flops_per_token["dus"]
+    assert plan.flops_per_token["base"] < plan.flops_per_token["dus"]
+
+
+def test_shared_bank_is_counted_once():
+    config = tiny_config("llama")
+    layout = {"interleave": {"after_every": 2, "kind": "memory"}}
+    own = plan_for(config, layout, memory=MEMORY)
+    shared = plan_for(config, layout, memory={**MEMORY, "share_bank": True})
+    bank = MEMORY["n_subkeys"] ** 2 * MEMORY["latent_dim"]
+    assert own.params["total"] - shared.params["total"] == bank
+    assert [t.name for t in shared.tensors if "bank" in t.name] == ["midus_shared_bank.weight"]
+
+
+def test_dus_flops_equal_plan_flops_for_plain_copies():
+    plan = plan_for(tiny_config("llama"), {"slices": [{"layers": [0, 3]}, {"layers": [1, 4]}]})
+    assert plan.flops_per_token["plan"] == plan.flops_per_token["dus"]
+    assert plan.params["added"] == plan.params["dus_added"]
+
+
+def test_plan_json_has_the_documented_keys():
+    plan = plan_for(tiny_config("llama"), {"interleave": {"after_every": 2, "kind": "memory"}}, memory=MEMORY)
+    data = plan.to_json()
+    assert data["num_hidden_layers"] == 6
+    assert data["layers"][2] == {"index": 2, "source": 1, "kind": "memory", "params": plan.layer_params[2]}
+    assert set(data["params"]) == {"base", "added", "total", "dus_added"}
+    assert set(data["flops_per_token"]) == {"base", "dus", "plan"}
+
+
+# ----------------------------------------------------------------------------------------------
+# property: any recipe either plans or fails with a recipe error
+
+
+layer_index = st.integers(min_value=-1, max_value=6)
+kinds = st.sampled_from(["transformer", "identity", "memory"])
+layouts = st.one_of(
+    st.builds(lambda s: {"slices": s}, st.lists(st.fixed_dictionaries({"layers": st.tuples(layer_index, layer_index).map(list)}, optional={"kind": kinds, "memory": st.lists(layer_index, max_size=3)}), min_size=1, max_size=3)),
+    st.builds(lambda n, k: {"interleave": {"after_every": n, "kind": k}}, st.integers(-1, 6), kinds),
+    st.builds(lambda a, k: {"interleave": {"after": a, "kind": k}}, st.lists(layer_index, max_size=4), kinds),
+    st.builds(lambda r, k: {"stack": {"layers": r, "kind": k}}, st.tuples(layer_index, layer_index).map(list), kinds),
+    st.builds(lambda ls: {"layers": ls}, st.lists(st.fixed_dictionaries({"source": layer_index}, optional={"kind": st.sampled_from(["base", "transformer", "identity", "memory"])}), min_size=0, max_size=8)),
+)
+memories = st.fixed_dictionaries({}, optional={"n_subkeys": st.integers(0, 16), "topk": st.integers(0, 20), "latent_dim": st.integers(0, 8), "hive": st.booleans(), "share_bank": st.booleans(), "output_proj": st.sampled_from(["auto", "never", "bogus"])})
+
+LLAMA = tiny_config("llama")
+LLAMA_ANATOMY = find_anatomy(LLAMA)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout=layouts, memory=memories, adjacent=st.booleans())
+def test_random_recipes_plan_or_fail_with_a_recipe_error(layout, memory, adjacent):
+    try:
+        loaded = loaded_from({"layout": layout, "memory": memory, "allow_adjacent_memory": adjacent})
+        plan = make_plan(loaded, LLAMA, LLAMA_ANATOMY)
+    except RecipeError as exc:
+        assert exc.problems and all(p.message for p in exc.problems)
+        return
+    assert plan.num_hidden_layers == len(plan.layers) > 0
+    assert all(0 <= layer.source < LLAMA.num_hidden_layers for layer in plan.layers)
+    assert plan.params["total"] == sum(t.numel for t in plan.tensors)
