@@ -1,0 +1,386 @@
+"""Training data: text files -> packed, memory-mapped token streams -> a deterministic block order.
+
+- ``resolve_inputs`` turns files, directories and globs into a sorted list of files.
+- ``prepare_corpus`` tokenises them once with the model's own tokenizer (documents joined by the
+  EOS token) into ``tokens.bin`` (uint16 or uint32, memory-mapped) + ``docs.npy`` (document
+  start offsets) + ``midus_tokens.json``, in a cache directory named by a hash of the files'
+  contents and the tokenizer. A second run with the same text and tokenizer opens it at once.
+  The block size is not part of the key: blocks are views cut from the stream at load time, so
+  changing ``block_size`` needs no re-tokenisation.
+- ``BlockSampler`` maps a global sample number to a block: epoch e visits the training blocks in
+  ``default_rng([seed, e]).permutation``. The number of samples consumed is the whole loader
+  state, so a checkpoint that stores it resumes without replaying or skipping data, with any
+  number of processes.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .errors import MidusError
+
+FORMAT_VERSION = 1
+META_FILE = "midus_tokens.json"
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json",
+)
+
+
+class DataError(MidusError):
+    """Bad training or evaluation data (empty corpus, missing field, too short, mismatched cache)."""
+
+    exit_code = 3
+
+
+# --------------------------------------------------------------------------- inputs
+
+def _has_magic(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def resolve_inputs(entries: Iterable[str], base_dir: Path, dir_glob: Iterable[str], what: str = "data") -> list[Path]:
+    """Files named by ``entries`` (files, directories searched with ``dir_glob``, glob patterns)."""
+    files: list[Path] = []
+    seen: set[Path] = set()
+    patterns = list(dir_glob)
+    for entry in entries:
+        raw = Path(entry).expanduser()
+        path = raw if raw.is_absolute() else base_dir / raw
+        if _has_magic(str(entry)):
+            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            if not found:
+                raise DataError(f"{what}: the pattern {entry!r} matches no files")
+        elif path.is_dir():
+            if (path / META_FILE).is_file():  # an already tokenised corpus
+                found = [path]
+            else:
+                found = sorted({p for pat in patterns for p in path.glob(pat) if p.is_file()})
+                if not found:
+                    raise DataError(f"{what}: the directory {path} holds no files matching {patterns}")
+        elif path.is_file():
+            found = [path]
+        else:
+            raise DataError(f"{what}: {path} does not exist")
+        for p in found:
+            p = p.resolve()
+            if p not in seen:
+                seen.add(p)
+                files.append(p)
+    if not files:
+        raise DataError(f"{what}: no input files")
+    return files
+
+
+def iter_documents(path: Path, text_field: str) -> Iterator[str]:
+    """The documents of one file: the whole file, or one per JSONL record."""
+    try:
+        if path.suffix.lower() in JSONL_SUFFIXES:
+            with open(path, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}:{lineno}: not a JSON record ({exc.msg})") from None
+                    if not isinstance(record, dict) or text_field not in record:
+                        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                        raise DataError(f"{path}:{lineno}: the record has no {text_field!r} field (it has: {keys}); set data.text_field")
+                    text = record[text_field]
+                    if not isinstance(text, str):
+                        raise DataError(f"{path}:{lineno}: field {text_field!r} is a {type(text).__name__}, not text")
+                    yield text
+        else:
+            yield path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+# --------------------------------------------------------------------------- tokenizer identity
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's vocabulary and rules (its serialised form when it has one)."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        for token, index in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+            h.update(f"{index}\t{token}\n".encode())
+    h.update(f"eos={eos_id(tokenizer)}".encode())
+    return h.hexdigest()[:16]
+
+
+def eos_id(tokenizer) -> int:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token to join documents with")
+    return int(eos)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def corpus_key(files: list[Path], fingerprint: str, text_field: str) -> str:
+    h = hashlib.sha256(f"midus-tokens-v{FORMAT_VERSION}\n{fingerprint}\n".encode())
+    if any(f.suffix.lower() in JSONL_SUFFIXES for f in files):
+        h.update(f"text_field={text_field}\n".encode())
+    for f in files:
+        h.update(_file_digest(f).encode() + b"\n")
+    return h.hexdigest()[:24]
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("MIDUS_CACHE")
+    if env:
+        return Path(env).expanduser() / "tokens"
+    return Path.home() / ".cache" / "midus-surgery" / "tokens"
+
+
+# --------------------------------------------------------------------------- token streams
+
+@dataclass
+class TokenStream:
+    """One tokenised corpus: a flat memory-mapped token array plus document starts."""
+
+    path: Path
+    tokens: np.ndarray  # [n_tokens] uint16/uint32, memory-mapped
+    doc_starts: np.ndarray  # [n_docs] int64: where each document begins in ``tokens``
+    meta: dict
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def num_blocks(self, block_size: int) -> int:
+        return len(self) // block_size
+
+    def block(self, index: int, block_size: int) -> np.ndarray:
+        return np.asarray(self.tokens[index * block_size:(index + 1) * block_size], dtype=np.int64)
+
+    def documents(self) -> Iterator[np.ndarray]:
+        ends = list(self.doc_starts[1:]) + [len(self)]
+        for start, end in zip(self.doc_starts, ends):
+            yield np.asarray(self.tokens[int(start):int(end)], dtype=np.int64)
+
+
+def open_stream(path: Path, fingerprint: str | None = None, vocab_size: int | None = None) -> TokenStream:
+    """Open a tokenised corpus, checking it was made with this tokenizer."""
+    meta_path = path / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a readable token cache ({exc}); delete it to re-tokenise") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise DataError(f"{path}: token cache format {meta.get('format')} is not {FORMAT_VERSION}; delete it to re-tokenise")
+    if fingerprint is not None and meta.get("tokenizer") != fingerprint:
+        raise DataError(
+            f"{path}: these tokens were made with a different tokenizer (fingerprint {meta.get('tokenizer')} "
+            f"from {meta.get('tokenizer_source', '?')}, this model's is {fingerprint}); "
+            "tokenise the text again with this model's tokenizer (give the text files, not the token cache)")
+    if vocab_size is not None and meta.get("max_token", -1) >= vocab_size:
+        raise DataError(f"{path}: token id {meta['max_token']} does not fit the model's vocabulary of {vocab_size}")
+    dtype = np.dtype(meta["dtype"])
+    n = int(meta["num_tokens"])
+    size = (path / "tokens.bin").stat().st_size if (path / "tokens.bin").exists() else -1
+    if size != n * dtype.itemsize:
+        raise DataError(f"{path}: tokens.bin has {size} bytes, expected {n * dtype.itemsize}; delete the directory to re-tokenise")
+    tokens = np.memmap(path / "tokens.bin", dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dtype)
+    doc_starts = np.load(path / "docs.npy")
+    return TokenStream(path, tokens, doc_starts, meta)
+
+
+def _tokenize_to(files: list[Path], tokenizer, text_field: str, dest: Path, progress: bool, desc: str) -> dict:
+    from tqdm.auto import tqdm
+
+    eos = eos_id(tokenizer)
+    vocab = len(tokenizer)
+    dtype = np.uint16 if vocab <= 2**16 else np.uint32
+    total_bytes = sum(f.stat().st_size for f in files)
+    n_tokens, n_docs, max_token = 0, 0, -1
+    starts: list[int] = []
+    batch: list[str] = []
+    batch_chars = 0
+
+    with open(dest / "tokens.bin", "wb") as out, tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                                                         desc=desc, disable=not progress, leave=False) as bar:
+        def flush() -> None:
+            nonlocal n_tokens, n_docs, max_token, batch, batch_chars
+            if not batch:
+                return
+            encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+            for ids in encoded:
+                if not ids:
+                    continue
+                starts.append(n_tokens)
+                arr = np.asarray(ids + [eos], dtype=np.int64)
+                max_token = max(max_token, int(arr.max()))
+                arr.astype(dtype).tofile(out)
+                n_tokens += arr.shape[0]
+                n_docs += 1
+            batch, batch_chars = [], 0
+
+        for f in files:
+            for text in iter_documents(f, text_field):
+                if not text.strip():
+                    continue
+                batch.append(text)
+                batch_chars += len(text)
+                if batch_chars >= 4_000_000 or len(batch) >= 2048:
+                    flush()
+            flush()
+            bar.update(f.stat().st_size)
+    np.save(dest / "docs.npy", np.asarray(starts, dtype=np.int64))
+    return {"num_tokens": n_tokens, "num_docs": n_docs, "max_token": max_token, "dtype": np.dtype(dtype).name}
+
+
+def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: Iterable[str], text_field: str,
+                   cache_dir: Path, progress: bool = True, what: str = "data", tokenizer_source: str = "") -> TokenStream:
+    """Tokenise (or find in the cache) the corpus named by ``entries``; return its token stream."""
+    files = resolve_inputs(entries, base_dir, dir_glob, what)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    vocab = len(tokenizer)
+    cached = [f for f in files if f.is_dir()]
+    if cached:
+        if len(files) > 1:
+            raise DataError(f"{what}: a tokenised corpus ({cached[0]}) must be the only entry")
+        return _check_nonempty(open_stream(cached[0], fingerprint, vocab), what, files)
+
+    key = corpus_key(files, fingerprint, text_field)
+    final = Path(cache_dir) / key
+    if (final / META_FILE).is_file():
+        return _check_nonempty(open_stream(final, fingerprint, vocab), what, files)
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{key}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        old = getattr(tokenizer, "model_max_length", None)
+        tokenizer.model_max_length = int(1e30)  # whole documents; no "sequence too long" warnings
+        try:
+            stats = _tokenize_to(files, tokenizer, text_field, tmp, progress, f"tokenise {what}")
+        finally:
+            if old is not None:
+                tokenizer.model_max_length = old
+        meta = {"format": FORMAT_VERSION, "tokenizer": fingerprint, "tokenizer_source": tokenizer_source,
+                "vocab_size": vocab, "eos": eos_id(tokenizer), "text_field": text_field,
+                "files": [str(f) for f in files], **stats}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _check_nonempty(open_stream(final, fingerprint, vocab), what, files)
+
+
+def _check_nonempty(stream: TokenStream, what: str, files: list[Path]) -> TokenStream:
+    if len(stream) == 0 or stream.meta.get("num_docs", 0) == 0:
+        names = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+        raise DataError(f"{what}: the corpus is empty (no text in {names})")
+    return stream
+
+
+# --------------------------------------------------------------------------- blocks and order
+
+def held_out_blocks(n_blocks: int, fraction: float) -> np.ndarray:
+    """Indices of held-out blocks, spread evenly: i is held out when floor((i+1)f) > floor(i f)."""
+    if fraction <= 0 or n_blocks == 0:
+        return np.zeros(0, dtype=np.int64)
+    i = np.arange(n_blocks)
+    chosen = np.nonzero(np.floor((i + 1) * fraction) > np.floor(i * fraction))[0]
+    if chosen.size == 0:
+        chosen = np.array([n_blocks - 1])
+    return chosen.astype(np.int64)
+
+
+@dataclass
+class BlockSet:
+    """Some blocks of a token stream (all of them, or a train/held-out split)."""
+
+    stream: TokenStream
+    block_size: int
+    indices: np.ndarray  # block numbers in ``stream``
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def get(self, i: int) -> np.ndarray:
+        return self.stream.block(int(self.indices[i]), self.block_size)
+
+    def batch(self, items: Iterable[int]) -> np.ndarray:
+        return np.stack([self.get(i) for i in items])
+
+
+def split(train: TokenStream, held: TokenStream | None, block_size: int, fraction: float, what: str = "data") -> tuple[BlockSet, BlockSet | None]:
+    """Train and held-out block sets; errors when the corpus is shorter than one block."""
+    n = train.num_blocks(block_size)
+    if n == 0:
+        raise DataError(f"{what}: the corpus has {len(train)} tokens, shorter than one block of {block_size} (lower data.block_size or add text)")
+    if held is not None:
+        m = held.num_blocks(block_size)
+        if m == 0:
+            raise DataError(f"held-out data has {len(held)} tokens, shorter than one block of {block_size}")
+        return BlockSet(train, block_size, np.arange(n)), BlockSet(held, block_size, np.arange(m))
+    out = held_out_blocks(n, fraction)
+    keep = np.setdiff1d(np.arange(n), out)
+    if keep.size == 0:
+        raise DataError(f"{what}: all {n} blocks would be held out; add text or lower data.held_out_fraction")
+    return BlockSet(train, block_size, keep), (BlockSet(train, block_size, out) if out.size else None)
+
+
+class BlockSampler:
+    """Global sample number -> training block, a pure function of (seed, number).
+
+    Epoch e = k // n visits the n blocks in ``default_rng([seed, e]).permutation(n)``.
+    """
+
+    def __init__(self, blocks: BlockSet, seed: int):
+        self.blocks, self.seed = blocks, seed
+        self._epoch, self._perm = -1, None
+
+    def block_index(self, k: int) -> int:
+        n = len(self.blocks)
+        epoch, pos = divmod(k, n)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+            self._epoch = epoch
+        return int(self._perm[pos])
+
+    def epoch_of(self, k: int) -> float:
+        return k / len(self.blocks)
+
+    def micro_batch(self, start: int, rank: int, world: int, micro: int, size: int) -> tuple[np.ndarray, list[int]]:
+        """The ``micro``-th micro-batch of ``rank`` in the optimiser step whose first sample is ``start``.
+
+        Sample numbers: start + (micro * world + rank) * size + j, j < size. Returns the tokens
+        [size, block_size] and the block numbers (positions in the stream) used.
+        """
+        first = start + (micro * world + rank) * size
+        picks = [self.block_index(first + j) for j in range(size)]
+        return self.blocks.batch(picks), [int(self.blocks.indices[p]) for p in picks]
+
+
+def steps_for(tokens: int, tokens_per_step: int) -> int:
+    return max(1, math.ceil(tokens / tokens_per_step))

@@ -1,0 +1,200 @@
+"""Held-out perplexity of any causal LM directory transformers can load.
+
+Perplexity is token-weighted: exp(sum of next-token NLL / number of predicted tokens).
+- ``blocks``: the text is packed like training data (documents joined by EOS, cut into blocks
+  of ``block_size``); every block predicts its tokens 2..block_size from the ones before,
+  within the block.
+- ``documents``: each document (plus its EOS) on its own, in non-overlapping windows of
+  ``block_size``; no context crosses a document or window boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import MidusError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float32, trust_remote_code: bool = False):
+    """Load a model directory (base, DUS, LLaMA-Pro or MIDUS output) as a causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import midus_surgery  # noqa: F401 - registers the MIDUS classes once that module does
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise MidusError(f"{path} is not a model directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError:
+        # A MIDUS output: make sure its classes are registered, then try again.
+        data = json.loads((path / "config.json").read_text())
+        if data.get("model_type") != "midus":
+            raise MidusError(f"{path}: transformers does not know model_type {data.get('model_type')!r} (pass --trust-remote-code for a model with its own code)") from None
+        try:
+            import midus_surgery.modeling_midus  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - the message says what is missing
+            raise MidusError(f"{path} is a MIDUS model but midus_surgery.modeling_midus cannot be imported: {exc}") from None
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise MidusError(f"{path}: cannot load the weights ({exc})") from None
+    return model
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
+        raise MidusError(f"{path}: no usable tokenizer ({exc.__class__.__name__}: {exc})") from None
+
+
+def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Sum of next-token NLL (float64) over the predicted positions, and how many there are."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view_as(targets)
+    if attention_mask is not None:
+        keep = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
+        nll = nll.masked_fill(~keep, 0.0)
+        count = int(keep.sum())
+    else:
+        count = targets.numel()
+    return nll.double().sum(), count
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    perplexity: float
+    tokens: int  # predicted tokens
+    sequences: int
+    seconds: float
+    tokens_per_s: float  # tokens read (including the first of each window) per second
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _finish(nll: float, count: int, sequences: int, seen: int, seconds: float) -> EvalResult:
+    loss = nll / count if count else float("nan")
+    return EvalResult(loss, math.exp(loss) if count and loss < 700 else float("inf") if count else float("nan"),
+                      count, sequences, seconds, seen / seconds if seconds > 0 else 0.0)
+
+
+@torch.no_grad()
+def evaluate_batches(model, batches: Iterable[tuple[np.ndarray, np.ndarray | None]], *, device, autocast=contextlib.nullcontext,
+                     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, progress=None) -> EvalResult:
+    """Token-weighted NLL over (ids, mask) batches; ``reduce`` sums across processes."""
+    was_training = model.training
+    model.eval()
+    started = time.perf_counter()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # nll, predicted, sequences, tokens read
+    try:
+        for ids, mask in batches:
+            ids_t = torch.as_tensor(ids, dtype=torch.long, device=device)
+            mask_t = None if mask is None else torch.as_tensor(mask, dtype=torch.long, device=device)
+            with autocast():
+                nll, count = token_nll(model, ids_t, mask_t)
+            totals += torch.tensor([float(nll), count, ids_t.shape[0], ids_t.numel() if mask_t is None else int(mask_t.sum())],
+                                   dtype=torch.float64, device=device)
+            if progress is not None:
+                progress.update(ids_t.shape[0])
+    finally:
+        model.train(was_training)
+    if reduce is not None:
+        totals = reduce(totals)
+    nll, count, seqs, seen = totals.tolist()
+    return _finish(nll, int(count), int(seqs), int(seen), time.perf_counter() - started)
+
+
+def block_batches(blocks, batch_size: int, rank: int = 0, world: int = 1, max_blocks: int | None = None):
+    """Batches of packed blocks; process ``rank`` takes every ``world``-th block."""
+    n = len(blocks) if max_blocks is None else min(len(blocks), max_blocks)
+    mine = list(range(rank, n, world))
+    for i in range(0, len(mine), batch_size):
+        yield blocks.batch(mine[i:i + batch_size]), None
+
+
+def document_windows(stream, block_size: int, max_windows: int | None = None) -> list[np.ndarray]:
+    windows = []
+    for doc in stream.documents():
+        for start in range(0, len(doc), block_size):
+            piece = doc[start:start + block_size]
+            if len(piece) >= 2:
+                windows.append(piece)
+            if max_windows is not None and len(windows) >= max_windows:
+                return windows
+    return windows
+
+
+def document_batches(windows: list[np.ndarray], batch_size: int, pad_id: int, rank: int = 0, world: int = 1):
+    """Right-padded batches of document windows with attention masks."""
+    mine = windows[rank::world]
+    order = sorted(range(len(mine)), key=lambda i: -len(mine[i]))  # similar lengths together: less padding
+    for i in range(0, len(order), batch_size):
+        group = [mine[j] for j in order[i:i + batch_size]]
+        width = max(len(w) for w in group)
+        ids = np.full((len(group), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(group), width), dtype=np.int64)
+        for row, w in enumerate(group):
+            ids[row, :len(w)] = w
+            mask[row, :len(w)] = 1
+        yield ids, mask
+
+
+def run_eval(model_dir: Path, data: list[str], *, block_size: int = 512, per_document: bool = False, batch_size: int = 4,
+             max_blocks: int | None = None, dtype: str = "float32", text_field: str = "text",
+             dir_glob: Iterable[str] = ("**/*.txt", "**/*.md", "**/*.rst", "**/*.jsonl"), cache_dir: Path | None = None,
+             trust_remote_code: bool = False, progress: bool = True, threads: int | None = None) -> dict:
+    """``midus-surgery eval``: perplexity of ``model_dir`` on ``data``."""
+    from tqdm.auto import tqdm
+
+    from . import data as D
+
+    if threads:
+        torch.set_num_threads(threads)
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise MidusError(f"{model_dir} is not a directory")
+    if not (model_dir / "config.json").is_file():
+        raise MidusError(f"{model_dir} is not a model directory (no config.json)")
+    if dtype not in DTYPES:
+        raise MidusError(f"--dtype must be one of {', '.join(DTYPES)}")
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    stream = D.prepare_corpus(list(data), Path.cwd(), tokenizer, dir_glob=dir_glob, text_field=text_field,
+                              cache_dir=Path(cache_dir) if cache_dir else D.default_cache_dir(), progress=progress,
+                              what="eval data", tokenizer_source=str(model_dir))
+    model = load_causal_lm(model_dir, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if stream.meta.get("max_token", -1) >= vocab:
+        raise D.DataError(f"the tokenizer of {model_dir} produces id {stream.meta['max_token']}, outside the model's vocabulary of {vocab}")
+    if per_document:
+        windows = document_windows(stream, block_size, max_blocks)
+        if not windows:
+            raise D.DataError("eval data: no document has two tokens to predict from")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else D.eos_id(tokenizer)
+        batches, total = document_batches(windows, batch_size, pad), len(windows)
+    else:
+        blocks, _ = D.split(stream, None, block_size, 0.0, what="eval data")
+        batches, total = block_batches(blocks, batch_size, max_blocks=max_blocks), min(len(blocks), max_blocks or len(blocks))
+    with tqdm(total=total, desc="eval", unit="seq", disable=not progress, leave=False) as bar:
+        result = evaluate_batches(model, batches, device=torch.device("cpu"), progress=bar)
+    return {"model": str(model_dir), "mode": "documents" if per_document else "blocks", "block_size": block_size,
+            "dtype": dtype, **result.to_json(), "corpus_tokens": len(stream), "corpus_files": len(stream.meta.get("files", [])), "token_cache": str(stream.path)}

@@ -1,0 +1,299 @@
+"""The training config: a strict pydantic schema for `midus-surgery train` YAML files.
+
+Every key is documented (``Field(description=...)``); unknown keys, wrong types and impossible
+values are errors naming the field and its file:line:col, as for recipes. Any key can be
+overridden from the command line with ``dotted.key=value`` (the value is read as a YAML
+scalar, so ``optim.lr=3e-4``, ``freeze=base``, ``data.train=[a.txt, b.txt]`` all work); an
+override naming an unknown key is an error.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import Problem, RecipeError
+from .recipe import _problems_from_validation
+from .yaml_source import PathKey, YamlSource, load_yaml
+
+PosInt = Annotated[int, Field(ge=1)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT])?\s*$", re.IGNORECASE)
+_SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9, "t": 10**12}
+
+
+def parse_count(value: int | str) -> int:
+    """``"20M"`` -> 20_000_000, ``"1.5B"`` -> 1_500_000_000; ints pass through."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a count: {value!r}")
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    if text[-1:].lower() == "b" and len(text) > 1 and text[-2].isdigit():
+        text = text[:-1] + "G"
+    match = _COUNT.match(text)
+    if not match:
+        raise ValueError(f"not a token count: {value!r} (use e.g. 2000000, 20M, 1.5B)")
+    return int(float(match.group(1)) * _SCALE[(match.group(2) or "").lower()])
+
+
+class DataConfig(Strict):
+    """The text to train on and the held-out split."""
+
+    train: list[str] = Field(min_length=1, description="Training text: files (.txt/.md/.rst read as one document each; .jsonl/.json-lines one document per line, see `text_field`), directories (every file matching `dir_glob` under them) and glob patterns. Relative paths are resolved against the config file's directory.")
+    held_out: list[str] | None = Field(None, description="Separate held-out files, directories or globs. When given, `held_out_fraction` is ignored and all training text is trained on.")
+    held_out_fraction: float = Field(0.01, ge=0.0, lt=0.5, description="Without `held_out`: the fraction of packed blocks kept out of training, spread evenly over the corpus (block i is held out when floor((i+1)f) > floor(i f)). 0 disables held-out evaluation.")
+    text_field: str = Field("text", description="The field of each JSONL record that holds the document's text.")
+    dir_glob: list[str] = Field(default_factory=lambda: ["**/*.txt", "**/*.md", "**/*.rst", "**/*.jsonl"], min_length=1, description="Patterns selecting files inside directories named in `train` / `held_out` (sorted, deduplicated).")
+    block_size: PosInt = Field(512, description="Tokens per training sequence. Documents are joined with the tokenizer's EOS token and the stream is cut into blocks of this length (the tail shorter than one block is dropped).")
+    cache_dir: str | None = Field(None, description="Where tokenised corpora are cached (memory-mapped token files keyed by a hash of the files' contents and the tokenizer). Default: $MIDUS_CACHE or ~/.cache/midus-surgery/tokens.")
+
+    @field_validator("train", "held_out", "dir_glob", mode="before")
+    @classmethod
+    def _listify(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+class OptimConfig(Strict):
+    """AdamW and the learning-rate schedule of every parameter outside the memory tables."""
+
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="The decay ends at lr * min_lr_ratio.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup: cosine or linear to lr * min_lr_ratio at the last step, or constant.")
+    warmup: float = Field(0.02, ge=0, description="Linear warmup from 0: a number of optimiser steps if >= 1, a fraction of all steps if < 1.")
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW decoupled weight decay, applied to matrices only (not to biases, norms or 1-D tensors).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Clip the global gradient norm of these parameters to this value (0: no clipping).")
+
+    @field_validator("warmup")
+    @classmethod
+    def _warmup(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError("warmup >= 1 is a number of steps and must be a whole number")
+        return value
+
+
+class MemoryOptimConfig(Strict):
+    """Optimiser settings of the memory tables: every parameter under `.hml.` (sub-keys, latent bank, head projections, gates) and the shared bank `midus_shared_bank`."""
+
+    lr: float = Field(1e-3, gt=0, description="Learning rate of the memory tables (Meta's memory-layer code uses about 1e-3).")
+    schedule: Literal["constant", "same"] = Field("constant", description="`constant`: fixed after the common warmup. `same`: the base schedule's shape scaled to this lr.")
+    weight_decay: float = Field(0.0, ge=0.0, description="Weight decay of the memory tables (none by default).")
+    grad_clip: float = Field(1.0, ge=0.0, description="Clip the memory tables' gradient norm separately from the rest (0: no clipping).")
+
+
+class EvalConfig(Strict):
+    """Held-out perplexity during training (at step 0, every `every` steps and at the end)."""
+
+    every: int = Field(0, ge=0, description="Evaluate every N optimiser steps (0: only at the start and the end).")
+    max_blocks: int | None = Field(None, ge=1, description="Evaluate on at most this many held-out blocks (the first ones; all when unset).")
+    batch_size: PosInt | None = Field(None, description="Blocks per forward pass in evaluation (default: `micro_batch_size`).")
+    at_start: bool = Field(True, description="Evaluate before the first step.")
+
+
+class LogConfig(Strict):
+    """What the run reports, and where (all files go to `run_dir`)."""
+
+    every: PosInt = Field(10, description="Write one line (loss, lr, tokens/s, ETA) and a metrics record every N optimiser steps.")
+    progress: bool = Field(True, description="Show a tqdm progress bar on the console (off: the log lines only).")
+    tensorboard: bool = Field(True, description="Write TensorBoard event files to `run_dir`/tensorboard.")
+    plot: bool = Field(True, description="Write `run_dir`/loss.png (train and held-out loss) at the end.")
+    data_trace: bool = Field(False, description="Debugging: each process appends the block indices it trains on, and a checksum of its weights at the end, to `run_dir`/trace/rank<N>.jsonl.")
+
+
+class CheckpointConfig(Strict):
+    """Full training state (model, optimiser, scheduler, RNG, data position), written atomically."""
+
+    every: int = Field(0, ge=0, description="Save every N optimiser steps (0: only at the end).")
+    keep_last: PosInt = Field(2, description="Keep the newest N checkpoints; older ones are deleted after a new one is complete.")
+
+
+class ExportConfig(Strict):
+    """The final model directory, loadable by transformers, `verify` and `eval`."""
+
+    dir: str | None = Field(None, description="Where to write the trained model (default: `run_dir`/final). Relative to the config file's directory.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of the exported weights (`auto`: the dtype `init_from` was stored in).")
+
+
+class TrainConfig(Strict):
+    """A continued pre-training run of a model directory (an `apply` output or any causal LM)."""
+
+    init_from: str = Field(description="The model directory to start from (weights, config, tokenizer; `midus_plan.json` when made by `apply`). Relative to the config file's directory.")
+    resume: str | None = Field(None, description="Continue a run from its full state: `auto` (the newest complete checkpoint in `run_dir`/checkpoints; start fresh if there is none) or a checkpoint directory. Unset: start fresh (an error if `run_dir` already holds checkpoints).")
+    run_dir: str = Field(description="Where checkpoints, metrics.jsonl, TensorBoard logs, the loss plot and (by default) the final model go. Relative to the config file's directory.")
+    trust_remote_code: bool = Field(False, description="Allow the model directory's own modeling code (not needed for MIDUS outputs: `import midus_surgery` registers their classes).")
+    seed: int = Field(0, ge=0, description="Seed of the data order (a deterministic function of it) and of torch's RNG.")
+    data: DataConfig = Field(description="Training and held-out text (see `data`).")
+    tokens: int | str = Field(description="Token budget: train for ceil(tokens / tokens_per_step) optimiser steps, where tokens_per_step = micro_batch_size * grad_accum * processes * block_size. E.g. 20000000 or 20M.")
+    micro_batch_size: PosInt = Field(4, description="Blocks per forward/backward pass on each process.")
+    grad_accum: PosInt = Field(1, description="Micro-batches accumulated per optimiser step.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="`bf16`: bf16 autocast with fp32 master weights and optimiser state (for GPUs and CPUs with native bf16, e.g. AVX512-BF16/AMX). `fp32`: everything in fp32 (bit-reproducible; on CPUs without native bf16 it is the faster one: measured 4x here). `auto`: bf16 on a GPU that supports it, else fp32.")
+    freeze: Literal["none", "base", "memory-only"] = Field("none", description="`none`: train everything. `base`: train only inserted blocks (layers whose kind is not `base` in midus_plan.json: the LLaMA-Pro/MIDUS protocol). `memory-only`: train only the memory tables.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="AdamW and schedule of the non-memory parameters (see `optim`).")
+    memory: MemoryOptimConfig = Field(default_factory=MemoryOptimConfig, description="Optimiser settings of the memory tables (see `memory`).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory, about 30% more compute).")
+    compile: bool = Field(False, description="torch.compile the model (long compile on CPU; measured no gain there).")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation (see `eval`).")
+    log: LogConfig = Field(default_factory=LogConfig, description="Logging (see `log`).")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints (see `checkpoint`).")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="The final model (see `export`).")
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens(cls, value: int | str) -> int | str:
+        if parse_count(value) < 1:
+            raise ValueError("tokens must be at least 1")
+        return value
+
+    @field_validator("resume")
+    @classmethod
+    def _resume(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("resume is `auto`, a checkpoint directory, or unset")
+        return value
+
+    @property
+    def token_budget(self) -> int:
+        return parse_count(self.tokens)
+
+
+class LoadedTrainConfig(BaseModel):
+    """A validated config plus where it came from."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    config: TrainConfig
+    source: typing.Any  # YamlSource or _OverriddenSource
+    directory: Path
+
+    def resolve(self, relative: str) -> Path:
+        p = Path(relative).expanduser()
+        return p if p.is_absolute() else (self.directory / p)
+
+    def problem(self, path: PathKey, message: str) -> Problem:
+        return Problem(self.source.where(tuple(path)), ".".join(map(str, path)), message)
+
+
+class _OverriddenSource:
+    """A YamlSource whose overridden keys are located on the command line."""
+
+    def __init__(self, source: YamlSource, overridden: dict[PathKey, str]):
+        self.file, self.data, self.marks, self._source, self._overridden = source.file, source.data, source.marks, source, overridden
+
+    def where(self, path: PathKey = ()) -> str:
+        for cut in range(len(path), 0, -1):
+            text = self._overridden.get(tuple(path[:cut]))
+            if text is not None:
+                return f"command line ({text})"
+        return self._source.where(path)
+
+
+def _submodel(annotation) -> type[BaseModel] | None:
+    """The pydantic model a field holds (also through ``X | None``), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _submodel(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _check_key(dotted: str) -> list[str] | str:
+    """The key's parts, or an error message when the schema has no such key."""
+    parts = dotted.split(".")
+    model: type[BaseModel] | None = TrainConfig
+    for i, part in enumerate(parts):
+        if model is None:
+            return f"{'.'.join(parts[:i])} is not a section (it has no key {part!r})"
+        if part not in model.model_fields:
+            where = ".".join(parts[:i]) or "the top level"
+            return f"unknown key {part!r} in {where} (known: {', '.join(model.model_fields)})"
+        model = _submodel(model.model_fields[part].annotation)
+    return parts
+
+
+def apply_overrides(source: YamlSource, overrides: list[str]) -> _OverriddenSource:
+    """Apply ``dotted.key=value`` overrides (values read as YAML) to ``source.data`` in place."""
+    problems: list[Problem] = []
+    overridden: dict[PathKey, str] = {}
+    for text in overrides:
+        key, sep, raw = text.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(Problem("command line", "", f"override {text!r} is not key=value (e.g. optim.lr=3e-4)"))
+            continue
+        parts = _check_key(key)
+        if isinstance(parts, str):
+            problems.append(Problem(f"command line ({text})", key, parts))
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            problems.append(Problem(f"command line ({text})", key, f"cannot read the value as YAML: {exc}"))
+            continue
+        node = source.data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+        overridden[tuple(parts)] = text
+    if problems:
+        raise RecipeError(problems)
+    return _OverriddenSource(source, overridden)
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> LoadedTrainConfig:
+    """Read, override and schema-check a training config; every problem is reported at once."""
+    path = Path(path)
+    source = load_yaml(path)
+    if not isinstance(source.data, dict):
+        raise RecipeError([Problem(source.where(), "", "a training config is a YAML mapping (key: value pairs) at the top level")])
+    located = apply_overrides(source, list(overrides or []))
+    try:
+        config = TrainConfig.model_validate(located.data)
+    except ValidationError as exc:
+        raise RecipeError(_problems_from_validation(exc, located)) from None
+    return LoadedTrainConfig(config=config, source=located, directory=path.resolve().parent)
+
+
+def config_reference_markdown() -> str:
+    """A table of every key, its default and its meaning (for docs/training.md)."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            sub = _submodel(field.annotation)
+            key = f"{prefix}{name}"
+            if sub is not None and field.is_required() is False and field.default_factory is not None:
+                lines.append(f"| `{key}` | (section) | {field.description} |")
+                walk(sub, key + ".")
+                continue
+            if sub is not None:
+                lines.append(f"| `{key}` | (section, required) | {field.description} |")
+                walk(sub, key + ".")
+                continue
+            if field.is_required():
+                default = "required"
+            else:
+                value = field.default_factory() if field.default_factory is not None else field.default
+                default = "unset" if value is None else f"`{yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True).strip().removesuffix('...').strip()}`"
+            desc = (field.description or "").replace("|", "\\|")
+            lines.append(f"| `{key}` | {default} | {desc} |")
+
+    walk(TrainConfig, "")
+    return "\n".join(lines) + "\n"

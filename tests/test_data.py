@@ -1,0 +1,141 @@
+"""Data: inputs, tokenisation cache, block order, held-out split, and the errors bad data gives."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from train_fixtures.tiny import make_tokenizer, write_corpus
+
+from midus_surgery import data as D
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def prep(entries, tmp_path, tok, **kw):
+    return D.prepare_corpus([str(e) for e in entries], tmp_path, tok, dir_glob=kw.pop("dir_glob", ["**/*.txt", "**/*.jsonl"]),
+                            text_field=kw.pop("text_field", "text"), cache_dir=tmp_path / "cache", progress=False, **kw)
+
+
+def test_inputs_files_dirs_globs(tmp_path):
+    files = write_corpus(tmp_path / "c", files=3, sentences_per_file=2)
+    (tmp_path / "c" / "sub").mkdir()
+    (tmp_path / "c" / "sub" / "more.txt").write_text("the cat sat .")
+    (tmp_path / "c" / "skip.bin").write_bytes(b"\0")
+    got = D.resolve_inputs(["c"], tmp_path, ["**/*.txt"])
+    assert got == sorted(got) and len(got) == 4 and all(p.suffix == ".txt" for p in got)
+    assert D.resolve_inputs(["c/doc*.txt", str(files[0])], tmp_path, ["**/*.txt"]) == [f.resolve() for f in files]
+    with pytest.raises(D.DataError, match="does not exist"):
+        D.resolve_inputs(["nope.txt"], tmp_path, ["*.txt"])
+    with pytest.raises(D.DataError, match="matches no files"):
+        D.resolve_inputs(["c/*.md"], tmp_path, ["*.txt"])
+
+
+def test_tokenise_packs_with_eos_and_caches(tmp_path, tok, monkeypatch):
+    (tmp_path / "a.txt").write_text("the cat sat .")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "the dog ran", "id": 1}) + "\n\n" + json.dumps({"text": "a fish"}) + "\n")
+    s = prep([tmp_path / "a.txt", tmp_path / "b.jsonl"], tmp_path, tok)
+    eos = tok.eos_token_id
+    expected = tok("the cat sat .")["input_ids"] + [eos] + tok("the dog ran")["input_ids"] + [eos] + tok("a fish")["input_ids"] + [eos]
+    assert s.tokens.tolist() == expected
+    assert isinstance(s.tokens, np.memmap) and s.tokens.dtype == np.uint16
+    assert s.doc_starts.tolist() == [0, 5, 9]
+    assert [d.tolist() for d in s.documents()][1] == tok("the dog ran")["input_ids"] + [eos]
+
+    # Second run: straight from the cache, no tokenising.
+    monkeypatch.setattr(D, "_tokenize_to", lambda *a, **k: pytest.fail("re-tokenised a cached corpus"))
+    again = prep([tmp_path / "a.txt", tmp_path / "b.jsonl"], tmp_path, tok)
+    assert again.path == s.path and again.tokens.tolist() == expected
+    # Changed content: a new cache entry.
+    monkeypatch.undo()
+    (tmp_path / "a.txt").write_text("the cat ran .")
+    assert prep([tmp_path / "a.txt", tmp_path / "b.jsonl"], tmp_path, tok).path != s.path
+
+
+def test_bad_data_errors(tmp_path, tok):
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(D.DataError, match="corpus is empty"):
+        prep([tmp_path / "empty.txt"], tmp_path, tok)
+    (tmp_path / "r.jsonl").write_text(json.dumps({"text": "the cat"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(D.DataError, match=r"r\.jsonl:2: the record has no 'text' field \(it has: \['body'\]\)"):
+        prep([tmp_path / "r.jsonl"], tmp_path, tok)
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(D.DataError, match=r"bad\.jsonl:1: not a JSON record"):
+        prep([tmp_path / "bad.jsonl"], tmp_path, tok)
+    (tmp_path / "short.txt").write_text("the cat sat .")
+    s = prep([tmp_path / "short.txt"], tmp_path, tok)
+    with pytest.raises(D.DataError, match="shorter than one block of 64"):
+        D.split(s, None, 64, 0.1)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(D.DataError, match="not UTF-8"):
+        prep([tmp_path / "latin1.txt"], tmp_path, tok)
+
+
+def test_cached_shard_from_another_tokenizer_is_refused(tmp_path, tok):
+    write_corpus(tmp_path / "c", files=1, sentences_per_file=3)
+    s = prep([tmp_path / "c"], tmp_path, tok)
+    other = make_tokenizer()
+    other.add_tokens(["zebra"])
+    with pytest.raises(D.DataError, match="made with a different tokenizer"):
+        prep([s.path], tmp_path, other)
+    assert len(prep([s.path], tmp_path, tok)) == len(s)  # a token cache given directly, same tokenizer: fine
+
+
+def test_held_out_split_is_spread_and_disjoint(tmp_path, tok):
+    held = D.held_out_blocks(100, 0.1)
+    assert held.tolist() == list(range(9, 100, 10))
+    assert D.held_out_blocks(5, 0.01).tolist() == [4]  # at least one block when asked for
+    assert D.held_out_blocks(5, 0.0).size == 0
+    write_corpus(tmp_path / "c", files=2, sentences_per_file=40)
+    s = prep([tmp_path / "c"], tmp_path, tok)
+    train, out = D.split(s, None, 16, 0.1)
+    assert len(train) + len(out) == s.num_blocks(16)
+    assert not set(train.indices.tolist()) & set(out.indices.tolist())
+
+
+def test_block_order_is_a_function_of_the_seed(tmp_path, tok):
+    write_corpus(tmp_path / "c", files=2, sentences_per_file=40)
+    train, _ = D.split(prep([tmp_path / "c"], tmp_path, tok), None, 16, 0.0)
+    n = len(train)
+    a, b, c = D.BlockSampler(train, 1), D.BlockSampler(train, 1), D.BlockSampler(train, 2)
+    seq_a = [a.block_index(k) for k in range(3 * n)]
+    assert seq_a == [b.block_index(k) for k in range(3 * n)]
+    assert seq_a != [c.block_index(k) for k in range(3 * n)]
+    for e in range(3):  # every epoch visits every block once, in a new order
+        assert sorted(seq_a[e * n:(e + 1) * n]) == list(range(n))
+    assert seq_a[:n] != seq_a[n:2 * n]
+    # Random access (what a resumed run does) gives the same blocks as reading in order.
+    fresh = D.BlockSampler(train, 1)
+    assert [fresh.block_index(k) for k in (2 * n + 3, 5, n + 1)] == [seq_a[2 * n + 3], seq_a[5], seq_a[n + 1]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(world=st.integers(1, 4), accum=st.integers(1, 3), size=st.integers(1, 3), start=st.integers(0, 50))
+def test_one_step_reads_each_sample_once_across_ranks(world, accum, size, start):
+    class Numbers:  # block i of the stream is "sample i", so micro_batch reports the sample numbers it used
+        indices = np.arange(1000)
+
+        def __len__(self):
+            return 1000
+
+        def batch(self, items):
+            return np.array(items)
+
+    class Identity(D.BlockSampler):
+        def block_index(self, k):
+            return k
+
+    sampler = Identity(Numbers(), 0)
+    seen = []
+    for rank in range(world):
+        for micro in range(accum):
+            seen.extend(sampler.micro_batch(start, rank, world, micro, size)[1])
+    # One optimiser step consumes the next world*accum*size samples, each exactly once, and the
+    # next step (start + world*accum*size) continues right after: no replay, no gap.
+    assert sorted(seen) == list(range(start, start + world * accum * size))

@@ -1,0 +1,317 @@
+"""The training runner on tiny random models and a small repetitive corpus (CPU).
+
+Config errors are located; the loss goes down; parameter groups and freezing hold (frozen
+weights bit-identical); gradient accumulation equals a bigger batch; a non-finite loss stops the
+run; a run killed with SIGKILL and resumed ends with exactly the weights of an uninterrupted run;
+two DDP processes (gloo) read different data and end with identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from train_fixtures.tiny import make_model_dir, state_of, write_config, write_corpus
+
+from midus_surgery.errors import RecipeError
+from midus_surgery.train_config import TrainConfig, _submodel, config_reference_markdown, load_train_config
+from midus_surgery.trainer import TrainingError, choose_params, complete_checkpoints, is_memory_param, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and results then match the subprocesses' exactly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_corpus(root / "corpus", files=3, sentences_per_file=60)
+    return {
+        "root": root,
+        "model": make_model_dir(root / "model", with_plan=True),
+        "plain": make_model_dir(root / "plain", with_plan=False),
+        "corpus": root / "corpus",
+        "cache": root / "cache",
+    }
+
+
+def config(world, tmp_path, name="run", model="model", **extra) -> Path:
+    return write_config(tmp_path / f"{name}.yaml", world[model], tmp_path / name, world["corpus"], world["cache"], **extra)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+# --------------------------------------------------------------------------- config
+
+def test_config_errors_are_located(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("init_from: m\nrun_dir: r\ntokens: 1M\ndata:\n  train: [x.txt]\n  blok_size: 8\n"
+                    "micro_batch_size: many\nfreeze: everything\noptim:\n  lr: -1\n")
+    with pytest.raises(RecipeError) as err:
+        load_train_config(path)
+    text = str(err.value)
+    assert f"{path}:6:3: data.blok_size: unknown key 'blok_size'" in text
+    assert f"{path}:7:1: micro_batch_size:" in text
+    assert f"{path}:8:1: freeze:" in text and "'none', 'base' or 'memory-only'" in text
+    assert f"{path}:10:3: optim.lr:" in text
+    assert len(err.value.problems) == 4
+
+    path.write_text("run_dir: r\ntokens: lots\ndata:\n  train: x.txt\n")
+    with pytest.raises(RecipeError) as err:
+        load_train_config(path)
+    assert "missing required key 'init_from'" in str(err.value)
+    assert f"{path}:2:1: tokens: not a token count: 'lots'" in str(err.value)
+
+
+def test_overrides(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("init_from: m\nrun_dir: r\ntokens: 2M\ndata:\n  train: x.txt\n")
+    loaded = load_train_config(path, ["optim.lr=1e-4", "freeze=base", "data.train=[a.txt, b.txt]", "eval.every=50", "memory.schedule=same"])
+    c = loaded.config
+    assert (c.optim.lr, c.freeze, c.data.train, c.eval.every, c.memory.schedule, c.token_budget) == (1e-4, "base", ["a.txt", "b.txt"], 50, "same", 2_000_000)
+    assert loaded.resolve(c.run_dir) == tmp_path / "r"
+    with pytest.raises(RecipeError, match=r"command line \(optim\.lrr=1\): optim\.lrr: unknown key 'lrr' in optim"):
+        load_train_config(path, ["optim.lrr=1"])
+    with pytest.raises(RecipeError, match=r"command line \(tokens\.x=1\): tokens\.x: tokens is not a section"):
+        load_train_config(path, ["tokens.x=1"])
+    with pytest.raises(RecipeError, match=r"command line \(micro_batch_size=abc\): micro_batch_size: Input should be a valid integer"):
+        load_train_config(path, ["micro_batch_size=abc"])
+    with pytest.raises(RecipeError, match="is not key=value"):
+        load_train_config(path, ["freeze"])
+
+
+def test_every_key_is_documented_and_in_the_docs():
+    def walk(model, prefix=""):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{prefix}{name} has no description"
+            sub = _submodel(field.annotation)
+            if sub is not None:
+                walk(sub, f"{prefix}{name}.")
+
+    walk(TrainConfig)
+    docs = (REPO / "docs" / "training.md").read_text()
+    assert config_reference_markdown() in docs, "docs/training.md is out of date: paste `midus-surgery train --keys` into it"
+
+
+# --------------------------------------------------------------------------- training
+
+def test_loss_goes_down_and_the_run_writes_everything(world, tmp_path):
+    lines = []
+    cfg = config(world, tmp_path, tokens=16 * 4 * 30, **{"eval.every": 10, "checkpoint.every": 10, "checkpoint.keep_last": 2,
+                                                          "log.tensorboard": True, "log.plot": True})
+    result = train(load_train_config(cfg), echo=lines.append)
+    run = tmp_path / "run"
+    recs = metrics(run)
+    evals = [r for r in recs if "eval_loss" in r]
+    trains = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in evals] == [0, 10, 20, 30]
+    assert [r["step"] for r in trains] == [5, 10, 15, 20, 25, 30]
+    assert trains[-1]["loss"] < 0.75 * trains[0]["loss"]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.5
+    assert all(r["tokens_per_s"] > 0 and "lr" in r and "grad_norm" in r for r in trains)
+    assert result.steps == 30 and result.tokens == 30 * 64
+    assert [s for s, _ in complete_checkpoints(run / "checkpoints")] == [20, 30]
+    assert (run / "loss.png").stat().st_size > 1000
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert any("step 30/30 | loss" in line and "tok/s" in line and "ETA" in line for line in lines)
+    assert "\nbase (matrices)" in "\n".join(lines)
+
+    final = run / "final"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "midus_plan.json", "midus_recipe.yaml", "midus_train.json"):
+        assert (final / name).is_file(), name
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(final)
+    trained = state_of(final)
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, trained["model.layers.1.mlp.down_proj.weight"])
+    assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], state_of(world["model"])["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_freeze_base_trains_only_inserted_layers(world, tmp_path):
+    lines = []
+    cfg = config(world, tmp_path, tokens=16 * 4 * 5, freeze="base", **{"eval.at_start": False})
+    train(load_train_config(cfg), echo=lines.append)
+    before, after = state_of(world["model"]), state_of(tmp_path / "run" / "final")
+    assert before.keys() == after.keys()
+    for name in before:
+        inserted = name.startswith(("model.layers.1.", "model.layers.3."))
+        same = torch.equal(before[name], after[name])
+        assert same != inserted, f"{name}: {'changed' if not same else 'unchanged'}"
+    text = "\n".join(lines)
+    assert "trained layers (inserted): 1, 3" in text and "\nfrozen " in text
+
+
+def test_freeze_errors_are_clear(world, tmp_path):
+    cfg = config(world, tmp_path, model="plain", freeze="base")
+    with pytest.raises(RecipeError, match=r"run\.yaml:\d+:\d+: freeze: `base` needs .*midus_plan\.json"):
+        train(load_train_config(cfg))
+    with pytest.raises(RecipeError, match="no memory tables"):
+        train(load_train_config(cfg, ["freeze=memory-only"]))
+
+
+def test_param_groups_and_freeze_policies_on_memory_tables(world):
+    """The memory tables (`.hml.` and the shared bank) are their own group in every policy."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(world["model"])
+    hml = torch.nn.Module()
+    hml.keys = torch.nn.Parameter(torch.zeros(4, 2, 3))
+    hml.proj = torch.nn.Parameter(torch.zeros(4, 8))
+    model.model.layers[1].mlp.hml = hml
+    model.midus_shared_bank = torch.nn.Embedding(16, 8)
+    plan = json.loads((world["model"] / "midus_plan.json").read_text())
+    loaded = load_train_config(write_config(world["root"] / "g.yaml", world["model"], world["root"] / "g", world["corpus"], world["cache"]))
+    memory = {"model.layers.1.mlp.hml.keys", "model.layers.1.mlp.hml.proj", "midus_shared_bank.weight"}
+    assert {n for n, _ in model.named_parameters() if is_memory_param(n)} == memory
+
+    groups = choose_params(model, "none", plan, loaded)
+    assert {n for n, _ in groups.memory} == memory and not groups.frozen
+    assert all(p.ndim >= 2 for _, p in groups.decay) and all(p.ndim < 2 for _, p in groups.no_decay)
+    groups = choose_params(model, "memory-only", plan, loaded)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == memory
+    groups = choose_params(model, "base", plan, loaded)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith(("model.layers.1.", "model.layers.3.")) or "shared_bank" in n}
+
+
+def test_grad_accumulation_equals_the_bigger_batch(world, tmp_path):
+    common = dict(tokens=16 * 4 * 4, **{"eval.at_start": False, "data.held_out_fraction": 0.0})
+    train(load_train_config(config(world, tmp_path, name="big", micro_batch_size=4, grad_accum=1, **common)))
+    train(load_train_config(config(world, tmp_path, name="accum", micro_batch_size=2, grad_accum=2, **common)))
+    a, b = state_of(tmp_path / "big" / "final"), state_of(tmp_path / "accum" / "final")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path):
+    cfg = config(world, tmp_path, tokens=16 * 4 * 20, **{"optim.lr": 1e30, "optim.warmup": 0, "optim.grad_clip": 0.0,
+                                                          "checkpoint.every": 1, "eval.at_start": False})
+    with pytest.raises(TrainingError, match=r"non-finite (loss|gradient norm) at step \d+.*last good checkpoint is .*step-0000000\d"):
+        train(load_train_config(cfg))
+    run = tmp_path / "run"
+    assert complete_checkpoints(run / "checkpoints")
+    assert not (run / "final").exists()
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_fresh_start_refuses_a_run_dir_with_checkpoints(world, tmp_path):
+    cfg = config(world, tmp_path, tokens=16 * 4 * 2, **{"eval.at_start": False})
+    train(load_train_config(cfg))
+    with pytest.raises(RecipeError, match="already holds checkpoints .*resume: auto"):
+        train(load_train_config(cfg))
+    result = train(load_train_config(cfg, ["resume=auto"]))  # a finished run: nothing left to train, re-exports
+    assert result.steps == 2
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_gives_the_same_weights(world, tmp_path):
+    steps = 60
+    extra = dict(tokens=16 * 4 * steps, resume="auto", **{"checkpoint.every": 4, "checkpoint.keep_last": 2, "log.every": 10})
+    train(load_train_config(config(world, tmp_path, name="straight", **extra)))
+
+    cfg = config(world, tmp_path, name="killed", **extra)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    kills = 0
+    for wait_for in (8, 24):  # kill twice: once in the first stretch, once after a resume
+        proc = subprocess.Popen([sys.executable, "-m", "midus_surgery.cli", "train", str(cfg), "--quiet"], env=subprocess_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 90
+        while time.time() < deadline and proc.poll() is None:
+            done = complete_checkpoints(ckpts)
+            if done and done[-1][0] >= wait_for:
+                time.sleep(0.05 * kills)  # land somewhere inside the next steps (or a checkpoint write)
+                break
+            time.sleep(0.01)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        assert proc.returncode in (-signal.SIGKILL, 0), proc.stderr.read().decode()[-2000:]
+    assert kills >= 1, "the run finished before it could be killed"
+    assert not (tmp_path / "killed" / "final").exists() or kills < 2
+
+    result = train(load_train_config(cfg))
+    assert result.steps == steps
+    a, b = state_of(tmp_path / "straight" / "final"), state_of(tmp_path / "killed" / "final")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after kill -9 + resume"
+    # The metrics log has one record per logged step, none replayed.
+    steps_logged = [r["step"] for r in metrics(tmp_path / "killed") if "loss" in r]
+    assert steps_logged == list(range(10, steps + 1, 10))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_reads_different_data_and_agrees(world, tmp_path):
+    extra = {"tokens": 16 * 8 * 6, "log.data_trace": True, "eval.at_start": False, "data.held_out_fraction": 0.1}
+    cfg = config(world, tmp_path, name="ddp", micro_batch_size=4, **extra)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                           "-m", "midus_surgery.cli", "train", str(cfg), "--quiet"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MULTI_CPU (gloo)" in proc.stdout and "x 2" in proc.stdout
+    trace = {r: [json.loads(x) for x in (tmp_path / "ddp" / "trace" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
+    steps = [[rec["blocks"] for rec in trace[r] if "blocks" in rec] for r in (0, 1)]
+    assert len(steps[0]) == len(steps[1]) == 6
+    for a, b in zip(*steps):
+        assert len(a) == len(b) == 4 and not set(a) & set(b), "both ranks read the same blocks"
+    assert trace[0][-1]["final_checksum"] == trace[1][-1]["final_checksum"]
+
+    # One process with the two ranks' batches together takes the same steps.
+    train(load_train_config(config(world, tmp_path, name="single", micro_batch_size=8, **extra)))
+    single = [json.loads(x)["blocks"] for x in (tmp_path / "single" / "trace" / "rank0.jsonl").read_text().splitlines() if "blocks" in x]
+    assert single == [a + b for a, b in zip(*steps)]
+    s, d = state_of(tmp_path / "single" / "final"), state_of(tmp_path / "ddp" / "final")
+    for name in s:
+        torch.testing.assert_close(s[name], d[name], rtol=1e-4, atol=1e-5)
+
+
+def test_midus_output_trains_memory_with_its_own_group(world, tmp_path):
+    """A real MIDUS output (apply on the tiny base): freeze=base trains the inserted memory blocks only."""
+    pytest.importorskip("midus_surgery.hml")
+    from midus_surgery.compile import compile_recipe
+    from midus_surgery.emit import emit
+    from midus_surgery.evaluate import load_causal_lm
+
+    recipe = tmp_path / "midus.yaml"
+    recipe.write_text(f"base:\n  path: {world['plain']}\nlayout:\n  interleave:\n    after_every: 2\n    kind: memory\n"
+                      "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\noutput:\n  dir: out\n  dtype: float32\n")
+    out = emit(compile_recipe(recipe), progress=False).out_dir
+    lines = []
+    cfg = write_config(tmp_path / "run.yaml", out, tmp_path / "run", world["corpus"], world["cache"], tokens=16 * 4 * 4, freeze="base",
+                       **{"eval.at_start": False, "memory.lr": 1e-2})
+    train(load_train_config(cfg), echo=lines.append)
+    text = "\n".join(lines)
+    memory_row = next(line for line in text.splitlines() if line.startswith("memory tables"))
+    assert int(memory_row.split()[2]) > 0 and "0.01 (constant)" in memory_row
+    final = tmp_path / "run" / "final"
+    assert {"modeling_midus.py", "configuration_midus.py", "hml.py", "midus_plan.json"} <= {p.name for p in final.iterdir()}
+    before, after = state_of(out), state_of(final)
+    plan = json.loads((out / "midus_plan.json").read_text())
+    inserted = tuple(f"model.layers.{layer['index']}." for layer in plan["layers"] if layer["kind"] != "base")
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(n.startswith(inserted) or "midus_shared_bank" in n for n in changed)
+    assert any(is_memory_param(n) for n in changed)
+    load_causal_lm(final)  # transformers loads the export
