@@ -66,7 +66,7 @@ def cmd_plan(args) -> int:
 
     out.print(f"[bold]{args.recipe}[/]: {config.model_type}, {plan.base_num_layers} -> {plan.num_hidden_layers} layers", markup=True)
     if anatomy is not None:
-        out.print(f"anatomy ({anatomy.source}): {anatomy.describe() if hasattr(anatomy, 'describe') else anatomy}", markup=False)
+        out.print(f"anatomy: {anatomy.describe()}", markup=False)
     table = Table(title="Layer map", show_lines=False)
     for col in ("out", "source", "kind", "params"):
         table.add_column(col, justify="right" if col != "kind" else "left")

@@ -125,11 +125,13 @@ def verify(out: Path, base: Path | None = None, *, report=print) -> list[Check]:
         base_dir, gguf = (base_path.parent, base_path.name) if base_path.suffix == ".gguf" else (base_path, None)
         base_model, _ = _load(base_dir, gguf)
         diff = float((logits - _logits(base_model, ids)).abs().max())
-        if plan is None or function_preserving(plan):
+        trained = (out / "midus_train.json").is_file()  # written by `midus-surgery train` on export
+        if not trained and (plan is None or function_preserving(plan)):
             record(Check("identity", diff == 0.0, f"max |logit difference| against the base: {diff:g} (every inserted block starts as the identity, so it must be 0)"))
         else:
             ppl_out, ppl_base = perplexity(model, ids), perplexity(base_model, ids)
-            record(Check("logits", True, f"max |logit difference| against the base: {diff:.4g} (plain copies change the function); perplexity on the sample: base {ppl_base:.2f}, output {ppl_out:.2f}"))
+            why = "trained since apply" if trained else "plain copies change the function"
+            record(Check("logits", True, f"max |logit difference| against the base: {diff:.4g} ({why}); perplexity on the sample: base {ppl_base:.2f}, output {ppl_out:.2f}"))
         del base_model
     else:
         record(Check("identity", True, "skipped: no base given (--base) and none recorded"))

@@ -12,7 +12,7 @@ import pytest
 from midus_surgery.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-BUNDLED = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if not p.name.startswith("train-"))
+BUNDLED = sorted((ROOT / "recipes").glob("*.yaml"))  # up-scaling recipes; training configs live in recipes/train/
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -44,7 +44,7 @@ def test_invalid_recipe_lists_every_problem_and_exits_2(tmp_path):
     bad.write_text(bad.read_text().replace("  top_k: 3\n", "  topk: 3\n"))
     result = run("validate", str(bad))
     assert result.returncode == 2
-    assert f"{bad}:6:15: layout.interleave.after.1: layer 40 is out of range" in result.stderr
+    assert f"{bad}:6:16: layout.interleave.after.1: layer 40 is out of range" in result.stderr
 
 
 def test_plan_json_keys():
