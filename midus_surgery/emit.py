@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +19,12 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .atomic import atomic_directory
 from .base import resolve_base
 from .compile import Compiled
 from .errors import MidusError
 from .plan import HML_SUBMODULE, SHARED_BANK_PREFIX, Plan, TensorEntry
+from .tensor_source import open_base_tensors
 
 MODELING_FILES = ("configuration_midus.py", "modeling_midus.py", "hml.py")
 TOKENIZER_FILES = (
@@ -198,77 +199,69 @@ def _write_generation_config(ref, config_dict: dict, dest: Path) -> None:
 
 def emit(compiled: Compiled, *, out_dir: Path | None = None, overwrite: bool = False, allow_pickle: bool = False, progress: bool = True) -> EmitResult:
     """Write the up-scaled model. Raises MidusError for anything the user can fix."""
-    recipe, plan = compiled.loaded.recipe, compiled.plan
+    recipe = compiled.loaded.recipe
     out = (Path(out_dir) if out_dir is not None else compiled.loaded.resolve(recipe.output.dir)).resolve()
     if out.exists() and not overwrite:
         raise MidusError(f"output {out} already exists (pass --overwrite to replace it)")
     ref = resolve_base(compiled.loaded)
-    dtype = output_dtype(compiled)
-    prefixes = tuple({n.split(".", 1)[0] for n in (t.name for t in plan.tensors) if "." in n})
-    source = None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    prefixes = tuple({t.name.split(".", 1)[0] for t in compiled.plan.tensors if "." in t.name})
+    source = open_base_tensors(ref, allow_pickle=allow_pickle, prefixes=prefixes, model_type=compiled.config.model_type)
     try:
-        source = _open_source(compiled, ref, allow_pickle, prefixes)
-        shards = shard_tensors(plan.tensors, dtype, recipe.output.shard_bytes)
-        total_bytes = sum(t.numel for t in plan.tensors) * torch.empty((), dtype=dtype).element_size()
-        init = MemoryInit(compiled, dtype) if any(t.source is None for t in plan.tensors) else None
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))] if len(shards) > 1 else ["model.safetensors"]
-        weight_map: dict[str, str] = {}
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="apply", disable=not progress) as bar:
-            for shard, file in zip(shards, names):
-                tensors = {}
-                used: set[str] = set()
-                for entry in shard:
-                    tensor = _materialise(entry, source, init, dtype)
-                    if entry.source in used:  # a duplicated layer: safetensors refuses shared storage
-                        tensor = tensor.clone()
-                    used.add(entry.source)
-                    tensors[entry.name] = tensor
-                    weight_map[entry.name] = file
-                    bar.update(entry.numel * dtype.itemsize)
-                save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-                del tensors
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-        config_dict = emitted_config(plan, dtype)
-        (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, default=str) + "\n")
-        if plan.memory_layers:
-            package = Path(__file__).resolve().parent
-            for name in MODELING_FILES:
-                shutil.copy2(package / name, tmp / name)
-        _copy_tokenizer(ref, compiled.config, tmp)
-        _write_generation_config(ref, config_dict, tmp)
-        recipe_text = Path(compiled.loaded.source.file).read_text()
-        (tmp / "midus_recipe.yaml").write_text(recipe_text)
-        summary = {k: v for k, v in plan.to_json().items() if k != "tensors"}
-        summary["base_path"] = str(compiled.loaded.resolve(recipe.base.path).resolve())  # for `verify` without --base
-        (tmp / "midus_plan.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card(compiled, recipe_text))
-
-        if out.exists():  # --overwrite: swap in the new one, then drop the old
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(out) as tmp:
+            num_bytes, shards = _write_weights(compiled, source, tmp, progress)
+            _write_companions(compiled, ref, tmp)
     finally:
-        if source is not None:
-            source.close()
-    return EmitResult(out, len(plan.tensors), total_bytes, len(shards))
+        source.close()
+    return EmitResult(out, len(compiled.plan.tensors), num_bytes, shards)
 
 
-def _open_source(compiled: Compiled, ref, allow_pickle: bool, prefixes: tuple[str, ...]):
-    from .tensor_source import open_base_tensors
+def _write_weights(compiled: Compiled, source, tmp: Path, progress: bool) -> tuple[int, int]:
+    """Stream every planned tensor into shards; returns (bytes written, number of shards)."""
+    plan = compiled.plan
+    dtype = output_dtype(compiled)
+    shards = shard_tensors(plan.tensors, dtype, compiled.loaded.recipe.output.shard_bytes)
+    total_bytes = sum(t.numel for t in plan.tensors) * dtype.itemsize
+    init = MemoryInit(compiled, dtype) if any(t.source is None for t in plan.tensors) else None
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))] if len(shards) > 1 else ["model.safetensors"]
+    weight_map: dict[str, str] = {}
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="apply", disable=not progress) as bar:
+        for shard, file in zip(shards, names):
+            tensors = {}
+            used: set[str] = set()
+            for entry in shard:
+                tensor = _materialise(entry, source, init, dtype)
+                if entry.source in used:  # a duplicated layer: safetensors refuses shared storage
+                    tensor = tensor.clone()
+                used.add(entry.source)
+                tensors[entry.name] = tensor
+                weight_map[entry.name] = file
+                bar.update(entry.numel * dtype.itemsize)
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            os.chmod(tmp / file, 0o644)  # safetensors writes 0600
+            del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return total_bytes, len(shards)
 
-    return open_base_tensors(ref, allow_pickle=allow_pickle, prefixes=prefixes, model_type=compiled.config.model_type)
+
+def _write_companions(compiled: Compiled, ref, tmp: Path) -> None:
+    """config, modeling code, tokenizer, generation config, recipe, plan summary, model card."""
+    plan, recipe = compiled.plan, compiled.loaded.recipe
+    config_dict = emitted_config(plan, output_dtype(compiled))
+    (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, default=str) + "\n")
+    if plan.memory_layers:
+        package = Path(__file__).resolve().parent
+        for name in MODELING_FILES:
+            shutil.copy2(package / name, tmp / name)
+    _copy_tokenizer(ref, compiled.config, tmp)
+    _write_generation_config(ref, config_dict, tmp)
+    recipe_text = Path(compiled.loaded.source.file).read_text()
+    (tmp / "midus_recipe.yaml").write_text(recipe_text)
+    summary = {k: v for k, v in plan.to_json().items() if k != "tensors"}
+    summary["base_path"] = str(compiled.loaded.resolve(recipe.base.path).resolve())  # for `verify` without --base
+    (tmp / "midus_plan.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (tmp / "README.md").write_text(model_card(compiled, recipe_text))
 
 
 def _materialise(entry: TensorEntry, source, init: MemoryInit, dtype: torch.dtype) -> torch.Tensor:

@@ -11,7 +11,6 @@ Perplexity is token-weighted: exp(sum of next-token NLL / number of predicted to
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -31,23 +30,14 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
     """Load a model directory (base, DUS, LLaMA-Pro or MIDUS output) as a causal LM."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import midus_surgery  # noqa: F401 - registers the MIDUS classes once that module does
-
+    # The MIDUS classes are registered by this package's __init__, so MIDUS outputs load too.
     path = Path(path)
     if not (path / "config.json").is_file():
         raise MidusError(f"{path} is not a model directory (no config.json)")
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except ValueError:
-        # A MIDUS output: make sure its classes are registered, then try again.
-        data = json.loads((path / "config.json").read_text())
-        if data.get("model_type") != "midus":
-            raise MidusError(f"{path}: transformers does not know model_type {data.get('model_type')!r} (pass --trust-remote-code for a model with its own code)") from None
-        try:
-            import midus_surgery.modeling_midus  # noqa: F401
-        except Exception as exc:  # noqa: BLE001 - the message says what is missing
-            raise MidusError(f"{path} is a MIDUS model but midus_surgery.modeling_midus cannot be imported: {exc}") from None
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise MidusError(f"{path}: {exc}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as exc:

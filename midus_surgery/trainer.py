@@ -36,14 +36,16 @@ import numpy as np
 import torch
 
 from . import data as D
-from .errors import MidusError, Problem, RecipeError
+from .atomic import atomic_directory
+from .emit import MODELING_FILES
+from .errors import MidusError, RecipeError
 from .evaluate import DTYPES, block_batches, evaluate_batches, load_causal_lm, load_tokenizer
 from .train_config import LoadedTrainConfig, TrainConfig
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
 NORM_LABELS = {"grad_norm": "gnorm", "memory_grad_norm": "mem gnorm"}
-MODELING_FILES = ("configuration_midus.py", "modeling_midus.py", "hml.py")
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "midus_train.json"}
 
@@ -405,10 +407,7 @@ class Runner:
             dtype_name = self.init_dtype if self.cfg.export.dtype == "auto" else self.cfg.export.dtype
             dtype = DTYPES.get(str(dtype_name).replace("torch.", ""), torch.float32)
             state_dict = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-            tmp.mkdir()
-            try:
+            with atomic_directory(out) as tmp:
                 old_dtype = self.raw.config.dtype
                 self.raw.config.dtype = dtype
                 self.raw.config.use_cache = True
@@ -427,16 +426,6 @@ class Runner:
                 summary = {"init_from": str(self.init_from), "steps": step, "tokens": samples_seen * self.cfg.data.block_size,
                            "held_out": final_eval, "config": self.cfg.model_dump(mode="json")}
                 (tmp / "midus_train.json").write_text(json.dumps(summary, indent=2) + "\n")
-                if out.exists():
-                    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-                    os.replace(out, old)
-                    os.replace(tmp, out)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(tmp, out)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
         self.acc.wait_for_everyone()
         return out
 
