@@ -54,8 +54,8 @@ step "8/8 held-out perplexity: base vs trained MIDUS (python docs: the training 
 for model in work/smollm2-135m "$run/final"; do
   for corpus in python3.11-doc git-doc; do
     printf '%-40s %-16s ' "$model" "$corpus"
-    midus-surgery eval "$model" --data "work/corpora/$corpus" --block-size 256 --max-blocks 16 --quiet --json \
-      | python -c 'import json,sys; r=json.load(sys.stdin); print(f"ppl {r[\"perplexity\"]:.3f}  ({r[\"tokens\"]} tokens, {r[\"tokens_per_s\"]:.0f} tok/s)")'
+    midus-surgery eval "$model" --data "work/corpora/$corpus" --block-size 256 --max-blocks 8 --quiet --json \
+      | python -c 'import json, sys; r = json.load(sys.stdin); print("ppl %.3f  (%d tokens, %.0f tok/s)" % (r["perplexity"], r["tokens"], r["tokens_per_s"]))'
   done
 done
 echo
