@@ -1,0 +1,359 @@
+#!/usr/bin/env python
+"""Continued pre-training benchmark: DUS vs LLaMA-Pro vs MIDUS from the same SmolLM2-135M base.
+
+Same insertion points (6 blocks, one after every 5th of 30 layers: recipes/smollm2-135m-{dus,llama-pro,midus}.yaml),
+same data in the same order (same seed, same token cache), same token budget, same freeze policy
+(default `base`, the paper's protocol), each trained with the bundled runner (`midus-surgery train`) on a
+real English corpus (default: the Python 3.11 documentation, with every 10th file held out), then evaluated on
+(a) held-out text of the training domain and (b) text of another domain (default: the King James Bible) to
+see forgetting. Rows: base (no training), DUS, LLaMA-Pro, MIDUS.
+
+    python tools/bench_cpt.py --quick            # smallest meaningful run (a few minutes on 2 CPU cores)
+    python tools/bench_cpt.py                    # default budget (sized for <= 60 min on 2 CPU cores)
+    python tools/bench_cpt.py --tokens 2M        # scale it (same script on a GPU: precision auto -> bf16)
+
+Writes work/bench/cpt-<label>/ (configs, run dirs, results.json, loss.png), copies the loss plot to
+docs/reproduction-<label>.png and replaces the `<label>` results section of docs/reproduction.md
+(--no-doc: don't touch docs/).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = [  # (row name, recipe kind, recipe, surgery output)
+    ("DUS", "transformer", "recipes/smollm2-135m-dus.yaml", "work/out/smollm2-135m-dus"),
+    ("LLaMA-Pro", "identity", "recipes/smollm2-135m-llama-pro.yaml", "work/out/smollm2-135m-llama-pro"),
+    ("MIDUS", "memory", "recipes/smollm2-135m-midus.yaml", "work/out/smollm2-135m-midus"),
+]
+BASE = "work/smollm2-135m"
+# Default budget: measured on the 2-core CPU this was sized on (fp32, 4 x 256 tokens per step).
+DEFAULT_TOKENS = 16384
+QUICK_TOKENS = 2048
+
+
+def parse_tokens(s: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgG]?)\s*", s)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a token count: {s!r}")
+    return int(float(m.group(1)) * {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[m.group(2).lower()])
+
+
+def cli() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=parse_tokens, help=f"training tokens per run (default {DEFAULT_TOKENS}; --quick: {QUICK_TOKENS})")
+    p.add_argument("--freeze", choices=["base", "none"], default="base", help="freeze policy of every run (default base)")
+    p.add_argument("--quick", action="store_true", help="smallest meaningful run")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--train-corpus", default="python3.11-doc", help="work/corpora/NAME to train on (every --held-out-every-th file held out)")
+    p.add_argument("--other-corpus", default="bible-kjv-text", help="work/corpora/NAME of the other domain (forgetting)")
+    p.add_argument("--held-out-every", type=int, default=10)
+    p.add_argument("--eval-blocks", type=int, help="blocks evaluated per domain (default 24; --quick: 8)")
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--precision", default="auto", help="auto: bf16 on a GPU, fp32 on a CPU")
+    p.add_argument("--lr", type=float, default=2e-4, help="optim.lr of every run")
+    p.add_argument("--memory-lr", type=float, default=1e-3, help="memory.lr (MIDUS only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", nargs="+", choices=["base"] + [v[0] for v in VARIANTS], help="run only these rows")
+    p.add_argument("--midus-recipe", help="another MIDUS recipe (e.g. an ablation written to work/); applied if its output is missing")
+    p.add_argument("--label", help="name of this benchmark (default: quick / tokens-N)")
+    p.add_argument("--out", help="work directory (default work/bench/cpt-<label>)")
+    p.add_argument("--no-doc", action="store_true", help="don't write docs/reproduction.md and the PNG")
+    p.add_argument("--replot", metavar="RESULTS_JSON", help="only redraw the plot and rewrite the doc section from a results.json")
+    p.add_argument("--reapply", action="store_true", help="re-run the surgeries even if their outputs exist")
+    a = p.parse_args()
+    a.tokens = a.tokens or (QUICK_TOKENS if a.quick else DEFAULT_TOKENS)
+    a.eval_blocks = a.eval_blocks or (8 if a.quick else 24)
+    a.label = a.label or ("quick" if a.quick and a.tokens == QUICK_TOKENS else f"tokens-{a.tokens}") + ("" if a.freeze == "base" else f"-freeze-{a.freeze}")
+    a.out = Path(a.out) if a.out else ROOT / "work/bench" / f"cpt-{a.label}"
+    return a
+
+
+def sh(cmd: list[str], log: Path) -> tuple[float, str]:
+    """Run a command from the repository root, tee its output to `log`; return (wall seconds, output)."""
+    shown = cmd if len(cmd) < 24 else cmd[:6] + [f"... ({len(cmd) - 20} more)"] + cmd[-14:]
+    print("$ " + shlex.join(shown), flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        out = []
+        for line in proc.stdout:
+            f.write(line)
+            out.append(line)
+            if not line.startswith("\r") and ("|" in line and ("step" in line or "held-out" in line) or line.startswith(("data:", "trainable", "done", "precision"))):
+                print("    " + line.rstrip()[-200:], flush=True)
+        rc = proc.wait()
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        sys.exit(f"command failed (exit {rc}), log: {log}\n" + "".join(out[-30:]))
+    return wall, "".join(out)
+
+
+def split_files(corpus: Path, every: int) -> tuple[list[str], list[str]]:
+    files = sorted(p for p in corpus.rglob("*.txt") if not p.name.startswith("_"))
+    if not files:
+        sys.exit(f"no text in {corpus}: python tools/fetch_corpus.py {corpus.name}")
+    held = [str(p) for i, p in enumerate(files) if i % every == every // 2]
+    train = [str(p) for i, p in enumerate(files) if i % every != every // 2]
+    return train, held
+
+
+def evaluate(model: str, data: list[str], a, log: Path) -> dict:
+    cmd = ["midus-surgery", "eval", model, "--data", *data, "--block-size", str(a.block_size), "--max-blocks", str(a.eval_blocks),
+           "--batch-size", str(a.micro_batch_size), "--cache-dir", str(ROOT / "work/cache/tokens"), "--json", "--quiet"]
+    wall, out = sh(cmd, log)
+    res = json.loads(out[out.index("{"):])
+    res["wall_s"] = wall
+    return res
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+def train(name: str, model_dir: str, a, train_files: list[str], held_files: list[str], log: Path) -> dict:
+    run_dir = a.out / "runs" / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cfg = {
+        "init_from": str(ROOT / model_dir), "run_dir": str(run_dir), "seed": a.seed,
+        "data": {"train": train_files, "held_out": held_files, "block_size": a.block_size, "cache_dir": str(ROOT / "work/cache/tokens")},
+        "tokens": a.tokens, "micro_batch_size": a.micro_batch_size, "grad_accum": a.grad_accum, "precision": a.precision,
+        "freeze": a.freeze,
+        "optim": {"lr": a.lr, "schedule": "cosine", "warmup": 0.02, "min_lr_ratio": 0.1, "weight_decay": 0.1, "grad_clip": 1.0},
+        "memory": {"lr": a.memory_lr, "schedule": "constant", "weight_decay": 0.0, "grad_clip": 1.0},
+        # held-out loss of the training domain: the same blocks `midus-surgery eval` reads (first eval_blocks of the held-out files);
+        # at the start only for DUS (the identity-initialised LLaMA-Pro and MIDUS start exactly at the base's numbers).
+        "eval": {"every": 0, "max_blocks": a.eval_blocks, "batch_size": a.micro_batch_size, "at_start": name == "DUS"},
+        "log": {"every": 1, "progress": False, "tensorboard": False, "plot": False},
+        "checkpoint": {"every": 0, "keep_last": 1},
+    }
+    import yaml
+    cfg_path = a.out / f"train-{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    wall, out = sh(["midus-surgery", "train", str(cfg_path)], log)
+    m = re.search(r"trainable: ([0-9.]+[KMG]?) of ([0-9.]+[KMG]?) parameters", out)
+    metrics = read_metrics(run_dir)
+    steps = [r for r in metrics if "loss" in r]
+    evals = [r for r in metrics if "eval_loss" in r]
+    train_s = steps[-1]["elapsed"] if steps else float("nan")
+    info = json.loads((run_dir / "final" / "midus_train.json").read_text()) if (run_dir / "final" / "midus_train.json").exists() else {}
+    return {"run_dir": str(run_dir), "final": str(run_dir / "final"), "wall_s": wall, "train_s": train_s,
+            "tokens": steps[-1]["tokens"] if steps else 0, "steps": len(steps),
+            "tokens_per_s": (steps[-1]["tokens"] / train_s) if steps else float("nan"),
+            "trainable": m.group(1) if m else "?", "total_params": m.group(2) if m else "?",
+            "trainable_exact": trainable_exact(ROOT / model_dir, a.freeze),
+            "final_eval": evals[-1] if evals else None, "start_eval": evals[0] if len(evals) > 1 else None,
+            "curve": [(r["tokens"], r["loss"]) for r in steps], "train_info_keys": sorted(info)}
+
+
+def trainable_exact(model_dir: Path, freeze: str) -> int | None:
+    """Trainable parameter count under the freeze policy, from the safetensors headers (no weights loaded)."""
+    try:
+        from safetensors import safe_open
+        plan = json.loads((model_dir / "midus_plan.json").read_text())
+    except Exception:
+        return None
+    total = 0
+    kinds = None
+    for key in ("layers", "layer_map", "output_layers"):
+        if isinstance(plan.get(key), list):
+            kinds = plan[key]
+            break
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                n = 1
+                for d in st.get_slice(name).get_shape():
+                    n *= d
+                if freeze == "none":
+                    total += n
+                    continue
+                mm = re.search(r"layers\.(\d+)\.", name)
+                if kinds is not None and mm:
+                    k = kinds[int(mm.group(1))]
+                    kind = k.get("kind") if isinstance(k, dict) else None
+                    if kind not in (None, "base"):
+                        total += n
+                elif "midus_shared_bank" in name:
+                    total += n
+    return total if kinds is not None else None
+
+
+def plot(results: dict, a, path: Path) -> None:
+    """Left: every run; right: without DUS (whose loss starts far above the others), so the small differences show."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    colors = {"DUS": "tab:blue", "LLaMA-Pro": "tab:orange", "MIDUS": "tab:green"}
+    b = results["rows"].get("base", {}).get("a")
+    for ax, skip in zip(axes, [(), ("DUS",)]):
+        for name, r in results["rows"].items():
+            if name == "base" or name in skip or not r.get("curve"):
+                continue
+            xs, ys = zip(*r["curve"])
+            ax.plot(xs, ys, lw=0.8, alpha=0.35, color=colors.get(name))
+            w = max(1, len(ys) // 8)  # running mean over w steps (per-step loss on a 1k-token batch is noisy)
+            sm = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
+            ax.plot(xs, sm, lw=2, color=colors.get(name), label=f"{name} train" + (f" (running mean of {w})" if w > 1 else ""))
+            pts = [(e["tokens"], e["eval_loss"]) for e in (r.get("start_eval"), r.get("final_eval")) if e]
+            if b and name != "DUS":
+                pts = [(0, b["loss"])] + pts  # identity-initialised: starts exactly at the base
+            if pts:
+                ax.plot(*zip(*pts), marker="*", ms=12, ls=":", color=colors.get(name), mec="k",
+                        label=f"{name} held-out {pts[-1][1]:.4f}")
+        if b:
+            ax.axhline(b["loss"], color="gray", ls="--", lw=1, label=f"base held-out {b['loss']:.4f}")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("loss (nats/token)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("all runs", fontsize=9)
+    axes[1].set_title("without DUS (zoom)", fontsize=9)
+    fig.suptitle(f"CPT on {a.train_corpus}, freeze={a.freeze}, {a.tokens:,} tokens, SmolLM2-135M (+6 blocks); "
+                 f"held-out: first {a.eval_blocks} blocks", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+    cpu = ""
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except Exception:
+        pass
+    dev = f"{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores) {cpu}"
+    return {"device": dev, "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "platform": platform.platform()}
+
+
+def fmt_table(results: dict) -> str:
+    a_name, b_name = results["train_corpus"], results["other_corpus"]
+    lines = [f"| model | ppl held-out {a_name} | ppl {b_name} | trainable params | tokens | train wall | tokens/s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in results["rows"].items():
+        pa = r["a"]["perplexity"] if r.get("a") else float("nan")
+        pb = r["b"]["perplexity"] if r.get("b") else float("nan")
+        if name == "base":
+            lines.append(f"| base (no training) | {pa:.3f} | {pb:.3f} | 0 | 0 | - | - |")
+            continue
+        tr = f"{r['trainable_exact'] / 1e6:.2f}M" if r.get("trainable_exact") else r["trainable"]
+        start = f" (start {r['start_eval']['eval_ppl']:.3f})" if r.get("start_eval") else ""
+        lines.append(f"| {name} | {pa:.3f}{start} | {pb:.3f} | {tr} | {r['tokens']:,} | {r['train_s'] / 60:.1f} min "
+                     f"({r['wall_s'] / 60:.1f} min with load/eval/export) | {r['tokens_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def write_doc(results: dict, a, png: Path) -> None:
+    doc = ROOT / "docs/reproduction.md"
+    text = doc.read_text() if doc.exists() else "# Reproduction: continued pre-training, DUS vs LLaMA-Pro vs MIDUS\n\n"
+    m = results["machine"]
+    block = [f"<!-- bench_cpt:{a.label}:begin (generated by tools/bench_cpt.py; edits inside are overwritten) -->",
+             f"### Results: `{a.label}`", "",
+             f"Command: `{results['command']}`  ",
+             f"Machine: {m['device']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}; "
+             f"load average before / after: {results['load_before']} / {results['load_after']}; total wall {results['total_wall_s'] / 60:.1f} min; "
+             f"{results['date']}.  ",
+             "Base: `work/smollm2-135m` = SmolLM2-135M-Instruct Q4_1 GGUF dequantised to fp32 (not the original bf16 weights).  ",
+             f"Training: `{results['train_corpus']}` ({results['n_train_files']} files; every {a.held_out_every}th file by name held out: "
+             f"{results['n_held_files']} files), freeze={a.freeze}, {a.tokens:,} tokens = {results['rows'].get('MIDUS', results['rows'].get('DUS', {})).get('steps', '?')} steps "
+             f"of {a.micro_batch_size} x {a.grad_accum} x {a.block_size}, seed {a.seed}, precision {a.precision}, lr {a.lr:g} cosine (warmup 2%), "
+             f"memory lr {a.memory_lr:g} constant. Evaluation: packed blocks of {a.block_size}, the first {a.eval_blocks} blocks of each domain "
+             f"({a.eval_blocks * (a.block_size - 1):,} predicted tokens).", "",
+             fmt_table(results), "",
+             f"![loss curves]({png.name})" if png else "", "",
+             f"<!-- bench_cpt:{a.label}:end -->"]
+    block = "\n".join(block)
+    pat = re.compile(rf"<!-- bench_cpt:{re.escape(a.label)}:begin.*?<!-- bench_cpt:{re.escape(a.label)}:end -->", re.S)
+    text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(text)
+
+
+def main() -> None:
+    a = cli()
+    if a.replot:
+        results = json.loads(Path(a.replot).read_text())
+        for k in ("tokens", "eval_blocks", "block_size", "micro_batch_size", "grad_accum", "seed", "held_out_every"):
+            setattr(a, k, int(results["args"][k]))
+        for k in ("lr", "memory_lr"):
+            setattr(a, k, float(results["args"][k]))
+        for k in ("label", "freeze", "precision", "train_corpus", "other_corpus"):
+            setattr(a, k, results["args"][k])
+        png = Path(a.replot).parent / "loss.png"
+        plot(results, a, png)
+        if not a.no_doc:
+            doc_png = ROOT / "docs" / f"reproduction-{a.label}.png"
+            shutil.copyfile(png, doc_png)
+            write_doc(results, a, doc_png)
+        print(fmt_table(results))
+        return
+    t_start = time.perf_counter()
+    a.out.mkdir(parents=True, exist_ok=True)
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    variants = list(VARIANTS)
+    if a.midus_recipe:
+        import yaml
+        r = yaml.safe_load(Path(a.midus_recipe).read_text())
+        outdir = (Path(a.midus_recipe).resolve().parent / r["output"]["dir"]).resolve()
+        variants = [v if v[0] != "MIDUS" else ("MIDUS", "memory", a.midus_recipe, str(outdir)) for v in variants]
+    rows_wanted = a.only or ["base"] + [v[0] for v in variants]
+    if not (ROOT / BASE / "config.json").exists():
+        sys.exit(f"no base model in {BASE}: python tools/fetch_smollm2.py")
+    for name, _, recipe, out in variants:
+        if name in rows_wanted and (a.reapply or not (ROOT / out / "config.json").exists()):
+            sh(["midus-surgery", "apply", recipe, "--overwrite"], a.out / f"apply-{name}.log")
+    train_files, held_files = split_files(ROOT / "work/corpora" / a.train_corpus, a.held_out_every)
+    other = [str(ROOT / "work/corpora" / a.other_corpus)]
+    results = {"label": a.label, "command": "python " + shlex.join(["tools/bench_cpt.py", *sys.argv[1:]]), "load_before": load_before,
+               "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "train_corpus": a.train_corpus, "other_corpus": a.other_corpus,
+               "n_train_files": len(train_files), "n_held_files": len(held_files), "args": {k: str(v) for k, v in vars(a).items()}, "rows": {}}
+    if "base" in rows_wanted:
+        results["rows"]["base"] = {"a": evaluate(BASE, held_files, a, a.out / "eval-base-a.log"),
+                                   "b": evaluate(BASE, other, a, a.out / "eval-base-b.log")}
+    for name, _, _, out in variants:
+        if name not in rows_wanted:
+            continue
+        r = train(name, out, a, train_files, held_files, a.out / f"train-{name}.log")
+        fe = r["final_eval"]
+        # (a) from the runner's final held-out pass: the same blocks as `midus-surgery eval --data <held-out files>`
+        r["a"] = {"loss": fe["eval_loss"], "perplexity": fe["eval_ppl"], "tokens": fe["eval_tokens"]} if fe else None
+        r["b"] = evaluate(r["final"], other, a, a.out / f"eval-{name}-b.log")
+        results["rows"][name] = r
+        (a.out / "results.json").write_text(json.dumps(results, indent=1))
+        shutil.rmtree(Path(r["run_dir"]) / "checkpoints", ignore_errors=True)  # the final model stays in final/
+    results["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    results["total_wall_s"] = time.perf_counter() - t_start
+    png = a.out / "loss.png"
+    plot(results, a, png)
+    (a.out / "results.json").write_text(json.dumps(results, indent=1))
+    doc_png = None
+    if not a.no_doc:
+        doc_png = ROOT / "docs" / f"reproduction-{a.label}.png"
+        shutil.copyfile(png, doc_png)
+        write_doc(results, a, doc_png)
+    if a.json:
+        print(json.dumps({k: v for k, v in results.items()}, indent=1))
+    else:
+        print()
+        print(fmt_table(results))
+        print(f"\nresults: {a.out / 'results.json'}; plot: {doc_png or png}")
+
+
+if __name__ == "__main__":
+    main()
