@@ -402,6 +402,8 @@ class Runner:
 
     def export(self, final_eval: dict | None, step: int, samples_seen: int) -> Path:
         state_dict = self.acc.get_state_dict(self.model)
+        # torch.compile wraps the model: its keys carry an `_orig_mod.` prefix the export must not keep.
+        state_dict = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
         out = self.export_dir
         if self.acc.is_main_process:
             dtype_name = self.init_dtype if self.cfg.export.dtype == "auto" else self.cfg.export.dtype

@@ -315,3 +315,14 @@ def test_midus_output_trains_memory_with_its_own_group(world, tmp_path):
     assert changed and all(n.startswith(inserted) or "midus_shared_bank" in n for n in changed)
     assert any(is_memory_param(n) for n in changed)
     load_causal_lm(final)  # transformers loads the export
+
+
+def test_compile_switch_trains_the_same_model(world, tmp_path):
+    """compile: true runs the same steps through torch.compile and lands where eager does."""
+    eager = train(load_train_config(config(world, tmp_path, name="eager", tokens=16 * 4 * 4)))
+    compiled = train(load_train_config(config(world, tmp_path, name="compiled", tokens=16 * 4 * 4, compile=True)))
+    assert compiled.steps == eager.steps == 4
+    a, b = state_of(tmp_path / "eager" / "final"), state_of(tmp_path / "compiled" / "final")
+    assert a.keys() == b.keys()
+    for name in a:  # compiled kernels may reorder float sums: equal to rounding, not bit-exact
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
