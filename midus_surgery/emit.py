@@ -239,6 +239,7 @@ def _write_weights(compiled: Compiled, source, tmp: Path, progress: bool) -> tup
             save_file(tensors, str(tmp / file), metadata={"format": "pt"})
             os.chmod(tmp / file, 0o644)  # safetensors writes 0600
             del tensors
+            source.release()
     if len(shards) > 1:
         index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

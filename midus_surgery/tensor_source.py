@@ -71,6 +71,9 @@ class TensorSource:
     def _read(self, key: str) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Drop cached file mappings (called after each output shard), so resident memory stays one shard."""
+
     def close(self) -> None:
         pass
 
@@ -86,24 +89,33 @@ class SafetensorsSource(TensorSource):
             weight_map = None
         if not files:
             raise MidusError(f"no .safetensors files in {directory} (pickle .bin checkpoints need --allow-pickle)")
+        self._directory = directory
         self._handles = {}
         names = {}
-        try:
-            for file in files:
-                handle = safe_open(str(directory / file), framework="pt")
-                self._handles[file] = handle
-                for key in handle.keys():
-                    names[key] = file
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise MidusError(f"cannot read {directory / file}: {exc}") from None
+        for file in files:
+            for key in self._handle(file).keys():
+                names[key] = file
         if weight_map is not None:
             missing = [k for k, f in weight_map.items() if names.get(k) != f]
             if missing:
                 raise MidusError(f"{index}: {len(missing)} tensors listed in the index are not in their shard, e.g. {missing[0]}")
         super().__init__(names, prefixes, renames)
 
+    def _handle(self, file: str):
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(self._directory / file), framework="pt")
+            except Exception as exc:  # safetensors raises its own error types for corrupt files
+                raise MidusError(f"cannot read {self._directory / file}: {exc}") from None
+        return self._handles[file]
+
     def _read(self, key: str) -> torch.Tensor:
-        return self._handles[self._where[key]].get_tensor(key)
+        return self._handle(self._where[key]).get_tensor(key)
+
+    def release(self) -> None:
+        # Pages of a memory-mapped base shard stay resident while its handle is open; reopening
+        # lazily keeps the resident set at about one output shard whatever the base's size.
+        self._handles.clear()
 
 
 class DictSource(TensorSource):
