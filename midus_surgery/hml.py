@@ -540,7 +540,7 @@ class HeadwiseMemory(nn.Module):
 
     # -- init ----------------------------------------------------------------------------
     def init_rules(self) -> dict[str, str]:
-        cfg, H, dh = self.config, self.num_heads, self.head_dim
+        cfg, dh = self.config, self.head_dim
         dl = cfg.latent_dim
         rules: dict[str, str] = {"keys": f"uniform(±1/sqrt(d_h/2)) = uniform(±{1 / math.sqrt(dh / 2):.4g})"}
         if cfg.hive:
@@ -654,7 +654,7 @@ class HeadwiseMemory(nn.Module):
         return x.dtype
 
     def _lookup(self, q: Tensor) -> tuple[Tensor, Tensor]:
-        cfg, H, dh = self.config, self.num_heads, self.head_dim
+        cfg = self.config
         sd = torch.float64 if q.dtype == torch.float64 else torch.float32
         q = q.to(sd)
         if self.query_norm is not None:

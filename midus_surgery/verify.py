@@ -28,8 +28,7 @@ class Check:
 
 
 def _load(path: Path, gguf_file: str | None = None):
-    import midus_surgery  # noqa: F401 - registers the MIDUS classes
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # MIDUS classes: registered by this package's __init__
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **kwargs)

@@ -313,7 +313,7 @@ def section_text(payload: dict) -> str:
         "- `step vs DUS`: minimum step time over DUS's with the same freeze policy and precision.",
         "",
         table(payload["rows"]), "",
-        f"![training step](bench_step.png)", "",
+        "![training step](bench_step.png)", "",
         "Target (MIDUS step at most 0.85x the DUS step, with fewer trainable parameters):", "",
         *target_lines(payload["targets"]), "",
     ]
