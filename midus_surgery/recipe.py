@@ -205,7 +205,7 @@ class LoadedRecipe(BaseModel):
         return p if p.is_absolute() else (self.directory / p)
 
 
-def _problems_from_validation(error: ValidationError, source: YamlSource) -> list[Problem]:
+def problems_from_validation(error: ValidationError, source: YamlSource) -> list[Problem]:
     problems = []
     for item in error.errors():
         # pydantic adds pseudo-locations for union members and validators; keep the data path.
@@ -228,7 +228,7 @@ def parse_recipe(source: YamlSource, directory: Path) -> LoadedRecipe:
     try:
         recipe = Recipe.model_validate(source.data)
     except ValidationError as exc:
-        raise RecipeError(_problems_from_validation(exc, source)) from None
+        raise RecipeError(problems_from_validation(exc, source)) from None
     return LoadedRecipe(recipe=recipe, source=source, directory=directory)
 
 

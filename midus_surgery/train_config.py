@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import Problem, RecipeError
-from .recipe import _problems_from_validation
+from .recipe import problems_from_validation
 from .yaml_source import PathKey, YamlSource, load_yaml
 
 PosInt = Annotated[int, Field(ge=1)]
@@ -267,7 +267,7 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> L
     try:
         config = TrainConfig.model_validate(located.data)
     except ValidationError as exc:
-        raise RecipeError(_problems_from_validation(exc, located)) from None
+        raise RecipeError(problems_from_validation(exc, located)) from None
     return LoadedTrainConfig(config=config, source=located, directory=path.resolve().parent)
 
 
