@@ -530,6 +530,9 @@ def main(argv=None) -> int:
     if not (SMOL / "config.json").is_file():
         print(f"missing {SMOL}: run `python tools/fetch_smollm2.py` first", file=sys.stderr)
         return 2
+    if not (shutil.which("mergekit-yaml") or (Path(sys.executable).parent / "mergekit-yaml").exists()):
+        print("mergekit is not installed: `pip install mergekit==0.1.5` (after torch==2.13.0, so pip keeps the CPU torch)", file=sys.stderr)
+        return 2
     cases = [{"name": "SmolLM2-135M", "base": SMOL, "slices": [(0, 20), (10, 30)], "dtype": "float32", "tokenizer": True,
               "repeats": args.repeats or (1 if args.quick else 3)}]
     if not args.quick:
