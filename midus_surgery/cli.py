@@ -16,13 +16,6 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def _compile(path: str):
-    from .compile import compile_recipe
-
-    c = compile_recipe(path)
-    return c.loaded, c.config, c.anatomy, c.plan
-
-
 def _human(n: int) -> str:
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= size:
@@ -35,10 +28,12 @@ def _ratio(a: int, b: int) -> str:
 
 
 def cmd_validate(args) -> int:
+    from .compile import compile_recipe
+
     failed = 0
     for path in args.recipes:
         try:
-            _, _, _, plan = _compile(path)
+            plan = compile_recipe(path).plan
         except MidusError as exc:
             failed += 1
             err.print(f"[bold red]INVALID[/] {path}", markup=True)
@@ -52,11 +47,10 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    try:
-        loaded, config, anatomy, plan = _compile(args.recipe)
-    except MidusError as exc:
-        err.print(str(exc), markup=False)
-        return exc.exit_code
+    from .compile import compile_recipe
+
+    compiled = compile_recipe(args.recipe)  # errors: main() prints them and exits non-zero
+    loaded, config, anatomy, plan = compiled.loaded, compiled.config, compiled.anatomy, compiled.plan
     if args.json:
         data = plan.to_json()
         if not args.tensors:

@@ -169,7 +169,7 @@ Made by `midus-surgery apply` from a `{compiled.config.model_type}` base of {pla
 """
 
 
-def _copy_tokenizer(ref, config, dest: Path) -> None:
+def _copy_tokenizer(ref, dest: Path) -> None:
     if ref.is_gguf:
         from transformers import AutoTokenizer
 
@@ -255,7 +255,7 @@ def _write_companions(compiled: Compiled, ref, tmp: Path) -> None:
         package = Path(__file__).resolve().parent
         for name in MODELING_FILES:
             shutil.copy2(package / name, tmp / name)
-    _copy_tokenizer(ref, compiled.config, tmp)
+    _copy_tokenizer(ref, tmp)
     _write_generation_config(ref, config_dict, tmp)
     recipe_text = Path(compiled.loaded.source.file).read_text()
     (tmp / "midus_recipe.yaml").write_text(recipe_text)

@@ -246,14 +246,9 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None, *, anatomy_
     tensors: list[TensorEntry] = [TensorEntry(n, s, n, "copy") for n, s in global_shapes.items()]
     layer_params: list[int] = []
     heads, head_dim = attention_dims(config)
-    attn_ctx_flops = []  # per output layer, attention score/value flops per token
     window = getattr(config, "sliding_window", None)
-    layer_types = new_config.get("layer_types")
-    for layer in layers:
-        ctx = recipe.flops_seq_len
-        if layer_types and "sliding" in str(layer_types[layer.index]) and window:
-            ctx = min(ctx, window)
-        attn_ctx_flops.append(4 * ctx * heads * head_dim)
+    # per output layer: attention score/value flops per token (QK^T and AV over the context)
+    attn_ctx_flops = [4 * _attention_context(new_config.get("layer_types"), window, recipe.flops_seq_len, layer.index) * heads * head_dim for layer in layers]
 
     plan_layer_flops: list[int] = []
     for layer in layers:
@@ -289,7 +284,8 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None, *, anatomy_
     dus_added = sum(layer_size[layer.source] for layer in layers if layer.inserted)
     base_layer_flops = [2 * _matmul_params(per_layer[i]) for i in range(L)]
     head_flops = 2 * config.vocab_size * config.hidden_size
-    base_flops = head_flops + sum(base_layer_flops[i] + 4 * _base_ctx(config, recipe.flops_seq_len, i) * heads * head_dim for i in range(L))
+    base_types = getattr(config, "layer_types", None)
+    base_flops = head_flops + sum(base_layer_flops[i] + 4 * _attention_context(base_types, window, recipe.flops_seq_len, i) * heads * head_dim for i in range(L))
     dus_flops = head_flops + sum(base_layer_flops[layer.source] + attn_ctx_flops[layer.index] for layer in layers)
     plan_flops = head_flops + sum(plan_layer_flops)
 
@@ -315,9 +311,8 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None, *, anatomy_
     )
 
 
-def _base_ctx(config, seq_len: int, index: int) -> int:
-    layer_types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None)
+def _attention_context(layer_types, window: int | None, seq_len: int, index: int) -> int:
+    """Tokens layer ``index`` attends over: the window for sliding layers, else the sequence."""
     if layer_types and "sliding" in str(layer_types[index]) and window:
         return min(seq_len, window)
     return seq_len
