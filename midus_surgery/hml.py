@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -149,6 +150,29 @@ def _fill(param: Tensor, rule: str, seed: int, name: str, scale: float = 0.0) ->
 
 
 # ----------------------------------------------------------------------------------------
+# Optional compiled CPU kernels
+# ----------------------------------------------------------------------------------------
+
+
+@torch.compiler.disable
+def _use_cpu_kernels(x: Tensor) -> bool:
+    """True when x is on CPU and midus_surgery's compiled HML kernels are installed and enabled.
+
+    The kernels (midus_surgery/kernels/hml_cpu.cpp, ``torch.ops.midus_hml``) compute exactly what
+    the pure-torch code below computes, faster on CPU.  This file must also work alone (copied
+    beside emitted weights), so without the package, on CUDA, or with MIDUS_HML_KERNELS=torch the
+    pure-torch path runs.
+    """
+    if x.device.type != "cpu" or os.environ.get("MIDUS_HML_KERNELS", "auto").strip().lower() == "torch":
+        return False
+    try:
+        from midus_surgery import kernels
+    except ImportError:
+        return False
+    return kernels.cpu_ops() is not None
+
+
+# ----------------------------------------------------------------------------------------
 # Two-stage top-k with a deterministic tie rule
 # ----------------------------------------------------------------------------------------
 
@@ -206,8 +230,16 @@ def two_stage_topk(s1: Tensor, s2: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
     s1, s2: [..., n] float scores of the two halves.  Returns (scores [..., k], slots [..., k])
     with ``slots = i*n + j``, sorted by score descending, ties by lower slot (see module doc).
-    The returned scores are differentiable w.r.t. s1 and s2.
+    The returned scores are differentiable w.r.t. s1 and s2 (pure-torch path; the compiled CPU
+    kernel is used when neither needs a gradient).
     """
+    if not (s1.requires_grad or s2.requires_grad) and s1.dtype in (torch.float32, torch.float64) \
+            and s1.shape == s2.shape and s1.dtype == s2.dtype and _use_cpu_kernels(s1):
+        lead, n = s1.shape[:-1], s1.shape[-1]
+        scores, i_sub, j_sub = torch.ops.midus_hml.topk2(
+            s1.reshape(1, -1, n).contiguous(), s2.reshape(1, -1, n).contiguous(), k
+        )
+        return scores.view(*lead, k), (i_sub * n + j_sub).view(*lead, k)
     return _two_stage_topk(torch.stack((s1, s2), dim=0), k)
 
 
@@ -235,26 +267,32 @@ class _Lookup(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, keys, k):
+    def forward(ctx, q, keys, k, fused):
         T, H, dh = q.shape
         n = keys.shape[2]
         qh = q.reshape(T, 2 * H, dh // 2).transpose(0, 1)  # [2H, T, dh/2]
         kf = keys.reshape(2 * H, n, dh // 2)
         s = torch.bmm(qh, kf.transpose(1, 2))  # [2H, T, n]
-        both = s.view(H, 2, T, n).transpose(0, 1)  # [2, H, T, n] view
-        ar = torch.arange(n, device=q.device)
-        pos = _det_topk(both, k, ar)  # [2, H, T, k]
-        v = both.gather(-1, pos)
-        r, c = candidate_pairs(k, q.device)
-        cand = v[0].index_select(-1, r) + v[1].index_select(-1, c)  # [H, T, C]
-        i_c = pos[0].index_select(-1, r)
-        j_c = pos[1].index_select(-1, c)
-        best = _det_topk(cand, min(k, cand.shape[-1]), i_c * n + j_c)
-        i_sub, j_sub = i_c.gather(-1, best), j_c.gather(-1, best)
-        w = torch.softmax(cand.gather(-1, best), dim=-1)
+        if fused:  # the same selection and tie rule in one compiled pass, parallel over (h, t)
+            halves = s.view(H, 2, T, n)
+            scores, i_sub, j_sub = torch.ops.midus_hml.topk2(halves[:, 0], halves[:, 1], k)  # [H, T, k] each
+        else:
+            both = s.view(H, 2, T, n).transpose(0, 1)  # [2, H, T, n] view
+            ar = torch.arange(n, device=q.device)
+            pos = _det_topk(both, k, ar)  # [2, H, T, k]
+            v = both.gather(-1, pos)
+            r, c = candidate_pairs(k, q.device)
+            cand = v[0].index_select(-1, r) + v[1].index_select(-1, c)  # [H, T, C]
+            i_c = pos[0].index_select(-1, r)
+            j_c = pos[1].index_select(-1, c)
+            best = _det_topk(cand, min(k, cand.shape[-1]), i_c * n + j_c)
+            i_sub, j_sub = i_c.gather(-1, best), j_c.gather(-1, best)
+            scores = cand.gather(-1, best)
+        w = torch.softmax(scores, dim=-1)
         slots = i_sub * n + j_sub
         ctx.mark_non_differentiable(slots)
         ctx.save_for_backward(q, keys, w, i_sub, j_sub)
+        ctx.fused = fused
         return w, slots
 
     @staticmethod
@@ -263,6 +301,12 @@ class _Lookup(torch.autograd.Function):
         T, H, dh = q.shape
         n = keys.shape[2]
         dsel = w * (dw - (w * dw).sum(-1, keepdim=True))  # softmax backward, [H, T, k]
+        if ctx.fused:
+            need_q, need_keys = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            dq, dkeys = torch.ops.midus_hml.lookup_backward(
+                dsel.contiguous(), q, keys.contiguous(), i_sub, j_sub, need_q, need_keys
+            )
+            return (dq if need_q else None), (dkeys if need_keys else None), None, None
         ds = torch.zeros(H, 2, T, n, dtype=dsel.dtype, device=dsel.device)
         ds[:, 0].scatter_add_(-1, i_sub, dsel)
         ds[:, 1].scatter_add_(-1, j_sub, dsel)
@@ -273,7 +317,7 @@ class _Lookup(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             qh = q.reshape(T, 2 * H, dh // 2).transpose(0, 1)
             dkeys = torch.bmm(ds.transpose(1, 2), qh).view(keys.shape)
-        return dq, dkeys, None
+        return dq, dkeys, None, None
 
 
 # ----------------------------------------------------------------------------------------
@@ -281,8 +325,17 @@ class _Lookup(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------
 
 
-def _bag_forward(table: Tensor, idx: Tensor, w: Tensor):
-    """z[b] = sum_i w[b, i] * table[idx[b, i]]; idx/w: [B, k].  Returns (z, offset2bag)."""
+def _acc_dtype(table: Tensor) -> torch.dtype:
+    return torch.float64 if table.dtype == torch.float64 else torch.float32
+
+
+def _bag_forward(table: Tensor, idx: Tensor, w: Tensor, fused: bool = False):
+    """z[b] = sum_i w[b, i] * table[idx[b, i]]; idx/w: [B, k].  Returns (z, offsets, offset2bag).
+
+    fused: the compiled CPU kernel (z in float32/float64 whatever the table dtype; no offsets).
+    """
+    if fused:
+        return torch.ops.midus_hml.bag_forward(table, idx.contiguous(), w.to(_acc_dtype(table)).contiguous()), None, None
     B, k = idx.shape
     offsets = torch.arange(0, B * k, k, device=idx.device)
     z, offset2bag, _, _ = torch.ops.aten._embedding_bag(
@@ -291,8 +344,19 @@ def _bag_forward(table: Tensor, idx: Tensor, w: Tensor):
     return z, offsets, offset2bag
 
 
-def _bag_backward(dz: Tensor, table: Tensor, idx: Tensor, w: Tensor, offsets, offset2bag, need_w, need_table, mode):
-    """Gradients of _bag_forward: (dw [B, k], dtable [rows, d])."""
+def _bag_backward(dz: Tensor, table: Tensor, idx: Tensor, w: Tensor, offsets, offset2bag, need_w, need_table, mode,
+                  fused: bool = False):
+    """Gradients of _bag_forward: (dw [B, k], dtable [rows, d]).
+
+    fused: one compiled pass computes dw (gather-dot) and dtable (scatter) together; ``mode``
+    picks the pure-torch bank-gradient method otherwise.
+    """
+    if fused:
+        acc = _acc_dtype(table)
+        dw, dtable = torch.ops.midus_hml.bag_backward(
+            dz.to(acc).contiguous(), table, idx.contiguous(), w.to(acc).contiguous(), bool(need_w), bool(need_table)
+        )
+        return (dw if need_w else None), (dtable.to(table.dtype) if need_table else None)
     B, k = idx.shape
     dw = dtable = None
     flat_idx = idx.reshape(-1)
@@ -333,17 +397,16 @@ class _PoolProject(torch.autograd.Function):
     """HIVE: m[h, t] = (sum_i w[h,t,i] * bank[slot[h,t,i]]) @ proj[h]; never per-slot values."""
 
     @staticmethod
-    def forward(ctx, w, slots, bank, proj, mode):
+    def forward(ctx, w, slots, bank, proj, mode, fused):
         H, T, k = slots.shape
-        z, offsets, offset2bag = _bag_forward(bank, slots.reshape(H * T, k), w.reshape(H * T, k))
+        z, offsets, offset2bag = _bag_forward(bank, slots.reshape(H * T, k), w.reshape(H * T, k), fused)
         z = z.view(H, T, -1)
         cd = proj.dtype if proj.dtype == torch.float64 else torch.float32
         if bank.device.type != "cpu":
             cd = proj.dtype
         m = torch.bmm(z.to(cd), proj.to(cd))
         ctx.save_for_backward(w, slots, bank, proj, z, offsets, offset2bag)
-        ctx.mode = mode
-        ctx.cd = cd
+        ctx.mode, ctx.fused, ctx.cd = mode, fused, cd
         return m
 
     @staticmethod
@@ -358,22 +421,22 @@ class _PoolProject(torch.autograd.Function):
             dz = torch.bmm(dm, proj.to(cd).transpose(1, 2)).view(H * T, -1)
             dw, dbank = _bag_backward(
                 dz, bank, slots.reshape(H * T, k), w.reshape(H * T, k), offsets, offset2bag,
-                ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.mode,
+                ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.mode, ctx.fused,
             )
             if dw is not None:
                 dw = dw.view(H, T, k).to(w.dtype)
-        return dw, None, dbank, dproj, None
+        return dw, None, dbank, dproj, None, None
 
 
 class _Pool(torch.autograd.Function):
     """HIVE off: m[h, t] = sum_i w[h,t,i] * values[h, slot[h,t,i]] (values flattened to [H*N, d_h])."""
 
     @staticmethod
-    def forward(ctx, w, slots, table, mode):
+    def forward(ctx, w, slots, table, mode, fused):
         H, T, k = slots.shape
-        z, offsets, offset2bag = _bag_forward(table, slots.reshape(H * T, k), w.reshape(H * T, k))
+        z, offsets, offset2bag = _bag_forward(table, slots.reshape(H * T, k), w.reshape(H * T, k), fused)
         ctx.save_for_backward(w, slots, table, offsets, offset2bag)
-        ctx.mode = mode
+        ctx.mode, ctx.fused = mode, fused
         return z.view(H, T, -1)
 
     @staticmethod
@@ -382,11 +445,11 @@ class _Pool(torch.autograd.Function):
         H, T, k = slots.shape
         dw, dtable = _bag_backward(
             dm.reshape(H * T, -1), table, slots.reshape(H * T, k), w.reshape(H * T, k), offsets, offset2bag,
-            ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.mode,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.mode, ctx.fused,
         )
         if dw is not None:
             dw = dw.view(H, T, k).to(w.dtype)
-        return dw, None, dtable, None
+        return dw, None, dtable, None, None
 
 
 # ----------------------------------------------------------------------------------------
@@ -659,7 +722,7 @@ class HeadwiseMemory(nn.Module):
         q = q.to(sd)
         if self.query_norm is not None:
             q = self.query_norm(q)
-        return _Lookup.apply(q.contiguous(), self.keys.to(sd), cfg.topk)  # w, slots: [H, T, k]
+        return _Lookup.apply(q.contiguous(), self.keys.to(sd), cfg.topk, _use_cpu_kernels(q))  # w, slots: [H, T, k]
 
     def forward(self, queries: Tensor) -> Tensor:
         dev = queries.device.type
@@ -672,13 +735,14 @@ class HeadwiseMemory(nn.Module):
         q, flat_in, lead = self._queries(x)
         T = q.shape[0]
         w, slots = self._lookup(q)
+        fused = _use_cpu_kernels(q)
         if cfg.hive:
             bank = self.latent_bank.weight
-            m = _PoolProject.apply(w, slots, bank, self.proj, cfg.bank_grad)  # [H, T, d_h]
+            m = _PoolProject.apply(w, slots, bank, self.proj, cfg.bank_grad, fused)  # [H, T, d_h]
         else:
             N = cfg.n_subkeys**2
             offs = (torch.arange(H, device=slots.device) * N).view(H, 1, 1)
-            m = _Pool.apply(w, slots + offs, self.values.view(H * N, dh), cfg.bank_grad)
+            m = _Pool.apply(w, slots + offs, self.values.view(H * N, dh), cfg.bank_grad, fused)
         cd = self._mm_dtype(x)
         out = m.to(cd).transpose(0, 1).reshape(T, H * dh)
         if self.gate is not None:

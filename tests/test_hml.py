@@ -17,6 +17,17 @@ from midus_surgery.hml import (
 )
 
 
+@pytest.fixture(autouse=True, params=["fused", "torch"])
+def hml_path(request, monkeypatch):
+    """Every test here runs on both paths: the compiled CPU kernels and the pure-torch code.
+
+    "fused" makes a failed kernel build an error (midus_surgery.kernels), so it cannot pass by
+    silently falling back to the torch path.
+    """
+    monkeypatch.setenv("MIDUS_HML_KERNELS", request.param)
+    return request.param
+
+
 # ------------------------------------------------------------------ brute-force references
 def brute_topk(s1: torch.Tensor, s2: torch.Tensor, k: int):
     """Top-k of the full n*n table; ties by lower flat slot (python sort, exact)."""

@@ -7,6 +7,7 @@ Forward+backward time and peak memory, side by side, interleaved repeats, at two
     python tools/bench_hml.py            # table; --write-docs puts it in docs/benchmarks.md
     python tools/bench_hml.py --json     # one JSON object {"rows": [...]}
     python tools/bench_hml.py --quick    # fewer repeats (whole run under about a minute)
+    python tools/bench_hml.py --path torch   # time the pure-torch path in the main column
 
 Time: the minimum over interleaved repeats (the machine is shared; the minimum is the least
 disturbed run).  Peak memory: sum of live tensor bytes allocated during one fwd+bwd step,
@@ -87,7 +88,25 @@ def peak_bytes(fn) -> int:
     return peak
 
 
-def run_row(size: str, dtype: torch.dtype, repeats: int, sub_tokens: int | None, log) -> dict:
+def on_path(path: str, fn):
+    """fn run with MIDUS_HML_KERNELS=path ("fused": compiled CPU kernels, "torch": pure torch)."""
+
+    def run():
+        old = os.environ.get("MIDUS_HML_KERNELS")
+        os.environ["MIDUS_HML_KERNELS"] = path
+        try:
+            fn()
+        finally:
+            if old is None:
+                del os.environ["MIDUS_HML_KERNELS"]
+            else:
+                os.environ["MIDUS_HML_KERNELS"] = old
+
+    return run
+
+
+def run_row(size: str, dtype: torch.dtype, repeats: int, sub_tokens: int | None, log, kernel_path: str = "fused",
+            compare_torch: bool = False) -> dict:
     s = SIZES[size]
     torch.manual_seed(0)
     ffn, hml, cfg = build(size, dtype)
@@ -97,12 +116,17 @@ def run_row(size: str, dtype: torch.dtype, repeats: int, sub_tokens: int | None,
     if sub_tokens:
         xf = torch.randn(1, sub_tokens, s["hidden"], dtype=dtype, requires_grad=True)
         ffn_tokens = sub_tokens
-    f_step, h_step = step_fn(ffn, xf), step_fn(hml, xh)
-    f_step(), h_step()  # warm-up
-    ft, ht = [], []
+    f_step, h_step = step_fn(ffn, xf), on_path(kernel_path, step_fn(hml, xh))
+    t_step = on_path("torch", step_fn(hml, xh)) if compare_torch else None
+    f_step(), h_step()  # warm-up (and the one-time kernel build)
+    if t_step:
+        t_step()
+    ft, ht, tt = [], [], []
     for _ in range(repeats):  # interleaved
         ft.append(timed(f_step))
         ht.append(timed(h_step))
+        if t_step:
+            tt.append(timed(t_step))
     scale = (BATCH * SEQ) / ffn_tokens
     ffn_ms = min(ft) * scale
     hml_ms = min(ht)
@@ -124,29 +148,35 @@ def run_row(size: str, dtype: torch.dtype, repeats: int, sub_tokens: int | None,
         hml_ms_median=round(sorted(ht)[len(ht) // 2], 1),
         ffn_ms_median=round(sorted(ft)[len(ft) // 2] * scale, 1),
         repeats=repeats,
+        path=kernel_path,
     )
+    if tt:
+        row["hml_torch_ms"] = round(min(tt), 1)
+        row["ratio_torch"] = round(min(tt) / ffn_ms, 3)
     assert row["hml_params"] == hml_parameter_count(s["heads"], s["head_dim"], s["hidden"], cfg)
     if sub_tokens:
         row["ffn_tokens_timed"] = sub_tokens
-    log(f"  {size} {row['dtype']}: hml {row['hml_ms']} ms, ffn {row['ffn_ms']} ms, ratio {row['ratio']}")
+    torch_note = f", pure-torch hml {row['hml_torch_ms']} ms ({row['ratio_torch']}x)" if tt else ""
+    log(f"  {size} {row['dtype']}: hml {row['hml_ms']} ms, ffn {row['ffn_ms']} ms, ratio {row['ratio']}{torch_note}")
     return row
 
 
 def table(rows: list[dict]) -> str:
     head = (
         "| size | dtype | n | k | d_l | HML params | FFN params | HML ms | FFN ms | HML/FFN | "
-        "HML peak MiB | FFN peak MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "pure-torch HML ms (/FFN) | HML peak MiB | FFN peak MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
         ffn_ms = f"{r['ffn_ms']}" + (f" (timed on {r['ffn_tokens_timed']} tok, scaled)" if "ffn_tokens_timed" in r else "")
+        pure = f"{r['hml_torch_ms']} ({r['ratio_torch']:.2f}x)" if "hml_torch_ms" in r else "-"
         fpeak = r["ffn_peak_mib"]
         if fpeak is None:
             fpeak = "n/a (see note)"
         lines.append(
             f"| {r['size']} | {r['dtype']} | {r['n']} | {r['k']} | {r['d_l']} | {r['hml_params'] / 1e6:.2f}M | "
             f"{r['ffn_params'] / 1e6:.2f}M | {r['hml_ms']} | {ffn_ms} | **{r['ratio']:.2f}x** | "
-            f"{r['hml_peak_mib']} | {fpeak} |"
+            f"{pure} | {r['hml_peak_mib']} | {fpeak} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -176,7 +206,12 @@ def write_docs(path: str, rows: list[dict], command: str) -> None:
         "- bfloat16 FFN at the Llama size: bf16 GEMMs on this AVX2-only CPU take minutes, so it is timed on "
         "fewer tokens and scaled linearly in tokens; its peak memory is not measured at the full size.\n"
         "- HML runs its matmuls in float32 on CPU for bf16 inputs (see docs/hml.md), so its bf16 times are "
-        "close to its fp32 times, while the FFN's bf16 times hit slow bf16 GEMM kernels.\n\n"
+        "close to its fp32 times, while the FFN's bf16 times hit slow bf16 GEMM kernels.\n"
+        "- HML ms: the compiled CPU kernels (`midus_surgery/kernels`, what runs on CPU by default); the "
+        "pure-torch column is the same layer with `MIDUS_HML_KERNELS=torch` (what runs without a compiler), "
+        "timed in the same interleaved loop.\n"
+        "- This VM's two vCPUs and its neighbours make single runs vary by up to ~30%; the minimum over "
+        "repeats is reported.\n\n"
         + table(rows)
     )
     text = ""
@@ -202,6 +237,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--sizes", default=",".join(SIZES))
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--path", choices=("fused", "torch"), default="fused",
+                    help="HML path timed in the main column (fused: compiled CPU kernels; float32 rows also time "
+                         "the pure-torch path beside it)")
     ap.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md (## HML)")
     args = ap.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 5)
@@ -213,10 +251,12 @@ def main(argv=None) -> int:
             sub = None
             if dtype == torch.bfloat16 and (size == "Llama-3.2-1B" or args.quick):
                 sub = 16 if args.quick else 64
-            rows.append(run_row(size, dtype, repeats if not sub else max(1, repeats // 2), sub, log))
+            rows.append(run_row(size, dtype, repeats if not sub else max(1, repeats // 2), sub, log,
+                                kernel_path=args.path, compare_torch=dtype == torch.float32 and args.path == "fused"))
     if args.json:
         keys = ("size", "dtype", "hml_ms", "ffn_ms", "ratio", "hml_params", "ffn_params")
-        extra = ("n", "k", "d_l", "hml_peak_mib", "ffn_peak_mib", "ffn_tokens_timed")
+        extra = ("n", "k", "d_l", "path", "hml_torch_ms", "ratio_torch", "hml_peak_mib", "ffn_peak_mib",
+                 "ffn_tokens_timed")
         print(json.dumps({"rows": [{k: r[k] for k in keys + extra if k in r} for r in rows]}))
     else:
         print(table(rows))

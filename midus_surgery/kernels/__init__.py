@@ -1,0 +1,121 @@
+"""Compiled CPU kernels for the Head-wise Memory Layer, built on first use.
+
+``hml_cpu.cpp`` registers four operators under ``torch.ops.midus_hml`` (fused two-stage top-k,
+the sparse backward of the scoring, embedding-bag forward and a fused gather-dot + scatter
+backward).  They are compiled with
+``torch.utils.cpp_extension.load`` the first time an HML runs on CPU (about 20-40 s, once; the
+build is cached in torch's extension directory, ``$TORCH_EXTENSIONS_DIR`` or
+``~/.cache/torch_extensions``) and used by ``midus_surgery/hml.py`` when available.
+
+hml.py never needs them: it keeps a pure-torch path with the same math and tie rule, which is
+what runs on CUDA, without a C++ compiler, or with ``MIDUS_HML_KERNELS=torch``.
+``MIDUS_HML_KERNELS=fused`` makes a failed build an error instead of a one-time warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+SOURCE = Path(__file__).with_name("hml_cpu.cpp")
+MODES = ("auto", "fused", "torch")
+
+_lock = threading.Lock()
+_state: dict = {}  # "ops": namespace or None once a load was attempted; "error": why not
+
+
+def mode() -> str:
+    value = os.environ.get("MIDUS_HML_KERNELS", "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise ValueError(f"MIDUS_HML_KERNELS must be one of {MODES}, got {value!r}")
+    return value
+
+
+def _build_name() -> str:
+    # The source and torch version are in the name, so an edited kernel or a new torch never
+    # picks up a stale build.
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    return f"midus_hml_cpu_{digest}"
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    name = _build_name()
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    if not (build_dir / f"{name}.so").exists():
+        print(f"midus-surgery: compiling the HML CPU kernels (once, about 30 s; cached in {build_dir})",
+              file=sys.stderr, flush=True)
+    cpp_extension.load(
+        name=name,
+        sources=[str(SOURCE)],
+        # -fopenmp: ATen's parallel_for is an inline OpenMP region; libgomp resolves to the copy
+        # torch already loaded.  -march=native is safe: the build is made on the machine that runs it.
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+    _register_fakes()
+    ops = torch.ops.midus_hml
+    return SimpleNamespace(topk2=ops.topk2, lookup_backward=ops.lookup_backward, bag_forward=ops.bag_forward,
+                           bag_backward=ops.bag_backward)
+
+
+def _register_fakes() -> None:
+    """Shape functions, so the ops trace under torch.compile / torch.export."""
+
+    @torch.library.register_fake("midus_hml::topk2")
+    def _(a, b, k):
+        shape = (a.shape[0], a.shape[1], k)
+        return a.new_empty(shape), a.new_empty(shape, dtype=torch.long), a.new_empty(shape, dtype=torch.long)
+
+    @torch.library.register_fake("midus_hml::lookup_backward")
+    def _(dsel, q, keys, isub, jsub, need_q, need_keys):
+        return q.new_empty(q.shape if need_q else (0,)), keys.new_empty(keys.shape if need_keys else (0,))
+
+    @torch.library.register_fake("midus_hml::bag_forward")
+    def _(table, idx, w):
+        return table.new_empty((idx.shape[0], table.shape[1]), dtype=w.dtype)
+
+    @torch.library.register_fake("midus_hml::bag_backward")
+    def _(dz, table, idx, w, need_w, need_table):
+        dw = w.new_empty(idx.shape if need_w else (0,))
+        dtable = w.new_empty(table.shape if need_table else (0,))
+        return dw, dtable
+
+
+def cpu_ops() -> Optional[SimpleNamespace]:
+    """The compiled ops, or None when disabled or unavailable (reason in ``unavailable_reason``)."""
+    m = mode()
+    if m == "torch":
+        return None
+    with _lock:
+        if "ops" not in _state:
+            try:
+                _state["ops"] = _build()
+            except Exception as exc:  # no compiler, no headers, a build error: fall back, say so once
+                _state["ops"] = None
+                _state["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                if m != "fused":
+                    warnings.warn(
+                        f"midus-surgery: HML CPU kernels unavailable ({_state['error']}); "
+                        "using the slower pure-torch path (set MIDUS_HML_KERNELS=torch to silence this)",
+                        stacklevel=2,
+                    )
+        ops = _state["ops"]
+    if ops is None and m == "fused":
+        raise RuntimeError(f"MIDUS_HML_KERNELS=fused but the HML CPU kernels could not be built: {_state.get('error')}")
+    return ops
+
+
+def unavailable_reason() -> Optional[str]:
+    return _state.get("error")

@@ -1,0 +1,397 @@
+// CPU kernels of the Head-wise Memory Layer (see midus_surgery/hml.py and docs/hml.md).
+//
+// The pure-torch path of hml.py spends its time in three places stock CPU ops do badly
+// (profile in docs/hml.md): torch.topk on 256-wide rows (serial, ~5 us a row), the embedding-bag
+// per-sample-weight backward (a serial gather-dot loop) and the dense bank gradient.  These
+// kernels do the same math with the same tie rule, parallel over rows with ATen's thread pool:
+//
+//   midus_hml::topk2(a [P,Q,n], b [P,Q,n], k) -> (scores [P,Q,k], i [P,Q,k], j [P,Q,k])
+//       exact top-k of the n*n sums a[..,i] + b[..,j], ranked by (score desc, i*n+j asc).
+//   midus_hml::lookup_backward(dsel [H,T,k], q [T,H,d_h], keys [H,2,n,d_h/2], i, j, need_q, need_keys)
+//       -> (dq, dkeys): the scoring bmm's backward restricted to the chosen sub-keys
+//   midus_hml::bag_forward(table [N,d], idx [B,k], w [B,k]) -> z [B,d]
+//       z[b] = sum_i w[b,i] * table[idx[b,i]]
+//   midus_hml::bag_backward(dz [B,d], table [N,d], idx [B,k], w [B,k], need_w, need_table)
+//       -> (dw [B,k], dtable [N,d])   (an empty tensor for a gradient not asked for)
+//
+// Accumulation is in the "opmath" type (float for float/bfloat16/half tables, double for double);
+// z, dw and dtable come back in that type.  Results do not depend on the number of threads:
+// every output element is written by one thread, in a fixed order.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// Top-k selection by threshold and rank, branch-free and vectorised where it matters (a
+// sorted-insertion list measured ~3x slower on 256-wide rows: its branches mispredict):
+//   1. a lower bound `th` on the k-th largest value;
+//   2. keep the entries >= th (at least k of them; ~40 of 256 for k = 32 on random scores);
+//   3. each kept entry's rank = the number of kept entries that beat it under (value desc,
+//      id asc), a total order, so ranks are distinct and the first k land in out[0:k].
+// The pairwise loops run "for y: for x" so the inner loop is a plain vector compare-add.
+// NaN scores never pass a comparison: the row then comes back partly NaN-filled, never with
+// uninitialised memory (a model producing NaN scores has diverged anyway).
+
+template <typename T>
+inline void rank_select(const T* v, const int32_t* id, int64_t c, int64_t k, T* out_v, int32_t* out_id,
+                        int32_t* rank) {
+  for (int64_t x = 0; x < k; ++x) {
+    out_v[x] = std::numeric_limits<T>::quiet_NaN();
+    out_id[x] = 0;
+  }
+  for (int64_t x = 0; x < c; ++x) rank[x] = 0;
+  for (int64_t y = 0; y < c; ++y) {
+    const T vy = v[y];
+    const int32_t iy = id[y];
+    for (int64_t x = 0; x < c; ++x) rank[x] += (vy > v[x]) | ((vy == v[x]) & (iy < id[x]));
+  }
+  for (int64_t x = 0; x < c; ++x)
+    if (rank[x] < k) {
+      out_v[rank[x]] = v[x];
+      out_id[rank[x]] = id[x];
+    }
+}
+
+// Lower bound on the k-th largest of r[0:n] (k <= n): the values are dealt into `lanes` columns;
+// at least k column maxima are >= the k-th largest column maximum, so at least k values are.
+// With 2k columns (when n allows) the bound is much tighter than the smallest of k maxima.
+template <typename T>
+inline T kth_bound(const T* r, int64_t n, int64_t k, T* colmax, int32_t* count) {
+  const int64_t lanes = n >= 2 * k ? 2 * k : k;
+  for (int64_t l = 0; l < lanes; ++l) colmax[l] = r[l];
+  for (int64_t j = lanes; j < n; j += lanes) {
+    const int64_t e = std::min(lanes, n - j);
+    for (int64_t l = 0; l < e; ++l) colmax[l] = std::max(colmax[l], r[j + l]);
+  }
+  for (int64_t x = 0; x < lanes; ++x) count[x] = 0;  // count[x] = #{y : colmax[y] >= colmax[x]}
+  for (int64_t y = 0; y < lanes; ++y) {
+    const T m = colmax[y];
+    for (int64_t x = 0; x < lanes; ++x) count[x] += (m >= colmax[x]);
+  }
+  T th = -std::numeric_limits<T>::infinity();
+  for (int64_t x = 0; x < lanes; ++x) th = (count[x] >= k && colmax[x] > th) ? colmax[x] : th;
+  return th;
+}
+
+// Scratch space of one thread for one row.
+template <typename T>
+struct Scratch {
+  std::vector<T> va, vb, vc, buf_v, colmax;
+  std::vector<int32_t> ia, ib, ic, buf_id, rank;
+  Scratch(int64_t n, int64_t k, int64_t C)
+      : va(k), vb(k), vc(k), buf_v(std::max(n, C)), colmax(2 * k),
+        ia(k), ib(k), ic(k), buf_id(std::max(n, C)), rank(std::max(n, C)) {}
+};
+
+// Top-k of one half-score row: values and sub-key ids, sorted by (value desc, id asc).
+template <typename T>
+inline void half_topk(const T* r, int64_t n, int64_t k, T* out_v, int32_t* out_id, Scratch<T>& w) {
+  const T th = kth_bound(r, n, k, w.colmax.data(), w.rank.data());
+  int64_t c = 0;
+  for (int64_t j = 0; j < n; ++j) {  // branch-free compaction
+    w.buf_v[c] = r[j];
+    w.buf_id[c] = static_cast<int32_t>(j);
+    c += (r[j] >= th);
+  }
+  rank_select(w.buf_v.data(), w.buf_id.data(), c, k, out_v, out_id, w.rank.data());
+}
+
+// Rank pairs (r, s) with (r+1)(s+1) <= k: the only ones that can reach the final top k (both
+// stage-1 lists are sorted; see candidate_pairs in hml.py).
+std::vector<std::pair<int64_t, int64_t>> candidate_pairs(int64_t k) {
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t r = 0; r < k; ++r)
+    for (int64_t s = 0; s < k && (r + 1) * (s + 1) <= k; ++s) pairs.emplace_back(r, s);
+  return pairs;
+}
+
+// Outer corners (r, m/(r+1) - 1) of the smallest staircase {(r+1)(s+1) <= m} holding >= k pairs.
+std::vector<std::pair<int64_t, int64_t>> staircase_corners(int64_t k) {
+  auto size = [](int64_t m) {
+    int64_t total = 0;
+    for (int64_t i = 1; i <= m; ++i) total += m / i;
+    return total;
+  };
+  int64_t m = 1;
+  while (size(m) < k) ++m;  // m <= k, since size(k) >= k
+  std::vector<std::pair<int64_t, int64_t>> corners;
+  for (int64_t r = 0; r < m; ++r) corners.emplace_back(r, m / (r + 1) - 1);
+  return corners;
+}
+
+// The pair lists of stage 2, computed once per call.
+struct Stage2Plan {
+  std::vector<std::pair<int64_t, int64_t>> pairs, corners;
+  explicit Stage2Plan(int64_t k) : pairs(candidate_pairs(k)), corners(staircase_corners(k)) {}
+};
+
+// Exact top-k of the n*n sums ra[i] + rb[j] of one row, ranked by (sum desc, i*n+j asc).
+template <typename T>
+inline void select_row(const T* ra, const T* rb, int64_t n, int64_t k, const Stage2Plan& plan, Scratch<T>& w,
+                       T* ov, int64_t* oi, int64_t* oj) {
+  half_topk(ra, n, k, w.va.data(), w.ia.data(), w);
+  half_topk(rb, n, k, w.vb.data(), w.ib.data(), w);
+  // Stage 2.  Any set of >= k pairs closed under "rank down" (r' <= r, s' <= s) bounds the
+  // k-th best sum of the whole n*n table from below by its smallest sum, which (sorted
+  // lists) sits on one of its outer corners.  Use every rectangle x*y >= k and the
+  // staircase {(r+1)(s+1) <= m}; keep the candidates at or above the best bound.
+  T th = -std::numeric_limits<T>::infinity();
+  for (int64_t x = 1; x <= k; ++x) th = std::max(th, w.va[x - 1] + w.vb[(k + x - 1) / x - 1]);
+  T stair = std::numeric_limits<T>::infinity();
+  for (const auto& rs : plan.corners) stair = std::min(stair, w.va[rs.first] + w.vb[rs.second]);
+  th = std::max(th, stair);
+  int64_t c = 0;
+  for (const auto& rs : plan.pairs) {
+    const T v = w.va[rs.first] + w.vb[rs.second];
+    w.buf_v[c] = v;
+    w.buf_id[c] = w.ia[rs.first] * static_cast<int32_t>(n) + w.ib[rs.second];  // n*n < 2^31 (HMLConfig)
+    c += (v >= th);
+  }
+  rank_select(w.buf_v.data(), w.buf_id.data(), c, k, w.vc.data(), w.ic.data(), w.rank.data());
+  for (int64_t x = 0; x < k; ++x) {
+    ov[x] = w.vc[x];
+    oi[x] = w.ic[x] / n;
+    oj[x] = w.ic[x] % n;
+  }
+}
+
+template <typename T>
+void topk2_rows(const at::Tensor& a, const at::Tensor& b, int64_t k, at::Tensor& scores, at::Tensor& isub,
+                at::Tensor& jsub) {
+  const int64_t P = a.size(0), Q = a.size(1), n = a.size(2);
+  const int64_t as0 = a.stride(0), as1 = a.stride(1), bs0 = b.stride(0), bs1 = b.stride(1);
+  const T* ap = a.const_data_ptr<T>();
+  const T* bp = b.const_data_ptr<T>();
+  T* out_v = scores.mutable_data_ptr<T>();
+  int64_t* out_i = isub.mutable_data_ptr<int64_t>();
+  int64_t* out_j = jsub.mutable_data_ptr<int64_t>();
+  const Stage2Plan plan(k);
+  at::parallel_for(0, P * Q, 16, [&](int64_t begin, int64_t end) {
+    Scratch<T> w(n, k, static_cast<int64_t>(plan.pairs.size()));
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t p = row / Q, q = row % Q;
+      select_row(ap + p * as0 + q * as1, bp + p * bs0 + q * bs1, n, k, plan, w, out_v + row * k, out_i + row * k,
+                 out_j + row * k);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk2(const at::Tensor& a, const at::Tensor& b, int64_t k) {
+  TORCH_CHECK(a.dim() == 3 && b.sizes() == a.sizes(), "topk2: a and b must both be [P, Q, n]");
+  TORCH_CHECK(a.stride(2) == 1 && b.stride(2) == 1, "topk2: the last dim must be contiguous");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "topk2: a and b must have one dtype");
+  TORCH_CHECK(k >= 1 && k <= a.size(2), "topk2: need 1 <= k <= n");
+  TORCH_CHECK(a.size(2) * a.size(2) < (int64_t(1) << 31), "topk2: n*n must be < 2^31");
+  auto scores = at::empty({a.size(0), a.size(1), k}, a.options());
+  auto idx_opts = a.options().dtype(at::kLong);
+  auto isub = at::empty({a.size(0), a.size(1), k}, idx_opts);
+  auto jsub = at::empty({a.size(0), a.size(1), k}, idx_opts);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "midus_hml_topk2",
+                             [&] { topk2_rows<scalar_t>(a, b, k, scores, isub, jsub); });
+  return {scores, isub, jsub};
+}
+
+// y[0:d] += w * x[0:d]   (element-wise: the compiler vectorises it)
+template <typename A, typename T>
+inline void axpy(A* y, A w, const T* x, int64_t d) {
+  for (int64_t c = 0; c < d; ++c) y[c] += w * static_cast<A>(x[c]);
+}
+
+// dot(x, y) with 8 independent partial sums, so the loop vectorises without -ffast-math and the
+// result does not depend on threading.
+template <typename A, typename T>
+inline A dot(const A* x, const T* y, int64_t d) {
+  A part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t c = 0;
+  for (; c + 8 <= d; c += 8)
+    for (int l = 0; l < 8; ++l) part[l] += x[c + l] * static_cast<A>(y[c + l]);
+  A tail = 0;
+  for (; c < d; ++c) tail += x[c] * static_cast<A>(y[c]);
+  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7])) + tail;
+}
+
+// Backward of the scoring: only the 2k chosen sub-keys of each (head, token) row get a score
+// gradient, so instead of scattering into dense [H, 2, T, n] tables and running two bmm's
+// (n/k times the work, plus a large zero-fill) gather and scatter those rows directly.
+//   dq[t, h, half]          = sum_x dsel[h, t, x] * keys[h, half, id_half[h, t, x]]
+//   dkeys[h, half, i]      += dsel[h, t, x] * q[t, h, half]     for id_half[h, t, x] == i
+template <typename T>
+void lookup_backward_impl(const at::Tensor& dsel, const at::Tensor& q, const at::Tensor& keys, const at::Tensor& isub,
+                          const at::Tensor& jsub, at::Tensor& dq, at::Tensor& dkeys) {
+  const int64_t H = keys.size(0), n = keys.size(2), half = keys.size(3), T_ = q.size(0), k = dsel.size(2);
+  const T* gp = dsel.const_data_ptr<T>();
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = keys.const_data_ptr<T>();
+  const int64_t* sub[2] = {isub.const_data_ptr<int64_t>(), jsub.const_data_ptr<int64_t>()};
+  if (dq.numel()) {
+    T* dqp = dq.mutable_data_ptr<T>();
+    at::parallel_for(0, H * T_, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {  // row = h * T + t
+        const int64_t h = row / T_, t = row % T_;
+        const T* g = gp + row * k;
+        for (int64_t hf = 0; hf < 2; ++hf) {
+          const T* table = kp + (h * 2 + hf) * n * half;
+          const int64_t* id = sub[hf] + row * k;
+          T* out = dqp + (t * H + h) * 2 * half + hf * half;
+          std::fill(out, out + half, T(0));
+          for (int64_t x = 0; x < k; ++x) axpy(out, g[x], table + id[x] * half, half);
+        }
+      }
+    });
+  }
+  if (dkeys.numel()) {
+    T* dkp = dkeys.mutable_data_ptr<T>();
+    // One (head, half) table per task, rows accumulated in (t, x) order: deterministic.
+    at::parallel_for(0, H * 2, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t h = task / 2, hf = task % 2;
+        T* table = dkp + task * n * half;
+        for (int64_t t = 0; t < T_; ++t) {
+          const int64_t row = h * T_ + t;
+          const T* qrow = qp + (t * H + h) * 2 * half + hf * half;
+          for (int64_t x = 0; x < k; ++x) axpy(table + sub[hf][row * k + x] * half, gp[row * k + x], qrow, half);
+        }
+      }
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> lookup_backward(const at::Tensor& dsel, const at::Tensor& q, const at::Tensor& keys,
+                                                   const at::Tensor& isub, const at::Tensor& jsub, bool need_q,
+                                                   bool need_keys) {
+  TORCH_CHECK(keys.dim() == 4 && keys.size(1) == 2 && keys.is_contiguous(), "lookup_backward: keys must be [H, 2, n, d_h/2]");
+  const int64_t H = keys.size(0), half = keys.size(3);
+  TORCH_CHECK(q.dim() == 3 && q.size(1) == H && q.size(2) == 2 * half && q.is_contiguous(),
+              "lookup_backward: q must be a contiguous [T, H, d_h]");
+  TORCH_CHECK(dsel.dim() == 3 && dsel.size(0) == H && dsel.size(1) == q.size(0) && dsel.is_contiguous(),
+              "lookup_backward: dsel must be a contiguous [H, T, k]");
+  TORCH_CHECK(isub.sizes() == dsel.sizes() && jsub.sizes() == dsel.sizes() && isub.is_contiguous() &&
+                  jsub.is_contiguous() && isub.scalar_type() == at::kLong && jsub.scalar_type() == at::kLong,
+              "lookup_backward: isub/jsub must be contiguous int64 like dsel");
+  TORCH_CHECK(q.scalar_type() == keys.scalar_type() && dsel.scalar_type() == keys.scalar_type(),
+              "lookup_backward: dsel, q and keys must have one dtype");
+  auto dq = need_q ? at::empty(q.sizes(), q.options()) : at::empty({0}, q.options());
+  auto dkeys = need_keys ? at::zeros(keys.sizes(), keys.options()) : at::empty({0}, keys.options());
+  AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "midus_hml_lookup_backward",
+                             [&] { lookup_backward_impl<scalar_t>(dsel, q, keys, isub, jsub, dq, dkeys); });
+  return {dq, dkeys};
+}
+
+void check_bag_args(const at::Tensor& table, const at::Tensor& idx, const at::Tensor& w) {
+  TORCH_CHECK(table.dim() == 2 && table.is_contiguous(), "bag: table must be a contiguous [N, d]");
+  TORCH_CHECK(idx.dim() == 2 && idx.is_contiguous() && idx.scalar_type() == at::kLong,
+              "bag: idx must be a contiguous int64 [B, k]");
+  TORCH_CHECK(w.sizes() == idx.sizes() && w.is_contiguous(), "bag: w must be a contiguous [B, k]");
+  TORCH_CHECK(w.scalar_type() == at::toOpMathType(table.scalar_type()),
+              "bag: w must have the table's accumulation dtype");
+}
+
+at::Tensor bag_forward(const at::Tensor& table, const at::Tensor& idx, const at::Tensor& w) {
+  check_bag_args(table, idx, w);
+  const int64_t B = idx.size(0), k = idx.size(1), d = table.size(1);
+  auto z = at::zeros({B, d}, table.options().dtype(w.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, table.scalar_type(), "midus_hml_bag_forward", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* tp = table.const_data_ptr<scalar_t>();
+    const int64_t* ip = idx.const_data_ptr<int64_t>();
+    const A* wp = w.const_data_ptr<A>();
+    A* zp = z.mutable_data_ptr<A>();
+    at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t bag = begin; bag < end; ++bag) {
+        // The rows are scattered over the table: ask for the next bag's rows while summing this one.
+        if (bag + 1 < end)
+          for (int64_t i = 0; i < k; ++i) {
+            const char* row = reinterpret_cast<const char*>(tp + ip[(bag + 1) * k + i] * d);
+            for (int64_t off = 0; off < d * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
+              __builtin_prefetch(row + off);
+          }
+        for (int64_t i = 0; i < k; ++i) axpy(zp + bag * d, wp[bag * k + i], tp + ip[bag * k + i] * d, d);
+      }
+    });
+  });
+  return z;
+}
+
+std::tuple<at::Tensor, at::Tensor> bag_backward(const at::Tensor& dz, const at::Tensor& table, const at::Tensor& idx,
+                                                const at::Tensor& w, bool need_w, bool need_table) {
+  check_bag_args(table, idx, w);
+  const int64_t B = idx.size(0), k = idx.size(1), N = table.size(0), d = table.size(1);
+  TORCH_CHECK(dz.dim() == 2 && dz.size(0) == B && dz.size(1) == d && dz.is_contiguous(),
+              "bag_backward: dz must be a contiguous [B, d]");
+  TORCH_CHECK(dz.scalar_type() == w.scalar_type(), "bag_backward: dz must have w's dtype");
+  auto acc_opts = table.options().dtype(w.scalar_type());
+  auto dw = need_w ? at::empty({B, k}, acc_opts) : at::empty({0}, acc_opts);
+  auto dtable = need_table ? at::empty({N, d}, acc_opts) : at::empty({0}, acc_opts);
+  if (!need_w && !need_table) return {dw, dtable};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, table.scalar_type(), "midus_hml_bag_backward", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* tp = table.const_data_ptr<scalar_t>();
+    const int64_t* ip = idx.const_data_ptr<int64_t>();
+    const A* wp = w.const_data_ptr<A>();
+    const A* gp = dz.const_data_ptr<A>();
+    A* dwp = need_w ? dw.mutable_data_ptr<A>() : nullptr;
+    if (!need_table) {  // only dw: every (bag, i) is independent
+      at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t bag = begin; bag < end; ++bag)
+          for (int64_t i = 0; i < k; ++i) dwp[bag * k + i] = dot(gp + bag * d, tp + ip[bag * k + i] * d, d);
+      });
+      return;
+    }
+    // dtable rows are shared between bags, so walk the entries slot by slot instead: a stable
+    // counting sort by slot, then each slot's table row is read once, its dtable row written
+    // once (no zero-fill, no read-modify-write), and dw falls out of the same pass.  The
+    // scattered reads are dz rows ([B, d], far smaller than the table).  Each slot is summed
+    // in (bag, i) order by one thread: the result does not depend on the thread count.
+    const int64_t total = B * k;
+    std::vector<int64_t> start(N + 1, 0), order(total);
+    for (int64_t e = 0; e < total; ++e) ++start[ip[e] + 1];
+    for (int64_t s = 0; s < N; ++s) start[s + 1] += start[s];
+    {
+      std::vector<int64_t> fill(start.begin(), start.end() - 1);
+      for (int64_t e = 0; e < total; ++e) order[fill[ip[e]]++] = e;
+    }
+    A* dtp = dtable.mutable_data_ptr<A>();
+    at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+      std::vector<A> acc(d);
+      for (int64_t slot = begin; slot < end; ++slot) {
+        const scalar_t* row = tp + slot * d;
+        std::fill(acc.begin(), acc.end(), A(0));
+        for (int64_t x = start[slot]; x < start[slot + 1]; ++x) {
+          const int64_t e = order[x];
+          const A* g = gp + (e / k) * d;
+          if (dwp) dwp[e] = dot(g, row, d);
+          axpy(acc.data(), wp[e], g, d);
+        }
+        std::copy(acc.begin(), acc.end(), dtp + slot * d);
+      }
+    });
+  });
+  return {dw, dtable};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(midus_hml, m) {
+  m.def("topk2(Tensor a, Tensor b, int k) -> (Tensor, Tensor, Tensor)");
+  m.def("lookup_backward(Tensor dsel, Tensor q, Tensor keys, Tensor isub, Tensor jsub, bool need_q, bool need_keys) -> (Tensor, Tensor)");
+  m.def("bag_forward(Tensor table, Tensor idx, Tensor w) -> Tensor");
+  m.def("bag_backward(Tensor dz, Tensor table, Tensor idx, Tensor w, bool need_w, bool need_table) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(midus_hml, CPU, m) {
+  m.impl("topk2", &topk2);
+  m.impl("lookup_backward", &lookup_backward);
+  m.impl("bag_forward", &bag_forward);
+  m.impl("bag_backward", &bag_backward);
+}
