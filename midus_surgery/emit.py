@@ -1,8 +1,8 @@
 """The emitter: executes a Plan by streaming tensors from the base into output shards.
 
-Memory stays bounded by one output shard plus the memory tensors being initialised: tensors are
-read one at a time (safetensors ``safe_open``), each shard is written as soon as it is full, and
-new tensors are initialised deterministically from the recipe seed and their module's name.
+Memory stays bounded by one tensor plus the memory module being initialised: each shard is
+streamed to disk tensor by tensor (``shard_writer``), copied base tensors move file-to-file,
+and new tensors are initialised deterministically from the recipe seed and their module's name.
 The output directory appears whole or not at all: everything is written into a hidden sibling
 directory that is renamed into place at the end, and removed on any failure.
 """
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .atomic import atomic_directory
@@ -24,6 +23,7 @@ from .base import resolve_base
 from .compile import Compiled
 from .errors import MidusError
 from .plan import HML_SUBMODULE, SHARED_BANK_PREFIX, Plan, TensorEntry
+from .shard_writer import ShardItem, write_shard
 from .tensor_source import open_base_tensors
 
 MODELING_FILES = ("configuration_midus.py", "modeling_midus.py", "hml.py")
@@ -216,7 +216,11 @@ def emit(compiled: Compiled, *, out_dir: Path | None = None, overwrite: bool = F
 
 
 def _write_weights(compiled: Compiled, source, tmp: Path, progress: bool) -> tuple[int, int]:
-    """Stream every planned tensor into shards; returns (bytes written, number of shards)."""
+    """Stream every planned tensor into shards; returns (bytes written, number of shards).
+
+    A copied tensor whose bytes already sit in a base safetensors file in the output dtype moves
+    file-to-file (shard_writer); anything else is materialised one tensor at a time.
+    """
     plan = compiled.plan
     dtype = output_dtype(compiled)
     shards = shard_tensors(plan.tensors, dtype, compiled.loaded.recipe.output.shard_bytes)
@@ -226,24 +230,32 @@ def _write_weights(compiled: Compiled, source, tmp: Path, progress: bool) -> tup
     weight_map: dict[str, str] = {}
     with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="apply", disable=not progress) as bar:
         for shard, file in zip(shards, names):
-            tensors = {}
-            used: set[str] = set()
-            for entry in shard:
-                tensor = _materialise(entry, source, init, dtype)
-                if entry.source in used:  # a duplicated layer: safetensors refuses shared storage
-                    tensor = tensor.clone()
-                used.add(entry.source)
-                tensors[entry.name] = tensor
-                weight_map[entry.name] = file
-                bar.update(entry.numel * dtype.itemsize)
-            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-            os.chmod(tmp / file, 0o644)  # safetensors writes 0600
-            del tensors
+            items = [_shard_item(entry, source, init, dtype) for entry in shard]
+            write_shard(tmp / file, items, metadata={"format": "pt"}, on_bytes=bar.update)
+            os.chmod(tmp / file, 0o644)
+            weight_map.update((entry.name, file) for entry in shard)
             source.release()
     if len(shards) > 1:
         index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return total_bytes, len(shards)
+
+
+def _shard_item(entry: TensorEntry, source, init: MemoryInit, dtype: torch.dtype) -> ShardItem:
+    if entry.source is not None and entry.rule == "copy":
+        found = source.locate(entry.source)
+        if found is not None:
+            where, stored_dtype, shape = found
+            if shape != entry.shape:
+                raise MidusError(_shape_mismatch(entry, shape))
+            if stored_dtype == dtype:
+                return ShardItem(entry.name, dtype, entry.shape, bytes_from=where)
+    return ShardItem(entry.name, dtype, entry.shape, make=lambda: _materialise(entry, source, init, dtype))
+
+
+def _shape_mismatch(entry: TensorEntry, shape) -> str:
+    return (f"base tensor {entry.source} has shape {tuple(shape)}, but its config implies {entry.shape}: "
+            "the weights do not match the config")
 
 
 def _write_companions(compiled: Compiled, ref, tmp: Path) -> None:
@@ -271,7 +283,7 @@ def _materialise(entry: TensorEntry, source, init: MemoryInit, dtype: torch.dtyp
     else:
         tensor = source.get(entry.source)
         if tuple(tensor.shape) != entry.shape:
-            raise MidusError(f"base tensor {entry.source} has shape {tuple(tensor.shape)}, but its config implies {entry.shape}: the weights do not match the config")
+            raise MidusError(_shape_mismatch(entry, tensor.shape))
         if entry.rule == "zeros":
             tensor = torch.zeros(entry.shape, dtype=dtype)
     return tensor.to(dtype).contiguous()  # safetensors wants contiguous tensors

@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from .base import BaseRef
 from .errors import MidusError
+from .shard_writer import file_slice, read_header
 
 
 def checkpoint_renames(model_type: str) -> list[tuple[str, str]]:
@@ -71,6 +72,10 @@ class TensorSource:
     def _read(self, key: str) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def locate(self, name: str):
+        """(FileSlice, dtype, shape) when the tensor's raw bytes sit in a file as-is, else None."""
+        return None
+
     def release(self) -> None:
         """Drop cached file mappings (called after each output shard), so resident memory stays one shard."""
 
@@ -91,6 +96,7 @@ class SafetensorsSource(TensorSource):
             raise MidusError(f"no .safetensors files in {directory} (pickle .bin checkpoints need --allow-pickle)")
         self._directory = directory
         self._handles = {}
+        self._headers: dict[str, tuple[dict, int]] = {}
         names = {}
         for file in files:
             for key in self._handle(file).keys():
@@ -111,6 +117,16 @@ class SafetensorsSource(TensorSource):
 
     def _read(self, key: str) -> torch.Tensor:
         return self._handle(self._where[key]).get_tensor(key)
+
+    def locate(self, name: str):
+        key = self.resolve(name)
+        if key is None:
+            return None
+        file = self._where[key]
+        if file not in self._headers:
+            self._headers[file] = read_header(self._directory / file)
+        header, data_start = self._headers[file]
+        return file_slice(self._directory / file, key, header, data_start)
 
     def release(self) -> None:
         # Pages of a memory-mapped base shard stay resident while its handle is open; reopening
