@@ -115,7 +115,7 @@ def cmd_apply(args) -> int:
     from .emit import emit
 
     started = time.perf_counter()
-    compiled = compile_recipe(args.recipe)
+    compiled = compile_recipe(args.recipe, anatomy_only_if_needed=True)
     plan = compiled.plan
     out.print(f"{args.recipe}: {plan.base_num_layers} -> {plan.num_hidden_layers} layers, {_human(plan.params['total'])} parameters", markup=False)
     result = emit(compiled, out_dir=args.out, overwrite=args.overwrite, allow_pickle=args.allow_pickle, progress=not args.quiet)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from .anatomy import Anatomy
 from .base import load_base_config
+from .layout import expand_layout
 from .plan import Plan, make_plan
 from .recipe import LoadedRecipe, load_recipe
 
@@ -31,9 +32,20 @@ def anatomy_for(loaded: LoadedRecipe, config) -> tuple[Anatomy | None, str | Non
         return None, str(exc)
 
 
-def compile_recipe(path) -> Compiled:
-    """Raises RecipeError (every problem, located) when the recipe does not fit its base."""
+def compile_recipe(path, *, anatomy_only_if_needed: bool = False) -> Compiled:
+    """Raises RecipeError (every problem, located) when the recipe does not fit its base.
+
+    anatomy_only_if_needed: skip tracing the block anatomy (a second or two) when every block
+    is a plain copy, as ``apply`` does; the layer container is then found from tensor names.
+    """
     loaded = load_recipe(path)
     config = load_base_config(loaded)
-    anatomy, why = anatomy_for(loaded, config)
+    anatomy, why = None, None
+    if not anatomy_only_if_needed or _needs_anatomy(loaded, config):
+        anatomy, why = anatomy_for(loaded, config)
     return Compiled(loaded, config, anatomy, make_plan(loaded, config, anatomy, anatomy_problem=why))
+
+
+def _needs_anatomy(loaded: LoadedRecipe, config) -> bool:
+    layers, _ = expand_layout(loaded, config.num_hidden_layers)
+    return loaded.recipe.anatomy is not None or any(layer.kind not in ("base", "transformer") for layer in layers)
