@@ -8,7 +8,7 @@ real English corpus (default: the Python 3.11 documentation, with every 10th fil
 (a) held-out text of the training domain and (b) text of another domain (default: the King James Bible) to
 see forgetting. Rows: base (no training), DUS, LLaMA-Pro, MIDUS.
 
-    python tools/bench_cpt.py --quick            # smallest meaningful run (a few minutes on 2 CPU cores)
+    python tools/bench_cpt.py --quick            # smallest meaningful run: 4 steps of 4 x 128 per variant, 4 eval blocks
     python tools/bench_cpt.py                    # default budget (sized for <= 60 min on 2 CPU cores)
     python tools/bench_cpt.py --tokens 2M        # scale it (same script on a GPU: precision auto -> bf16)
 
@@ -38,7 +38,7 @@ VARIANTS = [  # (row name, recipe kind, recipe, surgery output)
 ]
 BASE = "work/smollm2-135m"
 # Default budget: measured on the 2-core CPU this was sized on (fp32, 4 x 256 tokens per step).
-DEFAULT_TOKENS = 16384
+DEFAULT_TOKENS = 49152
 QUICK_TOKENS = 2048
 
 
@@ -58,8 +58,8 @@ def cli() -> argparse.Namespace:
     p.add_argument("--train-corpus", default="python3.11-doc", help="work/corpora/NAME to train on (every --held-out-every-th file held out)")
     p.add_argument("--other-corpus", default="bible-kjv-text", help="work/corpora/NAME of the other domain (forgetting)")
     p.add_argument("--held-out-every", type=int, default=10)
-    p.add_argument("--eval-blocks", type=int, help="blocks evaluated per domain (default 24; --quick: 8)")
-    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--eval-blocks", type=int, help="blocks evaluated per domain (default 24; --quick: 4)")
+    p.add_argument("--block-size", type=int, help="tokens per block (default 256; --quick: 128)")
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--precision", default="auto", help="auto: bf16 on a GPU, fp32 on a CPU")
@@ -75,7 +75,8 @@ def cli() -> argparse.Namespace:
     p.add_argument("--reapply", action="store_true", help="re-run the surgeries even if their outputs exist")
     a = p.parse_args()
     a.tokens = a.tokens or (QUICK_TOKENS if a.quick else DEFAULT_TOKENS)
-    a.eval_blocks = a.eval_blocks or (8 if a.quick else 24)
+    a.eval_blocks = a.eval_blocks or (4 if a.quick else 24)
+    a.block_size = a.block_size or (128 if a.quick else 256)
     a.label = a.label or ("quick" if a.quick and a.tokens == QUICK_TOKENS else f"tokens-{a.tokens}") + ("" if a.freeze == "base" else f"-freeze-{a.freeze}")
     a.out = Path(a.out) if a.out else ROOT / "work/bench" / f"cpt-{a.label}"
     return a
@@ -111,11 +112,17 @@ def split_files(corpus: Path, every: int) -> tuple[list[str], list[str]]:
 
 
 def evaluate(model: str, data: list[str], a, log: Path) -> dict:
-    cmd = ["midus-surgery", "eval", model, "--data", *data, "--block-size", str(a.block_size), "--max-blocks", str(a.eval_blocks),
-           "--batch-size", str(a.micro_batch_size), "--cache-dir", str(ROOT / "work/cache/tokens"), "--json", "--quiet"]
-    wall, out = sh(cmd, log)
-    res = json.loads(out[out.index("{"):])
-    res["wall_s"] = wall
+    """`midus-surgery eval`'s own function, in this process: no interpreter start and imports per evaluation."""
+    from midus_surgery.evaluate import run_eval
+
+    print(f"$ midus-surgery eval {model} --data {' '.join(Path(d).name for d in data[:3])}{' ...' if len(data) > 3 else ''} "
+          f"--block-size {a.block_size} --max-blocks {a.eval_blocks} (in-process)", flush=True)
+    t0 = time.perf_counter()
+    res = run_eval(ROOT / model, data, block_size=a.block_size, max_blocks=a.eval_blocks, batch_size=a.micro_batch_size,
+                   cache_dir=ROOT / "work/cache/tokens", progress=False)
+    res["wall_s"] = time.perf_counter() - t0
+    log.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"    perplexity {res['perplexity']:.4f} over {res['tokens']:,} tokens ({res['wall_s']:.1f} s)", flush=True)
     return res
 
 
