@@ -462,6 +462,21 @@ def targets_lines(results: list[dict]) -> list[str]:
     return out
 
 
+def reading_lines(payload: dict) -> list[str]:
+    """What the wall times are made of: start-up (imports) vs the work, against the copy floor."""
+    up = payload["startup_s"]
+    out = []
+    for r in payload["results"]:
+        t = r["tools"]
+        ours, theirs, copy = t["ours"]["wall_min_s"], t["mergekit"]["wall_min_s"], t["cp"]["scaled_wall_min_s"]
+        out.append(f"{r['case']}: ours {ours:.1f} s is about {up['ours']:.1f} s of start-up plus {max(0.0, ours - up['ours']):.1f} s of work, "
+                   f"mergekit {theirs:.1f} s about {up['mergekit']:.1f} s plus {max(0.0, theirs - up['mergekit']):.1f} s, the copy {copy:.1f} s.")
+    out.append("Both tools pay the torch + transformers import; past it, apply's work is within noise of the copy, so 0.5x of "
+               "mergekit's wall time would need the start-up gone (a persistent process, or no transformers at all) on top "
+               "of a copy-speed writer.")
+    return out
+
+
 def section_text(payload: dict) -> str:
     v, res = payload["versions"], payload["results"]
     lines = [
@@ -485,14 +500,18 @@ def section_text(payload: dict) -> str:
         "exit; `ru_maxrss` from `wait4` is not used: an exec'd child inherits its forking parent's high-water mark). RSS counts pages of memory-mapped base "
         "shards that were touched (file-backed, reclaimable); `peak anon` is the anonymous (heap) part alone.",
         "- Copy: `cp` of the base's `.safetensors` files to the same disk, scaled by output bytes / base bytes: the physical limit of "
-        "reading and writing that many bytes. `sync` runs untimed before every run; no timing includes write-back to disk, "
-        "and the base is in the page cache for all three.",
+        "reading and writing that many bytes. `sync` runs untimed before every run, so one run's dirty pages do not slow the next, "
+        "and the base is in the page cache for all three. Within one run, writing ~8 GB passes the kernel's dirty-page limit and "
+        "every writer (cp included) is throttled to the disk's write speed: the 3B rows are disk-bound.",
+        "- `apply` writes copied tensors file-to-file (`copy_file_range`, see `midus_surgery/shard_writer.py`): it holds no tensor "
+        "data in memory, hence its flat peak RSS whatever the model size.",
         f"- Start-up alone (`--help`, imports only): midus-surgery {payload['startup_s']['ours']:.2f} s, mergekit-yaml {payload['startup_s']['mergekit']:.2f} s; "
         "this fixed cost is inside every wall time above and dominates the SmolLM2 rows.",
         "",
         table(res), "",
         "Targets:", "",
         *targets_lines(res), "",
+        "Reading: " + " ".join(reading_lines(payload)), "",
     ]
     for r in res:
         lines.append(f"Exact commands ({r['case']}, {r['repeats']} repeat(s)):")
@@ -549,6 +568,8 @@ def main(argv=None) -> int:
         "command": "python tools/bench_apply.py" + (" --quick" if args.quick else "") + (f" --repeats {args.repeats}" if args.repeats else ""),
         "startup_s": startup, "results": results,
     }
+    BENCH.mkdir(parents=True, exist_ok=True)
+    (BENCH / "apply-results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     if not (args.no_docs or args.quick):
         write_section(DOCS, SECTION, section_text(payload))
     if args.json:
