@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -163,7 +162,7 @@ def _use_cpu_kernels(x: Tensor) -> bool:
     beside emitted weights), so without the package, on CUDA, or with MIDUS_HML_KERNELS=torch the
     pure-torch path runs.
     """
-    if x.device.type != "cpu" or os.environ.get("MIDUS_HML_KERNELS", "auto").strip().lower() == "torch":
+    if x.device.type != "cpu":
         return False
     try:
         from midus_surgery import kernels
@@ -689,7 +688,7 @@ class HeadwiseMemory(nn.Module):
     def lookup(self, queries: Tensor) -> tuple[Tensor, Tensor]:
         """(weights [H, T, k], slots [H, T, k]) for queries of the forward's input shape."""
         q, _, _ = self._queries(queries)
-        w, slots = self._lookup(q)
+        w, slots = self._lookup(q, _use_cpu_kernels(q))
         return w, slots
 
     def _queries(self, x: Tensor):
@@ -716,13 +715,13 @@ class HeadwiseMemory(nn.Module):
             return torch.float32
         return x.dtype
 
-    def _lookup(self, q: Tensor) -> tuple[Tensor, Tensor]:
+    def _lookup(self, q: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
         cfg = self.config
         sd = torch.float64 if q.dtype == torch.float64 else torch.float32
         q = q.to(sd)
         if self.query_norm is not None:
             q = self.query_norm(q)
-        return _Lookup.apply(q.contiguous(), self.keys.to(sd), cfg.topk, _use_cpu_kernels(q))  # w, slots: [H, T, k]
+        return _Lookup.apply(q.contiguous(), self.keys.to(sd), cfg.topk, fused)  # w, slots: [H, T, k]
 
     def forward(self, queries: Tensor) -> Tensor:
         dev = queries.device.type
@@ -734,8 +733,8 @@ class HeadwiseMemory(nn.Module):
         out_dtype = x.dtype
         q, flat_in, lead = self._queries(x)
         T = q.shape[0]
-        w, slots = self._lookup(q)
-        fused = _use_cpu_kernels(q)
+        fused = _use_cpu_kernels(q)  # one decision per call, for the lookup and the pooling alike
+        w, slots = self._lookup(q, fused)
         if cfg.hive:
             bank = self.latent_bank.weight
             m = _PoolProject.apply(w, slots, bank, self.proj, cfg.bank_grad, fused)  # [H, T, d_h]

@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import cpu_name, median, write_section
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "work" / "bench"
 SMOL = REPO / "work" / "smollm2-135m"
@@ -331,22 +333,6 @@ def versions() -> dict:
     return out
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
-def median(xs):
-    s = sorted(xs)
-    n = len(s)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
-
-
 def bench_case(case: dict, repeats: int, keep: bool, log) -> dict:
     where = BENCH / "apply"
     recipe, mk = write_configs(case, where)
@@ -521,19 +507,6 @@ def section_text(payload: dict) -> str:
         lines.append("```")
         lines.append("")
     return "\n".join(lines)
-
-
-def write_section(path: Path, title: str, body: str) -> None:
-    """Replace (or append) one `## ` section, leaving every other section as it is."""
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    start = text.find(title + "\n")
-    if start < 0:
-        new = text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
-    else:
-        nxt = text.find("\n## ", start + len(title))
-        end = len(text) if nxt < 0 else nxt + 1
-        new = text[:start] + body.rstrip("\n") + "\n" + ("\n" + text[end:] if nxt >= 0 else "")
-    path.write_text(new)
 
 
 def main(argv=None) -> int:

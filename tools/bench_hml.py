@@ -31,6 +31,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench_common import cpu_name, write_section  # noqa: E402
 from midus_surgery.hml import HeadwiseMemory, HMLConfig, hml_parameter_count  # noqa: E402
 
 SIZES = {
@@ -182,16 +183,7 @@ def table(rows: list[dict]) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    return f"{cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
 
 
 def write_docs(path: str, rows: list[dict], command: str) -> None:
@@ -214,20 +206,7 @@ def write_docs(path: str, rows: list[dict], command: str) -> None:
         "repeats is reported.\n\n"
         + table(rows)
     )
-    text = ""
-    if os.path.exists(path):
-        with open(path) as fh:
-            text = fh.read()
-    if "## HML" in text:
-        start = text.index("## HML")
-        nxt = text.find("\n## ", start + 1)
-        text = text[:start] + section + ("" if nxt < 0 else "\n" + text[nxt + 1 :])
-    else:
-        if not text:
-            text = "# Benchmarks\n\n"
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(path, "w") as fh:
-        fh.write(text)
+    write_section(path, "## HML", section)
 
 
 def main(argv=None) -> int:

@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import cpu_name, median, write_section
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
 PNG = REPO / "docs" / "bench_step.png"
@@ -160,12 +162,6 @@ def ensure_outputs(log) -> None:
             subprocess.run(["midus-surgery", "apply", str(recipe), "--quiet"], check=True)
 
 
-def median(xs):
-    s = sorted(xs)
-    n = len(s)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
-
-
 def configs_for(precision: str) -> list[tuple[str, str]]:
     out = [("base", "none")]
     for m in ("DUS", "LLaMA-Pro", "MIDUS"):
@@ -289,28 +285,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def write_section(path: Path, title: str, body: str) -> None:
-    """Replace (or append) one `## ` section, leaving every other section as it is."""
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    start = text.find(title + "\n")
-    if start < 0:
-        new = text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
-    else:
-        nxt = text.find("\n## ", start + len(title))
-        new = text[:start] + body.rstrip("\n") + "\n" + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
-    path.write_text(new)
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def section_text(payload: dict) -> str:

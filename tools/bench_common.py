@@ -1,0 +1,36 @@
+"""Small helpers shared by the benchmark scripts in tools/ (run as scripts: tools/ is on sys.path)."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "?"
+
+
+def median(xs):
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def write_section(path: Path, title: str, body: str) -> None:
+    """Replace (or append) one `## ` section of a markdown file, leaving every other section as it is."""
+    path = Path(path)
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    start = text.find(title + "\n")
+    if start < 0:
+        new = text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
+    else:
+        nxt = text.find("\n## ", start + len(title))
+        new = text[:start] + body.rstrip("\n") + "\n" + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
+    path.write_text(new)
