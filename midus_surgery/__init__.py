@@ -2,21 +2,81 @@
 
 Importing the package registers the MIDUS model classes with transformers' Auto classes, so
 emitted models load with plain ``AutoModelForCausalLM.from_pretrained(path)``.
+
+The registration is deferred until transformers' Auto modules are imported: building the MIDUS
+model class imports ``transformers.modeling_utils`` (about 5 s of the CLI's start-up here),
+which commands like ``--help``, ``validate`` or a copy-only ``apply`` never need. Whoever uses an
+Auto class imports its module first, which runs the registration right after it loads.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+from typing import Callable
+
 __version__ = "0.1.0"
 
+_AUTO_CONFIG = "transformers.models.auto.configuration_auto"
+_AUTO_MODEL = "transformers.models.auto.modeling_auto"
 
-def _register() -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
+
+def _register_config() -> None:
+    from transformers import AutoConfig
+
+    from .configuration_midus import MidusConfig
+
+    AutoConfig.register("midus", MidusConfig, exist_ok=True)
+
+
+def _register_model() -> None:
+    from transformers import AutoModelForCausalLM
 
     from .configuration_midus import MidusConfig
     from .modeling_midus import MidusForCausalLM
 
-    AutoConfig.register("midus", MidusConfig, exist_ok=True)
+    _register_config()
     AutoModelForCausalLM.register(MidusConfig, MidusForCausalLM, exist_ok=True)
 
 
-_register()
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``callback`` once, right after the module ``name`` has been executed."""
+
+    def __init__(self, name: str, callback: Callable[[], None]):
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # one shot; also keeps the lookup below from finding us again
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            _run(self.callback)
+
+        spec.loader.exec_module = exec_then_register  # this module's own loader instance only
+        return spec
+
+
+def _run(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception as exc:  # noqa: BLE001 - never break the user's transformers import
+        warnings.warn(f"midus-surgery could not register the MIDUS classes with transformers: {exc}", stacklevel=2)
+
+
+def _register_after_import(name: str, callback: Callable[[], None]) -> None:
+    if name in sys.modules:
+        _run(callback)
+    else:
+        sys.meta_path.insert(0, _AfterImport(name, callback))
+
+
+_register_after_import(_AUTO_CONFIG, _register_config)
+_register_after_import(_AUTO_MODEL, _register_model)

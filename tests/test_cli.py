@@ -89,3 +89,30 @@ def test_verify_on_a_non_model_dir(tmp_path, capsys):
 def test_usage_errors(argv):
     result = run(*argv)
     assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def _modules_after(code: str) -> dict:
+    probe = code + "\nimport json, sys\nprint(json.dumps({'modeling_utils': 'transformers.modeling_utils' in sys.modules}))\n"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_cli_start_up_does_not_import_modeling_code():
+    # `--help` and copy-only commands must not pay for transformers.modeling_utils (seconds).
+    assert _modules_after("import midus_surgery.cli") == {"modeling_utils": False}
+
+
+@pytest.mark.parametrize("order", ["package first", "transformers first"])
+def test_midus_classes_registered_with_auto_classes_whatever_the_import_order(order):
+    imports = ["import midus_surgery", "from transformers import AutoConfig, AutoModelForCausalLM"]
+    if order == "transformers first":
+        imports.reverse()
+    code = "\n".join(imports) + (
+        "\nfrom midus_surgery.configuration_midus import MidusConfig"
+        "\nfrom midus_surgery.modeling_midus import MidusForCausalLM"
+        "\nassert type(AutoConfig.for_model('midus', base_model_type='llama')) is MidusConfig"
+        "\nfrom transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING"
+        "\nassert MODEL_FOR_CAUSAL_LM_MAPPING[MidusConfig] is MidusForCausalLM"
+    )
+    assert _modules_after(code) == {"modeling_utils": True}
