@@ -124,6 +124,36 @@ def test_topk2_kernel_equals_torch_on_wide_rows(monkeypatch, fused_ops):
     assert torch.equal(f[0], t[0])
 
 
+@pytest.mark.parametrize(
+    "rows",
+    ["few distinct values", "constant", "infinities", "huge and tiny", "n not a power of two"],
+)
+def test_topk2_kernel_thresholds_hold_on_hard_rows(monkeypatch, fused_ops, rows):
+    # The kernel picks its keep-threshold by bisection between the row's min and max: rows where
+    # many entries tie at the threshold, or where (max - min) overflows, must still come out exact.
+    g = torch.Generator().manual_seed(7)
+    n = 96 if rows == "n not a power of two" else 256
+    s1 = torch.randn(3, 20, n, generator=g)
+    s2 = torch.randn(3, 20, n, generator=g)
+    if rows == "few distinct values":
+        s1 = torch.randint(0, 3, s1.shape, generator=g).float()
+        s2 = torch.randint(0, 2, s2.shape, generator=g).float()
+    elif rows == "constant":
+        s1[:, :10] = 0.25
+        s2[:, 5:15] = -1.0
+    elif rows == "infinities":
+        s1[:, ::3, ::17] = float("inf")
+        s1[:, 1::3, ::5] = -float("inf")
+        s2[:, ::2, 1] = -float("inf")
+    elif rows == "huge and tiny":
+        s1 = s1 * 3e38
+        s2 = s2 * 1e-40  # subnormal
+    f = run_path(monkeypatch, "fused", lambda: two_stage_topk(s1, s2, 32))
+    t = run_path(monkeypatch, "torch", lambda: two_stage_topk(s1, s2, 32))
+    assert torch.equal(f[1], t[1])
+    assert torch.equal(f[0], t[0])
+
+
 def test_topk2_kernel_nan_rows_are_filled_not_garbage(fused_ops):
     a = torch.randn(1, 3, 16)
     b = torch.randn(1, 3, 16)

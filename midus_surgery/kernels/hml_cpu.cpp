@@ -34,76 +34,103 @@ namespace {
 
 // Top-k selection by threshold and rank, branch-free and vectorised where it matters (a
 // sorted-insertion list measured ~3x slower on 256-wide rows: its branches mispredict):
-//   1. a lower bound `th` on the k-th largest value;
-//   2. keep the entries >= th (at least k of them; ~40 of 256 for k = 32 on random scores);
+//   1. a threshold `th` with at least k entries >= th, and few more: a short bisection between
+//      a known lower bound and the maximum, each step one vectorised count;
+//   2. keep the entries >= th (branch-free compaction);
 //   3. each kept entry's rank = the number of kept entries that beat it under (value desc,
 //      id asc), a total order, so ranks are distinct and the first k land in out[0:k].
-// The pairwise loops run "for y: for x" so the inner loop is a plain vector compare-add.
+// The pairwise loop runs "for y: for x" so the inner loop is a plain vector compare-add.
 // NaN scores never pass a comparison: the row then comes back partly NaN-filled, never with
 // uninitialised memory (a model producing NaN scores has diverged anyway).
 
+constexpr int64_t kPad = 8;        // kept lists are padded to a multiple of this (whole vectors)
+constexpr int kMaxBisections = 12;  // each halves the threshold's uncertainty
+
 template <typename T>
-inline void rank_select(const T* v, const int32_t* id, int64_t c, int64_t k, T* out_v, int32_t* out_id,
-                        int32_t* rank) {
+inline int64_t count_ge(const T* v, int64_t m, T t) {
+  int32_t c = 0;
+  for (int64_t x = 0; x < m; ++x) c += (v[x] >= t);
+  return c;
+}
+
+// Raise `lo` (a value with count_ge(v, m, lo) >= k) towards the k-th largest of v[0:m], stopping
+// once at most k + k/8 entries pass; `hi` is at least the maximum.
+template <typename T>
+inline T tighten(const T* v, int64_t m, int64_t k, T lo, T hi) {
+  const int64_t enough = k + k / 8;
+  for (int it = 0; it < kMaxBisections; ++it) {
+    const T mid = lo + (hi - lo) / 2;
+    const int64_t c = count_ge(v, m, mid);
+    if (c >= k) {
+      lo = mid;
+      if (c <= enough) break;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// Keep the entries of v[0:m] >= th, then rank them; out gets the best k in order.
+template <typename T>
+inline void keep_and_rank(const T* v, const int32_t* id, int64_t m, T th, int64_t k, T* buf_v, int32_t* buf_id,
+                          int32_t* rank, T* out_v, int32_t* out_id) {
+  int64_t c = 0;
+  for (int64_t j = 0; j < m; ++j) {  // branch-free compaction
+    buf_v[c] = v[j];
+    buf_id[c] = id[j];
+    c += (v[j] >= th);
+  }
+  const int64_t cp = (c + kPad - 1) / kPad * kPad;
+  for (int64_t x = c; x < cp; ++x) {  // padding: loses to every kept entry, never written out
+    buf_v[x] = -std::numeric_limits<T>::infinity();
+    buf_id[x] = std::numeric_limits<int32_t>::max();
+  }
   for (int64_t x = 0; x < k; ++x) {
     out_v[x] = std::numeric_limits<T>::quiet_NaN();
     out_id[x] = 0;
   }
-  for (int64_t x = 0; x < c; ++x) rank[x] = 0;
+  for (int64_t x = 0; x < cp; ++x) rank[x] = 0;
   for (int64_t y = 0; y < c; ++y) {
-    const T vy = v[y];
-    const int32_t iy = id[y];
-    for (int64_t x = 0; x < c; ++x) rank[x] += (vy > v[x]) | ((vy == v[x]) & (iy < id[x]));
+    const T vy = buf_v[y];
+    const int32_t iy = buf_id[y];
+    for (int64_t x = 0; x < cp; ++x) rank[x] += (vy > buf_v[x]) | ((vy == buf_v[x]) & (iy < buf_id[x]));
   }
   for (int64_t x = 0; x < c; ++x)
     if (rank[x] < k) {
-      out_v[rank[x]] = v[x];
-      out_id[rank[x]] = id[x];
+      out_v[rank[x]] = buf_v[x];
+      out_id[rank[x]] = buf_id[x];
     }
-}
-
-// Lower bound on the k-th largest of r[0:n] (k <= n): the values are dealt into `lanes` columns;
-// at least k column maxima are >= the k-th largest column maximum, so at least k values are.
-// With 2k columns (when n allows) the bound is much tighter than the smallest of k maxima.
-template <typename T>
-inline T kth_bound(const T* r, int64_t n, int64_t k, T* colmax, int32_t* count) {
-  const int64_t lanes = n >= 2 * k ? 2 * k : k;
-  for (int64_t l = 0; l < lanes; ++l) colmax[l] = r[l];
-  for (int64_t j = lanes; j < n; j += lanes) {
-    const int64_t e = std::min(lanes, n - j);
-    for (int64_t l = 0; l < e; ++l) colmax[l] = std::max(colmax[l], r[j + l]);
-  }
-  for (int64_t x = 0; x < lanes; ++x) count[x] = 0;  // count[x] = #{y : colmax[y] >= colmax[x]}
-  for (int64_t y = 0; y < lanes; ++y) {
-    const T m = colmax[y];
-    for (int64_t x = 0; x < lanes; ++x) count[x] += (m >= colmax[x]);
-  }
-  T th = -std::numeric_limits<T>::infinity();
-  for (int64_t x = 0; x < lanes; ++x) th = (count[x] >= k && colmax[x] > th) ? colmax[x] : th;
-  return th;
 }
 
 // Scratch space of one thread for one row.
 template <typename T>
 struct Scratch {
-  std::vector<T> va, vb, vc, buf_v, colmax;
-  std::vector<int32_t> ia, ib, ic, buf_id, rank;
+  std::vector<T> va, vb, vc, cand_v, buf_v;
+  std::vector<int32_t> ia, ib, ic, iota, cand_id, buf_id, rank;
   Scratch(int64_t n, int64_t k, int64_t C)
-      : va(k), vb(k), vc(k), buf_v(std::max(n, C)), colmax(2 * k),
-        ia(k), ib(k), ic(k), buf_id(std::max(n, C)), rank(std::max(n, C)) {}
+      : va(k), vb(k), vc(k), cand_v(C), buf_v(std::max(n, C) + kPad),
+        ia(k), ib(k), ic(k), iota(n), cand_id(C), buf_id(std::max(n, C) + kPad), rank(std::max(n, C) + kPad) {
+    for (int64_t j = 0; j < n; ++j) iota[j] = static_cast<int32_t>(j);
+  }
 };
 
 // Top-k of one half-score row: values and sub-key ids, sorted by (value desc, id asc).
 template <typename T>
 inline void half_topk(const T* r, int64_t n, int64_t k, T* out_v, int32_t* out_id, Scratch<T>& w) {
-  const T th = kth_bound(r, n, k, w.colmax.data(), w.rank.data());
-  int64_t c = 0;
-  for (int64_t j = 0; j < n; ++j) {  // branch-free compaction
-    w.buf_v[c] = r[j];
-    w.buf_id[c] = static_cast<int32_t>(j);
-    c += (r[j] >= th);
-  }
-  rank_select(w.buf_v.data(), w.buf_id.data(), c, k, out_v, out_id, w.rank.data());
+  T lanes_lo[kPad], lanes_hi[kPad];  // lane-wise min / max: vectorises without fast-math
+  for (int64_t l = 0; l < kPad; ++l) lanes_lo[l] = lanes_hi[l] = r[0];
+  int64_t j = 0;
+  for (; j + kPad <= n; j += kPad)
+    for (int64_t l = 0; l < kPad; ++l) {
+      lanes_lo[l] = std::min(lanes_lo[l], r[j + l]);
+      lanes_hi[l] = std::max(lanes_hi[l], r[j + l]);
+    }
+  T lo = lanes_lo[0], hi = lanes_hi[0];
+  for (int64_t l = 1; l < kPad; ++l) lo = std::min(lo, lanes_lo[l]), hi = std::max(hi, lanes_hi[l]);
+  for (; j < n; ++j) lo = std::min(lo, r[j]), hi = std::max(hi, r[j]);
+  const T th = tighten(r, n, k, lo, hi);
+  keep_and_rank(r, w.iota.data(), n, th, k, w.buf_v.data(), w.buf_id.data(), w.rank.data(), out_v, out_id);
 }
 
 // Rank pairs (r, s) with (r+1)(s+1) <= k: the only ones that can reach the final top k (both
@@ -132,7 +159,11 @@ std::vector<std::pair<int64_t, int64_t>> staircase_corners(int64_t k) {
 // The pair lists of stage 2, computed once per call.
 struct Stage2Plan {
   std::vector<std::pair<int64_t, int64_t>> pairs, corners;
-  explicit Stage2Plan(int64_t k) : pairs(candidate_pairs(k)), corners(staircase_corners(k)) {}
+  int shift;  // log2(n) when n is a power of two (ids decode with shifts), else -1
+  Stage2Plan(int64_t n, int64_t k) : pairs(candidate_pairs(k)), corners(staircase_corners(k)), shift(-1) {
+    for (int s = 0; s < 31; ++s)
+      if ((int64_t(1) << s) == n) shift = s;
+  }
 };
 
 // Exact top-k of the n*n sums ra[i] + rb[j] of one row, ranked by (sum desc, i*n+j asc).
@@ -144,24 +175,26 @@ inline void select_row(const T* ra, const T* rb, int64_t n, int64_t k, const Sta
   // Stage 2.  Any set of >= k pairs closed under "rank down" (r' <= r, s' <= s) bounds the
   // k-th best sum of the whole n*n table from below by its smallest sum, which (sorted
   // lists) sits on one of its outer corners.  Use every rectangle x*y >= k and the
-  // staircase {(r+1)(s+1) <= m}; keep the candidates at or above the best bound.
-  T th = -std::numeric_limits<T>::infinity();
-  for (int64_t x = 1; x <= k; ++x) th = std::max(th, w.va[x - 1] + w.vb[(k + x - 1) / x - 1]);
+  // staircase {(r+1)(s+1) <= m} as the bisection's starting bound; the best sum is va[0] + vb[0].
+  T lo = -std::numeric_limits<T>::infinity();
+  for (int64_t x = 1; x <= k; ++x) lo = std::max(lo, w.va[x - 1] + w.vb[(k + x - 1) / x - 1]);
   T stair = std::numeric_limits<T>::infinity();
   for (const auto& rs : plan.corners) stair = std::min(stair, w.va[rs.first] + w.vb[rs.second]);
-  th = std::max(th, stair);
-  int64_t c = 0;
-  for (const auto& rs : plan.pairs) {
-    const T v = w.va[rs.first] + w.vb[rs.second];
-    w.buf_v[c] = v;
-    w.buf_id[c] = w.ia[rs.first] * static_cast<int32_t>(n) + w.ib[rs.second];  // n*n < 2^31 (HMLConfig)
-    c += (v >= th);
+  lo = std::max(lo, stair);
+  const int64_t m = static_cast<int64_t>(plan.pairs.size());
+  for (int64_t p = 0; p < m; ++p) {
+    const auto& rs = plan.pairs[p];
+    w.cand_v[p] = w.va[rs.first] + w.vb[rs.second];
+    w.cand_id[p] = w.ia[rs.first] * static_cast<int32_t>(n) + w.ib[rs.second];  // n*n < 2^31 (HMLConfig)
   }
-  rank_select(w.buf_v.data(), w.buf_id.data(), c, k, w.vc.data(), w.ic.data(), w.rank.data());
+  const T th = tighten(w.cand_v.data(), m, k, lo, w.va[0] + w.vb[0]);
+  keep_and_rank(w.cand_v.data(), w.cand_id.data(), m, th, k, w.buf_v.data(), w.buf_id.data(), w.rank.data(),
+                w.vc.data(), w.ic.data());
   for (int64_t x = 0; x < k; ++x) {
     ov[x] = w.vc[x];
-    oi[x] = w.ic[x] / n;
-    oj[x] = w.ic[x] % n;
+    const int32_t id = w.ic[x];
+    oi[x] = plan.shift >= 0 ? id >> plan.shift : id / n;
+    oj[x] = plan.shift >= 0 ? id & ((int32_t(1) << plan.shift) - 1) : id % n;
   }
 }
 
@@ -175,7 +208,7 @@ void topk2_rows(const at::Tensor& a, const at::Tensor& b, int64_t k, at::Tensor&
   T* out_v = scores.mutable_data_ptr<T>();
   int64_t* out_i = isub.mutable_data_ptr<int64_t>();
   int64_t* out_j = jsub.mutable_data_ptr<int64_t>();
-  const Stage2Plan plan(k);
+  const Stage2Plan plan(n, k);
   at::parallel_for(0, P * Q, 16, [&](int64_t begin, int64_t end) {
     Scratch<T> w(n, k, static_cast<int64_t>(plan.pairs.size()));
     for (int64_t row = begin; row < end; ++row) {
