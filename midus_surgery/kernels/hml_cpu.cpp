@@ -362,6 +362,7 @@ std::tuple<at::Tensor, at::Tensor> bag_backward(const at::Tensor& dz, const at::
   TORCH_CHECK(dz.dim() == 2 && dz.size(0) == B && dz.size(1) == d && dz.is_contiguous(),
               "bag_backward: dz must be a contiguous [B, d]");
   TORCH_CHECK(dz.scalar_type() == w.scalar_type(), "bag_backward: dz must have w's dtype");
+  TORCH_CHECK(B * k < (int64_t(1) << 31), "bag_backward: more than 2^31 entries");
   auto acc_opts = table.options().dtype(w.scalar_type());
   auto dw = need_w ? at::empty({B, k}, acc_opts) : at::empty({0}, acc_opts);
   auto dtable = need_table ? at::empty({N, d}, acc_opts) : at::empty({0}, acc_opts);
@@ -386,14 +387,36 @@ std::tuple<at::Tensor, at::Tensor> bag_backward(const at::Tensor& dz, const at::
     // once (no zero-fill, no read-modify-write), and dw falls out of the same pass.  The
     // scattered reads are dz rows ([B, d], far smaller than the table).  Each slot is summed
     // in (bag, i) order by one thread: the result does not depend on the thread count.
+    // The sort runs in P parts of the entry list (one per thread): each part counts its
+    // entries per slot, one pass over slots turns the counts into every part's write offsets,
+    // then each part places its entries.  Part p's entries of a slot go before part p+1's, so
+    // the order is the serial stable sort's whatever P is.
     const int64_t total = B * k;
-    std::vector<int64_t> start(N + 1, 0), order(total);
-    for (int64_t e = 0; e < total; ++e) ++start[ip[e] + 1];
-    for (int64_t s = 0; s < N; ++s) start[s + 1] += start[s];
-    {
-      std::vector<int64_t> fill(start.begin(), start.end() - 1);
-      for (int64_t e = 0; e < total; ++e) order[fill[ip[e]]++] = e;
+    const int64_t P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / 4096));
+    const int64_t chunk = (total + P - 1) / P;
+    std::vector<int32_t> offset(P * N, 0), start(N + 1, 0), order(total);
+    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        int32_t* cnt = offset.data() + p * N;
+        for (int64_t e = p * chunk; e < std::min(total, (p + 1) * chunk); ++e) ++cnt[ip[e]];
+      }
+    });
+    int32_t run = 0;
+    for (int64_t s = 0; s < N; ++s) {
+      start[s] = run;
+      for (int64_t p = 0; p < P; ++p) {
+        const int32_t c = offset[p * N + s];
+        offset[p * N + s] = run;
+        run += c;
+      }
     }
+    start[N] = run;
+    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        int32_t* fill = offset.data() + p * N;
+        for (int64_t e = p * chunk; e < std::min(total, (p + 1) * chunk); ++e) order[fill[ip[e]]++] = static_cast<int32_t>(e);
+      }
+    });
     A* dtp = dtable.mutable_data_ptr<A>();
     at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
       std::vector<A> acc(d);
