@@ -52,7 +52,10 @@ class _AfterImport(importlib.abc.MetaPathFinder):
             return None
         sys.meta_path.remove(self)  # one shot; also keeps the lookup below from finding us again
         spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
+        if spec is None or not isinstance(spec.loader, importlib.abc.FileLoader):
+            # Not a per-module loader instance we can wrap (never the case for an installed
+            # transformers): register now instead; the Auto module is importable anyway.
+            _run(self.callback)
             return spec
         exec_module = spec.loader.exec_module
 
