@@ -4,9 +4,9 @@ Importing the package registers the MIDUS model classes with transformers' Auto 
 emitted models load with plain ``AutoModelForCausalLM.from_pretrained(path)``.
 
 The registration is deferred until transformers' Auto modules are imported: building the MIDUS
-model class imports ``transformers.modeling_utils`` (about 5 s of the CLI's start-up here),
-which commands like ``--help``, ``validate`` or a copy-only ``apply`` never need. Whoever uses an
-Auto class imports its module first, which runs the registration right after it loads.
+model class imports ``transformers.modeling_utils`` (seconds of start-up here), which commands
+like ``--help`` or ``schema`` never need. Whoever uses an Auto class imports its module first,
+which runs the registration right after it loads.
 """
 
 from __future__ import annotations

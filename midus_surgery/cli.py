@@ -120,8 +120,9 @@ def cmd_apply(args) -> int:
     plan = compiled.plan
     out.print(f"{args.recipe}: {plan.base_num_layers} -> {plan.num_hidden_layers} layers, {_human(plan.params['total'])} parameters", markup=False)
     result = emit(compiled, out_dir=args.out, overwrite=args.overwrite, allow_pickle=args.allow_pickle, progress=not args.quiet)
+    done = time.perf_counter()
     out.print(f"wrote {result.out_dir}: {result.num_tensors} tensors, {result.num_bytes / 2**20:.1f} MiB in {result.shards} shard(s), "
-              f"{time.perf_counter() - started:.1f} s (plan {planned - started:.1f} s, writing {time.perf_counter() - planned:.1f} s)", markup=False)
+              f"{done - started:.1f} s (plan {planned - started:.1f} s, writing {done - planned:.1f} s)", markup=False)
     if args.verify:
         return _run_verify(result.out_dir, None)
     return 0

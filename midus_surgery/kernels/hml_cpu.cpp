@@ -106,10 +106,10 @@ inline void keep_and_rank(const T* v, const int32_t* id, int64_t m, T th, int64_
 // Scratch space of one thread for one row.
 template <typename T>
 struct Scratch {
-  std::vector<T> va, vb, vc, cand_v, buf_v;
+  std::vector<T> va, vb, cand_v, buf_v;
   std::vector<int32_t> ia, ib, ic, iota, cand_id, buf_id, rank;
   Scratch(int64_t n, int64_t k, int64_t C)
-      : va(k), vb(k), vc(k), cand_v(C), buf_v(std::max(n, C) + kPad),
+      : va(k), vb(k), cand_v(C), buf_v(std::max(n, C) + kPad),
         ia(k), ib(k), ic(k), iota(n), cand_id(C), buf_id(std::max(n, C) + kPad), rank(std::max(n, C) + kPad) {
     for (int64_t j = 0; j < n; ++j) iota[j] = static_cast<int32_t>(j);
   }
@@ -188,10 +188,9 @@ inline void select_row(const T* ra, const T* rb, int64_t n, int64_t k, const Sta
     w.cand_id[p] = w.ia[rs.first] * static_cast<int32_t>(n) + w.ib[rs.second];  // n*n < 2^31 (HMLConfig)
   }
   const T th = tighten(w.cand_v.data(), m, k, lo, w.va[0] + w.vb[0]);
-  keep_and_rank(w.cand_v.data(), w.cand_id.data(), m, th, k, w.buf_v.data(), w.buf_id.data(), w.rank.data(),
-                w.vc.data(), w.ic.data());
+  keep_and_rank(w.cand_v.data(), w.cand_id.data(), m, th, k, w.buf_v.data(), w.buf_id.data(), w.rank.data(), ov,
+                w.ic.data());
   for (int64_t x = 0; x < k; ++x) {
-    ov[x] = w.vc[x];
     const int32_t id = w.ic[x];
     oi[x] = plan.shift >= 0 ? id >> plan.shift : id / n;
     oj[x] = plan.shift >= 0 ? id & ((int32_t(1) << plan.shift) - 1) : id % n;
