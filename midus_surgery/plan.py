@@ -59,6 +59,9 @@ class Plan:
     flops_per_token: dict[str, int]  # base, dus, plan
     layer_params: list[int] = field(default_factory=list)  # per output layer
     anatomy: Anatomy | None = None
+    # where the decoder layers are (e.g. 'model.layers'), also for copy-only plans that trace no anatomy:
+    # `train --freeze base` and the benchmarks find the inserted layers' parameters by it
+    layers_path: str | None = None
 
     @property
     def num_hidden_layers(self) -> int:
@@ -77,6 +80,7 @@ class Plan:
             "params": self.params,
             "flops_per_token": self.flops_per_token,
             "anatomy": self.anatomy.model_dump(mode="json") if self.anatomy else None,
+            "layers_path": self.layers_path,
             "midus": self.midus,
             "config": self.config,
             "tensors": [{"name": t.name, "shape": list(t.shape), "source": t.source, "rule": t.rule} for t in self.tensors],
@@ -224,7 +228,7 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None, *, anatomy_
         raise RecipeError([loaded.problem(("layout",), msg) for msg in config_problems + ([refusal] if refusal else [])])
 
     shapes = base_tensor_shapes(config)
-    layers_path = anatomy.layers_path if anatomy else _guess_layers_path(shapes, L)
+    layers_path = anatomy.layers_path if anatomy else guess_layers_path(shapes, L)
     if layers_path is None:
         raise RecipeError([loaded.problem(("base",), "cannot tell where the decoder layers are in this model; state it with an `anatomy:` block")])
     per_layer: list[dict[str, tuple[int, ...]]] = [{} for _ in range(L)]
@@ -308,6 +312,7 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None, *, anatomy_
         flops_per_token={"base": base_flops, "dus": dus_flops, "plan": plan_flops},
         layer_params=layer_params,
         anatomy=anatomy,
+        layers_path=layers_path,
     )
 
 
@@ -318,7 +323,7 @@ def _attention_context(layer_types, window: int | None, seq_len: int, index: int
     return seq_len
 
 
-def _guess_layers_path(shapes: dict[str, tuple[int, ...]], num_layers: int) -> str | None:
+def guess_layers_path(shapes: dict[str, tuple[int, ...]], num_layers: int) -> str | None:
     """Without an anatomy: the longest dotted prefix followed by every index 0..L-1."""
     candidates: dict[str, set[int]] = {}
     for name in shapes:

@@ -73,11 +73,22 @@ def read_plan(model_dir: Path) -> dict | None:
         raise MidusError(f"{path}: not readable JSON ({exc})") from None
 
 
-def inserted_layers(plan: dict) -> tuple[str, list[int]]:
-    layers_path = (plan.get("anatomy") or {}).get("layers_path") or (plan.get("midus", {}).get("anatomy") or {}).get("layers_path")
+def inserted_layers(plan: dict, param_names: list[str] = ()) -> tuple[str, list[int]]:
+    """(dotted path of the decoder layers, indices of the inserted layers) of an output's midus_plan.json.
+
+    Plans record ``layers_path``; older copy-only plans (no anatomy traced) did not, so the path is
+    then read off the model's parameter names: the prefix followed by every layer index.
+    """
+    layers = plan.get("layers", [])
+    layers_path = (plan.get("layers_path") or (plan.get("anatomy") or {}).get("layers_path")
+                   or (plan.get("midus", {}).get("anatomy") or {}).get("layers_path"))
+    if not layers_path and param_names:
+        from midus_surgery.plan import guess_layers_path
+
+        layers_path = guess_layers_path(dict.fromkeys(param_names), len(layers))
     if not layers_path:
-        raise MidusError("midus_plan.json has no anatomy.layers_path")
-    return layers_path, [int(layer["index"]) for layer in plan.get("layers", []) if layer.get("kind") != "base"]
+        raise MidusError("midus_plan.json has no layers_path, and the model's parameter names do not show where the decoder layers are")
+    return layers_path, [int(layer["index"]) for layer in layers if layer.get("kind") != "base"]
 
 
 @dataclass
@@ -106,7 +117,7 @@ def choose_params(model, freeze: str, plan: dict | None, loaded: LoadedTrainConf
     elif freeze == "base":
         if plan is None:
             raise RecipeError([loaded.problem(("freeze",), f"`base` needs {loaded.config.init_from}/midus_plan.json (written by `midus-surgery apply`) to know which layers were inserted; this model directory has none (use freeze: none)")])
-        layers_path, inserted = inserted_layers(plan)
+        layers_path, inserted = inserted_layers(plan, names)
         if not inserted:
             raise RecipeError([loaded.problem(("freeze",), "`base` but midus_plan.json lists no inserted layers: nothing would train")])
         prefixes = tuple(f"{layers_path}.{i}." for i in inserted)

@@ -326,3 +326,29 @@ def test_compile_switch_trains_the_same_model(world, tmp_path):
     assert a.keys() == b.keys()
     for name in a:  # compiled kernels may reorder float sums: equal to rounding, not bit-exact
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_freeze_base_on_a_copy_only_dus_output(world, tmp_path):
+    """A plain DUS apply traces no block anatomy; its plan still says where the layers are, and
+    `freeze: base` trains exactly the inserted copies (also for plans written before it said so)."""
+    from midus_surgery.cli import main as cli_main
+
+    recipe = tmp_path / "dus.yaml"
+    recipe.write_text(f"base:\n  path: {world['plain']}\nlayout:\n  interleave:\n    after_every: 1\n    kind: transformer\n"
+                      f"output:\n  dir: {tmp_path / 'dus'}\n")
+    assert cli_main(["apply", str(recipe), "--quiet"]) == 0
+    plan_path = tmp_path / "dus" / "midus_plan.json"
+    plan = json.loads(plan_path.read_text())
+    assert plan["anatomy"] is None and plan["layers_path"] == "model.layers"
+    inserted = [layer["index"] for layer in plan["layers"] if layer["kind"] != "base"]
+    assert inserted == [1, 3, 5, 7]
+
+    for name, plan_text in (("new", json.dumps(plan)), ("old", json.dumps({**plan, "layers_path": None}))):
+        plan_path.write_text(plan_text)
+        cfg = write_config(tmp_path / f"{name}.yaml", tmp_path / "dus", tmp_path / name, world["corpus"], world["cache"],
+                           tokens=16 * 4 * 3, freeze="base", **{"eval.at_start": False})
+        train(load_train_config(cfg))
+        before, after = state_of(tmp_path / "dus"), state_of(tmp_path / name / "final")
+        for tensor in before:
+            changed = not torch.equal(before[tensor], after[tensor])
+            assert changed == tensor.startswith(tuple(f"model.layers.{i}." for i in inserted)), (name, tensor)
