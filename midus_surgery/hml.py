@@ -27,6 +27,7 @@ round to the same float32 are ranked by the same rule only up to that rounding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -258,6 +259,22 @@ def _two_stage_topk(both: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return cand.gather(-1, best), cand_slot.gather(-1, best)
 
 
+def _autocast_off(backward):
+    """Run a custom backward with autocast off, as the forward ran (HeadwiseMemory.forward).
+
+    backward() may be called inside the caller's autocast region; autocast would then recast the
+    backward's matmuls (to bf16: less exact than the forward, and CUDA has no bf16 sparse mm).
+    """
+
+    @functools.wraps(backward)
+    def wrapped(ctx, *grads):
+        dev = next((g.device.type for g in grads if g is not None), "cpu")
+        with torch.autocast(device_type=dev if dev in ("cpu", "cuda") else "cpu", enabled=False):
+            return backward(ctx, *grads)
+
+    return wrapped
+
+
 class _Lookup(torch.autograd.Function):
     """Scores, exact two-stage top-k and softmax in one node: (q [T,H,d_h], keys) -> (w, slots).
 
@@ -295,6 +312,7 @@ class _Lookup(torch.autograd.Function):
         return w, slots
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, dw, _dslots):
         q, keys, w, i_sub, j_sub = ctx.saved_tensors
         T, H, dh = q.shape
@@ -359,20 +377,22 @@ def _bag_backward(dz: Tensor, table: Tensor, idx: Tensor, w: Tensor, offsets, of
     B, k = idx.shape
     dw = dtable = None
     flat_idx = idx.reshape(-1)
+    # bf16/fp16 tables accumulate in fp32: more exact, and CUDA has no bf16 kernel for the
+    # per-sample-weights backward nor for sparse mm
+    gd = torch.float64 if table.dtype == torch.float64 else torch.float32
     if need_w:
         dw = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-            dz.to(table.dtype), table, flat_idx, offsets, offset2bag, 0, -1
+            dz.to(gd), table.to(gd), flat_idx, offsets, offset2bag, 0, -1
         ).view(B, k)
     if need_table:
         if mode == "embedding_bag":
             dtable = torch.ops.aten._embedding_bag_backward(
-                dz.to(table.dtype), flat_idx, offsets, offset2bag,
+                dz.to(gd), flat_idx, offsets, offset2bag,
                 torch.full((B,), k, dtype=torch.long, device=idx.device),
                 torch.empty(0, dtype=torch.long, device=idx.device),
-                table.shape[0], False, 0, False, w.reshape(-1).to(table.dtype), -1,
-            )
+                table.shape[0], False, 0, False, w.reshape(-1).to(gd), -1,
+            ).to(table.dtype)
         elif mode == "sparse_mm":
-            gd = torch.float64 if table.dtype == torch.float64 else torch.float32
             bag = torch.arange(B, device=idx.device).repeat_interleave(k)
             a_t = torch.sparse_coo_tensor(
                 torch.stack((flat_idx, bag)), w.reshape(-1).to(gd), (table.shape[0], B), check_invariants=False
@@ -409,6 +429,7 @@ class _PoolProject(torch.autograd.Function):
         return m
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, dm):
         w, slots, bank, proj, z, offsets, offset2bag = ctx.saved_tensors
         H, T, k = slots.shape
@@ -439,6 +460,7 @@ class _Pool(torch.autograd.Function):
         return z.view(H, T, -1)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, dm):
         w, slots, table, offsets, offset2bag = ctx.saved_tensors
         H, T, k = slots.shape

@@ -519,8 +519,10 @@ class Runner:
                     picked.extend(blocks)
                     ids = torch.as_tensor(ids_np, dtype=torch.long, device=acc.device)
                     sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(self.model)
-                    with sync, acc.autocast():
-                        loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+                    with sync:
+                        with acc.autocast():
+                            loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+                        # backward outside autocast (torch's advice): the ops' own backward dtypes follow the forward
                         acc.backward(loss / cfg.grad_accum)
                     losses.append(loss.detach().float())
                 step_loss = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()

@@ -331,3 +331,46 @@ def test_torch_compile_small():
     assert torch.allclose(out, ref, atol=1e-6)
     out.sum().backward()
     assert x.grad is not None and m.proj.grad is not None
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(hive=False), dict(bank_grad="embedding_bag"), dict(bank_grad="index_add")])
+def test_backward_called_inside_autocast_gives_the_fp32_gradients(kw):
+    """Training loops may call backward() inside their autocast region; the lookup and pooling
+    backward still run in their own precision (as their forward does), so the gradients equal
+    those of a plain backward. (The optional gate / output projection are plain F.linear, whose
+    built-in backward autocast does recast: `midus-surgery train` calls backward outside autocast.)"""
+    torch.manual_seed(0)
+    m = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=6, topk=4, latent_dim=5, init="random", **kw))
+    x = torch.randn(3, 5, 2, 8)
+    grads = []
+    for backward_in_autocast in (False, True):
+        m.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(xi).square().sum()
+            if backward_in_autocast:
+                loss.backward()
+        if not backward_in_autocast:
+            loss.backward()
+        grads.append([xi.grad] + [p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bank_grad", ["sparse_mm", "embedding_bag", "index_add"])
+def test_bf16_layer_backward_accumulates_like_fp32(bank_grad):
+    """A bf16 layer's bank and weight gradients come from fp32 accumulation: equal to the fp32
+    backward of the same (bf16-valued) inputs, rounded once to bf16."""
+    torch.manual_seed(0)
+    m = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=6, topk=4, latent_dim=5, init="random", bank_grad=bank_grad))
+    mb = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=6, topk=4, latent_dim=5, init="random", bank_grad=bank_grad)).to(torch.bfloat16)
+    m.load_state_dict({k: v.float() for k, v in mb.state_dict().items()})
+    x = torch.randn(3, 5, 2, 8).to(torch.bfloat16)
+    yb = mb(x)
+    y = m(x.float())
+    gy = torch.randn_like(y).to(torch.bfloat16)
+    yb.backward(gy)
+    y.backward(gy.float())
+    bank, bank32 = mb.latent_bank.weight.grad, m.latent_bank.weight.grad
+    assert bank.dtype == torch.bfloat16
+    assert torch.allclose(bank.float(), bank32, rtol=2e-2, atol=1e-2)
