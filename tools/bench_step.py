@@ -17,9 +17,20 @@ kernel's high-water mark VmHWM, reset (``/proc/self/clear_refs`` = 5) right befo
 step, read after the last; the delta is what training adds on top of the loaded model
 (activations, gradients, AdamW state, allocator caches).
 
-    python tools/bench_step.py [--quick] [--json] [--no-docs]
+On a GPU (``--device cuda``) the same loop runs on the card: every timed phase ends with
+``torch.cuda.synchronize()``, the warm-up steps use the full batch (cuBLAS and the caching
+allocator settle there), memory is ``torch.cuda.max_memory_allocated()`` minus what the loaded
+model holds, and one child runs every configuration of a repeat in turn (GPU memory statistics
+reset per configuration; a process start per configuration would cost more than the steps).
+``--random-init`` builds each model from its config.json with random weights instead of loading
+them (step time does not depend on the values), so the benchmark also runs where only the
+configs were copied.
 
-The full run writes the `## Training step` section of docs/benchmarks.md and docs/bench_step.png.
+    python tools/bench_step.py [--quick] [--json] [--no-docs]
+    python tools/bench_step.py --device cuda --batches 4x256,16x1024
+
+The full run writes the `## Training step` section of docs/benchmarks.md and docs/bench_step.png
+(on a GPU: `## Training step on GPU` and docs/bench_step_gpu.png).
 """
 
 from __future__ import annotations
@@ -37,8 +48,8 @@ from bench_common import cpu_name, median, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
-PNG = REPO / "docs" / "bench_step.png"
-SECTION = "## Training step"
+PNG = {"cpu": REPO / "docs" / "bench_step.png", "cuda": REPO / "docs" / "bench_step_gpu.png"}
+SECTION = {"cpu": "## Training step", "cuda": "## Training step on GPU"}
 MODELS = {
     "base": REPO / "work" / "smollm2-135m",
     "DUS": REPO / "work" / "out" / "smollm2-135m-dus",
@@ -81,23 +92,42 @@ class ZeroFFN:
         return _Zero()
 
 
+def load_model(path: Path, random_init: bool):
+    import torch
+
+    if not random_init:
+        from midus_surgery.evaluate import load_causal_lm
+
+        return load_causal_lm(path, dtype=torch.float32)
+    import midus_surgery  # noqa: F401 - registers the MIDUS Auto classes
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+
+
 def worker(spec: dict) -> dict:
     import torch
 
-    from midus_surgery.evaluate import load_causal_lm
-
     torch.manual_seed(0)
     threads = torch.get_num_threads()
+    device = torch.device(spec.get("device", "cpu"))
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     path = Path(spec["path"])
     t0 = time.perf_counter()
-    model = load_causal_lm(path, dtype=torch.float32)
+    model = load_model(path, spec.get("random_init", False)).to(device)
+    sync()
     load_s = time.perf_counter() - t0
     model.config.use_cache = False
     model.train()
     if spec.get("drop_inserted_ffn"):  # the floor for any FFN replacement: the inserted blocks' FFNs cost nothing
+        from midus_surgery.trainer import inserted_layers
+
         plan = json.loads((path / "midus_plan.json").read_text())
-        layers = model.get_submodule(plan["anatomy"]["layers_path"])
-        ffn_name = plan["anatomy"]["ffn"][-1]
+        layers = model.get_submodule(inserted_layers(plan, [n for n, _ in model.named_parameters()])[0])
+        # a copy-only DUS apply traces no block anatomy; the MIDUS output of the same base names the FFN
+        anatomy = plan["anatomy"] or json.loads((MODELS["MIDUS"] / "midus_plan.json").read_text())["anatomy"]
+        ffn_name = anatomy["ffn"][-1]
         for layer in plan["layers"]:
             if layer["kind"] != "base":
                 block = layers[int(layer["index"])]
@@ -105,9 +135,9 @@ def worker(spec: dict) -> dict:
                 setattr(block.get_submodule(parent) if parent else block, leaf, ZeroFFN())
     names = dict(model.named_parameters())  # unique parameters (tied embeddings once)
     if spec["freeze"] == "base":
-        plan = json.loads((path / "midus_plan.json").read_text())
-        layers_path = plan["anatomy"]["layers_path"]
-        inserted = [int(layer["index"]) for layer in plan["layers"] if layer["kind"] != "base"]
+        from midus_surgery.trainer import inserted_layers
+
+        layers_path, inserted = inserted_layers(json.loads((path / "midus_plan.json").read_text()), list(names))
         prefixes = tuple(f"{layers_path}.{i}." for i in inserted)
         for n, p in names.items():
             p.requires_grad_(n.startswith(prefixes) or "midus_shared_bank" in n)
@@ -117,80 +147,115 @@ def worker(spec: dict) -> dict:
     opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
     vocab = model.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["precision"] == "bf16")
+    x = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16")
 
-    rss_loaded = _status()["VmRSS"]
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # reset VmHWM to the current RSS
+    if cuda:
+        sync()
+        mem_loaded = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        mem_loaded = _status()["VmRSS"]
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset VmHWM to the current RSS
     steps = []
     for i in range(spec["warmup"] + spec["steps"]):
-        xi = x[:1, :16] if i < spec["warmup"] else x  # warm-up: a tiny batch (allocates AdamW state, runs every code path)
+        # CPU warm-up: a tiny batch (allocates AdamW state, runs every code path); GPU warm-up: the full batch,
+        # so that cuBLAS heuristics and the caching allocator settle before the timed steps
+        xi = x[:1, :16] if i < spec["warmup"] and not cuda else x
+        sync()
         ta = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with autocast:
             loss = model(input_ids=xi, labels=xi).loss
+        sync()
         tb = time.perf_counter()
         loss.backward()
+        sync()
         tc = time.perf_counter()
         opt.step()
+        sync()
         td = time.perf_counter()
         if i >= spec["warmup"]:
             steps.append({"step_s": td - ta, "fwd_s": tb - ta, "bwd_s": tc - tb, "opt_s": td - tc})
         if not torch.isfinite(loss):
             raise RuntimeError(f"loss is {loss.item()}")
-    st = _status()
-    return {"steps": steps, "rss_loaded": rss_loaded, "peak_rss": st["VmHWM"], "peak_delta": st["VmHWM"] - rss_loaded,
-            "trainable": n_train, "total": n_total, "load_s": load_s, "threads": threads, "loss": float(loss)}
+    mem_peak = torch.cuda.max_memory_allocated() if cuda else _status()["VmHWM"]
+    return {"steps": steps, "mem_loaded": mem_loaded, "mem_peak": mem_peak, "peak_delta": mem_peak - mem_loaded,
+            "trainable": n_train, "total": n_total, "load_s": load_s, "threads": threads, "loss": loss.item(),
+            "device_name": torch.cuda.get_device_name(device) if cuda else None}
 
 
-def run_child(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+def worker_many(specs: list[dict]) -> list[dict]:
+    """Several configurations in one process, one after another (GPU only: its memory statistics reset per run)."""
+    import gc
+
+    import torch
+
+    out = []
+    for spec in specs:
+        out.append(worker(spec))
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
+
+
+def run_child(specs: list[dict]) -> list[dict]:
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(specs)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"child failed for {spec}:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"child failed for {specs}:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------- the driver
 
-def ensure_outputs(log) -> None:
+def ensure_outputs(log, random_init: bool) -> None:
     if not (MODELS["base"] / "config.json").is_file():
         raise SystemExit(f"missing {MODELS['base']}: run `python tools/fetch_smollm2.py` first")
     for name, recipe in RECIPES.items():
+        if random_init and (MODELS[name] / "midus_plan.json").is_file() and (MODELS[name] / "config.json").is_file():
+            continue  # the config and the plan are all a random-init run reads
         if not (MODELS[name] / "midus_plan.json").is_file():
             log(f"applying {recipe.name} (output missing) ...")
             subprocess.run(["midus-surgery", "apply", str(recipe), "--quiet"], check=True)
 
 
-def configs_for(precision: str) -> list[tuple[str, str]]:
+def configs_for(precision: str, device: str) -> list[tuple[str, str]]:
     out = [("base", "none")]
     for m in ("DUS", "LLaMA-Pro", "MIDUS"):
         out += [(m, "none"), (m, "base")]
-    if precision == "fp32":
+    if precision == "fp32" or device == "cuda":
         out += [("FFN-free floor", "none"), ("FFN-free floor", "base")]
     return out
 
 
-def bench(precisions: dict[str, dict], log) -> list[dict]:
+def same_setting(a: dict, b: dict) -> bool:
+    return a["precision"] == b["precision"] and a["batch"] == b["batch"] and a["seq"] == b["seq"]
+
+
+def bench(plans: list[dict], device: str, random_init: bool, log) -> list[dict]:
     rows = []
-    for precision, plan in precisions.items():
-        batch, seq = plan["batch"], plan["seq"]
-        cfgs = configs_for(precision)
+    for plan in plans:
+        precision, batch, seq = plan["precision"], plan["batch"], plan["seq"]
+        cfgs = configs_for(precision, device)
         results: dict[tuple[str, str], list[dict]] = {c: [] for c in cfgs}
         for r in range(plan["repeats"]):
             k = r % len(cfgs)
             order = cfgs[k:] + cfgs[:k]  # rotate: no config always runs first / after the same one
-            for model, freeze in order:
-                spec = {"path": str(MODELS[model]), "freeze": freeze, "precision": precision, "batch": batch, "seq": seq,
-                        "warmup": plan["warmup"], "steps": plan["steps"], "drop_inserted_ffn": model in DROPS_FFN}
+            # CPU: a fresh process per configuration (the RSS high-water mark is per process); GPU: one per repeat
+            groups = [order] if device == "cuda" else [[cfg] for cfg in order]
+            for group in groups:
+                specs = [{"path": str(MODELS[model]), "freeze": freeze, "precision": precision, "batch": batch, "seq": seq,
+                          "warmup": plan["warmup"], "steps": plan["steps"], "drop_inserted_ffn": model in DROPS_FFN,
+                          "device": device, "random_init": random_init} for model, freeze in group]
                 t0 = time.perf_counter()
-                res = run_child(spec)
-                res["load1"] = os.getloadavg()[0]
-                results[(model, freeze)].append(res)
-                log(f"  [{precision} rep {r + 1}/{plan['repeats']}] {model:9s} freeze={freeze:4s} "
-                    f"step {min(s['step_s'] for s in res['steps']):7.3f} s (fwd {res['steps'][0]['fwd_s']:.2f}, bwd {res['steps'][0]['bwd_s']:.2f}, "
-                    f"opt {res['steps'][0]['opt_s']:.2f})  peak +{res['peak_delta'] / 2**20:.0f} MiB  "
-                    f"[{time.perf_counter() - t0:.0f} s]  load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+                for (model, freeze), res in zip(group, run_child(specs)):
+                    res["load1"] = os.getloadavg()[0]
+                    results[(model, freeze)].append(res)
+                    log(f"  [{precision} {batch}x{seq} rep {r + 1}/{plan['repeats']}] {model:9s} freeze={freeze:4s} "
+                        f"step {min(s['step_s'] for s in res['steps']):7.4f} s (fwd {res['steps'][0]['fwd_s']:.3f}, bwd {res['steps'][0]['bwd_s']:.3f}, "
+                        f"opt {res['steps'][0]['opt_s']:.3f})  peak +{res['peak_delta'] / 2**20:.0f} MiB  "
+                        f"[{time.perf_counter() - t0:.0f} s]  load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         for (model, freeze), rs in results.items():
             steps = [s for res in rs for s in res["steps"]]
             best = min(steps, key=lambda s: s["step_s"])
@@ -201,13 +266,13 @@ def bench(precisions: dict[str, dict], log) -> list[dict]:
                 "fwd_s": best["fwd_s"], "bwd_s": best["bwd_s"], "opt_s": best["opt_s"],
                 "tokens_per_s": batch * seq / min(times),
                 "peak_delta_bytes": max(res["peak_delta"] for res in rs),
-                "peak_rss_bytes": max(res["peak_rss"] for res in rs),
+                "peak_bytes": max(res["mem_peak"] for res in rs),
                 "trainable": rs[0]["trainable"], "total": rs[0]["total"], "threads": rs[0]["threads"],
-                "load_avg_1min": [round(res["load1"], 2) for res in rs],
+                "device_name": rs[0]["device_name"], "load_avg_1min": [round(res["load1"], 2) for res in rs],
             })
-    # ratios against DUS with the same freeze policy and precision
+    # ratios against DUS with the same freeze policy, precision and batch
     for row in rows:
-        ref = next((r for r in rows if r["model"] == "DUS" and r["freeze"] == row["freeze"] and r["precision"] == row["precision"]), None)
+        ref = next((r for r in rows if r["model"] == "DUS" and r["freeze"] == row["freeze"] and same_setting(r, row)), None)
         if ref is not None:
             row["step_vs_dus"] = row["step_min_s"] / ref["step_min_s"]
             row["step_median_vs_dus"] = row["step_median_s"] / ref["step_median_s"]
@@ -218,17 +283,19 @@ def bench(precisions: dict[str, dict], log) -> list[dict]:
 
 def targets(rows: list[dict]) -> list[dict]:
     out = []
-    for precision in sorted({r["precision"] for r in rows}):
+    settings = list(dict.fromkeys((r["precision"], r["batch"], r["seq"]) for r in rows))
+    for precision, batch, seq in settings:
+        setting = {"precision": precision, "batch": batch, "seq": seq}
         for freeze in ("none", "base"):
-            m = next((r for r in rows if r["model"] == "MIDUS" and r["freeze"] == freeze and r["precision"] == precision), None)
-            d = next((r for r in rows if r["model"] == "DUS" and r["freeze"] == freeze and r["precision"] == precision), None)
+            m = next((r for r in rows if r["model"] == "MIDUS" and r["freeze"] == freeze and same_setting(r, setting)), None)
+            d = next((r for r in rows if r["model"] == "DUS" and r["freeze"] == freeze and same_setting(r, setting)), None)
             if m and d:
-                out.append({"precision": precision, "freeze": freeze, "midus_over_dus": m["step_min_s"] / d["step_min_s"],
+                out.append({**setting, "freeze": freeze, "midus_over_dus": m["step_min_s"] / d["step_min_s"],
                             "midus_over_dus_median": m["step_median_s"] / d["step_median_s"],
                             "step_le_0.85": m["step_min_s"] / d["step_min_s"] <= 0.85,
                             "fewer_trainable": m["trainable"] < d["trainable"],
                             "midus_trainable": m["trainable"], "dus_trainable": d["trainable"]})
-                floor = next((r for r in rows if r["model"] == "FFN-free floor" and r["freeze"] == freeze and r["precision"] == precision), None)
+                floor = next((r for r in rows if r["model"] == "FFN-free floor" and r["freeze"] == freeze and same_setting(r, setting)), None)
                 if floor:
                     out[-1]["floor_over_dus"] = floor["step_min_s"] / d["step_min_s"]
     return out
@@ -239,19 +306,21 @@ def human(n: int) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| precision | batch | model | freeze | trainable / total params | step min s | step median s | fwd / bwd / AdamW s | tokens/s | peak RSS delta MiB | step vs DUS | trainable vs DUS |",
+    mem = "peak GPU memory delta MiB" if rows and rows[0]["device_name"] else "peak RSS delta MiB"
+    lines = [f"| precision | batch | model | freeze | trainable / total params | step min s | step median s | fwd / bwd / AdamW s | tokens/s | {mem} | step vs DUS | trainable vs DUS |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs = f"**{r['step_vs_dus']:.2f}x**" if "step_vs_dus" in r else "-"
         tv = f"{r['trainable_vs_dus']:.2f}x" if "trainable_vs_dus" in r else "-"
-        lines.append(f"| {r['precision']} | {r['batch']}x{r['seq']} | {r['model']} | {r['freeze']} | {human(r['trainable'])} / {human(r['total'])} | {r['step_min_s']:.3f} | "
-                     f"{r['step_median_s']:.3f} (n={r['n_steps']}) | {r['fwd_s']:.2f} / {r['bwd_s']:.2f} / {r['opt_s']:.2f} | {r['tokens_per_s']:.0f} | "
+        digits = 4 if r["step_min_s"] < 0.1 else 3
+        lines.append(f"| {r['precision']} | {r['batch']}x{r['seq']} | {r['model']} | {r['freeze']} | {human(r['trainable'])} / {human(r['total'])} | {r['step_min_s']:.{digits}f} | "
+                     f"{r['step_median_s']:.{digits}f} (n={r['n_steps']}) | {r['fwd_s']:.{digits}f} / {r['bwd_s']:.{digits}f} / {r['opt_s']:.{digits}f} | {r['tokens_per_s']:.0f} | "
                      f"{r['peak_delta_bytes'] / 2**20:.0f} | {vs} | {tv} |")
     return "\n".join(lines)
 
 
 def target_lines(ts: list[dict]) -> list[str]:
-    return [f"- {t['precision']}, freeze={t['freeze']}: MIDUS/DUS step {t['midus_over_dus']:.2f}x (median {t['midus_over_dus_median']:.2f}x; target <= 0.85: "
+    return [f"- {t['precision']} {t['batch']}x{t['seq']}, freeze={t['freeze']}: MIDUS/DUS step {t['midus_over_dus']:.2f}x (median {t['midus_over_dus_median']:.2f}x; target <= 0.85: "
             f"{'met' if t['step_le_0.85'] else 'NOT met'}); trainable {human(t['midus_trainable'])} vs {human(t['dus_trainable'])} "
             f"({'fewer: met' if t['fewer_trainable'] else 'NOT fewer'})"
             + (f"; floor (inserted FFNs at zero cost) {t['floor_over_dus']:.2f}x" if "floor_over_dus" in t else "") for t in ts]
@@ -263,21 +332,22 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [(p, f) for p in ("fp32", "bf16") for f in ("none", "base") if any(r["precision"] == p and r["freeze"] == f for r in rows)]
+    settings = list(dict.fromkeys((r["precision"], r["batch"], r["seq"]) for r in rows))
+    groups = [(s, f) for s in settings for f in ("none", "base") if any((r["precision"], r["batch"], r["seq"]) == s and r["freeze"] == f for r in rows)]
     models = ["base", "DUS", "LLaMA-Pro", "MIDUS", "FFN-free floor"]
     colors = {"base": "#999999", "DUS": "#1f77b4", "LLaMA-Pro": "#ff7f0e", "MIDUS": "#2ca02c", "FFN-free floor": "#cccccc"}
     fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.8), squeeze=False)
-    for ax, (p, f) in zip(axes[0], groups):
-        sel = {r["model"]: r for r in rows if r["precision"] == p and r["freeze"] == f}
+    for ax, ((p, b, t), f) in zip(axes[0], groups):
+        sel = {r["model"]: r for r in rows if (r["precision"], r["batch"], r["seq"]) == (p, b, t) and r["freeze"] == f}
         ms = [m for m in models if m in sel]
         vals = [sel[m]["step_min_s"] for m in ms]
         bars = ax.bar(ms, vals, color=[colors[m] for m in ms])
         for b, m in zip(bars, ms):
-            label = f"{sel[m]['step_min_s']:.2f}s"
+            label = f"{sel[m]['step_min_s'] * 1e3:.0f}ms" if sel[m]["step_min_s"] < 0.1 else f"{sel[m]['step_min_s']:.2f}s"
             if "step_vs_dus" in sel[m]:
                 label += f"\n{sel[m]['step_vs_dus']:.2f}x"
             ax.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
-        ax.set_title(f"{p} {sel[ms[0]]['batch']}x{sel[ms[0]]['seq']}, freeze={f}", fontsize=10)
+        ax.set_title(f"{p} {b}x{t}, freeze={f}", fontsize=10)
         ax.set_ylabel("seconds per step (min)")
         ax.set_ylim(0, max(vals) * 1.3)
         ax.tick_params(axis="x", labelsize=8)
@@ -289,94 +359,155 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def section_text(payload: dict) -> str:
     v = payload["versions"]
-    prec = payload["precisions"]
+    gpu = payload["device"] == "cuda"
     notes = []
-    for p, plan in prec.items():
-        notes.append(f"{p}: batch {plan['batch']} x {plan['seq']}, {plan['repeats']} repeat(s) x ({plan['warmup']} warm-up + {plan['steps']} timed step(s)) per configuration")
+    for plan in payload["plans"]:
+        notes.append(f"{plan['precision']}: batch {plan['batch']} x {plan['seq']}, {plan['repeats']} repeat(s) x ({plan['warmup']} warm-up + {plan['steps']} timed step(s)) per configuration")
+    if gpu:
+        machine = [
+            f"- Machine: {payload['machine']}; one child process per repeat runs every configuration in turn.",
+            f"- Versions: Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}.",
+            f"- Command: `{payload['command']}`",
+            "- Weights: " + ("random, built from each output's config.json (`--random-init`: only the configs travelled "
+                             "to the GPU machine); step time does not depend on the values." if payload["random_init"] else
+                             "SmolLM2-135M-Instruct dequantised from its Q4_1 GGUF and its surgery outputs."),
+        ]
+        mem = ("- Memory: `torch.cuda.max_memory_allocated()`, reset after loading, minus the memory the loaded model holds: "
+               "activations, gradients and AdamW state (the caching allocator's reserve is not counted).")
+        prec = ("- `fp32`: weights, activations and AdamW in fp32 (TF32 matmuls off: torch's default). `bf16`: `torch.autocast('cuda', "
+                "bfloat16)` over fp32 master weights and optimiser state, as `midus-surgery train` runs `precision: bf16`.")
+        timing = ("- Timing: `torch.cuda.synchronize()` ends every phase; warm-up steps use the full batch; configurations "
+                  "interleave within each repeat, their order rotating per repeat. ")
+    else:
+        machine = [
+            f"- Machine: {payload['machine']}, torch threads {payload['threads']}; load average (1/5/15 min) at start {payload['load_avg_start']}, "
+            f"at end {payload['load_avg_end']} (2 cores shared with other agents' test runs: noisy; minimum and median are both shown).",
+            f"- Versions: Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}.",
+            f"- Command: `{payload['command']}`",
+            "- Base weights: SmolLM2-135M-Instruct dequantised from its Q4_1 GGUF (real weights, not the original bf16 checkpoint); "
+            "step time does not depend on the values.",
+        ]
+        mem = ("- Memory: the process's resident set, from `/proc/self/status`: the kernel high-water mark VmHWM, reset right before "
+               "the first step (`/proc/self/clear_refs`), minus the RSS of the loaded model. The delta covers activations, gradients, "
+               "AdamW state and allocator caches.")
+        prec = ("- `fp32`: weights, activations and AdamW in fp32. `bf16`: `torch.autocast('cpu', bfloat16)` over fp32 master weights and "
+                "optimiser state, as `midus-surgery train` runs `precision: bf16`. This CPU has no native bf16, so bf16 is far slower.")
+        timing = ("- Each configuration runs in a fresh process: load, one warm-up step on a 1 x 16 batch (allocates AdamW state, runs every "
+                  "code path), then the timed steps at the full batch; configurations interleave within each "
+                  "repeat, their order rotating per repeat. ")
+    png = PNG[payload["device"]].name
     lines = [
-        SECTION, "",
+        SECTION[payload["device"]], "",
         "One training step (forward + backward + AdamW step, lr 1e-4) of SmolLM2-135M and its DUS, LLaMA-Pro and MIDUS outputs "
         "(`recipes/smollm2-135m-{dus,llama-pro,midus}.yaml`: 6 blocks inserted after every 5th layer, 30 -> 36 layers), "
         "random token ids (labels = inputs); batch sizes per precision below.",
         "",
-        f"- Machine: {payload['machine']}, torch threads {payload['threads']}; load average (1/5/15 min) at start {payload['load_avg_start']}, "
-        f"at end {payload['load_avg_end']} (2 cores shared with other agents' test runs: noisy; minimum and median are both shown).",
-        f"- Versions: Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}.",
-        f"- Command: `{payload['command']}`",
-        "- Base weights: SmolLM2-135M-Instruct dequantised from its Q4_1 GGUF (real weights, not the original bf16 checkpoint); "
-        "step time does not depend on the values.",
+        *machine,
         "- Freeze `none`: every parameter trains. `base`: only the inserted layers (kind != base in the output's `midus_plan.json`) "
         "train, as `midus-surgery train` defines it; not run for the base model (nothing would train). Parameters are counted once "
         "(tied embeddings).",
-        "- `fp32`: weights, activations and AdamW in fp32. `bf16`: `torch.autocast('cpu', bfloat16)` over fp32 master weights and "
-        "optimiser state, as `midus-surgery train` runs `precision: bf16`. This CPU has no native bf16, so bf16 is far slower.",
-        "- Each configuration runs in a fresh process: load, one warm-up step on a 1 x 16 batch (allocates AdamW state, runs every "
-        "code path), then the timed steps at the full batch; configurations interleave within each "
-        "repeat, their order rotating per repeat. " + "; ".join(notes) + ".",
-        "- Memory: the process's resident set, from `/proc/self/status`: the kernel high-water mark VmHWM, reset right before "
-        "the first step (`/proc/self/clear_refs`), minus the RSS of the loaded model. The delta covers activations, gradients, "
-        "AdamW state and allocator caches.",
-        "- `step vs DUS`: minimum step time over DUS's with the same freeze policy and precision.",
+        prec,
+        timing + "; ".join(notes) + ".",
+        mem,
+        "- `step vs DUS`: minimum step time over DUS's with the same freeze policy, precision and batch.",
         "",
         table(payload["rows"]), "",
-        "![training step](bench_step.png)", "",
+        f"![training step]({png})", "",
         "Target (MIDUS step at most 0.85x the DUS step, with fewer trainable parameters):", "",
         *target_lines(payload["targets"]), "",
         "`FFN-free floor` is not a method: it is the DUS model with the inserted blocks' FFNs replaced by a zero-cost stub, "
         "timed in the same loop. In expectation no FFN replacement, MIDUS's memory layer included, makes the up-scaled step "
-        "faster than that row: 6 of 36 blocks change, and only their FFNs, so the whole possible gain is a few tenths of a "
-        "second per step. That is about the size of this shared machine's run-to-run noise (two samples per row; DUS and "
-        "LLaMA-Pro, the same compute, differ by up to ~10%), so single ratios near the floor, MIDUS's among them, carry "
-        "that uncertainty. What moves the ratio for real is the share of the step spent in replaced FFNs (more Memory "
+        "faster than that row: 6 of 36 blocks change, and only their FFNs. "
+        + ("" if gpu else "The whole possible gain is a few tenths of a second per step here, about the size of this shared "
+           "machine's run-to-run noise (two samples per row; DUS and LLaMA-Pro, the same compute, differ by up to ~10%), "
+           "so single ratios near the floor, MIDUS's among them, carry that uncertainty. ")
+        + "What moves the ratio for real is the share of the step spent in replaced FFNs (more Memory "
         "blocks, or larger FFNs per block: at the Llama-3.2-1B block size the HML costs about a quarter of the FFN it "
         "replaces, see the HML section).", "",
     ]
     return "\n".join(lines)
 
 
+def parse_batch(text: str) -> tuple[int, int]:
+    try:
+        b, t = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a batch BxT: {text!r}") from None
+    if b < 1 or t < 2:
+        raise argparse.ArgumentTypeError(f"batch {text!r}: need B >= 1 and T >= 2")
+    return b, t
+
+
+def write_docs(payload: dict) -> None:
+    device = payload["device"]
+    title = "training step on " + (payload["machine"] if device == "cuda" else "CPU")
+    plot(payload["rows"], PNG[device], f"SmolLM2-135M family, {title}")
+    write_section(DOCS, SECTION[device], section_text(payload))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fp32 only, batch 2 x 128, 2 repeats (never writes the docs)")
     ap.add_argument("--json", action="store_true", help="print one JSON object with the rows and ratios")
-    ap.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md and docs/bench_step.png")
-    ap.add_argument("--repeats", type=int, default=None, help="fp32 repeats (default 3; 2 with --quick)")
-    ap.add_argument("--steps", type=int, default=None, help="timed fp32 steps per child after 1 warm-up step (default 2; 1 with --quick)")
-    ap.add_argument("--bf16-repeats", type=int, default=1, help="bf16 repeats (default 1: a bf16 step takes tens of seconds here)")
-    ap.add_argument("--bf16-batch", default="4x256", help="bf16 batch as BxT (default 4x256; smaller when the machine is too slow, and say so)")
+    ap.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md and its PNG")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the steps run (default cpu)")
+    ap.add_argument("--random-init", action="store_true", help="random weights from each model's config.json instead of loading them")
+    ap.add_argument("--repeats", type=int, default=None, help="fp32 repeats (default 3 on CPU, 2 on GPU; 2 with --quick)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 2 on CPU, 10 on GPU; 1 with --quick)")
+    ap.add_argument("--bf16-repeats", type=int, default=None, help="bf16 repeats (default 1 on CPU, where a bf16 step takes tens of seconds; as --repeats on GPU)")
+    ap.add_argument("--bf16-batch", type=parse_batch, default=(4, 256), help="CPU bf16 batch as BxT (default 4x256; smaller when the machine is too slow, and say so)")
+    ap.add_argument("--batches", default="4x256,16x1024", help="GPU: comma-separated batches BxT, each run in fp32 and bf16 (default 4x256,16x1024)")
     ap.add_argument("--no-bf16", action="store_true", help="fp32 only")
+    ap.add_argument("--from-json", metavar="RESULTS_JSON", help="only rewrite the docs section and PNG from the --json output of an earlier run (e.g. one on a GPU machine)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        specs = json.loads(args.worker)
+        print(json.dumps([worker(specs[0])] if len(specs) == 1 else worker_many(specs)))
+        return 0
+    if args.from_json:
+        write_docs(json.loads(Path(args.from_json).read_text()))
+        print(f"rewrote {DOCS.relative_to(REPO)} from {args.from_json}")
         return 0
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
-    ensure_outputs(log)
-    if args.quick:
-        batch, seq = 2, 128
-        precisions = {"fp32": {"repeats": args.repeats or 2, "warmup": 1, "steps": args.steps or 1, "batch": 2, "seq": 128}}
+    ensure_outputs(log, args.random_init)
+    gpu = args.device == "cuda"
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_step: --device cuda, but torch sees no CUDA device")
+        machine = f"{torch.cuda.get_device_name(0)} (torch CUDA {torch.version.cuda}), {os.cpu_count()} CPU cores"
     else:
-        batch, seq = 4, 256
-        precisions = {"fp32": {"repeats": args.repeats or 3, "warmup": 1, "steps": args.steps or 2, "batch": 4, "seq": 256}}
-        if not args.no_bf16:
-            b, t = (int(v) for v in args.bf16_batch.lower().split("x"))
-            precisions["bf16"] = {"repeats": args.bf16_repeats, "warmup": 1, "steps": 1, "batch": b, "seq": t}
+        machine = f"{cpu_name()}, {os.cpu_count()} CPU cores"
+    precisions = ["fp32"] + ([] if args.no_bf16 or args.quick else ["bf16"])
+    if args.quick:
+        plans = [{"precision": "fp32", "repeats": args.repeats or 2, "warmup": 1, "steps": args.steps or 1, "batch": 2, "seq": 128}]
+    elif gpu:
+        repeats, steps = args.repeats or 2, args.steps or 10
+        plans = [{"precision": p, "repeats": (args.bf16_repeats or repeats) if p == "bf16" else repeats, "warmup": 2, "steps": steps,
+                  "batch": b, "seq": t} for b, t in (parse_batch(x) for x in args.batches.split(",")) for p in precisions]
+    else:
+        plans = [{"precision": "fp32", "repeats": args.repeats or 3, "warmup": 1, "steps": args.steps or 2, "batch": 4, "seq": 256}]
+        if "bf16" in precisions:
+            b, t = args.bf16_batch
+            plans.append({"precision": "bf16", "repeats": args.bf16_repeats or 1, "warmup": 1, "steps": 1, "batch": b, "seq": t})
     from importlib.metadata import version
 
     load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     t0 = time.perf_counter()
-    rows = bench(precisions, log)
+    rows = bench(plans, args.device, args.random_init, log)
     payload = {
-        "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores",
+        "device": args.device, "machine": machine, "random_init": args.random_init,
         "threads": rows[0]["threads"],
         "versions": {"python": platform.python_version(), "torch": version("torch"), "transformers": version("transformers")},
         "load_avg_start": load_start, "load_avg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "command": "python " + " ".join(["tools/bench_step.py", *(argv if argv is not None else sys.argv[1:])]),
-        "batch": batch, "seq": seq, "precisions": precisions, "rows": rows, "targets": targets(rows),
+        "plans": plans, "rows": rows, "targets": targets(rows),
         "wall_s": time.perf_counter() - t0,
     }
     if not (args.no_docs or args.quick):
-        plot(rows, PNG, "SmolLM2-135M family, training step (" + ", ".join(f"{p} {v['batch']}x{v['seq']}" for p, v in precisions.items()) + ")")
-        write_section(DOCS, SECTION, section_text(payload))
+        write_docs(payload)
     if args.json:
         print(json.dumps(payload, indent=2))
     else:

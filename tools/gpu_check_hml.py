@@ -2,6 +2,7 @@
 """One prepared CUDA check of the Head-wise Memory Layer: correctness + a timing run.
 
     python tools/gpu_check_hml.py            # exits 0 with a message when there is no CUDA
+    python tools/gpu_check_hml.py --dry-run  # the same script on the CPU, to check the script itself before a GPU session
 
 Runs on the GPU: (1) two-stage top-k == brute force incl. ties, (2) values and gradients vs the
 dense reference of tests/test_hml.py (float64), (3) CPU vs CUDA agreement (float32), (4) bf16 and
@@ -23,13 +24,16 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
+    dry_run = "--dry-run" in sys.argv[1:]
+    if not dry_run and not torch.cuda.is_available():
         print("gpu_check_hml: no CUDA device available; nothing to check (exit 0).")
         return 0
     from midus_surgery.hml import HeadwiseMemory, HMLConfig, two_stage_topk
     from test_hml import brute_topk, dense_reference
 
-    dev = torch.device("cuda")
+    dev = torch.device("cpu" if dry_run else "cuda")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    card = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU dry run"
     failures = []
 
     def check(name, cond):
@@ -80,7 +84,7 @@ def main() -> int:
     yb = mb(x.to(dev, torch.bfloat16))
     yb.float().sum().backward()
     check("bf16 forward/backward finite", torch.isfinite(yb.float()).all().item() and mb.keys.grad is not None)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
         ya = mc(x.to(dev))
     check("autocast cuda bf16 == no autocast (layer disables it)", torch.allclose(ya, mc(x.to(dev))))
 
@@ -106,16 +110,17 @@ def main() -> int:
             fs, hs = step_fn(ffn, xf), step_fn(hml, xh)
             res = {}
             for name, fn in (("ffn", fs), ("hml", hs)):
-                for _ in range(3):
+                warm, reps = (1, 1) if dry_run else (3, 20)  # the dry run only checks that the script works
+                for _ in range(warm):
                     fn()
-                torch.cuda.synchronize()
+                sync()
                 t = time.perf_counter()
-                for _ in range(20):
+                for _ in range(reps):
                     fn()
-                torch.cuda.synchronize()
-                res[name] = (time.perf_counter() - t) / 20 * 1e3
+                sync()
+                res[name] = (time.perf_counter() - t) / reps * 1e3
             print(f"[time] {size} {str(dtype)[6:]}: hml {res['hml']:.2f} ms, ffn {res['ffn']:.2f} ms, "
-                  f"ratio {res['hml'] / res['ffn']:.2f}  ({torch.cuda.get_device_name()})")
+                  f"ratio {res['hml'] / res['ffn']:.2f}  ({card})")
 
     print("OK" if not failures else f"FAILED: {failures}")
     return 1 if failures else 0
