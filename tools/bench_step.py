@@ -466,8 +466,9 @@ def main(argv=None) -> int:
         print(json.dumps([worker(specs[0])] if len(specs) == 1 else worker_many(specs)))
         return 0
     if args.from_json:
-        write_docs(json.loads(Path(args.from_json).read_text()))
-        print(f"rewrote {DOCS.relative_to(REPO)} from {args.from_json}")
+        payload = json.loads(Path(args.from_json).read_text())
+        write_docs(payload)
+        print(f"rewrote {DOCS} and {PNG[payload['device']]} from {args.from_json}")
         return 0
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     ensure_outputs(log, args.random_init)

@@ -1,0 +1,63 @@
+"""tools/bench_step.py's report logic on synthetic rows: ratios match rows of the same precision
+*and* batch, and --from-json rewrites the GPU section without touching the CPU one."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+sys.path.insert(0, str(TOOLS))  # bench_step imports bench_common as a script would
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("_tools_bench_step", TOOLS / "bench_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bs = _load()
+
+
+def _row(model, freeze, precision, batch, step, trainable):
+    return {"model": model, "freeze": freeze, "precision": precision, "batch": batch, "seq": 256, "step_min_s": step,
+            "step_median_s": step, "n_steps": 1, "fwd_s": step / 3, "bwd_s": step / 2, "opt_s": step / 6,
+            "tokens_per_s": batch * 256 / step, "peak_delta_bytes": 2**20, "peak_bytes": 2**21, "trainable": trainable,
+            "total": 10**8, "threads": 1, "device_name": "Fake GPU", "load_avg_1min": [0.0]}
+
+
+def _rows():
+    rows = []
+    for batch, scale in ((4, 1.0), (16, 3.0)):
+        rows += [_row("DUS", "none", "bf16", batch, 0.10 * scale, 150 * 10**6),
+                 _row("MIDUS", "none", "bf16", batch, 0.08 * scale if batch == 4 else 0.36, 140 * 10**6)]
+    return rows
+
+
+def test_targets_pair_rows_of_the_same_batch():
+    ts = {t["batch"]: t for t in bs.targets(_rows())}
+    assert abs(ts[4]["midus_over_dus"] - 0.8) < 1e-12 and ts[4]["step_le_0.85"]
+    assert abs(ts[16]["midus_over_dus"] - 1.2) < 1e-12 and not ts[16]["step_le_0.85"]
+
+
+def test_from_json_writes_the_gpu_section_only(tmp_path, monkeypatch):
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\n## Training step\n\nthe CPU table\n\n## Other\n\nkept\n")
+    monkeypatch.setattr(bs, "DOCS", docs)
+    monkeypatch.setattr(bs, "PNG", {"cpu": tmp_path / "cpu.png", "cuda": tmp_path / "gpu.png"})
+    rows = _rows()
+    payload = {"device": "cuda", "machine": "Fake GPU", "random_init": True, "threads": 1,
+               "versions": {"python": "3", "torch": "2", "transformers": "5"}, "load_avg_start": "0", "load_avg_end": "0",
+               "command": "python tools/bench_step.py --device cuda", "rows": rows, "targets": bs.targets(rows),
+               "plans": [{"precision": "bf16", "batch": b, "seq": 256, "repeats": 1, "warmup": 2, "steps": 10} for b in (4, 16)]}
+    (tmp_path / "r.json").write_text(json.dumps(payload))
+    assert bs.main(["--from-json", str(tmp_path / "r.json")]) == 0
+    text = docs.read_text()
+    assert "the CPU table" in text and "## Other\n\nkept" in text
+    gpu = text[text.index("## Training step on GPU"):]
+    assert "bf16 16x256, freeze=none: MIDUS/DUS step 1.20x" in gpu and "bf16 4x256, freeze=none: MIDUS/DUS step 0.80x" in gpu
+    assert "peak GPU memory delta MiB" in gpu and "![training step](gpu.png)" in gpu
+    assert (tmp_path / "gpu.png").stat().st_size > 0 and not (tmp_path / "cpu.png").exists()
