@@ -120,24 +120,21 @@ def worker(spec: dict) -> dict:
     load_s = time.perf_counter() - t0
     model.config.use_cache = False
     model.train()
-    if spec.get("drop_inserted_ffn"):  # the floor for any FFN replacement: the inserted blocks' FFNs cost nothing
+    names = dict(model.named_parameters())  # unique parameters (tied embeddings once)
+    if spec.get("drop_inserted_ffn") or spec["freeze"] == "base":
         from midus_surgery.trainer import inserted_layers
 
         plan = json.loads((path / "midus_plan.json").read_text())
-        layers = model.get_submodule(inserted_layers(plan, [n for n, _ in model.named_parameters()])[0])
+        layers_path, inserted = inserted_layers(plan, list(names))
+    if spec.get("drop_inserted_ffn"):  # the floor for any FFN replacement: the inserted blocks' FFNs cost nothing
         # a copy-only DUS apply traces no block anatomy; the MIDUS output of the same base names the FFN
         anatomy = plan["anatomy"] or json.loads((MODELS["MIDUS"] / "midus_plan.json").read_text())["anatomy"]
-        ffn_name = anatomy["ffn"][-1]
-        for layer in plan["layers"]:
-            if layer["kind"] != "base":
-                block = layers[int(layer["index"])]
-                parent, _, leaf = ffn_name.rpartition(".")
-                setattr(block.get_submodule(parent) if parent else block, leaf, ZeroFFN())
-    names = dict(model.named_parameters())  # unique parameters (tied embeddings once)
+        parent, _, leaf = anatomy["ffn"][-1].rpartition(".")
+        layers = model.get_submodule(layers_path)
+        for i in inserted:
+            setattr(layers[i].get_submodule(parent) if parent else layers[i], leaf, ZeroFFN())
+        names = dict(model.named_parameters())  # without the dropped FFNs' weights
     if spec["freeze"] == "base":
-        from midus_surgery.trainer import inserted_layers
-
-        layers_path, inserted = inserted_layers(json.loads((path / "midus_plan.json").read_text()), list(names))
         prefixes = tuple(f"{layers_path}.{i}." for i in inserted)
         for n, p in names.items():
             p.requires_grad_(n.startswith(prefixes) or "midus_shared_bank" in n)
@@ -229,8 +226,9 @@ def configs_for(precision: str, device: str) -> list[tuple[str, str]]:
     return out
 
 
-def same_setting(a: dict, b: dict) -> bool:
-    return a["precision"] == b["precision"] and a["batch"] == b["batch"] and a["seq"] == b["seq"]
+def setting(row: dict) -> tuple[str, int, int]:
+    """What a ratio may compare across: (precision, batch, seq)."""
+    return row["precision"], row["batch"], row["seq"]
 
 
 def bench(plans: list[dict], device: str, random_init: bool, log) -> list[dict]:
@@ -272,7 +270,7 @@ def bench(plans: list[dict], device: str, random_init: bool, log) -> list[dict]:
             })
     # ratios against DUS with the same freeze policy, precision and batch
     for row in rows:
-        ref = next((r for r in rows if r["model"] == "DUS" and r["freeze"] == row["freeze"] and same_setting(r, row)), None)
+        ref = next((r for r in rows if r["model"] == "DUS" and r["freeze"] == row["freeze"] and setting(r) == setting(row)), None)
         if ref is not None:
             row["step_vs_dus"] = row["step_min_s"] / ref["step_min_s"]
             row["step_median_vs_dus"] = row["step_median_s"] / ref["step_median_s"]
@@ -283,19 +281,16 @@ def bench(plans: list[dict], device: str, random_init: bool, log) -> list[dict]:
 
 def targets(rows: list[dict]) -> list[dict]:
     out = []
-    settings = list(dict.fromkeys((r["precision"], r["batch"], r["seq"]) for r in rows))
-    for precision, batch, seq in settings:
-        setting = {"precision": precision, "batch": batch, "seq": seq}
+    for key in dict.fromkeys(setting(r) for r in rows):
         for freeze in ("none", "base"):
-            m = next((r for r in rows if r["model"] == "MIDUS" and r["freeze"] == freeze and same_setting(r, setting)), None)
-            d = next((r for r in rows if r["model"] == "DUS" and r["freeze"] == freeze and same_setting(r, setting)), None)
+            sel = {r["model"]: r for r in rows if r["freeze"] == freeze and setting(r) == key}
+            m, d, floor = sel.get("MIDUS"), sel.get("DUS"), sel.get("FFN-free floor")
             if m and d:
-                out.append({**setting, "freeze": freeze, "midus_over_dus": m["step_min_s"] / d["step_min_s"],
+                out.append({**dict(zip(("precision", "batch", "seq"), key)), "freeze": freeze, "midus_over_dus": m["step_min_s"] / d["step_min_s"],
                             "midus_over_dus_median": m["step_median_s"] / d["step_median_s"],
                             "step_le_0.85": m["step_min_s"] / d["step_min_s"] <= 0.85,
                             "fewer_trainable": m["trainable"] < d["trainable"],
                             "midus_trainable": m["trainable"], "dus_trainable": d["trainable"]})
-                floor = next((r for r in rows if r["model"] == "FFN-free floor" and r["freeze"] == freeze and same_setting(r, setting)), None)
                 if floor:
                     out[-1]["floor_over_dus"] = floor["step_min_s"] / d["step_min_s"]
     return out
@@ -332,13 +327,13 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings = list(dict.fromkeys((r["precision"], r["batch"], r["seq"]) for r in rows))
-    groups = [(s, f) for s in settings for f in ("none", "base") if any((r["precision"], r["batch"], r["seq"]) == s and r["freeze"] == f for r in rows)]
+    groups = [(key, f) for key in dict.fromkeys(setting(r) for r in rows) for f in ("none", "base")
+              if any(setting(r) == key and r["freeze"] == f for r in rows)]
     models = ["base", "DUS", "LLaMA-Pro", "MIDUS", "FFN-free floor"]
     colors = {"base": "#999999", "DUS": "#1f77b4", "LLaMA-Pro": "#ff7f0e", "MIDUS": "#2ca02c", "FFN-free floor": "#cccccc"}
     fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.8), squeeze=False)
-    for ax, ((p, b, t), f) in zip(axes[0], groups):
-        sel = {r["model"]: r for r in rows if (r["precision"], r["batch"], r["seq"]) == (p, b, t) and r["freeze"] == f}
+    for ax, ((p, batch, seq), f) in zip(axes[0], groups):
+        sel = {r["model"]: r for r in rows if setting(r) == (p, batch, seq) and r["freeze"] == f}
         ms = [m for m in models if m in sel]
         vals = [sel[m]["step_min_s"] for m in ms]
         bars = ax.bar(ms, vals, color=[colors[m] for m in ms])
@@ -347,7 +342,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             if "step_vs_dus" in sel[m]:
                 label += f"\n{sel[m]['step_vs_dus']:.2f}x"
             ax.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
-        ax.set_title(f"{p} {b}x{t}, freeze={f}", fontsize=10)
+        ax.set_title(f"{p} {batch}x{seq}, freeze={f}", fontsize=10)
         ax.set_ylabel("seconds per step (min)")
         ax.set_ylim(0, max(vals) * 1.3)
         ax.tick_params(axis="x", labelsize=8)
@@ -456,7 +451,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 2 on CPU, 10 on GPU; 1 with --quick)")
     ap.add_argument("--bf16-repeats", type=int, default=None, help="bf16 repeats (default 1 on CPU, where a bf16 step takes tens of seconds; as --repeats on GPU)")
     ap.add_argument("--bf16-batch", type=parse_batch, default=(4, 256), help="CPU bf16 batch as BxT (default 4x256; smaller when the machine is too slow, and say so)")
-    ap.add_argument("--batches", default="4x256,16x1024", help="GPU: comma-separated batches BxT, each run in fp32 and bf16 (default 4x256,16x1024)")
+    ap.add_argument("--batches", type=lambda text: [parse_batch(x) for x in text.split(",")], default=[(4, 256), (16, 1024)], help="GPU: comma-separated batches BxT, each run in fp32 and bf16 (default 4x256,16x1024)")
     ap.add_argument("--no-bf16", action="store_true", help="fp32 only")
     ap.add_argument("--from-json", metavar="RESULTS_JSON", help="only rewrite the docs section and PNG from the --json output of an earlier run (e.g. one on a GPU machine)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -487,7 +482,7 @@ def main(argv=None) -> int:
     elif gpu:
         repeats, steps = args.repeats or 2, args.steps or 10
         plans = [{"precision": p, "repeats": (args.bf16_repeats or repeats) if p == "bf16" else repeats, "warmup": 2, "steps": steps,
-                  "batch": b, "seq": t} for b, t in (parse_batch(x) for x in args.batches.split(",")) for p in precisions]
+                  "batch": b, "seq": t} for b, t in args.batches for p in precisions]
     else:
         plans = [{"precision": "fp32", "repeats": args.repeats or 3, "warmup": 1, "steps": args.steps or 2, "batch": 4, "seq": 256}]
         if "bf16" in precisions:
