@@ -87,6 +87,16 @@ def main() -> int:
     with torch.autocast(dev.type, dtype=torch.bfloat16):
         ya = mc(x.to(dev))
     check("autocast cuda bf16 == no autocast (layer disables it)", torch.allclose(ya, mc(x.to(dev))))
+    # backward() called inside autocast (as a training loop may do): the custom backwards must not be
+    # recast to bf16 (CUDA's sparse addmm has no bf16 kernel) and must give the plain gradients.
+    # Without the optional gate: it is a plain F.linear, whose backward autocast does recast.
+    torch.manual_seed(0)
+    mg = HeadwiseMemory(4, 16, 64, HMLConfig(n_subkeys=64, topk=8, latent_dim=32, init="random")).to(dev)
+    xg = x.to(dev)
+    plain = torch.autograd.grad(mg(xg).square().sum(), list(mg.parameters()))
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
+        inside = torch.autograd.grad(mg(xg).square().sum(), list(mg.parameters()))
+    check("backward inside autocast == plain gradients", all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain, inside)))
 
     # 5. torch.compile (inductor)
     torch._dynamo.reset()
