@@ -122,6 +122,23 @@ def block_batches(blocks, batch_size: int, rank: int = 0, world: int = 1, max_bl
         yield blocks.batch(mine[i:i + batch_size]), None
 
 
+def eval_device(name: str) -> torch.device:
+    """``auto``: the first CUDA device when there is one, else the CPU; otherwise a torch device name."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise MidusError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MidusError(f"--device {name}: this machine has no CUDA device (use --device cpu or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise MidusError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise MidusError(f"--device {name}: only cpu and cuda are supported")
+    return dev
+
+
 def document_windows(stream, block_size: int, max_windows: int | None = None) -> list[np.ndarray]:
     windows = []
     for doc in stream.documents():
@@ -152,8 +169,8 @@ def document_batches(windows: list[np.ndarray], batch_size: int, pad_id: int, ra
 def run_eval(model_dir: Path, data: list[str], *, block_size: int = 512, per_document: bool = False, batch_size: int = 4,
              max_blocks: int | None = None, dtype: str = "float32", text_field: str = "text",
              dir_glob: Iterable[str] = ("**/*.txt", "**/*.md", "**/*.rst", "**/*.jsonl"), cache_dir: Path | None = None,
-             trust_remote_code: bool = False, progress: bool = True, threads: int | None = None) -> dict:
-    """``midus-surgery eval``: perplexity of ``model_dir`` on ``data``."""
+             trust_remote_code: bool = False, progress: bool = True, threads: int | None = None, device: str = "auto") -> dict:
+    """``midus-surgery eval``: perplexity of ``model_dir`` on ``data``, on ``device`` (auto: CUDA when there is one)."""
     from tqdm.auto import tqdm
 
     from . import data as D
@@ -167,11 +184,12 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int = 512, per_doc
         raise MidusError(f"{model_dir} is not a model directory (no config.json)")
     if dtype not in DTYPES:
         raise MidusError(f"--dtype must be one of {', '.join(DTYPES)}")
+    run_on = eval_device(device)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     stream = D.prepare_corpus(list(data), Path.cwd(), tokenizer, dir_glob=dir_glob, text_field=text_field,
                               cache_dir=Path(cache_dir) if cache_dir else D.default_cache_dir(), progress=progress,
                               what="eval data", tokenizer_source=str(model_dir))
-    model = load_causal_lm(model_dir, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    model = load_causal_lm(model_dir, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code).to(run_on)
     vocab = model.get_input_embeddings().weight.shape[0]
     if stream.meta.get("max_token", -1) >= vocab:
         raise D.DataError(f"the tokenizer of {model_dir} produces id {stream.meta['max_token']}, outside the model's vocabulary of {vocab}")
@@ -185,6 +203,6 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int = 512, per_doc
         blocks, _ = D.split(stream, None, block_size, 0.0, what="eval data")
         batches, total = block_batches(blocks, batch_size, max_blocks=max_blocks), min(len(blocks), max_blocks or len(blocks))
     with tqdm(total=total, desc="eval", unit="seq", disable=not progress, leave=False) as bar:
-        result = evaluate_batches(model, batches, device=torch.device("cpu"), progress=bar)
+        result = evaluate_batches(model, batches, device=run_on, progress=bar)
     return {"model": str(model_dir), "mode": "documents" if per_document else "blocks", "block_size": block_size,
-            "dtype": dtype, **result.to_json(), "corpus_tokens": len(stream), "corpus_files": len(stream.meta.get("files", [])), "token_cache": str(stream.path)}
+            "dtype": dtype, "device": str(run_on), **result.to_json(), "corpus_tokens": len(stream), "corpus_files": len(stream.meta.get("files", [])), "token_cache": str(stream.path)}

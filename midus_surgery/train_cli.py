@@ -34,13 +34,13 @@ def cmd_eval(args) -> int:
     result = run_eval(args.model, args.data, block_size=args.block_size, per_document=args.per_document,
                       batch_size=args.batch_size, max_blocks=args.max_blocks, dtype=args.dtype, text_field=args.text_field,
                       cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code,
-                      progress=not (args.quiet or args.json), threads=args.threads)
+                      progress=not (args.quiet or args.json), threads=args.threads, device=args.device)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(f"{result['model']}: perplexity {result['perplexity']:.4f} (loss {result['loss']:.4f} nats/token) over "
               f"{result['tokens']:,} predicted tokens in {result['sequences']} {result['mode']} of <= {result['block_size']} tokens; "
-              f"{result['tokens_per_s']:,.0f} tokens/s ({result['dtype']}, {result['seconds']:.1f} s)")
+              f"{result['tokens_per_s']:,.0f} tokens/s ({result['dtype']} on {result['device']}, {result['seconds']:.1f} s)")
     return 0
 
 
@@ -65,6 +65,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype to run the model in (default float32)")
     p.add_argument("--text-field", default="text", help="the JSONL field holding the text (default: text)")
     p.add_argument("--cache-dir", default=None, help="token cache (default: $MIDUS_CACHE/tokens or ~/.cache/midus-surgery/tokens)")
+    p.add_argument("--device", default="auto", help="auto (default: the first CUDA device when there is one, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model directory's own modeling code")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

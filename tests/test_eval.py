@@ -76,3 +76,32 @@ def test_eval_cli_json_and_errors(setup, capsys, tmp_path):
     assert "does not exist" in capsys.readouterr().err
     assert main(["eval", str(setup["model"]), "--data", str(setup["files"][0]), "--block-size", "100000", "--cache-dir", str(setup["cache"])]) == 3
     assert "shorter than one block" in capsys.readouterr().err
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_on_a_named_device_equals_the_hand_computation(setup, device):
+    """--device puts the model and batches there (on a GPU machine this also runs on CUDA)."""
+    tok = make_tokenizer()
+    stream = []
+    for f in setup["files"]:
+        stream += tok(f.read_text())["input_ids"] + [tok.eos_token_id]
+    blocks = [stream[i:i + 16] for i in range(0, len(stream) - 15, 16)]
+    nll, count = hand_nll(AutoModelForCausalLM.from_pretrained(setup["model"]).eval(), blocks)
+    got = run_eval(setup["model"], [str(f) for f in setup["files"]], block_size=16, batch_size=3, cache_dir=setup["cache"],
+                   progress=False, device=device)
+    assert got["device"].startswith(device) and got["tokens"] == count
+    assert got["loss"] == pytest.approx(nll / count, rel=1e-5)
+
+
+def test_eval_auto_device_and_device_errors(setup, capsys):
+    args = ["eval", str(setup["model"]), "--data", str(setup["files"][0]), "--block-size", "16", "--cache-dir", str(setup["cache"])]
+    assert main(args + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert main(args + ["--device", "tpu7"]) == 1
+    assert "--device 'tpu7' is not a device name" in capsys.readouterr().err
+    assert main(args + ["--device", "cuda:64"]) == 1
+    err = capsys.readouterr().err
+    assert ("has no CUDA device" in err) if not torch.cuda.is_available() else ("there are only" in err)
