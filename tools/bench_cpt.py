@@ -254,17 +254,22 @@ def fmt_table(results: dict) -> str:
     a_name, b_name = results["train_corpus"], results["other_corpus"]
     lines = [f"| model | ppl held-out {a_name} | ppl {b_name} | trainable params | tokens | train wall | tokens/s |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    notes = []
     for name, r in results["rows"].items():
-        pa = r["a"]["perplexity"] if r.get("a") else float("nan")
-        pb = r["b"]["perplexity"] if r.get("b") else float("nan")
+        pa = f"{r['a']['perplexity']:.3f}" if r.get("a") else "not measured"
+        pb = f"{r['b']['perplexity']:.3f}" if r.get("b") else "not measured"
         if name == "base":
-            lines.append(f"| base (no training) | {pa:.3f} | {pb:.3f} | 0 | 0 | - | - |")
+            lines.append(f"| base (no training) | {pa} | {pb} | 0 | 0 | - | - |")
             continue
         tr = f"{r['trainable_exact'] / 1e6:.2f}M" if r.get("trainable_exact") else r["trainable"]
         start = f" (start {r['start_eval']['eval_ppl']:.3f})" if r.get("start_eval") else ""
-        lines.append(f"| {name} | {pa:.3f}{start} | {pb:.3f} | {tr} | {r['tokens']:,} | {r['train_s'] / 60:.1f} min "
-                     f"({r['wall_s'] / 60:.1f} min with load/eval/export) | {r['tokens_per_s']:.1f} |")
-    return "\n".join(lines)
+        wall = f" ({r['wall_s'] / 60:.1f} min with load/eval/export)" if r["wall_s"] == r["wall_s"] else ""  # NaN: not measured
+        mark = ""
+        if r.get("reconstructed_from_log"):  # a run cut short: its row was rebuilt from the log, said below the table
+            mark = f" [{len(notes) + 1}]"
+            notes.append(f"[{len(notes) + 1}] {name}: {r['reconstructed_from_log']}.")
+        lines.append(f"| {name}{mark} | {pa}{start} | {pb} | {tr} | {r['tokens']:,} | {r['train_s'] / 60:.1f} min{wall} | {r['tokens_per_s']:.1f} |")
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def write_doc(results: dict, a, png: Path) -> None:
