@@ -58,7 +58,9 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def subprocess_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    # keep any PYTHONPATH the suite itself runs under (e.g. packages installed with pip --target)
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, TOKENIZERS_PARALLELISM="false")
     env.pop("WORLD_SIZE", None)
     return env
 
@@ -318,9 +320,11 @@ def test_midus_output_trains_memory_with_its_own_group(world, tmp_path):
 
 
 def test_compile_switch_trains_the_same_model(world, tmp_path):
-    """compile: true runs the same steps through torch.compile and lands where eager does."""
-    eager = train(load_train_config(config(world, tmp_path, name="eager", tokens=16 * 4 * 4)))
-    compiled = train(load_train_config(config(world, tmp_path, name="compiled", tokens=16 * 4 * 4, compile=True)))
+    """compile: true runs the same steps through torch.compile and lands where eager does.
+    fp32 on every device: in bf16 (precision auto on a GPU) fused kernels round differently at
+    bf16 resolution, beyond this tolerance (seen on an H100)."""
+    eager = train(load_train_config(config(world, tmp_path, name="eager", tokens=16 * 4 * 4, precision="fp32")))
+    compiled = train(load_train_config(config(world, tmp_path, name="compiled", tokens=16 * 4 * 4, compile=True, precision="fp32")))
     assert compiled.steps == eager.steps == 4
     a, b = state_of(tmp_path / "eager" / "final"), state_of(tmp_path / "compiled" / "final")
     assert a.keys() == b.keys()
