@@ -277,8 +277,9 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
                   shapes: dict[str, tuple[int, ...]], layers_path: str, anatomy: Anatomy | None, hml=None) -> Plan:
     """The tensor map and the counts, from the checked layer map, the rewritten config and the base's tensors.
 
-    shapes: every base tensor (tied ones once) -> shape, in the order the output writes them
-    (module order: the decoder layers' tensors sit between the globals that precede and follow them).
+    shapes: every base tensor (tied ones once) -> shape, in module order (what named_parameters
+    lists); the output has the tensors outside the decoder layers first, in this order, then each
+    output layer's tensors in the order of its source layer.
     hml: a (meta-device) memory module of the right size when the layout has memory blocks.
     """
     recipe = loaded.recipe
