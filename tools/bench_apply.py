@@ -523,7 +523,7 @@ def reading_lines(payload: dict) -> list[str]:
                "alternating) gave the same system CPU time with wall times inside each other's run-to-run spread. The floor runs "
                "after both tools in each repeat, so it reads the base from the page cache, while `apply`'s first repeat may read "
                "part of it from disk, and 8 GB writes on this shared disk vary by several seconds between runs: the remaining "
-               "gap is that, not the writer's work.")
+               "gap is most likely that rather than the writer's work (not proven: the floor was not rerun cold).")
     return out
 
 
