@@ -111,18 +111,19 @@ def _run_verify(path, base) -> int:
 def cmd_apply(args) -> int:
     import time
 
-    from .compile import compile_recipe
+    from .compile import compile_for_apply
     from .emit import emit
 
     started = time.perf_counter()
-    compiled = compile_recipe(args.recipe, anatomy_only_if_needed=True)
+    compiled, why_full = compile_for_apply(args.recipe, full=args.full_plan)
     planned = time.perf_counter()
     plan = compiled.plan
     out.print(f"{args.recipe}: {plan.base_num_layers} -> {plan.num_hidden_layers} layers, {_human(plan.params['total'])} parameters", markup=False)
     result = emit(compiled, out_dir=args.out, overwrite=args.overwrite, allow_pickle=args.allow_pickle, progress=not args.quiet)
     done = time.perf_counter()
     out.print(f"wrote {result.out_dir}: {result.num_tensors} tensors, {result.num_bytes / 2**20:.1f} MiB in {result.shards} shard(s), "
-              f"{done - started:.1f} s (plan {planned - started:.1f} s, writing {done - planned:.1f} s)", markup=False)
+              f"{done - started:.1f} s (plan {planned - started:.1f} s, writing {done - planned:.1f} s); "
+              + ("planned from the safetensors headers" if why_full is None else f"planned with transformers ({why_full})"), markup=False)
     if args.verify:
         return _run_verify(result.out_dir, None)
     return 0
@@ -160,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true", help="read pickle .bin base weights (with weights_only=True)")
     p.add_argument("--verify", action="store_true", help="run `verify` on the output right after emitting it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--full-plan", action="store_true",
+                   help="plan through transformers even where the safetensors headers suffice (debugging; also MIDUS_SURGERY_FULL_PLAN=1)")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("verify", help="load an emitted model and check it (tensors, identity at start, KV cache, reload)")

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Literal
 
-from .anatomy import Anatomy
+from .anatomy_spec import Anatomy
 from .base import load_base_config
+from .dtypes import auto_dtype
 from .layout import expand_layout
 from .plan import Plan, make_plan
 from .recipe import LoadedRecipe, load_recipe
+
+FULL_PLAN_ENV = "MIDUS_SURGERY_FULL_PLAN"  # "1": `apply` always plans through transformers (debugging)
 
 
 @dataclass(frozen=True)
 class Compiled:
     loaded: LoadedRecipe
-    config: object  # transformers.PretrainedConfig of the base
+    config: object | None  # transformers.PretrainedConfig of the base; None when planned from the headers
     anatomy: Anatomy | None
     plan: Plan
+    base_dtype: str = "float32"  # the base config's dtype: what `output.dtype: auto` writes
+    # checkpoint -> module tensor renames when known without transformers; None: the emitter asks it
+    renames: tuple[tuple[str, str], ...] | None = None
+    planner: Literal["transformers", "headers"] = "transformers"
 
 
 def anatomy_for(loaded: LoadedRecipe, config) -> tuple[Anatomy | None, str | None]:
@@ -38,12 +47,33 @@ def compile_recipe(path, *, anatomy_only_if_needed: bool = False) -> Compiled:
     anatomy_only_if_needed: skip tracing the block anatomy (a second or two) when every block
     is a plain copy, as ``apply`` does; the layer container is then found from tensor names.
     """
-    loaded = load_recipe(path)
+    return compile_loaded(load_recipe(path), anatomy_only_if_needed=anatomy_only_if_needed)
+
+
+def compile_loaded(loaded: LoadedRecipe, *, anatomy_only_if_needed: bool = False) -> Compiled:
     config = load_base_config(loaded)
     anatomy, why = None, None
     if not anatomy_only_if_needed or _needs_anatomy(loaded, config):
         anatomy, why = anatomy_for(loaded, config)
-    return Compiled(loaded, config, anatomy, make_plan(loaded, config, anatomy, anatomy_problem=why))
+    base_dtype = auto_dtype(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
+    return Compiled(loaded, config, anatomy, make_plan(loaded, config, anatomy, anatomy_problem=why), base_dtype=base_dtype)
+
+
+def compile_for_apply(path, *, full: bool = False) -> tuple[Compiled, str | None]:
+    """What ``apply`` runs: the plan from the safetensors headers when the recipe allows it, else the full one.
+
+    Returns the compiled recipe and, when the full planner made it, why the header planner did not
+    (None when it did). full (or MIDUS_SURGERY_FULL_PLAN=1): always the full planner.
+    """
+    loaded = load_recipe(path)
+    if full or os.environ.get(FULL_PLAN_ENV) == "1":
+        return compile_loaded(loaded, anatomy_only_if_needed=True), "the full plan was asked for"
+    from .header_plan import plan_from_headers
+
+    compiled, why = plan_from_headers(loaded)
+    if compiled is not None:
+        return compiled, None
+    return compile_loaded(loaded, anatomy_only_if_needed=True), why
 
 
 def _needs_anatomy(loaded: LoadedRecipe, config) -> bool:

@@ -12,26 +12,27 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from tqdm.auto import tqdm
 
 from .atomic import atomic_directory
 from .base import resolve_base
 from .compile import Compiled
+from .dtypes import ITEMSIZE, TAGS, torch_dtype
 from .errors import MidusError
 from .plan import HML_SUBMODULE, SHARED_BANK_PREFIX, Plan, TensorEntry
 from .shard_writer import ShardItem, write_shard
 from .tensor_source import open_base_tensors
+
+# torch and tqdm are imported where tensors are materialised or a progress bar is drawn: a
+# copy-only `apply` whose plan came from the safetensors headers never imports torch.
 
 MODELING_FILES = ("configuration_midus.py", "modeling_midus.py", "hml.py")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -42,19 +43,15 @@ class EmitResult:
     shards: int
 
 
-def output_dtype(compiled: Compiled) -> torch.dtype:
+def output_dtype(compiled: Compiled) -> str:
+    """The dtype name of the written weights ("bfloat16")."""
     wanted = compiled.loaded.recipe.output.dtype
-    if wanted != "auto":
-        return DTYPES[wanted]
-    base = getattr(compiled.config, "dtype", None) or getattr(compiled.config, "torch_dtype", None)
-    if isinstance(base, str):
-        base = DTYPES.get(base)
-    return base if isinstance(base, torch.dtype) else torch.float32
+    return compiled.base_dtype if wanted == "auto" else wanted
 
 
-def shard_tensors(entries: list[TensorEntry], dtype: torch.dtype, shard_bytes: int) -> list[list[TensorEntry]]:
+def shard_tensors(entries: list[TensorEntry], dtype: str, shard_bytes: int) -> list[list[TensorEntry]]:
     """Greedy, in plan order: a new shard starts when the next tensor would overflow this one."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = ITEMSIZE[TAGS[dtype]]
     shards: list[list[TensorEntry]] = [[]]
     filled = 0
     for entry in entries:
@@ -70,16 +67,16 @@ def shard_tensors(entries: list[TensorEntry], dtype: torch.dtype, shard_bytes: i
 class MemoryInit:
     """Builds each new memory module once, initialised from (seed, module name), and hands out its tensors."""
 
-    def __init__(self, compiled: Compiled, dtype: torch.dtype):
+    def __init__(self, compiled: Compiled, dtype: str):
         from .modeling_midus import _name_seed  # the model's own rule: same seed + name, same bytes
 
         self._name_seed = _name_seed
         self._compiled = compiled
         self._dtype = dtype
         self._module_name: str | None = None
-        self._tensors: dict[str, torch.Tensor] = {}
+        self._tensors: dict = {}  # parameter name -> torch.Tensor
 
-    def _build(self, module_name: str) -> dict[str, torch.Tensor]:
+    def _build(self, module_name: str) -> dict:
         from .hml import LatentBank
         from .plan import build_hml
 
@@ -91,9 +88,9 @@ class MemoryInit:
         else:
             module = build_hml(self._compiled.config, mem, device="cpu")
             module.reset_parameters(seed=seed)
-        return {name: p.detach().to(self._dtype) for name, p in module.named_parameters()}
+        return {name: p.detach().to(torch_dtype(self._dtype)) for name, p in module.named_parameters()}
 
-    def get(self, tensor_name: str) -> torch.Tensor:
+    def get(self, tensor_name: str):
         if tensor_name.startswith(SHARED_BANK_PREFIX + "."):
             module_name, param = SHARED_BANK_PREFIX, tensor_name[len(SHARED_BANK_PREFIX) + 1:]
         else:
@@ -106,11 +103,11 @@ class MemoryInit:
         return self._tensors[param]
 
 
-def emitted_config(plan: Plan, dtype: torch.dtype) -> dict:
+def emitted_config(plan: Plan, dtype: str) -> dict:
     """config.json: the rewritten base config, under model type ``midus`` when it has memory blocks."""
     config = dict(plan.config)
     config.pop("torch_dtype", None)
-    config["dtype"] = str(dtype).removeprefix("torch.")
+    config["dtype"] = dtype
     if not plan.memory_layers:
         return config  # a stock architecture, just deeper
     base_type = config.pop("model_type")
@@ -143,7 +140,7 @@ tags: [midus-surgery, depth-up-scaling]
 ---
 # {compiled.loaded.source.file}: {kind}
 
-Made by `midus-surgery apply` from a `{compiled.config.model_type}` base of {plan.base_num_layers} layers;
+Made by `midus-surgery apply` from a `{plan.model_type}` base of {plan.base_num_layers} layers;
 {plan.num_hidden_layers} layers out ({len(plan.memory_layers)} memory blocks). Not trained yet: continue pre-training it
 (`midus-surgery train`).
 
@@ -176,7 +173,7 @@ def _copy_tokenizer(ref, dest: Path) -> None:
         try:
             AutoTokenizer.from_pretrained(ref.directory, gguf_file=ref.gguf_file).save_pretrained(dest)
         except Exception as exc:  # noqa: BLE001 - a base without a usable tokenizer still emits
-            tqdm.write(f"warning: no tokenizer written (the GGUF's could not be read: {exc})")
+            _warn(f"no tokenizer written (the GGUF's could not be read: {exc})")
         return
     copied = 0
     for name in TOKENIZER_FILES:
@@ -184,7 +181,12 @@ def _copy_tokenizer(ref, dest: Path) -> None:
             shutil.copy2(ref.directory / name, dest / name)
             copied += 1
     if not copied:
-        tqdm.write(f"warning: {ref.directory} has no tokenizer files; the output has none either")
+        _warn(f"{ref.directory} has no tokenizer files; the output has none either")
+
+
+def _warn(message: str) -> None:
+    # companions are written after the progress bar has closed: a plain line on stderr
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _write_generation_config(ref, config_dict: dict, dest: Path) -> None:
@@ -205,7 +207,8 @@ def emit(compiled: Compiled, *, out_dir: Path | None = None, overwrite: bool = F
         raise MidusError(f"output {out} already exists (pass --overwrite to replace it)")
     ref = resolve_base(compiled.loaded)
     prefixes = tuple({t.name.split(".", 1)[0] for t in compiled.plan.tensors if "." in t.name})
-    source = open_base_tensors(ref, allow_pickle=allow_pickle, prefixes=prefixes, model_type=compiled.config.model_type)
+    source = open_base_tensors(ref, allow_pickle=allow_pickle, prefixes=prefixes, model_type=compiled.plan.model_type,
+                               renames=compiled.renames)
     try:
         with atomic_directory(out) as tmp:
             num_bytes, shards = _write_weights(compiled, source, tmp, progress)
@@ -224,33 +227,42 @@ def _write_weights(compiled: Compiled, source, tmp: Path, progress: bool) -> tup
     plan = compiled.plan
     dtype = output_dtype(compiled)
     shards = shard_tensors(plan.tensors, dtype, compiled.loaded.recipe.output.shard_bytes)
-    total_bytes = sum(t.numel for t in plan.tensors) * dtype.itemsize
+    total_bytes = sum(t.numel for t in plan.tensors) * ITEMSIZE[TAGS[dtype]]
     init = MemoryInit(compiled, dtype) if any(t.source is None for t in plan.tensors) else None
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))] if len(shards) > 1 else ["model.safetensors"]
     weight_map: dict[str, str] = {}
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="apply", disable=not progress) as bar:
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="apply")
+    try:
         for shard, file in zip(shards, names):
             items = [_shard_item(entry, source, init, dtype) for entry in shard]
-            write_shard(tmp / file, items, metadata={"format": "pt"}, on_bytes=bar.update)
+            write_shard(tmp / file, items, metadata={"format": "pt"}, on_bytes=bar.update if bar else None)
             os.chmod(tmp / file, 0o644)
             weight_map.update((entry.name, file) for entry in shard)
             source.release()
+    finally:
+        if bar is not None:
+            bar.close()
     if len(shards) > 1:
         index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return total_bytes, len(shards)
 
 
-def _shard_item(entry: TensorEntry, source, init: MemoryInit, dtype: torch.dtype) -> ShardItem:
+def _shard_item(entry: TensorEntry, source, init: MemoryInit, dtype: str) -> ShardItem:
+    tag = TAGS[dtype]
     if entry.source is not None and entry.rule == "copy":
         found = source.locate(entry.source)
         if found is not None:
-            where, stored_dtype, shape = found
+            where, stored_tag, shape = found
             if shape != entry.shape:
                 raise MidusError(_shape_mismatch(entry, shape))
-            if stored_dtype == dtype:
-                return ShardItem(entry.name, dtype, entry.shape, bytes_from=where)
-    return ShardItem(entry.name, dtype, entry.shape, make=lambda: _materialise(entry, source, init, dtype))
+            if stored_tag == tag:
+                return ShardItem(entry.name, tag, entry.shape, bytes_from=where)
+    return ShardItem(entry.name, tag, entry.shape, make=lambda: _materialise(entry, source, init, dtype))
 
 
 def _shape_mismatch(entry: TensorEntry, shape) -> str:
@@ -277,7 +289,10 @@ def _write_companions(compiled: Compiled, ref, tmp: Path) -> None:
     (tmp / "README.md").write_text(model_card(compiled, recipe_text))
 
 
-def _materialise(entry: TensorEntry, source, init: MemoryInit, dtype: torch.dtype) -> torch.Tensor:
+def _materialise(entry: TensorEntry, source, init: MemoryInit, dtype_name: str):
+    import torch
+
+    dtype = torch_dtype(dtype_name)
     if entry.source is None:
         tensor = init.get(entry.name)
     else:

@@ -3,6 +3,11 @@
 The plan is everything the emitter executes and the CLI prints: the output layer map, the
 rewritten config (new depth and every per-layer list), the tensor map (each output tensor from
 a source tensor or from an init rule), and parameter / FLOP counts against plain DUS.
+
+Two front ends share ``assemble_plan`` and ``remap_per_layer``: ``make_plan`` (any architecture
+transformers knows: tensor shapes from a meta-device instance, the config checked by
+transformers) and ``header_plan.plan_from_headers`` (copy-only recipes on a few architectures:
+shapes from the safetensors headers, neither transformers nor torch imported).
 """
 
 from __future__ import annotations
@@ -12,9 +17,7 @@ import functools
 import json
 from dataclasses import asdict, dataclass, field
 
-import torch
-
-from .anatomy import Anatomy
+from .anatomy_spec import Anatomy
 from .errors import RecipeError
 from .layout import LayerSpec, expand_layout
 from .recipe import LoadedRecipe, MemorySettings
@@ -93,6 +96,7 @@ class Plan:
 
 @functools.lru_cache(maxsize=8)
 def _base_tensor_shapes_cached(config_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     data = json.loads(config_json)
@@ -124,28 +128,40 @@ def attention_dims(config) -> tuple[int, int]:
 # Config rewriting
 
 
-def rewrite_config(config, layers: list[LayerSpec]) -> tuple[dict, list[str]]:
-    """The base config with the new depth, every per-layer entry taken from its source layer.
+def remap_per_layer(data: dict, num_layers: int, layers: list[LayerSpec]) -> tuple[dict, list[str]]:
+    """The per-layer entries of a config dict for the new layout, each taken from its source layer.
 
-    Returns the config dict and problems (messages) for per-layer behaviour the dict can't express.
+    Returns {key: new value} for every list with one entry per base layer and every list of layer
+    indices, and problems (messages) for per-layer behaviour a dict can't express (INDEX_PATTERNS).
     """
-    L = config.num_hidden_layers
-    new = copy.deepcopy(config)
+    L = num_layers
+    updates: dict = {}
     problems: list[str] = []
-    data = config.to_dict()
     for key, value in data.items():
         if isinstance(value, list) and len(value) == L and L > 1 and key not in INDEX_LISTS:
-            setattr(new, key, [value[layer.source] for layer in layers])
+            updates[key] = [value[layer.source] for layer in layers]
     for key in INDEX_LISTS:
         if isinstance(data.get(key), list):
             chosen = set(data[key])
-            setattr(new, key, [layer.index for layer in layers if layer.source in chosen])
+            updates[key] = [layer.index for layer in layers if layer.source in chosen]
     for key, rule in INDEX_PATTERNS.items():
         if isinstance(data.get(key), int):
             moved = [layer for layer in layers if rule(data, layer.index) != rule(data, layer.source)]
             if moved:
                 problems.append(f"the base config's {key}={data[key]} assigns behaviour to layers by index, and the new layout gives output layer "
                                 f"{moved[0].index} (from base layer {moved[0].source}) a different one; use a layout that keeps the pattern")
+    return updates, problems
+
+
+def rewrite_config(config, layers: list[LayerSpec]) -> tuple[dict, list[str]]:
+    """The base config with the new depth, every per-layer entry taken from its source layer.
+
+    Returns the config dict and problems (messages) for per-layer behaviour the dict can't express.
+    """
+    new = copy.deepcopy(config)
+    updates, problems = remap_per_layer(config.to_dict(), config.num_hidden_layers, layers)
+    for key, value in updates.items():
+        setattr(new, key, value)  # through the config object: attribute_map aliases (gpt2's n_layer) apply
     new.num_hidden_layers = len(layers)
     out = new.to_dict()
     out.pop("transformers_version", None)
@@ -184,6 +200,8 @@ def build_hml(config, mem: MemorySettings, device="meta"):
     """An HML module of the right size for this base (on the meta device: shapes only)."""
     from .hml import HeadwiseMemory, HMLConfig
 
+    import torch
+
     heads, head_dim = attention_dims(config)
     with torch.device(device):
         return HeadwiseMemory(heads, head_dim, config.hidden_size, HMLConfig.from_dict(mem.hml_dict()))
@@ -206,6 +224,26 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
+
+
+@dataclass(frozen=True)
+class BaseFacts:
+    """What the plan's counts need to know of the base beyond its tensors."""
+
+    model_type: str
+    num_layers: int
+    heads: int  # query heads H
+    head_dim: int  # d_h
+    hidden_size: int
+    vocab_size: int
+    sliding_window: int | None
+    layer_types: list | None  # the base's per-layer attention kinds, when its config has them
+
+    @classmethod
+    def of(cls, config) -> "BaseFacts":
+        heads, head_dim = attention_dims(config)
+        return cls(config.model_type, config.num_hidden_layers, heads, head_dim, config.hidden_size, config.vocab_size,
+                   getattr(config, "sliding_window", None), getattr(config, "layer_types", None))
 
 
 def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None, *, anatomy_problem: str | None = None) -> Plan:
@@ -231,6 +269,21 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None, *, anatomy_
     layers_path = anatomy.layers_path if anatomy else guess_layers_path(shapes, L)
     if layers_path is None:
         raise RecipeError([loaded.problem(("base",), "cannot tell where the decoder layers are in this model; state it with an `anatomy:` block")])
+    hml = build_hml(config, recipe.memory) if "memory" in kinds else None
+    return assemble_plan(loaded, BaseFacts.of(config), layers, new_config, shapes, layers_path, anatomy, hml)
+
+
+def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec], new_config: dict,
+                  shapes: dict[str, tuple[int, ...]], layers_path: str, anatomy: Anatomy | None, hml=None) -> Plan:
+    """The tensor map and the counts, from the checked layer map, the rewritten config and the base's tensors.
+
+    shapes: every base tensor (tied ones once) -> shape, in module order (what named_parameters
+    lists); the output has the tensors outside the decoder layers first, in this order, then each
+    output layer's tensors in the order of its source layer.
+    hml: a (meta-device) memory module of the right size when the layout has memory blocks.
+    """
+    recipe = loaded.recipe
+    L = base.num_layers
     per_layer: list[dict[str, tuple[int, ...]]] = [{} for _ in range(L)]
     global_shapes: dict[str, tuple[int, ...]] = {}
     prefix = layers_path + "."
@@ -241,7 +294,6 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None, *, anatomy_
         else:
             global_shapes[name] = shape
 
-    hml = build_hml(config, recipe.memory) if "memory" in kinds else None
     hml_shapes = {n: tuple(p.shape) for n, p in hml.named_parameters()} if hml else {}
     hml_rules = hml.init_rules() if hml else {}
     share = recipe.memory.share_bank
@@ -249,8 +301,8 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None, *, anatomy_
 
     tensors: list[TensorEntry] = [TensorEntry(n, s, n, "copy") for n, s in global_shapes.items()]
     layer_params: list[int] = []
-    heads, head_dim = attention_dims(config)
-    window = getattr(config, "sliding_window", None)
+    heads, head_dim = base.heads, base.head_dim
+    window = base.sliding_window
     # per output layer: attention score/value flops per token (QK^T and AV over the context)
     attn_ctx_flops = [4 * _attention_context(new_config.get("layer_types"), window, recipe.flops_seq_len, layer.index) * heads * head_dim for layer in layers]
 
@@ -287,8 +339,8 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None, *, anatomy_
     layer_size = [sum(_numel(s) for s in per_layer[i].values()) for i in range(L)]
     dus_added = sum(layer_size[layer.source] for layer in layers if layer.inserted)
     base_layer_flops = [2 * _matmul_params(per_layer[i]) for i in range(L)]
-    head_flops = 2 * config.vocab_size * config.hidden_size
-    base_types = getattr(config, "layer_types", None)
+    head_flops = 2 * base.vocab_size * base.hidden_size
+    base_types = base.layer_types
     base_flops = head_flops + sum(base_layer_flops[i] + 4 * _attention_context(base_types, window, recipe.flops_seq_len, i) * heads * head_dim for i in range(L))
     dus_flops = head_flops + sum(base_layer_flops[layer.source] + attn_ctx_flops[layer.index] for layer in layers)
     plan_flops = head_flops + sum(plan_layer_flops)
@@ -299,10 +351,10 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None, *, anatomy_
         "hml": recipe.memory.hml_dict(),
         "share_bank": share,
         "anatomy": anatomy.model_dump(mode="json") if anatomy else None,
-        "base_model_type": config.model_type,
+        "base_model_type": base.model_type,
     }
     return Plan(
-        model_type=config.model_type,
+        model_type=base.model_type,
         base_num_layers=L,
         layers=layers,
         config=new_config,

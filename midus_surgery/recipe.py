@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .anatomy import Anatomy
+from .anatomy_spec import Anatomy
 from .errors import Problem, RecipeError
 from .yaml_source import YamlSource, load_yaml
 

@@ -13,7 +13,7 @@ import typing
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from .anatomy import Anatomy
+from .anatomy_spec import Anatomy
 from .recipe import (
     BaseModelSpec,
     Interleave,

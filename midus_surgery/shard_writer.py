@@ -18,17 +18,13 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
-import torch
+from .dtypes import ITEMSIZE, tag_of
 
-# torch dtype <-> safetensors dtype tag
-DTYPE_TAGS = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-TAG_DTYPES = {tag: dtype for dtype, tag in DTYPE_TAGS.items()}
+if TYPE_CHECKING:
+    import torch
+
 _COPY_CHUNK = 1 << 30  # copy_file_range moves at most ~2 GiB per call
 
 
@@ -43,17 +39,18 @@ class FileSlice:
 
 @dataclass(frozen=True)
 class ShardItem:
-    """One output tensor: its name, dtype, shape, and either a FileSlice or a producer of the tensor."""
+    """One output tensor: its name, safetensors dtype tag ("BF16"), shape, and either a FileSlice
+    or a producer of the tensor (a torch tensor; torch is imported only by producers)."""
 
     name: str
-    dtype: torch.dtype
+    dtype: str
     shape: tuple[int, ...]
     bytes_from: Optional[FileSlice] = None
     make: Optional[Callable[[], torch.Tensor]] = None
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
+        n = ITEMSIZE[self.dtype]
         for d in self.shape:
             n *= d
         return n
@@ -67,11 +64,11 @@ def read_header(path: Union[str, Path]) -> tuple[dict, int]:
     return header, 8 + length
 
 
-def file_slice(path: Path, name: str, header: dict, data_start: int) -> tuple[FileSlice, torch.dtype, tuple[int, ...]]:
-    """The FileSlice, dtype and shape of tensor ``name`` in a file whose header was read."""
+def file_slice(path: Path, name: str, header: dict, data_start: int) -> tuple[FileSlice, str, tuple[int, ...]]:
+    """The FileSlice, dtype tag and shape of tensor ``name`` in a file whose header was read."""
     info = header[name]
     begin, end = info["data_offsets"]
-    return FileSlice(path, data_start + begin, end - begin), TAG_DTYPES[info["dtype"]], tuple(info["shape"])
+    return FileSlice(path, data_start + begin, end - begin), info["dtype"], tuple(info["shape"])
 
 
 def write_shard(path: Path, items: list[ShardItem], metadata: Optional[dict] = None, on_bytes=None) -> int:
@@ -79,9 +76,9 @@ def write_shard(path: Path, items: list[ShardItem], metadata: Optional[dict] = N
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for item in items:
-        if item.dtype not in DTYPE_TAGS:
+        if item.dtype not in ITEMSIZE:
             raise ValueError(f"{item.name}: dtype {item.dtype} cannot be stored in safetensors")
-        header[item.name] = {"dtype": DTYPE_TAGS[item.dtype], "shape": list(item.shape),
+        header[item.name] = {"dtype": item.dtype, "shape": list(item.shape),
                              "data_offsets": [offset, offset + item.nbytes]}
         offset += item.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -100,9 +97,11 @@ def write_shard(path: Path, items: list[ShardItem], metadata: Optional[dict] = N
                         fd = sources[src.path] = os.open(src.path, os.O_RDONLY)
                     _copy_range(fd, out.fileno(), src.offset, src.length)
                 else:
+                    import torch  # only for produced tensors: a copy-only shard never imports it
+
                     tensor = item.make()
-                    if tensor.dtype != item.dtype or tuple(tensor.shape) != item.shape:
-                        raise ValueError(f"{item.name}: produced {tensor.dtype} {tuple(tensor.shape)}, "
+                    if tag_of(tensor.dtype) != item.dtype or tuple(tensor.shape) != item.shape:
+                        raise ValueError(f"{item.name}: produced {tag_of(tensor.dtype) or tensor.dtype} {tuple(tensor.shape)}, "
                                          f"expected {item.dtype} {item.shape}")
                     # safetensors data is little-endian, like every platform torch supports here
                     data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()

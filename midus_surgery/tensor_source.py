@@ -1,7 +1,8 @@
 """Read base model tensors one at a time, whatever the base's format.
 
-- HF safetensors directories (single file or sharded with an index): lazily, with ``safe_open``,
-  so memory holds one tensor at a time.
+- HF safetensors directories (single file or sharded with an index): names from the files'
+  headers, tensors lazily with ``safe_open``, so memory holds one tensor at a time; a tensor
+  copied as-is is only located (file, offset) and never read here.
 - GGUF files: through transformers' GGUF loader (dequantised); the whole model is in memory.
 - pickle ``.bin`` checkpoints: only when explicitly allowed, and then with ``weights_only=True``.
 """
@@ -10,14 +11,16 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from pathlib import Path
-
-import torch
-from safetensors import safe_open
+from typing import TYPE_CHECKING
 
 from .base import BaseRef
 from .errors import MidusError
 from .shard_writer import file_slice, read_header
+
+if TYPE_CHECKING:
+    import torch
 
 
 def checkpoint_renames(model_type: str) -> list[tuple[str, str]]:
@@ -99,16 +102,28 @@ class SafetensorsSource(TensorSource):
         self._headers: dict[str, tuple[dict, int]] = {}
         names = {}
         for file in files:
-            for key in self._handle(file).keys():
-                names[key] = file
+            header, _ = self._header(file)
+            for key in header:
+                if key != "__metadata__":
+                    names[key] = file
         if weight_map is not None:
             missing = [k for k, f in weight_map.items() if names.get(k) != f]
             if missing:
                 raise MidusError(f"{index}: {len(missing)} tensors listed in the index are not in their shard, e.g. {missing[0]}")
         super().__init__(names, prefixes, renames)
 
+    def _header(self, file: str) -> tuple[dict, int]:
+        if file not in self._headers:
+            try:
+                self._headers[file] = read_header(self._directory / file)
+            except (OSError, ValueError, struct.error) as exc:  # missing, truncated or not JSON
+                raise MidusError(f"cannot read {self._directory / file}: {exc}") from None
+        return self._headers[file]
+
     def _handle(self, file: str):
         if file not in self._handles:
+            from safetensors import safe_open
+
             try:
                 self._handles[file] = safe_open(str(self._directory / file), framework="pt")
             except Exception as exc:  # safetensors raises its own error types for corrupt files
@@ -123,9 +138,7 @@ class SafetensorsSource(TensorSource):
         if key is None:
             return None
         file = self._where[key]
-        if file not in self._headers:
-            self._headers[file] = read_header(self._directory / file)
-        header, data_start = self._headers[file]
+        header, data_start = self._header(file)
         return file_slice(self._directory / file, key, header, data_start)
 
     def release(self) -> None:
@@ -144,10 +157,13 @@ class DictSource(TensorSource):
         return self._where[key].clone()
 
 
-def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, ...], model_type: str) -> TensorSource:
+def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, ...], model_type: str,
+                      renames: list[tuple[str, str]] | None = None) -> TensorSource:
+    """renames: the checkpoint -> module renames when known (None: ask transformers, ``checkpoint_renames``)."""
     if not ref.exists:
         raise MidusError(f"base model not found: {ref.directory / (ref.gguf_file or 'config.json')}")
     if ref.is_gguf:
+        import torch
         from transformers import AutoModelForCausalLM
 
         try:
@@ -155,10 +171,14 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
         except Exception as exc:  # transformers' GGUF loader raises many types for unsupported files
             raise MidusError(f"cannot load the GGUF base {ref.directory / ref.gguf_file}: {exc}") from None
         return DictSource(model.state_dict(), prefixes)
+    if renames is None:
+        renames = checkpoint_renames(model_type)
     if any(ref.directory.glob("*.safetensors")):
-        return SafetensorsSource(ref.directory, prefixes, checkpoint_renames(model_type))
+        return SafetensorsSource(ref.directory, prefixes, renames)
     bins = sorted(ref.directory.glob("*.bin"))
     if bins:
+        import torch
+
         if not allow_pickle:
             raise MidusError(f"{ref.directory} holds only pickle .bin weights; pickle can run code when loaded: pass --allow-pickle to read them (with weights_only=True)")
         tensors: dict[str, torch.Tensor] = {}
@@ -167,5 +187,5 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
                 tensors.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
             except Exception as exc:  # noqa: BLE001 - corrupt or unsafe pickles raise many types
                 raise MidusError(f"cannot read {file}: {exc}") from None
-        return DictSource(tensors, prefixes, checkpoint_renames(model_type))
+        return DictSource(tensors, prefixes, renames)
     raise MidusError(f"no weights found in {ref.directory} (expected .safetensors files)")

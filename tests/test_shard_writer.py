@@ -50,7 +50,7 @@ def test_copied_and_produced_tensors_read_back_exactly(base_file, tmp_path, monk
     new = torch.arange(12, dtype=torch.float16).view(3, 4)
     items = [
         copied(path, "b", "layers.0.b"),
-        ShardItem("new", torch.float16, (3, 4), make=lambda: new),
+        ShardItem("new", "F16", (3, 4), make=lambda: new),
         copied(path, "a", "layers.0.a"),
         copied(path, "a", "layers.1.a"),  # the same source twice: a duplicated layer
         copied(path, "c"),
@@ -71,14 +71,14 @@ def test_copied_and_produced_tensors_read_back_exactly(base_file, tmp_path, monk
 
 
 def test_wrong_produced_tensor_is_an_error(tmp_path):
-    items = [ShardItem("x", torch.float32, (2, 2), make=lambda: torch.zeros(2, 3))]
-    with pytest.raises(ValueError, match="expected torch.float32 \\(2, 2\\)"):
+    items = [ShardItem("x", "F32", (2, 2), make=lambda: torch.zeros(2, 3))]
+    with pytest.raises(ValueError, match="produced F32 \\(2, 3\\), expected F32 \\(2, 2\\)"):
         write_shard(tmp_path / "bad.safetensors", items)
 
 
 def test_wrong_source_length_is_an_error(base_file, tmp_path):
     path, _ = base_file
     item = copied(path, "a")
-    bad = ShardItem("a", torch.float32, (4, 5), bytes_from=item.bytes_from)
+    bad = ShardItem("a", "F32", (4, 5), bytes_from=item.bytes_from)
     with pytest.raises(ValueError, match="source holds 60 bytes, 80 expected"):
         write_shard(tmp_path / "bad.safetensors", [bad])
