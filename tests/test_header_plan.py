@@ -256,3 +256,43 @@ def test_architecture_tables_match_transformers(arch, flags):
 def test_covered_architectures_have_no_checkpoint_renames(arch):
     # the header plan hands the emitter no renames (Compiled.renames == ()); transformers must agree
     assert checkpoint_renames(arch) == []
+
+
+def test_copy_shards_written_in_parallel_equal_one_at_a_time(bases, tmp_path, monkeypatch):
+    """A copy-only output of several shards is written by two threads: the bytes are those of the one-at-a-time writer."""
+    import midus_surgery.emit as emit_module
+
+    recipe = write_recipe(tmp_path, bases["llama-sharded-bf16"], shard_size="1MB")
+    compiled, _ = compile_for_apply(recipe)
+    calls = []
+    real = emit_module._write_copy_shards_in_parallel
+    monkeypatch.setattr(emit_module, "_write_copy_shards_in_parallel", lambda *a: calls.append(a[3]) or real(*a))
+    parallel = emit(compiled, out_dir=tmp_path / "parallel", progress=True).out_dir
+    assert calls == [2]  # the parallel writer ran, with two workers
+    monkeypatch.setattr(emit_module, "COPY_WORKERS", 1)
+    serial = emit(compiled, out_dir=tmp_path / "serial", progress=False).out_dir
+    assert calls == [2]
+    files = sorted(p.name for p in serial.iterdir())
+    assert sorted(p.name for p in parallel.iterdir()) == files and len([f for f in files if f.startswith("model-")]) > 1
+    for name in files:
+        if name != "midus_plan.json":
+            assert (parallel / name).read_bytes() == (serial / name).read_bytes(), name
+        assert (parallel / name).stat().st_mode == (serial / name).stat().st_mode, name
+
+
+def test_a_failing_parallel_shard_leaves_no_output(bases, tmp_path, monkeypatch):
+    import midus_surgery.emit as emit_module
+
+    recipe = write_recipe(tmp_path, bases["llama-sharded-bf16"], shard_size="1MB")
+    compiled, _ = compile_for_apply(recipe)
+    real = emit_module.write_shard
+
+    def failing(path, items, **kw):
+        if path.name.startswith("model-00002"):
+            raise OSError(28, "No space left on device")
+        return real(path, items, **kw)
+
+    monkeypatch.setattr(emit_module, "write_shard", failing)
+    with pytest.raises(OSError, match="No space left"):
+        emit(compiled, out_dir=tmp_path / "out", progress=False)
+    assert list(tmp_path.glob("*out*")) == []  # neither the output nor its hidden work directory
