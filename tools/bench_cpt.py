@@ -65,6 +65,8 @@ def cli() -> argparse.Namespace:
     p.add_argument("--precision", default="auto", help="auto: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--lr", type=float, default=2e-4, help="optim.lr of every run")
     p.add_argument("--memory-lr", type=float, default=1e-3, help="memory.lr (MIDUS only)")
+    p.add_argument("--memory-schedule", choices=["constant", "same"], default="constant",
+                   help="memory.schedule (MIDUS only): constant after warmup, or `same`: the base's cosine decay scaled to --memory-lr")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="+", choices=["base"] + [v[0] for v in VARIANTS], help="run only these rows")
     p.add_argument("--midus-recipe", help="another MIDUS recipe (e.g. an ablation written to work/); applied if its output is missing")
@@ -140,7 +142,7 @@ def train(name: str, model_dir: str, a, train_files: list[str], held_files: list
         "tokens": a.tokens, "micro_batch_size": a.micro_batch_size, "grad_accum": a.grad_accum, "precision": a.precision,
         "freeze": a.freeze,
         "optim": {"lr": a.lr, "schedule": "cosine", "warmup": 0.02, "min_lr_ratio": 0.1, "weight_decay": 0.1, "grad_clip": 1.0},
-        "memory": {"lr": a.memory_lr, "schedule": "constant", "weight_decay": 0.0, "grad_clip": 1.0},
+        "memory": {"lr": a.memory_lr, "schedule": a.memory_schedule, "weight_decay": 0.0, "grad_clip": 1.0},
         # held-out loss of the training domain: the same blocks `midus-surgery eval` reads (first eval_blocks of the held-out files);
         # at the start only for DUS (the identity-initialised LLaMA-Pro and MIDUS start exactly at the base's numbers).
         "eval": {"every": 0, "max_blocks": a.eval_blocks, "batch_size": a.micro_batch_size, "at_start": name == "DUS"},
@@ -286,7 +288,7 @@ def write_doc(results: dict, a, png: Path) -> None:
              f"Training: `{results['train_corpus']}` ({results['n_train_files']} files; every {a.held_out_every}th file by name held out: "
              f"{results['n_held_files']} files), freeze={a.freeze}, {a.tokens:,} tokens = {results['rows'].get('MIDUS', results['rows'].get('DUS', {})).get('steps', '?')} steps "
              f"of {a.micro_batch_size} x {a.grad_accum} x {a.block_size}, seed {a.seed}, precision {a.precision}, lr {a.lr:g} cosine (warmup 2%), "
-             f"memory lr {a.memory_lr:g} constant. Evaluation: packed blocks of {a.block_size}, the first {a.eval_blocks} blocks of each domain "
+             f"memory lr {a.memory_lr:g} {'constant' if a.memory_schedule == 'constant' else 'cosine (the base schedule)'}. Evaluation: packed blocks of {a.block_size}, the first {a.eval_blocks} blocks of each domain "
              f"({a.eval_blocks * (a.block_size - 1):,} predicted tokens).", "",
              fmt_table(results), "",
              f"![loss curves]({png.name})" if png else "", "",
@@ -307,6 +309,7 @@ def main() -> None:
             setattr(a, k, float(results["args"][k]))
         for k in ("label", "freeze", "precision", "train_corpus", "other_corpus"):
             setattr(a, k, results["args"][k])
+        a.memory_schedule = results["args"].get("memory_schedule", "constant")  # results.json older than the flag
         png = Path(a.replot).parent / "loss.png"
         plot(results, a, png)
         if not a.no_doc:
