@@ -307,6 +307,9 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
     attn_ctx_flops = [4 * _attention_context(new_config.get("layer_types"), window, recipe.flops_seq_len, layer.index) * heads * head_dim for layer in layers]
 
     plan_layer_flops: list[int] = []
+    # query_source "heads": the attention's output projection becomes the tap (dropped); "hidden"
+    # keeps it (zeroed), as modeling_midus does, and queries the memory from the FFN branch's input
+    tapped = recipe.memory.query_source == "heads"
     for layer in layers:
         src = per_layer[layer.source]
         out_prefix, src_prefix = f"{prefix}{layer.index}.", f"{prefix}{layer.source}."
@@ -314,10 +317,12 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
         kept: dict[str, tuple[int, ...]] = {}
         for rest, shape in src.items():
             if layer.kind == "memory" and (
-                _is_under(rest, anatomy.attn_out_proj) or any(_is_under(rest, m) for m in anatomy.ffn) or any(_is_under(rest, m) for m in anatomy.ffn_norms)
+                (tapped and _is_under(rest, anatomy.attn_out_proj)) or any(_is_under(rest, m) for m in anatomy.ffn) or any(_is_under(rest, m) for m in anatomy.ffn_norms)
             ):
                 continue  # replaced by the tap / the HML readout / identities
-            zero = layer.kind == "identity" and (_is_under(rest, anatomy.attn_out_proj) or _is_under(rest, anatomy.ffn_down_proj))
+            zero = (layer.kind == "identity" and (_is_under(rest, anatomy.attn_out_proj) or _is_under(rest, anatomy.ffn_down_proj))) or (
+                # the kept output projection starts at zero, as LLaMA-Pro's: the block starts as the identity
+                layer.kind == "memory" and not tapped and _is_under(rest, anatomy.attn_out_proj))
             tensors.append(TensorEntry(out_prefix + rest, shape, src_prefix + rest, "zeros" if zero else "copy"))
             kept[rest] = shape
             count += _numel(shape)

@@ -119,7 +119,7 @@ class MemorySettings(Strict):
     query_norm: Literal["none", "rms", "layer"] = Field("rms", description="Per-head normalisation of the query before scoring (never batch norm: it breaks causality).")
     gate: bool = Field(False, description="Memory+-style SiLU gate on the memory output.")
     output_proj: Literal["auto", "always", "never"] = Field("auto", description="Output projection to the hidden size: `auto` adds one only when heads*head_dim != hidden size.")
-    query_source: Literal["heads", "hidden"] = Field("heads", description="`heads`: each head's attention output queries its memory (MIDUS). `hidden`: the generic variant, queries projected from x + Attn(Norm(x)).")
+    query_source: Literal["heads", "hidden"] = Field("heads", description="`heads`: each head's attention output queries its memory (MIDUS). `hidden`: the generic variant, queries projected from x + Attn(Norm(x)); the attention keeps its output projection, zeroed as in LLaMA-Pro so the block starts as the identity.")
     init: Literal["zero_proj", "zero_bank", "random"] = Field("zero_proj", description="`zero_proj`: head projections zero, bank random (output exactly 0 at start, function-preserving). `zero_bank`: bank zero, projections random (also function-preserving). `random`: not function-preserving.")
     norm_eps: float = Field(1e-6, gt=0, description="Epsilon of the per-head query norm.")
     bank_grad: Literal["sparse_mm", "embedding_bag", "index_add"] = Field("sparse_mm", description="How the backward accumulates the bank (or value table) gradient; all give the same dense gradient, at different speeds (docs/hml.md).")

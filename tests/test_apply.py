@@ -229,3 +229,24 @@ def test_missing_tensor_is_a_load_error(bases, tmp_path):
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="missing 1"):
         AutoModelForCausalLM.from_pretrained(out)
+
+
+@pytest.mark.parametrize("extra", ["  query_source: hidden\n", "  gate: true\n  output_proj: always\n", "  share_bank: true\n"])
+def test_memory_variants_apply_load_and_train(extra, bases, tmp_path):
+    """Every memory variant's plan holds exactly the tensors its model has (query_source: hidden
+    keeps the attention's output projection), loads function-preserving, and trains."""
+    recipe = write_recipe(tmp_path, bases["llama"], "midus")
+    recipe.write_text(recipe.read_text().replace("  latent_dim: 8\n", "  latent_dim: 8\n" + extra))
+    compiled = compile_recipe(recipe)
+    result = emit(compiled, progress=False)
+    checks = {c.name: c for c in verify(result.out_dir, report=lambda c: None)}
+    assert all(c.ok for c in checks.values()), {n: c.detail for n, c in checks.items() if not c.ok}
+    assert "against the base: 0 (" in checks["identity"].detail
+    model = AutoModelForCausalLM.from_pretrained(result.out_dir, dtype=torch.float32)
+    planned, loaded = {t.name for t in compiled.plan.tensors}, set(model.state_dict())
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    assert (loaded - planned - tied, planned - loaded) == (set(), set())
+    o_proj = f"{compiled.plan.anatomy.layers_path}.{compiled.plan.memory_layers[0]}.{compiled.plan.anatomy.attn_out_proj}.weight"
+    assert (o_proj in model.state_dict()) == ("query_source: hidden" in extra)
+    before, after = one_step_lowers_loss(model, compiled.plan)
+    assert after < before
