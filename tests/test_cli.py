@@ -28,6 +28,24 @@ def test_bundled_recipes_validate():
     assert "32 -> 48 layers (16 transformer)" in result.stdout
 
 
+def test_ablation_recipes_validate_and_differ_from_the_midus_recipe_in_one_knob():
+    """The recipes docs/reproduction.md's ablation ran: each is the bundled MIDUS recipe with one memory knob changed."""
+    import yaml
+
+    ablations = sorted((ROOT / "recipes" / "ablation").glob("*.yaml"))
+    assert len(ablations) >= 5
+    result = run("validate", *map(str, ablations))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("30 -> 36 layers (6 memory)") == len(ablations)
+    reference = yaml.safe_load((ROOT / "recipes" / "smollm2-135m-midus.yaml").read_text())
+    for path in ablations:
+        recipe = yaml.safe_load(path.read_text())
+        assert recipe["layout"] == reference["layout"], path.name
+        changed = {k for k in recipe["memory"].keys() | reference["memory"].keys()
+                   if recipe["memory"].get(k, "default") != reference["memory"].get(k, "default")}
+        assert len(changed) == 1, (path.name, changed)
+
+
 def test_invalid_recipe_lists_every_problem_and_exits_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(
