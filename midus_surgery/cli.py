@@ -85,6 +85,11 @@ def cmd_plan(args) -> int:
             origin = t.source if t.rule == "copy" else (f"{t.source} (zeroed)" if t.source else t.rule)
             tensors.add_row(t.name, "x".join(map(str, t.shape)), origin)
         out.print(tensors)
+    from .header_plan import plan_from_headers
+
+    _, why_full = plan_from_headers(loaded)  # reads config.json and the safetensors headers only
+    out.print("apply: plans from the safetensors headers (copy-only; neither torch nor transformers imported)" if why_full is None
+              else f"apply: plans through transformers ({why_full})", markup=False)
     return 0
 
 

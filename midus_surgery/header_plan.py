@@ -116,7 +116,7 @@ def _plan(loaded: LoadedRecipe) -> Compiled:
         raise NotCovered("base.trust_remote_code is set")
     ref = resolve_base(loaded)
     if ref.is_gguf or not ref.exists:
-        raise NotCovered("the base is not a directory with a config.json" if not ref.is_gguf else "the base is a GGUF file")
+        raise NotCovered(f"no base model at {ref.directory} yet" if not ref.is_gguf else "the base is a GGUF file")
     try:
         config = json.loads((ref.directory / "config.json").read_text())
     except (OSError, ValueError) as exc:

@@ -296,3 +296,10 @@ def test_a_failing_parallel_shard_leaves_no_output(bases, tmp_path, monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         emit(compiled, out_dir=tmp_path / "out", progress=False)
     assert list(tmp_path.glob("*out*")) == []  # neither the output nor its hidden work directory
+
+
+def test_plan_says_which_planner_apply_will_use(bases, tmp_path, capsys):
+    assert main(["plan", str(write_recipe(tmp_path, bases["llama-tied"]))]) == 0
+    assert "apply: plans from the safetensors headers" in capsys.readouterr().out
+    assert main(["plan", str(write_recipe(tmp_path, bases["gpt2"]))]) == 0
+    assert "apply: plans through transformers (model type 'gpt2' is not one the header planner covers)" in capsys.readouterr().out
