@@ -26,10 +26,11 @@ from typing import Callable
 from .base import resolve_base
 from .compile import Compiled
 from .dtypes import FLOATS, TAGS, auto_dtype
+from .errors import MidusError
 from .layout import expand_layout
 from .plan import INDEX_LISTS, INDEX_PATTERNS, BaseFacts, assemble_plan, guess_layers_path, remap_per_layer
 from .recipe import LoadedRecipe
-from .shard_writer import read_header
+from .tensor_source import SafetensorsSource
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -221,23 +222,8 @@ def _check_checkpoint(directory, shapes: Shapes, tag: str, *, tied: bool) -> Non
 
 
 def _stored_tensors(directory) -> dict[str, tuple[str, list[int]]]:
-    """name -> (dtype tag, shape) from the headers, the same files the emitter reads (tensor_source)."""
-    index = directory / "model.safetensors.index.json"
+    """name -> (dtype tag, shape) from the headers, read as the emitter reads them (tensor_source)."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
-        files = sorted(set(weight_map.values())) if weight_map is not None else sorted(p.name for p in directory.glob("*.safetensors"))
-        if not files:
-            raise NotCovered("no .safetensors files")
-        stored: dict[str, tuple[str, list[int]]] = {}
-        where: dict[str, str] = {}
-        for file in files:
-            header, _ = read_header(directory / file)
-            for name, info in header.items():
-                if name != "__metadata__":
-                    stored[name] = (info["dtype"], info["shape"])
-                    where[name] = file
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
+        return SafetensorsSource(directory, (), ()).stored()
+    except (MidusError, OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
         raise NotCovered(f"cannot read the safetensors headers: {exc}") from None
-    if weight_map is not None and any(where.get(k) != f for k, f in weight_map.items()):
-        raise NotCovered("the index lists tensors that are not in their shard")
-    return stored

@@ -316,14 +316,10 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
         count = 0
         kept: dict[str, tuple[int, ...]] = {}
         for rest, shape in src.items():
-            if layer.kind == "memory" and (
-                (tapped and _is_under(rest, anatomy.attn_out_proj)) or any(_is_under(rest, m) for m in anatomy.ffn) or any(_is_under(rest, m) for m in anatomy.ffn_norms)
-            ):
-                continue  # replaced by the tap / the HML readout / identities
-            zero = (layer.kind == "identity" and (_is_under(rest, anatomy.attn_out_proj) or _is_under(rest, anatomy.ffn_down_proj))) or (
-                # the kept output projection starts at zero, as LLaMA-Pro's: the block starts as the identity
-                layer.kind == "memory" and not tapped and _is_under(rest, anatomy.attn_out_proj))
-            tensors.append(TensorEntry(out_prefix + rest, shape, src_prefix + rest, "zeros" if zero else "copy"))
+            rule = _block_tensor_rule(layer.kind, rest, anatomy, tapped)
+            if rule is None:
+                continue
+            tensors.append(TensorEntry(out_prefix + rest, shape, src_prefix + rest, rule))
             kept[rest] = shape
             count += _numel(shape)
         flops = 2 * _matmul_params(kept) + attn_ctx_flops[layer.index]
@@ -371,6 +367,19 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
         anatomy=anatomy,
         layers_path=layers_path,
     )
+
+
+def _block_tensor_rule(kind: str, rest: str, anatomy: Anatomy | None, tapped: bool) -> str | None:
+    """How an inserted block gets its source layer's tensor ``rest``: "copy", "zeros", or None (not in the block)."""
+    if kind == "memory":
+        if any(_is_under(rest, m) for m in (*anatomy.ffn, *anatomy.ffn_norms)):
+            return None  # replaced by the HML readout / identities
+        if _is_under(rest, anatomy.attn_out_proj):
+            # heads: replaced by the tap; hidden: kept, zero at the start (as LLaMA-Pro's) so the block starts as the identity
+            return None if tapped else "zeros"
+    if kind == "identity" and (_is_under(rest, anatomy.attn_out_proj) or _is_under(rest, anatomy.ffn_down_proj)):
+        return "zeros"
+    return "copy"
 
 
 def _attention_context(layer_types, window: int | None, seq_len: int, index: int) -> int:

@@ -120,6 +120,14 @@ class SafetensorsSource(TensorSource):
                 raise MidusError(f"cannot read {self._directory / file}: {exc}") from None
         return self._headers[file]
 
+    def stored(self) -> dict[str, tuple[str, list[int]]]:
+        """Every checkpoint tensor name -> (safetensors dtype tag, shape), from the headers already read."""
+        out = {}
+        for key, file in self._where.items():
+            info = self._header(file)[0][key]
+            out[key] = (info["dtype"], info["shape"])
+        return out
+
     def _handle(self, file: str):
         if file not in self._handles:
             from safetensors import safe_open
