@@ -61,3 +61,27 @@ def test_from_json_writes_the_gpu_section_only(tmp_path, monkeypatch):
     assert "bf16 16x256, freeze=none: MIDUS/DUS step 1.20x" in gpu and "bf16 4x256, freeze=none: MIDUS/DUS step 0.80x" in gpu
     assert "peak GPU memory delta MiB" in gpu and "![training step](gpu.png)" in gpu
     assert (tmp_path / "gpu.png").stat().st_size > 0 and not (tmp_path / "cpu.png").exists()
+
+
+def test_paired_rounds_judge_the_target_on_the_median_of_per_round_ratios():
+    # a machine whose speed drifts: round 2 runs everything 2x slower, so minima from different rounds mislead
+    rows = [_row("DUS", "base", "fp32", 4, 1.0, 21 * 10**6), _row("MIDUS", "base", "fp32", 4, 1.0, 10 * 10**6),
+            _row("FFN-free floor", "base", "fp32", 4, 1.0, 5 * 10**6)]
+    paired = {"DUS": [1.0, 2.0, 1.0], "MIDUS": [0.8, 1.6, 0.9], "FFN-free floor": [0.7, 1.5, 0.8]}
+    for row in rows:
+        row["paired_steps_s"] = paired[row["model"]]
+        row.update(bs.paired_ratio_stats(row["paired_steps_s"], paired["DUS"]))
+    midus = rows[1]
+    assert abs(midus["paired_vs_dus"] - 0.8) < 1e-12 and midus["paired_rounds"] == 3
+    assert abs(midus["paired_vs_dus_q1"] - 0.8) < 1e-12 and abs(midus["paired_vs_dus_q3"] - 0.85) < 1e-12
+    (t,) = bs.targets(rows)
+    assert t["judged_on"] == "paired" and t["step_le_0.85"] and abs(t["floor_over_dus_paired"] - 0.75) < 1e-12
+    line = bs.target_lines([t])[0]
+    assert "0.800x (median of 3 paired rounds, IQR 0.800-0.850; target <= 0.85: met" in line
+    assert "**0.800x** [0.800-0.850]" in bs.table(rows)
+    # the same rows without rounds fall back to the ratio of minima (1.0 here: not met)
+    for row in rows:
+        for key in ("paired_steps_s", "paired_vs_dus", "paired_vs_dus_q1", "paired_vs_dus_q3", "paired_rounds"):
+            row.pop(key)
+    (t,) = bs.targets(rows)
+    assert t["judged_on"] == "minimum" and not t["step_le_0.85"]

@@ -10,8 +10,12 @@ Precisions: ``fp32`` (everything fp32) and ``bf16`` (bf16 autocast over fp32 mas
 optimiser state: what `midus-surgery train` does with ``precision: bf16``).
 
 Each (model, freeze, precision) runs in a fresh child process: load, one warm-up step on a tiny
-1 x 16 batch (AdamW state is allocated there, every code path runs once), then the timed steps; children are interleaved model by model within
-every repeat (the order rotates per repeat). Input: random token ids, labels = inputs.
+1 x 16 batch (AdamW state is allocated there, every code path runs once), then the timed steps;
+children are interleaved model by model within every repeat (the order rotates per repeat).
+On the CPU, paired rounds follow (``--rounds``): one child per freeze policy holds every model,
+and each round takes one step of each, back to back; the ratio to DUS within a round cancels
+the shared VM's slow drift, and the target is judged on the median of those ratios.
+Input: random token ids, labels = inputs.
 Memory: the child's resident set (``/proc/self/status``): VmRSS after loading, then the
 kernel's high-water mark VmHWM, reset (``/proc/self/clear_refs`` = 5) right before the first
 step, read after the last; the delta is what training adds on top of the loaded model
@@ -39,6 +43,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -105,11 +110,11 @@ def load_model(path: Path, random_init: bool):
     return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
 
 
-def worker(spec: dict) -> dict:
+def prepare(spec: dict) -> dict:
+    """Load one configuration and set it up to train: model, optimiser, batch, freeze policy."""
     import torch
 
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
     device = torch.device(spec.get("device", "cpu"))
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -139,48 +144,90 @@ def worker(spec: dict) -> dict:
         for n, p in names.items():
             p.requires_grad_(n.startswith(prefixes) or "midus_shared_bank" in n)
     trainable = [p for p in names.values() if p.requires_grad]
-    n_train = sum(p.numel() for p in trainable)
-    n_total = sum(p.numel() for p in names.values())
-    opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
     vocab = model.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen).to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16")
+    return {
+        "model": model, "cuda": cuda, "sync": sync, "load_s": load_s, "device": device,
+        "opt": torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0),
+        "x": torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen).to(device),
+        "autocast": torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16"),
+        "trainable": sum(p.numel() for p in trainable), "total": sum(p.numel() for p in names.values()),
+    }
 
+
+def train_step(state: dict, xi) -> dict:
+    """One timed optimiser step on the batch ``xi``: wall seconds of the whole step and of each phase."""
+    import torch
+
+    sync, model, opt = state["sync"], state["model"], state["opt"]
+    sync()
+    ta = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    with state["autocast"]:
+        loss = model(input_ids=xi, labels=xi).loss
+    sync()
+    tb = time.perf_counter()
+    loss.backward()
+    sync()
+    tc = time.perf_counter()
+    opt.step()
+    sync()
+    td = time.perf_counter()
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"loss is {loss.item()}")
+    return {"step_s": td - ta, "fwd_s": tb - ta, "bwd_s": tc - tb, "opt_s": td - tc, "loss": loss.item()}
+
+
+def warm_up(state: dict, n: int) -> None:
+    # CPU warm-up: a tiny batch (allocates AdamW state, runs every code path); GPU warm-up: the full batch,
+    # so that cuBLAS heuristics and the caching allocator settle before the timed steps
+    x = state["x"]
+    for _ in range(n):
+        train_step(state, x if state["cuda"] else x[:1, :16])
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    state = prepare(spec)
+    cuda, device = state["cuda"], state["device"]
     if cuda:
-        sync()
+        state["sync"]()
         mem_loaded = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
         mem_loaded = _status()["VmRSS"]
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # reset VmHWM to the current RSS
-    steps = []
-    for i in range(spec["warmup"] + spec["steps"]):
-        # CPU warm-up: a tiny batch (allocates AdamW state, runs every code path); GPU warm-up: the full batch,
-        # so that cuBLAS heuristics and the caching allocator settle before the timed steps
-        xi = x[:1, :16] if i < spec["warmup"] and not cuda else x
-        sync()
-        ta = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with autocast:
-            loss = model(input_ids=xi, labels=xi).loss
-        sync()
-        tb = time.perf_counter()
-        loss.backward()
-        sync()
-        tc = time.perf_counter()
-        opt.step()
-        sync()
-        td = time.perf_counter()
-        if i >= spec["warmup"]:
-            steps.append({"step_s": td - ta, "fwd_s": tb - ta, "bwd_s": tc - tb, "opt_s": td - tc})
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"loss is {loss.item()}")
+    warm_up(state, spec["warmup"])
+    steps = [train_step(state, state["x"]) for _ in range(spec["steps"])]
     mem_peak = torch.cuda.max_memory_allocated() if cuda else _status()["VmHWM"]
     return {"steps": steps, "mem_loaded": mem_loaded, "mem_peak": mem_peak, "peak_delta": mem_peak - mem_loaded,
-            "trainable": n_train, "total": n_total, "load_s": load_s, "threads": threads, "loss": loss.item(),
+            "trainable": state["trainable"], "total": state["total"], "load_s": state["load_s"],
+            "threads": torch.get_num_threads(), "loss": steps[-1]["loss"],
             "device_name": torch.cuda.get_device_name(device) if cuda else None}
+
+
+def worker_paired(specs: list[dict], rounds: int) -> dict:
+    """Every configuration of ``specs`` loaded in one process, then ``rounds`` rounds of one full-batch step each.
+
+    Within a round the configurations run back to back (their order rotating per round), so a
+    round's ratio to DUS compares steps taken seconds apart, under the same background load: on
+    a shared machine whose speed drifts over minutes, these paired ratios are far steadier than
+    a ratio of two minima taken in different processes minutes apart.
+    Returns {"label": [step seconds per round]} with labels "model/freeze".
+    """
+    states = {f"{s['label']}": prepare(s) for s in specs}
+    for state in states.values():
+        warm_up(state, 1)
+        train_step(state, state["x"])  # one full-batch step: first-touch allocations at this size
+    times: dict[str, list[float]] = {k: [] for k in states}
+    order = list(states)
+    for r in range(rounds):
+        k = r % len(order)
+        for label in order[k:] + order[:k]:
+            times[label].append(train_step(states[label], states[label]["x"])["step_s"])
+    return times
 
 
 def worker_many(specs: list[dict]) -> list[dict]:
@@ -197,8 +244,10 @@ def worker_many(specs: list[dict]) -> list[dict]:
     return out
 
 
-def run_child(specs: list[dict]) -> list[dict]:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(specs)], capture_output=True, text=True)
+def run_child(specs: list[dict], rounds: int = 0):
+    """Run ``specs`` in a fresh process: one after another (``rounds`` = 0) or paired (worker_paired)."""
+    job = {"specs": specs, "rounds": rounds}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"child failed for {specs}:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -217,13 +266,13 @@ def ensure_outputs(log, random_init: bool) -> None:
             subprocess.run(["midus-surgery", "apply", str(recipe), "--quiet"], check=True)
 
 
-def configs_for(precision: str, device: str) -> list[tuple[str, str]]:
+def configs_for(precision: str, device: str, freezes=("none", "base")) -> list[tuple[str, str]]:
     out = [("base", "none")]
     for m in ("DUS", "LLaMA-Pro", "MIDUS"):
         out += [(m, "none"), (m, "base")]
     if precision == "fp32" or device == "cuda":
         out += [("FFN-free floor", "none"), ("FFN-free floor", "base")]
-    return out
+    return [(m, f) for m, f in out if f in freezes]
 
 
 def setting(row: dict) -> tuple[str, int, int]:
@@ -235,7 +284,8 @@ def bench(plans: list[dict], device: str, random_init: bool, log) -> list[dict]:
     rows = []
     for plan in plans:
         precision, batch, seq = plan["precision"], plan["batch"], plan["seq"]
-        cfgs = configs_for(precision, device)
+        freezes = plan.get("freezes", ("none", "base"))
+        cfgs = configs_for(precision, device, freezes)
         results: dict[tuple[str, str], list[dict]] = {c: [] for c in cfgs}
         for r in range(plan["repeats"]):
             k = r % len(cfgs)
@@ -243,9 +293,7 @@ def bench(plans: list[dict], device: str, random_init: bool, log) -> list[dict]:
             # CPU: a fresh process per configuration (the RSS high-water mark is per process); GPU: one per repeat
             groups = [order] if device == "cuda" else [[cfg] for cfg in order]
             for group in groups:
-                specs = [{"path": str(MODELS[model]), "freeze": freeze, "precision": precision, "batch": batch, "seq": seq,
-                          "warmup": plan["warmup"], "steps": plan["steps"], "drop_inserted_ffn": model in DROPS_FFN,
-                          "device": device, "random_init": random_init} for model, freeze in group]
+                specs = [spec_for(model, freeze, plan, device, random_init) for model, freeze in group]
                 t0 = time.perf_counter()
                 for (model, freeze), res in zip(group, run_child(specs)):
                     res["load1"] = os.getloadavg()[0]
@@ -268,6 +316,17 @@ def bench(plans: list[dict], device: str, random_init: bool, log) -> list[dict]:
                 "trainable": rs[0]["trainable"], "total": rs[0]["total"], "threads": rs[0]["threads"],
                 "device_name": rs[0]["device_name"], "load_avg_1min": [round(res["load1"], 2) for res in rs],
             })
+        for freeze in freezes if plan.get("rounds") else ():
+            group = [cfg for cfg in cfgs if cfg[1] == freeze]
+            log(f"  [{precision} {batch}x{seq} paired, freeze={freeze}] {len(group)} models in one process, "
+                f"{plan['rounds']} rounds of one step each ...")
+            t0 = time.perf_counter()
+            times = run_child([spec_for(model, freeze, plan, device, random_init) for model, freeze in group], plan["rounds"])
+            for row in rows:
+                if setting(row) == (precision, batch, seq) and row["freeze"] == freeze:
+                    row["paired_steps_s"] = times[f"{row['model']}/{freeze}"]
+            log(f"    {time.perf_counter() - t0:.0f} s; median step " + ", ".join(
+                f"{label.split('/')[0]} {median(ts):.3f} s" for label, ts in times.items()) + f"; load {load_avg()}")
     # ratios against DUS with the same freeze policy, precision and batch
     for row in rows:
         ref = next((r for r in rows if r["model"] == "DUS" and r["freeze"] == row["freeze"] and setting(r) == setting(row)), None)
@@ -276,23 +335,56 @@ def bench(plans: list[dict], device: str, random_init: bool, log) -> list[dict]:
             row["step_median_vs_dus"] = row["step_median_s"] / ref["step_median_s"]
             row["trainable_vs_dus"] = row["trainable"] / ref["trainable"]
             row["peak_delta_vs_dus"] = row["peak_delta_bytes"] / ref["peak_delta_bytes"]
+            if "paired_steps_s" in row and "paired_steps_s" in ref:
+                row.update(paired_ratio_stats(row["paired_steps_s"], ref["paired_steps_s"]))
     return rows
 
 
+def spec_for(model: str, freeze: str, plan: dict, device: str, random_init: bool) -> dict:
+    return {"label": f"{model}/{freeze}", "path": str(MODELS[model]), "freeze": freeze, "precision": plan["precision"],
+            "batch": plan["batch"], "seq": plan["seq"], "warmup": plan["warmup"], "steps": plan["steps"],
+            "drop_inserted_ffn": model in DROPS_FFN, "device": device, "random_init": random_init}
+
+
+def paired_ratio_stats(steps: list[float], ref_steps: list[float]) -> dict:
+    """Median and quartiles of the per-round ratios step / reference step (rounds paired by index)."""
+    ratios = sorted(a / b for a, b in zip(steps, ref_steps))
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return {"paired_vs_dus": median(ratios), "paired_vs_dus_q1": q1, "paired_vs_dus_q3": q3, "paired_rounds": len(ratios)}
+
+
+def load_avg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def targets(rows: list[dict]) -> list[dict]:
+    """The issue's target per (precision, batch, freeze): judged on the paired median ratio when rounds ran, else on minima."""
     out = []
     for key in dict.fromkeys(setting(r) for r in rows):
         for freeze in ("none", "base"):
             sel = {r["model"]: r for r in rows if r["freeze"] == freeze and setting(r) == key}
             m, d, floor = sel.get("MIDUS"), sel.get("DUS"), sel.get("FFN-free floor")
-            if m and d:
-                out.append({**dict(zip(("precision", "batch", "seq"), key)), "freeze": freeze, "midus_over_dus": m["step_min_s"] / d["step_min_s"],
-                            "midus_over_dus_median": m["step_median_s"] / d["step_median_s"],
-                            "step_le_0.85": m["step_min_s"] / d["step_min_s"] <= 0.85,
-                            "fewer_trainable": m["trainable"] < d["trainable"],
-                            "midus_trainable": m["trainable"], "dus_trainable": d["trainable"]})
-                if floor:
-                    out[-1]["floor_over_dus"] = floor["step_min_s"] / d["step_min_s"]
+            if not (m and d):
+                continue
+            t = {**dict(zip(("precision", "batch", "seq"), key)), "freeze": freeze, "midus_over_dus": m["step_min_s"] / d["step_min_s"],
+                 "midus_over_dus_median": m["step_median_s"] / d["step_median_s"],
+                 "fewer_trainable": m["trainable"] < d["trainable"],
+                 "midus_trainable": m["trainable"], "dus_trainable": d["trainable"]}
+            if floor:
+                t["floor_over_dus"] = floor["step_min_s"] / d["step_min_s"]
+            if "paired_vs_dus" in m:
+                t["judged_on"] = "paired"
+                t["midus_over_dus_paired"] = m["paired_vs_dus"]
+                t["midus_over_dus_paired_iqr"] = [m["paired_vs_dus_q1"], m["paired_vs_dus_q3"]]
+                t["rounds"] = m["paired_rounds"]
+                for name, row in (("floor", floor), ("llama_pro", sel.get("LLaMA-Pro"))):
+                    if row and "paired_vs_dus" in row:
+                        t[f"{name}_over_dus_paired"] = row["paired_vs_dus"]
+                t["step_le_0.85"] = m["paired_vs_dus"] <= 0.85
+            else:
+                t["judged_on"] = "minimum"
+                t["step_le_0.85"] = t["midus_over_dus"] <= 0.85
+            out.append(t)
     return out
 
 
@@ -302,23 +394,40 @@ def human(n: int) -> str:
 
 def table(rows: list[dict]) -> str:
     mem = "peak GPU memory delta MiB" if rows and rows[0]["device_name"] else "peak RSS delta MiB"
-    lines = [f"| precision | batch | model | freeze | trainable / total params | step min s | step median s | fwd / bwd / AdamW s | tokens/s | {mem} | step vs DUS | trainable vs DUS |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| precision | batch | model | freeze | trainable / total params | step min s | step median s | fwd / bwd / AdamW s | tokens/s | {mem} | step vs DUS | paired vs DUS: median [IQR] | trainable vs DUS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        vs = f"**{r['step_vs_dus']:.2f}x**" if "step_vs_dus" in r else "-"
+        vs = f"{r['step_vs_dus']:.2f}x" if "step_vs_dus" in r else "-"
+        paired = (f"**{r['paired_vs_dus']:.3f}x** [{r['paired_vs_dus_q1']:.3f}-{r['paired_vs_dus_q3']:.3f}]"
+                  if "paired_vs_dus" in r else "-")
         tv = f"{r['trainable_vs_dus']:.2f}x" if "trainable_vs_dus" in r else "-"
         digits = 4 if r["step_min_s"] < 0.1 else 3
         lines.append(f"| {r['precision']} | {r['batch']}x{r['seq']} | {r['model']} | {r['freeze']} | {human(r['trainable'])} / {human(r['total'])} | {r['step_min_s']:.{digits}f} | "
                      f"{r['step_median_s']:.{digits}f} (n={r['n_steps']}) | {r['fwd_s']:.{digits}f} / {r['bwd_s']:.{digits}f} / {r['opt_s']:.{digits}f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['peak_delta_bytes'] / 2**20:.0f} | {vs} | {tv} |")
+                     f"{r['peak_delta_bytes'] / 2**20:.0f} | {vs} | {paired} | {tv} |")
     return "\n".join(lines)
 
 
 def target_lines(ts: list[dict]) -> list[str]:
-    return [f"- {t['precision']} {t['batch']}x{t['seq']}, freeze={t['freeze']}: MIDUS/DUS step {t['midus_over_dus']:.2f}x (median {t['midus_over_dus_median']:.2f}x; target <= 0.85: "
-            f"{'met' if t['step_le_0.85'] else 'NOT met'}); trainable {human(t['midus_trainable'])} vs {human(t['dus_trainable'])} "
-            f"({'fewer: met' if t['fewer_trainable'] else 'NOT fewer'})"
-            + (f"; floor (inserted FFNs at zero cost) {t['floor_over_dus']:.2f}x" if "floor_over_dus" in t else "") for t in ts]
+    out = []
+    for t in ts:
+        verdict = "met" if t["step_le_0.85"] else "NOT met"
+        if t["judged_on"] == "paired":
+            lo, hi = t["midus_over_dus_paired_iqr"]
+            ratio = (f"MIDUS/DUS step {t['midus_over_dus_paired']:.3f}x (median of {t['rounds']} paired rounds, IQR {lo:.3f}-{hi:.3f}; "
+                     f"target <= 0.85: {verdict}; ratio of minima {t['midus_over_dus']:.2f}x)")
+        else:
+            ratio = f"MIDUS/DUS step {t['midus_over_dus']:.2f}x (median {t['midus_over_dus_median']:.2f}x; target <= 0.85: {verdict})"
+        extra = ""
+        if "floor_over_dus_paired" in t:
+            extra += f"; floor (inserted FFNs at zero cost) {t['floor_over_dus_paired']:.3f}x paired"
+        elif "floor_over_dus" in t:
+            extra += f"; floor (inserted FFNs at zero cost) {t['floor_over_dus']:.2f}x"
+        if "llama_pro_over_dus_paired" in t:
+            extra += f"; LLaMA-Pro (the same compute as DUS) {t['llama_pro_over_dus_paired']:.3f}x paired"
+        out.append(f"- {t['precision']} {t['batch']}x{t['seq']}, freeze={t['freeze']}: {ratio}; trainable {human(t['midus_trainable'])} vs "
+                   f"{human(t['dus_trainable'])} ({'fewer: met' if t['fewer_trainable'] else 'NOT fewer'}){extra}")
+    return out
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -357,7 +466,8 @@ def section_text(payload: dict) -> str:
     gpu = payload["device"] == "cuda"
     notes = []
     for plan in payload["plans"]:
-        notes.append(f"{plan['precision']}: batch {plan['batch']} x {plan['seq']}, {plan['repeats']} repeat(s) x ({plan['warmup']} warm-up + {plan['steps']} timed step(s)) per configuration")
+        notes.append(f"{plan['precision']}: batch {plan['batch']} x {plan['seq']}, {plan['repeats']} repeat(s) x ({plan['warmup']} warm-up + {plan['steps']} timed step(s)) per configuration"
+                     + (f", then {plan['rounds']} paired rounds" if plan.get("rounds") else ""))
     if gpu:
         machine = [
             f"- Machine: {payload['machine']}; one child process per repeat runs every configuration in turn.",
@@ -387,9 +497,14 @@ def section_text(payload: dict) -> str:
                "AdamW state and allocator caches.")
         prec = ("- `fp32`: weights, activations and AdamW in fp32. `bf16`: `torch.autocast('cpu', bfloat16)` over fp32 master weights and "
                 "optimiser state, as `midus-surgery train` runs `precision: bf16`. This CPU has no native bf16, so bf16 is far slower.")
-        timing = ("- Each configuration runs in a fresh process: load, one warm-up step on a 1 x 16 batch (allocates AdamW state, runs every "
-                  "code path), then the timed steps at the full batch; configurations interleave within each "
-                  "repeat, their order rotating per repeat. ")
+        timing = ("- Each configuration runs in a fresh process (its memory, its fwd / bwd / AdamW split, `step min` and `step median`): "
+                  "load, one warm-up step on a 1 x 16 batch (allocates AdamW state, runs every code path), then the timed steps at the full "
+                  "batch; configurations interleave within each repeat, their order rotating per repeat. Then the paired rounds "
+                  "(`paired vs DUS`, what the target is judged on): every configuration of one freeze policy loaded in one process, "
+                  "warmed up, then rounds of one full-batch step each, back to back, the order rotating per round; each round gives "
+                  "one ratio to the DUS step of the same round, and the column shows the median and the interquartile range of those "
+                  "ratios. This VM's speed drifts by 10-30% over minutes with its neighbours' load, and a round's steps are seconds "
+                  "apart, so paired ratios cancel most of that drift; LLaMA-Pro, the same compute as DUS, shows what is left. ")
     png = PNG[payload["device"]].name
     lines = [
         SECTION[payload["device"]], "",
@@ -404,7 +519,8 @@ def section_text(payload: dict) -> str:
         prec,
         timing + "; ".join(notes) + ".",
         mem,
-        "- `step vs DUS`: minimum step time over DUS's with the same freeze policy, precision and batch.",
+        "- `step vs DUS`: minimum step time over DUS's with the same freeze policy, precision and batch"
+        + (" (from the separate processes: sensitive to the drift the paired rounds cancel)." if any(p.get("rounds") for p in payload["plans"]) else "."),
         "",
         table(payload["rows"]), "",
         f"![training step]({png})", "",
@@ -413,9 +529,8 @@ def section_text(payload: dict) -> str:
         "`FFN-free floor` is not a method: it is the DUS model with the inserted blocks' FFNs replaced by a zero-cost stub, "
         "timed in the same loop. In expectation no FFN replacement, MIDUS's memory layer included, makes the up-scaled step "
         "faster than that row: 6 of 36 blocks change, and only their FFNs. "
-        + ("" if gpu else "The whole possible gain is a few tenths of a second per step here, about the size of this shared "
-           "machine's run-to-run noise (two samples per row; DUS and LLaMA-Pro, the same compute, differ by up to ~10%), "
-           "so single ratios near the floor, MIDUS's among them, carry that uncertainty. ")
+        + ("" if gpu else "The whole possible gain is the inserted FFNs' share of the DUS step; the paired floor ratio "
+           "measures it. ")
         + "What moves the ratio for real is the share of the step spent in replaced FFNs (more Memory "
         "blocks, or larger FFNs per block: at the Llama-3.2-1B block size the HML costs about a quarter of the FFN it "
         "replaces, see the HML section).", "",
@@ -436,20 +551,23 @@ def parse_batch(text: str) -> tuple[int, int]:
 def write_docs(payload: dict) -> None:
     device = payload["device"]
     title = "training step on " + (payload["machine"] if device == "cuda" else "CPU")
+    payload = {**payload, "targets": targets(payload["rows"])}  # JSON from older runs lacks newer target fields
     plot(payload["rows"], PNG[device], f"SmolLM2-135M family, {title}")
     write_section(DOCS, SECTION[device], section_text(payload))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fp32 only, batch 2 x 128, 2 repeats (never writes the docs)")
+    ap.add_argument("--quick", action="store_true", help="fp32, freeze=base only, batch 1 x 128, 1 repeat and 2 paired rounds; about a minute (never writes the docs)")
     ap.add_argument("--json", action="store_true", help="print one JSON object with the rows and ratios")
     ap.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md and its PNG")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the steps run (default cpu)")
     ap.add_argument("--random-init", action="store_true", help="random weights from each model's config.json instead of loading them")
-    ap.add_argument("--repeats", type=int, default=None, help="fp32 repeats (default 3 on CPU, 2 on GPU; 2 with --quick)")
+    ap.add_argument("--repeats", type=int, default=None, help="fp32 repeats in separate processes (default 1 on CPU, 2 on GPU)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 2 on CPU, 10 on GPU; 1 with --quick)")
     ap.add_argument("--bf16-repeats", type=int, default=None, help="bf16 repeats (default 1 on CPU, where a bf16 step takes tens of seconds; as --repeats on GPU)")
+    ap.add_argument("--rounds", type=int, default=None, help="CPU: fp32 paired rounds, all models of a freeze policy in one process (default 10; 2 with --quick; 0 = none)")
+    ap.add_argument("--bf16-rounds", type=int, default=3, help="CPU: bf16 paired rounds (default 3)")
     ap.add_argument("--bf16-batch", type=parse_batch, default=(4, 256), help="CPU bf16 batch as BxT (default 4x256; smaller when the machine is too slow, and say so)")
     ap.add_argument("--batches", type=lambda text: [parse_batch(x) for x in text.split(",")], default=[(4, 256), (16, 1024)], help="GPU: comma-separated batches BxT, each run in fp32 and bf16 (default 4x256,16x1024)")
     ap.add_argument("--no-bf16", action="store_true", help="fp32 only")
@@ -457,8 +575,12 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        specs = json.loads(args.worker)
-        print(json.dumps([worker(specs[0])] if len(specs) == 1 else worker_many(specs)))
+        job = json.loads(args.worker)
+        specs = job["specs"]
+        if job["rounds"]:
+            print(json.dumps(worker_paired(specs, job["rounds"])))
+        else:
+            print(json.dumps([worker(specs[0])] if len(specs) == 1 else worker_many(specs)))
         return 0
     if args.from_json:
         payload = json.loads(Path(args.from_json).read_text())
@@ -478,16 +600,19 @@ def main(argv=None) -> int:
         machine = f"{cpu_name()}, {os.cpu_count()} CPU cores"
     precisions = ["fp32"] + ([] if args.no_bf16 or args.quick else ["bf16"])
     if args.quick:
-        plans = [{"precision": "fp32", "repeats": args.repeats or 2, "warmup": 1, "steps": args.steps or 1, "batch": 2, "seq": 128}]
+        plans = [{"precision": "fp32", "repeats": args.repeats or 1, "warmup": 1, "steps": args.steps or 1, "batch": 1, "seq": 128,
+                  "rounds": 2 if args.rounds is None else args.rounds, "freezes": ["base"]}]
     elif gpu:
         repeats, steps = args.repeats or 2, args.steps or 10
         plans = [{"precision": p, "repeats": (args.bf16_repeats or repeats) if p == "bf16" else repeats, "warmup": 2, "steps": steps,
                   "batch": b, "seq": t} for b, t in args.batches for p in precisions]
     else:
-        plans = [{"precision": "fp32", "repeats": args.repeats or 3, "warmup": 1, "steps": args.steps or 2, "batch": 4, "seq": 256}]
+        plans = [{"precision": "fp32", "repeats": args.repeats or 1, "warmup": 1, "steps": args.steps or 2, "batch": 4, "seq": 256,
+                  "rounds": 10 if args.rounds is None else args.rounds}]
         if "bf16" in precisions:
             b, t = args.bf16_batch
-            plans.append({"precision": "bf16", "repeats": args.bf16_repeats or 1, "warmup": 1, "steps": 1, "batch": b, "seq": t})
+            plans.append({"precision": "bf16", "repeats": args.bf16_repeats or 1, "warmup": 1, "steps": 1, "batch": b, "seq": t,
+                          "rounds": args.bf16_rounds})
     from importlib.metadata import version
 
     load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
