@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import cpu_name, median, write_section
+from bench_common import cpu_name, load_avg, median, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "work" / "bench"
@@ -353,10 +353,6 @@ def compare_outputs(ours: Path, theirs: Path, base: Path, slices) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
-
-def load_avg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
 
 def versions() -> dict:
     from importlib.metadata import version

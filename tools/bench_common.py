@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -15,6 +16,11 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "?"
+
+
+def load_avg() -> str:
+    """The 1/5/15-minute load averages, as the benchmark reports print them."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def median(xs):

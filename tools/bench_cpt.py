@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import load_avg
+
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = [  # (row name, recipe kind, recipe, surgery output)
     ("DUS", "transformer", "recipes/smollm2-135m-dus.yaml", "work/out/smollm2-135m-dus"),
@@ -320,7 +322,7 @@ def main() -> None:
         return
     t_start = time.perf_counter()
     a.out.mkdir(parents=True, exist_ok=True)
-    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    load_before = load_avg()
     variants = list(VARIANTS)
     if a.midus_recipe:
         import yaml
@@ -352,7 +354,7 @@ def main() -> None:
         results["rows"][name] = r
         (a.out / "results.json").write_text(json.dumps(results, indent=1))
         shutil.rmtree(Path(r["run_dir"]) / "checkpoints", ignore_errors=True)  # the final model stays in final/
-    results["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    results["load_after"] = load_avg()
     results["total_wall_s"] = time.perf_counter() - t_start
     png = a.out / "loss.png"
     plot(results, a, png)

@@ -49,7 +49,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import cpu_name, median, write_section
+from bench_common import cpu_name, load_avg, median, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -217,7 +217,7 @@ def worker_paired(specs: list[dict], rounds: int) -> dict:
     a ratio of two minima taken in different processes minutes apart.
     Returns {"label": [step seconds per round]} with labels "model/freeze".
     """
-    states = {f"{s['label']}": prepare(s) for s in specs}
+    states = {s["label"]: prepare(s) for s in specs}
     for state in states.values():
         warm_up(state, 1)
         train_step(state, state["x"])  # one full-batch step: first-touch allocations at this size
@@ -301,7 +301,7 @@ def bench(plans: list[dict], device: str, random_init: bool, log) -> list[dict]:
                     log(f"  [{precision} {batch}x{seq} rep {r + 1}/{plan['repeats']}] {model:9s} freeze={freeze:4s} "
                         f"step {min(s['step_s'] for s in res['steps']):7.4f} s (fwd {res['steps'][0]['fwd_s']:.3f}, bwd {res['steps'][0]['bwd_s']:.3f}, "
                         f"opt {res['steps'][0]['opt_s']:.3f})  peak +{res['peak_delta'] / 2**20:.0f} MiB  "
-                        f"[{time.perf_counter() - t0:.0f} s]  load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+                        f"[{time.perf_counter() - t0:.0f} s]  load {load_avg()}")
         for (model, freeze), rs in results.items():
             steps = [s for res in rs for s in res["steps"]]
             best = min(steps, key=lambda s: s["step_s"])
@@ -324,7 +324,7 @@ def bench(plans: list[dict], device: str, random_init: bool, log) -> list[dict]:
             times = run_child([spec_for(model, freeze, plan, device, random_init) for model, freeze in group], plan["rounds"])
             for row in rows:
                 if setting(row) == (precision, batch, seq) and row["freeze"] == freeze:
-                    row["paired_steps_s"] = times[f"{row['model']}/{freeze}"]
+                    row["paired_steps_s"] = times[config_label(row["model"], freeze)]
             log(f"    {time.perf_counter() - t0:.0f} s; median step " + ", ".join(
                 f"{label.split('/')[0]} {median(ts):.3f} s" for label, ts in times.items()) + f"; load {load_avg()}")
     # ratios against DUS with the same freeze policy, precision and batch
@@ -340,8 +340,12 @@ def bench(plans: list[dict], device: str, random_init: bool, log) -> list[dict]:
     return rows
 
 
+def config_label(model: str, freeze: str) -> str:
+    return f"{model}/{freeze}"
+
+
 def spec_for(model: str, freeze: str, plan: dict, device: str, random_init: bool) -> dict:
-    return {"label": f"{model}/{freeze}", "path": str(MODELS[model]), "freeze": freeze, "precision": plan["precision"],
+    return {"label": config_label(model, freeze), "path": str(MODELS[model]), "freeze": freeze, "precision": plan["precision"],
             "batch": plan["batch"], "seq": plan["seq"], "warmup": plan["warmup"], "steps": plan["steps"],
             "drop_inserted_ffn": model in DROPS_FFN, "device": device, "random_init": random_init}
 
@@ -351,10 +355,6 @@ def paired_ratio_stats(steps: list[float], ref_steps: list[float]) -> dict:
     ratios = sorted(a / b for a, b in zip(steps, ref_steps))
     q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
     return {"paired_vs_dus": median(ratios), "paired_vs_dus_q1": q1, "paired_vs_dus_q3": q3, "paired_rounds": len(ratios)}
-
-
-def load_avg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -615,14 +615,14 @@ def main(argv=None) -> int:
                           "rounds": args.bf16_rounds})
     from importlib.metadata import version
 
-    load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    load_start = load_avg()
     t0 = time.perf_counter()
     rows = bench(plans, args.device, args.random_init, log)
     payload = {
         "device": args.device, "machine": machine, "random_init": args.random_init,
         "threads": rows[0]["threads"],
         "versions": {"python": platform.python_version(), "torch": version("torch"), "transformers": version("transformers")},
-        "load_avg_start": load_start, "load_avg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "load_avg_start": load_start, "load_avg_end": load_avg(),
         "command": "python " + " ".join(["tools/bench_step.py", *(argv if argv is not None else sys.argv[1:])]),
         "plans": plans, "rows": rows, "targets": targets(rows),
         "wall_s": time.perf_counter() - t0,
