@@ -134,3 +134,27 @@ def test_midus_classes_registered_with_auto_classes_whatever_the_import_order(or
         "\nassert MODEL_FOR_CAUSAL_LM_MAPPING[MidusConfig] is MidusForCausalLM"
     )
     assert _modules_after(code) == {"modeling_utils": True}
+
+
+def test_every2_recipes_are_the_bundled_set_at_the_papers_proportion():
+    """recipes/ablation/every2/: each is a bundled recipe (or the query_source ablation) with 15 blocks, one after every 2nd layer."""
+    import yaml
+
+    every2 = sorted((ROOT / "recipes" / "ablation" / "every2").glob("*.yaml"))
+    assert {p.name for p in every2} == {f"smollm2-135m-{k}-every2.yaml" for k in ("dus", "llama-pro", "midus", "midus-qs-hidden")}
+    result = run("validate", *map(str, every2))
+    assert result.returncode == 0, result.stderr
+    for kind in ("transformer", "identity"):
+        assert result.stdout.count(f"30 -> 45 layers (15 {kind})") == 1
+    assert result.stdout.count("30 -> 45 layers (15 memory)") == 2
+    for path in every2:
+        stem = path.name.removesuffix("-every2.yaml")
+        reference_path = ROOT / "recipes" / f"{stem}.yaml"
+        if not reference_path.is_file():
+            reference_path = ROOT / "recipes" / "ablation" / f"{stem}.yaml"
+        recipe, reference = yaml.safe_load(path.read_text()), yaml.safe_load(reference_path.read_text())
+        assert recipe["layout"]["interleave"] == {**reference["layout"]["interleave"], "after_every": 2}, path.name
+        assert recipe.get("memory") == reference.get("memory"), path.name
+        assert Path(recipe["output"]["dir"]).name == Path(reference["output"]["dir"]).name + "-every2"
+        # the same base, wherever the recipe sits
+        assert (path.parent / recipe["base"]["config"]).resolve() == (reference_path.parent / reference["base"]["config"]).resolve()
