@@ -71,13 +71,16 @@ def cli() -> argparse.Namespace:
                    help="memory.schedule (MIDUS only): constant after warmup, or `same`: the base's cosine decay scaled to --memory-lr")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="+", choices=["base"] + [v[0] for v in VARIANTS], help="run only these rows")
-    p.add_argument("--midus-recipe", help="another MIDUS recipe (e.g. an ablation written to work/); applied if its output is missing")
+    p.add_argument("--recipe", action="append", default=[], metavar="ROW=PATH",
+                   help="another recipe for a row (DUS, LLaMA-Pro or MIDUS), e.g. an ablation; applied if its output is missing; repeatable")
+    p.add_argument("--midus-recipe", metavar="PATH", help="shorthand for --recipe MIDUS=PATH")
     p.add_argument("--label", help="name of this benchmark (default: quick / tokens-N)")
     p.add_argument("--out", help="work directory (default work/bench/cpt-<label>)")
     p.add_argument("--no-doc", action="store_true", help="don't write docs/reproduction.md and the PNG")
     p.add_argument("--replot", metavar="RESULTS_JSON", help="only redraw the plot and rewrite the doc section from a results.json")
     p.add_argument("--reapply", action="store_true", help="re-run the surgeries even if their outputs exist")
     a = p.parse_args()
+    a.recipes = parse_recipe_overrides(p, a.recipe + ([f"MIDUS={a.midus_recipe}"] if a.midus_recipe else []))
     a.tokens = a.tokens or (QUICK_TOKENS if a.quick else DEFAULT_TOKENS)
     a.eval_blocks = a.eval_blocks or (4 if a.quick else 24)
     a.block_size = a.block_size or (128 if a.quick else 256)
@@ -132,6 +135,32 @@ def evaluate(model: str, data: list[str], a, log: Path) -> dict:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+def parse_recipe_overrides(p: argparse.ArgumentParser, specs: list[str]) -> dict[str, str]:
+    """`ROW=PATH` strings -> {row: recipe path}; a bad row, a missing file or a recipe of another kind is a usage error."""
+    import yaml
+    kinds = {name: kind for name, kind, _, _ in VARIANTS}
+    out = {}
+    for spec in specs:
+        row, sep, path = spec.partition("=")
+        if not sep or row not in kinds:
+            p.error(f"--recipe {spec!r}: expected ROW=PATH with ROW one of {', '.join(kinds)}")
+        if not Path(path).is_file():
+            p.error(f"--recipe {spec!r}: no such file: {path}")
+        # a LLaMA-Pro row trained on a memory recipe would be mislabelled in every table
+        kind = ((yaml.safe_load(Path(path).read_text()) or {}).get("layout") or {}).get("interleave", {}).get("kind")
+        if kind is not None and kind != kinds[row]:
+            p.error(f"--recipe {spec!r}: the recipe inserts kind {kind!r}, the {row} row is kind {kinds[row]!r}")
+        out[row] = path
+    return out
+
+
+def recipe_output(recipe: str) -> str:
+    """The surgery output directory a recipe names (output.dir, relative to the recipe's folder)."""
+    import yaml
+    r = yaml.safe_load(Path(recipe).read_text())
+    return str((Path(recipe).resolve().parent / r["output"]["dir"]).resolve())
 
 
 def train(name: str, model_dir: str, a, train_files: list[str], held_files: list[str], log: Path) -> dict:
@@ -291,7 +320,9 @@ def write_doc(results: dict, a, png: Path) -> None:
              f"{results['n_held_files']} files), freeze={a.freeze}, {a.tokens:,} tokens = {results['rows'].get('MIDUS', results['rows'].get('DUS', {})).get('steps', '?')} steps "
              f"of {a.micro_batch_size} x {a.grad_accum} x {a.block_size}, seed {a.seed}, precision {a.precision}, lr {a.lr:g} cosine (warmup 2%), "
              f"memory lr {a.memory_lr:g} {'constant' if a.memory_schedule == 'constant' else 'cosine (the base schedule)'}. Evaluation: packed blocks of {a.block_size}, the first {a.eval_blocks} blocks of each domain "
-             f"({a.eval_blocks * (a.block_size - 1):,} predicted tokens).", "",
+             f"({a.eval_blocks * (a.block_size - 1):,} predicted tokens).",
+             *([("Recipes: " + "; ".join(f"{row} `{recipe}`" for row, recipe in results["recipes"].items()) + ".")]
+               if results.get("recipes") else []), "",
              fmt_table(results), "",
              f"![loss curves]({png.name})" if png else "", "",
              f"<!-- bench_cpt:{a.label}:end -->"]
@@ -323,12 +354,8 @@ def main() -> None:
     t_start = time.perf_counter()
     a.out.mkdir(parents=True, exist_ok=True)
     load_before = load_avg()
-    variants = list(VARIANTS)
-    if a.midus_recipe:
-        import yaml
-        r = yaml.safe_load(Path(a.midus_recipe).read_text())
-        outdir = (Path(a.midus_recipe).resolve().parent / r["output"]["dir"]).resolve()
-        variants = [v if v[0] != "MIDUS" else ("MIDUS", "memory", a.midus_recipe, str(outdir)) for v in variants]
+    variants = [(name, kind, a.recipes[name], recipe_output(a.recipes[name])) if name in a.recipes else (name, kind, recipe, out)
+                for name, kind, recipe, out in VARIANTS]
     rows_wanted = a.only or ["base"] + [v[0] for v in variants]
     if not (ROOT / BASE / "config.json").exists():
         sys.exit(f"no base model in {BASE}: python tools/fetch_smollm2.py")
@@ -339,7 +366,8 @@ def main() -> None:
     other = [str(ROOT / "work/corpora" / a.other_corpus)]
     results = {"label": a.label, "command": "python " + shlex.join(["tools/bench_cpt.py", *sys.argv[1:]]), "load_before": load_before,
                "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "train_corpus": a.train_corpus, "other_corpus": a.other_corpus,
-               "n_train_files": len(train_files), "n_held_files": len(held_files), "args": {k: str(v) for k, v in vars(a).items()}, "rows": {}}
+               "n_train_files": len(train_files), "n_held_files": len(held_files), "args": {k: str(v) for k, v in vars(a).items()},
+               "recipes": {name: str(recipe) for name, _, recipe, _ in variants if name in rows_wanted}, "rows": {}}
     if "base" in rows_wanted:
         results["rows"]["base"] = {"a": evaluate(BASE, held_files, a, a.out / "eval-base-a.log"),
                                    "b": evaluate(BASE, other, a, a.out / "eval-base-b.log")}

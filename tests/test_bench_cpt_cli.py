@@ -1,0 +1,54 @@
+"""tools/bench_cpt.py's command line: --recipe ROW=PATH swaps one row's recipe, and a wrong row, a
+missing file or a recipe of another kind is one usage error (exit 2), not a mislabelled table."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tools"
+sys.path.insert(0, str(TOOLS))  # bench_cpt imports bench_common as a script would
+EVERY2 = ROOT / "recipes" / "ablation" / "every2"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("_tools_bench_cpt", TOOLS / "bench_cpt.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bc = _load()
+
+
+def _cli(monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["bench_cpt.py", *args])
+    return bc.cli()
+
+
+def test_recipe_overrides_map_rows_to_recipes_and_their_outputs(monkeypatch):
+    lp = EVERY2 / "smollm2-135m-llama-pro-every2.yaml"
+    midus = EVERY2 / "smollm2-135m-midus-qs-hidden-every2.yaml"
+    a = _cli(monkeypatch, "--recipe", f"LLaMA-Pro={lp}", "--midus-recipe", str(midus), "--no-doc")
+    assert a.recipes == {"LLaMA-Pro": str(lp), "MIDUS": str(midus)}
+    assert bc.recipe_output(str(lp)) == str(ROOT / "work" / "out" / "smollm2-135m-llama-pro-every2")
+    assert _cli(monkeypatch, "--no-doc").recipes == {}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("MIDUS", "expected ROW=PATH"),
+    ("Memory=recipes/smollm2-135m-midus.yaml", "expected ROW=PATH with ROW one of DUS, LLaMA-Pro, MIDUS"),
+    ("MIDUS=recipes/no-such-recipe.yaml", "no such file: recipes/no-such-recipe.yaml"),
+    ("LLaMA-Pro=recipes/smollm2-135m-midus.yaml", "inserts kind 'memory', the LLaMA-Pro row is kind 'identity'"),
+])
+def test_bad_recipe_override_is_a_usage_error(monkeypatch, capsys, spec, message):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exc:
+        _cli(monkeypatch, "--recipe", spec)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
