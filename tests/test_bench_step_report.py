@@ -85,3 +85,30 @@ def test_paired_rounds_judge_the_target_on_the_median_of_per_round_ratios():
             row.pop(key)
     (t,) = bs.targets(rows)
     assert t["judged_on"] == "minimum" and not t["step_le_0.85"]
+
+
+def test_every2_layout_reads_its_recipes_and_writes_its_own_section(tmp_path, monkeypatch):
+    models = bs.models_for("every2")
+    assert models["MIDUS"].name == "smollm2-135m-midus-every2" and models["FFN-free floor"] == models["DUS"]
+    assert bs.models_for("every5")["DUS"].name == "smollm2-135m-dus"
+    spec = bs.spec_for("MIDUS", "base", {"precision": "fp32", "batch": 4, "seq": 256, "warmup": 1, "steps": 1}, "cpu", False, "every2")
+    assert spec["path"] == str(models["MIDUS"]) and spec["anatomy_from"] == str(models["MIDUS"])
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\n## Training step\n\nthe CPU table\n\n## Other\n\nkept\n")
+    monkeypatch.setattr(bs, "DOCS", docs)
+    monkeypatch.setattr(bs, "PNG", {"cpu": tmp_path / "cpu.png", "cuda": tmp_path / "gpu.png"})
+    rows = [_row("DUS", "base", "fp32", 4, 1.0, 53 * 10**6), _row("MIDUS", "base", "fp32", 4, 0.8, 26 * 10**6)]
+    for row in rows:
+        row["device_name"] = None
+    payload = {"device": "cpu", "layout": "every2", "machine": "2 cores", "random_init": False, "threads": 2,
+               "versions": {"python": "3", "torch": "2", "transformers": "5"}, "load_avg_start": "0", "load_avg_end": "0",
+               "command": "python tools/bench_step.py --layout every2", "rows": rows, "targets": bs.targets(rows),
+               "plans": [{"precision": "fp32", "batch": 4, "seq": 256, "repeats": 1, "warmup": 1, "steps": 2}]}
+    (tmp_path / "r.json").write_text(json.dumps(payload))
+    assert bs.main(["--from-json", str(tmp_path / "r.json")]) == 0
+    text = docs.read_text()
+    assert "## Training step\n\nthe CPU table" in text and "## Other\n\nkept" in text
+    section = text[text.index("## Training step, 15 inserted blocks (the paper's proportion)"):]
+    assert "recipes/ablation/every2/smollm2-135m-midus-every2.yaml" in section and "15 of 45 blocks change" in section
+    assert "fp32 4x256, freeze=base: MIDUS/DUS step 0.80x" in section and "![training step](cpu_every2.png)" in section
+    assert (tmp_path / "cpu_every2.png").stat().st_size > 0 and not (tmp_path / "cpu.png").exists()

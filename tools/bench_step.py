@@ -3,7 +3,8 @@
 
 Models: the base (``work/smollm2-135m``) and the DUS, LLaMA-Pro and MIDUS outputs of the bundled
 recipes ``recipes/smollm2-135m-{dus,llama-pro,midus}.yaml`` (6 blocks inserted after every 5th
-layer: 30 -> 36 layers), applied first if missing. Freeze policies, as `midus-surgery train`
+layer: 30 -> 36 layers), applied first if missing; ``--layout every2`` takes the paper's proportion
+instead (``recipes/ablation/every2/``: 15 blocks after every 2nd layer, 30 -> 45). Freeze policies, as `midus-surgery train`
 defines them: ``none`` (everything trains) and ``base`` (only the inserted layers listed in the
 output's midus_plan.json train; skipped for the base model, where nothing would train).
 Precisions: ``fp32`` (everything fp32) and ``bf16`` (bf16 autocast over fp32 master weights and
@@ -32,6 +33,7 @@ configs were copied.
 
     python tools/bench_step.py [--quick] [--json] [--no-docs]
     python tools/bench_step.py --device cuda --batches 4x256,16x1024
+    python tools/bench_step.py --layout every2 --no-bf16
 
 The full run writes the `## Training step` section of docs/benchmarks.md and docs/bench_step.png
 (on a GPU: `## Training step on GPU` and docs/bench_step_gpu.png).
@@ -55,21 +57,37 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
 PNG = {"cpu": REPO / "docs" / "bench_step.png", "cuda": REPO / "docs" / "bench_step_gpu.png"}
 SECTION = {"cpu": "## Training step", "cuda": "## Training step on GPU"}
-MODELS = {
-    "base": REPO / "work" / "smollm2-135m",
-    "DUS": REPO / "work" / "out" / "smollm2-135m-dus",
-    "LLaMA-Pro": REPO / "work" / "out" / "smollm2-135m-llama-pro",
-    "MIDUS": REPO / "work" / "out" / "smollm2-135m-midus",
-    # not a method: DUS with the inserted blocks' FFNs replaced by a zero-cost stub, i.e. the
-    # fastest any FFN replacement (MIDUS's memory included) could make the up-scaled step
-    "FFN-free floor": REPO / "work" / "out" / "smollm2-135m-dus",
+BASE_MODEL = REPO / "work" / "smollm2-135m"
+# Which blocks are inserted where: the bundled recipes (6 after every 5th layer), or the paper's
+# proportion (Llama-3.2-1B: a Memory block after every 2nd layer; here 15 of 45 blocks). The share
+# of the step spent in replaced FFNs, hence the whole possible gain, grows with the count.
+LAYOUTS = {
+    "every5": {"what": "6 blocks inserted after every 5th layer, 30 -> 36 layers", "changed": "6 of 36", "title": "", "stem": "",
+               "recipes": {m: REPO / "recipes" / f"smollm2-135m-{k}.yaml"
+                           for m, k in (("DUS", "dus"), ("LLaMA-Pro", "llama-pro"), ("MIDUS", "midus"))}},
+    "every2": {"what": "15 blocks inserted after every 2nd layer, the paper's proportion, 30 -> 45 layers", "changed": "15 of 45",
+               "title": ", 15 inserted blocks (the paper's proportion)", "stem": "_every2",
+               "recipes": {m: REPO / "recipes" / "ablation" / "every2" / f"smollm2-135m-{k}-every2.yaml"
+                           for m, k in (("DUS", "dus"), ("LLaMA-Pro", "llama-pro"), ("MIDUS", "midus"))}},
 }
+# not a method: DUS with the inserted blocks' FFNs replaced by a zero-cost stub, i.e. the
+# fastest any FFN replacement (MIDUS's memory included) could make the up-scaled step
 DROPS_FFN = {"FFN-free floor"}
-RECIPES = {
-    "DUS": REPO / "recipes" / "smollm2-135m-dus.yaml",
-    "LLaMA-Pro": REPO / "recipes" / "smollm2-135m-llama-pro.yaml",
-    "MIDUS": REPO / "recipes" / "smollm2-135m-midus.yaml",
-}
+
+
+def recipe_output(recipe: Path) -> Path:
+    """The output directory a recipe names (output.dir, relative to the recipe's folder)."""
+    import yaml
+
+    return (recipe.parent / yaml.safe_load(recipe.read_text())["output"]["dir"]).resolve()
+
+
+def models_for(layout: str) -> dict[str, Path]:
+    """Row name -> model directory for one layout."""
+    recipes = LAYOUTS[layout]["recipes"]
+    out = {"base": BASE_MODEL, **{m: recipe_output(r) for m, r in recipes.items()}}
+    out["FFN-free floor"] = out["DUS"]
+    return out
 
 
 # ----------------------------------------------------------------------------- the child
@@ -133,7 +151,7 @@ def prepare(spec: dict) -> dict:
         layers_path, inserted = inserted_layers(plan, list(names))
     if spec.get("drop_inserted_ffn"):  # the floor for any FFN replacement: the inserted blocks' FFNs cost nothing
         # a copy-only DUS apply traces no block anatomy; the MIDUS output of the same base names the FFN
-        anatomy = plan["anatomy"] or json.loads((MODELS["MIDUS"] / "midus_plan.json").read_text())["anatomy"]
+        anatomy = plan["anatomy"] or json.loads((Path(spec["anatomy_from"]) / "midus_plan.json").read_text())["anatomy"]
         parent, _, leaf = anatomy["ffn"][-1].rpartition(".")
         layers = model.get_submodule(layers_path)
         for i in inserted:
@@ -255,13 +273,14 @@ def run_child(specs: list[dict], rounds: int = 0):
 
 # ----------------------------------------------------------------------------- the driver
 
-def ensure_outputs(log, random_init: bool) -> None:
-    if not (MODELS["base"] / "config.json").is_file():
-        raise SystemExit(f"missing {MODELS['base']}: run `python tools/fetch_smollm2.py` first")
-    for name, recipe in RECIPES.items():
-        if random_init and (MODELS[name] / "midus_plan.json").is_file() and (MODELS[name] / "config.json").is_file():
+def ensure_outputs(log, random_init: bool, layout: str) -> None:
+    if not (BASE_MODEL / "config.json").is_file():
+        raise SystemExit(f"missing {BASE_MODEL}: run `python tools/fetch_smollm2.py` first")
+    models = models_for(layout)
+    for name, recipe in LAYOUTS[layout]["recipes"].items():
+        if random_init and (models[name] / "midus_plan.json").is_file() and (models[name] / "config.json").is_file():
             continue  # the config and the plan are all a random-init run reads
-        if not (MODELS[name] / "midus_plan.json").is_file():
+        if not (models[name] / "midus_plan.json").is_file():
             log(f"applying {recipe.name} (output missing) ...")
             subprocess.run(["midus-surgery", "apply", str(recipe), "--quiet"], check=True)
 
@@ -280,7 +299,7 @@ def setting(row: dict) -> tuple[str, int, int]:
     return row["precision"], row["batch"], row["seq"]
 
 
-def bench(plans: list[dict], device: str, random_init: bool, log) -> list[dict]:
+def bench(plans: list[dict], device: str, random_init: bool, log, layout: str = "every5") -> list[dict]:
     rows = []
     for plan in plans:
         precision, batch, seq = plan["precision"], plan["batch"], plan["seq"]
@@ -293,7 +312,7 @@ def bench(plans: list[dict], device: str, random_init: bool, log) -> list[dict]:
             # CPU: a fresh process per configuration (the RSS high-water mark is per process); GPU: one per repeat
             groups = [order] if device == "cuda" else [[cfg] for cfg in order]
             for group in groups:
-                specs = [spec_for(model, freeze, plan, device, random_init) for model, freeze in group]
+                specs = [spec_for(model, freeze, plan, device, random_init, layout) for model, freeze in group]
                 t0 = time.perf_counter()
                 for (model, freeze), res in zip(group, run_child(specs)):
                     res["load1"] = os.getloadavg()[0]
@@ -321,7 +340,7 @@ def bench(plans: list[dict], device: str, random_init: bool, log) -> list[dict]:
             log(f"  [{precision} {batch}x{seq} paired, freeze={freeze}] {len(group)} models in one process, "
                 f"{plan['rounds']} rounds of one step each ...")
             t0 = time.perf_counter()
-            times = run_child([spec_for(model, freeze, plan, device, random_init) for model, freeze in group], plan["rounds"])
+            times = run_child([spec_for(model, freeze, plan, device, random_init, layout) for model, freeze in group], plan["rounds"])
             for row in rows:
                 if setting(row) == (precision, batch, seq) and row["freeze"] == freeze:
                     row["paired_steps_s"] = times[config_label(row["model"], freeze)]
@@ -344,8 +363,10 @@ def config_label(model: str, freeze: str) -> str:
     return f"{model}/{freeze}"
 
 
-def spec_for(model: str, freeze: str, plan: dict, device: str, random_init: bool) -> dict:
-    return {"label": config_label(model, freeze), "path": str(MODELS[model]), "freeze": freeze, "precision": plan["precision"],
+def spec_for(model: str, freeze: str, plan: dict, device: str, random_init: bool, layout: str) -> dict:
+    models = models_for(layout)
+    return {"label": config_label(model, freeze), "path": str(models[model]), "anatomy_from": str(models["MIDUS"]),
+            "freeze": freeze, "precision": plan["precision"],
             "batch": plan["batch"], "seq": plan["seq"], "warmup": plan["warmup"], "steps": plan["steps"],
             "drop_inserted_ffn": model in DROPS_FFN, "device": device, "random_init": random_init}
 
@@ -444,25 +465,41 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for ax, ((p, batch, seq), f) in zip(axes[0], groups):
         sel = {r["model"]: r for r in rows if setting(r) == (p, batch, seq) and r["freeze"] == f}
         ms = [m for m in models if m in sel]
-        vals = [sel[m]["step_min_s"] for m in ms]
+        # where paired rounds ran they are the measurement (the separate processes' minima drift with the neighbours)
+        paired = all("paired_vs_dus" in sel[m] for m in ms if m != "base")
+        vals = [median(sel[m]["paired_steps_s"]) if paired and "paired_steps_s" in sel[m] else sel[m]["step_min_s"] for m in ms]
         bars = ax.bar(ms, vals, color=[colors[m] for m in ms])
-        for b, m in zip(bars, ms):
-            label = f"{sel[m]['step_min_s'] * 1e3:.0f}ms" if sel[m]["step_min_s"] < 0.1 else f"{sel[m]['step_min_s']:.2f}s"
-            if "step_vs_dus" in sel[m]:
-                label += f"\n{sel[m]['step_vs_dus']:.2f}x"
+        for b, m, v in zip(bars, ms, vals):
+            label = f"{v * 1e3:.0f}ms" if v < 0.1 else f"{v:.2f}s"
+            ratio = sel[m].get("paired_vs_dus" if paired else "step_vs_dus")
+            if ratio is not None:
+                label += f"\n{ratio:.2f}x"
             ax.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
         ax.set_title(f"{p} {batch}x{seq}, freeze={f}", fontsize=10)
-        ax.set_ylabel("seconds per step (min)")
+        ax.set_ylabel("seconds per step (median, paired rounds)" if paired else "seconds per step (min)")
         ax.set_ylim(0, max(vals) * 1.3)
         ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle(title, fontsize=10)
+    if any("paired_vs_dus" in r for r in rows):
+        title += "\nbars: median step of the paired rounds; ratios: median of the per-round ratios to DUS"
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def section_title(payload: dict) -> str:
+    return SECTION[payload["device"]] + LAYOUTS[payload.get("layout", "every5")]["title"]
+
+
+def png_path(payload: dict) -> Path:
+    png = PNG[payload["device"]]
+    return png.with_name(png.stem + LAYOUTS[payload.get("layout", "every5")]["stem"] + png.suffix)
+
+
 def section_text(payload: dict) -> str:
     v = payload["versions"]
+    layout = LAYOUTS[payload.get("layout", "every5")]
+    recipes = ", ".join(f"`{r.relative_to(REPO)}`" for r in layout["recipes"].values())
     gpu = payload["device"] == "cuda"
     notes = []
     for plan in payload["plans"]:
@@ -495,8 +532,10 @@ def section_text(payload: dict) -> str:
         mem = ("- Memory: the process's resident set, from `/proc/self/status`: the kernel high-water mark VmHWM, reset right before "
                "the first step (`/proc/self/clear_refs`), minus the RSS of the loaded model. The delta covers activations, gradients, "
                "AdamW state and allocator caches.")
-        prec = ("- `fp32`: weights, activations and AdamW in fp32. `bf16`: `torch.autocast('cpu', bfloat16)` over fp32 master weights and "
-                "optimiser state, as `midus-surgery train` runs `precision: bf16`. This CPU has no native bf16, so bf16 is far slower.")
+        prec = "- `fp32`: weights, activations and AdamW in fp32." + (
+            " `bf16`: `torch.autocast('cpu', bfloat16)` over fp32 master weights and optimiser state, as `midus-surgery train` runs "
+            "`precision: bf16`. This CPU has no native bf16, so bf16 is far slower." if any(p["precision"] == "bf16" for p in payload["plans"])
+            else " No bf16 rows (`--no-bf16`): this CPU has no native bf16, and its bf16 steps take tens of seconds.")
         timing = ("- Each configuration runs in a fresh process (its memory, its fwd / bwd / AdamW split, `step min` and `step median`): "
                   "load, one warm-up step on a 1 x 16 batch (allocates AdamW state, runs every code path), then the timed steps at the full "
                   "batch; configurations interleave within each repeat, their order rotating per repeat. Then the paired rounds "
@@ -505,11 +544,11 @@ def section_text(payload: dict) -> str:
                   "one ratio to the DUS step of the same round, and the column shows the median and the interquartile range of those "
                   "ratios. This VM's speed drifts by 10-30% over minutes with its neighbours' load, and a round's steps are seconds "
                   "apart, so paired ratios cancel most of that drift; LLaMA-Pro, the same compute as DUS, shows what is left. ")
-    png = PNG[payload["device"]].name
+    png = png_path(payload).name
     lines = [
-        SECTION[payload["device"]], "",
+        section_title(payload), "",
         "One training step (forward + backward + AdamW step, lr 1e-4) of SmolLM2-135M and its DUS, LLaMA-Pro and MIDUS outputs "
-        "(`recipes/smollm2-135m-{dus,llama-pro,midus}.yaml`: 6 blocks inserted after every 5th layer, 30 -> 36 layers), "
+        f"({recipes}: {layout['what']}), "
         "random token ids (labels = inputs); batch sizes per precision below.",
         "",
         *machine,
@@ -528,7 +567,7 @@ def section_text(payload: dict) -> str:
         *target_lines(payload["targets"]), "",
         "`FFN-free floor` is not a method: it is the DUS model with the inserted blocks' FFNs replaced by a zero-cost stub, "
         "timed in the same loop. In expectation no FFN replacement, MIDUS's memory layer included, makes the up-scaled step "
-        "faster than that row: 6 of 36 blocks change, and only their FFNs. "
+        f"faster than that row: {layout['changed']} blocks change, and only their FFNs. "
         + ("" if gpu else "The whole possible gain is the inserted FFNs' share of the DUS step; the paired floor ratio "
            "measures it. ")
         + "What moves the ratio for real is the share of the step spent in replaced FFNs (more Memory "
@@ -552,8 +591,8 @@ def write_docs(payload: dict) -> None:
     device = payload["device"]
     title = "training step on " + (payload["machine"] if device == "cuda" else "CPU")
     payload = {**payload, "targets": targets(payload["rows"])}  # JSON from older runs lacks newer target fields
-    plot(payload["rows"], PNG[device], f"SmolLM2-135M family, {title}")
-    write_section(DOCS, SECTION[device], section_text(payload))
+    plot(payload["rows"], png_path(payload), f"SmolLM2-135M family{LAYOUTS[payload.get('layout', 'every5')]['title']}, {title}")
+    write_section(DOCS, section_title(payload), section_text(payload))
 
 
 def main(argv=None) -> int:
@@ -571,6 +610,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16-batch", type=parse_batch, default=(4, 256), help="CPU bf16 batch as BxT (default 4x256; smaller when the machine is too slow, and say so)")
     ap.add_argument("--batches", type=lambda text: [parse_batch(x) for x in text.split(",")], default=[(4, 256), (16, 1024)], help="GPU: comma-separated batches BxT, each run in fp32 and bf16 (default 4x256,16x1024)")
     ap.add_argument("--no-bf16", action="store_true", help="fp32 only")
+    ap.add_argument("--layout", choices=list(LAYOUTS), default="every5",
+                    help="every5: the bundled recipes (6 inserted blocks, 30 -> 36); every2: the paper's proportion "
+                         "(15 inserted blocks, 30 -> 45, recipes/ablation/every2/); each has its own docs section")
     ap.add_argument("--from-json", metavar="RESULTS_JSON", help="only rewrite the docs section and PNG from the --json output of an earlier run (e.g. one on a GPU machine)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -585,10 +627,10 @@ def main(argv=None) -> int:
     if args.from_json:
         payload = json.loads(Path(args.from_json).read_text())
         write_docs(payload)
-        print(f"rewrote {DOCS} and {PNG[payload['device']]} from {args.from_json}")
+        print(f"rewrote {DOCS} and {png_path(payload)} from {args.from_json}")
         return 0
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
-    ensure_outputs(log, args.random_init)
+    ensure_outputs(log, args.random_init, args.layout)
     gpu = args.device == "cuda"
     if gpu:
         import torch
@@ -617,9 +659,9 @@ def main(argv=None) -> int:
 
     load_start = load_avg()
     t0 = time.perf_counter()
-    rows = bench(plans, args.device, args.random_init, log)
+    rows = bench(plans, args.device, args.random_init, log, args.layout)
     payload = {
-        "device": args.device, "machine": machine, "random_init": args.random_init,
+        "device": args.device, "layout": args.layout, "machine": machine, "random_init": args.random_init,
         "threads": rows[0]["threads"],
         "versions": {"python": platform.python_version(), "torch": version("torch"), "transformers": version("transformers")},
         "load_avg_start": load_start, "load_avg_end": load_avg(),
