@@ -3,26 +3,15 @@ missing file or a recipe of another kind is one usage error (exit 2), not a misl
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+from tool_modules import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ROOT / "tools"
-sys.path.insert(0, str(TOOLS))  # bench_cpt imports bench_common as a script would
 EVERY2 = ROOT / "recipes" / "ablation" / "every2"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("_tools_bench_cpt", TOOLS / "bench_cpt.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bc = _load()
+bc = load_tool("bench_cpt")
 
 
 def _cli(monkeypatch, *args):

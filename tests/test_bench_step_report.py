@@ -3,23 +3,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-sys.path.insert(0, str(TOOLS))  # bench_step imports bench_common as a script would
+from tool_modules import load_tool
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("_tools_bench_step", TOOLS / "bench_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bs = _load()
+bs = load_tool("bench_step")
 
 
 def _row(model, freeze, precision, batch, step, trainable):
@@ -37,6 +25,12 @@ def _rows():
     return rows
 
 
+def _payload(device, rows, plans, **extra):
+    return {"device": device, "machine": "Fake", "random_init": device == "cuda", "threads": 1,
+            "versions": {"python": "3", "torch": "2", "transformers": "5"}, "load_avg_start": "0", "load_avg_end": "0",
+            "command": "python tools/bench_step.py", "rows": rows, "targets": bs.targets(rows), "plans": plans, **extra}
+
+
 def test_targets_pair_rows_of_the_same_batch():
     ts = {t["batch"]: t for t in bs.targets(_rows())}
     assert abs(ts[4]["midus_over_dus"] - 0.8) < 1e-12 and ts[4]["step_le_0.85"]
@@ -49,10 +43,7 @@ def test_from_json_writes_the_gpu_section_only(tmp_path, monkeypatch):
     monkeypatch.setattr(bs, "DOCS", docs)
     monkeypatch.setattr(bs, "PNG", {"cpu": tmp_path / "cpu.png", "cuda": tmp_path / "gpu.png"})
     rows = _rows()
-    payload = {"device": "cuda", "machine": "Fake GPU", "random_init": True, "threads": 1,
-               "versions": {"python": "3", "torch": "2", "transformers": "5"}, "load_avg_start": "0", "load_avg_end": "0",
-               "command": "python tools/bench_step.py --device cuda", "rows": rows, "targets": bs.targets(rows),
-               "plans": [{"precision": "bf16", "batch": b, "seq": 256, "repeats": 1, "warmup": 2, "steps": 10} for b in (4, 16)]}
+    payload = _payload("cuda", rows, [{"precision": "bf16", "batch": b, "seq": 256, "repeats": 1, "warmup": 2, "steps": 10} for b in (4, 16)])
     (tmp_path / "r.json").write_text(json.dumps(payload))
     assert bs.main(["--from-json", str(tmp_path / "r.json")]) == 0
     text = docs.read_text()
@@ -100,10 +91,7 @@ def test_every2_layout_reads_its_recipes_and_writes_its_own_section(tmp_path, mo
     rows = [_row("DUS", "base", "fp32", 4, 1.0, 53 * 10**6), _row("MIDUS", "base", "fp32", 4, 0.8, 26 * 10**6)]
     for row in rows:
         row["device_name"] = None
-    payload = {"device": "cpu", "layout": "every2", "machine": "2 cores", "random_init": False, "threads": 2,
-               "versions": {"python": "3", "torch": "2", "transformers": "5"}, "load_avg_start": "0", "load_avg_end": "0",
-               "command": "python tools/bench_step.py --layout every2", "rows": rows, "targets": bs.targets(rows),
-               "plans": [{"precision": "fp32", "batch": 4, "seq": 256, "repeats": 1, "warmup": 1, "steps": 2}]}
+    payload = _payload("cpu", rows, [{"precision": "fp32", "batch": 4, "seq": 256, "repeats": 1, "warmup": 1, "steps": 2}], layout="every2")
     (tmp_path / "r.json").write_text(json.dumps(payload))
     assert bs.main(["--from-json", str(tmp_path / "r.json")]) == 0
     text = docs.read_text()

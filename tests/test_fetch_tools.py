@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import random
 import shutil
@@ -14,19 +13,10 @@ from pathlib import Path
 
 import pytest
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
+from tool_modules import TOOLS, load_tool
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_tools_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses need the module registered while it executes
-    spec.loader.exec_module(module)
-    return module
-
-
-fc = _load("fetch_corpus")
-fs = _load("fetch_smollm2")
+fc = load_tool("fetch_corpus")
+fs = load_tool("fetch_smollm2")
 
 
 # --------------------------------------------------------------------------- fetch_corpus: files
