@@ -11,6 +11,9 @@ see forgetting. Rows: base (no training), DUS, LLaMA-Pro, MIDUS.
     python tools/bench_cpt.py --quick            # smallest meaningful run: 4 steps of 4 x 128 per variant, 4 eval blocks
     python tools/bench_cpt.py                    # default budget (sized for <= 60 min on 2 CPU cores)
     python tools/bench_cpt.py --tokens 2M        # scale it (same script on a GPU: precision auto -> bf16)
+    python tools/bench_cpt.py --only LLaMA-Pro MIDUS \
+        --recipe LLaMA-Pro=recipes/ablation/every2/smollm2-135m-llama-pro-every2.yaml \
+        --recipe MIDUS=recipes/ablation/every2/smollm2-135m-midus-every2.yaml --label ...   # other recipes per row
 
 Writes work/bench/cpt-<label>/ (configs, run dirs, results.json, loss.png), copies the loss plot to
 docs/reproduction-<label>.png and replaces the `<label>` results section of docs/reproduction.md
