@@ -42,6 +42,7 @@ VARIANTS = [  # (row name, recipe kind, recipe, surgery output)
     ("MIDUS", "memory", "recipes/smollm2-135m-midus.yaml", "work/out/smollm2-135m-midus"),
 ]
 BASE = "work/smollm2-135m"
+BASE_LAYERS = 30
 # Default budget: measured on the 2-core CPU this was sized on (fp32, 4 x 256 tokens per step).
 DEFAULT_TOKENS = 49152
 QUICK_TOKENS = 2048
@@ -235,6 +236,14 @@ def trainable_exact(model_dir: Path, freeze: str) -> int | None:
     return total if kinds is not None else None
 
 
+def row_layers(row: dict) -> int | None:
+    """Decoder layers of a trained row's model (from its exported config; None when neither is at hand)."""
+    config = Path(row.get("final", "")) / "config.json"
+    if "layers" not in row and config.is_file():
+        row["layers"] = json.loads(config.read_text()).get("num_hidden_layers")
+    return row.get("layers")
+
+
 def plot(results: dict, a, path: Path) -> None:
     """Left: every run; right: without DUS (whose loss starts far above the others), so the small differences show."""
     import matplotlib
@@ -266,7 +275,9 @@ def plot(results: dict, a, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_title("all runs", fontsize=9)
     axes[1].set_title("without DUS (zoom)", fontsize=9)
-    fig.suptitle(f"CPT on {a.train_corpus}, freeze={a.freeze}, {a.tokens:,} tokens, SmolLM2-135M (+6 blocks); "
+    added = sorted({n - BASE_LAYERS for name, r in results["rows"].items() if name != "base" and (n := row_layers(r))})
+    blocks = f" (+{'/'.join(map(str, added))} blocks)" if added else ""
+    fig.suptitle(f"CPT on {a.train_corpus}, freeze={a.freeze}, {a.tokens:,} tokens, SmolLM2-135M{blocks}; "
                  f"held-out: first {a.eval_blocks} blocks", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
