@@ -24,7 +24,7 @@ def test_recipe_overrides_map_rows_to_recipes_and_their_outputs(monkeypatch):
     midus = EVERY2 / "smollm2-135m-midus-qs-hidden-every2.yaml"
     a = _cli(monkeypatch, "--recipe", f"LLaMA-Pro={lp}", "--midus-recipe", str(midus), "--no-doc")
     assert a.recipes == {"LLaMA-Pro": str(lp), "MIDUS": str(midus)}
-    assert bc.recipe_output(str(lp)) == str(ROOT / "work" / "out" / "smollm2-135m-llama-pro-every2")
+    assert bc.recipe_output(str(lp)) == ROOT / "work" / "out" / "smollm2-135m-llama-pro-every2"
     assert _cli(monkeypatch, "--no-doc").recipes == {}
 
 

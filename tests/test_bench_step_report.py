@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tool_modules import load_tool
 
 bs = load_tool("bench_step")
@@ -31,17 +33,23 @@ def _payload(device, rows, plans, **extra):
             "command": "python tools/bench_step.py", "rows": rows, "targets": bs.targets(rows), "plans": plans, **extra}
 
 
+@pytest.fixture
+def docs(tmp_path, monkeypatch):
+    """A scratch benchmarks.md with a CPU section and another one, and the PNGs beside it."""
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\n## Training step\n\nthe CPU table\n\n## Other\n\nkept\n")
+    monkeypatch.setattr(bs, "DOCS", docs)
+    monkeypatch.setattr(bs, "PNG", {"cpu": tmp_path / "cpu.png", "cuda": tmp_path / "gpu.png"})
+    return docs
+
+
 def test_targets_pair_rows_of_the_same_batch():
     ts = {t["batch"]: t for t in bs.targets(_rows())}
     assert abs(ts[4]["midus_over_dus"] - 0.8) < 1e-12 and ts[4]["step_le_0.85"]
     assert abs(ts[16]["midus_over_dus"] - 1.2) < 1e-12 and not ts[16]["step_le_0.85"]
 
 
-def test_from_json_writes_the_gpu_section_only(tmp_path, monkeypatch):
-    docs = tmp_path / "benchmarks.md"
-    docs.write_text("# Benchmarks\n\n## Training step\n\nthe CPU table\n\n## Other\n\nkept\n")
-    monkeypatch.setattr(bs, "DOCS", docs)
-    monkeypatch.setattr(bs, "PNG", {"cpu": tmp_path / "cpu.png", "cuda": tmp_path / "gpu.png"})
+def test_from_json_writes_the_gpu_section_only(tmp_path, docs):
     rows = _rows()
     payload = _payload("cuda", rows, [{"precision": "bf16", "batch": b, "seq": 256, "repeats": 1, "warmup": 2, "steps": 10} for b in (4, 16)])
     (tmp_path / "r.json").write_text(json.dumps(payload))
@@ -78,16 +86,12 @@ def test_paired_rounds_judge_the_target_on_the_median_of_per_round_ratios():
     assert t["judged_on"] == "minimum" and not t["step_le_0.85"]
 
 
-def test_every2_layout_reads_its_recipes_and_writes_its_own_section(tmp_path, monkeypatch):
+def test_every2_layout_reads_its_recipes_and_writes_its_own_section(tmp_path, docs):
     models = bs.models_for("every2")
     assert models["MIDUS"].name == "smollm2-135m-midus-every2" and models["FFN-free floor"] == models["DUS"]
     assert bs.models_for("every5")["DUS"].name == "smollm2-135m-dus"
     spec = bs.spec_for("MIDUS", "base", {"precision": "fp32", "batch": 4, "seq": 256, "warmup": 1, "steps": 1}, "cpu", False, "every2")
     assert spec["path"] == str(models["MIDUS"]) and spec["anatomy_from"] == str(models["MIDUS"])
-    docs = tmp_path / "benchmarks.md"
-    docs.write_text("# Benchmarks\n\n## Training step\n\nthe CPU table\n\n## Other\n\nkept\n")
-    monkeypatch.setattr(bs, "DOCS", docs)
-    monkeypatch.setattr(bs, "PNG", {"cpu": tmp_path / "cpu.png", "cuda": tmp_path / "gpu.png"})
     rows = [_row("DUS", "base", "fp32", 4, 1.0, 53 * 10**6), _row("MIDUS", "base", "fp32", 4, 0.8, 26 * 10**6)]
     for row in rows:
         row["device_name"] = None

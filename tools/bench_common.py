@@ -29,6 +29,14 @@ def median(xs):
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
+def recipe_output(recipe) -> Path:
+    """The output directory a recipe names (output.dir, relative to the recipe's folder)."""
+    import yaml
+
+    recipe = Path(recipe)
+    return (recipe.resolve().parent / yaml.safe_load(recipe.read_text())["output"]["dir"]).resolve()
+
+
 def write_section(path: Path, title: str, body: str) -> None:
     """Replace (or append) one `## ` section of a markdown file, leaving every other section as it is."""
     path = Path(path)

@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import load_avg
+from bench_common import load_avg, recipe_output
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = [  # (row name, recipe kind, recipe, surgery output)
@@ -158,13 +158,6 @@ def parse_recipe_overrides(p: argparse.ArgumentParser, specs: list[str]) -> dict
             p.error(f"--recipe {spec!r}: the recipe inserts kind {kind!r}, the {row} row is kind {kinds[row]!r}")
         out[row] = path
     return out
-
-
-def recipe_output(recipe: str) -> str:
-    """The surgery output directory a recipe names (output.dir, relative to the recipe's folder)."""
-    import yaml
-    r = yaml.safe_load(Path(recipe).read_text())
-    return str((Path(recipe).resolve().parent / r["output"]["dir"]).resolve())
 
 
 def train(name: str, model_dir: str, a, train_files: list[str], held_files: list[str], log: Path) -> dict:
@@ -368,7 +361,7 @@ def main() -> None:
     t_start = time.perf_counter()
     a.out.mkdir(parents=True, exist_ok=True)
     load_before = load_avg()
-    variants = [(name, kind, a.recipes[name], recipe_output(a.recipes[name])) if name in a.recipes else (name, kind, recipe, out)
+    variants = [(name, kind, a.recipes[name], str(recipe_output(a.recipes[name]))) if name in a.recipes else (name, kind, recipe, out)
                 for name, kind, recipe, out in VARIANTS]
     rows_wanted = a.only or ["base"] + [v[0] for v in variants]
     if not (ROOT / BASE / "config.json").exists():

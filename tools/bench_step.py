@@ -51,7 +51,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import cpu_name, load_avg, median, write_section
+from bench_common import cpu_name, load_avg, median, recipe_output, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -73,13 +73,6 @@ LAYOUTS = {
 # not a method: DUS with the inserted blocks' FFNs replaced by a zero-cost stub, i.e. the
 # fastest any FFN replacement (MIDUS's memory included) could make the up-scaled step
 DROPS_FFN = {"FFN-free floor"}
-
-
-def recipe_output(recipe: Path) -> Path:
-    """The output directory a recipe names (output.dir, relative to the recipe's folder)."""
-    import yaml
-
-    return (recipe.parent / yaml.safe_load(recipe.read_text())["output"]["dir"]).resolve()
 
 
 def models_for(layout: str) -> dict[str, Path]:
