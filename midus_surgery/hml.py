@@ -201,16 +201,31 @@ def _ordered_key(values: Tensor, tie_index: Tensor) -> Tensor:
     """int64 keys ordering by (value desc, tie_index asc) under a *descending* topk."""
     bits = (values.float() + 0.0).view(torch.int32).to(torch.int64)  # +0.0 folds -0.0 into +0.0
     bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone float -> int map
-    return (bits << 32) | ((1 << 32) - 1 - tie_index)
+    # minus, not "| (2**32 - 1 - tie_index)": inductor types that constant int32 in Triton and fails
+    return (bits << 32) - tie_index
+
+
+def _sync_free_topk(values: Tensor) -> bool:
+    """Rank every row by exact int64 keys instead of checking for ties first.
+
+    On an accelerator the tie check's ``bool(tied.any())`` is a device-to-host sync: the host
+    stops queueing kernels until the device has caught up, twice per layer per forward.  One
+    int64 top-k over all rows costs less than that stall there.  float64 stays on the checked
+    path: its keys would be rounded to float32, and only exact float32 values order exactly.
+    """
+    return values.device.type != "cpu" and values.dtype != torch.float64
 
 
 def _det_topk(values: Tensor, k: int, tie_index: Tensor) -> Tensor:
     """Positions of the top-k of ``values`` along the last dim, sorted by (value desc, tie_index asc).
 
-    Fast path: one float topk of k+1 entries; rows where two adjacent returned values are
+    CPU fast path: one float topk of k+1 entries; rows where two adjacent returned values are
     equal (the only rows where torch.topk's arbitrary tie order could matter) are recomputed
-    with exact int64 (value, index) keys.  ``tie_index`` broadcasts to ``values``.
+    with exact int64 (value, index) keys.  On an accelerator every row takes the exact keys
+    (``_sync_free_topk``).  ``tie_index`` broadcasts to ``values``.
     """
+    if _sync_free_topk(values):
+        return _ordered_key(values, tie_index.expand(values.shape)).topk(k, dim=-1, sorted=True).indices
     m = values.shape[-1]
     kk = min(k + 1, m)
     vals, pos = values.topk(kk, dim=-1, sorted=True)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from midus_surgery import hml
 from midus_surgery.hml import (
     HeadwiseMemory,
     HMLConfig,
@@ -17,14 +18,18 @@ from midus_surgery.hml import (
 )
 
 
-@pytest.fixture(autouse=True, params=["fused", "torch"])
+@pytest.fixture(autouse=True, params=["fused", "torch", "torch-sync-free"])
 def hml_path(request, monkeypatch):
-    """Every test here runs on both paths: the compiled CPU kernels and the pure-torch code.
+    """Every test here runs on three paths: the compiled CPU kernels, the pure-torch code, and the
+    pure-torch code with the accelerators' sync-free top-k (every row ranked by exact keys).
 
     "fused" makes a failed kernel build an error (midus_surgery.kernels), so it cannot pass by
     silently falling back to the torch path.
     """
-    monkeypatch.setenv("MIDUS_HML_KERNELS", request.param)
+    monkeypatch.setenv("MIDUS_HML_KERNELS", request.param.removesuffix("-sync-free"))
+    if request.param.endswith("-sync-free"):
+        # what CUDA runs; float64 keeps the checked path there too
+        monkeypatch.setattr(hml, "_sync_free_topk", lambda values: values.dtype != torch.float64)
     return request.param
 
 

@@ -6,7 +6,9 @@
 
 Runs on the GPU: (1) two-stage top-k == brute force incl. ties, (2) values and gradients vs the
 dense reference of tests/test_hml.py (float64), (3) CPU vs CUDA agreement (float32), (4) bf16 and
-autocast, (5) torch.compile (inductor), (6) fwd+bwd timing HML vs LlamaMLP at both bench sizes.
+autocast, (5) torch.compile (inductor), (6) fwd+bwd timing HML vs LlamaMLP at both bench sizes,
+(7) the layer's paths side by side (sync-free vs tie-checked top-k, bank-gradient methods,
+torch.compile) and a profile of one step.
 Prints one line per check and a final OK / FAILED; exit status 1 on failure.
 """
 
@@ -132,8 +134,81 @@ def main() -> int:
             print(f"[time] {size} {str(dtype)[6:]}: hml {res['hml']:.2f} ms, ffn {res['ffn']:.2f} ms, "
                   f"ratio {res['hml'] / res['ffn']:.2f}  ({card})")
 
+    time_variants(dev, sync, card, dry_run)
+
     print("OK" if not failures else f"FAILED: {failures}")
     return 1 if failures else 0
+
+
+def time_variants(dev, sync, card, dry_run: bool) -> None:
+    """7. Where the layer's CUDA time goes: the bundled recipe's HML (query_source heads, n=128,
+    k=32, d_l=64) fwd+bwd at 4x256 and 16x1024 tokens, default path against one change each:
+    the tie-checked top-k (a device-to-host sync per stage), the other bank-gradient methods,
+    torch.compile.  Then the profiler's top ops and the host syncs of one default step."""
+    from bench_hml import step_fn
+    from torch.profiler import ProfilerActivity, profile
+
+    from midus_surgery import hml as hml_mod
+    from midus_surgery.hml import HeadwiseMemory, HMLConfig
+
+    H, dh, hidden = 9, 64, 576
+    variants = {
+        "default": dict(),
+        "tie-checked topk (sync)": dict(sync_topk=True),
+        "bank_grad embedding_bag": dict(bank_grad="embedding_bag"),
+        "bank_grad index_add": dict(bank_grad="index_add"),
+        "torch.compile": dict(compile=True),
+    }
+    sync_free = hml_mod._sync_free_topk
+    batches = [(1, 16)] if dry_run else [(4, 256), (16, 1024)]
+    for b, t in batches:
+        for dtype in (torch.float32, torch.bfloat16):
+            res = {}
+            for name, v in variants.items():
+                if v.get("compile") and dtype != torch.float32:
+                    continue  # one compiled row is enough to see whether fusion pays
+                torch.manual_seed(0)
+                cfg = HMLConfig(n_subkeys=128, topk=32, latent_dim=64, init="random",
+                                bank_grad=v.get("bank_grad", "sparse_mm"))
+                m = HeadwiseMemory(H, dh, hidden, cfg).to(dev, dtype)
+                mod = torch.compile(m) if v.get("compile") else m
+                x = torch.randn(b, t, H, dh, dtype=dtype, device=dev, requires_grad=True)
+                fn = step_fn(mod, x)
+                hml_mod._sync_free_topk = (lambda values: False) if v.get("sync_topk") else sync_free
+                try:
+                    warm, reps = (1, 1) if dry_run else (3, 20)
+                    for _ in range(warm):
+                        fn()
+                    sync()
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        fn()
+                    sync()
+                    res[name] = (time.perf_counter() - t0) / reps * 1e3
+                finally:
+                    hml_mod._sync_free_topk = sync_free
+                    torch._dynamo.reset()
+            base = res["default"]
+            print(f"[variants] {b}x{t} {str(dtype)[6:]} ({card}): " +
+                  ", ".join(f"{k} {v:.2f} ms ({v / base:.2f}x)" for k, v in res.items()))
+    # one default step under the profiler, at the larger batch
+    b, t = batches[-1]
+    torch.manual_seed(0)
+    m = HeadwiseMemory(H, dh, hidden, HMLConfig(n_subkeys=128, topk=32, latent_dim=64, init="random")).to(dev)
+    x = torch.randn(b, t, H, dh, device=dev, requires_grad=True)
+    fn = step_fn(m, x)
+    fn()
+    sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync()
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    print(f"[profile] one default fwd+bwd, {b}x{t} float32, top ops by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
+    syncs = [e for e in prof.key_averages() if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                         "cudaMemcpyAsync", "aten::item", "aten::_local_scalar_dense")]
+    print("[profile] host syncs and copies: " + (", ".join(f"{e.key} x{e.count}" for e in syncs) or "none"))
 
 
 if __name__ == "__main__":
