@@ -122,7 +122,7 @@ class MemorySettings(Strict):
     query_source: Literal["heads", "hidden"] = Field("heads", description="`heads`: each head's attention output queries its memory (MIDUS). `hidden`: the generic variant, queries projected from x + Attn(Norm(x)); the attention keeps its output projection, zeroed as in LLaMA-Pro so the block starts as the identity.")
     init: Literal["zero_proj", "zero_bank", "random"] = Field("zero_proj", description="`zero_proj`: head projections zero, bank random (output exactly 0 at start, function-preserving). `zero_bank`: bank zero, projections random (also function-preserving). `random`: not function-preserving.")
     norm_eps: float = Field(1e-6, gt=0, description="Epsilon of the per-head query norm.")
-    bank_grad: Literal["sparse_mm", "embedding_bag", "index_add"] = Field("sparse_mm", description="How the backward accumulates the bank (or value table) gradient; all give the same dense gradient, at different speeds (docs/hml.md).")
+    bank_grad: Literal["auto", "sparse_mm", "embedding_bag", "index_add"] = Field("auto", description="How the backward accumulates the bank (or value table) gradient; all give the same dense gradient, at different speeds (docs/hml.md). auto: sparse_mm on CPU, embedding_bag on CUDA.")
     share_bank: bool = Field(False, description="One latent bank shared by all memory blocks of the model instead of one per block.")
 
     @model_validator(mode="after")

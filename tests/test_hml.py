@@ -362,7 +362,7 @@ def test_backward_called_inside_autocast_gives_the_fp32_gradients(kw):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("bank_grad", ["sparse_mm", "embedding_bag", "index_add"])
+@pytest.mark.parametrize("bank_grad", ["auto", "sparse_mm", "embedding_bag", "index_add"])
 def test_bf16_layer_backward_accumulates_like_fp32(bank_grad):
     """A bf16 layer's bank and weight gradients come from fp32 accumulation: equal to the fp32
     backward of the same (bf16-valued) inputs, rounded once to bf16."""
@@ -379,3 +379,24 @@ def test_bf16_layer_backward_accumulates_like_fp32(bank_grad):
     bank, bank32 = mb.latent_bank.weight.grad, m.latent_bank.weight.grad
     assert bank.dtype == torch.bfloat16
     assert torch.allclose(bank.float(), bank32, rtol=2e-2, atol=1e-2)
+
+
+def test_bank_grad_auto_picks_the_measured_fastest_per_device():
+    # docs/hml.md: sparse_mm on the CPU's pure-torch path; on CUDA embedding_bag (no coalesce, no host sync)
+    assert hml._bank_grad_method("auto", "cpu") == "sparse_mm"
+    assert hml._bank_grad_method("auto", "cuda") == "embedding_bag"
+    assert hml._bank_grad_method("index_add", "cuda") == "index_add"  # an explicit choice stands
+    assert HMLConfig().bank_grad == "auto"
+
+
+@pytest.mark.parametrize("hive", [True, False])
+def test_bank_grad_auto_on_cpu_is_sparse_mm_exactly(hive):
+    grads = {}
+    for mode in ("auto", "sparse_mm"):
+        torch.manual_seed(0)
+        m = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=6, topk=4, latent_dim=5, init="random", hive=hive, bank_grad=mode))
+        x = torch.randn(3, 5, 2, 8, requires_grad=True)
+        m(x).square().sum().backward()
+        grads[mode] = [x.grad] + [p.grad for p in m.parameters()]
+    for a, b in zip(grads["auto"], grads["sparse_mm"]):
+        assert torch.equal(a, b)

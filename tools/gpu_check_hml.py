@@ -155,6 +155,7 @@ def time_variants(dev, sync, card, dry_run: bool) -> None:
     variants = {
         "default": dict(),
         "tie-checked topk (sync)": dict(sync_topk=True),
+        "bank_grad sparse_mm": dict(bank_grad="sparse_mm"),
         "bank_grad embedding_bag": dict(bank_grad="embedding_bag"),
         "bank_grad index_add": dict(bank_grad="index_add"),
         "torch.compile": dict(compile=True),
@@ -169,7 +170,7 @@ def time_variants(dev, sync, card, dry_run: bool) -> None:
                     continue  # one compiled row is enough to see whether fusion pays
                 torch.manual_seed(0)
                 cfg = HMLConfig(n_subkeys=128, topk=32, latent_dim=64, init="random",
-                                bank_grad=v.get("bank_grad", "sparse_mm"))
+                                bank_grad=v.get("bank_grad", "auto"))
                 m = HeadwiseMemory(H, dh, hidden, cfg).to(dev, dtype)
                 mod = torch.compile(m) if v.get("compile") else m
                 x = torch.randn(b, t, H, dh, dtype=dtype, device=dev, requires_grad=True)
