@@ -323,13 +323,21 @@ def test_compile_switch_trains_the_same_model(world, tmp_path):
     """compile: true runs the same steps through torch.compile and lands where eager does.
     fp32 on every device: in bf16 (precision auto on a GPU) fused kernels round differently at
     bf16 resolution, beyond this tolerance (seen on an H100)."""
-    eager = train(load_train_config(config(world, tmp_path, name="eager", tokens=16 * 4 * 4, precision="fp32")))
+    eager_cfg = load_train_config(config(world, tmp_path, name="eager", tokens=16 * 4 * 4, precision="fp32"))
+    eager = train(eager_cfg)
     compiled = train(load_train_config(config(world, tmp_path, name="compiled", tokens=16 * 4 * 4, compile=True, precision="fp32")))
     assert compiled.steps == eager.steps == 4
+    start = state_of(world["model"])
     a, b = state_of(tmp_path / "eager" / "final"), state_of(tmp_path / "compiled" / "final")
     assert a.keys() == b.keys()
-    for name in a:  # compiled kernels may reorder float sums: equal to rounding, not bit-exact
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    # Compiled kernels reorder float sums, and AdamW's m / sqrt(v) turns a rounding difference in a
+    # near-zero gradient into a visible part of one lr step (1.9e-5 seen at lr 3e-3 on one CPU).
+    # A wrong compiled gradient moves weights by whole steps: tolerate a tenth of one.
+    tol = 0.1 * eager_cfg.config.optim.lr
+    moved = max((a[n].float() - start[n].float()).abs().max().item() for n in a)
+    assert moved > 10 * tol  # the runs trained: the tolerance is small against what they moved
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=tol, msg=name)
 
 
 def test_freeze_base_on_a_copy_only_dus_output(world, tmp_path):
