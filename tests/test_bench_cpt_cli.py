@@ -41,3 +41,10 @@ def test_bad_recipe_override_is_a_usage_error(monkeypatch, capsys, spec, message
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_the_zoom_panel_appears_only_when_dus_trained():
+    curve = [[1024, 3.0], [2048, 2.9]]
+    assert bc.plot_panels({"base": {}, "LLaMA-Pro": {"curve": curve}, "MIDUS": {"curve": curve}}) == [("all runs", ())]
+    with_dus = bc.plot_panels({"DUS": {"curve": curve}, "MIDUS": {"curve": curve}})
+    assert with_dus == [("all runs", ()), ("without DUS (zoom)", ("DUS",))]

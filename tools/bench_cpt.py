@@ -237,15 +237,26 @@ def row_layers(row: dict) -> int | None:
     return row.get("layers")
 
 
+def plot_panels(rows: dict) -> list[tuple[str, tuple[str, ...]]]:
+    """(title, rows left out) per panel: every run, plus a zoom without DUS when DUS trained
+    (its loss starts far above the others and hides their differences)."""
+    panels = [("all runs", ())]
+    if rows.get("DUS", {}).get("curve"):
+        panels.append(("without DUS (zoom)", ("DUS",)))
+    return panels
+
+
 def plot(results: dict, a, path: Path) -> None:
-    """Left: every run; right: without DUS (whose loss starts far above the others), so the small differences show."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    panels = plot_panels(results["rows"])
+    fig, axes = plt.subplots(1, len(panels), figsize=(12 if len(panels) > 1 else 8, 5.0), squeeze=False)
+    axes = axes[0]
     colors = {"DUS": "tab:blue", "LLaMA-Pro": "tab:orange", "MIDUS": "tab:green"}
     b = results["rows"].get("base", {}).get("a")
-    for ax, skip in zip(axes, [(), ("DUS",)]):
+    for ax, (title, skip) in zip(axes, panels):
+        ax.set_title(title, fontsize=9)
         for name, r in results["rows"].items():
             if name == "base" or name in skip or not r.get("curve"):
                 continue
@@ -266,11 +277,10 @@ def plot(results: dict, a, path: Path) -> None:
         ax.set_ylabel("loss (nats/token)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    axes[0].set_title("all runs", fontsize=9)
-    axes[1].set_title("without DUS (zoom)", fontsize=9)
     added = sorted({n - BASE_LAYERS for name, r in results["rows"].items() if name != "base" and (n := row_layers(r))})
     blocks = f" (+{'/'.join(map(str, added))} blocks)" if added else ""
-    fig.suptitle(f"CPT on {a.train_corpus}, freeze={a.freeze}, {a.tokens:,} tokens, SmolLM2-135M{blocks}; "
+    sep = "\n" if len(panels) == 1 else " "  # one panel is too narrow for the title on one line
+    fig.suptitle(f"CPT on {a.train_corpus}, freeze={a.freeze}, {a.tokens:,} tokens, SmolLM2-135M{blocks};{sep}"
                  f"held-out: first {a.eval_blocks} blocks", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
