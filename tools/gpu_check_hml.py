@@ -120,17 +120,7 @@ def main() -> int:
             xf = torch.randn(4, 256, s["hidden"], dtype=dtype, device=dev, requires_grad=True)
             xh = torch.randn(4, 256, s["heads"], s["head_dim"], dtype=dtype, device=dev, requires_grad=True)
             fs, hs = step_fn(ffn, xf), step_fn(hml, xh)
-            res = {}
-            for name, fn in (("ffn", fs), ("hml", hs)):
-                warm, reps = (1, 1) if dry_run else (3, 20)  # the dry run only checks that the script works
-                for _ in range(warm):
-                    fn()
-                sync()
-                t = time.perf_counter()
-                for _ in range(reps):
-                    fn()
-                sync()
-                res[name] = (time.perf_counter() - t) / reps * 1e3
+            res = {name: time_ms(fn, sync, dry_run) for name, fn in (("ffn", fs), ("hml", hs))}
             print(f"[time] {size} {str(dtype)[6:]}: hml {res['hml']:.2f} ms, ffn {res['ffn']:.2f} ms, "
                   f"ratio {res['hml'] / res['ffn']:.2f}  ({card})")
 
@@ -138,6 +128,19 @@ def main() -> int:
 
     print("OK" if not failures else f"FAILED: {failures}")
     return 1 if failures else 0
+
+
+def time_ms(fn, sync, dry_run: bool) -> float:
+    """Mean ms of one call after warm-up, the device synchronised at both ends."""
+    warm, reps = (1, 1) if dry_run else (3, 20)  # the dry run only checks that the script works
+    for _ in range(warm):
+        fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / reps * 1e3
 
 
 def time_variants(dev, sync, card, dry_run: bool) -> None:
@@ -177,15 +180,7 @@ def time_variants(dev, sync, card, dry_run: bool) -> None:
                 fn = step_fn(mod, x)
                 hml_mod._sync_free_topk = (lambda values: False) if v.get("sync_topk") else sync_free
                 try:
-                    warm, reps = (1, 1) if dry_run else (3, 20)
-                    for _ in range(warm):
-                        fn()
-                    sync()
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        fn()
-                    sync()
-                    res[name] = (time.perf_counter() - t0) / reps * 1e3
+                    res[name] = time_ms(fn, sync, dry_run)
                 finally:
                     hml_mod._sync_free_topk = sync_free
                     torch._dynamo.reset()
