@@ -1,0 +1,30 @@
+"""tools/gpu_check_hml.py --dry-run: the prepared GPU check runs end to end on the CPU, so a GPU
+session (15 minutes of device time) is not spent finding a broken script."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_passes_every_check_and_times_every_variant():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    proc = subprocess.run([sys.executable, "tools/gpu_check_hml.py", "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-2000:] + proc.stderr[-2000:]
+    checks = [line for line in out.splitlines() if line.startswith(("[ok]", "[FAIL]"))]
+    assert len(checks) >= 10 and all(line.startswith("[ok]") for line in checks)
+    variants = [line for line in out.splitlines() if line.startswith("[variants]")]
+    assert len(variants) == 2  # fp32 and bf16 at the dry run's one batch
+    for name in ("default", "tie-checked topk (sync)", "bank_grad sparse_mm", "bank_grad embedding_bag", "bank_grad index_add"):
+        assert all(f"{name} " in line for line in variants), name
+    assert "[profile] host syncs and copies:" in out
+    assert out.rstrip().endswith("OK")
