@@ -148,13 +148,20 @@ def time_variants(dev, sync, card, dry_run: bool) -> None:
     k=32, d_l=64) fwd+bwd at 4x256 and 16x1024 tokens, default path against one change each:
     the tie-checked top-k (a device-to-host sync per stage), the other bank-gradient methods,
     torch.compile.  Then the profiler's top ops and the host syncs of one default step."""
-    from bench_hml import step_fn
+    from bench_hml import SIZES, step_fn
     from torch.profiler import ProfilerActivity, profile
 
     from midus_surgery import hml as hml_mod
     from midus_surgery.hml import HeadwiseMemory, HMLConfig
 
-    H, dh, hidden = 9, 64, 576
+    s = SIZES["SmolLM2-135M recipe"]
+    H, dh = s["heads"], s["head_dim"]
+
+    def recipe_layer(bank_grad: str = "auto") -> HeadwiseMemory:
+        torch.manual_seed(0)
+        cfg = HMLConfig(n_subkeys=s["n"], topk=s["k"], latent_dim=s["d_l"], init="random", bank_grad=bank_grad)
+        return HeadwiseMemory(H, dh, s["hidden"], cfg).to(dev)
+
     variants = {
         "default": dict(),
         "tie-checked topk (sync)": dict(sync_topk=True),
@@ -171,10 +178,7 @@ def time_variants(dev, sync, card, dry_run: bool) -> None:
             for name, v in variants.items():
                 if v.get("compile") and dtype != torch.float32:
                     continue  # one compiled row is enough to see whether fusion pays
-                torch.manual_seed(0)
-                cfg = HMLConfig(n_subkeys=128, topk=32, latent_dim=64, init="random",
-                                bank_grad=v.get("bank_grad", "auto"))
-                m = HeadwiseMemory(H, dh, hidden, cfg).to(dev, dtype)
+                m = recipe_layer(v.get("bank_grad", "auto")).to(dtype)
                 mod = torch.compile(m) if v.get("compile") else m
                 x = torch.randn(b, t, H, dh, dtype=dtype, device=dev, requires_grad=True)
                 fn = step_fn(mod, x)
@@ -189,8 +193,7 @@ def time_variants(dev, sync, card, dry_run: bool) -> None:
                   ", ".join(f"{k} {v:.2f} ms ({v / base:.2f}x)" for k, v in res.items()))
     # one default step under the profiler, at the larger batch
     b, t = batches[-1]
-    torch.manual_seed(0)
-    m = HeadwiseMemory(H, dh, hidden, HMLConfig(n_subkeys=128, topk=32, latent_dim=64, init="random")).to(dev)
+    m = recipe_layer()
     x = torch.randn(b, t, H, dh, device=dev, requires_grad=True)
     fn = step_fn(m, x)
     fn()
@@ -201,8 +204,9 @@ def time_variants(dev, sync, card, dry_run: bool) -> None:
         sync()
     key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     print(f"[profile] one default fwd+bwd, {b}x{t} float32, top ops by {key}:")
-    print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
-    syncs = [e for e in prof.key_averages() if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+    ops = prof.key_averages()
+    print(ops.table(sort_by=key, row_limit=15, max_name_column_width=60))
+    syncs = [e for e in ops if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
                                                          "cudaMemcpyAsync", "aten::item", "aten::_local_scalar_dense")]
     print("[profile] host syncs and copies: " + (", ".join(f"{e.key} x{e.count}" for e in syncs) or "none"))
 
