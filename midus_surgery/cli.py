@@ -201,7 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return _dispatch(build_parser().parse_args(argv))
+
+
+def _dispatch(args) -> int:
     try:
         return args.func(args)
     except RecipeError as exc:
@@ -215,5 +218,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The program's entry point (the console script and ``python -m midus_surgery.cli``).
+
+    A successful ``apply`` exits without the interpreter's teardown (``os._exit``, as mypy does):
+    freeing pydantic's and the plan's objects one by one took ~30 ms, a tenth of applying a small
+    model, and by then apply has closed, renamed and reported everything it wrote."""
+    args = build_parser().parse_args()
+    code = _dispatch(args)
+    if code == 0 and args.func is cmd_apply:
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

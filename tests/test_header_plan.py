@@ -237,6 +237,24 @@ def test_header_plan_imports_neither_transformers_nor_torch(bases, tmp_path):
     assert run.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_the_program_reports_and_exits_cleanly_after_apply(bases, tmp_path):
+    """``python -m midus_surgery.cli apply`` (the console script's path) skips the interpreter's
+    teardown after success: the lines it printed must still arrive, with exit 0 and a whole
+    output; a failing apply exits normally with its error."""
+    recipe = write_recipe(tmp_path, bases["llama-tied"])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("PYTHONUNBUFFERED", None)  # a pipe's stdout is block-buffered, as for most users
+    program = [sys.executable, "-m", "midus_surgery.cli", "apply", str(recipe), "--quiet"]
+    ok = subprocess.run(program, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    lines = ok.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{recipe}: 4 -> 6 layers") and lines[1].startswith("wrote ")
+    checks = verify(tmp_path / "out" / "llama-tied", bases["llama-tied"])
+    assert checks and all(c.ok for c in checks)
+    again = subprocess.run(program, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)  # the output exists now
+    assert again.returncode == 1 and "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # What the header planner knows of each architecture, checked against transformers itself
 
