@@ -143,7 +143,7 @@ def cmd_apply(args) -> int:
     result = emit(compiled, out_dir=args.out, overwrite=args.overwrite, allow_pickle=args.allow_pickle, progress=not args.quiet)
     done = time.perf_counter()
     print(f"wrote {result.out_dir}: {result.num_tensors} tensors, {result.num_bytes / 2**20:.1f} MiB in {result.shards} shard(s), "
-          f"{done - started:.1f} s (plan {planned - started:.1f} s, writing {done - planned:.1f} s); "
+          f"{done - started:.2f} s (plan {planned - started:.2f} s, writing {done - planned:.2f} s); "
           + ("planned from the safetensors headers" if why_full is None else f"planned with transformers ({why_full})"))
     if args.verify:
         return _run_verify(result.out_dir, None)

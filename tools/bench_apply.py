@@ -508,27 +508,28 @@ def reading_lines(payload: dict) -> list[str]:
         if o.get("plan_s") is not None:
             start = max(0.0, ours - o["plan_s"] - o["write_s"])
             how = "from the safetensors headers" if o.get("planner") == "headers" else "with transformers"
-            mine = (f"{start:.1f} s of start-up (Python and imports), {o['plan_s']:.1f} s of planning ({how}) and "
-                    f"{o['write_s']:.1f} s of writing (apply's own clock, fastest run; the writing is "
-                    f"{o['write_s'] / copy:.2f}x the copy's time)")
+            mine = (f"{start:.2f} s of start-up and exit (Python and imports), {o['plan_s']:.2f} s of planning ({how}) and "
+                    f"{o['write_s']:.2f} s of writing (apply's own clock, fastest run; the writing is "
+                    f"{o['write_s'] / copy:.2f}x the copy's whole time)")
         else:
-            mine = f"{up['ours']:.1f} s of start-up plus {max(0.0, ours - up['ours']):.1f} s of work"
+            mine = f"{up['ours']:.2f} s of start-up plus {max(0.0, ours - up['ours']):.2f} s of work"
         if theirs > up["mergekit"]:
             kit = f"about {up['mergekit']:.1f} s of start-up (`--help`) plus {theirs - up['mergekit']:.1f} s"
         else:  # noise: its `--help` alone took longer than its fastest merge
             kit = f"nearly all start-up (`--help` alone took {up['mergekit']:.1f} s in its own run)"
-        out.append(f"{r['case']}: ours {ours:.1f} s is about {mine}; mergekit {theirs:.1f} s {kit}; the copy {copy:.1f} s.")
+        out.append(f"{r['case']}: ours {ours:.2f} s is about {mine}; mergekit {theirs:.1f} s {kit}; the copy {copy:.2f} s.")
     out.append("For copy-only recipes on Llama/Mistral/Qwen2/Qwen3 bases `apply` plans from config.json and the safetensors "
                "headers (`midus_surgery/header_plan.py`) and imports neither transformers nor torch; other recipes plan through "
                "transformers (its config and a meta-device model: about 4.5 s on these bases, plus about 4 s of torch and "
-               "transformers imports, which is what these rows cost before the header planner). What is left of the small "
-               "model's time beyond the copy is fixed cost: the Python interpreter, the CLI, the recipe's parsing and "
-               "validation (YAML, pydantic) and removing the previous output (`--overwrite`), about half a second, more than "
-               "the 1.5x target leaves beside a half-second copy; its writing alone is the copy's time. On the 3B base "
-               "`apply` writes shards that are all file-to-file copies two at a time (`copy_file_range` runs in the kernel, "
-               "without the GIL), while the floor is one stream, as `cp` is; one shard at a time the same `apply` took "
-               "12.5-22.7 s in alternating runs here. 8 GB writes on this shared disk vary by several seconds between runs, "
-               "so a ratio this close to 1.5x is within the noise.")
+               "transformers imports). `apply` lays each shard out so that its copies are few and aligned with their sources "
+               "(`midus_surgery/shard_writer.py`: adjacent source bytes in one call, each large tensor at its source's offset "
+               "within a page, the bulk at its source's offset modulo 64 KiB); written in plan order, one call per tensor, its "
+               "copies ran at about 1.4x the floor's time. What is left of the small model's time beyond the copy is fixed cost: "
+               "the Python interpreter and the recipe's parser and validator (PyYAML and pydantic, about 0.1 s of imports), which "
+               "is why its ratio sits near the 1.5x target while its writing alone is about the copy's time. On the 3B base "
+               "`apply` writes its 4 shards two at a time (`copy_file_range` runs in the kernel, without the GIL, and two files "
+               "do not share an inode lock), while the floor is one stream, as `cp` is: hence a ratio under 1. All three write "
+               "into the page cache; write-back to the disk happens in the untimed `sync` before the next run, for each alike.")
     return out
 
 
