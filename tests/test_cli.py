@@ -158,3 +158,25 @@ def test_every2_recipes_are_the_bundled_set_at_the_papers_proportion():
         assert Path(recipe["output"]["dir"]).name == Path(reference["output"]["dir"]).name + "-every2"
         # the same base, wherever the recipe sits
         assert (path.parent / recipe["base"]["config"]).resolve() == (reference_path.parent / reference["base"]["config"]).resolve()
+
+
+def test_every2_knob_recipes_change_only_their_knobs():
+    """recipes/ablation/every2-knobs/: the k / d_l ablation docs/reproduction.md ran on the every2
+    query_source=hidden recipe, each changing only the knobs its name says."""
+    import yaml
+
+    knobs = {"k16": {"topk"}, "k64": {"topk"}, "dl128": {"latent_dim"}, "dl256-shared": {"latent_dim", "share_bank"}}
+    folder = ROOT / "recipes" / "ablation" / "every2-knobs"
+    stem = "smollm2-135m-midus-qs-hidden-every2"
+    assert {p.name for p in folder.glob("*.yaml")} == {f"{stem}-{k}.yaml" for k in knobs}
+    result = run("validate", *sorted(map(str, folder.glob("*.yaml"))))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("30 -> 45 layers (15 memory)") == len(knobs)
+    reference = yaml.safe_load((ROOT / "recipes" / "ablation" / "every2" / f"{stem}.yaml").read_text())
+    for knob, keys in knobs.items():
+        recipe = yaml.safe_load((folder / f"{stem}-{knob}.yaml").read_text())
+        assert recipe["layout"] == reference["layout"] and recipe["base"] == reference["base"], knob
+        changed = {k for k in recipe["memory"].keys() | reference["memory"].keys()
+                   if recipe["memory"].get(k, "default") != reference["memory"].get(k, "default")}
+        assert changed == keys, (knob, changed)
+        assert Path(recipe["output"]["dir"]).name == Path(reference["output"]["dir"]).name + f"-{knob}"
