@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 
@@ -227,8 +228,6 @@ def run() -> None:
     args = build_parser().parse_args()
     code = _dispatch(args)
     if code == 0 and args.func is cmd_apply:
-        import os
-
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

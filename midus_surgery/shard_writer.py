@@ -105,44 +105,50 @@ def write_shard(path: Path, items: list[ShardItem], metadata: Optional[dict] = N
     try:
         with open(path, "wb", buffering=0) as out:  # unbuffered: copy_file_range writes at the fd's position
             _write_all(out, struct.pack("<Q", len(blob)) + blob)
-            run: Optional[list] = None  # [source path, offset, length] of adjacent source bytes: one copy
-
-            def flush() -> None:
-                if run is not None:
-                    fd = sources.get(run[0])
+            for copy, item in _merged_copies(items):
+                if copy is not None:
+                    fd = sources.get(copy.path)
                     if fd is None:
-                        fd = sources[run[0]] = os.open(run[0], os.O_RDONLY)
-                    _copy_range(fd, out.fileno(), run[1], run[2])
-                    if on_bytes is not None:
-                        on_bytes(run[2])
+                        fd = sources[copy.path] = os.open(copy.path, os.O_RDONLY)
+                    _copy_range(fd, out.fileno(), copy.offset, copy.length)
+                    written = copy.length
+                else:
+                    import torch  # only for produced tensors: a copy-only shard never imports it
 
-            for item in items:
-                src = item.bytes_from
-                if src is not None:
-                    if run is not None and run[0] == src.path and run[1] + run[2] == src.offset and run[2] < _MERGE_MAX:
-                        run[2] += src.length
-                    else:
-                        flush()
-                        run = [src.path, src.offset, src.length]
-                    continue
-                flush()
-                run = None
-                import torch  # only for produced tensors: a copy-only shard never imports it
-
-                tensor = item.make()
-                if tag_of(tensor.dtype) != item.dtype or tuple(tensor.shape) != item.shape:
-                    raise ValueError(f"{item.name}: produced {tag_of(tensor.dtype) or tensor.dtype} {tuple(tensor.shape)}, "
-                                     f"expected {item.dtype} {item.shape}")
-                # safetensors data is little-endian, like every platform torch supports here
-                data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-                _write_all(out, memoryview(data))
+                    tensor = item.make()
+                    if tag_of(tensor.dtype) != item.dtype or tuple(tensor.shape) != item.shape:
+                        raise ValueError(f"{item.name}: produced {tag_of(tensor.dtype) or tensor.dtype} {tuple(tensor.shape)}, "
+                                         f"expected {item.dtype} {item.shape}")
+                    # safetensors data is little-endian, like every platform torch supports here
+                    data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+                    _write_all(out, memoryview(data))
+                    written = item.nbytes
                 if on_bytes is not None:
-                    on_bytes(item.nbytes)
-            flush()
+                    on_bytes(written)
     finally:
         for fd in sources.values():
             os.close(fd)
     return offset
+
+
+def _merged_copies(items: list[ShardItem]):
+    """The items in file order as (FileSlice, None) for one copy covering adjacent copied tensors
+    whose source bytes are adjacent too (up to about _MERGE_MAX), or (None, item) for a tensor to
+    produce."""
+    run: Optional[FileSlice] = None
+    for item in items:
+        src = item.bytes_from
+        if src is not None and run is not None and run.path == src.path and run.offset + run.length == src.offset \
+                and run.length < _MERGE_MAX:
+            run = FileSlice(run.path, run.offset, run.length + src.length)
+            continue
+        if run is not None:
+            yield run, None
+        run = src
+        if src is None:
+            yield None, item
+    if run is not None:
+        yield run, None
 
 
 def copy_friendly_layout(items: list[ShardItem]) -> tuple[list[ShardItem], int]:

@@ -378,12 +378,15 @@ def bench_case(case: dict, repeats: int, keep: bool, log) -> dict:
         for out in outs.values():
             shutil.rmtree(out, ignore_errors=True)
 
+    def write_both_untimed() -> None:
+        run_measured(cmds["ours"])
+        run_measured(cmds["mergekit"])
+
     # Untimed: one run of each tool, for the tensor-by-tensor check (it also warms the base and
     # the tools' Python files in the page cache for every timed run alike).
     log(f"  [{case['name']}] untimed run of each tool, then comparing the outputs tensor by tensor ...")
     clear_outputs()
-    run_measured(cmds["ours"])
-    run_measured(cmds["mergekit"])
+    write_both_untimed()
     check = compare_outputs(outs["ours"], outs["mergekit"], Path(case["base"]), case["slices"])
     log(f"  [{case['name']}] {check['tensors_compared']} tensors, identical: {check['identical']}")
     cmds["cp"] = [str(dir_weight_bytes(outs["ours"])) if a == "OUT_BYTES" else a for a in cmds["cp"]]  # as many bytes as ours writes
@@ -410,9 +413,8 @@ def bench_case(case: dict, repeats: int, keep: bool, log) -> dict:
             log(f"  [{case['name']} rep {r + 1}/{repeats}] {tool:8s} {m['wall_s']:7.2f} s  peak RSS {m['peak_rss'] / 2**30:.2f} GiB "
                 f"(anon {m['peak_anon'] / 2**30:.2f})  load {load_avg()}")
     clear_outputs()
-    if keep:  # the outputs to inspect, written once more (untimed)
-        run_measured(cmds["ours"])
-        run_measured(cmds["mergekit"])
+    if keep:  # the outputs to inspect, written once more
+        write_both_untimed()
     base_bytes = dir_weight_bytes(Path(case["base"]))
     out_bytes = runs["ours"][0]["out_bytes"]
     summary = {}
