@@ -43,6 +43,7 @@ class EmitResult:
     num_tensors: int
     num_bytes: int
     shards: int
+    base_read: str = "file by file"  # or how else the base's tensors were read (TensorSource.how)
 
 
 def output_dtype(compiled: Compiled) -> str:
@@ -210,14 +211,14 @@ def emit(compiled: Compiled, *, out_dir: Path | None = None, overwrite: bool = F
     ref = resolve_base(compiled.loaded)
     prefixes = tuple({t.name.split(".", 1)[0] for t in compiled.plan.tensors if "." in t.name})
     source = open_base_tensors(ref, allow_pickle=allow_pickle, prefixes=prefixes, model_type=compiled.plan.model_type,
-                               renames=compiled.renames)
+                               renames=compiled.renames, needed=[t.source for t in compiled.plan.tensors if t.source is not None])
     try:
         with atomic_directory(out) as tmp:
             num_bytes, shards = _write_weights(compiled, source, tmp, progress)
             _write_companions(compiled, ref, tmp)
     finally:
         source.close()
-    return EmitResult(out, len(compiled.plan.tensors), num_bytes, shards)
+    return EmitResult(out, len(compiled.plan.tensors), num_bytes, shards, source.how)
 
 
 def _write_weights(compiled: Compiled, source, tmp: Path, progress: bool) -> tuple[int, int]:

@@ -127,8 +127,20 @@ def midus_class_for(base_model_type: str) -> type:
         if name is None:
             raise ValueError(f"transformers has no causal LM class for model type {base_model_type!r}")
         base_cls = getattr(transformers, name)
-        _CLASSES[base_model_type] = type(f"Midus{name}", (MidusForCausalLM, base_cls), {"__module__": __name__})
+        body = {"__module__": __name__, **_kernel_checks_of(base_cls)}
+        _CLASSES[base_model_type] = type(f"Midus{name}", (MidusForCausalLM, base_cls), body)
     return _CLASSES[base_model_type]
+
+
+def _kernel_checks_of(base_cls: type) -> dict:
+    """The base class's answers to transformers' "which kernels can this class use?" checks.
+
+    transformers answers them by reading the source file of the class's module, which for our
+    classes is this file: a MoE base would fall back from ``grouped_mm`` experts to ``eager``
+    ones (its logits then differ from the base's by float rounding, ~1e-8).
+    """
+    names = ("_can_set_attn_implementation", "_can_set_experts_implementation")
+    return {name: classmethod(lambda cls, name=name: getattr(base_cls, name)()) for name in names if hasattr(base_cls, name)}
 
 
 class MidusForCausalLM(PreTrainedModel):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 from dataclasses import asdict, dataclass, field
 
 from .anatomy_spec import Anatomy
@@ -215,8 +216,16 @@ def _is_under(name: str, module: str) -> bool:
     return name == module or name.startswith(module + ".")
 
 
-def _matmul_params(shapes: dict[str, tuple[int, ...]]) -> int:
-    return sum(_numel(s) for s in shapes.values() if len(s) >= 2)
+def _matmul_params(shapes: dict[str, tuple[int, ...]], experts_per_token: int | None = None) -> int:
+    """Weights one token multiplies by: every >= 2-D tensor, but of stacked [experts, ...] tensors
+    (transformers' MoE layout) only the ``experts_per_token`` experts the router picks."""
+    total = 0
+    for s in shapes.values():
+        if len(s) >= 3 and experts_per_token:
+            total += _numel(s) * min(experts_per_token, s[0]) // s[0]
+        elif len(s) >= 2:
+            total += _numel(s)
+    return total
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -238,12 +247,14 @@ class BaseFacts:
     vocab_size: int
     sliding_window: int | None
     layer_types: list | None  # the base's per-layer attention kinds, when its config has them
+    experts_per_token: int | None = None  # a mixture of experts' routed experts per token (num_experts_per_tok)
 
     @classmethod
     def of(cls, config) -> "BaseFacts":
         heads, head_dim = attention_dims(config)
         return cls(config.model_type, config.num_hidden_layers, heads, head_dim, config.hidden_size, config.vocab_size,
-                   getattr(config, "sliding_window", None), getattr(config, "layer_types", None))
+                   getattr(config, "sliding_window", None), getattr(config, "layer_types", None),
+                   getattr(config, "num_experts_per_tok", None))
 
 
 def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None, *, anatomy_problem: str | None = None) -> Plan:
@@ -315,14 +326,18 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
         out_prefix, src_prefix = f"{prefix}{layer.index}.", f"{prefix}{layer.source}."
         count = 0
         kept: dict[str, tuple[int, ...]] = {}
+        try:
+            ffn_outputs = _ffn_output_tensors(src, anatomy) if layer.kind == "identity" else set()
+        except ValueError as exc:
+            raise RecipeError([loaded.problem(("layout",), str(exc))]) from None
         for rest, shape in src.items():
-            rule = _block_tensor_rule(layer.kind, rest, anatomy, tapped)
+            rule = _block_tensor_rule(layer.kind, rest, anatomy, tapped, ffn_outputs)
             if rule is None:
                 continue
             tensors.append(TensorEntry(out_prefix + rest, shape, src_prefix + rest, rule))
             kept[rest] = shape
             count += _numel(shape)
-        flops = 2 * _matmul_params(kept) + attn_ctx_flops[layer.index]
+        flops = 2 * _matmul_params(kept, base.experts_per_token) + attn_ctx_flops[layer.index]
         if layer.kind == "memory":
             readout = f"{out_prefix}{anatomy.ffn[-1]}.{HML_SUBMODULE}."
             for pname, shape in hml_shapes.items():
@@ -339,7 +354,7 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
     total = sum(t.numel for t in tensors)
     layer_size = [sum(_numel(s) for s in per_layer[i].values()) for i in range(L)]
     dus_added = sum(layer_size[layer.source] for layer in layers if layer.inserted)
-    base_layer_flops = [2 * _matmul_params(per_layer[i]) for i in range(L)]
+    base_layer_flops = [2 * _matmul_params(per_layer[i], base.experts_per_token) for i in range(L)]
     head_flops = 2 * base.vocab_size * base.hidden_size
     base_types = base.layer_types
     base_flops = head_flops + sum(base_layer_flops[i] + 4 * _attention_context(base_types, window, recipe.flops_seq_len, i) * heads * head_dim for i in range(L))
@@ -369,15 +384,39 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
     )
 
 
-def _block_tensor_rule(kind: str, rest: str, anatomy: Anatomy | None, tapped: bool) -> str | None:
-    """How an inserted block gets its source layer's tensor ``rest``: "copy", "zeros", or None (not in the block)."""
+_DOWN_PROJ = re.compile(r"(^|\.)down_proj(\.weight|\.bias|_bias)?$")
+
+
+def _ffn_output_tensors(layer: dict[str, tuple[int, ...]], anatomy: Anatomy) -> set[str]:
+    """The tensors of one layer's FFN that an identity block zeroes, so that the FFN adds 0.
+
+    A dense FFN: its down projection's. A mixture of experts in transformers' layout (the
+    experts' weights stacked in [experts, ...] tensors): every ``down_proj`` under the FFN, the
+    stacked experts' and any shared expert's. transformers' experts code names the output
+    projection so; zeroing only these keeps the experts' input projections, so gradients reach
+    them from the first step (zeroing the whole experts module would leave them stuck at zero).
+    """
+    ffn = [name for name in layer if any(_is_under(name, m) for m in anatomy.ffn)]
+    if not any(len(layer[name]) >= 3 for name in ffn):
+        return {name for name in ffn if _is_under(name, anatomy.ffn_down_proj)}
+    outputs = {name for name in ffn if _DOWN_PROJ.search(name)}
+    if not any(len(layer[name]) >= 3 for name in outputs):
+        raise ValueError(f"identity blocks: the mixture-of-experts FFN {anatomy.ffn} has stacked expert tensors but none named "
+                         f"down_proj, so which of them makes its output is not known (tensors: {', '.join(ffn[:6])})")
+    return outputs
+
+
+def _block_tensor_rule(kind: str, rest: str, anatomy: Anatomy | None, tapped: bool, ffn_outputs: set[str] = frozenset()) -> str | None:
+    """How an inserted block gets its source layer's tensor ``rest``: "copy", "zeros", or None (not in the block).
+
+    ffn_outputs: for identity blocks, the FFN tensors zeroed (``_ffn_output_tensors``)."""
     if kind == "memory":
         if any(_is_under(rest, m) for m in (*anatomy.ffn, *anatomy.ffn_norms)):
             return None  # replaced by the HML readout / identities
         if _is_under(rest, anatomy.attn_out_proj):
             # heads: replaced by the tap; hidden: kept, zero at the start (as LLaMA-Pro's) so the block starts as the identity
             return None if tapped else "zeros"
-    if kind == "identity" and (_is_under(rest, anatomy.attn_out_proj) or _is_under(rest, anatomy.ffn_down_proj)):
+    if kind == "identity" and (_is_under(rest, anatomy.attn_out_proj) or rest in ffn_outputs):
         return "zeros"
     return "copy"
 

@@ -4,6 +4,8 @@
   headers, tensors lazily with ``safe_open``, so memory holds one tensor at a time; a tensor
   copied as-is is only located (file, offset) and never read here.
 - GGUF files: through transformers' GGUF loader (dequantised); the whole model is in memory.
+- safetensors checkpoints whose tensors transformers reshapes on load (per-expert MoE weights
+  stacked into one parameter): through transformers' loader too, whole, in memory.
 - pickle ``.bin`` checkpoints: only when explicitly allowed, and then with ``weights_only=True``.
 """
 
@@ -13,7 +15,7 @@ import json
 import re
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from .base import BaseRef
 from .errors import MidusError
@@ -23,26 +25,45 @@ if TYPE_CHECKING:
     import torch
 
 
+def _checkpoint_transforms(model_type: str) -> list:
+    """transformers' own checkpoint -> module transforms for this architecture (renames, converters)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return get_checkpoint_conversion_mapping(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, "")) or get_checkpoint_conversion_mapping(model_type) or []
+
+
 def checkpoint_renames(model_type: str) -> list[tuple[str, str]]:
     """transformers' own (checkpoint pattern -> model name) renames for this architecture.
 
     transformers 5 renames some tensors between disk and module (GPT-NeoX writes ``lm_head`` as
     ``embed_out``); the plan speaks module names, so the base's names go through the same renames.
     """
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.core_model_loading import WeightRenaming
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    transforms = get_checkpoint_conversion_mapping(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, "")) or get_checkpoint_conversion_mapping(model_type) or []
     return [
         (t._original_source_patterns[0], t._original_target_patterns[0])
-        for t in transforms
+        for t in _checkpoint_transforms(model_type)
         if type(t) is WeightRenaming and len(t._original_source_patterns) == 1
     ]
 
 
+def converts_on_load(model_type: str) -> bool:
+    """Whether transformers reshapes this architecture's checkpoint tensors when loading.
+
+    Mixture-of-experts models (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, ...) store one tensor per
+    expert on disk and one stacked [experts, ...] parameter in the module; transformers' loader
+    stacks them (its ``WeightConverter``s), and no name-for-name read can.
+    """
+    from transformers.core_model_loading import WeightConverter
+
+    return any(isinstance(t, WeightConverter) for t in _checkpoint_transforms(model_type))
+
+
 class TensorSource:
     """name -> tensor for the base model, tolerant of a missing base-model prefix in names."""
+
+    how = "file by file"  # how the tensors are read, for the user
 
     def __init__(self, names: dict[str, object], prefixes: tuple[str, ...] = (), renames: list[tuple[str, str]] = ()):
         self._where = names  # checkpoint name -> handle for _read
@@ -165,24 +186,40 @@ class DictSource(TensorSource):
         return self._where[key].clone()
 
 
+def _loaded_by_transformers(ref: BaseRef, prefixes: tuple[str, ...], what: str, **kwargs) -> DictSource:
+    """The whole base loaded by transformers (dequantised, converted), as name -> tensor in memory."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref.directory, **kwargs)
+    except Exception as exc:  # transformers' loaders raise many types for files they cannot read
+        raise MidusError(f"cannot load the base {ref.directory / (ref.gguf_file or '')} with transformers ({what}): {exc}") from None
+    source = DictSource(model.state_dict(), prefixes)
+    source.how = f"whole, through transformers' loader ({what})"
+    return source
+
+
 def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, ...], model_type: str,
-                      renames: list[tuple[str, str]] | None = None) -> TensorSource:
-    """renames: the checkpoint -> module renames when known (None: ask transformers, ``checkpoint_renames``)."""
+                      renames: list[tuple[str, str]] | None = None, needed: Iterable[str] = ()) -> TensorSource:
+    """renames: the checkpoint -> module renames when known (None: ask transformers, ``checkpoint_renames``).
+
+    needed: the module tensor names the caller will read. When a safetensors checkpoint lacks some
+    of them and transformers converts this architecture's tensors on load (``converts_on_load``),
+    the base is loaded through transformers instead, whole, in memory (as a GGUF base is).
+    """
     if not ref.exists:
         raise MidusError(f"base model not found: {ref.directory / (ref.gguf_file or 'config.json')}")
     if ref.is_gguf:
         import torch
-        from transformers import AutoModelForCausalLM
 
-        try:
-            model = AutoModelForCausalLM.from_pretrained(ref.directory, gguf_file=ref.gguf_file, dtype=torch.float32)
-        except Exception as exc:  # transformers' GGUF loader raises many types for unsupported files
-            raise MidusError(f"cannot load the GGUF base {ref.directory / ref.gguf_file}: {exc}") from None
-        return DictSource(model.state_dict(), prefixes)
+        return _loaded_by_transformers(ref, prefixes, "GGUF, dequantised", gguf_file=ref.gguf_file, dtype=torch.float32)
     if renames is None:
         renames = checkpoint_renames(model_type)
     if any(ref.directory.glob("*.safetensors")):
-        return SafetensorsSource(ref.directory, prefixes, renames)
+        source = SafetensorsSource(ref.directory, prefixes, renames)
+        if any(source.resolve(name) is None for name in needed) and converts_on_load(model_type):
+            return _loaded_by_transformers(ref, prefixes, "its checkpoint stores tensors the model stacks, e.g. one per expert", dtype="auto")
+        return source
     bins = sorted(ref.directory.glob("*.bin"))
     if bins:
         import torch

@@ -23,6 +23,7 @@ from midus_surgery.anatomy import (
     decoder_layers,
     find_anatomy,
 )
+from midus_surgery.plan import _ffn_output_tensors
 from tiny_configs import ARCHS, tiny_config
 
 SEQ_ATTN = dict(attn_norms=("input_layernorm",), ffn_norms=("post_attention_layernorm",), residual="sequential")
@@ -49,6 +50,19 @@ EXPECTED: dict[str, dict] = {
         attn_out_proj="attention.dense", ffn=("mlp",), ffn_down_proj="mlp.dense_4h_to_h",
         attn_norms=("input_layernorm",), ffn_norms=("post_attention_layernorm",), residual="parallel",
     ),
+    # Mixtures of experts: the walk back from the FFN's output meets the stacked experts module
+    # (Mixtral) or the shared expert's down projection (Qwen2-MoE) first. Identity blocks do not
+    # rely on this one name for them: they zero every down_proj under the FFN (plan._ffn_output_tensors).
+    "mixtral": dict(
+        layers_path="model.layers", layer_class="MixtralDecoderLayer", attention="self_attn", attn_out_proj="self_attn.o_proj",
+        ffn=("mlp",), ffn_down_proj="mlp.experts", attn_norms=("input_layernorm",), ffn_norms=("post_attention_layernorm",),
+        residual="sequential",
+    ),
+    "qwen2_moe": dict(
+        layers_path="model.layers", layer_class="Qwen2MoeDecoderLayer", attention="self_attn", attn_out_proj="self_attn.o_proj",
+        ffn=("mlp",), ffn_down_proj="mlp.shared_expert.down_proj", attn_norms=("input_layernorm",),
+        ffn_norms=("post_attention_layernorm",), residual="sequential",
+    ),
     "opt": dict(
         layers_path="model.decoder.layers", layer_class="OPTDecoderLayer", attention="self_attn",
         attn_out_proj="self_attn.out_proj", ffn=("fc1", "fc2"), ffn_down_proj="fc2",
@@ -56,7 +70,7 @@ EXPECTED: dict[str, dict] = {
     ),
 }
 
-# (arch, overrides) cases: the nine tiny configs plus GPT-NeoX with a sequential residual
+# (arch, overrides) cases: the tiny configs plus GPT-NeoX with a sequential residual
 CASES = [(a, ()) for a in ARCHS] + [("gpt_neox", (("use_parallel_residual", False),))]
 CASE_IDS = [a if not o else f"{a}-sequential" for a, o in CASES]
 
@@ -172,7 +186,13 @@ def test_zeroing_the_projections_makes_the_layer_the_identity(arch, overrides):
     x, y = _layer_io(model, layer, ids)
     assert not torch.allclose(x, y, atol=1e-4)  # the layer does something to begin with
 
-    _zero(layer.get_submodule(anatomy.ffn_down_proj))
+    # what an identity block zeroes in the FFN: the down projection, or every down_proj of a MoE
+    params = dict(layer.named_parameters())
+    ffn_outputs = _ffn_output_tensors({n: tuple(p.shape) for n, p in params.items()}, anatomy)
+    assert ffn_outputs
+    with torch.no_grad():
+        for name in ffn_outputs:
+            params[name].zero_()
     x, y = _layer_io(model, layer, ids)
     assert not torch.allclose(x, y, atol=1e-4)  # the attention branch still writes
 

@@ -1,4 +1,4 @@
-"""`apply` + `verify` on tiny random models of nine architectures, three recipes each.
+"""`apply` + `verify` on tiny random models of eleven architectures (two of them mixtures of experts), three recipes each.
 
 For each: apply a DUS, a LLaMA-Pro and a MIDUS recipe -> load (registered Auto classes) ->
 verify passes -> one training step of the new blocks lowers the loss. Loading with
@@ -8,6 +8,7 @@ trust_remote_code without midus_surgery importable is checked once for all, in a
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import midus_surgery  # noqa: F401 - registers the MIDUS classes
 from midus_surgery.compile import compile_recipe
 from midus_surgery.emit import emit
 from midus_surgery.errors import MidusError
-from midus_surgery.verify import verify
+from midus_surgery.verify import _round_trip_check, verify
 
 KINDS = {"dus": "transformer", "llama-pro": "identity", "midus": "memory"}
 MEMORY = "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n"
@@ -116,6 +117,74 @@ def test_emitted_tensors_follow_the_plan(bases, tmp_path):
     assert not made.get_tensor("model.layers.2.mlp.down_proj.weight").any()
     assert not made.get_tensor("model.layers.2.self_attn.o_proj.weight").any()
     assert "lm_head.weight" not in made.keys()  # tied embeddings are written once
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_identity_blocks_of_a_mixture_of_experts_zero_only_the_output_projections(arch, bases, tmp_path):
+    """LLaMA-Pro on a MoE: every expert's and the shared expert's down_proj is zero, the rest copied,
+    so the block adds 0 and yet the experts' down projections get gradients from the first step."""
+    compiled = compile_recipe(write_recipe(tmp_path, bases[arch], "llama-pro"))
+    out = emit(compiled, progress=False).out_dir
+    base = AutoModelForCausalLM.from_pretrained(bases[arch], dtype=torch.float32).state_dict()  # the checkpoint stores experts one by one
+    made = safe_open(str(out / "model.safetensors"), framework="pt")
+    mlp = [k for k in made.keys() if k.startswith("model.layers.2.mlp.")]
+    zeroed = {k for k in mlp if not made.get_tensor(k).any()}
+    expected = {"model.layers.2.mlp.experts.down_proj"} | ({"model.layers.2.mlp.shared_expert.down_proj.weight"} if arch == "qwen2_moe" else set())
+    assert zeroed == expected
+    for k in set(mlp) - zeroed:  # the router, the experts' gate/up projections, the shared expert's gate
+        assert torch.equal(made.get_tensor(k), base[k.replace("layers.2.", "layers.1.")]), k
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert model.get_parameter("model.layers.2.mlp.experts.down_proj").grad.abs().sum() > 0
+
+
+def test_memory_model_of_a_mixture_of_experts_runs_the_bases_kernels(bases, tmp_path):
+    """transformers picks a class's experts / attention kernels by reading its module's source;
+    the MIDUS classes answer with their base class's choice (else MoE experts fall back to eager)."""
+    out = emit(compile_recipe(write_recipe(tmp_path, bases["qwen2_moe"], "midus")), progress=False).out_dir
+    # A fresh process that meets the MIDUS class first: transformers caches the answer on the class
+    # it asked, and a subclass asked after its base inherits the base's cached answer.
+    script = textwrap.dedent(f"""
+        import json, midus_surgery
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r})
+        base = AutoModelForCausalLM.from_pretrained({str(bases["qwen2_moe"])!r})
+        print(json.dumps([type(model).__name__] + [[m.config._experts_implementation, m.config._attn_implementation] for m in (model, base)]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    name, midus_kernels, base_kernels = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert name == "MidusQwen2MoeForCausalLM"
+    assert midus_kernels == base_kernels
+
+
+def test_round_trip_check_wants_every_tensor_back_and_the_logits_up_to_rounding():
+    tensors = {"a": torch.arange(4.0), "b": torch.ones(2)}
+    logits = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0))
+    assert _round_trip_check(tensors, dict(tensors), logits, logits.clone()).ok
+    rounded = _round_trip_check(tensors, dict(tensors), logits, logits + 1e-7)
+    assert rounded.ok and "within float rounding" in rounded.detail
+    assert not _round_trip_check(tensors, dict(tensors), logits, logits + 1e-2).ok
+    assert not _round_trip_check(tensors, {**tensors, "b": torch.zeros(2)}, logits, logits).ok
+    assert not _round_trip_check(tensors, {"a": tensors["a"]}, logits, logits).ok
+
+
+def test_plan_counts_the_routed_experts_flops_only(bases, tmp_path):
+    """FLOPs per token count the router's top-k of the stacked experts, not all of them."""
+    compiled = compile_recipe(write_recipe(tmp_path, bases["mixtral"], "dus"))
+    model = AutoModelForCausalLM.from_pretrained(bases["mixtral"])
+    config = model.config
+    k, n = config.num_experts_per_tok, config.num_local_experts
+    assert k < n
+    layer = {name: p.shape for name, p in model.model.layers[0].named_parameters()}
+    active = sum(math.prod(s) * (k / n if len(s) == 3 else 1) for s in layer.values() if len(s) >= 2)
+    assert any(len(s) == 3 for s in layer.values())
+    head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+    scores = 4 * compiled.loaded.recipe.flops_seq_len * config.num_attention_heads * head_dim
+    added = compiled.plan.flops_per_token["dus"] - compiled.plan.flops_per_token["base"]
+    assert added == 2 * (2 * active + scores)  # two inserted copies
 
 
 def test_same_recipe_same_bytes_and_seed_matters(bases, tmp_path):

@@ -2,7 +2,7 @@
 
 Each is small enough that a model builds and runs a forward in milliseconds on CPU, yet keeps
 the features that make the architecture different (GQA, sliding windows, post-norms,
-parallel residual, an FFN without an ``mlp`` submodule...).
+parallel residual, an FFN without an ``mlp`` submodule, mixtures of experts...).
 """
 
 from __future__ import annotations
@@ -42,6 +42,17 @@ TINY: dict[str, dict] = {
     "gpt_neox": dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
         vocab_size=128, max_position_embeddings=128, use_parallel_residual=True,
+    ),
+    # mixtures of experts: transformers stacks the experts' weights in [experts, ...] parameters and
+    # saves them one tensor per expert (Mixtral also under another module name)
+    "mixtral": dict(
+        hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, num_local_experts=4, num_experts_per_tok=2,
+    ),
+    "qwen2_moe": dict(  # plus a gated shared expert beside the routed ones
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=64,
     ),
     "opt": dict(
         hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4, vocab_size=128,
