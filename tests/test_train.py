@@ -319,6 +319,39 @@ def test_midus_output_trains_memory_with_its_own_group(world, tmp_path):
     load_causal_lm(final)  # transformers loads the export
 
 
+@pytest.mark.parametrize("kind", ["identity", "memory"])
+def test_mixture_of_experts_outputs_train_their_experts(kind, world, tmp_path):
+    """LLaMA-Pro and MIDUS outputs of a MoE base (Qwen2-MoE: routed experts and a shared expert):
+    freeze=base trains the inserted blocks only, an identity block's experts included, and the
+    export loads."""
+    from tiny_configs import tiny_config
+    from train_fixtures.tiny import make_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from midus_surgery.compile import compile_recipe
+    from midus_surgery.emit import emit
+    from midus_surgery.evaluate import load_causal_lm
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(tiny_config("qwen2_moe", vocab_size=64, eos_token_id=1, pad_token_id=2)).save_pretrained(base)
+    make_tokenizer().save_pretrained(base)
+    memory = "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n" if kind == "memory" else ""
+    recipe = tmp_path / "moe.yaml"
+    recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after_every: 2\n    kind: {kind}\n{memory}"
+                      "output:\n  dir: out\n  dtype: float32\n")
+    out = emit(compile_recipe(recipe), progress=False).out_dir
+    cfg = write_config(tmp_path / "run.yaml", out, tmp_path / "run", world["corpus"], world["cache"], tokens=16 * 4 * 4, freeze="base",
+                       **{"eval.at_start": False})
+    train(load_train_config(cfg))
+    before, after = state_of(out), state_of(tmp_path / "run" / "final")
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(n.startswith(("model.layers.2.", "model.layers.5.")) or "midus_shared_bank" in n for n in changed)
+    if kind == "identity":  # zeroed at the start, and yet learning
+        assert {"model.layers.2.mlp.experts.down_proj", "model.layers.2.mlp.shared_expert.down_proj.weight"} <= changed
+    load_causal_lm(tmp_path / "run" / "final")
+
+
 def test_compile_switch_trains_the_same_model(world, tmp_path):
     """compile: true runs the same steps through torch.compile and lands where eager does.
     fp32 on every device: in bf16 (precision auto on a GPU) fused kernels round differently at
