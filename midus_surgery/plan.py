@@ -280,8 +280,44 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None, *, anatomy_
     layers_path = anatomy.layers_path if anatomy else guess_layers_path(shapes, L)
     if layers_path is None:
         raise RecipeError([loaded.problem(("base",), "cannot tell where the decoder layers are in this model; state it with an `anatomy:` block")])
+    moved = layers_changed_by_config(shapes, new_config, layers, layers_path)
+    if moved:
+        raise RecipeError([loaded.problem(("layout",), moved)])
     hml = build_hml(config, recipe.memory) if "memory" in kinds else None
     return assemble_plan(loaded, BaseFacts.of(config), layers, new_config, shapes, layers_path, anatomy, hml)
+
+
+def _split_layers(shapes: dict[str, tuple[int, ...]], layers_path: str) -> dict[int, dict[str, tuple[int, ...]]]:
+    """layer index -> {name inside the layer: shape}."""
+    prefix = layers_path + "."
+    out: dict[int, dict[str, tuple[int, ...]]] = {}
+    for name, shape in shapes.items():
+        if name.startswith(prefix):
+            index, rest = name[len(prefix):].split(".", 1)
+            out.setdefault(int(index), {})[rest] = shape
+    return out
+
+
+def layers_changed_by_config(base_shapes: dict[str, tuple[int, ...]], new_config: dict, layers: list[LayerSpec], layers_path: str) -> str | None:
+    """Why the rewritten config would build an output layer unlike its source layer, or None.
+
+    Configs can choose a layer's kind from its index by rules of their own (Jamba's
+    ``expert_layer_period``: MoE or dense FFN, Mamba or attention), which moving layers changes.
+    INDEX_PATTERNS names the known ones; this catches the rest wherever they change a layer's
+    tensors: the architecture built (on the meta device) from the rewritten config must give each
+    output layer exactly its source layer's tensor names and shapes.
+    """
+    data = dict(new_config)
+    new_shapes = dict(_base_tensor_shapes_cached(json.dumps(data, sort_keys=True, default=str)))
+    base_layers, new_layers = _split_layers(base_shapes, layers_path), _split_layers(new_shapes, layers_path)
+    for layer in layers:
+        got, want = new_layers.get(layer.index, {}), base_layers.get(layer.source, {})
+        if got != want:
+            differ = sorted(set(got.items()) ^ set(want.items()))
+            return (f"the rewritten config builds output layer {layer.index} unlike its source, base layer {layer.source} "
+                    f"(tensors differ: {', '.join(name for name, _ in differ[:3])}): the base config chooses some layers' kind by "
+                    f"index, and this layout moves them; use a layout that keeps the pattern")
+    return None
 
 
 def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec], new_config: dict,

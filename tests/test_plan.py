@@ -153,6 +153,20 @@ def test_index_lists_are_renumbered():
     assert plan.config["mlp_only_layers"] == [1, 2, 4, 5]
 
 
+def test_layer_kinds_chosen_by_an_index_rule_must_keep_their_pattern():
+    """Jamba picks MoE vs dense FFN (and Mamba vs attention) by ``i % period == offset``, a rule
+    no config rewrite can carry to a new layout: caught from the tensors the new config builds."""
+    config = AutoConfig.for_model("jamba", hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=64, num_experts=2, num_experts_per_tok=1,
+                                  expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1,
+                                  mamba_d_state=4, mamba_expand=2, use_mamba_kernels=False)
+    with pytest.raises(RecipeError, match=r"output layer 2 unlike its source, base layer 1 .*feed_forward"):
+        make_plan(loaded_from({"layout": {"interleave": {"after_every": 2, "kind": "transformer"}}}), config, None)
+    # copies of layers 2 and 3 appended after layer 3 land on indices 4 and 5, the same parities
+    plan = make_plan(loaded_from({"layout": {"slices": [{"layers": [0, 4]}, {"layers": [2, 4]}]}}), config, None)
+    assert layer_map(plan)[4:] == [(4, 2, "transformer"), (5, 3, "transformer")]
+
+
 # ----------------------------------------------------------------------------------------------
 # tensor map and counts
 
