@@ -117,13 +117,22 @@ def verify(out: Path, base: Path | None = None, *, report=print) -> list[Check]:
 
     tokenizer = _tokenizer(out)
     ids = _batch(model, tokenizer)
-    logits = _logits(model, ids)
+    try:
+        logits = _logits(model, ids)
+    except Exception as exc:  # noqa: BLE001 - a model that cannot run is the check's result
+        record(Check("forward", False, f"the model fails to run a forward pass: {_one_line(exc)}"))
+        return checks
 
     base_path = base or (Path(plan["base_path"]) if plan and plan.get("base_path") else None)
     if base_path is not None:
         base_dir, gguf = (base_path.parent, base_path.name) if base_path.suffix == ".gguf" else (base_path, None)
         base_model, _ = _load(base_dir, gguf)
-        diff = float((logits - _logits(base_model, ids)).abs().max())
+        try:
+            base_logits = _logits(base_model, ids)
+        except Exception as exc:  # noqa: BLE001
+            record(Check("identity", False, f"the base model {base_dir} fails to run a forward pass: {_one_line(exc)}"))
+            return checks
+        diff = float((logits - base_logits).abs().max())
         trained = (out / "midus_train.json").is_file()  # written by `midus-surgery train` on export
         if not trained and (plan is None or function_preserving(plan)):
             record(Check("identity", diff == 0.0, f"max |logit difference| against the base: {diff:g} (every inserted block starts as the identity, so it must be 0)"))
@@ -136,19 +145,32 @@ def verify(out: Path, base: Path | None = None, *, report=print) -> list[Check]:
         record(Check("identity", True, "skipped: no base given (--base) and none recorded"))
 
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids if tokenizer is not None else ids[:1, :8]
-    with torch.no_grad():
-        kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else None)
-        cached = model.generate(prompt, use_cache=True, **kwargs)
-        uncached = model.generate(prompt, use_cache=False, **kwargs)
-    text = tokenizer.decode(cached[0, prompt.shape[1]:]) if tokenizer is not None else cached[0].tolist()
-    record(Check("kv-cache", torch.equal(cached, uncached), f"greedy generation with and without KV cache {'agree' if torch.equal(cached, uncached) else 'DIFFER'}: {text!r}"))
+    try:
+        with torch.no_grad():
+            kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else None)
+            cached = model.generate(prompt, use_cache=True, **kwargs)
+            uncached = model.generate(prompt, use_cache=False, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        record(Check("kv-cache", False, f"generation fails: {_one_line(exc)}"))
+    else:
+        text = tokenizer.decode(cached[0, prompt.shape[1]:]) if tokenizer is not None else cached[0].tolist()
+        record(Check("kv-cache", torch.equal(cached, uncached), f"greedy generation with and without KV cache {'agree' if torch.equal(cached, uncached) else 'DIFFER'}: {text!r}"))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        reloaded, _ = _load(Path(tmp))
-        again = _logits(reloaded, ids)
-    record(_round_trip_check(model.state_dict(), reloaded.state_dict(), logits, again))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            reloaded, _ = _load(Path(tmp))
+            again = _logits(reloaded, ids)
+    except Exception as exc:  # noqa: BLE001
+        record(Check("round-trip", False, f"save_pretrained + reload fails: {_one_line(exc)}"))
+    else:
+        record(_round_trip_check(model.state_dict(), reloaded.state_dict(), logits, again))
     return checks
+
+
+def _one_line(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first[:300]}"
 
 
 def _round_trip_check(before: dict, after: dict, logits: torch.Tensor, again: torch.Tensor) -> Check:

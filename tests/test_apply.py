@@ -288,6 +288,22 @@ def test_loading_without_our_classes_fails_loudly(bases, tmp_path):
     assert result.returncode != 0 and "midus" in result.stderr
 
 
+def test_verify_reports_a_model_that_cannot_run_as_a_failed_check(bases, tmp_path, monkeypatch, capsys):
+    import midus_surgery.verify as verify_module
+    from midus_surgery.cli import main
+
+    out = emit(compile_recipe(write_recipe(tmp_path, bases["llama"], "dus")), progress=False).out_dir
+
+    def broken(model, ids):
+        raise RuntimeError("The size of tensor a (4) must match the size of tensor b (8)\nmore lines")
+
+    monkeypatch.setattr(verify_module, "_logits", broken)
+    assert main(["verify", str(out)]) == 1
+    text = capsys.readouterr()
+    assert "FAIL forward: the model fails to run a forward pass: RuntimeError: The size of tensor a (4)" in text.out + text.err
+    assert "Traceback" not in text.out + text.err and "more lines" not in text.out + text.err
+
+
 def test_missing_tensor_is_a_load_error(bases, tmp_path):
     out = emit(compile_recipe(write_recipe(tmp_path, bases["llama"], "midus")), progress=False).out_dir
     from safetensors.torch import load_file, save_file
