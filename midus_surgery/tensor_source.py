@@ -199,6 +199,26 @@ def _loaded_by_transformers(ref: BaseRef, prefixes: tuple[str, ...], what: str, 
     return source
 
 
+def available_memory() -> int | None:
+    """Bytes the kernel can hand out without swapping (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_fits_in_memory(num_bytes: int, where: Path) -> None:
+    """Refuse up front, with the numbers, a whole-model load that would not fit (rather than be killed midway)."""
+    free = available_memory()
+    if free is not None and num_bytes > free:
+        raise MidusError(f"{where}: transformers must load this base whole to stack its experts ({num_bytes / 2**30:.1f} GiB), "
+                         f"and {free / 2**30:.1f} GiB of memory is available; run apply on a machine with more memory")
+
+
 def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, ...], model_type: str,
                       renames: list[tuple[str, str]] | None = None, needed: Iterable[str] = ()) -> TensorSource:
     """renames: the checkpoint -> module renames when known (None: ask transformers, ``checkpoint_renames``).
@@ -218,6 +238,7 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
     if any(ref.directory.glob("*.safetensors")):
         source = SafetensorsSource(ref.directory, prefixes, renames)
         if any(source.resolve(name) is None for name in needed) and converts_on_load(model_type):
+            _check_fits_in_memory(sum(p.stat().st_size for p in ref.directory.glob("*.safetensors")), ref.directory)
             return _loaded_by_transformers(ref, prefixes, "its checkpoint stores tensors the model stacks, e.g. one per expert", dtype="auto")
         return source
     bins = sorted(ref.directory.glob("*.bin"))

@@ -171,6 +171,16 @@ def test_round_trip_check_wants_every_tensor_back_and_the_logits_up_to_rounding(
     assert not _round_trip_check(tensors, {"a": tensors["a"]}, logits, logits).ok
 
 
+def test_a_mixture_of_experts_base_too_big_for_memory_is_refused_before_loading(bases, tmp_path, monkeypatch):
+    import midus_surgery.tensor_source as tensor_source
+
+    compiled = compile_recipe(write_recipe(tmp_path, bases["mixtral"], "dus"))
+    monkeypatch.setattr(tensor_source, "available_memory", lambda: 1024)
+    with pytest.raises(MidusError, match=r"must load this base whole .* 0\.0 GiB of memory is available"):
+        emit(compiled, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_plan_counts_the_routed_experts_flops_only(bases, tmp_path):
     """FLOPs per token count the router's top-k of the stacked experts, not all of them."""
     compiled = compile_recipe(write_recipe(tmp_path, bases["mixtral"], "dus"))
