@@ -331,15 +331,10 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
     """
     recipe = loaded.recipe
     L = base.num_layers
-    per_layer: list[dict[str, tuple[int, ...]]] = [{} for _ in range(L)]
-    global_shapes: dict[str, tuple[int, ...]] = {}
     prefix = layers_path + "."
-    for name, shape in shapes.items():
-        if name.startswith(prefix):
-            index, rest = name[len(prefix):].split(".", 1)
-            per_layer[int(index)][rest] = shape
-        else:
-            global_shapes[name] = shape
+    split = _split_layers(shapes, layers_path)
+    per_layer: list[dict[str, tuple[int, ...]]] = [split.get(i, {}) for i in range(L)]
+    global_shapes = {name: shape for name, shape in shapes.items() if not name.startswith(prefix)}
 
     hml_shapes = {n: tuple(p.shape) for n, p in hml.named_parameters()} if hml else {}
     hml_rules = hml.init_rules() if hml else {}
