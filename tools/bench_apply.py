@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -463,7 +464,7 @@ def bench_case(case: dict, repeats: int, keep: bool, log) -> dict:
             "out_layers": len(source_map(case["slices"])), "shard_budget_bytes": budget,
             "tools": summary, "ratios": ratios, "targets": targets, "check": check,
             "load_avg_1min_during": [round(x, 2) for x in loads],
-            "commands": {k: " ".join(v) for k, v in cmds.items()}}
+            "commands": {k: shlex.join(v) for k, v in cmds.items()}}
 
 
 def startup_times(log) -> dict:
