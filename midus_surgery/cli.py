@@ -78,6 +78,9 @@ def cmd_plan(args) -> int:
     out.print(f"[bold]{args.recipe}[/]: {config.model_type}, {plan.base_num_layers} -> {plan.num_hidden_layers} layers", markup=True)
     if anatomy is not None:
         out.print(f"anatomy: {anatomy.describe()}", markup=False)
+    zeroed = _zeroed_in_blocks(plan)
+    if zeroed:
+        out.print(f"zero at the start in inserted blocks: {', '.join(zeroed)}", markup=False)
     table = Table(title="Layer map", show_lines=False)
     for col in ("out", "source", "kind", "params"):
         table.add_column(col, justify="right" if col != "kind" else "left")
@@ -108,6 +111,15 @@ def cmd_plan(args) -> int:
     out.print("apply: plans from the safetensors headers (copy-only; neither torch nor transformers imported)" if why_full is None
               else f"apply: plans through transformers ({why_full})", markup=False)
     return 0
+
+
+def _zeroed_in_blocks(plan) -> list[str]:
+    """The tensors, named within a layer, that inserted blocks start with at zero: zeroed copies
+    (LLaMA-Pro's projections) and new memory tensors initialised to zero."""
+    prefix = plan.layers_path + "."
+    names = {f"{t.name[len(prefix):].split('.', 1)[1]} ({'new' if t.source is None else 'zeroed copy'})"
+             for t in plan.tensors if t.rule == "zeros" and t.name.startswith(prefix)}
+    return sorted(names)
 
 
 def _print_check(check) -> None:

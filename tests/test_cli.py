@@ -88,6 +88,18 @@ def test_plan_table_shows_layers_counts_and_anatomy():
     assert "o_proj" in result.stdout  # the anatomy line
 
 
+@pytest.mark.parametrize("recipe,zeroed", [
+    ("smollm2-135m-llama-pro.yaml", "mlp.down_proj.weight (zeroed copy), self_attn.o_proj.weight (zeroed copy)"),
+    ("smollm2-135m-midus.yaml", "mlp.hml.proj (new)"),
+    ("smollm2-135m-dus.yaml", None),
+])
+def test_plan_names_what_inserted_blocks_start_with_at_zero(recipe, zeroed):
+    result = run("plan", str(ROOT / "recipes" / recipe))
+    assert result.returncode == 0, result.stderr
+    line = next((x for x in result.stdout.splitlines() if x.startswith("zero at the start in inserted blocks: ")), None)
+    assert line == (None if zeroed is None else f"zero at the start in inserted blocks: {zeroed}")
+
+
 def test_apply_with_missing_base_is_one_clear_error(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("base:\n  path: nowhere\nlayout:\n  stack:\n    layers: [0, 2]\noutput:\n  dir: out\n")
