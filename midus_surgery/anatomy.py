@@ -46,6 +46,7 @@ import torch.fx as fx
 from torch import nn
 
 from .anatomy_spec import Anatomy
+from .errors import one_line
 
 __all__ = ["Anatomy", "AnatomyError", "find_anatomy", "decoder_layers"]
 
@@ -124,7 +125,7 @@ def _anatomy_from_probe(probe: "_Probe", *, sources: tuple[str, ...] = ("fx", "e
             failures.append(f"{src}: {str(e).splitlines()[0]}")
             continue
         except Exception as e:  # a tracer failing on user code: try the next source
-            failures.append(f"{src}: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
+            failures.append(f"{src}: {one_line(e)}")
             continue
         if cross_check and src == "fx" and probe.export_ready():
             # The export graph is already there (the attention's projection came from it):
@@ -795,13 +796,13 @@ def _last_linear(probe: _Probe, path: str, source: str, known: dict, field_name:
             probe.answers[field_name] = "fx"
             return found
         except Exception as e:
-            errors.append(f"fx: {type(e).__name__}: {str(e).strip().splitlines()[0][:150] if str(e).strip() else ''}")
+            errors.append(f"fx: {one_line(e, 150)}")
     try:
         found = _last_linear_export(probe, path)
         probe.answers[field_name] = "export"
         return found
     except Exception as e:
-        errors.append(f"export: {type(e).__name__}: {str(e).strip().splitlines()[0][:150] if str(e).strip() else ''}")
+        errors.append(f"export: {one_line(e, 150)}")
     raise _error(f"{field_name}: the last linear inside {path!r} of {probe.layer_class}", known, "; ".join(errors))
 
 

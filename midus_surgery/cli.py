@@ -158,7 +158,7 @@ def cmd_apply(args) -> int:
     print(f"wrote {result.out_dir}: {result.num_tensors} tensors, {result.num_bytes / 2**20:.1f} MiB in {result.shards} shard(s), "
           f"{done - started:.2f} s (plan {planned - started:.2f} s, writing {done - planned:.2f} s); "
           + ("planned from the safetensors headers" if why_full is None else f"planned with transformers ({why_full})")
-          + ("" if result.base_read == "file by file" else f"; base read {result.base_read}"))
+          + (f"; base read {result.base_read}" if result.base_read else ""))
     if args.verify:
         return _run_verify(result.out_dir, None)
     return 0

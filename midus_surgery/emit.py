@@ -43,7 +43,7 @@ class EmitResult:
     num_tensors: int
     num_bytes: int
     shards: int
-    base_read: str = "file by file"  # or how else the base's tensors were read (TensorSource.how)
+    base_read: str | None = None  # how the base was read when not file by file (TensorSource.how)
 
 
 def output_dtype(compiled: Compiled) -> str:

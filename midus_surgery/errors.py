@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (cut at ``limit``): an exception as one line for the user."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:limit] if text else ''}"
+
+
 class MidusError(Exception):
     """Base of every error caused by user input (recipes, paths, weights, data)."""
 

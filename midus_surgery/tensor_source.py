@@ -63,7 +63,7 @@ def converts_on_load(model_type: str) -> bool:
 class TensorSource:
     """name -> tensor for the base model, tolerant of a missing base-model prefix in names."""
 
-    how = "file by file"  # how the tensors are read, for the user
+    how: str | None = None  # how the tensors are read, for the user, when not file by file
 
     def __init__(self, names: dict[str, object], prefixes: tuple[str, ...] = (), renames: list[tuple[str, str]] = ()):
         self._where = names  # checkpoint name -> handle for _read
@@ -177,8 +177,9 @@ class SafetensorsSource(TensorSource):
 
 
 class DictSource(TensorSource):
-    def __init__(self, tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...], renames: list[tuple[str, str]] = ()):
+    def __init__(self, tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...], renames: list[tuple[str, str]] = (), how: str | None = None):
         super().__init__(dict(tensors), prefixes, renames)
+        self.how = how
 
     def _read(self, key: str) -> torch.Tensor:
         # A copy: the same base tensor may be written twice (duplicated layers), and
@@ -194,9 +195,7 @@ def _loaded_by_transformers(ref: BaseRef, prefixes: tuple[str, ...], what: str, 
         model = AutoModelForCausalLM.from_pretrained(ref.directory, **kwargs)
     except Exception as exc:  # transformers' loaders raise many types for files they cannot read
         raise MidusError(f"cannot load the base {ref.directory / (ref.gguf_file or '')} with transformers ({what}): {exc}") from None
-    source = DictSource(model.state_dict(), prefixes)
-    source.how = f"whole, through transformers' loader ({what})"
-    return source
+    return DictSource(model.state_dict(), prefixes, how=f"whole, through transformers' loader ({what})")
 
 
 def available_memory() -> int | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MidusError
+from .errors import MidusError, one_line
 
 SAMPLE_TEXT = (
     "The history of science is the study of the development of science and scientific knowledge, "
@@ -120,7 +120,7 @@ def verify(out: Path, base: Path | None = None, *, report=print) -> list[Check]:
     try:
         logits = _logits(model, ids)
     except Exception as exc:  # noqa: BLE001 - a model that cannot run is the check's result
-        record(Check("forward", False, f"the model fails to run a forward pass: {_one_line(exc)}"))
+        record(Check("forward", False, f"the model fails to run a forward pass: {one_line(exc, 300)}"))
         return checks
 
     base_path = base or (Path(plan["base_path"]) if plan and plan.get("base_path") else None)
@@ -130,7 +130,7 @@ def verify(out: Path, base: Path | None = None, *, report=print) -> list[Check]:
         try:
             base_logits = _logits(base_model, ids)
         except Exception as exc:  # noqa: BLE001
-            record(Check("identity", False, f"the base model {base_dir} fails to run a forward pass: {_one_line(exc)}"))
+            record(Check("identity", False, f"the base model {base_dir} fails to run a forward pass: {one_line(exc, 300)}"))
             return checks
         diff = float((logits - base_logits).abs().max())
         trained = (out / "midus_train.json").is_file()  # written by `midus-surgery train` on export
@@ -151,7 +151,7 @@ def verify(out: Path, base: Path | None = None, *, report=print) -> list[Check]:
             cached = model.generate(prompt, use_cache=True, **kwargs)
             uncached = model.generate(prompt, use_cache=False, **kwargs)
     except Exception as exc:  # noqa: BLE001
-        record(Check("kv-cache", False, f"generation fails: {_one_line(exc)}"))
+        record(Check("kv-cache", False, f"generation fails: {one_line(exc, 300)}"))
     else:
         text = tokenizer.decode(cached[0, prompt.shape[1]:]) if tokenizer is not None else cached[0].tolist()
         record(Check("kv-cache", torch.equal(cached, uncached), f"greedy generation with and without KV cache {'agree' if torch.equal(cached, uncached) else 'DIFFER'}: {text!r}"))
@@ -162,15 +162,10 @@ def verify(out: Path, base: Path | None = None, *, report=print) -> list[Check]:
             reloaded, _ = _load(Path(tmp))
             again = _logits(reloaded, ids)
     except Exception as exc:  # noqa: BLE001
-        record(Check("round-trip", False, f"save_pretrained + reload fails: {_one_line(exc)}"))
+        record(Check("round-trip", False, f"save_pretrained + reload fails: {one_line(exc, 300)}"))
     else:
         record(_round_trip_check(model.state_dict(), reloaded.state_dict(), logits, again))
     return checks
-
-
-def _one_line(exc: BaseException) -> str:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first[:300]}"
 
 
 def _round_trip_check(before: dict, after: dict, logits: torch.Tensor, again: torch.Tensor) -> Check:

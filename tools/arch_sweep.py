@@ -21,6 +21,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from midus_surgery.errors import one_line  # light (no torch); the rest is imported where used
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "work" / "arch-sweep"
 
@@ -42,11 +44,6 @@ DEFAULT_TYPES = ("llama mistral qwen2 qwen3 gemma gemma2 gemma3_text olmo olmo2 
                  "mixtral qwen2_moe qwen3_moe olmoe granitemoe").split()
 KINDS = {"dus": "transformer", "llama-pro": "identity", "midus": "memory"}
 MEMORY = "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n"
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def build_base(model_type: str, directory: Path) -> None:
@@ -79,7 +76,7 @@ def try_kind(base: Path, kind: str, work: Path) -> str:
     try:
         emit(compiled, progress=False)
     except MidusError as exc:
-        return f"apply failed: {first_line(exc)}"
+        return f"apply failed: {one_line(exc)}"
     failed = [c for c in verify(out, report=lambda c: None) if not c.ok]
     shutil.rmtree(out, ignore_errors=True)
     return "ok" if not failed else f"verify failed: {failed[0].name}: {failed[0].detail[:200]}"
@@ -97,7 +94,7 @@ def sweep(model_types: list[str], work: Path, log) -> dict[str, dict[str, str]]:
                 warnings.simplefilter("ignore")
                 build_base(model_type, base)
         except Exception as exc:  # noqa: BLE001 - a config this script cannot build is reported, not fatal
-            results[model_type] = {"build": first_line(exc)}
+            results[model_type] = {"build": one_line(exc)}
         else:
             results[model_type] = {kind: try_kind(base, kind, work) for kind in KINDS}
         log(f"{model_type:18s} " + "; ".join(f"{k}: {v}" for k, v in results[model_type].items()))
