@@ -156,7 +156,6 @@ def _fill(param: Tensor, rule: str, seed: int, name: str, scale: float = 0.0) ->
 # ----------------------------------------------------------------------------------------
 
 
-@torch.compiler.disable
 def _use_cpu_kernels(x: Tensor) -> bool:
     """True when x is on CPU and midus_surgery's compiled HML kernels are installed and enabled.
 
@@ -165,8 +164,15 @@ def _use_cpu_kernels(x: Tensor) -> bool:
     beside emitted weights), so without the package, on CUDA, or with MIDUS_HML_KERNELS=torch the
     pure-torch path runs.
     """
+    # The device is static under torch.compile: checked here, off CPU the layer compiles into
+    # one graph; only the CPU question below (an import, a build) breaks the graph.
     if x.device.type != "cpu":
         return False
+    return _cpu_kernels_enabled()
+
+
+@torch.compiler.disable
+def _cpu_kernels_enabled() -> bool:
     try:
         from midus_surgery import kernels
     except ImportError:

@@ -400,3 +400,17 @@ def test_bank_grad_auto_on_cpu_is_sparse_mm_exactly(hive):
         grads[mode] = [x.grad] + [p.grad for p in m.parameters()]
     for a, b in zip(grads["auto"], grads["sparse_mm"]):
         assert torch.equal(a, b)
+
+
+def test_off_the_cpu_the_kernel_question_is_answered_from_the_device_alone(monkeypatch):
+    """Under torch.compile the device is a constant but ``_cpu_kernels_enabled`` (an import, maybe a
+    build) is a call dynamo may not trace: reaching it off the CPU broke the graph in every Memory
+    block. The whole-layer check (one graph on CUDA) is in tools/gpu_check_hml.py."""
+
+    def untraceable():
+        raise AssertionError("reached the CPU-kernel check")
+
+    monkeypatch.setattr(hml, "_cpu_kernels_enabled", untraceable)
+    assert hml._use_cpu_kernels(torch.empty(2, device="meta")) is False
+    with pytest.raises(AssertionError, match="CPU-kernel check"):
+        hml._use_cpu_kernels(torch.empty(2))

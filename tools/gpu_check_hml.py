@@ -6,7 +6,7 @@
 
 Runs on the GPU: (1) two-stage top-k == brute force incl. ties, (2) values and gradients vs the
 dense reference of tests/test_hml.py (float64), (3) CPU vs CUDA agreement (float32), (4) bf16 and
-autocast, (5) torch.compile (inductor), (6) fwd+bwd timing HML vs LlamaMLP at both bench sizes,
+autocast, (5) torch.compile (inductor) and no graph break, (6) fwd+bwd timing HML vs LlamaMLP at both bench sizes,
 (7) the layer's paths side by side (sync-free vs tie-checked top-k, bank-gradient methods,
 torch.compile) and a profile of one step.
 Prints one line per check and a final OK / FAILED; exit status 1 on failure.
@@ -107,6 +107,15 @@ def main() -> int:
     yc = cm(xc)
     yc.sum().backward()
     check("torch.compile inductor matches eager", torch.allclose(yc, mc(x.to(dev)), atol=1e-5))
+    # Off the CPU the layer must trace into one graph: every graph break is a return to Python in
+    # the middle of the layer (on the CPU the compiled-kernel question breaks it by design).
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(lambda t: mc(t).sum())(x.to(dev))
+    if dev.type == "cpu":
+        print(f"[info] dry run: {ex.graph_break_count} graph break(s) on the CPU (expected: the CPU-kernel check)")
+    else:
+        check(f"the layer compiles into one graph ({ex.graph_count} graph(s), {ex.graph_break_count} break(s))",
+              ex.graph_break_count == 0)
 
     # 6. timing
     sys.path.insert(0, os.path.join(ROOT, "tools"))
