@@ -104,3 +104,33 @@ def test_every2_layout_reads_its_recipes_and_writes_its_own_section(tmp_path, do
     assert "recipes/ablation/every2/smollm2-135m-midus-every2.yaml" in section and "15 of 45 blocks change" in section
     assert "fp32 4x256, freeze=base: MIDUS/DUS step 0.80x" in section and "![training step](cpu_every2.png)" in section
     assert (tmp_path / "cpu_every2.png").stat().st_size > 0 and not (tmp_path / "cpu.png").exists()
+
+
+def test_compiled_runs_write_their_own_section_and_say_what_compiling_cost(tmp_path, docs):
+    rows = _rows()
+    for row, warm in zip(rows, (95.0, 140.0, 97.0, 143.0)):
+        row["warmup_s"] = warm
+    plans = [{"precision": "bf16", "batch": b, "seq": 256, "repeats": 1, "warmup": 3, "steps": 10, "compile": True} for b in (4, 16)]
+    (tmp_path / "eager.json").write_text(json.dumps(_payload("cuda", _rows(), plans)))
+    (tmp_path / "compiled.json").write_text(json.dumps(_payload("cuda", rows, plans, compile=True)))
+    assert bs.main(["--from-json", str(tmp_path / "eager.json")]) == 0
+    assert bs.main(["--from-json", str(tmp_path / "compiled.json")]) == 0
+    text = docs.read_text()
+    assert text.count("## Training step on GPU\n") == 1  # the eager section is still there, once
+    section = text[text.index("## Training step on GPU, torch.compile\n"):]
+    assert "took 95-143 s per configuration" in section and "![training step](gpu_compile.png)" in section
+    assert (tmp_path / "gpu_compile.png").stat().st_size > 0 and (tmp_path / "gpu.png").stat().st_size > 0
+
+
+def test_row_and_policy_filters(capsys):
+    assert bs.configs_for("bf16", "cuda", ("base",), ["DUS", "MIDUS", "FFN-free floor"]) == [
+        ("DUS", "base"), ("MIDUS", "base"), ("FFN-free floor", "base")]
+    assert ("base", "none") in bs.configs_for("fp32", "cpu") and len(bs.configs_for("fp32", "cpu")) == 9
+    spec = bs.spec_for("MIDUS", "base", {"precision": "bf16", "batch": 4, "seq": 256, "warmup": 3, "steps": 1, "compile": True},
+                       "cuda", True, "every2")
+    assert spec["compile"] is True
+    for argv, message in ((["--models", "DUS,Mixtral"], "unknown row Mixtral"), (["--freezes", "all"], "unknown policy all"),
+                          (["--no-bf16", "--only-bf16"], "exclude each other")):
+        with pytest.raises(SystemExit) as exc:
+            bs.main(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err

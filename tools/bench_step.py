@@ -34,6 +34,12 @@ configs were copied.
     python tools/bench_step.py [--quick] [--json] [--no-docs]
     python tools/bench_step.py --device cuda --batches 4x256,16x1024
     python tools/bench_step.py --layout every2 --no-bf16
+    python tools/bench_step.py --device cuda --layout every2 --only-bf16 --freezes base --models DUS,MIDUS --compile
+
+``--compile`` runs every model through ``torch.compile`` as the trainer's ``compile: true`` does
+(the warm-up steps compile, and their time is reported); ``--models``, ``--freezes`` and
+``--only-bf16`` narrow a run to what a short GPU session has time for. On a GPU each child
+prints a line per finished configuration, so a run cut by a timeout still leaves its results.
 
 The full run writes the `## Training step` section of docs/benchmarks.md and docs/bench_step.png
 (on a GPU: `## Training step on GPU` and docs/bench_step_gpu.png).
@@ -110,6 +116,9 @@ class ZeroFFN:
 
 def load_model(path: Path, random_init: bool):
     import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the child's stderr is the run's log
 
     if not random_init:
         from midus_surgery.evaluate import load_causal_lm
@@ -156,6 +165,10 @@ def prepare(spec: dict) -> dict:
             p.requires_grad_(n.startswith(prefixes) or "midus_shared_bank" in n)
     trainable = [p for p in names.values() if p.requires_grad]
     vocab = model.get_input_embeddings().weight.shape[0]
+    if spec.get("compile"):
+        # as `midus-surgery train` with `compile: true` (accelerate's dynamo_backend="inductor"): the
+        # whole model; the first warm-up step compiles
+        model = torch.compile(model)
     gen = torch.Generator().manual_seed(0)
     return {
         "model": model, "cuda": cuda, "sync": sync, "load_s": load_s, "device": device,
@@ -163,6 +176,7 @@ def prepare(spec: dict) -> dict:
         "x": torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen).to(device),
         "autocast": torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16"),
         "trainable": sum(p.numel() for p in trainable), "total": sum(p.numel() for p in names.values()),
+        "compiled": bool(spec.get("compile")),
     }
 
 
@@ -191,10 +205,11 @@ def train_step(state: dict, xi) -> dict:
 
 def warm_up(state: dict, n: int) -> None:
     # CPU warm-up: a tiny batch (allocates AdamW state, runs every code path); GPU warm-up: the full batch,
-    # so that cuBLAS heuristics and the caching allocator settle before the timed steps
+    # so that cuBLAS heuristics and the caching allocator settle before the timed steps. A compiled model
+    # warms up on the full batch everywhere: another shape would compile again in the timed steps.
     x = state["x"]
     for _ in range(n):
-        train_step(state, x if state["cuda"] else x[:1, :16])
+        train_step(state, x if state["cuda"] or state["compiled"] else x[:1, :16])
 
 
 def worker(spec: dict) -> dict:
@@ -210,12 +225,14 @@ def worker(spec: dict) -> dict:
         mem_loaded = _status()["VmRSS"]
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # reset VmHWM to the current RSS
+    t0 = time.perf_counter()
     warm_up(state, spec["warmup"])
+    warmup_s = time.perf_counter() - t0
     steps = [train_step(state, state["x"]) for _ in range(spec["steps"])]
     mem_peak = torch.cuda.max_memory_allocated() if cuda else _status()["VmHWM"]
     return {"steps": steps, "mem_loaded": mem_loaded, "mem_peak": mem_peak, "peak_delta": mem_peak - mem_loaded,
             "trainable": state["trainable"], "total": state["total"], "load_s": state["load_s"],
-            "threads": torch.get_num_threads(), "loss": steps[-1]["loss"],
+            "warmup_s": warmup_s, "threads": torch.get_num_threads(), "loss": steps[-1]["loss"],
             "device_name": torch.cuda.get_device_name(device) if cuda else None}
 
 
@@ -250,6 +267,12 @@ def worker_many(specs: list[dict]) -> list[dict]:
     out = []
     for spec in specs:
         out.append(worker(spec))
+        # on stderr as each finishes: a run cut short by a timeout still leaves its finished configurations
+        steps = [s["step_s"] for s in out[-1]["steps"]]
+        print(f"    done {spec['label']} {spec['precision']} {spec['batch']}x{spec['seq']}: step min {min(steps):.4f} s, median "
+              f"{median(steps):.4f} s, warm-up {out[-1]['warmup_s']:.1f} s, peak +{out[-1]['peak_delta'] / 2**20:.0f} MiB",
+              file=sys.stderr, flush=True)
+        torch._dynamo.reset()  # each configuration compiles from scratch (and none hits the recompile limit)
         gc.collect()
         torch.cuda.empty_cache()
     return out
@@ -258,9 +281,10 @@ def worker_many(specs: list[dict]) -> list[dict]:
 def run_child(specs: list[dict], rounds: int = 0):
     """Run ``specs`` in a fresh process: one after another (``rounds`` = 0) or paired (worker_paired)."""
     job = {"specs": specs, "rounds": rounds}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
+    # the child's stderr goes straight through: its progress lines, and its traceback if it fails
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"child failed for {specs}:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"child failed (exit {proc.returncode}, its error above) for {[s['label'] for s in specs]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -278,13 +302,13 @@ def ensure_outputs(log, random_init: bool, layout: str) -> None:
             subprocess.run(["midus-surgery", "apply", str(recipe), "--quiet"], check=True)
 
 
-def configs_for(precision: str, device: str, freezes=("none", "base")) -> list[tuple[str, str]]:
+def configs_for(precision: str, device: str, freezes=("none", "base"), models=None) -> list[tuple[str, str]]:
     out = [("base", "none")]
     for m in ("DUS", "LLaMA-Pro", "MIDUS"):
         out += [(m, "none"), (m, "base")]
     if precision == "fp32" or device == "cuda":
         out += [("FFN-free floor", "none"), ("FFN-free floor", "base")]
-    return [(m, f) for m, f in out if f in freezes]
+    return [(m, f) for m, f in out if f in freezes and (models is None or m in models)]
 
 
 def setting(row: dict) -> tuple[str, int, int]:
@@ -297,7 +321,7 @@ def bench(plans: list[dict], device: str, random_init: bool, log, layout: str = 
     for plan in plans:
         precision, batch, seq = plan["precision"], plan["batch"], plan["seq"]
         freezes = plan.get("freezes", ("none", "base"))
-        cfgs = configs_for(precision, device, freezes)
+        cfgs = configs_for(precision, device, freezes, plan.get("models"))
         results: dict[tuple[str, str], list[dict]] = {c: [] for c in cfgs}
         for r in range(plan["repeats"]):
             k = r % len(cfgs)
@@ -326,7 +350,8 @@ def bench(plans: list[dict], device: str, random_init: bool, log, layout: str = 
                 "peak_delta_bytes": max(res["peak_delta"] for res in rs),
                 "peak_bytes": max(res["mem_peak"] for res in rs),
                 "trainable": rs[0]["trainable"], "total": rs[0]["total"], "threads": rs[0]["threads"],
-                "device_name": rs[0]["device_name"], "load_avg_1min": [round(res["load1"], 2) for res in rs],
+                "device_name": rs[0]["device_name"], "warmup_s": max(res.get("warmup_s", 0.0) for res in rs),
+                "load_avg_1min": [round(res["load1"], 2) for res in rs],
             })
         for freeze in freezes if plan.get("rounds") else ():
             group = [cfg for cfg in cfgs if cfg[1] == freeze]
@@ -361,7 +386,8 @@ def spec_for(model: str, freeze: str, plan: dict, device: str, random_init: bool
     return {"label": config_label(model, freeze), "path": str(models[model]), "anatomy_from": str(models["MIDUS"]),
             "freeze": freeze, "precision": plan["precision"],
             "batch": plan["batch"], "seq": plan["seq"], "warmup": plan["warmup"], "steps": plan["steps"],
-            "drop_inserted_ffn": model in DROPS_FFN, "device": device, "random_init": random_init}
+            "drop_inserted_ffn": model in DROPS_FFN, "device": device, "random_init": random_init,
+            "compile": plan.get("compile", False)}
 
 
 def paired_ratio_stats(steps: list[float], ref_steps: list[float]) -> dict:
@@ -481,12 +507,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def section_title(payload: dict) -> str:
-    return SECTION[payload["device"]] + LAYOUTS[payload.get("layout", "every5")]["title"]
+    return (SECTION[payload["device"]] + LAYOUTS[payload.get("layout", "every5")]["title"]
+            + (", torch.compile" if payload.get("compile") else ""))
 
 
 def png_path(payload: dict) -> Path:
     png = PNG[payload["device"]]
-    return png.with_name(png.stem + LAYOUTS[payload.get("layout", "every5")]["stem"] + png.suffix)
+    stem = png.stem + LAYOUTS[payload.get("layout", "every5")]["stem"] + ("_compile" if payload.get("compile") else "")
+    return png.with_name(stem + png.suffix)
 
 
 def section_text(payload: dict) -> str:
@@ -550,6 +578,7 @@ def section_text(payload: dict) -> str:
         "(tied embeddings).",
         prec,
         timing + "; ".join(notes) + ".",
+        *compile_note(payload),
         mem,
         "- `step vs DUS`: minimum step time over DUS's with the same freeze policy, precision and batch"
         + (" (from the separate processes: sensitive to the drift the paired rounds cancel)." if any(p.get("rounds") for p in payload["plans"]) else "."),
@@ -568,6 +597,16 @@ def section_text(payload: dict) -> str:
         "replaces, see the HML section).", "",
     ]
     return "\n".join(lines)
+
+
+def compile_note(payload: dict) -> list[str]:
+    if not payload.get("compile"):
+        return []
+    warm = [r["warmup_s"] for r in payload["rows"] if r.get("warmup_s")]
+    span = f" took {min(warm):.0f}-{max(warm):.0f} s per configuration" if warm else ""
+    return ["- Compiled: `torch.compile(model)` (inductor, default mode) once the freeze policy is set, as `midus-surgery train` "
+            f"runs `compile: true`; the first warm-up step compiles the forward and backward, and the warm-up steps{span}. "
+            "Every configuration compiles from scratch (`torch._dynamo.reset()` between them)."]
 
 
 def parse_batch(text: str) -> tuple[int, int]:
@@ -603,12 +642,28 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16-batch", type=parse_batch, default=(4, 256), help="CPU bf16 batch as BxT (default 4x256; smaller when the machine is too slow, and say so)")
     ap.add_argument("--batches", type=lambda text: [parse_batch(x) for x in text.split(",")], default=[(4, 256), (16, 1024)], help="GPU: comma-separated batches BxT, each run in fp32 and bf16 (default 4x256,16x1024)")
     ap.add_argument("--no-bf16", action="store_true", help="fp32 only")
+    ap.add_argument("--only-bf16", action="store_true", help="bf16 only (what `midus-surgery train` runs on a GPU)")
+    ap.add_argument("--freezes", type=lambda text: text.split(","), default=["none", "base"],
+                    help="comma-separated freeze policies to run (default none,base)")
+    ap.add_argument("--models", type=lambda text: text.split(","), default=None,
+                    help="comma-separated rows to run (base, DUS, LLaMA-Pro, MIDUS, 'FFN-free floor'; default all)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile every model, as `midus-surgery train` does with `compile: true`; the warm-up "
+                         "steps compile (their time is reported), each configuration from scratch; its own docs section")
     ap.add_argument("--layout", choices=list(LAYOUTS), default="every5",
                     help="every5: the bundled recipes (6 inserted blocks, 30 -> 36); every2: the paper's proportion "
                          "(15 inserted blocks, 30 -> 45, recipes/ablation/every2/); each has its own docs section")
     ap.add_argument("--from-json", metavar="RESULTS_JSON", help="only rewrite the docs section and PNG from the --json output of an earlier run (e.g. one on a GPU machine)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    bad = sorted(set(args.freezes) - {"none", "base"})
+    if bad:
+        ap.error(f"--freezes: unknown policy {', '.join(bad)} (none, base)")
+    bad = sorted(set(args.models or ()) - {"base", "DUS", "LLaMA-Pro", "MIDUS", *DROPS_FFN})
+    if bad:
+        ap.error(f"--models: unknown row {', '.join(bad)} (base, DUS, LLaMA-Pro, MIDUS, FFN-free floor)")
+    if args.no_bf16 and args.only_bf16:
+        ap.error("--no-bf16 and --only-bf16 exclude each other")
     if args.worker:
         job = json.loads(args.worker)
         specs = job["specs"]
@@ -633,7 +688,7 @@ def main(argv=None) -> int:
         machine = f"{torch.cuda.get_device_name(0)} (torch CUDA {torch.version.cuda}), {os.cpu_count()} CPU cores"
     else:
         machine = f"{cpu_name()}, {os.cpu_count()} CPU cores"
-    precisions = ["fp32"] + ([] if args.no_bf16 or args.quick else ["bf16"])
+    precisions = ([] if args.only_bf16 else ["fp32"]) + ([] if args.no_bf16 or args.quick else ["bf16"])
     if args.quick:
         plans = [{"precision": "fp32", "repeats": args.repeats or 1, "warmup": 1, "steps": args.steps or 1, "batch": 1, "seq": 128,
                   "rounds": 2 if args.rounds is None else args.rounds, "freezes": ["base"]}]
@@ -648,13 +703,19 @@ def main(argv=None) -> int:
             b, t = args.bf16_batch
             plans.append({"precision": "bf16", "repeats": args.bf16_repeats or 1, "warmup": 1, "steps": 1, "batch": b, "seq": t,
                           "rounds": args.bf16_rounds})
+    for plan in plans:
+        plan.setdefault("freezes", args.freezes)
+        plan["models"] = args.models
+        plan["compile"] = args.compile
+        if args.compile:
+            plan["warmup"] += 1  # the first step compiles the forward and backward graphs; one more settles
     from importlib.metadata import version
 
     load_start = load_avg()
     t0 = time.perf_counter()
     rows = bench(plans, args.device, args.random_init, log, args.layout)
     payload = {
-        "device": args.device, "layout": args.layout, "machine": machine, "random_init": args.random_init,
+        "device": args.device, "layout": args.layout, "machine": machine, "random_init": args.random_init, "compile": args.compile,
         "threads": rows[0]["threads"],
         "versions": {"python": platform.python_version(), "torch": version("torch"), "transformers": version("transformers")},
         "load_avg_start": load_start, "load_avg_end": load_avg(),
