@@ -357,9 +357,14 @@ def test_compile_switch_trains_the_same_model(world, tmp_path):
     fp32 on every device: in bf16 (precision auto on a GPU) fused kernels round differently at
     bf16 resolution, beyond this tolerance (seen on an H100)."""
     eager_cfg = load_train_config(config(world, tmp_path, name="eager", tokens=16 * 4 * 4, precision="fp32"))
-    eager = train(eager_cfg)
-    compiled = train(load_train_config(config(world, tmp_path, name="compiled", tokens=16 * 4 * 4, compile=True, precision="fp32")))
+    said = {"eager": [], "compiled": []}
+    eager = train(eager_cfg, echo=said["eager"].append)
+    compiled = train(load_train_config(config(world, tmp_path, name="compiled", tokens=16 * 4 * 4, compile=True, precision="fp32")),
+                     echo=said["compiled"].append)
     assert compiled.steps == eager.steps == 4
+    # the compiling step is announced and kept out of tok/s and the ETA
+    assert any(line.startswith("step 1: the first step (compiling) took") for line in said["compiled"])
+    assert not any("(compiling)" in line or "compiles the model" in line for line in said["eager"])
     start = state_of(world["model"])
     a, b = state_of(tmp_path / "eager" / "final"), state_of(tmp_path / "compiled" / "final")
     assert a.keys() == b.keys()
