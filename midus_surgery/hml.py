@@ -165,10 +165,18 @@ def _use_cpu_kernels(x: Tensor) -> bool:
     pure-torch path runs.
     """
     # The device is static under torch.compile: checked here, off CPU the layer compiles into
-    # one graph; only the CPU question below (an import, a build) breaks the graph.
+    # one graph. On CPU the answer (an import, maybe a build) is a call dynamo may not trace; once
+    # an eager call has given it, a compiled one reads it like a constant and the graph stays whole.
     if x.device.type != "cpu":
         return False
+    if torch.compiler.is_compiling() and _CPU_KERNELS_ANSWER:
+        return _CPU_KERNELS_ANSWER[-1]
     return _cpu_kernels_enabled()
+
+
+# The latest answer of _cpu_kernels_enabled. Stale only if MIDUS_HML_KERNELS changes between an
+# eager call and a compiled one, and both paths compute the same values (to float rounding).
+_CPU_KERNELS_ANSWER: list[bool] = []
 
 
 @torch.compiler.disable
@@ -176,8 +184,11 @@ def _cpu_kernels_enabled() -> bool:
     try:
         from midus_surgery import kernels
     except ImportError:
-        return False
-    return kernels.cpu_ops() is not None
+        answer = False
+    else:
+        answer = kernels.cpu_ops() is not None
+    _CPU_KERNELS_ANSWER[:] = [answer]
+    return answer
 
 
 # ----------------------------------------------------------------------------------------

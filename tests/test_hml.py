@@ -414,3 +414,23 @@ def test_off_the_cpu_the_kernel_question_is_answered_from_the_device_alone(monke
     assert hml._use_cpu_kernels(torch.empty(2, device="meta")) is False
     with pytest.raises(AssertionError, match="CPU-kernel check"):
         hml._use_cpu_kernels(torch.empty(2))
+
+
+def test_on_the_cpu_a_compiled_layer_keeps_its_kernels_in_one_graph(monkeypatch):
+    """Once an eager call has answered "use the CPU kernels?", torch.compile reads the answer
+    instead of calling out of the graph: the layer (custom ops and their fake kernels included)
+    traces whole, and the compiled layer gives the eager values and gradients."""
+    monkeypatch.setenv("MIDUS_HML_KERNELS", "fused")
+    torch.manual_seed(0)
+    m = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=8, topk=4, latent_dim=4, init="random"))
+    x = torch.randn(6, 2, 8, requires_grad=True)
+    eager = m(x)
+    eager_grads = torch.autograd.grad(eager.square().sum(), [x, m.keys])
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda t: m(t))(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(m)(x)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(torch.autograd.grad(compiled.square().sum(), [x, m.keys]), eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
