@@ -557,8 +557,10 @@ def section_text(payload: dict) -> str:
             " `bf16`: `torch.autocast('cpu', bfloat16)` over fp32 master weights and optimiser state, as `midus-surgery train` runs "
             "`precision: bf16`. This CPU has no native bf16, so bf16 is far slower." if any(p["precision"] == "bf16" for p in payload["plans"])
             else " No bf16 rows (`--no-bf16`): this CPU has no native bf16, and its bf16 steps take tens of seconds.")
+        warm = ("the warm-up steps at the full batch (the first compiles; another shape would compile again)" if payload.get("compile")
+                else "one warm-up step on a 1 x 16 batch (allocates AdamW state, runs every code path)")
         timing = ("- Each configuration runs in a fresh process (its memory, its fwd / bwd / AdamW split, `step min` and `step median`): "
-                  "load, one warm-up step on a 1 x 16 batch (allocates AdamW state, runs every code path), then the timed steps at the full "
+                  f"load, {warm}, then the timed steps at the full "
                   "batch; configurations interleave within each repeat, their order rotating per repeat. Then the paired rounds "
                   "(`paired vs DUS`, what the target is judged on): every configuration of one freeze policy loaded in one process, "
                   "warmed up, then rounds of one full-batch step each, back to back, the order rotating per round; each round gives "
