@@ -131,9 +131,11 @@ def _print_check(check) -> None:
 def _run_verify(path, base) -> int:
     from pathlib import Path
 
+    from .evaluate import hf_progress_bars
     from .verify import verify
 
-    checks = verify(Path(path), Path(base) if base else None, report=_print_check)
+    with hf_progress_bars(False):  # a checklist: transformers' load / save bars for each model would bury it
+        checks = verify(Path(path), Path(base) if base else None, report=_print_check)
     failed = [c.name for c in checks if not c.ok]
     if failed:
         err.print(f"verify failed: {', '.join(failed)}", markup=False)

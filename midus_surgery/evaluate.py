@@ -26,8 +26,25 @@ from .errors import MidusError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float32, trust_remote_code: bool = False):
-    """Load a model directory (base, DUS, LLaMA-Pro or MIDUS output) as a causal LM."""
+@contextlib.contextmanager
+def hf_progress_bars(enabled: bool):
+    """transformers' own bars ("Loading weights") on or off for a block, as they were after it."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float32, trust_remote_code: bool = False,
+                   progress: bool = True):
+    """Load a model directory (base, DUS, LLaMA-Pro or MIDUS output) as a causal LM.
+
+    ``progress=False`` keeps transformers' loading bar off too (``eval --quiet`` prints one line).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     # The MIDUS classes are registered by this package's __init__, so MIDUS outputs load too.
@@ -39,7 +56,8 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
     except ValueError as exc:
         raise MidusError(f"{path}: {exc}") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
+        with hf_progress_bars(progress):
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise MidusError(f"{path}: cannot load the weights ({exc})") from None
     return model
@@ -189,7 +207,7 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int = 512, per_doc
     stream = D.prepare_corpus(list(data), Path.cwd(), tokenizer, dir_glob=dir_glob, text_field=text_field,
                               cache_dir=Path(cache_dir) if cache_dir else D.default_cache_dir(), progress=progress,
                               what="eval data", tokenizer_source=str(model_dir))
-    model = load_causal_lm(model_dir, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code).to(run_on)
+    model = load_causal_lm(model_dir, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=progress).to(run_on)
     vocab = model.get_input_embeddings().weight.shape[0]
     if stream.meta.get("max_token", -1) >= vocab:
         raise D.DataError(f"the tokenizer of {model_dir} produces id {stream.meta['max_token']}, outside the model's vocabulary of {vocab}")

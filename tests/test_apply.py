@@ -314,6 +314,19 @@ def test_verify_reports_a_model_that_cannot_run_as_a_failed_check(bases, tmp_pat
     assert "Traceback" not in text.out + text.err and "more lines" not in text.out + text.err
 
 
+def test_verify_prints_its_checklist_without_transformers_bars(bases, tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    from midus_surgery.cli import main
+
+    out = emit(compile_recipe(write_recipe(tmp_path, bases["llama"], "llama-pro")), progress=False).out_dir
+    hf_logging.enable_progress_bar()  # as in a fresh process
+    assert main(["verify", str(out)]) == 0
+    text = capsys.readouterr()
+    assert text.out.count("PASS ") == 4 and "verify: all 4 checks passed" in text.out
+    assert "Loading weights" not in text.err and "Writing" not in text.err and hf_logging.is_progress_bar_enabled()
+
+
 def test_missing_tensor_is_a_load_error(bases, tmp_path):
     out = emit(compile_recipe(write_recipe(tmp_path, bases["llama"], "midus")), progress=False).out_dir
     from safetensors.torch import load_file, save_file

@@ -65,10 +65,16 @@ def test_per_document_perplexity_equals_hand_computation(setup):
 
 
 def test_eval_cli_json_and_errors(setup, capsys, tmp_path):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # as in a fresh process (the trainer turns transformers' bars off)
     args = ["eval", str(setup["model"]), "--data", str(setup["root"] / "corpus"), "--block-size", "16", "--cache-dir", str(setup["cache"]), "--json"]
     assert main(args) == 0
-    result = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
     assert result["mode"] == "blocks" and result["perplexity"] > 1 and result["tokens"] > 0
+    # --json / --quiet: no bar at all, transformers' "Loading weights" included; its setting is restored
+    assert captured.err == "" and hf_logging.is_progress_bar_enabled()
 
     assert main(["eval", str(tmp_path), "--data", str(setup["files"][0])]) == 1
     assert "is not a model directory (no config.json)" in capsys.readouterr().err

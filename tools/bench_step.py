@@ -116,14 +116,11 @@ class ZeroFFN:
 
 def load_model(path: Path, random_init: bool):
     import torch
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the child's stderr is the run's log
 
     if not random_init:
         from midus_surgery.evaluate import load_causal_lm
 
-        return load_causal_lm(path, dtype=torch.float32)
+        return load_causal_lm(path, dtype=torch.float32, progress=False)  # the child's stderr is the run's log
     import midus_surgery  # noqa: F401 - registers the MIDUS Auto classes
     from transformers import AutoConfig, AutoModelForCausalLM
 
