@@ -131,9 +131,11 @@ def model_card(compiled: Compiled, recipe_text: str) -> str:
     rows = "\n".join(f"| {layer.index} | {layer.source} | {layer.kind} | {n:,} |" for layer, n in zip(plan.layers, plan.layer_params))
     kind = "MIDUS (Memory-Infused Depth Up-Scaling)" if plan.memory_layers else "Depth Up-Scaling"
     loading = (
-        "```python\nimport midus_surgery  # registers the MIDUS classes\nfrom transformers import AutoModelForCausalLM\n"
-        "model = AutoModelForCausalLM.from_pretrained(PATH)\n# or, without midus_surgery installed:\n"
-        "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)\n```"
+        "```python\nimport midus_surgery  # registers the MIDUS classes\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "model = AutoModelForCausalLM.from_pretrained(PATH)\ntokenizer = AutoTokenizer.from_pretrained(PATH)\n"
+        "# or, without midus_surgery installed (the tokenizer reads config.json too, so it needs the flag as well):\n"
+        "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)\n"
+        "tokenizer = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)\n```"
         if plan.memory_layers
         else "```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(PATH)\n```"
     )

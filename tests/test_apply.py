@@ -268,27 +268,41 @@ def test_pickle_base_needs_permission(bases, tmp_path):
 
 
 def test_loads_with_trust_remote_code_without_the_package(bases, tmp_path):
+    """The README's and the model card's loading lines, model and tokenizer, in a process that
+    cannot import midus_surgery, with no terminal to answer transformers' remote-code question."""
+    import shutil
+
+    from train_fixtures.tiny import make_tokenizer
+
+    with_tokenizer = shutil.copytree(bases["llama"], tmp_path / "llama-tok")
+    make_tokenizer().save_pretrained(with_tokenizer)
     outs = []
-    for arch in ("llama", "gpt2", "opt", "gpt_neox"):
-        outs.append(str(emit(compile_recipe(write_recipe(tmp_path, bases[arch], "midus")), progress=False).out_dir))
+    for base in (with_tokenizer, bases["gpt2"], bases["opt"], bases["gpt_neox"]):
+        outs.append(str(emit(compile_recipe(write_recipe(tmp_path, base, "midus")), progress=False).out_dir))
     script = textwrap.dedent(
         """
+        import os
         import sys
         sys.modules["midus_surgery"] = None  # importing it now fails: only the copied code may be used
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
         for path in sys.argv[1:]:
             model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
             assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
             ids = torch.randint(0, model.config.vocab_size, (1, 8))
             assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size
             print("ok", type(model).__name__)
+            if os.path.exists(os.path.join(path, "tokenizer.json")):
+                tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+                print("tokenizer ok", len(tokenizer("the cat sat").input_ids))
         """
     )
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script, *outs], capture_output=True, text=True, env=env, cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-c", script, *outs], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("ok Midus") == 4
+    assert result.stdout.count("ok Midus") == 4 and result.stdout.count("tokenizer ok 3") == 1
+    assert "Do you wish to run the custom code" not in result.stdout + result.stderr
 
 
 def test_loading_without_our_classes_fails_loudly(bases, tmp_path):

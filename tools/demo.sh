@@ -31,7 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 path = sys.argv[1]
-tok = AutoTokenizer.from_pretrained(path)
+tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)  # it reads config.json too
 model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
 ids = tok("The capital of France is", return_tensors="pt").input_ids
 out = model.generate(ids, max_new_tokens=20, do_sample=False)
