@@ -179,6 +179,16 @@ def _use_cpu_kernels(x: Tensor) -> bool:
 _CPU_KERNELS_ANSWER: list[bool] = []
 
 
+def prepare_cpu_kernels() -> bool:
+    """Build (or find) the CPU kernels now and remember whether the layer will use them.
+
+    Call it before ``torch.compile`` of a model with Memory blocks that runs on the CPU: the
+    compiled layer then reads the answer and traces whole, instead of calling out of its graph
+    (a graph break per Memory block, and recompiles of the frames around them).
+    """
+    return _cpu_kernels_enabled()
+
+
 @torch.compiler.disable
 def _cpu_kernels_enabled() -> bool:
     try:

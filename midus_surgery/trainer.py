@@ -333,6 +333,10 @@ class Runner:
         optimizer = torch.optim.AdamW(param_groups, betas=tuple(o.betas), eps=o.eps)
         self.warmup_steps = int(o.warmup) if o.warmup >= 1 else int(round(o.warmup * self.total_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lr_lambda(o, self.total_steps, self.warmup_steps, s) for s in shapes])
+        if cfg.compile and self.is_midus and self.acc.device.type == "cpu":
+            from .hml import prepare_cpu_kernels
+
+            prepare_cpu_kernels()  # answered before compiling, the memory layer traces whole
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.raw = self.acc.unwrap_model(self.model)
 

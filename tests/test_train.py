@@ -378,9 +378,10 @@ def test_compile_switch_trains_the_same_model(world, tmp_path):
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=tol, msg=name)
 
 
-def test_compile_switch_trains_a_midus_output_the_same(world, tmp_path):
-    """compile: true on a MIDUS output: the memory layer's custom autograd functions (and, on this
-    CPU, its compiled kernels behind a graph break) train to where eager lands."""
+def test_compile_switch_trains_a_midus_output_the_same(world, tmp_path, monkeypatch):
+    """compile: true on a MIDUS output: the memory layer's custom autograd functions and, on this
+    CPU, its compiled kernels train to where eager lands, in one graph with no graph break."""
+    from midus_surgery import hml
     from midus_surgery.compile import compile_recipe
     from midus_surgery.emit import emit
 
@@ -393,12 +394,15 @@ def test_compile_switch_trains_a_midus_output_the_same(world, tmp_path):
     counters.clear()
     finals = {}
     for name, switch in (("eager", False), ("compiled", True)):
+        # as in a fresh process: no eager call has answered "use the CPU kernels?" yet (the trainer must)
+        monkeypatch.setattr(hml, "_CPU_KERNELS_ANSWER", [])
         cfg = load_train_config(write_config(tmp_path / f"{name}.yaml", out, tmp_path / name, world["corpus"], world["cache"],
                                              tokens=16 * 4 * 4, freeze="base", compile=switch, precision="fp32",
                                              **{"eval.at_start": False, "memory.lr": 1e-2}))
         assert train(cfg).steps == 4
         finals[name] = state_of(tmp_path / name / "final")
         assert (counters["stats"]["unique_graphs"] > 0) == switch  # compiled when asked, and only then
+    assert not counters["graph_break"], list(counters["graph_break"])[:1]
     start, a, b = state_of(out), finals["eager"], finals["compiled"]
     assert a.keys() == b.keys()
     tol = 0.1 * cfg.config.optim.lr  # as above: a wrong compiled gradient moves weights by whole steps

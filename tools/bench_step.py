@@ -165,6 +165,10 @@ def prepare(spec: dict) -> dict:
     if spec.get("compile"):
         # as `midus-surgery train` with `compile: true` (accelerate's dynamo_backend="inductor"): the
         # whole model; the first warm-up step compiles
+        if not cuda:
+            from midus_surgery.hml import prepare_cpu_kernels
+
+            prepare_cpu_kernels()  # as the trainer does: the memory layer then traces whole
         model = torch.compile(model)
     gen = torch.Generator().manual_seed(0)
     return {
