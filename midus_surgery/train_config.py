@@ -144,7 +144,7 @@ class TrainConfig(Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig, description="AdamW and schedule of the non-memory parameters (see `optim`).")
     memory: MemoryOptimConfig = Field(default_factory=MemoryOptimConfig, description="Optimiser settings of the memory tables (see `memory`).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory, about 30% more compute).")
-    compile: bool = Field(False, description="torch.compile the model (long compile on CPU; measured no gain there. On an H200, bf16, 16 x 1024 tokens: a step of the 45-layer SmolLM2 outputs takes 0.55x (DUS) and 0.70x (MIDUS) its eager time, after about 2 minutes of compiling; docs/benchmarks.md).")
+    compile: bool = Field(False, description="torch.compile the model (on a 2-core CPU: a minute or two of compiling, then 0-12% off the step. On an H200, bf16, 16 x 1024 tokens: a step of the 45-layer SmolLM2 outputs takes 0.55x (DUS) and 0.70x (MIDUS) its eager time, after about 2 minutes of compiling; docs/benchmarks.md).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation (see `eval`).")
     log: LogConfig = Field(default_factory=LogConfig, description="Logging (see `log`).")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints (see `checkpoint`).")
