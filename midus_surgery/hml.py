@@ -169,14 +169,14 @@ def _use_cpu_kernels(x: Tensor) -> bool:
     # an eager call has given it, a compiled one reads it like a constant and the graph stays whole.
     if x.device.type != "cpu":
         return False
-    if torch.compiler.is_compiling() and _CPU_KERNELS_ANSWER:
-        return _CPU_KERNELS_ANSWER[-1]
+    if torch.compiler.is_compiling() and _cpu_kernels_answer is not None:
+        return _cpu_kernels_answer
     return _cpu_kernels_enabled()
 
 
 # The latest answer of _cpu_kernels_enabled. Stale only if MIDUS_HML_KERNELS changes between an
 # eager call and a compiled one, and both paths compute the same values (to float rounding).
-_CPU_KERNELS_ANSWER: list[bool] = []
+_cpu_kernels_answer: Optional[bool] = None
 
 
 def prepare_cpu_kernels() -> bool:
@@ -191,14 +191,14 @@ def prepare_cpu_kernels() -> bool:
 
 @torch.compiler.disable
 def _cpu_kernels_enabled() -> bool:
+    global _cpu_kernels_answer
     try:
         from midus_surgery import kernels
     except ImportError:
-        answer = False
+        _cpu_kernels_answer = False
     else:
-        answer = kernels.cpu_ops() is not None
-    _CPU_KERNELS_ANSWER[:] = [answer]
-    return answer
+        _cpu_kernels_answer = kernels.cpu_ops() is not None
+    return _cpu_kernels_answer
 
 
 # ----------------------------------------------------------------------------------------

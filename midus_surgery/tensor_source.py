@@ -198,22 +198,17 @@ def _loaded_by_transformers(ref: BaseRef, prefixes: tuple[str, ...], what: str, 
     return DictSource(model.state_dict(), prefixes, how=f"whole, through transformers' loader ({what})")
 
 
-def available_memory() -> int | None:
-    """Bytes the kernel can hand out without swapping (MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def available_memory() -> int:
+    """Bytes the system can hand out without swapping (MemAvailable on Linux)."""
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 def _check_fits_in_memory(num_bytes: int, where: Path) -> None:
     """Refuse up front, with the numbers, a whole-model load that would not fit (rather than be killed midway)."""
     free = available_memory()
-    if free is not None and num_bytes > free:
+    if num_bytes > free:
         raise MidusError(f"{where}: transformers must load this base whole to stack its experts ({num_bytes / 2**30:.1f} GiB), "
                          f"and {free / 2**30:.1f} GiB of memory is available; run apply on a machine with more memory")
 

@@ -395,7 +395,7 @@ def test_compile_switch_trains_a_midus_output_the_same(world, tmp_path, monkeypa
     finals = {}
     for name, switch in (("eager", False), ("compiled", True)):
         # as in a fresh process: no eager call has answered "use the CPU kernels?" yet (the trainer must)
-        monkeypatch.setattr(hml, "_CPU_KERNELS_ANSWER", [])
+        monkeypatch.setattr(hml, "_cpu_kernels_answer", None)
         cfg = load_train_config(write_config(tmp_path / f"{name}.yaml", out, tmp_path / name, world["corpus"], world["cache"],
                                              tokens=16 * 4 * 4, freeze="base", compile=switch, precision="fp32",
                                              **{"eval.at_start": False, "memory.lr": 1e-2}))

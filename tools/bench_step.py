@@ -79,6 +79,7 @@ LAYOUTS = {
 # not a method: DUS with the inserted blocks' FFNs replaced by a zero-cost stub, i.e. the
 # fastest any FFN replacement (MIDUS's memory included) could make the up-scaled step
 DROPS_FFN = {"FFN-free floor"}
+ROWS = ("base", "DUS", "LLaMA-Pro", "MIDUS", "FFN-free floor")  # the table's rows, in order
 
 
 def models_for(layout: str) -> dict[str, Path]:
@@ -479,7 +480,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     groups = [(key, f) for key in dict.fromkeys(setting(r) for r in rows) for f in ("none", "base")
               if any(setting(r) == key and r["freeze"] == f for r in rows)]
-    models = ["base", "DUS", "LLaMA-Pro", "MIDUS", "FFN-free floor"]
+    models = list(ROWS)
     colors = {"base": "#999999", "DUS": "#1f77b4", "LLaMA-Pro": "#ff7f0e", "MIDUS": "#2ca02c", "FFN-free floor": "#cccccc"}
     fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.8), squeeze=False)
     for ax, ((p, batch, seq), f) in zip(axes[0], groups):
@@ -662,9 +663,9 @@ def main(argv=None) -> int:
     bad = sorted(set(args.freezes) - {"none", "base"})
     if bad:
         ap.error(f"--freezes: unknown policy {', '.join(bad)} (none, base)")
-    bad = sorted(set(args.models or ()) - {"base", "DUS", "LLaMA-Pro", "MIDUS", *DROPS_FFN})
+    bad = sorted(set(args.models or ()) - set(ROWS))
     if bad:
-        ap.error(f"--models: unknown row {', '.join(bad)} (base, DUS, LLaMA-Pro, MIDUS, FFN-free floor)")
+        ap.error(f"--models: unknown row {', '.join(bad)} ({', '.join(ROWS)})")
     if args.no_bf16 and args.only_bf16:
         ap.error("--no-bf16 and --only-bf16 exclude each other")
     if args.worker:
