@@ -76,6 +76,10 @@ class OptimConfig(Strict):
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     grad_clip: float = Field(1.0, ge=0.0, description="Clip the global gradient norm of these parameters to this value (0: no clipping).")
+    implementation: Literal["auto", "fused", "foreach", "for-loop"] = Field(
+        "auto", description="How torch runs the AdamW update of every parameter, the memory tables' included: `fused` (one kernel over all tensors), "
+        "`foreach` (batched tensor ops) or `for-loop` (one tensor at a time): the same update up to float rounding, at different speeds "
+        "(docs/benchmarks.md, AdamW). `auto`: fused on CPU and CUDA, torch's own choice elsewhere.")
 
     @field_validator("warmup")
     @classmethod

@@ -134,3 +134,19 @@ def test_row_and_policy_filters(capsys):
         with pytest.raises(SystemExit) as exc:
             bs.main(argv)
         assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_adamw_implementation_reaches_the_optimiser_and_the_docs(tmp_path, docs):
+    import torch
+
+    plan = {"precision": "fp32", "batch": 4, "seq": 256, "warmup": 1, "steps": 1, "adamw": "for-loop"}
+    assert bs.spec_for("DUS", "none", plan, "cpu", True, "every5")["adamw"] == "for-loop"
+    assert bs.adamw_kwargs("auto", torch.device("cpu")) == {"fused": True}  # what the trainer runs
+    assert bs.adamw_kwargs("torch", torch.device("cpu")) == {}
+    plans = [{"precision": "bf16", "batch": b, "seq": 256, "repeats": 1, "warmup": 2, "steps": 10} for b in (4, 16)]
+    (tmp_path / "old.json").write_text(json.dumps(_payload("cuda", _rows(), plans)))  # written before --adamw
+    assert bs.main(["--from-json", str(tmp_path / "old.json")]) == 0
+    assert "torch's default AdamW implementation: the for-loop on CPU, foreach on CUDA" in docs.read_text()
+    (tmp_path / "new.json").write_text(json.dumps(_payload("cuda", _rows(), plans, adamw="auto")))
+    assert bs.main(["--from-json", str(tmp_path / "new.json")]) == 0
+    assert "AdamW `auto` (`optim.implementation`, the trainer default: fused on CPU and CUDA)" in docs.read_text()

@@ -22,7 +22,7 @@ from train_fixtures.tiny import make_model_dir, state_of, write_config, write_co
 
 from midus_surgery.errors import RecipeError
 from midus_surgery.train_config import TrainConfig, _submodel, config_reference_markdown, load_train_config
-from midus_surgery.trainer import TrainingError, choose_params, complete_checkpoints, is_memory_param, train
+from midus_surgery.trainer import Runner, TrainingError, adamw_options, choose_params, complete_checkpoints, is_memory_param, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,6 +139,7 @@ def test_loss_goes_down_and_the_run_writes_everything(world, tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert any("step 30/30 | loss" in line and "tok/s" in line and "ETA" in line for line in lines)
     assert "\nbase (matrices)" in "\n".join(lines)
+    assert ", AdamW fused," in "\n".join(lines)  # optim.implementation: auto on CPU
 
     final = run / "final"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "midus_plan.json", "midus_recipe.yaml", "midus_train.json"):
@@ -225,6 +226,41 @@ def test_fresh_start_refuses_a_run_dir_with_checkpoints(world, tmp_path):
         train(load_train_config(cfg))
     result = train(load_train_config(cfg, ["resume=auto"]))  # a finished run: nothing left to train, re-exports
     assert result.steps == 2
+
+
+def test_adamw_implementation_options(world, tmp_path):
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert adamw_options("auto", cpu) == {"fused": True} == adamw_options("fused", meta)
+    assert adamw_options("auto", torch.device("cuda")) == {"fused": True}
+    assert adamw_options("auto", meta) == {}  # torch's own choice where it has no fused kernel
+    assert adamw_options("foreach", cpu) == {"foreach": True}
+    assert adamw_options("for-loop", cpu) == {"foreach": False}
+    with pytest.raises(RecipeError, match=r"optim.implementation.*'auto', 'fused', 'foreach' or 'for-loop'"):
+        load_train_config(config(world, tmp_path), ["optim.implementation=apex"])
+
+
+def test_resume_switches_the_adamw_implementation_and_trains_the_same(world, tmp_path):
+    """A checkpoint written by the for-loop AdamW resumes under the fused one (the config decides), and
+    the weights end where an all-fused run ends, up to float rounding."""
+    steps = 8
+    common = {"eval.at_start": False, "optim.schedule": "constant", "optim.warmup": 0, "checkpoint.every": 4, "resume": "auto"}
+    train(load_train_config(config(world, tmp_path, name="fused", tokens=16 * 4 * steps, **common)))
+    first = config(world, tmp_path, name="switched", tokens=16 * 4 * steps // 2, **common, **{"optim.implementation": "for-loop"})
+    train(load_train_config(first))
+    second = load_train_config(config(world, tmp_path, name="switched", tokens=16 * 4 * steps, **common))
+    runner = Runner(second, echo=lambda _: None)
+    runner.setup()
+    runner.load_checkpoint(complete_checkpoints(tmp_path / "switched" / "checkpoints")[-1][1])
+    groups = runner.optimizer.param_groups
+    assert groups and all(g["fused"] and not g["foreach"] for g in groups)
+    result = train(second)
+    assert result.steps == steps
+    a, b = state_of(tmp_path / "fused" / "final"), state_of(tmp_path / "switched" / "final")
+    changed = 0
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+        changed += not torch.equal(a[name], state_of(world["model"])[name])
+    assert changed  # the comparison is between trained weights
 
 
 @pytest.mark.slow

@@ -174,12 +174,29 @@ def prepare(spec: dict) -> dict:
     gen = torch.Generator().manual_seed(0)
     return {
         "model": model, "cuda": cuda, "sync": sync, "load_s": load_s, "device": device,
-        "opt": torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0),
+        "opt": torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0, **adamw_kwargs(spec.get("adamw", "torch"), device)),
         "x": torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen).to(device),
         "autocast": torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16"),
         "trainable": sum(p.numel() for p in trainable), "total": sum(p.numel() for p in names.values()),
         "compiled": bool(spec.get("compile")),
     }
+
+
+def adamw_kwargs(implementation: str, device) -> dict:
+    """AdamW options for --adamw: `torch` is torch's own default, the others as `optim.implementation` of the trainer."""
+    if implementation == "torch":
+        return {}
+    from midus_surgery.trainer import adamw_options
+
+    return adamw_options(implementation, device)
+
+
+def adamw_words(payload: dict) -> str:
+    """How the AdamW step of a run was computed (runs written before --adamw used torch's default)."""
+    impl = payload.get("adamw", "torch")
+    if impl == "torch":
+        return "torch's default AdamW implementation: the for-loop on CPU, foreach on CUDA"
+    return f"AdamW `{impl}` (`optim.implementation`{', the trainer default: fused on CPU and CUDA' if impl == 'auto' else ''})"
 
 
 def train_step(state: dict, xi) -> dict:
@@ -389,7 +406,7 @@ def spec_for(model: str, freeze: str, plan: dict, device: str, random_init: bool
             "freeze": freeze, "precision": plan["precision"],
             "batch": plan["batch"], "seq": plan["seq"], "warmup": plan["warmup"], "steps": plan["steps"],
             "drop_inserted_ffn": model in DROPS_FFN, "device": device, "random_init": random_init,
-            "compile": plan.get("compile", False)}
+            "compile": plan.get("compile", False), "adamw": plan.get("adamw", "torch")}
 
 
 def paired_ratio_stats(steps: list[float], ref_steps: list[float]) -> dict:
@@ -572,7 +589,7 @@ def section_text(payload: dict) -> str:
     png = png_path(payload).name
     lines = [
         section_title(payload), "",
-        "One training step (forward + backward + AdamW step, lr 1e-4) of SmolLM2-135M and its DUS, LLaMA-Pro and MIDUS outputs "
+        f"One training step (forward + backward + AdamW step, lr 1e-4; {adamw_words(payload)}) of SmolLM2-135M and its DUS, LLaMA-Pro and MIDUS outputs "
         f"({recipes}: {layout['what']}), "
         "random token ids (labels = inputs); batch sizes per precision below.",
         "",
@@ -657,6 +674,9 @@ def main(argv=None) -> int:
     ap.add_argument("--layout", choices=list(LAYOUTS), default="every5",
                     help="every5: the bundled recipes (6 inserted blocks, 30 -> 36); every2: the paper's proportion "
                          "(15 inserted blocks, 30 -> 45, recipes/ablation/every2/); each has its own docs section")
+    ap.add_argument("--adamw", choices=["auto", "fused", "foreach", "for-loop", "torch"], default="auto",
+                    help="AdamW implementation, as the trainer's optim.implementation (default auto: fused on CPU and CUDA, "
+                         "what `midus-surgery train` runs); torch: torch's own default (the for-loop on CPU), as runs before this option")
     ap.add_argument("--from-json", metavar="RESULTS_JSON", help="only rewrite the docs section and PNG from the --json output of an earlier run (e.g. one on a GPU machine)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -711,6 +731,7 @@ def main(argv=None) -> int:
         plan.setdefault("freezes", args.freezes)
         plan["models"] = args.models
         plan["compile"] = args.compile
+        plan["adamw"] = args.adamw
         if args.compile:
             plan["warmup"] += 1  # the first step compiles the forward and backward graphs; one more settles
     from importlib.metadata import version
@@ -720,6 +741,7 @@ def main(argv=None) -> int:
     rows = bench(plans, args.device, args.random_init, log, args.layout)
     payload = {
         "device": args.device, "layout": args.layout, "machine": machine, "random_init": args.random_init, "compile": args.compile,
+        "adamw": args.adamw,
         "threads": rows[0]["threads"],
         "versions": {"python": platform.python_version(), "torch": version("torch"), "transformers": version("transformers")},
         "load_avg_start": load_start, "load_avg_end": load_avg(),
