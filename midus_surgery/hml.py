@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -152,7 +153,7 @@ def _fill(param: Tensor, rule: str, seed: int, name: str, scale: float = 0.0) ->
 
 
 # ----------------------------------------------------------------------------------------
-# Optional compiled CPU kernels
+# Optional kernels: compiled for the CPU; Triton on CUDA (opt-in)
 # ----------------------------------------------------------------------------------------
 
 
@@ -187,6 +188,38 @@ def prepare_cpu_kernels() -> bool:
     (a graph break per Memory block, and recompiles of the frames around them).
     """
     return _cpu_kernels_enabled()
+
+
+# MIDUS_HML_KERNELS=triton, read when this module is imported (a compiled layer sees a constant):
+# (select the memory slots with the Triton kernel?, may it take CPU tensors?). TRITON_INTERPRET=1
+# runs Triton kernels on CPU tensors through its interpreter: how the tests check it without a GPU.
+_triton_answer: tuple[bool, bool] = (
+    os.environ.get("MIDUS_HML_KERNELS", "").strip().lower() == "triton",
+    os.environ.get("TRITON_INTERPRET") == "1",
+)
+
+
+def _use_triton(x: Tensor) -> bool:
+    """True when ``MIDUS_HML_KERNELS=triton`` asks for the Triton top-k (kernels/hml_triton.py) and x
+    is where Triton runs. Opt-in until it has been timed on a GPU; it selects exactly what the
+    pure-torch path selects. float64 layers keep the pure-torch path (the kernel ranks float32)."""
+    return _triton_answer[0] and (x.device.type == "cuda" or _triton_answer[1]) and x.dtype != torch.float64
+
+
+def _triton_topk2():
+    try:
+        from midus_surgery import kernels
+    except ImportError:
+        raise RuntimeError("MIDUS_HML_KERNELS=triton needs the midus_surgery package (its kernels/hml_triton.py)") from None
+    return kernels.triton_topk2()
+
+
+def _kernel_path(x: Tensor) -> str:
+    """Where the layer's selection runs for x: "triton", "cpu" (the compiled CPU kernels, which also
+    pool) or "torch"."""
+    if _use_triton(x):
+        return "triton"
+    return "cpu" if _use_cpu_kernels(x) else "torch"
 
 
 @torch.compiler.disable
@@ -327,15 +360,18 @@ class _Lookup(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, keys, k, fused):
+    def forward(ctx, q, keys, k, path):
         T, H, dh = q.shape
         n = keys.shape[2]
         qh = q.reshape(T, 2 * H, dh // 2).transpose(0, 1)  # [2H, T, dh/2]
         kf = keys.reshape(2 * H, n, dh // 2)
         s = torch.bmm(qh, kf.transpose(1, 2))  # [2H, T, n]
-        if fused:  # the same selection and tie rule in one compiled pass, parallel over (h, t)
+        if path == "cpu":  # the same selection and tie rule in one compiled pass, parallel over (h, t)
             halves = s.view(H, 2, T, n)
             scores, i_sub, j_sub = torch.ops.midus_hml.topk2(halves[:, 0], halves[:, 1], k)  # [H, T, k] each
+        elif path == "triton":  # the same again, one Triton program per block of (h, t) rows
+            halves = s.view(H, 2, T, n)
+            scores, i_sub, j_sub = _triton_topk2()(halves[:, 0], halves[:, 1], k)  # [H, T, k] each
         else:
             both = s.view(H, 2, T, n).transpose(0, 1)  # [2, H, T, n] view
             ar = torch.arange(n, device=q.device)
@@ -352,7 +388,7 @@ class _Lookup(torch.autograd.Function):
         slots = i_sub * n + j_sub
         ctx.mark_non_differentiable(slots)
         ctx.save_for_backward(q, keys, w, i_sub, j_sub)
-        ctx.fused = fused
+        ctx.fused = path == "cpu"
         return w, slots
 
     @staticmethod
@@ -767,7 +803,7 @@ class HeadwiseMemory(nn.Module):
     def lookup(self, queries: Tensor) -> tuple[Tensor, Tensor]:
         """(weights [H, T, k], slots [H, T, k]) for queries of the forward's input shape."""
         q, _, _ = self._queries(queries)
-        w, slots = self._lookup(q, _use_cpu_kernels(q))
+        w, slots = self._lookup(q, _kernel_path(q))
         return w, slots
 
     def _queries(self, x: Tensor):
@@ -794,13 +830,13 @@ class HeadwiseMemory(nn.Module):
             return torch.float32
         return x.dtype
 
-    def _lookup(self, q: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
+    def _lookup(self, q: Tensor, path: str) -> tuple[Tensor, Tensor]:
         cfg = self.config
         sd = torch.float64 if q.dtype == torch.float64 else torch.float32
         q = q.to(sd)
         if self.query_norm is not None:
             q = self.query_norm(q)
-        return _Lookup.apply(q.contiguous(), self.keys.to(sd), cfg.topk, fused)  # w, slots: [H, T, k]
+        return _Lookup.apply(q.contiguous(), self.keys.to(sd), cfg.topk, path)  # w, slots: [H, T, k]
 
     def forward(self, queries: Tensor) -> Tensor:
         dev = queries.device.type
@@ -812,8 +848,9 @@ class HeadwiseMemory(nn.Module):
         out_dtype = x.dtype
         q, flat_in, lead = self._queries(x)
         T = q.shape[0]
-        fused = _use_cpu_kernels(q)  # one decision per call, for the lookup and the pooling alike
-        w, slots = self._lookup(q, fused)
+        path = _kernel_path(q)  # one decision per call, for the lookup and the pooling alike
+        fused = path == "cpu"
+        w, slots = self._lookup(q, path)
         if cfg.hive:
             bank = self.latent_bank.weight
             m = _PoolProject.apply(w, slots, bank, self.proj, cfg.bank_grad, fused)  # [H, T, d_h]

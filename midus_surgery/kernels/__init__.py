@@ -10,6 +10,8 @@ build is cached in torch's extension directory, ``$TORCH_EXTENSIONS_DIR`` or
 hml.py never needs them: it keeps a pure-torch path with the same math and tie rule, which is
 what runs on CUDA, without a C++ compiler, or with ``MIDUS_HML_KERNELS=torch``.
 ``MIDUS_HML_KERNELS=fused`` makes a failed build an error instead of a one-time warning.
+``MIDUS_HML_KERNELS=triton`` also selects the memory slots on CUDA with the Triton kernel in
+``hml_triton.py`` (opt-in until timed on a GPU; on CPU the mode behaves as ``auto``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Optional
 import torch
 
 SOURCE = Path(__file__).with_name("hml_cpu.cpp")
-MODES = ("auto", "fused", "torch")
+MODES = ("auto", "fused", "torch", "triton")
 
 _lock = threading.Lock()
 _state: dict = {}  # "ops": namespace or None once a load was attempted; "error": why not
@@ -115,6 +117,19 @@ def cpu_ops() -> Optional[SimpleNamespace]:
     if ops is None and m == "fused":
         raise RuntimeError(f"MIDUS_HML_KERNELS=fused but the HML CPU kernels could not be built: {_state.get('error')}")
     return ops
+
+
+def triton_topk2():
+    """``hml_triton.topk2``, the Triton top-k hml.py selects with under ``MIDUS_HML_KERNELS=triton``.
+
+    Opt-in: checked against the pure-torch selection (through Triton's interpreter), not yet timed
+    on a GPU. On CPU that mode otherwise behaves as ``auto``.
+    """
+    try:
+        from . import hml_triton
+    except ImportError as exc:
+        raise RuntimeError(f"MIDUS_HML_KERNELS=triton but triton cannot be imported ({exc}); CUDA builds of torch bring it") from None
+    return hml_triton.topk2
 
 
 def unavailable_reason() -> Optional[str]:

@@ -1,0 +1,130 @@
+"""Triton kernel of the HML's exact two-stage top-k: the GPU counterpart of ``topk2`` in hml_cpu.cpp.
+
+On CUDA the pure-torch path selects with two ``torch.topk`` calls on int64 keys plus the gathers
+and sums between them; a profile of the layer put those at about a quarter of its time (docs/hml.md).
+This kernel does the whole selection for a block of rows in registers: both halves' top-k, the
+candidate sums and the final top-k, each as one ``tl.topk`` over int64 keys that carry the tie rule
+(score descending, then lower index), so it returns exactly what the pure-torch path returns.
+
+Opt-in (``MIDUS_HML_KERNELS=triton``) until it has been timed on a GPU. ``TRITON_INTERPRET=1``
+runs it on CPU tensors through Triton's interpreter: that is how the tests check it without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _ordered_key(x, tie):
+    """int64 key of float32 ``x``: larger x first, equal x by larger ``tie`` (int64 in [0, 2**32))."""
+    x = tl.where(x == 0.0, 0.0, x)  # -0.0 and +0.0 are one value
+    bits = x.to(tl.int32, bitcast=True)
+    bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone float -> int map
+    return (bits.to(tl.int64) << 32) + tie
+
+
+@triton.jit
+def _key_value(key):
+    bits = (key >> 32).to(tl.int32)
+    bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # the map is its own inverse
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _key_tie(key):
+    return key - ((key >> 32) << 32)
+
+
+@triton.jit
+def _topk2_kernel(A, B, S, I, J, PR, PS, rows, T, sa_p, sa_t, sb_p, sb_t, n, k, C,
+                  NP: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr, CP: tl.constexpr, COMPACT: tl.constexpr):
+    # rows = P*T score rows of n sub-keys; a row is (p, t) and lives at p*s_p + t*s_t in A / B.
+    r = tl.program_id(0) * BR + tl.arange(0, BR)  # [BR]
+    c = tl.arange(0, NP)  # [NP] sub-key index, n padded to a power of two
+    live = (r[:, None] < rows) & (c[None, :] < n)  # [BR, NP]
+    p, t = (r // T).to(tl.int64), (r % T).to(tl.int64)
+    a = tl.load(A + (p * sa_p + t * sa_t)[:, None] + c[None, :], mask=live, other=0.0).to(tl.float32)
+    b = tl.load(B + (p * sb_p + t * sb_t)[:, None] + c[None, :], mask=live, other=0.0).to(tl.float32)
+    lowest = tl.full((BR, NP), -(2**63), tl.int64)  # below every float's key, -inf's included
+    tie = (n - 1 - c).to(tl.int64)[None, :]  # a lower sub-key index wins a tie
+    ta = tl.topk(tl.where(live, _ordered_key(a, tie), lowest), KP)  # [BR, KP], sorted descending
+    tb = tl.topk(tl.where(live, _ordered_key(b, tie), lowest), KP)
+    va, ia = _key_value(ta), n - 1 - _key_tie(ta)
+    vb, ib = _key_value(tb), n - 1 - _key_tie(tb)
+
+    # Stage 2: ranks (x, y) with (x+1)(y+1) <= k are the only pairs that can reach the top k
+    # (both lists are sorted); the rest, and padding past k, never win.
+    rank = tl.arange(0, KP)
+    if COMPACT:  # the C live pairs only (PR / PS: their ranks, C = 119 for k = 32), gathered in registers
+        cc = tl.arange(0, CP)
+        pr = tl.broadcast_to(tl.load(PR + cc, mask=cc < C, other=0)[None, :], (BR, CP))
+        ps = tl.broadcast_to(tl.load(PS + cc, mask=cc < C, other=0)[None, :], (BR, CP))
+        sums = tl.gather(va, pr, 1) + tl.gather(vb, ps, 1)  # [BR, CP], the same float32 adds as torch's
+        slot = tl.gather(ia, pr, 1) * n + tl.gather(ib, ps, 1)
+        key = tl.where((cc < C)[None, :], _ordered_key(sums, n * n - 1 - slot), tl.full((BR, CP), -(2**63), tl.int64))
+        best = tl.topk(key, KP)  # [BR, KP]
+    else:  # every (x, y) of the KP x KP square, the dead ones masked: no gathers
+        ok = ((rank[:, None] + 1) * (rank[None, :] + 1) <= k)[None, :, :]  # [1, KP, KP]
+        sums = va[:, :, None] + vb[:, None, :]  # [BR, KP, KP], the same float32 adds as torch's
+        slot = ia[:, :, None] * n + ib[:, None, :]
+        key = tl.where(ok, _ordered_key(sums, n * n - 1 - slot), tl.full((BR, KP, KP), -(2**63), tl.int64))
+        best = tl.topk(tl.reshape(key, (BR, KP * KP)), KP)  # [BR, KP]
+    score = _key_value(best)
+    slot = n * n - 1 - _key_tie(best)
+    out = r[:, None] * k + rank[None, :]
+    keep = (r[:, None] < rows) & (rank[None, :] < k)
+    tl.store(S + out, score, mask=keep)
+    tl.store(I + out, slot // n, mask=keep)
+    tl.store(J + out, slot % n, mask=keep)
+
+
+_PAIRS: dict = {}
+
+
+def _pairs(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The live rank pairs' (r, s) as int32 tables (hml.candidate_pairs; a memo per k and device)."""
+    key = (k, str(device))
+    if key not in _PAIRS:
+        rs = [(r, s) for r in range(k) for s in range(k) if (r + 1) * (s + 1) <= k]
+        _PAIRS[key] = tuple(torch.tensor(col, dtype=torch.int32, device=device) for col in zip(*rs))
+    return _PAIRS[key]
+
+
+def topk2(a: torch.Tensor, b: torch.Tensor, k: int, compact: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact top-k of ``a[p, t, i] + b[p, t, j]`` over (i, j), as ``torch.ops.midus_hml.topk2`` on CPU.
+
+    a, b: [P, T, n] float32 (each row contiguous in its last dim, any other strides). Returns
+    (scores [P, T, k] float32, i [P, T, k] int64, j [P, T, k] int64), sorted by score descending,
+    equal scores by the lower slot i*n + j. ``compact`` ranks only the live candidate pairs
+    (gathered with ``tl.gather``: 128 keys a row instead of 1024 for k = 32); the default ranks the
+    masked k x k square. Both give the same result; tools/gpu_check_hml.py times the two.
+    """
+    if a.shape != b.shape or a.dim() != 3 or a.dtype != torch.float32 or b.dtype != torch.float32:
+        raise ValueError(f"topk2 takes two float32 [P, T, n] score tables of one shape, got {tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}")
+    P, T, n = a.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"topk2: k={k} must be in [1, n={n}]")
+    if a.stride(2) != 1:
+        a = a.contiguous()
+    if b.stride(2) != 1:
+        b = b.contiguous()
+    scores = torch.empty(P, T, k, device=a.device, dtype=torch.float32)
+    i_sub = torch.empty(P, T, k, device=a.device, dtype=torch.int64)
+    j_sub = torch.empty_like(i_sub)
+    rows = P * T
+    if rows == 0:
+        return scores, i_sub, j_sub
+    KP = triton.next_power_of_2(k)
+    NP = max(triton.next_power_of_2(n), KP)
+    pr, ps = _pairs(k, a.device)
+    CP = max(triton.next_power_of_2(pr.numel()), KP)
+    width = CP if compact else KP * KP
+    BR = max(1, min(16, 4096 // width))  # rows per program: a [BR, width] key block in registers
+    _topk2_kernel[(triton.cdiv(rows, BR),)](
+        a, b, scores, i_sub, j_sub, pr, ps, rows, T, a.stride(0), a.stride(1), b.stride(0), b.stride(1), n, k, pr.numel(),
+        NP=NP, KP=KP, BR=BR, CP=CP, COMPACT=compact,
+    )
+    return scores, i_sub, j_sub

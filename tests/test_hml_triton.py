@@ -1,0 +1,104 @@
+"""The Triton top-k of the memory layer (midus_surgery/kernels/hml_triton.py), through Triton's
+interpreter on CPU tensors: it selects exactly what the pure-torch path selects (ties, -0.0, n and k
+that are not powers of two, strided halves), and a layer running it under MIDUS_HML_KERNELS=triton
+gives the pure-torch layer's outputs and gradients. On a GPU, tools/gpu_check_hml.py checks and
+times it compiled.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from midus_surgery import hml, kernels
+from midus_surgery.hml import HeadwiseMemory, HMLConfig, _two_stage_topk
+from midus_surgery.kernels import hml_triton
+
+# tests/conftest.py sets it before anything imports triton: the kernels then run on CPU tensors
+assert os.environ.get("TRITON_INTERPRET") == "1", "run through pytest (tests/conftest.py sets TRITON_INTERPRET=1)"
+
+
+@pytest.mark.parametrize("P,T,n,k,values", [
+    (2, 5, 16, 4, "normal"),
+    (3, 7, 12, 3, "normal"),       # n and k not powers of two
+    (2, 6, 16, 8, "small-ints"),   # many equal sums: the tie rule decides
+    (2, 4, 6, 6, "small-ints"),    # k = n, padded past n
+    (1, 3, 8, 1, "normal"),
+    (2, 3, 8, 4, "zeros"),         # every sum equal, +0.0 and -0.0 mixed
+    (2, 4, 6, 6, "wide"),          # magnitudes up to 1e30, padding past n below them all
+])
+@pytest.mark.parametrize("compact", [False, True], ids=["square", "compact"])
+def test_triton_topk2_selects_what_the_pure_torch_path_selects(P, T, n, k, values, compact):
+    gen = torch.Generator().manual_seed(P * 100 + n + k)
+    if values == "normal":
+        s = torch.randn(P, 2, T, n, generator=gen)
+    elif values == "small-ints":
+        s = torch.randint(-2, 2, (P, 2, T, n), generator=gen).float()
+    elif values == "wide":
+        s = torch.randn(P, 2, T, n, generator=gen) * 10.0 ** torch.randint(-30, 31, (P, 2, T, n), generator=gen)
+    else:
+        s = torch.zeros(P, 2, T, n)
+        s[torch.rand(P, 2, T, n, generator=gen) < 0.5] = -0.0
+    a, b = s[:, 0], s[:, 1]  # strided views, as the layer passes them
+    scores, i, j = hml_triton.topk2(a, b, k, compact=compact)
+    ref_scores, ref_slots = _two_stage_topk(torch.stack((a, b)), k)
+    assert torch.equal(i * n + j, ref_slots)
+    assert torch.equal(scores, ref_scores)
+    assert ((i >= 0) & (i < n) & (j >= 0) & (j < n)).all()
+
+
+def test_triton_topk2_rejects_what_it_cannot_rank():
+    a = torch.randn(1, 2, 4)
+    with pytest.raises(ValueError, match="k=5 must be in"):
+        hml_triton.topk2(a, a, 5)
+    with pytest.raises(ValueError, match="float32"):
+        hml_triton.topk2(a.double(), a.double(), 2)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(hive=False), dict(query_source="hidden", gate=True)])
+def test_a_layer_on_the_triton_path_equals_the_pure_torch_layer(kw, monkeypatch):
+    torch.manual_seed(0)
+    layer = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=6, topk=4, latent_dim=5, init="random", **kw))
+    x = torch.randn(2, 3, 16) if kw.get("query_source") == "hidden" else torch.randn(2, 3, 2, 8)
+
+    def run(triton: bool):
+        monkeypatch.setenv("MIDUS_HML_KERNELS", "triton" if triton else "torch")
+        monkeypatch.setattr(hml, "_triton_answer", (triton, True))
+        called = []
+        real = kernels.triton_topk2()
+        monkeypatch.setattr(kernels, "triton_topk2", lambda: lambda *a: called.append(1) or real(*a))
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        out.pow(2).sum().backward()
+        assert bool(called) == triton  # the path under test really ran
+        return out.detach(), xi.grad, {name: p.grad.clone() for name, p in layer.named_parameters()}
+
+    out_t, dx_t, grads_t = run(True)
+    out_r, dx_r, grads_r = run(False)
+    assert torch.equal(out_t, out_r)
+    assert torch.equal(dx_t, dx_r)
+    for name in grads_r:
+        assert torch.equal(grads_t[name], grads_r[name]), name
+
+
+def test_triton_mode_on_the_cpu_keeps_the_cpu_kernels(monkeypatch):
+    monkeypatch.setenv("MIDUS_HML_KERNELS", "triton")
+    assert kernels.mode() == "triton"
+    monkeypatch.setattr(hml, "_triton_answer", (True, False))  # a real run: no interpreter
+    assert not hml._use_triton(torch.empty(2))
+    assert hml._use_triton(torch.empty(2, device="meta")) is False  # only CUDA, or under the interpreter
+    assert hml._kernel_path(torch.empty(2)) == ("cpu" if kernels.cpu_ops() is not None else "torch")
+    monkeypatch.setattr(hml, "_triton_answer", (True, True))
+    assert hml._use_triton(torch.empty(2)) and not hml._use_triton(torch.empty(2, dtype=torch.float64))  # it ranks float32
+
+
+def test_triton_mode_without_triton_says_so(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "midus_surgery.kernels.hml_triton", None)  # import fails
+    monkeypatch.delattr(kernels, "hml_triton")
+    with pytest.raises(RuntimeError, match="MIDUS_HML_KERNELS=triton but triton cannot be imported"):
+        kernels.triton_topk2()
