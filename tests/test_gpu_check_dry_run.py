@@ -27,4 +27,10 @@ def test_gpu_check_dry_run_passes_every_check_and_times_every_variant():
     for name in ("default", "tie-checked topk (sync)", "bank_grad sparse_mm", "bank_grad embedding_bag", "bank_grad index_add"):
         assert all(f"{name} " in line for line in variants), name
     assert "[profile] host syncs and copies:" in out
+    # section 8, the Triton top-k through Triton's interpreter
+    for name in ("triton top-k == pure-torch selection (random", "triton top-k == pure-torch selection (small-int ties",
+                 "a layer on the triton top-k == the default layer"):
+        assert any(line.startswith("[ok]") and name in line for line in checks), name
+    triton_lines = [line for line in out.splitlines() if line.startswith("[triton]")]
+    assert len(triton_lines) == 3 and "triton/torch" in triton_lines[0] and "triton " in triton_lines[1]
     assert out.rstrip().endswith("OK")

@@ -8,12 +8,15 @@ Runs on the GPU: (1) two-stage top-k == brute force incl. ties, (2) values and g
 dense reference of tests/test_hml.py (float64), (3) CPU vs CUDA agreement (float32), (4) bf16 and
 autocast, (5) torch.compile (inductor) and no graph break, (6) fwd+bwd timing HML vs LlamaMLP at both bench sizes,
 (7) the layer's paths side by side (sync-free vs tie-checked top-k, bank-gradient methods,
-torch.compile) and a profile of one step.
+torch.compile) and a profile of one step, (8) the Triton top-k (MIDUS_HML_KERNELS=triton, opt-in):
+the same selection, the same layer outputs and gradients, one graph compiled, and its time against
+the default path's.
 Prints one line per check and a final OK / FAILED; exit status 1 on failure.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -30,6 +33,8 @@ def main() -> int:
     if not dry_run and not torch.cuda.is_available():
         print("gpu_check_hml: no CUDA device available; nothing to check (exit 0).")
         return 0
+    if dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # section 8's Triton kernel then runs on CPU tensors
     from midus_surgery.hml import HeadwiseMemory, HMLConfig, two_stage_topk
     from test_hml import brute_topk, dense_reference
 
@@ -134,6 +139,7 @@ def main() -> int:
                   f"ratio {res['hml'] / res['ffn']:.2f}  ({card})")
 
     time_variants(dev, sync, card, dry_run)
+    check_triton(dev, sync, card, dry_run, check)
 
     print("OK" if not failures else f"FAILED: {failures}")
     return 1 if failures else 0
@@ -218,6 +224,102 @@ def time_variants(dev, sync, card, dry_run: bool) -> None:
     syncs = [e for e in ops if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
                                                          "cudaMemcpyAsync", "aten::item", "aten::_local_scalar_dense")]
     print("[profile] host syncs and copies: " + (", ".join(f"{e.key} x{e.count}" for e in syncs) or "none"))
+
+
+def check_triton(dev, sync, card, dry_run: bool, check) -> None:
+    """8. The Triton top-k (kernels/hml_triton.py): exact against the pure-torch selection, a layer on
+    it equal to the default layer, one graph under torch.compile, and times side by side."""
+    try:
+        from midus_surgery.kernels import hml_triton
+    except ImportError as exc:
+        check(f"triton importable for the Triton top-k ({exc})", False)
+        return
+    from bench_hml import SIZES, step_fn
+
+    from midus_surgery import hml as hml_mod
+    from midus_surgery.hml import HeadwiseMemory, HMLConfig, _two_stage_topk
+
+    s = SIZES["SmolLM2-135M recipe"]
+    H, dh = s["heads"], s["head_dim"]
+    n, k = (16, 4) if dry_run else (s["n"], s["k"])  # the interpreter is slow: a small layer for the dry run
+    kernels_env = os.environ.get("MIDUS_HML_KERNELS")
+    if dry_run:
+        os.environ["MIDUS_HML_KERNELS"] = "torch"  # the default to compare with is CUDA's: the pure-torch path
+    g = torch.Generator().manual_seed(0)
+    for name, table in (("random", torch.randn(2, H, 512 if not dry_run else 8, n, generator=g)),
+                        ("small-int ties", torch.randint(-2, 3, (2, H, 64 if not dry_run else 8, n), generator=g).float())):
+        a, b = table.to(dev).unbind(0)
+        rsc, rsl = _two_stage_topk(torch.stack((a, b)), k)
+        for compact in (False, True):
+            sc, i, j = hml_triton.topk2(a, b, k, compact=compact)
+            check(f"triton top-k == pure-torch selection ({name}, n={n}, k={k}{', compact' if compact else ''})",
+                  torch.equal(i * n + j, rsl) and torch.equal(sc, rsc))
+
+    def layer() -> HeadwiseMemory:
+        torch.manual_seed(0)
+        return HeadwiseMemory(H, dh, s["hidden"], HMLConfig(n_subkeys=n, topk=k, latent_dim=s["d_l"], init="random")).to(dev)
+
+    from midus_surgery import kernels
+
+    square = kernels.triton_topk2
+
+    def on_triton(flag: bool, compact: bool = False):
+        hml_mod._triton_answer = (flag, dry_run)
+        kernels.triton_topk2 = (lambda: functools.partial(hml_triton.topk2, compact=True)) if compact else square
+
+    m = layer()
+    x = torch.randn(2, 64 if not dry_run else 4, H, dh, device=dev)
+    results = {}
+    for flag in (False, True):
+        on_triton(flag)
+        xi = x.clone().requires_grad_(True)
+        m.zero_grad()
+        out = m(xi)
+        out.square().sum().backward()
+        results[flag] = [out.detach(), xi.grad] + [p.grad.clone() for p in m.parameters()]
+    check("a layer on the triton top-k == the default layer (outputs and gradients)",
+          all(torch.equal(a, b) for a, b in zip(results[True], results[False])))
+    if dev.type == "cuda":
+        on_triton(True)
+        torch._dynamo.reset()
+        ex = torch._dynamo.explain(lambda t: m(t).sum())(x)
+        check(f"the layer on the triton top-k compiles into one graph ({ex.graph_count} graph(s), {ex.graph_break_count} break(s))",
+              ex.graph_break_count == 0)
+        torch._dynamo.reset()
+
+    # times: the selection alone, then the layer's fwd+bwd, default against triton (and both compiled)
+    batches = [(1, 16)] if dry_run else [(4, 256), (16, 1024)]
+    for b, t in batches:
+        a = torch.randn(H, b * t, n, device=dev)
+        bb = torch.randn(H, b * t, n, device=dev)
+        sel = {"torch.topk path": lambda: _two_stage_topk(torch.stack((a, bb)), k),
+               "triton": lambda: hml_triton.topk2(a, bb, k),
+               "triton compact": lambda: hml_triton.topk2(a, bb, k, compact=True)}
+        res = {name: time_ms(fn, sync, dry_run) for name, fn in sel.items()}
+        print(f"[triton] selection alone {b}x{t} ({card}): " + ", ".join(f"{kk} {v:.3f} ms" for kk, v in res.items())
+              + f"; triton/torch {res['triton'] / res['torch.topk path']:.2f}x, compact/torch "
+              f"{res['triton compact'] / res['torch.topk path']:.2f}x")
+        for dtype in (torch.float32, torch.bfloat16):
+            res = {}
+            for name, flag, compact, compiled in (("default", False, False, False), ("triton", True, False, False),
+                                                  ("triton compact", True, True, False), ("default compiled", False, False, True),
+                                                  ("triton compiled", True, False, True)):
+                if compiled and (dry_run or dtype != torch.float32):
+                    continue
+                on_triton(flag, compact)
+                mm = layer().to(dtype)
+                xx = torch.randn(b, t, H, dh, dtype=dtype, device=dev, requires_grad=True)
+                try:
+                    res[name] = time_ms(step_fn(torch.compile(mm) if compiled else mm, xx), sync, dry_run)
+                finally:
+                    torch._dynamo.reset()
+            print(f"[triton] layer fwd+bwd {b}x{t} {str(dtype)[6:]} ({card}): "
+                  + ", ".join(f"{kk} {v:.2f} ms ({v / res['default']:.2f}x)" for kk, v in res.items()))
+    on_triton(False)
+    if kernels_env is None:
+        os.environ.pop("MIDUS_HML_KERNELS", None)
+    else:
+        os.environ["MIDUS_HML_KERNELS"] = kernels_env
 
 
 if __name__ == "__main__":
