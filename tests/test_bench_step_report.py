@@ -150,3 +150,15 @@ def test_adamw_implementation_reaches_the_optimiser_and_the_docs(tmp_path, docs)
     (tmp_path / "new.json").write_text(json.dumps(_payload("cuda", _rows(), plans, adamw="auto")))
     assert bs.main(["--from-json", str(tmp_path / "new.json")]) == 0
     assert "AdamW `auto` (`optim.implementation`, the trainer default: fused on CPU and CUDA)" in docs.read_text()
+
+
+def test_precision_switches_choose_the_plans_on_cpu_and_gpu():
+    def plans(argv, gpu=False):
+        return [(p["precision"], p["batch"], p["seq"]) for p in bs.make_plans(bs.build_parser().parse_args(argv), gpu)]
+
+    assert plans([]) == [("fp32", 4, 256), ("bf16", 4, 256)]
+    assert plans(["--only-bf16", "--bf16-batch", "1x128"]) == [("bf16", 1, 128)]  # ran fp32 too before
+    assert plans(["--no-bf16"]) == [("fp32", 4, 256)]
+    assert plans(["--quick"]) == [("fp32", 1, 128)]
+    assert plans(["--only-bf16", "--batches", "16x1024"], gpu=True) == [("bf16", 16, 1024)]
+    assert all(p["adamw"] == "auto" and p["freezes"] == ["none", "base"] for p in bs.make_plans(bs.build_parser().parse_args([]), False))

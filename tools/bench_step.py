@@ -648,7 +648,36 @@ def write_docs(payload: dict) -> None:
     write_section(DOCS, section_title(payload), section_text(payload))
 
 
-def main(argv=None) -> int:
+def make_plans(args, gpu: bool) -> list[dict]:
+    """What to run, one plan per (precision, batch), from the command line."""
+    precisions = ([] if args.only_bf16 else ["fp32"]) + ([] if args.no_bf16 or args.quick else ["bf16"])
+    if args.quick:
+        plans = [{"precision": "fp32", "repeats": args.repeats or 1, "warmup": 1, "steps": args.steps or 1, "batch": 1, "seq": 128,
+                  "rounds": 2 if args.rounds is None else args.rounds, "freezes": ["base"]}]
+    elif gpu:
+        repeats, steps = args.repeats or 2, args.steps or 10
+        plans = [{"precision": p, "repeats": (args.bf16_repeats or repeats) if p == "bf16" else repeats, "warmup": 2, "steps": steps,
+                  "batch": b, "seq": t} for b, t in args.batches for p in precisions]
+    else:
+        plans = []
+        if "fp32" in precisions:
+            plans.append({"precision": "fp32", "repeats": args.repeats or 1, "warmup": 1, "steps": args.steps or 2, "batch": 4,
+                          "seq": 256, "rounds": 10 if args.rounds is None else args.rounds})
+        if "bf16" in precisions:
+            b, t = args.bf16_batch
+            plans.append({"precision": "bf16", "repeats": args.bf16_repeats or 1, "warmup": 1, "steps": 1, "batch": b, "seq": t,
+                          "rounds": args.bf16_rounds})
+    for plan in plans:
+        plan.setdefault("freezes", args.freezes)
+        plan["models"] = args.models
+        plan["compile"] = args.compile
+        plan["adamw"] = args.adamw
+        if args.compile:
+            plan["warmup"] += 1  # the first step compiles the forward and backward graphs; one more settles
+    return plans
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fp32, freeze=base only, batch 1 x 128, 1 repeat and 2 paired rounds; about a minute (never writes the docs)")
     ap.add_argument("--json", action="store_true", help="print one JSON object with the rows and ratios")
@@ -679,6 +708,11 @@ def main(argv=None) -> int:
                          "what `midus-surgery train` runs); torch: torch's own default (the for-loop on CPU), as runs before this option")
     ap.add_argument("--from-json", metavar="RESULTS_JSON", help="only rewrite the docs section and PNG from the --json output of an earlier run (e.g. one on a GPU machine)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     bad = sorted(set(args.freezes) - {"none", "base"})
     if bad:
@@ -712,28 +746,7 @@ def main(argv=None) -> int:
         machine = f"{torch.cuda.get_device_name(0)} (torch CUDA {torch.version.cuda}), {os.cpu_count()} CPU cores"
     else:
         machine = f"{cpu_name()}, {os.cpu_count()} CPU cores"
-    precisions = ([] if args.only_bf16 else ["fp32"]) + ([] if args.no_bf16 or args.quick else ["bf16"])
-    if args.quick:
-        plans = [{"precision": "fp32", "repeats": args.repeats or 1, "warmup": 1, "steps": args.steps or 1, "batch": 1, "seq": 128,
-                  "rounds": 2 if args.rounds is None else args.rounds, "freezes": ["base"]}]
-    elif gpu:
-        repeats, steps = args.repeats or 2, args.steps or 10
-        plans = [{"precision": p, "repeats": (args.bf16_repeats or repeats) if p == "bf16" else repeats, "warmup": 2, "steps": steps,
-                  "batch": b, "seq": t} for b, t in args.batches for p in precisions]
-    else:
-        plans = [{"precision": "fp32", "repeats": args.repeats or 1, "warmup": 1, "steps": args.steps or 2, "batch": 4, "seq": 256,
-                  "rounds": 10 if args.rounds is None else args.rounds}]
-        if "bf16" in precisions:
-            b, t = args.bf16_batch
-            plans.append({"precision": "bf16", "repeats": args.bf16_repeats or 1, "warmup": 1, "steps": 1, "batch": b, "seq": t,
-                          "rounds": args.bf16_rounds})
-    for plan in plans:
-        plan.setdefault("freezes", args.freezes)
-        plan["models"] = args.models
-        plan["compile"] = args.compile
-        plan["adamw"] = args.adamw
-        if args.compile:
-            plan["warmup"] += 1  # the first step compiles the forward and backward graphs; one more settles
+    plans = make_plans(args, gpu)
     from importlib.metadata import version
 
     load_start = load_avg()
