@@ -162,3 +162,15 @@ def test_precision_switches_choose_the_plans_on_cpu_and_gpu():
     assert plans(["--quick"]) == [("fp32", 1, 128)]
     assert plans(["--only-bf16", "--batches", "16x1024"], gpu=True) == [("bf16", 16, 1024)]
     assert all(p["adamw"] == "auto" and p["freezes"] == ["none", "base"] for p in bs.make_plans(bs.build_parser().parse_args([]), False))
+
+
+def test_cpu_sections_say_whether_the_cpu_has_native_bf16(tmp_path, docs):
+    rows = [dict(r, precision="fp32", device_name="cpu") for r in _rows() if r["batch"] == 4]
+    plans = [{"precision": "fp32", "batch": 4, "seq": 256, "repeats": 1, "warmup": 1, "steps": 2, "rounds": 0}]
+    for machine, says in (("AMD EPYC, 2 CPU cores", "This CPU has no native bf16"),  # runs before the machine line said
+                          ("AMD EPYC, 2 CPU cores, native bf16 (AVX512-BF16/AMX)", None)):
+        (tmp_path / "cpu.json").write_text(json.dumps(_payload("cpu", rows, plans, machine=machine)))
+        assert bs.main(["--from-json", str(tmp_path / "cpu.json")]) == 0
+        section = docs.read_text().split("## Training step\n", 1)[1].split("\n## ", 1)[0]
+        assert "No bf16 rows (`--no-bf16`)" in section
+        assert (says in section) if says else ("no native bf16" not in section)

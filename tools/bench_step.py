@@ -57,7 +57,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import cpu_name, load_avg, median, recipe_output, write_section
+from bench_common import cpu_name, cpu_native_bf16, load_avg, median, recipe_output, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -325,8 +325,7 @@ def configs_for(precision: str, device: str, freezes=("none", "base"), models=No
     out = [("base", "none")]
     for m in ("DUS", "LLaMA-Pro", "MIDUS"):
         out += [(m, "none"), (m, "base")]
-    if precision == "fp32" or device == "cuda":
-        out += [("FFN-free floor", "none"), ("FFN-free floor", "base")]
+    out += [("FFN-free floor", "none"), ("FFN-free floor", "base")]
     return [(m, f) for m, f in out if f in freezes and (models is None or m in models)]
 
 
@@ -572,10 +571,14 @@ def section_text(payload: dict) -> str:
         mem = ("- Memory: the process's resident set, from `/proc/self/status`: the kernel high-water mark VmHWM, reset right before "
                "the first step (`/proc/self/clear_refs`), minus the RSS of the loaded model. The delta covers activations, gradients, "
                "AdamW state and allocator caches.")
+        # runs before the machine line said so were made on CPUs without native bf16
+        native = "native bf16" in payload["machine"] and "no native bf16" not in payload["machine"]
+        bf16_speed = ("This CPU has native bf16 (AVX512-BF16/AMX)." if native
+                      else "This CPU has no native bf16, so bf16 is far slower.")
         prec = "- `fp32`: weights, activations and AdamW in fp32." + (
             " `bf16`: `torch.autocast('cpu', bfloat16)` over fp32 master weights and optimiser state, as `midus-surgery train` runs "
-            "`precision: bf16`. This CPU has no native bf16, so bf16 is far slower." if any(p["precision"] == "bf16" for p in payload["plans"])
-            else " No bf16 rows (`--no-bf16`): this CPU has no native bf16, and its bf16 steps take tens of seconds.")
+            f"`precision: bf16`. {bf16_speed}" if any(p["precision"] == "bf16" for p in payload["plans"])
+            else " No bf16 rows (`--no-bf16`)." + ("" if native else " This CPU has no native bf16, and its bf16 steps take tens of seconds."))
         warm = ("the warm-up steps at the full batch (the first compiles; another shape would compile again)" if payload.get("compile")
                 else "one warm-up step on a 1 x 16 batch (allocates AdamW state, runs every code path)")
         timing = ("- Each configuration runs in a fresh process (its memory, its fwd / bwd / AdamW split, `step min` and `step median`): "
@@ -745,7 +748,7 @@ def main(argv=None) -> int:
             raise SystemExit("bench_step: --device cuda, but torch sees no CUDA device")
         machine = f"{torch.cuda.get_device_name(0)} (torch CUDA {torch.version.cuda}), {os.cpu_count()} CPU cores"
     else:
-        machine = f"{cpu_name()}, {os.cpu_count()} CPU cores"
+        machine = f"{cpu_name()}, {os.cpu_count()} CPU cores, " + ("native bf16 (AVX512-BF16/AMX)" if cpu_native_bf16() else "no native bf16")
     plans = make_plans(args, gpu)
     from importlib.metadata import version
 
