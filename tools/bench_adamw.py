@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import cpu_name, load_avg, median, write_section  # noqa: E402
+from bench_common import command_line, cpu_name, load_avg, median, write_section  # noqa: E402
 from bench_step import DOCS, LAYOUTS, ensure_outputs, models_for  # noqa: E402
 
 from midus_surgery.trainer import adamw_options, inserted_layers  # noqa: E402
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     payload = {"layout": args.layout, "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores", "threads": torch.get_num_threads(),
                "versions": {"python": platform.python_version(), "torch": version("torch"), "transformers": version("transformers")},
                "load_avg_start": start, "load_avg_end": load_avg(), "repeats": repeats, "steps": steps,
-               "command": "python " + " ".join(["tools/bench_adamw.py", *(argv if argv is not None else sys.argv[1:])]),
+               "command": command_line("tools/bench_adamw.py", argv),
                "max_abs_diff": agree(trainable_shapes(models_for(args.layout)["MIDUS"], "base")), "rows": rows}
     if not (args.quick or args.no_docs):
         write_docs(payload)

@@ -7,29 +7,33 @@ import platform
 from pathlib import Path
 
 
-def cpu_name() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The first value of one /proc/cpuinfo field, or None where there is none."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "?"
+    return None
+
+
+def cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "?"
 
 
 def cpu_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): bf16 steps are fast there and
     tens of times slower than fp32 on CPUs without it."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+    return bool(set((_cpuinfo("flags") or "").split()) & {"avx512_bf16", "amx_bf16"})
+
+
+def command_line(script: str, argv) -> str:
+    """The command a benchmark report quotes: this script with the arguments it ran with."""
+    import sys
+
+    return "python " + " ".join([script, *(argv if argv is not None else sys.argv[1:])])
 
 
 def load_avg() -> str:

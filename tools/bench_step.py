@@ -57,7 +57,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import cpu_name, cpu_native_bf16, load_avg, median, recipe_output, write_section
+from bench_common import command_line, cpu_name, cpu_native_bf16, load_avg, median, recipe_output, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -761,7 +761,7 @@ def main(argv=None) -> int:
         "threads": rows[0]["threads"],
         "versions": {"python": platform.python_version(), "torch": version("torch"), "transformers": version("transformers")},
         "load_avg_start": load_start, "load_avg_end": load_avg(),
-        "command": "python " + " ".join(["tools/bench_step.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line("tools/bench_step.py", argv),
         "plans": plans, "rows": rows, "targets": targets(rows),
         "wall_s": time.perf_counter() - t0,
     }

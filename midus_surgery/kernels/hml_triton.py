@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from midus_surgery.hml import candidate_pairs
+
 
 @triton.jit
 def _ordered_key(x, tie):
@@ -81,18 +83,6 @@ def _topk2_kernel(A, B, S, I, J, PR, PS, rows, T, sa_p, sa_t, sb_p, sb_t, n, k, 
     tl.store(J + out, slot % n, mask=keep)
 
 
-_PAIRS: dict = {}
-
-
-def _pairs(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The live rank pairs' (r, s) as int32 tables (hml.candidate_pairs; a memo per k and device)."""
-    key = (k, str(device))
-    if key not in _PAIRS:
-        rs = [(r, s) for r in range(k) for s in range(k) if (r + 1) * (s + 1) <= k]
-        _PAIRS[key] = tuple(torch.tensor(col, dtype=torch.int32, device=device) for col in zip(*rs))
-    return _PAIRS[key]
-
-
 def topk2(a: torch.Tensor, b: torch.Tensor, k: int, compact: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact top-k of ``a[p, t, i] + b[p, t, j]`` over (i, j), as ``torch.ops.midus_hml.topk2`` on CPU.
 
@@ -119,7 +109,7 @@ def topk2(a: torch.Tensor, b: torch.Tensor, k: int, compact: bool = False) -> tu
         return scores, i_sub, j_sub
     KP = triton.next_power_of_2(k)
     NP = max(triton.next_power_of_2(n), KP)
-    pr, ps = _pairs(k, a.device)
+    pr, ps = candidate_pairs(k, a.device)  # the live rank pairs (r, s), int64, memoised per k and device
     CP = max(triton.next_power_of_2(pr.numel()), KP)
     width = CP if compact else KP * KP
     BR = max(1, min(16, 4096 // width))  # rows per program: a [BR, width] key block in registers
