@@ -206,12 +206,13 @@ def _use_triton(x: Tensor) -> bool:
     return _triton_answer[0] and (x.device.type == "cuda" or _triton_answer[1]) and x.dtype != torch.float64
 
 
-def _triton_topk2():
+def _triton_kernel(name: str):
+    """``hml_triton.<name>`` ("topk2" or "bag_dw") through midus_surgery.kernels."""
     try:
         from midus_surgery import kernels
     except ImportError:
         raise RuntimeError("MIDUS_HML_KERNELS=triton needs the midus_surgery package (its kernels/hml_triton.py)") from None
-    return kernels.triton_topk2()
+    return kernels.triton_kernel(name)
 
 
 def _kernel_path(x: Tensor) -> str:
@@ -371,7 +372,7 @@ class _Lookup(torch.autograd.Function):
             scores, i_sub, j_sub = torch.ops.midus_hml.topk2(halves[:, 0], halves[:, 1], k)  # [H, T, k] each
         elif path == "triton":  # the same again, one Triton program per block of (h, t) rows
             halves = s.view(H, 2, T, n)
-            scores, i_sub, j_sub = _triton_topk2()(halves[:, 0], halves[:, 1], k)  # [H, T, k] each
+            scores, i_sub, j_sub = _triton_kernel("topk2")(halves[:, 0], halves[:, 1], k)  # [H, T, k] each
         else:
             both = s.view(H, 2, T, n).transpose(0, 1)  # [2, H, T, n] view
             ar = torch.arange(n, device=q.device)
@@ -454,13 +455,14 @@ def _bank_grad_method(mode: str, device_type: str) -> str:
 
 
 def _bag_backward(dz: Tensor, table: Tensor, idx: Tensor, w: Tensor, offsets, offset2bag, need_w, need_table, mode,
-                  fused: bool = False):
+                  path: str = "torch"):
     """Gradients of _bag_forward: (dw [B, k], dtable [rows, d]).
 
-    fused: one compiled pass computes dw (gather-dot) and dtable (scatter) together; ``mode``
-    picks the pure-torch bank-gradient method otherwise.
+    path "cpu": one compiled pass computes dw (gather-dot) and dtable (scatter) together. "triton":
+    dw by the Triton gather-dot (kernels/hml_triton.py). ``mode`` picks the bank-gradient method
+    otherwise.
     """
-    if fused:
+    if path == "cpu":
         acc = _acc_dtype(table)
         dw, dtable = torch.ops.midus_hml.bag_backward(
             dz.to(acc).contiguous(), table, idx.contiguous(), w.to(acc).contiguous(), bool(need_w), bool(need_table)
@@ -473,7 +475,9 @@ def _bag_backward(dz: Tensor, table: Tensor, idx: Tensor, w: Tensor, offsets, of
     # bf16/fp16 tables accumulate in fp32: more exact, and CUDA has no bf16 kernel for the
     # per-sample-weights backward nor for sparse mm
     gd = torch.float64 if table.dtype == torch.float64 else torch.float32
-    if need_w:
+    if need_w and path == "triton":
+        dw = _triton_kernel("bag_dw")(dz, table, idx)  # float32; reads a bf16 table without a cast copy
+    elif need_w:
         dw = torch.ops.aten._embedding_bag_per_sample_weights_backward(
             dz.to(gd), table.to(gd), flat_idx, offsets, offset2bag, 0, -1
         ).view(B, k)
@@ -509,16 +513,16 @@ class _PoolProject(torch.autograd.Function):
     """HIVE: m[h, t] = (sum_i w[h,t,i] * bank[slot[h,t,i]]) @ proj[h]; never per-slot values."""
 
     @staticmethod
-    def forward(ctx, w, slots, bank, proj, mode, fused):
+    def forward(ctx, w, slots, bank, proj, mode, path):
         H, T, k = slots.shape
-        z, offsets, offset2bag = _bag_forward(bank, slots.reshape(H * T, k), w.reshape(H * T, k), fused)
+        z, offsets, offset2bag = _bag_forward(bank, slots.reshape(H * T, k), w.reshape(H * T, k), path == "cpu")
         z = z.view(H, T, -1)
         cd = proj.dtype if proj.dtype == torch.float64 else torch.float32
         if bank.device.type != "cpu":
             cd = proj.dtype
         m = torch.bmm(z.to(cd), proj.to(cd))
         ctx.save_for_backward(w, slots, bank, proj, z, offsets, offset2bag)
-        ctx.mode, ctx.fused, ctx.cd = mode, fused, cd
+        ctx.mode, ctx.path, ctx.cd = mode, path, cd
         return m
 
     @staticmethod
@@ -534,7 +538,7 @@ class _PoolProject(torch.autograd.Function):
             dz = torch.bmm(dm, proj.to(cd).transpose(1, 2)).view(H * T, -1)
             dw, dbank = _bag_backward(
                 dz, bank, slots.reshape(H * T, k), w.reshape(H * T, k), offsets, offset2bag,
-                ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.mode, ctx.fused,
+                ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.mode, ctx.path,
             )
             if dw is not None:
                 dw = dw.view(H, T, k).to(w.dtype)
@@ -545,11 +549,11 @@ class _Pool(torch.autograd.Function):
     """HIVE off: m[h, t] = sum_i w[h,t,i] * values[h, slot[h,t,i]] (values flattened to [H*N, d_h])."""
 
     @staticmethod
-    def forward(ctx, w, slots, table, mode, fused):
+    def forward(ctx, w, slots, table, mode, path):
         H, T, k = slots.shape
-        z, offsets, offset2bag = _bag_forward(table, slots.reshape(H * T, k), w.reshape(H * T, k), fused)
+        z, offsets, offset2bag = _bag_forward(table, slots.reshape(H * T, k), w.reshape(H * T, k), path == "cpu")
         ctx.save_for_backward(w, slots, table, offsets, offset2bag)
-        ctx.mode, ctx.fused = mode, fused
+        ctx.mode, ctx.path = mode, path
         return z.view(H, T, -1)
 
     @staticmethod
@@ -559,7 +563,7 @@ class _Pool(torch.autograd.Function):
         H, T, k = slots.shape
         dw, dtable = _bag_backward(
             dm.reshape(H * T, -1), table, slots.reshape(H * T, k), w.reshape(H * T, k), offsets, offset2bag,
-            ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.mode, ctx.fused,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.mode, ctx.path,
         )
         if dw is not None:
             dw = dw.view(H, T, k).to(w.dtype)
@@ -849,15 +853,14 @@ class HeadwiseMemory(nn.Module):
         q, flat_in, lead = self._queries(x)
         T = q.shape[0]
         path = _kernel_path(q)  # one decision per call, for the lookup and the pooling alike
-        fused = path == "cpu"
         w, slots = self._lookup(q, path)
         if cfg.hive:
             bank = self.latent_bank.weight
-            m = _PoolProject.apply(w, slots, bank, self.proj, cfg.bank_grad, fused)  # [H, T, d_h]
+            m = _PoolProject.apply(w, slots, bank, self.proj, cfg.bank_grad, path)  # [H, T, d_h]
         else:
             N = cfg.n_subkeys**2
             offs = (torch.arange(H, device=slots.device) * N).view(H, 1, 1)
-            m = _Pool.apply(w, slots + offs, self.values.view(H * N, dh), cfg.bank_grad, fused)
+            m = _Pool.apply(w, slots + offs, self.values.view(H * N, dh), cfg.bank_grad, path)
         cd = self._mm_dtype(x)
         out = m.to(cd).transpose(0, 1).reshape(T, H * dh)
         if self.gate is not None:

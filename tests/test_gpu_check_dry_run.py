@@ -27,10 +27,21 @@ def test_gpu_check_dry_run_passes_every_check_and_times_every_variant():
     for name in ("default", "tie-checked topk (sync)", "bank_grad sparse_mm", "bank_grad embedding_bag", "bank_grad index_add"):
         assert all(f"{name} " in line for line in variants), name
     assert "[profile] host syncs and copies:" in out
-    # section 8, the Triton top-k through Triton's interpreter
+    # section 8, the Triton kernels through Triton's interpreter
     for name in ("triton top-k == pure-torch selection (random", "triton top-k == pure-torch selection (small-int ties",
-                 "a layer on the triton top-k == the default layer"):
+                 "triton bag dw == per-sample-weights backward (float32", "triton bag dw == per-sample-weights backward (bfloat16",
+                 "a layer on the triton kernels == the default layer"):
         assert any(line.startswith("[ok]") and name in line for line in checks), name
     triton_lines = [line for line in out.splitlines() if line.startswith("[triton]")]
-    assert len(triton_lines) == 3 and "triton/torch" in triton_lines[0] and "triton " in triton_lines[1]
+    assert [line.split(" (")[0] for line in triton_lines] == [
+        "[triton] selection alone 1x16", "[triton] bag dw alone 1x16 float32", "[triton] bag dw alone 1x16 bfloat16",
+        "[triton] layer fwd+bwd 1x16 float32", "[triton] layer fwd+bwd 1x16 bfloat16"]
+    assert all("triton/torch" in line for line in triton_lines[:3]) and "triton compact " in triton_lines[3]
     assert out.rstrip().endswith("OK")
+
+
+def test_gpu_check_skip_takes_only_the_timing_sections():
+    proc = subprocess.run([sys.executable, "tools/gpu_check_hml.py", "--dry-run", "--skip", "5"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "only sections 6, 7 and 8 can be left out" in proc.stderr
+    assert "Traceback" not in proc.stderr

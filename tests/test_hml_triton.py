@@ -1,8 +1,9 @@
-"""The Triton top-k of the memory layer (midus_surgery/kernels/hml_triton.py), through Triton's
-interpreter on CPU tensors: it selects exactly what the pure-torch path selects (ties, -0.0, n and k
-that are not powers of two, strided halves), and a layer running it under MIDUS_HML_KERNELS=triton
-gives the pure-torch layer's outputs and gradients. On a GPU, tools/gpu_check_hml.py checks and
-times it compiled.
+"""The Triton kernels of the memory layer (midus_surgery/kernels/hml_triton.py), through Triton's
+interpreter on CPU tensors: the top-k selects exactly what the pure-torch path selects (ties, -0.0,
+n and k that are not powers of two, strided halves), the bag's weight gradient equals PyTorch's
+per-sample-weights backward to float32 rounding, and a layer running both under
+MIDUS_HML_KERNELS=triton gives the pure-torch layer's outputs and gradients. On a GPU,
+tools/gpu_check_hml.py checks and times them, compiled too.
 """
 
 from __future__ import annotations
@@ -57,6 +58,36 @@ def test_triton_topk2_rejects_what_it_cannot_rank():
         hml_triton.topk2(a.double(), a.double(), 2)
 
 
+@pytest.mark.parametrize("B,k,d,rows,dtype", [
+    (9, 4, 5, 20, torch.float32),      # d below one column chunk
+    (6, 32, 64, 300, torch.float32),   # the bundled recipe's k and d_l
+    (5, 3, 130, 9, torch.float32),     # d over two chunks, k not a power of two
+    (7, 6, 16, 40, torch.bfloat16),    # a bf16 bank and dz, accumulated in float32
+    (0, 4, 8, 10, torch.float32),      # no bags
+])
+def test_triton_bag_dw_equals_the_per_sample_weights_backward(B, k, d, rows, dtype):
+    gen = torch.Generator().manual_seed(B + k + d)
+    table = torch.randn(rows, d, generator=gen).to(dtype)
+    dz_full = torch.randn(B, 2 * d, generator=gen).to(dtype)
+    dz = dz_full[:, ::2]  # strided rows, as a view would pass them
+    idx = torch.randint(0, rows, (B, k), generator=gen)
+    dw = hml_triton.bag_dw(dz, table, idx)
+    offsets = torch.arange(0, B * k, k)
+    _, offset2bag, _, _ = torch.ops.aten._embedding_bag(
+        table.float(), idx.reshape(-1), offsets, False, 0, False, torch.ones(B * k), False, -1)
+    ref = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        dz.float(), table.float(), idx.reshape(-1), offsets, offset2bag, 0, -1).view(B, k)
+    assert dw.dtype == torch.float32 and dw.shape == (B, k)
+    torch.testing.assert_close(dw, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_bag_dw_rejects_what_it_cannot_take():
+    with pytest.raises(ValueError, match="dz \\[B, d\\], table"):
+        hml_triton.bag_dw(torch.randn(3, 4), torch.randn(5, 6), torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="float32"):
+        hml_triton.bag_dw(torch.randn(3, 4).double(), torch.randn(5, 4).double(), torch.zeros(3, 2, dtype=torch.long))
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(hive=False), dict(query_source="hidden", gate=True)])
 def test_a_layer_on_the_triton_path_equals_the_pure_torch_layer(kw, monkeypatch):
     torch.manual_seed(0)
@@ -67,21 +98,26 @@ def test_a_layer_on_the_triton_path_equals_the_pure_torch_layer(kw, monkeypatch)
         monkeypatch.setenv("MIDUS_HML_KERNELS", "triton" if triton else "torch")
         monkeypatch.setattr(hml, "_triton_answer", (triton, True))
         called = []
-        real = kernels.triton_topk2()
-        monkeypatch.setattr(kernels, "triton_topk2", lambda: lambda *a: called.append(1) or real(*a))
+
+        def recorded(name):
+            real = getattr(hml_triton, name)
+            return lambda *a: called.append(name) or real(*a)
+
+        monkeypatch.setattr(kernels, "triton_kernel", recorded)
         layer.zero_grad()
         xi = x.clone().requires_grad_()
         out = layer(xi)
         out.pow(2).sum().backward()
-        assert bool(called) == triton  # the path under test really ran
+        assert called == (["topk2", "bag_dw"] if triton else [])  # the path under test really ran
         return out.detach(), xi.grad, {name: p.grad.clone() for name, p in layer.named_parameters()}
 
     out_t, dx_t, grads_t = run(True)
     out_r, dx_r, grads_r = run(False)
-    assert torch.equal(out_t, out_r)
-    assert torch.equal(dx_t, dx_r)
+    assert torch.equal(out_t, out_r)  # the same slots and float32 adds: identical
+    # the weight gradient's dot products sum in another order: equal to float32 rounding
+    torch.testing.assert_close(dx_t, dx_r, rtol=1e-5, atol=1e-6)
     for name in grads_r:
-        assert torch.equal(grads_t[name], grads_r[name]), name
+        torch.testing.assert_close(grads_t[name], grads_r[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_triton_mode_on_the_cpu_keeps_the_cpu_kernels(monkeypatch):
@@ -101,4 +137,4 @@ def test_triton_mode_without_triton_says_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "midus_surgery.kernels.hml_triton", None)  # import fails
     monkeypatch.delattr(kernels, "hml_triton")
     with pytest.raises(RuntimeError, match="MIDUS_HML_KERNELS=triton but triton cannot be imported"):
-        kernels.triton_topk2()
+        kernels.triton_kernel("topk2")

@@ -11,6 +11,7 @@ autocast, (5) torch.compile (inductor) and no graph break, (6) fwd+bwd timing HM
 torch.compile) and a profile of one step, (8) the Triton top-k (MIDUS_HML_KERNELS=triton, opt-in):
 the same selection, the same layer outputs and gradients, one graph compiled, and its time against
 the default path's.
+``--skip 6,7`` leaves out timing sections (6, 7 or 8) when device time is short; 1-5 always run.
 Prints one line per check and a final OK / FAILED; exit status 1 on failure.
 """
 
@@ -29,7 +30,20 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
 def main() -> int:
-    dry_run = "--dry-run" in sys.argv[1:]
+    import argparse
+
+    ap = argparse.ArgumentParser(description="CUDA checks and timings of the Head-wise Memory Layer")
+    ap.add_argument("--dry-run", action="store_true", help="run the same checks on the CPU (Triton through its interpreter)")
+    ap.add_argument("--skip", default="", help="comma-separated sections to leave out, of 6 (HML vs FFN times), "
+                    "7 (the default path's variants and profile), 8 (the Triton kernels)")
+    args = ap.parse_args()
+    try:
+        skip = {int(v) for v in args.skip.split(",") if v.strip()}
+    except ValueError:
+        ap.error(f"--skip takes section numbers, got {args.skip!r}")
+    if not skip <= {6, 7, 8}:
+        ap.error(f"--skip: only sections 6, 7 and 8 can be left out, got {sorted(skip)}")
+    dry_run = args.dry_run
     if not dry_run and not torch.cuda.is_available():
         print("gpu_check_hml: no CUDA device available; nothing to check (exit 0).")
         return 0
@@ -126,7 +140,7 @@ def main() -> int:
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     from bench_hml import SIZES, build, step_fn
 
-    for size in SIZES:
+    for size in SIZES if 6 not in skip else []:
         for dtype in (torch.float32, torch.bfloat16):
             ffn, hml, _ = build(size, dtype)
             ffn, hml = ffn.to(dev), hml.to(dev)
@@ -138,8 +152,10 @@ def main() -> int:
             print(f"[time] {size} {str(dtype)[6:]}: hml {res['hml']:.2f} ms, ffn {res['ffn']:.2f} ms, "
                   f"ratio {res['hml'] / res['ffn']:.2f}  ({card})")
 
-    time_variants(dev, sync, card, dry_run)
-    check_triton(dev, sync, card, dry_run, check)
+    if 7 not in skip:
+        time_variants(dev, sync, card, dry_run)
+    if 8 not in skip:
+        check_triton(dev, sync, card, dry_run, check)
 
     print("OK" if not failures else f"FAILED: {failures}")
     return 1 if failures else 0
@@ -259,13 +275,25 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
         torch.manual_seed(0)
         return HeadwiseMemory(H, dh, s["hidden"], HMLConfig(n_subkeys=n, topk=k, latent_dim=s["d_l"], init="random")).to(dev)
 
+    # the bag's weight gradient: the Triton gather-dot against PyTorch's per-sample-weights backward
+    for dtype in (torch.float32, torch.bfloat16):
+        B, kk, d = (64, 4, 8) if dry_run else (4096 * H, k, s["d_l"])
+        table = torch.randn(n * n, d, generator=g).to(dev, dtype)
+        dz = torch.randn(B, d, generator=g).to(dev, dtype)
+        idx = torch.randint(0, n * n, (B, kk), generator=g).to(dev)
+        dw = hml_triton.bag_dw(dz, table, idx)
+        ref = psw_backward(table, idx)(dz.float(), table.float())
+        check(f"triton bag dw == per-sample-weights backward ({str(dtype)[6:]}, B={B}, k={kk}, d={d}; max diff "
+              f"{(dw - ref).abs().max().item():.1e})", torch.allclose(dw, ref, rtol=1e-5, atol=1e-5))
+
     from midus_surgery import kernels
 
-    square = kernels.triton_topk2
+    real_kernel = kernels.triton_kernel
 
     def on_triton(flag: bool, compact: bool = False):
         hml_mod._triton_answer = (flag, dry_run)
-        kernels.triton_topk2 = (lambda: functools.partial(hml_triton.topk2, compact=True)) if compact else square
+        kernels.triton_kernel = (lambda name: functools.partial(hml_triton.topk2, compact=True) if name == "topk2"
+                                 else real_kernel(name)) if compact else real_kernel
 
     m = layer()
     x = torch.randn(2, 64 if not dry_run else 4, H, dh, device=dev)
@@ -277,14 +305,18 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
         out = m(xi)
         out.square().sum().backward()
         results[flag] = [out.detach(), xi.grad] + [p.grad.clone() for p in m.parameters()]
-    check("a layer on the triton top-k == the default layer (outputs and gradients)",
-          all(torch.equal(a, b) for a, b in zip(results[True], results[False])))
+    check("a layer on the triton kernels == the default layer (outputs identical, gradients to float32 rounding)",
+          torch.equal(results[True][0], results[False][0])
+          and all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(results[True][1:], results[False][1:])))
     if dev.type == "cuda":
         on_triton(True)
         torch._dynamo.reset()
-        ex = torch._dynamo.explain(lambda t: m(t).sum())(x)
-        check(f"the layer on the triton top-k compiles into one graph ({ex.graph_count} graph(s), {ex.graph_break_count} break(s))",
-              ex.graph_break_count == 0)
+        try:
+            ex = torch._dynamo.explain(lambda t: m(t).sum())(x)
+            check(f"the layer on the triton kernels compiles into one graph ({ex.graph_count} graph(s), "
+                  f"{ex.graph_break_count} break(s))", ex.graph_break_count == 0)
+        except Exception as exc:
+            check(f"the layer on the triton kernels traces ({type(exc).__name__}: {str(exc).strip()[:300]})", False)
         torch._dynamo.reset()
 
     # times: the selection alone, then the layer's fwd+bwd, default against triton (and both compiled)
@@ -300,6 +332,17 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
               + f"; triton/torch {res['triton'] / res['torch.topk path']:.2f}x, compact/torch "
               f"{res['triton compact'] / res['torch.topk path']:.2f}x")
         for dtype in (torch.float32, torch.bfloat16):
+            table = torch.randn(n * n, s["d_l"], device=dev, dtype=dtype)
+            dz = torch.randn(H * b * t, s["d_l"], device=dev, dtype=dtype)
+            idx = torch.randint(0, n * n, (H * b * t, k), device=dev)
+            # the default path casts a bf16 bank and dz to float32 first: that copy is part of its cost
+            psw = psw_backward(table, idx)
+            res = {"per-sample-weights backward": time_ms(lambda: psw(dz.float(), table.float()), sync, dry_run),
+                   "triton": time_ms(lambda: hml_triton.bag_dw(dz, table, idx), sync, dry_run)}
+            print(f"[triton] bag dw alone {b}x{t} {str(dtype)[6:]} ({card}): "
+                  + ", ".join(f"{kk} {v:.3f} ms" for kk, v in res.items())
+                  + f"; triton/torch {res['triton'] / res['per-sample-weights backward']:.2f}x")
+        for dtype in (torch.float32, torch.bfloat16):
             res = {}
             for name, flag, compact, compiled in (("default", False, False, False), ("triton", True, False, False),
                                                   ("triton compact", True, True, False), ("default compiled", False, False, True),
@@ -311,6 +354,9 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
                 xx = torch.randn(b, t, H, dh, dtype=dtype, device=dev, requires_grad=True)
                 try:
                     res[name] = time_ms(step_fn(torch.compile(mm) if compiled else mm, xx), sync, dry_run)
+                except Exception as exc:  # one failed variant must not cost the rest of the session's timings
+                    check(f"layer fwd+bwd {name} {b}x{t} {str(dtype)[6:]} runs ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''})", False)
                 finally:
                     torch._dynamo.reset()
             print(f"[triton] layer fwd+bwd {b}x{t} {str(dtype)[6:]} ({card}): "
@@ -320,6 +366,17 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
         os.environ.pop("MIDUS_HML_KERNELS", None)
     else:
         os.environ["MIDUS_HML_KERNELS"] = kernels_env
+
+
+def psw_backward(table, idx):
+    """PyTorch's per-sample-weights backward of k-entry bags, as the layer's default CUDA path calls
+    it (offsets and offset2bag from the forward, made here once): a function of (dz, table)."""
+    from midus_surgery.hml import _bag_forward
+
+    B, k = idx.shape
+    _, offsets, offset2bag = _bag_forward(table, idx, torch.ones(B, k, device=idx.device))
+    return lambda dz, tab: torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        dz, tab, idx.reshape(-1), offsets, offset2bag, 0, -1).view(B, k)
 
 
 if __name__ == "__main__":

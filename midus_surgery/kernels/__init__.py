@@ -10,8 +10,9 @@ build is cached in torch's extension directory, ``$TORCH_EXTENSIONS_DIR`` or
 hml.py never needs them: it keeps a pure-torch path with the same math and tie rule, which is
 what runs on CUDA, without a C++ compiler, or with ``MIDUS_HML_KERNELS=torch``.
 ``MIDUS_HML_KERNELS=fused`` makes a failed build an error instead of a one-time warning.
-``MIDUS_HML_KERNELS=triton`` also selects the memory slots on CUDA with the Triton kernel in
-``hml_triton.py`` (opt-in until timed on a GPU; on CPU the mode behaves as ``auto``).
+``MIDUS_HML_KERNELS=triton`` also selects the memory slots and computes the bag's weight gradient
+on CUDA with the Triton kernels in ``hml_triton.py`` (opt-in until timed on a GPU; on CPU the mode
+behaves as ``auto``).
 """
 
 from __future__ import annotations
@@ -119,17 +120,18 @@ def cpu_ops() -> Optional[SimpleNamespace]:
     return ops
 
 
-def triton_topk2():
-    """``hml_triton.topk2``, the Triton top-k hml.py selects with under ``MIDUS_HML_KERNELS=triton``.
+def triton_kernel(name: str):
+    """``hml_triton.<name>``: "topk2" (the slot selection) or "bag_dw" (the bag's weight gradient),
+    the Triton kernels hml.py runs under ``MIDUS_HML_KERNELS=triton``.
 
-    Opt-in: checked against the pure-torch selection (through Triton's interpreter), not yet timed
-    on a GPU. On CPU that mode otherwise behaves as ``auto``.
+    Opt-in: checked against the pure-torch path (through Triton's interpreter), not yet timed on a
+    GPU. On CPU that mode otherwise behaves as ``auto``.
     """
     try:
         from . import hml_triton
     except ImportError as exc:
         raise RuntimeError(f"MIDUS_HML_KERNELS=triton but triton cannot be imported ({exc}); CUDA builds of torch bring it") from None
-    return hml_triton.topk2
+    return getattr(hml_triton, name)
 
 
 def unavailable_reason() -> Optional[str]:

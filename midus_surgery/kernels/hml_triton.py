@@ -1,10 +1,15 @@
-"""Triton kernel of the HML's exact two-stage top-k: the GPU counterpart of ``topk2`` in hml_cpu.cpp.
+"""Triton kernels of the HML: the exact two-stage top-k (the GPU counterpart of ``topk2`` in
+hml_cpu.cpp) and the weight gradient of the bag (the gather-dot half of ``bag_backward``).
 
 On CUDA the pure-torch path selects with two ``torch.topk`` calls on int64 keys plus the gathers
 and sums between them; a profile of the layer put those at about a quarter of its time (docs/hml.md).
 This kernel does the whole selection for a block of rows in registers: both halves' top-k, the
 candidate sums and the final top-k, each as one ``tl.topk`` over int64 keys that carry the tie rule
 (score descending, then lower index), so it returns exactly what the pure-torch path returns.
+
+``bag_dw`` replaces ``aten::_embedding_bag_per_sample_weights_backward``, the layer's second largest
+CUDA cost in that profile (19%): one program per block of bags loads its dz rows once and dots
+them with the k bank rows it gathers, accumulating in float32 from a table of any dtype.
 
 Opt-in (``MIDUS_HML_KERNELS=triton``) until it has been timed on a GPU. ``TRITON_INTERPRET=1``
 runs it on CPU tensors through Triton's interpreter: that is how the tests check it without a GPU.
@@ -118,3 +123,51 @@ def topk2(a: torch.Tensor, b: torch.Tensor, k: int, compact: bool = False) -> tu
         NP=NP, KP=KP, BR=BR, CP=CP, COMPACT=compact,
     )
     return scores, i_sub, j_sub
+
+
+@triton.jit
+def _bag_dw_kernel(DZ, TABLE, IDX, DW, bags, k, d, s_dz, s_tab,
+                   KP: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, BB: tl.constexpr):
+    # dw[b, i] = table[idx[b, i]] . dz[b] for a block of BB bags, d in chunks of DC columns
+    bag = tl.program_id(0) * BB + tl.arange(0, BB)  # [BB]
+    i = tl.arange(0, KP)  # [KP]
+    live = (bag[:, None] < bags) & (i[None, :] < k)  # [BB, KP]
+    slot = tl.load(IDX + bag[:, None].to(tl.int64) * k + i[None, :], mask=live, other=0)  # [BB, KP]
+    row = slot.to(tl.int64) * s_tab  # [BB, KP]
+    acc = tl.zeros((BB, KP), tl.float32)
+    for c0 in tl.static_range(0, DP, DC):  # DP: d padded to a multiple of DC
+        c = c0 + tl.arange(0, DC)  # [DC]
+        cm = c < d
+        g = tl.load(DZ + bag[:, None].to(tl.int64) * s_dz + c[None, :], mask=(bag[:, None] < bags) & cm[None, :], other=0.0)
+        rows = tl.load(TABLE + row[:, :, None] + c[None, None, :], mask=live[:, :, None] & cm[None, None, :], other=0.0)
+        acc += tl.sum(rows.to(tl.float32) * g.to(tl.float32)[:, None, :], axis=2)  # [BB, KP]
+    tl.store(DW + bag[:, None].to(tl.int64) * k + i[None, :], acc, mask=live)
+
+
+def bag_dw(dz: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Per-sample-weight gradient of a weighted-sum bag: ``dw[b, i] = table[idx[b, i]] . dz[b]``.
+
+    dz: [B, d] (float32 / bf16 / fp16), table: [rows, d] (any of those dtypes), idx: [B, k] int64.
+    Returns dw [B, k] float32 (products and sums in float32). It is what
+    ``aten::_embedding_bag_per_sample_weights_backward`` returns for bags of k entries, up to the
+    order of the float32 sum.
+    """
+    if dz.dim() != 2 or table.dim() != 2 or idx.dim() != 2 or dz.shape[0] != idx.shape[0] or dz.shape[1] != table.shape[1]:
+        raise ValueError(f"bag_dw takes dz [B, d], table [rows, d], idx [B, k], got {tuple(dz.shape)}, "
+                         f"{tuple(table.shape)}, {tuple(idx.shape)}")
+    if dz.dtype == torch.float64 or table.dtype == torch.float64:
+        raise ValueError("bag_dw accumulates in float32; float64 bags keep the pure-torch path")
+    dz = dz if dz.stride(1) == 1 else dz.contiguous()
+    table = table if table.stride(1) == 1 else table.contiguous()
+    idx = idx.contiguous()
+    B, k = idx.shape
+    d = dz.shape[1]
+    dw = torch.empty(B, k, device=dz.device, dtype=torch.float32)
+    if B == 0 or k == 0:
+        return dw
+    KP = triton.next_power_of_2(k)
+    DC = min(64, triton.next_power_of_2(d))
+    DP = triton.cdiv(d, DC) * DC
+    BB = max(1, min(16, 4096 // (KP * DC)))  # a [BB, KP, DC] block of gathered rows in registers
+    _bag_dw_kernel[(triton.cdiv(B, BB),)](dz, table, idx, dw, B, k, d, dz.stride(0), table.stride(0), KP=KP, DP=DP, DC=DC, BB=BB)
+    return dw
