@@ -153,7 +153,7 @@ def _fill(param: Tensor, rule: str, seed: int, name: str, scale: float = 0.0) ->
 
 
 # ----------------------------------------------------------------------------------------
-# Optional kernels: compiled for the CPU; Triton on CUDA (opt-in)
+# Optional kernels: compiled for the CPU; Triton on CUDA
 # ----------------------------------------------------------------------------------------
 
 
@@ -190,20 +190,50 @@ def prepare_cpu_kernels() -> bool:
     return _cpu_kernels_enabled()
 
 
-# MIDUS_HML_KERNELS=triton, read when this module is imported (a compiled layer sees a constant):
-# (select the memory slots with the Triton kernel?, may it take CPU tensors?). TRITON_INTERPRET=1
-# runs Triton kernels on CPU tensors through its interpreter: how the tests check it without a GPU.
-_triton_answer: tuple[bool, bool] = (
-    os.environ.get("MIDUS_HML_KERNELS", "").strip().lower() == "triton",
-    os.environ.get("TRITON_INTERPRET") == "1",
-)
+def _triton_usable() -> bool:
+    """Whether the Triton kernels can run: midus_surgery (kernels/hml_triton.py) and a triton of a
+    tested version are installed. Asked without importing either (this module loads fast and alone)."""
+    import importlib.util
+    from importlib import metadata
+
+    try:
+        package = importlib.util.find_spec("midus_surgery")  # a top-level lookup imports nothing
+        if package is None or not any(os.path.isfile(os.path.join(loc, "kernels", "hml_triton.py"))
+                                      for loc in package.submodule_search_locations or ()):
+            return False
+        major, minor = (int(v) for v in metadata.version("triton").split(".")[:2])
+    except (ImportError, ValueError, metadata.PackageNotFoundError):
+        return False
+    return (major, minor) >= _TRITON_MIN
+
+
+_TRITON_MIN = (3, 6)  # the oldest triton the kernels were run with (tl.topk and tl.gather on int64 keys)
+
+# Read when this module is imported, so a compiled layer sees constants: (run the Triton kernels on
+# CUDA?, and on CPU tensors?). On CUDA they are the default (docs/hml.md: the layer's forward +
+# backward in 0.40-0.44x the pure-torch path's time at 16 x 1024 on an H200); MIDUS_HML_KERNELS=torch
+# turns them off, and without a usable triton the pure-torch path runs. MIDUS_HML_KERNELS=triton
+# insists (an error if triton is missing) and, under TRITON_INTERPRET=1, also runs them on CPU
+# tensors through Triton's interpreter: how the tests check them without a GPU.
+def _triton_settings(environ) -> tuple[bool, bool]:
+    mode = environ.get("MIDUS_HML_KERNELS", "").strip().lower() or "auto"
+    return (mode == "triton" or (mode in ("auto", "fused") and _triton_usable()),
+            mode == "triton" and environ.get("TRITON_INTERPRET") == "1")
+
+
+_triton_answer: tuple[bool, bool] = _triton_settings(os.environ)
 
 
 def _use_triton(x: Tensor) -> bool:
-    """True when ``MIDUS_HML_KERNELS=triton`` asks for the Triton top-k (kernels/hml_triton.py) and x
-    is where Triton runs. Opt-in until it has been timed on a GPU; it selects exactly what the
-    pure-torch path selects. float64 layers keep the pure-torch path (the kernel ranks float32)."""
-    return _triton_answer[0] and (x.device.type == "cuda" or _triton_answer[1]) and x.dtype != torch.float64
+    """True when the Triton kernels (kernels/hml_triton.py) select the slots and compute the bag's
+    weight gradient for x: CUDA tensors by default, CPU tensors only under the interpreter (see
+    above). They give the pure-torch path's slots and outputs exactly. float64 layers keep the
+    pure-torch path (the kernels work in float32)."""
+    if x.dtype == torch.float64:
+        return False
+    if x.device.type == "cuda":
+        return _triton_answer[0]
+    return x.device.type == "cpu" and _triton_answer[1]
 
 
 def _triton_kernel(name: str):

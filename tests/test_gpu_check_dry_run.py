@@ -36,7 +36,7 @@ def test_gpu_check_dry_run_passes_every_check_and_times_every_variant():
     assert [line.split(" (")[0] for line in triton_lines] == [
         "[triton] selection alone 1x16", "[triton] bag dw alone 1x16 float32", "[triton] bag dw alone 1x16 bfloat16",
         "[triton] layer fwd+bwd 1x16 float32", "[triton] layer fwd+bwd 1x16 bfloat16"]
-    assert all("triton/torch" in line for line in triton_lines[:3]) and "triton compact " in triton_lines[3]
+    assert all("triton/torch" in line for line in triton_lines[:3]) and "triton square " in triton_lines[3] and "torch path " in triton_lines[3]
     assert out.rstrip().endswith("OK")
 
 

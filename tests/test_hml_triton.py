@@ -96,7 +96,7 @@ def test_a_layer_on_the_triton_path_equals_the_pure_torch_layer(kw, monkeypatch)
 
     def run(triton: bool):
         monkeypatch.setenv("MIDUS_HML_KERNELS", "triton" if triton else "torch")
-        monkeypatch.setattr(hml, "_triton_answer", (triton, True))
+        monkeypatch.setattr(hml, "_triton_answer", (triton, triton))
         called = []
 
         def recorded(name):
@@ -129,6 +129,37 @@ def test_triton_mode_on_the_cpu_keeps_the_cpu_kernels(monkeypatch):
     assert hml._kernel_path(torch.empty(2)) == ("cpu" if kernels.cpu_ops() is not None else "torch")
     monkeypatch.setattr(hml, "_triton_answer", (True, True))
     assert hml._use_triton(torch.empty(2)) and not hml._use_triton(torch.empty(2, dtype=torch.float64))  # it ranks float32
+
+
+def _answer(monkeypatch, mode, interpret="1"):
+    """hml._triton_answer as an import of hml.py under these settings computes it."""
+    return hml._triton_settings({"MIDUS_HML_KERNELS": mode, "TRITON_INTERPRET": interpret})
+
+
+def test_the_triton_kernels_are_the_cuda_default_and_cpu_tensors_need_the_explicit_mode(monkeypatch):
+    # (on CUDA?, on CPU tensors?): CUDA by default; the interpreter on CPU only when asked for by name,
+    # so the rest of the suite (TRITON_INTERPRET=1 throughout) keeps its CPU paths
+    assert _answer(monkeypatch, "") == (True, False)
+    assert _answer(monkeypatch, "auto") == (True, False)
+    assert _answer(monkeypatch, "fused") == (True, False)
+    assert _answer(monkeypatch, "torch") == (False, False)
+    assert _answer(monkeypatch, "triton") == (True, True)
+    assert _answer(monkeypatch, "triton", interpret="0") == (True, False)
+
+
+def test_without_a_usable_triton_cuda_keeps_the_pure_torch_path(monkeypatch):
+    from importlib import metadata
+
+    real_version = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "3.5.0" if name == "triton" else real_version(name))
+    assert _answer(monkeypatch, "auto") == (False, False)  # older than the kernels were run with
+    assert _answer(monkeypatch, "triton") == (True, True)  # asked for by name: its error comes at the call
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", missing)
+    assert _answer(monkeypatch, "auto") == (False, False)
 
 
 def test_triton_mode_without_triton_says_so(monkeypatch):

@@ -7,10 +7,11 @@
 Runs on the GPU: (1) two-stage top-k == brute force incl. ties, (2) values and gradients vs the
 dense reference of tests/test_hml.py (float64), (3) CPU vs CUDA agreement (float32), (4) bf16 and
 autocast, (5) torch.compile (inductor) and no graph break, (6) fwd+bwd timing HML vs LlamaMLP at both bench sizes,
-(7) the layer's paths side by side (sync-free vs tie-checked top-k, bank-gradient methods,
-torch.compile) and a profile of one step, (8) the Triton top-k (MIDUS_HML_KERNELS=triton, opt-in):
-the same selection, the same layer outputs and gradients, one graph compiled, and its time against
-the default path's.
+(7) the pure-torch path's variants side by side (sync-free vs tie-checked top-k, bank-gradient
+methods, torch.compile) and a profile of one step, (8) the Triton kernels (top-k and the bag's weight
+gradient, the CUDA default): the same selection, the same layer outputs and gradients (to float32
+rounding), one graph compiled, and their time against the pure-torch path's (MIDUS_HML_KERNELS=torch).
+Sections 1-5 run on the CUDA default path.
 ``--skip 6,7`` leaves out timing sections (6, 7 or 8) when device time is short; 1-5 always run.
 Prints one line per check and a final OK / FAILED; exit status 1 on failure.
 """
@@ -176,9 +177,10 @@ def time_ms(fn, sync, dry_run: bool) -> float:
 
 def time_variants(dev, sync, card, dry_run: bool) -> None:
     """7. Where the layer's CUDA time goes: the bundled recipe's HML (query_source heads, n=128,
-    k=32, d_l=64) fwd+bwd at 4x256 and 16x1024 tokens, default path against one change each:
-    the tie-checked top-k (a device-to-host sync per stage), the other bank-gradient methods,
-    torch.compile.  Then the profiler's top ops and the host syncs of one default step."""
+    k=32, d_l=64) fwd+bwd at 4x256 and 16x1024 tokens, on the pure-torch path (section 8 times the
+    Triton kernels against it): its default against one change each: the tie-checked top-k (a
+    device-to-host sync per stage), the other bank-gradient methods, torch.compile.  Then the
+    profiler's top ops and the host syncs of one default step."""
     from bench_hml import SIZES, step_fn
     from torch.profiler import ProfilerActivity, profile
 
@@ -187,6 +189,7 @@ def time_variants(dev, sync, card, dry_run: bool) -> None:
 
     s = SIZES["SmolLM2-135M recipe"]
     H, dh = s["heads"], s["head_dim"]
+    answer0, hml_mod._triton_answer = hml_mod._triton_answer, (False, False)  # the pure-torch path
 
     def recipe_layer(bank_grad: str = "auto") -> HeadwiseMemory:
         torch.manual_seed(0)
@@ -240,6 +243,7 @@ def time_variants(dev, sync, card, dry_run: bool) -> None:
     syncs = [e for e in ops if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
                                                          "cudaMemcpyAsync", "aten::item", "aten::_local_scalar_dense")]
     print("[profile] host syncs and copies: " + (", ".join(f"{e.key} x{e.count}" for e in syncs) or "none"))
+    hml_mod._triton_answer = answer0
 
 
 def check_triton(dev, sync, card, dry_run: bool, check) -> None:
@@ -289,11 +293,14 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
     from midus_surgery import kernels
 
     real_kernel = kernels.triton_kernel
+    answer0 = hml_mod._triton_answer
 
-    def on_triton(flag: bool, compact: bool = False):
-        hml_mod._triton_answer = (flag, dry_run)
-        kernels.triton_kernel = (lambda name: functools.partial(hml_triton.topk2, compact=True) if name == "topk2"
-                                 else real_kernel(name)) if compact else real_kernel
+    def on_triton(flag: bool, square: bool = False):
+        """The layer on the Triton kernels (the CUDA default) or on the pure-torch path; ``square``:
+        the top-k ranks the masked k x k square instead of the compact candidate list."""
+        hml_mod._triton_answer = (flag, flag and dry_run)
+        kernels.triton_kernel = (lambda name: functools.partial(hml_triton.topk2, compact=False) if name == "topk2"
+                                 else real_kernel(name)) if square else real_kernel
 
     m = layer()
     x = torch.randn(2, 64 if not dry_run else 4, H, dh, device=dev)
@@ -319,23 +326,23 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
             check(f"the layer on the triton kernels traces ({type(exc).__name__}: {str(exc).strip()[:300]})", False)
         torch._dynamo.reset()
 
-    # times: the selection alone, then the layer's fwd+bwd, default against triton (and both compiled)
+    # times: the selection alone, then the layer's fwd+bwd, the pure-torch path against triton (and both compiled)
     batches = [(1, 16)] if dry_run else [(4, 256), (16, 1024)]
     for b, t in batches:
         a = torch.randn(H, b * t, n, device=dev)
         bb = torch.randn(H, b * t, n, device=dev)
         sel = {"torch.topk path": lambda: _two_stage_topk(torch.stack((a, bb)), k),
                "triton": lambda: hml_triton.topk2(a, bb, k),
-               "triton compact": lambda: hml_triton.topk2(a, bb, k, compact=True)}
+               "triton square": lambda: hml_triton.topk2(a, bb, k, compact=False)}
         res = {name: time_ms(fn, sync, dry_run) for name, fn in sel.items()}
         print(f"[triton] selection alone {b}x{t} ({card}): " + ", ".join(f"{kk} {v:.3f} ms" for kk, v in res.items())
-              + f"; triton/torch {res['triton'] / res['torch.topk path']:.2f}x, compact/torch "
-              f"{res['triton compact'] / res['torch.topk path']:.2f}x")
+              + f"; triton/torch {res['triton'] / res['torch.topk path']:.2f}x, square/torch "
+              f"{res['triton square'] / res['torch.topk path']:.2f}x")
         for dtype in (torch.float32, torch.bfloat16):
             table = torch.randn(n * n, s["d_l"], device=dev, dtype=dtype)
             dz = torch.randn(H * b * t, s["d_l"], device=dev, dtype=dtype)
             idx = torch.randint(0, n * n, (H * b * t, k), device=dev)
-            # the default path casts a bf16 bank and dz to float32 first: that copy is part of its cost
+            # the pure-torch path casts a bf16 bank and dz to float32 first: that copy is part of its cost
             psw = psw_backward(table, idx)
             res = {"per-sample-weights backward": time_ms(lambda: psw(dz.float(), table.float()), sync, dry_run),
                    "triton": time_ms(lambda: hml_triton.bag_dw(dz, table, idx), sync, dry_run)}
@@ -344,12 +351,12 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
                   + f"; triton/torch {res['triton'] / res['per-sample-weights backward']:.2f}x")
         for dtype in (torch.float32, torch.bfloat16):
             res = {}
-            for name, flag, compact, compiled in (("default", False, False, False), ("triton", True, False, False),
-                                                  ("triton compact", True, True, False), ("default compiled", False, False, True),
-                                                  ("triton compiled", True, False, True)):
+            for name, flag, square, compiled in (("torch path", False, False, False), ("triton", True, False, False),
+                                                 ("triton square", True, True, False), ("torch path compiled", False, False, True),
+                                                 ("triton compiled", True, False, True)):
                 if compiled and (dry_run or dtype != torch.float32):
                     continue
-                on_triton(flag, compact)
+                on_triton(flag, square)
                 mm = layer().to(dtype)
                 xx = torch.randn(b, t, H, dh, dtype=dtype, device=dev, requires_grad=True)
                 try:
@@ -360,8 +367,9 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
                 finally:
                     torch._dynamo.reset()
             print(f"[triton] layer fwd+bwd {b}x{t} {str(dtype)[6:]} ({card}): "
-                  + ", ".join(f"{kk} {v:.2f} ms ({v / res['default']:.2f}x)" for kk, v in res.items()))
-    on_triton(False)
+                  + ", ".join(f"{kk} {v:.2f} ms ({v / res['torch path']:.2f}x)" for kk, v in res.items()))
+    kernels.triton_kernel = real_kernel
+    hml_mod._triton_answer = answer0
     if kernels_env is None:
         os.environ.pop("MIDUS_HML_KERNELS", None)
     else:
