@@ -62,6 +62,24 @@ def test_from_json_writes_the_gpu_section_only(tmp_path, docs):
     assert (tmp_path / "gpu.png").stat().st_size > 0 and not (tmp_path / "cpu.png").exists()
 
 
+@pytest.mark.parametrize("path,words", [("triton", "the Triton kernels"), ("torch", "the pure-torch path"),
+                                        (None, "the pure-torch path")])  # None: JSON from before the field
+def test_the_gpu_section_names_the_memory_layer_path(tmp_path, docs, path, words):
+    extra = {} if path is None else {"hml_cuda_path": path}
+    payload = _payload("cuda", _rows(), [{"precision": "bf16", "batch": b, "seq": 256, "repeats": 1, "warmup": 2, "steps": 10}
+                                         for b in (4, 16)], **extra)
+    (tmp_path / "r.json").write_text(json.dumps(payload))
+    assert bs.main(["--from-json", str(tmp_path / "r.json")]) == 0
+    assert f"- MIDUS's memory layer runs on {words}" in docs.read_text()
+
+
+def test_the_driver_records_the_path_the_environment_selects(monkeypatch):
+    monkeypatch.setenv("MIDUS_HML_KERNELS", "torch")
+    assert bs.hml_cuda_path() == "torch"
+    monkeypatch.setenv("MIDUS_HML_KERNELS", "triton")
+    assert bs.hml_cuda_path() == "triton"
+
+
 def test_paired_rounds_judge_the_target_on_the_median_of_per_round_ratios():
     # a machine whose speed drifts: round 2 runs everything 2x slower, so minima from different rounds mislead
     rows = [_row("DUS", "base", "fp32", 4, 1.0, 21 * 10**6), _row("MIDUS", "base", "fp32", 4, 1.0, 10 * 10**6),

@@ -81,6 +81,29 @@ def test_triton_bag_dw_equals_the_per_sample_weights_backward(B, k, d, rows, dty
     torch.testing.assert_close(dw, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_launches_on_another_gpu_than_the_current_one_switch_devices_first(monkeypatch):
+    # Triton launches on the current CUDA device; a layer of a model split over GPUs may sit elsewhere
+    import contextlib
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    guard = hml_triton._on_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    for same in (torch.device("cuda", 0), torch.device("cpu")):
+        assert isinstance(hml_triton._on_device(same), contextlib.nullcontext)
+
+
+def test_the_device_guard_leaves_a_compiled_graph_whole():
+    def step(x):
+        with hml_triton._on_device(x.device):
+            y = x * 2
+        return y.sum()
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step)(torch.randn(4, 8))
+    torch._dynamo.reset()
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
 def test_triton_bag_dw_rejects_what_it_cannot_take():
     with pytest.raises(ValueError, match="dz \\[B, d\\], table"):
         hml_triton.bag_dw(torch.randn(3, 4), torch.randn(5, 6), torch.zeros(3, 2, dtype=torch.long))

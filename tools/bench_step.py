@@ -549,6 +549,7 @@ def section_text(payload: dict) -> str:
             f"- Machine: {payload['machine']}; one child process per repeat runs every configuration in turn.",
             f"- Versions: Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}.",
             f"- Command: `{payload['command']}`",
+            f"- MIDUS's memory layer runs on {hml_path_words(payload)}.",
             "- Weights: " + ("random, built from each output's config.json (`--random-init`: only the configs travelled "
                              "to the GPU machine); step time does not depend on the values." if payload["random_init"] else
                              "SmolLM2-135M-Instruct dequantised from its Q4_1 GGUF and its surgery outputs."),
@@ -621,6 +622,21 @@ def section_text(payload: dict) -> str:
         "replaces, see the HML section).", "",
     ]
     return "\n".join(lines)
+
+
+def hml_cuda_path() -> str:
+    """Which path MIDUS's memory layer takes on CUDA in the children (they inherit this environment)."""
+    from midus_surgery.hml import _triton_settings
+
+    return "triton" if _triton_settings(os.environ)[0] else "torch"
+
+
+def hml_path_words(payload: dict) -> str:
+    # runs before the field existed timed the pure-torch path: the Triton kernels were opt-in then
+    if payload.get("hml_cuda_path") == "triton":
+        return ("the Triton kernels (the slot selection and the bag's weight gradient, `midus_surgery/kernels/hml_triton.py`; "
+                "the CUDA default)")
+    return "the pure-torch path (`torch.topk` and embedding-bag ops; `MIDUS_HML_KERNELS=torch`, or a run before the Triton kernels were the CUDA default)"
 
 
 def compile_note(payload: dict) -> list[str]:
@@ -765,6 +781,8 @@ def main(argv=None) -> int:
         "plans": plans, "rows": rows, "targets": targets(rows),
         "wall_s": time.perf_counter() - t0,
     }
+    if gpu:
+        payload["hml_cuda_path"] = hml_cuda_path()
     if not (args.no_docs or args.quick):
         write_docs(payload)
     if args.json:

@@ -8,11 +8,11 @@ build is cached in torch's extension directory, ``$TORCH_EXTENSIONS_DIR`` or
 ``~/.cache/torch_extensions``) and used by ``midus_surgery/hml.py`` when available.
 
 hml.py never needs them: it keeps a pure-torch path with the same math and tie rule, which is
-what runs on CUDA, without a C++ compiler, or with ``MIDUS_HML_KERNELS=torch``.
+what runs without a C++ compiler or with ``MIDUS_HML_KERNELS=torch``.
 ``MIDUS_HML_KERNELS=fused`` makes a failed build an error instead of a one-time warning.
-``MIDUS_HML_KERNELS=triton`` also selects the memory slots and computes the bag's weight gradient
-on CUDA with the Triton kernels in ``hml_triton.py`` (opt-in until timed on a GPU; on CPU the mode
-behaves as ``auto``).
+On CUDA the layer selects the memory slots and computes the bag's weight gradient with the Triton
+kernels in ``hml_triton.py`` unless ``MIDUS_HML_KERNELS=torch`` (or triton is missing);
+``MIDUS_HML_KERNELS=triton`` insists on them (on CPU tensors the mode otherwise behaves as ``auto``).
 """
 
 from __future__ import annotations
@@ -122,10 +122,7 @@ def cpu_ops() -> Optional[SimpleNamespace]:
 
 def triton_kernel(name: str):
     """``hml_triton.<name>``: "topk2" (the slot selection) or "bag_dw" (the bag's weight gradient),
-    the Triton kernels hml.py runs under ``MIDUS_HML_KERNELS=triton``.
-
-    Opt-in: checked against the pure-torch path (through Triton's interpreter), not yet timed on a
-    GPU. On CPU that mode otherwise behaves as ``auto``.
+    the Triton kernels hml.py runs on CUDA (docs/hml.md, "Triton kernels").
     """
     try:
         from . import hml_triton
