@@ -209,18 +209,19 @@ def _triton_usable() -> bool:
 
 _TRITON_MIN = (3, 6)  # the oldest triton the kernels were run with (tl.topk and tl.gather on int64 keys)
 
-# Read when this module is imported, so a compiled layer sees constants: (run the Triton kernels on
-# CUDA?, and on CPU tensors?). On CUDA they are the default (docs/hml.md: the layer's forward +
-# backward in 0.40-0.44x the pure-torch path's time at 16 x 1024 on an H200); MIDUS_HML_KERNELS=torch
-# turns them off, and without a usable triton the pure-torch path runs. MIDUS_HML_KERNELS=triton
-# insists (an error if triton is missing) and, under TRITON_INTERPRET=1, also runs them on CPU
-# tensors through Triton's interpreter: how the tests check them without a GPU.
+
 def _triton_settings(environ) -> tuple[bool, bool]:
     mode = environ.get("MIDUS_HML_KERNELS", "").strip().lower() or "auto"
     return (mode == "triton" or (mode in ("auto", "fused") and _triton_usable()),
             mode == "triton" and environ.get("TRITON_INTERPRET") == "1")
 
 
+# Read when this module is imported, so a compiled layer sees constants: (run the Triton kernels on
+# CUDA?, and on CPU tensors?). On CUDA they are the default (docs/hml.md: the layer's forward +
+# backward in 0.40-0.44x the pure-torch path's time at 16 x 1024 on an H200); MIDUS_HML_KERNELS=torch
+# turns them off, and without a usable triton the pure-torch path runs. MIDUS_HML_KERNELS=triton
+# insists (an error if triton is missing) and, under TRITON_INTERPRET=1, also runs them on CPU
+# tensors through Triton's interpreter: how the tests check them without a GPU.
 _triton_answer: tuple[bool, bool] = _triton_settings(os.environ)
 
 
@@ -251,6 +252,15 @@ def _kernel_path(x: Tensor) -> str:
     if _use_triton(x):
         return "triton"
     return "cpu" if _use_cpu_kernels(x) else "torch"
+
+
+def kernel_path_name(device) -> str:
+    """What the layer runs on for tensors on ``device``, in words (a training run's start line says it).
+
+    On CPU this answers "use the compiled kernels?", which builds them the first time (about 30 s).
+    """
+    return {"triton": "Triton kernels", "cpu": "compiled CPU kernels", "torch": "pure-torch path"}[
+        _kernel_path(torch.empty(0, device=device))]
 
 
 @torch.compiler.disable

@@ -524,6 +524,10 @@ class Runner:
         mode = "single process" if self.world == 1 else f"{acc.distributed_type.name} ({acc.state.backend})"
         adamw = "fused" if self.adamw_options.get("fused") else {True: "foreach", False: "for-loop"}.get(self.adamw_options.get("foreach"), "torch's default")
         self.say(f"precision {self.precision}, {mode} on {acc.device} x {self.world}, AdamW {adamw}, warmup {self.warmup_steps} steps, {cfg.optim.schedule} decay")
+        if self.is_midus:
+            from .hml import kernel_path_name
+
+            self.say(f"memory layer: {kernel_path_name(acc.device)} (MIDUS_HML_KERNELS=torch: the pure-torch path)")
         if cfg.compile:
             self.say("compile: the first step compiles the model (about 2 minutes for the 45-layer SmolLM2 outputs on an H200); "
                      "tok/s and ETA count from the second step")

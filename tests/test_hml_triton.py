@@ -192,3 +192,12 @@ def test_triton_mode_without_triton_says_so(monkeypatch):
     monkeypatch.delattr(kernels, "hml_triton")
     with pytest.raises(RuntimeError, match="MIDUS_HML_KERNELS=triton but triton cannot be imported"):
         kernels.triton_kernel("topk2")
+
+
+def test_kernel_path_name_says_what_the_layer_runs_on(monkeypatch):
+    monkeypatch.setenv("MIDUS_HML_KERNELS", "torch")
+    assert hml.kernel_path_name("cpu") == "pure-torch path"
+    monkeypatch.setenv("MIDUS_HML_KERNELS", "auto")
+    assert hml.kernel_path_name("cpu") == ("compiled CPU kernels" if kernels.cpu_ops() is not None else "pure-torch path")
+    monkeypatch.setattr(hml, "_triton_answer", (True, True))  # MIDUS_HML_KERNELS=triton under the interpreter
+    assert hml.kernel_path_name("cpu") == "Triton kernels"

@@ -344,6 +344,10 @@ def test_midus_output_trains_memory_with_its_own_group(world, tmp_path):
     text = "\n".join(lines)
     memory_row = next(line for line in text.splitlines() if line.startswith("memory tables"))
     assert int(memory_row.split()[2]) > 0 and "0.01 (constant)" in memory_row
+    from midus_surgery import kernels
+
+    path = "compiled CPU kernels" if kernels.cpu_ops() is not None else "pure-torch path"
+    assert f"\nmemory layer: {path} (" in text  # the start line says what the layer runs on
     final = tmp_path / "run" / "final"
     assert {"modeling_midus.py", "configuration_midus.py", "hml.py", "midus_plan.json"} <= {p.name for p in final.iterdir()}
     before, after = state_of(out), state_of(final)
