@@ -26,7 +26,8 @@ def test_gpu_check_dry_run_passes_every_check_and_times_every_variant():
     assert len(variants) == 2  # fp32 and bf16 at the dry run's one batch
     for name in ("default", "tie-checked topk (sync)", "bank_grad sparse_mm", "bank_grad embedding_bag", "bank_grad index_add"):
         assert all(f"{name} " in line for line in variants), name
-    assert "[profile] host syncs and copies:" in out
+    assert "[profile] one pure-torch fwd+bwd" in out and "[profile] one fwd+bwd on the Triton kernels" in out
+    assert out.count("[profile] host syncs and copies:") == 2
     # section 8, the Triton kernels through Triton's interpreter
     for name in ("triton top-k == pure-torch selection (random", "triton top-k == pure-torch selection (small-int ties",
                  "triton bag dw == per-sample-weights backward (float32", "triton bag dw == per-sample-weights backward (bfloat16",

@@ -10,7 +10,8 @@ autocast, (5) torch.compile (inductor) and no graph break, (6) fwd+bwd timing HM
 (7) the pure-torch path's variants side by side (sync-free vs tie-checked top-k, bank-gradient
 methods, torch.compile) and a profile of one step, (8) the Triton kernels (top-k and the bag's weight
 gradient, the CUDA default): the same selection, the same layer outputs and gradients (to float32
-rounding), one graph compiled, and their time against the pure-torch path's (MIDUS_HML_KERNELS=torch).
+rounding), one graph compiled, their time against the pure-torch path's (MIDUS_HML_KERNELS=torch),
+and a profile of one step on them.
 Sections 1-5 run on the CUDA default path.
 ``--skip 6,7`` leaves out timing sections (6, 7 or 8) when device time is short; 1-5 always run.
 Prints one line per check and a final OK / FAILED; exit status 1 on failure.
@@ -182,7 +183,6 @@ def time_variants(dev, sync, card, dry_run: bool) -> None:
     device-to-host sync per stage), the other bank-gradient methods, torch.compile.  Then the
     profiler's top ops and the host syncs of one default step."""
     from bench_hml import SIZES, step_fn
-    from torch.profiler import ProfilerActivity, profile
 
     from midus_surgery import hml as hml_mod
     from midus_surgery.hml import HeadwiseMemory, HMLConfig
@@ -227,9 +227,15 @@ def time_variants(dev, sync, card, dry_run: bool) -> None:
                   ", ".join(f"{k} {v:.2f} ms ({v / base:.2f}x)" for k, v in res.items()))
     # one default step under the profiler, at the larger batch
     b, t = batches[-1]
-    m = recipe_layer()
     x = torch.randn(b, t, H, dh, device=dev, requires_grad=True)
-    fn = step_fn(m, x)
+    profile_step(step_fn(recipe_layer(), x), dev, sync, f"one pure-torch fwd+bwd, {b}x{t} float32")
+    hml_mod._triton_answer = answer0
+
+
+def profile_step(fn, dev, sync, what: str) -> None:
+    """The profiler's top ops of one call of ``fn`` (after a warm-up call), and its host syncs."""
+    from torch.profiler import ProfilerActivity, profile
+
     fn()
     sync()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -237,13 +243,12 @@ def time_variants(dev, sync, card, dry_run: bool) -> None:
         fn()
         sync()
     key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    print(f"[profile] one default fwd+bwd, {b}x{t} float32, top ops by {key}:")
+    print(f"[profile] {what}, top ops by {key}:")
     ops = prof.key_averages()
     print(ops.table(sort_by=key, row_limit=15, max_name_column_width=60))
     syncs = [e for e in ops if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
-                                                         "cudaMemcpyAsync", "aten::item", "aten::_local_scalar_dense")]
+                                         "cudaMemcpyAsync", "aten::item", "aten::_local_scalar_dense")]
     print("[profile] host syncs and copies: " + (", ".join(f"{e.key} x{e.count}" for e in syncs) or "none"))
-    hml_mod._triton_answer = answer0
 
 
 def check_triton(dev, sync, card, dry_run: bool, check) -> None:
@@ -368,6 +373,11 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
                     torch._dynamo.reset()
             print(f"[triton] layer fwd+bwd {b}x{t} {str(dtype)[6:]} ({card}): "
                   + ", ".join(f"{kk} {v:.2f} ms ({v / res['torch path']:.2f}x)" for kk, v in res.items()))
+    # where the time goes now: one step on the Triton kernels under the profiler, at the larger batch
+    on_triton(True)
+    b, t = batches[-1]
+    xx = torch.randn(b, t, H, dh, device=dev, requires_grad=True)
+    profile_step(step_fn(layer(), xx), dev, sync, f"one fwd+bwd on the Triton kernels, {b}x{t} float32")
     kernels.triton_kernel = real_kernel
     hml_mod._triton_answer = answer0
     if kernels_env is None:
