@@ -125,9 +125,17 @@ def main() -> int:
     torch._dynamo.reset()
     cm = torch.compile(mc)
     xc = x.to(dev).requires_grad_(True)
+    mc.zero_grad()
     yc = cm(xc)
-    yc.sum().backward()
-    check("torch.compile inductor matches eager", torch.allclose(yc, mc(x.to(dev)), atol=1e-5))
+    yc.square().sum().backward()
+    compiled_grads = [xc.grad] + [p.grad.clone() for p in mc.parameters()]
+    xe = x.to(dev).requires_grad_(True)
+    mc.zero_grad()
+    ye = mc(xe)
+    ye.square().sum().backward()
+    eager_grads = [xe.grad] + [p.grad.clone() for p in mc.parameters()]
+    check("torch.compile inductor matches eager (outputs and gradients)",
+          torch.allclose(yc, ye, atol=1e-5) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(compiled_grads, eager_grads)))
     # Off the CPU the layer must trace into one graph: every graph break is a return to Python in
     # the middle of the layer (on the CPU the compiled-kernel question breaks it by design).
     torch._dynamo.reset()
