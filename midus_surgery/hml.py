@@ -162,8 +162,8 @@ def _use_cpu_kernels(x: Tensor) -> bool:
 
     The kernels (midus_surgery/kernels/hml_cpu.cpp, ``torch.ops.midus_hml``) compute exactly what
     the pure-torch code below computes, faster on CPU.  This file must also work alone (copied
-    beside emitted weights), so without the package, on CUDA, or with MIDUS_HML_KERNELS=torch the
-    pure-torch path runs.
+    beside emitted weights), so without the package or with MIDUS_HML_KERNELS=torch the pure-torch
+    path runs (on CUDA, the Triton kernels below when they can).
     """
     # The device is static under torch.compile: checked here, off CPU the layer compiles into
     # one graph. On CPU the answer (an import, maybe a build) is a call dynamo may not trace; once

@@ -277,7 +277,7 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
     n, k = (16, 4) if dry_run else (s["n"], s["k"])  # the interpreter is slow: a small layer for the dry run
     kernels_env = os.environ.get("MIDUS_HML_KERNELS")
     if dry_run:
-        os.environ["MIDUS_HML_KERNELS"] = "torch"  # the default to compare with is CUDA's: the pure-torch path
+        os.environ["MIDUS_HML_KERNELS"] = "torch"  # compare with the pure-torch path, not the CPU's compiled kernels
     g = torch.Generator().manual_seed(0)
     for name, table in (("random", torch.randn(2, H, 512 if not dry_run else 8, n, generator=g)),
                         ("small-int ties", torch.randint(-2, 3, (2, H, 64 if not dry_run else 8, n), generator=g).float())):
