@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -78,6 +79,41 @@ def test_the_driver_records_the_path_the_environment_selects(monkeypatch):
     assert bs.hml_cuda_path() == "torch"
     monkeypatch.setenv("MIDUS_HML_KERNELS", "triton")
     assert bs.hml_cuda_path() == "triton"
+
+
+def test_on_cuda_midus_runs_again_on_the_pure_torch_path_side_by_side():
+    cuda = bs.configs_for("bf16", "cuda", ("base",))
+    assert [m for m, _ in cuda] == ["DUS", "LLaMA-Pro", "MIDUS", "MIDUS (pure torch)", "FFN-free floor"]
+    assert "MIDUS (pure torch)" not in [m for m, _ in bs.configs_for("fp32", "cpu")]  # no Triton path on CPU
+    plan = {"precision": "bf16", "batch": 4, "seq": 256, "warmup": 1, "steps": 1}
+    spec = bs.spec_for("MIDUS (pure torch)", "base", plan, "cuda", True, "every2")
+    assert spec["torch_hml"] and spec["path"] == bs.spec_for("MIDUS", "base", plan, "cuda", True, "every2")["path"]
+    assert not bs.spec_for("MIDUS", "base", plan, "cuda", True, "every2")["torch_hml"]
+
+
+def test_the_pure_torch_row_forces_the_layer_path_for_its_steps_only(monkeypatch):
+    from midus_surgery import hml
+
+    monkeypatch.setattr(hml, "_triton_answer", hml._triton_answer)  # restored after the test
+    monkeypatch.setenv("MIDUS_HML_KERNELS", "triton")
+    bs.use_hml_path(True)
+    assert hml._triton_answer == (False, False)
+    bs.use_hml_path(False)  # the next configuration in the same child gets the process default back
+    assert hml._triton_answer == hml._triton_settings({"MIDUS_HML_KERNELS": "triton", "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "")})
+
+
+def test_the_report_says_what_the_triton_kernels_buy(tmp_path, docs):
+    rows = [_row("DUS", "base", "bf16", 16, 0.15, 53 * 10**6), _row("MIDUS", "base", "bf16", 16, 0.20, 26 * 10**6),
+            _row("MIDUS (pure torch)", "base", "bf16", 16, 0.30, 26 * 10**6), _row("FFN-free floor", "base", "bf16", 16, 0.13, 13 * 10**6)]
+    [t] = bs.targets(rows)
+    assert abs(t["midus_over_pure_torch"] - 2 / 3) < 1e-12 and abs(t["pure_torch_over_dus"] - 2.0) < 1e-12
+    payload = _payload("cuda", rows, [{"precision": "bf16", "batch": 16, "seq": 256, "repeats": 1, "warmup": 2, "steps": 10}],
+                       hml_cuda_path="triton")
+    (tmp_path / "r.json").write_text(json.dumps(payload))
+    assert bs.main(["--from-json", str(tmp_path / "r.json")]) == 0
+    text = docs.read_text()
+    assert "| MIDUS (pure torch) | base |" in text and "the same model with the layer forced onto the pure-torch path" in text
+    assert "the memory layer on its pure-torch path 2.00x DUS (the Triton kernels take the MIDUS step to 0.67x of that)" in text
 
 
 def test_paired_rounds_judge_the_target_on_the_median_of_per_round_ratios():

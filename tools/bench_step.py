@@ -79,7 +79,10 @@ LAYOUTS = {
 # not a method: DUS with the inserted blocks' FFNs replaced by a zero-cost stub, i.e. the
 # fastest any FFN replacement (MIDUS's memory included) could make the up-scaled step
 DROPS_FFN = {"FFN-free floor"}
-ROWS = ("base", "DUS", "LLaMA-Pro", "MIDUS", "FFN-free floor")  # the table's rows, in order
+# CUDA only: MIDUS again with its memory layer forced onto the pure-torch path (no Triton kernels),
+# so the kernels' gain is measured side by side in the same run
+TORCH_HML = {"MIDUS (pure torch)"}
+ROWS = ("base", "DUS", "LLaMA-Pro", "MIDUS", "MIDUS (pure torch)", "FFN-free floor")  # the table's rows, in order
 
 
 def models_for(layout: str) -> dict[str, Path]:
@@ -87,6 +90,7 @@ def models_for(layout: str) -> dict[str, Path]:
     recipes = LAYOUTS[layout]["recipes"]
     out = {"base": BASE_MODEL, **{m: recipe_output(r) for m, r in recipes.items()}}
     out["FFN-free floor"] = out["DUS"]
+    out["MIDUS (pure torch)"] = out["MIDUS"]
     return out
 
 
@@ -178,7 +182,7 @@ def prepare(spec: dict) -> dict:
         "x": torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen).to(device),
         "autocast": torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16"),
         "trainable": sum(p.numel() for p in trainable), "total": sum(p.numel() for p in names.values()),
-        "compiled": bool(spec.get("compile")),
+        "compiled": bool(spec.get("compile")), "torch_hml": bool(spec.get("torch_hml")),
     }
 
 
@@ -199,10 +203,21 @@ def adamw_words(payload: dict) -> str:
     return f"AdamW `{impl}` (`optim.implementation`{', the trainer default: fused on CPU and CUDA' if impl == 'auto' else ''})"
 
 
+def use_hml_path(torch_hml: bool) -> None:
+    """Point MIDUS's memory layer at the pure-torch path (``torch_hml``) or at this process's default.
+
+    Set before every step, not once per process: one child runs several configurations, and the
+    paired rounds interleave them."""
+    from midus_surgery import hml
+
+    hml._triton_answer = (False, False) if torch_hml else hml._triton_settings(os.environ)
+
+
 def train_step(state: dict, xi) -> dict:
     """One timed optimiser step on the batch ``xi``: wall seconds of the whole step and of each phase."""
     import torch
 
+    use_hml_path(state["torch_hml"])
     sync, model, opt = state["sync"], state["model"], state["opt"]
     sync()
     ta = time.perf_counter()
@@ -323,9 +338,10 @@ def ensure_outputs(log, random_init: bool, layout: str) -> None:
 
 def configs_for(precision: str, device: str, freezes=("none", "base"), models=None) -> list[tuple[str, str]]:
     out = [("base", "none")]
-    for m in ("DUS", "LLaMA-Pro", "MIDUS"):
+    # on CPU the memory layer has no Triton path to compare with (its compiled kernels are timed in bench_hml)
+    methods = ("DUS", "LLaMA-Pro", "MIDUS") + (("MIDUS (pure torch)",) if device == "cuda" else ())
+    for m in methods + ("FFN-free floor",):
         out += [(m, "none"), (m, "base")]
-    out += [("FFN-free floor", "none"), ("FFN-free floor", "base")]
     return [(m, f) for m, f in out if f in freezes and (models is None or m in models)]
 
 
@@ -404,7 +420,7 @@ def spec_for(model: str, freeze: str, plan: dict, device: str, random_init: bool
     return {"label": config_label(model, freeze), "path": str(models[model]), "anatomy_from": str(models["MIDUS"]),
             "freeze": freeze, "precision": plan["precision"],
             "batch": plan["batch"], "seq": plan["seq"], "warmup": plan["warmup"], "steps": plan["steps"],
-            "drop_inserted_ffn": model in DROPS_FFN, "device": device, "random_init": random_init,
+            "drop_inserted_ffn": model in DROPS_FFN, "torch_hml": model in TORCH_HML, "device": device, "random_init": random_init,
             "compile": plan.get("compile", False), "adamw": plan.get("adamw", "torch")}
 
 
@@ -430,6 +446,10 @@ def targets(rows: list[dict]) -> list[dict]:
                  "midus_trainable": m["trainable"], "dus_trainable": d["trainable"]}
             if floor:
                 t["floor_over_dus"] = floor["step_min_s"] / d["step_min_s"]
+            pure = sel.get("MIDUS (pure torch)")
+            if pure:  # what the Triton kernels buy, and where MIDUS would stand without them
+                t["midus_over_pure_torch"] = m["step_min_s"] / pure["step_min_s"]
+                t["pure_torch_over_dus"] = pure["step_min_s"] / d["step_min_s"]
             if "paired_vs_dus" in m:
                 t["judged_on"] = "paired"
                 t["midus_over_dus_paired"] = m["paired_vs_dus"]
@@ -481,6 +501,9 @@ def target_lines(ts: list[dict]) -> list[str]:
             extra += f"; floor (inserted FFNs at zero cost) {t['floor_over_dus_paired']:.3f}x paired"
         elif "floor_over_dus" in t:
             extra += f"; floor (inserted FFNs at zero cost) {t['floor_over_dus']:.2f}x"
+        if "midus_over_pure_torch" in t:
+            extra += (f"; the memory layer on its pure-torch path {t['pure_torch_over_dus']:.2f}x DUS "
+                      f"(the Triton kernels take the MIDUS step to {t['midus_over_pure_torch']:.2f}x of that)")
         if "llama_pro_over_dus_paired" in t:
             extra += f"; LLaMA-Pro (the same compute as DUS) {t['llama_pro_over_dus_paired']:.3f}x paired"
         out.append(f"- {t['precision']} {t['batch']}x{t['seq']}, freeze={t['freeze']}: {ratio}; trainable {human(t['midus_trainable'])} vs "
@@ -497,7 +520,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     groups = [(key, f) for key in dict.fromkeys(setting(r) for r in rows) for f in ("none", "base")
               if any(setting(r) == key and r["freeze"] == f for r in rows)]
     models = list(ROWS)
-    colors = {"base": "#999999", "DUS": "#1f77b4", "LLaMA-Pro": "#ff7f0e", "MIDUS": "#2ca02c", "FFN-free floor": "#cccccc"}
+    colors = {"base": "#999999", "DUS": "#1f77b4", "LLaMA-Pro": "#ff7f0e", "MIDUS": "#2ca02c", "MIDUS (pure torch)": "#98df8a",
+              "FFN-free floor": "#cccccc"}
     fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.8), squeeze=False)
     for ax, ((p, batch, seq), f) in zip(axes[0], groups):
         sel = {r["model"]: r for r in rows if setting(r) == (p, batch, seq) and r["freeze"] == f}
@@ -634,9 +658,14 @@ def hml_cuda_path() -> str:
 def hml_path_words(payload: dict) -> str:
     # runs before the field existed timed the pure-torch path: the Triton kernels were opt-in then
     if payload.get("hml_cuda_path") == "triton":
-        return ("the Triton kernels (the slot selection and the bag's weight gradient, `midus_surgery/kernels/hml_triton.py`; "
-                "the CUDA default)")
-    return "the pure-torch path (`torch.topk` and embedding-bag ops; `MIDUS_HML_KERNELS=torch`, or a run before the Triton kernels were the CUDA default)"
+        words = ("the Triton kernels (the slot selection and the bag's weight gradient, `midus_surgery/kernels/hml_triton.py`; "
+                 "the CUDA default)")
+    else:
+        words = ("the pure-torch path (`torch.topk` and embedding-bag ops; `MIDUS_HML_KERNELS=torch`, or a run before the "
+                 "Triton kernels were the CUDA default)")
+    if any(r["model"] in TORCH_HML for r in payload["rows"]):
+        words += "; `MIDUS (pure torch)` is the same model with the layer forced onto the pure-torch path, in the same run"
+    return words
 
 
 def compile_note(payload: dict) -> list[str]:
@@ -715,7 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--freezes", type=lambda text: text.split(","), default=["none", "base"],
                     help="comma-separated freeze policies to run (default none,base)")
     ap.add_argument("--models", type=lambda text: text.split(","), default=None,
-                    help="comma-separated rows to run (base, DUS, LLaMA-Pro, MIDUS, 'FFN-free floor'; default all)")
+                    help="comma-separated rows to run (base, DUS, LLaMA-Pro, MIDUS, 'MIDUS (pure torch)' (CUDA only), "
+                         "'FFN-free floor'; default all)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile every model, as `midus-surgery train` does with `compile: true`; the warm-up "
                          "steps compile (their time is reported), each configuration from scratch; its own docs section")
