@@ -260,12 +260,13 @@ def profile_step(fn, dev, sync, what: str) -> None:
 
 
 def check_triton(dev, sync, card, dry_run: bool, check) -> None:
-    """8. The Triton top-k (kernels/hml_triton.py): exact against the pure-torch selection, a layer on
-    it equal to the default layer, one graph under torch.compile, and times side by side."""
+    """8. The Triton kernels (kernels/hml_triton.py, the CUDA default): the top-k exact against the
+    pure-torch selection, the bag's weight gradient against PyTorch's, a layer on them equal to the
+    pure-torch layer, one graph under torch.compile, times side by side and a profile of one step."""
     try:
         from midus_surgery.kernels import hml_triton
     except ImportError as exc:
-        check(f"triton importable for the Triton top-k ({exc})", False)
+        check(f"triton importable for the Triton kernels ({exc})", False)
         return
     from bench_hml import SIZES, step_fn
 
