@@ -64,6 +64,7 @@ def test_triton_topk2_rejects_what_it_cannot_rank():
     (5, 3, 130, 9, torch.float32),     # d over two chunks, k not a power of two
     (7, 6, 16, 40, torch.bfloat16),    # a bf16 bank and dz, accumulated in float32
     (0, 4, 8, 10, torch.float32),      # no bags
+    (3, 1, 1, 7, torch.float32),       # k = 1 and d = 1: one-wide blocks
 ])
 def test_triton_bag_dw_equals_the_per_sample_weights_backward(B, k, d, rows, dtype):
     gen = torch.Generator().manual_seed(B + k + d)
