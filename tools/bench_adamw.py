@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import command_line, cpu_name, load_avg, median, write_section  # noqa: E402
+from bench_common import command_line, cpu_name, load_avg, median, versions, write_section  # noqa: E402
 from bench_step import DOCS, LAYOUTS, ensure_outputs, models_for  # noqa: E402
 
 from midus_surgery.trainer import adamw_options, inserted_layers  # noqa: E402
@@ -158,12 +157,10 @@ def main(argv=None) -> int:
     ensure_outputs(log, True, args.layout)
     repeats, steps = (1, 2) if args.quick else (args.repeats, args.steps)
     freezes = ["base"] if args.quick else ["none", "base"]
-    from importlib.metadata import version
-
     start = load_avg()
     rows = bench(["DUS", "MIDUS"], freezes, args.layout, repeats, steps, log)
     payload = {"layout": args.layout, "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores", "threads": torch.get_num_threads(),
-               "versions": {"python": platform.python_version(), "torch": version("torch"), "transformers": version("transformers")},
+               "versions": versions(),
                "load_avg_start": start, "load_avg_end": load_avg(), "repeats": repeats, "steps": steps,
                "command": command_line("tools/bench_adamw.py", argv),
                "max_abs_diff": agree(trainable_shapes(models_for(args.layout)["MIDUS"], "base")), "rows": rows}

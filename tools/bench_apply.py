@@ -43,7 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import cpu_name, load_avg, median, write_section
+from bench_common import cpu_name, load_avg, median, versions, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "work" / "bench"
@@ -372,18 +372,6 @@ def compare_outputs(ours: Path, theirs: Path, base: Path, slices) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 
-def versions() -> dict:
-    from importlib.metadata import version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "safetensors", "mergekit", "midus-surgery"):
-        try:
-            out[pkg] = version(pkg)
-        except Exception:  # noqa: BLE001
-            out[pkg] = "?"
-    return out
-
-
 def bench_case(case: dict, repeats: int, keep: bool, log) -> dict:
     where = BENCH / "apply"
     recipe, mk = write_configs(case, where)
@@ -637,7 +625,7 @@ def main(argv=None) -> int:
     results = [bench_case(c, c["repeats"], args.keep, log) for c in cases]
     payload = {
         "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}",
-        "versions": versions(), "load_avg_start": load_start, "load_avg_end": load_avg(),
+        "versions": versions("safetensors", "mergekit", "midus-surgery"), "load_avg_start": load_start, "load_avg_end": load_avg(),
         "command": "python tools/bench_apply.py" + (" --quick" if args.quick else "") + (f" --repeats {args.repeats}" if args.repeats else ""),
         "startup_s": startup, "results": results,
     }

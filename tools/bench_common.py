@@ -36,6 +36,20 @@ def command_line(script: str, argv) -> str:
     return "python " + " ".join([script, *(argv if argv is not None else sys.argv[1:])])
 
 
+def versions(*extra: str) -> dict:
+    """Python's version and the installed versions of torch, transformers and ``extra`` packages ("?" if missing)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", *extra):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "?"
+    return out
+
+
 def load_avg() -> str:
     """The 1/5/15-minute load averages, as the benchmark reports print them."""
     return " ".join(f"{x:.2f}" for x in os.getloadavg())

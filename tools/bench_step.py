@@ -50,14 +50,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench_common import command_line, cpu_name, cpu_native_bf16, load_avg, median, recipe_output, write_section
+from bench_common import command_line, cpu_name, cpu_native_bf16, load_avg, median, recipe_output, versions, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -182,7 +181,7 @@ def prepare(spec: dict) -> dict:
         "x": torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen).to(device),
         "autocast": torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16"),
         "trainable": sum(p.numel() for p in trainable), "total": sum(p.numel() for p in names.values()),
-        "compiled": bool(spec.get("compile")), "torch_hml": bool(spec.get("torch_hml")),
+        "compiled": bool(spec.get("compile")), "hml_answer": use_hml_path(bool(spec.get("torch_hml"))),
     }
 
 
@@ -203,21 +202,23 @@ def adamw_words(payload: dict) -> str:
     return f"AdamW `{impl}` (`optim.implementation`{', the trainer default: fused on CPU and CUDA' if impl == 'auto' else ''})"
 
 
-def use_hml_path(torch_hml: bool) -> None:
-    """Point MIDUS's memory layer at the pure-torch path (``torch_hml``) or at this process's default.
-
-    Set before every step, not once per process: one child runs several configurations, and the
-    paired rounds interleave them."""
+def use_hml_path(torch_hml: bool) -> tuple[bool, bool]:
+    """Point MIDUS's memory layer at the pure-torch path (``torch_hml``) or at this process's default,
+    and return that setting: train_step puts it back before each step, since one child runs several
+    configurations and the paired rounds interleave them."""
     from midus_surgery import hml
 
     hml._triton_answer = (False, False) if torch_hml else hml._triton_settings(os.environ)
+    return hml._triton_answer
 
 
 def train_step(state: dict, xi) -> dict:
     """One timed optimiser step on the batch ``xi``: wall seconds of the whole step and of each phase."""
     import torch
 
-    use_hml_path(state["torch_hml"])
+    from midus_surgery import hml
+
+    hml._triton_answer = state["hml_answer"]
     sync, model, opt = state["sync"], state["model"], state["opt"]
     sync()
     ta = time.perf_counter()
@@ -796,8 +797,6 @@ def main(argv=None) -> int:
     else:
         machine = f"{cpu_name()}, {os.cpu_count()} CPU cores, " + ("native bf16 (AVX512-BF16/AMX)" if cpu_native_bf16() else "no native bf16")
     plans = make_plans(args, gpu)
-    from importlib.metadata import version
-
     load_start = load_avg()
     t0 = time.perf_counter()
     rows = bench(plans, args.device, args.random_init, log, args.layout)
@@ -805,7 +804,7 @@ def main(argv=None) -> int:
         "device": args.device, "layout": args.layout, "machine": machine, "random_init": args.random_init, "compile": args.compile,
         "adamw": args.adamw,
         "threads": rows[0]["threads"],
-        "versions": {"python": platform.python_version(), "torch": version("torch"), "transformers": version("transformers")},
+        "versions": versions(),
         "load_avg_start": load_start, "load_avg_end": load_avg(),
         "command": command_line("tools/bench_step.py", argv),
         "plans": plans, "rows": rows, "targets": targets(rows),
