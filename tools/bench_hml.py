@@ -14,9 +14,10 @@ disturbed run).  Peak memory: sum of live tensor bytes allocated during one fwd+
 from torch.profiler's allocation events (profile_memory=True), i.e. activations, saved
 tensors, temporaries and gradients, not the parameters themselves.
 
-bfloat16 FFN at the Llama size: this CPU has no bf16 matmul support (AVX2 only) and a bf16
-GEMM of that size takes minutes, so that FFN is timed on fewer tokens and scaled linearly
-in tokens (GEMM time is linear in M); those rows say so ("ffn_tokens_timed").
+bfloat16 FFN at the Llama size on a CPU without native bf16 (no AVX512-BF16 or AMX): a bf16
+GEMM of that size takes minutes there, so that FFN is timed on fewer tokens and scaled linearly
+in tokens (GEMM time is linear in M); those rows say so ("ffn_tokens_timed").  On a CPU with
+native bf16 every row is timed at the full batch.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_common import cpu_name, write_section  # noqa: E402
+from bench_common import command_line, cpu_name, cpu_native_bf16, write_section  # noqa: E402
 from midus_surgery.hml import HeadwiseMemory, HMLConfig, hml_parameter_count  # noqa: E402
 
 SIZES = {
@@ -183,7 +184,39 @@ def table(rows: list[dict]) -> str:
 
 
 def machine() -> str:
-    return f"{cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    bf16 = "native bf16 (AVX512-BF16/AMX)" if cpu_native_bf16() else "no native bf16"
+    return (f"{cpu_name()}, {os.cpu_count()} CPU cores, {bf16}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+
+
+def bf16_notes(rows: list[dict]) -> str:
+    """The bf16 bullets of the docs section: what bf16 means on the CPU the rows were timed on."""
+    notes = ("- bfloat16 rows: module and input cast to bf16. HML runs its matmuls, scores and top-k in "
+             "float32 on CPU whatever the input (see docs/hml.md, Precision) and reads its bank in the bank's "
+             "dtype, so its bf16 times differ from its fp32 times by the bank's bytes only")
+    if any("ffn_tokens_timed" in r for r in rows):
+        return notes + (", while the FFN's bf16 times hit slow bf16 GEMM kernels.\n"
+                        "- bfloat16 FFN at the Llama size: bf16 GEMMs on this CPU without native bf16 take "
+                        "minutes, so it is timed on fewer tokens and scaled linearly in tokens; its peak memory "
+                        "is not measured at the full size.\n")
+    return notes + "; the FFN's bf16 GEMMs run on this CPU's bf16 units.\n"
+
+
+# HML/FFN targets per block size (the rows of the other sizes are for reference).
+TARGETS = {"SmolLM2-135M": 0.5, "Llama-3.2-1B": 0.25}
+
+
+def targets(rows: list[dict]) -> str:
+    """One line per targeted row: its ratio against the target, met or NOT met."""
+    lines = []
+    for r in rows:
+        if r["size"] in TARGETS:
+            limit = TARGETS[r["size"]]
+            verdict = "met" if r["ratio"] <= limit else "NOT met"
+            lines.append(f"- {r['size']} {r['dtype']}: HML/FFN {r['ratio']:.2f}x (target <= {limit}: {verdict})")
+    if not lines:
+        return ""
+    return "Targets (HML/FFN, forward + backward):\n\n" + "\n".join(lines) + "\n"
 
 
 def write_docs(path: str, rows: list[dict], command: str) -> None:
@@ -195,16 +228,14 @@ def write_docs(path: str, rows: list[dict], command: str) -> None:
         f"- Command: `{command}`\n"
         "- Peak memory: live tensor bytes during one fwd+bwd step from torch.profiler allocation events "
         "(`profile_memory=True`); parameters excluded, gradients included.\n"
-        "- bfloat16 FFN at the Llama size: bf16 GEMMs on this AVX2-only CPU take minutes, so it is timed on "
-        "fewer tokens and scaled linearly in tokens; its peak memory is not measured at the full size.\n"
-        "- HML runs its matmuls in float32 on CPU for bf16 inputs (see docs/hml.md), so its bf16 times are "
-        "close to its fp32 times, while the FFN's bf16 times hit slow bf16 GEMM kernels.\n"
+        + bf16_notes(rows) +
         "- HML ms: the compiled CPU kernels (`midus_surgery/kernels`, what runs on CPU by default); the "
         "pure-torch column is the same layer with `MIDUS_HML_KERNELS=torch` (what runs without a compiler), "
         "timed in the same interleaved loop.\n"
         "- This VM's two vCPUs and its neighbours make single runs vary by up to ~30%; the minimum over "
         "repeats is reported.\n\n"
         + table(rows)
+        + ("\n" + targets(rows) if targets(rows) else "")
     )
     write_section(path, "## HML", section)
 
@@ -228,7 +259,7 @@ def main(argv=None) -> int:
         for dt in args.dtypes.split(","):
             dtype = getattr(torch, dt)
             sub = None
-            if dtype == torch.bfloat16 and (size == "Llama-3.2-1B" or args.quick):
+            if dtype == torch.bfloat16 and ((size == "Llama-3.2-1B" and not cpu_native_bf16()) or args.quick):
                 sub = 16 if args.quick else 64
             rows.append(run_row(size, dtype, repeats if not sub else max(1, repeats // 2), sub, log,
                                 kernel_path=args.path, compare_torch=dtype == torch.float32 and args.path == "fused"))
@@ -240,9 +271,8 @@ def main(argv=None) -> int:
     else:
         print(table(rows))
     if args.write_docs:
-        command = "python tools/bench_hml.py " + " ".join(argv if argv is not None else sys.argv[1:])
         write_docs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "benchmarks.md"), rows,
-                   command.strip())
+                   command_line("tools/bench_hml.py", argv).strip())
     return 0
 
 
