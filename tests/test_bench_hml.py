@@ -49,6 +49,7 @@ def test_docs_section_names_the_command_and_keeps_other_sections(tmp_path, monke
     assert "old" not in text and "## Other\n\nkept" in text
     assert "`python tools/bench_hml.py --sizes tiny`" in text and "| tiny | float32 |" in text
     assert ("no native bf16" in text) != ("native bf16 (AVX512-BF16/AMX)" in text)
+    assert "- Versions: Python " in text and "transformers " in text
 
 
 def test_targets_judge_each_targeted_size_and_skip_the_others():

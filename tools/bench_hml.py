@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_common import command_line, cpu_name, cpu_native_bf16, write_section  # noqa: E402
+from bench_common import command_line, cpu_name, cpu_native_bf16, versions, write_section  # noqa: E402
 from midus_surgery.hml import HeadwiseMemory, HMLConfig, hml_parameter_count  # noqa: E402
 
 SIZES = {
@@ -185,8 +184,12 @@ def table(rows: list[dict]) -> str:
 
 def machine() -> str:
     bf16 = "native bf16 (AVX512-BF16/AMX)" if cpu_native_bf16() else "no native bf16"
-    return (f"{cpu_name()}, {os.cpu_count()} CPU cores, {bf16}, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+    return f"{cpu_name()}, {os.cpu_count()} CPU cores, {bf16}, torch threads {torch.get_num_threads()}"
+
+
+def versions_line() -> str:
+    v = versions()
+    return f"Python {v['python']}, torch {v['torch']}, transformers {v['transformers']} (the FFN is its `LlamaMLP`)"
 
 
 def bf16_notes(rows: list[dict]) -> str:
@@ -225,6 +228,7 @@ def write_docs(path: str, rows: list[dict], command: str) -> None:
         "Head-wise Memory Layer (`midus_surgery/hml.py`) vs the FFN it replaces (transformers' `LlamaMLP`), "
         f"forward+backward, batch {BATCH} x {SEQ} tokens, interleaved repeats, minimum time.\n\n"
         f"- Machine: {machine()}\n"
+        f"- Versions: {versions_line()}\n"
         f"- Command: `{command}`\n"
         "- Peak memory: live tensor bytes during one fwd+bwd step from torch.profiler allocation events "
         "(`profile_memory=True`); parameters excluded, gradients included.\n"

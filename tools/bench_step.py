@@ -644,8 +644,8 @@ def section_text(payload: dict) -> str:
         + ("" if gpu else "The whole possible gain is the inserted FFNs' share of the DUS step; the paired floor ratio "
            "measures it. ")
         + "What moves the ratio for real is the share of the step spent in replaced FFNs (more Memory "
-        "blocks, or larger FFNs per block: at the Llama-3.2-1B block size the HML costs 0.20x the FFN it replaces in "
-        "fp32 on CPU, 0.38x in bf16 on a CPU with bf16 units, see the HML section).", "",
+        "blocks, or larger FFNs per block: at the Llama-3.2-1B block size the HML costs about 0.2x the FFN it replaces "
+        "in fp32 on CPU, 0.4x in bf16 on a CPU with bf16 units, see the HML section).", "",
     ]
     return "\n".join(lines)
 
