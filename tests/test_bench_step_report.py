@@ -160,6 +160,27 @@ def test_every2_layout_reads_its_recipes_and_writes_its_own_section(tmp_path, do
     assert (tmp_path / "cpu_every2.png").stat().st_size > 0 and not (tmp_path / "cpu.png").exists()
 
 
+def test_llama1b_layout_names_its_base_and_writes_its_own_section(tmp_path, docs):
+    models = bs.models_for("llama1b-every2")
+    assert models["base"] == bs.LLAMA1B_BASE and models["MIDUS"].name == "llama-1b-8l-midus-every2"
+    assert models["FFN-free floor"] == models["DUS"] and models["LLaMA-Pro"].name == "llama-1b-8l-llama-pro-every2"
+    rows = [_row("DUS", "base", "bf16", 4, 1.0, 243 * 10**6), _row("MIDUS", "base", "bf16", 4, 0.7, 96 * 10**6)]
+    for row in rows:
+        row["device_name"] = None
+    payload = _payload("cpu", rows, [{"precision": "bf16", "batch": 4, "seq": 256, "repeats": 1, "warmup": 1, "steps": 1}],
+                       layout="llama1b-every2")
+    (tmp_path / "r.json").write_text(json.dumps(payload))
+    assert bs.main(["--from-json", str(tmp_path / "r.json")]) == 0
+    text = docs.read_text()
+    assert "## Training step\n\nthe CPU table" in text and "## Other\n\nkept" in text
+    section = text[text.index("## Training step, Llama-3.2-1B block size"):]
+    assert "of an 8-layer Llama-3.2-1B-shaped base and its DUS" in section and "4 of 12 blocks change" in section
+    assert "random, of Llama-3.2-1B's shape with 8 layers" in section and "SmolLM2-135M-Instruct" not in section
+    assert "recipes/ablation/llama-1b-width/llama-1b-8l-midus-every2.yaml" in section
+    assert "bf16 4x256, freeze=base: MIDUS/DUS step 0.70x" in section
+    assert (tmp_path / "cpu_llama1b.png").stat().st_size > 0
+
+
 def test_compiled_runs_write_their_own_section_and_say_what_compiling_cost(tmp_path, docs):
     rows = _rows()
     for row, warm in zip(rows, (95.0, 140.0, 97.0, 143.0)):

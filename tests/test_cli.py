@@ -192,3 +192,25 @@ def test_every2_knob_recipes_change_only_their_knobs():
                    if recipe["memory"].get(k, "default") != reference["memory"].get(k, "default")}
         assert changed == keys, (knob, changed)
         assert Path(recipe["output"]["dir"]).name == Path(reference["output"]["dir"]).name + f"-{knob}"
+
+
+def test_llama1b_width_recipes_are_the_three_methods_at_the_papers_block_size_and_proportion():
+    """recipes/ablation/llama-1b-width/ (tools/bench_step.py --layout llama1b-every2): DUS, LLaMA-Pro and MIDUS on an
+    8-layer base of Llama-3.2-1B's config, a block after every 2nd layer, MIDUS with recipes/llama-3.2-1b-midus.yaml's memory."""
+    import json
+
+    import yaml
+
+    folder = ROOT / "recipes" / "ablation" / "llama-1b-width"
+    paths = sorted(folder.glob("*.yaml"))
+    assert {p.name for p in paths} == {f"llama-1b-8l-{k}-every2.yaml" for k in ("dus", "llama-pro", "midus")}
+    result = run("validate", *map(str, paths))
+    assert result.returncode == 0, result.stderr
+    for kind in ("transformer", "identity", "memory"):
+        assert result.stdout.count(f"8 -> 12 layers (4 {kind})") == 1
+    paper = yaml.safe_load((ROOT / "recipes" / "llama-3.2-1b-midus.yaml").read_text())
+    midus = yaml.safe_load((folder / "llama-1b-8l-midus-every2.yaml").read_text())
+    assert midus["memory"] == paper["memory"] and midus["layout"] == paper["layout"]
+    config = json.loads((folder / midus["base"]["config"]).read_text())
+    full = json.loads((ROOT / "recipes" / "configs" / "llama-3.2-1b.json").read_text())
+    assert config == {**full, "num_hidden_layers": 8}

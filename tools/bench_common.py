@@ -30,10 +30,12 @@ def cpu_native_bf16() -> bool:
 
 
 def command_line(script: str, argv) -> str:
-    """The command a benchmark report quotes: this script with the arguments it ran with."""
+    """The command a benchmark report quotes: this script with the arguments it ran with, quoted for a shell
+    (e.g. --models "DUS,FFN-free floor" keeps its space inside one argument)."""
+    import shlex
     import sys
 
-    return "python " + " ".join([script, *(argv if argv is not None else sys.argv[1:])])
+    return "python " + shlex.join([script, *(argv if argv is not None else sys.argv[1:])])
 
 
 def versions(*extra: str) -> dict:

@@ -4,7 +4,9 @@
 Models: the base (``work/smollm2-135m``) and the DUS, LLaMA-Pro and MIDUS outputs of the bundled
 recipes ``recipes/smollm2-135m-{dus,llama-pro,midus}.yaml`` (6 blocks inserted after every 5th
 layer: 30 -> 36 layers), applied first if missing; ``--layout every2`` takes the paper's proportion
-instead (``recipes/ablation/every2/``: 15 blocks after every 2nd layer, 30 -> 45). Freeze policies, as `midus-surgery train`
+instead (``recipes/ablation/every2/``: 15 blocks after every 2nd layer, 30 -> 45); ``--layout llama1b-every2`` the
+paper's block size as well (``recipes/ablation/llama-1b-width/``: an 8-layer base of Llama-3.2-1B's shape with random
+weights, written once to ``work/bench/llama-3.2-1b-8l``, and 4 blocks after every 2nd layer). Freeze policies, as `midus-surgery train`
 defines them: ``none`` (everything trains) and ``base`` (only the inserted layers listed in the
 output's midus_plan.json train; skipped for the base model, where nothing would train).
 Precisions: ``fp32`` (everything fp32) and ``bf16`` (bf16 autocast over fp32 master weights and
@@ -66,14 +68,26 @@ BASE_MODEL = REPO / "work" / "smollm2-135m"
 # Which blocks are inserted where: the bundled recipes (6 after every 5th layer), or the paper's
 # proportion (Llama-3.2-1B: a Memory block after every 2nd layer; here 15 of 45 blocks). The share
 # of the step spent in replaced FFNs, hence the whole possible gain, grows with the count.
+METHODS = (("DUS", "dus"), ("LLaMA-Pro", "llama-pro"), ("MIDUS", "midus"))  # row name, recipe file key
+LLAMA1B_BASE = REPO / "work" / "bench" / "llama-3.2-1b-8l"
+LLAMA1B_CONFIG = REPO / "recipes" / "configs" / "llama-3.2-1b-8l.json"  # Llama-3.2-1B's, with 8 layers
 LAYOUTS = {
     "every5": {"what": "6 blocks inserted after every 5th layer, 30 -> 36 layers", "changed": "6 of 36", "title": "", "stem": "",
-               "recipes": {m: REPO / "recipes" / f"smollm2-135m-{k}.yaml"
-                           for m, k in (("DUS", "dus"), ("LLaMA-Pro", "llama-pro"), ("MIDUS", "midus"))}},
+               "base": BASE_MODEL, "family": "SmolLM2-135M",
+               "recipes": {m: REPO / "recipes" / f"smollm2-135m-{k}.yaml" for m, k in METHODS}},
     "every2": {"what": "15 blocks inserted after every 2nd layer, the paper's proportion, 30 -> 45 layers", "changed": "15 of 45",
                "title": ", 15 inserted blocks (the paper's proportion)", "stem": "_every2",
-               "recipes": {m: REPO / "recipes" / "ablation" / "every2" / f"smollm2-135m-{k}-every2.yaml"
-                           for m, k in (("DUS", "dus"), ("LLaMA-Pro", "llama-pro"), ("MIDUS", "midus"))}},
+               "base": BASE_MODEL, "family": "SmolLM2-135M",
+               "recipes": {m: REPO / "recipes" / "ablation" / "every2" / f"smollm2-135m-{k}-every2.yaml" for m, k in METHODS}},
+    # The paper's block size too: its FFNs (8192 wide) are a larger share of a block than SmolLM2's. Eight base
+    # layers instead of sixteen, so that three models and their AdamW state fit one process of a 24 GiB machine.
+    "llama1b-every2": {"what": "4 blocks inserted after every 2nd layer of an 8-layer base of Llama-3.2-1B's shape (hidden 2048, "
+                                "FFN 8192, 32 heads of 64, 8 KV heads, vocab 128256), the paper's block size and proportion, 8 -> 12 layers",
+                       "changed": "4 of 12", "title": ", Llama-3.2-1B block size (the paper's block size and proportion)",
+                       "stem": "_llama1b", "base": LLAMA1B_BASE, "family": "an 8-layer Llama-3.2-1B-shaped base",
+                       "plot": "Llama-3.2-1B-shaped base (8 layers) + 4 inserted blocks",
+                       "recipes": {m: REPO / "recipes" / "ablation" / "llama-1b-width" / f"llama-1b-8l-{k}-every2.yaml"
+                                   for m, k in METHODS}},
 }
 # not a method: DUS with the inserted blocks' FFNs replaced by a zero-cost stub, i.e. the
 # fastest any FFN replacement (MIDUS's memory included) could make the up-scaled step
@@ -87,7 +101,7 @@ ROWS = ("base", "DUS", "LLaMA-Pro", "MIDUS", "MIDUS (pure torch)", "FFN-free flo
 def models_for(layout: str) -> dict[str, Path]:
     """Row name -> model directory for one layout."""
     recipes = LAYOUTS[layout]["recipes"]
-    out = {"base": BASE_MODEL, **{m: recipe_output(r) for m, r in recipes.items()}}
+    out = {"base": LAYOUTS[layout]["base"], **{m: recipe_output(r) for m, r in recipes.items()}}
     out["FFN-free floor"] = out["DUS"]
     out["MIDUS (pure torch)"] = out["MIDUS"]
     return out
@@ -325,9 +339,26 @@ def run_child(specs: list[dict], rounds: int = 0):
 
 # ----------------------------------------------------------------------------- the driver
 
+def make_llama1b_base(directory: Path, log) -> None:
+    """Write the llama1b-every2 layout's base once: LLAMA1B_CONFIG with random bf16 weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig.from_dict(json.loads(LLAMA1B_CONFIG.read_text()))
+    log(f"writing {directory} (random weights of Llama-3.2-1B's shape, 8 layers; once) ...")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tmp = directory.with_name(directory.name + ".partial")  # a cut run leaves no base that looks whole
+    model.save_pretrained(tmp)
+    tmp.rename(directory)
+
+
 def ensure_outputs(log, random_init: bool, layout: str) -> None:
-    if not (BASE_MODEL / "config.json").is_file():
-        raise SystemExit(f"missing {BASE_MODEL}: run `python tools/fetch_smollm2.py` first")
+    base = LAYOUTS[layout]["base"]
+    if base == LLAMA1B_BASE and not (base / "config.json").is_file():
+        make_llama1b_base(base, log)
+    if not (base / "config.json").is_file():
+        raise SystemExit(f"missing {base}: run `python tools/fetch_smollm2.py` first")
     models = models_for(layout)
     for name, recipe in LAYOUTS[layout]["recipes"].items():
         if random_init and (models[name] / "midus_plan.json").is_file() and (models[name] / "config.json").is_file():
@@ -592,8 +623,10 @@ def section_text(payload: dict) -> str:
             f"at end {payload['load_avg_end']} (2 cores shared with other agents' test runs: noisy; minimum and median are both shown).",
             f"- Versions: Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}.",
             f"- Command: `{payload['command']}`",
-            "- Base weights: SmolLM2-135M-Instruct dequantised from its Q4_1 GGUF (real weights, not the original bf16 checkpoint); "
-            "step time does not depend on the values.",
+            "- Base weights: " + ("random, of Llama-3.2-1B's shape with 8 layers, written once by this script to "
+                                  f"`{LLAMA1B_BASE.relative_to(REPO)}`; " if layout["base"] == LLAMA1B_BASE else
+                                  "SmolLM2-135M-Instruct dequantised from its Q4_1 GGUF (real weights, not the original bf16 "
+                                  "checkpoint); ") + "step time does not depend on the values.",
         ]
         mem = ("- Memory: the process's resident set, from `/proc/self/status`: the kernel high-water mark VmHWM, reset right before "
                "the first step (`/proc/self/clear_refs`), minus the RSS of the loaded model. The delta covers activations, gradients, "
@@ -619,7 +652,7 @@ def section_text(payload: dict) -> str:
     png = png_path(payload).name
     lines = [
         section_title(payload), "",
-        f"One training step (forward + backward + AdamW step, lr 1e-4; {adamw_words(payload)}) of SmolLM2-135M and its DUS, LLaMA-Pro and MIDUS outputs "
+        f"One training step (forward + backward + AdamW step, lr 1e-4; {adamw_words(payload)}) of {layout['family']} and its DUS, LLaMA-Pro and MIDUS outputs "
         f"({recipes}: {layout['what']}), "
         "random token ids (labels = inputs); batch sizes per precision below.",
         "",
@@ -694,7 +727,8 @@ def write_docs(payload: dict) -> None:
     device = payload["device"]
     title = "training step on " + (payload["machine"] if device == "cuda" else "CPU")
     payload = {**payload, "targets": targets(payload["rows"])}  # JSON from older runs lacks newer target fields
-    plot(payload["rows"], png_path(payload), f"SmolLM2-135M family{LAYOUTS[payload.get('layout', 'every5')]['title']}, {title}")
+    layout = LAYOUTS[payload.get("layout", "every5")]
+    plot(payload["rows"], png_path(payload), f"{layout.get('plot', layout['family'] + ' family' + layout['title'])}, {title}")
     write_section(DOCS, section_title(payload), section_text(payload))
 
 
@@ -753,7 +787,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "steps compile (their time is reported), each configuration from scratch; its own docs section")
     ap.add_argument("--layout", choices=list(LAYOUTS), default="every5",
                     help="every5: the bundled recipes (6 inserted blocks, 30 -> 36); every2: the paper's proportion "
-                         "(15 inserted blocks, 30 -> 45, recipes/ablation/every2/); each has its own docs section")
+                         "(15 inserted blocks, 30 -> 45, recipes/ablation/every2/); llama1b-every2: the paper's block size "
+                         "and proportion (an 8-layer base of Llama-3.2-1B's shape with random weights, written once; "
+                         "8 -> 12, recipes/ablation/llama-1b-width/); each has its own docs section")
     ap.add_argument("--adamw", choices=["auto", "fused", "foreach", "for-loop", "torch"], default="auto",
                     help="AdamW implementation, as the trainer's optim.implementation (default auto: fused on CPU and CUDA, "
                          "what `midus-surgery train` runs); torch: torch's own default (the for-loop on CPU), as runs before this option")
