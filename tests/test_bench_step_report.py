@@ -34,6 +34,13 @@ def _payload(device, rows, plans, **extra):
             "command": "python tools/bench_step.py", "rows": rows, "targets": bs.targets(rows), "plans": plans, **extra}
 
 
+def redraw(tmp_path, payload, docs) -> str:
+    """Run --from-json on ``payload`` as a saved run and return the docs it wrote."""
+    (tmp_path / "r.json").write_text(json.dumps(payload))
+    assert bs.main(["--from-json", str(tmp_path / "r.json")]) == 0
+    return docs.read_text()
+
+
 @pytest.fixture
 def docs(tmp_path, monkeypatch):
     """A scratch benchmarks.md with a CPU section and another one, and the PNGs beside it."""
@@ -53,9 +60,7 @@ def test_targets_pair_rows_of_the_same_batch():
 def test_from_json_writes_the_gpu_section_only(tmp_path, docs):
     rows = _rows()
     payload = _payload("cuda", rows, [{"precision": "bf16", "batch": b, "seq": 256, "repeats": 1, "warmup": 2, "steps": 10} for b in (4, 16)])
-    (tmp_path / "r.json").write_text(json.dumps(payload))
-    assert bs.main(["--from-json", str(tmp_path / "r.json")]) == 0
-    text = docs.read_text()
+    text = redraw(tmp_path, payload, docs)
     assert "the CPU table" in text and "## Other\n\nkept" in text
     gpu = text[text.index("## Training step on GPU"):]
     assert "bf16 16x256, freeze=none: MIDUS/DUS step 1.20x" in gpu and "bf16 4x256, freeze=none: MIDUS/DUS step 0.80x" in gpu
@@ -69,9 +74,7 @@ def test_the_gpu_section_names_the_memory_layer_path(tmp_path, docs, path, words
     extra = {} if path is None else {"hml_cuda_path": path}
     payload = _payload("cuda", _rows(), [{"precision": "bf16", "batch": b, "seq": 256, "repeats": 1, "warmup": 2, "steps": 10}
                                          for b in (4, 16)], **extra)
-    (tmp_path / "r.json").write_text(json.dumps(payload))
-    assert bs.main(["--from-json", str(tmp_path / "r.json")]) == 0
-    assert f"- MIDUS's memory layer runs on {words}" in docs.read_text()
+    assert f"- MIDUS's memory layer runs on {words}" in redraw(tmp_path, payload, docs)
 
 
 def test_the_driver_records_the_path_the_environment_selects(monkeypatch):
@@ -109,9 +112,7 @@ def test_the_report_says_what_the_triton_kernels_buy(tmp_path, docs):
     assert abs(t["midus_over_pure_torch"] - 2 / 3) < 1e-12 and abs(t["pure_torch_over_dus"] - 2.0) < 1e-12
     payload = _payload("cuda", rows, [{"precision": "bf16", "batch": 16, "seq": 256, "repeats": 1, "warmup": 2, "steps": 10}],
                        hml_cuda_path="triton")
-    (tmp_path / "r.json").write_text(json.dumps(payload))
-    assert bs.main(["--from-json", str(tmp_path / "r.json")]) == 0
-    text = docs.read_text()
+    text = redraw(tmp_path, payload, docs)
     assert "| MIDUS (pure torch) | base |" in text and "the same model with the layer forced onto the pure-torch path" in text
     assert "the memory layer on its pure-torch path 2.00x DUS (the Triton kernels take the MIDUS step to 0.67x of that)" in text
 
@@ -150,9 +151,7 @@ def test_every2_layout_reads_its_recipes_and_writes_its_own_section(tmp_path, do
     for row in rows:
         row["device_name"] = None
     payload = _payload("cpu", rows, [{"precision": "fp32", "batch": 4, "seq": 256, "repeats": 1, "warmup": 1, "steps": 2}], layout="every2")
-    (tmp_path / "r.json").write_text(json.dumps(payload))
-    assert bs.main(["--from-json", str(tmp_path / "r.json")]) == 0
-    text = docs.read_text()
+    text = redraw(tmp_path, payload, docs)
     assert "## Training step\n\nthe CPU table" in text and "## Other\n\nkept" in text
     section = text[text.index("## Training step, 15 inserted blocks (the paper's proportion)"):]
     assert "recipes/ablation/every2/smollm2-135m-midus-every2.yaml" in section and "15 of 45 blocks change" in section
@@ -169,9 +168,7 @@ def test_llama1b_layout_names_its_base_and_writes_its_own_section(tmp_path, docs
         row["device_name"] = None
     payload = _payload("cpu", rows, [{"precision": "bf16", "batch": 4, "seq": 256, "repeats": 1, "warmup": 1, "steps": 1}],
                        layout="llama1b-every2")
-    (tmp_path / "r.json").write_text(json.dumps(payload))
-    assert bs.main(["--from-json", str(tmp_path / "r.json")]) == 0
-    text = docs.read_text()
+    text = redraw(tmp_path, payload, docs)
     assert "## Training step\n\nthe CPU table" in text and "## Other\n\nkept" in text
     section = text[text.index("## Training step, Llama-3.2-1B block size"):]
     assert "of an 8-layer Llama-3.2-1B-shaped base and its DUS" in section and "4 of 12 blocks change" in section
