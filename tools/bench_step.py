@@ -71,13 +71,14 @@ BASE_MODEL = REPO / "work" / "smollm2-135m"
 METHODS = (("DUS", "dus"), ("LLaMA-Pro", "llama-pro"), ("MIDUS", "midus"))  # row name, recipe file key
 LLAMA1B_BASE = REPO / "work" / "bench" / "llama-3.2-1b-8l"
 LLAMA1B_CONFIG = REPO / "recipes" / "configs" / "llama-3.2-1b-8l.json"  # Llama-3.2-1B's, with 8 layers
+SMOLLM2_WEIGHTS = "SmolLM2-135M-Instruct dequantised from its Q4_1 GGUF (real weights, not the original bf16 checkpoint)"
 LAYOUTS = {
     "every5": {"what": "6 blocks inserted after every 5th layer, 30 -> 36 layers", "changed": "6 of 36", "title": "", "stem": "",
-               "base": BASE_MODEL, "family": "SmolLM2-135M",
+               "base": BASE_MODEL, "family": "SmolLM2-135M", "weights": SMOLLM2_WEIGHTS,
                "recipes": {m: REPO / "recipes" / f"smollm2-135m-{k}.yaml" for m, k in METHODS}},
     "every2": {"what": "15 blocks inserted after every 2nd layer, the paper's proportion, 30 -> 45 layers", "changed": "15 of 45",
                "title": ", 15 inserted blocks (the paper's proportion)", "stem": "_every2",
-               "base": BASE_MODEL, "family": "SmolLM2-135M",
+               "base": BASE_MODEL, "family": "SmolLM2-135M", "weights": SMOLLM2_WEIGHTS,
                "recipes": {m: REPO / "recipes" / "ablation" / "every2" / f"smollm2-135m-{k}-every2.yaml" for m, k in METHODS}},
     # The paper's block size too: its FFNs (8192 wide) are a larger share of a block than SmolLM2's. Eight base
     # layers instead of sixteen, so that three models and their AdamW state fit one process of a 24 GiB machine.
@@ -86,6 +87,9 @@ LAYOUTS = {
                        "changed": "4 of 12", "title": ", Llama-3.2-1B block size (the paper's block size and proportion)",
                        "stem": "_llama1b", "base": LLAMA1B_BASE, "family": "an 8-layer Llama-3.2-1B-shaped base",
                        "plot": "Llama-3.2-1B-shaped base (8 layers) + 4 inserted blocks",
+                       "random_base_from": LLAMA1B_CONFIG,  # the script writes the base once, from this config
+                       "weights": "random, of Llama-3.2-1B's shape with 8 layers, written once by this script to "
+                                  f"`{LLAMA1B_BASE.relative_to(REPO)}`",
                        "recipes": {m: REPO / "recipes" / "ablation" / "llama-1b-width" / f"llama-1b-8l-{k}-every2.yaml"
                                    for m, k in METHODS}},
 }
@@ -339,13 +343,14 @@ def run_child(specs: list[dict], rounds: int = 0):
 
 # ----------------------------------------------------------------------------- the driver
 
-def make_llama1b_base(directory: Path, log) -> None:
-    """Write the llama1b-every2 layout's base once: LLAMA1B_CONFIG with random bf16 weights."""
+def make_random_base(directory: Path, config_path: Path, log) -> None:
+    """Write a layout's synthetic base once: the model of ``config_path`` with random bf16 weights."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = LlamaConfig.from_dict(json.loads(LLAMA1B_CONFIG.read_text()))
-    log(f"writing {directory} (random weights of Llama-3.2-1B's shape, 8 layers; once) ...")
+    config_dict = json.loads(config_path.read_text())
+    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    log(f"writing {directory} (random weights from {config_path.name}; once) ...")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     tmp = directory.with_name(directory.name + ".partial")  # a cut run leaves no base that looks whole
@@ -355,8 +360,8 @@ def make_llama1b_base(directory: Path, log) -> None:
 
 def ensure_outputs(log, random_init: bool, layout: str) -> None:
     base = LAYOUTS[layout]["base"]
-    if base == LLAMA1B_BASE and not (base / "config.json").is_file():
-        make_llama1b_base(base, log)
+    if "random_base_from" in LAYOUTS[layout] and not (base / "config.json").is_file():
+        make_random_base(base, LAYOUTS[layout]["random_base_from"], log)
     if not (base / "config.json").is_file():
         raise SystemExit(f"missing {base}: run `python tools/fetch_smollm2.py` first")
     models = models_for(layout)
@@ -623,10 +628,7 @@ def section_text(payload: dict) -> str:
             f"at end {payload['load_avg_end']} (2 cores shared with other agents' test runs: noisy; minimum and median are both shown).",
             f"- Versions: Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}.",
             f"- Command: `{payload['command']}`",
-            "- Base weights: " + ("random, of Llama-3.2-1B's shape with 8 layers, written once by this script to "
-                                  f"`{LLAMA1B_BASE.relative_to(REPO)}`; " if layout["base"] == LLAMA1B_BASE else
-                                  "SmolLM2-135M-Instruct dequantised from its Q4_1 GGUF (real weights, not the original bf16 "
-                                  "checkpoint); ") + "step time does not depend on the values.",
+            f"- Base weights: {layout['weights']}; step time does not depend on the values.",
         ]
         mem = ("- Memory: the process's resident set, from `/proc/self/status`: the kernel high-water mark VmHWM, reset right before "
                "the first step (`/proc/self/clear_refs`), minus the RSS of the loaded model. The delta covers activations, gradients, "
