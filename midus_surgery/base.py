@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RecipeError
-from .recipe import LoadedRecipe
+from .recipe import MAX_BASE_LAYERS, LoadedRecipe
+
+MAX_CONFIG_BYTES = 16 * 2**20  # a config.json is a few KB (a few MB with big label maps)
 
 
 @dataclass(frozen=True)
@@ -23,14 +26,147 @@ class BaseRef:
         return self.gguf_file is not None
 
 
+def _is_file(loaded: LoadedRecipe, key: str, path: Path) -> bool:
+    """``path.is_file()``, with a path the OS refuses (a component over 255 bytes...) a located problem."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise RecipeError([loaded.problem(("base", key), f"cannot use this path: {why}")]) from None
+
+
 def resolve_base(loaded: LoadedRecipe) -> BaseRef:
     spec = loaded.recipe.base
     path = loaded.resolve(spec.path)
     if path.suffix.lower() == ".gguf":
-        return BaseRef(path.parent, path.name, path.is_file())
+        return BaseRef(path.parent, path.name, _is_file(loaded, "path", path))
     if spec.gguf_file:
-        return BaseRef(path, spec.gguf_file, (path / spec.gguf_file).is_file())
-    return BaseRef(path, None, (path / "config.json").is_file())
+        return BaseRef(path, spec.gguf_file, _is_file(loaded, "gguf_file", path / spec.gguf_file))
+    return BaseRef(path, None, _is_file(loaded, "path", path / "config.json"))
+
+
+def _special_float(obj: dict):
+    """json object_hook: ``{"__float__": "Infinity"}`` (how transformers 5 writes inf/nan) -> the float."""
+    if len(obj) == 1 and isinstance(obj.get("__float__"), str):
+        return {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}.get(obj["__float__"], obj)
+    return obj
+
+
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def read_config_json(path: Path) -> dict:
+    """A config.json as a dict, as transformers reads it (special floats included); ValueError says what is wrong."""
+    with open(path, "rb") as handle:
+        raw = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_CONFIG_BYTES // 2**20} MiB; a config.json is a few KB")
+    try:
+        data = json.loads(raw, object_hook=_special_float)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a config") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # e.g. an integer of more than 4300 digits, bytes not UTF-8
+        raise ValueError(f"{path} cannot be read: {str(exc)[:200]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {_JSON_TYPES.get(type(data), type(data).__name__)}, not an object with model_type and the sizes")
+    return data
+
+
+# Config keys with a physical meaning (transformers' names and the aliases its attribute_maps use),
+# each with its largest sane value. Checked on the raw JSON before transformers builds anything.
+_SIZES = {
+    ("num_hidden_layers", "n_layer", "n_layers", "num_layers"): MAX_BASE_LAYERS,
+    ("hidden_size", "n_embd", "d_model"): 2**20,
+    ("num_attention_heads", "n_head", "n_heads", "num_heads"): 2**14,
+    ("num_key_value_heads", "n_kv_heads", "num_kv_heads"): 2**14,
+    ("head_dim",): 2**16,
+    ("intermediate_size", "n_inner", "ffn_dim"): 2**22,
+    ("vocab_size",): 2**24,
+    ("max_position_embeddings", "n_positions"): 2**30,
+    ("sliding_window",): 2**30,
+    ("num_experts", "num_local_experts", "n_routed_experts"): 2**16,
+    ("num_experts_per_tok",): 2**16,
+}
+_PER_LAYER_OK = {"intermediate_size", "n_inner", "ffn_dim", "num_key_value_heads"}  # some configs list these per layer
+_REQUIRED = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+
+
+def _count_problem(key: str, value, limit: int) -> str | None:
+    values = value if isinstance(value, list) and key in _PER_LAYER_OK else [value]
+    for v in values:
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int):
+            return f"{key} must be a whole number, got {_short(v)}"
+        low = 0 if key == "sliding_window" else 1
+        if not low <= v <= limit:
+            return f"{key} is {v}; it must be between {low} and {limit}"
+    return None
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def config_number_problems(data: dict) -> list[str]:
+    """What is wrong with the sizes of a base config's raw dict (wrong types, zero or absurd values, unknown rope types)."""
+    problems = []
+    for keys, limit in _SIZES.items():
+        for key in keys:
+            if key in data:
+                problem = _count_problem(key, data[key], limit)
+                if problem:
+                    problems.append(problem)
+    for key in ("rope_scaling", "rope_parameters"):
+        problems += _rope_problems(key, data.get(key))
+    for key in ("dtype", "torch_dtype"):
+        value = data.get(key)
+        if value is not None and not (isinstance(value, str) and re.fullmatch(r"(torch\.)?[a-z]+[0-9_a-z]*", value)):
+            problems.append(f"{key} must be a dtype name such as \"bfloat16\", got {_short(value)}")
+    return problems
+
+
+def _rope_problems(key: str, value) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        return [f"{key} must be an object, got {_short(value)}"]
+    if value and all(isinstance(v, dict) for v in value.values()) and not ({"rope_type", "type"} & set(value)):
+        return [p for v in value.values() for p in _rope_problems(key, v)]  # per layer type (full_attention: {...}, ...)
+    kind = value.get("rope_type", value.get("type", "default"))
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    known = ["default", *ROPE_INIT_FUNCTIONS]
+    if kind not in known:
+        return [f"{key} has an unknown rope_type {_short(kind)} (transformers knows {', '.join(known)})"]
+    return []
+
+
+def config_object_problems(config) -> list[str]:
+    """What is wrong with a built config's sizes (after transformers' aliases and defaults)."""
+    problems = []
+    for key in _REQUIRED:
+        value = getattr(config, key, None)
+        limit = next(limit for keys, limit in _SIZES.items() if key in keys)
+        problem = _count_problem(key, value, limit) if value is not None else f"the config has no {key}"
+        if problem:
+            problems.append(problem)
+    if problems:
+        return problems
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is None and config.hidden_size // config.num_attention_heads < 1:
+        problems.append(f"num_attention_heads ({config.num_attention_heads}) is larger than hidden_size ({config.hidden_size}): heads would have no width")
+    elif head_dim is not None:
+        problem = _count_problem("head_dim", head_dim, 2**16)
+        if problem:
+            problems.append(problem)
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and len(layer_types) != config.num_hidden_layers:
+        problems.append(f"layer_types has {len(layer_types)} entries for {config.num_hidden_layers} layers")
+    return problems
 
 
 def _config_from_dict(data: dict, where: str, trust_remote_code: bool):
@@ -43,8 +179,16 @@ def _config_from_dict(data: dict, where: str, trust_remote_code: bool):
         # Custom code would be needed to build this architecture; never run it unasked.
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+        from .custom_code import building_code, refusal
+
         if model_type not in CONFIG_MAPPING:
             raise ValueError(f"{where}: model_type {model_type!r} needs its own code (auto_map); set base.trust_remote_code: true to allow it")
+        if building_code(data):  # a known type, but the stock class would silently build another model
+            raise ValueError(refusal(where, building_code(data)))
+    if trust_remote_code and "auto_map" in data:
+        from .custom_code import config_with_custom_code
+
+        return config_with_custom_code(data, Path(where).parent, where)
     fields = {k: v for k, v in data.items() if k not in ("model_type", "transformers_version")}
     try:
         return AutoConfig.for_model(model_type, **fields)
@@ -53,25 +197,44 @@ def _config_from_dict(data: dict, where: str, trust_remote_code: bool):
 
 
 def load_base_config(loaded: LoadedRecipe):
-    """The base model's ``PretrainedConfig``, from its directory, its GGUF, or ``base.config``."""
+    """The base model's ``PretrainedConfig``, from its directory, its GGUF, or ``base.config``.
+
+    Every way the config can be wrong (unreadable, not a JSON object, sizes of the wrong type or
+    absurd, an unknown rope type, refused by transformers) is a RecipeError located at the
+    recipe's ``base`` key that names the config file."""
     spec = loaded.recipe.base
     ref = resolve_base(loaded)
+    key = "path"
     try:
         if ref.exists and ref.is_gguf:
             from transformers import AutoConfig
 
-            return AutoConfig.from_pretrained(ref.directory, gguf_file=ref.gguf_file)
-        if ref.exists:
-            path = ref.directory / "config.json"
-            return _config_from_dict(json.loads(path.read_text()), str(path), spec.trust_remote_code)
-        if spec.config is not None:
-            path = loaded.resolve(spec.config)
-            if not path.is_file():
-                raise RecipeError([loaded.problem(("base", "config"), f"config file not found: {path}")])
-            return _config_from_dict(json.loads(path.read_text()), str(path), spec.trust_remote_code)
-    except json.JSONDecodeError as exc:
-        raise RecipeError([loaded.problem(("base",), f"base config is not valid JSON: {exc}")]) from None
+            config, where = AutoConfig.from_pretrained(ref.directory, gguf_file=ref.gguf_file), str(ref.directory / ref.gguf_file)
+        elif ref.exists or spec.config is not None:
+            path = ref.directory / "config.json" if ref.exists else loaded.resolve(spec.config)
+            if not ref.exists:
+                key = "config"
+                if not _is_file(loaded, "config", path):
+                    raise RecipeError([loaded.problem(("base", "config"), f"config file not found: {path}")])
+            data = read_config_json(path)
+            numbers = config_number_problems(data)
+            if numbers:
+                raise RecipeError([loaded.problem(("base", key), f"{path}: {problem}") for problem in numbers])
+            config, where = _config_from_dict(data, str(path), spec.trust_remote_code), str(path)
+        else:
+            config = None
+        if config is not None:
+            config.to_dict()  # what the planner and the anatomy tracer read first: fail here, located
+    except RecipeError:
+        raise
     except (ValueError, OSError) as exc:
-        raise RecipeError([loaded.problem(("base",), str(exc))]) from None
+        raise RecipeError([loaded.problem(("base", key), str(exc))]) from None
+    except Exception as exc:  # noqa: BLE001 - transformers' config classes raise anything on odd values
+        raise RecipeError([loaded.problem(("base", key), f"transformers cannot build a config from it: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")]) from None
+    if config is not None:
+        problems = config_object_problems(config)
+        if problems:
+            raise RecipeError([loaded.problem(("base", key), f"{where}: {problem}") for problem in problems])
+        return config
     wanted = ref.directory / (ref.gguf_file or "config.json")
     raise RecipeError([loaded.problem(("base", "path"), f"base model not found: {wanted} (give base.config, a config.json, to validate and plan without the weights)")])

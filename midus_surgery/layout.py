@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import Problem
-from .recipe import LoadedRecipe
+from .recipe import MAX_OUTPUT_LAYERS, LoadedRecipe
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,9 @@ def expand_layout(loaded: LoadedRecipe, num_base_layers: int) -> tuple[list[Laye
     if layout.slices is not None:
         for s, piece in enumerate(layout.slices):
             start, end = piece.layers
+            if len(pairs) + max(0, min(end, L) - start) > MAX_OUTPUT_LAYERS:
+                problems.append(loaded.problem(("layout", "slices", s), f"the slices make more than {MAX_OUTPUT_LAYERS} output layers"))
+                break
             ok = check_range(("layout", "slices", s, "layers", 0), start) & check_range(("layout", "slices", s, "layers", 1), end, end=True)
             if not ok:
                 continue
@@ -82,6 +85,9 @@ def expand_layout(loaded: LoadedRecipe, num_base_layers: int) -> tuple[list[Laye
             used.add(entry.source)
             pairs.append((entry.source, kind))
 
+    if len(pairs) > MAX_OUTPUT_LAYERS:
+        problems.append(loaded.problem(("layout",), f"the layout makes {len(pairs)} output layers; at most {MAX_OUTPUT_LAYERS} are supported"))
+        return [], problems
     layers = [LayerSpec(index, source, kind) for index, (source, kind) in enumerate(pairs)]
     if not loaded.recipe.allow_adjacent_memory:
         for prev, cur in zip(layers, layers[1:]):

@@ -19,7 +19,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from .anatomy_spec import Anatomy
-from .errors import RecipeError
+from .errors import RecipeError, one_line
 from .layout import LayerSpec, expand_layout
 from .recipe import LoadedRecipe, MemorySettings
 
@@ -100,10 +100,13 @@ def _base_tensor_shapes_cached(config_json: str) -> tuple[tuple[str, tuple[int, 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .custom_code import custom_causal_lm
+
     data = json.loads(config_json)
-    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    custom = custom_causal_lm(data)  # a base whose own code the recipe allows: its model, not the stock one
+    config = custom if custom is not None else AutoConfig.for_model(data.pop("model_type"), **data)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=custom is not None)
     # named_parameters drops tied duplicates (lm_head tied to the embedding is written once).
     shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
     persistent = set(model.state_dict().keys())
@@ -265,6 +268,10 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None, *, anatomy_
     kinds = {layer.kind for layer in layers}
     if "memory" in kinds:
         problems += memory_problems(loaded, config)
+        if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+            # the MIDUS model class wraps the stock class of base_model_type, not the base's own code
+            problems.append(loaded.problem(("layout",), "memory blocks over a base with its own modeling code (auto_map) are not supported: "
+                                                        "the MIDUS model would build the stock architecture; use transformer or identity blocks"))
     if kinds & {"identity", "memory"} and anatomy is None:
         why = f": {anatomy_problem}" if anatomy_problem else "; state it with an `anatomy:` block"
         problems.append(loaded.problem(("layout",), f"identity and memory blocks need the block anatomy, which could not be found{why}"))
@@ -276,14 +283,25 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None, *, anatomy_
     if config_problems or refusal:
         raise RecipeError([loaded.problem(("layout",), msg) for msg in config_problems + ([refusal] if refusal else [])])
 
-    shapes = base_tensor_shapes(config)
+    # transformers builds the models (on the meta device) from config values it may not check:
+    # whatever it raises is a located problem, never a traceback
+    try:
+        shapes = base_tensor_shapes(config)
+    except Exception as exc:  # noqa: BLE001
+        raise RecipeError([loaded.problem(("base",), f"transformers cannot build the base model from its config: {one_line(exc)}")]) from None
     layers_path = anatomy.layers_path if anatomy else guess_layers_path(shapes, L)
     if layers_path is None:
         raise RecipeError([loaded.problem(("base",), "cannot tell where the decoder layers are in this model; state it with an `anatomy:` block")])
-    moved = layers_changed_by_config(shapes, new_config, layers, layers_path)
+    try:
+        moved = layers_changed_by_config(shapes, new_config, layers, layers_path)
+    except Exception as exc:  # noqa: BLE001
+        moved = f"transformers cannot build the up-scaled model from the rewritten config: {one_line(exc)}"
     if moved:
         raise RecipeError([loaded.problem(("layout",), moved)])
-    hml = build_hml(config, recipe.memory) if "memory" in kinds else None
+    try:
+        hml = build_hml(config, recipe.memory) if "memory" in kinds else None
+    except Exception as exc:  # noqa: BLE001
+        raise RecipeError([loaded.problem(("memory",), f"cannot build the memory layer for this base: {one_line(exc)}")]) from None
     return assemble_plan(loaded, BaseFacts.of(config), layers, new_config, shapes, layers_path, anatomy, hml)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -23,11 +24,22 @@ SCHEMA_URL_COMMENT = "# yaml-language-server: $schema=../docs/recipe.schema.json
 
 InsertedKind = Literal["transformer", "identity", "memory"]
 LayerKind = Literal["base", "transformer", "identity", "memory"]
-NonNegInt = Annotated[int, Field(ge=0)]
+# Bounds on numbers with a physical meaning, checked before anything is built or allocated.
+MAX_BASE_LAYERS = 1024  # decoder layers of a base model (the deepest published LMs have ~200)
+MAX_OUTPUT_LAYERS = 2048  # decoder layers after up-scaling
+MAX_N_SUBKEYS = 8192  # n: n*n = 67M memory slots per head
+MAX_TOPK = 4096
+MAX_LATENT_DIM = 65536
+MAX_BANK_ELEMENTS = 2**40  # n*n*d_l of one HIVE bank: 1.1e12 values, 4.4 TB in fp32
+MAX_SHARD_BYTES = 10**15  # 1 PB: larger than any model, i.e. "one shard"
+MAX_SEQ_LEN = 100_000_000
+MAX_SEED = 2**63 - 1
+
+NonNegInt = Annotated[int, Field(ge=0, le=MAX_BASE_LAYERS)]  # a base layer index (or a slice's end)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class BaseModelSpec(Strict):
@@ -60,7 +72,7 @@ class Slice(Strict):
 class Interleave(Strict):
     """Insert a copy of a base layer right after it (LLaMA-Pro / MIDUS placement)."""
 
-    after_every: int | None = Field(None, ge=1, description="Insert after every N base layers: after layers N-1, 2N-1, ... (the last layer of each group).")
+    after_every: int | None = Field(None, ge=1, le=MAX_BASE_LAYERS, description="Insert after every N base layers: after layers N-1, 2N-1, ... (the last layer of each group).")
     after: list[NonNegInt] | None = Field(None, description="Insert after exactly these base layers.")
     kind: InsertedKind = Field("memory", description="Kind of the inserted blocks.")
 
@@ -99,7 +111,7 @@ class Layout(Strict):
     slices: list[Slice] | None = Field(None, min_length=1, description="SOLAR-style: output = the slices concatenated. The first use of a base layer is the original; later uses are copies.")
     interleave: Interleave | None = Field(None, description="LLaMA-Pro/MIDUS-style insertion of copies after chosen base layers.")
     stack: Stack | None = Field(None, description="Top stacking: copies of a range of layers appended at the top.")
-    layers: list[LayerEntry] | None = Field(None, min_length=1, description="Explicit per-layer list, for anything else.")
+    layers: list[LayerEntry] | None = Field(None, min_length=1, max_length=MAX_OUTPUT_LAYERS, description="Explicit per-layer list, for anything else.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "Layout":
@@ -112,16 +124,16 @@ class Layout(Strict):
 class MemorySettings(Strict):
     """The Head-wise Memory Layer (HML + HIVE) of every `memory` block (MIDUS.md sections 3-5)."""
 
-    n_subkeys: int = Field(256, ge=2, description="n: sub-keys per query half; each head addresses n*n slots.")
-    topk: int = Field(32, ge=1, description="k: slots read per head and token (two-stage top-k). Must be <= n.")
-    latent_dim: int = Field(256, ge=1, description="d_l: width of the shared HIVE latent bank (n*n x d_l). Ignored when hive is false.")
+    n_subkeys: int = Field(256, ge=2, le=MAX_N_SUBKEYS, description="n: sub-keys per query half; each head addresses n*n slots.")
+    topk: int = Field(32, ge=1, le=MAX_TOPK, description="k: slots read per head and token (two-stage top-k). Must be <= n.")
+    latent_dim: int = Field(256, ge=1, le=MAX_LATENT_DIM, description="d_l: width of the shared HIVE latent bank (n*n x d_l). Ignored when hive is false.")
     hive: bool = Field(True, description="HIVE values: one latent bank shared by all heads plus a d_l x d_h projection per head. False: a value table of width d_h per head.")
     query_norm: Literal["none", "rms", "layer"] = Field("rms", description="Per-head normalisation of the query before scoring (never batch norm: it breaks causality).")
     gate: bool = Field(False, description="Memory+-style SiLU gate on the memory output.")
     output_proj: Literal["auto", "always", "never"] = Field("auto", description="Output projection to the hidden size: `auto` adds one only when heads*head_dim != hidden size.")
     query_source: Literal["heads", "hidden"] = Field("heads", description="`heads`: each head's attention output queries its memory (MIDUS). `hidden`: the generic variant, queries projected from x + Attn(Norm(x)); the attention keeps its output projection, zeroed as in LLaMA-Pro so the block starts as the identity.")
     init: Literal["zero_proj", "zero_bank", "random"] = Field("zero_proj", description="`zero_proj`: head projections zero, bank random (output exactly 0 at start, function-preserving). `zero_bank`: bank zero, projections random (also function-preserving). `random`: not function-preserving.")
-    norm_eps: float = Field(1e-6, gt=0, description="Epsilon of the per-head query norm.")
+    norm_eps: float = Field(1e-6, gt=0, le=1.0, description="Epsilon of the per-head query norm.")
     bank_grad: Literal["auto", "sparse_mm", "embedding_bag", "index_add"] = Field("auto", description="How the backward accumulates the bank (or value table) gradient; all give the same dense gradient, at different speeds (docs/hml.md). auto: sparse_mm on CPU, embedding_bag on CUDA.")
     share_bank: bool = Field(False, description="One latent bank shared by all memory blocks of the model instead of one per block.")
 
@@ -129,6 +141,9 @@ class MemorySettings(Strict):
     def _k_le_n(self) -> "MemorySettings":
         if self.topk > self.n_subkeys:
             raise ValueError(f"topk ({self.topk}) must be <= n_subkeys ({self.n_subkeys})")
+        if self.hive and self.n_subkeys**2 * self.latent_dim > MAX_BANK_ELEMENTS:
+            raise ValueError(f"the HIVE bank would hold n_subkeys^2 * latent_dim = {self.n_subkeys**2 * self.latent_dim:.3g} values per memory block "
+                             f"(more than {MAX_BANK_ELEMENTS:.3g}, {MAX_BANK_ELEMENTS * 4 / 1e12:.1f} TB in fp32); use a smaller n_subkeys or latent_dim")
         if self.share_bank and not self.hive:
             raise ValueError("share_bank needs hive: true (the shared object is the HIVE latent bank)")
         return self
@@ -144,26 +159,39 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2*
 
 def parse_size(value: int | str) -> int:
     """``"2GB"`` -> 2_000_000_000, ``"500MiB"`` -> 524_288_000, ints are bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
     if isinstance(value, int):
         return value
     match = _SIZE.match(value)
     if not match:
         raise ValueError(f"not a size: {value!r} (use e.g. 2GB, 500MB, 1GiB or a number of bytes)")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
+    number = match.group(1)
+    if len(number.split(".")[0].lstrip("0")) > 20:  # exact below, but no float overflow or 400-digit arithmetic
+        raise ValueError(f"size {_short(value)} is far too large")
+    return int(Decimal(number) * _UNITS[(match.group(2) or "B").lower()])
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class OutputSpec(Strict):
     """Where and how the up-scaled model is written."""
 
-    dir: str = Field(description="Output directory (relative to the recipe's directory). Written atomically; an existing one needs --overwrite.")
+    dir: str = Field(description="Output directory (relative to the recipe's directory). Written atomically. It may not be, contain or lie inside an input; an existing output of midus-surgery is replaced only with --overwrite, and a directory the tool did not write never (docs/reliability.md).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of the written weights. `auto`: the base's dtype.")
     shard_size: int | str = Field("2GB", description="Largest output shard, e.g. 2GB, 500MB, 1GiB, or bytes.")
 
     @field_validator("shard_size")
     @classmethod
     def _size(cls, value: int | str) -> int | str:
-        if parse_size(value) < 1_000_000:
+        size = parse_size(value)
+        if size < 1_000_000:
             raise ValueError("shard_size must be at least 1MB")
+        if size > MAX_SHARD_BYTES:
+            raise ValueError("shard_size must be at most 1PB (larger than any model: one shard)")
         return value
 
     @property
@@ -179,8 +207,8 @@ class Recipe(Strict):
     memory: MemorySettings = Field(default_factory=MemorySettings, description="HML settings for `memory` blocks.")
     allow_adjacent_memory: bool = Field(False, description="Allow two memory blocks back to back (MIDUS never does; say so explicitly to do it).")
     anatomy: Anatomy | None = Field(None, description="State the decoder block's anatomy when it cannot be traced (normally found automatically).")
-    seed: int = Field(0, ge=0, description="Seed of every new tensor's initialisation (each tensor is seeded from this and its name).")
-    flops_seq_len: int = Field(2048, ge=1, description="Sequence length assumed by the FLOPs-per-token estimate (attention cost grows with it).")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of every new tensor's initialisation (each tensor is seeded from this and its name).")
+    flops_seq_len: int = Field(2048, ge=1, le=MAX_SEQ_LEN, description="Sequence length assumed by the FLOPs-per-token estimate (attention cost grows with it).")
     output: OutputSpec = Field(description="Where and how the up-scaled model is written (see `output`).")
 
 
@@ -201,7 +229,11 @@ class LoadedRecipe(BaseModel):
 
     def resolve(self, relative: str) -> Path:
         """A path written in the recipe, resolved against the recipe's directory."""
-        p = Path(relative).expanduser()
+        p = Path(relative)
+        try:
+            p = p.expanduser()
+        except RuntimeError:  # ~user of an unknown user: taken literally, as a relative path
+            pass
         return p if p.is_absolute() else (self.directory / p)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import types
 import typing
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -22,11 +23,20 @@ from .errors import Problem, RecipeError
 from .recipe import problems_from_validation
 from .yaml_source import PathKey, YamlSource, load_yaml
 
+# Bounds on numbers with a physical meaning, checked before anything is read or allocated.
+MAX_TOKENS = 10**15  # a token budget: 1000x the largest published pre-training runs
+MAX_BATCH = 65536  # blocks per micro-batch / per evaluation pass on one process
+MAX_GRAD_ACCUM = 65536
+MAX_BLOCK_SIZE = 2**20  # tokens per sequence
+MAX_STEPS = 10**12  # step counts (log/eval/checkpoint intervals, warmup steps)
+MAX_SEED = 2**63 - 1
+
 PosInt = Annotated[int, Field(ge=1)]
+StepCount = Annotated[int, Field(ge=0, le=MAX_STEPS)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT])?\s*$", re.IGNORECASE)
@@ -44,8 +54,12 @@ def parse_count(value: int | str) -> int:
         text = text[:-1] + "G"
     match = _COUNT.match(text)
     if not match:
-        raise ValueError(f"not a token count: {value!r} (use e.g. 2000000, 20M, 1.5B)")
-    return int(float(match.group(1)) * _SCALE[(match.group(2) or "").lower()])
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+        raise ValueError(f"not a token count: {shown} (use e.g. 2000000, 20M, 1.5B)")
+    number = match.group(1)
+    if len(number.split(".")[0].lstrip("0")) > 20:  # no float overflow or 400-digit arithmetic
+        raise ValueError(f"token count {text[:40]}... is far too large")
+    return int(Decimal(number) * _SCALE[(match.group(2) or "").lower()])
 
 
 class DataConfig(Strict):
@@ -56,7 +70,7 @@ class DataConfig(Strict):
     held_out_fraction: float = Field(0.01, ge=0.0, lt=0.5, description="Without `held_out`: the fraction of packed blocks kept out of training, spread evenly over the corpus (block i is held out when floor((i+1)f) > floor(i f)). 0 disables held-out evaluation.")
     text_field: str = Field("text", description="The field of each JSONL record that holds the document's text.")
     dir_glob: list[str] = Field(default_factory=lambda: ["**/*.txt", "**/*.md", "**/*.rst", "**/*.jsonl"], min_length=1, description="Patterns selecting files inside directories named in `train` / `held_out` (sorted, deduplicated).")
-    block_size: PosInt = Field(512, description="Tokens per training sequence. Documents are joined with the tokenizer's EOS token and the stream is cut into blocks of this length (the tail shorter than one block is dropped).")
+    block_size: PosInt = Field(512, le=MAX_BLOCK_SIZE, description="Tokens per training sequence. Documents are joined with the tokenizer's EOS token and the stream is cut into blocks of this length (the tail shorter than one block is dropped).")
     cache_dir: str | None = Field(None, description="Where tokenised corpora are cached (memory-mapped token files keyed by a hash of the files' contents and the tokenizer). Default: $MIDUS_CACHE or ~/.cache/midus-surgery/tokens.")
 
     @field_validator("train", "held_out", "dir_glob", mode="before")
@@ -71,9 +85,9 @@ class OptimConfig(Strict):
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="The decay ends at lr * min_lr_ratio.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup: cosine or linear to lr * min_lr_ratio at the last step, or constant.")
-    warmup: float = Field(0.02, ge=0, description="Linear warmup from 0: a number of optimiser steps if >= 1, a fraction of all steps if < 1.")
+    warmup: float = Field(0.02, ge=0, le=MAX_STEPS, description="Linear warmup from 0: a number of optimiser steps if >= 1, a fraction of all steps if < 1.")
     weight_decay: float = Field(0.1, ge=0.0, description="AdamW decoupled weight decay, applied to matrices only (not to biases, norms or 1-D tensors).")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = Field((0.9, 0.95), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     grad_clip: float = Field(1.0, ge=0.0, description="Clip the global gradient norm of these parameters to this value (0: no clipping).")
     implementation: Literal["auto", "fused", "foreach", "for-loop"] = Field(
@@ -101,16 +115,16 @@ class MemoryOptimConfig(Strict):
 class EvalConfig(Strict):
     """Held-out perplexity during training (at step 0, every `every` steps and at the end)."""
 
-    every: int = Field(0, ge=0, description="Evaluate every N optimiser steps (0: only at the start and the end).")
-    max_blocks: int | None = Field(None, ge=1, description="Evaluate on at most this many held-out blocks (the first ones; all when unset).")
-    batch_size: PosInt | None = Field(None, description="Blocks per forward pass in evaluation (default: `micro_batch_size`).")
+    every: StepCount = Field(0, description="Evaluate every N optimiser steps (0: only at the start and the end).")
+    max_blocks: int | None = Field(None, ge=1, le=MAX_STEPS, description="Evaluate on at most this many held-out blocks (the first ones; all when unset).")
+    batch_size: PosInt | None = Field(None, le=MAX_BATCH, description="Blocks per forward pass in evaluation (default: `micro_batch_size`).")
     at_start: bool = Field(True, description="Evaluate before the first step.")
 
 
 class LogConfig(Strict):
     """What the run reports, and where (all files go to `run_dir`)."""
 
-    every: PosInt = Field(10, description="Write one line (loss, lr, tokens/s, ETA) and a metrics record every N optimiser steps.")
+    every: PosInt = Field(10, le=MAX_STEPS, description="Write one line (loss, lr, tokens/s, ETA) and a metrics record every N optimiser steps.")
     progress: bool = Field(True, description="Show a tqdm progress bar on the console (off: the log lines only).")
     tensorboard: bool = Field(True, description="Write TensorBoard event files to `run_dir`/tensorboard.")
     plot: bool = Field(True, description="Write `run_dir`/loss.png (train and held-out loss) at the end.")
@@ -120,8 +134,8 @@ class LogConfig(Strict):
 class CheckpointConfig(Strict):
     """Full training state (model, optimiser, scheduler, RNG, data position), written atomically."""
 
-    every: int = Field(0, ge=0, description="Save every N optimiser steps (0: only at the end).")
-    keep_last: PosInt = Field(2, description="Keep the newest N checkpoints; older ones are deleted after a new one is complete.")
+    every: StepCount = Field(0, description="Save every N optimiser steps (0: only at the end).")
+    keep_last: PosInt = Field(2, le=10_000, description="Keep the newest N checkpoints; older ones are deleted after a new one is complete.")
 
 
 class ExportConfig(Strict):
@@ -138,11 +152,11 @@ class TrainConfig(Strict):
     resume: str | None = Field(None, description="Continue a run from its full state: `auto` (the newest complete checkpoint in `run_dir`/checkpoints; start fresh if there is none) or a checkpoint directory. Unset: start fresh (an error if `run_dir` already holds checkpoints).")
     run_dir: str = Field(description="Where checkpoints, metrics.jsonl, TensorBoard logs, the loss plot and (by default) the final model go. Relative to the config file's directory.")
     trust_remote_code: bool = Field(False, description="Allow the model directory's own modeling code (not needed for MIDUS outputs: `import midus_surgery` registers their classes).")
-    seed: int = Field(0, ge=0, description="Seed of the data order (a deterministic function of it) and of torch's RNG.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the data order (a deterministic function of it) and of torch's RNG.")
     data: DataConfig = Field(description="Training and held-out text (see `data`).")
     tokens: int | str = Field(description="Token budget: train for ceil(tokens / tokens_per_step) optimiser steps, where tokens_per_step = micro_batch_size * grad_accum * processes * block_size. E.g. 20000000 or 20M.")
-    micro_batch_size: PosInt = Field(4, description="Blocks per forward/backward pass on each process.")
-    grad_accum: PosInt = Field(1, description="Micro-batches accumulated per optimiser step.")
+    micro_batch_size: PosInt = Field(4, le=MAX_BATCH, description="Blocks per forward/backward pass on each process.")
+    grad_accum: PosInt = Field(1, le=MAX_GRAD_ACCUM, description="Micro-batches accumulated per optimiser step.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="`bf16`: bf16 autocast with fp32 master weights and optimiser state (for GPUs and CPUs with native bf16, e.g. AVX512-BF16/AMX). `fp32`: everything in fp32 (bit-reproducible; on CPUs without native bf16 it is the faster one: measured 4x here). `auto`: bf16 on a GPU that supports it, else fp32.")
     freeze: Literal["none", "base", "memory-only"] = Field("none", description="`none`: train everything. `base`: train only inserted blocks (layers whose kind is not `base` in midus_plan.json: the LLaMA-Pro/MIDUS protocol). `memory-only`: train only the memory tables.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="AdamW and schedule of the non-memory parameters (see `optim`).")
@@ -157,8 +171,11 @@ class TrainConfig(Strict):
     @field_validator("tokens")
     @classmethod
     def _tokens(cls, value: int | str) -> int | str:
-        if parse_count(value) < 1:
+        count = parse_count(value)
+        if count < 1:
             raise ValueError("tokens must be at least 1")
+        if count > MAX_TOKENS:
+            raise ValueError(f"tokens must be at most {MAX_TOKENS:.0e} (1000x the largest published pre-training runs)")
         return value
 
     @field_validator("resume")
@@ -183,7 +200,11 @@ class LoadedTrainConfig(BaseModel):
     directory: Path
 
     def resolve(self, relative: str) -> Path:
-        p = Path(relative).expanduser()
+        p = Path(relative)
+        try:
+            p = p.expanduser()
+        except RuntimeError:  # ~user of an unknown user: taken literally
+            pass
         return p if p.is_absolute() else (self.directory / p)
 
     def problem(self, path: PathKey, message: str) -> Problem:
@@ -200,7 +221,7 @@ class _OverriddenSource:
         for cut in range(len(path), 0, -1):
             text = self._overridden.get(tuple(path[:cut]))
             if text is not None:
-                return f"command line ({text})"
+                return text
         return self._source.where(path)
 
 
@@ -230,6 +251,11 @@ def _check_key(dotted: str) -> list[str] | str:
     return parts
 
 
+def _on_command_line(text: str, limit: int = 80) -> str:
+    """Where an override is: ``command line (key=value)``, a long value shortened."""
+    return f"command line ({text if len(text) <= limit else text[:limit] + '...'})"
+
+
 def apply_overrides(source: YamlSource, overrides: list[str]) -> _OverriddenSource:
     """Apply ``dotted.key=value`` overrides (values read as YAML) to ``source.data`` in place."""
     problems: list[Problem] = []
@@ -238,16 +264,17 @@ def apply_overrides(source: YamlSource, overrides: list[str]) -> _OverriddenSour
         key, sep, raw = text.partition("=")
         key = key.strip()
         if not sep or not key:
-            problems.append(Problem("command line", "", f"override {text!r} is not key=value (e.g. optim.lr=3e-4)"))
+            problems.append(Problem("command line", "", f"override {text[:80]!r} is not key=value (e.g. optim.lr=3e-4)"))
             continue
         parts = _check_key(key)
         if isinstance(parts, str):
-            problems.append(Problem(f"command line ({text})", key, parts))
+            problems.append(Problem(_on_command_line(text), key, parts))
             continue
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            problems.append(Problem(f"command line ({text})", key, f"cannot read the value as YAML: {exc}"))
+            # the recipe loader, with its limits (no alias bombs, no unknown tags, no 5000-digit numbers)
+            value = load_yaml("command line", text=raw).data if raw.strip() else None
+        except RecipeError as exc:
+            problems.append(Problem(_on_command_line(text), key, f"cannot read the value as YAML: {'; '.join(p.message for p in exc.problems)}"))
             continue
         node = source.data
         for part in parts[:-1]:
@@ -255,7 +282,7 @@ def apply_overrides(source: YamlSource, overrides: list[str]) -> _OverriddenSour
                 node[part] = {}
             node = node[part]
         node[parts[-1]] = value
-        overridden[tuple(parts)] = text
+        overridden[tuple(parts)] = _on_command_line(text)
     if problems:
         raise RecipeError(problems)
     return _OverriddenSource(source, overridden)

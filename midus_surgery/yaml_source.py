@@ -3,6 +3,20 @@
 PyYAML's ``safe_load`` forgets positions; we compose the node tree instead and build plain
 Python values while recording each node's start mark under its path (a tuple of keys and
 list indices), so validation errors can point at the exact line.
+
+The loader is hardened against hostile or broken input: every way a document can go wrong
+is a located ``Problem`` (exit 2), never a traceback or a hang:
+
+- the file is read up to ``MAX_BYTES`` (a recipe is a few KB; /dev/zero ends too);
+- nesting deeper than ``MAX_DEPTH`` is refused while composing (PyYAML's composer recurses);
+- anchors and aliases are allowed, but the document *after alias expansion* may hold at most
+  ``MAX_NODES`` nodes and ``MAX_DEPTH`` levels, and an alias may not contain itself, so a
+  "billion laughs" document or a recursive alias is refused before anything is built;
+- mapping keys must be plain names (strings); complex keys (``? [a, b]``) are refused;
+- only the standard scalar tags (str, int, float, bool, null, timestamp, binary) and merge
+  keys (``<<: *defaults``) are understood; any other tag, and any value its tag cannot be
+  built from (``!!bool maybe``, ``!!int 1.5``, an integer of more than 4300 digits) is a
+  problem at the value's line and column.
 """
 
 from __future__ import annotations
@@ -16,6 +30,15 @@ import yaml
 from .errors import Problem, RecipeError
 
 PathKey = tuple[str | int, ...]
+
+MAX_BYTES = 256 * 1024  # a recipe or training config is a few KB
+MAX_DEPTH = 64  # nesting levels (after alias expansion); recipes use 4
+MAX_NODES = 10_000  # nodes after alias expansion; recipes have ~50
+
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_SCALAR_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "timestamp", "binary")}
 
 
 @dataclass
@@ -35,58 +58,223 @@ class YamlSource:
         return self.file
 
 
-def _construct(node: yaml.Node, path: PathKey, marks: dict, problems: list[Problem], file: str) -> Any:
-    marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+class _Refused(Exception):
+    """The document breaks a limit; raised out of the composer with the place it happened."""
+
+    def __init__(self, mark, message: str):
+        super().__init__(message)
+        self.mark, self.message = mark, message
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """SafeLoader whose composer refuses documents nested deeper than MAX_DEPTH or with more
+    than MAX_NODES nodes (as written, before aliases are expanded), so it never recurses far."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            return super().compose_node(parent, index)
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise _Refused(self.peek_event().start_mark, f"the document has more than {MAX_NODES} values; a recipe has a few dozen")
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(self.peek_event().start_mark, f"nested more than {MAX_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _at(file: str, mark) -> str:
+    return f"{file}:{mark.line + 1}:{mark.column + 1}" if mark is not None else file
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
     if isinstance(node, yaml.MappingNode):
-        out: dict = {}
-        for key_node, value_node in node.value:
-            key = _scalar(key_node)
-            if key in out:
-                problems.append(Problem(f"{file}:{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}",
-                                        ".".join(map(str, path + (key,))), "duplicate key"))
-                continue
-            out[key] = _construct(value_node, path + (key,), marks, problems, file)
-            # Errors about a field (unknown key, wrong type) point at its key, where the reader looks.
-            marks[path + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-        return out
+        return [n for pair in node.value for n in pair]
     if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, path + (i,), marks, problems, file) for i, item in enumerate(node.value)]
-    return _scalar(node)
+        return list(node.value)
+    return []
 
 
-def _scalar(node: yaml.Node) -> Any:
-    loader = yaml.SafeLoader("")
-    return loader.construct_object(node, deep=True)
+def _check_expansion(root: yaml.Node, file: str) -> Problem | None:
+    """Walk the composed graph (aliases share nodes) without recursion: refuse cycles, and
+    documents whose expansion exceeds MAX_NODES nodes or MAX_DEPTH levels."""
+    size: dict[int, int] = {}
+    height: dict[int, int] = {}
+    on_stack: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            kids = _children(node)
+            size[key] = 1 + sum(size[id(k)] for k in kids)
+            height[key] = 1 + max((height[id(k)] for k in kids), default=0)
+            on_stack.discard(key)
+            if size[key] > MAX_NODES:
+                return Problem(_at(file, node.start_mark), "", f"after its aliases are expanded the document has more than {MAX_NODES} values (an alias bomb?); a recipe has a few dozen")
+            if height[key] > MAX_DEPTH:
+                return Problem(_at(file, node.start_mark), "", f"after its aliases are expanded the document is nested more than {MAX_DEPTH} levels deep")
+            continue
+        if key in size:
+            continue
+        on_stack.add(key)
+        stack.append((node, True))
+        for kid in _children(node):
+            if id(kid) in on_stack:
+                return Problem(_at(file, kid.start_mark), "", "an alias refers to a value that contains it (a recursive alias)")
+            if id(kid) not in size:
+                stack.append((kid, False))
+    return None
+
+
+class _Builder:
+    """Builds plain Python values from the (checked) node graph, recording marks and problems."""
+
+    def __init__(self, file: str):
+        self.file = file
+        self.marks: dict[PathKey, tuple[int, int]] = {}
+        self.problems: list[Problem] = []
+        self.constructor = yaml.constructor.SafeConstructor()
+
+    def problem(self, node: yaml.Node, path: PathKey, message: str) -> None:
+        self.problems.append(Problem(_at(self.file, node.start_mark), ".".join(map(str, path)), message))
+
+    def build(self, node: yaml.Node, path: PathKey) -> Any:
+        self.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+        if isinstance(node, yaml.MappingNode):
+            if node.tag != _MAP_TAG:
+                self.problem(node, path, f"unsupported tag {_tag(node.tag)} on a mapping (recipes use plain mappings)")
+                return None
+            return self.mapping(node, path)
+        if isinstance(node, yaml.SequenceNode):
+            if node.tag != _SEQ_TAG:
+                self.problem(node, path, f"unsupported tag {_tag(node.tag)} on a list (recipes use plain lists)")
+                return None
+            return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
+        return self.scalar(node, path)
+
+    def scalar(self, node: yaml.Node, path: PathKey) -> Any:
+        if node.tag not in _SCALAR_TAGS:
+            self.problem(node, path, f"unsupported tag {_tag(node.tag)} (only plain values: strings, numbers, true/false, null)")
+            return None
+        try:
+            self.constructor.constructed_objects.clear()
+            return self.constructor.construct_object(node, deep=True)
+        except Exception as exc:  # noqa: BLE001 - PyYAML raises ValueError, KeyError, TypeError... for bad tagged values
+            text = str(exc).strip()
+            detail = f": {text.splitlines()[0][:120]}" if isinstance(exc, ValueError) and text else ""
+            self.problem(node, path, f"{_preview(node.value)} is not a valid {_tag(node.tag)} value{detail}")
+            return None
+
+    def pairs(self, node: yaml.MappingNode, path: PathKey) -> list[tuple[yaml.Node, Any, yaml.Node]]:
+        """(key node, key, value node) of a mapping, merge keys (``<<``) expanded; explicit keys win."""
+        merged: dict[Any, tuple[yaml.Node, Any, yaml.Node]] = {}
+        explicit: list[tuple[yaml.Node, Any, yaml.Node]] = []
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag == _MERGE_TAG:
+                sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                for source in sources:
+                    if not isinstance(source, yaml.MappingNode) or source.tag != _MAP_TAG:
+                        self.problem(source, path, "a merge key (<<) takes a mapping or a list of mappings")
+                        continue
+                    for item in self.pairs(source, path):
+                        merged.setdefault(item[1], item)  # earlier sources take precedence, as in YAML
+                continue
+            key = self.key(key_node, path)
+            if key is not None:
+                explicit.append((key_node, key, value_node))
+        seen = {k for _, k, _ in explicit}
+        return [item for k, item in merged.items() if k not in seen] + explicit
+
+    def key(self, key_node: yaml.Node, path: PathKey) -> str | None:
+        if not isinstance(key_node, yaml.ScalarNode):
+            self.problem(key_node, path, "a key must be a plain name, not a list or mapping (complex `? ...` keys are not used in recipes)")
+            return None
+        value = self.scalar(key_node, path)
+        if value is None and key_node.tag in _SCALAR_TAGS and key_node.tag.endswith(":null"):
+            self.problem(key_node, path, f"a key must be a name; {_preview(key_node.value) or 'an empty key'} reads as null (quote it)")
+            return None
+        if value is not None and not isinstance(value, str):
+            self.problem(key_node, path, f"a key must be a name; {_preview(key_node.value)} reads as {type(value).__name__} (quote it)")
+            return None
+        return value
+
+    def mapping(self, node: yaml.MappingNode, path: PathKey) -> dict:
+        out: dict = {}
+        for key_node, key, value_node in self.pairs(node, path):
+            if key in out:
+                self.problem(key_node, path + (key,), "duplicate key")
+                continue
+            out[key] = self.build(value_node, path + (key,))
+            # Errors about a field (unknown key, wrong type) point at its key, where the reader looks.
+            self.marks[path + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+        return out
+
+
+def _tag(tag: str) -> str:
+    return "!!" + tag[len("tag:yaml.org,2002:"):] if tag.startswith("tag:yaml.org,2002:") else tag
+
+
+def _preview(text: str, limit: int = 40) -> str:
+    text = str(text)
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _read(path: str | Path, file: str) -> str:
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise RecipeError([Problem(file, "", "file not found")]) from None
+    except IsADirectoryError:
+        raise RecipeError([Problem(file, "", "is a directory, not a YAML file")]) from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise RecipeError([Problem(file, "", f"cannot read: {exc}")]) from None
+    if len(raw) > MAX_BYTES:
+        raise RecipeError([Problem(file, "", f"the file is larger than {MAX_BYTES // 1024} KiB; a recipe or training config is a few KB")])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError([Problem(file, "", f"cannot read: not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
 
 
 def load_yaml(path: str | Path, text: str | None = None) -> YamlSource:
-    """Parse ``path`` (or ``text``, reported as ``path``) keeping positions; syntax errors raise RecipeError."""
+    """Parse ``path`` (or ``text``, reported as ``path``) keeping positions; every problem raises RecipeError."""
     file = str(path)
     if text is None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise RecipeError([Problem(file, "", "file not found")]) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RecipeError([Problem(file, "", f"cannot read: {exc}")]) from None
+        text = _read(path, file)
+    elif len(text) > MAX_BYTES:
+        raise RecipeError([Problem(file, "", f"the text is longer than {MAX_BYTES // 1024} KiB")])
+    loader = None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        loader = _LimitedLoader(text)  # the reader refuses non-printable characters here
+        node = loader.get_single_node()
+    except _Refused as exc:
+        raise RecipeError([Problem(_at(file, exc.mark), "", exc.message)]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else file
-        raise RecipeError([Problem(where, "", f"YAML syntax error: {exc.problem or exc}")]) from None
-    except yaml.YAMLError as exc:
+        raise RecipeError([Problem(_at(file, mark), "", f"YAML syntax error: {exc.problem or exc}")]) from None
+    except yaml.reader.ReaderError as exc:
         raise RecipeError([Problem(file, "", f"YAML error: {exc}")]) from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise RecipeError([Problem(file, "", f"YAML error: {str(exc)[:200] or type(exc).__name__}")]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if node is None:
         raise RecipeError([Problem(file, "", "the file is empty")])
-    marks: dict[PathKey, tuple[int, int]] = {}
-    problems: list[Problem] = []
-    try:
-        data = _construct(node, (), marks, problems, file)
-    except yaml.constructor.ConstructorError as exc:
-        mark = exc.problem_mark
-        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else file
-        raise RecipeError([Problem(where, "", f"YAML error: {exc.problem}")]) from None
-    if problems:
-        raise RecipeError(problems)
-    return YamlSource(file, data, marks)
+    refused = _check_expansion(node, file)
+    if refused is not None:
+        raise RecipeError([refused])
+    builder = _Builder(file)
+    data = builder.build(node, ())
+    if builder.problems:
+        raise RecipeError(builder.problems)
+    return YamlSource(file, data, builder.marks)
