@@ -56,7 +56,28 @@ def compile_loaded(loaded: LoadedRecipe, *, anatomy_only_if_needed: bool = False
     if not anatomy_only_if_needed or _needs_anatomy(loaded, config):
         anatomy, why = anatomy_for(loaded, config)
     base_dtype = auto_dtype(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
-    return Compiled(loaded, config, anatomy, make_plan(loaded, config, anatomy, anatomy_problem=why), base_dtype=base_dtype)
+    plan = make_plan(loaded, config, anatomy, anatomy_problem=why)
+    check_base_weights(loaded, plan)
+    return Compiled(loaded, config, anatomy, plan, base_dtype=base_dtype)
+
+
+def check_base_weights(loaded: LoadedRecipe, plan: Plan) -> None:
+    """When the base's safetensors are there: refuse weights its config.json does not describe.
+
+    Reads only the headers (cheap), so ``validate`` and ``plan`` check too. A GGUF base is
+    consistent by construction (transformers derives its config and tensors from the one file);
+    pickle checkpoints are checked when ``apply`` opens them (emit).
+    """
+    from .base import resolve_base
+    from .tensor_source import SafetensorsSource, check_matches_config, checkpoint_renames
+
+    ref = resolve_base(loaded)
+    if not ref.exists or ref.is_gguf or not any(ref.directory.glob("*.safetensors")):
+        return
+    prefixes = tuple({t.name.split(".", 1)[0] for t in plan.tensors if "." in t.name})
+    source = SafetensorsSource(ref.directory, prefixes, checkpoint_renames(plan.model_type))
+    check_matches_config(source, [(t.source, t.shape) for t in plan.tensors if t.source is not None], plan.layers_path,
+                         plan.base_num_layers, plan.config, str(ref.directory / "config.json"))
 
 
 def compile_for_apply(path, *, full: bool = False) -> tuple[Compiled, str | None]:

@@ -38,3 +38,10 @@ class RecipeError(MidusError):
     def __init__(self, problems: list[Problem]):
         self.problems = list(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class BaseModelError(MidusError):
+    """The base model's files are unusable or disagree with each other (a corrupt shard, an index
+    naming files outside the base, a config.json that does not describe the weights)."""
+
+    exit_code = 2

@@ -14,6 +14,9 @@ full: none of the settings that assign behaviour by layer index (``plan.INDEX_PA
 ``INDEX_LISTS``, a sliding window from ``max_window_layers`` on) and no per-layer list that the
 config class would compute. The checkpoint must hold exactly the tensors the architecture has,
 with the shapes its config implies; anything else goes the full way.
+
+Base files that are broken, or a config.json that does not describe the weights (layer count,
+hidden size, vocabulary), are refused here as in the full planner (BaseModelError), not passed on.
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ from typing import Callable
 from .base import resolve_base
 from .compile import Compiled
 from .dtypes import FLOATS, TAGS, auto_dtype
-from .errors import MidusError
+from .errors import BaseModelError, MidusError
 from .layout import expand_layout
 from .plan import INDEX_LISTS, INDEX_PATTERNS, BaseFacts, assemble_plan, guess_layers_path, remap_per_layer
 from .recipe import LoadedRecipe
-from .tensor_source import SafetensorsSource
+from .tensor_source import SafetensorsSource, check_matches_config
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -148,7 +151,10 @@ def _plan(loaded: LoadedRecipe) -> Compiled:
 
     dims = _dims(config, arch)
     shapes = _expected_shapes(config, arch, dims, L)
-    _check_checkpoint(ref.directory, shapes, TAGS[out_dtype], tied=bool(config.get("tie_word_embeddings", False)))
+    source = _headers(ref.directory)
+    # the facts every plan rests on; other differences are left to the full planner to report
+    check_matches_config(source, [(EMBED, shapes[EMBED])], LAYERS, L, config, str(ref.directory / "config.json"))
+    _check_checkpoint(source, shapes, TAGS[out_dtype], tied=bool(config.get("tie_word_embeddings", False)))
     layers_path = guess_layers_path(shapes, L)
     if layers_path != LAYERS:
         raise NotCovered("the decoder layers are not where the architecture has them")
@@ -205,9 +211,9 @@ def _expected_shapes(config: dict, arch: Arch, dims: Dims, L: int) -> Shapes:
     return shapes
 
 
-def _check_checkpoint(directory, shapes: Shapes, tag: str, *, tied: bool) -> None:
+def _check_checkpoint(source: SafetensorsSource, shapes: Shapes, tag: str, *, tied: bool) -> None:
     """The checkpoint holds exactly these tensors, with these shapes, stored in the output dtype."""
-    stored = _stored_tensors(directory)
+    stored = source.stored()
     if tied:
         stored.pop(LM_HEAD, None)  # a tied head saved anyway is dropped, as the full plan does
     if set(stored) != set(shapes):
@@ -221,9 +227,15 @@ def _check_checkpoint(directory, shapes: Shapes, tag: str, *, tied: bool) -> Non
             raise NotCovered(f"{name} is stored as {dtype}, the output is {tag} (a conversion)")
 
 
-def _stored_tensors(directory) -> dict[str, tuple[str, list[int]]]:
-    """name -> (dtype tag, shape) from the headers, read as the emitter reads them (tensor_source)."""
+def _headers(directory) -> SafetensorsSource:
+    """The checkpoint's headers, read and checked as the emitter reads them (tensor_source).
+
+    Corrupt or escaping files are the user's to fix (BaseModelError, raised as is); anything else
+    the header planner does not cover (no .safetensors files at all) goes the full way.
+    """
     try:
-        return SafetensorsSource(directory, (), ()).stored()
+        return SafetensorsSource(directory, (), ())
+    except BaseModelError:
+        raise
     except (MidusError, OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
         raise NotCovered(f"cannot read the safetensors headers: {exc}") from None

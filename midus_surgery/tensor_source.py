@@ -7,6 +7,11 @@
 - safetensors checkpoints whose tensors transformers reshapes on load (per-expert MoE weights
   stacked into one parameter): through transformers' loader too, whole, in memory.
 - pickle ``.bin`` checkpoints: only when explicitly allowed, and then with ``weights_only=True``.
+
+The base directory is someone else's data: an index may name only files inside it, every
+safetensors header is checked (length, JSON, each tensor's offsets against its shape and the
+file's size) before a byte is copied, and ``check_matches_config`` refuses weights that the
+config.json does not describe. Each problem is one BaseModelError naming the file.
 """
 
 from __future__ import annotations
@@ -18,8 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from .base import BaseRef
-from .errors import MidusError
-from .shard_writer import file_slice, read_header
+from .dtypes import ITEMSIZE
+from .errors import BaseModelError, MidusError
+from .shard_writer import file_slice
+
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit on a header
+MAX_INDEX_BYTES = 64 * 2**20  # an index is a few MB even for the largest checkpoints
 
 if TYPE_CHECKING:
     import torch
@@ -107,17 +116,161 @@ class TensorSource:
         pass
 
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every checkpoint tensor name -> its shape."""
+        raise NotImplementedError  # pragma: no cover - overridden
+
+    def layer_indices(self, layers_path: str) -> set[int]:
+        """The layer indices the checkpoint holds under the layers container (module name ``layers_path``)."""
+        module_of = {key: name for name, key in self._renamed.items()}
+        heads = [layers_path + "."] + [layers_path[len(p) + 1:] + "." for p in self._prefixes if layers_path.startswith(p + ".")]
+        found = set()
+        for key in self._where:
+            name = module_of.get(key, key)
+            head = next((h for h in heads if name.startswith(h)), None)
+            if head is not None:
+                index = name[len(head):].split(".", 1)[0]
+                if index.isdigit():
+                    found.add(int(index))
+        return found
+
+
+def inside_base(directory: Path, name: str, what: str) -> Path:
+    """``directory / name``, refused when it leads outside the base directory.
+
+    ``name`` comes from the base's own files (an index's weight_map) or its listing: an absolute
+    path, ``..`` or a symlink must not make `apply` read (and copy into its output) a file the base
+    does not hold. One exception: a Hugging Face hub cache snapshot, whose files are symlinks into
+    the same repository's ``blobs`` folder.
+    """
+    if Path(name).is_absolute():
+        raise BaseModelError(f"{what} names {name!r}, a path outside the base directory {directory}")
+    path = directory / name
+    root = directory.resolve()
+    target = path.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    if not any(target == top or top in target.parents for top in allowed):
+        raise BaseModelError(f"{what} names {name!r}, which leads outside the base directory {directory} (to {target})")
+    return path
+
+
+def _read_index(index: Path, directory: Path) -> dict[str, str]:
+    """The index's weight_map (tensor name -> shard file name), every file checked to be inside the base."""
+    what = str(index)
+    try:
+        if index.stat().st_size > MAX_INDEX_BYTES:
+            raise BaseModelError(f"{what} is larger than {MAX_INDEX_BYTES // 2**20} MiB; an index is a few MB")
+        data = json.loads(index.read_bytes())
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BaseModelError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
+    except OSError as exc:
+        raise BaseModelError(f"cannot read {what}: {exc.strerror or exc}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise BaseModelError(f"{what} has no weight_map object of tensor name -> shard file name")
+    for file in set(weight_map.values()):
+        inside_base(directory, file, what)
+    return weight_map
+
+
+def read_checked_header(path: Path) -> tuple[dict, int]:
+    """(header, data start) of a safetensors file, every entry checked against the file.
+
+    Checked: the header length (at most MAX_HEADER_BYTES and inside the file), the header JSON,
+    each tensor's dtype, shape and data offsets (as many bytes as shape and dtype need, within the
+    file), so that a corrupt or truncated shard is one message here and never a short copy, a huge
+    allocation or a traceback later.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise BaseModelError(f"{path} is truncated: {size} bytes, not even the 8-byte header length of a safetensors file")
+            (length,) = struct.unpack("<Q", head)
+            if length > MAX_HEADER_BYTES or 8 + length > size:
+                raise BaseModelError(f"{path}: its header length {length} is impossible for a file of {size} bytes (a corrupt or truncated safetensors file)")
+            raw = fh.read(length)
+    except FileNotFoundError:
+        raise BaseModelError(f"{path} is missing") from None
+    except OSError as exc:
+        raise BaseModelError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise BaseModelError(f"{path}: its header is not valid JSON (not a safetensors file, or a corrupt one)") from None
+    if not isinstance(header, dict):
+        raise BaseModelError(f"{path}: its header is not a JSON object (not a safetensors file)")
+    data_start, data_size = 8 + length, size - 8 - length
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        problem = _entry_problem(info, data_size)
+        if problem:
+            raise BaseModelError(f"{path}: tensor {name!r} {problem} (a corrupt or truncated safetensors file)")
+    return header, data_start
+
+
+def _entry_problem(info, data_size: int) -> str | None:
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        return "has no dtype"
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        return f"has an invalid shape {str(shape)[:80]}"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        return f"has invalid data_offsets {str(offsets)[:80]}"
+    begin, end = offsets
+    if end > data_size:
+        return f"ends at byte {end} of a data section of {data_size} bytes: truncated"
+    if info["dtype"] in ITEMSIZE:
+        need = ITEMSIZE[info["dtype"]]
+        for d in shape:
+            need *= d
+        if end - begin != need:
+            return f"spans {end - begin} bytes, its shape {shape} and dtype {info['dtype']} need {need}"
+    return None
+
+
+def check_matches_config(source: TensorSource, tensors, layers_path: str | None, num_layers: int, config: dict, where: str) -> None:
+    """Refuse weights that the config does not describe, before anything is planned on it.
+
+    tensors: (module tensor name, shape the config implies) for the tensors the plan reads.
+    The layers the checkpoint holds under ``layers_path`` must be exactly 0..num_layers-1 (a config
+    stating fewer layers would silently drop the rest); each planned tensor the checkpoint has must
+    have the shape the config implies (the hidden size and vocabulary show in the embedding).
+    """
+    if layers_path:
+        found = source.layer_indices(layers_path)
+        if found and found != set(range(num_layers)):
+            held = f"{len(found)} layers ({layers_path}.{min(found)} to {layers_path}.{max(found)})" if found == set(range(min(found), max(found) + 1)) \
+                else f"layers {', '.join(map(str, sorted(found)[:12]))} under {layers_path}"
+            raise BaseModelError(f"{where} states num_hidden_layers={num_layers}, but the weights hold {held}: "
+                                 "the config does not describe these weights")
+    stored = source.shapes()
+    sizes = ", ".join(f"{k}={config[k]}" for k in ("hidden_size", "n_embd", "d_model", "vocab_size") if k in config)
+    for name, shape in tensors:
+        key = source.resolve(name)
+        if key is not None and tuple(stored[key]) != tuple(shape):
+            raise BaseModelError(f"{where} does not describe these weights: {key} has shape {tuple(stored[key])}, "
+                                 f"the config ({sizes}) implies {tuple(shape)}")
+
+
 class SafetensorsSource(TensorSource):
     def __init__(self, directory: Path, prefixes: tuple[str, ...], renames: list[tuple[str, str]]):
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_index(index, directory)
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in directory.glob("*.safetensors"))
             weight_map = None
         if not files:
             raise MidusError(f"no .safetensors files in {directory} (pickle .bin checkpoints need --allow-pickle)")
+        for file in files:  # listed files too: a symlink may lead anywhere
+            inside_base(directory, file, str(index) if weight_map is not None else f"the base's file {file}")
         self._directory = directory
         self._handles = {}
         self._headers: dict[str, tuple[dict, int]] = {}
@@ -130,16 +283,16 @@ class SafetensorsSource(TensorSource):
         if weight_map is not None:
             missing = [k for k, f in weight_map.items() if names.get(k) != f]
             if missing:
-                raise MidusError(f"{index}: {len(missing)} tensors listed in the index are not in their shard, e.g. {missing[0]}")
+                raise BaseModelError(f"{index}: {len(missing)} tensors listed in the index are not in their shard, e.g. {missing[0]}")
         super().__init__(names, prefixes, renames)
 
     def _header(self, file: str) -> tuple[dict, int]:
         if file not in self._headers:
-            try:
-                self._headers[file] = read_header(self._directory / file)
-            except (OSError, ValueError, struct.error) as exc:  # missing, truncated or not JSON
-                raise MidusError(f"cannot read {self._directory / file}: {exc}") from None
+            self._headers[file] = read_checked_header(self._directory / file)
         return self._headers[file]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {key: tuple(shape) for key, (_, shape) in self.stored().items()}
 
     def stored(self) -> dict[str, tuple[str, list[int]]]:
         """Every checkpoint tensor name -> (safetensors dtype tag, shape), from the headers already read."""
@@ -180,6 +333,9 @@ class DictSource(TensorSource):
     def __init__(self, tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...], renames: list[tuple[str, str]] = (), how: str | None = None):
         super().__init__(dict(tensors), prefixes, renames)
         self.how = how
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {key: tuple(t.shape) for key, t in self._where.items()}
 
     def _read(self, key: str) -> torch.Tensor:
         # A copy: the same base tensor may be written twice (duplicated layers), and

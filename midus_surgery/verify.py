@@ -1,4 +1,9 @@
-"""`midus-surgery verify`: load an emitted model and check that it is what the recipe promised."""
+"""`midus-surgery verify`: load an emitted model and check that it is what the recipe promised.
+
+Every transformers call passes an explicit ``trust_remote_code`` (the recipe's, recorded in
+midus_plan.json; False for any other directory): with None, transformers asks on the terminal
+whether to run a model's own code, and verify must never stop at a prompt.
+"""
 
 from __future__ import annotations
 
@@ -27,15 +32,16 @@ class Check:
     detail: str
 
 
-def _load(path: Path, gguf_file: str | None = None):
+def _load(path: Path, gguf_file: str | None = None, *, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM  # MIDUS classes: registered by this package's __init__
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **kwargs)
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
+                                                       trust_remote_code=trust_remote_code, **kwargs)
     return model.eval(), info
 
 
-def _tokenizer(path: Path):
+def _tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     from .emit import TOKENIZER_FILES
@@ -43,7 +49,7 @@ def _tokenizer(path: Path):
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return None  # checked on fixed random token ids instead
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception:  # noqa: BLE001 - an unreadable tokenizer is not the model's fault
         return None
     return tokenizer if len(tokenizer(PROMPT).input_ids) else None
@@ -97,6 +103,7 @@ def verify(out: Path, base: Path | None = None, *, report=print) -> list[Check]:
         raise MidusError(f"{out} is not a model directory (no config.json)")
     plan_file = out / "midus_plan.json"
     plan = json.loads(plan_file.read_text()) if plan_file.is_file() else None
+    trust = bool(plan.get("trust_remote_code")) if isinstance(plan, dict) else False
     checks: list[Check] = []
 
     def record(check: Check) -> None:
@@ -104,7 +111,7 @@ def verify(out: Path, base: Path | None = None, *, report=print) -> list[Check]:
         report(check)
 
     try:
-        model, info = _load(out)
+        model, info = _load(out, trust_remote_code=trust)
     except Exception as exc:  # noqa: BLE001 - any load failure is the check's result
         record(Check("load", False, f"{type(exc).__name__}: {exc}"))
         return checks
@@ -115,7 +122,7 @@ def verify(out: Path, base: Path | None = None, *, report=print) -> list[Check]:
     record(Check("tensors", not missing and not unexpected,
                  f"{len(on_disk)} tensors on disk, all loaded" if not missing and not unexpected else f"missing {missing[:5]}, unexpected {unexpected[:5]}"))
 
-    tokenizer = _tokenizer(out)
+    tokenizer = _tokenizer(out, trust)
     ids = _batch(model, tokenizer)
     try:
         logits = _logits(model, ids)
@@ -126,7 +133,7 @@ def verify(out: Path, base: Path | None = None, *, report=print) -> list[Check]:
     base_path = base or (Path(plan["base_path"]) if plan and plan.get("base_path") else None)
     if base_path is not None:
         base_dir, gguf = (base_path.parent, base_path.name) if base_path.suffix == ".gguf" else (base_path, None)
-        base_model, _ = _load(base_dir, gguf)
+        base_model, _ = _load(base_dir, gguf, trust_remote_code=trust)
         try:
             base_logits = _logits(base_model, ids)
         except Exception as exc:  # noqa: BLE001
@@ -159,7 +166,7 @@ def verify(out: Path, base: Path | None = None, *, report=print) -> list[Check]:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
-            reloaded, _ = _load(Path(tmp))
+            reloaded, _ = _load(Path(tmp), trust_remote_code=trust)
             again = _logits(reloaded, ids)
     except Exception as exc:  # noqa: BLE001
         record(Check("round-trip", False, f"save_pretrained + reload fails: {one_line(exc, 300)}"))

@@ -1,0 +1,97 @@
+"""Bases that ship their own modeling code (config.json's ``auto_map``).
+
+Such code runs only when the recipe sets ``base.trust_remote_code: true``; without it the base
+is refused, even when transformers knows the model type, because the stock class would build a
+different model (the custom code's own tensors dropped, its forward ignored). Allowed, the code
+is read from the base directory only (never from another Hub repository), builds the config and
+the model the planner measures, and travels with an output whose config keeps the ``auto_map``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+# The auto_map entries that decide what the planner builds; others (AutoTokenizer, heads for
+# other tasks) do not change the causal LM.
+BUILDING_KEYS = ("AutoConfig", "AutoModelForCausalLM")
+_LOCAL_REFERENCE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*")  # module_file.ClassName
+
+
+def building_code(data: dict) -> dict[str, str]:
+    """The auto_map entries of a raw config dict that replace the stock config or causal-LM class."""
+    auto_map = data.get("auto_map")
+    if auto_map is None:
+        return {}
+    if not isinstance(auto_map, dict):
+        raise ValueError(f"auto_map must be an object of auto class -> 'module.Class', got {str(auto_map)[:60]}")
+    return {k: auto_map[k] for k in BUILDING_KEYS if k in auto_map}
+
+
+def refusal(where: str, code: dict[str, str]) -> str:
+    names = ", ".join(str(v) for v in code.values())
+    return (f"{where}: the base ships its own modeling code (auto_map: {names}), which the stock class would silently "
+            f"replace; midus-surgery runs it only when allowed: read that code, then set base.trust_remote_code: true in the recipe")
+
+
+def _module_file(directory: Path, reference, where: str) -> Path:
+    """The base's own .py file a ``module.Class`` reference names; refused when it is not a file there."""
+    if not isinstance(reference, str) or not _LOCAL_REFERENCE.fullmatch(reference):
+        raise ValueError(f"{where}: auto_map entry {str(reference)[:80]!r} is not a 'module.Class' of the base's own files "
+                         "(code from another repository is not fetched)")
+    path = directory / (reference.split(".")[0] + ".py")
+    root = directory.resolve()
+    if not path.is_file() or root not in path.resolve().parents:
+        raise ValueError(f"{where}: auto_map names {reference!r}, but {path} is not a file in the base directory")
+    return path
+
+
+def config_with_custom_code(data: dict, directory: Path, where: str):
+    """The base config built by its own AutoConfig class (the stock one when it has none).
+
+    The config remembers ``directory`` as transformers' name_or_path: ``AutoModelForCausalLM.from_config``
+    finds the modeling code there.
+    """
+    from transformers import AutoConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    code = building_code(data)
+    for reference in code.values():
+        _module_file(directory, reference, where)
+    fields = {k: v for k, v in data.items() if k not in ("model_type", "transformers_version", "_name_or_path")}
+    if "AutoConfig" in code:
+        config_class = get_class_from_dynamic_module(code["AutoConfig"], str(directory), local_files_only=True)
+        config = config_class(**fields)
+    else:
+        config = AutoConfig.for_model(data["model_type"], **fields)
+    config._name_or_path = str(directory)
+    return config
+
+
+def custom_causal_lm(config_data: dict):
+    """(config, True) built through the base's own code when a planner's config dict names it, else None.
+
+    Only configs built by ``config_with_custom_code`` (recipes that allow the code) carry both an
+    AutoModelForCausalLM entry and the base directory in ``_name_or_path``.
+    """
+    code = building_code(config_data)
+    directory = config_data.get("_name_or_path")
+    if "AutoModelForCausalLM" not in code or not directory or not Path(directory).is_dir():
+        return None
+    return config_with_custom_code(config_data, Path(directory), str(Path(directory) / "config.json"))
+
+
+def code_files(directory: Path, auto_map: dict) -> list[Path]:
+    """The base's .py files an output keeping ``auto_map`` needs: each module it names and their relative imports."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    files: list[Path] = []
+    for reference in auto_map.values():
+        for ref in reference if isinstance(reference, list) else [reference]:
+            if ref is None:
+                continue
+            module = _module_file(directory, ref, str(directory / "config.json"))
+            for path in [module, *map(Path, get_relative_import_files(str(module)))]:
+                if path not in files and directory.resolve() in path.resolve().parents:
+                    files.append(path)
+    return files

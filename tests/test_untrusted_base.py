@@ -1,0 +1,357 @@
+"""The base model's files as untrusted input (issue 23): nothing lost, nothing run, nothing crashes.
+
+A base directory is data someone else made. Each case here ends in one clear message and exit 2
+with no output directory, or, for custom code the recipe allows, in an output that loads:
+- a config.json whose layer count, hidden size or vocabulary disagrees with the weights;
+- an index.json naming files outside the base directory;
+- corrupt shards and indexes;
+- a known model type with its own modeling code (auto_map): refused unless the recipe sets
+  ``base.trust_remote_code``, then planned and written through that code, which travels with the
+  output; ``verify`` never stops at transformers' "run the custom code?" prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_configs import tiny_config
+from transformers import AutoModelForCausalLM
+
+from midus_surgery.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SLICES = "layout:\n  slices:\n    - layers: [0, 3]\n    - layers: [1, 4]\n"
+IDENTITY = "layout:\n  interleave:\n    after_every: 2\n    kind: identity\n"
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    """A tiny 4-layer Llama; tests copy it before spoiling it."""
+    path = tmp_path_factory.mktemp("untrusted") / "llama"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama", tie_word_embeddings=False)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("untrusted") / "sharded"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama", tie_word_embeddings=False)).save_pretrained(path, max_shard_size="50KB")
+    assert (path / "model.safetensors.index.json").is_file()
+    return path
+
+
+def copy_base(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest
+
+
+def write_recipe(tmp: Path, base: Path, *, layout: str = SLICES, extra: str = "") -> Path:
+    path = tmp / f"{base.name}.yaml"
+    path.write_text(f"base:\n  path: {base}\n{extra}{layout}output:\n  dir: out/{base.name}\n  dtype: float32\n")
+    return path
+
+
+def refused(recipe: Path, capsys, *flags: str, command: str = "apply") -> str:
+    """Run the command; it must exit 2 with one message, no traceback, and write nothing. Returns stderr."""
+    args = [command, str(recipe), *flags] + (["--quiet"] if command == "apply" else [])
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    out = recipe.parent / "out"
+    assert not out.exists() or not any(out.iterdir())  # the output's parent may be made before weights are read
+    return err
+
+
+def edit_config(base: Path, **changes) -> None:
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json against the weights
+
+
+@pytest.mark.parametrize("flags", [(), ("--full-plan",)], ids=["default", "full-plan"])
+def test_a_config_with_fewer_layers_than_the_weights_is_refused(llama, tmp_path, capsys, flags):
+    base = copy_base(llama, tmp_path / "base")
+    edit_config(base, num_hidden_layers=2)
+    recipe = write_recipe(tmp_path, base, layout="layout:\n  slices:\n    - layers: [0, 2]\n    - layers: [1, 2]\n")
+    err = refused(recipe, capsys, *flags)
+    assert "num_hidden_layers=2" in err and "4 layers" in err and "config.json" in err
+    assert main(["validate", str(recipe)]) == 2  # validate reads the headers too when the weights are there
+    assert "num_hidden_layers=2" in capsys.readouterr().err
+
+
+def test_a_config_with_more_layers_than_the_weights_is_refused(llama, tmp_path, capsys):
+    base = copy_base(llama, tmp_path / "base")
+    edit_config(base, num_hidden_layers=6)
+    err = refused(write_recipe(tmp_path, base), capsys)
+    assert "num_hidden_layers=6" in err and "4 layers" in err
+
+
+@pytest.mark.parametrize("change, key", [(dict(hidden_size=32, head_dim=16), "hidden_size=32"), (dict(vocab_size=100), "vocab_size=100")])
+def test_a_config_whose_sizes_differ_from_the_weights_is_refused_at_plan_time(llama, tmp_path, capsys, change, key):
+    base = copy_base(llama, tmp_path / "base")
+    edit_config(base, **change)
+    recipe = write_recipe(tmp_path, base)
+    err = refused(recipe, capsys)
+    assert key in err and "model.embed_tokens.weight" in err
+    refused(recipe, capsys, command="plan")
+
+
+def test_a_pickle_base_is_checked_against_its_config_when_read(llama, tmp_path, capsys):
+    base = tmp_path / "pickled"
+    base.mkdir()
+    shutil.copy(llama / "config.json", base / "config.json")
+    torch.save(load_file(str(llama / "model.safetensors")), base / "pytorch_model.bin")
+    edit_config(base, num_hidden_layers=3)
+    recipe = write_recipe(tmp_path, base, layout="layout:\n  slices:\n    - layers: [0, 3]\n    - layers: [1, 3]\n")
+    err = refused(recipe, capsys, "--allow-pickle")
+    assert "num_hidden_layers=3" in err and "4 layers" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# paths named by the index
+
+
+def write_index(base: Path, weight_map: dict) -> None:
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("target", ["../../../../etc/passwd", "/etc/passwd", "sub/../../outside.safetensors"])
+def test_an_index_naming_a_file_outside_the_base_is_refused(sharded, tmp_path, capsys, target):
+    base = copy_base(sharded, tmp_path / "base")
+    shutil.copy(sorted(base.glob("*.safetensors"))[0], tmp_path / "outside.safetensors")  # a valid shard, but not the base's
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    name = next(iter(index["weight_map"]))
+    write_index(base, {**index["weight_map"], name: target})
+    for flags in [(), ("--full-plan",)]:
+        err = refused(write_recipe(tmp_path, base), capsys, *flags)
+        assert "outside" in err and target in err
+
+
+def test_a_shard_symlinked_outside_the_base_is_refused(sharded, tmp_path, capsys):
+    base = copy_base(sharded, tmp_path / "base")
+    shard = sorted(base.glob("*.safetensors"))[0]
+    moved = tmp_path / "elsewhere.safetensors"
+    shard.rename(moved)
+    shard.symlink_to(moved)
+    err = refused(write_recipe(tmp_path, base), capsys)
+    assert "outside" in err and shard.name in err
+
+
+def test_a_tokenizer_file_symlinked_outside_the_base_is_not_copied(llama, tmp_path, capsys):
+    base = copy_base(llama, tmp_path / "base")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the output")
+    (base / "tokenizer.json").symlink_to(secret)
+    recipe = write_recipe(tmp_path, base)
+    assert main(["apply", str(recipe), "--quiet"]) == 0
+    assert "tokenizer.json" in capsys.readouterr().err  # a warning names what was left out
+    assert not (tmp_path / "out" / "base" / "tokenizer.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# corrupt shards and indexes
+
+
+def spoil_header_length(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(struct.pack("<Q", 1 << 62) + data[8:])
+
+
+def spoil_header_json(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[8] = ord("!")
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+
+
+def too_short(path: Path) -> None:
+    path.write_bytes(b"\x01\x02")
+
+
+@pytest.mark.parametrize("spoil, says", [(spoil_header_length, "header length"), (spoil_header_json, "header"),
+                                         (truncate, "truncated"), (too_short, "truncated")],
+                         ids=["header-2^62", "header-not-json", "truncated", "8-bytes-missing"])
+@pytest.mark.parametrize("flags", [(), ("--full-plan",)], ids=["default", "full-plan"])
+def test_a_corrupt_shard_is_one_message_naming_it(llama, tmp_path, capsys, spoil, says, flags):
+    base = copy_base(llama, tmp_path / "base")
+    spoil(base / "model.safetensors")
+    err = refused(write_recipe(tmp_path, base), capsys, *flags)
+    assert "model.safetensors" in err and says in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_tensor_whose_bytes_overlap_its_neighbours_is_refused(llama, tmp_path, capsys):
+    base = copy_base(llama, tmp_path / "base")
+    path = base / "model.safetensors"
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    name = next(k for k in header if k != "__metadata__")
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [begin, end + 4]  # one more float than its shape holds
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + length:])
+    err = refused(write_recipe(tmp_path, base), capsys)
+    assert name in err and "model.safetensors" in err
+
+
+@pytest.mark.parametrize("index_text, says", [("{not json", "not valid JSON"), ('{"metadata": {}}', "weight_map"),
+                                              ('{"weight_map": ["a"]}', "weight_map"), ('{"weight_map": {"x": 3}}', "weight_map"),
+                                              ("[]", "weight_map")])
+def test_a_broken_index_is_one_message_naming_it(sharded, tmp_path, capsys, index_text, says):
+    base = copy_base(sharded, tmp_path / "base")
+    (base / "model.safetensors.index.json").write_text(index_text)
+    err = refused(write_recipe(tmp_path, base), capsys)
+    assert "model.safetensors.index.json" in err and says in err
+
+
+def test_an_index_naming_a_missing_shard_is_one_message_naming_it(sharded, tmp_path, capsys):
+    base = copy_base(sharded, tmp_path / "base")
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    name = next(iter(index["weight_map"]))
+    write_index(base, {**index["weight_map"], name: "model-00009-of-00009.safetensors"})
+    err = refused(write_recipe(tmp_path, base), capsys)
+    assert "model-00009-of-00009.safetensors" in err and "missing" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# custom-code bases
+
+CONFIGURATION_X = '''
+from transformers import LlamaConfig
+
+
+class XConfig(LlamaConfig):
+    """Llama with a learned output gain (its own code, as Hub models with an auto_map ship)."""
+
+    def __init__(self, logit_gain=1.0, **kwargs):
+        self.logit_gain = logit_gain
+        super().__init__(**kwargs)
+'''
+
+MODELING_X = '''
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM
+
+from .configuration_x import XConfig
+
+
+class XForCausalLM(LlamaForCausalLM):
+    config_class = XConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.out_gain = nn.Parameter(torch.full((config.hidden_size,), float(config.logit_gain)))
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * self.out_gain.mean()
+        return out
+'''
+
+AUTO_MAP = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+
+
+@pytest.fixture(scope="module")
+def custom(llama, tmp_path_factory) -> Path:
+    """A known model type (llama) whose config.json maps to its own classes, with a tensor Llama lacks."""
+    path = copy_base(llama, tmp_path_factory.mktemp("custom") / "custom")
+    edit_config(path, auto_map=AUTO_MAP, logit_gain=3.0, architectures=["XForCausalLM"])
+    tensors = load_file(str(path / "model.safetensors"))
+    save_file({**tensors, "out_gain": torch.full((64,), 3.0)}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "configuration_x.py").write_text(CONFIGURATION_X)
+    (path / "modeling_x.py").write_text(MODELING_X)
+    return path
+
+
+def subprocess_env(tmp_path: Path) -> dict:
+    # transformers copies custom code into its modules cache: keep it inside the test's folder
+    return {**os.environ, "PYTHONPATH": str(REPO), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+
+
+def run_cli(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "midus_surgery.cli", *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, env=subprocess_env(tmp_path), timeout=timeout, cwd=tmp_path)
+
+
+def test_custom_code_is_refused_unless_the_recipe_trusts_it(custom, tmp_path, capsys):
+    recipe = write_recipe(tmp_path, custom)
+    for command in ("apply", "validate"):
+        err = refused(recipe, capsys, command=command)
+        assert "its own modeling code" in err and "modeling_x.XForCausalLM" in err and "trust_remote_code: true" in err
+
+
+def test_memory_blocks_over_custom_code_are_refused(custom, tmp_path, capsys):
+    recipe = write_recipe(tmp_path, custom, extra="  trust_remote_code: true\n",
+                          layout="layout:\n  interleave:\n    after_every: 2\n    kind: memory\nmemory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n")
+    run = run_cli(tmp_path, "apply", str(recipe), "--quiet")
+    assert run.returncode == 2, run.stderr
+    assert "own modeling code" in run.stderr and "memory" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_trusted_custom_code_plans_writes_and_travels_with_the_output(custom, tmp_path):
+    recipe = write_recipe(tmp_path, custom, extra="  trust_remote_code: true\n", layout=IDENTITY)
+    run = run_cli(tmp_path, "apply", str(recipe), "--quiet")
+    assert run.returncode == 0, run.stderr
+    out = tmp_path / "out" / "custom"
+    assert (out / "configuration_x.py").is_file() and (out / "modeling_x.py").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP and config["num_hidden_layers"] == 6 and config["logit_gain"] == 3.0
+    assert str(custom) not in (out / "config.json").read_text()  # no path of this machine in the output
+
+    # a fresh process, without midus_surgery: the output loads through its own code, every tensor
+    # from the file, and (identity blocks) computes the base's function, custom gain included
+    code = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        assert "midus_surgery" not in sys.modules
+        out, info = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, output_loading_info=True)
+        base = AutoModelForCausalLM.from_pretrained({str(custom)!r}, trust_remote_code=True)
+        ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            same = torch.equal(out(ids).logits, base(ids).logits)
+        print(type(out).__name__, sorted(info["missing_keys"]), sorted(info["unexpected_keys"]), float(out.out_gain.mean()), same)
+    """)
+    env = {**subprocess_env(tmp_path), "PYTHONPATH": ""}
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.split() == ["XForCausalLM", "[]", "[]", "3.0", "True"]
+
+    checked = run_cli(tmp_path, "verify", str(out))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "against the base: 0 (" in checked.stdout
+
+
+def test_verify_never_asks_whether_to_run_custom_code(custom, tmp_path):
+    # a model type transformers does not know, with its own code: transformers would ask on a terminal
+    model = copy_base(custom, tmp_path / "model")
+    edit_config(model, model_type="x_custom")
+    (model / "configuration_x.py").write_text(CONFIGURATION_X.replace("    def __init__", '    model_type = "x_custom"\n\n    def __init__'))
+    run = run_cli(tmp_path, "verify", str(model), timeout=120)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "Do you wish to run the custom code" not in run.stdout + run.stderr
+    assert "Traceback" not in run.stderr
+    assert "FAIL load" in run.stdout and "trust_remote_code" in run.stdout
