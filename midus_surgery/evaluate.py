@@ -11,6 +11,7 @@ Perplexity is token-weighted: exp(sum of next-token NLL / number of predicted to
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -39,10 +40,38 @@ def hf_progress_bars(enabled: bool):
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
+class ModelLoadError(MidusError):
+    """A model directory does not load whole: a missing, unexpected or misshapen tensor, unreadable weights."""
+
+    exit_code = 2
+
+
+def flat_error(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line, its later lines joined in: load errors (transformers', torch's
+    load_state_dict) name the tensor after the first line."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:limit]}"
+
+
+def _names(keys, limit: int = 3) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+class _DropLoadReport(logging.Filter):
+    """transformers' LOAD REPORT table: a strict load names the same tensors in its one-line error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
 def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float32, trust_remote_code: bool = False,
                    progress: bool = True):
-    """Load a model directory (base, DUS, LLaMA-Pro or MIDUS output) as a causal LM.
+    """Load a model directory (base, DUS, LLaMA-Pro or MIDUS output) as a causal LM, strictly.
 
+    Every tensor the architecture has must be in the weights (tied ones excepted), with its shape,
+    and the weights may hold no other: transformers would otherwise start missing tensors from
+    random values with only a log line. Any failure is one ``ModelLoadError`` line (exit 2).
     ``progress=False`` keeps transformers' loading bar off too (``eval --quiet`` prints one line).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -50,16 +79,36 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
     # The MIDUS classes are registered by this package's __init__, so MIDUS outputs load too.
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise MidusError(f"{path} is not a model directory (no config.json)")
+        raise ModelLoadError(f"{path} is not a model directory (no config.json)")
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        raise MidusError(f"{path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a bad config.json surfaces as many kinds
+        raise ModelLoadError(f"{path}: cannot read config.json ({flat_error(exc)})") from None
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _DropLoadReport()
+    report_logger.addFilter(quiet)
     try:
         with hf_progress_bars(progress):
-            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise MidusError(f"{path}: cannot load the weights ({exc})") from None
+            # ignore_mismatched_sizes: report misshapen tensors by name below instead of transformers'
+            # "look at the above report" error
+            model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                               output_loading_info=True, ignore_mismatched_sizes=True)
+    except Exception as exc:  # noqa: BLE001 - unreadable files, MIDUS's own key check, remote code: all one line
+        raise ModelLoadError(f"{path}: cannot load the weights ({flat_error(exc)})") from None
+    finally:
+        report_logger.removeFilter(quiet)
+    problems = []
+    if info.get("missing_keys"):
+        problems.append(f"missing {len(info['missing_keys'])} tensor(s): {_names(info['missing_keys'])}")
+    if info.get("unexpected_keys"):
+        problems.append(f"{len(info['unexpected_keys'])} unexpected tensor(s): {_names(info['unexpected_keys'])}")
+    if info.get("mismatched_keys"):
+        shapes = {f"{k} (weights {list(saved)}, model {list(wanted)})" for k, saved, wanted in info["mismatched_keys"]}
+        problems.append(f"{len(shapes)} tensor(s) of the wrong shape: {_names(shapes)}")
+    if info.get("error_msgs"):
+        problems.append(" ".join(" ".join(info["error_msgs"]).split())[:300])
+    if problems:
+        raise ModelLoadError(f"{path}: the weights do not match the model's architecture: {'; '.join(problems)}")
     return model
 
 
@@ -69,7 +118,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
-        raise MidusError(f"{path}: no usable tokenizer ({exc.__class__.__name__}: {exc})") from None
+        raise ModelLoadError(f"{path}: no usable tokenizer ({flat_error(exc)})") from None
 
 
 def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
@@ -197,9 +246,9 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int = 512, per_doc
         torch.set_num_threads(threads)
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise MidusError(f"{model_dir} is not a directory")
+        raise ModelLoadError(f"{model_dir} is not a directory")
     if not (model_dir / "config.json").is_file():
-        raise MidusError(f"{model_dir} is not a model directory (no config.json)")
+        raise ModelLoadError(f"{model_dir} is not a model directory (no config.json)")
     if dtype not in DTYPES:
         raise MidusError(f"--dtype must be one of {', '.join(DTYPES)}")
     run_on = eval_device(device)

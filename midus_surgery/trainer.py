@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import re
 import shutil
 import sys
@@ -36,14 +37,15 @@ import numpy as np
 import torch
 
 from . import data as D
-from .atomic import atomic_directory
 from .emit import MODELING_FILES
 from .errors import MidusError, RecipeError
-from .evaluate import DTYPES, block_batches, evaluate_batches, load_causal_lm, load_tokenizer
+from .output_dir import OutputError, atomic_directory, check_output_dir, input_root, read_marker, write_marker
+from .evaluate import DTYPES, block_batches, evaluate_batches, flat_error, load_causal_lm, load_tokenizer
 from .train_config import LoadedTrainConfig, TrainConfig
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
+RUN_KIND, EXPORT_KIND = "train run", "train export"  # output_dir markers: what train may write into / replace
 NORM_LABELS = {"grad_norm": "gnorm", "memory_grad_norm": "mem gnorm"}
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
@@ -197,6 +199,8 @@ def lr_lambda(step_cfg, total_steps: int, warmup_steps: int, shape: str):
 # --------------------------------------------------------------------------- checkpoints
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every checkpoint directory whose state file was written (oldest first).
+    Complete is not whole: ``verify_checkpoint`` says whether its files are as written."""
     if not root.is_dir():
         return []
     found = []
@@ -205,6 +209,175 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
         if m and (p / STATE_FILE).is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+# A checkpoint holds no pickle but accelerate's optimizer file (read with weights_only=True only):
+# the scheduler's state is JSON, each process's RNG state a safetensors file.
+SCHEDULER_FILE = "scheduler.json"
+LEGACY_SCHEDULER_FILE = "scheduler.pt"  # checkpoints written before the JSON file; read with weights_only=True
+STATE_KEYS = ("step", "samples_seen", "data")
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_state_{rank}.safetensors"
+
+
+def legacy_rng_file(rank: int) -> str:
+    return f"random_states_{rank}.pkl"  # accelerate's own (pickle); older checkpoints only
+
+
+def _flat(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line; for torch's weights_only refusal, its reason, not its advice to load unsafely."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split())
+    if "WeightsUnpickler error:" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[1].split(" Please use")[0].split(" Check the documentation")[0].strip()
+        return f"not plain tensors and numbers, refused by torch.load(weights_only=True) ({reason[:limit]})"
+    return flat_error(exc, limit)
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Whether a safetensors file's header parses and its tensors end where the file ends (a cut file does not)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n > size - 8:
+                return f"{path.name}: cut short or not safetensors ({size} bytes; its header alone claims {n + 8})"
+            header = json.loads(fh.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        return f"{path.name}: not a safetensors file ({_flat(exc, 120)})"
+    if 8 + n + end != size:
+        return f"{path.name}: {size} bytes, its header describes {8 + n + end}"
+    return None
+
+
+def read_checkpoint_state(path: Path) -> dict:
+    """The checkpoint's state file, with the keys a resume needs; ``ValueError`` (one line) when not."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{STATE_FILE}: unreadable ({_flat(exc, 120)})") from None
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        raise ValueError(f"{STATE_FILE}: lacks {', '.join(k for k in STATE_KEYS if not isinstance(state, dict) or k not in state)}")
+    if not all(isinstance(state[k], int) and state[k] >= 0 for k in ("step", "samples_seen")):
+        raise ValueError(f"{STATE_FILE}: step and samples_seen are not counts")
+    m = CHECKPOINT_RE.match(path.name)
+    if m and state["step"] != int(m.group(1)):
+        raise ValueError(f"{STATE_FILE}: says step {state['step']}, the directory step {int(m.group(1))}")
+    return state
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when the checkpoint is whole as far as can be told without loading it; else one line:
+    which file, what is wrong. Whole: the state file parses with its keys, every file it records
+    is there with the recorded size, every safetensors header parses and fits its file. Older
+    checkpoints record no sizes: their state file, scheduler file and headers are checked."""
+    try:
+        state = read_checkpoint_state(path)
+    except ValueError as exc:
+        return str(exc)
+    files = state.get("files")
+    if files is None:  # written before sizes were recorded
+        for what, patterns in (("model weights", ("model*.safetensors", "pytorch_model*")), ("optimiser state", ("optimizer*",)),
+                               ("scheduler state", (LEGACY_SCHEDULER_FILE,))):
+            if not any(next(path.glob(pattern), None) for pattern in patterns):
+                return f"{what} missing (no {' or '.join(patterns)})"
+        names = [p.relative_to(path).as_posix() for p in path.rglob("*.safetensors")]
+    elif not isinstance(files, dict) or not all(isinstance(v, int) for v in files.values()):
+        return f"{STATE_FILE}: its file list is not name -> size"
+    else:
+        for name, size in sorted(files.items()):
+            f = path / name
+            if not f.is_file():
+                return f"{name}: missing"
+            if f.stat().st_size != size:
+                return f"{name}: {f.stat().st_size} bytes, {size} recorded"
+        names = [n for n in files if n.endswith(".safetensors")]
+    for name in sorted(names):
+        problem = _safetensors_problem(path / name)
+        if problem:
+            return problem
+    return None
+
+
+def _unreadable_file(path: Path, names) -> str | None:
+    """After a failed load: the first of ``names`` that does not read on its own, as ``name: error``
+    (safetensors read whole; pickles with weights_only=True only), or None."""
+    from accelerate.utils import load as safe_torch_load  # torch.load(weights_only=True) plus numpy's types
+    from safetensors import safe_open
+
+    for name in names:
+        f = path / name
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(f, framework="pt") as st:
+                    for key in st.keys():
+                        st.get_tensor(key)
+            elif name.endswith((".bin", ".pt", ".pkl")):
+                safe_torch_load(f, map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 - whatever the reader says, said in one line
+            return f"{name}: {_flat(exc)}"
+    return None
+
+
+def save_rng_state(path: Path) -> None:
+    """This process's python, numpy, torch (and CUDA) RNG states as safetensors: tensors, and the
+    few scalars as JSON in its metadata."""
+    from safetensors.torch import save_file
+
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors = {"python": torch.tensor(py_state, dtype=torch.int64), "numpy": torch.from_numpy(np_keys.astype(np.int64)),
+               "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    meta = {"python": json.dumps([py_version, py_gauss]), "numpy": json.dumps([np_name, np_pos, np_has_gauss, np_gauss])}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_rng_state(path: Path) -> None:
+    """Restore what ``save_rng_state`` wrote; any problem raises (never a silently fresh RNG)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as st:
+        t = {k: st.get_tensor(k) for k in st.keys()}
+        meta = st.metadata() or {}
+    py_version, py_gauss = json.loads(meta["python"])
+    np_name, np_pos, np_has_gauss, np_gauss = json.loads(meta["numpy"])
+    random.setstate((py_version, tuple(int(x) for x in t["python"].tolist()), py_gauss))
+    np.random.set_state((np_name, t["numpy"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(t["torch"])
+    cuda = sorted((k for k in t if k.startswith("cuda_")), key=lambda k: int(k[5:]))
+    if cuda and torch.cuda.is_available():
+        for i, key in enumerate(cuda[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(t[key], i)
+
+
+def load_legacy_rng_state(path: Path) -> None:
+    """accelerate's pickle of an older checkpoint, read as accelerate reads it (weights_only=True with
+    numpy's types allowed), but its errors raise: accelerate only logs them."""
+    from accelerate.utils import load as safe_torch_load
+
+    states = safe_torch_load(path)
+    random.setstate(states["random_state"])
+    np.random.set_state(states["numpy_random_seed"])
+    torch.set_rng_state(states["torch_manual_seed"])
+    if "torch_cuda_manual_seed" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
+
+
+def scheduler_state(path: Path, current: dict) -> dict:
+    """The scheduler state a checkpoint holds, checked against the keys of ``current`` (ours)."""
+    if (path / SCHEDULER_FILE).is_file():
+        state = json.loads((path / SCHEDULER_FILE).read_text())
+    else:
+        state = torch.load(path / LEGACY_SCHEDULER_FILE, weights_only=True)
+    # only the keys this scheduler has (plus an older torch's "verbose"), one lambda per parameter group
+    if (not isinstance(state, dict) or set(state) - set(current) - {"verbose"} or {"base_lrs", "last_epoch"} - set(state)
+            or len(state.get("lr_lambdas") or ()) != len(current["lr_lambdas"])):
+        raise ValueError(f"not this run's scheduler state (keys {sorted(state) if isinstance(state, dict) else type(state).__name__})")
+    return state
 
 
 def _weights_checksum(model) -> str:
@@ -274,6 +447,7 @@ class Runner:
         self.init_from = loaded.resolve(cfg.init_from).resolve()
         if not (self.init_from / "config.json").is_file():
             raise RecipeError([loaded.problem(("init_from",), f"{self.init_from} is not a model directory (no config.json)")])
+        self.check_outputs()
 
         # Which state to start from.
         self.resume_from: Path | None = None
@@ -282,14 +456,17 @@ class Runner:
             if existing:
                 raise RecipeError([loaded.problem(("resume",), f"{self.ckpt_root} already holds checkpoints (newest: step {existing[-1][0]}); set resume: auto to continue that run, or choose another run_dir")])
         elif cfg.resume == "auto":
-            self.resume_from = existing[-1][1] if existing else None
+            self.resume_from = self.newest_whole_checkpoint(existing)
         else:
             path = loaded.resolve(cfg.resume).resolve()
-            if not (path / STATE_FILE).is_file():
-                raise RecipeError([loaded.problem(("resume",), f"{path} is not a complete checkpoint (no {STATE_FILE})")])
+            problem = f"no {STATE_FILE}" if not (path / STATE_FILE).is_file() else verify_checkpoint(path)
+            if problem:
+                raise RecipeError([loaded.problem(("resume",), f"{path} is not a complete checkpoint ({problem})")])
             self.resume_from = path
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if read_marker(self.run_dir) is None:
+                write_marker(self.run_dir, RUN_KIND)
             self.ckpt_root.mkdir(exist_ok=True)
             for stale in self.ckpt_root.glob(".tmp-*"):  # a checkpoint a killed run was writing
                 shutil.rmtree(stale, ignore_errors=True)
@@ -319,7 +496,7 @@ class Runner:
         config_data = json.loads((self.init_from / "config.json").read_text())
         self.init_dtype = config_data.get("dtype") or config_data.get("torch_dtype") or "float32"
         self.is_midus = config_data.get("model_type") == "midus"
-        model = load_causal_lm(self.init_from, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+        model = load_causal_lm(self.init_from, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, progress=progress)
         vocab = model.get_input_embeddings().weight.shape[0]
         for s in (train_stream, held_stream):
             if s is not None and s.meta.get("max_token", -1) >= vocab:
@@ -355,6 +532,28 @@ class Runner:
             prepare_cpu_kernels()  # answered before compiling, the memory layer traces whole
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.raw = self.acc.unwrap_model(self.model)
+
+    def check_outputs(self) -> None:
+        """The output-safety rule (output_dir.py) for the run directory and the export, before any work.
+
+        The run directory is written into (checkpoints, logs), never replaced: it must be new, empty
+        or a run directory of this tool. The export replaces only an export this tool wrote.
+        """
+        cfg, loaded = self.cfg, self.loaded
+        d = cfg.data
+        inputs = [("init_from", self.init_from), ("the config file", Path(loaded.source.file))]
+        inputs += [(f"data ({p})", input_root(loaded.resolve(p))) for p in [*d.train, *(d.held_out or [])]]
+        inputs.append(("the token cache", loaded.resolve(d.cache_dir) if d.cache_dir else D.default_cache_dir()))
+        folders = [("the config's folder", loaded.directory)]
+        if read_marker(self.run_dir) is None and complete_checkpoints(self.ckpt_root):
+            write_marker(self.run_dir, RUN_KIND)  # a run directory written before markers existed: its checkpoints say it is ours
+        for field_name, path, kind, extra in (("run_dir", self.run_dir, RUN_KIND, []),
+                                              (("export", "dir"), self.export_dir, EXPORT_KIND, [("the run directory", self.run_dir)])):
+            try:
+                check_output_dir(path, kind=kind, inputs=inputs, folders=folders + extra, replace_own=(kind,), flag=None)
+            except OutputError as exc:
+                where = field_name if isinstance(field_name, tuple) else (field_name,)
+                raise RecipeError([loaded.problem(where, str(exc))]) from None
 
     # ---------------------------------------------------------------- pieces
     def evaluate(self) -> dict | None:
@@ -392,6 +591,31 @@ class Runner:
         with open(d / f"rank{self.rank}.jsonl", "a") as fh:
             fh.write(json.dumps(rec) + "\n")
 
+    def newest_whole_checkpoint(self, existing: list[tuple[int, Path]]) -> Path | None:
+        """``resume: auto``: the newest checkpoint that verifies. Newer ones that do not are said in one
+        line each and moved aside (``step-N.broken``): kept for a look, out of the way of this run's
+        own checkpoints and of pruning, which would otherwise keep them over good ones."""
+        chosen, broken = None, []
+        for _, path in reversed(existing):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                chosen = path
+                break
+            broken.append((path, problem))
+        if broken and chosen is None:
+            newest, problem = broken[0]
+            raise RecipeError([self.loaded.problem(("resume",), f"no checkpoint in {self.ckpt_root} verifies (newest, {newest.name}: {problem}); "
+                                                               "move them away to start afresh, or choose another run_dir")])
+        self.acc.wait_for_everyone()  # every process has chosen before one is moved
+        for path, problem in broken:
+            aside = path.with_name(f"{path.name}.broken")
+            if aside.exists():
+                aside = path.with_name(f"{path.name}.broken-{uuid.uuid4().hex[:6]}")
+            if self.acc.is_main_process:
+                os.replace(path, aside)
+            self.say(f"checkpoint {path.name} skipped: {problem}; moved to {aside.name}")
+        return chosen
+
     def save_checkpoint(self, step: int, samples_seen: int) -> Path:
         final = self.ckpt_root / f"step-{step:08d}"
         tmp = self.ckpt_root / f".tmp-step-{step:08d}-{uuid.uuid4().hex[:6]}" if self.acc.is_main_process else None
@@ -405,13 +629,17 @@ class Runner:
         if self.acc.is_main_process:
             tmp.mkdir(parents=True)
         self.acc.wait_for_everyone()
-        self.acc.save_state(str(tmp), safe_serialization=True)
+        self.acc.save_state(str(tmp), safe_serialization=True)  # model (safetensors), optimiser (pickle), RNG (pickle)
+        # accelerate's RNG pickle is replaced by a safetensors file; every process writes its own
+        (tmp / legacy_rng_file(self.rank)).unlink(missing_ok=True)
+        save_rng_state(tmp / rng_file(self.rank))
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / SCHEDULER_FILE).write_text(json.dumps(self.scheduler.state_dict()) + "\n")  # plain numbers, no pickle
+            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
             state = {"step": step, "samples_seen": samples_seen, "tokens_seen": samples_seen * self.cfg.data.block_size,
                      "total_steps": self.total_steps, "world_size": self.world, "data": self.data_identity,
-                     "config": self.cfg.model_dump(mode="json"), "time": time.time()}
+                     "config": self.cfg.model_dump(mode="json"), "time": time.time(), "files": files}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the checkpoint complete
             if final.exists():
                 shutil.rmtree(final)
@@ -422,12 +650,22 @@ class Runner:
         return final
 
     def load_checkpoint(self, path: Path) -> dict:
-        state = json.loads((path / STATE_FILE).read_text())
+        """Load a checkpoint that verified. Whatever still fails to load (a file corrupted without
+        changing its size, say) is one ``TrainingError`` line naming the file, never a traceback;
+        nothing in it is unpickled but with weights_only=True."""
+        try:
+            state = read_checkpoint_state(path)
+        except ValueError as exc:
+            raise TrainingError(f"cannot resume from {path}: {exc}") from None
         saved = state.get("data", {})
         changed = [k for k in ("train", "held_out", "block_size", "seed", "held_out_fraction") if saved.get(k) != self.data_identity.get(k)]
         if changed:
             raise TrainingError(f"cannot resume from {path}: the data changed since it was written ({', '.join(f'{k}: {saved.get(k)} -> {self.data_identity.get(k)}' for k in changed)}); resuming would replay or skip data. Use a new run_dir.")
-        self.acc.load_state(str(path))
+        try:
+            self.acc.load_state(str(path))  # accelerate reads its pickles with weights_only=True
+        except Exception as exc:  # noqa: BLE001 - said as one line, naming the file that does not read
+            files = list(state["files"]) if isinstance(state.get("files"), dict) else sorted(p.name for p in path.iterdir())
+            raise TrainingError(f"cannot resume from {path}: {_unreadable_file(path, files) or _flat(exc)}") from None
         # A loaded optimiser state brings the implementation it was saved with; the config decides.
         # The fused kernel also wants each parameter's step count as a float32 tensor beside it.
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
@@ -437,7 +675,20 @@ class Runner:
                 for p in group["params"]:
                     if "step" in inner.state.get(p, {}):
                         inner.state[p]["step"] = inner.state[p]["step"].to(p.device, torch.float32)
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        name = SCHEDULER_FILE if (path / SCHEDULER_FILE).is_file() else LEGACY_SCHEDULER_FILE
+        try:
+            self.scheduler.load_state_dict(scheduler_state(path, self.scheduler.state_dict()))
+        except Exception as exc:  # noqa: BLE001 - as above
+            raise TrainingError(f"cannot resume from {path}: {name}: {_flat(exc)}") from None
+        # This process's RNG state: ours (safetensors), or accelerate's pickle in older checkpoints,
+        # which accelerate's load_state already tried but whose errors it only logs.
+        name = rng_file(self.rank) if (path / rng_file(self.rank)).is_file() else legacy_rng_file(self.rank)
+        if not (path / name).is_file() and self.rank >= state.get("world_size", 1):
+            return state  # a process the saving run did not have: its RNG stays as seeded
+        try:
+            (load_rng_state if name == rng_file(self.rank) else load_legacy_rng_state)(path / name)
+        except Exception as exc:  # noqa: BLE001 - as above
+            raise TrainingError(f"cannot resume from {path}: {name}: {_flat(exc)}") from None
         return state
 
     def export(self, final_eval: dict | None, step: int, samples_seen: int) -> Path:
@@ -449,7 +700,7 @@ class Runner:
             dtype_name = self.init_dtype if self.cfg.export.dtype == "auto" else self.cfg.export.dtype
             dtype = DTYPES.get(str(dtype_name).replace("torch.", ""), torch.float32)
             state_dict = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
-            with atomic_directory(out) as tmp:
+            with atomic_directory(out, kind=EXPORT_KIND, report=self.say) as tmp:
                 old_dtype = self.raw.config.dtype
                 self.raw.config.dtype = dtype
                 self.raw.config.use_cache = True

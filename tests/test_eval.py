@@ -76,7 +76,7 @@ def test_eval_cli_json_and_errors(setup, capsys, tmp_path):
     # --json / --quiet: no bar at all, transformers' "Loading weights" included; its setting is restored
     assert captured.err == "" and hf_logging.is_progress_bar_enabled()
 
-    assert main(["eval", str(tmp_path), "--data", str(setup["files"][0])]) == 1
+    assert main(["eval", str(tmp_path), "--data", str(setup["files"][0])]) == 2  # a model that does not load: exit 2
     assert "is not a model directory (no config.json)" in capsys.readouterr().err
     assert main(["eval", str(setup["model"]), "--data", str(tmp_path / "missing.txt"), "--cache-dir", str(setup["cache"])]) == 3
     assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,242 @@
+"""Checkpoint safety (issue 23): no checkpoint file can run code on resume; a corrupt newest
+checkpoint is said in one line and `resume: auto` falls back to the newest one that verifies;
+older checkpoints (a pickled scheduler, accelerate's RNG pickle, no recorded sizes) still resume.
+
+One short run (4 steps, a checkpoint every 2) is trained once; each test resumes from a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from train_fixtures.tiny import make_model_dir, state_of, write_config, write_corpus
+
+from midus_surgery.cli import main as cli_main
+from midus_surgery.errors import RecipeError
+from midus_surgery.train_config import load_train_config
+from midus_surgery.trainer import TrainingError, complete_checkpoints, train, verify_checkpoint
+
+STEPS = 4
+EXTRA = {"tokens": 16 * 4 * STEPS, "resume": "auto", "eval.at_start": False, "checkpoint.every": 2, "checkpoint.keep_last": 2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """A finished run: checkpoints at steps 2 and 4, and its final weights."""
+    root = tmp_path_factory.mktemp("ckpt")
+    write_corpus(root / "corpus", files=2, sentences_per_file=40)
+    model = make_model_dir(root / "model", with_plan=False)
+    cfg = write_config(root / "run.yaml", model, root / "run", root / "corpus", root / "cache", **EXTRA)
+    train(load_train_config(cfg))
+    return {"root": root, "model": model, "run": root / "run", "final": state_of(root / "run" / "final")}
+
+
+def copy_run(done, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the finished run without its export (so a resume trains and exports again), and its config."""
+    run = tmp_path / "run"
+    shutil.copytree(done["run"], run, ignore=shutil.ignore_patterns("final"))
+    root = done["root"]
+    cfg = write_config(tmp_path / "run.yaml", done["model"], run, root / "corpus", root / "cache", **EXTRA)
+    return run, cfg
+
+
+def ckpt(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step-{step:08d}"
+
+
+def record_size(checkpoint: Path, name: str) -> None:
+    """What an attacker who edits a file also does: record its new size in the state file."""
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    if "files" in state:
+        state["files"][name] = (checkpoint / name).stat().st_size
+        state_file.write_text(json.dumps(state))
+
+
+def make_legacy(checkpoint: Path) -> None:
+    """Rewrite a checkpoint as the trainer wrote them before: a pickled scheduler (scheduler.pt),
+    accelerate's RNG pickle, no file sizes recorded. A checkpoint already in that form stays."""
+    from safetensors import safe_open
+
+    if (checkpoint / "scheduler.json").exists():
+        torch.save(json.loads((checkpoint / "scheduler.json").read_text()), checkpoint / "scheduler.pt")
+        (checkpoint / "scheduler.json").unlink()
+    rng = checkpoint / "rng_state_0.safetensors"
+    if rng.exists():
+        import numpy as np
+
+        with safe_open(rng, framework="pt") as st:
+            t, meta = {k: st.get_tensor(k) for k in st.keys()}, st.metadata()
+        py_version, py_gauss = json.loads(meta["python"])
+        np_name, np_pos, np_has_gauss, np_gauss = json.loads(meta["numpy"])
+        torch.save({"step": 0, "random_state": (py_version, tuple(t["python"].tolist()), py_gauss),
+                    "numpy_random_seed": (np_name, t["numpy"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss),
+                    "torch_manual_seed": t["torch"]}, checkpoint / "random_states_0.pkl")
+        rng.unlink()
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state.pop("files", None)
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+
+
+def assert_same_weights(done, run: Path) -> None:
+    got = state_of(run / "final")
+    assert got.keys() == done["final"].keys()
+    for name in got:
+        assert torch.equal(got[name], done["final"][name]), f"{name} differs after the resume"
+
+
+class Evil:
+    """A pickle that, when unpickled with weights_only=False, creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# --------------------------------------------------------------------------- layout
+
+def test_a_checkpoint_holds_no_pickle_but_the_optimiser_and_records_its_files(done):
+    for step in (2, 4):
+        path = ckpt(done["run"], step)
+        names = {p.name for p in path.iterdir()}
+        assert names == {"model.safetensors", "optimizer.bin", "scheduler.json", "rng_state_0.safetensors", "trainer_state.json"}
+        state = json.loads((path / "trainer_state.json").read_text())
+        assert state["files"] == {n: (path / n).stat().st_size for n in names - {"trainer_state.json"}}
+        assert verify_checkpoint(path) is None
+        assert json.loads((path / "scheduler.json").read_text())["last_epoch"] == step
+
+
+# --------------------------------------------------------------------------- malicious files
+
+# Every state file a resume reads, in the current layout and in the older one.
+PLANTS = [("optimizer.bin", False), ("scheduler.json", False), ("rng_state_0.safetensors", False), ("model.safetensors", False),
+          ("random_states_0.pkl", False),  # accelerate still looks for its RNG pickle
+          ("scheduler.pt", True), ("random_states_0.pkl", True), ("optimizer.bin", True)]
+
+
+@pytest.mark.parametrize("name,legacy", PLANTS, ids=[f"{n}{'-legacy' if legacy else ''}" for n, legacy in PLANTS])
+def test_a_malicious_pickle_in_a_checkpoint_never_runs(done, tmp_path, name, legacy):
+    run, cfg = copy_run(done, tmp_path)
+    shutil.rmtree(ckpt(run, 2))  # no fallback: the planted checkpoint is the one a resume must read
+    newest = ckpt(run, 4)
+    if legacy:
+        make_legacy(newest)
+    marker = tmp_path / "pwned"
+    torch.save({"state": Evil(marker)}, newest / name)
+    record_size(newest, name)
+    try:
+        result, error = train(load_train_config(cfg)), None
+    except Exception as exc:  # noqa: BLE001 - checked below, after the marker
+        result, error = None, exc
+    assert not marker.exists(), f"unpickling {name} ran code"
+    if error is not None:
+        assert isinstance(error, (TrainingError, RecipeError)), repr(error)
+        assert len(str(error).splitlines()) == 1 and name in str(error), str(error)
+    else:  # a file resume does not need (accelerate's RNG pickle beside ours) is never unpickled unsafely
+        assert result.steps == STEPS
+
+
+def test_a_malicious_scheduler_is_one_line_from_the_cli(done, tmp_path, capsys):
+    run, cfg = copy_run(done, tmp_path)
+    marker = tmp_path / "pwned"
+    for step in (2, 4):
+        make_legacy(ckpt(run, step))
+        torch.save(Evil(marker), ckpt(run, step) / "scheduler.pt")
+    assert cli_main(["train", str(cfg), "--quiet"]) == TrainingError.exit_code
+    err = capsys.readouterr().err.strip()
+    assert not marker.exists()
+    assert len(err.splitlines()) == 1 and err.startswith("error: cannot resume from ") and "scheduler.pt: " in err, err
+
+
+# --------------------------------------------------------------------------- corrupt newest checkpoint
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+CORRUPTIONS = {
+    "weights-truncated": ("model.safetensors", truncate),
+    "weights-deleted": ("model.safetensors", Path.unlink),
+    "optimizer-truncated": ("optimizer.bin", truncate),
+    "scheduler-truncated": ("scheduler.json", truncate),
+    "rng-truncated": ("rng_state_0.safetensors", truncate),
+    "state-truncated": ("trainer_state.json", truncate),
+    "state-without-step": ("trainer_state.json", lambda p: p.write_text(json.dumps({k: v for k, v in json.loads(p.read_text()).items() if k != "step"}))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(done, tmp_path, case):
+    name, corrupt = CORRUPTIONS[case]
+    run, cfg = copy_run(done, tmp_path)
+    corrupt(ckpt(run, 4) / name)
+    assert verify_checkpoint(ckpt(run, 4)).startswith(name)
+    lines = []
+    result = train(load_train_config(cfg), echo=lines.append)
+    skipped = [line for line in lines if line.startswith("checkpoint step-00000004 skipped: ")]
+    assert len(skipped) == 1 and f": {name}: " in skipped[0], lines
+    assert any(f"resuming from {ckpt(run, 2)} (step 2)" in line for line in lines)
+    assert result.steps == STEPS
+    assert_same_weights(done, run)  # the fallback replays steps 3 and 4 exactly
+    assert (run / "checkpoints" / "step-00000004.broken").is_dir()  # kept for a look, out of the way
+    assert verify_checkpoint(ckpt(run, 4)) is None  # written again by the resumed run
+
+
+def test_no_checkpoint_that_verifies_is_a_located_error(done, tmp_path):
+    run, cfg = copy_run(done, tmp_path)
+    for step in (2, 4):
+        truncate(ckpt(run, step) / "optimizer.bin")
+    with pytest.raises(RecipeError) as err:
+        train(load_train_config(cfg))
+    text = str(err.value)
+    assert len(text.splitlines()) == 1 and " resume: no checkpoint in " in text and "step-00000004: optimizer.bin: " in text
+    assert [s for s, _ in complete_checkpoints(run / "checkpoints")] == [2, 4]  # nothing moved, nothing lost
+
+
+def test_explicit_resume_of_a_bad_checkpoint_is_a_located_error(done, tmp_path, capsys):
+    run, cfg = copy_run(done, tmp_path)
+    (ckpt(run, 4) / "rng_state_0.safetensors").unlink()
+    assert cli_main(["train", str(cfg), f"resume={ckpt(run, 4)}", "--quiet"]) == RecipeError.exit_code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "resume: " in err and "is not a complete checkpoint (rng_state_0.safetensors: missing)" in err, err
+
+
+def test_a_same_size_corruption_is_one_line_naming_the_file(done, tmp_path):
+    """Verification checks sizes and headers, not every byte: what passes it and still does not
+    load ends the run with one line naming the file."""
+    run, cfg = copy_run(done, tmp_path)
+    shutil.rmtree(ckpt(run, 2))
+    opt = ckpt(run, 4) / "optimizer.bin"
+    opt.write_bytes(b"\0" * opt.stat().st_size)
+    assert verify_checkpoint(ckpt(run, 4)) is None
+    with pytest.raises(TrainingError) as err:
+        train(load_train_config(cfg))
+    assert len(str(err.value).splitlines()) == 1 and f"cannot resume from {ckpt(run, 4)}: optimizer.bin: " in str(err.value)
+
+
+# --------------------------------------------------------------------------- older checkpoints
+
+def test_an_older_checkpoint_still_resumes_exactly(done, tmp_path):
+    run, cfg = copy_run(done, tmp_path)
+    shutil.rmtree(ckpt(run, 4))
+    make_legacy(ckpt(run, 2))
+    assert verify_checkpoint(ckpt(run, 2)) is None
+    lines = []
+    assert train(load_train_config(cfg), echo=lines.append).steps == STEPS
+    assert any(f"resuming from {ckpt(run, 2)} (step 2)" in line for line in lines)
+    assert_same_weights(done, run)
+    assert (ckpt(run, 4) / "scheduler.json").is_file()  # what it writes next is the new layout
