@@ -194,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("apply", help="emit the up-scaled model a recipe describes")
     p.add_argument("recipe", metavar="RECIPE")
     p.add_argument("--out", help="output directory (default: the recipe's output.dir)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output directory that midus-surgery wrote (it carries a .midus-surgery marker); "
+                        "a directory the tool did not write, an input, the current directory or a file is never replaced")
     p.add_argument("--allow-pickle", action="store_true", help="read pickle .bin base weights (with weights_only=True)")
     p.add_argument("--verify", action="store_true", help="run `verify` on the output right after emitting it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

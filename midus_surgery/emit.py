@@ -17,14 +17,14 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_directory
 from .base import resolve_base
 from .compile import Compiled
 from .dtypes import ITEMSIZE, TAGS, torch_dtype
 from .errors import MidusError
+from .output_dir import atomic_directory, check_output_dir
 from .plan import HML_SUBMODULE, SHARED_BANK_PREFIX, Plan, TensorEntry
 from .shard_writer import ShardItem, write_shard
-from .tensor_source import open_base_tensors
+from .tensor_source import check_matches_config, inside_base, open_base_tensors
 
 # torch and tqdm are imported where tensors are materialised or a progress bar is drawn: a
 # copy-only `apply` whose plan came from the safetensors headers never imports torch.
@@ -110,6 +110,7 @@ def emitted_config(plan: Plan, dtype: str) -> dict:
     """config.json: the rewritten base config, under model type ``midus`` when it has memory blocks."""
     config = dict(plan.config)
     config.pop("torch_dtype", None)
+    config.pop("_name_or_path", None)  # where the base was read from (custom code is found there): not the output's
     config["dtype"] = dtype
     if not plan.memory_layers:
         return config  # a stock architecture, just deeper
@@ -183,10 +184,23 @@ def _copy_tokenizer(ref, dest: Path) -> None:
     copied = 0
     for name in TOKENIZER_FILES:
         if (ref.directory / name).is_file():
+            if not _inside(ref, name):
+                continue
             shutil.copy2(ref.directory / name, dest / name)
             copied += 1
     if not copied:
         _warn(f"{ref.directory} has no tokenizer files; the output has none either")
+
+
+def _inside(ref, name: str) -> bool:
+    """Whether the base's file ``name`` stays inside the base directory; a symlink leading out is
+    left behind (with a warning): the output must not carry a file the base does not hold."""
+    try:
+        inside_base(ref.directory, name, f"the base's {name}")
+    except MidusError as exc:
+        _warn(f"{name} not copied: {exc}")
+        return False
+    return True
 
 
 def _warn(message: str) -> None:
@@ -196,7 +210,7 @@ def _warn(message: str) -> None:
 
 def _write_generation_config(ref, config_dict: dict, dest: Path) -> None:
     source = ref.directory / "generation_config.json"
-    if not ref.is_gguf and source.is_file():
+    if not ref.is_gguf and source.is_file() and _inside(ref, source.name):
         shutil.copy2(source, dest / "generation_config.json")
         return
     keys = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -206,21 +220,33 @@ def _write_generation_config(ref, config_dict: dict, dest: Path) -> None:
 
 def emit(compiled: Compiled, *, out_dir: Path | None = None, overwrite: bool = False, allow_pickle: bool = False, progress: bool = True) -> EmitResult:
     """Write the up-scaled model. Raises MidusError for anything the user can fix."""
-    recipe = compiled.loaded.recipe
-    out = (Path(out_dir) if out_dir is not None else compiled.loaded.resolve(recipe.output.dir)).resolve()
-    if out.exists() and not overwrite:
-        raise MidusError(f"output {out} already exists (pass --overwrite to replace it)")
     ref = resolve_base(compiled.loaded)
+    out = check_apply_output(compiled, ref, out_dir, overwrite)
     prefixes = tuple({t.name.split(".", 1)[0] for t in compiled.plan.tensors if "." in t.name})
     source = open_base_tensors(ref, allow_pickle=allow_pickle, prefixes=prefixes, model_type=compiled.plan.model_type,
                                renames=compiled.renames, needed=[t.source for t in compiled.plan.tensors if t.source is not None])
     try:
-        with atomic_directory(out) as tmp:
+        with atomic_directory(out, kind="apply", report=_note) as tmp:
             num_bytes, shards = _write_weights(compiled, source, tmp, progress)
             _write_companions(compiled, ref, tmp)
     finally:
         source.close()
     return EmitResult(out, len(compiled.plan.tensors), num_bytes, shards, source.how)
+
+
+def check_apply_output(compiled: Compiled, ref, out_dir: Path | None, overwrite: bool) -> Path:
+    """The resolved output directory, checked against the output-safety rule (output_dir.py) before any work."""
+    loaded = compiled.loaded
+    out = Path(out_dir) if out_dir is not None else loaded.resolve(loaded.recipe.output.dir)
+    base = ref.directory / ref.gguf_file if ref.is_gguf else ref.directory  # a GGUF's neighbours are not the base
+    inputs = [("the base model", base), ("the recipe", Path(loaded.source.file))]
+    if loaded.recipe.base.config is not None:
+        inputs.append(("the base config", loaded.resolve(loaded.recipe.base.config)))
+    return check_output_dir(out, kind="apply", inputs=inputs, folders=[("the recipe's folder", loaded.directory)], overwrite=overwrite)
+
+
+def _note(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _write_weights(compiled: Compiled, source, tmp: Path, progress: bool) -> tuple[int, int]:
@@ -230,6 +256,9 @@ def _write_weights(compiled: Compiled, source, tmp: Path, progress: bool) -> tup
     file-to-file (shard_writer); anything else is materialised one tensor at a time.
     """
     plan = compiled.plan
+    if source.how is None:  # read file by file: pickle checkpoints are first seen here (safetensors were checked when planned)
+        check_matches_config(source, [(t.source, t.shape) for t in plan.tensors if t.source is not None], plan.layers_path,
+                             plan.base_num_layers, plan.config, "the base's config.json")
     dtype = output_dtype(compiled)
     shards = shard_tensors(plan.tensors, dtype, compiled.loaded.recipe.output.shard_bytes)
     total_bytes = sum(t.numel for t in plan.tensors) * ITEMSIZE[TAGS[dtype]]
@@ -315,12 +344,23 @@ def _write_companions(compiled: Compiled, ref, tmp: Path) -> None:
         package = Path(__file__).resolve().parent
         for name in MODELING_FILES:
             shutil.copy2(package / name, tmp / name)
+    elif config_dict.get("auto_map") and not ref.is_gguf:
+        # the base's own code (allowed by the recipe, or auto_map entries that build nothing here):
+        # the output's config names it, so it travels with the output
+        from .custom_code import code_files
+
+        try:
+            for path in code_files(ref.directory, config_dict["auto_map"]):
+                shutil.copy2(path, tmp / path.name)
+        except ValueError as exc:
+            raise MidusError(str(exc)) from None
     _copy_tokenizer(ref, tmp)
     _write_generation_config(ref, config_dict, tmp)
     recipe_text = Path(compiled.loaded.source.file).read_text()
     (tmp / "midus_recipe.yaml").write_text(recipe_text)
     summary = {k: v for k, v in plan.to_json().items() if k != "tensors"}
     summary["base_path"] = str(compiled.loaded.resolve(recipe.base.path).resolve())  # for `verify` without --base
+    summary["trust_remote_code"] = recipe.base.trust_remote_code  # `verify` loads the output and the base as apply read it
     (tmp / "midus_plan.json").write_text(json.dumps(summary, indent=2) + "\n")
     (tmp / "README.md").write_text(model_card(compiled, recipe_text))
 

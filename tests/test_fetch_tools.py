@@ -15,6 +15,8 @@ import pytest
 
 from tool_modules import TOOLS, load_tool
 
+from midus_surgery.output_dir import MARKER
+
 fc = load_tool("fetch_corpus")
 fs = load_tool("fetch_smollm2")
 
@@ -235,7 +237,7 @@ def test_fetch_builds_atomically_from_a_deb(tmp_path, monkeypatch):
     result = fc.fetch("python3.11-doc", out, FakeApt())
     assert result["documents"] == 4 and not result["cached"]
     files = sorted(p.name for p in (out / "python3.11-doc").iterdir())
-    assert files == sorted([fc.MANIFEST, "latin1.rst.txt", "library__os.rst.txt", "library__zipped.rst.txt", "tutorial.rst.txt"])
+    assert files == sorted([MARKER, fc.MANIFEST, "latin1.rst.txt", "library__os.rst.txt", "library__zipped.rst.txt", "tutorial.rst.txt"])
     manifest = json.loads((out / "python3.11-doc" / fc.MANIFEST).read_text())
     assert manifest["package"] == "python3.11-doc" and manifest["version"] == "1.0"
     assert manifest["chars"] == sum(len(p.read_text()) for p in (out / "python3.11-doc").glob("*.txt"))

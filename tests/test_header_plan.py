@@ -24,6 +24,7 @@ from midus_surgery.cli import main
 from midus_surgery.compile import FULL_PLAN_ENV, compile_for_apply, compile_loaded
 from midus_surgery.emit import emit
 from midus_surgery.header_plan import ARCHS, Dims, _expected_shapes, plan_from_headers
+from midus_surgery.output_dir import MARKER
 from midus_surgery.plan import base_tensor_shapes
 from midus_surgery.recipe import load_recipe
 from midus_surgery.tensor_source import checkpoint_renames
@@ -252,7 +253,7 @@ def test_the_program_reports_and_exits_cleanly_after_apply(bases, tmp_path):
     checks = verify(tmp_path / "out" / "llama-tied", bases["llama-tied"])
     assert checks and all(c.ok for c in checks)
     again = subprocess.run(program, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)  # the output exists now
-    assert again.returncode == 1 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +294,7 @@ def test_copy_shards_written_in_parallel_equal_one_at_a_time(bases, tmp_path, mo
     files = sorted(p.name for p in serial.iterdir())
     assert sorted(p.name for p in parallel.iterdir()) == files and len([f for f in files if f.startswith("model-")]) > 1
     for name in files:
-        if name != "midus_plan.json":
+        if name not in ("midus_plan.json", MARKER):  # the marker names the writing process
             assert (parallel / name).read_bytes() == (serial / name).read_bytes(), name
         assert (parallel / name).stat().st_mode == (serial / name).stat().st_mode, name
 

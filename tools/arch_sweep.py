@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import warnings
 from pathlib import Path
 
 from midus_surgery.errors import one_line  # light (no torch); the rest is imported where used
+from midus_surgery.output_dir import remove_own_directory, use_workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "work" / "arch-sweep"
@@ -53,7 +53,7 @@ def build_base(model_type: str, directory: Path) -> None:
     kwargs = {k: v for k, v in {**GENERIC, **EXTRA.get(model_type, {})}.items() if v != "DROP"}
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs))
-    shutil.rmtree(directory, ignore_errors=True)
+    remove_own_directory(directory)  # inside the sweep's workspace
     model.save_pretrained(directory)
 
 
@@ -65,7 +65,7 @@ def try_kind(base: Path, kind: str, work: Path) -> str:
     from midus_surgery.verify import verify
 
     out = work / f"{base.name}-{kind}"
-    shutil.rmtree(out, ignore_errors=True)
+    remove_own_directory(out)
     recipe = work / f"{base.name}-{kind}.yaml"
     recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after_every: 2\n    kind: {KINDS[kind]}\n"
                       f"{MEMORY if kind == 'midus' else ''}output:\n  dir: {out}\n  dtype: float32\n")
@@ -78,14 +78,14 @@ def try_kind(base: Path, kind: str, work: Path) -> str:
     except MidusError as exc:
         return f"apply failed: {one_line(exc)}"
     failed = [c for c in verify(out, report=lambda c: None) if not c.ok]
-    shutil.rmtree(out, ignore_errors=True)
+    remove_own_directory(out)
     return "ok" if not failed else f"verify failed: {failed[0].name}: {failed[0].detail[:200]}"
 
 
 def sweep(model_types: list[str], work: Path, log) -> dict[str, dict[str, str]]:
     import midus_surgery  # noqa: F401 - registers the MIDUS classes
 
-    work.mkdir(parents=True, exist_ok=True)
+    use_workspace(work)  # a new folder or the sweep's own: what it builds inside is removed on a rerun
     results: dict[str, dict[str, str]] = {}
     for model_type in model_types:
         base = work / model_type

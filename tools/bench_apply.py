@@ -45,6 +45,8 @@ from pathlib import Path
 
 from bench_common import cpu_name, load_avg, median, versions, write_section
 
+from midus_surgery.output_dir import remove_own_directory, use_workspace
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "work" / "bench"
 SMOL = REPO / "work" / "smollm2-135m"
@@ -113,10 +115,10 @@ def make_synthetic(directory: Path, shard_bytes: int = SHARD_BYTES, log=print) -
     import torch
     from safetensors.torch import save_file
 
-    if directory.exists():
-        shutil.rmtree(directory)
+    use_workspace(directory.parent)
+    remove_own_directory(directory)
     tmp = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_own_directory(tmp)
     tmp.mkdir(parents=True)
     shapes = synth_tensor_shapes(SYNTH_CONFIG)
     groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
@@ -373,6 +375,7 @@ def compare_outputs(ours: Path, theirs: Path, base: Path, slices) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 def bench_case(case: dict, repeats: int, keep: bool, log) -> dict:
+    use_workspace(BENCH)
     where = BENCH / "apply"
     recipe, mk = write_configs(case, where)
     cmds = commands(case, recipe, mk, where)
@@ -380,7 +383,7 @@ def bench_case(case: dict, repeats: int, keep: bool, log) -> dict:
 
     def clear_outputs() -> None:
         for out in outs.values():
-            shutil.rmtree(out, ignore_errors=True)
+            remove_own_directory(out)  # inside this tool's workspace
 
     def write_both_untimed() -> None:
         run_measured(cmds["ours"])

@@ -35,6 +35,8 @@ from pathlib import Path
 
 from bench_common import load_avg, recipe_output
 
+from midus_surgery.output_dir import remove_own_directory, use_workspace
+
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = [  # (row name, recipe kind, recipe, surgery output)
     ("DUS", "transformer", "recipes/smollm2-135m-dus.yaml", "work/out/smollm2-135m-dus"),
@@ -162,8 +164,7 @@ def parse_recipe_overrides(p: argparse.ArgumentParser, specs: list[str]) -> dict
 
 def train(name: str, model_dir: str, a, train_files: list[str], held_files: list[str], log: Path) -> dict:
     run_dir = a.out / "runs" / name
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
+    remove_own_directory(run_dir)  # a.out is this tool's workspace (main); nothing else is ever removed
     cfg = {
         "init_from": str(ROOT / model_dir), "run_dir": str(run_dir), "seed": a.seed,
         "data": {"train": train_files, "held_out": held_files, "block_size": a.block_size, "cache_dir": str(ROOT / "work/cache/tokens")},
@@ -369,7 +370,7 @@ def main() -> None:
         print(fmt_table(results))
         return
     t_start = time.perf_counter()
-    a.out.mkdir(parents=True, exist_ok=True)
+    use_workspace(a.out)  # a new folder, or one this tool made: runs inside it are replaced on a rerun
     load_before = load_avg()
     variants = [(name, kind, a.recipes[name], str(recipe_output(a.recipes[name]))) if name in a.recipes else (name, kind, recipe, out)
                 for name, kind, recipe, out in VARIANTS]
@@ -398,7 +399,7 @@ def main() -> None:
         r["b"] = evaluate(r["final"], other, a, a.out / f"eval-{name}-b.log")
         results["rows"][name] = r
         (a.out / "results.json").write_text(json.dumps(results, indent=1))
-        shutil.rmtree(Path(r["run_dir"]) / "checkpoints", ignore_errors=True)  # the final model stays in final/
+        remove_own_directory(Path(r["run_dir"]) / "checkpoints")  # the final model stays in final/
     results["load_after"] = load_avg()
     results["total_wall_s"] = time.perf_counter() - t_start
     png = a.out / "loss.png"

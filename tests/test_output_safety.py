@@ -1,0 +1,216 @@
+"""Output safety: nothing the tool writes deletes or replaces a file it did not write itself.
+
+Each case ran with exit 0 and deleted the user's files before the rule in output_dir.py:
+`apply --overwrite` into the base, a parent of it, the current directory, a symlink to the base
+or the recipe itself; `train` exporting over the project directory, over `init_from` or over the
+config's own folder. Every refusal happens before any work, and leaves every input byte-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_configs import tiny_config
+from train_fixtures.tiny import make_model_dir, write_config, write_corpus
+from transformers import AutoModelForCausalLM
+
+from midus_surgery.cli import main
+from midus_surgery.output_dir import MARKER, OutputError, atomic_directory, check_output_dir, clean_leftovers, read_marker, write_marker
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (symlinks not followed) -> sha256 of its bytes."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture()
+def project(tmp_path, monkeypatch):
+    """A user's project: a base model, a recipe next to it, run from the project folder."""
+    root = tmp_path / "project"
+    base = root / "base"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(base)
+    (root / "notes.txt").write_text("the user's own file\n")
+    monkeypatch.chdir(root)
+    return root
+
+
+def recipe(root: Path, out: str, name: str = "recipe.yaml") -> Path:
+    path = root / name
+    path.write_text(f"base:\n  path: base\nlayout:\n  interleave:\n    after_every: 2\n    kind: transformer\noutput:\n  dir: {out}\n  dtype: float32\n")
+    return path
+
+
+def apply(*args: str) -> int:
+    return main(["apply", *args, "--quiet"])
+
+
+@pytest.mark.parametrize("out", ["base", ".", "..", "base/sub", "recipe.yaml", "notes.txt"])
+def test_apply_refuses_inputs_and_their_folders_even_with_overwrite(project, out, capsys):
+    """The base, a folder inside it, the current directory, its parent, the recipe itself, a user's file."""
+    r = recipe(project, "out")
+    before = tree_digest(project.parent)
+    assert apply(str(r), "--out", out, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "error: output" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert tree_digest(project.parent) == before
+    assert not [p for p in project.parent.rglob(".*partial*")]
+
+
+def test_apply_refuses_a_symlink_to_the_base(project, capsys):
+    (project / "link").symlink_to(project / "base")
+    r = recipe(project, "out")
+    before = tree_digest(project)
+    assert apply(str(r), "--out", "link", "--overwrite") == 2
+    assert "symlink" in capsys.readouterr().err
+    assert tree_digest(project) == before and (project / "link").is_symlink()
+
+
+def test_apply_refuses_a_path_that_resolves_through_a_symlink_to_the_base(project, capsys):
+    (project / "alias").symlink_to(project)  # alias/base is the base, through a linked parent
+    r = recipe(project, "out")
+    before = tree_digest(project)
+    assert apply(str(r), "--out", "alias/base", "--overwrite") == 2
+    assert "is the base model" in capsys.readouterr().err
+    assert tree_digest(project) == before
+
+
+def test_apply_replaces_only_its_own_output(project, capsys):
+    r = recipe(project, "out")
+    assert apply(str(r)) == 0
+    out = project / "out"
+    assert read_marker(out)["kind"] == "apply"
+    # its own output: needs --overwrite, then is replaced whole
+    assert apply(str(r)) == 2 and "pass --overwrite" in capsys.readouterr().err
+    (out / "stale.txt").write_text("left by the previous output")
+    assert apply(str(r), "--overwrite") == 0
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    # a directory the tool did not write: never, not even with --overwrite
+    user = project / "mine"
+    user.mkdir()
+    (user / "important.txt").write_text("keep me")
+    capsys.readouterr()
+    assert apply(str(r), "--out", "mine", "--overwrite") == 2
+    assert "not written by midus-surgery" in capsys.readouterr().err
+    assert (user / "important.txt").read_text() == "keep me"
+    # an empty directory holds nothing to lose
+    (project / "empty").mkdir()
+    assert apply(str(r), "--out", "empty") == 0 and (project / "empty" / "config.json").is_file()
+
+
+def test_a_forged_marker_from_another_tool_is_not_ours(project):
+    user = project / "mine"
+    user.mkdir()
+    (user / MARKER).write_text(json.dumps({"tool": "something-else"}))
+    with pytest.raises(OutputError, match="not written by midus-surgery"):
+        check_output_dir(user, kind="apply", overwrite=True)
+
+
+def test_leftovers_of_killed_runs_are_removed_but_live_ones_and_foreign_ones_kept(tmp_path):
+    out = tmp_path / "model"
+    dead = tmp_path / ".model.partial-dead0000"
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"x" * 100)
+    # a process that has exited: its pid is free
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    write_marker(dead, "apply")
+    marker = json.loads((dead / MARKER).read_text())
+    (dead / MARKER).write_text(json.dumps({**marker, "pid": int(gone)}))
+    live = tmp_path / ".model.partial-live0000"
+    live.mkdir()
+    write_marker(live, "apply")  # this process: still running
+    foreign = tmp_path / ".model.partial-user0000"
+    foreign.mkdir()  # no marker: not ours
+    lines = []
+    with atomic_directory(out, kind="apply", report=lines.append) as tmp:
+        (tmp / "x").write_text("1")
+    assert not dead.exists() and live.is_dir() and foreign.is_dir()
+    assert len(lines) == 1 and "killed run" in lines[0]
+    assert (out / "x").read_text() == "1" and read_marker(out)["kind"] == "apply"
+    assert clean_leftovers(out) == []
+
+
+def test_a_failed_write_leaves_no_partial_directory_nor_the_folders_it_made(tmp_path):
+    out = tmp_path / "new" / "deeper" / "model"
+    with pytest.raises(RuntimeError), atomic_directory(out, kind="apply") as tmp:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- train
+
+@pytest.fixture()
+def train_project(tmp_path, monkeypatch):
+    root = tmp_path / "project"
+    write_corpus(root / "corpus", files=2, sentences_per_file=30)
+    make_model_dir(root / "model", with_plan=False)
+    (root / "notes.txt").write_text("the user's own file\n")
+    monkeypatch.chdir(root)
+    return root
+
+
+def train_config(root: Path, run_dir: str = "runs/a", **extra) -> Path:
+    extra = {"tokens": 256, "micro_batch_size": 2, "data.block_size": 16, "log.tensorboard": False, "log.plot": False,
+             "eval.at_start": False, **extra}
+    return write_config(root / "run.yaml", root / "model", root / run_dir, root / "corpus", root / "cache", **extra)
+
+
+@pytest.mark.parametrize("field,value,what", [
+    ("export.dir", "..", "contains"),            # the parent of the project: deleted everything
+    ("export.dir", ".", "contains init_from"),     # the config's own folder
+    ("export.dir", "model", "is init_from"),      # replaced the starting weights
+    ("export.dir", "corpus", "is data"),
+    ("export.dir", "notes.txt", "is the config file|existing file|data"),
+    ("export.dir", "runs/a", "is the run directory"),
+    ("run_dir", "model", "is init_from"),
+    ("run_dir", "corpus/run", "is inside data"),
+])
+def test_train_refuses_outputs_over_its_inputs(train_project, field, value, what, capsys):
+    cfg = train_config(train_project, **{field: value})
+    before = tree_digest(train_project.parent)
+    code = main(["train", str(cfg), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "run.yaml:" in err and any(w in err for w in what.split("|")), err
+    assert tree_digest(train_project.parent) == before
+
+
+def test_train_refuses_a_run_dir_with_the_users_files(train_project, capsys):
+    run = train_project / "runs" / "a"
+    run.mkdir(parents=True)
+    (run / "loss.png").write_text("the user's plot")
+    assert main(["train", str(train_config(train_project)), "--quiet"]) == 2
+    assert "not written by midus-surgery" in capsys.readouterr().err
+    assert (run / "loss.png").read_text() == "the user's plot"
+
+
+def test_train_replaces_its_own_export_but_not_an_apply_output(train_project, capsys):
+    cfg = train_config(train_project, **{"export.dir": "trained"})
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    assert read_marker(train_project / "trained")["kind"] == "train export"
+    assert read_marker(train_project / "runs" / "a")["kind"] == "train run"
+    first = (train_project / "trained" / "model.safetensors").read_bytes()
+    assert main(["train", str(cfg), "resume=auto", "--quiet"]) == 0  # the run is complete: exports again
+    assert (train_project / "trained" / "model.safetensors").read_bytes() == first
+    # an output of `apply` is the user's model, not this run's export
+    applied = train_project / "applied"
+    applied.mkdir()
+    write_marker(applied, "apply")
+    (applied / "config.json").write_text("{}")
+    capsys.readouterr()
+    cfg2 = write_config(train_project / "run2.yaml", train_project / "model", train_project / "runs" / "b", train_project / "corpus",
+                        train_project / "cache", **{"export.dir": "applied", "tokens": 256})
+    assert main(["train", str(cfg2), "--quiet"]) == 2
+    assert "choose another directory" in capsys.readouterr().err
+    assert (applied / "config.json").read_text() == "{}"
