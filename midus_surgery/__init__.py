@@ -26,7 +26,7 @@ _AUTO_MODEL = "transformers.models.auto.modeling_auto"
 def _register_config() -> None:
     from transformers import AutoConfig
 
-    from .configuration_midus import MidusConfig
+    from .model.configuration_midus import MidusConfig
 
     AutoConfig.register("midus", MidusConfig, exist_ok=True)
 
@@ -34,8 +34,8 @@ def _register_config() -> None:
 def _register_model() -> None:
     from transformers import AutoModelForCausalLM
 
-    from .configuration_midus import MidusConfig
-    from .modeling_midus import MidusForCausalLM
+    from .model.configuration_midus import MidusConfig
+    from .model.modeling_midus import MidusForCausalLM
 
     _register_config()
     AutoModelForCausalLM.register(MidusConfig, MidusForCausalLM, exist_ok=True)

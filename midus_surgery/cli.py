@@ -8,7 +8,7 @@ import os
 import sys
 from collections import Counter
 
-from .errors import MidusError, RecipeError
+from midus_surgery.errors import MidusError, RecipeError
 
 
 class _LazyConsole:
@@ -43,12 +43,12 @@ def _ratio(a: int, b: int) -> str:
 
 
 def cmd_validate(args) -> int:
-    from .compile import compile_recipe
+    from midus_surgery.compiler.planner import plan_recipe
 
     failed = 0
     for path in args.recipes:
         try:
-            plan = compile_recipe(path).plan
+            plan = plan_recipe(path).plan
         except MidusError as exc:
             failed += 1
             err.print(f"[bold red]INVALID[/] {path}", markup=True)
@@ -62,10 +62,10 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .compile import compile_recipe
+    from midus_surgery.compiler.planner import plan_recipe
 
-    compiled = compile_recipe(args.recipe)  # errors: main() prints them and exits non-zero
-    loaded, config, anatomy, plan = compiled.loaded, compiled.config, compiled.anatomy, compiled.plan
+    planned = plan_recipe(args.recipe)  # errors: main() prints them and exits non-zero
+    loaded, config, anatomy, plan = planned.loaded, planned.config, planned.anatomy, planned.plan
     if args.json:
         data = plan.to_json()
         if not args.tensors:
@@ -84,7 +84,7 @@ def cmd_plan(args) -> int:
     table = Table(title="Layer map", show_lines=False)
     for col in ("out", "source", "kind", "params"):
         table.add_column(col, justify="right" if col != "kind" else "left")
-    style = {"base": "dim", "transformer": "cyan", "identity": "yellow", "memory": "bold magenta"}
+    style = {"base": "dim", "copy": "cyan", "identity": "yellow", "memory": "bold magenta"}
     for layer, n in zip(plan.layers, plan.layer_params):
         table.add_row(str(layer.index), str(layer.source), f"[{style[layer.kind]}]{layer.kind}[/]", _human(n))
     out.print(table)
@@ -105,7 +105,7 @@ def cmd_plan(args) -> int:
             origin = t.source if t.rule == "copy" else (f"{t.source} (zeroed)" if t.source else t.rule)
             tensors.add_row(t.name, "x".join(map(str, t.shape)), origin)
         out.print(tensors)
-    from .header_plan import plan_from_headers
+    from midus_surgery.compiler.header_plan import plan_from_headers
 
     _, why_full = plan_from_headers(loaded)  # reads config.json and the safetensors headers only
     out.print("apply: plans from the safetensors headers (copy-only; neither torch nor transformers imported)" if why_full is None
@@ -131,8 +131,8 @@ def _print_check(check) -> None:
 def _run_verify(path, base) -> int:
     from pathlib import Path
 
-    from .evaluate import hf_progress_bars
-    from .verify import verify
+    from midus_surgery.emit.verify import verify
+    from midus_surgery.train.evaluate import hf_progress_bars
 
     with hf_progress_bars(False):  # a checklist: transformers' load / save bars for each model would bury it
         checks = verify(Path(path), Path(base) if base else None, report=_print_check)
@@ -147,18 +147,18 @@ def _run_verify(path, base) -> int:
 def cmd_apply(args) -> int:
     import time
 
-    from .compile import compile_for_apply
-    from .emit import emit
+    from midus_surgery.compiler.planner import plan_for_apply
+    from midus_surgery.emit.emitter import emit
 
     started = time.perf_counter()
-    compiled, why_full = compile_for_apply(args.recipe, full=args.full_plan)
-    planned = time.perf_counter()
-    plan = compiled.plan
+    planned, why_full = plan_for_apply(args.recipe, full=args.full_plan)
+    plan_done = time.perf_counter()
+    plan = planned.plan
     print(f"{args.recipe}: {plan.base_num_layers} -> {plan.num_hidden_layers} layers, {_human(plan.params['total'])} parameters", flush=True)
-    result = emit(compiled, out_dir=args.out, overwrite=args.overwrite, allow_pickle=args.allow_pickle, progress=not args.quiet)
+    result = emit(planned, out_dir=args.out, overwrite=args.overwrite, allow_pickle=args.allow_pickle, progress=not args.quiet)
     done = time.perf_counter()
     print(f"wrote {result.out_dir}: {result.num_tensors} tensors, {result.num_bytes / 2**20:.1f} MiB in {result.shards} shard(s), "
-          f"{done - started:.2f} s (plan {planned - started:.2f} s, writing {done - planned:.2f} s); "
+          f"{done - started:.2f} s (plan {plan_done - started:.2f} s, writing {done - plan_done:.2f} s); "
           + ("planned from the safetensors headers" if why_full is None else f"planned with transformers ({why_full})")
           + (f"; base read {result.base_read}" if result.base_read else ""))
     if args.verify:
@@ -171,10 +171,77 @@ def cmd_verify(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from .recipe import recipe_json_schema_text
+    from midus_surgery.recipe.schema import recipe_json_schema_text
 
     sys.stdout.write(recipe_json_schema_text())
     return 0
+
+
+def cmd_train(args) -> int:
+    from midus_surgery.train.config import config_reference_markdown, load_train_config
+
+    if args.keys:
+        sys.stdout.write(config_reference_markdown())
+        return 0
+    if not args.config:
+        from midus_surgery.errors import MidusError
+
+        raise MidusError("train needs a config file (see `midus-surgery train --keys` for every key)")
+    loaded = load_train_config(args.config, [*args.overrides, *(["log.progress=false"] if args.quiet else [])])
+    from midus_surgery.train.runner import train
+
+    result = train(loaded)
+    if not result.is_main:
+        return 0
+    final = result.final_eval or {}
+    ppl = f", held-out ppl {final['eval_ppl']:.3f}" if final else ""
+    print(f"done: {result.steps} steps, {result.tokens:,} tokens{ppl}; model in {result.export_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from midus_surgery.train.evaluate import run_eval
+
+    result = run_eval(args.model, args.data, block_size=args.block_size, per_document=args.per_document,
+                      batch_size=args.batch_size, max_blocks=args.max_blocks, dtype=args.dtype, text_field=args.text_field,
+                      cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code,
+                      progress=not (args.quiet or args.json), threads=args.threads, device=args.device)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['model']}: perplexity {result['perplexity']:.4f} (loss {result['loss']:.4f} nats/token) over "
+              f"{result['tokens']:,} predicted tokens in {result['sequences']} {result['mode']} of <= {result['block_size']} tokens; "
+              f"{result['tokens_per_s']:,.0f} tokens/s ({result['dtype']} on {result['device']}, {result['seconds']:.1f} s)")
+    return 0
+
+
+def _add_train_commands(subparsers) -> None:
+    """The train and eval subcommands."""
+    p = subparsers.add_parser("train", help="continued pre-training of a model directory from a YAML config (accelerate)",
+                              description="Train from a YAML config. Any key can be overridden: `midus-surgery train run.yaml optim.lr=1e-4 freeze=base`. "
+                                          "Several processes or GPUs: `accelerate launch [--num_processes N] -m midus_surgery.cli train run.yaml`.")
+    p.add_argument("config", nargs="?", metavar="CONFIG", help="the training config (YAML)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted-key overrides, values read as YAML (e.g. optim.lr=3e-4 data.block_size=256)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (log lines only)")
+    p.add_argument("--keys", action="store_true", help="print every config key with its default and meaning (Markdown), then exit")
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("eval", help="held-out perplexity and tokens/s of any causal LM directory")
+    p.add_argument("model", metavar="MODEL_DIR")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files, directories, globs, JSONL, or a token cache directory")
+    p.add_argument("--block-size", type=int, default=512, help="tokens per block / window (default 512)")
+    p.add_argument("--per-document", action="store_true", help="evaluate each document on its own (windows of --block-size) instead of packed blocks")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
+    p.add_argument("--max-blocks", type=int, default=None, help="evaluate at most this many blocks / windows")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype to run the model in (default float32)")
+    p.add_argument("--text-field", default="text", help="the JSONL field holding the text (default: text)")
+    p.add_argument("--cache-dir", default=None, help="token cache (default: $MIDUS_CACHE/tokens or ~/.cache/midus-surgery/tokens)")
+    p.add_argument("--device", default="auto", help="auto (default: the first CUDA device when there is one, else the CPU), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model directory's own modeling code")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,9 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="the base model to compare logits with (default: the one recorded at apply time)")
     p.set_defaults(func=cmd_verify)
 
-    from .train_cli import add_commands
-
-    add_commands(sub)
+    _add_train_commands(sub)
 
     p = sub.add_parser("schema", help="print the recipe JSON Schema (for editors and tools)")
     p.set_defaults(func=cmd_schema)

@@ -45,3 +45,9 @@ class BaseModelError(MidusError):
     naming files outside the base, a config.json that does not describe the weights)."""
 
     exit_code = 2
+
+
+class TrainingError(MidusError):
+    """A training run cannot go on (a non-finite loss, a checkpoint that does not load)."""
+
+    exit_code = 4

@@ -11,11 +11,12 @@ import warnings
 
 import pytest
 import torch
+from tiny_configs import ARCHS, tiny_config
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from midus_surgery.anatomy import (
+from midus_surgery.anatomy.trace import (
     Anatomy,
     AnatomyError,
     _anatomy_from_probe,
@@ -23,8 +24,7 @@ from midus_surgery.anatomy import (
     decoder_layers,
     find_anatomy,
 )
-from midus_surgery.plan import _ffn_output_tensors
-from tiny_configs import ARCHS, tiny_config
+from midus_surgery.compiler.plan import _ffn_output_tensors
 
 SEQ_ATTN = dict(attn_norms=("input_layernorm",), ffn_norms=("post_attention_layernorm",), residual="sequential")
 LLAMA_LIKE = dict(layers_path="model.layers", attention="self_attn", attn_out_proj="self_attn.o_proj",

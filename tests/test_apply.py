@@ -22,10 +22,10 @@ from tiny_configs import ARCHS, tiny_config
 from transformers import AutoModelForCausalLM
 
 import midus_surgery  # noqa: F401 - registers the MIDUS classes
-from midus_surgery.compile import compile_recipe
-from midus_surgery.emit import emit
+from midus_surgery.compiler.planner import plan_recipe
+from midus_surgery.emit.emitter import emit
+from midus_surgery.emit.verify import _round_trip_check, verify
 from midus_surgery.errors import MidusError
-from midus_surgery.verify import _round_trip_check, verify
 
 KINDS = {"dus": "transformer", "llama-pro": "identity", "midus": "memory"}
 MEMORY = "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n"
@@ -81,8 +81,8 @@ def one_step_lowers_loss(model, plan) -> tuple[float, float]:
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("arch", ARCHS)
 def test_apply_verify_train(arch, kind, bases, tmp_path):
-    compiled = compile_recipe(write_recipe(tmp_path, bases[arch], kind))
-    result = emit(compiled, progress=False)
+    planned = plan_recipe(write_recipe(tmp_path, bases[arch], kind))
+    result = emit(planned, progress=False)
     config = json.loads((result.out_dir / "config.json").read_text())
     if kind == "midus":
         assert config["model_type"] == "midus" and config["base_model_type"] == arch
@@ -98,18 +98,18 @@ def test_apply_verify_train(arch, kind, bases, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(result.out_dir, dtype=torch.float32)
     assert model.config.num_hidden_layers == 6
-    layers = model.get_submodule(compiled.plan.anatomy.layers_path)
+    layers = model.get_submodule(planned.plan.anatomy.layers_path)
     for i, layer in enumerate(layers):  # renumbered: a stale layer_idx corrupts cached generation
-        attn = layer.get_submodule(compiled.plan.anatomy.attention)
+        attn = layer.get_submodule(planned.plan.anatomy.attention)
         if hasattr(attn, "layer_idx"):
             assert attn.layer_idx == i
-    before, after = one_step_lowers_loss(model, compiled.plan)
+    before, after = one_step_lowers_loss(model, planned.plan)
     assert after < before
 
 
 def test_emitted_tensors_follow_the_plan(bases, tmp_path):
-    compiled = compile_recipe(write_recipe(tmp_path, bases["llama"], "llama-pro"))
-    out = emit(compiled, progress=False).out_dir
+    planned = plan_recipe(write_recipe(tmp_path, bases["llama"], "llama-pro"))
+    out = emit(planned, progress=False).out_dir
     base = safe_open(str(bases["llama"] / "model.safetensors"), framework="pt")
     made = safe_open(str(out / "model.safetensors"), framework="pt")
     assert torch.equal(made.get_tensor("model.layers.2.mlp.up_proj.weight"), base.get_tensor("model.layers.1.mlp.up_proj.weight"))
@@ -123,8 +123,8 @@ def test_emitted_tensors_follow_the_plan(bases, tmp_path):
 def test_identity_blocks_of_a_mixture_of_experts_zero_only_the_output_projections(arch, bases, tmp_path):
     """LLaMA-Pro on a MoE: every expert's and the shared expert's down_proj is zero, the rest copied,
     so the block adds 0 and yet the experts' down projections get gradients from the first step."""
-    compiled = compile_recipe(write_recipe(tmp_path, bases[arch], "llama-pro"))
-    out = emit(compiled, progress=False).out_dir
+    planned = plan_recipe(write_recipe(tmp_path, bases[arch], "llama-pro"))
+    out = emit(planned, progress=False).out_dir
     base = AutoModelForCausalLM.from_pretrained(bases[arch], dtype=torch.float32).state_dict()  # the checkpoint stores experts one by one
     made = safe_open(str(out / "model.safetensors"), framework="pt")
     mlp = [k for k in made.keys() if k.startswith("model.layers.2.mlp.")]
@@ -143,7 +143,7 @@ def test_identity_blocks_of_a_mixture_of_experts_zero_only_the_output_projection
 def test_memory_model_of_a_mixture_of_experts_runs_the_bases_kernels(bases, tmp_path):
     """transformers picks a class's experts / attention kernels by reading its module's source;
     the MIDUS classes answer with their base class's choice (else MoE experts fall back to eager)."""
-    out = emit(compile_recipe(write_recipe(tmp_path, bases["qwen2_moe"], "midus")), progress=False).out_dir
+    out = emit(plan_recipe(write_recipe(tmp_path, bases["qwen2_moe"], "midus")), progress=False).out_dir
     # A fresh process that meets the MIDUS class first: transformers caches the answer on the class
     # it asked, and a subclass asked after its base inherits the base's cached answer.
     script = textwrap.dedent(f"""
@@ -172,18 +172,18 @@ def test_round_trip_check_wants_every_tensor_back_and_the_logits_up_to_rounding(
 
 
 def test_a_mixture_of_experts_base_too_big_for_memory_is_refused_before_loading(bases, tmp_path, monkeypatch):
-    import midus_surgery.tensor_source as tensor_source
+    import midus_surgery.io.tensor_source as tensor_source
 
-    compiled = compile_recipe(write_recipe(tmp_path, bases["mixtral"], "dus"))
+    planned = plan_recipe(write_recipe(tmp_path, bases["mixtral"], "dus"))
     monkeypatch.setattr(tensor_source, "available_memory", lambda: 1024)
     with pytest.raises(MidusError, match=r"must load this base whole .* 0\.0 GiB of memory is available"):
-        emit(compiled, progress=False)
+        emit(planned, progress=False)
     assert not (tmp_path / "out").exists()
 
 
 def test_plan_counts_the_routed_experts_flops_only(bases, tmp_path):
     """FLOPs per token count the router's top-k of the stacked experts, not all of them."""
-    compiled = compile_recipe(write_recipe(tmp_path, bases["mixtral"], "dus"))
+    planned = plan_recipe(write_recipe(tmp_path, bases["mixtral"], "dus"))
     model = AutoModelForCausalLM.from_pretrained(bases["mixtral"])
     config = model.config
     k, n = config.num_experts_per_tok, config.num_local_experts
@@ -192,25 +192,25 @@ def test_plan_counts_the_routed_experts_flops_only(bases, tmp_path):
     active = sum(math.prod(s) * (k / n if len(s) == 3 else 1) for s in layer.values() if len(s) >= 2)
     assert any(len(s) == 3 for s in layer.values())
     head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
-    scores = 4 * compiled.loaded.recipe.flops_seq_len * config.num_attention_heads * head_dim
-    added = compiled.plan.flops_per_token["dus"] - compiled.plan.flops_per_token["base"]
+    scores = 4 * planned.loaded.recipe.flops_seq_len * config.num_attention_heads * head_dim
+    added = planned.plan.flops_per_token["dus"] - planned.plan.flops_per_token["base"]
     assert added == 2 * (2 * active + scores)  # two inserted copies
 
 
 def test_same_recipe_same_bytes_and_seed_matters(bases, tmp_path):
     recipe = write_recipe(tmp_path, bases["llama"], "midus")
-    a = emit(compile_recipe(recipe), out_dir=tmp_path / "a", progress=False).out_dir
-    b = emit(compile_recipe(recipe), out_dir=tmp_path / "b", progress=False).out_dir
+    a = emit(plan_recipe(recipe), out_dir=tmp_path / "a", progress=False).out_dir
+    b = emit(plan_recipe(recipe), out_dir=tmp_path / "b", progress=False).out_dir
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     other = write_recipe(tmp_path, bases["llama"], "midus", extra="seed: 1\n", name="seed1")
-    c = emit(compile_recipe(other), out_dir=tmp_path / "c", progress=False).out_dir
+    c = emit(plan_recipe(other), out_dir=tmp_path / "c", progress=False).out_dir
     assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
 
 
 def test_emitted_memory_matches_the_models_own_init(bases, tmp_path):
     """Same seed + name -> same bytes, whether the emitter or the model initialises."""
     recipe = write_recipe(tmp_path, bases["llama"], "midus", extra="seed: 7\n")
-    out = emit(compile_recipe(recipe), progress=False).out_dir
+    out = emit(plan_recipe(recipe), progress=False).out_dir
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     saved = {n: p.detach().clone() for n, p in model.named_parameters() if ".hml." in n}
     model.reset_memory_parameters(seed=7)
@@ -226,7 +226,7 @@ def test_sharded_output_with_index(bases, tmp_path):
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(tiny_config("llama", hidden_size=256, intermediate_size=512, vocab_size=1024)).save_pretrained(bigger)
     recipe.write_text(recipe.read_text().replace(str(bases["llama"]), str(bigger)))
-    out = emit(compile_recipe(recipe), progress=False).out_dir
+    out = emit(plan_recipe(recipe), progress=False).out_dir
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
@@ -235,11 +235,11 @@ def test_sharded_output_with_index(bases, tmp_path):
 
 def test_existing_output_needs_overwrite_and_failures_leave_nothing(bases, tmp_path):
     recipe = write_recipe(tmp_path, bases["llama"], "dus")
-    compiled = compile_recipe(recipe)
-    out = emit(compiled, progress=False).out_dir
+    planned = plan_recipe(recipe)
+    out = emit(planned, progress=False).out_dir
     with pytest.raises(MidusError, match="already exists"):
-        emit(compiled, progress=False)
-    emit(compiled, overwrite=True, progress=False)
+        emit(planned, progress=False)
+    emit(planned, overwrite=True, progress=False)
     # a base whose weights don't match its config: the error names it, and no output appears
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -249,7 +249,7 @@ def test_existing_output_needs_overwrite_and_failures_leave_nothing(bases, tmp_p
     save_file({"model.embed_tokens.weight": torch.zeros(3, 3)}, str(broken / "model.safetensors"))
     bad = write_recipe(tmp_path, broken, "dus", name="broken")
     with pytest.raises(MidusError, match="has no tensor|shape"):
-        emit(compile_recipe(bad), progress=False)
+        emit(plan_recipe(bad), progress=False)
     assert not (tmp_path / "out" / "broken").exists()
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
     assert out.is_dir()
@@ -262,8 +262,8 @@ def test_pickle_base_needs_permission(bases, tmp_path):
     torch.save(AutoModelForCausalLM.from_pretrained(bases["llama"]).state_dict(), pickled / "pytorch_model.bin")
     recipe = write_recipe(tmp_path, pickled, "dus", name="pickled")
     with pytest.raises(MidusError, match="--allow-pickle"):
-        emit(compile_recipe(recipe), progress=False)
-    out = emit(compile_recipe(recipe), allow_pickle=True, progress=False).out_dir
+        emit(plan_recipe(recipe), progress=False)
+    out = emit(plan_recipe(recipe), allow_pickle=True, progress=False).out_dir
     assert all(c.ok for c in verify(out, base=bases["llama"], report=lambda c: None))
 
 
@@ -278,7 +278,7 @@ def test_loads_with_trust_remote_code_without_the_package(bases, tmp_path):
     make_tokenizer().save_pretrained(with_tokenizer)
     outs = []
     for base in (with_tokenizer, bases["gpt2"], bases["opt"], bases["gpt_neox"]):
-        outs.append(str(emit(compile_recipe(write_recipe(tmp_path, base, "midus")), progress=False).out_dir))
+        outs.append(str(emit(plan_recipe(write_recipe(tmp_path, base, "midus")), progress=False).out_dir))
     script = textwrap.dedent(
         """
         import os
@@ -306,17 +306,17 @@ def test_loads_with_trust_remote_code_without_the_package(bases, tmp_path):
 
 
 def test_loading_without_our_classes_fails_loudly(bases, tmp_path):
-    out = emit(compile_recipe(write_recipe(tmp_path, bases["llama"], "midus")), progress=False).out_dir
+    out = emit(plan_recipe(write_recipe(tmp_path, bases["llama"], "midus")), progress=False).out_dir
     script = "import sys\nfrom transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
     result = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True)
     assert result.returncode != 0 and "midus" in result.stderr
 
 
 def test_verify_reports_a_model_that_cannot_run_as_a_failed_check(bases, tmp_path, monkeypatch, capsys):
-    import midus_surgery.verify as verify_module
+    import midus_surgery.emit.verify as verify_module
     from midus_surgery.cli import main
 
-    out = emit(compile_recipe(write_recipe(tmp_path, bases["llama"], "dus")), progress=False).out_dir
+    out = emit(plan_recipe(write_recipe(tmp_path, bases["llama"], "dus")), progress=False).out_dir
 
     def broken(model, ids):
         raise RuntimeError("The size of tensor a (4) must match the size of tensor b (8)\nmore lines")
@@ -333,7 +333,7 @@ def test_verify_prints_its_checklist_without_transformers_bars(bases, tmp_path, 
 
     from midus_surgery.cli import main
 
-    out = emit(compile_recipe(write_recipe(tmp_path, bases["llama"], "llama-pro")), progress=False).out_dir
+    out = emit(plan_recipe(write_recipe(tmp_path, bases["llama"], "llama-pro")), progress=False).out_dir
     hf_logging.enable_progress_bar()  # as in a fresh process
     assert main(["verify", str(out)]) == 0
     text = capsys.readouterr()
@@ -342,7 +342,7 @@ def test_verify_prints_its_checklist_without_transformers_bars(bases, tmp_path, 
 
 
 def test_missing_tensor_is_a_load_error(bases, tmp_path):
-    out = emit(compile_recipe(write_recipe(tmp_path, bases["llama"], "midus")), progress=False).out_dir
+    out = emit(plan_recipe(write_recipe(tmp_path, bases["llama"], "midus")), progress=False).out_dir
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(out / "model.safetensors")
@@ -359,16 +359,16 @@ def test_memory_variants_apply_load_and_train(extra, bases, tmp_path):
     keeps the attention's output projection), loads function-preserving, and trains."""
     recipe = write_recipe(tmp_path, bases["llama"], "midus")
     recipe.write_text(recipe.read_text().replace("  latent_dim: 8\n", "  latent_dim: 8\n" + extra))
-    compiled = compile_recipe(recipe)
-    result = emit(compiled, progress=False)
+    planned = plan_recipe(recipe)
+    result = emit(planned, progress=False)
     checks = {c.name: c for c in verify(result.out_dir, report=lambda c: None)}
     assert all(c.ok for c in checks.values()), {n: c.detail for n, c in checks.items() if not c.ok}
     assert "against the base: 0 (" in checks["identity"].detail
     model = AutoModelForCausalLM.from_pretrained(result.out_dir, dtype=torch.float32)
-    planned, loaded = {t.name for t in compiled.plan.tensors}, set(model.state_dict())
+    names, loaded = {t.name for t in planned.plan.tensors}, set(model.state_dict())
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-    assert (loaded - planned - tied, planned - loaded) == (set(), set())
-    o_proj = f"{compiled.plan.anatomy.layers_path}.{compiled.plan.memory_layers[0]}.{compiled.plan.anatomy.attn_out_proj}.weight"
+    assert (loaded - names - tied, names - loaded) == (set(), set())
+    o_proj = f"{planned.plan.anatomy.layers_path}.{planned.plan.memory_layers[0]}.{planned.plan.anatomy.attn_out_proj}.weight"
     assert (o_proj in model.state_dict()) == ("query_source: hidden" in extra)
-    before, after = one_step_lowers_loss(model, compiled.plan)
+    before, after = one_step_lowers_loss(model, planned.plan)
     assert after < before

@@ -3,9 +3,8 @@ train, every implementation is timed, and the section it writes holds their rati
 
 from __future__ import annotations
 
-from train_fixtures.tiny import PLAN_LAYERS, make_model_dir
-
 from tool_modules import load_tool
+from train_fixtures.tiny import PLAN_LAYERS, make_model_dir
 
 ba = load_tool("bench_adamw")
 

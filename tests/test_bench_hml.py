@@ -3,9 +3,8 @@ parameter count, and the docs section says what bf16 meant on the CPU the rows c
 
 from __future__ import annotations
 
-from tool_modules import load_tool
-
 import torch
+from tool_modules import load_tool
 
 bh = load_tool("bench_hml")
 

@@ -7,7 +7,6 @@ import json
 import os
 
 import pytest
-
 from tool_modules import load_tool
 
 bs = load_tool("bench_step")
@@ -95,7 +94,7 @@ def test_on_cuda_midus_runs_again_on_the_pure_torch_path_side_by_side():
 
 
 def test_the_pure_torch_row_forces_the_layer_path_for_its_steps_only(monkeypatch):
-    from midus_surgery import hml
+    from midus_surgery.model import hml
 
     monkeypatch.setattr(hml, "_triton_answer", hml._triton_answer)  # restored after the test
     monkeypatch.setenv("MIDUS_HML_KERNELS", "triton")

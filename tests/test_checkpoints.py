@@ -16,9 +16,10 @@ import torch
 from train_fixtures.tiny import make_model_dir, state_of, write_config, write_corpus
 
 from midus_surgery.cli import main as cli_main
-from midus_surgery.errors import RecipeError
-from midus_surgery.train_config import load_train_config
-from midus_surgery.trainer import TrainingError, complete_checkpoints, train, verify_checkpoint
+from midus_surgery.errors import RecipeError, TrainingError
+from midus_surgery.train.checkpoint import complete_checkpoints, verify_checkpoint
+from midus_surgery.train.config import load_train_config
+from midus_surgery.train.runner import train
 
 STEPS = 4
 EXTRA = {"tokens": 16 * 4 * STEPS, "resume": "auto", "eval.at_start": False, "checkpoint.every": 2, "checkpoint.keep_last": 2}

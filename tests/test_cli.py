@@ -25,7 +25,7 @@ def test_bundled_recipes_validate():
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("OK ") == len(BUNDLED)
     assert "16 -> 24 layers (8 memory)" in result.stdout
-    assert "32 -> 48 layers (16 transformer)" in result.stdout
+    assert "32 -> 48 layers (16 copy)" in result.stdout
 
 
 def test_ablation_recipes_validate_and_differ_from_the_midus_recipe_in_one_knob():
@@ -139,8 +139,8 @@ def test_midus_classes_registered_with_auto_classes_whatever_the_import_order(or
     if order == "transformers first":
         imports.reverse()
     code = "\n".join(imports) + (
-        "\nfrom midus_surgery.configuration_midus import MidusConfig"
-        "\nfrom midus_surgery.modeling_midus import MidusForCausalLM"
+        "\nfrom midus_surgery.model.configuration_midus import MidusConfig"
+        "\nfrom midus_surgery.model.modeling_midus import MidusForCausalLM"
         "\nassert type(AutoConfig.for_model('midus', base_model_type='llama')) is MidusConfig"
         "\nfrom transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING"
         "\nassert MODEL_FOR_CAUSAL_LM_MAPPING[MidusConfig] is MidusForCausalLM"
@@ -156,7 +156,7 @@ def test_every2_recipes_are_the_bundled_set_at_the_papers_proportion():
     assert {p.name for p in every2} == {f"smollm2-135m-{k}-every2.yaml" for k in ("dus", "llama-pro", "midus", "midus-qs-hidden")}
     result = run("validate", *map(str, every2))
     assert result.returncode == 0, result.stderr
-    for kind in ("transformer", "identity"):
+    for kind in ("copy", "identity"):
         assert result.stdout.count(f"30 -> 45 layers (15 {kind})") == 1
     assert result.stdout.count("30 -> 45 layers (15 memory)") == 2
     for path in every2:
@@ -206,7 +206,7 @@ def test_llama1b_width_recipes_are_the_three_methods_at_the_papers_block_size_an
     assert {p.name for p in paths} == {f"llama-1b-8l-{k}-every2.yaml" for k in ("dus", "llama-pro", "midus")}
     result = run("validate", *map(str, paths))
     assert result.returncode == 0, result.stderr
-    for kind in ("transformer", "identity", "memory"):
+    for kind in ("copy", "identity", "memory"):
         assert result.stdout.count(f"8 -> 12 layers (4 {kind})") == 1
     paper = yaml.safe_load((ROOT / "recipes" / "llama-3.2-1b-midus.yaml").read_text())
     midus = yaml.safe_load((folder / "llama-1b-8l-midus-every2.yaml").read_text())

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from train_fixtures.tiny import make_tokenizer, write_corpus
 
-from midus_surgery import data as D
+from midus_surgery.train import data as D
 
 
 @pytest.fixture(scope="module")

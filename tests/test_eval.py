@@ -11,7 +11,7 @@ from train_fixtures.tiny import make_model_dir, make_tokenizer, write_corpus
 from transformers import AutoModelForCausalLM
 
 from midus_surgery.cli import main
-from midus_surgery.evaluate import run_eval
+from midus_surgery.train.evaluate import run_eval
 
 
 @pytest.fixture(scope="module")

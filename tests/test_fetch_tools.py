@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tool_modules import TOOLS, load_tool
 
-from midus_surgery.output_dir import MARKER
+from midus_surgery.io.output_dir import MARKER
 
 fc = load_tool("fetch_corpus")
 fs = load_tool("fetch_smollm2")

@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from tool_modules import load_tool
 
 from midus_surgery.cli import main
 from midus_surgery.errors import RecipeError
-from midus_surgery.train_config import load_train_config
-from tool_modules import load_tool
+from midus_surgery.train.config import load_train_config
 
 TIME_BOUND_S = 20.0  # generous: a bound on hangs, not a speed test
 
@@ -204,7 +204,7 @@ def test_transformers_5_special_floats_are_read(tmp_path):
     code, out, seconds = validate(tmp_path, config=config)
     assert code == 0, out
     assert seconds < TIME_BOUND_S
-    from midus_surgery.base import read_config_json
+    from midus_surgery.compiler.base import read_config_json
 
     (tmp_path / "c.json").write_text(json.dumps({"a": [0.0, {"__float__": "Infinity"}], "b": {"__float__": "-Infinity"}, "c": {"__float__": "x"}}))
     data = read_config_json(tmp_path / "c.json")

@@ -1,4 +1,4 @@
-"""`apply`'s header planner (midus_surgery/header_plan.py) against the full planner.
+"""`apply`'s header planner (midus_surgery/compiler/header_plan.py) against the full planner.
 
 For copy-only recipes on the covered architectures the plan is made from config.json and the
 safetensors headers; the emitted directory must be the one the full planner (transformers, a
@@ -21,14 +21,14 @@ from tiny_configs import tiny_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from midus_surgery.cli import main
-from midus_surgery.compile import FULL_PLAN_ENV, compile_for_apply, compile_loaded
-from midus_surgery.emit import emit
-from midus_surgery.header_plan import ARCHS, Dims, _expected_shapes, plan_from_headers
-from midus_surgery.output_dir import MARKER
-from midus_surgery.plan import base_tensor_shapes
-from midus_surgery.recipe import load_recipe
-from midus_surgery.tensor_source import checkpoint_renames
-from midus_surgery.verify import verify
+from midus_surgery.compiler.header_plan import ARCHS, Dims, _expected_shapes, plan_from_headers
+from midus_surgery.compiler.plan import base_tensor_shapes
+from midus_surgery.compiler.planner import FULL_PLAN_ENV, plan_for_apply, plan_loaded
+from midus_surgery.emit.emitter import emit
+from midus_surgery.emit.verify import verify
+from midus_surgery.io.output_dir import MARKER
+from midus_surgery.io.tensor_source import checkpoint_renames
+from midus_surgery.recipe.schema import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SLICES = "layout:\n  slices:\n    - layers: [0, 3]\n    - layers: [1, 4]\n"
@@ -92,9 +92,9 @@ def assert_same_output(fast: Path, full: Path) -> None:
 
 
 def plan_both(recipe: Path):
-    fast, why = compile_for_apply(recipe)
+    fast, why = plan_for_apply(recipe)
     assert why is None and fast.planner == "headers" and fast.config is None
-    full = compile_loaded(load_recipe(recipe), anatomy_only_if_needed=True)
+    full = plan_loaded(load_recipe(recipe), anatomy_only_if_needed=True)
     assert full.planner == "transformers"
     return fast, full
 
@@ -116,7 +116,7 @@ def test_header_plan_writes_what_the_full_plan_writes(name, bases, tmp_path):
 
 @pytest.mark.parametrize("name", ["llama-untied-bias", "qwen3"])
 def test_header_plan_output_verifies(name, bases, tmp_path):
-    fast, _ = compile_for_apply(write_recipe(tmp_path, bases[name]))
+    fast, _ = plan_for_apply(write_recipe(tmp_path, bases[name]))
     out = emit(fast, out_dir=tmp_path / "fast", progress=False).out_dir
     checks = verify(out, report=lambda c: None)
     assert all(c.ok for c in checks), {c.name: c.detail for c in checks if not c.ok}
@@ -137,8 +137,8 @@ def test_explicit_layer_types_are_remapped(bases, tmp_path):
 
 
 def why_not(recipe: Path) -> str | None:
-    compiled, why = plan_from_headers(load_recipe(recipe))
-    assert (compiled is None) == (why is not None)
+    planned, why = plan_from_headers(load_recipe(recipe))
+    assert (planned is None) == (why is not None)
     return why
 
 
@@ -148,8 +148,8 @@ def test_memory_and_identity_blocks_take_the_full_plan(kind, bases, tmp_path):
     memory = "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n" if kind == "memory" else ""
     recipe = write_recipe(tmp_path, bases["llama-tied"], layout=layout, extra=memory)
     assert "anatomy" in why_not(recipe)
-    compiled, why = compile_for_apply(recipe)
-    assert compiled.planner == "transformers" and why and compiled.anatomy is not None
+    planned, why = plan_for_apply(recipe)
+    assert planned.planner == "transformers" and why and planned.anatomy is not None
 
 
 @pytest.mark.parametrize("name, reason", [("gpt2", "'gpt2'"), ("phi3", "'phi3'"), ("qwen2-sliding", "sliding layers are chosen by index")])
@@ -160,9 +160,9 @@ def test_uncovered_architectures_take_the_full_plan(name, reason, bases, tmp_pat
 def test_dtype_conversion_takes_the_full_plan(bases, tmp_path):
     recipe = write_recipe(tmp_path, bases["llama-tied"], dtype="bfloat16")
     assert "conversion" in why_not(recipe)
-    compiled, why = compile_for_apply(recipe)
-    assert compiled.planner == "transformers"
-    out = emit(compiled, out_dir=tmp_path / "out", progress=False).out_dir
+    planned, why = plan_for_apply(recipe)
+    assert planned.planner == "transformers"
+    out = emit(planned, out_dir=tmp_path / "out", progress=False).out_dir
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
@@ -208,10 +208,10 @@ def test_odd_configs_and_checkpoints_take_the_full_plan(bases, tmp_path):
 
 def test_full_plan_can_be_forced(bases, tmp_path, monkeypatch):
     recipe = write_recipe(tmp_path, bases["llama-tied"])
-    assert compile_for_apply(recipe)[0].planner == "headers"
-    assert compile_for_apply(recipe, full=True)[0].planner == "transformers"
+    assert plan_for_apply(recipe)[0].planner == "headers"
+    assert plan_for_apply(recipe, full=True)[0].planner == "transformers"
     monkeypatch.setenv(FULL_PLAN_ENV, "1")
-    assert compile_for_apply(recipe)[0].planner == "transformers"
+    assert plan_for_apply(recipe)[0].planner == "transformers"
 
 
 def test_a_layout_error_is_one_located_message_and_writes_nothing(bases, tmp_path, capsys):
@@ -279,17 +279,17 @@ def test_covered_architectures_have_no_checkpoint_renames(arch):
 
 def test_copy_shards_written_in_parallel_equal_one_at_a_time(bases, tmp_path, monkeypatch):
     """A copy-only output of several shards is written by two threads: the bytes are those of the one-at-a-time writer."""
-    import midus_surgery.emit as emit_module
+    import midus_surgery.emit.emitter as emit_module
 
     recipe = write_recipe(tmp_path, bases["llama-sharded-bf16"], shard_size="1MB")
-    compiled, _ = compile_for_apply(recipe)
+    planned, _ = plan_for_apply(recipe)
     calls = []
     real = emit_module._write_copy_shards_in_parallel
     monkeypatch.setattr(emit_module, "_write_copy_shards_in_parallel", lambda *a: calls.append(a[3]) or real(*a))
-    parallel = emit(compiled, out_dir=tmp_path / "parallel", progress=True).out_dir
+    parallel = emit(planned, out_dir=tmp_path / "parallel", progress=True).out_dir
     assert calls == [2]  # the parallel writer ran, with two workers
     monkeypatch.setattr(emit_module, "COPY_WORKERS", 1)
-    serial = emit(compiled, out_dir=tmp_path / "serial", progress=False).out_dir
+    serial = emit(planned, out_dir=tmp_path / "serial", progress=False).out_dir
     assert calls == [2]
     files = sorted(p.name for p in serial.iterdir())
     assert sorted(p.name for p in parallel.iterdir()) == files and len([f for f in files if f.startswith("model-")]) > 1
@@ -300,10 +300,10 @@ def test_copy_shards_written_in_parallel_equal_one_at_a_time(bases, tmp_path, mo
 
 
 def test_a_failing_parallel_shard_leaves_no_output(bases, tmp_path, monkeypatch):
-    import midus_surgery.emit as emit_module
+    import midus_surgery.emit.emitter as emit_module
 
     recipe = write_recipe(tmp_path, bases["llama-sharded-bf16"], shard_size="1MB")
-    compiled, _ = compile_for_apply(recipe)
+    planned, _ = plan_for_apply(recipe)
     real = emit_module.write_shard
 
     def failing(path, items, **kw):
@@ -313,7 +313,7 @@ def test_a_failing_parallel_shard_leaves_no_output(bases, tmp_path, monkeypatch)
 
     monkeypatch.setattr(emit_module, "write_shard", failing)
     with pytest.raises(OSError, match="No space left"):
-        emit(compiled, out_dir=tmp_path / "out", progress=False)
+        emit(planned, out_dir=tmp_path / "out", progress=False)
     assert list(tmp_path.glob("*out*")) == []  # neither the output nor its hidden work directory
 
 

@@ -1,14 +1,13 @@
-"""Correctness tests of the Head-wise Memory Layer (midus_surgery/hml.py). CPU, fast."""
+"""Correctness tests of the Head-wise Memory Layer (midus_surgery/model/hml.py). CPU, fast."""
 
 from __future__ import annotations
-
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from midus_surgery import hml
-from midus_surgery.hml import (
+from midus_surgery.model import hml
+from midus_surgery.model.hml import (
     HeadwiseMemory,
     HMLConfig,
     LatentBank,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from midus_surgery import kernels
-from midus_surgery.hml import HeadwiseMemory, HMLConfig, LatentBank, two_stage_topk
+from midus_surgery.model.hml import HeadwiseMemory, HMLConfig, LatentBank, two_stage_topk
 
 
 def run_path(monkeypatch, path: str, fn):

@@ -13,9 +13,10 @@ import os
 import pytest
 import torch
 
-from midus_surgery import hml, kernels
-from midus_surgery.hml import HeadwiseMemory, HMLConfig, _two_stage_topk
+from midus_surgery import kernels
 from midus_surgery.kernels import hml_triton
+from midus_surgery.model import hml
+from midus_surgery.model.hml import HeadwiseMemory, HMLConfig, _two_stage_topk, candidate_pairs
 
 # tests/conftest.py sets it before anything imports triton: the kernels then run on CPU tensors
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through pytest (tests/conftest.py sets TRITON_INTERPRET=1)"
@@ -43,7 +44,7 @@ def test_triton_topk2_selects_what_the_pure_torch_path_selects(P, T, n, k, value
         s = torch.zeros(P, 2, T, n)
         s[torch.rand(P, 2, T, n, generator=gen) < 0.5] = -0.0
     a, b = s[:, 0], s[:, 1]  # strided views, as the layer passes them
-    scores, i, j = hml_triton.topk2(a, b, k, compact=compact)
+    scores, i, j = hml_triton.topk2(a, b, k, candidate_pairs(k, a.device), compact=compact)
     ref_scores, ref_slots = _two_stage_topk(torch.stack((a, b)), k)
     assert torch.equal(i * n + j, ref_slots)
     assert torch.equal(scores, ref_scores)
@@ -53,9 +54,9 @@ def test_triton_topk2_selects_what_the_pure_torch_path_selects(P, T, n, k, value
 def test_triton_topk2_rejects_what_it_cannot_rank():
     a = torch.randn(1, 2, 4)
     with pytest.raises(ValueError, match="k=5 must be in"):
-        hml_triton.topk2(a, a, 5)
+        hml_triton.topk2(a, a, 5, candidate_pairs(5, a.device))
     with pytest.raises(ValueError, match="float32"):
-        hml_triton.topk2(a.double(), a.double(), 2)
+        hml_triton.topk2(a.double(), a.double(), 2, candidate_pairs(2, a.device))
 
 
 @pytest.mark.parametrize("B,k,d,rows,dtype", [

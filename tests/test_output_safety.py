@@ -21,7 +21,7 @@ from train_fixtures.tiny import make_model_dir, write_config, write_corpus
 from transformers import AutoModelForCausalLM
 
 from midus_surgery.cli import main
-from midus_surgery.output_dir import MARKER, OutputError, atomic_directory, check_output_dir, clean_leftovers, read_marker, write_marker
+from midus_surgery.io.output_dir import MARKER, OutputError, atomic_directory, check_output_dir, clean_leftovers, read_marker, write_marker
 
 
 def tree_digest(root: Path) -> dict[str, str]:

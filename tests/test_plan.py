@@ -11,12 +11,12 @@ from hypothesis import strategies as st
 from tiny_configs import tiny_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from midus_surgery.anatomy import find_anatomy
+from midus_surgery.anatomy.trace import find_anatomy
+from midus_surgery.compiler.plan import attention_dims, make_plan
 from midus_surgery.errors import RecipeError
-from midus_surgery.hml import HeadwiseMemory, HMLConfig
-from midus_surgery.plan import attention_dims, make_plan
-from midus_surgery.recipe import parse_recipe
-from midus_surgery.yaml_source import load_yaml
+from midus_surgery.model.hml import HeadwiseMemory, HMLConfig
+from midus_surgery.recipe.schema import parse_recipe
+from midus_surgery.recipe.yaml_source import load_yaml
 
 MEMORY = {"n_subkeys": 8, "topk": 4, "latent_dim": 8}
 
@@ -44,7 +44,7 @@ def count(model) -> int:
 
 def test_slices_solar_style():
     plan = plan_for(tiny_config("llama"), {"slices": [{"layers": [0, 3]}, {"layers": [1, 4]}]})
-    assert layer_map(plan) == [(0, 0, "base"), (1, 1, "base"), (2, 2, "base"), (3, 1, "transformer"), (4, 2, "transformer"), (5, 3, "base")]
+    assert layer_map(plan) == [(0, 0, "base"), (1, 1, "base"), (2, 2, "base"), (3, 1, "copy"), (4, 2, "copy"), (5, 3, "base")]
 
 
 def test_slices_choose_memory_copies():
@@ -71,7 +71,7 @@ def test_stack_on_top():
 
 def test_explicit_layers_default_kinds():
     plan = plan_for(tiny_config("llama"), {"layers": [{"source": 0}, {"source": 1}, {"source": 1}, {"source": 2}, {"source": 3}, {"source": 3, "kind": "memory"}]}, memory=MEMORY)
-    assert [k for _, _, k in layer_map(plan)] == ["base", "base", "transformer", "base", "base", "memory"]
+    assert [k for _, _, k in layer_map(plan)] == ["base", "base", "copy", "base", "base", "memory"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def test_layer_kinds_chosen_by_an_index_rule_must_keep_their_pattern():
         make_plan(loaded_from({"layout": {"interleave": {"after_every": 2, "kind": "transformer"}}}), config, None)
     # copies of layers 2 and 3 appended after layer 3 land on indices 4 and 5, the same parities
     plan = make_plan(loaded_from({"layout": {"slices": [{"layers": [0, 4]}, {"layers": [2, 4]}]}}), config, None)
-    assert layer_map(plan)[4:] == [(4, 2, "transformer"), (5, 3, "transformer")]
+    assert layer_map(plan)[4:] == [(4, 2, "copy"), (5, 3, "copy")]
 
 
 # ----------------------------------------------------------------------------------------------

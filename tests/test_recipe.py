@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from midus_surgery.errors import RecipeError
-from midus_surgery.recipe import Recipe, load_recipe, parse_size
+from midus_surgery.recipe.schema import Recipe, load_recipe, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -144,8 +144,8 @@ def test_memory_settings_mirror_hml_config():
     """The recipe's memory section and the HML layer's own config must not drift apart."""
     import dataclasses
 
-    from midus_surgery.hml import HMLConfig
-    from midus_surgery.recipe import MemorySettings
+    from midus_surgery.model.hml import HMLConfig
+    from midus_surgery.recipe.schema import MemorySettings
 
     hml_fields = {f.name: f.default for f in dataclasses.fields(HMLConfig)}
     recipe_fields = {k: v.default for k, v in MemorySettings.model_fields.items() if k != "share_bank"}

@@ -1,4 +1,4 @@
-"""The streaming safetensors writer used by `apply` (midus_surgery/shard_writer.py).
+"""The streaming safetensors writer used by `apply` (midus_surgery/io/shard_writer.py).
 
 Files it writes are read back with the safetensors library itself.
 """
@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from midus_surgery.shard_writer import ShardItem, file_slice, read_header, write_shard
+from midus_surgery.io.shard_writer import ShardItem, file_slice, read_header, write_shard
 
 
 @pytest.fixture

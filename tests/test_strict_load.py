@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from train_fixtures.tiny import make_model_dir, write_config, write_corpus
 
-from midus_surgery.evaluate import ModelLoadError, load_causal_lm
+from midus_surgery.train.evaluate import ModelLoadError, load_causal_lm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,8 +30,8 @@ def subprocess_env() -> dict:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from midus_surgery.compile import compile_recipe
-    from midus_surgery.emit import emit
+    from midus_surgery.compiler.planner import plan_recipe
+    from midus_surgery.emit.emitter import emit
 
     root = tmp_path_factory.mktemp("strict")
     files = write_corpus(root / "corpus", files=2, sentences_per_file=30)
@@ -42,7 +42,7 @@ def world(tmp_path_factory):
         recipe = root / f"{kind}.yaml"
         recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after_every: 2\n    kind: {kind}\n{memory}"
                           f"output:\n  dir: {kind}-out\n  dtype: float32\n")
-        outputs[kind] = emit(compile_recipe(recipe), progress=False).out_dir
+        outputs[kind] = emit(plan_recipe(recipe), progress=False).out_dir
     return {"root": root, "files": files, "base": base, **outputs}
 
 

@@ -20,9 +20,11 @@ import pytest
 import torch
 from train_fixtures.tiny import make_model_dir, state_of, write_config, write_corpus
 
-from midus_surgery.errors import RecipeError
-from midus_surgery.train_config import TrainConfig, _submodel, config_reference_markdown, load_train_config
-from midus_surgery.trainer import Runner, TrainingError, adamw_options, choose_params, complete_checkpoints, is_memory_param, train
+from midus_surgery.errors import RecipeError, TrainingError
+from midus_surgery.train.checkpoint import complete_checkpoints
+from midus_surgery.train.config import TrainConfig, _submodel, config_reference_markdown, load_train_config
+from midus_surgery.train.params import adamw_options, choose_params, is_memory_param
+from midus_surgery.train.runner import Runner, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -328,15 +330,15 @@ def test_two_process_ddp_reads_different_data_and_agrees(world, tmp_path):
 
 def test_midus_output_trains_memory_with_its_own_group(world, tmp_path):
     """A real MIDUS output (apply on the tiny base): freeze=base trains the inserted memory blocks only."""
-    pytest.importorskip("midus_surgery.hml")
-    from midus_surgery.compile import compile_recipe
-    from midus_surgery.emit import emit
-    from midus_surgery.evaluate import load_causal_lm
+    pytest.importorskip("midus_surgery.model.hml")
+    from midus_surgery.compiler.planner import plan_recipe
+    from midus_surgery.emit.emitter import emit
+    from midus_surgery.train.evaluate import load_causal_lm
 
     recipe = tmp_path / "midus.yaml"
     recipe.write_text(f"base:\n  path: {world['plain']}\nlayout:\n  interleave:\n    after_every: 2\n    kind: memory\n"
                       "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\noutput:\n  dir: out\n  dtype: float32\n")
-    out = emit(compile_recipe(recipe), progress=False).out_dir
+    out = emit(plan_recipe(recipe), progress=False).out_dir
     lines = []
     cfg = write_config(tmp_path / "run.yaml", out, tmp_path / "run", world["corpus"], world["cache"], tokens=16 * 4 * 4, freeze="base",
                        **{"eval.at_start": False, "memory.lr": 1e-2})
@@ -368,9 +370,9 @@ def test_mixture_of_experts_outputs_train_their_experts(kind, world, tmp_path):
     from train_fixtures.tiny import make_tokenizer
     from transformers import AutoModelForCausalLM
 
-    from midus_surgery.compile import compile_recipe
-    from midus_surgery.emit import emit
-    from midus_surgery.evaluate import load_causal_lm
+    from midus_surgery.compiler.planner import plan_recipe
+    from midus_surgery.emit.emitter import emit
+    from midus_surgery.train.evaluate import load_causal_lm
 
     torch.manual_seed(0)
     base = tmp_path / "base"
@@ -380,7 +382,7 @@ def test_mixture_of_experts_outputs_train_their_experts(kind, world, tmp_path):
     recipe = tmp_path / "moe.yaml"
     recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after_every: 2\n    kind: {kind}\n{memory}"
                       "output:\n  dir: out\n  dtype: float32\n")
-    out = emit(compile_recipe(recipe), progress=False).out_dir
+    out = emit(plan_recipe(recipe), progress=False).out_dir
     cfg = write_config(tmp_path / "run.yaml", out, tmp_path / "run", world["corpus"], world["cache"], tokens=16 * 4 * 4, freeze="base",
                        **{"eval.at_start": False})
     train(load_train_config(cfg))
@@ -421,14 +423,14 @@ def test_compile_switch_trains_the_same_model(world, tmp_path):
 def test_compile_switch_trains_a_midus_output_the_same(world, tmp_path, monkeypatch):
     """compile: true on a MIDUS output: the memory layer's custom autograd functions and, on this
     CPU, its compiled kernels train to where eager lands, in one graph with no graph break."""
-    from midus_surgery import hml
-    from midus_surgery.compile import compile_recipe
-    from midus_surgery.emit import emit
+    from midus_surgery.compiler.planner import plan_recipe
+    from midus_surgery.emit.emitter import emit
+    from midus_surgery.model import hml
 
     recipe = tmp_path / "midus.yaml"
     recipe.write_text(f"base:\n  path: {world['plain']}\nlayout:\n  interleave:\n    after_every: 2\n    kind: memory\n"
                       "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\noutput:\n  dir: out\n  dtype: float32\n")
-    out = emit(compile_recipe(recipe), progress=False).out_dir
+    out = emit(plan_recipe(recipe), progress=False).out_dir
     from torch._dynamo.utils import counters
 
     counters.clear()

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from midus_surgery.errors import one_line  # light (no torch); the rest is imported where used
-from midus_surgery.output_dir import remove_own_directory, use_workspace
+from midus_surgery.io.output_dir import remove_own_directory, use_workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "work" / "arch-sweep"
@@ -59,10 +59,10 @@ def build_base(model_type: str, directory: Path) -> None:
 
 def try_kind(base: Path, kind: str, work: Path) -> str:
     """'ok', or '<stage>: <first line of the message>'."""
-    from midus_surgery.compile import compile_recipe
-    from midus_surgery.emit import emit
+    from midus_surgery.compiler.planner import plan_recipe
+    from midus_surgery.emit.emitter import emit
+    from midus_surgery.emit.verify import verify
     from midus_surgery.errors import MidusError, RecipeError
-    from midus_surgery.verify import verify
 
     out = work / f"{base.name}-{kind}"
     remove_own_directory(out)
@@ -70,11 +70,11 @@ def try_kind(base: Path, kind: str, work: Path) -> str:
     recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after_every: 2\n    kind: {KINDS[kind]}\n"
                       f"{MEMORY if kind == 'midus' else ''}output:\n  dir: {out}\n  dtype: float32\n")
     try:
-        compiled = compile_recipe(recipe)
+        planned = plan_recipe(recipe)
     except RecipeError as exc:
         return f"validate refused: {str(exc).strip().splitlines()[-1].strip()[:200]}"
     try:
-        emit(compiled, progress=False)
+        emit(planned, progress=False)
     except MidusError as exc:
         return f"apply failed: {one_line(exc)}"
     failed = [c for c in verify(out, report=lambda c: None) if not c.ok]

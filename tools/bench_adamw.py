@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import command_line, cpu_name, load_avg, median, versions, write_section  # noqa: E402
 from bench_step import DOCS, LAYOUTS, ensure_outputs, models_for  # noqa: E402
 
-from midus_surgery.trainer import adamw_options, inserted_layers  # noqa: E402
+from midus_surgery.train.params import adamw_options, inserted_layers  # noqa: E402
 
 SECTION = "## AdamW implementations"
 IMPLEMENTATIONS = ("for-loop", "foreach", "fused")
@@ -40,8 +40,9 @@ IMPLEMENTATIONS = ("for-loop", "foreach", "fused")
 
 def trainable_shapes(path: Path, freeze: str) -> list[tuple[int, ...]]:
     """Shapes of the parameters that train under `freeze` (tied weights once), from the config alone."""
-    import midus_surgery  # noqa: F401 - registers the MIDUS Auto classes
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    import midus_surgery  # noqa: F401 - registers the MIDUS Auto classes
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from bench_common import cpu_name, load_avg, median, versions, write_section
 
-from midus_surgery.output_dir import remove_own_directory, use_workspace
+from midus_surgery.io.output_dir import remove_own_directory, use_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "work" / "bench"
@@ -528,10 +528,10 @@ def reading_lines(payload: dict) -> list[str]:
             kit = f"nearly all start-up (`--help` alone took {up['mergekit']:.1f} s in its own run)"
         out.append(f"{r['case']}: ours {ours:.2f} s is about {mine}; mergekit {theirs:.1f} s {kit}; the copy {copy:.2f} s.")
     out.append("For copy-only recipes on Llama/Mistral/Qwen2/Qwen3 bases `apply` plans from config.json and the safetensors "
-               "headers (`midus_surgery/header_plan.py`) and imports neither transformers nor torch; other recipes plan through "
+               "headers (`midus_surgery/compiler/header_plan.py`) and imports neither transformers nor torch; other recipes plan through "
                "transformers (its config and a meta-device model: about 4.5 s on these bases, plus about 4 s of torch and "
                "transformers imports). `apply` lays each shard out so that its copies are few and aligned with their sources "
-               "(`midus_surgery/shard_writer.py`: adjacent source bytes in one call, each large tensor at its source's offset "
+               "(`midus_surgery/io/shard_writer.py`: adjacent source bytes in one call, each large tensor at its source's offset "
                "within a page, the bulk at its source's offset modulo 64 KiB); written in plan order, one call per tensor, its "
                "copies ran at about 1.4x the floor's time. What is left of the small model's time beyond the copy is fixed cost: "
                "the Python interpreter and the recipe's parser and validator (PyYAML and pydantic, about 0.1 s of imports), which "
@@ -572,7 +572,7 @@ def section_text(payload: dict) -> str:
         "- Every timed run starts with no earlier output on disk and after an untimed `sync`: with the other tools' outputs still in "
         "the page cache, the copy floor (always run third) took 0.9-1.8 s on SmolLM2 here against 0.3 s without. One untimed run of "
         "each tool before the timed ones writes the outputs that are compared, and warms the base and the tools' files in the cache.",
-        "- `apply` writes copied tensors file-to-file (`copy_file_range`, see `midus_surgery/shard_writer.py`): it holds no tensor "
+        "- `apply` writes copied tensors file-to-file (`copy_file_range`, see `midus_surgery/io/shard_writer.py`): it holds no tensor "
         "data in memory, hence its flat peak RSS whatever the model size.",
         f"- Start-up alone (`--help`, imports only; since the MIDUS Auto classes register lazily, midus-surgery's `--help` imports neither transformers nor torch): midus-surgery {payload['startup_s']['ours']:.2f} s, mergekit-yaml {payload['startup_s']['mergekit']:.2f} s; "
         "mergekit's is inside each of its wall times; midus-surgery's fixed cost is its plan (planning times in the Reading paragraph below).",

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from bench_common import load_avg, recipe_output
 
-from midus_surgery.output_dir import remove_own_directory, use_workspace
+from midus_surgery.io.output_dir import remove_own_directory, use_workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = [  # (row name, recipe kind, recipe, surgery output)
@@ -126,7 +126,7 @@ def split_files(corpus: Path, every: int) -> tuple[list[str], list[str]]:
 
 def evaluate(model: str, data: list[str], a, log: Path) -> dict:
     """`midus-surgery eval`'s own function, in this process: no interpreter start and imports per evaluation."""
-    from midus_surgery.evaluate import run_eval
+    from midus_surgery.train.evaluate import run_eval
 
     print(f"$ midus-surgery eval {model} --data {' '.join(Path(d).name for d in data[:3])}{' ...' if len(data) > 3 else ''} "
           f"--block-size {a.block_size} --max-blocks {a.eval_blocks} (in-process)", flush=True)

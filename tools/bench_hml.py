@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark: HML (midus_surgery/hml.py) vs the FFN it replaces (transformers' LlamaMLP).
+"""Benchmark: HML (midus_surgery/model/hml.py) vs the FFN it replaces (transformers' LlamaMLP).
 
 Forward+backward time and peak memory, side by side, interleaved repeats, at two block sizes
 (SmolLM2-135M, Llama-3.2-1B), batch 4 x 256 tokens, float32 and bfloat16.
@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_common import command_line, cpu_name, cpu_native_bf16, versions, write_section  # noqa: E402
-from midus_surgery.hml import HeadwiseMemory, HMLConfig, hml_parameter_count  # noqa: E402
+
+from midus_surgery.model.hml import HeadwiseMemory, HMLConfig, hml_parameter_count  # noqa: E402
 
 SIZES = {
     "SmolLM2-135M": dict(hidden=576, heads=9, head_dim=64, ffn=1536, n=256, k=32, d_l=64),
@@ -225,7 +226,7 @@ def targets(rows: list[dict]) -> str:
 def write_docs(path: str, rows: list[dict], command: str) -> None:
     section = (
         "## HML\n\n"
-        "Head-wise Memory Layer (`midus_surgery/hml.py`) vs the FFN it replaces (transformers' `LlamaMLP`), "
+        "Head-wise Memory Layer (`midus_surgery/model/hml.py`) vs the FFN it replaces (transformers' `LlamaMLP`), "
         f"forward+backward, batch {BATCH} x {SEQ} tokens, interleaved repeats, minimum time.\n\n"
         f"- Machine: {machine()}\n"
         f"- Versions: {versions_line()}\n"

@@ -140,11 +140,12 @@ def load_model(path: Path, random_init: bool):
     import torch
 
     if not random_init:
-        from midus_surgery.evaluate import load_causal_lm
+        from midus_surgery.train.evaluate import load_causal_lm
 
         return load_causal_lm(path, dtype=torch.float32, progress=False)  # the child's stderr is the run's log
-    import midus_surgery  # noqa: F401 - registers the MIDUS Auto classes
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    import midus_surgery  # noqa: F401 - registers the MIDUS Auto classes
 
     return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
 
@@ -166,7 +167,7 @@ def prepare(spec: dict) -> dict:
     model.train()
     names = dict(model.named_parameters())  # unique parameters (tied embeddings once)
     if spec.get("drop_inserted_ffn") or spec["freeze"] == "base":
-        from midus_surgery.trainer import inserted_layers
+        from midus_surgery.train.params import inserted_layers
 
         plan = json.loads((path / "midus_plan.json").read_text())
         layers_path, inserted = inserted_layers(plan, list(names))
@@ -188,7 +189,7 @@ def prepare(spec: dict) -> dict:
         # as `midus-surgery train` with `compile: true` (accelerate's dynamo_backend="inductor"): the
         # whole model; the first warm-up step compiles
         if not cuda:
-            from midus_surgery.hml import prepare_cpu_kernels
+            from midus_surgery.model.hml import prepare_cpu_kernels
 
             prepare_cpu_kernels()  # as the trainer does: the memory layer then traces whole
         model = torch.compile(model)
@@ -207,7 +208,7 @@ def adamw_kwargs(implementation: str, device) -> dict:
     """AdamW options for --adamw: `torch` is torch's own default, the others as `optim.implementation` of the trainer."""
     if implementation == "torch":
         return {}
-    from midus_surgery.trainer import adamw_options
+    from midus_surgery.train.params import adamw_options
 
     return adamw_options(implementation, device)
 
@@ -224,7 +225,7 @@ def use_hml_path(torch_hml: bool) -> tuple[bool, bool]:
     """Point MIDUS's memory layer at the pure-torch path (``torch_hml``) or at this process's default,
     and return that setting: train_step puts it back before each step, since one child runs several
     configurations and the paired rounds interleave them."""
-    from midus_surgery import hml
+    from midus_surgery.model import hml
 
     hml._triton_answer = (False, False) if torch_hml else hml._triton_settings(os.environ)
     return hml._triton_answer
@@ -234,7 +235,7 @@ def train_step(state: dict, xi) -> dict:
     """One timed optimiser step on the batch ``xi``: wall seconds of the whole step and of each phase."""
     import torch
 
-    from midus_surgery import hml
+    from midus_surgery.model import hml
 
     hml._triton_answer = state["hml_answer"]
     sync, model, opt = state["sync"], state["model"], state["opt"]
@@ -687,7 +688,7 @@ def section_text(payload: dict) -> str:
 
 def hml_cuda_path() -> str:
     """Which path MIDUS's memory layer takes on CUDA in the children (they inherit this environment)."""
-    from midus_surgery.hml import _triton_settings
+    from midus_surgery.model.hml import _triton_settings
 
     return "triton" if _triton_settings(os.environ)[0] else "torch"
 

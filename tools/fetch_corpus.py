@@ -33,7 +33,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from midus_surgery.output_dir import OutputError, check_output_dir, replace_directory, write_marker
+from midus_surgery.io.output_dir import OutputError, check_output_dir, replace_directory, write_marker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "work" / "corpora"

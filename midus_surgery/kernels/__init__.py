@@ -5,7 +5,7 @@ the sparse backward of the scoring, embedding-bag forward and a fused gather-dot
 backward).  They are compiled with
 ``torch.utils.cpp_extension.load`` the first time an HML runs on CPU (about 20-40 s, once; the
 build is cached in torch's extension directory, ``$TORCH_EXTENSIONS_DIR`` or
-``~/.cache/torch_extensions``) and used by ``midus_surgery/hml.py`` when available.
+``~/.cache/torch_extensions``) and used by ``midus_surgery/model/hml.py`` when available.
 
 hml.py never needs them: it keeps a pure-torch path with the same math and tie rule, which is
 what runs without a C++ compiler or with ``MIDUS_HML_KERNELS=torch``.

@@ -1,4 +1,4 @@
-// CPU kernels of the Head-wise Memory Layer (see midus_surgery/hml.py and docs/hml.md).
+// CPU kernels of the Head-wise Memory Layer (see midus_surgery/model/hml.py and docs/hml.md).
 //
 // The pure-torch path of hml.py spends its time in three places stock CPU ops do badly
 // (profile in docs/hml.md): torch.topk on 256-wide rows (serial, ~5 us a row), the embedding-bag

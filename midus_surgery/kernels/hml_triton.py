@@ -25,8 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from midus_surgery.hml import candidate_pairs
-
 
 def _on_device(device: torch.device):
     """The CUDA device guard a launch needs: Triton launches on the current device, and a layer may
@@ -101,12 +99,14 @@ def _topk2_kernel(A, B, S, I, J, PR, PS, rows, T, sa_p, sa_t, sb_p, sb_t, n, k, 
     tl.store(J + out, slot % n, mask=keep)
 
 
-def topk2(a: torch.Tensor, b: torch.Tensor, k: int, compact: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def topk2(a: torch.Tensor, b: torch.Tensor, k: int, pairs: tuple[torch.Tensor, torch.Tensor], compact: bool = True,
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact top-k of ``a[p, t, i] + b[p, t, j]`` over (i, j), as ``torch.ops.midus_hml.topk2`` on CPU.
 
     a, b: [P, T, n] float32 (each row contiguous in its last dim, any other strides). Returns
     (scores [P, T, k] float32, i [P, T, k] int64, j [P, T, k] int64), sorted by score descending,
-    equal scores by the lower slot i*n + j. ``compact`` (the default) ranks only the live candidate
+    equal scores by the lower slot i*n + j. pairs: the live rank pairs (r, s) of a k x k square, two
+    int64 tensors on a's device (``hml.candidate_pairs``: the caller owns that rule). ``compact`` (the default) ranks only the live candidate
     pairs, gathered with ``tl.gather``: 128 keys a row instead of 1024 for k = 32. ``compact=False``
     ranks the masked k x k square. Both give the same result; the compact ranking took 0.17x the
     square's time on an H200 at 16 x 1024 tokens (tools/gpu_check_hml.py, docs/hml.md).
@@ -128,7 +128,7 @@ def topk2(a: torch.Tensor, b: torch.Tensor, k: int, compact: bool = True) -> tup
         return scores, i_sub, j_sub
     KP = triton.next_power_of_2(k)
     NP = max(triton.next_power_of_2(n), KP)
-    pr, ps = candidate_pairs(k, a.device)  # the live rank pairs (r, s), int64, memoised per k and device
+    pr, ps = pairs
     CP = max(triton.next_power_of_2(pr.numel()), KP)
     width = CP if compact else KP * KP
     BR = max(1, min(16, 4096 // width))  # rows per program: a [BR, width] key block in registers

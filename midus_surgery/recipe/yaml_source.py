@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from .errors import Problem, RecipeError
+from midus_surgery.errors import Problem, RecipeError
 
 PathKey = tuple[str | int, ...]
 

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import MidusError
+from midus_surgery.errors import MidusError
 
 MARKER = ".midus-surgery"  # JSON: {"tool", "kind", "pid", "host", "time"}
 WORKSPACE = "workspace"  # the marker kind of a tool's scratch folder: everything inside it is the tool's

@@ -17,20 +17,20 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import resolve_base
-from .compile import Compiled
-from .dtypes import ITEMSIZE, TAGS, torch_dtype
-from .errors import MidusError
-from .output_dir import atomic_directory, check_output_dir
-from .plan import HML_SUBMODULE, SHARED_BANK_PREFIX, Plan, TensorEntry
-from .shard_writer import ShardItem, write_shard
-from .tensor_source import check_matches_config, inside_base, open_base_tensors
+from midus_surgery.compiler.base import resolve_base
+from midus_surgery.compiler.plan import HML_SUBMODULE, SHARED_BANK_PREFIX, Plan, TensorEntry
+from midus_surgery.compiler.planned import PlannedRecipe
+from midus_surgery.errors import MidusError
+from midus_surgery.io.dtypes import ITEMSIZE, TAGS, torch_dtype
+from midus_surgery.io.output_dir import atomic_directory, check_output_dir
+from midus_surgery.io.shard_writer import ShardItem, write_shard
+from midus_surgery.io.tensor_source import check_matches_config, inside_base, open_base_tensors
+from midus_surgery.model import copy_modeling_files
 
 # torch and tqdm are imported where tensors are materialised or a progress bar is drawn: a
 # copy-only `apply` whose plan came from the safetensors headers never imports torch.
 
 COPY_WORKERS = 2  # shards written at once when every tensor is a file-to-file copy (see _write_copy_shards_in_parallel)
-MODELING_FILES = ("configuration_midus.py", "modeling_midus.py", "hml.py")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -46,10 +46,10 @@ class EmitResult:
     base_read: str | None = None  # how the base was read when not file by file (TensorSource.how)
 
 
-def output_dtype(compiled: Compiled) -> str:
+def output_dtype(planned: PlannedRecipe) -> str:
     """The dtype name of the written weights ("bfloat16")."""
-    wanted = compiled.loaded.recipe.output.dtype
-    return compiled.base_dtype if wanted == "auto" else wanted
+    wanted = planned.loaded.recipe.output.dtype
+    return planned.base_dtype if wanted == "auto" else wanted
 
 
 def shard_tensors(entries: list[TensorEntry], dtype: str, shard_bytes: int) -> list[list[TensorEntry]]:
@@ -70,26 +70,26 @@ def shard_tensors(entries: list[TensorEntry], dtype: str, shard_bytes: int) -> l
 class MemoryInit:
     """Builds each new memory module once, initialised from (seed, module name), and hands out its tensors."""
 
-    def __init__(self, compiled: Compiled, dtype: str):
-        from .modeling_midus import _name_seed  # the model's own rule: same seed + name, same bytes
+    def __init__(self, planned: PlannedRecipe, dtype: str):
+        from midus_surgery.model.modeling_midus import _name_seed  # the model's own rule: same seed + name, same bytes
 
         self._name_seed = _name_seed
-        self._compiled = compiled
+        self._planned = planned
         self._dtype = dtype
         self._module_name: str | None = None
         self._tensors: dict = {}  # parameter name -> torch.Tensor
 
     def _build(self, module_name: str) -> dict:
-        from .hml import LatentBank
-        from .plan import build_hml
+        from midus_surgery.compiler.plan import build_hml
+        from midus_surgery.model.hml import LatentBank
 
-        mem = self._compiled.loaded.recipe.memory
-        seed = self._name_seed(self._compiled.loaded.recipe.seed, module_name)
+        mem = self._planned.loaded.recipe.memory
+        seed = self._name_seed(self._planned.loaded.recipe.seed, module_name)
         if module_name == SHARED_BANK_PREFIX:
             module = LatentBank(mem.n_subkeys, mem.latent_dim)
             module.reset_parameters(seed=seed, zero=mem.init == "zero_bank")
         else:
-            module = build_hml(self._compiled.config, mem, device="cpu")
+            module = build_hml(self._planned.config, mem, device="cpu")
             module.reset_parameters(seed=seed)
         return {name: p.detach().to(torch_dtype(self._dtype)) for name, p in module.named_parameters()}
 
@@ -126,8 +126,8 @@ def emitted_config(plan: Plan, dtype: str) -> dict:
     }
 
 
-def model_card(compiled: Compiled, recipe_text: str) -> str:
-    plan = compiled.plan
+def model_card(planned: PlannedRecipe, recipe_text: str) -> str:
+    plan = planned.plan
     p, f = plan.params, plan.flops_per_token
     rows = "\n".join(f"| {layer.index} | {layer.source} | {layer.kind} | {n:,} |" for layer, n in zip(plan.layers, plan.layer_params))
     kind = "MIDUS (Memory-Infused Depth Up-Scaling)" if plan.memory_layers else "Depth Up-Scaling"
@@ -144,7 +144,7 @@ def model_card(compiled: Compiled, recipe_text: str) -> str:
 library_name: transformers
 tags: [midus-surgery, depth-up-scaling]
 ---
-# {compiled.loaded.source.file}: {kind}
+# {planned.loaded.source.file}: {kind}
 
 Made by `midus-surgery apply` from a `{plan.model_type}` base of {plan.base_num_layers} layers;
 {plan.num_hidden_layers} layers out ({len(plan.memory_layers)} memory blocks). Not trained yet: continue pre-training it
@@ -218,25 +218,25 @@ def _write_generation_config(ref, config_dict: dict, dest: Path) -> None:
     (dest / "generation_config.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
-def emit(compiled: Compiled, *, out_dir: Path | None = None, overwrite: bool = False, allow_pickle: bool = False, progress: bool = True) -> EmitResult:
+def emit(planned: PlannedRecipe, *, out_dir: Path | None = None, overwrite: bool = False, allow_pickle: bool = False, progress: bool = True) -> EmitResult:
     """Write the up-scaled model. Raises MidusError for anything the user can fix."""
-    ref = resolve_base(compiled.loaded)
-    out = check_apply_output(compiled, ref, out_dir, overwrite)
-    prefixes = tuple({t.name.split(".", 1)[0] for t in compiled.plan.tensors if "." in t.name})
-    source = open_base_tensors(ref, allow_pickle=allow_pickle, prefixes=prefixes, model_type=compiled.plan.model_type,
-                               renames=compiled.renames, needed=[t.source for t in compiled.plan.tensors if t.source is not None])
+    ref = resolve_base(planned.loaded)
+    out = check_apply_output(planned, ref, out_dir, overwrite)
+    prefixes = tuple({t.name.split(".", 1)[0] for t in planned.plan.tensors if "." in t.name})
+    source = open_base_tensors(ref, allow_pickle=allow_pickle, prefixes=prefixes, model_type=planned.plan.model_type,
+                               renames=planned.renames, needed=[t.source for t in planned.plan.tensors if t.source is not None])
     try:
         with atomic_directory(out, kind="apply", report=_note) as tmp:
-            num_bytes, shards = _write_weights(compiled, source, tmp, progress)
-            _write_companions(compiled, ref, tmp)
+            num_bytes, shards = _write_weights(planned, source, tmp, progress)
+            _write_companions(planned, ref, tmp)
     finally:
         source.close()
-    return EmitResult(out, len(compiled.plan.tensors), num_bytes, shards, source.how)
+    return EmitResult(out, len(planned.plan.tensors), num_bytes, shards, source.how)
 
 
-def check_apply_output(compiled: Compiled, ref, out_dir: Path | None, overwrite: bool) -> Path:
+def check_apply_output(planned: PlannedRecipe, ref, out_dir: Path | None, overwrite: bool) -> Path:
     """The resolved output directory, checked against the output-safety rule (output_dir.py) before any work."""
-    loaded = compiled.loaded
+    loaded = planned.loaded
     out = Path(out_dir) if out_dir is not None else loaded.resolve(loaded.recipe.output.dir)
     base = ref.directory / ref.gguf_file if ref.is_gguf else ref.directory  # a GGUF's neighbours are not the base
     inputs = [("the base model", base), ("the recipe", Path(loaded.source.file))]
@@ -249,20 +249,20 @@ def _note(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _write_weights(compiled: Compiled, source, tmp: Path, progress: bool) -> tuple[int, int]:
+def _write_weights(planned: PlannedRecipe, source, tmp: Path, progress: bool) -> tuple[int, int]:
     """Stream every planned tensor into shards; returns (bytes written, number of shards).
 
     A copied tensor whose bytes already sit in a base safetensors file in the output dtype moves
     file-to-file (shard_writer); anything else is materialised one tensor at a time.
     """
-    plan = compiled.plan
+    plan = planned.plan
     if source.how is None:  # read file by file: pickle checkpoints are first seen here (safetensors were checked when planned)
         check_matches_config(source, [(t.source, t.shape) for t in plan.tensors if t.source is not None], plan.layers_path,
                              plan.base_num_layers, plan.config, "the base's config.json")
-    dtype = output_dtype(compiled)
-    shards = shard_tensors(plan.tensors, dtype, compiled.loaded.recipe.output.shard_bytes)
+    dtype = output_dtype(planned)
+    shards = shard_tensors(plan.tensors, dtype, planned.loaded.recipe.output.shard_bytes)
     total_bytes = sum(t.numel for t in plan.tensors) * ITEMSIZE[TAGS[dtype]]
-    init = MemoryInit(compiled, dtype) if any(t.source is None for t in plan.tensors) else None
+    init = MemoryInit(planned, dtype) if any(t.source is None for t in plan.tensors) else None
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))] if len(shards) > 1 else ["model.safetensors"]
     weight_map: dict[str, str] = {}
     bar = None
@@ -335,19 +335,17 @@ def _shape_mismatch(entry: TensorEntry, shape) -> str:
             "the weights do not match the config")
 
 
-def _write_companions(compiled: Compiled, ref, tmp: Path) -> None:
+def _write_companions(planned: PlannedRecipe, ref, tmp: Path) -> None:
     """config, modeling code, tokenizer, generation config, recipe, plan summary, model card."""
-    plan, recipe = compiled.plan, compiled.loaded.recipe
-    config_dict = emitted_config(plan, output_dtype(compiled))
+    plan, recipe = planned.plan, planned.loaded.recipe
+    config_dict = emitted_config(plan, output_dtype(planned))
     (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, default=str) + "\n")
     if plan.memory_layers:
-        package = Path(__file__).resolve().parent
-        for name in MODELING_FILES:
-            shutil.copy2(package / name, tmp / name)
+        copy_modeling_files(tmp)
     elif config_dict.get("auto_map") and not ref.is_gguf:
         # the base's own code (allowed by the recipe, or auto_map entries that build nothing here):
         # the output's config names it, so it travels with the output
-        from .custom_code import code_files
+        from midus_surgery.compiler.custom_code import code_files
 
         try:
             for path in code_files(ref.directory, config_dict["auto_map"]):
@@ -356,13 +354,13 @@ def _write_companions(compiled: Compiled, ref, tmp: Path) -> None:
             raise MidusError(str(exc)) from None
     _copy_tokenizer(ref, tmp)
     _write_generation_config(ref, config_dict, tmp)
-    recipe_text = Path(compiled.loaded.source.file).read_text()
+    recipe_text = Path(planned.loaded.source.file).read_text()
     (tmp / "midus_recipe.yaml").write_text(recipe_text)
     summary = {k: v for k, v in plan.to_json().items() if k != "tensors"}
-    summary["base_path"] = str(compiled.loaded.resolve(recipe.base.path).resolve())  # for `verify` without --base
+    summary["base_path"] = str(planned.loaded.resolve(recipe.base.path).resolve())  # for `verify` without --base
     summary["trust_remote_code"] = recipe.base.trust_remote_code  # `verify` loads the output and the base as apply read it
     (tmp / "midus_plan.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (tmp / "README.md").write_text(model_card(compiled, recipe_text))
+    (tmp / "README.md").write_text(model_card(planned, recipe_text))
 
 
 def _materialise(entry: TensorEntry, source, init: MemoryInit, dtype_name: str):

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import Problem
-from .recipe import MAX_OUTPUT_LAYERS, LoadedRecipe
+from midus_surgery.errors import Problem
+from midus_surgery.recipe.schema import MAX_OUTPUT_LAYERS, LoadedRecipe
+
+
+COPY = "copy"  # a plain copy of its source layer (DUS, SOLAR)
+RECIPE_COPY_KINDS = ("copy", "transformer")  # recipes say either; `transformer` is the older name
 
 
 @dataclass(frozen=True)
 class LayerSpec:
     index: int  # position in the up-scaled model
     source: int  # base layer it is made from
-    kind: str  # "base" | "transformer" | "identity" | "memory"
+    kind: str  # "base" | "copy" | "identity" | "memory" (a recipe's `transformer` is a plain "copy")
 
     @property
     def inserted(self) -> bool:
@@ -79,16 +83,16 @@ def expand_layout(loaded: LoadedRecipe, num_base_layers: int) -> tuple[list[Laye
         for e, entry in enumerate(layout.layers):
             if not check_range(("layout", "layers", e, "source"), entry.source):
                 continue
-            kind = entry.kind or ("transformer" if entry.source in used else "base")
+            kind = entry.kind or (COPY if entry.source in used else "base")
             if kind == "base" and entry.source in used:
-                problems.append(loaded.problem(("layout", "layers", e, "kind"), f"base layer {entry.source} is already used as `base`; a second use is a copy (transformer, identity or memory)"))
+                problems.append(loaded.problem(("layout", "layers", e, "kind"), f"base layer {entry.source} is already used as `base`; a second use is a copy (copy, identity or memory)"))
             used.add(entry.source)
             pairs.append((entry.source, kind))
 
     if len(pairs) > MAX_OUTPUT_LAYERS:
         problems.append(loaded.problem(("layout",), f"the layout makes {len(pairs)} output layers; at most {MAX_OUTPUT_LAYERS} are supported"))
         return [], problems
-    layers = [LayerSpec(index, source, kind) for index, (source, kind) in enumerate(pairs)]
+    layers = [LayerSpec(index, source, COPY if kind in RECIPE_COPY_KINDS else kind) for index, (source, kind) in enumerate(pairs)]
     if not loaded.recipe.allow_adjacent_memory:
         for prev, cur in zip(layers, layers[1:]):
             if prev.kind == "memory" and cur.kind == "memory":

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import MidusError
+from midus_surgery.errors import MidusError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -240,7 +240,7 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int = 512, per_doc
     """``midus-surgery eval``: perplexity of ``model_dir`` on ``data``, on ``device`` (auto: CUDA when there is one)."""
     from tqdm.auto import tqdm
 
-    from . import data as D
+    from midus_surgery.train import data as D
 
     if threads:
         torch.set_num_threads(threads)

@@ -19,9 +19,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import Problem, RecipeError
-from .recipe import problems_from_validation
-from .yaml_source import PathKey, YamlSource, load_yaml
+from midus_surgery.errors import Problem, RecipeError
+from midus_surgery.recipe.schema import problems_from_validation
+from midus_surgery.recipe.yaml_source import PathKey, YamlSource, load_yaml
 
 # Bounds on numbers with a physical meaning, checked before anything is read or allocated.
 MAX_TOKENS = 10**15  # a token budget: 1000x the largest published pre-training runs

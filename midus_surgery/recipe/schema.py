@@ -1,8 +1,8 @@
 """The recipe language: a strict pydantic schema for YAML recipes.
 
 A recipe names a base model, the layout of the new depth (slices, interleaved insertion, top
-stacking or an explicit list), the kind of every inserted block (``transformer``, ``identity``
-or ``memory``), the memory (HML) settings, and where and how to write the output. Unknown
+stacking or an explicit list), the kind of every inserted block (``copy``, ``identity``
+or ``memory``; ``transformer`` is the older name of ``copy``), the memory (HML) settings, and where and how to write the output. Unknown
 keys, wrong types and impossible values are errors naming the field and file:line:col.
 """
 
@@ -16,14 +16,15 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .anatomy_spec import Anatomy
-from .errors import Problem, RecipeError
-from .yaml_source import YamlSource, load_yaml
+from midus_surgery.errors import Problem, RecipeError
+from midus_surgery.recipe.anatomy_spec import Anatomy
+from midus_surgery.recipe.yaml_source import YamlSource, load_yaml
 
 SCHEMA_URL_COMMENT = "# yaml-language-server: $schema=../docs/recipe.schema.json"
 
-InsertedKind = Literal["transformer", "identity", "memory"]
-LayerKind = Literal["base", "transformer", "identity", "memory"]
+# `copy`: a plain copy of its source (DUS); `transformer` is the same, the name older recipes use.
+InsertedKind = Literal["copy", "transformer", "identity", "memory"]
+LayerKind = Literal["base", "copy", "transformer", "identity", "memory"]
 # Bounds on numbers with a physical meaning, checked before anything is built or allocated.
 MAX_BASE_LAYERS = 1024  # decoder layers of a base model (the deepest published LMs have ~200)
 MAX_OUTPUT_LAYERS = 2048  # decoder layers after up-scaling
@@ -55,7 +56,7 @@ class Slice(Strict):
     """A contiguous range of base layers, mergekit-style half-open [start, end)."""
 
     layers: tuple[NonNegInt, NonNegInt] = Field(description="[start, end): base layers start..end-1, e.g. [0, 24].")
-    kind: InsertedKind = Field("transformer", description="Kind given to the copies in this slice (base layers that already appeared in an earlier slice).")
+    kind: InsertedKind = Field("copy", description="Kind given to the copies in this slice (base layers that already appeared in an earlier slice).")
     memory: list[NonNegInt] = Field(default_factory=list, description="Base layer indices whose copies in this slice become `memory` blocks (overrides `kind` for them).")
 
     @model_validator(mode="after")
@@ -89,7 +90,7 @@ class Stack(Strict):
     """Append copies of a range of base layers on top of the whole base stack."""
 
     layers: tuple[NonNegInt, NonNegInt] = Field(description="[start, end): the base layers to copy, appended in order after the last base layer.")
-    kind: InsertedKind = Field("transformer", description="Kind of the appended copies.")
+    kind: InsertedKind = Field("copy", description="Kind of the appended copies.")
 
     @model_validator(mode="after")
     def _ordered(self) -> "Stack":
@@ -102,7 +103,7 @@ class LayerEntry(Strict):
     """One output layer of an explicit layout."""
 
     source: NonNegInt = Field(description="The base layer this output layer is made from.")
-    kind: LayerKind | None = Field(None, description="`base` (the original layer), or the kind of a copy. Default: `base` for the first use of a source layer, `transformer` after.")
+    kind: LayerKind | None = Field(None, description="`base` (the original layer), or the kind of a copy. Default: `base` for the first use of a source layer, `copy` after.")
 
 
 class Layout(Strict):

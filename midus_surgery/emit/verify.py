@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MidusError, one_line
+from midus_surgery.errors import MidusError, one_line
 
 SAMPLE_TEXT = (
     "The history of science is the study of the development of science and scientific knowledge, "
@@ -44,7 +44,7 @@ def _load(path: Path, gguf_file: str | None = None, *, trust_remote_code: bool =
 def _tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    from .emit import TOKENIZER_FILES
+    from midus_surgery.emit.emitter import TOKENIZER_FILES
 
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return None  # checked on fixed random token ids instead
@@ -89,7 +89,7 @@ def function_preserving(plan: dict) -> bool:
     """True when every inserted block starts as the identity (so logits must equal the base's)."""
     init = (plan.get("midus") or {}).get("hml", {}).get("init")
     for layer in plan["layers"]:
-        if layer["kind"] == "transformer":
+        if layer["kind"] in ("copy", "transformer"):  # `transformer`: plans written before the rename
             return False
         if layer["kind"] == "memory" and init == "random":
             return False

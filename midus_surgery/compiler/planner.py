@@ -1,38 +1,26 @@
-"""The compiler's front half in one call: recipe file -> validated recipe, base config, anatomy, plan."""
+"""The compiler's front half in one call: recipe file -> validated recipe, base config, anatomy, plan
+(a PlannedRecipe), through transformers or, for ``apply``, from the safetensors headers where they suffice."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Literal
 
-from .anatomy_spec import Anatomy
-from .base import load_base_config
-from .dtypes import auto_dtype
-from .layout import expand_layout
-from .plan import Plan, make_plan
-from .recipe import LoadedRecipe, load_recipe
+from midus_surgery.compiler.base import load_base_config
+from midus_surgery.compiler.layout import COPY, expand_layout
+from midus_surgery.compiler.plan import Plan, make_plan
+from midus_surgery.compiler.planned import PlannedRecipe
+from midus_surgery.io.dtypes import auto_dtype
+from midus_surgery.recipe.anatomy_spec import Anatomy
+from midus_surgery.recipe.schema import LoadedRecipe, load_recipe
 
 FULL_PLAN_ENV = "MIDUS_SURGERY_FULL_PLAN"  # "1": `apply` always plans through transformers (debugging)
-
-
-@dataclass(frozen=True)
-class Compiled:
-    loaded: LoadedRecipe
-    config: object | None  # transformers.PretrainedConfig of the base; None when planned from the headers
-    anatomy: Anatomy | None
-    plan: Plan
-    base_dtype: str = "float32"  # the base config's dtype: what `output.dtype: auto` writes
-    # checkpoint -> module tensor renames when known without transformers; None: the emitter asks it
-    renames: tuple[tuple[str, str], ...] | None = None
-    planner: Literal["transformers", "headers"] = "transformers"
 
 
 def anatomy_for(loaded: LoadedRecipe, config) -> tuple[Anatomy | None, str | None]:
     """The recipe's stated anatomy, else the traced one; (None, why) when tracing cannot tell."""
     if loaded.recipe.anatomy is not None:
         return loaded.recipe.anatomy.model_copy(update={"source": "recipe"}), None
-    from .anatomy import AnatomyError, find_anatomy
+    from midus_surgery.anatomy.trace import AnatomyError, find_anatomy
 
     try:
         return find_anatomy(config, trust_remote_code=loaded.recipe.base.trust_remote_code), None
@@ -41,16 +29,16 @@ def anatomy_for(loaded: LoadedRecipe, config) -> tuple[Anatomy | None, str | Non
         return None, str(exc)
 
 
-def compile_recipe(path, *, anatomy_only_if_needed: bool = False) -> Compiled:
+def plan_recipe(path, *, anatomy_only_if_needed: bool = False) -> PlannedRecipe:
     """Raises RecipeError (every problem, located) when the recipe does not fit its base.
 
     anatomy_only_if_needed: skip tracing the block anatomy (a second or two) when every block
     is a plain copy, as ``apply`` does; the layer container is then found from tensor names.
     """
-    return compile_loaded(load_recipe(path), anatomy_only_if_needed=anatomy_only_if_needed)
+    return plan_loaded(load_recipe(path), anatomy_only_if_needed=anatomy_only_if_needed)
 
 
-def compile_loaded(loaded: LoadedRecipe, *, anatomy_only_if_needed: bool = False) -> Compiled:
+def plan_loaded(loaded: LoadedRecipe, *, anatomy_only_if_needed: bool = False) -> PlannedRecipe:
     config = load_base_config(loaded)
     anatomy, why = None, None
     if not anatomy_only_if_needed or _needs_anatomy(loaded, config):
@@ -58,7 +46,7 @@ def compile_loaded(loaded: LoadedRecipe, *, anatomy_only_if_needed: bool = False
     base_dtype = auto_dtype(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
     plan = make_plan(loaded, config, anatomy, anatomy_problem=why)
     check_base_weights(loaded, plan)
-    return Compiled(loaded, config, anatomy, plan, base_dtype=base_dtype)
+    return PlannedRecipe(loaded, config, anatomy, plan, base_dtype=base_dtype)
 
 
 def check_base_weights(loaded: LoadedRecipe, plan: Plan) -> None:
@@ -68,8 +56,8 @@ def check_base_weights(loaded: LoadedRecipe, plan: Plan) -> None:
     consistent by construction (transformers derives its config and tensors from the one file);
     pickle checkpoints are checked when ``apply`` opens them (emit).
     """
-    from .base import resolve_base
-    from .tensor_source import SafetensorsSource, check_matches_config, checkpoint_renames
+    from midus_surgery.compiler.base import resolve_base
+    from midus_surgery.io.tensor_source import SafetensorsSource, check_matches_config, checkpoint_renames
 
     ref = resolve_base(loaded)
     if not ref.exists or ref.is_gguf or not any(ref.directory.glob("*.safetensors")):
@@ -80,23 +68,23 @@ def check_base_weights(loaded: LoadedRecipe, plan: Plan) -> None:
                          plan.base_num_layers, plan.config, str(ref.directory / "config.json"))
 
 
-def compile_for_apply(path, *, full: bool = False) -> tuple[Compiled, str | None]:
+def plan_for_apply(path, *, full: bool = False) -> tuple[PlannedRecipe, str | None]:
     """What ``apply`` runs: the plan from the safetensors headers when the recipe allows it, else the full one.
 
-    Returns the compiled recipe and, when the full planner made it, why the header planner did not
+    Returns the planned recipe and, when the full planner made it, why the header planner did not
     (None when it did). full (or MIDUS_SURGERY_FULL_PLAN=1): always the full planner.
     """
     loaded = load_recipe(path)
     if full or os.environ.get(FULL_PLAN_ENV) == "1":
-        return compile_loaded(loaded, anatomy_only_if_needed=True), "the full plan was asked for"
-    from .header_plan import plan_from_headers
+        return plan_loaded(loaded, anatomy_only_if_needed=True), "the full plan was asked for"
+    from midus_surgery.compiler.header_plan import plan_from_headers
 
-    compiled, why = plan_from_headers(loaded)
-    if compiled is not None:
-        return compiled, None
-    return compile_loaded(loaded, anatomy_only_if_needed=True), why
+    planned, why = plan_from_headers(loaded)
+    if planned is not None:
+        return planned, None
+    return plan_loaded(loaded, anatomy_only_if_needed=True), why
 
 
 def _needs_anatomy(loaded: LoadedRecipe, config) -> bool:
     layers, _ = expand_layout(loaded, config.num_hidden_layers)
-    return loaded.recipe.anatomy is not None or any(layer.kind not in ("base", "transformer") for layer in layers)
+    return loaded.recipe.anatomy is not None or any(layer.kind not in ("base", COPY) for layer in layers)

@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import RecipeError
-from .recipe import MAX_BASE_LAYERS, LoadedRecipe
+from midus_surgery.errors import RecipeError
+from midus_surgery.io.tensor_source import BaseRef
+from midus_surgery.recipe.schema import MAX_BASE_LAYERS, LoadedRecipe
 
 MAX_CONFIG_BYTES = 16 * 2**20  # a config.json is a few KB (a few MB with big label maps)
-
-
-@dataclass(frozen=True)
-class BaseRef:
-    """Where the base model is: a HF directory, or a GGUF file (``directory`` + ``gguf_file``)."""
-
-    directory: Path
-    gguf_file: str | None
-    exists: bool
-
-    @property
-    def is_gguf(self) -> bool:
-        return self.gguf_file is not None
 
 
 def _is_file(loaded: LoadedRecipe, key: str, path: Path) -> bool:
@@ -179,14 +166,14 @@ def _config_from_dict(data: dict, where: str, trust_remote_code: bool):
         # Custom code would be needed to build this architecture; never run it unasked.
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-        from .custom_code import building_code, refusal
+        from midus_surgery.compiler.custom_code import building_code, refusal
 
         if model_type not in CONFIG_MAPPING:
             raise ValueError(f"{where}: model_type {model_type!r} needs its own code (auto_map); set base.trust_remote_code: true to allow it")
         if building_code(data):  # a known type, but the stock class would silently build another model
             raise ValueError(refusal(where, building_code(data)))
     if trust_remote_code and "auto_map" in data:
-        from .custom_code import config_with_custom_code
+        from midus_surgery.compiler.custom_code import config_with_custom_code
 
         return config_with_custom_code(data, Path(where).parent, where)
     fields = {k: v for k, v in data.items() if k not in ("model_type", "transformers_version")}

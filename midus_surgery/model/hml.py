@@ -412,7 +412,7 @@ class _Lookup(torch.autograd.Function):
             scores, i_sub, j_sub = torch.ops.midus_hml.topk2(halves[:, 0], halves[:, 1], k)  # [H, T, k] each
         elif path == "triton":  # the same again, one Triton program per block of (h, t) rows
             halves = s.view(H, 2, T, n)
-            scores, i_sub, j_sub = _triton_kernel("topk2")(halves[:, 0], halves[:, 1], k)  # [H, T, k] each
+            scores, i_sub, j_sub = _triton_kernel("topk2")(halves[:, 0], halves[:, 1], k, candidate_pairs(k, halves.device))  # [H, T, k] each
         else:
             both = s.view(H, 2, T, n).transpose(0, 1)  # [2, H, T, n] view
             ar = torch.arange(n, device=q.device)

@@ -28,7 +28,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import MidusError
+from midus_surgery.errors import MidusError
 
 FORMAT_VERSION = 1
 META_FILE = "midus_tokens.json"

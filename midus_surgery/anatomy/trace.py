@@ -45,8 +45,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .anatomy_spec import Anatomy
-from .errors import one_line
+from midus_surgery.errors import one_line
+from midus_surgery.recipe.anatomy_spec import Anatomy
 
 __all__ = ["Anatomy", "AnatomyError", "find_anatomy", "decoder_layers"]
 
@@ -305,7 +305,6 @@ class _Probe:
     @classmethod
     def build(cls, config, trust_remote_code: bool) -> "_Probe":
         from transformers import AutoModelForCausalLM
-
         from transformers.utils import logging as hf_logging
 
         verbosity = hf_logging.get_verbosity()

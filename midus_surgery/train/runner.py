@@ -20,372 +20,49 @@ complete checkpoint ends with exactly the weights an uninterrupted run ends with
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
-import random
-import re
 import shutil
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import data as D
-from .emit import MODELING_FILES
-from .errors import MidusError, RecipeError
-from .output_dir import OutputError, atomic_directory, check_output_dir, input_root, read_marker, write_marker
-from .evaluate import DTYPES, block_batches, evaluate_batches, flat_error, load_causal_lm, load_tokenizer
-from .train_config import LoadedTrainConfig, TrainConfig
+from midus_surgery.errors import RecipeError, TrainingError
+from midus_surgery.io.output_dir import OutputError, atomic_directory, check_output_dir, input_root, read_marker, write_marker
+from midus_surgery.model import copy_modeling_files
+from midus_surgery.train import data as D
+from midus_surgery.train.checkpoint import (
+    LEGACY_SCHEDULER_FILE,
+    SCHEDULER_FILE,
+    STATE_FILE,
+    complete_checkpoints,
+    first_unreadable_file,
+    legacy_rng_file,
+    load_error_line,
+    load_legacy_rng_state,
+    load_rng_state,
+    read_checkpoint_state,
+    rng_file,
+    save_rng_state,
+    scheduler_state,
+    verify_checkpoint,
+    weights_checksum,
+)
+from midus_surgery.train.config import LoadedTrainConfig
+from midus_surgery.train.evaluate import DTYPES, block_batches, evaluate_batches, load_causal_lm, load_tokenizer
+from midus_surgery.train.params import adamw_options, choose_params, describe_groups, lr_lambda, read_plan
 
-CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
-STATE_FILE = "trainer_state.json"
 RUN_KIND, EXPORT_KIND = "train run", "train export"  # output_dir markers: what train may write into / replace
 NORM_LABELS = {"grad_norm": "gnorm", "memory_grad_norm": "mem gnorm"}
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "midus_train.json"}
-
-
-class TrainingError(MidusError):
-    """The run cannot go on (a non-finite loss, a bad resume)."""
-
-    exit_code = 4
-
-
-# --------------------------------------------------------------------------- parameters
-
-def is_memory_param(name: str) -> bool:
-    """Memory tables: everything under an `.hml.` module and the shared latent bank."""
-    return ".hml." in f".{name}" or "midus_shared_bank" in name
-
-
-def read_plan(model_dir: Path) -> dict | None:
-    path = model_dir / "midus_plan.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MidusError(f"{path}: not readable JSON ({exc})") from None
-
-
-def inserted_layers(plan: dict, param_names: list[str] = ()) -> tuple[str, list[int]]:
-    """(dotted path of the decoder layers, indices of the inserted layers) of an output's midus_plan.json.
-
-    Plans record ``layers_path``; older copy-only plans (no anatomy traced) did not, so the path is
-    then read off the model's parameter names: the prefix followed by every layer index.
-    """
-    layers = plan.get("layers", [])
-    layers_path = (plan.get("layers_path") or (plan.get("anatomy") or {}).get("layers_path")
-                   or (plan.get("midus", {}).get("anatomy") or {}).get("layers_path"))
-    if not layers_path and param_names:
-        from midus_surgery.plan import guess_layers_path
-
-        layers_path = guess_layers_path(dict.fromkeys(param_names), len(layers))
-    if not layers_path:
-        raise MidusError("midus_plan.json has no layers_path, and the model's parameter names do not show where the decoder layers are")
-    return layers_path, [int(layer["index"]) for layer in layers if layer.get("kind") != "base"]
-
-
-@dataclass
-class ParamGroups:
-    decay: list = field(default_factory=list)  # (name, param)
-    no_decay: list = field(default_factory=list)
-    memory: list = field(default_factory=list)
-    frozen: list = field(default_factory=list)
-    trained_layers: list[int] | None = None
-
-    def numel(self, group: str) -> int:
-        return sum(p.numel() for _, p in getattr(self, group))
-
-
-def choose_params(model, freeze: str, plan: dict | None, loaded: LoadedTrainConfig) -> ParamGroups:
-    """Apply the freeze policy (requires_grad) and sort parameters into optimiser groups."""
-    trainable = {}
-    names = [n for n, _ in model.named_parameters()]
-    groups = ParamGroups()
-    if freeze == "none":
-        trainable = {n: True for n in names}
-    elif freeze == "memory-only":
-        trainable = {n: is_memory_param(n) for n in names}
-        if not any(trainable.values()):
-            raise RecipeError([loaded.problem(("freeze",), "`memory-only` but the model has no memory tables (no `.hml.` parameters); use `base` or `none`")])
-    elif freeze == "base":
-        if plan is None:
-            raise RecipeError([loaded.problem(("freeze",), f"`base` needs {loaded.config.init_from}/midus_plan.json (written by `midus-surgery apply`) to know which layers were inserted; this model directory has none (use freeze: none)")])
-        layers_path, inserted = inserted_layers(plan, names)
-        if not inserted:
-            raise RecipeError([loaded.problem(("freeze",), "`base` but midus_plan.json lists no inserted layers: nothing would train")])
-        prefixes = tuple(f"{layers_path}.{i}." for i in inserted)
-        trainable = {n: n.startswith(prefixes) or "midus_shared_bank" in n for n in names}
-        groups.trained_layers = inserted
-        if not any(trainable.values()):
-            raise RecipeError([loaded.problem(("freeze",), f"`base`: no parameter of the model is under {layers_path}.<inserted layer>")])
-    seen: set[int] = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        p.requires_grad_(trainable[name])
-        if not trainable[name]:
-            groups.frozen.append((name, p))
-        elif is_memory_param(name):
-            groups.memory.append((name, p))
-        elif p.ndim >= 2:
-            groups.decay.append((name, p))
-        else:
-            groups.no_decay.append((name, p))
-    return groups
-
-
-def describe_groups(groups: ParamGroups, cfg: TrainConfig) -> str:
-    def human(n: int) -> str:
-        for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-            if n >= size:
-                return f"{n / size:.2f}{unit}"
-        return str(n)
-
-    rows = [("group", "tensors", "params", "lr", "weight decay", "grad clip")]
-    o, m = cfg.optim, cfg.memory
-    rows.append(("base (matrices)", str(len(groups.decay)), human(groups.numel("decay")), f"{o.lr:g}", f"{o.weight_decay:g}", f"{o.grad_clip:g}"))
-    rows.append(("base (1-D)", str(len(groups.no_decay)), human(groups.numel("no_decay")), f"{o.lr:g}", "0", f"{o.grad_clip:g}"))
-    rows.append(("memory tables", str(len(groups.memory)), human(groups.numel("memory")), f"{m.lr:g} ({m.schedule})", f"{m.weight_decay:g}", f"{m.grad_clip:g}"))
-    rows.append(("frozen", str(len(groups.frozen)), human(groups.numel("frozen")), "-", "-", "-"))
-    trainable = groups.numel("decay") + groups.numel("no_decay") + groups.numel("memory")
-    total = trainable + groups.numel("frozen")
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.append(f"trainable: {human(trainable)} of {human(total)} parameters ({100 * trainable / max(total, 1):.2f}%), freeze: {cfg.freeze}")
-    if groups.trained_layers is not None:
-        lines.append(f"trained layers (inserted): {', '.join(map(str, groups.trained_layers))}")
-    return "\n".join(lines)
-
-
-def adamw_options(implementation: str, device: torch.device) -> dict:
-    """torch.optim.AdamW keyword arguments for `optim.implementation` on this device.
-
-    Torch's own default on CPU is the for-loop, one tensor at a time; its fused kernel does the
-    same update in one pass over all tensors, in 0.13-0.42x the for-loop's time on the SmolLM2
-    outputs (docs/benchmarks.md, AdamW implementations).
-    """
-    if implementation == "auto":
-        return {"fused": True} if device.type in ("cpu", "cuda") else {}
-    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[implementation]
-
-
-def lr_lambda(step_cfg, total_steps: int, warmup_steps: int, shape: str):
-    """Multiplier of the peak lr at scheduler step s (s = optimiser steps taken)."""
-    floor = step_cfg.min_lr_ratio
-
-    def f(s: int) -> float:
-        if warmup_steps and s < warmup_steps:
-            return (s + 1) / warmup_steps
-        if shape == "constant" or total_steps <= warmup_steps:
-            return 1.0
-        progress = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
-        if shape == "cosine":
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-        return floor + (1 - floor) * (1 - progress)
-
-    return f
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every checkpoint directory whose state file was written (oldest first).
-    Complete is not whole: ``verify_checkpoint`` says whether its files are as written."""
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = CHECKPOINT_RE.match(p.name)
-        if m and (p / STATE_FILE).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-# A checkpoint holds no pickle but accelerate's optimizer file (read with weights_only=True only):
-# the scheduler's state is JSON, each process's RNG state a safetensors file.
-SCHEDULER_FILE = "scheduler.json"
-LEGACY_SCHEDULER_FILE = "scheduler.pt"  # checkpoints written before the JSON file; read with weights_only=True
-STATE_KEYS = ("step", "samples_seen", "data")
-
-
-def rng_file(rank: int) -> str:
-    return f"rng_state_{rank}.safetensors"
-
-
-def legacy_rng_file(rank: int) -> str:
-    return f"random_states_{rank}.pkl"  # accelerate's own (pickle); older checkpoints only
-
-
-def _flat(exc: BaseException, limit: int = 300) -> str:
-    """An exception as one line; for torch's weights_only refusal, its reason, not its advice to load unsafely."""
-    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split())
-    if "WeightsUnpickler error:" in text:
-        reason = text.split("WeightsUnpickler error:", 1)[1].split(" Please use")[0].split(" Check the documentation")[0].strip()
-        return f"not plain tensors and numbers, refused by torch.load(weights_only=True) ({reason[:limit]})"
-    return flat_error(exc, limit)
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    """Whether a safetensors file's header parses and its tensors end where the file ends (a cut file does not)."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if size < 8 or n > size - 8:
-                return f"{path.name}: cut short or not safetensors ({size} bytes; its header alone claims {n + 8})"
-            header = json.loads(fh.read(n))
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-        return f"{path.name}: not a safetensors file ({_flat(exc, 120)})"
-    if 8 + n + end != size:
-        return f"{path.name}: {size} bytes, its header describes {8 + n + end}"
-    return None
-
-
-def read_checkpoint_state(path: Path) -> dict:
-    """The checkpoint's state file, with the keys a resume needs; ``ValueError`` (one line) when not."""
-    try:
-        state = json.loads((path / STATE_FILE).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"{STATE_FILE}: unreadable ({_flat(exc, 120)})") from None
-    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
-        raise ValueError(f"{STATE_FILE}: lacks {', '.join(k for k in STATE_KEYS if not isinstance(state, dict) or k not in state)}")
-    if not all(isinstance(state[k], int) and state[k] >= 0 for k in ("step", "samples_seen")):
-        raise ValueError(f"{STATE_FILE}: step and samples_seen are not counts")
-    m = CHECKPOINT_RE.match(path.name)
-    if m and state["step"] != int(m.group(1)):
-        raise ValueError(f"{STATE_FILE}: says step {state['step']}, the directory step {int(m.group(1))}")
-    return state
-
-
-def verify_checkpoint(path: Path) -> str | None:
-    """None when the checkpoint is whole as far as can be told without loading it; else one line:
-    which file, what is wrong. Whole: the state file parses with its keys, every file it records
-    is there with the recorded size, every safetensors header parses and fits its file. Older
-    checkpoints record no sizes: their state file, scheduler file and headers are checked."""
-    try:
-        state = read_checkpoint_state(path)
-    except ValueError as exc:
-        return str(exc)
-    files = state.get("files")
-    if files is None:  # written before sizes were recorded
-        for what, patterns in (("model weights", ("model*.safetensors", "pytorch_model*")), ("optimiser state", ("optimizer*",)),
-                               ("scheduler state", (LEGACY_SCHEDULER_FILE,))):
-            if not any(next(path.glob(pattern), None) for pattern in patterns):
-                return f"{what} missing (no {' or '.join(patterns)})"
-        names = [p.relative_to(path).as_posix() for p in path.rglob("*.safetensors")]
-    elif not isinstance(files, dict) or not all(isinstance(v, int) for v in files.values()):
-        return f"{STATE_FILE}: its file list is not name -> size"
-    else:
-        for name, size in sorted(files.items()):
-            f = path / name
-            if not f.is_file():
-                return f"{name}: missing"
-            if f.stat().st_size != size:
-                return f"{name}: {f.stat().st_size} bytes, {size} recorded"
-        names = [n for n in files if n.endswith(".safetensors")]
-    for name in sorted(names):
-        problem = _safetensors_problem(path / name)
-        if problem:
-            return problem
-    return None
-
-
-def _unreadable_file(path: Path, names) -> str | None:
-    """After a failed load: the first of ``names`` that does not read on its own, as ``name: error``
-    (safetensors read whole; pickles with weights_only=True only), or None."""
-    from accelerate.utils import load as safe_torch_load  # torch.load(weights_only=True) plus numpy's types
-    from safetensors import safe_open
-
-    for name in names:
-        f = path / name
-        try:
-            if name.endswith(".safetensors"):
-                with safe_open(f, framework="pt") as st:
-                    for key in st.keys():
-                        st.get_tensor(key)
-            elif name.endswith((".bin", ".pt", ".pkl")):
-                safe_torch_load(f, map_location="cpu")
-        except Exception as exc:  # noqa: BLE001 - whatever the reader says, said in one line
-            return f"{name}: {_flat(exc)}"
-    return None
-
-
-def save_rng_state(path: Path) -> None:
-    """This process's python, numpy, torch (and CUDA) RNG states as safetensors: tensors, and the
-    few scalars as JSON in its metadata."""
-    from safetensors.torch import save_file
-
-    py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    tensors = {"python": torch.tensor(py_state, dtype=torch.int64), "numpy": torch.from_numpy(np_keys.astype(np.int64)),
-               "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    meta = {"python": json.dumps([py_version, py_gauss]), "numpy": json.dumps([np_name, np_pos, np_has_gauss, np_gauss])}
-    save_file(tensors, str(path), metadata=meta)
-
-
-def load_rng_state(path: Path) -> None:
-    """Restore what ``save_rng_state`` wrote; any problem raises (never a silently fresh RNG)."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as st:
-        t = {k: st.get_tensor(k) for k in st.keys()}
-        meta = st.metadata() or {}
-    py_version, py_gauss = json.loads(meta["python"])
-    np_name, np_pos, np_has_gauss, np_gauss = json.loads(meta["numpy"])
-    random.setstate((py_version, tuple(int(x) for x in t["python"].tolist()), py_gauss))
-    np.random.set_state((np_name, t["numpy"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
-    torch.set_rng_state(t["torch"])
-    cuda = sorted((k for k in t if k.startswith("cuda_")), key=lambda k: int(k[5:]))
-    if cuda and torch.cuda.is_available():
-        for i, key in enumerate(cuda[:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(t[key], i)
-
-
-def load_legacy_rng_state(path: Path) -> None:
-    """accelerate's pickle of an older checkpoint, read as accelerate reads it (weights_only=True with
-    numpy's types allowed), but its errors raise: accelerate only logs them."""
-    from accelerate.utils import load as safe_torch_load
-
-    states = safe_torch_load(path)
-    random.setstate(states["random_state"])
-    np.random.set_state(states["numpy_random_seed"])
-    torch.set_rng_state(states["torch_manual_seed"])
-    if "torch_cuda_manual_seed" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
-
-
-def scheduler_state(path: Path, current: dict) -> dict:
-    """The scheduler state a checkpoint holds, checked against the keys of ``current`` (ours)."""
-    if (path / SCHEDULER_FILE).is_file():
-        state = json.loads((path / SCHEDULER_FILE).read_text())
-    else:
-        state = torch.load(path / LEGACY_SCHEDULER_FILE, weights_only=True)
-    # only the keys this scheduler has (plus an older torch's "verbose"), one lambda per parameter group
-    if (not isinstance(state, dict) or set(state) - set(current) - {"verbose"} or {"base_lrs", "last_epoch"} - set(state)
-            or len(state.get("lr_lambdas") or ()) != len(current["lr_lambdas"])):
-        raise ValueError(f"not this run's scheduler state (keys {sorted(state) if isinstance(state, dict) else type(state).__name__})")
-    return state
-
-
-def _weights_checksum(model) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 @dataclass
@@ -527,7 +204,7 @@ class Runner:
         self.warmup_steps = int(o.warmup) if o.warmup >= 1 else int(round(o.warmup * self.total_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lr_lambda(o, self.total_steps, self.warmup_steps, s) for s in shapes])
         if cfg.compile and self.is_midus and self.acc.device.type == "cpu":
-            from .hml import prepare_cpu_kernels
+            from midus_surgery.model.hml import prepare_cpu_kernels
 
             prepare_cpu_kernels()  # answered before compiling, the memory layer traces whole
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
@@ -665,7 +342,7 @@ class Runner:
             self.acc.load_state(str(path))  # accelerate reads its pickles with weights_only=True
         except Exception as exc:  # noqa: BLE001 - said as one line, naming the file that does not read
             files = list(state["files"]) if isinstance(state.get("files"), dict) else sorted(p.name for p in path.iterdir())
-            raise TrainingError(f"cannot resume from {path}: {_unreadable_file(path, files) or _flat(exc)}") from None
+            raise TrainingError(f"cannot resume from {path}: {first_unreadable_file(path, files) or load_error_line(exc)}") from None
         # A loaded optimiser state brings the implementation it was saved with; the config decides.
         # The fused kernel also wants each parameter's step count as a float32 tensor beside it.
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
@@ -679,7 +356,7 @@ class Runner:
         try:
             self.scheduler.load_state_dict(scheduler_state(path, self.scheduler.state_dict()))
         except Exception as exc:  # noqa: BLE001 - as above
-            raise TrainingError(f"cannot resume from {path}: {name}: {_flat(exc)}") from None
+            raise TrainingError(f"cannot resume from {path}: {name}: {load_error_line(exc)}") from None
         # This process's RNG state: ours (safetensors), or accelerate's pickle in older checkpoints,
         # which accelerate's load_state already tried but whose errors it only logs.
         name = rng_file(self.rank) if (path / rng_file(self.rank)).is_file() else legacy_rng_file(self.rank)
@@ -688,7 +365,7 @@ class Runner:
         try:
             (load_rng_state if name == rng_file(self.rank) else load_legacy_rng_state)(path / name)
         except Exception as exc:  # noqa: BLE001 - as above
-            raise TrainingError(f"cannot resume from {path}: {name}: {_flat(exc)}") from None
+            raise TrainingError(f"cannot resume from {path}: {name}: {load_error_line(exc)}") from None
         return state
 
     def export(self, final_eval: dict | None, step: int, samples_seen: int) -> Path:
@@ -712,10 +389,7 @@ class Runner:
                     if src.is_file() and src.name not in SKIP_FILES and not src.name.endswith(WEIGHT_SUFFIXES) and not (tmp / src.name).exists():
                         shutil.copy2(src, tmp / src.name)
                 if self.is_midus:
-                    package = Path(__file__).resolve().parent
-                    for name in MODELING_FILES:
-                        if (package / name).is_file():
-                            shutil.copy2(package / name, tmp / name)
+                    copy_modeling_files(tmp)
                 summary = {"init_from": str(self.init_from), "steps": step, "tokens": samples_seen * self.cfg.data.block_size,
                            "held_out": final_eval, "config": self.cfg.model_dump(mode="json")}
                 (tmp / "midus_train.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -776,7 +450,7 @@ class Runner:
         adamw = "fused" if self.adamw_options.get("fused") else {True: "foreach", False: "for-loop"}.get(self.adamw_options.get("foreach"), "torch's default")
         self.say(f"precision {self.precision}, {mode} on {acc.device} x {self.world}, AdamW {adamw}, warmup {self.warmup_steps} steps, {cfg.optim.schedule} decay")
         if self.is_midus:
-            from .hml import kernel_path_name
+            from midus_surgery.model.hml import kernel_path_name
 
             self.say(f"memory layer: {kernel_path_name(acc.device)} (MIDUS_HML_KERNELS=torch: the pure-torch path)")
         if cfg.compile:
@@ -882,7 +556,7 @@ class Runner:
             if self.tb is not None:
                 self.tb.close()
         if cfg.log.data_trace:
-            self.trace({"final_checksum": _weights_checksum(self.raw)})
+            self.trace({"final_checksum": weights_checksum(self.raw)})
         self.plot()
         out = self.export(final_eval, step, samples_seen)
         self.say(f"exported {out}")

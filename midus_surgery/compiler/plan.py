@@ -18,10 +18,10 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 
-from .anatomy_spec import Anatomy
-from .errors import RecipeError, one_line
-from .layout import LayerSpec, expand_layout
-from .recipe import LoadedRecipe, MemorySettings
+from midus_surgery.compiler.layout import LayerSpec, expand_layout
+from midus_surgery.errors import RecipeError, one_line
+from midus_surgery.recipe.anatomy_spec import Anatomy
+from midus_surgery.recipe.schema import LoadedRecipe, MemorySettings
 
 SHARED_BANK_PREFIX = "midus_shared_bank"  # top-level module holding the bank when memory.share_bank
 HML_SUBMODULE = "hml"  # the HML lives at <layer>.<last FFN module>.hml in a memory block
@@ -100,7 +100,7 @@ def _base_tensor_shapes_cached(config_json: str) -> tuple[tuple[str, tuple[int, 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .custom_code import custom_causal_lm
+    from midus_surgery.compiler.custom_code import custom_causal_lm
 
     data = json.loads(config_json)
     custom = custom_causal_lm(data)  # a base whose own code the recipe allows: its model, not the stock one
@@ -202,9 +202,9 @@ def memory_problems(loaded: LoadedRecipe, config) -> list:
 
 def build_hml(config, mem: MemorySettings, device="meta"):
     """An HML module of the right size for this base (on the meta device: shapes only)."""
-    from .hml import HeadwiseMemory, HMLConfig
-
     import torch
+
+    from midus_surgery.model.hml import HeadwiseMemory, HMLConfig
 
     heads, head_dim = attention_dims(config)
     with torch.device(device):

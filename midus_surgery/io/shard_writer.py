@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Union
 
-from .dtypes import ITEMSIZE, tag_of
+from midus_surgery.io.dtypes import ITEMSIZE, tag_of
 
 if TYPE_CHECKING:
     import torch

@@ -19,19 +19,32 @@ from __future__ import annotations
 import json
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from .base import BaseRef
-from .dtypes import ITEMSIZE
-from .errors import BaseModelError, MidusError
-from .shard_writer import file_slice
+from midus_surgery.errors import BaseModelError, MidusError
+from midus_surgery.io.dtypes import ITEMSIZE
+from midus_surgery.io.shard_writer import file_slice
 
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit on a header
 MAX_INDEX_BYTES = 64 * 2**20  # an index is a few MB even for the largest checkpoints
 
 if TYPE_CHECKING:
     import torch
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """Where the base model is: a HF directory, or a GGUF file (``directory`` + ``gguf_file``)."""
+
+    directory: Path
+    gguf_file: str | None
+    exists: bool
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf_file is not None
 
 
 def _checkpoint_transforms(model_type: str) -> list:

@@ -1,6 +1,6 @@
 """Plan copy-only recipes from config.json and the safetensors headers: no transformers, no torch.
 
-The full planner (``compile.compile_loaded``) imports transformers, builds the base config and a
+The full planner (``compile.plan_loaded``) imports transformers, builds the base config and a
 meta-device instance of the architecture just to learn the tensor names and shapes, seconds of
 work, when a Hugging Face checkpoint's safetensors headers already hold them. For the recipes and
 bases below ``plan_from_headers`` makes the same plan without that; for everything else it returns
@@ -26,14 +26,14 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
-from .base import resolve_base
-from .compile import Compiled
-from .dtypes import FLOATS, TAGS, auto_dtype
-from .errors import BaseModelError, MidusError
-from .layout import expand_layout
-from .plan import INDEX_LISTS, INDEX_PATTERNS, BaseFacts, assemble_plan, guess_layers_path, remap_per_layer
-from .recipe import LoadedRecipe
-from .tensor_source import SafetensorsSource, check_matches_config
+from midus_surgery.compiler.base import resolve_base
+from midus_surgery.compiler.layout import COPY, expand_layout
+from midus_surgery.compiler.plan import INDEX_LISTS, INDEX_PATTERNS, BaseFacts, assemble_plan, guess_layers_path, remap_per_layer
+from midus_surgery.compiler.planned import PlannedRecipe
+from midus_surgery.errors import BaseModelError, MidusError
+from midus_surgery.io.dtypes import FLOATS, TAGS, auto_dtype
+from midus_surgery.io.tensor_source import SafetensorsSource, check_matches_config
+from midus_surgery.recipe.schema import LoadedRecipe
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -104,7 +104,7 @@ class NotCovered(Exception):
     """The recipe or base is outside what the header planner covers (the message says why)."""
 
 
-def plan_from_headers(loaded: LoadedRecipe) -> tuple[Compiled | None, str | None]:
+def plan_from_headers(loaded: LoadedRecipe) -> tuple[PlannedRecipe | None, str | None]:
     """(the plan, None), or (None, why not) when the full planner must make it."""
     try:
         return _plan(loaded), None
@@ -112,7 +112,7 @@ def plan_from_headers(loaded: LoadedRecipe) -> tuple[Compiled | None, str | None
         return None, str(exc)
 
 
-def _plan(loaded: LoadedRecipe) -> Compiled:
+def _plan(loaded: LoadedRecipe) -> PlannedRecipe:
     recipe = loaded.recipe
     if recipe.anatomy is not None:
         raise NotCovered("the recipe states an anatomy")
@@ -137,7 +137,7 @@ def _plan(loaded: LoadedRecipe) -> Compiled:
     layers, problems = expand_layout(loaded, L)
     if problems:
         raise NotCovered("the layout has problems (the full planner reports them)")
-    if any(layer.kind not in ("base", "transformer") for layer in layers):
+    if any(layer.kind not in ("base", COPY) for layer in layers):
         raise NotCovered("identity and memory blocks need the block anatomy")
     _check_per_layer_settings(config, arch)
 
@@ -167,7 +167,7 @@ def _plan(loaded: LoadedRecipe) -> Compiled:
     window = config.get("sliding_window") if arch.window_flag is None or config.get(arch.window_flag) else None
     facts = BaseFacts(config["model_type"], L, dims.heads, dims.head_dim, dims.hidden, dims.vocab, window, config.get("layer_types"))
     plan = assemble_plan(loaded, facts, layers, new_config, shapes, layers_path, None)
-    return Compiled(loaded, None, None, plan, base_dtype=base_dtype, renames=(), planner="headers")
+    return PlannedRecipe(loaded, None, None, plan, base_dtype=base_dtype, renames=(), planner="headers")
 
 
 def _check_per_layer_settings(config: dict, arch: Arch) -> None:

@@ -1,0 +1,1 @@
+"""What a decoder block is made of, found by tracing one tiny layer."""

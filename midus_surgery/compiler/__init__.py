@@ -1,0 +1,1 @@
+"""Recipe + base model -> plan: base-model facts, layout expansion, planners (full and from headers)."""

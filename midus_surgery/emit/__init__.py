@@ -1,0 +1,1 @@
+"""Executes a plan: the emitter, its companion files, and verify."""

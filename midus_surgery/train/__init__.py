@@ -1,0 +1,1 @@
+"""The continued-pretraining runner: config, data, evaluation, parameter groups, checkpoints, the loop."""

@@ -1,0 +1,154 @@
+"""Which parameters train, in which optimiser group, at which learning rate.
+
+Freeze policies (``none``, ``base``: only the inserted layers, ``memory-only``), the groups
+(base matrices with weight decay, 1-D base tensors without, memory tables with their own lr,
+decay and clip), AdamW's implementation per device, and the lr schedule's multiplier.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from midus_surgery.errors import MidusError, RecipeError
+from midus_surgery.train.config import LoadedTrainConfig, TrainConfig
+
+
+def is_memory_param(name: str) -> bool:
+    """Memory tables: everything under an `.hml.` module and the shared latent bank."""
+    return ".hml." in f".{name}" or "midus_shared_bank" in name
+
+
+def read_plan(model_dir: Path) -> dict | None:
+    path = model_dir / "midus_plan.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MidusError(f"{path}: not readable JSON ({exc})") from None
+
+
+def inserted_layers(plan: dict, param_names: list[str] = ()) -> tuple[str, list[int]]:
+    """(dotted path of the decoder layers, indices of the inserted layers) of an output's midus_plan.json.
+
+    Plans record ``layers_path``; older copy-only plans (no anatomy traced) did not, so the path is
+    then read off the model's parameter names: the prefix followed by every layer index.
+    """
+    layers = plan.get("layers", [])
+    layers_path = (plan.get("layers_path") or (plan.get("anatomy") or {}).get("layers_path")
+                   or (plan.get("midus", {}).get("anatomy") or {}).get("layers_path"))
+    if not layers_path and param_names:
+        from midus_surgery.compiler.plan import guess_layers_path
+
+        layers_path = guess_layers_path(dict.fromkeys(param_names), len(layers))
+    if not layers_path:
+        raise MidusError("midus_plan.json has no layers_path, and the model's parameter names do not show where the decoder layers are")
+    return layers_path, [int(layer["index"]) for layer in layers if layer.get("kind") != "base"]
+
+
+@dataclass
+class ParamGroups:
+    decay: list = field(default_factory=list)  # (name, param)
+    no_decay: list = field(default_factory=list)
+    memory: list = field(default_factory=list)
+    frozen: list = field(default_factory=list)
+    trained_layers: list[int] | None = None
+
+    def numel(self, group: str) -> int:
+        return sum(p.numel() for _, p in getattr(self, group))
+
+
+def choose_params(model, freeze: str, plan: dict | None, loaded: LoadedTrainConfig) -> ParamGroups:
+    """Apply the freeze policy (requires_grad) and sort parameters into optimiser groups."""
+    trainable = {}
+    names = [n for n, _ in model.named_parameters()]
+    groups = ParamGroups()
+    if freeze == "none":
+        trainable = {n: True for n in names}
+    elif freeze == "memory-only":
+        trainable = {n: is_memory_param(n) for n in names}
+        if not any(trainable.values()):
+            raise RecipeError([loaded.problem(("freeze",), "`memory-only` but the model has no memory tables (no `.hml.` parameters); use `base` or `none`")])
+    elif freeze == "base":
+        if plan is None:
+            raise RecipeError([loaded.problem(("freeze",), f"`base` needs {loaded.config.init_from}/midus_plan.json (written by `midus-surgery apply`) to know which layers were inserted; this model directory has none (use freeze: none)")])
+        layers_path, inserted = inserted_layers(plan, names)
+        if not inserted:
+            raise RecipeError([loaded.problem(("freeze",), "`base` but midus_plan.json lists no inserted layers: nothing would train")])
+        prefixes = tuple(f"{layers_path}.{i}." for i in inserted)
+        trainable = {n: n.startswith(prefixes) or "midus_shared_bank" in n for n in names}
+        groups.trained_layers = inserted
+        if not any(trainable.values()):
+            raise RecipeError([loaded.problem(("freeze",), f"`base`: no parameter of the model is under {layers_path}.<inserted layer>")])
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        p.requires_grad_(trainable[name])
+        if not trainable[name]:
+            groups.frozen.append((name, p))
+        elif is_memory_param(name):
+            groups.memory.append((name, p))
+        elif p.ndim >= 2:
+            groups.decay.append((name, p))
+        else:
+            groups.no_decay.append((name, p))
+    return groups
+
+
+def describe_groups(groups: ParamGroups, cfg: TrainConfig) -> str:
+    def human(n: int) -> str:
+        for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+            if n >= size:
+                return f"{n / size:.2f}{unit}"
+        return str(n)
+
+    rows = [("group", "tensors", "params", "lr", "weight decay", "grad clip")]
+    o, m = cfg.optim, cfg.memory
+    rows.append(("base (matrices)", str(len(groups.decay)), human(groups.numel("decay")), f"{o.lr:g}", f"{o.weight_decay:g}", f"{o.grad_clip:g}"))
+    rows.append(("base (1-D)", str(len(groups.no_decay)), human(groups.numel("no_decay")), f"{o.lr:g}", "0", f"{o.grad_clip:g}"))
+    rows.append(("memory tables", str(len(groups.memory)), human(groups.numel("memory")), f"{m.lr:g} ({m.schedule})", f"{m.weight_decay:g}", f"{m.grad_clip:g}"))
+    rows.append(("frozen", str(len(groups.frozen)), human(groups.numel("frozen")), "-", "-", "-"))
+    trainable = groups.numel("decay") + groups.numel("no_decay") + groups.numel("memory")
+    total = trainable + groups.numel("frozen")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.append(f"trainable: {human(trainable)} of {human(total)} parameters ({100 * trainable / max(total, 1):.2f}%), freeze: {cfg.freeze}")
+    if groups.trained_layers is not None:
+        lines.append(f"trained layers (inserted): {', '.join(map(str, groups.trained_layers))}")
+    return "\n".join(lines)
+
+
+def adamw_options(implementation: str, device: torch.device) -> dict:
+    """torch.optim.AdamW keyword arguments for `optim.implementation` on this device.
+
+    Torch's own default on CPU is the for-loop, one tensor at a time; its fused kernel does the
+    same update in one pass over all tensors, in 0.13-0.42x the for-loop's time on the SmolLM2
+    outputs (docs/benchmarks.md, AdamW implementations).
+    """
+    if implementation == "auto":
+        return {"fused": True} if device.type in ("cpu", "cuda") else {}
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[implementation]
+
+
+def lr_lambda(step_cfg, total_steps: int, warmup_steps: int, shape: str):
+    """Multiplier of the peak lr at scheduler step s (s = optimiser steps taken)."""
+    floor = step_cfg.min_lr_ratio
+
+    def f(s: int) -> float:
+        if warmup_steps and s < warmup_steps:
+            return (s + 1) / warmup_steps
+        if shape == "constant" or total_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
+        if shape == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * (1 - progress)
+
+    return f
