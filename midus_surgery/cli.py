@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 
 from midus_surgery.errors import MidusError, RecipeError
+from midus_surgery.units import human_count
 
 
 class _LazyConsole:
@@ -29,13 +30,6 @@ class _LazyConsole:
 
 out = _LazyConsole()
 err = _LazyConsole(stderr=True)
-
-
-def _human(n: int) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
 
 
 def _ratio(a: int, b: int) -> str:
@@ -86,16 +80,16 @@ def cmd_plan(args) -> int:
         table.add_column(col, justify="right" if col != "kind" else "left")
     style = {"base": "dim", "copy": "cyan", "identity": "yellow", "memory": "bold magenta"}
     for layer, n in zip(plan.layers, plan.layer_params):
-        table.add_row(str(layer.index), str(layer.source), f"[{style[layer.kind]}]{layer.kind}[/]", _human(n))
+        table.add_row(str(layer.index), str(layer.source), f"[{style[layer.kind]}]{layer.kind}[/]", human_count(n))
     out.print(table)
 
     counts = Table(title="Counts")
     for col in ("", "base", "DUS equivalent", "this plan", "plan / DUS"):
         counts.add_column(col, justify="right")
     p, f = plan.params, plan.flops_per_token
-    counts.add_row("parameters", _human(p["base"]), _human(p["base"] + p["dus_added"]), _human(p["total"]), _ratio(p["total"], p["base"] + p["dus_added"]))
-    counts.add_row("added parameters", "-", _human(p["dus_added"]), _human(p["added"]), _ratio(p["added"], p["dus_added"]))
-    counts.add_row(f"FLOPs/token (ctx {loaded.recipe.flops_seq_len})", _human(f["base"]), _human(f["dus"]), _human(f["plan"]), _ratio(f["plan"], f["dus"]))
+    counts.add_row("parameters", human_count(p["base"]), human_count(p["base"] + p["dus_added"]), human_count(p["total"]), _ratio(p["total"], p["base"] + p["dus_added"]))
+    counts.add_row("added parameters", "-", human_count(p["dus_added"]), human_count(p["added"]), _ratio(p["added"], p["dus_added"]))
+    counts.add_row(f"FLOPs/token (ctx {loaded.recipe.flops_seq_len})", human_count(f["base"]), human_count(f["dus"]), human_count(f["plan"]), _ratio(f["plan"], f["dus"]))
     out.print(counts)
     if args.tensors:
         tensors = Table(title="Tensor map")
@@ -154,7 +148,7 @@ def cmd_apply(args) -> int:
     planned, why_full = plan_for_apply(args.recipe, full=args.full_plan)
     plan_done = time.perf_counter()
     plan = planned.plan
-    print(f"{args.recipe}: {plan.base_num_layers} -> {plan.num_hidden_layers} layers, {_human(plan.params['total'])} parameters", flush=True)
+    print(f"{args.recipe}: {plan.base_num_layers} -> {plan.num_hidden_layers} layers, {human_count(plan.params['total'])} parameters", flush=True)
     result = emit(planned, out_dir=args.out, overwrite=args.overwrite, allow_pickle=args.allow_pickle, progress=not args.quiet)
     done = time.perf_counter()
     print(f"wrote {result.out_dir}: {result.num_tensors} tensors, {result.num_bytes / 2**20:.1f} MiB in {result.shards} shard(s), "

@@ -21,9 +21,10 @@ import torch
 from train_fixtures.tiny import make_model_dir, state_of, write_config, write_corpus
 
 from midus_surgery.errors import RecipeError, TrainingError
+from midus_surgery.model.midus_names import is_memory_parameter
 from midus_surgery.train.checkpoint import complete_checkpoints
 from midus_surgery.train.config import TrainConfig, _submodel, config_reference_markdown, load_train_config
-from midus_surgery.train.params import adamw_options, choose_params, is_memory_param
+from midus_surgery.train.params import adamw_options, choose_params
 from midus_surgery.train.runner import Runner, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,7 +190,7 @@ def test_param_groups_and_freeze_policies_on_memory_tables(world):
     plan = json.loads((world["model"] / "midus_plan.json").read_text())
     loaded = load_train_config(write_config(world["root"] / "g.yaml", world["model"], world["root"] / "g", world["corpus"], world["cache"]))
     memory = {"model.layers.1.mlp.hml.keys", "model.layers.1.mlp.hml.proj", "midus_shared_bank.weight"}
-    assert {n for n, _ in model.named_parameters() if is_memory_param(n)} == memory
+    assert {n for n, _ in model.named_parameters() if is_memory_parameter(n)} == memory
 
     groups = choose_params(model, "none", plan, loaded)
     assert {n for n, _ in groups.memory} == memory and not groups.frozen
@@ -357,7 +358,7 @@ def test_midus_output_trains_memory_with_its_own_group(world, tmp_path):
     inserted = tuple(f"model.layers.{layer['index']}." for layer in plan["layers"] if layer["kind"] != "base")
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and all(n.startswith(inserted) or "midus_shared_bank" in n for n in changed)
-    assert any(is_memory_param(n) for n in changed)
+    assert any(is_memory_parameter(n) for n in changed)
     load_causal_lm(final)  # transformers loads the export
 
 
@@ -448,7 +449,7 @@ def test_compile_switch_trains_a_midus_output_the_same(world, tmp_path, monkeypa
     start, a, b = state_of(out), finals["eager"], finals["compiled"]
     assert a.keys() == b.keys()
     tol = 0.1 * cfg.config.optim.lr  # as above: a wrong compiled gradient moves weights by whole steps
-    memory = [n for n in a if is_memory_param(n)]
+    memory = [n for n in a if is_memory_parameter(n)]
     assert memory and min((a[n] - start[n]).abs().max().item() for n in memory) > 10 * tol  # every memory table trained
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=tol, msg=name)

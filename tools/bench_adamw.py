@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import command_line, cpu_name, load_avg, median, versions, write_section  # noqa: E402
 from bench_step import DOCS, LAYOUTS, ensure_outputs, models_for  # noqa: E402
 
+from midus_surgery.model.midus_names import SHARED_BANK  # noqa: E402
 from midus_surgery.train.params import adamw_options, inserted_layers  # noqa: E402
 
 SECTION = "## AdamW implementations"
@@ -51,7 +52,7 @@ def trainable_shapes(path: Path, freeze: str) -> list[tuple[int, ...]]:
         plan = json.loads((path / "midus_plan.json").read_text())
         layers_path, inserted = inserted_layers(plan, list(names))
         prefixes = tuple(f"{layers_path}.{i}." for i in inserted)
-        names = {n: p for n, p in names.items() if n.startswith(prefixes) or "midus_shared_bank" in n}
+        names = {n: p for n, p in names.items() if n.startswith(prefixes) or SHARED_BANK in n}
     return [tuple(p.shape) for p in names.values()]
 
 

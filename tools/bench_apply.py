@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -124,7 +125,7 @@ def make_synthetic(directory: Path, shard_bytes: int = SHARD_BYTES, log=print) -
     groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     filled = 0
     for name, shape in shapes:
-        n = 2 * _numel(shape)
+        n = 2 * math.prod(shape)
         if groups[-1] and filled + n > shard_bytes:
             groups.append([])
             filled = 0
@@ -145,7 +146,7 @@ def make_synthetic(directory: Path, shard_bytes: int = SHARD_BYTES, log=print) -
             tensors[name] = t.to(torch.bfloat16)
             del t
             weight_map[name] = file
-            total += 2 * _numel(shape)
+            total += 2 * math.prod(shape)
         save_file(tensors, str(tmp / file), metadata={"format": "pt"})
         del tensors
         log(f"  synthetic base: shard {i + 1}/{len(groups)} written ({time.perf_counter() - t0:.0f} s)")
@@ -154,13 +155,6 @@ def make_synthetic(directory: Path, shard_bytes: int = SHARD_BYTES, log=print) -
     (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     (tmp / ".complete").write_text("ok\n")
     os.replace(tmp, directory)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 # ----------------------------------------------------------------------------- measuring a child

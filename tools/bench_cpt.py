@@ -36,6 +36,7 @@ from pathlib import Path
 from bench_common import load_avg, recipe_output
 
 from midus_surgery.io.output_dir import remove_own_directory, use_workspace
+from midus_surgery.model.midus_names import SHARED_BANK
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = [  # (row name, recipe kind, recipe, surgery output)
@@ -225,7 +226,7 @@ def trainable_exact(model_dir: Path, freeze: str) -> int | None:
                     kind = k.get("kind") if isinstance(k, dict) else None
                     if kind not in (None, "base"):
                         total += n
-                elif "midus_shared_bank" in name:
+                elif SHARED_BANK in name:
                     total += n
     return total if kinds is not None else None
 

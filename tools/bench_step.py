@@ -167,6 +167,7 @@ def prepare(spec: dict) -> dict:
     model.train()
     names = dict(model.named_parameters())  # unique parameters (tied embeddings once)
     if spec.get("drop_inserted_ffn") or spec["freeze"] == "base":
+        from midus_surgery.model.midus_names import SHARED_BANK
         from midus_surgery.train.params import inserted_layers
 
         plan = json.loads((path / "midus_plan.json").read_text())
@@ -182,7 +183,7 @@ def prepare(spec: dict) -> dict:
     if spec["freeze"] == "base":
         prefixes = tuple(f"{layers_path}.{i}." for i in inserted)
         for n, p in names.items():
-            p.requires_grad_(n.startswith(prefixes) or "midus_shared_bank" in n)
+            p.requires_grad_(n.startswith(prefixes) or SHARED_BANK in n)
     trainable = [p for p in names.values() if p.requires_grad]
     vocab = model.get_input_embeddings().weight.shape[0]
     if spec.get("compile"):

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from midus_surgery.errors import Problem
 from midus_surgery.recipe.schema import MAX_OUTPUT_LAYERS, LoadedRecipe
 
-
 COPY = "copy"  # a plain copy of its source layer (DUS, SOLAR)
 RECIPE_COPY_KINDS = ("copy", "transformer")  # recipes say either; `transformer` is the older name
 

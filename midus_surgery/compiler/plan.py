@@ -15,16 +15,15 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 
 from midus_surgery.compiler.layout import LayerSpec, expand_layout
 from midus_surgery.errors import RecipeError, one_line
+from midus_surgery.model.midus_names import HML_MODULE, SHARED_BANK
 from midus_surgery.recipe.anatomy_spec import Anatomy
 from midus_surgery.recipe.schema import LoadedRecipe, MemorySettings
-
-SHARED_BANK_PREFIX = "midus_shared_bank"  # top-level module holding the bank when memory.share_bank
-HML_SUBMODULE = "hml"  # the HML lives at <layer>.<last FFN module>.hml in a memory block
 
 # Config integers that assign behaviour to layers by index. Where the new layout would give an
 # output layer a different behaviour than its source layer, the plan refuses (named, explained).
@@ -225,17 +224,10 @@ def _matmul_params(shapes: dict[str, tuple[int, ...]], experts_per_token: int | 
     total = 0
     for s in shapes.values():
         if len(s) >= 3 and experts_per_token:
-            total += _numel(s) * min(experts_per_token, s[0]) // s[0]
+            total += math.prod(s) * min(experts_per_token, s[0]) // s[0]
         elif len(s) >= 2:
-            total += _numel(s)
+            total += math.prod(s)
     return total
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 @dataclass(frozen=True)
@@ -385,23 +377,23 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
                 continue
             tensors.append(TensorEntry(out_prefix + rest, shape, src_prefix + rest, rule))
             kept[rest] = shape
-            count += _numel(shape)
+            count += math.prod(shape)
         flops = 2 * _matmul_params(kept, base.experts_per_token) + attn_ctx_flops[layer.index]
         if layer.kind == "memory":
-            readout = f"{out_prefix}{anatomy.ffn[-1]}.{HML_SUBMODULE}."
+            readout = f"{out_prefix}{anatomy.ffn[-1]}.{HML_MODULE}."
             for pname, shape in hml_shapes.items():
                 tensors.append(TensorEntry(readout + pname, shape, None, hml_rules.get(pname, "init")))
-                count += _numel(shape)
+                count += math.prod(shape)
             flops += hml.flops_per_token()
         layer_params.append(count)
         plan_layer_flops.append(flops)
     if share and hml is not None:
         # One bank for the whole model, owned at the top level and written once.
-        tensors.append(TensorEntry(f"{SHARED_BANK_PREFIX}.weight", hml_bank_shape, None, hml_rules.get("bank.weight", "init")))
+        tensors.append(TensorEntry(f"{SHARED_BANK}.weight", hml_bank_shape, None, hml_rules.get("bank.weight", "init")))
 
-    base_total = sum(_numel(s) for s in shapes.values())
+    base_total = sum(math.prod(s) for s in shapes.values())
     total = sum(t.numel for t in tensors)
-    layer_size = [sum(_numel(s) for s in per_layer[i].values()) for i in range(L)]
+    layer_size = [sum(math.prod(s) for s in per_layer[i].values()) for i in range(L)]
     dus_added = sum(layer_size[layer.source] for layer in layers if layer.inserted)
     base_layer_flops = [2 * _matmul_params(per_layer[i], base.experts_per_token) for i in range(L)]
     head_flops = 2 * base.vocab_size * base.hidden_size

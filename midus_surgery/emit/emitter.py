@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from midus_surgery.compiler.base import resolve_base
-from midus_surgery.compiler.plan import HML_SUBMODULE, SHARED_BANK_PREFIX, Plan, TensorEntry
+from midus_surgery.compiler.plan import Plan, TensorEntry
 from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.errors import MidusError
 from midus_surgery.io.dtypes import ITEMSIZE, TAGS, torch_dtype
@@ -26,6 +26,7 @@ from midus_surgery.io.output_dir import atomic_directory, check_output_dir
 from midus_surgery.io.shard_writer import ShardItem, write_shard
 from midus_surgery.io.tensor_source import check_matches_config, inside_base, open_base_tensors
 from midus_surgery.model import copy_modeling_files
+from midus_surgery.model.midus_names import HML_MODULE, SHARED_BANK
 
 # torch and tqdm are imported where tensors are materialised or a progress bar is drawn: a
 # copy-only `apply` whose plan came from the safetensors headers never imports torch.
@@ -85,7 +86,7 @@ class MemoryInit:
 
         mem = self._planned.loaded.recipe.memory
         seed = self._name_seed(self._planned.loaded.recipe.seed, module_name)
-        if module_name == SHARED_BANK_PREFIX:
+        if module_name == SHARED_BANK:
             module = LatentBank(mem.n_subkeys, mem.latent_dim)
             module.reset_parameters(seed=seed, zero=mem.init == "zero_bank")
         else:
@@ -94,12 +95,12 @@ class MemoryInit:
         return {name: p.detach().to(torch_dtype(self._dtype)) for name, p in module.named_parameters()}
 
     def get(self, tensor_name: str):
-        if tensor_name.startswith(SHARED_BANK_PREFIX + "."):
-            module_name, param = SHARED_BANK_PREFIX, tensor_name[len(SHARED_BANK_PREFIX) + 1:]
+        if tensor_name.startswith(SHARED_BANK + "."):
+            module_name, param = SHARED_BANK, tensor_name[len(SHARED_BANK) + 1:]
         else:
-            marker = f".{HML_SUBMODULE}."
+            marker = f".{HML_MODULE}."
             head, _, param = tensor_name.partition(marker)
-            module_name = head + f".{HML_SUBMODULE}"
+            module_name = head + f".{HML_MODULE}"
         if module_name != self._module_name:  # plan order keeps a module's tensors together
             self._tensors = self._build(module_name)
             self._module_name = module_name

@@ -29,8 +29,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .configuration_midus import MidusConfig
 from .hml import HeadwiseMemory, HMLConfig, LatentBank
-
-SHARED_BANK = "midus_shared_bank"
+from .midus_names import SHARED_BANK
 
 
 class AttentionTap(nn.Module):

@@ -40,6 +40,9 @@ NonNegInt = Annotated[int, Field(ge=0, le=MAX_BASE_LAYERS)]  # a base layer inde
 
 
 class Strict(BaseModel):
+    """The base of both YAML schemas (recipes and training configs): unknown keys are errors,
+    values are frozen once validated, and no float may be infinite or NaN."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
@@ -221,9 +224,6 @@ class LoadedRecipe(BaseModel):
     recipe: Recipe
     source: YamlSource
     directory: Path
-
-    def where(self, *path: str | int) -> str:
-        return self.source.where(tuple(path))
 
     def problem(self, path: tuple[str | int, ...], message: str) -> Problem:
         return Problem(self.source.where(path), ".".join(map(str, path)), message)

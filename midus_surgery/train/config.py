@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from midus_surgery.errors import Problem, RecipeError
-from midus_surgery.recipe.schema import problems_from_validation
+from midus_surgery.recipe.schema import Strict, problems_from_validation
 from midus_surgery.recipe.yaml_source import PathKey, YamlSource, load_yaml
 
 # Bounds on numbers with a physical meaning, checked before anything is read or allocated.
@@ -33,10 +33,6 @@ MAX_SEED = 2**63 - 1
 
 PosInt = Annotated[int, Field(ge=1)]
 StepCount = Annotated[int, Field(ge=0, le=MAX_STEPS)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT])?\s*$", re.IGNORECASE)

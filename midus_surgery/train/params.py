@@ -15,12 +15,9 @@ from pathlib import Path
 import torch
 
 from midus_surgery.errors import MidusError, RecipeError
+from midus_surgery.model.midus_names import SHARED_BANK, is_memory_parameter
 from midus_surgery.train.config import LoadedTrainConfig, TrainConfig
-
-
-def is_memory_param(name: str) -> bool:
-    """Memory tables: everything under an `.hml.` module and the shared latent bank."""
-    return ".hml." in f".{name}" or "midus_shared_bank" in name
+from midus_surgery.units import human_count
 
 
 def read_plan(model_dir: Path) -> dict | None:
@@ -71,7 +68,7 @@ def choose_params(model, freeze: str, plan: dict | None, loaded: LoadedTrainConf
     if freeze == "none":
         trainable = {n: True for n in names}
     elif freeze == "memory-only":
-        trainable = {n: is_memory_param(n) for n in names}
+        trainable = {n: is_memory_parameter(n) for n in names}
         if not any(trainable.values()):
             raise RecipeError([loaded.problem(("freeze",), "`memory-only` but the model has no memory tables (no `.hml.` parameters); use `base` or `none`")])
     elif freeze == "base":
@@ -81,7 +78,7 @@ def choose_params(model, freeze: str, plan: dict | None, loaded: LoadedTrainConf
         if not inserted:
             raise RecipeError([loaded.problem(("freeze",), "`base` but midus_plan.json lists no inserted layers: nothing would train")])
         prefixes = tuple(f"{layers_path}.{i}." for i in inserted)
-        trainable = {n: n.startswith(prefixes) or "midus_shared_bank" in n for n in names}
+        trainable = {n: n.startswith(prefixes) or SHARED_BANK in n for n in names}
         groups.trained_layers = inserted
         if not any(trainable.values()):
             raise RecipeError([loaded.problem(("freeze",), f"`base`: no parameter of the model is under {layers_path}.<inserted layer>")])
@@ -93,7 +90,7 @@ def choose_params(model, freeze: str, plan: dict | None, loaded: LoadedTrainConf
         p.requires_grad_(trainable[name])
         if not trainable[name]:
             groups.frozen.append((name, p))
-        elif is_memory_param(name):
+        elif is_memory_parameter(name):
             groups.memory.append((name, p))
         elif p.ndim >= 2:
             groups.decay.append((name, p))
@@ -103,23 +100,17 @@ def choose_params(model, freeze: str, plan: dict | None, loaded: LoadedTrainConf
 
 
 def describe_groups(groups: ParamGroups, cfg: TrainConfig) -> str:
-    def human(n: int) -> str:
-        for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-            if n >= size:
-                return f"{n / size:.2f}{unit}"
-        return str(n)
-
     rows = [("group", "tensors", "params", "lr", "weight decay", "grad clip")]
     o, m = cfg.optim, cfg.memory
-    rows.append(("base (matrices)", str(len(groups.decay)), human(groups.numel("decay")), f"{o.lr:g}", f"{o.weight_decay:g}", f"{o.grad_clip:g}"))
-    rows.append(("base (1-D)", str(len(groups.no_decay)), human(groups.numel("no_decay")), f"{o.lr:g}", "0", f"{o.grad_clip:g}"))
-    rows.append(("memory tables", str(len(groups.memory)), human(groups.numel("memory")), f"{m.lr:g} ({m.schedule})", f"{m.weight_decay:g}", f"{m.grad_clip:g}"))
-    rows.append(("frozen", str(len(groups.frozen)), human(groups.numel("frozen")), "-", "-", "-"))
+    rows.append(("base (matrices)", str(len(groups.decay)), human_count(groups.numel("decay")), f"{o.lr:g}", f"{o.weight_decay:g}", f"{o.grad_clip:g}"))
+    rows.append(("base (1-D)", str(len(groups.no_decay)), human_count(groups.numel("no_decay")), f"{o.lr:g}", "0", f"{o.grad_clip:g}"))
+    rows.append(("memory tables", str(len(groups.memory)), human_count(groups.numel("memory")), f"{m.lr:g} ({m.schedule})", f"{m.weight_decay:g}", f"{m.grad_clip:g}"))
+    rows.append(("frozen", str(len(groups.frozen)), human_count(groups.numel("frozen")), "-", "-", "-"))
     trainable = groups.numel("decay") + groups.numel("no_decay") + groups.numel("memory")
     total = trainable + groups.numel("frozen")
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.append(f"trainable: {human(trainable)} of {human(total)} parameters ({100 * trainable / max(total, 1):.2f}%), freeze: {cfg.freeze}")
+    lines.append(f"trainable: {human_count(trainable)} of {human_count(total)} parameters ({100 * trainable / max(total, 1):.2f}%), freeze: {cfg.freeze}")
     if groups.trained_layers is not None:
         lines.append(f"trained layers (inserted): {', '.join(map(str, groups.trained_layers))}")
     return "\n".join(lines)

@@ -1,0 +1,11 @@
+"""Numbers for people: one way to print a count (parameters, FLOPs) everywhere the tool prints one."""
+
+from __future__ import annotations
+
+
+def human_count(n: float) -> str:
+    """``1234567`` -> ``1.23M``: two decimals and a T/B/M/K suffix, plain below a thousand."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
