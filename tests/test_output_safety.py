@@ -108,6 +108,18 @@ def test_apply_replaces_only_its_own_output(project, capsys):
     assert apply(str(r), "--out", "empty") == 0 and (project / "empty" / "config.json").is_file()
 
 
+@pytest.mark.parametrize("kind", ["train run", "train export", "fetch_corpus", "fetch_smollm2", "workspace"])
+def test_apply_overwrite_never_replaces_another_commands_output(project, kind, capsys):
+    """A training run, a fetched corpus or model: written by midus-surgery, but not by `apply`."""
+    other = project / "other"
+    other.mkdir()
+    write_marker(other, kind)
+    (other / "metrics.jsonl").write_text("a week of training\n")
+    assert apply(str(recipe(project, "out")), "--out", "other", "--overwrite") == 2
+    assert f"was written by midus-surgery {kind}" in capsys.readouterr().err
+    assert (other / "metrics.jsonl").read_text() == "a week of training\n"
+
+
 def test_a_forged_marker_from_another_tool_is_not_ours(project):
     user = project / "mine"
     user.mkdir()
@@ -118,7 +130,7 @@ def test_a_forged_marker_from_another_tool_is_not_ours(project):
 
 def test_leftovers_of_killed_runs_are_removed_but_live_ones_and_foreign_ones_kept(tmp_path):
     out = tmp_path / "model"
-    dead = tmp_path / ".model.partial-dead0000"
+    dead = tmp_path / ".another-model.partial-dead0000"  # any output's leftover in the same parent
     dead.mkdir()
     (dead / "model.safetensors").write_bytes(b"x" * 100)
     # a process that has exited: its pid is free
@@ -202,6 +214,13 @@ def test_train_replaces_its_own_export_but_not_an_apply_output(train_project, ca
     assert read_marker(train_project / "runs" / "a")["kind"] == "train run"
     first = (train_project / "trained" / "model.safetensors").read_bytes()
     assert main(["train", str(cfg), "resume=auto", "--quiet"]) == 0  # the run is complete: exports again
+    assert (train_project / "trained" / "model.safetensors").read_bytes() == first
+    # another run's export: written by train, but for another run directory
+    capsys.readouterr()
+    cfg3 = write_config(train_project / "run3.yaml", train_project / "model", train_project / "runs" / "c", train_project / "corpus",
+                        train_project / "cache", **{"export.dir": "trained", "tokens": 256})
+    assert main(["train", str(cfg3), "--quiet"]) == 2
+    assert "not by train export for" in capsys.readouterr().err
     assert (train_project / "trained" / "model.safetensors").read_bytes() == first
     # an output of `apply` is the user's model, not this run's export
     applied = train_project / "applied"

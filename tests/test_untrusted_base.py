@@ -95,6 +95,22 @@ def test_a_config_with_fewer_layers_than_the_weights_is_refused(llama, tmp_path,
     assert "num_hidden_layers=2" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stated", [[], {"model_type": "llama", "num_hidden_layers": 30}], ids=["a list", "another model"])
+@pytest.mark.parametrize("command", ["validate", "plan", "apply"])
+def test_a_base_config_that_does_not_describe_the_weights_is_not_ignored(llama, tmp_path, capsys, stated, command):
+    """base.config is for planning without the weights; with the weights there it used to be ignored, whatever it said."""
+    base = copy_base(llama, tmp_path / "base")
+    (tmp_path / "stated.json").write_text(json.dumps(stated))
+    err = refused(write_recipe(tmp_path, base, extra="  config: stated.json\n"), capsys, command=command)
+    assert "stated.json" in err and "base.config:" in err
+
+
+def test_a_matching_base_config_beside_the_weights_is_fine(llama, tmp_path, capsys):
+    base = copy_base(llama, tmp_path / "base")
+    (tmp_path / "stated.json").write_text((base / "config.json").read_text())
+    assert main(["validate", str(write_recipe(tmp_path, base, extra="  config: stated.json\n"))]) == 0
+
+
 def test_a_config_with_more_layers_than_the_weights_is_refused(llama, tmp_path, capsys):
     base = copy_base(llama, tmp_path / "base")
     edit_config(base, num_hidden_layers=6)

@@ -183,6 +183,26 @@ def _config_from_dict(data: dict, where: str, trust_remote_code: bool):
         raise ValueError(f"{where}: transformers does not accept this config: {exc}") from None
 
 
+# What base.config must agree on with the base's own config.json when both are there: the shape of
+# the model (a config written for another size or family would plan the wrong model).
+SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "vocab_size")
+
+
+def check_stated_config(loaded: LoadedRecipe, found: dict, found_path: Path) -> None:
+    """``base.config`` is for planning without the weights; when the weights are there their own
+    config.json is used, and a ``base.config`` that describes another model is an error, not ignored."""
+    stated_path = loaded.resolve(loaded.recipe.base.config)
+    try:
+        stated = read_config_json(stated_path)
+    except (ValueError, OSError) as exc:
+        raise RecipeError([loaded.problem(("base", "config"), str(exc))]) from None
+    differ = [f"{k}: {stated.get(k)!r} here, {found.get(k)!r} in {found_path}" for k in SHAPE_KEYS if stated.get(k) != found.get(k)]
+    if differ:
+        raise RecipeError([loaded.problem(("base", "config"), f"{stated_path} does not describe the base model in base.path ({'; '.join(differ[:3])}); "
+                                                              "fix it or remove base.config (the base's own config.json is used when it is there)")])
+
+
 def load_base_config(loaded: LoadedRecipe):
     """The base model's ``PretrainedConfig``, from its directory, its GGUF, or ``base.config``.
 
@@ -204,6 +224,8 @@ def load_base_config(loaded: LoadedRecipe):
                 if not _is_file(loaded, "config", path):
                     raise RecipeError([loaded.problem(("base", "config"), f"config file not found: {path}")])
             data = read_config_json(path)
+            if ref.exists and spec.config is not None:
+                check_stated_config(loaded, data, path)
             numbers = config_number_problems(data)
             if numbers:
                 raise RecipeError([loaded.problem(("base", key), f"{path}: {problem}") for problem in numbers])

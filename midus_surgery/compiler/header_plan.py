@@ -26,7 +26,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
-from midus_surgery.compiler.base import resolve_base
+from midus_surgery.compiler.base import check_stated_config, resolve_base
 from midus_surgery.compiler.layout import COPY, expand_layout
 from midus_surgery.compiler.plan import INDEX_LISTS, INDEX_PATTERNS, BaseFacts, assemble_plan, guess_layers_path, remap_per_layer
 from midus_surgery.compiler.planned import PlannedRecipe
@@ -127,6 +127,8 @@ def _plan(loaded: LoadedRecipe) -> PlannedRecipe:
         raise NotCovered(f"config.json: {exc}") from None
     if not isinstance(config, dict):
         raise NotCovered("config.json is not a JSON object")
+    if recipe.base.config is not None:
+        check_stated_config(loaded, config, ref.directory / "config.json")
     arch = ARCHS.get(config.get("model_type"))
     if arch is None or "auto_map" in config:
         raise NotCovered(f"model type {config.get('model_type')!r} is not one the header planner covers" if arch is None else "config.json has an auto_map")

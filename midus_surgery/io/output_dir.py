@@ -52,8 +52,10 @@ def read_marker(directory: Path) -> dict | None:
     return data if isinstance(data, dict) and data.get("tool") == "midus-surgery" else None
 
 
-def write_marker(directory: Path, kind: str) -> None:
-    data = {"tool": "midus-surgery", "kind": kind, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+def write_marker(directory: Path, kind: str, owner: str | None = None) -> None:
+    """Mark ``directory`` as written by this tool: by which command (``kind``), for which ``owner``
+    (train's export: its run directory), and by which process (for leftovers of killed runs)."""
+    data = {"tool": "midus-surgery", "kind": kind, "owner": owner, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
     (Path(directory) / MARKER).write_text(json.dumps(data) + "\n")
 
 
@@ -79,13 +81,16 @@ def input_root(path: str | os.PathLike) -> Path:
 
 def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tuple[str, str | os.PathLike]] = (),
                      folders: Iterable[tuple[str, str | os.PathLike]] = (), overwrite: bool = False,
-                     replace_own: Iterable[str] = (), flag: str | None = "--overwrite") -> Path:
+                     reuse: bool = False, owner: str | None = None, flag: str | None = "--overwrite") -> Path:
     """Check ``out`` against the rule above before any work; return it resolved.
 
     inputs: (what, path) pairs ``out`` must not be, contain or lie inside.
     folders: (what, path) pairs ``out`` must not be or contain (the current directory is always one).
-    overwrite: replace an existing directory this tool wrote. replace_own: marker kinds replaced
-    even without ``overwrite`` (``train`` re-exporting its own final model).
+    An existing directory is this command's own when its marker names the same ``kind`` and
+    ``owner``: ``overwrite`` replaces it, ``reuse`` (a run directory, train's export of the same
+    run, a tool's workspace) writes into or replaces it without asking. A directory another command
+    wrote (an apply output, a training run, a fetched model) is never replaced. flag: the option
+    that says ``overwrite`` (None: the command has none).
     Raises OutputError, whose message says what was found and what to do.
     """
     given = Path(out)
@@ -114,10 +119,15 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
         never = f", with or without {flag}" if flag else ""
         raise OutputError(f"output {resolved} exists and was not written by midus-surgery (no {MARKER} marker in it); "
                           f"it is never replaced{never}: choose another directory, or move it away yourself")
-    if overwrite or marker.get("kind") in set(replace_own):
+    written_by = f"midus-surgery {marker.get('kind', '?')}" + (f" for {marker['owner']}" if marker.get("owner") else "")
+    if marker.get("kind") != kind or marker.get("owner") != owner:
+        this = kind + (f" for {owner}" if owner else "")
+        raise OutputError(f"output {resolved} was written by {written_by}, not by {this}; one command never replaces "
+                          "another's output: choose another directory")
+    if overwrite or reuse:
         return resolved
     todo = f"pass {flag} to replace it" if flag else "choose another directory"
-    raise OutputError(f"output {resolved} already exists (written by midus-surgery {marker.get('kind', '')}); {todo}")
+    raise OutputError(f"output {resolved} already exists (an earlier output of {written_by}); {todo}")
 
 
 def _owner_is_gone(marker: dict | None) -> bool:
@@ -136,7 +146,8 @@ def _owner_is_gone(marker: dict | None) -> bool:
 
 
 def clean_leftovers(out: Path, report=None) -> list[Path]:
-    """Remove ``.NAME.partial-*`` / ``.NAME.old-*`` siblings of ``out`` that a killed run of this tool left.
+    """Remove the ``.NAME.partial-*`` / ``.NAME.old-*`` folders that killed runs of this tool left
+    beside ``out``, whatever their NAME.
 
     Only directories carrying this tool's marker, written by a process that is gone, are removed;
     each removal is reported through ``report`` (one line).
@@ -145,7 +156,7 @@ def clean_leftovers(out: Path, report=None) -> list[Path]:
     if not out.parent.is_dir():
         return removed
     for entry in out.parent.iterdir():
-        if not (entry.name.startswith(f".{out.name}.") and any(tag in entry.name for tag in _LEFTOVER_TAGS)):
+        if not (entry.name.startswith(".") and any(tag in entry.name for tag in _LEFTOVER_TAGS)):
             continue
         if entry.is_symlink() or not entry.is_dir() or not _owner_is_gone(read_marker(entry)):
             continue
@@ -157,7 +168,7 @@ def clean_leftovers(out: Path, report=None) -> list[Path]:
 
 
 @contextmanager
-def atomic_directory(out: Path, *, kind: str, report=None) -> Iterator[Path]:
+def atomic_directory(out: Path, *, kind: str, owner: str | None = None, report=None) -> Iterator[Path]:
     """Yield a hidden sibling of ``out`` to write into; on success it becomes ``out``.
 
     Call :func:`check_output_dir` first: an existing ``out`` is swapped out and removed only after
@@ -171,7 +182,7 @@ def atomic_directory(out: Path, *, kind: str, report=None) -> Iterator[Path]:
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        write_marker(tmp, kind)
+        write_marker(tmp, kind, owner)
         yield tmp
         replace_directory(tmp, out)
     except BaseException:
@@ -200,7 +211,7 @@ def use_workspace(root: Path) -> Path:
     """Make (or reuse) ``root`` as a tool's scratch folder, whose contents :func:`remove_own_directory` may remove.
 
     A new or empty folder is marked; one marked by this tool is reused; anything else is refused."""
-    root = check_output_dir(root, kind=WORKSPACE, replace_own=(WORKSPACE,), flag=None)
+    root = check_output_dir(root, kind=WORKSPACE, reuse=True, flag=None)
     root.mkdir(parents=True, exist_ok=True)
     if read_marker(root) is None:
         write_marker(root, WORKSPACE)
