@@ -305,8 +305,16 @@ def test_decoder_layers_rejects_a_wrong_path():
         decoder_layers(model, anatomy.model_copy(update={"layers_path": "model.nope"}))
 
 
-def test_real_size_config_is_traced_at_tiny_size():
-    """Llama-3.2-1B shape: the finder builds nothing of real size (time printed, not asserted)."""
+def test_real_size_config_is_traced_at_tiny_size(monkeypatch):
+    """Llama-3.2-1B shape: the finder builds nothing of real size (time printed, not asserted).
+
+    Two witnesses: every model the finder builds is counted (its parameters), and every tensor any
+    torch op makes while it runs is seen by a dispatch mode (its element count). The real model's
+    smallest weight matrix holds 2048 x 512 = 1M values, its embedding 262M."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from midus_surgery.anatomy import trace
+
     config = LlamaConfig(
         hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
         intermediate_size=8192, vocab_size=128256, head_dim=64, tie_word_embeddings=True,
@@ -314,10 +322,35 @@ def test_real_size_config_is_traced_at_tiny_size():
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "high_freq_factor": 4.0,
                          "low_freq_factor": 1.0, "original_max_position_embeddings": 8192},
     )
+    built = []
+    real_build = trace._build_model
+
+    def counted(auto_cls, cfg, trust_remote_code):
+        model = real_build(auto_cls, cfg, trust_remote_code)
+        built.append((cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, sum(p.numel() for p in model.parameters()),
+                      max(p.numel() for p in model.parameters())))
+        return model
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
+            return out
+
+    monkeypatch.setattr(trace, "_build_model", counted)
     t = time.perf_counter()
-    anatomy = find_anatomy(config)
+    with LargestTensor():
+        anatomy = find_anatomy(config)
     print(f"\nfind_anatomy on a Llama-3.2-1B-shaped config: {time.perf_counter() - t:.2f} s")
     assert anatomy.model_dump(exclude={"source"}) == EXPECTED["llama"]
+    # one tiny model (the first, shrunk config traced), 2 layers of width 128, a 256-token vocabulary
+    assert [b[:3] for b in built] == [(128, 2, 256)], built
+    assert built[0][3] < 400_000 and built[0][4] <= 256 * 128  # all its parameters, and its largest
+    assert 0 < LargestTensor.largest <= 256 * 128  # no tensor of any op larger than that embedding
 
 
 def test_a_config_that_does_not_shrink_falls_back():

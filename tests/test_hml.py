@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -207,15 +209,39 @@ def test_same_seed_same_weights_and_name_keyed():
     a, b = HeadwiseMemory(3, 8, 24, cfg), HeadwiseMemory(3, 8, 24, cfg)
     a.reset_parameters(seed=5)
     b.reset_parameters(seed=5)
-    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
-        assert na == nb and torch.equal(pa, pb)
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert list(pa) == list(pb) == ["keys", "proj", "query_norm.weight", "bank.weight"]
+    for name in pa:
+        assert torch.equal(pa[name], pb[name]), name  # the same seed: the same values, tensor by tensor
     b.reset_parameters(seed=6)
-    assert not torch.equal(a.keys, b.keys)
+    pb = dict(b.named_parameters())
+    for name in pa:  # another seed: every drawn tensor differs; the constant one (ones) does not
+        assert torch.equal(pa[name], pb[name]) == (name == "query_norm.weight"), name
+    # keyed by name: another layout (a gate, an output projection always) draws the same values for
+    # every tensor the two have in common, and its own tensors from their own names
     c = HeadwiseMemory(3, 8, 24, dataclass_replace(cfg, gate=True, output_proj="always"))
     c.reset_parameters(seed=5)
-    assert torch.equal(c.keys, a.keys) and torch.equal(c.bank.weight, a.bank.weight)
-    assert set(a.init_rules()) == {n for n, _ in a.named_parameters()}
-    assert set(c.init_rules()) == {n for n, _ in c.named_parameters()}
+    pc = dict(c.named_parameters())
+    assert set(pc) == set(pa) | {"gate.weight", "out_proj.weight"}
+    for name in pa:
+        assert torch.equal(pc[name], pa[name]), name
+    assert not torch.equal(pc["gate.weight"], pc["out_proj.weight"])  # same shape and scale, own streams
+    # every parameter has a rule, and its values follow it
+    for layer in (a, c, HeadwiseMemory(3, 8, 24, dataclass_replace(cfg, init="zero_proj"))):
+        rules, params = layer.init_rules(), dict(layer.named_parameters())
+        assert set(rules) == set(params)
+        for name, rule in rules.items():
+            v = params[name].detach()
+            if rule == "zeros":
+                assert torch.count_nonzero(v) == 0, name
+            elif rule == "ones":
+                assert torch.equal(v, torch.ones_like(v)), name
+            elif rule.startswith("uniform"):
+                bound = float(rule.split("±")[-1].rstrip(")"))
+                assert v.abs().max() <= bound * (1 + 1e-3) and v.abs().max() > 0.8 * bound, (name, rule)
+            else:
+                std = float(rule.split(", ")[-1].rstrip(")"))
+                assert abs(v.mean()) < 0.3 * std and 0.7 * std < v.std() < 1.3 * std, (name, rule, v.std())
 
 
 def dataclass_replace(cfg, **kw):
@@ -228,12 +254,48 @@ def dataclass_replace(cfg, **kw):
      dict(query_source="hidden", gate=True), dict(query_norm="none")],
 )
 def test_meta_construction_and_parameter_count(kw):
-    cfg = HMLConfig(n_subkeys=16, topk=4, latent_dim=8, **kw)
+    H, dh, D, n, k, dl = 4, 8, 48, 16, 4, 8
+    cfg = HMLConfig(n_subkeys=n, topk=k, latent_dim=dl, **kw)
     with torch.device("meta"):
-        m = HeadwiseMemory(4, 8, 48, cfg)  # 4*8 != 48: out_proj needed for auto
+        m = HeadwiseMemory(H, dh, D, cfg)  # 4*8 != 48: out_proj needed for auto
     assert all(p.device.type == "meta" for p in m.parameters())
-    assert sum(p.numel() for p in m.parameters()) == hml_parameter_count(4, 8, 48, cfg)
-    assert m.flops_per_token() > 0
+    # every tensor's shape, from the layer's definition (hml.py's docstring), by hand
+    inner, hidden_q = H * dh, kw.get("query_source") == "hidden"
+    want = {"keys": (H, 2, n, dh // 2)}
+    if kw.get("hive", True):
+        want |= {"bank.weight": (n * n, dl), "proj": (H, dl, dh)}
+    else:
+        want["values"] = (H, n * n, dh)
+    norm = kw.get("query_norm", "rms")
+    if norm != "none":
+        want["query_norm.weight"] = (H, dh)
+    if norm == "layer":
+        want["query_norm.bias"] = (H, dh)
+    if hidden_q:
+        want["query_proj.weight"] = (inner, D)
+    if kw.get("gate"):
+        want["gate.weight"] = (inner, D if hidden_q else inner)
+    want["out_proj.weight"] = (D, inner)
+    assert {name: tuple(p.shape) for name, p in m.named_parameters()} == want
+    # the totals and FLOPs per token, worked out by hand for H=4, d_h=8, hidden=48, n=16, k=4, d_l=8:
+    #   params: keys 4*2*16*4 = 512; HIVE bank 256*8 = 2048 + proj 4*8*8 = 256 (or values 4*256*8 =
+    #   8192); rms norm 32 (layer 64); query_proj 48*32 = 1536; gate 32*32 = 1024 (hidden: 48*32 =
+    #   1536); out_proj 32*48 = 1536.
+    #   MACs: scores 4*16*8 = 512; candidate sums 4*C = 32 (C = 8 pairs with (r+1)(s+1) <= 4);
+    #   softmax 4*4 = 16; HIVE pool 4*4*8 + project 4*8*8 = 384 (values: 4*4*8 = 128); query_proj
+    #   1536; gate 1024 + 32 (hidden: 1536 + 32); out_proj 1536. FLOPs = 2 * MACs.
+    expected = {
+        (): (4384, 2 * 2480),
+        (("hive", False),): (10272, 2 * 2224),
+        (("gate", True),): (5408, 2 * 3536),
+        (("output_proj", "always"), ("query_norm", "layer")): (4416, 2 * 2480),
+        (("gate", True), ("query_source", "hidden")): (7456, 2 * 5584),
+        (("query_norm", "none"),): (4352, 2 * 2480),
+    }[tuple(sorted(kw.items()))]
+    assert len(candidate_pairs(k, torch.device("cpu"))[0]) == 8
+    assert sum(math.prod(shape) for shape in want.values()) == expected[0]
+    assert sum(p.numel() for p in m.parameters()) == hml_parameter_count(H, dh, D, cfg) == expected[0]
+    assert m.flops_per_token() == expected[1]
 
 
 def test_paper_size_parameter_count():
@@ -402,17 +464,22 @@ def test_bank_grad_auto_on_cpu_is_sparse_mm_exactly(hive):
 
 
 def test_off_the_cpu_the_kernel_question_is_answered_from_the_device_alone(monkeypatch):
-    """Under torch.compile the device is a constant but ``_cpu_kernels_enabled`` (an import, maybe a
-    build) is a call dynamo may not trace: reaching it off the CPU broke the graph in every Memory
-    block. The whole-layer check (one graph on CUDA) is in tools/gpu_check_hml.py."""
+    """Under torch.compile the device is a constant but the CPU kernels' question (an import, maybe
+    a build) is a call dynamo may not trace: reaching it off the CPU broke the graph in every Memory
+    block. A layer answers CUDA when it is built (no build involved) and other devices from the
+    device alone. The whole-layer check (one graph on CUDA) is in tools/gpu_check_hml.py."""
+    m = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=8, topk=4, latent_dim=4))
 
-    def untraceable():
+    def untraceable(*args, **kwargs):
         raise AssertionError("reached the CPU-kernel check")
 
-    monkeypatch.setattr(hml, "_cpu_kernels_enabled", untraceable)
-    assert hml._use_cpu_kernels(torch.empty(2, device="meta")) is False
+    monkeypatch.setattr(hml, "_cpu_kernels_built", untraceable)
+    monkeypatch.setattr(hml, "resolve_backend", untraceable)  # nothing left to resolve off the CPU
+    assert m._backend(torch.empty(2, device="meta")) == "torch"
+    assert m._backend(torch.empty(2, device="meta", dtype=torch.float64)) == "torch"
+    assert ("cuda", False) in m._backends and ("cuda", True) in m._backends
     with pytest.raises(AssertionError, match="CPU-kernel check"):
-        hml._use_cpu_kernels(torch.empty(2))
+        m._backend(torch.empty(2))
 
 
 def test_on_the_cpu_a_compiled_layer_keeps_its_kernels_in_one_graph(monkeypatch):

@@ -14,11 +14,14 @@ import pytest
 import torch
 
 from midus_surgery import kernels
+from midus_surgery.model import hml
 from midus_surgery.model.hml import HeadwiseMemory, HMLConfig, LatentBank, two_stage_topk
 
 
-def run_path(monkeypatch, path: str, fn):
-    monkeypatch.setenv("MIDUS_HML_KERNELS", path)
+def run_on(kernels: str, fn, layer):
+    """fn() with ``layer`` switched to ``kernels`` ("fused": the compiled CPU kernels, "torch")."""
+    hml.use_kernels(layer, kernels)
+    assert layer.backend("cpu") == {"fused": "cpu", "torch": "torch"}[kernels]  # the backend under test runs
     return fn()
 
 
@@ -36,7 +39,7 @@ def step(m: HeadwiseMemory, x: torch.Tensor):
 @pytest.fixture
 def fused_ops(monkeypatch):
     monkeypatch.setenv("MIDUS_HML_KERNELS", "fused")
-    ops = kernels.cpu_ops()  # raises when the build fails: a real failure here
+    ops = kernels.cpu_ops(strict=True)  # raises when the build fails: a real failure here
     assert ops is not None
     return ops
 
@@ -57,8 +60,8 @@ def test_fused_matches_torch_path(monkeypatch, fused_ops, kw):
     torch.manual_seed(0)
     m = HeadwiseMemory(4, 16, 64, HMLConfig(**cfg))
     x = torch.randn(3, 50, 4, 16)
-    f_out, f_slots, f_w, f_grads = run_path(monkeypatch, "fused", lambda: step(m, x))
-    t_out, t_slots, t_w, t_grads = run_path(monkeypatch, "torch", lambda: step(m, x))
+    f_out, f_slots, f_w, f_grads = run_on("fused", lambda: step(m, x), m)
+    t_out, t_slots, t_w, t_grads = run_on("torch", lambda: step(m, x), m)
     assert torch.equal(f_slots, t_slots)
     torch.testing.assert_close(f_w, t_w, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(f_out, t_out, rtol=1e-5, atol=1e-6)
@@ -75,7 +78,7 @@ def test_fused_frozen_parts_get_no_gradient(monkeypatch, fused_ops):
     bank.weight.requires_grad_(False)
     m.keys.requires_grad_(False)
     x = torch.randn(7, 2, 8, requires_grad=True)
-    monkeypatch.setenv("MIDUS_HML_KERNELS", "fused")
+    assert m.backend("cpu") == "cpu"  # built under MIDUS_HML_KERNELS=fused (the fixture)
     m(x).square().sum().backward()
     assert bank.weight.grad is None and m.keys.grad is None
     assert m.proj.grad is not None and m.proj.grad.abs().sum() > 0
@@ -86,8 +89,8 @@ def test_fused_bfloat16_bank_close_to_torch(monkeypatch, fused_ops):
     torch.manual_seed(2)
     m = HeadwiseMemory(2, 16, 32, HMLConfig(n_subkeys=32, topk=8, latent_dim=16, init="random")).to(torch.bfloat16)
     x = torch.randn(5, 9, 2, 16, dtype=torch.bfloat16)
-    f = run_path(monkeypatch, "fused", lambda: step(m, x))
-    t = run_path(monkeypatch, "torch", lambda: step(m, x))
+    f = run_on("fused", lambda: step(m, x), m)
+    t = run_on("torch", lambda: step(m, x), m)
     assert torch.equal(f[1], t[1])  # scores are float32 on both paths: same slots
     torch.testing.assert_close(f[0].float(), t[0].float(), rtol=2e-2, atol=2e-2)
     for name in f[3]:
@@ -101,9 +104,9 @@ def test_fused_results_do_not_depend_on_thread_count(monkeypatch, fused_ops):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = run_path(monkeypatch, "fused", lambda: step(m, x))
+        one = run_on("fused", lambda: step(m, x), m)
         torch.set_num_threads(2)
-        two = run_path(monkeypatch, "fused", lambda: step(m, x))
+        two = run_on("fused", lambda: step(m, x), m)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
@@ -118,8 +121,8 @@ def test_topk2_kernel_equals_torch_on_wide_rows(monkeypatch, fused_ops):
     s2 = torch.randn(6, 40, 256, generator=g)
     s1[:, ::7, 10:20] = 1.5
     s2[:, ::5, 3:9] = 0.75
-    f = run_path(monkeypatch, "fused", lambda: two_stage_topk(s1, s2, 32))
-    t = run_path(monkeypatch, "torch", lambda: two_stage_topk(s1, s2, 32))
+    f = two_stage_topk(s1, s2, 32, kernels="fused")
+    t = two_stage_topk(s1, s2, 32, kernels="torch")
     assert torch.equal(f[1], t[1])
     assert torch.equal(f[0], t[0])
 
@@ -148,8 +151,8 @@ def test_topk2_kernel_thresholds_hold_on_hard_rows(monkeypatch, fused_ops, rows)
     elif rows == "huge and tiny":
         s1 = s1 * 3e38
         s2 = s2 * 1e-40  # subnormal
-    f = run_path(monkeypatch, "fused", lambda: two_stage_topk(s1, s2, 32))
-    t = run_path(monkeypatch, "torch", lambda: two_stage_topk(s1, s2, 32))
+    f = two_stage_topk(s1, s2, 32, kernels="fused")
+    t = two_stage_topk(s1, s2, 32, kernels="torch")
     assert torch.equal(f[1], t[1])
     assert torch.equal(f[0], t[0])
 
@@ -172,15 +175,16 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
 
     monkeypatch.setattr(kernels, "_build", broken_build)
     monkeypatch.setenv("MIDUS_HML_KERNELS", "auto")
-    m = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=8, topk=4, latent_dim=4, init="random"))
+    cfg = HMLConfig(n_subkeys=8, topk=4, latent_dim=4, init="random")
+    m, other = HeadwiseMemory(2, 8, 16, cfg), HeadwiseMemory(2, 8, 16, cfg)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = m(torch.randn(5, 2, 8))
-        m(torch.randn(5, 2, 8))
-    assert out.shape == (5, 16)
+        other(torch.randn(5, 2, 8))  # another layer asks again: the build is not retried
+    assert out.shape == (5, 16) and m.backend("cpu") == other.backend("cpu") == "torch"
     messages = [str(w.message) for w in caught if "HML CPU kernels unavailable" in str(w.message)]
     assert len(messages) == 1 and "no C++ compiler (test)" in messages[0]
-    monkeypatch.setenv("MIDUS_HML_KERNELS", "fused")
+    hml.use_kernels(m, "fused")
     with pytest.raises(RuntimeError, match="could not be built"):
         m(torch.randn(5, 2, 8))
 
@@ -188,4 +192,80 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
 def test_unknown_kernel_mode_is_an_error(monkeypatch):
     monkeypatch.setenv("MIDUS_HML_KERNELS", "fast")
     with pytest.raises(ValueError, match="MIDUS_HML_KERNELS"):
-        kernels.mode()
+        HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=8, topk=4, latent_dim=4))  # the default is read at build
+    with pytest.raises(ValueError, match="MIDUS_HML_KERNELS"):
+        hml.kernels_from_environment()
+    with pytest.raises(ValueError, match="HMLConfig.kernels"):
+        HMLConfig(kernels="fast")
+    layer = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=8, topk=4, latent_dim=4, kernels="torch"))  # named: env unread
+    with pytest.raises(ValueError, match="HMLConfig.kernels"):
+        hml.use_kernels(layer, "fast")
+
+
+# ------------------------------------------------------------------ the backend switch
+def test_the_layer_carries_its_backend_from_build_to_use_kernels(monkeypatch):
+    """MIDUS_HML_KERNELS is read once, when a layer is built; later changes of the environment do
+    not move a built layer; use_kernels switches every layer of a model, and only that model's."""
+    cfg = HMLConfig(n_subkeys=8, topk=4, latent_dim=4, init="random")
+    monkeypatch.setenv("MIDUS_HML_KERNELS", "torch")
+    a = torch.nn.Sequential(HeadwiseMemory(2, 8, 16, cfg), HeadwiseMemory(2, 8, 16, cfg))
+    assert [layer.kernels for layer in a] == ["torch", "torch"] and cfg.kernels is None
+    monkeypatch.setenv("MIDUS_HML_KERNELS", "fused")
+    b = HeadwiseMemory(2, 8, 16, cfg)
+    assert a[0].backend("cpu") == "torch" and b.backend("cpu") == "cpu" and b.kernels == "fused"
+    assert hml.prepare_kernels(a, "cpu") == "torch"
+    hml.use_kernels(a, "fused")
+    assert [layer.backend("cpu") for layer in a] == ["cpu", "cpu"] and hml.prepare_kernels(a, "cpu") == "cpu"
+    hml.use_kernels(b, "torch")
+    assert b.backend("cpu") == "torch" and a[0].backend("cpu") == "cpu"
+    hml.use_kernels(a[1], "torch")
+    assert hml.prepare_kernels(a, "cpu") == "cpu+torch"  # layers told different things say so
+    monkeypatch.setenv("MIDUS_HML_KERNELS", "auto")
+    hml.use_kernels(a, None)  # back to the environment's
+    assert [layer.kernels for layer in a] == ["auto", "auto"]
+    x = torch.randn(3, 2, 8)
+    torch.testing.assert_close(a[0](x), run_on("torch", lambda: a[0](x), a[0]), rtol=1e-5, atol=1e-6)
+
+
+def test_the_kernels_setting_is_not_written_unless_named():
+    """An output's config.json holds HMLConfig.to_dict(): the environment's default is not written
+    into it, an explicit choice is, and a config written before the field existed still loads."""
+    d = HMLConfig(n_subkeys=8, topk=4, latent_dim=4).to_dict()
+    assert "kernels" not in d and HMLConfig.from_dict(d).kernels is None  # old and new outputs alike
+    named = HMLConfig(n_subkeys=8, topk=4, latent_dim=4, kernels="torch")
+    assert named.to_dict()["kernels"] == "torch" and HMLConfig.from_dict(named.to_dict()) == named
+
+
+def test_a_midus_model_built_from_an_old_config_runs_on_the_environments_backend(monkeypatch):
+    from transformers import LlamaConfig
+
+    from midus_surgery.model.configuration_midus import MidusConfig
+    from midus_surgery.model.modeling_midus import MidusForCausalLM
+
+    base = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2, vocab_size=50).to_dict()
+    for key in ("model_type", "architectures", "transformers_version"):
+        base.pop(key, None)
+    anatomy = {"layers_path": "model.layers", "attn_out_proj": "self_attn.o_proj", "ffn": ["mlp"],
+               "ffn_norms": ["post_attention_layernorm"]}
+    hml_old = {k: v for k, v in HMLConfig(n_subkeys=4, topk=2, latent_dim=4).to_dict().items()}  # no "kernels"
+    config = MidusConfig(base_model_type="llama", midus={"memory_layers": [1], "hml": hml_old, "anatomy": anatomy}, **base)
+    monkeypatch.setenv("MIDUS_HML_KERNELS", "torch")
+    model = MidusForCausalLM(config)
+    assert hml.prepare_kernels(model, "cpu") == "torch"
+    assert "kernels" not in config.to_dict()["midus"]["hml"]  # the build wrote nothing back
+    hml.use_kernels(model, "fused")
+    assert hml.prepare_kernels(model, "cpu") == "cpu"
+    model(torch.randint(0, 50, (1, 5)))
+
+
+def test_prepared_layer_compiles_whole_without_an_eager_call(monkeypatch, fused_ops):
+    """prepare_kernels answers "which backend?" before torch.compile (as the trainer calls it): the
+    compiled layer reads the answer as a constant, one graph and no break, with no eager call first."""
+    torch.manual_seed(0)
+    m = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=8, topk=4, latent_dim=4, init="random", kernels="fused"))
+    assert hml.prepare_kernels(m, "cpu") == "cpu"
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda t: m(t))(torch.randn(6, 2, 8))
+    torch._dynamo.reset()
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons

@@ -1,8 +1,8 @@
 """The Triton kernels of the memory layer (midus_surgery/kernels/hml_triton.py), through Triton's
 interpreter on CPU tensors: the top-k selects exactly what the pure-torch path selects (ties, -0.0,
 n and k that are not powers of two, strided halves), the bag's weight gradient equals PyTorch's
-per-sample-weights backward to float32 rounding, and a layer running both under
-MIDUS_HML_KERNELS=triton gives the pure-torch layer's outputs and gradients. On a GPU,
+per-sample-weights backward to float32 rounding, and a layer running both (kernels "triton",
+as MIDUS_HML_KERNELS=triton makes the default) gives the pure-torch layer's outputs and gradients. On a GPU,
 tools/gpu_check_hml.py checks and times them, compiled too.
 """
 
@@ -120,8 +120,8 @@ def test_a_layer_on_the_triton_path_equals_the_pure_torch_layer(kw, monkeypatch)
     x = torch.randn(2, 3, 16) if kw.get("query_source") == "hidden" else torch.randn(2, 3, 2, 8)
 
     def run(triton: bool):
-        monkeypatch.setenv("MIDUS_HML_KERNELS", "triton" if triton else "torch")
-        monkeypatch.setattr(hml, "_triton_answer", (triton, triton))
+        hml.use_kernels(layer, "triton" if triton else "torch")
+        assert layer.backend(x.device) == ("triton" if triton else "torch")
         called = []
 
         def recorded(name):
@@ -146,30 +146,35 @@ def test_a_layer_on_the_triton_path_equals_the_pure_torch_layer(kw, monkeypatch)
 
 
 def test_triton_mode_on_the_cpu_keeps_the_cpu_kernels(monkeypatch):
-    monkeypatch.setenv("MIDUS_HML_KERNELS", "triton")
-    assert kernels.mode() == "triton"
-    monkeypatch.setattr(hml, "_triton_answer", (True, False))  # a real run: no interpreter
-    assert not hml._use_triton(torch.empty(2))
-    assert hml._use_triton(torch.empty(2, device="meta")) is False  # only CUDA, or under the interpreter
-    assert hml._kernel_path(torch.empty(2)) == ("cpu" if kernels.cpu_ops() is not None else "torch")
-    monkeypatch.setattr(hml, "_triton_answer", (True, True))
-    assert hml._use_triton(torch.empty(2)) and not hml._use_triton(torch.empty(2, dtype=torch.float64))  # it ranks float32
+    cpu = "cpu" if kernels.cpu_ops() is not None else "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a real run: no interpreter
+    assert hml.resolve_backend("triton", "cpu") == cpu
+    assert hml.resolve_backend("triton", "meta") == "torch"  # only CUDA, or CPU under the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert hml.resolve_backend("triton", "cpu") == "triton"
+    assert hml.resolve_backend("triton", "cpu", torch.float64) == cpu  # it ranks float32
 
 
-def _answer(monkeypatch, mode, interpret="1"):
-    """hml._triton_answer as an import of hml.py under these settings computes it."""
-    return hml._triton_settings({"MIDUS_HML_KERNELS": mode, "TRITON_INTERPRET": interpret})
+def _backends(monkeypatch, mode, interpret="1"):
+    """(the backend on CUDA, Triton on CPU tensors?) that a layer told ``mode`` (None:
+    MIDUS_HML_KERNELS) resolves, under TRITON_INTERPRET=``interpret``."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    return hml.resolve_backend(mode, "cuda"), hml.resolve_backend(mode, "cpu") == "triton"
 
 
 def test_the_triton_kernels_are_the_cuda_default_and_cpu_tensors_need_the_explicit_mode(monkeypatch):
-    # (on CUDA?, on CPU tensors?): CUDA by default; the interpreter on CPU only when asked for by name,
-    # so the rest of the suite (TRITON_INTERPRET=1 throughout) keeps its CPU paths
-    assert _answer(monkeypatch, "") == (True, False)
-    assert _answer(monkeypatch, "auto") == (True, False)
-    assert _answer(monkeypatch, "fused") == (True, False)
-    assert _answer(monkeypatch, "torch") == (False, False)
-    assert _answer(monkeypatch, "triton") == (True, True)
-    assert _answer(monkeypatch, "triton", interpret="0") == (True, False)
+    # (on CUDA, on CPU tensors?): Triton on CUDA by default; the interpreter on CPU only when asked
+    # for by name, so the rest of the suite (TRITON_INTERPRET=1 throughout) keeps its CPU backends
+    monkeypatch.setenv("MIDUS_HML_KERNELS", "")
+    assert _backends(monkeypatch, None) == ("triton", False)  # unset: auto
+    assert _backends(monkeypatch, "auto") == ("triton", False)
+    assert _backends(monkeypatch, "fused") == ("triton", False)
+    assert _backends(monkeypatch, "torch") == ("torch", False)
+    assert _backends(monkeypatch, "triton") == ("triton", True)
+    assert _backends(monkeypatch, "triton", interpret="0") == ("triton", False)
+    monkeypatch.setenv("MIDUS_HML_KERNELS", "torch")
+    assert _backends(monkeypatch, None) == ("torch", False)
+    assert hml.resolve_backend("auto", "cuda", torch.float64) == "torch"  # float64 keeps the pure-torch path
 
 
 def test_without_a_usable_triton_cuda_keeps_the_pure_torch_path(monkeypatch):
@@ -177,14 +182,16 @@ def test_without_a_usable_triton_cuda_keeps_the_pure_torch_path(monkeypatch):
 
     real_version = metadata.version
     monkeypatch.setattr(metadata, "version", lambda name: "3.5.0" if name == "triton" else real_version(name))
-    assert _answer(monkeypatch, "auto") == (False, False)  # older than the kernels were run with
-    assert _answer(monkeypatch, "triton") == (True, True)  # asked for by name: its error comes at the call
+    assert _backends(monkeypatch, "auto") == ("torch", False)  # older than the kernels were run with
+    assert _backends(monkeypatch, "triton") == ("triton", True)  # asked for by name: its error comes at the call
 
     def missing(name):
         raise metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(metadata, "version", missing)
-    assert _answer(monkeypatch, "auto") == (False, False)
+    assert _backends(monkeypatch, "auto") == ("torch", False)
+    layer = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=6, topk=4, latent_dim=5, kernels="auto"))
+    assert layer.backend("cuda") == "torch"  # a layer built now keeps that answer
 
 
 def test_triton_mode_without_triton_says_so(monkeypatch):
@@ -196,10 +203,12 @@ def test_triton_mode_without_triton_says_so(monkeypatch):
         kernels.triton_kernel("topk2")
 
 
-def test_kernel_path_name_says_what_the_layer_runs_on(monkeypatch):
-    monkeypatch.setenv("MIDUS_HML_KERNELS", "torch")
-    assert hml.kernel_path_name("cpu") == "pure-torch path"
-    monkeypatch.setenv("MIDUS_HML_KERNELS", "auto")
-    assert hml.kernel_path_name("cpu") == ("compiled CPU kernels" if kernels.cpu_ops() is not None else "pure-torch path")
-    monkeypatch.setattr(hml, "_triton_answer", (True, True))  # MIDUS_HML_KERNELS=triton under the interpreter
-    assert hml.kernel_path_name("cpu") == "Triton kernels"
+def test_the_start_line_names_the_backend_the_layers_run_on(monkeypatch):
+    def words(mode):
+        layer = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=6, topk=4, latent_dim=5, kernels=mode))
+        return hml.backend_words(hml.prepare_kernels(torch.nn.Sequential(layer), "cpu"))
+
+    assert words("torch") == "pure-torch path"
+    assert words("auto") == ("compiled CPU kernels" if kernels.cpu_ops() is not None else "pure-torch path")
+    assert words("triton") == "Triton kernels"  # under the interpreter (tests/conftest.py)
+    assert hml.prepare_kernels(torch.nn.Linear(2, 2), "cpu") == "torch"  # no memory layer

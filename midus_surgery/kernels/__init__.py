@@ -9,16 +9,15 @@ build is cached in torch's extension directory, ``$TORCH_EXTENSIONS_DIR`` or
 
 hml.py never needs them: it keeps a pure-torch path with the same math and tie rule, which is
 what runs without a C++ compiler or with ``MIDUS_HML_KERNELS=torch``.
-``MIDUS_HML_KERNELS=fused`` makes a failed build an error instead of a one-time warning.
 On CUDA the layer selects the memory slots and computes the bag's weight gradient with the Triton
-kernels in ``hml_triton.py`` unless ``MIDUS_HML_KERNELS=torch`` (or triton is missing);
-``MIDUS_HML_KERNELS=triton`` insists on them (on CPU tensors the mode otherwise behaves as ``auto``).
+kernels in ``hml_triton.py``. Which of them a layer runs is decided in hml.py alone
+(``HMLConfig.kernels``, ``resolve_backend``; ``MIDUS_HML_KERNELS`` is the default): this package
+only builds and hands out the kernels, and reads no setting.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import threading
 import warnings
@@ -29,17 +28,9 @@ from typing import Optional
 import torch
 
 SOURCE = Path(__file__).with_name("hml_cpu.cpp")
-MODES = ("auto", "fused", "torch", "triton")
 
 _lock = threading.Lock()
 _state: dict = {}  # "ops": namespace or None once a load was attempted; "error": why not
-
-
-def mode() -> str:
-    value = os.environ.get("MIDUS_HML_KERNELS", "auto").strip().lower() or "auto"
-    if value not in MODES:
-        raise ValueError(f"MIDUS_HML_KERNELS must be one of {MODES}, got {value!r}")
-    return value
 
 
 def _build_name() -> str:
@@ -96,11 +87,9 @@ def _register_fakes() -> None:
         return dw, dtable
 
 
-def cpu_ops() -> Optional[SimpleNamespace]:
-    """The compiled ops, or None when disabled or unavailable (reason in ``unavailable_reason``)."""
-    m = mode()
-    if m == "torch":
-        return None
+def cpu_ops(strict: bool = False) -> Optional[SimpleNamespace]:
+    """The compiled ops, built on the first call (once per process), or None when they cannot be
+    built: a one-time warning says why, or with ``strict`` (``MIDUS_HML_KERNELS=fused``) an error."""
     with _lock:
         if "ops" not in _state:
             try:
@@ -108,14 +97,14 @@ def cpu_ops() -> Optional[SimpleNamespace]:
             except Exception as exc:  # no compiler, no headers, a build error: fall back, say so once
                 _state["ops"] = None
                 _state["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-                if m != "fused":
+                if not strict:
                     warnings.warn(
                         f"midus-surgery: HML CPU kernels unavailable ({_state['error']}); "
                         "using the slower pure-torch path (set MIDUS_HML_KERNELS=torch to silence this)",
                         stacklevel=2,
                     )
         ops = _state["ops"]
-    if ops is None and m == "fused":
+    if ops is None and strict:
         raise RuntimeError(f"MIDUS_HML_KERNELS=fused but the HML CPU kernels could not be built: {_state.get('error')}")
     return ops
 
@@ -129,7 +118,3 @@ def triton_kernel(name: str):
     except ImportError as exc:
         raise RuntimeError(f"MIDUS_HML_KERNELS=triton but triton cannot be imported ({exc}); CUDA builds of torch bring it") from None
     return getattr(hml_triton, name)
-
-
-def unavailable_reason() -> Optional[str]:
-    return _state.get("error")

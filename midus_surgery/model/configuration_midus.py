@@ -29,13 +29,6 @@ class MidusConfig(PretrainedConfig):
         snapshot = CONFIG_MAPPING[base_model_type](**fields) if base_model_type else None
         object.__setattr__(self, "_base_snapshot", snapshot)
 
-    def base_config(self) -> PretrainedConfig:
-        """The base architecture's own config class built from the flat attributes."""
-        data = self.to_dict()
-        for key in ("model_type", "base_model_type", "midus", "auto_map", "architectures", "transformers_version"):
-            data.pop(key, None)
-        return CONFIG_MAPPING[self.base_model_type](**data)
-
     def __getattr__(self, name: str):
         # Only reached when normal lookup fails.
         snapshot = self.__dict__.get("_base_snapshot")

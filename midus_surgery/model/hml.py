@@ -39,12 +39,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "KERNELS",
+    "BACKENDS",
     "HMLConfig",
     "LatentBank",
     "HeadwiseMemory",
     "hml_parameter_count",
     "two_stage_topk",
     "candidate_pairs",
+    "kernels_from_environment",
+    "resolve_backend",
+    "backend_words",
+    "use_kernels",
+    "prepare_kernels",
 ]
 
 _QUERY_NORMS = ("none", "rms", "layer")
@@ -52,6 +59,13 @@ _OUTPUT_PROJ = ("auto", "always", "never")
 _QUERY_SOURCES = ("heads", "hidden")
 _INITS = ("zero_proj", "zero_bank", "random")
 _BANK_GRADS = ("auto", "sparse_mm", "embedding_bag", "index_add")
+# What a layer may be told to run on (HMLConfig.kernels; MIDUS_HML_KERNELS is the default):
+#   auto    the fastest available: Triton on CUDA, the compiled CPU kernels on CPU, else pure torch;
+#   fused   as auto, but a failed build of the CPU kernels is an error instead of a one-time warning;
+#   torch   the pure-torch code everywhere (what an emitted model runs without midus_surgery);
+#   triton  Triton on CUDA, an error if triton is missing; under TRITON_INTERPRET=1 on CPU tensors
+#           too (Triton's interpreter: how the tests check the kernels without a GPU).
+KERNELS = ("auto", "fused", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,12 @@ class HMLConfig:
                  (default: the fastest measured on the table's device, see
                  _bank_grad_method).  All give a dense gradient (so any optimiser works);
                  the timings are in docs/hml.md.
+      kernels    what the layer runs on (docs/hml.md, "Compiled CPU kernels" and "Triton
+                 kernels"): one of KERNELS, or None (default): MIDUS_HML_KERNELS when the layer
+                 is built, "auto" when unset. Not a weight: it changes the speed, not the values
+                 (to float rounding). None is left out of ``to_dict`` (an output's config.json),
+                 so an emitted model runs on what its loader's environment says unless the
+                 recipe named one; ``use_kernels`` switches a built model's layers.
     """
 
     n_subkeys: int = 256
@@ -80,6 +100,7 @@ class HMLConfig:
     init: str = "zero_proj"
     norm_eps: float = 1e-6
     bank_grad: str = "auto"
+    kernels: Optional[str] = None
 
     def __post_init__(self) -> None:
         for name in ("n_subkeys", "topk", "latent_dim"):
@@ -104,9 +125,14 @@ class HMLConfig:
                 raise ValueError(f"HMLConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
             raise ValueError(f"HMLConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+        if self.kernels is not None and self.kernels not in KERNELS:
+            raise ValueError(f"HMLConfig.kernels must be one of {KERNELS} or None, got {self.kernels!r}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["kernels"] is None:  # the environment's at build time: nothing to write down
+            del d["kernels"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "HMLConfig":
@@ -153,41 +179,83 @@ def _fill(param: Tensor, rule: str, seed: int, name: str, scale: float = 0.0) ->
 
 
 # ----------------------------------------------------------------------------------------
-# Optional kernels: compiled for the CPU; Triton on CUDA
+# Kernel backends: compiled for the CPU; Triton on CUDA; pure torch everywhere
 # ----------------------------------------------------------------------------------------
 
+BACKENDS = ("triton", "cpu", "torch")  # what runs for one tensor: the answer of resolve_backend
+_BACKEND_WORDS = {"triton": "Triton kernels", "cpu": "compiled CPU kernels", "torch": "pure-torch path"}
+_TRITON_MIN = (3, 6)  # the oldest triton the kernels were run with (tl.topk and tl.gather on int64 keys)
 
-def _use_cpu_kernels(x: Tensor) -> bool:
-    """True when x is on CPU and midus_surgery's compiled HML kernels are installed and enabled.
 
-    The kernels (midus_surgery/kernels/hml_cpu.cpp, ``torch.ops.midus_hml``) compute exactly what
-    the pure-torch code below computes, faster on CPU.  This file must also work alone (copied
-    beside emitted weights), so without the package or with MIDUS_HML_KERNELS=torch the pure-torch
-    path runs (on CUDA, the Triton kernels below when they can).
+def kernels_from_environment() -> str:
+    """``MIDUS_HML_KERNELS`` (one of KERNELS), "auto" when unset: the default of ``HMLConfig.kernels``."""
+    value = os.environ.get("MIDUS_HML_KERNELS", "").strip().lower() or "auto"
+    if value not in KERNELS:
+        raise ValueError(f"MIDUS_HML_KERNELS must be one of {KERNELS}, got {value!r}")
+    return value
+
+
+def resolve_backend(kernels: Optional[str], device, dtype: torch.dtype = torch.float32) -> str:
+    """Which implementation runs for a tensor on ``device`` of ``dtype`` under ``kernels`` (one of
+    KERNELS; None: the environment's): "triton", "cpu" (the compiled CPU kernels) or "torch".
+
+    The one place that answers it. On CPU it asks for the compiled kernels, which builds them the
+    first time (about 30 s, then cached): call it eagerly, before ``torch.compile`` (a layer keeps
+    its answers, so the compiled layer reads constants; see ``prepare_kernels``). float64 never
+    runs on Triton (the kernels rank float32). This file works alone (copied beside emitted
+    weights): without midus_surgery installed the pure-torch path runs.
     """
-    # The device is static under torch.compile: checked here, off CPU the layer compiles into
-    # one graph. On CPU the answer (an import, maybe a build) is a call dynamo may not trace; once
-    # an eager call has given it, a compiled one reads it like a constant and the graph stays whole.
-    if x.device.type != "cpu":
-        return False
-    if torch.compiler.is_compiling() and _cpu_kernels_answer is not None:
-        return _cpu_kernels_answer
-    return _cpu_kernels_enabled()
+    kernels = kernels_from_environment() if kernels is None else kernels
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    device_type = torch.device(device).type
+    if kernels == "torch" or device_type not in ("cpu", "cuda"):
+        return "torch"
+    if dtype != torch.float64:
+        if device_type == "cuda" and (kernels == "triton" or _triton_usable()):
+            return "triton"
+        if device_type == "cpu" and kernels == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+            return "triton"
+    if device_type == "cpu" and _cpu_kernels_built(strict=kernels == "fused"):
+        return "cpu"
+    return "torch"
 
 
-# The latest answer of _cpu_kernels_enabled. Stale only if MIDUS_HML_KERNELS changes between an
-# eager call and a compiled one, and both paths compute the same values (to float rounding).
-_cpu_kernels_answer: Optional[bool] = None
+def backend_words(backend: str) -> str:
+    """A backend (resolve_backend's answer) in words, as a training run's start line says it."""
+    return _BACKEND_WORDS[backend]
 
 
-def prepare_cpu_kernels() -> bool:
-    """Build (or find) the CPU kernels now and remember whether the layer will use them.
+def use_kernels(model: nn.Module, kernels: Optional[str]) -> None:
+    """Switch every memory layer in ``model`` (or the layer itself) to ``kernels`` (one of KERNELS;
+    None: the environment's, as when built). Their resolved backends are forgotten; the CPU ones are
+    answered again on the next eager call or by ``prepare_kernels`` (call that before a compiled
+    call). A model compiled before the switch sees it: its guards fail and it recompiles."""
+    for module in _memory_layers(model):
+        module._set_kernels(kernels)
 
-    Call it before ``torch.compile`` of a model with Memory blocks that runs on the CPU: the
-    compiled layer then reads the answer and traces whole, instead of calling out of its graph
-    (a graph break per Memory block, and recompiles of the frames around them).
+
+def prepare_kernels(model: nn.Module, device, dtype: torch.dtype = torch.float32) -> str:
+    """Resolve now which backend every memory layer in ``model`` runs on ``device`` and return it
+    (one of BACKENDS; "torch" when the model has no memory layer; layers told different things
+    answer as a "+"-joined list).
+
+    On CPU this builds (or finds) the compiled kernels. Call it before ``torch.compile`` of a model
+    that runs on the CPU: the compiled layer then reads its answer and traces whole, instead of
+    calling out of its graph (a graph break per Memory block, and recompiles around them).
     """
-    return _cpu_kernels_enabled()
+    answers = []
+    for module in _memory_layers(model):
+        answer = module.backend(device, dtype)
+        if answer not in answers:
+            answers.append(answer)
+    return "+".join(answers) or "torch"
+
+
+def _memory_layers(model: nn.Module) -> list:
+    """The HeadwiseMemory layers in ``model``, by class name: a model loaded with trust_remote_code
+    has them from its own copy of this file, another class object than this module's."""
+    return [m for m in model.modules() if type(m).__name__ == "HeadwiseMemory" and hasattr(m, "_set_kernels")]
 
 
 def _triton_usable() -> bool:
@@ -207,34 +275,14 @@ def _triton_usable() -> bool:
     return (major, minor) >= _TRITON_MIN
 
 
-_TRITON_MIN = (3, 6)  # the oldest triton the kernels were run with (tl.topk and tl.gather on int64 keys)
-
-
-def _triton_settings(environ) -> tuple[bool, bool]:
-    mode = environ.get("MIDUS_HML_KERNELS", "").strip().lower() or "auto"
-    return (mode == "triton" or (mode in ("auto", "fused") and _triton_usable()),
-            mode == "triton" and environ.get("TRITON_INTERPRET") == "1")
-
-
-# Read when this module is imported, so a compiled layer sees constants: (run the Triton kernels on
-# CUDA?, and on CPU tensors?). On CUDA they are the default (docs/hml.md: the layer's forward +
-# backward in 0.40-0.44x the pure-torch path's time at 16 x 1024 on an H200); MIDUS_HML_KERNELS=torch
-# turns them off, and without a usable triton the pure-torch path runs. MIDUS_HML_KERNELS=triton
-# insists (an error if triton is missing) and, under TRITON_INTERPRET=1, also runs them on CPU
-# tensors through Triton's interpreter: how the tests check them without a GPU.
-_triton_answer: tuple[bool, bool] = _triton_settings(os.environ)
-
-
-def _use_triton(x: Tensor) -> bool:
-    """True when the Triton kernels (kernels/hml_triton.py) select the slots and compute the bag's
-    weight gradient for x: CUDA tensors by default, CPU tensors only under the interpreter (see
-    above). They give the pure-torch path's slots and outputs exactly. float64 layers keep the
-    pure-torch path (the kernels work in float32)."""
-    if x.dtype == torch.float64:
+def _cpu_kernels_built(strict: bool) -> bool:
+    """Whether midus_surgery's compiled CPU kernels (kernels/hml_cpu.cpp, ``torch.ops.midus_hml``)
+    are there: built on the first ask, once per process. ``strict``: a failed build raises."""
+    try:
+        from midus_surgery import kernels
+    except ImportError:
         return False
-    if x.device.type == "cuda":
-        return _triton_answer[0]
-    return x.device.type == "cpu" and _triton_answer[1]
+    return kernels.cpu_ops(strict=strict) is not None
 
 
 def _triton_kernel(name: str):
@@ -244,35 +292,6 @@ def _triton_kernel(name: str):
     except ImportError:
         raise RuntimeError("MIDUS_HML_KERNELS=triton needs the midus_surgery package (its kernels/hml_triton.py)") from None
     return kernels.triton_kernel(name)
-
-
-def _kernel_path(x: Tensor) -> str:
-    """Where the layer's selection runs for x: "triton", "cpu" (the compiled CPU kernels, which also
-    pool) or "torch"."""
-    if _use_triton(x):
-        return "triton"
-    return "cpu" if _use_cpu_kernels(x) else "torch"
-
-
-def kernel_path_name(device) -> str:
-    """What the layer runs on for tensors on ``device``, in words (a training run's start line says it).
-
-    On CPU this answers "use the compiled kernels?", which builds them the first time (about 30 s).
-    """
-    return {"triton": "Triton kernels", "cpu": "compiled CPU kernels", "torch": "pure-torch path"}[
-        _kernel_path(torch.empty(0, device=device))]
-
-
-@torch.compiler.disable
-def _cpu_kernels_enabled() -> bool:
-    global _cpu_kernels_answer
-    try:
-        from midus_surgery import kernels
-    except ImportError:
-        _cpu_kernels_answer = False
-    else:
-        _cpu_kernels_answer = kernels.cpu_ops() is not None
-    return _cpu_kernels_answer
 
 
 # ----------------------------------------------------------------------------------------
@@ -343,16 +362,18 @@ def _det_topk(values: Tensor, k: int, tie_index: Tensor) -> Tensor:
     return pos
 
 
-def two_stage_topk(s1: Tensor, s2: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def two_stage_topk(s1: Tensor, s2: Tensor, k: int, kernels: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """Exact top-k over the n*n sums ``s1[..., i] + s2[..., j]``, without the n*n table.
 
     s1, s2: [..., n] float scores of the two halves.  Returns (scores [..., k], slots [..., k])
     with ``slots = i*n + j``, sorted by score descending, ties by lower slot (see module doc).
     The returned scores are differentiable w.r.t. s1 and s2 (pure-torch path; the compiled CPU
-    kernel is used when neither needs a gradient).
+    kernel is used when neither needs a gradient and ``kernels`` (one of KERNELS; None: the
+    environment's) resolves to it, see resolve_backend).
     """
     if not (s1.requires_grad or s2.requires_grad) and s1.dtype in (torch.float32, torch.float64) \
-            and s1.shape == s2.shape and s1.dtype == s2.dtype and _use_cpu_kernels(s1):
+            and s1.shape == s2.shape and s1.dtype == s2.dtype and s1.device.type == "cpu" \
+            and resolve_backend(kernels, s1.device, s1.dtype) == "cpu":
         lead, n = s1.shape[:-1], s1.shape[-1]
         scores, i_sub, j_sub = torch.ops.midus_hml.topk2(
             s1.reshape(1, -1, n).contiguous(), s2.reshape(1, -1, n).contiguous(), k
@@ -401,16 +422,16 @@ class _Lookup(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, keys, k, path):
+    def forward(ctx, q, keys, k, backend):
         T, H, dh = q.shape
         n = keys.shape[2]
         qh = q.reshape(T, 2 * H, dh // 2).transpose(0, 1)  # [2H, T, dh/2]
         kf = keys.reshape(2 * H, n, dh // 2)
         s = torch.bmm(qh, kf.transpose(1, 2))  # [2H, T, n]
-        if path == "cpu":  # the same selection and tie rule in one compiled pass, parallel over (h, t)
+        if backend == "cpu":  # the same selection and tie rule in one compiled pass, parallel over (h, t)
             halves = s.view(H, 2, T, n)
             scores, i_sub, j_sub = torch.ops.midus_hml.topk2(halves[:, 0], halves[:, 1], k)  # [H, T, k] each
-        elif path == "triton":  # the same again, one Triton program per block of (h, t) rows
+        elif backend == "triton":  # the same again, one Triton program per block of (h, t) rows
             halves = s.view(H, 2, T, n)
             scores, i_sub, j_sub = _triton_kernel("topk2")(halves[:, 0], halves[:, 1], k, candidate_pairs(k, halves.device))  # [H, T, k] each
         else:
@@ -429,7 +450,7 @@ class _Lookup(torch.autograd.Function):
         slots = i_sub * n + j_sub
         ctx.mark_non_differentiable(slots)
         ctx.save_for_backward(q, keys, w, i_sub, j_sub)
-        ctx.fused = path == "cpu"
+        ctx.fused = backend == "cpu"
         return w, slots
 
     @staticmethod
@@ -495,14 +516,14 @@ def _bank_grad_method(mode: str, device_type: str) -> str:
 
 
 def _bag_backward(dz: Tensor, table: Tensor, idx: Tensor, w: Tensor, offsets, offset2bag, need_w, need_table, mode,
-                  path: str = "torch"):
+                  backend: str = "torch"):
     """Gradients of _bag_forward: (dw [B, k], dtable [rows, d]).
 
-    path "cpu": one compiled pass computes dw (gather-dot) and dtable (scatter) together. "triton":
-    dw by the Triton gather-dot (kernels/hml_triton.py). ``mode`` picks the bank-gradient method
-    otherwise.
+    backend "cpu": one compiled pass computes dw (gather-dot) and dtable (scatter) together.
+    "triton": dw by the Triton gather-dot (kernels/hml_triton.py). ``mode`` picks the bank-gradient
+    method otherwise.
     """
-    if path == "cpu":
+    if backend == "cpu":
         acc = _acc_dtype(table)
         dw, dtable = torch.ops.midus_hml.bag_backward(
             dz.to(acc).contiguous(), table, idx.contiguous(), w.to(acc).contiguous(), bool(need_w), bool(need_table)
@@ -515,7 +536,7 @@ def _bag_backward(dz: Tensor, table: Tensor, idx: Tensor, w: Tensor, offsets, of
     # bf16/fp16 tables accumulate in fp32: more exact, and CUDA has no bf16 kernel for the
     # per-sample-weights backward nor for sparse mm
     gd = torch.float64 if table.dtype == torch.float64 else torch.float32
-    if need_w and path == "triton":
+    if need_w and backend == "triton":
         dw = _triton_kernel("bag_dw")(dz, table, idx)  # float32; reads a bf16 table without a cast copy
     elif need_w:
         dw = torch.ops.aten._embedding_bag_per_sample_weights_backward(
@@ -553,16 +574,16 @@ class _PoolProject(torch.autograd.Function):
     """HIVE: m[h, t] = (sum_i w[h,t,i] * bank[slot[h,t,i]]) @ proj[h]; never per-slot values."""
 
     @staticmethod
-    def forward(ctx, w, slots, bank, proj, mode, path):
+    def forward(ctx, w, slots, bank, proj, mode, backend):
         H, T, k = slots.shape
-        z, offsets, offset2bag = _bag_forward(bank, slots.reshape(H * T, k), w.reshape(H * T, k), path == "cpu")
+        z, offsets, offset2bag = _bag_forward(bank, slots.reshape(H * T, k), w.reshape(H * T, k), backend == "cpu")
         z = z.view(H, T, -1)
         cd = proj.dtype if proj.dtype == torch.float64 else torch.float32
         if bank.device.type != "cpu":
             cd = proj.dtype
         m = torch.bmm(z.to(cd), proj.to(cd))
         ctx.save_for_backward(w, slots, bank, proj, z, offsets, offset2bag)
-        ctx.mode, ctx.path, ctx.cd = mode, path, cd
+        ctx.mode, ctx.backend, ctx.cd = mode, backend, cd
         return m
 
     @staticmethod
@@ -578,7 +599,7 @@ class _PoolProject(torch.autograd.Function):
             dz = torch.bmm(dm, proj.to(cd).transpose(1, 2)).view(H * T, -1)
             dw, dbank = _bag_backward(
                 dz, bank, slots.reshape(H * T, k), w.reshape(H * T, k), offsets, offset2bag,
-                ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.mode, ctx.path,
+                ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.mode, ctx.backend,
             )
             if dw is not None:
                 dw = dw.view(H, T, k).to(w.dtype)
@@ -589,11 +610,11 @@ class _Pool(torch.autograd.Function):
     """HIVE off: m[h, t] = sum_i w[h,t,i] * values[h, slot[h,t,i]] (values flattened to [H*N, d_h])."""
 
     @staticmethod
-    def forward(ctx, w, slots, table, mode, path):
+    def forward(ctx, w, slots, table, mode, backend):
         H, T, k = slots.shape
-        z, offsets, offset2bag = _bag_forward(table, slots.reshape(H * T, k), w.reshape(H * T, k), path == "cpu")
+        z, offsets, offset2bag = _bag_forward(table, slots.reshape(H * T, k), w.reshape(H * T, k), backend == "cpu")
         ctx.save_for_backward(w, slots, table, offsets, offset2bag)
-        ctx.mode, ctx.path = mode, path
+        ctx.mode, ctx.backend = mode, backend
         return z.view(H, T, -1)
 
     @staticmethod
@@ -603,7 +624,7 @@ class _Pool(torch.autograd.Function):
         H, T, k = slots.shape
         dw, dtable = _bag_backward(
             dm.reshape(H * T, -1), table, slots.reshape(H * T, k), w.reshape(H * T, k), offsets, offset2bag,
-            ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.mode, ctx.path,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.mode, ctx.backend,
         )
         if dw is not None:
             dw = dw.view(H, T, k).to(w.dtype)
@@ -717,6 +738,7 @@ class HeadwiseMemory(nn.Module):
         self.head_dim = head_dim
         self.hidden_size = hidden_size
         self.config = config
+        self._set_kernels(config.kernels)
         n, dl = config.n_subkeys, config.latent_dim
         in_features = hidden_size if config.query_source == "hidden" else inner
 
@@ -758,6 +780,45 @@ class HeadwiseMemory(nn.Module):
     @property
     def shares_bank(self) -> bool:
         return bool(self._shared_bank)
+
+    # -- kernel backend ------------------------------------------------------------------
+    def _set_kernels(self, kernels: Optional[str]) -> None:
+        """Carry ``kernels`` (None: MIDUS_HML_KERNELS now) in self.config and forget the answers."""
+        kernels = kernels_from_environment() if kernels is None else kernels
+        self.config = dataclasses.replace(self.config, kernels=kernels)  # validates it
+        # resolve_backend's answers by (device type, float64?). CUDA's are cheap (no build) and
+        # answered now, so a compiled layer on CUDA reads constants without any call before it;
+        # the CPU's build the kernels and are answered by the first eager call or prepare_kernels.
+        self._backends: dict[tuple[str, bool], str] = {}
+        for f64 in (False, True):
+            self.backend("cuda", torch.float64 if f64 else torch.float32)
+
+    @property
+    def kernels(self) -> str:
+        """What this layer was told to run on (one of KERNELS), see HMLConfig.kernels."""
+        return self.config.kernels
+
+    def backend(self, device, dtype: torch.dtype = torch.float32) -> str:
+        """Which backend (one of BACKENDS) this layer runs for inputs on ``device`` of ``dtype``,
+        resolved once (resolve_backend) and kept. On CPU the first ask builds the kernels."""
+        key = (torch.device(device).type, dtype == torch.float64)
+        hit = self._backends.get(key)
+        if hit is None:
+            hit = self._backends[key] = resolve_backend(self.config.kernels, key[0], dtype)
+        return hit
+
+    def _backend(self, x: Tensor) -> str:
+        """self.backend for x, as the forward asks it: a dictionary read that torch.compile traces as a
+        constant once answered; otherwise (a CPU layer compiled before any eager call or
+        prepare_kernels) the question leaves the graph (a graph break, not a wrong answer)."""
+        if x.device.type not in ("cpu", "cuda"):
+            return "torch"
+        hit = self._backends.get((x.device.type, x.dtype == torch.float64))
+        return hit if hit is not None else self._ask_backend(x.device.type, x.dtype)
+
+    @torch.compiler.disable
+    def _ask_backend(self, device_type: str, dtype: torch.dtype) -> str:
+        return self.backend(device_type, dtype)
 
     # -- init ----------------------------------------------------------------------------
     def init_rules(self) -> dict[str, str]:
@@ -840,14 +901,14 @@ class HeadwiseMemory(nn.Module):
         c = self.config
         return (
             f"heads={self.num_heads}, head_dim={self.head_dim}, hidden={self.hidden_size}, n={c.n_subkeys}, "
-            f"k={c.topk}, d_l={c.latent_dim}, hive={c.hive}, shared_bank={self.shares_bank}"
+            f"k={c.topk}, d_l={c.latent_dim}, hive={c.hive}, shared_bank={self.shares_bank}, kernels={c.kernels}"
         )
 
     # -- forward -------------------------------------------------------------------------
     def lookup(self, queries: Tensor) -> tuple[Tensor, Tensor]:
         """(weights [H, T, k], slots [H, T, k]) for queries of the forward's input shape."""
         q, _, _ = self._queries(queries)
-        w, slots = self._lookup(q, _kernel_path(q))
+        w, slots = self._lookup(q, self._backend(q))
         return w, slots
 
     def _queries(self, x: Tensor):
@@ -874,13 +935,13 @@ class HeadwiseMemory(nn.Module):
             return torch.float32
         return x.dtype
 
-    def _lookup(self, q: Tensor, path: str) -> tuple[Tensor, Tensor]:
+    def _lookup(self, q: Tensor, backend: str) -> tuple[Tensor, Tensor]:
         cfg = self.config
         sd = torch.float64 if q.dtype == torch.float64 else torch.float32
         q = q.to(sd)
         if self.query_norm is not None:
             q = self.query_norm(q)
-        return _Lookup.apply(q.contiguous(), self.keys.to(sd), cfg.topk, path)  # w, slots: [H, T, k]
+        return _Lookup.apply(q.contiguous(), self.keys.to(sd), cfg.topk, backend)  # w, slots: [H, T, k]
 
     def forward(self, queries: Tensor) -> Tensor:
         dev = queries.device.type
@@ -892,15 +953,15 @@ class HeadwiseMemory(nn.Module):
         out_dtype = x.dtype
         q, flat_in, lead = self._queries(x)
         T = q.shape[0]
-        path = _kernel_path(q)  # one decision per call, for the lookup and the pooling alike
-        w, slots = self._lookup(q, path)
+        backend = self._backend(q)  # one decision per call, for the lookup and the pooling alike
+        w, slots = self._lookup(q, backend)
         if cfg.hive:
             bank = self.latent_bank.weight
-            m = _PoolProject.apply(w, slots, bank, self.proj, cfg.bank_grad, path)  # [H, T, d_h]
+            m = _PoolProject.apply(w, slots, bank, self.proj, cfg.bank_grad, backend)  # [H, T, d_h]
         else:
             N = cfg.n_subkeys**2
             offs = (torch.arange(H, device=slots.device) * N).view(H, 1, 1)
-            m = _Pool.apply(w, slots + offs, self.values.view(H * N, dh), cfg.bank_grad, path)
+            m = _Pool.apply(w, slots + offs, self.values.view(H * N, dh), cfg.bank_grad, backend)
         cd = self._mm_dtype(x)
         out = m.to(cd).transpose(0, 1).reshape(T, H * dh)
         if self.gate is not None:

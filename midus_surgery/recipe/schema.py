@@ -140,6 +140,7 @@ class MemorySettings(Strict):
     norm_eps: float = Field(1e-6, gt=0, le=1.0, description="Epsilon of the per-head query norm.")
     bank_grad: Literal["auto", "sparse_mm", "embedding_bag", "index_add"] = Field("auto", description="How the backward accumulates the bank (or value table) gradient; all give the same dense gradient, at different speeds (docs/hml.md). auto: sparse_mm on CPU, embedding_bag on CUDA.")
     share_bank: bool = Field(False, description="One latent bank shared by all memory blocks of the model instead of one per block.")
+    kernels: Literal["auto", "fused", "torch", "triton"] | None = Field(None, description="What the memory layer runs on, written into the output's config when set: `auto` (compiled CPU kernels on CPU, Triton on CUDA, else pure torch), `fused` (insist on the CPU kernels), `torch`, `triton`. Unset: `MIDUS_HML_KERNELS` where the model is loaded, else `auto` (docs/hml.md).")
 
     @model_validator(mode="after")
     def _k_le_n(self) -> "MemorySettings":
@@ -154,7 +155,10 @@ class MemorySettings(Strict):
 
     def hml_dict(self) -> dict:
         """The settings the HML layer itself takes (everything but model-level sharing)."""
-        return self.model_dump(exclude={"share_bank"})
+        data = self.model_dump(exclude={"share_bank"})
+        if data["kernels"] is None:
+            del data["kernels"]  # the environment decides where the model runs, not the output's config
+        return data
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
