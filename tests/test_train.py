@@ -22,7 +22,7 @@ from train_fixtures.tiny import make_model_dir, state_of, write_config, write_co
 
 from midus_surgery.errors import RecipeError, TrainingError
 from midus_surgery.model.midus_names import is_memory_parameter
-from midus_surgery.train.checkpoint import complete_checkpoints
+from midus_surgery.train.checkpoint import complete_checkpoints, load_checkpoint
 from midus_surgery.train.config import TrainConfig, _submodel, config_reference_markdown, load_train_config
 from midus_surgery.train.params import adamw_options, choose_params
 from midus_surgery.train.runner import Runner, train
@@ -203,12 +203,24 @@ def test_param_groups_and_freeze_policies_on_memory_tables(world):
 
 
 def test_grad_accumulation_equals_the_bigger_batch(world, tmp_path):
+    """4 blocks in one micro-batch, or 2 x 2 accumulated: the same gradients, so the same weights.
+    Both runs must have trained, else two untouched models would agree trivially."""
     common = dict(tokens=16 * 4 * 4, **{"eval.at_start": False, "data.held_out_fraction": 0.0})
-    train(load_train_config(config(world, tmp_path, name="big", micro_batch_size=4, grad_accum=1, **common)))
-    train(load_train_config(config(world, tmp_path, name="accum", micro_batch_size=2, grad_accum=2, **common)))
-    a, b = state_of(tmp_path / "big" / "final"), state_of(tmp_path / "accum" / "final")
+    big = train(load_train_config(config(world, tmp_path, name="big", micro_batch_size=4, grad_accum=1, **common)))
+    accum = train(load_train_config(config(world, tmp_path, name="accum", micro_batch_size=2, grad_accum=2, **common)))
+    assert big.steps == accum.steps == 4 and big.tokens == accum.tokens == 4 * 4 * 16
+    start, a, b = state_of(world["model"]), state_of(tmp_path / "big" / "final"), state_of(tmp_path / "accum" / "final")
+    assert start.keys() == a.keys() == b.keys()
+    # Adam moves a weight by up to lr x the schedule's multiplier per step: 0.5 + 1 (warmup) + 1 + 0.55
+    # (cosine) = 3.05 lr over these 4 steps. Every tensor's largest move must be most of that (9.1e-3
+    # seen) ...
+    lr = 3e-3  # write_config's optim.lr
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+        moved = (a[name] - start[name]).abs().max().item()
+        assert moved > 2 * lr, f"{name} moved {moved:.2g} from the start: the run did not train"
+        # ... and the two runs agree to float rounding: atol 1e-6 is ~1e-4 of that move (1e-7 seen);
+        # a micro-batch left out or read twice changes the gradients and so the Adam steps
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path):
@@ -253,7 +265,8 @@ def test_resume_switches_the_adamw_implementation_and_trains_the_same(world, tmp
     second = load_train_config(config(world, tmp_path, name="switched", tokens=16 * 4 * steps, **common))
     runner = Runner(second, echo=lambda _: None)
     runner.setup()
-    runner.load_checkpoint(complete_checkpoints(tmp_path / "switched" / "checkpoints")[-1][1])
+    load_checkpoint(complete_checkpoints(tmp_path / "switched" / "checkpoints")[-1][1], runner.acc, runner.optimizer, runner.scheduler,
+                    adamw_options=runner.adamw_options, data_identity=runner.data_identity)
     groups = runner.optimizer.param_groups
     assert groups and all(g["fused"] and not g["foreach"] for g in groups)
     result = train(second)
@@ -421,12 +434,11 @@ def test_compile_switch_trains_the_same_model(world, tmp_path):
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=tol, msg=name)
 
 
-def test_compile_switch_trains_a_midus_output_the_same(world, tmp_path, monkeypatch):
+def test_compile_switch_trains_a_midus_output_the_same(world, tmp_path):
     """compile: true on a MIDUS output: the memory layer's custom autograd functions and, on this
     CPU, its compiled kernels train to where eager lands, in one graph with no graph break."""
     from midus_surgery.compiler.planner import plan_recipe
     from midus_surgery.emit.emitter import emit
-    from midus_surgery.model import hml
 
     recipe = tmp_path / "midus.yaml"
     recipe.write_text(f"base:\n  path: {world['plain']}\nlayout:\n  interleave:\n    after_every: 2\n    kind: memory\n"
@@ -437,8 +449,6 @@ def test_compile_switch_trains_a_midus_output_the_same(world, tmp_path, monkeypa
     counters.clear()
     finals = {}
     for name, switch in (("eager", False), ("compiled", True)):
-        # as in a fresh process: no eager call has answered "use the CPU kernels?" yet (the trainer must)
-        monkeypatch.setattr(hml, "_cpu_kernels_answer", None)
         cfg = load_train_config(write_config(tmp_path / f"{name}.yaml", out, tmp_path / name, world["corpus"], world["cache"],
                                              tokens=16 * 4 * 4, freeze="base", compile=switch, precision="fp32",
                                              **{"eval.at_start": False, "memory.lr": 1e-2}))

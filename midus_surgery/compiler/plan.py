@@ -18,9 +18,10 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from midus_surgery.compiler.layout import LayerSpec, expand_layout
-from midus_surgery.errors import RecipeError, one_line
+from midus_surgery.errors import MidusError, RecipeError, one_line
 from midus_surgery.model.midus_names import HML_MODULE, SHARED_BANK
 from midus_surgery.recipe.anatomy_spec import Anatomy
 from midus_surgery.recipe.schema import LoadedRecipe, MemorySettings
@@ -74,8 +75,17 @@ class Plan:
     def memory_layers(self) -> list[int]:
         return [layer.index for layer in self.layers if layer.kind == "memory"]
 
-    def to_json(self) -> dict:
-        return {
+    def to_json(self, *, tensors: bool = True) -> dict:
+        """The plan as JSON: ``plan --json`` prints it, midus_plan.json is it without ``tensors``.
+
+        Each fact once. ``layers`` is the layer map (index, source, kind, params), ``anatomy`` the
+        block anatomy (null for copy-only plans), ``layers_path`` where the decoder layers are (set
+        for every plan), ``midus`` only the memory settings no other key holds (``hml``,
+        ``share_bank``; null without memory blocks). The emitted config.json's own ``midus`` dict
+        (``self.midus``: layer map, memory layers, anatomy... as modeling_midus reads them) is a
+        different file; ``read_plan_json`` also reads plans written when this repeated it.
+        """
+        data = {
             "model_type": self.model_type,
             "base_num_hidden_layers": self.base_num_layers,
             "num_hidden_layers": self.num_hidden_layers,
@@ -84,10 +94,55 @@ class Plan:
             "flops_per_token": self.flops_per_token,
             "anatomy": self.anatomy.model_dump(mode="json") if self.anatomy else None,
             "layers_path": self.layers_path,
-            "midus": self.midus,
+            "midus": {k: self.midus[k] for k in PLAN_MIDUS_KEYS} if self.memory_layers else None,
             "config": self.config,
-            "tensors": [{"name": t.name, "shape": list(t.shape), "source": t.source, "rule": t.rule} for t in self.tensors],
         }
+        if tensors:
+            data["tensors"] = [{"name": t.name, "shape": list(t.shape), "source": t.source, "rule": t.rule} for t in self.tensors]
+        return data
+
+
+# ----------------------------------------------------------------------------------------------
+# midus_plan.json: written by the emitter (``Plan.to_json`` without tensors, plus where the base
+# was and whether its code was trusted), read by `train` (freeze: base), `verify` and the tools.
+
+PLAN_FILE = "midus_plan.json"
+PLAN_MIDUS_KEYS = ("hml", "share_bank")  # what the plan's `midus` section holds: the rest is elsewhere in the plan
+
+
+def read_plan_json(data: dict) -> dict:
+    """A midus_plan.json's contents in today's layout (``Plan.to_json``), whichever layout it was
+    written in; the one reader of plan files, so that every output ever written still loads.
+
+    Older layouts: ``midus`` repeated the layer map (``layer_map``), the anatomy, the memory layer
+    indices and the base model type; plans before ``layers_path`` existed had it only inside the
+    anatomy (copy-only plans, with no anatomy, had it nowhere: the caller then reads it off the
+    model's parameter names, ``train.params.inserted_layers``); plain copies were kind
+    ``transformer``.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"not a JSON object but {type(data).__name__}")
+    plan = dict(data)
+    old_midus = plan.get("midus") or {}
+    plan["anatomy"] = plan.get("anatomy") or old_midus.get("anatomy")
+    layers = plan.get("layers") or old_midus.get("layer_map") or []
+    plan["layers"] = [{**layer, "kind": "copy"} if layer.get("kind") == "transformer" else dict(layer) for layer in layers]
+    plan["layers_path"] = plan.get("layers_path") or (plan["anatomy"] or {}).get("layers_path")
+    has_memory = any(layer.get("kind") == "memory" for layer in plan["layers"])
+    plan["midus"] = {k: old_midus[k] for k in PLAN_MIDUS_KEYS if k in old_midus} if has_memory and old_midus else None
+    return plan
+
+
+def read_plan_file(model_dir: Path) -> dict | None:
+    """``model_dir``'s midus_plan.json through ``read_plan_json``; None when it has none (not made
+    by `apply`); MidusError, one line, when it is not a readable plan."""
+    path = Path(model_dir) / PLAN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return read_plan_json(json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
+        raise MidusError(f"{path}: not a readable plan ({one_line(exc, 200)})") from None
 
 
 # ----------------------------------------------------------------------------------------------

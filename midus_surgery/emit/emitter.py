@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from midus_surgery.compiler.base import resolve_base
-from midus_surgery.compiler.plan import Plan, TensorEntry
+from midus_surgery.compiler.plan import PLAN_FILE, Plan, TensorEntry
 from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.errors import MidusError
 from midus_surgery.io.dtypes import ITEMSIZE, TAGS, torch_dtype
@@ -357,10 +357,10 @@ def _write_companions(planned: PlannedRecipe, ref, tmp: Path) -> None:
     _write_generation_config(ref, config_dict, tmp)
     recipe_text = Path(planned.loaded.source.file).read_text()
     (tmp / "midus_recipe.yaml").write_text(recipe_text)
-    summary = {k: v for k, v in plan.to_json().items() if k != "tensors"}
+    summary = plan.to_json(tensors=False)  # the layout and its readers: compiler/plan.py, read_plan_json
     summary["base_path"] = str(planned.loaded.resolve(recipe.base.path).resolve())  # for `verify` without --base
     summary["trust_remote_code"] = recipe.base.trust_remote_code  # `verify` loads the output and the base as apply read it
-    (tmp / "midus_plan.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (tmp / PLAN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     (tmp / "README.md").write_text(model_card(planned, recipe_text))
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from midus_surgery.compiler.plan import read_plan_file
 from midus_surgery.errors import MidusError, one_line
 
 SAMPLE_TEXT = (
@@ -86,10 +87,11 @@ def perplexity(model, ids: torch.Tensor) -> float:
 
 
 def function_preserving(plan: dict) -> bool:
-    """True when every inserted block starts as the identity (so logits must equal the base's)."""
+    """True when every inserted block starts as the identity (so logits must equal the base's).
+    ``plan``: as ``read_plan_file`` gives it, in today's layout whatever layout it was written in."""
     init = (plan.get("midus") or {}).get("hml", {}).get("init")
     for layer in plan["layers"]:
-        if layer["kind"] in ("copy", "transformer"):  # `transformer`: plans written before the rename
+        if layer["kind"] == "copy":
             return False
         if layer["kind"] == "memory" and init == "random":
             return False
@@ -101,9 +103,8 @@ def verify(out: Path, base: Path | None = None, *, report=print) -> list[Check]:
     out = Path(out)
     if not (out / "config.json").is_file():
         raise MidusError(f"{out} is not a model directory (no config.json)")
-    plan_file = out / "midus_plan.json"
-    plan = json.loads(plan_file.read_text()) if plan_file.is_file() else None
-    trust = bool(plan.get("trust_remote_code")) if isinstance(plan, dict) else False
+    plan = read_plan_file(out)  # None: not made by `apply`
+    trust = bool(plan.get("trust_remote_code")) if plan is not None else False
     checks: list[Check] = []
 
     def record(check: Check) -> None:

@@ -1,22 +1,33 @@
-"""Checkpoint files: what a checkpoint holds, whether it is whole, and the state no pickle carries.
+"""Checkpoints: writing one, choosing the newest whole one, loading one, and the files' own rules.
 
 A checkpoint (``run_dir/checkpoints/step-NNNNNNNN/``) holds the model (safetensors), the optimiser
 (accelerate's ``optimizer.bin``, read only with weights_only=True), the scheduler (JSON), each
 process's RNG state (safetensors) and ``trainer_state.json``, written last, which marks it complete
-and records every other file's size (docs/reliability.md).
+and records every other file's size (docs/reliability.md). With the data position
+(``samples_seen``) that is everything a resumed run needs to continue exactly where the writing run
+was: a run killed at any moment ends, resumed, with the weights of an uninterrupted one.
+
+``save_checkpoint``, ``newest_whole_checkpoint`` and ``load_checkpoint`` take what they touch (the
+accelerator, the optimiser, the scheduler, paths), not the runner. Every process calls them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
+import shutil
+import time
+import uuid
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
+from midus_surgery.errors import TrainingError
 from midus_surgery.train.evaluate import flat_error
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
@@ -53,9 +64,13 @@ def legacy_rng_file(rank: int) -> str:
 
 def load_error_line(exc: BaseException, limit: int = 300) -> str:
     """An exception as one line; for torch's weights_only refusal, its reason, not its advice to load unsafely."""
-    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split())
-    if "WeightsUnpickler error:" in text:
-        reason = text.split("WeightsUnpickler error:", 1)[1].split(" Please use")[0].split(" Check the documentation")[0].strip()
+    raw = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if raw.startswith("Weights only load failed"):
+        # torch's message: its advice to re-run unsafely, then (a paragraph of its own) the reason;
+        # older versions put the reason after "WeightsUnpickler error:"
+        reason = raw.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in raw else raw.split("\n\n")[1:]
+        reason = " ".join(" ".join(reason if isinstance(reason, list) else [reason]).split())
+        reason = reason.split(" Please use")[0].split(" Check the documentation")[0].strip()
         return f"not plain tensors and numbers, refused by torch.load(weights_only=True) ({reason[:limit]})"
     return flat_error(exc, limit)
 
@@ -211,3 +226,140 @@ def weights_checksum(model) -> str:
         h.update(name.encode())
         h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- writing, choosing, loading
+
+
+def remove_partial_checkpoints(root: Path) -> None:
+    """Remove the ``.tmp-*`` directories of checkpoints a killed run was writing (main process only)."""
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def save_checkpoint(root: Path, acc, scheduler, *, step: int, samples_seen: int, keep_last: int, facts: dict) -> Path:
+    """Write ``root/step-NNNNNNNN`` whole or not at all, then keep only the newest ``keep_last``.
+
+    Every process writes its part (accelerate's model and optimiser shards, its own RNG file) into
+    one temp directory; the main process then adds the scheduler (JSON) and, last, the state file
+    with each file's size, and renames the directory into place. ``facts``: what else the state
+    file records (tokens_seen, total_steps, world_size, the data identity under ``data``, config).
+    """
+    from accelerate.utils import broadcast_object_list
+
+    main, rank = acc.is_main_process, acc.process_index
+    final = root / f"step-{step:08d}"
+    # All processes write into the same temp directory: the main process names it and tells the others.
+    holder = [str(root / f".tmp-step-{step:08d}-{uuid.uuid4().hex[:6]}") if main else None]
+    if acc.num_processes > 1:
+        broadcast_object_list(holder)
+    tmp = Path(holder[0])
+    if main:
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp), safe_serialization=True)  # model (safetensors), optimiser (pickle), RNG (pickle)
+    # accelerate's RNG pickle is replaced by a safetensors file; every process writes its own
+    (tmp / legacy_rng_file(rank)).unlink(missing_ok=True)
+    save_rng_state(tmp / rng_file(rank))
+    acc.wait_for_everyone()
+    if main:
+        (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()) + "\n")  # plain numbers, no pickle
+        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        state = {"step": step, "samples_seen": samples_seen, **facts, "time": time.time(), "files": files}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the checkpoint complete
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+class NoWholeCheckpoint(ValueError):
+    """``resume: auto`` over checkpoints none of which verifies (the message says the newest's problem)."""
+
+
+def newest_whole_checkpoint(root: Path, acc, say: Callable[[str], None]) -> Path | None:
+    """``resume: auto``: the newest checkpoint under ``root`` that verifies (None: there are none).
+
+    Newer ones that do not are said in one line each and moved aside (``step-N.broken``): kept
+    for a look, out of the way of this run's own checkpoints and of pruning, which would otherwise
+    keep them over good ones. NoWholeCheckpoint when there are checkpoints and none verifies.
+    """
+    chosen, broken = None, []
+    for _, path in reversed(complete_checkpoints(root)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            chosen = path
+            break
+        broken.append((path, problem))
+    if broken and chosen is None:
+        newest, problem = broken[0]
+        raise NoWholeCheckpoint(f"no checkpoint in {root} verifies (newest, {newest.name}: {problem}); "
+                                "move them away to start afresh, or choose another run_dir")
+    acc.wait_for_everyone()  # every process has chosen before one is moved
+    for path, problem in broken:
+        aside = path.with_name(f"{path.name}.broken")
+        if aside.exists():
+            aside = path.with_name(f"{path.name}.broken-{uuid.uuid4().hex[:6]}")
+        if acc.is_main_process:
+            os.replace(path, aside)
+        say(f"checkpoint {path.name} skipped: {problem}; moved to {aside.name}")
+    return chosen
+
+
+DATA_KEYS = ("train", "held_out", "block_size", "seed", "held_out_fraction")  # a resume must read the same blocks
+
+
+def load_checkpoint(path: Path, acc, optimizer, scheduler, *, adamw_options: dict, data_identity: dict) -> dict:
+    """Load a checkpoint that verified into the prepared model, optimiser and scheduler and this
+    process's RNGs; returns its state file (``step``, ``samples_seen``...).
+
+    Whatever still fails to load (a file corrupted without changing its size, say) is one
+    ``TrainingError`` line naming the file, never a traceback; nothing in it is unpickled but with
+    weights_only=True. ``data_identity`` must match the one saved: other data would replay or skip
+    blocks. ``adamw_options``: this run's AdamW implementation, which wins over the saved one.
+    """
+    def fail(why: str) -> TrainingError:
+        return TrainingError(f"cannot resume from {path}: {why}")
+
+    try:
+        state = read_checkpoint_state(path)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    saved = state.get("data", {})
+    changed = [k for k in DATA_KEYS if saved.get(k) != data_identity.get(k)]
+    if changed:
+        raise fail(f"the data changed since it was written ({', '.join(f'{k}: {saved.get(k)} -> {data_identity.get(k)}' for k in changed)}); "
+                   "resuming would replay or skip data. Use a new run_dir.")
+    try:
+        acc.load_state(str(path))  # accelerate reads its pickles with weights_only=True
+    except Exception as exc:  # noqa: BLE001 - said as one line, naming the file that does not read
+        files = list(state["files"]) if isinstance(state.get("files"), dict) else sorted(p.name for p in path.iterdir())
+        raise fail(first_unreadable_file(path, files) or load_error_line(exc)) from None
+    # A loaded optimiser state brings the implementation it was saved with; the config decides.
+    # The fused kernel also wants each parameter's step count as a float32 tensor beside it.
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper, or the optimiser itself
+    for group in inner.param_groups:
+        group.update({"fused": None, "foreach": None, **adamw_options})
+        if group["fused"]:
+            for p in group["params"]:
+                if "step" in inner.state.get(p, {}):
+                    inner.state[p]["step"] = inner.state[p]["step"].to(p.device, torch.float32)
+    name = SCHEDULER_FILE if (path / SCHEDULER_FILE).is_file() else LEGACY_SCHEDULER_FILE
+    try:
+        scheduler.load_state_dict(scheduler_state(path, scheduler.state_dict()))
+    except Exception as exc:  # noqa: BLE001 - as above
+        raise fail(f"{name}: {load_error_line(exc)}") from None
+    # This process's RNG state: ours (safetensors), or accelerate's pickle in older checkpoints,
+    # which accelerate's load_state already tried but whose errors it only logs.
+    rank = acc.process_index
+    name = rng_file(rank) if (path / rng_file(rank)).is_file() else legacy_rng_file(rank)
+    if not (path / name).is_file() and rank >= state.get("world_size", 1):
+        return state  # a process the saving run did not have: its RNG stays as seeded
+    try:
+        (load_rng_state if name == rng_file(rank) else load_legacy_rng_state)(path / name)
+    except Exception as exc:  # noqa: BLE001 - as above
+        raise fail(f"{name}: {load_error_line(exc)}") from None
+    return state

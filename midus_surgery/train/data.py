@@ -368,9 +368,6 @@ class BlockSampler:
             self._epoch = epoch
         return int(self._perm[pos])
 
-    def epoch_of(self, k: int) -> float:
-        return k / len(self.blocks)
-
     def micro_batch(self, start: int, rank: int, world: int, micro: int, size: int) -> tuple[np.ndarray, list[int]]:
         """The ``micro``-th micro-batch of ``rank`` in the optimiser step whose first sample is ``start``.
 

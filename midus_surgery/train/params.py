@@ -7,41 +7,30 @@ decay and clip), AdamW's implementation per device, and the lr schedule's multip
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from midus_surgery.compiler.plan import guess_layers_path, read_plan_json
 from midus_surgery.errors import MidusError, RecipeError
 from midus_surgery.model.midus_names import SHARED_BANK, is_memory_parameter
 from midus_surgery.train.config import LoadedTrainConfig, TrainConfig
 from midus_surgery.units import human_count
 
 
-def read_plan(model_dir: Path) -> dict | None:
-    path = model_dir / "midus_plan.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MidusError(f"{path}: not readable JSON ({exc})") from None
-
-
 def inserted_layers(plan: dict, param_names: list[str] = ()) -> tuple[str, list[int]]:
     """(dotted path of the decoder layers, indices of the inserted layers) of an output's midus_plan.json.
 
-    Plans record ``layers_path``; older copy-only plans (no anatomy traced) did not, so the path is
-    then read off the model's parameter names: the prefix followed by every layer index.
+    ``plan``: a midus_plan.json's contents in any layout it was ever written in (read through
+    ``read_plan_json``). Copy-only plans written before ``layers_path`` was recorded (no anatomy
+    traced) say nowhere where the layers are: it is then read off the model's parameter names,
+    the prefix followed by every layer index.
     """
-    layers = plan.get("layers", [])
-    layers_path = (plan.get("layers_path") or (plan.get("anatomy") or {}).get("layers_path")
-                   or (plan.get("midus", {}).get("anatomy") or {}).get("layers_path"))
+    plan = read_plan_json(plan)
+    layers = plan["layers"]
+    layers_path = plan["layers_path"]
     if not layers_path and param_names:
-        from midus_surgery.compiler.plan import guess_layers_path
-
         layers_path = guess_layers_path(dict.fromkeys(param_names), len(layers))
     if not layers_path:
         raise MidusError("midus_plan.json has no layers_path, and the model's parameter names do not show where the decoder layers are")

@@ -1,0 +1,57 @@
+"""The end of a run: the trained model as a model directory, beside what ``init_from`` carried.
+
+The export is a directory transformers loads like any other (safetensors weights in the export
+dtype, config.json) plus every non-weight file of ``init_from`` (tokenizer, midus_plan.json,
+midus_recipe.yaml, model card, templates), the MIDUS modeling files for a MIDUS model, and
+``midus_train.json`` (what was trained how). It appears whole or not at all (a temp directory
+renamed into place), and replaces only an export of the same run (output_dir.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from midus_surgery.io.output_dir import atomic_directory
+from midus_surgery.model import copy_modeling_files
+
+EXPORT_KIND = "train export"  # the export's output_dir marker: what a later run may replace
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")  # init_from's weights: never copied
+SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "midus_train.json"}  # written anew
+
+
+def export_model(acc, model, out: Path, *, run_dir: Path, init_from: Path, dtype: torch.dtype, is_midus: bool, summary: dict,
+                 report: Callable[[str], None]) -> Path:
+    """Write the prepared ``model``'s weights, cast to ``dtype``, as the model directory ``out``,
+    marked as the export of ``run_dir`` (only a later export of the same run may replace it).
+
+    Every process calls it (gathering a sharded model's state dict is collective); the main
+    process writes. ``summary`` becomes midus_train.json. ``report``: where the line about each
+    leftover of a killed export removed first goes.
+    """
+    state_dict = acc.get_state_dict(model)
+    # torch.compile wraps the model: its keys carry an `_orig_mod.` prefix the export must not keep.
+    state_dict = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
+    if acc.is_main_process:
+        raw = acc.unwrap_model(model)
+        state_dict = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
+        with atomic_directory(out, kind=EXPORT_KIND, owner=str(run_dir), report=report) as tmp:
+            # the config says the export's dtype and, for generation, that the KV cache is on again
+            old_dtype = raw.config.dtype
+            raw.config.dtype, raw.config.use_cache = dtype, True
+            try:
+                raw.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            finally:
+                raw.config.dtype, raw.config.use_cache = old_dtype, False
+            for src in init_from.iterdir():
+                if src.is_file() and src.name not in SKIP_FILES and not src.name.endswith(WEIGHT_SUFFIXES) and not (tmp / src.name).exists():
+                    shutil.copy2(src, tmp / src.name)
+            if is_midus:
+                copy_modeling_files(tmp)
+            (tmp / "midus_train.json").write_text(json.dumps(summary, indent=2) + "\n")
+    acc.wait_for_everyone()
+    return out
