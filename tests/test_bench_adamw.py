@@ -3,10 +3,11 @@ train, every implementation is timed, and the section it writes holds their rati
 
 from __future__ import annotations
 
-from tool_modules import load_tool
+from tool_modules import import_tool, load_tool
 from train_fixtures.tiny import PLAN_LAYERS, make_model_dir
 
 ba = load_tool("bench_adamw")
+bar = import_tool("bench_adamw_report")
 
 
 def test_trainable_shapes_follow_the_freeze_policy(tmp_path):
@@ -30,11 +31,12 @@ def test_every_implementation_runs_agrees_and_is_reported(tmp_path, monkeypatch)
     assert all(r["vs_for_loop"] == 1.0 for r in rows if r["implementation"] == "for-loop")
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\n## Other\n\nkept\n")
-    monkeypatch.setattr(ba, "DOCS", docs)
-    ba.write_docs({"layout": "every2", "machine": "Fake", "threads": 1, "versions": {"python": "3", "torch": "2", "transformers": "5"},
+    monkeypatch.setattr(bar, "DOCS", docs)
+    bar.write_docs({"layout": "every2", "machine": "Fake", "threads": 1, "versions": {"python": "3", "torch": "2", "transformers": "5"},
                    "load_avg_start": "0", "load_avg_end": "0", "repeats": 2, "steps": 2, "command": "python tools/bench_adamw.py",
-                   "max_abs_diff": 1e-8, "rows": rows})
+                   "max_abs_diff": 1e-8, "rows": rows}, tmp_path / "run.json")
     text = docs.read_text()
+    assert "- Raw numbers: [run.json](run.json)" in text
     assert "## Other\n\nkept" in text and "## AdamW implementations" in text
     fused = next(r for r in rows if r["implementation"] == "fused")
     assert f"| fused | {fused['step_min_s']:.3f} |" in text and f"**{fused['vs_for_loop']:.2f}x**" in text

@@ -1,62 +1,130 @@
-"""tools/bench_hml.py on a tiny block: a row times both modules and agrees with the layer's own
-parameter count, and the docs section says what bf16 meant on the CPU the rows came from."""
+"""tools/bench_hml.py (the driver) and tools/bench_hml_report.py (its report) on a tiny block, with the clock
+replaced by known numbers: one row per size and precision, every ratio computed from the same run's times
+(minimum over the interleaved repeats, the scaled FFN for sub-batch bf16 rows), the targets judged on those
+ratios, and the `## HML` section written with the table, the targets and the run's own machine and command.
+No assertion here depends on how fast this machine is."""
 
 from __future__ import annotations
 
+import json
+from itertools import cycle
+
+import pytest
 import torch
-from tool_modules import load_tool
+from tool_modules import import_tool, load_tool
 
 bh = load_tool("bench_hml")
+bhr = import_tool("bench_hml_report")
 
 TINY = dict(hidden=32, heads=2, head_dim=16, ffn=64, n=8, k=4, d_l=8)
 
 
-def test_row_times_both_modules_and_the_pure_torch_path(monkeypatch):
+@pytest.fixture
+def tiny(monkeypatch):
     monkeypatch.setitem(bh.SIZES, "tiny", TINY)
+    monkeypatch.setitem(bh.SIZES, "tiny-wide", dict(TINY, ffn=128))
     monkeypatch.setattr(bh, "BATCH", 1)
     monkeypatch.setattr(bh, "SEQ", 8)
-    row = bh.run_row("tiny", torch.float32, 2, None, log=lambda *a: None, compare_torch=True)
-    assert row["hml_ms"] > 0 and row["ffn_ms"] > 0 and row["hml_torch_ms"] > 0
-    assert row["ratio"] > 0 and row["ratio_torch"] > 0
+
+
+def fake_clock(monkeypatch, ms: list[float]):
+    """timed() returns these milliseconds in turn; the repeats interleave FFN, HML (, pure-torch HML)."""
+    seq = cycle(ms)
+    monkeypatch.setattr(bh, "timed", lambda fn: (fn(), next(seq))[1])
+
+
+def test_a_row_computes_its_ratios_from_the_minimum_of_its_own_repeats(tiny, monkeypatch):
+    # per repeat: FFN, HML, pure-torch HML
+    fake_clock(monkeypatch, [8.0, 3.0, 6.0, 10.0, 2.0, 7.0, 9.0, 4.0, 5.0])
+    row = bh.run_row("tiny", torch.float32, 3, None, log=lambda *a: None, compare_torch=True)
+    assert (row["ffn_ms"], row["hml_ms"], row["hml_torch_ms"]) == (8.0, 2.0, 5.0)  # the minima
+    assert row["ratio"] == 0.25 and row["ratio_torch"] == 0.625
+    assert (row["ffn_ms_median"], row["hml_ms_median"]) == (9.0, 3.0) and row["repeats"] == 3
     assert row["ffn_params"] == 3 * TINY["hidden"] * TINY["ffn"]
-    assert "ffn_tokens_timed" not in row and row["ffn_peak_mib"] is not None
+    assert row["hml_params"] == bh.hml_parameter_count(TINY["heads"], TINY["head_dim"], TINY["hidden"], bh.HMLConfig(
+        n_subkeys=TINY["n"], topk=TINY["k"], latent_dim=TINY["d_l"], init="random"))
+    assert (row["n"], row["k"], row["d_l"], row["path"]) == (8, 4, 8, "fused")
+    assert "ffn_tokens_timed" not in row and row["ffn_peak_mib"] is not None and row["hml_peak_mib"] >= 0
 
 
-def test_scaled_bf16_ffn_rows_are_flagged_in_the_table_and_the_notes(monkeypatch):
-    monkeypatch.setitem(bh.SIZES, "tiny", TINY)
-    monkeypatch.setattr(bh, "BATCH", 1)
-    monkeypatch.setattr(bh, "SEQ", 8)
+def test_a_sub_batch_bf16_ffn_is_scaled_to_the_full_batch_and_flagged(tiny, monkeypatch):
+    fake_clock(monkeypatch, [1.5, 3.0])  # FFN on 4 of the 8 tokens: 1.5 ms -> 3.0 ms at the full batch
     scaled = bh.run_row("tiny", torch.bfloat16, 1, 4, log=lambda *a: None)
-    assert scaled["ffn_tokens_timed"] == 4 and scaled["ffn_peak_mib"] is None
-    assert "timed on 4 tok, scaled" in bh.table([scaled])
-    assert "without native bf16" in bh.bf16_notes([scaled])
+    assert scaled["ffn_tokens_timed"] == 4 and scaled["ffn_ms"] == 3.0 and scaled["ratio"] == 1.0
+    assert scaled["ffn_peak_mib"] is None and scaled["dtype"] == "bfloat16" and "hml_torch_ms" not in scaled
+    table = bhr.table([scaled])
+    assert "| tiny | bfloat16 | 8 | 4 | 8 |" in table and "3.0 (timed on 4 tok, scaled)" in table and "n/a (see note)" in table
+    assert "without native bf16" in bhr.bf16_notes([scaled])
     full = dict(scaled)
     del full["ffn_tokens_timed"]
-    notes = bh.bf16_notes([full])
+    notes = bhr.bf16_notes([full])
     assert "bf16 units" in notes and "scaled" not in notes
 
 
-def test_docs_section_names_the_command_and_keeps_other_sections(tmp_path, monkeypatch):
-    monkeypatch.setitem(bh.SIZES, "tiny", TINY)
-    monkeypatch.setattr(bh, "BATCH", 1)
-    monkeypatch.setattr(bh, "SEQ", 8)
-    row = bh.run_row("tiny", torch.float32, 1, None, log=lambda *a: None)
-    docs = tmp_path / "benchmarks.md"
-    docs.write_text("# Benchmarks\n\n## HML\n\nold\n\n## Other\n\nkept\n")
-    bh.write_docs(str(docs), [row], "python tools/bench_hml.py --sizes tiny")
-    text = docs.read_text()
-    assert "old" not in text and "## Other\n\nkept" in text
-    assert "`python tools/bench_hml.py --sizes tiny`" in text and "| tiny | float32 |" in text
-    assert ("no native bf16" in text) != ("native bf16 (AVX512-BF16/AMX)" in text)
-    assert "- Versions: Python " in text and "transformers " in text
+def test_the_driver_gives_one_row_per_size_and_precision(tiny, monkeypatch, capsys):
+    fake_clock(monkeypatch, [4.0, 1.0, 2.0])
+    assert bh.main(["--json", "--sizes", "tiny,tiny-wide", "--dtypes", "float32,bfloat16", "--repeats", "2"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert [(r["size"], r["dtype"]) for r in payload["rows"]] == [
+        ("tiny", "float32"), ("tiny", "bfloat16"), ("tiny-wide", "float32"), ("tiny-wide", "bfloat16")]
+    for r in payload["rows"]:
+        assert r["ratio"] == round(r["hml_ms"] / r["ffn_ms"], 3)  # from the row's own numbers
+        if r["dtype"] == "float32":  # the pure-torch path is timed beside the kernels in the fp32 rows
+            assert r["ratio_torch"] == round(r["hml_torch_ms"] / r["ffn_ms"], 3)
+        else:
+            assert "hml_torch_ms" not in r
+    assert payload["batch"] == 1 and payload["seq"] == 8
+    assert payload["command"] == "python tools/bench_hml.py --json --sizes tiny,tiny-wide --dtypes float32,bfloat16 --repeats 2"
+    assert payload["versions"]["torch"] and "CPU cores" in payload["machine"]
 
 
 def test_targets_judge_each_targeted_size_and_skip_the_others():
     rows = [dict(size="SmolLM2-135M", dtype="float32", ratio=0.34), dict(size="SmolLM2-135M", dtype="bfloat16", ratio=0.66),
-            dict(size="Llama-3.2-1B", dtype="bfloat16", ratio=0.25), dict(size="SmolLM2-135M recipe", dtype="float32", ratio=9.0)]
-    text = bh.targets(rows)
+            dict(size="Llama-3.2-1B", dtype="bfloat16", ratio=0.25), dict(size="SmolLM2-135M recipe", dtype="float32", ratio=9.0),
+            dict(size="Llama-3.2-1B", dtype="float32", ratio=0.2501)]
+    text = bhr.targets(rows)
     assert "SmolLM2-135M float32: HML/FFN 0.34x (target <= 0.5: met)" in text
     assert "SmolLM2-135M bfloat16: HML/FFN 0.66x (target <= 0.5: NOT met)" in text
-    assert "Llama-3.2-1B bfloat16: HML/FFN 0.25x (target <= 0.25: met)" in text
+    assert "Llama-3.2-1B bfloat16: HML/FFN 0.25x (target <= 0.25: met)" in text  # the bound itself meets it
+    assert "Llama-3.2-1B float32: HML/FFN 0.25x (target <= 0.25: NOT met)" in text  # judged on the ratio, not its rounding
     assert "recipe" not in text
-    assert bh.targets(rows[3:]) == ""
+    assert bhr.targets(rows[3:4]) == ""
+
+
+def test_write_docs_puts_the_run_into_its_section_and_keeps_the_others(tiny, monkeypatch, tmp_path):
+    fake_clock(monkeypatch, [4.0, 1.0, 3.0])
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\n## HML\n\nold\n\n## Other\n\nkept\n")
+    monkeypatch.setattr(bhr, "DOCS", docs)
+    monkeypatch.setattr(bh, "DOCS", docs)
+    monkeypatch.setattr(bh, "JSON", tmp_path / "results" / "bench_hml.json")
+    monkeypatch.setitem(bhr.TARGETS, "tiny", 0.3)
+    assert bh.main(["--sizes", "tiny", "--dtypes", "float32", "--repeats", "1", "--write-docs"]) == 0
+    text = docs.read_text()
+    assert "old" not in text and text.endswith("## Other\n\nkept\n") and text.count("## HML\n") == 1
+    section = text.split("## HML\n", 1)[1].split("\n## ", 1)[0]
+    saved = json.loads((tmp_path / "results" / "bench_hml.json").read_text())
+    assert saved["rows"][0]["ratio"] == 0.25
+    assert bhr.table(saved["rows"]).strip() in section  # the table of the very rows saved
+    assert "| tiny | float32 | 8 | 4 | 8 |" in section and "**0.25x** | 3.0 (0.75x)" in section
+    assert "- tiny float32: HML/FFN 0.25x (target <= 0.3: met)" in section
+    assert "batch 1 x 8 tokens" in section and "`python tools/bench_hml.py --sizes tiny --dtypes float32 --repeats 1 --write-docs`" in section
+    assert f"- Machine: {saved['machine']}" in section and "- Versions: Python " in section
+    assert ("no native bf16" in section) != ("native bf16 (AVX512-BF16/AMX)" in section)
+    assert "- Raw numbers: [bench_hml.json](results/bench_hml.json)" in section
+
+
+def test_the_report_redraws_the_section_from_a_saved_run(tmp_path, monkeypatch):
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\n## HML\n\nold\n")
+    monkeypatch.setattr(bhr, "DOCS", docs)
+    row = dict(size="Llama-3.2-1B", dtype="float32", n=256, k=32, d_l=256, hml_params=10**6, ffn_params=5 * 10**7, hml_ms=20.0,
+               ffn_ms=100.0, ratio=0.2, hml_peak_mib=1.0, ffn_peak_mib=2.0)
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({"rows": [row], "machine": "Another CPU, 64 CPU cores, native bf16 (AVX512-BF16/AMX)",
+                                 "versions": {"python": "3.x", "torch": "2.x", "transformers": "5.x"}, "batch": 4, "seq": 256,
+                                 "command": "python tools/bench_hml.py --write-docs"}))
+    assert bhr.main(["--from-json", str(saved)]) == 0
+    text = docs.read_text()
+    assert "- Machine: Another CPU, 64 CPU cores" in text and "torch 2.x" in text  # the run's machine, not this one
+    assert "- Llama-3.2-1B float32: HML/FFN 0.20x (target <= 0.25: met)" in text and "batch 4 x 256 tokens" in text

@@ -1,15 +1,15 @@
-"""tools/bench_step.py's report logic on synthetic rows: ratios match rows of the same precision
-*and* batch, and --from-json rewrites the GPU section without touching the CPU one."""
+"""tools/bench_step.py (the driver) and tools/bench_step_report.py (its report) on synthetic rows: ratios match
+rows of the same precision *and* batch, and --from-json rewrites the GPU section without touching the CPU one."""
 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
-from tool_modules import load_tool
+from tool_modules import import_tool, load_tool
 
 bs = load_tool("bench_step")
+bsr = import_tool("bench_step_report")  # the report: the same module object the driver imported
 
 
 def _row(model, freeze, precision, batch, step, trainable):
@@ -30,7 +30,7 @@ def _rows():
 def _payload(device, rows, plans, **extra):
     return {"device": device, "machine": "Fake", "random_init": device == "cuda", "threads": 1,
             "versions": {"python": "3", "torch": "2", "transformers": "5"}, "load_avg_start": "0", "load_avg_end": "0",
-            "command": "python tools/bench_step.py", "rows": rows, "targets": bs.targets(rows), "plans": plans, **extra}
+            "command": "python tools/bench_step.py", "rows": rows, "targets": bsr.targets(rows), "plans": plans, **extra}
 
 
 def redraw(tmp_path, payload, docs) -> str:
@@ -45,13 +45,13 @@ def docs(tmp_path, monkeypatch):
     """A scratch benchmarks.md with a CPU section and another one, and the PNGs beside it."""
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\n## Training step\n\nthe CPU table\n\n## Other\n\nkept\n")
-    monkeypatch.setattr(bs, "DOCS", docs)
-    monkeypatch.setattr(bs, "PNG", {"cpu": tmp_path / "cpu.png", "cuda": tmp_path / "gpu.png"})
+    monkeypatch.setattr(bsr, "DOCS", docs)
+    monkeypatch.setattr(bsr, "PNG", {"cpu": tmp_path / "cpu.png", "cuda": tmp_path / "gpu.png"})
     return docs
 
 
 def test_targets_pair_rows_of_the_same_batch():
-    ts = {t["batch"]: t for t in bs.targets(_rows())}
+    ts = {t["batch"]: t for t in bsr.targets(_rows())}
     assert abs(ts[4]["midus_over_dus"] - 0.8) < 1e-12 and ts[4]["step_le_0.85"]
     assert abs(ts[16]["midus_over_dus"] - 1.2) < 1e-12 and not ts[16]["step_le_0.85"]
 
@@ -67,20 +67,22 @@ def test_from_json_writes_the_gpu_section_only(tmp_path, docs):
     assert (tmp_path / "gpu.png").stat().st_size > 0 and not (tmp_path / "cpu.png").exists()
 
 
-@pytest.mark.parametrize("path,words", [("triton", "the Triton kernels"), ("torch", "the pure-torch path"),
-                                        (None, "the pure-torch path")])  # None: JSON from before the field
-def test_the_gpu_section_names_the_memory_layer_path(tmp_path, docs, path, words):
-    extra = {} if path is None else {"hml_cuda_path": path}
+@pytest.mark.parametrize("field,backend,words", [
+    ("hml_cuda_backend", "triton", "the Triton kernels"), ("hml_cuda_backend", "torch", "the pure-torch path"),
+    ("hml_cuda_path", "triton", "the Triton kernels"), ("hml_cuda_path", "torch", "the pure-torch path"),  # its old name
+    (None, None, "the pure-torch path")])  # None: JSON from before the field
+def test_the_gpu_section_names_the_memory_layer_backend(tmp_path, docs, field, backend, words):
+    extra = {} if field is None else {field: backend}
     payload = _payload("cuda", _rows(), [{"precision": "bf16", "batch": b, "seq": 256, "repeats": 1, "warmup": 2, "steps": 10}
                                          for b in (4, 16)], **extra)
     assert f"- MIDUS's memory layer runs on {words}" in redraw(tmp_path, payload, docs)
 
 
-def test_the_driver_records_the_path_the_environment_selects(monkeypatch):
+def test_the_driver_records_the_backend_the_environment_selects(monkeypatch):
     monkeypatch.setenv("MIDUS_HML_KERNELS", "torch")
-    assert bs.hml_cuda_path() == "torch"
+    assert bs.hml_cuda_backend() == "torch"
     monkeypatch.setenv("MIDUS_HML_KERNELS", "triton")
-    assert bs.hml_cuda_path() == "triton"
+    assert bs.hml_cuda_backend() == "triton"
 
 
 def test_on_cuda_midus_runs_again_on_the_pure_torch_path_side_by_side():
@@ -93,24 +95,30 @@ def test_on_cuda_midus_runs_again_on_the_pure_torch_path_side_by_side():
     assert not bs.spec_for("MIDUS", "base", plan, "cuda", True, "every2")["torch_hml"]
 
 
-def test_the_pure_torch_row_forces_the_layer_path_for_its_steps_only(monkeypatch):
-    from midus_surgery.model import hml
+def test_the_pure_torch_row_forces_the_layer_backend_for_its_model_only(monkeypatch):
+    import torch
 
-    monkeypatch.setattr(hml, "_triton_answer", hml._triton_answer)  # restored after the test
+    from midus_surgery.model.hml import HeadwiseMemory, HMLConfig
+
+    def model():  # two memory layers, built as a loaded MIDUS model's are: under the child's environment
+        cfg = HMLConfig(n_subkeys=4, topk=2, latent_dim=4)
+        return torch.nn.Sequential(HeadwiseMemory(2, 8, 16, cfg), HeadwiseMemory(2, 8, 16, cfg))
+
     monkeypatch.setenv("MIDUS_HML_KERNELS", "triton")
-    bs.use_hml_path(True)
-    assert hml._triton_answer == (False, False)
-    bs.use_hml_path(False)  # the next configuration in the same child gets the process default back
-    assert hml._triton_answer == hml._triton_settings({"MIDUS_HML_KERNELS": "triton", "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "")})
+    pure, default = model(), model()
+    assert bs.set_hml_kernels(pure, True, "cuda") == "torch"
+    assert bs.set_hml_kernels(default, False, "cuda") == "triton"  # the next configuration: the environment's
+    assert [m.backend("cuda") for m in pure] == ["torch", "torch"]  # and the first one's layers stay put
+    assert bs.set_hml_kernels(torch.nn.Linear(2, 2), False, "cpu") == "torch"  # DUS: no memory layer
 
 
 def test_the_report_says_what_the_triton_kernels_buy(tmp_path, docs):
     rows = [_row("DUS", "base", "bf16", 16, 0.15, 53 * 10**6), _row("MIDUS", "base", "bf16", 16, 0.20, 26 * 10**6),
             _row("MIDUS (pure torch)", "base", "bf16", 16, 0.30, 26 * 10**6), _row("FFN-free floor", "base", "bf16", 16, 0.13, 13 * 10**6)]
-    [t] = bs.targets(rows)
+    [t] = bsr.targets(rows)
     assert abs(t["midus_over_pure_torch"] - 2 / 3) < 1e-12 and abs(t["pure_torch_over_dus"] - 2.0) < 1e-12
     payload = _payload("cuda", rows, [{"precision": "bf16", "batch": 16, "seq": 256, "repeats": 1, "warmup": 2, "steps": 10}],
-                       hml_cuda_path="triton")
+                       hml_cuda_backend="triton")
     text = redraw(tmp_path, payload, docs)
     assert "| MIDUS (pure torch) | base |" in text and "the same model with the layer forced onto the pure-torch path" in text
     assert "the memory layer on its pure-torch path 2.00x DUS (the Triton kernels take the MIDUS step to 0.67x of that)" in text
@@ -127,16 +135,16 @@ def test_paired_rounds_judge_the_target_on_the_median_of_per_round_ratios():
     midus = rows[1]
     assert abs(midus["paired_vs_dus"] - 0.8) < 1e-12 and midus["paired_rounds"] == 3
     assert abs(midus["paired_vs_dus_q1"] - 0.8) < 1e-12 and abs(midus["paired_vs_dus_q3"] - 0.85) < 1e-12
-    (t,) = bs.targets(rows)
+    (t,) = bsr.targets(rows)
     assert t["judged_on"] == "paired" and t["step_le_0.85"] and abs(t["floor_over_dus_paired"] - 0.75) < 1e-12
-    line = bs.target_lines([t])[0]
+    line = bsr.target_lines([t])[0]
     assert "0.800x (median of 3 paired rounds, IQR 0.800-0.850; target <= 0.85: met" in line
-    assert "**0.800x** [0.800-0.850]" in bs.table(rows)
+    assert "**0.800x** [0.800-0.850]" in bsr.table(rows)
     # the same rows without rounds fall back to the ratio of minima (1.0 here: not met)
     for row in rows:
         for key in ("paired_steps_s", "paired_vs_dus", "paired_vs_dus_q1", "paired_vs_dus_q3", "paired_rounds"):
             row.pop(key)
-    (t,) = bs.targets(rows)
+    (t,) = bsr.targets(rows)
     assert t["judged_on"] == "minimum" and not t["step_le_0.85"]
 
 
@@ -160,7 +168,7 @@ def test_every2_layout_reads_its_recipes_and_writes_its_own_section(tmp_path, do
 
 def test_llama1b_layout_names_its_base_and_writes_its_own_section(tmp_path, docs):
     models = bs.models_for("llama1b-every2")
-    assert models["base"] == bs.LLAMA1B_BASE and models["MIDUS"].name == "llama-1b-8l-midus-every2"
+    assert models["base"] == bsr.LLAMA1B_BASE and models["MIDUS"].name == "llama-1b-8l-midus-every2"
     assert models["FFN-free floor"] == models["DUS"] and models["LLaMA-Pro"].name == "llama-1b-8l-llama-pro-every2"
     rows = [_row("DUS", "base", "bf16", 4, 1.0, 243 * 10**6), _row("MIDUS", "base", "bf16", 4, 0.7, 96 * 10**6)]
     for row in rows:

@@ -17,3 +17,11 @@ def load_tool(name: str):
     sys.modules[spec.name] = module  # dataclasses need the module registered while it executes
     spec.loader.exec_module(module)
     return module
+
+
+def import_tool(name: str):
+    """A module under tools/ as the scripts import it (``import bench_step_report``): the one object a driver
+    uses, so that a test patches what the driver reads. Report modules are imported this way."""
+    import importlib
+
+    return importlib.import_module(name)

@@ -15,6 +15,9 @@ train, with random gradients, in each implementation, side by side.
 
     python tools/bench_adamw.py            # every2 layout, writes docs/benchmarks.md `## AdamW`
     python tools/bench_adamw.py --quick    # freeze=base only, 1 repeat (seconds; never writes the docs)
+
+This is the driver; a full run keeps its raw numbers in docs/results/bench_adamw_<layout>.json and the report
+(tools/bench_adamw_report.py, which also redraws a section ``--from-json``) writes the section.
 """
 
 from __future__ import annotations
@@ -29,13 +32,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import command_line, cpu_name, load_avg, median, versions, write_section  # noqa: E402
-from bench_step import DOCS, LAYOUTS, ensure_outputs, models_for  # noqa: E402
+from bench_adamw_report import json_path, table, write_docs  # noqa: E402
+from bench_common import command_line, cpu_name, finish, load_avg, median, save_json, versions  # noqa: E402
+from bench_step import LAYOUTS, ensure_outputs, models_for  # noqa: E402
 
 from midus_surgery.model.midus_names import SHARED_BANK  # noqa: E402
 from midus_surgery.train.params import adamw_options, inserted_layers  # noqa: E402
 
-SECTION = "## AdamW implementations"
 IMPLEMENTATIONS = ("for-loop", "foreach", "fused")
 
 
@@ -114,43 +117,11 @@ def bench(models: list[str], freezes: list[str], layout: str, repeats: int, step
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| model | freeze | trainable params (tensors) | implementation | step min s | step median s | vs for-loop |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ratio = f"**{r['vs_for_loop']:.2f}x**" if r["implementation"] == "fused" else f"{r['vs_for_loop']:.2f}x"
-        lines.append(f"| {r['model']} | {r['freeze']} | {r['params'] / 1e6:.1f}M ({r['tensors']}) | {r['implementation']} | "
-                     f"{r['step_min_s']:.3f} | {r['step_median_s']:.3f} (n={r['n_steps']}) | {ratio} |")
-    return "\n".join(lines)
-
-
-def write_docs(payload: dict) -> None:
-    v = payload["versions"]
-    body = "\n".join([
-        SECTION, "",
-        "One AdamW step (lr 1e-4, weight decay 0.1) over the parameters that train, in each torch implementation "
-        "(`optim.implementation` of `midus-surgery train`; `auto`, the default, is fused on CPU and CUDA, while torch's own default "
-        f"on CPU is the for-loop). Models: the SmolLM2-135M DUS and MIDUS outputs, {LAYOUTS[payload['layout']]['what']}.",
-        "",
-        f"- Machine: {payload['machine']}, torch threads {payload['threads']}; load average (1/5/15 min) at start "
-        f"{payload['load_avg_start']}, at end {payload['load_avg_end']}.",
-        f"- Versions: Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}.",
-        f"- Command: `{payload['command']}`",
-        f"- Each repeat: per implementation a fresh optimiser, one untimed step (allocates the moments), then {payload['steps']} timed "
-        f"steps; implementations interleave, order rotating; {payload['repeats']} repeat(s). Random gradients; the shapes are those "
-        "`freeze: none` / `freeze: base` train.",
-        f"- The implementations' weights after three steps differ by at most {payload['max_abs_diff']:.1e} (float rounding).",
-        "",
-        table(payload["rows"]), "",
-    ])
-    write_section(DOCS, SECTION, body)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="freeze=base only, 1 repeat of 2 steps (never writes the docs)")
     ap.add_argument("--json", action="store_true", help="print one JSON object with the rows and ratios")
-    ap.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
+    ap.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md and docs/results/bench_adamw_<layout>.json")
     ap.add_argument("--layout", choices=list(LAYOUTS), default="every2", help="which outputs (as tools/bench_step.py; default every2)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per implementation and repeat (default 3)")
@@ -166,14 +137,8 @@ def main(argv=None) -> int:
                "load_avg_start": start, "load_avg_end": load_avg(), "repeats": repeats, "steps": steps,
                "command": command_line("tools/bench_adamw.py", argv),
                "max_abs_diff": agree(trainable_shapes(models_for(args.layout)["MIDUS"], "base")), "rows": rows}
-    if not (args.quick or args.no_docs):
-        write_docs(payload)
-    if args.json:
-        print(json.dumps(payload, indent=2))
-    else:
-        print()
-        print(table(rows))
-        print(f"\nthe implementations agree to {payload['max_abs_diff']:.1e}; load average start {start}, end {payload['load_avg_end']}")
+    finish(args, payload, lambda p: write_docs(p, save_json(json_path(p), p)),
+           f"{table(rows)}\n\nthe implementations agree to {payload['max_abs_diff']:.1e}; load average start {start}, end {payload['load_avg_end']}")
     return 0
 
 

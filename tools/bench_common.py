@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+RESULTS = DOCS / "results"  # every raw output a tool writes (JSON, PNG, logs); docs/results/README.md indexes them
+BENCHMARKS = DOCS / "benchmarks.md"  # the page the benchmark sections are written into
 
 
 def _cpuinfo(field: str) -> str | None:
@@ -82,3 +88,55 @@ def write_section(path: Path, title: str, body: str) -> None:
         nxt = text.find("\n## ", start + len(title))
         new = text[:start] + body.rstrip("\n") + "\n" + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
     path.write_text(new)
+
+
+def save_json(path: Path, payload: dict) -> Path:
+    """Write one run's raw numbers (the input of a report's --from-json redraw)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
+def link(target: Path, page: Path) -> str:
+    """``target`` as a markdown link path relative to the folder of ``page``."""
+    return Path(os.path.relpath(Path(target).resolve(), Path(page).resolve().parent)).as_posix()
+
+
+def raw_numbers_line(json_path: Path | None, page: Path, report: str) -> list[str]:
+    """The bullet a doc section gives its raw numbers and the command that redraws it (none when there is no file)."""
+    if json_path is None:
+        return []
+    rel = link(json_path, page)
+    try:
+        shown = Path(json_path).resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        shown = str(json_path)
+    return [f"- Raw numbers: [{Path(json_path).name}]({rel}); `python tools/{report} --from-json {shown}` redraws this section."]
+
+
+def finish(args, payload: dict, write_docs, summary: str) -> None:
+    """The end every benchmark driver shares: the docs on a full run (never with --quick or --no-docs), then
+    the JSON (--json) or the human summary on stdout."""
+    if not (getattr(args, "quick", False) or getattr(args, "no_docs", False)):
+        write_docs(payload)
+    if args.json:
+        print(json.dumps(payload, indent=2, default=str))
+    else:
+        print()
+        print(summary)
+
+
+def report_main(argv, doc: str, tool: str, redraw) -> int:
+    """The command line of a report module: ``--from-json RESULTS_JSON``, then ``redraw(payload, source)``
+    rewrites the run's section (and plot) from the saved run."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--from-json", metavar="RESULTS_JSON", required=True,
+                    help=f"the --json output (or the docs/results/ file) of an earlier tools/{tool} run")
+    args = ap.parse_args(argv)
+    source = Path(args.from_json)
+    redraw(json.loads(source.read_text()), source)
+    print(f"rewrote the {tool} section of {BENCHMARKS.relative_to(REPO)} from {source}")
+    return 0

@@ -15,9 +15,10 @@ see forgetting. Rows: base (no training), DUS, LLaMA-Pro, MIDUS.
         --recipe LLaMA-Pro=recipes/ablation/every2/smollm2-135m-llama-pro-every2.yaml \
         --recipe MIDUS=recipes/ablation/every2/smollm2-135m-midus-every2.yaml --label ...   # other recipes per row
 
-Writes work/bench/cpt-<label>/ (configs, run dirs, results.json, loss.png), copies the loss plot to
-docs/reproduction-<label>.png and replaces the `<label>` results section of docs/reproduction.md
-(--no-doc: don't touch docs/).
+Writes work/bench/cpt-<label>/ (configs, run dirs, results.json, loss.png); then the report
+(tools/bench_cpt_report.py) copies results.json and the loss plot to docs/results/reproduction-<label>.{json,png}
+and replaces the `<label>` section of docs/results/reproduction-runs.md (--no-doc: don't touch docs/).
+docs/reproduction.md, the summary of these runs, is written by hand.
 """
 from __future__ import annotations
 
@@ -27,13 +28,13 @@ import os
 import platform
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench_common import load_avg, recipe_output
+from bench_common import command_line, cpu_name, load_avg, recipe_output, versions
+from bench_cpt_report import BASE_LAYERS, fmt_table, plot, plot_panels, publish, redraw  # noqa: F401 - plot_panels: the tests' door
 
 from midus_surgery.io.output_dir import remove_own_directory, use_workspace
 from midus_surgery.model.midus_names import SHARED_BANK
@@ -45,7 +46,6 @@ VARIANTS = [  # (row name, recipe kind, recipe, surgery output)
     ("MIDUS", "memory", "recipes/smollm2-135m-midus.yaml", "work/out/smollm2-135m-midus"),
 ]
 BASE = "work/smollm2-135m"
-BASE_LAYERS = 30
 # Default budget: measured on the 2-core CPU this was sized on (fp32, 4 x 256 tokens per step).
 DEFAULT_TOKENS = 49152
 QUICK_TOKENS = 2048
@@ -83,7 +83,7 @@ def cli() -> argparse.Namespace:
     p.add_argument("--midus-recipe", metavar="PATH", help="shorthand for --recipe MIDUS=PATH")
     p.add_argument("--label", help="name of this benchmark (default: quick / tokens-N)")
     p.add_argument("--out", help="work directory (default work/bench/cpt-<label>)")
-    p.add_argument("--no-doc", action="store_true", help="don't write docs/reproduction.md and the PNG")
+    p.add_argument("--no-doc", action="store_true", help="don't write docs/results/reproduction-runs.md, the PNG and the JSON")
     p.add_argument("--replot", metavar="RESULTS_JSON", help="only redraw the plot and rewrite the doc section from a results.json")
     p.add_argument("--reapply", action="store_true", help="re-run the surgeries even if their outputs exist")
     a = p.parse_args()
@@ -231,143 +231,19 @@ def trainable_exact(model_dir: Path, freeze: str) -> int | None:
     return total if kinds is not None else None
 
 
-def row_layers(row: dict) -> int | None:
-    """Decoder layers of a trained row's model (from its exported config; None when neither is at hand)."""
-    config = Path(row.get("final", "")) / "config.json"
-    if "layers" not in row and config.is_file():
-        row["layers"] = json.loads(config.read_text()).get("num_hidden_layers")
-    return row.get("layers")
-
-
-def plot_panels(rows: dict) -> list[tuple[str, tuple[str, ...]]]:
-    """(title, rows left out) per panel: every run, plus a zoom without DUS when DUS trained
-    (its loss starts far above the others and hides their differences)."""
-    panels = [("all runs", ())]
-    if rows.get("DUS", {}).get("curve"):
-        panels.append(("without DUS (zoom)", ("DUS",)))
-    return panels
-
-
-def plot(results: dict, a, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    panels = plot_panels(results["rows"])
-    fig, axes = plt.subplots(1, len(panels), figsize=(12 if len(panels) > 1 else 8, 5.0), squeeze=False)
-    axes = axes[0]
-    colors = {"DUS": "tab:blue", "LLaMA-Pro": "tab:orange", "MIDUS": "tab:green"}
-    b = results["rows"].get("base", {}).get("a")
-    for ax, (title, skip) in zip(axes, panels):
-        ax.set_title(title, fontsize=9)
-        for name, r in results["rows"].items():
-            if name == "base" or name in skip or not r.get("curve"):
-                continue
-            xs, ys = zip(*r["curve"])
-            ax.plot(xs, ys, lw=0.8, alpha=0.35, color=colors.get(name))
-            w = max(1, len(ys) // 8)  # running mean over w steps (per-step loss on a 1k-token batch is noisy)
-            sm = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
-            ax.plot(xs, sm, lw=2, color=colors.get(name), label=f"{name} train" + (f" (running mean of {w})" if w > 1 else ""))
-            pts = [(e["tokens"], e["eval_loss"]) for e in (r.get("start_eval"), r.get("final_eval")) if e]
-            if b and name != "DUS":
-                pts = [(0, b["loss"])] + pts  # identity-initialised: starts exactly at the base
-            if pts:
-                ax.plot(*zip(*pts), marker="*", ms=12, ls=":", color=colors.get(name), mec="k",
-                        label=f"{name} held-out {pts[-1][1]:.4f}")
-        if b:
-            ax.axhline(b["loss"], color="gray", ls="--", lw=1, label=f"base held-out {b['loss']:.4f}")
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel("loss (nats/token)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    added = sorted({n - BASE_LAYERS for name, r in results["rows"].items() if name != "base" and (n := row_layers(r))})
-    blocks = f" (+{'/'.join(map(str, added))} blocks)" if added else ""
-    sep = "\n" if len(panels) == 1 else " "  # one panel is too narrow for the title on one line
-    fig.suptitle(f"CPT on {a.train_corpus}, freeze={a.freeze}, {a.tokens:,} tokens, SmolLM2-135M{blocks};{sep}"
-                 f"held-out: first {a.eval_blocks} blocks", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def machine() -> dict:
     import torch
-    import transformers
-    cpu = ""
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except Exception:
-        pass
-    dev = f"{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores) {cpu}"
-    return {"device": dev, "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "platform": platform.platform()}
 
-
-def fmt_table(results: dict) -> str:
-    a_name, b_name = results["train_corpus"], results["other_corpus"]
-    lines = [f"| model | ppl held-out {a_name} | ppl {b_name} | trainable params | tokens | train wall | tokens/s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    notes = []
-    for name, r in results["rows"].items():
-        pa = f"{r['a']['perplexity']:.3f}" if r.get("a") else "not measured"
-        pb = f"{r['b']['perplexity']:.3f}" if r.get("b") else "not measured"
-        if name == "base":
-            lines.append(f"| base (no training) | {pa} | {pb} | 0 | 0 | - | - |")
-            continue
-        tr = f"{r['trainable_exact'] / 1e6:.2f}M" if r.get("trainable_exact") else r["trainable"]
-        start = f" (start {r['start_eval']['eval_ppl']:.3f})" if r.get("start_eval") else ""
-        wall = f" ({r['wall_s'] / 60:.1f} min with load/eval/export)" if r["wall_s"] == r["wall_s"] else ""  # NaN: not measured
-        mark = ""
-        if r.get("reconstructed_from_log"):  # a run cut short: its row was rebuilt from the log, said below the table
-            mark = f" [{len(notes) + 1}]"
-            notes.append(f"[{len(notes) + 1}] {name}: {r['reconstructed_from_log']}.")
-        lines.append(f"| {name}{mark} | {pa}{start} | {pb} | {tr} | {r['tokens']:,} | {r['train_s'] / 60:.1f} min{wall} | {r['tokens_per_s']:.1f} |")
-    return "\n".join(lines + ([""] + notes if notes else []))
-
-
-def write_doc(results: dict, a, png: Path) -> None:
-    doc = ROOT / "docs/reproduction.md"
-    text = doc.read_text() if doc.exists() else "# Reproduction: continued pre-training, DUS vs LLaMA-Pro vs MIDUS\n\n"
-    m = results["machine"]
-    block = [f"<!-- bench_cpt:{a.label}:begin (generated by tools/bench_cpt.py; edits inside are overwritten) -->",
-             f"### Results: `{a.label}`", "",
-             f"Command: `{results['command']}`  ",
-             f"Machine: {m['device']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}; "
-             f"load average before / after: {results['load_before']} / {results['load_after']}; total wall {results['total_wall_s'] / 60:.1f} min; "
-             f"{results['date']}.  ",
-             "Base: `work/smollm2-135m` = SmolLM2-135M-Instruct Q4_1 GGUF dequantised to fp32 (not the original bf16 weights).  ",
-             f"Training: `{results['train_corpus']}` ({results['n_train_files']} files; every {a.held_out_every}th file by name held out: "
-             f"{results['n_held_files']} files), freeze={a.freeze}, {a.tokens:,} tokens = {results['rows'].get('MIDUS', results['rows'].get('DUS', {})).get('steps', '?')} steps "
-             f"of {a.micro_batch_size} x {a.grad_accum} x {a.block_size}, seed {a.seed}, precision {a.precision}, lr {a.lr:g} cosine (warmup 2%), "
-             f"memory lr {a.memory_lr:g} {'constant' if a.memory_schedule == 'constant' else 'cosine (the base schedule)'}. Evaluation: packed blocks of {a.block_size}, the first {a.eval_blocks} blocks of each domain "
-             f"({a.eval_blocks * (a.block_size - 1):,} predicted tokens).",
-             *([("Recipes: " + "; ".join(f"{row} `{recipe}`" for row, recipe in results["recipes"].items()) + ".")]
-               if results.get("recipes") else []), "",
-             fmt_table(results), "",
-             f"![loss curves]({png.name})" if png else "", "",
-             f"<!-- bench_cpt:{a.label}:end -->"]
-    block = "\n".join(block)
-    pat = re.compile(rf"<!-- bench_cpt:{re.escape(a.label)}:begin.*?<!-- bench_cpt:{re.escape(a.label)}:end -->", re.S)
-    text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(text)
+    v = versions()
+    dev = f"{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores) {cpu_name()}"
+    return {"device": dev, "python": v["python"], "torch": v["torch"], "transformers": v["transformers"], "platform": platform.platform()}
 
 
 def main() -> None:
     a = cli()
     if a.replot:
         results = json.loads(Path(a.replot).read_text())
-        for k in ("tokens", "eval_blocks", "block_size", "micro_batch_size", "grad_accum", "seed", "held_out_every"):
-            setattr(a, k, int(results["args"][k]))
-        for k in ("lr", "memory_lr"):
-            setattr(a, k, float(results["args"][k]))
-        for k in ("label", "freeze", "precision", "train_corpus", "other_corpus"):
-            setattr(a, k, results["args"][k])
-        a.memory_schedule = results["args"].get("memory_schedule", "constant")  # results.json older than the flag
-        png = Path(a.replot).parent / "loss.png"
-        plot(results, a, png)
-        if not a.no_doc:
-            doc_png = ROOT / "docs" / f"reproduction-{a.label}.png"
-            shutil.copyfile(png, doc_png)
-            write_doc(results, a, doc_png)
+        redraw(Path(a.replot), doc=not a.no_doc)
         print(fmt_table(results))
         return
     t_start = time.perf_counter()
@@ -383,7 +259,7 @@ def main() -> None:
             sh(["midus-surgery", "apply", recipe, "--overwrite"], a.out / f"apply-{name}.log")
     train_files, held_files = split_files(ROOT / "work/corpora" / a.train_corpus, a.held_out_every)
     other = [str(ROOT / "work/corpora" / a.other_corpus)]
-    results = {"label": a.label, "command": "python " + shlex.join(["tools/bench_cpt.py", *sys.argv[1:]]), "load_before": load_before,
+    results = {"label": a.label, "command": command_line("tools/bench_cpt.py", None), "load_before": load_before,
                "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "train_corpus": a.train_corpus, "other_corpus": a.other_corpus,
                "n_train_files": len(train_files), "n_held_files": len(held_files), "args": {k: str(v) for k, v in vars(a).items()},
                "recipes": {name: str(recipe) for name, _, recipe, _ in variants if name in rows_wanted}, "rows": {}}
@@ -408,9 +284,7 @@ def main() -> None:
     (a.out / "results.json").write_text(json.dumps(results, indent=1))
     doc_png = None
     if not a.no_doc:
-        doc_png = ROOT / "docs" / f"reproduction-{a.label}.png"
-        shutil.copyfile(png, doc_png)
-        write_doc(results, a, doc_png)
+        doc_png = publish(results, a, png)
     if a.json:
         print(json.dumps({k: v for k, v in results.items()}, indent=1))
     else:

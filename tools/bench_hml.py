@@ -4,10 +4,10 @@
 Forward+backward time and peak memory, side by side, interleaved repeats, at two block sizes
 (SmolLM2-135M, Llama-3.2-1B), batch 4 x 256 tokens, float32 and bfloat16.
 
-    python tools/bench_hml.py            # table; --write-docs puts it in docs/benchmarks.md
+    python tools/bench_hml.py            # table; --write-docs puts it in docs/benchmarks.md (raw numbers: docs/results/bench_hml.json)
     python tools/bench_hml.py --json     # one JSON object {"rows": [...]}
     python tools/bench_hml.py --quick    # fewer repeats (whole run under about a minute)
-    python tools/bench_hml.py --path torch   # time the pure-torch path in the main column
+    python tools/bench_hml.py --kernels torch   # time the pure-torch path in the main column
 
 Time: the minimum over interleaved repeats (the machine is shared; the minimum is the least
 disturbed run).  Peak memory: sum of live tensor bytes allocated during one fwd+bwd step,
@@ -18,6 +18,9 @@ bfloat16 FFN at the Llama size on a CPU without native bf16 (no AVX512-BF16 or A
 GEMM of that size takes minutes there, so that FFN is timed on fewer tokens and scaled linearly
 in tokens (GEMM time is linear in M); those rows say so ("ffn_tokens_timed").  On a CPU with
 native bf16 every row is timed at the full batch.
+
+This is the driver (it times the rows); tools/bench_hml_report.py makes the table, judges the targets and
+writes the `## HML` section, also from a saved run (``--from-json``).
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_common import command_line, cpu_name, cpu_native_bf16, versions, write_section  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import command_line, cpu_name, cpu_native_bf16, save_json, versions  # noqa: E402
+from bench_hml_report import DOCS, JSON, table, write_docs  # noqa: E402
 
-from midus_surgery.model.hml import HeadwiseMemory, HMLConfig, hml_parameter_count  # noqa: E402
+from midus_surgery.model.hml import HeadwiseMemory, HMLConfig, hml_parameter_count, use_kernels  # noqa: E402
 
 SIZES = {
     "SmolLM2-135M": dict(hidden=576, heads=9, head_dim=64, ffn=1536, n=256, k=32, d_l=64),
@@ -90,24 +94,17 @@ def peak_bytes(fn) -> int:
     return peak
 
 
-def on_path(path: str, fn):
-    """fn run with MIDUS_HML_KERNELS=path ("fused": compiled CPU kernels, "torch": pure torch)."""
+def on_kernels(kernels: str, layer, fn):
+    """fn run with ``layer`` on ``kernels`` ("fused": compiled CPU kernels, "torch": pure torch)."""
 
     def run():
-        old = os.environ.get("MIDUS_HML_KERNELS")
-        os.environ["MIDUS_HML_KERNELS"] = path
-        try:
-            fn()
-        finally:
-            if old is None:
-                del os.environ["MIDUS_HML_KERNELS"]
-            else:
-                os.environ["MIDUS_HML_KERNELS"] = old
+        use_kernels(layer, kernels)
+        fn()
 
     return run
 
 
-def run_row(size: str, dtype: torch.dtype, repeats: int, sub_tokens: int | None, log, kernel_path: str = "fused",
+def run_row(size: str, dtype: torch.dtype, repeats: int, sub_tokens: int | None, log, kernels: str = "fused",
             compare_torch: bool = False) -> dict:
     s = SIZES[size]
     torch.manual_seed(0)
@@ -118,8 +115,8 @@ def run_row(size: str, dtype: torch.dtype, repeats: int, sub_tokens: int | None,
     if sub_tokens:
         xf = torch.randn(1, sub_tokens, s["hidden"], dtype=dtype, requires_grad=True)
         ffn_tokens = sub_tokens
-    f_step, h_step = step_fn(ffn, xf), on_path(kernel_path, step_fn(hml, xh))
-    t_step = on_path("torch", step_fn(hml, xh)) if compare_torch else None
+    f_step, h_step = step_fn(ffn, xf), on_kernels(kernels, hml, step_fn(hml, xh))
+    t_step = on_kernels("torch", hml, step_fn(hml, xh)) if compare_torch else None
     f_step(), h_step()  # warm-up (and the one-time kernel build)
     if t_step:
         t_step()
@@ -150,7 +147,7 @@ def run_row(size: str, dtype: torch.dtype, repeats: int, sub_tokens: int | None,
         hml_ms_median=round(sorted(ht)[len(ht) // 2], 1),
         ffn_ms_median=round(sorted(ft)[len(ft) // 2] * scale, 1),
         repeats=repeats,
-        path=kernel_path,
+        path=kernels,  # the row field keeps its name: saved runs (docs/results/bench_hml.json) and their readers use it
     )
     if tt:
         row["hml_torch_ms"] = round(min(tt), 1)
@@ -163,86 +160,9 @@ def run_row(size: str, dtype: torch.dtype, repeats: int, sub_tokens: int | None,
     return row
 
 
-def table(rows: list[dict]) -> str:
-    head = (
-        "| size | dtype | n | k | d_l | HML params | FFN params | HML ms | FFN ms | HML/FFN | "
-        "pure-torch HML ms (/FFN) | HML peak MiB | FFN peak MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-    )
-    lines = []
-    for r in rows:
-        ffn_ms = f"{r['ffn_ms']}" + (f" (timed on {r['ffn_tokens_timed']} tok, scaled)" if "ffn_tokens_timed" in r else "")
-        pure = f"{r['hml_torch_ms']} ({r['ratio_torch']:.2f}x)" if "hml_torch_ms" in r else "-"
-        fpeak = r["ffn_peak_mib"]
-        if fpeak is None:
-            fpeak = "n/a (see note)"
-        lines.append(
-            f"| {r['size']} | {r['dtype']} | {r['n']} | {r['k']} | {r['d_l']} | {r['hml_params'] / 1e6:.2f}M | "
-            f"{r['ffn_params'] / 1e6:.2f}M | {r['hml_ms']} | {ffn_ms} | **{r['ratio']:.2f}x** | "
-            f"{pure} | {r['hml_peak_mib']} | {fpeak} |"
-        )
-    return head + "\n".join(lines) + "\n"
-
-
 def machine() -> str:
     bf16 = "native bf16 (AVX512-BF16/AMX)" if cpu_native_bf16() else "no native bf16"
     return f"{cpu_name()}, {os.cpu_count()} CPU cores, {bf16}, torch threads {torch.get_num_threads()}"
-
-
-def versions_line() -> str:
-    v = versions()
-    return f"Python {v['python']}, torch {v['torch']}, transformers {v['transformers']} (the FFN is its `LlamaMLP`)"
-
-
-def bf16_notes(rows: list[dict]) -> str:
-    """The bf16 bullets of the docs section: what bf16 means on the CPU the rows were timed on."""
-    notes = ("- bfloat16 rows: module and input cast to bf16. HML runs its matmuls, scores and top-k in "
-             "float32 on CPU whatever the input (see docs/hml.md, Precision) and reads its bank in the bank's "
-             "dtype, so its bf16 times differ from its fp32 times by the bank's bytes only")
-    if any("ffn_tokens_timed" in r for r in rows):
-        return notes + (", while the FFN's bf16 times hit slow bf16 GEMM kernels.\n"
-                        "- bfloat16 FFN at the Llama size: bf16 GEMMs on this CPU without native bf16 take "
-                        "minutes, so it is timed on fewer tokens and scaled linearly in tokens; its peak memory "
-                        "is not measured at the full size.\n")
-    return notes + "; the FFN's bf16 GEMMs run on this CPU's bf16 units.\n"
-
-
-# HML/FFN targets per block size (the rows of the other sizes are for reference).
-TARGETS = {"SmolLM2-135M": 0.5, "Llama-3.2-1B": 0.25}
-
-
-def targets(rows: list[dict]) -> str:
-    """One line per targeted row: its ratio against the target, met or NOT met."""
-    lines = []
-    for r in rows:
-        if r["size"] in TARGETS:
-            limit = TARGETS[r["size"]]
-            verdict = "met" if r["ratio"] <= limit else "NOT met"
-            lines.append(f"- {r['size']} {r['dtype']}: HML/FFN {r['ratio']:.2f}x (target <= {limit}: {verdict})")
-    if not lines:
-        return ""
-    return "\nTargets (HML/FFN, forward + backward):\n\n" + "\n".join(lines) + "\n"
-
-
-def write_docs(path: str, rows: list[dict], command: str) -> None:
-    section = (
-        "## HML\n\n"
-        "Head-wise Memory Layer (`midus_surgery/model/hml.py`) vs the FFN it replaces (transformers' `LlamaMLP`), "
-        f"forward+backward, batch {BATCH} x {SEQ} tokens, interleaved repeats, minimum time.\n\n"
-        f"- Machine: {machine()}\n"
-        f"- Versions: {versions_line()}\n"
-        f"- Command: `{command}`\n"
-        "- Peak memory: live tensor bytes during one fwd+bwd step from torch.profiler allocation events "
-        "(`profile_memory=True`); parameters excluded, gradients included.\n"
-        + bf16_notes(rows) +
-        "- HML ms: the compiled CPU kernels (`midus_surgery/kernels`, what runs on CPU by default); the "
-        "pure-torch column is the same layer with `MIDUS_HML_KERNELS=torch` (what runs without a compiler), "
-        "timed in the same interleaved loop.\n"
-        "- This VM's two vCPUs and its neighbours make single runs vary by up to ~30%; the minimum over "
-        "repeats is reported.\n\n"
-        + table(rows)
-        + targets(rows)
-    )
-    write_section(path, "## HML", section)
 
 
 def main(argv=None) -> int:
@@ -252,10 +172,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--sizes", default=",".join(SIZES))
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--path", choices=("fused", "torch"), default="fused",
-                    help="HML path timed in the main column (fused: compiled CPU kernels; float32 rows also time "
+    ap.add_argument("--kernels", "--path", dest="kernels", choices=("fused", "torch"), default="fused",
+                    help="the HML's kernels timed in the main column (fused: compiled CPU kernels; float32 rows also time "
                          "the pure-torch path beside it)")
-    ap.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md (## HML)")
+    ap.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md (## HML) and the rows into docs/results/bench_hml.json")
     args = ap.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 5)
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
@@ -268,17 +188,18 @@ def main(argv=None) -> int:
             if dtype == torch.bfloat16 and ((size == "Llama-3.2-1B" and not native_bf16) or args.quick):
                 sub = 16 if args.quick else 64
             rows.append(run_row(size, dtype, repeats if not sub else max(1, repeats // 2), sub, log,
-                                kernel_path=args.path, compare_torch=dtype == torch.float32 and args.path == "fused"))
+                                kernels=args.kernels, compare_torch=dtype == torch.float32 and args.kernels == "fused"))
+    payload = {"rows": rows, "machine": machine(), "versions": versions(), "batch": BATCH, "seq": SEQ,
+               "command": command_line("tools/bench_hml.py", argv).strip()}
     if args.json:
         keys = ("size", "dtype", "hml_ms", "ffn_ms", "ratio", "hml_params", "ffn_params")
         extra = ("n", "k", "d_l", "path", "hml_torch_ms", "ratio_torch", "hml_peak_mib", "ffn_peak_mib",
                  "ffn_tokens_timed")
-        print(json.dumps({"rows": [{k: r[k] for k in keys + extra if k in r} for r in rows]}))
+        print(json.dumps({**payload, "rows": [{k: r[k] for k in keys + extra if k in r} for r in rows]}))
     else:
         print(table(rows))
     if args.write_docs:
-        write_docs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "benchmarks.md"), rows,
-                   command_line("tools/bench_hml.py", argv).strip())
+        write_docs(DOCS, payload, save_json(JSON, payload))
     return 0
 
 

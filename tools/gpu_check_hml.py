@@ -137,15 +137,15 @@ def main() -> int:
     eager_grads = [xe.grad] + [p.grad.clone() for p in mc.parameters()]
     check("torch.compile inductor matches eager (outputs and gradients)",
           torch.allclose(yc, ye, atol=1e-5) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(compiled_grads, eager_grads)))
-    # Off the CPU the layer must trace into one graph: every graph break is a return to Python in
-    # the middle of the layer (on the CPU the compiled-kernel question breaks it by design).
+    # The layer must trace into one graph: every graph break is a return to Python in the middle of
+    # the layer. Its backend is answered before compiling (prepare_kernels, as the trainer does).
+    from midus_surgery.model.hml import backend_words, prepare_kernels
+
+    backend = backend_words(prepare_kernels(mc, dev))
     torch._dynamo.reset()
     ex = torch._dynamo.explain(lambda t: mc(t).sum())(x.to(dev))
-    if dev.type == "cpu":
-        print(f"[info] dry run: {ex.graph_break_count} graph break(s) on the CPU (expected: the CPU-kernel check)")
-    else:
-        check(f"the layer compiles into one graph ({ex.graph_count} graph(s), {ex.graph_break_count} break(s))",
-              ex.graph_break_count == 0)
+    check(f"the layer on the {backend} compiles into one graph ({ex.graph_count} graph(s), {ex.graph_break_count} break(s))",
+          ex.graph_break_count == 0)
 
     # 6. timing
     sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -198,11 +198,11 @@ def time_variants(dev, sync, card, dry_run: bool) -> None:
 
     s = SIZES["SmolLM2-135M recipe"]
     H, dh = s["heads"], s["head_dim"]
-    answer0, hml_mod._triton_answer = hml_mod._triton_answer, (False, False)  # the pure-torch path
 
-    def recipe_layer(bank_grad: str = "auto") -> HeadwiseMemory:
+    def recipe_layer(bank_grad: str = "auto") -> HeadwiseMemory:  # on the pure-torch path
         torch.manual_seed(0)
-        cfg = HMLConfig(n_subkeys=s["n"], topk=s["k"], latent_dim=s["d_l"], init="random", bank_grad=bank_grad)
+        cfg = HMLConfig(n_subkeys=s["n"], topk=s["k"], latent_dim=s["d_l"], init="random", bank_grad=bank_grad,
+                        kernels="torch")
         return HeadwiseMemory(H, dh, s["hidden"], cfg).to(dev)
 
     variants = {
@@ -238,7 +238,6 @@ def time_variants(dev, sync, card, dry_run: bool) -> None:
     b, t = batches[-1]
     x = torch.randn(b, t, H, dh, device=dev, requires_grad=True)
     profile_step(step_fn(recipe_layer(), x), dev, sync, f"one pure-torch fwd+bwd, {b}x{t} float32")
-    hml_mod._triton_answer = answer0
 
 
 def profile_step(fn, dev, sync, what: str) -> None:
@@ -277,9 +276,6 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
     s = SIZES["SmolLM2-135M recipe"]
     H, dh = s["heads"], s["head_dim"]
     n, k = (16, 4) if dry_run else (s["n"], s["k"])  # the interpreter is slow: a small layer for the dry run
-    kernels_env = os.environ.get("MIDUS_HML_KERNELS")
-    if dry_run:
-        os.environ["MIDUS_HML_KERNELS"] = "torch"  # compare with the pure-torch path, not the CPU's compiled kernels
     g = torch.Generator().manual_seed(0)
     for name, table in (("random", torch.randn(2, H, 512 if not dry_run else 8, n, generator=g)),
                         ("small-int ties", torch.randint(-2, 3, (2, H, 64 if not dry_run else 8, n), generator=g).float())):
@@ -290,9 +286,10 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
             check(f"triton top-k == pure-torch selection ({name}, n={n}, k={k}{', compact' if compact else ''})",
                   torch.equal(i * n + j, rsl) and torch.equal(sc, rsc))
 
-    def layer() -> HeadwiseMemory:
+    def layer(kernels: str) -> HeadwiseMemory:
         torch.manual_seed(0)
-        return HeadwiseMemory(H, dh, s["hidden"], HMLConfig(n_subkeys=n, topk=k, latent_dim=s["d_l"], init="random")).to(dev)
+        cfg = HMLConfig(n_subkeys=n, topk=k, latent_dim=s["d_l"], init="random", kernels=kernels)
+        return HeadwiseMemory(H, dh, s["hidden"], cfg).to(dev)
 
     # the bag's weight gradient: the Triton gather-dot against PyTorch's per-sample-weights backward
     for dtype in (torch.float32, torch.bfloat16):
@@ -308,20 +305,21 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
     from midus_surgery import kernels
 
     real_kernel = kernels.triton_kernel
-    answer0 = hml_mod._triton_answer
 
-    def on_triton(flag: bool, square: bool = False):
-        """The layer on the Triton kernels (the CUDA default) or on the pure-torch path; ``square``:
-        the top-k ranks the masked k x k square instead of the compact candidate list."""
-        hml_mod._triton_answer = (flag, flag and dry_run)
+    def on_triton(flag: bool, square: bool = False) -> str:
+        """The kernels a layer is told to use: the Triton ones (the CUDA default; on CPU tensors under
+        the dry run's interpreter) or the pure-torch path (not the CPU's compiled kernels);
+        ``square``: the top-k ranks the masked k x k square instead of the compact candidate list."""
         kernels.triton_kernel = (lambda name: functools.partial(hml_triton.topk2, compact=False) if name == "topk2"
                                  else real_kernel(name)) if square else real_kernel
+        return "triton" if flag else "torch"
 
-    m = layer()
+    m = layer("torch")
     x = torch.randn(2, 64 if not dry_run else 4, H, dh, device=dev)
     results = {}
     for flag in (False, True):
-        on_triton(flag)
+        hml_mod.use_kernels(m, on_triton(flag))
+        check(f"the layer runs on {hml_mod.backend_words(m.backend(dev))}", m.backend(dev) == ("triton" if flag else "torch"))
         xi = x.clone().requires_grad_(True)
         m.zero_grad()
         out = m(xi)
@@ -331,7 +329,7 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
           torch.equal(results[True][0], results[False][0])
           and all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(results[True][1:], results[False][1:])))
     if dev.type == "cuda":
-        on_triton(True)
+        hml_mod.use_kernels(m, on_triton(True))
         torch._dynamo.reset()
         try:
             ex = torch._dynamo.explain(lambda t: m(t).sum())(x)
@@ -347,8 +345,8 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
         a = torch.randn(H, b * t, n, device=dev)
         bb = torch.randn(H, b * t, n, device=dev)
         sel = {"torch.topk path": lambda: _two_stage_topk(torch.stack((a, bb)), k),
-               "triton": lambda: hml_triton.topk2(a, bb, k),
-               "triton square": lambda: hml_triton.topk2(a, bb, k, compact=False)}
+               "triton": lambda: hml_triton.topk2(a, bb, k, candidate_pairs(k, a.device)),
+               "triton square": lambda: hml_triton.topk2(a, bb, k, candidate_pairs(k, a.device), compact=False)}
         res = {name: time_ms(fn, sync, dry_run) for name, fn in sel.items()}
         print(f"[triton] selection alone {b}x{t} ({card}): " + ", ".join(f"{kk} {v:.3f} ms" for kk, v in res.items())
               + f"; triton/torch {res['triton'] / res['torch.topk path']:.2f}x, square/torch "
@@ -371,8 +369,7 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
                                                  ("triton compiled", True, False, True)):
                 if compiled and (dry_run or dtype != torch.float32):
                     continue
-                on_triton(flag, square)
-                mm = layer().to(dtype)
+                mm = layer(on_triton(flag, square)).to(dtype)
                 xx = torch.randn(b, t, H, dh, dtype=dtype, device=dev, requires_grad=True)
                 try:
                     res[name] = time_ms(step_fn(torch.compile(mm) if compiled else mm, xx), sync, dry_run)
@@ -384,16 +381,10 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
             print(f"[triton] layer fwd+bwd {b}x{t} {str(dtype)[6:]} ({card}): "
                   + ", ".join(f"{kk} {v:.2f} ms ({v / res['torch path']:.2f}x)" for kk, v in res.items()))
     # where the time goes now: one step on the Triton kernels under the profiler, at the larger batch
-    on_triton(True)
     b, t = batches[-1]
     xx = torch.randn(b, t, H, dh, device=dev, requires_grad=True)
-    profile_step(step_fn(layer(), xx), dev, sync, f"one fwd+bwd on the Triton kernels, {b}x{t} float32")
+    profile_step(step_fn(layer(on_triton(True)), xx), dev, sync, f"one fwd+bwd on the Triton kernels, {b}x{t} float32")
     kernels.triton_kernel = real_kernel
-    hml_mod._triton_answer = answer0
-    if kernels_env is None:
-        os.environ.pop("MIDUS_HML_KERNELS", None)
-    else:
-        os.environ["MIDUS_HML_KERNELS"] = kernels_env
 
 
 def psw_backward(table, idx):
