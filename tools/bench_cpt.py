@@ -258,7 +258,10 @@ def main() -> None:
         if name in rows_wanted and (a.reapply or not (ROOT / out / "config.json").exists()):
             sh(["midus-surgery", "apply", recipe, "--overwrite"], a.out / f"apply-{name}.log")
     train_files, held_files = split_files(ROOT / "work/corpora" / a.train_corpus, a.held_out_every)
-    other = [str(ROOT / "work/corpora" / a.other_corpus)]
+    other_dir = ROOT / "work/corpora" / a.other_corpus
+    if not any(other_dir.rglob("*.txt")):  # checked before any training, as the train corpus is
+        sys.exit(f"no text in {other_dir} (--other-corpus): python tools/fetch_corpus.py {a.other_corpus}")
+    other = [str(other_dir)]
     results = {"label": a.label, "command": command_line("tools/bench_cpt.py", None), "load_before": load_before,
                "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "train_corpus": a.train_corpus, "other_corpus": a.other_corpus,
                "n_train_files": len(train_files), "n_held_files": len(held_files), "args": {k: str(v) for k, v in vars(a).items()},
