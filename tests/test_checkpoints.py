@@ -25,12 +25,7 @@ STEPS = 4
 EXTRA = {"tokens": 16 * 4 * STEPS, "resume": "auto", "eval.at_start": False, "checkpoint.every": 2, "checkpoint.keep_last": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread, results as in subprocesses
 
 
 @pytest.fixture(scope="module")

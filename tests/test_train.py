@@ -30,13 +30,7 @@ from midus_surgery.train.runner import Runner, train
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and results then match the subprocesses' exactly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread, results as in subprocesses
 
 
 @pytest.fixture(scope="module")
