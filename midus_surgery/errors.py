@@ -5,9 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-def one_line(exc: BaseException, limit: int = 200) -> str:
-    """``Type: first line of the message`` (cut at ``limit``): an exception as one line for the user."""
+def one_line(exc: BaseException, limit: int = 200, *, whole: bool = False) -> str:
+    """``Type: first line of the message`` (cut at ``limit``): an exception as one line for the user.
+
+    whole: every line of the message joined into one instead (load errors of transformers and
+    torch name the tensor after their first line)."""
     text = str(exc).strip()
+    if whole:
+        return f"{type(exc).__name__}: {' '.join(text.split())[:limit]}"
     return f"{type(exc).__name__}: {text.splitlines()[0][:limit] if text else ''}"
 
 

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from midus_surgery.errors import RecipeError
+from midus_surgery.errors import RecipeError, one_line
 from midus_surgery.io.tensor_source import BaseRef
 from midus_surgery.recipe.schema import MAX_BASE_LAYERS, LoadedRecipe
 
@@ -239,7 +239,7 @@ def load_base_config(loaded: LoadedRecipe):
     except (ValueError, OSError) as exc:
         raise RecipeError([loaded.problem(("base", key), str(exc))]) from None
     except Exception as exc:  # noqa: BLE001 - transformers' config classes raise anything on odd values
-        raise RecipeError([loaded.problem(("base", key), f"transformers cannot build a config from it: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")]) from None
+        raise RecipeError([loaded.problem(("base", key), f"transformers cannot build a config from it: {one_line(exc, 300, whole=True)}")]) from None
     if config is not None:
         problems = config_object_problems(config)
         if problems:

@@ -27,8 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from midus_surgery.errors import TrainingError
-from midus_surgery.train.evaluate import flat_error
+from midus_surgery.errors import TrainingError, one_line
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
@@ -72,7 +71,7 @@ def load_error_line(exc: BaseException, limit: int = 300) -> str:
         reason = " ".join(" ".join(reason if isinstance(reason, list) else [reason]).split())
         reason = reason.split(" Please use")[0].split(" Check the documentation")[0].strip()
         return f"not plain tensors and numbers, refused by torch.load(weights_only=True) ({reason[:limit]})"
-    return flat_error(exc, limit)
+    return one_line(exc, limit, whole=True)
 
 
 def _safetensors_problem(path: Path) -> str | None:
