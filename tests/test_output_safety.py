@@ -21,7 +21,17 @@ from train_fixtures.tiny import make_model_dir, write_config, write_corpus
 from transformers import AutoModelForCausalLM
 
 from midus_surgery.cli import main
-from midus_surgery.io.output_dir import MARKER, OutputError, atomic_directory, check_output_dir, clean_leftovers, read_marker, write_marker
+from midus_surgery.io.output_dir import (
+    MARKER,
+    OutputError,
+    atomic_directory,
+    check_output_dir,
+    clean_leftovers,
+    read_marker,
+    remove_own_directory,
+    use_workspace,
+    write_marker,
+)
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -160,6 +170,29 @@ def test_a_failed_write_leaves_no_partial_directory_nor_the_folders_it_made(tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_tools_remove_only_what_lies_in_their_own_workspace(tmp_path):
+    """Benchmarks and the sweep clear their scratch outputs with remove_own_directory: only inside a
+    folder use_workspace marked (or a marked output); a user's folder is refused, untouched."""
+    work = use_workspace(tmp_path / "bench")
+    (work / "old-run" / "sub").mkdir(parents=True)
+    (work / "old-run" / "sub" / "x").write_text("scratch")
+    remove_own_directory(work / "old-run")
+    assert not (work / "old-run").exists()
+    remove_own_directory(work / "never-made")  # nothing there: nothing to do
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "keep.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="not written by midus-surgery"):
+        remove_own_directory(user)
+    (tmp_path / "link").symlink_to(work)
+    with pytest.raises(OutputError, match="symlink"):
+        remove_own_directory(tmp_path / "link")
+    with pytest.raises(OutputError, match="not written by midus-surgery"):
+        use_workspace(user)  # a user's folder never becomes a workspace
+    assert (user / "keep.txt").read_text() == "keep me" and work.is_dir()
+    assert use_workspace(tmp_path / "bench") == work  # a workspace of this tool is reused
+
+
 # --------------------------------------------------------------------------- train
 
 @pytest.fixture()
@@ -196,6 +229,19 @@ def test_train_refuses_outputs_over_its_inputs(train_project, field, value, what
     assert code == 2 and "Traceback" not in err, err
     assert "run.yaml:" in err and any(w in err for w in what.split("|")), err
     assert tree_digest(train_project.parent) == before
+
+
+@pytest.mark.parametrize("cache", ["model/tokens", "corpus", "corpus/cache"])
+def test_the_token_cache_may_not_be_written_into_the_model_or_the_data(train_project, cache, capsys):
+    cfg = train_config(train_project, **{"data.cache_dir": cache})
+    before = tree_digest(train_project)
+    assert main(["train", str(cfg), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "data.cache_dir" in err and "the token cache" in err and "Traceback" not in err
+    assert tree_digest(train_project) == before
+    assert main(["eval", "model", "--data", "corpus", "--cache-dir", cache, "--quiet"]) == 2
+    assert "the token cache" in capsys.readouterr().err
+    assert tree_digest(train_project) == before
 
 
 def test_train_refuses_a_run_dir_with_the_users_files(train_project, capsys):

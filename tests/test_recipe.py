@@ -170,3 +170,15 @@ def test_docs_are_generated_from_the_schema():
 def test_bundled_recipes_carry_the_schema_modeline():
     for path in sorted((ROOT / "recipes").glob("*.yaml")):  # training configs live in recipes/train/
         assert path.read_text().startswith("# yaml-language-server: $schema=../docs/recipe.schema.json"), path
+
+
+def test_memory_kernels_reaches_the_layer_only_when_the_recipe_names_it():
+    """Where the memory layer runs is the environment's choice (MIDUS_HML_KERNELS) unless the recipe
+    says so: then it is written into the output's config with the layer's other settings."""
+    from midus_surgery.model.hml import HMLConfig
+    from midus_surgery.recipe.schema import MemorySettings
+
+    unset = MemorySettings().hml_dict()
+    assert "kernels" not in unset and HMLConfig.from_dict(unset).kernels is None
+    named = MemorySettings(kernels="torch").hml_dict()
+    assert named["kernels"] == "torch" and HMLConfig.from_dict(named).kernels == "torch"

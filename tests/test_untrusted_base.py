@@ -169,6 +169,30 @@ def test_a_shard_symlinked_outside_the_base_is_refused(sharded, tmp_path, capsys
     assert "outside" in err and shard.name in err
 
 
+def test_a_hub_cache_snapshot_whose_files_link_into_its_blobs_applies(sharded, tmp_path, capsys):
+    """The one allowed way out of the base: a Hugging Face cache snapshot's files are links into
+    the same repository's blobs folder; links elsewhere from that snapshot stay refused."""
+    repo = tmp_path / "hub" / "models--org--tiny"
+    base = repo / "snapshots" / "0123abc"
+    base.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for i, f in enumerate(sorted(sharded.iterdir())):
+        blob = repo / "blobs" / f"blob{i}"
+        blob.write_bytes(f.read_bytes())
+        (base / f.name).symlink_to(blob)
+    recipe = write_recipe(tmp_path, base)
+    assert main(["apply", str(recipe), "--quiet"]) == 0, capsys.readouterr().err
+    shard = sorted(base.glob("*.safetensors"))[0]
+    moved = tmp_path / "elsewhere.safetensors"
+    moved.write_bytes(shard.read_bytes())
+    shard.unlink()
+    shard.symlink_to(moved)
+    second = tmp_path / "second"
+    second.mkdir()
+    err = refused(write_recipe(second, base), capsys)
+    assert "outside" in err and shard.name in err
+
+
 def test_a_tokenizer_file_symlinked_outside_the_base_is_not_copied(llama, tmp_path, capsys):
     base = copy_base(llama, tmp_path / "base")
     secret = tmp_path / "secret.txt"

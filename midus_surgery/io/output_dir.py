@@ -130,6 +130,19 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
     raise OutputError(f"output {resolved} already exists (an earlier output of {written_by}); {todo}")
 
 
+def check_cache_location(cache: str | os.PathLike, *, inputs: Iterable[tuple[str, str | os.PathLike]]) -> Path:
+    """A cache folder (the token cache) only gains new hash-named entries, never replaces one, so it
+    may hold inputs (a cached corpus given as data); it may not be or lie inside one, where the tool
+    would write into the user's model or data. Returns it resolved; raises OutputError."""
+    resolved = Path(cache).resolve()
+    for what, path in inputs:
+        other = Path(path).resolve()
+        relation = _relation(resolved, other)
+        if relation in ("is", "is inside"):
+            raise OutputError(f"the token cache {resolved} {relation} {what} {other}: the tool would write into it; choose another cache directory")
+    return resolved
+
+
 def _owner_is_gone(marker: dict | None) -> bool:
     """Whether the process that wrote a leftover directory is certainly no longer running."""
     if marker is None:

@@ -205,7 +205,7 @@ def open_stream(path: Path, fingerprint: str | None = None, vocab_size: int | No
     if size != n * dtype.itemsize:
         raise DataError(f"{path}: tokens.bin has {size} bytes, expected {n * dtype.itemsize}; delete the directory to re-tokenise")
     tokens = np.memmap(path / "tokens.bin", dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dtype)
-    doc_starts = np.load(path / "docs.npy")
+    doc_starts = np.load(path / "docs.npy", allow_pickle=False)  # a cache directory is user input: plain numbers only
     return TokenStream(path, tokens, doc_starts, meta)
 
 

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from midus_surgery.errors import MidusError
+from midus_surgery.errors import MidusError, one_line
+from midus_surgery.io.output_dir import check_cache_location, input_root
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,12 +45,6 @@ class ModelLoadError(MidusError):
     """A model directory does not load whole: a missing, unexpected or misshapen tensor, unreadable weights."""
 
     exit_code = 2
-
-
-def flat_error(exc: BaseException, limit: int = 300) -> str:
-    """An exception as one line, its later lines joined in: load errors (transformers', torch's
-    load_state_dict) name the tensor after the first line."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:limit]}"
 
 
 def _names(keys, limit: int = 3) -> str:
@@ -83,7 +78,7 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - a bad config.json surfaces as many kinds
-        raise ModelLoadError(f"{path}: cannot read config.json ({flat_error(exc)})") from None
+        raise ModelLoadError(f"{path}: cannot read config.json ({one_line(exc, 300, whole=True)})") from None
     report_logger = logging.getLogger("transformers.modeling_utils")
     quiet = _DropLoadReport()
     report_logger.addFilter(quiet)
@@ -94,7 +89,7 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
             model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
                                                                output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as exc:  # noqa: BLE001 - unreadable files, MIDUS's own key check, remote code: all one line
-        raise ModelLoadError(f"{path}: cannot load the weights ({flat_error(exc)})") from None
+        raise ModelLoadError(f"{path}: cannot load the weights ({one_line(exc, 300, whole=True)})") from None
     finally:
         report_logger.removeFilter(quiet)
     problems = []
@@ -118,7 +113,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
-        raise ModelLoadError(f"{path}: no usable tokenizer ({flat_error(exc)})") from None
+        raise ModelLoadError(f"{path}: no usable tokenizer ({one_line(exc, 300, whole=True)})") from None
 
 
 def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
@@ -252,9 +247,11 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int = 512, per_doc
     if dtype not in DTYPES:
         raise MidusError(f"--dtype must be one of {', '.join(DTYPES)}")
     run_on = eval_device(device)
+    cache = check_cache_location(Path(cache_dir) if cache_dir else D.default_cache_dir(),
+                                 inputs=[("the model", model_dir), *((f"data ({p})", input_root(p)) for p in data)])
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     stream = D.prepare_corpus(list(data), Path.cwd(), tokenizer, dir_glob=dir_glob, text_field=text_field,
-                              cache_dir=Path(cache_dir) if cache_dir else D.default_cache_dir(), progress=progress,
+                              cache_dir=cache, progress=progress,
                               what="eval data", tokenizer_source=str(model_dir))
     model = load_causal_lm(model_dir, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=progress).to(run_on)
     vocab = model.get_input_embeddings().weight.shape[0]

@@ -36,7 +36,7 @@ import torch
 
 from midus_surgery.compiler.plan import read_plan_file
 from midus_surgery.errors import RecipeError, TrainingError
-from midus_surgery.io.output_dir import OutputError, check_output_dir, input_root, read_marker, write_marker
+from midus_surgery.io.output_dir import OutputError, check_cache_location, check_output_dir, input_root, read_marker, write_marker
 from midus_surgery.train import data as D
 from midus_surgery.train.checkpoint import (
     STATE_FILE,
@@ -225,7 +225,12 @@ class Runner:
         d = cfg.data
         inputs = [("init_from", self.init_from), ("the config file", Path(loaded.source.file))]
         inputs += [(f"data ({p})", input_root(loaded.resolve(p))) for p in [*d.train, *(d.held_out or [])]]
-        inputs.append(("the token cache", loaded.resolve(d.cache_dir) if d.cache_dir else D.default_cache_dir()))
+        cache = loaded.resolve(d.cache_dir) if d.cache_dir else D.default_cache_dir()
+        try:
+            check_cache_location(cache, inputs=inputs)
+        except OutputError as exc:
+            raise RecipeError([loaded.problem(("data", "cache_dir") if d.cache_dir else ("data",), str(exc))]) from None
+        inputs.append(("the token cache", cache))
         folders = [("the config's folder", loaded.directory)]
         if read_marker(self.run_dir) is None and complete_checkpoints(self.ckpt_root):
             write_marker(self.run_dir, RUN_KIND)  # a run directory written before markers existed: its checkpoints say it is ours
