@@ -39,10 +39,12 @@ def _ratio(a: int, b: int) -> str:
 def cmd_validate(args) -> int:
     from midus_surgery.compiler.planner import plan_recipe
 
+    from midus_surgery.emit.emitter import check_planned
+
     failed = 0
     for path in args.recipes:
         try:
-            plan = plan_recipe(path).plan
+            plan = check_planned(plan_recipe(path)).plan
         except MidusError as exc:
             failed += 1
             err.print(f"[bold red]INVALID[/] {path}", markup=True)
@@ -58,7 +60,9 @@ def cmd_validate(args) -> int:
 def cmd_plan(args) -> int:
     from midus_surgery.compiler.planner import plan_recipe
 
-    planned = plan_recipe(args.recipe)  # errors: main() prints them and exits non-zero
+    from midus_surgery.emit.emitter import check_planned
+
+    planned = check_planned(plan_recipe(args.recipe))  # errors: main() prints them and exits non-zero
     loaded, config, anatomy, plan = planned.loaded, planned.config, planned.anatomy, planned.plan
     if args.json:
         data = plan.to_json()
@@ -75,6 +79,9 @@ def cmd_plan(args) -> int:
     zeroed = _zeroed_in_blocks(plan)
     if zeroed:
         out.print(f"zero at the start in inserted blocks: {', '.join(zeroed)}", markup=False)
+    if plan.function_preserving is not None:
+        out.print("starts as the base's function: " + ("yes (checked on a tiny random replica of the base)" if plan.function_preserving
+                  else "NO (found on a tiny random replica; accepted by accept_function_change)"), markup=False)
     table = Table(title="Layer map", show_lines=False)
     for col in ("out", "source", "kind", "params"):
         table.add_column(col, justify="right" if col != "kind" else "left")

@@ -16,11 +16,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
+from midus_surgery.anatomy.probe import LayerProbe, StackProbe
 from midus_surgery.anatomy.trace import (
     Anatomy,
     AnatomyError,
     _anatomy_from_probe,
-    _Probe,
     decoder_layers,
     find_anatomy,
 )
@@ -70,6 +70,9 @@ EXPECTED: dict[str, dict] = {
     ),
 }
 
+# what the graph reading names (the memory facts -- mixer, heads, FFN return -- are tested apart)
+NAME_FIELDS = {"layers_path", "layer_class", "attention", "attn_out_proj", "ffn", "ffn_down_proj", "attn_norms", "ffn_norms", "residual"}
+
 # (arch, overrides) cases: the tiny configs plus GPT-NeoX with a sequential residual
 CASES = [(a, ()) for a in ARCHS] + [("gpt_neox", (("use_parallel_residual", False),))]
 CASE_IDS = [a if not o else f"{a}-sequential" for a, o in CASES]
@@ -92,8 +95,8 @@ def _expected(arch: str, overrides: tuple) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _probe(arch: str, overrides: tuple) -> _Probe:
-    return _Probe.build(tiny_config(arch, **dict(overrides)), trust_remote_code=False)
+def _probe(arch: str, overrides: tuple) -> LayerProbe:
+    return StackProbe.build(tiny_config(arch, **dict(overrides)), trust_remote_code=False).first
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,14 +115,14 @@ def test_every_tiny_arch_has_an_expectation():
 @pytest.mark.parametrize("arch,overrides", CASES, ids=CASE_IDS)
 def test_find_anatomy_names(arch, overrides):
     anatomy = _found(arch, overrides, "fx")
-    assert anatomy.model_dump(exclude={"source"}) == _expected(arch, overrides)
+    assert anatomy.model_dump(include=NAME_FIELDS) == _expected(arch, overrides)
     assert anatomy.source == "fx"
 
 
 @pytest.mark.parametrize("arch,overrides", CASES, ids=CASE_IDS)
 def test_export_source_gives_the_same_anatomy(arch, overrides):
     anatomy = _found(arch, overrides, "export")
-    assert anatomy.model_dump(exclude={"source"}) == _expected(arch, overrides)
+    assert anatomy.model_dump(include=NAME_FIELDS) == _expected(arch, overrides)
     assert anatomy.source == "export"
 
 
@@ -177,7 +180,7 @@ def test_zeroing_the_projections_makes_the_layer_the_identity(arch, overrides):
     anatomy = _found(arch, overrides, "fx")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **dict(overrides))).eval()
-    layers = decoder_layers(model, anatomy)
+    layers = decoder_layers(model, anatomy.layers_path)
     assert len(layers) == model.config.num_hidden_layers
     layer = layers[1]
     assert type(layer).__name__ == anatomy.layer_class
@@ -277,7 +280,7 @@ def toy_registered():
 
 def test_unknown_names_are_found_from_the_graph(toy_registered):
     anatomy = find_anatomy(_ToyConfig())
-    assert anatomy.model_dump(exclude={"source"}) == dict(
+    assert anatomy.model_dump(include=NAME_FIELDS) == dict(
         layers_path="blocks", layer_class="_ToyBlock", attention="mix", attn_out_proj="mix.proj_out",
         ffn=("chan",), ffn_down_proj="chan.2", attn_norms=("n1",), ffn_norms=("n2",), residual="parallel",
     )
@@ -287,8 +290,9 @@ def test_a_layer_without_attention_raises_with_the_recipe_hint(toy_registered):
     with pytest.raises(AnatomyError) as info:
         find_anatomy(_ToyConfig(with_attention=False))
     msg = str(info.value)
-    assert "attention" in msg and "anatomy:" in msg and "attn_out_proj" in msg
-    assert "layers_path: blocks" in msg  # what was found is filled in
+    assert len(msg.splitlines()) <= 2, msg  # a refusal is short: what is missing, what was found, what to state
+    assert "attention module" in msg.splitlines()[0] and "`anatomy:` block" in msg
+    assert "layers_path=blocks" in msg  # what was found is said
 
 
 def test_a_config_without_a_model_raises_with_the_recipe_hint():
@@ -300,9 +304,9 @@ def test_decoder_layers_rejects_a_wrong_path():
     model = AutoModelForCausalLM.from_config(tiny_config("llama"))
     anatomy = Anatomy(**EXPECTED["llama"]).model_copy(update={"layers_path": "model.norm"})
     with pytest.raises(AnatomyError, match="ModuleList"):
-        decoder_layers(model, anatomy)
+        decoder_layers(model, anatomy.layers_path)
     with pytest.raises(AnatomyError):
-        decoder_layers(model, anatomy.model_copy(update={"layers_path": "model.nope"}))
+        decoder_layers(model, "model.nope")
 
 
 def test_real_size_config_is_traced_at_tiny_size(monkeypatch):
@@ -313,7 +317,7 @@ def test_real_size_config_is_traced_at_tiny_size(monkeypatch):
     smallest weight matrix holds 2048 x 512 = 1M values, its embedding 262M."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from midus_surgery.anatomy import trace
+    from midus_surgery.anatomy import probe as probe_module
 
     config = LlamaConfig(
         hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -323,10 +327,12 @@ def test_real_size_config_is_traced_at_tiny_size(monkeypatch):
                          "low_freq_factor": 1.0, "original_max_position_embeddings": 8192},
     )
     built = []
-    real_build = trace._build_model
+    real_build = probe_module._build_model
 
-    def counted(auto_cls, cfg, trust_remote_code):
-        model = real_build(auto_cls, cfg, trust_remote_code)
+    def counted(auto_cls, cfg, trust_remote_code, **kwargs):
+        model = real_build(auto_cls, cfg, trust_remote_code, **kwargs)
+        if next(model.parameters()).is_meta:
+            return model  # the full-depth stack on the meta device: no memory, only its layer kinds are read
         built.append((cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, sum(p.numel() for p in model.parameters()),
                       max(p.numel() for p in model.parameters())))
         return model
@@ -341,12 +347,12 @@ def test_real_size_config_is_traced_at_tiny_size(monkeypatch):
                     LargestTensor.largest = max(LargestTensor.largest, t.numel())
             return out
 
-    monkeypatch.setattr(trace, "_build_model", counted)
+    monkeypatch.setattr(probe_module, "_build_model", counted)
     t = time.perf_counter()
     with LargestTensor():
         anatomy = find_anatomy(config)
     print(f"\nfind_anatomy on a Llama-3.2-1B-shaped config: {time.perf_counter() - t:.2f} s")
-    assert anatomy.model_dump(exclude={"source"}) == EXPECTED["llama"]
+    assert anatomy.model_dump(include=NAME_FIELDS) == EXPECTED["llama"]
     # one tiny model (the first, shrunk config traced), 2 layers of width 128, a 256-token vocabulary
     assert [b[:3] for b in built] == [(128, 2, 256)], built
     assert built[0][3] < 400_000 and built[0][4] <= 256 * 128  # all its parameters, and its largest
@@ -364,6 +370,6 @@ def test_a_config_that_does_not_shrink_falls_back():
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 48,
                          "long_factor": [1.0] * 48},
     )
-    probe = _Probe.build(config, trust_remote_code=False)
+    probe = StackProbe.build(config, trust_remote_code=False)
     assert probe.config_label == "shrunk, head_dim kept"
-    assert _anatomy_from_probe(probe).model_dump(exclude={"source"}) == EXPECTED["phi3"]
+    assert _anatomy_from_probe(probe.first).model_dump(include=NAME_FIELDS) == EXPECTED["phi3"]

@@ -21,7 +21,7 @@ ALLOWED = {
     "anatomy": {"anatomy", "recipe"},
     "compiler": {"compiler", "recipe", "anatomy", "io", "model"},
     "io": {"io"},
-    "emit": {"emit", "compiler", "recipe", "io", "model"},
+    "emit": {"emit", "compiler", "recipe", "io", "model", "anatomy"},  # replica.py shrinks the base as the anatomy probe does
     "model": {"model", "kernels"},  # the optional compiled kernels, imported guarded
     "kernels": {"kernels"},
     "train": {"train", "io", "model", "recipe", "compiler"},

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from tiny_configs import tiny_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from midus_surgery.anatomy.trace import find_anatomy
+from midus_surgery.anatomy.trace import find_stack_anatomy
 from midus_surgery.compiler.plan import attention_dims, make_plan
 from midus_surgery.errors import RecipeError
 from midus_surgery.model.hml import HeadwiseMemory, HMLConfig
@@ -27,7 +27,7 @@ def loaded_from(data: dict):
 
 
 def plan_for(config, layout: dict, **extra):
-    return make_plan(loaded_from({"layout": layout, **extra}), config, find_anatomy(config))
+    return make_plan(loaded_from({"layout": layout, **extra}), config, find_stack_anatomy(config))
 
 
 def layer_map(plan):
@@ -107,7 +107,7 @@ def test_original_layer_cannot_be_a_memory_block():
 def test_memory_needs_even_head_dim():
     config = tiny_config("gpt2", n_embd=60)  # 4 heads of 15 (RoPE models refuse odd head dims anyway)
     (p,) = problems_of(config, {"interleave": {"after_every": 2, "kind": "memory"}}, memory=MEMORY)
-    assert "head_dim 15 is odd" in p.message
+    assert "head width 15 is odd" in p.message and "output layers 2, 5" in p.message
 
 
 def test_memory_without_output_projection_needs_matching_width():
@@ -193,8 +193,9 @@ def test_tensor_map_of_memory_and_identity_blocks():
 def test_memory_counts_match_real_modules(arch):
     """params of a memory plan = base + copies - (o_proj, FFN, FFN norms) + real HML modules."""
     config = tiny_config(arch)
-    anatomy = find_anatomy(config)
-    plan = make_plan(loaded_from({"layout": {"interleave": {"after_every": 2, "kind": "memory"}}, "memory": MEMORY}), config, anatomy)
+    stack = find_stack_anatomy(config)
+    anatomy = stack.single
+    plan = make_plan(loaded_from({"layout": {"interleave": {"after_every": 2, "kind": "memory"}}, "memory": MEMORY}), config, stack)
     base = AutoModelForCausalLM.from_config(config)
     layers = base.get_submodule(anatomy.layers_path)
     heads, head_dim = attention_dims(config)
@@ -252,7 +253,7 @@ layouts = st.one_of(
 memories = st.fixed_dictionaries({}, optional={"n_subkeys": st.integers(0, 16), "topk": st.integers(0, 20), "latent_dim": st.integers(0, 8), "hive": st.booleans(), "share_bank": st.booleans(), "output_proj": st.sampled_from(["auto", "never", "bogus"])})
 
 LLAMA = tiny_config("llama")
-LLAMA_ANATOMY = find_anatomy(LLAMA)
+LLAMA_ANATOMY = find_stack_anatomy(LLAMA)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -132,25 +132,34 @@ def _rope_problems(key: str, value) -> list[str]:
     return []
 
 
+def _attr(config, key: str):
+    """``config.<key>``, or its dict's value where transformers refuses a global read of a per-layer
+    attribute (Gemma-4's head_dim: the per-layer values are checked where they are used)."""
+    try:
+        return getattr(config, key, None)
+    except Exception:  # noqa: BLE001 - transformers' AmbiguousGlobalPerLayerAttributeError
+        return config.to_dict().get(key)
+
+
 def config_object_problems(config) -> list[str]:
     """What is wrong with a built config's sizes (after transformers' aliases and defaults)."""
     problems = []
     for key in _REQUIRED:
-        value = getattr(config, key, None)
+        value = _attr(config, key)
         limit = next(limit for keys, limit in _SIZES.items() if key in keys)
         problem = _count_problem(key, value, limit) if value is not None else f"the config has no {key}"
         if problem:
             problems.append(problem)
     if problems:
         return problems
-    head_dim = getattr(config, "head_dim", None)
+    head_dim = _attr(config, "head_dim")
     if head_dim is None and config.hidden_size // config.num_attention_heads < 1:
         problems.append(f"num_attention_heads ({config.num_attention_heads}) is larger than hidden_size ({config.hidden_size}): heads would have no width")
     elif head_dim is not None:
         problem = _count_problem("head_dim", head_dim, 2**16)
         if problem:
             problems.append(problem)
-    layer_types = getattr(config, "layer_types", None)
+    layer_types = _attr(config, "layer_types")
     if isinstance(layer_types, (list, tuple)) and len(layer_types) != config.num_hidden_layers:
         problems.append(f"layer_types has {len(layer_types)} entries for {config.num_hidden_layers} layers")
     return problems

@@ -23,7 +23,7 @@ from pathlib import Path
 from midus_surgery.compiler.layout import LayerSpec, expand_layout
 from midus_surgery.errors import MidusError, RecipeError, one_line
 from midus_surgery.model.midus_names import HML_MODULE, SHARED_BANK
-from midus_surgery.recipe.anatomy_spec import Anatomy
+from midus_surgery.recipe.anatomy_spec import Anatomy, StackAnatomy
 from midus_surgery.recipe.schema import LoadedRecipe, MemorySettings
 
 # Config integers that assign behaviour to layers by index. Where the new layout would give an
@@ -62,10 +62,13 @@ class Plan:
     params: dict[str, int]  # base, added, total, dus_added
     flops_per_token: dict[str, int]  # base, dus, plan
     layer_params: list[int] = field(default_factory=list)  # per output layer
-    anatomy: Anatomy | None = None
+    anatomy: StackAnatomy | None = None  # every kind of base layer (hybrid stacks have several)
     # where the decoder layers are (e.g. 'model.layers'), also for copy-only plans that trace no anatomy:
     # `train --freeze base` and the benchmarks find the inserted layers' parameters by it
     layers_path: str | None = None
+    # True: every inserted block was checked to start as the identity (emit/replica.py); False: it
+    # was found not to and the recipe accepted it; None: not checked (copies change the function anyway)
+    function_preserving: bool | None = None
 
     @property
     def num_hidden_layers(self) -> int:
@@ -78,8 +81,10 @@ class Plan:
     def to_json(self, *, tensors: bool = True) -> dict:
         """The plan as JSON: ``plan --json`` prints it, midus_plan.json is it without ``tensors``.
 
-        Each fact once. ``layers`` is the layer map (index, source, kind, params), ``anatomy`` the
-        block anatomy (null for copy-only plans), ``layers_path`` where the decoder layers are (set
+        Each fact once. ``layers`` is the layer map (index, source, kind, params), ``block_kinds``
+        the anatomy of every kind of base layer and which kind each is (null for copy-only plans),
+        ``anatomy`` the block anatomy when all layers are of one kind (else null; what plans held
+        before hybrid stacks were planned per kind), ``layers_path`` where the decoder layers are (set
         for every plan), ``midus`` only the memory settings no other key holds (``hml``,
         ``share_bank``; null without memory blocks). The emitted config.json's own ``midus`` dict
         (``self.midus``: layer map, memory layers, anatomy... as modeling_midus reads them) is a
@@ -92,8 +97,10 @@ class Plan:
             "layers": [{**asdict(layer), "params": n} for layer, n in zip(self.layers, self.layer_params)],
             "params": self.params,
             "flops_per_token": self.flops_per_token,
-            "anatomy": self.anatomy.model_dump(mode="json") if self.anatomy else None,
+            "anatomy": self.anatomy.single.model_dump(mode="json") if self.anatomy and self.anatomy.single else None,
+            "block_kinds": self.anatomy.model_dump(mode="json") if self.anatomy else None,
             "layers_path": self.layers_path,
+            "function_preserving": self.function_preserving,
             "midus": {k: self.midus[k] for k in PLAN_MIDUS_KEYS} if self.memory_layers else None,
             "config": self.config,
         }
@@ -175,11 +182,48 @@ def base_tensor_shapes(config) -> dict[str, tuple[int, ...]]:
     return dict(_base_tensor_shapes_cached(json.dumps(data, sort_keys=True, default=str)))
 
 
+def config_value(config, name: str):
+    """``config.<name>`` as its dict holds it: also where transformers refuses a global read of a
+    per-layer attribute (Gemma-4's head_dim); None when absent."""
+    data = config.to_dict()
+    return data.get(getattr(config, "attribute_map", {}).get(name, name))
+
+
 def attention_dims(config) -> tuple[int, int]:
-    """(query heads H, head dim d_h) of the base's attention."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    """(query heads H, head dim d_h) of the base's attention, as its config states them globally."""
+    heads = config_value(config, "num_attention_heads")
+    heads = heads if isinstance(heads, int) and heads > 0 else 0  # no attention (state-space models)
+    head_dim = config_value(config, "head_dim")
+    if not isinstance(head_dim, int):
+        hidden = config_value(config, "hidden_size")
+        head_dim = hidden // heads if heads and isinstance(hidden, int) else 0
     return heads, head_dim
+
+
+def layer_config_value(config, name: str, layer: int):
+    """``name`` for one layer: transformers' per-layer overrides (``per_layer_config``) or a
+    per-layer list first, the global value otherwise."""
+    try:
+        return getattr(config.per_layer_config[layer], name)
+    except Exception:  # noqa: BLE001 - no per-layer configs (most architectures)
+        pass
+    value = config_value(config, name)
+    return value[layer] if isinstance(value, list) and len(value) == config.num_hidden_layers else value
+
+
+def memory_geometry(config, shapes: dict[str, tuple[int, ...]], layers_path: str, anatomy: Anatomy, source: int) -> tuple[int, int]:
+    """(heads H, head width d_h) of the per-head outputs a memory block copied from base layer
+    ``source`` reads: the traced head count's config key, and the width its output projection takes."""
+    heads = layer_config_value(config, anatomy.heads_key or "num_attention_heads", source)
+    weight = shapes.get(f"{layers_path}.{source}.{anatomy.attn_out_proj}.weight")
+    if not isinstance(heads, int) or heads <= 0:
+        raise ValueError(f"the head count {anatomy.heads_key or 'num_attention_heads'} of base layer {source} is {heads!r}")
+    if weight is None or len(weight) != 2:
+        return heads, attention_dims(config)[1]
+    width = weight[anatomy.out_proj_in_axis]
+    if width % heads:
+        raise ValueError(f"the output projection {anatomy.attn_out_proj} of base layer {source} takes {width} values, not a multiple of {heads} heads")
+    return heads, width // heads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,6 +242,10 @@ def remap_per_layer(data: dict, num_layers: int, layers: list[LayerSpec]) -> tup
     for key, value in data.items():
         if isinstance(value, list) and len(value) == L and L > 1 and key not in INDEX_LISTS:
             updates[key] = [value[layer.source] for layer in layers]
+    overrides = data.get("per_layer_config")
+    if isinstance(overrides, dict) and overrides:  # transformers' per-layer overrides (Gemma-4), keyed by index
+        by_layer = {int(k): v for k, v in overrides.items()}
+        updates["per_layer_config"] = {str(layer.index): by_layer[layer.source] for layer in layers if layer.source in by_layer}
     for key in INDEX_LISTS:
         if isinstance(data.get(key), list):
             chosen = set(data[key])
@@ -218,9 +266,9 @@ def rewrite_config(config, layers: list[LayerSpec]) -> tuple[dict, list[str]]:
     """
     new = copy.deepcopy(config)
     updates, problems = remap_per_layer(config.to_dict(), config.num_hidden_layers, layers)
+    new.num_hidden_layers = len(layers)  # first: per-layer overrides are checked against it
     for key, value in updates.items():
         setattr(new, key, value)  # through the config object: attribute_map aliases (gpt2's n_layer) apply
-    new.num_hidden_layers = len(layers)
     out = new.to_dict()
     out.pop("transformers_version", None)
     return out, problems
@@ -242,27 +290,27 @@ def check_config_accepted(config_dict: dict) -> str | None:
 # Memory checks and the HML module's own facts
 
 
-def memory_problems(loaded: LoadedRecipe, config) -> list:
-    """Problems with the memory settings against this base model's attention shape."""
+def memory_problems(loaded: LoadedRecipe, hidden_size: int, geometry: tuple[int, int], where: str) -> list:
+    """Problems with the memory settings against the attention shape (heads, head_dim) a memory block reads."""
     mem = loaded.recipe.memory
-    heads, head_dim = attention_dims(config)
+    heads, head_dim = geometry
     problems = []
     if mem.query_source == "heads" and head_dim % 2:
-        problems.append(loaded.problem(("memory",), f"the base's head_dim {head_dim} is odd; product keys split each head's query in two halves"))
-    if mem.query_source == "heads" and heads * head_dim != config.hidden_size and mem.output_proj == "never":
-        problems.append(loaded.problem(("memory", "output_proj"), f"heads*head_dim = {heads * head_dim} differs from hidden size {config.hidden_size}: the memory needs an output projection (output_proj: auto or always)"))
+        problems.append(loaded.problem(("memory",), f"{where}: the attention's head width {head_dim} is odd; product keys split each head's query in two halves"))
+    if mem.query_source == "heads" and heads * head_dim != hidden_size and mem.output_proj == "never":
+        problems.append(loaded.problem(("memory", "output_proj"), f"{where}: heads*head_dim = {heads * head_dim} differs from hidden size {hidden_size}: the memory needs an output projection (output_proj: auto or always)"))
     return problems
 
 
-def build_hml(config, mem: MemorySettings, device="meta"):
-    """An HML module of the right size for this base (on the meta device: shapes only)."""
+def build_hml(hidden_size: int, geometry: tuple[int, int], mem: MemorySettings, device="meta"):
+    """An HML module of the right size for one memory block (on the meta device: shapes only)."""
     import torch
 
     from midus_surgery.model.hml import HeadwiseMemory, HMLConfig
 
-    heads, head_dim = attention_dims(config)
+    heads, head_dim = geometry
     with torch.device(device):
-        return HeadwiseMemory(heads, head_dim, config.hidden_size, HMLConfig.from_dict(mem.hml_dict()))
+        return HeadwiseMemory(heads, head_dim, hidden_size, HMLConfig.from_dict(mem.hml_dict()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,19 +350,22 @@ class BaseFacts:
     @classmethod
     def of(cls, config) -> "BaseFacts":
         heads, head_dim = attention_dims(config)
-        return cls(config.model_type, config.num_hidden_layers, heads, head_dim, config.hidden_size, config.vocab_size,
-                   getattr(config, "sliding_window", None), getattr(config, "layer_types", None),
-                   getattr(config, "num_experts_per_tok", None))
+        value = functools.partial(config_value, config)
+        return cls(config.model_type, config.num_hidden_layers, heads, head_dim, value("hidden_size"), value("vocab_size"),
+                   value("sliding_window"), value("layer_types"), value("num_experts_per_tok"))
 
 
-def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None, *, anatomy_problem: str | None = None) -> Plan:
-    """Plan the recipe against the base config; RecipeError lists every problem found."""
+def make_plan(loaded: LoadedRecipe, config, anatomy: StackAnatomy | None, *, anatomy_problem: str | None = None) -> Plan:
+    """Plan the recipe against the base config; RecipeError lists every problem found.
+
+    anatomy: every kind of base layer (``find_stack_anatomy``, or the recipe's ``anatomy:`` for
+    all layers); each identity or memory block is made from the anatomy of its own source layer.
+    """
     recipe = loaded.recipe
     L = config.num_hidden_layers
     layers, problems = expand_layout(loaded, L)
     kinds = {layer.kind for layer in layers}
     if "memory" in kinds:
-        problems += memory_problems(loaded, config)
         if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
             # the MIDUS model class wraps the stock class of base_model_type, not the base's own code
             problems.append(loaded.problem(("layout",), "memory blocks over a base with its own modeling code (auto_map) are not supported: "
@@ -322,6 +373,8 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None, *, anatomy_
     if kinds & {"identity", "memory"} and anatomy is None:
         why = f": {anatomy_problem}" if anatomy_problem else "; state it with an `anatomy:` block"
         problems.append(loaded.problem(("layout",), f"identity and memory blocks need the block anatomy, which could not be found{why}"))
+    if anatomy is not None and not problems:
+        problems += block_kind_problems(loaded, anatomy, layers)
     if problems:
         raise RecipeError(problems)
 
@@ -345,11 +398,52 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: Anatomy | None, *, anatomy_
         moved = f"transformers cannot build the up-scaled model from the rewritten config: {one_line(exc)}"
     if moved:
         raise RecipeError([loaded.problem(("layout",), moved)])
+    hidden = config_value(config, "hidden_size")
+    geometry: dict[int, tuple[int, int]] = {}  # output memory layer -> (heads, head width) it reads
+    problems = []
+    for layer in layers:
+        if layer.kind == "memory":
+            try:
+                geometry[layer.index] = memory_geometry(config, shapes, layers_path, anatomy.kind_of(layer.source).anatomy, layer.source)
+            except ValueError as exc:
+                problems.append(loaded.problem(("layout",), f"output layer {layer.index} (memory from base layer {layer.source}): {exc}"))
+    for g in dict.fromkeys(geometry.values()):  # one message per attention shape, naming its blocks
+        at = [i for i, gi in geometry.items() if gi == g]
+        problems += memory_problems(loaded, hidden, g, f"memory block{'s' if len(at) > 1 else ''} at output layer{'s' if len(at) > 1 else ''} {_index_ranges(at)}")
+    if problems:
+        raise RecipeError(problems)
     try:
-        hml = build_hml(config, recipe.memory) if "memory" in kinds else None
+        hmls = {g: build_hml(hidden, g, recipe.memory) for g in set(geometry.values())}
     except Exception as exc:  # noqa: BLE001
         raise RecipeError([loaded.problem(("memory",), f"cannot build the memory layer for this base: {one_line(exc)}")]) from None
-    return assemble_plan(loaded, BaseFacts.of(config), layers, new_config, shapes, layers_path, anatomy, hml)
+    return assemble_plan(loaded, BaseFacts.of(config), layers, new_config, shapes, layers_path, anatomy,
+                         {index: hmls[g] for index, g in geometry.items()})
+
+
+def block_kind_problems(loaded: LoadedRecipe, anatomy: StackAnatomy, layers: list[LayerSpec]) -> list:
+    """Identity and memory blocks whose source layer's kind cannot make them: one problem per
+    (kind of block, kind of layer), naming the first such output layer and where the layout could
+    take them from instead."""
+    problems, seen = [], set()
+    for layer in layers:
+        if layer.kind not in ("identity", "memory"):
+            continue
+        kind_index = anatomy.layer_kinds[layer.source]
+        why = anatomy.kinds[kind_index].refusal(layer.kind)
+        if why is None or (layer.kind, kind_index) in seen:
+            continue
+        seen.add((layer.kind, kind_index))
+        able = [i for i in range(len(anatomy.layer_kinds)) if anatomy.kind_of(i).refusal(layer.kind) is None]
+        instead = f"; base layers that can: {_index_ranges(able)}" if able else "; no layer of this model can"
+        problems.append(loaded.problem(("layout",), f"output layer {layer.index} is a {layer.kind} block copied from base layer {layer.source}, "
+                                                    f"a {anatomy.kinds[kind_index].label}: {why.splitlines()[0]}{instead}"))
+    return problems
+
+
+def _index_ranges(indices: list[int]) -> str:
+    from midus_surgery.recipe.anatomy_spec import _ranges
+
+    return _ranges(indices)
 
 
 def _split_layers(shapes: dict[str, tuple[int, ...]], layers_path: str) -> dict[int, dict[str, tuple[int, ...]]]:
@@ -386,13 +480,13 @@ def layers_changed_by_config(base_shapes: dict[str, tuple[int, ...]], new_config
 
 
 def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec], new_config: dict,
-                  shapes: dict[str, tuple[int, ...]], layers_path: str, anatomy: Anatomy | None, hml=None) -> Plan:
+                  shapes: dict[str, tuple[int, ...]], layers_path: str, anatomy: StackAnatomy | None, hmls: dict | None = None) -> Plan:
     """The tensor map and the counts, from the checked layer map, the rewritten config and the base's tensors.
 
     shapes: every base tensor (tied ones once) -> shape, in module order (what named_parameters
     lists); the output has the tensors outside the decoder layers first, in this order, then each
     output layer's tensors in the order of its source layer.
-    hml: a (meta-device) memory module of the right size when the layout has memory blocks.
+    hmls: output memory layer -> a (meta-device) memory module of its size.
     """
     recipe = loaded.recipe
     L = base.num_layers
@@ -401,10 +495,10 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
     per_layer: list[dict[str, tuple[int, ...]]] = [split.get(i, {}) for i in range(L)]
     global_shapes = {name: shape for name, shape in shapes.items() if not name.startswith(prefix)}
 
-    hml_shapes = {n: tuple(p.shape) for n, p in hml.named_parameters()} if hml else {}
-    hml_rules = hml.init_rules() if hml else {}
+    hmls = hmls or {}
     share = recipe.memory.share_bank
-    hml_bank_shape = hml_shapes.pop("bank.weight", None) if share else None
+    bank_shapes = {tuple(h.bank.weight.shape) for h in hmls.values() if getattr(h, "bank", None) is not None}
+    hml_bank_shape = next(iter(bank_shapes), None) if share else None
 
     tensors: list[TensorEntry] = [TensorEntry(n, s, n, "copy") for n, s in global_shapes.items()]
     layer_params: list[int] = []
@@ -422,12 +516,13 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
         out_prefix, src_prefix = f"{prefix}{layer.index}.", f"{prefix}{layer.source}."
         count = 0
         kept: dict[str, tuple[int, ...]] = {}
+        block = anatomy.kind_of(layer.source).anatomy if anatomy is not None and layer.kind in ("identity", "memory") else None
         try:
-            ffn_outputs = _ffn_output_tensors(src, anatomy) if layer.kind == "identity" else set()
+            ffn_outputs = _ffn_output_tensors(src, block) if layer.kind == "identity" else set()
         except ValueError as exc:
-            raise RecipeError([loaded.problem(("layout",), str(exc))]) from None
+            raise RecipeError([loaded.problem(("layout",), f"output layer {layer.index}: {exc}")]) from None
         for rest, shape in src.items():
-            rule = _block_tensor_rule(layer.kind, rest, anatomy, tapped, ffn_outputs)
+            rule = _block_tensor_rule(layer.kind, rest, block, tapped, ffn_outputs)
             if rule is None:
                 continue
             tensors.append(TensorEntry(out_prefix + rest, shape, src_prefix + rest, rule))
@@ -435,16 +530,23 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
             count += math.prod(shape)
         flops = 2 * _matmul_params(kept, base.experts_per_token) + attn_ctx_flops[layer.index]
         if layer.kind == "memory":
-            readout = f"{out_prefix}{anatomy.ffn[-1]}.{HML_MODULE}."
-            for pname, shape in hml_shapes.items():
-                tensors.append(TensorEntry(readout + pname, shape, None, hml_rules.get(pname, "init")))
-                count += math.prod(shape)
+            hml = hmls[layer.index]
+            rules = hml.init_rules()
+            readout = f"{out_prefix}{block.ffn[-1]}.{HML_MODULE}."
+            for pname, p in hml.named_parameters():
+                if share and pname == "bank.weight":
+                    continue  # one bank for the whole model, written once below
+                tensors.append(TensorEntry(readout + pname, tuple(p.shape), None, rules.get(pname, "init")))
+                count += p.numel()
             flops += hml.flops_per_token()
         layer_params.append(count)
         plan_layer_flops.append(flops)
-    if share and hml is not None:
+    if share and hmls:
         # One bank for the whole model, owned at the top level and written once.
-        tensors.append(TensorEntry(f"{SHARED_BANK}.weight", hml_bank_shape, None, hml_rules.get("bank.weight", "init")))
+        if len(bank_shapes) != 1:
+            raise RecipeError([loaded.problem(("memory", "share_bank"), f"memory blocks of different sizes cannot share one bank (banks {sorted(bank_shapes)})")])
+        first = next(iter(hmls.values()))
+        tensors.append(TensorEntry(f"{SHARED_BANK}.weight", hml_bank_shape, None, first.init_rules().get("bank.weight", "init")))
 
     base_total = sum(math.prod(s) for s in shapes.values())
     total = sum(t.numel for t in tensors)
@@ -462,7 +564,11 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
         "memory_layers": [layer.index for layer in layers if layer.kind == "memory"],
         "hml": recipe.memory.hml_dict(),
         "share_bank": share,
-        "anatomy": anatomy.model_dump(mode="json") if anatomy else None,
+        "anatomy": anatomy.single.model_dump(mode="json") if anatomy and anatomy.single else None,
+        # per memory block: the anatomy of its source layer and the heads it reads (modeling_midus)
+        "memory_blocks": {str(layer.index): {"anatomy": anatomy.kind_of(layer.source).anatomy.model_dump(mode="json"),
+                                             "heads": hmls[layer.index].num_heads, "head_dim": hmls[layer.index].head_dim}
+                          for layer in layers if layer.kind == "memory"},
         "base_model_type": base.model_type,
     }
     return Plan(
@@ -505,7 +611,11 @@ def _ffn_output_tensors(layer: dict[str, tuple[int, ...]], anatomy: Anatomy) -> 
 def _block_tensor_rule(kind: str, rest: str, anatomy: Anatomy | None, tapped: bool, ffn_outputs: set[str] = frozenset()) -> str | None:
     """How an inserted block gets its source layer's tensor ``rest``: "copy", "zeros", or None (not in the block).
 
-    ffn_outputs: for identity blocks, the FFN tensors zeroed (``_ffn_output_tensors``)."""
+    anatomy: the source layer's; ffn_outputs: for identity blocks, the FFN tensors zeroed
+    (``_ffn_output_tensors``). Further residual branches (``extra_out_projs``) start at zero in
+    identity and memory blocks alike."""
+    if kind in ("identity", "memory") and any(_is_under(rest, m) for m in anatomy.extra_out_projs):
+        return "zeros"
     if kind == "memory":
         if any(_is_under(rest, m) for m in (*anatomy.ffn, *anatomy.ffn_norms)):
             return None  # replaced by the HML readout / identities

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from midus_surgery.compiler.plan import Plan
-from midus_surgery.recipe.anatomy_spec import Anatomy
+from midus_surgery.recipe.anatomy_spec import StackAnatomy
 from midus_surgery.recipe.schema import LoadedRecipe
 
 
@@ -14,7 +14,7 @@ from midus_surgery.recipe.schema import LoadedRecipe
 class PlannedRecipe:
     loaded: LoadedRecipe
     config: object | None  # transformers.PretrainedConfig of the base; None when planned from the headers
-    anatomy: Anatomy | None
+    anatomy: StackAnatomy | None  # every kind of base layer; None for plans that need none
     plan: Plan
     base_dtype: str = "float32"  # the base config's dtype: what `output.dtype: auto` writes
     # checkpoint -> module tensor renames when known without transformers; None: the emitter asks it

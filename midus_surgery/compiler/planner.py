@@ -10,20 +10,21 @@ from midus_surgery.compiler.layout import COPY, expand_layout
 from midus_surgery.compiler.plan import Plan, make_plan
 from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.io.dtypes import auto_dtype
-from midus_surgery.recipe.anatomy_spec import Anatomy
+from midus_surgery.recipe.anatomy_spec import StackAnatomy
 from midus_surgery.recipe.schema import LoadedRecipe, load_recipe
 
 FULL_PLAN_ENV = "MIDUS_SURGERY_FULL_PLAN"  # "1": `apply` always plans through transformers (debugging)
 
 
-def anatomy_for(loaded: LoadedRecipe, config) -> tuple[Anatomy | None, str | None]:
-    """The recipe's stated anatomy, else the traced one; (None, why) when tracing cannot tell."""
+def anatomy_for(loaded: LoadedRecipe, config) -> tuple[StackAnatomy | None, str | None]:
+    """The recipe's stated anatomy (for every layer), else the traced one per kind of layer;
+    (None, why) when tracing cannot tell."""
     if loaded.recipe.anatomy is not None:
-        return loaded.recipe.anatomy.model_copy(update={"source": "recipe"}), None
-    from midus_surgery.anatomy.trace import AnatomyError, find_anatomy
+        return StackAnatomy.uniform(loaded.recipe.anatomy.model_copy(update={"source": "recipe"}), config.num_hidden_layers), None
+    from midus_surgery.anatomy.trace import AnatomyError, find_stack_anatomy
 
     try:
-        return find_anatomy(config, trust_remote_code=loaded.recipe.base.trust_remote_code), None
+        return find_stack_anatomy(config, trust_remote_code=loaded.recipe.base.trust_remote_code), None
     except AnatomyError as exc:
         # make_plan reports it, located, if the layout needs the anatomy (identity/memory blocks).
         return None, str(exc)

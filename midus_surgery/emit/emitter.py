@@ -81,7 +81,7 @@ class MemoryInit:
         self._tensors: dict = {}  # parameter name -> torch.Tensor
 
     def _build(self, module_name: str) -> dict:
-        from midus_surgery.compiler.plan import build_hml
+        from midus_surgery.compiler.plan import build_hml, config_value
         from midus_surgery.model.hml import LatentBank
 
         mem = self._planned.loaded.recipe.memory
@@ -90,7 +90,10 @@ class MemoryInit:
             module = LatentBank(mem.n_subkeys, mem.latent_dim)
             module.reset_parameters(seed=seed, zero=mem.init == "zero_bank")
         else:
-            module = build_hml(self._planned.config, mem, device="cpu")
+            plan = self._planned.plan
+            index = module_name[len(plan.layers_path) + 1:].split(".", 1)[0]  # '<layers_path>.<i>.<ffn>.hml'
+            block = plan.midus["memory_blocks"][index]
+            module = build_hml(config_value(self._planned.config, "hidden_size"), (block["heads"], block["head_dim"]), mem, device="cpu")
             module.reset_parameters(seed=seed)
         return {name: p.detach().to(torch_dtype(self._dtype)) for name, p in module.named_parameters()}
 
@@ -220,8 +223,12 @@ def _write_generation_config(ref, config_dict: dict, dest: Path) -> None:
 
 
 def emit(planned: PlannedRecipe, *, out_dir: Path | None = None, overwrite: bool = False, allow_pickle: bool = False, progress: bool = True) -> EmitResult:
-    """Write the up-scaled model. Raises MidusError for anything the user can fix."""
+    """Write the up-scaled model. Raises MidusError for anything the user can fix.
+
+    Identity and memory blocks are checked to start as the identity first (replica.py): a recipe
+    that would not is refused before anything is written."""
     ref = resolve_base(planned.loaded)
+    planned = check_planned(planned)
     out = check_apply_output(planned, ref, out_dir, overwrite)
     prefixes = tuple({t.name.split(".", 1)[0] for t in planned.plan.tensors if "." in t.name})
     source = open_base_tensors(ref, allow_pickle=allow_pickle, prefixes=prefixes, model_type=planned.plan.model_type,
@@ -233,6 +240,14 @@ def emit(planned: PlannedRecipe, *, out_dir: Path | None = None, overwrite: bool
     finally:
         source.close()
     return EmitResult(out, len(planned.plan.tensors), num_bytes, shards, source.how)
+
+
+def check_planned(planned: PlannedRecipe) -> PlannedRecipe:
+    """``planned`` checked to keep the base's function where it promises to (replica.py); what
+    ``validate`` and ``plan`` run too, and ``emit`` before it writes."""
+    from midus_surgery.emit.replica import check_function_preserving
+
+    return check_function_preserving(planned, emit)
 
 
 def check_apply_output(planned: PlannedRecipe, ref, out_dir: Path | None, overwrite: bool) -> Path:

@@ -46,16 +46,27 @@ class AttentionTap(nn.Module):
 
 
 class MemoryReadout(nn.Module):
-    """Stands in for the FFN: returns the Head-wise Memory Layer's output, shaped like the FFN input."""
+    """Stands in for the FFN: returns the Head-wise Memory Layer's output, shaped like the FFN input,
+    in the FFN's own calling convention: a tensor, or (mixtures of experts that also return router
+    scores) a tuple of ``returns[0]`` entries with the output at ``returns[1]`` and None elsewhere."""
 
-    def __init__(self, hml: HeadwiseMemory, tap: AttentionTap | None, num_heads: int, head_dim: int):
+    def __init__(self, hml: HeadwiseMemory, tap: AttentionTap | None, num_heads: int, head_dim: int,
+                 returns: tuple[int, int] | None = None):
         super().__init__()
         self.hml = hml
         # A plain attribute, not a submodule: the tap belongs to the attention module.
         object.__setattr__(self, "_tap", tap)
         self.num_heads, self.head_dim = num_heads, head_dim
+        self.returns = tuple(returns) if returns else None
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        out = self._read(x)
+        if self.returns is None:
+            return out
+        length, at = self.returns
+        return tuple(out if i == at else None for i in range(length))
+
+    def _read(self, x: torch.Tensor) -> torch.Tensor:
         tap = self._tap
         if tap is None:  # generic variant: query with the FFN branch's input, [..., hidden]
             return self.hml(x)
@@ -86,30 +97,42 @@ def _swap(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
 
 
 def attention_shape(config) -> tuple[int, int]:
+    """(heads, head width) as the config states them (configs without ``midus.memory_blocks``)."""
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return heads, head_dim
 
 
+def _memory_blocks(config) -> dict[int, tuple[dict, int, int]]:
+    """Output layer -> (the anatomy of its source layer, heads, head width) for every memory block.
+
+    Configs written before hybrid stacks were planned per kind of layer have one anatomy for all
+    and the heads from the config."""
+    midus = config.midus
+    if midus.get("memory_blocks"):
+        return {int(i): (b["anatomy"], b["heads"], b["head_dim"]) for i, b in midus["memory_blocks"].items()}
+    heads, head_dim = attention_shape(config)
+    return {index: (midus["anatomy"], heads, head_dim) for index in midus["memory_layers"]}
+
+
 def install_memory_blocks(model: nn.Module, config) -> None:
     """Turn the layers listed in ``config.midus['memory_layers']`` into Memory blocks, in place."""
     midus = config.midus
-    anatomy = midus["anatomy"]
     hml_config = HMLConfig.from_dict(midus["hml"])
-    heads, head_dim = attention_shape(config)
-    layers = model.get_submodule(anatomy["layers_path"])
+    blocks = _memory_blocks(config)
     bank = None
     if midus.get("share_bank"):
         bank = LatentBank(hml_config.n_subkeys, hml_config.latent_dim)
         model.add_module(SHARED_BANK, bank)
     for index in midus["memory_layers"]:
-        layer = layers[index]
+        anatomy, heads, head_dim = blocks[index]
+        layer = model.get_submodule(anatomy["layers_path"])[index]
         hml = HeadwiseMemory(heads, head_dim, config.hidden_size, hml_config, bank=bank)
         tap = None
         if hml_config.query_source == "heads":
             tap = AttentionTap(_out_features(layer.get_submodule(anatomy["attn_out_proj"])))
             _swap(layer, anatomy["attn_out_proj"], tap)
-        _swap(layer, anatomy["ffn"][-1], MemoryReadout(hml, tap, heads, head_dim))
+        _swap(layer, anatomy["ffn"][-1], MemoryReadout(hml, tap, heads, head_dim, anatomy.get("ffn_tuple")))
         for path in list(anatomy["ffn"][:-1]) + list(anatomy["ffn_norms"]):
             _swap(layer, path, nn.Identity())
 

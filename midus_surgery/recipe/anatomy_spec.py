@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Anatomy(BaseModel):
@@ -24,8 +24,13 @@ class Anatomy(BaseModel):
     ffn_down_proj: str = Field(description="The last linear of the FFN branch, e.g. 'mlp.down_proj' or 'fc2'.")
     attn_norms: tuple[str, ...] = Field(description="Norms on the attention branch (pre and post), e.g. ['input_layernorm'].")
     ffn_norms: tuple[str, ...] = Field(description="Norms on the FFN branch (pre and post), e.g. ['post_attention_layernorm'].")
+    extra_out_projs: tuple[str, ...] = Field((), description="The last linear of each further residual branch (Gemma-4's per-layer input): zeroed, like the FFN's, so that identity and memory blocks start as the identity.")
     residual: Literal["sequential", "parallel"] = Field(description="'sequential' (x + attn, then + ffn) or 'parallel' (x + attn(x) + ffn(x), GPT-NeoX/Falcon/Phi).")
     source: Literal["fx", "export", "recipe"] = Field("fx", description="How the anatomy was found.")
+    mixer: Literal["attention", "other"] = Field("attention", description="'attention' when the token mixer is softmax attention (a memory block needs it); 'other' for convolutions, linear attention, state-space layers.")
+    heads_key: str | None = Field(None, description="The config key holding the attention's query-head count (traced from the heads its output projection receives); None: num_attention_heads.")
+    out_proj_in_axis: int = Field(1, ge=0, le=1, description="The axis of the output projection's weight that takes the concatenated heads: 1 for nn.Linear ([out, in]), 0 for GPT-2's Conv1D ([in, out]).")
+    ffn_tuple: tuple[int, int] | None = Field(None, description="When the FFN returns a tuple (mixtures of experts that also return router scores): (its length, the position of the hidden states); None: it returns a tensor.")
 
     def describe(self) -> str:
         """A few human-readable lines, e.g. for ``midus-surgery plan``."""
@@ -37,4 +42,77 @@ class Anatomy(BaseModel):
             f"  output projection {self.attn_out_proj}",
             f"  FFN branch:        norms [{', '.join(self.ffn_norms)}]  ffn [{', '.join(self.ffn)}]"
             f"  down projection {self.ffn_down_proj}",
-        ])
+        ] + ([f"  further branches:  output projections [{', '.join(self.extra_out_projs)}]"] if self.extra_out_projs else []))
+
+
+class BlockKind(BaseModel):
+    """One kind of decoder layer in the stack: its anatomy, or why it has none surgery can use."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: str = Field(description="What the layers of this kind are, e.g. 'Lfm2DecoderLayer (conv)'.")
+    anatomy: Anatomy | None = None
+    problem: str | None = Field(None, description="Why the anatomy could not be read (identity and memory blocks of this kind are refused with it).")
+
+    memory_problem: str | None = Field(None, description="Why a memory block cannot be made from a layer of this kind (no softmax attention, heads not found...); None: it can.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "BlockKind":
+        if (self.anatomy is None) == (self.problem is None):
+            raise ValueError("a block kind has either an anatomy or a problem")
+        return self
+
+    def refusal(self, kind: str) -> str | None:
+        """Why an inserted block of ``kind`` ('identity' or 'memory') cannot copy a layer of this kind."""
+        if self.problem is not None:
+            return self.problem
+        return self.memory_problem if kind == "memory" else None
+
+
+class StackAnatomy(BaseModel):
+    """The anatomy of every decoder layer: hybrid stacks (attention mixed with convolution, linear
+    attention or state-space layers; dense mixed with MoE FFNs) have several kinds of layer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layers_path: str
+    kinds: tuple[BlockKind, ...]
+    layer_kinds: tuple[int, ...] = Field(description="Per base layer: its index into `kinds`.")
+
+    @classmethod
+    def uniform(cls, anatomy: Anatomy, num_layers: int) -> "StackAnatomy":
+        """Every layer of one kind (a recipe's stated anatomy)."""
+        return cls(layers_path=anatomy.layers_path, kinds=(BlockKind(label=anatomy.layer_class, anatomy=anatomy),),
+                   layer_kinds=(0,) * num_layers)
+
+    def kind_of(self, layer: int) -> BlockKind:
+        return self.kinds[self.layer_kinds[layer]]
+
+    @property
+    def single(self) -> Anatomy | None:
+        """The anatomy when every layer is of one kind that has one (what older plans recorded)."""
+        return self.kinds[0].anatomy if len(self.kinds) == 1 else None
+
+    def layers_of(self, kind: int) -> list[int]:
+        return [i for i, k in enumerate(self.layer_kinds) if k == kind]
+
+    def describe(self) -> str:
+        if self.single is not None:
+            return self.single.describe()
+        lines = []
+        for k, kind in enumerate(self.kinds):
+            lines.append(f"layers {_ranges(self.layers_of(k))}: {kind.label}")
+            body = kind.anatomy.describe().splitlines()[1:] if kind.anatomy else [f"  no anatomy: {kind.problem}"]
+            lines += ["  " + line for line in body]
+        return "\n".join(lines)
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out: list[tuple[int, int]] = []
+    for i in indices:
+        if out and out[-1][1] == i - 1:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out)

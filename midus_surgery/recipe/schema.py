@@ -214,6 +214,7 @@ class Recipe(Strict):
     layout: Layout = Field(description="The new depth (see `layout`).")
     memory: MemorySettings = Field(default_factory=MemorySettings, description="HML settings for `memory` blocks.")
     allow_adjacent_memory: bool = Field(False, description="Allow two memory blocks back to back (MIDUS never does; say so explicitly to do it).")
+    accept_function_change: bool = Field(False, description="Write identity and memory blocks that the planner finds do not start as the identity (it applies the recipe to a tiny random replica of the base first: post-norm blocks, layers whose code depends on their index or on the depth). Without it such a recipe is refused; with it `verify` compares perplexity instead of requiring equal logits.")
     anatomy: Anatomy | None = Field(None, description="State the decoder block's anatomy when it cannot be traced (normally found automatically).")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of every new tensor's initialisation (each tensor is seeded from this and its name).")
     flops_seq_len: int = Field(2048, ge=1, le=MAX_SEQ_LEN, description="Sequence length assumed by the FLOPs-per-token estimate (attention cost grows with it).")

@@ -1,0 +1,332 @@
+"""Reading the block anatomy off a layer's data-flow graph (see ``trace`` for the method)."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from midus_surgery.anatomy.graph import _export_alias_map, _Flow, _fx_trace, _module_path_of
+from midus_surgery.anatomy.problems import AnatomyError, _error
+from midus_surgery.errors import one_line
+from midus_surgery.recipe.anatomy_spec import Anatomy
+
+
+def _anatomy_from_flow(probe, flow: _Flow, source: str) -> Anatomy:
+    known = dict(probe.known)
+    calls = [n for n in flow.nodes if n.kind == "call"]
+    role = {n.id: probe.role(n.target) for n in calls}
+    major = {i for i, r in role.items() if r in ("major", "attention")}
+    norms = {i for i, r in role.items() if r == "norm"}
+    att_nodes = [n for n in calls if role[n.id] == "attention"]
+    if not att_nodes:
+        raise _error(f"an attention module in {probe.layer_class} (no child mixes tokens: children called "
+                     f"{[n.target for n in calls]})", known)
+    A = att_nodes[0]
+    attention = A.target
+    known["attention"] = attention
+    inp = next(n for n in flow.nodes if n.kind == "input")
+    out = next(n for n in flow.nodes if n.kind == "output")
+    # residual stream: walk the adds in order
+    cur = inp.id
+    branches: list[tuple[int, frozenset[int]]] = []  # (residual add, nodes of its branch)
+    stream_norms: list[tuple[int, set[int]]] = []  # norms on the stream after branch k (post-LN)
+    for n in flow.nodes:
+        if n.kind != "add" or cur not in flow.closure(n.id):
+            continue
+        base = flow.closure(cur)
+        sides = []
+        for i in n.inputs:
+            extra = flow.closure(i) - base
+            sides.append((i, extra, bool(extra & major), cur in flow.closure(i)))
+        stream = [s for s in sides if s[3] and not s[2]]
+        branch = [s for s in sides if s[2]]
+        if len(stream) != 1 or len(branch) != 1:
+            continue
+        branch = [(branch[0][0], branch[0][1] - flow.closure(stream[0][0]))]
+        k = len(branches)
+        on_stream = {j for j in stream[0][1] if j in norms}
+        if on_stream and branches:
+            stream_norms.append((k - 1, on_stream))
+        branches.append((n.id, frozenset(branch[0][1])))
+        cur = n.id
+    tail = {j for j in flow.closure(out.id) - flow.closure(cur) if j in norms}
+    if tail and branches:
+        stream_norms.append((len(branches) - 1, tail))
+    if not branches:
+        raise _error(f"the residual adds of {probe.layer_class} (no add joins the layer input with a module's output)", known)
+
+    a_branch = next((k for k, (_, b) in enumerate(branches) if A.id in b), None)
+    if a_branch is None:
+        raise _error(f"the residual branch of {attention!r} in {probe.layer_class}", known)
+    a_nodes = branches[a_branch][1]
+    attn_side = {j for j in a_nodes if j == A.id or j in flow.anc(A.id) or A.id in flow.anc(j)}
+    ffn_ids = sorted(i for i in major if i != A.id and i not in attn_side and any(i in b for _, b in branches))
+    if not ffn_ids:
+        raise _error(f"an FFN in {probe.layer_class} (no module with weights besides the attention {attention!r} "
+                     f"feeds a residual add)", known)
+    # The FFN is the first branch after the attention's (or shares it: Falcon's parallel form);
+    # further branches (Gemma-4's per-layer input) are extra: identity blocks zero their output too.
+    branch_of = {i: next(k for k, (_, b) in enumerate(branches) if i in b) for i in ffn_ids}
+    ffn_branch = min((k for k in branch_of.values() if k != a_branch), default=a_branch)
+    extra_ids = [i for i in ffn_ids if branch_of[i] not in (ffn_branch, a_branch)]
+    ffn_ids = [i for i in ffn_ids if i not in extra_ids]
+    ffn = tuple(dict.fromkeys(flow.by_id[i].target for i in ffn_ids))
+    known["ffn"] = list(ffn)
+    f_branches = {k for k, (_, b) in enumerate(branches) if set(ffn_ids) & b}
+    residual = "sequential" if A.id in flow.anc(ffn_ids[0]) else "parallel"
+    known["residual"] = residual
+
+    def related_to_ffn(j: int, b: frozenset[int]) -> bool:
+        return any(j == f or j in flow.anc(f) or f in flow.anc(j) for f in ffn_ids if f in b)
+
+    attn_norm_ids: list[int] = [j for j in sorted(a_nodes) if j in norms and j in attn_side]
+    ffn_norm_ids: list[int] = []
+    for k in sorted(f_branches):
+        b = branches[k][1]
+        ffn_norm_ids += [j for j in sorted(b) if j in norms and related_to_ffn(j, b)]
+    for k, js in stream_norms:  # post-LN: a norm on the stream right after a branch's add
+        (attn_norm_ids if k == a_branch else ffn_norm_ids if k in f_branches else []).extend(sorted(js))
+    names = lambda ids: tuple(dict.fromkeys(flow.by_id[j].target for j in ids))  # noqa: E731
+    attn_norms, ffn_norms = names(attn_norm_ids), names(ffn_norm_ids)
+    known.update(attn_norms=list(attn_norms), ffn_norms=list(ffn_norms))
+
+    attn_out_proj = _last_linear(probe, attention, source, known, "attn_out_proj")
+    known["attn_out_proj"] = attn_out_proj
+    last = ffn[-1]
+    if _is_linear_leaf(probe.layer.get_submodule(last)):
+        ffn_down_proj = last  # the FFN is a set of modules (OPT): its last linear is one of them
+    else:
+        ffn_down_proj = _last_linear(probe, last, source, known, "ffn_down_proj")
+    extra = []
+    for k in sorted({branch_of[i] for i in extra_ids}):
+        last_extra = flow.by_id[max(i for i in extra_ids if branch_of[i] == k)].target
+        extra.append(last_extra if _is_linear_leaf(probe.layer.get_submodule(last_extra))
+                     else _last_linear(probe, last_extra, source, known, "extra_out_projs"))
+    return Anatomy(layers_path=probe.layers_path, layer_class=probe.layer_class, attention=attention,
+                   attn_out_proj=attn_out_proj, ffn=ffn, ffn_down_proj=ffn_down_proj, attn_norms=attn_norms,
+                   ffn_norms=ffn_norms, residual=residual, source=source, extra_out_projs=tuple(extra))
+
+
+def _is_linear_leaf(module) -> bool:
+    return any(p.dim() >= 2 for p in module.parameters(recurse=False)) and not any(True for _ in module.children())
+
+
+def _last_linear(probe, path: str, source: str, known: dict, field_name: str) -> str:
+    """The module with a >= 2-D weight nearest to ``path``'s output (walking the data flow back)."""
+    errors = []
+    if source == "fx":
+        try:
+            found = _last_linear_fx(probe, path)
+            probe.answers[field_name] = "fx"
+            return found
+        except Exception as e:
+            errors.append(f"fx: {one_line(e, 150)}")
+    try:
+        found = _last_linear_export(probe, path)
+        probe.answers[field_name] = "export"
+        return found
+    except Exception as e:
+        errors.append(f"export: {one_line(e, 150)}")
+    raise _error(f"{field_name}: the last linear inside {path!r} of {probe.layer_class}", known, "; ".join(errors))
+
+
+def _backward_first(start: list, inputs_of: Callable[[Any], list], hit: Callable[[Any], str | None]) -> str | None:
+    seen = set(start)
+    q = deque(start)
+    while q:
+        level = list(q)
+        q.clear()
+        found = [h for h in (hit(n) for n in level) if h]
+        if found:
+            return found[-1]
+        for n in level:
+            for a in inputs_of(n):
+                if a not in seen:
+                    seen.add(a)
+                    q.append(a)
+    return None
+
+
+def _last_linear_fx(probe, path: str) -> str:
+    module = probe.layer.get_submodule(path)
+    if path not in probe.calls:
+        raise AnatomyError(f"{path!r} was not called")
+    leaves = {m for m in module.modules() if m is not module and not any(True for _ in m.children())}
+    graph = _fx_trace(module, probe.calls[path], leaves)
+    out = next(n for n in graph.nodes if n.op == "output")
+    first = next((a for a in torch.utils._pytree.tree_leaves(out.args) if isinstance(a, fx.Node)), None)
+    if first is None:
+        raise AnatomyError("no output")
+
+    def hit(n: fx.Node):
+        if n.op == "call_module":
+            sub = str(n.target).removeprefix("mod.")
+            m = module.get_submodule(sub)
+            if any(p.dim() >= 2 for p in m.parameters(recurse=False)):
+                return f"{path}.{sub}"
+        return None
+
+    found = _backward_first([first], lambda n: n.all_input_nodes, hit)
+    if found is None:
+        raise AnatomyError(f"no linear inside {path!r} in the fx graph")
+    return found
+
+
+def _last_linear_export(probe, path: str) -> str:
+    ep = probe.exported()
+    params = ep.graph_signature.inputs_to_parameters
+    alias = _export_alias_map(ep)
+
+    def inside(n: fx.Node) -> bool:
+        p = _module_path_of(n) if n.op == "call_function" else ""
+        return p == path or p.startswith(path + ".")
+
+    members = [n for n in ep.graph.nodes if n.op == "call_function" and inside(n)]
+    member_set = set(members)
+    reaches_out: set[fx.Node] = set()
+    stack = [ep.graph.output_node()]
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            a = alias.get(a, a)
+            if a not in reaches_out:
+                reaches_out.add(a)
+                stack.append(a)
+    outs = [n for n in members if n in reaches_out and any(u not in member_set for u in n.users)]
+    if not outs:
+        raise AnatomyError(f"no output of {path!r} in the export graph")
+
+    def hit(n: fx.Node):
+        for a in n.all_input_nodes:
+            fqn = params.get(a.name)
+            if fqn is None:
+                continue
+            fqn = fqn.removeprefix("mod.")
+            owner, _, _ = fqn.rpartition(".")
+            val = a.meta.get("val")
+            if owner.startswith(path + ".") and isinstance(val, torch.Tensor) and val.dim() >= 2:
+                return owner
+        return None
+
+    found = _backward_first(outs, lambda n: [a for a in (alias.get(x, x) for x in n.all_input_nodes) if a in member_set], hit)
+    if found is None:
+        raise AnatomyError(f"no linear inside {path!r} in the export graph")
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# What a memory block needs beyond the module names: softmax attention, its head geometry, and
+# the FFN's calling convention. Found by running the module alone on its captured call, with
+# every aten op it runs logged (a dispatch mode: no tracer has to understand the code).
+# --------------------------------------------------------------------------------------------
+
+_ATTENTION_OP_WORDS = ("softmax", "scaled_dot_product", "flash_attention", "flex_attention", "efficient_attention")
+# ops that hand on their input's values re-laid out: walked through back from the output projection
+_RELAYOUT_OPS = ("aten.view.", "aten._unsafe_view.", "aten.reshape.", "aten.clone.", "aten.contiguous.", "aten.transpose.",
+                 "aten.permute.", "aten._to_copy.", "aten.alias.", "aten.flatten.", "aten.expand.", "aten.squeeze.", "aten.unsqueeze.")
+
+
+class _OpLog(TorchDispatchMode):
+    """Every aten op run inside: (op name, its tensor inputs, its output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, list[torch.Tensor], Any]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs or {})) if isinstance(a, torch.Tensor)]
+        self.ops.append((str(func), inputs, out))
+        return out
+
+
+def _logged_run(probe, attention: str, out_proj: str) -> tuple[_OpLog, torch.Tensor | None]:
+    """Run ``attention`` alone on its captured call, logging its ops and catching what ``out_proj`` receives."""
+    seen: list[torch.Tensor] = []
+    handle = probe.layer.get_submodule(out_proj).register_forward_pre_hook(
+        lambda module, args: seen.append(args[0]) if args and isinstance(args[0], torch.Tensor) else None)
+    log = _OpLog()
+    try:
+        with torch.no_grad(), log:
+            probe.run(attention, probe.calls[attention].hidden())
+    finally:
+        handle.remove()
+    return log, (seen[0] if seen else None)
+
+
+def _head_split(log: _OpLog, handed: torch.Tensor) -> tuple[int, int] | None:
+    """(heads, head width) of the per-head outputs the output projection received, concatenated:
+    walking back from what it got, through re-layout and elementwise ops, to a tensor [..., H, d]
+    with H*d its width."""
+    producer = {}
+    for name, inputs, out in log.ops:
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                producer[id(t)] = (name, inputs)
+    width = handed.shape[-1]
+    t = handed
+    for _ in range(32):
+        if t.dim() >= 3 and t.shape[-1] != width and t.shape[-1] * t.shape[-2] == width:
+            return int(t.shape[-2]), int(t.shape[-1])
+        step = producer.get(id(t))
+        if step is None or not step[1]:
+            return None
+        name, inputs = step
+        if name.startswith(_RELAYOUT_OPS):
+            t = inputs[0]
+        else:  # an elementwise op (an output gate: Qwen3-Next): on along its input shaped as its output
+            same = [a for a in inputs if a.shape == t.shape]
+            if not same:
+                return None
+            t = same[0]
+    return None
+
+
+def _heads_key(config, heads: int) -> str | None:
+    """The config key whose value is the traced head count (num_attention_heads first)."""
+    data = config.to_dict()
+    preferred = getattr(config, "attribute_map", {}).get("num_attention_heads", "num_attention_heads")
+    if data.get(preferred) == heads:
+        return preferred
+    found = [k for k, v in data.items() if v == heads and isinstance(v, int) and "head" in k
+             and not any(w in k for w in ("kv", "key_value", "dim", "size"))]
+    return found[0] if len(found) == 1 else None
+
+
+def memory_facts(probe, anatomy: Anatomy) -> tuple[dict[str, Any], str | None]:
+    """What a memory block made from this layer needs beyond the names, as Anatomy fields, and
+    why one cannot be made (None when it can)."""
+    facts: dict[str, Any] = {}
+    try:
+        log, handed = _logged_run(probe, anatomy.attention, anatomy.attn_out_proj)
+    except Exception as e:  # noqa: BLE001 - a module that does not run alone: no memory from it
+        return {"mixer": "other"}, f"its attention {anatomy.attention!r} does not run alone on its captured inputs ({one_line(e, 120)})"
+    softmax = any(any(w in name for w in _ATTENTION_OP_WORDS) for name, _, _ in log.ops)
+    facts["mixer"] = "attention" if softmax else "other"
+    if not softmax:
+        return facts, f"its token mixer {anatomy.attention!r} is not softmax attention (a convolution, linear attention or state-space layer): the memory reads attention heads"
+    ffn_out = probe.outputs.get(anatomy.ffn[-1])
+    if isinstance(ffn_out, (tuple, list)):
+        shape = probe.calls[anatomy.ffn[-1]].hidden().shape if anatomy.ffn[-1] in probe.calls else None
+        at = next((i for i, o in enumerate(ffn_out) if isinstance(o, torch.Tensor) and o.shape == shape), None)
+        if at is None:
+            return facts, f"its FFN {anatomy.ffn[-1]!r} returns a {type(ffn_out).__name__} without a tensor shaped like its input"
+        facts["ffn_tuple"] = (len(ffn_out), at)
+    elif not isinstance(ffn_out, torch.Tensor):
+        return facts, f"its FFN {anatomy.ffn[-1]!r} returns a {type(ffn_out).__name__}, not a tensor or tuple"
+    split = _head_split(log, handed) if handed is not None else None
+    if split is None:
+        return facts, f"the per-head outputs that {anatomy.attn_out_proj!r} receives could not be traced to [..., heads, head_dim]"
+    heads, head_dim = split
+    key = _heads_key(probe.config, heads)
+    if key is None:
+        return facts, f"{anatomy.attn_out_proj!r} receives {heads} heads of width {head_dim}, but no config key holds the head count {heads}"
+    facts["heads_key"] = key
+    weight = getattr(probe.layer.get_submodule(anatomy.attn_out_proj), "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] != heads * head_dim and weight.shape[0] == heads * head_dim:
+        facts["out_proj_in_axis"] = 0  # GPT-2's Conv1D: [in, out]
+    return facts, None

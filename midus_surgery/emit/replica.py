@@ -1,0 +1,184 @@
+"""Function preservation decided before writing: the recipe applied to a tiny random replica.
+
+Identity (LLaMA-Pro) and memory blocks promise that the up-scaled model starts as the base's
+function. Whether zeroing some projections keeps that promise depends on code no anatomy can
+fully describe: a norm on the residual stream after the branch (post-LN), a bias that survives
+a zeroed projection, a layer whose math depends on its index or on ``num_hidden_layers``. So the
+planner does not guess: it builds a tiny random instance of the base at full depth (small widths,
+norm weights and biases perturbed away from their init, as a trained model's are), runs the real
+planner and emitter on it, loads the result and compares logits bit for bit. A difference is a
+refusal that names the first block where the hidden states part, unless the recipe says
+``accept_function_change: true``.
+
+Cost: one tiny model per distinct (config, layout, memory settings), cached in the process;
+about a second or two on a CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import tempfile
+import warnings
+from pathlib import Path
+
+from midus_surgery.compiler.planned import PlannedRecipe
+from midus_surgery.errors import RecipeError, one_line
+
+REPLICA_SEED = 0
+NORM_PERTURBATION = 0.3  # added to every 1-D parameter (norm weights, biases), times N(0, 1)
+
+
+def promises_identity(planned: PlannedRecipe) -> bool:
+    """True when the layout inserts identity or memory blocks and no plain copy (whose function
+    changes anyway) and the memory is not randomly initialised."""
+    kinds = {layer.kind for layer in planned.plan.layers if layer.inserted}
+    if not kinds & {"identity", "memory"} or "copy" in kinds:
+        return False
+    return not ("memory" in kinds and planned.loaded.recipe.memory.init == "random")
+
+
+def check_function_preserving(planned: PlannedRecipe, emit) -> PlannedRecipe:
+    """``planned`` with ``plan.function_preserving`` set, or RecipeError when the identity and
+    memory blocks would not start as the identity and the recipe does not accept that.
+
+    emit: the emitter's ``emit`` (passed in: the emitter calls this before it writes anything)."""
+    if planned.plan.function_preserving is not None or not promises_identity(planned):
+        return planned
+    why = replica_difference(planned, emit)
+    if why is not None and not planned.loaded.recipe.accept_function_change:
+        raise RecipeError([planned.loaded.problem(("layout",), f"{why}. To write it anyway, set accept_function_change: true "
+                                                               f"(verify then compares perplexity instead of requiring equal logits)")])
+    return dataclasses.replace(planned, plan=dataclasses.replace(planned.plan, function_preserving=why is None))
+
+
+def replica_difference(planned: PlannedRecipe, emit) -> str | None:
+    """None when the recipe keeps a tiny replica's logits exactly; else why not, one line."""
+    recipe = planned.loaded.recipe
+    key = json.dumps({"config": _config_key(planned.config), "layout": recipe.layout.model_dump(mode="json"),
+                      "memory": recipe.memory.model_dump(mode="json"), "seed": recipe.seed,
+                      "anatomy": planned.anatomy.model_dump(mode="json") if planned.anatomy else None}, sort_keys=True, default=str)
+    return _cached_difference(key, planned, emit)
+
+
+def _config_key(config) -> dict:
+    data = config.to_dict()
+    data.pop("transformers_version", None)
+    data.pop("_name_or_path", None)
+    return data
+
+
+_RESULTS: dict[str, str | None] = {}  # per key: the answer, kept for the process (tests plan the same recipes often)
+
+
+def _cached_difference(key: str, planned: PlannedRecipe, emit) -> str | None:
+    if key not in _RESULTS:
+        if len(_RESULTS) >= 64:
+            _RESULTS.clear()
+        _RESULTS[key] = _difference(planned, emit)
+    return _RESULTS[key]
+
+
+def _difference(planned: PlannedRecipe, emit) -> str | None:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only contend
+    try:
+        with tempfile.TemporaryDirectory(prefix="midus-replica-") as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quiet = io.StringIO()
+            with contextlib.redirect_stderr(quiet), contextlib.redirect_stdout(quiet):
+                return _run_replica(planned, Path(tmp), emit)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_replica(planned: PlannedRecipe, tmp: Path, emit) -> str | None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from midus_surgery.anatomy.probe import _MAX_PROBE_PARAMS, _build_model, _shrinks
+    from midus_surgery.compiler.plan import make_plan
+
+    trust = planned.loaded.recipe.base.trust_remote_code
+    n_layers = planned.plan.base_num_layers
+    base, attn, problems = None, None, []
+    for shrink in _shrinks(planned.config):
+        for attn in ("eager", None):
+            try:
+                cfg = shrink.config(n_layers)
+                base = _build_model(AutoModelForCausalLM, cfg, trust, attn_implementation=attn)
+                if sum(p.numel() for p in base.parameters()) > _MAX_PROBE_PARAMS:
+                    base = None
+                    break
+                _perturb(base)
+                ids = torch.randint(0, max(2, min(int(cfg.vocab_size), 1000)), (2, 12), generator=torch.Generator().manual_seed(REPLICA_SEED))
+                with torch.no_grad():
+                    want = base(input_ids=ids, use_cache=False, output_hidden_states=True)
+                break
+            except Exception as exc:  # noqa: BLE001 - a way of shrinking that does not run: try the next
+                problems.append(f"{shrink.label}: {one_line(exc, 120)}")
+                base = None
+        if base is not None:
+            break
+    if base is None:
+        return ("whether the identity and memory blocks start as the identity could not be checked: no tiny replica of the base "
+                f"builds and runs ({'; '.join(problems[:2]) or 'too large'})")
+    base.save_pretrained(tmp / "base")
+    recipe = planned.loaded.recipe
+    tiny_recipe = recipe.model_copy(update={
+        "base": recipe.base.model_copy(update={"path": str(tmp / "base"), "config": None, "gguf_file": None}),
+        "output": recipe.output.model_copy(update={"dir": str(tmp / "out"), "dtype": "float32"}),
+    })
+    loaded = planned.loaded.model_copy(update={"recipe": tiny_recipe})
+    config = AutoConfig.from_pretrained(tmp / "base", trust_remote_code=trust)
+    plan = dataclasses.replace(make_plan(loaded, config, planned.anatomy), function_preserving=True)  # what is being checked
+    emit(PlannedRecipe(loaded, config, planned.anatomy, plan, base_dtype="float32"), progress=False)
+    kwargs = {"attn_implementation": attn} if attn else {}
+    out = AutoModelForCausalLM.from_pretrained(tmp / "out", dtype=torch.float32, trust_remote_code=trust, **kwargs).eval()
+    with torch.no_grad():
+        got = out(input_ids=ids, use_cache=False, output_hidden_states=True)
+    diff = float((got.logits.float() - want.logits.float()).abs().max())
+    if diff == 0.0:
+        return None
+    return _where_it_parts(planned, want.hidden_states, got.hidden_states, diff)
+
+
+def _perturb(model) -> None:
+    """Move every norm weight and bias away from its init: a trained model is not at its init."""
+    import torch
+
+    generator = torch.Generator().manual_seed(REPLICA_SEED)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1 and p.is_floating_point():
+                p.add_(NORM_PERTURBATION * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+
+
+def _where_it_parts(planned: PlannedRecipe, want: tuple, got: tuple, diff: float) -> str:
+    """Which output layer first computes what its source does not, in words."""
+    layers = planned.plan.layers
+    anatomy = planned.anatomy
+    inserted_since: list = []
+    for layer in layers:
+        if layer.inserted:
+            inserted_since.append(layer)
+            continue
+        # hidden_states[k + 1] is the output of layer k (the last may be after the final norm in both)
+        if layer.index + 1 < len(got) and layer.source + 1 < len(want) and not bool((got[layer.index + 1] == want[layer.source + 1]).all()):
+            moved_only = all(bool((got[b.index + 1] == got[b.index]).all()) for b in inserted_since)
+            if inserted_since and not moved_only:
+                blocks = ", ".join(f"{b.index} ({b.kind} from base layer {b.source}"
+                                   + (f", a {anatomy.kind_of(b.source).label}" if anatomy else "") + ")" for b in inserted_since[:3])
+                return (f"on a tiny random replica of the base (norms perturbed from their init), the inserted block(s) at output layer(s) "
+                        f"{blocks} do not start as the identity: the logits differ by up to {diff:.3g} (post-norm blocks, or a "
+                        f"branch that adds something even with its output projections zeroed)")
+            return (f"on a tiny random replica of the base, base layer {layer.source} computes differently at output position "
+                    f"{layer.index} though its input is the same: its code depends on its index or on the depth (num_hidden_layers), "
+                    f"so no inserted block keeps the function; the logits differ by up to {diff:.3g}")
+        inserted_since = []
+    return (f"on a tiny random replica of the base (norms perturbed from their init), the up-scaled model's logits differ from the "
+            f"base's by up to {diff:.3g} although each layer's hidden states match: the final layers or head depend on the depth")
