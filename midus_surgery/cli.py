@@ -38,7 +38,6 @@ def _ratio(a: int, b: int) -> str:
 
 def cmd_validate(args) -> int:
     from midus_surgery.compiler.planner import plan_recipe
-
     from midus_surgery.emit.emitter import check_planned
 
     failed = 0
@@ -59,7 +58,6 @@ def cmd_validate(args) -> int:
 
 def cmd_plan(args) -> int:
     from midus_surgery.compiler.planner import plan_recipe
-
     from midus_surgery.emit.emitter import check_planned
 
     planned = check_planned(plan_recipe(args.recipe))  # errors: main() prints them and exits non-zero

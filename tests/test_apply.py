@@ -100,7 +100,7 @@ def test_apply_verify_train(arch, kind, bases, tmp_path):
     assert model.config.num_hidden_layers == 6
     layers = model.get_submodule(planned.plan.anatomy.layers_path)
     for i, layer in enumerate(layers):  # renumbered: a stale layer_idx corrupts cached generation
-        attn = layer.get_submodule(planned.plan.anatomy.attention)
+        attn = layer.get_submodule(planned.plan.anatomy.single.attention)
         if hasattr(attn, "layer_idx"):
             assert attn.layer_idx == i
     before, after = one_step_lowers_loss(model, planned.plan)
@@ -337,7 +337,7 @@ def test_verify_prints_its_checklist_without_transformers_bars(bases, tmp_path, 
     hf_logging.enable_progress_bar()  # as in a fresh process
     assert main(["verify", str(out)]) == 0
     text = capsys.readouterr()
-    assert text.out.count("PASS ") == 4 and "verify: all 4 checks passed" in text.out
+    assert text.out.count("PASS ") == 7 and "verify: all 7 checks passed" in text.out  # tensors, batch, identity (+ perturbed), kv-cache (+ padded batch), round-trip
     assert "Loading weights" not in text.err and "Writing" not in text.err and hf_logging.is_progress_bar_enabled()
 
 
@@ -368,7 +368,7 @@ def test_memory_variants_apply_load_and_train(extra, bases, tmp_path):
     names, loaded = {t.name for t in planned.plan.tensors}, set(model.state_dict())
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     assert (loaded - names - tied, names - loaded) == (set(), set())
-    o_proj = f"{planned.plan.anatomy.layers_path}.{planned.plan.memory_layers[0]}.{planned.plan.anatomy.attn_out_proj}.weight"
+    o_proj = f"{planned.plan.anatomy.layers_path}.{planned.plan.memory_layers[0]}.{planned.plan.anatomy.single.attn_out_proj}.weight"
     assert (o_proj in model.state_dict()) == ("query_source: hidden" in extra)
     before, after = one_step_lowers_loss(model, planned.plan)
     assert after < before

@@ -18,6 +18,7 @@ from torch import nn
 
 from midus_surgery.anatomy.problems import AnatomyError
 
+
 def _unwrap(fn: Callable) -> Callable:
     seen = set()
     while hasattr(fn, "__wrapped__") and id(fn) not in seen:
@@ -30,7 +31,7 @@ def _unwrap(fn: Callable) -> Callable:
 class _CallWrapper(nn.Module):
     """``forward(hidden_states)`` calling ``fn(module, ...)`` with a captured call's other inputs."""
 
-    def __init__(self, module: nn.Module, fn: Callable, call: _Call):
+    def __init__(self, module: nn.Module, fn: Callable, call):
         super().__init__()
         self.mod = module
         self._fn = fn
@@ -50,7 +51,7 @@ class _LeafTracer(fx.Tracer):
         return id(m) in self._leaves or super().is_leaf_module(m, module_qualified_name)
 
 
-def _fx_trace(module: nn.Module, call: _Call, leaves: set[nn.Module]) -> fx.Graph:
+def _fx_trace(module: nn.Module, call, leaves: set[nn.Module]) -> fx.Graph:
     """fx graph of ``module``'s forward on ``call`` (hidden states symbolic, the rest constant)."""
     errors = []
     fwd = type(module).forward
@@ -88,6 +89,7 @@ class _Flow:
         if i in self._anc:
             return self._anc[i]
         stack = [(i, False)]
+        open_: set[int] = set()  # expanded, ancestors not yet known: meeting one again is a cycle
         while stack:  # iterative post-order: graphs of big layers are deep
             j, done = stack.pop()
             if j in self._anc:
@@ -99,7 +101,12 @@ class _Flow:
                     acc.add(k)
                     acc |= self._anc[k]
                 self._anc[j] = frozenset(acc)
+                open_.discard(j)
             else:
+                if j in open_:
+                    # grouping ops into calls of the layer's children joined two calls of one child
+                    raise AnatomyError(f"the layer's graph has a cycle through {self.by_id[j].target or 'an op'} (a module called more than once)")
+                open_.add(j)
                 stack.append((j, True))
                 stack.extend((k, False) for k in ins if k not in self._anc)
         return self._anc[i]
@@ -111,7 +118,7 @@ class _Flow:
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_}
 
 
-def _flow_from_fx(probe: _Probe) -> _Flow:
+def _flow_from_fx(probe) -> _Flow:
     leaves = set(probe.layer.children())
     graph = _fx_trace(probe.layer, probe.layer_call, leaves)
     ids: dict[fx.Node, int] = {}
@@ -171,7 +178,7 @@ def _export_alias_map(ep) -> dict[fx.Node, fx.Node]:
     return alias
 
 
-def _flow_from_export(probe: _Probe) -> _Flow:
+def _flow_from_export(probe) -> _Flow:
     ep = probe.exported()
     user_inputs = {s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
     alias = _export_alias_map(ep)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +14,6 @@ from torch import nn
 
 from midus_surgery.anatomy.graph import _CallWrapper, _flow_from_export, _flow_from_fx
 from midus_surgery.anatomy.problems import AnatomyError, _error
-
 
 _TINY_HIDDEN, _TINY_HEADS, _TINY_HEAD_DIM, _TINY_FFN, _TINY_VOCAB = 128, 4, 32, 256, 256
 _TINY_EXPERTS, _TINY_EXPERTS_PER_TOKEN = 8, 2
@@ -49,6 +50,7 @@ class _Shrink:
         base = self.original.to_dict()
         n_full = int(self.original.num_hidden_layers)
         d = copy.deepcopy(base)
+        d.update(copy.deepcopy(self.changes))
         if n_layers != n_full:
             for k, v in d.items():  # every per-layer list (layer_types, ...) follows the layer count
                 if isinstance(v, (list, tuple)) and len(v) == n_full:
@@ -56,7 +58,6 @@ class _Shrink:
             if isinstance(d.get("per_layer_config"), dict):  # transformers' per-layer overrides, keyed by index
                 d["per_layer_config"] = {k: v for k, v in d["per_layer_config"].items() if int(k) < n_layers}
         d[_key(self.original, "num_hidden_layers")] = n_layers
-        d.update(self.changes)
         d.pop("transformers_version", None)
         return type(self.original).from_dict(d)
 
@@ -89,6 +90,8 @@ def _shrinks(config) -> list[_Shrink]:
         for k in _FFN_KEYS:
             if isinstance(base.get(k), int):
                 small[k] = _TINY_FFN
+            elif isinstance(base.get(k), list) and all(isinstance(v, int) for v in base[k]):  # per layer (Gemma-3n)
+                small[k] = [min(v, _TINY_FFN) for v in base[k]]
         return small
 
     experts: dict[str, Any] = {}
@@ -223,7 +226,12 @@ def _kind_labels(signatures: list[tuple], of_layer: list[int], config) -> list[s
             others = set().union(*(set(s[1:]) for j, s in enumerate(signatures) if j != k))
             own = sorted(set(sig[1:]) - others)  # (module path, class) pairs only this kind has
             top = [(n, c) for n, c in own if not any(n.startswith(o + ".") for o, _ in own if o != n)]
-            named = "with " + ", ".join(f"{n}: {c}" for n, c in top[:2]) if top else f"kind {k + 1}"
+            if top:
+                named = "with " + ", ".join(f"{n}: {c}" for n, c in top[:2])
+            else:  # a subset of another kind's modules: say what it lacks
+                theirs = sorted(others - set(sig[1:]))
+                lacks = [n for n, _ in theirs if not any(n.startswith(o + ".") for o, _ in theirs if o != n)]
+                named = "without " + ", ".join(lacks[:2]) if lacks else f"kind {k + 1}"
         labels.append(f"{sig[0]} ({named})")
     return labels
 
@@ -296,29 +304,37 @@ class StackProbe:
         # enough layers to hold the first layer of every kind of every candidate list
         n_tiny = max(max(of_layer.index(k) for k in range(len(sigs))) for sigs, of_layer in kinds.values()) + 1
         n_tiny = max(n_tiny, min(n_full, 2))
-        size = _params_with_layers(meta, lists, n_tiny)
-        if size > _MAX_PROBE_PARAMS:
-            raise _Skip(f"{size / 1e6:.0f}M parameters at these widths: too large to probe")
+        # the full depth too when fewer layers build other kinds (Gemma-3n shares KV caches among its last layers)
+        depths = [n_tiny] + ([n_full] if n_full != n_tiny else [])
+        sizes = {n: _params_with_layers(meta, lists, n) for n in depths}
         del meta
-        failure = None
-        # eager attention first (its softmax is an op of its own); a model whose eager path does
-        # not run where its default one does (DeepSeek-V3 with fewer key/value heads) gets the default
-        for attn in ("eager", None):
-            try:
-                cfg = shrink.config(n_tiny)
-                model = _build_model(auto_cls, cfg, trust_remote_code, attn_implementation=attn)
-            except Exception as e:
-                raise _Skip(f"building {getattr(shrink.original, 'model_type', '?')} failed: {type(e).__name__}: {str(e).strip()[:200]}") from e
-            tiny_lists = dict(_layer_lists(model, n_tiny))
-            for name, (sigs, of_layer) in kinds.items():
-                if name in tiny_lists and [sigs[k] for k in of_layer[:n_tiny]] != [_layer_signature(m) for m in tiny_lists[name]]:
-                    raise _Skip(f"{n_tiny} layers build other kinds of layer than the first {n_tiny} of {n_full}")
-            try:
-                return cls._capture(model, cfg, shrink.label, tiny_lists, kinds, shrink.original)
-            except AnatomyError:
-                raise
-            except Exception as e:
-                failure = failure or e
+        if sizes[n_tiny] > _MAX_PROBE_PARAMS:
+            raise _Skip(f"{sizes[n_tiny] / 1e6:.0f}M parameters at these widths: too large to probe")
+        failure: Exception | None = None
+        for n in depths:
+            if sizes[n] > _MAX_PROBE_PARAMS:
+                break
+            # eager attention first (its softmax is an op of its own); a model whose eager path does
+            # not run where its default one does (DeepSeek-V3 with fewer key/value heads) gets the default
+            for attn in ("eager", None):
+                try:
+                    cfg = shrink.config(n)
+                    model = _build_model(auto_cls, cfg, trust_remote_code, attn_implementation=attn)
+                except Exception as e:
+                    raise _Skip(f"building {getattr(shrink.original, 'model_type', '?')} failed: {type(e).__name__}: {str(e).strip()[:200]}") from e
+                tiny_lists = dict(_layer_lists(model, n))
+                if any(name in tiny_lists and [sigs[k] for k in of_layer[:n]] != [_layer_signature(m) for m in tiny_lists[name]]
+                       for name, (sigs, of_layer) in kinds.items()):
+                    failure = _Skip(f"{n} layers build other kinds of layer than the first {n} of {n_full}")
+                    break
+                try:
+                    return cls._capture(model, cfg, shrink.label, tiny_lists, kinds, shrink.original)
+                except AnatomyError:
+                    raise
+                except Exception as e:
+                    failure = e if failure is None or isinstance(failure, _Skip) else failure
+        if isinstance(failure, _Skip):
+            raise failure
         raise _Skip(f"a forward of the tiny model failed: {type(failure).__name__}: {str(failure).strip()[:200]}") from failure
 
     @classmethod
@@ -373,6 +389,21 @@ class StackProbe:
         return cls(model, cfg, label, path, probes, of_layer, labels)
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch.export logs whole graphs when a trace goes wrong: a refusal must stay one or two lines."""
+    loggers = [logging.getLogger(name) for name in ("torch._export", "torch.export", "torch._dynamo", "torch.fx",
+                                                     "torch._subclasses", "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 class _Skip(Exception):
     """This way of shrinking the config does not give a usable probe: try the next."""
 
@@ -414,7 +445,7 @@ class LayerProbe:
         self.outputs = outputs  # module path -> what its call returned
 
     # ---- graphs ----
-    def flow(self, source: str) -> "_Flow":
+    def flow(self, source: str):
         if source not in self._flows:
             self._flows[source] = _flow_from_fx(self) if source == "fx" else _flow_from_export(self)
         return self._flows[source]
@@ -425,7 +456,7 @@ class LayerProbe:
     def exported(self):
         if self._export is None:
             wrapper = _CallWrapper(self.layer, type(self.layer).__call__, self.layer_call)
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _quiet_torch_logs():
                 warnings.simplefilter("ignore")
                 self._export = torch.export.export(wrapper, (self.layer_call.hidden(),), strict=False)
         return self._export

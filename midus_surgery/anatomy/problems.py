@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+
 class AnatomyError(Exception):
     """The block anatomy could not be found from the graph; the message says how to state it."""
 

@@ -168,8 +168,12 @@ def _base_tensor_shapes_cached(config_json: str) -> tuple[tuple[str, tuple[int, 
     config = custom if custom is not None else AutoConfig.for_model(data.pop("model_type"), **data)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=custom is not None)
-    # named_parameters drops tied duplicates (lm_head tied to the embedding is written once).
-    shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    # named_parameters drops tied duplicates (lm_head tied to the embedding is written once), keeping
+    # the first name in module order; transformers saves the tie's source name (RoBERTa's embedding,
+    # not its lm_head.decoder), so that is the name planned
+    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None)
+    tied = tied if isinstance(tied, dict) and getattr(config, "tie_word_embeddings", False) else {}
+    shapes = [(tied.get(name, name), tuple(p.shape)) for name, p in model.named_parameters()]
     persistent = set(model.state_dict().keys())
     shapes += [(name, tuple(b.shape)) for name, b in model.named_buffers() if name in persistent]
     return tuple(shapes)
@@ -239,14 +243,15 @@ def remap_per_layer(data: dict, num_layers: int, layers: list[LayerSpec]) -> tup
     L = num_layers
     updates: dict = {}
     problems: list[str] = []
+    index_lists = index_list_keys(data, L)
     for key, value in data.items():
-        if isinstance(value, list) and len(value) == L and L > 1 and key not in INDEX_LISTS:
+        if isinstance(value, list) and len(value) == L and L > 1 and key not in index_lists:
             updates[key] = [value[layer.source] for layer in layers]
     overrides = data.get("per_layer_config")
     if isinstance(overrides, dict) and overrides:  # transformers' per-layer overrides (Gemma-4), keyed by index
         by_layer = {int(k): v for k, v in overrides.items()}
         updates["per_layer_config"] = {str(layer.index): by_layer[layer.source] for layer in layers if layer.source in by_layer}
-    for key in INDEX_LISTS:
+    for key in index_lists:
         if isinstance(data.get(key), list):
             chosen = set(data[key])
             updates[key] = [layer.index for layer in layers if layer.source in chosen]
@@ -259,6 +264,21 @@ def remap_per_layer(data: dict, num_layers: int, layers: list[LayerSpec]) -> tup
     return updates, problems
 
 
+_INDEX_NAME = re.compile(r"(_ids|_idxs|_idx|_indices|_layers)$")
+
+
+def index_list_keys(data: dict, num_layers: int) -> list[str]:
+    """Config lists that hold layer indices rather than one value per layer: INDEX_LISTS, and lists
+    named so (``hybrid_layer_ids``, ``full_attn_idxs``...) of distinct ints that are all layer indices."""
+    keys = [k for k in INDEX_LISTS if isinstance(data.get(k), list)]
+    for key, value in data.items():
+        if key in keys or not isinstance(value, list) or not _INDEX_NAME.search(key):
+            continue
+        if all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < num_layers for v in value) and len(set(value)) == len(value):
+            keys.append(key)
+    return keys
+
+
 def rewrite_config(config, layers: list[LayerSpec]) -> tuple[dict, list[str]]:
     """The base config with the new depth, every per-layer entry taken from its source layer.
 
@@ -266,7 +286,10 @@ def rewrite_config(config, layers: list[LayerSpec]) -> tuple[dict, list[str]]:
     """
     new = copy.deepcopy(config)
     updates, problems = remap_per_layer(config.to_dict(), config.num_hidden_layers, layers)
-    new.num_hidden_layers = len(layers)  # first: per-layer overrides are checked against it
+    try:
+        new.num_hidden_layers = len(layers)  # first: per-layer overrides are checked against it
+    except Exception as exc:  # noqa: BLE001 - a config whose depth is derived from others (ProphetNet)
+        return config.to_dict(), [f"the base config does not let its depth be set: {one_line(exc, 160)}"]
     for key, value in updates.items():
         setattr(new, key, value)  # through the config object: attribute_map aliases (gpt2's n_layer) apply
     out = new.to_dict()
@@ -392,6 +415,10 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: StackAnatomy | None, *, ana
     layers_path = anatomy.layers_path if anatomy else guess_layers_path(shapes, L)
     if layers_path is None:
         raise RecipeError([loaded.problem(("base",), "cannot tell where the decoder layers are in this model; state it with an `anatomy:` block")])
+    parallel = [p for p in layer_lists(shapes, L) if p != layers_path]
+    if parallel:
+        raise RecipeError([loaded.problem(("base",), f"the model keeps its layers' parts in parallel lists ({', '.join([layers_path, *parallel][:4])}), "
+                                                     f"not one module per layer: surgery copies decoder-layer modules, so this architecture cannot be made deeper")])
     try:
         moved = layers_changed_by_config(shapes, new_config, layers, layers_path)
     except Exception as exc:  # noqa: BLE001
@@ -435,7 +462,8 @@ def block_kind_problems(loaded: LoadedRecipe, anatomy: StackAnatomy, layers: lis
         seen.add((layer.kind, kind_index))
         able = [i for i in range(len(anatomy.layer_kinds)) if anatomy.kind_of(i).refusal(layer.kind) is None]
         instead = f"; base layers that can: {_index_ranges(able)}" if able else "; no layer of this model can"
-        problems.append(loaded.problem(("layout",), f"output layer {layer.index} is a {layer.kind} block copied from base layer {layer.source}, "
+        article = "an" if layer.kind[0] in "aeiou" else "a"
+        problems.append(loaded.problem(("layout",), f"output layer {layer.index} is {article} {layer.kind} block copied from base layer {layer.source}, "
                                                     f"a {anatomy.kinds[kind_index].label}: {why.splitlines()[0]}{instead}"))
     return problems
 
@@ -468,6 +496,13 @@ def layers_changed_by_config(base_shapes: dict[str, tuple[int, ...]], new_config
     """
     data = dict(new_config)
     new_shapes = dict(_base_tensor_shapes_cached(json.dumps(data, sort_keys=True, default=str)))
+    prefix = layers_path + "."
+    resized = [name for name, shape in base_shapes.items() if not name.startswith(prefix) and new_shapes.get(name, shape) != shape]
+    if resized:
+        return (f"the base has tensors outside the decoder layers sized by the depth ({', '.join(resized[:3])}: "
+                f"{base_shapes[resized[0]]} for {max(layer.source for layer in layers) + 1} layers, {new_shapes[resized[0]]} for "
+                f"{len(layers)}), e.g. per-layer input embeddings; surgery does not split them per layer, so this architecture "
+                f"cannot be made deeper")
     base_layers, new_layers = _split_layers(base_shapes, layers_path), _split_layers(new_shapes, layers_path)
     for layer in layers:
         got, want = new_layers.get(layer.index, {}), base_layers.get(layer.source, {})
@@ -602,9 +637,14 @@ def _ffn_output_tensors(layer: dict[str, tuple[int, ...]], anatomy: Anatomy) -> 
     if not any(len(layer[name]) >= 3 for name in ffn):
         return {name for name in ffn if _is_under(name, anatomy.ffn_down_proj)}
     outputs = {name for name in ffn if _DOWN_PROJ.search(name)}
+    # the module the graph found last, when it is one stacked projection (JetMoE's output_linear), not
+    # a module of several (Mixtral's experts: gate_up_proj and down_proj side by side)
+    own = [name for name in ffn if name.rpartition(".")[0] == anatomy.ffn_down_proj]
+    if sum(len(layer[name]) >= 2 for name in own) == 1:
+        outputs |= set(own)
     if not any(len(layer[name]) >= 3 for name in outputs):
-        raise ValueError(f"identity blocks: the mixture-of-experts FFN {anatomy.ffn} has stacked expert tensors but none named "
-                         f"down_proj, so which of them makes its output is not known (tensors: {', '.join(ffn[:6])})")
+        raise ValueError(f"identity blocks: the FFN {', '.join(anatomy.ffn)} has stacked (3-D) weights, but no down_proj among them and its "
+                         f"last module {anatomy.ffn_down_proj} is not one projection, so which of them makes its output is not known")
     return outputs
 
 
@@ -634,15 +674,21 @@ def _attention_context(layer_types, window: int | None, seq_len: int, index: int
     return seq_len
 
 
-def guess_layers_path(shapes: dict[str, tuple[int, ...]], num_layers: int) -> str | None:
-    """Without an anatomy: the longest dotted prefix followed by every index 0..L-1."""
+def layer_lists(shapes: dict[str, tuple[int, ...]], num_layers: int) -> list[str]:
+    """Dotted prefixes followed by every index 0..L-1 (and no other), outermost first: the decoder
+    layers' list, and any list running beside it (XLM keeps attentions and FFNs apart)."""
     candidates: dict[str, set[int]] = {}
     for name in shapes:
         parts = name.split(".")
         for i, part in enumerate(parts):
             if part.isdigit():
                 candidates.setdefault(".".join(parts[:i]), set()).add(int(part))
-    for path, seen in candidates.items():
-        if seen == set(range(num_layers)):
-            return path
-    return None
+    found = [path for path, seen in candidates.items() if seen == set(range(num_layers))]
+    # a list nested inside one layer's module (e.g. experts numbered like layers) is not a layer list
+    return [p for p in found if not any(p.startswith(q + ".") and p[len(q) + 1:].split(".")[0].isdigit() for q in found if q != p)]
+
+
+def guess_layers_path(shapes: dict[str, tuple[int, ...]], num_layers: int) -> str | None:
+    """Without an anatomy: the first dotted prefix followed by every index 0..L-1."""
+    found = layer_lists(shapes, num_layers)
+    return found[0] if found else None

@@ -91,7 +91,12 @@ def _difference(planned: PlannedRecipe, emit) -> str | None:
             warnings.simplefilter("ignore")
             quiet = io.StringIO()
             with contextlib.redirect_stderr(quiet), contextlib.redirect_stdout(quiet):
-                return _run_replica(planned, Path(tmp), emit)
+                try:
+                    return _run_replica(planned, Path(tmp), emit)
+                except RecipeError as exc:
+                    return f"the recipe applied to a tiny replica of the base is refused: {str(exc).strip().splitlines()[0]}"
+                except Exception as exc:  # noqa: BLE001 - what would break the real output: a refusal, not a traceback
+                    return f"the recipe applied to a tiny replica of the base fails ({one_line(exc, 200)}), so the output would not load or run"
     finally:
         torch.set_num_threads(threads)
 
@@ -171,14 +176,20 @@ def _where_it_parts(planned: PlannedRecipe, want: tuple, got: tuple, diff: float
         if layer.index + 1 < len(got) and layer.source + 1 < len(want) and not bool((got[layer.index + 1] == want[layer.source + 1]).all()):
             moved_only = all(bool((got[b.index + 1] == got[b.index]).all()) for b in inserted_since)
             if inserted_since and not moved_only:
-                blocks = ", ".join(f"{b.index} ({b.kind} from base layer {b.source}"
-                                   + (f", a {anatomy.kind_of(b.source).label}" if anatomy else "") + ")" for b in inserted_since[:3])
-                return (f"on a tiny random replica of the base (norms perturbed from their init), the inserted block(s) at output layer(s) "
-                        f"{blocks} do not start as the identity: the logits differ by up to {diff:.3g} (post-norm blocks, or a "
-                        f"branch that adds something even with its output projections zeroed)")
+                return _not_identity(inserted_since, anatomy, diff)
             return (f"on a tiny random replica of the base, base layer {layer.source} computes differently at output position "
                     f"{layer.index} though its input is the same: its code depends on its index or on the depth (num_hidden_layers), "
                     f"so no inserted block keeps the function; the logits differ by up to {diff:.3g}")
         inserted_since = []
+    if inserted_since:  # blocks after the last base layer: what they add shows in the logits only
+        return _not_identity(inserted_since, anatomy, diff)
     return (f"on a tiny random replica of the base (norms perturbed from their init), the up-scaled model's logits differ from the "
             f"base's by up to {diff:.3g} although each layer's hidden states match: the final layers or head depend on the depth")
+
+
+def _not_identity(blocks: list, anatomy, diff: float) -> str:
+    named = ", ".join(f"{b.index} ({b.kind} from base layer {b.source}" + (f", a {anatomy.kind_of(b.source).label}" if anatomy else "") + ")"
+                      for b in blocks[:3])
+    return (f"on a tiny random replica of the base (norms perturbed from their init), the inserted block(s) at output layer(s) "
+            f"{named} do not start as the identity: the logits differ by up to {diff:.3g} (post-norm blocks, or a "
+            f"branch that adds something even with its output projections zeroed)")

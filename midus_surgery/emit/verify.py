@@ -1,5 +1,15 @@
 """`midus-surgery verify`: load an emitted model and check that it is what the recipe promised.
 
+The checks, each one line: ``tensors`` (every tensor on disk loaded, none missing), ``batch``
+(each row's logits are those of the row run alone, at batch sizes 1, 2 and 3 and with the rows
+permuted: a block that mixes rows, e.g. one that unpacks a tensor as if it were a tuple, fails),
+``identity`` (function-preserving plans: the logits equal the base's bit for bit; ``logits``
+otherwise), ``identity (perturbed)`` (the same with the base's norm weights and biases moved far
+from their init in both models: a block that is the identity only at init fails), ``kv-cache``
+(greedy generation with and without the cache agree), ``kv-cache (padded batch)`` (the same for a
+left-padded batch of two prompts, each also as generated alone) and ``round-trip``
+(save_pretrained + reload).
+
 Every transformers call passes an explicit ``trust_remote_code`` (the recipe's, recorded in
 midus_plan.json; False for any other directory): with None, transformers asks on the terminal
 whether to run a model's own code, and verify must never stop at a prompt.
@@ -9,12 +19,14 @@ from __future__ import annotations
 
 import json
 import tempfile
+import zlib
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from midus_surgery.compiler.plan import read_plan_file
+from midus_surgery.compiler.plan import guess_layers_path, read_plan_file
 from midus_surgery.errors import MidusError, one_line
 
 SAMPLE_TEXT = (
@@ -73,7 +85,7 @@ def _batch(model, tokenizer) -> torch.Tensor:
         ids = tokenizer(SAMPLE_TEXT, return_tensors="pt").input_ids
         return ids[:, :64]
     generator = torch.Generator().manual_seed(0)
-    return torch.randint(0, model.config.vocab_size, (2, 32), generator=generator)
+    return torch.randint(0, model.config.get_text_config().vocab_size, (2, 32), generator=generator)
 
 
 @torch.no_grad()
@@ -83,12 +95,18 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor) -> float:
-    return float(torch.exp(model(input_ids=ids, labels=ids, use_cache=False).loss))
+    """Next-token perplexity of ``ids``, from the logits (not the model's own loss, which some
+    architectures compute over other tokens or not at all)."""
+    logits = _logits(model, ids)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return float(torch.exp(loss))
 
 
 def function_preserving(plan: dict) -> bool:
     """True when every inserted block starts as the identity (so logits must equal the base's).
     ``plan``: as ``read_plan_file`` gives it, in today's layout whatever layout it was written in."""
+    if plan.get("function_preserving") is False:  # found not to be by apply's replica check, and accepted
+        return False
     init = (plan.get("midus") or {}).get("hml", {}).get("init")
     for layer in plan["layers"]:
         if layer["kind"] == "copy":
@@ -117,9 +135,15 @@ def verify(out: Path, base: Path | None = None, *, report=print) -> list[Check]:
         record(Check("load", False, f"{type(exc).__name__}: {exc}"))
         return checks
     on_disk = _file_tensor_names(out)
-    in_model = set(model.state_dict().keys())
-    missing = sorted(set(info.get("missing_keys", [])) | (in_model - on_disk - _tied_names(model)))
-    unexpected = sorted(set(info.get("unexpected_keys", [])) | (on_disk - in_model))
+    missing, unexpected = set(info.get("missing_keys", [])), set(info.get("unexpected_keys", []))
+    if plan is not None:
+        # apply writes the model's own tensor names: each tensor (each group of tied names) is on disk
+        # once, nothing else is. Other directories may store renamed tensors (one per expert) that
+        # transformers converts on load: its own report is what counts for them.
+        groups = _name_groups(model)
+        missing |= {names[0] for names in groups if not on_disk & set(names)}
+        unexpected |= on_disk - {name for names in groups for name in names}
+    missing, unexpected = sorted(missing), sorted(unexpected)
     record(Check("tensors", not missing and not unexpected,
                  f"{len(on_disk)} tensors on disk, all loaded" if not missing and not unexpected else f"missing {missing[:5]}, unexpected {unexpected[:5]}"))
 
@@ -130,8 +154,11 @@ def verify(out: Path, base: Path | None = None, *, report=print) -> list[Check]:
     except Exception as exc:  # noqa: BLE001 - a model that cannot run is the check's result
         record(Check("forward", False, f"the model fails to run a forward pass: {one_line(exc, 300)}"))
         return checks
+    vocab = logits.shape[-1]
+    record(batch_check(model, vocab))
 
     base_path = base or (Path(plan["base_path"]) if plan and plan.get("base_path") else None)
+    base_for_generation = None
     if base_path is not None:
         base_dir, gguf = (base_path.parent, base_path.name) if base_path.suffix == ".gguf" else (base_path, None)
         base_model, _ = _load(base_dir, gguf, trust_remote_code=trust)
@@ -144,25 +171,24 @@ def verify(out: Path, base: Path | None = None, *, report=print) -> list[Check]:
         trained = (out / "midus_train.json").is_file()  # written by `midus-surgery train` on export
         if not trained and (plan is None or function_preserving(plan)):
             record(Check("identity", diff == 0.0, f"max |logit difference| against the base: {diff:g} (every inserted block starts as the identity, so it must be 0)"))
+            record(perturbed_identity_check(model, base_model, plan, ids))
         else:
             ppl_out, ppl_base = perplexity(model, ids), perplexity(base_model, ids)
-            why = "trained since apply" if trained else "plain copies change the function"
+            why = ("trained since apply" if trained else "the recipe accepts blocks that do not start as the identity"
+                   if plan and plan.get("function_preserving") is False else "plain copies or random memory change the function")
             record(Check("logits", True, f"max |logit difference| against the base: {diff:.4g} ({why}); perplexity on the sample: base {ppl_base:.2f}, output {ppl_out:.2f}"))
-        del base_model
+        base_for_generation = base_model  # kept: a generation the base itself cannot do is not the output's fault
     else:
         record(Check("identity", True, "skipped: no base given (--base) and none recorded"))
 
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids if tokenizer is not None else ids[:1, :8]
-    try:
-        with torch.no_grad():
-            kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else None)
-            cached = model.generate(prompt, use_cache=True, **kwargs)
-            uncached = model.generate(prompt, use_cache=False, **kwargs)
-    except Exception as exc:  # noqa: BLE001
-        record(Check("kv-cache", False, f"generation fails: {one_line(exc, 300)}"))
-    else:
-        text = tokenizer.decode(cached[0, prompt.shape[1]:]) if tokenizer is not None else cached[0].tolist()
-        record(Check("kv-cache", torch.equal(cached, uncached), f"greedy generation with and without KV cache {'agree' if torch.equal(cached, uncached) else 'DIFFER'}: {text!r}"))
+    for check in (lambda m: cache_check(m, prompt, tokenizer), lambda m: padded_cache_check(m, vocab)):
+        result = check(model)
+        if not result.ok and base_for_generation is not None and not check(base_for_generation).ok:
+            # what the base model itself cannot do (an architecture's generate bug) is not the output's fault
+            result = Check(result.name, True, f"not checked: the base model fails it too ({result.detail})")
+        record(result)
+    base_for_generation = None
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -174,6 +200,259 @@ def verify(out: Path, base: Path | None = None, *, report=print) -> list[Check]:
     else:
         record(_round_trip_check(model.state_dict(), reloaded.state_dict(), logits, again))
     return checks
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows of a batch are independent
+
+BATCH_ROWS, BATCH_LEN = 3, 12
+BATCH_RTOL = 1e-4  # of the logits' scale: float rounding of differently shaped matmuls is ~1e-6 of it
+
+
+def _row_ids(vocab: int, rows: int = BATCH_ROWS, length: int = BATCH_LEN) -> torch.Tensor:
+    return torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(1))
+
+
+@contextmanager
+def opened(model):
+    """The model with every all-zero floating weight (ndim >= 2: an identity block's zeroed output
+    projections, a memory block's zero-initialised values) filled with seeded random values
+    (normal, std 1/sqrt(last dim)), restored on exit; yields how many were filled.
+
+    A branch that adds exact zeros hides what its block does with the rows of a batch or with the
+    KV cache; opened, every inserted block computes something, as it will after training."""
+    filled = []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim >= 2 and param.is_floating_point() and not param.any():
+                generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                filled.append((param, param.detach().clone()))  # bit for bit back, -0.0 included
+                param.copy_(torch.randn(param.shape, generator=generator) * param.shape[-1] ** -0.5)
+    try:
+        yield len(filled)
+    finally:
+        with torch.no_grad():
+            for param, original in filled:
+                param.copy_(original)
+
+
+def _batch_differences(model, rows: torch.Tensor) -> tuple[float, str, float] | str:
+    """(max |difference|, where, max |logit| alone) between the rows' logits in batches and alone,
+    or one line saying at which batch size the forward pass fails."""
+    alone = []
+    for r in range(len(rows)):
+        try:
+            alone.append(_logits(model, rows[r:r + 1]))
+        except Exception as exc:  # noqa: BLE001 - a model that cannot run is the check's result
+            return f"the forward pass fails at batch size 1: {one_line(exc, 300)}"
+    alone_t = torch.cat(alone)
+    worst, where = 0.0, ""
+    for order in ([0, 1], [1, 0], [0, 1, 2], [2, 0, 1]):
+        try:
+            got = _logits(model, rows[order])
+        except Exception as exc:  # noqa: BLE001
+            return f"the forward pass fails at batch size {len(order)}: {one_line(exc, 300)}"
+        diff = float((got - alone_t[order]).abs().max())
+        if not diff <= worst:  # NaN too
+            worst, where = diff, f"batch size {len(order)}, rows {order}"
+    return worst, where, float(alone_t.abs().max())
+
+
+def batch_check(model, vocab: int) -> Check:
+    """Each row's logits, in batches of 1, 2 and 3 rows and with the rows permuted, must be those
+    of the row run alone, up to float rounding: ``BATCH_RTOL`` x max(1, max |logit|); as loaded,
+    and ``opened`` (zero branches filled).
+
+    A block that mixes rows passes every check made on one batch: a tensor unpacked as if it were
+    a tuple (``h, _ = mlp(h)``) splits a batch of 2 along its rows, and ``mlp(h)[0]`` broadcasts
+    row 0's output to every row. At batch sizes 1 or 3 the first fails outright; the second adds
+    the same zeros to every row until its branch is opened.
+    """
+    rows = _row_ids(vocab)
+    worst, tol = 0.0, 0.0
+    for fill in (False, True):
+        with opened(model) if fill else nullcontext() as filled:
+            label = f"with its {filled} all-zero weights filled" if fill else "as loaded"
+            found = _batch_differences(model, rows)
+            if isinstance(found, str):
+                return Check("batch", False, f"{found} ({label})")
+            diff, at, scale = found
+            this_tol = BATCH_RTOL * max(1.0, scale)
+            if not diff <= this_tol:
+                return Check("batch", False, f"a row's logits depend on the other rows of the batch ({at}, {label}): max |difference| from "
+                                             f"the row run alone {diff:.3g} > tolerance {this_tol:.3g} ({BATCH_RTOL:g} x max(1, max |logit|))")
+            worst, tol = max(worst, diff), max(tol, this_tol)
+    return Check("batch", True, f"each row's logits at batch sizes 1, 2, 3 (rows also permuted), as loaded and with the all-zero weights filled, "
+                                f"equal the row's alone: max |difference| {worst:.3g} (tolerance {BATCH_RTOL:g} x max(1, max |logit|), at most {tol:.3g})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The identity away from the base's init
+
+PERTURB_SCALE = 0.5  # norm weights ~1 +- 0.5, biases ~0 +- 0.5: far from any init
+
+
+def _delta(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The perturbation of base tensor ``name``: the same whichever model, and whenever, it is drawn."""
+    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    return (PERTURB_SCALE * torch.randn(tensor.shape, generator=generator)).to(tensor.dtype)
+
+
+def _base_name(name: str, layers_path: str, layer_source: dict[int, int]) -> str:
+    """The base tensor output tensor ``name`` was made from (the same name outside the decoder layers)."""
+    prefix = layers_path + "."
+    if not name.startswith(prefix):
+        return name
+    index, _, rest = name[len(prefix):].partition(".")
+    if not index.isdigit() or int(index) not in layer_source:
+        return name
+    return f"{prefix}{layer_source[int(index)]}.{rest}"
+
+
+def _zeroed_with_its_module(name: str, out_sd: dict, base_sd: dict, base_name: str) -> bool:
+    """An all-zero bias whose module's weight the surgery zeroed (an identity block's output
+    projection): zero by the surgery's rule, not a copy, though a base at its init has a zero bias
+    there too. A norm's bias (its weight copied) is a copy, and moves with the base."""
+    for suffix, weight in ((".bias", ".weight"), ("_bias", "")):
+        if name.endswith(suffix):
+            w_out = out_sd.get(name[: -len(suffix)] + weight)
+            w_base = base_sd.get(base_name[: -len(suffix)] + weight)
+            if w_out is not None and w_base is not None and not w_out.any() and w_base.any():
+                return True
+    return False
+
+
+@torch.no_grad()
+def perturbed_identity_check(model, base_model, plan: dict | None, ids: torch.Tensor) -> Check:
+    """The identity check again, with every 1-D floating parameter of the output that is a copy of
+    a base tensor (norm weights, biases; by the plan's layer map) moved by the same seeded random
+    amount in both models. A trained base's norms are not at their init (weights 1, biases 0): an
+    inserted block that is the identity only there (a post-norm whose bias survives a zeroed
+    branch, a branch silenced through a bias that happens to be 0) fails. Tensors the surgery
+    changed (zeroed copies) stay as they are, as a surgery of the perturbed base would leave them.
+    Bit-exact, like the identity check: an identity block adds exact zeros; everything else runs
+    the same operations on the same numbers in both models. Both models are restored afterwards.
+    """
+    name = "identity (perturbed)"
+    if plan is None:
+        return Check(name, True, "skipped: no midus_plan.json, so which base layer each layer copies is not known")
+    out_sd = model.state_dict(keep_vars=True)
+    base_sd = base_model.state_dict(keep_vars=True)
+    layers_path = plan.get("layers_path") or guess_layers_path(dict.fromkeys(out_sd), len(plan["layers"]))
+    if not layers_path:
+        return Check(name, True, "skipped: the plan does not say where the decoder layers are")
+    layer_source = {int(layer["index"]): int(layer["source"]) for layer in plan["layers"]}
+    canonical: dict[int, str] = {}  # a tied base tensor is perturbed once, by its first name's amount
+    for bname, tensor in base_sd.items():
+        canonical.setdefault(id(tensor), bname)
+
+    moves: dict[int, tuple[torch.Tensor, str]] = {}  # id -> (parameter, base name whose amount it gets)
+    base_moves: dict[int, tuple[torch.Tensor, str]] = {}
+    for oname, tensor in out_sd.items():
+        if not isinstance(tensor, torch.nn.Parameter) or tensor.ndim != 1 or not tensor.is_floating_point() or id(tensor) in moves:
+            continue
+        bname = _base_name(oname, layers_path, layer_source)
+        btensor = base_sd.get(bname)
+        if btensor is None or btensor.shape != tensor.shape or not torch.equal(btensor, tensor):
+            continue  # new, or changed by the surgery: a surgery of the perturbed base leaves it so
+        if not tensor.any() and _zeroed_with_its_module(oname, out_sd, base_sd, bname):
+            continue
+        key = canonical[id(btensor)]
+        moves[id(tensor)] = (tensor, key)
+        base_moves[id(btensor)] = (btensor, key)
+    if not moves:
+        return Check(name, True, "skipped: no norm weight or bias of the output is a copy of the base's")
+
+    saved = [(t, t.detach().clone()) for t, _ in (*moves.values(), *base_moves.values())]
+    try:
+        for tensor, key in (*moves.values(), *base_moves.values()):
+            tensor.data.add_(_delta(key, tensor))
+        try:
+            diff = float((_logits(model, ids) - _logits(base_model, ids)).abs().max())
+        except Exception as exc:  # noqa: BLE001
+            return Check(name, False, f"the forward pass fails with perturbed norms and biases: {one_line(exc, 300)}")
+    finally:
+        for tensor, original in saved:
+            tensor.data.copy_(original)
+    return Check(name, diff == 0.0,
+                 f"max |logit difference| against the base with {len(base_moves)} of its norm weights and biases moved by "
+                 f"{PERTURB_SCALE:g} x N(0, 1) in both models ({len(moves)} tensors of the output): {diff:g} (must be 0: an inserted "
+                 f"block may not be the identity only at the base's init)")
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache with a left-padded batch
+
+PADDED_NEW_TOKENS, PADDED_LONG, PADDED_SHORT = 8, 8, 5
+
+
+def _pad_id(model, vocab: int) -> int:
+    """The model's pad id (else its eos id) when inside the vocabulary, else 0."""
+    for source in (model.config, getattr(model, "generation_config", None)):
+        for key in ("pad_token_id", "eos_token_id"):
+            value = getattr(source, key, None)
+            value = value[0] if isinstance(value, (list, tuple)) and value else value
+            if isinstance(value, int) and 0 <= value < vocab:
+                return value
+    return 0
+
+
+@torch.no_grad()
+def padded_cache_check(model, vocab: int) -> Check:
+    """Greedy generation for a left-padded batch of two prompts of different lengths, with and
+    without the KV cache, must agree token for token, and each row must be what its prompt gives
+    alone (a model that ignores the attention mask, or a cache path that breaks only on padded
+    rows, fails); as loaded, and ``opened`` (a zero branch hides its block's cache)."""
+    pad = _pad_id(model, vocab)
+    rows = _row_ids(vocab, 2, PADDED_LONG)
+    rows[rows == pad] = (pad + 1) % vocab  # no pad token inside a prompt
+    tokens = None
+    for fill in (False, True):
+        with opened(model) if fill else nullcontext():
+            problem, got = _padded_generation(model, rows, pad)
+        if problem:
+            return Check("kv-cache (padded batch)", False, f"{problem} ({'with the all-zero weights filled' if fill else 'as loaded'})")
+        tokens = tokens if tokens is not None else got
+    return Check("kv-cache (padded batch)", True,
+                 f"greedy generation for a left-padded batch of 2 (prompts of {PADDED_LONG} and {PADDED_SHORT} tokens, pad id {pad}) agrees with "
+                 f"and without KV cache and with each prompt alone, as loaded and with the all-zero weights filled: {tokens}")
+
+
+def _padded_generation(model, rows: torch.Tensor, pad: int) -> tuple[str | None, list]:
+    """(what is wrong or None, the batch's new tokens) for ``padded_cache_check``."""
+    cut = PADDED_LONG - PADDED_SHORT
+    input_ids = rows.clone()
+    input_ids[1, :cut] = pad
+    mask = torch.ones_like(input_ids)
+    mask[1, :cut] = 0
+    kwargs = dict(max_new_tokens=PADDED_NEW_TOKENS, min_new_tokens=PADDED_NEW_TOKENS, do_sample=False, pad_token_id=pad)
+    try:
+        cached = model.generate(input_ids, attention_mask=mask, use_cache=True, **kwargs)[:, PADDED_LONG:]
+        uncached = model.generate(input_ids, attention_mask=mask, use_cache=False, **kwargs)[:, PADDED_LONG:]
+        alone = torch.cat([model.generate(prompt, attention_mask=torch.ones_like(prompt), use_cache=True, **kwargs)[:, -PADDED_NEW_TOKENS:]
+                           for prompt in (rows[:1], rows[1:, cut:])])
+    except Exception as exc:  # noqa: BLE001
+        return f"generation for a left-padded batch of 2 fails: {one_line(exc, 300)}", []
+    if not torch.equal(cached, uncached):
+        return f"greedy generation for a left-padded batch of 2 DIFFERS with and without KV cache (pad id {pad}): {cached.tolist()} vs {uncached.tolist()}", []
+    if not torch.equal(cached, alone):
+        return f"greedy generation for a left-padded batch of 2 DIFFERS from each prompt's alone (pad id {pad}): {cached.tolist()} vs {alone.tolist()}", []
+    return None, cached.tolist()
+
+
+@torch.no_grad()
+def cache_check(model, prompt: torch.Tensor, tokenizer) -> Check:
+    """Greedy generation of one prompt with and without the KV cache must agree token for token."""
+    eos = getattr(model.config, "eos_token_id", None)
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=eos if isinstance(eos, int) else None)
+    try:
+        cached = model.generate(prompt, use_cache=True, **kwargs)
+        uncached = model.generate(prompt, use_cache=False, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        return Check("kv-cache", False, f"generation fails: {one_line(exc, 300)}")
+    text = tokenizer.decode(cached[0, prompt.shape[1]:]) if tokenizer is not None else cached[0].tolist()
+    same = torch.equal(cached, uncached)
+    return Check("kv-cache", same, f"greedy generation with and without KV cache {'agree' if same else 'DIFFER'}: {text!r}")
 
 
 def _round_trip_check(before: dict, after: dict, logits: torch.Tensor, again: torch.Tensor) -> Check:
@@ -193,13 +472,9 @@ def _round_trip_check(before: dict, after: dict, logits: torch.Tensor, again: to
     return Check("round-trip", close, f"save_pretrained + reload gives identical tensors; logits {'within float rounding' if close else 'DIFFER'}: max difference {diff:g}")
 
 
-def _tied_names(model) -> set[str]:
-    """State-dict names that alias another tensor (tied embeddings), not written separately."""
-    seen: dict[int, str] = {}
-    tied = set()
+def _name_groups(model) -> list[list[str]]:
+    """The model's state-dict names, grouped by tensor (tied embeddings: one group of two names)."""
+    groups: dict[int, list[str]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        key = id(tensor)
-        if key in seen:
-            tied.add(name)
-        seen[key] = name
-    return tied
+        groups.setdefault(id(tensor), []).append(name)
+    return list(groups.values())

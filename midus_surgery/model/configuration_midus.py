@@ -28,11 +28,16 @@ class MidusConfig(PretrainedConfig):
         fields = {k: v for k, v in kwargs.items() if k not in ("auto_map", "architectures", "transformers_version")}
         snapshot = CONFIG_MAPPING[base_model_type](**fields) if base_model_type else None
         object.__setattr__(self, "_base_snapshot", snapshot)
+        if kwargs.get("per_layer_config"):
+            # transformers' per-layer overrides (Gemma-4's head_dim) live in private state that its
+            # property setter builds: set them on this config, not answered from the snapshot
+            self.per_layer_config = kwargs["per_layer_config"]
 
     def __getattr__(self, name: str):
-        # Only reached when normal lookup fails.
+        # Only reached when normal lookup fails. Private state is this config's own, never the
+        # snapshot's (the snapshot's per-layer state would make this config recurse into itself).
         snapshot = self.__dict__.get("_base_snapshot")
-        if snapshot is None or name.startswith("__"):
+        if snapshot is None or name.startswith("_"):
             raise AttributeError(name)
         return getattr(snapshot, name)
 

@@ -1,0 +1,230 @@
+"""Architectures beyond one uniform stack of attention + MLP blocks, on tiny random models.
+
+Hybrid stacks (LFM2: convolution and attention layers; Qwen3-Next: linear and full attention),
+MLA attention whose value heads are narrower than its query heads (DeepSeek-V3), FFNs that return
+a tuple (gpt-oss), per-layer head widths (Gemma-4), and blocks that cannot start as the identity
+(post-norm OPT, GPT-2 scaling attention by the layer index): each is planned from the anatomy of
+its own source layer, written only when it keeps the base's function, and checked by verify.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import midus_surgery  # noqa: F401 - registers the MIDUS classes
+from midus_surgery.anatomy.trace import find_stack_anatomy
+from midus_surgery.compiler.planner import plan_recipe
+from midus_surgery.emit.emitter import check_planned, emit
+from midus_surgery.emit.verify import verify
+from midus_surgery.errors import RecipeError
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+             max_position_embeddings=128, head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+MEMORY = "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n"
+LFM2 = dict(num_hidden_layers=6, layer_types=["conv", "full_attention"] * 3)
+QWEN3_NEXT = dict(num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+# MLA: queries and keys 24 wide per head (16 without position + 8 rotary), values 40 wide
+DEEPSEEK_V3 = dict(num_hidden_layers=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                   moe_intermediate_size=32, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+                   qk_nope_head_dim=16, v_head_dim=40, head_dim=8)
+GPT_OSS = dict(num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=2)
+GEMMA4 = dict(num_hidden_layers=6, hidden_size_per_layer_input=0, vocab_size_per_layer_input=128,
+              layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+              per_layer_config={"2": {"head_dim": 32}, "5": {"head_dim": 32}})
+
+
+def make_base(root: Path, model_type: str, **overrides) -> Path:
+    """A tiny random base with its norm weights and biases away from their init (as trained ones are)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**SMALL, **overrides}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    path = root / model_type
+    model.save_pretrained(path)
+    return path
+
+
+def recipe(root: Path, base: Path, layout: str, name: str, extra: str = "") -> Path:
+    path = root / f"{name}.yaml"
+    path.write_text(f"base:\n  path: {base}\nlayout:\n{layout}\n{MEMORY}{extra}output:\n  dir: out/{name}\n  dtype: float32\n")
+    return path
+
+
+def slices(copies: list[tuple[int, str]], n: int) -> str:
+    """Every base layer, then one inserted copy of each (layer, kind) in ``copies``."""
+    lines = [f"  slices:\n    - layers: [0, {n}]"]
+    lines += [f"    - layers: [{i}, {i + 1}]\n      kind: {kind}" for i, kind in copies]
+    return "\n".join(lines)
+
+
+def apply_and_verify(path: Path):
+    planned = plan_recipe(path)
+    emit(planned, progress=False)
+    out = path.parent / "out" / path.stem
+    checks = verify(out, report=lambda c: None)
+    failed = [f"{c.name}: {c.detail}" for c in checks if not c.ok]
+    assert not failed, failed
+    return planned, out, checks
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("any-causal-lm")
+
+
+def test_a_hybrid_stack_has_one_anatomy_per_kind_of_layer():
+    stack = find_stack_anatomy(AutoConfig.for_model("lfm2", **{**SMALL, **LFM2}))
+    assert stack.layer_kinds == (0, 1, 0, 1, 0, 1)
+    conv, attention = stack.kinds
+    assert "conv" in conv.label and "full_attention" in attention.label
+    assert (conv.anatomy.attention, conv.anatomy.attn_out_proj, conv.anatomy.mixer) == ("conv", "conv.out_proj", "other")
+    assert (attention.anatomy.attention, attention.anatomy.mixer) == ("self_attn", "attention")
+    assert conv.refusal("identity") is None and "not softmax attention" in conv.refusal("memory")
+    assert attention.refusal("memory") is None
+
+
+@pytest.mark.parametrize("model_type,overrides,copies", [
+    ("lfm2", LFM2, [(0, "identity"), (1, "identity"), (3, "memory")]),  # conv and attention layers
+    ("qwen3_next", QWEN3_NEXT, [(0, "identity"), (3, "identity"), (3, "memory")]),  # linear and full attention
+], ids=["lfm2", "qwen3_next"])
+def test_hybrid_stacks_keep_the_function_for_blocks_of_every_kind(root, model_type, overrides, copies):
+    base = make_base(root, model_type, **overrides)
+    path = recipe(root, base, slices(copies, overrides["num_hidden_layers"]), f"{model_type}-hybrid")
+    planned, out, checks = apply_and_verify(path)
+    assert json.loads((out / "midus_plan.json").read_text())["function_preserving"] is True  # checked before writing
+    assert any(c.name == "identity" and c.ok for c in checks)
+    # each identity block zeroes its own source layer's mixer output, whatever the kind
+    zeroed = {t.name for t in planned.plan.tensors if t.rule == "zeros"}
+    for layer in planned.plan.layers:
+        if layer.kind == "identity":
+            out_proj = planned.anatomy.kind_of(layer.source).anatomy.attn_out_proj
+            assert f"{planned.plan.layers_path}.{layer.index}.{out_proj}.weight" in zeroed
+
+
+def test_a_memory_block_from_a_layer_without_attention_is_refused_naming_it(root):
+    base = make_base(root, "lfm2", **LFM2)
+    path = recipe(root, base, slices([(2, "memory")], 6), "lfm2-memory-from-conv")
+    with pytest.raises(RecipeError) as info:
+        plan_recipe(path)
+    message = str(info.value)
+    assert len(message.strip().splitlines()) == 1, message
+    for part in ("output layer 6", "base layer 2", "Lfm2DecoderLayer (conv)", "not softmax attention", "base layers that can: 1, 3, 5"):
+        assert part in message, message
+    assert not (root / "out" / "lfm2-memory-from-conv").exists()
+
+
+def test_mla_memory_reads_the_value_heads_the_output_projection_receives(root):
+    base = make_base(root, "deepseek_v3", **DEEPSEEK_V3)
+    path = recipe(root, base, slices([(2, "identity"), (3, "memory")], 4), "deepseek-mla")
+    planned, out, _ = apply_and_verify(path)
+    (block,) = planned.plan.midus["memory_blocks"].values()
+    assert (block["heads"], block["head_dim"]) == (4, 40)  # not hidden/heads = 16, nor the 24-wide query heads
+    config = json.loads((out / "config.json").read_text())
+    assert config["midus"]["memory_blocks"] == planned.plan.midus["memory_blocks"]
+
+
+def test_a_tuple_returning_ffn_gets_a_readout_that_returns_a_tuple_and_keeps_rows_apart(root):
+    base = make_base(root, "gpt_oss", **GPT_OSS)
+    path = recipe(root, base, "  interleave:\n    after_every: 2\n    kind: memory", "gpt-oss-memory")
+    planned, out, _ = apply_and_verify(path)
+    assert all(b["anatomy"]["ffn_tuple"] == [2, 0] for b in planned.plan.midus["memory_blocks"].values())
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(3, 128, (3, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        together = model(input_ids=ids).logits
+        alone = torch.cat([model(input_ids=ids[i:i + 1]).logits for i in range(3)])
+        permuted = model(input_ids=ids[[2, 0, 1]]).logits
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(permuted, together[[2, 0, 1]], rtol=0, atol=1e-5)
+
+
+def test_verify_fails_a_tuple_ffn_readout_that_returns_a_tensor(root):
+    """The old readout (a tensor where the layer unpacks a tuple) mixed the rows of a batch of 2."""
+    base = make_base(root, "gpt_oss", **GPT_OSS)
+    path = recipe(root, base, slices([(1, "memory")], 4), "gpt-oss-broken")
+    _, out, _ = apply_and_verify(path)
+    config = json.loads((out / "config.json").read_text())
+    for block in config["midus"]["memory_blocks"].values():
+        block["anatomy"]["ffn_tuple"] = None
+    (out / "config.json").write_text(json.dumps(config))
+    failed = [c for c in verify(out, report=lambda c: None) if not c.ok]
+    assert failed, "verify passed a model whose memory readout breaks the FFN's calling convention"
+
+
+def test_per_layer_head_widths_give_each_memory_block_its_own(root):
+    base = make_base(root, "gemma4_text", **GEMMA4)
+    path = recipe(root, base, slices([(1, "memory"), (2, "identity"), (5, "memory")], 6), "gemma4-memory")
+    planned, _, _ = apply_and_verify(path)
+    widths = {planned.plan.layers[int(i)].source: b["head_dim"] for i, b in planned.plan.midus["memory_blocks"].items()}
+    assert widths == {1: 16, 5: 32}
+
+
+def test_tensors_sized_by_the_depth_outside_the_layers_are_refused(root):
+    base = make_base(root, "gemma4_text", **{**GEMMA4, "hidden_size_per_layer_input": 8})
+    path = recipe(root, base, "  interleave:\n    after_every: 3\n    kind: copy", "gemma4-per-layer-inputs")
+    with pytest.raises(RecipeError, match="sized by the depth"):
+        plan_recipe(path)
+
+
+def test_a_post_norm_block_is_refused_before_anything_is_written(root):
+    base = make_base(root, "opt", num_hidden_layers=4, do_layer_norm_before=False, ffn_dim=128, word_embed_proj_dim=64)
+    path = recipe(root, base, slices([(1, "identity")], 4), "opt-post-norm")
+    planned = plan_recipe(path)
+    with pytest.raises(RecipeError) as info:
+        check_planned(planned)  # what validate and plan run
+    assert "do not start as the identity" in str(info.value) and "accept_function_change" in str(info.value)
+    with pytest.raises(RecipeError):
+        emit(planned, progress=False)
+    assert not (root / "out" / "opt-post-norm").exists()
+
+    accepted = recipe(root, base, slices([(1, "identity")], 4), "opt-post-norm-accepted", extra="accept_function_change: true\n")
+    _, out, checks = apply_and_verify(accepted)
+    assert json.loads((out / "midus_plan.json").read_text())["function_preserving"] is False
+    assert not any(c.name == "identity" for c in checks)  # compared by perplexity instead
+
+
+def test_a_layer_whose_code_depends_on_its_index_is_refused(root):
+    base = make_base(root, "gpt2", n_layer=4, n_embd=64, n_head=4, scale_attn_by_inverse_layer_idx=True)
+    path = recipe(root, base, "  interleave:\n    after_every: 2\n    kind: identity", "gpt2-by-index")
+    with pytest.raises(RecipeError, match="depends on its index or on the depth"):
+        check_planned(plan_recipe(path))
+
+
+def test_a_further_residual_branch_is_found_and_zeroed_in_identity_and_memory_blocks():
+    """Gemma-4's per-layer input is a third branch after the FFN: its output projection starts at zero."""
+    from midus_surgery.compiler.plan import _block_tensor_rule
+
+    stack = find_stack_anatomy(AutoConfig.for_model("gemma4_text", **{**SMALL, **GEMMA4, "hidden_size_per_layer_input": 8}))
+    anatomy = stack.kind_of(0).anatomy
+    assert anatomy.extra_out_projs == ("per_layer_projection",) and anatomy.ffn == ("mlp",)
+    for kind in ("identity", "memory"):
+        assert _block_tensor_rule(kind, "per_layer_projection.weight", anatomy, True) == "zeros"
+    assert _block_tensor_rule("copy", "per_layer_projection.weight", anatomy, True) == "copy"
+
+
+def test_the_anatomy_of_a_large_vocabulary_model_is_found_at_tiny_size():
+    """Gemma-4's default config (a 262k vocabulary, per-layer input embeddings over 35 layers):
+    no tensor of any op the finder runs on CPU holds more than ~1M values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        seen = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and not t.is_meta:
+                    Largest.seen = max(Largest.seen, t.numel())
+            return out
+
+    with Largest():
+        stack = find_stack_anatomy(AutoConfig.for_model("gemma4_text"))
+    assert stack.kind_of(0).anatomy is not None
+    assert 0 < Largest.seen <= 2**20, Largest.seen

@@ -1,0 +1,266 @@
+"""`verify` cannot be fooled: rows that depend on each other, identity blocks that are the identity
+only at the base's init, KV-cache paths that break only with a padded batch.
+
+Tiny random models on CPU: the bases of test_apply, emitted with its recipes, then broken on
+purpose (the outputs' tensors edited, or a module's forward patched) and run through ``verify``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_apply import bases, write_recipe  # noqa: F401 - bases: a fixture
+from transformers import AutoModelForCausalLM
+
+import midus_surgery  # noqa: F401 - registers the MIDUS classes
+from midus_surgery.compiler.planner import plan_recipe
+from midus_surgery.emit import verify as verify_module
+from midus_surgery.emit.emitter import emit
+from midus_surgery.emit.verify import batch_check, opened, perturbed_identity_check, verify
+from midus_surgery.model import modeling_midus
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest, and steady on a busy machine
+
+NAMES = ["tensors", "batch", "identity", "identity (perturbed)", "kv-cache", "kv-cache (padded batch)", "round-trip"]
+
+
+def emitted(bases, tmp_path, arch: str, kind: str):
+    return emit(plan_recipe(write_recipe(tmp_path, bases[arch], kind)), progress=False).out_dir
+
+
+def run(out) -> dict:
+    checks = verify(out, report=lambda c: None)
+    assert [c for c in checks if "\n" in c.detail] == []  # every detail one line
+    return {c.name: c for c in checks}
+
+
+def failed(checks: dict) -> list[str]:
+    return [name for name, c in checks.items() if not c.ok]
+
+
+@pytest.mark.parametrize(("arch", "kind"), [("llama", "llama-pro"), ("llama", "midus"), ("gpt2", "llama-pro")])
+def test_correct_outputs_pass_every_check(arch, kind, bases, tmp_path):
+    """gpt2: biases everywhere, and an identity block's zeroed output projection has a zero bias
+    that the base's (at init) equals: zero by the surgery's rule, so not perturbed."""
+    checks = run(emitted(bases, tmp_path, arch, kind))
+    assert list(checks) == NAMES
+    assert failed(checks) == [], {n: c.detail for n, c in checks.items()}
+    assert "against the base: 0 (" in checks["identity"].detail
+    perturbed = checks["identity (perturbed)"].detail
+    assert "in both models" in perturbed and ": 0 (must be 0" in perturbed
+    assert "as loaded and with the all-zero weights filled" in checks["batch"].detail
+    assert "agrees with and without KV cache and with each prompt alone" in checks["kv-cache (padded batch)"].detail
+
+
+def _row0_for_every_row(self, x, *args, **kwargs):
+    """A Memory block whose readout is indexed as if it returned a tuple, ``h = mlp(h)[0]``: row 0's
+    output, broadcast by the residual add to every row of the batch."""
+    return _readout_forward(self, x, *args, **kwargs)[0]
+
+
+def _unpacked_as_tuple(self, x, *args, **kwargs):
+    """``h, _ = mlp(h)`` on a readout that returns one tensor: splits a batch of 2 along its rows
+    (row 0 for every row), and fails at any other batch size."""
+    h, _ = _readout_forward(self, x, *args, **kwargs)
+    return h
+
+
+_readout_forward = modeling_midus.MemoryReadout.forward
+
+
+def test_a_memory_block_that_mixes_rows_fails_once_its_zero_weights_are_filled(bases, tmp_path, monkeypatch):
+    """The memory's values start at zero, so row 0's zeros added to every row change nothing: the
+    output equals the base, one prompt's generation agrees with and without the cache. Only with
+    the zero weights filled (as after training) do the rows depend on each other, in a forward
+    pass and in a padded batch's generation."""
+    out = emitted(bases, tmp_path, "llama", "midus")
+    monkeypatch.setattr(modeling_midus.MemoryReadout, "forward", _row0_for_every_row)
+    checks = run(out)
+    assert failed(checks) == ["batch", "kv-cache (padded batch)"]
+    assert "depend on the other rows of the batch" in checks["batch"].detail
+    assert "with its 2 all-zero weights filled)" in checks["batch"].detail  # the two memory blocks' zero-initialised projections
+
+
+def test_a_memory_block_that_unpacks_its_readout_as_a_tuple_fails_at_batch_size_1(bases, tmp_path, monkeypatch):
+    out = emitted(bases, tmp_path, "llama", "midus")
+    monkeypatch.setattr(modeling_midus.MemoryReadout, "forward", _unpacked_as_tuple)
+    checks = run(out)
+    assert checks["identity"].ok  # verify's own sample batch has 2 rows: the old checks ran it fine
+    assert not checks["batch"].ok
+    assert checks["batch"].detail.startswith("the forward pass fails at batch size 1: ValueError: not enough values to unpack")
+
+
+def test_batch_check_catches_a_model_that_averages_its_rows(bases):
+    """In memory: every row of a batch becomes the batch mean after the first layer (no zero
+    branch to hide it); a batch of one is unchanged, so only comparing rows with rows alone sees it."""
+    model = AutoModelForCausalLM.from_pretrained(bases["llama"], dtype=torch.float32).eval()
+    assert batch_check(model, 128).ok
+
+    def mean_of_rows(module, args, output):
+        return output.mean(0, keepdim=True).expand_as(output)
+
+    handle = model.model.layers[0].register_forward_hook(mean_of_rows)
+    check = batch_check(model, 128)
+    handle.remove()
+    assert not check.ok and "depend on the other rows of the batch (batch size 3, rows [0, 1, 2], as loaded)" in check.detail
+
+
+def test_opened_fills_only_all_zero_weights_and_restores_them(bases, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(emitted(bases, tmp_path, "llama", "llama-pro"), dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    zero = {n for n, p in before.items() if p.ndim >= 2 and not p.any()}
+    assert len(zero) == 4  # o_proj and down_proj of the two identity blocks
+    with opened(model) as filled:
+        assert filled == 4
+        now = dict(model.named_parameters())
+        assert all(now[n].any() for n in zero)
+        assert all(torch.equal(now[n], before[n]) for n in before if n not in zero)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_an_identity_block_that_is_the_identity_only_at_init_fails_the_perturbed_check(bases, tmp_path):
+    """A LLaMA-Pro block made another way: instead of zeroing the FFN's output projection, zero
+    the gain of the norm before the FFN. In a model without biases (Llama) that is the identity
+    whatever the base's weights: the norm gives 0, the FFN of 0 is 0. In GPT-2 the FFN of 0 is
+    ``c_proj(gelu(c_fc.bias)) + c_proj.bias``, 0 only because a random base's biases are at their
+    init, 0: on a trained base the block adds a constant to every token. The plain identity check
+    passes it; with the base's norms and biases perturbed (in both models), it fails.
+
+    Built by editing the emitted tensors: the inserted layer's ln_2.weight zeroed, its
+    mlp.c_proj.weight set back to the base layer's.
+    """
+    out = emitted(bases, tmp_path, "gpt2", "llama-pro")
+    layer = next(la for la in json.loads((out / "midus_plan.json").read_text())["layers"] if la["kind"] == "identity")
+    i, src = layer["index"], layer["source"]
+    tensors = load_file(out / "model.safetensors")
+    base = load_file(bases["gpt2"] / "model.safetensors")
+    base_key = next(k for k in base if k.endswith(f"h.{src}.mlp.c_proj.weight"))  # with or without the "transformer." prefix
+    assert not tensors[f"transformer.h.{i}.mlp.c_proj.weight"].any()
+    tensors[f"transformer.h.{i}.mlp.c_proj.weight"] = base[base_key].clone()
+    tensors[f"transformer.h.{i}.ln_2.weight"] = torch.zeros_like(tensors[f"transformer.h.{i}.ln_2.weight"])
+    assert not tensors[f"transformer.h.{i}.ln_2.bias"].any() and not tensors[f"transformer.h.{i}.mlp.c_fc.bias"].any()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+    checks = run(out)
+    assert failed(checks) == ["identity (perturbed)"]
+    assert "against the base: 0 (" in checks["identity"].detail
+    assert "must be 0: an inserted block may not be the identity only at the base's init" in checks["identity (perturbed)"].detail
+
+
+def test_perturbed_identity_check_restores_both_models(bases, tmp_path):
+    out = emitted(bases, tmp_path, "gpt2", "llama-pro")
+    plan = json.loads((out / "midus_plan.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    base_model = AutoModelForCausalLM.from_pretrained(bases["gpt2"], dtype=torch.float32)
+    before = [{n: t.clone() for n, t in m.state_dict().items()} for m in (model, base_model)]
+    ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(0))
+    check = perturbed_identity_check(model, base_model, plan, ids)
+    assert check.ok, check.detail
+    for m, saved in zip((model, base_model), before):
+        assert all(torch.equal(t, saved[n]) for n, t in m.state_dict().items())
+    # without the plan's layer map the check cannot pair the tensors: it says so
+    assert "skipped" in perturbed_identity_check(model, base_model, None, ids).detail
+
+
+def _only_in_the_output(out, broken, original):
+    """``broken`` for the model loaded from ``out`` (deeper than its base), ``original`` for the base:
+    the base shares the class, and a failure the base shares is not blamed on the output."""
+    depth = json.loads((out / "config.json").read_text())["num_hidden_layers"]
+
+    def forward(self, *args, **kwargs):
+        return (broken if self.config.num_hidden_layers == depth else original)(self, *args, **kwargs)
+    return forward
+
+
+def test_a_failure_the_base_shares_is_not_blamed_on_the_output(bases, tmp_path, monkeypatch):
+    out = emitted(bases, tmp_path, "llama", "llama-pro")
+    cls = type(AutoModelForCausalLM.from_pretrained(out))
+    monkeypatch.setattr(cls, "forward", _forward_breaking_cached_padded_steps(cls.forward))  # base and output alike
+    checks = run(out)
+    assert failed(checks) == []
+    assert checks["kv-cache (padded batch)"].detail.startswith("not checked: the base model fails it too (")
+
+
+def _forward_breaking_cached_padded_steps(original):
+    def forward(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids")
+        if mask is not None and not bool(mask.all()) and ids is not None and ids.shape[1] == 1:  # a cached step of a padded batch
+            output.logits = output.logits.roll(1, dims=-1)
+        return output
+
+    return forward
+
+
+def test_a_cache_path_broken_only_for_a_padded_batch_fails_the_padded_check(bases, tmp_path, monkeypatch):
+    """Synthetic: the model's cached decoding steps go wrong only when the batch has padding (as a
+    cache that mis-tracks positions of left-padded rows would). One prompt with and without the
+    cache agrees, so the plain kv-cache check passes; the padded batch does not."""
+    out = emitted(bases, tmp_path, "llama", "llama-pro")
+    assert failed(run(out)) == []
+    cls = type(AutoModelForCausalLM.from_pretrained(out))
+    monkeypatch.setattr(cls, "forward", _only_in_the_output(out, _forward_breaking_cached_padded_steps(cls.forward), cls.forward))
+    checks = run(out)
+    assert failed(checks) == ["kv-cache (padded batch)"]
+    assert "DIFFERS with and without KV cache" in checks["kv-cache (padded batch)"].detail
+
+
+def test_a_model_that_ignores_the_attention_mask_fails_the_padded_check(bases, tmp_path, monkeypatch):
+    """With and without the cache it attends to the padding alike; the row then differs from its
+    prompt generated alone."""
+    out = emitted(bases, tmp_path, "llama", "llama-pro")
+    cls = type(AutoModelForCausalLM.from_pretrained(out))
+    original = cls.forward
+
+    def forward(self, *args, **kwargs):
+        kwargs["attention_mask"] = None
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", forward)
+    checks = run(out)
+    assert not checks["kv-cache (padded batch)"].ok
+    assert "DIFFERS from each prompt's alone" in checks["kv-cache (padded batch)"].detail
+
+
+def test_a_generation_that_fails_on_a_padded_batch_is_a_one_line_failed_check(bases, tmp_path, monkeypatch):
+    out = emitted(bases, tmp_path, "llama", "llama-pro")
+    cls = type(AutoModelForCausalLM.from_pretrained(out))
+    original = cls.forward
+
+    def forward(self, *args, **kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            raise RuntimeError("index out of range in self\nsecond line")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", _only_in_the_output(out, forward, original))
+    checks = run(out)
+    assert failed(checks) == ["kv-cache (padded batch)"]
+    assert checks["kv-cache (padded batch)"].detail == (
+        "generation for a left-padded batch of 2 fails: RuntimeError: index out of range in self (as loaded)")
+
+
+def test_pad_id_is_the_models_when_in_the_vocabulary_else_0(bases):
+    model = AutoModelForCausalLM.from_pretrained(bases["gpt2"])
+    assert verify_module._pad_id(model, 128) == 2  # no pad id: the eos id
+    model.config.eos_token_id = model.generation_config.eos_token_id = 500
+    assert verify_module._pad_id(model, 128) == 0
+
+
+def test_a_trained_output_is_compared_by_perplexity_not_by_identity(bases, tmp_path):
+    """`train` writes midus_train.json beside its export: the blocks are no longer the identity by design."""
+    out = emitted(bases, tmp_path, "llama", "midus")
+    weights = load_file(out / "model.safetensors")
+    name = next(n for n in weights if ".hml." in n and weights[n].dim() >= 2 and not weights[n].any())  # a zero-initialised table
+    weights[name] = torch.full_like(weights[name], 0.05)
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    assert not run(out)["identity"].ok  # as if untrained: must be the base's function
+
+    (out / "midus_train.json").write_text(json.dumps({"steps": 1}))
+    checks = run(out)
+    assert "identity" not in checks and "identity (perturbed)" not in checks
+    assert checks["logits"].ok and "trained since apply" in checks["logits"].detail and "perplexity" in checks["logits"].detail
+    assert failed(checks) == []
