@@ -8,6 +8,7 @@ purpose (the outputs' tensors edited, or a module's forward patched) and run thr
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,13 +166,25 @@ def test_perturbed_identity_check_restores_both_models(bases, tmp_path):
     assert "skipped" in perturbed_identity_check(model, base_model, None, ids).detail
 
 
-def _only_in_the_output(out, broken, original):
-    """``broken`` for the model loaded from ``out`` (deeper than its base), ``original`` for the base:
-    the base shares the class, and a failure the base shares is not blamed on the output."""
+def _only_in_the_output(out, broken, original, monkeypatch=None):
+    """``broken`` for the model verify loads from ``out``, ``original`` for every other instance of the
+    class (the base shares it, and a failure the base shares is not blamed on the output). With
+    ``monkeypatch``, only that loaded object is broken; without, every model as deep as the output
+    (a fresh instance of its config too)."""
     depth = json.loads((out / "config.json").read_text())["num_hidden_layers"]
+    if monkeypatch is not None:
+        load = verify_module._load
+
+        def tagged(path, *args, **kwargs):
+            model, info = load(path, *args, **kwargs)
+            if Path(path) == Path(out):
+                model._broken_for_test = True
+            return model, info
+        monkeypatch.setattr(verify_module, "_load", tagged)
 
     def forward(self, *args, **kwargs):
-        return (broken if self.config.num_hidden_layers == depth else original)(self, *args, **kwargs)
+        hit = getattr(self, "_broken_for_test", False) if monkeypatch is not None else self.config.num_hidden_layers == depth
+        return (broken if hit else original)(self, *args, **kwargs)
     return forward
 
 
@@ -202,7 +215,7 @@ def test_a_cache_path_broken_only_for_a_padded_batch_fails_the_padded_check(base
     out = emitted(bases, tmp_path, "llama", "llama-pro")
     assert failed(run(out)) == []
     cls = type(AutoModelForCausalLM.from_pretrained(out))
-    monkeypatch.setattr(cls, "forward", _only_in_the_output(out, _forward_breaking_cached_padded_steps(cls.forward), cls.forward))
+    monkeypatch.setattr(cls, "forward", _only_in_the_output(out, _forward_breaking_cached_padded_steps(cls.forward), cls.forward, monkeypatch))
     checks = run(out)
     assert failed(checks) == ["kv-cache (padded batch)"]
     assert "DIFFERS with and without KV cache" in checks["kv-cache (padded batch)"].detail
@@ -219,7 +232,7 @@ def test_a_model_that_ignores_the_attention_mask_fails_the_padded_check(bases, t
         kwargs["attention_mask"] = None
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(cls, "forward", forward)
+    monkeypatch.setattr(cls, "forward", _only_in_the_output(out, forward, original, monkeypatch))
     checks = run(out)
     assert not checks["kv-cache (padded batch)"].ok
     assert "DIFFERS from each prompt's alone" in checks["kv-cache (padded batch)"].detail
@@ -236,7 +249,7 @@ def test_a_generation_that_fails_on_a_padded_batch_is_a_one_line_failed_check(ba
             raise RuntimeError("index out of range in self\nsecond line")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(cls, "forward", _only_in_the_output(out, forward, original))
+    monkeypatch.setattr(cls, "forward", _only_in_the_output(out, forward, original, monkeypatch))
     checks = run(out)
     assert failed(checks) == ["kv-cache (padded batch)"]
     assert checks["kv-cache (padded batch)"].detail == (
@@ -264,3 +277,20 @@ def test_a_trained_output_is_compared_by_perplexity_not_by_identity(bases, tmp_p
     assert "identity" not in checks and "identity (perturbed)" not in checks
     assert checks["logits"].ok and "trained since apply" in checks["logits"].detail and "perplexity" in checks["logits"].detail
     assert failed(checks) == []
+
+
+def test_a_generate_bug_of_the_stock_architecture_is_not_blamed_on_a_copy(bases, tmp_path, monkeypatch):
+    """A DUS output is a stock architecture: when a fresh random instance of it fails the padded
+    check too (as CpmAnt's cache with left padding does at some weights), the surgery is not to blame.
+    A MIDUS output's memory code is the surgery's own: there a fresh instance proves nothing."""
+    out = emitted(bases, tmp_path, "llama", "dus")
+    cls = type(AutoModelForCausalLM.from_pretrained(out))
+    # breaks every model deeper than the base: the output and any fresh instance of its config, not the base
+    monkeypatch.setattr(cls, "forward", _only_in_the_output(out, _forward_breaking_cached_padded_steps(cls.forward), cls.forward))
+    checks = run(out)
+    assert failed(checks) == []
+    assert checks["kv-cache (padded batch)"].detail.startswith("not checked: a fresh random instance of this architecture")
+
+    midus_out = emitted(bases, tmp_path, "llama", "midus")
+    monkeypatch.setattr(modeling_midus.MemoryReadout, "forward", _row0_for_every_row)
+    assert "kv-cache (padded batch)" in failed(run(midus_out))

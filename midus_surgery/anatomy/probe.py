@@ -371,6 +371,9 @@ class StackProbe:
         finally:
             for h in hooks:
                 h.remove()
+        if not lists:
+            raise _error(f"the decoder layers of {type(model).__name__}: no list of {cfg.num_hidden_layers} modules (num_hidden_layers) "
+                         f"in a build with that many; its layer count follows another config key")
         called = [name for name in lists if "" in calls.get((name, 0), {})]
         # prefer the list whose first layer takes hidden states; shortest path on ties
         called = [n for n in called if _hidden_slot(*calls[(n, 0)][""], None) is not None] or called

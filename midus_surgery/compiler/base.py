@@ -77,7 +77,7 @@ _SIZES = {
     ("num_experts_per_tok",): 2**16,
 }
 _PER_LAYER_OK = {"intermediate_size", "n_inner", "ffn_dim", "num_key_value_heads"}  # some configs list these per layer
-_REQUIRED = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+_REQUIRED = ("num_hidden_layers", "hidden_size", "vocab_size")  # heads too when the config has them (state-space models have none)
 
 
 def _count_problem(key: str, value, limit: int) -> str | None:
@@ -152,8 +152,16 @@ def config_object_problems(config) -> list[str]:
             problems.append(problem)
     if problems:
         return problems
+    heads = _attr(config, "num_attention_heads")
+    if heads is not None:
+        limit = next(limit for keys, limit in _SIZES.items() if "num_attention_heads" in keys)
+        problem = _count_problem("num_attention_heads", heads, limit)
+        if problem:
+            return [problem]
     head_dim = _attr(config, "head_dim")
-    if head_dim is None and config.hidden_size // config.num_attention_heads < 1:
+    if heads is None:
+        pass  # no attention: nothing to check of its heads
+    elif head_dim is None and isinstance(heads, int) and config.hidden_size // heads < 1:
         problems.append(f"num_attention_heads ({config.num_attention_heads}) is larger than hidden_size ({config.hidden_size}): heads would have no width")
     elif head_dim is not None:
         problem = _count_problem("head_dim", head_dim, 2**16)

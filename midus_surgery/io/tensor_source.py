@@ -361,9 +361,13 @@ def _loaded_by_transformers(ref: BaseRef, prefixes: tuple[str, ...], what: str, 
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref.directory, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(ref.directory, output_loading_info=True, **kwargs)
     except Exception as exc:  # transformers' loaders raise many types for files they cannot read
         raise MidusError(f"cannot load the base {ref.directory / (ref.gguf_file or '')} with transformers ({what}): {exc}") from None
+    missing = sorted(info.get("missing_keys", []))
+    if missing:  # transformers initialised them at random: never copy those into an output
+        raise MidusError(f"the base checkpoint {ref.directory / (ref.gguf_file or '')} lacks {len(missing)} tensor(s) of the model, "
+                         f"e.g. {', '.join(missing[:3])} (read through transformers' loader: {what})")
     return DictSource(model.state_dict(), prefixes, how=f"whole, through transformers' loader ({what})")
 
 
@@ -400,9 +404,13 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
         renames = checkpoint_renames(model_type)
     if any(ref.directory.glob("*.safetensors")):
         source = SafetensorsSource(ref.directory, prefixes, renames)
-        if any(source.resolve(name) is None for name in needed) and converts_on_load(model_type):
+        if any(source.resolve(name) is None for name in needed):
+            # transformers converts this checkpoint on load (experts stored one per tensor; names its
+            # conversion table knows even where converts_on_load cannot tell): it is the authority
             _check_fits_in_memory(sum(p.stat().st_size for p in ref.directory.glob("*.safetensors")), ref.directory)
-            return _loaded_by_transformers(ref, prefixes, "its checkpoint stores tensors the model stacks, e.g. one per expert", dtype="auto")
+            how = ("its checkpoint stores tensors the model stacks, e.g. one per expert" if converts_on_load(model_type)
+                   else "its checkpoint names tensors otherwise than the model does")
+            return _loaded_by_transformers(ref, prefixes, how, dtype="auto")
         return source
     bins = sorted(ref.directory.glob("*.bin"))
     if bins:
