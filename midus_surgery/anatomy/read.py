@@ -118,19 +118,15 @@ def _is_linear_leaf(module) -> bool:
 def _last_linear(probe, path: str, source: str, known: dict, field_name: str) -> str:
     """The module with a >= 2-D weight nearest to ``path``'s output (walking the data flow back)."""
     errors = []
-    if source == "fx":
+    finders = ([("fx", _last_linear_fx)] if source == "fx" else []) + [("export", _last_linear_export)]
+    for name, find in finders:  # HF attention code is rarely fx-traceable: the export graph answers then
         try:
-            found = _last_linear_fx(probe, path)
-            probe.answers[field_name] = "fx"
-            return found
+            found = find(probe, path)
         except Exception as e:
-            errors.append(f"fx: {one_line(e, 150)}")
-    try:
-        found = _last_linear_export(probe, path)
-        probe.answers[field_name] = "export"
+            errors.append(f"{name}: {one_line(e, 150)}")
+            continue
+        probe.answers[field_name] = name
         return found
-    except Exception as e:
-        errors.append(f"export: {one_line(e, 150)}")
     raise _error(f"{field_name}: the last linear inside {path!r} of {probe.layer_class}", known, "; ".join(errors))
 
 
