@@ -88,6 +88,9 @@ def test_a_hybrid_stack_has_one_anatomy_per_kind_of_layer():
     assert (attention.anatomy.attention, attention.anatomy.mixer) == ("self_attn", "attention")
     assert conv.refusal("identity") is None and "not softmax attention" in conv.refusal("memory")
     assert attention.refusal("memory") is None
+    text = stack.describe().splitlines()  # what `plan` prints
+    assert text[0] == "2 kinds of decoder layer at model.layers[i]"
+    assert "  layers 0, 2, 4: Lfm2DecoderLayer (conv)" in text and "  layers 1, 3, 5: Lfm2DecoderLayer (full_attention)" in text
 
 
 @pytest.mark.parametrize("model_type,overrides,copies", [

@@ -99,9 +99,9 @@ class StackAnatomy(BaseModel):
     def describe(self) -> str:
         if self.single is not None:
             return self.single.describe()
-        lines = []
+        lines = [f"{len(self.kinds)} kinds of decoder layer at {self.layers_path}[i]"]
         for k, kind in enumerate(self.kinds):
-            lines.append(f"layers {_ranges(self.layers_of(k))}: {kind.label}")
+            lines.append(f"  layers {_ranges(self.layers_of(k))}: {kind.label}")
             body = kind.anatomy.describe().splitlines()[1:] if kind.anatomy else [f"  no anatomy: {kind.problem}"]
             lines += ["  " + line for line in body]
         return "\n".join(lines)
