@@ -23,7 +23,7 @@ from pathlib import Path
 from midus_surgery.compiler.layout import LayerSpec, expand_layout
 from midus_surgery.errors import MidusError, RecipeError, one_line
 from midus_surgery.model.midus_names import HML_MODULE, SHARED_BANK
-from midus_surgery.recipe.anatomy_spec import Anatomy, StackAnatomy
+from midus_surgery.recipe.anatomy_spec import Anatomy, StackAnatomy, index_ranges
 from midus_surgery.recipe.schema import LoadedRecipe, MemorySettings
 
 # Config integers that assign behaviour to layers by index. Where the new layout would give an
@@ -436,7 +436,7 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: StackAnatomy | None, *, ana
                 problems.append(loaded.problem(("layout",), f"output layer {layer.index} (memory from base layer {layer.source}): {exc}"))
     for g in dict.fromkeys(geometry.values()):  # one message per attention shape, naming its blocks
         at = [i for i, gi in geometry.items() if gi == g]
-        problems += memory_problems(loaded, hidden, g, f"memory block{'s' if len(at) > 1 else ''} at output layer{'s' if len(at) > 1 else ''} {_index_ranges(at)}")
+        problems += memory_problems(loaded, hidden, g, f"memory block{'s' if len(at) > 1 else ''} at output layer{'s' if len(at) > 1 else ''} {index_ranges(at)}")
     if problems:
         raise RecipeError(problems)
     try:
@@ -461,17 +461,11 @@ def block_kind_problems(loaded: LoadedRecipe, anatomy: StackAnatomy, layers: lis
             continue
         seen.add((layer.kind, kind_index))
         able = [i for i in range(len(anatomy.layer_kinds)) if anatomy.kind_of(i).refusal(layer.kind) is None]
-        instead = f"; base layers that can: {_index_ranges(able)}" if able else "; no layer of this model can"
+        instead = f"; base layers that can: {index_ranges(able)}" if able else "; no layer of this model can"
         article = "an" if layer.kind[0] in "aeiou" else "a"
         problems.append(loaded.problem(("layout",), f"output layer {layer.index} is {article} {layer.kind} block copied from base layer {layer.source}, "
                                                     f"a {anatomy.kinds[kind_index].label}: {why.splitlines()[0]}{instead}"))
     return problems
-
-
-def _index_ranges(indices: list[int]) -> str:
-    from midus_surgery.recipe.anatomy_spec import _ranges
-
-    return _ranges(indices)
 
 
 def _split_layers(shapes: dict[str, tuple[int, ...]], layers_path: str) -> dict[int, dict[str, tuple[int, ...]]]:

@@ -70,18 +70,6 @@ def checkpoint_renames(model_type: str) -> list[tuple[str, str]]:
     ]
 
 
-def converts_on_load(model_type: str) -> bool:
-    """Whether transformers reshapes this architecture's checkpoint tensors when loading.
-
-    Mixture-of-experts models (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, ...) store one tensor per
-    expert on disk and one stacked [experts, ...] parameter in the module; transformers' loader
-    stacks them (its ``WeightConverter``s), and no name-for-name read can.
-    """
-    from transformers.core_model_loading import WeightConverter
-
-    return any(isinstance(t, WeightConverter) for t in _checkpoint_transforms(model_type))
-
-
 class TensorSource:
     """name -> tensor for the base model, tolerant of a missing base-model prefix in names."""
 
@@ -391,7 +379,7 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
     """renames: the checkpoint -> module renames when known (None: ask transformers, ``checkpoint_renames``).
 
     needed: the module tensor names the caller will read. When a safetensors checkpoint lacks some
-    of them and transformers converts this architecture's tensors on load (``converts_on_load``),
+    of them (transformers converts this architecture's tensors on load),
     the base is loaded through transformers instead, whole, in memory (as a GGUF base is).
     """
     if not ref.exists:
@@ -405,11 +393,10 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
     if any(ref.directory.glob("*.safetensors")):
         source = SafetensorsSource(ref.directory, prefixes, renames)
         if any(source.resolve(name) is None for name in needed):
-            # transformers converts this checkpoint on load (experts stored one per tensor; names its
-            # conversion table knows even where converts_on_load cannot tell): it is the authority
+            # transformers converts this checkpoint on load (experts stored one per tensor, other names):
+            # it is the authority, and the load is strict (_loaded_by_transformers)
             _check_fits_in_memory(sum(p.stat().st_size for p in ref.directory.glob("*.safetensors")), ref.directory)
-            how = ("its checkpoint stores tensors the model stacks, e.g. one per expert" if converts_on_load(model_type)
-                   else "its checkpoint names tensors otherwise than the model does")
+            how = "its checkpoint stores tensors that transformers converts on load, e.g. one per expert the model stacks"
             return _loaded_by_transformers(ref, prefixes, how, dtype="auto")
         return source
     bins = sorted(ref.directory.glob("*.bin"))

@@ -101,13 +101,13 @@ class StackAnatomy(BaseModel):
             return self.single.describe()
         lines = [f"{len(self.kinds)} kinds of decoder layer at {self.layers_path}[i]"]
         for k, kind in enumerate(self.kinds):
-            lines.append(f"  layers {_ranges(self.layers_of(k))}: {kind.label}")
+            lines.append(f"  layers {index_ranges(self.layers_of(k))}: {kind.label}")
             body = kind.anatomy.describe().splitlines()[1:] if kind.anatomy else [f"  no anatomy: {kind.problem}"]
             lines += ["  " + line for line in body]
         return "\n".join(lines)
 
 
-def _ranges(indices: list[int]) -> str:
+def index_ranges(indices: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2, 5'."""
     out: list[tuple[int, int]] = []
     for i in indices:
