@@ -21,9 +21,19 @@ __version__ = "0.1.0"
 
 _AUTO_CONFIG = "transformers.models.auto.configuration_auto"
 _AUTO_MODEL = "transformers.models.auto.modeling_auto"
+_OUR_CONFIG = "midus_surgery.model.configuration_midus"
+_OUR_MODEL = "midus_surgery.model.modeling_midus"
 
 
-def _register_config() -> None:
+def _being_imported(name: str) -> bool:
+    """True while the module ``name`` executes (CPython marks its spec ``_initializing``)."""
+    module = sys.modules.get(name)
+    return module is not None and bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+def _register_config(ours_loaded: bool = False) -> None:
+    if not ours_loaded and _being_imported(_OUR_CONFIG):
+        return  # transformers' Auto module loaded from inside ours: registered once ours has loaded
     from transformers import AutoConfig
 
     from .model.configuration_midus import MidusConfig
@@ -31,14 +41,19 @@ def _register_config() -> None:
     AutoConfig.register("midus", MidusConfig, exist_ok=True)
 
 
-def _register_model() -> None:
-    from transformers import AutoModelForCausalLM
+def _register_model(ours_loaded: bool = False) -> None:
+    if not ours_loaded and (_being_imported(_OUR_CONFIG) or _being_imported(_OUR_MODEL)):
+        return  # as above
+    import transformers
 
+    from .model import modeling_midus
     from .model.configuration_midus import MidusConfig
-    from .model.modeling_midus import MidusForCausalLM
+    from .model.midus_names import AUTO_MAP
 
-    _register_config()
-    AutoModelForCausalLM.register(MidusConfig, MidusForCausalLM, exist_ok=True)
+    _register_config(ours_loaded)
+    for auto_class, reference in AUTO_MAP.items():  # the causal LM and every task head
+        if auto_class != "AutoConfig":
+            getattr(transformers, auto_class).register(MidusConfig, getattr(modeling_midus, reference.split(".")[1]), exist_ok=True)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
@@ -83,3 +98,7 @@ def _register_after_import(name: str, callback: Callable[[], None]) -> None:
 
 _register_after_import(_AUTO_CONFIG, _register_config)
 _register_after_import(_AUTO_MODEL, _register_model)
+# Whoever imports our modeling files first (before any Auto class) registers them when they have
+# loaded (the callback runs at the end of their execution, while they are still marked initialising).
+_register_after_import(_OUR_CONFIG, lambda: _AUTO_CONFIG in sys.modules and _register_config(ours_loaded=True))
+_register_after_import(_OUR_MODEL, lambda: _AUTO_MODEL in sys.modules and _register_model(ours_loaded=True))

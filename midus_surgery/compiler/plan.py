@@ -22,7 +22,7 @@ from pathlib import Path
 
 from midus_surgery.compiler.layout import LayerSpec, expand_layout
 from midus_surgery.errors import MidusError, RecipeError, one_line
-from midus_surgery.model.midus_names import HML_MODULE, SHARED_BANK
+from midus_surgery.model.midus_names import HML_MODULE, PLAN_FILE, SHARED_BANK
 from midus_surgery.recipe.anatomy_spec import Anatomy, StackAnatomy, index_ranges
 from midus_surgery.recipe.schema import LoadedRecipe, MemorySettings
 
@@ -113,7 +113,6 @@ class Plan:
 # midus_plan.json: written by the emitter (``Plan.to_json`` without tensors, plus where the base
 # was and whether its code was trusted), read by `train` (freeze: base), `verify` and the tools.
 
-PLAN_FILE = "midus_plan.json"
 PLAN_MIDUS_KEYS = ("hml", "share_bank")  # what the plan's `midus` section holds: the rest is elsewhere in the plan
 
 

@@ -26,7 +26,7 @@ from midus_surgery.io.output_dir import atomic_directory, check_output_dir
 from midus_surgery.io.shard_writer import ShardItem, write_shard
 from midus_surgery.io.tensor_source import check_matches_config, inside_base, open_base_tensors
 from midus_surgery.model import copy_modeling_files
-from midus_surgery.model.midus_names import HML_MODULE, SHARED_BANK
+from midus_surgery.model.midus_names import AUTO_MAP, HML_MODULE, SHARED_BANK
 
 # torch and tqdm are imported where tensors are materialised or a progress bar is drawn: a
 # copy-only `apply` whose plan came from the safetensors headers never imports torch.
@@ -123,7 +123,7 @@ def emitted_config(plan: Plan, dtype: str) -> dict:
     return {
         "model_type": "midus",
         "architectures": ["MidusForCausalLM"],
-        "auto_map": {"AutoConfig": "configuration_midus.MidusConfig", "AutoModelForCausalLM": "modeling_midus.MidusForCausalLM"},
+        "auto_map": dict(AUTO_MAP),
         "base_model_type": base_type,
         "midus": plan.midus,
         **config,

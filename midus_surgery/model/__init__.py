@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-MODELING_FILES = ("configuration_midus.py", "modeling_midus.py", "hml.py", "midus_names.py")
+from .midus_names import MODELING_FILES
 
 
 def copy_modeling_files(dest: Path) -> None:

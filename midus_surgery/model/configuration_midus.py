@@ -14,6 +14,8 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from .midus_names import AUTO_MAP, TASK_CLASSES
+
 
 class MidusConfig(PretrainedConfig):
     model_type = "midus"
@@ -44,5 +46,24 @@ class MidusConfig(PretrainedConfig):
     def to_dict(self) -> dict:
         data = super().to_dict()
         data.pop("_base_snapshot", None)
-        data["architectures"] = ["MidusForCausalLM"]
+        # save_pretrained names the instance's class (MidusLlamaForCausalLM, built at run time) and,
+        # with trust_remote_code, points auto_map at it: write the public classes this file's
+        # modeling_midus.py defines by name, so the directory loads again anywhere.
+        named = [split_runtime_name(a) for a in data.get("architectures") or []]
+        data["architectures"] = [n[0] if n else a for n, a in zip(named, data.get("architectures") or [])] or ["MidusForCausalLM"]
+        data["auto_map"] = dict(AUTO_MAP)
         return data
+
+
+def split_runtime_name(name: str) -> tuple[str, str] | None:
+    """(public MIDUS class, base class) of a runtime class name (MidusLlamaForCausalLM ->
+    (MidusForCausalLM, LlamaForCausalLM)); None for any other name."""
+    from transformers.models.auto import modeling_auto
+
+    base = name.removeprefix("Midus")
+    if base == name or name in TASK_CLASSES:
+        return None
+    for public, (_, table) in TASK_CLASSES.items():
+        if base in getattr(modeling_auto, table).values():
+            return public, base
+    return None

@@ -793,6 +793,14 @@ class HeadwiseMemory(nn.Module):
         for f64 in (False, True):
             self.backend("cuda", torch.float64 if f64 else torch.float32)
 
+    def __setstate__(self, state: dict) -> None:
+        # A copy (pickle, deepcopy) asks resolve_backend again: the answers held for the process
+        # that gave them (the CPU kernels it built and loaded), not for the one unpickling.
+        super().__setstate__(state)
+        self._backends = {}
+        for f64 in (False, True):
+            self.backend("cuda", torch.float64 if f64 else torch.float32)
+
     @property
     def kernels(self) -> str:
         """What this layer was told to run on (one of KERNELS), see HMLConfig.kernels."""

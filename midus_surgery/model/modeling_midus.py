@@ -15,21 +15,33 @@ class keep working unchanged:
 With ``query_source: hidden`` (the generic variant) the attention keeps its output projection
 and the readout queries the memory with the FFN branch's input instead.
 
+The tap and the FFN identities have no parameters and are registered under ``midus_<name>``
+(``self_attn.midus_o_proj``) while the layer still calls them by their own name: LoRA target
+lists naming the usual projections (``o_proj``, ``fc1``) then skip them instead of failing on a
+module that is not a linear layer.
+
 ``MidusForCausalLM(config)`` returns an instance of a subclass of both ``MidusForCausalLM`` and
-the base causal LM class (e.g. ``LlamaForCausalLM``), created once per base architecture, so
-the model *is* a LlamaForCausalLM to every tool that checks.
+the base causal LM class (e.g. ``LlamaForCausalLM``), created once per base class, so the model
+*is* a LlamaForCausalLM to every tool that checks. The same holds for the task heads
+transformers has for the base (``MidusForSequenceClassification``...). Those runtime classes are
+attributes of this module by name (built on first lookup), so pickle and ``auto_map`` find them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import shutil
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto import modeling_auto
 
-from .configuration_midus import MidusConfig
+from .configuration_midus import MidusConfig, split_runtime_name
 from .hml import HeadwiseMemory, HMLConfig, LatentBank
-from .midus_names import SHARED_BANK
+from .midus_names import MODELING_FILES, PLAN_FILE, SHARED_BANK, STAND_IN_PREFIX, TASK_CLASSES, is_memory_parameter
 
 
 class AttentionTap(nn.Module):
@@ -88,12 +100,25 @@ def _out_features(module: nn.Module) -> int:
     raise ValueError(f"cannot tell the output width of {type(module).__name__}")
 
 
-def _swap(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
+def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    old = getattr(parent, name)
+    return (root.get_submodule(parent_path) if parent_path else root), name
+
+
+def _swap(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, name = _parent(root, path)
     setattr(parent, name, new)
-    return old
+
+
+def _stand_in(root: nn.Module, path: str, new: nn.Module) -> None:
+    """Put a parameterless ``new`` where ``path`` was: the parent still calls it by its name
+    (an instance attribute, found before nn.Module's own lookup), but it is registered as
+    ``midus_<name>``, so name-matching tools (PEFT target lists) do not take it for the module it
+    replaces. ``get_submodule(path)`` still finds it."""
+    parent, name = _parent(root, path)
+    del parent._modules[name]
+    parent.add_module(STAND_IN_PREFIX + name, new)
+    object.__setattr__(parent, name, new)
 
 
 def attention_shape(config) -> tuple[int, int]:
@@ -126,32 +151,62 @@ def install_memory_blocks(model: nn.Module, config) -> None:
         model.add_module(SHARED_BANK, bank)
     for index in midus["memory_layers"]:
         anatomy, heads, head_dim = blocks[index]
-        layer = model.get_submodule(anatomy["layers_path"])[index]
+        try:
+            layer = model.get_submodule(anatomy["layers_path"])[index]
+        except AttributeError:
+            raise ValueError(f"{type(model).__name__} keeps its decoder layers elsewhere than the causal LM's {anatomy['layers_path']} "
+                             f"(its body is {getattr(model, 'base_model_prefix', '?')!r}): a MIDUS model's weights cannot load into it") from None
         hml = HeadwiseMemory(heads, head_dim, config.hidden_size, hml_config, bank=bank)
         tap = None
         if hml_config.query_source == "heads":
             tap = AttentionTap(_out_features(layer.get_submodule(anatomy["attn_out_proj"])))
-            _swap(layer, anatomy["attn_out_proj"], tap)
+            _stand_in(layer, anatomy["attn_out_proj"], tap)
         _swap(layer, anatomy["ffn"][-1], MemoryReadout(hml, tap, heads, head_dim, anatomy.get("ffn_tuple")))
         for path in list(anatomy["ffn"][:-1]) + list(anatomy["ffn_norms"]):
-            _swap(layer, path, nn.Identity())
+            _stand_in(layer, path, nn.Identity())
 
 
-_CLASSES: dict[str, type] = {}
+# ------------------------------------------------------------------------------------------------
+# The classes: one public class per task, one runtime subclass per (task, base class)
+
+_RUNTIME: dict[str, type] = {}  # runtime class name -> class
 
 
-def midus_class_for(base_model_type: str) -> type:
-    """The subclass of (MidusForCausalLM, <base causal LM class>) for one base architecture."""
-    if base_model_type not in _CLASSES:
+def _task_table(public: str) -> dict[str, str]:
+    """transformers' model type -> class name for the task of the public MIDUS class ``public``."""
+    return getattr(modeling_auto, TASK_CLASSES[public][1])
+
+
+def _runtime_class(public: type, base_name: str) -> type:
+    """The subclass of (``public``, the transformers class ``base_name``), e.g. MidusLlamaForCausalLM."""
+    name = f"Midus{base_name}"
+    if name not in _RUNTIME:
         import transformers
 
-        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(base_model_type)
-        if name is None:
-            raise ValueError(f"transformers has no causal LM class for model type {base_model_type!r}")
-        base_cls = getattr(transformers, name)
-        body = {"__module__": __name__, **_kernel_checks_of(base_cls)}
-        _CLASSES[base_model_type] = type(f"Midus{name}", (MidusForCausalLM, base_cls), body)
-    return _CLASSES[base_model_type]
+        base_cls = getattr(transformers, base_name)
+        body = {"__module__": __name__, "__qualname__": name, "_midus_base": base_cls, **_kernel_checks_of(base_cls)}
+        _RUNTIME[name] = type(name, (public, base_cls), body)
+    return _RUNTIME[name]
+
+
+def midus_class_for(base_model_type: str, public: str = "MidusForCausalLM") -> type:
+    """The runtime class of the public MIDUS class ``public`` for one base architecture; a
+    one-line ValueError naming the heads that exist when transformers has none for this task."""
+    base_name = _task_table(public).get(base_model_type)
+    if base_name is None:
+        have = [task for cls, (task, _) in TASK_CLASSES.items() if _task_table(cls).get(base_model_type)]
+        raise ValueError(f"transformers has no {TASK_CLASSES[public][0]} class for {base_model_type!r}: "
+                         f"a MIDUS model of it loads as {', '.join(have) or 'nothing'}")
+    return _runtime_class(globals()[public], base_name)
+
+
+def __getattr__(name: str) -> type:
+    """Runtime classes by name (PEP 562): ``modeling_midus.MidusLlamaForCausalLM`` is found by
+    pickle, by ``auto_map`` entries older saves wrote, and by ``getattr`` on a fresh import."""
+    split = split_runtime_name(name)
+    if split is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _runtime_class(globals()[split[0]], split[1])
 
 
 def _kernel_checks_of(base_cls: type) -> dict:
@@ -165,21 +220,52 @@ def _kernel_checks_of(base_cls: type) -> dict:
     return {name: classmethod(lambda cls, name=name: getattr(base_cls, name)()) for name in names if hasattr(base_cls, name)}
 
 
-class MidusForCausalLM(PreTrainedModel):
-    """A base causal LM up-scaled with MIDUS Memory blocks. See the module docstring."""
+@contextlib.contextmanager
+def _body_class_for(config):
+    """transformers' generic task heads build their body with ``AutoModel.from_config(config)``,
+    which knows no MIDUS config: while a MIDUS model is built, AutoModel resolves this config's
+    class to the base's own body class (LlamaModel). The entry is removed afterwards, so that
+    ``AutoModel.from_pretrained`` never builds a body without its Memory blocks."""
+    import transformers
+    from transformers import AutoModel
+
+    body_name = modeling_auto.MODEL_MAPPING_NAMES.get(config.base_model_type)
+    extra = AutoModel._model_mapping._extra_content
+    key = type(config)
+    if body_name is None or key in extra:
+        yield
+        return
+    extra[key] = getattr(transformers, body_name)
+    try:
+        yield
+    finally:
+        extra.pop(key, None)
+
+
+class MidusPreTrainedModel(PreTrainedModel):
+    """What every MIDUS class adds to its base class: Memory blocks, their initialisation, a
+    strict load, and a save that carries the modeling files and the plan. See the module docstring."""
 
     config_class = MidusConfig
+    _midus_base: type  # the transformers class a runtime class extends (LlamaForCausalLM)
+    _midus_plan: str | None = None  # midus_plan.json's text, when loaded from a directory that has one
 
-    def __new__(cls, config, *args, **kwargs):
-        if cls is MidusForCausalLM:
-            cls = midus_class_for(config.base_model_type)
+    def __new__(cls, *args, **kwargs):
+        # copy.deepcopy and pickle call cls.__new__(cls) with no arguments, on the runtime class
+        if cls.__name__ in TASK_CLASSES:
+            config = args[0] if args else kwargs["config"]
+            cls = midus_class_for(config.base_model_type, cls.__name__)
         return super().__new__(cls)
 
     def __init__(self, config: MidusConfig, *args, **kwargs):
-        base_cls = type(self).__mro__[type(self).__mro__.index(MidusForCausalLM) + 1]
-        base_cls.__init__(self, config, *args, **kwargs)
+        with _body_class_for(config):
+            self._midus_base.__init__(self, config, *args, **kwargs)
         install_memory_blocks(self, config)
         self.reset_memory_parameters(seed=0)
+
+    @classmethod
+    def _public_class(cls) -> type:
+        return next(c for c in cls.__mro__ if c.__name__ in TASK_CLASSES)
 
     def reset_memory_parameters(self, seed: int = 0) -> None:
         """Initialise every memory tensor deterministically (from ``seed`` and its own name)."""
@@ -194,7 +280,7 @@ class MidusForCausalLM(PreTrainedModel):
 
     @classmethod
     def _base_dispatch(cls, config) -> type:
-        return midus_class_for(config.base_model_type) if cls is MidusForCausalLM else cls
+        return midus_class_for(config.base_model_type, cls.__name__) if cls.__name__ in TASK_CLASSES else cls
 
     @classmethod
     def _from_config(cls, config, **kwargs):
@@ -214,18 +300,60 @@ class MidusForCausalLM(PreTrainedModel):
             return target.from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, config=config, output_loading_info=True, **kwargs)
-        missing, unexpected = sorted(info.get("missing_keys", [])), sorted(info.get("unexpected_keys", []))
+        missing, unexpected = cls._not_loaded(info.get("missing_keys", [])), cls._not_loaded(info.get("unexpected_keys", []))
         if missing or unexpected:
             # Never run with silently re-initialised weights.
             raise ValueError(
                 f"{pretrained_model_name_or_path}: the checkpoint does not match the MIDUS architecture "
                 f"(missing {len(missing)}: {missing[:5]}; unexpected {len(unexpected)}: {unexpected[:5]})"
             )
+        plan = Path(pretrained_model_name_or_path) / PLAN_FILE  # local directories only: nothing is downloaded for it
+        if plan.is_file():
+            model._midus_plan = plan.read_text()
         return (model, info) if want_info else model
+
+    @classmethod
+    def _not_loaded(cls, names) -> list[str]:
+        """The names of a load's missing or unexpected weights that make it wrong. A task head
+        loaded from a causal LM starts its own head fresh and drops the LM head, as transformers
+        does for any base; the memory and the shared body must load whole."""
+        names = sorted(names)
+        if cls._public_class() is MidusForCausalLM:
+            return names
+        body = cls.base_model_prefix + "."
+        return [n for n in names if n.startswith(body) or is_memory_parameter(n)]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save, plus what a MIDUS directory needs to load again in a fresh process
+        without midus-surgery: the modeling files and the plan (config.json names the public
+        classes: MidusConfig.to_dict)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True) or getattr(self, "_hf_peft_config_loaded", False):
+            return  # another rank writes; or an adapter-only save (PEFT's format): no model directory
+        here, dest = Path(__file__).resolve().parent, Path(save_directory)
+        for name in MODELING_FILES:
+            if not (dest / name).exists() or not (dest / name).samefile(here / name):
+                shutil.copyfile(here / name, dest / name)
+        if self._midus_plan is not None:
+            (dest / PLAN_FILE).write_text(self._midus_plan)
+
+
+class MidusForCausalLM(MidusPreTrainedModel):
+    """A base causal LM up-scaled with MIDUS Memory blocks. See the module docstring."""
+
+
+class MidusForSequenceClassification(MidusPreTrainedModel):
+    """The base architecture's sequence-classification head over a MIDUS body."""
+
+
+class MidusForTokenClassification(MidusPreTrainedModel):
+    """The base architecture's token-classification head over a MIDUS body."""
+
+
+class MidusForQuestionAnswering(MidusPreTrainedModel):
+    """The base architecture's extractive question-answering head over a MIDUS body."""
 
 
 def _name_seed(seed: int, name: str) -> int:
-    import hashlib
-
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
