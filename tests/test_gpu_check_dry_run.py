@@ -37,6 +37,7 @@ def test_gpu_check_dry_run_passes_every_check_and_times_every_variant():
     assert [line.split(" (")[0] for line in triton_lines] == [
         "[triton] selection alone 1x16", "[triton] bag dw alone 1x16 float32", "[triton] bag dw alone 1x16 bfloat16",
         "[triton] layer fwd+bwd 1x16 float32", "[triton] layer fwd+bwd 1x16 bfloat16"]
+    assert any(line.startswith("[ok]") and "FSDP2 over 2 CPU processes (gloo) == one process" in line for line in checks)  # section 9
     assert all("triton/torch" in line for line in triton_lines[:3]) and "triton square " in triton_lines[3] and "torch path " in triton_lines[3]
     assert out.rstrip().endswith("OK")
 
@@ -44,5 +45,5 @@ def test_gpu_check_dry_run_passes_every_check_and_times_every_variant():
 def test_gpu_check_skip_takes_only_the_timing_sections():
     proc = subprocess.run([sys.executable, "tools/gpu_check_hml.py", "--dry-run", "--skip", "5"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "only sections 6, 7 and 8 can be left out" in proc.stderr
+    assert proc.returncode == 2 and "only sections 6, 7, 8 and 9 can be left out" in proc.stderr
     assert "Traceback" not in proc.stderr

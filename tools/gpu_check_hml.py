@@ -12,8 +12,10 @@ methods, torch.compile) and a profile of one step, (8) the Triton kernels (top-k
 gradient, the CUDA default): the same selection, the same layer outputs and gradients (to float32
 rounding), one graph compiled, their time against the pure-torch path's (MIDUS_HML_KERNELS=torch),
 and a profile of one step on them.
+(9) `train` under `accelerate launch` with an FSDP2 config on every GPU (two or more; one GPU has
+nothing to shard) ends with the weights of a one-process run on the same batches.
 Sections 1-5 run on the CUDA default path.
-``--skip 6,7`` leaves out timing sections (6, 7 or 8) when device time is short; 1-5 always run.
+``--skip 6,7`` leaves out timing sections (6, 7 or 8) or the FSDP run (9) when device time is short; 1-5 always run.
 Prints one line per check and a final OK / FAILED; exit status 1 on failure.
 """
 
@@ -29,6 +31,7 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 
 def main() -> int:
@@ -37,14 +40,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="CUDA checks and timings of the Head-wise Memory Layer")
     ap.add_argument("--dry-run", action="store_true", help="run the same checks on the CPU (Triton through its interpreter)")
     ap.add_argument("--skip", default="", help="comma-separated sections to leave out, of 6 (HML vs FFN times), "
-                    "7 (the default path's variants and profile), 8 (the Triton kernels)")
+                    "7 (the default path's variants and profile), 8 (the Triton kernels), 9 (FSDP)")
     args = ap.parse_args()
     try:
         skip = {int(v) for v in args.skip.split(",") if v.strip()}
     except ValueError:
         ap.error(f"--skip takes section numbers, got {args.skip!r}")
-    if not skip <= {6, 7, 8}:
-        ap.error(f"--skip: only sections 6, 7 and 8 can be left out, got {sorted(skip)}")
+    if not skip <= {6, 7, 8, 9}:
+        ap.error(f"--skip: only sections 6, 7, 8 and 9 can be left out, got {sorted(skip)}")
     dry_run = args.dry_run
     if not dry_run and not torch.cuda.is_available():
         print("gpu_check_hml: no CUDA device available; nothing to check (exit 0).")
@@ -167,9 +170,56 @@ def main() -> int:
         time_variants(dev, sync, card, dry_run)
     if 8 not in skip:
         check_triton(dev, sync, card, dry_run, check)
+    if 9 not in skip:
+        check_fsdp(dry_run, check)
 
     print("OK" if not failures else f"FAILED: {failures}")
     return 1 if failures else 0
+
+
+def check_fsdp(dry_run: bool, check) -> None:
+    """9. `accelerate launch` with an FSDP2 config over every GPU (the dry run: 2 CPU processes over
+    gloo) trains a tiny MIDUS model to the weights one process reaches on the same batches."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from ecosystem_check import make_models
+    from safetensors.torch import load_file
+    from train_fixtures.tiny import write_config, write_corpus
+
+    procs = 2 if dry_run else torch.cuda.device_count()
+    if procs < 2:
+        print(f"[skip] FSDP: {procs} GPU, nothing to shard (needs two or more)")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model = make_models(root)["shared"]
+        write_corpus(root / "corpus", files=2, sentences_per_file=60)
+        extra = {"eval.at_start": False, "memory.lr": 1e-2, "precision": "fp32"}
+        configs = {name: write_config(root / f"{name}.yaml", model, root / name, root / "corpus", root / "cache", tokens=16 * 8 * 4,
+                                      micro_batch_size=mbs, **extra) for name, mbs in (("fsdp", 16 // procs), ("single", 16))}
+        (root / "fsdp_config.yaml").write_text(
+            f"distributed_type: FSDP\nnum_machines: 1\nnum_processes: {procs}\nuse_cpu: {str(dry_run).lower()}\n"
+            "fsdp_config:\n  fsdp_version: 2\n  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n"
+            "  fsdp_state_dict_type: SHARDED_STATE_DICT\n  fsdp_cpu_ram_efficient_loading: false\n")
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(root / "fsdp_config.yaml"),
+                  "--main_process_port", "29551", "-m", "midus_surgery.cli", "train", str(configs["fsdp"]), "--quiet"]
+        sharded = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+        single = subprocess.run([sys.executable, "-m", "midus_surgery.cli", "train", str(configs["single"]), "--quiet"],
+                                env=env, capture_output=True, text=True, timeout=600)
+        ran = sharded.returncode == 0 and single.returncode == 0 and "FSDP (" in sharded.stdout
+        if not ran:
+            print((sharded.stdout + sharded.stderr)[-2000:], (single.stdout + single.stderr)[-1000:])
+        same = ran and _same_weights(load_file, root / "fsdp" / "final", root / "single" / "final")
+        check(f"FSDP2 over {procs} {'CPU processes (gloo)' if dry_run else 'GPUs'} == one process (weights, shared bank)", bool(same))
+
+
+def _same_weights(load_file, a_dir, b_dir) -> bool:
+    a = {k: v for f in sorted(a_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
+    b = {k: v for f in sorted(b_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
 
 
 def time_ms(fn, sync, dry_run: bool) -> float:

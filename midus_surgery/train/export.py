@@ -38,6 +38,10 @@ def export_model(acc, model, out: Path, *, run_dir: Path, init_from: Path, dtype
     state_dict = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
     if acc.is_main_process:
         raw = acc.unwrap_model(model)
+        # A gathered (FSDP) state dict holds a tied weight under each of its names, as separate
+        # tensors that save_pretrained cannot tell are one: keep the name a plain save keeps.
+        every = {n for n, _ in raw.named_parameters(remove_duplicate=False)}
+        state_dict = {k: v for k, v in state_dict.items() if k not in every - {n for n, _ in raw.named_parameters()}}
         state_dict = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
         with atomic_directory(out, kind=EXPORT_KIND, owner=str(run_dir), report=report) as tmp:
             # the config says the export's dtype and, for generation, that the KV cache is on again

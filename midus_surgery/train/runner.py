@@ -38,6 +38,7 @@ from midus_surgery.compiler.plan import read_plan_file
 from midus_surgery.errors import RecipeError, TrainingError
 from midus_surgery.io.output_dir import OutputError, check_cache_location, check_output_dir, input_root, read_marker, write_marker
 from midus_surgery.train import data as D
+from midus_surgery.train import sharding
 from midus_surgery.train.checkpoint import (
     STATE_FILE,
     NoWholeCheckpoint,
@@ -201,10 +202,12 @@ class Runner:
         if precision == "auto":
             precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
         self.precision = precision
+        cpu_fsdp_note = sharding.before_accelerator(on_cpu)
         # cpu=True also makes several CPU processes (torchrun / accelerate launch --multi_gpu) use DDP over gloo.
         self.acc = Accelerator(cpu=on_cpu, mixed_precision="bf16" if precision == "bf16" else "no",
                                dynamo_backend="inductor" if cfg.compile else "no")
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.sharding_note = cpu_fsdp_note or sharding.after_accelerator(self.acc)
         self.fsdp = self.acc.distributed_type.name == "FSDP"
 
         self.run_dir = loaded.resolve(cfg.run_dir).resolve()
@@ -331,9 +334,9 @@ class Runner:
         self.warmup_steps = int(o.warmup) if o.warmup >= 1 else int(round(o.warmup * self.total_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lr_lambda(o, self.total_steps, self.warmup_steps, s) for s in shapes])
         # max norm 0 (clipping off) is an infinite max norm: the norm is still measured and checked
-        self.clip_groups = [(key, params, clip if clip > 0 else float("inf")) for key, params, clip in (
-            ("grad_norm", [p for g in (self.groups.decay, self.groups.no_decay) for _, p in g], o.grad_clip),
-            ("memory_grad_norm", [p for _, p in self.groups.memory], m.grad_clip)) if params]
+        clip_names = [(key, names, clip if clip > 0 else float("inf")) for key, names, clip in (
+            ("grad_norm", [n for g in (self.groups.decay, self.groups.no_decay) for n, _ in g], o.grad_clip),
+            ("memory_grad_norm", [n for n, _ in self.groups.memory], m.grad_clip)) if names]
         if self.is_midus:
             from midus_surgery.model.hml import prepare_kernels
 
@@ -342,6 +345,10 @@ class Runner:
             self.memory_backend = prepare_kernels(self.model, self.acc.device)
         self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
         self.raw = self.acc.unwrap_model(self.model)
+        # by name, after prepare: FSDP2 replaces every parameter with its sharded self (and a
+        # compiled model's names carry torch.compile's `_orig_mod.`)
+        current = {n.replace("_orig_mod.", ""): p for n, p in self.raw.named_parameters(remove_duplicate=False)}
+        self.clip_groups = [(key, [current[n] for n in names], clip) for key, names, clip in clip_names]
 
     # ---------------------------------------------------------------- one optimiser step
     def train_step(self) -> StepNumbers:
@@ -530,6 +537,8 @@ class Runner:
         mode = "single process" if self.world == 1 else f"{acc.distributed_type.name} ({acc.state.backend})"
         adamw = "fused" if self.adamw_options.get("fused") else {True: "foreach", False: "for-loop"}.get(self.adamw_options.get("foreach"), "torch's default")
         self.say(f"precision {self.precision}, {mode} on {acc.device} x {self.world}, AdamW {adamw}, warmup {self.warmup_steps} steps, {cfg.optim.schedule} decay")
+        if self.sharding_note:
+            self.say(self.sharding_note)
         if self.is_midus:
             from midus_surgery.model.hml import backend_words
 

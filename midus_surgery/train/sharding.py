@@ -1,0 +1,60 @@
+"""FSDP where accelerate would not shard.
+
+On a machine without an accelerator, accelerate turns an FSDP config (``accelerate launch
+--config_file fsdp.yaml``, which sets ``ACCELERATE_USE_FSDP`` and the ``FSDP_*`` variables) into
+DDP without a word (every process then holds the whole model), or fails building the FSDP
+plugin (``sync_module_states`` wants an accelerator). torch's FSDP2 (``fully_shard``) runs on CPU
+over gloo, so for an FSDP2 config the run switches accelerate to it itself, with the plugin
+accelerate builds from the same variables; an FSDP1 config runs as DDP. Either way one line says so.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _asked_for_fsdp() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def _fsdp_version() -> str:
+    return os.environ.get("FSDP_VERSION", "1")  # accelerate's default
+
+
+def before_accelerator(on_cpu: bool) -> str | None:
+    """Settle an FSDP config on CPU before accelerate reads it; the line to print, or None.
+
+    FSDP1 cannot shard here: the config is set aside (the run is DDP). FSDP2's
+    ``sync_module_states`` is turned off: every process loads the same weights from disk, so
+    there is nothing to broadcast, and accelerate refuses it without an accelerator."""
+    if not (on_cpu and _asked_for_fsdp()):
+        return None
+    if _fsdp_version() != "2":
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
+        return (f"fsdp: accelerate cannot shard with FSDP{_fsdp_version()} on CPU, so this run is DDP "
+                "(every process holds the whole model); fsdp_version: 2 shards on CPU")
+    if os.environ.get("FSDP_SYNC_MODULE_STATES", "false").lower() == "true":
+        os.environ["FSDP_SYNC_MODULE_STATES"] = "false"
+    return None
+
+
+def after_accelerator(acc) -> str | None:
+    """Switch a CPU run under an FSDP2 config from accelerate's silent DDP to FSDP2; the line to
+    print, or None when there is nothing to say (no FSDP config, or accelerate already shards)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if not _asked_for_fsdp() or acc.distributed_type == DistributedType.FSDP:
+        return None
+    if acc.num_processes == 1:
+        return "fsdp: one process, nothing to shard: the run is a single process"
+    plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* variables, as accelerate would
+    if acc.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.mixed_precision)
+    # accelerate decides the distributed type once, in the shared process states it and its FSDP
+    # helpers read (PartialState and AcceleratorState each keep a copy): set both.
+    PartialState().distributed_type = DistributedType.FSDP
+    acc.state.distributed_type = DistributedType.FSDP
+    acc.state.fsdp_plugin = plugin
+    return (f"fsdp: accelerate runs FSDP configs as DDP on {acc.device.type}; this run shards with torch's FSDP2 "
+            f"over {acc.state.backend} itself (the same plugin settings)")

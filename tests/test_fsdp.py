@@ -1,0 +1,142 @@
+"""FSDP for real on CPU (issue 26): `train` launched with an accelerate FSDP config.
+
+accelerate alone would run an FSDP config as DDP on CPU without a word. The runner shards with
+torch's FSDP2 over gloo itself for an FSDP2 config, and says in one line that an FSDP1 config runs
+as DDP. Two processes under FSDP2 must end with the weights one process ends with on the same
+batches (own and shared latent bank), and a run resumed from a sharded checkpoint likewise. A
+sharded checkpoint's DCP metadata (a pickle torch reads with plain pickle.load) is checked first.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from train_fixtures.tiny import make_model_dir, state_of, write_config, write_corpus
+
+from midus_surgery.errors import TrainingError
+from midus_surgery.train.checkpoint import complete_checkpoints, dcp_metadata_problem
+from midus_surgery.train.config import load_train_config
+from midus_surgery.train.runner import train
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+num_processes: 2
+use_cpu: true
+fsdp_config:
+  fsdp_version: {version}
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+  fsdp_reshard_after_forward: true
+  fsdp_sync_module_states: true
+  fsdp_cpu_ram_efficient_loading: false
+"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from midus_surgery.compiler.planner import plan_recipe
+    from midus_surgery.emit.emitter import emit
+
+    root = tmp_path_factory.mktemp("fsdp")
+    write_corpus(root / "corpus", files=2, sentences_per_file=60)
+    base = make_model_dir(root / "base", with_plan=False)
+    models = {}
+    for bank in ("own", "shared"):
+        recipe = root / f"{bank}.yaml"
+        recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after_every: 2\n    kind: memory\n"
+                          f"memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n  share_bank: {str(bank == 'shared').lower()}\n"
+                          f"output:\n  dir: {bank}-out\n  dtype: float32\n")
+        models[bank] = emit(plan_recipe(recipe), progress=False).out_dir
+    for version in (1, 2):
+        (root / f"fsdp{version}.yaml").write_text(FSDP_CONFIG.format(version=version))
+    return {"root": root, **models}
+
+
+def run_config(world, tmp_path, bank: str, name: str, micro_batch_size: int, **extra) -> Path:
+    root = world["root"]
+    return write_config(tmp_path / f"{name}.yaml", world[bank], tmp_path / name, root / "corpus", root / "cache",
+                        tokens=16 * 8 * 4, micro_batch_size=micro_batch_size, **{"eval.at_start": False, "memory.lr": 1e-2, **extra})
+
+
+def launch(world, version: int, cfg: Path, port: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(world["root"] / f"fsdp{version}.yaml"),
+           "--main_process_port", str(port), "-m", "midus_surgery.cli", "train", str(cfg), "--quiet"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_same_weights(a_dir: Path, b_dir: Path) -> None:
+    a, b = state_of(a_dir), state_of(b_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("bank", ["own", "shared"])
+def test_fsdp2_on_two_cpu_processes_ends_with_the_single_process_weights(world, tmp_path, bank):
+    fsdp = run_config(world, tmp_path, bank, "fsdp", 4, **{"checkpoint.every": 2})
+    proc = launch(world, 2, fsdp, 29541 if bank == "own" else 29542)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FSDP (gloo) on cpu:0 x 2" in proc.stdout
+    assert "this run shards with torch's FSDP2 over gloo" in proc.stdout
+    ckpt = complete_checkpoints(tmp_path / "fsdp" / "checkpoints")[-1][1]
+    assert list(ckpt.glob("pytorch_model_fsdp_0/*.distcp")), "the checkpoint is not sharded"
+    train(load_train_config(run_config(world, tmp_path, bank, "single", 8)))  # the same blocks per step, one process
+    assert_same_weights(tmp_path / "single" / "final", tmp_path / "fsdp" / "final")
+
+    if bank == "shared":  # resumed from the step-2 sharded checkpoint, the run ends the same
+        resumed = shutil.copytree(tmp_path / "fsdp", tmp_path / "resumed")
+        shutil.rmtree(resumed / "final")
+        shutil.rmtree(resumed / "checkpoints" / "step-00000004")
+        cfg = run_config(world, tmp_path, bank, "resumed", 4, **{"checkpoint.every": 2, "resume": "auto"})
+        proc = launch(world, 2, cfg, 29543)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "resuming from" in proc.stdout and "(step 2)" in proc.stdout
+        assert_same_weights(tmp_path / "fsdp" / "final", resumed / "final")
+
+
+def test_an_fsdp1_config_on_cpu_says_it_runs_as_ddp(world, tmp_path):
+    """accelerate would fail building the plugin (sync_module_states wants an accelerator) or run DDP silently."""
+    proc = launch(world, 1, run_config(world, tmp_path, "own", "fsdp1", 4), 29544)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MULTI_CPU (gloo) on cpu:0 x 2" in proc.stdout
+    assert "fsdp: accelerate cannot shard with FSDP1 on CPU, so this run is DDP" in proc.stdout
+
+
+class Planted:
+    def __reduce__(self):
+        return (os.system, ("echo planted",))
+
+
+def test_a_planted_pickle_in_sharded_metadata_is_refused_before_torch_reads_it(world, tmp_path):
+    run = tmp_path / "planted"
+    cfg = run_config(world, tmp_path, "own", "planted", 8, **{"checkpoint.every": 2})
+    train(load_train_config(cfg))
+    # a sharded checkpoint's layout, with the metadata replaced by a pickle that would run a command
+    ckpt = complete_checkpoints(run / "checkpoints")[0][1]
+    (ckpt / "pytorch_model_fsdp_0").mkdir()
+    (ckpt / "pytorch_model_fsdp_0" / ".metadata").write_bytes(pickle.dumps(Planted()))
+    assert "posix.system" in dcp_metadata_problem(ckpt / "pytorch_model_fsdp_0" / ".metadata")
+    from midus_surgery.train.checkpoint import load_checkpoint
+
+    with pytest.raises(TrainingError, match=r"pytorch_model_fsdp_0/\.metadata: .*could run code"):
+        load_checkpoint(ckpt, acc=None, optimizer=None, scheduler=None, adamw_options={}, data_identity=read_data_identity(ckpt))
+
+
+def read_data_identity(ckpt: Path) -> dict:
+    from midus_surgery.train.checkpoint import read_checkpoint_state
+
+    return read_checkpoint_state(ckpt).get("data", {})
