@@ -199,18 +199,71 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from midus_surgery.downstream.harness import TaskError
+
+    if (args.data is None) == (args.tasks is None):
+        raise TaskError("eval: give --data (held-out perplexity) or --tasks (lm-evaluation-harness tasks), one of the two")
+    if args.tasks is not None:
+        return _eval_tasks(args)
     from midus_surgery.train.evaluate import run_eval
 
-    result = run_eval(args.model, args.data, block_size=args.block_size, per_document=args.per_document,
-                      batch_size=args.batch_size, max_blocks=args.max_blocks, dtype=args.dtype, text_field=args.text_field,
-                      cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code,
-                      progress=not (args.quiet or args.json), threads=args.threads, device=args.device)
+    results = []
+    for model in args.model:
+        result = run_eval(model, args.data, block_size=args.block_size, per_document=args.per_document,
+                          batch_size=args.batch_size, max_blocks=args.max_blocks, dtype=args.dtype, text_field=args.text_field,
+                          cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code,
+                          progress=not (args.quiet or args.json), threads=args.threads, device=args.device)
+        results.append(result)
+        if not args.json:
+            print(f"{result['model']}: perplexity {result['perplexity']:.4f} (loss {result['loss']:.4f} nats/token) over "
+                  f"{result['tokens']:,} predicted tokens in {result['sequences']} {result['mode']} of <= {result['block_size']} tokens; "
+                  f"{result['tokens_per_s']:,.0f} tokens/s ({result['dtype']} on {result['device']}, {result['seconds']:.1f} s)")
     if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"{result['model']}: perplexity {result['perplexity']:.4f} (loss {result['loss']:.4f} nats/token) over "
-              f"{result['tokens']:,} predicted tokens in {result['sequences']} {result['mode']} of <= {result['block_size']} tokens; "
-              f"{result['tokens_per_s']:,.0f} tokens/s ({result['dtype']} on {result['device']}, {result['seconds']:.1f} s)")
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    return 0
+
+
+def _eval_tasks(args) -> int:
+    """eval --tasks: lm-evaluation-harness on every model, one table (or one JSON)."""
+    import torch
+
+    from midus_surgery.downstream.harness import format_table, run_tasks
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = [t for entry in args.tasks for t in entry.split(",") if t]
+    result = run_tasks(args.model, tasks, include_path=args.include_path or [], allow_task_code=args.allow_task_code,
+                       limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device,
+                       seed=args.seed, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                       progress=not (args.quiet or args.json))
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from midus_surgery.downstream.analyze import run_analysis
+
+    result = run_analysis(args.model, args.data, Path(args.out), block_size=args.block_size, max_blocks=args.max_blocks,
+                          max_memory_blocks=args.max_memory_blocks, batch_size=args.batch_size, device=args.device,
+                          dtype=args.dtype, progress=not args.quiet, threads=args.threads,
+                          fixed_retrieval=Path(args.fixed_retrieval) if args.fixed_retrieval else None)
+    rows = result["head_importance"]
+    print(f"{result['model']}: held-out loss {result['held_out']['loss']:.4f} over {result['held_out']['blocks']} blocks of "
+          f"{result['held_out']['block_size']} tokens; {result['what']}, loss increase when zeroed (max, mean per layer):")
+    for layer, deltas in rows.items():
+        usage = result["slot_usage"].get(layer)
+        used = (f"; slots used {np.mean(usage['used_fraction']):.1%}, entropy {np.mean(usage['entropy_vs_uniform']):.2f} of uniform, "
+                f"top 1% {np.mean(usage['top1pct_share']):.1%}, |memory|/|residual| {usage['memory_to_residual_norm']:.3f}") if usage else ""
+        print(f"  layer {layer}: max {max(deltas):+.4f} (head {int(np.argmax(deltas))}), mean {np.mean(deltas):+.4f}{used}")
+    fixed = result["fixed_retrieval"]
+    if fixed:
+        print(f"fixed retrieval: held-out loss {fixed['frozen_loss']:.4f} ({fixed['model']}, memory.retrieval: frozen) against "
+              f"{fixed['learned_loss']:.4f} learned ({fixed['difference']:+.4f})")
+    print(f"wrote {args.out} (analysis.json, head_importance.png{', slot_usage.png' if result['slot_usage'] else ''})")
     return 0
 
 
@@ -225,9 +278,17 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--keys", action="store_true", help="print every config key with its default and meaning (Markdown), then exit")
     p.set_defaults(func=cmd_train)
 
-    p = subparsers.add_parser("eval", help="held-out perplexity and tokens/s of any causal LM directory")
-    p.add_argument("model", metavar="MODEL_DIR")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files, directories, globs, JSONL, or a token cache directory")
+    p = subparsers.add_parser("eval", help="held-out perplexity (--data) or downstream tasks (--tasks, lm-evaluation-harness) of causal LM directories",
+                              description="Several models are evaluated one after the other on the same data or tasks, with the same seed.")
+    p.add_argument("model", nargs="+", metavar="MODEL_DIR")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="held-out perplexity on text files, directories, globs, JSONL, or a token cache directory")
+    p.add_argument("--tasks", nargs="+", metavar="TASK", help="lm-evaluation-harness task names (space or comma separated; needs the eval extra: "
+                   "pip install -e \".[eval]\"); tasks of --include-path folders too")
+    p.add_argument("--include-path", action="append", metavar="DIR", help="a folder of lm-eval task YAMLs (e.g. the offline suite of tools/make_task_suite.py); repeatable")
+    p.add_argument("--allow-task-code", action="store_true", help="let --include-path tasks import Python from their folder (!function)")
+    p.add_argument("--limit", type=float, default=None, help="--tasks: at most this many items per task (a fraction below 1)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples (default: each task's own)")
+    p.add_argument("--seed", type=int, default=0, help="--tasks: the seed of every random choice lm-eval makes (default 0)")
     p.add_argument("--block-size", type=int, default=512, help="tokens per block / window (default 512)")
     p.add_argument("--per-document", action="store_true", help="evaluate each document on its own (windows of --block-size) instead of packed blocks")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
@@ -241,6 +302,24 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser("analyze", help="what a MIDUS model's memory does on held-out text: head importance, slot usage (JSON + PNG)",
+                              description="Head importance (held-out loss when one memory head is zeroed; for a model without "
+                                          "memory, the inserted blocks' attention heads) and slot usage per Memory block.")
+    p.add_argument("model", metavar="MODEL_DIR")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="held-out text: files, directories, globs, JSONL")
+    p.add_argument("--out", required=True, metavar="DIR", help="where analysis.json and the PNGs go (a new directory, or an earlier analysis)")
+    p.add_argument("--block-size", type=int, default=256, help="tokens per block (default 256)")
+    p.add_argument("--max-blocks", type=int, default=16, help="held-out blocks per measurement (default 16)")
+    p.add_argument("--max-memory-blocks", type=int, default=None, help="analyse only the first N Memory (or inserted) blocks")
+    p.add_argument("--fixed-retrieval", metavar="MODEL_DIR", help="a model trained like MODEL_DIR but with memory.retrieval: frozen: "
+                   "its held-out loss on the same blocks, against the learned retrieval's")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_analyze)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "midus_surgery"
-STAGES = ("recipe", "compiler", "anatomy", "io", "emit", "model", "kernels", "train")
+STAGES = ("recipe", "compiler", "anatomy", "io", "emit", "model", "kernels", "train", "downstream")
 # Which stage may import which: the pipeline runs recipe -> compiler (+ anatomy) -> emit -> train,
 # everything may use io and errors, model/ and kernels/ are leaves.
 ALLOWED = {
@@ -25,6 +25,7 @@ ALLOWED = {
     "model": {"model", "kernels"},  # the optional compiled kernels, imported guarded
     "kernels": {"kernels"},
     "train": {"train", "io", "model", "recipe", "compiler"},
+    "downstream": {"downstream", "train", "io", "model", "compiler"},  # evaluates and explains what train made (reads midus_plan.json)
 }
 
 

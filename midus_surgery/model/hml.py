@@ -32,7 +32,7 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -739,6 +739,9 @@ class HeadwiseMemory(nn.Module):
         self.hidden_size = hidden_size
         self.config = config
         self._set_kernels(config.kernels)
+        # (w, slots, m) -> m, called on every forward when set: `midus-surgery analyze` records the
+        # slots each head selects and zeroes one head's read to measure what it is worth
+        self.observer: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None
         n, dl = config.n_subkeys, config.latent_dim
         in_features = hidden_size if config.query_source == "hidden" else inner
 
@@ -970,6 +973,8 @@ class HeadwiseMemory(nn.Module):
             N = cfg.n_subkeys**2
             offs = (torch.arange(H, device=slots.device) * N).view(H, 1, 1)
             m = _Pool.apply(w, slots + offs, self.values.view(H * N, dh), cfg.bank_grad, backend)
+        if self.observer is not None:
+            m = self.observer(w, slots, m)  # w, slots: [H, T, k]; m: [H, T, d_h]
         cd = self._mm_dtype(x)
         out = m.to(cd).transpose(0, 1).reshape(T, H * dh)
         if self.gate is not None:

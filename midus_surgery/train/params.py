@@ -44,13 +44,39 @@ class ParamGroups:
     memory: list = field(default_factory=list)
     frozen: list = field(default_factory=list)
     trained_layers: list[int] | None = None
+    retrieval_frozen: int | None = None  # how many tensors memory.retrieval: frozen holds still
 
     def numel(self, group: str) -> int:
         return sum(p.numel() for _, p in getattr(self, group))
 
 
-def choose_params(model, freeze: str, plan: dict | None, loaded: LoadedTrainConfig) -> ParamGroups:
-    """Apply the freeze policy (requires_grad) and sort parameters into optimiser groups."""
+# What a Memory block's memory reads with (its values) as opposed to how it chooses what to read:
+# the parameter names under `.hml.` that `memory.retrieval: frozen` still trains.
+VALUE_PARAMETERS = ("bank.", "proj", "values", "gate.", "out_proj.")
+
+
+def retrieval_parameters(model, names: list[str]) -> set[str]:
+    """The names of what decides which slots a Memory block reads: every parameter of a Memory
+    block but its values (the attention that makes the queries, their norm and projection, the sub-keys)."""
+    midus = getattr(model.config, "midus", None) or {}
+    blocks = midus.get("memory_blocks") or {}
+    if blocks:
+        prefixes = tuple(f"{b['anatomy']['layers_path']}.{i}." for i, b in blocks.items())
+    else:  # configs written before per-block anatomy: one anatomy for all
+        prefixes = tuple(f"{midus.get('anatomy', {}).get('layers_path')}.{i}." for i in midus.get("memory_layers", []))
+    out = set()
+    for name in names:
+        if not name.startswith(prefixes) or SHARED_BANK in name:
+            continue
+        inner = name.split(".hml.", 1)[1] if ".hml." in name else None
+        if inner is None or not inner.startswith(VALUE_PARAMETERS):
+            out.add(name)
+    return out
+
+
+def choose_params(model, freeze: str, plan: dict | None, loaded: LoadedTrainConfig, retrieval: str = "learned") -> ParamGroups:
+    """Apply the freeze policy (requires_grad) and sort parameters into optimiser groups;
+    ``retrieval="frozen"`` also freezes what decides which memory slots are read."""
     trainable = {}
     names = [n for n, _ in model.named_parameters()]
     groups = ParamGroups()
@@ -71,6 +97,12 @@ def choose_params(model, freeze: str, plan: dict | None, loaded: LoadedTrainConf
         groups.trained_layers = inserted
         if not any(trainable.values()):
             raise RecipeError([loaded.problem(("freeze",), f"`base`: no parameter of the model is under {layers_path}.<inserted layer>")])
+    if retrieval == "frozen":
+        fixed = retrieval_parameters(model, names)
+        if not fixed:
+            raise RecipeError([loaded.problem(("memory", "retrieval"), "`frozen` but the model has no Memory block: nothing retrieves")])
+        trainable = {n: t and n not in fixed for n, t in trainable.items()}
+        groups.retrieval_frozen = len(fixed)
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if id(p) in seen:
@@ -102,6 +134,9 @@ def describe_groups(groups: ParamGroups, cfg: TrainConfig) -> str:
     lines.append(f"trainable: {human_count(trainable)} of {human_count(total)} parameters ({100 * trainable / max(total, 1):.2f}%), freeze: {cfg.freeze}")
     if groups.trained_layers is not None:
         lines.append(f"trained layers (inserted): {', '.join(map(str, groups.trained_layers))}")
+    if groups.retrieval_frozen is not None:
+        lines.append(f"memory retrieval frozen: {groups.retrieval_frozen} tensors of the Memory blocks' query path and sub-keys do not train; "
+                     "the values do")
     return "\n".join(lines)
 
 

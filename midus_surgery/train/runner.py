@@ -306,7 +306,7 @@ class Runner:
             if s.meta.get("max_token", -1) >= vocab:
                 raise D.DataError(f"{s.path}: token id {s.meta['max_token']} is outside the model's vocabulary of {vocab} (tokenizer and model do not match)")
         model.config.use_cache = False
-        self.groups = choose_params(model, cfg.freeze, read_plan_file(self.init_from), self.loaded)
+        self.groups = choose_params(model, cfg.freeze, read_plan_file(self.init_from), self.loaded, retrieval=cfg.memory.retrieval)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()

@@ -1,0 +1,280 @@
+"""`midus-surgery analyze`: what the memory of a MIDUS model learned, on held-out text.
+
+- **Head importance**: for every Memory block and head, the change in held-out loss when that
+  head's memory read is zeroed (each memory head alone). For a model without memory blocks
+  (LLaMA-Pro, DUS outputs), the same for the attention heads of the inserted blocks: that head's
+  slice of the attention output projection's input zeroed.
+- **Slot usage**: per Memory block and head, over the held-out tokens: the fraction of slots
+  selected at least once, the entropy of the selection distribution over the slots as a fraction
+  of a uniform selection's (1.0: every slot equally often), the share of selections that go to
+  the most used 1% of slots, and the norm of the memory's output (what the block adds to the
+  residual stream) against the norm of the residual stream entering the block, averaged over
+  tokens.
+- **Fixed retrieval** (``fixed_retrieval``): the held-out loss, on the same blocks, of a model
+  trained like this one but with ``memory.retrieval: frozen`` (which slots each token reads fixed
+  at the start, only the values trained), against this model's learned retrieval.
+
+Writes ``analysis.json`` and two PNGs (``head_importance.png``, a blocks x heads heatmap;
+``slot_usage.png``, each block's slot-use counts, sorted) into an output directory that appears
+whole. The held-out blocks are packed as `eval --data` packs them.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from midus_surgery.downstream.harness import TaskError
+
+ANALYSIS_KIND = "analysis"  # the output_dir marker
+
+
+def _memory_layers(model) -> dict[int, torch.nn.Module]:
+    """Output layer index -> its HeadwiseMemory, for every Memory block."""
+    from midus_surgery.model.hml import HeadwiseMemory
+
+    midus = getattr(model.config, "midus", None) or {}
+    if not midus.get("memory_layers"):
+        return {}
+    layers_of = {}
+    for name, module in model.named_modules():
+        if isinstance(module, HeadwiseMemory):
+            index = next(int(p) for p in name.split(".") if p.isdigit())
+            layers_of[index] = module
+    return dict(sorted(layers_of.items()))
+
+
+def _inserted_attention(model, plan: dict | None) -> dict[int, tuple[torch.nn.Module, int]]:
+    """Output layer index -> (its attention output projection, heads) for every inserted block of a
+    model without memory (a DUS or LLaMA-Pro output's midus_plan.json says which)."""
+    if not plan or not plan.get("anatomy"):
+        return {}
+    anatomy = plan["anatomy"]
+    layers = model.get_submodule(anatomy["layers_path"])
+    heads = model.config.num_attention_heads
+    out = {}
+    for entry in plan["layers"]:
+        if entry["kind"] != "base":
+            out[entry["index"]] = (layers[entry["index"]].get_submodule(anatomy["attn_out_proj"]), heads)
+    return out
+
+
+class SlotCounter:
+    """Counts, per head, how often each slot is selected, and sums the memory's and the residual
+    stream's norms: one per Memory block, fed by the layer's observer and two hooks."""
+
+    def __init__(self, heads: int, slots: int):
+        self.counts = torch.zeros(heads, slots, dtype=torch.float64)
+        self.memory_norm = self.residual_norm = 0.0
+        self.tokens = 0
+
+    def observe(self, w: torch.Tensor, slots: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        H = slots.shape[0]
+        flat = slots.reshape(H, -1).long().cpu()  # [H, T*k]
+        self.counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float64))
+        return m
+
+    def summary(self) -> dict:
+        counts = self.counts
+        n = counts.shape[1]
+        total = counts.sum(1, keepdim=True).clamp_min(1)
+        p = counts / total
+        entropy = -(p * p.clamp_min(1e-300).log()).sum(1) / math.log(n)
+        top = max(1, math.ceil(0.01 * n))
+        top_share = counts.sort(1, descending=True).values[:, :top].sum(1) / total.squeeze(1)
+        return {
+            "slots": n,
+            "used_fraction": (counts > 0).double().mean(1).tolist(),
+            "entropy_vs_uniform": entropy.tolist(),
+            "top1pct_share": top_share.tolist(),
+            "memory_to_residual_norm": self.memory_norm / max(1, self.tokens) / max(1e-30, self.residual_norm / max(1, self.tokens)),
+        }
+
+
+@contextmanager
+def _watching(layers: dict, counters: dict, model) -> Iterable[None]:
+    """Each Memory block's observer counts slots; hooks sum the memory's output norm and the
+    residual stream's norm at the block's input."""
+    anatomy_layers = _decoder_layers(model)
+    handles = []
+    for index, hml in layers.items():
+        counter = counters[index]
+        hml.observer = counter.observe
+
+        def out_hook(_module, _args, output, counter=counter):
+            counter.memory_norm += output.detach().float().norm(dim=-1).sum().item()
+
+        def in_hook(_module, args, kwargs, counter=counter):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            counter.residual_norm += hidden.detach().float().norm(dim=-1).sum().item()
+            counter.tokens += hidden.shape[:-1].numel()
+
+        handles.append(hml.register_forward_hook(out_hook))
+        handles.append(anatomy_layers[index].register_forward_pre_hook(in_hook, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for hml in layers.values():
+            hml.observer = None
+        for h in handles:
+            h.remove()
+
+
+def _decoder_layers(model):
+    midus = getattr(model.config, "midus", None) or {}
+    blocks = midus.get("memory_blocks") or {}
+    path = next(iter(blocks.values()))["anatomy"]["layers_path"] if blocks else midus.get("anatomy", {}).get("layers_path", "model.layers")
+    return model.get_submodule(path)
+
+
+@contextmanager
+def _memory_head_zeroed(hml, head: int):
+    def observer(w, slots, m):
+        m = m.clone()
+        m[head] = 0
+        return m
+
+    hml.observer = observer
+    try:
+        yield
+    finally:
+        hml.observer = None
+
+
+@contextmanager
+def _attention_head_zeroed(out_proj, heads: int, head: int):
+    def pre_hook(_module, args):
+        x = args[0].clone()  # [..., heads * head_dim]
+        width = x.shape[-1] // heads
+        x[..., head * width:(head + 1) * width] = 0
+        return (x,)
+
+    handle = out_proj.register_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int = 256, max_blocks: int = 16,
+                 max_memory_blocks: int | None = None, batch_size: int = 4, device: str = "auto", dtype: str = "float32",
+                 progress: bool = True, threads: int | None = None, fixed_retrieval: Path | None = None) -> dict:
+    """Analyse ``model_dir`` on ``data``; writes ``out`` (analysis.json and the PNGs) and returns the JSON."""
+    from tqdm.auto import tqdm
+
+    from midus_surgery.compiler.plan import read_plan_file
+    from midus_surgery.io.output_dir import atomic_directory, check_output_dir, input_root
+    from midus_surgery.train import data as D
+    from midus_surgery.train.evaluate import DTYPES, block_batches, eval_device, evaluate_batches, load_causal_lm, load_tokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    model_dir = Path(model_dir)
+    inputs = [("the model", model_dir), *((f"data ({p})", input_root(p)) for p in data)]
+    if fixed_retrieval is not None:
+        inputs.append(("the fixed-retrieval model", Path(fixed_retrieval)))
+    out = check_output_dir(out, kind=ANALYSIS_KIND, inputs=inputs, reuse=True, flag=None)
+    if dtype not in DTYPES:
+        raise TaskError(f"--dtype must be one of {', '.join(DTYPES)}")
+    run_on = eval_device(device)
+    tokenizer = load_tokenizer(model_dir)
+    stream = D.prepare_corpus(list(data), Path.cwd(), tokenizer, dir_glob=("**/*.txt", "**/*.md", "**/*.rst", "**/*.jsonl"),
+                              text_field="text", cache_dir=D.default_cache_dir(), progress=progress, what="analysis data",
+                              tokenizer_source=str(model_dir))
+    blocks, _ = D.split(stream, None, block_size, 0.0, what="analysis data")
+    model = load_causal_lm(model_dir, dtype=DTYPES[dtype], progress=progress).to(run_on).eval()
+    memory = _memory_layers(model)
+    attention = {} if memory else _inserted_attention(model, read_plan_file(model_dir))
+    if not memory and not attention:
+        raise TaskError(f"{model_dir}: no Memory block and no inserted block (midus_plan.json) to analyse")
+    chosen = list(memory or attention)[:max_memory_blocks] if max_memory_blocks else list(memory or attention)
+
+    def loss() -> float:
+        return evaluate_batches(model, block_batches(blocks, batch_size, max_blocks=max_blocks), device=run_on).loss
+
+    counters = {i: SlotCounter(memory[i].num_heads, memory[i].config.n_subkeys ** 2) for i in chosen} if memory else {}
+    with torch.no_grad(), _watching({i: memory[i] for i in counters}, counters, model):
+        base_loss = loss()
+    heads = {i: (memory[i].num_heads if memory else attention[i][1]) for i in chosen}
+    importance = {}
+    with tqdm(total=sum(heads.values()), desc="head importance", unit="head", disable=not progress, leave=False) as bar, torch.no_grad():
+        for i in chosen:
+            row = []
+            for h in range(heads[i]):
+                zeroed = _memory_head_zeroed(memory[i], h) if memory else _attention_head_zeroed(attention[i][0], heads[i], h)
+                with zeroed:
+                    row.append(loss() - base_loss)
+                bar.update(1)
+            importance[i] = row
+    fixed = None
+    if fixed_retrieval is not None:
+        del model
+        model = load_causal_lm(Path(fixed_retrieval), dtype=DTYPES[dtype], progress=progress).to(run_on).eval()
+        if not _memory_layers(model):
+            raise TaskError(f"--fixed-retrieval {fixed_retrieval}: not a MIDUS model (no Memory block)")
+        frozen_loss = loss()
+        fixed = {"model": str(fixed_retrieval), "learned_loss": base_loss, "frozen_loss": frozen_loss, "difference": frozen_loss - base_loss}
+    result = {
+        "model": str(model_dir), "what": "memory heads" if memory else "attention heads of the inserted blocks",
+        "held_out": {"blocks": min(len(blocks), max_blocks), "block_size": block_size, "loss": base_loss},
+        "head_importance": {str(i): r for i, r in importance.items()},
+        "slot_usage": {str(i): c.summary() for i, c in counters.items()},
+        "fixed_retrieval": fixed,
+    }
+    with atomic_directory(out, kind=ANALYSIS_KIND) as tmp:
+        import json
+
+        (tmp / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
+        _plot_importance(result, tmp / "head_importance.png")
+        if counters:
+            _plot_slots(counters, tmp / "slot_usage.png")
+    return result
+
+
+def _plot_importance(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["head_importance"]
+    grid = np.array([rows[k] for k in rows])  # [blocks, heads]
+    from matplotlib.colors import TwoSlopeNorm
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.5 * grid.shape[1]), max(3.0, 1.2 + 0.3 * grid.shape[0])))
+    span = max(float(np.abs(grid).max()), 1e-12)  # 0 in the middle: red hurts when zeroed, blue helps
+    image = ax.imshow(grid, aspect="auto", cmap="coolwarm", norm=TwoSlopeNorm(0.0, -span, span))
+    ax.set_yticks(range(len(rows)), [f"layer {k}" for k in rows])
+    ax.set_xticks(range(grid.shape[1]))
+    ax.set_xlabel("head")
+    ax.set_title(f"held-out loss increase, {result['what']} zeroed one at a time", fontsize=9)
+    fig.colorbar(image, ax=ax, label="Δ loss (nats/token)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_slots(counters: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for index, counter in counters.items():
+        counts = counter.counts.sum(0).sort(descending=True).values.numpy()
+        ax.plot(np.arange(1, len(counts) + 1), counts + 1, label=f"layer {index}", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("slot rank (most used first)")
+    ax.set_ylabel("selections + 1 (all heads)")
+    ax.set_title("slot usage per Memory block", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,142 @@
+"""`midus-surgery eval --tasks`: downstream tasks through lm-evaluation-harness, several models side by side.
+
+lm-eval is used as a library: its ``HFLM`` wraps each model as this package loads it (strictly:
+a missing or unexpected tensor is an error, never a random one), and ``simple_evaluate`` scores
+the tasks, with every seed set from ``seed``. Any task lm-eval knows works where its dataset can
+be read (the Hub, or a local datasets cache); ``include_path`` adds task folders, such as the
+offline suite ``tools/make_task_suite.py`` writes (task_suite.py).
+
+lm-eval is an extra (``pip install -e ".[eval]"``): without it, one line says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from midus_surgery.errors import MidusError
+
+
+class TaskError(MidusError):
+    """Downstream evaluation cannot start: no lm-eval, an unknown task, a task folder that would run code."""
+
+    exit_code = 2
+
+
+def _lm_eval():
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise TaskError("eval --tasks needs lm-evaluation-harness, an extra: pip install -e \".[eval]\" (or pip install lm-eval)") from None
+    return simple_evaluate, HFLM, TaskManager
+
+
+def check_task_folders(paths: list[Path], allow_code: bool) -> None:
+    """Task folders are read as YAML; a ``!function`` entry imports Python from the folder, which
+    runs only with ``allow_code`` (``--allow-task-code``)."""
+    for path in paths:
+        if not path.is_dir():
+            raise TaskError(f"--include-path {path}: not a directory")
+        if allow_code:
+            continue
+        for yaml_file in sorted(path.rglob("*.y*ml")):
+            if "!function" in yaml_file.read_text(errors="replace"):
+                raise TaskError(f"{yaml_file}: the task runs Python code from its folder (!function); "
+                                 "pass --allow-task-code if you trust it")
+
+
+def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] = (), allow_task_code: bool = False,
+              limit: float | None = None, num_fewshot: int | None = None, batch_size: int = 4, device: str = "auto",
+              seed: int = 0, dtype: str = "float32", trust_remote_code: bool = False, progress: bool = True) -> dict:
+    """Score every model on every task; ``{"tasks", "settings", "models": [{"model", "results", "seconds"}]}``.
+    ``results``: task -> metric -> value, with ``<metric>_stderr`` beside each."""
+    from midus_surgery.train.evaluate import DTYPES, eval_device, load_causal_lm, load_tokenizer
+
+    simple_evaluate, HFLM, TaskManager = _lm_eval()
+    include_path = [Path(p) for p in include_path]
+    check_task_folders(include_path, allow_task_code)
+    if dtype not in DTYPES:
+        raise TaskError(f"--dtype must be one of {', '.join(DTYPES)}")
+    for name in ("lm-eval", "lm_eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    manager = TaskManager(include_path=[str(p) for p in include_path] or None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        near = {t: difflib.get_close_matches(t, manager.all_tasks, n=3) for t in unknown}
+        said = "; ".join(f"{t!r}" + (f" (did you mean {', '.join(near[t])}?)" if near[t] else "") for t in unknown)
+        raise TaskError(f"--tasks: lm-eval knows no task {said}; local task folders go in --include-path")
+    run_on = eval_device(device)
+    for m in models:  # every model readable before the first long evaluation
+        if not (Path(m) / "config.json").is_file():
+            raise TaskError(f"{m} is not a model directory (no config.json)")
+    rows = []
+    for m in models:
+        start = time.perf_counter()
+        model = load_causal_lm(Path(m), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=progress).to(run_on).eval()
+        lm = HFLM(pretrained=model, tokenizer=load_tokenizer(Path(m), trust_remote_code), batch_size=batch_size)
+        with _lm_eval_output(progress):
+            out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                                  log_samples=False, bootstrap_iters=1000, verbosity="ERROR", random_seed=seed,
+                                  numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        rows.append({"model": str(m), "results": {t: _metrics(out["results"].get(t, {})) for t in tasks},
+                     "seconds": round(time.perf_counter() - start, 1)})
+        del model, lm
+    return {"tasks": list(tasks), "models": rows,
+            "settings": {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size, "device": str(run_on), "dtype": dtype, "seed": seed}}
+
+
+@contextlib.contextmanager
+def _lm_eval_output(progress: bool):
+    """lm-eval prints progress to stdout, which is ours (the table, the JSON): it goes to stderr,
+    and with ``progress`` off (--quiet, --json) nowhere, with the datasets' bars."""
+    import datasets
+
+    if progress:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    datasets.disable_progress_bars()
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+        try:
+            yield
+        finally:
+            datasets.enable_progress_bars()
+
+
+def _metrics(task_result: dict) -> dict:
+    """lm-eval's ``acc,none`` / ``acc_stderr,none`` keys as ``acc`` / ``acc_stderr``; ``items``: how many it scored."""
+    out = {}
+    for key, value in task_result.items():
+        metric, _, _ = key.partition(",")
+        if metric == "sample_len":
+            out["items"] = int(value)
+        elif isinstance(value, (int, float)) and metric != "alias":
+            out[metric] = float(value)
+    return out
+
+
+def format_table(result: dict) -> str:
+    """One row per task metric, one column per model: ``0.412 ± 0.022``."""
+    names = [Path(r["model"]).name or r["model"] for r in result["models"]]
+    header = ["task (items)", "metric", *names]
+    lines = []
+    for task in result["tasks"]:
+        metrics = sorted({k for r in result["models"] for k in r["results"][task] if not k.endswith("_stderr") and k != "items"})
+        for metric in metrics:
+            cells = []
+            for r in result["models"]:
+                got = r["results"][task]
+                value, err = got.get(metric), got.get(f"{metric}_stderr")
+                cells.append("-" if value is None else f"{value:.4f}" + (f" ± {err:.4f}" if isinstance(err, float) and err == err else ""))
+            items = max((r["results"][task].get("items", 0) for r in result["models"]), default=0)
+            lines.append([f"{task} ({items})", metric, *cells])
+    widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
+    fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])

@@ -1,0 +1,129 @@
+"""`midus-surgery eval --tasks` (issue 27): lm-evaluation-harness on several models side by side, and
+the offline task suite built from plain text.
+
+The base and untrained function-preserving outputs of it (LLaMA-Pro, MIDUS) must score exactly
+alike: their logits are the base's. Errors (no lm-eval, an unknown task, a task folder that would
+run code, a suite written over its own text) are one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_fixtures.tiny import make_model_dir, make_tokenizer
+
+from midus_surgery.cli import main
+from midus_surgery.downstream.task_suite import build_task_suite, sentences
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SUBJECTS = ["The cat", "The dog", "The bird", "The fish", "A cat", "A dog"]
+VERBS = ["sat on the mat", "ran to the log", "flew over the tree", "swam in the pond", "sat in the tree", "ran on the mat"]
+
+
+def write_documents(directory: Path, n: int = 8) -> Path:
+    """Documents of short prose sentences, each a little different, from the tiny tokenizer's words."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for d in range(n):
+        lines = [f"{SUBJECTS[(d + i) % 6]} {VERBS[(2 * d + i) % 6]} and then the {['cat', 'dog', 'bird', 'fish'][i % 4]} {VERBS[(d + 3 * i) % 6]}."
+                 for i in range(6)]
+        (directory / f"doc{d}.txt").write_text(" ".join(lines) + "\n")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from midus_surgery.compiler.planner import plan_recipe
+    from midus_surgery.emit.emitter import emit
+
+    root = tmp_path_factory.mktemp("downstream")
+    base = make_model_dir(root / "base", with_plan=False)
+    make_tokenizer().save_pretrained(base)
+    models = {"base": base}
+    for kind in ("identity", "memory"):  # LLaMA-Pro and MIDUS, untrained: the base's function
+        memory = "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n" if kind == "memory" else ""
+        recipe = root / f"{kind}.yaml"
+        recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after_every: 2\n    kind: {kind}\n{memory}"
+                          f"output:\n  dir: {kind}-out\n  dtype: float32\n")
+        models[kind] = emit(plan_recipe(recipe), progress=False).out_dir
+    text = write_documents(root / "text")
+    counts = build_task_suite([str(text)], root / "tasks", items=12, seed=0)
+    return {"root": root, "text": text, "tasks": root / "tasks", "counts": counts, **models}
+
+
+def test_the_suite_holds_true_items(world):
+    assert world["counts"] == {"midus_next_sentence": 12, "midus_cloze": 12}
+    docs = [sentences(p.read_text()) for p in sorted(world["text"].glob("*.txt"))]
+    follows = {(a, b) for sents in docs for a, b in zip(sents, sents[1:])}
+    for line in (world["tasks"] / "midus_next_sentence.jsonl").read_text().splitlines():
+        item = json.loads(line)
+        assert len(item["choices"]) == 4 == len(set(item["choices"]))
+        assert (item["context"], item["choices"][item["label"]]) in follows
+        assert sum((item["context"], c) in follows for c in item["choices"]) == 1
+    every = {s for sents in docs for s in sents}
+    for line in (world["tasks"] / "midus_cloze.jsonl").read_text().splitlines():
+        item = json.loads(line)
+        assert f"{item['context']} {item['target']}." in every
+    yaml_text = (world["tasks"] / "midus_cloze.yaml").read_text()
+    assert str(world["tasks"] / "midus_cloze.jsonl") in yaml_text and "!function" not in yaml_text
+
+
+def test_the_base_and_its_function_preserving_outputs_score_alike(world, capsys):
+    """One call, three models, one JSON: every metric equal; and the table names each model."""
+    args = [str(world[k]) for k in ("base", "identity", "memory")]
+    common = ["--tasks", "midus_next_sentence,midus_cloze", "--include-path", str(world["tasks"]), "--limit", "8",
+              "--batch-size", "3", "--quiet"]
+    assert main(["eval", *args, *common, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [Path(r["model"]) for r in result["models"]] == [Path(a) for a in args]
+    base = result["models"][0]["results"]
+    assert base["midus_next_sentence"]["items"] == 8 and {"acc", "acc_norm", "acc_stderr"} <= set(base["midus_next_sentence"])
+    assert {"acc", "perplexity"} <= set(base["midus_cloze"])
+    for other in result["models"][1:]:
+        assert other["results"] == base
+    assert main(["eval", *args[:2], *common]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["task", "(items)", "metric", "base"] and "identity-out" in table[0]
+    assert any(row.startswith("midus_cloze (8)") and "perplexity" in row for row in table)
+
+
+def run_cli(*args: str, block_lm_eval: bool = False) -> subprocess.CompletedProcess:
+    prelude = "import sys\n" + ("sys.modules['lm_eval'] = None\n" if block_lm_eval else "")
+    script = prelude + "from midus_surgery.cli import run\nsys.argv = ['midus-surgery', *sys.argv[1:]]\nrun()\n"
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_without_lm_eval_one_line_names_the_extra(world):
+    proc = run_cli("eval", str(world["base"]), "--tasks", "midus_cloze", "--include-path", str(world["tasks"]), block_lm_eval=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == 'error: eval --tasks needs lm-evaluation-harness, an extra: pip install -e ".[eval]" (or pip install lm-eval)'
+
+
+def test_input_errors_are_one_line(world, tmp_path, capsys):
+    assert main(["eval", str(world["base"]), "--tasks", "midus_clozee", "--include-path", str(world["tasks"])]) == 2
+    assert "lm-eval knows no task 'midus_clozee' (did you mean midus_cloze" in capsys.readouterr().err
+    assert main(["eval", str(world["base"])]) == 2
+    assert "give --data (held-out perplexity) or --tasks" in capsys.readouterr().err
+    coded = tmp_path / "coded"
+    coded.mkdir()
+    (coded / "t.yaml").write_text("task: t\nprocess_docs: !function utils.process\n")
+    assert main(["eval", str(world["base"]), "--tasks", "t", "--include-path", str(coded)]) == 2
+    assert "runs Python code from its folder (!function); pass --allow-task-code" in capsys.readouterr().err
+
+
+def test_the_suite_refuses_to_write_over_its_text_and_needs_documents(world, tmp_path):
+    from midus_surgery.errors import MidusError
+
+    with pytest.raises(MidusError, match="inside"):  # OutputError, the output-safety rule
+        build_task_suite([str(world["text"])], world["text"] / "tasks")
+    few = write_documents(tmp_path / "few", n=2)
+    with pytest.raises(MidusError, match="needs at least 4"):
+        build_task_suite([str(few)], tmp_path / "suite")
+    assert not (tmp_path / "suite").exists()
+    proc = subprocess.run([sys.executable, "tools/make_task_suite.py", str(few), "--out", str(tmp_path / "suite")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: task text:") and len(proc.stderr.strip().splitlines()) == 1

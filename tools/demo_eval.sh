@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Downstream tasks and the memory's analysis for the README's SmolLM2 models, offline, on CPU
+# (run tools/demo.sh first: it fetches SmolLM2-135M and the corpora and trains the MIDUS output).
+#   1. the DUS and LLaMA-Pro outputs of the same base (recipes/smollm2-135m-{dus,llama-pro}.yaml)
+#   2. the offline task suite from the git docs (held out: the demo trains on the Python docs)
+#   3. base, DUS, LLaMA-Pro and the demo's trained MIDUS model side by side on it, one table
+#   4. analyze the trained MIDUS model: head importance and slot usage (JSON + PNG)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+limit=${LIMIT:-100}
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+step "1/4 the DUS and LLaMA-Pro outputs"
+midus-surgery apply recipes/smollm2-135m-dus.yaml --overwrite
+midus-surgery apply recipes/smollm2-135m-llama-pro.yaml --overwrite
+
+step "2/4 the offline task suite (git docs)"
+python tools/make_task_suite.py work/corpora/git-doc --out work/tasks
+
+step "3/4 four models, two tasks, $limit items each"
+midus-surgery eval work/smollm2-135m work/out/smollm2-135m-dus work/out/smollm2-135m-llama-pro work/runs/demo-smollm2-midus/final \
+  --tasks midus_next_sentence midus_cloze --include-path work/tasks --limit "$limit" --batch-size 8 --quiet
+
+step "4/4 what the trained memory does (held-out git docs)"
+midus-surgery analyze work/runs/demo-smollm2-midus/final --data work/corpora/git-doc --out work/analysis/demo-smollm2-midus \
+  --block-size 256 --max-blocks 8 --quiet
