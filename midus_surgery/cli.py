@@ -250,20 +250,23 @@ def cmd_analyze(args) -> int:
     result = run_analysis(args.model, args.data, Path(args.out), block_size=args.block_size, max_blocks=args.max_blocks,
                           max_memory_blocks=args.max_memory_blocks, batch_size=args.batch_size, device=args.device,
                           dtype=args.dtype, progress=not args.quiet, threads=args.threads,
-                          fixed_retrieval=Path(args.fixed_retrieval) if args.fixed_retrieval else None)
-    rows = result["head_importance"]
+                          fixed_retrieval=Path(args.fixed_retrieval) if args.fixed_retrieval else None,
+                          importance=not args.slots_only)
+    rows, usages = result["head_importance"], result["slot_usage"]
     print(f"{result['model']}: held-out loss {result['held_out']['loss']:.4f} over {result['held_out']['blocks']} blocks of "
-          f"{result['held_out']['block_size']} tokens; {result['what']}, loss increase when zeroed (max, mean per layer):")
-    for layer, deltas in rows.items():
-        usage = result["slot_usage"].get(layer)
-        used = (f"; slots used {np.mean(usage['used_fraction']):.1%}, entropy {np.mean(usage['entropy_vs_uniform']):.2f} of uniform, "
+          f"{result['held_out']['block_size']} tokens; {result['what']}" + (", loss increase when zeroed (max, mean per layer):" if rows else ":"))
+    for layer in rows or usages:
+        deltas, usage = rows.get(layer), usages.get(layer)
+        worth = f"max {max(deltas):+.4f} (head {int(np.argmax(deltas))}), mean {np.mean(deltas):+.4f}" if deltas else ""
+        used = (f"slots used {np.mean(usage['used_fraction']):.1%}, entropy {np.mean(usage['entropy_vs_uniform']):.2f} of uniform, "
                 f"top 1% {np.mean(usage['top1pct_share']):.1%}, |memory|/|residual| {usage['memory_to_residual_norm']:.3f}") if usage else ""
-        print(f"  layer {layer}: max {max(deltas):+.4f} (head {int(np.argmax(deltas))}), mean {np.mean(deltas):+.4f}{used}")
+        print(f"  layer {layer}: {'; '.join(x for x in (worth, used) if x)}")
     fixed = result["fixed_retrieval"]
     if fixed:
         print(f"fixed retrieval: held-out loss {fixed['frozen_loss']:.4f} ({fixed['model']}, memory.retrieval: frozen) against "
               f"{fixed['learned_loss']:.4f} learned ({fixed['difference']:+.4f})")
-    print(f"wrote {args.out} (analysis.json, head_importance.png{', slot_usage.png' if result['slot_usage'] else ''})")
+    pngs = ["head_importance.png"] * bool(rows) + ["slot_usage.png"] * bool(usages)
+    print(f"wrote {args.out} (analysis.json{''.join(', ' + p for p in pngs)})")
     return 0
 
 
@@ -312,6 +315,7 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--block-size", type=int, default=256, help="tokens per block (default 256)")
     p.add_argument("--max-blocks", type=int, default=16, help="held-out blocks per measurement (default 16)")
     p.add_argument("--max-memory-blocks", type=int, default=None, help="analyse only the first N Memory (or inserted) blocks")
+    p.add_argument("--slots-only", action="store_true", help="slot usage only, no head importance (one held-out pass instead of one per head)")
     p.add_argument("--fixed-retrieval", metavar="MODEL_DIR", help="a model trained like MODEL_DIR but with memory.retrieval: frozen: "
                    "its held-out loss on the same blocks, against the learned retrieval's")
     p.add_argument("--batch-size", type=int, default=4)

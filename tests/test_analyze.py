@@ -69,6 +69,15 @@ def test_an_untrained_memory_is_worth_exactly_nothing(world, capsys):
     assert (world["root"] / "untrained" / "slot_usage.png").is_file()
 
 
+def test_slots_only_makes_one_pass_and_no_heatmap(world, capsys):
+    assert main(["analyze", str(world["memory-trained"]), "--data", str(world["root"] / "corpus"), "--out", str(world["root"] / "slots"),
+                 "--block-size", "16", "--max-blocks", "6", "--slots-only", "--quiet"]) == 0
+    assert "(analysis.json, slot_usage.png)" in capsys.readouterr().out
+    result = json.loads((world["root"] / "slots" / "analysis.json").read_text())
+    assert result["head_importance"] == {} and list(result["slot_usage"]) == ["2", "5"]
+    assert not (world["root"] / "slots" / "head_importance.png").exists()
+
+
 def test_a_trained_memory_matters_and_writes_into_the_residual_stream(world, capsys):
     result = analyze(world, "memory-trained", "trained", capsys)
     deltas = [d for row in result["head_importance"].values() for d in row]

@@ -163,7 +163,8 @@ def _attention_head_zeroed(out_proj, heads: int, head: int):
 
 def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int = 256, max_blocks: int = 16,
                  max_memory_blocks: int | None = None, batch_size: int = 4, device: str = "auto", dtype: str = "float32",
-                 progress: bool = True, threads: int | None = None, fixed_retrieval: Path | None = None) -> dict:
+                 progress: bool = True, threads: int | None = None, fixed_retrieval: Path | None = None,
+                 importance: bool = True) -> dict:
     """Analyse ``model_dir`` on ``data``; writes ``out`` (analysis.json and the PNGs) and returns the JSON."""
     from tqdm.auto import tqdm
 
@@ -192,6 +193,8 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
     attention = {} if memory else _inserted_attention(model, read_plan_file(model_dir))
     if not memory and not attention:
         raise TaskError(f"{model_dir}: no Memory block and no inserted block (midus_plan.json) to analyse")
+    if not importance and not memory:
+        raise TaskError(f"{model_dir}: slot usage only, but the model has no Memory block")
     chosen = list(memory or attention)[:max_memory_blocks] if max_memory_blocks else list(memory or attention)
 
     def loss() -> float:
@@ -200,10 +203,10 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
     counters = {i: SlotCounter(memory[i].num_heads, memory[i].config.n_subkeys ** 2) for i in chosen} if memory else {}
     with torch.no_grad(), _watching({i: memory[i] for i in counters}, counters, model):
         base_loss = loss()
-    heads = {i: (memory[i].num_heads if memory else attention[i][1]) for i in chosen}
+    heads = {i: (memory[i].num_heads if memory else attention[i][1]) for i in chosen if importance}
     importance = {}
     with tqdm(total=sum(heads.values()), desc="head importance", unit="head", disable=not progress, leave=False) as bar, torch.no_grad():
-        for i in chosen:
+        for i in heads:
             row = []
             for h in range(heads[i]):
                 zeroed = _memory_head_zeroed(memory[i], h) if memory else _attention_head_zeroed(attention[i][0], heads[i], h)
@@ -230,7 +233,8 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
         import json
 
         (tmp / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
-        _plot_importance(result, tmp / "head_importance.png")
+        if importance:
+            _plot_importance(result, tmp / "head_importance.png")
         if counters:
             _plot_slots(counters, tmp / "slot_usage.png")
     return result

@@ -122,9 +122,16 @@ def _metrics(task_result: dict) -> dict:
     return out
 
 
+def model_labels(paths: list[str]) -> list[str]:
+    """Column names: each directory's name, with its parent's where that alone says little (a
+    training run's ``final``) or two models share it."""
+    names = [Path(p).name or p for p in paths]
+    return [f"{Path(p).parent.name}/{n}" if n in ("final", "export") or names.count(n) > 1 else n for p, n in zip(paths, names)]
+
+
 def format_table(result: dict) -> str:
     """One row per task metric, one column per model: ``0.412 ± 0.022``."""
-    names = [Path(r["model"]).name or r["model"] for r in result["models"]]
+    names = model_labels([r["model"] for r in result["models"]])
     header = ["task (items)", "metric", *names]
     lines = []
     for task in result["tasks"]:

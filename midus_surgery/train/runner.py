@@ -494,7 +494,8 @@ class Runner:
                **numbers.norms, "tokens_per_s": tps, "seconds_per_step": per_step, "elapsed": now - meter.started}
         self.record(rec)
         mem = f" | mem lr {rec['memory_lr']:.2e}" if "memory_lr" in rec else ""
-        self.say(f"step {self.step}/{self.total_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e}{mem} | "
+        base = f" | lr {rec['lr']:.2e}" if rec["lr"] == rec["lr"] else ""  # nan: no base parameter trains (memory only)
+        self.say(f"step {self.step}/{self.total_steps} | loss {rec['loss']:.4f}{base}{mem} | "
                  f"{' | '.join(f'{NORM_LABELS[k]} {v:.3g}' for k, v in numbers.norms.items())} | {tps:,.0f} tok/s | "
                  f"{per_step:.2f} s/step | ETA {_hms(eta)}")
         self.bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}")
