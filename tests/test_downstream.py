@@ -108,11 +108,29 @@ def test_input_errors_are_one_line(world, tmp_path, capsys):
     assert "lm-eval knows no task 'midus_clozee' (did you mean midus_cloze" in capsys.readouterr().err
     assert main(["eval", str(world["base"])]) == 2
     assert "give --data (held-out perplexity) or --tasks" in capsys.readouterr().err
+    assert main(["eval", str(world["base"]), "--tasks", "midus_cloze", "--include-path", str(world["tasks"]), "--limit", "0"]) == 2
+    assert "--limit must be above 0" in capsys.readouterr().err
+    # a task whose data cannot be read (as a Hub task without the network): one line, not lm-eval's traceback
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "midus_cloze_gone.yaml").write_text((world["tasks"] / "midus_cloze.yaml").read_text()
+                                                  .replace("task: midus_cloze", "task: midus_cloze_gone")
+                                                  .replace(str(world["tasks"] / "midus_cloze.jsonl"), str(tmp_path / "gone.jsonl")))
+    assert main(["eval", str(world["base"]), "--tasks", "midus_cloze_gone", "--include-path", str(broken), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: lm-eval could not score midus_cloze_gone on ") and "\n" not in err
     coded = tmp_path / "coded"
     coded.mkdir()
     (coded / "t.yaml").write_text("task: t\nprocess_docs: !function utils.process\n")
     assert main(["eval", str(world["base"]), "--tasks", "t", "--include-path", str(coded)]) == 2
     assert "runs Python code from its folder (!function); pass --allow-task-code" in capsys.readouterr().err
+
+
+def test_sentences_are_prose_only():
+    text = ("These entries are sorted by name then by stage. == Untracked cache The cache saves the state of the tree. "
+            "Each committer and author is shown in the list. + Currently available providers are listed in the table here. "
+            "A plain sentence with enough words in it. See `git add` for the details of it all.")
+    assert sentences(text) == ["A plain sentence with enough words in it."]
 
 
 def test_the_suite_refuses_to_write_over_its_text_and_needs_documents(world, tmp_path):

@@ -261,7 +261,9 @@ def check_task_heads(model_dir: Path) -> str:
     try:
         load(model_dir, "AutoModelForQuestionAnswering")
     except ValueError as exc:
-        assert "elsewhere than the causal LM's model.layers" in str(exc) and "\n" not in str(exc), exc
+        assert str(exc) == ("a MIDUS model of 'llama' cannot load as question answering: LlamaForQuestionAnswering names its body "
+                            "'transformer' where the causal LM's is 'model', so the weights would not load; it loads as causal LM, "
+                            "sequence classification, token classification"), exc
     else:
         raise AssertionError("LlamaForQuestionAnswering (body 'transformer') was not refused")
     return "sequence and token classification: same body; question answering (body named 'transformer') refused in one line"

@@ -205,7 +205,7 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
         base_loss = loss()
     heads = {i: (memory[i].num_heads if memory else attention[i][1]) for i in chosen if importance}
     importance = {}
-    with tqdm(total=sum(heads.values()), desc="head importance", unit="head", disable=not progress, leave=False) as bar, torch.no_grad():
+    with tqdm(total=sum(heads.values()), desc="head importance", unit="head", disable=not (progress and heads), leave=False) as bar, torch.no_grad():
         for i in heads:
             row = []
             for h in range(heads[i]):

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from midus_surgery.errors import MidusError
+from midus_surgery.errors import MidusError, one_line
 
 
 class TaskError(MidusError):
@@ -59,6 +59,10 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
     ``results``: task -> metric -> value, with ``<metric>_stderr`` beside each."""
     from midus_surgery.train.evaluate import DTYPES, eval_device, load_causal_lm, load_tokenizer
 
+    if limit is not None and not limit > 0:
+        raise TaskError(f"--limit must be above 0 (items per task, or a fraction below 1), got {limit:g}")
+    if limit is not None and limit >= 1:
+        limit = int(limit)
     simple_evaluate, HFLM, TaskManager = _lm_eval()
     include_path = [Path(p) for p in include_path]
     check_task_folders(include_path, allow_task_code)
@@ -81,10 +85,13 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         start = time.perf_counter()
         model = load_causal_lm(Path(m), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=progress).to(run_on).eval()
         lm = HFLM(pretrained=model, tokenizer=load_tokenizer(Path(m), trust_remote_code), batch_size=batch_size)
-        with _lm_eval_output(progress):
-            out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                                  log_samples=False, bootstrap_iters=1000, verbosity="ERROR", random_seed=seed,
-                                  numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        try:
+            with _lm_eval_output(progress):
+                out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                                      log_samples=False, bootstrap_iters=1000, verbosity="ERROR", random_seed=seed,
+                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        except Exception as exc:  # noqa: BLE001 - a dataset that cannot be read (no network), a task that does not build
+            raise TaskError(f"lm-eval could not score {', '.join(tasks)} on {m}: {one_line(exc, 300, whole=True)}") from None
         rows.append({"model": str(m), "results": {t: _metrics(out["results"].get(t, {})) for t in tasks},
                      "seconds": round(time.perf_counter() - start, 1)})
         del model, lm

@@ -28,7 +28,9 @@ TASKS = ("midus_next_sentence", "midus_cloze")
 SUITE_KIND = "task suite"  # the output_dir marker of a suite directory
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 WORD = re.compile(r"^[A-Za-z][a-z]{3,}$")
-MARKUP = re.compile(r"([-=~*_#^.+])\1\1|::|[`${}<>|\\\[\]]")  # headings, rules, literals, links: not prose
+# headings, rules, literals, links, and AsciiDoc/Markdown markers standing alone (`== Title`,
+# a `+` continuation, a `- ` list item): not prose
+MARKUP = re.compile(r"([-=~*_#^.+])\1\1|::|[`${}<>|\\\[\]]|(?:^|\s)(?:=+|\+|-|\*)(?=\s)")
 
 NEXT_SENTENCE_YAML = """task: midus_next_sentence
 dataset_path: json

@@ -220,6 +220,24 @@ def _kernel_checks_of(base_cls: type) -> dict:
     return {name: classmethod(lambda cls, name=name: getattr(base_cls, name)()) for name in names if hasattr(base_cls, name)}
 
 
+def _body_name(config) -> str:
+    """The causal LM's attribute holding the body (``model`` of ``model.layers``)."""
+    return next(iter(_memory_blocks(config).values()))[0]["layers_path"].split(".")[0]
+
+
+def _loadable_heads(config) -> list[str]:
+    """The public MIDUS classes a model of this config loads as: transformers has the base's class
+    for the task, and it names its body as the causal LM does (Llama's QA head says ``transformer``)."""
+    import transformers
+
+    out = []
+    for public in TASK_CLASSES:
+        name = _task_table(public).get(config.base_model_type)
+        if name and (public == "MidusForCausalLM" or getattr(transformers, name).base_model_prefix == _body_name(config)):
+            out.append(public)
+    return out
+
+
 @contextlib.contextmanager
 def _body_class_for(config):
     """transformers' generic task heads build their body with ``AutoModel.from_config(config)``,
@@ -258,6 +276,12 @@ class MidusPreTrainedModel(PreTrainedModel):
         return super().__new__(cls)
 
     def __init__(self, config: MidusConfig, *args, **kwargs):
+        public = self._public_class().__name__
+        if public != "MidusForCausalLM" and public not in _loadable_heads(config):
+            task, prefix = TASK_CLASSES[public][0], self._midus_base.base_model_prefix
+            raise ValueError(f"a MIDUS model of {config.base_model_type!r} cannot load as {task}: {self._midus_base.__name__} names its body "
+                             f"{prefix!r} where the causal LM's is {_body_name(config)!r}, so the weights would not load; it loads as "
+                             f"{', '.join(TASK_CLASSES[c][0] for c in _loadable_heads(config))}")
         with _body_class_for(config):
             self._midus_base.__init__(self, config, *args, **kwargs)
         install_memory_blocks(self, config)
