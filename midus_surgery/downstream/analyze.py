@@ -100,7 +100,7 @@ class SlotCounter:
 def _watching(layers: dict, counters: dict, model) -> Iterable[None]:
     """Each Memory block's observer counts slots; hooks sum the memory's output norm and the
     residual stream's norm at the block's input."""
-    anatomy_layers = _decoder_layers(model)
+    anatomy_layers = _decoder_layers(model) if layers else None
     handles = []
     for index, hml in layers.items():
         counter = counters[index]
@@ -126,10 +126,9 @@ def _watching(layers: dict, counters: dict, model) -> Iterable[None]:
 
 
 def _decoder_layers(model):
-    midus = getattr(model.config, "midus", None) or {}
-    blocks = midus.get("memory_blocks") or {}
-    path = next(iter(blocks.values()))["anatomy"]["layers_path"] if blocks else midus.get("anatomy", {}).get("layers_path", "model.layers")
-    return model.get_submodule(path)
+    from midus_surgery.model.modeling_midus import memory_blocks
+
+    return model.get_submodule(next(iter(memory_blocks(model.config).values()))[0]["layers_path"])
 
 
 @contextmanager

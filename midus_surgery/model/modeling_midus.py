@@ -128,7 +128,7 @@ def attention_shape(config) -> tuple[int, int]:
     return heads, head_dim
 
 
-def _memory_blocks(config) -> dict[int, tuple[dict, int, int]]:
+def memory_blocks(config) -> dict[int, tuple[dict, int, int]]:
     """Output layer -> (the anatomy of its source layer, heads, head width) for every memory block.
 
     Configs written before hybrid stacks were planned per kind of layer have one anatomy for all
@@ -144,7 +144,7 @@ def install_memory_blocks(model: nn.Module, config) -> None:
     """Turn the layers listed in ``config.midus['memory_layers']`` into Memory blocks, in place."""
     midus = config.midus
     hml_config = HMLConfig.from_dict(midus["hml"])
-    blocks = _memory_blocks(config)
+    blocks = memory_blocks(config)
     bank = None
     if midus.get("share_bank"):
         bank = LatentBank(hml_config.n_subkeys, hml_config.latent_dim)
@@ -222,7 +222,7 @@ def _kernel_checks_of(base_cls: type) -> dict:
 
 def _body_name(config) -> str:
     """The causal LM's attribute holding the body (``model`` of ``model.layers``)."""
-    return next(iter(_memory_blocks(config).values()))[0]["layers_path"].split(".")[0]
+    return next(iter(memory_blocks(config).values()))[0]["layers_path"].split(".")[0]
 
 
 def _loadable_heads(config) -> list[str]:

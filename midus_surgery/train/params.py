@@ -58,12 +58,11 @@ VALUE_PARAMETERS = ("bank.", "proj", "values", "gate.", "out_proj.")
 def retrieval_parameters(model, names: list[str]) -> set[str]:
     """The names of what decides which slots a Memory block reads: every parameter of a Memory
     block but its values (the attention that makes the queries, their norm and projection, the sub-keys)."""
-    midus = getattr(model.config, "midus", None) or {}
-    blocks = midus.get("memory_blocks") or {}
-    if blocks:
-        prefixes = tuple(f"{b['anatomy']['layers_path']}.{i}." for i, b in blocks.items())
-    else:  # configs written before per-block anatomy: one anatomy for all
-        prefixes = tuple(f"{midus.get('anatomy', {}).get('layers_path')}.{i}." for i in midus.get("memory_layers", []))
+    from midus_surgery.model.modeling_midus import memory_blocks
+
+    if not (getattr(model.config, "midus", None) or {}).get("memory_layers"):
+        return set()
+    prefixes = tuple(f"{anatomy['layers_path']}.{i}." for i, (anatomy, _, _) in memory_blocks(model.config).items())
     out = set()
     for name in names:
         if not name.startswith(prefixes) or SHARED_BANK in name:
