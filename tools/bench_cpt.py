@@ -76,6 +76,8 @@ def cli() -> argparse.Namespace:
     p.add_argument("--memory-lr", type=float, default=1e-3, help="memory.lr (MIDUS only)")
     p.add_argument("--memory-schedule", choices=["constant", "same"], default="constant",
                    help="memory.schedule (MIDUS only): constant after warmup, or `same`: the base's cosine decay scaled to --memory-lr")
+    p.add_argument("--memory-retrieval", choices=["learned", "frozen"], default="learned",
+                   help="memory.retrieval (MIDUS only): frozen trains only the values (the fixed-retrieval analysis)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="+", choices=["base"] + [v[0] for v in VARIANTS], help="run only these rows")
     p.add_argument("--recipe", action="append", default=[], metavar="ROW=PATH",
@@ -172,7 +174,8 @@ def train(name: str, model_dir: str, a, train_files: list[str], held_files: list
         "tokens": a.tokens, "micro_batch_size": a.micro_batch_size, "grad_accum": a.grad_accum, "precision": a.precision,
         "freeze": a.freeze,
         "optim": {"lr": a.lr, "schedule": "cosine", "warmup": 0.02, "min_lr_ratio": 0.1, "weight_decay": 0.1, "grad_clip": 1.0},
-        "memory": {"lr": a.memory_lr, "schedule": a.memory_schedule, "weight_decay": 0.0, "grad_clip": 1.0},
+        "memory": {"lr": a.memory_lr, "schedule": a.memory_schedule, "weight_decay": 0.0, "grad_clip": 1.0,
+                   "retrieval": a.memory_retrieval},
         # held-out loss of the training domain: the same blocks `midus-surgery eval` reads (first eval_blocks of the held-out files);
         # at the start only for DUS (the identity-initialised LLaMA-Pro and MIDUS start exactly at the base's numbers).
         "eval": {"every": 0, "max_blocks": a.eval_blocks, "batch_size": a.micro_batch_size, "at_start": name == "DUS"},
