@@ -29,7 +29,8 @@ def world(tmp_path_factory):
     base = make_model_dir(root / "base", with_plan=False)
     out = {"root": root, "base": base}
     for kind in ("identity", "memory"):
-        memory = "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n  share_bank: true\n" if kind == "memory" else ""
+        # query_norm batch: its running statistics travel from apply through training to the export
+        memory = "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n  share_bank: true\n  query_norm: batch\n" if kind == "memory" else ""
         recipe = root / f"{kind}.yaml"
         recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after_every: 2\n    kind: {kind}\n{memory}"
                           f"output:\n  dir: {kind}-out\n  dtype: float32\n")
@@ -117,6 +118,9 @@ def test_frozen_retrieval_trains_the_values_only(world):
     for name in retrieval:
         assert start[name].equal(frozen[name]), f"{name} trained with the retrieval frozen"
         assert not start[name].equal(learned[name]) or "norm" in name, f"{name} did not train with the retrieval learned"
+    statistics = [n for n in retrieval if ".query_norm.running_" in n or ".query_norm.updates" in n]
+    assert len(statistics) == 3 * len(memory_layers)  # written at apply (0, 1, 0), frozen with the retrieval
+    assert all(float(learned[n]) == 6 for n in statistics if n.endswith(".updates"))  # one update per training step
     values = [n for n in start if ".hml.proj" in n or "midus_shared_bank" in n]
     assert values and all(not start[n].equal(frozen[n]) for n in values)
     assert "\nmemory retrieval frozen: " in "\n".join(world["frozen-said"])

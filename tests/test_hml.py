@@ -58,7 +58,10 @@ def dense_reference(m: HeadwiseMemory, x: torch.Tensor, params: dict) -> torch.T
     else:
         q = x.reshape(-1, H, dh)
         flat_in = q.reshape(-1, H * dh)
-    if cfg.query_norm == "rms":
+    if cfg.query_norm == "batch":  # standardised with the running statistics, then rms
+        norm = m.query_norm
+        q = (q - norm.running_mean) / norm.running_var.clamp_min(cfg.norm_eps).sqrt()
+    if cfg.query_norm in ("rms", "batch"):
         q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * params["query_norm.weight"]
     elif cfg.query_norm == "layer":
         q = q - q.mean(-1, keepdim=True)
@@ -146,6 +149,7 @@ CONFIGS = [
     dict(query_source="hidden", gate=True, query_norm="rms"),
     dict(bank_grad="embedding_bag"),
     dict(bank_grad="index_add", hive=False),
+    dict(query_norm="batch"),
 ]
 
 
@@ -154,6 +158,11 @@ def test_matches_dense_reference_values_and_grads(kw):
     torch.manual_seed(0)
     D = 12 if kw.get("query_source") == "hidden" else 16
     m = tiny(H=2, dh=8, D=D, n_subkeys=6, topk=4, latent_dim=5, **kw).double()
+    if kw.get("query_norm") == "batch":  # statistics as after some training, held while compared
+        with torch.no_grad():
+            m.query_norm.running_mean.normal_()
+            m.query_norm.running_var.uniform_(0.5, 2.0)
+        m.query_norm.track_statistics = False
     shape = (3, 5, D) if kw.get("query_source") == "hidden" else (3, 5, 2, 8)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     out = m(x)
@@ -187,7 +196,7 @@ def test_gradcheck_float64(kw):
 @pytest.mark.parametrize(
     "kw,factor",
     [(dict(), "proj"), (dict(init="zero_bank"), "bank.weight"), (dict(hive=False), "values"),
-     (dict(gate=True, output_proj="always"), "proj")],
+     (dict(gate=True, output_proj="always"), "proj"), (dict(query_norm="batch"), "proj")],
 )
 def test_identity_at_start_then_learns(kw, factor):
     torch.manual_seed(0)
@@ -201,6 +210,49 @@ def test_identity_at_start_then_learns(kw, factor):
     assert grads[factor] is not None and torch.count_nonzero(grads[factor]) > 0
     torch.optim.SGD(m.parameters(), lr=0.1).step()
     assert torch.count_nonzero(m(x)) > 0
+
+
+# ------------------------------------------------------------------ query_norm: batch
+def test_batch_query_norm_starts_as_rms_and_learns_the_query_statistics():
+    x = torch.randn(2, 7, 2, 8) * torch.linspace(0.5, 3.0, 8) + 2.0  # a shared offset and unequal scales
+    batch, rms = tiny(query_norm="batch"), tiny(query_norm="rms")
+    assert torch.equal(batch(x), rms(x))  # untouched statistics (0, 1): exactly rms, so exactly its slots
+    norm = batch.query_norm
+    assert int(norm.updates) == 1  # that was a training forward: the statistics come from it, for later batches
+    q = x.reshape(-1, 2, 8)
+    torch.testing.assert_close(norm.running_mean, q.mean(0))
+    torch.testing.assert_close(norm.running_var, q.var(0, unbiased=False))
+    mean_before = norm.running_mean.clone()
+    batch(x + 1.0)  # later batches move them by the momentum
+    torch.testing.assert_close(norm.running_mean, mean_before + 0.5)  # max(0.1, 1/2)
+    frozen = {k: v.clone() for k, v in batch.state_dict().items()}
+    batch.eval()
+    batch(x)
+    batch.train()
+    with torch.no_grad():
+        batch(x)
+    norm.track_statistics = False
+    batch(x)
+    assert all(torch.equal(v, batch.state_dict()[k]) for k, v in frozen.items())  # eval, no_grad, held: unmoved
+    # the standardised queries read more slots than raw ones: the offset no longer picks them
+    wide = tiny(H=2, dh=8, n_subkeys=16, topk=4, query_norm="batch")
+    wide(x)
+    used_batch = wide.lookup(x)[1].unique().numel()
+    wide.query_norm.reset_statistics()
+    assert wide.lookup(x)[1].unique().numel() < used_batch
+
+
+def test_batch_query_norm_keeps_training_causal():
+    m = tiny(query_norm="batch")
+    x = torch.randn(2, 6, 2, 8) + 1.0
+    m(torch.randn_like(x))  # statistics from an earlier batch
+    twin = tiny(query_norm="batch")
+    twin.load_state_dict(m.state_dict())
+    later_changed = x.clone()
+    later_changed[:, -1] += 5.0
+    a, b = m(x), twin(later_changed)  # both in training, both update their statistics
+    assert torch.equal(a[:, :-1], b[:, :-1])  # no token's output depends on a later token of the batch
+    assert not torch.equal(m.query_norm.running_mean, twin.query_norm.running_mean)
 
 
 # ------------------------------------------------------------------ init, params, config
@@ -251,7 +303,7 @@ def dataclass_replace(cfg, **kw):
 @pytest.mark.parametrize(
     "kw",
     [dict(), dict(hive=False), dict(gate=True), dict(query_norm="layer", output_proj="always"),
-     dict(query_source="hidden", gate=True), dict(query_norm="none")],
+     dict(query_source="hidden", gate=True), dict(query_norm="none"), dict(query_norm="batch")],
 )
 def test_meta_construction_and_parameter_count(kw):
     H, dh, D, n, k, dl = 4, 8, 48, 16, 4, 8
@@ -291,6 +343,7 @@ def test_meta_construction_and_parameter_count(kw):
         (("output_proj", "always"), ("query_norm", "layer")): (4416, 2 * 2480),
         (("gate", True), ("query_source", "hidden")): (7456, 2 * 5584),
         (("query_norm", "none"),): (4352, 2 * 2480),
+        (("query_norm", "batch"),): (4384, 2 * 2480),  # its statistics are buffers, not parameters
     }[tuple(sorted(kw.items()))]
     assert len(candidate_pairs(k, torch.device("cpu"))[0]) == 8
     assert sum(math.prod(shape) for shape in want.values()) == expected[0]
@@ -331,7 +384,7 @@ def test_config_roundtrip_and_validation():
     assert HMLConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown"):
         HMLConfig.from_dict({**cfg.to_dict(), "bogus": 1})
-    bad = [dict(topk=300), dict(query_norm="batch"), dict(output_proj="sometimes"), dict(init="ones"),
+    bad = [dict(topk=300), dict(query_norm="group"), dict(output_proj="sometimes"), dict(init="ones"),
            dict(n_subkeys=0), dict(query_source="x"), dict(bank_grad="x")]
     for kw in bad:
         with pytest.raises(ValueError):

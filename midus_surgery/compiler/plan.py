@@ -561,7 +561,7 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
             hml = hmls[layer.index]
             rules = hml.init_rules()
             readout = f"{out_prefix}{block.ffn[-1]}.{HML_MODULE}."
-            for pname, p in hml.named_parameters():
+            for pname, p in hml.state_dict().items():  # parameters and the query norm's running statistics
                 if share and pname == "bank.weight":
                     continue  # one bank for the whole model, written once below
                 tensors.append(TensorEntry(readout + pname, tuple(p.shape), None, rules.get(pname, "init")))

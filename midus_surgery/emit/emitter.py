@@ -95,7 +95,7 @@ class MemoryInit:
             block = plan.midus["memory_blocks"][index]
             module = build_hml(config_value(self._planned.config, "hidden_size"), (block["heads"], block["head_dim"]), mem, device="cpu")
             module.reset_parameters(seed=seed)
-        return {name: p.detach().to(torch_dtype(self._dtype)) for name, p in module.named_parameters()}
+        return {name: t.detach().to(torch_dtype(self._dtype)) for name, t in module.state_dict().items()}  # buffers too
 
     def get(self, tensor_name: str):
         if tensor_name.startswith(SHARED_BANK + "."):

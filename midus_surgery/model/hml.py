@@ -54,7 +54,7 @@ __all__ = [
     "prepare_kernels",
 ]
 
-_QUERY_NORMS = ("none", "rms", "layer")
+_QUERY_NORMS = ("none", "rms", "layer", "batch")
 _OUTPUT_PROJ = ("auto", "always", "never")
 _QUERY_SOURCES = ("heads", "hidden")
 _INITS = ("zero_proj", "zero_bank", "random")
@@ -664,7 +664,22 @@ class LatentBank(nn.Module):
 
 
 class _HeadNorm(nn.Module):
-    """Per-head RMS / Layer norm over d_h with a per-head affine weight [H, d_h] (float32 math)."""
+    """Per-head query norm over d_h with a per-head affine weight [H, d_h] (float32 math).
+
+    rms    q / rms(q) * weight.
+    layer  (q - mean(q)) / std(q) * weight + bias, over each token's d_h features.
+    batch  each feature standardised across tokens with running statistics ``running_mean`` /
+           ``running_var`` [H, d_h], then rms. The attention heads' outputs share a direction
+           across tokens (cosine 0.5-0.8 to their mean on SmolLM2, docs/analysis.md), so without
+           it the same few slots win for every token; the PKM paper's query BatchNorm removes it.
+           Only running statistics normalise, in training too, and a batch updates them after its
+           own use: a batch's own statistics would let each token's query depend on the other
+           tokens of the batch, later ones included. They update in training
+           (``track_statistics``), from the first batch on (momentum max(0.1, 1/(updates+1)): the
+           first batch sets them); untouched they are 0 and 1, and the norm is exactly rms.
+    """
+
+    MOMENTUM = 0.1
 
     def __init__(self, kind: str, num_heads: int, head_dim: int, eps: float, device=None, dtype=None) -> None:
         super().__init__()
@@ -675,9 +690,36 @@ class _HeadNorm(nn.Module):
             self.bias = nn.Parameter(torch.empty(num_heads, head_dim, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
+        # the trainer turns it off where the retrieval is frozen (memory.retrieval: frozen)
+        self.track_statistics = True
+        if kind == "batch":  # float buffers: they are written with the output's dtype like every tensor
+            self.register_buffer("running_mean", torch.zeros(num_heads, head_dim, device=device, dtype=dtype))
+            self.register_buffer("running_var", torch.ones(num_heads, head_dim, device=device, dtype=dtype))
+            self.register_buffer("updates", torch.zeros((), device=device, dtype=dtype))
+
+    def reset_statistics(self) -> None:
+        if self.kind == "batch":
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+            self.updates.zero_()
+
+    @torch.no_grad()
+    def _track(self, q: Tensor) -> None:  # q [T, H, d_h]
+        # (with gradient checkpointing the recomputed forward updates them a second time: the same
+        # batch weighed twice, harmless for an average over many steps)
+        momentum = max(self.MOMENTUM, 1.0 / (float(self.updates) + 1.0))
+        self.running_mean.lerp_(q.mean(0).to(self.running_mean.dtype), momentum)
+        self.running_var.lerp_(q.var(0, unbiased=False).to(self.running_var.dtype), momentum)
+        self.updates += 1
 
     def forward(self, q: Tensor) -> Tensor:  # q [T, H, d_h] (float32/64)
-        if self.kind == "rms":
+        if self.kind == "batch":
+            seen = q.detach()
+            # the statistics of earlier batches: untouched (0, 1) they change nothing, to the bit
+            q = (q - self.running_mean.to(q.dtype)) * torch.rsqrt(self.running_var.to(q.dtype).clamp_min(self.eps))
+            if self.training and self.track_statistics and torch.is_grad_enabled() and seen.shape[0] > 1:
+                self._track(seen)  # after use: this batch's statistics normalise the next batches only
+        if self.kind in ("rms", "batch"):
             q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + self.eps)
             return q * self.weight.to(q.dtype)
         mu = q.mean(-1, keepdim=True)
@@ -692,7 +734,8 @@ class HeadwiseMemory(nn.Module):
     forward: [..., H, d_h] (query_source="heads") or [..., hidden] ("hidden") -> [..., hidden].
     Parameters (names are stable): ``keys`` [H, 2, n, d_h/2]; ``bank.weight`` [n*n, d_l] (HIVE,
     own bank) or none (shared bank passed in); ``proj`` [H, d_l, d_h] (HIVE); ``values``
-    [H, n*n, d_h] (HIVE off); ``query_norm.weight`` (+ ``.bias`` for layer) [H, d_h];
+    [H, n*n, d_h] (HIVE off); ``query_norm.weight`` (+ ``.bias`` for layer) [H, d_h]; buffers
+    ``query_norm.running_mean`` / ``.running_var`` [H, d_h] and ``.updates`` [] for batch;
     ``query_proj.weight`` [H*d_h, hidden]; ``gate.weight`` [H*d_h, in]; ``out_proj.weight``
     [hidden, H*d_h].
 
@@ -850,6 +893,8 @@ class HeadwiseMemory(nn.Module):
             rules["query_norm.weight"] = "ones"
             if self.query_norm.bias is not None:
                 rules["query_norm.bias"] = "zeros"
+            if self.query_norm.kind == "batch":
+                rules |= {"query_norm.running_mean": "zeros", "query_norm.running_var": "ones", "query_norm.updates": "zeros"}
         if self.query_proj is not None:
             rules["query_proj.weight"] = f"normal(0, hidden^-0.5) = normal(0, {self.hidden_size**-0.5:.4g})"
         if self.gate is not None:
@@ -878,6 +923,7 @@ class HeadwiseMemory(nn.Module):
             _fill(self.query_norm.weight, "ones", seed, "query_norm.weight")
             if self.query_norm.bias is not None:
                 _fill(self.query_norm.bias, "zeros", seed, "query_norm.bias")
+            self.query_norm.reset_statistics()
         if self.query_proj is not None:
             _fill(self.query_proj.weight, "normal", seed, "query_proj.weight", self.hidden_size**-0.5)
         if self.gate is not None:
@@ -999,7 +1045,7 @@ def hml_parameter_count(
             count += n * n * dl
     else:
         count += H * n * n * dh
-    if config.query_norm == "rms":
+    if config.query_norm in ("rms", "batch"):
         count += inner
     elif config.query_norm == "layer":
         count += 2 * inner

@@ -132,7 +132,9 @@ class MemorySettings(Strict):
     topk: int = Field(32, ge=1, le=MAX_TOPK, description="k: slots read per head and token (two-stage top-k). Must be <= n.")
     latent_dim: int = Field(256, ge=1, le=MAX_LATENT_DIM, description="d_l: width of the shared HIVE latent bank (n*n x d_l). Ignored when hive is false.")
     hive: bool = Field(True, description="HIVE values: one latent bank shared by all heads plus a d_l x d_h projection per head. False: a value table of width d_h per head.")
-    query_norm: Literal["none", "rms", "layer"] = Field("rms", description="Per-head normalisation of the query before scoring (never batch norm: it breaks causality).")
+    query_norm: Literal["none", "rms", "layer", "batch"] = Field("rms", description="Per-head normalisation of the query before scoring. "
+        "`batch`: each query feature standardised with running statistics over the tokens seen in training (the product-key "
+        "memory paper's query BatchNorm, without batch statistics: no token's query depends on another token), then rms.")
     gate: bool = Field(False, description="Memory+-style SiLU gate on the memory output.")
     output_proj: Literal["auto", "always", "never"] = Field("auto", description="Output projection to the hidden size: `auto` adds one only when heads*head_dim != hidden size.")
     query_source: Literal["heads", "hidden"] = Field("heads", description="`heads`: each head's attention output queries its memory (MIDUS). `hidden`: the generic variant, queries projected from x + Attn(Norm(x)); the attention keeps its output projection, zeroed as in LLaMA-Pro so the block starts as the identity.")

@@ -108,7 +108,7 @@ class MemoryOptimConfig(Strict):
     grad_clip: float = Field(1.0, ge=0.0, description="Clip the memory tables' gradient norm separately from the rest (0: no clipping).")
     retrieval: Literal["learned", "frozen"] = Field(
         "learned", description="`frozen`: which slots each token reads stays as it is at the start (the Memory blocks' query path: "
-        "their attention, query norm and projection, and the sub-keys do not train); only the values (latent bank, head "
+        "their attention, query norm (and a `batch` norm's running statistics) and projection, and the sub-keys do not train); only the values (latent bank, head "
         "projections, value tables, gate, output projection) train. The fixed-retrieval analysis: compare its held-out loss "
         "with a `learned` run's (`midus-surgery analyze --fixed-retrieval`).")
 
