@@ -367,6 +367,15 @@ def test_midus_output_trains_memory_with_its_own_group(world, tmp_path):
     assert changed and all(n.startswith(inserted) or "midus_shared_bank" in n for n in changed)
     assert any(is_memory_parameter(n) for n in changed)
     load_causal_lm(final)  # transformers loads the export
+    # memory-only: no base parameter trains, so there is no base lr to write (absent, not NaN)
+    said = []
+    cfg = write_config(tmp_path / "memory-only.yaml", out, tmp_path / "memory-only", world["corpus"], world["cache"], tokens=16 * 4 * 2,
+                       freeze="memory-only", **{"eval.at_start": False, "log.every": 1})
+    train(load_train_config(cfg), echo=said.append)
+    steps = [r for r in metrics(tmp_path / "memory-only") if "loss" in r]
+    assert len(steps) == 2 and all("lr" not in r and r["memory_lr"] > 0 for r in steps)
+    step_lines = [line for line in said if line.startswith("step ")]
+    assert step_lines and all(" | mem lr " in line and " | lr " not in line for line in step_lines)
 
 
 @pytest.mark.parametrize("kind", ["identity", "memory"])

@@ -489,12 +489,13 @@ class Runner:
         per_step = (now - meter.rate_t) / max(1, self.step - meter.rate_step)
         eta = per_step * (self.total_steps - self.step)
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        base_lr = lrs.get("base", lrs.get("base_no_decay"))  # None: no base parameter trains (memory only), no lr to write
         rec = {"step": self.step, "tokens": self.samples_seen * cfg.data.block_size, "loss": float(np.mean(meter.losses)),
-               "lr": lrs.get("base", lrs.get("base_no_decay", float("nan"))), **({"memory_lr": lrs["memory"]} if "memory" in lrs else {}),
+               **({"lr": base_lr} if base_lr is not None else {}), **({"memory_lr": lrs["memory"]} if "memory" in lrs else {}),
                **numbers.norms, "tokens_per_s": tps, "seconds_per_step": per_step, "elapsed": now - meter.started}
         self.record(rec)
         mem = f" | mem lr {rec['memory_lr']:.2e}" if "memory_lr" in rec else ""
-        base = f" | lr {rec['lr']:.2e}" if rec["lr"] == rec["lr"] else ""  # nan: no base parameter trains (memory only)
+        base = f" | lr {rec['lr']:.2e}" if "lr" in rec else ""
         self.say(f"step {self.step}/{self.total_steps} | loss {rec['loss']:.4f}{base}{mem} | "
                  f"{' | '.join(f'{NORM_LABELS[k]} {v:.3g}' for k, v in numbers.norms.items())} | {tps:,.0f} tok/s | "
                  f"{per_step:.2f} s/step | ETA {_hms(eta)}")
