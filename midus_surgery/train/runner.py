@@ -544,7 +544,8 @@ class Runner:
         if self.is_midus:
             from midus_surgery.model.hml import backend_words
 
-            self.say(f"memory layer: {' + '.join(map(backend_words, self.memory_backend.split('+')))} (MIDUS_HML_KERNELS=torch: the pure-torch path)")
+            hint = "" if self.memory_backend == "torch" else " (MIDUS_HML_KERNELS=torch runs the pure-torch path instead)"
+            self.say(f"memory layer: {' + '.join(map(backend_words, self.memory_backend.split('+')))}{hint}")
         if cfg.compile:
             self.say("compile: the first step compiles the model (about 2 minutes for the 45-layer SmolLM2 outputs on an H200); "
                      "tok/s and ETA count from the second step")
