@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from train_fixtures.tiny import make_model_dir, write_config, write_corpus
 
 from midus_surgery.cli import main
@@ -141,3 +142,25 @@ def test_frozen_retrieval_needs_memory_blocks(world, tmp_path):
                        tokens=16 * 8, **{"memory.retrieval": "frozen"})
     with pytest.raises(RecipeError, match="memory.retrieval: `frozen` but the model has no Memory block"):
         train(load_train_config(cfg))
+
+
+def test_the_query_diagnosis_reruns_the_lookup_per_memory_block(world, capsys):
+    from tool_modules import load_tool
+
+    tool = load_tool("diagnose_queries")
+    assert tool.main([str(world["memory-trained"]), "--data", str(world["root"] / "corpus"), "--block-size", "16", "--max-blocks", "6"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("layer ")]
+    assert [r.split(":")[0] for r in rows] == ["layer  2", "layer  5"]
+    assert all(all(name in r for name in ("as is", "centred", "standardised", "cosine keys")) for r in rows)
+    # the numbers themselves, on queries with a shared offset: standardising spreads the reads
+    from midus_surgery.model.hml import HeadwiseMemory, HMLConfig
+
+    memory = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=16, topk=4, latent_dim=4))
+    torch.manual_seed(0)
+    queries = torch.randn(200, 2, 8) * 0.1 + torch.randn(1, 2, 8)  # [T, H, d_h], cosine to the mean near 1
+    found = tool.diagnose(memory, queries)
+    assert found["cosine_to_mean_query"] > 0.9
+    assert found["standardised"]["used_fraction"] > 2 * found["as is"]["used_fraction"]
+    assert found["standardised"]["top1pct_share"] < found["as is"]["top1pct_share"]
+    assert tool.main([str(world["identity"]), "--data", str(world["root"] / "corpus")]) == 2
+    assert "no Memory block" in capsys.readouterr().err

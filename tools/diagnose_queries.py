@@ -1,0 +1,127 @@
+"""Why do a few memory slots take most reads? Each Memory block's queries on held-out text, and the
+lookup re-run with the queries or the sub-keys changed (docs/analysis.md, "Why so few slots").
+
+    python tools/diagnose_queries.py work/out/smollm2-135m-midus --data work/corpora/git-doc [--max-blocks 8]
+
+Per Memory block, averaged over its heads: how much the queries share one direction across tokens
+(mean cosine of each token's query to the mean query), then the share of slots read at least once and
+the share of reads taken by the top 1% of slots, for the lookup
+  as is        the model's own query norm and sub-keys;
+  centred      the mean query over these tokens subtracted, then rms;
+  standardised each query feature centred and divided by its standard deviation over these tokens
+               (what `query_norm: batch` does with running statistics), then rms;
+  cosine keys  the model's own queries, every sub-key scaled to the mean sub-key norm.
+The counterfactual lookups read the statistics of the very tokens they score: a diagnosis, not a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def usage(slots: torch.Tensor, num_slots: int) -> tuple[float, float]:
+    """(share of slots read at least once, share of reads taken by the top 1% of slots), mean over heads.
+    slots [H, T, k]."""
+    used, top = [], []
+    for head in slots:
+        counts = np.bincount(head.reshape(-1).numpy(), minlength=num_slots)
+        used.append(float((counts > 0).mean()))
+        top.append(float(np.sort(counts)[::-1][: max(1, num_slots // 100)].sum() / counts.sum()))
+    return float(np.mean(used)), float(np.mean(top))
+
+
+def diagnose(memory, queries: torch.Tensor) -> dict:
+    """queries [T, H, d_h]: what one Memory block's attention heads handed its memory."""
+    from midus_surgery.model.hml import _Lookup
+
+    cfg, H, dh = memory.config, memory.num_heads, memory.head_dim
+    num_slots = cfg.n_subkeys ** 2
+    weight = memory.query_norm.weight.float() if memory.query_norm is not None else torch.ones(H, dh)
+
+    def rms(q):  # [T, H, d_h]
+        return q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * weight
+
+    def read(q_normed, keys):
+        return usage(_Lookup.apply(q_normed.contiguous(), keys, cfg.topk, "torch")[1], num_slots)
+
+    keys = memory.keys.float()  # [H, 2, n, d_h/2]
+    mean = queries.mean(0, keepdim=True)
+    std = queries.std(0, unbiased=False, keepdim=True)
+    cosine_keys = keys / keys.norm(dim=-1, keepdim=True) * keys.norm(dim=-1).mean()
+    own = memory.query_norm(queries) if memory.query_norm is not None else queries
+    rows = {
+        "as is": read(own, keys),
+        "centred": read(rms(queries - mean), keys),
+        "standardised": read(rms((queries - mean) / std.clamp_min(1e-6)), keys),
+        "cosine keys": read(own, cosine_keys),
+    }
+    shared = torch.nn.functional.cosine_similarity(queries, mean.expand_as(queries), dim=-1).mean().item()
+    return {"tokens": queries.shape[0], "cosine_to_mean_query": shared,
+            **{name: {"used_fraction": u, "top1pct_share": t} for name, (u, t) in rows.items()}}
+
+
+def collect_queries(model, batches) -> dict[int, torch.Tensor]:
+    """Output layer index -> the queries its memory saw [T, H, d_h], over all batches."""
+    from midus_surgery.downstream.analyze import _memory_layers
+
+    memory = _memory_layers(model)
+    seen: dict[int, list] = {i: [] for i in memory}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: seen[i].append(args[0].detach().reshape(-1, mod.num_heads, mod.head_dim).float()))
+             for i, m in memory.items()]
+    try:
+        with torch.no_grad():
+            for ids, _ in batches:
+                model(input_ids=torch.as_tensor(ids))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {i: torch.cat(q) for i, q in seen.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", type=Path, help="a MIDUS model directory (`apply` or `train` output)")
+    ap.add_argument("--data", nargs="+", required=True, help="held-out files or directories")
+    ap.add_argument("--block-size", type=int, default=256)
+    ap.add_argument("--max-blocks", type=int, default=8)
+    args = ap.parse_args(argv)
+    from midus_surgery.downstream.analyze import _memory_layers
+    from midus_surgery.errors import MidusError
+    from midus_surgery.train import data as D
+    from midus_surgery.train.evaluate import block_batches, load_causal_lm, load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(args.model)
+        stream = D.prepare_corpus(list(args.data), Path.cwd(), tokenizer, dir_glob=("**/*.txt", "**/*.md", "**/*.rst"),
+                                  text_field="text", cache_dir=D.default_cache_dir(), progress=False, what="data",
+                                  tokenizer_source=str(args.model))
+        blocks, _ = D.split(stream, None, args.block_size, 0.0, what="data")
+        model = load_causal_lm(args.model, dtype=torch.float32, progress=False).eval()
+    except MidusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    memory = _memory_layers(model)
+    if not memory:
+        print(f"error: {args.model}: no Memory block", file=sys.stderr)
+        return 2
+    if any(m.config.query_source != "heads" for m in memory.values()):
+        print(f"error: {args.model}: the diagnosis reads the attention heads' outputs (query_source: heads)", file=sys.stderr)
+        return 2
+    queries = collect_queries(model, block_batches(blocks, 4, max_blocks=args.max_blocks))
+    result = {str(i): diagnose(memory[i], q) for i, q in queries.items()}
+    print(f"{args.model}: {next(iter(result.values()))['tokens']:,} tokens; per layer: cos(query, mean query) | "
+          "slots read at least once / top-1% share of reads")
+    for layer, r in result.items():
+        cells = " | ".join(f"{name} {r[name]['used_fraction']:6.1%} / {r[name]['top1pct_share']:5.1%}"
+                           for name in ("as is", "centred", "standardised", "cosine keys"))
+        print(f"layer {layer:>2}: cos {r['cosine_to_mean_query']:.2f} | {cells}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
