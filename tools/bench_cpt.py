@@ -196,7 +196,8 @@ def train(name: str, model_dir: str, a, train_files: list[str], held_files: list
             "tokens": steps[-1]["tokens"] if steps else 0, "steps": len(steps),
             "tokens_per_s": (steps[-1]["tokens"] / train_s) if steps else float("nan"),
             "trainable": m.group(1) if m else "?", "total_params": m.group(2) if m else "?",
-            "trainable_exact": trainable_exact(ROOT / model_dir, a.freeze),
+            # the headers know the freeze policy, not a frozen retrieval: then the runner's own count
+            "trainable_exact": trainable_exact(ROOT / model_dir, a.freeze) if a.memory_retrieval == "learned" or name != "MIDUS" else None,
             "final_eval": evals[-1] if evals else None, "start_eval": evals[0] if len(evals) > 1 else None,
             "curve": [(r["tokens"], r["loss"]) for r in steps], "train_info_keys": sorted(info)}
 
