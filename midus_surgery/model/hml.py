@@ -707,7 +707,7 @@ class _HeadNorm(nn.Module):
     def _track(self, q: Tensor) -> None:  # q [T, H, d_h]
         # (with gradient checkpointing the recomputed forward updates them a second time: the same
         # batch weighed twice, harmless for an average over many steps)
-        momentum = max(self.MOMENTUM, 1.0 / (float(self.updates) + 1.0))
+        momentum = (1.0 / (self.updates + 1.0)).clamp_min(self.MOMENTUM)  # a tensor: no host sync on CUDA
         self.running_mean.lerp_(q.mean(0).to(self.running_mean.dtype), momentum)
         self.running_var.lerp_(q.var(0, unbiased=False).to(self.running_var.dtype), momentum)
         self.updates += 1
