@@ -8,6 +8,7 @@ analysed by its inserted blocks' attention heads, again exactly 0 untrained."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -149,9 +150,20 @@ def test_the_query_diagnosis_reruns_the_lookup_per_memory_block(world, capsys):
 
     tool = load_tool("diagnose_queries")
     assert tool.main([str(world["memory-trained"]), "--data", str(world["root"] / "corpus"), "--block-size", "16", "--max-blocks", "6"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("layer ")]
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("layer ")]
     assert [r.split(":")[0] for r in rows] == ["layer  2", "layer  5"]
     assert all(all(name in r for name in ("as is", "centred", "standardised", "cosine keys")) for r in rows)
+    loss = re.compile(r"held-out loss: ([0-9.]+) as is, ([0-9.]+) with each memory's read replaced by its average over these tokens, "
+                      r"([0-9.]+) with the memory off")
+    as_is, constant, off = map(float, loss.search(out).groups())
+    assert off != as_is and constant != as_is  # trained: the memory's reads matter, and differ from token to token
+    # untrained, every read is exactly zero: all three are the base's loss on the same blocks
+    from midus_surgery.train.evaluate import run_eval
+
+    assert tool.main([str(world["memory"]), "--data", str(world["root"] / "corpus"), "--block-size", "16", "--max-blocks", "6"]) == 0
+    base = run_eval(world["base"], [str(world["root"] / "corpus")], block_size=16, max_blocks=6, progress=False)["loss"]
+    assert all(v == pytest.approx(base, abs=5e-5) for v in map(float, loss.search(capsys.readouterr().out).groups()))
     # the numbers themselves, on queries with a shared offset: standardising spreads the reads
     from midus_surgery.model.hml import HeadwiseMemory, HMLConfig
 

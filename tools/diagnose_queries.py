@@ -12,6 +12,11 @@ the share of reads taken by the top 1% of slots, for the lookup
                (what `query_norm: batch` does with running statistics), then rms;
   cosine keys  the model's own queries, every sub-key scaled to the mean sub-key norm.
 The counterfactual lookups read the statistics of the very tokens they score: a diagnosis, not a model.
+
+Then the held-out loss three ways: the model as it is; every memory's read replaced by its average
+over these tokens (one vector per block and head: what a per-block bias could do); every memory
+read zeroed (the memory off). The share of the memory's gain that the averages keep says how much
+of what the memory adds depends on the token at all.
 """
 
 from __future__ import annotations
@@ -83,6 +88,43 @@ def collect_queries(model, batches) -> dict[int, torch.Tensor]:
     return {i: torch.cat(q) for i, q in seen.items()}
 
 
+def constant_reads(model, memory: dict, batches) -> dict:
+    """Held-out loss with the memory as it is, with each memory's read m [H, T, d_h] replaced by its mean
+    over the tokens (computed in the first pass), and with the reads zeroed. ``batches``: () -> batches."""
+    from midus_surgery.train.evaluate import evaluate_batches
+
+    sums = {i: 0.0 for i in memory}
+    counts = {i: 0 for i in memory}
+
+    def loss() -> float:
+        return evaluate_batches(model, batches(), device=torch.device("cpu")).loss
+
+    def summing(i):
+        def observe(w, slots, m):  # m [H, T, d_h]
+            sums[i] = sums[i] + m.detach().double().sum(1)
+            counts[i] += m.shape[1]
+            return m
+        return observe
+
+    try:
+        for i, m in memory.items():
+            m.observer = summing(i)
+        as_is = loss()
+        for i, m in memory.items():
+            mean = (sums[i] / counts[i]).float()  # [H, d_h]
+            m.observer = lambda w, slots, read, mean=mean: mean[:, None, :].to(read.dtype).expand_as(read)
+        constant = loss()
+        for m in memory.values():
+            m.observer = lambda w, slots, read: torch.zeros_like(read)
+        off = loss()
+    finally:
+        for m in memory.values():
+            m.observer = None
+    gain = off - as_is
+    return {"loss": as_is, "loss_constant_reads": constant, "loss_memory_off": off,
+            "constant_share_of_gain": (off - constant) / gain if gain > 0 else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path, help="a MIDUS model directory (`apply` or `train` output)")
@@ -97,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         tokenizer = load_tokenizer(args.model)
-        stream = D.prepare_corpus(list(args.data), Path.cwd(), tokenizer, dir_glob=("**/*.txt", "**/*.md", "**/*.rst"),
+        stream = D.prepare_corpus(list(args.data), Path.cwd(), tokenizer, dir_glob=("**/*.txt", "**/*.md", "**/*.rst", "**/*.jsonl"),
                                   text_field="text", cache_dir=D.default_cache_dir(), progress=False, what="data",
                                   tokenizer_source=str(args.model))
         blocks, _ = D.split(stream, None, args.block_size, 0.0, what="data")
@@ -120,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         cells = " | ".join(f"{name} {r[name]['used_fraction']:6.1%} / {r[name]['top1pct_share']:5.1%}"
                            for name in ("as is", "centred", "standardised", "cosine keys"))
         print(f"layer {layer:>2}: cos {r['cosine_to_mean_query']:.2f} | {cells}")
+    reads = constant_reads(model, memory, lambda: block_batches(blocks, 4, max_blocks=args.max_blocks))
+    share = reads["constant_share_of_gain"]
+    print(f"held-out loss: {reads['loss']:.4f} as is, {reads['loss_constant_reads']:.4f} with each memory's read replaced by its "
+          f"average over these tokens, {reads['loss_memory_off']:.4f} with the memory off"
+          + (f": the averages keep {share:.0%} of the memory's gain" if share is not None else ""))
     return 0
 
 
