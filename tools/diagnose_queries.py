@@ -1,5 +1,6 @@
-"""Why do a few memory slots take most reads? Each Memory block's queries on held-out text, and the
-lookup re-run with the queries or the sub-keys changed (docs/analysis.md, "Why so few slots").
+"""Why do a few memory slots take most reads? Each Memory block's queries on held-out text (its
+attention heads' outputs, or for `query_source: hidden` its query projection of the hidden states), and
+the lookup re-run with the queries or the sub-keys changed (docs/analysis.md, "Why so few slots").
 
     python tools/diagnose_queries.py work/out/smollm2-135m-midus --data work/corpora/git-doc [--max-blocks 8]
 
@@ -76,7 +77,8 @@ def collect_queries(model, batches) -> dict[int, torch.Tensor]:
 
     memory = _memory_layers(model)
     seen: dict[int, list] = {i: [] for i in memory}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: seen[i].append(args[0].detach().reshape(-1, mod.num_heads, mod.head_dim).float()))
+    # the layer's own query path: the heads' outputs as they are, or query_proj of the hidden states
+    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: seen[i].append(mod._queries(args[0].detach())[0].float()))
              for i, m in memory.items()]
     try:
         with torch.no_grad():
@@ -150,9 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     memory = _memory_layers(model)
     if not memory:
         print(f"error: {args.model}: no Memory block", file=sys.stderr)
-        return 2
-    if any(m.config.query_source != "heads" for m in memory.values()):
-        print(f"error: {args.model}: the diagnosis reads the attention heads' outputs (query_source: heads)", file=sys.stderr)
         return 2
     queries = collect_queries(model, block_batches(blocks, 4, max_blocks=args.max_blocks))
     result = {str(i): diagnose(memory[i], q) for i, q in queries.items()}
