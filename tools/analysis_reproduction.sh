@@ -5,7 +5,7 @@
 #   1. by tools/bench_cpt.py (about 7 min a run on a quiet 2-core CPU; TRAIN=0 reuses the runs in work/bench):
 #      LLaMA-Pro and MIDUS (the bundled recipes), a MIDUS twin with memory.retrieval: frozen, the follow-up
 #      (recipes/ablation/smollm2-135m-midus-qn-batch.yaml), both MIDUS recipes again at memory lr 1e-2, and
-#      the reproduction's best variant (query_source: hidden, memory lr 1e-2)
+#      the reproduction's best variant (query_source: hidden, memory lr 1e-2); the lr-1e-2 pair again at seed 1
 #   2. analyze: MIDUS (head importance, slot usage, fixed vs learned retrieval), LLaMA-Pro (its inserted
 #      attention heads), the follow-up, the hidden variant; slot usage of the memory-lr-1e-2 pair; the base's
 #      loss on the same blocks
@@ -33,6 +33,9 @@ if [ "${TRAIN:-1}" != 0 ]; then
   python tools/bench_cpt.py --only MIDUS --memory-lr 1e-2 --midus-recipe $qn_batch --label tokens-49152-midus-qn-batch-memlr1e-2
   python tools/bench_cpt.py --only MIDUS --memory-lr 1e-2 --midus-recipe recipes/ablation/smollm2-135m-midus-qs-hidden.yaml \
     --label tokens-49152-analysis-midus-qs-hidden-memlr1e-2
+  # the follow-up's comparison at lr 1e-2 again at seed 1 (no analysis: their held-out numbers only)
+  python tools/bench_cpt.py --only MIDUS --memory-lr 1e-2 --seed 1 --label tokens-49152-seed1-analysis-midus-memlr1e-2
+  python tools/bench_cpt.py --only MIDUS --memory-lr 1e-2 --seed 1 --midus-recipe $qn_batch --label tokens-49152-seed1-midus-qn-batch-memlr1e-2
 fi
 
 # the held-out tenth of the Python docs, as bench_cpt.py splits them (the blocks its held-out column reads)
