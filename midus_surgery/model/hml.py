@@ -676,7 +676,8 @@ class _HeadNorm(nn.Module):
            own use: a batch's own statistics would let each token's query depend on the other
            tokens of the batch, later ones included. They update in training
            (``track_statistics``), from the first batch on (momentum max(0.1, 1/(updates+1)): the
-           first batch sets them); untouched they are 0 and 1, and the norm is exactly rms.
+           first batch sets them; ``updates`` counts training forward passes, one per micro-batch);
+           untouched they are 0 and 1, and the norm is exactly rms.
     """
 
     MOMENTUM = 0.1
