@@ -163,7 +163,9 @@ def test_the_query_diagnosis_reruns_the_lookup_per_memory_block(world, capsys):
 
     assert tool.main([str(world["memory"]), "--data", str(world["root"] / "corpus"), "--block-size", "16", "--max-blocks", "6"]) == 0
     base = run_eval(world["base"], [str(world["root"] / "corpus")], block_size=16, max_blocks=6, progress=False)["loss"]
-    assert all(v == pytest.approx(base, abs=5e-5) for v in map(float, loss.search(capsys.readouterr().out).groups()))
+    untrained = capsys.readouterr().out
+    assert all(v == pytest.approx(base, abs=5e-5) for v in map(float, loss.search(untrained).groups()))
+    assert "the memory adds nothing measurable yet" in untrained
     # the numbers themselves, on queries with a shared offset: standardising spreads the reads
     from midus_surgery.model.hml import HeadwiseMemory, HMLConfig
 
@@ -176,3 +178,5 @@ def test_the_query_diagnosis_reruns_the_lookup_per_memory_block(world, capsys):
     assert found["standardised"]["top1pct_share"] < found["as is"]["top1pct_share"]
     assert tool.main([str(world["identity"]), "--data", str(world["root"] / "corpus")]) == 2
     assert "no Memory block" in capsys.readouterr().err
+    assert tool.main([str(world["root"] / "no-such-model"), "--data", str(world["root"] / "corpus")]) == 2  # never a hub id
+    assert "not a model directory (no config.json)" in capsys.readouterr().err
