@@ -674,8 +674,8 @@ class _HeadNorm(nn.Module):
            it the same few slots win for every token; the PKM paper's query BatchNorm removes it.
            Only running statistics normalise, in training too, and a batch updates them after its
            own use: a batch's own statistics would let each token's query depend on the other
-           tokens of the batch, later ones included. They update in training
-           (``track_statistics``), from the first batch on (momentum max(0.1, 1/(updates+1)): the
+           tokens of the batch, later ones included. They update in training forwards and only
+           where the norm's weight trains (so frozen retrieval holds them), from the first batch on (momentum max(0.1, 1/(updates+1)): the
            first batch sets them; ``updates`` counts training forward passes, one per micro-batch);
            untouched they are 0 and 1, and the norm is exactly rms.
     """
@@ -691,8 +691,6 @@ class _HeadNorm(nn.Module):
             self.bias = nn.Parameter(torch.empty(num_heads, head_dim, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
-        # the trainer turns it off where the retrieval is frozen (memory.retrieval: frozen)
-        self.track_statistics = True
         if kind == "batch":  # float buffers: they are written with the output's dtype like every tensor
             self.register_buffer("running_mean", torch.zeros(num_heads, head_dim, device=device, dtype=dtype))
             self.register_buffer("running_var", torch.ones(num_heads, head_dim, device=device, dtype=dtype))
@@ -718,7 +716,7 @@ class _HeadNorm(nn.Module):
             seen = q.detach()
             # the statistics of earlier batches: untouched (0, 1) they change nothing, to the bit
             q = (q - self.running_mean.to(q.dtype)) * torch.rsqrt(self.running_var.to(q.dtype).clamp_min(self.eps))
-            if self.training and self.track_statistics and torch.is_grad_enabled() and seen.shape[0] > 1:
+            if self.training and self.weight.requires_grad and torch.is_grad_enabled() and seen.shape[0] > 1:
                 self._track(seen)  # after use: this batch's statistics normalise the next batches only
         if self.kind in ("rms", "batch"):
             q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -116,16 +116,7 @@ def choose_params(model, freeze: str, plan: dict | None, loaded: LoadedTrainConf
             groups.decay.append((name, p))
         else:
             groups.no_decay.append((name, p))
-    hold_query_statistics(model)
     return groups
-
-
-def hold_query_statistics(model) -> None:
-    """A `query_norm: batch` norm's running statistics move in training only where its weight trains:
-    frozen retrieval (or a frozen block) keeps which slots each token reads where it started."""
-    for module in model.modules():
-        if type(module).__name__ == "_HeadNorm":  # by name: a trust_remote_code model has its own copy of the class
-            module.track_statistics = module.weight.requires_grad
 
 
 def describe_groups(groups: ParamGroups, cfg: TrainConfig) -> str:
