@@ -236,3 +236,19 @@ def test_an_older_checkpoint_still_resumes_exactly(done, tmp_path):
     assert any(f"resuming from {ckpt(run, 2)} (step 2)" in line for line in lines)
     assert_same_weights(done, run)
     assert (ckpt(run, 4) / "scheduler.json").is_file()  # what it writes next is the new layout
+
+
+def test_partial_checkpoint_cleanup_removes_only_what_save_checkpoint_names(tmp_path):
+    from midus_surgery.train.checkpoint import remove_partial_checkpoints
+
+    root = tmp_path / "checkpoints"
+    (root / ".tmp-step-00000003-a1b2c3").mkdir(parents=True)  # a killed run's partial checkpoint
+    (root / ".tmp-step-00000003-a1b2c3" / "model.safetensors").write_bytes(b"x")
+    (root / ".tmp-notes").mkdir()  # someone else's hidden folder
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    (root / ".tmp-step-00000004-link").symlink_to(outside, target_is_directory=True)
+    remove_partial_checkpoints(root)
+    assert sorted(p.name for p in root.iterdir()) == [".tmp-notes", ".tmp-step-00000004-link"]
+    assert (outside / "keep.txt").read_text() == "mine"

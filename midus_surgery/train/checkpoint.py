@@ -263,9 +263,11 @@ def weights_checksum(model) -> str:
 
 
 def remove_partial_checkpoints(root: Path) -> None:
-    """Remove the ``.tmp-*`` directories of checkpoints a killed run was writing (main process only)."""
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    """Remove the ``.tmp-step-*`` directories of checkpoints a killed run was writing (main process only):
+    the names save_checkpoint gives them, real directories only (a link is never followed)."""
+    for stale in root.glob(".tmp-step-*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def save_checkpoint(root: Path, acc, scheduler, *, step: int, samples_seen: int, keep_last: int, facts: dict) -> Path:
