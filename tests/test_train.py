@@ -101,6 +101,18 @@ def test_overrides(tmp_path):
         load_train_config(path, ["freeze"])
 
 
+
+def test_relative_paths_on_the_command_line_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    """docs/training.md: in the file and in overrides alike, whatever the working directory."""
+    (tmp_path / "recipes" / "train").mkdir(parents=True)
+    path = tmp_path / "recipes" / "train" / "run.yaml"
+    path.write_text("init_from: ../../m\nrun_dir: r\ntokens: 1K\ndata:\n  train: x.txt\n")
+    monkeypatch.chdir(tmp_path)
+    loaded = load_train_config(path, ["run_dir=../../work/runs/demo"])
+    assert loaded.resolve(loaded.config.run_dir).resolve() == tmp_path / "work" / "runs" / "demo"
+    assert loaded.resolve(loaded.config.init_from).resolve() == tmp_path / "m"
+
+
 def test_every_key_is_documented_and_in_the_docs():
     def walk(model, prefix=""):
         for name, field in model.model_fields.items():

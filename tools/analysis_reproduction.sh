@@ -36,6 +36,10 @@ if [ "${TRAIN:-1}" != 0 ]; then
   # the follow-up's comparison at lr 1e-2 again at seed 1 (no analysis: their held-out numbers only)
   python tools/bench_cpt.py --only MIDUS --memory-lr 1e-2 --seed 1 --label tokens-49152-seed1-analysis-midus-memlr1e-2
   python tools/bench_cpt.py --only MIDUS --memory-lr 1e-2 --seed 1 --midus-recipe $qn_batch --label tokens-49152-seed1-midus-qn-batch-memlr1e-2
+  # how much float rounding alone moves the hidden run: the same config, torch's for-loop AdamW instead of the fused one
+  midus-surgery train $bench/cpt-tokens-49152-analysis-midus-qs-hidden-memlr1e-2/train-MIDUS.yaml \
+    optim.implementation=for-loop run_dir=$PWD/$bench/hidden-forloop resume=null --quiet
+  tail -1 $bench/hidden-forloop/metrics.jsonl
 fi
 
 # the held-out tenth of the Python docs, as bench_cpt.py splits them (the blocks its held-out column reads)
