@@ -31,14 +31,14 @@ import torch
 
 
 def usage(slots: torch.Tensor, num_slots: int) -> tuple[float, float]:
-    """(share of slots read at least once, share of reads taken by the top 1% of slots), mean over heads.
-    slots [H, T, k]."""
-    used, top = [], []
-    for head in slots:
-        counts = np.bincount(head.reshape(-1).numpy(), minlength=num_slots)
-        used.append(float((counts > 0).mean()))
-        top.append(float(np.sort(counts)[::-1][: max(1, num_slots // 100)].sum() / counts.sum()))
-    return float(np.mean(used)), float(np.mean(top))
+    """(share of slots read at least once, share of reads taken by the top 1% of slots), mean over heads,
+    counted as `analyze` counts them. slots [H, T, k]."""
+    from midus_surgery.downstream.analyze import SlotCounter
+
+    counter = SlotCounter(slots.shape[0], num_slots)
+    counter.observe(None, slots, None)
+    summary = counter.summary()
+    return float(np.mean(summary["used_fraction"])), float(np.mean(summary["top1pct_share"]))
 
 
 def diagnose(memory, queries: torch.Tensor) -> dict:
