@@ -212,3 +212,140 @@ def test_the_start_line_names_the_backend_the_layers_run_on(monkeypatch):
     assert words("auto") == ("compiled CPU kernels" if kernels.cpu_ops() is not None else "pure-torch path")
     assert words("triton") == "Triton kernels"  # under the interpreter (tests/conftest.py)
     assert hml.prepare_kernels(torch.nn.Linear(2, 2), "cpu") == "torch"  # no memory layer
+
+
+# ------------------------------------------------------------------ the fused read (kernels "triton-fused")
+
+def _read_reference(q, keys, table, k, head_rows):
+    """The read the fused kernel computes, by the pure-torch path's scores and selection (float32) and a
+    dense gather: (w, slots, z)."""
+    H, n = keys.shape[0], keys.shape[2]
+    w, slots = hml._Lookup.apply(q, keys, k, "torch")  # [H, T, k]
+    rows = table.float()[slots + head_rows * torch.arange(H).view(H, 1, 1)]  # [H, T, k, d]
+    return w, slots, (w[..., None] * rows).sum(-2)
+
+
+@pytest.mark.parametrize("T,H,dh,n,k,d,table_dtype,head_rows", [
+    (37, 3, 8, 6, 4, 5, torch.float32, 0),      # n, k, d not powers of two; T not a multiple of the block
+    (16, 2, 4, 16, 16, 3, torch.float32, 0),    # k = n
+    (5, 1, 2, 3, 1, 1, torch.float32, 0),       # k = 1, d = 1, one-feature halves
+    (9, 2, 64, 128, 32, 64, torch.float32, 0),  # the bundled recipe's n, k, d_l and SmolLM2's d_h
+    (11, 2, 8, 5, 3, 7, torch.bfloat16, 0),     # a bf16 bank, gathered into float32 sums
+    (13, 3, 6, 4, 2, 6, torch.float32, 16),     # HIVE off: per-head value tables n*n rows apart
+    (0, 2, 8, 6, 4, 5, torch.float32, 0),       # no tokens
+])
+def test_the_fused_read_selects_exactly_and_pools_what_the_pure_torch_path_does(T, H, dh, n, k, d, table_dtype, head_rows):
+    gen = torch.Generator().manual_seed(T + n + k)
+    # quarter-integers: every score is exact in float32 whatever order the dot sums in, and many tie,
+    # so the kernel's own summation order cannot hide a difference in the selection or the tie rule
+    q = torch.randint(-3, 4, (T, H, dh), generator=gen).float() / 4
+    keys = torch.randint(-3, 4, (H, 2, n, dh // 2), generator=gen).float() / 4
+    table = torch.randn((H - 1) * head_rows + n * n, d, generator=gen).to(table_dtype)
+    w, i, j, z = hml_triton.memory_forward(q, keys, table, k, head_rows, candidate_pairs(k, q.device))
+    ref_w, ref_slots, ref_z = _read_reference(q, keys, table, k, head_rows)
+    assert torch.equal(i * n + j, ref_slots)
+    assert ((i >= 0) & (i < n) & (j >= 0) & (j < n)).all()
+    torch.testing.assert_close(w, ref_w, rtol=1e-6, atol=1e-7)
+    assert z.dtype == torch.float32 and z.shape == (H, T, d)
+    torch.testing.assert_close(z, ref_z, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("atomic", [False, True], ids=["deterministic", "atomic-table"])
+@pytest.mark.parametrize("programs", [1, 4, 512])  # one run of tokens per head, a few, one block each
+def test_the_fused_backward_equals_autograd_through_the_pure_torch_read(atomic, programs):
+    gen = torch.Generator().manual_seed(programs)
+    T, H, dh, n, k, d = 45, 3, 8, 6, 4, 5
+    q = torch.randn(T, H, dh, generator=gen)
+    keys = torch.randn(H, 2, n, dh // 2, generator=gen)
+    table = torch.randn(n * n, d, generator=gen)
+    w, i, j, _ = hml_triton.memory_forward(q, keys, table, k, 0, candidate_pairs(k, q.device))
+    dz = torch.randn(H, T, d, generator=gen)
+    dq, dkeys, dtable = hml_triton.memory_backward(dz, q, keys, table, w, i, j, 0, atomic, programs=programs)
+    ref = [t.clone().requires_grad_() for t in (q, keys, table)]
+    _, slots, z = _read_reference(*ref, k, 0)
+    assert torch.equal(i * n + j, slots)
+    ref_grads = torch.autograd.grad(z, ref, dz)
+    torch.testing.assert_close(dq, ref_grads[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dkeys, ref_grads[1], rtol=1e-5, atol=1e-5)
+    if atomic:
+        torch.testing.assert_close(dtable, ref_grads[2], rtol=1e-5, atol=1e-5)
+    else:
+        assert dtable is None  # the caller's sorted, deterministic method computes it
+
+
+def test_the_fused_kernels_reject_what_they_cannot_take():
+    q, keys, table = torch.randn(4, 2, 8), torch.randn(2, 2, 6, 4), torch.randn(36, 5)
+    pairs = candidate_pairs(4, q.device)
+    with pytest.raises(ValueError, match="q \\[T, H, d_h\\], keys"):
+        hml_triton.memory_forward(q, keys[:1], table, 4, 0, pairs)
+    with pytest.raises(ValueError, match="float32"):
+        hml_triton.memory_forward(q.double(), keys.double(), table, 4, 0, pairs)
+    with pytest.raises(ValueError, match="k=7 must be in"):
+        hml_triton.memory_forward(q, keys, table, 7, 0, candidate_pairs(7, q.device))
+    with pytest.raises(ValueError, match="too small"):
+        hml_triton.memory_forward(q, keys, table, 4, 36, pairs)  # two heads of 36 slots need 72 rows
+
+
+FUSED_CONFIGS = [dict(), dict(hive=False), dict(query_source="hidden", gate=True), dict(query_norm="layer", output_proj="always"),
+                 dict(bank_grad="index_add"), dict(bank_grad="index_add", hive=False)]
+
+
+@pytest.mark.parametrize("kw", FUSED_CONFIGS)
+def test_a_layer_on_the_fused_kernels_matches_the_dense_float64_reference(kw, monkeypatch):
+    from test_hml import dense_reference
+
+    torch.manual_seed(0)
+    layer = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=6, topk=4, latent_dim=5, init="random", kernels="triton-fused", **kw))
+    assert layer.backend("cpu") == "triton-fused"
+    x = torch.randn(2, 9, 16) if kw.get("query_source") == "hidden" else torch.randn(2, 9, 2, 8)
+    called = []
+
+    def recorded(name):
+        real = getattr(hml_triton, name)
+        return lambda *a, **kw_: called.append((name, a[-1] if name == "memory_backward" else None)) or real(*a, **kw_)
+
+    monkeypatch.setattr(kernels, "triton_kernel", recorded)
+    xi = x.clone().requires_grad_()
+    out = layer(xi)
+    g_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [xi] + list(layer.parameters()), g_out)
+    atomic = kw.get("bank_grad") == "index_add"  # the table's gradient from the kernel's atomics
+    assert called == [("memory_forward", None), ("memory_backward", atomic)]  # the fused path really ran
+
+    double = {name: p.detach().double().requires_grad_() for name, p in layer.named_parameters()}
+    x64 = x.double().requires_grad_()
+    ref = dense_reference(layer, x64, double)
+    ref_grads = torch.autograd.grad(ref, [x64] + list(double.values()), g_out.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    for name, a, b in zip(["input"] + list(double), grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_deterministic_algorithms_keep_the_fused_backward_off_atomics(monkeypatch):
+    layer = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=6, topk=4, latent_dim=5, init="random", kernels="triton-fused",
+                                              bank_grad="index_add"))
+    seen = []
+    real = hml_triton.memory_backward
+    monkeypatch.setattr(hml_triton, "memory_backward", lambda *a, **kw: seen.append(a[-1]) or real(*a, **kw))
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        layer(torch.randn(5, 2, 8)).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert seen == [False]
+    assert layer.bank.weight.grad is not None and layer.bank.weight.grad.abs().sum() > 0
+
+
+def test_the_fused_kernels_are_opt_in_by_name(monkeypatch):
+    monkeypatch.setenv("MIDUS_HML_KERNELS", "")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert hml.resolve_backend("triton-fused", "cuda") == "triton-fused"
+    assert hml.resolve_backend("triton-fused", "cpu") == "triton-fused"  # the interpreter
+    assert hml.resolve_backend("auto", "cuda") in ("triton", "torch")  # never the fused kernels unless named
+    assert hml.resolve_backend("triton-fused", "cuda", torch.float64) == "torch"  # it scores float32
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert hml.resolve_backend("triton-fused", "cpu") in ("cpu", "torch")  # no GPU, no interpreter: the CPU's
+    monkeypatch.setenv("MIDUS_HML_KERNELS", "triton-fused")
+    assert hml.resolve_backend(None, "cuda") == "triton-fused"
+    assert hml.backend_words("triton-fused") == "fused Triton kernels"

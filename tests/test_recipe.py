@@ -182,3 +182,13 @@ def test_memory_kernels_reaches_the_layer_only_when_the_recipe_names_it():
     assert "kernels" not in unset and HMLConfig.from_dict(unset).kernels is None
     named = MemorySettings(kernels="torch").hml_dict()
     assert named["kernels"] == "torch" and HMLConfig.from_dict(named).kernels == "torch"
+
+
+def test_a_recipe_may_name_every_kernel_choice_the_layer_knows_and_no_other():
+    import typing
+
+    from midus_surgery.model.hml import KERNELS
+    from midus_surgery.recipe.schema import MemorySettings
+
+    allowed = typing.get_args(typing.get_args(MemorySettings.model_fields["kernels"].annotation)[0])
+    assert set(allowed) == set(KERNELS)

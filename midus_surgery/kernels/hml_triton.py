@@ -20,6 +20,7 @@ interpreter: that is how the tests check them without a GPU.
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 import triton
@@ -57,15 +58,12 @@ def _key_tie(key):
 
 
 @triton.jit
-def _topk2_kernel(A, B, S, I, J, PR, PS, rows, T, sa_p, sa_t, sb_p, sb_t, n, k, C,
-                  NP: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr, CP: tl.constexpr, COMPACT: tl.constexpr):
-    # rows = P*T score rows of n sub-keys; a row is (p, t) and lives at p*s_p + t*s_t in A / B.
-    r = tl.program_id(0) * BR + tl.arange(0, BR)  # [BR]
-    c = tl.arange(0, NP)  # [NP] sub-key index, n padded to a power of two
-    live = (r[:, None] < rows) & (c[None, :] < n)  # [BR, NP]
-    p, t = (r // T).to(tl.int64), (r % T).to(tl.int64)
-    a = tl.load(A + (p * sa_p + t * sa_t)[:, None] + c[None, :], mask=live, other=0.0).to(tl.float32)
-    b = tl.load(B + (p * sb_p + t * sb_t)[:, None] + c[None, :], mask=live, other=0.0).to(tl.float32)
+def _two_stage(a, b, live, n, k, PR, PS, C,
+               BR: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, CP: tl.constexpr, COMPACT: tl.constexpr):
+    """Exact top-k of a[r, i] + b[r, j] over (i, j) for a block of rows: a, b [BR, NP] float32 half
+    scores, ``live`` [BR, NP] their real entries. Returns (scores, slots i*n + j), [BR, KP] each, sorted
+    by score descending, equal scores by the lower slot; ranks past k are padding."""
+    c = tl.arange(0, NP)
     lowest = tl.full((BR, NP), -(2**63), tl.int64)  # below every float's key, -inf's included
     tie = (n - 1 - c).to(tl.int64)[None, :]  # a lower sub-key index wins a tie
     ta = tl.topk(tl.where(live, _ordered_key(a, tie), lowest), KP)  # [BR, KP], sorted descending
@@ -90,8 +88,21 @@ def _topk2_kernel(A, B, S, I, J, PR, PS, rows, T, sa_p, sa_t, sb_p, sb_t, n, k, 
         slot = ia[:, :, None] * n + ib[:, None, :]
         key = tl.where(ok, _ordered_key(sums, n * n - 1 - slot), tl.full((BR, KP, KP), -(2**63), tl.int64))
         best = tl.topk(tl.reshape(key, (BR, KP * KP)), KP)  # [BR, KP]
-    score = _key_value(best)
-    slot = n * n - 1 - _key_tie(best)
+    return _key_value(best), n * n - 1 - _key_tie(best)
+
+
+@triton.jit
+def _topk2_kernel(A, B, S, I, J, PR, PS, rows, T, sa_p, sa_t, sb_p, sb_t, n, k, C,
+                  NP: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr, CP: tl.constexpr, COMPACT: tl.constexpr):
+    # rows = P*T score rows of n sub-keys; a row is (p, t) and lives at p*s_p + t*s_t in A / B.
+    r = tl.program_id(0) * BR + tl.arange(0, BR)  # [BR]
+    c = tl.arange(0, NP)  # [NP] sub-key index, n padded to a power of two
+    live = (r[:, None] < rows) & (c[None, :] < n)  # [BR, NP]
+    p, t = (r // T).to(tl.int64), (r % T).to(tl.int64)
+    a = tl.load(A + (p * sa_p + t * sa_t)[:, None] + c[None, :], mask=live, other=0.0).to(tl.float32)
+    b = tl.load(B + (p * sb_p + t * sb_t)[:, None] + c[None, :], mask=live, other=0.0).to(tl.float32)
+    score, slot = _two_stage(a, b, live, n, k, PR, PS, C, BR, NP, KP, CP, COMPACT)
+    rank = tl.arange(0, KP)
     out = r[:, None] * k + rank[None, :]
     keep = (r[:, None] < rows) & (rank[None, :] < k)
     tl.store(S + out, score, mask=keep)
@@ -188,3 +199,217 @@ def bag_dw(dz: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> torch.Te
         _bag_dw_kernel[(triton.cdiv(B, BB),)](dz, table, idx, dw, B, k, d, dz.stride(0), table.stride(0),
                                               KP=KP, DP=DP, DC=DC, BB=BB)
     return dw
+
+
+# ----------------------------------------------------------------------------------------
+# The fused memory read: scores + selection + softmax + pooled gather in one kernel, and its
+# backward in another (HMLConfig.kernels "triton-fused"; docs/hml.md, "Fused Triton kernels")
+# ----------------------------------------------------------------------------------------
+
+@triton.jit
+def _column(x, rank, i):
+    """Column ``i`` of a [BT, KP] block as a [BT] vector (registers cannot be indexed by a variable)."""
+    return tl.sum(tl.where(rank[None, :] == i, x, tl.zeros_like(x)), axis=1)
+
+
+@triton.jit
+def _memory_fwd_kernel(Q, KEYS, TABLE, PR, PS, W, I, J, Z,
+                       T, n, k, C, d, head_rows, sq_t, sq_h, sk_h, sk_half, s_tab,
+                       DH2: tl.constexpr, DH2P: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr,
+                       CP: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr):
+    # one program: head h, tokens t .. t+BT. Nothing of size [T, n] or [T, k, d] leaves registers.
+    h = tl.program_id(1)
+    t = tl.program_id(0) * BT + tl.arange(0, BT)  # [BT]
+    tm = t < T
+    e = tl.arange(0, DH2P)  # a half query's features
+    c = tl.arange(0, NP)  # sub-key index
+    qrow = Q + t.to(tl.int64)[:, None] * sq_t + h * sq_h + e[None, :]
+    qmask = tm[:, None] & (e < DH2)[None, :]
+    qa = tl.load(qrow, mask=qmask, other=0.0)  # [BT, DH2P] float32
+    qb = tl.load(qrow + DH2, mask=qmask, other=0.0)
+    krow = KEYS + h * sk_h + c[:, None] * DH2 + e[None, :]
+    kmask = (c < n)[:, None] & (e < DH2)[None, :]
+    ka = tl.load(krow, mask=kmask, other=0.0)  # [NP, DH2P]
+    kb = tl.load(krow + sk_half, mask=kmask, other=0.0)
+    # the scores in full float32 (no TF32), as the pure-torch path's bmm
+    sa = tl.dot(qa, tl.trans(ka), input_precision="ieee")  # [BT, NP]
+    sb = tl.dot(qb, tl.trans(kb), input_precision="ieee")
+    live = tm[:, None] & (c < n)[None, :]
+    score, slot = _two_stage(sa, sb, live, n, k, PR, PS, C, BT, NP, KP, CP, True)  # [BT, KP]
+
+    rank = tl.arange(0, KP)
+    keep = tm[:, None] & (rank < k)[None, :]
+    s = tl.where(rank[None, :] < k, score, float("-inf"))
+    s = tl.where(tm[:, None], s, 0.0)  # rows past T: finite, never stored
+    p = tl.exp(s - tl.max(s, axis=1)[:, None])
+    w = p / tl.sum(p, axis=1)[:, None]  # [BT, KP] softmax over the k chosen slots
+    out = (h * T + t.to(tl.int64))[:, None] * k + rank[None, :]
+    tl.store(W + out, w, mask=keep)
+    tl.store(I + out, slot // n, mask=keep)
+    tl.store(J + out, slot % n, mask=keep)
+
+    # pooled gather: z[t] = sum_i w[t, i] * table[h * head_rows + slot[t, i]], float32 sums in rank order
+    f = tl.arange(0, DP)
+    fm = tm[:, None] & (f < d)[None, :]
+    z = tl.zeros((BT, DP), tl.float32)
+    for i in range(0, k):
+        w_i = _column(w, rank, i)  # [BT]
+        row = (h * head_rows + _column(slot, rank, i)).to(tl.int64) * s_tab  # [BT]
+        z += w_i[:, None] * tl.load(TABLE + row[:, None] + f[None, :], mask=fm, other=0.0).to(tl.float32)
+    tl.store(Z + (h * T + t.to(tl.int64))[:, None] * d + f[None, :], z, mask=fm)
+
+
+@triton.jit
+def _memory_bwd_kernel(DZ, Q, KEYS, TABLE, W, I, J, DQ, DKEYS, DTABLE,
+                       T, n, k, d, head_rows, sq_t, sq_h, sk_h, sk_half, s_tab, tokens_per_program,
+                       DH2: tl.constexpr, DH2P: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr,
+                       DP: tl.constexpr, BT: tl.constexpr, ATOMIC_TABLE: tl.constexpr):
+    # one program: head h, a run of tokens (several BT blocks). Per block, in registers: dw (gather-dot
+    # with the chosen rows), the softmax backward, the half-score gradients as one-hot [BT, n] blocks,
+    # dq by one dot with the keys; the keys' gradient is summed over the run in registers and written
+    # once per program (a partial the caller sums: no atomics on the small key table).
+    h = tl.program_id(1)
+    run = tl.program_id(0)
+    e = tl.arange(0, DH2P)
+    c = tl.arange(0, NP)
+    f = tl.arange(0, DP)
+    rank = tl.arange(0, KP)
+    krow = KEYS + h * sk_h + c[:, None] * DH2 + e[None, :]
+    kmask = (c < n)[:, None] & (e < DH2)[None, :]
+    ka = tl.load(krow, mask=kmask, other=0.0)  # [NP, DH2P]
+    kb = tl.load(krow + sk_half, mask=kmask, other=0.0)
+    dka = tl.zeros((NP, DH2P), tl.float32)
+    dkb = tl.zeros((NP, DH2P), tl.float32)
+    for t0 in range(run * tokens_per_program, tl.minimum(T, (run + 1) * tokens_per_program), BT):
+        t = t0 + tl.arange(0, BT)
+        tm = t < T
+        keep = tm[:, None] & (rank < k)[None, :]
+        at = (h * T + t.to(tl.int64))[:, None] * k + rank[None, :]
+        w = tl.load(W + at, mask=keep, other=0.0)  # [BT, KP]
+        i_sub = tl.load(I + at, mask=keep, other=0)
+        j_sub = tl.load(J + at, mask=keep, other=0)
+        fm = tm[:, None] & (f < d)[None, :]
+        dz = tl.load(DZ + (h * T + t.to(tl.int64))[:, None] * d + f[None, :], mask=fm, other=0.0).to(tl.float32)  # [BT, DP]
+        dw = tl.zeros((BT, KP), tl.float32)
+        for i in range(0, k):
+            row = (h * head_rows + _column(i_sub, rank, i) * n + _column(j_sub, rank, i)).to(tl.int64) * s_tab
+            u = tl.load(TABLE + row[:, None] + f[None, :], mask=fm, other=0.0).to(tl.float32)  # [BT, DP]
+            dw = tl.where(rank[None, :] == i, tl.sum(u * dz, axis=1)[:, None], dw)
+            if ATOMIC_TABLE:  # the table's gradient row += w * dz (float32 atomics: not deterministic)
+                tl.atomic_add(DTABLE + row[:, None] + f[None, :], _column(w, rank, i)[:, None] * dz, mask=fm)
+        dsel = w * (dw - tl.sum(w * dw, axis=1)[:, None])  # softmax backward, [BT, KP]
+        dsa = tl.zeros((BT, NP), tl.float32)  # d(half score) [BT, n]: the chosen sub-keys' dsel, summed
+        dsb = tl.zeros((BT, NP), tl.float32)
+        for i in range(0, k):
+            g = _column(dsel, rank, i)[:, None]
+            dsa += tl.where(c[None, :] == _column(i_sub, rank, i)[:, None], g, 0.0)
+            dsb += tl.where(c[None, :] == _column(j_sub, rank, i)[:, None], g, 0.0)
+        qrow = Q + t.to(tl.int64)[:, None] * sq_t + h * sq_h + e[None, :]
+        qmask = tm[:, None] & (e < DH2)[None, :]
+        qa = tl.load(qrow, mask=qmask, other=0.0)
+        qb = tl.load(qrow + DH2, mask=qmask, other=0.0)
+        drow = DQ + t.to(tl.int64)[:, None] * sq_t + h * sq_h + e[None, :]
+        tl.store(drow, tl.dot(dsa, ka, input_precision="ieee"), mask=qmask)
+        tl.store(drow + DH2, tl.dot(dsb, kb, input_precision="ieee"), mask=qmask)
+        dka += tl.dot(tl.trans(dsa), qa, input_precision="ieee")  # [NP, DH2P]
+        dkb += tl.dot(tl.trans(dsb), qb, input_precision="ieee")
+    part = DKEYS + ((run * tl.num_programs(1) + h) * 2 * n) * DH2 + c[:, None] * DH2 + e[None, :]
+    tl.store(part, dka, mask=kmask)
+    tl.store(part + n * DH2, dkb, mask=kmask)
+
+
+def _memory_blocks(q: torch.Tensor, keys: torch.Tensor, table: torch.Tensor, k: int) -> dict:
+    """The block sizes both kernels use (constexprs), from the shapes."""
+    T, H, dh = q.shape
+    n = keys.shape[2]
+    d = table.shape[1]
+    KP = triton.next_power_of_2(k)
+    # tl.dot wants every dimension >= 16 on a GPU: the padding is masked
+    return dict(DH2=dh // 2, DH2P=max(16, triton.next_power_of_2(dh // 2)), NP=max(16, triton.next_power_of_2(n), KP),
+                KP=KP, DP=triton.next_power_of_2(d), BT=16)
+
+
+def _check_memory_args(q, keys, table, k, head_rows):
+    if q.dim() != 3 or keys.dim() != 4 or table.dim() != 2 or keys.shape[0] != q.shape[1] or keys.shape[1] != 2 \
+            or 2 * keys.shape[3] != q.shape[2]:
+        raise ValueError(f"memory kernels take q [T, H, d_h], keys [H, 2, n, d_h/2], table [rows, d], got "
+                         f"{tuple(q.shape)}, {tuple(keys.shape)}, {tuple(table.shape)}")
+    if q.dtype != torch.float32 or keys.dtype != torch.float32 or table.dtype == torch.float64:
+        raise ValueError("memory kernels score in float32: q and keys float32, the table float32/bf16/fp16")
+    n = keys.shape[2]
+    if not 1 <= k <= n:
+        raise ValueError(f"memory kernels: k={k} must be in [1, n={n}]")
+    if table.shape[0] < (keys.shape[0] - 1) * head_rows + n * n:
+        raise ValueError(f"memory kernels: a table of {table.shape[0]} rows is too small for {keys.shape[0]} heads "
+                         f"of {n * n} slots {head_rows} rows apart")
+
+
+def memory_forward(q: torch.Tensor, keys: torch.Tensor, table: torch.Tensor, k: int, head_rows: int,
+                   pairs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The memory read of every head in one kernel: what ``_Lookup`` + ``_bag_forward`` compute.
+
+    q: [T, H, d_h] float32 (normalised queries), keys: [H, 2, n, d_h/2] float32, table: [rows, d] (the
+    shared HIVE bank with ``head_rows`` = 0, or the per-head value tables flattened with ``head_rows`` =
+    n*n; float32/bf16/fp16). pairs: ``hml.candidate_pairs(k)``. Returns (w [H, T, k] float32, i, j
+    [H, T, k] int64 sub-key indices, z [H, T, d] float32), with z[h, t] = sum_i w * table[h*head_rows +
+    i*n + j]. The slots are the exact top-k of the scores under the layer's tie rule; the scores are
+    float32 dot products summed in the kernel's order (not cuBLAS's), so a score that differs from the
+    pure-torch path's in its last bit can reorder a near tie there.
+    """
+    _check_memory_args(q, keys, table, k, head_rows)
+    T, H, dh = q.shape
+    n, d = keys.shape[2], table.shape[1]
+    q, keys = q.contiguous(), keys.contiguous()
+    table = table if table.stride(1) == 1 else table.contiguous()
+    w = torch.empty(H, T, k, device=q.device, dtype=torch.float32)
+    i_sub = torch.empty(H, T, k, device=q.device, dtype=torch.int64)
+    j_sub = torch.empty_like(i_sub)
+    z = torch.empty(H, T, d, device=q.device, dtype=torch.float32)
+    if T == 0:
+        return w, i_sub, j_sub, z
+    pr, ps = pairs
+    blocks = _memory_blocks(q, keys, table, k)
+    blocks["CP"] = max(triton.next_power_of_2(pr.numel()), blocks["KP"])
+    with _on_device(q.device):
+        _memory_fwd_kernel[(triton.cdiv(T, blocks["BT"]), H)](
+            q, keys, table, pr, ps, w, i_sub, j_sub, z, T, n, k, pr.numel(), d, head_rows,
+            q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), table.stride(0), **blocks)
+    return w, i_sub, j_sub, z
+
+
+def memory_backward(dz: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, table: torch.Tensor, w: torch.Tensor,
+                    i_sub: torch.Tensor, j_sub: torch.Tensor, head_rows: int, atomic_table: bool,
+                    programs: int = 512) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Gradients of ``memory_forward``'s z: (dq [T, H, d_h], dkeys [H, 2, n, d_h/2], dtable or None), float32.
+
+    dz: [H, T, d]. dq and dkeys come from one kernel: per block of tokens the gather-dot dw, the softmax
+    backward and the half-score gradients stay in registers; each program sums its tokens' key gradient
+    and writes it once, and the caller-side sum over programs is a small deterministic reduction.
+    ``atomic_table``: the same kernel adds w * dz into a float32 table gradient with atomics (fast, not
+    deterministic); otherwise None is returned and the caller computes it (the pure-torch path's sorted,
+    deterministic embedding-bag backward). ``programs``: about how many programs to launch (the partial
+    key gradients cost programs x 2n x d_h/2 floats).
+    """
+    T, H, dh = q.shape
+    k = w.shape[-1]
+    n, d = keys.shape[2], table.shape[1]
+    _check_memory_args(q, keys, table, k, head_rows)
+    dz = dz.contiguous()
+    q, keys = q.contiguous(), keys.contiguous()
+    table = table if table.stride(1) == 1 else table.contiguous()
+    w, i_sub, j_sub = w.contiguous(), i_sub.contiguous(), j_sub.contiguous()
+    dq = torch.zeros(T, H, dh, device=q.device, dtype=torch.float32)
+    dtable = torch.zeros(table.shape, device=q.device, dtype=torch.float32) if atomic_table else None
+    blocks = _memory_blocks(q, keys, table, k)
+    bt = blocks["BT"]
+    runs = max(1, min(triton.cdiv(T, bt), triton.cdiv(programs, H)))
+    tokens_per_program = triton.cdiv(triton.cdiv(T, runs), bt) * bt
+    runs = triton.cdiv(T, tokens_per_program) if T else 1
+    partial = torch.zeros(runs, H, 2, n, dh // 2, device=q.device, dtype=torch.float32)
+    if T:
+        with _on_device(q.device):
+            _memory_bwd_kernel[(runs, H)](
+                dz, q, keys, table, w, i_sub, j_sub, dq, partial, dtable if atomic_table else dq,
+                T, n, k, d, head_rows, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), table.stride(0),
+                tokens_per_program, ATOMIC_TABLE=atomic_table, **blocks)
+    return dq, partial.sum(0), dtable

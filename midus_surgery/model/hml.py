@@ -65,7 +65,9 @@ _BANK_GRADS = ("auto", "sparse_mm", "embedding_bag", "index_add")
 #   torch   the pure-torch code everywhere (what an emitted model runs without midus_surgery);
 #   triton  Triton on CUDA, an error if triton is missing; under TRITON_INTERPRET=1 on CPU tensors
 #           too (Triton's interpreter: how the tests check the kernels without a GPU).
-KERNELS = ("auto", "fused", "torch", "triton")
+#   triton-fused  as triton, with the whole read (scores, selection, softmax, pooled gather) in one
+#           kernel and its backward in another; opt-in until timed on a GPU (docs/hml.md).
+KERNELS = ("auto", "fused", "torch", "triton", "triton-fused")
 
 
 @dataclass(frozen=True)
@@ -182,8 +184,9 @@ def _fill(param: Tensor, rule: str, seed: int, name: str, scale: float = 0.0) ->
 # Kernel backends: compiled for the CPU; Triton on CUDA; pure torch everywhere
 # ----------------------------------------------------------------------------------------
 
-BACKENDS = ("triton", "cpu", "torch")  # what runs for one tensor: the answer of resolve_backend
-_BACKEND_WORDS = {"triton": "Triton kernels", "cpu": "compiled CPU kernels", "torch": "pure-torch path"}
+BACKENDS = ("triton", "triton-fused", "cpu", "torch")  # what runs for one tensor: the answer of resolve_backend
+_BACKEND_WORDS = {"triton": "Triton kernels", "triton-fused": "fused Triton kernels", "cpu": "compiled CPU kernels",
+                  "torch": "pure-torch path"}
 _TRITON_MIN = (3, 6)  # the oldest triton the kernels were run with (tl.topk and tl.gather on int64 keys)
 
 
@@ -212,9 +215,12 @@ def resolve_backend(kernels: Optional[str], device, dtype: torch.dtype = torch.f
     if kernels == "torch" or device_type not in ("cpu", "cuda"):
         return "torch"
     if dtype != torch.float64:
+        interpreted = device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        if kernels == "triton-fused" and (device_type == "cuda" or interpreted):
+            return "triton-fused"
         if device_type == "cuda" and (kernels == "triton" or _triton_usable()):
             return "triton"
-        if device_type == "cpu" and kernels == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        if kernels == "triton" and interpreted:
             return "triton"
     if device_type == "cpu" and _cpu_kernels_built(strict=kernels == "fused"):
         return "cpu"
@@ -286,7 +292,7 @@ def _cpu_kernels_built(strict: bool) -> bool:
 
 
 def _triton_kernel(name: str):
-    """``hml_triton.<name>`` ("topk2" or "bag_dw") through midus_surgery.kernels."""
+    """``hml_triton.<name>`` ("topk2", "bag_dw", "memory_forward", "memory_backward") through midus_surgery.kernels."""
     try:
         from midus_surgery import kernels
     except ImportError:
@@ -431,7 +437,7 @@ class _Lookup(torch.autograd.Function):
         if backend == "cpu":  # the same selection and tie rule in one compiled pass, parallel over (h, t)
             halves = s.view(H, 2, T, n)
             scores, i_sub, j_sub = torch.ops.midus_hml.topk2(halves[:, 0], halves[:, 1], k)  # [H, T, k] each
-        elif backend == "triton":  # the same again, one Triton program per block of (h, t) rows
+        elif backend in ("triton", "triton-fused"):  # the same again, one Triton program per block of (h, t) rows
             halves = s.view(H, 2, T, n)
             scores, i_sub, j_sub = _triton_kernel("topk2")(halves[:, 0], halves[:, 1], k, candidate_pairs(k, halves.device))  # [H, T, k] each
         else:
@@ -629,6 +635,48 @@ class _Pool(torch.autograd.Function):
         if dw is not None:
             dw = dw.view(H, T, k).to(w.dtype)
         return dw, None, dtable, None, None
+
+
+class _FusedRead(torch.autograd.Function):
+    """The whole memory read on the fused Triton kernels (backend "triton-fused"):
+    (q [T, H, d_h] float32, keys, table [rows, d]) -> (z [H, T, d] float32, w [H, T, k], slots [H, T, k]).
+
+    z[h, t] = sum_i w[h,t,i] * table[h*head_rows + slot[h,t,i]]: the HIVE bank's pooled latent
+    (head_rows 0) or the head's pooled value (HIVE off, head_rows n*n). w and slots are returned for the
+    observer and carry no gradient. The backward's kernel gives dq and dkeys; the table's gradient comes
+    from the same kernel's float32 atomics when ``bank_grad`` is "index_add" (not deterministic; never
+    under torch.use_deterministic_algorithms), else from the pure-torch path's methods.
+    """
+
+    @staticmethod
+    def forward(ctx, q, keys, table, k, head_rows, bank_grad):
+        w, i_sub, j_sub, z = _triton_kernel("memory_forward")(q, keys, table, k, head_rows, candidate_pairs(k, q.device))
+        slots = i_sub * keys.shape[2] + j_sub
+        ctx.mark_non_differentiable(w, slots)
+        ctx.save_for_backward(q, keys, table, w, i_sub, j_sub)
+        ctx.head_rows, ctx.bank_grad = head_rows, bank_grad
+        return z, w, slots
+
+    @staticmethod
+    @_autocast_off
+    def backward(ctx, dz, _dw, _dslots):
+        q, keys, table, w, i_sub, j_sub = ctx.saved_tensors
+        need_q, need_keys, need_table = ctx.needs_input_grad[:3]
+        mode = _bank_grad_method(ctx.bank_grad, table.device.type)
+        atomic = need_table and mode == "index_add" and not torch.are_deterministic_algorithms_enabled()
+        dq = dkeys = dtable = None
+        if need_q or need_keys or atomic:
+            dq, dkeys, dtable = _triton_kernel("memory_backward")(dz, q, keys, table, w, i_sub, j_sub, ctx.head_rows, atomic)
+        if need_table and not atomic:
+            H, T, k = w.shape
+            n = keys.shape[2]
+            idx = (i_sub * n + j_sub + ctx.head_rows * torch.arange(H, device=w.device).view(H, 1, 1)).view(H * T, k)
+            offsets = torch.arange(0, H * T * k, k, device=w.device)
+            offset2bag = torch.arange(H * T, device=w.device).repeat_interleave(k)
+            _, dtable = _bag_backward(dz.reshape(H * T, -1), table, idx, w.view(H * T, k), offsets, offset2bag,
+                                      False, True, "embedding_bag" if mode == "index_add" else mode)
+        return (dq if need_q else None), (dkeys if need_keys else None), \
+            (dtable.to(table.dtype) if need_table else None), None, None, None
 
 
 # ----------------------------------------------------------------------------------------
@@ -991,13 +1039,37 @@ class HeadwiseMemory(nn.Module):
             return torch.float32
         return x.dtype
 
-    def _lookup(self, q: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-        cfg = self.config
-        sd = torch.float64 if q.dtype == torch.float64 else torch.float32
-        q = q.to(sd)
+    def _normed(self, q: Tensor) -> Tensor:
+        """The queries as the lookup scores them: float32 (float64 for float64 input), normalised."""
+        q = q.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
         if self.query_norm is not None:
             q = self.query_norm(q)
-        return _Lookup.apply(q.contiguous(), self.keys.to(sd), cfg.topk, backend)  # w, slots: [H, T, k]
+        return q.contiguous()
+
+    def _lookup(self, q: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+        q = self._normed(q)
+        return _Lookup.apply(q, self.keys.to(q.dtype), self.config.topk, backend)  # w, slots: [H, T, k]
+
+    def _read(self, q: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+        """(m [H, T, d_h], w [H, T, k], slots [H, T, k]): each head's memory read of queries q [T, H, d_h],
+        on ``backend`` (one decision per call, for the lookup and the pooling alike)."""
+        cfg, H, dh = self.config, self.num_heads, self.head_dim
+        N = cfg.n_subkeys**2
+        if backend == "triton-fused":  # one kernel reads, another differentiates the read
+            q = self._normed(q)
+            if cfg.hive:
+                z, w, slots = _FusedRead.apply(q, self.keys.float(), self.latent_bank.weight, cfg.topk, 0, cfg.bank_grad)
+                cd = self.proj.dtype if z.device.type != "cpu" else torch.float32  # as _PoolProject's bmm
+                return torch.bmm(z.to(cd), self.proj.to(cd)), w, slots  # [H, T, d_l] @ [H, d_l, d_h]
+            z, w, slots = _FusedRead.apply(q, self.keys.float(), self.values.view(H * N, dh), cfg.topk, N, cfg.bank_grad)
+            return z, w, slots
+        w, slots = self._lookup(q, backend)
+        if cfg.hive:
+            m = _PoolProject.apply(w, slots, self.latent_bank.weight, self.proj, cfg.bank_grad, backend)
+        else:
+            offs = (torch.arange(H, device=slots.device) * N).view(H, 1, 1)
+            m = _Pool.apply(w, slots + offs, self.values.view(H * N, dh), cfg.bank_grad, backend)
+        return m, w, slots
 
     def forward(self, queries: Tensor) -> Tensor:
         dev = queries.device.type
@@ -1005,19 +1077,11 @@ class HeadwiseMemory(nn.Module):
             return self._forward(queries)
 
     def _forward(self, x: Tensor) -> Tensor:
-        cfg, H, dh = self.config, self.num_heads, self.head_dim
+        H, dh = self.num_heads, self.head_dim
         out_dtype = x.dtype
         q, flat_in, lead = self._queries(x)
         T = q.shape[0]
-        backend = self._backend(q)  # one decision per call, for the lookup and the pooling alike
-        w, slots = self._lookup(q, backend)
-        if cfg.hive:
-            bank = self.latent_bank.weight
-            m = _PoolProject.apply(w, slots, bank, self.proj, cfg.bank_grad, backend)  # [H, T, d_h]
-        else:
-            N = cfg.n_subkeys**2
-            offs = (torch.arange(H, device=slots.device) * N).view(H, 1, 1)
-            m = _Pool.apply(w, slots + offs, self.values.view(H * N, dh), cfg.bank_grad, backend)
+        m, w, slots = self._read(q, self._backend(q))  # m [H, T, d_h]; w, slots [H, T, k]
         if self.observer is not None:
             m = self.observer(w, slots, m)  # w, slots: [H, T, k]; m: [H, T, d_h]
         cd = self._mm_dtype(x)

@@ -142,7 +142,7 @@ class MemorySettings(Strict):
     norm_eps: float = Field(1e-6, gt=0, le=1.0, description="Epsilon of the per-head query norm.")
     bank_grad: Literal["auto", "sparse_mm", "embedding_bag", "index_add"] = Field("auto", description="How the backward accumulates the bank (or value table) gradient; all give the same dense gradient, at different speeds (docs/hml.md). auto: sparse_mm on CPU, embedding_bag on CUDA.")
     share_bank: bool = Field(False, description="One latent bank shared by all memory blocks of the model instead of one per block.")
-    kernels: Literal["auto", "fused", "torch", "triton"] | None = Field(None, description="What the memory layer runs on, written into the output's config when set: `auto` (compiled CPU kernels on CPU, Triton on CUDA, else pure torch), `fused` (insist on the CPU kernels), `torch`, `triton`. Unset: `MIDUS_HML_KERNELS` where the model is loaded, else `auto` (docs/hml.md).")
+    kernels: Literal["auto", "fused", "torch", "triton", "triton-fused"] | None = Field(None, description="What the memory layer runs on, written into the output's config when set: `auto` (compiled CPU kernels on CPU, Triton on CUDA, else pure torch), `fused` (insist on the CPU kernels), `torch`, `triton`, `triton-fused` (the whole read in one Triton kernel on CUDA; opt-in, not yet timed on a GPU). Unset: `MIDUS_HML_KERNELS` where the model is loaded, else `auto` (docs/hml.md).")
 
     @model_validator(mode="after")
     def _k_le_n(self) -> "MemorySettings":
