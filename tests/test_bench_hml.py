@@ -128,3 +128,27 @@ def test_the_report_redraws_the_section_from_a_saved_run(tmp_path, monkeypatch):
     text = docs.read_text()
     assert "- Machine: Another CPU, 64 CPU cores" in text and "torch 2.x" in text  # the run's machine, not this one
     assert "- Llama-3.2-1B float32: HML/FFN 0.20x (target <= 0.25: met)" in text and "batch 4 x 256 tokens" in text
+
+
+def test_the_bytes_floor_counts_the_gathered_rows_and_every_tensor_once():
+    s = bh.SIZES["SmolLM2-135M recipe"]
+    T, H, k, dl, n, dh = 1024, s["heads"], s["k"], s["d_l"], s["n"], s["head_dim"]
+    fp32, bf16 = bh.traffic("SmolLM2-135M recipe", T, torch.float32), bh.traffic("SmolLM2-135M recipe", T, torch.bfloat16)
+    # each token reads H x k rows of d_l values forward and backward and adds a float32 row per slot
+    assert fp32["gathered"] == T * H * k * dl * (4 + 4 + 4) and bf16["gathered"] == T * H * k * dl * (2 + 2 + 4)
+    assert fp32["bank"] == n * n * dl * 4 and bf16["bank"] == fp32["bank"] // 2
+    # unique bytes: the token-sized part grows with the tokens, the parameters' part does not
+    double = bh.traffic("SmolLM2-135M recipe", 2 * T, torch.float32)
+    per_tokens = double["unique"] - fp32["unique"]
+    assert per_tokens == 4 * T * H * dh * 4 + 2 * T * H * (k * 8 + dl * 4)
+    assert fp32["unique"] - per_tokens > 2 * fp32["bank"]  # the bank read twice, its gradient written once
+    assert bh.copy_gb_per_s("cpu", mib=8) > 0
+
+
+def test_rows_and_the_table_carry_the_bytes_floor(tiny, monkeypatch):
+    fake_clock(monkeypatch, [5.0, 2.0])
+    row = bh.run_row("tiny", torch.float32, 1, None, lambda m: None, copy_gbps=10.0)
+    moved = bh.traffic("tiny", bh.BATCH * bh.SEQ, torch.float32)
+    assert row["floor_unique_ms"] == round(moved["unique"] / 10.0 / 1e6, 2)
+    assert row["floor_gathered_ms"] == round(moved["gathered"] / 10.0 / 1e6, 2)
+    assert f"| {row['floor_unique_ms']} / {row['floor_gathered_ms']} |" in bhr.table([row])

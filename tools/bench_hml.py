@@ -48,6 +48,48 @@ SIZES = {
 BATCH, SEQ = 4, 256
 
 
+def traffic(size: str, tokens: int, dtype: torch.dtype) -> dict:
+    """The bytes one forward + backward of the memory layer must move at least, at ``size`` (SIZES)
+    for ``tokens`` tokens with parameters and activations in ``dtype`` (docs/hml.md, "The physical picture").
+
+    unique:   every byte read or written once: the input, output and their gradients, the saved read
+              (w and int32 slot ids [T, H, k], the pooled latent z [T, H, d_l] in float32), the keys,
+              bank and projection and their float32 gradients.
+    gathered: the bank rows the lookups touch: each token reads H x k rows of d_l values forward and
+              backward (the weight gradient's dot products) and adds one float32 row per slot into the
+              bank's gradient. They come from on-chip cache when the bank fits there, else from memory.
+    bank:     the bank's bytes (whether it fits in a cache decides which floor binds).
+    Returned in bytes: {"unique", "gathered", "bank"}.
+    """
+    s = SIZES[size]
+    b = torch.empty((), dtype=dtype).element_size()
+    T, H, dh, n, k, dl = tokens, s["heads"], s["head_dim"], s["n"], s["k"], s["d_l"]
+    act = T * H * dh * b  # one [T, H*d_h] activation
+    bank = n * n * dl * b
+    params = H * n * dh * 4 + bank + H * dl * dh * b  # keys (float32), bank, projection
+    grads = H * n * dh * 4 + n * n * dl * 4 + H * dl * dh * 4
+    saved = T * H * k * (4 + 4) + T * H * dl * 4  # w + int32 slots, z
+    unique = 4 * act + 2 * saved + 2 * params + grads  # x, out, dout, dx; saved written and read; params read twice
+    gathered = T * H * k * dl * (b + b + 4)  # forward rows, the backward's rows, the gradient's float32 rows
+    return {"unique": unique, "gathered": gathered, "bank": bank}
+
+
+def copy_gb_per_s(device, mib: int = 256) -> float:
+    """Memory bandwidth measured on ``device`` now (GB/s): the best of a few copies of a ``mib`` MiB
+    tensor, counting the bytes read and written. The floors are divided by it, in the same run."""
+    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    best = float("inf")
+    for _ in range(5):
+        sync()
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
 def build(size: str, dtype: torch.dtype):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
@@ -105,7 +147,7 @@ def on_kernels(kernels: str, layer, fn):
 
 
 def run_row(size: str, dtype: torch.dtype, repeats: int, sub_tokens: int | None, log, kernels: str = "fused",
-            compare_torch: bool = False) -> dict:
+            compare_torch: bool = False, copy_gbps: float | None = None) -> dict:
     s = SIZES[size]
     torch.manual_seed(0)
     ffn, hml, cfg = build(size, dtype)
@@ -155,6 +197,10 @@ def run_row(size: str, dtype: torch.dtype, repeats: int, sub_tokens: int | None,
     assert row["hml_params"] == hml_parameter_count(s["heads"], s["head_dim"], s["hidden"], cfg)
     if sub_tokens:
         row["ffn_tokens_timed"] = sub_tokens
+    if copy_gbps:  # the bytes the layer must move, at the bandwidth measured in this run
+        moved = traffic(size, BATCH * SEQ, dtype)
+        row["floor_unique_ms"] = round(moved["unique"] / copy_gbps / 1e6, 2)
+        row["floor_gathered_ms"] = round(moved["gathered"] / copy_gbps / 1e6, 2)
     torch_note = f", pure-torch hml {row['hml_torch_ms']} ms ({row['ratio_torch']}x)" if tt else ""
     log(f"  {size} {row['dtype']}: hml {row['hml_ms']} ms, ffn {row['ffn_ms']} ms, ratio {row['ratio']}{torch_note}")
     return row
@@ -181,6 +227,8 @@ def main(argv=None) -> int:
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
     rows = []
     native_bf16 = cpu_native_bf16()  # a bf16 GEMM at the Llama size takes minutes without it
+    gbps = copy_gb_per_s("cpu")
+    log(f"memory bandwidth (copy): {gbps:.1f} GB/s")
     for size in args.sizes.split(","):
         for dt in args.dtypes.split(","):
             dtype = getattr(torch, dt)
@@ -188,13 +236,14 @@ def main(argv=None) -> int:
             if dtype == torch.bfloat16 and ((size == "Llama-3.2-1B" and not native_bf16) or args.quick):
                 sub = 16 if args.quick else 64
             rows.append(run_row(size, dtype, repeats if not sub else max(1, repeats // 2), sub, log,
-                                kernels=args.kernels, compare_torch=dtype == torch.float32 and args.kernels == "fused"))
-    payload = {"rows": rows, "machine": machine(), "versions": versions(), "batch": BATCH, "seq": SEQ,
+                                kernels=args.kernels, compare_torch=dtype == torch.float32 and args.kernels == "fused",
+                                copy_gbps=gbps))
+    payload = {"rows": rows, "machine": machine(), "copy_gbps": round(gbps, 1), "versions": versions(), "batch": BATCH, "seq": SEQ,
                "command": command_line("tools/bench_hml.py", argv).strip()}
     if args.json:
         keys = ("size", "dtype", "hml_ms", "ffn_ms", "ratio", "hml_params", "ffn_params")
         extra = ("n", "k", "d_l", "path", "hml_torch_ms", "ratio_torch", "hml_peak_mib", "ffn_peak_mib",
-                 "ffn_tokens_timed")
+                 "ffn_tokens_timed", "floor_unique_ms", "floor_gathered_ms")
         print(json.dumps({**payload, "rows": [{k: r[k] for k in keys + extra if k in r} for r in rows]}))
     else:
         print(table(rows))

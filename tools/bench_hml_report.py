@@ -20,19 +20,21 @@ JSON = RESULTS / "bench_hml.json"  # the driver's --write-docs keeps the run's r
 def table(rows: list[dict]) -> str:
     head = (
         "| size | dtype | n | k | d_l | HML params | FFN params | HML ms | FFN ms | HML/FFN | "
-        "pure-torch HML ms (/FFN) | HML peak MiB | FFN peak MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "pure-torch HML ms (/FFN) | bytes floor ms (unique / gathered) | HML peak MiB | FFN peak MiB |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
         ffn_ms = f"{r['ffn_ms']}" + (f" (timed on {r['ffn_tokens_timed']} tok, scaled)" if "ffn_tokens_timed" in r else "")
         pure = f"{r['hml_torch_ms']} ({r['ratio_torch']:.2f}x)" if "hml_torch_ms" in r else "-"
+        floor = f"{r['floor_unique_ms']} / {r['floor_gathered_ms']}" if "floor_unique_ms" in r else "-"
         fpeak = r["ffn_peak_mib"]
         if fpeak is None:
             fpeak = "n/a (see note)"
         lines.append(
             f"| {r['size']} | {r['dtype']} | {r['n']} | {r['k']} | {r['d_l']} | {r['hml_params'] / 1e6:.2f}M | "
             f"{r['ffn_params'] / 1e6:.2f}M | {r['hml_ms']} | {ffn_ms} | **{r['ratio']:.2f}x** | "
-            f"{pure} | {r['hml_peak_mib']} | {fpeak} |"
+            f"{pure} | {floor} | {r['hml_peak_mib']} | {fpeak} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -90,7 +92,12 @@ def write_docs(path, payload: dict, source: Path | None = None) -> None:
         "pure-torch column is the same layer with `MIDUS_HML_KERNELS=torch` (what runs without a compiler), "
         "timed in the same interleaved loop.\n"
         "- This VM's two vCPUs and its neighbours make single runs vary by up to ~30%; the minimum over "
-        "repeats is reported.\n\n"
+        "repeats is reported.\n"
+        + (f"- Bytes floor: the bytes one fwd+bwd of the layer must move (`bench_hml.traffic`: unique = every input, "
+           f"output, saved tensor, parameter and gradient once; gathered = the bank rows the lookups read and the "
+           f"gradient rows they add), divided by the memory bandwidth measured by a copy in the same run "
+           f"({payload['copy_gbps']} GB/s); docs/hml.md, \"The physical picture\".\n" if "copy_gbps" in payload else "")
+        + "\n"
         + table(rows)
         + targets(rows)
     )
