@@ -87,12 +87,15 @@ def test_the_driver_records_the_backend_the_environment_selects(monkeypatch):
 
 def test_on_cuda_midus_runs_again_on_the_pure_torch_path_side_by_side():
     cuda = bs.configs_for("bf16", "cuda", ("base",))
-    assert [m for m, _ in cuda] == ["DUS", "LLaMA-Pro", "MIDUS", "MIDUS (pure torch)", "FFN-free floor"]
-    assert "MIDUS (pure torch)" not in [m for m, _ in bs.configs_for("fp32", "cpu")]  # no Triton path on CPU
+    assert [m for m, _ in cuda] == ["DUS", "LLaMA-Pro", "MIDUS", "MIDUS (pure torch)", "MIDUS (fused Triton)", "FFN-free floor"]
+    cpu_rows = [m for m, _ in bs.configs_for("fp32", "cpu")]
+    assert "MIDUS (pure torch)" not in cpu_rows and "MIDUS (fused Triton)" not in cpu_rows  # no Triton path on CPU
     plan = {"precision": "bf16", "batch": 4, "seq": 256, "warmup": 1, "steps": 1}
-    spec = bs.spec_for("MIDUS (pure torch)", "base", plan, "cuda", True, "every2")
-    assert spec["torch_hml"] and spec["path"] == bs.spec_for("MIDUS", "base", plan, "cuda", True, "every2")["path"]
-    assert not bs.spec_for("MIDUS", "base", plan, "cuda", True, "every2")["torch_hml"]
+    midus = bs.spec_for("MIDUS", "base", plan, "cuda", True, "every2")
+    for row, kernels in (("MIDUS (pure torch)", "torch"), ("MIDUS (fused Triton)", "triton-fused")):
+        spec = bs.spec_for(row, "base", plan, "cuda", True, "every2")
+        assert spec["hml_kernels"] == kernels and spec["path"] == midus["path"]
+    assert midus["hml_kernels"] is None
 
 
 def test_the_pure_torch_row_forces_the_layer_backend_for_its_model_only(monkeypatch):
@@ -106,10 +109,12 @@ def test_the_pure_torch_row_forces_the_layer_backend_for_its_model_only(monkeypa
 
     monkeypatch.setenv("MIDUS_HML_KERNELS", "triton")
     pure, default = model(), model()
-    assert bs.set_hml_kernels(pure, True, "cuda") == "torch"
-    assert bs.set_hml_kernels(default, False, "cuda") == "triton"  # the next configuration: the environment's
+    assert bs.set_hml_kernels(pure, "torch", "cuda") == "torch"
+    assert bs.set_hml_kernels(default, None, "cuda") == "triton"  # the next configuration: the environment's
     assert [m.backend("cuda") for m in pure] == ["torch", "torch"]  # and the first one's layers stay put
-    assert bs.set_hml_kernels(torch.nn.Linear(2, 2), False, "cpu") == "torch"  # DUS: no memory layer
+    assert bs.set_hml_kernels(torch.nn.Linear(2, 2), None, "cpu") == "torch"  # DUS: no memory layer
+    fused = model()
+    assert bs.set_hml_kernels(fused, "triton-fused", "cuda") == "triton-fused"
 
 
 def test_the_report_says_what_the_triton_kernels_buy(tmp_path, docs):
@@ -253,3 +258,15 @@ def test_cpu_sections_say_whether_the_cpu_has_native_bf16(tmp_path, docs):
         section = docs.read_text().split("## Training step\n", 1)[1].split("\n## ", 1)[0]
         assert "No bf16 rows (`--no-bf16`)" in section
         assert (says in section) if says else ("no native bf16" not in section)
+
+
+def test_the_report_says_where_midus_stands_on_the_fused_read(tmp_path, docs):
+    rows = [_row("DUS", "base", "bf16", 16, 0.15, 53 * 10**6), _row("MIDUS", "base", "bf16", 16, 0.20, 26 * 10**6),
+            _row("MIDUS (fused Triton)", "base", "bf16", 16, 0.12, 26 * 10**6)]
+    [t] = bsr.targets(rows)
+    assert abs(t["fused_over_dus"] - 0.8) < 1e-12 and abs(t["fused_over_midus"] - 0.6) < 1e-12
+    payload = _payload("cuda", rows, [{"precision": "bf16", "batch": 16, "seq": 256, "repeats": 1, "warmup": 2, "steps": 10}],
+                       hml_cuda_backend="triton")
+    text = redraw(tmp_path, payload, docs)
+    assert "| MIDUS (fused Triton) | base |" in text and "`MIDUS (fused Triton)` is the same model on the fused read" in text
+    assert "on the fused read 0.80x DUS (0.60x the default Triton kernels' step)" in text

@@ -62,7 +62,7 @@ import time
 from pathlib import Path
 
 from bench_common import command_line, cpu_name, cpu_native_bf16, finish, load_avg, median, recipe_output, save_json, versions
-from bench_step_report import LAYOUTS, ROWS, TORCH_HML, json_path, redraw, setting, table, target_lines, targets, write_docs
+from bench_step_report import FORCED_KERNELS, LAYOUTS, ROWS, json_path, redraw, setting, table, target_lines, targets, write_docs
 
 # not a method: DUS with the inserted blocks' FFNs replaced by a zero-cost stub, i.e. the
 # fastest any FFN replacement (MIDUS's memory included) could make the up-scaled step
@@ -74,7 +74,8 @@ def models_for(layout: str) -> dict[str, Path]:
     recipes = LAYOUTS[layout]["recipes"]
     out = {"base": LAYOUTS[layout]["base"], **{m: recipe_output(r) for m, r in recipes.items()}}
     out["FFN-free floor"] = out["DUS"]
-    out["MIDUS (pure torch)"] = out["MIDUS"]
+    for row in FORCED_KERNELS:  # the same model, its memory layers told other kernels
+        out[row] = out["MIDUS"]
     return out
 
 
@@ -153,7 +154,7 @@ def prepare(spec: dict) -> dict:
             p.requires_grad_(n.startswith(prefixes) or SHARED_BANK in n)
     trainable = [p for p in names.values() if p.requires_grad]
     vocab = model.get_input_embeddings().weight.shape[0]
-    hml_backend = set_hml_kernels(model, bool(spec.get("torch_hml")), device)  # before compiling, as the trainer does
+    hml_backend = set_hml_kernels(model, spec.get("hml_kernels"), device)  # before compiling, as the trainer does
     if spec.get("compile"):
         # as `midus-surgery train` with `compile: true` (accelerate's dynamo_backend="inductor"): the
         # whole model; the first warm-up step compiles
@@ -178,16 +179,16 @@ def adamw_kwargs(implementation: str, device) -> dict:
     return adamw_options(implementation, device)
 
 
-def set_hml_kernels(model, torch_hml: bool, device) -> str:
-    """`MIDUS (pure torch)` (``torch_hml``): this configuration's memory layers on the pure-torch path;
-    the others keep what the environment made them when loaded. Each configuration loads its own model,
+def set_hml_kernels(model, kernels, device) -> str:
+    """The rows of FORCED_KERNELS (``kernels``, e.g. "torch" for `MIDUS (pure torch)`): this configuration's
+    memory layers told to run on ``kernels``; with None they keep what the environment made them when loaded. Each configuration loads its own model,
     so the paired rounds that interleave them in one child put nothing back. Returns the backend the
     layers run on ``device``, answered now (on CPU that builds the kernels), so a compiled model traces
     the memory layer whole; "torch" for a model without memory layers."""
     from midus_surgery.model import hml
 
-    if torch_hml:
-        hml.use_kernels(model, "torch")
+    if kernels is not None:
+        hml.use_kernels(model, kernels)
     return hml.prepare_kernels(model, device)
 
 
@@ -334,7 +335,7 @@ def ensure_outputs(log, random_init: bool, layout: str) -> None:
 def configs_for(precision: str, device: str, freezes=("none", "base"), models=None) -> list[tuple[str, str]]:
     out = [("base", "none")]
     # on CPU the memory layer has no Triton path to compare with (its compiled kernels are timed in bench_hml)
-    methods = ("DUS", "LLaMA-Pro", "MIDUS") + (("MIDUS (pure torch)",) if device == "cuda" else ())
+    methods = ("DUS", "LLaMA-Pro", "MIDUS") + (tuple(FORCED_KERNELS) if device == "cuda" else ())
     for m in methods + ("FFN-free floor",):
         out += [(m, "none"), (m, "base")]
     return [(m, f) for m, f in out if f in freezes and (models is None or m in models)]
@@ -410,7 +411,7 @@ def spec_for(model: str, freeze: str, plan: dict, device: str, random_init: bool
     return {"label": config_label(model, freeze), "path": str(models[model]), "anatomy_from": str(models["MIDUS"]),
             "freeze": freeze, "precision": plan["precision"],
             "batch": plan["batch"], "seq": plan["seq"], "warmup": plan["warmup"], "steps": plan["steps"],
-            "drop_inserted_ffn": model in DROPS_FFN, "torch_hml": model in TORCH_HML, "device": device, "random_init": random_init,
+            "drop_inserted_ffn": model in DROPS_FFN, "hml_kernels": FORCED_KERNELS.get(model), "device": device, "random_init": random_init,
             "compile": plan.get("compile", False), "adamw": plan.get("adamw", "torch")}
 
 
@@ -486,8 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--freezes", type=lambda text: text.split(","), default=["none", "base"],
                     help="comma-separated freeze policies to run (default none,base)")
     ap.add_argument("--models", type=lambda text: text.split(","), default=None,
-                    help="comma-separated rows to run (base, DUS, LLaMA-Pro, MIDUS, 'MIDUS (pure torch)' (CUDA only), "
-                         "'FFN-free floor'; default all)")
+                    help="comma-separated rows to run (base, DUS, LLaMA-Pro, MIDUS, 'MIDUS (pure torch)' and "
+                         "'MIDUS (fused Triton)' (CUDA only), 'FFN-free floor'; default all)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile every model, as `midus-surgery train` does with `compile: true`; the warm-up "
                          "steps compile (their time is reported), each configuration from scratch; its own docs section")

@@ -47,10 +47,11 @@ LAYOUTS = {
                        "recipes": {m: REPO / "recipes" / "ablation" / "llama-1b-width" / f"llama-1b-8l-{k}-every2.yaml"
                                    for m, k in METHODS}},
 }
-# CUDA only: MIDUS again with its memory layer forced onto the pure-torch path (no Triton kernels),
-# so the kernels' gain is measured side by side in the same run
-TORCH_HML = {"MIDUS (pure torch)"}
-ROWS = ("base", "DUS", "LLaMA-Pro", "MIDUS", "MIDUS (pure torch)", "FFN-free floor")  # the table's rows, in order
+# CUDA only: MIDUS again with its memory layers told to run on other kernels (HMLConfig.kernels), so
+# what the Triton kernels buy is measured side by side in the same run: the pure-torch path, and the
+# fused read (opt-in until timed)
+FORCED_KERNELS = {"MIDUS (pure torch)": "torch", "MIDUS (fused Triton)": "triton-fused"}
+ROWS = ("base", "DUS", "LLaMA-Pro", "MIDUS", "MIDUS (pure torch)", "MIDUS (fused Triton)", "FFN-free floor")  # the table's rows, in order
 
 
 def setting(row: dict) -> tuple[str, int, int]:
@@ -85,6 +86,10 @@ def targets(rows: list[dict]) -> list[dict]:
             if pure:  # what the Triton kernels buy, and where MIDUS would stand without them
                 t["midus_over_pure_torch"] = m["step_min_s"] / pure["step_min_s"]
                 t["pure_torch_over_dus"] = pure["step_min_s"] / d["step_min_s"]
+            fused = sel.get("MIDUS (fused Triton)")
+            if fused:  # where MIDUS stands on the fused read
+                t["fused_over_dus"] = fused["step_min_s"] / d["step_min_s"]
+                t["fused_over_midus"] = fused["step_min_s"] / m["step_min_s"]
             if "paired_vs_dus" in m:
                 t["judged_on"] = "paired"
                 t["midus_over_dus_paired"] = m["paired_vs_dus"]
@@ -139,6 +144,9 @@ def target_lines(ts: list[dict]) -> list[str]:
         if "midus_over_pure_torch" in t:
             extra += (f"; the memory layer on its pure-torch path {t['pure_torch_over_dus']:.2f}x DUS "
                       f"(the Triton kernels take the MIDUS step to {t['midus_over_pure_torch']:.2f}x of that)")
+        if "fused_over_dus" in t:
+            extra += (f"; on the fused read {t['fused_over_dus']:.2f}x DUS ({t['fused_over_midus']:.2f}x the default "
+                      f"Triton kernels' step)")
         if "llama_pro_over_dus_paired" in t:
             extra += f"; LLaMA-Pro (the same compute as DUS) {t['llama_pro_over_dus_paired']:.3f}x paired"
         out.append(f"- {t['precision']} {t['batch']}x{t['seq']}, freeze={t['freeze']}: {ratio}; trainable {human(t['midus_trainable'])} vs "
@@ -156,7 +164,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
               if any(setting(r) == key and r["freeze"] == f for r in rows)]
     models = list(ROWS)
     colors = {"base": "#999999", "DUS": "#1f77b4", "LLaMA-Pro": "#ff7f0e", "MIDUS": "#2ca02c", "MIDUS (pure torch)": "#98df8a",
-              "FFN-free floor": "#cccccc"}
+              "MIDUS (fused Triton)": "#17becf", "FFN-free floor": "#cccccc"}
     fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.8), squeeze=False)
     for ax, ((p, batch, seq), f) in zip(axes[0], groups):
         sel = {r["model"]: r for r in rows if setting(r) == (p, batch, seq) and r["freeze"] == f}
@@ -294,8 +302,11 @@ def hml_backend_words(payload: dict) -> str:
     else:
         words = ("the pure-torch path (`torch.topk` and embedding-bag ops; `MIDUS_HML_KERNELS=torch`, or a run before the "
                  "Triton kernels were the CUDA default)")
-    if any(r["model"] in TORCH_HML for r in payload["rows"]):
+    if any(r["model"] == "MIDUS (pure torch)" for r in payload["rows"]):
         words += "; `MIDUS (pure torch)` is the same model with the layer forced onto the pure-torch path, in the same run"
+    if any(r["model"] == "MIDUS (fused Triton)" for r in payload["rows"]):
+        words += ("; `MIDUS (fused Triton)` is the same model on the fused read (`kernels: triton-fused`: scores, selection, "
+                  "softmax and pooling in one kernel), in the same run")
     return words
 
 
