@@ -27,7 +27,7 @@ def test_gpu_check_dry_run_passes_every_check_and_times_every_variant():
     for name in ("default", "tie-checked topk (sync)", "bank_grad sparse_mm", "bank_grad embedding_bag", "bank_grad index_add"):
         assert all(f"{name} " in line for line in variants), name
     assert "[profile] one pure-torch fwd+bwd" in out and "[profile] one fwd+bwd on the Triton kernels" in out
-    assert out.count("[profile] host syncs and copies:") == 2
+    assert out.count("[profile] host syncs and copies:") == 3  # sections 7, 8 and 10
     # section 8, the Triton kernels through Triton's interpreter
     for name in ("triton top-k == pure-torch selection (random", "triton top-k == pure-torch selection (small-int ties",
                  "triton bag dw == per-sample-weights backward (float32", "triton bag dw == per-sample-weights backward (bfloat16",
@@ -39,11 +39,24 @@ def test_gpu_check_dry_run_passes_every_check_and_times_every_variant():
         "[triton] layer fwd+bwd 1x16 float32", "[triton] layer fwd+bwd 1x16 bfloat16"]
     assert any(line.startswith("[ok]") and "FSDP2 over 2 CPU processes (gloo) == one process" in line for line in checks)  # section 9
     assert all("triton/torch" in line for line in triton_lines[:3]) and "triton square " in triton_lines[3] and "torch path " in triton_lines[3]
+    # section 10, the fused kernels: correctness first, then every path beside the FFN with the bytes floors
+    for name in ("fused read selects the pure-torch slots", "fused read pools the pure-torch z",
+                 "fused backward == autograd through the pure-torch read (deterministic)",
+                 "fused backward == autograd through the pure-torch read (atomic table)",
+                 "a layer on the fused kernels == the pure-torch layer {}", "a layer on the fused kernels == the pure-torch layer {'hive': False}",
+                 "bf16 layer on the fused kernels"):
+        assert any(line.startswith("[ok]") and name in line for line in checks), name
+    fused = [line for line in out.splitlines() if line.startswith("[fused] SmolLM2-135M recipe 1x16")]
+    assert len(fused) == 2  # float32 and bfloat16
+    for line in fused:
+        for path in ("FFN ", "torch ", "triton ", "triton-fused ", "triton-fused atomic ", "floor: unique bytes "):
+            assert path in line, (path, line)
+    assert "[profile] one fwd+bwd on the fused kernels" in out
     assert out.rstrip().endswith("OK")
 
 
 def test_gpu_check_skip_takes_only_the_timing_sections():
     proc = subprocess.run([sys.executable, "tools/gpu_check_hml.py", "--dry-run", "--skip", "5"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "only sections 6, 7, 8 and 9 can be left out" in proc.stderr
+    assert proc.returncode == 2 and "only sections 6, 7, 8, 9 and 10 can be left out" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -14,6 +14,12 @@ rounding), one graph compiled, their time against the pure-torch path's (MIDUS_H
 and a profile of one step on them.
 (9) `train` under `accelerate launch` with an FSDP2 config on every GPU (two or more; one GPU has
 nothing to shard) ends with the weights of a one-process run on the same batches.
+(10) the fused Triton kernels (kernels "triton-fused", opt-in): the read selects exactly what the
+pure-torch path selects on dyadic scores, its backward equals autograd through the pure-torch read,
+a layer on them matches the default layer (fp32, and bf16 against its fp32 twin), one graph compiled;
+then the layer's fwd+bwd on every path beside the FFN it replaces, at every bench_hml size, fp32 and
+bf16, with the bytes-moved floors at this device's measured copy bandwidth; a profile of one step.
+With --json-out FILE the timing rows are also written as JSON (tools/gpu_session.sh does).
 Sections 1-5 run on the CUDA default path.
 ``--skip 6,7`` leaves out timing sections (6, 7 or 8) or the FSDP run (9) when device time is short; 1-5 always run.
 Prints one line per check and a final OK / FAILED; exit status 1 on failure.
@@ -39,15 +45,17 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description="CUDA checks and timings of the Head-wise Memory Layer")
     ap.add_argument("--dry-run", action="store_true", help="run the same checks on the CPU (Triton through its interpreter)")
+    ap.add_argument("--json-out", metavar="FILE", help="write section 10's timing rows to FILE as JSON")
     ap.add_argument("--skip", default="", help="comma-separated sections to leave out, of 6 (HML vs FFN times), "
-                    "7 (the default path's variants and profile), 8 (the Triton kernels), 9 (FSDP)")
+                    "7 (the default path's variants and profile), 8 (the Triton kernels), 9 (FSDP), "
+                    "10 (the fused Triton kernels)")
     args = ap.parse_args()
     try:
         skip = {int(v) for v in args.skip.split(",") if v.strip()}
     except ValueError:
         ap.error(f"--skip takes section numbers, got {args.skip!r}")
-    if not skip <= {6, 7, 8, 9}:
-        ap.error(f"--skip: only sections 6, 7, 8 and 9 can be left out, got {sorted(skip)}")
+    if not skip <= {6, 7, 8, 9, 10}:
+        ap.error(f"--skip: only sections 6, 7, 8, 9 and 10 can be left out, got {sorted(skip)}")
     dry_run = args.dry_run
     if not dry_run and not torch.cuda.is_available():
         print("gpu_check_hml: no CUDA device available; nothing to check (exit 0).")
@@ -172,6 +180,8 @@ def main() -> int:
         check_triton(dev, sync, card, dry_run, check)
     if 9 not in skip:
         check_fsdp(dry_run, check)
+    if 10 not in skip:
+        check_fused(dev, sync, card, dry_run, check, args.json_out)
 
     print("OK" if not failures else f"FAILED: {failures}")
     return 1 if failures else 0
@@ -435,6 +445,123 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
     xx = torch.randn(b, t, H, dh, device=dev, requires_grad=True)
     profile_step(step_fn(layer(on_triton(True)), xx), dev, sync, f"one fwd+bwd on the Triton kernels, {b}x{t} float32")
     kernels.triton_kernel = real_kernel
+
+
+def check_fused(dev, sync, card, dry_run: bool, check, json_out=None) -> None:
+    """10. The fused Triton kernels ("triton-fused"): correctness first, then every path's time beside
+    the FFN with the bytes-moved floors (bench_hml.traffic at the measured copy bandwidth)."""
+    import json
+
+    try:
+        from midus_surgery.kernels import hml_triton
+    except ImportError as exc:
+        check(f"triton importable for the fused kernels ({exc})", False)
+        return
+    from bench_hml import SIZES, build, copy_gb_per_s, step_fn, traffic
+
+    from midus_surgery.model import hml as hml_mod
+    from midus_surgery.model.hml import HeadwiseMemory, HMLConfig, candidate_pairs
+
+    g = torch.Generator().manual_seed(0)
+    s = SIZES["SmolLM2-135M recipe"]
+    H, dh = s["heads"], s["head_dim"]
+    n, k, dl, T = (16, 4, 8, 24) if dry_run else (s["n"], s["k"], s["d_l"], 2048)
+    # dyadic scores: exact in float32 in any summation order, so the selection must match to the slot
+    q = (torch.randint(-3, 4, (T, H, dh), generator=g).float() / 4).to(dev)
+    keys = (torch.randint(-3, 4, (H, 2, n, dh // 2), generator=g).float() / 4).to(dev)
+    table = torch.randn(n * n, dl, generator=g).to(dev)
+    ref = [t.clone().requires_grad_() for t in (q, keys, table)]
+    rw, rslots = hml_mod._Lookup.apply(ref[0], ref[1], k, "torch")
+    rz = (rw[..., None] * ref[2][rslots]).sum(-2)
+    w, i, j, z = hml_triton.memory_forward(q, keys, table, k, 0, candidate_pairs(k, dev))
+    check(f"fused read selects the pure-torch slots (dyadic scores with ties, T={T}, n={n}, k={k})", torch.equal(i * n + j, rslots))
+    check(f"fused read pools the pure-torch z (max diff {(z - rz).abs().max().item():.1e})", torch.allclose(z, rz, rtol=1e-5, atol=1e-5))
+    dz = torch.randn(H, T, dl, generator=g).to(dev)
+    rgrads = torch.autograd.grad(rz, ref, dz)
+    for atomic in (False, True):
+        dq, dkeys, dtable = hml_triton.memory_backward(dz, q, keys, table, w, i, j, 0, atomic)
+        ok = torch.allclose(dq, rgrads[0], rtol=1e-4, atol=1e-4) and torch.allclose(dkeys, rgrads[1], rtol=1e-4, atol=1e-3)
+        if atomic:
+            ok = ok and torch.allclose(dtable, rgrads[2], rtol=1e-4, atol=1e-4)
+        check(f"fused backward == autograd through the pure-torch read ({'atomic table' if atomic else 'deterministic'})", bool(ok))
+
+    def layer(kernels: str, dtype=torch.float32, size="SmolLM2-135M recipe", **kw) -> HeadwiseMemory:
+        z_ = SIZES[size]
+        torch.manual_seed(0)
+        cfg = HMLConfig(n_subkeys=z_["n"] if not dry_run else 16, topk=z_["k"] if not dry_run else 4,
+                        latent_dim=z_["d_l"] if not dry_run else 8, init="random", kernels=kernels, **kw)
+        return HeadwiseMemory(z_["heads"], z_["head_dim"], z_["hidden"], cfg).to(dev, dtype)
+
+    x = torch.randn(2, 64 if not dry_run else 4, H, dh, device=dev)
+    for kw in (dict(), dict(hive=False), dict(bank_grad="index_add")):
+        results = {}
+        for kernels in ("torch", "triton-fused"):
+            m = layer(kernels, **kw)
+            xi = x.clone().requires_grad_(True)
+            out = m(xi)
+            out.square().sum().backward()
+            results[kernels] = [out.detach(), xi.grad] + [p.grad.clone() for p in m.parameters()]
+        a, b = results["triton-fused"], results["torch"]
+        check(f"a layer on the fused kernels == the pure-torch layer {kw} (outputs max diff {(a[0] - b[0]).abs().max().item():.1e})",
+              all(torch.allclose(u, v, rtol=1e-4, atol=1e-5) for u, v in zip(a, b)))
+    m32, m16, t16 = layer("triton-fused"), layer("triton-fused", torch.bfloat16), layer("torch", torch.bfloat16)
+    y16 = m16(x.to(torch.bfloat16).requires_grad_(True))
+    y16.float().square().sum().backward()
+    r16 = t16(x.to(torch.bfloat16))  # the same bf16 layer on the pure-torch path: the same float32 scores
+    check(f"bf16 layer on the fused kernels: finite, == the bf16 pure-torch layer to bf16 rounding (max diff "
+          f"{(y16.float() - r16.float()).abs().max().item():.1e})",
+          bool(torch.isfinite(y16.float()).all()) and m16.keys.grad is not None
+          and torch.allclose(y16.float(), r16.float(), rtol=2e-2, atol=2e-2))
+    if dev.type == "cuda":
+        torch._dynamo.reset()
+        try:
+            ex = torch._dynamo.explain(lambda t: m32(t).sum())(x)
+            check(f"the layer on the fused kernels compiles into one graph ({ex.graph_count} graph(s), {ex.graph_break_count} break(s))",
+                  ex.graph_break_count == 0)
+        except Exception as exc:
+            check(f"the layer on the fused kernels traces ({type(exc).__name__}: {str(exc).strip()[:300]})", False)
+        torch._dynamo.reset()
+
+    # times: every path of the layer beside the FFN it replaces, with the bytes floors
+    gbps = copy_gb_per_s(dev, 16 if dry_run else 1024)
+    print(f"[fused] measured copy bandwidth {gbps:.0f} GB/s ({card})")
+    rows = []
+    batches = [(1, 16)] if dry_run else [(4, 256), (16, 1024)]
+    paths = {"torch": dict(), "triton": dict(), "triton-fused": dict(), "triton-fused atomic": dict(bank_grad="index_add")}
+    for size in (["SmolLM2-135M recipe"] if dry_run else list(SIZES)):
+        z_ = SIZES[size]
+        for b_, t_ in batches:
+            for dtype in (torch.float32, torch.bfloat16):
+                ffn, _, _ = build(size, dtype)
+                ffn = ffn.to(dev)
+                xf = torch.randn(b_, t_, z_["hidden"], dtype=dtype, device=dev, requires_grad=True)
+                row = {"size": size, "tokens": b_ * t_, "batch": f"{b_}x{t_}", "dtype": str(dtype)[6:],
+                       "ffn_ms": time_ms(step_fn(ffn, xf), sync, dry_run)}
+                del ffn
+                for name, kw in paths.items():
+                    mm = layer(name.split()[0], dtype, size, **kw)
+                    xx = torch.randn(b_, t_, z_["heads"], z_["head_dim"], dtype=dtype, device=dev, requires_grad=True)
+                    try:
+                        row[f"{name} ms"] = time_ms(step_fn(mm, xx), sync, dry_run)
+                    except Exception as exc:  # one failed path must not cost the session's other rows
+                        check(f"layer fwd+bwd {name} {size} {b_}x{t_} {row['dtype']} runs ({type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''})", False)
+                    del mm
+                bytes_ = traffic(size, b_ * t_, dtype)
+                row |= {"unique_floor_ms": bytes_["unique"] / gbps / 1e6, "gathered_floor_ms": bytes_["gathered"] / gbps / 1e6,
+                        "bank_mb": bytes_["bank"] / 1e6, "copy_gbps": gbps}
+                rows.append(row)
+                times = ", ".join(f"{p_} {row[p_ + ' ms']:.2f} ms ({row[p_ + ' ms'] / row['ffn_ms']:.2f}x FFN)"
+                                  for p_ in paths if p_ + " ms" in row)
+                print(f"[fused] {size} {row['batch']} {row['dtype']} ({card}): FFN {row['ffn_ms']:.2f} ms; {times}; "
+                      f"floor: unique bytes {row['unique_floor_ms']:.3f} ms, gathered rows at memory bandwidth "
+                      f"{row['gathered_floor_ms']:.3f} ms (bank {row['bank_mb']:.0f} MB)")
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump({"device": card, "torch": torch.__version__, "rows": rows}, fh, indent=1)
+    b_, t_ = batches[-1]
+    xx = torch.randn(b_, t_, H, dh, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    profile_step(step_fn(layer("triton-fused", torch.bfloat16), xx), dev, sync, f"one fwd+bwd on the fused kernels, {b_}x{t_} bfloat16")
 
 
 def psw_backward(table, idx):
