@@ -1,0 +1,109 @@
+"""tools/gpu_session.py, the prepared GPU session: what travels to the GPU machine (every file of the model
+directories but their weights, at the same paths), how it is put in place there (nothing existing
+overwritten), that every step runs under its limit and a failed or cut step does not stop the next, and the
+docs section written from the fused kernels' timings (targets judged on the returned rows). The GPU steps
+themselves cannot run here: tests/test_gpu_check_dry_run.py runs the check script on the CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tool_modules import load_tool
+
+gs = load_tool("gpu_session")
+
+
+def _model(root, name, extra=()):
+    d = root / "work" / "out" / name
+    d.mkdir(parents=True)
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"\0" * 1000)
+    for f in extra:
+        (d / f).write_text(f)
+    return d
+
+
+def test_the_carry_holds_everything_but_the_weights_at_the_same_paths(tmp_path):
+    a = _model(tmp_path, "dus", ["tokenizer.json"])
+    b = _model(tmp_path, "midus", ["midus_plan.json", "hml.py"])
+    dest = tmp_path / "work" / "gpu-carry"
+    total = gs.carry([a, b], dest, root=tmp_path)
+    copied = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file() and p.name != gs.MARKER)
+    assert copied == ["work/out/dus/config.json", "work/out/dus/tokenizer.json", "work/out/midus/config.json",
+                      "work/out/midus/hml.py", "work/out/midus/midus_plan.json"]
+    assert total == sum((dest / c).stat().st_size for c in copied)
+    gs.carry([a], dest, root=tmp_path)  # a second prepare replaces its own copy
+    assert not (dest / "work/out/midus").exists()
+
+
+def test_the_carry_refuses_a_missing_model_and_a_folder_it_did_not_write(tmp_path):
+    with pytest.raises(SystemExit, match="missing .*nowhere.*fetch_smollm2"):
+        gs.carry([tmp_path / "nowhere"], tmp_path / "carry", root=tmp_path)
+    a = _model(tmp_path, "dus")
+    foreign = tmp_path / "carry"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not written by"):
+        gs.carry([a], foreign, root=tmp_path)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_unpacking_on_the_gpu_machine_places_files_and_overwrites_nothing(tmp_path):
+    a = _model(tmp_path / "here", "dus", ["tokenizer.json"])
+    carry = tmp_path / "here" / "work" / "gpu-carry"
+    gs.carry([a], carry, root=tmp_path / "here")
+    there = tmp_path / "there"
+    (there / "work" / "out" / "dus").mkdir(parents=True)
+    (there / "work" / "out" / "dus" / "config.json").write_text('{"theirs": 1}')
+    placed = gs.unpack(carry, root=there)
+    assert [p.relative_to(there).as_posix() for p in placed] == ["work/out/dus/tokenizer.json"]
+    assert json.loads((there / "work/out/dus/config.json").read_text()) == {"theirs": 1}
+
+
+def test_every_step_runs_under_its_limit_and_a_failed_one_does_not_stop_the_next(tmp_path, monkeypatch):
+    monkeypatch.setattr(gs, "STEPS", {
+        "fails": (30, ["-c", "import sys; print('partial'); sys.exit(3)"], None),
+        "hangs": (1, ["-c", "import time; time.sleep(30)"], None),
+        "prints": (30, ["-c", "print('{\"rows\": []}')"], "out.json"),
+    })
+    results = gs.run_steps(["fails", "hangs", "prints"], tmp_path, log=lambda m: None)
+    assert results["fails"]["rc"] == 3 and results["hangs"]["rc"] == "timeout" and results["prints"]["rc"] == 0
+    assert (tmp_path / "fails.log").read_text().strip() == "partial"
+    assert json.loads((tmp_path / "out.json").read_text()) == {"rows": []}
+    assert json.loads((tmp_path / "session.json").read_text()) == results
+
+
+def _row(size, batch, dtype, ffn, **paths):
+    return {"size": size, "batch": batch, "tokens": 0, "dtype": dtype, "ffn_ms": ffn, "unique_floor_ms": 0.05,
+            "gathered_floor_ms": 0.5, "bank_mb": 2.0, "copy_gbps": 3000.0, **{f"{p} ms": v for p, v in paths.items()}}
+
+
+def test_the_report_judges_the_targets_on_the_best_path_of_each_targeted_row(tmp_path):
+    rows = [_row("SmolLM2-135M recipe", "16x1024", "bfloat16", 1.4, torch=11.4, triton=5.2, **{"triton-fused": 1.2}),
+            _row("Llama-3.2-1B", "16x1024", "bfloat16", 8.0, torch=30.0, triton=12.0, **{"triton-fused": 6.0}),
+            _row("SmolLM2-135M recipe", "4x256", "float32", 1.0, torch=3.0)]
+    src = tmp_path / "session"
+    src.mkdir()
+    (src / "hml_fused.json").write_text(json.dumps({"device": "NVIDIA H200", "torch": "2.11", "rows": rows}))
+    (src / "check.log").write_text("[ok] everything\nOK\n")
+    docs, results = tmp_path / "benchmarks.md", tmp_path / "results"
+    docs.write_text("# Benchmarks\n\n## Other\n\nkept\n")
+    done = gs.report(src, docs=docs, results=results)
+    text = docs.read_text()
+    assert "## Other\n\nkept" in text and "## HML on GPU, fused kernels" in text and len(done) == 2
+    assert "- SmolLM2-135M recipe bfloat16 16x1024: best path triton-fused at 0.86x the FFN (target <= 1.0: met)" in text
+    assert "- Llama-3.2-1B bfloat16 16x1024: best path triton-fused at 0.75x the FFN (target <= 0.5: NOT met)" in text
+    assert "| SmolLM2-135M recipe | 4x256 | float32 | 1.00 | 3.00 (3.00x) | - | - | - | 0.050 / 0.500 |" in text
+    assert (results / "gpu_check_hml_session.log").read_text().endswith("OK\n")
+
+
+def test_run_without_cuda_says_where_it_belongs():
+    proc = subprocess.run([sys.executable, "tools/gpu_session.py", "run"], cwd=gs.REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "no CUDA device here" in proc.stderr and "Traceback" not in proc.stderr
+    bad = subprocess.run([sys.executable, "tools/gpu_session.py", "run", "--steps", "check,warp"], cwd=gs.REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown ['warp']" in bad.stderr

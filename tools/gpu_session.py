@@ -1,0 +1,235 @@
+#!/usr/bin/env python
+"""One prepared GPU session for the memory layer: correctness first, then the timings, in under ten minutes.
+
+A GPU machine is lent for minutes at a time, with nothing installed from here and no network. So:
+
+    python tools/gpu_session.py prepare       # here: the SmolLM2 outputs' small files (configs, plans, code;
+                                              # no weights) copied into work/gpu-carry/
+    python tools/gpu_session.py run           # there (device tool, carry ["work/gpu-carry"]): the steps below,
+                                              # logs and JSON under $OUT (else docs/results/gpu-session/)
+    python tools/gpu_session.py report DIR    # here, on the files that came back: the docs sections
+
+`run`'s steps, each with its own time limit, each run even when one before it failed:
+
+1. ``check``: tools/gpu_check_hml.py without its HML-vs-FFN, variant and FSDP sections (6, 7, 9):
+   correctness on the card (the default path, the Triton kernels, the fused kernels), then the Triton
+   kernels' times and section 10: every path of the layer beside the FFN at every size, fp32 and bf16,
+   with the bytes floors (``hml_fused.json``, ``gpu_check_hml.log``).
+2. ``step``: tools/bench_step.py at the paper's proportion (15 of 45 blocks), 16 x 1024 tokens, fp32 and
+   bf16, freeze=base: DUS, MIDUS (the default Triton kernels), MIDUS on the fused kernels, the FFN-free
+   floor (``bench_step.json``).
+3. ``decode``: tools/bench_decode.py, greedy generation with the KV cache, base / DUS / LLaMA-Pro / MIDUS
+   at batch 1 and 16, fp32 and bf16 (``bench_decode.json``).
+
+Weights are random (``--random-init``): time does not depend on the values, and only the configs travel.
+``report DIR`` writes `## HML on GPU, fused kernels` (from hml_fused.json; targets: the layer at most 1.0x
+the bf16 FFN at the SmolLM2 recipe size, 0.5x at the Llama-3.2-1B size, at 16 x 1024), the step and
+decode sections (their own reports), and copies the log to docs/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import BENCHMARKS, REPO, RESULTS, save_json, write_section  # noqa: E402
+
+CARRY = REPO / "work" / "gpu-carry"
+# what a model directory needs to be built with random weights and tokenise: never its weights
+WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+CARRY_LIMIT = 60 * 2**20  # the device tool carries 64 MiB in all
+MARKER = ".gpu-session-carry"  # what makes a carry directory ours to replace
+STEPS = {  # name -> (seconds, the command after `python`, the file its stdout goes to or None)
+    "check": (300, ["tools/gpu_check_hml.py", "--skip", "6,7,9", "--json-out", "{out}/hml_fused.json"], None),
+    "step": (170, ["tools/bench_step.py", "--device", "cuda", "--random-init", "--layout", "every2", "--batches", "16x1024",
+                   "--repeats", "1", "--freezes", "base", "--models", "DUS,MIDUS,MIDUS (fused Triton),FFN-free floor",
+                   "--json", "--no-docs"], "bench_step.json"),
+    "decode": (100, ["tools/bench_decode.py", "--device", "cuda", "--random-init", "--dtypes", "fp32,bf16", "--json",
+                     "--no-docs"], "bench_decode.json"),
+}
+# (size, batch, dtype) -> the most the layer may cost against the FFN it replaces (issue 28's targets)
+TARGETS = {("SmolLM2-135M recipe", "16x1024", "bfloat16"): 1.0, ("Llama-3.2-1B", "16x1024", "bfloat16"): 0.5}
+PATHS = ("torch", "triton", "triton-fused", "triton-fused atomic")
+
+
+def model_dirs() -> list[Path]:
+    """Every model directory the timed steps read: the base and the outputs of the every5 and every2 layouts."""
+    from bench_step import models_for
+
+    dirs = []
+    for layout in ("every5", "every2"):
+        for path in models_for(layout).values():
+            if path not in dirs:
+                dirs.append(path)
+    return dirs
+
+
+def carry(dirs: list[Path], dest: Path, root: Path = REPO) -> int:
+    """Copy each directory's files but its weights to ``dest``, at the same path relative to ``root``.
+    Returns the bytes copied; raises SystemExit when a directory is missing or the copy would not travel."""
+    missing = [d for d in dirs if not (d / "config.json").is_file()]
+    if missing:
+        raise SystemExit("missing " + ", ".join(str(d) for d in missing) + ": run `python tools/fetch_smollm2.py` and "
+                         "`midus-surgery apply` on the bundled recipes (recipes/smollm2-135m-*.yaml, recipes/ablation/every2/)")
+    files = [f for d in dirs for f in sorted(d.iterdir()) if f.is_file() and not f.name.endswith(WEIGHTS)]
+    total = sum(f.stat().st_size for f in files)
+    if total > CARRY_LIMIT:
+        raise SystemExit(f"the carry would be {total / 2**20:.0f} MiB, over the device tool's limit")
+    if dest.exists():
+        if not (dest / MARKER).is_file():
+            raise SystemExit(f"{dest} exists and was not written by `gpu_session.py prepare`; move it away first")
+        shutil.rmtree(dest)  # an earlier prepare's copy (it carries the marker)
+    dest.mkdir(parents=True)
+    (dest / MARKER).write_text("written by tools/gpu_session.py prepare; replaced by the next prepare\n")
+    for f in files:
+        target = dest / f.resolve().relative_to(root.resolve())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, target)
+    return total
+
+
+def unpack(src: Path, root: Path = REPO) -> list[Path]:
+    """On the GPU machine: put the carried files where the tools look for them. Existing files are kept."""
+    placed = []
+    for f in sorted(p for p in src.rglob("*") if p.is_file() and p.name != MARKER):
+        target = root / f.relative_to(src)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
+            placed.append(target)
+    return placed
+
+
+def run_steps(names: list[str], out: Path, python: str = sys.executable, log=print) -> dict:
+    """Run ``names`` (of STEPS) in order, each under its time limit; a failure is recorded and the rest run."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+    results = {}
+    for name in names:
+        seconds, args, stdout_name = STEPS[name]
+        cmd = [python] + [a.replace("{out}", str(out)) for a in args]
+        log(f"[session] {name}: {' '.join(cmd[1:])} (limit {seconds} s)")
+        t0 = time.time()
+        with open(out / f"{name}.log", "w") as err:
+            sink = open(out / stdout_name, "w") if stdout_name else err
+            try:
+                rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=sink, stderr=err, timeout=seconds).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+            finally:
+                if stdout_name:
+                    sink.close()
+        results[name] = {"rc": rc, "seconds": round(time.time() - t0, 1)}
+        log(f"[session] {name}: exit {rc} after {results[name]['seconds']} s")
+    save_json(out / "session.json", results)
+    return results
+
+
+def fused_table(payload: dict) -> str:
+    """The `## HML on GPU, fused kernels` section's table and target lines from section 10's JSON."""
+    head = ("| size | tokens | dtype | FFN ms | " + " | ".join(f"{p} ms (/FFN)" for p in PATHS)
+            + " | floor ms: unique / gathered at the copy bandwidth |\n|---|---|---|---:|"
+            + "---:|" * len(PATHS) + "---|\n")
+    lines, verdicts = [], []
+    for r in payload["rows"]:
+        cells = []
+        for p in PATHS:
+            ms = r.get(f"{p} ms")
+            cells.append("-" if ms is None else f"{ms:.2f} ({ms / r['ffn_ms']:.2f}x)")
+        lines.append(f"| {r['size']} | {r['batch']} | {r['dtype']} | {r['ffn_ms']:.2f} | " + " | ".join(cells)
+                     + f" | {r['unique_floor_ms']:.3f} / {r['gathered_floor_ms']:.3f} |")
+        limit = TARGETS.get((r["size"], r["batch"], r["dtype"]))
+        if limit is not None:
+            timed = {p: r[f"{p} ms"] / r["ffn_ms"] for p in PATHS if r.get(f"{p} ms") is not None}
+            if timed:
+                best = min(timed, key=timed.get)
+                met = "met" if timed[best] <= limit else "NOT met"
+                verdicts.append(f"- {r['size']} {r['dtype']} {r['batch']}: best path {best} at {timed[best]:.2f}x the FFN "
+                                f"(target <= {limit}: {met})")
+            else:
+                verdicts.append(f"- {r['size']} {r['dtype']} {r['batch']}: no path ran (target <= {limit}: NOT measured)")
+    copy = payload["rows"][0]["copy_gbps"] if payload["rows"] else float("nan")
+    return (head + "\n".join(lines) + "\n\n"
+            + f"Measured copy bandwidth {copy:.0f} GB/s (the floors' divisor). Targets (layer fwd+bwd / FFN fwd+bwd):\n\n"
+            + ("\n".join(verdicts) if verdicts else "- no targeted row in this run") + "\n")
+
+
+def report(src: Path, docs: Path = BENCHMARKS, results: Path = RESULTS) -> list[str]:
+    """Write the docs from a session's returned files; returns what was written."""
+    done = []
+    fused = src / "hml_fused.json"
+    if fused.is_file():
+        payload = json.loads(fused.read_text())
+        kept = save_json(results / "gpu_hml_fused.json", payload)
+        body = ("## HML on GPU, fused kernels\n\n"
+                f"The memory layer's forward + backward on every path, beside the FFN it replaces (`LlamaMLP`), "
+                f"{payload['device']}, torch {payload['torch']}: `python tools/gpu_session.py run` (tools/gpu_check_hml.py "
+                f"section 10; raw numbers [{kept.name}](results/{kept.name})). Paths: `torch` (pure torch), `triton` (the "
+                "default: Triton top-k and bag weight gradient), `triton-fused` (the fused read, deterministic bank "
+                "gradient), `triton-fused atomic` (`bank_grad: index_add`). Floors: tools/bench_hml.py's `traffic`, "
+                "docs/hml.md \"The physical picture\".\n\n" + fused_table(payload))
+        write_section(docs, "## HML on GPU, fused kernels", body)
+        done.append(f"{docs.name}: ## HML on GPU, fused kernels")
+    log = src / "check.log"
+    if log.is_file():
+        shutil.copy2(log, results / "gpu_check_hml_session.log")
+        done.append("results/gpu_check_hml_session.log")
+    for name, tool in (("bench_step.json", "bench_step_report.py"), ("bench_decode.json", "bench_decode_report.py")):
+        path = src / name
+        if path.is_file() and path.stat().st_size:
+            rc = subprocess.run([sys.executable, str(REPO / "tools" / tool), "--from-json", str(path)], cwd=REPO).returncode
+            done.append(f"{tool} --from-json {path}: exit {rc}")
+    return done
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Steps of run: " + ", ".join(STEPS))
+    sub = ap.add_subparsers(dest="what", required=True)
+    sub.add_parser("prepare", help="copy the outputs' small files (no weights) into work/gpu-carry/")
+    run = sub.add_parser("run", help="on the GPU machine: the steps, logs and JSON under $OUT")
+    run.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {', '.join(STEPS)} (default all)")
+    rep = sub.add_parser("report", help="write the docs from the files a run returned")
+    rep.add_argument("dir", type=Path)
+    args = ap.parse_args(argv)
+    if args.what == "prepare":
+        from bench_step import ensure_outputs
+
+        for layout in ("every5", "every2"):  # applies a bundled recipe whose output is missing (needs the SmolLM2 base)
+            ensure_outputs(print, False, layout)
+        total = carry(model_dirs(), CARRY)
+        print(f"wrote {CARRY.relative_to(REPO)} ({total / 2**20:.1f} MiB); on the device: carry [\"work/gpu-carry\"], "
+              "command `python tools/gpu_session.py run`")
+        return 0
+    if args.what == "run":
+        steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+        unknown = [s for s in steps if s not in STEPS]
+        if unknown or not steps:
+            ap.error(f"--steps: unknown {unknown or 'none given'}; known: {', '.join(STEPS)}")
+        import torch
+
+        if not torch.cuda.is_available():
+            print("gpu_session: no CUDA device here; `run` is for the GPU machine (tools/gpu_check_hml.py --dry-run "
+                  "checks the kernels on the CPU)", file=sys.stderr)
+            return 2
+        if CARRY.is_dir():
+            print(f"[session] placed {len(unpack(CARRY))} carried files")
+        out = Path(os.environ.get("OUT") or RESULTS / "gpu-session")
+        results = run_steps(steps, out)
+        return 0 if all(r["rc"] == 0 for r in results.values()) else 1
+    if not args.dir.is_dir():
+        print(f"gpu_session report: {args.dir} is not a directory", file=sys.stderr)
+        return 2
+    for line in report(args.dir):
+        print("wrote", line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
