@@ -411,5 +411,6 @@ def memory_backward(dz: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, table
             _memory_bwd_kernel[(runs, H)](
                 dz, q, keys, table, w, i_sub, j_sub, dq, partial, dtable if atomic_table else dq,
                 T, n, k, d, head_rows, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), table.stride(0),
-                tokens_per_program, ATOMIC_TABLE=atomic_table, **blocks)
+                tokens_per_program, ATOMIC_TABLE=atomic_table, **blocks,
+                num_warps=8)  # the keys and their gradient accumulators stay in registers for the whole run
     return dq, partial.sum(0), dtable
