@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""The report of tools/bench_decode.py: the table, the targets, the profile and the docs section of one run's JSON.
+
+    python tools/bench_decode_report.py --from-json docs/results/bench_decode_cpu.json   # redraw a section
+
+The driver (tools/bench_decode.py) runs the generations and writes the JSON; everything here reads only that JSON
+(no torch), so a run made on another machine (a GPU session) is redrawn here. Sections go into docs/benchmarks.md
+(`## Decode`, `## Decode on GPU`, with the layout's suffix as the training-step sections have), the JSON into
+docs/results/ (`bench_decode_{cpu|gpu}{_every2|_llama1b}.json`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from bench_common import BENCHMARKS, REPO, RESULTS, raw_numbers_line, report_main, write_section
+from bench_step_report import LAYOUTS, inside
+
+DOCS = BENCHMARKS  # the page the sections go into
+SECTION = {"cpu": "## Decode", "cuda": "## Decode on GPU"}
+ROWS = ("base", "DUS", "LLaMA-Pro", "MIDUS")  # the bundled layouts' rows, in order
+REFERENCE = "DUS"  # what the ratios and the target compare with
+TARGET = 1.0  # MIDUS decode tokens/s at least DUS's
+
+
+def setting(row: dict) -> tuple[str, int]:
+    """What a ratio may compare across: (dtype, batch)."""
+    return row["dtype"], row["batch"]
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The issue's target per (dtype, batch): MIDUS decode tokens/s over DUS's, judged on the median of the
+    per-round ratios (rounds pair the two models seconds apart), with the ratio of the medians beside it."""
+    out = []
+    for key in dict.fromkeys(setting(r) for r in rows):
+        sel = {r["model"]: r for r in rows if setting(r) == key}
+        m, d = sel.get("MIDUS"), sel.get(REFERENCE)
+        if not (m and d and "tps_vs_dus" in m):
+            continue
+        t = {"dtype": key[0], "batch": key[1], "midus_over_dus": m["tps_vs_dus"],
+             "midus_over_dus_iqr": [m["tps_vs_dus_q1"], m["tps_vs_dus_q3"]], "rounds": m["paired_rounds"],
+             "midus_over_dus_of_medians": m["decode_tokens_per_s"] / d["decode_tokens_per_s"],
+             "met": m["tps_vs_dus"] >= TARGET}
+        if "LLaMA-Pro" in sel and "tps_vs_dus" in sel["LLaMA-Pro"]:
+            t["llama_pro_over_dus"] = sel["LLaMA-Pro"]["tps_vs_dus"]
+        out.append(t)
+    return out
+
+
+def target_lines(ts: list[dict]) -> list[str]:
+    out = []
+    for t in ts:
+        lo, hi = t["midus_over_dus_iqr"]
+        line = (f"- {t['dtype']}, batch {t['batch']}: MIDUS/DUS decode tokens/s {t['midus_over_dus']:.3f}x (median of "
+                f"{t['rounds']} paired rounds, IQR {lo:.3f}-{hi:.3f}; ratio of the medians {t['midus_over_dus_of_medians']:.3f}x); "
+                f"MIDUS/DUS tokens/s >= {TARGET:.1f}: {'met' if t['met'] else 'NOT met'}")
+        if "llama_pro_over_dus" in t:
+            line += f"; LLaMA-Pro (the same compute as DUS) {t['llama_pro_over_dus']:.3f}x"
+        out.append(line)
+    return out
+
+
+def human(n: int) -> str:
+    return f"{n / 1e6:.1f}M"
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| dtype | batch | model | params | prefill ms | decode ms / step | decode tokens/s | "
+             "tokens/s vs DUS: median [IQR] | prefill vs DUS | new tokens per generate |",
+             "|---|---|---|---|---:|---:|---:|---|---|---:|"]
+    for r in rows:
+        vs = (f"**{r['tps_vs_dus']:.3f}x** [{r['tps_vs_dus_q1']:.3f}-{r['tps_vs_dus_q3']:.3f}]" if "tps_vs_dus" in r else "-")
+        pf = f"{r['prefill_vs_dus']:.3f}x" if "prefill_vs_dus" in r else "-"
+        lines.append(f"| {r['dtype']} | {r['batch']} | {r['model']} | {human(r['params'])} | {r['prefill_ms']:.1f} | "
+                     f"{r['decode_ms_per_step']:.2f} | {r['decode_tokens_per_s']:.1f} | {vs} | {pf} | {r['new_tokens']} |")
+    return "\n".join(lines)
+
+
+def profile_lines(payload: dict) -> list[str]:
+    """The profile (``--profile``): the inserted blocks of DUS and MIDUS at decode, per call in the model, and the
+    operators of DUS's inserted FFN and of MIDUS's memory layer at T = batch tokens per call."""
+    prof = payload.get("profile")
+    if not prof:
+        return []
+    us = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
+    lines = ["Profile (`--profile`), per call at a decode step (T = batch tokens), in microseconds. Block columns: wall "
+             "time between forward hooks, median over every inserted block's calls in 3 more generates per model "
+             "(DUS and MIDUS interleaved). `in the profiler`: the median call's operator times, summed, from one more "
+             "generate under `torch.profiler` with a range around each call (the profiler adds its own overhead per "
+             "operator). `alone`: the memory layer called back to back on the queries of one decode step, its tables "
+             "hot in cache.", "",
+             "| dtype | batch | DUS inserted block | its FFN | its attention out-projection | DUS FFN in the profiler | "
+             "MIDUS memory block | its memory readout | memory layer in the profiler | memory layer alone |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in prof:
+        lines.append(f"| {p['dtype']} | {p['batch']} | {us(p.get('dus_block_us'))} | {us(p.get('dus_ffn_us'))} | "
+                     f"{us(p.get('dus_o_proj_us'))} | {us(p.get('dus_profiled_us'))} | {us(p.get('midus_block_us'))} | "
+                     f"{us(p.get('midus_readout_us'))} | {us(p.get('midus_profiled_us'))} | {us(p.get('hml_alone_us'))} |")
+    for p in prof:
+        for prefix, what in (("midus", "MIDUS's memory layer"), ("dus", "DUS's inserted FFN")):
+            ops = p.get(f"{prefix}_ops")
+            if not ops:
+                continue
+            lines += ["", f"{what}, {p['dtype']}, T = {p['batch']}: self time of each operator in the median call "
+                          f"({p[prefix + '_profiled_calls']} calls profiled, {p[prefix + '_profiled_us']:.0f} us per call "
+                          "in all):", "",
+                      "| operator | self us per call | calls per call |", "|---|---:|---:|"]
+            for o in ops[:10]:
+                lines.append(f"| `{o['name']}` | {o['self_us']:.1f} | {o['count']:g} |")
+    return lines + [""]
+
+
+def section_title(payload: dict) -> str:
+    return SECTION[payload["device"]] + LAYOUTS[payload.get("layout", "every5")]["title"]
+
+
+def json_path(payload: dict) -> Path:
+    """Where the driver keeps a full run's raw numbers."""
+    stem = "bench_decode_" + ("gpu" if payload["device"] == "cuda" else "cpu") + LAYOUTS[payload.get("layout", "every5")]["stem"]
+    return RESULTS / f"{stem}.json"
+
+
+def section_text(payload: dict, source: Path | None = None) -> str:
+    """The docs section of one run; ``source``: the JSON it came from (linked when it lies beside the page)."""
+    v = payload["versions"]
+    layout = LAYOUTS[payload.get("layout", "every5")]
+    gpu = payload["device"] == "cuda"
+    if payload.get("custom_models"):
+        what = "the models " + ", ".join(f"{k} (`{p}`)" for k, p in payload["custom_models"].items())
+    else:
+        recipes = ", ".join(f"`{Path(r).relative_to(REPO)}`" for r in layout["recipes"].values())
+        what = f"{layout['family']} and its DUS, LLaMA-Pro and MIDUS outputs ({recipes}: {layout['what']})"
+    batches = sorted({r["batch"] for r in payload["rows"]})
+    dtypes = list(dict.fromkeys(r["dtype"] for r in payload["rows"]))
+    if gpu:
+        machine = f"- Machine: {payload['machine']}."
+        sync = " Each timestamp follows `torch.cuda.synchronize()`."
+    else:
+        machine = (f"- Machine: {payload['machine']}, torch threads {payload['threads']}; load average (1/5/15 min) at start "
+                   f"{payload['load_avg_start']}, at end {payload['load_avg_end']} (2 cores shared with other agents' work: "
+                   "its speed drifts by 10-30% over minutes, hence the paired rounds).")
+        sync = ""
+    weights = ("random, built from each output's config.json (`--random-init`); decode time does not depend on the values "
+               "(every generate makes exactly N tokens)" if payload["random_init"] else layout["weights"])
+    lines = [
+        section_title(payload), "",
+        f"Greedy generation with the KV cache, `model.generate(do_sample=False, max_new_tokens=N, min_new_tokens=N, "
+        f"use_cache=True)` (so no row stops early at an end-of-text token), of {what}: a prompt of "
+        f"{payload['prompt_tokens']} random token ids (seeded, the same for every model), N = {payload['new_tokens']} new "
+        f"tokens, batch {' and '.join(map(str, batches))}, {' and '.join(dtypes)} weights.",
+        "",
+        machine,
+        f"- Versions: Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}.",
+        f"- Command: `{payload['command']}`",
+        f"- Weights: {weights}.",
+        f"- MIDUS's memory layer runs on the {payload['hml_backend_words']} (`hml.prepare_kernels` before timing).",
+        "- Timing: a `LogitsProcessor` appended to `generate`'s own list takes a timestamp each time logits reach it, i.e. "
+        "right after each forward pass: the first after the prefill, then one per decode step." + sync + " `prefill ms`: "
+        "from the `generate` call to the first stamp (the prompt's forward, plus `generate`'s setup). `decode ms / step`: "
+        "first to last stamp over the N - 1 decode steps between them (picking the token, the forward of one token per "
+        "row against the cache, the processors). `decode tokens/s` = batch x (N - 1) / that time. Medians over the rounds; "
+        "every generate made batch x N new tokens (checked; `new tokens per generate`).",
+        f"- Rounds: every model loaded in one process, each warmed up (one generate of 2 new tokens at the full batch "
+        f"and prompt), then {payload['rounds']} rounds per dtype and batch; a round runs every model once, back to back, "
+        "the order rotating per round. `tokens/s vs DUS`: the median and the interquartile range of the per-round ratios "
+        "to DUS's decode tokens/s in the same round (above 1: faster than DUS); LLaMA-Pro, the same compute as DUS, "
+        "shows what drift the pairing leaves.",
+    ]
+    if not gpu:
+        lines.append("- CUDA rows: not measured yet (no GPU in this session). `python tools/bench_decode.py --device cuda "
+                     "--random-init --dtypes fp32,bf16` measures them on a GPU machine (only the outputs' config.json files "
+                     "need to travel), and `python tools/bench_decode_report.py --from-json FILE` writes its `## Decode on "
+                     "GPU` section here.")
+    lines += raw_numbers_line(source if source is not None and inside(source, DOCS.parent) else None, DOCS,
+                              "bench_decode_report.py")
+    lines += ["", table(payload["rows"]), "",
+              f"Target (MIDUS decode tokens/s at least DUS's, at batch {' and '.join(map(str, batches))}):", "",
+              *target_lines(targets(payload["rows"])), "", *profile_lines(payload)]
+    return "\n".join(lines)
+
+
+def write_docs(payload: dict, source: Path | None = None) -> None:
+    """The section of ``payload`` in DOCS; ``source``: the run's JSON, linked from the section."""
+    write_section(DOCS, section_title(payload), section_text(payload, source))
+
+
+def redraw(source: Path) -> int:
+    """tools/bench_decode.py --from-json: the section of a saved run."""
+    import json
+
+    payload = json.loads(Path(source).read_text())
+    write_docs(payload, Path(source))
+    print(f"rewrote the {section_title(payload)[3:]} section of {DOCS} from {source}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return report_main(argv, __doc__, "bench_decode.py", lambda payload, source: write_docs(payload, source))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
