@@ -269,3 +269,16 @@ def test_prepared_layer_compiles_whole_without_an_eager_call(monkeypatch, fused_
     explained = torch._dynamo.explain(lambda t: m(t))(torch.randn(6, 2, 8))
     torch._dynamo.reset()
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_a_bf16_bank_gradient_is_each_float_row_rounded_once(fused_ops):
+    # the kernel stores the bank gradient in the bank's dtype: what the float gradient rounds to, to the bit
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(50, 24, generator=g)
+    idx = torch.randint(0, 50, (40, 6), generator=g)
+    w = torch.rand(40, 6, generator=g)
+    dz = torch.randn(40, 24, generator=g)
+    dw16, dt16 = torch.ops.midus_hml.bag_backward(dz, table.bfloat16(), idx, w, True, True)
+    dw32, dt32 = torch.ops.midus_hml.bag_backward(dz, table.bfloat16().float(), idx, w, True, True)
+    assert dt16.dtype == torch.bfloat16 and dw16.dtype == torch.float32
+    assert torch.equal(dt16, dt32.bfloat16()) and torch.equal(dw16, dw32)

@@ -83,7 +83,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("midus_hml::bag_backward")
     def _(dz, table, idx, w, need_w, need_table):
         dw = w.new_empty(idx.shape if need_w else (0,))
-        dtable = w.new_empty(table.shape if need_table else (0,))
+        dtable = table.new_empty(table.shape if need_table else (0,))
         return dw, dtable
 
 

@@ -15,7 +15,7 @@
 //       -> (dw [B,k], dtable [N,d])   (an empty tensor for a gradient not asked for)
 //
 // Accumulation is in the "opmath" type (float for float/bfloat16/half tables, double for double);
-// z, dw and dtable come back in that type.  Results do not depend on the number of threads:
+// z and dw come back in that type, dtable in the table's (each row rounded once, when stored).  Results do not depend on the number of threads:
 // every output element is written by one thread, in a fixed order.
 
 #include <ATen/ATen.h>
@@ -26,6 +26,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -44,6 +47,7 @@ namespace {
 // uninitialised memory (a model producing NaN scores has diverged anyway).
 
 constexpr int64_t kPad = 8;        // kept lists are padded to a multiple of this (whole vectors)
+constexpr int64_t kLanes = 16;     // room past the end for a whole vector store
 constexpr int kMaxBisections = 12;  // each halves the threshold's uncertainty
 
 template <typename T>
@@ -71,16 +75,49 @@ inline T tighten(const T* v, int64_t m, int64_t k, T lo, T hi) {
   return lo;
 }
 
-// Keep the entries of v[0:m] >= th, then rank them; out gets the best k in order.
+// The entries of v[0:m] >= th (values and ids, in order) into buf_v / buf_id, which have room for
+// m + kLanes entries; returns how many.  Branch-free: every entry is written, the count advances
+// only past the kept ones.
 template <typename T>
-inline void keep_and_rank(const T* v, const int32_t* id, int64_t m, T th, int64_t k, T* buf_v, int32_t* buf_id,
-                          int32_t* rank, T* out_v, int32_t* out_id) {
+inline int64_t compact(const T* v, const int32_t* id, int64_t m, T th, T* buf_v, int32_t* buf_id) {
   int64_t c = 0;
-  for (int64_t j = 0; j < m; ++j) {  // branch-free compaction
+  for (int64_t j = 0; j < m; ++j) {
     buf_v[c] = v[j];
     buf_id[c] = id[j];
     c += (v[j] >= th);
   }
+  return c;
+}
+
+#if defined(__AVX512F__)
+// 16 entries a step: the kept lanes compressed in a register, then one plain store of all 16 (a
+// compress straight to memory is microcoded and slow on AMD Zen 4); the next store starts where the
+// kept ones end.  The same entries in the same order as the scalar loop (NaN is never kept by either).
+template <>
+inline int64_t compact<float>(const float* v, const int32_t* id, int64_t m, float th, float* buf_v, int32_t* buf_id) {
+  const __m512 t = _mm512_set1_ps(th);
+  int64_t c = 0, j = 0;
+  for (; j + 16 <= m; j += 16) {
+    const __m512 x = _mm512_loadu_ps(v + j);
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, t, _CMP_GE_OQ);
+    _mm512_storeu_ps(buf_v + c, _mm512_maskz_compress_ps(keep, x));
+    _mm512_storeu_si512(buf_id + c, _mm512_maskz_compress_epi32(keep, _mm512_loadu_si512(id + j)));
+    c += __builtin_popcount(keep);
+  }
+  for (; j < m; ++j) {
+    buf_v[c] = v[j];
+    buf_id[c] = id[j];
+    c += (v[j] >= th);
+  }
+  return c;
+}
+#endif
+
+// Keep the entries of v[0:m] >= th, then rank them; out gets the best k in order.
+template <typename T>
+inline void keep_and_rank(const T* v, const int32_t* id, int64_t m, T th, int64_t k, T* buf_v, int32_t* buf_id,
+                          int32_t* rank, T* out_v, int32_t* out_id) {
+  const int64_t c = compact(v, id, m, th, buf_v, buf_id);
   const int64_t cp = (c + kPad - 1) / kPad * kPad;
   for (int64_t x = c; x < cp; ++x) {  // padding: loses to every kept entry, never written out
     buf_v[x] = -std::numeric_limits<T>::infinity();
@@ -109,8 +146,9 @@ struct Scratch {
   std::vector<T> va, vb, cand_v, buf_v;
   std::vector<int32_t> ia, ib, ic, iota, cand_id, buf_id, rank;
   Scratch(int64_t n, int64_t k, int64_t C)
-      : va(k), vb(k), cand_v(C), buf_v(std::max(n, C) + kPad),
-        ia(k), ib(k), ic(k), iota(n), cand_id(C), buf_id(std::max(n, C) + kPad), rank(std::max(n, C) + kPad) {
+      : va(std::max<int64_t>(k, 32)), vb(std::max<int64_t>(k, 32)), cand_v(C + kLanes), buf_v(std::max(n, C) + kLanes + kPad),
+        ia(std::max<int64_t>(k, 32)), ib(std::max<int64_t>(k, 32)), ic(k), iota(n), cand_id(C + kLanes),
+        buf_id(std::max(n, C) + kLanes + kPad), rank(std::max(n, C) + kLanes + kPad) {
     for (int64_t j = 0; j < n; ++j) iota[j] = static_cast<int32_t>(j);
   }
 };
@@ -159,12 +197,57 @@ std::vector<std::pair<int64_t, int64_t>> staircase_corners(int64_t k) {
 // The pair lists of stage 2, computed once per call.
 struct Stage2Plan {
   std::vector<std::pair<int64_t, int64_t>> pairs, corners;
+  std::vector<int32_t> r, s;  // the pairs' ranks, padded with (0, 0) to whole vectors
   int shift;  // log2(n) when n is a power of two (ids decode with shifts), else -1
   Stage2Plan(int64_t n, int64_t k) : pairs(candidate_pairs(k)), corners(staircase_corners(k)), shift(-1) {
     for (int s = 0; s < 31; ++s)
       if ((int64_t(1) << s) == n) shift = s;
+    const int64_t padded = (static_cast<int64_t>(pairs.size()) + kLanes - 1) / kLanes * kLanes;
+    r.assign(padded, 0);
+    s.assign(padded, 0);
+    for (size_t p = 0; p < pairs.size(); ++p) r[p] = static_cast<int32_t>(pairs[p].first), s[p] = static_cast<int32_t>(pairs[p].second);
   }
 };
+
+// The candidate sums va[r] + vb[s] and their slot ids ia[r] * n + ib[s], for every pair of the plan.
+template <typename T>
+inline void candidates(const Stage2Plan& plan, int64_t n, int64_t k, Scratch<T>& w) {
+  const int64_t m = static_cast<int64_t>(plan.pairs.size());
+  for (int64_t p = 0; p < m; ++p) {
+    const auto& rs = plan.pairs[p];
+    w.cand_v[p] = w.va[rs.first] + w.vb[rs.second];
+    w.cand_id[p] = w.ia[rs.first] * static_cast<int32_t>(n) + w.ib[rs.second];  // n*n < 2^31 (HMLConfig)
+  }
+}
+
+#if defined(__AVX512F__)
+// k <= 32: both lists fit in two registers each, and 16 candidates a step are looked up in them
+// (a two-register permute) instead of loaded one by one; the same float adds as the scalar loop.
+template <>
+inline void candidates<float>(const Stage2Plan& plan, int64_t n, int64_t k, Scratch<float>& w) {
+  if (k > 32) {
+    const int64_t m = static_cast<int64_t>(plan.pairs.size());
+    for (int64_t p = 0; p < m; ++p) {
+      const auto& rs = plan.pairs[p];
+      w.cand_v[p] = w.va[rs.first] + w.vb[rs.second];
+      w.cand_id[p] = w.ia[rs.first] * static_cast<int32_t>(n) + w.ib[rs.second];
+    }
+    return;
+  }
+  const __m512 va0 = _mm512_loadu_ps(w.va.data()), va1 = _mm512_loadu_ps(w.va.data() + 16);
+  const __m512 vb0 = _mm512_loadu_ps(w.vb.data()), vb1 = _mm512_loadu_ps(w.vb.data() + 16);
+  const __m512i ia0 = _mm512_loadu_si512(w.ia.data()), ia1 = _mm512_loadu_si512(w.ia.data() + 16);
+  const __m512i ib0 = _mm512_loadu_si512(w.ib.data()), ib1 = _mm512_loadu_si512(w.ib.data() + 16);
+  const __m512i nv = _mm512_set1_epi32(static_cast<int32_t>(n));
+  for (size_t p = 0; p < plan.r.size(); p += kLanes) {
+    const __m512i r = _mm512_loadu_si512(plan.r.data() + p), s = _mm512_loadu_si512(plan.s.data() + p);
+    _mm512_storeu_ps(w.cand_v.data() + p,
+                     _mm512_add_ps(_mm512_permutex2var_ps(va0, r, va1), _mm512_permutex2var_ps(vb0, s, vb1)));
+    _mm512_storeu_si512(w.cand_id.data() + p, _mm512_add_epi32(_mm512_mullo_epi32(_mm512_permutex2var_epi32(ia0, r, ia1), nv),
+                                                               _mm512_permutex2var_epi32(ib0, s, ib1)));
+  }
+}
+#endif
 
 // Exact top-k of the n*n sums ra[i] + rb[j] of one row, ranked by (sum desc, i*n+j asc).
 template <typename T>
@@ -182,11 +265,7 @@ inline void select_row(const T* ra, const T* rb, int64_t n, int64_t k, const Sta
   for (const auto& rs : plan.corners) stair = std::min(stair, w.va[rs.first] + w.vb[rs.second]);
   lo = std::max(lo, stair);
   const int64_t m = static_cast<int64_t>(plan.pairs.size());
-  for (int64_t p = 0; p < m; ++p) {
-    const auto& rs = plan.pairs[p];
-    w.cand_v[p] = w.va[rs.first] + w.vb[rs.second];
-    w.cand_id[p] = w.ia[rs.first] * static_cast<int32_t>(n) + w.ib[rs.second];  // n*n < 2^31 (HMLConfig)
-  }
+  candidates(plan, n, k, w);
   const T th = tighten(w.cand_v.data(), m, k, lo, w.va[0] + w.vb[0]);
   keep_and_rank(w.cand_v.data(), w.cand_id.data(), m, th, k, w.buf_v.data(), w.buf_id.data(), w.rank.data(), ov,
                 w.ic.data());
@@ -364,7 +443,9 @@ std::tuple<at::Tensor, at::Tensor> bag_backward(const at::Tensor& dz, const at::
   TORCH_CHECK(B * k < (int64_t(1) << 31), "bag_backward: more than 2^31 entries");
   auto acc_opts = table.options().dtype(w.scalar_type());
   auto dw = need_w ? at::empty({B, k}, acc_opts) : at::empty({0}, acc_opts);
-  auto dtable = need_table ? at::empty({N, d}, acc_opts) : at::empty({0}, acc_opts);
+  // in the table's dtype: each row is summed in float and rounded once, as it is stored (a float
+  // gradient cast afterwards rounds the same, but writes and reads the whole float table once more)
+  auto dtable = need_table ? at::empty({N, d}, table.options()) : at::empty({0}, table.options());
   if (!need_w && !need_table) return {dw, dtable};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, table.scalar_type(), "midus_hml_bag_backward", [&] {
@@ -416,7 +497,7 @@ std::tuple<at::Tensor, at::Tensor> bag_backward(const at::Tensor& dz, const at::
         for (int64_t e = p * chunk; e < std::min(total, (p + 1) * chunk); ++e) order[fill[ip[e]]++] = static_cast<int32_t>(e);
       }
     });
-    A* dtp = dtable.mutable_data_ptr<A>();
+    scalar_t* dtp = dtable.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
       std::vector<A> acc(d);
       for (int64_t slot = begin; slot < end; ++slot) {
@@ -428,7 +509,7 @@ std::tuple<at::Tensor, at::Tensor> bag_backward(const at::Tensor& dz, const at::
           if (dwp) dwp[e] = dot(g, row, d);
           axpy(acc.data(), wp[e], g, d);
         }
-        std::copy(acc.begin(), acc.end(), dtp + slot * d);
+        for (int64_t c = 0; c < d; ++c) dtp[slot * d + c] = static_cast<scalar_t>(acc[c]);
       }
     });
   });

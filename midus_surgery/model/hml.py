@@ -534,7 +534,7 @@ def _bag_backward(dz: Tensor, table: Tensor, idx: Tensor, w: Tensor, offsets, of
         dw, dtable = torch.ops.midus_hml.bag_backward(
             dz.to(acc).contiguous(), table, idx.contiguous(), w.to(acc).contiguous(), bool(need_w), bool(need_table)
         )
-        return (dw if need_w else None), (dtable.to(table.dtype) if need_table else None)
+        return (dw if need_w else None), (dtable if need_table else None)  # in the table dtype
     B, k = idx.shape
     dw = dtable = None
     mode = _bank_grad_method(mode, table.device.type)
