@@ -375,21 +375,28 @@ def summarise(name: str, dtype: str, batch: int, prompt: int, new_tokens: int, r
         "decode_tokens_per_s": median(tps),
         "step_median_ms": median([r["step_median_s"] for r in rs]) * 1e3,
         "total_ms": median([r["total_s"] for r in rs]) * 1e3,
-        "tokens_per_s_per_round": tps, "prefill_s_per_round": [r["prefill_s"] for r in rs],
+        "tokens_per_s_per_round": tps, "step_median_s_per_round": [r["step_median_s"] for r in rs],
+        "prefill_s_per_round": [r["prefill_s"] for r in rs],
         "load_avg_1min": [r["load1"] for r in rs],
     }
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Per-round ratios to DUS of the same dtype and batch (the rounds pair them by index)."""
+    """Per-round ratios to DUS of the same dtype and batch (the rounds pair them by index), of two speeds:
+    ``tps``: decode tokens/s over the whole decode (a burst of the neighbours' load inside one generate moves it);
+    ``step``: the generate's median decode step, inverted (the same speed, blind to bursts shorter than half the
+    steps: what the target is judged on)."""
     for row in rows:
         ref = next((r for r in rows if r["model"] == REFERENCE and (r["dtype"], r["batch"]) == (row["dtype"], row["batch"])), None)
         if ref is None:
             continue
-        tps = paired_ratio_stats(row["tokens_per_s_per_round"], ref["tokens_per_s_per_round"])
-        row.update({"tps_vs_dus": tps["paired_vs_dus"], "tps_vs_dus_q1": tps["paired_vs_dus_q1"],
-                    "tps_vs_dus_q3": tps["paired_vs_dus_q3"], "paired_rounds": tps["paired_rounds"],
-                    "prefill_vs_dus": paired_ratio_stats(row["prefill_s_per_round"], ref["prefill_s_per_round"])["paired_vs_dus"]})
+        for key, mine, theirs in (("tps", row["tokens_per_s_per_round"], ref["tokens_per_s_per_round"]),
+                                  ("step", ref["step_median_s_per_round"], row["step_median_s_per_round"])):
+            stats = paired_ratio_stats(mine, theirs)
+            row.update({f"{key}_vs_dus": stats["paired_vs_dus"], f"{key}_vs_dus_q1": stats["paired_vs_dus_q1"],
+                        f"{key}_vs_dus_q3": stats["paired_vs_dus_q3"]})
+        row["paired_rounds"] = len(row["tokens_per_s_per_round"])
+        row["prefill_vs_dus"] = paired_ratio_stats(row["prefill_s_per_round"], ref["prefill_s_per_round"])["paired_vs_dus"]
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -457,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="new tokens N per row (default 64; 8 with --quick); N - 1 decode steps are timed")
     ap.add_argument("--rounds", type=positive_int("--rounds"), default=None, help="paired rounds per dtype and batch (default 10; 2 with --quick)")
     ap.add_argument("--threads", type=positive_int("--threads"), default=None,
-                    help="torch CPU threads (torch.set_num_threads; default: torch's, one per core)")
+                    help="torch CPU threads (torch.set_num_threads; default: torch's, one per core); a run with it has its own "
+                         "section and JSON (`..., 1 torch thread`)")
     ap.add_argument("--profile", action="store_true", help="also profile the inserted blocks of DUS and MIDUS at decode, "
                     "and the memory layer's operators (one more generate per model and setting)")
     ap.add_argument("--from-json", metavar="RESULTS_JSON", help="only rewrite the docs section from the --json output of an "
@@ -521,7 +529,7 @@ def run(args, argv) -> int:
     memory = sorted({b for b in backends.values() if b != "torch"} or {"torch"})
     payload = {
         "tool": "bench_decode", "device": args.device, "layout": args.layout, "machine": machine, "random_init": args.random_init,
-        "threads": torch.get_num_threads(), "versions": versions(),
+        "threads": torch.get_num_threads(), "threads_set": args.threads, "versions": versions(),
         "load_avg_start": load_start, "load_avg_end": load_avg(), "command": command_line("tools/bench_decode.py", argv),
         "prompt_tokens": prompt, "new_tokens": new_tokens, "rounds": rounds, "batches": args.batches, "dtypes": args.dtypes,
         "hml_backend": "+".join(memory), "hml_backend_words": " + ".join(backend_words(b) for b in memory),
