@@ -211,6 +211,7 @@ def test_the_start_line_names_the_backend_the_layers_run_on(monkeypatch):
     assert words("torch") == "pure-torch path"
     assert words("auto") == ("compiled CPU kernels" if kernels.cpu_ops() is not None else "pure-torch path")
     assert words("triton") == "Triton kernels"  # under the interpreter (tests/conftest.py)
+    assert words("triton-fused") == "fused Triton kernels"
     assert hml.prepare_kernels(torch.nn.Linear(2, 2), "cpu") == "torch"  # no memory layer
 
 

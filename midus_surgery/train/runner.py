@@ -140,7 +140,7 @@ class Runner:
     # Model (setup_model).
     init_dtype: str  # init_from's dtype name: the export's under `export.dtype: auto`
     is_midus: bool  # a MIDUS model (memory layers): its modeling files travel with the export
-    memory_backend: str = "torch"  # what the memory layers run (model.hml.prepare_kernels: "cpu", "triton", "torch")
+    memory_backend: str = "torch"  # what the memory layers run (model.hml.prepare_kernels: "cpu", "triton", "triton-fused", "torch")
     groups: ParamGroups  # the freeze policy's result: (name, parameter) lists per optimiser group
     model: torch.nn.Module  # as accelerate prepared it (DDP / FSDP / compiled wrapper)
     raw: torch.nn.Module  # the model itself (fp32 master weights)
