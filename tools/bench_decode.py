@@ -37,7 +37,7 @@ wall time at decode), and the memory layer alone under torch.profiler on the que
 it (T = batch tokens per call): which of its operators cost what.
 
     python tools/bench_decode.py [--quick] [--json] [--no-docs] [--profile]
-    python tools/bench_decode.py --dtypes fp32,bf16 --rounds 10 --profile
+    python tools/bench_decode.py --dtypes fp32,bf16 --profile                      # the docs run
     python tools/bench_decode.py --device cuda --random-init --dtypes fp32,bf16     # a GPU machine
     python tools/bench_decode.py --from-json docs/results/bench_decode_gpu.json     # redraw its section here
 
@@ -443,26 +443,26 @@ def parse_model(text: str) -> tuple[str, Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="bench_decode.py", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a smoke run in under a minute: prompt 16, 8 new tokens, 2 rounds "
                     "(unless given); never writes the docs")
     ap.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
     ap.add_argument("--no-docs", action="store_true", help="write neither docs/benchmarks.md nor the JSON under docs/results/")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the models run")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the models run (default cpu)")
     ap.add_argument("--random-init", action="store_true", help="random weights from each model's config.json instead of "
                     "loading them (a GPU machine without the SmolLM2 files; decode time does not depend on the values)")
     ap.add_argument("--layout", choices=list(LAYOUTS), default="every5",
                     help="every5: the bundled recipes (6 inserted blocks, 30 -> 36); every2: the paper's proportion "
-                         "(15 of 45); llama1b-every2: an 8-layer Llama-3.2-1B-shaped base (see tools/bench_step.py)")
+                         "(15 of 45); llama1b-every2: an 8-layer Llama-3.2-1B-shaped base (see tools/bench_step.py); default every5")
     ap.add_argument("--model", dest="models", type=parse_model, action="append", metavar="NAME=DIR",
                     help="time these model directories instead of the layout's (repeatable; ratios against the one named "
                          "DUS; writes no docs)")
-    ap.add_argument("--batches", type=parse_batches, default=[1, 16], help="comma-separated batch sizes")
-    ap.add_argument("--dtypes", type=parse_dtypes, default=["fp32"], help="comma-separated: fp32, bf16 (weights cast to it)")
+    ap.add_argument("--batches", type=parse_batches, default=[1, 16], help="comma-separated batch sizes (default 1,16)")
+    ap.add_argument("--dtypes", type=parse_dtypes, default=["fp32"], help="comma-separated: fp32, bf16 (weights cast to it; default fp32)")
     ap.add_argument("--prompt-tokens", type=positive_int("--prompt-tokens"), default=None, help="prompt length P (default 128; 16 with --quick)")
     ap.add_argument("--new-tokens", type=positive_int("--new-tokens", 2), default=None,
-                    help="new tokens N per row (default 64; 8 with --quick); N - 1 decode steps are timed")
-    ap.add_argument("--rounds", type=positive_int("--rounds"), default=None, help="paired rounds per dtype and batch (default 10; 2 with --quick)")
+                    help="new tokens N per row (default 32; 8 with --quick); N - 1 decode steps are timed")
+    ap.add_argument("--rounds", type=positive_int("--rounds"), default=None, help="paired rounds per dtype and batch (default 12; 2 with --quick)")
     ap.add_argument("--threads", type=positive_int("--threads"), default=None,
                     help="torch CPU threads (torch.set_num_threads; default: torch's, one per core); a run with it has its own "
                          "section and JSON (`..., 1 torch thread`)")
@@ -503,7 +503,7 @@ def run(args, argv) -> int:
         args.prompt_tokens = args.prompt_tokens or 16
         args.new_tokens = args.new_tokens or 8
         args.rounds = args.rounds or 2
-    prompt, new_tokens, rounds = args.prompt_tokens or 128, args.new_tokens or 64, args.rounds or 10
+    prompt, new_tokens, rounds = args.prompt_tokens or 128, args.new_tokens or 32, args.rounds or 12
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     import torch
 
