@@ -211,7 +211,7 @@ struct Stage2Plan {
 
 // The candidate sums va[r] + vb[s] and their slot ids ia[r] * n + ib[s], for every pair of the plan.
 template <typename T>
-inline void candidates(const Stage2Plan& plan, int64_t n, int64_t k, Scratch<T>& w) {
+inline void candidates_scalar(const Stage2Plan& plan, int64_t n, Scratch<T>& w) {
   const int64_t m = static_cast<int64_t>(plan.pairs.size());
   for (int64_t p = 0; p < m; ++p) {
     const auto& rs = plan.pairs[p];
@@ -220,18 +220,18 @@ inline void candidates(const Stage2Plan& plan, int64_t n, int64_t k, Scratch<T>&
   }
 }
 
+template <typename T>
+inline void candidates(const Stage2Plan& plan, int64_t n, int64_t k, Scratch<T>& w) {
+  candidates_scalar(plan, n, w);
+}
+
 #if defined(__AVX512F__)
 // k <= 32: both lists fit in two registers each, and 16 candidates a step are looked up in them
 // (a two-register permute) instead of loaded one by one; the same float adds as the scalar loop.
 template <>
 inline void candidates<float>(const Stage2Plan& plan, int64_t n, int64_t k, Scratch<float>& w) {
   if (k > 32) {
-    const int64_t m = static_cast<int64_t>(plan.pairs.size());
-    for (int64_t p = 0; p < m; ++p) {
-      const auto& rs = plan.pairs[p];
-      w.cand_v[p] = w.va[rs.first] + w.vb[rs.second];
-      w.cand_id[p] = w.ia[rs.first] * static_cast<int32_t>(n) + w.ib[rs.second];
-    }
+    candidates_scalar(plan, n, w);
     return;
   }
   const __m512 va0 = _mm512_loadu_ps(w.va.data()), va1 = _mm512_loadu_ps(w.va.data() + 16);
