@@ -152,3 +152,17 @@ def test_rows_and_the_table_carry_the_bytes_floor(tiny, monkeypatch):
     assert row["floor_unique_ms"] == round(moved["unique"] / 10.0 / 1e6, 2)
     assert row["floor_gathered_ms"] == round(moved["gathered"] / 10.0 / 1e6, 2)
     assert f"| {row['floor_unique_ms']} / {row['floor_gathered_ms']} |" in bhr.table([row])
+
+
+def test_the_physical_picture_in_hml_md_is_what_traffic_computes():
+    # docs/hml.md's table of bytes at 16 x 1024 tokens: each row's bank, unique and gathered bytes
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "hml.md").read_text()
+    for size, label, dtype in (("SmolLM2-135M recipe", "SmolLM2-135M recipe", torch.bfloat16),
+                               ("Llama-3.2-1B", "Llama-3.2-1B", torch.bfloat16)):
+        t = bh.traffic(size, 16 * 1024, dtype)
+        row = next(line for line in page.splitlines() if line.startswith(f"| {label}") and "| bf16 |" in line and " MB |" in line)
+        assert f"{t['bank'] / 1e6:.0f} MB" in row, row
+        assert f"{t['gathered'] / 1e9:.1f} GB" in row or f"{t['gathered'] / 1e9:.0f} GB" in row, row
+        assert f"{t['gathered'] / 4.8e12 * 1e3:.2f} ms" in row or f"{t['gathered'] / 4.8e12 * 1e3:.1f} ms" in row, row
