@@ -554,3 +554,31 @@ def test_on_the_cpu_a_compiled_layer_keeps_its_kernels_in_one_graph(monkeypatch)
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(torch.autograd.grad(compiled.square().sum(), [x, m.keys]), eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "fused"])
+@pytest.mark.parametrize("kw", [dict(), dict(hive=False), dict(query_norm="batch", gate=True, output_proj="always")])
+def test_a_read_without_gradients_runs_no_autograd_function_and_gives_the_same_values(monkeypatch, kernels, kw):
+    """Decode and evaluation (gradients off, or nothing that requires one) call the Functions' forward math
+    directly: no node is built, the values are the training forward's to the bit."""
+    torch.manual_seed(0)
+    m = tiny(H=3, dh=8, D=20, n_subkeys=12, topk=5, kernels=kernels, **kw).eval()
+    x = torch.randn(2, 7, 3, 8)
+    ref = m(x)  # parameters require grad: through the autograd Functions
+    ref_w, ref_slots = m.lookup(x)
+    assert ref.grad_fn is not None and ref_w.grad_fn is not None
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an autograd Function ran without a gradient to record")
+
+    for function in (hml._Lookup, hml._PoolProject, hml._Pool):
+        monkeypatch.setattr(function, "apply", refuse)
+    with torch.no_grad():
+        out = m(x)
+        w, slots = m.lookup(x)
+    assert torch.equal(out, ref.detach()) and torch.equal(w, ref_w.detach()) and torch.equal(slots, ref_slots)
+    m.requires_grad_(False)  # gradients on, but a frozen layer fed constants records nothing either
+    out = m(x)
+    assert out.grad_fn is None and torch.equal(out, ref.detach())
+    with pytest.raises(AssertionError, match="autograd Function ran"):  # an input that wants a gradient does
+        m(x.requires_grad_(True))

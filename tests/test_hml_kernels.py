@@ -282,3 +282,17 @@ def test_a_bf16_bank_gradient_is_each_float_row_rounded_once(fused_ops):
     dw32, dt32 = torch.ops.midus_hml.bag_backward(dz, table.bfloat16().float(), idx, w, True, True)
     assert dt16.dtype == torch.bfloat16 and dw16.dtype == torch.float32
     assert torch.equal(dt16, dt32.bfloat16()) and torch.equal(dw16, dw32)
+
+
+def test_the_bf16_bank_gradient_rounds_as_torch_does_at_ties_and_special_values(fused_ops):
+    # one entry of weight 1 per slot: each slot's float gradient is exactly its dz row, then rounded to bf16
+    one = 1 + 2**-8  # exactly halfway between two bf16 values (1 and 1 + 2**-7): ties go to the even one
+    specials = torch.tensor([one, 1 + 3 * 2**-8, -one, 2**-130, -0.0, float("inf"), float("-inf"), float("nan"),
+                             3.3895e38, -1e-45, 0.1, 65504.0, 1.0 - 2**-9, 2**-8 * 3, 1e-3, 7.0])
+    dz = torch.stack([specials, specials.flip(0) * 3, specials * -0.5])  # [3 bags, 16]
+    idx = torch.tensor([[2], [0], [1]])
+    _, dtable = torch.ops.midus_hml.bag_backward(dz, torch.zeros(3, 16, dtype=torch.bfloat16), idx, torch.ones(3, 1), False, True)
+    expected = (0.0 + dz[[1, 2, 0]]).bfloat16()  # summed from 0.0, as the kernel sums (-0.0 becomes +0.0)
+    nan = expected.isnan()
+    assert torch.equal(dtable.isnan(), nan)  # NaN stays NaN (its payload differs between torch's own casts)
+    assert torch.equal(dtable.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])  # the rest to the bit

@@ -322,6 +322,19 @@ def test_a_layer_on_the_fused_kernels_matches_the_dense_float64_reference(kw, mo
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("hive", [True, False])
+def test_a_fused_read_without_gradients_runs_the_forward_kernel_alone(hive, monkeypatch):
+    torch.manual_seed(0)
+    layer = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=6, topk=4, latent_dim=5, init="random", kernels="triton-fused",
+                                              hive=hive))
+    x = torch.randn(2, 9, 2, 8)
+    ref = layer(x)
+    assert ref.grad_fn is not None
+    monkeypatch.setattr(hml._FusedRead, "apply", lambda *a: pytest.fail("an autograd Function ran under no_grad"))
+    with torch.no_grad():
+        assert torch.equal(layer(x), ref.detach())
+
+
 def test_deterministic_algorithms_keep_the_fused_backward_off_atomics(monkeypatch):
     layer = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=6, topk=4, latent_dim=5, init="random", kernels="triton-fused",
                                               bank_grad="index_add"))

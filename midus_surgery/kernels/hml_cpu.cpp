@@ -26,11 +26,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -331,6 +333,38 @@ inline A dot(const A* x, const T* y, int64_t d) {
   return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7])) + tail;
 }
 
+// A table row in the accumulation type: the row itself when it already is, else converted into
+// buf.  Every dtype then runs the one float (or double) dot/axpy on the same values, so a bf16
+// table gives what its float copy gives, to the bit (the compiler fuses multiply-adds per loop,
+// which a conversion inside the loop could change), and each row is converted once, in a loop
+// that vectorises.
+template <typename A, typename T>
+inline const A* row_in(const T* row, A* buf, int64_t d) {
+  if constexpr (std::is_same_v<A, T>) {
+    return row;
+  } else {
+    for (int64_t c = 0; c < d; ++c) buf[c] = static_cast<A>(row[c]);
+    return buf;
+  }
+}
+
+// dst[0:d] = src rounded to T.  For bfloat16 the rounding of c10::BFloat16(float) (to nearest
+// even; NaN -> 0x7FC0) in integer arithmetic, so the loop vectorises (the constructor does not).
+template <typename T, typename A>
+inline void row_out(const A* src, T* dst, int64_t d) {
+  if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<A, float>) {
+    for (int64_t c = 0; c < d; ++c) {
+      uint32_t u;
+      std::memcpy(&u, src + c, sizeof(u));
+      const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+      const uint16_t bits = src[c] != src[c] ? uint16_t(0x7FC0) : rounded;
+      std::memcpy(dst + c, &bits, sizeof(bits));
+    }
+  } else {
+    for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(src[c]);
+  }
+}
+
 // Backward of the scoring: only the 2k chosen sub-keys of each (head, token) row get a score
 // gradient, so instead of scattering into dense [H, 2, T, n] tables and running two bmm's
 // (n/k times the work, plus a large zero-fill) gather and scatter those rows directly.
@@ -457,8 +491,9 @@ std::tuple<at::Tensor, at::Tensor> bag_backward(const at::Tensor& dz, const at::
     A* dwp = need_w ? dw.mutable_data_ptr<A>() : nullptr;
     if (!need_table) {  // only dw: every (bag, i) is independent
       at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
+        std::vector<A> buf(d);
         for (int64_t bag = begin; bag < end; ++bag)
-          for (int64_t i = 0; i < k; ++i) dwp[bag * k + i] = dot(gp + bag * d, tp + ip[bag * k + i] * d, d);
+          for (int64_t i = 0; i < k; ++i) dwp[bag * k + i] = dot(gp + bag * d, row_in(tp + ip[bag * k + i] * d, buf.data(), d), d);
       });
       return;
     }
@@ -498,18 +533,21 @@ std::tuple<at::Tensor, at::Tensor> bag_backward(const at::Tensor& dz, const at::
       }
     });
     scalar_t* dtp = dtable.mutable_data_ptr<scalar_t>();
+    int kshift = -1;  // log2(k) when k is a power of two: an entry's bag by a shift, not a division
+    for (int b = 0; b < 31; ++b)
+      if ((int64_t(1) << b) == k) kshift = b;
     at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
-      std::vector<A> acc(d);
+      std::vector<A> acc(d), buf(d);
       for (int64_t slot = begin; slot < end; ++slot) {
-        const scalar_t* row = tp + slot * d;
+        const A* row = dwp ? row_in(tp + slot * d, buf.data(), d) : nullptr;  // converted once per slot
         std::fill(acc.begin(), acc.end(), A(0));
         for (int64_t x = start[slot]; x < start[slot + 1]; ++x) {
           const int64_t e = order[x];
-          const A* g = gp + (e / k) * d;
+          const A* g = gp + (kshift >= 0 ? e >> kshift : e / k) * d;
           if (dwp) dwp[e] = dot(g, row, d);
           axpy(acc.data(), wp[e], g, d);
         }
-        for (int64_t c = 0; c < d; ++c) dtp[slot * d + c] = static_cast<scalar_t>(acc[c]);
+        row_out(acc.data(), dtp + slot * d, d);
       }
     });
   });

@@ -420,6 +420,44 @@ def _autocast_off(backward):
     return wrapped
 
 
+def _lookup_forward(q: Tensor, keys: Tensor, k: int, backend: str):
+    """Scores, exact two-stage top-k and softmax of queries q [T, H, d_h] against keys [H, 2, n, d_h/2] on
+    ``backend``: (w, slots, i_sub, j_sub), each [H, T, k]. _Lookup's forward, and the whole lookup when no
+    gradient is wanted (decode: no autograd node to build)."""
+    T, H, dh = q.shape
+    n = keys.shape[2]
+    qh = q.reshape(T, 2 * H, dh // 2).transpose(0, 1)  # [2H, T, dh/2]
+    kf = keys.reshape(2 * H, n, dh // 2)
+    s = torch.bmm(qh, kf.transpose(1, 2))  # [2H, T, n]
+    if backend == "cpu":  # the same selection and tie rule in one compiled pass, parallel over (h, t)
+        halves = s.view(H, 2, T, n)
+        scores, i_sub, j_sub = torch.ops.midus_hml.topk2(halves[:, 0], halves[:, 1], k)  # [H, T, k] each
+    elif backend in ("triton", "triton-fused"):  # the same again, one Triton program per block of (h, t) rows
+        halves = s.view(H, 2, T, n)
+        scores, i_sub, j_sub = _triton_kernel("topk2")(halves[:, 0], halves[:, 1], k, candidate_pairs(k, halves.device))  # [H, T, k] each
+    else:
+        both = s.view(H, 2, T, n).transpose(0, 1)  # [2, H, T, n] view
+        ar = torch.arange(n, device=q.device)
+        pos = _det_topk(both, k, ar)  # [2, H, T, k]
+        v = both.gather(-1, pos)
+        r, c = candidate_pairs(k, q.device)
+        cand = v[0].index_select(-1, r) + v[1].index_select(-1, c)  # [H, T, C]
+        i_c = pos[0].index_select(-1, r)
+        j_c = pos[1].index_select(-1, c)
+        best = _det_topk(cand, min(k, cand.shape[-1]), i_c * n + j_c)
+        i_sub, j_sub = i_c.gather(-1, best), j_c.gather(-1, best)
+        scores = cand.gather(-1, best)
+    w = torch.softmax(scores, dim=-1)
+    return w, i_sub * n + j_sub, i_sub, j_sub
+
+
+def _builds_graph(*tensors: Tensor) -> bool:
+    """Whether an autograd Function over ``tensors`` would record a node. When it would not (decode, evaluation,
+    a frozen layer fed constants) the layer calls the Functions' forward math directly: the same values, without
+    the per-call cost of a Function (135 of a 641 us call at a CPU decode step, docs/benchmarks.md)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 class _Lookup(torch.autograd.Function):
     """Scores, exact two-stage top-k and softmax in one node: (q [T,H,d_h], keys) -> (w, slots).
 
@@ -429,31 +467,7 @@ class _Lookup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, keys, k, backend):
-        T, H, dh = q.shape
-        n = keys.shape[2]
-        qh = q.reshape(T, 2 * H, dh // 2).transpose(0, 1)  # [2H, T, dh/2]
-        kf = keys.reshape(2 * H, n, dh // 2)
-        s = torch.bmm(qh, kf.transpose(1, 2))  # [2H, T, n]
-        if backend == "cpu":  # the same selection and tie rule in one compiled pass, parallel over (h, t)
-            halves = s.view(H, 2, T, n)
-            scores, i_sub, j_sub = torch.ops.midus_hml.topk2(halves[:, 0], halves[:, 1], k)  # [H, T, k] each
-        elif backend in ("triton", "triton-fused"):  # the same again, one Triton program per block of (h, t) rows
-            halves = s.view(H, 2, T, n)
-            scores, i_sub, j_sub = _triton_kernel("topk2")(halves[:, 0], halves[:, 1], k, candidate_pairs(k, halves.device))  # [H, T, k] each
-        else:
-            both = s.view(H, 2, T, n).transpose(0, 1)  # [2, H, T, n] view
-            ar = torch.arange(n, device=q.device)
-            pos = _det_topk(both, k, ar)  # [2, H, T, k]
-            v = both.gather(-1, pos)
-            r, c = candidate_pairs(k, q.device)
-            cand = v[0].index_select(-1, r) + v[1].index_select(-1, c)  # [H, T, C]
-            i_c = pos[0].index_select(-1, r)
-            j_c = pos[1].index_select(-1, c)
-            best = _det_topk(cand, min(k, cand.shape[-1]), i_c * n + j_c)
-            i_sub, j_sub = i_c.gather(-1, best), j_c.gather(-1, best)
-            scores = cand.gather(-1, best)
-        w = torch.softmax(scores, dim=-1)
-        slots = i_sub * n + j_sub
+        w, slots, i_sub, j_sub = _lookup_forward(q, keys, k, backend)
         ctx.mark_non_differentiable(slots)
         ctx.save_for_backward(q, keys, w, i_sub, j_sub)
         ctx.fused = backend == "cpu"
@@ -576,18 +590,32 @@ def _bag_backward(dz: Tensor, table: Tensor, idx: Tensor, w: Tensor, offsets, of
     return dw, dtable
 
 
+def _pool_project_forward(w: Tensor, slots: Tensor, bank: Tensor, proj: Tensor, backend: str):
+    """HIVE's read: m [H, T, d_h] = (sum_i w[h,t,i] * bank[slot[h,t,i]]) @ proj[h], and what its backward
+    keeps: (m, z [H, T, d_l], offsets, offset2bag, the projection's dtype). _PoolProject's forward, and the
+    whole read when no gradient is wanted."""
+    H, T, k = slots.shape
+    z, offsets, offset2bag = _bag_forward(bank, slots.reshape(H * T, k), w.reshape(H * T, k), backend == "cpu")
+    z = z.view(H, T, -1)
+    # float32 on CPU (see HeadwiseMemory's precision note), the parameter dtype on an accelerator
+    cd = proj.dtype if proj.dtype == torch.float64 or bank.device.type != "cpu" else torch.float32
+    return torch.bmm(z.to(cd), proj.to(cd)), z, offsets, offset2bag, cd
+
+
+def _pool_forward(w: Tensor, slots: Tensor, table: Tensor, backend: str):
+    """HIVE off: m [H, T, d_h] = sum_i w[h,t,i] * table[slot[h,t,i]] (slots already offset per head), with
+    offsets and offset2bag for the backward. _Pool's forward, and the whole read when no gradient is wanted."""
+    H, T, k = slots.shape
+    z, offsets, offset2bag = _bag_forward(table, slots.reshape(H * T, k), w.reshape(H * T, k), backend == "cpu")
+    return z.view(H, T, -1), offsets, offset2bag
+
+
 class _PoolProject(torch.autograd.Function):
     """HIVE: m[h, t] = (sum_i w[h,t,i] * bank[slot[h,t,i]]) @ proj[h]; never per-slot values."""
 
     @staticmethod
     def forward(ctx, w, slots, bank, proj, mode, backend):
-        H, T, k = slots.shape
-        z, offsets, offset2bag = _bag_forward(bank, slots.reshape(H * T, k), w.reshape(H * T, k), backend == "cpu")
-        z = z.view(H, T, -1)
-        cd = proj.dtype if proj.dtype == torch.float64 else torch.float32
-        if bank.device.type != "cpu":
-            cd = proj.dtype
-        m = torch.bmm(z.to(cd), proj.to(cd))
+        m, z, offsets, offset2bag, cd = _pool_project_forward(w, slots, bank, proj, backend)
         ctx.save_for_backward(w, slots, bank, proj, z, offsets, offset2bag)
         ctx.mode, ctx.backend, ctx.cd = mode, backend, cd
         return m
@@ -617,11 +645,10 @@ class _Pool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, slots, table, mode, backend):
-        H, T, k = slots.shape
-        z, offsets, offset2bag = _bag_forward(table, slots.reshape(H * T, k), w.reshape(H * T, k), backend == "cpu")
+        m, offsets, offset2bag = _pool_forward(w, slots, table, backend)
         ctx.save_for_backward(w, slots, table, offsets, offset2bag)
         ctx.mode, ctx.backend = mode, backend
-        return z.view(H, T, -1)
+        return m
 
     @staticmethod
     @_autocast_off
@@ -637,6 +664,13 @@ class _Pool(torch.autograd.Function):
         return dw, None, dtable, None, None
 
 
+def _fused_read_forward(q: Tensor, keys: Tensor, table: Tensor, k: int, head_rows: int):
+    """The fused Triton read (see _FusedRead): (z, w, slots, i_sub, j_sub). _FusedRead's forward, and the
+    whole read when no gradient is wanted."""
+    w, i_sub, j_sub, z = _triton_kernel("memory_forward")(q, keys, table, k, head_rows, candidate_pairs(k, q.device))
+    return z, w, i_sub * keys.shape[2] + j_sub, i_sub, j_sub
+
+
 class _FusedRead(torch.autograd.Function):
     """The whole memory read on the fused Triton kernels (backend "triton-fused"):
     (q [T, H, d_h] float32, keys, table [rows, d]) -> (z [H, T, d] float32, w [H, T, k], slots [H, T, k]).
@@ -650,8 +684,7 @@ class _FusedRead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, keys, table, k, head_rows, bank_grad):
-        w, i_sub, j_sub, z = _triton_kernel("memory_forward")(q, keys, table, k, head_rows, candidate_pairs(k, q.device))
-        slots = i_sub * keys.shape[2] + j_sub
+        z, w, slots, i_sub, j_sub = _fused_read_forward(q, keys, table, k, head_rows)
         ctx.mark_non_differentiable(w, slots)
         ctx.save_for_backward(q, keys, table, w, i_sub, j_sub)
         ctx.head_rows, ctx.bank_grad = head_rows, bank_grad
@@ -1048,32 +1081,47 @@ class HeadwiseMemory(nn.Module):
 
     def _lookup(self, q: Tensor, backend: str) -> tuple[Tensor, Tensor]:
         q = self._normed(q)
-        return _Lookup.apply(q, self.keys.to(q.dtype), self.config.topk, backend)  # w, slots: [H, T, k]
+        keys = self.keys.to(q.dtype)
+        if _builds_graph(q, keys):
+            return _Lookup.apply(q, keys, self.config.topk, backend)  # w, slots: [H, T, k]
+        return _lookup_forward(q, keys, self.config.topk, backend)[:2]
 
     def _read(self, q: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
         """(m [H, T, d_h], w [H, T, k], slots [H, T, k]): each head's memory read of queries q [T, H, d_h],
         on ``backend`` (one decision per call, for the lookup and the pooling alike)."""
         cfg, H, dh = self.config, self.num_heads, self.head_dim
         N = cfg.n_subkeys**2
+        table = self.latent_bank.weight if cfg.hive else self.values.view(H * N, dh)
         if backend == "triton-fused":  # one kernel reads, another differentiates the read
             q = self._normed(q)
-            if cfg.hive:
-                z, w, slots = _FusedRead.apply(q, self.keys.float(), self.latent_bank.weight, cfg.topk, 0, cfg.bank_grad)
-                cd = self.proj.dtype if z.device.type != "cpu" else torch.float32  # as _PoolProject's bmm
-                return torch.bmm(z.to(cd), self.proj.to(cd)), w, slots  # [H, T, d_l] @ [H, d_l, d_h]
-            z, w, slots = _FusedRead.apply(q, self.keys.float(), self.values.view(H * N, dh), cfg.topk, N, cfg.bank_grad)
-            return z, w, slots
+            keys, head_rows = self.keys.float(), 0 if cfg.hive else N
+            if _builds_graph(q, keys, table):
+                z, w, slots = _FusedRead.apply(q, keys, table, cfg.topk, head_rows, cfg.bank_grad)
+            else:
+                z, w, slots = _fused_read_forward(q, keys, table, cfg.topk, head_rows)[:3]
+            if not cfg.hive:
+                return z, w, slots
+            cd = self.proj.dtype if z.device.type != "cpu" else torch.float32  # as _PoolProject's bmm
+            return torch.bmm(z.to(cd), self.proj.to(cd)), w, slots  # [H, T, d_l] @ [H, d_l, d_h]
         w, slots = self._lookup(q, backend)
-        if cfg.hive:
-            m = _PoolProject.apply(w, slots, self.latent_bank.weight, self.proj, cfg.bank_grad, backend)
+        graph = _builds_graph(w, table) or (cfg.hive and _builds_graph(self.proj))
+        if cfg.hive and graph:
+            m = _PoolProject.apply(w, slots, table, self.proj, cfg.bank_grad, backend)
+        elif cfg.hive:
+            m = _pool_project_forward(w, slots, table, self.proj, backend)[0]
         else:
-            offs = (torch.arange(H, device=slots.device) * N).view(H, 1, 1)
-            m = _Pool.apply(w, slots + offs, self.values.view(H * N, dh), cfg.bank_grad, backend)
+            slots_in_table = slots + (torch.arange(H, device=slots.device) * N).view(H, 1, 1)
+            if graph:
+                m = _Pool.apply(w, slots_in_table, table, cfg.bank_grad, backend)
+            else:
+                m = _pool_forward(w, slots_in_table, table, backend)[0]
         return m, w, slots
 
     def forward(self, queries: Tensor) -> Tensor:
-        dev = queries.device.type
-        with torch.autocast(device_type=dev if dev in ("cpu", "cuda") else "cpu", enabled=False):
+        dev = queries.device.type if queries.device.type in ("cpu", "cuda") else "cpu"
+        if not torch.is_autocast_enabled(dev):  # entering the context costs a decode step's call
+            return self._forward(queries)
+        with torch.autocast(device_type=dev, enabled=False):
             return self._forward(queries)
 
     def _forward(self, x: Tensor) -> Tensor:
