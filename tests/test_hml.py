@@ -556,14 +556,16 @@ def test_on_the_cpu_a_compiled_layer_keeps_its_kernels_in_one_graph(monkeypatch)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("kernels", ["torch", "fused"])
 @pytest.mark.parametrize("kw", [dict(), dict(hive=False), dict(query_norm="batch", gate=True, output_proj="always")])
-def test_a_read_without_gradients_runs_no_autograd_function_and_gives_the_same_values(monkeypatch, kernels, kw):
+def test_a_read_without_gradients_runs_no_autograd_function_and_gives_the_same_values(monkeypatch, kernels, kw, dtype):
     """Decode and evaluation (gradients off, or nothing that requires one) call the Functions' forward math
-    directly: no node is built, the values are the training forward's to the bit."""
+    directly (on the compiled CPU kernels: midus_hml::read, one call): no node is built, the values are the
+    training forward's to the bit."""
     torch.manual_seed(0)
-    m = tiny(H=3, dh=8, D=20, n_subkeys=12, topk=5, kernels=kernels, **kw).eval()
-    x = torch.randn(2, 7, 3, 8)
+    m = tiny(H=3, dh=8, D=20, n_subkeys=12, topk=5, kernels=kernels, **kw).eval().to(dtype)
+    x = torch.randn(2, 7, 3, 8, dtype=dtype)
     ref = m(x)  # parameters require grad: through the autograd Functions
     ref_w, ref_slots = m.lookup(x)
     assert ref.grad_fn is not None and ref_w.grad_fn is not None
@@ -577,6 +579,10 @@ def test_a_read_without_gradients_runs_no_autograd_function_and_gives_the_same_v
         out = m(x)
         w, slots = m.lookup(x)
     assert torch.equal(out, ref.detach()) and torch.equal(w, ref_w.detach()) and torch.equal(slots, ref_slots)
+    if kernels == "fused":  # the compiled kernels read in one call
+        with torch.profiler.profile() as prof, torch.no_grad():
+            m(x)
+        assert "midus_hml::read" in {e.name for e in prof.events()}
     m.requires_grad_(False)  # gradients on, but a frozen layer fed constants records nothing either
     out = m(x)
     assert out.grad_fn is None and torch.equal(out, ref.detach())

@@ -296,3 +296,19 @@ def test_the_bf16_bank_gradient_rounds_as_torch_does_at_ties_and_special_values(
     nan = expected.isnan()
     assert torch.equal(dtable.isnan(), nan)  # NaN stays NaN (its payload differs between torch's own casts)
     assert torch.equal(dtable.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])  # the rest to the bit
+
+
+def test_a_compiled_read_without_gradients_is_one_graph_on_the_single_read_op(monkeypatch, fused_ops):
+    torch.manual_seed(0)
+    for hive in (True, False):
+        m = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=8, topk=4, latent_dim=4, init="random", kernels="fused", hive=hive))
+        assert hml.prepare_kernels(m, "cpu") == "cpu"
+        x = torch.randn(3, 2, 8)
+        with torch.no_grad():
+            ref = m(x)
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(lambda t: m(t))(x)
+            compiled = torch.compile(m, backend="aot_eager")(x)
+        torch._dynamo.reset()
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+        assert torch.equal(compiled, ref)  # the op's fake shapes and dtypes are what it returns

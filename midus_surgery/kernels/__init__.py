@@ -61,7 +61,7 @@ def _build():
     _register_fakes()
     ops = torch.ops.midus_hml
     return SimpleNamespace(topk2=ops.topk2, lookup_backward=ops.lookup_backward, bag_forward=ops.bag_forward,
-                           bag_backward=ops.bag_backward)
+                           bag_backward=ops.bag_backward, read=ops.read)
 
 
 def _register_fakes() -> None:
@@ -79,6 +79,14 @@ def _register_fakes() -> None:
     @torch.library.register_fake("midus_hml::bag_forward")
     def _(table, idx, w):
         return table.new_empty((idx.shape[0], table.shape[1]), dtype=w.dtype)
+
+    @torch.library.register_fake("midus_hml::read")
+    def _(q, keys, table, proj, k, head_rows):
+        T, H, dh = q.shape
+        acc = torch.float64 if table.dtype == torch.float64 else torch.float32
+        cd = torch.float64 if proj is not None and proj.dtype == torch.float64 else torch.float32
+        m = q.new_empty((H, T, dh), dtype=cd) if proj is not None else q.new_empty((H, T, table.shape[1]), dtype=acc)
+        return m, q.new_empty((H, T, k)), q.new_empty((H, T, k), dtype=torch.long)
 
     @torch.library.register_fake("midus_hml::bag_backward")
     def _(dz, table, idx, w, need_w, need_table):

@@ -13,6 +13,8 @@
 //       z[b] = sum_i w[b,i] * table[idx[b,i]]
 //   midus_hml::bag_backward(dz [B,d], table [N,d], idx [B,k], w [B,k], need_w, need_table)
 //       -> (dw [B,k], dtable [N,d])   (an empty tensor for a gradient not asked for)
+//   midus_hml::read(q [T,H,d_h], keys, table, proj?, k, head_rows) -> (m [H,T,d_h], w [H,T,k], slots [H,T,k])
+//       the whole forward read in one call, for reads that record no gradient (decode)
 //
 // Accumulation is in the "opmath" type (float for float/bfloat16/half tables, double for double);
 // z and dw come back in that type, dtable in the table's (each row rounded once, when stored).  Results do not depend on the number of threads:
@@ -31,6 +33,7 @@
 #include <immintrin.h>
 #endif
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -554,6 +557,36 @@ std::tuple<at::Tensor, at::Tensor> bag_backward(const at::Tensor& dz, const at::
   return {dw, dtable};
 }
 
+// The memory layer's whole read when no gradient is recorded (decode, evaluation): the scoring bmm,
+// topk2, softmax, bag_forward and HIVE's projection in one call.  The same operators in the same
+// order as hml.py's _lookup_forward + _pool_project_forward / _pool_forward, so the same values to
+// the bit; what goes is the ~20 operator dispatches and the Python around them, which cost more
+// than the work itself for the few tokens of a decode step.
+//   q [T, H, d_h], keys [H, 2, n, d_h/2] (one float dtype); table [rows, d]; proj [H, d, d_h] (HIVE)
+//   or none (table = per-head values; head h's slots start at row h * head_rows)
+//   -> (m [H, T, d_h], w [H, T, k], slots [H, T, k] int64)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> memory_read(const at::Tensor& q, const at::Tensor& keys,
+                                                           const at::Tensor& table, const std::optional<at::Tensor>& proj,
+                                                           int64_t k, int64_t head_rows) {
+  TORCH_CHECK(q.dim() == 3 && keys.dim() == 4 && keys.size(0) == q.size(1) && keys.size(1) == 2 &&
+                  2 * keys.size(3) == q.size(2),
+              "read: q must be [T, H, d_h] and keys [H, 2, n, d_h/2]");
+  TORCH_CHECK(q.scalar_type() == keys.scalar_type(), "read: q and keys must have one dtype");
+  const int64_t T_ = q.size(0), H = q.size(1), dh = q.size(2), n = keys.size(2);
+  const at::Tensor s = at::bmm(q.reshape({T_, 2 * H, dh / 2}).transpose(0, 1),
+                               keys.reshape({2 * H, n, dh / 2}).transpose(1, 2)).view({H, 2, T_, n});  // [2H, T, n]
+  auto [scores, isub, jsub] = topk2(s.select(1, 0), s.select(1, 1), k);  // [H, T, k] each
+  at::Tensor w = at::softmax(scores, -1);
+  at::Tensor slots = isub * n + jsub;
+  at::Tensor rows = head_rows ? slots + at::arange(H, slots.options()).mul_(head_rows).view({H, 1, 1}) : slots;
+  at::Tensor z = bag_forward(table, rows.reshape({H * T_, k}).contiguous(),
+                             w.reshape({H * T_, k}).to(at::toOpMathType(table.scalar_type())).contiguous())
+                     .view({H, T_, -1});
+  if (!proj.has_value()) return {z, w, slots};
+  const auto cd = proj->scalar_type() == at::kDouble ? at::kDouble : at::kFloat;  // as _pool_project_forward on CPU
+  return {at::bmm(z.to(cd), proj->to(cd)), w, slots};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(midus_hml, m) {
@@ -561,6 +594,7 @@ TORCH_LIBRARY(midus_hml, m) {
   m.def("lookup_backward(Tensor dsel, Tensor q, Tensor keys, Tensor isub, Tensor jsub, bool need_q, bool need_keys) -> (Tensor, Tensor)");
   m.def("bag_forward(Tensor table, Tensor idx, Tensor w) -> Tensor");
   m.def("bag_backward(Tensor dz, Tensor table, Tensor idx, Tensor w, bool need_w, bool need_table) -> (Tensor, Tensor)");
+  m.def("read(Tensor q, Tensor keys, Tensor table, Tensor? proj, int k, int head_rows) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(midus_hml, CPU, m) {
@@ -568,4 +602,5 @@ TORCH_LIBRARY_IMPL(midus_hml, CPU, m) {
   m.impl("lookup_backward", &lookup_backward);
   m.impl("bag_forward", &bag_forward);
   m.impl("bag_backward", &bag_backward);
+  m.impl("read", &memory_read);
 }

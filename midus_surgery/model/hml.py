@@ -451,11 +451,11 @@ def _lookup_forward(q: Tensor, keys: Tensor, k: int, backend: str):
     return w, i_sub * n + j_sub, i_sub, j_sub
 
 
-def _builds_graph(*tensors: Tensor) -> bool:
+def _builds_graph(*tensors: Optional[Tensor]) -> bool:
     """Whether an autograd Function over ``tensors`` would record a node. When it would not (decode, evaluation,
     a frozen layer fed constants) the layer calls the Functions' forward math directly: the same values, without
     the per-call cost of a Function (135 of a 641 us call at a CPU decode step, docs/benchmarks.md)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class _Lookup(torch.autograd.Function):
@@ -662,6 +662,25 @@ class _Pool(torch.autograd.Function):
         if dw is not None:
             dw = dw.view(H, T, k).to(w.dtype)
         return dw, None, dtable, None, None
+
+
+def _rows_in_table(slots: Tensor, head_rows: int) -> Tensor:
+    """Per-head slots [H, T, k] as rows of a table that stacks the heads' tables of ``head_rows`` rows."""
+    return slots + (torch.arange(slots.shape[0], device=slots.device) * head_rows).view(-1, 1, 1)
+
+
+def _read_forward(q: Tensor, keys: Tensor, table: Tensor, proj: Optional[Tensor], k: int, head_rows: int, backend: str):
+    """The whole read with no gradient to record: (m [H, T, d_h], w [H, T, k], slots [H, T, k]) of normalised
+    queries q [T, H, d_h]. HIVE: ``proj`` [H, d_l, d_h] and the shared bank as ``table``; HIVE off: ``proj`` None and
+    the heads' value tables stacked in ``table``, ``head_rows`` rows each. On the compiled CPU kernels one call
+    (``midus_hml::read``: the same operators in the same order, so the same values) replaces about 20 operators
+    and the Python between them, which cost more than the work at a decode step's few tokens."""
+    if backend == "cpu":
+        return torch.ops.midus_hml.read(q, keys, table, proj, k, head_rows)
+    w, slots, _, _ = _lookup_forward(q, keys, k, backend)
+    if proj is not None:
+        return _pool_project_forward(w, slots, table, proj, backend)[0], w, slots
+    return _pool_forward(w, _rows_in_table(slots, head_rows), table, backend)[0], w, slots
 
 
 def _fused_read_forward(q: Tensor, keys: Tensor, table: Tensor, k: int, head_rows: int):
@@ -1092,8 +1111,8 @@ class HeadwiseMemory(nn.Module):
         cfg, H, dh = self.config, self.num_heads, self.head_dim
         N = cfg.n_subkeys**2
         table = self.latent_bank.weight if cfg.hive else self.values.view(H * N, dh)
+        q = self._normed(q)
         if backend == "triton-fused":  # one kernel reads, another differentiates the read
-            q = self._normed(q)
             keys, head_rows = self.keys.float(), 0 if cfg.hive else N
             if _builds_graph(q, keys, table):
                 z, w, slots = _FusedRead.apply(q, keys, table, cfg.topk, head_rows, cfg.bank_grad)
@@ -1103,18 +1122,15 @@ class HeadwiseMemory(nn.Module):
                 return z, w, slots
             cd = self.proj.dtype if z.device.type != "cpu" else torch.float32  # as _PoolProject's bmm
             return torch.bmm(z.to(cd), self.proj.to(cd)), w, slots  # [H, T, d_l] @ [H, d_l, d_h]
-        w, slots = self._lookup(q, backend)
-        graph = _builds_graph(w, table) or (cfg.hive and _builds_graph(self.proj))
-        if cfg.hive and graph:
-            m = _PoolProject.apply(w, slots, table, self.proj, cfg.bank_grad, backend)
-        elif cfg.hive:
-            m = _pool_project_forward(w, slots, table, self.proj, backend)[0]
+        keys = self.keys.to(q.dtype)
+        proj = self.proj if cfg.hive else None
+        if not _builds_graph(q, keys, table, proj):
+            return _read_forward(q, keys, table, proj, cfg.topk, 0 if cfg.hive else N, backend)
+        w, slots = _Lookup.apply(q, keys, cfg.topk, backend)
+        if cfg.hive:
+            m = _PoolProject.apply(w, slots, table, proj, cfg.bank_grad, backend)
         else:
-            slots_in_table = slots + (torch.arange(H, device=slots.device) * N).view(H, 1, 1)
-            if graph:
-                m = _Pool.apply(w, slots_in_table, table, cfg.bank_grad, backend)
-            else:
-                m = _pool_forward(w, slots_in_table, table, backend)[0]
+            m = _Pool.apply(w, _rows_in_table(slots, N), table, cfg.bank_grad, backend)
         return m, w, slots
 
     def forward(self, queries: Tensor) -> Tensor:
