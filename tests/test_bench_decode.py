@@ -127,7 +127,7 @@ def test_the_profile_times_the_inserted_blocks_and_the_memory_layers_operators(r
         # every inserted block (2 in the tiny outputs) once per decode step
         assert p["midus_profiled_calls"] == p["dus_profiled_calls"] == 2 * (NEW - 1)
         names = {o["name"] for o in p["midus_ops"]}
-        assert "aten::bmm" in names and names & {"midus_hml::topk2", "aten::topk"}  # its scores and selection
+        assert names & {"midus_hml::read", "aten::topk"}  # the read in one op (compiled kernels), or its pure-torch selection
         assert not names & {"_Lookup", "_PoolProject", "_Pool"}  # no autograd Function at decode (gradients off)
         assert "aten::mm" in {o["name"] for o in p["dus_ops"]} or "aten::addmm" in {o["name"] for o in p["dus_ops"]}
         assert p["hml_queries_shape"] == [p["batch"], 1, 4, 16]  # [batch, 1 token, heads, head width]

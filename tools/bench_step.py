@@ -329,7 +329,8 @@ def ensure_outputs(log, random_init: bool, layout: str) -> None:
             continue  # the config and the plan are all a random-init run reads
         if not (models[name] / "midus_plan.json").is_file():
             log(f"applying {recipe.name} (output missing) ...")
-            subprocess.run(["midus-surgery", "apply", str(recipe), "--quiet"], check=True)
+            # its summary to stderr: a driver run with --json prints only the JSON on stdout
+            subprocess.run(["midus-surgery", "apply", str(recipe), "--quiet"], check=True, stdout=sys.stderr)
 
 
 def configs_for(precision: str, device: str, freezes=("none", "base"), models=None) -> list[tuple[str, str]]:
