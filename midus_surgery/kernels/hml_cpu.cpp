@@ -29,7 +29,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #include <limits>
@@ -107,6 +107,43 @@ inline int64_t compact<float>(const float* v, const int32_t* id, int64_t m, floa
     const __mmask16 keep = _mm512_cmp_ps_mask(x, t, _CMP_GE_OQ);
     _mm512_storeu_ps(buf_v + c, _mm512_maskz_compress_ps(keep, x));
     _mm512_storeu_si512(buf_id + c, _mm512_maskz_compress_epi32(keep, _mm512_loadu_si512(id + j)));
+    c += __builtin_popcount(keep);
+  }
+  for (; j < m; ++j) {
+    buf_v[c] = v[j];
+    buf_id[c] = id[j];
+    c += (v[j] >= th);
+  }
+  return c;
+}
+#elif defined(__AVX2__)
+// AVX2 has no compress: 8 entries a step, the kept lanes moved to the front by one permute whose
+// indices come from a table of the 256 keep-masks, then one plain store of all 8; the next store
+// starts where the kept ones end.  The same entries in the same order as the scalar loop.
+struct LeftPack {
+  alignas(32) int32_t idx[256][8];
+  LeftPack() {
+    for (int mask = 0; mask < 256; ++mask) {
+      int c = 0;
+      for (int lane = 0; lane < 8; ++lane)
+        if (mask >> lane & 1) idx[mask][c++] = lane;
+      for (; c < 8; ++c) idx[mask][c] = 0;  // lanes past the kept ones: overwritten by the next store
+    }
+  }
+};
+const LeftPack kLeftPack;
+
+template <>
+inline int64_t compact<float>(const float* v, const int32_t* id, int64_t m, float th, float* buf_v, int32_t* buf_id) {
+  const __m256 t = _mm256_set1_ps(th);
+  int64_t c = 0, j = 0;
+  for (; j + 8 <= m; j += 8) {
+    const __m256 x = _mm256_loadu_ps(v + j);
+    const int keep = _mm256_movemask_ps(_mm256_cmp_ps(x, t, _CMP_GE_OQ));
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kLeftPack.idx[keep]));
+    _mm256_storeu_ps(buf_v + c, _mm256_permutevar8x32_ps(x, perm));
+    const __m256i ids = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(id + j));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf_id + c), _mm256_permutevar8x32_epi32(ids, perm));
     c += __builtin_popcount(keep);
   }
   for (; j < m; ++j) {
