@@ -84,7 +84,7 @@ inline T tighten(const T* v, int64_t m, int64_t k, T lo, T hi) {
 // m + kLanes entries; returns how many.  Branch-free: every entry is written, the count advances
 // only past the kept ones.
 template <typename T>
-inline int64_t compact(const T* v, const int32_t* id, int64_t m, T th, T* buf_v, int32_t* buf_id) {
+inline int64_t compact_scalar(const T* v, const int32_t* id, int64_t m, T th, T* buf_v, int32_t* buf_id) {
   int64_t c = 0;
   for (int64_t j = 0; j < m; ++j) {
     buf_v[c] = v[j];
@@ -92,6 +92,11 @@ inline int64_t compact(const T* v, const int32_t* id, int64_t m, T th, T* buf_v,
     c += (v[j] >= th);
   }
   return c;
+}
+
+template <typename T>
+inline int64_t compact(const T* v, const int32_t* id, int64_t m, T th, T* buf_v, int32_t* buf_id) {
+  return compact_scalar(v, id, m, th, buf_v, buf_id);
 }
 
 #if defined(__AVX512F__)
@@ -109,12 +114,7 @@ inline int64_t compact<float>(const float* v, const int32_t* id, int64_t m, floa
     _mm512_storeu_si512(buf_id + c, _mm512_maskz_compress_epi32(keep, _mm512_loadu_si512(id + j)));
     c += __builtin_popcount(keep);
   }
-  for (; j < m; ++j) {
-    buf_v[c] = v[j];
-    buf_id[c] = id[j];
-    c += (v[j] >= th);
-  }
-  return c;
+  return c + compact_scalar(v + j, id + j, m - j, th, buf_v + c, buf_id + c);  // the last m % lanes entries
 }
 #elif defined(__AVX2__)
 // AVX2 has no compress: 8 entries a step, the kept lanes moved to the front by one permute whose
@@ -146,12 +146,7 @@ inline int64_t compact<float>(const float* v, const int32_t* id, int64_t m, floa
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf_id + c), _mm256_permutevar8x32_epi32(ids, perm));
     c += __builtin_popcount(keep);
   }
-  for (; j < m; ++j) {
-    buf_v[c] = v[j];
-    buf_id[c] = id[j];
-    c += (v[j] >= th);
-  }
-  return c;
+  return c + compact_scalar(v + j, id + j, m - j, th, buf_v + c, buf_id + c);  // the last m % lanes entries
 }
 #endif
 
@@ -213,6 +208,13 @@ inline void half_topk(const T* r, int64_t n, int64_t k, T* out_v, int32_t* out_i
   keep_and_rank(r, w.iota.data(), n, th, k, w.buf_v.data(), w.buf_id.data(), w.rank.data(), out_v, out_id);
 }
 
+// log2(x) when x is a power of two (below 2^31), else -1: ids and entries then decode by shifts.
+inline int exact_log2(int64_t x) {
+  for (int b = 0; b < 31; ++b)
+    if ((int64_t(1) << b) == x) return b;
+  return -1;
+}
+
 // Rank pairs (r, s) with (r+1)(s+1) <= k: the only ones that can reach the final top k (both
 // stage-1 lists are sorted; see candidate_pairs in hml.py).
 std::vector<std::pair<int64_t, int64_t>> candidate_pairs(int64_t k) {
@@ -241,9 +243,7 @@ struct Stage2Plan {
   std::vector<std::pair<int64_t, int64_t>> pairs, corners;
   std::vector<int32_t> r, s;  // the pairs' ranks, padded with (0, 0) to whole vectors
   int shift;  // log2(n) when n is a power of two (ids decode with shifts), else -1
-  Stage2Plan(int64_t n, int64_t k) : pairs(candidate_pairs(k)), corners(staircase_corners(k)), shift(-1) {
-    for (int s = 0; s < 31; ++s)
-      if ((int64_t(1) << s) == n) shift = s;
+  Stage2Plan(int64_t n, int64_t k) : pairs(candidate_pairs(k)), corners(staircase_corners(k)), shift(exact_log2(n)) {
     const int64_t padded = (static_cast<int64_t>(pairs.size()) + kLanes - 1) / kLanes * kLanes;
     r.assign(padded, 0);
     s.assign(padded, 0);
@@ -573,9 +573,7 @@ std::tuple<at::Tensor, at::Tensor> bag_backward(const at::Tensor& dz, const at::
       }
     });
     scalar_t* dtp = dtable.mutable_data_ptr<scalar_t>();
-    int kshift = -1;  // log2(k) when k is a power of two: an entry's bag by a shift, not a division
-    for (int b = 0; b < 31; ++b)
-      if ((int64_t(1) << b) == k) kshift = b;
+    const int kshift = exact_log2(k);  // an entry's bag by a shift, not a division, when it can
     at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
       std::vector<A> acc(d), buf(d);
       for (int64_t slot = begin; slot < end; ++slot) {
