@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -14,6 +15,19 @@ def one_line(exc: BaseException, limit: int = 200, *, whole: bool = False) -> st
     if whole:
         return f"{type(exc).__name__}: {' '.join(text.split())[:limit]}"
     return f"{type(exc).__name__}: {text.splitlines()[0][:limit] if text else ''}"
+
+
+def load_error_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line; for torch's weights_only refusal, its reason, not its advice to load unsafely."""
+    raw = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if raw.startswith("Weights only load failed"):
+        # torch's message: its advice to re-run unsafely, then (a paragraph of its own) the reason;
+        # older versions put the reason after "WeightsUnpickler error:"
+        reason = raw.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in raw else raw.split("\n\n")[1:]
+        reason = " ".join(" ".join(reason if isinstance(reason, list) else [reason]).split())
+        reason = reason.split(" Please use")[0].split(" Check the documentation")[0].strip()
+        return f"not plain tensors and numbers, refused by torch.load(weights_only=True) ({reason[:limit]})"
+    return one_line(exc, limit, whole=True)
 
 
 class MidusError(Exception):

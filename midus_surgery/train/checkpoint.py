@@ -27,7 +27,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from midus_surgery.errors import TrainingError, one_line
+from midus_surgery.errors import TrainingError, load_error_line, one_line
+from midus_surgery.train.dcp_guard import dcp_checkpoint_problem
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
@@ -47,7 +48,7 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 
 # A checkpoint holds no pickle but accelerate's optimizer file (read with weights_only=True only)
-# and, sharded under FSDP, DCP's .metadata (checked by dcp_metadata_problem before torch reads it):
+# and, sharded under FSDP, DCP's pickles (checked by train/dcp_guard.py before torch reads them):
 # the scheduler's state is JSON, each process's RNG state a safetensors file.
 SCHEDULER_FILE = "scheduler.json"
 LEGACY_SCHEDULER_FILE = "scheduler.pt"  # checkpoints written before the JSON file; read with weights_only=True
@@ -60,19 +61,6 @@ def rng_file(rank: int) -> str:
 
 def legacy_rng_file(rank: int) -> str:
     return f"random_states_{rank}.pkl"  # accelerate's own (pickle); older checkpoints only
-
-
-def load_error_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception as one line; for torch's weights_only refusal, its reason, not its advice to load unsafely."""
-    raw = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    if raw.startswith("Weights only load failed"):
-        # torch's message: its advice to re-run unsafely, then (a paragraph of its own) the reason;
-        # older versions put the reason after "WeightsUnpickler error:"
-        reason = raw.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in raw else raw.split("\n\n")[1:]
-        reason = " ".join(" ".join(reason if isinstance(reason, list) else [reason]).split())
-        reason = reason.split(" Please use")[0].split(" Check the documentation")[0].strip()
-        return f"not plain tensors and numbers, refused by torch.load(weights_only=True) ({reason[:limit]})"
-    return one_line(exc, limit, whole=True)
 
 
 def _safetensors_problem(path: Path) -> str | None:
@@ -220,37 +208,6 @@ def scheduler_state(path: Path, current: dict) -> dict:
     return state
 
 
-# What torch.distributed.checkpoint writes into its .metadata pickle (which torch itself reads with
-# a plain pickle.load): its own metadata classes, torch.Size, dtypes, layouts and paths.
-DCP_METADATA_NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-                      ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
-
-
-def _in_dcp_metadata(module: str, name: str) -> bool:
-    if (module, name) in DCP_METADATA_NAMES or module.startswith("torch.distributed.checkpoint."):
-        return True
-    return module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-
-
-def dcp_metadata_problem(path: Path) -> str | None:
-    """None when ``path`` (a DCP ``.metadata`` file) holds only DCP metadata; else why not, one
-    line. Read with an unpickler that refuses any other class or callable before it is called."""
-    import pickle
-
-    class Restricted(pickle.Unpickler):
-        def find_class(self, module, name):
-            if not _in_dcp_metadata(module, name):
-                raise pickle.UnpicklingError(f"refers to {module}.{name}, which DCP metadata never holds (not loaded: it could run code)")
-            return super().find_class(module, name)
-
-    try:
-        with open(path, "rb") as f:
-            Restricted(f).load()
-    except Exception as exc:  # noqa: BLE001 - the reason is the answer
-        return one_line(exc, 200)
-    return None
-
-
 def weights_checksum(model) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
@@ -366,12 +323,11 @@ def load_checkpoint(path: Path, acc, optimizer, scheduler, *, adamw_options: dic
     if changed:
         raise fail(f"the data changed since it was written ({', '.join(f'{k}: {saved.get(k)} -> {data_identity.get(k)}' for k in changed)}); "
                    "resuming would replay or skip data. Use a new run_dir.")
-    for metadata in sorted(path.rglob(".metadata")):  # FSDP's sharded checkpoints (torch.distributed.checkpoint)
-        problem = dcp_metadata_problem(metadata)
-        if problem:
-            raise fail(f"{metadata.relative_to(path)}: {problem}")
+    problem = dcp_checkpoint_problem(path)  # FSDP's sharded state: pickles torch itself reads unrestricted
+    if problem:
+        raise fail(problem)
     try:
-        acc.load_state(str(path))  # accelerate reads its pickles with weights_only=True; DCP's metadata was checked above
+        acc.load_state(str(path))  # accelerate reads its pickles with weights_only=True; DCP's were checked above
     except Exception as exc:  # noqa: BLE001 - said as one line, naming the file that does not read
         files = list(state["files"]) if isinstance(state.get("files"), dict) else sorted(p.name for p in path.iterdir())
         raise fail(first_unreadable_file(path, files) or load_error_line(exc)) from None

@@ -1,0 +1,135 @@
+"""A sharded (DCP) checkpoint is checked before torch reads its pickles.
+
+torch reads DCP's ``.metadata`` with plain pickle and the checkpoint's non-tensor items with
+torch.load(weights_only=False). Each test first shows that its crafted file runs a command when
+read as torch reads it, then that the check refuses it, without running it, and that a resume
+stops with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from midus_surgery.errors import TrainingError
+from midus_surgery.train.checkpoint import load_checkpoint
+from midus_surgery.train.dcp_guard import dcp_checkpoint_problem, dcp_metadata_problem
+
+
+def _short_string(text: str) -> bytes:
+    data = text.encode()
+    return b"\x8c" + bytes([len(data)]) + data  # SHORT_BINUNICODE
+
+
+def dotted_global_payload(command: str) -> bytes:
+    """Protocol 4 names ``os.system`` as an attribute path from an allowed-looking DCP module."""
+    return (b"\x80\x04" + _short_string("torch.distributed.checkpoint.filesystem") + _short_string("os.system") + b"\x93"
+            + _short_string(command) + b"\x85R.")  # STACK_GLOBAL, (command,), REDUCE
+
+
+class RunsCommand:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))
+
+
+def save_sharded(folder: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save({"model": {"w": torch.arange(6.0).reshape(2, 3)}, "optimizer": {"lr": 0.1, "betas": (0.9, 0.95)}},
+                 checkpoint_id=str(folder))
+
+
+def plant_in_bytes_item(folder: Path, payload: bytes) -> None:
+    """Point the checkpoint's ``optimizer.lr`` item at ``payload``, appended to its .distcp file."""
+    metadata = pickle.loads((folder / ".metadata").read_bytes())  # written by the test itself just above
+    for index, info in metadata.storage_data.items():
+        if index.fqn == "optimizer.lr":
+            file = folder / info.relative_path
+            info.offset, info.length = file.stat().st_size, len(payload)
+            file.write_bytes(file.read_bytes() + payload)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+def torch_reads(folder: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": {"w": torch.zeros(2, 3)}, "optimizer": {"lr": 0.0, "betas": (0.0, 0.0)}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=str(folder))
+
+
+def checkpoint_around(folder: Path) -> Path:
+    """``folder`` as the sharded model state of a run's checkpoint ``step-00000002``."""
+    ckpt = folder.parent / "step-00000002"
+    ckpt.mkdir()
+    folder.rename(ckpt / "pytorch_model_fsdp_0")
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 2, "samples_seen": 4, "data": {}}))
+    return ckpt
+
+
+def resume(ckpt: Path) -> None:
+    load_checkpoint(ckpt, acc=None, optimizer=None, scheduler=None, adamw_options={}, data_identity={})
+
+
+def test_a_whole_sharded_checkpoint_passes(tmp_path):
+    save_sharded(tmp_path / "dcp")
+    assert dcp_checkpoint_problem(tmp_path) is None
+    torch_reads(tmp_path / "dcp")  # and it is a checkpoint torch reads
+
+
+def test_a_dotted_name_through_a_dcp_module_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    payload = dotted_global_payload(f"touch {marker}")
+    pickle.loads(payload)  # what torch's plain pickle.load does with it
+    assert marker.exists()
+    marker.unlink()
+
+    save_sharded(tmp_path / "dcp")
+    (tmp_path / "dcp" / ".metadata").write_bytes(payload)
+    problem = dcp_metadata_problem(tmp_path / "dcp" / ".metadata")
+    assert "torch.distributed.checkpoint.filesystem.os.system" in problem and "could run code" in problem
+    with pytest.raises(TrainingError, match=r"cannot resume from .*step-00000002: pytorch_model_fsdp_0/\.metadata: .*could run code"):
+        resume(checkpoint_around(tmp_path / "dcp"))
+    assert not marker.exists()
+
+
+def test_a_non_tensor_item_that_torch_would_unpickle_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    buffer = io.BytesIO()
+    torch.save(RunsCommand(f"touch {marker}"), buffer)
+    save_sharded(tmp_path / "dcp")
+    plant_in_bytes_item(tmp_path / "dcp", buffer.getvalue())
+    assert dcp_metadata_problem(tmp_path / "dcp" / ".metadata") is None  # the metadata itself is DCP's own
+    torch_reads(tmp_path / "dcp")  # torch's own load runs the command (and sets lr to its exit status)
+    assert marker.exists()
+    marker.unlink()
+
+    problem = dcp_checkpoint_problem(tmp_path)
+    assert problem.startswith("dcp/__0_0.distcp: item 'optimizer.lr': not plain tensors and numbers") and "could run code" in problem
+    with pytest.raises(TrainingError, match=r"pytorch_model_fsdp_0/__0_0\.distcp: item 'optimizer\.lr': .*could run code"):
+        resume(checkpoint_around(tmp_path / "dcp"))
+    assert not marker.exists()
+
+
+def test_an_item_pointing_outside_its_folder_is_refused(tmp_path):
+    save_sharded(tmp_path / "dcp")
+    metadata = pickle.loads((tmp_path / "dcp" / ".metadata").read_bytes())
+    for index, info in metadata.storage_data.items():
+        if index.fqn == "optimizer.betas":
+            info.relative_path = "../elsewhere.distcp"
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(metadata))
+    assert "'optimizer.betas' points to '../elsewhere.distcp', not a file beside the metadata" in dcp_checkpoint_problem(tmp_path)
