@@ -127,14 +127,14 @@ def _print_check(check) -> None:
     out.print(check.detail, markup=False)
 
 
-def _run_verify(path, base) -> int:
+def _run_verify(path, base, trust_remote_code: bool) -> int:
     from pathlib import Path
 
     from midus_surgery.emit.verify import verify
     from midus_surgery.train.evaluate import hf_progress_bars
 
     with hf_progress_bars(False):  # a checklist: transformers' load / save bars for each model would bury it
-        checks = verify(Path(path), Path(base) if base else None, report=_print_check)
+        checks = verify(Path(path), Path(base) if base else None, trust_remote_code=trust_remote_code, report=_print_check)
     failed = [c.name for c in checks if not c.ok]
     if failed:
         err.print(f"verify failed: {', '.join(failed)}", markup=False)
@@ -161,12 +161,12 @@ def cmd_apply(args) -> int:
           + ("planned from the safetensors headers" if why_full is None else f"planned with transformers ({why_full})")
           + (f"; base read {result.base_read}" if result.base_read else ""))
     if args.verify:
-        return _run_verify(result.out_dir, None)
+        return _run_verify(result.out_dir, None, trust_remote_code=planned.loaded.recipe.base.trust_remote_code)  # the user's own recipe
     return 0
 
 
 def cmd_verify(args) -> int:
-    return _run_verify(args.model, args.base)
+    return _run_verify(args.model, args.base, trust_remote_code=args.trust_remote_code)
 
 
 def cmd_schema(args) -> int:
@@ -356,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="load an emitted model and check it (tensors, identity at start, KV cache, reload)")
     p.add_argument("model", metavar="MODEL_DIR")
     p.add_argument("--base", help="the base model to compare logits with (default: the one recorded at apply time)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model's own modeling code (auto_map), and the base's: read it first")
     p.set_defaults(func=cmd_verify)
 
     _add_train_commands(sub)

@@ -380,9 +380,29 @@ def test_trusted_custom_code_plans_writes_and_travels_with_the_output(custom, tm
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.split() == ["XForCausalLM", "[]", "[]", "3.0", "True"]
 
-    checked = run_cli(tmp_path, "verify", str(out))
+    checked = run_cli(tmp_path, "verify", str(out), "--trust-remote-code")
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "against the base: 0 (" in checked.stdout
+
+
+def test_verify_runs_a_models_own_code_only_when_the_user_says_so(custom, tmp_path):
+    """The directory's midus_plan.json says trust_remote_code (a copy of a trusted output, or a
+    crafted one): that is the directory's word, not the user's."""
+    recipe = write_recipe(tmp_path, custom, extra="  trust_remote_code: true\n", layout=IDENTITY)
+    assert run_cli(tmp_path, "apply", str(recipe), "--quiet").returncode == 0
+    out = tmp_path / "out" / "custom"
+    marker = tmp_path / "ran"
+    modeling = out / "modeling_x.py"
+    modeling.write_text(f"import pathlib; pathlib.Path({str(marker)!r}).write_text('ran')\n" + modeling.read_text())
+
+    refused = run_cli(tmp_path, "verify", str(out))
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "its own modeling code (midus_plan.json: trust_remote_code)" in refused.stderr and "--trust-remote-code" in refused.stderr
+    assert "Traceback" not in refused.stderr and not marker.exists()
+
+    allowed = run_cli(tmp_path, "verify", str(out), "--trust-remote-code")
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert marker.exists()  # the same code runs once the user allows it
 
 
 def test_verify_never_asks_whether_to_run_custom_code(custom, tmp_path):

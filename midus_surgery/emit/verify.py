@@ -10,9 +10,11 @@ from their init in both models: a block that is the identity only at init fails)
 left-padded batch of two prompts, each also as generated alone) and ``round-trip``
 (save_pretrained + reload).
 
-Every transformers call passes an explicit ``trust_remote_code`` (the recipe's, recorded in
-midus_plan.json; False for any other directory): with None, transformers asks on the terminal
-whether to run a model's own code, and verify must never stop at a prompt.
+Every transformers call passes an explicit ``trust_remote_code``: the caller's (the user's
+``--trust-remote-code``, or for ``apply --verify`` the recipe the user wrote), never the
+directory's own word (its midus_plan.json is as untrusted as the rest of it). With None,
+transformers asks on the terminal whether to run a model's own code, and verify must never stop
+at a prompt.
 """
 
 from __future__ import annotations
@@ -116,13 +118,18 @@ def function_preserving(plan: dict) -> bool:
     return True
 
 
-def verify(out: Path, base: Path | None = None, *, report=print) -> list[Check]:
-    """Run every check, reporting each as it completes; returns them all."""
+def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = False, report=print) -> list[Check]:
+    """Run every check, reporting each as it completes; returns them all.
+
+    trust_remote_code: run the model's (and the base's) own modeling code, as the user allowed."""
     out = Path(out)
     if not (out / "config.json").is_file():
         raise MidusError(f"{out} is not a model directory (no config.json)")
     plan = read_plan_file(out)  # None: not made by `apply`
-    trust = bool(plan.get("trust_remote_code")) if plan is not None else False
+    if plan is not None and plan.get("trust_remote_code") and not trust_remote_code:
+        raise MidusError(f"{out} was made from a base with its own modeling code (midus_plan.json: trust_remote_code), "
+                         "which verify runs only when told to: read that code, then pass --trust-remote-code")
+    trust = trust_remote_code
     checks: list[Check] = []
 
     def record(check: Check) -> None:
@@ -132,7 +139,7 @@ def verify(out: Path, base: Path | None = None, *, report=print) -> list[Check]:
     try:
         model, info = _load(out, trust_remote_code=trust)
     except Exception as exc:  # noqa: BLE001 - any load failure is the check's result
-        record(Check("load", False, f"{type(exc).__name__}: {exc}"))
+        record(Check("load", False, one_line(exc, 600, whole=True)))
         return checks
     on_disk = _file_tensor_names(out)
     missing, unexpected = set(info.get("missing_keys", [])), set(info.get("unexpected_keys", []))
