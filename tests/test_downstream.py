@@ -8,6 +8,7 @@ run code, a suite written over its own text) are one line and exit 2."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,10 +92,11 @@ def test_the_base_and_its_function_preserving_outputs_score_alike(world, capsys)
     assert any(row.startswith("midus_cloze (8)") and "perplexity" in row for row in table)
 
 
-def run_cli(*args: str, block_lm_eval: bool = False) -> subprocess.CompletedProcess:
+def run_cli(*args: str, block_lm_eval: bool = False, cwd: Path = REPO) -> subprocess.CompletedProcess:
     prelude = "import sys\n" + ("sys.modules['lm_eval'] = None\n" if block_lm_eval else "")
     script = prelude + "from midus_surgery.cli import run\nsys.argv = ['midus-surgery', *sys.argv[1:]]\nrun()\n"
-    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=cwd, timeout=300, env=env)
 
 
 def test_without_lm_eval_one_line_names_the_extra(world):
@@ -123,7 +125,72 @@ def test_input_errors_are_one_line(world, tmp_path, capsys):
     coded.mkdir()
     (coded / "t.yaml").write_text("task: t\nprocess_docs: !function utils.process\n")
     assert main(["eval", str(world["base"]), "--tasks", "t", "--include-path", str(coded)]) == 2
-    assert "runs Python code from its folder (!function); pass --allow-task-code" in capsys.readouterr().err
+    assert "t.yaml:2: tag !function (lm-eval imports Python for !function); pass --allow-task-code" in capsys.readouterr().err
+
+
+# Task YAMLs that run Python when lm-eval reads them, each beside a utils.py that would leave a mark
+CODE_IN_TASK_YAML = {
+    "tag_directive": "%TAG !x! !func\n---\ntask: t\nprocess_docs: !x!tion utils.process\n",  # spells !function
+    "verbatim_tag": "task: t\nprocess_docs: !<!function> utils.process\n",
+    "python_tag": "task: t\nprocess_docs: !!python/name:os.system\n",
+    "include_elsewhere": "task: t\ninclude: ../elsewhere/coded.yaml\n",
+    "unknown_metric": "task: t\nmetric_list:\n  - metric: ./metric_script\n",
+    "hf_evaluate": "task: t\nmetric_list:\n  - metric: acc\n    hf_evaluate: true\n",
+    "group_inline": "group: g\ntask:\n  - task: t\n    doc_to_text: !function utils.process\n",
+}
+REFUSAL = {"tag_directive": "t.yaml:4: tag !function", "verbatim_tag": "t.yaml:2: tag !function",
+           "python_tag": "t.yaml:2: tag tag:yaml.org,2002:python/name:os.system", "include_elsewhere": "coded.yaml:1: tag !function",
+           "unknown_metric": "metric './metric_script' is not one of lm-eval's", "hf_evaluate": "metric 'acc' with hf_evaluate",
+           "group_inline": "t.yaml:4: tag !function"}
+
+
+@pytest.mark.parametrize("case", sorted(CODE_IN_TASK_YAML))
+def test_task_yaml_that_would_run_code_is_refused_before_lm_eval_reads_it(world, tmp_path, capsys, case):
+    marker = tmp_path / "ran"
+    for folder in ("tasks", "elsewhere"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "utils.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+                                                    "def process(docs):\n    return docs\n")
+    (tmp_path / "elsewhere" / "coded.yaml").write_text("process_docs: !function utils.process\n")
+    (tmp_path / "tasks" / "t.yaml").write_text(CODE_IN_TASK_YAML[case])
+    if case == "tag_directive":  # the bypass is real: lm-eval's own loader imports utils.py for it
+        from lm_eval.tasks._yaml_loader import load_yaml
+
+        load_yaml(tmp_path / "tasks" / "t.yaml", resolve_func=True)
+        assert marker.exists()
+        marker.unlink()
+    assert main(["eval", str(world["base"]), "--tasks", "t", "--include-path", str(tmp_path / "tasks")]) == 2
+    err = capsys.readouterr().err
+    assert REFUSAL[case] in err and "pass --allow-task-code" in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_a_task_template_that_reaches_python_internals_runs_only_with_allow_task_code(world, tmp_path):
+    """lm-eval renders templates with a Jinja environment that is not sandboxed; without the flag
+    the run renders them in jinja2's sandbox. Run from a folder that is not a git repository:
+    lm-eval's `git describe` would print "fatal: not a git repository"."""
+    marker = tmp_path / "ran"
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    payload = f"{{{{ cycler.__init__.__globals__.os.system('touch {marker}') }}}}"
+    (tasks / "midus_cloze_jinja.yaml").write_text((world["tasks"] / "midus_cloze.yaml").read_text()
+                                                  .replace("task: midus_cloze", "task: midus_cloze_jinja")
+                                                  .replace('doc_to_text: "{{context}}"', f'doc_to_text: "{payload}{{{{context}}}}"'))
+    common = ("eval", str(world["base"]), "--tasks", "midus_cloze_jinja", "--include-path", str(tasks), "--limit", "2")
+    refused = run_cli(*common, "--quiet", cwd=tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.startswith("error: a task template reaches for Python's internals, refused by the sandbox (SecurityError: ")
+    assert "Traceback" not in refused.stderr and not marker.exists()
+    allowed = run_cli(*common, "--allow-task-code", cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stderr
+    assert marker.exists()  # the payload is real: lm-eval's own environment runs it
+    assert "fatal" not in allowed.stderr and "midus_cloze_jinja (2)" in allowed.stdout
+
+
+def test_the_offline_suite_renders_in_the_sandbox(world, capsys):
+    from midus_surgery.downstream.task_guard import check_task_folders
+
+    check_task_folders([world["tasks"]], allow_code=False)  # plain data: nothing refused
 
 
 def test_sentences_are_prose_only():

@@ -18,14 +18,10 @@ import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
-from midus_surgery.errors import MidusError, one_line
-
-
-class TaskError(MidusError):
-    """Downstream evaluation cannot start: no lm-eval, an unknown task, a task folder that would run code."""
-
-    exit_code = 2
+from midus_surgery.downstream.task_guard import TaskError, check_task_folders, sandboxed_templates
+from midus_surgery.errors import one_line
 
 
 def _lm_eval():
@@ -36,20 +32,6 @@ def _lm_eval():
     except ImportError:
         raise TaskError("eval --tasks needs lm-evaluation-harness, an extra: pip install -e \".[eval]\" (or pip install lm-eval)") from None
     return simple_evaluate, HFLM, TaskManager
-
-
-def check_task_folders(paths: list[Path], allow_code: bool) -> None:
-    """Task folders are read as YAML; a ``!function`` entry imports Python from the folder, which
-    runs only with ``allow_code`` (``--allow-task-code``)."""
-    for path in paths:
-        if not path.is_dir():
-            raise TaskError(f"--include-path {path}: not a directory")
-        if allow_code:
-            continue
-        for yaml_file in sorted(path.rglob("*.y*ml")):
-            if "!function" in yaml_file.read_text(errors="replace"):
-                raise TaskError(f"{yaml_file}: the task runs Python code from its folder (!function); "
-                                 "pass --allow-task-code if you trust it")
 
 
 def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] = (), allow_task_code: bool = False,
@@ -64,6 +46,7 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
     if limit is not None and limit >= 1:
         limit = int(limit)
     simple_evaluate, HFLM, TaskManager = _lm_eval()
+    from jinja2.exceptions import SecurityError
     include_path = [Path(p) for p in include_path]
     check_task_folders(include_path, allow_task_code)
     if dtype not in DTYPES:
@@ -86,10 +69,13 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         model = load_causal_lm(Path(m), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=progress).to(run_on).eval()
         lm = HFLM(pretrained=model, tokenizer=load_tokenizer(Path(m), trust_remote_code), batch_size=batch_size)
         try:
-            with _lm_eval_output(progress):
+            with _lm_eval_output(progress), _no_git(), (contextlib.nullcontext() if allow_task_code else sandboxed_templates()):
                 out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                                       log_samples=False, bootstrap_iters=1000, verbosity="ERROR", random_seed=seed,
                                       numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        except SecurityError as exc:
+            raise TaskError(f"a task template reaches for Python's internals, refused by the sandbox ({one_line(exc, 200)}); "
+                            "pass --allow-task-code if you trust it") from None
         except Exception as exc:  # noqa: BLE001 - a dataset that cannot be read (no network), a task that does not build
             raise TaskError(f"lm-eval could not score {', '.join(tasks)} on {m}: {one_line(exc, 300, whole=True)}") from None
         rows.append({"model": str(m), "results": {t: _metrics(out["results"].get(t, {})) for t in tasks},
@@ -97,6 +83,20 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         del model, lm
     return {"tasks": list(tasks), "models": rows,
             "settings": {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size, "device": str(run_on), "dtype": dtype, "seed": seed}}
+
+
+@contextlib.contextmanager
+def _no_git():
+    """lm-eval records ``git describe`` of the working directory: a subprocess that prints "fatal:
+    not a git repository" outside one, and runs git (and whatever the directory's git config names)
+    inside one. Nothing here reads it."""
+    import lm_eval.evaluator
+
+    if not hasattr(lm_eval.evaluator, "get_git_commit_hash"):
+        yield
+        return
+    with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None):
+        yield
 
 
 @contextlib.contextmanager
