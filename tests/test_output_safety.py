@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from midus_surgery.io.output_dir import (
     check_output_dir,
     clean_leftovers,
     read_marker,
+    record_written_files,
     remove_own_directory,
     use_workspace,
     write_marker,
@@ -102,9 +104,24 @@ def test_apply_replaces_only_its_own_output(project, capsys):
     assert read_marker(out)["kind"] == "apply"
     # its own output: needs --overwrite, then is replaced whole
     assert apply(str(r)) == 2 and "pass --overwrite" in capsys.readouterr().err
-    (out / "stale.txt").write_text("left by the previous output")
+    assert sorted(read_marker(out)["files"]) == sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.name != ".midus-surgery")
+    (out / "model.safetensors").write_bytes(b"changed")  # a file apply wrote: replaced
     assert apply(str(r), "--overwrite") == 0
-    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").stat().st_size > 100
+    # what the user put inside it since, at any depth, is never deleted: the replacement is refused
+    (out / "NOTES.md").write_text("my notes")
+    (out / "runs" / "r1").mkdir(parents=True)
+    (out / "runs" / "r1" / "checkpoint.txt").write_text("a day of training")
+    (out / "link").symlink_to(project)
+    before = tree_digest(project)
+    capsys.readouterr()
+    assert apply(str(r), "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "also holds what midus-surgery did not write there: NOTES.md, link, runs/r1/checkpoint.txt; replacing it would delete them" in err
+    assert tree_digest(project) == before
+    for extra in ("NOTES.md", "link", "runs"):
+        (out / extra).unlink() if extra != "runs" else shutil.rmtree(out / extra)
+    assert apply(str(r), "--overwrite") == 0
     # a directory the tool did not write: never, not even with --overwrite
     user = project / "mine"
     user.mkdir()
@@ -279,3 +296,19 @@ def test_train_replaces_its_own_export_but_not_an_apply_output(train_project, ca
     assert main(["train", str(cfg2), "--quiet"]) == 2
     assert "choose another directory" in capsys.readouterr().err
     assert (applied / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("field", ["run_dir", "export.dir"])
+def test_train_writes_nothing_inside_an_apply_output(train_project, field, capsys):
+    """`apply --overwrite` replaces its output whole: a run started inside it would go with it."""
+    applied = train_project / "applied"
+    applied.mkdir()
+    write_marker(applied, "apply")
+    (applied / "config.json").write_text("{}")
+    record_written_files(applied)
+    cfg = train_config(train_project, **{field: "applied/runs/x"})
+    before = tree_digest(train_project)
+    assert main(["train", str(cfg), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{field}: output {applied}/runs/x lies inside {applied}, written whole by midus-surgery apply" in err, err
+    assert tree_digest(train_project) == before and not (applied / "runs").exists()

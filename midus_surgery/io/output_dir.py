@@ -10,7 +10,12 @@ through :func:`atomic_directory`. The rule:
   directory, the recipe's or config's own folder, a run directory);
 - it may not be a symlink or an existing file;
 - an existing directory is replaced only when it is empty, or when it carries this tool's
-  marker file (:data:`MARKER`) and the caller was told to replace it (``--overwrite``).
+  marker file (:data:`MARKER`) and the caller was told to replace it (``--overwrite``), and
+  then only when it holds nothing but the files the tool put there: a directory written whole
+  records their names in its marker when it is put in place, and anything else found in it (a
+  user's notes, a training run started inside it) refuses the replacement;
+- it may not lie inside a directory the tool writes whole (an apply output, an export), which a
+  later ``--overwrite`` would replace with everything in it.
   Nothing else is ever deleted, with or without the flag.
 
 A directory the tool writes carries the marker from its first moment, so that a half-written
@@ -32,7 +37,7 @@ from pathlib import Path
 
 from midus_surgery.errors import MidusError
 
-MARKER = ".midus-surgery"  # JSON: {"tool", "kind", "pid", "host", "time"}
+MARKER = ".midus-surgery"  # JSON: {"tool", "kind", "owner", "pid", "host", "time"}, and "files" once written whole
 WORKSPACE = "workspace"  # the marker kind of a tool's scratch folder: everything inside it is the tool's
 _LEFTOVER_TAGS = (".partial-", ".old-")
 
@@ -59,6 +64,44 @@ def write_marker(directory: Path, kind: str, owner: str | None = None) -> None:
     (Path(directory) / MARKER).write_text(json.dumps(data) + "\n")
 
 
+def _entries(directory: Path) -> set[str]:
+    """Every file and link under ``directory`` (links not followed), as relative POSIX paths, but the marker."""
+    found = set()
+    for root, dirs, files in os.walk(directory):
+        here = Path(root)
+        links = [d for d in dirs if (here / d).is_symlink()]
+        found.update((here / name).relative_to(directory).as_posix() for name in [*files, *links])
+    return found - {MARKER}
+
+
+def record_written_files(directory: Path) -> None:
+    """Add the names of everything in ``directory`` to its marker: what the tool may later replace."""
+    marker = read_marker(directory) or {}
+    marker["files"] = sorted(_entries(directory))
+    (Path(directory) / MARKER).write_text(json.dumps(marker) + "\n")
+
+
+def _not_written_by_tool(directory: Path, marker: dict) -> list[str]:
+    """What ``directory`` holds that the tool did not put there: beyond its recorded files, or (a
+    directory written before files were recorded) another output of the tool inside it."""
+    if isinstance(marker.get("files"), list):
+        return sorted(_entries(directory) - set(marker["files"]))
+    return sorted(p.parent.relative_to(directory).as_posix() + "/" for p in directory.rglob(MARKER) if p.parent != directory)
+
+
+def _whole_output_above(path: Path) -> tuple[Path, dict] | None:
+    """The nearest directory above ``path`` that the tool wrote whole (its marker lists its files)."""
+    for parent in path.parents:
+        marker = read_marker(parent)
+        if marker is not None and isinstance(marker.get("files"), list):
+            return parent, marker
+    return None
+
+
+def _written_by(marker: dict) -> str:
+    return f"midus-surgery {marker.get('kind', '?')}" + (f" for {marker['owner']}" if marker.get("owner") else "")
+
+
 def _relation(out: Path, other: Path) -> str | None:
     """How ``out`` (resolved) sits against ``other`` (resolved): 'is', 'contains', 'is inside' or None."""
     if out == other:
@@ -81,16 +124,18 @@ def input_root(path: str | os.PathLike) -> Path:
 
 def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tuple[str, str | os.PathLike]] = (),
                      folders: Iterable[tuple[str, str | os.PathLike]] = (), overwrite: bool = False,
-                     reuse: bool = False, owner: str | None = None, flag: str | None = "--overwrite") -> Path:
+                     reuse: bool = False, writes_into: bool = False, owner: str | None = None,
+                     flag: str | None = "--overwrite") -> Path:
     """Check ``out`` against the rule above before any work; return it resolved.
 
     inputs: (what, path) pairs ``out`` must not be, contain or lie inside.
     folders: (what, path) pairs ``out`` must not be or contain (the current directory is always one).
     An existing directory is this command's own when its marker names the same ``kind`` and
-    ``owner``: ``overwrite`` replaces it, ``reuse`` (a run directory, train's export of the same
+    ``owner``: ``overwrite`` replaces it, ``reuse`` (train's export of the same
     run, a tool's workspace) writes into or replaces it without asking. A directory another command
-    wrote (an apply output, a training run, a fetched model) is never replaced. flag: the option
-    that says ``overwrite`` (None: the command has none).
+    wrote (an apply output, a training run, a fetched model) is never replaced. writes_into: the
+    caller adds to the directory instead of replacing it (a run directory, a workspace), so what
+    else it holds is kept. flag: the option that says ``overwrite`` (None: the command has none).
     Raises OutputError, whose message says what was found and what to do.
     """
     given = Path(out)
@@ -108,6 +153,10 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
         relation = _relation(resolved, other)
         if relation in ("is", "contains"):
             raise OutputError(f"output {resolved} {relation} {what} {other}: replacing it would delete what it holds; choose a new directory")
+    above = _whole_output_above(resolved)
+    if above is not None:
+        raise OutputError(f"output {resolved} lies inside {above[0]}, written whole by {_written_by(above[1])}, which a later run "
+                          "replaces with everything in it; choose a directory outside it")
     if not resolved.exists():
         return resolved
     if not resolved.is_dir():
@@ -119,12 +168,19 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
         never = f", with or without {flag}" if flag else ""
         raise OutputError(f"output {resolved} exists and was not written by midus-surgery (no {MARKER} marker in it); "
                           f"it is never replaced{never}: choose another directory, or move it away yourself")
-    written_by = f"midus-surgery {marker.get('kind', '?')}" + (f" for {marker['owner']}" if marker.get("owner") else "")
+    written_by = _written_by(marker)
     if marker.get("kind") != kind or marker.get("owner") != owner:
         this = kind + (f" for {owner}" if owner else "")
         raise OutputError(f"output {resolved} was written by {written_by}, not by {this}; one command never replaces "
                           "another's output: choose another directory")
+    if writes_into:
+        return resolved
     if overwrite or reuse:
+        foreign = _not_written_by_tool(resolved, marker)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise OutputError(f"output {resolved} (written by {written_by}) also holds what midus-surgery did not write there: "
+                              f"{shown}; replacing it would delete them: move them out first, or choose another directory")
         return resolved
     todo = f"pass {flag} to replace it" if flag else "choose another directory"
     raise OutputError(f"output {resolved} already exists (an earlier output of {written_by}); {todo}")
@@ -211,6 +267,7 @@ def atomic_directory(out: Path, *, kind: str, owner: str | None = None, report=N
 def replace_directory(new: Path, out: Path) -> None:
     """Rename the finished directory ``new`` to ``out``; an existing ``out`` (checked by
     :func:`check_output_dir`) is moved aside first and removed only once ``new`` is in place."""
+    record_written_files(new)
     if out.exists():
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(out, old)
@@ -224,7 +281,7 @@ def use_workspace(root: Path) -> Path:
     """Make (or reuse) ``root`` as a tool's scratch folder, whose contents :func:`remove_own_directory` may remove.
 
     A new or empty folder is marked; one marked by this tool is reused; anything else is refused."""
-    root = check_output_dir(root, kind=WORKSPACE, reuse=True, flag=None)
+    root = check_output_dir(root, kind=WORKSPACE, writes_into=True, flag=None)
     root.mkdir(parents=True, exist_ok=True)
     if read_marker(root) is None:
         write_marker(root, WORKSPACE)

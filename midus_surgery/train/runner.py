@@ -237,10 +237,11 @@ class Runner:
         folders = [("the config's folder", loaded.directory)]
         if read_marker(self.run_dir) is None and complete_checkpoints(self.ckpt_root):
             write_marker(self.run_dir, RUN_KIND)  # a run directory written before markers existed: its checkpoints say it is ours
-        for field_name, path, kind, owner, extra in (("run_dir", self.run_dir, RUN_KIND, None, []),
-                                                     (("export", "dir"), self.export_dir, EXPORT_KIND, str(self.run_dir), [("the run directory", self.run_dir)])):
+        for field_name, path, kind, owner, extra, into in (("run_dir", self.run_dir, RUN_KIND, None, [], True),
+                                                           (("export", "dir"), self.export_dir, EXPORT_KIND, str(self.run_dir),
+                                                            [("the run directory", self.run_dir)], False)):
             try:
-                check_output_dir(path, kind=kind, owner=owner, inputs=inputs, folders=folders + extra, reuse=True, flag=None)
+                check_output_dir(path, kind=kind, owner=owner, inputs=inputs, folders=folders + extra, reuse=True, writes_into=into, flag=None)
             except OutputError as exc:
                 where = field_name if isinstance(field_name, tuple) else (field_name,)
                 raise RecipeError([loaded.problem(where, str(exc))]) from None
