@@ -312,3 +312,16 @@ def test_train_writes_nothing_inside_an_apply_output(train_project, field, capsy
     err = capsys.readouterr().err
     assert f"{field}: output {applied}/runs/x lies inside {applied}, written whole by midus-surgery apply" in err, err
     assert tree_digest(train_project) == before and not (applied / "runs").exists()
+
+
+@pytest.mark.parametrize("setting,code,message", [({"data.train": ["corpus/missing"]}, 3, "does not exist"),
+                                                  ({"data.block_size": 100000}, 3, "shorter than one block")])
+def test_a_run_that_fails_before_its_first_step_leaves_no_run_directory(train_project, setting, code, message, capsys):
+    cfg = train_config(train_project, "runs/deep/a", **setting)
+    before = tree_digest(train_project)
+    result = main(["train", str(cfg), "--quiet"])
+    err = capsys.readouterr().err
+    assert result == code and message in err and "Traceback" not in err, err
+    after = tree_digest(train_project)
+    assert not (train_project / "runs").exists()  # nor the folders it made on the way
+    assert {k: after.get(k) for k in before} == before

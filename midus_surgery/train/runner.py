@@ -36,7 +36,7 @@ import torch
 
 from midus_surgery.compiler.plan import read_plan_file
 from midus_surgery.errors import RecipeError, TrainingError
-from midus_surgery.io.output_dir import OutputError, check_cache_location, check_output_dir, input_root, read_marker, write_marker
+from midus_surgery.io.output_dir import MARKER, OutputError, check_cache_location, check_output_dir, input_root, read_marker, write_marker
 from midus_surgery.train import data as D
 from midus_surgery.train import sharding
 from midus_surgery.train.checkpoint import (
@@ -178,11 +178,34 @@ class Runner:
         self.setup_processes()
         self.check_outputs()
         self.resume_from = self.choose_start()
+        created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]  # deepest first
         self.prepare_run_dir()
-        set_seed(self.cfg.seed)
-        self.setup_data()
-        self.setup_model()
-        self.setup_optimizer()
+        try:
+            set_seed(self.cfg.seed)
+            self.setup_data()
+            self.setup_model()
+            self.setup_optimizer()
+        except BaseException:
+            self.remove_unused_run_dir(created)
+            raise
+
+    def remove_unused_run_dir(self, created: list[Path]) -> None:
+        """A run that fails before its first step (data that cannot be read, a block too long for
+        the model) leaves no trace: the run directory and folders it made, if they still hold only
+        the marker and the empty checkpoints folder ``prepare_run_dir`` put there."""
+        if not self.acc.is_main_process or self.run_dir not in created:
+            return
+        held = {p.name for p in self.run_dir.iterdir()}
+        if held - {MARKER, self.ckpt_root.name} or (self.ckpt_root.is_dir() and any(self.ckpt_root.iterdir())):
+            return
+        if self.ckpt_root.is_dir():
+            self.ckpt_root.rmdir()
+        (self.run_dir / MARKER).unlink(missing_ok=True)
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def setup_processes(self) -> None:
         """The accelerator (devices, processes, precision, compile) and the run's paths."""
