@@ -36,6 +36,16 @@ def _ratio(a: int, b: int) -> str:
     return f"{a / b:.3f}x" if b else "-"
 
 
+def _pickle_only_base(loaded) -> str | None:
+    """What apply will ask for when the base's weights are pickle only (validate reads no weights)."""
+    from midus_surgery.compiler.base import resolve_base
+
+    ref = resolve_base(loaded)
+    if ref.is_gguf or not ref.exists or any(ref.directory.glob("*.safetensors")) or not any(ref.directory.glob("*.bin")):
+        return None
+    return f"{ref.directory} holds only pickle .bin weights: apply reads them only with --allow-pickle (and then with weights_only=True)"
+
+
 def cmd_validate(args) -> int:
     from midus_surgery.compiler.planner import plan_recipe
     from midus_surgery.emit.emitter import check_planned
@@ -43,16 +53,20 @@ def cmd_validate(args) -> int:
     failed = 0
     for path in args.recipes:
         try:
-            plan = check_planned(plan_recipe(path)).plan
+            planned = check_planned(plan_recipe(path))
         except MidusError as exc:
             failed += 1
             err.print(f"[bold red]INVALID[/] {path}", markup=True)
             for line in str(exc).splitlines():
                 err.print(f"  {line}", markup=False)
             continue
+        plan = planned.plan
         kinds = Counter(layer.kind for layer in plan.layers if layer.inserted)
         summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
         out.print(f"[bold green]OK[/] {path}: {plan.base_num_layers} -> {plan.num_hidden_layers} layers ({summary})", markup=True)
+        pickled = _pickle_only_base(planned.loaded)
+        if pickled:
+            out.print(f"  note: {pickled}", markup=False)
     return 2 if failed else 0
 
 

@@ -139,6 +139,30 @@ def test_a_pickle_base_is_checked_against_its_config_when_read(llama, tmp_path, 
     assert "num_hidden_layers=3" in err and "4 layers" in err
 
 
+class WritesFile:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (self.path, "ran"))
+
+
+def test_a_pickle_base_is_noted_by_validate_and_a_planted_one_refused_in_one_line(llama, tmp_path, capsys):
+    base = tmp_path / "pickled"
+    base.mkdir()
+    shutil.copy(llama / "config.json", base / "config.json")
+    marker = tmp_path / "ran"
+    torch.save({**load_file(str(llama / "model.safetensors")), "planted": WritesFile(marker)}, base / "pytorch_model.bin")
+    recipe = write_recipe(tmp_path, base, layout=IDENTITY)
+    assert main(["validate", str(recipe)]) == 0  # valid: it reads no weights, but says what apply will ask for
+    assert "holds only pickle .bin weights: apply reads them only with --allow-pickle" in capsys.readouterr().out
+    assert "--allow-pickle" in refused(recipe, capsys)
+    err = refused(recipe, capsys, "--allow-pickle")
+    assert err.startswith("error: cannot read ") and "refused by torch.load(weights_only=True)" in err
+    assert "will likely succeed" not in err and len(err.strip().splitlines()) == 1  # torch's advice to load it unsafely is not ours
+    assert not marker.exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # paths named by the index
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from midus_surgery.errors import BaseModelError, MidusError
+from midus_surgery.errors import BaseModelError, MidusError, load_error_line
 from midus_surgery.io.dtypes import ITEMSIZE
 from midus_surgery.io.shard_writer import file_slice
 
@@ -404,12 +404,12 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
         import torch
 
         if not allow_pickle:
-            raise MidusError(f"{ref.directory} holds only pickle .bin weights; pickle can run code when loaded: pass --allow-pickle to read them (with weights_only=True)")
+            raise BaseModelError(f"{ref.directory} holds only pickle .bin weights; pickle can run code when loaded: pass --allow-pickle to read them (with weights_only=True)")
         tensors: dict[str, torch.Tensor] = {}
         for file in bins:
             try:
                 tensors.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
             except Exception as exc:  # noqa: BLE001 - corrupt or unsafe pickles raise many types
-                raise MidusError(f"cannot read {file}: {exc}") from None
+                raise BaseModelError(f"cannot read {file}: {load_error_line(exc)}") from None
         return DictSource(tensors, prefixes, renames)
     raise MidusError(f"no weights found in {ref.directory} (expected .safetensors files)")
