@@ -145,7 +145,7 @@ def _run_verify(path, base, trust_remote_code: bool) -> int:
     from pathlib import Path
 
     from midus_surgery.emit.verify import verify
-    from midus_surgery.train.evaluate import hf_progress_bars
+    from midus_surgery.io.hf_output import hf_progress_bars
 
     with hf_progress_bars(False):  # a checklist: transformers' load / save bars for each model would bury it
         checks = verify(Path(path), Path(base) if base else None, trust_remote_code=trust_remote_code, report=_print_check)

@@ -163,6 +163,67 @@ def test_a_pickle_base_is_noted_by_validate_and_a_planted_one_refused_in_one_lin
     assert not marker.exists()
 
 
+def write_gguf(path: Path, cut: int = 0) -> Path:
+    """A small GGUF file (one tensor), with its last ``cut`` bytes cut off."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.ones((64, 16), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    if cut:
+        path.write_bytes(path.read_bytes()[:-cut])
+    return path
+
+
+@pytest.mark.parametrize("damage", ["cut", "header only", "not gguf"])
+def test_a_broken_gguf_base_is_one_located_line(tmp_path, capsys, damage):
+    """transformers' own errors for these speak of a JSON config file, or of array shapes."""
+    path = tmp_path / "model.gguf"
+    if damage == "cut":
+        write_gguf(path, cut=2000)
+    elif damage == "header only":
+        path.write_bytes(write_gguf(path).read_bytes()[:108])
+    else:
+        path.write_bytes(b"not a model" * 100)
+    recipe = write_recipe(tmp_path, path, layout=IDENTITY)
+    for command in ("validate", "apply"):
+        err = refused(recipe, capsys, command=command)
+        assert f"base.path: {path}: not a whole GGUF file ({path.stat().st_size} bytes; cut short, or not GGUF: " in err
+        assert "JSON" not in err
+
+
+def test_transformers_quiet_silences_its_warnings_and_every_bar(capsys):
+    import logging
+
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
+
+    from midus_surgery.io.hf_output import transformers_quiet
+
+    logger = hf_logging.get_logger("transformers.configuration_utils")  # where "`torch_dtype` is deprecated" comes from
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    try:
+        list(tqdm(range(3), desc="a bare tqdm bar"))
+        assert "a bare tqdm bar" in capsys.readouterr().err and logger.isEnabledFor(logging.WARNING)
+        with transformers_quiet(progress=False):
+            list(tqdm(range(3), desc="a bare tqdm bar"))
+            assert not logger.isEnabledFor(logging.WARNING) and not hf_logging.is_progress_bar_enabled()
+        assert capsys.readouterr().err == ""
+        with transformers_quiet(progress=True):  # its bars stay, its notes go
+            list(tqdm(range(3), desc="a bare tqdm bar"))
+            assert not logger.isEnabledFor(logging.WARNING)
+        assert "a bare tqdm bar" in capsys.readouterr().err
+        assert logger.isEnabledFor(logging.WARNING)  # as it was
+    finally:
+        hf_logging.set_verbosity(before)
+
+
 # ----------------------------------------------------------------------------------------------
 # paths named by the index
 

@@ -233,7 +233,15 @@ def load_base_config(loaded: LoadedRecipe):
         if ref.exists and ref.is_gguf:
             from transformers import AutoConfig
 
-            config, where = AutoConfig.from_pretrained(ref.directory, gguf_file=ref.gguf_file), str(ref.directory / ref.gguf_file)
+            from midus_surgery.io.hf_output import transformers_quiet
+            from midus_surgery.io.tensor_source import gguf_problem
+
+            where = str(ref.directory / ref.gguf_file)
+            problem = gguf_problem(ref.directory / ref.gguf_file)
+            if problem:
+                raise RecipeError([loaded.problem(("base", "path" if spec.gguf_file is None else "gguf_file"), problem)])
+            with transformers_quiet():
+                config = AutoConfig.from_pretrained(ref.directory, gguf_file=ref.gguf_file)
         elif ref.exists or spec.config is not None:
             path = ref.directory / "config.json" if ref.exists else loaded.resolve(spec.config)
             if not ref.exists:

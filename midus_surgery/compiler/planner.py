@@ -44,7 +44,8 @@ def plan_loaded(loaded: LoadedRecipe, *, anatomy_only_if_needed: bool = False) -
     anatomy, why = None, None
     if not anatomy_only_if_needed or _needs_anatomy(loaded, config):
         anatomy, why = anatomy_for(loaded, config)
-    base_dtype = auto_dtype(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
+    # transformers 5 reads an old config's torch_dtype into dtype; its torch_dtype attribute only warns
+    base_dtype = auto_dtype(getattr(config, "dtype", None) or vars(config).get("torch_dtype"))
     plan = make_plan(loaded, config, anatomy, anatomy_problem=why)
     check_base_weights(loaded, plan)
     return PlannedRecipe(loaded, config, anatomy, plan, base_dtype=base_dtype)

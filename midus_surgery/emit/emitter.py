@@ -232,7 +232,7 @@ def emit(planned: PlannedRecipe, *, out_dir: Path | None = None, overwrite: bool
     out = check_apply_output(planned, ref, out_dir, overwrite)
     prefixes = tuple({t.name.split(".", 1)[0] for t in planned.plan.tensors if "." in t.name})
     source = open_base_tensors(ref, allow_pickle=allow_pickle, prefixes=prefixes, model_type=planned.plan.model_type,
-                               renames=planned.renames, needed=[t.source for t in planned.plan.tensors if t.source is not None])
+                               renames=planned.renames, needed=[t.source for t in planned.plan.tensors if t.source is not None], progress=progress)
     try:
         with atomic_directory(out, kind="apply", report=_note) as tmp:
             num_bytes, shards = _write_weights(planned, source, tmp, progress)

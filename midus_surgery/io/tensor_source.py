@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from midus_surgery.errors import BaseModelError, MidusError, load_error_line
+from midus_surgery.errors import BaseModelError, MidusError, load_error_line, one_line
 from midus_surgery.io.dtypes import ITEMSIZE
 from midus_surgery.io.shard_writer import file_slice
 
@@ -344,12 +344,29 @@ class DictSource(TensorSource):
         return self._where[key].clone()
 
 
-def _loaded_by_transformers(ref: BaseRef, prefixes: tuple[str, ...], what: str, **kwargs) -> DictSource:
+def gguf_problem(path: Path) -> str | None:
+    """None when the GGUF file reads whole; else why not, one line. (transformers' own errors for
+    a cut or corrupt GGUF speak of JSON config files and array shapes.)"""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None  # transformers says it needs the gguf package
+    try:
+        GGUFReader(path)  # memory-maps the file: every tensor must lie within it
+    except Exception as exc:  # noqa: BLE001 - the reader raises many types for a file it cannot read
+        return f"{path}: not a whole GGUF file ({path.stat().st_size} bytes; cut short, or not GGUF: {one_line(exc, 160)})"
+    return None
+
+
+def _loaded_by_transformers(ref: BaseRef, prefixes: tuple[str, ...], what: str, *, progress: bool = True, **kwargs) -> DictSource:
     """The whole base loaded by transformers (dequantised, converted), as name -> tensor in memory."""
     from transformers import AutoModelForCausalLM
 
+    from midus_surgery.io.hf_output import transformers_quiet
+
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(ref.directory, output_loading_info=True, **kwargs)
+        with transformers_quiet(progress):
+            model, info = AutoModelForCausalLM.from_pretrained(ref.directory, output_loading_info=True, **kwargs)
     except Exception as exc:  # transformers' loaders raise many types for files they cannot read
         raise MidusError(f"cannot load the base {ref.directory / (ref.gguf_file or '')} with transformers ({what}): {exc}") from None
     missing = sorted(info.get("missing_keys", []))
@@ -375,7 +392,7 @@ def _check_fits_in_memory(num_bytes: int, where: Path) -> None:
 
 
 def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, ...], model_type: str,
-                      renames: list[tuple[str, str]] | None = None, needed: Iterable[str] = ()) -> TensorSource:
+                      renames: list[tuple[str, str]] | None = None, needed: Iterable[str] = (), progress: bool = True) -> TensorSource:
     """renames: the checkpoint -> module renames when known (None: ask transformers, ``checkpoint_renames``).
 
     needed: the module tensor names the caller will read. When a safetensors checkpoint lacks some
@@ -387,7 +404,7 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
     if ref.is_gguf:
         import torch
 
-        return _loaded_by_transformers(ref, prefixes, "GGUF, dequantised", gguf_file=ref.gguf_file, dtype=torch.float32)
+        return _loaded_by_transformers(ref, prefixes, "GGUF, dequantised", progress=progress, gguf_file=ref.gguf_file, dtype=torch.float32)
     if renames is None:
         renames = checkpoint_renames(model_type)
     if any(ref.directory.glob("*.safetensors")):
@@ -397,7 +414,7 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
             # it is the authority, and the load is strict (_loaded_by_transformers)
             _check_fits_in_memory(sum(p.stat().st_size for p in ref.directory.glob("*.safetensors")), ref.directory)
             how = "its checkpoint stores tensors that transformers converts on load, e.g. one per expert the model stacks"
-            return _loaded_by_transformers(ref, prefixes, how, dtype="auto")
+            return _loaded_by_transformers(ref, prefixes, how, progress=progress, dtype="auto")
         return source
     bins = sorted(ref.directory.glob("*.bin"))
     if bins:

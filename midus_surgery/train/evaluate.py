@@ -23,22 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from midus_surgery.errors import MidusError, one_line
+from midus_surgery.io.hf_output import hf_progress_bars
 from midus_surgery.io.output_dir import check_cache_location, input_root
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@contextlib.contextmanager
-def hf_progress_bars(enabled: bool):
-    """transformers' own bars ("Loading weights") on or off for a block, as they were after it."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
-    try:
-        yield
-    finally:
-        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 class ModelLoadError(MidusError):

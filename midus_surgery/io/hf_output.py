@@ -1,0 +1,41 @@
+"""transformers' own terminal output, on or off for a block: its progress bars, its notes to itself.
+
+Our commands print their own progress and one-line errors; what transformers prints on the way
+(a "`torch_dtype` is deprecated" note from its GGUF reader, its loading bars, the GGUF reader's
+de-quantizing bar, which is a bare tqdm) is not the user's to act on, and ``--quiet`` means quiet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+
+@contextlib.contextmanager
+def hf_progress_bars(enabled: bool):
+    """transformers' own bars ("Loading weights") on or off for a block, as they were after it."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+@contextlib.contextmanager
+def transformers_quiet(progress: bool = True):
+    """transformers' warnings off for a block (its errors still raise); with ``progress`` off, every
+    bar it draws too, its bare tqdm ones included (they write to ``sys.stderr``)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with hf_progress_bars(progress), contextlib.ExitStack() as stack:
+            if not progress:
+                stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(os.devnull, "w"))))
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
