@@ -116,9 +116,13 @@ def test_memory_without_output_projection_needs_matching_width():
     assert p.field == "memory.output_proj" and "differs from hidden size 64" in p.message
 
 
-def test_layout_that_inserts_nothing_is_refused():
+def test_layout_that_inserts_nothing_is_refused_saying_what_it_does():
     (p,) = problems_of(tiny_config("llama"), {"slices": [{"layers": [0, 4]}]})
-    assert "inserts no layer" in p.message
+    assert p.message == "the layout inserts no layer: the output would be the base model"
+    (p,) = problems_of(tiny_config("llama"), {"layers": [{"source": 1}, {"source": 0}, {"source": 2}, {"source": 3}]})
+    assert p.message.startswith("the layout inserts no layer: it only reorders the base's layers; an up-scaling inserts")
+    (p,) = problems_of(tiny_config("llama"), {"layers": [{"source": 0}, {"source": 3}, {"source": 2}]})
+    assert p.message.startswith("the layout inserts no layer: it only reorders the base's layers and drops base layer 1;")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -97,5 +97,19 @@ def expand_layout(loaded: LoadedRecipe, num_base_layers: int) -> tuple[list[Laye
             if prev.kind == "memory" and cur.kind == "memory":
                 problems.append(loaded.problem(("layout",), f"output layers {prev.index} and {cur.index} are two memory blocks back to back; MIDUS never does this (set allow_adjacent_memory: true to do it anyway)"))
     if layers and not any(layer.inserted for layer in layers) and not problems:
-        problems.append(loaded.problem(("layout",), "the layout inserts no layer: the output would be the base model"))
+        problems.append(loaded.problem(("layout",), _inserts_nothing([layer.source for layer in layers], L)))
     return layers, problems
+
+
+def _inserts_nothing(sources: list[int], num_layers: int) -> str:
+    """Why a layout that inserts no layer is refused, saying what it does instead."""
+    dropped = sorted(set(range(num_layers)) - set(sources))
+    done = []
+    if sources != sorted(sources):
+        done.append("reorders the base's layers")
+    if dropped:
+        done.append(f"drops base layer{'s' if len(dropped) > 1 else ''} {', '.join(map(str, dropped))}")
+    if not done:
+        return "the layout inserts no layer: the output would be the base model"
+    return (f"the layout inserts no layer: it only {' and '.join(done)}; an up-scaling inserts at least one block "
+            "(a base layer used again, or an entry with kind: copy, identity or memory)")
