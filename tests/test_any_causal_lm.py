@@ -123,6 +123,18 @@ def test_a_memory_block_from_a_layer_without_attention_is_refused_naming_it(root
     assert not (root / "out" / "lfm2-memory-from-conv").exists()
 
 
+def test_a_block_no_layer_can_make_is_refused_with_what_was_found_and_how_to_state_it(root):
+    """BLOOM's block adds its residuals inside its modules: no anatomy is found for any layer."""
+    base = make_base(root, "bloom", n_layer=4, n_head=4, hidden_size=64)
+    path = recipe(root, base, slices([(1, "identity")], 4), "bloom-identity")
+    with pytest.raises(RecipeError) as info:
+        plan_recipe(path)
+    first, second = str(info.value).strip().splitlines()
+    assert first.endswith("a BloomBlock: Could not find the residual adds of BloomBlock (no add joins the layer input with a "
+                          "module's output), and no base layer of this model can make an identity block."), first
+    assert second.startswith("Found so far: layers_path=transformer.h, layer_class=BloomBlock") and "`anatomy:` block" in second
+
+
 def test_mla_memory_reads_the_value_heads_the_output_projection_receives(root):
     base = make_base(root, "deepseek_v3", **DEEPSEEK_V3)
     path = recipe(root, base, slices([(2, "identity"), (3, "memory")], 4), "deepseek-mla")

@@ -460,10 +460,14 @@ def block_kind_problems(loaded: LoadedRecipe, anatomy: StackAnatomy, layers: lis
             continue
         seen.add((layer.kind, kind_index))
         able = [i for i in range(len(anatomy.layer_kinds)) if anatomy.kind_of(i).refusal(layer.kind) is None]
-        instead = f"; base layers that can: {index_ranges(able)}" if able else "; no layer of this model can"
         article = "an" if layer.kind[0] in "aeiou" else "a"
+        reason, *advice = why.splitlines()
+        if able:  # the layout can take the block from elsewhere: that is the advice
+            instead = f"{reason}; base layers that can: {index_ranges(able)}"
+        else:  # no layer can: what was found, and how to state the block in the recipe
+            instead = f"{reason.rstrip('.')}, and no base layer of this model can make {article} {layer.kind} block." + "".join(f"\n{line}" for line in advice)
         problems.append(loaded.problem(("layout",), f"output layer {layer.index} is {article} {layer.kind} block copied from base layer {layer.source}, "
-                                                    f"a {anatomy.kinds[kind_index].label}: {why.splitlines()[0]}{instead}"))
+                                                    f"a {anatomy.kinds[kind_index].label}: {instead}"))
     return problems
 
 
