@@ -325,3 +325,19 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_run_directory(train_pr
     after = tree_digest(train_project)
     assert not (train_project / "runs").exists()  # nor the folders it made on the way
     assert {k: after.get(k) for k in before} == before
+
+
+def test_a_copied_run_directory_continues_and_exports_into_itself(train_project, capsys):
+    assert main(["train", str(train_config(train_project)), "--quiet"]) == 0
+    shutil.copytree(train_project / "runs" / "a", train_project / "runs" / "b", symlinks=True)
+    copied = train_project / "runs" / "b" / "final"
+    assert read_marker(copied)["owner"] == str(train_project / "runs" / "a")
+    assert main(["train", str(train_config(train_project, "runs/b")), "resume=auto", "--quiet"]) == 0, capsys.readouterr().err
+    assert read_marker(copied)["owner"] == str(train_project / "runs" / "b")
+    # the default export is reported at run_dir, saying it is the export
+    (copied / "NOTES.md").write_text("mine")
+    capsys.readouterr()
+    assert main(["train", str(train_config(train_project, "runs/b")), "resume=auto", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "run.yaml:" in err and f"run_dir: the export (export.dir not set: {copied}): output {copied}" in err and "NOTES.md" in err, err
+    assert (copied / "NOTES.md").read_text() == "mine"

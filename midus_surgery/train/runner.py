@@ -260,14 +260,21 @@ class Runner:
         folders = [("the config's folder", loaded.directory)]
         if read_marker(self.run_dir) is None and complete_checkpoints(self.ckpt_root):
             write_marker(self.run_dir, RUN_KIND)  # a run directory written before markers existed: its checkpoints say it is ours
-        for field_name, path, kind, owner, extra, into in (("run_dir", self.run_dir, RUN_KIND, None, [], True),
-                                                           (("export", "dir"), self.export_dir, EXPORT_KIND, str(self.run_dir),
-                                                            [("the run directory", self.run_dir)], False)):
+        # An export inside this run directory is this run's, whichever run wrote it: the run
+        # directory may be a copy of another (cp -r runs/a runs/b), export and all.
+        export_owner = str(self.run_dir)
+        found = read_marker(self.export_dir)
+        if found and found.get("kind") == EXPORT_KIND and self.run_dir in self.export_dir.parents:
+            export_owner = found.get("owner")
+        # where a problem is reported: the key in the config, or run_dir for the default export
+        export_at = (("export", "dir"), "") if cfg.export.dir else (("run_dir",), f"the export (export.dir not set: {self.export_dir}): ")
+        for where, said, path, kind, owner, extra, into in (
+                (("run_dir",), "", self.run_dir, RUN_KIND, None, [], True),
+                (*export_at, self.export_dir, EXPORT_KIND, export_owner, [("the run directory", self.run_dir)], False)):
             try:
                 check_output_dir(path, kind=kind, owner=owner, inputs=inputs, folders=folders + extra, reuse=True, writes_into=into, flag=None)
             except OutputError as exc:
-                where = field_name if isinstance(field_name, tuple) else (field_name,)
-                raise RecipeError([loaded.problem(where, str(exc))]) from None
+                raise RecipeError([loaded.problem(where, said + str(exc))]) from None
 
     def choose_start(self) -> Path | None:
         """The checkpoint to continue (``resume``), or None for a fresh start."""
