@@ -35,6 +35,8 @@ from midus_surgery.io.output_dir import (
     write_marker,
 )
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def tree_digest(root: Path) -> dict[str, str]:
     """Every file under ``root`` (symlinks not followed) -> sha256 of its bytes."""
@@ -341,3 +343,22 @@ def test_a_copied_run_directory_continues_and_exports_into_itself(train_project,
     err = capsys.readouterr().err
     assert "run.yaml:" in err and f"run_dir: the export (export.dir not set: {copied}): output {copied}" in err and "NOTES.md" in err, err
     assert (copied / "NOTES.md").read_text() == "mine"
+
+
+def test_the_demo_scripts_remove_only_runs_midus_surgery_wrote(tmp_path, capsys):
+    from tool_modules import load_tool
+
+    remove = load_tool("remove_own_dir").main
+    scripts = {name: (REPO / "tools" / name).read_text() for name in ("demo.sh", "demo_eval.sh", "analysis_followup.sh")}
+    assert all("rm -rf" not in text and "tools/remove_own_dir.py" in text for text in scripts.values())
+    run = tmp_path / "runs" / "demo"
+    run.mkdir(parents=True)
+    write_marker(run, "train run")
+    (run / "final").mkdir()
+    assert remove([str(run)]) == 0 and not run.exists()
+    assert remove([str(run)]) == 0  # nothing there: nothing to do
+    mine = tmp_path / "runs" / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("keep me")
+    assert remove([str(mine)]) == 2
+    assert "was not written by midus-surgery" in capsys.readouterr().err and (mine / "keep.txt").is_file()

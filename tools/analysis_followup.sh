@@ -13,7 +13,7 @@ midus-surgery analyze work/out/smollm2-135m-midus --data work/corpora/git-doc --
 
 step "2/4 the MIDUS recipe with query_norm: layer, trained as the demo trains (same data, budget, seed)"
 midus-surgery apply recipes/ablation/smollm2-135m-midus-qn-layer.yaml --overwrite
-rm -rf "$variant"
+python tools/remove_own_dir.py "$variant"  # the previous run of this script only
 midus-surgery train recipes/train/smollm2-midus.yaml \
   init_from=../../work/out/smollm2-135m-midus-qn-layer run_dir=../../$variant resume=null \
   "data.train=[../../work/corpora/python3.11-doc]" data.held_out_fraction=0.01 data.block_size=256 \

@@ -43,7 +43,7 @@ step "6/8 fetch real English text (Debian documentation packages)"
 python tools/fetch_corpus.py python3.11-doc git-doc
 
 step "7/8 train the memory blocks a few minutes (freeze: base) on the Python docs"
-rm -rf "$run"
+python tools/remove_own_dir.py "$run"  # the previous demo run, never a folder midus-surgery did not write
 midus-surgery train recipes/train/smollm2-midus.yaml \
   init_from=../../$out run_dir=../../$run resume=null \
   "data.train=[../../work/corpora/python3.11-doc]" data.held_out_fraction=0.01 data.block_size=256 \

@@ -24,7 +24,7 @@ midus-surgery eval work/smollm2-135m work/out/smollm2-135m-dus work/out/smollm2-
 
 step "4/5 the demo's training run with memory.retrieval: frozen (same data, budget and seed)"
 frozen=work/runs/demo-smollm2-midus-frozen-retrieval
-rm -rf "$frozen"
+python tools/remove_own_dir.py "$frozen"  # the previous run of this script only
 midus-surgery train recipes/train/smollm2-midus.yaml \
   init_from=../../work/out/smollm2-135m-midus run_dir=../../$frozen resume=null memory.retrieval=frozen \
   "data.train=[../../work/corpora/python3.11-doc]" data.held_out_fraction=0.01 data.block_size=256 \
