@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections import Counter
 
@@ -394,9 +395,19 @@ def _dispatch(args) -> int:
     except MidusError as exc:
         err.print(f"error: {exc}", markup=False)
         return exc.exit_code
-    except KeyboardInterrupt:
-        err.print("interrupted", markup=False)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        err.print("terminated" if terminated else "interrupted", markup=False)
+        return 143 if terminated else 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler cancelling the job), raised where the program is: every path
+    that cleans up after Ctrl-C (a partial output removed, logs closed) runs for it too."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
 
 
 def run() -> None:
@@ -406,6 +417,7 @@ def run() -> None:
     freeing pydantic's and the plan's objects one by one took ~30 ms, a tenth of applying a small
     model, and by then apply has closed, renamed and reported everything it wrote."""
     args = build_parser().parse_args()
+    signal.signal(signal.SIGTERM, _on_sigterm)
     code = _dispatch(args)
     if code == 0 and args.func is cmd_apply:
         sys.stdout.flush()

@@ -362,3 +362,27 @@ def test_the_demo_scripts_remove_only_runs_midus_surgery_wrote(tmp_path, capsys)
     (mine / "keep.txt").write_text("keep me")
     assert remove([str(mine)]) == 2
     assert "was not written by midus-surgery" in capsys.readouterr().err and (mine / "keep.txt").is_file()
+
+
+def test_sigterm_during_apply_leaves_no_partial_output(tmp_path):
+    """A scheduler's cancel (SIGTERM) cleans up as Ctrl-C does: no `.NAME.partial-*` waits for the next run."""
+    import signal
+    import time
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    config = tiny_config("llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=8, vocab_size=32000)
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after_every: 1\n    kind: transformer\noutput:\n  dir: out\n")
+    proc = subprocess.Popen([sys.executable, "-m", "midus_surgery.cli", "apply", str(recipe)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.partial-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert proc.poll() is None, "apply ended before its partial output was seen: make the base larger"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().endswith("terminated") and "Traceback" not in err
+    assert not list(tmp_path.glob(".out*")) and not (tmp_path / "out").exists()
