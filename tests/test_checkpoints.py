@@ -252,3 +252,23 @@ def test_partial_checkpoint_cleanup_removes_only_what_save_checkpoint_names(tmp_
     remove_partial_checkpoints(root)
     assert sorted(p.name for p in root.iterdir()) == [".tmp-notes", ".tmp-step-00000004-link"]
     assert (outside / "keep.txt").read_text() == "mine"
+
+
+def test_a_resume_under_another_token_budget_says_how_the_schedule_moves(done, tmp_path):
+    """The cosine schedule is a function of the total: a longer budget re-lays it, not continues it."""
+    run, _ = copy_run(done, tmp_path)
+    shutil.rmtree(ckpt(run, 4))  # resume from step 2
+    root = done["root"]
+    cfg = write_config(tmp_path / "longer.yaml", done["model"], run, root / "corpus", root / "cache",
+                       **{**EXTRA, "tokens": 16 * 4 * 2 * STEPS, "optim.schedule": "cosine", "optim.warmup": 0})
+    said = []
+    train(load_train_config(cfg), echo=said.append)
+    (note,) = [line for line in said if line.startswith("tokens changed since this checkpoint")]
+    assert f"the run now has {2 * STEPS} optimiser steps, not {STEPS}" in note and "the cosine learning-rate schedule" in note
+    peak = load_train_config(cfg).config.optim.lr
+    floor = load_train_config(cfg).config.optim.min_lr_ratio
+    import math
+
+    after = peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 2 / (2 * STEPS))))
+    before = peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 2 / STEPS)))
+    assert f"step 2 runs at lr {after:.3g} where the old budget had {before:.3g}" in note

@@ -429,6 +429,8 @@ class Runner:
             state = load_checkpoint(self.resume_from, self.acc, self.optimizer, self.scheduler,
                                     adamw_options=self.adamw_options, data_identity=self.data_identity)
             self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+            if isinstance(state.get("total_steps"), int) and state["total_steps"] != self.total_steps:
+                self.say(self.budget_change_note(state["total_steps"]))
         self.open_logs()
         self.say_what_runs()
         final_eval = None
@@ -469,6 +471,16 @@ class Runner:
         tps = trained_steps * self.tokens_per_step / elapsed if trained_steps else 0.0
         return TrainResult(self.run_dir, out, self.step, self.samples_seen * cfg.data.block_size, final_eval, tps,
                            elapsed / trained_steps if trained_steps else 0.0, self.acc.is_main_process)
+
+    def budget_change_note(self, saved_total: int) -> str:
+        """A resume under another token budget: the schedule is laid over the new total, not continued."""
+        o = self.cfg.optim
+        warmup_before = int(o.warmup) if o.warmup >= 1 else int(round(o.warmup * saved_total))
+        before = lr_lambda(o, saved_total, warmup_before, o.schedule)(self.step) * o.lr
+        after = lr_lambda(o, self.total_steps, self.warmup_steps, o.schedule)(self.step) * o.lr
+        return (f"tokens changed since this checkpoint: the run now has {self.total_steps} optimiser steps, not {saved_total}; "
+                f"the {o.schedule} learning-rate schedule is laid over the new total, so step {self.step} runs at lr {after:.3g} "
+                f"where the old budget had {before:.3g}")
 
     # ---------------------------------------------------------------- checkpoint and export
     def save_checkpoint(self) -> Path:
