@@ -77,7 +77,7 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
             raise TaskError(f"a task template reaches for Python's internals, refused by the sandbox ({one_line(exc, 200)}); "
                             "pass --allow-task-code if you trust it") from None
         except Exception as exc:  # noqa: BLE001 - a dataset that cannot be read (no network), a task that does not build
-            raise TaskError(f"lm-eval could not score {', '.join(tasks)} on {m}: {one_line(exc, 300, whole=True)}") from None
+            raise TaskError(f"lm-eval could not score {', '.join(tasks)} on {m}: {one_line(exc, 800, whole=True)}") from None
         rows.append({"model": str(m), "results": {t: _metrics(out["results"].get(t, {})) for t in tasks},
                      "seconds": round(time.perf_counter() - start, 1)})
         del model, lm
