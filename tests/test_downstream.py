@@ -134,12 +134,16 @@ CODE_IN_TASK_YAML = {
     "verbatim_tag": "task: t\nprocess_docs: !<!function> utils.process\n",
     "python_tag": "task: t\nprocess_docs: !!python/name:os.system\n",
     "include_elsewhere": "task: t\ninclude: ../elsewhere/coded.yaml\n",
+    # lm-eval reads "~/x.yaml" beside the including file, not in the home folder
+    "include_tilde": "task: t\ninclude: ../elsewhere/tilde.yaml\n",
+    "include_missing": "task: t\ninclude: ../elsewhere/missing.yaml\n",
     "unknown_metric": "task: t\nmetric_list:\n  - metric: ./metric_script\n",
     "hf_evaluate": "task: t\nmetric_list:\n  - metric: acc\n    hf_evaluate: true\n",
     "group_inline": "group: g\ntask:\n  - task: t\n    doc_to_text: !function utils.process\n",
 }
 REFUSAL = {"tag_directive": "t.yaml:4: tag !function", "verbatim_tag": "t.yaml:2: tag !function",
            "python_tag": "t.yaml:2: tag tag:yaml.org,2002:python/name:os.system", "include_elsewhere": "coded.yaml:1: tag !function",
+           "include_tilde": "~/coded.yaml:1: tag !function", "include_missing": "include '../elsewhere/missing.yaml' is not a file",
            "unknown_metric": "metric './metric_script' is not one of lm-eval's", "hf_evaluate": "metric 'acc' with hf_evaluate",
            "group_inline": "t.yaml:4: tag !function"}
 
@@ -152,10 +156,14 @@ def test_task_yaml_that_would_run_code_is_refused_before_lm_eval_reads_it(world,
         (tmp_path / folder / "utils.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
                                                     "def process(docs):\n    return docs\n")
     (tmp_path / "elsewhere" / "coded.yaml").write_text("process_docs: !function utils.process\n")
+    (tmp_path / "elsewhere" / "tilde.yaml").write_text('include: "~/coded.yaml"\n')
+    (tmp_path / "elsewhere" / "~").mkdir()
+    (tmp_path / "elsewhere" / "~" / "coded.yaml").write_text("process_docs: !function utils.process\n")
     (tmp_path / "tasks" / "t.yaml").write_text(CODE_IN_TASK_YAML[case])
-    if case == "tag_directive":  # the bypass is real: lm-eval's own loader imports utils.py for it
+    if case in ("tag_directive", "include_tilde"):  # the bypass is real: lm-eval's own loader imports utils.py for it
         from lm_eval.tasks._yaml_loader import load_yaml
 
+        (tmp_path / "elsewhere" / "~" / "utils.py").write_text((tmp_path / "elsewhere" / "utils.py").read_text())
         load_yaml(tmp_path / "tasks" / "t.yaml", resolve_func=True)
         assert marker.exists()
         marker.unlink()

@@ -96,10 +96,11 @@ def _check_entries(file: Path, config, seen: set[Path]) -> None:
         return
     includes = config.get("include")
     for include in includes if isinstance(includes, list) else [includes] if includes is not None else []:
-        target = Path(str(include)).expanduser()
-        target = target if target.is_absolute() else file.parent / target  # as lm-eval resolves it
-        if target.is_file():
-            _check_task_yaml(target, seen)
+        target = Path(str(include))
+        target = target if target.is_absolute() else file.parent / target  # exactly as lm-eval's load_yaml resolves it
+        if not target.is_file():  # refused rather than skipped: whatever lm-eval would open instead is unchecked
+            raise TaskError(f"{file}: include {include!r} is not a file ({target}); {ALLOW}")
+        _check_task_yaml(target, seen)
     for metric in config.get("metric_list") or []:
         if isinstance(metric, dict):
             name = metric.get("metric")
