@@ -481,9 +481,15 @@ def test_verify_runs_a_models_own_code_only_when_the_user_says_so(custom, tmp_pa
     modeling.write_text(f"import pathlib; pathlib.Path({str(marker)!r}).write_text('ran')\n" + modeling.read_text())
 
     refused = run_cli(tmp_path, "verify", str(out))
-    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "its own modeling code (midus_plan.json: trust_remote_code)" in refused.stderr and "--trust-remote-code" in refused.stderr
     assert "Traceback" not in refused.stderr and not marker.exists()
+    # the plan's word removed: the config's auto_map still says the model is its own code
+    (out / "midus_plan.json").unlink()
+    refused = run_cli(tmp_path, "verify", str(out))
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "config.json maps its model to its own code (auto_map: AutoConfig -> configuration_x.XConfig" in refused.stderr
+    assert not marker.exists()
 
     allowed = run_cli(tmp_path, "verify", str(out), "--trust-remote-code")
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr
@@ -496,7 +502,7 @@ def test_verify_never_asks_whether_to_run_custom_code(custom, tmp_path):
     edit_config(model, model_type="x_custom")
     (model / "configuration_x.py").write_text(CONFIGURATION_X.replace("    def __init__", '    model_type = "x_custom"\n\n    def __init__'))
     run = run_cli(tmp_path, "verify", str(model), timeout=120)
-    assert run.returncode == 1, run.stdout + run.stderr
+    assert run.returncode == 2, run.stdout + run.stderr
     assert "Do you wish to run the custom code" not in run.stdout + run.stderr
     assert "Traceback" not in run.stderr
-    assert "FAIL load" in run.stdout and "trust_remote_code" in run.stdout
+    assert "maps its model to its own code" in run.stderr and "pass --trust-remote-code" in run.stderr

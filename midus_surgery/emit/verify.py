@@ -118,6 +118,30 @@ def function_preserving(plan: dict) -> bool:
     return True
 
 
+class NeedsTrust(MidusError):
+    """The model runs its own code, and the user has not allowed it."""
+
+    exit_code = 2
+
+
+def _refuse_own_code(out: Path, plan: dict | None) -> None:
+    """Without --trust-remote-code, a directory whose model is its own code is refused: transformers
+    would load a stock class in its place and the checks would pass on a model nobody loads. MIDUS
+    outputs map to code this package registers itself (the same code), so they are checked as they are."""
+    if plan is not None and plan.get("trust_remote_code"):
+        raise NeedsTrust(f"{out} was made from a base with its own modeling code (midus_plan.json: trust_remote_code), "
+                         "which verify runs only when told to: read that code, then pass --trust-remote-code")
+    try:
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return  # the load check says what is wrong with it
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if isinstance(auto_map, dict) and auto_map and config.get("model_type") != "midus":
+        names = ", ".join(f"{k} -> {v}" for k, v in sorted(auto_map.items()) if isinstance(v, str))
+        raise NeedsTrust(f"{out}/config.json maps its model to its own code (auto_map: {names[:200]}), which verify runs only when "
+                         "told to: read that code, then pass --trust-remote-code (without it transformers would check another class)")
+
+
 def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = False, report=print) -> list[Check]:
     """Run every check, reporting each as it completes; returns them all.
 
@@ -126,9 +150,8 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     if not (out / "config.json").is_file():
         raise MidusError(f"{out} is not a model directory (no config.json)")
     plan = read_plan_file(out)  # None: not made by `apply`
-    if plan is not None and plan.get("trust_remote_code") and not trust_remote_code:
-        raise MidusError(f"{out} was made from a base with its own modeling code (midus_plan.json: trust_remote_code), "
-                         "which verify runs only when told to: read that code, then pass --trust-remote-code")
+    if not trust_remote_code:
+        _refuse_own_code(out, plan)
     trust = trust_remote_code
     checks: list[Check] = []
 
