@@ -386,3 +386,25 @@ def test_sigterm_during_apply_leaves_no_partial_output(tmp_path):
     assert proc.returncode == 143, err
     assert err.strip().endswith("terminated") and "Traceback" not in err
     assert not list(tmp_path.glob(".out*")) and not (tmp_path / "out").exists()
+
+
+def test_blocks_longer_than_the_models_positions_are_one_located_line(tmp_path, capsys, monkeypatch):
+    """GPT-2's learned position table ends at n_positions: past it the forward fails with an index
+    error deep in torch (a traceback), after the run directory was made."""
+    from train_fixtures.tiny import make_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "gpt2"
+    AutoModelForCausalLM.from_config(tiny_config("gpt2")).save_pretrained(model)  # n_positions 128
+    make_tokenizer().save_pretrained(model)
+    write_corpus(tmp_path / "corpus", files=2, sentences_per_file=60)
+    cfg = write_config(tmp_path / "run.yaml", model, tmp_path / "runs" / "a", tmp_path / "corpus", tmp_path / "cache",
+                       **{"tokens": 1024, "micro_batch_size": 2, "data.block_size": 256, "log.tensorboard": False, "log.plot": False})
+    assert main(["train", str(cfg), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "data.block_size: 256 tokens per block exceed the model's 128 positions (config.json n_positions); use at most 128" in err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
+    assert main(["eval", str(model), "--data", "corpus", "--block-size", "256", "--quiet"]) == 2
+    assert "--block-size: 256 tokens per block exceed the model's 128 positions" in capsys.readouterr().err
+    assert main(["eval", str(model), "--data", "corpus", "--quiet", "--json"]) == 0  # the default: 512, or fewer when the model has fewer
+    assert json.loads(capsys.readouterr().out)["block_size"] == 128

@@ -32,6 +32,7 @@ import torch
 from midus_surgery.downstream.harness import TaskError
 
 ANALYSIS_KIND = "analysis"  # the output_dir marker
+DEFAULT_ANALYSIS_BLOCK = 256  # tokens per block unless told (fewer when the model has fewer positions)
 
 
 def _memory_layers(model) -> dict[int, torch.nn.Module]:
@@ -160,7 +161,7 @@ def _attention_head_zeroed(out_proj, heads: int, head: int):
         handle.remove()
 
 
-def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int = 256, max_blocks: int = 16,
+def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int | None = None, max_blocks: int = 16,
                  max_memory_blocks: int | None = None, batch_size: int = 4, device: str = "auto", dtype: str = "float32",
                  progress: bool = True, threads: int | None = None, fixed_retrieval: Path | None = None,
                  importance: bool = True) -> dict:
@@ -170,7 +171,8 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
     from midus_surgery.compiler.plan import read_plan_file
     from midus_surgery.io.output_dir import atomic_directory, check_output_dir, input_root
     from midus_surgery.train import data as D
-    from midus_surgery.train.evaluate import DTYPES, block_batches, eval_device, evaluate_batches, load_causal_lm, load_tokenizer
+    from midus_surgery.train.evaluate import (DTYPES, block_batches, context_problem, eval_device, evaluate_batches, load_causal_lm,
+                                              load_tokenizer, position_limit)
 
     if threads:
         torch.set_num_threads(threads)
@@ -186,8 +188,13 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
     stream = D.prepare_corpus(list(data), Path.cwd(), tokenizer, dir_glob=("**/*.txt", "**/*.md", "**/*.rst", "**/*.jsonl"),
                               text_field="text", cache_dir=D.default_cache_dir(), progress=progress, what="analysis data",
                               tokenizer_source=str(model_dir))
-    blocks, _ = D.split(stream, None, block_size, 0.0, what="analysis data")
     model = load_causal_lm(model_dir, dtype=DTYPES[dtype], progress=progress).to(run_on).eval()
+    if block_size is None:  # 256, or the model's positions when it has fewer
+        block_size = min(DEFAULT_ANALYSIS_BLOCK, (position_limit(model) or (DEFAULT_ANALYSIS_BLOCK, ""))[0])
+    too_long = context_problem(model, block_size)
+    if too_long:
+        raise TaskError(f"--block-size: {too_long}")
+    blocks, _ = D.split(stream, None, block_size, 0.0, what="analysis data")
     memory = _memory_layers(model)
     attention = {} if memory else _inserted_attention(model, read_plan_file(model_dir))
     if not memory and not attention:

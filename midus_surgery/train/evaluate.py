@@ -48,6 +48,32 @@ class _DropLoadReport(logging.Filter):
         return "LOAD REPORT" not in record.getMessage()
 
 
+DEFAULT_EVAL_BLOCK = 512  # eval's tokens per block unless told (fewer when the model has fewer positions)
+# Where configs state how many positions a model has (GPT-2 and its kind, most others, old GPT-style)
+POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
+
+
+def position_limit(model) -> tuple[int, str] | None:
+    """How many positions the model's config states, and under which key; None when it states none."""
+    config = model.config.get_text_config()
+    for key in POSITION_KEYS:
+        limit = getattr(config, key, None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            return limit, key
+    return None
+
+
+def context_problem(model, block_size: int) -> str | None:
+    """Why blocks of ``block_size`` tokens do not fit the model's positions, or None. Learned
+    position tables fail past their end (an index error deep in the forward); rotary models run
+    but past the context they were trained on."""
+    stated = position_limit(model)
+    if stated is None or block_size <= stated[0]:
+        return None
+    limit, key = stated
+    return f"{block_size} tokens per block exceed the model's {limit} positions (config.json {key}); use at most {limit}"
+
+
 def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float32, trust_remote_code: bool = False,
                    progress: bool = True):
     """Load a model directory (base, DUS, LLaMA-Pro or MIDUS output) as a causal LM, strictly.
@@ -216,11 +242,12 @@ def document_batches(windows: list[np.ndarray], batch_size: int, pad_id: int, ra
         yield ids, mask
 
 
-def run_eval(model_dir: Path, data: list[str], *, block_size: int = 512, per_document: bool = False, batch_size: int = 4,
+def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None, per_document: bool = False, batch_size: int = 4,
              max_blocks: int | None = None, dtype: str = "float32", text_field: str = "text",
              dir_glob: Iterable[str] = ("**/*.txt", "**/*.md", "**/*.rst", "**/*.jsonl"), cache_dir: Path | None = None,
              trust_remote_code: bool = False, progress: bool = True, threads: int | None = None, device: str = "auto") -> dict:
-    """``midus-surgery eval``: perplexity of ``model_dir`` on ``data``, on ``device`` (auto: CUDA when there is one)."""
+    """``midus-surgery eval``: perplexity of ``model_dir`` on ``data``, on ``device`` (auto: CUDA when there is one).
+    block_size: tokens per block or window; None: 512, or the model's positions when it has fewer."""
     from tqdm.auto import tqdm
 
     from midus_surgery.train import data as D
@@ -245,6 +272,11 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int = 512, per_doc
     vocab = model.get_input_embeddings().weight.shape[0]
     if stream.meta.get("max_token", -1) >= vocab:
         raise D.DataError(f"the tokenizer of {model_dir} produces id {stream.meta['max_token']}, outside the model's vocabulary of {vocab}")
+    if block_size is None:
+        block_size = min(DEFAULT_EVAL_BLOCK, (position_limit(model) or (DEFAULT_EVAL_BLOCK, ""))[0])
+    too_long = context_problem(model, block_size)
+    if too_long:
+        raise ModelLoadError(f"--block-size: {too_long}")
     if per_document:
         windows = document_windows(stream, block_size, max_blocks)
         if not windows:

@@ -51,7 +51,7 @@ from midus_surgery.train.checkpoint import (
     weights_checksum,
 )
 from midus_surgery.train.config import LoadedTrainConfig, TrainConfig
-from midus_surgery.train.evaluate import DTYPES, block_batches, evaluate_batches, load_causal_lm, load_tokenizer
+from midus_surgery.train.evaluate import DTYPES, block_batches, context_problem, evaluate_batches, load_causal_lm, load_tokenizer
 from midus_surgery.train.export import EXPORT_KIND, export_model
 from midus_surgery.train.params import ParamGroups, adamw_options, choose_params, describe_groups, lr_lambda
 
@@ -326,12 +326,15 @@ class Runner:
 
     def setup_model(self) -> None:
         """The model in fp32 (master weights; bf16 runs under autocast), the freeze policy applied."""
-        cfg = self.cfg
+        cfg, loaded = self.cfg, self.loaded
         config_data = json.loads((self.init_from / "config.json").read_text())
         self.init_dtype = config_data.get("dtype") or config_data.get("torch_dtype") or "float32"
         self.is_midus = config_data.get("model_type") == "midus"
         model = load_causal_lm(self.init_from, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
                                progress=cfg.log.progress and self.acc.is_main_process)
+        too_long = context_problem(model, cfg.data.block_size)
+        if too_long:
+            raise RecipeError([loaded.problem(("data", "block_size"), too_long)])
         vocab = model.get_input_embeddings().weight.shape[0]
         for s in self.streams:
             if s.meta.get("max_token", -1) >= vocab:
