@@ -3,6 +3,7 @@ session (15 minutes of device time) is not spent finding a broken script."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,9 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_run_passes_every_check_and_times_every_variant():
+def test_gpu_check_dry_run_passes_every_check_and_times_every_variant(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
-    proc = subprocess.run([sys.executable, "tools/gpu_check_hml.py", "--dry-run"], cwd=ROOT, env=env,
+    rows = tmp_path / "fused.json"
+    proc = subprocess.run([sys.executable, "tools/gpu_check_hml.py", "--dry-run", "--json-out", str(rows)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     out = proc.stdout
     assert proc.returncode == 0, out[-2000:] + proc.stderr[-2000:]
@@ -44,13 +46,22 @@ def test_gpu_check_dry_run_passes_every_check_and_times_every_variant():
                  "fused backward == autograd through the pure-torch read (deterministic)",
                  "fused backward == autograd through the pure-torch read (atomic table)",
                  "a layer on the fused kernels == the pure-torch layer {}", "a layer on the fused kernels == the pure-torch layer {'hive': False}",
-                 "bf16 layer on the fused kernels"):
+                 "a layer on the fused kernels == the pure-torch layer {'bank_grad': 'segment'}",
+                 "segment_order is the stable argsort by row", "segment bank gradient == autograd's",
+                 "segment bank gradient: the same bits for 1, 7 and 256 counting blocks", "bf16 layer on the fused kernels"):
         assert any(line.startswith("[ok]") and name in line for line in checks), name
     fused = [line for line in out.splitlines() if line.startswith("[fused] SmolLM2-135M recipe 1x16")]
     assert len(fused) == 2  # float32 and bfloat16
     for line in fused:
-        for path in ("FFN ", "torch ", "triton ", "triton-fused ", "triton-fused atomic ", "floor: unique bytes "):
+        for path in ("FFN ", "torch ", "triton ", "triton segment ", "triton-fused ", "triton-fused segment ",
+                     "triton-fused atomic ", "floor: unique bytes "):
             assert path in line, (path, line)
+    bank = [line for line in out.splitlines() if line.startswith("[fused] bank gradient alone, SmolLM2-135M recipe")]
+    assert len(bank) == 1 and all(f"{what} " in bank[0] for what in ("embedding_bag backward", "segment", "index_add atomics"))
+    payload = json.loads(rows.read_text())  # what tools/gpu_session.py report reads
+    assert [(r["batch"], r["dtype"]) for r in payload["rows"]] == [("1x16", "bfloat16"), ("1x16", "float32")]  # targets' dtype first
+    assert all(r.get("triton-fused segment ms", 0) > 0 for r in payload["rows"])
+    assert [r["size"] for r in payload["bank_grad_rows"]] == ["SmolLM2-135M recipe"]
     assert "[profile] one fwd+bwd on the fused kernels" in out
     assert out.rstrip().endswith("OK")
 

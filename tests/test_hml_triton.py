@@ -113,7 +113,8 @@ def test_triton_bag_dw_rejects_what_it_cannot_take():
         hml_triton.bag_dw(torch.randn(3, 4).double(), torch.randn(5, 4).double(), torch.zeros(3, 2, dtype=torch.long))
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(hive=False), dict(query_source="hidden", gate=True)])
+@pytest.mark.parametrize("kw", [dict(), dict(hive=False), dict(query_source="hidden", gate=True),
+                                dict(bank_grad="segment"), dict(bank_grad="segment", hive=False)])
 def test_a_layer_on_the_triton_path_equals_the_pure_torch_layer(kw, monkeypatch):
     torch.manual_seed(0)
     layer = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=6, topk=4, latent_dim=5, init="random", **kw))
@@ -133,7 +134,8 @@ def test_a_layer_on_the_triton_path_equals_the_pure_torch_layer(kw, monkeypatch)
         xi = x.clone().requires_grad_()
         out = layer(xi)
         out.pow(2).sum().backward()
-        assert called == (["topk2", "bag_dw"] if triton else [])  # the path under test really ran
+        segment = triton and kw.get("bank_grad") == "segment"  # the table's gradient from the segment reduce
+        assert called == (["topk2", "bag_dw"] + ["segment_bank_grad"] * segment if triton else [])  # the path really ran
         return out.detach(), xi.grad, {name: p.grad.clone() for name, p in layer.named_parameters()}
 
     out_t, dx_t, grads_t = run(True)
@@ -288,7 +290,8 @@ def test_the_fused_kernels_reject_what_they_cannot_take():
 
 
 FUSED_CONFIGS = [dict(), dict(hive=False), dict(query_source="hidden", gate=True), dict(query_norm="layer", output_proj="always"),
-                 dict(bank_grad="index_add"), dict(bank_grad="index_add", hive=False)]
+                 dict(bank_grad="index_add"), dict(bank_grad="index_add", hive=False),
+                 dict(bank_grad="segment"), dict(bank_grad="segment", hive=False)]
 
 
 @pytest.mark.parametrize("kw", FUSED_CONFIGS)
@@ -311,7 +314,8 @@ def test_a_layer_on_the_fused_kernels_matches_the_dense_float64_reference(kw, mo
     g_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, [xi] + list(layer.parameters()), g_out)
     atomic = kw.get("bank_grad") == "index_add"  # the table's gradient from the kernel's atomics
-    assert called == [("memory_forward", None), ("memory_backward", atomic)]  # the fused path really ran
+    segment = [("segment_bank_grad", None)] if kw.get("bank_grad") == "segment" else []
+    assert called == [("memory_forward", None), ("memory_backward", atomic)] + segment  # the fused path really ran
 
     double = {name: p.detach().double().requires_grad_() for name, p in layer.named_parameters()}
     x64 = x.double().requires_grad_()
@@ -349,6 +353,106 @@ def test_deterministic_algorithms_keep_the_fused_backward_off_atomics(monkeypatc
         torch.use_deterministic_algorithms(before)
     assert seen == [False]
     assert layer.bank.weight.grad is not None and layer.bank.weight.grad.abs().sum() > 0
+
+
+def test_deterministic_algorithms_keep_the_segment_reduce(monkeypatch):
+    # it is deterministic by construction, so torch's deterministic mode needs no fallback from it
+    layer = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=6, topk=4, latent_dim=5, init="random", kernels="triton-fused",
+                                              bank_grad="segment"))
+    seen = []
+    real = hml_triton.segment_bank_grad
+    monkeypatch.setattr(hml_triton, "segment_bank_grad", lambda *a, **kw: seen.append(a[1].shape) or real(*a, **kw))
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        layer(torch.randn(5, 2, 8)).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert seen == [(2 * 5, 4)]  # H*T bags of k slots
+    assert layer.bank.weight.grad is not None and layer.bank.weight.grad.abs().sum() > 0
+
+
+def test_segment_is_a_triton_method_and_means_auto_elsewhere():
+    assert hml._bank_grad_method("segment", "cuda", triton=True) == "segment"
+    assert hml._bank_grad_method("segment", "cpu", triton=True) == "segment"  # the interpreter
+    assert hml._bank_grad_method("segment", "cuda") == hml._bank_grad_method("auto", "cuda") == "embedding_bag"
+    assert hml._bank_grad_method("segment", "cpu") == hml._bank_grad_method("auto", "cpu") == "sparse_mm"
+
+
+def test_a_pure_torch_layer_told_segment_gives_the_auto_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 2, 8)
+    grads = []
+    for bank_grad in ("segment", "auto"):
+        torch.manual_seed(1)
+        layer = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=6, topk=4, latent_dim=5, init="random", kernels="torch",
+                                                  bank_grad=bank_grad))
+        layer(x).pow(2).sum().backward()
+        grads.append(layer.bank.weight.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def _contributions(B, k, rows, gen, hot=None):
+    """idx [B, k] with k distinct rows per bag (as top-k slots are); ``hot``: share of bags whose first slot is row 0."""
+    idx = torch.stack([torch.randperm(rows, generator=gen)[:k] for _ in range(B)]) if B else torch.zeros(0, k, dtype=torch.long)
+    if hot is not None and B:
+        pick = torch.rand(B, generator=gen) < hot
+        idx[pick] = torch.where(idx[pick] == 0, idx[pick, :1], idx[pick])  # keep the rows distinct
+        idx[pick, 0] = 0
+    return idx
+
+
+@pytest.mark.parametrize("B,k,d,rows,dtype,hot,chunk", [
+    (40, 4, 5, 30, torch.float32, None, 2048),    # d below one vector, rows never read stay zero
+    (60, 32, 64, 300, torch.float32, None, 2048),  # the bundled recipe's k and d_l
+    (33, 3, 130, 9, torch.float32, None, 2048),    # d over one power of two, k not a power of two
+    (50, 6, 16, 40, torch.bfloat16, None, 2048),   # a bf16 dz, summed in float32
+    (300, 4, 8, 50, torch.float32, 0.9, 64),       # one row most bags read: its list spans many chunks
+    (200, 1, 1, 1, torch.float32, None, 70),       # every contribution on one row, k = 1, d = 1
+    (0, 4, 8, 10, torch.float32, None, 2048),      # no bags
+])
+def test_the_segment_bank_grad_equals_the_float64_sum(B, k, d, rows, dtype, hot, chunk):
+    gen = torch.Generator().manual_seed(B + k + d)
+    idx = _contributions(B, k, rows, gen, hot)
+    w = torch.rand(B, k, generator=gen)
+    dz = torch.randn(B, 2 * d, generator=gen).to(dtype)[:, ::2]  # strided rows, as a view would pass them
+    out = hml_triton.segment_bank_grad(dz, idx, w, rows, chunk=chunk)
+    ref = torch.zeros(rows, d, dtype=torch.float64).index_add_(
+        0, idx.reshape(-1), (w[:, :, None].double() * dz[:, None, :].double()).reshape(-1, d))
+    assert out.dtype == torch.float32 and out.shape == (rows, d)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    unread = torch.ones(rows, dtype=torch.bool)
+    unread[idx.reshape(-1)] = False
+    assert (out[unread] == 0).all()
+
+
+def test_segment_order_is_a_stable_sort_by_row_for_any_block_count():
+    gen = torch.Generator().manual_seed(0)
+    idx = _contributions(250, 8, 37, gen, hot=0.5)  # 2000 positions, a hot row among them
+    expected = torch.argsort(idx.reshape(-1), stable=True)
+    for blocks in (1, 3, 7, 256):
+        order, start, count = hml_triton.segment_order(idx, 37, blocks)
+        assert torch.equal(order.long(), expected), blocks
+        assert torch.equal(count, torch.bincount(idx.reshape(-1), minlength=37))
+        assert torch.equal(start, torch.cumsum(count, 0) - count)
+
+
+def test_the_segment_bank_grad_is_the_same_bits_whatever_the_launch():
+    gen = torch.Generator().manual_seed(1)
+    idx = _contributions(250, 8, 37, gen, hot=0.5)
+    w = torch.rand(250, 8, generator=gen)
+    dz = torch.randn(250, 6, generator=gen) * 10.0 ** torch.randint(-6, 7, (250, 6), generator=gen)  # order-sensitive sums
+    first = hml_triton.segment_bank_grad(dz, idx, w, 37, blocks=1, chunk=128)
+    for blocks in (3, 7, 256, 256):
+        assert torch.equal(hml_triton.segment_bank_grad(dz, idx, w, 37, blocks=blocks, chunk=128), first), blocks
+
+
+def test_the_segment_bank_grad_rejects_what_it_cannot_take():
+    idx = torch.zeros(3, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="dz \\[B, d\\], idx"):
+        hml_triton.segment_bank_grad(torch.randn(3, 4), idx, torch.rand(3, 3), 5)
+    with pytest.raises(ValueError, match="float32"):
+        hml_triton.segment_bank_grad(torch.randn(3, 4).double(), idx, torch.rand(3, 2), 5)
 
 
 def test_the_fused_kernels_are_opt_in_by_name(monkeypatch):

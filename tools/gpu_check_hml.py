@@ -487,6 +487,15 @@ def check_fused(dev, sync, card, dry_run: bool, check, json_out=None) -> None:
         if atomic:
             ok = ok and torch.allclose(dtable, rgrads[2], rtol=1e-4, atol=1e-4)
         check(f"fused backward == autograd through the pure-torch read ({'atomic table' if atomic else 'deterministic'})", bool(ok))
+    # the sort-free segment reduce of the bank's gradient: the same gradient, the same bits on every launch
+    idx_flat, w_flat, dz_flat = (i * n + j).view(H * T, k), w.view(H * T, k), dz.view(H * T, dl)
+    order, _, _ = hml_triton.segment_order(idx_flat, n * n)
+    check("segment_order is the stable argsort by row", torch.equal(order.long(), torch.argsort(idx_flat.view(-1), stable=True)))
+    seg = hml_triton.segment_bank_grad(dz_flat, idx_flat, w_flat, n * n)
+    check(f"segment bank gradient == autograd's (max diff {(seg - rgrads[2]).abs().max().item():.1e})",
+          torch.allclose(seg, rgrads[2], rtol=1e-4, atol=1e-4))
+    check("segment bank gradient: the same bits for 1, 7 and 256 counting blocks",
+          all(torch.equal(hml_triton.segment_bank_grad(dz_flat, idx_flat, w_flat, n * n, blocks=b_), seg) for b_ in (1, 7, 256)))
 
     def layer(kernels: str, dtype=torch.float32, size="SmolLM2-135M recipe", **kw) -> HeadwiseMemory:
         z_ = SIZES[size]
@@ -496,7 +505,7 @@ def check_fused(dev, sync, card, dry_run: bool, check, json_out=None) -> None:
         return HeadwiseMemory(z_["heads"], z_["head_dim"], z_["hidden"], cfg).to(dev, dtype)
 
     x = torch.randn(2, 64 if not dry_run else 4, H, dh, device=dev)
-    for kw in (dict(), dict(hive=False), dict(bank_grad="index_add")):
+    for kw in (dict(), dict(hive=False), dict(bank_grad="index_add"), dict(bank_grad="segment"), dict(bank_grad="segment", hive=False)):
         results = {}
         for kernels in ("torch", "triton-fused"):
             m = layer(kernels, **kw)
@@ -528,40 +537,76 @@ def check_fused(dev, sync, card, dry_run: bool, check, json_out=None) -> None:
     # times: every path of the layer beside the FFN it replaces, with the bytes floors
     gbps = copy_gb_per_s(dev, 16 if dry_run else 1024)
     print(f"[fused] measured copy bandwidth {gbps:.0f} GB/s ({card})")
-    rows = []
-    batches = [(1, 16)] if dry_run else [(4, 256), (16, 1024)]
-    paths = {"torch": dict(), "triton": dict(), "triton-fused": dict(), "triton-fused atomic": dict(bank_grad="index_add")}
-    for size in (["SmolLM2-135M recipe"] if dry_run else list(SIZES)):
+    rows, bank_rows = [], []
+
+    def save():  # after every row: a step cut by its time limit keeps the rows it finished
+        if json_out:
+            with open(json_out, "w") as fh:
+                json.dump({"device": card, "torch": torch.__version__, "rows": rows, "bank_grad_rows": bank_rows}, fh, indent=1)
+
+    # the bank's gradient alone, at the targets' size: PyTorch's sorted embedding-bag backward (the deterministic
+    # default), the segment reduce, and float atomics (index_add_), from the same slots and dz
+    for size in (["SmolLM2-135M recipe"] if dry_run else ["SmolLM2-135M recipe", "Llama-3.2-1B"]):
         z_ = SIZES[size]
-        for b_, t_ in batches:
-            for dtype in (torch.float32, torch.bfloat16):
-                ffn, _, _ = build(size, dtype)
-                ffn = ffn.to(dev)
-                xf = torch.randn(b_, t_, z_["hidden"], dtype=dtype, device=dev, requires_grad=True)
-                row = {"size": size, "tokens": b_ * t_, "batch": f"{b_}x{t_}", "dtype": str(dtype)[6:],
-                       "ffn_ms": time_ms(step_fn(ffn, xf), sync, dry_run)}
-                del ffn
-                for name, kw in paths.items():
-                    mm = layer(name.split()[0], dtype, size, **kw)
-                    xx = torch.randn(b_, t_, z_["heads"], z_["head_dim"], dtype=dtype, device=dev, requires_grad=True)
-                    try:
-                        row[f"{name} ms"] = time_ms(step_fn(mm, xx), sync, dry_run)
-                    except Exception as exc:  # one failed path must not cost the session's other rows
-                        check(f"layer fwd+bwd {name} {size} {b_}x{t_} {row['dtype']} runs ({type(exc).__name__}: "
-                              f"{str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''})", False)
-                    del mm
-                bytes_ = traffic(size, b_ * t_, dtype)
-                row |= {"unique_floor_ms": bytes_["unique"] / gbps / 1e6, "gathered_floor_ms": bytes_["gathered"] / gbps / 1e6,
-                        "bank_mb": bytes_["bank"] / 1e6, "copy_gbps": gbps}
-                rows.append(row)
-                times = ", ".join(f"{p_} {row[p_ + ' ms']:.2f} ms ({row[p_ + ' ms'] / row['ffn_ms']:.2f}x FFN)"
-                                  for p_ in paths if p_ + " ms" in row)
-                print(f"[fused] {size} {row['batch']} {row['dtype']} ({card}): FFN {row['ffn_ms']:.2f} ms; {times}; "
-                      f"floor: unique bytes {row['unique_floor_ms']:.3f} ms, gathered rows at memory bandwidth "
-                      f"{row['gathered_floor_ms']:.3f} ms (bank {row['bank_mb']:.0f} MB)")
-    if json_out:
-        with open(json_out, "w") as fh:
-            json.dump({"device": card, "torch": torch.__version__, "rows": rows}, fh, indent=1)
+        hh, nn_, kk, dd = (z_["heads"], 16, 4, 8) if dry_run else (z_["heads"], z_["n"], z_["k"], z_["d_l"])
+        bags_ = hh * (16 if dry_run else 16 * 1024)
+        gidx = torch.randint(0, nn_ * nn_, (bags_, kk), device=dev)
+        gw = torch.rand(bags_, kk, device=dev)
+        gdz = torch.randn(bags_, dd, device=dev)
+        off = torch.arange(0, bags_ * kk, kk, device=dev)
+        o2b = torch.arange(bags_, device=dev).repeat_interleave(kk)
+        sizes_ = torch.full((bags_,), kk, dtype=torch.long, device=dev)
+        none_ = torch.empty(0, dtype=torch.long, device=dev)
+        brow = {"size": size, "bags": bags_, "k": kk, "d": dd,
+                "embedding_bag ms": time_ms(lambda: torch.ops.aten._embedding_bag_backward(
+                    gdz, gidx.view(-1), off, o2b, sizes_, none_, nn_ * nn_, False, 0, False, gw.view(-1), -1), sync, dry_run),
+                "segment ms": time_ms(lambda: hml_triton.segment_bank_grad(gdz, gidx, gw, nn_ * nn_), sync, dry_run),
+                "atomic ms": time_ms(lambda: torch.zeros(nn_ * nn_, dd, device=dev).index_add_(
+                    0, gidx.view(-1), (gw[:, :, None] * gdz[:, None, :]).view(-1, dd)), sync, dry_run)}
+        bank_rows.append(brow)
+        save()
+        print(f"[fused] bank gradient alone, {size}, {bags_} bags of {kk} ({card}): embedding_bag backward "
+              f"{brow['embedding_bag ms']:.3f} ms, segment {brow['segment ms']:.3f} ms "
+              f"({brow['segment ms'] / brow['embedding_bag ms']:.2f}x), index_add atomics {brow['atomic ms']:.3f} ms")
+        del gidx, gw, gdz
+
+    batches = [(1, 16)] if dry_run else [(4, 256), (16, 1024)]
+    paths = {"torch": dict(), "triton": dict(), "triton segment": dict(bank_grad="segment"), "triton-fused": dict(),
+             "triton-fused segment": dict(bank_grad="segment"), "triton-fused atomic": dict(bank_grad="index_add")}
+    grid = [(size, b_, t_, dtype) for size in (["SmolLM2-135M recipe"] if dry_run else list(SIZES))
+            for b_, t_ in batches for dtype in (torch.float32, torch.bfloat16)]
+    # the targets' rows (16 x 1024 bf16; then fp32) first, the recipe's size before Llama's, so a session cut
+    # short by its time limit has timed them
+    order_ = ["SmolLM2-135M recipe", "Llama-3.2-1B"]
+    grid.sort(key=lambda g_: ((g_[1], g_[2]) != batches[-1], g_[3] != torch.bfloat16,
+                              order_.index(g_[0]) if g_[0] in order_ else len(order_)))
+    for size, b_, t_, dtype in grid:
+        z_ = SIZES[size]
+        ffn, _, _ = build(size, dtype)
+        ffn = ffn.to(dev)
+        xf = torch.randn(b_, t_, z_["hidden"], dtype=dtype, device=dev, requires_grad=True)
+        row = {"size": size, "tokens": b_ * t_, "batch": f"{b_}x{t_}", "dtype": str(dtype)[6:],
+               "ffn_ms": time_ms(step_fn(ffn, xf), sync, dry_run)}
+        del ffn
+        for name, kw in paths.items():
+            mm = layer(name.split()[0], dtype, size, **kw)
+            xx = torch.randn(b_, t_, z_["heads"], z_["head_dim"], dtype=dtype, device=dev, requires_grad=True)
+            try:
+                row[f"{name} ms"] = time_ms(step_fn(mm, xx), sync, dry_run)
+            except Exception as exc:  # one failed path must not cost the session's other rows
+                check(f"layer fwd+bwd {name} {size} {b_}x{t_} {row['dtype']} runs ({type(exc).__name__}: "
+                      f"{str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''})", False)
+            del mm
+        bytes_ = traffic(size, b_ * t_, dtype)
+        row |= {"unique_floor_ms": bytes_["unique"] / gbps / 1e6, "gathered_floor_ms": bytes_["gathered"] / gbps / 1e6,
+                "bank_mb": bytes_["bank"] / 1e6, "copy_gbps": gbps}
+        rows.append(row)
+        times = ", ".join(f"{p_} {row[p_ + ' ms']:.2f} ms ({row[p_ + ' ms'] / row['ffn_ms']:.2f}x FFN)"
+                          for p_ in paths if p_ + " ms" in row)
+        print(f"[fused] {size} {row['batch']} {row['dtype']} ({card}): FFN {row['ffn_ms']:.2f} ms; {times}; "
+              f"floor: unique bytes {row['unique_floor_ms']:.3f} ms, gathered rows at memory bandwidth "
+              f"{row['gathered_floor_ms']:.3f} ms (bank {row['bank_mb']:.0f} MB)")
+        save()
     b_, t_ = batches[-1]
     xx = torch.randn(b_, t_, H, dh, device=dev, dtype=torch.bfloat16, requires_grad=True)
     profile_step(step_fn(layer("triton-fused", torch.bfloat16), xx), dev, sync, f"one fwd+bwd on the fused kernels, {b_}x{t_} bfloat16")

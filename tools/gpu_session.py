@@ -56,7 +56,7 @@ STEPS = {  # name -> (seconds, the command after `python`, the file its stdout g
 }
 # (size, batch, dtype) -> the most the layer may cost against the FFN it replaces (issue 28's targets)
 TARGETS = {("SmolLM2-135M recipe", "16x1024", "bfloat16"): 1.0, ("Llama-3.2-1B", "16x1024", "bfloat16"): 0.5}
-PATHS = ("torch", "triton", "triton-fused", "triton-fused atomic")
+PATHS = ("torch", "triton", "triton segment", "triton-fused", "triton-fused segment", "triton-fused atomic")
 
 
 def model_dirs() -> list[Path]:
@@ -161,6 +161,21 @@ def fused_table(payload: dict) -> str:
             + ("\n".join(verdicts) if verdicts else "- no targeted row in this run") + "\n")
 
 
+def bank_grad_table(rows: list) -> str:
+    """The bank gradient alone (section 10's ``bank_grad_rows``): the segment reduce beside PyTorch's sorted
+    embedding-bag backward (the deterministic method it would replace) and float atomics."""
+    if not rows:
+        return ""
+    lines = ["| size | bags x k, d | embedding_bag backward ms | segment ms (/embedding_bag) | index_add atomics ms |",
+             "|---|---|---:|---:|---:|"]
+    for r in rows:
+        eb, seg = r["embedding_bag ms"], r["segment ms"]
+        lines.append(f"| {r['size']} | {r['bags']} x {r['k']}, {r['d']} | {eb:.3f} | {seg:.3f} ({seg / eb:.2f}x) | "
+                     f"{r['atomic ms']:.3f} |")
+    return ("\nThe bank's gradient alone (uniform random slots, float32 dz), deterministic methods beside the atomics:\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def report(src: Path, docs: Path = BENCHMARKS, results: Path = RESULTS) -> list[str]:
     """Write the docs from a session's returned files; returns what was written."""
     done = []
@@ -172,9 +187,11 @@ def report(src: Path, docs: Path = BENCHMARKS, results: Path = RESULTS) -> list[
                 f"The memory layer's forward + backward on every path, beside the FFN it replaces (`LlamaMLP`), "
                 f"{payload['device']}, torch {payload['torch']}: `python tools/gpu_session.py run` (tools/gpu_check_hml.py "
                 f"section 10; raw numbers [{kept.name}](results/{kept.name})). Paths: `torch` (pure torch), `triton` (the "
-                "default: Triton top-k and bag weight gradient), `triton-fused` (the fused read, deterministic bank "
-                "gradient), `triton-fused atomic` (`bank_grad: index_add`). Floors: tools/bench_hml.py's `traffic`, "
-                "docs/hml.md \"The physical picture\".\n\n" + fused_table(payload))
+                "default: Triton top-k and bag weight gradient), `triton-fused` (the fused read, PyTorch's sorted bank "
+                "gradient), `segment` (`bank_grad: segment`, the sort-free deterministic segment reduce), `triton-fused "
+                "atomic` (`bank_grad: index_add`). Floors: tools/bench_hml.py's `traffic`, "
+                "docs/hml.md \"The physical picture\".\n\n" + fused_table(payload)
+                + bank_grad_table(payload.get("bank_grad_rows", [])))
         write_section(docs, "## HML on GPU, fused kernels", body)
         done.append(f"{docs.name}: ## HML on GPU, fused kernels")
     log = src / "check.log"

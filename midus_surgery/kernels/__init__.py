@@ -119,8 +119,9 @@ def cpu_ops(strict: bool = False) -> Optional[SimpleNamespace]:
 
 def triton_kernel(name: str):
     """``hml_triton.<name>``: "topk2" (the slot selection) and "bag_dw" (the bag's weight gradient), the
-    Triton kernels hml.py runs on CUDA, or "memory_forward" and "memory_backward" (the whole read fused,
-    HMLConfig.kernels "triton-fused"; docs/hml.md, "Triton kernels").
+    Triton kernels hml.py runs on CUDA, "memory_forward" and "memory_backward" (the whole read fused,
+    HMLConfig.kernels "triton-fused"; docs/hml.md, "Triton kernels"), or "segment_bank_grad" (the bank's
+    gradient as a deterministic segment reduce, HMLConfig.bank_grad "segment").
     """
     try:
         from . import hml_triton

@@ -414,3 +414,149 @@ def memory_backward(dz: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, table
                 tokens_per_program, ATOMIC_TABLE=atomic_table, **blocks,
                 num_warps=8)  # the keys and their gradient accumulators stay in registers for the whole run
     return dq, partial.sum(0), dtable
+
+
+# ----------------------------------------------------------------------------------------
+# The bank's gradient as a deterministic segment reduce, without a sort and without float atomics
+# (HMLConfig.bank_grad "segment"; docs/hml.md, "The bank gradient as a segment reduce")
+# ----------------------------------------------------------------------------------------
+# dtable[r] = sum over the contributions m = b*k + i with idx[b, i] = r of w[b, i] * dz[b].
+# 1. count:  a [rows, blocks] table of how many contributions of each block of m hit each row
+#            (int32 atomics: integer sums do not depend on their order);
+# 2. scan:   its exclusive cumsum in (row, block) order is where each (row, block) run starts;
+# 3. place:  each block walks its contributions in order and writes m at the next free place of its
+#            row's run, so every row's list holds its m ascending: a stable counting sort by row;
+# 4. sum:    one program per chunk of a row's list sums w * dz in that order into a float32 partial;
+# 5. rows:   each row adds its chunks' partials in order.
+# Every sum has a fixed order, so the bits do not depend on the launch, nor on the number of blocks.
+
+@triton.jit
+def _segment_count_kernel(IDX, COUNT, M, per_block, blocks, V: tl.constexpr):
+    blk = tl.program_id(0)
+    lane = tl.arange(0, V)
+    for m0 in range(blk * per_block, tl.minimum(M, (blk + 1) * per_block), V):
+        m = m0 + lane  # per_block is a multiple of V: only the last vector of all runs past M
+        live = m < M
+        r = tl.load(IDX + m, mask=live, other=0)
+        tl.atomic_add(COUNT + r.to(tl.int64) * blocks + blk, tl.full((V,), 1, tl.int32), mask=live)
+
+
+@triton.jit
+def _segment_place_kernel(IDX, NEXT, ORDER, M, per_block, blocks, V: tl.constexpr):
+    # NEXT [rows, blocks] int32: where this block's next contribution to a row goes. Only this program
+    # touches its column, so the read-then-write below races with no other program.
+    blk = tl.program_id(0)
+    lane = tl.arange(0, V)
+    before = lane[None, :] < lane[:, None]  # [V, V]: lane c' comes before lane c
+    after = lane[None, :] > lane[:, None]
+    for m0 in range(blk * per_block, tl.minimum(M, (blk + 1) * per_block), V):
+        m = m0 + lane
+        live = m < M
+        r = tl.load(IDX + m, mask=live, other=-1)  # -1 never equals a row
+        same = r[:, None] == r[None, :]  # [V, V]
+        rank = tl.sum((same & before).to(tl.int32), axis=1)  # earlier lanes of the vector on the same row
+        last = tl.sum((same & after).to(tl.int32), axis=1) == 0
+        at = NEXT + r.to(tl.int64) * blocks + blk
+        pos = tl.load(at, mask=live, other=0) + rank
+        tl.debug_barrier()  # every lane has read its row's place before any lane moves it on
+        tl.store(ORDER + pos, m.to(tl.int32), mask=live)
+        tl.store(at, pos + 1, mask=live & last)
+        tl.debug_barrier()  # ... and the moves are seen by the next vector's reads
+
+
+@triton.jit
+def _segment_sum_kernel(ORDER, W, DZ, ROW_OF, FIRST, START, COUNT, PART, rows, k, d, s_dz, chunk,
+                        V: tl.constexpr, DP: tl.constexpr):
+    # one program: one chunk of one row's list (programs past the last chunk write nothing)
+    item = tl.program_id(0)
+    r = tl.load(ROW_OF + item)
+    if r < rows:
+        lo = tl.load(START + r) + (item - tl.load(FIRST + r)) * chunk
+        hi = tl.minimum(tl.load(START + r) + tl.load(COUNT + r), lo + chunk)
+        lane = tl.arange(0, V)
+        f = tl.arange(0, DP)
+        acc = tl.zeros((DP,), tl.float32)
+        for p0 in range(lo, hi, V):
+            p = p0 + lane
+            live = p < hi
+            m = tl.load(ORDER + p, mask=live, other=0).to(tl.int64)
+            wm = tl.load(W + m, mask=live, other=0.0).to(tl.float32)  # [V]
+            g = tl.load(DZ + (m // k)[:, None] * s_dz + f[None, :], mask=live[:, None] & (f < d)[None, :],
+                        other=0.0).to(tl.float32)  # [V, DP]: the bags' gradient rows
+            acc += tl.sum(wm[:, None] * g, axis=0)
+        tl.store(PART + item.to(tl.int64) * d + f, acc, mask=f < d)
+
+
+@triton.jit
+def _segment_rows_kernel(PART, FIRST, ITEMS, OUT, d, DP: tl.constexpr):
+    r = tl.program_id(0)
+    f = tl.arange(0, DP)
+    first = tl.load(FIRST + r)
+    acc = tl.zeros((DP,), tl.float32)
+    for c in range(0, tl.load(ITEMS + r)):
+        acc += tl.load(PART + (first + c) * d + f, mask=f < d, other=0.0)
+    tl.store(OUT + r.to(tl.int64) * d + f, acc, mask=f < d)
+
+
+def segment_order(idx: torch.Tensor, rows: int, blocks: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Passes 1-3: the flat positions m of ``idx`` (int64, any shape, values in [0, rows)) grouped by row,
+    each row's m ascending: what a stable argsort of ``idx.flatten()`` returns, by counting. Returns
+    (order [M] int32, start [rows] int64 where each row's list begins, count [rows] int64 its length).
+    ``blocks``: at most how many programs count and place (they share a [rows, blocks] int32 table).
+    """
+    M = idx.numel()
+    if M >= 2**31:
+        raise ValueError(f"segment_order: {M} positions do not fit its int32 order")
+    idx = idx.contiguous().view(-1)
+    V = 64
+    blocks = max(1, min(blocks, triton.cdiv(M, 4 * V), (1 << 24) // max(1, rows)))
+    per_block = triton.cdiv(triton.cdiv(M, blocks), V) * V
+    blocks = max(1, triton.cdiv(M, per_block))
+    count = torch.zeros(rows, blocks, device=idx.device, dtype=torch.int32)
+    order = torch.empty(M, device=idx.device, dtype=torch.int32)
+    if M == 0:
+        return order, torch.zeros(rows, device=idx.device, dtype=torch.int64), count.sum(1, dtype=torch.int64)
+    with _on_device(idx.device):
+        _segment_count_kernel[(blocks,)](idx, count, M, per_block, blocks, V=V)
+        flat = count.view(-1)
+        nxt = (torch.cumsum(flat, 0) - flat).to(torch.int32).view(rows, blocks)  # each (row, block) run's start
+        start = nxt[:, 0].to(torch.int64)
+        _segment_place_kernel[(blocks,)](idx, nxt, order, M, per_block, blocks, V=V)
+    return order, start, count.sum(1, dtype=torch.int64)
+
+
+def segment_bank_grad(dz: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, rows: int, blocks: int = 256,
+                      chunk: int = 2048) -> torch.Tensor:
+    """The table gradient of a weighted-sum bag, ``dtable[r] = sum of w[b, i] * dz[b] over idx[b, i] = r``,
+    deterministically and without a sort or float atomics (the five passes above).
+
+    dz: [B, d] (float32 / bf16 / fp16, any row stride), idx: [B, k] int64 rows of the table, w: [B, k].
+    Returns dtable [rows, d] float32. Each row sums its contributions in the order of b (then i), in float32
+    vectors of 64 within chunks of ``chunk`` (so a row most tokens read is summed by many programs), then the
+    chunks in order: the same bits on every run, whatever ``blocks`` is (``segment_order``'s).
+    """
+    if dz.dim() != 2 or idx.dim() != 2 or w.shape != idx.shape or dz.shape[0] != idx.shape[0]:
+        raise ValueError(f"segment_bank_grad takes dz [B, d], idx [B, k], w [B, k], got {tuple(dz.shape)}, "
+                         f"{tuple(idx.shape)}, {tuple(w.shape)}")
+    if dz.dtype == torch.float64 or w.dtype == torch.float64:
+        raise ValueError("segment_bank_grad sums in float32; float64 bags keep the pure-torch path")
+    B, k = idx.shape
+    d = dz.shape[1]
+    out = torch.zeros(rows, d, device=dz.device, dtype=torch.float32)
+    if B * k == 0 or d == 0:
+        return out
+    dz = dz if dz.stride(1) == 1 else dz.contiguous()
+    w = w.contiguous()
+    order, start, per_row = segment_order(idx, rows, blocks)
+    items = (per_row + chunk - 1) // chunk  # [rows] chunks of each row's list
+    ends = torch.cumsum(items, 0)
+    first = ends - items
+    programs = triton.cdiv(B * k, chunk) + rows  # no fewer than the chunks, without asking the device how many
+    row_of = torch.searchsorted(ends, torch.arange(programs, device=dz.device), right=True)  # [programs]
+    part = torch.empty(programs, d, device=dz.device, dtype=torch.float32)
+    DP = triton.next_power_of_2(d)
+    with _on_device(dz.device):
+        _segment_sum_kernel[(programs,)](order, w, dz, row_of, first, start, per_row, part, rows, k, d,
+                                         dz.stride(0), chunk, V=64, DP=DP)
+        _segment_rows_kernel[(rows,)](part, first, items, out, d, DP=DP)
+    return out

@@ -58,7 +58,7 @@ _QUERY_NORMS = ("none", "rms", "layer", "batch")
 _OUTPUT_PROJ = ("auto", "always", "never")
 _QUERY_SOURCES = ("heads", "hidden")
 _INITS = ("zero_proj", "zero_bank", "random")
-_BANK_GRADS = ("auto", "sparse_mm", "embedding_bag", "index_add")
+_BANK_GRADS = ("auto", "sparse_mm", "embedding_bag", "index_add", "segment")
 # What a layer may be told to run on (HMLConfig.kernels; MIDUS_HML_KERNELS is the default):
 #   auto    the fastest available: Triton on CUDA, the compiled CPU kernels on CPU, else pure torch;
 #   fused   as auto, but a failed build of the CPU kernels is an error instead of a one-time warning;
@@ -79,10 +79,11 @@ class HMLConfig:
       bank_grad  how the latent-bank (or value-table) gradient is accumulated on the backward:
                  "sparse_mm" (dU = A^T @ dz with A the sparse [bags, slots] weight matrix,
                  COO, one torch.sparse.mm), "embedding_bag" (PyTorch's embedding-bag
-                 backward), "index_add" (rows w_i * dz index-added in chunks) or "auto"
-                 (default: the fastest measured on the table's device, see
-                 _bank_grad_method).  All give a dense gradient (so any optimiser works);
-                 the timings are in docs/hml.md.
+                 backward), "index_add" (rows w_i * dz index-added in chunks), "segment"
+                 (the Triton kernels' deterministic segment reduce, kernels/hml_triton.py;
+                 on a path without Triton kernels it means "auto") or "auto" (default: the
+                 fastest measured on the table's device, see _bank_grad_method).  All give a
+                 dense gradient (so any optimiser works); the timings are in docs/hml.md.
       kernels    what the layer runs on (docs/hml.md, "Compiled CPU kernels" and "Triton
                  kernels"): one of KERNELS, or None (default): MIDUS_HML_KERNELS when the layer
                  is built, "auto" when unset. Not a weight: it changes the speed, not the values
@@ -523,13 +524,16 @@ def _bag_forward(table: Tensor, idx: Tensor, w: Tensor, fused: bool = False):
     return z, offsets, offset2bag
 
 
-def _bank_grad_method(mode: str, device_type: str) -> str:
+def _bank_grad_method(mode: str, device_type: str, triton: bool = False) -> str:
     """The bank-gradient method ``mode`` names; "auto" picks the fastest measured (docs/hml.md).
 
     CPU (pure-torch path): sparse_mm.  CUDA: embedding_bag, 0.83-0.96x the layer's time with
     sparse_mm, whose COO coalesce sorts and syncs with the host.  Both are deterministic there;
-    index_add (float atomics on CUDA) is not.
+    index_add (float atomics on CUDA) is not.  "segment" is a Triton kernel: on a path without
+    them (``triton`` False) it falls back to "auto", which is deterministic too.
     """
+    if mode == "segment" and not triton:
+        mode = "auto"
     if mode != "auto":
         return mode
     return "sparse_mm" if device_type == "cpu" else "embedding_bag"
@@ -551,7 +555,7 @@ def _bag_backward(dz: Tensor, table: Tensor, idx: Tensor, w: Tensor, offsets, of
         return (dw if need_w else None), (dtable if need_table else None)  # in the table dtype
     B, k = idx.shape
     dw = dtable = None
-    mode = _bank_grad_method(mode, table.device.type)
+    mode = _bank_grad_method(mode, table.device.type, triton=backend == "triton")
     flat_idx = idx.reshape(-1)
     # bf16/fp16 tables accumulate in fp32: more exact, and CUDA has no bf16 kernel for the
     # per-sample-weights backward nor for sparse mm
@@ -563,7 +567,9 @@ def _bag_backward(dz: Tensor, table: Tensor, idx: Tensor, w: Tensor, offsets, of
             dz.to(gd), table.to(gd), flat_idx, offsets, offset2bag, 0, -1
         ).view(B, k)
     if need_table:
-        if mode == "embedding_bag":
+        if mode == "segment" and gd == torch.float32:
+            dtable = _triton_kernel("segment_bank_grad")(dz, idx, w, table.shape[0]).to(table.dtype)
+        elif mode == "embedding_bag" or mode == "segment":  # float64 tables: the sorted, deterministic method
             dtable = torch.ops.aten._embedding_bag_backward(
                 dz.to(gd), flat_idx, offsets, offset2bag,
                 torch.full((B,), k, dtype=torch.long, device=idx.device),
@@ -698,7 +704,8 @@ class _FusedRead(torch.autograd.Function):
     (head_rows 0) or the head's pooled value (HIVE off, head_rows n*n). w and slots are returned for the
     observer and carry no gradient. The backward's kernel gives dq and dkeys; the table's gradient comes
     from the same kernel's float32 atomics when ``bank_grad`` is "index_add" (not deterministic; never
-    under torch.use_deterministic_algorithms), else from the pure-torch path's methods.
+    under torch.use_deterministic_algorithms), from the segment-reduce kernels when it is "segment",
+    else from the pure-torch path's methods.
     """
 
     @staticmethod
@@ -714,7 +721,7 @@ class _FusedRead(torch.autograd.Function):
     def backward(ctx, dz, _dw, _dslots):
         q, keys, table, w, i_sub, j_sub = ctx.saved_tensors
         need_q, need_keys, need_table = ctx.needs_input_grad[:3]
-        mode = _bank_grad_method(ctx.bank_grad, table.device.type)
+        mode = _bank_grad_method(ctx.bank_grad, table.device.type, triton=True)
         atomic = need_table and mode == "index_add" and not torch.are_deterministic_algorithms_enabled()
         dq = dkeys = dtable = None
         if need_q or need_keys or atomic:
@@ -726,7 +733,7 @@ class _FusedRead(torch.autograd.Function):
             offsets = torch.arange(0, H * T * k, k, device=w.device)
             offset2bag = torch.arange(H * T, device=w.device).repeat_interleave(k)
             _, dtable = _bag_backward(dz.reshape(H * T, -1), table, idx, w.view(H * T, k), offsets, offset2bag,
-                                      False, True, "embedding_bag" if mode == "index_add" else mode)
+                                      False, True, "embedding_bag" if mode == "index_add" else mode, backend="triton")
         return (dq if need_q else None), (dkeys if need_keys else None), \
             (dtable.to(table.dtype) if need_table else None), None, None, None
 
