@@ -339,36 +339,24 @@ def test_a_fused_read_without_gradients_runs_the_forward_kernel_alone(hive, monk
         assert torch.equal(layer(x), ref.detach())
 
 
-def test_deterministic_algorithms_keep_the_fused_backward_off_atomics(monkeypatch):
+@pytest.mark.parametrize("bank_grad,spied,expected", [
+    ("index_add", "memory_backward", [False]),  # the kernel is told: no atomics on the table
+    ("segment", "segment_bank_grad", [(2 * 5, 4)]),  # deterministic by construction: kept, on H*T bags of k slots
+])
+def test_deterministic_algorithms_keep_the_fused_backward_deterministic(bank_grad, spied, expected, monkeypatch):
     layer = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=6, topk=4, latent_dim=5, init="random", kernels="triton-fused",
-                                              bank_grad="index_add"))
+                                              bank_grad=bank_grad))
     seen = []
-    real = hml_triton.memory_backward
-    monkeypatch.setattr(hml_triton, "memory_backward", lambda *a, **kw: seen.append(a[-1]) or real(*a, **kw))
+    real = getattr(hml_triton, spied)
+    what = (lambda a: a[-1]) if spied == "memory_backward" else (lambda a: tuple(a[1].shape))
+    monkeypatch.setattr(hml_triton, spied, lambda *a, **kw: seen.append(what(a)) or real(*a, **kw))
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         layer(torch.randn(5, 2, 8)).sum().backward()
     finally:
         torch.use_deterministic_algorithms(before)
-    assert seen == [False]
-    assert layer.bank.weight.grad is not None and layer.bank.weight.grad.abs().sum() > 0
-
-
-def test_deterministic_algorithms_keep_the_segment_reduce(monkeypatch):
-    # it is deterministic by construction, so torch's deterministic mode needs no fallback from it
-    layer = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=6, topk=4, latent_dim=5, init="random", kernels="triton-fused",
-                                              bank_grad="segment"))
-    seen = []
-    real = hml_triton.segment_bank_grad
-    monkeypatch.setattr(hml_triton, "segment_bank_grad", lambda *a, **kw: seen.append(a[1].shape) or real(*a, **kw))
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        layer(torch.randn(5, 2, 8)).sum().backward()
-    finally:
-        torch.use_deterministic_algorithms(before)
-    assert seen == [(2 * 5, 4)]  # H*T bags of k slots
+    assert seen == expected
     assert layer.bank.weight.grad is not None and layer.bank.weight.grad.abs().sum() > 0
 
 
