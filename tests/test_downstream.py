@@ -180,7 +180,9 @@ def test_a_task_template_that_reaches_python_internals_runs_only_with_allow_task
     marker = tmp_path / "ran"
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    payload = f"{{{{ cycler.__init__.__globals__.os.system('touch {marker}') }}}}"
+    # os.open (O_WRONLY | O_CREAT), not os.system: a fork in this many-threaded process can deadlock the
+    # child before it execs (seen: the run hung until its timeout)
+    payload = f"{{{{ cycler.__init__.__globals__.os.open('{marker}', 65) }}}}"
     (tasks / "midus_cloze_jinja.yaml").write_text((world["tasks"] / "midus_cloze.yaml").read_text()
                                                   .replace("task: midus_cloze", "task: midus_cloze_jinja")
                                                   .replace('doc_to_text: "{{context}}"', f'doc_to_text: "{payload}{{{{context}}}}"'))

@@ -357,7 +357,7 @@ def test_midus_output_trains_memory_with_its_own_group(world, tmp_path):
 
     recipe = tmp_path / "midus.yaml"
     recipe.write_text(f"base:\n  path: {world['plain']}\nlayout:\n  interleave:\n    after_every: 2\n    kind: memory\n"
-                      "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\noutput:\n  dir: out\n  dtype: float32\n")
+                      "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n  bank_grad: segment\noutput:\n  dir: out\n  dtype: float32\n")
     out = emit(plan_recipe(recipe), progress=False).out_dir
     lines = []
     cfg = write_config(tmp_path / "run.yaml", out, tmp_path / "run", world["corpus"], world["cache"], tokens=16 * 4 * 4, freeze="base",
@@ -370,6 +370,8 @@ def test_midus_output_trains_memory_with_its_own_group(world, tmp_path):
 
     path = "compiled CPU kernels" if kernels.cpu_ops() is not None else "pure-torch path"
     assert f"\nmemory layer: {path} (" in text  # the start line says what the layer runs on
+    instead = "the compiled kernels' own" if path.startswith("compiled") else "sparse_mm (what auto picks here)"
+    assert f"\nmemory bank gradient: bank_grad segment is a Triton kernel (CUDA); on the {path} the bank's gradient is {instead}" in text
     final = tmp_path / "run" / "final"
     assert {"modeling_midus.py", "configuration_midus.py", "hml.py", "midus_plan.json"} <= {p.name for p in final.iterdir()}
     before, after = state_of(out), state_of(final)

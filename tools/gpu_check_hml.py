@@ -491,6 +491,11 @@ def check_fused(dev, sync, card, dry_run: bool, check, json_out=None) -> None:
     idx_flat, w_flat, dz_flat = (i * n + j).view(H * T, k), w.view(H * T, k), dz.view(H * T, dl)
     order, _, _ = hml_triton.segment_order(idx_flat, n * n)
     check("segment_order is the stable argsort by row", torch.equal(order.long(), torch.argsort(idx_flat.view(-1), stable=True)))
+    hot = idx_flat.clone()
+    hot[::2, 0] = 0  # half the bags on one row: long runs within a vector and across blocks
+    check("segment_order is the stable argsort by row with a hot row, for 1, 7, 256 and 1024 counting blocks",
+          all(torch.equal(hml_triton.segment_order(hot, n * n, b_)[0].long(), torch.argsort(hot.view(-1), stable=True))
+              for b_ in (1, 7, 256, 1024)))
     seg = hml_triton.segment_bank_grad(dz_flat, idx_flat, w_flat, n * n)
     check(f"segment bank gradient == autograd's (max diff {(seg - rgrads[2]).abs().max().item():.1e})",
           torch.allclose(seg, rgrads[2], rtol=1e-4, atol=1e-4))
@@ -561,13 +566,17 @@ def check_fused(dev, sync, card, dry_run: bool, check, json_out=None) -> None:
                 "embedding_bag ms": time_ms(lambda: torch.ops.aten._embedding_bag_backward(
                     gdz, gidx.view(-1), off, o2b, sizes_, none_, nn_ * nn_, False, 0, False, gw.view(-1), -1), sync, dry_run),
                 "segment ms": time_ms(lambda: hml_triton.segment_bank_grad(gdz, gidx, gw, nn_ * nn_), sync, dry_run),
+                # more counting blocks: shorter serial placement chains, a larger [rows, blocks] table to scan
+                "segment 1024 blocks ms": time_ms(lambda: hml_triton.segment_bank_grad(gdz, gidx, gw, nn_ * nn_, blocks=1024),
+                                                  sync, dry_run),
                 "atomic ms": time_ms(lambda: torch.zeros(nn_ * nn_, dd, device=dev).index_add_(
                     0, gidx.view(-1), (gw[:, :, None] * gdz[:, None, :]).view(-1, dd)), sync, dry_run)}
         bank_rows.append(brow)
         save()
         print(f"[fused] bank gradient alone, {size}, {bags_} bags of {kk} ({card}): embedding_bag backward "
               f"{brow['embedding_bag ms']:.3f} ms, segment {brow['segment ms']:.3f} ms "
-              f"({brow['segment ms'] / brow['embedding_bag ms']:.2f}x), index_add atomics {brow['atomic ms']:.3f} ms")
+              f"({brow['segment ms'] / brow['embedding_bag ms']:.2f}x; with 1024 counting blocks {brow['segment 1024 blocks ms']:.3f} ms), "
+              f"index_add atomics {brow['atomic ms']:.3f} ms")
         del gidx, gw, gdz
 
     batches = [(1, 16)] if dry_run else [(4, 256), (16, 1024)]

@@ -428,24 +428,31 @@ def memory_backward(dz: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, table
 #            row's run, so every row's list holds its m ascending: a stable counting sort by row;
 # 4. sum:    one program per chunk of a row's list sums w * dz in that order into a float32 partial;
 # 5. rows:   each row adds its chunks' partials in order.
-# Every sum has a fixed order, so the bits do not depend on the launch, nor on the number of blocks.
+# Every sum has a fixed order, so the bits do not depend on the launch nor on the number of blocks: the
+# same inputs give the same gradient on every run. (Triton compiles a kernel per alignment of its
+# pointers and strides, and the split of step 4's 64-row sum can differ between those compiles: the
+# bits are those of one device, Triton version and input layout.)
 
 @triton.jit
 def _segment_count_kernel(IDX, COUNT, M, per_block, blocks, V: tl.constexpr):
-    blk = tl.program_id(0)
+    blk = tl.program_id(0).to(tl.int64)  # int64: blk * per_block may pass 2**31 near the size limit
     lane = tl.arange(0, V)
     for m0 in range(blk * per_block, tl.minimum(M, (blk + 1) * per_block), V):
         m = m0 + lane  # per_block is a multiple of V: only the last vector of all runs past M
         live = m < M
         r = tl.load(IDX + m, mask=live, other=0)
-        tl.atomic_add(COUNT + r.to(tl.int64) * blocks + blk, tl.full((V,), 1, tl.int32), mask=live)
+        # relaxed: only the final counts matter, read after the kernel
+        tl.atomic_add(COUNT + r.to(tl.int64) * blocks + blk, tl.full((V,), 1, tl.int32), mask=live, sem="relaxed")
 
 
 @triton.jit
 def _segment_place_kernel(IDX, NEXT, ORDER, M, per_block, blocks, V: tl.constexpr):
     # NEXT [rows, blocks] int32: where this block's next contribution to a row goes. Only this program
-    # touches its column, so the read-then-write below races with no other program.
-    blk = tl.program_id(0)
+    # touches its column, so the read-then-write below races with no other program. Within the program,
+    # the barriers order each vector's reads before its writes and its writes before the next reads: a
+    # bar.sync orders the global accesses of one CTA. Launched with num_stages=1 so that no pipelining
+    # prefetches a later vector's reads across them (Triton does not track global-memory dependences).
+    blk = tl.program_id(0).to(tl.int64)
     lane = tl.arange(0, V)
     before = lane[None, :] < lane[:, None]  # [V, V]: lane c' comes before lane c
     after = lane[None, :] > lane[:, None]
@@ -466,23 +473,24 @@ def _segment_place_kernel(IDX, NEXT, ORDER, M, per_block, blocks, V: tl.constexp
 
 @triton.jit
 def _segment_sum_kernel(ORDER, W, DZ, ROW_OF, FIRST, START, COUNT, PART, rows, k, d, s_dz, chunk,
-                        V: tl.constexpr, DP: tl.constexpr):
-    # one program: one chunk of one row's list (programs past the last chunk write nothing)
+                        V: tl.constexpr, DC: tl.constexpr):
+    # one program: one chunk of one row's list, DC of its d columns (programs past the last chunk write nothing)
     item = tl.program_id(0)
     r = tl.load(ROW_OF + item)
     if r < rows:
         lo = tl.load(START + r) + (item - tl.load(FIRST + r)) * chunk
         hi = tl.minimum(tl.load(START + r) + tl.load(COUNT + r), lo + chunk)
         lane = tl.arange(0, V)
-        f = tl.arange(0, DP)
-        acc = tl.zeros((DP,), tl.float32)
+        f = tl.program_id(1) * DC + tl.arange(0, DC)
+        acc = tl.zeros((DC,), tl.float32)
         for p0 in range(lo, hi, V):
             p = p0 + lane
             live = p < hi
-            m = tl.load(ORDER + p, mask=live, other=0).to(tl.int64)
-            wm = tl.load(W + m, mask=live, other=0.0).to(tl.float32)  # [V]
-            g = tl.load(DZ + (m // k)[:, None] * s_dz + f[None, :], mask=live[:, None] & (f < d)[None, :],
-                        other=0.0).to(tl.float32)  # [V, DP]: the bags' gradient rows
+            m = tl.load(ORDER + p, mask=live, other=0)  # int32
+            wm = tl.load(W + m.to(tl.int64), mask=live, other=0.0).to(tl.float32)  # [V]
+            bag = (m // k).to(tl.int64)  # divided in int32: m < 2**31
+            g = tl.load(DZ + bag[:, None] * s_dz + f[None, :], mask=live[:, None] & (f < d)[None, :],
+                        other=0.0).to(tl.float32)  # [V, DC]: the bags' gradient rows
             acc += tl.sum(wm[:, None] * g, axis=0)
         tl.store(PART + item.to(tl.int64) * d + f, acc, mask=f < d)
 
@@ -521,7 +529,8 @@ def segment_order(idx: torch.Tensor, rows: int, blocks: int = 256) -> tuple[torc
         flat = count.view(-1)
         nxt = (torch.cumsum(flat, 0) - flat).to(torch.int32).view(rows, blocks)  # each (row, block) run's start
         start = nxt[:, 0].to(torch.int64)
-        _segment_place_kernel[(blocks,)](idx, nxt, order, M, per_block, blocks, V=V)
+        # two warps hold the 64 lanes once each (no copies of a lane in other warps); num_stages=1: see the kernel
+        _segment_place_kernel[(blocks,)](idx, nxt, order, M, per_block, blocks, V=V, num_warps=2, num_stages=1)
     return order, start, count.sum(1, dtype=torch.int64)
 
 
@@ -533,7 +542,7 @@ def segment_bank_grad(dz: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, rows
     dz: [B, d] (float32 / bf16 / fp16, any row stride), idx: [B, k] int64 rows of the table, w: [B, k].
     Returns dtable [rows, d] float32. Each row sums its contributions in the order of b (then i), in float32
     vectors of 64 within chunks of ``chunk`` (so a row most tokens read is summed by many programs), then the
-    chunks in order: the same bits on every run, whatever ``blocks`` is (``segment_order``'s).
+    chunks in order: the same bits on every run of the same inputs, whatever ``blocks`` is (``segment_order``'s).
     """
     if dz.dim() != 2 or idx.dim() != 2 or w.shape != idx.shape or dz.shape[0] != idx.shape[0]:
         raise ValueError(f"segment_bank_grad takes dz [B, d], idx [B, k], w [B, k], got {tuple(dz.shape)}, "
@@ -554,9 +563,9 @@ def segment_bank_grad(dz: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, rows
     programs = triton.cdiv(B * k, chunk) + rows  # no fewer than the chunks, without asking the device how many
     row_of = torch.searchsorted(ends, torch.arange(programs, device=dz.device), right=True)  # [programs]
     part = torch.empty(programs, d, device=dz.device, dtype=torch.float32)
-    DP = triton.next_power_of_2(d)
+    DC = min(128, triton.next_power_of_2(d))  # columns per program: a [64, DC] block of dz rows in registers
     with _on_device(dz.device):
-        _segment_sum_kernel[(programs,)](order, w, dz, row_of, first, start, per_row, part, rows, k, d,
-                                         dz.stride(0), chunk, V=64, DP=DP)
-        _segment_rows_kernel[(rows,)](part, first, items, out, d, DP=DP)
+        _segment_sum_kernel[(programs, triton.cdiv(d, DC))](order, w, dz, row_of, first, start, per_row, part, rows, k, d,
+                                                            dz.stride(0), chunk, V=64, DC=DC)
+        _segment_rows_kernel[(rows,)](part, first, items, out, d, DP=triton.next_power_of_2(d))
     return out

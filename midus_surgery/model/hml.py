@@ -233,6 +233,18 @@ def backend_words(backend: str) -> str:
     return _BACKEND_WORDS[backend]
 
 
+def bank_grad_note(model: nn.Module, backend: str, device_type: str) -> str:
+    """One line for a training run's start when a layer asks for a bank-gradient method its backend
+    (``prepare_kernels``' answer) does not run: "segment" off the Triton kernels. "" otherwise."""
+    asked = {m.config.bank_grad for m in _memory_layers(model)}
+    if "segment" not in asked or set(backend.split("+")) & {"triton", "triton-fused"}:
+        return ""
+    instead = ("the compiled kernels' own" if backend == "cpu"
+               else f"{_bank_grad_method('auto', device_type)} (what auto picks here)")
+    return (f"memory bank gradient: bank_grad segment is a Triton kernel (CUDA); on the {backend_words(backend)} "
+            f"the bank's gradient is {instead}, the same values to float rounding")
+
+
 def use_kernels(model: nn.Module, kernels: Optional[str]) -> None:
     """Switch every memory layer in ``model`` (or the layer itself) to ``kernels`` (one of KERNELS;
     None: the environment's, as when built). Their resolved backends are forgotten; the CPU ones are

@@ -588,10 +588,13 @@ class Runner:
         if self.sharding_note:
             self.say(self.sharding_note)
         if self.is_midus:
-            from midus_surgery.model.hml import backend_words
+            from midus_surgery.model.hml import backend_words, bank_grad_note
 
             hint = "" if self.memory_backend == "torch" else " (MIDUS_HML_KERNELS=torch runs the pure-torch path instead)"
             self.say(f"memory layer: {' + '.join(map(backend_words, self.memory_backend.split('+')))}{hint}")
+            note = bank_grad_note(self.model, self.memory_backend, acc.device.type)
+            if note:
+                self.say(note)
         if cfg.compile:
             self.say("compile: the first step compiles the model (about 2 minutes for the 45-layer SmolLM2 outputs on an H200); "
                      "tok/s and ETA count from the second step")
