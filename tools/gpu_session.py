@@ -3,8 +3,10 @@
 
 A GPU machine is lent for minutes at a time, with nothing installed from here and no network. So:
 
-    python tools/gpu_session.py prepare       # here: the SmolLM2 outputs' small files (configs, plans, code;
-                                              # no weights) copied into work/gpu-carry/
+    python tools/gpu_session.py prepare       # here: every Triton kernel compiled for sm_90 first
+                                              # (tools/compile_kernels.py: a kernel that does not compile
+                                              # would waste the session), then the SmolLM2 outputs' small
+                                              # files (configs, plans, code; no weights) copied into work/gpu-carry/
     python tools/gpu_session.py run           # there (device tool, carry ["work/gpu-carry"]): the steps below,
                                               # logs and JSON under $OUT (else docs/results/gpu-session/)
     python tools/gpu_session.py report DIR    # here, on the files that came back: the docs sections
@@ -217,6 +219,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.what == "prepare":
         from bench_step import ensure_outputs
+
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        if subprocess.run([sys.executable, str(REPO / "tools" / "compile_kernels.py")], cwd=REPO, env=env).returncode != 0:
+            print("gpu_session prepare: a Triton kernel does not compile for sm_90 (above); fix it before a GPU session",
+                  file=sys.stderr)
+            return 1
 
         for layout in ("every5", "every2"):  # applies a bundled recipe whose output is missing (needs the SmolLM2 base)
             ensure_outputs(print, False, layout)
