@@ -33,7 +33,7 @@ def test_the_kernels_never_run_on_a_gpu_compile_for_sm_90():
     assert all(line.startswith("[ok]") and ": sm_90, registers " in line for line in lines)
     assert sum("_memory_bwd_kernel" in line for line in lines) == 2  # with and without the atomic table
     place = next(line for line in lines if "_segment_place_kernel" in line)
-    assert "2 warps, 1 stages" in place  # the launch options travel with the recorded launch
+    assert "num_warps=2, num_stages=1" in place  # the launch options travel with the recorded launch
     assert proc.stdout.rstrip().endswith("OK")
 
 
@@ -46,3 +46,8 @@ def test_a_kernel_filter_that_matches_nothing_is_one_line_and_exit_2():
     assert bad.returncode == 2 and "--sizes: unknown ['GPT-5']" in bad.stderr
     bank = _run("--banks", "int8")
     assert bank.returncode == 2 and "--banks: of float32, bfloat16, float16, got 'int8'" in bank.stderr
+    arch = _run("--arch", "12")
+    assert arch.returncode == 2 and "--arch: a CUDA compute capability x 10 of 75, 80" in arch.stderr and not arch.stdout
+    tokens = _run("--tokens", "0")
+    assert tokens.returncode == 2 and "--tokens: at least 1, got 0" in tokens.stderr
+    assert all("Traceback" not in p.stderr for p in (bad, bank, arch, tokens))

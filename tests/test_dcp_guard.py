@@ -1,9 +1,10 @@
 """A sharded (DCP) checkpoint is checked before torch reads its pickles.
 
 torch reads DCP's ``.metadata`` with plain pickle and the checkpoint's non-tensor items with
-torch.load(weights_only=False). Each test first shows that its crafted file runs a command when
-read as torch reads it, then that the check refuses it, without running it, and that a resume
-stops with one line naming the file.
+torch.load(weights_only=False). Each test first shows that its crafted file runs code when read
+as torch reads it (``os.mkdir`` of a marker: a call into ``os`` that does not fork, since a fork in
+this many-threaded process can deadlock its child), then that the check refuses it, without running
+it, and that a resume stops with one line naming the file.
 """
 
 from __future__ import annotations
@@ -27,20 +28,20 @@ def _short_string(text: str) -> bytes:
     return b"\x8c" + bytes([len(data)]) + data  # SHORT_BINUNICODE
 
 
-def dotted_global_payload(command: str) -> bytes:
-    """Protocol 4 names ``os.system`` as an attribute path from an allowed-looking DCP module."""
-    return (b"\x80\x04" + _short_string("torch.distributed.checkpoint.filesystem") + _short_string("os.system") + b"\x93"
-            + _short_string(command) + b"\x85R.")  # STACK_GLOBAL, (command,), REDUCE
+def dotted_global_payload(path: str) -> bytes:
+    """Protocol 4 names ``os.mkdir`` as an attribute path from an allowed-looking DCP module."""
+    return (b"\x80\x04" + _short_string("torch.distributed.checkpoint.filesystem") + _short_string("os.mkdir") + b"\x93"
+            + _short_string(path) + b"\x85R.")  # STACK_GLOBAL, (path,), REDUCE
 
 
-class RunsCommand:
-    def __init__(self, command: str):
-        self.command = command
+class RunsCode:
+    def __init__(self, path: str):
+        self.path = path
 
     def __reduce__(self):
         import os
 
-        return (os.system, (self.command,))
+        return (os.mkdir, (self.path,))
 
 
 def save_sharded(folder: Path) -> None:
@@ -93,15 +94,15 @@ def test_a_whole_sharded_checkpoint_passes(tmp_path):
 
 def test_a_dotted_name_through_a_dcp_module_is_refused(tmp_path):
     marker = tmp_path / "ran"
-    payload = dotted_global_payload(f"touch {marker}")
+    payload = dotted_global_payload(str(marker))
     pickle.loads(payload)  # what torch's plain pickle.load does with it
     assert marker.exists()
-    marker.unlink()
+    marker.rmdir()
 
     save_sharded(tmp_path / "dcp")
     (tmp_path / "dcp" / ".metadata").write_bytes(payload)
     problem = dcp_metadata_problem(tmp_path / "dcp" / ".metadata")
-    assert "torch.distributed.checkpoint.filesystem.os.system" in problem and "could run code" in problem
+    assert "torch.distributed.checkpoint.filesystem.os.mkdir" in problem and "could run code" in problem
     with pytest.raises(TrainingError, match=r"cannot resume from .*step-00000002: pytorch_model_fsdp_0/\.metadata: .*could run code"):
         resume(checkpoint_around(tmp_path / "dcp"))
     assert not marker.exists()
@@ -110,13 +111,13 @@ def test_a_dotted_name_through_a_dcp_module_is_refused(tmp_path):
 def test_a_non_tensor_item_that_torch_would_unpickle_is_refused(tmp_path):
     marker = tmp_path / "ran"
     buffer = io.BytesIO()
-    torch.save(RunsCommand(f"touch {marker}"), buffer)
+    torch.save(RunsCode(str(marker)), buffer)
     save_sharded(tmp_path / "dcp")
     plant_in_bytes_item(tmp_path / "dcp", buffer.getvalue())
     assert dcp_metadata_problem(tmp_path / "dcp" / ".metadata") is None  # the metadata itself is DCP's own
-    torch_reads(tmp_path / "dcp")  # torch's own load runs the command (and sets lr to its exit status)
+    torch_reads(tmp_path / "dcp")  # torch's own load runs the code (and sets lr to what it returns)
     assert marker.exists()
-    marker.unlink()
+    marker.rmdir()
 
     problem = dcp_checkpoint_problem(tmp_path)
     assert problem.startswith("dcp/__0_0.distcp: item 'optimizer.lr': not plain tensors and numbers") and "could run code" in problem

@@ -47,9 +47,10 @@ def test_gpu_check_dry_run_passes_every_check_and_times_every_variant(tmp_path):
                  "fused backward == autograd through the pure-torch read (atomic table)",
                  "a layer on the fused kernels == the pure-torch layer {}", "a layer on the fused kernels == the pure-torch layer {'hive': False}",
                  "a layer on the fused kernels == the pure-torch layer {'bank_grad': 'segment'}",
+                 "a layer on the triton kernels == the pure-torch layer {'bank_grad': 'segment'}",
                  "segment_order is the stable argsort by row", "segment_order is the stable argsort by row with a hot row",
                  "segment bank gradient == autograd's",
-                 "segment bank gradient: the same bits for 1, 7 and 256 counting blocks", "bf16 layer on the fused kernels"):
+                 "segment bank gradient: the same bits for 1, ", "bf16 layer on the fused kernels"):  # the block counts used
         assert any(line.startswith("[ok]") and name in line for line in checks), name
     fused = [line for line in out.splitlines() if line.startswith("[fused] SmolLM2-135M recipe 1x16")]
     assert len(fused) == 2  # float32 and bfloat16
@@ -58,7 +59,7 @@ def test_gpu_check_dry_run_passes_every_check_and_times_every_variant(tmp_path):
                      "triton-fused atomic ", "floor: unique bytes "):
             assert path in line, (path, line)
     bank = [line for line in out.splitlines() if line.startswith("[fused] bank gradient alone, SmolLM2-135M recipe")]
-    assert len(bank) == 1 and all(f"{what} " in bank[0] for what in ("embedding_bag backward", "segment", "with 1024 counting blocks",
+    assert len(bank) == 1 and all(f"{what} " in bank[0] for what in ("embedding_bag backward", "segment", "asked for 1024 counting blocks",
                                                                  "index_add atomics"))
     payload = json.loads(rows.read_text())  # what tools/gpu_session.py report reads
     assert [(r["batch"], r["dtype"]) for r in payload["rows"]] == [("1x16", "bfloat16"), ("1x16", "float32")]  # targets' dtype first

@@ -88,7 +88,7 @@ def test_the_report_judges_the_targets_on_the_best_path_of_each_targeted_row(tmp
     src = tmp_path / "session"
     src.mkdir()
     bank = [{"size": "SmolLM2-135M recipe", "bags": 147456, "k": 32, "d": 64, "embedding_bag ms": 1.30, "segment ms": 0.39,
-             "segment 1024 blocks ms": 0.26, "atomic ms": 0.80}]
+             "segment 1024 blocks ms": 0.26, "blocks": 256, "wide blocks": 1024, "atomic ms": 0.80}]
     (src / "hml_fused.json").write_text(json.dumps({"device": "NVIDIA H200", "torch": "2.11", "rows": rows, "bank_grad_rows": bank}))
     (src / "check.log").write_text("[ok] everything\nOK\n")
     docs, results = tmp_path / "benchmarks.md", tmp_path / "results"
@@ -99,7 +99,7 @@ def test_the_report_judges_the_targets_on_the_best_path_of_each_targeted_row(tmp
     assert "- SmolLM2-135M recipe bfloat16 16x1024: best path triton-fused at 0.86x the FFN (target <= 1.0: met)" in text
     assert "- Llama-3.2-1B bfloat16 16x1024: best path triton-fused at 0.75x the FFN (target <= 0.5: NOT met)" in text
     assert "| SmolLM2-135M recipe | 4x256 | float32 | 1.00 | 3.00 (3.00x) | - | - | - | - | - | 0.050 / 0.500 |" in text
-    assert "| SmolLM2-135M recipe | 147456 x 32, 64 | 1.300 | 0.390 (0.30x) | 0.260 (0.20x) | 0.800 |" in text
+    assert "| SmolLM2-135M recipe | 147456 x 32, 64 | 1.300 | 0.390 (0.30x) [256] | 0.260 (0.20x) [1024] | 0.800 |" in text
     assert (results / "gpu_check_hml_session.log").read_text().endswith("OK\n")
 
 

@@ -435,6 +435,18 @@ def test_the_segment_bank_grad_is_the_same_bits_whatever_the_launch():
         assert torch.equal(hml_triton.segment_bank_grad(dz, idx, w, 37, blocks=blocks, chunk=128), first), blocks
 
 
+def test_the_counting_blocks_are_capped_by_the_contributions_and_the_table_size():
+    recipe, llama, hive_off = 9 * 16384 * 32, 32 * 16384 * 32, 9 * 16384 * 32  # contributions at 16 x 1024 tokens
+    assert hml_triton.segment_blocks(recipe, 128 * 128)[0] == 256
+    assert hml_triton.segment_blocks(recipe, 128 * 128, 1024)[0] == 1024
+    assert hml_triton.segment_blocks(llama, 256 * 256, 1024)[0] == 256  # a [65536, 256] int32 table: 64 MB
+    assert hml_triton.segment_blocks(hive_off, 9 * 128 * 128)[0] == 113  # HIVE off: few blocks, long chains
+    assert hml_triton.segment_blocks(1000, 50)[0] == 4  # one block per 256 contributions at most
+    for M, rows, asked in ((recipe, 16384, 256), (1000, 50, 256), (1, 1, 7), (12345, 70, 3)):
+        blocks, per_block = hml_triton.segment_blocks(M, rows, asked)
+        assert per_block % 64 == 0 and (blocks - 1) * per_block < M <= blocks * per_block  # every block has work
+
+
 def test_the_segment_bank_grad_rejects_what_it_cannot_take():
     idx = torch.zeros(3, 2, dtype=torch.long)
     with pytest.raises(ValueError, match="dz \\[B, d\\], idx"):

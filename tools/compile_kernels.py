@@ -10,8 +10,10 @@ segment_bank_grad) is called on CPU tensors of the bench_hml sizes with its kern
 recorders: what each launch would pass (pointer dtypes, integers, constexprs, num_warps, num_stages)
 becomes a Triton signature that ``triton.compile`` turns into PTX and a cubin for the target, with
 Triton's own ptxas. ``ptxas -v`` then says each kernel's registers per thread and spilled bytes:
-a kernel that spills is slow before it runs. Nothing runs on a GPU, so this says nothing of
-correctness or speed (tools/gpu_check_hml.py does, on the card).
+a kernel that spills is slow before it runs. Pointers are taken 16-byte aligned and tensors
+contiguous (as the wrappers make them), so another alignment would compile another specialization.
+Nothing runs on a GPU, so this says nothing of correctness or speed (tools/gpu_check_hml.py does, on
+the card).
 
 Prints one line per kernel and configuration, and exits 1 if any failed to compile.
 """
@@ -35,6 +37,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
+_ARCHS = (75, 80, 86, 87, 89, 90, 100, 103, 120)  # what Triton's NVIDIA backend and its ptxas compile for
 _POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int64: "*i64",
                   torch.int32: "*i32"}
 
@@ -140,6 +143,10 @@ def main(argv=None) -> int:
                     "e.g. memory,segment")
     ap.add_argument("--banks", default="float32,bfloat16", help="comma-separated bank dtypes (default float32,bfloat16)")
     args = ap.parse_args(argv)
+    if args.arch not in _ARCHS:
+        ap.error(f"--arch: a CUDA compute capability x 10 of {', '.join(map(str, _ARCHS))}, got {args.arch}")
+    if args.tokens < 1:
+        ap.error(f"--tokens: at least 1, got {args.tokens}")
     wanted = [w.strip() for w in args.kernels.split(",") if w.strip()]
     banks = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if not set(b.strip() for b in args.banks.split(",") if b.strip()) <= set(banks) or not args.banks.strip():
@@ -157,6 +164,9 @@ def main(argv=None) -> int:
         print(f"compile_kernels: triton is needed ({exc}); it is in the dev extra", file=sys.stderr)
         return 2
     target = GPUTarget("cuda", args.arch, 32)
+    print(f"# compile_kernels: triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}, sizes "
+          f"{', '.join(sizes)}, {args.tokens} tokens, banks {args.banks}; {time.strftime('%Y-%m-%d')}. Pointers taken "
+          "16-byte aligned, tensors contiguous. The last figure of a line is the compile time (near 0 from Triton's cache).")
     failures, seen = 0, set()
     for size in sizes:
         for table_dtype in bank_dtypes:
@@ -164,7 +174,8 @@ def main(argv=None) -> int:
                 if wanted and not any(w in kernel.__name__ for w in wanted):
                     continue
                 signature, constexprs, attrs, options = signature_of(kernel, largs, kwargs)
-                key = (kernel.__name__, tuple(sorted(signature.items())), tuple(sorted(constexprs.items())), tuple(sorted(options.items())))
+                key = (kernel.__name__, tuple(sorted(signature.items())), tuple(sorted(constexprs.items())),
+                       tuple(sorted(options.items())), tuple(sorted(attrs)))
                 if key in seen:  # the same compile as an earlier size or dtype
                     continue
                 seen.add(key)
@@ -181,7 +192,7 @@ def main(argv=None) -> int:
                     continue
                 usage = ptxas_usage(compiled.asm["ptx"], args.arch)
                 print(f"[ok] {kernel.__name__} ({size}, {str(table_dtype)[6:]} bank; {shown}; "
-                      f"{compiled.metadata.num_warps} warps, {compiled.metadata.num_stages} stages): sm_{args.arch}, {usage}, "
+                      f"num_warps={compiled.metadata.num_warps}, num_stages={compiled.metadata.num_stages}): sm_{args.arch}, {usage}, "
                       f"shared {compiled.metadata.shared} B, {time.time() - t0:.1f} s")
     if not seen:
         print(f"compile_kernels: no kernel name contains any of {wanted}", file=sys.stderr)

@@ -494,13 +494,15 @@ def check_fused(dev, sync, card, dry_run: bool, check, json_out=None) -> None:
     check("segment_order is the stable argsort by row", torch.equal(order.long(), torch.argsort(idx_flat.view(-1), stable=True)))
     hot = idx_flat.clone()
     hot[::2, 0] = 0  # half the bags on one row: long runs within a vector and across blocks
-    check("segment_order is the stable argsort by row with a hot row, for 1, 7, 256 and 1024 counting blocks",
+    used = sorted({hml_triton.segment_blocks(hot.numel(), n * n, b_)[0] for b_ in (1, 7, 256, 1024)})
+    check(f"segment_order is the stable argsort by row with a hot row, for {', '.join(map(str, used))} counting blocks",
           all(torch.equal(hml_triton.segment_order(hot, n * n, b_)[0].long(), torch.argsort(hot.view(-1), stable=True))
               for b_ in (1, 7, 256, 1024)))
     seg = hml_triton.segment_bank_grad(dz_flat, idx_flat, w_flat, n * n)
     check(f"segment bank gradient == autograd's (max diff {(seg - rgrads[2]).abs().max().item():.1e})",
           torch.allclose(seg, rgrads[2], rtol=1e-4, atol=1e-4))
-    check("segment bank gradient: the same bits for 1, 7 and 256 counting blocks",
+    used = sorted({hml_triton.segment_blocks(idx_flat.numel(), n * n, b_)[0] for b_ in (1, 7, 256)})
+    check(f"segment bank gradient: the same bits for {', '.join(map(str, used))} counting blocks",
           all(torch.equal(hml_triton.segment_bank_grad(dz_flat, idx_flat, w_flat, n * n, blocks=b_), seg) for b_ in (1, 7, 256)))
 
     def layer(kernels: str, dtype=torch.float32, size="SmolLM2-135M recipe", **kw) -> HeadwiseMemory:
@@ -513,15 +515,17 @@ def check_fused(dev, sync, card, dry_run: bool, check, json_out=None) -> None:
     x = torch.randn(2, 64 if not dry_run else 4, H, dh, device=dev)
     for kw in (dict(), dict(hive=False), dict(bank_grad="index_add"), dict(bank_grad="segment"), dict(bank_grad="segment", hive=False)):
         results = {}
-        for kernels in ("torch", "triton-fused"):
+        for kernels in ("torch", "triton-fused") + (("triton",) if kw.get("bank_grad") == "segment" else ()):
             m = layer(kernels, **kw)
             xi = x.clone().requires_grad_(True)
             out = m(xi)
             out.square().sum().backward()
             results[kernels] = [out.detach(), xi.grad] + [p.grad.clone() for p in m.parameters()]
-        a, b = results["triton-fused"], results["torch"]
-        check(f"a layer on the fused kernels == the pure-torch layer {kw} (outputs max diff {(a[0] - b[0]).abs().max().item():.1e})",
-              all(torch.allclose(u, v, rtol=1e-4, atol=1e-5) for u, v in zip(a, b)))
+        for path in [p_ for p_ in results if p_ != "torch"]:
+            a, b = results[path], results["torch"]
+            on = "the fused kernels" if path == "triton-fused" else "the triton kernels"
+            check(f"a layer on {on} == the pure-torch layer {kw} (outputs max diff {(a[0] - b[0]).abs().max().item():.1e})",
+                  all(torch.allclose(u, v, rtol=1e-4, atol=1e-5) for u, v in zip(a, b)))
     m32, m16, t16 = layer("triton-fused"), layer("triton-fused", torch.bfloat16), layer("torch", torch.bfloat16)
     y16 = m16(x.to(torch.bfloat16).requires_grad_(True))
     y16.float().square().sum().backward()
@@ -570,14 +574,16 @@ def check_fused(dev, sync, card, dry_run: bool, check, json_out=None) -> None:
                 # more counting blocks: shorter serial placement chains, a larger [rows, blocks] table to scan
                 "segment 1024 blocks ms": time_ms(lambda: hml_triton.segment_bank_grad(gdz, gidx, gw, nn_ * nn_, blocks=1024),
                                                   sync, dry_run),
+                "blocks": hml_triton.segment_blocks(bags_ * kk, nn_ * nn_)[0],
+                "wide blocks": hml_triton.segment_blocks(bags_ * kk, nn_ * nn_, 1024)[0],
                 "atomic ms": time_ms(lambda: torch.zeros(nn_ * nn_, dd, device=dev).index_add_(
                     0, gidx.view(-1), (gw[:, :, None] * gdz[:, None, :]).view(-1, dd)), sync, dry_run)}
         bank_rows.append(brow)
         save()
         print(f"[fused] bank gradient alone, {size}, {bags_} bags of {kk} ({card}): embedding_bag backward "
-              f"{brow['embedding_bag ms']:.3f} ms, segment {brow['segment ms']:.3f} ms "
-              f"({brow['segment ms'] / brow['embedding_bag ms']:.2f}x; with 1024 counting blocks {brow['segment 1024 blocks ms']:.3f} ms), "
-              f"index_add atomics {brow['atomic ms']:.3f} ms")
+              f"{brow['embedding_bag ms']:.3f} ms, segment {brow['segment ms']:.3f} ms at {brow['blocks']} counting blocks "
+              f"({brow['segment ms'] / brow['embedding_bag ms']:.2f}x; asked for 1024 counting blocks, at {brow['wide blocks']}: "
+              f"{brow['segment 1024 blocks ms']:.3f} ms), index_add atomics {brow['atomic ms']:.3f} ms")
         del gidx, gw, gdz
 
     batches = [(1, 16)] if dry_run else [(4, 256), (16, 1024)]

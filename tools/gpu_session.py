@@ -168,12 +168,14 @@ def bank_grad_table(rows: list) -> str:
     embedding-bag backward (the deterministic method it would replace) and float atomics."""
     if not rows:
         return ""
-    lines = ["| size | bags x k, d | embedding_bag backward ms | segment ms (/embedding_bag) | segment, 1024 counting blocks | "
-             "index_add atomics ms |", "|---|---|---:|---:|---:|---:|"]
+    lines = ["| size | bags x k, d | embedding_bag backward ms | segment ms (/embedding_bag) [counting blocks] | "
+             "segment asked for 1024 counting blocks | index_add atomics ms |", "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         eb, seg, wide = r["embedding_bag ms"], r["segment ms"], r.get("segment 1024 blocks ms")
-        lines.append(f"| {r['size']} | {r['bags']} x {r['k']}, {r['d']} | {eb:.3f} | {seg:.3f} ({seg / eb:.2f}x) | "
-                     + ("-" if wide is None else f"{wide:.3f} ({wide / eb:.2f}x)") + f" | {r['atomic ms']:.3f} |")
+        lines.append(f"| {r['size']} | {r['bags']} x {r['k']}, {r['d']} | {eb:.3f} | {seg:.3f} ({seg / eb:.2f}x) "
+                     f"[{r.get('blocks', '?')}] | "
+                     + ("-" if wide is None else f"{wide:.3f} ({wide / eb:.2f}x) [{r.get('wide blocks', '?')}]")
+                     + f" | {r['atomic ms']:.3f} |")
     return ("\nThe bank's gradient alone (uniform random slots, float32 dz), deterministic methods beside the atomics:\n\n"
             + "\n".join(lines) + "\n")
 

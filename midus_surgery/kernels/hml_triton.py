@@ -506,6 +506,17 @@ def _segment_rows_kernel(PART, FIRST, ITEMS, OUT, d, DP: tl.constexpr):
     tl.store(OUT + r.to(tl.int64) * d + f, acc, mask=f < d)
 
 
+def segment_blocks(M: int, rows: int, blocks: int = 256) -> tuple[int, int]:
+    """(counting blocks, contributions per block) that ``segment_order`` uses for M contributions to
+    ``rows`` rows when asked for ``blocks``: at most one block per 256 contributions, and at most
+    2**24 // rows (the [rows, blocks] int32 tables stay under 64 MB each: a table of many rows, such as
+    HIVE off's H x n^2, gets few blocks and long placement chains)."""
+    V = 64
+    blocks = max(1, min(blocks, triton.cdiv(M, 4 * V), (1 << 24) // max(1, rows)))
+    per_block = triton.cdiv(triton.cdiv(M, blocks), V) * V
+    return max(1, triton.cdiv(M, per_block)), per_block
+
+
 def segment_order(idx: torch.Tensor, rows: int, blocks: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Passes 1-3: the flat positions m of ``idx`` (int64, any shape, values in [0, rows)) grouped by row,
     each row's m ascending: what a stable argsort of ``idx.flatten()`` returns, by counting. Returns
@@ -517,9 +528,7 @@ def segment_order(idx: torch.Tensor, rows: int, blocks: int = 256) -> tuple[torc
         raise ValueError(f"segment_order: {M} positions do not fit its int32 order")
     idx = idx.contiguous().view(-1)
     V = 64
-    blocks = max(1, min(blocks, triton.cdiv(M, 4 * V), (1 << 24) // max(1, rows)))
-    per_block = triton.cdiv(triton.cdiv(M, blocks), V) * V
-    blocks = max(1, triton.cdiv(M, per_block))
+    blocks, per_block = segment_blocks(M, rows, blocks)
     count = torch.zeros(rows, blocks, device=idx.device, dtype=torch.int32)
     order = torch.empty(M, device=idx.device, dtype=torch.int32)
     if M == 0:
