@@ -118,7 +118,10 @@ def ptxas_usage(ptx: str, arch: int) -> str:
     """``registers R, spills S B, shared X B`` from ``ptxas -v`` on the kernel's PTX (Triton's own ptxas)."""
     from triton.backends.nvidia.compiler import get_ptxas
 
-    ptxas = get_ptxas(arch).path
+    try:
+        ptxas = get_ptxas(arch).path  # triton 3.8
+    except TypeError:
+        ptxas = get_ptxas().path  # older triton: one ptxas for every arch
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as fh:
