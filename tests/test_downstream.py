@@ -197,6 +197,23 @@ def test_a_task_template_that_reaches_python_internals_runs_only_with_allow_task
     assert "fatal" not in allowed.stderr and "midus_cloze_jinja (2)" in allowed.stdout
 
 
+def test_the_stderr_bootstrap_forks_no_pool(world, monkeypatch):
+    """lm-eval bootstraps a perplexity's stderr in a forked multiprocessing.Pool unless told not to; a fork of
+    this many-threaded process can deadlock a worker (the allow-task-code test once hung on it for 300 s)."""
+    import multiprocessing
+
+    from midus_surgery.downstream.harness import run_tasks
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("lm-eval forked a multiprocessing.Pool")
+
+    monkeypatch.setattr(multiprocessing, "Pool", no_pool)
+    monkeypatch.delenv("DISABLE_MULTIPROC", raising=False)
+    out = run_tasks([world["base"]], ["midus_cloze"], include_path=[world["tasks"]], limit=3, progress=False)
+    ppl = out["models"][0]["results"]["midus_cloze"]
+    assert "perplexity" in ppl and "DISABLE_MULTIPROC" not in os.environ  # bootstrapped here; the switch put back
+
+
 def test_the_offline_suite_renders_in_the_sandbox(world, capsys):
     from midus_surgery.downstream.task_guard import check_task_folders
 

@@ -69,7 +69,8 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         model = load_causal_lm(Path(m), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=progress).to(run_on).eval()
         lm = HFLM(pretrained=model, tokenizer=load_tokenizer(Path(m), trust_remote_code), batch_size=batch_size)
         try:
-            with _lm_eval_output(progress), _no_git(), (contextlib.nullcontext() if allow_task_code else sandboxed_templates()):
+            with _lm_eval_output(progress), _no_git(), _no_fork_pool(), \
+                    (contextlib.nullcontext() if allow_task_code else sandboxed_templates()):
                 out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                                       log_samples=False, bootstrap_iters=1000, verbosity="ERROR", random_seed=seed,
                                       numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
@@ -96,6 +97,16 @@ def _no_git():
         yield
         return
     with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None):
+        yield
+
+
+@contextlib.contextmanager
+def _no_fork_pool():
+    """lm-eval bootstraps the stderr of perplexity-like metrics in a multiprocessing.Pool, forked (Linux's
+    default) from this process, whose torch threads can hold a lock at the moment of the fork: a worker
+    then waits forever, and the run with it (seen: eval --tasks hung until killed). DISABLE_MULTIPROC,
+    lm-eval's own switch, bootstraps in this process instead (1000 draws: a fraction of a second)."""
+    with mock.patch.dict(os.environ, {"DISABLE_MULTIPROC": "1"}):
         yield
 
 
