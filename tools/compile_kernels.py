@@ -89,7 +89,6 @@ def record_launches(size: dict, table_dtype: torch.dtype, tokens: int) -> list:
     launches: list = []
     kernels = {name: getattr(hml_triton, name) for name in dir(hml_triton)
                if name.startswith("_") and name.endswith("_kernel")}
-    saved = dict(kernels)
     try:
         for name, kernel in kernels.items():
             setattr(hml_triton, name, _Recorder(kernel, launches))
@@ -109,7 +108,7 @@ def record_launches(size: dict, table_dtype: torch.dtype, tokens: int) -> list:
             hml_triton.memory_backward(dz, q, keys, table, w, i_sub, j_sub, 0, atomic)
         hml_triton.segment_bank_grad(dz.view(H * T, dl), idx, w.view(H * T, k), n * n)
     finally:
-        for name, kernel in saved.items():
+        for name, kernel in kernels.items():
             setattr(hml_triton, name, kernel)
     return launches
 
@@ -152,9 +151,10 @@ def main(argv=None) -> int:
         ap.error(f"--tokens: at least 1, got {args.tokens}")
     wanted = [w.strip() for w in args.kernels.split(",") if w.strip()]
     banks = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if not set(b.strip() for b in args.banks.split(",") if b.strip()) <= set(banks) or not args.banks.strip():
+    asked = [b.strip() for b in args.banks.split(",") if b.strip()]
+    if not asked or not set(asked) <= set(banks):
         ap.error(f"--banks: of {', '.join(banks)}, got {args.banks!r}")
-    bank_dtypes = [banks[b.strip()] for b in args.banks.split(",") if b.strip()]
+    bank_dtypes = [banks[b] for b in asked]
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
     if unknown or not sizes:

@@ -506,12 +506,15 @@ def _segment_rows_kernel(PART, FIRST, ITEMS, OUT, d, DP: tl.constexpr):
     tl.store(OUT + r.to(tl.int64) * d + f, acc, mask=f < d)
 
 
+_SEGMENT_LANES = 64  # contributions a segment program handles per step (count, place and sum alike)
+
+
 def segment_blocks(M: int, rows: int, blocks: int = 256) -> tuple[int, int]:
     """(counting blocks, contributions per block) that ``segment_order`` uses for M contributions to
     ``rows`` rows when asked for ``blocks``: at most one block per 256 contributions, and at most
     2**24 // rows (the [rows, blocks] int32 tables stay under 64 MB each: a table of many rows, such as
     HIVE off's H x n^2, gets few blocks and long placement chains)."""
-    V = 64
+    V = _SEGMENT_LANES
     blocks = max(1, min(blocks, triton.cdiv(M, 4 * V), (1 << 24) // max(1, rows)))
     per_block = triton.cdiv(triton.cdiv(M, blocks), V) * V
     return max(1, triton.cdiv(M, per_block)), per_block
@@ -527,7 +530,7 @@ def segment_order(idx: torch.Tensor, rows: int, blocks: int = 256) -> tuple[torc
     if M >= 2**31:
         raise ValueError(f"segment_order: {M} positions do not fit its int32 order")
     idx = idx.contiguous().view(-1)
-    V = 64
+    V = _SEGMENT_LANES
     blocks, per_block = segment_blocks(M, rows, blocks)
     count = torch.zeros(rows, blocks, device=idx.device, dtype=torch.int32)
     order = torch.empty(M, device=idx.device, dtype=torch.int32)
@@ -575,6 +578,6 @@ def segment_bank_grad(dz: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, rows
     DC = min(128, triton.next_power_of_2(d))  # columns per program: a [64, DC] block of dz rows in registers
     with _on_device(dz.device):
         _segment_sum_kernel[(programs, triton.cdiv(d, DC))](order, w, dz, row_of, first, start, per_row, part, rows, k, d,
-                                                            dz.stride(0), chunk, V=64, DC=DC)
+                                                            dz.stride(0), chunk, V=_SEGMENT_LANES, DC=DC)
         _segment_rows_kernel[(rows,)](part, first, items, out, d, DP=triton.next_power_of_2(d))
     return out
