@@ -441,6 +441,7 @@ def test_the_counting_blocks_are_capped_by_the_contributions_and_the_table_size(
     assert hml_triton.segment_blocks(recipe, 128 * 128, 1024)[0] == 1024
     assert hml_triton.segment_blocks(llama, 256 * 256, 1024)[0] == 256  # a [65536, 256] int32 table: 64 MB
     assert hml_triton.segment_blocks(hive_off, 9 * 128 * 128)[0] == 113  # HIVE off: few blocks, long chains
+    assert hml_triton.segment_blocks(llama, 32 * 256 * 256)[0] == 8  # HIVE off at the Llama size (docs/hml.md)
     assert hml_triton.segment_blocks(1000, 50)[0] == 4  # one block per 256 contributions at most
     for M, rows, asked in ((recipe, 16384, 256), (1000, 50, 256), (1, 1, 7), (12345, 70, 3)):
         blocks, per_block = hml_triton.segment_blocks(M, rows, asked)
