@@ -37,17 +37,36 @@ def test_the_kernels_never_run_on_a_gpu_compile_for_sm_90():
     assert proc.stdout.rstrip().endswith("OK")
 
 
-def test_a_kernel_filter_that_matches_nothing_is_one_line_and_exit_2():
+def _main(capsys, *args: str) -> tuple[int, str, str]:
+    """compile_kernels.main in this process (its argument errors come before any compile)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import compile_kernels
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    try:
+        code = compile_kernels.main(list(args))
+    except SystemExit as exc:  # argparse's error()
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_bad_arguments_are_one_line_and_exit_2(capsys):
     pytest.importorskip("triton")
-    proc = _run("--sizes", "SmolLM2-135M recipe", "--kernels", "nothing_like_this")
-    assert proc.returncode == 2 and "no kernel name contains any of ['nothing_like_this']" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    bad = _run("--sizes", "GPT-5")
-    assert bad.returncode == 2 and "--sizes: unknown ['GPT-5']" in bad.stderr
-    bank = _run("--banks", "int8")
-    assert bank.returncode == 2 and "--banks: of float32, bfloat16, float16, got 'int8'" in bank.stderr
-    arch = _run("--arch", "12")
+    code, _, err = _main(capsys, "--sizes", "SmolLM2-135M recipe", "--kernels", "nothing_like_this")
+    assert code == 2 and "no kernel name contains any of ['nothing_like_this']" in err
+    code, _, err = _main(capsys, "--sizes", "GPT-5")
+    assert code == 2 and "--sizes: unknown ['GPT-5']" in err
+    code, _, err = _main(capsys, "--banks", "int8")
+    assert code == 2 and "--banks: of float32, bfloat16, float16, got 'int8'" in err
+    code, _, err = _main(capsys, "--tokens", "0")
+    assert code == 2 and "--tokens: at least 1, got 0" in err
+
+
+def test_a_bad_argument_from_the_command_line_is_one_line_and_exit_2():
+    arch = _run("--arch", "12")  # the script as run: one usage line and the error, no traceback, nothing on stdout
     assert arch.returncode == 2 and "--arch: a CUDA compute capability x 10 of 75, 80" in arch.stderr and not arch.stdout
-    tokens = _run("--tokens", "0")
-    assert tokens.returncode == 2 and "--tokens: at least 1, got 0" in tokens.stderr
-    assert all("Traceback" not in p.stderr for p in (bad, bank, arch, tokens))
+    *usage, error = arch.stderr.strip().splitlines()  # argparse's usage (wrapped) and one error line
+    assert usage[0].startswith("usage: compile_kernels.py") and error.startswith("compile_kernels.py: error: --arch")
+    assert "Traceback" not in arch.stderr

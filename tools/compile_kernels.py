@@ -28,9 +28,6 @@ import sys
 import tempfile
 import time
 
-if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter replaces triton.jit's functions: no source to compile
-    os.environ.pop("TRITON_INTERPRET")
-
 import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -205,4 +202,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # Before the kernels are defined: the interpreter replaces triton.jit's functions, leaving no source to compile.
+    os.environ.pop("TRITON_INTERPRET", None)
     raise SystemExit(main())
