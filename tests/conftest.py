@@ -10,6 +10,12 @@ import pytest
 # before any test module is imported. Only Triton kernels read it.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (README: `-n auto`) every worker is a process of its own: one torch thread each
+# (and in their subprocesses) keeps the workers from oversubscribing the cores, where OpenMP's
+# parallel regions wait on threads another worker holds off its core.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture()
 def one_thread():
