@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -423,6 +424,39 @@ def test_mixture_of_experts_outputs_train_their_experts(kind, world, tmp_path):
     if kind == "identity":  # zeroed at the start, and yet learning
         assert {"model.layers.2.mlp.experts.down_proj", "model.layers.2.mlp.shared_expert.down_proj.weight"} <= changed
     load_causal_lm(tmp_path / "run" / "final")
+
+
+def test_gradient_checkpointing_recomputes_each_layer_and_trains_the_same(world, tmp_path, monkeypatch):
+    """gradient_checkpointing: true runs each decoder layer again in the backward (twice the FFN calls with
+    gradients on), lands on the same weights, and calls transformers' current API (no deprecation warning on
+    every run)."""
+    from transformers.models.llama import modeling_llama
+
+    # The FFN inside the layer, not the layer's own forward: transformers checkpoints that one by wrapping it.
+    calls: list[bool] = []
+    forward = modeling_llama.LlamaMLP.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counting)
+    with_grad = {}
+    for on in (False, True):
+        calls.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = train(load_train_config(config(world, tmp_path, name=f"ckpt-{on}", tokens=16 * 4 * 4,
+                                                    gradient_checkpointing=on)), echo=lambda line: None)
+        assert result.steps == 4
+        assert not [w for w in caught if "checkpointing" in str(w.message)], [str(w.message) for w in caught]
+        with_grad[on] = sum(calls)
+    assert with_grad[False] == 4 * 4  # 4 steps x 4 layers
+    assert with_grad[True] == 2 * with_grad[False]  # each recomputed once in the backward
+    a, b = state_of(tmp_path / "ckpt-False" / "final"), state_of(tmp_path / "ckpt-True" / "final")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_compile_switch_trains_the_same_model(world, tmp_path):

@@ -297,8 +297,11 @@ def check_attention_and_checkpointing(model_dir: Path) -> str:
     grads = []
     for checkpointing in (False, True):
         model = load(model_dir).train()
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if checkpointing:  # by its current name; gradient_checkpointing_enable before transformers renamed it
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model(input_ids=IDS, labels=IDS).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()

@@ -342,7 +342,7 @@ class Runner:
         model.config.use_cache = False
         self.groups = choose_params(model, cfg.freeze, read_plan_file(self.init_from), self.loaded, retrieval=cfg.memory.retrieval)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_activation_checkpointing(model)
         model.train()
         self.model = model  # prepared with the optimiser (setup_optimizer)
 
@@ -652,6 +652,17 @@ class Runner:
         if not self.acc.is_main_process or not path.exists():
             return False
         return any('"eval_loss"' in line and json.loads(line)["step"] == step for line in path.read_text().splitlines() if line.strip())
+
+
+def _enable_activation_checkpointing(model) -> None:
+    """transformers' activation checkpointing, non-reentrant, by the name the installed release gives it:
+    ``activation_checkpointing_enable``, or ``gradient_checkpointing_enable`` before the rename (after it, a
+    deprecated alias that warns on every run and goes in v6)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _hms(seconds: float) -> str:
