@@ -127,15 +127,16 @@ def test_a_layer_on_the_triton_path_equals_the_pure_torch_layer(kw, monkeypatch)
 
         def recorded(name):
             real = getattr(hml_triton, name)
-            return lambda *a: called.append(name) or real(*a)
+            return lambda *a, **kw_: called.append(name if name != "segment_bank_grad" else (name, kw_["groups"])) or real(*a, **kw_)
 
         monkeypatch.setattr(kernels, "triton_kernel", recorded)
         layer.zero_grad()
         xi = x.clone().requires_grad_()
         out = layer(xi)
         out.pow(2).sum().backward()
-        segment = triton and kw.get("bank_grad") == "segment"  # the table's gradient from the segment reduce
-        assert called == (["topk2", "bag_dw"] + ["segment_bank_grad"] * segment if triton else [])  # the path really ran
+        # the table's gradient from the segment reduce: HIVE off, head by head (2 heads)
+        segment = [("segment_bank_grad", 1 if kw.get("hive", True) else 2)] if triton and kw.get("bank_grad") == "segment" else []
+        assert called == (["topk2", "bag_dw"] + segment if triton else [])  # the path really ran
         return out.detach(), xi.grad, {name: p.grad.clone() for name, p in layer.named_parameters()}
 
     out_t, dx_t, grads_t = run(True)
@@ -306,7 +307,7 @@ def test_a_layer_on_the_fused_kernels_matches_the_dense_float64_reference(kw, mo
 
     def recorded(name):
         real = getattr(hml_triton, name)
-        return lambda *a, **kw_: called.append((name, a[-1] if name == "memory_backward" else None)) or real(*a, **kw_)
+        return lambda *a, **kw_: called.append((name, a[-1] if name == "memory_backward" else kw_.get("groups"))) or real(*a, **kw_)
 
     monkeypatch.setattr(kernels, "triton_kernel", recorded)
     xi = x.clone().requires_grad_()
@@ -314,7 +315,7 @@ def test_a_layer_on_the_fused_kernels_matches_the_dense_float64_reference(kw, mo
     g_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, [xi] + list(layer.parameters()), g_out)
     atomic = kw.get("bank_grad") == "index_add"  # the table's gradient from the kernel's atomics
-    segment = [("segment_bank_grad", None)] if kw.get("bank_grad") == "segment" else []
+    segment = [("segment_bank_grad", 1 if kw.get("hive", True) else 2)] if kw.get("bank_grad") == "segment" else []  # HIVE off: per head
     assert called == [("memory_forward", None), ("memory_backward", atomic)] + segment  # the fused path really ran
 
     double = {name: p.detach().double().requires_grad_() for name, p in layer.named_parameters()}
@@ -435,13 +436,41 @@ def test_the_segment_bank_grad_is_the_same_bits_whatever_the_launch():
         assert torch.equal(hml_triton.segment_bank_grad(dz, idx, w, 37, blocks=blocks, chunk=128), first), blocks
 
 
+def test_a_per_head_segment_reduce_is_the_same_bits_on_each_heads_rows(monkeypatch):
+    """HIVE off: head h's bags read only head h's rows, so the reduce runs head by head, each on a count table
+    of its head's n^2 rows (at the Llama size 256 counting blocks a head instead of 8 for all: the blocks test
+    below), with the same bits as one reduce over all heads."""
+    H, T, k, N, d = 3, 40, 4, 50, 6
+    gen = torch.Generator().manual_seed(2)
+    slots = _contributions(H * T, k, N, gen, hot=0.5).view(H, T, k)
+    idx = (slots + N * torch.arange(H).view(H, 1, 1)).view(H * T, k)  # each head's rows offset, as _rows_in_table does
+    w = torch.rand(H * T, k, generator=gen)
+    dz = torch.randn(H * T, d, generator=gen) * 10.0 ** torch.randint(-6, 7, (H * T, d), generator=gen)
+    tables = []
+    order = hml_triton.segment_order
+    monkeypatch.setattr(hml_triton, "segment_order",
+                        lambda idx_, rows, blocks=256: tables.append((idx_.numel(), rows)) or order(idx_, rows, blocks))
+    whole = hml_triton.segment_bank_grad(dz, idx, w, H * N, blocks=256, chunk=64)
+    per_head = hml_triton.segment_bank_grad(dz, idx, w, H * N, blocks=256, chunk=64, groups=H)
+    assert torch.equal(per_head, whole)
+    assert tables == [(H * T * k, H * N)] + [(T * k, N)] * H  # (contributions, rows) of each reduce
+    ref = torch.zeros(H * N, d, dtype=torch.float64).index_add_(
+        0, idx.reshape(-1), (w[:, :, None].double() * dz[:, None, :].double()).reshape(-1, d))
+    torch.testing.assert_close(per_head.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    with pytest.raises(ValueError, match="do not split into 7 equal groups"):
+        hml_triton.segment_bank_grad(dz, idx, w, H * N, groups=7)
+
+
 def test_the_counting_blocks_are_capped_by_the_contributions_and_the_table_size():
     recipe, llama, hive_off = 9 * 16384 * 32, 32 * 16384 * 32, 9 * 16384 * 32  # contributions at 16 x 1024 tokens
     assert hml_triton.segment_blocks(recipe, 128 * 128)[0] == 256
     assert hml_triton.segment_blocks(recipe, 128 * 128, 1024)[0] == 1024
     assert hml_triton.segment_blocks(llama, 256 * 256, 1024)[0] == 256  # a [65536, 256] int32 table: 64 MB
-    assert hml_triton.segment_blocks(hive_off, 9 * 128 * 128)[0] == 113  # HIVE off: few blocks, long chains
-    assert hml_triton.segment_blocks(llama, 32 * 256 * 256)[0] == 8  # HIVE off at the Llama size (docs/hml.md)
+    # HIVE off as one table: few blocks, long chains (docs/hml.md); so the layer reduces head by head instead
+    assert hml_triton.segment_blocks(hive_off, 9 * 128 * 128)[0] == 113
+    assert hml_triton.segment_blocks(llama, 32 * 256 * 256)[0] == 8
+    assert hml_triton.segment_blocks(hive_off // 9, 128 * 128)[0] == 256  # a head's share of the contributions
+    assert hml_triton.segment_blocks(llama // 32, 256 * 256)[0] == 256
     assert hml_triton.segment_blocks(1000, 50)[0] == 4  # one block per 256 contributions at most
     for M, rows, asked in ((recipe, 16384, 256), (1000, 50, 256), (1, 1, 7), (12345, 70, 3)):
         blocks, per_block = hml_triton.segment_blocks(M, rows, asked)

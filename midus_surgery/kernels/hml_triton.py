@@ -512,8 +512,8 @@ _SEGMENT_LANES = 64  # contributions a segment program handles per step (count, 
 def segment_blocks(M: int, rows: int, blocks: int = 256) -> tuple[int, int]:
     """(counting blocks, contributions per block) that ``segment_order`` uses for M contributions to
     ``rows`` rows when asked for ``blocks``: at most one block per 256 contributions, and at most
-    2**24 // rows (the [rows, blocks] int32 tables stay under 64 MB each: a table of many rows, such as
-    HIVE off's H x n^2, gets few blocks and long placement chains)."""
+    2**24 // rows (the [rows, blocks] int32 tables stay under 64 MB each: a table of many rows gets few
+    blocks and long placement chains, which is why HIVE off's H x n^2 rows are reduced head by head)."""
     V = _SEGMENT_LANES
     blocks = max(1, min(blocks, triton.cdiv(M, 4 * V), (1 << 24) // max(1, rows)))
     per_block = triton.cdiv(triton.cdiv(M, blocks), V) * V
@@ -547,7 +547,7 @@ def segment_order(idx: torch.Tensor, rows: int, blocks: int = 256) -> tuple[torc
 
 
 def segment_bank_grad(dz: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, rows: int, blocks: int = 256,
-                      chunk: int = 2048) -> torch.Tensor:
+                      chunk: int = 2048, groups: int = 1) -> torch.Tensor:
     """The table gradient of a weighted-sum bag, ``dtable[r] = sum of w[b, i] * dz[b] over idx[b, i] = r``,
     deterministically and without a sort or float atomics (the five passes above).
 
@@ -555,6 +555,14 @@ def segment_bank_grad(dz: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, rows
     Returns dtable [rows, d] float32. Each row sums its contributions in the order of b (then i), in float32
     vectors of 64 within chunks of ``chunk`` (so a row most tokens read is summed by many programs), then the
     chunks in order: the same bits on every run of the same inputs, whatever ``blocks`` is (``segment_order``'s).
+
+    ``groups``: the bags and the table's rows fall into that many equal parts, and bag part g reads only row
+    part g (HIVE off: head h's bags read only head h's value table). Each part is then reduced on its own,
+    with the row offset taken off its slot ids: a table of H x n^2 rows would otherwise share its count
+    table's 2**24 entries among all rows and get few counting blocks (8 at the Llama size), where a head's
+    n^2 rows get the full count (256). A row's contributions come from one part, in the same order: the same
+    bits as one reduce over everything. Slot ids outside their part's rows are not checked (the GPU would
+    have to sync): the caller guarantees them, as it guarantees ids in [0, rows).
     """
     if dz.dim() != 2 or idx.dim() != 2 or w.shape != idx.shape or dz.shape[0] != idx.shape[0]:
         raise ValueError(f"segment_bank_grad takes dz [B, d], idx [B, k], w [B, k], got {tuple(dz.shape)}, "
@@ -563,6 +571,15 @@ def segment_bank_grad(dz: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, rows
         raise ValueError("segment_bank_grad sums in float32; float64 bags keep the pure-torch path")
     B, k = idx.shape
     d = dz.shape[1]
+    if groups > 1:
+        if B % groups or rows % groups:
+            raise ValueError(f"segment_bank_grad: {B} bags and {rows} rows do not split into {groups} equal groups")
+        b, r = B // groups, rows // groups
+        out = torch.empty(rows, d, device=dz.device, dtype=torch.float32)
+        for g in range(groups):  # one group's count table and partials at a time: the allocator reuses them
+            part = slice(g * b, (g + 1) * b)
+            out[g * r:(g + 1) * r] = segment_bank_grad(dz[part], idx[part] - g * r, w[part], r, blocks, chunk)
+        return out
     out = torch.zeros(rows, d, device=dz.device, dtype=torch.float32)
     if B * k == 0 or d == 0:
         return out

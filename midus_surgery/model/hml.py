@@ -552,8 +552,10 @@ def _bank_grad_method(mode: str, device_type: str, triton: bool = False) -> str:
 
 
 def _bag_backward(dz: Tensor, table: Tensor, idx: Tensor, w: Tensor, offsets, offset2bag, need_w, need_table, mode,
-                  backend: str = "torch"):
+                  backend: str = "torch", heads: int = 1):
     """Gradients of _bag_forward: (dw [B, k], dtable [rows, d]).
+    ``heads`` > 1: the bags are head-major and head h's read only the h-th of ``heads`` equal parts of the
+    table (HIVE off's stacked value tables), which lets the segment reduce work head by head.
 
     backend "cpu": one compiled pass computes dw (gather-dot) and dtable (scatter) together.
     "triton": dw by the Triton gather-dot (kernels/hml_triton.py). ``mode`` picks the bank-gradient
@@ -580,7 +582,7 @@ def _bag_backward(dz: Tensor, table: Tensor, idx: Tensor, w: Tensor, offsets, of
         ).view(B, k)
     if need_table:
         if mode == "segment" and gd == torch.float32:
-            dtable = _triton_kernel("segment_bank_grad")(dz, idx, w, table.shape[0]).to(table.dtype)
+            dtable = _triton_kernel("segment_bank_grad")(dz, idx, w, table.shape[0], groups=heads).to(table.dtype)
         elif mode == "embedding_bag" or mode == "segment":  # float64 tables: the sorted, deterministic method
             dtable = torch.ops.aten._embedding_bag_backward(
                 dz.to(gd), flat_idx, offsets, offset2bag,
@@ -675,7 +677,7 @@ class _Pool(torch.autograd.Function):
         H, T, k = slots.shape
         dw, dtable = _bag_backward(
             dm.reshape(H * T, -1), table, slots.reshape(H * T, k), w.reshape(H * T, k), offsets, offset2bag,
-            ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.mode, ctx.backend,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.mode, ctx.backend, heads=H,
         )
         if dw is not None:
             dw = dw.view(H, T, k).to(w.dtype)
@@ -745,7 +747,8 @@ class _FusedRead(torch.autograd.Function):
             offsets = torch.arange(0, H * T * k, k, device=w.device)
             offset2bag = torch.arange(H * T, device=w.device).repeat_interleave(k)
             _, dtable = _bag_backward(dz.reshape(H * T, -1), table, idx, w.view(H * T, k), offsets, offset2bag,
-                                      False, True, "embedding_bag" if mode == "index_add" else mode, backend="triton")
+                                      False, True, "embedding_bag" if mode == "index_add" else mode, backend="triton",
+                                      heads=H if ctx.head_rows else 1)
         return (dq if need_q else None), (dkeys if need_keys else None), \
             (dtable.to(table.dtype) if need_table else None), None, None, None
 
