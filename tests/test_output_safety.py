@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -362,6 +363,26 @@ def test_the_demo_scripts_remove_only_runs_midus_surgery_wrote(tmp_path, capsys)
     (mine / "keep.txt").write_text("keep me")
     assert remove([str(mine)]) == 2
     assert "was not written by midus-surgery" in capsys.readouterr().err and (mine / "keep.txt").is_file()
+    # A run directory of the tool's that also holds the user's notes is kept whole (a fresh demo run would
+    # otherwise delete them), as is a whole output (apply's) that gained a file.
+    run.mkdir()
+    write_marker(run, "train run")
+    (run / "checkpoints").mkdir()
+    (run / "NOTES.txt").write_text("mine")
+    (run / "mine").mkdir()
+    assert remove([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "also holds what midus-surgery did not write there: NOTES.txt, mine; not removing it" in err
+    assert (run / "NOTES.txt").read_text() == "mine"
+    whole = tmp_path / "out"
+    whole.mkdir()
+    (whole / "config.json").write_text("{}")
+    write_marker(whole, "apply")
+    record_written_files(whole)
+    (whole / "extra.txt").write_text("mine")
+    assert remove([str(whole)]) == 2 and "extra.txt" in capsys.readouterr().err and (whole / "extra.txt").is_file()
+    (whole / "extra.txt").unlink()
+    assert remove([str(whole)]) == 0 and not whole.exists()
 
 
 def test_sigterm_during_apply_leaves_no_partial_output(tmp_path):
@@ -375,8 +396,10 @@ def test_sigterm_during_apply_leaves_no_partial_output(tmp_path):
     AutoModelForCausalLM.from_config(config).save_pretrained(base)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after_every: 1\n    kind: transformer\noutput:\n  dir: out\n")
+    # apply at a lower priority than this poller: under a busy CPU (the suite's other worker) the poller
+    # still sees the partial output before apply finishes writing it
     proc = subprocess.Popen([sys.executable, "-m", "midus_surgery.cli", "apply", str(recipe)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.nice(10))
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".out.partial-*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)

@@ -39,6 +39,9 @@ from midus_surgery.errors import MidusError
 
 MARKER = ".midus-surgery"  # JSON: {"tool", "kind", "owner", "pid", "host", "time"}, and "files" once written whole
 WORKSPACE = "workspace"  # the marker kind of a tool's scratch folder: everything inside it is the tool's
+RUN_KIND = "train run"  # the marker kind of a training run directory, which train writes into over time
+# What train writes at the top of a run directory (train/runner.py; tests/test_output_safety.py checks a real run)
+RUN_ENTRIES = frozenset({"checkpoints", "final", "metrics.jsonl", "tensorboard", "trace", "loss.png"})
 _LEFTOVER_TAGS = (".partial-", ".old-")
 
 
@@ -298,7 +301,23 @@ def remove_own_directory(path: Path) -> None:
     if not path.exists():
         return
     resolved = path.resolve()
-    owned = read_marker(resolved) is not None or any((read_marker(p) or {}).get("kind") == WORKSPACE for p in resolved.parents)
+    marker = read_marker(resolved)
+    owned = marker is not None or any((read_marker(p) or {}).get("kind") == WORKSPACE for p in resolved.parents)
     if not owned or not resolved.is_dir():
         raise OutputError(f"{resolved} was not written by midus-surgery (no {MARKER} marker in it or in a workspace above it); not removing it")
+    foreign = _not_removable(resolved, marker) if marker is not None else []
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputError(f"{resolved} (written by {_written_by(marker)}) also holds what midus-surgery did not write there: "
+                          f"{shown}; not removing it: move them out first")
     shutil.rmtree(resolved)
+
+
+def _not_removable(directory: Path, marker: dict) -> list[str]:
+    """What removing ``directory`` would delete that the tool did not write: beyond a whole output's recorded
+    files, or at the top of a run directory (which train writes into over time) beyond RUN_ENTRIES."""
+    if isinstance(marker.get("files"), list):
+        return _not_written_by_tool(directory, marker)
+    if marker.get("kind") == RUN_KIND:
+        return sorted(e.name for e in directory.iterdir() if e.name not in RUN_ENTRIES | {MARKER})
+    return []

@@ -36,7 +36,7 @@ import torch
 
 from midus_surgery.compiler.plan import read_plan_file
 from midus_surgery.errors import RecipeError, TrainingError
-from midus_surgery.io.output_dir import MARKER, OutputError, check_cache_location, check_output_dir, input_root, read_marker, write_marker
+from midus_surgery.io.output_dir import MARKER, RUN_KIND, OutputError, check_cache_location, check_output_dir, input_root, read_marker, write_marker
 from midus_surgery.train import data as D
 from midus_surgery.train import sharding
 from midus_surgery.train.checkpoint import (
@@ -55,7 +55,6 @@ from midus_surgery.train.evaluate import DTYPES, block_batches, context_problem,
 from midus_surgery.train.export import EXPORT_KIND, export_model
 from midus_surgery.train.params import ParamGroups, adamw_options, choose_params, describe_groups, lr_lambda
 
-RUN_KIND = "train run"  # the run directory's output_dir marker: what train may write into
 NORM_LABELS = {"grad_norm": "gnorm", "memory_grad_norm": "mem gnorm"}  # metrics key -> log line label
 
 
