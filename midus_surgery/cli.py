@@ -33,6 +33,21 @@ out = _LazyConsole()
 err = _LazyConsole(stderr=True)
 
 
+def _int_at_least(low: int):
+    """An argparse type: an integer of at least ``low`` (a zero batch or block is a usage error, not a traceback
+    nor a NaN result)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"at least {low}, got {value}")
+        return value
+    parse.__name__ = "integer"  # argparse names the type in its own messages
+    return parse
+
+
 def _ratio(a: int, b: int) -> str:
     return f"{a / b:.3f}x" if b else "-"
 
@@ -307,15 +322,15 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--limit", type=float, default=None, help="--tasks: at most this many items per task (a fraction below 1)")
     p.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples (default: each task's own)")
     p.add_argument("--seed", type=int, default=0, help="--tasks: the seed of every random choice lm-eval makes (default 0)")
-    p.add_argument("--block-size", type=int, help="tokens per block / window (default 512, or the model's positions when fewer)")
+    p.add_argument("--block-size", type=_int_at_least(2), help="tokens per block / window (default 512, or the model's positions when fewer)")
     p.add_argument("--per-document", action="store_true", help="evaluate each document on its own (windows of --block-size) instead of packed blocks")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
-    p.add_argument("--max-blocks", type=int, default=None, help="evaluate at most this many blocks / windows")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=4, help="sequences per forward pass (default 4)")
+    p.add_argument("--max-blocks", type=_int_at_least(1), default=None, help="evaluate at most this many blocks / windows")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype to run the model in (default float32)")
     p.add_argument("--text-field", default="text", help="the JSONL field holding the text (default: text)")
     p.add_argument("--cache-dir", default=None, help="token cache (default: $MIDUS_CACHE/tokens or ~/.cache/midus-surgery/tokens)")
     p.add_argument("--device", default="auto", help="auto (default: the first CUDA device when there is one, else the CPU), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model directory's own modeling code")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -327,16 +342,16 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("model", metavar="MODEL_DIR")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="held-out text: files, directories, globs, JSONL")
     p.add_argument("--out", required=True, metavar="DIR", help="where analysis.json and the PNGs go (a new directory, or an earlier analysis)")
-    p.add_argument("--block-size", type=int, help="tokens per block (default 256, or the model's positions when fewer)")
-    p.add_argument("--max-blocks", type=int, default=16, help="held-out blocks per measurement (default 16)")
-    p.add_argument("--max-memory-blocks", type=int, default=None, help="analyse only the first N Memory (or inserted) blocks")
+    p.add_argument("--block-size", type=_int_at_least(2), help="tokens per block (default 256, or the model's positions when fewer)")
+    p.add_argument("--max-blocks", type=_int_at_least(1), default=16, help="held-out blocks per measurement (default 16)")
+    p.add_argument("--max-memory-blocks", type=_int_at_least(1), default=None, help="analyse only the first N Memory (or inserted) blocks")
     p.add_argument("--slots-only", action="store_true", help="slot usage only, no head importance (one held-out pass instead of one per head)")
     p.add_argument("--fixed-retrieval", metavar="MODEL_DIR", help="a model trained like MODEL_DIR but with memory.retrieval: frozen: "
                    "its held-out loss on the same blocks, against the learned retrieval's")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=4)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_analyze)
 

@@ -214,3 +214,21 @@ def test_llama1b_width_recipes_are_the_three_methods_at_the_papers_block_size_an
     config = json.loads((folder / midus["base"]["config"]).read_text())
     full = json.loads((ROOT / "recipes" / "configs" / "llama-3.2-1b.json").read_text())
     assert config == {**full, "num_hidden_layers": 8}
+
+
+@pytest.mark.parametrize("command,option,value,message", [
+    ("eval", "--block-size", "0", "at least 2, got 0"),  # was a ZeroDivisionError
+    ("eval", "--block-size", "1", "at least 2, got 1"),  # a block of one token predicts nothing: a NaN perplexity
+    ("eval", "--batch-size", "0", "at least 1, got 0"),  # was a traceback from range()
+    ("eval", "--batch-size", "-1", "at least 1, got -1"),
+    ("eval", "--max-blocks", "0", "at least 1, got 0"),  # was a NaN perplexity with exit 0
+    ("eval", "--threads", "x", "not an integer: 'x'"),
+    ("analyze", "--batch-size", "0", "at least 1, got 0"),
+    ("analyze", "--max-memory-blocks", "0", "at least 1, got 0"),
+])
+def test_counts_below_their_minimum_are_a_usage_error(command, option, value, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, str(tmp_path), "--data", str(tmp_path), option, value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {option}: {message}" in err.strip().splitlines()[-1]
+    assert "Traceback" not in err
