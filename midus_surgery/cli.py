@@ -410,6 +410,11 @@ def _dispatch(args) -> int:
     except MidusError as exc:
         err.print(f"error: {exc}", markup=False)
         return exc.exit_code
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        # a path the user gave cannot hold what the command writes there (a folder under a file, a
+        # read-only place): the checks before the work name most such paths; these are the rest
+        err.print(f"error: cannot write {exc.filename}: {exc.strerror}", markup=False)
+        return 2
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, Terminated)
         err.print("terminated" if terminated else "interrupted", markup=False)

@@ -70,6 +70,16 @@ def apply(*args: str) -> int:
     return main(["apply", *args, "--quiet"])
 
 
+def test_an_output_under_a_file_is_one_line_and_exit_2(project, capsys):
+    """An output folder that cannot be made (under a user's file) is one line, not an OSError traceback."""
+    r = recipe(project, "out")
+    before = tree_digest(project.parent)
+    assert apply(str(r), "--out", "notes.txt/sub") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "notes.txt" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert tree_digest(project.parent) == before
+
+
 @pytest.mark.parametrize("out", ["base", ".", "..", "base/sub", "recipe.yaml", "notes.txt"])
 def test_apply_refuses_inputs_and_their_folders_even_with_overwrite(project, out, capsys):
     """The base, a folder inside it, the current directory, its parent, the recipe itself, a user's file."""
