@@ -44,7 +44,6 @@ def _int_at_least(low: int):
         if value < low:
             raise argparse.ArgumentTypeError(f"at least {low}, got {value}")
         return value
-    parse.__name__ = "integer"  # argparse names the type in its own messages
     return parse
 
 
