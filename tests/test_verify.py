@@ -8,6 +8,9 @@ purpose (the outputs' tensors edited, or a module's forward patched) and run thr
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,8 @@ from midus_surgery.emit import verify as verify_module
 from midus_surgery.emit.emitter import emit
 from midus_surgery.emit.verify import batch_check, opened, perturbed_identity_check, verify
 from midus_surgery.model import modeling_midus
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest, and steady on a busy machine
 
@@ -47,7 +52,7 @@ def test_correct_outputs_pass_every_check(arch, kind, bases, tmp_path):
     """gpt2: biases everywhere, and an identity block's zeroed output projection has a zero bias
     that the base's (at init) equals: zero by the surgery's rule, so not perturbed."""
     checks = run(emitted(bases, tmp_path, arch, kind))
-    assert list(checks) == NAMES
+    assert list(checks) == (["code"] if kind == "midus" else []) + NAMES  # MIDUS outputs ship their modeling code
     assert failed(checks) == [], {n: c.detail for n, c in checks.items()}
     assert "against the base: 0 (" in checks["identity"].detail
     perturbed = checks["identity (perturbed)"].detail
@@ -294,3 +299,53 @@ def test_a_generate_bug_of_the_stock_architecture_is_not_blamed_on_a_copy(bases,
     midus_out = emitted(bases, tmp_path, "llama", "midus")
     monkeypatch.setattr(modeling_midus.MemoryReadout, "forward", _row0_for_every_row)
     assert "kv-cache (padded batch)" in failed(run(midus_out))
+
+
+# ----------------------------------------------------------------------------------------------
+# A MIDUS output's shipped modeling code
+
+MARK_RUN = "from __future__ import annotations\nimport pathlib; pathlib.Path({marker!r}).write_text('ran')\n"
+
+
+def verify_in_subprocess(out: Path, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    """A fresh process: transformers copies the shipped code into its modules cache, kept in tmp_path."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    return subprocess.run([sys.executable, "-m", "midus_surgery.cli", "verify", str(out), *flags], capture_output=True,
+                          text=True, env=env, stdin=subprocess.DEVNULL, timeout=300, cwd=tmp_path)
+
+
+def test_shipped_code_that_is_not_the_packages_fails_unless_verify_may_run_it(bases, tmp_path):
+    """With midus_surgery imported, transformers loads the package's registered classes, not the
+    files beside the weights that a trust_remote_code load runs elsewhere: an edited (or stale)
+    modeling_midus.py used to pass every check unseen."""
+    out = emitted(bases, tmp_path, "llama", "midus")
+    assert run(out)["code"].ok and "midus-surgery 0.1.0's own" in run(out)["code"].detail
+    marker = tmp_path / "ran"
+    modeling = out / "modeling_midus.py"
+    modeling.write_text(modeling.read_text().replace("from __future__ import annotations\n", MARK_RUN.format(marker=str(marker)), 1))
+
+    without = verify_in_subprocess(out, tmp_path)
+    assert without.returncode == 1, without.stdout + without.stderr
+    assert "FAIL code: modeling_midus.py differs from midus-surgery" in without.stdout and "pass --trust-remote-code" in without.stdout
+    assert "verify failed: code" in without.stderr and not marker.exists()  # the shipped code never ran
+
+    allowed = verify_in_subprocess(out, tmp_path, "--trust-remote-code")
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert "PASS code: modeling_midus.py differs" in allowed.stdout and "run the shipped files" in allowed.stdout
+    assert marker.exists()  # the checks ran the shipped code
+
+    modeling.write_text("from __future__ import annotations\nraise RuntimeError('stale')\n")  # shipped code that cannot load
+    broken = verify_in_subprocess(out, tmp_path, "--trust-remote-code")
+    assert broken.returncode == 1 and "FAIL load: RuntimeError: stale" in broken.stdout, broken.stdout + broken.stderr
+
+
+def test_a_midus_output_without_its_modeling_files_fails_the_code_check(bases, tmp_path):
+    out = emitted(bases, tmp_path, "llama", "midus")
+    (out / "hml.py").unlink()
+    checks = run(out)
+    assert failed(checks) == ["code"] and checks["code"].detail.startswith("hml.py missing")
+    config = json.loads((out / "config.json").read_text())
+    config["auto_map"]["AutoModelForCausalLM"] = "evil.Model"
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "hml.py").write_bytes((Path(modeling_midus.__file__).parent / "hml.py").read_bytes())
+    assert "auto_map does not name MIDUS's own classes" in run(out)["code"].detail

@@ -1,6 +1,8 @@
 """`midus-surgery verify`: load an emitted model and check that it is what the recipe promised.
 
-The checks, each one line: ``tensors`` (every tensor on disk loaded, none missing), ``batch``
+The checks, each one line: ``code`` (MIDUS outputs: the modeling files beside the weights are
+this package's, byte for byte, or with --trust-remote-code are the code the checks run; see
+``shipped_code_check``), ``tensors`` (every tensor on disk loaded, none missing), ``batch``
 (each row's logits are those of the row run alone, at batch sizes 1, 2 and 3 and with the rows
 permuted: a block that mixes rows, e.g. one that unpacks a tensor as if it were a tuple, fails),
 ``identity`` (function-preserving plans: the logits equal the base's bit for bit; ``logits``
@@ -47,9 +49,20 @@ class Check:
     detail: str
 
 
-def _load(path: Path, gguf_file: str | None = None, *, trust_remote_code: bool = False):
+def _load(path: Path, gguf_file: str | None = None, *, trust_remote_code: bool = False, shipped: bool = False):
+    """The model as ``AutoModelForCausalLM.from_pretrained`` loads it. ``shipped``: a MIDUS output
+    through the code beside its weights, as a trust_remote_code load does where midus-surgery is not
+    installed (here transformers would prefer the classes this package registers)."""
     from transformers import AutoModelForCausalLM  # MIDUS classes: registered by this package's __init__
 
+    if shipped:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        reference = json.loads((path / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+        model_class = get_class_from_dynamic_module(reference, str(path), local_files_only=True)
+        model_class.register_for_auto_class("AutoModelForCausalLM")  # its saves write the code and auto_map again
+        model, info = model_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+        return model.eval(), info
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
                                                        trust_remote_code=trust_remote_code, **kwargs)
@@ -124,6 +137,15 @@ class NeedsTrust(MidusError):
     exit_code = 2
 
 
+def _config_dict(out: Path) -> dict:
+    """config.json as a dict; {} when it is not one (the load check then says why)."""
+    try:
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def _refuse_own_code(out: Path, plan: dict | None) -> None:
     """Without --trust-remote-code, a directory whose model is its own code is refused: transformers
     would load a stock class in its place and the checks would pass on a model nobody loads. MIDUS
@@ -131,15 +153,39 @@ def _refuse_own_code(out: Path, plan: dict | None) -> None:
     if plan is not None and plan.get("trust_remote_code"):
         raise NeedsTrust(f"{out} was made from a base with its own modeling code (midus_plan.json: trust_remote_code), "
                          "which verify runs only when told to: read that code, then pass --trust-remote-code")
-    try:
-        config = json.loads((out / "config.json").read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return  # the load check says what is wrong with it
-    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    config = _config_dict(out)  # unreadable: {}, and the load check says what is wrong with it
+    auto_map = config.get("auto_map")
     if isinstance(auto_map, dict) and auto_map and config.get("model_type") != "midus":
         names = ", ".join(f"{k} -> {v}" for k, v in sorted(auto_map.items()) if isinstance(v, str))
         raise NeedsTrust(f"{out}/config.json maps its model to its own code (auto_map: {names[:200]}), which verify runs only when "
                          "told to: read that code, then pass --trust-remote-code (without it transformers would check another class)")
+
+
+def shipped_code_check(out: Path, config: dict, trust_remote_code: bool) -> Check:
+    """A MIDUS output's modeling files are what ``trust_remote_code=True`` runs where midus-surgery
+    is not installed; with the package imported, transformers runs the package's registered copy
+    instead. So the shipped files must be the package's (byte for byte, and config.json's auto_map
+    must name them), or, with --trust-remote-code, the checks run the shipped files themselves."""
+    import midus_surgery
+    from midus_surgery.model.midus_names import AUTO_MAP, MODELING_FILES
+
+    here = Path(midus_surgery.__file__).resolve().parent / "model"
+    missing = [name for name in MODELING_FILES if not (out / name).is_file()]
+    if missing or config.get("auto_map") != AUTO_MAP:
+        what = f"{', '.join(missing)} missing" if missing else "config.json's auto_map does not name MIDUS's own classes"
+        return Check("code", False, f"{what}: AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True) "
+                                    "would not load this model's code where midus-surgery is not installed")
+    differ = [name for name in MODELING_FILES if (out / name).read_bytes() != (here / name).read_bytes()]
+    if not differ:
+        return Check("code", True, f"the {len(MODELING_FILES)} modeling files beside the weights are midus-surgery "
+                                   f"{midus_surgery.__version__}'s own, which the checks below run")
+    names = ", ".join(differ) + (" differs" if len(differ) == 1 else " differ")
+    if trust_remote_code:
+        return Check("code", True, f"{names} from midus-surgery {midus_surgery.__version__}'s copy (edited, or written by "
+                                   "another version): the checks below run the shipped files (--trust-remote-code)")
+    return Check("code", False, f"{names} from midus-surgery {midus_surgery.__version__}'s copy (edited, or written by "
+                                "another version), and trust_remote_code=True loads run them: the checks below ran the package's "
+                                "copy instead; read the shipped files, then pass --trust-remote-code to check them")
 
 
 def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = False, report=print) -> list[Check]:
@@ -159,8 +205,14 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
         checks.append(check)
         report(check)
 
+    shipped = False
+    config = _config_dict(out)
+    if config.get("model_type") == "midus":
+        code = shipped_code_check(out, config, trust)
+        record(code)
+        shipped = trust and code.ok  # the files are there and the user allowed them: run them, as a load without the package does
     try:
-        model, info = _load(out, trust_remote_code=trust)
+        model, info = _load(out, trust_remote_code=trust, shipped=shipped)
     except Exception as exc:  # noqa: BLE001 - any load failure is the check's result
         record(Check("load", False, one_line(exc, 600, whole=True)))
         return checks
@@ -221,20 +273,21 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
             result = Check(result.name, True, f"not checked: a fresh random instance of this architecture at this config fails it too, "
                                               f"so its generate path does, not the surgery ({result.detail})")
         record(result)
-    result = round_trip_check(model, ids, trust)
+    result = round_trip_check(model, ids, trust, shipped=shipped)
     if not result.ok and base_for_generation is not None and not round_trip_check(base_for_generation, ids, trust).ok:
         result = Check(result.name, True, f"not checked: the base model fails it too ({result.detail})")  # RWKV rescales on save
     record(result)
     return checks
 
 
-def round_trip_check(model, ids: torch.Tensor, trust: bool) -> Check:
-    """save_pretrained, reload: the same tensors and logits (``_round_trip_check``)."""
+def round_trip_check(model, ids: torch.Tensor, trust: bool, shipped: bool = False) -> Check:
+    """save_pretrained, reload (through the saved code when ``shipped``): the same tensors and logits
+    (``_round_trip_check``)."""
     try:
         logits = _logits(model, ids)
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
-            reloaded, _ = _load(Path(tmp), trust_remote_code=trust)
+            reloaded, _ = _load(Path(tmp), trust_remote_code=trust, shipped=shipped)
             again = _logits(reloaded, ids)
     except Exception as exc:  # noqa: BLE001
         return Check("round-trip", False, f"save_pretrained + reload fails: {one_line(exc, 300)}")
