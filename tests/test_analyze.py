@@ -107,6 +107,14 @@ def test_errors_are_one_line(world, capsys):
     assert main(["analyze", str(world["memory"]), "--data", corpus, "--out", str(world["root"] / "corpus" / "an")]) != 0
     assert "inside" in capsys.readouterr().err
     assert not (world["root"] / "corpus" / "an").exists()
+    # a model folder that is not there: said at once, not taken for a Hub repository (about a minute of retries offline)
+    for model, said in ((world["root"] / "missing", "is not a directory"), (world["root"] / "corpus", "is not a model directory (no config.json)")):
+        assert main(["analyze", str(model), "--data", corpus, "--out", str(world["root"] / "an-missing")]) == 2
+        assert said in capsys.readouterr().err
+    assert main(["analyze", str(world["memory"]), "--data", corpus, "--out", str(world["root"] / "an-missing"),
+                 "--fixed-retrieval", str(world["root"] / "missing")]) == 2
+    assert "missing is not a directory" in capsys.readouterr().err
+    assert not (world["root"] / "an-missing").exists()
 
 
 def test_frozen_retrieval_trains_the_values_only(world):

@@ -224,6 +224,19 @@ def test_a_same_size_corruption_is_one_line_naming_the_file(done, tmp_path):
     assert len(str(err.value).splitlines()) == 1 and f"cannot resume from {ckpt(run, 4)}: optimizer.bin: " in str(err.value)
 
 
+def test_a_resume_that_fails_to_load_into_a_new_run_directory_leaves_none(done, tmp_path):
+    """A checkpoint of another data order, continued into a fresh run_dir: refused while loading it,
+    after the run directory (marker, checkpoints/) was made; that directory and its new parents go."""
+    root = done["root"]
+    cfg = write_config(tmp_path / "run.yaml", done["model"], tmp_path / "runs" / "b", root / "corpus", root / "cache",
+                       **{**EXTRA, "seed": 1, "resume": str(ckpt(done["run"], 4))})
+    with pytest.raises(TrainingError) as err:
+        train(load_train_config(cfg))
+    assert "the data changed since it was written (seed: 0 -> 1)" in str(err.value)
+    assert not (tmp_path / "runs").exists()
+    assert [s for s, _ in complete_checkpoints(done["run"] / "checkpoints")] == [2, 4]  # the resumed run untouched
+
+
 # --------------------------------------------------------------------------- older checkpoints
 
 def test_an_older_checkpoint_still_resumes_exactly(done, tmp_path):

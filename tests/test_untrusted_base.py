@@ -506,3 +506,38 @@ def test_verify_never_asks_whether_to_run_custom_code(custom, tmp_path):
     assert "Do you wish to run the custom code" not in run.stdout + run.stderr
     assert "Traceback" not in run.stderr
     assert "maps its model to its own code" in run.stderr and "pass --trust-remote-code" in run.stderr
+
+
+def test_eval_analyze_and_train_run_a_models_own_code_only_when_allowed(custom, tmp_path, capsys):
+    """transformers builds the stock class of a known model_type when trust_remote_code is off, so
+    eval scored, and train trained, another model than the one the directory describes (and train
+    then exported it beside the custom code and auto_map)."""
+    from train_fixtures.tiny import make_tokenizer, write_config, write_corpus
+
+    model = copy_base(custom, tmp_path / "model")
+    make_tokenizer().save_pretrained(model)
+    marker = tmp_path / "ran"
+    modeling = model / "modeling_x.py"
+    modeling.write_text(f"import pathlib; pathlib.Path({str(marker)!r}).write_text('ran')\n" + modeling.read_text())
+    corpus = write_corpus(tmp_path / "corpus", files=2, sentences_per_file=40)[0].parent
+    cache = tmp_path / "cache"
+    config = write_config(tmp_path / "train.yaml", model, tmp_path / "runs" / "a", corpus, cache, tokens=16 * 4 * 2)
+
+    for argv, allow in ((["eval", str(model), "--data", str(corpus), "--cache-dir", str(cache)], "pass --trust-remote-code"),
+                        (["analyze", str(model), "--data", str(corpus), "--out", str(tmp_path / "analysis")], "analyze runs no model's own code"),
+                        (["train", str(config)], "set trust_remote_code: true in the train config")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "is its own modeling code (config.json auto_map: AutoConfig -> configuration_x.XConfig" in err and allow in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
+    assert not marker.exists() and not (tmp_path / "runs").exists() and not (tmp_path / "analysis").exists() and not cache.exists()
+
+    scored = run_cli(tmp_path, "eval", str(model), "--data", str(corpus), "--cache-dir", str(cache), "--trust-remote-code", "--json")
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["perplexity"] > 1 and marker.exists()  # the model's own class was scored
+    marker.unlink()
+    trained = run_cli(tmp_path, "train", str(config), "trust_remote_code=true", "--quiet")
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    export = tmp_path / "runs" / "a" / "final"
+    assert marker.exists()  # the model's own class was trained
+    assert "out_gain" in load_file(str(export / "model.safetensors")) and json.loads((export / "config.json").read_text())["auto_map"] == AUTO_MAP

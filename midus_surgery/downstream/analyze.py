@@ -32,6 +32,7 @@ import torch
 from midus_surgery.downstream.harness import TaskError
 
 ANALYSIS_KIND = "analysis"  # the output_dir marker
+NO_OWN_CODE = "analyze runs no model's own code"  # and has no flag to allow it: a MIDUS output needs none
 DEFAULT_ANALYSIS_BLOCK = 256  # tokens per block unless told (fewer when the model has fewer positions)
 
 
@@ -171,12 +172,14 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
     from midus_surgery.compiler.plan import read_plan_file
     from midus_surgery.io.output_dir import atomic_directory, check_output_dir, input_root
     from midus_surgery.train import data as D
-    from midus_surgery.train.evaluate import (DTYPES, block_batches, context_problem, eval_device, evaluate_batches, load_causal_lm,
-                                              load_tokenizer, position_limit)
+    from midus_surgery.train.evaluate import (DTYPES, block_batches, check_model_dir, context_problem, eval_device, evaluate_batches,
+                                              load_causal_lm, load_tokenizer, position_limit)
 
     if threads:
         torch.set_num_threads(threads)
-    model_dir = Path(model_dir)
+    model_dir = check_model_dir(model_dir, how_to_allow=NO_OWN_CODE)
+    if fixed_retrieval is not None:
+        check_model_dir(fixed_retrieval, how_to_allow=NO_OWN_CODE)
     inputs = [("the model", model_dir), *((f"data ({p})", input_root(p)) for p in data)]
     if fixed_retrieval is not None:
         inputs.append(("the fixed-retrieval model", Path(fixed_retrieval)))
@@ -188,7 +191,7 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
     stream = D.prepare_corpus(list(data), Path.cwd(), tokenizer, dir_glob=("**/*.txt", "**/*.md", "**/*.rst", "**/*.jsonl"),
                               text_field="text", cache_dir=D.default_cache_dir(), progress=progress, what="analysis data",
                               tokenizer_source=str(model_dir))
-    model = load_causal_lm(model_dir, dtype=DTYPES[dtype], progress=progress).to(run_on).eval()
+    model = load_causal_lm(model_dir, dtype=DTYPES[dtype], progress=progress, how_to_allow=NO_OWN_CODE).to(run_on).eval()
     if block_size is None:  # 256, or the model's positions when it has fewer
         block_size = min(DEFAULT_ANALYSIS_BLOCK, (position_limit(model) or (DEFAULT_ANALYSIS_BLOCK, ""))[0])
     too_long = context_problem(model, block_size)
@@ -223,7 +226,7 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
     fixed = None
     if fixed_retrieval is not None:
         del model
-        model = load_causal_lm(Path(fixed_retrieval), dtype=DTYPES[dtype], progress=progress).to(run_on).eval()
+        model = load_causal_lm(Path(fixed_retrieval), dtype=DTYPES[dtype], progress=progress, how_to_allow=NO_OWN_CODE).to(run_on).eval()
         if not _memory_layers(model):
             raise TaskError(f"--fixed-retrieval {fixed_retrieval}: not a MIDUS model (no Memory block)")
         frozen_loss = loss()

@@ -39,7 +39,7 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
               seed: int = 0, dtype: str = "float32", trust_remote_code: bool = False, progress: bool = True) -> dict:
     """Score every model on every task; ``{"tasks", "settings", "models": [{"model", "results", "seconds"}]}``.
     ``results``: task -> metric -> value, with ``<metric>_stderr`` beside each."""
-    from midus_surgery.train.evaluate import DTYPES, eval_device, load_causal_lm, load_tokenizer
+    from midus_surgery.train.evaluate import DTYPES, check_model_dir, eval_device, load_causal_lm, load_tokenizer
 
     if limit is not None and not limit > 0:
         raise TaskError(f"--limit must be above 0 (items per task, or a fraction below 1), got {limit:g}")
@@ -60,9 +60,8 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         said = "; ".join(f"{t!r}" + (f" (did you mean {', '.join(near[t])}?)" if near[t] else "") for t in unknown)
         raise TaskError(f"--tasks: lm-eval knows no task {said}; local task folders go in --include-path")
     run_on = eval_device(device)
-    for m in models:  # every model readable before the first long evaluation
-        if not (Path(m) / "config.json").is_file():
-            raise TaskError(f"{m} is not a model directory (no config.json)")
+    for m in models:  # every model readable (and its own code allowed) before the first long evaluation
+        check_model_dir(Path(m), trust_remote_code=trust_remote_code)
     rows = []
     for m in models:
         start = time.perf_counter()

@@ -152,7 +152,7 @@ class TrainConfig(Strict):
     init_from: str = Field(description="The model directory to start from (weights, config, tokenizer; `midus_plan.json` when made by `apply`). Relative to the config file's directory.")
     resume: str | None = Field(None, description="Continue a run from its full state: `auto` (the newest complete checkpoint in `run_dir`/checkpoints; start fresh if there is none) or a checkpoint directory. Unset: start fresh (an error if `run_dir` already holds checkpoints).")
     run_dir: str = Field(description="Where checkpoints, metrics.jsonl, TensorBoard logs, the loss plot and (by default) the final model go. Relative to the config file's directory.")
-    trust_remote_code: bool = Field(False, description="Allow the model directory's own modeling code (not needed for MIDUS outputs: `import midus_surgery` registers their classes).")
+    trust_remote_code: bool = Field(False, description="Allow the model directory's own modeling code (config.json `auto_map`); without it such a model is refused, as the stock class of its type would silently replace it. Not needed for MIDUS outputs: `import midus_surgery` registers their classes.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the data order (a deterministic function of it) and of torch's RNG.")
     data: DataConfig = Field(description="Training and held-out text (see `data`).")
     tokens: int | str = Field(description="Token budget: train for ceil(tokens / tokens_per_step) optimiser steps, where tokens_per_step = micro_batch_size * grad_accum * processes * block_size. E.g. 20000000 or 20M.")

@@ -74,8 +74,40 @@ def context_problem(model, block_size: int) -> str | None:
     return f"{block_size} tokens per block exceed the model's {limit} positions (config.json {key}); use at most {limit}"
 
 
+ALLOW_CODE = "read that code, then pass --trust-remote-code"  # how eval's users allow it; train's config says it another way
+
+
+def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow: str = ALLOW_CODE) -> Path:
+    """``path`` as a model directory a command may load, checked before any slow work: it holds a
+    config.json, and a model that is its own code (config.json's ``auto_map`` replaces the config or
+    causal-LM class) only when the user allowed that code: transformers would otherwise build the
+    stock class of its model_type in its place, and the scores would be another model's. MIDUS
+    outputs map to the classes this package registers (the same code) and need no permission."""
+    import json
+
+    from midus_surgery.compiler.custom_code import building_code
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is not a directory")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not a model directory (no config.json)")
+    if trust_remote_code:
+        return path
+    try:
+        data = json.loads((path / "config.json").read_text())
+        code = building_code(data) if isinstance(data, dict) and data.get("model_type") != "midus" else {}
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: cannot read config.json ({one_line(exc, 300, whole=True)})") from None
+    if code:
+        names = ", ".join(f"{k} -> {v}" for k, v in sorted(code.items()))
+        raise ModelLoadError(f"{path} is its own modeling code (config.json auto_map: {names[:200]}), which the stock "
+                             f"{data.get('model_type')!r} class would silently replace; it runs only when allowed: {how_to_allow}")
+    return path
+
+
 def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float32, trust_remote_code: bool = False,
-                   progress: bool = True):
+                   progress: bool = True, how_to_allow: str = ALLOW_CODE):
     """Load a model directory (base, DUS, LLaMA-Pro or MIDUS output) as a causal LM, strictly.
 
     Every tensor the architecture has must be in the weights (tied ones excepted), with its shape,
@@ -86,9 +118,7 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
     from transformers import AutoConfig, AutoModelForCausalLM
 
     # The MIDUS classes are registered by this package's __init__, so MIDUS outputs load too.
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} is not a model directory (no config.json)")
+    path = check_model_dir(path, trust_remote_code=trust_remote_code, how_to_allow=how_to_allow)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - a bad config.json surfaces as many kinds
@@ -124,6 +154,8 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    if not Path(path).is_dir():  # transformers would take the name for a Hub repository and retry the network
+        raise ModelLoadError(f"{path} is not a directory")
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
@@ -254,11 +286,7 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None,
 
     if threads:
         torch.set_num_threads(threads)
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ModelLoadError(f"{model_dir} is not a directory")
-    if not (model_dir / "config.json").is_file():
-        raise ModelLoadError(f"{model_dir} is not a model directory (no config.json)")
+    model_dir = check_model_dir(model_dir, trust_remote_code=trust_remote_code)
     if dtype not in DTYPES:
         raise MidusError(f"--dtype must be one of {', '.join(DTYPES)}")
     run_on = eval_device(device)

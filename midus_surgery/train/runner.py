@@ -51,11 +51,14 @@ from midus_surgery.train.checkpoint import (
     weights_checksum,
 )
 from midus_surgery.train.config import LoadedTrainConfig, TrainConfig
-from midus_surgery.train.evaluate import DTYPES, block_batches, context_problem, evaluate_batches, load_causal_lm, load_tokenizer
+from midus_surgery.train.evaluate import (DTYPES, ModelLoadError, block_batches, check_model_dir, context_problem, evaluate_batches,
+                                          load_causal_lm, load_tokenizer)
 from midus_surgery.train.export import EXPORT_KIND, export_model
 from midus_surgery.train.params import ParamGroups, adamw_options, choose_params, describe_groups, lr_lambda
 
 NORM_LABELS = {"grad_norm": "gnorm", "memory_grad_norm": "mem gnorm"}  # metrics key -> log line label
+
+ALLOW_CODE = "read that code, then set trust_remote_code: true in the train config"
 
 
 @dataclass
@@ -184,9 +187,22 @@ class Runner:
             self.setup_data()
             self.setup_model()
             self.setup_optimizer()
+            self.restore()
         except BaseException:
             self.remove_unused_run_dir(created)
             raise
+
+    def restore(self) -> None:
+        """The model, optimiser, scheduler, RNG and data position of the checkpoint to continue: a
+        checkpoint of another data order or optimiser fails here, inside setup, so a run directory
+        made for it is removed again."""
+        if self.resume_from is None:
+            return
+        state = load_checkpoint(self.resume_from, self.acc, self.optimizer, self.scheduler,
+                                adamw_options=self.adamw_options, data_identity=self.data_identity)
+        self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        if isinstance(state.get("total_steps"), int) and state["total_steps"] != self.total_steps:
+            self.say(self.budget_change_note(state["total_steps"]))
 
     def remove_unused_run_dir(self, created: list[Path]) -> None:
         """A run that fails before its first step (data that cannot be read, a block too long for
@@ -236,8 +252,11 @@ class Runner:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.export_dir = (loaded.resolve(cfg.export.dir) if cfg.export.dir else self.run_dir / "final").resolve()
         self.init_from = loaded.resolve(cfg.init_from).resolve()
-        if not (self.init_from / "config.json").is_file():
-            raise RecipeError([loaded.problem(("init_from",), f"{self.init_from} is not a model directory (no config.json)")])
+        try:
+            check_model_dir(self.init_from, trust_remote_code=cfg.trust_remote_code,
+                            how_to_allow=ALLOW_CODE)
+        except ModelLoadError as exc:
+            raise RecipeError([loaded.problem(("init_from",), str(exc))]) from None
 
     def check_outputs(self) -> None:
         """The output-safety rule (output_dir.py) for the run directory and the export, before any work.
@@ -330,7 +349,8 @@ class Runner:
         self.init_dtype = config_data.get("dtype") or config_data.get("torch_dtype") or "float32"
         self.is_midus = config_data.get("model_type") == "midus"
         model = load_causal_lm(self.init_from, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
-                               progress=cfg.log.progress and self.acc.is_main_process)
+                               progress=cfg.log.progress and self.acc.is_main_process,
+                               how_to_allow=ALLOW_CODE)
         too_long = context_problem(model, cfg.data.block_size)
         if too_long:
             raise RecipeError([loaded.problem(("data", "block_size"), too_long)])
@@ -427,12 +447,6 @@ class Runner:
     def run(self) -> TrainResult:
         cfg = self.cfg
         self.setup()
-        if self.resume_from is not None:
-            state = load_checkpoint(self.resume_from, self.acc, self.optimizer, self.scheduler,
-                                    adamw_options=self.adamw_options, data_identity=self.data_identity)
-            self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
-            if isinstance(state.get("total_steps"), int) and state["total_steps"] != self.total_steps:
-                self.say(self.budget_change_note(state["total_steps"]))
         self.open_logs()
         self.say_what_runs()
         final_eval = None
