@@ -330,7 +330,8 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--cache-dir", default=None, help="token cache (default: $MIDUS_CACHE/tokens or ~/.cache/midus-surgery/tokens)")
     p.add_argument("--device", default="auto", help="auto (default: the first CUDA device when there is one, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model directory's own modeling code")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model directory's own modeling code (config.json auto_map; without it such a model is refused)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
@@ -413,6 +414,12 @@ def _dispatch(args) -> int:
         # a path the user gave cannot hold what the command writes there (a folder under a file, a
         # read-only place): the checks before the work name most such paths; these are the rest
         err.print(f"error: cannot write {exc.filename}: {exc.strerror}", markup=False)
+        return 2
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        # a path the system will not make or open (/proc/x: FileNotFoundError on mkdir): one line too
+        err.print(f"error: cannot make or open {exc.filename}: {exc.strerror}", markup=False)
         return 2
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, Terminated)

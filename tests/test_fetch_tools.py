@@ -299,6 +299,20 @@ def test_main_refuses_incomplete_existing_dir(tmp_path, monkeypatch, capsys):
     assert "incomplete" in err and "model.safetensors" in err and "--force" in err
 
 
+@pytest.mark.parametrize("out", ["notes.txt/m", "/proc/midus-no-such/m"])  # a folder under a file; a place mkdir cannot make
+def test_an_output_that_cannot_be_made_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, out):
+    (tmp_path / "notes.txt").write_text("the user's file")
+    out = str(tmp_path / out) if not out.startswith("/") else out
+    monkeypatch.setattr(fs, "build", lambda *a, **k: pytest.fail("must not start the minute of work"))
+    assert fs.main(["--out", out, "--cache", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fetch_smollm2: error: cannot write ") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert fc.main(["git-doc", "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fetch_corpus: error: git-doc: cannot write ") and len(err.splitlines()) == 1, err
+    assert (tmp_path / "notes.txt").read_text() == "the user's file"
+
+
 def test_download_failure_is_one_clear_line(tmp_path, monkeypatch, capsys):
     def failing_run(cmd, **kw):
         assert cmd[:4] == [sys.executable, "-m", "pip", "download"]

@@ -70,13 +70,16 @@ def apply(*args: str) -> int:
     return main(["apply", *args, "--quiet"])
 
 
-def test_an_output_under_a_file_is_one_line_and_exit_2(project, capsys):
-    """An output folder that cannot be made (under a user's file) is one line, not an OSError traceback."""
+@pytest.mark.parametrize("out", ["notes.txt/sub", "/proc/midus-no-such/out"])
+def test_an_output_that_cannot_be_made_is_one_line_and_exit_2(project, capsys, out):
+    """An output folder that cannot be made (under a user's file; where mkdir says "no such file",
+    as in /proc) is one line naming the path asked for, not an OSError traceback."""
     r = recipe(project, "out")
     before = tree_digest(project.parent)
-    assert apply(str(r), "--out", "notes.txt/sub") == 2
+    assert apply(str(r), "--out", out) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "notes.txt" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: cannot write {project / out if not out.startswith('/') else out}: "), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert tree_digest(project.parent) == before
 
 
@@ -259,6 +262,32 @@ def test_train_refuses_outputs_over_its_inputs(train_project, field, value, what
     assert code == 2 and "Traceback" not in err, err
     assert "run.yaml:" in err and any(w in err for w in what.split("|")), err
     assert tree_digest(train_project.parent) == before
+
+
+def test_train_follows_a_linked_run_dir_and_holds_its_target_to_the_rules(train_project, capsys):
+    """A run_dir (or a parent of it) linked elsewhere, as to a scratch disk, is written through; a
+    link whose target is an input is refused like the input itself."""
+    scratch = train_project.parent / "scratch"
+    scratch.mkdir()
+    (train_project / "runs").symlink_to(scratch)
+    assert main(["train", str(train_config(train_project)), "--quiet"]) == 0
+    assert read_marker(scratch / "a")["kind"] == "train run" and (scratch / "a" / "final" / "model.safetensors").is_file()
+    (train_project / "to-model").symlink_to(train_project / "model")
+    before = tree_digest(train_project / "model")
+    assert main(["train", str(train_config(train_project, "to-model")), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "run_dir" in err and "is init_from" in err and "Traceback" not in err, err
+    assert tree_digest(train_project / "model") == before
+
+
+def test_a_run_dir_or_cache_the_system_will_not_make_is_one_line(train_project, capsys):
+    for argv in (["train", str(train_config(train_project, "/proc/midus-no-such/run")), "--quiet"],
+                 ["train", str(train_config(train_project, **{"data.cache_dir": "/proc/midus-no-such/cache"})), "--quiet"],
+                 ["eval", "model", "--data", "corpus", "--cache-dir", "/proc/midus-no-such/cache", "--quiet"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: cannot make or open /proc/midus-no-such") and len(err.strip().splitlines()) == 1, err
+    assert not (train_project / "runs").exists()
 
 
 @pytest.mark.parametrize("cache", ["model/tokens", "corpus", "corpus/cache"])

@@ -379,8 +379,10 @@ def fetch(name: str, out: Path, apt: Apt, force: bool = False) -> dict:
         check_output_dir(target, kind="fetch_corpus", overwrite=force, flag="--force")
     except OutputError as exc:
         raise CorpusError(str(exc)) from None
-
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a folder under a file, /proc, a read-only disk
+        raise CorpusError(f"cannot write {out}: {exc.strerror or exc}") from None
     with tempfile.TemporaryDirectory(prefix=f"fetch_corpus-{name}-") as work:
         work = Path(work)
         dl = work / "deb"

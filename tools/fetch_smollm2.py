@@ -333,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
             if out.exists():
                 raise FetchError(f"{out} exists but is incomplete (missing {', '.join(missing)}); remove it or pass --force")
         check_output_dir(out, kind="fetch_smollm2", overwrite=args.force, flag="--force")
+        for folder in (out.parent, cache):  # before the minute of work, not after it
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                why = "a file is there" if isinstance(exc, FileExistsError) else exc.strerror or exc
+                raise OutputError(f"cannot write {folder}: {why}") from None
         t = time.perf_counter()
         build(out, args.dtype, cache, args.gguf.absolute() if args.gguf else None)
         log(f"total {time.perf_counter() - t:.1f} s")
@@ -342,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OutputError as e:
         print(f"fetch_smollm2: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:
+            raise
+        print(f"fetch_smollm2: error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fetch_smollm2: interrupted", file=sys.stderr)

@@ -249,22 +249,31 @@ def atomic_directory(out: Path, *, kind: str, owner: str | None = None, report=N
     which the next run into the same parent removes.
     """
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(out, report)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(out, report)
+        tmp.mkdir()
+    except OSError as exc:  # a place the system will not write (/proc, a read-only disk): said for the path asked
+        _remove_empty(created)
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
     try:
         write_marker(tmp, kind, owner)
         yield tmp
         replace_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created:  # a failed run leaves no trace, not even the empty folders it made
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        _remove_empty(created)  # a failed run leaves no trace, not even the empty folders it made
         raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a run made on its way to an output (deepest first), while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def replace_directory(new: Path, out: Path) -> None:
