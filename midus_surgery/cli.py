@@ -227,11 +227,24 @@ def cmd_train(args) -> int:
     return 0
 
 
+# eval's flags that only one of its two modes reads (flag -> argparse dest)
+EVAL_MODE_FLAGS = {
+    "--tasks": {"--include-path": "include_path", "--allow-task-code": "allow_task_code", "--limit": "limit",
+                "--num-fewshot": "num_fewshot", "--seed": "seed"},
+    "--data": {"--block-size": "block_size", "--per-document": "per_document", "--max-blocks": "max_blocks",
+               "--text-field": "text_field", "--cache-dir": "cache_dir"},
+}
+
+
 def cmd_eval(args) -> int:
     from midus_surgery.downstream.harness import TaskError
 
     if (args.data is None) == (args.tasks is None):
         raise TaskError("eval: give --data (held-out perplexity) or --tasks (lm-evaluation-harness tasks), one of the two")
+    mode, other = ("--tasks", "--data") if args.tasks is not None else ("--data", "--tasks")
+    ignored = [flag for flag, dest in EVAL_MODE_FLAGS[other].items() if getattr(args, dest) is not None and getattr(args, dest) is not False]
+    if ignored:  # silently dropped, they would make the user believe the run was limited, seeded or cached as asked
+        raise TaskError(f"eval: {', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} to {other} only, not {mode}")
     if args.tasks is not None:
         return _eval_tasks(args)
     from midus_surgery.train.evaluate import run_eval
@@ -239,7 +252,7 @@ def cmd_eval(args) -> int:
     results = []
     for model in args.model:
         result = run_eval(model, args.data, block_size=args.block_size, per_document=args.per_document,
-                          batch_size=args.batch_size, max_blocks=args.max_blocks, dtype=args.dtype, text_field=args.text_field,
+                          batch_size=args.batch_size, max_blocks=args.max_blocks, dtype=args.dtype, text_field=args.text_field or "text",
                           cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code,
                           progress=not (args.quiet or args.json), threads=args.threads, device=args.device)
         results.append(result)
@@ -263,7 +276,7 @@ def _eval_tasks(args) -> int:
     tasks = [t for entry in args.tasks for t in entry.split(",") if t]
     result = run_tasks(args.model, tasks, include_path=args.include_path or [], allow_task_code=args.allow_task_code,
                        limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device,
-                       seed=args.seed, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                       seed=0 if args.seed is None else args.seed, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                        progress=not (args.quiet or args.json))
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
@@ -320,13 +333,13 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--allow-task-code", action="store_true", help="let --include-path tasks run Python (!function, includes, HF evaluate metrics) and render their templates unsandboxed")
     p.add_argument("--limit", type=float, default=None, help="--tasks: at most this many items per task (a fraction below 1)")
     p.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples (default: each task's own)")
-    p.add_argument("--seed", type=int, default=0, help="--tasks: the seed of every random choice lm-eval makes (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="--tasks: the seed of every random choice lm-eval makes (default 0)")
     p.add_argument("--block-size", type=_int_at_least(2), help="tokens per block / window (default 512, or the model's positions when fewer)")
     p.add_argument("--per-document", action="store_true", help="evaluate each document on its own (windows of --block-size) instead of packed blocks")
     p.add_argument("--batch-size", type=_int_at_least(1), default=4, help="sequences per forward pass (default 4)")
     p.add_argument("--max-blocks", type=_int_at_least(1), default=None, help="evaluate at most this many blocks / windows")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype to run the model in (default float32)")
-    p.add_argument("--text-field", default="text", help="the JSONL field holding the text (default: text)")
+    p.add_argument("--text-field", default=None, help="the JSONL field holding the text (default: text)")
     p.add_argument("--cache-dir", default=None, help="token cache (default: $MIDUS_CACHE/tokens or ~/.cache/midus-surgery/tokens)")
     p.add_argument("--device", default="auto", help="auto (default: the first CUDA device when there is one, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads")
@@ -397,8 +410,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(argv: list[str] | None = None):
+    """The parsed command line. train's key=value overrides may also follow its options
+    (`train run.yaml --quiet optim.lr=1e-4`): argparse stops filling a positional list at the
+    first option and would call the rest unrecognised."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and getattr(args, "func", None) is cmd_train and all("=" in a and not a.startswith("-") for a in unknown):
+        args.overrides = [*args.overrides, *unknown]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    return _dispatch(build_parser().parse_args(argv))
+    return _dispatch(parse_arguments(argv))
 
 
 def _dispatch(args) -> int:
@@ -442,7 +468,7 @@ def run() -> None:
     A successful ``apply`` exits without the interpreter's teardown (``os._exit``, as mypy does):
     freeing pydantic's and the plan's objects one by one took ~30 ms, a tenth of applying a small
     model, and by then apply has closed, renamed and reported everything it wrote."""
-    args = build_parser().parse_args()
+    args = parse_arguments()
     signal.signal(signal.SIGTERM, _on_sigterm)
     code = _dispatch(args)
     if code == 0 and args.func is cmd_apply:

@@ -232,3 +232,15 @@ def test_counts_below_their_minimum_are_a_usage_error(command, option, value, me
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f"argument {option}: {message}" in err.strip().splitlines()[-1]
     assert "Traceback" not in err
+
+
+def test_train_overrides_may_follow_its_options(capsys):
+    from midus_surgery.cli import cmd_train, parse_arguments
+
+    args = parse_arguments(["train", "run.yaml", "a.b=1", "--quiet", "optim.lr=1e-4", "freeze=base"])
+    assert args.func is cmd_train and args.quiet and args.config == "run.yaml"
+    assert args.overrides == ["a.b=1", "optim.lr=1e-4", "freeze=base"]  # in the order given: a later one wins
+    for argv in (["train", "run.yaml", "--quiet", "--bogus"], ["train", "run.yaml", "--quiet", "stray"], ["plan", "r.yaml", "--json", "a=b"]):
+        with pytest.raises(SystemExit) as exit_:
+            parse_arguments(argv)
+        assert exit_.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err

@@ -76,6 +76,12 @@ def test_eval_cli_json_and_errors(setup, capsys, tmp_path):
     # --json / --quiet: no bar at all, transformers' "Loading weights" included; its setting is restored
     assert captured.err == "" and hf_logging.is_progress_bar_enabled()
 
+    # a flag of the other mode would be dropped without a word (a --limit that limits nothing)
+    assert main(["eval", str(setup["model"]), "--data", str(setup["files"][0]), "--limit", "5", "--seed", "0"]) == 2
+    assert "error: eval: --limit, --seed apply to --tasks only, not --data" in capsys.readouterr().err
+    assert main(["eval", str(setup["model"]), "--tasks", "x", "--cache-dir", str(tmp_path / "c"), "--per-document"]) == 2
+    assert "error: eval: --per-document, --cache-dir apply to --data only, not --tasks" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
     assert main(["eval", str(tmp_path), "--data", str(setup["files"][0])]) == 2  # a model that does not load: exit 2
     assert "is not a model directory (no config.json)" in capsys.readouterr().err
     assert main(["eval", str(setup["model"]), "--data", str(tmp_path / "missing.txt"), "--cache-dir", str(setup["cache"])]) == 3
