@@ -303,6 +303,24 @@ def test_the_token_cache_may_not_be_written_into_the_model_or_the_data(train_pro
     assert tree_digest(train_project) == before
 
 
+@pytest.mark.parametrize("cache", ["applied", "applied/tokens"])
+def test_the_token_cache_may_not_be_written_into_an_output_written_whole(train_project, cache, capsys):
+    """An apply output or an export is replaced whole: a cache inside it would go with it, or keep
+    it from being replaced."""
+    applied = train_project / "applied"
+    applied.mkdir()
+    write_marker(applied, "apply")
+    (applied / "config.json").write_text("{}")
+    record_written_files(applied)
+    config = train_config(train_project, **{"data.cache_dir": cache})
+    before = tree_digest(train_project)
+    for argv in (["train", str(config), "--quiet"], ["eval", "model", "--data", "corpus", "--cache-dir", cache, "--quiet"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"the token cache {train_project / cache} {'is' if cache == 'applied' else 'lies inside'} {applied}, written whole by midus-surgery apply" in err, err
+    assert tree_digest(train_project) == before and not (train_project / "runs").exists()
+
+
 def test_train_refuses_a_run_dir_with_the_users_files(train_project, capsys):
     run = train_project / "runs" / "a"
     run.mkdir(parents=True)

@@ -92,9 +92,10 @@ def _not_written_by_tool(directory: Path, marker: dict) -> list[str]:
     return sorted(p.parent.relative_to(directory).as_posix() + "/" for p in directory.rglob(MARKER) if p.parent != directory)
 
 
-def _whole_output_above(path: Path) -> tuple[Path, dict] | None:
-    """The nearest directory above ``path`` that the tool wrote whole (its marker lists its files)."""
-    for parent in path.parents:
+def _whole_output_above(path: Path, *, including: bool = False) -> tuple[Path, dict] | None:
+    """The nearest directory above ``path`` (``including``: or ``path`` itself) that the tool wrote
+    whole (its marker lists its files)."""
+    for parent in [path] * including + list(path.parents):
         marker = read_marker(parent)
         if marker is not None and isinstance(marker.get("files"), list):
             return parent, marker
@@ -199,6 +200,10 @@ def check_cache_location(cache: str | os.PathLike, *, inputs: Iterable[tuple[str
         relation = _relation(resolved, other)
         if relation in ("is", "is inside"):
             raise OutputError(f"the token cache {resolved} {relation} {what} {other}: the tool would write into it; choose another cache directory")
+    above = _whole_output_above(resolved, including=True)
+    if above is not None:  # a later apply --overwrite or export would delete it, or refuse to replace what holds it
+        raise OutputError(f"the token cache {resolved} {'is' if above[0] == resolved else 'lies inside'} {above[0]}, written whole by {_written_by(above[1])}; "
+                          "choose a cache directory outside it")
     return resolved
 
 
