@@ -186,6 +186,10 @@ def _runtime_class(public: type, base_name: str) -> type:
         base_cls = getattr(transformers, base_name)
         body = {"__module__": __name__, "__qualname__": name, "_midus_base": base_cls, **_kernel_checks_of(base_cls)}
         _RUNTIME[name] = type(name, (public, base_cls), body)
+        # Pipelines (which log a 5 KB "not supported" error otherwise), Trainer's causal-LM label
+        # shift and transformers serve know a model by its class name in this table. The key is no
+        # model type, so no Auto class lookup ever reads it.
+        _task_table(public.__name__).setdefault(f"midus ({name})", name)
     return _RUNTIME[name]
 
 
