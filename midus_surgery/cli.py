@@ -212,9 +212,9 @@ def cmd_train(args) -> int:
         sys.stdout.write(config_reference_markdown())
         return 0
     if not args.config:
-        from midus_surgery.errors import MidusError
+        from midus_surgery.errors import UsageError
 
-        raise MidusError("train needs a config file (see `midus-surgery train --keys` for every key)")
+        raise UsageError("train needs a config file (see `midus-surgery train --keys` for every key)")
     loaded = load_train_config(args.config, [*args.overrides, *(["log.progress=false"] if args.quiet else [])])
     from midus_surgery.train.runner import train
 

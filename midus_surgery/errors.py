@@ -36,6 +36,14 @@ class MidusError(Exception):
     exit_code = 1
 
 
+class UsageError(MidusError):
+    """A command-line value that cannot work (a device this machine lacks, a path that is no model
+    directory, a missing config): exit 2, as argparse's own usage errors, so that exit 1 keeps
+    meaning "ran, and found a problem" (verify's failed checks)."""
+
+    exit_code = 2
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with a recipe, located in its YAML file when known."""

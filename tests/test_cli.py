@@ -244,3 +244,8 @@ def test_train_overrides_may_follow_its_options(capsys):
         with pytest.raises(SystemExit) as exit_:
             parse_arguments(argv)
         assert exit_.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_train_without_a_config_is_a_usage_error(capsys):
+    assert main(["train"]) == 2
+    assert "train needs a config file" in capsys.readouterr().err

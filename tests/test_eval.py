@@ -114,8 +114,8 @@ def test_eval_auto_device_and_device_errors(setup, capsys):
     args = ["eval", str(setup["model"]), "--data", str(setup["files"][0]), "--block-size", "16", "--cache-dir", str(setup["cache"])]
     assert main(args + ["--json"]) == 0
     assert json.loads(capsys.readouterr().out)["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert main(args + ["--device", "tpu7"]) == 1
+    assert main(args + ["--device", "tpu7"]) == 2
     assert "--device 'tpu7' is not a device name" in capsys.readouterr().err
-    assert main(args + ["--device", "cuda:64"]) == 1
+    assert main(args + ["--device", "cuda:64"]) == 2
     err = capsys.readouterr().err
     assert ("has no CUDA device" in err) if not torch.cuda.is_available() else ("there are only" in err)

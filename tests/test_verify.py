@@ -349,3 +349,12 @@ def test_a_midus_output_without_its_modeling_files_fails_the_code_check(bases, t
     (out / "config.json").write_text(json.dumps(config))
     (out / "hml.py").write_bytes((Path(modeling_midus.__file__).parent / "hml.py").read_bytes())
     assert "auto_map does not name MIDUS's own classes" in run(out)["code"].detail
+
+
+def test_what_is_no_model_directory_is_a_usage_error_not_a_failed_check(tmp_path, capsys):
+    """exit 1 means verify ran and a check failed; a path that is no model directory is exit 2."""
+    from midus_surgery.cli import main
+
+    for path in (tmp_path / "missing", tmp_path):
+        assert main(["verify", str(path)]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {path} is not a model directory (no config.json)"

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from midus_surgery.compiler.plan import guess_layers_path, read_plan_file
-from midus_surgery.errors import MidusError, one_line
+from midus_surgery.errors import MidusError, UsageError, one_line
 
 SAMPLE_TEXT = (
     "The history of science is the study of the development of science and scientific knowledge, "
@@ -194,7 +194,7 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     trust_remote_code: run the model's (and the base's) own modeling code, as the user allowed."""
     out = Path(out)
     if not (out / "config.json").is_file():
-        raise MidusError(f"{out} is not a model directory (no config.json)")
+        raise UsageError(f"{out} is not a model directory (no config.json)")
     plan = read_plan_file(out)  # None: not made by `apply`
     if not trust_remote_code:
         _refuse_own_code(out, plan)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from midus_surgery.errors import MidusError, one_line
+from midus_surgery.errors import MidusError, UsageError, one_line
 from midus_surgery.io.hf_output import hf_progress_bars
 from midus_surgery.io.output_dir import check_cache_location, input_root
 
@@ -237,13 +237,13 @@ def eval_device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
-        raise MidusError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
+        raise UsageError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MidusError(f"--device {name}: this machine has no CUDA device (use --device cpu or auto)")
+        raise UsageError(f"--device {name}: this machine has no CUDA device (use --device cpu or auto)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise MidusError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+        raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
     if dev.type not in ("cpu", "cuda"):
-        raise MidusError(f"--device {name}: only cpu and cuda are supported")
+        raise UsageError(f"--device {name}: only cpu and cuda are supported")
     return dev
 
 
@@ -288,7 +288,7 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None,
         torch.set_num_threads(threads)
     model_dir = check_model_dir(model_dir, trust_remote_code=trust_remote_code)
     if dtype not in DTYPES:
-        raise MidusError(f"--dtype must be one of {', '.join(DTYPES)}")
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}")
     run_on = eval_device(device)
     cache = check_cache_location(Path(cache_dir) if cache_dir else D.default_cache_dir(),
                                  inputs=[("the model", model_dir), *((f"data ({p})", input_root(p)) for p in data)])
