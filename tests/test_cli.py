@@ -110,11 +110,6 @@ def test_apply_with_missing_base_is_one_clear_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_verify_on_a_non_model_dir(tmp_path, capsys):
-    assert main(["verify", str(tmp_path)]) == 1
-    assert "not a model directory" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("argv", [["validate"], ["frobnicate"]])
 def test_usage_errors(argv):
     result = run(*argv)

@@ -63,7 +63,22 @@ def test_wrong_type_names_field_and_line(tmp_path):
     (p,) = problems(tmp_path, GOOD.replace("after_every: 2", "after_every: two"))
     assert p.field == "layout.interleave.after_every"
     assert p.where.endswith("r.yaml:5:5")
-    assert "integer" in p.message
+    assert p.message == "should be a whole number, got the text 'two'"
+
+
+@pytest.mark.parametrize(("text", "field", "message"), [
+    ("after_every: 2", "after_every: '2'", "should be a whole number, got the text '2'"),  # no silent conversion from text
+    ("after_every: 2", "after_every: true", "should be a whole number, got true"),          # nor from a boolean (true was 1)
+    ("kind: memory", "kind: memory\n    extra: [1]", "unknown key 'extra'"),
+])
+def test_strict_types_in_yaml_words(tmp_path, text, field, message):
+    (p,) = problems(tmp_path, GOOD.replace(text, field))
+    assert p.message == message and "Input should" not in p.message
+
+
+def test_a_section_that_is_not_a_mapping_is_said_so(tmp_path):
+    (p,) = problems(tmp_path, GOOD.replace("output:\n  dir: out\n", "output: [out]\n"))
+    assert (p.field, p.message) == ("output", "should be a mapping (key: value pairs), got a list")
 
 
 def test_impossible_value(tmp_path):

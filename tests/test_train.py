@@ -97,7 +97,7 @@ def test_overrides(tmp_path):
         load_train_config(path, ["optim.lrr=1"])
     with pytest.raises(RecipeError, match=r"command line \(tokens\.x=1\): tokens\.x: tokens is not a section"):
         load_train_config(path, ["tokens.x=1"])
-    with pytest.raises(RecipeError, match=r"command line \(micro_batch_size=abc\): micro_batch_size: Input should be a valid integer"):
+    with pytest.raises(RecipeError, match=r"command line \(micro_batch_size=abc\): micro_batch_size: should be a whole number, got the text 'abc'"):
         load_train_config(path, ["micro_batch_size=abc"])
     with pytest.raises(RecipeError, match="is not key=value"):
         load_train_config(path, ["freeze"])

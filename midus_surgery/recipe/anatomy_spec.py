@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 
 class Anatomy(BaseModel):
@@ -29,8 +29,8 @@ class Anatomy(BaseModel):
     source: Literal["fx", "export", "recipe"] = Field("fx", description="How the anatomy was found.")
     mixer: Literal["attention", "other"] = Field("attention", description="'attention' when the token mixer is softmax attention (a memory block needs it); 'other' for convolutions, linear attention, state-space layers.")
     heads_key: str | None = Field(None, description="The config key holding the attention's query-head count (traced from the heads its output projection receives); None: num_attention_heads.")
-    out_proj_in_axis: int = Field(1, ge=0, le=1, description="The axis of the output projection's weight that takes the concatenated heads: 1 for nn.Linear ([out, in]), 0 for GPT-2's Conv1D ([in, out]).")
-    ffn_tuple: tuple[int, int] | None = Field(None, description="When the FFN returns a tuple (mixtures of experts that also return router scores): (its length, the position of the hidden states); None: it returns a tensor.")
+    out_proj_in_axis: StrictInt = Field(1, ge=0, le=1, description="The axis of the output projection's weight that takes the concatenated heads: 1 for nn.Linear ([out, in]), 0 for GPT-2's Conv1D ([in, out]).")
+    ffn_tuple: tuple[StrictInt, StrictInt] | None = Field(None, description="When the FFN returns a tuple (mixtures of experts that also return router scores): (its length, the position of the hidden states); None: it returns a tensor.")
 
     def describe(self) -> str:
         """A few human-readable lines, e.g. for ``midus-surgery plan``."""
@@ -77,7 +77,7 @@ class StackAnatomy(BaseModel):
 
     layers_path: str
     kinds: tuple[BlockKind, ...]
-    layer_kinds: tuple[int, ...] = Field(description="Per base layer: its index into `kinds`.")
+    layer_kinds: tuple[StrictInt, ...] = Field(description="Per base layer: its index into `kinds`.")
 
     @classmethod
     def uniform(cls, anatomy: Anatomy, num_layers: int) -> "StackAnatomy":

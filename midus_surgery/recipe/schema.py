@@ -14,7 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
 from midus_surgery.errors import Problem, RecipeError
 from midus_surgery.recipe.anatomy_spec import Anatomy
@@ -36,7 +36,7 @@ MAX_SHARD_BYTES = 10**15  # 1 PB: larger than any model, i.e. "one shard"
 MAX_SEQ_LEN = 100_000_000
 MAX_SEED = 2**63 - 1
 
-NonNegInt = Annotated[int, Field(ge=0, le=MAX_BASE_LAYERS)]  # a base layer index (or a slice's end)
+NonNegInt = Annotated[StrictInt, Field(ge=0, le=MAX_BASE_LAYERS)]  # a base layer index (or a slice's end)
 
 
 class Strict(BaseModel):
@@ -52,7 +52,7 @@ class BaseModelSpec(Strict):
     path: str = Field(description="A local Hugging Face model directory (config.json + safetensors) or a .gguf file. Relative paths are resolved against the recipe's directory.")
     config: str | None = Field(None, description="A config.json to plan from when `path` is not present (lets `validate`/`plan` run on a machine without the weights). Defaults to `path`/config.json, or the GGUF's own metadata.")
     gguf_file: str | None = Field(None, description="The GGUF file's name inside `path` when `path` is a directory holding one.")
-    trust_remote_code: bool = Field(False, description="Allow the base model's own modeling code (Hub `auto_map`). Off by default.")
+    trust_remote_code: StrictBool = Field(False, description="Allow the base model's own modeling code (Hub `auto_map`). Off by default.")
 
 
 class Slice(Strict):
@@ -76,7 +76,7 @@ class Slice(Strict):
 class Interleave(Strict):
     """Insert a copy of a base layer right after it (LLaMA-Pro / MIDUS placement)."""
 
-    after_every: int | None = Field(None, ge=1, le=MAX_BASE_LAYERS, description="Insert after every N base layers: after layers N-1, 2N-1, ... (the last layer of each group).")
+    after_every: StrictInt | None = Field(None, ge=1, le=MAX_BASE_LAYERS, description="Insert after every N base layers: after layers N-1, 2N-1, ... (the last layer of each group).")
     after: list[NonNegInt] | None = Field(None, description="Insert after exactly these base layers.")
     kind: InsertedKind = Field("memory", description="Kind of the inserted blocks.")
 
@@ -128,20 +128,20 @@ class Layout(Strict):
 class MemorySettings(Strict):
     """The Head-wise Memory Layer (HML + HIVE) of every `memory` block (MIDUS.md sections 3-5)."""
 
-    n_subkeys: int = Field(256, ge=2, le=MAX_N_SUBKEYS, description="n: sub-keys per query half; each head addresses n*n slots.")
-    topk: int = Field(32, ge=1, le=MAX_TOPK, description="k: slots read per head and token (two-stage top-k). Must be <= n.")
-    latent_dim: int = Field(256, ge=1, le=MAX_LATENT_DIM, description="d_l: width of the shared HIVE latent bank (n*n x d_l). Ignored when hive is false.")
-    hive: bool = Field(True, description="HIVE values: one latent bank shared by all heads plus a d_l x d_h projection per head. False: a value table of width d_h per head.")
+    n_subkeys: StrictInt = Field(256, ge=2, le=MAX_N_SUBKEYS, description="n: sub-keys per query half; each head addresses n*n slots.")
+    topk: StrictInt = Field(32, ge=1, le=MAX_TOPK, description="k: slots read per head and token (two-stage top-k). Must be <= n.")
+    latent_dim: StrictInt = Field(256, ge=1, le=MAX_LATENT_DIM, description="d_l: width of the shared HIVE latent bank (n*n x d_l). Ignored when hive is false.")
+    hive: StrictBool = Field(True, description="HIVE values: one latent bank shared by all heads plus a d_l x d_h projection per head. False: a value table of width d_h per head.")
     query_norm: Literal["none", "rms", "layer", "batch"] = Field("rms", description="Per-head normalisation of the query before scoring. "
         "`batch`: each query feature standardised with running statistics over the tokens seen in training (the product-key "
         "memory paper's query BatchNorm, without batch statistics: no token's query depends on another token), then rms.")
-    gate: bool = Field(False, description="Memory+-style SiLU gate on the memory output.")
+    gate: StrictBool = Field(False, description="Memory+-style SiLU gate on the memory output.")
     output_proj: Literal["auto", "always", "never"] = Field("auto", description="Output projection to the hidden size: `auto` adds one only when heads*head_dim != hidden size.")
     query_source: Literal["heads", "hidden"] = Field("heads", description="`heads`: each head's attention output queries its memory (MIDUS). `hidden`: the generic variant, queries projected from x + Attn(Norm(x)); the attention keeps its output projection, zeroed as in LLaMA-Pro so the block starts as the identity.")
     init: Literal["zero_proj", "zero_bank", "random"] = Field("zero_proj", description="`zero_proj`: head projections zero, bank random (output exactly 0 at start, function-preserving). `zero_bank`: bank zero, projections random (also function-preserving). `random`: not function-preserving.")
     norm_eps: float = Field(1e-6, gt=0, le=1.0, description="Epsilon of the per-head query norm.")
     bank_grad: Literal["auto", "sparse_mm", "embedding_bag", "index_add", "segment"] = Field("auto", description="How the backward accumulates the bank (or value table) gradient; all give the same dense gradient, at different speeds (docs/hml.md). auto: sparse_mm on CPU, embedding_bag on CUDA. segment: the Triton kernels' deterministic sort-free segment reduce (CUDA; auto on a path without Triton kernels). index_add on the fused kernels: float atomics, not deterministic.")
-    share_bank: bool = Field(False, description="One latent bank shared by all memory blocks of the model instead of one per block.")
+    share_bank: StrictBool = Field(False, description="One latent bank shared by all memory blocks of the model instead of one per block.")
     kernels: Literal["auto", "fused", "torch", "triton", "triton-fused"] | None = Field(None, description="What the memory layer runs on, written into the output's config when set: `auto` (compiled CPU kernels on CPU, Triton on CUDA, else pure torch), `fused` (insist on the CPU kernels), `torch`, `triton`, `triton-fused` (the whole read in one Triton kernel on CUDA; opt-in, not yet timed on a GPU). Unset: `MIDUS_HML_KERNELS` where the model is loaded, else `auto` (docs/hml.md).")
 
     @model_validator(mode="after")
@@ -192,7 +192,7 @@ class OutputSpec(Strict):
 
     dir: str = Field(description="Output directory (relative to the recipe's directory). Written atomically. It may not be, contain or lie inside an input; an existing output of midus-surgery is replaced only with --overwrite, and a directory the tool did not write never (docs/reliability.md).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of the written weights. `auto`: the base's dtype.")
-    shard_size: int | str = Field("2GB", description="Largest output shard, e.g. 2GB, 500MB, 1GiB, or bytes.")
+    shard_size: StrictInt | str = Field("2GB", description="Largest output shard, e.g. 2GB, 500MB, 1GiB, or bytes.")
 
     @field_validator("shard_size")
     @classmethod
@@ -215,11 +215,11 @@ class Recipe(Strict):
     base: BaseModelSpec = Field(description="The pre-trained model to up-scale (see `base`).")
     layout: Layout = Field(description="The new depth (see `layout`).")
     memory: MemorySettings = Field(default_factory=MemorySettings, description="HML settings for `memory` blocks.")
-    allow_adjacent_memory: bool = Field(False, description="Allow two memory blocks back to back (MIDUS never does; say so explicitly to do it).")
-    accept_function_change: bool = Field(False, description="Write identity and memory blocks that the planner finds do not start as the identity (it applies the recipe to a tiny random replica of the base first: post-norm blocks, layers whose code depends on their index or on the depth). Without it such a recipe is refused; with it `verify` compares perplexity instead of requiring equal logits.")
+    allow_adjacent_memory: StrictBool = Field(False, description="Allow two memory blocks back to back (MIDUS never does; say so explicitly to do it).")
+    accept_function_change: StrictBool = Field(False, description="Write identity and memory blocks that the planner finds do not start as the identity (it applies the recipe to a tiny random replica of the base first: post-norm blocks, layers whose code depends on their index or on the depth). Without it such a recipe is refused; with it `verify` compares perplexity instead of requiring equal logits.")
     anatomy: Anatomy | None = Field(None, description="State the decoder block's anatomy when it cannot be traced (normally found automatically).")
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of every new tensor's initialisation (each tensor is seeded from this and its name).")
-    flops_seq_len: int = Field(2048, ge=1, le=MAX_SEQ_LEN, description="Sequence length assumed by the FLOPs-per-token estimate (attention cost grows with it).")
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description="Seed of every new tensor's initialisation (each tensor is seeded from this and its name).")
+    flops_seq_len: StrictInt = Field(2048, ge=1, le=MAX_SEQ_LEN, description="Sequence length assumed by the FLOPs-per-token estimate (attention cost grows with it).")
     output: OutputSpec = Field(description="Where and how the up-scaled model is written (see `output`).")
 
 
@@ -245,6 +245,30 @@ class LoadedRecipe(BaseModel):
         return p if p.is_absolute() else (self.directory / p)
 
 
+# pydantic's wrong-type errors, said in YAML's words ("Input should be a valid dictionary or instance of Slice")
+_EXPECTED = {
+    "int_type": "a whole number", "int_from_float": "a whole number", "bool_type": "true or false",
+    "string_type": "text", "float_type": "a number", "list_type": "a list", "tuple_type": "a list",
+    "dict_type": "a mapping (key: value pairs)", "model_type": "a mapping (key: value pairs)",
+    "model_attributes_type": "a mapping (key: value pairs)",
+}
+
+
+def _as_yaml(value) -> str:
+    """A value as the user wrote it in YAML, with its kind where the kind is the mistake."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, str):
+        return f"the text {_short(value)}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return _short(value)
+
+
 def problems_from_validation(error: ValidationError, source: YamlSource) -> list[Problem]:
     problems = []
     for item in error.errors():
@@ -255,6 +279,8 @@ def problems_from_validation(error: ValidationError, source: YamlSource) -> list
             message = f"unknown key {loc[-1]!r}" if loc else "unknown key"
         elif item["type"] == "missing":
             message = f"missing required key {loc[-1]!r}" if loc else "missing required key"
+        elif item["type"] in _EXPECTED:
+            message = f"should be {_EXPECTED[item['type']]}, got {_as_yaml(item.get('input'))}"
         elif message.startswith("Value error, "):
             message = message[len("Value error, "):]
         problems.append(Problem(source.where(loc), ".".join(map(str, loc)), message))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 from midus_surgery.errors import Problem, RecipeError
 from midus_surgery.recipe.schema import Strict, problems_from_validation
@@ -31,8 +31,8 @@ MAX_BLOCK_SIZE = 2**20  # tokens per sequence
 MAX_STEPS = 10**12  # step counts (log/eval/checkpoint intervals, warmup steps)
 MAX_SEED = 2**63 - 1
 
-PosInt = Annotated[int, Field(ge=1)]
-StepCount = Annotated[int, Field(ge=0, le=MAX_STEPS)]
+PosInt = Annotated[StrictInt, Field(ge=1)]
+StepCount = Annotated[StrictInt, Field(ge=0, le=MAX_STEPS)]
 
 
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT])?\s*$", re.IGNORECASE)
@@ -117,19 +117,19 @@ class EvalConfig(Strict):
     """Held-out perplexity during training (at step 0, every `every` steps and at the end)."""
 
     every: StepCount = Field(0, description="Evaluate every N optimiser steps (0: only at the start and the end).")
-    max_blocks: int | None = Field(None, ge=1, le=MAX_STEPS, description="Evaluate on at most this many held-out blocks (the first ones; all when unset).")
+    max_blocks: StrictInt | None = Field(None, ge=1, le=MAX_STEPS, description="Evaluate on at most this many held-out blocks (the first ones; all when unset).")
     batch_size: PosInt | None = Field(None, le=MAX_BATCH, description="Blocks per forward pass in evaluation (default: `micro_batch_size`).")
-    at_start: bool = Field(True, description="Evaluate before the first step.")
+    at_start: StrictBool = Field(True, description="Evaluate before the first step.")
 
 
 class LogConfig(Strict):
     """What the run reports, and where (all files go to `run_dir`)."""
 
     every: PosInt = Field(10, le=MAX_STEPS, description="Write one line (loss, lr, tokens/s, ETA) and a metrics record every N optimiser steps.")
-    progress: bool = Field(True, description="Show a tqdm progress bar on the console (off: the log lines only).")
-    tensorboard: bool = Field(True, description="Write TensorBoard event files to `run_dir`/tensorboard.")
-    plot: bool = Field(True, description="Write `run_dir`/loss.png (train and held-out loss) at the end.")
-    data_trace: bool = Field(False, description="Debugging: each process appends the block indices it trains on, and a checksum of its weights at the end, to `run_dir`/trace/rank<N>.jsonl.")
+    progress: StrictBool = Field(True, description="Show a tqdm progress bar on the console (off: the log lines only).")
+    tensorboard: StrictBool = Field(True, description="Write TensorBoard event files to `run_dir`/tensorboard.")
+    plot: StrictBool = Field(True, description="Write `run_dir`/loss.png (train and held-out loss) at the end.")
+    data_trace: StrictBool = Field(False, description="Debugging: each process appends the block indices it trains on, and a checksum of its weights at the end, to `run_dir`/trace/rank<N>.jsonl.")
 
 
 class CheckpointConfig(Strict):
@@ -152,18 +152,18 @@ class TrainConfig(Strict):
     init_from: str = Field(description="The model directory to start from (weights, config, tokenizer; `midus_plan.json` when made by `apply`). Relative to the config file's directory.")
     resume: str | None = Field(None, description="Continue a run from its full state: `auto` (the newest complete checkpoint in `run_dir`/checkpoints; start fresh if there is none) or a checkpoint directory. Unset: start fresh (an error if `run_dir` already holds checkpoints).")
     run_dir: str = Field(description="Where checkpoints, metrics.jsonl, TensorBoard logs, the loss plot and (by default) the final model go. Relative to the config file's directory.")
-    trust_remote_code: bool = Field(False, description="Allow the model directory's own modeling code (config.json `auto_map`); without it such a model is refused, as the stock class of its type would silently replace it. Not needed for MIDUS outputs: `import midus_surgery` registers their classes.")
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the data order (a deterministic function of it) and of torch's RNG.")
+    trust_remote_code: StrictBool = Field(False, description="Allow the model directory's own modeling code (config.json `auto_map`); without it such a model is refused, as the stock class of its type would silently replace it. Not needed for MIDUS outputs: `import midus_surgery` registers their classes.")
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description="Seed of the data order (a deterministic function of it) and of torch's RNG.")
     data: DataConfig = Field(description="Training and held-out text (see `data`).")
-    tokens: int | str = Field(description="Token budget: train for ceil(tokens / tokens_per_step) optimiser steps, where tokens_per_step = micro_batch_size * grad_accum * processes * block_size. E.g. 20000000 or 20M.")
+    tokens: StrictInt | str = Field(description="Token budget: train for ceil(tokens / tokens_per_step) optimiser steps, where tokens_per_step = micro_batch_size * grad_accum * processes * block_size. E.g. 20000000 or 20M.")
     micro_batch_size: PosInt = Field(4, le=MAX_BATCH, description="Blocks per forward/backward pass on each process.")
     grad_accum: PosInt = Field(1, le=MAX_GRAD_ACCUM, description="Micro-batches accumulated per optimiser step.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="`bf16`: bf16 autocast with fp32 master weights and optimiser state (for GPUs and CPUs with native bf16, e.g. AVX512-BF16/AMX). `fp32`: everything in fp32 (bit-reproducible; on CPUs without native bf16 it is the faster one: measured 4x here). `auto`: bf16 on a GPU that supports it, else fp32.")
     freeze: Literal["none", "base", "memory-only"] = Field("none", description="`none`: train everything. `base`: train only inserted blocks (layers whose kind is not `base` in midus_plan.json: the LLaMA-Pro/MIDUS protocol). `memory-only`: train only the memory tables.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="AdamW and schedule of the non-memory parameters (see `optim`).")
     memory: MemoryOptimConfig = Field(default_factory=MemoryOptimConfig, description="Optimiser settings of the memory tables (see `memory`).")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory, about 30% more compute).")
-    compile: bool = Field(False, description="torch.compile the model (on a 2-core CPU: a minute or two of compiling, then 0-12% off the step. On an H200, bf16, 16 x 1024 tokens: a step of the 45-layer SmolLM2 outputs takes 0.55x (DUS) and 0.70x (MIDUS) its eager time, after about 2 minutes of compiling; docs/benchmarks.md).")
+    gradient_checkpointing: StrictBool = Field(False, description="Recompute activations in the backward pass (less memory, about 30% more compute).")
+    compile: StrictBool = Field(False, description="torch.compile the model (on a 2-core CPU: a minute or two of compiling, then 0-12% off the step. On an H200, bf16, 16 x 1024 tokens: a step of the 45-layer SmolLM2 outputs takes 0.55x (DUS) and 0.70x (MIDUS) its eager time, after about 2 minutes of compiling; docs/benchmarks.md).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation (see `eval`).")
     log: LogConfig = Field(default_factory=LogConfig, description="Logging (see `log`).")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints (see `checkpoint`).")
