@@ -403,6 +403,40 @@ def test_a_copied_run_directory_continues_and_exports_into_itself(train_project,
     assert (copied / "NOTES.md").read_text() == "mine"
 
 
+def test_files_a_user_put_deep_in_a_run_directory_are_never_deleted(train_project, capsys):
+    """Checkpoints are pruned (keep_last) and rewritten, an export replaced, a demo's run removed:
+    a note inside any of them is kept, and the run says why it stops or what it kept."""
+    from midus_surgery.train.config import load_train_config
+    from midus_surgery.train.runner import train
+    from tool_modules import load_tool
+
+    run = train_project / "runs" / "a"
+    cfg = train_config(train_project, **{"checkpoint.every": 2, "checkpoint.keep_last": 1, "log.every": 1})
+    lines = []
+
+    def note_in_step_2(line: str) -> None:  # while the run goes on, a user leaves a note in a checkpoint
+        lines.append(line)
+        if line.startswith("step 3/") and (run / "checkpoints" / "step-00000002").is_dir():
+            (run / "checkpoints" / "step-00000002" / "NOTES.md").write_text("mine")
+
+    train(load_train_config(cfg), echo=note_in_step_2)
+    assert (run / "checkpoints" / "step-00000002" / "NOTES.md").read_text() == "mine"  # kept past keep_last
+    assert any(line.startswith(f"kept {run / 'checkpoints' / 'step-00000002'} past checkpoint.keep_last") for line in lines), lines
+    # the next run over this directory stops before any work; so does removing it, or exporting into checkpoints/
+    assert main(["train", str(cfg), "resume=auto", "--quiet"]) == 2
+    assert "checkpoints/step-00000002/NOTES.md); train prunes and rewrites checkpoints" in capsys.readouterr().err
+    remove = load_tool("remove_own_dir").main
+    assert remove([str(run)]) != 0 and "checkpoints/step-00000002/NOTES.md" in capsys.readouterr().err
+    (run / "checkpoints" / "step-00000002" / "NOTES.md").unlink()
+    (run / "final" / "my_eval.json").write_text("{}")
+    assert remove([str(run)]) != 0 and "final/my_eval.json" in capsys.readouterr().err
+    assert (run / "final" / "my_eval.json").is_file()
+    for export in ("runs/a/checkpoints", "runs/a/checkpoints/step-00000008", "runs/a/tensorboard"):
+        assert main(["train", str(cfg), "resume=auto", f"export.dir={train_project / export}", "--quiet"]) == 2
+        assert "which train itself writes" in capsys.readouterr().err
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-00000002", "step-00000008"]
+
+
 def test_the_demo_scripts_remove_only_runs_midus_surgery_wrote(tmp_path, capsys):
     from tool_modules import load_tool
 

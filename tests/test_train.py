@@ -22,7 +22,7 @@ import torch
 from train_fixtures.tiny import make_model_dir, state_of, write_config, write_corpus
 
 from midus_surgery.errors import RecipeError, TrainingError
-from midus_surgery.io.output_dir import MARKER, RUN_ENTRIES
+from midus_surgery.io.output_dir import MARKER, RUN_ENTRIES, not_written_in_run_dir
 from midus_surgery.model.midus_names import is_memory_parameter
 from midus_surgery.train.checkpoint import complete_checkpoints, load_checkpoint
 from midus_surgery.train.config import TrainConfig, _submodel, config_reference_markdown, load_train_config
@@ -150,6 +150,7 @@ def test_loss_goes_down_and_the_run_writes_everything(world, tmp_path):
     # what tools/remove_own_dir.py may remove from a run directory is exactly what train wrote there
     assert {p.name for p in run.iterdir()} == {MARKER, "checkpoints", "final", "metrics.jsonl", "tensorboard", "loss.png"}
     assert {p.name for p in run.iterdir()} <= RUN_ENTRIES | {MARKER}
+    assert not_written_in_run_dir(run) == []  # at any depth: the export, checkpoints, tensorboard files
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert any("step 30/30 | loss" in line and "tok/s" in line and "ETA" in line for line in lines)
     assert "\nbase (matrices)" in "\n".join(lines)
@@ -347,6 +348,7 @@ def test_two_process_ddp_reads_different_data_and_agrees(world, tmp_path):
     # One process with the two ranks' batches together takes the same steps.
     train(load_train_config(config(world, tmp_path, name="single", micro_batch_size=8, **extra)))
     assert {p.name for p in (tmp_path / "ddp").iterdir()} <= RUN_ENTRIES | {MARKER}  # "trace" among them
+    assert not_written_in_run_dir(tmp_path / "ddp") == []
     single = [json.loads(x)["blocks"] for x in (tmp_path / "single" / "trace" / "rank0.jsonl").read_text().splitlines() if "blocks" in x]
     assert single == [a + b for a, b in zip(*steps)]
     s, d = state_of(tmp_path / "single" / "final"), state_of(tmp_path / "ddp" / "final")

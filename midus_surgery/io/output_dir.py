@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -329,9 +330,54 @@ def remove_own_directory(path: Path) -> None:
 
 def _not_removable(directory: Path, marker: dict) -> list[str]:
     """What removing ``directory`` would delete that the tool did not write: beyond a whole output's recorded
-    files, or at the top of a run directory (which train writes into over time) beyond RUN_ENTRIES."""
+    files, or in a run directory (which train writes into over time) beyond what train puts there."""
     if isinstance(marker.get("files"), list):
         return _not_written_by_tool(directory, marker)
     if marker.get("kind") == RUN_KIND:
-        return sorted(e.name for e in directory.iterdir() if e.name not in RUN_ENTRIES | {MARKER})
+        return not_written_in_run_dir(directory)
     return []
+
+
+CHECKPOINT_STATE = "trainer_state.json"  # a checkpoint's state file, which records its files (train/checkpoint.py)
+_CHECKPOINT_NAME = re.compile(r"^step-\d{8}$")
+# What train writes inside the folders of a run directory, by folder: checkpoints are checked against their own records
+_RUN_FOLDER_FILES = {"tensorboard": re.compile(r"^events\.out\.tfevents\..*"), "trace": re.compile(r"^rank\d+\.jsonl$")}
+
+
+def checkpoint_extras(checkpoint: Path) -> list[str]:
+    """What a checkpoint folder holds beyond the files its state file records (a user's notes), as
+    relative paths; [] for a checkpoint that records none (written before files were recorded)."""
+    try:
+        recorded = json.loads((checkpoint / CHECKPOINT_STATE).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(recorded, dict):
+        return []
+    return sorted(_entries(checkpoint) - set(recorded) - {CHECKPOINT_STATE})
+
+
+def not_written_in_run_dir(run_dir: Path) -> list[str]:
+    """What a run directory holds that train did not write, at any depth (relative paths): entries beyond
+    RUN_ENTRIES, an export's files beyond its record, checkpoint files beyond their state file's record,
+    anything else in checkpoints/, tensorboard/ or trace/."""
+    found = []
+    for entry in sorted(run_dir.iterdir()):
+        name = entry.name
+        if name == MARKER or name.startswith("."):  # the marker; a partial export or checkpoint's hidden sibling
+            continue
+        if name not in RUN_ENTRIES or entry.is_symlink():
+            found.append(name)
+        elif name == "final" and entry.is_dir():
+            export = read_marker(entry)
+            found += [f"final/{x}" for x in (_not_written_by_tool(entry, export) if export else sorted(_entries(entry)))]
+        elif name == "checkpoints" and entry.is_dir():
+            for child in sorted(entry.iterdir()):
+                if child.name.startswith(".tmp-step-"):
+                    continue  # a checkpoint a killed run was writing
+                if not (_CHECKPOINT_NAME.match(child.name) and child.is_dir() and not child.is_symlink()):
+                    found.append(f"checkpoints/{child.name}")
+                else:
+                    found += [f"checkpoints/{child.name}/{x}" for x in checkpoint_extras(child)]
+        elif name in _RUN_FOLDER_FILES and entry.is_dir():
+            found += [f"{name}/{x}" for x in sorted(_entries(entry)) if not _RUN_FOLDER_FILES[name].match(x)]
+    return found

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 
 from midus_surgery.errors import TrainingError, load_error_line, one_line
+from midus_surgery.io.output_dir import CHECKPOINT_STATE, checkpoint_extras
 from midus_surgery.train.dcp_guard import dcp_checkpoint_problem
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
-STATE_FILE = "trainer_state.json"
+STATE_FILE = CHECKPOINT_STATE
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -227,8 +228,11 @@ def remove_partial_checkpoints(root: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def save_checkpoint(root: Path, acc, scheduler, *, step: int, samples_seen: int, keep_last: int, facts: dict) -> Path:
+def save_checkpoint(root: Path, acc, scheduler, *, step: int, samples_seen: int, keep_last: int, facts: dict,
+                    report: Callable[[str], None] = print) -> Path:
     """Write ``root/step-NNNNNNNN`` whole or not at all, then keep only the newest ``keep_last``.
+    A checkpoint holding files it does not record (a user's notes) is never removed: an older one
+    is kept (``report`` says so), and rewriting one is an error.
 
     Every process writes its part (accelerate's model and optimiser shards, its own RNG file) into
     one temp directory; the main process then adds the scheduler (JSON) and, last, the state file
@@ -258,9 +262,18 @@ def save_checkpoint(root: Path, acc, scheduler, *, step: int, samples_seen: int,
         state = {"step": step, "samples_seen": samples_seen, **facts, "time": time.time(), "files": files}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the checkpoint complete
         if final.exists():
+            extras = checkpoint_extras(final)
+            if extras:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise TrainingError(f"{final} also holds what midus-surgery did not write there ({', '.join(extras[:5])}); "
+                                    "rewriting it would delete them: move them out, then resume")
             shutil.rmtree(final)
         os.replace(tmp, final)
         for _, old in complete_checkpoints(root)[:-keep_last]:
+            extras = checkpoint_extras(old)
+            if extras:
+                report(f"kept {old} past checkpoint.keep_last: it also holds {', '.join(extras[:5])}, which midus-surgery did not write")
+                continue
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return final

@@ -36,7 +36,8 @@ import torch
 
 from midus_surgery.compiler.plan import read_plan_file
 from midus_surgery.errors import RecipeError, TrainingError
-from midus_surgery.io.output_dir import MARKER, RUN_KIND, OutputError, check_cache_location, check_output_dir, input_root, read_marker, write_marker
+from midus_surgery.io.output_dir import (MARKER, RUN_ENTRIES, RUN_KIND, OutputError, check_cache_location, check_output_dir, input_root,
+                                         not_written_in_run_dir, read_marker, write_marker)
 from midus_surgery.train import data as D
 from midus_surgery.train import sharding
 from midus_surgery.train.checkpoint import (
@@ -284,6 +285,15 @@ class Runner:
         found = read_marker(self.export_dir)
         if found and found.get("kind") == EXPORT_KIND and self.run_dir in self.export_dir.parents:
             export_owner = found.get("owner")
+        if self.run_dir in self.export_dir.parents:
+            part = self.export_dir.relative_to(self.run_dir).parts[0]
+            if part in RUN_ENTRIES - {"final"}:  # checkpoints/ (pruned, rewritten), tensorboard/, ...: an export there deletes them
+                raise RecipeError([loaded.problem(("export", "dir"), f"{self.export_dir} is or lies inside {self.run_dir / part}, which "
+                                                  "train itself writes; choose another directory (the default is run_dir/final)")])
+        extras = [x for x in not_written_in_run_dir(self.run_dir) if x.startswith("checkpoints/")] if self.run_dir.is_dir() else []
+        if extras:  # checkpoints are pruned (keep_last) and rewritten: what else they hold would go with them
+            raise RecipeError([loaded.problem(("run_dir",), f"{self.ckpt_root} also holds what midus-surgery did not write there "
+                                              f"({', '.join(extras[:5])}); train prunes and rewrites checkpoints: move them out first")])
         # where a problem is reported: the key in the config, or run_dir for the default export
         export_at = (("export", "dir"), "") if cfg.export.dir else (("run_dir",), f"the export (export.dir not set: {self.export_dir}): ")
         for where, said, path, kind, owner, extra, into in (
@@ -503,7 +513,7 @@ class Runner:
         facts = {"tokens_seen": self.samples_seen * self.cfg.data.block_size, "total_steps": self.total_steps, "world_size": self.world,
                  "data": self.data_identity, "config": self.cfg.model_dump(mode="json")}
         return save_checkpoint(self.ckpt_root, self.acc, self.scheduler, step=self.step, samples_seen=self.samples_seen,
-                               keep_last=self.cfg.checkpoint.keep_last, facts=facts)
+                               keep_last=self.cfg.checkpoint.keep_last, facts=facts, report=self.say)
 
     def export(self, final_eval: dict | None) -> Path:
         dtype_name = self.init_dtype if self.cfg.export.dtype == "auto" else self.cfg.export.dtype
