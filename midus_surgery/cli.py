@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
 import sys
 from collections import Counter
 
-from midus_surgery.errors import MidusError, RecipeError
+from midus_surgery.errors import MidusError, RecipeError, one_line
 from midus_surgery.units import human_count
 
 
@@ -442,6 +443,8 @@ def _dispatch(args) -> int:
         err.print(f"error: cannot write {exc.filename}: {exc.strerror}", markup=False)
         return 2
     except OSError as exc:
+        if exc.errno in FULL_DISK_ERRNOS:
+            return _disk_full(exc)
         if exc.filename is None:
             raise
         # a path the system will not make or open (/proc/x: FileNotFoundError on mkdir): one line too
@@ -451,6 +454,22 @@ def _dispatch(args) -> int:
         terminated = isinstance(exc, Terminated)
         err.print("terminated" if terminated else "interrupted", markup=False)
         return 143 if terminated else 130
+    except Exception as exc:  # noqa: BLE001 - a full disk reaches us through safetensors' and torch's own errors too
+        if "No space left on device" not in str(exc) and "Disk quota exceeded" not in str(exc):
+            raise
+        return _disk_full(exc)
+
+
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(exc: BaseException) -> int:
+    """A write that ran out of space: one line. Outputs are written into hidden partial folders, so
+    nothing half-written is left in place; a training run resumes from its last whole checkpoint."""
+    where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+    err.print(f"error: the disk is full{where} ({one_line(exc, 200)}); nothing half-written was kept: free space and run again",
+              markup=False)
+    return 1
 
 
 class Terminated(KeyboardInterrupt):

@@ -437,6 +437,38 @@ def test_files_a_user_put_deep_in_a_run_directory_are_never_deleted(train_projec
     assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-00000002", "step-00000008"]
 
 
+def test_a_full_disk_is_one_line_and_leaves_no_half_written_checkpoint(train_project, monkeypatch, capsys):
+    """As safetensors reports it (its own error type, errno only in the text), and as an OSError."""
+    import errno
+
+    from midus_surgery.train import checkpoint
+
+    class SafetensorError(Exception):
+        pass
+
+    def full(path):
+        raise SafetensorError(f"Error while serializing: IoError(Os {{ code: 28, kind: StorageFull, message: \"No space left on device\" }})")
+
+    monkeypatch.setattr(checkpoint, "save_rng_state", full)
+    cfg = train_config(train_project, **{"checkpoint.every": 2})
+    assert main(["train", str(cfg), "--quiet"]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write the checkpoint ") and "No space left on device" in err and "MiB free on its disk" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err and list((train_project / "runs" / "a" / "checkpoints").iterdir()) == []
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    from types import SimpleNamespace
+
+    from midus_surgery.cli import _dispatch
+
+    assert _dispatch(SimpleNamespace(func=no_space)) == 1  # any command's write
+    err = capsys.readouterr().err
+    assert err.startswith("error: the disk is full (OSError: [Errno 28] No space left on device)") and len(err.strip().splitlines()) == 1, err
+
+
 def test_the_demo_scripts_remove_only_runs_midus_surgery_wrote(tmp_path, capsys):
     from tool_modules import load_tool
 

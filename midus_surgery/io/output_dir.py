@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -162,6 +163,7 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
     if above is not None:
         raise OutputError(f"output {resolved} lies inside {above[0]}, written whole by {_written_by(above[1])}, which a later run "
                           "replaces with everything in it; choose a directory outside it")
+    _check_can_write(resolved, into=writes_into)
     if not resolved.exists():
         return resolved
     if not resolved.is_dir():
@@ -189,6 +191,24 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
         return resolved
     todo = f"pass {flag} to replace it" if flag else "choose another directory"
     raise OutputError(f"output {resolved} already exists (an earlier output of {written_by}); {todo}")
+
+
+def _check_can_write(out: Path, *, into: bool) -> None:
+    """Before any work: the system lets the tool make ``out`` (its hidden sibling, the folders on the
+    way to it) and, for an output written ``into``, write inside it. One probe folder is made and
+    removed where the writes will go: a file in the way, a read-only disk or a place like /proc
+    is found now, not after hours of training."""
+    where = out.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    places = [where] + ([out] if into and out.is_dir() else [])
+    for place in places:
+        if not place.is_dir():
+            raise OutputError(f"cannot write {out}: {place} is a file, not a folder")
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".midus-surgery-probe-", dir=place))
+        except OSError as exc:
+            raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
 
 
 def check_cache_location(cache: str | os.PathLike, *, inputs: Iterable[tuple[str, str | os.PathLike]]) -> Path:

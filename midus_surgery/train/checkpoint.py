@@ -251,10 +251,20 @@ def save_checkpoint(root: Path, acc, scheduler, *, step: int, samples_seen: int,
     if main:
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp), safe_serialization=True)  # model (safetensors), optimiser (pickle), RNG (pickle)
-    # accelerate's RNG pickle is replaced by a safetensors file; every process writes its own
-    (tmp / legacy_rng_file(rank)).unlink(missing_ok=True)
-    save_rng_state(tmp / rng_file(rank))
+    try:
+        acc.save_state(str(tmp), safe_serialization=True)  # model (safetensors), optimiser (pickle), RNG (pickle)
+        # accelerate's RNG pickle is replaced by a safetensors file; every process writes its own
+        (tmp / legacy_rng_file(rank)).unlink(missing_ok=True)
+        save_rng_state(tmp / rng_file(rank))
+    except BaseException as exc:  # a full disk, an interrupt: no half-written checkpoint is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, Exception):
+            raise
+        # torch's writer reports a full disk as "unexpected pos": say how much room is left instead
+        last = complete_checkpoints(root)
+        raise TrainingError(f"cannot write the checkpoint {final} ({one_line(exc, 160)}); {shutil.disk_usage(root).free / 2**20:.1f} MiB "
+                            f"free on its disk; " + (f"the last whole checkpoint is {last[-1][1]}: free space, then resume: auto"
+                                                     if last else "no checkpoint was written yet")) from None
     acc.wait_for_everyone()
     if main:
         (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()) + "\n")  # plain numbers, no pickle
