@@ -541,3 +541,15 @@ def test_eval_analyze_and_train_run_a_models_own_code_only_when_allowed(custom, 
     export = tmp_path / "runs" / "a" / "final"
     assert marker.exists()  # the model's own class was trained
     assert "out_gain" in load_file(str(export / "model.safetensors")) and json.loads((export / "config.json").read_text())["auto_map"] == AUTO_MAP
+
+
+def test_verify_compares_against_a_base_that_is_its_own_code_only_when_allowed(llama, custom, tmp_path, capsys):
+    """verify --base CUSTOM would load the stock class in the base's place and pass the identity
+    check against a model nobody loads."""
+    recipe = write_recipe(tmp_path, llama, layout=IDENTITY)
+    assert main(["apply", str(recipe), "--quiet"]) == 0
+    out = tmp_path / "out" / "llama"
+    capsys.readouterr()
+    assert main(["verify", str(out), "--base", str(custom)]) == 2
+    err = capsys.readouterr().err
+    assert f"{custom}/config.json maps its model to its own code" in err and "--trust-remote-code" in err, err

@@ -196,8 +196,11 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     if not (out / "config.json").is_file():
         raise UsageError(f"{out} is not a model directory (no config.json)")
     plan = read_plan_file(out)  # None: not made by `apply`
+    base_path = base or (Path(plan["base_path"]) if plan and plan.get("base_path") else None)
     if not trust_remote_code:
         _refuse_own_code(out, plan)
+        if base_path is not None and base_path.suffix != ".gguf":
+            _refuse_own_code(base_path, None)  # the stock class in its place would make the comparison meaningless
     trust = trust_remote_code
     checks: list[Check] = []
 
@@ -239,7 +242,6 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     vocab = logits.shape[-1]
     record(batch_check(model, vocab))
 
-    base_path = base or (Path(plan["base_path"]) if plan and plan.get("base_path") else None)
     base_for_generation = None
     if base_path is not None:
         base_dir, gguf = (base_path.parent, base_path.name) if base_path.suffix == ".gguf" else (base_path, None)
