@@ -307,10 +307,10 @@ def test_a_generate_bug_of_the_stock_architecture_is_not_blamed_on_a_copy(bases,
 MARK_RUN = "from __future__ import annotations\nimport pathlib; pathlib.Path({marker!r}).write_text('ran')\n"
 
 
-def verify_in_subprocess(out: Path, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+def verify_in_subprocess(out: Path, tmp_path: Path, *flags: str, command: str = "verify") -> subprocess.CompletedProcess:
     """A fresh process: transformers copies the shipped code into its modules cache, kept in tmp_path."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    return subprocess.run([sys.executable, "-m", "midus_surgery.cli", "verify", str(out), *flags], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "midus_surgery.cli", command, str(out), *flags], capture_output=True,
                           text=True, env=env, stdin=subprocess.DEVNULL, timeout=300, cwd=tmp_path)
 
 
@@ -328,6 +328,20 @@ def test_shipped_code_that_is_not_the_packages_fails_unless_verify_may_run_it(ba
     assert without.returncode == 1, without.stdout + without.stderr
     assert "FAIL code: modeling_midus.py differs from midus-surgery" in without.stdout and "pass --trust-remote-code" in without.stdout
     assert "verify failed: code" in without.stderr and not marker.exists()  # the shipped code never ran
+
+    # eval scores the package's code with a note, or with --trust-remote-code the shipped files
+    from train_fixtures.tiny import make_tokenizer, write_corpus
+
+    make_tokenizer().save_pretrained(out)
+    corpus = write_corpus(tmp_path / "corpus", files=1, sentences_per_file=20)[0]
+    scored = verify_in_subprocess(out, tmp_path, "--data", str(corpus), "--block-size", "16", "--cache-dir", str(tmp_path / "c"), "--quiet",
+                                  command="eval")
+    assert scored.returncode == 0 and "note: " in scored.stderr and "modeling_midus.py differs from this package's copy" in scored.stderr
+    assert not marker.exists(), scored.stderr
+    scored = verify_in_subprocess(out, tmp_path, "--data", str(corpus), "--block-size", "16", "--cache-dir", str(tmp_path / "c"), "--quiet",
+                                  "--trust-remote-code", command="eval")
+    assert scored.returncode == 0 and "note: " not in scored.stderr and marker.exists(), scored.stderr
+    marker.unlink()
 
     allowed = verify_in_subprocess(out, tmp_path, "--trust-remote-code")
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr

@@ -56,12 +56,9 @@ def _load(path: Path, gguf_file: str | None = None, *, trust_remote_code: bool =
     from transformers import AutoModelForCausalLM  # MIDUS classes: registered by this package's __init__
 
     if shipped:
-        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+        from midus_surgery.model import shipped_causal_lm_class
 
-        reference = json.loads((path / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
-        model_class = get_class_from_dynamic_module(reference, str(path), local_files_only=True)
-        model_class.register_for_auto_class("AutoModelForCausalLM")  # its saves write the code and auto_map again
-        model, info = model_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+        model, info = shipped_causal_lm_class(path).from_pretrained(path, dtype=torch.float32, output_loading_info=True)
         return model.eval(), info
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
@@ -167,15 +164,14 @@ def shipped_code_check(out: Path, config: dict, trust_remote_code: bool) -> Chec
     instead. So the shipped files must be the package's (byte for byte, and config.json's auto_map
     must name them), or, with --trust-remote-code, the checks run the shipped files themselves."""
     import midus_surgery
+    from midus_surgery.model import shipped_code_differences
     from midus_surgery.model.midus_names import AUTO_MAP, MODELING_FILES
 
-    here = Path(midus_surgery.__file__).resolve().parent / "model"
-    missing = [name for name in MODELING_FILES if not (out / name).is_file()]
+    missing, differ = shipped_code_differences(out)
     if missing or config.get("auto_map") != AUTO_MAP:
         what = f"{', '.join(missing)} missing" if missing else "config.json's auto_map does not name MIDUS's own classes"
         return Check("code", False, f"{what}: AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True) "
                                     "would not load this model's code where midus-surgery is not installed")
-    differ = [name for name in MODELING_FILES if (out / name).read_bytes() != (here / name).read_bytes()]
     if not differ:
         return Check("code", True, f"the {len(MODELING_FILES)} modeling files beside the weights are midus-surgery "
                                    f"{midus_surgery.__version__}'s own, which the checks below run")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -126,12 +127,25 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
     report_logger = logging.getLogger("transformers.modeling_utils")
     quiet = _DropLoadReport()
     report_logger.addFilter(quiet)
+    loader, kwargs = AutoModelForCausalLM, {"config": config, "trust_remote_code": trust_remote_code}
+    if getattr(config, "model_type", None) == "midus":
+        from midus_surgery.model import shipped_causal_lm_class, shipped_code_differences
+
+        missing, different = shipped_code_differences(path)
+        if trust_remote_code and not missing:  # what the user allowed: the code beside the weights, as loads elsewhere run it
+            try:
+                loader, kwargs = shipped_causal_lm_class(path), {}
+            except Exception as exc:  # noqa: BLE001 - the directory's own code: anything can fail
+                raise ModelLoadError(f"{path}: its modeling code does not load ({one_line(exc, 300, whole=True)})") from None
+        elif different:
+            print(f"note: {path}: {', '.join(different)} differ{'s' if len(different) == 1 else ''} from this package's copy; loaded with "
+                  "the package's code, not what trust_remote_code=True runs elsewhere (--trust-remote-code uses the shipped files)",
+                  file=sys.stderr)
     try:
         with hf_progress_bars(progress):
             # ignore_mismatched_sizes: report misshapen tensors by name below instead of transformers'
             # "look at the above report" error
-            model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                               output_loading_info=True, ignore_mismatched_sizes=True)
+            model, info = loader.from_pretrained(path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - unreadable files, MIDUS's own key check, remote code: all one line
         raise ModelLoadError(f"{path}: cannot load the weights ({one_line(exc, 300, whole=True)})") from None
     finally:
