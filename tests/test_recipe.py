@@ -70,6 +70,8 @@ def test_wrong_type_names_field_and_line(tmp_path):
     ("after_every: 2", "after_every: '2'", "should be a whole number, got the text '2'"),  # no silent conversion from text
     ("after_every: 2", "after_every: true", "should be a whole number, got true"),          # nor from a boolean (true was 1)
     ("kind: memory", "kind: memory\n    extra: [1]", "unknown key 'extra'"),
+    ("kind: memory", "kind: memroy", "should be one of 'copy', 'transformer', 'identity' or 'memory', got the text 'memroy'"),
+    ("after_every: 2", "after_every: 0", "should be at least 1, got 0"),
 ])
 def test_strict_types_in_yaml_words(tmp_path, text, field, message):
     (p,) = problems(tmp_path, GOOD.replace(text, field))

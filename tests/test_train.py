@@ -101,6 +101,14 @@ def test_overrides(tmp_path):
         load_train_config(path, ["micro_batch_size=abc"])
     with pytest.raises(RecipeError, match="is not key=value"):
         load_train_config(path, ["freeze"])
+    # pydantic's errors in YAML's words, one line per key (`tokens` is a number or a text like 20M)
+    for override, said in (("tokens=true", "tokens: should be a whole number or text, got true"),
+                           ("freeze=true", "freeze: should be one of 'none', 'base' or 'memory-only', got true"),
+                           ("data.train=[]", "data.train: should have at least 1 item(s), got 0"),
+                           ("data.block_size=1", "data.block_size: should be at least 2, got 1")):
+        with pytest.raises(RecipeError) as err:
+            load_train_config(path, [override])
+        assert str(err.value) == f"command line ({override}): {said}"
 
 
 

@@ -269,22 +269,49 @@ def _as_yaml(value) -> str:
     return _short(value)
 
 
+# pydantic's bound errors, by error type: (the context key, how the bound reads)
+_BOUNDS = {"greater_than_equal": ("ge", "at least"), "less_than_equal": ("le", "at most"),
+           "greater_than": ("gt", "above"), "less_than": ("lt", "below")}
+_UNION_MEMBERS = {"int", "str", "float", "bool", "list", "dict", "none"}  # the loc pydantic adds per member of `int | str`
+
+
+def _say(item: dict, loc: tuple) -> tuple[str, str | None]:
+    """(the message, what was expected when it is a wrong type) for one pydantic error, in YAML's words."""
+    kind, ctx, got = item["type"], item.get("ctx") or {}, _as_yaml(item.get("input"))
+    if kind == "extra_forbidden":
+        return (f"unknown key {loc[-1]!r}" if loc else "unknown key"), None
+    if kind == "missing":
+        return (f"missing required key {loc[-1]!r}" if loc else "missing required key"), None
+    if kind in _EXPECTED:
+        return f"should be {_EXPECTED[kind]}, got {got}", _EXPECTED[kind]
+    if kind in _BOUNDS and _BOUNDS[kind][0] in ctx:
+        return f"should be {_BOUNDS[kind][1]} {ctx[_BOUNDS[kind][0]]}, got {got}", None
+    if kind == "literal_error":
+        return f"should be one of {ctx.get('expected')}, got {got}", None
+    if kind == "too_short":
+        return f"should have at least {ctx.get('min_length')} item(s), got {ctx.get('actual_length', 'fewer')}", None
+    message = item["msg"]
+    return (message[len("Value error, "):] if message.startswith("Value error, ") else message), None
+
+
 def problems_from_validation(error: ValidationError, source: YamlSource) -> list[Problem]:
-    problems = []
+    problems: dict[tuple, Problem] = {}
+    expected: dict[tuple, list[str]] = {}
     for item in error.errors():
         # pydantic adds pseudo-locations for union members and validators; keep the data path.
         loc = tuple(part for part in item["loc"] if not (isinstance(part, str) and ("[" in part or part.startswith("function-"))))
-        message = item["msg"]
-        if item["type"] == "extra_forbidden":
-            message = f"unknown key {loc[-1]!r}" if loc else "unknown key"
-        elif item["type"] == "missing":
-            message = f"missing required key {loc[-1]!r}" if loc else "missing required key"
-        elif item["type"] in _EXPECTED:
-            message = f"should be {_EXPECTED[item['type']]}, got {_as_yaml(item.get('input'))}"
-        elif message.startswith("Value error, "):
-            message = message[len("Value error, "):]
-        problems.append(Problem(source.where(loc), ".".join(map(str, loc)), message))
-    return problems
+        if len(loc) > 1 and loc[-1] in _UNION_MEMBERS:
+            loc = loc[:-1]
+        message, wanted = _say(item, loc)
+        if loc in problems and wanted and expected.get(loc):  # `tokens: true` against `int | str`: one line, both kinds
+            expected[loc].append(wanted)
+            message = f"should be {' or '.join(expected[loc])}, got {_as_yaml(item.get('input'))}"
+        elif loc in problems:
+            continue
+        else:
+            expected[loc] = [wanted] if wanted else []
+        problems[loc] = Problem(source.where(loc), ".".join(map(str, loc)), message)
+    return list(problems.values())
 
 
 def parse_recipe(source: YamlSource, directory: Path) -> LoadedRecipe:
