@@ -248,8 +248,10 @@ def cmd_eval(args) -> int:
         raise TaskError(f"eval: {', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} to {other} only, not {mode}")
     if args.tasks is not None:
         return _eval_tasks(args)
-    from midus_surgery.train.evaluate import run_eval
+    from midus_surgery.train.evaluate import check_model_dir, run_eval
 
+    for model in args.model:  # every model there (and its own code allowed) before the first evaluation
+        check_model_dir(model, trust_remote_code=args.trust_remote_code)
     results = []
     for model in args.model:
         result = run_eval(model, args.data, block_size=args.block_size, per_document=args.per_document,

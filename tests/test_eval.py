@@ -84,6 +84,13 @@ def test_eval_cli_json_and_errors(setup, capsys, tmp_path):
     assert not (tmp_path / "c").exists()
     assert main(["eval", str(tmp_path), "--data", str(setup["files"][0])]) == 2  # a model that does not load: exit 2
     assert "is not a model directory (no config.json)" in capsys.readouterr().err
+    # a missing third model is found before the first two are evaluated
+    assert main(["eval", str(setup["model"]), str(setup["model"]), str(tmp_path / "nope"), "--data", str(setup["files"][0]),
+                 "--cache-dir", str(setup["cache"]), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"{tmp_path / 'nope'} is not a directory" in captured.err
+    assert main(["eval", str(tmp_path), "--data", str(setup["files"][0])]) == 2
+    assert "is not a model directory (no config.json)" in capsys.readouterr().err
     assert main(["eval", str(setup["model"]), "--data", str(tmp_path / "missing.txt"), "--cache-dir", str(setup["cache"])]) == 3
     assert "does not exist" in capsys.readouterr().err
     assert main(["eval", str(setup["model"]), "--data", str(setup["files"][0]), "--block-size", "100000", "--cache-dir", str(setup["cache"])]) == 2

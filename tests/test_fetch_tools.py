@@ -204,8 +204,19 @@ def test_fetch_skips_finished_corpus(tmp_path):
 
 
 def test_fetch_refuses_incomplete_and_unknown(tmp_path):
-    (tmp_path / "git-doc").mkdir()
-    with pytest.raises(fc.CorpusError, match="incomplete"):
+    from midus_surgery.io.output_dir import write_marker
+
+    mine = tmp_path / "git-doc"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    for force in (False, True):  # a user's folder: never replaced, and --force is not offered
+        with pytest.raises(fc.CorpusError, match="was not written by midus-surgery") as err:
+            fc.fetch("git-doc", tmp_path, _NoApt(), force=force)
+        assert "pass --force" not in str(err.value)
+    (mine / "notes.txt").unlink()
+    write_marker(mine, "fetch_corpus")  # an earlier fetch, cut short
+    (mine / "a.txt").write_text("half")
+    with pytest.raises(fc.CorpusError, match="incomplete .*pass --force to fetch it again"):
         fc.fetch("git-doc", tmp_path, _NoApt())
     with pytest.raises(fc.CorpusError, match="unknown corpus"):
         fc.fetch("no-such-corpus", tmp_path, _NoApt())

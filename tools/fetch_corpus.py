@@ -369,16 +369,16 @@ def fetch(name: str, out: Path, apt: Apt, force: bool = False) -> dict:
     if spec is None:
         raise CorpusError(f"unknown corpus {name!r}; known: {', '.join(CORPORA)} (see --list)")
     target = out / name
-    if target.exists() and not force:
-        if is_complete(target):
-            docs, chars = corpus_stats(target)
-            log(f"{name}: already present in {target}")
-            return {"name": name, "documents": docs, "chars": chars, "cached": True}
-        raise CorpusError(f"{target} exists but is incomplete (no {MANIFEST}); remove it or pass --force")
-    try:
-        check_output_dir(target, kind="fetch_corpus", overwrite=force, flag="--force")
+    if target.exists() and not force and is_complete(target):
+        docs, chars = corpus_stats(target)
+        log(f"{name}: already present in {target}")
+        return {"name": name, "documents": docs, "chars": chars, "cached": True}
+    try:  # first: a folder this tool did not write is never replaced, and says so (--force would not help)
+        check_output_dir(target, kind="fetch_corpus", overwrite=True, flag="--force")
     except OutputError as exc:
         raise CorpusError(str(exc)) from None
+    if target.exists() and not force and any(target.iterdir()):
+        raise CorpusError(f"{target} exists but is incomplete (no {MANIFEST}); pass --force to fetch it again")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a folder under a file, /proc, a read-only disk

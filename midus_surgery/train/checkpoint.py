@@ -345,7 +345,7 @@ def load_checkpoint(path: Path, acc, optimizer, scheduler, *, adamw_options: dic
     changed = [k for k in DATA_KEYS if saved.get(k) != data_identity.get(k)]
     if changed:
         raise fail(f"the data changed since it was written ({', '.join(f'{k}: {saved.get(k)} -> {data_identity.get(k)}' for k in changed)}); "
-                   "resuming would replay or skip data. Use a new run_dir.")
+                   "resuming would replay or skip data: resume with the data it was written with, or start afresh (resume unset) in a run_dir of its own")
     problem = dcp_checkpoint_problem(path)  # FSDP's sharded state: pickles torch itself reads unrestricted
     if problem:
         raise fail(problem)

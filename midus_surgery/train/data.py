@@ -98,7 +98,7 @@ def iter_documents(path: Path, text_field: str) -> Iterator[str]:
                         raise DataError(f"{path}:{lineno}: not a JSON record ({exc.msg})") from None
                     if not isinstance(record, dict) or text_field not in record:
                         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                        raise DataError(f"{path}:{lineno}: the record has no {text_field!r} field (it has: {keys}); set data.text_field")
+                        raise DataError(f"{path}:{lineno}: the record has no {text_field!r} field (it has: {keys}); name the field with data.text_field (train) or --text-field (eval)")
                     text = record[text_field]
                     if not isinstance(text, str):
                         raise DataError(f"{path}:{lineno}: field {text_field!r} is a {type(text).__name__}, not text")
