@@ -281,8 +281,12 @@ def test_train_follows_a_linked_run_dir_and_holds_its_target_to_the_rules(train_
 
 
 def test_a_run_dir_or_cache_the_system_will_not_make_is_one_line(train_project, capsys):
-    for argv in (["train", str(train_config(train_project, "/proc/midus-no-such/run")), "--quiet"],
-                 ["train", str(train_config(train_project, **{"data.cache_dir": "/proc/midus-no-such/cache"})), "--quiet"],
+    # a run_dir: found by the probe before any work, located in the config
+    assert main(["train", str(train_config(train_project, "/proc/midus-no-such/run")), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "run.yaml:" in err and "run_dir: cannot write /proc/midus-no-such/run: " in err and len(err.strip().splitlines()) == 1, err
+    # a token cache: where it is made
+    for argv in (["train", str(train_config(train_project, **{"data.cache_dir": "/proc/midus-no-such/cache"})), "--quiet"],
                  ["eval", "model", "--data", "corpus", "--cache-dir", "/proc/midus-no-such/cache", "--quiet"]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
