@@ -376,6 +376,20 @@ def checkpoint_extras(checkpoint: Path) -> list[str]:
     return sorted(_entries(checkpoint) - set(recorded) - {CHECKPOINT_STATE})
 
 
+def not_written_in_checkpoints(root: Path) -> list[str]:
+    """What a run's checkpoints folder holds that train did not write (paths relative to it): entries
+    that are no ``step-N`` folder, and files a checkpoint's state file does not record."""
+    found = []
+    for child in sorted(root.iterdir()):
+        if child.name.startswith(".tmp-step-"):
+            continue  # a checkpoint a killed run was writing
+        if not (_CHECKPOINT_NAME.match(child.name) and child.is_dir() and not child.is_symlink()):
+            found.append(child.name)
+        else:
+            found += [f"{child.name}/{x}" for x in checkpoint_extras(child)]
+    return found
+
+
 def not_written_in_run_dir(run_dir: Path) -> list[str]:
     """What a run directory holds that train did not write, at any depth (relative paths): entries beyond
     RUN_ENTRIES, an export's files beyond its record, checkpoint files beyond their state file's record,
@@ -391,13 +405,7 @@ def not_written_in_run_dir(run_dir: Path) -> list[str]:
             export = read_marker(entry)
             found += [f"final/{x}" for x in (_not_written_by_tool(entry, export) if export else sorted(_entries(entry)))]
         elif name == "checkpoints" and entry.is_dir():
-            for child in sorted(entry.iterdir()):
-                if child.name.startswith(".tmp-step-"):
-                    continue  # a checkpoint a killed run was writing
-                if not (_CHECKPOINT_NAME.match(child.name) and child.is_dir() and not child.is_symlink()):
-                    found.append(f"checkpoints/{child.name}")
-                else:
-                    found += [f"checkpoints/{child.name}/{x}" for x in checkpoint_extras(child)]
+            found += [f"checkpoints/{x}" for x in not_written_in_checkpoints(entry)]
         elif name in _RUN_FOLDER_FILES and entry.is_dir():
             found += [f"{name}/{x}" for x in sorted(_entries(entry)) if not _RUN_FOLDER_FILES[name].match(x)]
     return found

@@ -37,7 +37,7 @@ import torch
 from midus_surgery.compiler.plan import read_plan_file
 from midus_surgery.errors import RecipeError, TrainingError
 from midus_surgery.io.output_dir import (MARKER, RUN_ENTRIES, RUN_KIND, OutputError, check_cache_location, check_output_dir, input_root,
-                                         not_written_in_run_dir, read_marker, write_marker)
+                                         not_written_in_checkpoints, read_marker, write_marker)
 from midus_surgery.train import data as D
 from midus_surgery.train import sharding
 from midus_surgery.train.checkpoint import (
@@ -290,7 +290,7 @@ class Runner:
             if part in RUN_ENTRIES - {"final"}:  # checkpoints/ (pruned, rewritten), tensorboard/, ...: an export there deletes them
                 raise RecipeError([loaded.problem(("export", "dir"), f"{self.export_dir} is or lies inside {self.run_dir / part}, which "
                                                   "train itself writes; choose another directory (the default is run_dir/final)")])
-        extras = [x for x in not_written_in_run_dir(self.run_dir) if x.startswith("checkpoints/")] if self.run_dir.is_dir() else []
+        extras = [f"checkpoints/{x}" for x in not_written_in_checkpoints(self.ckpt_root)] if self.ckpt_root.is_dir() else []
         if extras:  # checkpoints are pruned (keep_last) and rewritten: what else they hold would go with them
             raise RecipeError([loaded.problem(("run_dir",), f"{self.ckpt_root} also holds what midus-surgery did not write there "
                                               f"({', '.join(extras[:5])}); train prunes and rewrites checkpoints: move them out first")])
