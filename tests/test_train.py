@@ -555,3 +555,21 @@ def test_freeze_base_on_a_copy_only_dus_output(world, tmp_path):
         for tensor in before:
             changed = not torch.equal(before[tensor], after[tensor])
             assert changed == tensor.startswith(tuple(f"model.layers.{i}." for i in inserted)), (name, tensor)
+
+
+def test_the_docs_try_out_is_the_six_steps_it_shows():
+    """docs/training.md's quick-start try-out and its worked example run 6 optimiser steps of 2 x 256
+    tokens (the recipe's grad_accum 8 would make them one step)."""
+    import re
+    import shlex
+
+    from midus_surgery.train.data import steps_for
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    commands = re.findall(r"midus-surgery train (recipes/train/smollm2-midus\.yaml tokens=[^\n]*\\\n[^\n]*)", docs)
+    assert len(commands) == 2, commands
+    for command in commands:
+        words = shlex.split(command.replace("\\\n", " "), comments=True)
+        loaded = load_train_config(Path(__file__).resolve().parents[1] / words[0], [w for w in words[1:] if "=" in w])
+        c = loaded.config
+        assert steps_for(c.token_budget, c.micro_batch_size * c.grad_accum * c.data.block_size) == 6, command

@@ -342,6 +342,14 @@ def test_shipped_code_that_is_not_the_packages_fails_unless_verify_may_run_it(ba
                                   "--trust-remote-code", command="eval")
     assert scored.returncode == 0 and "note: " not in scored.stderr and marker.exists(), scored.stderr
     marker.unlink()
+    # so does train, with the config's trust_remote_code
+    from train_fixtures.tiny import write_config
+
+    config = write_config(tmp_path / "train.yaml", out, tmp_path / "run", [str(corpus)], tmp_path / "c", tokens=16 * 4 * 2,
+                          **{"data.block_size": 16, "data.held_out_fraction": 0.0, "eval.at_start": False})
+    trained = verify_in_subprocess(config, tmp_path, "--quiet", "trust_remote_code=true", command="train")
+    assert trained.returncode == 0 and marker.exists(), trained.stdout + trained.stderr
+    marker.unlink()
 
     allowed = verify_in_subprocess(out, tmp_path, "--trust-remote-code")
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr
