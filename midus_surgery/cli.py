@@ -11,6 +11,7 @@ import sys
 from collections import Counter
 
 from midus_surgery.errors import MidusError, RecipeError, one_line
+from midus_surgery.io.json_text import strict_json
 from midus_surgery.units import human_count
 
 
@@ -264,7 +265,7 @@ def cmd_eval(args) -> int:
                   f"{result['tokens']:,} predicted tokens in {result['sequences']} {result['mode']} of <= {result['block_size']} tokens; "
                   f"{result['tokens_per_s']:,.0f} tokens/s ({result['dtype']} on {result['device']}, {result['seconds']:.1f} s)")
     if args.json:
-        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+        print(strict_json(results[0] if len(results) == 1 else results, indent=2))
     return 0
 
 
@@ -281,7 +282,7 @@ def _eval_tasks(args) -> int:
                        limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device,
                        seed=0 if args.seed is None else args.seed, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                        progress=not (args.quiet or args.json))
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    print(strict_json(result, indent=2) if args.json else format_table(result))
     return 0
 
 

@@ -64,6 +64,26 @@ def test_per_document_perplexity_equals_hand_computation(setup):
     assert got["loss"] == pytest.approx(nll / count, rel=1e-6)
 
 
+def test_eval_json_writes_a_non_finite_perplexity_as_null(setup, capsys, tmp_path):
+    """A model with a NaN weight scores NaN: --json says null (strict JSON), the text line says nan."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "nan-model"
+    shutil.copytree(setup["model"], model)
+    weights = load_file(model / "model.safetensors")
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    args = ["eval", str(model), "--data", str(setup["files"][0]), "--block-size", "16", "--cache-dir", str(setup["cache"]), "--quiet"]
+    assert main(args + ["--json"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in eval --json: not JSON"))
+    assert result["loss"] is None and result["perplexity"] is None and result["tokens"] > 0
+    assert main(args) == 0
+    assert "perplexity nan (loss nan nats/token)" in capsys.readouterr().out
+
+
 def test_eval_cli_json_and_errors(setup, capsys, tmp_path):
     from transformers.utils import logging as hf_logging
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -252,6 +253,29 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_pat
     assert complete_checkpoints(run / "checkpoints")
     assert not (run / "final").exists()
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_a_non_finite_held_out_loss_is_written_as_null(world, tmp_path):
+    """A model whose weights hold a NaN: the held-out loss at the start is NaN, then the first step stops
+    the run. metrics.jsonl says null for it: Python's default NaN is not JSON, and jq or a browser
+    refuse the whole file."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "nan-model"
+    shutil.copytree(world["plain"], model)
+    weights = load_file(model / "model.safetensors")
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    cfg = write_config(tmp_path / "run.yaml", model, tmp_path / "run", world["corpus"], world["cache"], tokens=16 * 4 * 2)
+    with pytest.raises(TrainingError, match="non-finite loss at step 1"):
+        train(load_train_config(cfg))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=_not_json) for line in lines]
+    assert [r["eval_loss"] for r in records] == [None] and records[0]["eval_ppl"] is None, lines
+
+
+def _not_json(name):
+    raise ValueError(f"{name} is not JSON")
 
 
 def test_fresh_start_refuses_a_run_dir_with_checkpoints(world, tmp_path):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from midus_surgery.downstream.harness import TaskError
+from midus_surgery.io.json_text import strict_json
 
 ANALYSIS_KIND = "analysis"  # the output_dir marker
 NO_OWN_CODE = "analyze runs no model's own code"  # and has no flag to allow it: a MIDUS output needs none
@@ -239,9 +240,7 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
         "fixed_retrieval": fixed,
     }
     with atomic_directory(out, kind=ANALYSIS_KIND) as tmp:
-        import json
-
-        (tmp / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
+        (tmp / "analysis.json").write_text(strict_json(result, indent=1) + "\n")
         if importance:
             _plot_importance(result, tmp / "head_importance.png")
         if counters:

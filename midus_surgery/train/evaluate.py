@@ -206,8 +206,8 @@ class EvalResult:
 
 def _finish(nll: float, count: int, sequences: int, seen: int, seconds: float) -> EvalResult:
     loss = nll / count if count else float("nan")
-    return EvalResult(loss, math.exp(loss) if count and loss < 700 else float("inf") if count else float("nan"),
-                      count, sequences, seconds, seen / seconds if seconds > 0 else 0.0)
+    # exp overflows a float past a loss of ~709; a NaN loss stays NaN (not "inf", which reads as merely bad)
+    return EvalResult(loss, float("inf") if loss > 700 else math.exp(loss), count, sequences, seconds, seen / seconds if seconds > 0 else 0.0)
 
 
 @torch.no_grad()

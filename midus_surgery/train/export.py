@@ -9,13 +9,13 @@ renamed into place), and replaces only an export of the same run (output_dir.py)
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from midus_surgery.io.json_text import strict_json
 from midus_surgery.io.output_dir import atomic_directory
 from midus_surgery.model import copy_modeling_files
 
@@ -56,6 +56,6 @@ def export_model(acc, model, out: Path, *, run_dir: Path, init_from: Path, dtype
                     shutil.copy2(src, tmp / src.name)
             if is_midus:
                 copy_modeling_files(tmp)
-            (tmp / "midus_train.json").write_text(json.dumps(summary, indent=2) + "\n")
+            (tmp / "midus_train.json").write_text(strict_json(summary, indent=2) + "\n")
     acc.wait_for_everyone()
     return out

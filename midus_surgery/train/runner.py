@@ -36,6 +36,7 @@ import torch
 
 from midus_surgery.compiler.plan import read_plan_file
 from midus_surgery.errors import RecipeError, TrainingError
+from midus_surgery.io.json_text import strict_json
 from midus_surgery.io.output_dir import (MARKER, RUN_ENTRIES, RUN_KIND, OutputError, check_cache_location, check_output_dir, input_root,
                                          not_written_in_checkpoints, read_marker, write_marker)
 from midus_surgery.train import data as D
@@ -627,7 +628,7 @@ class Runner:
         if not self.acc.is_main_process:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
+            fh.write(strict_json(rec) + "\n")
         if self.tb is not None:
             for k, v in rec.items():
                 if k not in ("step", "tokens", "kind") and isinstance(v, (int, float)) and math.isfinite(v):
@@ -642,7 +643,7 @@ class Runner:
         d = self.run_dir / "trace"
         d.mkdir(exist_ok=True)
         with open(d / f"rank{self.rank}.jsonl", "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
+            fh.write(strict_json(rec) + "\n")
 
     def plot(self) -> None:
         """log.plot: loss.png, train and held-out loss against tokens (main process)."""
