@@ -177,11 +177,15 @@ def _run_verify(path, base, trust_remote_code: bool) -> int:
 def cmd_apply(args) -> int:
     import time
 
+    from midus_surgery.compiler.base import resolve_base
     from midus_surgery.compiler.planner import plan_for_apply
-    from midus_surgery.emit.emitter import emit
+    from midus_surgery.emit.emitter import check_apply_output, emit
+    from midus_surgery.recipe.schema import load_recipe
 
     started = time.perf_counter()
-    planned, why_full = plan_for_apply(args.recipe, full=args.full_plan)
+    loaded = load_recipe(args.recipe)
+    check_apply_output(loaded, resolve_base(loaded), args.out, args.overwrite)  # a bad --out fails now, not after the plan's seconds
+    planned, why_full = plan_for_apply(loaded, full=args.full_plan)
     plan_done = time.perf_counter()
     plan = planned.plan
     print(f"{args.recipe}: {plan.base_num_layers} -> {plan.num_hidden_layers} layers, {human_count(plan.params['total'])} parameters", flush=True)

@@ -70,8 +70,19 @@ def apply(*args: str) -> int:
     return main(["apply", *args, "--quiet"])
 
 
+@pytest.fixture()
+def no_planning(monkeypatch):
+    """apply must refuse its output before it plans (the plan traces the model: seconds on a real one)."""
+    import midus_surgery.compiler.planner as planner
+
+    def planned_first(*args, **kwargs):
+        raise AssertionError("apply planned before it checked its output")
+
+    monkeypatch.setattr(planner, "plan_for_apply", planned_first)
+
+
 @pytest.mark.parametrize("out", ["notes.txt/sub", "/proc/midus-no-such/out"])
-def test_an_output_that_cannot_be_made_is_one_line_and_exit_2(project, capsys, out):
+def test_an_output_that_cannot_be_made_is_one_line_and_exit_2(project, capsys, out, no_planning):
     """An output folder that cannot be made (under a user's file; where mkdir says "no such file",
     as in /proc) is one line naming the path asked for, not an OSError traceback."""
     r = recipe(project, "out")
@@ -84,7 +95,7 @@ def test_an_output_that_cannot_be_made_is_one_line_and_exit_2(project, capsys, o
 
 
 @pytest.mark.parametrize("out", ["base", ".", "..", "base/sub", "recipe.yaml", "notes.txt"])
-def test_apply_refuses_inputs_and_their_folders_even_with_overwrite(project, out, capsys):
+def test_apply_refuses_inputs_and_their_folders_even_with_overwrite(project, out, capsys, no_planning):
     """The base, a folder inside it, the current directory, its parent, the recipe itself, a user's file."""
     r = recipe(project, "out")
     before = tree_digest(project.parent)

@@ -70,13 +70,14 @@ def check_base_weights(loaded: LoadedRecipe, plan: Plan) -> None:
                          plan.base_num_layers, plan.config, str(ref.directory / "config.json"))
 
 
-def plan_for_apply(path, *, full: bool = False) -> tuple[PlannedRecipe, str | None]:
+def plan_for_apply(recipe: str | os.PathLike | LoadedRecipe, *, full: bool = False) -> tuple[PlannedRecipe, str | None]:
     """What ``apply`` runs: the plan from the safetensors headers when the recipe allows it, else the full one.
+    ``recipe``: its path, or the recipe already loaded.
 
     Returns the planned recipe and, when the full planner made it, why the header planner did not
     (None when it did). full (or MIDUS_SURGERY_FULL_PLAN=1): always the full planner.
     """
-    loaded = load_recipe(path)
+    loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
     if full or os.environ.get(FULL_PLAN_ENV) == "1":
         return plan_loaded(loaded, anatomy_only_if_needed=True), "the full plan was asked for"
     from midus_surgery.compiler.header_plan import plan_from_headers

@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from midus_surgery.compiler.base import resolve_base
+from midus_surgery.compiler.base import BaseRef, resolve_base
 from midus_surgery.compiler.plan import PLAN_FILE, Plan, TensorEntry
 from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.errors import MidusError
@@ -27,6 +27,7 @@ from midus_surgery.io.shard_writer import ShardItem, write_shard
 from midus_surgery.io.tensor_source import check_matches_config, inside_base, open_base_tensors
 from midus_surgery.model import copy_modeling_files
 from midus_surgery.model.midus_names import AUTO_MAP, HML_MODULE, SHARED_BANK
+from midus_surgery.recipe.schema import LoadedRecipe
 
 # torch and tqdm are imported where tensors are materialised or a progress bar is drawn: a
 # copy-only `apply` whose plan came from the safetensors headers never imports torch.
@@ -229,7 +230,7 @@ def emit(planned: PlannedRecipe, *, out_dir: Path | None = None, overwrite: bool
     that would not is refused before anything is written."""
     ref = resolve_base(planned.loaded)
     planned = check_planned(planned)
-    out = check_apply_output(planned, ref, out_dir, overwrite)
+    out = check_apply_output(planned.loaded, ref, out_dir, overwrite)
     prefixes = tuple({t.name.split(".", 1)[0] for t in planned.plan.tensors if "." in t.name})
     source = open_base_tensors(ref, allow_pickle=allow_pickle, prefixes=prefixes, model_type=planned.plan.model_type,
                                renames=planned.renames, needed=[t.source for t in planned.plan.tensors if t.source is not None], progress=progress)
@@ -250,9 +251,8 @@ def check_planned(planned: PlannedRecipe) -> PlannedRecipe:
     return check_function_preserving(planned, emit)
 
 
-def check_apply_output(planned: PlannedRecipe, ref, out_dir: Path | None, overwrite: bool) -> Path:
+def check_apply_output(loaded: LoadedRecipe, ref: BaseRef, out_dir: Path | None, overwrite: bool) -> Path:
     """The resolved output directory, checked against the output-safety rule (output_dir.py) before any work."""
-    loaded = planned.loaded
     out = Path(out_dir) if out_dir is not None else loaded.resolve(loaded.recipe.output.dir)
     base = ref.directory / ref.gguf_file if ref.is_gguf else ref.directory  # a GGUF's neighbours are not the base
     inputs = [("the base model", base), ("the recipe", Path(loaded.source.file))]
