@@ -92,8 +92,25 @@ def test_impossible_value(tmp_path):
 
 def test_every_problem_is_listed_at_once(tmp_path):
     text = GOOD.replace("after_every: 2", "after_every: 0").replace("topk: 8", "topk: 8\n  bogus: 1").replace("  dir: out\n", "  dir: out\n  shard_size: lots\n")
-    found = {p.field for p in problems(tmp_path, text)}
-    assert found == {"layout.interleave.after_every", "memory.bogus", "output.shard_size"}
+    found = [p.field for p in problems(tmp_path, text)]
+    # in the file's order, as a reader goes down it
+    assert found == ["layout.interleave.after_every", "memory.bogus", "output.shard_size"]
+
+
+def test_a_training_config_given_as_a_recipe_is_named_as_such(tmp_path, capsys):
+    """One line saying what the file is and which command runs it, not a dozen unknown and missing keys."""
+    from midus_surgery.cli import main
+
+    path = ROOT / "recipes" / "train" / "smollm2-midus.yaml"
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert [(p.where, p.message.split(":")[0]) for p in info.value.problems] == [
+        (f"{path}:6:1", "this is a training config (it has init_from")]
+    assert "midus-surgery train" in str(info.value)
+    for command in (["validate", str(path)], ["apply", str(path), "--quiet"]):
+        assert main(command) == 2
+        err = capsys.readouterr()
+        assert "this is a training config" in err.out + err.err and "unknown key" not in err.out + err.err
 
 
 def test_missing_required_keys(tmp_path):

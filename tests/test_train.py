@@ -78,13 +78,24 @@ def test_config_errors_are_located(tmp_path):
     assert f"{path}:7:1: micro_batch_size:" in text
     assert f"{path}:8:1: freeze:" in text and "'none', 'base' or 'memory-only'" in text
     assert f"{path}:10:3: optim.lr:" in text
-    assert len(err.value.problems) == 4
+    assert [p.where for p in err.value.problems] == [f"{path}:{line}" for line in ("6:3", "7:1", "8:1", "10:3")]  # in the file's order
 
     path.write_text("run_dir: r\ntokens: lots\ndata:\n  train: x.txt\n")
     with pytest.raises(RecipeError) as err:
         load_train_config(path)
     assert "missing required key 'init_from'" in str(err.value)
     assert f"{path}:2:1: tokens: not a token count: 'lots'" in str(err.value)
+
+
+def test_a_recipe_given_to_train_is_named_as_such(tmp_path, capsys):
+    """One line saying the file is a recipe and that apply runs it, not four missing and eight unknown keys."""
+    from midus_surgery.cli import main
+
+    recipe = REPO / "recipes" / "smollm2-135m-midus.yaml"
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{recipe}:4:1: this is a recipe (it has base: and layout:), not a training config: `midus-surgery apply`"), err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_overrides(tmp_path):

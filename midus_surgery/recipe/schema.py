@@ -311,13 +311,29 @@ def problems_from_validation(error: ValidationError, source: YamlSource) -> list
         else:
             expected[loc] = [wanted] if wanted else []
         problems[loc] = Problem(source.where(loc), ".".join(map(str, loc)), message)
-    return list(problems.values())
+    # in the file's order, as a reader goes down it (pydantic reports missing keys, then unknown ones)
+    return [problems[loc] for loc in sorted(problems, key=lambda loc: source.position(loc) or (0, 0))]
+
+
+# The top-level keys only one kind of file has: a recipe given to train, or a train config given to apply,
+# is named as such in one line instead of a dozen "unknown key" ones.
+RECIPE_ONLY_KEYS = ("base", "layout")
+TRAIN_ONLY_KEYS = ("init_from", "run_dir")
+
+
+def wrong_kind_of_file(source: YamlSource, own_keys: tuple[str, ...], other_keys: tuple[str, ...]) -> bool:
+    """Whether the mapping has none of this kind's own keys and some of the other kind's."""
+    data = source.data
+    return isinstance(data, dict) and not any(k in data for k in own_keys) and any(k in data for k in other_keys)
 
 
 def parse_recipe(source: YamlSource, directory: Path) -> LoadedRecipe:
     """Validate parsed YAML against the schema; every schema problem is reported at once."""
     if not isinstance(source.data, dict):
         raise RecipeError([Problem(source.where(), "", "a recipe is a YAML mapping (key: value pairs) at the top level")])
+    if wrong_kind_of_file(source, RECIPE_ONLY_KEYS, TRAIN_ONLY_KEYS):
+        raise RecipeError([Problem(source.where(), "", "this is a training config (it has init_from: and run_dir:), not a recipe: "
+                                   "run it with `midus-surgery train`; a recipe has base:, layout: and output: (docs/recipes.md)")])
     try:
         recipe = Recipe.model_validate(source.data)
     except ValidationError as exc:

@@ -51,11 +51,16 @@ class YamlSource:
 
     def where(self, path: PathKey = ()) -> str:
         """``file:line:col`` of the deepest known prefix of ``path``."""
+        mark = self.position(path)
+        return f"{self.file}:{mark[0]}:{mark[1]}" if mark else self.file
+
+    def position(self, path: PathKey = ()) -> tuple[int, int] | None:
+        """(line, col) of the deepest known prefix of ``path``; None when none is known."""
         for cut in range(len(path), -1, -1):
             mark = self.marks.get(tuple(path[:cut]))
             if mark is not None:
-                return f"{self.file}:{mark[0]}:{mark[1]}"
-        return self.file
+                return mark
+        return None
 
 
 class _Refused(Exception):

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 from midus_surgery.errors import Problem, RecipeError
-from midus_surgery.recipe.schema import Strict, problems_from_validation
+from midus_surgery.recipe.schema import RECIPE_ONLY_KEYS, TRAIN_ONLY_KEYS, Strict, problems_from_validation, wrong_kind_of_file
 from midus_surgery.recipe.yaml_source import PathKey, YamlSource, load_yaml
 
 # Bounds on numbers with a physical meaning, checked before anything is read or allocated.
@@ -225,6 +225,12 @@ class _OverriddenSource:
                 return text
         return self._source.where(path)
 
+    def position(self, path: PathKey = ()) -> tuple[int, int] | None:
+        """An overridden key sorts after the file's lines: the command line comes after the file."""
+        if any(tuple(path[:cut]) in self._overridden for cut in range(len(path), 0, -1)):
+            return (1 << 30, 0)
+        return self._source.position(path)
+
 
 def _submodel(annotation) -> type[BaseModel] | None:
     """The pydantic model a field holds (also through ``X | None``), else None."""
@@ -295,6 +301,10 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> L
     source = load_yaml(path)
     if not isinstance(source.data, dict):
         raise RecipeError([Problem(source.where(), "", "a training config is a YAML mapping (key: value pairs) at the top level")])
+    if wrong_kind_of_file(source, TRAIN_ONLY_KEYS, RECIPE_ONLY_KEYS):
+        raise RecipeError([Problem(source.where(), "", "this is a recipe (it has base: and layout:), not a training config: `midus-surgery apply` "
+                                   "writes its model; a training config has init_from:, run_dir:, data: and tokens: "
+                                   "(`midus-surgery train --keys`, recipes/train/)")])
     located = apply_overrides(source, list(overrides or []))
     try:
         config = TrainConfig.model_validate(located.data)
