@@ -122,9 +122,11 @@ def choose_params(model, freeze: str, plan: dict | None, loaded: LoadedTrainConf
 def describe_groups(groups: ParamGroups, cfg: TrainConfig) -> str:
     rows = [("group", "tensors", "params", "lr", "weight decay", "grad clip")]
     o, m = cfg.optim, cfg.memory
-    rows.append(("base (matrices)", str(len(groups.decay)), human_count(groups.numel("decay")), f"{o.lr:g}", f"{o.weight_decay:g}", f"{o.grad_clip:g}"))
-    rows.append(("base (1-D)", str(len(groups.no_decay)), human_count(groups.numel("no_decay")), f"{o.lr:g}", "0", f"{o.grad_clip:g}"))
-    rows.append(("memory tables", str(len(groups.memory)), human_count(groups.numel("memory")), f"{m.lr:g} ({m.schedule})", f"{m.weight_decay:g}", f"{m.grad_clip:g}"))
+    # each row named by the config section that sets its lr: under freeze=base the matrices that train are
+    # the inserted blocks', so a "base" label read as the base model training
+    rows.append(("matrices (optim.*)", str(len(groups.decay)), human_count(groups.numel("decay")), f"{o.lr:g}", f"{o.weight_decay:g}", f"{o.grad_clip:g}"))
+    rows.append(("1-D, no decay (optim.*)", str(len(groups.no_decay)), human_count(groups.numel("no_decay")), f"{o.lr:g}", "0", f"{o.grad_clip:g}"))
+    rows.append(("memory tables (memory.*)", str(len(groups.memory)), human_count(groups.numel("memory")), f"{m.lr:g} ({m.schedule})", f"{m.weight_decay:g}", f"{m.grad_clip:g}"))
     rows.append(("frozen", str(len(groups.frozen)), human_count(groups.numel("frozen")), "-", "-", "-"))
     trainable = groups.numel("decay") + groups.numel("no_decay") + groups.numel("memory")
     total = trainable + groups.numel("frozen")
