@@ -335,6 +335,47 @@ def test_resume_switches_the_adamw_implementation_and_trains_the_same(world, tmp
 
 
 @pytest.mark.slow
+def test_progress_bars_on_a_terminal_and_clean_lines_in_a_log_file(world, tmp_path):
+    """tqdm bars on a terminal (a pty here); piped to a file, no bar frame and no carriage return
+    glued onto the log lines, which still carry the step and the ETA."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    def run(name: str, terminal: bool) -> str:
+        cfg = config(world, tmp_path, name=name, tokens=16 * 4 * 3, **{"log.every": 1, "log.progress": True, "eval.at_start": False})
+        command = [sys.executable, "-m", "midus_surgery.cli", "train", str(cfg)]
+        if not terminal:
+            done = subprocess.run(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+            assert done.returncode == 0, done.stdout.decode()[-2000:]
+            return done.stdout.decode()
+        parent, child = pty.openpty()
+        fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal has a size; a bare pty's is 0 x 0
+        proc = subprocess.Popen(command, env=subprocess_env(), stdin=child, stdout=child, stderr=child)
+        os.close(child)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(parent, 65536)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(parent)
+        assert proc.wait(timeout=300) == 0, b"".join(chunks).decode()[-2000:]
+        return b"".join(chunks).decode()
+
+    logged = run("logged", terminal=False)
+    assert "\r" not in logged and "%|" not in logged, logged
+    lines = logged.splitlines()
+    assert [line.split(" |")[0] for line in lines if line.startswith("step ")] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert all("ETA" in line for line in lines if line.startswith("step ") and "/3 |" in line)
+    shown = run("shown", terminal=True)
+    assert "train: 100%|" in shown and "3/3" in shown, shown
+
+
 def test_kill_9_and_resume_gives_the_same_weights(world, tmp_path):
     steps = 60
     extra = dict(tokens=16 * 4 * steps, resume="auto", **{"checkpoint.every": 4, "checkpoint.keep_last": 2, "log.every": 10})

@@ -165,6 +165,12 @@ class Runner:
     def __init__(self, loaded: LoadedTrainConfig, *, echo=print):
         self.loaded, self.cfg, self.echo = loaded, loaded.config, echo
 
+    @property
+    def bars(self) -> bool:
+        """Progress bars: on the main process, and only on a terminal. In a log file a bar's carriage
+        returns glue its frames onto the log lines, which carry the step, tok/s and ETA anyway."""
+        return self.cfg.log.progress and self.acc.is_main_process and sys.stderr.isatty()
+
     def say(self, text: str) -> None:
         """One line of the run's output, from the main process only."""
         if self.acc.is_main_process:
@@ -341,7 +347,7 @@ class Runner:
         self.tokenizer = load_tokenizer(self.init_from, cfg.trust_remote_code)
         cache = loaded.resolve(d.cache_dir) if d.cache_dir else D.default_cache_dir()
         common = dict(dir_glob=d.dir_glob, text_field=d.text_field, cache_dir=cache,
-                      progress=cfg.log.progress and self.acc.is_main_process, tokenizer_source=str(self.init_from))
+                      progress=self.bars, tokenizer_source=str(self.init_from))
         with self.acc.main_process_first():
             train_stream = D.prepare_corpus(d.train, loaded.directory, self.tokenizer, what="data.train", **common)
             held_stream = D.prepare_corpus(d.held_out, loaded.directory, self.tokenizer, what="data.held_out", **common) if d.held_out else None
@@ -360,7 +366,7 @@ class Runner:
         self.init_dtype = config_data.get("dtype") or config_data.get("torch_dtype") or "float32"
         self.is_midus = config_data.get("model_type") == "midus"
         model = load_causal_lm(self.init_from, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
-                               progress=cfg.log.progress and self.acc.is_main_process,
+                               progress=self.bars,
                                how_to_allow=ALLOW_CODE)
         too_long = context_problem(model, cfg.data.block_size)
         if too_long:
@@ -587,7 +593,7 @@ class Runner:
 
                 self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step if self.step else None)
         self.bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                        disable=not (cfg.log.progress and self.acc.is_main_process))
+                        disable=not self.bars)
 
     def close_logs(self) -> None:
         if self.bar is not None:
