@@ -276,12 +276,46 @@ def test_a_resume_under_another_token_budget_says_how_the_schedule_moves(done, t
                        **{**EXTRA, "tokens": 16 * 4 * 2 * STEPS, "optim.schedule": "cosine", "optim.warmup": 0})
     said = []
     train(load_train_config(cfg), echo=said.append)
-    (note,) = [line for line in said if line.startswith("tokens changed since this checkpoint")]
-    assert f"the run now has {2 * STEPS} optimiser steps, not {STEPS}" in note and "the cosine learning-rate schedule" in note
+    (note,) = [line for line in said if line.startswith("resuming at step 2 with 128 tokens trained and 384 left of the budget")]
+    assert f"(the budget is now 512 tokens, not 256): the run now has {2 * STEPS} optimiser steps, not {STEPS}" in note
+    assert "the cosine learning-rate schedule" in note
     peak = load_train_config(cfg).config.optim.lr
     floor = load_train_config(cfg).config.optim.min_lr_ratio
     import math
 
     after = peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 2 / (2 * STEPS))))
     before = peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 2 / STEPS)))
-    assert f"step 2 runs at lr {after:.3g} where the old budget had {before:.3g}" in note
+    assert f"step 2 runs at lr {after:.3g} where the checkpoint's run had {before:.3g}" in note
+
+
+@pytest.mark.parametrize("budget", [16 * 4 * STEPS, 16 * 4 * 2 * STEPS])
+def test_the_budget_holds_in_tokens_when_a_resume_changes_the_step_size(done, tmp_path, budget):
+    """A resume with half the micro-batch (or, alike, other processes) trains the tokens left and
+    stops at the budget: the step count of the new step size would have over-trained by half."""
+    run, _ = copy_run(done, tmp_path)
+    shutil.rmtree(ckpt(run, 4))  # resume from step 2: 2 steps x 64 tokens trained
+    root = done["root"]
+    cfg = write_config(tmp_path / "smaller.yaml", done["model"], run, root / "corpus", root / "cache",
+                       **{**EXTRA, "tokens": budget, "micro_batch_size": 2, "log.every": 1})
+    said = []
+    result = train(load_train_config(cfg), echo=said.append)
+    left = budget - 2 * 64
+    assert result.tokens == budget and result.steps == 2 + left // 32, (result, said)
+    (note,) = [line for line in said if line.startswith("resuming at step 2")]
+    assert f"with 128 tokens trained and {left} left of the budget" in note
+    assert "a step is now 32 tokens, not 64: micro_batch_size x grad_accum x processes changed" in note
+    assert ("the budget is now" in note) == (budget != 16 * 4 * STEPS)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["tokens"] for r in metrics) == budget
+
+
+def test_a_finished_run_resumed_with_another_step_size_trains_no_more(done, tmp_path):
+    """Its budget is spent: the resume evaluates and exports, and trains no step."""
+    run, _ = copy_run(done, tmp_path)
+    root = done["root"]
+    cfg = write_config(tmp_path / "smaller.yaml", done["model"], run, root / "corpus", root / "cache", **{**EXTRA, "micro_batch_size": 2})
+    said = []
+    result = train(load_train_config(cfg), echo=said.append)
+    assert (result.steps, result.tokens) == (STEPS, 16 * 4 * STEPS)
+    assert not [line for line in said if line.startswith("resuming at step")], said  # the step count did not change: nothing to say
+    assert_same_weights(done, run)

@@ -155,7 +155,7 @@ class TrainConfig(Strict):
     trust_remote_code: StrictBool = Field(False, description="Allow the model directory's own modeling code (config.json `auto_map`); without it such a model is refused, as the stock class of its type would silently replace it. Not needed for MIDUS outputs: `import midus_surgery` registers their classes.")
     seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description="Seed of the data order (a deterministic function of it) and of torch's RNG.")
     data: DataConfig = Field(description="Training and held-out text (see `data`).")
-    tokens: StrictInt | str = Field(description="Token budget: train for ceil(tokens / tokens_per_step) optimiser steps, where tokens_per_step = micro_batch_size * grad_accum * processes * block_size. E.g. 20000000 or 20M.")
+    tokens: StrictInt | str = Field(description="Token budget: train for ceil(tokens / tokens_per_step) optimiser steps, where tokens_per_step = micro_batch_size * grad_accum * processes * block_size (a resume: the steps taken plus ceil(tokens left / tokens_per_step), so another step size still stops at the budget). E.g. 20000000 or 20M.")
     micro_batch_size: PosInt = Field(4, le=MAX_BATCH, description="Blocks per forward/backward pass on each process.")
     grad_accum: PosInt = Field(1, le=MAX_GRAD_ACCUM, description="Micro-batches accumulated per optimiser step.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="`bf16`: bf16 autocast with fp32 master weights and optimiser state (for GPUs and CPUs with native bf16, e.g. AVX512-BF16/AMX). `fp32`: everything in fp32 (bit-reproducible; on CPUs without native bf16 it is the faster one: measured 4x here). `auto`: bf16 on a GPU that supports it, else fp32.")

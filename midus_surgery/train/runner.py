@@ -47,12 +47,13 @@ from midus_surgery.train.checkpoint import (
     complete_checkpoints,
     load_checkpoint,
     newest_whole_checkpoint,
+    read_checkpoint_state,
     remove_partial_checkpoints,
     save_checkpoint,
     verify_checkpoint,
     weights_checksum,
 )
-from midus_surgery.train.config import LoadedTrainConfig, TrainConfig
+from midus_surgery.train.config import LoadedTrainConfig, TrainConfig, parse_count
 from midus_surgery.train.evaluate import (DTYPES, ModelLoadError, block_batches, check_model_dir, context_problem, evaluate_batches,
                                           load_causal_lm, load_tokenizer)
 from midus_surgery.train.export import EXPORT_KIND, export_model
@@ -130,6 +131,7 @@ class Runner:
     export_dir: Path  # the final model directory (export.dir, else run_dir/final)
     init_from: Path  # the model directory training starts from
     resume_from: Path | None = None  # the checkpoint this run continues, None: a fresh start
+    resume_state: dict | None = None  # its state file (step, samples_seen, tokens_seen...), read before the run is sized
 
     # Data (setup_data).
     tokenizer: Any  # init_from's tokenizer: the corpora are tokenised (and cached) with it
@@ -138,7 +140,7 @@ class Runner:
     held_blocks: D.BlockSet | None  # held-out blocks for evaluation; None: no evaluation
     sampler: D.BlockSampler  # sample number -> training block, a pure function of (seed, number)
     tokens_per_step: int  # micro_batch_size * grad_accum * world * block_size
-    total_steps: int  # optimiser steps of the token budget
+    total_steps: int  # optimiser steps of the token budget (a resume: the steps taken plus those the tokens left need)
     data_identity: dict  # what a checkpoint records of the data, and a resume must find unchanged
 
     # Model (setup_model).
@@ -188,6 +190,7 @@ class Runner:
         self.setup_processes()
         self.check_outputs()
         self.resume_from = self.choose_start()
+        self.resume_state = read_checkpoint_state(self.resume_from) if self.resume_from is not None else None
         created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]  # deepest first
         self.prepare_run_dir()
         try:
@@ -210,7 +213,7 @@ class Runner:
                                 adamw_options=self.adamw_options, data_identity=self.data_identity)
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
         if isinstance(state.get("total_steps"), int) and state["total_steps"] != self.total_steps:
-            self.say(self.budget_change_note(state["total_steps"]))
+            self.say(self.budget_change_note(state))
 
     def remove_unused_run_dir(self, created: list[Path]) -> None:
         """A run that fails before its first step (data that cannot be read, a block too long for
@@ -356,6 +359,13 @@ class Runner:
         self.sampler = D.BlockSampler(self.train_blocks, cfg.seed)
         self.tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * self.world * d.block_size
         self.total_steps = D.steps_for(cfg.token_budget, self.tokens_per_step)
+        if self.resume_state is not None:
+            # the budget is in tokens: a resume under another micro_batch_size, grad_accum or number of
+            # processes takes as many steps as the tokens left need, not the new step size's whole count
+            state = self.resume_state
+            seen = state["samples_seen"] * d.block_size  # the block size is the checkpoint's (the data identity, checked at restore)
+            left = cfg.token_budget - seen
+            self.total_steps = state["step"] + (D.steps_for(left, self.tokens_per_step) if left > 0 else 0)
         self.data_identity = {"train": train_stream.path.name, "held_out": held_stream.path.name if held_stream else None,
                               "block_size": d.block_size, "seed": cfg.seed, "held_out_fraction": d.held_out_fraction if held_stream is None else None}
 
@@ -505,15 +515,29 @@ class Runner:
         return TrainResult(self.run_dir, out, self.step, self.samples_seen * cfg.data.block_size, final_eval, tps,
                            elapsed / trained_steps if trained_steps else 0.0, self.acc.is_main_process)
 
-    def budget_change_note(self, saved_total: int) -> str:
-        """A resume under another token budget: the schedule is laid over the new total, not continued."""
-        o = self.cfg.optim
+    def budget_change_note(self, state: dict) -> str:
+        """A resume whose step count changed (another token budget, or another number of tokens per
+        step): the schedule is laid over the new total, not continued."""
+        o, saved_total = self.cfg.optim, state["total_steps"]
+        seen = self.samples_seen * self.cfg.data.block_size
+        saved_config = state.get("config") if isinstance(state.get("config"), dict) else {}
+        causes = []
+        try:
+            saved_budget = parse_count(saved_config["tokens"])
+        except (KeyError, TypeError, ValueError):
+            saved_budget = None
+        if saved_budget != self.cfg.token_budget:
+            causes.append(f"the budget is now {self.cfg.token_budget:,} tokens" + (f", not {saved_budget:,}" if saved_budget else ""))
+        if self.step and seen // self.step != self.tokens_per_step:
+            causes.append(f"a step is now {self.tokens_per_step:,} tokens, not {seen // self.step:,}: micro_batch_size x grad_accum x processes changed")
+        why = "; ".join(causes)
         warmup_before = int(o.warmup) if o.warmup >= 1 else int(round(o.warmup * saved_total))
         before = lr_lambda(o, saved_total, warmup_before, o.schedule)(self.step) * o.lr
         after = lr_lambda(o, self.total_steps, self.warmup_steps, o.schedule)(self.step) * o.lr
-        return (f"tokens changed since this checkpoint: the run now has {self.total_steps} optimiser steps, not {saved_total}; "
-                f"the {o.schedule} learning-rate schedule is laid over the new total, so step {self.step} runs at lr {after:.3g} "
-                f"where the old budget had {before:.3g}")
+        left = max(0, self.cfg.token_budget - seen)
+        return (f"resuming at step {self.step} with {seen:,} tokens trained and {left:,} left of the budget{f' ({why})' if why else ''}: "
+                f"the run now has {self.total_steps} optimiser steps, not {saved_total}; the {o.schedule} learning-rate schedule "
+                f"is laid over the new total, so step {self.step} runs at lr {after:.3g} where the checkpoint's run had {before:.3g}")
 
     # ---------------------------------------------------------------- checkpoint and export
     def save_checkpoint(self) -> Path:
