@@ -127,6 +127,27 @@ def test_opened_fills_only_all_zero_weights_and_restores_them(bases, tmp_path):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+@pytest.mark.parametrize("kind", ["llama-pro", "midus"])
+def test_an_output_narrower_than_its_base_is_the_identity_of_the_rounded_base(kind, bases, tmp_path):
+    """A float32 base written as bfloat16: the output's copies of the base layers are the rounded
+    values, so its logits equal the rounded base's exactly (not the float32 base's, which failed the
+    identity check of a correct output); a block that is not the identity still fails."""
+    recipe = write_recipe(tmp_path, bases["llama"], kind)
+    recipe.write_text(recipe.read_text().replace("dtype: float32", "dtype: bfloat16"))
+    out = emit(plan_recipe(recipe), progress=False).out_dir
+    checks = run(out)
+    assert failed(checks) == [], {n: c.detail for n, c in checks.items()}
+    assert "against the base rounded to bfloat16, the output's dtype: 0 (" in checks["identity"].detail
+
+    layer = next(la for la in json.loads((out / "midus_plan.json").read_text())["layers"] if la["kind"] != "base")
+    tensors = load_file(out / "model.safetensors")
+    # the all-zero matrix that makes the inserted block the identity (the FFN's or the memory's output projection)
+    name = next(k for k, v in tensors.items() if k.startswith(f"model.layers.{layer['index']}.") and v.dim() >= 2 and not v.any())
+    tensors[name] = torch.full_like(tensors[name], 0.01)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    assert "identity" in failed(run(out))
+
+
 def test_an_identity_block_that_is_the_identity_only_at_init_fails_the_perturbed_check(bases, tmp_path):
     """A LLaMA-Pro block made another way: instead of zeroing the FFN's output projection, zero
     the gain of the norm before the FFN. In a model without biases (Llama) that is the identity

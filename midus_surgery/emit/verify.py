@@ -66,6 +66,23 @@ def _load(path: Path, gguf_file: str | None = None, *, trust_remote_code: bool =
     return model.eval(), info
 
 
+def _round_to_stored_dtype(base_model, stored: str | None) -> str | None:
+    """The base's weights rounded to the dtype the output stores them in, when it is narrower
+    (a float32 or GGUF base written as bfloat16): the output's copies of the base's layers are the
+    rounded values, so the identity is exact against the rounded base, never against the base.
+    Returns the dtype name when it rounded, else None."""
+    dtype = getattr(torch, stored, None) if isinstance(stored, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        return None
+    params = [p for p in base_model.parameters() if p.is_floating_point() and torch.finfo(p.dtype).bits > torch.finfo(dtype).bits]
+    if not params:
+        return None
+    with torch.no_grad():
+        for p in params:
+            p.copy_(p.to(dtype))
+    return stored
+
+
 def _tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -242,6 +259,7 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     if base_path is not None:
         base_dir, gguf = (base_path.parent, base_path.name) if base_path.suffix == ".gguf" else (base_path, None)
         base_model, _ = _load(base_dir, gguf, trust_remote_code=trust)
+        rounded = _round_to_stored_dtype(base_model, _config_dict(out).get("dtype"))
         try:
             base_logits = _logits(base_model, ids)
         except Exception as exc:  # noqa: BLE001
@@ -250,7 +268,8 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
         diff = float((logits - base_logits).abs().max())
         trained = (out / "midus_train.json").is_file()  # written by `midus-surgery train` on export
         if not trained and (plan is None or function_preserving(plan)):
-            record(Check("identity", diff == 0.0, f"max |logit difference| against the base: {diff:g} (every inserted block starts as the identity, so it must be 0)"))
+            against = f"the base rounded to {rounded}, the output's dtype" if rounded else "the base"
+            record(Check("identity", diff == 0.0, f"max |logit difference| against {against}: {diff:g} (every inserted block starts as the identity, so it must be 0)"))
             record(perturbed_identity_check(model, base_model, plan, ids))
         else:
             ppl_out, ppl_base = perplexity(model, ids), perplexity(base_model, ids)
