@@ -372,3 +372,45 @@ def test_memory_variants_apply_load_and_train(extra, bases, tmp_path):
     assert (o_proj in model.state_dict()) == ("query_source: hidden" in extra)
     before, after = one_step_lowers_loss(model, planned.plan)
     assert after < before
+
+
+@pytest.mark.parametrize("planner", ["headers", "full"])
+def test_a_tied_base_holding_another_head_is_refused_not_written_without_it(tmp_path, capsys, planner):
+    """config.json ties lm_head to the embedding, but the checkpoint stores a different lm_head:
+    transformers loads such a base untied, with that head, so an output that follows the config
+    (and drops the head) would compute another function. Refused, nothing written; a head saved
+    equal to the embedding applies, and so does the base once its config says it is untied."""
+    from safetensors.torch import load_file, save_file
+
+    from midus_surgery.cli import main
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    weights = load_file(base / "model.safetensors")
+    assert "lm_head.weight" not in weights
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"] + 1.0
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after: [1]\n    kind: transformer\noutput:\n  dir: out\n  dtype: float32\n")
+    flags = ["--quiet"] + (["--full-plan"] if planner == "full" else [])
+
+    assert main(["apply", str(recipe), *flags]) == 2
+    err = capsys.readouterr().err
+    assert "ties lm_head.weight to model.embed_tokens.weight (tie_word_embeddings: true), but its checkpoint holds both, with different values" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()  # a tied head saved anyway
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    assert main(["apply", str(recipe), *flags]) == 0
+    capsys.readouterr()
+
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"] + 1.0
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    data = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**data, "tie_word_embeddings": False}))
+    assert main(["apply", str(recipe), *flags, "--overwrite", "--verify"]) == 0
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("lm_head.weight"), weights["lm_head.weight"])

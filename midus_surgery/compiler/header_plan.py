@@ -169,7 +169,8 @@ def _plan(loaded: LoadedRecipe) -> PlannedRecipe:
     window = config.get("sliding_window") if arch.window_flag is None or config.get(arch.window_flag) else None
     facts = BaseFacts(config["model_type"], L, dims.heads, dims.head_dim, dims.hidden, dims.vocab, window, config.get("layer_types"))
     plan = assemble_plan(loaded, facts, layers, new_config, shapes, layers_path, None)
-    return PlannedRecipe(loaded, None, None, plan, base_dtype=base_dtype, renames=(), planner="headers")
+    tied = ((LM_HEAD, EMBED),) if config.get("tie_word_embeddings", False) else ()
+    return PlannedRecipe(loaded, None, None, plan, base_dtype=base_dtype, renames=(), planner="headers", tied=tied)
 
 
 def _check_per_layer_settings(config: dict, arch: Arch) -> None:

@@ -156,7 +156,8 @@ def read_plan_file(model_dir: Path) -> dict | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _base_tensor_shapes_cached(config_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+def _base_model_facts(config_json: str) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], tuple[tuple[str, str], ...]]:
+    """(every tensor -> shape, tied ones once; the tied pairs target -> source) of the causal LM a config builds."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -175,14 +176,24 @@ def _base_tensor_shapes_cached(config_json: str) -> tuple[tuple[str, tuple[int, 
     shapes = [(tied.get(name, name), tuple(p.shape)) for name, p in model.named_parameters()]
     persistent = set(model.state_dict().keys())
     shapes += [(name, tuple(b.shape)) for name, b in model.named_buffers() if name in persistent]
-    return tuple(shapes)
+    return tuple(shapes), tuple((str(k), str(v)) for k, v in tied.items())
+
+
+def _config_key(config) -> str:
+    data = config.to_dict()
+    data.pop("transformers_version", None)
+    return json.dumps(data, sort_keys=True, default=str)
 
 
 def base_tensor_shapes(config) -> dict[str, tuple[int, ...]]:
     """Every tensor of the base causal LM (tied ones once) -> shape, from the config alone."""
-    data = config.to_dict()
-    data.pop("transformers_version", None)
-    return dict(_base_tensor_shapes_cached(json.dumps(data, sort_keys=True, default=str)))
+    return dict(_base_model_facts(_config_key(config))[0])
+
+
+def base_tied_pairs(config) -> dict[str, str]:
+    """The base's tied tensors, target -> source (``lm_head.weight`` -> ``model.embed_tokens.weight``),
+    when its config ties them; the target is not planned (transformers saves the source only)."""
+    return dict(_base_model_facts(_config_key(config))[1])
 
 
 def config_value(config, name: str):
@@ -492,7 +503,7 @@ def layers_changed_by_config(base_shapes: dict[str, tuple[int, ...]], new_config
     output layer exactly its source layer's tensor names and shapes.
     """
     data = dict(new_config)
-    new_shapes = dict(_base_tensor_shapes_cached(json.dumps(data, sort_keys=True, default=str)))
+    new_shapes = dict(_base_model_facts(json.dumps(data, sort_keys=True, default=str))[0])
     prefix = layers_path + "."
     resized = [name for name, shape in base_shapes.items() if not name.startswith(prefix) and new_shapes.get(name, shape) != shape]
     if resized:

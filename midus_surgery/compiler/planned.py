@@ -20,3 +20,6 @@ class PlannedRecipe:
     # checkpoint -> module tensor renames when known without transformers; None: the emitter asks it
     renames: tuple[tuple[str, str], ...] | None = None
     planner: Literal["transformers", "headers"] = "transformers"
+    # the base's tied tensors, target -> source (lm_head.weight -> the embedding): the target is not planned,
+    # so a checkpoint holding it with other values than the source is refused (emitter.check_tied_copies)
+    tied: tuple[tuple[str, str], ...] = ()

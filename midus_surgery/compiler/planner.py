@@ -7,7 +7,7 @@ import os
 
 from midus_surgery.compiler.base import load_base_config
 from midus_surgery.compiler.layout import COPY, expand_layout
-from midus_surgery.compiler.plan import Plan, make_plan
+from midus_surgery.compiler.plan import Plan, base_tied_pairs, make_plan
 from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.io.dtypes import auto_dtype
 from midus_surgery.recipe.anatomy_spec import StackAnatomy
@@ -48,7 +48,7 @@ def plan_loaded(loaded: LoadedRecipe, *, anatomy_only_if_needed: bool = False) -
     base_dtype = auto_dtype(getattr(config, "dtype", None) or vars(config).get("torch_dtype"))
     plan = make_plan(loaded, config, anatomy, anatomy_problem=why)
     check_base_weights(loaded, plan)
-    return PlannedRecipe(loaded, config, anatomy, plan, base_dtype=base_dtype)
+    return PlannedRecipe(loaded, config, anatomy, plan, base_dtype=base_dtype, tied=tuple(base_tied_pairs(config).items()))
 
 
 def check_base_weights(loaded: LoadedRecipe, plan: Plan) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from midus_surgery.compiler.base import BaseRef, resolve_base
 from midus_surgery.compiler.plan import PLAN_FILE, Plan, TensorEntry
 from midus_surgery.compiler.planned import PlannedRecipe
-from midus_surgery.errors import MidusError
+from midus_surgery.errors import BaseModelError, MidusError
 from midus_surgery.io.dtypes import ITEMSIZE, TAGS, torch_dtype
 from midus_surgery.io.output_dir import atomic_directory, check_output_dir
 from midus_surgery.io.shard_writer import ShardItem, write_shard
@@ -235,12 +235,31 @@ def emit(planned: PlannedRecipe, *, out_dir: Path | None = None, overwrite: bool
     source = open_base_tensors(ref, allow_pickle=allow_pickle, prefixes=prefixes, model_type=planned.plan.model_type,
                                renames=planned.renames, needed=[t.source for t in planned.plan.tensors if t.source is not None], progress=progress)
     try:
+        check_tied_copies(planned, source)
         with atomic_directory(out, kind="apply", report=_note) as tmp:
             num_bytes, shards = _write_weights(planned, source, tmp, progress)
             _write_companions(planned, ref, tmp)
     finally:
         source.close()
     return EmitResult(out, len(planned.plan.tensors), num_bytes, shards, source.how)
+
+
+def check_tied_copies(planned: PlannedRecipe, source) -> None:
+    """A base whose config ties a tensor to another (the LM head to the embedding) but whose
+    checkpoint holds both with different values: transformers loads that base untied, with its own
+    head, while the output, tied as the config says, would drop it and compute another function.
+    Refused before anything is written; a head saved equal to its source (as .bin checkpoints do) is fine."""
+    import torch
+
+    for target, tied_to in planned.tied:
+        if source.resolve(target) is None or source.resolve(tied_to) is None:
+            continue
+        if not torch.equal(source.get(target), source.get(tied_to)):
+            raise BaseModelError(f"the base's config ties {target} to {tied_to} (tie_word_embeddings: true), but its checkpoint holds "
+                                 f"both, with different values: transformers loads it untied, and an output that follows the config "
+                                 f"would drop {target} and compute another function. If the stored {target} is the one the model was "
+                                 "trained with, set tie_word_embeddings: false in the base's config.json (as transformers' own warning "
+                                 "asks), then apply again")
 
 
 def check_planned(planned: PlannedRecipe) -> PlannedRecipe:
