@@ -61,7 +61,7 @@ def world(tmp_path_factory):
         models[bank] = emit(plan_recipe(recipe), progress=False).out_dir
     for version in (1, 2):
         (root / f"fsdp{version}.yaml").write_text(FSDP_CONFIG.format(version=version))
-    return {"root": root, **models}
+    return {"root": root, "plain": base, **models}
 
 
 def run_config(world, tmp_path, bank: str, name: str, micro_batch_size: int, **extra) -> Path:
@@ -90,10 +90,13 @@ def assert_same_weights(a_dir: Path, b_dir: Path) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("bank", ["own", "shared"])
+@pytest.mark.parametrize("bank", ["own", "shared", "plain"])
 def test_fsdp2_on_two_cpu_processes_ends_with_the_single_process_weights(world, tmp_path, bank):
+    """own / shared: MIDUS outputs (their memory tables clip apart); plain: a model without memory,
+    whose one clip group is every parameter (accelerate compared it with model.parameters() by ==
+    and raised, unless the group is in the model's own order)."""
     fsdp = run_config(world, tmp_path, bank, "fsdp", 4, **{"checkpoint.every": 2})
-    proc = launch(world, 2, fsdp, 29541 if bank == "own" else 29542)
+    proc = launch(world, 2, fsdp, {"own": 29541, "shared": 29542, "plain": 29545}[bank])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FSDP (gloo) on cpu:0 x 2" in proc.stdout
     assert "this run shards with torch's FSDP2 over gloo" in proc.stdout

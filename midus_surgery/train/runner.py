@@ -428,7 +428,12 @@ class Runner:
         # by name, after prepare: FSDP2 replaces every parameter with its sharded self (and a
         # compiled model's names carry torch.compile's `_orig_mod.`)
         current = {n.replace("_orig_mod.", ""): p for n, p in self.raw.named_parameters(remove_duplicate=False)}
-        self.clip_groups = [(key, [current[n] for n in names], clip) for key, names, clip in clip_names]
+        # in the model's own parameter order: under FSDP accelerate's clip_grad_norm_ compares the list
+        # with model.parameters() by ==, which for a group of every parameter in another order compares
+        # tensors element-wise and raises ("Boolean value of Tensor ... is ambiguous", freeze: none)
+        order = {id(p): i for i, p in enumerate(self.model.parameters())}
+        self.clip_groups = [(key, sorted((current[n] for n in names), key=lambda p: order.get(id(p), len(order))), clip)
+                            for key, names, clip in clip_names]
 
     # ---------------------------------------------------------------- one optimiser step
     def train_step(self) -> StepNumbers:
