@@ -148,3 +148,23 @@ def read_data_identity(ckpt: Path) -> dict:
     from midus_surgery.train.checkpoint import read_checkpoint_state
 
     return read_checkpoint_state(ckpt).get("data", {})
+
+
+def test_a_checkpoint_resumes_only_in_the_layout_it_was_written_in(world, tmp_path):
+    """accelerate reads an FSDP run's checkpoint from pytorch_model_fsdp_0/ and any other run's from
+    model.safetensors: a resume across the two was a storm of DCP tracebacks (under FSDP) or a line
+    naming a pytorch_model.bin nobody wrote (without). Now one line each way, before any load."""
+    whole = run_config(world, tmp_path, "plain", "whole", 4, **{"checkpoint.every": 2, "resume": "auto"})
+    train(load_train_config(whole))
+    shutil.rmtree(tmp_path / "whole" / "final")
+    proc = launch(world, 2, whole, 29546)
+    assert proc.returncode != 0
+    assert "it was written without FSDP (whole weights in model.safetensors) and this run shards with FSDP" in proc.stderr
+    assert "CheckpointException" not in proc.stderr and "FileNotFoundError" not in proc.stderr, proc.stderr[-3000:]
+
+    sharded = run_config(world, tmp_path, "plain", "sharded", 4, **{"checkpoint.every": 2, "resume": "auto"})
+    proc = launch(world, 2, sharded, 29547)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.rmtree(tmp_path / "sharded" / "final")
+    with pytest.raises(TrainingError, match=r"it was written under FSDP \(its weights in pytorch_model_fsdp_0/\) and this run does not shard"):
+        train(load_train_config(sharded))

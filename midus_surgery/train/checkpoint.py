@@ -325,7 +325,24 @@ def newest_whole_checkpoint(root: Path, acc, say: Callable[[str], None]) -> Path
 DATA_KEYS = ("train", "held_out", "block_size", "seed", "held_out_fraction")  # a resume must read the same blocks
 
 
-def load_checkpoint(path: Path, acc, optimizer, scheduler, *, adamw_options: dict, data_identity: dict) -> dict:
+FSDP_MODEL = "pytorch_model_fsdp"  # how accelerate names an FSDP checkpoint's weights (a folder of shards, or one file)
+
+
+def layout_problem(path: Path, fsdp_run: bool) -> str | None:
+    """Why a checkpoint cannot load into this run's layout: accelerate reads an FSDP run's weights
+    from ``pytorch_model_fsdp_0/`` (sharded) or ``pytorch_model_fsdp_0.bin`` and any other run's
+    from ``model.safetensors``, so a checkpoint written one way does not load the other."""
+    fsdp_written = any(p.name.startswith(FSDP_MODEL) for p in path.iterdir())
+    if fsdp_written and not fsdp_run:
+        return ("it was written under FSDP (its weights in pytorch_model_fsdp_0/) and this run does not shard: "
+                "resume it launched with the FSDP config it was written with (accelerate launch --config_file ...)")
+    if not fsdp_written and fsdp_run:
+        return ("it was written without FSDP (whole weights in model.safetensors) and this run shards with FSDP: "
+                "resume it launched as it was written (one process, or DDP), or start afresh in a run_dir of its own")
+    return None
+
+
+def load_checkpoint(path: Path, acc, optimizer, scheduler, *, adamw_options: dict, data_identity: dict, fsdp: bool = False) -> dict:
     """Load a checkpoint that verified into the prepared model, optimiser and scheduler and this
     process's RNGs; returns its state file (``step``, ``samples_seen``...).
 
@@ -333,6 +350,7 @@ def load_checkpoint(path: Path, acc, optimizer, scheduler, *, adamw_options: dic
     ``TrainingError`` line naming the file, never a traceback; nothing in it is unpickled but with
     weights_only=True. ``data_identity`` must match the one saved: other data would replay or skip
     blocks. ``adamw_options``: this run's AdamW implementation, which wins over the saved one.
+    ``fsdp``: this run shards with FSDP, so the checkpoint must have been written under FSDP (and else not).
     """
     def fail(why: str) -> TrainingError:
         return TrainingError(f"cannot resume from {path}: {why}")
@@ -346,7 +364,7 @@ def load_checkpoint(path: Path, acc, optimizer, scheduler, *, adamw_options: dic
     if changed:
         raise fail(f"the data changed since it was written ({', '.join(f'{k}: {saved.get(k)} -> {data_identity.get(k)}' for k in changed)}); "
                    "resuming would replay or skip data: resume with the data it was written with, or start afresh (resume unset) in a run_dir of its own")
-    problem = dcp_checkpoint_problem(path)  # FSDP's sharded state: pickles torch itself reads unrestricted
+    problem = layout_problem(path, fsdp) or dcp_checkpoint_problem(path)  # DCP's state: pickles torch itself reads unrestricted
     if problem:
         raise fail(problem)
     try:

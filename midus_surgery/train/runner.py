@@ -210,7 +210,7 @@ class Runner:
         if self.resume_from is None:
             return
         state = load_checkpoint(self.resume_from, self.acc, self.optimizer, self.scheduler,
-                                adamw_options=self.adamw_options, data_identity=self.data_identity)
+                                adamw_options=self.adamw_options, data_identity=self.data_identity, fsdp=self.fsdp)
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
         if isinstance(state.get("total_steps"), int) and state["total_steps"] != self.total_steps:
             self.say(self.budget_change_note(state))
