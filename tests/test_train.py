@@ -649,3 +649,30 @@ def test_the_docs_try_out_is_the_six_steps_it_shows():
         loaded = load_train_config(Path(__file__).resolve().parents[1] / words[0], [w for w in words[1:] if "=" in w])
         c = loaded.config
         assert steps_for(c.token_budget, c.micro_batch_size * c.grad_accum * c.data.block_size) == 6, command
+
+
+def test_a_lost_peer_process_is_one_line_saying_to_resume(world, tmp_path, monkeypatch):
+    """A collective that fails because another process died (gloo's own words, as a killed rank
+    leaves them) is one TrainingError line pointing at resume: auto, not the survivor's traceback;
+    any other RuntimeError is left as it is."""
+    from midus_surgery.train import runner
+
+    gloo = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:21922: "
+            "Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the application.")
+
+    def collective_fails(self):
+        raise RuntimeError(gloo)
+
+    monkeypatch.setattr(runner.Runner, "run", collective_fails)
+    cfg = load_train_config(config(world, tmp_path))
+    with pytest.raises(TrainingError, match=r"^another process of this run stopped \(.*Connection reset by peer.*\); every checkpoint written is whole: "
+                                            r"launch the run again with resume: auto"):
+        train(cfg)
+
+    def another_failure(self):
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(runner.Runner, "run", another_failure)
+    with pytest.raises(RuntimeError, match="a bug of ours"):
+        train(cfg)
+    assert runner.lost_a_process(torch.distributed.DistBackendError("NCCL communicator was aborted"))

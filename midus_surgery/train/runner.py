@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from midus_surgery.compiler.plan import read_plan_file
-from midus_surgery.errors import RecipeError, TrainingError
+from midus_surgery.errors import RecipeError, TrainingError, one_line
 from midus_surgery.io.json_text import strict_json
 from midus_surgery.io.output_dir import (MARKER, RUN_ENTRIES, RUN_KIND, OutputError, check_cache_location, check_output_dir, input_root,
                                          not_written_in_checkpoints, read_marker, write_marker)
@@ -733,4 +733,23 @@ def _hms(seconds: float) -> str:
 
 def train(loaded: LoadedTrainConfig, *, echo=print) -> TrainResult:
     """Run (or resume) the training a config describes."""
-    return Runner(loaded, echo=echo).run()
+    try:
+        return Runner(loaded, echo=echo).run()
+    except RuntimeError as exc:
+        if not lost_a_process(exc):
+            raise
+        raise TrainingError(f"another process of this run stopped ({one_line(exc, 160)}); every checkpoint written is whole: "
+                            "launch the run again with resume: auto to continue from the newest") from None
+
+
+# What a collective says when a peer process has died: NCCL's errors are DistError (DistBackendError);
+# gloo's are plain RuntimeErrors naming the lost connection.
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Socket closed")
+
+
+def lost_a_process(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because another process of the run is gone."""
+    if isinstance(exc, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and "gloo" in text and any(s in text for s in _PEER_GONE)
