@@ -414,3 +414,25 @@ def test_a_tied_base_holding_another_head_is_refused_not_written_without_it(tmp_
     assert main(["apply", str(recipe), *flags, "--overwrite", "--verify"]) == 0
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
         assert torch.equal(f.get_tensor("lm_head.weight"), weights["lm_head.weight"])
+
+
+def test_a_base_missing_a_tensor_of_its_architecture_is_exit_2_naming_it(tmp_path, capsys):
+    """An untied base (tie_word_embeddings: false) saved without its lm_head.weight: broken base
+    files, so exit 2 like every other (was 1), and the line names the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from midus_surgery.cli import main
+
+    base = tmp_path / "base"
+    config = tiny_config("llama")
+    config.tie_word_embeddings = False
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    weights = load_file(base / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after: [1]\n    kind: transformer\noutput:\n  dir: out\n")
+    assert main(["apply", str(recipe), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: the base checkpoint {base} lacks 1 tensor(s) of the model, e.g. lm_head.weight" in err
+    assert "the safetensors files hold no lm_head.weight under that name" in err and not (tmp_path / "out").exists()

@@ -371,7 +371,7 @@ def _loaded_by_transformers(ref: BaseRef, prefixes: tuple[str, ...], what: str, 
         raise MidusError(f"cannot load the base {ref.directory / (ref.gguf_file or '')} with transformers ({what}): {exc}") from None
     missing = sorted(info.get("missing_keys", []))
     if missing:  # transformers initialised them at random: never copy those into an output
-        raise MidusError(f"the base checkpoint {ref.directory / (ref.gguf_file or '')} lacks {len(missing)} tensor(s) of the model, "
+        raise BaseModelError(f"the base checkpoint {ref.directory / (ref.gguf_file or '')} lacks {len(missing)} tensor(s) of the model, "
                          f"e.g. {', '.join(missing[:3])} (read through transformers' loader: {what})")
     return DictSource(model.state_dict(), prefixes, how=f"whole, through transformers' loader ({what})")
 
@@ -409,11 +409,13 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
         renames = checkpoint_renames(model_type)
     if any(ref.directory.glob("*.safetensors")):
         source = SafetensorsSource(ref.directory, prefixes, renames)
-        if any(source.resolve(name) is None for name in needed):
-            # transformers converts this checkpoint on load (experts stored one per tensor, other names):
+        absent = [name for name in needed if source.resolve(name) is None]
+        if absent:
+            # transformers may convert this checkpoint on load (experts stored one per tensor, other names):
             # it is the authority, and the load is strict (_loaded_by_transformers)
             _check_fits_in_memory(sum(p.stat().st_size for p in ref.directory.glob("*.safetensors")), ref.directory)
-            how = "its checkpoint stores tensors that transformers converts on load, e.g. one per expert the model stacks"
+            how = (f"the safetensors files hold no {absent[0]} under that name, so transformers read them; it converts some "
+                   "checkpoints on load, e.g. experts stored one per tensor")
             return _loaded_by_transformers(ref, prefixes, how, progress=progress, dtype="auto")
         return source
     bins = sorted(ref.directory.glob("*.bin"))
