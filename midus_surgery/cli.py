@@ -340,7 +340,7 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--include-path", action="append", metavar="DIR", help="a folder of lm-eval task YAMLs (e.g. the offline suite of tools/make_task_suite.py); repeatable")
     p.add_argument("--allow-task-code", action="store_true", help="let --include-path tasks run Python (!function, includes, HF evaluate metrics) and render their templates unsandboxed")
     p.add_argument("--limit", type=float, default=None, help="--tasks: at most this many items per task (a fraction below 1)")
-    p.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples (default: each task's own)")
+    p.add_argument("--num-fewshot", type=_int_at_least(0), default=None, help="--tasks: few-shot examples (default: each task's own)")
     p.add_argument("--seed", type=int, default=None, help="--tasks: the seed of every random choice lm-eval makes (default 0)")
     p.add_argument("--block-size", type=_int_at_least(2), help="tokens per block / window (default 512, or the model's positions when fewer)")
     p.add_argument("--per-document", action="store_true", help="evaluate each document on its own (windows of --block-size) instead of packed blocks")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -121,11 +122,53 @@ def test_input_errors_are_one_line(world, tmp_path, capsys):
     assert main(["eval", str(world["base"]), "--tasks", "midus_cloze_gone", "--include-path", str(broken), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: lm-eval could not score midus_cloze_gone on ") and "\n" not in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "gone.jsonl").write_text("")
+    (empty / "midus_cloze_empty.yaml").write_text((broken / "midus_cloze_gone.yaml").read_text()
+                                                  .replace("task: midus_cloze_gone", "task: midus_cloze_empty")
+                                                  .replace(str(tmp_path / "gone.jsonl"), str(empty / "gone.jsonl")))
+    assert main(["eval", str(world["base"]), "--tasks", "midus_cloze_empty", "--include-path", str(empty), "--quiet"]) == 2
+    assert "a task has no documents (an empty data file, or a split with no rows)" in capsys.readouterr().err
     coded = tmp_path / "coded"
     coded.mkdir()
     (coded / "t.yaml").write_text("task: t\nprocess_docs: !function utils.process\n")
     assert main(["eval", str(world["base"]), "--tasks", "t", "--include-path", str(coded)]) == 2
     assert "t.yaml:2: tag !function (lm-eval imports Python for !function); pass --allow-task-code" in capsys.readouterr().err
+    # a YAML that does not parse is said so; the code flag would not help (lm-eval skips the file)
+    malformed = tmp_path / "malformed"
+    malformed.mkdir()
+    (malformed / "t.yaml").write_text("task: t\ndataset_path: json\n  bad: [unclosed\n")
+    assert main(["eval", str(world["base"]), "--tasks", "t", "--include-path", str(malformed)]) == 2
+    err = capsys.readouterr().err
+    assert "t.yaml: not valid YAML (ScannerError" in err and "fix it, or move it out of the task folder" in err and "allow-task-code" not in err
+    # counts that lm-eval would take in silence
+    tasks = ["--tasks", "midus_cloze", "--include-path", str(world["tasks"])]
+    with pytest.raises(SystemExit) as usage:
+        main(["eval", str(world["base"]), *tasks, "--num-fewshot", "-1"])
+    assert usage.value.code == 2
+    assert "--num-fewshot: at least 0, got -1" in capsys.readouterr().err
+    assert main(["eval", str(world["base"]), *tasks, "--limit", "1.5"]) == 2
+    assert "--limit 1.5: at or above 1 it counts items per task, a whole number" in capsys.readouterr().err
+    # every model loads before the first is scored: a broken second model lost the first one's scores
+    broken_model = tmp_path / "broken-model"
+    shutil.copytree(world["identity"], broken_model)
+    (broken_model / "model.safetensors").write_bytes(b"not safetensors")
+    calls = []
+    import midus_surgery.downstream.harness as harness
+
+    real = harness._lm_eval
+
+    def counted():
+        simple_evaluate, HFLM, TaskManager = real()
+        return (lambda **kw: calls.append(kw) or simple_evaluate(**kw)), HFLM, TaskManager
+
+    harness._lm_eval = counted
+    try:
+        assert main(["eval", str(world["base"]), str(broken_model), *tasks, "--limit", "2", "--quiet"]) == 2
+    finally:
+        harness._lm_eval = real
+    assert "broken-model: cannot load the weights" in capsys.readouterr().err and calls == []
 
 
 # Task YAMLs that run Python when lm-eval reads them, each beside a utils.py that would leave a mark

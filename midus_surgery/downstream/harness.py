@@ -44,6 +44,8 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
     if limit is not None and not limit > 0:
         raise TaskError(f"--limit must be above 0 (items per task, or a fraction below 1), got {limit:g}")
     if limit is not None and limit >= 1:
+        if limit != int(limit):
+            raise TaskError(f"--limit {limit:g}: at or above 1 it counts items per task, a whole number (below 1 it is a fraction)")
         limit = int(limit)
     simple_evaluate, HFLM, TaskManager = _lm_eval()
     from jinja2.exceptions import SecurityError
@@ -62,6 +64,10 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
     run_on = eval_device(device)
     for m in models:  # every model readable (and its own code allowed) before the first long evaluation
         check_model_dir(Path(m), trust_remote_code=trust_remote_code)
+    if len(models) > 1:  # and every model loads: the table comes at the end, so a later failure lost the earlier scores
+        for m in models:
+            del_me = load_causal_lm(Path(m), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=False)
+            del del_me
     rows = []
     for m in models:
         start = time.perf_counter()
@@ -76,6 +82,9 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         except SecurityError as exc:
             raise TaskError(f"a task template reaches for Python's internals, refused by the sandbox ({one_line(exc, 200)}); "
                             "pass --allow-task-code if you trust it") from None
+        except StopIteration:  # lm-eval takes the first document of each task to build it
+            raise TaskError(f"lm-eval could not score {', '.join(tasks)} on {m}: a task has no documents "
+                            "(an empty data file, or a split with no rows)") from None
         except Exception as exc:  # noqa: BLE001 - a dataset that cannot be read (no network), a task that does not build
             raise TaskError(f"lm-eval could not score {', '.join(tasks)} on {m}: {one_line(exc, 800, whole=True)}") from None
         rows.append({"model": str(m), "results": {t: _metrics(out["results"].get(t, {})) for t in tasks},

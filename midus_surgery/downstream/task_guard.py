@@ -60,8 +60,10 @@ def _check_task_yaml(file: Path, seen: set[Path]) -> None:
     try:
         text = file.read_text()
         documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))  # nodes with their tags, nothing built
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise TaskError(f"{file}: not a task YAML midus-surgery can check ({one_line(exc, 200, whole=True)}); {ALLOW}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TaskError(f"{file}: cannot read it ({one_line(exc, 200, whole=True)})") from None
+    except yaml.YAMLError as exc:  # lm-eval would skip the file without a word, then not know its task
+        raise TaskError(f"{file}: not valid YAML ({one_line(exc, 200, whole=True)}); fix it, or move it out of the task folder") from None
     for document in documents:
         _refuse_tags(file, document)
     for config in yaml.safe_load_all(text):  # core tags only, checked above
