@@ -111,3 +111,33 @@ def test_tied_weights_are_not_missing(world):
     for model_dir in (world["base"], world["identity"], world["memory"]):
         model = load_causal_lm(model_dir, progress=False)
         assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+class _Planted:
+    """A pickle that, unpickled without weights_only, writes ``marker``."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_weights_are_read_as_data_only_and_the_refusal_gives_no_unsafe_advice(world, tmp_path):
+    """eval (and train, through the same loader) read a .bin model with torch.load(weights_only=True):
+    a planted object is refused in one line naming what it refers to, without torch's advice that
+    re-running with weights_only=False "will likely succeed"; nothing runs."""
+    import shutil
+
+    model = tmp_path / "pickled"
+    shutil.copytree(world["base"], model)
+    tensors = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    torch.save({**tensors, "planted": _Planted(str(marker))}, model / "pytorch_model.bin")
+    proc = run_cli("eval", model, "--data", world["files"][0], "--quiet")
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert err.startswith(f"error: {model}: cannot load the weights (not plain tensors and numbers, refused by torch.load(weights_only=True)")
+    assert "weights_only` set to `False`" not in err and "will likely succeed" not in err and len(err.splitlines()) == 1
+    assert not marker.exists()

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from midus_surgery.compiler.plan import guess_layers_path, read_plan_file
-from midus_surgery.errors import MidusError, UsageError, one_line
+from midus_surgery.errors import MidusError, UsageError, load_error_line, one_line
 
 SAMPLE_TEXT = (
     "The history of science is the study of the development of science and scientific knowledge, "
@@ -230,7 +230,7 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     try:
         model, info = _load(out, trust_remote_code=trust, shipped=shipped)
     except Exception as exc:  # noqa: BLE001 - any load failure is the check's result
-        record(Check("load", False, one_line(exc, 600, whole=True)))
+        record(Check("load", False, load_error_line(exc, 600)))
         return checks
     on_disk = _file_tensor_names(out)
     missing, unexpected = set(info.get("missing_keys", [])), set(info.get("unexpected_keys", []))

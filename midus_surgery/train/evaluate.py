@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from midus_surgery.errors import MidusError, UsageError, one_line
+from midus_surgery.errors import MidusError, UsageError, load_error_line, one_line
 from midus_surgery.io.hf_output import hf_progress_bars
 from midus_surgery.io.output_dir import check_cache_location, input_root
 
@@ -147,7 +147,7 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
             # "look at the above report" error
             model, info = loader.from_pretrained(path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - unreadable files, MIDUS's own key check, remote code: all one line
-        raise ModelLoadError(f"{path}: cannot load the weights ({one_line(exc, 300, whole=True)})") from None
+        raise ModelLoadError(f"{path}: cannot load the weights ({load_error_line(exc, 300)})") from None  # not torch's advice to unpickle unsafely
     finally:
         report_logger.removeFilter(quiet)
     problems = []
