@@ -110,6 +110,18 @@ def test_apply_with_missing_base_is_one_clear_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_base_folder_of_gguf_files_says_which_key_names_one(tmp_path, capsys):
+    (tmp_path / "nowhere").mkdir()
+    (tmp_path / "nowhere" / "model-q8.gguf").write_bytes(b"GGUF")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("base:\n  path: nowhere\nlayout:\n  stack:\n    layers: [0, 2]\noutput:\n  dir: out\n")
+    assert main(["validate", str(recipe)]) == 2
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert (f"r.yaml:2:3: base.path: {tmp_path / 'nowhere'} has no config.json but holds GGUF weights (model-q8.gguf): "
+            f"give the file, base.path: {tmp_path / 'nowhere' / 'model-q8.gguf'}, or set base.gguf_file: model-q8.gguf") in out
+
+
 @pytest.mark.parametrize("argv", [["validate"], ["frobnicate"]])
 def test_usage_errors(argv):
     result = run(*argv)

@@ -271,4 +271,8 @@ def load_base_config(loaded: LoadedRecipe):
             raise RecipeError([loaded.problem(("base", key), f"{where}: {problem}") for problem in problems])
         return config
     wanted = ref.directory / (ref.gguf_file or "config.json")
+    ggufs = sorted(p.name for p in ref.directory.glob("*.gguf")) if ref.gguf_file is None and ref.directory.is_dir() else []
+    if ggufs:  # a folder of GGUF files: which one is the user's to say
+        raise RecipeError([loaded.problem(("base", "path"), f"{ref.directory} has no config.json but holds GGUF weights ({', '.join(ggufs[:4])}): "
+                                                            f"give the file, base.path: {ref.directory / ggufs[0]}, or set base.gguf_file: {ggufs[0]}")])
     raise RecipeError([loaded.problem(("base", "path"), f"base model not found: {wanted} (give base.config, a config.json, to validate and plan without the weights)")])
