@@ -164,6 +164,8 @@ def test_loss_goes_down_and_the_run_writes_everything(world, tmp_path):
     assert trains[-1]["loss"] < 0.75 * trains[0]["loss"]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.5
     assert all(r["tokens_per_s"] > 0 and "lr" in r and "grad_norm" in r for r in trains)
+    # tok/s and s/step describe the same steps (those since the last line): their product is a step's tokens
+    assert all(r["tokens_per_s"] * r["seconds_per_step"] == pytest.approx(64, rel=1e-6) for r in trains), trains
     assert result.steps == 30 and result.tokens == 30 * 64
     assert [s for s, _ in complete_checkpoints(run / "checkpoints")] == [20, 30]
     assert (run / "loss.png").stat().st_size > 1000

@@ -95,17 +95,18 @@ class Meter:
     rate_step: int
     interval_t: float  # the last log line's time
     interval_tokens: int = 0  # tokens trained since the last log line (all processes)
+    interval_step: int = 0  # the step of the last log line
     losses: list[float] = field(default_factory=list)  # step losses since the last log line
 
     @classmethod
     def start(cls, step: int) -> "Meter":
         now = time.perf_counter()
-        return cls(started=now, rate_t=now, rate_step=step, interval_t=now)
+        return cls(started=now, rate_t=now, rate_step=step, interval_t=now, interval_step=step)
 
     def restart_rate(self, step: int) -> None:
         """After the compiling step: count speed from here (that step's minutes never recur)."""
         now = time.perf_counter()
-        self.rate_t, self.rate_step, self.interval_t, self.interval_tokens = now, step, now, 0
+        self.rate_t, self.rate_step, self.interval_t, self.interval_tokens, self.interval_step = now, step, now, 0, step
 
 
 # --------------------------------------------------------------------------- the run
@@ -590,9 +591,12 @@ class Runner:
         """The metrics record and the log line of the steps since the last one."""
         cfg = self.cfg
         now = time.perf_counter()
+        # tok/s and s/step: the same steps, those since the last line (an evaluation or checkpoint
+        # between them counts); the ETA: the mean step since the start, the evaluations and
+        # checkpoints to come included
         tps = meter.interval_tokens / max(now - meter.interval_t, 1e-9)
-        per_step = (now - meter.rate_t) / max(1, self.step - meter.rate_step)
-        eta = per_step * (self.total_steps - self.step)
+        per_step = (now - meter.interval_t) / max(1, self.step - meter.interval_step)
+        eta = (now - meter.rate_t) / max(1, self.step - meter.rate_step) * (self.total_steps - self.step)
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
         base_lr = lrs.get("base", lrs.get("base_no_decay"))  # None: no base parameter trains (memory only), no lr to write
         rec = {"step": self.step, "tokens": self.samples_seen * cfg.data.block_size, "loss": float(np.mean(meter.losses)),
@@ -605,7 +609,7 @@ class Runner:
                  f"{' | '.join(f'{NORM_LABELS[k]} {v:.3g}' for k, v in numbers.norms.items())} | {tps:,.0f} tok/s | "
                  f"{per_step:.2f} s/step | ETA {_hms(eta)}")
         self.bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}")
-        meter.interval_t, meter.interval_tokens, meter.losses = now, 0, []
+        meter.interval_t, meter.interval_tokens, meter.interval_step, meter.losses = now, 0, self.step, []
 
     def open_logs(self) -> None:
         """metrics.jsonl (cut back to the checkpoint resumed from), tensorboard, the progress bar."""
