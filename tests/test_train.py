@@ -378,6 +378,27 @@ def test_progress_bars_on_a_terminal_and_clean_lines_in_a_log_file(world, tmp_pa
     assert "train: 100%|" in shown and "3/3" in shown, shown
 
 
+def test_a_second_run_in_a_run_dir_in_use_is_refused(world, tmp_path):
+    """Two runs in one run_dir mixed their checkpoints and metrics and both 'exported': the second is
+    refused while the first holds the directory, and the directory is free again once the first is
+    gone, SIGKILL included (the lock is the OS's, on the marker)."""
+    cfg = config(world, tmp_path, tokens=16 * 4 * 100_000, resume="auto", **{"checkpoint.every": 2, "eval.at_start": False})
+    proc = subprocess.Popen([sys.executable, "-m", "midus_surgery.cli", "train", str(cfg), "--quiet"], env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not complete_checkpoints(tmp_path / "run" / "checkpoints"):
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        with pytest.raises(RecipeError, match=rf"run_dir: {tmp_path / 'run'} is in use by another train run \(pid {proc.pid} "):
+            train(load_train_config(cfg))
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    resumed = train(load_train_config(config(world, tmp_path, tokens=16 * 4 * 4, resume="auto", **{"checkpoint.every": 2, "eval.at_start": False})))
+    assert resumed.steps >= 2
+
+
 def test_kill_9_and_resume_gives_the_same_weights(world, tmp_path):
     steps = 60
     extra = dict(tokens=16 * 4 * steps, resume="auto", **{"checkpoint.every": 4, "checkpoint.keep_last": 2, "log.every": 10})

@@ -69,6 +69,26 @@ def write_marker(directory: Path, kind: str, owner: str | None = None) -> None:
     (Path(directory) / MARKER).write_text(json.dumps(data) + "\n")
 
 
+def hold_marker(directory: Path) -> int | None:
+    """Hold ``directory``'s marker under an exclusive lock (flock) until ``release_marker``, or until
+    this process ends however it ends (the OS drops the lock, SIGKILL included). Returns the open
+    file descriptor, or None when another process holds it: a directory in use."""
+    import fcntl
+
+    fd = os.open(Path(directory) / MARKER, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def release_marker(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops its flock
+
+
 def _entries(directory: Path) -> set[str]:
     """Every file and link under ``directory`` (links not followed), as relative POSIX paths, but the marker."""
     found = set()

@@ -38,7 +38,7 @@ from midus_surgery.compiler.plan import read_plan_file
 from midus_surgery.errors import RecipeError, TrainingError, one_line
 from midus_surgery.io.json_text import strict_json
 from midus_surgery.io.output_dir import (MARKER, RUN_ENTRIES, RUN_KIND, OutputError, check_cache_location, check_output_dir, input_root,
-                                         not_written_in_checkpoints, read_marker, write_marker)
+                                         hold_marker, not_written_in_checkpoints, read_marker, release_marker, write_marker)
 from midus_surgery.train import data as D
 from midus_surgery.train import sharding
 from midus_surgery.train.checkpoint import (
@@ -133,6 +133,7 @@ class Runner:
     init_from: Path  # the model directory training starts from
     resume_from: Path | None = None  # the checkpoint this run continues, None: a fresh start
     resume_state: dict | None = None  # its state file (step, samples_seen, tokens_seen...), read before the run is sized
+    run_lock: int | None = None  # the run directory's marker, held (flock) while this run writes there
 
     # Data (setup_data).
     tokenizer: Any  # init_from's tokenizer: the corpora are tokenised (and cached) with it
@@ -335,11 +336,19 @@ class Runner:
         return path
 
     def prepare_run_dir(self) -> None:
-        """The run directory, marked as this tool's, with no half-written checkpoint in it."""
+        """The run directory, marked as this tool's and held by this run (a second run started in it
+        is refused), with no half-written checkpoint in it."""
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if read_marker(self.run_dir) is None:
                 write_marker(self.run_dir, RUN_KIND)
+            self.run_lock = hold_marker(self.run_dir)
+            if self.run_lock is None:  # before anything is removed: the partial checkpoint below may be that run's
+                marker = read_marker(self.run_dir) or {}
+                raise RecipeError([self.loaded.problem(("run_dir",), f"{self.run_dir} is in use by another train run (pid {marker.get('pid')} "
+                                                       "started it, or resumed it, and still runs); two runs in one run_dir would mix their "
+                                                       "checkpoints and logs: wait for it to end, or choose another run_dir")])
+            write_marker(self.run_dir, RUN_KIND)  # this process is the one writing now
             self.ckpt_root.mkdir(exist_ok=True)
             remove_partial_checkpoints(self.ckpt_root)
         self.acc.wait_for_everyone()
@@ -737,13 +746,16 @@ def _hms(seconds: float) -> str:
 
 def train(loaded: LoadedTrainConfig, *, echo=print) -> TrainResult:
     """Run (or resume) the training a config describes."""
+    runner = Runner(loaded, echo=echo)
     try:
-        return Runner(loaded, echo=echo).run()
+        return runner.run()
     except RuntimeError as exc:
         if not lost_a_process(exc):
             raise
         raise TrainingError(f"another process of this run stopped ({one_line(exc, 160)}); every checkpoint written is whole: "
                             "launch the run again with resume: auto to continue from the newest") from None
+    finally:
+        release_marker(runner.run_lock)
 
 
 # What a collective says when a peer process has died: NCCL's errors are DistError (DistBackendError);
