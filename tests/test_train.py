@@ -699,3 +699,18 @@ def test_a_lost_peer_process_is_one_line_saying_to_resume(world, tmp_path, monke
     with pytest.raises(RuntimeError, match="a bug of ours"):
         train(cfg)
     assert runner.lost_a_process(torch.distributed.DistBackendError("NCCL communicator was aborted"))
+
+
+def test_accelerate_launch_of_n_processes_without_multi_gpu_says_it_runs_one(world, tmp_path):
+    """accelerate's simple launcher starts one process for --num_processes 2 without --multi_gpu;
+    the run says so instead of leaving the user to count the 'x 1' in its precision line."""
+    cfg = config(world, tmp_path, tokens=16 * 4, **{"eval.at_start": False})
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port", "29548",
+                           "-m", "midus_surgery.cli", "train", str(cfg), "--quiet"], env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "single process on cpu x 1" in proc.stdout
+    assert "note: one process: accelerate launch --num_processes N starts N processes only with --multi_gpu" in proc.stdout
+    # a plain single-process run says nothing of the kind
+    lines = []
+    train(load_train_config(config(world, tmp_path, name="plain", tokens=16 * 4, **{"eval.at_start": False})), echo=lines.append)
+    assert not [line for line in lines if line.startswith("note: one process")]

@@ -258,7 +258,7 @@ class Runner:
         self.acc = Accelerator(cpu=on_cpu, mixed_precision="bf16" if precision == "bf16" else "no",
                                dynamo_backend="inductor" if cfg.compile else "no")
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
-        self.sharding_note = cpu_fsdp_note or sharding.after_accelerator(self.acc)
+        self.sharding_note = cpu_fsdp_note or sharding.after_accelerator(self.acc) or sharding.one_process_note(self.acc.num_processes)
         self.fsdp = self.acc.distributed_type.name == "FSDP"
 
         self.run_dir = loaded.resolve(cfg.run_dir).resolve()

@@ -38,6 +38,16 @@ def before_accelerator(on_cpu: bool) -> str | None:
     return None
 
 
+def one_process_note(processes: int) -> str | None:
+    """``accelerate launch --num_processes N`` without ``--multi_gpu`` (or an FSDP config) starts one
+    process: its simple launcher sets the rendezvous address for N but no world size. Said, not guessed."""
+    launched_by_accelerate = "ACCELERATE_USE_CPU" in os.environ
+    if processes == 1 and launched_by_accelerate and "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ:
+        return ("note: one process: accelerate launch --num_processes N starts N processes only with --multi_gpu "
+                "(also on CPU, where it gives DDP over gloo) or a config file that says so")
+    return None
+
+
 def after_accelerator(acc) -> str | None:
     """Switch a CPU run under an FSDP2 config from accelerate's silent DDP to FSDP2; the line to
     print, or None when there is nothing to say (no FSDP config, or accelerate already shards)."""
