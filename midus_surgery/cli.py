@@ -437,7 +437,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     try:
-        return args.func(args)
+        try:
+            return args.func(args)
+        except BaseException:
+            _ignore_sigterm()  # a launcher's SIGTERM to the survivors must not cut the one-line report below into a traceback
+            raise
     except RecipeError as exc:
         err.print(str(exc), markup=False)
         return exc.exit_code
@@ -488,6 +492,14 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
+def _ignore_sigterm() -> None:
+    """From here the program only reports and exits: a SIGTERM now (torchrun stops every process once
+    one has failed) would raise Terminated inside the report or the interpreter's shutdown. Only where
+    ``run`` installed the handler: ``main`` called in-process leaves the caller's signals as they are."""
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def run() -> None:
     """The program's entry point (the console script and ``python -m midus_surgery.cli``).
 
@@ -497,6 +509,7 @@ def run() -> None:
     args = parse_arguments()
     signal.signal(signal.SIGTERM, _on_sigterm)
     code = _dispatch(args)
+    _ignore_sigterm()
     if code == 0 and args.func is cmd_apply:
         sys.stdout.flush()
         sys.stderr.flush()

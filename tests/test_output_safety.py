@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -569,3 +570,31 @@ def test_blocks_longer_than_the_models_positions_are_one_located_line(tmp_path, 
     assert "--block-size: 256 tokens per block exceed the model's 128 positions" in capsys.readouterr().err
     assert main(["eval", str(model), "--data", "corpus", "--quiet", "--json"]) == 0  # the default: 512, or fewer when the model has fewer
     assert json.loads(capsys.readouterr().out)["block_size"] == 128
+
+
+def test_a_sigterm_while_the_error_is_reported_keeps_it_one_line(tmp_path):
+    """torchrun sends SIGTERM to every process once one has failed: a survivor reporting its own
+    error then raised Terminated inside the report (a traceback, exit 1) or in the interpreter's
+    shutdown. Once the command has ended, the program only reports and exits: SIGTERM is ignored."""
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys
+        from midus_surgery import cli
+        from midus_surgery.errors import TrainingError
+
+        def fails(args):
+            raise TrainingError("another process of this run stopped")
+
+        real_print = cli.err.print
+        def print_after_a_sigterm(*a, **kw):
+            os.kill(os.getpid(), signal.SIGTERM)  # lands in the middle of the report
+            real_print(*a, **kw)
+
+        cli.err.print = print_after_a_sigterm
+        cli.parse_arguments = lambda argv=None: type("Args", (), {"func": staticmethod(fails)})()
+        cli.run()
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr.strip() == "error: another process of this run stopped", proc.stderr

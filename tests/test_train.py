@@ -23,7 +23,7 @@ import torch
 from train_fixtures.tiny import make_model_dir, state_of, write_config, write_corpus
 
 from midus_surgery.errors import RecipeError, TrainingError
-from midus_surgery.io.output_dir import MARKER, RUN_ENTRIES, not_written_in_run_dir
+from midus_surgery.io.output_dir import MARKER, RUN_ENTRIES, not_written_in_run_dir, release_marker
 from midus_surgery.model.midus_names import is_memory_parameter
 from midus_surgery.train.checkpoint import complete_checkpoints, load_checkpoint
 from midus_surgery.train.config import TrainConfig, _submodel, config_reference_markdown, load_train_config
@@ -322,6 +322,7 @@ def test_resume_switches_the_adamw_implementation_and_trains_the_same(world, tmp
     second = load_train_config(config(world, tmp_path, name="switched", tokens=16 * 4 * steps, **common))
     runner = Runner(second, echo=lambda _: None)
     runner.setup()
+    release_marker(runner.run_lock)  # train() releases the run directory at its end; a Runner set up by hand, here
     load_checkpoint(complete_checkpoints(tmp_path / "switched" / "checkpoints")[-1][1], runner.acc, runner.optimizer, runner.scheduler,
                     adamw_options=runner.adamw_options, data_identity=runner.data_identity)
     groups = runner.optimizer.param_groups

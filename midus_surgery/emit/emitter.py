@@ -249,11 +249,11 @@ def check_tied_copies(planned: PlannedRecipe, source) -> None:
     checkpoint holds both with different values: transformers loads that base untied, with its own
     head, while the output, tied as the config says, would drop it and compute another function.
     Refused before anything is written; a head saved equal to its source (as .bin checkpoints do) is fine."""
-    import torch
-
     for target, tied_to in planned.tied:
         if source.resolve(target) is None or source.resolve(tied_to) is None:
             continue
+        import torch  # only here: the header planner's path imports no torch
+
         if not torch.equal(source.get(target), source.get(tied_to)):
             raise BaseModelError(f"the base's config ties {target} to {tied_to} (tie_word_embeddings: true), but its checkpoint holds "
                                  f"both, with different values: transformers loads it untied, and an output that follows the config "

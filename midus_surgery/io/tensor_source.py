@@ -371,8 +371,9 @@ def _loaded_by_transformers(ref: BaseRef, prefixes: tuple[str, ...], what: str, 
         raise MidusError(f"cannot load the base {ref.directory / (ref.gguf_file or '')} with transformers ({what}): {exc}") from None
     missing = sorted(info.get("missing_keys", []))
     if missing:  # transformers initialised them at random: never copy those into an output
+        where = "in the GGUF file" if ref.is_gguf else "in its files, also as transformers' loader reads them"
         raise BaseModelError(f"the base checkpoint {ref.directory / (ref.gguf_file or '')} lacks {len(missing)} tensor(s) of the model, "
-                         f"e.g. {', '.join(missing[:3])} (read through transformers' loader: {what})")
+                             f"e.g. {', '.join(missing[:3])}: not {where}")
     return DictSource(model.state_dict(), prefixes, how=f"whole, through transformers' loader ({what})")
 
 
@@ -414,8 +415,7 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
             # transformers may convert this checkpoint on load (experts stored one per tensor, other names):
             # it is the authority, and the load is strict (_loaded_by_transformers)
             _check_fits_in_memory(sum(p.stat().st_size for p in ref.directory.glob("*.safetensors")), ref.directory)
-            how = (f"the safetensors files hold no {absent[0]} under that name, so transformers read them; it converts some "
-                   "checkpoints on load, e.g. experts stored one per tensor")
+            how = f"its safetensors files hold no {absent[0]} under that name; transformers converts some checkpoints on load"
             return _loaded_by_transformers(ref, prefixes, how, progress=progress, dtype="auto")
         return source
     bins = sorted(ref.directory.glob("*.bin"))

@@ -364,7 +364,8 @@ def load_checkpoint(path: Path, acc, optimizer, scheduler, *, adamw_options: dic
     if changed:
         raise fail(f"the data changed since it was written ({', '.join(f'{k}: {saved.get(k)} -> {data_identity.get(k)}' for k in changed)}); "
                    "resuming would replay or skip data: resume with the data it was written with, or start afresh (resume unset) in a run_dir of its own")
-    problem = layout_problem(path, fsdp) or dcp_checkpoint_problem(path)  # DCP's state: pickles torch itself reads unrestricted
+    # DCP's state holds pickles torch itself reads unrestricted: checked first, whatever the layout
+    problem = dcp_checkpoint_problem(path) or layout_problem(path, fsdp)
     if problem:
         raise fail(problem)
     try:
