@@ -319,3 +319,13 @@ def test_a_finished_run_resumed_with_another_step_size_trains_no_more(done, tmp_
     assert (result.steps, result.tokens) == (STEPS, 16 * 4 * STEPS)
     assert not [line for line in said if line.startswith("resuming at step")], said  # the step count did not change: nothing to say
     assert_same_weights(done, run)
+    (data_line,) = [line for line in said if line.startswith("data: ")]
+    assert f"budget 256 tokens = {STEPS} steps, {STEPS} taken (256 tokens) and 0 to go of 32 (2 x 1 accum x 1 proc x 16)" in data_line
+
+    # a budget below what the checkpoint trained: said, and nothing is trained
+    shutil.rmtree(run / "final")
+    cfg = write_config(tmp_path / "less.yaml", done["model"], run, root / "corpus", root / "cache", **{**EXTRA, "tokens": 128})
+    said = []
+    result = train(load_train_config(cfg), echo=said.append)
+    assert result.steps == STEPS
+    assert "the checkpoint has trained 256 tokens, past the budget of 128: no step is left to train" in "\n".join(said)

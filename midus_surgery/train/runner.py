@@ -543,8 +543,9 @@ class Runner:
             saved_budget = None
         if saved_budget != self.cfg.token_budget:
             causes.append(f"the budget is now {self.cfg.token_budget:,} tokens" + (f", not {saved_budget:,}" if saved_budget else ""))
-        if self.step and seen // self.step != self.tokens_per_step:
-            causes.append(f"a step is now {self.tokens_per_step:,} tokens, not {seen // self.step:,}: micro_batch_size x grad_accum x processes changed")
+        saved_step = _step_tokens(saved_config, state.get("world_size"))
+        if saved_step is not None and saved_step != self.tokens_per_step:
+            causes.append(f"a step is now {self.tokens_per_step:,} tokens, not {saved_step:,}: micro_batch_size x grad_accum x processes changed")
         why = "; ".join(causes)
         warmup_before = int(o.warmup) if o.warmup >= 1 else int(round(o.warmup * saved_total))
         before = lr_lambda(o, saved_total, warmup_before, o.schedule)(self.step) * o.lr
@@ -553,6 +554,14 @@ class Runner:
         return (f"resuming at step {self.step} with {seen:,} tokens trained and {left:,} left of the budget{f' ({why})' if why else ''}: "
                 f"the run now has {self.total_steps} optimiser steps, not {saved_total}; the {o.schedule} learning-rate schedule "
                 f"is laid over the new total, so step {self.step} runs at lr {after:.3g} where the checkpoint's run had {before:.3g}")
+
+    def spent_budget_note(self) -> str | None:
+        """A resume whose checkpoint has already trained the whole budget (or more): nothing to train."""
+        seen = self.samples_seen * self.cfg.data.block_size
+        if self.resume_from is None or self.step < self.total_steps or seen <= self.cfg.token_budget:
+            return None
+        return (f"the checkpoint has trained {seen:,} tokens, past the budget of {self.cfg.token_budget:,}: no step is left to train; "
+                "the run evaluates and exports it (raise tokens to train on)")
 
     # ---------------------------------------------------------------- checkpoint and export
     def save_checkpoint(self) -> Path:
@@ -649,10 +658,15 @@ class Runner:
         cfg, acc, d = self.cfg, self.acc, self.cfg.data
         where = f"resuming from {self.resume_from} (step {self.step})" if self.resume_from else "starting fresh"
         self.say(f"train: {self.init_from} -> {self.export_dir}; {where}")
+        size = f"{self.tokens_per_step:,} ({cfg.micro_batch_size} x {cfg.grad_accum} accum x {self.world} proc x {d.block_size})"
+        steps = (f"{self.total_steps} steps of {size}" if not self.resume_from else  # a resume: the steps taken may have had another size
+                 f"{self.total_steps} steps, {self.step} taken ({self.samples_seen * d.block_size:,} tokens) and {self.total_steps - self.step} to go of {size}")
         self.say(f"data: {len(self.train_blocks)} train blocks, {len(self.held_blocks) if self.held_blocks else 0} held-out blocks of {d.block_size} tokens "
-                 f"({len(self.train_blocks) * d.block_size / 1e6:.2f}M train tokens); budget {cfg.token_budget:,} tokens = {self.total_steps} steps of "
-                 f"{self.tokens_per_step:,} ({cfg.micro_batch_size} x {cfg.grad_accum} accum x {self.world} proc x {d.block_size}), "
+                 f"({len(self.train_blocks) * d.block_size / 1e6:.2f}M train tokens); budget {cfg.token_budget:,} tokens = {steps}, "
                  f"{cfg.token_budget / max(1, len(self.train_blocks) * d.block_size):.2f} epochs")
+        spent = self.spent_budget_note()
+        if spent:
+            self.say(spent)
         self.say(describe_groups(self.groups, cfg))
         mode = "single process" if self.world == 1 else f"{acc.distributed_type.name} ({acc.state.backend})"
         adamw = "fused" if self.adamw_options.get("fused") else {True: "foreach", False: "for-loop"}.get(self.adamw_options.get("foreach"), "torch's default")
@@ -737,6 +751,14 @@ def _enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def _step_tokens(config: dict, world_size) -> int | None:
+    """Tokens per optimiser step of a checkpoint's run, from its saved config and process count."""
+    try:
+        return int(config["micro_batch_size"]) * int(config["grad_accum"]) * int(world_size) * int(config["data"]["block_size"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _hms(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rest = divmod(seconds, 3600)
@@ -752,7 +774,8 @@ def train(loaded: LoadedTrainConfig, *, echo=print) -> TrainResult:
     except RuntimeError as exc:
         if not lost_a_process(exc):
             raise
-        raise TrainingError(f"another process of this run stopped ({one_line(exc, 160)}); every checkpoint written is whole: "
+        said = one_line(exc, 300).split(". ")[0]  # gloo's first sentence says what broke; the rest is advice
+        raise TrainingError(f"another process of this run stopped ({said}); every checkpoint written is whole: "
                             "launch the run again with resume: auto to continue from the newest") from None
     finally:
         release_marker(runner.run_lock)
