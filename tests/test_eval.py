@@ -81,7 +81,9 @@ def test_eval_json_writes_a_non_finite_perplexity_as_null(setup, capsys, tmp_pat
     result = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in eval --json: not JSON"))
     assert result["loss"] is None and result["perplexity"] is None and result["tokens"] > 0
     assert main(args) == 0
-    assert "perplexity nan (loss nan nats/token)" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "perplexity nan (loss nan nats/token)" in captured.out
+    assert "the loss is not a number: its weights hold NaN or inf, or its activations overflow in float32" in captured.err
 
 
 def test_eval_cli_json_and_errors(setup, capsys, tmp_path):

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -268,11 +269,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_pat
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
 
 
-def test_a_non_finite_held_out_loss_is_written_as_null(world, tmp_path):
-    """A model whose weights hold a NaN: the held-out loss at the start is NaN, then the first step stops
-    the run. metrics.jsonl says null for it: Python's default NaN is not JSON, and jq or a browser
-    refuse the whole file."""
+def test_a_model_with_non_finite_weights_is_refused_and_a_nan_is_written_as_null(world, tmp_path):
+    """A model whose weights hold a NaN: refused before any work, naming the tensor (it used to stop at
+    step 1 on a "non-finite loss" that hid the cause). And a non-finite number reaching metrics.jsonl
+    is written as null: Python's default NaN is not JSON, and jq or a browser refuse the whole file."""
     from safetensors.torch import load_file, save_file
+
+    from midus_surgery.train.runner import Runner
 
     model = tmp_path / "nan-model"
     shutil.copytree(world["plain"], model)
@@ -280,11 +283,16 @@ def test_a_non_finite_held_out_loss_is_written_as_null(world, tmp_path):
     weights["model.norm.weight"][0] = float("nan")
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     cfg = write_config(tmp_path / "run.yaml", model, tmp_path / "run", world["corpus"], world["cache"], tokens=16 * 4 * 2)
-    with pytest.raises(TrainingError, match="non-finite loss at step 1"):
+    with pytest.raises(RecipeError, match=r"init_from: .*nan-model's weights hold non-finite values \(NaN or inf\) in 1 tensor\(s\), e.g. model.norm.weight"):
         train(load_train_config(cfg))
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert not (tmp_path / "run").exists()
+
+    runner = Runner.__new__(Runner)  # record() alone: what the loop writes for each log line and evaluation
+    runner.acc, runner.run_dir, runner.tb = types.SimpleNamespace(is_main_process=True), tmp_path, None
+    runner.record({"step": 0, "tokens": 0, "eval_loss": float("nan"), "eval_ppl": float("inf")})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line, parse_constant=_not_json) for line in lines]
-    assert [r["eval_loss"] for r in records] == [None] and records[0]["eval_ppl"] is None, lines
+    assert records == [{"step": 0, "tokens": 0, "eval_loss": None, "eval_ppl": None}], lines
 
 
 def _not_json(name):

@@ -388,6 +388,11 @@ class Runner:
         model = load_causal_lm(self.init_from, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
                                progress=self.bars,
                                how_to_allow=ALLOW_CODE)
+        if self.resume_from is None:  # a resume's weights are the checkpoint's, checked by its first step
+            broken = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+            if broken:  # else the run stops at step 1 on a "non-finite loss" that hides the cause
+                raise RecipeError([loaded.problem(("init_from",), f"{self.init_from}'s weights hold non-finite values (NaN or inf) in "
+                                                  f"{len(broken)} tensor(s), e.g. {', '.join(broken[:3])}: training cannot start from them")])
         too_long = context_problem(model, cfg.data.block_size)
         if too_long:
             raise RecipeError([loaded.problem(("data", "block_size"), too_long)])
