@@ -66,8 +66,7 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         check_model_dir(Path(m), trust_remote_code=trust_remote_code)
     if len(models) > 1:  # and every model loads: the table comes at the end, so a later failure lost the earlier scores
         for m in models:
-            del_me = load_causal_lm(Path(m), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=False)
-            del del_me
+            load_causal_lm(Path(m), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=False)  # strict, or raises; dropped
     rows = []
     for m in models:
         start = time.perf_counter()
