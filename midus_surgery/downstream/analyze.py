@@ -168,10 +168,9 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
                  progress: bool = True, threads: int | None = None, fixed_retrieval: Path | None = None,
                  importance: bool = True) -> dict:
     """Analyse ``model_dir`` on ``data``; writes ``out`` (analysis.json and the PNGs) and returns the JSON."""
-    from tqdm.auto import tqdm
-
     from midus_surgery.compiler.plan import read_plan_file
     from midus_surgery.io.output_dir import atomic_directory, check_output_dir, input_root
+    from midus_surgery.io.progress import progress_bar
     from midus_surgery.train import data as D
     from midus_surgery.train.evaluate import (DTYPES, block_batches, check_model_dir, context_problem, eval_device, evaluate_batches,
                                               load_causal_lm, load_tokenizer, position_limit)
@@ -215,7 +214,7 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
         base_loss = loss()
     heads = {i: (memory[i].num_heads if memory else attention[i][1]) for i in chosen if importance}
     importance = {}
-    with tqdm(total=sum(heads.values()), desc="head importance", unit="head", disable=not (progress and heads), leave=False) as bar, torch.no_grad():
+    with progress_bar(sum(heads.values()), "head importance", enabled=progress and bool(heads), unit="head") as bar, torch.no_grad():
         for i in heads:
             row = []
             for h in range(heads[i]):

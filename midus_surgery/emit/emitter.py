@@ -23,6 +23,7 @@ from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.errors import BaseModelError, MidusError
 from midus_surgery.io.dtypes import ITEMSIZE, TAGS, torch_dtype
 from midus_surgery.io.output_dir import atomic_directory, check_output_dir
+from midus_surgery.io.progress import progress_bar
 from midus_surgery.io.shard_writer import ShardItem, write_shard
 from midus_surgery.io.tensor_source import check_matches_config, inside_base, open_base_tensors
 from midus_surgery.model import copy_modeling_files
@@ -300,13 +301,7 @@ def _write_weights(planned: PlannedRecipe, source, tmp: Path, progress: bool) ->
     init = MemoryInit(planned, dtype) if any(t.source is None for t in plan.tensors) else None
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))] if len(shards) > 1 else ["model.safetensors"]
     weight_map: dict[str, str] = {}
-    bar = None
-    if progress:
-        # tqdm.std, not tqdm.auto: the auto variant imports asyncio (~25 ms), a sixth of a
-        # small model's whole apply, and apply is a command-line job, not a notebook widget.
-        from tqdm.std import tqdm
-
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="apply")
+    bar = progress_bar(total_bytes, "apply", leave=True, unit="B", unit_scale=True, unit_divisor=1024) if progress else None
     try:
         shard_items = [[_shard_item(entry, source, init, dtype) for entry in shard] for shard in shards]
         workers = min(COPY_WORKERS, os.cpu_count() or 1, len(shards))

@@ -16,6 +16,9 @@ def hf_progress_bars(enabled: bool):
     """transformers' own bars ("Loading weights") on or off for a block, as they were after it."""
     from transformers.utils import logging as hf_logging
 
+    from midus_surgery.io.progress import on_terminal
+
+    enabled = enabled and on_terminal()  # a bar redrawn in a log file is a line of \r frames
     was = hf_logging.is_progress_bar_enabled()
     (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
     try:
@@ -30,6 +33,9 @@ def transformers_quiet(progress: bool = True):
     bar it draws too, its bare tqdm ones included (they write to ``sys.stderr``)."""
     from transformers.utils import logging as hf_logging
 
+    from midus_surgery.io.progress import on_terminal
+
+    progress = progress and on_terminal()  # the GGUF reader's bare bar, redrawn in a log file: \r frames
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:

@@ -126,7 +126,7 @@ class LogConfig(Strict):
     """What the run reports, and where (all files go to `run_dir`)."""
 
     every: PosInt = Field(10, le=MAX_STEPS, description="Write one line (loss, lr, tokens/s, ETA) and a metrics record every N optimiser steps.")
-    progress: StrictBool = Field(True, description="Show tqdm progress bars (tokenising, loading, training) when the console is a terminal; in a log file (stderr not a terminal) they are left out, and the log lines carry the step, tokens/s and ETA. Off: the log lines only.")
+    progress: StrictBool = Field(True, description="Show tqdm progress bars (tokenising, loading, training) when the console is a terminal; in a log file (stderr not a terminal) the training bar is left out (the log lines carry the step, tokens/s and ETA) and tokenising writes a plain line every 30 s. Off: the log lines only.")
     tensorboard: StrictBool = Field(True, description="Write TensorBoard event files to `run_dir`/tensorboard.")
     plot: StrictBool = Field(True, description="Write `run_dir`/loss.png (train and held-out loss) at the end.")
     data_trace: StrictBool = Field(False, description="Debugging: each process appends the block indices it trains on, and a checksum of its weights at the end, to `run_dir`/trace/rank<N>.jsonl.")

@@ -210,7 +210,7 @@ def open_stream(path: Path, fingerprint: str | None = None, vocab_size: int | No
 
 
 def _tokenize_to(files: list[Path], tokenizer, text_field: str, dest: Path, progress: bool, desc: str) -> dict:
-    from tqdm.auto import tqdm
+    from midus_surgery.io.progress import progress_bar
 
     eos = eos_id(tokenizer)
     vocab = len(tokenizer)
@@ -221,8 +221,8 @@ def _tokenize_to(files: list[Path], tokenizer, text_field: str, dest: Path, prog
     batch: list[str] = []
     batch_chars = 0
 
-    with open(dest / "tokens.bin", "wb") as out, tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                                                         desc=desc, disable=not progress, leave=False) as bar:
+    with open(dest / "tokens.bin", "wb") as out, progress_bar(total_bytes, desc, enabled=progress, unit="B", unit_scale=True,
+                                                                 unit_divisor=1024) as bar:
         def flush() -> None:
             nonlocal n_tokens, n_docs, max_token, batch, batch_chars
             if not batch:

@@ -294,8 +294,7 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None,
              trust_remote_code: bool = False, progress: bool = True, threads: int | None = None, device: str = "auto") -> dict:
     """``midus-surgery eval``: perplexity of ``model_dir`` on ``data``, on ``device`` (auto: CUDA when there is one).
     block_size: tokens per block or window; None: 512, or the model's positions when it has fewer."""
-    from tqdm.auto import tqdm
-
+    from midus_surgery.io.progress import progress_bar
     from midus_surgery.train import data as D
 
     if threads:
@@ -328,7 +327,7 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None,
     else:
         blocks, _ = D.split(stream, None, block_size, 0.0, what="eval data")
         batches, total = block_batches(blocks, batch_size, max_blocks=max_blocks), min(len(blocks), max_blocks or len(blocks))
-    with tqdm(total=total, desc="eval", unit="seq", disable=not progress, leave=False) as bar:
+    with progress_bar(total, "eval", enabled=progress, unit="seq") as bar:
         result = evaluate_batches(model, batches, device=run_on, progress=bar)
     return {"model": str(model_dir), "mode": "documents" if per_document else "blocks", "block_size": block_size,
             "dtype": dtype, "device": str(run_on), **result.to_json(), "corpus_tokens": len(stream), "corpus_files": len(stream.meta.get("files", [])), "token_cache": str(stream.path)}

@@ -359,8 +359,9 @@ class Runner:
         cfg, loaded, d = self.cfg, self.loaded, self.cfg.data
         self.tokenizer = load_tokenizer(self.init_from, cfg.trust_remote_code)
         cache = loaded.resolve(d.cache_dir) if d.cache_dir else D.default_cache_dir()
+        # tokenising has no log line of its own: its bar, which in a log file is a line every 30 s
         common = dict(dir_glob=d.dir_glob, text_field=d.text_field, cache_dir=cache,
-                      progress=self.bars, tokenizer_source=str(self.init_from))
+                      progress=cfg.log.progress and self.acc.is_main_process, tokenizer_source=str(self.init_from))
         with self.acc.main_process_first():
             train_stream = D.prepare_corpus(d.train, loaded.directory, self.tokenizer, what="data.train", **common)
             held_stream = D.prepare_corpus(d.held_out, loaded.directory, self.tokenizer, what="data.held_out", **common) if d.held_out else None
