@@ -71,6 +71,7 @@ def cmd_validate(args) -> int:
     for path in args.recipes:
         try:
             planned = check_planned(plan_recipe(path))
+            _check_output_location(planned.loaded)
         except MidusError as exc:
             failed += 1
             err.print(f"[bold red]INVALID[/] {path}", markup=True)
@@ -84,7 +85,24 @@ def cmd_validate(args) -> int:
         pickled = _pickle_only_base(planned.loaded)
         if pickled:
             out.print(f"  note: {pickled}", markup=False)
+        if "memory" in planned.loaded.recipe.model_fields_set and not kinds["memory"]:
+            out.print("  note: the recipe sets memory:, but no block is a memory block; it is not used", markup=False)
     return 2 if failed else 0
+
+
+def _check_output_location(loaded) -> None:
+    """``output.dir`` held to apply's rule (as with --overwrite, which replaces only an earlier apply
+    output), as a located problem: validate's OK means apply will not refuse the place."""
+    from midus_surgery.compiler.base import resolve_base
+    from midus_surgery.emit.emitter import check_apply_output
+    from midus_surgery.io.output_dir import OutputError
+
+    try:
+        check_apply_output(loaded, resolve_base(loaded), None, overwrite=True, probe=False)
+    except OutputError as exc:
+        raise RecipeError([loaded.problem(("output", "dir"), str(exc))]) from None
+    except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop: the path cannot be looked at
+        raise RecipeError([loaded.problem(("output", "dir"), f"cannot use this path: {getattr(exc, 'strerror', None) or exc}")]) from None
 
 
 def cmd_plan(args) -> int:
@@ -463,6 +481,11 @@ def _dispatch(args) -> int:
             raise
         # a path the system will not make or open (/proc/x: FileNotFoundError on mkdir): one line too
         err.print(f"error: cannot make or open {exc.filename}: {exc.strerror}", markup=False)
+        return 2
+    except RuntimeError as exc:
+        if not str(exc).startswith("Symlink loop from"):  # pathlib's resolve() on a path that links to itself
+            raise
+        err.print(f"error: {exc}: a path given (or reached through a link) points back at itself", markup=False)
         return 2
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, Terminated)

@@ -100,6 +100,23 @@ def test_llama_pro_outputs_are_analysed_by_their_inserted_attention_heads(world,
     assert any(d != 0.0 for row in trained["head_importance"].values() for d in row)
 
 
+def test_dus_outputs_planned_from_the_headers_are_analysed_too(world, capsys):
+    """A copy-only apply plans from the safetensors headers and records no anatomy: the output's own
+    layers are traced (it was refused as having 'no inserted block')."""
+    from midus_surgery.compiler.planner import plan_for_apply
+    from midus_surgery.emit.emitter import emit
+    from midus_surgery.recipe.schema import load_recipe
+
+    recipe = world["root"] / "dus.yaml"
+    recipe.write_text(f"base:\n  path: {world['base']}\nlayout:\n  interleave:\n    after_every: 2\n    kind: copy\noutput:\n  dir: dus-out\n")
+    planned, why_full = plan_for_apply(load_recipe(recipe))
+    assert why_full is None  # the header planner's plan, without anatomy
+    world["dus"] = emit(planned, progress=False).out_dir
+    result = analyze(world, "dus", "dus-analysis", capsys)
+    assert result["what"] == "attention heads of the inserted blocks" and list(result["head_importance"]) == ["2", "5"]
+    assert any(d != 0.0 for row in result["head_importance"].values() for d in row)  # a copy is not zeroed: its heads matter
+
+
 def test_errors_are_one_line(world, capsys):
     corpus = str(world["root"] / "corpus")
     assert main(["analyze", str(world["base"]), "--data", corpus, "--out", str(world["root"] / "base-an")]) == 2

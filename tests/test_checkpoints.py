@@ -288,6 +288,32 @@ def test_a_resume_under_another_token_budget_says_how_the_schedule_moves(done, t
     assert f"step 2 runs at lr {after:.3g} where the checkpoint's run had {before:.3g}" in note
 
 
+def test_a_resume_trains_with_the_optimiser_settings_its_config_states(done, tmp_path):
+    """The checkpoint's optimiser and scheduler state hold the lr and weight decay they were written
+    with; the run's config (what the start table prints and midus_train.json records) decides, said in
+    a line. Settings that regroup the parameters (freeze) cannot change: one line, not torch's error."""
+    run, _ = copy_run(done, tmp_path)
+    shutil.rmtree(ckpt(run, 4))  # resume from step 2
+    root = done["root"]
+    same = load_train_config(write_config(tmp_path / "same.yaml", done["model"], run, root / "corpus", root / "cache", **EXTRA)).config
+    peak, wd = same.optim.lr, same.optim.weight_decay
+    cfg = write_config(tmp_path / "changed.yaml", done["model"], run, root / "corpus", root / "cache",
+                       **{**EXTRA, "optim.lr": 2 * peak, "optim.weight_decay": 0.05, "log.every": 1})
+    said = []
+    train(load_train_config(cfg), echo=said.append)
+    assert any(line.startswith(f"resuming with optim.lr {peak} -> {2 * peak}, optim.weight_decay {wd} -> 0.05 (changed since the "
+                               "checkpoint): the new values apply from step 3") for line in said), said
+    before = {r["step"]: r["lr"] for r in map(json.loads, (done["run"] / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    after = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    assert after[STEPS] == pytest.approx(2 * before[STEPS], rel=1e-6)
+    assert not torch.equal(state_of(run / "final")["model.layers.0.mlp.up_proj.weight"], done["final"]["model.layers.0.mlp.up_proj.weight"])
+
+    run, _ = copy_run(done, tmp_path / "again")
+    cfg = write_config(tmp_path / "frozen.yaml", done["model"], run, root / "corpus", root / "cache", **{**EXTRA, "freeze": "base"})
+    with pytest.raises(TrainingError, match=r"freeze: none -> base since it was written, so its optimiser state is for other parameters"):
+        train(load_train_config(cfg))
+
+
 @pytest.mark.parametrize("budget", [16 * 4 * STEPS, 16 * 4 * 2 * STEPS])
 def test_the_budget_holds_in_tokens_when_a_resume_changes_the_step_size(done, tmp_path, budget):
     """A resume with half the micro-batch (or, alike, other processes) trains the tokens left and

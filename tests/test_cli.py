@@ -122,6 +122,81 @@ def test_a_base_folder_of_gguf_files_says_which_key_names_one(tmp_path, capsys):
             f"give the file, base.path: {tmp_path / 'nowhere' / 'model-q8.gguf'}, or set base.gguf_file: model-q8.gguf") in out
 
 
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    from train_fixtures.tiny import make_model_dir
+
+    return make_model_dir(tmp_path_factory.mktemp("tiny") / "base", with_plan=False)
+
+
+def validate_lines(tmp_path: Path, capsys, base: Path, body: str, name: str = "r.yaml") -> tuple[int, str]:
+    recipe = tmp_path / name
+    recipe.write_text(f"base:\n  path: {base}\n{body}")
+    code = main(["validate", str(recipe)])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+MEM = "memory: {n_subkeys: 4, topk: 2, latent_dim: 8}\n"
+
+
+def test_validate_says_where_a_block_replaces_its_original(tiny_base, tmp_path, capsys):
+    """A memory block in place of base layer 0: the base layer is missing, not 'index-dependent code'."""
+    body = "layout: {layers: [{source: 0, kind: memory}, {source: 1}, {source: 2}, {source: 3}]}\n" + MEM + "output: {dir: out}\n"
+    code, text = validate_lines(tmp_path, capsys, tiny_base, body)
+    assert code == 2 and "base layer 0 is not in the output: its only use is the inserted memory block at output layer 0" in text, text
+    assert "depends on its index" not in text
+    code, text = validate_lines(tmp_path, capsys, tiny_base, body + "accept_function_change: true\n")
+    assert code == 0, text
+
+
+def test_validate_says_a_bank_too_large_to_build_is_too_large(tiny_base, tmp_path, capsys, monkeypatch):
+    """A bank at the schema's bound (2^40 values) cannot be allocated: not 'set accept_function_change'.
+    The allocator's refusal is raised here as torch words it: on a host that overcommits memory the
+    real 4 TiB allocation would succeed and its first write would wake the OOM killer."""
+    from midus_surgery.emit import replica
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 4398046511104 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(replica, "_run_replica", refuse)
+    body = "layout: {interleave: {after: [1], kind: memory}}\nmemory: {n_subkeys: 8192, topk: 32, latent_dim: 16384}\noutput: {dir: out}\n"
+    code, text = validate_lines(tmp_path, capsys, tiny_base, body)
+    assert code == 2 and "r.yaml:4:1: memory: building the recipe on a tiny replica of the base ran out of memory" in text, text
+    assert "1,099,511,627,776 values" in text and "accept_function_change" not in text
+
+
+@pytest.mark.parametrize("out_dir, message", [
+    ("''", "output.dir: should be a path, got an empty text"),
+    (".", "contains the recipe"),
+    ("BASE/sub", "is inside the base model"),
+])
+def test_validate_refuses_an_output_apply_would_refuse(tiny_base, tmp_path, capsys, out_dir, message):
+    body = "layout: {interleave: {after: [1], kind: copy}}\noutput:\n  dir: " + out_dir.replace("BASE", str(tiny_base)) + "\n"
+    code, text = validate_lines(tmp_path, capsys, tiny_base, body)
+    assert code == 2 and "r.yaml:5:" in text and "output.dir: " in text and message in text, text
+    assert not (tiny_base / "sub").exists()  # validate writes nothing, not even apply's probe folder
+
+
+def test_validate_refuses_a_midus_output_or_a_weights_file_as_the_base(tiny_base, tmp_path, capsys):
+    midus = tmp_path / "midus-out"
+    midus.mkdir()
+    (midus / "config.json").write_text('{"model_type": "midus", "num_hidden_layers": 4, "auto_map": {}}')
+    body = "layout: {interleave: {after: [1], kind: copy}}\noutput: {dir: out}\n"
+    code, text = validate_lines(tmp_path, capsys, midus, body)
+    assert code == 2 and "is a MIDUS output (model_type 'midus'); up-scaling one again is not supported" in text, text
+    code, text = validate_lines(tmp_path, capsys, tiny_base / "model.safetensors", body)
+    assert code == 2 and "model.safetensors is a file: give the model's directory" in text, text
+
+
+def test_validate_notes_a_memory_section_no_block_uses(tiny_base, tmp_path, capsys):
+    code, text = validate_lines(tmp_path, capsys, tiny_base, "layout: {interleave: {after: [1], kind: copy}}\n" + MEM + "output: {dir: out}\n")
+    assert code == 0 and "note: the recipe sets memory:, but no block is a memory block; it is not used" in text, text
+    code, text = validate_lines(tmp_path, capsys, tiny_base, "layout: {interleave: {after: [1], kind: memory}}\n" + MEM + "output: {dir: out}\n")
+    assert code == 0 and "note:" not in text, text
+
+
 @pytest.mark.parametrize("argv", [["validate"], ["frobnicate"]])
 def test_usage_errors(argv):
     result = run(*argv)

@@ -74,6 +74,21 @@ def test_explicit_layers_default_kinds():
     assert [k for _, _, k in layer_map(plan)] == ["base", "base", "copy", "base", "base", "memory"]
 
 
+def test_explicit_layers_an_inserted_block_listed_before_its_original():
+    """The plain use is the original wherever it stands: labelled `copy`, the real base layer was
+    trained under freeze: base and verify skipped its identity checks."""
+    layers = [{"source": 0}, {"source": 3, "kind": "identity"}, {"source": 1}, {"source": 2}, {"source": 3}, {"source": 3, "kind": "memory"}]
+    plan = plan_for(tiny_config("llama"), {"layers": layers}, memory=MEMORY)
+    assert layer_map(plan) == [(0, 0, "base"), (1, 3, "identity"), (2, 1, "base"), (3, 2, "base"), (4, 3, "base"), (5, 3, "memory")]
+    # an explicit `kind: base` names the original, whichever entry it is; a second one is a problem
+    layers = [{"source": 0, "kind": "memory"}, {"source": 0, "kind": "base"}, {"source": 1}, {"source": 1}, {"source": 1, "kind": "base"},
+              {"source": 2}, {"source": 3}]
+    plan = plan_for(tiny_config("llama"), {"layers": layers}, memory=MEMORY)
+    assert [k for _, _, k in layer_map(plan)] == ["memory", "base", "copy", "copy", "base", "base", "base"]
+    (p,) = problems_of(tiny_config("llama"), {"layers": [{"source": 0, "kind": "base"}, {"source": 0, "kind": "base"}, *layers[2:]]})
+    assert p.field == "layout.layers.1.kind" and "already used as `base` (layout.layers[0])" in p.message
+
+
 # ----------------------------------------------------------------------------------------------
 # semantic problems, located
 
@@ -123,6 +138,9 @@ def test_layout_that_inserts_nothing_is_refused_saying_what_it_does():
     assert p.message.startswith("the layout inserts no layer: it only reorders the base's layers; an up-scaling inserts")
     (p,) = problems_of(tiny_config("llama"), {"layers": [{"source": 0}, {"source": 3}, {"source": 2}]})
     assert p.message.startswith("the layout inserts no layer: it only reorders the base's layers and drops base layer 1;")
+    # a plain copy standing in for its own original is that layer: still the base model
+    (p,) = problems_of(tiny_config("llama"), {"layers": [{"source": 0}, {"source": 1, "kind": "copy"}, {"source": 2}, {"source": 3}]})
+    assert "a plain copy in place of base layer 1 is that same layer; the output would be the base model" in p.message
 
 
 # ----------------------------------------------------------------------------------------------

@@ -179,6 +179,9 @@ def _config_from_dict(data: dict, where: str, trust_remote_code: bool):
     model_type = data.get("model_type")
     if not model_type:
         raise ValueError(f"{where} has no model_type")
+    if model_type == "midus":  # its blocks are not the base architecture's: no anatomy, no replica
+        raise ValueError(f"{where} is a MIDUS output (model_type 'midus'); up-scaling one again is not supported: apply one recipe "
+                         "with every block you want to the original base")
     if "auto_map" in data and not trust_remote_code:
         # Custom code would be needed to build this architecture; never run it unasked.
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -275,4 +278,7 @@ def load_base_config(loaded: LoadedRecipe):
     if ggufs:  # a folder of GGUF files: which one is the user's to say
         raise RecipeError([loaded.problem(("base", "path"), f"{ref.directory} has no config.json but holds GGUF weights ({', '.join(ggufs[:4])}): "
                                                             f"give the file, base.path: {ref.directory / ggufs[0]}, or set base.gguf_file: {ggufs[0]}")])
+    if ref.gguf_file is None and ref.directory.is_file():
+        raise RecipeError([loaded.problem(("base", "path"), f"{ref.directory} is a file: give the model's directory (config.json beside "
+                                                            "the weights), or a .gguf file")])
     raise RecipeError([loaded.problem(("base", "path"), f"base model not found: {wanted} (give base.config, a config.json, to validate and plan without the weights)")])

@@ -129,6 +129,11 @@ def _plan(loaded: LoadedRecipe) -> PlannedRecipe:
         raise NotCovered("config.json is not a JSON object")
     if recipe.base.config is not None:
         check_stated_config(loaded, config, ref.directory / "config.json")
+    L = config.get("num_hidden_layers")
+    if isinstance(L, int) and not isinstance(L, bool) and L >= 1:  # the deepest reason first: it holds for every model type
+        layers, problems = expand_layout(loaded, L)
+        if not problems and any(layer.kind not in ("base", COPY) for layer in layers):
+            raise NotCovered("identity and memory blocks need the block anatomy")
     arch = ARCHS.get(config.get("model_type"))
     if arch is None or "auto_map" in config:
         raise NotCovered(f"model type {config.get('model_type')!r} is not one the header planner covers" if arch is None else "config.json has an auto_map")

@@ -78,15 +78,23 @@ def expand_layout(loaded: LoadedRecipe, num_base_layers: int) -> tuple[list[Laye
         if ok:
             pairs += [(i, layout.stack.kind) for i in range(start, end)]
     else:
-        used: set[int] = set()
+        # a source's original is its `kind: base` entry, else its first entry without a kind (an
+        # identity or memory block listed before the plain use is still the inserted one)
+        original: dict[int, int] = {}  # source -> entry index
+        for e, entry in enumerate(layout.layers):
+            if entry.kind == "base" and 0 <= entry.source < L:
+                if entry.source in original:
+                    problems.append(loaded.problem(("layout", "layers", e, "kind"), f"base layer {entry.source} is already used as `base` "
+                                                   f"(layout.layers[{original[entry.source]}]); another use is a copy (copy, identity or memory)"))
+                else:
+                    original[entry.source] = e
+        for e, entry in enumerate(layout.layers):
+            if entry.kind is None and 0 <= entry.source < L:
+                original.setdefault(entry.source, e)
         for e, entry in enumerate(layout.layers):
             if not check_range(("layout", "layers", e, "source"), entry.source):
                 continue
-            kind = entry.kind or (COPY if entry.source in used else "base")
-            if kind == "base" and entry.source in used:
-                problems.append(loaded.problem(("layout", "layers", e, "kind"), f"base layer {entry.source} is already used as `base`; a second use is a copy (copy, identity or memory)"))
-            used.add(entry.source)
-            pairs.append((entry.source, kind))
+            pairs.append((entry.source, "base" if original.get(entry.source) == e else entry.kind or COPY))
 
     if len(pairs) > MAX_OUTPUT_LAYERS:
         problems.append(loaded.problem(("layout",), f"the layout makes {len(pairs)} output layers; at most {MAX_OUTPUT_LAYERS} are supported"))
@@ -96,8 +104,13 @@ def expand_layout(loaded: LoadedRecipe, num_base_layers: int) -> tuple[list[Laye
         for prev, cur in zip(layers, layers[1:]):
             if prev.kind == "memory" and cur.kind == "memory":
                 problems.append(loaded.problem(("layout",), f"output layers {prev.index} and {cur.index} are two memory blocks back to back; MIDUS never does this (set allow_adjacent_memory: true to do it anyway)"))
-    if layers and not any(layer.inserted for layer in layers) and not problems:
+    if layers and not problems and not any(layer.inserted for layer in layers):
         problems.append(loaded.problem(("layout",), _inserts_nothing([layer.source for layer in layers], L)))
+    elif layers and not problems and [layer.source for layer in layers] == list(range(L)) and {layer.kind for layer in layers} <= {"base", COPY}:
+        copied = [layer.source for layer in layers if layer.inserted]
+        problems.append(loaded.problem(("layout",), f"the layout inserts no layer: it lists each base layer once, in order, and a plain copy in "
+                                                    f"place of base layer{'s' if len(copied) > 1 else ''} {', '.join(map(str, copied))} is that "
+                                                    "same layer; the output would be the base model"))
     return layers, problems
 
 

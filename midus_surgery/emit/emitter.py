@@ -271,14 +271,16 @@ def check_planned(planned: PlannedRecipe) -> PlannedRecipe:
     return check_function_preserving(planned, emit)
 
 
-def check_apply_output(loaded: LoadedRecipe, ref: BaseRef, out_dir: Path | None, overwrite: bool) -> Path:
-    """The resolved output directory, checked against the output-safety rule (output_dir.py) before any work."""
+def check_apply_output(loaded: LoadedRecipe, ref: BaseRef, out_dir: Path | None, overwrite: bool, probe: bool = True) -> Path:
+    """The resolved output directory, checked against the output-safety rule (output_dir.py) before any work.
+    probe=False: without the probe folder, for ``validate``, which writes nothing."""
     out = Path(out_dir) if out_dir is not None else loaded.resolve(loaded.recipe.output.dir)
     base = ref.directory / ref.gguf_file if ref.is_gguf else ref.directory  # a GGUF's neighbours are not the base
     inputs = [("the base model", base), ("the recipe", Path(loaded.source.file))]
     if loaded.recipe.base.config is not None:
         inputs.append(("the base config", loaded.resolve(loaded.recipe.base.config)))
-    return check_output_dir(out, kind="apply", inputs=inputs, folders=[("the recipe's folder", loaded.directory)], overwrite=overwrite)
+    return check_output_dir(out, kind="apply", inputs=inputs, folders=[("the recipe's folder", loaded.directory)], overwrite=overwrite,
+                            probe=probe)
 
 
 def _note(line: str) -> None:

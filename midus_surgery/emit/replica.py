@@ -47,11 +47,31 @@ def check_function_preserving(planned: PlannedRecipe, emit) -> PlannedRecipe:
     emit: the emitter's ``emit`` (passed in: the emitter calls this before it writes anything)."""
     if planned.plan.function_preserving is not None or not promises_identity(planned):
         return planned
-    why = replica_difference(planned, emit)
+    why = skeleton_change(planned) or replica_difference(planned, emit)
     if why is not None and not planned.loaded.recipe.accept_function_change:
         raise RecipeError([planned.loaded.problem(("layout",), f"{why}. To write it anyway, set accept_function_change: true "
                                                                f"(verify then compares perplexity instead of requiring equal logits)")])
     return dataclasses.replace(planned, plan=dataclasses.replace(planned.plan, function_preserving=why is None))
+
+
+def skeleton_change(planned: PlannedRecipe) -> str | None:
+    """Why the layout cannot keep the base's function whatever the blocks compute: the base's own
+    layers are not all in the output, once each and in order (a block put in place of one); None
+    when they are."""
+    plan = planned.plan
+    kept = [layer.source for layer in plan.layers if not layer.inserted]
+    if kept == list(range(plan.base_num_layers)):
+        return None
+    missing = sorted(set(range(plan.base_num_layers)) - set(kept))
+    if missing:
+        first = missing[0]
+        uses = [f"the inserted {layer.kind} block at output layer {layer.index}" for layer in plan.layers if layer.source == first]
+        how = f"its only use is {' and '.join(uses)}" if uses else "the layout leaves it out"
+        more = f" (and base layer{'s' if len(missing) > 2 else ''} {', '.join(map(str, missing[1:8]))})" if len(missing) > 1 else ""
+        return (f"base layer {first}{more} is not in the output: {how}, so the up-scaled model cannot start as the base's function; "
+                f"an identity or memory block goes beside its source's original, which the layout keeps as `base`")
+    return ("the base's own layers are not in their order in the output, so the up-scaled model cannot start as the base's "
+            "function; identity and memory blocks are inserted between the base layers, which keep their order")
 
 
 def replica_difference(planned: PlannedRecipe, emit) -> str | None:
@@ -96,9 +116,26 @@ def _difference(planned: PlannedRecipe, emit) -> str | None:
                 except RecipeError as exc:
                     return f"the recipe applied to a tiny replica of the base is refused: {str(exc).strip().splitlines()[0]}"
                 except Exception as exc:  # noqa: BLE001 - what would break the real output: a refusal, not a traceback
+                    if _out_of_memory(exc):  # no accept_function_change can help: say what is too large
+                        raise _too_large(planned, exc) from None
                     return f"the recipe applied to a tiny replica of the base fails ({one_line(exc, 200)}), so the output would not load or run"
     finally:
         torch.set_num_threads(threads)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(exc)
+
+
+def _too_large(planned: PlannedRecipe, exc: BaseException) -> RecipeError:
+    memory = planned.loaded.recipe.memory
+    values = memory.n_subkeys ** 2 * memory.latent_dim
+    return RecipeError([planned.loaded.problem(("memory",), (
+        f"building the recipe on a tiny replica of the base ran out of memory ({type(exc).__name__}): n_subkeys {memory.n_subkeys}^2 x "
+        f"latent_dim {memory.latent_dim} make a latent bank of {values:,} values ({values * 4 / 2**30:,.1f} GiB in float32) per memory "
+        "block, which this machine cannot hold, nor load the output; choose a smaller n_subkeys or latent_dim"))])
 
 
 def _run_replica(planned: PlannedRecipe, tmp: Path, emit) -> str | None:

@@ -151,7 +151,7 @@ def input_root(path: str | os.PathLike) -> Path:
 def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tuple[str, str | os.PathLike]] = (),
                      folders: Iterable[tuple[str, str | os.PathLike]] = (), overwrite: bool = False,
                      reuse: bool = False, writes_into: bool = False, owner: str | None = None,
-                     flag: str | None = "--overwrite") -> Path:
+                     flag: str | None = "--overwrite", probe: bool = True) -> Path:
     """Check ``out`` against the rule above before any work; return it resolved.
 
     inputs: (what, path) pairs ``out`` must not be, contain or lie inside.
@@ -162,6 +162,8 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
     wrote (an apply output, a training run, a fetched model) is never replaced. writes_into: the
     caller adds to the directory instead of replacing it (a run directory, a workspace), so what
     else it holds is kept. flag: the option that says ``overwrite`` (None: the command has none).
+    probe: make and remove a folder where the output goes (a read-only disk, a file in the way);
+    off for a check that may not write anything (``validate``).
     Raises OutputError, whose message says what was found and what to do.
     """
     given = Path(out)
@@ -183,7 +185,8 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
     if above is not None:
         raise OutputError(f"output {resolved} lies inside {above[0]}, written whole by {_written_by(above[1])}, which a later run "
                           "replaces with everything in it; choose a directory outside it")
-    _check_can_write(resolved, into=writes_into)
+    if probe:
+        _check_can_write(resolved, into=writes_into)
     if not resolved.exists():
         return resolved
     if not resolved.is_dir():

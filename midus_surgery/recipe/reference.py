@@ -96,7 +96,7 @@ def render_reference(example_text: str) -> str:
         "",
         "| kind | what the output layer is |",
         "| --- | --- |",
-        "| `base` | the original base layer (its first use in the layout) |",
+        "| `base` | the original base layer (its first use in the layout; in `layers:`, its `kind: base` entry or its first entry without a kind) |",
         "| `copy` | an exact copy of the source layer (plain DUS); `transformer` is the same (the name older recipes use) |",
         "| `identity` | a copy with the attention output projection and FFN down projection zeroed, so the block is the identity at start (LLaMA-Pro); in a mixture of experts, every `down_proj` under the FFN (docs/apply.md) |",
         "| `memory` | a MIDUS Memory block: the source layer's norm and q/k/v attention, no output projection, the FFN replaced by the Head-wise Memory Layer (HML with HIVE values) |",

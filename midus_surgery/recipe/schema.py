@@ -49,7 +49,7 @@ class Strict(BaseModel):
 class BaseModelSpec(Strict):
     """The pre-trained model to up-scale."""
 
-    path: str = Field(description="A local Hugging Face model directory (config.json + safetensors) or a .gguf file. Relative paths are resolved against the recipe's directory.")
+    path: str = Field(min_length=1, description="A local Hugging Face model directory (config.json + safetensors) or a .gguf file. Relative paths are resolved against the recipe's directory.")
     config: str | None = Field(None, description="A config.json to plan from when `path` is not present (lets `validate`/`plan` run on a machine without the weights). Defaults to `path`/config.json, or the GGUF's own metadata.")
     gguf_file: str | None = Field(None, description="The GGUF file's name inside `path` when `path` is a directory holding one.")
     trust_remote_code: StrictBool = Field(False, description="Allow the base model's own modeling code (Hub `auto_map`). Off by default.")
@@ -106,7 +106,7 @@ class LayerEntry(Strict):
     """One output layer of an explicit layout."""
 
     source: NonNegInt = Field(description="The base layer this output layer is made from.")
-    kind: LayerKind | None = Field(None, description="`base` (the original layer), or the kind of a copy. Default: `base` for the first use of a source layer, `copy` after.")
+    kind: LayerKind | None = Field(None, description="`base` (the original layer), or the kind of a copy. Default: `base` for the first entry of a source layer without a kind (unless another of its entries says `kind: base`), `copy` for the others; an identity or memory entry listed before its source's original is still the inserted copy.")
 
 
 class Layout(Strict):
@@ -190,7 +190,7 @@ def _short(value, limit: int = 40) -> str:
 class OutputSpec(Strict):
     """Where and how the up-scaled model is written."""
 
-    dir: str = Field(description="Output directory (relative to the recipe's directory). Written atomically. It may not be, contain or lie inside an input; an existing output of midus-surgery is replaced only with --overwrite, and a directory the tool did not write never (docs/reliability.md).")
+    dir: str = Field(min_length=1, description="Output directory (relative to the recipe's directory). Written atomically. It may not be, contain or lie inside an input; an existing output of midus-surgery is replaced only with --overwrite, and a directory the tool did not write never (docs/reliability.md).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of the written weights. `auto`: the base's dtype.")
     shard_size: StrictInt | str = Field("2GB", description="Largest output shard, e.g. 2GB, 500MB, 1GiB, or bytes.")
 
@@ -288,6 +288,8 @@ def _say(item: dict, loc: tuple) -> tuple[str, str | None]:
         return f"should be {_BOUNDS[kind][1]} {ctx[_BOUNDS[kind][0]]}, got {got}", None
     if kind == "literal_error":
         return f"should be one of {ctx.get('expected')}, got {got}", None
+    if kind == "string_too_short":
+        return "should be a path, got an empty text", None
     if kind == "too_short":
         return f"should have at least {ctx.get('min_length')} item(s), got {ctx.get('actual_length', 'fewer')}", None
     message = item["msg"]

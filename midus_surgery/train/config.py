@@ -142,16 +142,16 @@ class CheckpointConfig(Strict):
 class ExportConfig(Strict):
     """The final model directory, loadable by transformers, `verify` and `eval`."""
 
-    dir: str | None = Field(None, description="Where to write the trained model (default: `run_dir`/final). Relative to the config file's directory.")
+    dir: str | None = Field(None, min_length=1, description="Where to write the trained model (default: `run_dir`/final). Relative to the config file's directory.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of the exported weights (`auto`: the dtype `init_from` was stored in).")
 
 
 class TrainConfig(Strict):
     """A continued pre-training run of a model directory (an `apply` output or any causal LM)."""
 
-    init_from: str = Field(description="The model directory to start from (weights, config, tokenizer; `midus_plan.json` when made by `apply`). Relative to the config file's directory.")
+    init_from: str = Field(min_length=1, description="The model directory to start from (weights, config, tokenizer; `midus_plan.json` when made by `apply`). Relative to the config file's directory.")
     resume: str | None = Field(None, description="Continue a run from its full state: `auto` (the newest complete checkpoint in `run_dir`/checkpoints; start fresh if there is none) or a checkpoint directory. Unset: start fresh (an error if `run_dir` already holds checkpoints).")
-    run_dir: str = Field(description="Where checkpoints, metrics.jsonl, TensorBoard logs, the loss plot and (by default) the final model go. Relative to the config file's directory.")
+    run_dir: str = Field(min_length=1, description="Where checkpoints, metrics.jsonl, TensorBoard logs, the loss plot and (by default) the final model go. Relative to the config file's directory.")
     trust_remote_code: StrictBool = Field(False, description="Allow the model directory's own modeling code (config.json `auto_map`); without it such a model is refused, as the stock class of its type would silently replace it. Not needed for MIDUS outputs: `import midus_surgery` registers their classes.")
     seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description="Seed of the data order (a deterministic function of it) and of torch's RNG.")
     data: DataConfig = Field(description="Training and held-out text (see `data`).")

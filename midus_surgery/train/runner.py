@@ -193,6 +193,7 @@ class Runner:
         self.check_outputs()
         self.resume_from = self.choose_start()
         self.resume_state = read_checkpoint_state(self.resume_from) if self.resume_from is not None else None
+        self.check_same_groups()
         created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]  # deepest first
         self.prepare_run_dir()
         try:
@@ -211,11 +212,44 @@ class Runner:
         made for it is removed again."""
         if self.resume_from is None:
             return
+        saved = self.saved_config()
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        wanted = [{k: group[k] for k in ("weight_decay", "betas", "eps")} for group in inner.param_groups]
+        wanted_lrs = list(self.scheduler.base_lrs)
         state = load_checkpoint(self.resume_from, self.acc, self.optimizer, self.scheduler,
                                 adamw_options=self.adamw_options, data_identity=self.data_identity, fsdp=self.fsdp)
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        # the checkpoint's optimiser and scheduler bring the lr, weight decay, betas and eps they were
+        # written with; this run's config, which the start table shows, decides (the moments are kept)
+        self.scheduler.base_lrs = wanted_lrs
+        for group, values, lr, factor in zip(inner.param_groups, wanted, wanted_lrs, self.scheduler.lr_lambdas):
+            group.update(values, initial_lr=lr, lr=lr * factor(self.scheduler.last_epoch))
+        self.scheduler._last_lr = [group["lr"] for group in inner.param_groups]
+        changed = [f"{key} {was} -> {now}" for key, was, now in self.changed_since_checkpoint(OPTIMISER_KEYS)]
+        if changed:
+            self.say(f"resuming with {', '.join(changed)} (changed since the checkpoint): the new values apply from step {self.step + 1}; "
+                     "the optimiser's moments are kept")
         if isinstance(state.get("total_steps"), int) and state["total_steps"] != self.total_steps:
             self.say(self.budget_change_note(state))
+
+    def saved_config(self) -> dict:
+        """The config the checkpoint to resume was written under ({} for older checkpoints)."""
+        saved = (self.resume_state or {}).get("config")
+        return saved if isinstance(saved, dict) else {}
+
+    def changed_since_checkpoint(self, keys) -> list[tuple[str, object, object]]:
+        """(key, the checkpoint's value, this run's) for each dotted key whose value changed."""
+        saved, now = self.saved_config(), self.cfg.model_dump(mode="json")
+        return [(key, _at(saved, key), _at(now, key)) for key in keys if _at(saved, key) is not None and _at(saved, key) != _at(now, key)]
+
+    def check_same_groups(self) -> None:
+        """A resume keeps which parameters train: the checkpoint's optimiser state is per group (else
+        torch's "loaded state dict has a different number of parameter groups", after the data's work)."""
+        regrouped = [f"{key}: {was} -> {now}" for key, was, now in self.changed_since_checkpoint(REGROUPING_KEYS)]
+        if regrouped:
+            raise TrainingError(f"cannot resume from {self.resume_from}: {', '.join(regrouped)} since it was written, so its optimiser "
+                                "state is for other parameters; resume with the setting it was written with, or start afresh (resume unset) "
+                                "in a run_dir of its own")
 
     def remove_unused_run_dir(self, created: list[Path]) -> None:
         """A run that fails before its first step (data that cannot be read, a block too long for
@@ -755,6 +789,19 @@ def _enable_activation_checkpointing(model) -> None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+# settings a resume takes from this run's config though the checkpoint's optimiser state holds others
+OPTIMISER_KEYS = ("optim.lr", "optim.weight_decay", "optim.betas", "optim.eps", "memory.lr", "memory.weight_decay")
+# settings that decide which parameters train (the optimiser's groups): a resume cannot change them
+REGROUPING_KEYS = ("freeze", "memory.retrieval")
+
+
+def _at(config: dict, dotted: str):
+    """config["a"]["b"] for "a.b", or None where the saved config lacks it (older checkpoints)."""
+    for key in dotted.split("."):
+        config = config.get(key) if isinstance(config, dict) else None
+    return config
 
 
 def _step_tokens(config: dict, world_size) -> int | None:
