@@ -197,6 +197,15 @@ def test_validate_notes_a_memory_section_no_block_uses(tiny_base, tmp_path, caps
     assert code == 0 and "note:" not in text, text
 
 
+def test_a_symlink_loop_is_one_line(tiny_base, tmp_path, capsys):
+    """pathlib's resolve() raises RuntimeError on a loop: it was a traceback in eval, analyze and train."""
+    (tmp_path / "loopA").symlink_to(tmp_path / "loopB")
+    (tmp_path / "loopB").symlink_to(tmp_path / "loopA")
+    assert main(["eval", str(tiny_base), "--data", str(tmp_path / "loopA"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Symlink loop from") and "points back at itself" in err and len(err.splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("argv", [["validate"], ["frobnicate"]])
 def test_usage_errors(argv):
     result = run(*argv)

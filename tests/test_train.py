@@ -267,6 +267,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_pat
     assert complete_checkpoints(run / "checkpoints")
     assert not (run / "final").exists()
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    # before the first checkpoint: the message says when it was due, not to set what is set
+    cfg = config(world, tmp_path, name="early", tokens=16 * 4 * 20, **{"optim.lr": 1e30, "optim.warmup": 0, "optim.grad_clip": 0.0,
+                                                                       "checkpoint.every": 50, "eval.at_start": False})
+    with pytest.raises(TrainingError, match=r"no checkpoint was written yet \(checkpoint.every: 50\)"):
+        train(load_train_config(cfg))
 
 
 def test_a_model_with_non_finite_weights_is_refused_and_a_nan_is_written_as_null(world, tmp_path):
@@ -406,6 +411,26 @@ def test_a_second_run_in_a_run_dir_in_use_is_refused(world, tmp_path):
         proc.wait()
     resumed = train(load_train_config(config(world, tmp_path, tokens=16 * 4 * 4, resume="auto", **{"checkpoint.every": 2, "eval.at_start": False})))
     assert resumed.steps >= 2
+
+
+def test_an_interrupted_run_says_which_checkpoint_resume_auto_takes(world, tmp_path, monkeypatch):
+    """Ctrl-C (and SIGTERM, raised as a KeyboardInterrupt) printed only 'interrupted'."""
+    from midus_surgery.train.runner import Runner
+
+    real_step = Runner.train_step
+
+    def step_then_stop(self):
+        if self.step == 5:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Runner, "train_step", step_then_stop)
+    cfg = config(world, tmp_path, tokens=16 * 4 * 8, **{"checkpoint.every": 4, "eval.at_start": False})
+    said = []
+    with pytest.raises(KeyboardInterrupt):
+        train(load_train_config(cfg), echo=said.append)
+    assert said[-1] == (f"stopped at step 5: the newest whole checkpoint is {tmp_path / 'run' / 'checkpoints' / 'step-00000004'} (step 4); "
+                        "run again with resume: auto to continue from it"), said
 
 
 def test_kill_9_and_resume_gives_the_same_weights(world, tmp_path):

@@ -208,7 +208,7 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
     too_long = context_problem(model, block_size)
     if too_long:
         raise TaskError(f"--block-size: {too_long}")
-    blocks, _ = D.split(stream, None, block_size, 0.0, what="analysis data")
+    blocks, _ = D.split(stream, None, block_size, 0.0, what="analysis data", block_option="--block-size")
     memory = _memory_layers(model)
     attention = {} if memory else _inserted_attention(model, read_plan_file(model_dir))
     if not memory and not attention:

@@ -120,10 +120,13 @@ def _no_fork_pool():
 @contextlib.contextmanager
 def _lm_eval_output(progress: bool):
     """lm-eval prints progress to stdout, which is ours (the table, the JSON): it goes to stderr,
-    and with ``progress`` off (--quiet, --json) nowhere, with the datasets' bars."""
+    and with ``progress`` off (--quiet, --json) nowhere, with the datasets' bars. Piped into a log file
+    it goes nowhere too: its bars are tqdm's, redrawn frames that would glue themselves onto the log."""
     import datasets
 
-    if progress:
+    from midus_surgery.io.progress import on_terminal
+
+    if progress and on_terminal():
         with contextlib.redirect_stdout(sys.stderr):
             yield
         return

@@ -333,11 +333,13 @@ class BlockSet:
         return np.stack([self.get(i) for i in items])
 
 
-def split(train: TokenStream, held: TokenStream | None, block_size: int, fraction: float, what: str = "data") -> tuple[BlockSet, BlockSet | None]:
-    """Train and held-out block sets; errors when the corpus is shorter than one block."""
+def split(train: TokenStream, held: TokenStream | None, block_size: int, fraction: float, what: str = "data",
+          block_option: str = "data.block_size") -> tuple[BlockSet, BlockSet | None]:
+    """Train and held-out block sets; errors when the corpus is shorter than one block.
+    block_option: how the user sets the block size, for the message (eval's --block-size)."""
     n = train.num_blocks(block_size)
     if n == 0:
-        raise DataError(f"{what}: the corpus has {len(train)} tokens, shorter than one block of {block_size} (lower data.block_size or add text)")
+        raise DataError(f"{what}: the corpus has {len(train)} tokens, shorter than one block of {block_size} (lower {block_option} or add text)")
     if held is not None:
         m = held.num_blocks(block_size)
         if m == 0:

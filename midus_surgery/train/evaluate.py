@@ -325,7 +325,7 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None,
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else D.eos_id(tokenizer)
         batches, total = document_batches(windows, batch_size, pad), len(windows)
     else:
-        blocks, _ = D.split(stream, None, block_size, 0.0, what="eval data")
+        blocks, _ = D.split(stream, None, block_size, 0.0, what="eval data", block_option="--block-size")
         batches, total = block_batches(blocks, batch_size, max_blocks=max_blocks), min(len(blocks), max_blocks or len(blocks))
     with progress_bar(total, "eval", enabled=progress, unit="seq") as bar:
         result = evaluate_batches(model, batches, device=run_on, progress=bar)

@@ -517,10 +517,22 @@ class Runner:
         self.samples_seen += cfg.micro_batch_size * cfg.grad_accum * self.world
         return StepNumbers(step_loss, norms, picked)
 
+    def say_where_to_resume(self) -> None:
+        """After an interruption during the steps: the newest whole checkpoint, which resume: auto takes."""
+        ckpt_root = getattr(self, "ckpt_root", None)
+        acc = getattr(self, "acc", None)
+        if self.step == 0 or ckpt_root is None or acc is None or not acc.is_main_process:
+            return
+        last = complete_checkpoints(ckpt_root)
+        self.say(f"stopped at step {self.step}: the newest whole checkpoint is {last[-1][1]} (step {last[-1][0]}); run again with "
+                 "resume: auto to continue from it" if last else f"stopped at step {self.step}, before the first checkpoint "
+                 "(checkpoint.every): a new run starts from the beginning")
+
     def non_finite(self, loss: float, norms: dict[str, float]) -> TrainingError:
         last = complete_checkpoints(self.ckpt_root)
         kept = (f"the last good checkpoint is {last[-1][1]} (step {last[-1][0]}); resume from it with resume: auto after lowering optim.lr / memory.lr"
-                if last else "no checkpoint was written yet (set checkpoint.every)")
+                if last else "no checkpoint was written yet" + (f" (checkpoint.every: {self.cfg.checkpoint.every})"
+                                                                 if self.cfg.checkpoint.every else " (set checkpoint.every)"))
         what = "loss" if not math.isfinite(loss) else "gradient norm"
         return TrainingError(f"non-finite {what} at step {self.step + 1} (loss {loss}, {', '.join(f'{k} {v:.3g}' for k, v in norms.items())}); "
                              f"stopped without updating the weights; {kept}")
@@ -824,6 +836,9 @@ def train(loaded: LoadedTrainConfig, *, echo=print) -> TrainResult:
     runner = Runner(loaded, echo=echo)
     try:
         return runner.run()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cli.Terminated): say what is kept before the one-word report
+        runner.say_where_to_resume()
+        raise
     except RuntimeError as exc:
         if not lost_a_process(exc):
             raise
