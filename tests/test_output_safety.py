@@ -207,6 +207,24 @@ def test_leftovers_of_killed_runs_are_removed_but_live_ones_and_foreign_ones_kep
     assert clean_leftovers(out) == []
 
 
+def test_an_empty_partial_folder_a_kill_left_before_its_marker_is_removed_once_old(tmp_path):
+    """SIGKILL between mkdir and the marker's write left an empty, unmarked folder nothing removed;
+    a fresh one may be a live run's about to get its marker, and one holding anything is not ours."""
+    import os
+    import time
+
+    out = tmp_path / "model"
+    old = time.time() - 3600
+    empty_old, empty_new, full_old = (tmp_path / f".model.partial-{tag}" for tag in ("empty000", "fresh000", "notes000"))
+    for folder in (empty_old, empty_new, full_old):
+        folder.mkdir()
+    (full_old / "notes.txt").write_text("mine")
+    for folder in (empty_old, full_old):
+        os.utime(folder, (old, old))
+    assert clean_leftovers(out) == [empty_old]
+    assert empty_new.is_dir() and (full_old / "notes.txt").read_text() == "mine"
+
+
 def test_a_failed_write_leaves_no_partial_directory_nor_the_folders_it_made(tmp_path):
     out = tmp_path / "new" / "deeper" / "model"
     with pytest.raises(RuntimeError), atomic_directory(out, kind="apply") as tmp:

@@ -87,6 +87,18 @@ def test_config_errors_are_located(tmp_path):
     assert "missing required key 'init_from'" in str(err.value)
     assert f"{path}:2:1: tokens: not a token count: 'lots'" in str(err.value)
 
+    # pydantic's own words ("Input should be a valid number, unable to parse string as a number",
+    # "optim.betas.1: missing required key 1") said in the file's terms
+    path.write_text("init_from: m\nrun_dir: r\ntokens: 1M\ndata:\n  train: [x.txt]\nmicro_batch_size: abc\noptim:\n  lr: abc\n  betas: [0.9]\n"
+                    "  eps: 1e-8\n")
+    with pytest.raises(RecipeError) as err:
+        load_train_config(path, ["memory.lr=fast"])
+    text = str(err.value)
+    assert f"{path}:6:1: micro_batch_size: should be a whole number, got the text 'abc'" in text
+    assert f"{path}:8:3: optim.lr: should be a number, got the text 'abc'" in text
+    assert f"{path}:9:3: optim.betas: needs 2 items, got 1" in text
+    assert "memory.lr: should be a number, got the text 'fast'" in text
+
 
 def test_a_recipe_given_to_train_is_named_as_such(tmp_path, capsys):
     """One line saying the file is a recipe and that apply runs it, not four missing and eight unknown keys."""
@@ -411,6 +423,26 @@ def test_a_second_run_in_a_run_dir_in_use_is_refused(world, tmp_path):
         proc.wait()
     resumed = train(load_train_config(config(world, tmp_path, tokens=16 * 4 * 4, resume="auto", **{"checkpoint.every": 2, "eval.at_start": False})))
     assert resumed.steps >= 2
+
+
+def test_the_start_lines_note_what_a_user_would_want_to_know_first(world, tmp_path):
+    """Held-out text that is the training text, a .json file read as plain text, a warmup longer
+    than the run: all accepted, each said in a note before the run trains."""
+    from train_fixtures.tiny import sentences
+
+    (tmp_path / "records.json").write_text('[{"text": "' + " ".join(sentences(40)) + '"}]')
+    cfg = write_config(tmp_path / "run.yaml", world["model"], tmp_path / "run", [world["corpus"], tmp_path / "records.json"], world["cache"],
+                       tokens=16 * 4 * 2, **{"data.held_out": [str(world["corpus"]), str(tmp_path / "records.json")], "optim.warmup": 10,
+                                             "eval.at_start": False})
+    said = []
+    train(load_train_config(cfg), echo=said.append)
+    notes = [line for line in said if line.startswith("note: ")]
+    assert notes == ["note: data.held_out is the same text as data.train: the held-out perplexity is measured on text the run trains on",
+                     "note: records.json is read as plain text, braces and all (records are read from JSON Lines: .jsonl)",
+                     "note: the warmup (10 steps) is as long as the run (2 steps): the learning rate never reaches optim.lr"], said
+    said = []
+    train(load_train_config(config(world, tmp_path, name="plain-run", tokens=16 * 4 * 4, **{"eval.at_start": False})), echo=said.append)
+    assert not [line for line in said if line.startswith("note: ")], said
 
 
 def test_an_interrupted_run_says_which_checkpoint_resume_auto_takes(world, tmp_path, monkeypatch):

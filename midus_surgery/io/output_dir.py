@@ -279,13 +279,27 @@ def clean_leftovers(out: Path, report=None) -> list[Path]:
     for entry in out.parent.iterdir():
         if not (entry.name.startswith(".") and any(tag in entry.name for tag in _LEFTOVER_TAGS)):
             continue
-        if entry.is_symlink() or not entry.is_dir() or not _owner_is_gone(read_marker(entry)):
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        if not _owner_is_gone(read_marker(entry)) and not _empty_and_old(entry):
             continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
         if report is not None:
             report(f"removed {entry}: a partial output a killed run of midus-surgery left behind")
     return removed
+
+
+EMPTY_LEFTOVER_AGE_S = 60.0
+
+
+def _empty_and_old(entry: Path) -> bool:
+    """A SIGKILL between making a partial folder and writing its marker leaves it empty: nothing to
+    lose. Only one older than a minute, which no live run is about to write its marker into."""
+    try:
+        return not any(entry.iterdir()) and time.time() - entry.stat().st_mtime > EMPTY_LEFTOVER_AGE_S
+    except OSError:
+        return False
 
 
 @contextmanager

@@ -251,6 +251,7 @@ _EXPECTED = {
     "string_type": "text", "float_type": "a number", "list_type": "a list", "tuple_type": "a list",
     "dict_type": "a mapping (key: value pairs)", "model_type": "a mapping (key: value pairs)",
     "model_attributes_type": "a mapping (key: value pairs)",
+    "float_parsing": "a number", "int_parsing": "a whole number",
 }
 
 
@@ -280,8 +281,12 @@ def _say(item: dict, loc: tuple) -> tuple[str, str | None]:
     kind, ctx, got = item["type"], item.get("ctx") or {}, _as_yaml(item.get("input"))
     if kind == "extra_forbidden":
         return (f"unknown key {loc[-1]!r}" if loc else "unknown key"), None
+    if kind == "missing" and loc and isinstance(loc[-1], int):  # a fixed-length list (optim.betas) one item short
+        return f"needs {loc[-1] + 1} items, got {loc[-1]}", None
     if kind == "missing":
         return (f"missing required key {loc[-1]!r}" if loc else "missing required key"), None
+    if kind == "too_long":
+        return f"should have at most {ctx.get('max_length')} item(s), got {ctx.get('actual_length', 'more')}", None
     if kind in _EXPECTED:
         return f"should be {_EXPECTED[kind]}, got {got}", _EXPECTED[kind]
     if kind in _BOUNDS and _BOUNDS[kind][0] in ctx:
@@ -305,6 +310,8 @@ def problems_from_validation(error: ValidationError, source: YamlSource) -> list
         if len(loc) > 1 and loc[-1] in _UNION_MEMBERS:
             loc = loc[:-1]
         message, wanted = _say(item, loc)
+        if item["type"] == "missing" and loc and isinstance(loc[-1], int):
+            loc = loc[:-1]  # a list an item short: said of the list, where the user wrote it
         if loc in problems and wanted and expected.get(loc):  # `tokens: true` against `int | str`: one line, both kinds
             expected[loc].append(wanted)
             message = f"should be {' or '.join(expected[loc])}, got {_as_yaml(item.get('input'))}"

@@ -713,9 +713,12 @@ class Runner:
         size = f"{self.tokens_per_step:,} ({cfg.micro_batch_size} x {cfg.grad_accum} accum x {self.world} proc x {d.block_size})"
         steps = (f"{self.total_steps} steps of {size}" if not self.resume_from else  # a resume: the steps taken may have had another size
                  f"{self.total_steps} steps, {self.step} taken ({self.samples_seen * d.block_size:,} tokens) and {self.total_steps - self.step} to go of {size}")
-        self.say(f"data: {len(self.train_blocks)} train blocks, {len(self.held_blocks) if self.held_blocks else 0} held-out blocks of {d.block_size} tokens "
-                 f"({len(self.train_blocks) * d.block_size / 1e6:.2f}M train tokens); budget {cfg.token_budget:,} tokens = {steps}, "
+        held = len(self.held_blocks) if self.held_blocks else 0
+        self.say(f"data: {_count(len(self.train_blocks), 'train block')}, {_count(held, 'held-out block')} of {d.block_size} tokens "
+                 f"({len(self.train_blocks) * d.block_size:,} train tokens); budget {cfg.token_budget:,} tokens = {steps}, "
                  f"{cfg.token_budget / max(1, len(self.train_blocks) * d.block_size):.2f} epochs")
+        for note in self.data_notes():
+            self.say(f"note: {note}")
         spent = self.spent_budget_note()
         if spent:
             self.say(spent)
@@ -736,6 +739,20 @@ class Runner:
         if cfg.compile:
             self.say("compile: the first step compiles the model (about 2 minutes for the 45-layer SmolLM2 outputs on an H200); "
                      "tok/s and ETA count from the second step")
+
+    def data_notes(self) -> list[str]:
+        """What the run accepts but a user would want to know before it trains for hours."""
+        notes = []
+        if self.data_identity.get("held_out") == self.data_identity["train"]:
+            notes.append("data.held_out is the same text as data.train: the held-out perplexity is measured on text the run trains on")
+        json_files = sorted({Path(f).name for s in self.streams for f in s.meta.get("files", []) if Path(f).suffix.lower() == ".json"})
+        if json_files:
+            notes.append(f"{', '.join(json_files[:3])} {'is' if len(json_files) == 1 else 'are'} read as plain text, braces and all "
+                         "(records are read from JSON Lines: .jsonl)")
+        if self.total_steps and self.warmup_steps >= self.total_steps:
+            notes.append(f"the warmup ({self.warmup_steps} steps) is as long as the run ({self.total_steps} steps): "
+                         f"the learning rate never reaches optim.lr")
+        return notes
 
     def record(self, rec: dict) -> None:
         """One metrics.jsonl line, and its numbers to tensorboard (main process)."""
@@ -807,6 +824,10 @@ def _enable_activation_checkpointing(model) -> None:
 OPTIMISER_KEYS = ("optim.lr", "optim.weight_decay", "optim.betas", "optim.eps", "memory.lr", "memory.weight_decay")
 # settings that decide which parameters train (the optimiser's groups): a resume cannot change them
 REGROUPING_KEYS = ("freeze", "memory.retrieval")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _at(config: dict, dotted: str):
