@@ -97,6 +97,8 @@ def test_eval_cli_json_and_errors(setup, capsys, tmp_path):
     assert result["mode"] == "blocks" and result["perplexity"] > 1 and result["tokens"] > 0
     # --json / --quiet: no bar at all, transformers' "Loading weights" included; its setting is restored
     assert captured.err == "" and hf_logging.is_progress_bar_enabled()
+    assert main([*args[:-1], "--per-document", "--quiet"]) == 0  # windows, and said so: not "N documents"
+    assert " document windows of <= 16 tokens; " in capsys.readouterr().out
 
     # a flag of the other mode would be dropped without a word (a --limit that limits nothing)
     assert main(["eval", str(setup["model"]), "--data", str(setup["files"][0]), "--limit", "5", "--seed", "0"]) == 2
@@ -113,6 +115,10 @@ def test_eval_cli_json_and_errors(setup, capsys, tmp_path):
     assert captured.out == "" and f"{tmp_path / 'nope'} is not a directory" in captured.err
     assert main(["eval", str(tmp_path), "--data", str(setup["files"][0])]) == 2
     assert "is not a model directory (no config.json)" in capsys.readouterr().err
+    (tmp_path / "step-00000004").mkdir()
+    (tmp_path / "step-00000004" / "trainer_state.json").write_text("{}")  # a run's checkpoint
+    assert main(["eval", str(tmp_path / "step-00000004"), "--data", str(setup["files"][0])]) == 2
+    assert "is a training checkpoint (resume state), not a model directory: evaluate the run's export" in capsys.readouterr().err
     assert main(["eval", str(setup["model"]), "--data", str(tmp_path / "missing.txt"), "--cache-dir", str(setup["cache"])]) == 3
     assert "does not exist" in capsys.readouterr().err
     assert main(["eval", str(setup["model"]), "--data", str(setup["files"][0]), "--block-size", "100000", "--cache-dir", str(setup["cache"])]) == 2

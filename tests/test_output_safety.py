@@ -409,7 +409,7 @@ def test_train_writes_nothing_inside_an_apply_output(train_project, field, capsy
 
 
 @pytest.mark.parametrize("setting,code,message", [({"data.train": ["corpus/missing"]}, 3, "does not exist"),
-                                                  ({"data.block_size": 100000}, 3, "shorter than one block")])
+                                                  ({"data.block_size": 100000}, 2, "tokens per block exceed the model")])
 def test_a_run_that_fails_before_its_first_step_leaves_no_run_directory(train_project, setting, code, message, capsys):
     cfg = train_config(train_project, "runs/deep/a", **setting)
     before = tree_digest(train_project)

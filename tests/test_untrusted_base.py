@@ -197,7 +197,7 @@ def test_a_broken_gguf_base_is_one_located_line(tmp_path, capsys, damage):
         assert "JSON" not in err
 
 
-def test_transformers_quiet_silences_its_warnings_and_every_bar(capsys):
+def test_transformers_quiet_silences_its_warnings_and_every_bar(capsys, monkeypatch):
     import logging
 
     from tqdm.auto import tqdm
@@ -215,7 +215,11 @@ def test_transformers_quiet_silences_its_warnings_and_every_bar(capsys):
             list(tqdm(range(3), desc="a bare tqdm bar"))
             assert not logger.isEnabledFor(logging.WARNING) and not hf_logging.is_progress_bar_enabled()
         assert capsys.readouterr().err == ""
-        with transformers_quiet(progress=True):  # its bars stay, its notes go
+        with transformers_quiet(progress=True):  # into a log (capsys is not a terminal): its redrawn bars go too
+            list(tqdm(range(3), desc="a bare tqdm bar"))
+        assert capsys.readouterr().err == ""
+        monkeypatch.setattr("midus_surgery.io.progress.on_terminal", lambda: True)
+        with transformers_quiet(progress=True):  # on a terminal its bars stay, its notes go
             list(tqdm(range(3), desc="a bare tqdm bar"))
             assert not logger.isEnabledFor(logging.WARNING)
         assert "a bare tqdm bar" in capsys.readouterr().err

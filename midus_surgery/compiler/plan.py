@@ -151,6 +151,22 @@ def read_plan_file(model_dir: Path) -> dict | None:
         raise MidusError(f"{path}: not a readable plan ({one_line(exc, 200)})") from None
 
 
+def inserted_attention_out_projs(plan: dict, config) -> dict[int, str]:
+    """Output layer index -> its attention output projection (a path inside the block), for each
+    inserted block of a read plan whose layer kind has an anatomy. ``config``: the output's own."""
+    inserted = [entry for entry in plan["layers"] if entry["kind"] != "base"]
+    if plan.get("anatomy"):  # one kind of layer
+        return {entry["index"]: plan["anatomy"]["attn_out_proj"] for entry in inserted}
+    if plan.get("block_kinds"):  # a hybrid stack: each base layer's kind
+        stack, at = StackAnatomy.model_validate(plan["block_kinds"]), "source"
+    else:  # a copy-only plan, read from the safetensors headers, records none: the output's layers are traced
+        from midus_surgery.anatomy.trace import find_stack_anatomy
+
+        stack, at = find_stack_anatomy(config), "index"
+    kinds = {entry["index"]: stack.kind_of(entry[at]).anatomy for entry in inserted}
+    return {index: anatomy.attn_out_proj for index, anatomy in kinds.items() if anatomy is not None}
+
+
 # ----------------------------------------------------------------------------------------------
 # Base model facts from its config alone (a meta-device instance: shapes, no memory, no weights)
 

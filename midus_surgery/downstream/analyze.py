@@ -55,27 +55,13 @@ def _memory_layers(model) -> dict[int, torch.nn.Module]:
 def _inserted_attention(model, plan: dict | None) -> dict[int, tuple[torch.nn.Module, int]]:
     """Output layer index -> (its attention output projection, heads) for every inserted block of a
     model without memory (a DUS or LLaMA-Pro output's midus_plan.json says which)."""
+    from midus_surgery.compiler.plan import inserted_attention_out_projs
+
     if not plan:
         return {}
-    inserted = [entry for entry in plan["layers"] if entry["kind"] != "base"]
-    if plan.get("anatomy"):  # one kind of layer
-        out_proj = {entry["index"]: plan["anatomy"]["attn_out_proj"] for entry in inserted}
-    else:
-        # a hybrid stack records each kind; a copy-only plan (read from the safetensors headers)
-        # records none: the output's own layers are traced, as the planner would have
-        from midus_surgery.recipe.anatomy_spec import StackAnatomy
-
-        if plan.get("block_kinds"):
-            stack, at = StackAnatomy.model_validate(plan["block_kinds"]), "source"
-        else:
-            from midus_surgery.anatomy.trace import find_stack_anatomy
-
-            stack, at = find_stack_anatomy(model.config), "index"
-        kinds = {entry["index"]: stack.kind_of(entry[at]).anatomy for entry in inserted}
-        out_proj = {index: anatomy.attn_out_proj for index, anatomy in kinds.items() if anatomy is not None}
     layers = model.get_submodule(plan.get("layers_path") or (plan.get("anatomy") or {}).get("layers_path"))
     heads = model.config.num_attention_heads
-    return {index: (layers[index].get_submodule(path), heads) for index, path in out_proj.items()}
+    return {index: (layers[index].get_submodule(path), heads) for index, path in inserted_attention_out_projs(plan, model.config).items()}
 
 
 class SlotCounter:

@@ -68,7 +68,20 @@ def context_problem(model, block_size: int) -> str | None:
     """Why blocks of ``block_size`` tokens do not fit the model's positions, or None. Learned
     position tables fail past their end (an index error deep in the forward); rotary models run
     but past the context they were trained on."""
-    stated = position_limit(model)
+    return positions_problem(position_limit(model), block_size)
+
+
+def stated_positions(config_json: dict) -> tuple[int, str] | None:
+    """``position_limit`` from a config.json's contents, before any model is built."""
+    text = config_json.get("text_config") if isinstance(config_json.get("text_config"), dict) else config_json
+    for key in POSITION_KEYS:
+        limit = text.get(key)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            return limit, key
+    return None
+
+
+def positions_problem(stated: tuple[int, str] | None, block_size: int) -> str | None:
     if stated is None or block_size <= stated[0]:
         return None
     limit, key = stated
@@ -92,6 +105,9 @@ def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow
     if not path.is_dir():
         raise ModelLoadError(f"{path} is not a directory")
     if not (path / "config.json").is_file():
+        if (path / "trainer_state.json").is_file():  # a run's checkpoint: its state, not a model to load
+            raise ModelLoadError(f"{path} is a training checkpoint (resume state), not a model directory: evaluate the run's export "
+                                 "(export.dir, by default run_dir/final), or resume the run to export it")
         raise ModelLoadError(f"{path} is not a model directory (no config.json)")
     if trust_remote_code:
         return path

@@ -55,7 +55,7 @@ from midus_surgery.train.checkpoint import (
 )
 from midus_surgery.train.config import LoadedTrainConfig, TrainConfig, parse_count
 from midus_surgery.train.evaluate import (DTYPES, ModelLoadError, block_batches, check_model_dir, context_problem, evaluate_batches,
-                                          load_causal_lm, load_tokenizer)
+                                          load_causal_lm, load_tokenizer, positions_problem, stated_positions)
 from midus_surgery.train.export import EXPORT_KIND, export_model
 from midus_surgery.train.params import ParamGroups, adamw_options, choose_params, describe_groups, lr_lambda
 
@@ -391,6 +391,10 @@ class Runner:
         """Tokenise the corpora (once, by the main process; the others then open the cache), split
         off the held-out blocks, and size the run in optimiser steps."""
         cfg, loaded, d = self.cfg, self.loaded, self.cfg.data
+        # blocks longer than the model's positions: said now, not after tokenising (or as "all blocks held out")
+        too_long = positions_problem(stated_positions(json.loads((self.init_from / "config.json").read_text())), d.block_size)
+        if too_long:
+            raise RecipeError([loaded.problem(("data", "block_size"), too_long)])
         self.tokenizer = load_tokenizer(self.init_from, cfg.trust_remote_code)
         cache = loaded.resolve(d.cache_dir) if d.cache_dir else D.default_cache_dir()
         # tokenising has no log line of its own: its bar, which in a log file is a line every 30 s
