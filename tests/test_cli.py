@@ -171,9 +171,12 @@ def test_validate_says_a_bank_too_large_to_build_is_too_large(tiny_base, tmp_pat
     ("''", "output.dir: should be a path, got an empty text"),
     (".", "contains the recipe"),
     ("BASE/sub", "is inside the base model"),
+    ("AFILE/sub", "afile is a file, not a folder"),
 ])
 def test_validate_refuses_an_output_apply_would_refuse(tiny_base, tmp_path, capsys, out_dir, message):
-    body = "layout: {interleave: {after: [1], kind: copy}}\noutput:\n  dir: " + out_dir.replace("BASE", str(tiny_base)) + "\n"
+    (tmp_path / "afile").write_text("a user's file")
+    body = ("layout: {interleave: {after: [1], kind: copy}}\noutput:\n  dir: "
+            + out_dir.replace("BASE", str(tiny_base)).replace("AFILE", str(tmp_path / "afile")) + "\n")
     code, text = validate_lines(tmp_path, capsys, tiny_base, body)
     assert code == 2 and "r.yaml:5:" in text and "output.dir: " in text and message in text, text
     assert not (tiny_base / "sub").exists()  # validate writes nothing, not even apply's probe folder

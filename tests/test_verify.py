@@ -401,3 +401,31 @@ def test_what_is_no_model_directory_is_a_usage_error_not_a_failed_check(tmp_path
     for path in (tmp_path / "missing", tmp_path):
         assert main(["verify", str(path)]) == 2
         assert capsys.readouterr().err.strip() == f"error: {path} is not a model directory (no config.json)"
+
+
+def test_a_base_moved_away_or_not_a_base_is_one_line(bases, tmp_path, capsys):
+    """The recorded base moved since apply: identity is skipped, saying so (transformers took the
+    path for a hub id: a traceback). --base that is no model, or another model's base: one line."""
+    import shutil
+
+    from midus_surgery.cli import main
+
+    moved = tmp_path / "base-copy"
+    shutil.copytree(bases["llama"], moved)
+    out = emit(plan_recipe(write_recipe(tmp_path, moved, "llama-pro")), progress=False).out_dir
+    shutil.rmtree(moved)
+    checks = run(out)
+    assert checks["identity"].ok and checks["identity"].detail.startswith(f"skipped: the base recorded at apply time, {moved}, is not there")
+    capsys.readouterr()
+    for given, why in ((bases["llama"] / "model.safetensors", "a file, not a model directory"), (tmp_path / "nowhere", "no such directory"),
+                       (tmp_path, "not a model directory (no config.json)")):
+        assert main(["verify", str(out), "--base", str(given)]) == 2
+        assert capsys.readouterr().err.strip() == f"error: --base {given}: {why}" + ("" if why.startswith("not") or why.startswith("no ")
+                                                                                        else " (config.json beside the weights) or a .gguf file")
+    from tiny_configs import tiny_config
+
+    other = tmp_path / "other-vocabulary"
+    AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=96)).save_pretrained(other)
+    checks = {c.name: c for c in verify(out, other, report=lambda c: None)}
+    assert not checks["identity"].ok and checks["identity"].detail == (f"the base model {other} has a vocabulary of 96 tokens and the "
+                                                                      "output 128: it is not this output's base")

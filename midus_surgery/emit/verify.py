@@ -66,6 +66,20 @@ def _load(path: Path, gguf_file: str | None = None, *, trust_remote_code: bool =
     return model.eval(), info
 
 
+def _not_a_base(path: Path) -> str | None:
+    """Why ``path`` cannot be a base model to load (transformers would take it for a hub id, or fail
+    deep in its loader), or None: a directory with a config.json, or a .gguf file."""
+    if path.suffix.lower() == ".gguf":
+        return None if path.is_file() else "no such .gguf file"
+    if not path.exists():
+        return "no such directory"
+    if not path.is_dir():
+        return "a file, not a model directory (config.json beside the weights) or a .gguf file"
+    if not (path / "config.json").is_file():
+        return "not a model directory (no config.json)"
+    return None
+
+
 def _round_to_stored_dtype(base_model, stored: str | None) -> str | None:
     """The base's weights rounded to the dtype the output stores them in, when it is narrower
     (a float32 or GGUF base written as bfloat16): the output's copies of the base's layers are the
@@ -209,7 +223,12 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     if not (out / "config.json").is_file():
         raise UsageError(f"{out} is not a model directory (no config.json)")
     plan = read_plan_file(out)  # None: not made by `apply`
+    if base is not None and _not_a_base(Path(base)):
+        raise UsageError(f"--base {base}: {_not_a_base(Path(base))}")
     base_path = base or (Path(plan["base_path"]) if plan and plan.get("base_path") else None)
+    base_gone = base is None and base_path is not None and _not_a_base(base_path)  # moved or deleted since apply
+    if base_gone:
+        base_path = None
     if not trust_remote_code:
         _refuse_own_code(out, plan)
         if base_path is not None and base_path.suffix != ".gguf":
@@ -258,7 +277,16 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     base_for_generation = None
     if base_path is not None:
         base_dir, gguf = (base_path.parent, base_path.name) if base_path.suffix == ".gguf" else (base_path, None)
-        base_model, _ = _load(base_dir, gguf, trust_remote_code=trust)
+        try:
+            base_model, _ = _load(base_dir, gguf, trust_remote_code=trust)
+        except Exception as exc:  # noqa: BLE001 - the comparison's result, said in one line
+            record(Check("identity", False, f"the base model {base_path} does not load: {load_error_line(exc, 300)}"))
+            return checks
+        base_vocab, out_vocab = (m.get_input_embeddings().weight.shape[0] for m in (base_model, model))
+        if base_vocab != out_vocab:  # the output's token ids would index past the base's table
+            record(Check("identity", False, f"the base model {base_path} has a vocabulary of {base_vocab:,} tokens and the output "
+                                             f"{out_vocab:,}: it is not this output's base"))
+            return checks
         rounded = _round_to_stored_dtype(base_model, _config_dict(out).get("dtype"))
         try:
             base_logits = _logits(base_model, ids)
@@ -277,6 +305,9 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
                    if plan and plan.get("function_preserving") is False else "plain copies or random memory change the function")
             record(Check("logits", True, f"max |logit difference| against the base: {diff:.4g} ({why}); perplexity on the sample: base {ppl_base:.2f}, output {ppl_out:.2f}"))
         base_for_generation = base_model  # kept: a generation the base itself cannot do is not the output's fault
+    elif base_gone:
+        record(Check("identity", True, f"skipped: the base recorded at apply time, {plan['base_path']}, is not there any more "
+                                       f"({_not_a_base(Path(plan['base_path']))}); give --base to compare with it"))
     else:
         record(Check("identity", True, "skipped: no base given (--base) and none recorded"))
 

@@ -185,8 +185,7 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
     if above is not None:
         raise OutputError(f"output {resolved} lies inside {above[0]}, written whole by {_written_by(above[1])}, which a later run "
                           "replaces with everything in it; choose a directory outside it")
-    if probe:
-        _check_can_write(resolved, into=writes_into)
+    _check_can_write(resolved, into=writes_into, probe=probe)
     if not resolved.exists():
         return resolved
     if not resolved.is_dir():
@@ -216,11 +215,11 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
     raise OutputError(f"output {resolved} already exists (an earlier output of {written_by}); {todo}")
 
 
-def _check_can_write(out: Path, *, into: bool) -> None:
+def _check_can_write(out: Path, *, into: bool, probe: bool = True) -> None:
     """Before any work: the system lets the tool make ``out`` (its hidden sibling, the folders on the
     way to it) and, for an output written ``into``, write inside it. One probe folder is made and
     removed where the writes will go: a file in the way, a read-only disk or a place like /proc
-    is found now, not after hours of training."""
+    is found now, not after hours of training. ``probe=False``: the file in the way only, writing nothing."""
     where = out.parent
     while not where.exists() and where != where.parent:
         where = where.parent
@@ -228,6 +227,8 @@ def _check_can_write(out: Path, *, into: bool) -> None:
     for place in places:
         if not place.is_dir():
             raise OutputError(f"cannot write {out}: {place} is a file, not a folder")
+        if not probe:
+            continue
         try:
             os.rmdir(tempfile.mkdtemp(prefix=".midus-surgery-probe-", dir=place))
         except OSError as exc:

@@ -133,6 +133,7 @@ class Runner:
     init_from: Path  # the model directory training starts from
     resume_from: Path | None = None  # the checkpoint this run continues, None: a fresh start
     resume_state: dict | None = None  # its state file (step, samples_seen, tokens_seen...), read before the run is sized
+    resume_notes: list[str]  # what the resume changed (the schedule, the optimiser's settings), said after the start line
     run_lock: int | None = None  # the run directory's marker, held (flock) while this run writes there
 
     # Data (setup_data).
@@ -168,6 +169,7 @@ class Runner:
 
     def __init__(self, loaded: LoadedTrainConfig, *, echo=print):
         self.loaded, self.cfg, self.echo = loaded, loaded.config, echo
+        self.resume_notes = []
 
     @property
     def bars(self) -> bool:
@@ -227,10 +229,10 @@ class Runner:
         self.scheduler._last_lr = [group["lr"] for group in inner.param_groups]
         changed = [f"{key} {was} -> {now}" for key, was, now in self.changed_since_checkpoint(OPTIMISER_KEYS)]
         if changed:
-            self.say(f"resuming with {', '.join(changed)} (changed since the checkpoint): the new values apply from step {self.step + 1}; "
+            self.resume_notes.append(f"resuming with {', '.join(changed)} (changed since the checkpoint): the new values apply from step {self.step + 1}; "
                      "the optimiser's moments are kept")
         if isinstance(state.get("total_steps"), int) and state["total_steps"] != self.total_steps:
-            self.say(self.budget_change_note(state))
+            self.resume_notes.append(self.budget_change_note(state))
 
     def saved_config(self) -> dict:
         """The config the checkpoint to resume was written under ({} for older checkpoints)."""
@@ -714,6 +716,8 @@ class Runner:
         cfg, acc, d = self.cfg, self.acc, self.cfg.data
         where = f"resuming from {self.resume_from} (step {self.step})" if self.resume_from else "starting fresh"
         self.say(f"train: {self.init_from} -> {self.export_dir}; {where}")
+        for note in self.resume_notes:
+            self.say(note)
         size = f"{self.tokens_per_step:,} ({cfg.micro_batch_size} x {cfg.grad_accum} accum x {self.world} proc x {d.block_size})"
         steps = (f"{self.total_steps} steps of {size}" if not self.resume_from else  # a resume: the steps taken may have had another size
                  f"{self.total_steps} steps, {self.step} taken ({self.samples_seen * d.block_size:,} tokens) and {self.total_steps - self.step} to go of {size}")
@@ -754,7 +758,7 @@ class Runner:
             notes.append(f"{', '.join(json_files[:3])} {'is' if len(json_files) == 1 else 'are'} read as plain text, braces and all "
                          "(records are read from JSON Lines: .jsonl)")
         if self.total_steps and self.warmup_steps >= self.total_steps:
-            notes.append(f"the warmup ({self.warmup_steps} steps) is as long as the run ({self.total_steps} steps): "
+            notes.append(f"the warmup ({self.warmup_steps} steps) is as long as the run ({self.total_steps} steps) or longer: "
                          f"the learning rate never reaches optim.lr")
         return notes
 
