@@ -214,7 +214,6 @@ class Runner:
         made for it is removed again."""
         if self.resume_from is None:
             return
-        saved = self.saved_config()
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         wanted = [{k: group[k] for k in ("weight_decay", "betas", "eps")} for group in inner.param_groups]
         wanted_lrs = list(self.scheduler.base_lrs)
@@ -229,8 +228,8 @@ class Runner:
         self.scheduler._last_lr = [group["lr"] for group in inner.param_groups]
         changed = [f"{key} {was} -> {now}" for key, was, now in self.changed_since_checkpoint(OPTIMISER_KEYS)]
         if changed:
-            self.resume_notes.append(f"resuming with {', '.join(changed)} (changed since the checkpoint): the new values apply from step {self.step + 1}; "
-                     "the optimiser's moments are kept")
+            self.resume_notes.append(f"resuming with {', '.join(changed)} (changed since the checkpoint): the new values apply from step "
+                                     f"{self.step + 1}; the optimiser's moments are kept")
         if isinstance(state.get("total_steps"), int) and state["total_steps"] != self.total_steps:
             self.resume_notes.append(self.budget_change_note(state))
 
