@@ -130,22 +130,18 @@ def _plan(loaded: LoadedRecipe) -> PlannedRecipe:
     if recipe.base.config is not None:
         check_stated_config(loaded, config, ref.directory / "config.json")
     L = config.get("num_hidden_layers")
-    if isinstance(L, int) and not isinstance(L, bool) and L >= 1:  # the deepest reason first: it holds for every model type
-        layers, problems = expand_layout(loaded, L)
-        if not problems and any(layer.kind not in ("base", COPY) for layer in layers):
-            raise NotCovered("identity and memory blocks need the block anatomy")
+    counted = isinstance(L, int) and not isinstance(L, bool) and L >= 1
+    layers, problems = expand_layout(loaded, L) if counted else ([], [])
+    if not problems and any(layer.kind not in ("base", COPY) for layer in layers):  # the deepest reason first: it holds for every model type
+        raise NotCovered("identity and memory blocks need the block anatomy")
     arch = ARCHS.get(config.get("model_type"))
     if arch is None or "auto_map" in config:
         raise NotCovered(f"model type {config.get('model_type')!r} is not one the header planner covers" if arch is None else "config.json has an auto_map")
 
-    L = config.get("num_hidden_layers")
-    if not isinstance(L, int) or isinstance(L, bool) or L < 1:
+    if not counted:
         raise NotCovered("config.json does not state num_hidden_layers")
-    layers, problems = expand_layout(loaded, L)
     if problems:
         raise NotCovered("the layout has problems (the full planner reports them)")
-    if any(layer.kind not in ("base", COPY) for layer in layers):
-        raise NotCovered("identity and memory blocks need the block anatomy")
     _check_per_layer_settings(config, arch)
 
     stored_dtype = config.get("dtype", config.get("torch_dtype"))

@@ -223,10 +223,10 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     if not (out / "config.json").is_file():
         raise UsageError(f"{out} is not a model directory (no config.json)")
     plan = read_plan_file(out)  # None: not made by `apply`
-    if base is not None and _not_a_base(Path(base)):
-        raise UsageError(f"--base {base}: {_not_a_base(Path(base))}")
+    if base is not None and (why_not := _not_a_base(Path(base))):
+        raise UsageError(f"--base {base}: {why_not}")
     base_path = base or (Path(plan["base_path"]) if plan and plan.get("base_path") else None)
-    base_gone = base is None and base_path is not None and _not_a_base(base_path)  # moved or deleted since apply
+    base_gone = _not_a_base(base_path) if base is None and base_path is not None else None  # moved or deleted since apply: why
     if base_gone:
         base_path = None
     if not trust_remote_code:
@@ -307,7 +307,7 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
         base_for_generation = base_model  # kept: a generation the base itself cannot do is not the output's fault
     elif base_gone:
         record(Check("identity", True, f"skipped: the base recorded at apply time, {plan['base_path']}, is not there any more "
-                                       f"({_not_a_base(Path(plan['base_path']))}); give --base to compare with it"))
+                                       f"({base_gone}); give --base to compare with it"))
     else:
         record(Check("identity", True, "skipped: no base given (--base) and none recorded"))
 

@@ -282,9 +282,15 @@ def clean_leftovers(out: Path, report=None) -> list[Path]:
             continue
         if entry.is_symlink() or not entry.is_dir():
             continue
-        if not _owner_is_gone(read_marker(entry)) and not _empty_and_old(entry):
+        if _empty_and_old(entry):
+            try:
+                entry.rmdir()  # fails, and keeps it, if anything was put there meanwhile
+            except OSError:
+                continue
+        elif _owner_is_gone(read_marker(entry)):
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
             continue
-        shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
         if report is not None:
             report(f"removed {entry}: a partial output a killed run of midus-surgery left behind")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from midus_surgery.errors import MidusError, UsageError, load_error_line, one_line
 from midus_surgery.io.hf_output import hf_progress_bars
-from midus_surgery.io.output_dir import check_cache_location, input_root
+from midus_surgery.io.output_dir import CHECKPOINT_STATE, check_cache_location, input_root
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,7 +57,7 @@ POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
 def position_limit(model) -> tuple[int, str] | None:
     """How many positions the model's config states, and under which key; None when it states none."""
     config = model.config.get_text_config()
-    for key in POSITION_KEYS:
+    for key in POSITION_KEYS:  # getattr, not the config's dict: a config class's attribute_map aliases count
         limit = getattr(config, key, None)
         if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
             return limit, key
@@ -72,7 +72,8 @@ def context_problem(model, block_size: int) -> str | None:
 
 
 def stated_positions(config_json: dict) -> tuple[int, str] | None:
-    """``position_limit`` from a config.json's contents, before any model is built."""
+    """``position_limit`` from a config.json's contents, before any model is built (keys as written:
+    an alias only the config class knows is found later, by ``context_problem``)."""
     text = config_json.get("text_config") if isinstance(config_json.get("text_config"), dict) else config_json
     for key in POSITION_KEYS:
         limit = text.get(key)
@@ -105,7 +106,7 @@ def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow
     if not path.is_dir():
         raise ModelLoadError(f"{path} is not a directory")
     if not (path / "config.json").is_file():
-        if (path / "trainer_state.json").is_file():  # a run's checkpoint: its state, not a model to load
+        if (path / CHECKPOINT_STATE).is_file():  # a run's checkpoint: its state, not a model to load
             raise ModelLoadError(f"{path} is a training checkpoint (resume state), not a model directory: evaluate the run's export "
                                  "(export.dir, by default run_dir/final), or resume the run to export it")
         raise ModelLoadError(f"{path} is not a model directory (no config.json)")
