@@ -158,6 +158,18 @@ def test_a_malicious_scheduler_is_one_line_from_the_cli(done, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("error: cannot resume from ") and "scheduler.pt: " in err, err
 
 
+def test_a_scheduler_state_of_the_wrong_types_is_one_line(done, tmp_path, capsys):
+    """The resume computes the lr from last_epoch and base_lrs: crafted values were a TypeError traceback."""
+    run, cfg = copy_run(done, tmp_path)
+    for step in (2, 4):
+        path = ckpt(run, step) / "scheduler.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "last_epoch": "four"}))
+        record_size(ckpt(run, step), "scheduler.json")
+    assert cli_main(["train", str(cfg), "--quiet"]) == TrainingError.exit_code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "scheduler.json: " in err and "last_epoch 'four'" in err, err
+
+
 # --------------------------------------------------------------------------- corrupt newest checkpoint
 
 def truncate(path: Path) -> None:

@@ -206,6 +206,11 @@ def scheduler_state(path: Path, current: dict) -> dict:
     if (not isinstance(state, dict) or set(state) - set(current) - {"verbose"} or {"base_lrs", "last_epoch"} - set(state)
             or len(state.get("lr_lambdas") or ()) != len(current["lr_lambdas"])):
         raise ValueError(f"not this run's scheduler state (keys {sorted(state) if isinstance(state, dict) else type(state).__name__})")
+    # the resume computes this step's lr from them: a text or a list of another length is a one-line refusal, not a traceback
+    if (not isinstance(state["last_epoch"], int) or isinstance(state["last_epoch"], bool) or state["last_epoch"] < 0
+            or not isinstance(state["base_lrs"], list) or len(state["base_lrs"]) != len(current["base_lrs"])
+            or not all(isinstance(lr, (int, float)) and not isinstance(lr, bool) for lr in state["base_lrs"])):
+        raise ValueError(f"not this run's scheduler state (last_epoch {state['last_epoch']!r}, base_lrs {str(state['base_lrs'])[:80]})")
     return state
 
 
