@@ -303,7 +303,7 @@ def test_a_resume_under_another_token_budget_says_how_the_schedule_moves(done, t
 def test_a_resume_trains_with_the_optimiser_settings_its_config_states(done, tmp_path):
     """The checkpoint's optimiser and scheduler state hold the lr and weight decay they were written
     with; the run's config (what the start table prints and midus_train.json records) decides, said in
-    a line. Settings that regroup the parameters (freeze) cannot change: one line, not torch's error."""
+    a line. Settings that regroup the parameters (freeze, memory.retrieval) cannot change: one line, not torch's error."""
     run, _ = copy_run(done, tmp_path)
     shutil.rmtree(ckpt(run, 4))  # resume from step 2
     root = done["root"]
@@ -323,6 +323,9 @@ def test_a_resume_trains_with_the_optimiser_settings_its_config_states(done, tmp
     run, _ = copy_run(done, tmp_path / "again")
     cfg = write_config(tmp_path / "frozen.yaml", done["model"], run, root / "corpus", root / "cache", **{**EXTRA, "freeze": "base"})
     with pytest.raises(TrainingError, match=r"freeze: none -> base since it was written, so its optimiser state is for other parameters"):
+        train(load_train_config(cfg))
+    cfg = write_config(tmp_path / "fixed.yaml", done["model"], run, root / "corpus", root / "cache", **{**EXTRA, "memory.retrieval": "frozen"})
+    with pytest.raises(TrainingError, match=r"memory\.retrieval: learned -> frozen since it was written, so its optimiser state"):
         train(load_train_config(cfg))
 
 
