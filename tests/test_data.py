@@ -35,6 +35,10 @@ def test_inputs_files_dirs_globs(tmp_path):
         D.resolve_inputs(["nope.txt"], tmp_path, ["*.txt"])
     with pytest.raises(D.DataError, match="matches no files"):
         D.resolve_inputs(["c/*.md"], tmp_path, ["*.txt"])
+    with pytest.raises(D.DataError) as only_folders:  # a pattern is not searched inside the folders it matches
+        D.resolve_inputs(["c/su*"], tmp_path, ["*.txt"])
+    assert str(only_folders.value) == (f"data: the pattern 'c/su*' matches 1 folder ({tmp_path / 'c' / 'sub'}) and no files; name a folder "
+                                       "to read its files matching ['*.txt'], or end the pattern in file names (e.g. c/su*/*.txt)")
 
 
 def test_tokenise_packs_with_eos_and_caches(tmp_path, tok, monkeypatch):

@@ -60,7 +60,12 @@ def resolve_inputs(entries: Iterable[str], base_dir: Path, dir_glob: Iterable[st
         raw = Path(entry).expanduser()
         path = raw if raw.is_absolute() else base_dir / raw
         if _has_magic(str(entry)):
-            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+            found = [p for p in matches if p.is_file()]
+            if not found and matches:  # only folders: a pattern is not searched inside them, as a folder entry is
+                raise DataError(f"{what}: the pattern {entry!r} matches {len(matches)} folder{'s' if len(matches) > 1 else ''} "
+                                f"({matches[0]}{', ...' if len(matches) > 1 else ''}) and no files; name a folder to read its files "
+                                f"matching {patterns}, or end the pattern in file names (e.g. {entry.rstrip('/')}/*.txt)")
             if not found:
                 raise DataError(f"{what}: the pattern {entry!r} matches no files")
         elif path.is_dir():
