@@ -97,6 +97,12 @@ def test_every_problem_is_listed_at_once(tmp_path):
     assert found == ["layout.interleave.after_every", "memory.bogus", "output.shard_size"]
 
 
+def test_a_shard_size_out_of_range_says_the_range_and_what_was_given(tmp_path):
+    for size, said in (("10KB", "should be at least 1MB, got '10KB'"), ("2000TB", "should be at most 1PB (larger than any model: one shard), got '2000TB'")):
+        [problem] = problems(tmp_path, GOOD.replace("  dir: out\n", f"  dir: out\n  shard_size: {size}\n"))
+        assert (problem.field, problem.message) == ("output.shard_size", said)
+
+
 def test_a_training_config_given_as_a_recipe_is_named_as_such(tmp_path, capsys):
     """One line saying what the file is and which command runs it, not a dozen unknown and missing keys."""
     from midus_surgery.cli import main

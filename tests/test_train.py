@@ -130,7 +130,8 @@ def test_overrides(tmp_path):
     for override, said in (("tokens=true", "tokens: should be a whole number or text, got true"),
                            ("freeze=true", "freeze: should be one of 'none', 'base' or 'memory-only', got true"),
                            ("data.train=[]", "data.train: should have at least 1 item(s), got 0"),
-                           ("data.block_size=1", "data.block_size: should be at least 2, got 1")):
+                           ("data.block_size=1", "data.block_size: should be at least 2, got 1"),
+                           ("tokens=0", "tokens: should be at least 1 token, got 0")):
         with pytest.raises(RecipeError) as err:
             load_train_config(path, [override])
         assert str(err.value) == f"command line ({override}): {said}"

@@ -199,9 +199,9 @@ class OutputSpec(Strict):
     def _size(cls, value: int | str) -> int | str:
         size = parse_size(value)
         if size < 1_000_000:
-            raise ValueError("shard_size must be at least 1MB")
+            raise ValueError(f"should be at least 1MB, got {value!r}")
         if size > MAX_SHARD_BYTES:
-            raise ValueError("shard_size must be at most 1PB (larger than any model: one shard)")
+            raise ValueError(f"should be at most 1PB (larger than any model: one shard), got {value!r}")
         return value
 
     @property

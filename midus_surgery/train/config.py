@@ -174,9 +174,9 @@ class TrainConfig(Strict):
     def _tokens(cls, value: int | str) -> int | str:
         count = parse_count(value)
         if count < 1:
-            raise ValueError("tokens must be at least 1")
+            raise ValueError(f"should be at least 1 token, got {value!r}")
         if count > MAX_TOKENS:
-            raise ValueError(f"tokens must be at most {MAX_TOKENS:.0e} (1000x the largest published pre-training runs)")
+            raise ValueError(f"should be at most {MAX_TOKENS:.0e} tokens (1000x the largest published pre-training runs), got {value!r}")
         return value
 
     @field_validator("resume")
