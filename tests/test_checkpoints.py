@@ -146,6 +146,18 @@ def test_a_malicious_pickle_in_a_checkpoint_never_runs(done, tmp_path, name, leg
         assert result.steps == STEPS
 
 
+def test_a_torn_last_line_in_the_metrics_log_does_not_stop_a_resume(done, tmp_path):
+    """A run killed (or out of disk) while appending to metrics.jsonl leaves a cut-off line: the
+    resume read every line as JSON and stopped with a JSONDecodeError traceback, run after run."""
+    run, cfg = copy_run(done, tmp_path)
+    shutil.rmtree(ckpt(run, 4))  # resume from step 2
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '[1, 2]\n{"step": 3, "loss": 2.3')
+    assert train(load_train_config(cfg)).steps == STEPS
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line whole again
+    assert all(isinstance(r, dict) for r in records) and max(r["step"] for r in records) == STEPS
+
+
 def test_a_malicious_scheduler_is_one_line_from_the_cli(done, tmp_path, capsys):
     run, cfg = copy_run(done, tmp_path)
     marker = tmp_path / "pwned"
@@ -184,6 +196,9 @@ CORRUPTIONS = {
     "rng-truncated": ("rng_state_0.safetensors", truncate),
     "state-truncated": ("trainer_state.json", truncate),
     "state-without-step": ("trainer_state.json", lambda p: p.write_text(json.dumps({k: v for k, v in json.loads(p.read_text()).items() if k != "step"}))),
+    # crafted state files were tracebacks (AttributeError on data.get) instead of a skipped checkpoint
+    "state-data-a-list": ("trainer_state.json", lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "data": ["x"]}))),
+    "state-world-size-text": ("trainer_state.json", lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "world_size": "two"}))),
 }
 
 

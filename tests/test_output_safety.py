@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import re
 import subprocess
 import sys
 import textwrap
@@ -133,9 +134,16 @@ def test_apply_replaces_only_its_own_output(project, capsys):
     # its own output: needs --overwrite, then is replaced whole
     assert apply(str(r)) == 2 and "pass --overwrite" in capsys.readouterr().err
     assert sorted(read_marker(out)["files"]) == sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.name != ".midus-surgery")
-    (out / "model.safetensors").write_bytes(b"changed")  # a file apply wrote: replaced
+    assert apply(str(r), "--overwrite") == 0  # as apply wrote it: replaced
+    # a file apply wrote, edited since (the model card made the user's own): the replacement is refused
+    card = (out / "README.md").read_text()
+    (out / "README.md").write_text(card + "\nMy evaluation notes.\n")
+    capsys.readouterr()
+    assert apply(str(r), "--overwrite") == 2
+    assert "also holds what midus-surgery did not write there: README.md (changed since midus-surgery wrote it)" in capsys.readouterr().err
+    assert (out / "README.md").read_text().endswith("My evaluation notes.\n")
+    (out / "README.md").write_text(card)  # as it was: replaced again
     assert apply(str(r), "--overwrite") == 0
-    assert (out / "model.safetensors").stat().st_size > 100
     # what the user put inside it since, at any depth, is never deleted: the replacement is refused
     (out / "NOTES.md").write_text("my notes")
     (out / "runs" / "r1").mkdir(parents=True)
@@ -193,10 +201,10 @@ def test_leftovers_of_killed_runs_are_removed_but_live_ones_and_foreign_ones_kep
     write_marker(dead, "apply")
     marker = json.loads((dead / MARKER).read_text())
     (dead / MARKER).write_text(json.dumps({**marker, "pid": int(gone)}))
-    live = tmp_path / ".model.partial-live0000"
+    live = tmp_path / ".model.partial-0000beef"
     live.mkdir()
     write_marker(live, "apply")  # this process: still running
-    foreign = tmp_path / ".model.partial-user0000"
+    foreign = tmp_path / ".model.partial-0000cafe"
     foreign.mkdir()  # no marker: not ours
     lines = []
     with atomic_directory(out, kind="apply", report=lines.append) as tmp:
@@ -215,7 +223,7 @@ def test_an_empty_partial_folder_a_kill_left_before_its_marker_is_removed_once_o
 
     out = tmp_path / "model"
     old = time.time() - 3600
-    empty_old, empty_new, full_old = (tmp_path / f".model.partial-{tag}" for tag in ("empty000", "fresh000", "notes000"))
+    empty_old, empty_new, full_old = (tmp_path / f".model.partial-{tag}" for tag in ("0000e000", "0000f000", "0000a000"))
     for folder in (empty_old, empty_new, full_old):
         folder.mkdir()
     (full_old / "notes.txt").write_text("mine")
@@ -223,6 +231,70 @@ def test_an_empty_partial_folder_a_kill_left_before_its_marker_is_removed_once_o
         os.utime(folder, (old, old))
     assert clean_leftovers(out) == [empty_old]
     assert empty_new.is_dir() and (full_old / "notes.txt").read_text() == "mine"
+
+
+def test_leftover_cleaning_keeps_a_users_folders_of_like_names_and_an_old_output_the_user_added_to(tmp_path):
+    """Any hidden folder whose name held '.old-' or '.partial-' was a leftover: a user's
+    `cp -r model .model.old-v1` backup (its marker copied along, its process long gone) was deleted
+    with the notes put in it, and so was an empty `.vim.old-cfg`. Only the names the tool makes
+    (8 hex digits) are candidates, and an old output holding more than it recorded is kept."""
+    import os
+    import time
+
+    out = tmp_path / "model"
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+
+    def dead_output(path: Path) -> Path:
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"x")
+        write_marker(path, "apply")
+        record_written_files(path)
+        marker = json.loads((path / MARKER).read_text())
+        (path / MARKER).write_text(json.dumps({**marker, "pid": gone}))
+        return path
+
+    backup = dead_output(tmp_path / ".model.old-v1")  # the user's own copy
+    (backup / "NOTES.txt").write_text("mine")
+    added_to = dead_output(tmp_path / ".model.old-0123abcd")  # the tool's name, but a user's file inside
+    (added_to / "NOTES.txt").write_text("mine too")
+    ours = dead_output(tmp_path / ".model.old-4567cdef")
+    vim = tmp_path / ".vim.old-cfg"
+    vim.mkdir()
+    old = time.time() - 3600
+    os.utime(vim, (old, old))
+    assert clean_leftovers(out) == [ours]
+    assert (backup / "NOTES.txt").read_text() == "mine" and (added_to / "NOTES.txt").read_text() == "mine too" and vim.is_dir()
+
+
+def test_an_output_that_appears_while_the_tool_writes_is_kept_and_so_is_the_finished_work(tmp_path):
+    """The place is checked before the work (hours before, for a training run's export) and again
+    just before the swap: a user's folder that appeared meanwhile was deleted with its files."""
+    out = tmp_path / "model"
+    with pytest.raises(OutputError) as refused, atomic_directory(out, kind="apply") as tmp:
+        (tmp / "x").write_text("new")
+        out.mkdir()
+        (out / "IMPORTANT.txt").write_text("mine")
+    assert (out / "IMPORTANT.txt").read_text() == "mine"
+    [kept] = [p for p in tmp_path.iterdir() if p.name.startswith("model.new-")]
+    assert (kept / "x").read_text() == "new" and read_marker(kept)["kind"] == "apply"
+    assert str(refused.value) == (f"{out} appeared, holding files not written by midus-surgery (no {MARKER} marker) since this run "
+                                  f"checked it, so it was not replaced; the finished output is in {kept}: move it where you want it")
+
+    # an earlier output of the same command, not to be replaced (no --overwrite), or to be, but with a user's file added
+    for replace, added, said in ((False, False, "appeared, written by midus-surgery apply"),
+                                 (True, True, "now also holds what midus-surgery did not write there (notes.txt)")):
+        target = tmp_path / f"model-{replace}"
+        with atomic_directory(target, kind="apply") as tmp:
+            (tmp / "x").write_text("first")
+        with pytest.raises(OutputError, match=re.escape(said)), atomic_directory(target, kind="apply", replace=replace) as tmp:
+            (tmp / "x").write_text("second")
+            if added:
+                (target / "notes.txt").write_text("mine")
+        assert (target / "x").read_text() == "first"
+    (tmp_path / "model-True" / "notes.txt").unlink()  # as it was written: --overwrite replaces it
+    with atomic_directory(tmp_path / "model-True", kind="apply", replace=True) as tmp:
+        (tmp / "x").write_text("third")
+    assert (tmp_path / "model-True" / "x").read_text() == "third"
 
 
 def test_a_failed_write_leaves_no_partial_directory_nor_the_folders_it_made(tmp_path):
@@ -390,6 +462,59 @@ def test_train_replaces_its_own_export_but_not_an_apply_output(train_project, ca
     assert main(["train", str(cfg2), "--quiet"]) == 2
     assert "choose another directory" in capsys.readouterr().err
     assert (applied / "config.json").read_text() == "{}"
+
+
+def test_train_never_writes_through_a_link_in_its_run_directory(train_project, capsys):
+    """On resume, metrics.jsonl was cut back and appended to through a symlink (a user's log lost
+    its lines) and trace/rank0.jsonl appended to one: a run directory with such links is refused."""
+    cfg = train_config(train_project, **{"log.data_trace": True})
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    run = train_project / "runs" / "a"
+    for name, target in (("metrics.jsonl", "user-log.jsonl"), ("trace/rank0.jsonl", "user-trace.txt")):
+        user = train_project.parent / target
+        user.write_text('{"step": 100, "note": "the user\'s"}\n')
+        (run / name).unlink()
+        (run / name).symlink_to(user)
+    capsys.readouterr()
+    more = train_config(train_project, **{"log.data_trace": True, "tokens": 1024, "resume": "auto"})
+    assert main(["train", str(more), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run} holds symlinks where train writes (metrics.jsonl, trace/rank0.jsonl); train never writes through a link" in err, err
+    for target in ("user-log.jsonl", "user-trace.txt"):
+        assert (train_project.parent / target).read_text() == '{"step": 100, "note": "the user\'s"}\n'
+
+
+def test_an_export_folder_that_appears_during_training_is_kept(train_project, capsys, monkeypatch):
+    """export.dir is checked before training; a folder a user made there during the run was
+    deleted by the export's swap. Now it is kept, and the finished export is put beside it."""
+    from midus_surgery.train import runner
+
+    export = train_project / "exports" / "shared"
+    real = runner.export_model
+
+    def user_first(*args, **kwargs):
+        export.mkdir(parents=True)
+        (export / "IMPORTANT.txt").write_text("a colleague's notes")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "export_model", user_first)
+    assert main(["train", str(train_config(train_project, **{"export.dir": "exports/shared"})), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert (export / "IMPORTANT.txt").read_text() == "a colleague's notes"
+    [kept] = [p for p in export.parent.iterdir() if p.name.startswith("shared.new-")]
+    assert (kept / "model.safetensors").is_file() and read_marker(kept)["kind"] == "train export"
+    assert f"the finished output is in {kept}" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_export_does_not_copy_a_link_that_leads_out_of_init_from(train_project, capsys):
+    """Every non-weight file of init_from travels with the export: a notes.txt linked to a private
+    file was copied in as a plain file, for the user to publish."""
+    secret = train_project.parent / "id_rsa"
+    secret.write_text("SECRET")
+    (train_project / "model" / "notes.txt").symlink_to(secret)
+    assert main(["train", str(train_config(train_project)), "--quiet"]) == 0
+    assert not (train_project / "runs" / "a" / "final" / "notes.txt").exists()
+    assert "warning: notes.txt not copied into the export" in capsys.readouterr().out  # the run's own lines
 
 
 @pytest.mark.parametrize("field", ["run_dir", "export.dir"])

@@ -411,7 +411,7 @@ def fetch(name: str, out: Path, apt: Apt, force: bool = False) -> dict:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             tmp.chmod(0o755)
             write_marker(tmp, "fetch_corpus")
-            replace_directory(tmp, target)  # an existing target was checked before any work (only --force, only ours)
+            replace_directory(tmp, target, kind="fetch_corpus")  # checked before any work (only --force, only ours), and again now
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -278,7 +278,7 @@ def build(out: Path, dtype_name: str, cache: Path, gguf: Path | None = None) -> 
             f.chmod(0o644)
         tmp.chmod(0o755)
         write_marker(tmp, "fetch_smollm2")
-        replace_directory(tmp, out)  # an existing out was checked in main (only --force, only ours)
+        replace_directory(tmp, out, kind="fetch_smollm2")  # checked in main (only --force, only ours), and again now
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -235,7 +235,7 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
         "slot_usage": {str(i): c.summary() for i, c in counters.items()},
         "fixed_retrieval": fixed,
     }
-    with atomic_directory(out, kind=ANALYSIS_KIND) as tmp:
+    with atomic_directory(out, kind=ANALYSIS_KIND, replace=True) as tmp:
         (tmp / "analysis.json").write_text(strict_json(result, indent=1) + "\n")
         if importance:
             _plot_importance(result, tmp / "head_importance.png")

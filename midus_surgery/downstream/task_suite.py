@@ -145,7 +145,7 @@ def build_task_suite(sources: list[str], out: Path, *, items: int = 500, seed: i
         if not rows:
             raise TaskError(f"task text: no item for {name} in {', '.join(sources)}")
     source = json.dumps(", ".join(sources))
-    with atomic_directory(out, kind=SUITE_KIND) as tmp:
+    with atomic_directory(out, kind=SUITE_KIND, replace=True) as tmp:
         for name, rows in made.items():
             (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             template = NEXT_SENTENCE_YAML if name == "midus_next_sentence" else CLOZE_YAML

@@ -25,6 +25,7 @@ run into the same parent.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -44,7 +45,8 @@ WORKSPACE = "workspace"  # the marker kind of a tool's scratch folder: everythin
 RUN_KIND = "train run"  # the marker kind of a training run directory, which train writes into over time
 # What train writes at the top of a run directory (train/runner.py; tests/test_output_safety.py checks a real run)
 RUN_ENTRIES = frozenset({"checkpoints", "final", "metrics.jsonl", "tensorboard", "trace", "loss.png"})
-_LEFTOVER_TAGS = (".partial-", ".old-")
+# The hidden siblings atomic_directory and replace_directory make: exactly these names, nothing like them
+_LEFTOVER_NAME = re.compile(r"^\..+\.(partial|old)-[0-9a-f]{8}$")
 
 
 class OutputError(MidusError):
@@ -99,18 +101,46 @@ def _entries(directory: Path) -> set[str]:
     return found - {MARKER}
 
 
+# Files up to this size are recorded with a digest of their contents (configs, the model card, the
+# tokenizer), larger ones (weights) with their size: what a user edits by hand is the small files.
+DIGEST_MAX_BYTES = 64 * 2**20
+
+
+def _fingerprint(path: Path) -> list:
+    """[size, sha256 or None] of a regular file; None for a link or anything else."""
+    if path.is_symlink() or not path.is_file():
+        return None
+    size = path.stat().st_size
+    if size > DIGEST_MAX_BYTES:
+        return [size, None]
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(2**20), b""):
+            digest.update(chunk)
+    return [size, digest.hexdigest()]
+
+
 def record_written_files(directory: Path) -> None:
-    """Add the names of everything in ``directory`` to its marker: what the tool may later replace."""
+    """Add the names of everything in ``directory`` to its marker, with each file's fingerprint:
+    what the tool may later replace, as it wrote it."""
     marker = read_marker(directory) or {}
-    marker["files"] = sorted(_entries(directory))
+    names = sorted(_entries(directory))
+    marker["files"] = names
+    marker["fingerprints"] = {name: _fingerprint(directory / name) for name in names}
     (Path(directory) / MARKER).write_text(json.dumps(marker) + "\n")
 
 
 def _not_written_by_tool(directory: Path, marker: dict) -> list[str]:
-    """What ``directory`` holds that the tool did not put there: beyond its recorded files, or (a
-    directory written before files were recorded) another output of the tool inside it."""
+    """What ``directory`` holds that the tool did not put there: beyond its recorded files, a recorded
+    file changed since (a model card edited by hand: the user's words now), or (a directory written
+    before files were recorded) another output of the tool inside it."""
     if isinstance(marker.get("files"), list):
-        return sorted(_entries(directory) - set(marker["files"]))
+        found = sorted(_entries(directory) - set(marker["files"]))
+        fingerprints = marker.get("fingerprints")
+        if isinstance(fingerprints, dict):
+            found += [f"{name} (changed since midus-surgery wrote it)" for name, recorded in sorted(fingerprints.items())
+                      if (directory / name).exists() and recorded != _fingerprint(directory / name)]
+        return found
     return sorted(p.parent.relative_to(directory).as_posix() + "/" for p in directory.rglob(MARKER) if p.parent != directory)
 
 
@@ -271,23 +301,25 @@ def clean_leftovers(out: Path, report=None) -> list[Path]:
     """Remove the ``.NAME.partial-*`` / ``.NAME.old-*`` folders that killed runs of this tool left
     beside ``out``, whatever their NAME.
 
-    Only directories carrying this tool's marker, written by a process that is gone, are removed;
-    each removal is reported through ``report`` (one line).
+    Only folders named exactly as the tool names them (``.NAME.partial-`` or ``.NAME.old-`` and 8 hex
+    digits) are candidates: an empty one over a minute old, or one carrying this tool's marker,
+    written by a process that is gone, and (an ``.old-`` folder: a whole output, which records its
+    files) holding nothing beyond what the tool wrote. A user's ``.model.old-v1`` backup, or an old
+    output a user added notes to, is kept. Each removal is reported through ``report`` (one line).
     """
     removed = []
     if not out.parent.is_dir():
         return removed
     for entry in out.parent.iterdir():
-        if not (entry.name.startswith(".") and any(tag in entry.name for tag in _LEFTOVER_TAGS)):
+        if not _LEFTOVER_NAME.match(entry.name) or entry.is_symlink() or not entry.is_dir():
             continue
-        if entry.is_symlink() or not entry.is_dir():
-            continue
+        marker = read_marker(entry)
         if _empty_and_old(entry):
             try:
                 entry.rmdir()  # fails, and keeps it, if anything was put there meanwhile
             except OSError:
                 continue
-        elif _owner_is_gone(read_marker(entry)):
+        elif _owner_is_gone(marker) and not _not_written_by_tool(entry, marker):
             shutil.rmtree(entry, ignore_errors=True)
         else:
             continue
@@ -310,11 +342,14 @@ def _empty_and_old(entry: Path) -> bool:
 
 
 @contextmanager
-def atomic_directory(out: Path, *, kind: str, owner: str | None = None, report=None) -> Iterator[Path]:
+def atomic_directory(out: Path, *, kind: str, owner: str | None = None, replace: bool = False, replaces_owner: str | None = None,
+                     report=None) -> Iterator[Path]:
     """Yield a hidden sibling of ``out`` to write into; on success it becomes ``out``.
 
     Call :func:`check_output_dir` first: an existing ``out`` is swapped out and removed only after
-    the new one is in place. On any failure (KeyboardInterrupt included) the partial directory is
+    the new one is in place, and only when ``replace`` (``--overwrite``, or an export of the same
+    run) and it is still what that check allowed (:func:`replace_directory`): an output of ``kind``
+    for ``replaces_owner`` (when given; else for ``owner``, whom the new one is marked for). On any failure (KeyboardInterrupt included) the partial directory is
     removed and ``out`` is untouched; a SIGKILL leaves only a marked ``.NAME.partial-*`` sibling,
     which the next run into the same parent removes.
     """
@@ -330,7 +365,7 @@ def atomic_directory(out: Path, *, kind: str, owner: str | None = None, report=N
     try:
         write_marker(tmp, kind, owner)
         yield tmp
-        replace_directory(tmp, out)
+        replace_directory(tmp, out, kind=kind, owner=owner if replaces_owner is None else replaces_owner, replace=replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)  # a failed run leaves no trace, not even the empty folders it made
@@ -346,17 +381,57 @@ def _remove_empty(folders: list[Path]) -> None:
             break
 
 
-def replace_directory(new: Path, out: Path) -> None:
-    """Rename the finished directory ``new`` to ``out``; an existing ``out`` (checked by
-    :func:`check_output_dir`) is moved aside first and removed only once ``new`` is in place."""
+def replace_directory(new: Path, out: Path, *, kind: str | None = None, owner: str | None = None, replace: bool = True) -> None:
+    """Rename the finished directory ``new`` to ``out``; an existing ``out`` is moved aside first
+    and removed only once ``new`` is in place.
+
+    ``out`` was checked by :func:`check_output_dir` before the work began, maybe hours ago (a
+    training run's export): it is checked again now, just before the swap, against what may be
+    replaced (``replace``: an existing output of the same ``kind`` and ``owner``, holding only
+    what the tool wrote; an empty folder always). Anything else that appeared meanwhile is kept,
+    and so is the finished work: ``new`` is renamed to a visible ``NAME.new-*`` sibling, and
+    OutputError says where."""
     record_written_files(new)
-    if out.exists():
+    why_not = _why_not_replaceable(out, kind=kind, owner=owner, replace=replace)
+    if why_not:
+        kept = out.parent / f"{out.name}.new-{uuid.uuid4().hex[:8]}"
+        os.replace(new, kept)
+        raise OutputError(f"{out} {why_not} since this run checked it, so it was not replaced; the finished output is in {kept}: "
+                          "move it where you want it")
+    if out.exists() and any(out.iterdir()):
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(out, old)
         os.replace(new, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
+        if out.exists():
+            out.rmdir()  # an empty folder: nothing to lose (fails, and keeps it, if anything appeared in it meanwhile)
         os.replace(new, out)
+
+
+def _why_not_replaceable(out: Path, *, kind: str | None, owner: str | None, replace: bool) -> str | None:
+    """Why the swap may not replace what is at ``out`` now, or None (nothing there, an empty folder,
+    or an output this command may replace that holds only what the tool wrote)."""
+    if out.is_symlink():
+        return "became a symlink"
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return "became a file"
+    if not any(out.iterdir()):
+        return None
+    marker = read_marker(out)
+    if marker is None:
+        return f"appeared, holding files not written by midus-surgery (no {MARKER} marker)"
+    if not replace:
+        return f"appeared, written by {_written_by(marker)}"
+    if kind is not None and (marker.get("kind") != kind or marker.get("owner") != owner):
+        return f"now holds an output of {_written_by(marker)}"
+    foreign = _not_written_by_tool(out, marker)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        return f"now also holds what midus-surgery did not write there ({shown})"
+    return None
 
 
 def use_workspace(root: Path) -> Path:
@@ -451,5 +526,20 @@ def not_written_in_run_dir(run_dir: Path) -> list[str]:
         elif name == "checkpoints" and entry.is_dir():
             found += [f"checkpoints/{x}" for x in not_written_in_checkpoints(entry)]
         elif name in _RUN_FOLDER_FILES and entry.is_dir():
-            found += [f"{name}/{x}" for x in sorted(_entries(entry)) if not _RUN_FOLDER_FILES[name].match(x)]
+            found += [f"{name}/{x}" for x in sorted(_entries(entry)) if not _RUN_FOLDER_FILES[name].match(x) or (entry / x).is_symlink()]
+    return found
+
+
+def links_train_writes_through(run_dir: Path) -> list[str]:
+    """What train would write through a symlink in an existing run directory (relative paths): a
+    top-level entry it writes (metrics.jsonl, loss.png, trace/, ...) that is a link, or a link among
+    the files of its log folders (trace/rank0.jsonl). Writing there would change the link's target,
+    a file the tool did not write."""
+    found = []
+    for name in sorted(RUN_ENTRIES):
+        entry = run_dir / name
+        if entry.is_symlink():
+            found.append(name)
+        elif name in _RUN_FOLDER_FILES and entry.is_dir():
+            found += [f"{name}/{x}" for x in sorted(_entries(entry)) if (entry / x).is_symlink()]
     return found

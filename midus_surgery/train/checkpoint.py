@@ -91,6 +91,10 @@ def read_checkpoint_state(path: Path) -> dict:
         raise ValueError(f"{STATE_FILE}: lacks {', '.join(k for k in STATE_KEYS if not isinstance(state, dict) or k not in state)}")
     if not all(isinstance(state[k], int) and state[k] >= 0 for k in ("step", "samples_seen")):
         raise ValueError(f"{STATE_FILE}: step and samples_seen are not counts")
+    if not isinstance(state["data"], dict):
+        raise ValueError(f"{STATE_FILE}: data is not a mapping (got {type(state['data']).__name__})")
+    if "world_size" in state and not (isinstance(state["world_size"], int) and state["world_size"] >= 1):
+        raise ValueError(f"{STATE_FILE}: world_size is not a process count")
     m = CHECKPOINT_RE.match(path.name)
     if m and state["step"] != int(m.group(1)):
         raise ValueError(f"{STATE_FILE}: says step {state['step']}, the directory step {int(m.group(1))}")

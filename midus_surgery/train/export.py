@@ -15,8 +15,10 @@ from typing import Callable
 
 import torch
 
+from midus_surgery.errors import MidusError
 from midus_surgery.io.json_text import strict_json
 from midus_surgery.io.output_dir import atomic_directory
+from midus_surgery.io.tensor_source import inside_base
 from midus_surgery.model import copy_modeling_files
 
 EXPORT_KIND = "train export"  # the export's output_dir marker: what a later run may replace
@@ -25,9 +27,11 @@ SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.
 
 
 def export_model(acc, model, out: Path, *, run_dir: Path, init_from: Path, dtype: torch.dtype, is_midus: bool, summary: dict,
-                 report: Callable[[str], None]) -> Path:
+                 report: Callable[[str], None], replaces_owner: str | None = None) -> Path:
     """Write the prepared ``model``'s weights, cast to ``dtype``, as the model directory ``out``,
     marked as the export of ``run_dir`` (only a later export of the same run may replace it).
+    ``replaces_owner``: the run whose export at ``out`` the start-of-run check let this one replace
+    (a copied run directory's export names the run it was copied from); default ``run_dir``.
 
     Every process calls it (gathering a sharded model's state dict is collective); the main
     process writes. ``summary`` becomes midus_train.json. ``report``: where the line about each
@@ -43,7 +47,7 @@ def export_model(acc, model, out: Path, *, run_dir: Path, init_from: Path, dtype
         every = {n for n, _ in raw.named_parameters(remove_duplicate=False)}
         state_dict = {k: v for k, v in state_dict.items() if k not in every - {n for n, _ in raw.named_parameters()}}
         state_dict = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
-        with atomic_directory(out, kind=EXPORT_KIND, owner=str(run_dir), report=report) as tmp:
+        with atomic_directory(out, kind=EXPORT_KIND, owner=str(run_dir), replace=True, replaces_owner=replaces_owner, report=report) as tmp:
             # the config says the export's dtype and, for generation, that the KV cache is on again
             old_dtype = raw.config.dtype
             raw.config.dtype, raw.config.use_cache = dtype, True
@@ -53,6 +57,11 @@ def export_model(acc, model, out: Path, *, run_dir: Path, init_from: Path, dtype
                 raw.config.dtype, raw.config.use_cache = old_dtype, False
             for src in init_from.iterdir():
                 if src.is_file() and src.name not in SKIP_FILES and not src.name.endswith(WEIGHT_SUFFIXES) and not (tmp / src.name).exists():
+                    try:  # a link leading out of init_from: the export would carry (and a user publish) a file the model does not hold
+                        inside_base(init_from, src.name, f"init_from's {src.name}")
+                    except MidusError as exc:
+                        report(f"warning: {src.name} not copied into the export: {exc}")
+                        continue
                     shutil.copy2(src, tmp / src.name)
             if is_midus:
                 copy_modeling_files(tmp)

@@ -38,7 +38,8 @@ from midus_surgery.compiler.plan import read_plan_file
 from midus_surgery.errors import RecipeError, TrainingError, one_line
 from midus_surgery.io.json_text import strict_json
 from midus_surgery.io.output_dir import (MARKER, RUN_ENTRIES, RUN_KIND, OutputError, check_cache_location, check_output_dir, input_root,
-                                         hold_marker, not_written_in_checkpoints, read_marker, release_marker, write_marker)
+                                         hold_marker, links_train_writes_through, not_written_in_checkpoints, read_marker, release_marker,
+                                         write_marker)
 from midus_surgery.train import data as D
 from midus_surgery.train import sharding
 from midus_surgery.train.checkpoint import (
@@ -170,6 +171,7 @@ class Runner:
     def __init__(self, loaded: LoadedTrainConfig, *, echo=print):
         self.loaded, self.cfg, self.echo = loaded, loaded.config, echo
         self.resume_notes = []
+        self.export_owner: str | None = None  # set by check_outputs
 
     @property
     def bars(self) -> bool:
@@ -332,6 +334,7 @@ class Runner:
         found = read_marker(self.export_dir)
         if found and found.get("kind") == EXPORT_KIND and self.run_dir in self.export_dir.parents:
             export_owner = found.get("owner")
+        self.export_owner = export_owner  # the export's final swap checks again against it (output_dir.replace_directory)
         if self.run_dir in self.export_dir.parents:
             part = self.export_dir.relative_to(self.run_dir).parts[0]
             if part in RUN_ENTRIES - {"final"}:  # checkpoints/ (pruned, rewritten), tensorboard/, ...: an export there deletes them
@@ -341,6 +344,11 @@ class Runner:
         if extras:  # checkpoints are pruned (keep_last) and rewritten: what else they hold would go with them
             raise RecipeError([loaded.problem(("run_dir",), f"{self.ckpt_root} also holds what midus-surgery did not write there "
                                               f"({', '.join(extras[:5])}); train prunes and rewrites checkpoints: move them out first")])
+        links = links_train_writes_through(self.run_dir) if self.run_dir.is_dir() else []
+        if links:
+            raise RecipeError([loaded.problem(("run_dir",), f"{self.run_dir} holds symlinks where train writes ({', '.join(links[:5])}); "
+                                              "train never writes through a link, which would change the file it points to: remove "
+                                              "the links, or choose another run_dir")])
         # where a problem is reported: the key in the config, or run_dir for the default export
         export_at = (("export", "dir"), "") if cfg.export.dir else (("run_dir",), f"the export (export.dir not set: {self.export_dir}): ")
         for where, said, path, kind, owner, extra, into in (
@@ -633,7 +641,7 @@ class Runner:
                    "held_out": final_eval, "config": self.cfg.model_dump(mode="json")}
         return export_model(self.acc, self.model, self.export_dir, run_dir=self.run_dir, init_from=self.init_from,
                             dtype=DTYPES.get(str(dtype_name).replace("torch.", ""), torch.float32), is_midus=self.is_midus,
-                            summary=summary, report=self.say)
+                            summary=summary, report=self.say, replaces_owner=self.export_owner)
 
     # ---------------------------------------------------------------- evaluation and logs
     def evaluate(self) -> dict | None:
@@ -694,7 +702,7 @@ class Runner:
         if self.acc.is_main_process:
             metrics = self.run_dir / "metrics.jsonl"
             if metrics.exists():  # drop what a killed run logged after its last checkpoint
-                keep = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= self.step]
+                keep = [line for line, record in metric_lines(metrics) if record.get("step", 0) <= self.step]
                 metrics.write_text("".join(line + "\n" for line in keep) if self.resume_from is not None else "")
             if cfg.log.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
@@ -792,9 +800,9 @@ class Runner:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        recs = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        train = [(r["tokens"], r["loss"]) for r in recs if "loss" in r]
-        held = [(r["tokens"], r["eval_loss"]) for r in recs if "eval_loss" in r]
+        recs = [record for _, record in metric_lines(self.run_dir / "metrics.jsonl")]
+        train = [(r["tokens"], r["loss"]) for r in recs if "loss" in r and "tokens" in r]
+        held = [(r["tokens"], r["eval_loss"]) for r in recs if "eval_loss" in r and "tokens" in r]
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
         if train:
             ax.plot(*zip(*train), label="train loss", lw=1.2)
@@ -813,7 +821,22 @@ class Runner:
         path = self.run_dir / "metrics.jsonl"
         if not self.acc.is_main_process or not path.exists():
             return False
-        return any('"eval_loss"' in line and json.loads(line)["step"] == step for line in path.read_text().splitlines() if line.strip())
+        return any("eval_loss" in record and record.get("step") == step for _, record in metric_lines(path))
+
+
+def metric_lines(path: Path) -> list[tuple[str, dict]]:
+    """The lines of metrics.jsonl with their records. A line that is not a JSON object is skipped:
+    what a run killed (or out of disk) in the middle of a write leaves as its last line, after the
+    last checkpoint, which a resume drops anyway."""
+    found = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step", 0), int):
+            found.append((line, record))
+    return found
 
 
 def _enable_activation_checkpointing(model) -> None:
