@@ -10,7 +10,7 @@ import signal
 import sys
 from collections import Counter
 
-from midus_surgery.errors import MidusError, RecipeError, one_line
+from midus_surgery.errors import MachineError, MidusError, RecipeError, one_line
 from midus_surgery.io.json_text import strict_json
 from midus_surgery.units import human_count
 
@@ -72,6 +72,8 @@ def cmd_validate(args) -> int:
         try:
             planned = check_planned(plan_recipe(path))
             _check_output_location(planned.loaded)
+        except MachineError:
+            raise  # the machine, not this recipe: one error line, not INVALID
         except MidusError as exc:
             failed += 1
             err.print(f"[bold red]INVALID[/] {path}", markup=True)
@@ -180,9 +182,10 @@ def _run_verify(path, base, trust_remote_code: bool) -> int:
     from pathlib import Path
 
     from midus_surgery.emit.verify import verify
-    from midus_surgery.io.hf_output import hf_progress_bars
+    from midus_surgery.io.hf_output import transformers_quiet
 
-    with hf_progress_bars(False):  # a checklist: transformers' load / save bars for each model would bury it
+    # a checklist: transformers' load / save bars for each model would bury it, and its GGUF reader's bare bar too
+    with transformers_quiet(progress=False):
         checks = verify(Path(path), Path(base) if base else None, trust_remote_code=trust_remote_code, report=_print_check)
     failed = [c.name for c in checks if not c.ok]
     if failed:

@@ -67,6 +67,13 @@ class RecipeError(MidusError):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
+class MachineError(MidusError):
+    """This machine, not the user's input, stops the command (a full temporary disk): said as such,
+    never as an invalid recipe."""
+
+    exit_code = 1
+
+
 class BaseModelError(MidusError):
     """The base model's files are unusable or disagree with each other (a corrupt shard, an index
     naming files outside the base, a config.json that does not describe the weights)."""

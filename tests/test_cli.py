@@ -167,6 +167,30 @@ def test_validate_says_a_bank_too_large_to_build_is_too_large(tiny_base, tmp_pat
     assert "1,099,511,627,776 values" in text and "accept_function_change" not in text
 
 
+def test_a_full_temp_disk_is_said_as_such_not_blamed_on_the_recipe(tiny_base, tmp_path, capsys, monkeypatch):
+    """The replica check writes tiny models under TMPDIR: a full one read 'INVALID ... set
+    accept_function_change: true', advice that turns off the guard for a recipe that is fine."""
+    import errno
+
+    from midus_surgery.emit import replica
+
+    def full(*args, **kwargs):  # as safetensors words it
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    body = "layout: {interleave: {after: [1], kind: identity}}\noutput: {dir: out}\n"
+    for cause in ("writing", "making the folder"):
+        monkeypatch.setattr(replica, "_RESULTS", {})
+        if cause == "writing":
+            monkeypatch.setattr(replica, "_run_replica", full)
+        else:
+            monkeypatch.setattr(replica.tempfile, "TemporaryDirectory", lambda **kw: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+        code, text = validate_lines(tmp_path, capsys, tiny_base, body)
+        assert code == 1 and "INVALID" not in text and "accept_function_change" not in text, text
+        assert text.startswith("error: cannot check the recipe on a tiny replica of the base: writing its temporary files in "), text
+        assert "No space left on device" in text and text.strip().endswith("point TMPDIR at a disk with room, and run again"), text
+        assert len(text.strip().splitlines()) == 1, text
+
+
 @pytest.mark.parametrize("out_dir, message", [
     ("''", "output.dir: should be a path, got an empty text"),
     (".", "contains the recipe"),

@@ -425,6 +425,47 @@ def run_cli(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.Comple
                           stdin=subprocess.DEVNULL, env=subprocess_env(tmp_path), timeout=timeout, cwd=tmp_path)
 
 
+def test_a_base_whose_auto_map_names_only_its_tokenizer_applies_and_verifies_without_running_it(llama, tmp_path, capsys):
+    """auto_map entries that build nothing here (a tokenizer's own class) do not change the causal
+    LM: an identity recipe was refused ('tok.py is not a file in the base directory', from the
+    replica's folder), and verify of its output refused with an empty list of classes."""
+    base = copy_base(llama, tmp_path / "tokcode")
+    marker = tmp_path / "ran"
+    (base / "tok.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    edit_config(base, auto_map={"AutoTokenizer": [None, "tok.Tok"]})
+    recipe = write_recipe(tmp_path, base, layout=IDENTITY)
+    assert main(["validate", str(recipe)]) == 0, capsys.readouterr().err
+    assert main(["apply", str(recipe), "--quiet"]) == 0, capsys.readouterr().err
+    out = tmp_path / "out" / "tokcode"
+    assert (out / "tok.py").is_file()  # the config's auto_map names it: it travels, unread
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 0, capsys.readouterr()
+    assert not marker.exists()
+
+
+def test_a_gguf_bases_tokenizer_is_read_with_the_recipes_trust_never_none(tmp_path, monkeypatch):
+    """transformers asks on the terminal whether to run a folder's tokenizer code when
+    trust_remote_code is None; a 'y' ran it though the recipe never allowed code."""
+    from transformers import AutoTokenizer
+
+    from midus_surgery.emit import emitter
+
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code", "not given"))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", record)
+
+    class Ref:
+        is_gguf, directory, gguf_file = True, tmp_path, "model.gguf"
+
+    for trust in (False, True):
+        emitter._copy_tokenizer(Ref(), tmp_path, trust)
+    assert seen == [False, True]
+
+
 def test_custom_code_is_refused_unless_the_recipe_trusts_it(custom, tmp_path, capsys):
     recipe = write_recipe(tmp_path, custom)
     for command in ("apply", "validate"):

@@ -244,7 +244,7 @@ def load_base_config(loaded: LoadedRecipe):
             if problem:
                 raise RecipeError([loaded.problem(("base", "path" if spec.gguf_file is None else "gguf_file"), problem)])
             with transformers_quiet():
-                config = AutoConfig.from_pretrained(ref.directory, gguf_file=ref.gguf_file)
+                config = AutoConfig.from_pretrained(ref.directory, gguf_file=ref.gguf_file, trust_remote_code=spec.trust_remote_code)
         elif ref.exists or spec.config is not None:
             path = ref.directory / "config.json" if ref.exists else loaded.resolve(spec.config)
             if not ref.exists:

@@ -178,12 +178,12 @@ Made by `midus-surgery apply` from a `{plan.model_type}` base of {plan.base_num_
 """
 
 
-def _copy_tokenizer(ref, dest: Path) -> None:
+def _copy_tokenizer(ref, dest: Path, trust_remote_code: bool) -> None:
     if ref.is_gguf:
         from transformers import AutoTokenizer
 
-        try:
-            AutoTokenizer.from_pretrained(ref.directory, gguf_file=ref.gguf_file).save_pretrained(dest)
+        try:  # trust_remote_code explicit (the recipe's): with None transformers asks on the terminal whether to run the folder's code
+            AutoTokenizer.from_pretrained(ref.directory, gguf_file=ref.gguf_file, trust_remote_code=trust_remote_code).save_pretrained(dest)
         except Exception as exc:  # noqa: BLE001 - a base without a usable tokenizer still emits
             _warn(f"no tokenizer written (the GGUF's could not be read: {exc})")
         return
@@ -234,10 +234,11 @@ def emit(planned: PlannedRecipe, *, out_dir: Path | None = None, overwrite: bool
     out = check_apply_output(planned.loaded, ref, out_dir, overwrite)
     prefixes = tuple({t.name.split(".", 1)[0] for t in planned.plan.tensors if "." in t.name})
     source = open_base_tensors(ref, allow_pickle=allow_pickle, prefixes=prefixes, model_type=planned.plan.model_type,
-                               renames=planned.renames, needed=[t.source for t in planned.plan.tensors if t.source is not None], progress=progress)
+                               renames=planned.renames, needed=[t.source for t in planned.plan.tensors if t.source is not None], progress=progress,
+                               trust_remote_code=planned.loaded.recipe.base.trust_remote_code)
     try:
         check_tied_copies(planned, source)
-        with atomic_directory(out, kind="apply", report=_note) as tmp:
+        with atomic_directory(out, kind="apply", replace=overwrite, report=_note) as tmp:
             num_bytes, shards = _write_weights(planned, source, tmp, progress)
             _write_companions(planned, ref, tmp)
     finally:
@@ -384,7 +385,7 @@ def _write_companions(planned: PlannedRecipe, ref, tmp: Path) -> None:
                 shutil.copy2(path, tmp / path.name)
         except ValueError as exc:
             raise MidusError(str(exc)) from None
-    _copy_tokenizer(ref, tmp)
+    _copy_tokenizer(ref, tmp, recipe.base.trust_remote_code)
     _write_generation_config(ref, config_dict, tmp)
     recipe_text = Path(planned.loaded.source.file).read_text()
     (tmp / "midus_recipe.yaml").write_text(recipe_text)

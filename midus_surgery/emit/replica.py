@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 
 from midus_surgery.compiler.planned import PlannedRecipe
-from midus_surgery.errors import RecipeError, one_line
+from midus_surgery.errors import MachineError, RecipeError, one_line
 
 REPLICA_SEED = 0
 NORM_PERTURBATION = 0.3  # added to every 1-D parameter (norm weights, biases), times N(0, 1)
@@ -107,7 +107,7 @@ def _difference(planned: PlannedRecipe, emit) -> str | None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads only contend
     try:
-        with tempfile.TemporaryDirectory(prefix="midus-replica-") as tmp, warnings.catch_warnings():
+        with _temp_folder() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quiet = io.StringIO()
             with contextlib.redirect_stderr(quiet), contextlib.redirect_stdout(quiet):
@@ -118,9 +118,41 @@ def _difference(planned: PlannedRecipe, emit) -> str | None:
                 except Exception as exc:  # noqa: BLE001 - what would break the real output: a refusal, not a traceback
                     if _out_of_memory(exc):  # no accept_function_change can help: say what is too large
                         raise _too_large(planned, exc) from None
+                    if _disk_problem(exc):  # the machine's temp disk, not the recipe
+                        raise _temp_disk_error(tmp, exc) from None
                     return f"the recipe applied to a tiny replica of the base fails ({one_line(exc, 200)}), so the output would not load or run"
     finally:
         torch.set_num_threads(threads)
+
+
+# what a full, size-capped or read-only temp disk raises, as OSError or inside safetensors' and torch's own errors
+_DISK_PROBLEMS = ("No space left on device", "Disk quota exceeded", "File too large", "Read-only file system", "os error 28")
+
+
+def _disk_problem(exc: BaseException) -> bool:
+    return any(text in str(exc) for text in _DISK_PROBLEMS)
+
+
+def _temp_disk_error(tmp: str | None, exc: BaseException) -> MachineError:
+    where = tmp or tempfile.gettempdir()
+    return MachineError(f"cannot check the recipe on a tiny replica of the base: writing its temporary files in {where} failed "
+                      f"({one_line(exc, 160)}); free space there, or point TMPDIR at a disk with room, and run again")
+
+
+@contextlib.contextmanager
+def _temp_folder():
+    """The replica's temporary folder; a temp disk that cannot hold it is said as such, not as the recipe's fault."""
+    try:
+        folder = tempfile.TemporaryDirectory(prefix="midus-replica-")
+    except OSError as exc:
+        raise _temp_disk_error(None, exc) from None
+    try:
+        yield folder.name
+    finally:
+        try:
+            folder.cleanup()
+        except OSError:
+            pass
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -170,6 +202,7 @@ def _run_replica(planned: PlannedRecipe, tmp: Path, emit) -> str | None:
         return ("whether the identity and memory blocks start as the identity could not be checked: no tiny replica of the base "
                 f"builds and runs ({'; '.join(problems[:2]) or 'too large'})")
     base.save_pretrained(tmp / "base")
+    _keep_building_code_only(tmp / "base" / "config.json")
     recipe = planned.loaded.recipe
     tiny_recipe = recipe.model_copy(update={
         "base": recipe.base.model_copy(update={"path": str(tmp / "base"), "config": None, "gguf_file": None}),
@@ -187,6 +220,27 @@ def _run_replica(planned: PlannedRecipe, tmp: Path, emit) -> str | None:
     if diff == 0.0:
         return None
     return _where_it_parts(planned, want.hidden_states, got.hidden_states, diff)
+
+
+def _keep_building_code_only(config_path: Path) -> None:
+    """The replica's config keeps only the auto_map entries that build the model: a base whose
+    auto_map also names, say, its tokenizer's class has that file in its own folder, not in the
+    replica's, and the emitter (which copies the files auto_map names) would fail there for a
+    reason that has nothing to do with the function being checked."""
+    from midus_surgery.compiler.custom_code import BUILDING_KEYS
+
+    config = json.loads(config_path.read_text())
+    auto_map = config.get("auto_map")
+    if not isinstance(auto_map, dict):
+        return
+    building = {k: v for k, v in auto_map.items() if k in BUILDING_KEYS}
+    if building == auto_map:
+        return
+    if building:
+        config["auto_map"] = building
+    else:
+        del config["auto_map"]
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _perturb(model) -> None:

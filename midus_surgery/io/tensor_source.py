@@ -393,8 +393,12 @@ def _check_fits_in_memory(num_bytes: int, where: Path) -> None:
 
 
 def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, ...], model_type: str,
-                      renames: list[tuple[str, str]] | None = None, needed: Iterable[str] = (), progress: bool = True) -> TensorSource:
+                      renames: list[tuple[str, str]] | None = None, needed: Iterable[str] = (), progress: bool = True,
+                      trust_remote_code: bool = False) -> TensorSource:
     """renames: the checkpoint -> module renames when known (None: ask transformers, ``checkpoint_renames``).
+
+    trust_remote_code: the recipe's ``base.trust_remote_code``, passed to every transformers load
+    (never None, with which transformers asks on the terminal whether to run the folder's code).
 
     needed: the module tensor names the caller will read. When a safetensors checkpoint lacks some
     of them (transformers converts this architecture's tensors on load),
@@ -405,7 +409,8 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
     if ref.is_gguf:
         import torch
 
-        return _loaded_by_transformers(ref, prefixes, "GGUF, dequantised", progress=progress, gguf_file=ref.gguf_file, dtype=torch.float32)
+        return _loaded_by_transformers(ref, prefixes, "GGUF, dequantised", progress=progress, gguf_file=ref.gguf_file, dtype=torch.float32,
+                                      trust_remote_code=trust_remote_code)
     if renames is None:
         renames = checkpoint_renames(model_type)
     if any(ref.directory.glob("*.safetensors")):
@@ -416,7 +421,7 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
             # it is the authority, and the load is strict (_loaded_by_transformers)
             _check_fits_in_memory(sum(p.stat().st_size for p in ref.directory.glob("*.safetensors")), ref.directory)
             how = f"its safetensors files hold no {absent[0]} under that name; transformers converts some checkpoints on load"
-            return _loaded_by_transformers(ref, prefixes, how, progress=progress, dtype="auto")
+            return _loaded_by_transformers(ref, prefixes, how, progress=progress, dtype="auto", trust_remote_code=trust_remote_code)
         return source
     bins = sorted(ref.directory.glob("*.bin"))
     if bins:
