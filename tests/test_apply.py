@@ -337,8 +337,32 @@ def test_verify_prints_its_checklist_without_transformers_bars(bases, tmp_path, 
     hf_logging.enable_progress_bar()  # as in a fresh process
     assert main(["verify", str(out)]) == 0
     text = capsys.readouterr()
-    assert text.out.count("PASS ") == 7 and "verify: all 7 checks passed" in text.out  # tensors, batch, identity (+ perturbed), kv-cache (+ padded batch), round-trip
+    assert text.out.count("PASS ") == 8 and "verify: all 8 checks passed" in text.out  # tensors, batch, identity (+ perturbed), weights, kv-cache (+ padded batch), round-trip
     assert "Loading weights" not in text.err and "Writing" not in text.err and hf_logging.is_progress_bar_enabled()
+
+
+def test_verify_draws_no_bare_bar_of_transformers_into_its_output(tmp_path, capsys, monkeypatch):
+    """transformers' GGUF reader draws a bare tqdm bar ("Converting and de-quantizing GGUF
+    tensors") outside its own progress-bar switch: verify against a GGUF base wrote its frames into
+    the checklist's log."""
+    import sys
+
+    from tqdm import tqdm
+
+    from midus_surgery.cli import main
+    from midus_surgery.emit import verify as verify_module
+
+    def loads_a_gguf(path, base, *, trust_remote_code, report):
+        for _ in tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...", file=sys.stderr):
+            pass
+        check = verify_module.Check("tensors", True, "3 tensors on disk, all loaded")
+        report(check)
+        return [check]
+
+    monkeypatch.setattr(verify_module, "verify", loads_a_gguf)
+    assert main(["verify", str(tmp_path)]) == 0
+    text = capsys.readouterr()
+    assert "GGUF" not in text.err + text.out and "PASS tensors" in text.out
 
 
 def test_missing_tensor_is_a_load_error(bases, tmp_path):

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest, and steady on a busy machine
 
-NAMES = ["tensors", "batch", "identity", "identity (perturbed)", "kv-cache", "kv-cache (padded batch)", "round-trip"]
+NAMES = ["tensors", "batch", "identity", "identity (perturbed)", "weights", "kv-cache", "kv-cache (padded batch)", "round-trip"]
 
 
 def emitted(bases, tmp_path, arch: str, kind: str):
@@ -59,6 +59,9 @@ def test_correct_outputs_pass_every_check(arch, kind, bases, tmp_path):
     assert "in both models" in perturbed and ": 0 (must be 0" in perturbed
     assert "as loaded and with the all-zero weights filled" in checks["batch"].detail
     assert "agrees with and without KV cache and with each prompt alone" in checks["kv-cache (padded batch)"].detail
+    assert "tensors equal, bit for bit, the base tensors the layer map says they copy" in checks["weights"].detail
+    # LLaMA-Pro zeroes its blocks' output projections; a MIDUS block drops them (its FFN is the memory)
+    assert ("zeroed or reshaped in identity and memory blocks" in checks["weights"].detail) == (kind == "llama-pro")
 
 
 def _row0_for_every_row(self, x, *args, **kwargs):
@@ -282,6 +285,37 @@ def test_a_generation_that_fails_on_a_padded_batch_is_a_one_line_failed_check(ba
         "generation for a left-padded batch of 2 fails: RuntimeError: index out of range in self (as loaded)")
 
 
+def test_a_dus_copy_must_be_its_base_layer_bit_for_bit(bases, tmp_path):
+    """Plain copies change the function, so no logit check can say they are copies: the weights
+    check does, tensor by tensor along the layer map."""
+    out = emitted(bases, tmp_path, "llama", "dus")
+    checks = run(out)
+    assert failed(checks) == [] and checks["logits"].ok, {n: c.detail for n, c in checks.items()}
+    copy = next(la for la in json.loads((out / "midus_plan.json").read_text())["layers"] if la["kind"] == "copy")
+    tensors = load_file(out / "model.safetensors")
+    name = f"model.layers.{copy['index']}.self_attn.q_proj.weight"
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    checks = run(out)
+    assert failed(checks) == ["weights"]
+    assert checks["weights"].detail.startswith(f"1 of the output's tensors differ from the base tensors the layer map says they copy (e.g. {name})")
+
+
+@pytest.mark.parametrize(("kind", "failing"), [("dus", ["weights"]), ("llama-pro", ["identity", "identity (perturbed)", "weights"])])
+def test_a_base_of_the_same_shapes_that_is_not_the_outputs_fails(kind, failing, bases, tmp_path):
+    """A model of the same config and vocabulary, other weights: plain copies passed every check
+    against it (logits are only compared, perplexity only printed, when blocks are copies)."""
+    from transformers import AutoConfig
+
+    out = emitted(bases, tmp_path, "llama", kind)
+    torch.manual_seed(123)
+    other = tmp_path / "not-the-base"
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(bases["llama"])).save_pretrained(other)
+    checks = {c.name: c for c in verify(out, other, report=lambda c: None)}
+    assert failed(checks) == failing
+    assert "this is not the base the output was made from, or the output was changed since apply" in checks["weights"].detail
+
+
 def test_pad_id_is_the_models_when_in_the_vocabulary_else_0(bases):
     model = AutoModelForCausalLM.from_pretrained(bases["gpt2"])
     assert verify_module._pad_id(model, 128) == 2  # no pad id: the eos id
@@ -301,6 +335,7 @@ def test_a_trained_output_is_compared_by_perplexity_not_by_identity(bases, tmp_p
     (out / "midus_train.json").write_text(json.dumps({"steps": 1}))
     checks = run(out)
     assert "identity" not in checks and "identity (perturbed)" not in checks
+    assert checks["weights"].detail == "skipped: trained since apply, so its weights are no longer the base's"
     assert checks["logits"].ok and "trained since apply" in checks["logits"].detail and "perplexity" in checks["logits"].detail
     assert failed(checks) == []
 

@@ -7,7 +7,8 @@ this package's, byte for byte, or with --trust-remote-code are the code the chec
 permuted: a block that mixes rows, e.g. one that unpacks a tensor as if it were a tuple, fails),
 ``identity`` (function-preserving plans: the logits equal the base's bit for bit; ``logits``
 otherwise), ``identity (perturbed)`` (the same with the base's norm weights and biases moved far
-from their init in both models: a block that is the identity only at init fails), ``kv-cache``
+from their init in both models: a block that is the identity only at init fails), ``weights``
+(each tensor the layer map traces to a base tensor equals it bit for bit), ``kv-cache``
 (greedy generation with and without the cache agree), ``kv-cache (padded batch)`` (the same for a
 left-padded batch of two prompts, each also as generated alone) and ``round-trip``
 (save_pretrained + reload).
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from midus_surgery.compiler.custom_code import BUILDING_KEYS
 from midus_surgery.compiler.plan import guess_layers_path, read_plan_file
 from midus_surgery.errors import MidusError, UsageError, load_error_line, one_line
 
@@ -183,8 +185,10 @@ def _refuse_own_code(out: Path, plan: dict | None) -> None:
                          "which verify runs only when told to: read that code, then pass --trust-remote-code")
     config = _config_dict(out)  # unreadable: {}, and the load check says what is wrong with it
     auto_map = config.get("auto_map")
-    if isinstance(auto_map, dict) and auto_map and config.get("model_type") != "midus":
-        names = ", ".join(f"{k} -> {v}" for k, v in sorted(auto_map.items()) if isinstance(v, str))
+    # only the entries that build the config or the causal LM: a tokenizer's own class is not what the checks load
+    building = {k: v for k, v in auto_map.items() if k in BUILDING_KEYS} if isinstance(auto_map, dict) else {}
+    if building and config.get("model_type") != "midus":
+        names = ", ".join(f"{k} -> {v}" for k, v in sorted(building.items()))
         raise NeedsTrust(f"{out}/config.json maps its model to its own code (auto_map: {names[:200]}), which verify runs only when "
                          "told to: read that code, then pass --trust-remote-code (without it transformers would check another class)")
 
@@ -288,13 +292,19 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
                                              f"{out_vocab:,}: it is not this output's base"))
             return checks
         rounded = _round_to_stored_dtype(base_model, _config_dict(out).get("dtype"))
+        trained = (out / "midus_train.json").is_file()  # written by `midus-surgery train` on export
+        if plan is None:
+            weights = Check("weights", True, "skipped: no midus_plan.json, so which base layer each layer copies is not known")
+        elif trained:
+            weights = Check("weights", True, "skipped: trained since apply, so its weights are no longer the base's")
+        else:
+            weights = weights_check(out, base_model, plan)  # before the base runs (weights_check says why)
         try:
             base_logits = _logits(base_model, ids)
         except Exception as exc:  # noqa: BLE001
             record(Check("identity", False, f"the base model {base_dir} fails to run a forward pass: {one_line(exc, 300)}"))
             return checks
         diff = float((logits - base_logits).abs().max())
-        trained = (out / "midus_train.json").is_file()  # written by `midus-surgery train` on export
         if not trained and (plan is None or function_preserving(plan)):
             against = f"the base rounded to {rounded}, the output's dtype" if rounded else "the base"
             record(Check("identity", diff == 0.0, f"max |logit difference| against {against}: {diff:g} (every inserted block starts as the identity, so it must be 0)"))
@@ -304,6 +314,7 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
             why = ("trained since apply" if trained else "the recipe accepts blocks that do not start as the identity"
                    if plan and plan.get("function_preserving") is False else "plain copies or random memory change the function")
             record(Check("logits", True, f"max |logit difference| against the base: {diff:.4g} ({why}); perplexity on the sample: base {ppl_base:.2f}, output {ppl_out:.2f}"))
+        record(weights)
         base_for_generation = base_model  # kept: a generation the base itself cannot do is not the output's fault
     elif base_gone:
         record(Check("identity", True, f"skipped: the base recorded at apply time, {plan['base_path']}, is not there any more "
@@ -518,6 +529,65 @@ def perturbed_identity_check(model, base_model, plan: dict | None, ids: torch.Te
                  f"max |logit difference| against the base with {len(base_moves)} of its norm weights and biases moved by "
                  f"{PERTURB_SCALE:g} x N(0, 1) in both models ({len(moves)} tensors of the output): {diff:g} (must be 0: an inserted "
                  f"block may not be the identity only at the base's init)")
+
+
+def _disk_tensors(path: Path):
+    """(name, tensor) of every tensor in an output's safetensors files, one at a time."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    for file in files:
+        with safe_open(str(path / file), framework="pt") as handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+
+
+@torch.no_grad()
+def weights_check(out: Path, base_model, plan: dict) -> Check:
+    """Every tensor of the output that the plan's layer map traces to a base tensor is that tensor,
+    bit for bit (the base rounded to the output's dtype): the copies a DUS layer map promises, and
+    the base layers themselves. The logit checks cannot say this for plain copies (they change the
+    function), and a same-vocabulary model that is not the base would pass them. The surgery's own
+    changes are allowed where it makes them: in identity and memory blocks, a tensor it zeroed (an
+    output projection) or reshaped, and tensors with new names (the memory).
+
+    The output's tensors are read as written (apply writes the model's own names), the base's as
+    loaded and not yet run: some models rescale their weights by layer index in their first
+    forward pass (RWKV), so a loaded copy and its source differ once run, though the files agree."""
+    name = "weights"
+    base_sd = base_model.state_dict()
+    layers_path = plan.get("layers_path") or guess_layers_path(dict.fromkeys(_file_tensor_names(out)), len(plan["layers"]))
+    if not layers_path:
+        return Check(name, True, "skipped: the plan does not say where the decoder layers are")
+    layer_source = {int(layer["index"]): int(layer["source"]) for layer in plan["layers"]}
+    inserted = {int(layer["index"]) for layer in plan["layers"] if layer["kind"] in ("identity", "memory")}
+    prefix = layers_path + "."
+
+    def in_inserted_block(oname: str) -> bool:
+        index = oname[len(prefix):].partition(".")[0] if oname.startswith(prefix) else ""
+        return index.isdigit() and int(index) in inserted
+
+    same = changed_by_surgery = 0
+    differ: list[str] = []
+    for oname, tensor in _disk_tensors(out):
+        btensor = base_sd.get(_base_name(oname, layers_path, layer_source))
+        if btensor is None:
+            continue  # a tensor of the surgery's own (the memory), or a name the base does not have
+        if btensor.shape == tensor.shape and torch.equal(btensor.to(tensor.dtype), tensor):
+            same += 1
+        elif in_inserted_block(oname) and (btensor.shape != tensor.shape or not tensor.any()):
+            changed_by_surgery += 1
+        else:
+            differ.append(oname)
+    if differ:
+        return Check(name, False, f"{len(differ)} of the output's tensors differ from the base tensors the layer map says they copy "
+                                  f"(e.g. {', '.join(differ[:3])}); {same} are equal: this is not the base the output was made from, "
+                                  "or the output was changed since apply")
+    if not same:
+        return Check(name, False, "no tensor of the output has a counterpart of the same name in the base: it is not this output's base")
+    zeroed = f", {changed_by_surgery} zeroed or reshaped in identity and memory blocks" if changed_by_surgery else ""
+    return Check(name, True, f"{same} tensors equal, bit for bit, the base tensors the layer map says they copy{zeroed}")
 
 
 # ----------------------------------------------------------------------------------------------
