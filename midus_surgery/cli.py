@@ -480,6 +480,8 @@ def _dispatch(args) -> int:
     except OSError as exc:
         if exc.errno in FULL_DISK_ERRNOS:
             return _disk_full(exc)
+        if exc.errno == errno.EPIPE:
+            return _reader_gone()
         if exc.filename is None:
             raise
         # a path the system will not make or open (/proc/x: FileNotFoundError on mkdir): one line too
@@ -510,6 +512,17 @@ def _disk_full(exc: BaseException) -> int:
     err.print(f"error: the disk is full{where} ({one_line(exc, 200)}); nothing half-written was kept: free space and run again",
               markup=False)
     return 1
+
+
+def _reader_gone() -> int:
+    """The reader of the output went away (``| head``): stop quietly, as a Unix tool that SIGPIPE
+    ends does (exit 141), with nothing half-written left (the same clean-up as any failure ran on
+    the way here). stdout goes to /dev/null first, or the interpreter's last flush raises again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real file (a test's captured output)
+        pass
+    return 141
 
 
 class Terminated(KeyboardInterrupt):

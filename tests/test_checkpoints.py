@@ -295,12 +295,15 @@ def test_partial_checkpoint_cleanup_removes_only_what_save_checkpoint_names(tmp_
 
 
 def test_a_resume_under_another_token_budget_says_how_the_schedule_moves(done, tmp_path):
-    """The cosine schedule is a function of the total: a longer budget re-lays it, not continues it."""
+    """The cosine schedule is a function of the total: a longer budget re-lays it, not continues it.
+    The lr the checkpoint's run had comes from its own config (its peak and warmup), not this run's."""
     run, _ = copy_run(done, tmp_path)
     shutil.rmtree(ckpt(run, 4))  # resume from step 2
     root = done["root"]
+    was = load_train_config(write_config(tmp_path / "was.yaml", done["model"], run, root / "corpus", root / "cache", **EXTRA)).config.optim
+    assert was.warmup == 2 and was.schedule == "cosine"  # so at step 2 the checkpoint's run was at its peak
     cfg = write_config(tmp_path / "longer.yaml", done["model"], run, root / "corpus", root / "cache",
-                       **{**EXTRA, "tokens": 16 * 4 * 2 * STEPS, "optim.schedule": "cosine", "optim.warmup": 0})
+                       **{**EXTRA, "tokens": 16 * 4 * 2 * STEPS, "optim.schedule": "cosine", "optim.warmup": 0, "optim.lr": 2 * was.lr})
     said = []
     train(load_train_config(cfg), echo=said.append)
     (note,) = [line for line in said if line.startswith("resuming at step 2 with 128 tokens trained and 384 left of the budget")]
@@ -311,8 +314,35 @@ def test_a_resume_under_another_token_budget_says_how_the_schedule_moves(done, t
     import math
 
     after = peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 2 / (2 * STEPS))))
-    before = peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 2 / STEPS)))
-    assert f"step 2 runs at lr {after:.3g} where the checkpoint's run had {before:.3g}" in note
+    assert f"step 2 runs at lr {after:.3g} where the checkpoint's run had {was.lr:.3g}" in note
+
+
+def test_a_resume_may_swap_its_separate_held_out_set_and_change_precision_with_a_note(tmp_path):
+    """A separate held-out set (data.held_out) leaves every training block trained on, so another
+    one cannot replay or skip data: it was refused as if it did. A precision change goes on too, but
+    says the run is no longer the bit-for-bit continuation (it was silent)."""
+    write_corpus(tmp_path / "corpus", files=2, sentences_per_file=40)
+    write_corpus(tmp_path / "held-a", files=1, sentences_per_file=20, seed=10)
+    write_corpus(tmp_path / "held-b", files=1, sentences_per_file=20, seed=20)
+    model = make_model_dir(tmp_path / "model", with_plan=False)
+    run = tmp_path / "run"
+
+    def config(name: str, held: str, **extra) -> Path:
+        return write_config(tmp_path / name, model, run, tmp_path / "corpus", tmp_path / "cache",
+                            **{**EXTRA, "data.held_out": [str(tmp_path / held)], **extra})
+
+    train(load_train_config(config("a.yaml", "held-a", tokens=16 * 4 * 2)))
+    said = []
+    train(load_train_config(config("b.yaml", "held-b", precision="bf16")), echo=said.append)
+    notes = [line for line in said if line.startswith("note: ")]
+    assert notes == ["note: data.held_out is not the text the checkpoint's run evaluated on: its held-out losses from here on are "
+                     "not comparable with the earlier ones in metrics.jsonl (the training blocks are the same)",
+                     "note: precision fp32 -> bf16 since the checkpoint: the run goes on, but is no longer the bit-for-bit "
+                     "continuation of the one it resumes"], said
+    # going from a separate held-out set to a fraction of the training text changes the training blocks: refused
+    fraction = write_config(tmp_path / "c.yaml", model, run, tmp_path / "corpus", tmp_path / "cache", **{**EXTRA, "tokens": 16 * 4 * 6})
+    with pytest.raises(TrainingError, match=r"the data changed since it was written \(data\.held_out removed, which changes the training blocks"):
+        train(load_train_config(fraction))
 
 
 def test_a_resume_trains_with_the_optimiser_settings_its_config_states(done, tmp_path):
@@ -360,9 +390,21 @@ def test_the_budget_holds_in_tokens_when_a_resume_changes_the_step_size(done, tm
     (note,) = [line for line in said if line.startswith("resuming at step 2")]
     assert f"with 128 tokens trained and {left} left of the budget" in note
     assert "a step is now 32 tokens, not 64: micro_batch_size x grad_accum x processes changed" in note
-    assert ("the budget is now" in note) == (budget != 16 * 4 * STEPS)
+    assert ("the budget is now" in note) == (budget != 16 * 4 * STEPS) and "ending at" not in note
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(r["tokens"] for r in metrics) == budget
+
+
+def test_a_resume_whose_step_size_does_not_divide_the_tokens_left_says_where_it_ends(done, tmp_path):
+    """128 tokens left in steps of 48: three steps, 16 tokens past the budget, said in the note."""
+    run, _ = copy_run(done, tmp_path)
+    shutil.rmtree(ckpt(run, 4))
+    root = done["root"]
+    cfg = write_config(tmp_path / "odd.yaml", done["model"], run, root / "corpus", root / "cache", **{**EXTRA, "micro_batch_size": 3})
+    said = []
+    result = train(load_train_config(cfg), echo=said.append)
+    (note,) = [line for line in said if line.startswith("resuming at step 2")]
+    assert result.tokens == 128 + 3 * 48 and "(ending at 272 tokens: the budget rounded up to a whole step)" in note, note
 
 
 def test_a_finished_run_resumed_with_another_step_size_trains_no_more(done, tmp_path):

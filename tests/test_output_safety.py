@@ -546,6 +546,21 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_run_directory(train_pr
     assert {k: after.get(k) for k in before} == before
 
 
+def test_a_run_whose_output_reader_goes_away_stops_quietly_and_leaves_no_run_directory(train_project):
+    """`train cfg | head -2`: the start lines met a closed pipe, a BrokenPipeError traceback (exit 1)
+    that left checkpoints/, tensorboard/ and metrics.jsonl behind. Now: exit 141, as a tool SIGPIPE
+    ends, nothing on stderr, and no run directory (it had not started its first step)."""
+    cfg = train_config(train_project, "runs/deep/a", **{"log.tensorboard": True, "log.progress": False})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "midus_surgery.cli", "train", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=train_project)
+    proc.stdout.close()  # the reader is gone before the first start line (seconds of imports away)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err
+    assert "Traceback" not in err and "Broken pipe" not in err, err
+    assert not (train_project / "runs").exists()
+
+
 def test_a_copied_run_directory_continues_and_exports_into_itself(train_project, capsys):
     assert main(["train", str(train_config(train_project)), "--quiet"]) == 0
     shutil.copytree(train_project / "runs" / "a", train_project / "runs" / "b", symlinks=True)

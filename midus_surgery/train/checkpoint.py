@@ -334,6 +334,24 @@ def newest_whole_checkpoint(root: Path, acc, say: Callable[[str], None]) -> Path
 DATA_KEYS = ("train", "held_out", "block_size", "seed", "held_out_fraction")  # a resume must read the same blocks
 
 
+def data_changes(saved: dict, now: dict) -> list[str]:
+    """What changed in the data since a checkpoint that makes the resume read other training blocks,
+    in the config's words. A separate held-out set (data.held_out) swapped for another is not
+    among them: every training block is trained on either way (the runner notes it instead)."""
+    changes = []
+    for key in DATA_KEYS:
+        was, new = saved.get(key), now.get(key)
+        if was == new or (key == "held_out" and was is not None and new is not None):
+            continue
+        if key == "train":
+            changes.append("data.train is not the same text (its tokens differ)")
+        elif key == "held_out":
+            changes.append(f"data.held_out {'added' if was is None else 'removed'}, which changes the training blocks")
+        else:
+            changes.append(f"{'seed' if key == 'seed' else 'data.' + key}: {was} -> {new}")
+    return changes
+
+
 FSDP_MODEL = "pytorch_model_fsdp"  # how accelerate names an FSDP checkpoint's weights (a folder of shards, or one file)
 
 
@@ -368,10 +386,9 @@ def load_checkpoint(path: Path, acc, optimizer, scheduler, *, adamw_options: dic
         state = read_checkpoint_state(path)
     except ValueError as exc:
         raise fail(str(exc)) from None
-    saved = state.get("data", {})
-    changed = [k for k in DATA_KEYS if saved.get(k) != data_identity.get(k)]
+    changed = data_changes(state.get("data", {}), data_identity)
     if changed:
-        raise fail(f"the data changed since it was written ({', '.join(f'{k}: {saved.get(k)} -> {data_identity.get(k)}' for k in changed)}); "
+        raise fail(f"the data changed since it was written ({'; '.join(changed)}); "
                    "resuming would replay or skip data: resume with the data it was written with, or start afresh (resume unset) in a run_dir of its own")
     # DCP's state holds pickles torch itself reads unrestricted: checked first, whatever the layout
     problem = dcp_checkpoint_problem(path) or layout_problem(path, fsdp)

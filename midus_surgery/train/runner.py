@@ -25,6 +25,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,8 +39,8 @@ from midus_surgery.compiler.plan import read_plan_file
 from midus_surgery.errors import RecipeError, TrainingError, one_line
 from midus_surgery.io.json_text import strict_json
 from midus_surgery.io.output_dir import (MARKER, RUN_ENTRIES, RUN_KIND, OutputError, check_cache_location, check_output_dir, input_root,
-                                         hold_marker, links_train_writes_through, not_written_in_checkpoints, read_marker, release_marker,
-                                         write_marker)
+                                         hold_marker, links_train_writes_through, not_written_in_checkpoints, not_written_in_run_dir,
+                                         read_marker, release_marker, write_marker)
 from midus_surgery.train import data as D
 from midus_surgery.train import sharding
 from midus_surgery.train.checkpoint import (
@@ -54,7 +55,7 @@ from midus_surgery.train.checkpoint import (
     verify_checkpoint,
     weights_checksum,
 )
-from midus_surgery.train.config import LoadedTrainConfig, TrainConfig, parse_count
+from midus_surgery.train.config import LoadedTrainConfig, OptimConfig, TrainConfig, parse_count
 from midus_surgery.train.evaluate import (DTYPES, ModelLoadError, block_batches, check_model_dir, context_problem, evaluate_batches,
                                           load_causal_lm, load_tokenizer, positions_problem, stated_positions)
 from midus_surgery.train.export import EXPORT_KIND, export_model
@@ -172,6 +173,7 @@ class Runner:
         self.loaded, self.cfg, self.echo = loaded, loaded.config, echo
         self.resume_notes = []
         self.export_owner: str | None = None  # set by check_outputs
+        self.created: list[Path] = []  # the folders setup made on the way to the run directory, deepest first
 
     @property
     def bars(self) -> bool:
@@ -198,7 +200,7 @@ class Runner:
         self.resume_from = self.choose_start()
         self.resume_state = read_checkpoint_state(self.resume_from) if self.resume_from is not None else None
         self.check_same_groups()
-        created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]  # deepest first
+        self.created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]  # deepest first
         self.prepare_run_dir()
         try:
             set_seed(self.cfg.seed)
@@ -207,7 +209,7 @@ class Runner:
             self.setup_optimizer()
             self.restore()
         except BaseException:
-            self.remove_unused_run_dir(created)
+            self.remove_unused_run_dir(self.created)
             raise
 
     def restore(self) -> None:
@@ -234,6 +236,13 @@ class Runner:
                                      f"{self.step + 1}; the optimiser's moments are kept")
         if isinstance(state.get("total_steps"), int) and state["total_steps"] != self.total_steps:
             self.resume_notes.append(self.budget_change_note(state))
+        held_before, held_now = state["data"].get("held_out"), self.data_identity["held_out"]
+        if held_before is not None and held_now is not None and held_before != held_now:
+            self.resume_notes.append("note: data.held_out is not the text the checkpoint's run evaluated on: its held-out losses from here "
+                                     "on are not comparable with the earlier ones in metrics.jsonl (the training blocks are the same)")
+        if self.saved_config().get("precision") not in (None, self.cfg.precision):
+            self.resume_notes.append(f"note: precision {self.saved_config()['precision']} -> {self.cfg.precision} since the checkpoint: "
+                                     "the run goes on, but is no longer the bit-for-bit continuation of the one it resumes")
 
     def saved_config(self) -> dict:
         """The config the checkpoint to resume was written under ({} for older checkpoints)."""
@@ -256,13 +265,19 @@ class Runner:
 
     def remove_unused_run_dir(self, created: list[Path]) -> None:
         """A run that fails before its first step (data that cannot be read, a block too long for
-        the model) leaves no trace: the run directory and folders it made, if they still hold only
-        the marker and the empty checkpoints folder ``prepare_run_dir`` put there."""
+        the model, its output's reader gone) leaves no trace: the run directory and folders it made,
+        if they still hold only the marker, the empty checkpoints folder ``prepare_run_dir`` put
+        there and the logs ``open_logs`` started (an empty metrics.jsonl, tensorboard's event files)."""
         if not self.acc.is_main_process or self.run_dir not in created:
             return
         held = {p.name for p in self.run_dir.iterdir()}
-        if held - {MARKER, self.ckpt_root.name} or (self.ckpt_root.is_dir() and any(self.ckpt_root.iterdir())):
+        metrics, tensorboard = self.run_dir / "metrics.jsonl", self.run_dir / "tensorboard"
+        logs = [p for p in (metrics, tensorboard) if p.exists()]
+        if (held - {MARKER, self.ckpt_root.name, *(p.name for p in logs)} or (self.ckpt_root.is_dir() and any(self.ckpt_root.iterdir()))
+                or (metrics.exists() and (metrics.is_symlink() or metrics.stat().st_size)) or not_written_in_run_dir(self.run_dir)):
             return
+        for log in logs:
+            shutil.rmtree(log) if log.is_dir() else log.unlink()
         if self.ckpt_root.is_dir():
             self.ckpt_root.rmdir()
         (self.run_dir / MARKER).unlink(missing_ok=True)
@@ -554,8 +569,13 @@ class Runner:
     def run(self) -> TrainResult:
         cfg = self.cfg
         self.setup()
-        self.open_logs()
-        self.say_what_runs()
+        try:
+            self.open_logs()
+            self.say_what_runs()
+        except BaseException:  # before any work (its output's reader gone, `| head`): no trace, as a failed setup
+            self.close_logs()
+            self.remove_unused_run_dir(self.created)
+            raise
         final_eval = None
         try:
             if self.step == 0 and cfg.eval.at_start:
@@ -612,12 +632,18 @@ class Runner:
         if saved_step is not None and saved_step != self.tokens_per_step:
             causes.append(f"a step is now {self.tokens_per_step:,} tokens, not {saved_step:,}: micro_batch_size x grad_accum x processes changed")
         why = "; ".join(causes)
-        warmup_before = int(o.warmup) if o.warmup >= 1 else int(round(o.warmup * saved_total))
-        before = lr_lambda(o, saved_total, warmup_before, o.schedule)(self.step) * o.lr
+        try:  # the lr the checkpoint's run had: its own peak, warmup and schedule, not this run's
+            was = OptimConfig.model_validate(saved_config["optim"])
+        except (KeyError, TypeError, ValueError):  # a checkpoint written before configs were saved
+            was = o
+        warmup_before = int(was.warmup) if was.warmup >= 1 else int(round(was.warmup * saved_total))
+        before = lr_lambda(was, saved_total, warmup_before, was.schedule)(self.step) * was.lr
         after = lr_lambda(o, self.total_steps, self.warmup_steps, o.schedule)(self.step) * o.lr
         left = max(0, self.cfg.token_budget - seen)
+        end = seen + (self.total_steps - self.step) * self.tokens_per_step
+        rounded = f" (ending at {end:,} tokens: the budget rounded up to a whole step)" if end != self.cfg.token_budget else ""
         return (f"resuming at step {self.step} with {seen:,} tokens trained and {left:,} left of the budget{f' ({why})' if why else ''}: "
-                f"the run now has {self.total_steps} optimiser steps, not {saved_total}; the {o.schedule} learning-rate schedule "
+                f"the run now has {self.total_steps} optimiser steps, not {saved_total}{rounded}; the {o.schedule} learning-rate schedule "
                 f"is laid over the new total, so step {self.step} runs at lr {after:.3g} where the checkpoint's run had {before:.3g}")
 
     def spent_budget_note(self) -> str | None:
