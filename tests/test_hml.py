@@ -243,6 +243,24 @@ def test_batch_query_norm_starts_as_rms_and_learns_the_query_statistics():
     assert wide.lookup(x)[1].unique().numel() < used_batch
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_batch_query_norm_gives_the_same_gradients_under_gradient_checkpointing(reentrant):
+    """The recomputed forward ran with the statistics its first run had just updated: other queries,
+    other slots, gradients 15-130% off (the loss itself the same). It now uses the first run's."""
+    from torch.utils.checkpoint import checkpoint
+
+    plain, ckpt = tiny(query_norm="batch"), tiny(query_norm="batch")
+    ckpt.load_state_dict(plain.state_dict())
+    for step in range(3):  # the statistics move every step
+        x = (torch.randn(2, 7, 2, 8, generator=torch.Generator().manual_seed(step)) * 2 + step).requires_grad_()  # reentrant needs one
+        plain(x).square().sum().backward()
+        checkpoint(ckpt, x, use_reentrant=reentrant).square().sum().backward()
+        for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+            assert torch.equal(a.grad, b.grad), (step, name)
+        assert all(torch.equal(v, ckpt.state_dict()[k]) for k, v in plain.state_dict().items())  # updated once per step
+        plain.zero_grad(), ckpt.zero_grad()
+
+
 def test_batch_query_norm_keeps_training_causal():
     m = tiny(query_norm="batch")
     x = torch.randn(2, 6, 2, 8) + 1.0

@@ -785,6 +785,13 @@ class LatentBank(nn.Module):
         return f"slots={self.num_slots}, latent_dim={self.latent_dim}"
 
 
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass now: a forward called then is gradient
+    checkpointing's recomputation (reentrant or not)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
 class _HeadNorm(nn.Module):
     """Per-head query norm over d_h with a per-head affine weight [H, d_h] (float32 math).
 
@@ -799,7 +806,10 @@ class _HeadNorm(nn.Module):
            tokens of the batch, later ones included. They update in training forwards and only
            where the norm's weight trains (so frozen retrieval holds them), from the first batch on (momentum max(0.1, 1/(updates+1)): the
            first batch sets them; ``updates`` counts training forward passes, one per micro-batch);
-           untouched they are 0 and 1, and the norm is exactly rms.
+           untouched they are 0 and 1, and the norm is exactly rms. Under gradient checkpointing the
+           forward runs again inside the backward pass: that second run normalises with the
+           statistics the first one used and updates nothing, so the gradients are the ones of the
+           forward that made the loss (the first run had already moved the statistics on).
     """
 
     MOMENTUM = 0.1
@@ -817,6 +827,7 @@ class _HeadNorm(nn.Module):
             self.register_buffer("running_mean", torch.zeros(num_heads, head_dim, device=device, dtype=dtype))
             self.register_buffer("running_var", torch.ones(num_heads, head_dim, device=device, dtype=dtype))
             self.register_buffer("updates", torch.zeros((), device=device, dtype=dtype))
+        self._used: tuple[Tensor, Tensor] | None = None  # the statistics the last tracking forward normalised with
 
     def reset_statistics(self) -> None:
         if self.kind == "batch":
@@ -826,8 +837,6 @@ class _HeadNorm(nn.Module):
 
     @torch.no_grad()
     def _track(self, q: Tensor) -> None:  # q [T, H, d_h]
-        # (with gradient checkpointing the recomputed forward updates them a second time: the same
-        # batch weighed twice, harmless for an average over many steps)
         momentum = (1.0 / (self.updates + 1.0)).clamp_min(self.MOMENTUM)  # a tensor: no host sync on CUDA
         self.running_mean.lerp_(q.mean(0).to(self.running_mean.dtype), momentum)
         self.running_var.lerp_(q.var(0, unbiased=False).to(self.running_var.dtype), momentum)
@@ -836,10 +845,18 @@ class _HeadNorm(nn.Module):
     def forward(self, q: Tensor) -> Tensor:  # q [T, H, d_h] (float32/64)
         if self.kind == "batch":
             seen = q.detach()
+            # gradient checkpointing's second forward runs inside the backward pass (a graph task is running),
+            # after a first one that tracked; reentrant checkpointing's first forward runs without grad and
+            # tracks nothing, so there the second one is the batch's only training forward
+            recomputing = _in_backward() and self._used is not None
+            mean, var = self._used if recomputing else (self.running_mean, self.running_var)
             # the statistics of earlier batches: untouched (0, 1) they change nothing, to the bit
-            q = (q - self.running_mean.to(q.dtype)) * torch.rsqrt(self.running_var.to(q.dtype).clamp_min(self.eps))
-            if self.training and self.weight.requires_grad and torch.is_grad_enabled() and seen.shape[0] > 1:
-                self._track(seen)  # after use: this batch's statistics normalise the next batches only
+            q = (q - mean.to(q.dtype)) * torch.rsqrt(var.to(q.dtype).clamp_min(self.eps))
+            if not recomputing:
+                tracking = self.training and self.weight.requires_grad and torch.is_grad_enabled() and seen.shape[0] > 1
+                self._used = (self.running_mean.clone(), self.running_var.clone()) if tracking else None
+                if tracking:
+                    self._track(seen)  # after use: this batch's statistics normalise the next batches only
         if self.kind in ("rms", "batch"):
             q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + self.eps)
             return q * self.weight.to(q.dtype)
