@@ -261,6 +261,25 @@ def test_batch_query_norm_gives_the_same_gradients_under_gradient_checkpointing(
         plain.zero_grad(), ckpt.zero_grad()
 
 
+def test_lora_on_the_memory_layers_own_projections_takes_part():
+    """The layer read query_proj's, gate's and out_proj's weights directly: PEFT wrapped those
+    modules (`all-linear` picks them), and an adapter changed the output by exactly 0, its
+    parameters never got a gradient. They are called as modules now."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    m = tiny(D=16, query_source="hidden", gate=True, output_proj="always")
+    x = torch.randn(2, 5, 16)
+    before = m(x).detach()
+    targets = ["query_proj", "gate", "out_proj"]
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=targets, init_lora_weights=False), m)
+    out = m(x)
+    assert not torch.equal(out, before)
+    out.square().sum().backward()
+    lora = {n: p for n, p in m.named_parameters() if "lora_" in n}
+    assert {n.split(".")[0] for n in lora} == set(targets)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
+
+
 def test_batch_query_norm_keeps_training_causal():
     m = tiny(query_norm="batch")
     x = torch.randn(2, 6, 2, 8) + 1.0

@@ -785,6 +785,16 @@ class LatentBank(nn.Module):
         return f"slots={self.num_slots}, latent_dim={self.latent_dim}"
 
 
+def _project(linear: nn.Module, x: Tensor, cd: torch.dtype) -> Tensor:
+    """``linear``'s bias-free projection of ``x``, computed in ``cd``. Through the module's own call
+    when its weight already is in ``cd`` (or autocast casts it): then what wraps the module takes part
+    (PEFT's LoRA layers, forward hooks), which reading its weight bypassed. A bfloat16 weight on CPU,
+    where the layer computes in float32, is cast instead, and a wrapper around it is not called."""
+    if linear.weight.dtype == cd or torch.is_autocast_enabled(x.device.type):
+        return linear(x.to(cd))
+    return F.linear(x.to(cd), linear.weight.to(cd))
+
+
 def _in_backward() -> bool:
     """Whether autograd is running a backward pass now: a forward called then is gradient
     checkpointing's recomputation (reentrant or not)."""
@@ -1114,7 +1124,7 @@ class HeadwiseMemory(nn.Module):
             lead = x.shape[:-1]
             flat_in = x.reshape(-1, self.hidden_size)
             cd = self._mm_dtype(x)
-            q = F.linear(flat_in.to(cd), self.query_proj.weight.to(cd)).view(-1, H, dh)
+            q = _project(self.query_proj, flat_in, cd).view(-1, H, dh)
         else:
             if x.dim() < 2 or x.shape[-2:] != (H, dh):
                 raise ValueError(f"expected [..., {H}, {dh}] queries, got {tuple(x.shape)}")
@@ -1190,9 +1200,9 @@ class HeadwiseMemory(nn.Module):
         cd = self._mm_dtype(x)
         out = m.to(cd).transpose(0, 1).reshape(T, H * dh)
         if self.gate is not None:
-            out = out * F.silu(F.linear(flat_in.to(cd), self.gate.weight.to(cd)))
+            out = out * F.silu(_project(self.gate, flat_in, cd))
         if self.out_proj is not None:
-            out = F.linear(out, self.out_proj.weight.to(cd))
+            out = _project(self.out_proj, out, cd)
         return out.to(out_dtype).view(*lead, self.hidden_size)
 
 
