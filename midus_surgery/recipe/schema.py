@@ -192,7 +192,7 @@ class OutputSpec(Strict):
 
     dir: str = Field(min_length=1, description="Output directory (relative to the recipe's directory). Written atomically. It may not be, contain or lie inside an input; an existing output of midus-surgery is replaced only with --overwrite, and a directory the tool did not write never (docs/reliability.md).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of the written weights. `auto`: the base's dtype.")
-    shard_size: StrictInt | str = Field("2GB", description="Largest output shard, e.g. 2GB, 500MB, 1GiB, or bytes.")
+    shard_size: StrictInt | str = Field("2GB", description="Largest output shard, e.g. 2GB, 500MB, 1GiB, or bytes (from 1MB to 1PB).")
 
     @field_validator("shard_size")
     @classmethod
