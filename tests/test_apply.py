@@ -341,6 +341,21 @@ def test_verify_prints_its_checklist_without_transformers_bars(bases, tmp_path, 
     assert "Loading weights" not in text.err and "Writing" not in text.err and hf_logging.is_progress_bar_enabled()
 
 
+def test_an_output_names_its_architecture_when_the_base_config_does_not(bases, tmp_path):
+    """A GGUF base's config (transformers' GGUF reader) has "architectures": null and the GGUF's own
+    model name under _model_name_or_path: the output's config.json kept both, and tools that read
+    architectures[0] (vLLM, llama.cpp's converter) could not take it."""
+    import shutil
+
+    base = tmp_path / "gguf-like"
+    shutil.copytree(bases["llama"], base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "architectures": None, "_model_name_or_path": "Some GGUF Model"}))
+    out = emit(plan_recipe(write_recipe(tmp_path, base, "dus")), progress=False).out_dir
+    written = json.loads((out / "config.json").read_text())
+    assert written["architectures"] == ["LlamaForCausalLM"] and "_model_name_or_path" not in written
+
+
 def test_verify_draws_no_bare_bar_of_transformers_into_its_output(tmp_path, capsys, monkeypatch):
     """transformers' GGUF reader draws a bare tqdm bar ("Converting and de-quantizing GGUF
     tensors") outside its own progress-bar switch: verify against a GGUF base wrote its frames into

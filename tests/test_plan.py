@@ -211,6 +211,17 @@ def test_tensor_map_of_memory_and_identity_blocks():
     assert "lm_head.weight" not in entries  # tied to the embedding: written once
 
 
+def test_a_batch_query_norms_running_statistics_are_written_but_not_counted_as_parameters():
+    """plan and the model card counted them: 258 'parameters' too many on a tiny model."""
+    config = tiny_config("llama")
+    stack = find_stack_anatomy(config)
+    layout = {"interleave": {"after_every": 2, "kind": "memory"}}
+    rms, batch = (make_plan(loaded_from({"layout": layout, "memory": {**MEMORY, "query_norm": norm}}), config, stack) for norm in ("rms", "batch"))
+    assert batch.params == rms.params and batch.layer_params == rms.layer_params  # the same parameters (the norm's weight)
+    written = {t.name for t in batch.tensors} - {t.name for t in rms.tensors}
+    assert written and all(name.endswith(("running_mean", "running_var", "updates")) for name in written)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "opt", "gpt_neox"])
 def test_memory_counts_match_real_modules(arch):
     """params of a memory plan = base + copies - (o_proj, FFN, FFN norms) + real HML modules."""
@@ -289,4 +300,5 @@ def test_random_recipes_plan_or_fail_with_a_recipe_error(layout, memory, adjacen
         return
     assert plan.num_hidden_layers == len(plan.layers) > 0
     assert all(0 <= layer.source < LLAMA.num_hidden_layers for layer in plan.layers)
-    assert plan.params["total"] == sum(t.numel for t in plan.tensors)
+    statistics = ("query_norm.running_mean", "query_norm.running_var", "query_norm.updates")  # written, not parameters
+    assert plan.params["total"] == sum(t.numel for t in plan.tensors if not t.name.endswith(statistics))

@@ -561,6 +561,7 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
 
     tensors: list[TensorEntry] = [TensorEntry(n, s, n, "copy") for n, s in global_shapes.items()]
     layer_params: list[int] = []
+    buffer_numel = 0  # the memory blocks' running statistics: written like the parameters, not counted with them
     heads, head_dim = base.heads, base.head_dim
     window = base.sliding_window
     # per output layer: attention score/value flops per token (QK^T and AV over the context)
@@ -592,11 +593,15 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
             hml = hmls[layer.index]
             rules = hml.init_rules()
             readout = f"{out_prefix}{block.ffn[-1]}.{HML_MODULE}."
+            parameters = dict(hml.named_parameters())
             for pname, p in hml.state_dict().items():  # parameters and the query norm's running statistics
                 if share and pname == "bank.weight":
                     continue  # one bank for the whole model, written once below
                 tensors.append(TensorEntry(readout + pname, tuple(p.shape), None, rules.get(pname, "init")))
-                count += p.numel()
+                if pname in parameters:
+                    count += p.numel()
+                else:
+                    buffer_numel += p.numel()  # written, but not a parameter (the running statistics)
             flops += hml.flops_per_token()
         layer_params.append(count)
         plan_layer_flops.append(flops)
@@ -608,7 +613,7 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
         tensors.append(TensorEntry(f"{SHARED_BANK}.weight", hml_bank_shape, None, first.init_rules().get("bank.weight", "init")))
 
     base_total = sum(math.prod(s) for s in shapes.values())
-    total = sum(t.numel for t in tensors)
+    total = sum(t.numel for t in tensors) - buffer_numel
     layer_size = [sum(math.prod(s) for s in per_layer[i].values()) for i in range(L)]
     dus_added = sum(layer_size[layer.source] for layer in layers if layer.inserted)
     base_layer_flops = [2 * _matmul_params(per_layer[i], base.experts_per_token) for i in range(L)]

@@ -117,8 +117,11 @@ def emitted_config(plan: Plan, dtype: str) -> dict:
     config = dict(plan.config)
     config.pop("torch_dtype", None)
     config.pop("_name_or_path", None)  # where the base was read from (custom code is found there): not the output's
+    config.pop("_model_name_or_path", None)  # transformers' GGUF reader: the GGUF's own model name, not the output's
     config["dtype"] = dtype
     if not plan.memory_layers:
+        if not config.get("architectures") and (named := _causal_lm_class_name(config.get("model_type"))):
+            config["architectures"] = named  # a GGUF base's config names none; serving tools read architectures[0]
         return config  # a stock architecture, just deeper
     base_type = config.pop("model_type")
     config.pop("architectures", None)
@@ -130,6 +133,14 @@ def emitted_config(plan: Plan, dtype: str) -> dict:
         "midus": plan.midus,
         **config,
     }
+
+
+def _causal_lm_class_name(model_type) -> list[str] | None:
+    """[the causal-LM class transformers builds for ``model_type``], or None when it knows none."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
+    return [name] if isinstance(name, str) else None
 
 
 def model_card(planned: PlannedRecipe, recipe_text: str) -> str:
