@@ -285,12 +285,13 @@ def test_partial_checkpoint_cleanup_removes_only_what_save_checkpoint_names(tmp_
     (root / ".tmp-step-00000003-a1b2c3").mkdir(parents=True)  # a killed run's partial checkpoint
     (root / ".tmp-step-00000003-a1b2c3" / "model.safetensors").write_bytes(b"x")
     (root / ".tmp-notes").mkdir()  # someone else's hidden folder
+    (root / ".tmp-step-notes").mkdir()  # a name like the tool's, not the tool's (8 digits, 6 hex)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (outside / "keep.txt").write_text("mine")
     (root / ".tmp-step-00000004-link").symlink_to(outside, target_is_directory=True)
     remove_partial_checkpoints(root)
-    assert sorted(p.name for p in root.iterdir()) == [".tmp-notes", ".tmp-step-00000004-link"]
+    assert sorted(p.name for p in root.iterdir()) == [".tmp-notes", ".tmp-step-00000004-link", ".tmp-step-notes"]
     assert (outside / "keep.txt").read_text() == "mine"
 
 

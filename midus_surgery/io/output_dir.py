@@ -479,6 +479,7 @@ def _not_removable(directory: Path, marker: dict) -> list[str]:
 
 CHECKPOINT_STATE = "trainer_state.json"  # a checkpoint's state file, which records its files (train/checkpoint.py)
 _CHECKPOINT_NAME = re.compile(r"^step-\d{8}$")
+PARTIAL_CHECKPOINT_NAME = re.compile(r"^\.tmp-step-\d{8}-[0-9a-f]{6}$")  # what train/checkpoint.save_checkpoint names its temp folder
 # What train writes inside the folders of a run directory, by folder: checkpoints are checked against their own records
 _RUN_FOLDER_FILES = {"tensorboard": re.compile(r"^events\.out\.tfevents\..*"), "trace": re.compile(r"^rank\d+\.jsonl$")}
 
@@ -500,7 +501,7 @@ def not_written_in_checkpoints(root: Path) -> list[str]:
     that are no ``step-N`` folder, and files a checkpoint's state file does not record."""
     found = []
     for child in sorted(root.iterdir()):
-        if child.name.startswith(".tmp-step-"):
+        if PARTIAL_CHECKPOINT_NAME.match(child.name):
             continue  # a checkpoint a killed run was writing
         if not (_CHECKPOINT_NAME.match(child.name) and child.is_dir() and not child.is_symlink()):
             found.append(child.name)

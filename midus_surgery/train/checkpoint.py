@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from midus_surgery.errors import TrainingError, load_error_line, one_line
-from midus_surgery.io.output_dir import CHECKPOINT_STATE, checkpoint_extras
+from midus_surgery.io.output_dir import CHECKPOINT_STATE, PARTIAL_CHECKPOINT_NAME, checkpoint_extras
 from midus_surgery.train.dcp_guard import dcp_checkpoint_problem
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
@@ -231,9 +231,10 @@ def weights_checksum(model) -> str:
 
 def remove_partial_checkpoints(root: Path) -> None:
     """Remove the ``.tmp-step-*`` directories of checkpoints a killed run was writing (main process only):
-    the names save_checkpoint gives them, real directories only (a link is never followed)."""
-    for stale in root.glob(".tmp-step-*"):
-        if stale.is_dir() and not stale.is_symlink():
+    exactly the names save_checkpoint gives them (a user's ``.tmp-step-notes`` is kept), real
+    directories only (a link is never followed)."""
+    for stale in root.iterdir():
+        if PARTIAL_CHECKPOINT_NAME.match(stale.name) and stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
 
 
