@@ -113,13 +113,17 @@ def _tokenizer(path: Path, trust_remote_code: bool = False):
     return tokenizer if len(tokenizer(PROMPT).input_ids) else None
 
 
+def _safetensors_files(path: Path) -> list[str]:
+    """The weight files of a model directory: its index's shards, or the one model.safetensors."""
+    index = path / "model.safetensors.index.json"
+    return sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+
+
 def _file_tensor_names(path: Path) -> set[str]:
     from safetensors import safe_open
 
-    index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
     names: set[str] = set()
-    for file in files:
+    for file in _safetensors_files(path):
         with safe_open(str(path / file), framework="pt") as handle:
             names.update(handle.keys())
     return names
@@ -535,9 +539,7 @@ def _disk_tensors(path: Path):
     """(name, tensor) of every tensor in an output's safetensors files, one at a time."""
     from safetensors import safe_open
 
-    index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    for file in files:
+    for file in _safetensors_files(path):
         with safe_open(str(path / file), framework="pt") as handle:
             for name in handle.keys():
                 yield name, handle.get_tensor(name)

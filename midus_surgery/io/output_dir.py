@@ -144,6 +144,11 @@ def _not_written_by_tool(directory: Path, marker: dict) -> list[str]:
     return sorted(p.parent.relative_to(directory).as_posix() + "/" for p in directory.rglob(MARKER) if p.parent != directory)
 
 
+def _first_five(names: list[str]) -> str:
+    """The first five of ``names``, and how many more, for a one-line message."""
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
 def _whole_output_above(path: Path, *, including: bool = False) -> tuple[Path, dict] | None:
     """The nearest directory above ``path`` (``including``: or ``path`` itself) that the tool wrote
     whole (its marker lists its files)."""
@@ -237,7 +242,7 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
     if overwrite or reuse:
         foreign = _not_written_by_tool(resolved, marker)
         if foreign:
-            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            shown = _first_five(foreign)
             raise OutputError(f"output {resolved} (written by {written_by}) also holds what midus-surgery did not write there: "
                               f"{shown}; replacing it would delete them: move them out first, or choose another directory")
         return resolved
@@ -429,7 +434,7 @@ def _why_not_replaceable(out: Path, *, kind: str | None, owner: str | None, repl
         return f"now holds an output of {_written_by(marker)}"
     foreign = _not_written_by_tool(out, marker)
     if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        shown = _first_five(foreign)
         return f"now also holds what midus-surgery did not write there ({shown})"
     return None
 
@@ -461,7 +466,7 @@ def remove_own_directory(path: Path) -> None:
         raise OutputError(f"{resolved} was not written by midus-surgery (no {MARKER} marker in it or in a workspace above it); not removing it")
     foreign = _not_removable(resolved, marker) if marker is not None else []
     if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        shown = _first_five(foreign)
         raise OutputError(f"{resolved} (written by {_written_by(marker)}) also holds what midus-surgery did not write there: "
                           f"{shown}; not removing it: move them out first")
     shutil.rmtree(resolved)

@@ -277,7 +277,10 @@ class Runner:
                 or (metrics.exists() and (metrics.is_symlink() or metrics.stat().st_size)) or not_written_in_run_dir(self.run_dir)):
             return
         for log in logs:
-            shutil.rmtree(log) if log.is_dir() else log.unlink()
+            if log.is_dir():
+                shutil.rmtree(log)
+            else:
+                log.unlink()
         if self.ckpt_root.is_dir():
             self.ckpt_root.rmdir()
         (self.run_dir / MARKER).unlink(missing_ok=True)
