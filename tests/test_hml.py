@@ -243,6 +243,21 @@ def test_batch_query_norm_starts_as_rms_and_learns_the_query_statistics():
     assert wide.lookup(x)[1].unique().numel() < used_batch
 
 
+def test_batch_query_norm_counts_its_updates_exactly_in_bf16():
+    """bf16 counts whole numbers exactly only to 256: the counter stopped there (300 steps read 256).
+    It now counts to 10, where the momentum max(0.1, 1/(updates+1)) reaches its floor."""
+    m = tiny(query_norm="batch").to(torch.bfloat16)
+    x = torch.randn(2, 7, 2, 8, dtype=torch.bfloat16)
+    counts = []
+    for _ in range(300):
+        m(x)
+        counts.append(float(m.query_norm.updates))
+    assert counts[:10] == [float(i) for i in range(1, 11)] and set(counts[10:]) == {10.0}
+    before = m.query_norm.running_mean.float().clone()
+    m(x + 1)  # the 301st batch still moves the statistics by the floor momentum 0.1
+    torch.testing.assert_close(m.query_norm.running_mean.float(), before + 0.1, atol=0.02, rtol=0)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_batch_query_norm_gives_the_same_gradients_under_gradient_checkpointing(reentrant):
     """The recomputed forward ran with the statistics its first run had just updated: other queries,

@@ -815,7 +815,8 @@ class _HeadNorm(nn.Module):
            own use: a batch's own statistics would let each token's query depend on the other
            tokens of the batch, later ones included. They update in training forwards and only
            where the norm's weight trains (so frozen retrieval holds them), from the first batch on (momentum max(0.1, 1/(updates+1)): the
-           first batch sets them; ``updates`` counts training forward passes, one per micro-batch);
+           first batch sets them; ``updates`` counts training forward passes, one per micro-batch, up
+           to 10, from where the momentum stays 0.1: a count any float dtype holds exactly, bf16's included);
            untouched they are 0 and 1, and the norm is exactly rms. Under gradient checkpointing the
            forward runs again inside the backward pass: that second run normalises with the
            statistics the first one used and updates nothing, so the gradients are the ones of the
@@ -823,6 +824,7 @@ class _HeadNorm(nn.Module):
     """
 
     MOMENTUM = 0.1
+    COUNTED_UPDATES = 10  # 1 / MOMENTUM: from here on the momentum no longer depends on the count
 
     def __init__(self, kind: str, num_heads: int, head_dim: int, eps: float, device=None, dtype=None) -> None:
         super().__init__()
@@ -850,7 +852,7 @@ class _HeadNorm(nn.Module):
         momentum = (1.0 / (self.updates + 1.0)).clamp_min(self.MOMENTUM)  # a tensor: no host sync on CUDA
         self.running_mean.lerp_(q.mean(0).to(self.running_mean.dtype), momentum)
         self.running_var.lerp_(q.var(0, unbiased=False).to(self.running_var.dtype), momentum)
-        self.updates += 1
+        self.updates.add_(1).clamp_max_(self.COUNTED_UPDATES)  # bf16 counts exactly only to 256
 
     def forward(self, q: Tensor) -> Tensor:  # q [T, H, d_h] (float32/64)
         if self.kind == "batch":
