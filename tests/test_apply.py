@@ -356,6 +356,54 @@ def test_an_output_names_its_architecture_when_the_base_config_does_not(bases, t
     assert written["architectures"] == ["LlamaForCausalLM"] and "_model_name_or_path" not in written
 
 
+def front_matter(card: str) -> dict:
+    import yaml
+
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+@pytest.mark.parametrize("kind, title, start", [
+    ("dus", "Depth Up-Scaling of", "Copies change the function"),
+    ("llama-pro", "LLaMA-Pro block expansion of", "It starts computing the base's function exactly"),
+    ("midus", "MIDUS (Memory-Infused Depth Up-Scaling) of", "It starts computing the base's function exactly"),
+])
+def test_the_model_card_names_the_method_the_base_and_how_the_model_starts(kind, title, start, bases, tmp_path):
+    """A LLaMA-Pro card was titled "Depth Up-Scaling" and did not say its blocks start as the
+    identity; no card had a base_model key; the card named the base by its path on this machine."""
+    import shutil
+
+    base = tmp_path / "bases" / "tiny-llama"
+    shutil.copytree(bases["llama"], base)
+    card = (emit(plan_recipe(write_recipe(tmp_path, base, kind)), progress=False).out_dir / "README.md").read_text()
+    about = card[:card.index("## Recipe")]  # the recipe below is the user's text, as written
+    assert f"# tiny-llama-{kind}\n\n{title} `tiny-llama`, made by `midus-surgery apply`" in about
+    assert start in about and str(tmp_path) not in about
+    meta = front_matter(card)
+    assert "base_model" not in meta and meta["library_name"] == "transformers"  # no Hub id known: none claimed
+    assert {"llama-pro": "llama-pro", "midus": "midus"}.get(kind, "depth-up-scaling") in meta["tags"]
+
+
+def test_the_model_card_names_the_hub_base_from_the_recipe_or_the_hub_cache(bases, tmp_path, capsys):
+    import shutil
+
+    from midus_surgery.cli import main
+
+    snapshot = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M" / "snapshots" / "0123abc"
+    shutil.copytree(bases["llama"], snapshot)
+    out = emit(plan_recipe(write_recipe(tmp_path, snapshot, "dus", name="cached")), progress=False).out_dir
+    assert front_matter((out / "README.md").read_text())["base_model"] == "HuggingFaceTB/SmolLM2-135M"
+    assert "Depth Up-Scaling of `HuggingFaceTB/SmolLM2-135M`" in (out / "README.md").read_text()
+    named = write_recipe(tmp_path, bases["llama"], "dus", name="named")
+    named.write_text(named.read_text().replace("base:\n", "base:\n  hub_id: my-org/my-model\n"))
+    out = emit(plan_recipe(named), progress=False).out_dir
+    assert front_matter((out / "README.md").read_text())["base_model"] == "my-org/my-model"
+    named.write_text(named.read_text().replace("my-org/my-model", "../my-model"))
+    assert main(["validate", str(named)]) == 2
+    err = capsys.readouterr().err
+    assert "named.yaml:2:3: base.hub_id" in err and "base.hub_id: should be a Hub id such as HuggingFaceTB/SmolLM2-135M" in err and "Traceback" not in err
+
+
 def test_verify_draws_no_bare_bar_of_transformers_into_its_output(tmp_path, capsys, monkeypatch):
     """transformers' GGUF reader draws a bare tqdm bar ("Converting and de-quantizing GGUF
     tensors") outside its own progress-bar switch: verify against a GGUF base wrote its frames into

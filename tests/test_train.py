@@ -24,6 +24,7 @@ import torch
 from train_fixtures.tiny import make_model_dir, state_of, write_config, write_corpus
 
 from midus_surgery.errors import RecipeError, TrainingError
+from midus_surgery.io.model_card import NOT_TRAINED, training_line
 from midus_surgery.io.output_dir import MARKER, RUN_ENTRIES, not_written_in_run_dir, release_marker
 from midus_surgery.model.midus_names import is_memory_parameter
 from midus_surgery.train.checkpoint import complete_checkpoints, load_checkpoint
@@ -563,11 +564,21 @@ def test_midus_output_trains_memory_with_its_own_group(world, tmp_path):
     assert changed and all(n.startswith(inserted) or "midus_shared_bank" in n for n in changed)
     assert any(is_memory_parameter(n) for n in changed)
     load_causal_lm(final)  # transformers loads the export
-    # memory-only: no base parameter trains, so there is no base lr to write (absent, not NaN)
+    # the card apply wrote said "not trained yet"; the export's says how it was trained, and nothing else changed
+    card, trained_card = (out / "README.md").read_text(), (final / "README.md").read_text()
+    assert NOT_TRAINED in card and NOT_TRAINED not in trained_card
+    summary = json.loads((final / "midus_train.json").read_text())
+    line = f"Trained by `midus-surgery train`: {summary['steps']:,} steps, {summary['tokens']:,} tokens of `{world['corpus'].name}`"
+    assert summary["steps"] == 4 and line in trained_card and "; freeze: base, precision fp32, lr " in trained_card
+    assert str(world["corpus"]) not in trained_card  # a folder's name, not this machine's path
+    assert trained_card.replace(training_line(summary), NOT_TRAINED) == card
+    # memory-only, from that export: no base parameter trains, so there is no base lr to write (absent, not NaN)
     said = []
-    cfg = write_config(tmp_path / "memory-only.yaml", out, tmp_path / "memory-only", world["corpus"], world["cache"], tokens=16 * 4 * 2,
+    cfg = write_config(tmp_path / "memory-only.yaml", final, tmp_path / "memory-only", world["corpus"], world["cache"], tokens=16 * 4 * 2,
                        freeze="memory-only", **{"eval.at_start": False, "log.every": 1})
     train(load_train_config(cfg), echo=said.append)
+    chained = (tmp_path / "memory-only" / "final" / "README.md").read_text()
+    assert chained.count("Trained by `midus-surgery train`") == 2 and "; freeze: memory-only" in chained  # each run keeps its line
     steps = [r for r in metrics(tmp_path / "memory-only") if "loss" in r]
     assert len(steps) == 2 and all("lr" not in r and r["memory_lr"] > 0 for r in steps)
     step_lines = [line for line in said if line.startswith("step ")]

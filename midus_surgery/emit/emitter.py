@@ -20,6 +20,7 @@ from pathlib import Path
 from midus_surgery.compiler.base import BaseRef, resolve_base
 from midus_surgery.compiler.plan import PLAN_FILE, Plan, TensorEntry
 from midus_surgery.compiler.planned import PlannedRecipe
+from midus_surgery.emit.card import write_model_card
 from midus_surgery.errors import BaseModelError, MidusError
 from midus_surgery.io.dtypes import ITEMSIZE, TAGS, torch_dtype
 from midus_surgery.io.output_dir import atomic_directory, check_output_dir
@@ -143,52 +144,6 @@ def _causal_lm_class_name(model_type) -> list[str] | None:
     return [name] if isinstance(name, str) else None
 
 
-def model_card(planned: PlannedRecipe, recipe_text: str) -> str:
-    plan = planned.plan
-    p, f = plan.params, plan.flops_per_token
-    rows = "\n".join(f"| {layer.index} | {layer.source} | {layer.kind} | {n:,} |" for layer, n in zip(plan.layers, plan.layer_params))
-    kind = "MIDUS (Memory-Infused Depth Up-Scaling)" if plan.memory_layers else "Depth Up-Scaling"
-    loading = (
-        "```python\nimport midus_surgery  # registers the MIDUS classes\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        "model = AutoModelForCausalLM.from_pretrained(PATH)\ntokenizer = AutoTokenizer.from_pretrained(PATH)\n"
-        "# or, without midus_surgery installed (the tokenizer reads config.json too, so it needs the flag as well):\n"
-        "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)\n"
-        "tokenizer = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)\n```"
-        if plan.memory_layers
-        else "```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(PATH)\n```"
-    )
-    return f"""---
-library_name: transformers
-tags: [midus-surgery, depth-up-scaling]
----
-# {planned.loaded.source.file}: {kind}
-
-Made by `midus-surgery apply` from a `{plan.model_type}` base of {plan.base_num_layers} layers;
-{plan.num_hidden_layers} layers out ({len(plan.memory_layers)} memory blocks). Not trained yet: continue pre-training it
-(`midus-surgery train`).
-
-## Loading
-{loading}
-
-## Counts
-| | base | DUS equivalent | this model |
-| --- | --- | --- | --- |
-| parameters | {p['base']:,} | {p['base'] + p['dus_added']:,} | {p['total']:,} |
-| added parameters | - | {p['dus_added']:,} | {p['added']:,} |
-| FLOPs per token (estimate) | {f['base']:,} | {f['dus']:,} | {f['plan']:,} |
-
-## Layer map
-| out | source | kind | parameters |
-| --- | --- | --- | --- |
-{rows}
-
-## Recipe
-```yaml
-{recipe_text.rstrip()}
-```
-"""
-
-
 def _copy_tokenizer(ref, dest: Path, trust_remote_code: bool) -> None:
     if ref.is_gguf:
         from transformers import AutoTokenizer
@@ -251,7 +206,7 @@ def emit(planned: PlannedRecipe, *, out_dir: Path | None = None, overwrite: bool
         check_tied_copies(planned, source)
         with atomic_directory(out, kind="apply", replace=overwrite, report=_note) as tmp:
             num_bytes, shards = _write_weights(planned, source, tmp, progress)
-            _write_companions(planned, ref, tmp)
+            _write_companions(planned, ref, tmp, out.name)
     finally:
         source.close()
     return EmitResult(out, len(planned.plan.tensors), num_bytes, shards, source.how)
@@ -379,7 +334,7 @@ def _shape_mismatch(entry: TensorEntry, shape) -> str:
             "the weights do not match the config")
 
 
-def _write_companions(planned: PlannedRecipe, ref, tmp: Path) -> None:
+def _write_companions(planned: PlannedRecipe, ref, tmp: Path, out_name: str) -> None:
     """config, modeling code, tokenizer, generation config, recipe, plan summary, model card."""
     plan, recipe = planned.plan, planned.loaded.recipe
     config_dict = emitted_config(plan, output_dtype(planned))
@@ -404,7 +359,7 @@ def _write_companions(planned: PlannedRecipe, ref, tmp: Path) -> None:
     summary["base_path"] = str(planned.loaded.resolve(recipe.base.path).resolve())  # for `verify` without --base
     summary["trust_remote_code"] = recipe.base.trust_remote_code  # `verify` loads the output and the base as apply read it
     (tmp / PLAN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    (tmp / "README.md").write_text(model_card(planned, recipe_text))
+    write_model_card(planned, recipe_text, ref, tmp, out_name)
 
 
 def _materialise(entry: TensorEntry, source, init: MemoryInit, dtype_name: str):

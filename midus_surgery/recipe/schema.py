@@ -36,6 +36,8 @@ MAX_SHARD_BYTES = 10**15  # 1 PB: larger than any model, i.e. "one shard"
 MAX_SEQ_LEN = 100_000_000
 MAX_SEED = 2**63 - 1
 
+HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}", re.ASCII)  # [org/]name
+
 NonNegInt = Annotated[StrictInt, Field(ge=0, le=MAX_BASE_LAYERS)]  # a base layer index (or a slice's end)
 
 
@@ -53,6 +55,15 @@ class BaseModelSpec(Strict):
     config: str | None = Field(None, description="A config.json to plan from when `path` is not present (lets `validate`/`plan` run on a machine without the weights). Defaults to `path`/config.json, or the GGUF's own metadata.")
     gguf_file: str | None = Field(None, description="The GGUF file's name inside `path` when `path` is a directory holding one.")
     trust_remote_code: StrictBool = Field(False, description="Allow the base model's own modeling code (Hub `auto_map`). Off by default.")
+    hub_id: str | None = Field(None, description="The base's Hugging Face Hub id (`org/name`), written as `base_model` in the output's model card. Found without it when `path` is a snapshot in the Hub cache (`models--org--name/snapshots/...`). Nothing is downloaded.")
+
+    @field_validator("hub_id")
+    @classmethod
+    def _hub_id(cls, value: str | None) -> str | None:
+        # the Hub's own rule (huggingface_hub.utils.validate_repo_id): [org/]name of letters, digits, - _ .
+        if value is not None and (not HUB_ID.fullmatch(value) or "--" in value or ".." in value or value.endswith(".git")):
+            raise ValueError(f"should be a Hub id such as HuggingFaceTB/SmolLM2-135M (letters, digits, '-', '_', '.'), got {value!r}")
+        return value
 
 
 class Slice(Strict):

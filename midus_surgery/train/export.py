@@ -2,7 +2,7 @@
 
 The export is a directory transformers loads like any other (safetensors weights in the export
 dtype, config.json) plus every non-weight file of ``init_from`` (tokenizer, midus_plan.json,
-midus_recipe.yaml, model card, templates), the MIDUS modeling files for a MIDUS model, and
+midus_recipe.yaml, model card (its training section saying how this run trained it), templates), the MIDUS modeling files for a MIDUS model, and
 ``midus_train.json`` (what was trained how). It appears whole or not at all (a temp directory
 renamed into place), and replaces only an export of the same run (output_dir.py).
 """
@@ -17,6 +17,7 @@ import torch
 
 from midus_surgery.errors import MidusError
 from midus_surgery.io.json_text import strict_json
+from midus_surgery.io.model_card import card_with_training, training_line
 from midus_surgery.io.output_dir import atomic_directory
 from midus_surgery.io.tensor_source import inside_base
 from midus_surgery.model import copy_modeling_files
@@ -63,6 +64,9 @@ def export_model(acc, model, out: Path, *, run_dir: Path, init_from: Path, dtype
                         report(f"warning: {src.name} not copied into the export: {exc}")
                         continue
                     shutil.copy2(src, tmp / src.name)
+            card = tmp / "README.md"
+            if card.is_file() and (trained := card_with_training(card.read_text(), training_line(summary))) is not None:
+                card.write_text(trained)  # the card apply wrote: its training section says how this model was trained
             if is_midus:
                 copy_modeling_files(tmp)
             (tmp / "midus_train.json").write_text(strict_json(summary, indent=2) + "\n")

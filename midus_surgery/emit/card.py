@@ -1,0 +1,116 @@
+"""The output's model card (README.md): what was made from which base, how to load it, its counts,
+layer map and recipe, in the layout the Hub reads (YAML front matter, ``base_model`` when known).
+
+The card names the base by its Hub id or its folder's name, never by a path of this machine: a
+card is written to be published. The recipe it quotes is the user's own text, as written.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from midus_surgery.compiler.base import BaseRef
+from midus_surgery.compiler.planned import PlannedRecipe
+from midus_surgery.io.model_card import NOT_TRAINED, training_section
+
+# how huggingface_hub lays out its cache: .../models--ORG--NAME/snapshots/REVISION/
+_HUB_CACHE_FOLDER = re.compile(r"^models--(?P<repo>[\w.-]+)$")
+
+_KINDS = {  # kind: (one, several, what each is)
+    "copy": ("copy", "copies", "a plain copy of its source layer"),
+    "identity": ("identity block", "identity blocks", "a copy with its output projections zeroed: it adds nothing until trained"),
+    "memory": ("memory block", "memory blocks", "a copy with its FFN replaced by a Head-wise Memory Layer: per-head product keys, HIVE values"),
+}
+
+
+def base_hub_id(planned: PlannedRecipe, ref: BaseRef) -> str | None:
+    """The base's Hub id: the recipe's ``base.hub_id``, else read from a Hub cache snapshot's path."""
+    if planned.loaded.recipe.base.hub_id:
+        return planned.loaded.recipe.base.hub_id
+    parts = ref.directory.resolve().parts
+    for folder, below in zip(parts, parts[1:]):
+        if below == "snapshots" and (found := _HUB_CACHE_FOLDER.match(folder)):
+            return found["repo"].replace("--", "/", 1)  # repo names cannot hold "--": the first one is the org's end
+    return None
+
+
+def method_title(kinds: set[str]) -> str:
+    if "memory" in kinds:
+        return "MIDUS (Memory-Infused Depth Up-Scaling)"
+    if kinds == {"identity"}:
+        return "LLaMA-Pro block expansion"
+    return "Depth Up-Scaling" + (" with identity blocks" if "identity" in kinds else "")
+
+
+def start_sentence(function_preserving: bool | None, kinds: set[str]) -> str:
+    if function_preserving:
+        return "It starts computing the base's function exactly: every inserted block was checked to add nothing until trained."
+    if function_preserving is False:
+        return ("Its inserted blocks were found not to start as the identity, and the recipe accepted it (`accept_function_change`): "
+                "it computes another function than the base until trained.")
+    if "copy" in kinds:
+        return "Copies change the function: like any DUS model it needs continued pre-training to recover and pass the base."
+    return "Its memory blocks start from random values: it computes another function than the base until trained."
+
+
+def _count(n: int, one: str, several: str, what: str) -> str:
+    return f"{n} {one if n == 1 else several} (each {what})"
+
+
+def model_card(planned: PlannedRecipe, recipe_text: str, ref: BaseRef, out_name: str) -> str:
+    plan = planned.plan
+    p, f = plan.params, plan.flops_per_token
+    inserted = [layer for layer in plan.layers if layer.inserted]
+    kinds = {layer.kind for layer in inserted}
+    hub_id = base_hub_id(planned, ref)
+    base_name = hub_id or (ref.gguf_file if ref.is_gguf else ref.directory.resolve().name)
+    counts = "; ".join(_count(sum(layer.kind == kind for layer in inserted), *_KINDS[kind]) for kind in _KINDS if kind in kinds)
+    rows = "\n".join(f"| {layer.index} | {layer.source} | {layer.kind} | {n:,} |" for layer, n in zip(plan.layers, plan.layer_params))
+    front = ["library_name: transformers"] + ([f"base_model: {hub_id}"] if hub_id else [])
+    tags = ["midus-surgery", "depth-up-scaling"] + (["midus"] if plan.memory_layers else ["llama-pro"] if "identity" in kinds else [])
+    loading = (
+        "```python\nimport midus_surgery  # registers the MIDUS classes\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "model = AutoModelForCausalLM.from_pretrained(PATH)\ntokenizer = AutoTokenizer.from_pretrained(PATH)\n"
+        "# or, without midus_surgery installed (the tokenizer reads config.json too, so it needs the flag as well):\n"
+        "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)\n"
+        "tokenizer = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)\n```"
+        if plan.memory_layers
+        else "```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(PATH)\n```"
+    )
+    return f"""---
+{chr(10).join(front)}
+tags: [{', '.join(tags)}]
+---
+# {out_name}
+
+{method_title(kinds)} of `{base_name}`, made by `midus-surgery apply`: the base's {plan.base_num_layers} `{plan.model_type}` layers
+become {plan.num_hidden_layers}, with {len(inserted)} inserted: {counts}.
+{start_sentence(plan.function_preserving, kinds)}
+
+{training_section(NOT_TRAINED)}
+
+## Loading
+{loading}
+
+## Counts
+| | base | DUS equivalent | this model |
+| --- | --- | --- | --- |
+| parameters | {p['base']:,} | {p['base'] + p['dus_added']:,} | {p['total']:,} |
+| added parameters | - | {p['dus_added']:,} | {p['added']:,} |
+| FLOPs per token (estimate) | {f['base']:,} | {f['dus']:,} | {f['plan']:,} |
+
+## Layer map
+| out | source | kind | parameters |
+| --- | --- | --- | --- |
+{rows}
+
+## Recipe
+```yaml
+{recipe_text.rstrip()}
+```
+"""
+
+
+def write_model_card(planned: PlannedRecipe, recipe_text: str, ref: BaseRef, dest: Path, out_name: str) -> None:
+    (dest / "README.md").write_text(model_card(planned, recipe_text, ref, out_name))

@@ -1,0 +1,50 @@
+"""The model card's training section, as text: apply writes it "not trained yet", and each export
+of a training run adds the line that says how it was trained.
+
+The section sits between two HTML comments (invisible where the card is rendered, on the Hub
+too), so an export finds it in a card apply wrote, edited or not, and changes nothing outside it;
+a card without the section (a model midus-surgery did not make) is copied as its author wrote it.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePath
+
+TRAINING_START = "<!-- midus-surgery: training -->"
+TRAINING_END = "<!-- /midus-surgery: training -->"
+NOT_TRAINED = "Not trained yet: continue pre-training it (`midus-surgery train`)."
+
+
+def training_section(body: str) -> str:
+    """The section as apply writes it, holding ``body``."""
+    return f"{TRAINING_START}\n{body}\n{TRAINING_END}"
+
+
+def card_with_training(card: str, line: str) -> str | None:
+    """``card`` with ``line`` added to its training section (replacing "not trained yet"), or None
+    when the card has no such section."""
+    start, end = card.find(TRAINING_START), card.find(TRAINING_END)
+    if start < 0 or end < start:
+        return None
+    earlier = card[start + len(TRAINING_START):end].strip()
+    lines = [part for part in (earlier,) if part and part != NOT_TRAINED]  # an earlier run's line stays: a chain of trainings
+    return card[:start] + training_section("\n\n".join([*lines, line])) + card[end + len(TRAINING_END):]
+
+
+def training_line(summary: dict) -> str:
+    """One paragraph from midus_train.json's ``summary``: how much, on what, how, and the held-out result."""
+    cfg = summary.get("config") or {}
+    data = cfg.get("data") or {}
+    # folder and file names, not the paths: a card is published, the paths are this machine's
+    corpora = ", ".join(f"`{PurePath(p).name or p}`" for p in data.get("train") or []) or "its data"
+    how = [f"freeze: {cfg.get('freeze')}"] if cfg.get("freeze") else []
+    if summary.get("precision"):
+        how.append(f"precision {summary['precision']}")
+    if (cfg.get("optim") or {}).get("lr") is not None:
+        how.append(f"lr {cfg['optim']['lr']:g}")
+    text = (f"Trained by `midus-surgery train`: {summary.get('steps', 0):,} steps, {summary.get('tokens', 0):,} tokens of {corpora}"
+            f" (blocks of {data.get('block_size', '?')} tokens){'; ' + ', '.join(how) if how else ''}.")
+    held = summary.get("held_out")
+    if isinstance(held, dict) and held.get("eval_loss") is not None:
+        text += f" Held-out loss {held['eval_loss']:.4f}, perplexity {held['eval_ppl']:.3f} ({held.get('eval_tokens', 0):,} tokens)."
+    return text + " Every setting: `midus_train.json`."
