@@ -305,6 +305,26 @@ def test_a_failed_write_leaves_no_partial_directory_nor_the_folders_it_made(tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_output_whose_marker_records_no_files_is_neither_replaced_nor_removed(project, capsys):
+    """A marker without its file list (an output of a version that did not record files, or a marker a
+    user copied into their folder) said nothing about what the folder holds, and --overwrite deleted
+    it whole, the user's files with it."""
+    r = recipe(project, "out")
+    assert apply(str(r)) == 0
+    out = project / "out"
+    marker = read_marker(out)
+    (out / MARKER).write_text(json.dumps({k: v for k, v in marker.items() if k not in ("files", "fingerprints")}))
+    (out / "my-eval.txt").write_text("the user's results")
+    before = tree_digest(project)
+    capsys.readouterr()
+    assert apply(str(r), "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "does not record which files midus-surgery wrote there" in err and "move it away yourself" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(OutputError, match="does not record which files midus-surgery wrote there"):
+        remove_own_directory(out)
+    assert tree_digest(project) == before
+
+
 def test_tools_remove_only_what_lies_in_their_own_workspace(tmp_path):
     """Benchmarks and the sweep clear their scratch outputs with remove_own_directory: only inside a
     folder use_workspace marked (or a marked output); a user's folder is refused, untouched."""

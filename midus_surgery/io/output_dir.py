@@ -144,6 +144,15 @@ def _not_written_by_tool(directory: Path, marker: dict) -> list[str]:
     return sorted(p.parent.relative_to(directory).as_posix() + "/" for p in directory.rglob(MARKER) if p.parent != directory)
 
 
+UNRECORDED = "does not record which files midus-surgery wrote there (an output of an older version, or a marker copied into a folder)"
+
+
+def _unrecorded(marker: dict) -> bool:
+    """A whole output's marker without its file list: what its folder holds cannot be told from a user's
+    files. (A run directory and a workspace record none by design: train writes into them over time.)"""
+    return not isinstance(marker.get("files"), list) and marker.get("kind") not in (RUN_KIND, WORKSPACE)
+
+
 def _first_five(names: list[str]) -> str:
     """The first five of ``names``, and how many more, for a one-line message."""
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
@@ -240,6 +249,9 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
     if writes_into:
         return resolved
     if overwrite or reuse:
+        if _unrecorded(marker):
+            raise OutputError(f"output {resolved} (marked as written by {written_by}) {UNRECORDED}: it is not replaced; "
+                              "move it away yourself, or choose another directory")
         foreign = _not_written_by_tool(resolved, marker)
         if foreign:
             shown = _first_five(foreign)
@@ -432,6 +444,8 @@ def _why_not_replaceable(out: Path, *, kind: str | None, owner: str | None, repl
         return f"appeared, written by {_written_by(marker)}"
     if kind is not None and (marker.get("kind") != kind or marker.get("owner") != owner):
         return f"now holds an output of {_written_by(marker)}"
+    if _unrecorded(marker):
+        return f"now holds an output of {_written_by(marker)} that {UNRECORDED}"
     foreign = _not_written_by_tool(out, marker)
     if foreign:
         shown = _first_five(foreign)
@@ -461,9 +475,11 @@ def remove_own_directory(path: Path) -> None:
         return
     resolved = path.resolve()
     marker = read_marker(resolved)
-    owned = marker is not None or any((read_marker(p) or {}).get("kind") == WORKSPACE for p in resolved.parents)
-    if not owned or not resolved.is_dir():
+    in_workspace = any((read_marker(p) or {}).get("kind") == WORKSPACE for p in resolved.parents)
+    if (marker is None and not in_workspace) or not resolved.is_dir():
         raise OutputError(f"{resolved} was not written by midus-surgery (no {MARKER} marker in it or in a workspace above it); not removing it")
+    if marker is not None and _unrecorded(marker) and not in_workspace:
+        raise OutputError(f"{resolved} (marked as written by {_written_by(marker)}) {UNRECORDED}; not removing it: remove it yourself")
     foreign = _not_removable(resolved, marker) if marker is not None else []
     if foreign:
         shown = _first_five(foreign)
