@@ -259,6 +259,27 @@ def test_the_stderr_bootstrap_forks_no_pool(world, monkeypatch):
     assert "perplexity" in ppl and "DISABLE_MULTIPROC" not in os.environ  # bootstrapped here; the switch put back
 
 
+def test_an_unreachable_hub_fails_a_hub_task_at_once_and_local_tasks_still_run(world, capsys, monkeypatch, tmp_path):
+    """Offline, `--tasks wikitext` retried every file five times with back-off (47 s of "Retrying in
+    8s" lines) before its error. Now an unreachable Hub means the datasets cache only, said in the line."""
+    from huggingface_hub import constants
+
+    from midus_surgery.downstream import harness
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # as a user without HF_HUB_OFFLINE set
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(harness, "_hub_unreachable", lambda: "huggingface.co is unreachable from here (test)")
+    capsys.readouterr()
+    assert main(["eval", str(world["base"]), "--tasks", "wikitext", "--limit", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: lm-eval could not score wikitext on ") and len(err.strip().splitlines()) == 1
+    assert err.rstrip().endswith("; huggingface.co is unreachable from here (test), so only datasets in the local datasets cache can be read")
+    assert constants.HF_HUB_OFFLINE is False  # offline for the evaluation only
+    # the offline suite's data is local: it scores as it does online
+    assert main(["eval", str(world["base"]), "--tasks", "midus_cloze", "--include-path", str(world["tasks"]), "--limit", "3", "--quiet"]) == 0
+    assert "midus_cloze" in capsys.readouterr().out
+
+
 def test_the_offline_suite_renders_in_the_sandbox(world, capsys):
     from midus_surgery.downstream.task_guard import check_task_folders
 

@@ -73,7 +73,7 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         model = load_causal_lm(Path(m), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=progress).to(run_on).eval()
         lm = HFLM(pretrained=model, tokenizer=load_tokenizer(Path(m), trust_remote_code), batch_size=batch_size)
         try:
-            with _lm_eval_output(progress), _no_git(), _no_fork_pool(), \
+            with _lm_eval_output(progress), _no_git(), _no_fork_pool(), _offline_when_the_hub_is_unreachable() as offline, \
                     (contextlib.nullcontext() if allow_task_code else sandboxed_templates()):
                 out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                                       log_samples=False, bootstrap_iters=1000, verbosity="ERROR", random_seed=seed,
@@ -85,7 +85,8 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
             raise TaskError(f"lm-eval could not score {', '.join(tasks)} on {m}: a task has no documents "
                             "(an empty data file, or a split with no rows)") from None
         except Exception as exc:  # noqa: BLE001 - a dataset that cannot be read (no network), a task that does not build
-            raise TaskError(f"lm-eval could not score {', '.join(tasks)} on {m}: {one_line(exc, 800, whole=True)}") from None
+            why = f"; {offline}, so only datasets in the local datasets cache can be read" if offline else ""
+            raise TaskError(f"lm-eval could not score {', '.join(tasks)} on {m}: {one_line(exc, 800, whole=True)}{why}") from None
         rows.append({"model": str(m), "results": {t: _metrics(out["results"].get(t, {})) for t in tasks},
                      "seconds": round(time.perf_counter() - start, 1)})
         del model, lm
@@ -105,6 +106,44 @@ def _no_git():
         return
     with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None):
         yield
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached from here (one short connection attempt), or None when it can,
+    or may (a proxy is set: the attempt would not go through it)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as exc:
+        return f"{url.hostname} is unreachable from here ({exc.strerror or exc})"
+    return None
+
+
+HUB_PROBE_SECONDS = 3
+
+
+@contextlib.contextmanager
+def _offline_when_the_hub_is_unreachable():
+    """Offline mode (datasets from the local cache only) for a block when the Hub cannot be reached:
+    datasets and huggingface_hub otherwise retry each file five times with back-off, 47 s of
+    "Retrying in 8s" lines before the same error. Yields why it is offline, or None."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    why = None if constants.HF_HUB_OFFLINE else _hub_unreachable()
+    if why is None:
+        yield None
+        return
+    with mock.patch.object(constants, "HF_HUB_OFFLINE", True), mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True), \
+            mock.patch.object(datasets.config, "HF_DATASETS_OFFLINE", True):
+        yield why
 
 
 @contextlib.contextmanager
