@@ -270,3 +270,17 @@ def test_the_report_says_where_midus_stands_on_the_fused_read(tmp_path, docs):
     text = redraw(tmp_path, payload, docs)
     assert "| MIDUS (fused Triton) | base |" in text and "`MIDUS (fused Triton)` is the same model on the fused read" in text
     assert "on the fused read 0.80x DUS (0.60x the default Triton kernels' step)" in text
+
+
+@pytest.mark.parametrize("report", ["bench_adamw_report", "bench_apply_report", "bench_cpt_report", "bench_decode_report",
+                                    "bench_hml_report", "bench_step_report"])
+def test_a_saved_run_that_cannot_be_read_is_one_line(report, tmp_path, capsys):
+    """`--from-json` of a file that is not there (the docs named two that were never saved) was a
+    FileNotFoundError traceback; a file that is not JSON, a JSONDecodeError one."""
+    module = import_tool(report)
+    assert module.main(["--from-json", str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read {tmp_path / 'missing.json'}: No such file or directory (a saved run of tools/") and err.count("\n") == 1
+    (tmp_path / "torn.json").write_text('{"rows": [')
+    assert module.main(["--from-json", str(tmp_path / "torn.json")]) == 2
+    assert "Expecting value" in capsys.readouterr().err

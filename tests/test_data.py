@@ -62,6 +62,18 @@ def test_tokenise_packs_with_eos_and_caches(tmp_path, tok, monkeypatch):
     assert prep([tmp_path / "a.txt", tmp_path / "b.jsonl"], tmp_path, tok).path != s.path
 
 
+def test_a_folder_reads_ndjson_records_by_default(tmp_path, tok):
+    """.ndjson is read as JSON records like .jsonl; the default folder patterns (DIR_GLOB) take it,
+    and the docs said .json-lines, a suffix that is read as plain text."""
+    from midus_surgery.train.config import DIR_GLOB
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.ndjson").write_text(json.dumps({"text": "the dog ran"}) + "\n")
+    s = prep([tmp_path / "c"], tmp_path, tok, dir_glob=DIR_GLOB)
+    assert s.tokens.tolist() == tok("the dog ran")["input_ids"] + [tok.eos_token_id]
+    assert "**/*.ndjson" in DIR_GLOB and not any("json-lines" in pattern for pattern in DIR_GLOB)
+
+
 def test_bad_data_errors(tmp_path, tok):
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(D.DataError, match="corpus is empty"):

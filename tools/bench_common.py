@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,6 +128,16 @@ def finish(args, payload: dict, write_docs, summary: str) -> None:
         print(summary)
 
 
+def read_saved_run(source: Path, tool: str) -> dict | None:
+    """A saved run's JSON, or None after one line on stderr saying why it cannot be read."""
+    try:
+        return json.loads(source.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read {source}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc} "
+              f"(a saved run of tools/{tool}: its --json output, or the file a full run writes under docs/results/)", file=sys.stderr)
+        return None
+
+
 def report_main(argv, doc: str, tool: str, redraw) -> int:
     """The command line of a report module: ``--from-json RESULTS_JSON``, then ``redraw(payload, source)``
     rewrites the run's section (and plot) from the saved run."""
@@ -137,6 +148,9 @@ def report_main(argv, doc: str, tool: str, redraw) -> int:
                     help=f"the --json output (or the docs/results/ file) of an earlier tools/{tool} run")
     args = ap.parse_args(argv)
     source = Path(args.from_json)
-    redraw(json.loads(source.read_text()), source)
+    payload = read_saved_run(source, tool)
+    if payload is None:
+        return 2
+    redraw(payload, source)
     print(f"rewrote the {tool} section of {BENCHMARKS.relative_to(REPO)} from {source}")
     return 0

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from bench_common import RESULTS, link
+from bench_common import RESULTS, link, read_saved_run
 
 DOCS = RESULTS / "reproduction-runs.md"  # one section per run, written by the tool
 HEADER = ("# Reproduction runs\n\nOne section per run of `tools/bench_cpt.py` (generated: edits inside a section are overwritten). "
@@ -172,8 +172,11 @@ def main(argv=None) -> int:
     ap.add_argument("--from-json", metavar="RESULTS_JSON", required=True, help="a results.json of tools/bench_cpt.py")
     ap.add_argument("--no-doc", action="store_true", help="only redraw the plot beside the JSON")
     args = ap.parse_args(argv)
+    payload = read_saved_run(Path(args.from_json), "bench_cpt.py")
+    if payload is None:
+        return 2
     redraw(Path(args.from_json), doc=not args.no_doc)
-    print(fmt_table(json.loads(Path(args.from_json).read_text())))
+    print(fmt_table(payload))
     return 0
 
 

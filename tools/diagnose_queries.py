@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     from midus_surgery.downstream.analyze import _memory_layers
     from midus_surgery.errors import MidusError
     from midus_surgery.train import data as D
+    from midus_surgery.train.config import DIR_GLOB
     from midus_surgery.train.evaluate import block_batches, load_causal_lm, load_tokenizer
 
     if not (args.model / "config.json").is_file():  # never a hub id: nothing here downloads
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {args.model}: no Memory block", file=sys.stderr)
             return 2
         tokenizer = load_tokenizer(args.model)
-        stream = D.prepare_corpus(list(args.data), Path.cwd(), tokenizer, dir_glob=("**/*.txt", "**/*.md", "**/*.rst", "**/*.jsonl"),
+        stream = D.prepare_corpus(list(args.data), Path.cwd(), tokenizer, dir_glob=DIR_GLOB,
                                   text_field="text", cache_dir=D.default_cache_dir(), progress=False, what="data",
                                   tokenizer_source=str(args.model))
         blocks, _ = D.split(stream, None, args.block_size, 0.0, what="data (--block-size)")

@@ -31,6 +31,7 @@ import torch
 
 from midus_surgery.downstream.harness import TaskError
 from midus_surgery.io.json_text import strict_json
+from midus_surgery.train.config import DIR_GLOB
 
 ANALYSIS_KIND = "analysis"  # the output_dir marker
 NO_OWN_CODE = "analyze runs no model's own code"  # and has no flag to allow it: a MIDUS output needs none
@@ -185,7 +186,7 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
         raise TaskError(f"--dtype must be one of {', '.join(DTYPES)}")
     run_on = eval_device(device)
     tokenizer = load_tokenizer(model_dir)
-    stream = D.prepare_corpus(list(data), Path.cwd(), tokenizer, dir_glob=("**/*.txt", "**/*.md", "**/*.rst", "**/*.jsonl"),
+    stream = D.prepare_corpus(list(data), Path.cwd(), tokenizer, dir_glob=DIR_GLOB,
                               text_field="text", cache_dir=D.default_cache_dir(), progress=progress, what="analysis data",
                               tokenizer_source=str(model_dir))
     model = load_causal_lm(model_dir, dtype=DTYPES[dtype], progress=progress, how_to_allow=NO_OWN_CODE).to(run_on).eval()

@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 
 from midus_surgery.downstream.harness import TaskError
+from midus_surgery.train.config import DIR_GLOB
 
 TASKS = ("midus_next_sentence", "midus_cloze")
 SUITE_KIND = "task suite"  # the output_dir marker of a suite directory
@@ -128,7 +129,7 @@ def cloze_items(documents: list[list[str]], n: int, rng: random.Random) -> list[
 
 
 def build_task_suite(sources: list[str], out: Path, *, items: int = 500, seed: int = 0, text_field: str = "text",
-                     dir_glob=("**/*.txt", "**/*.md", "**/*.rst", "**/*.jsonl")) -> dict:
+                     dir_glob=DIR_GLOB) -> dict:
     """Write the suite's data and task YAMLs into ``out`` (whole or not at all); the counts per task."""
     from midus_surgery.io.output_dir import atomic_directory, check_output_dir, input_root
     from midus_surgery.train import data as D

@@ -137,7 +137,7 @@ class Layout(Strict):
 
 
 class MemorySettings(Strict):
-    """The Head-wise Memory Layer (HML + HIVE) of every `memory` block (MIDUS.md sections 3-5)."""
+    """The Head-wise Memory Layer (HML + HIVE) of every `memory` block (docs/method.md: the MIDUS paper's sections 3-5)."""
 
     n_subkeys: StrictInt = Field(256, ge=2, le=MAX_N_SUBKEYS, description="n: sub-keys per query half; each head addresses n*n slots.")
     topk: StrictInt = Field(32, ge=1, le=MAX_TOPK, description="k: slots read per head and token (two-stage top-k). Must be <= n.")

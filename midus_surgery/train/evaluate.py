@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from midus_surgery.errors import MidusError, UsageError, load_error_line, one_line
 from midus_surgery.io.hf_output import hf_progress_bars
 from midus_surgery.io.output_dir import CHECKPOINT_STATE, check_cache_location, input_root
+from midus_surgery.train.config import DIR_GLOB
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -307,7 +308,7 @@ def document_batches(windows: list[np.ndarray], batch_size: int, pad_id: int, ra
 
 def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None, per_document: bool = False, batch_size: int = 4,
              max_blocks: int | None = None, dtype: str = "float32", text_field: str = "text",
-             dir_glob: Iterable[str] = ("**/*.txt", "**/*.md", "**/*.rst", "**/*.jsonl"), cache_dir: Path | None = None,
+             dir_glob: Iterable[str] = DIR_GLOB, cache_dir: Path | None = None,
              trust_remote_code: bool = False, progress: bool = True, threads: int | None = None, device: str = "auto") -> dict:
     """``midus-surgery eval``: perplexity of ``model_dir`` on ``data``, on ``device`` (auto: CUDA when there is one).
     block_size: tokens per block or window; None: 512, or the model's positions when it has fewer."""
