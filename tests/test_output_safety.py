@@ -702,8 +702,9 @@ def test_the_demo_scripts_remove_only_runs_midus_surgery_wrote(tmp_path, capsys)
     assert remove([str(whole)]) == 0 and not whole.exists()
 
 
-def test_sigterm_during_apply_leaves_no_partial_output(tmp_path):
-    """A scheduler's cancel (SIGTERM) cleans up as Ctrl-C does: no `.NAME.partial-*` waits for the next run."""
+@pytest.mark.parametrize("signame, code, said", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_a_signal_during_apply_leaves_no_partial_output(tmp_path, signame, code, said):
+    """A scheduler's cancel (SIGTERM) and Ctrl-C (SIGINT) clean up alike: no `.NAME.partial-*` waits for the next run."""
     import signal
     import time
 
@@ -715,16 +716,20 @@ def test_sigterm_during_apply_leaves_no_partial_output(tmp_path):
     recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after_every: 1\n    kind: transformer\noutput:\n  dir: out\n")
     # apply at a lower priority than this poller: under a busy CPU (the suite's other worker) the poller
     # still sees the partial output before apply finishes writing it
+    def lower_priority_with_ctrl_c():
+        os.nice(10)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a test runner's worker may ignore SIGINT, and a child inherits that
+
     proc = subprocess.Popen([sys.executable, "-m", "midus_surgery.cli", "apply", str(recipe)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.nice(10))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=lower_priority_with_ctrl_c)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".out.partial-*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
     assert proc.poll() is None, "apply ended before its partial output was seen: make the base larger"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err
-    assert err.strip().endswith("terminated") and "Traceback" not in err
+    assert proc.returncode == code, err
+    assert err.strip().endswith(said) and "Traceback" not in err
     assert not list(tmp_path.glob(".out*")) and not (tmp_path / "out").exists()
 
 
