@@ -232,3 +232,21 @@ def test_a_recipe_may_name_every_kernel_choice_the_layer_knows_and_no_other():
 
     allowed = typing.get_args(typing.get_args(MemorySettings.model_fields["kernels"].annotation)[0])
     assert set(allowed) == set(KERNELS)
+
+
+def test_the_readme_recipe_is_the_bundled_one_less_its_defaults(tmp_path):
+    """The README's tour shows recipes/smollm2-135m-midus.yaml without the keys it sets to their defaults:
+    loaded, the two are the same recipe (output.dtype auto is the base config's float32)."""
+    import json
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    shown = re.search(r"A recipe \(`recipes/smollm2-135m-midus.yaml`[^\n]*\n\n```yaml\n(.*?)```", (repo / "README.md").read_text(), re.S)
+    assert shown, "the README's tour no longer shows the recipe"
+    copy = tmp_path / "readme-tour.yaml"  # the paths are compared as written
+    copy.write_text(shown.group(1))
+    readme = load_recipe(copy).recipe.model_dump()
+    bundled = load_recipe(repo / "recipes" / "smollm2-135m-midus.yaml").recipe.model_dump()
+    assert readme["output"].pop("dtype") == "auto" and bundled["output"].pop("dtype") == "float32"
+    assert json.loads((repo / "recipes" / "configs" / "smollm2-135m.json").read_text())["dtype"] == "float32"
+    assert readme == bundled
