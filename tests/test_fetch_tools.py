@@ -214,10 +214,12 @@ def test_fetch_refuses_incomplete_and_unknown(tmp_path):
             fc.fetch("git-doc", tmp_path, _NoApt(), force=force)
         assert "pass --force" not in str(err.value)
     (mine / "notes.txt").unlink()
-    write_marker(mine, "fetch_corpus")  # an earlier fetch, cut short
+    write_marker(mine, "fetch_corpus")  # a marker recording no files (an older version's): what it holds is unknown
     (mine / "a.txt").write_text("half")
-    with pytest.raises(fc.CorpusError, match="incomplete .*pass --force to fetch it again"):
-        fc.fetch("git-doc", tmp_path, _NoApt())
+    for force in (False, True):
+        with pytest.raises(fc.CorpusError, match="does not record which files midus-surgery wrote there.*move it away yourself"):
+            fc.fetch("git-doc", tmp_path, _NoApt(), force=force)
+    assert (mine / "a.txt").read_text() == "half"
     with pytest.raises(fc.CorpusError, match="unknown corpus"):
         fc.fetch("no-such-corpus", tmp_path, _NoApt())
     assert fc.main(["no-such-corpus", "--out", str(tmp_path)]) == 2

@@ -58,7 +58,7 @@ def _count(n: int, one: str, several: str, what: str) -> str:
     return f"{n} {one if n == 1 else several} (each {what})"
 
 
-def model_card(planned: PlannedRecipe, recipe_text: str, ref: BaseRef, out_name: str) -> str:
+def model_card(planned: PlannedRecipe, recipe_text: str, ref: BaseRef) -> str:
     plan = planned.plan
     p, f = plan.params, plan.flops_per_token
     inserted = [layer for layer in plan.layers if layer.inserted]
@@ -82,9 +82,9 @@ def model_card(planned: PlannedRecipe, recipe_text: str, ref: BaseRef, out_name:
 {chr(10).join(front)}
 tags: [{', '.join(tags)}]
 ---
-# {out_name}
+# {method_title(kinds)} of `{base_name}`
 
-{method_title(kinds)} of `{base_name}`, made by `midus-surgery apply`: the base's {plan.base_num_layers} `{plan.model_type}` layers
+Made by `midus-surgery apply`: the base's {plan.base_num_layers} `{plan.model_type}` layers
 become {plan.num_hidden_layers}, with {len(inserted)} inserted: {counts}.
 {start_sentence(plan.function_preserving, kinds)}
 
@@ -112,5 +112,5 @@ become {plan.num_hidden_layers}, with {len(inserted)} inserted: {counts}.
 """
 
 
-def write_model_card(planned: PlannedRecipe, recipe_text: str, ref: BaseRef, dest: Path, out_name: str) -> None:
-    (dest / "README.md").write_text(model_card(planned, recipe_text, ref, out_name))
+def write_model_card(planned: PlannedRecipe, recipe_text: str, ref: BaseRef, dest: Path) -> None:
+    (dest / "README.md").write_text(model_card(planned, recipe_text, ref))

@@ -206,7 +206,7 @@ def emit(planned: PlannedRecipe, *, out_dir: Path | None = None, overwrite: bool
         check_tied_copies(planned, source)
         with atomic_directory(out, kind="apply", replace=overwrite, report=_note) as tmp:
             num_bytes, shards = _write_weights(planned, source, tmp, progress)
-            _write_companions(planned, ref, tmp, out.name)
+            _write_companions(planned, ref, tmp)
     finally:
         source.close()
     return EmitResult(out, len(planned.plan.tensors), num_bytes, shards, source.how)
@@ -334,7 +334,7 @@ def _shape_mismatch(entry: TensorEntry, shape) -> str:
             "the weights do not match the config")
 
 
-def _write_companions(planned: PlannedRecipe, ref, tmp: Path, out_name: str) -> None:
+def _write_companions(planned: PlannedRecipe, ref, tmp: Path) -> None:
     """config, modeling code, tokenizer, generation config, recipe, plan summary, model card."""
     plan, recipe = planned.plan, planned.loaded.recipe
     config_dict = emitted_config(plan, output_dtype(planned))
@@ -359,7 +359,7 @@ def _write_companions(planned: PlannedRecipe, ref, tmp: Path, out_name: str) -> 
     summary["base_path"] = str(planned.loaded.resolve(recipe.base.path).resolve())  # for `verify` without --base
     summary["trust_remote_code"] = recipe.base.trust_remote_code  # `verify` loads the output and the base as apply read it
     (tmp / PLAN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    write_model_card(planned, recipe_text, ref, tmp, out_name)
+    write_model_card(planned, recipe_text, ref, tmp)
 
 
 def _materialise(entry: TensorEntry, source, init: MemoryInit, dtype_name: str):
