@@ -67,13 +67,16 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
     if len(models) > 1:  # and every model loads: the table comes at the end, so a later failure lost the earlier scores
         for m in models:
             load_causal_lm(Path(m), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=False)  # strict, or raises; dropped
+    from huggingface_hub import constants
+
+    hub_down = None if constants.HF_HUB_OFFLINE else _hub_unreachable()  # probed once for all the models
     rows = []
     for m in models:
         start = time.perf_counter()
         model = load_causal_lm(Path(m), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=progress).to(run_on).eval()
         lm = HFLM(pretrained=model, tokenizer=load_tokenizer(Path(m), trust_remote_code), batch_size=batch_size)
         try:
-            with _lm_eval_output(progress), _no_git(), _no_fork_pool(), _offline_when_the_hub_is_unreachable() as offline, \
+            with _lm_eval_output(progress), _no_git(), _no_fork_pool(), _offline_for(hub_down) as offline, \
                     (contextlib.nullcontext() if allow_task_code else sandboxed_templates()):
                 out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                                       log_samples=False, bootstrap_iters=1000, verbosity="ERROR", random_seed=seed,
@@ -108,6 +111,9 @@ def _no_git():
         yield
 
 
+HUB_PROBE_SECONDS = 3
+
+
 def _hub_unreachable() -> str | None:
     """Why the Hub cannot be reached from here (one short connection attempt), or None when it can,
     or may (a proxy is set: the attempt would not go through it)."""
@@ -126,18 +132,15 @@ def _hub_unreachable() -> str | None:
     return None
 
 
-HUB_PROBE_SECONDS = 3
-
 
 @contextlib.contextmanager
-def _offline_when_the_hub_is_unreachable():
-    """Offline mode (datasets from the local cache only) for a block when the Hub cannot be reached:
-    datasets and huggingface_hub otherwise retry each file five times with back-off, 47 s of
-    "Retrying in 8s" lines before the same error. Yields why it is offline, or None."""
+def _offline_for(why: str | None):
+    """Offline mode (datasets from the local cache only) for a block when the Hub cannot be reached
+    (``why``, from _hub_unreachable): datasets and huggingface_hub otherwise retry each file five times
+    with back-off, 47 s of "Retrying in 8s" lines before the same error. Yields ``why``."""
     import datasets.config
     from huggingface_hub import constants
 
-    why = None if constants.HF_HUB_OFFLINE else _hub_unreachable()
     if why is None:
         yield None
         return

@@ -27,8 +27,8 @@ def card_with_training(card: str, line: str) -> str | None:
     if start < 0 or end < start:
         return None
     earlier = card[start + len(TRAINING_START):end].strip()
-    lines = [part for part in (earlier,) if part and part != NOT_TRAINED]  # an earlier run's line stays: a chain of trainings
-    return card[:start] + training_section("\n\n".join([*lines, line])) + card[end + len(TRAINING_END):]
+    kept = [earlier] if earlier and earlier != NOT_TRAINED else []  # an earlier run's lines stay: a chain of trainings
+    return card[:start] + training_section("\n\n".join([*kept, line])) + card[end + len(TRAINING_END):]
 
 
 def training_line(summary: dict) -> str:
