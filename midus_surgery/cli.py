@@ -173,7 +173,7 @@ def _zeroed_in_blocks(plan) -> list[str]:
 
 
 def _print_check(check) -> None:
-    mark = "[bold green]PASS[/]" if check.ok else "[bold red]FAIL[/]"
+    mark = "[yellow]SKIP[/]" if check.skipped else "[bold green]PASS[/]" if check.ok else "[bold red]FAIL[/]"
     out.print(f"{mark} {check.name}: ", markup=True, end="")
     out.print(check.detail, markup=False)
 
@@ -191,7 +191,12 @@ def _run_verify(path, base, trust_remote_code: bool) -> int:
     if failed:
         err.print(f"verify failed: {', '.join(failed)}", markup=False)
         return 1
-    out.print(f"verify: all {len(checks)} checks passed", markup=False)
+    skipped = sum(c.skipped for c in checks)
+    passed = len(checks) - skipped
+    out.print(f"verify: all {passed} checks passed" + (f", {skipped} skipped" if skipped else ""), markup=False)
+    if not (Path(path) / "midus_plan.json").is_file():
+        out.print("  note: no midus_plan.json, so this is not an output of `midus-surgery apply`: only what any causal LM must do "
+                  "was checked", markup=False)
     return 0
 
 

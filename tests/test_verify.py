@@ -223,7 +223,7 @@ def test_a_failure_the_base_shares_is_not_blamed_on_the_output(bases, tmp_path, 
     monkeypatch.setattr(cls, "forward", _forward_breaking_cached_padded_steps(cls.forward))  # base and output alike
     checks = run(out)
     assert failed(checks) == []
-    assert checks["kv-cache (padded batch)"].detail.startswith("not checked: the base model fails it too (")
+    assert checks["kv-cache (padded batch)"].skipped and checks["kv-cache (padded batch)"].detail.startswith("the base model fails it too (")
 
 
 def _forward_breaking_cached_padded_steps(original):
@@ -335,7 +335,7 @@ def test_a_trained_output_is_compared_by_perplexity_not_by_identity(bases, tmp_p
     (out / "midus_train.json").write_text(json.dumps({"steps": 1}))
     checks = run(out)
     assert "identity" not in checks and "identity (perturbed)" not in checks
-    assert checks["weights"].detail == "skipped: trained since apply, so its weights are no longer the base's"
+    assert checks["weights"].skipped and checks["weights"].detail == "trained since apply, so its weights are no longer the base's"
     assert checks["logits"].ok and "trained since apply" in checks["logits"].detail and "perplexity" in checks["logits"].detail
     assert failed(checks) == []
 
@@ -350,7 +350,7 @@ def test_a_generate_bug_of_the_stock_architecture_is_not_blamed_on_a_copy(bases,
     monkeypatch.setattr(cls, "forward", _only_in_the_output(out, _forward_breaking_cached_padded_steps(cls.forward), cls.forward))
     checks = run(out)
     assert failed(checks) == []
-    assert checks["kv-cache (padded batch)"].detail.startswith("not checked: a fresh random instance of this architecture")
+    assert checks["kv-cache (padded batch)"].skipped and checks["kv-cache (padded batch)"].detail.startswith("a fresh random instance of this architecture")
 
     midus_out = emitted(bases, tmp_path, "llama", "midus")
     monkeypatch.setattr(modeling_midus.MemoryReadout, "forward", _row0_for_every_row)
@@ -450,7 +450,7 @@ def test_a_base_moved_away_or_not_a_base_is_one_line(bases, tmp_path, capsys):
     out = emit(plan_recipe(write_recipe(tmp_path, moved, "llama-pro")), progress=False).out_dir
     shutil.rmtree(moved)
     checks = run(out)
-    assert checks["identity"].ok and checks["identity"].detail.startswith(f"skipped: the base recorded at apply time, {moved}, is not there")
+    assert checks["identity"].skipped and checks["identity"].detail.startswith(f"the base recorded at apply time, {moved}, is not there")
     capsys.readouterr()
     for given, why in ((bases["llama"] / "model.safetensors", "a file, not a model directory"), (tmp_path / "nowhere", "no such directory"),
                        (tmp_path, "not a model directory (no config.json)")):
@@ -464,3 +464,16 @@ def test_a_base_moved_away_or_not_a_base_is_one_line(bases, tmp_path, capsys):
     checks = {c.name: c for c in verify(out, other, report=lambda c: None)}
     assert not checks["identity"].ok and checks["identity"].detail == (f"the base model {other} has a vocabulary of 96 tokens and the "
                                                                       "output 128: it is not this output's base")
+
+
+def test_a_skipped_check_is_said_as_skip_not_pass(bases, capsys):
+    """A directory that is not an apply output (a base model) has nothing to compare with: the
+    identity check is SKIP, counted apart from the passes, and the summary says what was checked."""
+    from midus_surgery.cli import main
+
+    assert main(["verify", str(bases["llama"])]) == 0
+    text = capsys.readouterr().out
+    assert "SKIP identity: no base given (--base) and none recorded" in text and "PASS identity" not in text
+    passes = text.count("PASS ")
+    assert passes >= 4 and f"verify: all {passes} checks passed, 1 skipped" in text
+    assert "note: no midus_plan.json, so this is not an output of `midus-surgery apply`" in text

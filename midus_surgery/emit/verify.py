@@ -49,6 +49,11 @@ class Check:
     name: str
     ok: bool
     detail: str
+    skipped: bool = False  # nothing was compared (ok stays True: a skip fails nothing); said as SKIP, not PASS
+
+
+def _skip(name: str, why: str) -> Check:
+    return Check(name, True, why, skipped=True)
 
 
 def _load(path: Path, gguf_file: str | None = None, *, trust_remote_code: bool = False, shipped: bool = False):
@@ -298,9 +303,9 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
         rounded = _round_to_stored_dtype(base_model, _config_dict(out).get("dtype"))
         trained = (out / "midus_train.json").is_file()  # written by `midus-surgery train` on export
         if plan is None:
-            weights = Check("weights", True, "skipped: no midus_plan.json, so which base layer each layer copies is not known")
+            weights = _skip("weights", "no midus_plan.json, so which base layer each layer copies is not known")
         elif trained:
-            weights = Check("weights", True, "skipped: trained since apply, so its weights are no longer the base's")
+            weights = _skip("weights", "trained since apply, so its weights are no longer the base's")
         else:
             weights = weights_check(out, base_model, plan)  # before the base runs (weights_check says why)
         try:
@@ -321,24 +326,24 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
         record(weights)
         base_for_generation = base_model  # kept: a generation the base itself cannot do is not the output's fault
     elif base_gone:
-        record(Check("identity", True, f"skipped: the base recorded at apply time, {plan['base_path']}, is not there any more "
+        record(_skip("identity", f"the base recorded at apply time, {plan['base_path']}, is not there any more "
                                        f"({base_gone}); give --base to compare with it"))
     else:
-        record(Check("identity", True, "skipped: no base given (--base) and none recorded"))
+        record(_skip("identity", "no base given (--base) and none recorded"))
 
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids if tokenizer is not None else ids[:1, :8]
     for check in (lambda m: cache_check(m, prompt, tokenizer), lambda m: padded_cache_check(m, vocab)):
         result = check(model)
         if not result.ok and base_for_generation is not None and not check(base_for_generation).ok:
             # what the base model itself cannot do (an architecture's generate bug) is not the output's fault
-            result = Check(result.name, True, f"not checked: the base model fails it too ({result.detail})")
+            result = _skip(result.name, f"the base model fails it too ({result.detail})")
         elif not result.ok and _stock_instance_fails(model, check):
-            result = Check(result.name, True, f"not checked: a fresh random instance of this architecture at this config fails it too, "
+            result = _skip(result.name, f"a fresh random instance of this architecture at this config fails it too, "
                                               f"so its generate path does, not the surgery ({result.detail})")
         record(result)
     result = round_trip_check(model, ids, trust, shipped=shipped)
     if not result.ok and base_for_generation is not None and not round_trip_check(base_for_generation, ids, trust).ok:
-        result = Check(result.name, True, f"not checked: the base model fails it too ({result.detail})")  # RWKV rescales on save
+        result = _skip(result.name, f"the base model fails it too ({result.detail})")  # RWKV rescales on save
     record(result)
     return checks
 
@@ -490,12 +495,12 @@ def perturbed_identity_check(model, base_model, plan: dict | None, ids: torch.Te
     """
     name = "identity (perturbed)"
     if plan is None:
-        return Check(name, True, "skipped: no midus_plan.json, so which base layer each layer copies is not known")
+        return _skip(name, "no midus_plan.json, so which base layer each layer copies is not known")
     out_sd = model.state_dict(keep_vars=True)
     base_sd = base_model.state_dict(keep_vars=True)
     layers_path = plan.get("layers_path") or guess_layers_path(dict.fromkeys(out_sd), len(plan["layers"]))
     if not layers_path:
-        return Check(name, True, "skipped: the plan does not say where the decoder layers are")
+        return _skip(name, "the plan does not say where the decoder layers are")
     layer_source = {int(layer["index"]): int(layer["source"]) for layer in plan["layers"]}
     canonical: dict[int, str] = {}  # a tied base tensor is perturbed once, by its first name's amount
     for bname, tensor in base_sd.items():
@@ -516,7 +521,7 @@ def perturbed_identity_check(model, base_model, plan: dict | None, ids: torch.Te
         moves[id(tensor)] = (tensor, key)
         base_moves[id(btensor)] = (btensor, key)
     if not moves:
-        return Check(name, True, "skipped: no norm weight or bias of the output is a copy of the base's")
+        return _skip(name, "no norm weight or bias of the output is a copy of the base's")
 
     saved = [(t, t.detach().clone()) for t, _ in (*moves.values(), *base_moves.values())]
     try:
@@ -561,7 +566,7 @@ def weights_check(out: Path, base_model, plan: dict) -> Check:
     base_sd = base_model.state_dict()
     layers_path = plan.get("layers_path") or guess_layers_path(dict.fromkeys(_file_tensor_names(out)), len(plan["layers"]))
     if not layers_path:
-        return Check(name, True, "skipped: the plan does not say where the decoder layers are")
+        return _skip(name, "the plan does not say where the decoder layers are")
     layer_source = {int(layer["index"]): int(layer["source"]) for layer in plan["layers"]}
     inserted = {int(layer["index"]) for layer in plan["layers"] if layer["kind"] in ("identity", "memory")}
     prefix = layers_path + "."
