@@ -89,7 +89,52 @@ def cmd_validate(args) -> int:
             out.print(f"  note: {pickled}", markup=False)
         if "memory" in planned.loaded.recipe.model_fields_set and not kinds["memory"]:
             out.print("  note: the recipe sets memory:, but no block is a memory block; it is not used", markup=False)
+        for note in _plan_notes(planned, start=True):
+            out.print(f"  note: {note}", markup=False)
     return 2 if failed else 0
+
+
+# a memory block this many times its base block's parameters is flagged: the memory defaults are
+# sized for a 1B model, and a recipe copied to a small base multiplies its size without a word
+OVERSIZED_MEMORY = 10
+
+
+def _plan_notes(planned, start: bool) -> list[str]:
+    """What a valid plan does that its author may not have meant: base layers pruned on purpose,
+    memory that does not start as the identity (``start``: plan says that in its own line), memory
+    blocks far larger than the blocks they extend."""
+    plan, recipe = planned.plan, planned.loaded.recipe
+    notes = []
+    dropped = sorted(set(range(plan.base_num_layers)) - {layer.source for layer in plan.layers})
+    if dropped:
+        notes.append(f"base layer{'s' if len(dropped) > 1 else ''} {', '.join(map(str, dropped))} left out of the output (allow_dropped_layers)")
+    if start and plan.function_preserving is None and plan.memory_layers and recipe.memory.init == "random":
+        notes.append("memory.init: random: the memory blocks start from random values, so the output does not start as the base's "
+                     "function (verify then compares perplexity, not logits)")
+    originals = {layer.source: n for layer, n in zip(plan.layers, plan.layer_params) if layer.kind == "base"}
+    sizes = [(n, originals[layer.source]) for layer, n in zip(plan.layers, plan.layer_params) if layer.kind == "memory" and originals.get(layer.source)]
+    if sizes:
+        n, block = max(sizes, key=lambda pair: pair[0] / pair[1])
+        if n > OVERSIZED_MEMORY * block:
+            m = recipe.memory
+            notes.append(f"a memory block has {human_count(n)} parameters, {n / block:.0f}x the base block it extends ({human_count(block)}): "
+                         f"the bank has n_subkeys^2 = {m.n_subkeys ** 2:,} rows of latent_dim {m.latent_dim} (defaults 256 and 256, the paper's "
+                         "arithmetic for Llama-3.2-1B); smaller memory.n_subkeys / latent_dim suit a small base")
+    return notes
+
+
+def _start_line(planned) -> str | None:
+    """Whether the output starts as the base's function, and why; None when nothing is inserted."""
+    plan = planned.plan
+    if plan.function_preserving is not None:
+        return ("yes (checked on a tiny random replica of the base)" if plan.function_preserving
+                else "NO (found on a tiny random replica; accepted by accept_function_change)")
+    kinds = {layer.kind for layer in plan.layers if layer.inserted}
+    if "copy" in kinds:
+        return "no: plain copies change it (as in DUS and SOLAR)"
+    if "memory" in kinds and planned.loaded.recipe.memory.init == "random":
+        return "no: memory.init: random starts the memory blocks from random values"
+    return None
 
 
 def _check_output_location(loaded) -> None:
@@ -128,9 +173,9 @@ def cmd_plan(args) -> int:
     zeroed = _zeroed_in_blocks(plan)
     if zeroed:
         out.print(f"zero at the start in inserted blocks: {', '.join(zeroed)}", markup=False)
-    if plan.function_preserving is not None:
-        out.print("starts as the base's function: " + ("yes (checked on a tiny random replica of the base)" if plan.function_preserving
-                  else "NO (found on a tiny random replica; accepted by accept_function_change)"), markup=False)
+    start = _start_line(planned)
+    if start is not None:
+        out.print(f"starts as the base's function: {start}", markup=False)
     table = Table(title="Layer map", show_lines=False)
     for col in ("out", "source", "kind", "params"):
         table.add_column(col, justify="right" if col != "kind" else "left")
@@ -147,6 +192,8 @@ def cmd_plan(args) -> int:
     counts.add_row("added parameters", "-", human_count(p["dus_added"]), human_count(p["added"]), _ratio(p["added"], p["dus_added"]))
     counts.add_row(f"FLOPs/token (ctx {loaded.recipe.flops_seq_len})", human_count(f["base"]), human_count(f["dus"]), human_count(f["plan"]), _ratio(f["plan"], f["dus"]))
     out.print(counts)
+    for note in _plan_notes(planned, start=False):
+        out.print(f"note: {note}", markup=False)
     if args.tensors:
         tensors = Table(title="Tensor map")
         for col in ("output tensor", "shape", "from"):

@@ -224,6 +224,27 @@ def test_validate_notes_a_memory_section_no_block_uses(tiny_base, tmp_path, caps
     assert code == 0 and "note:" not in text, text
 
 
+def test_validate_and_plan_note_what_the_author_may_not_have_meant(tiny_base, tmp_path, capsys):
+    """Valid, but worth a line before a long apply: layers pruned on purpose, memory that starts
+    random, and memory blocks at the defaults' size (Llama-3.2-1B's) on a tiny base."""
+    body = "layout: {slices: [{layers: [0, 2]}, {layers: [1, 2]}, {layers: [3, 4]}]}\nallow_dropped_layers: true\noutput: {dir: out}\n"
+    code, text = validate_lines(tmp_path, capsys, tiny_base, body)
+    assert code == 0 and "note: base layer 2 left out of the output (allow_dropped_layers)" in text, text
+    random = MEM.replace("}", ", init: random}")
+    code, text = validate_lines(tmp_path, capsys, tiny_base, "layout: {interleave: {after: [1], kind: memory}}\n" + random + "output: {dir: out}\n")
+    assert code == 0 and "note: memory.init: random: the memory blocks start from random values" in text, text
+    assert main(["plan", str(tmp_path / "r.yaml")]) == 0
+    assert "starts as the base's function: no: memory.init: random" in capsys.readouterr().out
+    code, text = validate_lines(tmp_path, capsys, tiny_base, "layout: {interleave: {after: [1], kind: memory}}\noutput: {dir: out}\n")
+    assert code == 0 and "note: a memory block has " in text and "the base block it extends" in text and "n_subkeys^2 = 65,536 rows" in text, text
+    assert main(["plan", str(tmp_path / "r.yaml")]) == 0
+    assert "note: a memory block has " in capsys.readouterr().out
+    code, text = validate_lines(tmp_path, capsys, tiny_base, "layout: {interleave: {after: [1], kind: copy}}\noutput: {dir: out}\n")
+    assert code == 0 and "note:" not in text, text
+    assert main(["plan", str(tmp_path / "r.yaml")]) == 0
+    assert "starts as the base's function: no: plain copies change it (as in DUS and SOLAR)" in capsys.readouterr().out
+
+
 def test_a_symlink_loop_is_one_line(tiny_base, tmp_path, capsys):
     """pathlib's resolve() raises RuntimeError on a loop: it was a traceback in eval, analyze and train."""
     (tmp_path / "loopA").symlink_to(tmp_path / "loopB")

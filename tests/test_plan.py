@@ -107,7 +107,7 @@ def test_out_of_range_layers_are_each_reported():
 
 
 def test_memory_back_to_back_needs_explicit_permission():
-    layout = {"layers": [{"source": 0}, {"source": 0, "kind": "memory"}, {"source": 1, "kind": "memory"}, {"source": 1}]}
+    layout = {"layers": [{"source": 0}, {"source": 0, "kind": "memory"}, {"source": 1, "kind": "memory"}, {"source": 1}, {"source": 2}, {"source": 3}]}
     (p,) = problems_of(tiny_config("llama"), layout, memory=MEMORY)
     assert "back to back" in p.message and "allow_adjacent_memory" in p.message
     plan = plan_for(tiny_config("llama"), layout, memory=MEMORY, allow_adjacent_memory=True)
@@ -141,6 +141,19 @@ def test_layout_that_inserts_nothing_is_refused_saying_what_it_does():
     # a plain copy standing in for its own original is that layer: still the base model
     (p,) = problems_of(tiny_config("llama"), {"layers": [{"source": 0}, {"source": 1, "kind": "copy"}, {"source": 2}, {"source": 3}]})
     assert "a plain copy in place of base layer 1 is that same layer; the output would be the base model" in p.message
+
+
+def test_a_layout_that_drops_a_base_layer_while_inserting_is_refused_unless_allowed():
+    """SOLAR [0, 3] + [1, 4] mistyped as [0, 2] + [1, 2] + [3, 4] inserts a copy of layer 1 and loses
+    layer 2: the same depth, a different model. Named, located at the list, and allowed on purpose."""
+    slices = {"slices": [{"layers": [0, 2]}, {"layers": [1, 2]}, {"layers": [3, 4]}]}
+    (p,) = problems_of(tiny_config("llama"), slices)
+    assert p.field == "layout.slices" and p.message.startswith("base layer 2 is in no slice, so the output would drop it (slices are half-open")
+    assert p.message.endswith("set allow_dropped_layers: true to prune on purpose")
+    (p,) = problems_of(tiny_config("llama"), {"layers": [{"source": 0}, {"source": 0}, {"source": 3}]})
+    assert p.field == "layout.layers" and p.message.startswith("base layers 1, 2 are in no entry, so the output would drop them;")
+    plan = plan_for(tiny_config("llama"), slices, allow_dropped_layers=True)
+    assert layer_map(plan) == [(0, 0, "base"), (1, 1, "base"), (2, 1, "copy"), (3, 3, "base")]
 
 
 # ----------------------------------------------------------------------------------------------

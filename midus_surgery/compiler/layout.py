@@ -104,6 +104,9 @@ def expand_layout(loaded: LoadedRecipe, num_base_layers: int) -> tuple[list[Laye
         for prev, cur in zip(layers, layers[1:]):
             if prev.kind == "memory" and cur.kind == "memory":
                 problems.append(loaded.problem(("layout",), f"output layers {prev.index} and {cur.index} are two memory blocks back to back; MIDUS never does this (set allow_adjacent_memory: true to do it anyway)"))
+    dropped = sorted(set(range(L)) - {layer.source for layer in layers})
+    if layers and not problems and dropped and any(layer.inserted for layer in layers) and not loaded.recipe.allow_dropped_layers:
+        problems.append(loaded.problem(_entries_path(layout), _drops_layers(dropped, layout.slices is not None)))
     if layers and not problems and not any(layer.inserted for layer in layers):
         problems.append(loaded.problem(("layout",), _inserts_nothing([layer.source for layer in layers], L)))
     elif layers and not problems and [layer.source for layer in layers] == list(range(L)) and {layer.kind for layer in layers} <= {"base", COPY}:
@@ -112,6 +115,19 @@ def expand_layout(loaded: LoadedRecipe, num_base_layers: int) -> tuple[list[Laye
                                                     f"place of base layer{'s' if len(copied) > 1 else ''} {', '.join(map(str, copied))} is that "
                                                     "same layer; the output would be the base model"))
     return layers, problems
+
+
+def _entries_path(layout) -> tuple[str, ...]:
+    """Where a problem of the whole layer list is reported: the list the recipe wrote."""
+    return ("layout", "slices") if layout.slices is not None else ("layout", "layers") if layout.layers is not None else ("layout",)
+
+
+def _drops_layers(dropped: list[int], slices: bool) -> str:
+    """Why a layout that inserts blocks but leaves base layers out is refused (an off-by-one, most often)."""
+    named = f"base layer{'s' if len(dropped) > 1 else ''} {', '.join(map(str, dropped[:8]))}{' ...' if len(dropped) > 8 else ''}"
+    hint = (" (slices are half-open [start, end): SOLAR's [0, 24] + [8, 32] keeps all 32 layers of its base)" if slices else "")
+    return (f"{named} {'are' if len(dropped) > 1 else 'is'} in no {'slice' if slices else 'entry'}, so the output would drop {'them' if len(dropped) > 1 else 'it'}"
+            f"{hint}; set allow_dropped_layers: true to prune on purpose")
 
 
 def _inserts_nothing(sources: list[int], num_layers: int) -> str:

@@ -227,6 +227,7 @@ class Recipe(Strict):
     layout: Layout = Field(description="The new depth (see `layout`).")
     memory: MemorySettings = Field(default_factory=MemorySettings, description="HML settings for `memory` blocks.")
     allow_adjacent_memory: StrictBool = Field(False, description="Allow two memory blocks back to back (MIDUS never does; say so explicitly to do it).")
+    allow_dropped_layers: StrictBool = Field(False, description="Allow a layout that leaves base layers out of the output while inserting others (depth pruning with up-scaling). Without it such a layout is refused, naming the layers: a slice list that skips a layer is usually an off-by-one.")
     accept_function_change: StrictBool = Field(False, description="Write identity and memory blocks that the planner finds do not start as the identity (it applies the recipe to a tiny random replica of the base first: post-norm blocks, layers whose code depends on their index or on the depth). Without it such a recipe is refused; with it `verify` compares perplexity instead of requiring equal logits.")
     anatomy: Anatomy | None = Field(None, description="State the decoder block's anatomy when it cannot be traced (normally found automatically).")
     seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description="Seed of every new tensor's initialisation (each tensor is seeded from this and its name).")
