@@ -341,6 +341,25 @@ def test_verify_prints_its_checklist_without_transformers_bars(bases, tmp_path, 
     assert "Loading weights" not in text.err and "Writing" not in text.err and hf_logging.is_progress_bar_enabled()
 
 
+def test_only_the_marker_holds_this_machines_paths(bases, tmp_path, capsys):
+    """An output is published by upload_folder as it is: no file in it but the .midus-surgery
+    marker (local bookkeeping, docs/ecosystem.md) names a path of this machine, and verify still
+    finds the base it was made from (recorded in the marker) without --base."""
+    import shutil
+
+    from midus_surgery.cli import main
+    from midus_surgery.io.output_dir import MARKER, read_marker
+
+    shutil.copytree(bases["llama"], tmp_path / "bases" / "llama")
+    recipe = write_recipe(tmp_path, Path("bases/llama"), "midus")  # as written: relative to the recipe
+    out = emit(plan_recipe(recipe), progress=False).out_dir
+    here = str(tmp_path.resolve()).encode()
+    assert [p.name for p in out.iterdir() if p.is_file() and here in p.read_bytes()] == [MARKER]
+    assert read_marker(out)["base_path"] == str((tmp_path / "bases" / "llama").resolve())
+    assert main(["verify", str(out)]) == 0
+    assert "PASS identity: max |logit difference| against the base: 0" in capsys.readouterr().out
+
+
 def test_an_output_names_its_architecture_when_the_base_config_does_not(bases, tmp_path):
     """A GGUF base's config (transformers' GGUF reader) has "architectures": null and the GGUF's own
     model name under _model_name_or_path: the output's config.json kept both, and tools that read

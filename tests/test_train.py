@@ -25,7 +25,7 @@ from train_fixtures.tiny import make_model_dir, state_of, write_config, write_co
 
 from midus_surgery.errors import RecipeError, TrainingError
 from midus_surgery.io.model_card import NOT_TRAINED, training_line
-from midus_surgery.io.output_dir import MARKER, RUN_ENTRIES, not_written_in_run_dir, release_marker
+from midus_surgery.io.output_dir import MARKER, RUN_ENTRIES, not_written_in_run_dir, read_marker, release_marker
 from midus_surgery.model.midus_names import is_memory_parameter
 from midus_surgery.train.checkpoint import complete_checkpoints, load_checkpoint
 from midus_surgery.train.config import TrainConfig, _submodel, config_reference_markdown, load_train_config
@@ -557,6 +557,9 @@ def test_midus_output_trains_memory_with_its_own_group(world, tmp_path):
     assert f"\nmemory bank gradient: bank_grad segment is a Triton kernel (CUDA); on the {path} the bank's gradient is {instead}" in text
     final = tmp_path / "run" / "final"
     assert {"modeling_midus.py", "configuration_midus.py", "hml.py", "midus_plan.json"} <= {p.name for p in final.iterdir()}
+    # the base apply recorded travels in the export's marker (what verify compares the trained model with), not in a published file
+    assert read_marker(final)["base_path"] == read_marker(out)["base_path"] == str(world["plain"].resolve())
+    assert "base_path" not in (final / "midus_plan.json").read_text()
     before, after = state_of(out), state_of(final)
     plan = json.loads((out / "midus_plan.json").read_text())
     inserted = tuple(f"model.layers.{layer['index']}." for layer in plan["layers"] if layer["kind"] != "base")

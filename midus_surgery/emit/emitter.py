@@ -23,7 +23,7 @@ from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.emit.card import write_model_card
 from midus_surgery.errors import BaseModelError, MidusError
 from midus_surgery.io.dtypes import ITEMSIZE, TAGS, torch_dtype
-from midus_surgery.io.output_dir import atomic_directory, check_output_dir
+from midus_surgery.io.output_dir import add_to_marker, atomic_directory, check_output_dir
 from midus_surgery.io.progress import progress_bar
 from midus_surgery.io.shard_writer import ShardItem, write_shard
 from midus_surgery.io.tensor_source import check_matches_config, inside_base, open_base_tensors
@@ -356,7 +356,8 @@ def _write_companions(planned: PlannedRecipe, ref, tmp: Path) -> None:
     recipe_text = Path(planned.loaded.source.file).read_text()
     (tmp / "midus_recipe.yaml").write_text(recipe_text)
     summary = plan.to_json(tensors=False)  # the layout and its readers: compiler/plan.py, read_plan_json
-    summary["base_path"] = str(planned.loaded.resolve(recipe.base.path).resolve())  # for `verify` without --base
+    # for `verify` without --base; in the marker, not here: midus_plan.json is published with the model
+    add_to_marker(tmp, base_path=str(planned.loaded.resolve(recipe.base.path).resolve()))
     summary["trust_remote_code"] = recipe.base.trust_remote_code  # `verify` loads the output and the base as apply read it
     (tmp / PLAN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     write_model_card(planned, recipe_text, ref, tmp)

@@ -34,6 +34,7 @@ import torch
 from midus_surgery.compiler.custom_code import BUILDING_KEYS
 from midus_surgery.compiler.plan import guess_layers_path, read_plan_file
 from midus_surgery.errors import MidusError, UsageError, load_error_line, one_line
+from midus_surgery.io.output_dir import recorded_base
 
 SAMPLE_TEXT = (
     "The history of science is the study of the development of science and scientific knowledge, "
@@ -238,7 +239,8 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     plan = read_plan_file(out)  # None: not made by `apply`
     if base is not None and (why_not := _not_a_base(Path(base))):
         raise UsageError(f"--base {base}: {why_not}")
-    base_path = base or (Path(plan["base_path"]) if plan and plan.get("base_path") else None)
+    recorded = recorded_base(out) if plan is not None else None
+    base_path = base or (Path(recorded) if recorded else None)
     base_gone = _not_a_base(base_path) if base is None and base_path is not None else None  # moved or deleted since apply: why
     if base_gone:
         base_path = None
@@ -326,7 +328,7 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
         record(weights)
         base_for_generation = base_model  # kept: a generation the base itself cannot do is not the output's fault
     elif base_gone:
-        record(_skip("identity", f"the base recorded at apply time, {plan['base_path']}, is not there any more "
+        record(_skip("identity", f"the base recorded at apply time, {recorded}, is not there any more "
                                        f"({base_gone}); give --base to compare with it"))
     else:
         record(_skip("identity", "no base given (--base) and none recorded"))

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from midus_surgery.errors import MidusError
 
-MARKER = ".midus-surgery"  # JSON: {"tool", "kind", "owner", "pid", "host", "time"}, and "files" once written whole
+MARKER = ".midus-surgery"  # JSON: {"tool", "kind", "owner", "pid", "host", "time"}, "base_path" (apply, export), and "files" once written whole
 WORKSPACE = "workspace"  # the marker kind of a tool's scratch folder: everything inside it is the tool's
 RUN_KIND = "train run"  # the marker kind of a training run directory, which train writes into over time
 # What train writes at the top of a run directory (train/runner.py; tests/test_output_safety.py checks a real run)
@@ -69,6 +69,27 @@ def write_marker(directory: Path, kind: str, owner: str | None = None) -> None:
     (train's export: its run directory), and by which process (for leftovers of killed runs)."""
     data = {"tool": "midus-surgery", "kind": kind, "owner": owner, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
     (Path(directory) / MARKER).write_text(json.dumps(data) + "\n")
+
+
+def add_to_marker(directory: Path, **facts) -> None:
+    """Record facts of this machine (the base's path, for ``verify``) in ``directory``'s marker: the
+    one file of an output that is local bookkeeping, left out when publishing (docs/ecosystem.md),
+    so that every other file is free of this machine's paths."""
+    marker = read_marker(directory) or {}
+    marker.update(facts)
+    (Path(directory) / MARKER).write_text(json.dumps(marker) + "\n")
+
+
+def recorded_base(directory: Path) -> str | None:
+    """The base model path an output was made from, as apply recorded it (an export carries its
+    init_from's); older outputs recorded it in midus_plan.json instead."""
+    found = (read_marker(directory) or {}).get("base_path")
+    if found is None:
+        try:
+            found = json.loads((Path(directory) / "midus_plan.json").read_text()).get("base_path")
+        except (OSError, ValueError, AttributeError):
+            return None
+    return found if isinstance(found, str) and found else None
 
 
 def hold_marker(directory: Path) -> int | None:

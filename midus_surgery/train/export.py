@@ -18,7 +18,7 @@ import torch
 from midus_surgery.errors import MidusError
 from midus_surgery.io.json_text import strict_json
 from midus_surgery.io.model_card import card_with_training, training_line
-from midus_surgery.io.output_dir import atomic_directory
+from midus_surgery.io.output_dir import add_to_marker, atomic_directory, recorded_base
 from midus_surgery.io.tensor_source import inside_base
 from midus_surgery.model import copy_modeling_files
 
@@ -70,5 +70,7 @@ def export_model(acc, model, out: Path, *, run_dir: Path, init_from: Path, dtype
             if is_midus:
                 copy_modeling_files(tmp)
             (tmp / "midus_train.json").write_text(strict_json(summary, indent=2) + "\n")
+            if (base := recorded_base(init_from)) is not None:
+                add_to_marker(tmp, base_path=base)  # what `verify` compares the trained model with
     acc.wait_for_everyone()
     return out

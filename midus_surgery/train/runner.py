@@ -666,7 +666,7 @@ class Runner:
 
     def export(self, final_eval: dict | None) -> Path:
         dtype_name = self.init_dtype if self.cfg.export.dtype == "auto" else self.cfg.export.dtype
-        summary = {"init_from": str(self.init_from), "steps": self.step, "tokens": self.samples_seen * self.cfg.data.block_size,
+        summary = {"init_from": self.cfg.init_from, "steps": self.step, "tokens": self.samples_seen * self.cfg.data.block_size,
                    "held_out": final_eval, "precision": self.precision, "processes": self.world, "config": self.cfg.model_dump(mode="json")}
         return export_model(self.acc, self.model, self.export_dir, run_dir=self.run_dir, init_from=self.init_from,
                             dtype=DTYPES.get(str(dtype_name).replace("torch.", ""), torch.float32), is_midus=self.is_midus,
