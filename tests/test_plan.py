@@ -106,6 +106,11 @@ def test_out_of_range_layers_are_each_reported():
     assert found[0].where.startswith("test.yaml:")
 
 
+def test_a_layer_listed_twice_in_after_is_named_at_its_item():
+    (p,) = problems_of(tiny_config("llama"), {"interleave": {"after": [3, 1, 1], "kind": "copy"}})
+    assert p.field == "layout.interleave.after.2" and p.message.startswith("layer 1 is listed twice (also after.1)")
+
+
 def test_memory_back_to_back_needs_explicit_permission():
     layout = {"layers": [{"source": 0}, {"source": 0, "kind": "memory"}, {"source": 1, "kind": "memory"}, {"source": 1}, {"source": 2}, {"source": 3}]}
     (p,) = problems_of(tiny_config("llama"), layout, memory=MEMORY)

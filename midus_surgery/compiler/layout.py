@@ -63,10 +63,13 @@ def expand_layout(loaded: LoadedRecipe, num_base_layers: int) -> tuple[list[Laye
                 problems.append(loaded.problem(("layout", "interleave", "after_every"), f"after_every {rule.after_every} exceeds the base model's {L} layers"))
             after = set(range(rule.after_every - 1, L, rule.after_every))
         else:
-            after = set()
+            after: dict[int, int] = {}  # layer -> its first item
             for a, layer in enumerate(rule.after):
-                if check_range(("layout", "interleave", "after", a), layer):
-                    after.add(layer)
+                if layer in after:
+                    problems.append(loaded.problem(("layout", "interleave", "after", a), f"layer {layer} is listed twice (also after.{after[layer]}); "
+                                                   "one block is inserted after each listed layer"))
+                elif check_range(("layout", "interleave", "after", a), layer):
+                    after[layer] = a
         for i in range(L):
             pairs.append((i, "base"))
             if i in after:

@@ -95,8 +95,6 @@ class Interleave(Strict):
     def _one_rule(self) -> "Interleave":
         if (self.after_every is None) == (self.after is None):
             raise ValueError("give exactly one of `after_every` or `after`")
-        if self.after is not None and len(set(self.after)) != len(self.after):
-            raise ValueError("`after` lists a layer twice")
         return self
 
 
