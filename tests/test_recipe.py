@@ -55,8 +55,13 @@ def test_good_recipe_loads_with_defaults(tmp_path):
 def test_unknown_key_names_field_and_line(tmp_path):
     (p,) = problems(tmp_path, GOOD.replace("  topk: 8\n", "  topk: 8\n  top_k: 8\n"))
     assert p.field == "memory.top_k"
-    assert "unknown key 'top_k'" in p.message
+    assert p.message == "unknown key 'top_k'; did you mean 'topk'?"
     assert p.where.endswith("r.yaml:10:3")
+    # a key no known one is close to: no guess; inside a list item (slices) the item's keys are the candidates
+    (p,) = problems(tmp_path, GOOD.replace("  topk: 8\n", "  topk: 8\n  colour: blue\n"))
+    assert p.message == "unknown key 'colour'"
+    (p,) = problems(tmp_path, GOOD.replace("  interleave:\n    after_every: 2\n    kind: memory\n", "  slices:\n    - layers: [0, 2]\n      memroy: [1]\n"))
+    assert p.field == "layout.slices.0.memroy" and p.message == "unknown key 'memroy'; did you mean 'memory'?"
 
 
 def test_wrong_type_names_field_and_line(tmp_path):

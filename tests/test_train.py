@@ -76,7 +76,7 @@ def test_config_errors_are_located(tmp_path):
     with pytest.raises(RecipeError) as err:
         load_train_config(path)
     text = str(err.value)
-    assert f"{path}:6:3: data.blok_size: unknown key 'blok_size'" in text
+    assert f"{path}:6:3: data.blok_size: unknown key 'blok_size'; did you mean 'block_size'?" in text
     assert f"{path}:7:1: micro_batch_size:" in text
     assert f"{path}:8:1: freeze:" in text and "'none', 'base' or 'memory-only'" in text
     assert f"{path}:10:3: optim.lr:" in text

@@ -8,8 +8,10 @@ keys, wrong types and impossible values are errors naming the field and file:lin
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
+import typing
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
@@ -311,7 +313,40 @@ def _say(item: dict, loc: tuple) -> tuple[str, str | None]:
     return (message[len("Value error, "):] if message.startswith("Value error, ") else message), None
 
 
-def problems_from_validation(error: ValidationError, source: YamlSource) -> list[Problem]:
+def _model_in(annotation) -> type[BaseModel] | None:
+    """The schema class a field holds, through ``X | None`` and ``list[X]``; None for a plain value."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _keys_at(schema: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys the mapping at ``loc`` may have (list items skipped); [] when it cannot be told."""
+    model: type[BaseModel] | None = schema
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        model = _model_in(field.annotation) if field is not None else None
+    return list(model.model_fields) if model is not None else []
+
+
+def _did_you_mean(schema: type[BaseModel] | None, loc: tuple) -> str:
+    """`; did you mean 'topk'?` for a key one typo away from a known one (after_evry, top_k)."""
+    if schema is None or not loc or not isinstance(loc[-1], str):
+        return ""
+    known = _keys_at(schema, loc[:-1])
+    close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.75) or [k for k in known if k.replace("_", "") == loc[-1].replace("_", "")]
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def problems_from_validation(error: ValidationError, source: YamlSource, schema: type[BaseModel] | None = None) -> list[Problem]:
+    """One located problem per place, in the file's order; ``schema``: the validated class, for
+    suggesting the known key an unknown one is a typo of."""
     problems: dict[tuple, Problem] = {}
     expected: dict[tuple, list[str]] = {}
     for item in error.errors():
@@ -320,6 +355,8 @@ def problems_from_validation(error: ValidationError, source: YamlSource) -> list
         if len(loc) > 1 and loc[-1] in _UNION_MEMBERS:
             loc = loc[:-1]
         message, wanted = _say(item, loc)
+        if item["type"] == "extra_forbidden":
+            message += _did_you_mean(schema, loc)
         if item["type"] == "missing" and loc and isinstance(loc[-1], int):
             loc = loc[:-1]  # a list an item short: said of the list, where the user wrote it
         if loc in problems and wanted and expected.get(loc):  # `tokens: true` against `int | str`: one line, both kinds
@@ -356,7 +393,7 @@ def parse_recipe(source: YamlSource, directory: Path) -> LoadedRecipe:
     try:
         recipe = Recipe.model_validate(source.data)
     except ValidationError as exc:
-        raise RecipeError(problems_from_validation(exc, source)) from None
+        raise RecipeError(problems_from_validation(exc, source, Recipe)) from None
     return LoadedRecipe(recipe=recipe, source=source, directory=directory)
 
 

@@ -312,7 +312,7 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> L
     try:
         config = TrainConfig.model_validate(located.data)
     except ValidationError as exc:
-        raise RecipeError(problems_from_validation(exc, located)) from None
+        raise RecipeError(problems_from_validation(exc, located, TrainConfig)) from None
     return LoadedTrainConfig(config=config, source=located, directory=path.resolve().parent)
 
 
