@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import os
@@ -156,7 +157,12 @@ def cmd_plan(args) -> int:
     from midus_surgery.compiler.planner import plan_recipe
     from midus_surgery.emit.emitter import check_planned
 
-    planned = check_planned(plan_recipe(args.recipe))  # errors: main() prints them and exits non-zero
+    try:
+        planned = check_planned(plan_recipe(args.recipe))  # errors: main() prints them and exits non-zero
+    except RecipeError as exc:
+        if args.json:  # a JSON reader gets the problems as data too (stdout), a person the lines (stderr)
+            print(json.dumps({"valid": False, "problems": [dataclasses.asdict(p) for p in exc.problems]}, indent=2))
+        raise
     loaded, config, anatomy, plan = planned.loaded, planned.config, planned.anatomy, planned.plan
     if args.json:
         data = plan.to_json()

@@ -80,6 +80,17 @@ def test_plan_json_keys():
     assert plan["anatomy"]["attn_out_proj"] == "self_attn.o_proj"
 
 
+def test_plan_json_of_an_invalid_recipe_is_json_too(tmp_path, capsys):
+    """A program reading `plan --json` gets the problems as data on stdout; a person, the lines on stderr; exit 2."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base:\n  path: x\nlayout:\n  interleave: {after_every: 2}\nmemory:\n  top_k: 3\noutput:\n  dir: out\n")
+    assert main(["plan", str(bad), "--json"]) == 2
+    text = capsys.readouterr()
+    assert json.loads(text.out) == {"valid": False, "problems": [{"where": f"{bad}:6:3", "field": "memory.top_k",
+                                                                  "message": "unknown key 'top_k'; did you mean 'topk'?"}]}
+    assert f"{bad}:6:3: memory.top_k: unknown key 'top_k'" in text.err
+
+
 def test_plan_table_shows_layers_counts_and_anatomy():
     result = run("plan", str(ROOT / "recipes" / "smollm2-135m-midus.yaml"))
     assert result.returncode == 0, result.stderr
