@@ -256,6 +256,29 @@ def test_validate_and_plan_note_what_the_author_may_not_have_meant(tiny_base, tm
     assert "starts as the base's function: no: plain copies change it (as in DUS and SOLAR)" in capsys.readouterr().out
 
 
+def test_a_base_path_written_relative_to_the_working_directory_says_so(tiny_base, tmp_path, capsys, monkeypatch):
+    """mergekit reads paths from the working directory; a recipe from its own: the miss says what to write."""
+    import shutil
+
+    shutil.copytree(tiny_base, tmp_path / "bases" / "tiny")
+    (tmp_path / "recipes").mkdir()
+    recipe = tmp_path / "recipes" / "r.yaml"
+    recipe.write_text("base:\n  path: bases/tiny\nlayout: {interleave: {after: [1], kind: copy}}\noutput: {dir: out}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"base model not found: {tmp_path / 'recipes' / 'bases' / 'tiny' / 'config.json'}" in err
+    assert "bases/tiny exists relative to the current directory, but paths in this file are relative to the file's own directory: " \
+           "write ../bases/tiny or an absolute path" in err
+    # a training config reads init_from the same way, and says the same
+    (tmp_path / "recipes" / "t.yaml").write_text("init_from: bases/tiny\nrun_dir: run\ntokens: 1000\ndata: {train: [corpus]}\n")
+    assert main(["train", str(tmp_path / "recipes" / "t.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "t.yaml:1:1: init_from: " in err and "write ../bases/tiny or an absolute path" in err, err
+    monkeypatch.chdir(tmp_path / "recipes")  # nothing there: the plain message
+    assert main(["validate", str(recipe)]) == 2 and "current directory" not in capsys.readouterr().err
+
+
 def test_a_symlink_loop_is_one_line(tiny_base, tmp_path, capsys):
     """pathlib's resolve() raises RuntimeError on a loop: it was a traceback in eval, analyze and train."""
     (tmp_path / "loopA").symlink_to(tmp_path / "loopB")

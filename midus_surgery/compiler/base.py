@@ -8,7 +8,7 @@ from pathlib import Path
 
 from midus_surgery.errors import RecipeError, one_line
 from midus_surgery.io.tensor_source import BaseRef
-from midus_surgery.recipe.schema import MAX_BASE_LAYERS, LoadedRecipe
+from midus_surgery.recipe.schema import MAX_BASE_LAYERS, LoadedRecipe, cwd_relative_hint
 
 MAX_CONFIG_BYTES = 16 * 2**20  # a config.json is a few KB (a few MB with big label maps)
 
@@ -281,4 +281,5 @@ def load_base_config(loaded: LoadedRecipe):
     if ref.gguf_file is None and ref.directory.is_file():
         raise RecipeError([loaded.problem(("base", "path"), f"{ref.directory} is a file: give the model's directory (config.json beside "
                                                             "the weights), or a .gguf file")])
-    raise RecipeError([loaded.problem(("base", "path"), f"base model not found: {wanted} (give base.config, a config.json, to validate and plan without the weights)")])
+    raise RecipeError([loaded.problem(("base", "path"), f"base model not found: {wanted} (give base.config, a config.json, to validate and plan without the weights)"
+                                                        f"{cwd_relative_hint(loaded.recipe.base.path, loaded.directory)}")])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 import typing
 from decimal import Decimal
@@ -369,6 +370,18 @@ def problems_from_validation(error: ValidationError, source: YamlSource, schema:
         problems[loc] = Problem(source.where(loc), ".".join(map(str, loc)), message)
     # in the file's order, as a reader goes down it (pydantic reports missing keys, then unknown ones)
     return [problems[loc] for loc in sorted(problems, key=lambda loc: source.position(loc) or (0, 0))]
+
+
+def cwd_relative_hint(written: str, directory: Path) -> str:
+    """When a path a file's author wrote relative to the working directory (as mergekit reads them)
+    is missing where the file reads it (relative to its own ``directory``) but exists from the working
+    directory: a clause saying so and what to write instead; else ""."""
+    path = Path(written)
+    here = Path.cwd() / path
+    if path.is_absolute() or not here.exists() or here.resolve() == (directory / path).resolve():
+        return ""
+    return (f"; {written} exists relative to the current directory, but paths in this file are relative to the file's own "
+            f"directory: write {os.path.relpath(here.resolve(), directory.resolve())} or an absolute path")
 
 
 # The top-level keys only one kind of file has: a recipe given to train, or a train config given to apply,

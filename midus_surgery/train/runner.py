@@ -41,6 +41,7 @@ from midus_surgery.io.json_text import strict_json
 from midus_surgery.io.output_dir import (MARKER, RUN_ENTRIES, RUN_KIND, OutputError, check_cache_location, check_output_dir, input_root,
                                          hold_marker, links_train_writes_through, not_written_in_checkpoints, not_written_in_run_dir,
                                          read_marker, release_marker, write_marker)
+from midus_surgery.recipe.schema import cwd_relative_hint
 from midus_surgery.train import data as D
 from midus_surgery.train import sharding
 from midus_surgery.train.checkpoint import (
@@ -324,7 +325,7 @@ class Runner:
             check_model_dir(self.init_from, trust_remote_code=cfg.trust_remote_code,
                             how_to_allow=ALLOW_CODE)
         except ModelLoadError as exc:
-            raise RecipeError([loaded.problem(("init_from",), str(exc))]) from None
+            raise RecipeError([loaded.problem(("init_from",), f"{exc}{cwd_relative_hint(cfg.init_from, loaded.directory)}")]) from None
 
     def check_outputs(self) -> None:
         """The output-safety rule (output_dir.py) for the run directory and the export, before any work.
