@@ -104,6 +104,8 @@ def _plan_notes(planned, start: bool) -> list[str]:
     """What a valid plan does that its author may not have meant: base layers pruned on purpose,
     memory that does not start as the identity (``start``: plan says that in its own line), memory
     blocks far larger than the blocks they extend."""
+    from midus_surgery.compiler.plan import window_layers_boundary
+
     plan, recipe = planned.plan, planned.loaded.recipe
     notes = []
     dropped = sorted(set(range(plan.base_num_layers)) - {layer.source for layer in plan.layers})
@@ -112,6 +114,13 @@ def _plan_notes(planned, start: bool) -> list[str]:
     if start and plan.function_preserving is None and plan.memory_layers and recipe.memory.init == "random":
         notes.append("memory.init: random: the memory blocks start from random values, so the output does not start as the base's "
                      "function (verify then compares perplexity, not logits)")
+    types = plan.config.get("layer_types")
+    if "max_window_layers" in plan.config and isinstance(types, list) and any("sliding" in str(t) for t in types) \
+            and window_layers_boundary(plan.config) is None:
+        sliding = [i for i, t in enumerate(types) if "sliding" in str(t)]
+        notes.append(f"the output's sliding-window layers ({', '.join(map(str, sliding[:12]))}{' ...' if len(sliding) > 12 else ''}) are "
+                     f"not 'every layer from N on', so max_window_layers ({plan.config['max_window_layers']}, kept) cannot say them: "
+                     "transformers reads layer_types, but a tool that reads max_window_layers instead would build another attention pattern")
     originals = {layer.source: n for layer, n in zip(plan.layers, plan.layer_params) if layer.kind == "base"}
     sizes = [(n, originals[layer.source]) for layer, n in zip(plan.layers, plan.layer_params) if layer.kind == "memory" and originals.get(layer.source)]
     if sizes:

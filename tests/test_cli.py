@@ -252,6 +252,14 @@ def test_validate_and_plan_note_what_the_author_may_not_have_meant(tiny_base, tm
     assert "note: a memory block has " in capsys.readouterr().out
     code, text = validate_lines(tmp_path, capsys, tiny_base, "layout: {interleave: {after: [1], kind: copy}}\noutput: {dir: out}\n")
     assert code == 0 and "note:" not in text, text
+    from tiny_configs import tiny_config
+
+    qwen2 = tmp_path / "qwen2.json"  # validate reads a config alone (base.config)
+    qwen2.write_text(tiny_config("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2).to_json_string())
+    code, text = validate_lines(tmp_path, capsys, tmp_path / "no-weights", f"  config: {qwen2}\n"
+                                "layout: {slices: [{layers: [0, 3]}, {layers: [1, 4]}]}\noutput: {dir: out2}\n")
+    assert code == 0 and "note: the output's sliding-window layers (2, 4, 5) are not 'every layer from N on', so max_window_layers (2, kept)" in text, text
+    validate_lines(tmp_path, capsys, tiny_base, "layout: {interleave: {after: [1], kind: copy}}\noutput: {dir: out}\n")
     assert main(["plan", str(tmp_path / "r.yaml")]) == 0
     assert "starts as the base's function: no: plain copies change it (as in DUS and SOLAR)" in capsys.readouterr().out
 

@@ -12,7 +12,7 @@ from tiny_configs import tiny_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from midus_surgery.anatomy.trace import find_stack_anatomy
-from midus_surgery.compiler.plan import attention_dims, make_plan
+from midus_surgery.compiler.plan import attention_dims, make_plan, window_layers_boundary
 from midus_surgery.errors import RecipeError
 from midus_surgery.model.hml import HeadwiseMemory, HMLConfig
 from midus_surgery.recipe.schema import parse_recipe
@@ -146,6 +146,17 @@ def test_layout_that_inserts_nothing_is_refused_saying_what_it_does():
     # a plain copy standing in for its own original is that layer: still the base model
     (p,) = problems_of(tiny_config("llama"), {"layers": [{"source": 0}, {"source": 1, "kind": "copy"}, {"source": 2}, {"source": 3}]})
     assert "a plain copy in place of base layer 1 is that same layer; the output would be the base model" in p.message
+
+
+def test_max_window_layers_says_the_new_layer_types_where_it_can():
+    """Qwen2 states sliding layers twice: layer_types, and max_window_layers for readers of the older
+    key. Where the output's types are still 'every layer from N on', N is rewritten for the new depth."""
+    config = tiny_config("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    assert config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    plan = plan_for(config, {"interleave": {"after": [0], "kind": "copy"}})
+    assert plan.config["layer_types"] == ["full_attention"] * 3 + ["sliding_attention"] * 2 and plan.config["max_window_layers"] == 3
+    plan = plan_for(config, {"slices": [{"layers": [0, 3]}, {"layers": [1, 4]}]})  # full, full, sliding, full, sliding, sliding
+    assert plan.config["max_window_layers"] == 2 and window_layers_boundary(plan.config) is None  # cannot say it: kept (plan notes it)
 
 
 def test_a_layout_that_drops_a_base_layer_while_inserting_is_refused_unless_allowed():

@@ -28,7 +28,8 @@ from typing import Callable
 
 from midus_surgery.compiler.base import check_stated_config, resolve_base
 from midus_surgery.compiler.layout import COPY, expand_layout
-from midus_surgery.compiler.plan import INDEX_LISTS, INDEX_PATTERNS, BaseFacts, assemble_plan, guess_layers_path, remap_per_layer
+from midus_surgery.compiler.plan import (INDEX_LISTS, INDEX_PATTERNS, BaseFacts, assemble_plan, guess_layers_path, remap_per_layer,
+                                         sync_max_window_layers)
 from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.errors import BaseModelError, MidusError
 from midus_surgery.io.dtypes import FLOATS, TAGS, auto_dtype
@@ -167,6 +168,7 @@ def _plan(loaded: LoadedRecipe) -> PlannedRecipe:
     if problems:  # cannot happen after _check_per_layer_settings; the full planner explains it
         raise NotCovered("; ".join(problems))
     new_config = {**data, **updates, "num_hidden_layers": len(layers)}
+    sync_max_window_layers(new_config)
     window = config.get("sliding_window") if arch.window_flag is None or config.get(arch.window_flag) else None
     facts = BaseFacts(config["model_type"], L, dims.heads, dims.head_dim, dims.hidden, dims.vocab, window, config.get("layer_types"))
     plan = assemble_plan(loaded, facts, layers, new_config, shapes, layers_path, None)

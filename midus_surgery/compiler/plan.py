@@ -320,7 +320,31 @@ def rewrite_config(config, layers: list[LayerSpec]) -> tuple[dict, list[str]]:
         setattr(new, key, value)  # through the config object: attribute_map aliases (gpt2's n_layer) apply
     out = new.to_dict()
     out.pop("transformers_version", None)
+    sync_max_window_layers(out)
     return out, problems
+
+
+def window_layers_boundary(config: dict) -> int | None:
+    """The ``max_window_layers`` that says ``layer_types`` the old way (layers from it on slide, the
+    ones before do not); None when no layer slides, the types are not that shape (a copy of a full
+    layer among sliding ones), or the config has no such key or no types."""
+    types = config.get("layer_types")
+    if "max_window_layers" not in config or not isinstance(types, list):
+        return None
+    sliding = ["sliding" in str(t) for t in types]
+    if not any(sliding):
+        return None  # nothing slides: the key says nothing that matters (its flag is off), left as the base had it
+    m = sliding.index(True)
+    return m if all(sliding[m:]) else None
+
+
+def sync_max_window_layers(config: dict) -> None:
+    """Qwen2-style configs state sliding layers twice: ``layer_types`` (what transformers 5 reads)
+    and ``max_window_layers`` (what readers of the older key build from). Keep the second true at
+    the new depth where it can say the same; where it cannot, plan notes it (cli's notes)."""
+    boundary = window_layers_boundary(config)
+    if boundary is not None:
+        config["max_window_layers"] = boundary
 
 
 def check_config_accepted(config_dict: dict) -> str | None:
