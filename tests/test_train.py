@@ -218,6 +218,23 @@ def test_freeze_base_trains_only_inserted_layers(world, tmp_path):
     assert "trained layers (inserted): 1, 3" in text and "\nfrozen " in text
 
 
+@pytest.mark.parametrize("export_dtype, stored", [("auto", torch.bfloat16), ("float32", torch.float32)])
+def test_the_exports_config_says_its_weights_dtype(world, tmp_path, export_dtype, stored):
+    """save_pretrained writes the dtype of the model it is given (the fp32 training copy): a bf16
+    export's config said float32, and transformers' default dtype="auto" loaded it as float32."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    init = make_model_dir(tmp_path / "bf16-model", with_plan=True, dtype=torch.bfloat16)
+    cfg = write_config(tmp_path / "run.yaml", init, tmp_path / "run", world["corpus"], world["cache"], tokens=16 * 4 * 2,
+                       **{"eval.at_start": False, "export.dtype": export_dtype})
+    train(load_train_config(cfg))
+    final = tmp_path / "run" / "final"
+    assert {t.dtype for t in load_file(final / "model.safetensors").values()} == {stored}
+    assert json.loads((final / "config.json").read_text())["dtype"] == str(stored).removeprefix("torch.")
+    assert AutoModelForCausalLM.from_pretrained(final).dtype == stored
+
+
 def test_freeze_errors_are_clear(world, tmp_path):
     cfg = config(world, tmp_path, model="plain", freeze="base")
     with pytest.raises(RecipeError, match=r"run\.yaml:\d+:\d+: freeze: `base` needs .*midus_plan\.json"):

@@ -477,3 +477,15 @@ def test_a_skipped_check_is_said_as_skip_not_pass(bases, capsys):
     passes = text.count("PASS ")
     assert passes >= 4 and f"verify: all {passes} checks passed, 1 skipped" in text
     assert "note: no midus_plan.json, so this is not an output of `midus-surgery apply`" in text
+
+
+def test_a_config_dtype_that_is_not_the_weights_fails_the_tensors_check(bases, tmp_path):
+    """transformers loads dtype="auto" by what config.json says: a float32 output said bfloat16
+    would load rounded, a bf16 one said float32 at twice the memory (a training export did)."""
+    out = emitted(bases, tmp_path, "llama", "llama-pro")
+    assert run(out)["tensors"].ok
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    check = run(out)["tensors"]
+    assert not check.ok and check.detail == ('config.json says dtype bfloat16, but the weights are stored as float32: '
+                                             'a dtype="auto" load gets bfloat16')

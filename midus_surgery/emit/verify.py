@@ -135,6 +135,26 @@ def _file_tensor_names(path: Path) -> set[str]:
     return names
 
 
+_SAFETENSORS_FLOATS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def dtype_mismatch(path: Path, config: dict) -> str | None:
+    """Why config.json's dtype is not the stored weights' (transformers' default dtype="auto" loads
+    what the config says: a bf16 model said float32 loads at twice the memory), or None."""
+    from safetensors import safe_open
+
+    stated = config.get("dtype", config.get("torch_dtype"))
+    stored: set[str] = set()
+    for file in _safetensors_files(path):
+        with safe_open(str(path / file), framework="pt") as handle:
+            for name in handle.keys():
+                stored.add(handle.get_slice(name).get_dtype())
+    floats = {_SAFETENSORS_FLOATS[d] for d in stored if d in _SAFETENSORS_FLOATS}
+    if not isinstance(stated, str) or len(floats) != 1 or stated in floats:
+        return None  # no stated dtype, or mixed storage (some quantised layouts): nothing one name could say
+    return f"config.json says dtype {stated}, but the weights are stored as {floats.pop()}: a dtype=\"auto\" load gets {stated}"
+
+
 def _batch(model, tokenizer) -> torch.Tensor:
     if tokenizer is not None:
         ids = tokenizer(SAMPLE_TEXT, return_tensors="pt").input_ids
@@ -276,8 +296,9 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
         missing |= {names[0] for names in groups if not on_disk & set(names)}
         unexpected |= on_disk - {name for names in groups for name in names}
     missing, unexpected = sorted(missing), sorted(unexpected)
-    record(Check("tensors", not missing and not unexpected,
-                 f"{len(on_disk)} tensors on disk, all loaded" if not missing and not unexpected else f"missing {missing[:5]}, unexpected {unexpected[:5]}"))
+    wrong_dtype = dtype_mismatch(out, config)
+    record(Check("tensors", not missing and not unexpected and wrong_dtype is None,
+                 f"missing {missing[:5]}, unexpected {unexpected[:5]}" if missing or unexpected else wrong_dtype or f"{len(on_disk)} tensors on disk, all loaded"))
 
     tokenizer = _tokenizer(out, trust)
     ids = _batch(model, tokenizer)

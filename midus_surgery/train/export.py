@@ -9,6 +9,7 @@ renamed into place), and replaces only an export of the same run (output_dir.py)
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -56,6 +57,12 @@ def export_model(acc, model, out: Path, *, run_dir: Path, init_from: Path, dtype
                 raw.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             finally:
                 raw.config.dtype, raw.config.use_cache = old_dtype, False
+            # save_pretrained writes the dtype of the model it was given (the training copy, fp32) over
+            # ours; the config must say the stored weights' dtype, or "auto" loads a bf16 export as fp32
+            config_file = tmp / "config.json"
+            config = json.loads(config_file.read_text())
+            config["dtype"] = str(dtype).removeprefix("torch.")
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             for src in init_from.iterdir():
                 if src.is_file() and src.name not in SKIP_FILES and not src.name.endswith(WEIGHT_SUFFIXES) and not (tmp / src.name).exists():
                     try:  # a link leading out of init_from: the export would carry (and a user publish) a file the model does not hold
