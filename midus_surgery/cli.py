@@ -253,9 +253,9 @@ def _run_verify(path, base, trust_remote_code: bool) -> int:
     if failed:
         err.print(f"verify failed: {', '.join(failed)}", markup=False)
         return 1
-    skipped = sum(c.skipped for c in checks)
-    passed = len(checks) - skipped
-    out.print(f"verify: all {passed} checks passed" + (f", {skipped} skipped" if skipped else ""), markup=False)
+    skipped = [c.name for c in checks if c.skipped]
+    passed = len(checks) - len(skipped)
+    out.print(f"verify: all {passed} checks passed" + (f", {len(skipped)} skipped ({', '.join(skipped)})" if skipped else ""), markup=False)
     if not (Path(path) / "midus_plan.json").is_file():
         out.print("  note: no midus_plan.json, so this is not an output of `midus-surgery apply`: only what any causal LM must do "
                   "was checked", markup=False)

@@ -451,6 +451,7 @@ def test_a_base_moved_away_or_not_a_base_is_one_line(bases, tmp_path, capsys):
     shutil.rmtree(moved)
     checks = run(out)
     assert checks["identity"].skipped and checks["identity"].detail.startswith(f"the base recorded at apply time, {moved}, is not there")
+    assert checks["weights"].skipped  # the other check the base is needed for: listed, not silently left out
     capsys.readouterr()
     for given, why in ((bases["llama"] / "model.safetensors", "a file, not a model directory"), (tmp_path / "nowhere", "no such directory"),
                        (tmp_path, "not a model directory (no config.json)")):
@@ -475,7 +476,7 @@ def test_a_skipped_check_is_said_as_skip_not_pass(bases, capsys):
     text = capsys.readouterr().out
     assert "SKIP identity: no base given (--base) and none recorded" in text and "PASS identity" not in text
     passes = text.count("PASS ")
-    assert passes >= 4 and f"verify: all {passes} checks passed, 1 skipped" in text
+    assert passes >= 4 and f"verify: all {passes} checks passed, 1 skipped (identity)" in text
     assert "note: no midus_plan.json, so this is not an output of `midus-surgery apply`" in text
 
 
@@ -489,3 +490,14 @@ def test_a_config_dtype_that_is_not_the_weights_fails_the_tensors_check(bases, t
     check = run(out)["tensors"]
     assert not check.ok and check.detail == ('config.json says dtype bfloat16, but the weights are stored as float32: '
                                              'a dtype="auto" load gets bfloat16')
+
+
+def test_a_non_finite_weight_is_named_not_blamed_on_batching(bases, tmp_path):
+    """A NaN weight made the batch check blame batch dependence and the round trip blame save/reload."""
+    out = emitted(bases, tmp_path, "llama", "llama-pro")
+    weights = load_file(out / "model.safetensors")
+    weights["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    checks = run(out)
+    assert failed(checks) == ["finite"] and checks["finite"].detail == "1 tensor(s) hold NaN or inf: model.layers.0.mlp.down_proj.weight"
+    assert "batch" not in checks and "round-trip" not in checks

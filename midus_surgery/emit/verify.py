@@ -23,6 +23,7 @@ at a prompt.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import zlib
 from contextlib import contextmanager, nullcontext
@@ -300,6 +301,10 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     record(Check("tensors", not missing and not unexpected and wrong_dtype is None,
                  f"missing {missing[:5]}, unexpected {unexpected[:5]}" if missing or unexpected else wrong_dtype or f"{len(on_disk)} tensors on disk, all loaded"))
 
+    non_finite = [name for name, t in model.named_parameters() if t.is_floating_point() and not torch.isfinite(t).all()]  # buffers may hold -inf masks
+    if non_finite:  # every check below would fail on it and blame something else (NaN != NaN)
+        record(Check("finite", False, f"{len(non_finite)} tensor(s) hold NaN or inf: {', '.join(non_finite[:5])}"))
+        return checks
     tokenizer = _tokenizer(out, trust)
     ids = _batch(model, tokenizer)
     try:
@@ -345,14 +350,17 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
             ppl_out, ppl_base = perplexity(model, ids), perplexity(base_model, ids)
             why = ("trained since apply" if trained else "the recipe accepts blocks that do not start as the identity"
                    if plan and plan.get("function_preserving") is False else "plain copies or random memory change the function")
-            record(Check("logits", True, f"max |logit difference| against the base: {diff:.4g} ({why}); perplexity on the sample: base {ppl_base:.2f}, output {ppl_out:.2f}"))
+            finite = math.isfinite(diff) and math.isfinite(ppl_out)
+            record(Check("logits", finite, f"max |logit difference| against the base: {diff:.4g} ({why}); perplexity on the sample: base {ppl_base:.2f}, output {ppl_out:.2f}"
+                                           + ("" if finite else "; the output's logits are not finite")))
         record(weights)
         base_for_generation = base_model  # kept: a generation the base itself cannot do is not the output's fault
-    elif base_gone:
-        record(_skip("identity", f"the base recorded at apply time, {recorded}, is not there any more "
-                                       f"({base_gone}); give --base to compare with it"))
     else:
-        record(_skip("identity", "no base given (--base) and none recorded"))
+        why = (f"the base recorded at apply time, {recorded}, is not there any more ({base_gone}); give --base to compare with it"
+               if base_gone else "no base given (--base) and none recorded")
+        record(_skip("identity", why))
+        if plan is not None:  # what the base would also have checked: each copied tensor, bit for bit
+            record(_skip("weights", "no base to compare with (see identity)"))
 
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids if tokenizer is not None else ids[:1, :8]
     for check in (lambda m: cache_check(m, prompt, tokenizer), lambda m: padded_cache_check(m, vocab)):
