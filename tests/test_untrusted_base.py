@@ -114,7 +114,7 @@ def test_a_matching_base_config_beside_the_weights_is_fine(llama, tmp_path, caps
 def test_a_config_with_more_layers_than_the_weights_is_refused(llama, tmp_path, capsys):
     base = copy_base(llama, tmp_path / "base")
     edit_config(base, num_hidden_layers=6)
-    err = refused(write_recipe(tmp_path, base), capsys)
+    err = refused(write_recipe(tmp_path, base, layout="layout:\n  slices:\n    - layers: [0, 6]\n    - layers: [1, 2]\n"), capsys)
     assert "num_hidden_layers=6" in err and "4 layers" in err
 
 
