@@ -119,6 +119,12 @@ def test_eval_cli_json_and_errors(setup, capsys, tmp_path):
     (tmp_path / "step-00000004" / "trainer_state.json").write_text("{}")  # a run's checkpoint
     assert main(["eval", str(tmp_path / "step-00000004"), "--data", str(setup["files"][0])]) == 2
     assert "is a training checkpoint (resume state), not a model directory: evaluate the run's export" in capsys.readouterr().err
+    import shutil
+
+    no_tokenizer = tmp_path / "no-tokenizer"  # transformers' own error asks to install sentencepiece
+    shutil.copytree(setup["model"], no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    assert main(["eval", str(no_tokenizer), "--data", str(setup["files"][0]), "--cache-dir", str(setup["cache"])]) == 2
+    assert f"error: {no_tokenizer} holds no tokenizer files (tokenizer.json, tokenizer_config.json" in capsys.readouterr().err
     assert main(["eval", str(setup["model"]), "--data", str(tmp_path / "missing.txt"), "--cache-dir", str(setup["cache"])]) == 3
     assert "does not exist" in capsys.readouterr().err
     assert main(["eval", str(setup["model"]), "--data", str(setup["files"][0]), "--block-size", "100000", "--cache-dir", str(setup["cache"])]) == 2
