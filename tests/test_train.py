@@ -462,6 +462,17 @@ def test_the_start_lines_note_what_a_user_would_want_to_know_first(world, tmp_pa
     said = []
     train(load_train_config(config(world, tmp_path, name="plain-run", tokens=16 * 4 * 4, **{"eval.at_start": False})), echo=said.append)
     assert not [line for line in said if line.startswith("note: ")], said
+    # a held-out set only partly the training text: a training file listed again, and a copy under another name
+    first, second = sorted(world["corpus"].iterdir())[:2]
+    (tmp_path / "held").mkdir()
+    shutil.copy(second, tmp_path / "held" / "copy.txt")
+    (tmp_path / "held" / "own.txt").write_text(" ".join(sentences(30, seed=99)))
+    cfg = config(world, tmp_path, name="overlap-run", tokens=16 * 4 * 4, **{"eval.at_start": False, "data.held_out": [str(first), str(tmp_path / "held")]})
+    said = []
+    train(load_train_config(cfg), echo=said.append)
+    assert [line for line in said if line.startswith("note: ")] == [
+        f"note: 2 of data.held_out's 3 file(s) are also in data.train, byte for byte: {first.name}, copy.txt (= {second.name}); "
+        "the held-out perplexity is partly measured on text the run trains on"], said
 
 
 def test_an_interrupted_run_says_which_checkpoint_resume_auto_takes(world, tmp_path, monkeypatch):

@@ -146,6 +146,28 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def shared_files(train: list[Path], held: list[Path]) -> list[tuple[Path, Path]]:
+    """(held-out file, training file) pairs of the same bytes: a file listed in both, or a copy under
+    another name. Only files of equal size are read (held-out sets are small; the corpus is not)."""
+    by_size: dict[int, list[Path]] = {}
+    for f in train:
+        by_size.setdefault(f.stat().st_size, []).append(f)
+    pairs = []
+    digests: dict[Path, str] = {}
+
+    def digest(f: Path) -> str:
+        if f not in digests:
+            digests[f] = _file_digest(f)
+        return digests[f]
+
+    for h in held:
+        size = h.stat().st_size
+        same = next((t for t in by_size.get(size, []) if size and digest(t) == digest(h)), None)
+        if same is not None:
+            pairs.append((h, same))
+    return pairs
+
+
 def corpus_key(files: list[Path], fingerprint: str, text_field: str) -> str:
     h = hashlib.sha256(f"midus-tokens-v{FORMAT_VERSION}\n{fingerprint}\n".encode())
     if any(f.suffix.lower() in JSONL_SUFFIXES for f in files):
