@@ -155,3 +155,27 @@ def test_one_step_reads_each_sample_once_across_ranks(world, accum, size, start)
     # One optimiser step consumes the next world*accum*size samples, each exactly once, and the
     # next step (start + world*accum*size) continues right after: no replay, no gap.
     assert sorted(seen) == list(range(start, start + world * accum * size))
+
+
+def test_a_killed_tokenisations_partial_is_removed_once_its_process_is_gone(tmp_path, tok):
+    """SIGKILL while tokenising left a hidden .KEY.partial-* in the cache forever (2 bytes a token)."""
+    import socket
+    import subprocess
+    import sys
+
+    from midus_surgery.io.output_dir import MARKER
+
+    files = write_corpus(tmp_path / "c", files=2, sentences_per_file=3)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    cache = tmp_path / "cache"
+    leftovers = {}
+    for name, pid in (("gone", int(dead)), ("alive", __import__("os").getpid())):
+        partial = cache / f".{name}.partial-0123abcd"
+        partial.mkdir(parents=True)
+        (partial / "tokens.bin").write_bytes(b"\0" * 64)
+        (partial / MARKER).write_text(json.dumps({"tool": "midus-surgery", "kind": "tokenise", "owner": None, "pid": pid,
+                                                  "host": socket.gethostname(), "time": 0}))
+        leftovers[name] = partial
+    stream = prep(files, tmp_path, tok)
+    assert not leftovers["gone"].exists() and leftovers["alive"].exists()  # a live run's partial is its own
+    assert not (stream.path / MARKER).exists()  # the finished entry is a cache entry, not an output of the tool's

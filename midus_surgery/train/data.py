@@ -29,6 +29,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from midus_surgery.errors import MidusError
+from midus_surgery.io.output_dir import MARKER, clean_leftovers, write_marker
 
 FORMAT_VERSION = 1
 META_FILE = "midus_tokens.json"
@@ -298,9 +299,11 @@ def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: I
         return _check_nonempty(open_stream(final, fingerprint, vocab), what, files)
 
     final.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(final)  # a killed tokenisation's hidden .KEY.partial-* (2 bytes a token), once its process is gone
     tmp = final.parent / f".{key}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
+        write_marker(tmp, "tokenise")  # whose partial this is, for the cleaning above
         old = getattr(tokenizer, "model_max_length", None)
         tokenizer.model_max_length = int(1e30)  # whole documents; no "sequence too long" warnings
         try:
@@ -312,6 +315,7 @@ def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: I
                 "vocab_size": vocab, "eos": eos_id(tokenizer), "text_field": text_field,
                 "files": [str(f) for f in files], **stats}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / MARKER).unlink()  # a finished cache entry is no output of the tool's to replace: only the partial needed an owner
         try:
             os.replace(tmp, final)
         except OSError:  # another process finished first: use theirs
