@@ -614,6 +614,21 @@ def test_midus_output_trains_memory_with_its_own_group(world, tmp_path):
     assert len(steps) == 2 and all("lr" not in r and r["memory_lr"] > 0 for r in steps)
     step_lines = [line for line in said if line.startswith("step ")]
     assert step_lines and all(" | mem lr " in line and " | lr " not in line for line in step_lines)
+    # verify checks what the runs left frozen bit for bit against the base; the chain keeps the smaller part (freeze: base)
+    from midus_surgery.emit.verify import verify
+
+    chained_out = tmp_path / "memory-only" / "final"
+    assert json.loads((final / "midus_train.json").read_text())["unchanged_since_apply"] == "base"
+    assert json.loads((chained_out / "midus_train.json").read_text())["unchanged_since_apply"] == "base"
+    weights = {c.name: c for c in verify(chained_out, report=lambda c: None)}["weights"]
+    assert weights.ok and not weights.skipped and "(trained since apply with freeze: base: the " in weights.detail, weights.detail
+    tampered = state_of(chained_out)
+    tampered["model.layers.0.mlp.down_proj.weight"] *= 3  # a frozen base layer
+    from safetensors.torch import save_file
+
+    save_file(tampered, chained_out / "model.safetensors", metadata={"format": "pt"})
+    weights = {c.name: c for c in verify(chained_out, report=lambda c: None)}["weights"]
+    assert not weights.ok and "model.layers.0.mlp.down_proj.weight" in weights.detail
 
 
 @pytest.mark.parametrize("kind", ["identity", "memory"])

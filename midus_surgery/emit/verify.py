@@ -36,6 +36,7 @@ from midus_surgery.compiler.custom_code import BUILDING_KEYS
 from midus_surgery.compiler.plan import guess_layers_path, read_plan_file
 from midus_surgery.errors import MidusError, UsageError, load_error_line, one_line
 from midus_surgery.io.output_dir import recorded_base
+from midus_surgery.model.midus_names import is_memory_parameter
 
 SAMPLE_TEXT = (
     "The history of science is the study of the development of science and scientific knowledge, "
@@ -330,12 +331,13 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
             return checks
         rounded = _round_to_stored_dtype(base_model, _config_dict(out).get("dtype"))
         trained = (out / "midus_train.json").is_file()  # written by `midus-surgery train` on export
+        left_alone, why_not = _untrained_since_apply(out, config) if trained else (None, None)
         if plan is None:
             weights = _skip("weights", "no midus_plan.json, so which base layer each layer copies is not known")
-        elif trained:
-            weights = _skip("weights", "trained since apply, so its weights are no longer the base's")
+        elif trained and left_alone is None:
+            weights = _skip("weights", why_not)
         else:
-            weights = weights_check(out, base_model, plan)  # before the base runs (weights_check says why)
+            weights = weights_check(out, base_model, plan, left_alone)  # before the base runs (weights_check says why)
         try:
             base_logits = _logits(base_model, ids)
         except Exception as exc:  # noqa: BLE001
@@ -582,7 +584,23 @@ def _disk_tensors(path: Path):
 
 
 @torch.no_grad()
-def weights_check(out: Path, base_model, plan: dict) -> Check:
+def _untrained_since_apply(out: Path, config: dict) -> tuple[str | None, str]:
+    """What of a trained export no run has trained ("base", "all but memory"), as midus_train.json
+    records it, or None and why its weights cannot be compared with the base's."""
+    try:
+        summary = json.loads((out / "midus_train.json").read_text())
+    except (OSError, ValueError):
+        summary = None
+    kept = summary.get("unchanged_since_apply") if isinstance(summary, dict) else None
+    if kept not in ("base", "all but memory"):
+        return None, "trained since apply, so its weights are no longer the base's"
+    stored, started = config.get("dtype"), summary.get("init_dtype")
+    if stored != started:  # a frozen tensor written in another dtype than it started in: not the base's bits
+        return None, f"trained since apply, and exported as {stored} from a {started} start, so even its frozen weights are not the base's bits"
+    return kept, ""
+
+
+def weights_check(out: Path, base_model, plan: dict, left_alone: str | None = None) -> Check:
     """Every tensor of the output that the plan's layer map traces to a base tensor is that tensor,
     bit for bit (the base rounded to the output's dtype): the copies a DUS layer map promises, and
     the base layers themselves. The logit checks cannot say this for plain copies (they change the
@@ -592,7 +610,10 @@ def weights_check(out: Path, base_model, plan: dict) -> Check:
 
     The output's tensors are read as written (apply writes the model's own names), the base's as
     loaded and not yet run: some models rescale their weights by layer index in their first
-    forward pass (RWKV), so a loaded copy and its source differ once run, though the files agree."""
+    forward pass (RWKV), so a loaded copy and its source differ once run, though the files agree.
+
+    ``left_alone``: a trained export's frozen part ("base": every layer apply inserted trained; "all
+    but memory": the memory tables trained), the only tensors compared."""
     name = "weights"
     base_sd = base_model.state_dict()
     layers_path = plan.get("layers_path") or guess_layers_path(dict.fromkeys(_file_tensor_names(out)), len(plan["layers"]))
@@ -601,6 +622,13 @@ def weights_check(out: Path, base_model, plan: dict) -> Check:
     layer_source = {int(layer["index"]): int(layer["source"]) for layer in plan["layers"]}
     inserted = {int(layer["index"]) for layer in plan["layers"] if layer["kind"] in ("identity", "memory")}
     prefix = layers_path + "."
+    trained_layers = {int(layer["index"]) for layer in plan["layers"] if layer["kind"] != "base"} if left_alone == "base" else set()
+
+    def trained(oname: str) -> bool:
+        if left_alone == "all but memory":
+            return is_memory_parameter(oname)
+        index = oname[len(prefix):].partition(".")[0] if oname.startswith(prefix) else ""
+        return index.isdigit() and int(index) in trained_layers
 
     def in_inserted_block(oname: str) -> bool:
         index = oname[len(prefix):].partition(".")[0] if oname.startswith(prefix) else ""
@@ -608,10 +636,14 @@ def weights_check(out: Path, base_model, plan: dict) -> Check:
 
     same = changed_by_surgery = 0
     differ: list[str] = []
+    skipped_trained = 0
     for oname, tensor in _disk_tensors(out):
         btensor = base_sd.get(_base_name(oname, layers_path, layer_source))
         if btensor is None:
             continue  # a tensor of the surgery's own (the memory), or a name the base does not have
+        if trained(oname):
+            skipped_trained += 1
+            continue
         if btensor.shape == tensor.shape and torch.equal(btensor.to(tensor.dtype), tensor):
             same += 1
         elif in_inserted_block(oname) and (btensor.shape != tensor.shape or not tensor.any()):
@@ -625,7 +657,8 @@ def weights_check(out: Path, base_model, plan: dict) -> Check:
     if not same:
         return Check(name, False, "no tensor of the output has a counterpart of the same name in the base: it is not this output's base")
     zeroed = f", {changed_by_surgery} zeroed or reshaped in identity and memory blocks" if changed_by_surgery else ""
-    return Check(name, True, f"{same} tensors equal, bit for bit, the base tensors the layer map says they copy{zeroed}")
+    frozen = f" (trained since apply with freeze: {'base' if left_alone == 'base' else 'memory-only'}: the {skipped_trained} trained tensors left out)" if left_alone else ""
+    return Check(name, True, f"{same} tensors equal, bit for bit, the base tensors the layer map says they copy{zeroed}{frozen}")
 
 
 # ----------------------------------------------------------------------------------------------

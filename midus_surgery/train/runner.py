@@ -669,10 +669,27 @@ class Runner:
         return save_checkpoint(self.ckpt_root, self.acc, self.scheduler, step=self.step, samples_seen=self.samples_seen,
                                keep_last=self.cfg.checkpoint.keep_last, facts=facts, report=self.say)
 
+    def unchanged_since_apply(self) -> str | None:
+        """Which of apply's tensors no run since apply has trained, for `verify`'s bit-for-bit weights
+        check: "base" (the base layers and the tensors outside the layers), "all but memory", or None.
+        A run from another run's export keeps only what both left alone."""
+        kept = {"none": None, "base": "base", "memory-only": "all but memory"}[self.cfg.freeze]
+        earlier = self.init_from / "midus_train.json"
+        if earlier.is_file():
+            try:
+                before = json.loads(earlier.read_text()).get("unchanged_since_apply")
+            except (OSError, ValueError, AttributeError):
+                before = None
+            order = [None, "base", "all but memory"]
+            kept = order[min(order.index(kept), order.index(before) if before in order else 0)]
+        return kept
+
     def export(self, final_eval: dict | None) -> Path:
         dtype_name = self.init_dtype if self.cfg.export.dtype == "auto" else self.cfg.export.dtype
         summary = {"init_from": self.cfg.init_from, "steps": self.step, "tokens": self.samples_seen * self.cfg.data.block_size,
-                   "held_out": final_eval, "precision": self.precision, "processes": self.world, "config": self.cfg.model_dump(mode="json")}
+                   "held_out": final_eval, "precision": self.precision, "processes": self.world,
+                   "unchanged_since_apply": self.unchanged_since_apply(), "init_dtype": str(self.init_dtype).removeprefix("torch."),
+                   "config": self.cfg.model_dump(mode="json")}
         return export_model(self.acc, self.model, self.export_dir, run_dir=self.run_dir, init_from=self.init_from,
                             dtype=DTYPES.get(str(dtype_name).replace("torch.", ""), torch.float32), is_midus=self.is_midus,
                             summary=summary, report=self.say, replaces_owner=self.export_owner)
