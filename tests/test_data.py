@@ -84,6 +84,12 @@ def test_bad_data_errors(tmp_path, tok):
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     with pytest.raises(D.DataError, match=r"bad\.jsonl:1: not a JSON record"):
         prep([tmp_path / "bad.jsonl"], tmp_path, tok)
+    for value, kind in ((5, "a number"), (None, "null"), (["the"], "a list")):  # JSON's words, not Python's ('a NoneType')
+        (tmp_path / "kinds.jsonl").write_text(json.dumps({"text": value}) + "\n")
+        with pytest.raises(D.DataError, match=rf"kinds\.jsonl:1: field 'text' is {kind}, not text"):
+            prep([tmp_path / "kinds.jsonl"], tmp_path, tok)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "the cat"}).encode() + b"\n")  # a Windows editor's mark
+    assert prep([tmp_path / "bom.jsonl"], tmp_path, tok).tokens.tolist() == tok("the cat")["input_ids"] + [tok.eos_token_id]
     (tmp_path / "short.txt").write_text("the cat sat .")
     s = prep([tmp_path / "short.txt"], tmp_path, tok)
     with pytest.raises(D.DataError, match="shorter than one block of 64"):

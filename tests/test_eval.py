@@ -115,6 +115,10 @@ def test_eval_cli_json_and_errors(setup, capsys, tmp_path):
     assert captured.out == "" and f"{tmp_path / 'nope'} is not a directory" in captured.err
     assert main(["eval", str(tmp_path), "--data", str(setup["files"][0])]) == 2
     assert "is not a model directory (no config.json)" in capsys.readouterr().err
+    (tmp_path / "final").mkdir()  # a run directory given for its export
+    (tmp_path / "final" / "config.json").write_text("{}")
+    assert main(["eval", str(tmp_path), "--data", str(setup["files"][0])]) == 2
+    assert f"no config.json); it looks like a training run directory: its export is {tmp_path / 'final'}" in capsys.readouterr().err
     (tmp_path / "step-00000004").mkdir()
     (tmp_path / "step-00000004" / "trainer_state.json").write_text("{}")  # a run's checkpoint
     assert main(["eval", str(tmp_path / "step-00000004"), "--data", str(setup["files"][0])]) == 2

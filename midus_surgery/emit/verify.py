@@ -35,7 +35,7 @@ import torch
 from midus_surgery.compiler.custom_code import BUILDING_KEYS
 from midus_surgery.compiler.plan import guess_layers_path, read_plan_file
 from midus_surgery.errors import MidusError, UsageError, load_error_line, one_line
-from midus_surgery.io.output_dir import recorded_base
+from midus_surgery.io.output_dir import recorded_base, run_export_hint
 from midus_surgery.model.midus_names import is_memory_parameter
 
 SAMPLE_TEXT = (
@@ -257,7 +257,7 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     trust_remote_code: run the model's (and the base's) own modeling code, as the user allowed."""
     out = Path(out)
     if not (out / "config.json").is_file():
-        raise UsageError(f"{out} is not a model directory (no config.json)")
+        raise UsageError(f"{out} is not a model directory (no config.json){run_export_hint(out)}")
     plan = read_plan_file(out)  # None: not made by `apply`
     if base is not None and (why_not := _not_a_base(Path(base))):
         raise UsageError(f"--base {base}: {why_not}")

@@ -92,6 +92,12 @@ def recorded_base(directory: Path) -> str | None:
     return found if isinstance(found, str) and found else None
 
 
+def run_export_hint(path: Path) -> str:
+    """For a model directory that is missing: a training run directory given in place of its export."""
+    final = Path(path) / "final"
+    return f"; it looks like a training run directory: its export is {final}" if (final / "config.json").is_file() else ""
+
+
 def hold_marker(directory: Path) -> int | None:
     """Hold ``directory``'s marker under an exclusive lock (flock) until ``release_marker``, or until
     this process ends however it ends (the OS drops the lock, SIGKILL included). Returns the open

@@ -90,11 +90,20 @@ def resolve_inputs(entries: Iterable[str], base_dir: Path, dir_glob: Iterable[st
     return files
 
 
+def _json_kind(value) -> str:
+    """A JSON value's kind in JSON's words (a Python type name reads 'a NoneType')."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return {int: "a number", float: "a number", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
 def iter_documents(path: Path, text_field: str) -> Iterator[str]:
     """The documents of one file: the whole file, or one per JSONL record."""
     try:
         if path.suffix.lower() in JSONL_SUFFIXES:
-            with open(path, encoding="utf-8") as fh:
+            with open(path, encoding="utf-8-sig") as fh:  # a byte-order mark (Windows editors) is no JSON error
                 for lineno, line in enumerate(fh, 1):
                     if not line.strip():
                         continue
@@ -107,7 +116,7 @@ def iter_documents(path: Path, text_field: str) -> Iterator[str]:
                         raise DataError(f"{path}:{lineno}: the record has no {text_field!r} field (it has: {keys}); name the field with data.text_field (train) or --text-field (eval)")
                     text = record[text_field]
                     if not isinstance(text, str):
-                        raise DataError(f"{path}:{lineno}: field {text_field!r} is a {type(text).__name__}, not text")
+                        raise DataError(f"{path}:{lineno}: field {text_field!r} is {_json_kind(text)}, not text")
                     yield text
         else:
             yield path.read_text(encoding="utf-8")

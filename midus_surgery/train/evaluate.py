@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from midus_surgery.errors import MidusError, UsageError, load_error_line, one_line
 from midus_surgery.io.hf_output import hf_progress_bars
-from midus_surgery.io.output_dir import CHECKPOINT_STATE, check_cache_location, input_root
+from midus_surgery.io.output_dir import CHECKPOINT_STATE, check_cache_location, input_root, run_export_hint
 from midus_surgery.train.config import DIR_GLOB
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,7 +110,7 @@ def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow
         if (path / CHECKPOINT_STATE).is_file():  # a run's checkpoint: its state, not a model to load
             raise ModelLoadError(f"{path} is a training checkpoint (resume state), not a model directory: evaluate the run's export "
                                  "(export.dir, by default run_dir/final), or resume the run to export it")
-        raise ModelLoadError(f"{path} is not a model directory (no config.json)")
+        raise ModelLoadError(f"{path} is not a model directory (no config.json){run_export_hint(path)}")
     if trust_remote_code:
         return path
     try:

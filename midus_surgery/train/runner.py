@@ -777,7 +777,7 @@ class Runner:
         for note in self.resume_notes:
             self.say(note)
         size = f"{self.tokens_per_step:,} ({cfg.micro_batch_size} x {cfg.grad_accum} accum x {self.world} proc x {d.block_size})"
-        steps = (f"{self.total_steps} steps of {size}" if not self.resume_from else  # a resume: the steps taken may have had another size
+        steps = (f"{_count(self.total_steps, 'step')} of {size}" if not self.resume_from else  # a resume: the steps taken may have had another size
                  f"{self.total_steps} steps, {self.step} taken ({self.samples_seen * d.block_size:,} tokens) and {self.total_steps - self.step} to go of {size}")
         held = len(self.held_blocks) if self.held_blocks else 0
         self.say(f"data: {_count(len(self.train_blocks), 'train block')}, {_count(held, 'held-out block')} of {d.block_size} tokens "
@@ -822,7 +822,7 @@ class Runner:
             notes.append(f"{', '.join(json_files[:3])} {'is' if len(json_files) == 1 else 'are'} read as plain text, braces and all "
                          "(records are read from JSON Lines: .jsonl)")
         if self.total_steps and self.warmup_steps >= self.total_steps:
-            notes.append(f"the warmup ({self.warmup_steps} steps) is as long as the run ({self.total_steps} steps) or longer: "
+            notes.append(f"the warmup ({_count(self.warmup_steps, 'step')}) is as long as the run ({_count(self.total_steps, 'step')}) or longer: "
                          f"the learning rate never reaches optim.lr")
         return notes
 
