@@ -24,7 +24,7 @@ import torch
 from train_fixtures.tiny import make_model_dir, state_of, write_config, write_corpus
 
 from midus_surgery.errors import RecipeError, TrainingError
-from midus_surgery.io.model_card import NOT_TRAINED, training_line
+from midus_surgery.io.model_card import NOT_TRAINED, training_line, training_section
 from midus_surgery.io.output_dir import MARKER, RUN_ENTRIES, not_written_in_run_dir, read_marker, release_marker
 from midus_surgery.model.midus_names import is_memory_parameter
 from midus_surgery.train.checkpoint import complete_checkpoints, load_checkpoint
@@ -233,6 +233,22 @@ def test_the_exports_config_says_its_weights_dtype(world, tmp_path, export_dtype
     assert {t.dtype for t in load_file(final / "model.safetensors").values()} == {stored}
     assert json.loads((final / "config.json").read_text())["dtype"] == str(stored).removeprefix("torch.")
     assert AutoModelForCausalLM.from_pretrained(final).dtype == stored
+
+
+def test_an_export_of_a_model_with_its_authors_card_says_it_was_trained(world, tmp_path):
+    """A card midus-surgery did not write was copied verbatim: the trained export claimed to be the
+    model the card describes. Its words are kept; a training section is added at its end."""
+    init = tmp_path / "authored"
+    shutil.copytree(world["plain"], init)
+    authored = "---\nlicense: apache-2.0\n---\n# My model\n\nUser-written card.\n"
+    (init / "README.md").write_text(authored)
+    cfg = write_config(tmp_path / "run.yaml", init, tmp_path / "run", world["corpus"], world["cache"], tokens=16 * 4 * 2,
+                       **{"eval.at_start": False})
+    train(load_train_config(cfg))
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    summary = json.loads((tmp_path / "run" / "final" / "midus_train.json").read_text())
+    assert card == authored + "\n## Training by midus-surgery\n\n" + training_section(training_line(summary)) + "\n"
+    assert (init / "README.md").read_text() == authored  # the author's file itself is untouched
 
 
 def test_freeze_errors_are_clear(world, tmp_path):
@@ -610,6 +626,7 @@ def test_midus_output_trains_memory_with_its_own_group(world, tmp_path):
     train(load_train_config(cfg), echo=said.append)
     chained = (tmp_path / "memory-only" / "final" / "README.md").read_text()
     assert chained.count("Trained by `midus-surgery train`") == 2 and "; freeze: memory-only" in chained  # each run keeps its line
+    assert chained.count("Every setting: `midus_train.json`") == 1  # the file holds the newest run's settings only
     steps = [r for r in metrics(tmp_path / "memory-only") if "loss" in r]
     assert len(steps) == 2 and all("lr" not in r and r["memory_lr"] > 0 for r in steps)
     step_lines = [line for line in said if line.startswith("step ")]

@@ -3,7 +3,8 @@ of a training run adds the line that says how it was trained.
 
 The section sits between two HTML comments (invisible where the card is rendered, on the Hub
 too), so an export finds it in a card apply wrote, edited or not, and changes nothing outside it;
-a card without the section (a model midus-surgery did not make) is copied as its author wrote it.
+a card without the section (a model midus-surgery did not make) is kept as its author wrote it,
+with the section added at its end: the export is another model than the one the card describes.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ def training_section(body: str) -> str:
     return f"{TRAINING_START}\n{body}\n{TRAINING_END}"
 
 
-def card_with_training(card: str, line: str) -> str | None:
-    """``card`` with ``line`` added to its training section (replacing "not trained yet"), or None
-    when the card has no such section."""
+SETTINGS = " Every setting: `midus_train.json`."  # true of the newest run's line only: an export replaces the file
+
+
+def card_with_training(card: str, line: str) -> str:
+    """``card`` with ``line`` added to its training section (replacing "not trained yet"); a card
+    without the section (its author's) gets one at its end, under a heading."""
     start, end = card.find(TRAINING_START), card.find(TRAINING_END)
     if start < 0 or end < start:
-        return None
+        return card.rstrip("\n") + "\n\n## Training by midus-surgery\n\n" + training_section(line) + "\n"
     earlier = card[start + len(TRAINING_START):end].strip()
-    kept = [earlier] if earlier and earlier != NOT_TRAINED else []  # an earlier run's lines stay: a chain of trainings
+    kept = [earlier.replace(SETTINGS, "")] if earlier and earlier != NOT_TRAINED else []  # an earlier run's lines stay: a chain of trainings
     return card[:start] + training_section("\n\n".join([*kept, line])) + card[end + len(TRAINING_END):]
 
 
@@ -47,4 +51,4 @@ def training_line(summary: dict) -> str:
     held = summary.get("held_out")
     if isinstance(held, dict) and held.get("eval_loss") is not None:
         text += f" Held-out loss {held['eval_loss']:.4f}, perplexity {held['eval_ppl']:.3f} ({held.get('eval_tokens', 0):,} tokens)."
-    return text + " Every setting: `midus_train.json`."
+    return text + SETTINGS

@@ -72,8 +72,8 @@ def export_model(acc, model, out: Path, *, run_dir: Path, init_from: Path, dtype
                         continue
                     shutil.copy2(src, tmp / src.name)
             card = tmp / "README.md"
-            if card.is_file() and (trained := card_with_training(card.read_text(), training_line(summary))) is not None:
-                card.write_text(trained)  # the card apply wrote: its training section says how this model was trained
+            if card.is_file():  # its training section (apply's, or one added to a card its author wrote) says how this model was trained
+                card.write_text(card_with_training(card.read_text(), training_line(summary)))
             if is_midus:
                 copy_modeling_files(tmp)
             (tmp / "midus_train.json").write_text(strict_json(summary, indent=2) + "\n")
