@@ -855,3 +855,12 @@ def test_accelerate_launch_of_n_processes_without_multi_gpu_says_it_runs_one(wor
     lines = []
     train(load_train_config(config(world, tmp_path, name="plain", tokens=16 * 4, **{"eval.at_start": False})), echo=lines.append)
     assert not [line for line in lines if line.startswith("note: one process")]
+
+
+def test_the_cards_training_line_names_held_out_data_and_frozen_retrieval():
+    summary = {"steps": 3, "tokens": 96, "held_out": {"eval_loss": 1.0, "eval_ppl": 2.718, "eval_tokens": 48},
+               "config": {"freeze": "base", "memory": {"retrieval": "frozen"},
+                          "data": {"train": ["/data/corpus"], "held_out": ["/data/held.txt"], "block_size": 16}}}
+    assert training_line(summary) == ("Trained by `midus-surgery train`: 3 steps, 96 tokens of `corpus` (blocks of 16 tokens); freeze: base, "
+                                      "memory retrieval frozen. Held-out loss 1.0000, perplexity 2.718 (48 tokens of `held.txt`). "
+                                      "Every setting: `midus_train.json`.")

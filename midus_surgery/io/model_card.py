@@ -46,9 +46,13 @@ def training_line(summary: dict) -> str:
         how.append(f"precision {summary['precision']}")
     if (cfg.get("optim") or {}).get("lr") is not None:
         how.append(f"lr {cfg['optim']['lr']:g}")
+    if (cfg.get("memory") or {}).get("retrieval") == "frozen":
+        how.append("memory retrieval frozen")
     text = (f"Trained by `midus-surgery train`: {summary.get('steps', 0):,} steps, {summary.get('tokens', 0):,} tokens of {corpora}"
             f" (blocks of {data.get('block_size', '?')} tokens){'; ' + ', '.join(how) if how else ''}.")
     held = summary.get("held_out")
     if isinstance(held, dict) and held.get("eval_loss") is not None:
-        text += f" Held-out loss {held['eval_loss']:.4f}, perplexity {held['eval_ppl']:.3f} ({held.get('eval_tokens', 0):,} tokens)."
+        named = data.get("held_out")
+        source = f" of {', '.join(f'`{PurePath(p).name or p}`' for p in named)}" if named else ""
+        text += f" Held-out loss {held['eval_loss']:.4f}, perplexity {held['eval_ppl']:.3f} ({held.get('eval_tokens', 0):,} tokens{source})."
     return text + SETTINGS
