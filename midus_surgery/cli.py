@@ -11,7 +11,7 @@ import signal
 import sys
 from collections import Counter
 
-from midus_surgery.errors import MachineError, MidusError, RecipeError, one_line
+from midus_surgery.errors import MachineError, MidusError, Problem, RecipeError, one_line
 from midus_surgery.io.json_text import strict_json
 from midus_surgery.units import human_count
 
@@ -168,9 +168,10 @@ def cmd_plan(args) -> int:
 
     try:
         planned = check_planned(plan_recipe(args.recipe))  # errors: main() prints them and exits non-zero
-    except RecipeError as exc:
-        if args.json:  # a JSON reader gets the problems as data too (stdout), a person the lines (stderr)
-            print(json.dumps({"valid": False, "problems": [dataclasses.asdict(p) for p in exc.problems]}, indent=2))
+    except MidusError as exc:
+        if args.json and not isinstance(exc, MachineError):  # a JSON reader gets the problems as data too (stdout), a person the lines (stderr)
+            problems = exc.problems if isinstance(exc, RecipeError) else [Problem(str(args.recipe), "", str(exc))]
+            print(json.dumps({"valid": False, "problems": [dataclasses.asdict(p) for p in problems]}, indent=2))
         raise
     loaded, config, anatomy, plan = planned.loaded, planned.config, planned.anatomy, planned.plan
     if args.json:

@@ -437,16 +437,29 @@ def _clip(text: str, head: int = 6000, tail: int = 2000) -> str:
     return text if len(text) <= head + tail else text[:head] + "\n[...]\n" + text[-tail:]
 
 
+def _problems_json(text: str) -> bool:
+    """Whether ``text`` is plan --json's answer to an invalid recipe: {"valid": false, "problems": [...]}."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return False
+    problems = data.get("problems") if isinstance(data, dict) else None
+    return data.get("valid") is False and isinstance(problems, list) and bool(problems) \
+        and all(isinstance(p, dict) and {"where", "field", "message"} <= set(p) for p in problems)
+
+
 def run_case_inline(case: dict, directory: Path) -> dict:
     """Run one case in this process: {'code', 'output', 'error', 'seconds'}."""
     for name, text in case["files"].items():
         (directory / name).write_bytes(text.encode("utf-8", "surrogatepass"))
     target = str(directory / case["target"])
     buf = io.StringIO()
+    # plan --json prints its data (the plan, or the problems as JSON) on stdout: checked apart from the lines on stderr
+    data = io.StringIO() if case["mode"] == "plan-json" else buf
     start = time.perf_counter()
     code, error = None, None
     try:
-        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        with contextlib.redirect_stdout(data), contextlib.redirect_stderr(buf):
             if case["mode"] == "train":
                 from midus_surgery.errors import RecipeError
                 from midus_surgery.train.config import load_train_config
@@ -465,6 +478,8 @@ def run_case_inline(case: dict, directory: Path) -> dict:
                 code = main(argv)
     except BaseException:  # noqa: BLE001 - a traceback is what we are hunting
         error = traceback.format_exc()
+    if data is not buf and error is None and code == 2 and not _problems_json(data.getvalue()):
+        error = f"plan --json exited 2 without its problems as JSON on stdout: {data.getvalue()[:300]!r}"
     seconds = time.perf_counter() - start
     return {"code": code, "output": _clip(buf.getvalue()), "error": error, "seconds": seconds, "target": target}
 
