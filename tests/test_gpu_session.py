@@ -7,6 +7,7 @@ themselves cannot run here: tests/test_gpu_check_dry_run.py runs the check scrip
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -110,3 +111,24 @@ def test_run_without_cuda_says_where_it_belongs():
     bad = subprocess.run([sys.executable, "tools/gpu_session.py", "run", "--steps", "check,warp"], cwd=gs.REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown ['warp']" in bad.stderr
+
+
+def test_the_packages_the_gpu_machine_lacks_travel_in_the_carry_and_stay_there(tmp_path, monkeypatch):
+    """2026-12-04: the H200 had torch, triton and transformers only, and bench_step's child died on
+    `import pydantic`. The wheels are unpacked into the carry's pylib/, put on PYTHONPATH, not into the tree."""
+    import zipfile
+
+    def fake_download(folder):
+        with zipfile.ZipFile(folder / "tinypkg-1.0-py3-none-any.whl", "w") as wheel:
+            wheel.writestr("tinypkg/__init__.py", "VALUE = 7\n")
+
+    carry = tmp_path / "carry"
+    assert gs.bundle_packages(carry / gs.PYLIB, download=fake_download) > 0
+    assert (carry / gs.PYLIB / "tinypkg" / "__init__.py").is_file()
+    assert gs.unpack(carry, root=tmp_path / "there") == []  # the packages are imported from the carry
+    path = gs.pythonpath(carry).split(os.pathsep)
+    assert path[:2] == [str(gs.REPO), str(carry / gs.PYLIB)]
+    found = subprocess.run([sys.executable, "-c", "import tinypkg; print(tinypkg.VALUE)"], env={**os.environ, "PYTHONPATH": gs.pythonpath(carry)},
+                           capture_output=True, text=True)
+    assert found.stdout.strip() == "7", found.stderr
+    assert sum(limit for limit, _, _ in gs.STEPS.values()) <= 590  # the steps fit one device call (600 s at most)

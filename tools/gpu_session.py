@@ -21,7 +21,11 @@ A GPU machine is lent for minutes at a time, with nothing installed from here an
    bf16, freeze=base: DUS, MIDUS (the default Triton kernels), MIDUS on the fused kernels, the FFN-free
    floor (``bench_step.json``).
 3. ``decode``: tools/bench_decode.py, greedy generation with the KV cache, base / DUS / LLaMA-Pro / MIDUS
-   at batch 1 and 16, fp32 and bf16 (``bench_decode.json``).
+   at batch 1 and 16, fp32 and bf16, 3 paired rounds (``bench_decode.json``).
+
+The GPU machine has torch, triton and transformers but not the package's other imports (pydantic,
+PyYAML, rich): ``prepare`` downloads their wheels for its Python (3.12) into ``work/gpu-carry/pylib``,
+which ``run`` puts on PYTHONPATH.
 
 Weights are random (``--random-init``): time does not depend on the values, and only the configs travel.
 ``report DIR`` writes `## HML on GPU, fused kernels` (from hml_fused.json; targets: the layer at most 1.0x
@@ -48,14 +52,21 @@ CARRY = REPO / "work" / "gpu-carry"
 WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 CARRY_LIMIT = 60 * 2**20  # the device tool carries 64 MiB in all
 MARKER = ".gpu-session-carry"  # what makes a carry directory ours to replace
+# The limits fit one 600 s call: on an H200 (2026-12-04) check took 251 s, step 124 s, decode 160 s at 4 rounds.
 STEPS = {  # name -> (seconds, the command after `python`, the file its stdout goes to or None)
-    "check": (300, ["tools/gpu_check_hml.py", "--skip", "6,7,9", "--json-out", "{out}/hml_fused.json"], None),
-    "step": (170, ["tools/bench_step.py", "--device", "cuda", "--random-init", "--layout", "every2", "--batches", "16x1024",
+    "check": (280, ["tools/gpu_check_hml.py", "--skip", "6,7,9", "--json-out", "{out}/hml_fused.json"], None),
+    "step": (145, ["tools/bench_step.py", "--device", "cuda", "--random-init", "--layout", "every2", "--batches", "16x1024",
                    "--repeats", "1", "--freezes", "base", "--models", "DUS,MIDUS,MIDUS (fused Triton),FFN-free floor",
                    "--json", "--no-docs"], "bench_step.json"),
-    "decode": (100, ["tools/bench_decode.py", "--device", "cuda", "--random-init", "--dtypes", "fp32,bf16", "--json",
-                     "--no-docs"], "bench_decode.json"),
+    "decode": (155, ["tools/bench_decode.py", "--device", "cuda", "--random-init", "--dtypes", "fp32,bf16", "--rounds", "3",
+                     "--json", "--no-docs"], "bench_decode.json"),
 }
+# What the package imports and the GPU machine's Python lacks (2026-12-04: torch, triton and transformers
+# only, on Python 3.12: bench_step's child died on `import pydantic`). `prepare` downloads their wheels for
+# that Python from the package registry and unpacks them into the carry; `run` puts them on PYTHONPATH.
+DEVICE_PYTHON = "3.12"
+DEVICE_PACKAGES = ("pydantic", "pyyaml", "rich")
+PYLIB = "pylib"  # inside the carry: imported from there, never unpacked into the tree
 # (size, batch, dtype) -> the most the layer may cost against the FFN it replaces (issue 28's targets)
 TARGETS = {("SmolLM2-135M recipe", "16x1024", "bfloat16"): 1.0, ("Llama-3.2-1B", "16x1024", "bfloat16"): 0.5}
 PATHS = ("torch", "triton", "triton segment", "triton-fused", "triton-fused segment", "triton-fused atomic")
@@ -97,10 +108,37 @@ def carry(dirs: list[Path], dest: Path, root: Path = REPO) -> int:
     return total
 
 
+def bundle_packages(dest: Path, download=None) -> int:
+    """Unpack wheels of DEVICE_PACKAGES (and what they need) for the GPU machine's Python into ``dest``;
+    returns the bytes. ``download(folder)``: fetches the wheels into ``folder`` (default: pip download)."""
+    import tempfile
+    import zipfile
+
+    def pip_download(folder: Path) -> None:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", *DEVICE_PACKAGES, "--only-binary=:all:",
+                        "--python-version", DEVICE_PYTHON, "--platform", "manylinux2014_x86_64", "--platform",
+                        "manylinux_2_17_x86_64", "-d", str(folder)], check=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (download or pip_download)(Path(tmp))
+        dest.mkdir(parents=True, exist_ok=True)
+        for wheel in sorted(Path(tmp).glob("*.whl")):
+            with zipfile.ZipFile(wheel) as archive:
+                archive.extractall(dest)
+    return sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+
+
+def pythonpath(carry_dir: Path = CARRY) -> str:
+    """The tools' PYTHONPATH on the GPU machine: the repository, then the carried packages."""
+    parts = [str(REPO), *([str(carry_dir / PYLIB)] if (carry_dir / PYLIB).is_dir() else []), os.environ.get("PYTHONPATH", "")]
+    return os.pathsep.join(p for p in parts if p)
+
+
 def unpack(src: Path, root: Path = REPO) -> list[Path]:
-    """On the GPU machine: put the carried files where the tools look for them. Existing files are kept."""
+    """On the GPU machine: put the carried files where the tools look for them (the packages stay in
+    the carry). Existing files are kept."""
     placed = []
-    for f in sorted(p for p in src.rglob("*") if p.is_file() and p.name != MARKER):
+    for f in sorted(p for p in src.rglob("*") if p.is_file() and p.name != MARKER and p.relative_to(src).parts[0] != PYLIB):
         target = root / f.relative_to(src)
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +150,7 @@ def unpack(src: Path, root: Path = REPO) -> list[Path]:
 def run_steps(names: list[str], out: Path, python: str = sys.executable, log=print) -> dict:
     """Run ``names`` (of STEPS) in order, each under its time limit; a failure is recorded and the rest run."""
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+    env = dict(os.environ, PYTHONPATH=pythonpath())
     results = {}
     for name in names:
         seconds, args, stdout_name = STEPS[name]
@@ -231,8 +269,13 @@ def main(argv=None) -> int:
         for layout in ("every5", "every2"):  # applies a bundled recipe whose output is missing (needs the SmolLM2 base)
             ensure_outputs(print, False, layout)
         total = carry(model_dirs(), CARRY)
-        print(f"wrote {CARRY.relative_to(REPO)} ({total / 2**20:.1f} MiB); on the device: carry [\"work/gpu-carry\"], "
-              "command `python tools/gpu_session.py run`")
+        total += bundle_packages(CARRY / PYLIB)
+        if total > CARRY_LIMIT:
+            print(f"gpu_session prepare: the carry is {total / 2**20:.0f} MiB with the packages, over the device tool's limit",
+                  file=sys.stderr)
+            return 1
+        print(f"wrote {CARRY.relative_to(REPO)} ({total / 2**20:.1f} MiB, {', '.join(DEVICE_PACKAGES)} for Python "
+              f"{DEVICE_PYTHON} among them); on the device: carry [\"work/gpu-carry\"], command `python tools/gpu_session.py run`")
         return 0
     if args.what == "run":
         steps = [s.strip() for s in args.steps.split(",") if s.strip()]
