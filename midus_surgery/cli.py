@@ -178,6 +178,7 @@ def cmd_plan(args) -> int:
         data = plan.to_json()
         if not args.tensors:
             data.pop("tensors")
+        data["notes"] = _plan_notes(planned, start=True)  # what validate notes: pruned layers, random memory, oversized memory...
         print(json.dumps(data, indent=2))
         return 0
 
@@ -318,7 +319,7 @@ def cmd_train(args) -> int:
         return 0
     final = result.final_eval or {}
     ppl = f", held-out ppl {final['eval_ppl']:.3f}" if final else ""
-    print(f"done: {result.steps} steps, {result.tokens:,} tokens{ppl}; model in {result.export_dir}")
+    print(f"done: {result.steps:,} step{'' if result.steps == 1 else 's'}, {result.tokens:,} tokens{ppl}; model in {result.export_dir}")
     return 0
 
 

@@ -248,6 +248,8 @@ def test_validate_and_plan_note_what_the_author_may_not_have_meant(tiny_base, tm
     assert "starts as the base's function: no: memory.init: random" in capsys.readouterr().out
     code, text = validate_lines(tmp_path, capsys, tiny_base, "layout: {interleave: {after: [1], kind: memory}}\noutput: {dir: out}\n")
     assert code == 0 and "note: a memory block has " in text and "the base block it extends" in text and "n_subkeys^2 = 65,536 rows" in text, text
+    assert main(["plan", str(tmp_path / "r.yaml"), "--json"]) == 0  # a program reading the plan gets the notes too
+    assert [n[:21] for n in json.loads(capsys.readouterr().out)["notes"]] == ["a memory block has 16"]
     assert main(["plan", str(tmp_path / "r.yaml")]) == 0
     assert "note: a memory block has " in capsys.readouterr().out
     code, text = validate_lines(tmp_path, capsys, tiny_base, "layout: {interleave: {after: [1], kind: copy}}\noutput: {dir: out}\n")

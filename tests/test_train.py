@@ -487,7 +487,7 @@ def test_the_start_lines_note_what_a_user_would_want_to_know_first(world, tmp_pa
     said = []
     train(load_train_config(cfg), echo=said.append)
     assert [line for line in said if line.startswith("note: ")] == [
-        f"note: 2 of data.held_out's 3 file(s) are also in data.train, byte for byte: {first.name}, copy.txt (= {second.name}); "
+        f"note: 2 of data.held_out's 3 files are also in data.train, byte for byte: {first.name}, copy.txt (= {second.name}); "
         "the held-out perplexity is partly measured on text the run trains on"], said
 
 
@@ -864,3 +864,4 @@ def test_the_cards_training_line_names_held_out_data_and_frozen_retrieval():
     assert training_line(summary) == ("Trained by `midus-surgery train`: 3 steps, 96 tokens of `corpus` (blocks of 16 tokens); freeze: base, "
                                       "memory retrieval frozen. Held-out loss 1.0000, perplexity 2.718 (48 tokens of `held.txt`). "
                                       "Every setting: `midus_train.json`.")
+    assert training_line({**summary, "steps": 1}).startswith("Trained by `midus-surgery train`: 1 step, 96 tokens")

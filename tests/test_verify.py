@@ -451,7 +451,7 @@ def test_a_base_moved_away_or_not_a_base_is_one_line(bases, tmp_path, capsys):
     shutil.rmtree(moved)
     checks = run(out)
     assert checks["identity"].skipped and checks["identity"].detail.startswith(f"the base recorded at apply time, {moved}, is not there")
-    assert checks["weights"].skipped  # the other check the base is needed for: listed, not silently left out
+    assert checks["weights"].skipped and checks["identity (perturbed)"].skipped  # the others the base is needed for: listed, not left out
     capsys.readouterr()
     for given, why in ((bases["llama"] / "model.safetensors", "a file, not a model directory"), (tmp_path / "nowhere", "no such directory"),
                        (tmp_path, "not a model directory (no config.json)")):

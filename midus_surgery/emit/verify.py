@@ -361,7 +361,9 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
         why = (f"the base recorded at apply time, {recorded}, is not there any more ({base_gone}); give --base to compare with it"
                if base_gone else "no base given (--base) and none recorded")
         record(_skip("identity", why))
-        if plan is not None:  # what the base would also have checked: each copied tensor, bit for bit
+        if plan is not None:  # what the base would also have checked: the same under perturbed norms, each copied tensor bit for bit
+            if not (out / "midus_train.json").is_file() and function_preserving(plan):
+                record(_skip("identity (perturbed)", "no base to compare with (see identity)"))
             record(_skip("weights", "no base to compare with (see identity)"))
 
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids if tokenizer is not None else ids[:1, :8]

@@ -48,7 +48,8 @@ def training_line(summary: dict) -> str:
         how.append(f"lr {cfg['optim']['lr']:g}")
     if (cfg.get("memory") or {}).get("retrieval") == "frozen":
         how.append("memory retrieval frozen")
-    text = (f"Trained by `midus-surgery train`: {summary.get('steps', 0):,} steps, {summary.get('tokens', 0):,} tokens of {corpora}"
+    steps = summary.get("steps", 0)
+    text = (f"Trained by `midus-surgery train`: {steps:,} step{'' if steps == 1 else 's'}, {summary.get('tokens', 0):,} tokens of {corpora}"
             f" (blocks of {data.get('block_size', '?')} tokens){'; ' + ', '.join(how) if how else ''}.")
     held = summary.get("held_out")
     if isinstance(held, dict) and held.get("eval_loss") is not None:

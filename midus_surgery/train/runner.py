@@ -815,8 +815,11 @@ class Runner:
             shared = D.shared_files(self.train_files, self.held_out_files)
             if shared:
                 named = ", ".join(f"{h.name} (= {t.name})" if h.name != t.name else h.name for h, t in shared[:3])
-                notes.append(f"{len(shared)} of data.held_out's {len(self.held_out_files)} file(s) are also in data.train, byte for byte: "
-                             f"{named}{' ...' if len(shared) > 3 else ''}; the held-out perplexity is partly measured on text the run trains on")
+                k, n = len(shared), len(self.held_out_files)
+                which = ("data.held_out's one file is" if n == 1 else f"all {n} of data.held_out's files are" if k == n
+                         else f"{k} of data.held_out's {n} files {'is' if k == 1 else 'are'}")
+                notes.append(f"{which} also in data.train, byte for byte: {named}{' ...' if k > 3 else ''}; the held-out perplexity is "
+                             f"{'' if k == n else 'partly '}measured on text the run trains on")
         json_files = sorted({Path(f).name for s in self.streams for f in s.meta.get("files", []) if Path(f).suffix.lower() == ".json"})
         if json_files:
             notes.append(f"{', '.join(json_files[:3])} {'is' if len(json_files) == 1 else 'are'} read as plain text, braces and all "
