@@ -341,6 +341,23 @@ def test_verify_prints_its_checklist_without_transformers_bars(bases, tmp_path, 
     assert "Loading weights" not in text.err and "Writing" not in text.err and hf_logging.is_progress_bar_enabled()
 
 
+def test_a_pruned_layer_is_named_as_why_the_output_is_not_the_base(bases, tmp_path):
+    """Dropping base layer 2 (allowed) with an identity block beside layer 1: the identity block is an
+    identity; the card and verify blamed it ('found not to start as the identity') instead of the pruning."""
+    from midus_surgery.emit.verify import verify
+
+    recipe = tmp_path / "pruned.yaml"
+    recipe.write_text(f"base:\n  path: {bases['llama']}\nlayout:\n  layers:\n    - {{source: 0}}\n    - {{source: 1}}\n"
+                      "    - {source: 1, kind: identity}\n    - {source: 3}\nallow_dropped_layers: true\naccept_function_change: true\n"
+                      "output:\n  dir: out/pruned\n  dtype: float32\n")
+    out = emit(plan_recipe(recipe), progress=False).out_dir
+    card = (out / "README.md").read_text()
+    assert "It leaves out base layer 2 (`allow_dropped_layers`), so it computes another function than the base until trained." in card
+    assert "found not to start as the identity" not in card
+    logits = {c.name: c for c in verify(out, report=lambda c: None)}["logits"]
+    assert logits.ok and "(base layer 2 is left out (allow_dropped_layers))" in logits.detail, logits.detail
+
+
 def test_only_the_marker_holds_this_machines_paths(bases, tmp_path, capsys):
     """An output is published by upload_folder as it is: no file in it but the .midus-surgery
     marker (local bookkeeping, docs/ecosystem.md) names a path of this machine, and verify still

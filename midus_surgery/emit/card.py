@@ -43,7 +43,13 @@ def method_title(kinds: set[str]) -> str:
     return "Depth Up-Scaling" + (" with identity blocks" if "identity" in kinds else "")
 
 
-def start_sentence(function_preserving: bool | None, kinds: set[str]) -> str:
+def start_sentence(function_preserving: bool | None, kinds: set[str], dropped: list[int] = ()) -> str:
+    """How the model starts; ``dropped``: base layers the layout leaves out (allow_dropped_layers), the
+    cause of the change then, whatever the inserted blocks do."""
+    if dropped:
+        layers = f"base layer{'s' if len(dropped) > 1 else ''} {', '.join(map(str, dropped))}"
+        return (f"It leaves out {layers} (`allow_dropped_layers`), so it computes another function than the base "
+                "until trained.")
     if function_preserving:
         return "It starts computing the base's function exactly: every inserted block was checked to add nothing until trained."
     if function_preserving is False:
@@ -86,7 +92,7 @@ tags: [{', '.join(tags)}]
 
 Made by `midus-surgery apply`: the base's {plan.base_num_layers} `{plan.model_type}` layers
 become {plan.num_hidden_layers}, with {len(inserted)} inserted: {counts}.
-{start_sentence(plan.function_preserving, kinds)}
+{start_sentence(plan.function_preserving, kinds, sorted(set(range(plan.base_num_layers)) - {layer.source for layer in plan.layers}))}
 
 {training_section(NOT_TRAINED)}
 

@@ -179,6 +179,13 @@ def perplexity(model, ids: torch.Tensor) -> float:
     return float(torch.exp(loss))
 
 
+def _dropped_layers(plan: dict | None) -> list[int]:
+    """The base layers the layout leaves out (allow_dropped_layers); [] without a plan."""
+    if not plan:
+        return []
+    return sorted(set(range(int(plan.get("base_num_hidden_layers", 0)))) - {int(layer["source"]) for layer in plan["layers"]})
+
+
 def function_preserving(plan: dict) -> bool:
     """True when every inserted block starts as the identity (so logits must equal the base's).
     ``plan``: as ``read_plan_file`` gives it, in today's layout whatever layout it was written in."""
@@ -350,7 +357,9 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
             record(perturbed_identity_check(model, base_model, plan, ids))
         else:
             ppl_out, ppl_base = perplexity(model, ids), perplexity(base_model, ids)
-            why = ("trained since apply" if trained else "the recipe accepts blocks that do not start as the identity"
+            why = ("trained since apply" if trained else f"base layer{'s' if len(dropped) > 1 else ''} {', '.join(map(str, dropped))} "
+                   f"{'are' if len(dropped) > 1 else 'is'} left out (allow_dropped_layers)"
+                   if (dropped := _dropped_layers(plan)) else "the recipe accepts blocks that do not start as the identity"
                    if plan and plan.get("function_preserving") is False else "plain copies or random memory change the function")
             finite = math.isfinite(diff) and math.isfinite(ppl_out)
             record(Check("logits", finite, f"max |logit difference| against the base: {diff:.4g} ({why}); perplexity on the sample: base {ppl_base:.2f}, output {ppl_out:.2f}"
