@@ -261,6 +261,11 @@ def _run_verify(path, base, trust_remote_code: bool) -> int:
     if not (Path(path) / "midus_plan.json").is_file():
         out.print("  note: no midus_plan.json, so this is not an output of `midus-surgery apply`: only what any causal LM must do "
                   "was checked", markup=False)
+    from midus_surgery.emit.emitter import TOKENIZER_FILES
+
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        out.print("  note: no tokenizer files: the checks ran on random token ids, and AutoTokenizer.from_pretrained fails on this "
+                  "folder; copy the base's tokenizer files into it before publishing", markup=False)
     return 0
 
 

@@ -501,3 +501,17 @@ def test_a_non_finite_weight_is_named_not_blamed_on_batching(bases, tmp_path):
     checks = run(out)
     assert failed(checks) == ["finite"] and checks["finite"].detail == "1 tensor(s) hold NaN or inf: model.layers.0.mlp.down_proj.weight"
     assert "batch" not in checks and "round-trip" not in checks
+
+
+def test_an_output_without_tokenizer_files_gets_a_note(bases, tmp_path, capsys):
+    """Its checks run on random ids and pass, but the card's loading code fails on the folder."""
+    from midus_surgery.cli import main
+
+    out = emitted(bases, tmp_path, "llama", "llama-pro")
+    tokenizer_files = [p for p in out.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template"))]
+    assert main(["verify", str(out)]) == 0
+    assert ("note: no tokenizer files" in capsys.readouterr().out) == (not tokenizer_files)
+    for p in tokenizer_files:
+        p.unlink()
+    assert main(["verify", str(out)]) == 0
+    assert "note: no tokenizer files: the checks ran on random token ids" in capsys.readouterr().out
