@@ -108,16 +108,15 @@ def _plan_notes(planned, start: bool) -> list[str]:
 
     plan, recipe = planned.plan, planned.loaded.recipe
     notes = []
-    dropped = sorted(set(range(plan.base_num_layers)) - {layer.source for layer in plan.layers})
+    dropped = plan.dropped_layers
     if dropped:
         notes.append(f"base layer{'s' if len(dropped) > 1 else ''} {', '.join(map(str, dropped))} left out of the output (allow_dropped_layers)")
     if start and plan.function_preserving is None and plan.memory_layers and recipe.memory.init == "random":
         notes.append("memory.init: random: the memory blocks start from random values, so the output does not start as the base's "
                      "function (verify then compares perplexity, not logits)")
     types = plan.config.get("layer_types")
-    if "max_window_layers" in plan.config and isinstance(types, list) and any("sliding" in str(t) for t in types) \
-            and window_layers_boundary(plan.config) is None:
-        sliding = [i for i, t in enumerate(types) if "sliding" in str(t)]
+    sliding = [i for i, t in enumerate(types) if "sliding" in str(t)] if isinstance(types, list) else []
+    if sliding and "max_window_layers" in plan.config and window_layers_boundary(plan.config) is None:
         notes.append(f"the output's sliding-window layers ({', '.join(map(str, sliding[:12]))}{' ...' if len(sliding) > 12 else ''}) are "
                      f"not 'every layer from N on', so max_window_layers ({plan.config['max_window_layers']}, kept) cannot say them: "
                      "transformers reads layer_types, but a tool that reads max_window_layers instead would build another attention pattern")
@@ -261,9 +260,9 @@ def _run_verify(path, base, trust_remote_code: bool) -> int:
     if not (Path(path) / "midus_plan.json").is_file():
         out.print("  note: no midus_plan.json, so this is not an output of `midus-surgery apply`: only what any causal LM must do "
                   "was checked", markup=False)
-    from midus_surgery.emit.emitter import TOKENIZER_FILES
+    from midus_surgery.train.data import has_tokenizer_files
 
-    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer_files(Path(path)):
         out.print("  note: no tokenizer files: the checks ran on random token ids, and AutoTokenizer.from_pretrained fails on this "
                   "folder; copy the base's tokenizer files into it before publishing", markup=False)
     return 0

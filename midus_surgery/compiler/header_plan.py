@@ -28,8 +28,7 @@ from typing import Callable
 
 from midus_surgery.compiler.base import check_stated_config, resolve_base
 from midus_surgery.compiler.layout import COPY, expand_layout
-from midus_surgery.compiler.plan import (INDEX_LISTS, INDEX_PATTERNS, BaseFacts, assemble_plan, guess_layers_path, remap_per_layer,
-                                         sync_max_window_layers)
+from midus_surgery.compiler.plan import INDEX_LISTS, INDEX_PATTERNS, BaseFacts, assemble_plan, guess_layers_path, remap_per_layer, sync_max_window_layers
 from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.errors import BaseModelError, MidusError
 from midus_surgery.io.dtypes import FLOATS, TAGS, auto_dtype

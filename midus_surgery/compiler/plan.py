@@ -75,6 +75,11 @@ class Plan:
         return len(self.layers)
 
     @property
+    def dropped_layers(self) -> list[int]:
+        """The base layers the output leaves out (a layout with allow_dropped_layers)."""
+        return sorted(set(range(self.base_num_layers)) - {layer.source for layer in self.layers})
+
+    @property
     def memory_layers(self) -> list[int]:
         return [layer.index for layer in self.layers if layer.kind == "memory"]
 

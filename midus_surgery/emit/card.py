@@ -92,7 +92,7 @@ tags: [{', '.join(tags)}]
 
 Made by `midus-surgery apply`: the base's {plan.base_num_layers} `{plan.model_type}` layers
 become {plan.num_hidden_layers}, with {len(inserted)} inserted: {counts}.
-{start_sentence(plan.function_preserving, kinds, sorted(set(range(plan.base_num_layers)) - {layer.source for layer in plan.layers}))}
+{start_sentence(plan.function_preserving, kinds, plan.dropped_layers)}
 
 {training_section(NOT_TRAINED)}
 

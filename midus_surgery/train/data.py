@@ -34,10 +34,12 @@ from midus_surgery.io.output_dir import MARKER, clean_leftovers, write_marker
 FORMAT_VERSION = 1
 META_FILE = "midus_tokens.json"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json",
-)
+# what a tokenizer's files are named (tokenizer.json, vocab.txt, spiece.model...): one of them must be there
+TOKENIZER_FILE_PREFIXES = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece", "special_tokens_map", "added_tokens")
+
+
+def has_tokenizer_files(directory: Path) -> bool:
+    return any(p.name.startswith(TOKENIZER_FILE_PREFIXES) for p in Path(directory).iterdir())
 
 
 class DataError(MidusError):

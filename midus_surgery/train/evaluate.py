@@ -183,15 +183,14 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
     return model
 
 
-TOKENIZER_FILE_PREFIXES = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece", "special_tokens_map", "added_tokens")
-
-
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    from midus_surgery.train.data import has_tokenizer_files
+
     if not Path(path).is_dir():  # transformers would take the name for a Hub repository and retry the network
         raise ModelLoadError(f"{path} is not a directory")
-    if not trust_remote_code and not any(p.name.startswith(TOKENIZER_FILE_PREFIXES) for p in Path(path).iterdir()):
+    if not trust_remote_code and not has_tokenizer_files(path):
         # transformers' own error blames a missing sentencepiece install
         raise ModelLoadError(f"{path} holds no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.*, *.model...): "
                              "copy them from the model it was made from")

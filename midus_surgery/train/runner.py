@@ -142,8 +142,6 @@ class Runner:
     # Data (setup_data).
     tokenizer: Any  # init_from's tokenizer: the corpora are tokenised (and cached) with it
     streams: list  # the tokenised corpora (D.TokenStream): train, then held-out when given
-    train_files: list[Path]  # the files data.train names (a tokenised corpus: its directory)
-    held_out_files: list[Path]  # the same of data.held_out; [] without
     train_blocks: D.BlockSet  # the blocks of data.block_size tokens training samples from
     held_blocks: D.BlockSet | None  # held-out blocks for evaluation; None: no evaluation
     sampler: D.BlockSampler  # sample number -> training block, a pure function of (seed, number)
@@ -434,8 +432,6 @@ class Runner:
             train_stream = D.prepare_corpus(d.train, loaded.directory, self.tokenizer, what="data.train", **common)
             held_stream = D.prepare_corpus(d.held_out, loaded.directory, self.tokenizer, what="data.held_out", **common) if d.held_out else None
         self.streams = [s for s in (train_stream, held_stream) if s is not None]
-        self.train_files = D.resolve_inputs(d.train, loaded.directory, d.dir_glob, "data.train")
-        self.held_out_files = D.resolve_inputs(d.held_out, loaded.directory, d.dir_glob, "data.held_out") if d.held_out else []
         self.train_blocks, self.held_blocks = D.split(train_stream, held_stream, d.block_size, d.held_out_fraction, what="data.train")
         self.sampler = D.BlockSampler(self.train_blocks, cfg.seed)
         self.tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * self.world * d.block_size
@@ -806,20 +802,31 @@ class Runner:
             self.say("compile: the first step compiles the model (about 2 minutes for the 45-layer SmolLM2 outputs on an H200); "
                      "tok/s and ETA count from the second step")
 
+    def held_out_overlap(self) -> str | None:
+        """The note on held-out files that are also training files byte for byte (listed in both, or
+        a copy under another name), or None. Only when data.held_out is given: it walks both lists."""
+        d, directory = self.cfg.data, self.loaded.directory
+        train = D.resolve_inputs(d.train, directory, d.dir_glob, "data.train")
+        held = D.resolve_inputs(d.held_out, directory, d.dir_glob, "data.held_out")
+        if any(p.is_dir() for p in train + held):  # a tokenised corpus: its files are not here to compare
+            return None
+        shared = D.shared_files(train, held)
+        if not shared:
+            return None
+        named = ", ".join(f"{h.name} (= {t.name})" if h.name != t.name else h.name for h, t in shared[:3])
+        k, n = len(shared), len(held)
+        which = ("data.held_out's one file is" if n == 1 else f"all {n} of data.held_out's files are" if k == n
+                 else f"{k} of data.held_out's {n} files {'is' if k == 1 else 'are'}")
+        return (f"{which} also in data.train, byte for byte: {named}{' ...' if k > 3 else ''}; the held-out perplexity is "
+                f"{'' if k == n else 'partly '}measured on text the run trains on")
+
     def data_notes(self) -> list[str]:
         """What the run accepts but a user would want to know before it trains for hours."""
         notes = []
         if self.data_identity.get("held_out") == self.data_identity["train"]:
             notes.append("data.held_out is the same text as data.train: the held-out perplexity is measured on text the run trains on")
-        elif self.cfg.data.held_out and not any(Path(p).is_dir() for p in self.held_out_files + self.train_files):
-            shared = D.shared_files(self.train_files, self.held_out_files)
-            if shared:
-                named = ", ".join(f"{h.name} (= {t.name})" if h.name != t.name else h.name for h, t in shared[:3])
-                k, n = len(shared), len(self.held_out_files)
-                which = ("data.held_out's one file is" if n == 1 else f"all {n} of data.held_out's files are" if k == n
-                         else f"{k} of data.held_out's {n} files {'is' if k == 1 else 'are'}")
-                notes.append(f"{which} also in data.train, byte for byte: {named}{' ...' if k > 3 else ''}; the held-out perplexity is "
-                             f"{'' if k == n else 'partly '}measured on text the run trains on")
+        elif self.cfg.data.held_out and (overlap := self.held_out_overlap()):
+            notes.append(overlap)
         json_files = sorted({Path(f).name for s in self.streams for f in s.meta.get("files", []) if Path(f).suffix.lower() == ".json"})
         if json_files:
             notes.append(f"{', '.join(json_files[:3])} {'is' if len(json_files) == 1 else 'are'} read as plain text, braces and all "
