@@ -162,7 +162,7 @@ def test_from_json_rewrites_the_decode_section_and_keeps_the_others(run, docs, t
     assert bdr.table(payload["rows"]) in section
     for line in bdr.target_lines(payload["targets"]):
         assert line in section
-    assert "CUDA rows: not measured yet" in section and "`python tools/bench_decode.py`" in section
+    assert "CUDA rows: `python tools/bench_decode.py --device cuda" in section and "`python tools/bench_decode.py`" in section
     assert f"memory layer runs on the {payload['hml_backend_words']}" in section
     top = payload["profile"][0]["midus_ops"][0]["name"]
     assert "MIDUS's memory layer" in section and f"| `{top}` |" in section  # the profile's tables
@@ -172,7 +172,36 @@ def test_from_json_rewrites_the_decode_section_and_keeps_the_others(run, docs, t
     assert bdr.main(["--from-json", str(source)]) == 0
     text = docs.read_text()
     assert section in text and "## Decode on GPU\n" in text
-    assert "not measured yet" not in text.split("## Decode on GPU\n", 1)[1]
+    assert "CUDA rows:" not in text.split("## Decode on GPU\n", 1)[1]
+
+
+def test_compile_decodes_on_a_static_cache_compiled_before_the_timed_rounds(models, tmp_path, monkeypatch):
+    """--compile: generate's static cache and compiled decode step (inductor on this CPU), the memory layer traced
+    whole (fullgraph: a graph break would fail the run), every graph compiled in the warm-up, and its own section
+    and JSON beside the eager run's."""
+    import io
+    from contextlib import redirect_stdout
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    made = []
+    real = bd.generate
+    monkeypatch.setattr(bd, "generate", lambda *a, **k: made.append(a[4] if len(a) > 4 else k.get("compiled")) or real(*a, **k))
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = bd.main(["--quick", "--json", "--compile", "--batches", "2", "--new-tokens", "4",
+                      "--model", f"DUS={models['DUS']}", "--model", f"MIDUS={models['MIDUS']}"])
+    assert rc == 0
+    payload = json.loads(buf.getvalue())
+    assert payload["compiled"] is True and {r["model"]: r["hml_backend"] for r in payload["rows"]}["MIDUS"] != "torch"
+    assert all(r["new_tokens_per_round"] == [2 * 4] * 2 for r in payload["rows"])
+    assert [c["batch"] for c in payload["compiles"]] == [2] and payload["compiles"][0]["graphs_so_far"] >= 1
+    assert made and all(c is not None and c.fullgraph and c.mode == "default" for c in made)  # every generate compiled
+    assert bdr.section_title(payload) == "## Decode, compiled (static cache, torch.compile)"
+    assert bdr.json_path(payload).name == "bench_decode_cpu_compiled.json"
+    text = bdr.section_text(payload)
+    assert 'cache_implementation="static"' in text and "the first compiles" in text
 
 
 @pytest.mark.parametrize("argv,words", [
@@ -183,6 +212,7 @@ def test_from_json_rewrites_the_decode_section_and_keeps_the_others(run, docs, t
     (["--model", "DUS"], "--model wants NAME=DIR"),
     (["--model", "DUS=/nonexistent/dus"], "not a model directory"),
     (["--from-json", "/nonexistent/run.json"], "cannot read a run's JSON"),
+    (["--compile", "--profile"], "--profile hooks the eager blocks"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, words, capsys):
     assert bd.main(["--quick", "--no-docs", *argv]) == 2

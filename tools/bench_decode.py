@@ -39,7 +39,13 @@ it (T = batch tokens per call): which of its operators cost what.
     python tools/bench_decode.py [--quick] [--json] [--no-docs] [--profile]
     python tools/bench_decode.py --dtypes fp32,bf16 --profile                      # the docs run
     python tools/bench_decode.py --device cuda --random-init --dtypes fp32,bf16     # a GPU machine
+    python tools/bench_decode.py --compile                                          # static cache + torch.compile
     python tools/bench_decode.py --from-json docs/results/bench_decode_gpu.json     # redraw its section here
+
+``--compile`` times what a user runs to take the per-operator overhead out of decoding: generate on a static KV
+cache with its decode step compiled whole (``cache_implementation="static"`` and a ``CompileConfig``; CUDA graphs on
+a GPU). Each model is warmed up at the timed length (compiling is not timed), and a graph compiled during the
+timed rounds is an error. Its own section and JSON (``..., compiled``).
 
 A full run keeps the raw numbers in docs/results/bench_decode_{cpu|gpu}{_every2|_llama1b}.json and writes
 the `## Decode` (`## Decode on GPU`) section of docs/benchmarks.md through tools/bench_decode_report.py;
@@ -97,18 +103,49 @@ def pad_id(model) -> int:
     return 0
 
 
-def generate(model, ids, new_tokens: int, sync) -> dict:
-    """One greedy generate of exactly ``new_tokens`` per row: its prefill and decode times."""
+def compile_config(device_type: str):
+    """What ``--compile`` hands generate: a static KV cache and the decode step compiled whole (``fullgraph``:
+    a graph break in any model, the memory layer's included, is an error rather than a silent slow path), for
+    the one shape a run uses (``dynamic=False``). On CUDA in "reduce-overhead" mode (CUDA graphs: generate's
+    own default), on CPU in inductor's default mode, which generate compiles only when told to."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if device_type == "cuda" else "default")
+    if device_type != "cuda":
+        config._compile_all_devices = True  # generate's own switch for compiling off a GPU
+    return config
+
+
+def allow_compiles() -> None:
+    """Each model, batch and dtype compiles its own decode graph: more than dynamo's default 8 per function.
+    Past the raised limit it fails rather than fall back to eager steps in the middle of a timed run."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+def graphs_compiled() -> int:
+    """How many graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def generate(model, ids, new_tokens: int, sync, compiled=None) -> dict:
+    """One greedy generate of exactly ``new_tokens`` per row: its prefill and decode times. ``compiled``:
+    compile_config's answer (a static cache and a compiled decode step), or None (generate's defaults)."""
     import torch
     from transformers import LogitsProcessorList
 
     clock = make_clock(sync)
     batch, prompt = ids.shape
+    extra = {} if compiled is None else {"cache_implementation": "static", "compile_config": compiled}
     sync()
     t0 = time.perf_counter()
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, use_cache=True, logits_processor=LogitsProcessorList([clock]),
-                         pad_token_id=pad_id(model))
+                         pad_token_id=pad_id(model), **extra)
     sync()
     t_end = time.perf_counter()
     stamps = clock.stamps
@@ -314,13 +351,19 @@ def profile_setting(loaded: dict, paths: dict, ids, new_tokens: int, sync, devic
 # ----------------------------------------------------------------------------- the rounds
 
 def bench(models: dict[str, Path], dtypes: list[str], batches: list[int], prompt: int, new_tokens: int, rounds: int,
-          device: str, random_init: bool, log, profile: bool = False) -> tuple[list[dict], list[dict], dict]:
-    """Rows (one per dtype, batch and model), profiles (--profile) and the memory layer's backend per model."""
+          device: str, random_init: bool, log, profile: bool = False, compile: bool = False) -> tuple[list[dict], list[dict], dict]:
+    """Rows (one per dtype, batch and model), profiles (--profile) and the memory layer's backend per model.
+    ``compile``: every generate on a static cache with its decode step compiled (compile_config); a graph
+    compiled during the timed rounds is an error. Returns also, for ``compile``, the graphs compiled before each
+    setting's rounds."""
     import torch
 
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    rows, profiles, backends = [], [], {}
+    compiled = compile_config(dev.type) if compile else None
+    if compile:
+        allow_compiles()
+    rows, profiles, backends, compiles = [], [], {}, []
     for dtype in dtypes:
         loaded = {}
         for name, path in models.items():
@@ -331,21 +374,36 @@ def bench(models: dict[str, Path], dtypes: list[str], batches: list[int], prompt
         vocab = min(m.get_input_embeddings().weight.shape[0] for m, _ in loaded.values())
         for batch in batches:
             ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(dev)
-            with torch.inference_mode():
-                for model, _ in loaded.values():
-                    generate(model, ids, WARMUP_TOKENS, sync)
+            for name, (model, _) in loaded.items():
+                if compiled is None:
+                    with torch.inference_mode():
+                        generate(model, ids, WARMUP_TOKENS, sync)
+                    continue
+                # As timed (outside inference mode, which the graphs' guards would tell apart), at the timed length
+                # (the static cache's size is part of the graph), twice: the first compiles, the second records
+                # the CUDA graphs.
+                t1 = time.perf_counter()
+                for _ in range(2):
+                    generate(model, ids, new_tokens, sync, compiled)
+                log(f"  compiled {name} ({dtype}, batch {batch}) in {time.perf_counter() - t1:.0f} s")
+            graphs = graphs_compiled()
             results: dict[str, list[dict]] = {name: [] for name in loaded}
             order = list(loaded)
             for r in range(rounds):
                 k = r % len(order)
                 t0 = time.perf_counter()
                 for name in order[k:] + order[:k]:
-                    res = generate(loaded[name][0], ids, new_tokens, sync)
+                    res = generate(loaded[name][0], ids, new_tokens, sync, compiled)
                     res["load1"] = round(os.getloadavg()[0], 2)
                     results[name].append(res)
                 log(f"  [{dtype} batch {batch} round {r + 1}/{rounds}] " + ", ".join(
                     f"{name} {batch * (new_tokens - 1) / rs[-1]['decode_s']:.1f} tok/s" for name, rs in results.items())
                     + f"  [{time.perf_counter() - t0:.0f} s]  load {load_avg()}")
+            if compiled is not None:
+                if graphs_compiled() != graphs:  # a timed step paid for a compile: the rounds mean nothing
+                    raise RuntimeError(f"{dtype} batch {batch}: {graphs_compiled() - graphs} graph(s) compiled during the "
+                                       "timed rounds, after the warm-up")
+                compiles.append({"dtype": dtype, "batch": batch, "graphs_so_far": graphs})
             for name, rs in results.items():
                 model = loaded[name][0]
                 rows.append(summarise(name, dtype, batch, prompt, new_tokens, rs, sum(p.numel() for p in model.parameters()),
@@ -360,7 +418,7 @@ def bench(models: dict[str, Path], dtypes: list[str], batches: list[int], prompt
         del loaded
         gc.collect()
     add_ratios(rows)
-    return rows, profiles, backends
+    return rows, profiles, backends, compiles
 
 
 def summarise(name: str, dtype: str, batch: int, prompt: int, new_tokens: int, rs: list[dict], params: int, backend: str) -> dict:
@@ -468,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "section and JSON (`..., 1 torch thread`)")
     ap.add_argument("--profile", action="store_true", help="also profile the inserted blocks of DUS and MIDUS at decode, "
                     "and the memory layer's operators (one more generate per model and setting)")
+    ap.add_argument("--compile", action="store_true", help="generate on a static KV cache with the decode step compiled "
+                    "whole (torch.compile through generate's compile_config; CUDA graphs on a GPU); its own section and JSON")
     ap.add_argument("--from-json", metavar="RESULTS_JSON", help="only rewrite the docs section from the --json output of an "
                     "earlier run (e.g. one on a GPU machine); the same as tools/bench_decode_report.py --from-json")
     return ap
@@ -504,6 +564,8 @@ def run(args, argv) -> int:
         args.new_tokens = args.new_tokens or 8
         args.rounds = args.rounds or 2
     prompt, new_tokens, rounds = args.prompt_tokens or 128, args.new_tokens or 32, args.rounds or 12
+    if args.compile and args.profile:
+        raise BadInput("--profile hooks the eager blocks; run it without --compile")
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     import torch
 
@@ -522,14 +584,14 @@ def run(args, argv) -> int:
     load_start = load_avg()
     t0 = time.perf_counter()
     try:
-        rows, profiles, backends = bench(models, args.dtypes, args.batches, prompt, new_tokens, rounds, args.device,
-                                         args.random_init, log, args.profile)
+        rows, profiles, backends, compiles = bench(models, args.dtypes, args.batches, prompt, new_tokens, rounds, args.device,
+                                         args.random_init, log, args.profile, args.compile)
     except MidusError as exc:  # a model directory that does not load: one line
         raise BadInput(str(exc).splitlines()[0]) from None
     memory = sorted({b for b in backends.values() if b != "torch"} or {"torch"})
     payload = {
         "tool": "bench_decode", "device": args.device, "layout": args.layout, "machine": machine, "random_init": args.random_init,
-        "threads": torch.get_num_threads(), "threads_set": args.threads, "versions": versions(),
+        "threads": torch.get_num_threads(), "threads_set": args.threads, "compiled": args.compile, "versions": versions(),
         "load_avg_start": load_start, "load_avg_end": load_avg(), "command": command_line("tools/bench_decode.py", argv),
         "prompt_tokens": prompt, "new_tokens": new_tokens, "rounds": rounds, "batches": args.batches, "dtypes": args.dtypes,
         "hml_backend": "+".join(memory), "hml_backend_words": " + ".join(backend_words(b) for b in memory),
@@ -537,6 +599,8 @@ def run(args, argv) -> int:
     }
     if profiles:
         payload["profile"] = profiles
+    if compiles:
+        payload["compiles"] = compiles  # graphs compiled before each setting's timed rounds (none during them)
     if custom:
         payload["custom_models"] = custom
         args.no_docs = True  # not the layout's rows: never in its section

@@ -5,8 +5,9 @@
 
 The driver (tools/bench_decode.py) runs the generations and writes the JSON; everything here reads only that JSON
 (no torch), so a run made on another machine (a GPU session) is redrawn here. Sections go into docs/benchmarks.md
-(`## Decode`, `## Decode on GPU`, with the layout's suffix as the training-step sections have), the JSON into
-docs/results/ (`bench_decode_{cpu|gpu}{_every2|_llama1b}.json`).
+(`## Decode`, `## Decode on GPU`, with the layout's suffix as the training-step sections have, and `, compiled
+(static cache, torch.compile)` for a --compile run), the JSON into docs/results/
+(`bench_decode_{cpu|gpu}{_every2|_llama1b}{_compiled}.json`).
 """
 
 from __future__ import annotations
@@ -120,14 +121,15 @@ def section_title(payload: dict) -> str:
     """`## Decode` (`on GPU`), the layout's suffix, and the thread count where --threads set one (its own section)."""
     n = payload.get("threads_set")
     return (SECTION[payload["device"]] + LAYOUTS[payload.get("layout", "every5")]["title"]
-            + (f", {n} torch thread{'s' if n > 1 else ''}" if n else ""))
+            + (f", {n} torch thread{'s' if n > 1 else ''}" if n else "")
+            + (", compiled (static cache, torch.compile)" if payload.get("compiled") else ""))
 
 
 def json_path(payload: dict) -> Path:
     """Where the driver keeps a full run's raw numbers."""
     n = payload.get("threads_set")
     stem = ("bench_decode_" + ("gpu" if payload["device"] == "cuda" else "cpu") + LAYOUTS[payload.get("layout", "every5")]["stem"]
-            + (f"_threads{n}" if n else ""))
+            + (f"_threads{n}" if n else "") + ("_compiled" if payload.get("compiled") else ""))
     return RESULTS / f"{stem}.json"
 
 
@@ -153,10 +155,18 @@ def section_text(payload: dict, source: Path | None = None) -> str:
         sync = ""
     weights = ("random, built from each output's config.json (`--random-init`); decode time does not depend on the values "
                "(every generate makes exactly N tokens)" if payload["random_init"] else layout["weights"])
+    compiled = payload.get("compiled")
+    call = ("use_cache=True, cache_implementation=\"static\", compile_config=CompileConfig(fullgraph=True, dynamic=False, "
+            f"mode=\"{'reduce-overhead' if gpu else 'default'}\"))` (a static KV cache and the decode step compiled whole by "
+            "torch.compile, through generate's own switch" + ("; CUDA graphs" if gpu else "; on a CPU generate compiles only when "
+            "the config says `_compile_all_devices`") + ")" if compiled else "use_cache=True)`")
+    warmup = ("two generates of the timed length at the full batch and prompt: the first compiles, the second records the "
+              "CUDA graphs; a recompile in the timed rounds would be an error, not a silent eager step" if compiled
+              else "one generate of 2 new tokens at the full batch and prompt")
     lines = [
         section_title(payload), "",
         f"Greedy generation with the KV cache, `model.generate(do_sample=False, max_new_tokens=N, min_new_tokens=N, "
-        f"use_cache=True)` (so no row stops early at an end-of-text token), of {what}: a prompt of "
+        f"{call} (so no row stops early at an end-of-text token), of {what}: a prompt of "
         f"{payload['prompt_tokens']} random token ids (seeded, the same for every model), N = {payload['new_tokens']} new "
         f"tokens, batch {' and '.join(map(str, batches))}, {' and '.join(dtypes)} weights.",
         "",
@@ -172,8 +182,8 @@ def section_text(payload: dict, source: Path | None = None) -> str:
         "per row against the cache, the processors); median: the median of those N - 1 step times. `decode tokens/s` = "
         "batch x (N - 1) / the first to last stamp time. Medians over the rounds; "
         "every generate made batch x N new tokens (checked; `new tokens per generate`).",
-        f"- Rounds: every model loaded in one process, each warmed up (one generate of 2 new tokens at the full batch "
-        f"and prompt), then {payload['rounds']} rounds per dtype and batch; a round runs every model once, back to back, "
+        f"- Rounds: every model loaded in one process, each warmed up ({warmup}), then {payload['rounds']} rounds per "
+        "dtype and batch; a round runs every model once, back to back, "
         "the order rotating per round. `vs DUS`: the median and the interquartile range of the per-round ratios "
         "to DUS's speed in the same round (above 1: faster than DUS), of two speeds: `median step`, the inverse "
         "of the generate's median decode step (blind to a burst of the neighbours' load shorter than half the steps; "
@@ -181,10 +191,9 @@ def section_text(payload: dict, source: Path | None = None) -> str:
         "shows what noise the pairing leaves.",
     ]
     if not gpu:
-        lines.append("- CUDA rows: not measured yet (no GPU in this session). `python tools/bench_decode.py --device cuda "
-                     "--random-init --dtypes fp32,bf16` measures them on a GPU machine (only the outputs' config.json files "
-                     "need to travel), and `python tools/bench_decode_report.py --from-json FILE` writes its `## Decode on "
-                     "GPU` section here.")
+        lines.append("- CUDA rows: `python tools/bench_decode.py --device cuda --random-init --dtypes fp32,bf16` measures them "
+                     "on a GPU machine (only the outputs' config.json files need to travel; tools/gpu_session.py runs it), and "
+                     "`python tools/bench_decode_report.py --from-json FILE` writes their `## Decode on GPU` section here.")
     lines += raw_numbers_line(source if source is not None and inside(source, DOCS.parent) else None, DOCS,
                               "bench_decode_report.py")
     lines += ["", table(payload["rows"]), "",
