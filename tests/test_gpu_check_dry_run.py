@@ -29,7 +29,7 @@ def test_gpu_check_dry_run_passes_every_check_and_times_every_variant(tmp_path):
     for name in ("default", "tie-checked topk (sync)", "bank_grad sparse_mm", "bank_grad embedding_bag", "bank_grad index_add"):
         assert all(f"{name} " in line for line in variants), name
     assert "[profile] one pure-torch fwd+bwd" in out and "[profile] one fwd+bwd on the Triton kernels" in out
-    assert out.count("[profile] host syncs and copies:") == 3  # sections 7, 8 and 10
+    assert out.count("[profile] host syncs and copies:") == 4  # sections 7, 8 (float32 and bfloat16) and 10
     # section 8, the Triton kernels through Triton's interpreter
     for name in ("triton top-k == pure-torch selection (random", "triton top-k == pure-torch selection (small-int ties",
                  "triton bag dw == per-sample-weights backward (float32", "triton bag dw == per-sample-weights backward (bfloat16",
@@ -38,9 +38,17 @@ def test_gpu_check_dry_run_passes_every_check_and_times_every_variant(tmp_path):
     triton_lines = [line for line in out.splitlines() if line.startswith("[triton]")]
     assert [line.split(" (")[0] for line in triton_lines] == [
         "[triton] selection alone 1x16", "[triton] bag dw alone 1x16 float32", "[triton] bag dw alone 1x16 bfloat16",
+        "[triton] keys gradient alone 1x16 float32 [18, 16, 16] @ [18, 16, 32]",
+        "[triton] projection gradient alone 1x16 float32 [9, 64, 16] @ [9, 16, 64]",
+        "[triton] projection gradient alone 1x16 bfloat16 [9, 64, 16] @ [9, 16, 64]",
         "[triton] layer fwd+bwd 1x16 float32", "[triton] layer fwd+bwd 1x16 bfloat16"]
     assert any(line.startswith("[ok]") and "FSDP2 over 2 CPU processes (gloo) == one process" in line for line in checks)  # section 9
-    assert all("triton/torch" in line for line in triton_lines[:3]) and "triton square " in triton_lines[3] and "torch path " in triton_lines[3]
+    assert all("triton/torch" in line for line in triton_lines[:3]) and "triton square " in triton_lines[-2] and "torch path " in triton_lines[-2]
+    assert all("one GEMM " in line and "2 pieces " in line for line in triton_lines[3:6])
+    assert all("triton, weight grads as one GEMM " in line for line in triton_lines[-2:])
+    for what in ("keys gradient in 2 pieces == one GEMM (1x16 float32", "projection gradient in 2 pieces == one GEMM (1x16 bfloat16"):
+        assert any(line.startswith("[ok]") and what in line for line in checks), what
+    assert "[profile] one fwd+bwd on the Triton kernels, 1x16 bfloat16" in out
     # section 10, the fused kernels: correctness first, then every path beside the FFN with the bytes floors
     for name in ("fused read selects the pure-torch slots", "fused read pools the pure-torch z",
                  "fused backward == autograd through the pure-torch read (deterministic)",

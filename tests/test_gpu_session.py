@@ -131,4 +131,13 @@ def test_the_packages_the_gpu_machine_lacks_travel_in_the_carry_and_stay_there(t
     found = subprocess.run([sys.executable, "-c", "import tinypkg; print(tinypkg.VALUE)"], env={**os.environ, "PYTHONPATH": gs.pythonpath(carry)},
                            capture_output=True, text=True)
     assert found.stdout.strip() == "7", found.stderr
-    assert sum(limit for limit, _, _ in gs.STEPS.values()) <= 590  # the steps fit one device call (600 s at most)
+
+
+def test_the_default_steps_fit_one_device_call_and_the_rest_a_second():
+    """The device tool runs one command for 600 s at most: `run` alone must finish inside that, with time
+    to spare for unpacking, and the steps it leaves out must fit a second call."""
+    assert set(gs.DEFAULT_STEPS) <= set(gs.STEPS) and "check" == gs.DEFAULT_STEPS[0]  # correctness first
+    assert sum(gs.STEPS[s][0] for s in gs.DEFAULT_STEPS) <= 590
+    assert sum(gs.STEPS[s][0] for s in gs.STEPS if s not in gs.DEFAULT_STEPS) <= 590
+    compiled = gs.STEPS["decode-compiled"][1]
+    assert "--compile" in compiled and "--device" in compiled and compiled[compiled.index("--device") + 1] == "cuda"

@@ -640,3 +640,44 @@ def test_a_read_without_gradients_runs_no_autograd_function_and_gives_the_same_v
     assert out.grad_fn is None and torch.equal(out, ref.detach())
     with pytest.raises(AssertionError, match="autograd Function ran"):  # an input that wants a gradient does
         m(x.requires_grad_(True))
+
+
+# ------------------------------------------------------------------ split-K weight gradients (the CUDA path)
+def test_weight_gradient_pieces_follow_the_token_count_on_cuda_only():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [hml._k_chunks(t, cuda) for t in (16 * 1024, 4 * 256, 1536, 1000, 16383, 3)] == [32, 2, 2, 1, 1, 1]
+    assert hml._k_chunks(16 * 1024, cpu) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_weight_gradient_in_pieces_equals_one_gemm_on_the_layers_strided_views(dtype):
+    torch.manual_seed(0)
+    T, H2, n, half = 12, 4, 6, 5
+    ds = torch.randn(H2, T, n, dtype=dtype)  # as _Lookup's backward: [2H, T, n], then transposed
+    qh = torch.randn(T, H2, half, dtype=dtype).transpose(0, 1)  # [2H, T, dh/2], a transposed view of q
+    whole = torch.bmm(ds.transpose(1, 2).double(), qh.double())
+    for chunks in (1, 2, 3, 4):
+        got = hml._weight_grad_bmm(ds.transpose(1, 2), qh, chunks)
+        assert got.dtype == dtype and got.shape == (H2, n, half)
+        tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.double(), whole, **tol)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(hive=False), dict(query_source="hidden")])
+def test_the_layer_with_weight_gradients_in_pieces_matches_the_dense_reference(kw, monkeypatch):
+    """The keys' and the projection's gradients cut into 3 pieces of the 15 tokens (what CUDA does at 16 x 1024):
+    every value and gradient still equals the dense float64 reference."""
+    monkeypatch.setattr(hml, "_k_chunks", lambda tokens, device: 3 if tokens % 3 == 0 else 1)
+    torch.manual_seed(0)
+    D = 12 if kw.get("query_source") == "hidden" else 16
+    m = tiny(H=2, dh=8, D=D, n_subkeys=6, topk=4, latent_dim=5, **kw).double()
+    shape = (3, 5, D) if kw.get("query_source") == "hidden" else (3, 5, 2, 8)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    out = m(x)
+    g_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x] + list(m.parameters()), g_out)
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in m.named_parameters()}
+    x2 = x.detach().clone().requires_grad_(True)
+    rgrads = torch.autograd.grad(dense_reference(m, x2, params), [x2] + list(params.values()), g_out)
+    for name, a, b in zip(["input"] + list(params), grads, rgrads):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-8), name

@@ -426,21 +426,43 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
             print(f"[triton] bag dw alone {b}x{t} {str(dtype)[6:]} ({card}): "
                   + ", ".join(f"{kk} {v:.3f} ms" for kk, v in res.items())
                   + f"; triton/torch {res['triton'] / res['per-sample-weights backward']:.2f}x")
+        # the small weights' gradients (keys, projection): one batched GEMM against the token dimension in pieces
+        pieces = 2 if dry_run else hml_mod._k_chunks(b * t, dev)  # the CPU answers 1: the dry run cuts anyway
+        for what, (rows, cols), dtype in (("keys", (n, dh // 2), torch.float32), ("projection", (s["d_l"], dh), torch.float32),
+                                          ("projection", (s["d_l"], dh), torch.bfloat16)):
+            batch = 2 * H if what == "keys" else H
+            lhs = torch.randn(batch, b * t, rows, device=dev, dtype=dtype).transpose(1, 2)  # [B, M, K], as the layer's views
+            rhs = torch.randn(b * t, batch, cols, device=dev, dtype=dtype).transpose(0, 1)  # [B, K, N]
+            one, cut = torch.bmm(lhs, rhs), hml_mod._weight_grad_bmm(lhs, rhs, pieces)
+            tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+            check(f"{what} gradient in {pieces} pieces == one GEMM ({b}x{t} {str(dtype)[6:]}; max rel diff "
+                  f"{((cut.float() - one.float()).abs().max() / one.float().abs().max()).item():.1e})",
+                  torch.allclose(cut.float(), one.float(), rtol=tol, atol=tol * one.float().abs().max().item()))
+            res = {"one GEMM": time_ms(lambda: torch.bmm(lhs, rhs), sync, dry_run),
+                   f"{pieces} pieces": time_ms(lambda: hml_mod._weight_grad_bmm(lhs, rhs, pieces), sync, dry_run)}
+            print(f"[triton] {what} gradient alone {b}x{t} {str(dtype)[6:]} [{batch}, {rows}, {b * t}] @ [{batch}, {b * t}, "
+                  f"{cols}] ({card}): " + ", ".join(f"{kk} {v:.3f} ms" for kk, v in res.items())
+                  + f"; pieces/one {res[f'{pieces} pieces'] / res['one GEMM']:.2f}x")
+        real_chunks = hml_mod._k_chunks
         for dtype in (torch.float32, torch.bfloat16):
             res = {}
             for name, flag, square, compiled in (("torch path", False, False, False), ("triton", True, False, False),
+                                                 ("triton, weight grads as one GEMM", True, False, False),
                                                  ("triton square", True, True, False), ("torch path compiled", False, False, True),
                                                  ("triton compiled", True, False, True)):
                 if compiled and (dry_run or dtype != torch.float32):
                     continue
                 mm = layer(on_triton(flag, square)).to(dtype)
                 xx = torch.randn(b, t, H, dh, dtype=dtype, device=dev, requires_grad=True)
+                if "one GEMM" in name:  # what ran before the split: the A/B of the two layers
+                    hml_mod._k_chunks = lambda tokens, device: 1
                 try:
                     res[name] = time_ms(step_fn(torch.compile(mm) if compiled else mm, xx), sync, dry_run)
                 except Exception as exc:  # one failed variant must not cost the rest of the session's timings
                     check(f"layer fwd+bwd {name} {b}x{t} {str(dtype)[6:]} runs ({type(exc).__name__}: "
                           f"{str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''})", False)
                 finally:
+                    hml_mod._k_chunks = real_chunks
                     torch._dynamo.reset()
             print(f"[triton] layer fwd+bwd {b}x{t} {str(dtype)[6:]} ({card}): "
                   + ", ".join(f"{kk} {v:.2f} ms ({v / res['torch path']:.2f}x)" for kk, v in res.items()))
@@ -448,6 +470,9 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
     b, t = batches[-1]
     xx = torch.randn(b, t, H, dh, device=dev, requires_grad=True)
     profile_step(step_fn(layer(on_triton(True)), xx), dev, sync, f"one fwd+bwd on the Triton kernels, {b}x{t} float32")
+    xx = torch.randn(b, t, H, dh, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    profile_step(step_fn(layer(on_triton(True)).to(torch.bfloat16), xx), dev, sync,
+                 f"one fwd+bwd on the Triton kernels, {b}x{t} bfloat16")
     kernels.triton_kernel = real_kernel
 
 

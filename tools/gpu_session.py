@@ -22,6 +22,11 @@ A GPU machine is lent for minutes at a time, with nothing installed from here an
    floor (``bench_step.json``).
 3. ``decode``: tools/bench_decode.py, greedy generation with the KV cache, base / DUS / LLaMA-Pro / MIDUS
    at batch 1 and 16, fp32 and bf16, 3 paired rounds (``bench_decode.json``).
+4. ``decode-compiled``: the same in bf16 on a static cache with the decode step compiled (``--compile``: CUDA
+   graphs, which take out the per-operator overhead that bounds the eager decode; ``bench_decode_compiled.json``).
+
+One call runs 600 s at most: ``run`` alone runs DEFAULT_STEPS (check, decode-compiled), ``run --steps
+step,decode`` the others in a second call.
 
 The GPU machine has torch, triton and transformers but not the package's other imports (pydantic,
 PyYAML, rich): ``prepare`` downloads their wheels for its Python (3.12) into ``work/gpu-carry/pylib``,
@@ -52,7 +57,8 @@ CARRY = REPO / "work" / "gpu-carry"
 WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 CARRY_LIMIT = 60 * 2**20  # the device tool carries 64 MiB in all
 MARKER = ".gpu-session-carry"  # what makes a carry directory ours to replace
-# The limits fit one 600 s call: on an H200 (2026-12-04) check took 251 s, step 124 s, decode 160 s at 4 rounds.
+# On an H200 (2026-12-04) check took 251 s, step 124 s, decode 160 s at 4 rounds. One call may run 600 s: the
+# default steps (DEFAULT_STEPS) fit one, a second call runs the rest (`run --steps step,decode`).
 STEPS = {  # name -> (seconds, the command after `python`, the file its stdout goes to or None)
     "check": (280, ["tools/gpu_check_hml.py", "--skip", "6,7,9", "--json-out", "{out}/hml_fused.json"], None),
     "step": (145, ["tools/bench_step.py", "--device", "cuda", "--random-init", "--layout", "every2", "--batches", "16x1024",
@@ -60,7 +66,13 @@ STEPS = {  # name -> (seconds, the command after `python`, the file its stdout g
                    "--json", "--no-docs"], "bench_step.json"),
     "decode": (155, ["tools/bench_decode.py", "--device", "cuda", "--random-init", "--dtypes", "fp32,bf16", "--rounds", "3",
                      "--json", "--no-docs"], "bench_decode.json"),
+    # bf16 only: each model and batch compiles its own graph (about a minute each on a CPU here)
+    "decode-compiled": (290, ["tools/bench_decode.py", "--device", "cuda", "--random-init", "--dtypes", "bf16", "--rounds", "3",
+                              "--compile", "--json", "--no-docs"], "bench_decode_compiled.json"),
 }
+# What is unmeasured since the last session: the kernels' checks and times (split-K weight gradients, a bf16
+# profile) and the compiled decode; the eager step and decode were measured on 2026-12-04.
+DEFAULT_STEPS = ("check", "decode-compiled")
 # What the package imports and the GPU machine's Python lacks (2026-12-04: torch, triton and transformers
 # only, on Python 3.12: bench_step's child died on `import pydantic`). `prepare` downloads their wheels for
 # that Python from the package registry and unpacks them into the carry; `run` puts them on PYTHONPATH.
@@ -240,7 +252,8 @@ def report(src: Path, docs: Path = BENCHMARKS, results: Path = RESULTS) -> list[
     if log.is_file():
         shutil.copy2(log, results / "gpu_check_hml_session.log")
         done.append("results/gpu_check_hml_session.log")
-    for name, tool in (("bench_step.json", "bench_step_report.py"), ("bench_decode.json", "bench_decode_report.py")):
+    for name, tool in (("bench_step.json", "bench_step_report.py"), ("bench_decode.json", "bench_decode_report.py"),
+                       ("bench_decode_compiled.json", "bench_decode_report.py")):
         path = src / name
         if path.is_file() and path.stat().st_size:
             rc = subprocess.run([sys.executable, str(REPO / "tools" / tool), "--from-json", str(path)], cwd=REPO).returncode
@@ -253,7 +266,8 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="what", required=True)
     sub.add_parser("prepare", help="copy the outputs' small files (no weights) into work/gpu-carry/")
     run = sub.add_parser("run", help="on the GPU machine: the steps, logs and JSON under $OUT")
-    run.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {', '.join(STEPS)} (default all)")
+    run.add_argument("--steps", default=",".join(DEFAULT_STEPS),
+                     help=f"comma-separated, of {', '.join(STEPS)} (default {','.join(DEFAULT_STEPS)}: one call's 600 s)")
     rep = sub.add_parser("report", help="write the docs from the files a run returned")
     rep.add_argument("dir", type=Path)
     args = ap.parse_args(argv)
