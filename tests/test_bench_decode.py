@@ -201,7 +201,9 @@ def test_compile_decodes_on_a_static_cache_compiled_before_the_timed_rounds(mode
     assert bdr.section_title(payload) == "## Decode, compiled (static cache, torch.compile)"
     assert bdr.json_path(payload).name == "bench_decode_cpu_compiled.json"
     text = bdr.section_text(payload)
-    assert 'cache_implementation="static"' in text and "the first compiles" in text
+    assert 'cache_implementation="static"' in text and "the first compiles;" in text and "CUDA graphs" not in text
+    gpu = bdr.section_text(dict(payload, device="cuda", machine="Fake GPU"))
+    assert 'mode="reduce-overhead"' in gpu and "the second records the CUDA graphs" in gpu
 
 
 @pytest.mark.parametrize("argv,words", [

@@ -160,9 +160,10 @@ def section_text(payload: dict, source: Path | None = None) -> str:
             f"mode=\"{'reduce-overhead' if gpu else 'default'}\"))` (a static KV cache and the decode step compiled whole by "
             "torch.compile, through generate's own switch" + ("; CUDA graphs" if gpu else "; on a CPU generate compiles only when "
             "the config says `_compile_all_devices`") + ")" if compiled else "use_cache=True)`")
-    warmup = ("two generates of the timed length at the full batch and prompt: the first compiles, the second records the "
-              "CUDA graphs; a recompile in the timed rounds would be an error, not a silent eager step" if compiled
-              else "one generate of 2 new tokens at the full batch and prompt")
+    warmup = ("two generates of the timed length at the full batch and prompt: the first compiles"
+              + (", the second records the CUDA graphs" if gpu else "") + "; a graph compiled during the timed rounds "
+              "would be an error, not a silent eager step" if compiled else "one generate of 2 new tokens at the full batch "
+              "and prompt")
     lines = [
         section_title(payload), "",
         f"Greedy generation with the KV cache, `model.generate(do_sample=False, max_new_tokens=N, min_new_tokens=N, "
