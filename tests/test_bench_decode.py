@@ -239,3 +239,37 @@ def test_a_missing_base_or_unloadable_model_is_one_line_and_exit_2(models, tmp_p
 def test_cuda_without_a_gpu_is_one_line_and_exit_2(models, capsys):
     assert bd.main(["--quick", "--no-docs", "--device", "cuda", "--model", f"DUS={models['DUS']}"]) == 2
     assert capsys.readouterr().err.strip() == "bench_decode.py: error: --device cuda, but torch sees no CUDA device"
+
+
+def test_a_row_can_tell_the_memory_layers_which_kernels_to_run(models):
+    """The fused-read row of a GPU run is the MIDUS model told `kernels: triton-fused`; here, the same override
+    told `torch` leaves the compiled CPU kernels the model would pick by itself."""
+    _, own = bd.load(models["MIDUS"], "fp32", torch.device("cpu"), False)
+    model, told = bd.load(models["MIDUS"], "fp32", torch.device("cpu"), False, "torch")
+    assert own == "cpu" and told == "torch" and {m.kernels for m in hml_layers(model)} == {"torch"}
+
+
+def hml_layers(model):
+    from midus_surgery.model.hml import HeadwiseMemory
+
+    return [m for m in model.modules() if isinstance(m, HeadwiseMemory)]
+
+
+def test_a_gpu_run_times_midus_on_the_fused_read_beside_the_default(monkeypatch, tmp_path):
+    """Eager CUDA runs add the fused-read row (decode there is bound by per-operator overhead); compiled runs and
+    CPU runs do not. Its ratio to DUS is reported beside the target, which stays judged on the default MIDUS row."""
+    monkeypatch.setattr(bd, "ensure_outputs", lambda *a: None)
+    monkeypatch.setitem(bd.LAYOUTS["every5"], "base", tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    for device, compile_, fused in (("cuda", False, True), ("cuda", True, False), ("cpu", False, False)):
+        args = bd.build_parser().parse_args(["--device", device] + (["--compile"] if compile_ else []))
+        models, _ = bd.resolve_models(args, lambda *a: None)
+        assert (bdr.FUSED_ROW in models) == fused and list(models)[:4] == list(bdr.ROWS)
+        if fused:
+            assert models[bdr.FUSED_ROW] == models["MIDUS"]
+    rows = [{"model": m, "dtype": "bf16", "batch": 1, "step_vs_dus": v, "step_vs_dus_q1": v, "step_vs_dus_q3": v,
+             "tps_vs_dus": v, "tps_vs_dus_q1": v, "tps_vs_dus_q3": v, "paired_rounds": 3}
+            for m, v in (("DUS", 1.0), ("MIDUS", 0.97), (bdr.FUSED_ROW, 1.04))]
+    (t,) = bdr.targets(rows)
+    assert not t["met"] and t["fused_over_dus"] == 1.04 and t["fused_met"]
+    assert bdr.target_lines([t])[0].endswith("NOT met; on the fused read (`kernels: triton-fused`) 1.040x (met)")

@@ -63,9 +63,9 @@ import time
 from pathlib import Path
 
 from bench_common import command_line, cpu_name, cpu_native_bf16, finish, load_avg, median, save_json, versions
-from bench_decode_report import REFERENCE, ROWS, json_path, redraw, table, target_lines, targets, write_docs
+from bench_decode_report import FUSED_ROW, REFERENCE, ROWS, json_path, redraw, table, target_lines, targets, write_docs
 from bench_step import ensure_outputs, load_model, models_for, paired_ratio_stats
-from bench_step_report import LAYOUTS
+from bench_step_report import FORCED_KERNELS, LAYOUTS
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 WARMUP_TOKENS = 2
@@ -160,14 +160,17 @@ def generate(model, ids, new_tokens: int, sync, compiled=None) -> dict:
 
 # ----------------------------------------------------------------------------- models
 
-def load(path: Path, dtype: str, device, random_init: bool):
-    """One model on ``device`` in ``dtype``, ready to generate; returns (model, memory-layer backend)."""
+def load(path: Path, dtype: str, device, random_init: bool, kernels: str | None = None):
+    """One model on ``device`` in ``dtype``, ready to generate; returns (model, memory-layer backend).
+    ``kernels``: what its memory layers are told to run (HMLConfig.kernels), else their own setting."""
     import torch
 
     from midus_surgery.model import hml
 
     model = load_model(path, random_init)  # float32, as bench_step loads it (strict: every tensor present)
     model = model.to(device=device, dtype=getattr(torch, DTYPES[dtype])).eval()
+    if kernels is not None:
+        hml.use_kernels(model, kernels)
     return model, hml.prepare_kernels(model, device)
 
 
@@ -368,7 +371,7 @@ def bench(models: dict[str, Path], dtypes: list[str], batches: list[int], prompt
         loaded = {}
         for name, path in models.items():
             t0 = time.perf_counter()
-            loaded[name] = load(path, dtype, dev, random_init)
+            loaded[name] = load(path, dtype, dev, random_init, FORCED_KERNELS.get(name))
             backends[name] = loaded[name][1]
             log(f"  loaded {name} ({dtype}, memory layer: {loaded[name][1]}) in {time.perf_counter() - t0:.1f} s")
         vocab = min(m.get_input_embeddings().weight.shape[0] for m, _ in loaded.values())
@@ -548,7 +551,10 @@ def resolve_models(args, log) -> tuple[dict[str, Path], dict | None]:
         raise BadInput(f"missing base model {base}: run `python tools/fetch_smollm2.py` first")
     ensure_outputs(log, args.random_init, args.layout)
     every = models_for(args.layout)
-    return {name: every[name] for name in ROWS}, None
+    # On a GPU the eager decode is bound by per-operator overhead: the fused read (one kernel for the scores,
+    # selection, softmax and pooled gather, where the default path launches about ten) is timed beside it.
+    fused = (FUSED_ROW,) if args.device == "cuda" and not args.compile else ()
+    return {name: every[name] for name in ROWS + fused}, None
 
 
 def run(args, argv) -> int:

@@ -21,7 +21,7 @@ A GPU machine is lent for minutes at a time, with nothing installed from here an
    bf16, freeze=base: DUS, MIDUS (the default Triton kernels), MIDUS on the fused kernels, the FFN-free
    floor (``bench_step.json``).
 3. ``decode``: tools/bench_decode.py, greedy generation with the KV cache, base / DUS / LLaMA-Pro / MIDUS
-   at batch 1 and 16, fp32 and bf16, 3 paired rounds (``bench_decode.json``).
+   and MIDUS on the fused read at batch 1 and 16, fp32 and bf16, 3 paired rounds (``bench_decode.json``).
 4. ``decode-compiled``: the same in bf16 on a static cache with the decode step compiled (``--compile``: CUDA
    graphs, which take out the per-operator overhead that bounds the eager decode; ``bench_decode_compiled.json``).
 
@@ -64,7 +64,7 @@ STEPS = {  # name -> (seconds, the command after `python`, the file its stdout g
     "step": (145, ["tools/bench_step.py", "--device", "cuda", "--random-init", "--layout", "every2", "--batches", "16x1024",
                    "--repeats", "1", "--freezes", "base", "--models", "DUS,MIDUS,MIDUS (fused Triton),FFN-free floor",
                    "--json", "--no-docs"], "bench_step.json"),
-    "decode": (155, ["tools/bench_decode.py", "--device", "cuda", "--random-init", "--dtypes", "fp32,bf16", "--rounds", "3",
+    "decode": (185, ["tools/bench_decode.py", "--device", "cuda", "--random-init", "--dtypes", "fp32,bf16", "--rounds", "3",
                      "--json", "--no-docs"], "bench_decode.json"),
     # bf16 only: each model and batch compiles its own graph (about a minute each on a CPU here)
     "decode-compiled": (290, ["tools/bench_decode.py", "--device", "cuda", "--random-init", "--dtypes", "bf16", "--rounds", "3",
