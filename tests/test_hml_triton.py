@@ -497,3 +497,24 @@ def test_the_fused_kernels_are_opt_in_by_name(monkeypatch):
     monkeypatch.setenv("MIDUS_HML_KERNELS", "triton-fused")
     assert hml.resolve_backend(None, "cuda") == "triton-fused"
     assert hml.backend_words("triton-fused") == "fused Triton kernels"
+
+
+def test_the_projection_after_the_fused_read_cuts_its_gradient_like_the_default_path(monkeypatch):
+    """HIVE's projection on the fused path has the same split-K weight gradient as _PoolProject: cut in 3 pieces
+    of the 15 tokens, the layer's every gradient still equals the one-GEMM layer's."""
+    torch.manual_seed(0)
+    layer = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=6, topk=4, latent_dim=5, init="random", kernels="triton-fused"))
+    x = torch.randn(3, 5, 2, 8, requires_grad=True)
+
+    def grads():
+        layer.zero_grad()
+        layer(x).square().sum().backward()
+        return [layer.proj.grad.clone(), layer.keys.grad.clone(), layer.latent_bank.weight.grad.clone()]
+
+    whole = grads()
+    cut = []
+    monkeypatch.setattr(hml, "_k_chunks", lambda tokens, device: cut.append(tokens) or 3)
+    pieces = grads()
+    assert cut == [15]
+    for a, b in zip(pieces, whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

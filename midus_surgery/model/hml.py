@@ -689,6 +689,25 @@ class _PoolProject(torch.autograd.Function):
         return dw, None, dbank, dproj, None, None
 
 
+class _Project(torch.autograd.Function):
+    """HIVE's projection after the fused read: m [H, T, d_h] = z [H, T, d_l] @ proj [H, d_l, d_h], the projection's
+    gradient in pieces of the tokens (_weight_grad_bmm), as _PoolProject's."""
+
+    @staticmethod
+    def forward(ctx, z, proj):
+        ctx.save_for_backward(z, proj)
+        return torch.bmm(z, proj)
+
+    @staticmethod
+    @_autocast_off
+    def backward(ctx, dm):
+        z, proj = ctx.saved_tensors
+        dm = dm.to(z.dtype)
+        dz = torch.bmm(dm, proj.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        dproj = _weight_grad_bmm(z.transpose(1, 2), dm) if ctx.needs_input_grad[1] else None
+        return dz, dproj
+
+
 class _Pool(torch.autograd.Function):
     """HIVE off: m[h, t] = sum_i w[h,t,i] * values[h, slot[h,t,i]] (values flattened to [H*N, d_h])."""
 
@@ -1201,7 +1220,10 @@ class HeadwiseMemory(nn.Module):
             if not cfg.hive:
                 return z, w, slots
             cd = self.proj.dtype if z.device.type != "cpu" else torch.float32  # as _PoolProject's bmm
-            return torch.bmm(z.to(cd), self.proj.to(cd)), w, slots  # [H, T, d_l] @ [H, d_l, d_h]
+            z, proj = z.to(cd), self.proj.to(cd)
+            if _builds_graph(z, proj):
+                return _Project.apply(z, proj), w, slots
+            return torch.bmm(z, proj), w, slots  # [H, T, d_l] @ [H, d_l, d_h]
         keys = self.keys.to(q.dtype)
         proj = self.proj if cfg.hive else None
         if not _builds_graph(q, keys, table, proj):
