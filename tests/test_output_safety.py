@@ -781,3 +781,61 @@ def test_a_sigterm_while_the_error_is_reported_keeps_it_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 4, proc.stderr
     assert proc.stderr.strip() == "error: another process of this run stopped", proc.stderr
+
+
+def test_a_run_directory_with_the_users_hidden_files_is_not_removed(tmp_path, capsys):
+    """trial33: a run folder versioned with git, or with Jupyter's checkpoints beside it, was removed whole:
+    only the hidden siblings the tool itself makes (``.final.partial-XXXXXXXX``) are skipped."""
+    from tool_modules import load_tool
+
+    remove = load_tool("remove_own_dir").main
+    run = tmp_path / "run"
+    run.mkdir()
+    write_marker(run, "train run")
+    (run / "checkpoints").mkdir()
+    (run / ".git").mkdir()
+    (run / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (run / ".notes.md").write_text("3 hours of notes")
+    assert remove([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert ".git, .notes.md; not removing it" in err and (run / ".notes.md").is_file()
+    for user in (".git", ".notes.md"):
+        shutil.rmtree(run / user) if (run / user).is_dir() else (run / user).unlink()
+    (run / ".final.partial-0123abcd").mkdir()  # an export a killed run was writing: the tool's own
+    assert remove([str(run)]) == 0 and not run.exists()
+
+
+def test_overwrite_keeps_an_empty_folder_the_user_made_inside_an_output(project, capsys):
+    r = recipe(project, "out")
+    assert apply(str(r)) == 0
+    (project / "out" / "notes" / "drafts").mkdir(parents=True)
+    capsys.readouterr()
+    assert apply(str(r), "--overwrite") == 2
+    assert "did not write there: notes/drafts/" in capsys.readouterr().err and (project / "out" / "notes" / "drafts").is_dir()
+
+
+def test_a_large_file_rewritten_in_place_at_the_same_size_is_not_the_tools_any_more(tmp_path, monkeypatch):
+    """trial33: files over DIGEST_MAX_BYTES were recorded by size alone, so a tensor edited in place (same size)
+    counted as the tool's and `--overwrite` deleted it. Their modification time is recorded too."""
+    from midus_surgery.io import output_dir
+
+    monkeypatch.setattr(output_dir, "DIGEST_MAX_BYTES", 16)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"x" * 64)
+    (out / "config.json").write_text("{}")
+    write_marker(out, "apply")
+    record_written_files(out)
+    marker = read_marker(out)
+    assert marker["fingerprints"]["model.safetensors"][:2] == [64, None]
+    assert output_dir._not_written_by_tool(out, marker) == []
+    with open(out / "model.safetensors", "r+b") as fh:  # a user's edit of one value, in place
+        fh.seek(10)
+        fh.write(b"y")
+    os.utime(out / "model.safetensors", ns=(0, marker["fingerprints"]["model.safetensors"][2] + 1_000_000))
+    assert output_dir._not_written_by_tool(out, marker) == ["model.safetensors (changed since midus-surgery wrote it)"]
+    # an output recorded by a version that kept only the size is still judged by the size
+    old = dict(marker, fingerprints=dict(marker["fingerprints"], **{"model.safetensors": [64, None]}))
+    assert output_dir._not_written_by_tool(out, old) == []
+    (out / "model.safetensors").write_bytes(b"x" * 65)
+    assert output_dir._not_written_by_tool(out, old) == ["model.safetensors (changed since midus-surgery wrote it)"]

@@ -119,32 +119,46 @@ def release_marker(fd: int | None) -> None:
 
 
 def _entries(directory: Path) -> set[str]:
-    """Every file and link under ``directory`` (links not followed), as relative POSIX paths, but the marker."""
+    """Every file and link under ``directory`` (links not followed), as relative POSIX paths, but the marker;
+    and every empty folder below it, as ``path/`` (a user's placeholder is theirs too)."""
     found = set()
     for root, dirs, files in os.walk(directory):
         here = Path(root)
         links = [d for d in dirs if (here / d).is_symlink()]
         found.update((here / name).relative_to(directory).as_posix() for name in [*files, *links])
+        if not dirs and not files and here != Path(directory):
+            found.add(here.relative_to(directory).as_posix() + "/")
     return found - {MARKER}
 
 
 # Files up to this size are recorded with a digest of their contents (configs, the model card, the
-# tokenizer), larger ones (weights) with their size: what a user edits by hand is the small files.
+# tokenizer), larger ones (weights) with their size and modification time: hashing gigabytes would cost
+# what the write did, and any rewrite (an in-place edit of a tensor, another file copied over it) moves
+# the time even where the size stays.
 DIGEST_MAX_BYTES = 64 * 2**20
 
 
 def _fingerprint(path: Path) -> list:
-    """[size, sha256 or None] of a regular file; None for a link or anything else."""
+    """[size, sha256] of a regular file up to DIGEST_MAX_BYTES, [size, None, mtime in ns] of a larger one;
+    None for a link or anything else."""
     if path.is_symlink() or not path.is_file():
         return None
-    size = path.stat().st_size
-    if size > DIGEST_MAX_BYTES:
-        return [size, None]
+    stat = path.stat()
+    if stat.st_size > DIGEST_MAX_BYTES:
+        return [stat.st_size, None, stat.st_mtime_ns]
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(2**20), b""):
             digest.update(chunk)
-    return [size, digest.hexdigest()]
+    return [stat.st_size, digest.hexdigest()]
+
+
+def _changed(recorded, now) -> bool:
+    """Whether a file's fingerprint ``now`` differs from the ``recorded`` one. A large file recorded by a
+    version that kept only its size ([size, None]) is compared by size, as that version did."""
+    if isinstance(recorded, list) and len(recorded) == 2 and recorded[1] is None and isinstance(now, list):
+        return recorded[0] != now[0]
+    return recorded != now
 
 
 def record_written_files(directory: Path) -> None:
@@ -166,7 +180,7 @@ def _not_written_by_tool(directory: Path, marker: dict) -> list[str]:
         fingerprints = marker.get("fingerprints")
         if isinstance(fingerprints, dict):
             found += [f"{name} (changed since midus-surgery wrote it)" for name, recorded in sorted(fingerprints.items())
-                      if (directory / name).exists() and recorded != _fingerprint(directory / name)]
+                      if (directory / name).exists() and _changed(recorded, _fingerprint(directory / name))]
         return found
     return sorted(p.parent.relative_to(directory).as_posix() + "/" for p in directory.rglob(MARKER) if p.parent != directory)
 
@@ -565,7 +579,7 @@ def not_written_in_run_dir(run_dir: Path) -> list[str]:
     found = []
     for entry in sorted(run_dir.iterdir()):
         name = entry.name
-        if name == MARKER or name.startswith("."):  # the marker; a partial export or checkpoint's hidden sibling
+        if name == MARKER or _LEFTOVER_NAME.match(name):  # the marker; a partial or replaced export's hidden sibling
             continue
         if name not in RUN_ENTRIES or entry.is_symlink():
             found.append(name)
