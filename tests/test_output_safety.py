@@ -839,3 +839,37 @@ def test_a_large_file_rewritten_in_place_at_the_same_size_is_not_the_tools_any_m
     assert output_dir._not_written_by_tool(out, old) == []
     (out / "model.safetensors").write_bytes(b"x" * 65)
     assert output_dir._not_written_by_tool(out, old) == ["model.safetensors (changed since midus-surgery wrote it)"]
+
+
+def test_a_mount_point_is_refused_before_the_work(project, monkeypatch, capsys):
+    """trial33: an empty mount point (a container volume) passed every check, then the rename at the end
+    failed and the finished output was deleted. It is refused first, with what to give instead."""
+    (project / "volume").mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == (project / "volume").resolve() or real(p))
+    assert apply(str(recipe(project, "out")), "--out", "volume") == 2
+    err = capsys.readouterr().err
+    assert "is a mount point" in err and "volume/output" in err and len(err.strip().splitlines()) == 1
+    assert not any((project / "volume").iterdir())
+
+
+def test_a_swap_the_system_refuses_keeps_the_finished_output(project, monkeypatch, capsys):
+    """If the final rename itself fails (a folder busy or mounted since the check), the finished work is
+    renamed to a visible NAME.new-* and the one-line error says where; nothing is deleted."""
+    from midus_surgery.io import output_dir
+
+    (project / "out").mkdir()
+    real_rmdir = Path.rmdir
+
+    def busy(self):
+        if self == (project / "out").resolve():
+            raise OSError(16, "Device or resource busy")
+        return real_rmdir(self)
+
+    monkeypatch.setattr(Path, "rmdir", busy)
+    assert apply(str(recipe(project, "out"))) == 2
+    err = capsys.readouterr().err
+    kept = sorted(project.glob("out.new-*"))
+    assert len(kept) == 1 and f"it is in {kept[0]}" in err and "Device or resource busy" in err
+    assert read_marker(kept[0])["kind"] == "apply" and (kept[0] / "config.json").is_file()
+    assert not output_dir._not_written_by_tool(kept[0], read_marker(kept[0]))

@@ -275,6 +275,10 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
         return resolved
     if not resolved.is_dir():
         raise OutputError(f"output {resolved} is an existing file; the tool writes a directory and never replaces a file it did not write")
+    if not writes_into and os.path.ismount(resolved):
+        raise OutputError(f"output {resolved} is a mount point (a bind mount, a container volume): the tool writes an output "
+                          "beside it and renames it into place at the end, which a mount point cannot take; give a new "
+                          f"folder inside it, e.g. {resolved / 'output'}")
     if not any(resolved.iterdir()):
         return resolved  # an empty directory: nothing to lose
     marker = read_marker(resolved)
@@ -456,15 +460,24 @@ def replace_directory(new: Path, out: Path, *, kind: str | None = None, owner: s
         os.replace(new, kept)
         raise OutputError(f"{out} {why_not} since this run checked it, so it was not replaced; the finished output is in {kept}: "
                           "move it where you want it")
-    if out.exists() and any(out.iterdir()):
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-        os.replace(new, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if out.exists():
-            out.rmdir()  # an empty folder: nothing to lose (fails, and keeps it, if anything appeared in it meanwhile)
-        os.replace(new, out)
+    old = None
+    try:
+        if out.exists() and any(out.iterdir()):
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(new, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if out.exists():
+                out.rmdir()  # an empty folder: nothing to lose (fails, and keeps it, if anything appeared in it meanwhile)
+            os.replace(new, out)
+    except OSError as exc:  # the system refused the swap itself (a mount point that appeared, a busy folder): keep the work
+        if old is not None and old.exists() and not out.exists():
+            os.replace(old, out)  # the output it was to replace goes back where it was
+        kept = out.parent / f"{out.name}.new-{uuid.uuid4().hex[:8]}"
+        os.replace(new, kept)
+        raise OutputError(f"could not put the finished output in place at {out} ({exc.strerror or exc}); it is in {kept}: "
+                          "move it where you want it") from None
 
 
 def _why_not_replaceable(out: Path, *, kind: str | None, owner: str | None, replace: bool) -> str | None:
