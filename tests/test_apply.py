@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 
 import midus_surgery  # noqa: F401 - registers the MIDUS classes
 from midus_surgery.compiler.planner import plan_recipe
+from midus_surgery.emit import emitter
 from midus_surgery.emit.emitter import emit
 from midus_surgery.emit.verify import _round_trip_check, verify
 from midus_surgery.errors import MidusError
@@ -560,3 +561,26 @@ def test_a_base_missing_a_tensor_of_its_architecture_is_exit_2_naming_it(tmp_pat
     assert f"error: the base checkpoint {base} lacks 1 tensor(s) of the model, e.g. lm_head.weight" in err
     assert "lm_head.weight: not in its files, also as transformers' loader reads them" in err and "expert" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_with_its_own_code_travels_with_it_and_never_runs(bases, tmp_path, capsys):
+    """trial33: the module a tokenizer_config.json's auto_map names (tok.py) was left behind, so the output's
+    tokenizer could not load where the base's did. It is copied like the other tokenizer files (never
+    imported: a file it would write when run stays unwritten); a module the base lacks is warned about."""
+    import shutil
+
+    base = tmp_path / "tokcode"
+    shutil.copytree(bases["llama"], base)
+    ran = tmp_path / "RAN"
+    (base / "tok.py").write_text(f"open({str(ran)!r}, 'w').close()\n")
+    (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["tok.MyTok", None]},
+                                                            "tokenizer_class": "MyTok"}))
+    out = emit(plan_recipe(write_recipe(tmp_path, base, "dus")), progress=False).out_dir
+    assert (out / "tok.py").read_text() == (base / "tok.py").read_text() and not ran.exists()
+    (base / "tok.py").unlink()
+    out = emit(plan_recipe(write_recipe(tmp_path, base, "dus", name="again")), progress=False).out_dir
+    assert not (out / "tok.py").exists() and "names its own code in tok.py, which it does not hold" in capsys.readouterr().err
+    assert emitter._tokenizer_code_files(base / "tokenizer_config.json") == ["tok.py"]
+    (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": "owner/repo--tok.MyTok",
+                                                                         "AutoProcessor": "../evil.X"}}))
+    assert emitter._tokenizer_code_files(base / "tokenizer_config.json") == []

@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -600,9 +600,10 @@ def test_a_copied_run_directory_continues_and_exports_into_itself(train_project,
 def test_files_a_user_put_deep_in_a_run_directory_are_never_deleted(train_project, capsys):
     """Checkpoints are pruned (keep_last) and rewritten, an export replaced, a demo's run removed:
     a note inside any of them is kept, and the run says why it stops or what it kept."""
+    from tool_modules import load_tool
+
     from midus_surgery.train.config import load_train_config
     from midus_surgery.train.runner import train
-    from tool_modules import load_tool
 
     run = train_project / "runs" / "a"
     cfg = train_config(train_project, **{"checkpoint.every": 2, "checkpoint.keep_last": 1, "log.every": 1})

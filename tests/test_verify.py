@@ -515,3 +515,18 @@ def test_an_output_without_tokenizer_files_gets_a_note(bases, tmp_path, capsys):
         p.unlink()
     assert main(["verify", str(out)]) == 0
     assert "note: no tokenizer files: the checks ran on random token ids" in capsys.readouterr().out
+
+
+def test_an_output_whose_tokenizer_does_not_load_is_said_not_passed_silently(bases, tmp_path, capsys):
+    """trial33: a garbage tokenizer.json (copied from a broken base) gave "all checks passed" and nothing
+    else, while the card's AutoTokenizer line fails on the folder. It is a SKIP row with the reason."""
+    from midus_surgery.cli import main
+
+    out = emitted(bases, tmp_path, "llama", "llama-pro")
+    (out / "tokenizer.json").write_bytes(bytes(range(256)) * 8)
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    assert main(["verify", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "SKIP tokenizer: the folder's tokenizer does not load (AutoTokenizer.from_pretrained fails on it: " in text
+    assert "the checks ran on random token ids" in text and "1 skipped (tokenizer)" in text
+    assert "note: no tokenizer files" not in text

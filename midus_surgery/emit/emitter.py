@@ -162,6 +162,27 @@ def _copy_tokenizer(ref, dest: Path, trust_remote_code: bool) -> None:
             copied += 1
     if not copied:
         _warn(f"{ref.directory} has no tokenizer files; the output has none either")
+    for name in _tokenizer_code_files(ref.directory / "tokenizer_config.json"):
+        if (ref.directory / name).is_file() and _inside(ref, name):
+            shutil.copy2(ref.directory / name, dest / name)  # copied, never imported: it runs only where a user trusts it
+        else:
+            _warn(f"the base's tokenizer names its own code in {name}, which it does not hold; the output's tokenizer "
+                  "will not load until that file is beside it")
+
+
+def _tokenizer_code_files(config: Path) -> list[str]:
+    """The module files a tokenizer_config.json's ``auto_map`` names (``tok.MyTokenizer`` -> tok.py): a
+    tokenizer with its own code loads (with trust_remote_code) only with them beside it. A reference into
+    another Hub repository (``owner/repo--tok.MyTokenizer``) is that repository's, not the folder's."""
+    try:
+        auto_map = json.loads(config.read_text()).get("auto_map") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(auto_map, dict):
+        return []
+    refs = [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+    names = {r.rsplit(".", 1)[0].replace(".", "/") + ".py" for r in refs if "--" not in r and "." in r}
+    return sorted(n for n in names if not n.startswith("/") and ".." not in Path(n).parts)
 
 
 def _inside(ref, name: str) -> bool:

@@ -108,17 +108,22 @@ def _round_to_stored_dtype(base_model, stored: str | None) -> str | None:
 
 
 def _tokenizer(path: Path, trust_remote_code: bool = False):
+    """(tokenizer or None, why it is None where the folder has tokenizer files). Without one the checks
+    run on fixed random token ids; a folder whose tokenizer files do not load is said (trial33: a garbage
+    tokenizer.json, a tokenizer's own code left behind), since the card tells users to load it."""
     from transformers import AutoTokenizer
 
     from midus_surgery.emit.emitter import TOKENIZER_FILES
 
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        return None  # checked on fixed random token ids instead
+        return None, None  # cli's note says so
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception:  # noqa: BLE001 - an unreadable tokenizer is not the model's fault
-        return None
-    return tokenizer if len(tokenizer(PROMPT).input_ids) else None
+        if len(tokenizer(PROMPT).input_ids):
+            return tokenizer, None
+        return None, "it turns the sample prompt into no tokens"
+    except Exception as exc:  # noqa: BLE001 - an unreadable tokenizer is not the model's fault: said, not failed
+        return None, f"AutoTokenizer.from_pretrained fails on it: {load_error_line(exc, 200)}"
 
 
 def _safetensors_files(path: Path) -> list[str]:
@@ -313,7 +318,10 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     if non_finite:  # every check below would fail on it and blame something else (NaN != NaN)
         record(Check("finite", False, f"{len(non_finite)} tensor(s) hold NaN or inf: {', '.join(non_finite[:5])}"))
         return checks
-    tokenizer = _tokenizer(out, trust)
+    tokenizer, unusable = _tokenizer(out, trust)
+    if unusable:
+        record(_skip("tokenizer", f"the folder's tokenizer does not load ({unusable}); the checks ran on random token ids: "
+                                  "fix or replace its tokenizer files before publishing"))
     ids = _batch(model, tokenizer)
     try:
         logits = _logits(model, ids)
