@@ -340,7 +340,8 @@ def cmd_eval(args) -> int:
     from midus_surgery.downstream.harness import TaskError
 
     if (args.data is None) == (args.tasks is None):
-        raise TaskError("eval: give --data (held-out perplexity) or --tasks (lm-evaluation-harness tasks), one of the two")
+        given = "both were given; " if args.data is not None else ""
+        raise TaskError(f"eval: {given}give --data (held-out perplexity) or --tasks (lm-evaluation-harness tasks), not both")
     mode, other = ("--tasks", "--data") if args.tasks is not None else ("--data", "--tasks")
     ignored = [flag for flag, dest in EVAL_MODE_FLAGS[other].items() if getattr(args, dest) is not None and getattr(args, dest) is not False]
     if ignored:  # silently dropped, they would make the user believe the run was limited, seeded or cached as asked

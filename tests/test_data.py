@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -33,6 +34,8 @@ def test_inputs_files_dirs_globs(tmp_path):
     assert D.resolve_inputs(["c/doc*.txt", str(files[0])], tmp_path, ["**/*.txt"]) == [f.resolve() for f in files]
     with pytest.raises(D.DataError, match="does not exist"):
         D.resolve_inputs(["nope.txt"], tmp_path, ["*.txt"])
+    with pytest.raises(D.DataError, match="/dev/null is not a regular file or a folder"):  # trial33: "does not exist"
+        D.resolve_inputs(["/dev/null"], tmp_path, ["*.txt"])
     with pytest.raises(D.DataError, match="matches no files"):
         D.resolve_inputs(["c/*.md"], tmp_path, ["*.txt"])
     with pytest.raises(D.DataError) as only_folders:  # a pattern is not searched inside the folders it matches
@@ -185,3 +188,27 @@ def test_a_killed_tokenisations_partial_is_removed_once_its_process_is_gone(tmp_
     stream = prep(files, tmp_path, tok)
     assert not leftovers["gone"].exists() and leftovers["alive"].exists()  # a live run's partial is its own
     assert not (stream.path / MARKER).exists()  # the finished entry is a cache entry, not an output of the tool's
+
+
+def test_a_token_cache_changed_after_tokenising_is_one_line_not_a_crash(tmp_path, tok):
+    """trial33: an id past the vocabulary in tokens.bin (its record untouched) was an IndexError in the model,
+    or, never sampled, a run that ended well; an object array in docs.npy a ValueError traceback."""
+    import numpy as np
+
+    write_corpus(tmp_path / "c", files=1, sentences_per_file=5)
+    s = prep([tmp_path / "c"], tmp_path, tok)
+    cache = tmp_path / "edited"
+    shutil.copytree(s.path, cache)
+    tokens = np.fromfile(cache / "tokens.bin", dtype=s.tokens.dtype)
+    tokens[3] = len(tok) + 5
+    tokens.tofile(cache / "tokens.bin")
+    with pytest.raises(D.DataError, match=rf"tokens.bin holds token id {len(tok) + 5}, which does not fit .* delete the directory"):
+        prep([cache], tmp_path, tok)
+    shutil.copy2(s.path / "tokens.bin", cache / "tokens.bin")
+    assert len(prep([cache], tmp_path, tok)) == len(s)
+    np.save(cache / "docs.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(D.DataError, match="docs.npy is not a readable array of document starts"):
+        prep([cache], tmp_path, tok)
+    np.save(cache / "docs.npy", np.array([0.5, 2.0]))
+    with pytest.raises(D.DataError, match="docs.npy does not hold ascending document starts"):
+        prep([cache], tmp_path, tok)

@@ -112,7 +112,10 @@ def test_input_errors_are_one_line(world, tmp_path, capsys):
     assert main(["eval", str(world["base"]), "--tasks", "midus_clozee", "--include-path", str(world["tasks"])]) == 2
     assert "lm-eval knows no task 'midus_clozee' (did you mean midus_cloze" in capsys.readouterr().err
     assert main(["eval", str(world["base"])]) == 2
-    assert "give --data (held-out perplexity) or --tasks" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "give --data (held-out perplexity) or --tasks" in err and "both were given" not in err
+    assert main(["eval", str(world["base"]), "--data", str(tmp_path), "--tasks", "midus_cloze"]) == 2
+    assert "eval: both were given; give --data (held-out perplexity) or --tasks" in capsys.readouterr().err  # trial33
     assert main(["eval", str(world["base"]), "--tasks", "midus_cloze", "--include-path", str(world["tasks"]), "--limit", "0"]) == 2
     assert "--limit must be above 0" in capsys.readouterr().err
     # a task whose data cannot be read (as a Hub task without the network): one line, not lm-eval's traceback

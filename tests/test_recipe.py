@@ -173,6 +173,12 @@ def test_empty_and_missing_files(tmp_path):
     with pytest.raises(RecipeError) as info:
         load_recipe(tmp_path / "nope.yaml")
     assert "file not found" in str(info.value)
+    import os
+
+    os.mkfifo(tmp_path / "pipe.yaml")  # trial33: opening it waited for a writer forever
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tmp_path / "pipe.yaml")
+    assert "is a named pipe, not a YAML file" in str(info.value)
 
 
 def test_share_bank_needs_hive(tmp_path):

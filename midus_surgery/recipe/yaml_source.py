@@ -21,6 +21,8 @@ is a located ``Problem`` (exit 2), never a traceback or a hang:
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,6 +236,8 @@ def _preview(text: str, limit: int = 40) -> str:
 
 def _read(path: str | Path, file: str) -> str:
     try:
+        if stat.S_ISFIFO(os.stat(path).st_mode):  # opening a named pipe waits for a writer: it would hang here
+            raise RecipeError([Problem(file, "", "is a named pipe, not a YAML file")])
         with open(path, "rb") as handle:
             raw = handle.read(MAX_BYTES + 1)
     except FileNotFoundError:

@@ -28,7 +28,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from midus_surgery.errors import MidusError
+from midus_surgery.errors import MidusError, one_line
 from midus_surgery.io.output_dir import MARKER, clean_leftovers, write_marker
 
 FORMAT_VERSION = 1
@@ -80,6 +80,8 @@ def resolve_inputs(entries: Iterable[str], base_dir: Path, dir_glob: Iterable[st
                     raise DataError(f"{what}: the directory {path} holds no files matching {patterns}")
         elif path.is_file():
             found = [path]
+        elif path.exists():  # a device, a pipe, a socket: nothing to read as a corpus (a pipe would block)
+            raise DataError(f"{what}: {path} is not a regular file or a folder")
         else:
             raise DataError(f"{what}: {path} does not exist")
         for p in found:
@@ -244,7 +246,23 @@ def open_stream(path: Path, fingerprint: str | None = None, vocab_size: int | No
     if size != n * dtype.itemsize:
         raise DataError(f"{path}: tokens.bin has {size} bytes, expected {n * dtype.itemsize}; delete the directory to re-tokenise")
     tokens = np.memmap(path / "tokens.bin", dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dtype)
-    doc_starts = np.load(path / "docs.npy", allow_pickle=False)  # a cache directory is user input: plain numbers only
+    if vocab_size is not None and n:
+        # the ids themselves, not only the record's max_token: a cache is user input, and one id past the table
+        # is an IndexError deep in the model (or, unsampled, a run that ends well). One sequential pass.
+        largest = int(tokens.max())
+        if largest >= vocab_size:
+            raise DataError(f"{path}: tokens.bin holds token id {largest}, which does not fit the model's vocabulary of "
+                            f"{vocab_size} ({META_FILE} says at most {meta.get('max_token')}: changed since it was "
+                            "tokenised); delete the directory to re-tokenise")
+    try:
+        doc_starts = np.load(path / "docs.npy", allow_pickle=False)  # a cache directory is user input: plain numbers only
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: docs.npy is not a readable array of document starts ({one_line(exc, 120)}); delete the "
+                        "directory to re-tokenise") from None
+    if doc_starts.ndim != 1 or doc_starts.dtype.kind not in "iu" or (len(doc_starts) and (
+            doc_starts.min() < 0 or doc_starts.max() > n or np.any(np.diff(doc_starts) < 0))):
+        raise DataError(f"{path}: docs.npy does not hold ascending document starts within the {n} tokens "
+                        f"({doc_starts.dtype}, shape {tuple(doc_starts.shape)}); delete the directory to re-tokenise")
     return TokenStream(path, tokens, doc_starts, meta)
 
 
