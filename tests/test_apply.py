@@ -582,5 +582,5 @@ def test_a_tokenizer_with_its_own_code_travels_with_it_and_never_runs(bases, tmp
     assert not (out / "tok.py").exists() and "names its own code in tok.py, which it does not hold" in capsys.readouterr().err
     assert emitter._tokenizer_code_files(base / "tokenizer_config.json") == ["tok.py"]
     (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": "owner/repo--tok.MyTok",
-                                                                         "AutoProcessor": "../evil.X"}}))
-    assert emitter._tokenizer_code_files(base / "tokenizer_config.json") == []
+                                                                         "AutoProcessor": "../evil.X", "AutoConfig": "sub.tok.X"}}))
+    assert emitter._tokenizer_code_files(base / "tokenizer_config.json") == []  # transformers loads none of these either

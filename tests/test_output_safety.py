@@ -802,7 +802,15 @@ def test_a_run_directory_with_the_users_hidden_files_is_not_removed(tmp_path, ca
     assert ".git, .notes.md; not removing it" in err and (run / ".notes.md").is_file()
     for user in (".git", ".notes.md"):
         shutil.rmtree(run / user) if (run / user).is_dir() else (run / user).unlink()
-    (run / ".final.partial-0123abcd").mkdir()  # an export a killed run was writing: the tool's own
+    (run / ".notes.old-20261204").write_text("a dated backup")  # trial34: named like a leftover, but a user's file
+    assert remove([str(run)]) == 2 and ".notes.old-20261204" in capsys.readouterr().err
+    (run / ".notes.old-20261204").unlink()
+    (run / ".final.old-0123abcd").mkdir()  # named like the export's leftover, holding a user's file: not the tool's
+    (run / ".final.old-0123abcd" / "mine.txt").write_text("mine")
+    assert remove([str(run)]) == 2 and ".final.old-0123abcd" in capsys.readouterr().err
+    shutil.rmtree(run / ".final.old-0123abcd")
+    (run / ".final.partial-0123abcd").mkdir()
+    write_marker(run / ".final.partial-0123abcd", "train export")  # an export a killed run was writing: the tool's own
     assert remove([str(run)]) == 0 and not run.exists()
 
 
@@ -834,7 +842,8 @@ def test_a_large_file_rewritten_in_place_at_the_same_size_is_not_the_tools_any_m
         fh.seek(10)
         fh.write(b"y")
     os.utime(out / "model.safetensors", ns=(0, marker["fingerprints"]["model.safetensors"][2] + 1_000_000))
-    assert output_dir._not_written_by_tool(out, marker) == ["model.safetensors (changed since midus-surgery wrote it)"]
+    assert output_dir._not_written_by_tool(out, marker) == [
+        "model.safetensors (modified since midus-surgery wrote it: its time moved, too large to compare its contents)"]
     # an output recorded by a version that kept only the size is still judged by the size
     old = dict(marker, fingerprints=dict(marker["fingerprints"], **{"model.safetensors": [64, None]}))
     assert output_dir._not_written_by_tool(out, old) == []
@@ -874,3 +883,13 @@ def test_a_swap_the_system_refuses_keeps_the_finished_output(project, monkeypatc
     assert len(kept) == 1 and f"it is in {kept[0]}" in err and "Device or resource busy" in err
     assert read_marker(kept[0])["kind"] == "apply" and (kept[0] / "config.json").is_file()
     assert not output_dir._not_written_by_tool(kept[0], read_marker(kept[0]))
+
+
+def test_a_bind_mount_of_a_folder_of_the_same_disk_is_found_in_the_mount_table():
+    """trial34: os.path.ismount misses `docker -v $PWD/out:/out` (the same file system on both sides); the
+    kernel's mount table lists it."""
+    from midus_surgery.io.output_dir import mount_points
+
+    table = ("22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+             "97 22 8:1 /work/hostout /work/my\\040volume rw,relatime shared:1 - ext4 /dev/sda1 rw\n")
+    assert mount_points(table) == {"/", "/work/my volume"}

@@ -178,7 +178,11 @@ def test_empty_and_missing_files(tmp_path):
     os.mkfifo(tmp_path / "pipe.yaml")  # trial33: opening it waited for a writer forever
     with pytest.raises(RecipeError) as info:
         load_recipe(tmp_path / "pipe.yaml")
-    assert "is a named pipe, not a YAML file" in str(info.value)
+    assert "is a named pipe that nothing writes to, not a YAML file" in str(info.value)
+    # a recipe piped in is read (trial34: refused as a pipe by the first fix)
+    piped = subprocess.run([sys.executable, "-c", "from midus_surgery.recipe.yaml_source import load_yaml; "
+                            "print(load_yaml('/dev/stdin').data)"], input="a: 1\n", capture_output=True, text=True, timeout=60)
+    assert piped.returncode == 0 and piped.stdout.strip() == "{'a': 1}", piped.stderr
 
 
 def test_share_bank_needs_hive(tmp_path):

@@ -181,8 +181,9 @@ def _tokenizer_code_files(config: Path) -> list[str]:
     if not isinstance(auto_map, dict):
         return []
     refs = [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
-    names = {r.rsplit(".", 1)[0].replace(".", "/") + ".py" for r in refs if "--" not in r and "." in r}
-    return sorted(n for n in names if not n.startswith("/") and ".." not in Path(n).parts)
+    # transformers reads a reference as exactly "module.Class" (a module file beside the config): nothing else loads
+    names = {r.split(".")[0] + ".py" for r in refs if "--" not in r and r.count(".") == 1}
+    return sorted(n for n in names if n != ".py" and "/" not in n and "\\" not in n)
 
 
 def _inside(ref, name: str) -> bool:

@@ -123,7 +123,7 @@ def _tokenizer(path: Path, trust_remote_code: bool = False):
             return tokenizer, None
         return None, "it turns the sample prompt into no tokens"
     except Exception as exc:  # noqa: BLE001 - an unreadable tokenizer is not the model's fault: said, not failed
-        return None, f"AutoTokenizer.from_pretrained fails on it: {load_error_line(exc, 200)}"
+        return None, f"AutoTokenizer.from_pretrained fails on it: {load_error_line(exc, 400)}"
 
 
 def _safetensors_files(path: Path) -> list[str]:

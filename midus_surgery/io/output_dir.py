@@ -179,8 +179,12 @@ def _not_written_by_tool(directory: Path, marker: dict) -> list[str]:
         found = sorted(_entries(directory) - set(marker["files"]))
         fingerprints = marker.get("fingerprints")
         if isinstance(fingerprints, dict):
-            found += [f"{name} (changed since midus-surgery wrote it)" for name, recorded in sorted(fingerprints.items())
-                      if (directory / name).exists() and _changed(recorded, _fingerprint(directory / name))]
+            for name, recorded in sorted(fingerprints.items()):
+                now = _fingerprint(directory / name) if (directory / name).exists() else recorded
+                if _changed(recorded, now):
+                    by_time = isinstance(now, list) and len(now) == 3 and isinstance(recorded, list) and recorded[:2] == now[:2]
+                    found.append(f"{name} (modified since midus-surgery wrote it: its time moved, too large to compare "
+                                 "its contents)" if by_time else f"{name} (changed since midus-surgery wrote it)")
         return found
     return sorted(p.parent.relative_to(directory).as_posix() + "/" for p in directory.rglob(MARKER) if p.parent != directory)
 
@@ -275,7 +279,7 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
         return resolved
     if not resolved.is_dir():
         raise OutputError(f"output {resolved} is an existing file; the tool writes a directory and never replaces a file it did not write")
-    if not writes_into and os.path.ismount(resolved):
+    if not writes_into and _is_mount_point(resolved):
         raise OutputError(f"output {resolved} is a mount point (a bind mount, a container volume): the tool writes an output "
                           "beside it and renames it into place at the end, which a mount point cannot take; give a new "
                           f"folder inside it, e.g. {resolved / 'output'}")
@@ -305,6 +309,23 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
         return resolved
     todo = f"pass {flag} to replace it" if flag else "choose another directory"
     raise OutputError(f"output {resolved} already exists (an earlier output of {written_by}); {todo}")
+
+
+def _is_mount_point(path: Path) -> bool:
+    """Whether something is mounted at ``path``: another file system (os.path.ismount), or a bind mount of a
+    folder of the same one (docker -v of a local folder), which only the kernel's mount table shows."""
+    if os.path.ismount(path):
+        return True
+    try:
+        return str(path) in mount_points(Path("/proc/self/mountinfo").read_text())
+    except OSError:  # not Linux: ismount is all there is
+        return False
+
+
+def mount_points(mountinfo: str) -> set[str]:
+    """The mount points of a /proc/PID/mountinfo table (its fifth field; a space in a path is written "\\040")."""
+    unescape = lambda field: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)  # noqa: E731
+    return {unescape(fields[4]) for fields in (line.split() for line in mountinfo.splitlines()) if len(fields) > 4}
 
 
 def _check_can_write(out: Path, *, into: bool, probe: bool = True) -> None:
@@ -539,7 +560,11 @@ def remove_own_directory(path: Path) -> None:
         shown = _first_five(foreign)
         raise OutputError(f"{resolved} (written by {_written_by(marker)}) also holds what midus-surgery did not write there: "
                           f"{shown}; not removing it: move them out first")
-    shutil.rmtree(resolved)
+    try:
+        shutil.rmtree(resolved)
+    except OSError as exc:  # a mount point empties but is not removed; a file busy elsewhere
+        raise OutputError(f"could not remove {resolved} whole ({exc.strerror or exc}); what is left in it was written by "
+                          "midus-surgery") from None
 
 
 def _not_removable(directory: Path, marker: dict) -> list[str]:
@@ -585,6 +610,15 @@ def not_written_in_checkpoints(root: Path) -> list[str]:
     return found
 
 
+def _export_leftover(entry: Path) -> bool:
+    """A hidden sibling train's export leaves in a run directory when killed: ``.final.partial-XXXXXXXX`` or
+    ``.final.old-XXXXXXXX``, a real folder carrying the tool's marker (or empty: killed before writing it).
+    A user's ``.notes.old-20261204`` is none."""
+    if not re.match(r"^\.final\.(partial|old)-[0-9a-f]{8}$", entry.name) or entry.is_symlink() or not entry.is_dir():
+        return False
+    return read_marker(entry) is not None or not any(entry.iterdir())
+
+
 def not_written_in_run_dir(run_dir: Path) -> list[str]:
     """What a run directory holds that train did not write, at any depth (relative paths): entries beyond
     RUN_ENTRIES, an export's files beyond its record, checkpoint files beyond their state file's record,
@@ -592,7 +626,7 @@ def not_written_in_run_dir(run_dir: Path) -> list[str]:
     found = []
     for entry in sorted(run_dir.iterdir()):
         name = entry.name
-        if name == MARKER or _LEFTOVER_NAME.match(name):  # the marker; a partial or replaced export's hidden sibling
+        if name == MARKER or _export_leftover(entry):  # the marker; a partial or replaced export's hidden sibling
             continue
         if name not in RUN_ENTRIES or entry.is_symlink():
             found.append(name)

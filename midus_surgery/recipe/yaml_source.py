@@ -236,10 +236,14 @@ def _preview(text: str, limit: int = 40) -> str:
 
 def _read(path: str | Path, file: str) -> str:
     try:
-        if stat.S_ISFIFO(os.stat(path).st_mode):  # opening a named pipe waits for a writer: it would hang here
-            raise RecipeError([Problem(file, "", "is a named pipe, not a YAML file")])
-        with open(path, "rb") as handle:
+        # Opened without waiting: a named pipe nothing writes to would block open() forever; then read as usual,
+        # so a recipe piped in (/dev/stdin, <(...)) is read whole, and an idle pipe reads as empty at once.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as handle:
             raw = handle.read(MAX_BYTES + 1)
+        if not raw and stat.S_ISFIFO(os.stat(path).st_mode):
+            raise RecipeError([Problem(file, "", "is a named pipe that nothing writes to, not a YAML file")])
     except FileNotFoundError:
         raise RecipeError([Problem(file, "", "file not found")]) from None
     except IsADirectoryError:
