@@ -614,7 +614,7 @@ def _export_leftover(entry: Path) -> bool:
     """A hidden sibling train's export leaves in a run directory when killed: ``.final.partial-XXXXXXXX`` or
     ``.final.old-XXXXXXXX``, a real folder carrying the tool's marker (or empty: killed before writing it).
     A user's ``.notes.old-20261204`` is none."""
-    if not re.match(r"^\.final\.(partial|old)-[0-9a-f]{8}$", entry.name) or entry.is_symlink() or not entry.is_dir():
+    if not (_LEFTOVER_NAME.match(entry.name) and entry.name.startswith(".final.")) or entry.is_symlink() or not entry.is_dir():
         return False
     return read_marker(entry) is not None or not any(entry.iterdir())
 
