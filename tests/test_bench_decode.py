@@ -256,12 +256,12 @@ def hml_layers(model):
 
 
 def test_a_gpu_run_times_midus_on_the_fused_read_beside_the_default(monkeypatch, tmp_path):
-    """Eager CUDA runs add the fused-read row (decode there is bound by per-operator overhead); compiled runs and
-    CPU runs do not. Its ratio to DUS is reported beside the target, which stays judged on the default MIDUS row."""
+    """CUDA runs, eager and compiled, add the fused-read row (decode there is bound by per-operator overhead, in a
+    CUDA graph too); CPU runs do not. Its ratio to DUS is reported beside the target, which stays judged on the default MIDUS row."""
     monkeypatch.setattr(bd, "ensure_outputs", lambda *a: None)
     monkeypatch.setitem(bd.LAYOUTS["every5"], "base", tmp_path)
     (tmp_path / "config.json").write_text("{}")
-    for device, compile_, fused in (("cuda", False, True), ("cuda", True, False), ("cpu", False, False)):
+    for device, compile_, fused in (("cuda", False, True), ("cuda", True, True), ("cpu", False, False), ("cpu", True, False)):
         args = bd.build_parser().parse_args(["--device", device] + (["--compile"] if compile_ else []))
         models, _ = bd.resolve_models(args, lambda *a: None)
         assert (bdr.FUSED_ROW in models) == fused and list(models)[:4] == list(bdr.ROWS)

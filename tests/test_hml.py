@@ -648,10 +648,14 @@ def test_a_read_without_gradients_runs_no_autograd_function_and_gives_the_same_v
 
 
 # ------------------------------------------------------------------ split-K weight gradients (the CUDA path)
-def test_weight_gradient_pieces_follow_the_token_count_on_cuda_only():
+def test_weight_gradient_pieces_follow_the_token_count_on_cuda_in_float32_only():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert [hml._k_chunks(t, cuda) for t in (16 * 1024, 4 * 256, 1536, 1000, 16383, 3)] == [32, 2, 2, 1, 1, 1]
+    tokens = (16 * 1024, 8 * 1024, 4096, 6144, 4 * 256, 3072, 16383, 3)
+    # 8 to 32 pieces of at least 512 tokens, or one GEMM: 2 pieces of 4 x 256 tokens doubled the product's time
+    assert [hml._k_chunks(t, cuda) for t in tokens] == [32, 16, 8, 8, 1, 1, 1, 1]
     assert hml._k_chunks(16 * 1024, cpu) == 1
+    assert hml._k_chunks(16 * 1024, cuda, torch.bfloat16) == 1  # a bf16 GEMM was faster whole (H200)
+    assert hml._k_chunks(16 * 1024, cuda, torch.float32) == 32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -673,7 +677,7 @@ def test_the_layer_with_weight_gradients_in_pieces_matches_the_dense_reference(k
     """The keys' and the projection's gradients cut into 3 pieces of the 15 tokens (what CUDA does at 16 x 1024):
     every value and gradient still equals the dense float64 reference."""
     cut = []
-    monkeypatch.setattr(hml, "_k_chunks", lambda tokens, device: cut.append(tokens) or (3 if tokens % 3 == 0 else 1))
+    monkeypatch.setattr(hml, "_k_chunks", lambda tokens, device, dtype=None: cut.append(tokens) or (3 if tokens % 3 == 0 else 1))
     assert_matches_dense_reference(kw)
     # the gradients were cut (3 x 5 tokens); the CPU kernels' own lookup backward has no GEMM, and without HIVE
     # there is no projection

@@ -513,7 +513,7 @@ def test_the_projection_after_the_fused_read_cuts_its_gradient_like_the_default_
 
     whole = grads()
     cut = []
-    monkeypatch.setattr(hml, "_k_chunks", lambda tokens, device: cut.append(tokens) or 3)
+    monkeypatch.setattr(hml, "_k_chunks", lambda tokens, device, dtype=None: cut.append(tokens) or 3)
     pieces = grads()
     assert cut == [15]
     for a, b in zip(pieces, whole):

@@ -551,9 +551,10 @@ def resolve_models(args, log) -> tuple[dict[str, Path], dict | None]:
         raise BadInput(f"missing base model {base}: run `python tools/fetch_smollm2.py` first")
     ensure_outputs(log, args.random_init, args.layout)
     every = models_for(args.layout)
-    # On a GPU the eager decode is bound by per-operator overhead: the fused read (one kernel for the scores,
-    # selection, softmax and pooled gather, where the default path launches about ten) is timed beside it.
-    fused = (FUSED_ROW,) if args.device == "cuda" and not args.compile else ()
+    # On a GPU the decode is bound by per-operator overhead, eager or in a CUDA graph (on an H200, 2026-12-04, a
+    # compiled Memory block's step cost 2.3x a plain block's): the fused read (one kernel for the scores, selection,
+    # softmax and pooled gather, where the default path launches about ten) is timed beside it.
+    fused = (FUSED_ROW,) if args.device == "cuda" else ()
     return {name: every[name] for name in ROWS + fused}, None
 
 
@@ -594,7 +595,8 @@ def run(args, argv) -> int:
                                          args.random_init, log, args.profile, args.compile)
     except MidusError as exc:  # a model directory that does not load: one line
         raise BadInput(str(exc).splitlines()[0]) from None
-    memory = sorted({b for b in backends.values() if b != "torch"} or {"torch"})
+    # the MIDUS row's memory layer; the fused row says its own in the section's notes
+    memory = sorted({b for name, b in backends.items() if b != "torch" and name != FUSED_ROW} or {"torch"})
     payload = {
         "tool": "bench_decode", "device": args.device, "layout": args.layout, "machine": machine, "random_init": args.random_init,
         "threads": torch.get_num_threads(), "threads_set": args.threads, "compiled": args.compile, "versions": versions(),

@@ -21,7 +21,7 @@ from bench_step_report import LAYOUTS, inside
 DOCS = BENCHMARKS  # the page the sections go into
 SECTION = {"cpu": "## Decode", "cuda": "## Decode on GPU"}
 ROWS = ("base", "DUS", "LLaMA-Pro", "MIDUS")  # the bundled layouts' rows, in order
-FUSED_ROW = "MIDUS (fused Triton)"  # the MIDUS model on the fused read (kernels: triton-fused), eager CUDA runs only
+FUSED_ROW = "MIDUS (fused Triton)"  # the MIDUS model on the fused read (kernels: triton-fused), CUDA runs only
 REFERENCE = "DUS"  # what the ratios and the target compare with
 TARGET = 1.0  # MIDUS decode tokens/s at least DUS's
 
@@ -201,7 +201,7 @@ def section_text(payload: dict, source: Path | None = None) -> str:
     if any(r["model"] == FUSED_ROW for r in payload["rows"]):
         lines.append(f"- `{FUSED_ROW}`: the MIDUS model with its memory layers on the fused read (`kernels: triton-fused`: "
                      "the scores, selection, softmax and pooled gather in one Triton kernel, where the default path launches "
-                     "about ten operators), timed because the eager decode is bound by per-operator overhead.")
+                     "about ten operators), timed because the decode on a GPU is bound by per-operator overhead.")
     if not gpu:
         lines.append("- CUDA rows: `python tools/bench_decode.py --device cuda --random-init --dtypes fp32,bf16` measures them "
                      "on a GPU machine (only the outputs' config.json files need to travel; tools/gpu_session.py runs it), and "

@@ -427,7 +427,8 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
                   + ", ".join(f"{kk} {v:.3f} ms" for kk, v in res.items())
                   + f"; triton/torch {res['triton'] / res['per-sample-weights backward']:.2f}x")
         # the small weights' gradients (keys, projection): one batched GEMM against the token dimension in pieces
-        pieces = 2 if dry_run else hml_mod._k_chunks(b * t, dev)  # the CPU answers 1: the dry run cuts anyway
+        # the float32 rule's cut, or 2 where it keeps one GEMM (to keep showing why); the CPU answers 1: the dry run cuts
+        pieces = 2 if dry_run else max(2, hml_mod._k_chunks(b * t, dev))
         for what, (rows, cols), dtype in (("keys", (n, dh // 2), torch.float32), ("projection", (s["d_l"], dh), torch.float32),
                                           ("projection", (s["d_l"], dh), torch.bfloat16)):
             batch = 2 * H if what == "keys" else H
@@ -455,7 +456,7 @@ def check_triton(dev, sync, card, dry_run: bool, check) -> None:
                 mm = layer(on_triton(flag, square)).to(dtype)
                 xx = torch.randn(b, t, H, dh, dtype=dtype, device=dev, requires_grad=True)
                 if "one GEMM" in name:  # what ran before the split: the A/B of the two layers
-                    hml_mod._k_chunks = lambda tokens, device: 1
+                    hml_mod._k_chunks = lambda tokens, device, dtype=None: 1
                 try:
                     res[name] = time_ms(step_fn(torch.compile(mm) if compiled else mm, xx), sync, dry_run)
                 except Exception as exc:  # one failed variant must not cost the rest of the session's timings

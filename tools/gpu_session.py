@@ -57,21 +57,22 @@ CARRY = REPO / "work" / "gpu-carry"
 WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 CARRY_LIMIT = 60 * 2**20  # the device tool carries 64 MiB in all
 MARKER = ".gpu-session-carry"  # what makes a carry directory ours to replace
-# On an H200 (2026-12-04) check took 251 s, step 124 s, decode 160 s at 4 rounds. One call may run 600 s: the
-# default steps (DEFAULT_STEPS) fit one, a second call runs the rest (`run --steps step,decode`).
+# On an H200 (2026-12-04) check took 193-251 s, step 107-124 s, decode 137 s at 3 rounds, decode-compiled 213 s
+# without the fused row (about 40 s a batch more with it). One call may run 600 s: the default steps
+# (DEFAULT_STEPS) fit one, a second call runs the rest (`run --steps step,decode`).
 STEPS = {  # name -> (seconds, the command after `python`, the file its stdout goes to or None)
-    "check": (280, ["tools/gpu_check_hml.py", "--skip", "6,7,9", "--json-out", "{out}/hml_fused.json"], None),
+    "check": (260, ["tools/gpu_check_hml.py", "--skip", "6,7,9", "--json-out", "{out}/hml_fused.json"], None),
     "step": (145, ["tools/bench_step.py", "--device", "cuda", "--random-init", "--layout", "every2", "--batches", "16x1024",
                    "--repeats", "1", "--freezes", "base", "--models", "DUS,MIDUS,MIDUS (fused Triton),FFN-free floor",
                    "--json", "--no-docs"], "bench_step.json"),
     "decode": (185, ["tools/bench_decode.py", "--device", "cuda", "--random-init", "--dtypes", "fp32,bf16", "--rounds", "3",
                      "--json", "--no-docs"], "bench_decode.json"),
-    # bf16 only: each model and batch compiles its own graph (about a minute each on a CPU here)
-    "decode-compiled": (290, ["tools/bench_decode.py", "--device", "cuda", "--random-init", "--dtypes", "bf16", "--rounds", "3",
+    # bf16 only: each model and batch compiles its own graph (25-42 s each on the H200, about a minute on a CPU here)
+    "decode-compiled": (330, ["tools/bench_decode.py", "--device", "cuda", "--random-init", "--dtypes", "bf16", "--rounds", "3",
                               "--compile", "--json", "--no-docs"], "bench_decode_compiled.json"),
 }
-# What is unmeasured since the last session: the kernels' checks and times (split-K weight gradients, a bf16
-# profile) and the compiled decode; the eager step and decode were measured on 2026-12-04.
+# What the next session measures first: the kernels' checks (the split-K rule: float32 and 8+ pieces only) and
+# the compiled decode with MIDUS on the fused read beside the default (its row is unmeasured in a CUDA graph).
 DEFAULT_STEPS = ("check", "decode-compiled")
 # What the package imports and the GPU machine's Python lacks (2026-12-04: torch, triton and transformers
 # only, on Python 3.12: bench_step's child died on `import pydantic`). `prepare` downloads their wheels for

@@ -471,15 +471,21 @@ def _builds_graph(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _k_chunks(tokens: int, device: torch.device) -> int:
-    """How many pieces ``_weight_grad_bmm`` cuts the token dimension into: on CUDA, the largest power of two up
-    to 32 that divides ``tokens`` and leaves at least 512 tokens a piece; 1 (one GEMM) elsewhere."""
-    if device.type != "cuda":
+def _k_chunks(tokens: int, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
+    """How many pieces ``_weight_grad_bmm`` cuts the token dimension into: on CUDA in float32, the largest power of
+    two up to 32 that divides ``tokens`` and leaves at least 512 tokens a piece, when that is 8 pieces or more;
+    1 (one GEMM) otherwise.
+
+    Measured on an H200 (docs/results/gpu_check_hml_session.log, 2026-12-04): at 16 x 1024 tokens 32 pieces took
+    the float32 keys' gradient from 0.616 to 0.123 ms and the projection's from 0.622 to 0.082 ms; a bfloat16
+    product is already fast as one GEMM (0.026 ms, 0.053 ms in 32 pieces), and at 4 x 256 tokens 2 pieces
+    doubled the float32 product (0.022 to 0.043 ms)."""
+    if device.type != "cuda" or dtype != torch.float32:
         return 1
     c = 1
     while c < 32 and tokens % (2 * c) == 0 and tokens // (2 * c) >= 512:
         c *= 2
-    return c
+    return c if c >= 8 else 1
 
 
 def _weight_grad_bmm(a: Tensor, b: Tensor, chunks: Optional[int] = None) -> Tensor:
@@ -492,7 +498,7 @@ def _weight_grad_bmm(a: Tensor, b: Tensor, chunks: Optional[int] = None) -> Tens
     pieces in a fixed order. Deterministic; the same values to float rounding. a and b may be strided views (both
     products here take a transposed one)."""
     B, M, K = a.shape
-    c = _k_chunks(K, a.device) if chunks is None else chunks
+    c = _k_chunks(K, a.device, a.dtype) if chunks is None else chunks
     if c == 1:
         return torch.bmm(a, b)
     pieces = torch.matmul(a.reshape(B, M, c, K // c).transpose(1, 2), b.reshape(B, c, K // c, b.shape[2]))  # [B, c, M, N]
