@@ -74,11 +74,21 @@ def test_gpu_check_dry_run_passes_every_check_and_times_every_variant(tmp_path):
     assert all(r.get("triton-fused segment ms", 0) > 0 for r in payload["rows"])
     assert [r["size"] for r in payload["bank_grad_rows"]] == ["SmolLM2-135M recipe"]
     assert "[profile] one fwd+bwd on the fused kernels" in out
+    # section 11, the read at decode: every path against the pure-torch read, then the times and what one call runs
+    for path in ("triton", "triton-fused"):
+        assert any(line.startswith("[ok]") and f"decode read on {path} == the pure-torch read (1 row(s) x 1 token, float32" in line
+                   for line in checks), path
+    (decode,) = [line for line in out.splitlines() if line.startswith("[decode] tiny (dry run) float32, 1 row(s)")]
+    for what in ("FFN eager ", "torch eager ", "triton eager ", "triton-fused eager "):
+        assert what in decode, (what, decode)
+    ops = [line for line in out.splitlines() if line.startswith("[decode] aten ops of one ")]
+    assert [line.split(" call:")[0] for line in ops] == [f"[decode] aten ops of one {w}" for w in ("FFN", "triton", "triton-fused")]
+    assert "aten::linear x3" in ops[0] and "aten::_embedding_bag x1" in ops[1]  # LlamaMLP's three projections; the bag
     assert out.rstrip().endswith("OK")
 
 
 def test_gpu_check_skip_takes_only_the_timing_sections():
     proc = subprocess.run([sys.executable, "tools/gpu_check_hml.py", "--dry-run", "--skip", "5"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "only sections 6, 7, 8, 9 and 10 can be left out" in proc.stderr
+    assert proc.returncode == 2 and "only sections 6, 7, 8, 9, 10 and 11 can be left out" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -19,9 +19,12 @@ pure-torch path selects on dyadic scores, its backward equals autograd through t
 a layer on them matches the default layer (fp32, and bf16 against its fp32 twin), one graph compiled;
 then the layer's fwd+bwd on every path beside the FFN it replaces, at every bench_hml size, fp32 and
 bf16, with the bytes-moved floors at this device's measured copy bandwidth; a profile of one step.
+(11) the memory read at decode (gradients off, one new token for each of 1 and 16 rows): every path's output
+against the pure-torch path's, then each path's time per call beside the FFN's, eager and replayed from a CUDA
+graph (what a compiled decode runs), and the kernels one call launches.
 With --json-out FILE the timing rows are also written as JSON (tools/gpu_session.sh does).
 Sections 1-5 run on the CUDA default path.
-``--skip 6,7`` leaves out timing sections (6, 7 or 8) or the FSDP run (9) when device time is short; 1-5 always run.
+``--skip 6,7`` leaves out timing sections (6, 7, 8, 10, 11) or the FSDP run (9) when device time is short; 1-5 always run.
 Prints one line per check and a final OK / FAILED; exit status 1 on failure.
 """
 
@@ -48,14 +51,14 @@ def main() -> int:
     ap.add_argument("--json-out", metavar="FILE", help="write section 10's timing rows to FILE as JSON")
     ap.add_argument("--skip", default="", help="comma-separated sections to leave out, of 6 (HML vs FFN times), "
                     "7 (the default path's variants and profile), 8 (the Triton kernels), 9 (FSDP), "
-                    "10 (the fused Triton kernels)")
+                    "10 (the fused Triton kernels), 11 (the read at decode)")
     args = ap.parse_args()
     try:
         skip = {int(v) for v in args.skip.split(",") if v.strip()}
     except ValueError:
         ap.error(f"--skip takes section numbers, got {args.skip!r}")
-    if not skip <= {6, 7, 8, 9, 10}:
-        ap.error(f"--skip: only sections 6, 7, 8, 9 and 10 can be left out, got {sorted(skip)}")
+    if not skip <= {6, 7, 8, 9, 10, 11}:
+        ap.error(f"--skip: only sections 6, 7, 8, 9, 10 and 11 can be left out, got {sorted(skip)}")
     dry_run = args.dry_run
     if not dry_run and not torch.cuda.is_available():
         print("gpu_check_hml: no CUDA device available; nothing to check (exit 0).")
@@ -186,6 +189,8 @@ def main() -> int:
         check_fsdp(dry_run, check)
     if 10 not in skip:
         check_fused(dev, sync, card, dry_run, check, args.json_out)
+    if 11 not in skip:
+        time_decode_read(dev, sync, card, dry_run, check)
 
     print("OK" if not failures else f"FAILED: {failures}")
     return 1 if failures else 0
@@ -652,6 +657,112 @@ def check_fused(dev, sync, card, dry_run: bool, check, json_out=None) -> None:
     b_, t_ = batches[-1]
     xx = torch.randn(b_, t_, H, dh, device=dev, dtype=torch.bfloat16, requires_grad=True)
     profile_step(step_fn(layer("triton-fused", torch.bfloat16), xx), dev, sync, f"one fwd+bwd on the fused kernels, {b_}x{t_} bfloat16")
+
+
+def graph_us(fn, calls: int = 20, replays: int = 20) -> float:
+    """Microseconds of one call of ``fn`` replayed from a CUDA graph that captured ``calls`` calls back to back (what
+    a compiled decode step runs: no host work per operator, only the kernels and the gaps between them)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / (replays * calls) * 1e6
+
+
+def launched(fn, dev) -> list[str]:
+    """The kernels one call of ``fn`` launches on CUDA (the top-level aten operators it runs on the CPU dry run)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    if dev.type == "cuda":
+        fn()  # warm: the first call may compile or allocate
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    if dev.type == "cuda":
+        return [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return [e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
+
+
+def time_decode_read(dev, sync, card, dry_run: bool, check) -> None:
+    """11. The memory read at decode, the step `tools/bench_decode.py` times whole: gradients off, one new token for
+    each of 1 and 16 rows, the recipe's size. On an H200 (2026-12-04) a compiled decode step spent 60-73 us more in
+    each Memory block than in a block with an FFN; this says which path and which kernels that is. Every path's
+    output against the pure-torch path's first, then each path's microseconds per call beside the FFN's, eager and
+    replayed from a CUDA graph (the compiled decode), and the kernels one call launches."""
+    from bench_hml import SIZES
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from midus_surgery.model.hml import HeadwiseMemory, HMLConfig
+
+    z_ = SIZES["SmolLM2-135M recipe"]
+    # the dry run checks the script: a tiny layer in float32 (Triton's interpreter takes seconds a call at full size)
+    size, H, dh, hidden, inner, n, k, dl = (
+        ("tiny (dry run)", 2, 16, 32, 64, 16, 4, 8) if dry_run
+        else ("SmolLM2-135M recipe", z_["heads"], z_["head_dim"], z_["hidden"], z_["ffn"], z_["n"], z_["k"], z_["d_l"]))
+    paths = ("torch", "triton", "triton-fused")
+    for dtype in (torch.float32,) if dry_run else (torch.bfloat16, torch.float32):
+        torch.manual_seed(0)
+        ffn = LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=inner)).to(dev, dtype).eval()
+        layers = {}
+        for p_ in paths:
+            torch.manual_seed(0)  # the same weights on every path
+            cfg = HMLConfig(n_subkeys=n, topk=k, latent_dim=dl, init="random", kernels=p_)
+            layers[p_] = HeadwiseMemory(H, dh, hidden, cfg).to(dev, dtype).eval()
+        name = str(dtype)[6:]
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+        for rows in (1,) if dry_run else (1, 16):
+            g = torch.Generator().manual_seed(rows)
+            x = torch.randn(rows, 1, H, dh, generator=g).to(dev, dtype)  # [batch, 1 new token, H, d_h]
+            xf = torch.randn(rows, 1, hidden, generator=g).to(dev, dtype)
+            with torch.no_grad():
+                ref = layers["torch"](x).float()
+                for p_ in paths[1:]:
+                    y = layers[p_](x).float()
+                    check(f"decode read on {p_} == the pure-torch read ({rows} row(s) x 1 token, {name}; max diff "
+                          f"{(y - ref).abs().max().item():.1e})", torch.allclose(y, ref, rtol=tol, atol=tol))
+            res = {}
+            for what, mod, inp in [("FFN", ffn, xf)] + [(p_, layers[p_], x) for p_ in paths]:
+                def call(mod=mod, inp=inp):
+                    with torch.no_grad():
+                        return mod(inp)
+                eager = time_ms(call, sync, dry_run) * 1e3
+                try:
+                    replayed = graph_us(call) if dev.type == "cuda" else None
+                except Exception as exc:  # a path that cannot be captured is a finding, not a lost session
+                    replayed = f"not capturable ({type(exc).__name__}: {str(exc).strip().splitlines()[-1][:120] if str(exc).strip() else ''})"
+                kernels = launched(call, dev)
+                res[what] = (eager, replayed, kernels)
+            unit = "kernels" if dev.type == "cuda" else "aten ops"
+
+            def words(v):
+                eager, replayed, kernels = v
+                graph = f"{replayed:.1f} us" if isinstance(replayed, float) else (replayed or "-")
+                return f"eager {eager:.1f} us, graph {graph}, {len(kernels)} {unit}"
+
+            print(f"[decode] {size} {name}, {rows} row(s) x 1 token ({card}): "
+                  + "; ".join(f"{w_} {words(v)}" for w_, v in res.items()))
+            if rows == 1 and dtype == (torch.float32 if dry_run else torch.bfloat16):
+                for w_ in ("FFN", "triton", "triton-fused"):
+                    counts = {}
+                    for kn in res[w_][2]:
+                        counts[kn[:60]] = counts.get(kn[:60], 0) + 1
+                    print(f"[decode] {unit} of one {w_} call: " + ", ".join(f"{kn} x{c}" for kn, c in counts.items()))
 
 
 def psw_backward(table, idx):

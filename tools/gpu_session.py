@@ -16,7 +16,8 @@ A GPU machine is lent for minutes at a time, with nothing installed from here an
 1. ``check``: tools/gpu_check_hml.py without its HML-vs-FFN, variant and FSDP sections (6, 7, 9):
    correctness on the card (the default path, the Triton kernels, the fused kernels), then the Triton
    kernels' times and section 10: every path of the layer beside the FFN at every size, fp32 and bf16,
-   with the bytes floors (``hml_fused.json``, ``gpu_check_hml.log``).
+   with the bytes floors (``hml_fused.json``, ``gpu_check_hml.log``); section 11: the read at decode on every
+   path beside the FFN, eager and replayed from a CUDA graph, with the kernels one call launches.
 2. ``step``: tools/bench_step.py at the paper's proportion (15 of 45 blocks), 16 x 1024 tokens, fp32 and
    bf16, freeze=base: DUS, MIDUS (the default Triton kernels), MIDUS on the fused kernels, the FFN-free
    floor (``bench_step.json``).
