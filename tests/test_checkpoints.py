@@ -8,6 +8,7 @@ One short run (4 steps, a checkpoint every 2) is trained once; each test resumes
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -373,6 +374,37 @@ def test_a_resume_trains_with_the_optimiser_settings_its_config_states(done, tmp
     cfg = write_config(tmp_path / "fixed.yaml", done["model"], run, root / "corpus", root / "cache", **{**EXTRA, "memory.retrieval": "frozen"})
     with pytest.raises(TrainingError, match=r"memory\.retrieval: learned -> frozen since it was written, so its optimiser state"):
         train(load_train_config(cfg))
+
+
+def test_a_resume_starts_from_the_model_its_checkpoint_was_written_from(done, tmp_path):
+    """The export inherits init_from's files, its dtype (export.dtype: auto) and its training history: a resume from
+    another model is refused in one line before any work (a trial resumed a float32 run from the same architecture
+    saved in bf16 and exported bf16 weights under the other model's name). The same model at another path goes on."""
+    from safetensors.torch import load_file, save_file
+
+    run, _ = copy_run(done, tmp_path)
+    root = done["root"]
+    state = json.loads((ckpt(run, 4) / "trainer_state.json").read_text())
+    assert state["init_from"]["path"] == str(done["model"].resolve()) and len(state["init_from"]["digest"]) == 64
+    same = tmp_path / "same-model"
+    shutil.copytree(done["model"], same)
+    other = tmp_path / "bf16-model"
+    shutil.copytree(done["model"], other)
+    weights = load_file(other / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, other / "model.safetensors", metadata={"format": "pt"})
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    cfg = write_config(tmp_path / "other.yaml", other, run, root / "corpus", root / "cache", **EXTRA)
+    with pytest.raises(TrainingError, match=rf"cannot resume from .*step-00000004: init_from is {re.escape(str(other))}, but the "
+                       rf"checkpoint's run started from {re.escape(str(done['model'].resolve()))} \(their config, plan, training history "
+                       r"or weight files differ\): the export would carry another model's files, dtype and history"):
+        train(load_train_config(cfg))
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # refused before any work: nothing written
+    # the same files at another path: the run goes on, said in a note
+    cfg = write_config(tmp_path / "same.yaml", same, run, root / "corpus", root / "cache", **EXTRA)
+    said = []
+    train(load_train_config(cfg), echo=said.append)
+    assert f"note: init_from is {same}, the checkpoint's run started from {done['model'].resolve()}: the same config" in "\n".join(said)
+    assert (run / "final" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("budget", [16 * 4 * STEPS, 16 * 4 * 2 * STEPS])

@@ -353,6 +353,52 @@ def data_changes(saved: dict, now: dict) -> list[str]:
     return changes
 
 
+# What makes init_from this model for a resume: what the export copies or inherits from it (config, plan, the
+# training history it chains onto) and its weight files' names, sizes and safetensors headers (dtypes and shapes:
+# `export.dtype: auto` takes init_from's), never the weights' bytes, which would cost a read of the whole model.
+IDENTITY_FILES = ("config.json", "midus_plan.json", "midus_train.json")
+IDENTITY_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+HEADER_MAX = 100 * 2**20  # a safetensors header is JSON of names, dtypes and shapes: megabytes at the most
+
+
+def model_identity(model_dir: Path) -> dict:
+    """{"path", "digest"} of a model directory, for a checkpoint to record what its run started from."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in model_dir.iterdir() if p.is_file()):
+        if f.name in IDENTITY_FILES:
+            h.update(f"{f.name}\0".encode() + f.read_bytes() + b"\0")
+        elif f.name.endswith(IDENTITY_WEIGHTS):
+            h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+            if f.suffix == ".safetensors":
+                with open(f, "rb") as fh:
+                    size = int.from_bytes(fh.read(8), "little")
+                    h.update(fh.read(size) if 0 < size <= HEADER_MAX else b"")
+    return {"path": str(model_dir), "digest": h.hexdigest()}
+
+
+def init_from_change(saved: dict | None, now: dict) -> tuple[str | None, str | None]:
+    """(why a resume from ``init_from`` ``now`` is refused, a note to say) against the identity the checkpoint
+    ``saved`` (None for checkpoints written before it was recorded: nothing to compare).
+
+    The export inherits init_from's files, its dtype under `export.dtype: auto`, and its place in the training
+    history, so another model would be exported as if the run had started from it. The same model at another
+    path (moved, or copied to another disk) goes on with a note."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("path"), str) or not isinstance(saved.get("digest"), str):
+        return None, None
+    if saved["digest"] == now["digest"]:
+        if saved["path"] == now["path"]:
+            return None, None
+        return None, (f"note: init_from is {now['path']}, the checkpoint's run started from {saved['path']}: the same config, plan, "
+                      "training history and weight files, so the run goes on")
+    if saved["path"] == now["path"]:
+        why = f"init_from {now['path']} changed since the checkpoint was written (its config, plan, training history or weight files differ)"
+    else:
+        why = (f"init_from is {now['path']}, but the checkpoint's run started from {saved['path']} (their config, plan, training "
+               "history or weight files differ)")
+    return (why + ": the export would carry another model's files, dtype and history as this run's; resume with the model it was "
+            "written with, or start afresh (resume unset) in a run_dir of its own"), None
+
+
 FSDP_MODEL = "pytorch_model_fsdp"  # how accelerate names an FSDP checkpoint's weights (a folder of shards, or one file)
 
 

@@ -48,7 +48,9 @@ from midus_surgery.train.checkpoint import (
     STATE_FILE,
     NoWholeCheckpoint,
     complete_checkpoints,
+    init_from_change,
     load_checkpoint,
+    model_identity,
     newest_whole_checkpoint,
     read_checkpoint_state,
     remove_partial_checkpoints,
@@ -134,6 +136,7 @@ class Runner:
     ckpt_root: Path  # run_dir/checkpoints
     export_dir: Path  # the final model directory (export.dir, else run_dir/final)
     init_from: Path  # the model directory training starts from
+    init_identity: dict  # its identity (checkpoint.model_identity), recorded in every checkpoint: what a resume compares
     resume_from: Path | None = None  # the checkpoint this run continues, None: a fresh start
     resume_state: dict | None = None  # its state file (step, samples_seen, tokens_seen...), read before the run is sized
     resume_notes: list[str]  # what the resume changed (the schedule, the optimiser's settings), said after the start line
@@ -201,6 +204,7 @@ class Runner:
         self.resume_from = self.choose_start()
         self.resume_state = read_checkpoint_state(self.resume_from) if self.resume_from is not None else None
         self.check_same_groups()
+        self.check_same_model()
         self.created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]  # deepest first
         self.prepare_run_dir()
         try:
@@ -263,6 +267,17 @@ class Runner:
             raise TrainingError(f"cannot resume from {self.resume_from}: {', '.join(regrouped)} since it was written, so its optimiser "
                                 "state is for other parameters; resume with the setting it was written with, or start afresh (resume unset) "
                                 "in a run_dir of its own")
+
+    def check_same_model(self) -> None:
+        """A resume starts from the model the checkpoint's run started from (its identity, checkpoint.model_identity):
+        the export copies init_from's files and takes its dtype and history, so another model would be exported as this
+        run's. Refused before any work, as a regrouping is."""
+        self.init_identity = model_identity(self.init_from)
+        refused, note = init_from_change((self.resume_state or {}).get("init_from"), self.init_identity)
+        if refused:
+            raise TrainingError(f"cannot resume from {self.resume_from}: {refused}")
+        if note:
+            self.resume_notes.append(note)
 
     def remove_unused_run_dir(self, created: list[Path]) -> None:
         """A run that fails before its first step (data that cannot be read, a block too long for
@@ -661,7 +676,7 @@ class Runner:
     # ---------------------------------------------------------------- checkpoint and export
     def save_checkpoint(self) -> Path:
         facts = {"tokens_seen": self.samples_seen * self.cfg.data.block_size, "total_steps": self.total_steps, "world_size": self.world,
-                 "data": self.data_identity, "config": self.cfg.model_dump(mode="json")}
+                 "data": self.data_identity, "config": self.cfg.model_dump(mode="json"), "init_from": self.init_identity}
         return save_checkpoint(self.ckpt_root, self.acc, self.scheduler, step=self.step, samples_seen=self.samples_seen,
                                keep_last=self.cfg.checkpoint.keep_last, facts=facts, report=self.say)
 
