@@ -336,7 +336,7 @@ def _keys_at(schema: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields) if model is not None else []
 
 
-def _did_you_mean(schema: type[BaseModel] | None, loc: tuple) -> str:
+def did_you_mean(schema: type[BaseModel] | None, loc: tuple) -> str:
     """`; did you mean 'topk'?` for a key one typo away from a known one (after_evry, top_k)."""
     if schema is None or not loc or not isinstance(loc[-1], str):
         return ""
@@ -357,7 +357,7 @@ def problems_from_validation(error: ValidationError, source: YamlSource, schema:
             loc = loc[:-1]
         message, wanted = _say(item, loc)
         if item["type"] == "extra_forbidden":
-            message += _did_you_mean(schema, loc)
+            message += did_you_mean(schema, loc)
         if item["type"] == "missing" and loc and isinstance(loc[-1], int):
             loc = loc[:-1]  # a list an item short: said of the list, where the user wrote it
         if loc in problems and wanted and expected.get(loc):  # `tokens: true` against `int | str`: one line, both kinds

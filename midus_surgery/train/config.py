@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 from midus_surgery.errors import Problem, RecipeError
-from midus_surgery.recipe.schema import RECIPE_ONLY_KEYS, TRAIN_ONLY_KEYS, Strict, problems_from_validation, wrong_kind_of_file
+from midus_surgery.recipe.schema import RECIPE_ONLY_KEYS, TRAIN_ONLY_KEYS, Strict, did_you_mean, problems_from_validation, wrong_kind_of_file
 from midus_surgery.recipe.yaml_source import PathKey, YamlSource, load_yaml
 
 # Bounds on numbers with a physical meaning, checked before anything is read or allocated.
@@ -256,7 +256,8 @@ def _check_key(dotted: str) -> list[str] | str:
             return f"{'.'.join(parts[:i])} is not a section (it has no key {part!r})"
         if part not in model.model_fields:
             where = ".".join(parts[:i]) or "the top level"
-            return f"unknown key {part!r} in {where} (known: {', '.join(model.model_fields)})"
+            hint = did_you_mean(TrainConfig, tuple(parts[: i + 1]))  # as the config file's own typo is told
+            return f"unknown key {part!r} in {where}" + (hint or f" (known: {', '.join(model.model_fields)})")
         model = _submodel(model.model_fields[part].annotation)
     return parts
 
