@@ -120,6 +120,12 @@ def _plan_notes(planned, start: bool) -> list[str]:
         notes.append(f"the output's sliding-window layers ({', '.join(map(str, sliding[:12]))}{' ...' if len(sliding) > 12 else ''}) are "
                      f"not 'every layer from N on', so max_window_layers ({plan.config['max_window_layers']}, kept) cannot say them: "
                      "transformers reads layer_types, but a tool that reads max_window_layers instead would build another attention pattern")
+    from midus_surgery.emit.emitter import emit
+    from midus_surgery.emit.replica import moved_layer_difference
+
+    moved = moved_layer_difference(planned, emit)  # a DUS layout on a base whose layers read their index
+    if moved:
+        notes.append(moved)
     originals = {layer.source: n for layer, n in zip(plan.layers, plan.layer_params) if layer.kind == "base"}
     sizes = [(n, originals[layer.source]) for layer, n in zip(plan.layers, plan.layer_params) if layer.kind == "memory" and originals.get(layer.source)]
     if sizes:

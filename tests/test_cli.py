@@ -235,6 +235,27 @@ def test_validate_notes_a_memory_section_no_block_uses(tiny_base, tmp_path, caps
     assert code == 0 and "note:" not in text, text
 
 
+@pytest.mark.parametrize("by_index", [True, False])
+def test_validate_notes_a_dus_layout_on_a_base_whose_layers_read_their_index(tmp_path, capsys, by_index):
+    """GPT-2 with scale_attn_by_inverse_layer_idx scales each layer's attention by 1 / (its index + 1): a DUS layout
+    moves the base's own layers, which then compute otherwise (a trial found it applied without a word; identity and
+    memory recipes on it are refused). The plain GPT-2 and a Llama base (the test above) get no note."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=128, bos_token_id=0, eos_token_id=0,
+                               scale_attn_by_inverse_layer_idx=by_index)).save_pretrained(base)
+    code, text = validate_lines(tmp_path, capsys, base, "layout: {interleave: {after_every: 2, kind: transformer}}\noutput: {dir: out}\n")
+    note = ("note: on a tiny random replica of the base, base layer 2 computes differently at output position 3 from the same "
+            "input: its code depends on its index or on the depth (num_hidden_layers), so the base's own layers after an "
+            "insertion do not compute as they did in the base")
+    assert code == 0 and (note in text) == by_index and ("note:" in text) == by_index, text
+    assert main(["plan", str(tmp_path / "r.yaml"), "--json"]) == 0
+    assert (note[len("note: "):] in json.loads(capsys.readouterr().out)["notes"]) == by_index
+
+
 def test_validate_and_plan_note_what_the_author_may_not_have_meant(tiny_base, tmp_path, capsys):
     """Valid, but worth a line before a long apply: layers pruned on purpose, memory that starts
     random, and memory blocks at the defaults' size (Llama-3.2-1B's) on a tiny base."""

@@ -170,37 +170,42 @@ def _too_large(planned: PlannedRecipe, exc: BaseException) -> RecipeError:
         "block, which this machine cannot hold, nor load the output; choose a smaller n_subkeys or latent_dim"))])
 
 
-def _run_replica(planned: PlannedRecipe, tmp: Path, emit) -> str | None:
+def _tiny_base(planned: PlannedRecipe):
+    """(a tiny random replica of the base at full depth, its attn_implementation, token ids, why none builds): the
+    widths shrunk until it builds and runs, its norms perturbed away from their init."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from midus_surgery.anatomy.probe import _MAX_PROBE_PARAMS, _build_model, _shrinks
-    from midus_surgery.compiler.plan import make_plan
 
     trust = planned.loaded.recipe.base.trust_remote_code
     n_layers = planned.plan.base_num_layers
-    base, attn, problems = None, None, []
+    problems = []
     for shrink in _shrinks(planned.config):
         for attn in ("eager", None):
             try:
                 cfg = shrink.config(n_layers)
                 base = _build_model(AutoModelForCausalLM, cfg, trust, attn_implementation=attn)
                 if sum(p.numel() for p in base.parameters()) > _MAX_PROBE_PARAMS:
-                    base = None
                     break
                 _perturb(base)
                 ids = torch.randint(0, max(2, min(int(cfg.vocab_size), 1000)), (2, 12), generator=torch.Generator().manual_seed(REPLICA_SEED))
                 with torch.no_grad():
-                    want = base(input_ids=ids, use_cache=False, output_hidden_states=True)
-                break
+                    base(input_ids=ids, use_cache=False, output_hidden_states=True)
+                return base, attn, ids, problems
             except Exception as exc:  # noqa: BLE001 - a way of shrinking that does not run: try the next
                 problems.append(f"{shrink.label}: {one_line(exc, 120)}")
-                base = None
-        if base is not None:
-            break
-    if base is None:
-        return ("whether the identity and memory blocks start as the identity could not be checked: no tiny replica of the base "
-                f"builds and runs ({'; '.join(problems[:2]) or 'too large'})")
+    return None, None, None, problems
+
+
+def _emit_tiny(planned: PlannedRecipe, base, attn, tmp: Path, emit, function_preserving: bool | None):
+    """The recipe applied to the tiny replica ``base`` (saved to tmp/base), loaded back from tmp/out."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from midus_surgery.compiler.plan import make_plan
+
+    trust = planned.loaded.recipe.base.trust_remote_code
     base.save_pretrained(tmp / "base")
     _keep_building_code_only(tmp / "base" / "config.json")
     recipe = planned.loaded.recipe
@@ -210,16 +215,127 @@ def _run_replica(planned: PlannedRecipe, tmp: Path, emit) -> str | None:
     })
     loaded = planned.loaded.model_copy(update={"recipe": tiny_recipe})
     config = AutoConfig.from_pretrained(tmp / "base", trust_remote_code=trust)
-    plan = dataclasses.replace(make_plan(loaded, config, planned.anatomy), function_preserving=True)  # what is being checked
+    plan = dataclasses.replace(make_plan(loaded, config, planned.anatomy), function_preserving=function_preserving)
     emit(PlannedRecipe(loaded, config, planned.anatomy, plan, base_dtype="float32"), progress=False)
     kwargs = {"attn_implementation": attn} if attn else {}
-    out = AutoModelForCausalLM.from_pretrained(tmp / "out", dtype=torch.float32, trust_remote_code=trust, **kwargs).eval()
+    return AutoModelForCausalLM.from_pretrained(tmp / "out", dtype=torch.float32, trust_remote_code=trust, **kwargs).eval()
+
+
+def _run_replica(planned: PlannedRecipe, tmp: Path, emit) -> str | None:
+    import torch
+
+    base, attn, ids, problems = _tiny_base(planned)
+    if base is None:
+        return ("whether the identity and memory blocks start as the identity could not be checked: no tiny replica of the base "
+                f"builds and runs ({'; '.join(problems[:2]) or 'too large'})")
+    with torch.no_grad():
+        want = base(input_ids=ids, use_cache=False, output_hidden_states=True)
+    out = _emit_tiny(planned, base, attn, tmp, emit, function_preserving=True)  # what is being checked
     with torch.no_grad():
         got = out(input_ids=ids, use_cache=False, output_hidden_states=True)
     diff = float((got.logits.float() - want.logits.float()).abs().max())
     if diff == 0.0:
         return None
     return _where_it_parts(planned, want.hidden_states, got.hidden_states, diff)
+
+
+def moved_layer_difference(planned: PlannedRecipe, emit) -> str | None:
+    """For a layout with plain copies (DUS), which moves base layers to new output positions: None when every moved
+    base layer of a tiny replica computes what its source computes from the same input; else which does not, one
+    line. A layer whose code reads its index or the depth (GPT-2's scale_attn_by_inverse_layer_idx) does not: the
+    base's own layers then no longer compute as they did in the base. Nothing is said when no replica runs."""
+    plan = planned.plan
+    moved = [layer for layer in plan.layers if not layer.inserted and layer.index != layer.source]
+    if not moved or not plan.layers_path or promises_identity(planned):  # identity and memory: the replica check says it
+        return None
+    recipe = planned.loaded.recipe
+    key = json.dumps({"moved": True, "config": _config_key(planned.config), "layout": recipe.layout.model_dump(mode="json"),
+                      "memory": recipe.memory.model_dump(mode="json"), "seed": recipe.seed}, sort_keys=True, default=str)
+    if key not in _RESULTS:
+        if len(_RESULTS) >= 64:
+            _RESULTS.clear()
+        _RESULTS[key] = _quietly(lambda tmp: _run_moved(planned, moved, tmp, emit))
+    return _RESULTS[key]
+
+
+def _quietly(run) -> str | None:
+    """run(tmp folder) with one torch thread and its output swallowed; None if anything in it fails."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory(prefix="midus-replica-") as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quiet = io.StringIO()
+            with contextlib.redirect_stderr(quiet), contextlib.redirect_stdout(quiet):
+                return run(Path(tmp))
+    except Exception:  # noqa: BLE001 - a note that cannot be checked is not said; the recipe itself is valid
+        return None
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_moved(planned: PlannedRecipe, moved: list, tmp: Path, emit) -> str | None:
+    import torch
+
+    from midus_surgery.anatomy.trace import decoder_layers
+
+    base, attn, ids, _ = _tiny_base(planned)
+    if base is None:
+        return None
+    out = _emit_tiny(planned, base, attn, tmp, emit, function_preserving=None)
+    path = planned.plan.layers_path
+    seen_in, seen_out = {}, {}  # base layer index -> its hidden-states input and output in the base's run
+
+    def hidden(args, kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    def first(output):
+        return output[0] if isinstance(output, (tuple, list)) else output
+
+    def record(i):
+        def pre(_module, args, kwargs):
+            seen_in[i] = hidden(args, kwargs).clone()
+
+        def post(_module, _args, _kwargs, output):
+            seen_out[i] = first(output).clone()
+        return pre, post
+
+    handles = []
+    for i, layer in enumerate(decoder_layers(base, path)):
+        pre, post = record(i)
+        handles += [layer.register_forward_pre_hook(pre, with_kwargs=True), layer.register_forward_hook(post, with_kwargs=True)]
+    with torch.no_grad():
+        base(input_ids=ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    got = {}
+
+    def substitute(source, index):
+        def pre(_module, args, kwargs):  # the input its source had in the base
+            if args:
+                return (seen_in[source], *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": seen_in[source]}
+
+        def post(_module, _args, _kwargs, output):
+            got[index] = first(output).clone()
+        return pre, post
+
+    layers = decoder_layers(out, path)
+    for layer in moved:
+        pre, post = substitute(layer.source, layer.index)
+        layers[layer.index].register_forward_pre_hook(pre, with_kwargs=True)
+        layers[layer.index].register_forward_hook(post, with_kwargs=True)
+    with torch.no_grad():
+        out(input_ids=ids, use_cache=False)
+    for layer in moved:
+        a, b = got[layer.index], seen_out[layer.source]
+        if a.shape != b.shape or not bool((a == b).all()):
+            return (f"on a tiny random replica of the base, base layer {layer.source} computes differently at output position "
+                    f"{layer.index} from the same input: its code depends on its index or on the depth "
+                    "(num_hidden_layers), so the base's own layers after an insertion do not compute as they did in the base")
+    return None
 
 
 def _keep_building_code_only(config_path: Path) -> None:
