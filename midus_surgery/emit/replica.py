@@ -76,11 +76,15 @@ def skeleton_change(planned: PlannedRecipe) -> str | None:
 
 def replica_difference(planned: PlannedRecipe, emit) -> str | None:
     """None when the recipe keeps a tiny replica's logits exactly; else why not, one line."""
+    return _cached(_recipe_key(planned, "identity"), lambda: _difference(planned, emit))
+
+
+def _recipe_key(planned: PlannedRecipe, check: str) -> str:
+    """What a replica check's answer depends on: the base's config, the layout and memory settings, the anatomy."""
     recipe = planned.loaded.recipe
-    key = json.dumps({"config": _config_key(planned.config), "layout": recipe.layout.model_dump(mode="json"),
-                      "memory": recipe.memory.model_dump(mode="json"), "seed": recipe.seed,
-                      "anatomy": planned.anatomy.model_dump(mode="json") if planned.anatomy else None}, sort_keys=True, default=str)
-    return _cached_difference(key, planned, emit)
+    return json.dumps({"check": check, "config": _config_key(planned.config), "layout": recipe.layout.model_dump(mode="json"),
+                       "memory": recipe.memory.model_dump(mode="json"), "seed": recipe.seed,
+                       "anatomy": planned.anatomy.model_dump(mode="json") if planned.anatomy else None}, sort_keys=True, default=str)
 
 
 def _config_key(config) -> dict:
@@ -93,36 +97,44 @@ def _config_key(config) -> dict:
 _RESULTS: dict[str, str | None] = {}  # per key: the answer, kept for the process (tests plan the same recipes often)
 
 
-def _cached_difference(key: str, planned: PlannedRecipe, emit) -> str | None:
+def _cached(key: str, compute) -> str | None:
     if key not in _RESULTS:
         if len(_RESULTS) >= 64:
             _RESULTS.clear()
-        _RESULTS[key] = _difference(planned, emit)
+        _RESULTS[key] = compute()
     return _RESULTS[key]
 
 
-def _difference(planned: PlannedRecipe, emit) -> str | None:
+@contextlib.contextmanager
+def _sandbox():
+    """A temporary folder for a replica, with one torch thread (tiny tensors: threads only contend) and the
+    replica's own warnings and output swallowed."""
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only contend
+    torch.set_num_threads(1)
     try:
         with _temp_folder() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quiet = io.StringIO()
             with contextlib.redirect_stderr(quiet), contextlib.redirect_stdout(quiet):
-                try:
-                    return _run_replica(planned, Path(tmp), emit)
-                except RecipeError as exc:
-                    return f"the recipe applied to a tiny replica of the base is refused: {str(exc).strip().splitlines()[0]}"
-                except Exception as exc:  # noqa: BLE001 - what would break the real output: a refusal, not a traceback
-                    if _out_of_memory(exc):  # no accept_function_change can help: say what is too large
-                        raise _too_large(planned, exc) from None
-                    if _disk_problem(exc):  # the machine's temp disk, not the recipe
-                        raise _temp_disk_error(tmp, exc) from None
-                    return f"the recipe applied to a tiny replica of the base fails ({one_line(exc, 200)}), so the output would not load or run"
+                yield Path(tmp)
     finally:
         torch.set_num_threads(threads)
+
+
+def _difference(planned: PlannedRecipe, emit) -> str | None:
+    with _sandbox() as tmp:
+        try:
+            return _run_replica(planned, tmp, emit)
+        except RecipeError as exc:
+            return f"the recipe applied to a tiny replica of the base is refused: {str(exc).strip().splitlines()[0]}"
+        except Exception as exc:  # noqa: BLE001 - what would break the real output: a refusal, not a traceback
+            if _out_of_memory(exc):  # no accept_function_change can help: say what is too large
+                raise _too_large(planned, exc) from None
+            if _disk_problem(exc):  # the machine's temp disk, not the recipe
+                raise _temp_disk_error(str(tmp), exc) from None
+            return f"the recipe applied to a tiny replica of the base fails ({one_line(exc, 200)}), so the output would not load or run"
 
 
 # what a full, size-capped or read-only temp disk raises, as OSError or inside safetensors' and torch's own errors
@@ -248,32 +260,17 @@ def moved_layer_difference(planned: PlannedRecipe, emit) -> str | None:
     moved = [layer for layer in plan.layers if not layer.inserted and layer.index != layer.source]
     if not moved or not plan.layers_path or promises_identity(planned):  # identity and memory: the replica check says it
         return None
-    recipe = planned.loaded.recipe
-    key = json.dumps({"moved": True, "config": _config_key(planned.config), "layout": recipe.layout.model_dump(mode="json"),
-                      "memory": recipe.memory.model_dump(mode="json"), "seed": recipe.seed}, sort_keys=True, default=str)
-    if key not in _RESULTS:
-        if len(_RESULTS) >= 64:
-            _RESULTS.clear()
-        _RESULTS[key] = _quietly(lambda tmp: _run_moved(planned, moved, tmp, emit))
-    return _RESULTS[key]
+    return _cached(_recipe_key(planned, "moved layers"), lambda: _quietly(planned, moved, emit))
 
 
-def _quietly(run) -> str | None:
-    """run(tmp folder) with one torch thread and its output swallowed; None if anything in it fails."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _quietly(planned: PlannedRecipe, moved: list, emit) -> str | None:
+    """_run_moved in a sandbox; None if anything in it fails (a note that cannot be checked is not said: the recipe
+    itself is valid)."""
     try:
-        with tempfile.TemporaryDirectory(prefix="midus-replica-") as tmp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quiet = io.StringIO()
-            with contextlib.redirect_stderr(quiet), contextlib.redirect_stdout(quiet):
-                return run(Path(tmp))
-    except Exception:  # noqa: BLE001 - a note that cannot be checked is not said; the recipe itself is valid
+        with _sandbox() as tmp:
+            return _run_moved(planned, moved, tmp, emit)
+    except Exception:  # noqa: BLE001
         return None
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_moved(planned: PlannedRecipe, moved: list, tmp: Path, emit) -> str | None:
