@@ -190,7 +190,7 @@ def test_compile_decodes_on_a_static_cache_compiled_before_the_timed_rounds(mode
     monkeypatch.setattr(bd, "generate", lambda *a, **k: made.append(a[4] if len(a) > 4 else k.get("compiled")) or real(*a, **k))
     buf = io.StringIO()
     with redirect_stdout(buf):
-        rc = bd.main(["--quick", "--json", "--compile", "--batches", "2", "--new-tokens", "4",
+        rc = bd.main(["--quick", "--json", "--compile", "--profile", "--batches", "2", "--new-tokens", "4",
                       "--model", f"DUS={models['DUS']}", "--model", f"MIDUS={models['MIDUS']}"])
     assert rc == 0
     payload = json.loads(buf.getvalue())
@@ -204,6 +204,20 @@ def test_compile_decodes_on_a_static_cache_compiled_before_the_timed_rounds(mode
     assert 'cache_implementation="static"' in text and "the first compiles;" in text and "CUDA graphs" not in text
     gpu = bdr.section_text(dict(payload, device="cuda", machine="Fake GPU"))
     assert 'mode="reduce-overhead"' in gpu and "the second records the CUDA graphs" in gpu
+    # what inductor did about CUDA graphs, per model: on a CPU it makes none, so nothing skipped or cut
+    graphs = payload["compiles"][0]["cudagraphs"]
+    assert set(graphs) == {"DUS", "MIDUS"}
+    assert all(g["cudagraph_skips"] == 0 and g["cudagraph_partitions"] == 0 for g in graphs.values())
+    assert "CUDA graphs, as inductor reported them" in gpu and "CUDA graphs, as inductor" not in text
+    # --compile --profile: one more compiled generate per model, what ran and for how long, no new graph
+    (prof,) = payload["profile"]
+    assert prof["compiled"] is True and set(prof["models"]) == {"DUS", "MIDUS"}
+    for k in prof["models"].values():
+        assert k["launched"] > 0 and 0 < k["device_ms"] and k["decode_ms"] < k["wall_ms"]
+        assert sum(c for c, _ in k["all"].values()) == k["launched"] and k["top"][0]["us"] >= k["top"][-1]["us"]
+    midus, dus = (set(prof["models"][m]["all"]) for m in ("MIDUS", "DUS"))
+    assert any("midus_hml" in name for name in midus - dus)  # the memory read, an operator DUS never runs
+    assert "What MIDUS runs more of than DUS, " in text and "| MIDUS | " in text
 
 
 @pytest.mark.parametrize("argv,words", [
@@ -214,7 +228,6 @@ def test_compile_decodes_on_a_static_cache_compiled_before_the_timed_rounds(mode
     (["--model", "DUS"], "--model wants NAME=DIR"),
     (["--model", "DUS=/nonexistent/dus"], "not a model directory"),
     (["--from-json", "/nonexistent/run.json"], "cannot read a run's JSON"),
-    (["--compile", "--profile"], "--profile hooks the eager blocks"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, words, capsys):
     assert bd.main(["--quick", "--no-docs", *argv]) == 2

@@ -45,7 +45,10 @@ it (T = batch tokens per call): which of its operators cost what.
 ``--compile`` times what a user runs to take the per-operator overhead out of decoding: generate on a static KV
 cache with its decode step compiled whole (``cache_implementation="static"`` and a ``CompileConfig``; CUDA graphs on
 a GPU). Each model is warmed up at the timed length (compiling is not timed), and a graph compiled during the
-timed rounds is an error. Its own section and JSON (``..., compiled``).
+timed rounds is an error. Its own section and JSON (``..., compiled``). The JSON keeps, per model, what inductor
+did about CUDA graphs while it compiled (graphs skipped, pieces cut around operators a graph cannot hold, and
+why). ``--compile --profile`` adds one profiled generate per model and setting: what ran on the device, how
+many launches and how long beside the wall time, and the top kernels (there are no eager blocks to hook).
 
 A full run keeps the raw numbers in docs/results/bench_decode_{cpu|gpu}{_every2|_llama1b}.json and writes
 the `## Decode` (`## Decode on GPU`) section of docs/benchmarks.md through tools/bench_decode_report.py;
@@ -351,6 +354,90 @@ def profile_setting(loaded: dict, paths: dict, ids, new_tokens: int, sync, devic
     return out
 
 
+# ----------------------------------------------------------------------------- the compiled step's anatomy
+
+class CudaGraphWatch:
+    """What inductor did about CUDA graphs while a model compiled: how many graphs it left out of CUDA graphs
+    (``cudagraph_skips``), how many pieces it cut a graph into around operators a graph cannot hold
+    (``cudagraph_partitions``: each cut is a return to eager launches mid-step), and its own words why (the
+    ``cudagraphs`` log, at debug level, kept here instead of printed). On an H200 a compiled Memory block's step
+    cost 2.3x a plain block's, more than its memory read alone (docs/benchmarks.md): a cut in every Memory block
+    would explain it, and this says whether there is one. On a CPU inductor makes no CUDA graphs: all zero."""
+
+    KEYS = ("cudagraph_skips", "cudagraph_partitions")
+    NOTES = 20  # the log's lines kept per model: the reasons, not every node
+
+    def __enter__(self):
+        import logging
+
+        from torch._dynamo.utils import counters
+
+        self.before = {k: counters["inductor"][k] for k in self.KEYS}
+        self.lines: list[str] = []
+        watch = self
+
+        class Keep(logging.Handler):
+            def emit(self, record):
+                if len(watch.lines) < 200:
+                    watch.lines.append(record.getMessage().strip())
+
+        self.handler, self.loggers = Keep(level=logging.DEBUG), []
+        for name in self._logger_names():
+            logger = logging.getLogger(name)
+            self.loggers.append((logger, logger.level))
+            logger.setLevel(logging.DEBUG)
+            logger.addHandler(self.handler)
+        return self
+
+    @staticmethod
+    def _logger_names() -> list[str]:
+        # torch's artifact loggers are named "<module>.__<artifact>"; the registry is private, hence the fallback
+        try:
+            from torch._logging._internal import log_registry
+
+            names = [n for n in log_registry.get_artifact_log_qnames() if n.endswith(".__cudagraphs")]
+        except Exception:  # noqa: BLE001 - a torch without the registry: the two modules that say why
+            names = []
+        return names or ["torch._inductor.cudagraph_utils.__cudagraphs", "torch._inductor.scheduler.__cudagraphs"]
+
+    def __exit__(self, *exc):
+        from torch._dynamo.utils import counters
+
+        for logger, level in self.loggers:
+            logger.removeHandler(self.handler)
+            logger.setLevel(level)
+        self.result = {k: counters["inductor"][k] - self.before[k] for k in self.KEYS}
+        why = [line for line in dict.fromkeys(self.lines)
+               if any(w in line for w in ("skipping", "partition", "reason=", "non-cudagraphable"))]
+        self.result["cudagraph_notes"] = why[:self.NOTES]
+        return False
+
+
+def kernel_profile(model, ids, new_tokens: int, sync, device, compiled, top: int = 15) -> dict:
+    """One more compiled generate under torch.profiler: what ran on the device (CUDA kernels; on a CPU the
+    operators), how many and for how long in all, beside the generate's wall time, and the ``top`` of them by
+    time. The prefill is in it too (one pass against N - 1 decode steps). Device time far under the wall time
+    says the step waits on the host (launches, an eager piece between graphs), not on kernels."""
+    import torch
+
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        res = generate(model, ids, new_tokens, sync, compiled)
+    on_device = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    rows = []
+    for e in prof.key_averages():
+        if e.device_type != on_device:
+            continue
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if us > 0 or cuda:
+            rows.append({"name": e.key, "count": int(e.count), "us": float(us)})
+    rows.sort(key=lambda r: -r["us"])
+    return {"what": "CUDA kernels" if cuda else "CPU operators (self time)", "launched": sum(r["count"] for r in rows),
+            "device_ms": sum(r["us"] for r in rows) / 1e3, "wall_ms": res["total_s"] * 1e3,
+            "decode_ms": res["decode_s"] * 1e3, "top": rows[:top], "all": {r["name"]: [r["count"], r["us"]] for r in rows}}
+
+
 # ----------------------------------------------------------------------------- the rounds
 
 def bench(models: dict[str, Path], dtypes: list[str], batches: list[int], prompt: int, new_tokens: int, rounds: int,
@@ -377,6 +464,7 @@ def bench(models: dict[str, Path], dtypes: list[str], batches: list[int], prompt
         vocab = min(m.get_input_embeddings().weight.shape[0] for m, _ in loaded.values())
         for batch in batches:
             ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(dev)
+            cudagraphs: dict[str, dict] = {}
             for name, (model, _) in loaded.items():
                 if compiled is None:
                     with torch.inference_mode():
@@ -386,9 +474,13 @@ def bench(models: dict[str, Path], dtypes: list[str], batches: list[int], prompt
                 # (the static cache's size is part of the graph), twice: the first compiles, the second records
                 # the CUDA graphs.
                 t1 = time.perf_counter()
-                for _ in range(2):
-                    generate(model, ids, new_tokens, sync, compiled)
-                log(f"  compiled {name} ({dtype}, batch {batch}) in {time.perf_counter() - t1:.0f} s")
+                with CudaGraphWatch() as watch:
+                    for _ in range(2):
+                        generate(model, ids, new_tokens, sync, compiled)
+                cudagraphs[name] = watch.result
+                log(f"  compiled {name} ({dtype}, batch {batch}) in {time.perf_counter() - t1:.0f} s"
+                    + (f"; CUDA graphs: {watch.result['cudagraph_skips']} skipped, {watch.result['cudagraph_partitions']} "
+                       "partition(s)" if dev.type == "cuda" else ""))
             graphs = graphs_compiled()
             results: dict[str, list[dict]] = {name: [] for name in loaded}
             order = list(loaded)
@@ -406,12 +498,20 @@ def bench(models: dict[str, Path], dtypes: list[str], batches: list[int], prompt
                 if graphs_compiled() != graphs:  # a timed step paid for a compile: the rounds mean nothing
                     raise RuntimeError(f"{dtype} batch {batch}: {graphs_compiled() - graphs} graph(s) compiled during the "
                                        "timed rounds, after the warm-up")
-                compiles.append({"dtype": dtype, "batch": batch, "graphs_so_far": graphs})
+                compiles.append({"dtype": dtype, "batch": batch, "graphs_so_far": graphs, "cudagraphs": cudagraphs})
             for name, rs in results.items():
                 model = loaded[name][0]
                 rows.append(summarise(name, dtype, batch, prompt, new_tokens, rs, sum(p.numel() for p in model.parameters()),
                                       loaded[name][1]))
-            if profile and REFERENCE in loaded and "MIDUS" in loaded:
+            if profile and compiled is not None:  # the compiled step has no eager blocks to hook: its kernels
+                kernels = {name: kernel_profile(m, ids, new_tokens, sync, dev, compiled) for name, (m, _) in loaded.items()}
+                if graphs_compiled() != graphs:
+                    raise RuntimeError(f"{dtype} batch {batch}: the profiled generates compiled a graph")
+                profiles.append({"dtype": dtype, "batch": batch, "compiled": True, "models": kernels})
+                log(f"  [{dtype} batch {batch} profile] " + ", ".join(
+                    f"{name} {k['launched']} launched, {k['device_ms']:.1f} ms on the device of {k['wall_ms']:.1f} ms"
+                    for name, k in kernels.items()))
+            elif profile and REFERENCE in loaded and "MIDUS" in loaded:
                 with torch.inference_mode():
                     p = profile_setting(loaded, models, ids, new_tokens, sync, dev)
                 profiles.append({"dtype": dtype, "batch": batch, **p})
@@ -528,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch CPU threads (torch.set_num_threads; default: torch's, one per core); a run with it has its own "
                          "section and JSON (`..., 1 torch thread`)")
     ap.add_argument("--profile", action="store_true", help="also profile the inserted blocks of DUS and MIDUS at decode, "
-                    "and the memory layer's operators (one more generate per model and setting)")
+                    "and the memory layer's operators (one more generate per model and setting); with --compile, every "
+                    "model's kernels in one more compiled generate")
     ap.add_argument("--compile", action="store_true", help="generate on a static KV cache with the decode step compiled "
                     "whole (torch.compile through generate's compile_config; CUDA graphs on a GPU); its own section and JSON")
     ap.add_argument("--from-json", metavar="RESULTS_JSON", help="only rewrite the docs section from the --json output of an "
@@ -571,8 +672,6 @@ def run(args, argv) -> int:
         args.new_tokens = args.new_tokens or 8
         args.rounds = args.rounds or 2
     prompt, new_tokens, rounds = args.prompt_tokens or 128, args.new_tokens or 32, args.rounds or 12
-    if args.compile and args.profile:
-        raise BadInput("--profile hooks the eager blocks; run it without --compile")
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     import torch
 

@@ -96,6 +96,8 @@ def profile_lines(payload: dict) -> list[str]:
     prof = payload.get("profile")
     if not prof:
         return []
+    if any(p.get("compiled") for p in prof):
+        return compiled_profile_lines(prof)
     us = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
     lines = ["Profile (`--profile`), per call at a decode step (T = batch tokens), in microseconds. Block columns: wall "
              "time between forward hooks, median over every inserted block's calls in 3 more generates per model "
@@ -122,6 +124,56 @@ def profile_lines(payload: dict) -> list[str]:
             for o in ops[:10]:
                 lines.append(f"| `{o['name']}` | {o['self_us']:.1f} | {o['count']:g} |")
     return lines + [""]
+
+
+def compiled_profile_lines(prof: list[dict], top: int = 10) -> list[str]:
+    """``--compile --profile``: per model, what one more compiled generate ran on the device, beside its wall time;
+    then the kernels on which MIDUS spends more than DUS (the difference, per generate)."""
+    what = next(iter(prof[0]["models"].values()))["what"]
+    lines = [f"Profile (`--compile --profile`): one more compiled generate per model and setting under `torch.profiler`, "
+             f"{what}: how many ran, their time summed, and the generate's wall time (prefill included: one pass "
+             "against N - 1 decode steps). Device time far under the wall time means the step waits on the host.", "",
+             "| dtype | batch | model | launched | on the device ms | generate wall ms | of which decode ms | device / wall |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for p in prof:
+        for name, k in p["models"].items():
+            share = f"{k['device_ms'] / k['wall_ms']:.2f}" if k["wall_ms"] else "-"
+            lines.append(f"| {p['dtype']} | {p['batch']} | {name} | {k['launched']} | {k['device_ms']:.2f} | "
+                         f"{k['wall_ms']:.1f} | {k['decode_ms']:.1f} | {share} |")
+    for p in prof:
+        mine, theirs = p["models"].get("MIDUS"), p["models"].get(REFERENCE)
+        if not mine or not theirs:
+            continue
+        diff = []
+        for name in dict.fromkeys([*mine["all"], *theirs["all"]]):
+            (mc, mu), (dc, du) = mine["all"].get(name, (0, 0.0)), theirs["all"].get(name, (0, 0.0))
+            if mu - du > 0:
+                diff.append((mu - du, name, mc, mu, dc, du))
+        diff.sort(reverse=True)
+        lines += ["", f"What MIDUS runs more of than DUS, {p['dtype']}, batch {p['batch']} (per generate; "
+                      f"{mine['device_ms'] - theirs['device_ms']:+.2f} ms on the device in all):", "",
+                  "| name | MIDUS count | MIDUS us | DUS count | DUS us | MIDUS - DUS us |", "|---|---:|---:|---:|---:|---:|"]
+        for d, name, mc, mu, dc, du in diff[:top]:
+            lines.append(f"| `{name[:80]}` | {mc} | {mu:.0f} | {dc} | {du:.0f} | {d:+.0f} |")
+    return lines + [""]
+
+
+def cudagraph_lines(payload: dict) -> list[str]:
+    """What inductor did about CUDA graphs while each model compiled (a compiled GPU run): skipped graphs,
+    partitions (a cut around operators a graph cannot hold) and its reasons."""
+    settings = [c for c in payload.get("compiles", []) if c.get("cudagraphs")]
+    if payload["device"] != "cuda" or not settings:
+        return []
+    lines = ["- CUDA graphs, as inductor reported them while each model compiled (graphs skipped, partitions: pieces cut "
+             "around operators a graph cannot hold; a model that reused another's compiled code shows none of its own):"]
+    for c in settings:
+        parts = [f"{name} {g['cudagraph_skips']} skipped, {g['cudagraph_partitions']} partitions"
+                 for name, g in c["cudagraphs"].items()]
+        lines.append(f"  {c['dtype']} batch {c['batch']}: " + "; ".join(parts) + ".")
+        for name, g in c["cudagraphs"].items():
+            for note in g.get("cudagraph_notes", [])[:5]:
+                lines.append(f"  {name}: `{note[:200]}`")
+    return lines
 
 
 def section_title(payload: dict) -> str:
@@ -202,6 +254,7 @@ def section_text(payload: dict, source: Path | None = None) -> str:
         lines.append(f"- `{FUSED_ROW}`: the MIDUS model with its memory layers on the fused read (`kernels: triton-fused`: "
                      "the scores, selection, softmax and pooled gather in one Triton kernel, where the default path launches "
                      "about ten operators), timed because the decode on a GPU is bound by per-operator overhead.")
+    lines += cudagraph_lines(payload)
     if not gpu:
         lines.append("- CUDA rows: `python tools/bench_decode.py --device cuda --random-init --dtypes fp32,bf16` measures them "
                      "on a GPU machine (only the outputs' config.json files need to travel; tools/gpu_session.py runs it), and "

@@ -25,9 +25,12 @@ A GPU machine is lent for minutes at a time, with nothing installed from here an
    and MIDUS on the fused read at batch 1 and 16, fp32 and bf16, 3 paired rounds (``bench_decode.json``).
 4. ``decode-compiled``: the same in bf16 on a static cache with the decode step compiled (``--compile``: CUDA
    graphs, which take out the per-operator overhead that bounds the eager decode; ``bench_decode_compiled.json``).
+5. ``decode-profile``: the compiled decode at batch 1, one round, then ``--profile``: per model the CUDA graphs
+   inductor skipped or cut while compiling and the kernels of one more generate (``bench_decode_profile.json``).
 
-One call runs 600 s at most: ``run`` alone runs DEFAULT_STEPS (check, decode-compiled), ``run --steps
-step,decode`` the others in a second call.
+One call runs 600 s at most, and a session's 15 minutes of device time hold about one full call and a short
+one: ``run`` alone runs DEFAULT_STEPS (check, decode-profile), then ``run --steps step`` (or another step that
+fits what is left) in a second call.
 
 The GPU machine has torch, triton and transformers but not the package's other imports (pydantic,
 PyYAML, rich): ``prepare`` downloads their wheels for its Python (3.12) into ``work/gpu-carry/pylib``,
@@ -71,10 +74,15 @@ STEPS = {  # name -> (seconds, the command after `python`, the file its stdout g
     # bf16 only: each model and batch compiles its own graph (25-42 s each on the H200, about a minute on a CPU here)
     "decode-compiled": (330, ["tools/bench_decode.py", "--device", "cuda", "--random-init", "--dtypes", "bf16", "--rounds", "3",
                               "--compile", "--json", "--no-docs"], "bench_decode_compiled.json"),
+    # where a compiled Memory block's extra time goes: batch 1, one round, then one profiled generate per model
+    # (every model still compiles: about 165 s of the limit on the H200)
+    "decode-profile": (240, ["tools/bench_decode.py", "--device", "cuda", "--random-init", "--dtypes", "bf16", "--batches", "1",
+                             "--rounds", "1", "--compile", "--profile", "--json", "--no-docs"], "bench_decode_profile.json"),
 }
-# What the next session measures first: the kernels' checks (the split-K rule: float32 and 8+ pieces only) and
-# the compiled decode with MIDUS on the fused read beside the default (its row is unmeasured in a CUDA graph).
-DEFAULT_STEPS = ("check", "decode-compiled")
+# What the next session measures first (2026-12-04, third session): the kernels' checks, then why a compiled
+# Memory block costs about 100 us of a batch-1 decode step over a plain block when its memory read alone, replayed
+# from a CUDA graph, costs 40-50 us over the FFN: the CUDA graphs inductor skipped or cut, and the kernels.
+DEFAULT_STEPS = ("check", "decode-profile")
 # What the package imports and the GPU machine's Python lacks (2026-12-04: torch, triton and transformers
 # only, on Python 3.12: bench_step's child died on `import pydantic`). `prepare` downloads their wheels for
 # that Python from the package registry and unpacks them into the carry; `run` puts them on PYTHONPATH.
@@ -254,6 +262,16 @@ def report(src: Path, docs: Path = BENCHMARKS, results: Path = RESULTS) -> list[
     if log.is_file():
         shutil.copy2(log, results / "gpu_check_hml_session.log")
         done.append("results/gpu_check_hml_session.log")
+    profile = src / "bench_decode_profile.json"
+    if profile.is_file() and profile.stat().st_size:
+        # one round at one batch: not a measurement to replace the compiled section's, so its profile is printed for
+        # a hand-written reading and its JSON kept
+        import bench_decode_report
+
+        payload = json.loads(profile.read_text())
+        kept = save_json(results / "bench_decode_gpu_compiled_profile.json", payload)
+        print("\n".join(bench_decode_report.cudagraph_lines(payload) + [""] + bench_decode_report.profile_lines(payload)))
+        done.append(f"results/{kept.name} (its CUDA graphs and profile printed above, for a reading by hand)")
     for name, tool in (("bench_step.json", "bench_step_report.py"), ("bench_decode.json", "bench_decode_report.py"),
                        ("bench_decode_compiled.json", "bench_decode_report.py")):
         path = src / name
