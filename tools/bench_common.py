@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -78,16 +79,50 @@ def recipe_output(recipe) -> Path:
     return (recipe.resolve().parent / yaml.safe_load(recipe.read_text())["output"]["dir"]).resolve()
 
 
-def write_section(path: Path, title: str, body: str) -> None:
-    """Replace (or append) one `## ` section of a markdown file, leaving every other section as it is."""
+# Where the hand-written part of a drawn section starts: a paragraph opening "Reading (" (a run's reading), or a
+# "### " subsection (an earlier run's table and reading, kept). A report never draws either.
+HAND = re.compile(r"^(?:Reading \(|### )", re.M)
+EARLIER = "### Earlier run (moved here by the report when a new run replaced it; its reading below is about it)"
+
+
+def split_hand(section: str) -> tuple[str, str]:
+    """(what a report drew, what was written by hand after it) of one section's text."""
+    m = HAND.search(section)
+    return (section, "") if m is None else (section[:m.start()], section[m.start():])
+
+
+def _rows(section: str) -> list[str]:
+    """A drawn section's table rows (its numbers): the same rows are the same run, whatever the prose around them."""
+    rows = [line.rstrip() for line in section.splitlines() if line.startswith("| ")]
+    return rows or [section.strip()]
+
+
+def write_section(path: Path, title: str, body: str, log=None) -> None:
+    """Replace (or append) one `## ` section of a markdown file, leaving every other section as it is.
+
+    What was written by hand under the section (``split_hand``) is kept: a redraw of the same run keeps it as it
+    is (the same table rows: the same run, whatever changed in the prose around them); a new run moves the earlier
+    run's table and what follows it (targets, notes) under an "### Earlier run"
+    subsection ahead of the hand-written part, so a reading stays beside the numbers it reads. ``log`` (default:
+    stderr) is told when that happens: the new run's reading is for a person to write."""
     path = Path(path)
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
     start = text.find(title + "\n")
+    body = body.rstrip("\n")
     if start < 0:
-        new = text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
+        new = text.rstrip("\n") + "\n\n" + body + "\n"
     else:
         nxt = text.find("\n## ", start + len(title))
-        new = text[:start] + body.rstrip("\n") + "\n" + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
+        drawn, hand = split_hand(text[start:nxt + 1] if nxt >= 0 else text[start:])
+        if hand and _rows(drawn) != _rows(body):
+            table_at = drawn.find("\n| ")
+            earlier = (drawn[table_at + 1:] if table_at >= 0 else drawn[len(title):]).strip()
+            hand = f"{EARLIER}\n\n{earlier}\n\n{hand}"
+            (log or (lambda m: print(m, file=sys.stderr)))(
+                f"{path.name}: {title[3:]}: a new run; the earlier run's table and its reading are kept under "
+                "'### Earlier run': write this run's reading by hand")
+        new = (text[:start] + body + "\n" + ("\n" + hand.strip("\n") + "\n" if hand else "")
+               + ("\n" + text[nxt + 1:] if nxt >= 0 else ""))
     path.write_text(new)
 
 
