@@ -368,6 +368,29 @@ def test_segment_is_a_triton_method_and_means_auto_elsewhere():
     assert hml._bank_grad_method("segment", "cpu") == hml._bank_grad_method("auto", "cpu") == "sparse_mm"
 
 
+def test_auto_takes_the_segment_reduce_for_wide_rows_and_many_contributions_on_the_triton_kernels():
+    """Where it measured faster on an H200 (rows of 256 at 16 x 1024 tokens), and nowhere else."""
+    wide, many = hml.SEGMENT_MIN_WIDTH, hml.SEGMENT_MIN_CONTRIBUTIONS
+    llama = dict(contributions=32 * 16384 * 32, width=256)  # Llama-3.2-1B: 32 heads x 16 x 1024 tokens x top-32
+    assert hml._bank_grad_method("auto", "cuda", triton=True, **llama) == "segment"
+    assert hml._bank_grad_method("auto", "cuda", triton=True, contributions=many, width=wide) == "segment"
+    assert hml._bank_grad_method("auto", "cuda", triton=True, contributions=many - 1, width=wide) == "embedding_bag"
+    assert hml._bank_grad_method("auto", "cuda", triton=True, contributions=many, width=wide // 2) == "embedding_bag"
+    assert hml._bank_grad_method("auto", "cuda", **llama) == "embedding_bag"  # no Triton: no segment
+    assert hml._bank_grad_method("auto", "cpu", triton=True, **llama) == "sparse_mm"  # a CPU tensor (the interpreter)
+    assert hml._bank_grad_method("embedding_bag", "cuda", triton=True, **llama) == "embedding_bag"  # an explicit choice stands
+
+
+@pytest.mark.parametrize("kernels_", ["triton", "triton-fused"])
+def test_both_triton_paths_ask_for_the_bank_gradient_with_its_size(kernels_, monkeypatch):
+    """The rule above needs the bank gradient's size: H x T x k contributions into rows of d_l."""
+    layer = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=6, topk=4, latent_dim=5, init="random", kernels=kernels_))
+    asked, real = [], hml._bank_grad_method
+    monkeypatch.setattr(hml, "_bank_grad_method", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
+    layer(torch.randn(2, 3, 2, 8)).sum().backward()
+    assert asked and all(kw["contributions"] == 2 * 6 * 4 and kw["width"] == 5 for kw in asked)
+
+
 def test_a_pure_torch_layer_told_segment_gives_the_auto_gradient():
     torch.manual_seed(0)
     x = torch.randn(2, 9, 2, 8)

@@ -618,8 +618,11 @@ def check_fused(dev, sync, card, dry_run: bool, check, json_out=None) -> None:
         del gidx, gw, gdz
 
     batches = [(1, 16)] if dry_run else [(4, 256), (16, 1024)]
-    paths = {"torch": dict(), "triton": dict(), "triton segment": dict(bank_grad="segment"), "triton-fused": dict(),
-             "triton-fused segment": dict(bank_grad="segment"), "triton-fused atomic": dict(bank_grad="index_add")}
+    # the bank-gradient method pinned per column (auto takes segment for wide rows at many tokens, which would
+    # make two columns one there): the sorted embedding-bag backward, the segment reduce, the atomics
+    paths = {"torch": dict(), "triton": dict(bank_grad="embedding_bag"), "triton segment": dict(bank_grad="segment"),
+             "triton-fused": dict(bank_grad="embedding_bag"), "triton-fused segment": dict(bank_grad="segment"),
+             "triton-fused atomic": dict(bank_grad="index_add")}
     grid = [(size, b_, t_, dtype) for size in (["SmolLM2-135M recipe"] if dry_run else list(SIZES))
             for b_, t_ in batches for dtype in (torch.float32, torch.bfloat16)]
     # the targets' rows (16 x 1024 bf16; then fp32) first, the recipe's size before Llama's, so a session cut

@@ -251,9 +251,10 @@ def report(src: Path, docs: Path = BENCHMARKS, results: Path = RESULTS) -> list[
                 f"The memory layer's forward + backward on every path, beside the FFN it replaces (`LlamaMLP`), "
                 f"{payload['device']}, torch {payload['torch']}: `python tools/gpu_session.py run` (tools/gpu_check_hml.py "
                 f"section 10; raw numbers [{kept.name}](results/{kept.name})). Paths: `torch` (pure torch), `triton` (the "
-                "default: Triton top-k and bag weight gradient), `triton-fused` (the fused read, PyTorch's sorted bank "
-                "gradient), `segment` (`bank_grad: segment`, the sort-free deterministic segment reduce), `triton-fused "
-                "atomic` (`bank_grad: index_add`). Floors: tools/bench_hml.py's `traffic`, "
+                "default kernels: Triton top-k and bag weight gradient; the bank gradient by PyTorch's sorted embedding-bag "
+                "backward), `triton-fused` (the fused read, the same bank gradient), `segment` (`bank_grad: segment`, the "
+                "sort-free deterministic segment reduce, which `bank_grad: auto` takes for rows of 128 or more at 2^23 or "
+                "more contributions, hml.SEGMENT_MIN_*), `triton-fused atomic` (`bank_grad: index_add`). Floors: tools/bench_hml.py's `traffic`, "
                 "docs/hml.md \"The physical picture\".\n\n" + fused_table(payload)
                 + bank_grad_table(payload.get("bank_grad_rows", [])))
         write_section(docs, "## HML on GPU, fused kernels", body)

@@ -571,19 +571,33 @@ def _bag_forward(table: Tensor, idx: Tensor, w: Tensor, fused: bool = False):
     return z, offsets, offset2bag
 
 
-def _bank_grad_method(mode: str, device_type: str, triton: bool = False) -> str:
+# Where "auto" takes the segment reduce on the Triton kernels: rows this wide or wider, and this many (bag, slot)
+# contributions or more. On an H200 (two sessions, 2026-12-04, docs/benchmarks.md "HML on GPU, fused kernels") at
+# the Llama-3.2-1B size (rows of 256, 16 x 1024 tokens: 16.8M contributions) the layer took 31.6-31.9 ms with it
+# against 36.6-37.1 ms in bf16 (36.5-36.9 against 39.8-40.3 in fp32); with rows of 64 it was no faster (SmolLM2
+# recipe) or slower (SmolLM2's own size), and at 4 x 256 tokens slower at every size.
+SEGMENT_MIN_WIDTH, SEGMENT_MIN_CONTRIBUTIONS = 128, 1 << 23
+
+
+def _bank_grad_method(mode: str, device_type: str, triton: bool = False, contributions: int = 0, width: int = 0) -> str:
     """The bank-gradient method ``mode`` names; "auto" picks the fastest measured (docs/hml.md).
 
     CPU (pure-torch path): sparse_mm.  CUDA: embedding_bag, 0.83-0.96x the layer's time with
-    sparse_mm, whose COO coalesce sorts and syncs with the host.  Both are deterministic there;
-    index_add (float atomics on CUDA) is not.  "segment" is a Triton kernel: on a path without
-    them (``triton`` False) it falls back to "auto", which is deterministic too.
+    sparse_mm, whose COO coalesce sorts and syncs with the host; on the Triton kernels, for a bank
+    gradient of ``contributions`` (bag, slot) pairs into rows ``width`` wide, segment where both are
+    large (SEGMENT_MIN_*).  All three are deterministic there; index_add (float atomics on CUDA) is
+    not.  "segment" is a Triton kernel: on a path without them (``triton`` False) it falls back to
+    "auto", which is deterministic too.
     """
     if mode == "segment" and not triton:
         mode = "auto"
     if mode != "auto":
         return mode
-    return "sparse_mm" if device_type == "cpu" else "embedding_bag"
+    if device_type == "cpu":
+        return "sparse_mm"
+    if triton and width >= SEGMENT_MIN_WIDTH and contributions >= SEGMENT_MIN_CONTRIBUTIONS:
+        return "segment"
+    return "embedding_bag"
 
 
 def _bag_backward(dz: Tensor, table: Tensor, idx: Tensor, w: Tensor, offsets, offset2bag, need_w, need_table, mode,
@@ -604,7 +618,8 @@ def _bag_backward(dz: Tensor, table: Tensor, idx: Tensor, w: Tensor, offsets, of
         return (dw if need_w else None), (dtable if need_table else None)  # in the table dtype
     B, k = idx.shape
     dw = dtable = None
-    mode = _bank_grad_method(mode, table.device.type, triton=backend == "triton")
+    mode = _bank_grad_method(mode, table.device.type, triton=backend == "triton", contributions=idx.numel(),
+                             width=table.shape[1])
     flat_idx = idx.reshape(-1)
     # bf16/fp16 tables accumulate in fp32: more exact, and CUDA has no bf16 kernel for the
     # per-sample-weights backward nor for sparse mm
@@ -789,7 +804,7 @@ class _FusedRead(torch.autograd.Function):
     def backward(ctx, dz, _dw, _dslots):
         q, keys, table, w, i_sub, j_sub = ctx.saved_tensors
         need_q, need_keys, need_table = ctx.needs_input_grad[:3]
-        mode = _bank_grad_method(ctx.bank_grad, table.device.type, triton=True)
+        mode = _bank_grad_method(ctx.bank_grad, table.device.type, triton=True, contributions=w.numel(), width=table.shape[1])
         atomic = need_table and mode == "index_add" and not torch.are_deterministic_algorithms_enabled()
         dq = dkeys = dtable = None
         if need_q or need_keys or atomic:
