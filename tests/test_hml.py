@@ -281,14 +281,16 @@ def test_batch_query_norm_gives_the_same_gradients_under_gradient_checkpointing(
         plain.zero_grad(), ckpt.zero_grad()
 
 
-def test_lora_on_the_memory_layers_own_projections_takes_part():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_on_the_memory_layers_own_projections_takes_part(dtype):
     """The layer read query_proj's, gate's and out_proj's weights directly: PEFT wrapped those
     modules (`all-linear` picks them), and an adapter changed the output by exactly 0, its
-    parameters never got a gradient. They are called as modules now."""
+    parameters never got a gradient. They are called as modules now, also in a bf16 model on the
+    CPU, where the layer computes in float32 (trial36: there the adapters still did nothing)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    m = tiny(D=16, query_source="hidden", gate=True, output_proj="always")
-    x = torch.randn(2, 5, 16)
+    m = tiny(D=16, query_source="hidden", gate=True, output_proj="always").to(dtype)
+    x = torch.randn(2, 5, 16, dtype=dtype)
     before = m(x).detach()
     targets = ["query_proj", "gate", "out_proj"]
     inject_adapter_in_model(LoraConfig(r=2, target_modules=targets, init_lora_weights=False), m)

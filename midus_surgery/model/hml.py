@@ -855,12 +855,16 @@ class LatentBank(nn.Module):
 
 
 def _project(linear: nn.Module, x: Tensor, cd: torch.dtype) -> Tensor:
-    """``linear``'s bias-free projection of ``x``, computed in ``cd``. Through the module's own call
-    when its weight already is in ``cd`` (or autocast casts it): then what wraps the module takes part
+    """``linear``'s bias-free projection of ``x``, in ``cd``. Through the module's own call when its
+    weight already is in ``cd`` (or autocast casts it), so that what wraps the module takes part
     (PEFT's LoRA layers, forward hooks), which reading its weight bypassed. A bfloat16 weight on CPU,
-    where the layer computes in float32, is cast instead, and a wrapper around it is not called."""
+    where the layer computes in float32, is cast into float32 for a plain ``nn.Linear``; a wrapped or
+    hooked one is called in its own dtype and its output cast (a LoRA adapter in a bf16 model on CPU
+    changed the output by exactly 0, and merging it changed the model: trial36)."""
     if linear.weight.dtype == cd or torch.is_autocast_enabled(x.device.type):
         return linear(x.to(cd))
+    if type(linear) is not nn.Linear or linear._forward_hooks or linear._forward_pre_hooks:
+        return linear(x.to(linear.weight.dtype)).to(cd)
     return F.linear(x.to(cd), linear.weight.to(cd))
 
 
