@@ -419,6 +419,8 @@ def cmd_analyze(args) -> int:
     if fixed:
         print(f"fixed retrieval: held-out loss {fixed['frozen_loss']:.4f} ({fixed['model']}, memory.retrieval: frozen) against "
               f"{fixed['learned_loss']:.4f} learned ({fixed['difference']:+.4f})")
+    for note in result.get("notes", []):
+        print(note)
     pngs = ["head_importance.png"] * bool(rows) + ["slot_usage.png"] * bool(usages)
     print(f"wrote {args.out} (analysis.json{''.join(', ' + p for p in pngs)})")
     return 0

@@ -156,9 +156,45 @@ def test_frozen_retrieval_trains_the_values_only(world):
 def test_analyze_compares_the_fixed_retrieval_with_the_learned(world, capsys):
     assert main(["analyze", str(world["memory-trained"]), "--data", str(world["root"] / "corpus"), "--out", str(world["root"] / "fixed"),
                  "--block-size", "16", "--max-blocks", "6", "--fixed-retrieval", str(world["frozen-trained"]), "--quiet"]) == 0
-    assert "fixed retrieval: held-out loss" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "fixed retrieval: held-out loss" in printed and "note:" not in printed  # the same budget: nothing to note
     fixed = json.loads((world["root"] / "fixed" / "analysis.json").read_text())["fixed_retrieval"]
     assert fixed["learned_loss"] != fixed["frozen_loss"] and fixed["difference"] == fixed["frozen_loss"] - fixed["learned_loss"]
+
+
+def test_the_fixed_retrieval_model_must_be_this_model_trained_frozen(world, tmp_path, capsys):
+    """--fixed-retrieval is labelled "memory.retrieval: frozen": a model that is not this one (another plan), or not
+    trained so (learned, or untrained), is refused in one line before any work, with nothing written (trial36)."""
+    import shutil
+
+    other = tmp_path / "other-plan"
+    shutil.copytree(world["frozen-trained"], other)
+    plan = json.loads((other / "midus_plan.json").read_text())
+    plan["layers"] = plan["layers"][::-1]
+    (other / "midus_plan.json").write_text(json.dumps(plan))
+    for twin, said in ((world["memory-trained"], "trained with memory.retrieval: learned"),
+                       (world["memory"], "no midus_train.json: not a training run's export"),
+                       (world["identity-trained"], "not a MIDUS model"),
+                       (other, "not the same model as")):
+        out = tmp_path / f"an-{twin.name}-{len(said)}"
+        assert main(["analyze", str(world["memory-trained"]), "--data", str(world["root"] / "corpus"), "--out", str(out),
+                     "--block-size", "16", "--max-blocks", "2", "--quiet", "--fixed-retrieval", str(twin)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert not out.exists()
+
+
+def test_a_tokenizer_past_the_models_vocabulary_is_one_line_in_analyze_as_in_eval(world, tmp_path, capsys):
+    """A base whose config shrank the vocabulary under its tokenizer: eval said so in one line; analyze raised the
+    embedding's IndexError traceback (trial36). Both say it, exit 3, and write nothing."""
+    small = make_model_dir(tmp_path / "small-vocab", vocab_size=8)
+    corpus = str(world["root"] / "corpus")
+    for argv in (["eval", str(small), "--data", corpus, "--block-size", "16", "--max-blocks", "2", "--quiet"],
+                 ["analyze", str(small), "--data", corpus, "--out", str(tmp_path / "an"), "--block-size", "16", "--quiet"]):
+        assert main(argv) == 3
+        err = capsys.readouterr().err
+        assert "outside the model's vocabulary of 8" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "an").exists()
 
 
 def test_frozen_retrieval_needs_memory_blocks(world, tmp_path):

@@ -161,6 +161,48 @@ def _attention_head_zeroed(out_proj, heads: int, head: int):
         handle.remove()
 
 
+# What must agree between a model and its --fixed-retrieval twin (midus_plan.json): the same recipe applied to the same base
+SAME_MODEL_KEYS = ("model_type", "layers", "midus", "config")
+
+
+def check_fixed_retrieval(model_dir: Path, twin: Path) -> list[str]:
+    """TaskError, one line, unless ``twin`` is what --fixed-retrieval asks for: the same up-scaled model as ``model_dir``
+    (the same plan: base, layer map, memory) exported by a training run with ``memory.retrieval: frozen``. Checked from
+    the two folders' JSON before any work. Returns notes (the two runs' budgets differ: a comparison of unequal runs)."""
+    import json
+
+    from midus_surgery.compiler.plan import read_plan_file
+
+    mine, theirs = read_plan_file(model_dir), read_plan_file(twin)
+    if theirs is None or not theirs.get("midus"):
+        raise TaskError(f"--fixed-retrieval {twin}: not a MIDUS model (no midus_plan.json with Memory blocks)")
+    if mine is not None:
+        differ = [k for k in SAME_MODEL_KEYS if mine.get(k) != theirs.get(k)]
+        if differ:
+            raise TaskError(f"--fixed-retrieval {twin}: not the same model as {model_dir} (their midus_plan.json differ in "
+                            f"{', '.join(differ)}): pass an export of a run trained from the same apply output")
+    trained = Path(twin) / "midus_train.json"
+    try:
+        summary = json.loads(trained.read_text()) if trained.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise TaskError(f"--fixed-retrieval {twin}: unreadable midus_train.json ({type(exc).__name__})") from None
+    retrieval = ((summary or {}).get("config") or {}).get("memory", {}).get("retrieval") if isinstance(summary, dict) else None
+    if retrieval != "frozen":
+        said = "no midus_train.json: not a training run's export" if summary is None else f"trained with memory.retrieval: {retrieval}"
+        raise TaskError(f"--fixed-retrieval {twin}: {said}; it must be the export of a run with memory.retrieval: frozen")
+    notes = []
+    try:
+        own = json.loads((Path(model_dir) / "midus_train.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        own = None
+    budget = lambda s: (s.get("steps"), s.get("tokens")) if isinstance(s, dict) else None  # noqa: E731
+    if budget(own) != budget(summary):
+        ours = "untrained" if own is None else f"{own.get('steps')} steps, {own.get('tokens')} tokens"
+        notes.append(f"note: --fixed-retrieval {twin} trained {summary.get('steps')} steps, {summary.get('tokens')} tokens; "
+                     f"{model_dir}: {ours}: the two are not the same budget")
+    return notes
+
+
 def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int | None = None, max_blocks: int = 16,
                  max_memory_blocks: int | None = None, batch_size: int = 4, device: str = "auto", dtype: str = "float32",
                  progress: bool = True, threads: int | None = None, fixed_retrieval: Path | None = None,
@@ -170,14 +212,26 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
     from midus_surgery.io.output_dir import atomic_directory, check_output_dir, input_root
     from midus_surgery.io.progress import progress_bar
     from midus_surgery.train import data as D
-    from midus_surgery.train.evaluate import (DTYPES, block_batches, check_model_dir, context_problem, eval_device, evaluate_batches,
-                                              load_causal_lm, load_tokenizer, position_limit)
+    from midus_surgery.train.evaluate import (
+        DTYPES,
+        block_batches,
+        check_model_dir,
+        check_vocabulary,
+        context_problem,
+        eval_device,
+        evaluate_batches,
+        load_causal_lm,
+        load_tokenizer,
+        position_limit,
+    )
 
     if threads:
         torch.set_num_threads(threads)
     model_dir = check_model_dir(model_dir, how_to_allow=NO_OWN_CODE)
+    notes = []
     if fixed_retrieval is not None:
         check_model_dir(fixed_retrieval, how_to_allow=NO_OWN_CODE)
+        notes = check_fixed_retrieval(model_dir, Path(fixed_retrieval))
     inputs = [("the model", model_dir), *((f"data ({p})", input_root(p)) for p in data)]
     if fixed_retrieval is not None:
         inputs.append(("the fixed-retrieval model", Path(fixed_retrieval)))
@@ -190,6 +244,7 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
                               text_field="text", cache_dir=D.default_cache_dir(), progress=progress, what="analysis data",
                               tokenizer_source=str(model_dir))
     model = load_causal_lm(model_dir, dtype=DTYPES[dtype], progress=progress, how_to_allow=NO_OWN_CODE).to(run_on).eval()
+    check_vocabulary(stream, model, model_dir)
     if block_size is None:  # 256, or the model's positions when it has fewer
         block_size = min(DEFAULT_ANALYSIS_BLOCK, (position_limit(model) or (DEFAULT_ANALYSIS_BLOCK, ""))[0])
     too_long = context_problem(model, block_size)
@@ -235,6 +290,7 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
         "head_importance": {str(i): r for i, r in importance.items()},
         "slot_usage": {str(i): c.summary() for i, c in counters.items()},
         "fixed_retrieval": fixed,
+        "notes": notes,
     }
     with atomic_directory(out, kind=ANALYSIS_KIND, replace=True) as tmp:
         (tmp / "analysis.json").write_text(strict_json(result, indent=1) + "\n")

@@ -312,6 +312,16 @@ def document_batches(windows: list[np.ndarray], batch_size: int, pad_id: int, ra
         yield ids, mask
 
 
+def check_vocabulary(stream, model, model_dir: Path) -> None:
+    """DataError, one line, when ``model_dir``'s tokenizer gave ``stream`` an id past ``model``'s embedding (a base whose
+    config shrank its vocabulary under its tokenizer): the embedding would fail on it mid-run."""
+    from midus_surgery.train import data as D
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if stream.meta.get("max_token", -1) >= vocab:
+        raise D.DataError(f"the tokenizer of {model_dir} produces id {stream.meta['max_token']}, outside the model's vocabulary of {vocab}")
+
+
 def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None, per_document: bool = False, batch_size: int = 4,
              max_blocks: int | None = None, dtype: str = "float32", text_field: str = "text",
              dir_glob: Iterable[str] = DIR_GLOB, cache_dir: Path | None = None,
@@ -334,9 +344,7 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None,
                               cache_dir=cache, progress=progress,
                               what="eval data", tokenizer_source=str(model_dir))
     model = load_causal_lm(model_dir, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=progress).to(run_on)
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if stream.meta.get("max_token", -1) >= vocab:
-        raise D.DataError(f"the tokenizer of {model_dir} produces id {stream.meta['max_token']}, outside the model's vocabulary of {vocab}")
+    check_vocabulary(stream, model, model_dir)
     if block_size is None:
         block_size = min(DEFAULT_EVAL_BLOCK, (position_limit(model) or (DEFAULT_EVAL_BLOCK, ""))[0])
     too_long = context_problem(model, block_size)
