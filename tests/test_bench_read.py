@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
+from tool_modules import load_tool
 
 from midus_surgery import kernels
 from midus_surgery.model import hml
-from tool_modules import load_tool
 
 br = load_tool("bench_read")
 

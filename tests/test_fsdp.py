@@ -22,8 +22,8 @@ from train_fixtures.tiny import make_model_dir, state_of, write_config, write_co
 
 from midus_surgery.errors import TrainingError
 from midus_surgery.train.checkpoint import complete_checkpoints
-from midus_surgery.train.dcp_guard import dcp_metadata_problem
 from midus_surgery.train.config import load_train_config
+from midus_surgery.train.dcp_guard import dcp_metadata_problem
 from midus_surgery.train.runner import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -34,8 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (BENCHMARKS, RESULTS, command_line, cpu_name, finish, load_avg, median,  # noqa: E402
-                          raw_numbers_line, save_json, versions, write_section)
+from bench_common import BENCHMARKS, RESULTS, command_line, cpu_name, finish, load_avg, median, raw_numbers_line, save_json, versions, write_section  # noqa: E402
 from bench_hml import SIZES  # noqa: E402
 
 from midus_surgery import kernels  # noqa: E402

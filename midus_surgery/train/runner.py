@@ -38,9 +38,22 @@ import torch
 from midus_surgery.compiler.plan import read_plan_file
 from midus_surgery.errors import RecipeError, TrainingError, one_line
 from midus_surgery.io.json_text import strict_json
-from midus_surgery.io.output_dir import (MARKER, RUN_ENTRIES, RUN_KIND, OutputError, check_cache_location, check_output_dir, input_root,
-                                         hold_marker, links_train_writes_through, not_written_in_checkpoints, not_written_in_run_dir,
-                                         read_marker, release_marker, write_marker)
+from midus_surgery.io.output_dir import (
+    MARKER,
+    RUN_ENTRIES,
+    RUN_KIND,
+    OutputError,
+    check_cache_location,
+    check_output_dir,
+    hold_marker,
+    input_root,
+    links_train_writes_through,
+    not_written_in_checkpoints,
+    not_written_in_run_dir,
+    read_marker,
+    release_marker,
+    write_marker,
+)
 from midus_surgery.recipe.schema import cwd_relative_hint
 from midus_surgery.train import data as D
 from midus_surgery.train import sharding
@@ -59,8 +72,18 @@ from midus_surgery.train.checkpoint import (
     weights_checksum,
 )
 from midus_surgery.train.config import LoadedTrainConfig, OptimConfig, TrainConfig, parse_count
-from midus_surgery.train.evaluate import (DTYPES, ModelLoadError, block_batches, check_model_dir, context_problem, evaluate_batches,
-                                          load_causal_lm, load_tokenizer, positions_problem, stated_positions)
+from midus_surgery.train.evaluate import (
+    DTYPES,
+    ModelLoadError,
+    block_batches,
+    check_model_dir,
+    context_problem,
+    evaluate_batches,
+    load_causal_lm,
+    load_tokenizer,
+    positions_problem,
+    stated_positions,
+)
 from midus_surgery.train.export import EXPORT_KIND, export_model
 from midus_surgery.train.params import ParamGroups, adamw_options, choose_params, describe_groups, lr_lambda
 
