@@ -61,3 +61,18 @@ def test_the_auto_classes_know_midus_whatever_is_imported_first(first):
               "print(AutoConfig.for_model('midus').model_type)\n")
     proc = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", script], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0 and proc.stdout.strip() == "midus", proc.stderr[-2000:]
+
+
+def test_automodel_is_not_offered_and_the_causal_lms_body_is_the_way_to_hidden_states(models):
+    """docs/ecosystem.md: AutoModel would build the base's body without the Memory blocks, so it is refused
+    (transformers' own error), and the causal LM's `.model` gives the hidden states, Memory blocks included."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    with pytest.raises(ValueError, match="Unrecognized configuration class"):
+        AutoModel.from_pretrained(models["own"])
+    lm = AutoModelForCausalLM.from_pretrained(models["own"]).eval()
+    with torch.no_grad():
+        body = lm.model(input_ids=eco.IDS).last_hidden_state
+        full = lm(input_ids=eco.IDS, output_hidden_states=True).hidden_states[-1]
+    assert torch.equal(body, full) and body.shape[:2] == eco.IDS.shape

@@ -210,17 +210,27 @@ SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 
 def check_lora_usual_names(model_dir: Path) -> str:
     """LoRA on the usual seven projection names applies (a Memory block's tap is not an o_proj to
-    PEFT), trains with the memory tables, and merges into the same function. (The memory trains
+    PEFT), trains with the memory tables, saves adapter-only with the memory as modules_to_save and
+    reloads the same, and merges into the same function. (The memory trains
     too: a Memory block's attention reaches the output only through the memory's readout, zero
     until trained, so with the memory frozen its adapters get no gradient.)"""
-    from peft import LoraConfig, get_peft_model
+    import tempfile
 
-    from midus_surgery.model.midus_names import is_memory_parameter
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from midus_surgery.model.midus_names import HML_MODULE, SHARED_BANK, is_memory_parameter
 
     torch.manual_seed(0)
-    model = get_peft_model(load(model_dir), LoraConfig(r=4, target_modules=SEVEN, lora_dropout=0.0))
-    for name, p in model.named_parameters():
-        p.requires_grad_(p.requires_grad or is_memory_parameter(name))
+    base = load(model_dir)
+    # the memory trains beside the adapters and is saved with them: an adapter-only save drops what is not in
+    # modules_to_save (trial36: the trained memory was lost on reload). Not with a shared bank: PEFT's copy of each
+    # memory layer would carry a copy of the one bank they share (no longer shared), so it trains in place and
+    # travels in a merged save.
+    shared = hasattr(base, SHARED_BANK)
+    keep = None if shared else [HML_MODULE]
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=SEVEN, lora_dropout=0.0, modules_to_save=keep))
+    for name, p in model.named_parameters():  # PEFT trains the modules_to_save copies; the originals stay as they are
+        p.requires_grad_(p.requires_grad or (is_memory_parameter(name) and ".original_module." not in name))
     names = [n for n, _ in model.named_modules()]
     taps = [n for n in names if n.endswith("self_attn.midus_o_proj")]
     assert taps and not any(n.startswith(t + ".") for t in taps for n in names), "a tap was adapted"
@@ -241,10 +251,17 @@ def check_lora_usual_names(model_dir: Path) -> str:
     assert all(not torch.equal(a, b) for a, b in zip(before, trainable)), "a parameter did not train"
     model.eval()
     adapted_logits = logits(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)  # the adapters and the modules_to_save: what PEFT saves by default
+        reloaded = PeftModel.from_pretrained(load(model_dir), tmp).eval()
+        same = torch.allclose(logits(reloaded), adapted_logits, rtol=1e-5, atol=1e-5)
+    assert same != shared, "an adapter-only save kept the memory without modules_to_save" if shared else "an adapter-only save lost the memory"
     merged = model.merge_and_unload()
     torch.testing.assert_close(logits(merged), adapted_logits, rtol=1e-5, atol=1e-5)
     n_adapters = sum(n.endswith(".lora_A") for n in names)
-    return f"{n_adapters} adapters on the 7 names, taps skipped; loss {losses[0]:.3f} -> {losses[-1]:.3f}; merged = adapted"
+    saved = ("the memory (a shared bank) trains in place, so an adapter-only save reloads without it (save merged)" if shared else
+             f"an adapter-only save with modules_to_save=['{HML_MODULE}'] reloads the same")
+    return f"{n_adapters} adapters on the 7 names, taps skipped; loss {losses[0]:.3f} -> {losses[-1]:.3f}; {saved}; merged = adapted"
 
 
 def check_task_heads(model_dir: Path) -> str:
