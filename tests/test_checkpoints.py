@@ -218,6 +218,8 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(done, tmp_pa
     assert_same_weights(done, run)  # the fallback replays steps 3 and 4 exactly
     assert (run / "checkpoints" / "step-00000004.broken").is_dir()  # kept for a look, out of the way
     assert verify_checkpoint(ckpt(run, 4)) is None  # written again by the resumed run
+    if case == "weights-truncated":  # and a later resume goes on beside it (it was refused as a folder not train's)
+        assert train(load_train_config(cfg)).steps == STEPS
 
 
 def test_no_checkpoint_that_verifies_is_a_located_error(done, tmp_path):
@@ -263,6 +265,33 @@ def test_a_resume_that_fails_to_load_into_a_new_run_directory_leaves_none(done, 
     assert "the data changed since it was written (seed: 0 -> 1)" in str(err.value)
     assert not (tmp_path / "runs").exists()
     assert [s for s, _ in complete_checkpoints(done["run"] / "checkpoints")] == [2, 4]  # the resumed run untouched
+
+
+def test_going_back_to_an_earlier_checkpoint_sets_the_later_ones_aside(done, tmp_path):
+    """resume: <an earlier checkpoint of this run_dir> (back to step 2, with another optim.lr) branches from the run
+    that wrote step 4. That later checkpoint was kept over the new run's own by keep_last (each removed as soon as
+    written), and resume: auto then continued the abandoned run (trial37). It is moved aside, said in one line; the
+    new run's checkpoints are the ones kept and resumed."""
+    run, _ = copy_run(done, tmp_path)
+    root = done["root"]
+    old_four = state_of(ckpt(run, 4))
+    cfg = write_config(tmp_path / "branch.yaml", done["model"], run, root / "corpus", root / "cache",
+                       **{**EXTRA, "resume": str(ckpt(run, 2)), "optim.lr": 1e-4, "checkpoint.every": 1, "checkpoint.keep_last": 1})
+    said = []
+    train(load_train_config(cfg), echo=said.append)
+    aside = run / "checkpoints" / "step-00000004.superseded"
+    assert any(line.startswith("checkpoint step-00000004 is later than the one resumed (step-00000002): another history; "
+                               "moved to step-00000004.superseded") for line in said), said
+    assert aside.is_dir() and all(torch.equal(v, state_of(aside)[k]) for k, v in old_four.items())  # kept as it was
+    assert [s for s, _ in complete_checkpoints(run / "checkpoints")] == [4]  # the branch's own, keep_last 1
+    branch = state_of(run / "final")
+    assert all(torch.equal(v, state_of(ckpt(run, 4))[k]) for k, v in branch.items() if k in state_of(ckpt(run, 4)))
+    assert not torch.equal(branch["model.layers.0.mlp.up_proj.weight"], done["final"]["model.layers.0.mlp.up_proj.weight"])
+    # resume: auto now finds the branch: a finished run, exported again, the branch's weights
+    again = write_config(tmp_path / "auto.yaml", done["model"], run, root / "corpus", root / "cache",
+                         **{**EXTRA, "optim.lr": 1e-4, "checkpoint.every": 1, "checkpoint.keep_last": 1})
+    train(load_train_config(again))
+    assert all(torch.equal(v, state_of(run / "final")[k]) for k, v in branch.items())
 
 
 # --------------------------------------------------------------------------- older checkpoints

@@ -462,6 +462,21 @@ def test_a_second_run_in_a_run_dir_in_use_is_refused(world, tmp_path):
     assert resumed.steps >= 2
 
 
+def test_the_logged_lr_is_the_one_each_steps_update_used(world, tmp_path):
+    """Read after the scheduler moved, the log showed the next step's lr (trial37): a warmup of 4 logged 0.5, 0.75, 1,
+    1 x lr where the updates used 0.25, 0.5, 0.75, 1; and a warmup as long as the run is no longer said to never
+    reach optim.lr (its last step does)."""
+    lr = 1e-3
+    said = []
+    train(load_train_config(config(world, tmp_path, tokens=16 * 4 * 4, **{"optim.warmup": 4, "optim.schedule": "constant",
+                                                                          "optim.lr": lr, "log.every": 1, "eval.at_start": False})),
+          echo=said.append)
+    steps = [r for r in metrics(tmp_path / "run") if "loss" in r and "step" in r and "eval_loss" not in r]
+    assert [r["lr"] for r in steps] == pytest.approx([lr * f for f in (0.25, 0.5, 0.75, 1.0)])
+    assert any(line.startswith("step 1/4 | ") and "| lr 2.50e-04 |" in line for line in said), said
+    assert not any("never reaches optim.lr" in line for line in said)
+
+
 def test_the_start_lines_note_what_a_user_would_want_to_know_first(world, tmp_path):
     """Held-out text that is the training text, a .json file read as plain text, a warmup longer
     than the run: all accepted, each said in a note before the run trains."""
@@ -476,7 +491,7 @@ def test_the_start_lines_note_what_a_user_would_want_to_know_first(world, tmp_pa
     notes = [line for line in said if line.startswith("note: ")]
     assert notes == ["note: data.held_out is the same text as data.train: the held-out perplexity is measured on text the run trains on",
                      "note: records.json is read as plain text, braces and all (records are read from JSON Lines: .jsonl)",
-                     "note: the warmup (10 steps) is as long as the run (2 steps) or longer: the learning rate never reaches optim.lr"], said
+                     "note: the warmup (10 steps) is longer than the run (2 steps): the learning rate never reaches optim.lr"], said
     said = []
     train(load_train_config(config(world, tmp_path, name="plain-run", tokens=16 * 4 * 4, **{"eval.at_start": False})), echo=said.append)
     assert not [line for line in said if line.startswith("note: ")], said

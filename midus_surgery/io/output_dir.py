@@ -579,6 +579,9 @@ def _not_removable(directory: Path, marker: dict) -> list[str]:
 
 CHECKPOINT_STATE = "trainer_state.json"  # a checkpoint's state file, which records its files (train/checkpoint.py)
 _CHECKPOINT_NAME = re.compile(r"^step-\d{8}$")
+# a checkpoint train moved aside (train/checkpoint.move_aside): one that did not verify, or a later one a resume from an
+# earlier step left behind; still the tool's, so a later run in the same run_dir goes on beside it
+SET_ASIDE_CHECKPOINT_NAME = re.compile(r"^step-\d{8}\.(?:broken|superseded)(?:-[0-9a-f]{6})?$")
 PARTIAL_CHECKPOINT_NAME = re.compile(r"^\.tmp-step-\d{8}-[0-9a-f]{6}$")  # what train/checkpoint.save_checkpoint names its temp folder
 # What train writes inside the folders of a run directory, by folder: checkpoints are checked against their own records
 _RUN_FOLDER_FILES = {"tensorboard": re.compile(r"^events\.out\.tfevents\..*"), "trace": re.compile(r"^rank\d+\.jsonl$")}
@@ -603,7 +606,8 @@ def not_written_in_checkpoints(root: Path) -> list[str]:
     for child in sorted(root.iterdir()):
         if PARTIAL_CHECKPOINT_NAME.match(child.name):
             continue  # a checkpoint a killed run was writing
-        if not (_CHECKPOINT_NAME.match(child.name) and child.is_dir() and not child.is_symlink()):
+        ours = _CHECKPOINT_NAME.match(child.name) or SET_ASIDE_CHECKPOINT_NAME.match(child.name)
+        if not (ours and child.is_dir() and not child.is_symlink()):
             found.append(child.name)
         else:
             found += [f"{child.name}/{x}" for x in checkpoint_extras(child)]

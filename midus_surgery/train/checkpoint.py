@@ -323,13 +323,35 @@ def newest_whole_checkpoint(root: Path, acc, say: Callable[[str], None]) -> Path
                                 "move them away to start afresh, or choose another run_dir")
     acc.wait_for_everyone()  # every process has chosen before one is moved
     for path, problem in broken:
-        aside = path.with_name(f"{path.name}.broken")
-        if aside.exists():
-            aside = path.with_name(f"{path.name}.broken-{uuid.uuid4().hex[:6]}")
-        if acc.is_main_process:
-            os.replace(path, aside)
+        aside = move_aside(path, "broken", acc)
         say(f"checkpoint {path.name} skipped: {problem}; moved to {aside.name}")
     return chosen
+
+
+def move_aside(path: Path, why: str, acc) -> Path:
+    """Rename checkpoint ``path`` to ``step-N.<why>`` (a free name): kept for a look, but no longer a checkpoint to
+    resume: auto, nor one that pruning counts (it would keep it over this run's own). Main process only; returns the
+    new path. Call after every process has read what it needs (acc.wait_for_everyone)."""
+    aside = path.with_name(f"{path.name}.{why}")
+    if aside.exists():
+        aside = path.with_name(f"{path.name}.{why}-{uuid.uuid4().hex[:6]}")
+    if acc.is_main_process:
+        os.replace(path, aside)
+    return aside
+
+
+def set_aside_later_checkpoints(root: Path, resumed: Path, step: int, acc, say: Callable[[str], None]) -> None:
+    """A resume from a checkpoint older than others under ``root`` (going back to an earlier step, e.g. with another
+    optim.lr) branches from the run that wrote them: those later checkpoints are another history. Left in place,
+    pruning keeps them over this run's own (keep_last counts the highest steps: each new checkpoint was removed as
+    soon as written) and resume: auto would take them (trial37). So they are moved aside (``step-N.superseded``),
+    each said in one line."""
+    later = [path for s, path in complete_checkpoints(root) if s > step and path.resolve() != resumed.resolve()]
+    acc.wait_for_everyone()
+    for path in later:
+        aside = move_aside(path, "superseded", acc)
+        say(f"checkpoint {path.name} is later than the one resumed ({resumed.name}): another history; moved to {aside.name}, "
+            "kept but no longer resumed from nor counted by checkpoint.keep_last")
 
 
 DATA_KEYS = ("train", "held_out", "block_size", "seed", "held_out_fraction")  # a resume must read the same blocks

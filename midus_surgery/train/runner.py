@@ -68,6 +68,7 @@ from midus_surgery.train.checkpoint import (
     read_checkpoint_state,
     remove_partial_checkpoints,
     save_checkpoint,
+    set_aside_later_checkpoints,
     verify_checkpoint,
     weights_checksum,
 )
@@ -111,6 +112,7 @@ class StepNumbers:
     loss: float  # mean over micro-batches and processes (nats/token)
     norms: dict[str, float]  # "grad_norm" / "memory_grad_norm" -> total norm before clipping
     blocks: list[int]  # the training blocks this process read (positions in the token stream)
+    lrs: dict[str, float]  # param group name -> the lr this step's update used (the scheduler moves it right after)
 
 
 @dataclass
@@ -236,6 +238,8 @@ class Runner:
             self.setup_model()
             self.setup_optimizer()
             self.restore()
+            if self.resume_from is not None:  # held by this run, and the resume loaded: nothing moves for a refused one
+                set_aside_later_checkpoints(self.ckpt_root, self.resume_from, int(self.resume_state["step"]), self.acc, self.say)
         except BaseException:
             self.remove_unused_run_dir(self.created)
             raise
@@ -580,12 +584,13 @@ class Runner:
             norms[key] = float(n) if n is not None else float("nan")
         if not math.isfinite(step_loss) or any(not math.isfinite(v) for v in norms.values()):
             raise self.non_finite(step_loss, norms)  # the same decision on every process: the numbers were reduced
+        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.samples_seen += cfg.micro_batch_size * cfg.grad_accum * self.world
-        return StepNumbers(step_loss, norms, picked)
+        return StepNumbers(step_loss, norms, picked, lrs)
 
     def say_where_to_resume(self) -> None:
         """After an interruption during the steps: the newest whole checkpoint, which resume: auto takes."""
@@ -765,7 +770,7 @@ class Runner:
         tps = meter.interval_tokens / max(now - meter.interval_t, 1e-9)
         per_step = (now - meter.interval_t) / max(1, self.step - meter.interval_step)
         eta = (now - meter.rate_t) / max(1, self.step - meter.rate_step) * (self.total_steps - self.step)
-        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        lrs = numbers.lrs  # what the step's update used (read after it, the groups hold the next step's: trial37)
         base_lr = lrs.get("base", lrs.get("base_no_decay"))  # None: no base parameter trains (memory only), no lr to write
         rec = {"step": self.step, "tokens": self.samples_seen * cfg.data.block_size, "loss": float(np.mean(meter.losses)),
                **({"lr": base_lr} if base_lr is not None else {}), **({"memory_lr": lrs["memory"]} if "memory" in lrs else {}),
@@ -869,8 +874,8 @@ class Runner:
         if json_files:
             notes.append(f"{', '.join(json_files[:3])} {'is' if len(json_files) == 1 else 'are'} read as plain text, braces and all "
                          "(records are read from JSON Lines: .jsonl)")
-        if self.total_steps and self.warmup_steps >= self.total_steps:
-            notes.append(f"the warmup ({_count(self.warmup_steps, 'step')}) is as long as the run ({_count(self.total_steps, 'step')}) or longer: "
+        if self.total_steps and self.warmup_steps > self.total_steps:  # step s runs at (s + 1) / warmup: the last reaches it when equal
+            notes.append(f"the warmup ({_count(self.warmup_steps, 'step')}) is longer than the run ({_count(self.total_steps, 'step')}): "
                          f"the learning rate never reaches optim.lr")
         return notes
 
