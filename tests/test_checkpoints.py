@@ -254,6 +254,31 @@ def test_a_same_size_corruption_is_one_line_naming_the_file(done, tmp_path):
     assert len(str(err.value).splitlines()) == 1 and f"cannot resume from {ckpt(run, 4)}: optimizer.bin: " in str(err.value)
 
 
+def test_same_size_changes_to_a_checkpoints_weights_never_replace_a_good_export(done, tmp_path):
+    """Verification checks sizes and headers: a checkpoint whose tensor bytes changed at the same size loads. A
+    finished run resumed from it evaluated NaN at the end and replaced its good export, exit 0 (trial37). A
+    non-finite held-out loss at the end now stops the run before the export and before a checkpoint of it."""
+    import struct
+
+    run = tmp_path / "run"
+    shutil.copytree(done["run"], run)
+    root = done["root"]
+    cfg = write_config(tmp_path / "run.yaml", done["model"], run, root / "corpus", root / "cache", **EXTRA)
+    weights = ckpt(run, 4) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    start = 8 + struct.unpack("<Q", data[:8])[0]  # past the header: tensor bytes only
+    data[start:start + 4096] = b"\x7f\x7f\x7f\x7f" * 1024  # float32 3.4e38 where weights were
+    weights.write_bytes(bytes(data))
+    assert verify_checkpoint(ckpt(run, 4)) is None
+    final_before = {p.name: p.read_bytes() for p in (run / "final").iterdir() if p.is_file()}
+    with pytest.raises(TrainingError) as err:
+        train(load_train_config(cfg))
+    said = str(err.value)
+    assert len(said.splitlines()) == 1 and re.search(r"^held-out loss (nan|inf) at the end \(step 4\): ", said), said
+    assert "not exported, and the export directory is left as it was" in said
+    assert {p.name: p.read_bytes() for p in (run / "final").iterdir() if p.is_file()} == final_before
+
+
 def test_a_resume_that_fails_to_load_into_a_new_run_directory_leaves_none(done, tmp_path):
     """A checkpoint of another data order, continued into a fresh run_dir: refused while loading it,
     after the run directory (marker, checkpoints/) was made; that directory and its new parents go."""

@@ -612,6 +612,19 @@ class Runner:
         return TrainingError(f"non-finite {what} at step {self.step + 1} (loss {loss}, {', '.join(f'{k} {v:.3g}' for k, v in norms.items())}); "
                              f"stopped without updating the weights; {kept}")
 
+    def unusable_end(self, loss: float) -> TrainingError:
+        """A non-finite held-out loss at the end: weights the per-step checks let through (the last step's update made
+        them overflow, or a checkpoint resumed from had its tensor bytes changed at the same size: trial37). Exported,
+        they would replace a good export; stopped before the export and before a checkpoint of them is written."""
+        broken = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        why = (f"the weights hold non-finite values in {len(broken)} tensor(s), e.g. {', '.join(broken[:3])}" if broken
+               else "the weights are finite but the model's outputs overflow")
+        last = complete_checkpoints(self.ckpt_root)
+        hint = (f"the newest checkpoint is {last[-1][1]} (step {last[-1][0]}): resume from an earlier one (resume: <its path>) "
+                "after lowering optim.lr / memory.lr, or check that checkpoint's files" if last else "lower optim.lr / memory.lr")
+        return TrainingError(f"held-out loss {loss} at the end (step {self.step}): {why}; not exported, and the export "
+                             f"directory is left as it was; {hint}")
+
     # ---------------------------------------------------------------- the loop
     def run(self) -> TrainResult:
         cfg = self.cfg
@@ -648,6 +661,8 @@ class Runner:
                     self.save_checkpoint()
             elapsed, trained_steps = time.perf_counter() - meter.rate_t, self.step - meter.rate_step
             final_eval = self.evaluate_and_log(f"end (step {self.step})", once=True)
+            if final_eval is not None and not math.isfinite(final_eval["eval_loss"]):
+                raise self.unusable_end(final_eval["eval_loss"])
             written = complete_checkpoints(self.ckpt_root)
             if not written or written[-1][0] != self.step:
                 self.save_checkpoint()
