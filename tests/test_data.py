@@ -97,6 +97,11 @@ def test_bad_data_errors(tmp_path, tok):
     s = prep([tmp_path / "short.txt"], tmp_path, tok)
     with pytest.raises(D.DataError, match="shorter than one block of 64"):
         D.split(s, None, 64, 0.1)
+    (tmp_path / "long.txt").write_text("the cat sat . " * 40)
+    long_enough = prep([tmp_path / "long.txt"], tmp_path, tok)  # the key and the way out, as for the training text
+    with pytest.raises(D.DataError, match=r"^data\.held_out: the held-out text has \d+ tokens, shorter than one block of 64 "
+                                          r"\(lower data\.block_size or add held-out text\)$"):
+        D.split(long_enough, s, 64, 0.1)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(D.DataError, match="not UTF-8"):
         prep([tmp_path / "latin1.txt"], tmp_path, tok)

@@ -403,7 +403,8 @@ def split(train: TokenStream, held: TokenStream | None, block_size: int, fractio
     if held is not None:
         m = held.num_blocks(block_size)
         if m == 0:
-            raise DataError(f"held-out data has {len(held)} tokens, shorter than one block of {block_size}")
+            raise DataError(f"data.held_out: the held-out text has {len(held)} tokens, shorter than one block of {block_size} "
+                            f"(lower {block_option} or add held-out text)")
         return BlockSet(train, block_size, np.arange(n)), BlockSet(held, block_size, np.arange(m))
     out = held_out_blocks(n, fraction)
     keep = np.setdiff1d(np.arange(n), out)
