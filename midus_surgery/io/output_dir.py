@@ -264,12 +264,12 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
         other = Path(path).resolve()
         relation = _relation(resolved, other)
         if relation:
-            raise OutputError(f"output {resolved} {relation} {what} {other}: an output may not be, contain or lie inside an input; choose another directory")
+            raise OutputError(f"output {resolved} {relation} {what} at {other}: an output may not be, contain or lie inside an input; choose another directory")
     for what, path in [("the current directory", Path.cwd()), *folders]:
         other = Path(path).resolve()
         relation = _relation(resolved, other)
         if relation in ("is", "contains"):
-            raise OutputError(f"output {resolved} {relation} {what} {other}: replacing it would delete what it holds; choose a new directory")
+            raise OutputError(f"output {resolved} {relation} {what} at {other}: replacing it would delete what it holds; choose a new directory")
     above = _whole_output_above(resolved)
     if above is not None:
         raise OutputError(f"output {resolved} lies inside {above[0]}, written whole by {_written_by(above[1])}, which a later run "
@@ -357,7 +357,7 @@ def check_cache_location(cache: str | os.PathLike, *, inputs: Iterable[tuple[str
         other = Path(path).resolve()
         relation = _relation(resolved, other)
         if relation in ("is", "is inside"):
-            raise OutputError(f"the token cache {resolved} {relation} {what} {other}: the tool would write into it; choose another cache directory")
+            raise OutputError(f"the token cache {resolved} {relation} {what} at {other}: the tool would write into it; choose another cache directory")
     above = _whole_output_above(resolved, including=True)
     if above is not None:  # a later apply --overwrite or export would delete it, or refuse to replace what holds it
         raise OutputError(f"the token cache {resolved} {'is' if above[0] == resolved else 'lies inside'} {above[0]}, written whole by {_written_by(above[1])}; "
