@@ -164,3 +164,21 @@ def test_eval_auto_device_and_device_errors(setup, capsys):
     assert main(args + ["--device", "cuda:64"]) == 2
     err = capsys.readouterr().err
     assert ("has no CUDA device" in err) if not torch.cuda.is_available() else ("there are only" in err)
+
+
+def test_a_midus_models_differing_code_is_noted_once_however_often_it_loads(tmp_path, capsys):
+    """eval --tasks loads each model twice (trial36 saw each "differs from this package's copy" note twice)."""
+    from midus_surgery.compiler.planner import plan_recipe
+    from midus_surgery.emit.emitter import emit
+    from midus_surgery.train.evaluate import load_causal_lm
+
+    base = make_model_dir(tmp_path / "base", with_plan=False)
+    recipe = tmp_path / "midus.yaml"
+    recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after_every: 2\n    kind: memory\n"
+                      "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\noutput:\n  dir: out\n  dtype: float32\n")
+    out = emit(plan_recipe(recipe), progress=False).out_dir
+    (out / "hml.py").write_text((out / "hml.py").read_text() + "\n# edited by hand\n")
+    capsys.readouterr()
+    for _ in range(2):
+        load_causal_lm(out, progress=False)
+    assert capsys.readouterr().err.count("hml.py differs from this package's copy") == 1

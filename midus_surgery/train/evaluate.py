@@ -125,6 +125,9 @@ def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow
     return path
 
 
+_NOTED_CODE: set[tuple[str, tuple[str, ...]]] = set()  # (model directory, differing files) already said in this process
+
+
 def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float32, trust_remote_code: bool = False,
                    progress: bool = True, how_to_allow: str = ALLOW_CODE):
     """Load a model directory (base, DUS, LLaMA-Pro or MIDUS output) as a causal LM, strictly.
@@ -155,7 +158,8 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
                 loader, kwargs = shipped_causal_lm_class(path), {}
             except Exception as exc:  # noqa: BLE001 - the directory's own code: anything can fail
                 raise ModelLoadError(f"{path}: its modeling code does not load ({one_line(exc, 300, whole=True)})") from None
-        elif different:
+        elif different and (str(Path(path).resolve()), tuple(different)) not in _NOTED_CODE:
+            _NOTED_CODE.add((str(Path(path).resolve()), tuple(different)))  # once per model: eval --tasks loads each twice
             print(f"note: {path}: {', '.join(different)} differ{'s' if len(different) == 1 else ''} from this package's copy; loaded with "
                   "the package's code, not what trust_remote_code=True runs elsewhere (--trust-remote-code uses the shipped files)",
                   file=sys.stderr)
