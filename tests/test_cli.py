@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -285,6 +286,16 @@ def test_validate_and_plan_note_what_the_author_may_not_have_meant(tiny_base, tm
     validate_lines(tmp_path, capsys, tiny_base, "layout: {interleave: {after: [1], kind: copy}}\noutput: {dir: out}\n")
     assert main(["plan", str(tmp_path / "r.yaml")]) == 0
     assert "starts as the base's function: no: plain copies change it (as in DUS and SOLAR)" in capsys.readouterr().out
+
+
+def test_validate_notes_a_tokenizer_larger_than_the_bases_vocabulary(tmp_path, capsys):
+    """A config whose vocab_size is under its tokenizer's: apply went through without a word and eval / analyze
+    refused the data later (trial36). validate (and plan, apply) say it first; the matching tiny base says nothing."""
+    from train_fixtures.tiny import make_model_dir
+
+    small = make_model_dir(tmp_path / "small", with_plan=False, vocab_size=8)
+    code, text = validate_lines(tmp_path, capsys, small, "layout: {interleave: {after: [1], kind: copy}}\noutput: {dir: out}\n")
+    assert code == 0 and re.search(r"note: the base's tokenizer.json has \d+ tokens but its config's vocab_size is 8: ", text), text
 
 
 def test_a_base_path_written_relative_to_the_working_directory_says_so(tiny_base, tmp_path, capsys, monkeypatch):
