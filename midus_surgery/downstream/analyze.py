@@ -165,12 +165,27 @@ def _attention_head_zeroed(out_proj, heads: int, head: int):
 SAME_MODEL_KEYS = ("model_type", "layers", "midus", "config")
 
 
+def _train_summary(folder: Path) -> dict | None:
+    """A training export's midus_train.json as a dict (its ``config`` a dict too); None when there is none;
+    ValueError, in words, when it does not read as one."""
+    import json
+
+    path = Path(folder) / "midus_train.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"unreadable midus_train.json ({type(exc).__name__})") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("config", {}), dict):
+        raise ValueError("unreadable midus_train.json (not a JSON object with a config object)")
+    return summary
+
+
 def check_fixed_retrieval(model_dir: Path, twin: Path) -> list[str]:
     """TaskError, one line, unless ``twin`` is what --fixed-retrieval asks for: the same up-scaled model as ``model_dir``
     (the same plan: base, layer map, memory) exported by a training run with ``memory.retrieval: frozen``. Checked from
     the two folders' JSON before any work. Returns notes (the two runs' budgets differ: a comparison of unequal runs)."""
-    import json
-
     from midus_surgery.compiler.plan import read_plan_file
 
     mine, theirs = read_plan_file(model_dir), read_plan_file(twin)
@@ -181,21 +196,21 @@ def check_fixed_retrieval(model_dir: Path, twin: Path) -> list[str]:
         if differ:
             raise TaskError(f"--fixed-retrieval {twin}: not the same model as {model_dir} (their midus_plan.json differ in "
                             f"{', '.join(differ)}): pass an export of a run trained from the same apply output")
-    trained = Path(twin) / "midus_train.json"
     try:
-        summary = json.loads(trained.read_text()) if trained.is_file() else None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise TaskError(f"--fixed-retrieval {twin}: unreadable midus_train.json ({type(exc).__name__})") from None
-    retrieval = ((summary or {}).get("config") or {}).get("memory", {}).get("retrieval") if isinstance(summary, dict) else None
+        summary = _train_summary(twin)
+    except ValueError as exc:
+        raise TaskError(f"--fixed-retrieval {twin}: {exc}") from None
+    memory = summary.get("config", {}).get("memory", {}) if summary else {}
+    retrieval = memory.get("retrieval") if isinstance(memory, dict) else None
     if retrieval != "frozen":
         said = "no midus_train.json: not a training run's export" if summary is None else f"trained with memory.retrieval: {retrieval}"
         raise TaskError(f"--fixed-retrieval {twin}: {said}; it must be the export of a run with memory.retrieval: frozen")
-    notes = []
     try:
-        own = json.loads((Path(model_dir) / "midus_train.json").read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        own = None
-    budget = lambda s: (s.get("steps"), s.get("tokens")) if isinstance(s, dict) else None  # noqa: E731
+        own = _train_summary(model_dir)
+    except ValueError:
+        own = None  # the model analysed is not the one in question here: its summary only feeds the note
+    budget = lambda s: None if s is None else (s.get("steps"), s.get("tokens"))  # noqa: E731
+    notes = []
     if budget(own) != budget(summary):
         ours = "untrained" if own is None else f"{own.get('steps')} steps, {own.get('tokens')} tokens"
         notes.append(f"note: --fixed-retrieval {twin} trained {summary.get('steps')} steps, {summary.get('tokens')} tokens; "
