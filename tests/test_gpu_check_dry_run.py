@@ -81,6 +81,10 @@ def test_gpu_check_dry_run_passes_every_check_and_times_every_variant(tmp_path):
     (decode,) = [line for line in out.splitlines() if line.startswith("[decode] tiny (dry run) float32, 1 row(s)")]
     for what in ("FFN eager ", "torch eager ", "triton eager ", "triton-fused eager "):
         assert what in decode, (what, decode)
+    assert any(line.startswith("[ok]") and "decode-shaped read kernel == the 16-token-block kernel (1 row(s), float32; 1.0000 of the slots"
+               in line for line in checks)
+    (alone,) = [line for line in out.splitlines() if line.startswith("[decode] fused read kernel alone, 1 row(s), float32: ")]
+    assert "decode-shaped eager " in alone and "; 16-token blocks eager " in alone
     ops = [line for line in out.splitlines() if line.startswith("[decode] aten ops of one ")]
     assert [line.split(" call:")[0] for line in ops] == [f"[decode] aten ops of one {w}" for w in ("FFN", "triton", "triton-fused")]
     assert "aten::linear x3" in ops[0] and "aten::_embedding_bag x1" in ops[1]  # LlamaMLP's three projections; the bag

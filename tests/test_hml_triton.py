@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+import triton
 
 from midus_surgery import kernels
 from midus_surgery.kernels import hml_triton
@@ -229,7 +230,7 @@ def _read_reference(q, keys, table, k, head_rows):
     return w, slots, (w[..., None] * rows).sum(-2)
 
 
-@pytest.mark.parametrize("T,H,dh,n,k,d,table_dtype,head_rows", [
+READ_CASES = [
     (37, 3, 8, 6, 4, 5, torch.float32, 0),      # n, k, d not powers of two; T not a multiple of the block
     (16, 2, 4, 16, 16, 3, torch.float32, 0),    # k = n
     (5, 1, 2, 3, 1, 1, torch.float32, 0),       # k = 1, d = 1, one-feature halves
@@ -237,15 +238,24 @@ def _read_reference(q, keys, table, k, head_rows):
     (11, 2, 8, 5, 3, 7, torch.bfloat16, 0),     # a bf16 bank, gathered into float32 sums
     (13, 3, 6, 4, 2, 6, torch.float32, 16),     # HIVE off: per-head value tables n*n rows apart
     (0, 2, 8, 6, 4, 5, torch.float32, 0),       # no tokens
-])
-def test_the_fused_read_selects_exactly_and_pools_what_the_pure_torch_path_does(T, H, dh, n, k, d, table_dtype, head_rows):
+]
+DECODE_CASES = [  # the decode-shaped kernel's own sizes (seconds each through the interpreter)
+    (1, 3, 64, 128, 32, 64, torch.bfloat16, 0),  # a decode step of one row at the recipe's size
+    (3, 2, 64, 256, 32, 256, torch.float32, 0),  # the Llama-3.2-1B size: one token a program
+]
+
+
+@pytest.mark.parametrize("T,H,dh,n,k,d,table_dtype,head_rows,small",
+                         [case + (small,) for case in READ_CASES for small in (False, True)]
+                         + [case + (True,) for case in DECODE_CASES])
+def test_the_fused_read_selects_exactly_and_pools_what_the_pure_torch_path_does(T, H, dh, n, k, d, table_dtype, head_rows, small):
     gen = torch.Generator().manual_seed(T + n + k)
     # quarter-integers: every score is exact in float32 whatever order the dot sums in, and many tie,
     # so the kernel's own summation order cannot hide a difference in the selection or the tie rule
     q = torch.randint(-3, 4, (T, H, dh), generator=gen).float() / 4
     keys = torch.randint(-3, 4, (H, 2, n, dh // 2), generator=gen).float() / 4
     table = torch.randn((H - 1) * head_rows + n * n, d, generator=gen).to(table_dtype)
-    w, i, j, z = hml_triton.memory_forward(q, keys, table, k, head_rows, candidate_pairs(k, q.device))
+    w, i, j, z = hml_triton.memory_forward(q, keys, table, k, head_rows, candidate_pairs(k, q.device), small=small)
     ref_w, ref_slots, ref_z = _read_reference(q, keys, table, k, head_rows)
     assert torch.equal(i * n + j, ref_slots)
     assert ((i >= 0) & (i < n) & (j >= 0) & (j < n)).all()
@@ -541,3 +551,28 @@ def test_the_projection_after_the_fused_read_cuts_its_gradient_like_the_default_
     assert cut == [15]
     for a, b in zip(pieces, whole):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_read_of_a_few_tokens_takes_the_decode_shaped_kernel_and_a_long_one_the_16_token_blocks(monkeypatch):
+    launched = []
+
+    class Spy:  # records each launch's grid, then launches the real kernel
+        def __init__(self, name):
+            self.name, self.real = name, getattr(hml_triton, name)
+
+        def __getitem__(self, grid):
+            launched.append((self.name, grid))
+            return self.real[grid]
+
+    for name in ("_memory_fwd_kernel", "_memory_fwd_small_kernel"):
+        monkeypatch.setattr(hml_triton, name, Spy(name))
+    H, dh, n, k, d = 3, 8, 6, 4, 5
+    keys, table = torch.randn(H, 2, n, dh // 2), torch.randn(n * n, d)
+    limit = hml_triton.SMALL_READ_MAX_TOKENS
+    for T in (1, limit, limit + 1):
+        q = torch.randn(T, H, dh)
+        w, i, j, z = hml_triton.memory_forward(q, keys, table, k, 0, candidate_pairs(k, q.device))
+        assert torch.equal(i * n + j, _read_reference(q, keys, table, k, 0)[1])
+    # tiny blocks fit 16 tokens a decode-shaped program; past the limit, 16-token blocks of one head
+    assert launched == [("_memory_fwd_small_kernel", (1, H)), ("_memory_fwd_small_kernel", (limit // 16, H)),
+                        ("_memory_fwd_kernel", (triton.cdiv(limit + 1, 16), H))]

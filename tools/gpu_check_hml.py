@@ -21,7 +21,8 @@ then the layer's fwd+bwd on every path beside the FFN it replaces, at every benc
 bf16, with the bytes-moved floors at this device's measured copy bandwidth; a profile of one step.
 (11) the memory read at decode (gradients off, one new token for each of 1 and 16 rows): every path's output
 against the pure-torch path's, then each path's time per call beside the FFN's, eager and replayed from a CUDA
-graph (what a compiled decode runs), and the kernels one call launches.
+graph (what a compiled decode runs), and the kernels one call launches; the fused read's decode-shaped kernel
+against its 16-token blocks, alone.
 With --json-out FILE the timing rows are also written as JSON (tools/gpu_session.sh does).
 Sections 1-5 run on the CUDA default path.
 ``--skip 6,7`` leaves out timing sections (6, 7, 8, 10, 11) or the FSDP run (9) when device time is short; 1-5 always run.
@@ -760,12 +761,46 @@ def time_decode_read(dev, sync, card, dry_run: bool, check) -> None:
 
             print(f"[decode] {size} {name}, {rows} row(s) x 1 token ({card}): "
                   + "; ".join(f"{w_} {words(v)}" for w_, v in res.items()))
+            fused_read_kernels(layers["triton-fused"], x, dev, sync, dry_run, check, f"{rows} row(s), {name}")
             if rows == 1 and dtype == (torch.float32 if dry_run else torch.bfloat16):
                 for w_ in ("FFN", "triton", "triton-fused"):
                     counts = {}
                     for kn in res[w_][2]:
                         counts[kn[:60]] = counts.get(kn[:60], 0) + 1
                     print(f"[decode] {unit} of one {w_} call: " + ", ".join(f"{kn} x{c}" for kn, c in counts.items()))
+
+
+def fused_read_kernels(layer, x, dev, sync, dry_run: bool, check, what: str) -> None:
+    """The fused read's two forward kernels on one decode step's queries: the decode-shaped one (a few tokens a
+    program, the k rows gathered at once; the default up to hml_triton.SMALL_READ_MAX_TOKENS tokens) against the
+    16-token blocks of one head a program it replaced there. The same read (slots may differ only at a near tie:
+    the kernels sum the scores in another order), then each one's time, eager and replayed from a CUDA graph."""
+    from midus_surgery.kernels import hml_triton
+    from midus_surgery.model.hml import candidate_pairs
+
+    cfg = layer.config
+    with torch.no_grad():
+        q = layer._normed(x.reshape(-1, layer.num_heads, layer.head_dim))  # [T, H, d_h] float32, as the layer reads
+        keys = layer.keys.float()
+        table = layer.latent_bank.weight if cfg.hive else layer.values.view(-1, layer.head_dim)
+        head_rows = 0 if cfg.hive else cfg.n_subkeys**2
+    pairs = candidate_pairs(cfg.topk, dev)
+    out = {small: hml_triton.memory_forward(q, keys, table, cfg.topk, head_rows, pairs, small=small) for small in (True, False)}
+    same = (out[True][1] == out[False][1]) & (out[True][2] == out[False][2])
+    check(f"decode-shaped read kernel == the 16-token-block kernel ({what}; {same.float().mean().item():.4f} of the slots the same, "
+          f"z max diff {(out[True][3] - out[False][3]).abs().max().item():.1e})",
+          same.float().mean().item() > 0.99 and torch.allclose(out[True][3], out[False][3], rtol=1e-4, atol=1e-4))
+    words = []
+    for small, name in ((True, "decode-shaped"), (False, "16-token blocks")):
+        def call(small=small):
+            return hml_triton.memory_forward(q, keys, table, cfg.topk, head_rows, pairs, small=small)
+        eager = time_ms(call, sync, dry_run) * 1e3
+        try:
+            graph = f"{graph_us(call):.1f} us" if dev.type == "cuda" else "-"
+        except Exception as exc:  # a kernel that cannot be captured is a finding, not a lost session
+            graph = f"not capturable ({type(exc).__name__})"
+        words.append(f"{name} eager {eager:.1f} us, graph {graph}")
+    print(f"[decode] fused read kernel alone, {what}: " + "; ".join(words))
 
 
 def psw_backward(table, idx):

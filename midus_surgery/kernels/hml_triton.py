@@ -213,6 +213,26 @@ def _column(x, rank, i):
 
 
 @triton.jit
+def _select_and_store(sa, sb, live, tm, h, t, T, n, k, PR, PS, C, W, I, J,
+                      BT: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, CP: tl.constexpr):
+    """Both read kernels' selection from the half scores sa, sb [BT, NP]: the exact two-stage top-k, the
+    softmax over the k chosen scores, and w and the sub-key indices stored. Returns (w, slot) [BT, KP];
+    ranks past k have w = 0."""
+    score, slot = _two_stage(sa, sb, live, n, k, PR, PS, C, BT, NP, KP, CP, True)  # [BT, KP]
+    rank = tl.arange(0, KP)
+    keep = tm[:, None] & (rank < k)[None, :]
+    s = tl.where(rank[None, :] < k, score, float("-inf"))
+    s = tl.where(tm[:, None], s, 0.0)  # rows past T: finite, never stored
+    p = tl.exp(s - tl.max(s, axis=1)[:, None])
+    w = p / tl.sum(p, axis=1)[:, None]  # [BT, KP] softmax over the k chosen slots
+    out = (h * T + t.to(tl.int64))[:, None] * k + rank[None, :]
+    tl.store(W + out, w, mask=keep)
+    tl.store(I + out, slot // n, mask=keep)
+    tl.store(J + out, slot % n, mask=keep)
+    return w, slot
+
+
+@triton.jit
 def _memory_fwd_kernel(Q, KEYS, TABLE, PR, PS, W, I, J, Z,
                        T, n, k, C, d, head_rows, sq_t, sq_h, sk_h, sk_half, s_tab,
                        DH2: tl.constexpr, DH2P: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr,
@@ -235,20 +255,10 @@ def _memory_fwd_kernel(Q, KEYS, TABLE, PR, PS, W, I, J, Z,
     sa = tl.dot(qa, tl.trans(ka), input_precision="ieee")  # [BT, NP]
     sb = tl.dot(qb, tl.trans(kb), input_precision="ieee")
     live = tm[:, None] & (c < n)[None, :]
-    score, slot = _two_stage(sa, sb, live, n, k, PR, PS, C, BT, NP, KP, CP, True)  # [BT, KP]
-
-    rank = tl.arange(0, KP)
-    keep = tm[:, None] & (rank < k)[None, :]
-    s = tl.where(rank[None, :] < k, score, float("-inf"))
-    s = tl.where(tm[:, None], s, 0.0)  # rows past T: finite, never stored
-    p = tl.exp(s - tl.max(s, axis=1)[:, None])
-    w = p / tl.sum(p, axis=1)[:, None]  # [BT, KP] softmax over the k chosen slots
-    out = (h * T + t.to(tl.int64))[:, None] * k + rank[None, :]
-    tl.store(W + out, w, mask=keep)
-    tl.store(I + out, slot // n, mask=keep)
-    tl.store(J + out, slot % n, mask=keep)
+    w, slot = _select_and_store(sa, sb, live, tm, h, t, T, n, k, PR, PS, C, W, I, J, BT, NP, KP, CP)  # [BT, KP]
 
     # pooled gather: z[t] = sum_i w[t, i] * table[h * head_rows + slot[t, i]], float32 sums in rank order
+    rank = tl.arange(0, KP)
     f = tl.arange(0, DP)
     fm = tm[:, None] & (f < d)[None, :]
     z = tl.zeros((BT, DP), tl.float32)
@@ -256,6 +266,43 @@ def _memory_fwd_kernel(Q, KEYS, TABLE, PR, PS, W, I, J, Z,
         w_i = _column(w, rank, i)  # [BT]
         row = (h * head_rows + _column(slot, rank, i)).to(tl.int64) * s_tab  # [BT]
         z += w_i[:, None] * tl.load(TABLE + row[:, None] + f[None, :], mask=fm, other=0.0).to(tl.float32)
+    tl.store(Z + (h * T + t.to(tl.int64))[:, None] * d + f[None, :], z, mask=fm)
+
+
+@triton.jit
+def _memory_fwd_small_kernel(Q, KEYS, TABLE, PR, PS, W, I, J, Z,
+                             T, n, k, C, d, head_rows, sq_t, sq_h, sk_h, sk_half, s_tab,
+                             DH2: tl.constexpr, DH2P: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr,
+                             CP: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr):
+    # The decode-shaped read: a few tokens (BT: 1, 2, 4) of head h per program, so a decode step's tokens
+    # spread over more programs than one per head, and each program's latency is short. The scores are
+    # broadcast products summed in registers (tl.dot wants blocks of 16 rows), and the k bank rows are
+    # gathered as one [BT, KP, d] load, every load in flight at once, instead of k dependent ones.
+    h = tl.program_id(1)
+    t = tl.program_id(0) * BT + tl.arange(0, BT)  # [BT]
+    tm = t < T
+    e = tl.arange(0, DH2P)
+    c = tl.arange(0, NP)
+    qrow = Q + t.to(tl.int64)[:, None] * sq_t + h * sq_h + e[None, :]
+    qmask = tm[:, None] & (e < DH2)[None, :]
+    qa = tl.load(qrow, mask=qmask, other=0.0)  # [BT, DH2P] float32
+    qb = tl.load(qrow + DH2, mask=qmask, other=0.0)
+    krow = KEYS + h * sk_h + c[:, None] * DH2 + e[None, :]
+    kmask = (c < n)[:, None] & (e < DH2)[None, :]
+    ka = tl.load(krow, mask=kmask, other=0.0)  # [NP, DH2P]
+    kb = tl.load(krow + sk_half, mask=kmask, other=0.0)
+    sa = tl.sum(qa[:, None, :] * ka[None, :, :], axis=2)  # [BT, NP], float32 products and sums
+    sb = tl.sum(qb[:, None, :] * kb[None, :, :], axis=2)
+    live = tm[:, None] & (c < n)[None, :]
+    w, slot = _select_and_store(sa, sb, live, tm, h, t, T, n, k, PR, PS, C, W, I, J, BT, NP, KP, CP)  # [BT, KP]
+
+    rank = tl.arange(0, KP)
+    f = tl.arange(0, DP)
+    row = (h * head_rows + slot).to(tl.int64) * s_tab  # [BT, KP]
+    gm = (tm[:, None] & (rank < k)[None, :])[:, :, None] & (f < d)[None, None, :]
+    u = tl.load(TABLE + row[:, :, None] + f[None, None, :], mask=gm, other=0.0).to(tl.float32)  # [BT, KP, DP]
+    z = tl.sum(w[:, :, None] * u, axis=1)  # [BT, DP]: float32, summed over the ranks as a tree
+    fm = tm[:, None] & (f < d)[None, :]
     tl.store(Z + (h * T + t.to(tl.int64))[:, None] * d + f[None, :], z, mask=fm)
 
 
@@ -344,8 +391,23 @@ def _check_memory_args(q, keys, table, k, head_rows):
                          f"of {n * n} slots {head_rows} rows apart")
 
 
+# Up to this many tokens (a decode step's batch, a short speculative draft) the read takes the
+# decode-shaped kernel: a first choice from the kernels' shapes (one program per head of a 16-token block
+# left 9 programs on an H200's 132 SMs at decode, docs/hml.md), to be settled by gpu_check_hml.py section 11.
+SMALL_READ_MAX_TOKENS = 64
+_SMALL_READ_ELEMENTS = 8192  # the largest [BT, n, d_h/2] / [BT, k, d] block a small-read program holds
+
+
+def _small_read_rows(T: int, blocks: dict) -> int:
+    """Tokens per program of the decode-shaped read: as many as fit its register blocks, at most 16."""
+    per_token = max(blocks["NP"] * blocks["DH2P"], blocks["KP"] * blocks["DP"])
+    fit = 1 << max(0, (_SMALL_READ_ELEMENTS // per_token).bit_length() - 1)  # a power of two, at least 1
+    return min(16, triton.next_power_of_2(max(1, T)), fit)
+
+
 def memory_forward(q: torch.Tensor, keys: torch.Tensor, table: torch.Tensor, k: int, head_rows: int,
-                   pairs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   pairs: tuple[torch.Tensor, torch.Tensor], small: Optional[bool] = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The memory read of every head in one kernel: what ``_Lookup`` + ``_bag_forward`` compute.
 
     q: [T, H, d_h] float32 (normalised queries), keys: [H, 2, n, d_h/2] float32, table: [rows, d] (the
@@ -355,6 +417,10 @@ def memory_forward(q: torch.Tensor, keys: torch.Tensor, table: torch.Tensor, k: 
     i*n + j]. The slots are the exact top-k of the scores under the layer's tie rule; the scores are
     float32 dot products summed in the kernel's order (not cuBLAS's), so a score that differs from the
     pure-torch path's in its last bit can reorder a near tie there.
+
+    ``small``: the decode-shaped kernel (a few tokens a program, the k rows gathered at once, z summed
+    over the ranks as a tree) or the 16-token blocks (z summed in rank order); None: the decode-shaped one
+    for up to SMALL_READ_MAX_TOKENS tokens. Both select the same slots from the same exact scores.
     """
     _check_memory_args(q, keys, table, k, head_rows)
     T, H, dh = q.shape
@@ -370,8 +436,11 @@ def memory_forward(q: torch.Tensor, keys: torch.Tensor, table: torch.Tensor, k: 
     pr, ps = pairs
     blocks = _memory_blocks(q, keys, table, k)
     blocks["CP"] = max(triton.next_power_of_2(pr.numel()), blocks["KP"])
+    kernel = _memory_fwd_kernel
+    if small if small is not None else T <= SMALL_READ_MAX_TOKENS:
+        kernel, blocks["BT"] = _memory_fwd_small_kernel, _small_read_rows(T, blocks)
     with _on_device(q.device):
-        _memory_fwd_kernel[(triton.cdiv(T, blocks["BT"]), H)](
+        kernel[(triton.cdiv(T, blocks["BT"]), H)](
             q, keys, table, pr, ps, w, i_sub, j_sub, z, T, n, k, pr.numel(), d, head_rows,
             q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), table.stride(0), **blocks)
     return w, i_sub, j_sub, z
