@@ -213,6 +213,24 @@ def _column(x, rank, i):
 
 
 @triton.jit
+def _query_and_keys(Q, KEYS, t, tm, h, n, sq_t, sq_h, sk_h, sk_half,
+                    DH2: tl.constexpr, DH2P: tl.constexpr, NP: tl.constexpr):
+    """Both read kernels' inputs for tokens t (live where tm) of head h: the query halves qa, qb [BT, DH2P] and
+    the head's sub-key halves ka, kb [NP, DH2P], float32, zero past d_h/2 and n."""
+    e = tl.arange(0, DH2P)  # a half query's features
+    c = tl.arange(0, NP)  # sub-key index
+    qrow = Q + t.to(tl.int64)[:, None] * sq_t + h * sq_h + e[None, :]
+    qmask = tm[:, None] & (e < DH2)[None, :]
+    qa = tl.load(qrow, mask=qmask, other=0.0)
+    qb = tl.load(qrow + DH2, mask=qmask, other=0.0)
+    krow = KEYS + h * sk_h + c[:, None] * DH2 + e[None, :]
+    kmask = (c < n)[:, None] & (e < DH2)[None, :]
+    ka = tl.load(krow, mask=kmask, other=0.0)
+    kb = tl.load(krow + sk_half, mask=kmask, other=0.0)
+    return qa, qb, ka, kb
+
+
+@triton.jit
 def _select_and_store(sa, sb, live, tm, h, t, T, n, k, PR, PS, C, W, I, J,
                       BT: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, CP: tl.constexpr):
     """Both read kernels' selection from the half scores sa, sb [BT, NP]: the exact two-stage top-k, the
@@ -241,20 +259,11 @@ def _memory_fwd_kernel(Q, KEYS, TABLE, PR, PS, W, I, J, Z,
     h = tl.program_id(1)
     t = tl.program_id(0) * BT + tl.arange(0, BT)  # [BT]
     tm = t < T
-    e = tl.arange(0, DH2P)  # a half query's features
-    c = tl.arange(0, NP)  # sub-key index
-    qrow = Q + t.to(tl.int64)[:, None] * sq_t + h * sq_h + e[None, :]
-    qmask = tm[:, None] & (e < DH2)[None, :]
-    qa = tl.load(qrow, mask=qmask, other=0.0)  # [BT, DH2P] float32
-    qb = tl.load(qrow + DH2, mask=qmask, other=0.0)
-    krow = KEYS + h * sk_h + c[:, None] * DH2 + e[None, :]
-    kmask = (c < n)[:, None] & (e < DH2)[None, :]
-    ka = tl.load(krow, mask=kmask, other=0.0)  # [NP, DH2P]
-    kb = tl.load(krow + sk_half, mask=kmask, other=0.0)
+    qa, qb, ka, kb = _query_and_keys(Q, KEYS, t, tm, h, n, sq_t, sq_h, sk_h, sk_half, DH2, DH2P, NP)
     # the scores in full float32 (no TF32), as the pure-torch path's bmm
     sa = tl.dot(qa, tl.trans(ka), input_precision="ieee")  # [BT, NP]
     sb = tl.dot(qb, tl.trans(kb), input_precision="ieee")
-    live = tm[:, None] & (c < n)[None, :]
+    live = tm[:, None] & (tl.arange(0, NP) < n)[None, :]
     w, slot = _select_and_store(sa, sb, live, tm, h, t, T, n, k, PR, PS, C, W, I, J, BT, NP, KP, CP)  # [BT, KP]
 
     # pooled gather: z[t] = sum_i w[t, i] * table[h * head_rows + slot[t, i]], float32 sums in rank order
@@ -274,26 +283,18 @@ def _memory_fwd_small_kernel(Q, KEYS, TABLE, PR, PS, W, I, J, Z,
                              T, n, k, C, d, head_rows, sq_t, sq_h, sk_h, sk_half, s_tab,
                              DH2: tl.constexpr, DH2P: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr,
                              CP: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr):
-    # The decode-shaped read: a few tokens (BT: 1, 2, 4) of head h per program, so a decode step's tokens
-    # spread over more programs than one per head, and each program's latency is short. The scores are
+    # The decode-shaped read: a few tokens of head h per program (BT: as many as fit _SMALL_READ_ELEMENTS,
+    # 1 to 16), so a decode step's tokens spread over more programs than one per head, and each program's
+    # latency is short. The scores are
     # broadcast products summed in registers (tl.dot wants blocks of 16 rows), and the k bank rows are
     # gathered as one [BT, KP, d] load, every load in flight at once, instead of k dependent ones.
     h = tl.program_id(1)
     t = tl.program_id(0) * BT + tl.arange(0, BT)  # [BT]
     tm = t < T
-    e = tl.arange(0, DH2P)
-    c = tl.arange(0, NP)
-    qrow = Q + t.to(tl.int64)[:, None] * sq_t + h * sq_h + e[None, :]
-    qmask = tm[:, None] & (e < DH2)[None, :]
-    qa = tl.load(qrow, mask=qmask, other=0.0)  # [BT, DH2P] float32
-    qb = tl.load(qrow + DH2, mask=qmask, other=0.0)
-    krow = KEYS + h * sk_h + c[:, None] * DH2 + e[None, :]
-    kmask = (c < n)[:, None] & (e < DH2)[None, :]
-    ka = tl.load(krow, mask=kmask, other=0.0)  # [NP, DH2P]
-    kb = tl.load(krow + sk_half, mask=kmask, other=0.0)
+    qa, qb, ka, kb = _query_and_keys(Q, KEYS, t, tm, h, n, sq_t, sq_h, sk_h, sk_half, DH2, DH2P, NP)
     sa = tl.sum(qa[:, None, :] * ka[None, :, :], axis=2)  # [BT, NP], float32 products and sums
     sb = tl.sum(qb[:, None, :] * kb[None, :, :], axis=2)
-    live = tm[:, None] & (c < n)[None, :]
+    live = tm[:, None] & (tl.arange(0, NP) < n)[None, :]
     w, slot = _select_and_store(sa, sb, live, tm, h, t, T, n, k, PR, PS, C, W, I, J, BT, NP, KP, CP)  # [BT, KP]
 
     rank = tl.arange(0, KP)
