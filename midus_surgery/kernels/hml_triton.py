@@ -285,9 +285,9 @@ def _memory_fwd_small_kernel(Q, KEYS, TABLE, PR, PS, W, I, J, Z,
                              CP: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr):
     # The decode-shaped read: a few tokens of head h per program (BT: as many as fit _SMALL_READ_ELEMENTS,
     # 1 to 16), so a decode step's tokens spread over more programs than one per head, and each program's
-    # latency is short. The scores are
-    # broadcast products summed in registers (tl.dot wants blocks of 16 rows), and the k bank rows are
-    # gathered as one [BT, KP, d] load, every load in flight at once, instead of k dependent ones.
+    # latency is short. The scores are broadcast products summed in registers (tl.dot wants blocks of 16
+    # rows), and the k bank rows are gathered as one [BT, KP, d] load, every load in flight at once,
+    # instead of k dependent ones.
     h = tl.program_id(1)
     t = tl.program_id(0) * BT + tl.arange(0, BT)  # [BT]
     tm = t < T
