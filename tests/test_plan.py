@@ -204,6 +204,47 @@ def test_index_lists_are_renumbered():
     assert plan.config["mlp_only_layers"] == [1, 2, 4, 5]
 
 
+FALCON_H1 = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+                 mamba_d_state=16, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_ssm=128, pad_token_id=0)
+
+
+@pytest.mark.parametrize("depth,key,value", [
+    (5, "ssm_multipliers", [1.0, 2.0, 0.5, 1.5, 0.25]),  # one per part of the Mamba input projection
+    (2, "mlp_multipliers", [1.0, 0.5]),                  # the gate's and the down projection's
+])
+def test_a_list_of_as_many_entries_as_layers_by_chance_is_not_remapped(depth, key, value):
+    """FalconH1's multiplier lists have a fixed length that can equal the base's depth: taken for one entry a
+    layer, a copy after layer 0 shifted them and every Mamba layer, the base's own included, computed with
+    other multipliers (trial38). The config class builds them at a fixed length whatever the depth."""
+    config = AutoConfig.for_model("falcon_h1", num_hidden_layers=depth, **{**FALCON_H1, key: value})
+    plan = plan_for(config, {"interleave": {"after": [0], "kind": "copy"}})
+    assert plan.config["num_hidden_layers"] == depth + 1 and plan.config[key] == value
+
+
+def test_per_layer_flags_of_a_two_layer_base_are_not_taken_for_layer_indices():
+    """SmolLM3's no_rope_layers is a 0/1 flag a layer; at two layers [1, 0] also reads as the distinct layer
+    indices 1 and 0 of a list named *_layers, and was renumbered to [0, 1, 2]: output layer 0 lost its
+    rotary embedding and layer 2 gained one (trial38). The config class builds one flag a layer."""
+    config = AutoConfig.for_model("smollm3", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=128, no_rope_layer_interval=2, pad_token_id=0)
+    assert config.no_rope_layers == [1, 0]
+    plan = plan_for(config, {"interleave": {"after": [0], "kind": "copy"}})
+    assert layer_map(plan) == [(0, 0, "base"), (1, 0, "copy"), (2, 1, "base")]
+    assert plan.config["no_rope_layers"] == [1, 1, 0]
+
+
+def test_gpt_neo_states_the_new_layers_attention_in_both_its_keys():
+    """GPT-Neo's attention_types ([[kinds, repeats]]) describes the layers as attention_layers does; left at the
+    base's, it described four layers of a six-layer model, and GPTNeoConfig built from it refused (trial38)."""
+    config = AutoConfig.for_model("gpt_neo", hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, vocab_size=128,
+                                  attention_types=[[["global", "local"], 2]], window_size=4, max_position_embeddings=64)
+    plan = plan_for(config, {"interleave": {"after_every": 2, "kind": "copy"}})
+    kinds = ["global", "local", "local", "global", "local", "local"]
+    assert plan.config["attention_layers"] == kinds
+    data = {k: v for k, v in plan.config.items() if k != "attention_layers"}
+    assert AutoConfig.for_model(data.pop("model_type"), **data).attention_layers == kinds  # rebuilt from attention_types
+
+
 def test_layer_kinds_chosen_by_an_index_rule_must_keep_their_pattern():
     """Jamba picks MoE vs dense FFN (and Mamba vs attention) by ``i % period == offset``, a rule
     no config rewrite can carry to a new layout: caught from the tensors the new config builds."""

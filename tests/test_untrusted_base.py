@@ -105,6 +105,17 @@ def test_a_base_config_that_does_not_describe_the_weights_is_not_ignored(llama, 
     assert "stated.json" in err and "base.config:" in err
 
 
+@pytest.mark.parametrize("model_type, hint", [("lama", "(did you mean 'llama'"), ("foo_unknown_lm", "")])
+@pytest.mark.parametrize("command", ["validate", "apply"])
+def test_a_model_type_transformers_does_not_know_is_one_short_line(llama, tmp_path, capsys, model_type, hint, command):
+    """transformers' own message lists every type it knows: one line of 12,000 characters (trial38)."""
+    base = copy_base(llama, tmp_path / "base")
+    edit_config(base, model_type=model_type)
+    err = refused(write_recipe(tmp_path, base), capsys, command=command)
+    assert f"does not know model_type {model_type!r}" in err and hint in err and "a newer transformers may" in err
+    assert len(err) < 600 and "gpt-sw3" not in err
+
+
 def test_a_matching_base_config_beside_the_weights_is_fine(llama, tmp_path, capsys):
     base = copy_base(llama, tmp_path / "base")
     (tmp_path / "stated.json").write_text((base / "config.json").read_text())

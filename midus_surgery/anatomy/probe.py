@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from midus_surgery.anatomy.config_lists import is_per_layer, list_kinds
 from midus_surgery.anatomy.graph import _CallWrapper, _flow_from_export, _flow_from_fx
 from midus_surgery.anatomy.problems import AnatomyError, _error
 
@@ -45,6 +46,7 @@ class _Shrink:
     label: str
     changes: dict
     original: Any
+    list_kinds: dict  # config_lists.list_kinds of the original
 
     def config(self, n_layers: int):
         base = self.original.to_dict()
@@ -53,7 +55,7 @@ class _Shrink:
         d.update(copy.deepcopy(self.changes))
         if n_layers != n_full:
             for k, v in d.items():  # every per-layer list (layer_types, ...) follows the layer count
-                if isinstance(v, (list, tuple)) and len(v) == n_full:
+                if is_per_layer(k, v, n_full, self.list_kinds):
                     d[k] = type(v)(v[:n_layers])
             if isinstance(d.get("per_layer_config"), dict):  # transformers' per-layer overrides, keyed by index
                 d["per_layer_config"] = {k: v for k, v in d["per_layer_config"].items() if int(k) < n_layers}
@@ -130,7 +132,8 @@ def _shrinks(config) -> list[_Shrink]:
         if experts:
             plans.append((label, {**changes, **experts}))
         plans.append((label + (", all experts" if experts else ""), changes))
-    return [_Shrink(label, changes, config) for label, changes in plans]
+    kinds = list_kinds(config)
+    return [_Shrink(label, changes, config, kinds) for label, changes in plans]
 
 
 @dataclass

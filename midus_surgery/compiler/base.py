@@ -197,10 +197,28 @@ def _config_from_dict(data: dict, where: str, trust_remote_code: bool):
 
         return config_with_custom_code(data, Path(where).parent, where)
     fields = {k: v for k, v in data.items() if k not in ("model_type", "transformers_version")}
+    unknown = unknown_model_type(model_type)
+    if unknown:
+        raise ValueError(f"{where}: {unknown}")
     try:
         return AutoConfig.for_model(model_type, **fields)
     except ValueError as exc:
-        raise ValueError(f"{where}: transformers does not accept this config: {exc}") from None
+        raise ValueError(f"{where}: transformers does not accept this config: {one_line(exc, 400, whole=True)}") from None
+
+
+def unknown_model_type(model_type) -> str | None:
+    """Why transformers cannot build ``model_type`` (None when it can): its own message lists every type it
+    knows, thousands of characters on one line; this names the nearest ones."""
+    import difflib
+
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type in CONFIG_MAPPING:
+        return None
+    near = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+    hint = f" (did you mean {', '.join(repr(n) for n in near)}?)" if near else ""
+    return f"transformers {transformers.__version__} does not know model_type {model_type!r}{hint}; a newer transformers may"
 
 
 # What base.config must agree on with the base's own config.json when both are there: the shape of

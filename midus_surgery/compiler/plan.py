@@ -20,6 +20,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from midus_surgery.anatomy.config_lists import is_per_layer, list_kinds
 from midus_surgery.compiler.layout import LayerSpec, expand_layout
 from midus_surgery.errors import MidusError, RecipeError, one_line
 from midus_surgery.model.midus_names import HML_MODULE, PLAN_FILE, SHARED_BANK
@@ -265,18 +266,20 @@ def memory_geometry(config, shapes: dict[str, tuple[int, ...]], layers_path: str
 # Config rewriting
 
 
-def remap_per_layer(data: dict, num_layers: int, layers: list[LayerSpec]) -> tuple[dict, list[str]]:
+def remap_per_layer(data: dict, num_layers: int, layers: list[LayerSpec], kinds: dict[str, str] | None = None) -> tuple[dict, list[str]]:
     """The per-layer entries of a config dict for the new layout, each taken from its source layer.
 
     Returns {key: new value} for every list with one entry per base layer and every list of layer
     indices, and problems (messages) for per-layer behaviour a dict can't express (INDEX_PATTERNS).
+    ``kinds`` (``list_kinds``, when the config class is at hand) overrides the length and name rules.
     """
     L = num_layers
+    kinds = kinds or {}
     updates: dict = {}
     problems: list[str] = []
-    index_lists = index_list_keys(data, L)
+    index_lists = [k for k in index_list_keys(data, L) if kinds.get(k) != "per-layer"]
     for key, value in data.items():
-        if isinstance(value, list) and len(value) == L and L > 1 and key not in index_lists:
+        if key not in index_lists and is_per_layer(key, value, L, kinds):
             updates[key] = [value[layer.source] for layer in layers]
     overrides = data.get("per_layer_config")
     if isinstance(overrides, dict) and overrides:  # transformers' per-layer overrides (Gemma-4), keyed by index
@@ -316,7 +319,7 @@ def rewrite_config(config, layers: list[LayerSpec]) -> tuple[dict, list[str]]:
     Returns the config dict and problems (messages) for per-layer behaviour the dict can't express.
     """
     new = copy.deepcopy(config)
-    updates, problems = remap_per_layer(config.to_dict(), config.num_hidden_layers, layers)
+    updates, problems = remap_per_layer(config.to_dict(), config.num_hidden_layers, layers, list_kinds(config))
     try:
         new.num_hidden_layers = len(layers)  # first: per-layer overrides are checked against it
     except Exception as exc:  # noqa: BLE001 - a config whose depth is derived from others (ProphetNet)
@@ -326,6 +329,7 @@ def rewrite_config(config, layers: list[LayerSpec]) -> tuple[dict, list[str]]:
     out = new.to_dict()
     out.pop("transformers_version", None)
     sync_max_window_layers(out)
+    sync_attention_types(out)
     return out, problems
 
 
@@ -350,6 +354,22 @@ def sync_max_window_layers(config: dict) -> None:
     boundary = window_layers_boundary(config)
     if boundary is not None:
         config["max_window_layers"] = boundary
+
+
+def sync_attention_types(config: dict) -> None:
+    """GPT-Neo states its layers' attention twice: ``attention_layers`` (one kind a layer, what its class
+    reads) and ``attention_types`` ([[kinds, repeats], ...], which a reader that builds the list from it
+    expands). Keep the second true at the new depth: the new layers' kinds as runs."""
+    kinds = config.get("attention_layers")
+    if not isinstance(config.get("attention_types"), list) or not isinstance(kinds, list) or not kinds:
+        return
+    runs: list = []
+    for kind in kinds:
+        if runs and runs[-1][0] == [kind]:
+            runs[-1][1] += 1
+        else:
+            runs.append([[kind], 1])
+    config["attention_types"] = runs
 
 
 def check_config_accepted(config_dict: dict) -> str | None:
