@@ -116,6 +116,19 @@ def test_a_model_type_transformers_does_not_know_is_one_short_line(llama, tmp_pa
     assert len(err) < 600 and "gpt-sw3" not in err
 
 
+def test_a_vision_language_config_says_its_language_model_is_inside(tmp_path, capsys):
+    """A LLaVA config has no num_hidden_layers of its own: three "the config has no ..." lines said nothing of
+    text_config (trial38)."""
+    from transformers import AutoConfig
+
+    base = tmp_path / "llava"
+    base.mkdir()
+    AutoConfig.for_model("llava", text_config=tiny_config("llama").to_dict()).save_pretrained(base)
+    err = refused(write_recipe(tmp_path, base), capsys, command="validate")
+    assert "a llava config" in err and "text_config, a llama of 4 layers" in err and "the language model alone" in err
+    assert err.count("\n") <= 2  # the heading and one problem
+
+
 def test_a_matching_base_config_beside_the_weights_is_fine(llama, tmp_path, capsys):
     base = copy_base(llama, tmp_path / "base")
     (tmp_path / "stated.json").write_text((base / "config.json").read_text())

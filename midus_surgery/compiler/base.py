@@ -151,6 +151,11 @@ def config_object_problems(config) -> list[str]:
         if problem:
             problems.append(problem)
     if problems:
+        text = getattr(config, "text_config", None)  # a vision-language (or other composite) model's language model
+        if text is not None and _attr(text, "num_hidden_layers") is not None and _attr(config, "num_hidden_layers") is None:
+            return [f"a {getattr(config, 'model_type', 'composite')} config: its decoder layers are those of its language model "
+                    f"(text_config, a {getattr(text, 'model_type', '?')} of {text.num_hidden_layers} layers), and midus-surgery "
+                    "up-scales causal language models: use a checkpoint of the language model alone"]
         return problems
     heads = _attr(config, "num_attention_heads")
     if heads is not None:
