@@ -596,9 +596,11 @@ def _dispatch(args) -> int:
         err.print(f"error: {exc}: a path given (or reached through a link) points back at itself", markup=False)
         return 2
     except KeyboardInterrupt as exc:
-        terminated = isinstance(exc, Terminated)
-        err.print("terminated" if terminated else "interrupted", markup=False)
-        return 143 if terminated else 130
+        if isinstance(exc, Terminated):
+            err.print("hung up" if exc.signum == signal.SIGHUP else "terminated", markup=False)
+            return 128 + exc.signum
+        err.print("interrupted", markup=False)
+        return 130
     except Exception as exc:  # noqa: BLE001 - a full disk reaches us through safetensors' and torch's own errors too
         if "No space left on device" not in str(exc) and "Disk quota exceeded" not in str(exc):
             raise
@@ -629,20 +631,26 @@ def _reader_gone() -> int:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, a scheduler cancelling the job), raised where the program is: every path
-    that cleans up after Ctrl-C (a partial output removed, logs closed) runs for it too."""
+    """SIGTERM (``kill``, a scheduler cancelling the job) or SIGHUP (the terminal or ssh session closed),
+    raised where the program is: every path that cleans up after Ctrl-C (a partial output removed, logs
+    closed) runs for it too. The exit status is 128 + the signal's number, as the shell's."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = int(signum)
 
 
 def _on_sigterm(signum, frame) -> None:
-    raise Terminated()
+    raise Terminated(signum)
 
 
 def _ignore_sigterm() -> None:
     """From here the program only reports and exits: a SIGTERM now (torchrun stops every process once
     one has failed) would raise Terminated inside the report or the interpreter's shutdown. Only where
     ``run`` installed the handler: ``main`` called in-process leaves the caller's signals as they are."""
-    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is _on_sigterm:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def run() -> None:
@@ -653,6 +661,8 @@ def run() -> None:
     model, and by then apply has closed, renamed and reported everything it wrote."""
     args = parse_arguments()
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # not under nohup, which asked for it to be ignored
+        signal.signal(signal.SIGHUP, _on_sigterm)
     code = _dispatch(args)
     _ignore_sigterm()
     if code == 0 and args.func is cmd_apply:

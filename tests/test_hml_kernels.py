@@ -8,7 +8,12 @@ clean fallback when they cannot be built.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,6 +192,65 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     hml.use_kernels(m, "fused")
     with pytest.raises(RuntimeError, match="could not be built"):
         m(torch.randn(5, 2, 8))
+
+
+def _ext_dir_with_this_build(tmp_path) -> tuple[dict, Path]:
+    """An environment whose TORCH_EXTENSIONS_DIR holds a copy of this source's built kernels, and its build dir."""
+    from torch.utils import cpp_extension
+
+    name = kernels._build_name()
+    built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"  # this process's
+    build_dir = tmp_path / "ext" / name
+    build_dir.mkdir(parents=True)
+    shutil.copy(built, build_dir / built.name)
+    return dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext")), build_dir
+
+
+LOAD_KERNELS = "from midus_surgery import kernels; print(kernels.cpu_ops(strict=True).topk2 is not None)"
+
+
+def test_a_lock_left_by_a_killed_kernel_build_does_not_hang_the_next_run(fused_ops, tmp_path):
+    """torch's build lock is a file it deletes when its build ends: a build killed with SIGKILL or SIGHUP left it,
+    and every later run that used a memory layer waited for it forever, printing nothing (trial39)."""
+    env, build_dir = _ext_dir_with_this_build(tmp_path)
+    (build_dir / "lock").touch()  # what torch's FileBaton leaves when its holder is killed
+    proc = subprocess.run([sys.executable, "-c", LOAD_KERNELS], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr
+    assert "left by a kernel build that was killed" in proc.stderr and not (build_dir / "lock").exists()
+    assert "compiling" not in proc.stderr  # the cached build was loaded as it is
+
+
+def test_a_run_waits_for_another_building_the_kernels_and_says_so(fused_ops, tmp_path):
+    import fcntl
+
+    env, build_dir = _ext_dir_with_this_build(tmp_path)
+    with open(build_dir / "midus_build.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process's build, in progress
+        proc = subprocess.Popen([sys.executable, "-c", LOAD_KERNELS], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        said = proc.stderr.readline()
+        assert "waiting for another process building the HML CPU kernels" in said and proc.poll() is None
+    out, err = proc.communicate(timeout=120)  # the holder has ended: the OS released its lock
+    assert proc.returncode == 0 and out.strip() == "True", err
+
+
+def test_a_kernel_library_cut_short_by_a_kill_is_built_again(tmp_path, monkeypatch):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    name = kernels._build_name()
+    library = tmp_path / name / f"{name}.so"
+    library.parent.mkdir()
+    library.write_bytes(b"\x7fELF cut short")  # a link killed half-way
+    calls = []
+
+    def load(**kw):
+        calls.append(kw["name"])
+        raise RuntimeError("the build (test)")
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    with pytest.raises(RuntimeError, match="the build"):
+        kernels._build()
+    assert calls == [name] and not library.exists()
 
 
 def test_unknown_kernel_mode_is_an_error(monkeypatch):

@@ -703,9 +703,10 @@ def test_the_demo_scripts_remove_only_runs_midus_surgery_wrote(tmp_path, capsys)
     assert remove([str(whole)]) == 0 and not whole.exists()
 
 
-@pytest.mark.parametrize("signame, code, said", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+@pytest.mark.parametrize("signame, code, said", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted"), ("SIGHUP", 129, "hung up")])
 def test_a_signal_during_apply_leaves_no_partial_output(tmp_path, signame, code, said):
-    """A scheduler's cancel (SIGTERM) and Ctrl-C (SIGINT) clean up alike: no `.NAME.partial-*` waits for the next run."""
+    """A scheduler's cancel (SIGTERM), Ctrl-C (SIGINT) and a closed terminal (SIGHUP, trial39) clean up alike:
+    no `.NAME.partial-*` waits for the next run."""
     import signal
     import time
 
@@ -720,6 +721,7 @@ def test_a_signal_during_apply_leaves_no_partial_output(tmp_path, signame, code,
     def lower_priority_with_ctrl_c():
         os.nice(10)
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a test runner's worker may ignore SIGINT, and a child inherits that
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as one started under nohup ignores SIGHUP
 
     proc = subprocess.Popen([sys.executable, "-m", "midus_surgery.cli", "apply", str(recipe)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=lower_priority_with_ctrl_c)

@@ -17,6 +17,7 @@ only builds and hands out the kernels, and reads no setting.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 import threading
@@ -26,6 +27,11 @@ from types import SimpleNamespace
 from typing import Optional
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: torch's own lock alone there
+    fcntl = None
 
 SOURCE = Path(__file__).with_name("hml_cpu.cpp")
 
@@ -40,24 +46,58 @@ def _build_name() -> str:
     return f"midus_hml_cpu_{digest}"
 
 
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """One midus-surgery process at a time builds or loads the kernels of ``build_dir``: an OS lock
+    (``flock``) on a file of ours there, which the OS releases however the holder ends, ``kill -9`` and a
+    closed terminal included. torch's own lock (a ``lock`` file it deletes when its build ends) stays
+    behind when the build is killed, and every later load then waited for it forever, printing nothing
+    (trial39). Under ours, a ``lock`` file of torch's is one a killed build of ours left: it is removed."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "midus_build.lock", "a") as handle:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"midus-surgery: waiting for another process building the HML CPU kernels ({build_dir})",
+                      file=sys.stderr, flush=True)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            stale = build_dir / "lock"
+            if stale.exists():
+                print(f"midus-surgery: removing {stale}, left by a kernel build that was killed", file=sys.stderr, flush=True)
+                stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _build():
     from torch.utils import cpp_extension
 
     name = _build_name()
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-    if not (build_dir / f"{name}.so").exists():
-        print(f"midus-surgery: compiling the HML CPU kernels (once, about 30 s; cached in {build_dir})",
-              file=sys.stderr, flush=True)
-    cpp_extension.load(
-        name=name,
-        sources=[str(SOURCE)],
-        # -fopenmp: ATen's parallel_for is an inline OpenMP region; libgomp resolves to the copy
-        # torch already loaded.  -march=native is safe: the build is made on the machine that runs it.
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-        verbose=False,
-    )
+    library = build_dir / f"{name}.so"
+    with _build_lock(build_dir):
+        if library.is_file():
+            try:  # built before: the name carries the source's and torch's hashes, so it is this source's build
+                torch.ops.load_library(str(library))
+            except OSError:  # a build killed while it linked: build it again
+                library.unlink()
+        if not library.is_file():
+            print(f"midus-surgery: compiling the HML CPU kernels (once, about 30 s; cached in {build_dir})",
+                  file=sys.stderr, flush=True)
+            cpp_extension.load(
+                name=name,
+                sources=[str(SOURCE)],
+                # -fopenmp: ATen's parallel_for is an inline OpenMP region; libgomp resolves to the copy
+                # torch already loaded.  -march=native is safe: the build is made on the machine that runs it.
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=False,
+            )
     _register_fakes()
     ops = torch.ops.midus_hml
     return SimpleNamespace(topk2=ops.topk2, lookup_backward=ops.lookup_backward, bag_forward=ops.bag_forward,
