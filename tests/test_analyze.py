@@ -134,6 +134,19 @@ def test_errors_are_one_line(world, capsys):
     assert not (world["root"] / "an-missing").exists()
 
 
+@pytest.mark.parametrize("inside", ["memory", "corpus"])
+def test_the_token_cache_may_not_lie_inside_the_model_or_the_data(world, tmp_path, capsys, monkeypatch, inside):
+    """MIDUS_CACHE inside the model or the data: eval refused it, analyze wrote its token cache into them (trial39)."""
+    target = world[inside] if inside == "memory" else world["root"] / "corpus"
+    before = sorted(p for p in target.rglob("*"))
+    monkeypatch.setenv("MIDUS_CACHE", str(target / "cache"))
+    assert main(["analyze", str(world["memory"]), "--data", str(world["root"] / "corpus"), "--out", str(tmp_path / "an"),
+                 "--block-size", "16", "--max-blocks", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "the token cache" in err and "the tool would write into it" in err and "Traceback" not in err
+    assert sorted(p for p in target.rglob("*")) == before and not (tmp_path / "an").exists()
+
+
 def test_frozen_retrieval_trains_the_values_only(world):
     from train_fixtures.tiny import state_of
 
