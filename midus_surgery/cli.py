@@ -613,7 +613,9 @@ FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 def _disk_full(exc: BaseException) -> int:
     """A write that ran out of space: one line. Outputs are written into hidden partial folders, so
     nothing half-written is left in place; a training run resumes from its last whole checkpoint."""
-    where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+    # a copy's error names its source first and the file it was writing second (filename2)
+    target = getattr(exc, "filename2", None) or getattr(exc, "filename", None)
+    where = f" writing {target}" if target else ""
     err.print(f"error: the disk is full{where} ({one_line(exc, 200)}); nothing half-written was kept: free space and run again",
               markup=False)
     return 1

@@ -67,6 +67,15 @@ class RecipeError(MidusError):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
+# what a full, size-capped or read-only temp disk raises, as OSError or inside safetensors' and torch's own errors
+DISK_PROBLEMS = ("No space left on device", "Disk quota exceeded", "File too large", "Read-only file system", "os error 28")
+
+
+def disk_problem(exc: BaseException) -> bool:
+    """Whether ``exc`` is the disk refusing a write (full, capped, read-only), not the data's fault."""
+    return any(text in str(exc) for text in DISK_PROBLEMS)
+
+
 class MachineError(MidusError):
     """This machine, not the user's input, stops the command (a full temporary disk): said as such,
     never as an invalid recipe."""

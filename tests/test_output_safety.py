@@ -663,6 +663,13 @@ def test_a_full_disk_is_one_line_and_leaves_no_half_written_checkpoint(train_pro
     err = capsys.readouterr().err
     assert err.startswith("error: the disk is full (OSError: [Errno 28] No space left on device)") and len(err.strip().splitlines()) == 1, err
 
+    def copying(*args, **kwargs):  # shutil's copy names its source first: the base's file read as the one written (trial39)
+        raise OSError(errno.ENOSPC, "No space left on device", "/models/base/tokenizer.json", None, "/out/.o.partial-1/tokenizer.json")
+
+    assert _dispatch(SimpleNamespace(func=copying)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the disk is full writing /out/.o.partial-1/tokenizer.json (") and len(err.strip().splitlines()) == 1, err
+
 
 def test_the_demo_scripts_remove_only_runs_midus_surgery_wrote(tmp_path, capsys):
     from tool_modules import load_tool

@@ -480,6 +480,23 @@ def test_a_skipped_check_is_said_as_skip_not_pass(bases, capsys):
     assert "note: no midus_plan.json, so this is not an output of `midus-surgery apply`" in text
 
 
+def test_a_full_temp_disk_is_said_as_such_not_skipped_as_the_bases_failure(bases, tmp_path, capsys, monkeypatch):
+    """The round-trip check saves the model under TMPDIR: a full one read 'SKIP round-trip: the base model fails it
+    too (... No space left on device)' and 'all checks passed', exit 0 (trial39)."""
+    from midus_surgery.cli import main
+
+    out = emitted(bases, tmp_path, "llama", "llama-pro")
+
+    def full(*args, **kwargs):  # as safetensors words it
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(verify_module.tempfile, "TemporaryDirectory", full)
+    assert main(["verify", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "cannot run the round-trip check: saving the model into " in captured.err and "point TMPDIR at a disk with room" in captured.err
+    assert "SKIP round-trip" not in captured.out and "checks passed" not in captured.out and "Traceback" not in captured.err
+
+
 def test_a_config_dtype_that_is_not_the_weights_fails_the_tensors_check(bases, tmp_path):
     """transformers loads dtype="auto" by what config.json says: a float32 output said bfloat16
     would load rounded, a bf16 one said float32 at twice the memory (a training export did)."""

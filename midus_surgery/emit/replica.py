@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 
 from midus_surgery.compiler.planned import PlannedRecipe
-from midus_surgery.errors import MachineError, RecipeError, one_line
+from midus_surgery.errors import MachineError, RecipeError, disk_problem, one_line
 
 REPLICA_SEED = 0
 NORM_PERTURBATION = 0.3  # added to every 1-D parameter (norm weights, biases), times N(0, 1)
@@ -132,17 +132,9 @@ def _difference(planned: PlannedRecipe, emit) -> str | None:
         except Exception as exc:  # noqa: BLE001 - what would break the real output: a refusal, not a traceback
             if _out_of_memory(exc):  # no accept_function_change can help: say what is too large
                 raise _too_large(planned, exc) from None
-            if _disk_problem(exc):  # the machine's temp disk, not the recipe
+            if disk_problem(exc):  # the machine's temp disk, not the recipe
                 raise _temp_disk_error(str(tmp), exc) from None
             return f"the recipe applied to a tiny replica of the base fails ({one_line(exc, 200)}), so the output would not load or run"
-
-
-# what a full, size-capped or read-only temp disk raises, as OSError or inside safetensors' and torch's own errors
-_DISK_PROBLEMS = ("No space left on device", "Disk quota exceeded", "File too large", "Read-only file system", "os error 28")
-
-
-def _disk_problem(exc: BaseException) -> bool:
-    return any(text in str(exc) for text in _DISK_PROBLEMS)
 
 
 def _temp_disk_error(tmp: str | None, exc: BaseException) -> MachineError:

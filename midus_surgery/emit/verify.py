@@ -34,7 +34,7 @@ import torch
 
 from midus_surgery.compiler.custom_code import BUILDING_KEYS
 from midus_surgery.compiler.plan import guess_layers_path, read_plan_file
-from midus_surgery.errors import MidusError, UsageError, load_error_line, one_line
+from midus_surgery.errors import MachineError, MidusError, UsageError, disk_problem, load_error_line, one_line
 from midus_surgery.io.output_dir import recorded_base, run_export_hint
 from midus_surgery.model.midus_names import is_memory_parameter
 
@@ -410,6 +410,9 @@ def round_trip_check(model, ids: torch.Tensor, trust: bool, shipped: bool = Fals
             reloaded, _ = _load(Path(tmp), trust_remote_code=trust, shipped=shipped)
             again = _logits(reloaded, ids)
     except Exception as exc:  # noqa: BLE001
+        if disk_problem(exc):  # the machine's temp disk, not the model: no verdict (it read as the base's failure, exit 0)
+            raise MachineError(f"cannot run the round-trip check: saving the model into {tempfile.gettempdir()} failed "
+                               f"({one_line(exc, 160)}); free space there, or point TMPDIR at a disk with room, and run again") from None
         return Check("round-trip", False, f"save_pretrained + reload fails: {one_line(exc, 300)}")
     return _round_trip_check(model.state_dict(), reloaded.state_dict(), logits, again)
 
