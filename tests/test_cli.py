@@ -152,6 +152,13 @@ def validate_lines(tmp_path: Path, capsys, base: Path, body: str, name: str = "r
 MEM = "memory: {n_subkeys: 4, topk: 2, latent_dim: 8}\n"
 
 
+def test_a_nul_escape_in_a_recipe_path_is_a_located_line(tiny_base, tmp_path, capsys):
+    """YAML's quoted "\\0" in output.dir was a 27-line ValueError traceback from validate and apply (trial39)."""
+    code, text = validate_lines(tmp_path, capsys, tiny_base, 'layout: {interleave: {after_every: 2, kind: copy}}\noutput: {dir: "out\\0x"}\n')
+    assert code == 2 and "r.yaml:4:15: output.dir: a NUL character (\\0) in a string" in text and "Traceback" not in text
+    assert main(["apply", str(tmp_path / "r.yaml"), "--quiet"]) == 2 and "a NUL character" in capsys.readouterr().err
+
+
 def test_validate_says_where_a_block_replaces_its_original(tiny_base, tmp_path, capsys):
     """A memory block in place of base layer 0: the base layer is missing, not 'index-dependent code'."""
     body = "layout: {layers: [{source: 0, kind: memory}, {source: 1}, {source: 2}, {source: 3}]}\n" + MEM + "output: {dir: out}\n"

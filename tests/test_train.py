@@ -112,6 +112,22 @@ def test_a_recipe_given_to_train_is_named_as_such(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("key", ["run_dir", "init_from", "data.train", "data.cache_dir", "export.dir", "resume", "data.held_out"])
+def test_a_nul_escape_in_a_path_is_a_located_line_not_a_traceback(tmp_path, capsys, key):
+    """YAML's quoted "\\0" is a NUL character no path can hold: each path key was a ValueError traceback (trial39)."""
+    from midus_surgery.cli import main
+
+    path = tmp_path / "ok.yaml"
+    path.write_text("init_from: m\nrun_dir: r\ntokens: 2M\ndata:\n  train: x.txt\n")
+    override = f'{key}="a\\0b"'
+    assert main(["train", str(path), override]) == 2
+    err = capsys.readouterr().err
+    assert f"command line ({override}): {key}: " in err and "a NUL character (\\0) in a string" in err and "Traceback" not in err
+    path.write_text('init_from: m\nrun_dir: "r\\0x"\ntokens: 2M\ndata:\n  train: x.txt\n')  # in the file: located
+    assert main(["train", str(path)]) == 2
+    assert f"{path}:2:10: run_dir: a NUL character (\\0) in a string" in capsys.readouterr().err
+
+
 def test_overrides(tmp_path):
     path = tmp_path / "ok.yaml"
     path.write_text("init_from: m\nrun_dir: r\ntokens: 2M\ndata:\n  train: x.txt\n")

@@ -173,12 +173,16 @@ class _Builder:
             return None
         try:
             self.constructor.constructed_objects.clear()
-            return self.constructor.construct_object(node, deep=True)
+            value = self.constructor.construct_object(node, deep=True)
         except Exception as exc:  # noqa: BLE001 - PyYAML raises ValueError, KeyError, TypeError... for bad tagged values
             text = str(exc).strip()
             detail = f": {text.splitlines()[0][:120]}" if isinstance(exc, ValueError) and text else ""
             self.problem(node, path, f"{_preview(node.value)} is not a valid {_tag(node.tag)} value{detail}")
             return None
+        if isinstance(value, str) and "\0" in value:  # a quoted "\0" escape: the reader refuses only raw NUL bytes
+            self.problem(node, path, "a NUL character (\\0) in a string: no path or name may hold one")
+            return None
+        return value
 
     def pairs(self, node: yaml.MappingNode, path: PathKey) -> list[tuple[yaml.Node, Any, yaml.Node]]:
         """(key node, key, value node) of a mapping, merge keys (``<<``) expanded; explicit keys win."""
