@@ -467,6 +467,28 @@ def test_a_base_whose_auto_map_names_only_its_tokenizer_applies_and_verifies_wit
     assert not marker.exists()
 
 
+def test_eval_says_when_a_models_own_tokenizer_code_is_not_run(llama, tmp_path, capsys):
+    """A tokenizer_config.json whose auto_map names the tokenizer's own code: eval measured the perplexity of the
+    stock tokenizer's split with no word (trial39). The code is not run; eval says so, once."""
+    from train_fixtures.tiny import make_tokenizer, write_corpus
+
+    base = copy_base(llama, tmp_path / "tokcode")
+    make_tokenizer().save_pretrained(base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**config, "auto_map": {"AutoTokenizer": ["evtok.T", None]}}))
+    marker = tmp_path / "ran"
+    (base / "evtok.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    write_corpus(tmp_path / "corpus", files=1, sentences_per_file=20)
+    args = ["eval", str(base), "--data", str(tmp_path / "corpus"), "--block-size", "16", "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("its tokenizer names code of its own (evtok.T), not run: the stock ") == 1 and "(to run it: read that code, then pass --trust-remote-code)" in err
+    assert not marker.exists()
+    config.pop("auto_map", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    assert main(args) == 0 and "code of its own" not in capsys.readouterr().err
+
+
 def test_a_gguf_bases_tokenizer_is_read_with_the_recipes_trust_never_none(tmp_path, monkeypatch):
     """transformers asks on the terminal whether to run a folder's tokenizer code when
     trust_remote_code is None; a 'y' ran it though the recipe never allowed code."""

@@ -255,7 +255,7 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
     if dtype not in DTYPES:
         raise TaskError(f"--dtype must be one of {', '.join(DTYPES)}")
     run_on = eval_device(device)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, how_to_allow=NO_OWN_CODE)
     stream = D.prepare_corpus(list(data), Path.cwd(), tokenizer, dir_glob=DIR_GLOB,
                               text_field="text", cache_dir=cache, progress=progress, what="analysis data",
                               tokenizer_source=str(model_dir))

@@ -11,6 +11,7 @@ Perplexity is token-weighted: exp(sum of next-token NLL / number of predicted to
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import sys
@@ -125,7 +126,7 @@ def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow
     return path
 
 
-_NOTED_CODE: set[tuple[str, tuple[str, ...]]] = set()  # (model directory, differing files) already said in this process
+_NOTED_CODE: set[tuple[str, object]] = set()  # (model directory, differing files or own tokenizer classes) already said in this process
 
 
 def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float32, trust_remote_code: bool = False,
@@ -187,7 +188,7 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
     return model
 
 
-def load_tokenizer(path: Path, trust_remote_code: bool = False):
+def load_tokenizer(path: Path, trust_remote_code: bool = False, how_to_allow: str = ALLOW_CODE):
     from transformers import AutoTokenizer
 
     from midus_surgery.train.data import has_tokenizer_files
@@ -199,9 +200,32 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
         raise ModelLoadError(f"{path} holds no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.*, *.model...): "
                              "copy them from the model it was made from")
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
         raise ModelLoadError(f"{path}: no usable tokenizer ({one_line(exc, 300, whole=True)})") from None
+    own = None if trust_remote_code else _own_tokenizer_code(path)
+    if own and (str(Path(path).resolve()), own) not in _NOTED_CODE:
+        _NOTED_CODE.add((str(Path(path).resolve()), own))
+        print(f"note: {path}: its tokenizer names code of its own ({own}), not run: the stock {type(tokenizer).__name__} "
+              f"tokenizes instead and may split text otherwise than the model's own would (to run it: {how_to_allow})",
+              file=sys.stderr)
+    return tokenizer
+
+
+def _own_tokenizer_code(path: Path) -> str | None:
+    """The tokenizer classes a model folder's tokenizer_config.json (or config.json) maps to its own code
+    (auto_map AutoTokenizer), as one text; None when it names none. Read as JSON: nothing runs."""
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            data = json.loads((Path(path) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        entry = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else None
+        classes = [c for c in (entry if isinstance(entry, list) else [entry]) if isinstance(c, str) and c]
+        if classes:
+            return ", ".join(classes)
+    return None
 
 
 def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:

@@ -465,7 +465,7 @@ class Runner:
         too_long = positions_problem(stated_positions(json.loads((self.init_from / "config.json").read_text())), d.block_size)
         if too_long:
             raise RecipeError([loaded.problem(("data", "block_size"), too_long)])
-        self.tokenizer = load_tokenizer(self.init_from, cfg.trust_remote_code)
+        self.tokenizer = load_tokenizer(self.init_from, cfg.trust_remote_code, how_to_allow=ALLOW_CODE)
         cache = loaded.resolve(d.cache_dir) if d.cache_dir else D.default_cache_dir()
         # tokenising has no log line of its own: its bar, which in a log file is a line every 30 s
         common = dict(dir_glob=d.dir_glob, text_field=d.text_field, cache_dir=cache,
