@@ -233,6 +233,22 @@ def test_per_layer_flags_of_a_two_layer_base_are_not_taken_for_layer_indices():
     assert plan.config["no_rope_layers"] == [1, 1, 0]
 
 
+def test_the_config_class_decides_a_lists_kind_only_where_its_answer_is_clear():
+    """Asked at two other depths: a default that follows the depth is per-layer, one of a fixed length is not; a
+    default of every layer's index (LFM2's full_attn_idxs, Llama-4's moe_layers) reads as an index list and a
+    per-layer list alike, and a class whose depth follows a list (NemotronH) answers nothing: the name and
+    length rules decide those, as before."""
+    from midus_surgery.anatomy.config_lists import list_kinds
+
+    def kinds(model_type, **kw):
+        return list_kinds(AutoConfig.for_model(model_type, **kw))
+
+    assert kinds("smollm3", num_hidden_layers=2, no_rope_layer_interval=2)["no_rope_layers"] == "per-layer"
+    assert kinds("falcon_h1", num_hidden_layers=5)["ssm_multipliers"] == "fixed"
+    assert "full_attn_idxs" not in kinds("lfm2", num_hidden_layers=4) and "moe_layers" not in kinds("llama4_text", num_hidden_layers=4)
+    assert "layers_block_type" not in kinds("nemotron_h")
+
+
 def test_gpt_neo_states_the_new_layers_attention_in_both_its_keys():
     """GPT-Neo's attention_types ([[kinds, repeats]]) describes the layers as attention_layers does; left at the
     base's, it described four layers of a six-layer model, and GPTNeoConfig built from it refused (trial38)."""

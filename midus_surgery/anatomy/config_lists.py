@@ -13,8 +13,8 @@ from __future__ import annotations
 
 def list_kinds(config) -> dict[str, str]:
     """What the config class makes of each list in ``config`` when it is left out, at two other depths:
-    "per-layer" (one entry a layer at both), "fixed" (one length at both: FalconH1's five
-    ``ssm_multipliers``, an index list's empty default). A list with no default of its own, or a class
+    "per-layer" (one entry a layer at both), "fixed" (one length at both, not zero: FalconH1's five
+    ``ssm_multipliers``). A list with no default of its own, or a class
     that will not build without it, gets no entry, and the name and length rules decide
     (``remap_per_layer``). A base's list can have as many entries as it has layers by chance, and a
     two-layer base's 0/1 flags can read as layer indices: the class knows which it is."""
@@ -30,15 +30,18 @@ def list_kinds(config) -> dict[str, str]:
             kwargs = {k: v for k, v in data.items() if k != key and not (k in lists and len(data[k]) == L)}
             kwargs[depth_key] = depth
             try:
-                value = getattr(type(config)(**kwargs), key, None)
+                probe = type(config)(**kwargs)
+                value = getattr(probe, key, None)
             except Exception:  # noqa: BLE001 - a class that needs the list given: no verdict
                 break
-            if not isinstance(value, (list, tuple)):  # FalconH1's time_step_limit is a tuple
+            if getattr(probe, "num_hidden_layers", None) != depth:  # the depth follows a list (NemotronH's layers_block_type)
                 break
+            if not isinstance(value, (list, tuple)) or list(value) == list(range(depth)):
+                break  # no list (FalconH1's time_step_limit is a tuple), or every layer's index: per-layer and index list alike
             lengths.append(len(value))
         if lengths == [L + 1, L + 2]:
             kinds[key] = "per-layer"
-        elif len(lengths) == 2 and lengths[0] == lengths[1]:
+        elif len(lengths) == 2 and lengths[0] == lengths[1] > 0:  # an empty default says nothing of what a list holds
             kinds[key] = "fixed"
     return kinds
 
