@@ -429,6 +429,21 @@ def test_the_token_cache_may_not_be_written_into_the_model_or_the_data(train_pro
     assert tree_digest(train_project) == before
 
 
+def test_the_token_cache_may_not_be_written_into_the_folder_of_data_given_as_files(train_project, capsys):
+    """`--data corpus/*.txt` reaches the tool as the files the shell expanded: the cache was checked against
+    each file, never their folder, and eval, analyze and train wrote into the user's data folder (trial40)."""
+    files = sorted(str(p.relative_to(train_project)) for p in (train_project / "corpus").iterdir())
+    cfg = train_config(train_project, **{"data.cache_dir": "corpus/c", "data.train": files})
+    before = tree_digest(train_project)
+    assert main(["eval", "model", "--data", *files, "--cache-dir", "corpus/c", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "the token cache" in err and "inside the data folder of corpus/" in err and "Traceback" not in err
+    assert main(["train", str(cfg), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "data.cache_dir: the token cache" in err and "the tool would write into it" in err
+    assert tree_digest(train_project) == before
+
+
 @pytest.mark.parametrize("cache", ["applied", "applied/tokens"])
 def test_the_token_cache_may_not_be_written_into_an_output_written_whole(train_project, cache, capsys):
     """An apply output or an export is replaced whole: a cache inside it would go with it, or keep

@@ -224,7 +224,7 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
                  importance: bool = True) -> dict:
     """Analyse ``model_dir`` on ``data``; writes ``out`` (analysis.json and the PNGs) and returns the JSON."""
     from midus_surgery.compiler.plan import read_plan_file
-    from midus_surgery.io.output_dir import atomic_directory, check_cache_location, check_output_dir, input_root
+    from midus_surgery.io.output_dir import atomic_directory, check_cache_location, check_output_dir, data_folder, input_root
     from midus_surgery.io.progress import progress_bar
     from midus_surgery.train import data as D
     from midus_surgery.train.evaluate import (
@@ -250,7 +250,8 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
     inputs = [("the model", model_dir), *((f"data ({p})", input_root(p)) for p in data)]
     if fixed_retrieval is not None:
         inputs.append(("the fixed-retrieval model", Path(fixed_retrieval)))
-    cache = check_cache_location(D.default_cache_dir(), inputs=inputs)  # as eval's: never into the model or the data (trial39)
+    # as eval's: never into the model or the data's folders (trial39, trial40)
+    cache = check_cache_location(D.default_cache_dir(), inputs=[*inputs, *((f"the data folder of {p}", data_folder(p)) for p in data)])
     out = check_output_dir(out, kind=ANALYSIS_KIND, inputs=inputs, reuse=True, flag=None)
     if dtype not in DTYPES:
         raise TaskError(f"--dtype must be one of {', '.join(DTYPES)}")

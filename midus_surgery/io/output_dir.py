@@ -237,6 +237,14 @@ def input_root(path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def data_folder(path: str | os.PathLike) -> Path:
+    """The user's data folder behind a data path: a glob's fixed prefix, a directory, or a file's folder
+    (``--data corpus/*.txt`` reaches the tool as the files the shell expanded). What a token cache may not
+    be or lie inside: writing next to the user's files is writing into their data (trial40)."""
+    root = input_root(path)
+    return root.parent if root.is_file() else root
+
+
 def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tuple[str, str | os.PathLike]] = (),
                      folders: Iterable[tuple[str, str | os.PathLike]] = (), overwrite: bool = False,
                      reuse: bool = False, writes_into: bool = False, owner: str | None = None,
