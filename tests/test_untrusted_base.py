@@ -112,8 +112,17 @@ def test_a_model_type_transformers_does_not_know_is_one_short_line(llama, tmp_pa
     base = copy_base(llama, tmp_path / "base")
     edit_config(base, model_type=model_type)
     err = refused(write_recipe(tmp_path, base), capsys, command=command)
-    assert f"does not know model_type {model_type!r}" in err and hint in err and "a newer transformers may" in err
+    assert f"does not know model_type {model_type!r}" in err and hint in err and "a newer transformers may know it" in err
     assert len(err) < 600 and "gpt-sw3" not in err
+
+
+@pytest.mark.parametrize("command", ["validate", "apply"])
+def test_a_model_type_that_is_not_a_name_is_one_line(llama, tmp_path, capsys, command):
+    """model_type ["llama"]: a TypeError traceback from apply's header planner, a raw TypeError from validate (trial40)."""
+    base = copy_base(llama, tmp_path / "base")
+    edit_config(base, model_type=["llama"])
+    err = refused(write_recipe(tmp_path, base), capsys, command=command)
+    assert "model_type is list ['llama'], not a name" in err
 
 
 def test_a_vision_language_config_says_its_language_model_is_inside(tmp_path, capsys):

@@ -184,6 +184,8 @@ def _config_from_dict(data: dict, where: str, trust_remote_code: bool):
     model_type = data.get("model_type")
     if not model_type:
         raise ValueError(f"{where} has no model_type")
+    if not isinstance(model_type, str):
+        raise ValueError(f"{where}: model_type is {type(model_type).__name__} {str(model_type)[:60]}, not a name (\"llama\")")
     if model_type == "midus":  # its blocks are not the base architecture's: no anatomy, no replica
         raise ValueError(f"{where} is a MIDUS output (model_type 'midus'); up-scaling one again is not supported: apply one recipe "
                          "with every block you want to the original base")
@@ -223,7 +225,7 @@ def unknown_model_type(model_type) -> str | None:
         return None
     near = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
     hint = f" (did you mean {', '.join(repr(n) for n in near)}?)" if near else ""
-    return f"transformers {transformers.__version__} does not know model_type {model_type!r}{hint}; a newer transformers may"
+    return f"transformers {transformers.__version__} does not know model_type {model_type!r}{hint}; a newer transformers may know it"
 
 
 # What base.config must agree on with the base's own config.json when both are there: the shape of

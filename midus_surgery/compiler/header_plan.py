@@ -134,7 +134,8 @@ def _plan(loaded: LoadedRecipe) -> PlannedRecipe:
     layers, problems = expand_layout(loaded, L) if counted else ([], [])
     if not problems and any(layer.kind not in ("base", COPY) for layer in layers):  # the deepest reason first: it holds for every model type
         raise NotCovered("identity and memory blocks need the block anatomy")
-    arch = ARCHS.get(config.get("model_type"))
+    model_type = config.get("model_type")
+    arch = ARCHS.get(model_type) if isinstance(model_type, str) else None  # any other value: the full planner says what is wrong
     if arch is None or "auto_map" in config:
         raise NotCovered(f"model type {config.get('model_type')!r} is not one the header planner covers" if arch is None else "config.json has an auto_map")
 
