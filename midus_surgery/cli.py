@@ -596,6 +596,7 @@ def _dispatch(args) -> int:
         err.print(f"error: {exc}: a path given (or reached through a link) points back at itself", markup=False)
         return 2
     except KeyboardInterrupt as exc:
+        _ignore_sigterm()  # a second Ctrl-C or SIGTERM now would interrupt the report: chained tracebacks, exit 1 (trial40)
         if isinstance(exc, Terminated):
             err.print("hung up" if exc.signum == signal.SIGHUP else "terminated", markup=False)
             return 128 + exc.signum
@@ -648,10 +649,12 @@ def _on_sigterm(signum, frame) -> None:
 
 def _ignore_sigterm() -> None:
     """From here the program only reports and exits: a SIGTERM now (torchrun stops every process once
-    one has failed) would raise Terminated inside the report or the interpreter's shutdown. Only where
-    ``run`` installed the handler: ``main`` called in-process leaves the caller's signals as they are."""
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(signum) is _on_sigterm:
+    one has failed) or a second Ctrl-C would raise inside the report or the interpreter's shutdown. Only
+    where ``run`` installed the handlers: ``main`` called in-process leaves the caller's signals as they are."""
+    if signal.getsignal(signal.SIGTERM) is not _on_sigterm:
+        return
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        if signum != signal.SIGHUP or signal.getsignal(signum) is _on_sigterm:
             signal.signal(signum, signal.SIG_IGN)
 
 

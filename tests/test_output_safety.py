@@ -808,6 +808,35 @@ def test_a_sigterm_while_the_error_is_reported_keeps_it_one_line(tmp_path):
     assert proc.stderr.strip() == "error: another process of this run stopped", proc.stderr
 
 
+@pytest.mark.parametrize("first, second, code, said", [("SIGINT", "SIGINT", 130, "interrupted"), ("SIGTERM", "SIGINT", 143, "terminated"),
+                                                        ("SIGINT", "SIGTERM", 130, "interrupted")])
+def test_a_second_signal_while_the_first_is_reported_keeps_it_one_line(tmp_path, first, second, code, said):
+    """Ctrl-C pressed twice: the second landed while "interrupted" was being printed, and about 50 lines of
+    chained KeyboardInterrupt tracebacks ended in exit 1 (trial40)."""
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys
+        from midus_surgery import cli
+
+        def stopped(args):
+            os.kill(os.getpid(), signal.{first})
+            raise AssertionError("the first signal did not stop the command")
+
+        real_print = cli.err.print
+        def print_after_a_second_signal(*a, **kw):
+            os.kill(os.getpid(), signal.{second})  # lands in the middle of the report
+            real_print(*a, **kw)
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, whatever the test runner set
+        cli.err.print = print_after_a_second_signal
+        cli.parse_arguments = lambda argv=None: type("Args", (), {{"func": staticmethod(stopped)}})()
+        cli.run()
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == code and proc.stderr.strip() == said, proc.stderr
+
+
 def test_a_run_directory_with_the_users_hidden_files_is_not_removed(tmp_path, capsys):
     """trial33: a run folder versioned with git, or with Jupyter's checkpoints beside it, was removed whole:
     only the hidden siblings the tool itself makes (``.final.partial-XXXXXXXX``) are skipped."""
