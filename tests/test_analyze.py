@@ -147,6 +147,22 @@ def test_the_token_cache_may_not_lie_inside_the_model_or_the_data(world, tmp_pat
     assert sorted(p for p in target.rglob("*")) == before and not (tmp_path / "an").exists()
 
 
+def test_the_clock_of_an_evaluation_starts_after_the_memory_layers_kernels_are_ready(world, monkeypatch):
+    """eval's tokens/s included the one-time build of the CPU kernels: 1 tokens/s (24.5 s), then 39 once built (trial40)."""
+    import numpy as np
+
+    from midus_surgery.model import hml
+    from midus_surgery.train import evaluate
+
+    model = evaluate.load_causal_lm(world["memory"], progress=False)
+    events = []
+    real_resolve, real_clock = hml.resolve_backend, evaluate.time.perf_counter
+    monkeypatch.setattr(hml, "resolve_backend", lambda *a, **kw: events.append("kernels") or real_resolve(*a, **kw))
+    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: events.append("clock") or real_clock())
+    result = evaluate.evaluate_batches(model, [(np.ones((2, 8), dtype=np.int64), None)], device="cpu")
+    assert result.tokens > 0 and "kernels" in events and events.index("kernels") < events.index("clock"), events
+
+
 def test_frozen_retrieval_trains_the_values_only(world):
     from train_fixtures.tiny import state_of
 

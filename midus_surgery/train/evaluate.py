@@ -266,8 +266,11 @@ def _finish(nll: float, count: int, sequences: int, seen: int, seconds: float) -
 def evaluate_batches(model, batches: Iterable[tuple[np.ndarray, np.ndarray | None]], *, device, autocast=contextlib.nullcontext,
                      reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, progress=None) -> EvalResult:
     """Token-weighted NLL over (ids, mask) batches; ``reduce`` sums across processes."""
+    from midus_surgery.model.hml import prepare_kernels
+
     was_training = model.training
     model.eval()
+    prepare_kernels(model, device)  # a first build of the CPU kernels (~30 s) is not the model's speed (trial40)
     started = time.perf_counter()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # nll, predicted, sequences, tokens read
     try:
