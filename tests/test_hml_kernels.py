@@ -206,7 +206,10 @@ def _ext_dir_with_this_build(tmp_path) -> tuple[dict, Path]:
     return dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext")), build_dir
 
 
-LOAD_KERNELS = "from midus_surgery import kernels; print(kernels.cpu_ops(strict=True).topk2 is not None)"
+# under a redirect of sys.stderr, as validate's replica check runs: the build's lines still reach the terminal (trial40)
+LOAD_KERNELS = ("import contextlib, io; from midus_surgery import kernels\n"
+                "with contextlib.redirect_stderr(io.StringIO()):\n    ops = kernels.cpu_ops(strict=True)\n"
+                "print(ops.topk2 is not None)")
 
 
 def test_a_lock_left_by_a_killed_kernel_build_does_not_hang_the_next_run(fused_ops, tmp_path):

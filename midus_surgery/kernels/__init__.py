@@ -46,6 +46,12 @@ def _build_name() -> str:
     return f"midus_hml_cpu_{digest}"
 
 
+def _terminal():
+    """Where the build's lines go: the process's own stderr, past any redirect of sys.stderr (validate's replica
+    check swallows the replica's output, and a 30 s build or a wait then looked like a hang; trial40)."""
+    return sys.__stderr__ or sys.stderr
+
+
 @contextlib.contextmanager
 def _build_lock(build_dir: Path):
     """One midus-surgery process at a time builds or loads the kernels of ``build_dir``: an OS lock
@@ -60,11 +66,11 @@ def _build_lock(build_dir: Path):
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 print(f"midus-surgery: waiting for another process building the HML CPU kernels ({build_dir})",
-                      file=sys.stderr, flush=True)
+                      file=_terminal(), flush=True)
                 fcntl.flock(handle, fcntl.LOCK_EX)
             stale = build_dir / "lock"
             if stale.exists():
-                print(f"midus-surgery: removing {stale}, left by a kernel build that was killed", file=sys.stderr, flush=True)
+                print(f"midus-surgery: removing {stale}, left by a kernel build that was killed", file=_terminal(), flush=True)
                 stale.unlink(missing_ok=True)
         try:
             yield
@@ -87,7 +93,7 @@ def _build():
                 library.unlink()
         if not library.is_file():
             print(f"midus-surgery: compiling the HML CPU kernels (once, about 30 s; cached in {build_dir})",
-                  file=sys.stderr, flush=True)
+                  file=_terminal(), flush=True)
             cpp_extension.load(
                 name=name,
                 sources=[str(SOURCE)],
