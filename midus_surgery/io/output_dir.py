@@ -447,13 +447,14 @@ def atomic_directory(out: Path, *, kind: str, owner: str | None = None, replace:
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        clean_leftovers(out, report)
-        tmp.mkdir()
-    except OSError as exc:  # a place the system will not write (/proc, a read-only disk): said for the path asked
-        _remove_empty(created)
-        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
-    try:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            clean_leftovers(out, report)
+            # made inside the clean-up's try: a Ctrl-C landing just after the mkdir (a test that signals as soon
+            # as the partial appears hit it under load) left the partial behind
+            tmp.mkdir()
+        except OSError as exc:  # a place the system will not write (/proc, a read-only disk): said for the path asked
+            raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
         write_marker(tmp, kind, owner)
         yield tmp
         replace_directory(tmp, out, kind=kind, owner=owner if replaces_owner is None else replaces_owner, replace=replace)
