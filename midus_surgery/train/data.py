@@ -330,8 +330,8 @@ def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: I
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(final)  # a killed tokenisation's hidden .KEY.partial-* (2 bytes a token), once its process is gone
     tmp = final.parent / f".{key}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
+        tmp.mkdir()  # inside the try: a Ctrl-C just after it removes the partial too
         write_marker(tmp, "tokenise")  # whose partial this is, for the cleaning above
         old = getattr(tokenizer, "model_max_length", None)
         tokenizer.model_max_length = int(1e30)  # whole documents; no "sequence too long" warnings
