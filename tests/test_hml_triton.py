@@ -576,3 +576,14 @@ def test_a_read_of_a_few_tokens_takes_the_decode_shaped_kernel_and_a_long_one_th
     # tiny blocks fit 16 tokens a decode-shaped program; past the limit, 16-token blocks of one head
     assert launched == [("_memory_fwd_small_kernel", (1, H)), ("_memory_fwd_small_kernel", (limit // 16, H)),
                         ("_memory_fwd_kernel", (triton.cdiv(limit + 1, 16), H))]
+
+
+def test_the_decode_shaped_read_fits_two_tokens_a_program_at_the_recipe_size_and_one_at_the_llama_size():
+    """docs/hml.md's block sizes: 2 tokens a program at the recipe size (9 heads: 72 programs at batch 16), 1 at the
+    Llama-3.2-1B size (32 heads: 512)."""
+    def rows(H, dh, n, k, d):
+        q, keys, table = torch.empty(16, H, dh), torch.empty(H, 2, n, dh // 2), torch.empty(n * n, d)
+        return hml_triton._small_read_rows(16, hml_triton._memory_blocks(q, keys, table, k))
+
+    assert rows(9, 64, 128, 32, 64) == 2 and 9 * triton.cdiv(16, 2) == 72
+    assert rows(32, 64, 256, 32, 256) == 1 and 32 * 16 == 512

@@ -808,6 +808,46 @@ def test_a_sigterm_while_the_error_is_reported_keeps_it_one_line(tmp_path):
     assert proc.stderr.strip() == "error: another process of this run stopped", proc.stderr
 
 
+def test_a_run_started_under_nohup_keeps_ignoring_sighup(tmp_path):
+    """docs/reliability.md: SIGHUP cleans up as SIGTERM does, unless the program was started under nohup, which asked
+    for it to be ignored."""
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent("""
+        import signal
+        from midus_surgery import cli
+
+        def report(args):
+            print("ignored" if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else "handled")
+            return 0
+
+        signal.signal(signal.SIGHUP, signal.SIG_IGN if __import__("sys").argv[1] == "nohup" else signal.SIG_DFL)
+        cli.parse_arguments = lambda argv=None: type("Args", (), {"func": staticmethod(report)})()
+        cli.run()
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    for how, said in (("nohup", "ignored"), ("terminal", "handled")):
+        proc = subprocess.run([sys.executable, str(script), how], capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.strip() == said, (how, proc.stdout, proc.stderr)
+
+
+def test_a_partial_folder_the_run_could_not_make_is_not_removed(tmp_path, monkeypatch):
+    """The partial is made inside the clean-up's try (a signal right after its mkdir removes it too); a mkdir that
+    fails, because something is already at that name, leaves what is there alone."""
+    from midus_surgery.io import output_dir
+
+    class Fixed:
+        hex = "0123456789abcdef"
+
+    monkeypatch.setattr(output_dir.uuid, "uuid4", lambda: Fixed())
+    taken = tmp_path / ".out.partial-01234567"
+    taken.mkdir()
+    (taken / "theirs.txt").write_text("another process's")
+    with pytest.raises(OutputError, match="cannot write"):
+        with atomic_directory(tmp_path / "out", kind="apply"):
+            pass
+    assert (taken / "theirs.txt").read_text() == "another process's"
+
+
 @pytest.mark.parametrize("first, second, code, said", [("SIGINT", "SIGINT", 130, "interrupted"), ("SIGTERM", "SIGINT", 143, "terminated"),
                                                         ("SIGINT", "SIGTERM", 130, "interrupted")])
 def test_a_second_signal_while_the_first_is_reported_keeps_it_one_line(tmp_path, first, second, code, said):

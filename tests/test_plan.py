@@ -249,6 +249,16 @@ def test_the_config_class_decides_a_lists_kind_only_where_its_answer_is_clear():
     assert "layers_block_type" not in kinds("nemotron_h")
 
 
+def test_the_header_planners_architectures_make_no_list_but_layer_types():
+    """docs/apply.md: the header planner (no config class to ask) keeps the length rule; its architectures' classes
+    make no other list that the rule could mistake."""
+    from midus_surgery.compiler.header_plan import ARCHS
+
+    for model_type in ARCHS:
+        lists = {k for k, v in AutoConfig.for_model(model_type).to_dict().items() if isinstance(v, (list, tuple))}
+        assert lists <= {"layer_types"}, (model_type, lists)
+
+
 def test_gpt_neo_states_the_new_layers_attention_in_both_its_keys():
     """GPT-Neo's attention_types ([[kinds, repeats]]) describes the layers as attention_layers does; left at the
     base's, it described four layers of a six-layer model, and GPTNeoConfig built from it refused (trial38)."""

@@ -446,6 +446,7 @@ def atomic_directory(out: Path, *, kind: str, owner: str | None = None, replace:
     """
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp_is_ours = True  # until its mkdir fails: then what is at tmp, if anything, is not this run's to remove
     try:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -454,12 +455,14 @@ def atomic_directory(out: Path, *, kind: str, owner: str | None = None, replace:
             # as the partial appears hit it under load) left the partial behind
             tmp.mkdir()
         except OSError as exc:  # a place the system will not write (/proc, a read-only disk): said for the path asked
+            tmp_is_ours = False
             raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
         write_marker(tmp, kind, owner)
         yield tmp
         replace_directory(tmp, out, kind=kind, owner=owner if replaces_owner is None else replaces_owner, replace=replace)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp_is_ours:
+            shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)  # a failed run leaves no trace, not even the empty folders it made
         raise
 

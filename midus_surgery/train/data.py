@@ -330,8 +330,13 @@ def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: I
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(final)  # a killed tokenisation's hidden .KEY.partial-* (2 bytes a token), once its process is gone
     tmp = final.parent / f".{key}.partial-{uuid.uuid4().hex[:8]}"
+    tmp_is_ours = True  # until its mkdir fails: then what is at tmp, if anything, is not this run's to remove
     try:
-        tmp.mkdir()  # inside the try: a Ctrl-C just after it removes the partial too
+        try:
+            tmp.mkdir()  # inside the try: a Ctrl-C just after it removes the partial too
+        except OSError:
+            tmp_is_ours = False
+            raise
         write_marker(tmp, "tokenise")  # whose partial this is, for the cleaning above
         old = getattr(tokenizer, "model_max_length", None)
         tokenizer.model_max_length = int(1e30)  # whole documents; no "sequence too long" warnings
@@ -350,7 +355,8 @@ def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: I
         except OSError:  # another process finished first: use theirs
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp_is_ours:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return _check_nonempty(open_stream(final, fingerprint, vocab), what, files)
 
