@@ -643,6 +643,17 @@ def test_eval_analyze_and_train_run_a_models_own_code_only_when_allowed(custom, 
     assert "out_gain" in load_file(str(export / "model.safetensors")) and json.loads((export / "config.json").read_text())["auto_map"] == AUTO_MAP
 
 
+def test_eval_refusal_of_an_unknown_type_names_no_stock_class(custom, tmp_path, capsys):
+    # transformers has no class of this type to build in the code's place: the refusal says so
+    # instead of naming a stock class that does not exist
+    model = copy_base(custom, tmp_path / "model")
+    edit_config(model, model_type="x_custom")
+    assert main(["eval", str(model), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "model_type 'x_custom' is not one of transformers' own" in err and "pass --trust-remote-code" in err, err
+    assert "stock" not in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_verify_compares_against_a_base_that_is_its_own_code_only_when_allowed(llama, custom, tmp_path, capsys):
     """verify --base CUSTOM would load the stock class in the base's place and pass the identity
     check against a model nobody loads."""

@@ -121,9 +121,20 @@ def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow
         raise ModelLoadError(f"{path}: cannot read config.json ({one_line(exc, 300, whole=True)})") from None
     if code:
         names = ", ".join(f"{k} -> {v}" for k, v in sorted(code.items()))
-        raise ModelLoadError(f"{path} is its own modeling code (config.json auto_map: {names[:200]}), which the stock "
-                             f"{data.get('model_type')!r} class would silently replace; it runs only when allowed: {how_to_allow}")
+        raise ModelLoadError(f"{path} is its own modeling code (config.json auto_map: {names[:200]}), "
+                             f"{_without_the_code(data.get('model_type'))}; it runs only when allowed: {how_to_allow}")
     return path
+
+
+def _without_the_code(model_type) -> str:
+    """What loading a model that is its own code would do without that code: build transformers' stock
+    class of its model_type in its place, or fail when transformers has no such type."""
+    from transformers import CONFIG_MAPPING
+
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        return f"which the stock {model_type!r} class would silently replace"
+    shown = repr(model_type)[:60] if model_type is not None else "none"
+    return f"which transformers cannot load without it (model_type {shown} is not one of transformers' own)"
 
 
 _NOTED_CODE: set[tuple[str, object]] = set()  # (model directory, differing files or own tokenizer classes) already said in this process
