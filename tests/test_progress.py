@@ -31,6 +31,8 @@ def test_a_log_gets_whole_lines_with_percentage_and_eta(capsys, monkeypatch):
     assert len(lines) >= 2, text  # a line while the work runs, and the last one
     assert all(line.startswith("copy: ") and " left, " in line for line in lines), text
     assert lines[-1].startswith("copy: 100% (6/6)"), text
+    counts = [line.split(" [")[0] for line in lines]
+    assert len(set(counts)) == len(counts), text  # close redraws the last frame: logged once
 
 
 def test_short_work_in_a_log_writes_no_line(capsys):

@@ -25,11 +25,17 @@ class _LogLines:
 
     def __init__(self, stream):
         self.stream = stream
+        self.last_count = None
 
     def write(self, text: str) -> None:
         line = text.replace("\r", "").rstrip()
-        if line:  # tqdm clears a bar with a frame of spaces: nothing to log
+        if not line:  # tqdm clears a bar with a frame of spaces: nothing to log
+            return
+        # tqdm draws the last frame again on close; the same count twice says nothing new
+        count = line.split(" [", 1)[0]
+        if count != self.last_count:
             self.stream.write(line + "\n")
+            self.last_count = count
 
     def flush(self) -> None:
         self.stream.flush()
