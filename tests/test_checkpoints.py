@@ -350,6 +350,24 @@ def test_partial_checkpoint_cleanup_removes_only_what_save_checkpoint_names(tmp_
     assert (outside / "keep.txt").read_text() == "mine"
 
 
+def test_an_interrupt_just_after_the_partial_checkpoint_is_made_removes_it(tmp_path):
+    """A Ctrl-C landing between the partial's mkdir and the write (here: in the first wait for the
+    other processes) leaves no ``.tmp-step-*`` behind, as one during the write does."""
+    from types import SimpleNamespace
+
+    from midus_surgery.train.checkpoint import save_checkpoint
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    acc = SimpleNamespace(is_main_process=True, process_index=0, num_processes=1, wait_for_everyone=interrupted)
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(root, acc, None, step=3, samples_seen=12, keep_last=2, facts={})
+    assert list(root.iterdir()) == []
+
+
 def test_a_resume_under_another_token_budget_says_how_the_schedule_moves(done, tmp_path):
     """The cosine schedule is a function of the total: a longer budget re-lays it, not continues it.
     The lr the checkpoint's run had comes from its own config (its peak and warmup), not this run's."""

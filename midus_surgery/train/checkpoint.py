@@ -258,16 +258,22 @@ def save_checkpoint(root: Path, acc, scheduler, *, step: int, samples_seen: int,
     if acc.num_processes > 1:
         broadcast_object_list(holder)
     tmp = Path(holder[0])
-    if main:
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
+    tmp_is_ours = True  # until the main process's mkdir fails: then what is at tmp, if anything, is not this run's
     try:
+        if main:
+            try:
+                tmp.mkdir(parents=True)  # inside the try: a Ctrl-C just after it removes the partial too
+            except OSError:
+                tmp_is_ours = False
+                raise
+        acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)  # model (safetensors), optimiser (pickle), RNG (pickle)
         # accelerate's RNG pickle is replaced by a safetensors file; every process writes its own
         (tmp / legacy_rng_file(rank)).unlink(missing_ok=True)
         save_rng_state(tmp / rng_file(rank))
     except BaseException as exc:  # a full disk, an interrupt: no half-written checkpoint is left behind
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp_is_ours:
+            shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(exc, Exception):
             raise
         # torch's writer reports a full disk as "unexpected pos": say how much room is left instead
