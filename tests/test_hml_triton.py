@@ -555,17 +555,16 @@ def test_the_projection_after_the_fused_read_cuts_its_gradient_like_the_default_
 
 def test_a_read_of_a_few_tokens_takes_the_decode_shaped_kernel_and_a_long_one_the_16_token_blocks(monkeypatch):
     launched = []
+    real = hml_triton._memory_fwd_kernel
 
-    class Spy:  # records each launch's grid, then launches the real kernel
-        def __init__(self, name):
-            self.name, self.real = name, getattr(hml_triton, name)
-
+    class Spy:  # records each launch's grid and SMALL, then launches the real kernel
         def __getitem__(self, grid):
-            launched.append((self.name, grid))
-            return self.real[grid]
+            def launch(*args, **blocks):
+                launched.append(("small" if blocks["SMALL"] else "16-token", grid, blocks["BT"]))
+                return real[grid](*args, **blocks)
+            return launch
 
-    for name in ("_memory_fwd_kernel", "_memory_fwd_small_kernel"):
-        monkeypatch.setattr(hml_triton, name, Spy(name))
+    monkeypatch.setattr(hml_triton, "_memory_fwd_kernel", Spy())
     H, dh, n, k, d = 3, 8, 6, 4, 5
     keys, table = torch.randn(H, 2, n, dh // 2), torch.randn(n * n, d)
     limit = hml_triton.SMALL_READ_MAX_TOKENS
@@ -574,8 +573,8 @@ def test_a_read_of_a_few_tokens_takes_the_decode_shaped_kernel_and_a_long_one_th
         w, i, j, z = hml_triton.memory_forward(q, keys, table, k, 0, candidate_pairs(k, q.device))
         assert torch.equal(i * n + j, _read_reference(q, keys, table, k, 0)[1])
     # tiny blocks fit 16 tokens a decode-shaped program; past the limit, 16-token blocks of one head
-    assert launched == [("_memory_fwd_small_kernel", (1, H)), ("_memory_fwd_small_kernel", (limit // 16, H)),
-                        ("_memory_fwd_kernel", (triton.cdiv(limit + 1, 16), H))]
+    assert launched == [("small", (1, H), 1), ("small", (limit // 16, H), 16),
+                        ("16-token", (triton.cdiv(limit + 1, 16), H), 16)]
 
 
 def test_the_decode_shaped_read_fits_two_tokens_a_program_at_the_recipe_size_and_one_at_the_llama_size():

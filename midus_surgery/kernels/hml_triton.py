@@ -254,56 +254,41 @@ def _select_and_store(sa, sb, live, tm, h, t, T, n, k, PR, PS, C, W, I, J,
 def _memory_fwd_kernel(Q, KEYS, TABLE, PR, PS, W, I, J, Z,
                        T, n, k, C, d, head_rows, sq_t, sq_h, sk_h, sk_half, s_tab,
                        DH2: tl.constexpr, DH2P: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr,
-                       CP: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr):
+                       CP: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr, SMALL: tl.constexpr):
     # one program: head h, tokens t .. t+BT. Nothing of size [T, n] or [T, k, d] leaves registers.
-    h = tl.program_id(1)
-    t = tl.program_id(0) * BT + tl.arange(0, BT)  # [BT]
-    tm = t < T
-    qa, qb, ka, kb = _query_and_keys(Q, KEYS, t, tm, h, n, sq_t, sq_h, sk_h, sk_half, DH2, DH2P, NP)
-    # the scores in full float32 (no TF32), as the pure-torch path's bmm
-    sa = tl.dot(qa, tl.trans(ka), input_precision="ieee")  # [BT, NP]
-    sb = tl.dot(qb, tl.trans(kb), input_precision="ieee")
-    live = tm[:, None] & (tl.arange(0, NP) < n)[None, :]
-    w, slot = _select_and_store(sa, sb, live, tm, h, t, T, n, k, PR, PS, C, W, I, J, BT, NP, KP, CP)  # [BT, KP]
-
-    # pooled gather: z[t] = sum_i w[t, i] * table[h * head_rows + slot[t, i]], float32 sums in rank order
-    rank = tl.arange(0, KP)
-    f = tl.arange(0, DP)
-    fm = tm[:, None] & (f < d)[None, :]
-    z = tl.zeros((BT, DP), tl.float32)
-    for i in range(0, k):
-        w_i = _column(w, rank, i)  # [BT]
-        row = (h * head_rows + _column(slot, rank, i)).to(tl.int64) * s_tab  # [BT]
-        z += w_i[:, None] * tl.load(TABLE + row[:, None] + f[None, :], mask=fm, other=0.0).to(tl.float32)
-    tl.store(Z + (h * T + t.to(tl.int64))[:, None] * d + f[None, :], z, mask=fm)
-
-
-@triton.jit
-def _memory_fwd_small_kernel(Q, KEYS, TABLE, PR, PS, W, I, J, Z,
-                             T, n, k, C, d, head_rows, sq_t, sq_h, sk_h, sk_half, s_tab,
-                             DH2: tl.constexpr, DH2P: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr,
-                             CP: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr):
-    # The decode-shaped read: a few tokens of head h per program (BT: as many as fit _SMALL_READ_ELEMENTS,
-    # 1 to 16), so a decode step's tokens spread over more programs than one per head, and each program's
-    # latency is short. The scores are broadcast products summed in registers (tl.dot wants blocks of 16
-    # rows), and the k bank rows are gathered as one [BT, KP, d] load, every load in flight at once,
+    # SMALL, the decode-shaped read: a few tokens a program (BT: as many as fit _SMALL_READ_ELEMENTS,
+    # 1 to 16), so a decode step's tokens spread over more programs than one per head and each program's
+    # latency is short; the scores are broadcast products summed in registers (tl.dot wants blocks of
+    # 16 rows), and the k bank rows are gathered as one [BT, KP, d] load, every load in flight at once,
     # instead of k dependent ones.
     h = tl.program_id(1)
     t = tl.program_id(0) * BT + tl.arange(0, BT)  # [BT]
     tm = t < T
     qa, qb, ka, kb = _query_and_keys(Q, KEYS, t, tm, h, n, sq_t, sq_h, sk_h, sk_half, DH2, DH2P, NP)
-    sa = tl.sum(qa[:, None, :] * ka[None, :, :], axis=2)  # [BT, NP], float32 products and sums
-    sb = tl.sum(qb[:, None, :] * kb[None, :, :], axis=2)
+    if SMALL:
+        sa = tl.sum(qa[:, None, :] * ka[None, :, :], axis=2)  # [BT, NP], float32 products and sums
+        sb = tl.sum(qb[:, None, :] * kb[None, :, :], axis=2)
+    else:  # the scores in full float32 (no TF32), as the pure-torch path's bmm
+        sa = tl.dot(qa, tl.trans(ka), input_precision="ieee")  # [BT, NP]
+        sb = tl.dot(qb, tl.trans(kb), input_precision="ieee")
     live = tm[:, None] & (tl.arange(0, NP) < n)[None, :]
     w, slot = _select_and_store(sa, sb, live, tm, h, t, T, n, k, PR, PS, C, W, I, J, BT, NP, KP, CP)  # [BT, KP]
 
+    # pooled gather: z[t] = sum_i w[t, i] * table[h * head_rows + slot[t, i]], float32 sums
     rank = tl.arange(0, KP)
     f = tl.arange(0, DP)
-    row = (h * head_rows + slot).to(tl.int64) * s_tab  # [BT, KP]
-    gm = (tm[:, None] & (rank < k)[None, :])[:, :, None] & (f < d)[None, None, :]
-    u = tl.load(TABLE + row[:, :, None] + f[None, None, :], mask=gm, other=0.0).to(tl.float32)  # [BT, KP, DP]
-    z = tl.sum(w[:, :, None] * u, axis=1)  # [BT, DP]: float32, summed over the ranks as a tree
     fm = tm[:, None] & (f < d)[None, :]
+    if SMALL:  # summed over the ranks as a tree
+        row = (h * head_rows + slot).to(tl.int64) * s_tab  # [BT, KP]
+        gm = (tm[:, None] & (rank < k)[None, :])[:, :, None] & (f < d)[None, None, :]
+        u = tl.load(TABLE + row[:, :, None] + f[None, None, :], mask=gm, other=0.0).to(tl.float32)  # [BT, KP, DP]
+        z = tl.sum(w[:, :, None] * u, axis=1)  # [BT, DP]
+    else:  # summed in rank order
+        z = tl.zeros((BT, DP), tl.float32)
+        for i in range(0, k):
+            w_i = _column(w, rank, i)  # [BT]
+            row_i = (h * head_rows + _column(slot, rank, i)).to(tl.int64) * s_tab  # [BT]
+            z += w_i[:, None] * tl.load(TABLE + row_i[:, None] + f[None, :], mask=fm, other=0.0).to(tl.float32)
     tl.store(Z + (h * T + t.to(tl.int64))[:, None] * d + f[None, :], z, mask=fm)
 
 
@@ -437,11 +422,11 @@ def memory_forward(q: torch.Tensor, keys: torch.Tensor, table: torch.Tensor, k: 
     pr, ps = pairs
     blocks = _memory_blocks(q, keys, table, k)
     blocks["CP"] = max(triton.next_power_of_2(pr.numel()), blocks["KP"])
-    kernel = _memory_fwd_kernel
-    if small if small is not None else T <= SMALL_READ_MAX_TOKENS:
-        kernel, blocks["BT"] = _memory_fwd_small_kernel, _small_read_rows(T, blocks)
+    blocks["SMALL"] = small if small is not None else T <= SMALL_READ_MAX_TOKENS
+    if blocks["SMALL"]:
+        blocks["BT"] = _small_read_rows(T, blocks)
     with _on_device(q.device):
-        kernel[(triton.cdiv(T, blocks["BT"]), H)](
+        _memory_fwd_kernel[(triton.cdiv(T, blocks["BT"]), H)](
             q, keys, table, pr, ps, w, i_sub, j_sub, z, T, n, k, pr.numel(), d, head_rows,
             q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), table.stride(0), **blocks)
     return w, i_sub, j_sub, z
