@@ -343,7 +343,14 @@ def cmd_train(args) -> int:
 
         raise UsageError("train needs a config file (see `midus-surgery train --keys` for every key)")
     loaded = load_train_config(args.config, [*args.overrides, *(["log.progress=false"] if args.quiet else [])])
-    from midus_surgery.train.runner import train
+    from midus_surgery.train.runner import Runner, train
+
+    if args.dry_run:
+        runner = Runner(loaded)
+        runner.dry_run()
+        if runner.acc.is_main_process:
+            print("dry run: nothing was written, no weights were read; the same command without --dry-run trains")
+        return 0
 
     result = train(loaded)
     if not result.is_main:
@@ -456,6 +463,8 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted-key overrides, values read as YAML (e.g. optim.lr=3e-4 data.block_size=256)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (log lines only)")
     p.add_argument("--keys", action="store_true", help="print every config key with its default and meaning (Markdown), then exit")
+    p.add_argument("--dry-run", action="store_true", help="check the config, model, data and outputs as a start does and say what would "
+                   "run (steps, parameter groups, model state in memory), then exit; writes nothing, reads no weights, tokenises nothing")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("eval", help="held-out perplexity (--data) or downstream tasks (--tasks, lm-evaluation-harness) of causal LM directories",

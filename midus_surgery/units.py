@@ -1,4 +1,4 @@
-"""Numbers for people: one way to print a count (parameters, FLOPs) everywhere the tool prints one."""
+"""Numbers for people: one way to print a count (parameters, FLOPs) or a size in bytes everywhere the tool prints one."""
 
 from __future__ import annotations
 
@@ -9,3 +9,11 @@ def human_count(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f}{unit}"
     return str(n)
+
+
+def human_bytes(n: float) -> str:
+    """``3 * 2**29`` -> ``1.50 GiB``: two decimals and a binary unit, plain bytes below a KiB."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"

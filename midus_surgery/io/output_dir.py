@@ -340,7 +340,8 @@ def _check_can_write(out: Path, *, into: bool, probe: bool = True) -> None:
     """Before any work: the system lets the tool make ``out`` (its hidden sibling, the folders on the
     way to it) and, for an output written ``into``, write inside it. One probe folder is made and
     removed where the writes will go: a file in the way, a read-only disk or a place like /proc
-    is found now, not after hours of training. ``probe=False``: the file in the way only, writing nothing."""
+    is found now, not after hours of training. ``probe=False`` (validate, a dry run) writes nothing: a file in
+    the way, and what the system says of write access (a read-only disk, a folder not the user's)."""
     where = out.parent
     while not where.exists() and where != where.parent:
         where = where.parent
@@ -349,6 +350,8 @@ def _check_can_write(out: Path, *, into: bool, probe: bool = True) -> None:
         if not place.is_dir():
             raise OutputError(f"cannot write {out}: {place} is a file, not a folder")
         if not probe:
+            if not os.access(place, os.W_OK | os.X_OK):
+                raise OutputError(f"cannot write {out}: {place} is not writable (a read-only disk, or a folder this user may not write)")
             continue
         try:
             os.rmdir(tempfile.mkdtemp(prefix=".midus-surgery-probe-", dir=place))

@@ -309,12 +309,13 @@ class NoWholeCheckpoint(ValueError):
     """``resume: auto`` over checkpoints none of which verifies (the message says the newest's problem)."""
 
 
-def newest_whole_checkpoint(root: Path, acc, say: Callable[[str], None]) -> Path | None:
+def newest_whole_checkpoint(root: Path, acc, say: Callable[[str], None], *, move: bool = True) -> Path | None:
     """``resume: auto``: the newest checkpoint under ``root`` that verifies (None: there are none).
 
     Newer ones that do not are said in one line each and moved aside (``step-N.broken``): kept
     for a look, out of the way of this run's own checkpoints and of pruning, which would otherwise
-    keep them over good ones. NoWholeCheckpoint when there are checkpoints and none verifies.
+    keep them over good ones (``move=False``, a dry run: only said). NoWholeCheckpoint when there are
+    checkpoints and none verifies.
     """
     chosen, broken = None, []
     for _, path in reversed(complete_checkpoints(root)):
@@ -329,6 +330,9 @@ def newest_whole_checkpoint(root: Path, acc, say: Callable[[str], None]) -> Path
                                 "move them away to start afresh, or choose another run_dir")
     acc.wait_for_everyone()  # every process has chosen before one is moved
     for path, problem in broken:
+        if not move:
+            say(f"checkpoint {path.name} would be skipped: {problem}; the run moves it to {path.name}.broken")
+            continue
         aside = move_aside(path, "broken", acc)
         say(f"checkpoint {path.name} skipped: {problem}; moved to {aside.name}")
     return chosen

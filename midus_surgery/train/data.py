@@ -310,9 +310,11 @@ def _tokenize_to(files: list[Path], tokenizer, text_field: str, dest: Path, prog
     return {"num_tokens": n_tokens, "num_docs": n_docs, "max_token": max_token, "dtype": np.dtype(dtype).name}
 
 
-def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: Iterable[str], text_field: str,
-                   cache_dir: Path, progress: bool = True, what: str = "data", tokenizer_source: str = "") -> TokenStream:
-    """Tokenise (or find in the cache) the corpus named by ``entries``; return its token stream."""
+def find_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: Iterable[str], text_field: str,
+                cache_dir: Path, what: str = "data") -> tuple[list[Path], TokenStream | None, Path | None]:
+    """The corpus named by ``entries`` as it stands, writing nothing: (its files, its token stream when
+    already tokenised (a tokenised corpus named directly, or the cache's entry for these files and this
+    tokenizer) else None, the cache entry it is or would be tokenised into (None: named directly))."""
     files = resolve_inputs(entries, base_dir, dir_glob, what)
     fingerprint = tokenizer_fingerprint(tokenizer)
     vocab = len(tokenizer)
@@ -320,12 +322,23 @@ def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: I
     if cached:
         if len(files) > 1:
             raise DataError(f"{what}: a tokenised corpus ({cached[0]}) must be the only entry")
-        return _check_nonempty(open_stream(cached[0], fingerprint, vocab), what, files)
-
-    key = corpus_key(files, fingerprint, text_field)
-    final = Path(cache_dir) / key
+        return files, _check_nonempty(open_stream(cached[0], fingerprint, vocab), what, files), None
+    final = Path(cache_dir) / corpus_key(files, fingerprint, text_field)
     if (final / META_FILE).is_file():
-        return _check_nonempty(open_stream(final, fingerprint, vocab), what, files)
+        return files, _check_nonempty(open_stream(final, fingerprint, vocab), what, files), final
+    return files, None, final
+
+
+def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: Iterable[str], text_field: str,
+                   cache_dir: Path, progress: bool = True, what: str = "data", tokenizer_source: str = "") -> TokenStream:
+    """Tokenise (or find in the cache) the corpus named by ``entries``; return its token stream."""
+    files, stream, final = find_corpus(entries, base_dir, tokenizer, dir_glob=dir_glob, text_field=text_field,
+                                       cache_dir=cache_dir, what=what)
+    if stream is not None:
+        return stream
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    vocab = len(tokenizer)
+    key = final.name
 
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(final)  # a killed tokenisation's hidden .KEY.partial-* (2 bytes a token), once its process is gone

@@ -88,6 +88,7 @@ from midus_surgery.train.evaluate import (
 )
 from midus_surgery.train.export import EXPORT_KIND, export_model
 from midus_surgery.train.params import ParamGroups, adamw_options, choose_params, describe_groups, lr_lambda
+from midus_surgery.units import human_bytes
 
 NORM_LABELS = {"grad_norm": "gnorm", "memory_grad_norm": "mem gnorm"}  # metrics key -> log line label
 
@@ -197,11 +198,14 @@ class Runner:
     step: int = 0  # optimiser steps taken
     samples_seen: int = 0  # blocks trained on, all processes together: where the sampler continues
     bar: Any = None  # tqdm progress bar (main process), while the loop runs
+    dry: bool = False  # `train --dry-run`: checked and said, nothing written (dry_run)
+    untokenised: list  # (data key, files, cache entry) of each corpus a dry run found not yet tokenised
     tb: Any = None  # tensorboard SummaryWriter, when log.tensorboard
 
     def __init__(self, loaded: LoadedTrainConfig, *, echo=print):
         self.loaded, self.cfg, self.echo = loaded, loaded.config, echo
         self.resume_notes = []
+        self.untokenised = []
         self.export_owner: str | None = None  # set by check_outputs
         self.created: list[Path] = []  # the folders setup made on the way to the run directory, deepest first
 
@@ -245,6 +249,67 @@ class Runner:
             self.remove_unused_run_dir(self.created)
             raise
 
+    def dry_run(self) -> None:
+        """``train --dry-run``: the checks a start makes and the lines it says, with nothing written: no run
+        directory, no token cache (a corpus not tokenised yet is said so; its blocks and epochs come with the
+        tokens), no checkpoint moved, no kernel build, and no weights read (the model is built on the meta
+        device for its parameter groups, so a model of any size is planned in seconds)."""
+        cfg, d = self.cfg, self.cfg.data
+        self.dry = True
+        self.setup_processes()
+        self.check_outputs(dry=True)
+        self.resume_from = self.choose_start(dry=True)
+        self.resume_state = read_checkpoint_state(self.resume_from) if self.resume_from is not None else None
+        if self.resume_state is not None:
+            self.step, self.samples_seen = int(self.resume_state["step"]), int(self.resume_state["samples_seen"])
+        self.check_same_groups()
+        self.check_same_model()
+        self.load_tokenizer()
+        streams = {}
+        for what, entries in (("data.train", d.train), ("data.held_out", d.held_out)):
+            if entries:
+                files, streams[what], entry = D.find_corpus(entries, self.loaded.directory, self.tokenizer, dir_glob=d.dir_glob,
+                                                            text_field=d.text_field, cache_dir=self.token_cache, what=what)
+                if streams[what] is None:
+                    self.untokenised.append((what, files, entry))
+        self.size_run()
+        if not self.untokenised:
+            self.split_data(streams["data.train"], streams.get("data.held_out"))
+        else:
+            self.streams = [s for s in streams.values() if s is not None]
+        model = self.model_on_meta()
+        self.check_model_fits(model)
+        self.groups = choose_params(model, cfg.freeze, read_plan_file(self.init_from), self.loaded, retrieval=cfg.memory.retrieval)
+        self.warmup_steps = warmup_steps(cfg.optim, self.total_steps)
+        self.adamw_options = adamw_options(cfg.optim.implementation, self.acc.device)
+        if self.resume_state is not None:
+            self.note_resume_changes(self.resume_state)
+        self.say_what_runs()
+
+    def model_on_meta(self) -> torch.nn.Module:
+        """init_from's model built from its config on the meta device: its parameters' names and shapes, no weights read."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        allow = self.cfg.trust_remote_code
+        self.is_midus = json.loads((self.init_from / "config.json").read_text()).get("model_type") == "midus"
+        try:
+            config = AutoConfig.from_pretrained(self.init_from, trust_remote_code=allow)
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(config, trust_remote_code=allow)
+        except Exception as exc:  # noqa: BLE001 - a config transformers cannot build surfaces as many kinds
+            raise ModelLoadError(f"{self.init_from}: cannot build its model from config.json ({one_line(exc, 300)})") from None
+
+    def state_bytes_line(self) -> str:
+        """What the weights, gradients and AdamW moments hold in memory, per process: fp32 master weights (bf16
+        runs under autocast), and a float32 gradient and two moments per trainable parameter."""
+        g = self.groups
+        trainable = g.numel("decay") + g.numel("no_decay") + g.numel("memory")
+        weights, training = 4 * (trainable + g.numel("frozen")), 12 * trainable
+        sharded = ", before FSDP shards it" if self.fsdp else ""
+        return (f"model state: {human_bytes(weights + training)} per process{sharded} (fp32 weights {human_bytes(weights)}; "
+                f"gradients and AdamW moments {human_bytes(training)}); activations come on top, growing with "
+                "micro_batch_size x block_size (gradient_checkpointing: true trades them for recompute)")
+
     def restore(self) -> None:
         """The model, optimiser, scheduler, RNG and data position of the checkpoint to continue: a
         checkpoint of another data order or optimiser fails here, inside setup, so a run directory
@@ -263,13 +328,19 @@ class Runner:
         for group, values, lr, factor in zip(inner.param_groups, wanted, wanted_lrs, self.scheduler.lr_lambdas):
             group.update(values, initial_lr=lr, lr=lr * factor(self.scheduler.last_epoch))
         self.scheduler._last_lr = [group["lr"] for group in inner.param_groups]
+        self.note_resume_changes(state)
+
+    def note_resume_changes(self, state: dict) -> None:
+        """What a resume changes against its checkpoint's run (the optimiser's settings, the schedule, the
+        held-out text, the precision), added to the notes said after the start line."""
         changed = [f"{key} {was} -> {now}" for key, was, now in self.changed_since_checkpoint(OPTIMISER_KEYS)]
         if changed:
             self.resume_notes.append(f"resuming with {', '.join(changed)} (changed since the checkpoint): the new values apply from step "
                                      f"{self.step + 1}; the optimiser's moments are kept")
         if isinstance(state.get("total_steps"), int) and state["total_steps"] != self.total_steps:
             self.resume_notes.append(self.budget_change_note(state))
-        held_before, held_now = state["data"].get("held_out"), self.data_identity["held_out"]
+        identity = getattr(self, "data_identity", None) or {}  # a dry run of text not tokenised yet has none
+        held_before, held_now = (state.get("data") or {}).get("held_out"), identity.get("held_out")
         if held_before is not None and held_now is not None and held_before != held_now:
             self.resume_notes.append("note: data.held_out is not the text the checkpoint's run evaluated on: its held-out losses from here "
                                      "on are not comparable with the earlier ones in metrics.jsonl (the training blocks are the same)")
@@ -370,7 +441,7 @@ class Runner:
         except ModelLoadError as exc:
             raise RecipeError([loaded.problem(("init_from",), f"{exc}{cwd_relative_hint(cfg.init_from, loaded.directory)}")]) from None
 
-    def check_outputs(self) -> None:
+    def check_outputs(self, *, dry: bool = False) -> None:
         """The output-safety rule (output_dir.py) for the run directory and the export, before any work.
 
         The run directory is written into (checkpoints, logs), never replaced: it must be new, empty
@@ -389,7 +460,8 @@ class Runner:
             raise RecipeError([loaded.problem(("data", "cache_dir") if d.cache_dir else ("data",), str(exc))]) from None
         inputs.append(("the token cache", cache))
         folders = [("the config's folder", loaded.directory)]
-        if read_marker(self.run_dir) is None and complete_checkpoints(self.ckpt_root):
+        unmarked_run = read_marker(self.run_dir) is None and bool(complete_checkpoints(self.ckpt_root))
+        if unmarked_run and not dry:
             write_marker(self.run_dir, RUN_KIND)  # a run directory written before markers existed: its checkpoints say it is ours
         # An export inside this run directory is this run's, whichever run wrote it: the run
         # directory may be a copy of another (cp -r runs/a runs/b), export and all.
@@ -417,13 +489,16 @@ class Runner:
         for where, said, path, kind, owner, extra, into in (
                 (("run_dir",), "", self.run_dir, RUN_KIND, None, [], True),
                 (*export_at, self.export_dir, EXPORT_KIND, export_owner, [("the run directory", self.run_dir)], False)):
+            if dry and unmarked_run and path == self.run_dir:
+                continue  # the start marks it as this tool's (above), which a dry run does not write
             try:
-                check_output_dir(path, kind=kind, owner=owner, inputs=inputs, folders=folders + extra, reuse=True, writes_into=into, flag=None)
+                check_output_dir(path, kind=kind, owner=owner, inputs=inputs, folders=folders + extra, reuse=True, writes_into=into, flag=None,
+                                 probe=not dry)
             except OutputError as exc:
                 raise RecipeError([loaded.problem(where, said + str(exc))]) from None
 
-    def choose_start(self) -> Path | None:
-        """The checkpoint to continue (``resume``), or None for a fresh start."""
+    def choose_start(self, *, dry: bool = False) -> Path | None:
+        """The checkpoint to continue (``resume``), or None for a fresh start (``dry``: broken ones are said, not moved)."""
         cfg, loaded = self.cfg, self.loaded
         if cfg.resume is None:
             existing = complete_checkpoints(self.ckpt_root)
@@ -432,7 +507,7 @@ class Runner:
             return None
         if cfg.resume == "auto":
             try:
-                return newest_whole_checkpoint(self.ckpt_root, self.acc, self.say)
+                return newest_whole_checkpoint(self.ckpt_root, self.acc, self.say, move=not dry)
             except NoWholeCheckpoint as exc:
                 raise RecipeError([loaded.problem(("resume",), str(exc))]) from None
         path = loaded.resolve(cfg.resume).resolve()
@@ -459,25 +534,46 @@ class Runner:
             remove_partial_checkpoints(self.ckpt_root)
         self.acc.wait_for_everyone()
 
+    def load_tokenizer(self) -> None:
+        """init_from's tokenizer, once the blocks are known to fit the model's positions (said now, not
+        after tokenising, or as "all blocks held out")."""
+        cfg, d = self.cfg, self.cfg.data
+        too_long = positions_problem(stated_positions(json.loads((self.init_from / "config.json").read_text())), d.block_size)
+        if too_long:
+            raise RecipeError([self.loaded.problem(("data", "block_size"), too_long)])
+        self.tokenizer = load_tokenizer(self.init_from, cfg.trust_remote_code, how_to_allow=ALLOW_CODE)
+
+    @property
+    def token_cache(self) -> Path:
+        d = self.cfg.data
+        return self.loaded.resolve(d.cache_dir) if d.cache_dir else D.default_cache_dir()
+
     def setup_data(self) -> None:
         """Tokenise the corpora (once, by the main process; the others then open the cache), split
         off the held-out blocks, and size the run in optimiser steps."""
         cfg, loaded, d = self.cfg, self.loaded, self.cfg.data
-        # blocks longer than the model's positions: said now, not after tokenising (or as "all blocks held out")
-        too_long = positions_problem(stated_positions(json.loads((self.init_from / "config.json").read_text())), d.block_size)
-        if too_long:
-            raise RecipeError([loaded.problem(("data", "block_size"), too_long)])
-        self.tokenizer = load_tokenizer(self.init_from, cfg.trust_remote_code, how_to_allow=ALLOW_CODE)
-        cache = loaded.resolve(d.cache_dir) if d.cache_dir else D.default_cache_dir()
+        self.load_tokenizer()
         # tokenising has no log line of its own: its bar, which in a log file is a line every 30 s
-        common = dict(dir_glob=d.dir_glob, text_field=d.text_field, cache_dir=cache,
+        common = dict(dir_glob=d.dir_glob, text_field=d.text_field, cache_dir=self.token_cache,
                       progress=cfg.log.progress and self.acc.is_main_process, tokenizer_source=str(self.init_from))
         with self.acc.main_process_first():
             train_stream = D.prepare_corpus(d.train, loaded.directory, self.tokenizer, what="data.train", **common)
             held_stream = D.prepare_corpus(d.held_out, loaded.directory, self.tokenizer, what="data.held_out", **common) if d.held_out else None
+        self.split_data(train_stream, held_stream)
+        self.size_run()
+
+    def split_data(self, train_stream: D.TokenStream, held_stream: D.TokenStream | None) -> None:
+        """The training and held-out blocks of the tokenised corpora, the sampler, and the data identity."""
+        cfg, d = self.cfg, self.cfg.data
         self.streams = [s for s in (train_stream, held_stream) if s is not None]
         self.train_blocks, self.held_blocks = D.split(train_stream, held_stream, d.block_size, d.held_out_fraction, what="data.train")
         self.sampler = D.BlockSampler(self.train_blocks, cfg.seed)
+        self.data_identity = {"train": train_stream.path.name, "held_out": held_stream.path.name if held_stream else None,
+                              "block_size": d.block_size, "seed": cfg.seed, "held_out_fraction": d.held_out_fraction if held_stream is None else None}
+
+    def size_run(self) -> None:
+        """The token budget in optimiser steps of micro_batch_size x grad_accum x processes x block_size tokens."""
+        cfg, d = self.cfg, self.cfg.data
         self.tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * self.world * d.block_size
         self.total_steps = D.steps_for(cfg.token_budget, self.tokens_per_step)
         if self.resume_state is not None:
@@ -487,8 +583,6 @@ class Runner:
             seen = state["samples_seen"] * d.block_size  # the block size is the checkpoint's (the data identity, checked at restore)
             left = cfg.token_budget - seen
             self.total_steps = state["step"] + (D.steps_for(left, self.tokens_per_step) if left > 0 else 0)
-        self.data_identity = {"train": train_stream.path.name, "held_out": held_stream.path.name if held_stream else None,
-                              "block_size": d.block_size, "seed": cfg.seed, "held_out_fraction": d.held_out_fraction if held_stream is None else None}
 
     def setup_model(self) -> None:
         """The model in fp32 (master weights; bf16 runs under autocast), the freeze policy applied."""
@@ -504,19 +598,23 @@ class Runner:
             if broken:  # else the run stops at step 1 on a "non-finite loss" that hides the cause
                 raise RecipeError([loaded.problem(("init_from",), f"{self.init_from}'s weights hold non-finite values (NaN or inf) in "
                                                   f"{len(broken)} tensor(s), e.g. {', '.join(broken[:3])}: training cannot start from them")])
-        too_long = context_problem(model, cfg.data.block_size)
-        if too_long:
-            raise RecipeError([loaded.problem(("data", "block_size"), too_long)])
-        vocab = model.get_input_embeddings().weight.shape[0]
-        for s in self.streams:
-            if s.meta.get("max_token", -1) >= vocab:
-                raise D.DataError(f"{s.path}: token id {s.meta['max_token']} is outside the model's vocabulary of {vocab} (tokenizer and model do not match)")
+        self.check_model_fits(model)
         model.config.use_cache = False
         self.groups = choose_params(model, cfg.freeze, read_plan_file(self.init_from), self.loaded, retrieval=cfg.memory.retrieval)
         if cfg.gradient_checkpointing:
             _enable_activation_checkpointing(model)
         model.train()
         self.model = model  # prepared with the optimiser (setup_optimizer)
+
+    def check_model_fits(self, model) -> None:
+        """The blocks fit the model's context, and the tokenised corpora its vocabulary."""
+        too_long = context_problem(model, self.cfg.data.block_size)
+        if too_long:
+            raise RecipeError([self.loaded.problem(("data", "block_size"), too_long)])
+        vocab = model.get_input_embeddings().weight.shape[0]
+        for s in self.streams:
+            if s.meta.get("max_token", -1) >= vocab:
+                raise D.DataError(f"{s.path}: token id {s.meta['max_token']} is outside the model's vocabulary of {vocab} (tokenizer and model do not match)")
 
     def setup_optimizer(self) -> None:
         """AdamW over the parameter groups, the lr schedule, then accelerate's prepare."""
@@ -537,7 +635,7 @@ class Runner:
             optimizer = torch.optim.AdamW(param_groups, betas=tuple(o.betas), eps=o.eps, **self.adamw_options)
         except RuntimeError as exc:  # e.g. fused on a device torch has no fused AdamW for
             raise RecipeError([loaded.problem(("optim", "implementation"), f"AdamW cannot run {o.implementation!r} on {self.acc.device}: {exc}")]) from None
-        self.warmup_steps = int(o.warmup) if o.warmup >= 1 else int(round(o.warmup * self.total_steps))
+        self.warmup_steps = warmup_steps(o, self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lr_lambda(o, self.total_steps, self.warmup_steps, s) for s in shapes])
         # max norm 0 (clipping off) is an infinite max norm: the norm is still measured and checked
         clip_names = [(key, names, clip if clip > 0 else float("inf")) for key, names, clip in (
@@ -829,28 +927,24 @@ class Runner:
         """The start lines: model and export, the data and budget, the groups, precision and processes."""
         cfg, acc, d = self.cfg, self.acc, self.cfg.data
         where = f"resuming from {self.resume_from} (step {self.step})" if self.resume_from else "starting fresh"
-        self.say(f"train: {self.init_from} -> {self.export_dir}; {where}")
+        self.say(f"{'dry run: ' if self.dry else ''}train: {self.init_from} -> {self.export_dir}; {where}")
         for note in self.resume_notes:
             self.say(note)
-        size = f"{self.tokens_per_step:,} ({cfg.micro_batch_size} x {cfg.grad_accum} accum x {self.world} proc x {d.block_size})"
-        steps = (f"{_count(self.total_steps, 'step')} of {size}" if not self.resume_from else  # a resume: the steps taken may have had another size
-                 f"{self.total_steps} steps, {self.step} taken ({self.samples_seen * d.block_size:,} tokens) and {self.total_steps - self.step} to go of {size}")
-        held = len(self.held_blocks) if self.held_blocks else 0
-        self.say(f"data: {_count(len(self.train_blocks), 'train block')}, {_count(held, 'held-out block')} of {d.block_size} tokens "
-                 f"({len(self.train_blocks) * d.block_size:,} train tokens); budget {cfg.token_budget:,} tokens = {steps}, "
-                 f"{cfg.token_budget / max(1, len(self.train_blocks) * d.block_size):.2f} epochs")
+        self.say(self.data_line())
         for note in self.data_notes():
             self.say(f"note: {note}")
         spent = self.spent_budget_note()
         if spent:
             self.say(spent)
         self.say(describe_groups(self.groups, cfg))
+        if self.dry:
+            self.say(self.state_bytes_line())
         mode = "single process" if self.world == 1 else f"{acc.distributed_type.name} ({acc.state.backend})"
         adamw = "fused" if self.adamw_options.get("fused") else {True: "foreach", False: "for-loop"}.get(self.adamw_options.get("foreach"), "torch's default")
         self.say(f"precision {self.precision}, {mode} on {acc.device} x {self.world}, AdamW {adamw}, warmup {self.warmup_steps} steps, {cfg.optim.schedule} decay")
         if self.sharding_note:
             self.say(self.sharding_note)
-        if self.is_midus:
+        if self.is_midus and not self.dry:  # which kernels run is settled by building them
             from midus_surgery.model.hml import backend_words, bank_grad_note
 
             hint = "" if self.memory_backend == "torch" else " (MIDUS_HML_KERNELS=torch runs the pure-torch path instead)"
@@ -861,6 +955,25 @@ class Runner:
         if cfg.compile:
             self.say("compile: the first step compiles the model (about 2 minutes for the 45-layer SmolLM2 outputs on an H200); "
                      "tok/s and ETA count from the second step")
+
+    def budget_words(self) -> str:
+        """The token budget in steps: 'budget 1,024 tokens = 8 steps of 128 (...)'."""
+        cfg, d = self.cfg, self.cfg.data
+        size = f"{self.tokens_per_step:,} ({cfg.micro_batch_size} x {cfg.grad_accum} accum x {self.world} proc x {d.block_size})"
+        steps = (f"{_count(self.total_steps, 'step')} of {size}" if not self.resume_from else  # a resume: the steps taken may have had another size
+                 f"{self.total_steps} steps, {self.step} taken ({self.samples_seen * d.block_size:,} tokens) and {self.total_steps - self.step} to go of {size}")
+        return f"budget {cfg.token_budget:,} tokens = {steps}"
+
+    def data_line(self) -> str:
+        d = self.cfg.data
+        if self.untokenised:  # a dry run: the blocks are known once the text is tokenised
+            lines = [f"data: {what}: {_count(len(files), 'file')}, {human_bytes(sum(f.stat().st_size for f in files))} of text, "
+                     f"not tokenised yet: the run tokenises it first, into {entry}" for what, files, entry in self.untokenised]
+            return "\n".join([*lines, f"data: {self.budget_words()} (the epochs are known once the text is tokenised)"])
+        held = len(self.held_blocks) if self.held_blocks else 0
+        return (f"data: {_count(len(self.train_blocks), 'train block')}, {_count(held, 'held-out block')} of {d.block_size} tokens "
+                f"({len(self.train_blocks) * d.block_size:,} train tokens); {self.budget_words()}, "
+                f"{self.cfg.token_budget / max(1, len(self.train_blocks) * d.block_size):.2f} epochs")
 
     def held_out_overlap(self) -> str | None:
         """The note on held-out files that are also training files byte for byte (listed in both, or
@@ -883,11 +996,13 @@ class Runner:
     def data_notes(self) -> list[str]:
         """What the run accepts but a user would want to know before it trains for hours."""
         notes = []
-        if self.data_identity.get("held_out") == self.data_identity["train"]:
+        identity = getattr(self, "data_identity", None) or {}  # a dry run of text not tokenised yet has none
+        if identity and identity.get("held_out") == identity["train"]:
             notes.append("data.held_out is the same text as data.train: the held-out perplexity is measured on text the run trains on")
         elif self.cfg.data.held_out and (overlap := self.held_out_overlap()):
             notes.append(overlap)
-        json_files = sorted({Path(f).name for s in self.streams for f in s.meta.get("files", []) if Path(f).suffix.lower() == ".json"})
+        read = [*(f for s in self.streams for f in s.meta.get("files", [])), *(f for _, files, _ in self.untokenised for f in files)]
+        json_files = sorted({Path(f).name for f in read if Path(f).suffix.lower() == ".json"})
         if json_files:
             notes.append(f"{', '.join(json_files[:3])} {'is' if len(json_files) == 1 else 'are'} read as plain text, braces and all "
                          "(records are read from JSON Lines: .jsonl)")
@@ -1000,6 +1115,11 @@ def _step_tokens(config: dict, world_size) -> int | None:
         return int(config["micro_batch_size"]) * int(config["grad_accum"]) * int(world_size) * int(config["data"]["block_size"])
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def warmup_steps(o: OptimConfig, total_steps: int) -> int:
+    """optim.warmup in steps: a count, or below 1 a fraction of the run."""
+    return int(o.warmup) if o.warmup >= 1 else int(round(o.warmup * total_steps))
 
 
 def _hms(seconds: float) -> str:

@@ -1,0 +1,120 @@
+"""`train --dry-run`: the checks a start makes and the lines it says, with nothing written (no run
+directory, no token cache, no checkpoint moved) and no weights read; what it says is what the start
+of the real run then says (steps, parameter groups, resume notes)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from train_fixtures.tiny import make_model_dir, write_config, write_corpus
+
+from midus_surgery.cli import main
+from midus_surgery.io.output_dir import MARKER
+from midus_surgery.train.config import load_train_config
+from midus_surgery.train.runner import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread, results as in subprocesses
+
+STEP_TOKENS = 16 * 4  # block_size x micro_batch_size of write_config
+
+
+@pytest.fixture(scope="module")
+def midus(tmp_path_factory):
+    """A MIDUS output of the tiny Llama (a memory block after every second layer) and a corpus."""
+    pytest.importorskip("midus_surgery.model.hml")
+    from midus_surgery.compiler.planner import plan_recipe
+    from midus_surgery.emit.emitter import emit
+
+    root = tmp_path_factory.mktemp("dry_run")
+    base = make_model_dir(root / "base", with_plan=False)
+    recipe = root / "midus.yaml"
+    recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after_every: 2\n    kind: memory\n"
+                      "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\noutput:\n  dir: out\n  dtype: float32\n")
+    out = emit(plan_recipe(recipe), progress=False).out_dir
+    write_corpus(root / "corpus", files=2, sentences_per_file=40)
+    return {"root": root, "model": out, "corpus": root / "corpus"}
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under ``root`` with its kind, size, modification time and (small files) bytes."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        small = p.read_bytes() if p.is_file() and st.st_size < 4096 else None
+        out[str(p.relative_to(root))] = (p.is_dir(), st.st_size, st.st_mtime_ns, small)
+    return out
+
+
+def dry(capsys, config: Path, *overrides: str) -> tuple[int, str, str]:
+    code = main(["train", str(config), *overrides, "--dry-run"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def group_table(text: str) -> list[str]:
+    """The parameter-group table of a start's lines: from its header to the trainable line."""
+    lines = text.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("group "))
+    last = next(i for i, line in enumerate(lines) if line.startswith("trainable: "))
+    return lines[first:last + 1]
+
+
+def test_a_dry_run_writes_nothing_reads_no_weights_and_says_what_the_start_then_says(midus, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(midus["model"], model)
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", model, run, midus["corpus"], cache, tokens=STEP_TOKENS * 5, freeze="base")
+    weights = model / "model.safetensors"
+    kept = weights.read_bytes()
+    weights.write_bytes(b"not read by a dry run")  # a real start fails on these bytes; a dry run never opens them
+    before, corpus_before = snapshot(tmp_path), snapshot(midus["corpus"])
+
+    code, out, err = dry(capsys, config)
+    assert code == 0, err
+    assert snapshot(tmp_path) == before and snapshot(midus["corpus"]) == corpus_before
+    assert not run.exists() and not cache.exists()
+    lines = out.splitlines()
+    assert lines[0] == f"dry run: train: {model.resolve()} -> {(run / 'final').resolve()}; starting fresh", out
+    assert "data: data.train: 2 files, " in out and "not tokenised yet: the run tokenises it first, into " + str(cache.resolve()) in out
+    assert f"budget {STEP_TOKENS * 5:,} tokens = 5 steps of {STEP_TOKENS}" in out
+    table = group_table(out)
+    memory_row = next(line for line in table if line.startswith("memory tables (memory.*)"))
+    assert int(memory_row.split()[3]) > 0, table  # the Memory blocks' tables train under freeze: base
+    assert any(line.startswith("model state: ") and " per process (fp32 weights " in line for line in lines), out
+    assert lines[-1].startswith("dry run: nothing was written, no weights were read"), out
+
+    weights.write_bytes(kept)
+    started = []
+    train(load_train_config(config), echo=started.append)
+    said = "\n".join(started)
+    assert group_table(said) == table  # the groups the dry run said are the ones the run trains
+    assert f"budget {STEP_TOKENS * 5:,} tokens = 5 steps of {STEP_TOKENS}" in said
+
+
+def test_a_dry_run_of_a_resume_says_the_checkpoint_and_the_changes_and_moves_nothing(midus, tmp_path, capsys):
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", midus["model"], run, midus["corpus"], cache, tokens=STEP_TOKENS * 4,
+                          resume="auto", **{"checkpoint.every": 2, "checkpoint.keep_last": 3, "eval.at_start": False})
+    train(load_train_config(config), echo=lambda line: None)
+    newest = run / "checkpoints" / "step-00000004"
+    state = json.loads((newest / "trainer_state.json").read_text())
+    (newest / "scheduler.json").write_text((newest / "scheduler.json").read_text() + " ")  # a size its state file does not record
+    (run / MARKER).unlink()  # a run directory from before markers: a start marks it as this tool's, a dry run does not
+    before = snapshot(tmp_path)
+
+    code, out, err = dry(capsys, config, f"tokens={STEP_TOKENS * 8}", "optim.lr=1e-3")
+    assert code == 0, err
+    assert snapshot(tmp_path) == before  # the broken checkpoint is not moved aside, the run directory not marked
+    assert "checkpoint step-00000004 would be skipped: " in out and "the run moves it to step-00000004.broken" in out
+    assert f"resuming from {(run / 'checkpoints' / 'step-00000002').resolve()} (step 2)" in out
+    assert "resuming with optim.lr 0.003 -> 0.001 (changed since the checkpoint)" in out
+    assert "the run now has 8 optimiser steps, not 4" in out
+    assert "train blocks" in out and " epochs" in out and "not tokenised yet" not in out  # the cache is there: the blocks are known
+    assert state["step"] == 4
+
+    code, out, err = dry(capsys, config, "resume=null")  # what a start refuses, a dry run refuses the same way
+    assert code == 2 and "already holds checkpoints" in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(tmp_path) == before
