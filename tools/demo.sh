@@ -44,11 +44,12 @@ python tools/fetch_corpus.py python3.11-doc git-doc
 
 step "7/8 train the memory blocks a few minutes (freeze: base) on the Python docs"
 python tools/remove_own_dir.py "$run"  # the previous demo run, never a folder midus-surgery did not write
-midus-surgery train recipes/train/smollm2-midus.yaml \
-  init_from=../../$out run_dir=../../$run resume=null \
-  "data.train=[../../work/corpora/python3.11-doc]" data.held_out_fraction=0.01 data.block_size=256 \
-  tokens=24576 micro_batch_size=4 grad_accum=1 optim.warmup=2 \
-  eval.every=12 eval.max_blocks=8 log.every=1 checkpoint.every=12
+run_args=(init_from=../../$out run_dir=../../$run resume=null
+  "data.train=[../../work/corpora/python3.11-doc]" data.held_out_fraction=0.01 data.block_size=256
+  tokens=24576 micro_batch_size=4 grad_accum=1 optim.warmup=2
+  eval.every=12 eval.max_blocks=8 log.every=1 checkpoint.every=12)
+midus-surgery train recipes/train/smollm2-midus.yaml "${run_args[@]}" --dry-run  # what will run; writes nothing
+midus-surgery train recipes/train/smollm2-midus.yaml "${run_args[@]}"
 
 step "8/8 held-out perplexity: base vs trained MIDUS (python docs: the training domain; git docs: another domain)"
 for model in work/smollm2-135m "$run/final"; do
