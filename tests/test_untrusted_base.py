@@ -196,14 +196,16 @@ def test_a_pickle_base_is_noted_by_validate_and_a_planted_one_refused_in_one_lin
     assert not marker.exists()
 
 
-def write_gguf(path: Path, cut: int = 0) -> Path:
-    """A small GGUF file (one tensor), with its last ``cut`` bytes cut off."""
+def write_gguf(path: Path, cut: int = 0, *, block_count: int = 2, blocks: int = 0) -> Path:
+    """A small GGUF file (one tensor, and a norm for each of ``blocks`` blocks), with its last ``cut`` bytes cut off."""
     import gguf
     import numpy as np
 
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(2)
+    writer.add_block_count(block_count)
     writer.add_tensor("token_embd.weight", np.ones((64, 16), dtype=np.float32))
+    for i in range(blocks):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(16, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -228,6 +230,17 @@ def test_a_broken_gguf_base_is_one_located_line(tmp_path, capsys, damage):
         err = refused(recipe, capsys, command=command)
         assert f"base.path: {path}: not a whole GGUF file ({path.stat().st_size} bytes; cut short, or not GGUF: " in err
         assert "JSON" not in err
+
+
+@pytest.mark.parametrize("stated", [2, 4], ids=["fewer-than-its-blocks", "more-than-its-blocks"])
+def test_a_gguf_whose_block_count_contradicts_its_tensors_is_refused(tmp_path, capsys, stated):
+    """trial41: a GGUF saying 28 blocks over 30 blocks of tensors applied with exit 0 and verified: the last two
+    base layers silently gone (transformers builds block_count layers and drops the other tensors)."""
+    path = write_gguf(tmp_path / "model.gguf", block_count=stated, blocks=3)
+    recipe = write_recipe(tmp_path, path, layout=IDENTITY)
+    for command in ("validate", "apply"):
+        err = refused(recipe, capsys, command=command)
+        assert f"its metadata says llama.block_count = {stated}, but its tensors are 3 blocks, blk.0 to blk.2" in err, err
 
 
 def test_transformers_quiet_silences_its_warnings_and_every_bar(capsys, monkeypatch):
@@ -376,6 +389,91 @@ def test_a_tensor_whose_bytes_overlap_its_neighbours_is_refused(llama, tmp_path,
     path.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + length:])
     err = refused(write_recipe(tmp_path, base), capsys)
     assert name in err and "model.safetensors" in err
+
+
+def rewrite_header(path: Path, edit) -> None:
+    """Rewrite a safetensors file's header with ``edit(header, data) -> data`` (data: the bytes after the header)."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    data = edit(header, raw[8 + length:])
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+
+
+def _tensors(header: dict) -> list[str]:
+    return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+
+
+def alias(header, data):  # the second tensor named on the first one's bytes (same shape: two norms)
+    a, b = [k for k in _tensors(header) if k.endswith("layernorm.weight")][:2]
+    header[b]["data_offsets"] = header[a]["data_offsets"]
+    return data
+
+
+def hole(header, data):  # junk before the first tensor, every offset moved past it
+    for k in _tensors(header):
+        header[k]["data_offsets"] = [o + 64 for o in header[k]["data_offsets"]]
+    return b"\0" * 64 + data
+
+
+def metadata_number(header, data):
+    header["__metadata__"] = {"format": "pt", "x": 5}
+    return data
+
+
+def metadata_list(header, data):
+    header["__metadata__"] = ["pt"]
+    return data
+
+
+def unknown_dtype(header, data):
+    header[_tensors(header)[0]]["dtype"] = "Q4_X"
+    return data
+
+
+def float8_over_float32_bytes(header, data):  # a dtype safetensors knows, but not the bytes it spans
+    header[_tensors(header)[0]]["dtype"] = "F8_E4M3"
+    return data
+
+
+@pytest.mark.parametrize("spoil, says", [(alias, "overlaps the tensor before it"), (hole, "leaving bytes 0-64 unclaimed"),
+                                         (metadata_number, "__metadata__ is not a map of text to text"),
+                                         (metadata_list, "__metadata__ is not a map of text to text"),
+                                         (unknown_dtype, "has the dtype 'Q4_X', not one of the safetensors dtypes torch reads"),
+                                         (float8_over_float32_bytes, "dtype F8_E4M3 need")])
+def test_a_header_the_safetensors_library_rejects_is_refused_by_validate_and_apply(llama, tmp_path, capsys, spoil, says):
+    """trial41: these bases applied with exit 0 (an aliased norm copied as the other one's values) while
+    transformers, eval and safetensors itself refuse them; validate said OK to an unknown dtype."""
+    base = copy_base(llama, tmp_path / "base")
+    rewrite_header(base / "model.safetensors", spoil)
+    for command, flags in (("validate", ()), ("apply", ()), ("apply", ("--full-plan",))):
+        err = refused(write_recipe(tmp_path, base), capsys, *flags, command=command)
+        said = [line for line in err.strip().splitlines() if not line.startswith(("warning:", "INVALID "))]  # validate: file, then problems
+        assert len(said) == 1 and "model.safetensors" in said[0] and says in said[0], (command, err)
+
+
+def test_a_second_safetensors_file_beside_model_safetensors_is_not_read(llama, tmp_path, capsys):
+    """trial41: without an index apply read every *.safetensors, the last name sorted winning, so a
+    model_fp16.safetensors beside the model replaced its weights (exit 0). transformers reads
+    model.safetensors alone; so does apply. Two other files holding one name are refused."""
+    base = copy_base(llama, tmp_path / "base")
+    weights = load_file(base / "model.safetensors")
+    save_file({k: torch.full_like(v, 0.5) for k, v in weights.items()}, base / "model_fp16.safetensors")
+    recipe = write_recipe(tmp_path, base)
+    assert main(["apply", str(recipe), "--quiet"]) == 0, capsys.readouterr().err
+    out = load_file(tmp_path / "out" / "base" / "model.safetensors")
+    assert torch.equal(out["model.embed_tokens.weight"], weights["model.embed_tokens.weight"])
+    assert torch.equal(out["model.layers.3.mlp.up_proj.weight"], weights["model.layers.1.mlp.up_proj.weight"])  # slice [1, 4) after [0, 3)
+
+    (base / "model.safetensors").rename(base / "model-a.safetensors")  # no model.safetensors, no index: both are read
+    (base / "model_fp16.safetensors").rename(base / "model-b.safetensors")
+    second = tmp_path / "second"
+    second.mkdir()
+    err = refused(write_recipe(second, base), capsys)
+    said = [line for line in err.strip().splitlines() if not line.startswith("warning:")]  # the base has no tokenizer: a warning
+    assert len(said) == 1 and "is in both model-a.safetensors and model-b.safetensors" in said[0], err
 
 
 @pytest.mark.parametrize("index_text, says", [("{not json", "not valid JSON"), ('{"metadata": {}}', "weight_map"),

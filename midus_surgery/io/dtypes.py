@@ -11,6 +11,10 @@ TAGS = {
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
 }
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# Every dtype tag a base's safetensors file may hold that torch reads (safetensors.torch's own table):
+# the ones the tool writes, and those it only converts from.
+STORED_ITEMSIZE = {**ITEMSIZE, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1, "U16": 2, "U32": 4, "U64": 8,
+                   "C64": 8}
 FLOATS = ("float64", "float32", "float16", "bfloat16")
 
 

@@ -8,10 +8,12 @@
   stacked into one parameter): through transformers' loader too, whole, in memory.
 - pickle ``.bin`` checkpoints: only when explicitly allowed, and then with ``weights_only=True``.
 
-The base directory is someone else's data: an index may name only files inside it, every
-safetensors header is checked (length, JSON, each tensor's offsets against its shape and the
-file's size) before a byte is copied, and ``check_matches_config`` refuses weights that the
-config.json does not describe. Each problem is one BaseModelError naming the file.
+The base directory is someone else's data: an index may name only files inside it (without one,
+``model.safetensors`` alone is read when present, as transformers reads it), a tensor name may be in
+one file only, every safetensors header is checked by the library's own rules (length, JSON,
+metadata, each tensor's dtype and offsets against its shape, the tensors tiling the data section)
+before a byte is copied, and ``check_matches_config`` refuses weights that the config.json does
+not describe. Each problem is one BaseModelError naming the file.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from midus_surgery.errors import BaseModelError, MidusError, load_error_line, one_line
-from midus_surgery.io.dtypes import ITEMSIZE
+from midus_surgery.io.dtypes import STORED_ITEMSIZE
 from midus_surgery.io.shard_writer import file_slice
 
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit on a header
@@ -179,10 +181,12 @@ def _read_index(index: Path, directory: Path) -> dict[str, str]:
 def read_checked_header(path: Path) -> tuple[dict, int]:
     """(header, data start) of a safetensors file, every entry checked against the file.
 
-    Checked: the header length (at most MAX_HEADER_BYTES and inside the file), the header JSON,
-    each tensor's dtype, shape and data offsets (as many bytes as shape and dtype need, within the
-    file), so that a corrupt or truncated shard is one message here and never a short copy, a huge
-    allocation or a traceback later.
+    Checked, by the safetensors library's own rules: the header length (at most MAX_HEADER_BYTES and
+    inside the file), the header JSON, ``__metadata__`` a map of text to text, each tensor's dtype (one
+    torch reads), shape and data offsets (as many bytes as shape and dtype need), and the tensors' bytes
+    tiling the data section exactly (no gap, no overlap: two names on the same bytes, or junk before the
+    first tensor, would give a tensor a meaning no reader gives it), so that a corrupt or truncated shard
+    is one message here and never a short copy, a huge allocation, a traceback or a wrong tensor later.
     """
     try:
         size = path.stat().st_size
@@ -205,12 +209,24 @@ def read_checked_header(path: Path) -> tuple[dict, int]:
     if not isinstance(header, dict):
         raise BaseModelError(f"{path}: its header is not a JSON object (not a safetensors file)")
     data_start, data_size = 8 + length, size - 8 - length
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise BaseModelError(f"{path}: its __metadata__ is not a map of text to text (a corrupt safetensors file)")
     for name, info in header.items():
         if name == "__metadata__":
             continue
         problem = _entry_problem(info, data_size)
         if problem:
             raise BaseModelError(f"{path}: tensor {name!r} {problem} (a corrupt or truncated safetensors file)")
+    covered = 0  # the tensors in offset order must tile the data section: each starts where the one before ends
+    for name, info in sorted(((n, i) for n, i in header.items() if n != "__metadata__"), key=lambda item: tuple(item[1]["data_offsets"])):
+        begin, end = info["data_offsets"]
+        if begin != covered:
+            what = "overlaps the tensor before it" if begin < covered else f"starts at byte {begin}, leaving bytes {covered}-{begin} unclaimed"
+            raise BaseModelError(f"{path}: tensor {name!r} {what} (a corrupt safetensors file)")
+        covered = end
+    if covered != data_size:
+        raise BaseModelError(f"{path}: its tensors end at byte {covered} of a data section of {data_size} bytes (a corrupt safetensors file)")
     return header, data_start
 
 
@@ -226,12 +242,13 @@ def _entry_problem(info, data_size: int) -> str | None:
     begin, end = offsets
     if end > data_size:
         return f"ends at byte {end} of a data section of {data_size} bytes: truncated"
-    if info["dtype"] in ITEMSIZE:
-        need = ITEMSIZE[info["dtype"]]
-        for d in shape:
-            need *= d
-        if end - begin != need:
-            return f"spans {end - begin} bytes, its shape {shape} and dtype {info['dtype']} need {need}"
+    if info["dtype"] not in STORED_ITEMSIZE:
+        return f"has the dtype {info['dtype'][:20]!r}, not one of the safetensors dtypes torch reads ({', '.join(STORED_ITEMSIZE)})"
+    need = STORED_ITEMSIZE[info["dtype"]]
+    for d in shape:
+        need *= d
+    if end - begin != need:
+        return f"spans {end - begin} bytes, its shape {shape} and dtype {info['dtype']} need {need}"
     return None
 
 
@@ -265,6 +282,10 @@ class SafetensorsSource(TensorSource):
         if index.is_file():
             weight_map = _read_index(index, directory)
             files = sorted(set(weight_map.values()))
+        elif (directory / "model.safetensors").is_file():
+            # what transformers reads without an index: a model.fp16.safetensors or a leftover conversion beside
+            # it is not the model, and read too it would replace the weights it shares names with
+            files, weight_map = ["model.safetensors"], None
         else:
             files = sorted(p.name for p in directory.glob("*.safetensors"))
             weight_map = None
@@ -280,6 +301,9 @@ class SafetensorsSource(TensorSource):
             header, _ = self._header(file)
             for key in header:
                 if key != "__metadata__":
+                    if key in names:  # which copy a loader takes is up to the loader: the base is ambiguous
+                        raise BaseModelError(f"{directory}: tensor {key!r} is in both {names[key]} and {file}; a checkpoint holds each "
+                                             "tensor once (remove the file that is not the model's)")
                     names[key] = file
         if weight_map is not None:
             missing = [k for k, f in weight_map.items() if names.get(k) != f]
@@ -352,10 +376,25 @@ def gguf_problem(path: Path) -> str | None:
     except ImportError:
         return None  # transformers says it needs the gguf package
     try:
-        GGUFReader(path)  # memory-maps the file: every tensor must lie within it
+        reader = GGUFReader(path)  # memory-maps the file: every tensor must lie within it
     except Exception as exc:  # noqa: BLE001 - the reader raises many types for a file it cannot read
         return f"{path}: not a whole GGUF file ({path.stat().st_size} bytes; cut short, or not GGUF: {one_line(exc, 160)})"
-    return None
+    return _gguf_block_problem(path, reader)
+
+
+def _gguf_block_problem(path: Path, reader) -> str | None:
+    """A GGUF file whose ``<arch>.block_count`` disagrees with its ``blk.N`` tensors (llama.cpp refuses it too):
+    transformers builds block_count layers and drops the tensors of any others without a word."""
+    try:
+        arch = reader.fields["general.architecture"].contents()
+        stated = reader.fields[f"{arch}.block_count"].contents()
+    except (KeyError, AttributeError, IndexError, TypeError, ValueError):
+        return None  # no layer count to compare: the config's own checks speak
+    blocks = {int(m.group(1)) for t in reader.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))}
+    if not isinstance(stated, int) or not blocks or blocks == set(range(stated)):
+        return None
+    return (f"{path}: its metadata says {arch}.block_count = {stated}, but its tensors are {len(blocks)} blocks, blk.{min(blocks)} to "
+            f"blk.{max(blocks)}: a file that contradicts itself (a model built from it would lose or invent layers)")
 
 
 def _loaded_by_transformers(ref: BaseRef, prefixes: tuple[str, ...], what: str, *, progress: bool = True, **kwargs) -> DictSource:
