@@ -100,9 +100,9 @@ def cmd_validate(args) -> int:
 OVERSIZED_MEMORY = 10
 
 
-def _tokenizer_size(planned) -> int | None:
-    """How many ids the base directory's tokenizer.json gives (added tokens included); None without one, or one that
-    does not read (its own problem, said where it is loaded). The Rust tokenizers reader runs no code."""
+def _tokenizer_ids(planned) -> tuple[int, int] | None:
+    """(tokens, the largest id) the base directory's tokenizer.json gives (added tokens included); None without
+    one, or one that does not read (its own problem, said where it is loaded). The Rust tokenizers reader runs no code."""
     from midus_surgery.compiler.base import resolve_base
 
     path = resolve_base(planned.loaded).directory / "tokenizer.json"
@@ -111,7 +111,8 @@ def _tokenizer_size(planned) -> int | None:
     try:
         from tokenizers import Tokenizer
 
-        return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+        ids = Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True).values()
+        return (len(ids), max(ids)) if ids else None
     except Exception:  # noqa: BLE001 - a tokenizer that does not parse is not this note's business
         return None
 
@@ -136,11 +137,11 @@ def _plan_notes(planned, start: bool) -> list[str]:
         notes.append(f"the output's sliding-window layers ({', '.join(map(str, sliding[:12]))}{' ...' if len(sliding) > 12 else ''}) are "
                      f"not 'every layer from N on', so max_window_layers ({plan.config['max_window_layers']}, kept) cannot say them: "
                      "transformers reads layer_types, but a tool that reads max_window_layers instead would build another attention pattern")
-    tokens = _tokenizer_size(planned)
+    ids = _tokenizer_ids(planned)
     vocab = plan.config.get("vocab_size")
-    if tokens is not None and isinstance(vocab, int) and tokens > vocab:
-        notes.append(f"the base's tokenizer.json has {tokens:,} tokens but its config's vocab_size is {vocab:,}: text whose ids reach "
-                     f"{vocab:,} or more cannot be embedded (train and eval refuse such data); a tokenizer of another model?")
+    if ids is not None and isinstance(vocab, int) and ids[1] >= vocab:  # by the largest id: a tokenizer's ids need not be 0..n-1
+        notes.append(f"the base's tokenizer.json has {ids[0]:,} tokens with ids up to {ids[1]:,} but its config's vocab_size is {vocab:,}: "
+                     f"text whose ids reach {vocab:,} or more cannot be embedded (train and eval refuse such data); a tokenizer of another model?")
     from midus_surgery.emit.emitter import emit
     from midus_surgery.emit.replica import moved_layer_difference
 

@@ -302,7 +302,15 @@ def test_validate_notes_a_tokenizer_larger_than_the_bases_vocabulary(tmp_path, c
 
     small = make_model_dir(tmp_path / "small", with_plan=False, vocab_size=8)
     code, text = validate_lines(tmp_path, capsys, small, "layout: {interleave: {after: [1], kind: copy}}\noutput: {dir: out}\n")
-    assert code == 0 and re.search(r"note: the base's tokenizer.json has \d+ tokens but its config's vocab_size is 8: ", text), text
+    assert code == 0 and re.search(r"note: the base's tokenizer.json has \d+ tokens with ids up to \d+ but its config's vocab_size is 8: ", text), text
+
+    # few tokens, one id past the table (trial41: "cat" -> 999 over 64 rows): the largest id decides, not the count
+    wide = make_model_dir(tmp_path / "wide", with_plan=False, vocab_size=64)
+    tokenizer = json.loads((wide / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"]["cat"] = 999
+    (wide / "tokenizer.json").write_text(json.dumps(tokenizer))
+    code, text = validate_lines(tmp_path, capsys, wide, "layout: {interleave: {after: [1], kind: copy}}\noutput: {dir: out}\n")
+    assert code == 0 and re.search(r"note: the base's tokenizer.json has \d+ tokens with ids up to 999 but its config's vocab_size is 64: ", text), text
 
 
 def test_a_base_path_written_relative_to_the_working_directory_says_so(tiny_base, tmp_path, capsys, monkeypatch):

@@ -195,6 +195,25 @@ def test_a_killed_tokenisations_partial_is_removed_once_its_process_is_gone(tmp_
     assert not (stream.path / MARKER).exists()  # the finished entry is a cache entry, not an output of the tool's
 
 
+def test_a_tokenizer_whose_ids_run_past_its_size_is_cached_whole(tmp_path):
+    """trial41: a tokenizer giving "cat" the id 999 among 33 tokens was refused with "does not fit the model's
+    vocabulary of 33" (its own size, not the model's). Its ids are bounded by the largest one, not by the count,
+    and stored in a type wide enough for it (the count alone picked uint16 for ids a uint16 wraps)."""
+    from transformers import PreTrainedTokenizerFast
+
+    base = make_tokenizer()
+    base.save_pretrained(tmp_path / "tok")
+    data = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    data["model"]["vocab"]["cat"] = 70_000  # past uint16
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(data))
+    wide = PreTrainedTokenizerFast.from_pretrained(tmp_path / "tok")
+    assert len(wide) < 2**16 and D.id_end(wide) == 70_001
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("the cat sat on the mat\n")
+    s = prep([tmp_path / "c"], tmp_path, wide)
+    assert s.tokens.dtype == np.uint32 and 70_000 in set(int(t) for t in s.tokens)
+
+
 def test_a_token_cache_changed_after_tokenising_is_one_line_not_a_crash(tmp_path, tok):
     """trial33: an id past the vocabulary in tokens.bin (its record untouched) was an IndexError in the model,
     or, never sampled, a run that ended well; an object array in docs.npy a ValueError traceback."""
@@ -207,7 +226,7 @@ def test_a_token_cache_changed_after_tokenising_is_one_line_not_a_crash(tmp_path
     tokens = np.fromfile(cache / "tokens.bin", dtype=s.tokens.dtype)
     tokens[3] = len(tok) + 5
     tokens.tofile(cache / "tokens.bin")
-    with pytest.raises(D.DataError, match=rf"tokens.bin holds token id {len(tok) + 5}, which does not fit .* delete the directory"):
+    with pytest.raises(D.DataError, match=rf"tokens.bin holds token id {len(tok) + 5}, past the tokenizer's ids \(0 to {len(tok) - 1}; .* delete the directory"):
         prep([cache], tmp_path, tok)
     shutil.copy2(s.path / "tokens.bin", cache / "tokens.bin")
     assert len(prep([cache], tmp_path, tok)) == len(s)

@@ -224,8 +224,15 @@ class TokenStream:
             yield np.asarray(self.tokens[int(start):int(end)], dtype=np.int64)
 
 
+def id_end(tokenizer) -> int:
+    """One past the largest id the tokenizer gives (added tokens included): its ids need not be 0 .. len - 1."""
+    ids = tokenizer.get_vocab().values()
+    return max(len(tokenizer), max(ids) + 1 if ids else 0)
+
+
 def open_stream(path: Path, fingerprint: str | None = None, vocab_size: int | None = None) -> TokenStream:
-    """Open a tokenised corpus, checking it was made with this tokenizer."""
+    """Open a tokenised corpus, checking it was made with this tokenizer; ``vocab_size``: the tokenizer's
+    ``id_end``, past which no id it made can lie (the model's own vocabulary is checked where it is loaded)."""
     meta_path = path / META_FILE
     try:
         meta = json.loads(meta_path.read_text())
@@ -239,7 +246,8 @@ def open_stream(path: Path, fingerprint: str | None = None, vocab_size: int | No
             f"from {meta.get('tokenizer_source', '?')}, this model's is {fingerprint}); "
             "tokenise the text again with this model's tokenizer (give the text files, not the token cache)")
     if vocab_size is not None and meta.get("max_token", -1) >= vocab_size:
-        raise DataError(f"{path}: token id {meta['max_token']} does not fit the model's vocabulary of {vocab_size}")
+        raise DataError(f"{path}: token id {meta['max_token']} lies past the tokenizer's ids (0 to {vocab_size - 1}): not tokens of "
+                        "this tokenizer; delete the directory to re-tokenise")
     dtype = np.dtype(meta["dtype"])
     n = int(meta["num_tokens"])
     size = (path / "tokens.bin").stat().st_size if (path / "tokens.bin").exists() else -1
@@ -251,8 +259,8 @@ def open_stream(path: Path, fingerprint: str | None = None, vocab_size: int | No
         # is an IndexError deep in the model (or, unsampled, a run that ends well). One sequential pass.
         largest = int(tokens.max())
         if largest >= vocab_size:
-            raise DataError(f"{path}: tokens.bin holds token id {largest}, which does not fit the model's vocabulary of "
-                            f"{vocab_size} ({META_FILE} says at most {meta.get('max_token')}: changed since it was "
+            raise DataError(f"{path}: tokens.bin holds token id {largest}, past the tokenizer's ids (0 to {vocab_size - 1}; "
+                            f"{META_FILE} says at most {meta.get('max_token')}: changed since it was "
                             "tokenised); delete the directory to re-tokenise")
     try:
         doc_starts = np.load(path / "docs.npy", allow_pickle=False)  # a cache directory is user input: plain numbers only
@@ -270,8 +278,7 @@ def _tokenize_to(files: list[Path], tokenizer, text_field: str, dest: Path, prog
     from midus_surgery.io.progress import progress_bar
 
     eos = eos_id(tokenizer)
-    vocab = len(tokenizer)
-    dtype = np.uint16 if vocab <= 2**16 else np.uint32
+    dtype = np.uint16 if id_end(tokenizer) <= 2**16 else np.uint32  # by the largest id: a narrower type would wrap it
     total_bytes = sum(f.stat().st_size for f in files)
     n_tokens, n_docs, max_token = 0, 0, -1
     starts: list[int] = []
@@ -317,7 +324,7 @@ def find_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: Iter
     tokenizer) else None, the cache entry it is or would be tokenised into (None: named directly))."""
     files = resolve_inputs(entries, base_dir, dir_glob, what)
     fingerprint = tokenizer_fingerprint(tokenizer)
-    vocab = len(tokenizer)
+    vocab = id_end(tokenizer)
     cached = [f for f in files if f.is_dir()]
     if cached:
         if len(files) > 1:
@@ -337,7 +344,7 @@ def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: I
     if stream is not None:
         return stream
     fingerprint = tokenizer_fingerprint(tokenizer)
-    vocab = len(tokenizer)
+    vocab = id_end(tokenizer)
     key = final.name
 
     final.parent.mkdir(parents=True, exist_ok=True)
