@@ -202,7 +202,7 @@ def cmd_plan(args) -> int:
         raise
     loaded, config, anatomy, plan = planned.loaded, planned.config, planned.anatomy, planned.plan
     if args.json:
-        data = plan.to_json()
+        data = {"valid": True, **plan.to_json()}  # a script asks .valid of either answer
         if not args.tensors:
             data.pop("tensors")
         data["notes"] = _plan_notes(planned, start=True)  # what validate notes: pruned layers, random memory, oversized memory...
@@ -459,7 +459,9 @@ def _add_train_commands(subparsers) -> None:
     """The train and eval subcommands."""
     p = subparsers.add_parser("train", help="continued pre-training of a model directory from a YAML config (accelerate)",
                               description="Train from a YAML config. Any key can be overridden: `midus-surgery train run.yaml optim.lr=1e-4 freeze=base`. "
-                                          "Several processes or GPUs: `accelerate launch [--num_processes N] -m midus_surgery.cli train run.yaml`.")
+                                          "Several processes or GPUs: `accelerate launch --multi_gpu --num_processes N -m midus_surgery.cli train run.yaml` "
+                                          "or `torchrun --nproc_per_node N -m midus_surgery.cli train run.yaml` (without --multi_gpu, accelerate "
+                                          "launch starts one process).")
     p.add_argument("config", nargs="?", metavar="CONFIG", help="the training config (YAML)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted-key overrides, values read as YAML (e.g. optim.lr=3e-4 data.block_size=256)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (log lines only)")
@@ -506,8 +508,8 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--slots-only", action="store_true", help="slot usage only, no head importance (one held-out pass instead of one per head)")
     p.add_argument("--fixed-retrieval", metavar="MODEL_DIR", help="a model trained like MODEL_DIR but with memory.retrieval: frozen: "
                    "its held-out loss on the same blocks, against the learned retrieval's")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=4)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch-size", type=_int_at_least(1), default=4, help="sequences per forward pass (default 4)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype to run the model in (default float32)")
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -94,6 +94,8 @@ def test_a_trained_memory_matters_and_writes_into_the_residual_stream(world, cap
 def test_llama_pro_outputs_are_analysed_by_their_inserted_attention_heads(world, capsys):
     untrained = analyze(world, "identity", "lp-untrained", capsys)
     assert untrained["what"] == "attention heads of the inserted blocks" and untrained["slot_usage"] == {}
+    # evaluate.md: slot_usage.png for a model with Memory blocks only
+    assert sorted(p.name for p in (world["root"] / "lp-untrained").iterdir()) == [".midus-surgery", "analysis.json", "head_importance.png"]
     assert all(d == 0.0 for row in untrained["head_importance"].values() for d in row)  # zeroed o_proj: nothing to lose
     trained = analyze(world, "identity-trained", "lp-trained", capsys)
     assert list(trained["head_importance"]) == list(untrained["head_importance"])

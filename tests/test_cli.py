@@ -70,7 +70,8 @@ def test_plan_json_keys():
     result = run("plan", str(ROOT / "recipes" / "llama-3.2-1b-midus.yaml"), "--json")
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
-    assert plan["num_hidden_layers"] == 24
+    assert plan["valid"] is True and plan["num_hidden_layers"] == 24
+    assert "tensors" not in plan  # --tensors adds them
     assert [layer["kind"] for layer in plan["layers"][:3]] == ["base", "base", "memory"]
     assert set(plan["layers"][0]) >= {"index", "source", "kind"}
     assert set(plan["params"]) == {"base", "added", "total", "dus_added"}
@@ -119,6 +120,18 @@ def test_apply_with_missing_base_is_one_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "base model not found" in err and "r.yaml:2:3" in err
+    assert not (tmp_path / "out").exists()
+
+    # base.config given: validate plans without the weights, apply needs them (trial42: exit 1, no way out said)
+    config = tmp_path / "config.json"
+    config.write_text((ROOT / "recipes" / "configs" / "smollm2-135m.json").read_text())
+    recipe.write_text(f"base:\n  path: work/smollm2-135m\n  config: {config}\nlayout:\n  stack:\n    layers: [0, 2]\noutput:\n  dir: out\n")
+    assert main(["validate", str(recipe)]) == 0
+    capsys.readouterr()
+    assert main(["apply", str(recipe), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"base model not found: {tmp_path / 'work' / 'smollm2-135m' / 'config.json'}: apply reads the weights there" in err, err
+    assert "python tools/fetch_smollm2.py writes it" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
 
 

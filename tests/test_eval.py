@@ -86,6 +86,22 @@ def test_eval_json_writes_a_non_finite_perplexity_as_null(setup, capsys, tmp_pat
     assert "the loss is not a number: its weights hold NaN or inf, or its activations overflow in float32" in captured.err
 
 
+def test_several_models_get_a_line_each_and_a_json_list_in_their_order(setup, capsys, tmp_path):
+    """training.md: one line per model; --json one object for one model, a list for several (trial42: untested)."""
+    other = make_model_dir(tmp_path / "other", with_plan=False, seed=4)
+    args = ["eval", str(setup["model"]), str(other), "--data", str(setup["root"] / "corpus"), "--block-size", "16",
+            "--cache-dir", str(setup["cache"]), "--quiet"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(str(setup["model"])) and lines[1].startswith(str(other)), lines
+    assert main([*args, "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert isinstance(results, list) and [r["model"] for r in results] == [str(setup["model"]), str(other)]
+    assert results[0]["perplexity"] != results[1]["perplexity"]  # two models, scored each
+    assert main([*args[:2], *args[3:], "--json"]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out), dict)  # one model: an object
+
+
 def test_eval_cli_json_and_errors(setup, capsys, tmp_path):
     from transformers.utils import logging as hf_logging
 

@@ -54,5 +54,7 @@ def progress_bar(total: float, desc: str, *, enabled: bool = True, leave: bool =
     if on_terminal():
         return tqdm(total=total, desc=desc, leave=leave, dynamic_ncols=True, **tqdm_kwargs)
     # leave: the final count is drawn on close; delay: no "0%, ? left" line, nothing for short work
-    return tqdm(total=total, desc=desc, leave=True, file=_LogLines(sys.stderr), mininterval=LOG_EVERY_S,
+    # miniters=1: no dynamic miniters, so tqdm's monitor thread (every 10 s) never forces a frame between two
+    # updates: such a frame repeats the count and a stale ETA, and comes sooner than LOG_EVERY_S
+    return tqdm(total=total, desc=desc, leave=True, file=_LogLines(sys.stderr), mininterval=LOG_EVERY_S, miniters=1,
                 delay=LOG_EVERY_S, bar_format=LOG_FORMAT, **tqdm_kwargs)

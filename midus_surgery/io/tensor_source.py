@@ -290,7 +290,7 @@ class SafetensorsSource(TensorSource):
             files = sorted(p.name for p in directory.glob("*.safetensors"))
             weight_map = None
         if not files:
-            raise MidusError(f"no .safetensors files in {directory} (pickle .bin checkpoints need --allow-pickle)")
+            raise MidusError(f"no .safetensors files in {directory}")
         for file in files:  # listed files too: a symlink may lead anywhere
             inside_base(directory, file, str(index) if weight_map is not None else f"the base's file {file}")
         self._directory = directory
@@ -444,7 +444,10 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
     the base is loaded through transformers instead, whole, in memory (as a GGUF base is).
     """
     if not ref.exists:
-        raise MidusError(f"base model not found: {ref.directory / (ref.gguf_file or 'config.json')}")
+        missing = ref.directory / (ref.gguf_file or "config.json")
+        fetch = " (the bundled SmolLM2 recipes' base: python tools/fetch_smollm2.py writes it)" if "smollm2-135m" in str(missing) else ""
+        raise BaseModelError(f"base model not found: {missing}: apply reads the weights there (base.config alone plans, it does not "
+                             f"apply){fetch}")
     if ref.is_gguf:
         import torch
 
