@@ -224,6 +224,9 @@ def _check_checkpoint(source: SafetensorsSource, shapes: Shapes, tag: str, *, ti
         stored.pop(LM_HEAD, None)  # a tied head saved anyway is dropped, as the full plan does
     if set(stored) != set(shapes):
         extra, missing = sorted(set(stored) - set(shapes)), sorted(set(shapes) - set(stored))
+        if extra and not missing:  # said in apply's summary: the full planner, as transformers' load, leaves them out
+            raise NotCovered(f"the checkpoint holds {len(extra)} tensor(s) the architecture lacks, e.g. {extra[0]}: left out of the "
+                             "output, as transformers' load leaves them out")
         raise NotCovered(f"the checkpoint's tensors differ from the architecture's ({(extra or missing)[0]})")
     for name, shape in shapes.items():
         dtype, got = stored[name]
