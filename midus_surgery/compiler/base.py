@@ -109,10 +109,50 @@ def config_number_problems(data: dict) -> list[str]:
                     problems.append(problem)
     for key in ("rope_scaling", "rope_parameters"):
         problems += _rope_problems(key, data.get(key))
+    problems += _math_problems(data)
     for key in ("dtype", "torch_dtype"):
         value = data.get(key)
         if value is not None and not (isinstance(value, str) and re.fullmatch(r"(torch\.)?[a-z]+[0-9_a-z]*", value)):
             problems.append(f"{key} must be a dtype name such as \"bfloat16\", got {_short(value)}")
+    return problems
+
+
+# Values the model's arithmetic needs in range: outside it every logit is NaN or inf (trial41: these
+# validated OK, or were blamed on index-dependent layers or a missing attention module).
+_POSITIVE = ("rope_theta", "rope_local_base_freq")  # RoPE bases: a power of one <= 0 is 0, inf or NaN
+_NON_NEGATIVE = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "norm_epsilon")  # added to a variance
+_ROPE_FACTORS = ("factor",)  # a rope scaling factor divides the frequencies
+
+
+def _rope_sections(data: dict):
+    """(key prefix, object) for the config itself and each RoPE object in it (per layer type too)."""
+    yield "", data
+    for key in ("rope_scaling", "rope_parameters"):
+        value = data.get(key)
+        if not isinstance(value, dict):
+            continue
+        per_type = bool(value) and all(isinstance(v, dict) for v in value.values())  # full_attention: {...}, ...
+        for name, section in (value.items() if per_type else [("", value)]):
+            yield f"{key}.{name + '.' if name else ''}", section
+
+
+def _math_problems(data: dict) -> list[str]:
+    """Config values no model computes finite logits with; and attention heads that do not share out over
+    the key/value heads (transformers' grouped attention cannot run them)."""
+    problems = []
+    for where, section in _rope_sections(data):
+        for key in _POSITIVE + (_ROPE_FACTORS if where else ()):
+            value = section.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                problems.append(f"{where}{key} is {_short(value)}; it must be a number above 0")
+    for key in _NON_NEGATIVE:
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
+            problems.append(f"{key} is {_short(value)}; it must be a number, 0 or above")
+    heads, kv = data.get("num_attention_heads"), data.get("num_key_value_heads")
+    if all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (heads, kv)) and heads % kv:
+        problems.append(f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv}): the query heads cannot "
+                        "share the key/value heads out evenly")
     return problems
 
 
