@@ -224,7 +224,7 @@ def test_the_start_line_names_the_backend_the_layers_run_on(monkeypatch):
 def _read_reference(q, keys, table, k, head_rows):
     """The read the fused kernel computes, by the pure-torch path's scores and selection (float32) and a
     dense gather: (w, slots, z)."""
-    H, n = keys.shape[0], keys.shape[2]
+    H = keys.shape[0]
     w, slots = hml._Lookup.apply(q, keys, k, "torch")  # [H, T, k]
     rows = table.float()[slots + head_rows * torch.arange(H).view(H, 1, 1)]  # [H, T, k, d]
     return w, slots, (w[..., None] * rows).sum(-2)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from train_fixtures.tiny import make_model_dir, write_config, write_corpus
+from train_fixtures.tiny import make_midus_output, write_config, write_corpus
 
 from midus_surgery.compiler.plan import PLAN_FILE, read_plan_file, read_plan_json
 from midus_surgery.errors import MidusError
@@ -25,15 +25,8 @@ from midus_surgery.train.params import choose_params, inserted_layers
 def midus_output(tmp_path_factory):
     """A MIDUS output of the tiny Llama (4 layers; a memory block after every second layer)."""
     pytest.importorskip("midus_surgery.model.hml")
-    from midus_surgery.compiler.planner import plan_recipe
-    from midus_surgery.emit.emitter import emit
-
     root = tmp_path_factory.mktemp("plan_file")
-    base = make_model_dir(root / "base", with_plan=False)
-    recipe = root / "midus.yaml"
-    recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after_every: 2\n    kind: memory\n"
-                      "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\noutput:\n  dir: out\n  dtype: float32\n")
-    out = emit(plan_recipe(recipe), progress=False).out_dir
+    out = make_midus_output(root)
     write_corpus(root / "corpus", files=1, sentences_per_file=20)
     return {"root": root, "out": out, "plan": json.loads((out / PLAN_FILE).read_text()),
             "config": json.loads((out / "config.json").read_text())}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 from train_fixtures.tiny import make_model_dir, write_corpus
 
 from midus_surgery.cli import main

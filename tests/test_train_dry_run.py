@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from train_fixtures.tiny import make_model_dir, write_config, write_corpus
+from train_fixtures.tiny import make_midus_output, write_config, write_corpus
 
 from midus_surgery.cli import main
 from midus_surgery.io.output_dir import MARKER
@@ -25,15 +25,8 @@ STEP_TOKENS = 16 * 4  # block_size x micro_batch_size of write_config
 def midus(tmp_path_factory):
     """A MIDUS output of the tiny Llama (a memory block after every second layer) and a corpus."""
     pytest.importorskip("midus_surgery.model.hml")
-    from midus_surgery.compiler.planner import plan_recipe
-    from midus_surgery.emit.emitter import emit
-
     root = tmp_path_factory.mktemp("dry_run")
-    base = make_model_dir(root / "base", with_plan=False)
-    recipe = root / "midus.yaml"
-    recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after_every: 2\n    kind: memory\n"
-                      "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\noutput:\n  dir: out\n  dtype: float32\n")
-    out = emit(plan_recipe(recipe), progress=False).out_dir
+    out = make_midus_output(root)
     write_corpus(root / "corpus", files=2, sentences_per_file=40)
     return {"root": root, "model": out, "corpus": root / "corpus"}
 

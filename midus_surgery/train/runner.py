@@ -925,7 +925,7 @@ class Runner:
 
     def say_what_runs(self) -> None:
         """The start lines: model and export, the data and budget, the groups, precision and processes."""
-        cfg, acc, d = self.cfg, self.acc, self.cfg.data
+        cfg, acc = self.cfg, self.acc
         where = f"resuming from {self.resume_from} (step {self.step})" if self.resume_from else "starting fresh"
         self.say(f"{'dry run: ' if self.dry else ''}train: {self.init_from} -> {self.export_dir}; {where}")
         for note in self.resume_notes:
