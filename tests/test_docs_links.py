@@ -48,18 +48,3 @@ def test_the_docs_top_level_holds_pages_and_the_schema_only():
     top = {p.name for p in (ROOT / "docs").iterdir() if p.is_file()}
     assert {p for p in top if not p.endswith(".md")} == {"recipe.schema.json"}
 
-
-def test_the_readme_tour_recipe_is_the_bundled_one_less_its_defaults():
-    """README's two-minute tour shows recipes/smollm2-135m-midus.yaml "less the keys it sets to their defaults":
-    read by the schema, the two are the same recipe (trial42: the tour left out a key that is not a default)."""
-    import re
-
-    import yaml
-
-    from midus_surgery.recipe.schema import Recipe
-
-    text = (ROOT / "README.md").read_text()
-    tour = text[text.index("## A two-minute tour"):]
-    shown = re.search(r"```yaml\n(.*?)```", tour, re.S).group(1)
-    bundled = (ROOT / "recipes" / "smollm2-135m-midus.yaml").read_text()
-    assert Recipe.model_validate(yaml.safe_load(shown)) == Recipe.model_validate(yaml.safe_load(bundled))
