@@ -350,7 +350,7 @@ def cmd_train(args) -> int:
         runner = Runner(loaded)
         runner.dry_run()
         if runner.acc.is_main_process:
-            print("dry run: nothing was written, no weights were read; the same command without --dry-run trains")
+            print("dry run: nothing was written, no weights were read (their headers only); the same command without --dry-run trains")
         return 0
 
     result = train(loaded)
@@ -467,7 +467,7 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar (log lines only)")
     p.add_argument("--keys", action="store_true", help="print every config key with its default and meaning (Markdown), then exit")
     p.add_argument("--dry-run", action="store_true", help="check the config, model, data and outputs as a start does and say what would "
-                   "run (steps, parameter groups, model state in memory), then exit; writes nothing, reads no weights, tokenises nothing")
+                   "run (steps, parameter groups, model state in memory), then exit; writes nothing, reads no weights (their headers only), tokenises nothing")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("eval", help="held-out perplexity (--data) or downstream tasks (--tasks, lm-evaluation-harness) of causal LM directories",

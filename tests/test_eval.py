@@ -198,3 +198,19 @@ def test_a_midus_models_differing_code_is_noted_once_however_often_it_loads(tmp_
     for _ in range(2):
         load_causal_lm(out, progress=False)
     assert capsys.readouterr().err.count("hml.py differs from this package's copy") == 1
+
+
+def test_a_model_whose_config_makes_every_logit_nan_is_one_line(setup, tmp_path, capsys):
+    """trial43: rms_norm_eps -1 scored nan with a note blaming the weights (train: a NaN loss at step 1); an int
+    -1 was "no usable tokenizer". The config value is named before anything loads."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(setup["model"], model)
+    config = json.loads((model / "config.json").read_text())
+    for value in (-1.0, -1):
+        (model / "config.json").write_text(json.dumps({**config, "rms_norm_eps": value}))
+        assert main(["eval", str(model), "--data", str(setup["files"][0]), "--cache-dir", str(tmp_path / "cache")]) == 2
+        err = capsys.readouterr().err
+        assert f"config.json: rms_norm_eps is {value}; it must be a number, 0 or above" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "cache").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,8 @@ def test_a_dry_run_writes_nothing_reads_no_weights_and_says_what_the_start_then_
     config = write_config(tmp_path / "run.yaml", model, run, midus["corpus"], cache, tokens=STEP_TOKENS * 5, freeze="base")
     weights = model / "model.safetensors"
     kept = weights.read_bytes()
-    weights.write_bytes(b"not read by a dry run")  # a real start fails on these bytes; a dry run never opens them
+    (length,) = struct.unpack("<Q", kept[:8])
+    weights.write_bytes(kept[:8 + length] + b"\xff" * (len(kept) - 8 - length))  # every value NaN: the header alone is read
     before, corpus_before = snapshot(tmp_path), snapshot(midus["corpus"])
 
     code, out, err = dry(capsys, config)
@@ -79,6 +81,8 @@ def test_a_dry_run_writes_nothing_reads_no_weights_and_says_what_the_start_then_
     assert any(line.startswith("model state: ") and " per process (fp32 weights " in line for line in lines), out
     assert lines[-1].startswith("dry run: nothing was written, no weights were read"), out
 
+    assert main(["train", str(config), "--quiet"]) == 2  # the start reads the values, and refuses them
+    assert "hold non-finite values" in capsys.readouterr().err and not run.exists()
     weights.write_bytes(kept)
     started = []
     train(load_train_config(config), echo=started.append)
@@ -111,3 +115,56 @@ def test_a_dry_run_of_a_resume_says_the_checkpoint_and_the_changes_and_moves_not
     code, out, err = dry(capsys, config, "resume=null")  # what a start refuses, a dry run refuses the same way
     assert code == 2 and "already holds checkpoints" in err and len(err.strip().splitlines()) == 1, err
     assert snapshot(tmp_path) == before
+
+
+def test_what_a_start_refuses_at_once_a_dry_run_refuses_too(midus, tmp_path, capsys):
+    """trial43: these passed the dry run ("the same command without --dry-run trains") and the start then refused
+    them at once. Each is refused by both in one line (the same one but for the missing weights, which transformers
+    words at the start), and nothing is written."""
+    cache, run = tmp_path / "cache", tmp_path / "run"
+
+    def both(config: Path, *overrides: str, says: str, start_says: str | None = None, code: int = 2) -> None:
+        before, had_run = snapshot(tmp_path), run.exists()
+        for flags, said in ((["--dry-run"], says), (["--quiet"], start_says or says)):
+            assert main(["train", str(config), *overrides, *flags]) == code, flags
+            err = capsys.readouterr().err
+            assert said in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (flags, err)
+            if flags == ["--dry-run"]:
+                assert snapshot(tmp_path) == before
+        assert run.exists() == had_run  # the start, refusing, leaves no run directory (it may have filled the token cache)
+
+    def model_with(name: str, edit) -> Path:
+        model = tmp_path / name
+        shutil.copytree(midus["model"], model)
+        edit(model)
+        return model
+
+    # weights: none at all; stored in another shape than config.json makes them
+    empty = model_with("no-weights", lambda m: (m / "model.safetensors").unlink())
+    both(write_config(tmp_path / "a.yaml", empty, run, midus["corpus"], cache), says="holds no weights", start_says="cannot load the weights")
+
+    def wider(m: Path) -> None:
+        config = json.loads((m / "config.json").read_text())
+        (m / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
+    both(write_config(tmp_path / "b.yaml", model_with("wider", wider), run, midus["corpus"], cache), says="mlp")
+
+    # a config value with which every logit is NaN: one line naming it (was a NaN loss at step 1, exit 4)
+    def negative_eps(m: Path) -> None:
+        config = json.loads((m / "config.json").read_text())
+        (m / "config.json").write_text(json.dumps({**config, "rms_norm_eps": -1.0}))
+    both(write_config(tmp_path / "c.yaml", model_with("eps", negative_eps), run, midus["corpus"], cache),
+         says="rms_norm_eps is -1.0; it must be a number, 0 or above")
+
+    # a token cache that is a file: located (the start said "File exists", naming no key)
+    (tmp_path / "notes.txt").write_text("mine")
+    both(write_config(tmp_path / "d.yaml", midus["model"], run, midus["corpus"], tmp_path / "notes.txt"),
+         says="data.cache_dir: the token cache")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+    # a resume on other data: the checkpoint's blocks would be replayed or skipped (exit 4 at the start's restore)
+    config = write_config(tmp_path / "e.yaml", midus["model"], run, midus["corpus"], cache, tokens=STEP_TOKENS * 2,
+                          resume="auto", **{"checkpoint.every": 1, "eval.at_start": False})
+    train(load_train_config(config), echo=lambda line: None)
+    capsys.readouterr()
+    both(config, "data.block_size=8", f"tokens={STEP_TOKENS * 4}", says="the data changed since it was written (data.block_size: 16 -> 8)", code=4)
+    both(config, f"resume={tmp_path / 'no-such-step'}", says="no-such-step does not exist")

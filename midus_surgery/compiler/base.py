@@ -109,7 +109,7 @@ def config_number_problems(data: dict) -> list[str]:
                     problems.append(problem)
     for key in ("rope_scaling", "rope_parameters"):
         problems += _rope_problems(key, data.get(key))
-    problems += _math_problems(data)
+    problems += config_math_problems(data)
     for key in ("dtype", "torch_dtype"):
         value = data.get(key)
         if value is not None and not (isinstance(value, str) and re.fullmatch(r"(torch\.)?[a-z]+[0-9_a-z]*", value)):
@@ -136,12 +136,14 @@ def _rope_sections(data: dict):
             yield f"{key}.{name + '.' if name else ''}", section
 
 
-def _math_problems(data: dict) -> list[str]:
+def config_math_problems(data: dict) -> list[str]:
     """Config values no model computes finite logits with; and attention heads that do not share out over
     the key/value heads (transformers' grouped attention cannot run them)."""
     problems = []
     for where, section in _rope_sections(data):
         for key in _POSITIVE + (_ROPE_FACTORS if where else ()):
+            if not where and key == "rope_theta" and any(k.startswith("rope_parameters.") for k, v in _rope_sections(data) if "rope_theta" in v):
+                continue  # transformers 5 reads rope_parameters' rope_theta: the top-level one is not used
             value = section.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
                 problems.append(f"{where}{key} is {_short(value)}; it must be a number above 0")

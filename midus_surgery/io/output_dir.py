@@ -364,6 +364,9 @@ def check_cache_location(cache: str | os.PathLike, *, inputs: Iterable[tuple[str
     may hold inputs (a cached corpus given as data); it may not be or lie inside one, where the tool
     would write into the user's model or data. Returns it resolved; raises OutputError."""
     resolved = Path(cache).resolve()
+    blocker = next((p for p in (resolved, *resolved.parents) if p.exists()), None)  # the cache or the nearest folder to make it in
+    if blocker is not None and not blocker.is_dir():
+        raise OutputError(f"the token cache {resolved} cannot be made: {blocker} is a file, not a folder; choose another cache directory")
     for what, path in inputs:
         other = Path(path).resolve()
         relation = _relation(resolved, other)

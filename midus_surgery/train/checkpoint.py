@@ -385,6 +385,15 @@ def data_changes(saved: dict, now: dict) -> list[str]:
     return changes
 
 
+def data_change_problem(state: dict, data_identity: dict) -> str | None:
+    """Why a checkpoint (its state file) cannot continue on this data, or None."""
+    changed = data_changes(state.get("data", {}), data_identity)
+    if not changed:
+        return None
+    return (f"the data changed since it was written ({'; '.join(changed)}); resuming would replay or skip data: resume with "
+            "the data it was written with, or start afresh (resume unset) in a run_dir of its own")
+
+
 # What makes init_from this model for a resume: what the export copies or inherits from it (config, plan, the
 # training history it chains onto) and its weight files' names, sizes and safetensors headers (dtypes and shapes:
 # `export.dtype: auto` takes init_from's), never the weights' bytes, which would cost a read of the whole model.
@@ -465,10 +474,9 @@ def load_checkpoint(path: Path, acc, optimizer, scheduler, *, adamw_options: dic
         state = read_checkpoint_state(path)
     except ValueError as exc:
         raise fail(str(exc)) from None
-    changed = data_changes(state.get("data", {}), data_identity)
+    changed = data_change_problem(state, data_identity)
     if changed:
-        raise fail(f"the data changed since it was written ({'; '.join(changed)}); "
-                   "resuming would replay or skip data: resume with the data it was written with, or start afresh (resume unset) in a run_dir of its own")
+        raise fail(changed)
     # DCP's state holds pickles torch itself reads unrestricted: checked first, whatever the layout
     problem = dcp_checkpoint_problem(path) or layout_problem(path, fsdp)
     if problem:

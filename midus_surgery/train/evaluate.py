@@ -102,6 +102,7 @@ def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow
     outputs map to the classes this package registers (the same code) and need no permission."""
     import json
 
+    from midus_surgery.compiler.base import config_math_problems
     from midus_surgery.compiler.custom_code import building_code
 
     path = Path(path)
@@ -112,13 +113,16 @@ def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow
             raise ModelLoadError(f"{path} is a training checkpoint (resume state), not a model directory: evaluate the run's export "
                                  "(export.dir, by default run_dir/final), or resume the run to export it")
         raise ModelLoadError(f"{path} is not a model directory (no config.json){run_export_hint(path)}")
-    if trust_remote_code:
-        return path
     try:
         data = json.loads((path / "config.json").read_text())
         code = building_code(data) if isinstance(data, dict) and data.get("model_type") != "midus" else {}
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ModelLoadError(f"{path}: cannot read config.json ({one_line(exc, 300, whole=True)})") from None
+    broken = config_math_problems(data) if isinstance(data, dict) else []
+    if broken:  # every logit would be NaN or inf: said now, not as a NaN loss at step 1 or a nan perplexity
+        raise ModelLoadError(f"{path}/config.json: {broken[0]}")
+    if trust_remote_code:
+        return path
     if code:
         names = ", ".join(f"{k} -> {v}" for k, v in sorted(code.items()))
         raise ModelLoadError(f"{path} is its own modeling code (config.json auto_map: {names[:200]}), "

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from midus_surgery.compiler.plan import read_plan_file
-from midus_surgery.errors import RecipeError, TrainingError, one_line
+from midus_surgery.errors import MidusError, RecipeError, TrainingError, one_line
 from midus_surgery.io.json_text import strict_json
 from midus_surgery.io.output_dir import (
     MARKER,
@@ -62,6 +62,7 @@ from midus_surgery.train.checkpoint import (
     STATE_FILE,
     NoWholeCheckpoint,
     complete_checkpoints,
+    data_change_problem,
     init_from_change,
     load_checkpoint,
     model_identity,
@@ -265,11 +266,12 @@ class Runner:
         self.check_same_groups()
         self.check_same_model()
         self.load_tokenizer()
-        streams = {}
+        streams, names = {}, {}  # data key -> its token stream (None: not tokenised yet), its cache entry's name
         for what, entries in (("data.train", d.train), ("data.held_out", d.held_out)):
             if entries:
                 files, streams[what], entry = D.find_corpus(entries, self.loaded.directory, self.tokenizer, dir_glob=d.dir_glob,
                                                             text_field=d.text_field, cache_dir=self.token_cache, what=what)
+                names[what] = streams[what].path.name if streams[what] is not None else entry.name
                 if streams[what] is None:
                     self.untokenised.append((what, files, entry))
         self.size_run()
@@ -277,8 +279,16 @@ class Runner:
             self.split_data(streams["data.train"], streams.get("data.held_out"))
         else:
             self.streams = [s for s in streams.values() if s is not None]
+        if self.resume_state is not None:  # the start's restore refuses other data: so does its dry run
+            held = names.get("data.held_out")
+            identity = {"train": names["data.train"], "held_out": held, "block_size": d.block_size, "seed": cfg.seed,
+                        "held_out_fraction": d.held_out_fraction if held is None else None}
+            changed = data_change_problem(self.resume_state, identity)
+            if changed:
+                raise TrainingError(f"cannot resume from {self.resume_from}: {changed}")
         model = self.model_on_meta()
         self.check_model_fits(model)
+        self.check_weight_headers(model)
         self.groups = choose_params(model, cfg.freeze, read_plan_file(self.init_from), self.loaded, retrieval=cfg.memory.retrieval)
         self.warmup_steps = warmup_steps(cfg.optim, self.total_steps)
         self.adamw_options = adamw_options(cfg.optim.implementation, self.acc.device)
@@ -298,6 +308,27 @@ class Runner:
                 return AutoModelForCausalLM.from_config(config, trust_remote_code=allow)
         except Exception as exc:  # noqa: BLE001 - a config transformers cannot build surfaces as many kinds
             raise ModelLoadError(f"{self.init_from}: cannot build its model from config.json ({one_line(exc, 300)})") from None
+
+    def check_weight_headers(self, model) -> None:
+        """What the start's strict load refuses at once, found from the weights' headers alone (a dry run reads no
+        weights): no weights file, a safetensors header the library's rules refuse, a tensor stored in another shape
+        than the model's. Names only one side has are left to the load (tied heads, names transformers converts)."""
+        from midus_surgery.io.tensor_source import SafetensorsSource
+
+        d = self.init_from
+        if not (d / "model.safetensors.index.json").is_file() and not any(d.glob("*.safetensors")):
+            if any(d.glob("pytorch_model*.bin")):
+                return  # pickle weights: their names and shapes are not read without unpickling
+            raise RecipeError([self.loaded.problem(("init_from",), f"{d} holds no weights (model.safetensors, its index, or "
+                                                                   "pytorch_model.bin): there is nothing to train")])
+        try:
+            stored = SafetensorsSource(d, (), ()).stored()
+        except MidusError as exc:
+            raise RecipeError([self.loaded.problem(("init_from",), str(exc))]) from None
+        for name, tensor in model.state_dict().items():
+            if name in stored and tuple(stored[name][1]) != tuple(tensor.shape):
+                raise RecipeError([self.loaded.problem(("init_from",), f"{d}: {name} is stored with shape {tuple(stored[name][1])}, "
+                                                                       f"its config.json makes it {tuple(tensor.shape)}: the weights are not this model's")])
 
     def state_bytes_line(self) -> str:
         """What the weights, gradients and AdamW moments hold in memory, per process: fp32 master weights (bf16
@@ -511,6 +542,8 @@ class Runner:
             except NoWholeCheckpoint as exc:
                 raise RecipeError([loaded.problem(("resume",), str(exc))]) from None
         path = loaded.resolve(cfg.resume).resolve()
+        if not path.exists():
+            raise RecipeError([loaded.problem(("resume",), f"{path} does not exist (resume: auto continues the newest checkpoint of run_dir)")])
         problem = f"no {STATE_FILE}" if not (path / STATE_FILE).is_file() else verify_checkpoint(path)
         if problem:
             raise RecipeError([loaded.problem(("resume",), f"{path} is not a complete checkpoint ({problem})")])
