@@ -205,6 +205,13 @@ def test_base_config_numbers_are_checked_before_anything_is_built(tmp_path, key,
     assert_located(tmp_path, validate(tmp_path, config=config), needle, "base.config")
 
 
+def test_a_top_level_rope_theta_that_rope_parameters_shadows_is_not_refused(tmp_path):
+    """transformers 5 reads rope_parameters' rope_theta; a stale top-level one is unused (trial43: refused)."""
+    config = {**TINY, "rope_theta": 0, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+    code, out, _ = validate(tmp_path, config=config)
+    assert code == 0, out
+
+
 def test_transformers_5_special_floats_are_read(tmp_path):
     """transformers 5 writes inf/nan as {"__float__": "Infinity"} (Mamba2's time_step_limit): read, not refused."""
     config = {**TINY, "time_step_limit": [0.0, {"__float__": "Infinity"}], "extra_nan": {"__float__": "NaN"}}
