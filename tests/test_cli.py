@@ -492,3 +492,13 @@ def test_train_overrides_may_follow_its_options(capsys):
 def test_train_without_a_config_is_a_usage_error(capsys):
     assert main(["train"]) == 2
     assert "train needs a config file" in capsys.readouterr().err
+
+
+def test_train_help_says_how_to_launch_several_processes(capsys):
+    """trial42: it said `accelerate launch [--num_processes N]`, which starts one process without --multi_gpu."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the description
+    assert "accelerate launch --multi_gpu --num_processes N -m midus_surgery.cli train run.yaml" in text
+    assert "torchrun --nproc_per_node N -m midus_surgery.cli train run.yaml" in text
+    assert "--dry-run" in text
