@@ -350,7 +350,10 @@ def cmd_train(args) -> int:
         runner = Runner(loaded)
         runner.dry_run()
         if runner.acc.is_main_process:
-            print("dry run: nothing was written, no weights were read (their headers only); the same command without --dry-run trains")
+            text = " and ".join(what for what, _, _ in runner.untokenised)
+            print("dry run: nothing was written, no weights were read (their headers only); " +
+                  (f"{text} is read as text when the run tokenises it, first thing: a file that is not text, or too short, is "
+                   "found then" if text else "the same command without --dry-run trains"))
         return 0
 
     result = train(loaded)

@@ -236,3 +236,47 @@ def test_a_token_cache_changed_after_tokenising_is_one_line_not_a_crash(tmp_path
     np.save(cache / "docs.npy", np.array([0.5, 2.0]))
     with pytest.raises(D.DataError, match="docs.npy does not hold ascending document starts"):
         prep([cache], tmp_path, tok)
+
+
+@pytest.mark.parametrize("edit", [lambda m: [m], lambda m: {**m, "dtype": "uint8"}, lambda m: {**m, "dtype": "float16"},
+                                  lambda m: {k: v for k, v in m.items() if k != "dtype"}, lambda m: {**m, "num_tokens": "many"},
+                                  lambda m: {**m, "max_token": None}],
+                         ids=["list", "uint8", "float16", "no-dtype", "num_tokens-text", "max_token-null"])
+def test_a_token_cache_whose_record_is_not_as_written_is_one_line(tmp_path, tok, edit):
+    """trial44: another dtype in midus_tokens.json read tokens.bin as other numbers (trained on them, exit 0); a record
+    that is a list, or lacks dtype, or counts in text, was a traceback."""
+    write_corpus(tmp_path / "c", files=1, sentences_per_file=5)
+    s = prep([tmp_path / "c"], tmp_path, tok)
+    cache = tmp_path / "edited"
+    shutil.copytree(s.path, cache)
+    meta = json.loads((cache / D.META_FILE).read_text())
+    (cache / D.META_FILE).write_text(json.dumps(edit(meta)))
+    with pytest.raises(D.DataError, match="not a JSON object|does not record tokens as midus-surgery writes them"):
+        prep([cache], tmp_path, tok)
+
+
+def test_a_folder_of_data_skips_hidden_files_and_folders(tmp_path, tok):
+    """trial44: a .secret.txt (and files under .git/) in a data folder were trained on; a shell glob skips them."""
+    write_corpus(tmp_path / "c", files=1, sentences_per_file=3)
+    (tmp_path / "c" / ".secret.txt").write_text("do not train on this\n")
+    (tmp_path / "c" / ".git").mkdir()
+    (tmp_path / "c" / ".git" / "notes.txt").write_text("nor this\n")
+    files = D.resolve_inputs(["c"], tmp_path, ["**/*.txt"])
+    assert len(files) == 1 and not any(".secret" in str(f) or ".git" in f.parts for f in files), files
+
+
+def test_a_file_edited_while_it_is_tokenised_leaves_no_cache_entry(tmp_path, tok, monkeypatch):
+    """trial44: the entry was keyed by the text before the edit and held tokens of the text after: a later run of the
+    original text read the edited one, exit 0. Now nothing is cached and the run says which file changed."""
+    files = write_corpus(tmp_path / "c", files=2, sentences_per_file=5)
+    real = D._tokenize_to
+
+    def edited_midway(*args, **kwargs):
+        with open(files[1], "a") as fh:
+            fh.write("the dog ran .\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(D, "_tokenize_to", edited_midway)
+    with pytest.raises(D.DataError, match=rf"data: {files[1]} changed while it was tokenised; nothing was cached"):
+        prep([tmp_path / "c"], tmp_path, tok)
+    assert list((tmp_path / "cache").iterdir()) == []  # no entry, no partial

@@ -75,7 +75,9 @@ def resolve_inputs(entries: Iterable[str], base_dir: Path, dir_glob: Iterable[st
             if (path / META_FILE).is_file():  # an already tokenised corpus
                 found = [path]
             else:
-                found = sorted({p for pat in patterns for p in path.glob(pat) if p.is_file()})
+                # hidden files and folders (.git, an editor's .swp) are not the corpus, as a shell glob skips them
+                found = sorted({p for pat in patterns for p in path.glob(pat)
+                                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)})
                 if not found:
                     raise DataError(f"{what}: the directory {path} holds no files matching {patterns}")
         elif path.is_file():
@@ -238,8 +240,15 @@ def open_stream(path: Path, fingerprint: str | None = None, vocab_size: int | No
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not a readable token cache ({exc}); delete it to re-tokenise") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: {META_FILE} is not a JSON object: not a token cache midus-surgery wrote; delete it to re-tokenise")
     if meta.get("format") != FORMAT_VERSION:
         raise DataError(f"{path}: token cache format {meta.get('format')} is not {FORMAT_VERSION}; delete it to re-tokenise")
+    # the record says how to read tokens.bin: only what _tokenize_to writes (another dtype reads the bytes as other numbers)
+    counts_ok = all(isinstance(meta.get(k), int) and not isinstance(meta.get(k), bool) for k in ("num_tokens", "max_token"))
+    if meta.get("dtype") not in ("uint16", "uint32") or not counts_ok or meta["num_tokens"] < 0:
+        raise DataError(f"{path}: {META_FILE} does not record tokens as midus-surgery writes them (dtype uint16 or uint32, "
+                        "whole-number num_tokens and max_token); delete the directory to re-tokenise")
     if fingerprint is not None and meta.get("tokenizer") != fingerprint:
         raise DataError(
             f"{path}: these tokens were made with a different tokenizer (fingerprint {meta.get('tokenizer')} "
@@ -339,6 +348,7 @@ def find_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: Iter
 def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: Iterable[str], text_field: str,
                    cache_dir: Path, progress: bool = True, what: str = "data", tokenizer_source: str = "") -> TokenStream:
     """Tokenise (or find in the cache) the corpus named by ``entries``; return its token stream."""
+    stamps = _stamps(resolve_inputs(entries, base_dir, dir_glob, what))  # before the key reads the files' contents
     files, stream, final = find_corpus(entries, base_dir, tokenizer, dir_glob=dir_glob, text_field=text_field,
                                        cache_dir=cache_dir, what=what)
     if stream is not None:
@@ -365,6 +375,10 @@ def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: I
         finally:
             if old is not None:
                 tokenizer.model_max_length = old
+        changed = [f for f, before in zip(files, stamps) if _stamps([f]) != [before]]
+        if changed:  # the key is the text before the edit, the tokens partly after: an entry no later run could trust
+            raise DataError(f"{what}: {changed[0]} changed while it was tokenised; nothing was cached: run again once the data "
+                            "stays as it is")
         meta = {"format": FORMAT_VERSION, "tokenizer": fingerprint, "tokenizer_source": tokenizer_source,
                 "vocab_size": vocab, "eos": eos_id(tokenizer), "text_field": text_field,
                 "files": [str(f) for f in files], **stats}
@@ -379,6 +393,18 @@ def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: I
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return _check_nonempty(open_stream(final, fingerprint, vocab), what, files)
+
+
+def _stamps(files: list[Path]) -> list[tuple[int, int]]:
+    """(size, modification time) of each file: what an edit during tokenising changes."""
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+            out.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((-1, -1))
+    return out
 
 
 def _check_nonempty(stream: TokenStream, what: str, files: list[Path]) -> TokenStream:
