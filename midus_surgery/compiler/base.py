@@ -140,10 +140,12 @@ def config_math_problems(data: dict) -> list[str]:
     """Config values no model computes finite logits with; and attention heads that do not share out over
     the key/value heads (transformers' grouped attention cannot run them)."""
     problems = []
+    # transformers 5 reads rope_parameters' rope_theta where it has one: a top-level one is then unused
+    shadowed = any(where.startswith("rope_parameters.") and "rope_theta" in section for where, section in _rope_sections(data))
     for where, section in _rope_sections(data):
         for key in _POSITIVE + (_ROPE_FACTORS if where else ()):
-            if not where and key == "rope_theta" and any(k.startswith("rope_parameters.") for k, v in _rope_sections(data) if "rope_theta" in v):
-                continue  # transformers 5 reads rope_parameters' rope_theta: the top-level one is not used
+            if not where and key == "rope_theta" and shadowed:
+                continue
             value = section.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
                 problems.append(f"{where}{key} is {_short(value)}; it must be a number above 0")

@@ -332,29 +332,32 @@ def find_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: Iter
     already tokenised (a tokenised corpus named directly, or the cache's entry for these files and this
     tokenizer) else None, the cache entry it is or would be tokenised into (None: named directly))."""
     files = resolve_inputs(entries, base_dir, dir_glob, what)
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    vocab = id_end(tokenizer)
-    cached = [f for f in files if f.is_dir()]
-    if cached:
+    return (files, *_cached(files, tokenizer_fingerprint(tokenizer), id_end(tokenizer), text_field, cache_dir, what))
+
+
+def _cached(files: list[Path], fingerprint: str, vocab: int, text_field: str, cache_dir: Path,
+            what: str) -> tuple[TokenStream | None, Path | None]:
+    """find_corpus for resolved ``files``: (the stream when tokenised, else None; the cache entry, None when named directly)."""
+    tokenised = [f for f in files if f.is_dir()]
+    if tokenised:
         if len(files) > 1:
-            raise DataError(f"{what}: a tokenised corpus ({cached[0]}) must be the only entry")
-        return files, _check_nonempty(open_stream(cached[0], fingerprint, vocab), what, files), None
+            raise DataError(f"{what}: a tokenised corpus ({tokenised[0]}) must be the only entry")
+        return _check_nonempty(open_stream(tokenised[0], fingerprint, vocab), what, files), None
     final = Path(cache_dir) / corpus_key(files, fingerprint, text_field)
     if (final / META_FILE).is_file():
-        return files, _check_nonempty(open_stream(final, fingerprint, vocab), what, files), final
-    return files, None, final
+        return _check_nonempty(open_stream(final, fingerprint, vocab), what, files), final
+    return None, final
 
 
 def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: Iterable[str], text_field: str,
                    cache_dir: Path, progress: bool = True, what: str = "data", tokenizer_source: str = "") -> TokenStream:
     """Tokenise (or find in the cache) the corpus named by ``entries``; return its token stream."""
-    stamps = _stamps(resolve_inputs(entries, base_dir, dir_glob, what))  # before the key reads the files' contents
-    files, stream, final = find_corpus(entries, base_dir, tokenizer, dir_glob=dir_glob, text_field=text_field,
-                                       cache_dir=cache_dir, what=what)
+    files = resolve_inputs(entries, base_dir, dir_glob, what)
+    stamps = _stamps(files)  # before the key reads the files' contents
+    fingerprint, vocab = tokenizer_fingerprint(tokenizer), id_end(tokenizer)
+    stream, final = _cached(files, fingerprint, vocab, text_field, cache_dir, what)
     if stream is not None:
         return stream
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    vocab = id_end(tokenizer)
     key = final.name
 
     final.parent.mkdir(parents=True, exist_ok=True)

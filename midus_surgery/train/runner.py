@@ -280,10 +280,7 @@ class Runner:
         else:
             self.streams = [s for s in streams.values() if s is not None]
         if self.resume_state is not None:  # the start's restore refuses other data: so does its dry run
-            held = names.get("data.held_out")
-            identity = {"train": names["data.train"], "held_out": held, "block_size": d.block_size, "seed": cfg.seed,
-                        "held_out_fraction": d.held_out_fraction if held is None else None}
-            changed = data_change_problem(self.resume_state, identity)
+            changed = data_change_problem(self.resume_state, self.identity_of_data(names["data.train"], names.get("data.held_out")))
             if changed:
                 raise TrainingError(f"cannot resume from {self.resume_from}: {changed}")
         model = self.model_on_meta()
@@ -601,8 +598,14 @@ class Runner:
         self.streams = [s for s in (train_stream, held_stream) if s is not None]
         self.train_blocks, self.held_blocks = D.split(train_stream, held_stream, d.block_size, d.held_out_fraction, what="data.train")
         self.sampler = D.BlockSampler(self.train_blocks, cfg.seed)
-        self.data_identity = {"train": train_stream.path.name, "held_out": held_stream.path.name if held_stream else None,
-                              "block_size": d.block_size, "seed": cfg.seed, "held_out_fraction": d.held_out_fraction if held_stream is None else None}
+        self.data_identity = self.identity_of_data(train_stream.path.name, held_stream.path.name if held_stream else None)
+
+    def identity_of_data(self, train: str, held_out: str | None) -> dict:
+        """What a checkpoint records of the data (its corpora's cache entries and how blocks are cut), and a resume
+        must find unchanged."""
+        d = self.cfg.data
+        return {"train": train, "held_out": held_out, "block_size": d.block_size, "seed": self.cfg.seed,
+                "held_out_fraction": d.held_out_fraction if held_out is None else None}
 
     def size_run(self) -> None:
         """The token budget in optimiser steps of micro_batch_size x grad_accum x processes x block_size tokens."""
