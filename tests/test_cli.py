@@ -82,6 +82,16 @@ def test_plan_json_keys():
     assert plan["anatomy"]["attn_out_proj"] == "self_attn.o_proj"
 
 
+def test_plan_json_of_a_dus_recipe_promises_no_identity_and_tensors_lists_each_output_tensor():
+    """README: function_preserving null where no identity is promised (plain copies); --tensors: name, shape, source, rule."""
+    result = run("plan", str(ROOT / "recipes" / "smollm2-135m-dus.yaml"), "--json", "--tensors")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["valid"] is True and plan["function_preserving"] is None
+    assert set(plan["tensors"][0]) == {"name", "shape", "source", "rule"}
+    assert {t["name"] for t in plan["tensors"]} >= {"model.embed_tokens.weight", f"model.layers.{plan['num_hidden_layers'] - 1}.mlp.up_proj.weight"}
+
+
 def test_plan_json_of_an_invalid_recipe_is_json_too(tmp_path, capsys):
     """A program reading `plan --json` gets the problems as data on stdout; a person, the lines on stderr; exit 2."""
     bad = tmp_path / "bad.yaml"

@@ -80,6 +80,7 @@ def test_a_dry_run_writes_nothing_reads_no_weights_and_says_what_the_start_then_
     assert int(memory_row.split()[3]) > 0, table  # the Memory blocks' tables train under freeze: base
     assert any(line.startswith("model state: ") and " per process (fp32 weights " in line for line in lines), out
     assert lines[-1].startswith("dry run: nothing was written, no weights were read"), out
+    assert "data.train is read as text when the run tokenises it, first thing" in lines[-1], out  # what it could not check
 
     assert main(["train", str(config), "--quiet"]) == 2  # the start reads the values, and refuses them
     assert "hold non-finite values" in capsys.readouterr().err and not run.exists()
@@ -110,6 +111,7 @@ def test_a_dry_run_of_a_resume_says_the_checkpoint_and_the_changes_and_moves_not
     assert "resuming with optim.lr 0.003 -> 0.001 (changed since the checkpoint)" in out
     assert "the run now has 8 optimiser steps, not 4" in out
     assert "train blocks" in out and " epochs" in out and "not tokenised yet" not in out  # the cache is there: the blocks are known
+    assert out.strip().splitlines()[-1].endswith("the same command without --dry-run trains"), out
     assert state["step"] == 4
 
     code, out, err = dry(capsys, config, "resume=null")  # what a start refuses, a dry run refuses the same way
