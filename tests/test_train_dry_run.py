@@ -170,3 +170,14 @@ def test_what_a_start_refuses_at_once_a_dry_run_refuses_too(midus, tmp_path, cap
     capsys.readouterr()
     both(config, "data.block_size=8", f"tokens={STEP_TOKENS * 4}", says="the data changed since it was written (data.block_size: 16 -> 8)", code=4)
     both(config, f"resume={tmp_path / 'no-such-step'}", says="no-such-step does not exist")
+
+    # data that is a link loop or a broken link: a data error naming the link (trial44: the loop was a path error, exit 2)
+    (tmp_path / "loop-a.txt").symlink_to(tmp_path / "loop-b.txt")
+    (tmp_path / "loop-b.txt").symlink_to(tmp_path / "loop-a.txt")
+    (tmp_path / "gone.txt").symlink_to(tmp_path / "no-such-file.txt")
+    for link, says in (("loop-a.txt", "loop-a.txt is a symbolic link that leads back to itself (a link loop)"),
+                       ("gone.txt", "gone.txt is a symbolic link to " + str(tmp_path / "no-such-file.txt") + ", which does not exist")):
+        data = f"data.train=[{json.dumps(str(tmp_path / link))}]"
+        both(config, data, "resume=null", f"run_dir={tmp_path / 'run-links'}", says=says, code=3)
+        both(config, f"data.held_out=[{json.dumps(str(tmp_path / link))}]", "resume=null", f"run_dir={tmp_path / 'run-links'}",
+             says=says, code=3)

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -54,6 +55,28 @@ def _has_magic(text: str) -> bool:
     return any(c in text for c in "*?[")
 
 
+def link_problem(path: Path) -> str | None:
+    """Why ``path`` is a symbolic link that leads nowhere (a loop, or a target that does not exist),
+    or None. Python before 3.13 raises on resolving a loop, 3.13 does not; either way the user
+    should hear about the link, not "does not exist" or a path error (trial44)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{path} is a symbolic link that leads back to itself (a link loop)"
+        if path.is_symlink():
+            return f"{path} is a symbolic link to {os.readlink(path)}, which does not exist"
+    return None
+
+
+def check_data_links(entries: Iterable[Path], what: str = "data") -> None:
+    """Refuse, as a data error, a data path (not a glob pattern) that is a broken link or a link loop."""
+    for path in entries:
+        problem = None if _has_magic(str(path)) else link_problem(Path(path))
+        if problem:
+            raise DataError(f"{what}: {problem}")
+
+
 def resolve_inputs(entries: Iterable[str], base_dir: Path, dir_glob: Iterable[str], what: str = "data") -> list[Path]:
     """Files named by ``entries`` (files, directories searched with ``dir_glob``, glob patterns)."""
     files: list[Path] = []
@@ -85,7 +108,7 @@ def resolve_inputs(entries: Iterable[str], base_dir: Path, dir_glob: Iterable[st
         elif path.exists():  # a device, a pipe, a socket: nothing to read as a corpus (a pipe would block)
             raise DataError(f"{what}: {path} is not a regular file or a folder")
         else:
-            raise DataError(f"{what}: {path} does not exist")
+            raise DataError(f"{what}: {link_problem(path) or f'{path} does not exist'}")
         for p in found:
             p = p.resolve()
             if p not in seen:

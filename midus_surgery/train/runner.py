@@ -479,6 +479,7 @@ class Runner:
         cfg, loaded = self.cfg, self.loaded
         d = cfg.data
         inputs = [("init_from", self.init_from), ("the config file", Path(loaded.source.file))]
+        D.check_data_links(loaded.resolve(p) for p in [*d.train, *(d.held_out or [])])  # resolving a loop below would be a path error
         inputs += [(f"data ({p})", input_root(loaded.resolve(p))) for p in [*d.train, *(d.held_out or [])]]
         cache = loaded.resolve(d.cache_dir) if d.cache_dir else D.default_cache_dir()
         try:
