@@ -199,7 +199,7 @@ def kernels_from_environment() -> str:
     return value
 
 
-def resolve_backend(kernels: Optional[str], device, dtype: torch.dtype = torch.float32) -> str:
+def resolve_backend(kernels: Optional[str], device, dtype: torch.dtype = torch.float32, *, build: bool = True) -> str:
     """Which implementation runs for a tensor on ``device`` of ``dtype`` under ``kernels`` (one of
     KERNELS; None: the environment's): "triton", "cpu" (the compiled CPU kernels) or "torch".
 
@@ -207,7 +207,8 @@ def resolve_backend(kernels: Optional[str], device, dtype: torch.dtype = torch.f
     first time (about 30 s, then cached): call it eagerly, before ``torch.compile`` (a layer keeps
     its answers, so the compiled layer reads constants; see ``prepare_kernels``). float64 never
     runs on Triton (the kernels rank float32). This file works alone (copied beside emitted
-    weights): without midus_surgery installed the pure-torch path runs.
+    weights): without midus_surgery installed the pure-torch path runs. ``build=False``: the answer a
+    successful build would give, with nothing built (``train --dry-run``).
     """
     kernels = kernels_from_environment() if kernels is None else kernels
     if kernels not in KERNELS:
@@ -223,7 +224,7 @@ def resolve_backend(kernels: Optional[str], device, dtype: torch.dtype = torch.f
             return "triton"
         if kernels == "triton" and interpreted:
             return "triton"
-    if device_type == "cpu" and _cpu_kernels_built(strict=kernels == "fused"):
+    if device_type == "cpu" and (_cpu_kernels_present() if not build else _cpu_kernels_built(strict=kernels == "fused")):
         return "cpu"
     return "torch"
 
@@ -254,7 +255,7 @@ def use_kernels(model: nn.Module, kernels: Optional[str]) -> None:
         module._set_kernels(kernels)
 
 
-def prepare_kernels(model: nn.Module, device, dtype: torch.dtype = torch.float32) -> str:
+def prepare_kernels(model: nn.Module, device, dtype: torch.dtype = torch.float32, *, build: bool = True) -> str:
     """Resolve now which backend every memory layer in ``model`` runs on ``device`` and return it
     (one of BACKENDS; "torch" when the model has no memory layer; layers told different things
     answer as a "+"-joined list).
@@ -262,10 +263,12 @@ def prepare_kernels(model: nn.Module, device, dtype: torch.dtype = torch.float32
     On CPU this builds (or finds) the compiled kernels. Call it before ``torch.compile`` of a model
     that runs on the CPU: the compiled layer then reads its answer and traces whole, instead of
     calling out of its graph (a graph break per Memory block, and recompiles around them).
+    ``build=False``: what a successful build would answer, nothing built and nothing kept (a dry run).
     """
     answers = []
     for module in _memory_layers(model):
-        answer = module.backend(device, dtype)
+        answer = (module.backend(device, dtype) if build
+                  else resolve_backend(module.config.kernels, torch.device(device).type, dtype, build=False))
         if answer not in answers:
             answers.append(answer)
     return "+".join(answers) or "torch"
@@ -292,6 +295,15 @@ def _triton_usable() -> bool:
     except (ImportError, ValueError, metadata.PackageNotFoundError):
         return False
     return (major, minor) >= _TRITON_MIN
+
+
+def _cpu_kernels_present() -> bool:
+    """Whether midus_surgery's compiled CPU kernels could be built here: their source is installed."""
+    import importlib.util
+
+    package = importlib.util.find_spec("midus_surgery")
+    return package is not None and any(os.path.isfile(os.path.join(loc, "kernels", "hml_cpu.cpp"))
+                                       for loc in package.submodule_search_locations or ())
 
 
 def _cpu_kernels_built(strict: bool) -> bool:

@@ -283,7 +283,7 @@ class Runner:
             changed = data_change_problem(self.resume_state, self.identity_of_data(names["data.train"], names.get("data.held_out")))
             if changed:
                 raise TrainingError(f"cannot resume from {self.resume_from}: {changed}")
-        model = self.model_on_meta()
+        self.model = model = self.model_on_meta()  # parameters on the meta device: names and shapes, no storage
         self.check_model_fits(model)
         self.check_weight_headers(model)
         self.groups = choose_params(model, cfg.freeze, read_plan_file(self.init_from), self.loaded, retrieval=cfg.memory.retrieval)
@@ -981,17 +981,24 @@ class Runner:
         self.say(f"precision {self.precision}, {mode} on {acc.device} x {self.world}, AdamW {adamw}, warmup {self.warmup_steps} steps, {cfg.optim.schedule} decay")
         if self.sharding_note:
             self.say(self.sharding_note)
-        if self.is_midus and not self.dry:  # which kernels run is settled by building them
-            from midus_surgery.model.hml import backend_words, bank_grad_note
-
-            hint = "" if self.memory_backend == "torch" else " (MIDUS_HML_KERNELS=torch runs the pure-torch path instead)"
-            self.say(f"memory layer: {' + '.join(map(backend_words, self.memory_backend.split('+')))}{hint}")
-            note = bank_grad_note(self.model, self.memory_backend, acc.device.type)
-            if note:
-                self.say(note)
+        if self.is_midus:
+            self.say_memory_backend()
         if cfg.compile:
             self.say("compile: the first step compiles the model (about 2 minutes for the 45-layer SmolLM2 outputs on an H200); "
                      "tok/s and ETA count from the second step")
+
+    def say_memory_backend(self) -> None:
+        """The memory layer's line: the kernels the start built, or for a dry run (which builds none) the
+        ones a successful build gives; a failed build runs the pure-torch path, and the start says so."""
+        from midus_surgery.model.hml import backend_words, bank_grad_note, prepare_kernels
+
+        backend = prepare_kernels(self.model, self.acc.device, build=False) if self.dry else self.memory_backend
+        hint = "" if backend == "torch" else " (MIDUS_HML_KERNELS=torch runs the pure-torch path instead)"
+        built = ", built at the start (a dry run builds none)" if self.dry and backend != "torch" else ""
+        self.say(f"memory layer: {' + '.join(map(backend_words, backend.split('+')))}{built}{hint}")
+        note = bank_grad_note(self.model, backend, self.acc.device.type)
+        if note:
+            self.say(note)
 
     def budget_words(self) -> str:
         """The token budget in steps: 'budget 1,024 tokens = 8 steps of 128 (...)'."""
