@@ -5,6 +5,7 @@ the sweep goes on, and the page it writes counts what the results say."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 from tool_modules import load_tool
@@ -139,3 +140,18 @@ def test_markdown_counts_rows_and_groups(tmp_path):
     doc = tmp_path / "architectures.md"
     sweep_tool.write_doc(doc, text)
     assert doc.read_text() == text and [p.name for p in tmp_path.iterdir()] == ["architectures.md"]
+
+
+def test_an_out_folder_the_tool_did_not_make_is_one_line_and_kept(tmp_path):
+    """`arch_sweep.py --out FOLDER` over a folder of the user's printed the output rule's refusal as a
+    traceback. Now one line, exit 2, the folder untouched (bench_cpt.py and bench_apply.py share the entry)."""
+    import subprocess
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    tool = Path(__file__).resolve().parents[1] / "tools" / "arch_sweep.py"
+    done = subprocess.run([sys.executable, str(tool), "--out", str(mine), "llama"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"error: output {mine} exists and was not written by midus-surgery") and "Traceback" not in done.stderr
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"

@@ -45,7 +45,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from midus_surgery.errors import one_line  # light (no torch); the rest is imported where used
-from midus_surgery.io.output_dir import remove_own_directory, use_workspace
+from midus_surgery.io.output_dir import OutputError, remove_own_directory, use_workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "work" / "arch-sweep"
@@ -958,4 +958,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except OutputError as exc:  # a --out folder the tool did not make: one line, as the CLI says it
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -49,7 +49,7 @@ from pathlib import Path
 from bench_apply_report import JSON, table, targets_lines, write_docs
 from bench_common import cpu_name, finish, load_avg, median, save_json, versions
 
-from midus_surgery.io.output_dir import remove_own_directory, use_workspace
+from midus_surgery.io.output_dir import OutputError, remove_own_directory, use_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "work" / "bench"
@@ -510,4 +510,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except OutputError as exc:  # a --out folder the tool did not make: one line, as the CLI says it
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

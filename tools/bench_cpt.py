@@ -36,7 +36,7 @@ from pathlib import Path
 from bench_common import command_line, cpu_name, load_avg, recipe_output, versions
 from bench_cpt_report import BASE_LAYERS, fmt_table, plot, plot_panels, publish, redraw  # noqa: F401 - plot_panels: the tests' door
 
-from midus_surgery.io.output_dir import remove_own_directory, use_workspace
+from midus_surgery.io.output_dir import OutputError, remove_own_directory, use_workspace
 from midus_surgery.model.midus_names import SHARED_BANK
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -301,4 +301,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OutputError as exc:  # a --out folder the tool did not make: one line, as the CLI says it
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
