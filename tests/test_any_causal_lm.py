@@ -124,15 +124,43 @@ def test_a_memory_block_from_a_layer_without_attention_is_refused_naming_it(root
 
 
 def test_a_block_no_layer_can_make_is_refused_with_what_was_found_and_how_to_state_it(root):
-    """BLOOM's block adds its residuals inside its modules: no anatomy is found for any layer."""
-    base = make_base(root, "bloom", n_layer=4, n_head=4, hidden_size=64)
-    path = recipe(root, base, slices([(1, "identity")], 4), "bloom-identity")
+    """BERT as a decoder adds each residual inside a module and normalises the sum there (post-norm):
+    no anatomy is found for any layer."""
+    base = make_base(root, "bert", num_hidden_layers=4, is_decoder=True)
+    path = recipe(root, base, slices([(1, "identity")], 4), "bert-identity")
     with pytest.raises(RecipeError) as info:
         plan_recipe(path)
     first, second = str(info.value).strip().splitlines()
-    assert first.endswith("a BloomBlock: Could not find the residual adds of BloomBlock (no add joins the layer input with a "
+    assert first.endswith("a BertLayer: Could not find the residual adds of BertLayer (no add joins the layer input with a "
                           "module's output), and no base layer of this model can make an identity block."), first
-    assert second.startswith("Found so far: layers_path=transformer.h, layer_class=BloomBlock") and "`anatomy:` block" in second
+    assert second.startswith("Found so far: layers_path=bert.encoder.layer, layer_class=BertLayer") and "`anatomy:` block" in second
+
+
+BLOOM = dict(n_layer=4, n_head=4, hidden_size=64)
+MPT = dict(n_layers=4, n_heads=4, d_model=64, max_seq_len=64)  # its attention settings are a nested config (attn_config)
+
+
+@pytest.mark.parametrize("model_type,overrides", [("bloom", BLOOM), ("mpt", MPT)], ids=["bloom", "mpt"])
+def test_blocks_whose_modules_add_the_residual_themselves_keep_the_function(root, model_type, overrides):
+    """BLOOM's attention and MLP and MPT's MLP are handed the residual stream and add it inside
+    (``mlp(hidden, residual)``): the add is read as the layer's, identity blocks zero the
+    projections before it, and a memory readout standing in for such an FFN adds the residual too."""
+    base = make_base(root, model_type, **overrides)
+    path = recipe(root, base, slices([(1, "identity"), (2, "memory")], 4), f"{model_type}-residual-inside")
+    planned, out, checks = apply_and_verify(path)
+    assert json.loads((out / "midus_plan.json").read_text())["function_preserving"] is True
+    assert any(c.name == "identity" and c.ok for c in checks)
+    (block,) = planned.plan.midus["memory_blocks"].values()
+    assert block["anatomy"]["ffn_residual"] == 1  # the MLP's second argument
+    assert block["anatomy"]["source"] == "export"  # fx sees the modules as leaves, and no add between them
+
+    # the fact matters: a readout that does not add the residual drops the stream, and verify says so
+    config = json.loads((out / "config.json").read_text())
+    for memory_block in config["midus"]["memory_blocks"].values():
+        memory_block["anatomy"]["ffn_residual"] = None
+    (out / "config.json").write_text(json.dumps(config))
+    failed = {c.name for c in verify(out, report=lambda c: None) if not c.ok}
+    assert "identity" in failed, failed
 
 
 def test_mla_memory_reads_the_value_heads_the_output_projection_receives(root):

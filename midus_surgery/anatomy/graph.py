@@ -149,6 +149,18 @@ def _flow_from_fx(probe) -> _Flow:
     return _Flow(nodes)
 
 
+def _residual_inside(node: fx.Node, key: Any, group_of: dict[fx.Node, Any], alias: dict[fx.Node, fx.Node], child: str) -> bool:
+    """Whether ``node``, an add inside the call ``key`` of ``child``, is that child's residual add: the
+    last thing it computes (nothing of the child uses its sum), joining a value from outside the
+    child (the residual stream, handed in as an argument) with one the child computed. BLOOM's
+    attention and MLP and MPT's MLP take the residual and add it themselves: lifted out of the
+    call, such an add reads as the layer's own residual add."""
+    sides = [group_of.get(alias.get(a, a)) for a in node.all_input_nodes]
+    if len(sides) != 2 or key not in sides or all(side == key for side in sides) or None in sides:
+        return False
+    return not any(_module_path_of(u).split(".")[0] == child for u in _users(node, alias) if u.op == "call_function")
+
+
 _ALIAS_OPS = ("aten.to.", "aten._to_copy.", "aten.alias.", "aten.type_as.", "aten.contiguous.",
               "aten.clone.", "aten.detach.", "aten.lift_fresh_copy.")
 
@@ -178,6 +190,22 @@ def _export_alias_map(ep) -> dict[fx.Node, fx.Node]:
     return alias
 
 
+def _is_add(node: fx.Node) -> bool:
+    return str(node.target).startswith(("aten.add.", "aten.add_."))
+
+
+def _users(node: fx.Node, alias: dict[fx.Node, fx.Node]) -> list[fx.Node]:
+    """The nodes that use ``node``'s value, looking through the aliases of it."""
+    found, stack = [], list(node.users)
+    while stack:
+        user = stack.pop()
+        if user in alias:
+            stack.extend(user.users)
+        else:
+            found.append(user)
+    return found
+
+
 def _flow_from_export(probe) -> _Flow:
     ep = probe.exported()
     user_inputs = {s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
@@ -204,6 +232,8 @@ def _flow_from_export(probe) -> _Flow:
                 child = path.split(".")[0]
                 call_key = next((k for k, v in stack.items() if v[0] in (f"mod.{child}", child)), child)
                 key = ("call", child, call_key)
+                if _is_add(node) and _residual_inside(node, key, group_of, alias, child):
+                    key = ("node", node.name)  # the residual add of a child that is handed the stream (BLOOM, MPT)
             else:
                 key = ("node", node.name)
         else:
@@ -234,8 +264,7 @@ def _flow_from_export(probe) -> _Flow:
         elif key[0] == "call":
             kind, target = "call", key[1]
         else:
-            t = str(members[key][0].target)
-            kind = "add" if t.startswith(("aten.add.", "aten.add_.")) and len(ins) >= 2 else "op"
+            kind = "add" if _is_add(members[key][0]) and len(ins) >= 2 else "op"
             target = None
         nodes.append(_Node(ids[key], kind, target, ins))
     if sum(n.kind == "input" for n in nodes) != 1:

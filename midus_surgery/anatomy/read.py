@@ -293,6 +293,47 @@ def _heads_key(config, heads: int) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+def _residual_argument(probe, path: str) -> int | str | None:
+    """The argument of ``path``'s call that hands in the residual stream when the module adds it to
+    its output itself (BLOOM's and MPT's MLP take ``(hidden, residual)``): zeroing that argument
+    takes exactly its value off the output. None when no argument does (the layer adds the
+    residual); "unreadable" when one does but the hidden states are not the first positional
+    argument (the memory readout's calling convention)."""
+    call = probe.calls.get(path)
+    if call is None:
+        return None
+    module = probe.layer.get_submodule(path)
+    with torch.no_grad():
+        out = _first_tensor_of(module(*call.args, **call.kwargs))
+    if out is None:
+        return None
+    slots = [("arg", i, a) for i, a in enumerate(call.args)] + [("kw", k, v) for k, v in call.kwargs.items()]
+    for kind, where, value in slots:
+        if (kind, where) == call.slot or not isinstance(value, torch.Tensor) or value.shape != out.shape:
+            continue
+        args, kwargs = list(call.args), dict(call.kwargs)
+        if kind == "arg":
+            args[where] = torch.zeros_like(value)
+        else:
+            kwargs[where] = torch.zeros_like(value)
+        with torch.no_grad():
+            without = _first_tensor_of(module(*args, **kwargs))
+        scale = value.abs().max().item() + 1e-12
+        if without is not None and without.shape == out.shape and torch.allclose(out - without, value, rtol=0, atol=1e-5 * scale):
+            if call.slot != ("arg", 0):
+                return "unreadable"
+            return where
+    return None
+
+
+def _first_tensor_of(out) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return next((o for o in out if isinstance(o, torch.Tensor)), None)
+    return None
+
+
 def memory_facts(probe, anatomy: Anatomy) -> tuple[dict[str, Any], str | None]:
     """What a memory block made from this layer needs beyond the names, as Anatomy fields, and
     why one cannot be made (None when it can)."""
@@ -314,6 +355,11 @@ def memory_facts(probe, anatomy: Anatomy) -> tuple[dict[str, Any], str | None]:
         facts["ffn_tuple"] = (len(ffn_out), at)
     elif not isinstance(ffn_out, torch.Tensor):
         return facts, f"its FFN {anatomy.ffn[-1]!r} returns a {type(ffn_out).__name__}, not a tensor or tuple"
+    residual = _residual_argument(probe, anatomy.ffn[-1])
+    if residual == "unreadable":
+        return facts, f"its FFN {anatomy.ffn[-1]!r} adds the residual stream itself, but not from its second argument or a keyword"
+    if residual is not None:
+        facts["ffn_residual"] = residual
     split = _head_split(log, handed) if handed is not None else None
     if split is None:
         return facts, f"the per-head outputs that {anatomy.attn_out_proj!r} receives could not be traced to [..., heads, head_dim]"

@@ -23,7 +23,9 @@ How it is found (no per-family table of names anywhere; probe.py, graph.py, read
      decorators), called from a wrapper module with an explicit ``(hidden_states)`` signature
      and the captured kwargs, traced by an ``fx.Tracer`` whose leaves are the layer's children;
    * ``export``: ``torch.export.export(..., strict=False)`` of the same call; its aten nodes are
-     grouped into child-module calls by their ``nn_module_stack``.
+     grouped into child-module calls by their ``nn_module_stack``. An add that a child computes
+     last, joining a value from outside the child with its own, is the layer's residual add made
+     inside the child (BLOOM and MPT hand their modules the residual): it is kept out of the call.
 4. Classify the children by behaviour on their captured inputs (a norm's output does not change
    when its input is scaled; an attention mixes tokens, so changing token 0 changes the output
    at later tokens; "major" modules carry >= 2-D weights), and the block by data flow: the
@@ -40,7 +42,8 @@ How it is found (no per-family table of names anywhere; probe.py, graph.py, read
    are those of the [..., heads, head_dim] tensor that the output projection's input is a
    re-layout of (so MLA's value heads, narrower than its query heads, are read right); and the
    FFN's return value (a tensor, or a tuple with the hidden states at some position) is what the
-   memory readout must return in its place.
+   memory readout must return in its place; an FFN argument that zeroing takes exactly off the
+   output is the residual it adds itself, which the readout then adds too.
 """
 
 from __future__ import annotations
