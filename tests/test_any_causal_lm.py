@@ -188,6 +188,28 @@ def test_a_tuple_returning_ffn_gets_a_readout_that_returns_a_tuple_and_keeps_row
     torch.testing.assert_close(permuted, together[[2, 0, 1]], rtol=0, atol=1e-5)
 
 
+LLAMA4 = dict(num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=128, attention_chunk_size=8)
+
+
+def test_an_ffn_that_returns_the_tokens_flattened_gets_a_readout_that_does_the_same(root):
+    """Llama-4's mixture of experts returns ([tokens, hidden], router logits) and the layer reshapes the
+    first back: the readout returns the same, and rows of a batch stay apart."""
+    base = make_base(root, "llama4_text", **LLAMA4)
+    path = recipe(root, base, slices([(1, "memory"), (2, "identity")], 4), "llama4-memory")
+    planned, out, _ = apply_and_verify(path)
+    (block,) = planned.plan.midus["memory_blocks"].values()
+    assert block["anatomy"]["ffn_flat"] is True and block["anatomy"]["ffn_tuple"] == [2, 0]
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # a memory that reads: the zero-initialised readout would hide mixed rows
+            if hasattr(layer.feed_forward, "hml"):
+                layer.feed_forward.hml.proj.normal_(std=0.5)
+        ids = torch.randint(3, 128, (3, 10), generator=torch.Generator().manual_seed(1))
+        together = model(input_ids=ids).logits
+        alone = torch.cat([model(input_ids=ids[i:i + 1]).logits for i in range(3)])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+
+
 def test_verify_fails_a_tuple_ffn_readout_that_returns_a_tensor(root):
     """The old readout (a tensor where the layer unpacks a tuple) mixed the rows of a batch of 2."""
     base = make_base(root, "gpt_oss", **GPT_OSS)

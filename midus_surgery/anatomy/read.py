@@ -293,6 +293,18 @@ def _heads_key(config, heads: int) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+def _output_form(out, like: torch.Tensor | None) -> str | None:
+    """How an FFN's output ``out`` is laid out against its input ``like``: "same" shape, "flat"
+    (the tokens flattened into one axis, [tokens, hidden]: Llama-4's mixture of experts), or None."""
+    if not isinstance(out, torch.Tensor) or like is None:
+        return None
+    if out.shape == like.shape:
+        return "same"
+    if like.dim() > 2 and out.shape == (like.numel() // like.shape[-1], like.shape[-1]):
+        return "flat"
+    return None
+
+
 def _residual_argument(probe, path: str) -> int | str | None:
     """The argument of ``path``'s call that hands in the residual stream when the module adds it to
     its output itself (BLOOM's and MPT's MLP take ``(hidden, residual)``): zeroing that argument
@@ -347,14 +359,17 @@ def memory_facts(probe, anatomy: Anatomy) -> tuple[dict[str, Any], str | None]:
     if not softmax:
         return facts, f"its token mixer {anatomy.attention!r} is not softmax attention (a convolution, linear attention or state-space layer): the memory reads attention heads"
     ffn_out = probe.outputs.get(anatomy.ffn[-1])
+    ffn_in = probe.calls[anatomy.ffn[-1]].hidden() if anatomy.ffn[-1] in probe.calls else None
     if isinstance(ffn_out, (tuple, list)):
-        shape = probe.calls[anatomy.ffn[-1]].hidden().shape if anatomy.ffn[-1] in probe.calls else None
-        at = next((i for i, o in enumerate(ffn_out) if isinstance(o, torch.Tensor) and o.shape == shape), None)
+        at = next((i for i, o in enumerate(ffn_out) if _output_form(o, ffn_in)), None)
         if at is None:
             return facts, f"its FFN {anatomy.ffn[-1]!r} returns a {type(ffn_out).__name__} without a tensor shaped like its input"
         facts["ffn_tuple"] = (len(ffn_out), at)
+        ffn_out = ffn_out[at]
     elif not isinstance(ffn_out, torch.Tensor):
         return facts, f"its FFN {anatomy.ffn[-1]!r} returns a {type(ffn_out).__name__}, not a tensor or tuple"
+    if _output_form(ffn_out, ffn_in) == "flat":
+        facts["ffn_flat"] = True
     residual = _residual_argument(probe, anatomy.ffn[-1])
     if residual == "unreadable":
         return facts, f"its FFN {anatomy.ffn[-1]!r} adds the residual stream itself, but not from its second argument or a keyword"

@@ -63,7 +63,7 @@ class MemoryReadout(nn.Module):
     scores) a tuple of ``returns[0]`` entries with the output at ``returns[1]`` and None elsewhere."""
 
     def __init__(self, hml: HeadwiseMemory, tap: AttentionTap | None, num_heads: int, head_dim: int,
-                 returns: tuple[int, int] | None = None, residual: int | str | None = None):
+                 returns: tuple[int, int] | None = None, residual: int | str | None = None, flat: bool = False):
         super().__init__()
         self.hml = hml
         # A plain attribute, not a submodule: the tap belongs to the attention module.
@@ -71,9 +71,12 @@ class MemoryReadout(nn.Module):
         self.num_heads, self.head_dim = num_heads, head_dim
         self.returns = tuple(returns) if returns else None
         self.residual = residual  # the argument handing in the residual stream, when the FFN added it itself
+        self.flat = flat  # the FFN returned [tokens, hidden] (Llama-4's MoE), the layer reshapes it back
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         out = self._read(x)
+        if self.flat:
+            out = out.reshape(-1, out.shape[-1])
         if self.residual is not None:  # BLOOM's and MPT's MLP return FFN(x) + residual
             out = out + (args[self.residual - 1] if isinstance(self.residual, int) else kwargs[self.residual])
         if self.returns is None:
@@ -165,7 +168,7 @@ def install_memory_blocks(model: nn.Module, config) -> None:
             tap = AttentionTap(_out_features(layer.get_submodule(anatomy["attn_out_proj"])))
             _stand_in(layer, anatomy["attn_out_proj"], tap)
         _swap(layer, anatomy["ffn"][-1], MemoryReadout(hml, tap, heads, head_dim, anatomy.get("ffn_tuple"),
-                                                         anatomy.get("ffn_residual")))
+                                                         anatomy.get("ffn_residual"), bool(anatomy.get("ffn_flat"))))
         for path in list(anatomy["ffn"][:-1]) + list(anatomy["ffn_norms"]):
             _stand_in(layer, path, nn.Identity())
 

@@ -31,6 +31,7 @@ class Anatomy(BaseModel):
     heads_key: str | None = Field(None, description="The config key holding the attention's query-head count (traced from the heads its output projection receives); None: num_attention_heads.")
     out_proj_in_axis: StrictInt = Field(1, ge=0, le=1, description="The axis of the output projection's weight that takes the concatenated heads: 1 for nn.Linear ([out, in]), 0 for GPT-2's Conv1D ([in, out]).")
     ffn_tuple: tuple[StrictInt, StrictInt] | None = Field(None, description="When the FFN returns a tuple (mixtures of experts that also return router scores): (its length, the position of the hidden states); None: it returns a tensor.")
+    ffn_flat: bool = Field(False, description="Whether the FFN returns its output with the tokens flattened into one axis ([tokens, hidden] for a [batch, sequence, hidden] input: Llama-4's mixture of experts); a memory readout standing in for it does the same.")
     ffn_residual: Annotated[StrictInt, Field(ge=1)] | str | None = Field(None, description="When the FFN adds the residual stream itself (BLOOM, MPT: `mlp(hidden, residual)`): the argument that hands it in, a position among the call's positional arguments (the hidden states are 0) or a keyword; a memory readout standing in for the FFN adds it too. None: the layer adds it.")
 
     def describe(self) -> str:
