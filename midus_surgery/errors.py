@@ -17,6 +17,12 @@ def one_line(exc: BaseException, limit: int = 200, *, whole: bool = False) -> st
     return f"{type(exc).__name__}: {text.splitlines()[0][:limit] if text else ''}"
 
 
+def shown(name: str, limit: int = 120) -> str:
+    """A name from the user's files, quoted and cut at ``limit`` characters: a tensor or file name
+    in a crafted header or index can be megabytes long, and a message is one readable line."""
+    return repr(name[:limit]) + (f" (cut; {len(name):,} characters)" if len(name) > limit else "")
+
+
 def load_error_line(exc: BaseException, limit: int = 300) -> str:
     """An exception as one line; for torch's weights_only refusal, its reason, not its advice to load unsafely."""
     raw = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))

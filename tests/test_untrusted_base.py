@@ -495,6 +495,71 @@ def test_an_index_naming_a_missing_shard_is_one_message_naming_it(sharded, tmp_p
     assert "model-00009-of-00009.safetensors" in err and "missing" in err
 
 
+def test_index_entries_that_name_no_readable_shard_are_one_line_and_never_block(sharded, tmp_path, capsys):
+    """trial45: an index naming a FIFO blocked validate, plan and apply forever; a NUL in a shard name was a
+    traceback; an empty weight_map said "no .safetensors files" (there were several), exit 1; a 50 MB tensor
+    name was printed whole."""
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+
+    def case(name: str, weight_map: dict, extra=None) -> tuple[str, str]:
+        base = copy_base(sharded, tmp_path / name / "base")
+        if extra:
+            extra(base)
+        write_index(base, weight_map)
+        recipe = write_recipe(tmp_path / name, base)
+        assert main(["validate", str(recipe)]) == 2
+        said = capsys.readouterr()
+        assert "Traceback" not in said.err
+        return said.out + said.err, refused(recipe, capsys)
+
+    said, err = case("fifo", {**index["weight_map"], first: "pipe.safetensors"}, lambda base: os.mkfifo(base / "pipe.safetensors"))
+    assert "pipe.safetensors is not a regular file (a pipe, a device or a folder)" in err and "not a regular file" in said
+    said, err = case("folder", {**index["weight_map"], first: "sub"}, lambda base: (base / "sub").mkdir())
+    assert "sub is not a regular file" in err
+    said, err = case("nul", {**index["weight_map"], first: "model.safetensors\0x"})
+    assert "which holds a NUL character" in err and len(err.strip().splitlines()) == 1
+    said, err = case("empty", {})
+    assert "maps no tensors (its weight_map is empty)" in err and "maps no tensors" in said
+    long_name = "a" * 1_000_000
+    said, err = case("long", {**index["weight_map"], long_name: next(iter(index["weight_map"].values()))})
+    assert "(cut; 1,000,000 characters)" in err and len(err) < 1000 and len(said) < 2000
+
+
+def test_a_tokenizer_file_that_is_a_pipe_or_a_device_is_left_out_with_a_warning(llama, tmp_path, capsys):
+    """trial45: a FIFO or a link to /dev/zero as tokenizer.json was left out without a word (exit 0, an output
+    whose tokenizer does not load)."""
+    for name, make in (("fifo", lambda p: os.mkfifo(p)), ("device", lambda p: p.symlink_to("/dev/zero"))):
+        base = copy_base(llama, tmp_path / name / "base")
+        (base / "tokenizer_config.json").write_text("{}")
+        make(base / "tokenizer.json")
+        recipe = write_recipe(tmp_path / name, base)
+        assert main(["apply", str(recipe), "--quiet"]) == 0
+        err = capsys.readouterr().err
+        assert "warning: tokenizer.json not copied: the base's tokenizer.json is not a regular file" in err, err
+        assert not (tmp_path / name / "out" / "base" / "tokenizer.json").exists()
+        assert (tmp_path / name / "out" / "base" / "tokenizer_config.json").is_file()
+
+
+def test_a_config_json_transformers_cannot_decode_is_refused_as_transformers_refuses_it(llama, tmp_path, capsys):
+    """trial45: a UTF-16 config.json validated and applied (json.loads detects UTF-16 from bytes), and verify
+    then could not load the base: transformers reads it as UTF-8."""
+    base = copy_base(llama, tmp_path / "base")
+    (base / "config.json").write_text((base / "config.json").read_text(), encoding="utf-16")
+    recipe = write_recipe(tmp_path, base)
+    assert main(["validate", str(recipe)]) == 2
+    assert "config.json is not UTF-8 text, which transformers reads a config.json as" in capsys.readouterr().err
+    assert "is not UTF-8 text" in refused(recipe, capsys)
+
+
+def test_a_config_json_that_is_a_pipe_is_one_line_not_a_hang(llama, tmp_path, capsys):
+    base = copy_base(llama, tmp_path / "base")
+    (base / "config.json").unlink()
+    os.mkfifo(base / "config.json")
+    err = refused(write_recipe(tmp_path, base), capsys)
+    assert "config.json is not a regular file (a pipe, a device or a folder)" in err
+
+
 # ----------------------------------------------------------------------------------------------
 # custom-code bases
 

@@ -49,7 +49,11 @@ def read_config_json(path: Path) -> dict:
     if len(raw) > MAX_CONFIG_BYTES:
         raise ValueError(f"{path} is larger than {MAX_CONFIG_BYTES // 2**20} MiB; a config.json is a few KB")
     try:
-        data = json.loads(raw, object_hook=_special_float)
+        # decoded as transformers opens it (UTF-8): json.loads of the bytes would also take UTF-16 and
+        # UTF-32, which transformers then refuses (trial45: validated and applied, verify failed)
+        data = json.loads(raw.decode("utf-8"), object_hook=_special_float)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text, which transformers reads a config.json as ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
     except RecursionError:
@@ -343,6 +347,8 @@ def load_base_config(loaded: LoadedRecipe):
             raise RecipeError([loaded.problem(("base", key), f"{where}: {problem}") for problem in problems])
         return config
     wanted = ref.directory / (ref.gguf_file or "config.json")
+    if wanted.exists() and not wanted.is_file():  # a pipe would block the read, a device never ends
+        raise RecipeError([loaded.problem(("base", "path"), f"{wanted} is not a regular file (a pipe, a device or a folder)")])
     ggufs = sorted(p.name for p in ref.directory.glob("*.gguf")) if ref.gguf_file is None and ref.directory.is_dir() else []
     if ggufs:  # a folder of GGUF files: which one is the user's to say
         raise RecipeError([loaded.problem(("base", "path"), f"{ref.directory} has no config.json but holds GGUF weights ({', '.join(ggufs[:4])}): "

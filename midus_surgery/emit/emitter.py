@@ -155,7 +155,12 @@ def _copy_tokenizer(ref, dest: Path, trust_remote_code: bool) -> None:
         return
     copied = 0
     for name in TOKENIZER_FILES:
-        if (ref.directory / name).is_file():
+        path = ref.directory / name
+        if os.path.lexists(path) and not path.is_file():  # a pipe would block the copy, a device never ends
+            _warn(f"{name} not copied: the base's {name} is not a regular file (a pipe, a device, a folder or a broken link); "
+                  "the output's tokenizer may not load without it")
+            continue
+        if path.is_file():
             if not _inside(ref, name):
                 continue
             shutil.copy2(ref.directory / name, dest / name)

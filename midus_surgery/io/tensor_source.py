@@ -21,11 +21,12 @@ from __future__ import annotations
 import json
 import re
 import struct
+from stat import S_ISREG
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from midus_surgery.errors import BaseModelError, MidusError, load_error_line, one_line
+from midus_surgery.errors import BaseModelError, MidusError, load_error_line, one_line, shown
 from midus_surgery.io.dtypes import STORED_ITEMSIZE
 from midus_surgery.io.shard_writer import file_slice
 
@@ -102,7 +103,7 @@ class TensorSource:
     def get(self, name: str) -> torch.Tensor:
         key = self.resolve(name)
         if key is None:
-            raise MidusError(f"the base checkpoint has no tensor {name!r}")
+            raise MidusError(f"the base checkpoint has no tensor {shown(name)}")
         return self._read(key)
 
     def _read(self, key: str) -> torch.Tensor:  # pragma: no cover - overridden
@@ -146,8 +147,10 @@ def inside_base(directory: Path, name: str, what: str) -> Path:
     does not hold. One exception: a Hugging Face hub cache snapshot, whose files are symlinks into
     the same repository's ``blobs`` folder.
     """
+    if "\0" in name:  # no file has such a name, and the path calls below raise on it
+        raise BaseModelError(f"{what} names {shown(name)}, which holds a NUL character: no file is called that")
     if Path(name).is_absolute():
-        raise BaseModelError(f"{what} names {name!r}, a path outside the base directory {directory}")
+        raise BaseModelError(f"{what} names {shown(name)}, a path outside the base directory {directory}")
     path = directory / name
     root = directory.resolve()
     target = path.resolve()
@@ -155,7 +158,7 @@ def inside_base(directory: Path, name: str, what: str) -> Path:
     if root.parent.name == "snapshots":
         allowed.append(root.parent.parent / "blobs")
     if not any(target == top or top in target.parents for top in allowed):
-        raise BaseModelError(f"{what} names {name!r}, which leads outside the base directory {directory} (to {target})")
+        raise BaseModelError(f"{what} names {shown(name)}, which leads outside the base directory {directory} (to {target})")
     return path
 
 
@@ -165,7 +168,7 @@ def _read_index(index: Path, directory: Path) -> dict[str, str]:
     try:
         if index.stat().st_size > MAX_INDEX_BYTES:
             raise BaseModelError(f"{what} is larger than {MAX_INDEX_BYTES // 2**20} MiB; an index is a few MB")
-        data = json.loads(index.read_bytes())
+        data = json.loads(index.read_bytes().decode("utf-8"))  # as transformers opens it: not UTF-16, which json.loads would take
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise BaseModelError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
     except OSError as exc:
@@ -173,6 +176,8 @@ def _read_index(index: Path, directory: Path) -> dict[str, str]:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise BaseModelError(f"{what} has no weight_map object of tensor name -> shard file name")
+    if not weight_map:
+        raise BaseModelError(f"{what} maps no tensors (its weight_map is empty)")
     for file in set(weight_map.values()):
         inside_base(directory, file, what)
     return weight_map
@@ -189,7 +194,10 @@ def read_checked_header(path: Path) -> tuple[dict, int]:
     is one message here and never a short copy, a huge allocation, a traceback or a wrong tensor later.
     """
     try:
-        size = path.stat().st_size
+        stat = path.stat()
+        if not S_ISREG(stat.st_mode):  # a pipe would block the read forever, a device never ends
+            raise BaseModelError(f"{path} is not a regular file (a pipe, a device or a folder), so not a safetensors file")
+        size = stat.st_size
         with open(path, "rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
@@ -217,13 +225,13 @@ def read_checked_header(path: Path) -> tuple[dict, int]:
             continue
         problem = _entry_problem(info, data_size)
         if problem:
-            raise BaseModelError(f"{path}: tensor {name!r} {problem} (a corrupt or truncated safetensors file)")
+            raise BaseModelError(f"{path}: tensor {shown(name)} {problem} (a corrupt or truncated safetensors file)")
     covered = 0  # the tensors in offset order must tile the data section: each starts where the one before ends
     for name, info in sorted(((n, i) for n, i in header.items() if n != "__metadata__"), key=lambda item: tuple(item[1]["data_offsets"])):
         begin, end = info["data_offsets"]
         if begin != covered:
             what = "overlaps the tensor before it" if begin < covered else f"starts at byte {begin}, leaving bytes {covered}-{begin} unclaimed"
-            raise BaseModelError(f"{path}: tensor {name!r} {what} (a corrupt safetensors file)")
+            raise BaseModelError(f"{path}: tensor {shown(name)} {what} (a corrupt safetensors file)")
         covered = end
     if covered != data_size:
         raise BaseModelError(f"{path}: its tensors end at byte {covered} of a data section of {data_size} bytes (a corrupt safetensors file)")
@@ -290,7 +298,7 @@ class SafetensorsSource(TensorSource):
             files = sorted(p.name for p in directory.glob("*.safetensors"))
             weight_map = None
         if not files:
-            raise MidusError(f"no .safetensors files in {directory}")
+            raise MidusError(f"no .safetensors files in {directory}")  # not the base's fault: the header planner goes the full way
         for file in files:  # listed files too: a symlink may lead anywhere
             inside_base(directory, file, str(index) if weight_map is not None else f"the base's file {file}")
         self._directory = directory
@@ -302,13 +310,13 @@ class SafetensorsSource(TensorSource):
             for key in header:
                 if key != "__metadata__":
                     if key in names:  # which copy a loader takes is up to the loader: the base is ambiguous
-                        raise BaseModelError(f"{directory}: tensor {key!r} is in both {names[key]} and {file}; a checkpoint holds each "
+                        raise BaseModelError(f"{directory}: tensor {shown(key)} is in both {names[key]} and {file}; a checkpoint holds each "
                                              "tensor once (remove the file that is not the model's)")
                     names[key] = file
         if weight_map is not None:
             missing = [k for k, f in weight_map.items() if names.get(k) != f]
             if missing:
-                raise BaseModelError(f"{index}: {len(missing)} tensors listed in the index are not in their shard, e.g. {missing[0]}")
+                raise BaseModelError(f"{index}: {len(missing)} tensors listed in the index are not in their shard, e.g. {shown(missing[0])}")
         super().__init__(names, prefixes, renames)
 
     def _header(self, file: str) -> tuple[dict, int]:
