@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import re
 import struct
-from stat import S_ISREG
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import TYPE_CHECKING, Iterable
 
 from midus_surgery.errors import BaseModelError, MidusError, load_error_line, one_line, shown
