@@ -108,12 +108,13 @@ def test_a_dry_run_of_a_resume_says_the_checkpoint_and_the_changes_and_moves_not
     (run / MARKER).unlink()  # a run directory from before markers: a start marks it as this tool's, a dry run does not
     before = snapshot(tmp_path)
 
-    code, out, err = dry(capsys, config, f"tokens={STEP_TOKENS * 8}", "optim.lr=1e-3")
+    code, out, err = dry(capsys, config, f"tokens={STEP_TOKENS * 8}", "optim.lr=1e-3", "optim.schedule=linear", "memory.grad_clip=0.5")
     assert code == 0, err
     assert snapshot(tmp_path) == before  # the broken checkpoint is not moved aside, the run directory not marked
     assert "checkpoint step-00000004 would be skipped: " in out and "the run moves it to step-00000004.broken" in out
     assert f"resuming from {(run / 'checkpoints' / 'step-00000002').resolve()} (step 2)" in out
-    assert "resuming with optim.lr 0.003 -> 0.001 (changed since the checkpoint)" in out
+    # trial46: the schedule's and the clipping's changes were applied without a word
+    assert "resuming with optim.lr 0.003 -> 0.001, optim.schedule cosine -> linear, memory.grad_clip 1.0 -> 0.5 (changed since the checkpoint)" in out
     assert "the run now has 8 optimiser steps, not 4" in out
     assert "train blocks" in out and " epochs" in out and "not tokenised yet" not in out  # the cache is there: the blocks are known
     assert out.strip().splitlines()[-1].endswith("the same command without --dry-run trains"), out

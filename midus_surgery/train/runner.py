@@ -1137,7 +1137,10 @@ def _enable_activation_checkpointing(model) -> None:
 
 
 # settings a resume takes from this run's config though the checkpoint's optimiser state holds others
-OPTIMISER_KEYS = ("optim.lr", "optim.weight_decay", "optim.betas", "optim.eps", "memory.lr", "memory.weight_decay")
+# settings a resume may change, said in one line when it does: the optimiser's, the schedule's (laid over the run
+# again from the config each step) and the clipping (trial46: the schedule's and the clipping's changed silently)
+OPTIMISER_KEYS = ("optim.lr", "optim.weight_decay", "optim.betas", "optim.eps", "memory.lr", "memory.weight_decay",
+                  "optim.schedule", "optim.warmup", "optim.min_lr_ratio", "memory.schedule", "optim.grad_clip", "memory.grad_clip")
 # settings that decide which parameters train (the optimiser's groups): a resume cannot change them
 REGROUPING_KEYS = ("freeze", "memory.retrieval")
 
