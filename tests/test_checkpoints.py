@@ -532,3 +532,13 @@ def test_a_finished_run_resumed_with_another_step_size_trains_no_more(done, tmp_
     result = train(load_train_config(cfg), echo=said.append)
     assert result.steps == STEPS
     assert "the checkpoint has trained 256 tokens, past the budget of 128: no step is left to train" in "\n".join(said)
+
+
+def test_other_training_tokens_are_not_said_to_be_other_text():
+    """trial46: a resume after init_from's tokenizer was swapped (the same text) was refused as "not the same
+    text": the cache entry the state records covers the text, the tokenizer and the JSONL field alike."""
+    from midus_surgery.train.checkpoint import data_changes
+
+    (said,) = data_changes({"train": "entry-a", "seed": 0}, {"train": "entry-b", "seed": 0})
+    assert said == "data.train gives other tokens (its text, init_from's tokenizer or data.text_field changed)"
+    assert data_changes({"train": "entry-a", "seed": 0}, {"train": "entry-a", "seed": 0}) == []

@@ -377,7 +377,9 @@ def data_changes(saved: dict, now: dict) -> list[str]:
         if was == new or (key == "held_out" and was is not None and new is not None):
             continue
         if key == "train":
-            changes.append("data.train is not the same text (its tokens differ)")
+            # the cache entry's name covers the text, the tokenizer and the JSONL field: any of them (trial46: a
+            # swapped tokenizer was said as other text)
+            changes.append("data.train gives other tokens (its text, init_from's tokenizer or data.text_field changed)")
         elif key == "held_out":
             changes.append(f"data.held_out {'added' if was is None else 'removed'}, which changes the training blocks")
         else:
