@@ -546,7 +546,8 @@ def test_an_interrupted_run_says_which_checkpoint_resume_auto_takes(world, tmp_p
 
 def test_kill_9_and_resume_gives_the_same_weights(world, tmp_path):
     steps = 60
-    extra = dict(tokens=16 * 4 * steps, resume="auto", **{"checkpoint.every": 4, "checkpoint.keep_last": 2, "log.every": 10})
+    extra = dict(tokens=16 * 4 * steps, resume="auto", **{"checkpoint.every": 4, "checkpoint.keep_last": 2, "log.every": 10,
+                                                           "log.data_trace": True})
     train(load_train_config(config(world, tmp_path, name="straight", **extra)))
 
     cfg = config(world, tmp_path, name="killed", **extra)
@@ -579,6 +580,13 @@ def test_kill_9_and_resume_gives_the_same_weights(world, tmp_path):
     # The metrics log has one record per logged step, none replayed.
     steps_logged = [r["step"] for r in metrics(tmp_path / "killed") if "loss" in r]
     assert steps_logged == list(range(10, steps + 1, 10))
+    # trial46: each record averages the same steps as the uninterrupted run's (a checkpoint keeps the losses since the
+    # last log line), and the data trace holds each step once (it kept the killed run's steps past its checkpoint)
+    def logged(run: str) -> list[tuple]:
+        return [(r["step"], r["loss"], r.get("lr")) for r in metrics(tmp_path / run) if "loss" in r]
+    assert logged("killed") == logged("straight")
+    trace = [(tmp_path / run / "trace" / "rank0.jsonl").read_text() for run in ("straight", "killed")]
+    assert trace[1] == trace[0] and trace[0].count('"step"') == steps
 
 
 @pytest.mark.slow

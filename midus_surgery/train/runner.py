@@ -183,6 +183,7 @@ class Runner:
     # Model (setup_model).
     init_dtype: str  # init_from's dtype name: the export's under `export.dtype: auto`
     is_midus: bool  # a MIDUS model (memory layers): its modeling files travel with the export
+    meter: Meter | None = None  # the loop's loss and speed meter (a checkpoint records its losses since the last log line)
     memory_backend: str = "torch"  # what the memory layers run (model.hml.prepare_kernels: "cpu", "triton", "triton-fused", "torch")
     groups: ParamGroups  # the freeze policy's result: (name, parameter) lists per optimiser group
     model: torch.nn.Module  # as accelerate prepared it (DDP / FSDP / compiled wrapper)
@@ -777,7 +778,8 @@ class Runner:
         try:
             if self.step == 0 and cfg.eval.at_start:
                 self.evaluate_and_log(f"step {self.step}")
-            meter = Meter.start(self.step)
+            self.meter = meter = Meter.start(self.step)
+            meter.losses = self.losses_since_log()
             compiling = cfg.compile  # the first step compiles: minutes that no later step costs
             while self.step < self.total_steps:
                 numbers = self.train_step()
@@ -856,9 +858,19 @@ class Runner:
     # ---------------------------------------------------------------- checkpoint and export
     def save_checkpoint(self) -> Path:
         facts = {"tokens_seen": self.samples_seen * self.cfg.data.block_size, "total_steps": self.total_steps, "world_size": self.world,
-                 "data": self.data_identity, "config": self.cfg.model_dump(mode="json"), "init_from": self.init_identity}
+                 "data": self.data_identity, "config": self.cfg.model_dump(mode="json"), "init_from": self.init_identity,
+                 "losses_since_log": list(self.meter.losses) if self.meter is not None else []}
         return save_checkpoint(self.ckpt_root, self.acc, self.scheduler, step=self.step, samples_seen=self.samples_seen,
                                keep_last=self.cfg.checkpoint.keep_last, facts=facts, report=self.say)
+
+    def losses_since_log(self) -> list[float]:
+        """The step losses the checkpoint resumed from had taken since its last log line: the first record after a
+        resume then averages the same steps as an uninterrupted run's (trial46: it averaged only the steps since the
+        checkpoint, unmarked). Older checkpoints record none."""
+        saved = (self.resume_state or {}).get("losses_since_log")
+        if not isinstance(saved, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in saved):
+            return []
+        return [float(v) for v in saved]
 
     def unchanged_since_apply(self) -> str | None:
         """Which of apply's tensors no run since apply has trained, for `verify`'s bit-for-bit weights
@@ -946,12 +958,27 @@ class Runner:
             if metrics.exists():  # drop what a killed run logged after its last checkpoint
                 keep = [line for line, record in metric_lines(metrics) if record.get("step", 0) <= self.step]
                 metrics.write_text("".join(line + "\n" for line in keep) if self.resume_from is not None else "")
+            if cfg.log.data_trace:  # the other processes' files too when this run has fewer: nobody else writes them
+                for path in sorted((self.run_dir / "trace").glob("rank*.jsonl")):
+                    if path.name != f"rank{self.rank}.jsonl" and not _rank_of(path.name) < self.world:
+                        self.cut_trace(path)
             if cfg.log.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step if self.step else None)
+        if cfg.log.data_trace:  # each process its own file, before it writes again
+            self.cut_trace(self.run_dir / "trace" / f"rank{self.rank}.jsonl")
         self.bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                         disable=not self.bars)
+
+    def cut_trace(self, path: Path) -> None:
+        """A data trace cut back to the checkpoint resumed from, as metrics.jsonl is (trial46: a killed run's steps past
+        its checkpoint stayed, and the resumed run wrote them again: 203 records for 200 steps). Its end-of-run checksum
+        goes too: the run writes it again when it ends."""
+        if not path.exists():
+            return
+        keep = [line for line, record in metric_lines(path) if isinstance(record.get("step"), int) and record["step"] <= self.step]
+        path.write_text("".join(line + "\n" for line in keep) if self.resume_from is not None else "")
 
     def close_logs(self) -> None:
         if self.bar is not None:
@@ -1108,6 +1135,12 @@ class Runner:
         if not self.acc.is_main_process or not path.exists():
             return False
         return any("eval_loss" in record and record.get("step") == step for _, record in metric_lines(path))
+
+
+def _rank_of(name: str) -> int:
+    """The process rank of a data trace file name (rank3.jsonl -> 3); -1 when it names none."""
+    digits = name.removeprefix("rank").removesuffix(".jsonl")
+    return int(digits) if digits.isdigit() else -1
 
 
 def metric_lines(path: Path) -> list[tuple[str, dict]]:
