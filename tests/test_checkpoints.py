@@ -388,7 +388,7 @@ def test_a_resume_under_another_token_budget_says_how_the_schedule_moves(done, t
     import math
 
     after = peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 2 / (2 * STEPS))))
-    assert f"step 2 runs at lr {after:.3g} where the checkpoint's run had {was.lr:.3g}" in note
+    assert f"the next step (3) runs at lr {after:.3g} where the checkpoint's run had {was.lr:.3g}" in note
 
 
 def test_a_resume_may_swap_its_separate_held_out_set_and_change_precision_with_a_note(tmp_path):
@@ -532,6 +532,9 @@ def test_a_finished_run_resumed_with_another_step_size_trains_no_more(done, tmp_
     result = train(load_train_config(cfg), echo=said.append)
     assert result.steps == STEPS
     assert "the checkpoint has trained 256 tokens, past the budget of 128: no step is left to train" in "\n".join(said)
+    (data_line,) = [line for line in said if line.startswith("data: ")]  # trial46: the epochs were the budget's, half of these
+    train_tokens = int(re.search(r"\(([\d,]+) train tokens\)", data_line).group(1).replace(",", ""))
+    assert data_line.endswith(f", {256 / train_tokens:.2f} epochs"), data_line
 
 
 def test_other_training_tokens_are_not_said_to_be_other_text():

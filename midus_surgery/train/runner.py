@@ -845,7 +845,8 @@ class Runner:
         rounded = f" (ending at {end:,} tokens: the budget rounded up to a whole step)" if end != self.cfg.token_budget else ""
         return (f"resuming at step {self.step} with {seen:,} tokens trained and {left:,} left of the budget{f' ({why})' if why else ''}: "
                 f"the run now has {self.total_steps} optimiser steps, not {saved_total}{rounded}; the {o.schedule} learning-rate schedule "
-                f"is laid over the new total, so step {self.step} runs at lr {after:.3g} where the checkpoint's run had {before:.3g}")
+                f"is laid over the new total, so the next step ({self.step + 1}) runs at lr {after:.3g} where the checkpoint's run had "
+                f"{before:.3g}")  # lr_lambda(s) is the rate of the step the log numbers s + 1 (trial46: said one step early)
 
     def spent_budget_note(self) -> str | None:
         """A resume whose checkpoint has already trained the whole budget (or more): nothing to train."""
@@ -1021,7 +1022,7 @@ class Runner:
 
         backend = prepare_kernels(self.model, self.acc.device, build=False) if self.dry else self.memory_backend
         hint = "" if backend == "torch" else " (MIDUS_HML_KERNELS=torch runs the pure-torch path instead)"
-        built = ", built at the start (a dry run builds none)" if self.dry and backend != "torch" else ""
+        built = ", built at the start, or found in the cache (a dry run builds none)" if self.dry and backend != "torch" else ""
         self.say(f"memory layer: {' + '.join(map(backend_words, backend.split('+')))}{built}{hint}")
         note = bank_grad_note(self.model, backend, self.acc.device.type)
         if note:
@@ -1044,7 +1045,12 @@ class Runner:
         held = len(self.held_blocks) if self.held_blocks else 0
         return (f"data: {_count(len(self.train_blocks), 'train block')}, {_count(held, 'held-out block')} of {d.block_size} tokens "
                 f"({len(self.train_blocks) * d.block_size:,} train tokens); {self.budget_words()}, "
-                f"{self.cfg.token_budget / max(1, len(self.train_blocks) * d.block_size):.2f} epochs")
+                f"{self.ends_at_tokens() / max(1, len(self.train_blocks) * d.block_size):.2f} epochs")
+
+    def ends_at_tokens(self) -> int:
+        """The tokens the run has trained when it ends: the budget, or what a resumed checkpoint already trained past it
+        (trial46: a resume past the budget said the budget's epochs, half of what the model had trained)."""
+        return max(self.cfg.token_budget, self.samples_seen * self.cfg.data.block_size)
 
     def held_out_overlap(self) -> str | None:
         """The note on held-out files that are also training files byte for byte (listed in both, or
