@@ -454,6 +454,23 @@ def test_a_header_the_safetensors_library_rejects_is_refused_by_validate_and_app
         assert len(said) == 1 and "model.safetensors" in said[0] and says in said[0], (command, err)
 
 
+def test_a_tensor_named_twice_in_a_header_is_named_in_the_refusal(llama, tmp_path, capsys):
+    """trial45: a header listing one name twice (JSON keeps the last: here the second norm's entry over the
+    first's bytes) was refused for the bytes it left unclaimed, naming another tensor."""
+    base = copy_base(llama, tmp_path / "base")
+    path = base / "model.safetensors"
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    first, second = [k for k in _tensors(header) if k.endswith("layernorm.weight")][:2]
+    text = json.dumps(header).replace(json.dumps(second) + ":", json.dumps(first) + ":", 1).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length:])
+    for command in ("validate", "apply"):
+        err = refused(write_recipe(tmp_path, base), capsys, command=command)
+        assert f"its header names '{first}' twice (a corrupt safetensors file)" in err, err
+
+
 def test_a_second_safetensors_file_beside_model_safetensors_is_not_read(llama, tmp_path, capsys):
     """trial41: without an index apply read every *.safetensors, the last name sorted winning, so a
     model_fp16.safetensors beside the model replaced its weights (exit 0). transformers reads

@@ -183,6 +183,22 @@ def _read_index(index: Path, directory: Path) -> dict[str, str]:
     return weight_map
 
 
+class _Duplicate(Exception):
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _once_each(pairs: list[tuple[str, object]]) -> dict:
+    """json object_pairs_hook: a key twice in one object is refused (json.loads keeps the last silently, and the
+    safetensors library refuses the file: two entries for one name, e.g. to swap two tensors' bytes)."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Duplicate(key)
+        seen[key] = value
+    return seen
+
+
 def read_checked_header(path: Path) -> tuple[dict, int]:
     """(header, data start) of a safetensors file, every entry checked against the file.
 
@@ -211,7 +227,9 @@ def read_checked_header(path: Path) -> tuple[dict, int]:
     except OSError as exc:
         raise BaseModelError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_once_each)
+    except _Duplicate as exc:
+        raise BaseModelError(f"{path}: its header names {shown(exc.name)} twice (a corrupt safetensors file)") from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise BaseModelError(f"{path}: its header is not valid JSON (not a safetensors file, or a corrupt one)") from None
     if not isinstance(header, dict):
