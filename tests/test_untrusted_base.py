@@ -454,6 +454,25 @@ def test_a_header_the_safetensors_library_rejects_is_refused_by_validate_and_app
         assert len(said) == 1 and "model.safetensors" in said[0] and says in said[0], (command, err)
 
 
+def test_a_base_tensor_the_architecture_lacks_is_said_to_be_left_out(llama, tmp_path, capsys):
+    """trial41/45: a tensor the architecture does not have was dropped without a word by a MIDUS apply (DUS said it only
+    as the reason it planned with transformers). Layers a layout drops on purpose are not said."""
+    base = copy_base(llama, tmp_path / "base")
+    weights = load_file(base / "model.safetensors")
+    save_file({**weights, "model.layers.0.mlp.secret": torch.ones(3)}, base / "model.safetensors", metadata={"format": "pt"})
+    memory = "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n"
+    layouts = {"midus": ("layout:\n  slices:\n    - layers: [0, 4]\n    - layers: [1, 2]\n      kind: memory\n", memory),
+               "dropping": ("allow_dropped_layers: true\nlayout:\n  slices:\n    - layers: [0, 2]\n    - layers: [3, 4]\n"
+                            "    - layers: [3, 4]\n", "")}
+    for name, (layout, extra) in layouts.items():
+        (tmp_path / name).mkdir()
+        recipe = write_recipe(tmp_path / name, base, layout=layout, extra=extra)
+        assert main(["apply", str(recipe), "--quiet"]) == 0
+        notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+        assert notes == ["note: 1 tensor(s) of the base that its architecture does not have are left out of the output, as "
+                         "transformers' load leaves them out: 'model.layers.0.mlp.secret'"], (name, notes)  # not layer 2's tensors
+
+
 def test_a_tensor_named_twice_in_a_header_is_named_in_the_refusal(llama, tmp_path, capsys):
     """trial45: a header listing one name twice (JSON keeps the last: here the second norm's entry over the
     first's bytes) was refused for the bytes it left unclaimed, naming another tensor."""

@@ -21,7 +21,7 @@ from midus_surgery.compiler.base import BaseRef, resolve_base
 from midus_surgery.compiler.plan import PLAN_FILE, Plan, TensorEntry
 from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.emit.card import write_model_card
-from midus_surgery.errors import BaseModelError, MidusError
+from midus_surgery.errors import BaseModelError, MidusError, shown
 from midus_surgery.io.dtypes import ITEMSIZE, TAGS, torch_dtype
 from midus_surgery.io.output_dir import add_to_marker, atomic_directory, check_output_dir
 from midus_surgery.io.progress import progress_bar
@@ -234,6 +234,10 @@ def emit(planned: PlannedRecipe, *, out_dir: Path | None = None, overwrite: bool
         with atomic_directory(out, kind="apply", replace=overwrite, report=_note) as tmp:
             num_bytes, shards = _write_weights(planned, source, tmp, progress)
             _write_companions(planned, ref, tmp)
+        left = _unread_base_tensors(planned, source)
+        if left:  # trial41/45: dropped without a word (transformers' load names them in a warning)
+            _note(f"note: {len(left)} tensor(s) of the base that its architecture does not have are left out of the output, as "
+                  f"transformers' load leaves them out: {', '.join(shown(n) for n in left[:3])}{', ...' if len(left) > 3 else ''}")
     finally:
         source.close()
     return EmitResult(out, len(planned.plan.tensors), num_bytes, shards, source.how)
@@ -275,6 +279,24 @@ def check_apply_output(loaded: LoadedRecipe, ref: BaseRef, out_dir: Path | None,
         inputs.append(("the base config", loaded.resolve(loaded.recipe.base.config)))
     return check_output_dir(out, kind="apply", inputs=inputs, folders=[("the recipe's folder", loaded.directory)], overwrite=overwrite,
                             probe=probe)
+
+
+def _unread_base_tensors(planned: PlannedRecipe, source) -> list[str]:
+    """The base checkpoint's tensors the output holds nothing of, less those a layout leaves out on purpose
+    (allow_dropped_layers) and a tied LM head (the output ties it again)."""
+    plan = planned.plan
+    read = {source.resolve(t.source) for t in plan.tensors if t.source is not None}
+    module_of = {key: name for name, key in source._renamed.items()}
+    dropped = {f"{plan.layers_path}.{i}." for i in plan.dropped_layers}
+    tied = bool(plan.config.get("tie_word_embeddings"))
+    left = []
+    for key in source._where:
+        name = module_of.get(key, key)
+        names = [name] + [f"{prefix}.{name}" for prefix in source._prefixes]  # a checkpoint saved without 'transformer.'
+        if key in read or any(n.startswith(tuple(dropped)) for n in names) or (tied and name.endswith("lm_head.weight")):
+            continue
+        left.append(key)
+    return sorted(left)
 
 
 def _note(line: str) -> None:
