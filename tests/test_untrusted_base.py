@@ -473,6 +473,22 @@ def test_a_base_tensor_the_architecture_lacks_is_said_to_be_left_out(llama, tmp_
                          "transformers' load leaves them out: 'model.layers.0.mlp.secret'"], (name, notes)  # not layer 2's tensors
 
 
+def test_a_base_that_needs_a_missing_package_says_so_without_other_advice(llama, tmp_path, capsys):
+    """trial45: a MIDUS recipe over a base whose config asks for bitsandbytes was refused with the replica's
+    ImportError and the advice to set accept_function_change, which cannot bring a package."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here: the base builds")
+    base = copy_base(llama, tmp_path / "base")
+    edit_config(base, quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})
+    recipe = write_recipe(tmp_path, base, layout="layout:\n  slices:\n    - layers: [0, 4]\n    - layers: [1, 2]\n      kind: memory\n",
+                          extra="memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n")
+    err = refused(recipe, capsys, command="validate")
+    assert "transformers cannot build the base's model here: a package it needs is missing (ImportError: " in err, err
+    assert "bitsandbytes" in err and "accept_function_change" not in err
+
+
 def test_a_tensor_named_twice_in_a_header_is_named_in_the_refusal(llama, tmp_path, capsys):
     """trial45: a header listing one name twice (JSON keeps the last: here the second norm's entry over the
     first's bytes) was refused for the bytes it left unclaimed, naming another tensor."""

@@ -134,6 +134,10 @@ def _difference(planned: PlannedRecipe, emit) -> str | None:
                 raise _too_large(planned, exc) from None
             if disk_problem(exc):  # the machine's temp disk, not the recipe
                 raise _temp_disk_error(str(tmp), exc) from None
+            if isinstance(exc, ImportError):  # a package the base's config asks for (a quantisation backend): no
+                # accept_function_change can help (trial45)
+                raise RecipeError([planned.loaded.problem(("base",), f"transformers cannot build the base's model here: a package it "
+                                                                     f"needs is missing ({one_line(exc, 200)})")]) from None
             return f"the recipe applied to a tiny replica of the base fails ({one_line(exc, 200)}), so the output would not load or run"
 
 
