@@ -155,3 +155,21 @@ def test_an_out_folder_the_tool_did_not_make_is_one_line_and_kept(tmp_path):
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"error: output {mine} exists and was not written by midus-surgery") and "Traceback" not in done.stderr
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"
+
+
+def test_the_counts_the_readme_and_apply_md_give_are_the_saved_sweeps():
+    """README.md and docs/apply.md quote the last whole sweep's counts; docs/results/arch_sweep.json is that sweep."""
+    import json
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    counts = json.loads((root / "docs" / "results" / "arch_sweep.json").read_text())["counts"]
+    ok = {kind: counts[kind]["ok"] for kind in ("dus", "llama-pro", "midus")}
+    refused = {kind: counts[kind]["refused"] for kind in ("dus", "llama-pro", "midus")}
+    readme = " ".join((root / "README.md").read_text().split())
+    apply_md = " ".join((root / "docs" / "apply.md").read_text().split())
+    said = f"{ok['dus']} apply and verify as DUS, {ok['llama-pro']} as LLaMA-Pro and {ok['midus']} as MIDUS"
+    assert said in readme and said in apply_md
+    assert f"({refused['dus']}, {refused['llama-pro']} and {refused['midus']})" in apply_md
+    types = len(json.loads((root / "docs" / "results" / "arch_sweep.json").read_text())["results"])
+    assert re.search(rf"of (its )?{types} causal-LM model types", readme) and re.search(rf"of (its )?{types} causal-LM model types", apply_md)
