@@ -152,6 +152,7 @@ def test_blocks_whose_modules_add_the_residual_themselves_keep_the_function(root
     assert any(c.name == "identity" and c.ok for c in checks)
     (block,) = planned.plan.midus["memory_blocks"].values()
     assert block["anatomy"]["ffn_residual"] == 1  # the MLP's second argument
+    assert "(adds the residual itself, from its argument 1)" in planned.anatomy.kind_of(2).anatomy.describe()  # what plan prints
     assert block["anatomy"]["source"] == "export"  # fx sees the modules as leaves, and no add between them
 
     # the fact matters: a readout that does not add the residual drops the stream, and verify says so
@@ -208,6 +209,26 @@ def test_an_ffn_that_returns_the_tokens_flattened_gets_a_readout_that_does_the_s
         together = model(input_ids=ids).logits
         alone = torch.cat([model(input_ids=ids[i:i + 1]).logits for i in range(3)])
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+
+
+def test_llama4_kinds_of_layer_are_labelled_by_what_sets_them_apart():
+    """trial47: with dense and MoE layers mixed (and attention kinds named per layer), the MoE layers were labelled
+    "without feed_forward"; they have one, of another class."""
+    stack = find_stack_anatomy(AutoConfig.for_model("llama4_text", **{**SMALL, **LLAMA4, "interleave_moe_layer_step": 2}))
+    labels = [kind.label for kind in stack.kinds]
+    assert any("with feed_forward: Llama4TextMoe" in label for label in labels), labels
+    assert not any("without feed_forward" in label for label in labels), labels
+
+
+def test_an_identity_block_after_the_last_layer_of_a_post_norm_bloom_is_refused_for_what_it_is(root):
+    """trial47: BLOOM's last hidden state is taken after its final norm; a block appended after the last base layer
+    was blamed on index-dependent code (the last base layer's output was compared with a normed one)."""
+    base = make_base(root, "bloom", **BLOOM, apply_residual_connection_post_layernorm=True)
+    for after in (3, 1):
+        path = recipe(root, base, f"  interleave:\n    after: [{after}]\n    kind: identity", f"bloom-post-ln-{after}")
+        with pytest.raises(RecipeError) as info:
+            check_planned(plan_recipe(path))
+        assert "do not start as the identity" in str(info.value) and "depends on its index" not in str(info.value)
 
 
 def test_verify_fails_a_tuple_ffn_readout_that_returns_a_tensor(root):

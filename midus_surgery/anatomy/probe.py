@@ -229,6 +229,11 @@ def _kind_labels(signatures: list[tuple], of_layer: list[int], config) -> list[s
             others = set().union(*(set(s[1:]) for j, s in enumerate(signatures) if j != k))
             own = sorted(set(sig[1:]) - others)  # (module path, class) pairs only this kind has
             top = [(n, c) for n, c in own if not any(n.startswith(o + ".") for o, _ in own if o != n)]
+            if not top:  # each module is in some other kind: name those not in every other kind of the class (trial47:
+                # Llama-4's MoE layers, mixed with dense and with attention-named ones, were labelled "without feed_forward")
+                common = set.intersection(*(set(s[1:]) for j, s in enumerate(signatures) if j != k and s[0] == sig[0]))
+                rare = sorted(set(sig[1:]) - common)
+                top = [(n, c) for n, c in rare if not any(n.startswith(o + ".") for o, _ in rare if o != n)]
             if top:
                 named = "with " + ", ".join(f"{n}: {c}" for n, c in top[:2])
             else:  # a subset of another kind's modules: say what it lacks

@@ -372,8 +372,12 @@ def _where_it_parts(planned: PlannedRecipe, want: tuple, got: tuple, diff: float
         if layer.inserted:
             inserted_since.append(layer)
             continue
-        # hidden_states[k + 1] is the output of layer k (the last may be after the final norm in both)
-        if layer.index + 1 < len(got) and layer.source + 1 < len(want) and not bool((got[layer.index + 1] == want[layer.source + 1]).all()):
+        # hidden_states[k + 1] is the output of layer k; the last entry may be taken after the final norm (BLOOM), so
+        # the last base layer's output compares only where it is the last entry of both (trial47: a block appended
+        # after it was blamed on index-dependent code)
+        comparable = layer.index + 1 < len(got) and layer.source + 1 < len(want) and \
+            (layer.index + 1 == len(got) - 1) == (layer.source + 1 == len(want) - 1)
+        if comparable and not bool((got[layer.index + 1] == want[layer.source + 1]).all()):
             moved_only = all(bool((got[b.index + 1] == got[b.index]).all()) for b in inserted_since)
             if inserted_since and not moved_only:
                 return _not_identity(inserted_since, anatomy, diff)

@@ -43,7 +43,9 @@ class Anatomy(BaseModel):
             f"  attention branch:  norms [{', '.join(self.attn_norms)}]  attention {self.attention}"
             f"  output projection {self.attn_out_proj}",
             f"  FFN branch:        norms [{', '.join(self.ffn_norms)}]  ffn [{', '.join(self.ffn)}]"
-            f"  down projection {self.ffn_down_proj}",
+            f"  down projection {self.ffn_down_proj}"
+            + (f"  (adds the residual itself, from its argument {self.ffn_residual})" if self.ffn_residual is not None else "")
+            + ("  (returns the tokens flattened)" if self.ffn_flat else ""),
         ] + ([f"  further branches:  output projections [{', '.join(self.extra_out_projs)}]"] if self.extra_out_projs else []))
 
 
