@@ -286,17 +286,10 @@ def _unread_base_tensors(planned: PlannedRecipe, source) -> list[str]:
     (allow_dropped_layers) and a tied LM head (the output ties it again)."""
     plan = planned.plan
     read = {source.resolve(t.source) for t in plan.tensors if t.source is not None}
-    module_of = {key: name for name, key in source._renamed.items()}
-    dropped = {f"{plan.layers_path}.{i}." for i in plan.dropped_layers}
+    dropped = tuple(f"{plan.layers_path}.{i}." for i in plan.dropped_layers)
     tied = bool(plan.config.get("tie_word_embeddings"))
-    left = []
-    for key in source._where:
-        name = module_of.get(key, key)
-        names = [name] + [f"{prefix}.{name}" for prefix in source._prefixes]  # a checkpoint saved without 'transformer.'
-        if key in read or any(n.startswith(tuple(dropped)) for n in names) or (tied and name.endswith("lm_head.weight")):
-            continue
-        left.append(key)
-    return sorted(left)
+    return sorted(key for key, names in source.checkpoint_names().items()
+                  if key not in read and not any(n.startswith(dropped) for n in names) and not (tied and names[0].endswith("lm_head.weight")))
 
 
 def _note(line: str) -> None:

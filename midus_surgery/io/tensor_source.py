@@ -100,6 +100,12 @@ class TensorSource:
                 return name[len(prefix) + 1:]
         return None
 
+    def checkpoint_names(self) -> dict[str, list[str]]:
+        """Every checkpoint tensor name -> the module names it may stand for (renamed; with each missing prefix)."""
+        module_of = {key: name for name, key in self._renamed.items()}
+        return {key: [module_of.get(key, key)] + [f"{prefix}.{module_of.get(key, key)}" for prefix in self._prefixes]
+                for key in self._where}
+
     def get(self, name: str) -> torch.Tensor:
         key = self.resolve(name)
         if key is None:
