@@ -314,3 +314,22 @@ def test_the_anatomy_of_a_large_vocabulary_model_is_found_at_tiny_size():
         stack = find_stack_anatomy(AutoConfig.for_model("gemma4_text"))
     assert stack.kind_of(0).anatomy is not None
     assert 0 < Largest.seen <= 2**20, Largest.seen
+
+
+def test_a_bug_of_the_tool_in_the_replica_check_is_not_advised_away(root, monkeypatch):
+    """trial47 saw "the recipe applied to a tiny replica fails (TypeError: ...): set accept_function_change" for a bug of
+    the tool's own (mid-edit). A programming error raised in the tool's code says it is the tool's, with where."""
+    from midus_surgery.emit import replica
+    from midus_surgery.errors import MidusError
+
+    base = make_base(root, "llama", num_hidden_layers=4)
+    path = recipe(root, base, slices([(1, "identity")], 4), "llama-tool-bug")
+    monkeypatch.setattr(replica, "_RESULTS", {})  # a fresh check, not an answer kept from an earlier test
+    from midus_surgery.compiler.plan import Plan
+
+    monkeypatch.setattr(Plan, "dropped_layers", property(lambda plan: None))  # the emitter iterates None: a TypeError in its code
+    with pytest.raises(MidusError) as info:
+        check_planned(plan_recipe(path))
+    said = str(info.value)
+    assert "failed inside midus-surgery at midus_surgery/emit/" in said and "a bug of the tool, not of the recipe" in said
+    assert "accept_function_change" not in said

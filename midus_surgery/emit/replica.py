@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 
 from midus_surgery.compiler.planned import PlannedRecipe
-from midus_surgery.errors import MachineError, RecipeError, disk_problem, one_line
+from midus_surgery.errors import MachineError, MidusError, RecipeError, disk_problem, one_line
 
 REPLICA_SEED = 0
 NORM_PERTURBATION = 0.3  # added to every 1-D parameter (norm weights, biases), times N(0, 1)
@@ -134,6 +134,10 @@ def _difference(planned: PlannedRecipe, emit) -> str | None:
                 raise _too_large(planned, exc) from None
             if disk_problem(exc):  # the machine's temp disk, not the recipe
                 raise _temp_disk_error(str(tmp), exc) from None
+            inside = _inside_the_tool(exc)
+            if inside:  # no recipe change helps a bug of the tool's: say so rather than advise accept_function_change
+                raise MidusError(f"the check that the recipe keeps the base's function failed inside midus-surgery at {inside} "
+                                 f"({one_line(exc, 200)}): a bug of the tool, not of the recipe; please report it") from None
             if isinstance(exc, ImportError):  # a package the base's config asks for (a quantisation backend): no
                 # accept_function_change can help (trial45)
                 raise RecipeError([planned.loaded.problem(("base",), f"transformers cannot build the base's model here: a package it "
@@ -227,6 +231,23 @@ def _emit_tiny(planned: PlannedRecipe, base, attn, tmp: Path, emit, function_pre
     emit(PlannedRecipe(loaded, config, planned.anatomy, plan, base_dtype="float32"), progress=False)
     kwargs = {"attn_implementation": attn} if attn else {}
     return AutoModelForCausalLM.from_pretrained(tmp / "out", dtype=torch.float32, trust_remote_code=trust, **kwargs).eval()
+
+
+def _inside_the_tool(exc: BaseException) -> str | None:
+    """``file:line`` when ``exc`` was raised by midus-surgery's own code (its planner, emitter, I/O), not by the model's
+    code (transformers', or the MIDUS modeling files in ``model/``, which run as the model's) nor by a library; else None."""
+    import traceback
+
+    if not isinstance(exc, (TypeError, AttributeError, NameError, AssertionError)):  # what a programming error raises;
+        return None  # the tool's own refusals (MidusError, ValueError on a config) are the recipe's or the base's
+    package = Path(__file__).resolve().parents[1]
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return None
+    where = Path(frames[-1].filename).resolve()
+    if not where.is_relative_to(package) or where.is_relative_to(package / "model"):
+        return None
+    return f"{where.relative_to(package.parent)}:{frames[-1].lineno}"
 
 
 def _run_replica(planned: PlannedRecipe, tmp: Path, emit) -> str | None:
