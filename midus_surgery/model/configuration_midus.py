@@ -30,7 +30,7 @@ class MidusConfig(PretrainedConfig):
         fields = {k: v for k, v in kwargs.items() if k not in ("auto_map", "architectures", "transformers_version")}
         snapshot = CONFIG_MAPPING[base_model_type](**fields) if base_model_type else None
         object.__setattr__(self, "_base_snapshot", snapshot)
-        for key, value in vars(snapshot or {}).items():
+        for key, value in (vars(snapshot) if snapshot is not None else {}).items():
             # a nested config (MPT's attn_config, a multimodal config's towers) is read as attributes
             # (config.attn_config.softmax_scale): keep the base class's object, not the JSON dict
             if isinstance(value, PretrainedConfig) and isinstance(self.__dict__.get(key), dict):
