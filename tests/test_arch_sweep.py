@@ -142,6 +142,21 @@ def test_markdown_counts_rows_and_groups(tmp_path):
     assert doc.read_text() == text and [p.name for p in tmp_path.iterdir()] == ["architectures.md"]
 
 
+def test_a_rerun_of_some_types_merges_into_the_whole_runs_results_and_says_so():
+    meta = {"command": "python tools/arch_sweep.py --all", "date": "2026-01-01", "wall_s": 60}
+    earlier = {"meta": meta, "results": {"a": dict.fromkeys(sweep_tool.KINDS, "ok"),
+                                         "b": {"dus": "ok", "llama-pro": "refused: layout: x", "midus": "refused: layout: x"}},
+               "info": {"a": {"params": 1}, "b": {"params": 2}}}
+    rerun = {"meta": {"command": "python tools/arch_sweep.py b --merge-into r.json", "date": "2026-01-02"},
+             "results": {"b": dict.fromkeys(sweep_tool.KINDS, "ok")}, "info": {"b": {"params": 3}}}
+    merged = sweep_tool.merge_rerun(earlier, rerun, ["b"])
+    assert merged["results"]["b"] == dict.fromkeys(sweep_tool.KINDS, "ok") and merged["results"]["a"] == earlier["results"]["a"]
+    assert merged["counts"]["midus"]["ok"] == 2 and merged["info"]["b"] == {"params": 3}
+    text = sweep_tool.markdown(merged["results"], merged["meta"], merged["info"])
+    assert "- rerun afterwards with later code (`python tools/arch_sweep.py b --merge-into r.json`, 2026-01-02): b" in text
+    assert "- command: `python tools/arch_sweep.py --all`" in text  # the whole run's
+
+
 def test_an_out_folder_the_tool_did_not_make_is_one_line_and_kept(tmp_path):
     """`arch_sweep.py --out FOLDER` over a folder of the user's printed the output rule's refusal as a
     traceback. Now one line, exit 2, the folder untouched (bench_cpt.py and bench_apply.py share the entry)."""

@@ -814,6 +814,8 @@ def markdown(results: dict[str, dict[str, str]], meta: dict, info: dict | None =
         f"- date: {meta.get('date', '?')}; machine: {meta.get('machine', '?')}",
         f"- {len(results)} model types, each in its own process (one torch thread, {TIMEOUT_S} s limit); "
         f"wall time {meta.get('wall_s', 0) / 60:.0f} min",
+        *(f"- rerun afterwards with later code (`{r['command']}`, {r['date']}): {', '.join(r['types'])}"
+          for r in meta.get("rerun", [])),
         "",
         "Each kind's recipe interleaves one new block after every "
         f"{AFTER_EVERY} layers of the base (`layout: {{interleave: {{after_every: {AFTER_EVERY}, kind: KIND}}}}`):",
@@ -896,6 +898,16 @@ def write_doc(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def merge_rerun(earlier: dict, rerun: dict, model_types: list[str]) -> dict:
+    """An earlier whole run's saved results with ``model_types``' rows (outcomes and info) replaced by ``rerun``'s, the
+    counts recomputed, and the rerun recorded in its meta (the page lists it under the command)."""
+    results = {**earlier["results"], **{t: rerun["results"][t] for t in model_types}}
+    info = {**earlier.get("info", {}), **{t: rerun["info"][t] for t in model_types if t in rerun.get("info", {})}}
+    meta = {**earlier["meta"], "rerun": [*earlier["meta"].get("rerun", []), {"command": rerun["meta"]["command"], "date": rerun["meta"]["date"],
+                                                                             "types": list(model_types)}]}
+    return {"meta": meta, "counts": counts(results), "results": results, "info": info}
+
+
 def run_meta(argv: list[str]) -> dict:
     import torch
     import transformers
@@ -928,7 +940,12 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-gb", type=float, default=MEMORY_GB, help=f"address-space cap per child (default {MEMORY_GB}; 0: none)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     ap.add_argument("--from-json", type=Path, help="write --doc from the results.json of an earlier run instead of running")
+    ap.add_argument("--merge-into", type=Path, help="the results.json of an earlier whole run: the given types' rows are replaced "
+                                                     "by this run's, the counts recomputed, the rerun recorded, and --doc written "
+                                                     "from the merged results")
     args = ap.parse_args(argv)
+    if args.merge_into and (args.all or not args.model_types):
+        ap.error("--merge-into reruns the model types named on the command line into an earlier run's results")
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
         write_doc(args.doc or DEFAULT_DOC, markdown(saved["results"], saved["meta"], saved.get("info")))
@@ -944,6 +961,10 @@ def main(argv=None) -> int:
     meta = run_meta(argv) | {"wall_s": time.perf_counter() - start}
     saved = {"meta": meta, "counts": table, "results": results, "info": info}
     write_doc(args.out / "results.json", json.dumps(saved, indent=1, sort_keys=True) + "\n")  # outcomes, sizes, timings, base checks
+    if args.merge_into:
+        merged = merge_rerun(json.loads(args.merge_into.read_text()), saved, model_types)
+        write_doc(args.merge_into, json.dumps(merged, indent=1, sort_keys=True) + "\n")
+        table, results, meta, info = merged["counts"], merged["results"], merged["meta"], merged["info"]
     if doc is not None:
         write_doc(doc, markdown(results, meta, info))
     if args.json:
