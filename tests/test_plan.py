@@ -247,6 +247,10 @@ def test_the_config_class_decides_a_lists_kind_only_where_its_answer_is_clear():
     assert kinds("falcon_h1", num_hidden_layers=5)["ssm_multipliers"] == "fixed"
     assert "full_attn_idxs" not in kinds("lfm2", num_hidden_layers=4) and "moe_layers" not in kinds("llama4_text", num_hidden_layers=4)
     assert "layers_block_type" not in kinds("nemotron_h")
+    # Reformer's attn_layers is one entry a layer, but its default (as long as the class's default depth) does not
+    # grow with the depth: no verdict, so the length rule extends it (the sweep's Reformer DUS was refused: the
+    # up-scaled model indexed past the list)
+    assert "attn_layers" not in kinds("reformer", attn_layers=["local", "lsh"] * 4, num_hidden_layers=8)
 
 
 def test_the_header_planners_architectures_make_no_list_but_layer_types():

@@ -41,9 +41,19 @@ def list_kinds(config) -> dict[str, str]:
             lengths.append(len(value))
         if lengths == [L + 1, L + 2]:
             kinds[key] = "per-layer"
-        elif len(lengths) == 2 and lengths[0] == lengths[1] > 0:  # an empty default says nothing of what a list holds
+        elif len(lengths) == 2 and lengths[0] == lengths[1] > 0 and lengths[0] != _default_depth(config):
+            # an empty default says nothing of what a list holds, nor does one as long as the class's default depth:
+            # Reformer's attn_layers is one entry a layer, whose default (6) the class does not grow with the depth
             kinds[key] = "fixed"
     return kinds
+
+
+def _default_depth(config) -> int | None:
+    """The number of layers the config class builds by default, or None when it will not build without arguments."""
+    try:
+        return getattr(type(config)(), "num_hidden_layers", None)
+    except Exception:  # noqa: BLE001 - a class that needs arguments
+        return None
 
 
 def is_per_layer(key: str, value, num_layers: int, kinds: dict[str, str]) -> bool:
