@@ -571,6 +571,9 @@ def test_index_entries_that_name_no_readable_shard_are_one_line_and_never_block(
     assert "sub is not a regular file" in err
     said, err = case("nul", {**index["weight_map"], first: "model.safetensors\0x"})
     assert "which holds a NUL character" in err and len(err.strip().splitlines()) == 1
+    for i, name in enumerate(("", ".", "./")):  # trial45: "cannot read .../base: Is a directory", naming no entry
+        said, err = case(f"dot{i}", {**index["weight_map"], first: name})
+        assert f"names {name!r}, which is no file name" in err and "model.safetensors.index.json" in err, err
     said, err = case("empty", {})
     assert "maps no tensors (its weight_map is empty)" in err and "maps no tensors" in said
     long_name = "a" * 1_000_000

@@ -155,6 +155,8 @@ def inside_base(directory: Path, name: str, what: str) -> Path:
     """
     if "\0" in name:  # no file has such a name, and the path calls below raise on it
         raise BaseModelError(f"{what} names {shown(name)}, which holds a NUL character: no file is called that")
+    if Path(name).name in ("", ".", ".."):  # the base folder itself, or its parent: no shard file is named
+        raise BaseModelError(f"{what} names {shown(name)}, which is no file name")
     if Path(name).is_absolute():
         raise BaseModelError(f"{what} names {shown(name)}, a path outside the base directory {directory}")
     path = directory / name
