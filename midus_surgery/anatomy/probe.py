@@ -212,6 +212,11 @@ def _kinds(layers: nn.ModuleList) -> tuple[list[tuple], list[int]]:
     return signatures, of_layer
 
 
+def _outermost(pairs: set[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (module path, class) pairs not inside another of them, sorted: ``mlp`` for ``mlp`` and ``mlp.up``."""
+    return [(n, c) for n, c in sorted(pairs) if not any(n.startswith(o + ".") for o, _ in pairs if o != n)]
+
+
 def _kind_labels(signatures: list[tuple], of_layer: list[int], config) -> list[str]:
     """A short name per kind: the class, and what sets the kind apart when several share one."""
     classes = [sig[0] for sig in signatures]
@@ -227,18 +232,15 @@ def _kind_labels(signatures: list[tuple], of_layer: list[int], config) -> list[s
                       and all(vals[i] != vals[layers[0]] for i, kk in enumerate(of_layer) if kk != k)), None)
         if named is None:
             others = set().union(*(set(s[1:]) for j, s in enumerate(signatures) if j != k))
-            own = sorted(set(sig[1:]) - others)  # (module path, class) pairs only this kind has
-            top = [(n, c) for n, c in own if not any(n.startswith(o + ".") for o, _ in own if o != n)]
+            top = _outermost(set(sig[1:]) - others)  # (module path, class) pairs only this kind has
             if not top:  # each module is in some other kind: name those not in every other kind of the class (trial47:
                 # Llama-4's MoE layers, mixed with dense and with attention-named ones, were labelled "without feed_forward")
                 common = set.intersection(*(set(s[1:]) for j, s in enumerate(signatures) if j != k and s[0] == sig[0]))
-                rare = sorted(set(sig[1:]) - common)
-                top = [(n, c) for n, c in rare if not any(n.startswith(o + ".") for o, _ in rare if o != n)]
+                top = _outermost(set(sig[1:]) - common)
             if top:
                 named = "with " + ", ".join(f"{n}: {c}" for n, c in top[:2])
             else:  # a subset of another kind's modules: say what it lacks
-                theirs = sorted(others - set(sig[1:]))
-                lacks = [n for n, _ in theirs if not any(n.startswith(o + ".") for o, _ in theirs if o != n)]
+                lacks = [n for n, _ in _outermost(others - set(sig[1:]))]
                 named = "without " + ", ".join(lacks[:2]) if lacks else f"kind {k + 1}"
         labels.append(f"{sig[0]} ({named})")
     return labels

@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from midus_surgery.anatomy.graph import _export_alias_map, _Flow, _fx_trace, _module_path_of
+from midus_surgery.anatomy.probe import _first_tensor
 from midus_surgery.anatomy.problems import AnatomyError, _error
 from midus_surgery.errors import one_line
 from midus_surgery.recipe.anatomy_spec import Anatomy
@@ -316,7 +317,7 @@ def _residual_argument(probe, path: str) -> int | str | None:
         return None
     module = probe.layer.get_submodule(path)
     with torch.no_grad():
-        out = _first_tensor_of(module(*call.args, **call.kwargs))
+        out = _first_tensor(module(*call.args, **call.kwargs))
     if out is None:
         return None
     slots = [("arg", i, a) for i, a in enumerate(call.args)] + [("kw", k, v) for k, v in call.kwargs.items()]
@@ -329,20 +330,12 @@ def _residual_argument(probe, path: str) -> int | str | None:
         else:
             kwargs[where] = torch.zeros_like(value)
         with torch.no_grad():
-            without = _first_tensor_of(module(*args, **kwargs))
+            without = _first_tensor(module(*args, **kwargs))
         scale = value.abs().max().item() + 1e-12
         if without is not None and without.shape == out.shape and torch.allclose(out - without, value, rtol=0, atol=1e-5 * scale):
             if call.slot != ("arg", 0):
                 return "unreadable"
             return where
-    return None
-
-
-def _first_tensor_of(out) -> torch.Tensor | None:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        return next((o for o in out if isinstance(o, torch.Tensor)), None)
     return None
 
 

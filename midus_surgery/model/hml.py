@@ -287,9 +287,7 @@ def _triton_usable() -> bool:
     from importlib import metadata
 
     try:
-        package = importlib.util.find_spec("midus_surgery")  # a top-level lookup imports nothing
-        if package is None or not any(os.path.isfile(os.path.join(loc, "kernels", "hml_triton.py"))
-                                      for loc in package.submodule_search_locations or ()):
+        if not _package_file("kernels", "hml_triton.py"):
             return False
         major, minor = (int(v) for v in metadata.version("triton").split(".")[:2])
     except (ImportError, ValueError, metadata.PackageNotFoundError):
@@ -297,13 +295,18 @@ def _triton_usable() -> bool:
     return (major, minor) >= _TRITON_MIN
 
 
-def _cpu_kernels_present() -> bool:
-    """Whether midus_surgery's compiled CPU kernels could be built here: their source is installed."""
+def _package_file(*parts: str) -> bool:
+    """Whether midus_surgery is installed with the file ``parts`` (asked without importing it: a
+    top-level lookup imports nothing, and this module loads fast and alone)."""
     import importlib.util
 
     package = importlib.util.find_spec("midus_surgery")
-    return package is not None and any(os.path.isfile(os.path.join(loc, "kernels", "hml_cpu.cpp"))
-                                       for loc in package.submodule_search_locations or ())
+    return package is not None and any(os.path.isfile(os.path.join(loc, *parts)) for loc in package.submodule_search_locations or ())
+
+
+def _cpu_kernels_present() -> bool:
+    """Whether midus_surgery's compiled CPU kernels could be built here: their source is installed."""
+    return _package_file("kernels", "hml_cpu.cpp")
 
 
 def _cpu_kernels_built(strict: bool) -> bool:

@@ -956,29 +956,28 @@ class Runner:
         cfg = self.cfg
         if self.acc.is_main_process:
             metrics = self.run_dir / "metrics.jsonl"
-            if metrics.exists():  # drop what a killed run logged after its last checkpoint
-                keep = [line for line, record in metric_lines(metrics) if record.get("step", 0) <= self.step]
-                metrics.write_text("".join(line + "\n" for line in keep) if self.resume_from is not None else "")
+            self.cut_back(metrics, stepless=True)  # drop what a killed run logged after its last checkpoint
             if cfg.log.data_trace:  # the other processes' files too when this run has fewer: nobody else writes them
                 for path in sorted((self.run_dir / "trace").glob("rank*.jsonl")):
-                    if path.name != f"rank{self.rank}.jsonl" and not _rank_of(path.name) < self.world:
-                        self.cut_trace(path)
+                    if _rank_of(path.name) >= self.world:
+                        self.cut_back(path)
             if cfg.log.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step if self.step else None)
         if cfg.log.data_trace:  # each process its own file, before it writes again
-            self.cut_trace(self.run_dir / "trace" / f"rank{self.rank}.jsonl")
+            self.cut_back(self.run_dir / "trace" / f"rank{self.rank}.jsonl")
         self.bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                         disable=not self.bars)
 
-    def cut_trace(self, path: Path) -> None:
-        """A data trace cut back to the checkpoint resumed from, as metrics.jsonl is (trial46: a killed run's steps past
-        its checkpoint stayed, and the resumed run wrote them again: 203 records for 200 steps). Its end-of-run checksum
-        goes too: the run writes it again when it ends."""
+    def cut_back(self, path: Path, *, stepless: bool = False) -> None:
+        """A log of this run's (metrics.jsonl, a data trace) cut back to the checkpoint resumed from, emptied on a fresh
+        start (trial46: a trace kept a killed run's steps past its checkpoint, which the resumed run wrote again: 203
+        records for 200 steps). ``stepless``: keep records without a step; a trace's end-of-run checksum is not kept,
+        the run writes it again when it ends."""
         if not path.exists():
             return
-        keep = [line for line, record in metric_lines(path) if isinstance(record.get("step"), int) and record["step"] <= self.step]
+        keep = [line for line, record in metric_lines(path) if (record["step"] <= self.step if "step" in record else stepless)]
         path.write_text("".join(line + "\n" for line in keep) if self.resume_from is not None else "")
 
     def close_logs(self) -> None:
@@ -1175,9 +1174,9 @@ def _enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-# settings a resume takes from this run's config though the checkpoint's optimiser state holds others
-# settings a resume may change, said in one line when it does: the optimiser's, the schedule's (laid over the run
-# again from the config each step) and the clipping (trial46: the schedule's and the clipping's changed silently)
+# settings a resume takes from this run's config, though the checkpoint's optimiser state holds others, said in one line
+# when they changed: the optimiser's, the schedule's (laid over the run again from the config each step) and the
+# clipping (trial46: the schedule's and the clipping's changed silently)
 OPTIMISER_KEYS = ("optim.lr", "optim.weight_decay", "optim.betas", "optim.eps", "memory.lr", "memory.weight_decay",
                   "optim.schedule", "optim.warmup", "optim.min_lr_ratio", "memory.schedule", "optim.grad_clip", "memory.grad_clip")
 # settings that decide which parameters train (the optimiser's groups): a resume cannot change them
