@@ -5,6 +5,7 @@ of the real run then says (steps, parameter groups, resume notes)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -116,6 +117,13 @@ def test_a_dry_run_of_a_resume_says_the_checkpoint_and_the_changes_and_moves_not
     # trial46: the schedule's and the clipping's changes were applied without a word
     assert "resuming with optim.lr 0.003 -> 0.001, optim.schedule cosine -> linear, memory.grad_clip 1.0 -> 0.5 (changed since the checkpoint)" in out
     assert "the run now has 8 optimiser steps, not 4" in out
+    # every schedule and clipping setting docs/training.md names is said when a resume changes it
+    code, again, err = dry(capsys, config, "optim.warmup=5", "optim.min_lr_ratio=0.5", "memory.schedule=same", "optim.grad_clip=0.25")
+    assert code == 0, err
+    changed = next(line for line in again.splitlines() if line.startswith("resuming with "))
+    for said in (r"optim\.warmup \S+ -> 5(\.0)?,", r"optim\.min_lr_ratio \S+ -> 0\.5,", r"memory\.schedule constant -> same,",
+                 r"optim\.grad_clip \S+ -> 0\.25 \(changed since the checkpoint\)"):
+        assert re.search(said, changed), (said, changed)
     assert "train blocks" in out and " epochs" in out and "not tokenised yet" not in out  # the cache is there: the blocks are known
     assert out.strip().splitlines()[-1].endswith("the same command without --dry-run trains"), out
     assert state["step"] == 4
