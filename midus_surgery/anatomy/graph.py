@@ -1,7 +1,8 @@
 """A layer's forward as a small data-flow graph of its direct children, from torch.fx or torch.export.
 
 The graph keeps what reading the block needs: the hidden-states input, calls of the layer's
-children, residual adds, other ops, and the output. Both tracers call the layer through
+children (of a child's children where ``LayerProbe.units`` says so), residual adds, other ops,
+and the output. Both tracers call the layer through
 ``_CallWrapper``: an explicit ``(hidden_states)`` signature with the captured call's other inputs.
 """
 
@@ -119,7 +120,7 @@ _ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.
 
 
 def _flow_from_fx(probe) -> _Flow:
-    leaves = set(probe.layer.children())
+    leaves = {probe.layer.get_submodule(unit) for unit in probe.units()}
     graph = _fx_trace(probe.layer, probe.layer_call, leaves)
     ids: dict[fx.Node, int] = {}
     nodes: list[_Node] = []
@@ -149,8 +150,8 @@ def _flow_from_fx(probe) -> _Flow:
     return _Flow(nodes)
 
 
-def _residual_inside(node: fx.Node, key: Any, group_of: dict[fx.Node, Any], alias: dict[fx.Node, fx.Node], child: str) -> bool:
-    """Whether ``node``, an add inside the call ``key`` of ``child``, is that child's residual add: the
+def _residual_inside(node: fx.Node, key: Any, group_of: dict[fx.Node, Any], alias: dict[fx.Node, fx.Node], unit: str) -> bool:
+    """Whether ``node``, an add inside the call ``key`` of ``unit``, is that module's residual add: the
     last thing it computes (nothing of the child uses its sum), joining a value from outside the
     child (the residual stream, handed in as an argument) with one the child computed. BLOOM's
     attention and MLP and MPT's MLP take the residual and add it themselves: lifted out of the
@@ -158,7 +159,11 @@ def _residual_inside(node: fx.Node, key: Any, group_of: dict[fx.Node, Any], alia
     sides = [group_of.get(alias.get(a, a)) for a in node.all_input_nodes]
     if len(sides) != 2 or key not in sides or all(side == key for side in sides) or None in sides:
         return False
-    return not any(_module_path_of(u).split(".")[0] == child for u in _users(node, alias) if u.op == "call_function")
+    return not any(_inside(_module_path_of(u), unit) for u in _users(node, alias) if u.op == "call_function")
+
+
+def _inside(path: str, unit: str) -> bool:
+    return path == unit or path.startswith(unit + ".")
 
 
 _ALIAS_OPS = ("aten.to.", "aten._to_copy.", "aten.alias.", "aten.type_as.", "aten.contiguous.",
@@ -226,13 +231,12 @@ def _flow_from_export(probe) -> _Flow:
         elif node.op == "call_function":
             if node.meta.get("val") is None and not node.users:
                 continue  # asserts
-            path = _module_path_of(node)
-            if path:
+            unit = probe.unit_of(_module_path_of(node))
+            if unit:
                 stack = node.meta.get("nn_module_stack") or {}
-                child = path.split(".")[0]
-                call_key = next((k for k, v in stack.items() if v[0] in (f"mod.{child}", child)), child)
-                key = ("call", child, call_key)
-                if _is_add(node) and _residual_inside(node, key, group_of, alias, child):
+                call_key = next((k for k, v in stack.items() if v[0] in (f"mod.{unit}", unit)), unit)
+                key = ("call", unit, call_key)
+                if _is_add(node) and _residual_inside(node, key, group_of, alias, unit):
                     key = ("node", node.name)  # the residual add of a child that is handed the stream (BLOOM, MPT)
             else:
                 key = ("node", node.name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import warnings
 from dataclasses import dataclass
@@ -404,14 +405,16 @@ class StackProbe:
 
 @contextlib.contextmanager
 def _quiet_torch_logs():
-    """torch.export logs whole graphs when a trace goes wrong: a refusal must stay one or two lines."""
+    """torch.export logs whole graphs when a trace goes wrong, and prints the partial graph to stderr
+    (DBRX's experts loop: 600 lines before validate's answer): a refusal must stay one or two lines."""
     loggers = [logging.getLogger(name) for name in ("torch._export", "torch.export", "torch._dynamo", "torch.fx",
                                                      "torch._subclasses", "torch.fx.experimental.symbolic_shapes")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
     try:
-        yield
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
@@ -440,6 +443,7 @@ class LayerProbe:
         self.known: dict[str, Any] = {"layers_path": layers_path, "layer_class": self.layer_class}
         self._flows: dict[str, Any] = {}
         self._export = None
+        self._units: list[str] | None = None
         self._roles: dict[str, str] = {}
         self.answers: dict[str, str] = {}  # which source found each projection (for diagnostics)
         largs, lkw = calls[""]
@@ -458,6 +462,31 @@ class LayerProbe:
         self.outputs = outputs  # module path -> what its call returned
 
     # ---- graphs ----
+    def units(self) -> list[str]:
+        """The modules the layer's graph is read in: its direct children, except that a child made of
+        an attention and norms only, one of them a norm of the child's own input, is read in its own
+        children, so that its norms and the residual add between them show (DBRX's ``norm_attn_norm``:
+        norm, attention, residual add, norm). Kept whole: an attention whose parts include a norm and a
+        token mixer of their own (an MLA's latent norms beside its sparse indexer: they norm no input of
+        the attention's own), and a pre-norm BERT's attention, whose output projection is a part of its
+        own beside the token mixer (read in parts, the mixer's last linear would be its value projection)."""
+        if self._units is None:
+            self._units = []
+            for name, child in self.layer.named_children():
+                inner = [f"{name}.{sub}" for sub, _ in child.named_children() if f"{name}.{sub}" in self.calls]
+                own_input = self.calls[name].hidden() if name in self.calls else None
+                opens_like_block = own_input is not None and any(
+                    self.role(path) == "norm" and self.calls[path].hidden().shape == own_input.shape
+                    and torch.equal(self.calls[path].hidden(), own_input) for path in inner)
+                roles = [self.role(path) for path in inner]
+                only_attention_and_norms = "attention" in roles and set(roles) <= {"attention", "norm"}
+                self._units += inner if opens_like_block and only_attention_and_norms else [name]
+        return self._units
+
+    def unit_of(self, path: str) -> str | None:
+        """The unit (see ``units``) that ``path`` is or lies in; None for the layer itself or a container's own code."""
+        return next((u for u in self.units() if path == u or path.startswith(u + ".")), None)
+
     def flow(self, source: str):
         if source not in self._flows:
             self._flows[source] = _flow_from_fx(self) if source == "fx" else _flow_from_export(self)
@@ -508,7 +537,9 @@ class LayerProbe:
                 return "minor"
             if x.dim() >= 2 and x.shape[-2] > 1 and y is not None and y.dim() >= 2 and y.shape[-2] == x.shape[-2]:
                 x2 = x.clone()
-                x2[..., 0, :] += 3.0
+                # a shift that is not uniform over the features: a LayerNorm at the module's input would
+                # erase a uniform one, and the module would look as if it did not mix tokens
+                x2[..., 0, :] += 3.0 * torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(0)).to(x.dtype)
                 y2 = self.run(path, x2)
                 if y2 is not None and y2.shape == y.shape:
                     scale = y.abs().max().item() + 1e-12

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from typing import Any, Callable
 
@@ -9,8 +10,8 @@ import torch
 import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from midus_surgery.anatomy.graph import _export_alias_map, _Flow, _fx_trace, _module_path_of
-from midus_surgery.anatomy.probe import _first_tensor
+from midus_surgery.anatomy.graph import _CallWrapper, _export_alias_map, _Flow, _fx_trace, _module_path_of
+from midus_surgery.anatomy.probe import _first_tensor, _quiet_torch_logs
 from midus_surgery.anatomy.problems import AnatomyError, _error
 from midus_surgery.errors import one_line
 from midus_surgery.recipe.anatomy_spec import Anatomy
@@ -119,7 +120,8 @@ def _is_linear_leaf(module) -> bool:
 def _last_linear(probe, path: str, source: str, known: dict, field_name: str) -> str:
     """The module with a >= 2-D weight nearest to ``path``'s output (walking the data flow back)."""
     errors = []
-    finders = ([("fx", _last_linear_fx)] if source == "fx" else []) + [("export", _last_linear_export)]
+    finders = ([("fx", _last_linear_fx)] if source == "fx" else []) + [
+        ("export", _last_linear_export), ("export alone", _last_linear_export_alone), ("run", _last_weight_run)]
     for name, find in finders:  # HF attention code is rarely fx-traceable: the export graph answers then
         try:
             found = find(probe, path)
@@ -174,13 +176,63 @@ def _last_linear_fx(probe, path: str) -> str:
 
 
 def _last_linear_export(probe, path: str) -> str:
-    ep = probe.exported()
+    return _last_linear_in(probe.exported(), path)
+
+
+def _last_linear_export_alone(probe, path: str) -> str:
+    """The module exported alone on its captured call: where the whole layer does not export (DBRX's
+    experts loop over the experts a batch hits, a data-dependent count)."""
+    module = probe.layer.get_submodule(path)
+    call = probe.calls[path]
+    with warnings.catch_warnings(), _quiet_torch_logs():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(_CallWrapper(module, type(module).__call__, call), (call.hidden(),), strict=False)
+    return f"{path}.{_last_linear_in(ep, '')}"
+
+
+def _last_weight_run(probe, path: str) -> str:
+    """The module run alone on its captured call with its ops logged (no tracer has to follow a loop
+    over the experts a batch hits, as DBRX's): the >= 2-D parameter nearest its output, walking back
+    from the output. Its module's path; the parameter's own where that module holds several (DBRX's
+    experts keep w1, v1 and w2 side by side: an identity block zeroes w2 alone, so that gradients
+    still reach w1 and v1)."""
+    module = probe.layer.get_submodule(path)
+    weights = {p.untyped_storage().data_ptr(): name for name, p in module.named_parameters() if p.dim() >= 2}
+    log = _OpLog()
+    with torch.no_grad(), log:
+        out = _first_tensor(module(*probe.calls[path].args, **probe.calls[path].kwargs))
+    if out is None:
+        raise AnatomyError(f"{path!r} returned no tensor")
+    producer = {}
+    for _, inputs, result in log.ops:
+        for t in torch.utils._pytree.tree_leaves(result):
+            if isinstance(t, torch.Tensor):
+                producer[id(t)] = inputs
+    by_id = {id(t): t for _, inputs, _ in log.ops for t in inputs}
+    by_id[id(out)] = out
+
+    def hit(tid: int) -> str | None:
+        t = by_id[tid]
+        return weights.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
+
+    found = _backward_first([id(out)], lambda tid: [id(a) for a in producer.get(tid, [])], hit)
+    if found is None:
+        raise AnatomyError(f"no weight on the way to the output of {path!r}")
+    owner = found.rpartition(".")[0]
+    owner_module = module.get_submodule(owner) if owner else module
+    several = sum(p.dim() >= 2 for p in owner_module.parameters(recurse=False)) > 1
+    return ".".join(part for part in (path, found if several else owner) if part)
+
+
+def _last_linear_in(ep, path: str) -> str:
+    """The module with a >= 2-D weight nearest to the output of ``path`` ('': the exported module itself)
+    in the export graph ``ep``."""
     params = ep.graph_signature.inputs_to_parameters
     alias = _export_alias_map(ep)
 
     def inside(n: fx.Node) -> bool:
         p = _module_path_of(n) if n.op == "call_function" else ""
-        return p == path or p.startswith(path + ".")
+        return n.op == "call_function" if not path else (p == path or p.startswith(path + "."))
 
     members = [n for n in ep.graph.nodes if n.op == "call_function" and inside(n)]
     member_set = set(members)
@@ -205,7 +257,7 @@ def _last_linear_export(probe, path: str) -> str:
             fqn = fqn.removeprefix("mod.")
             owner, _, _ = fqn.rpartition(".")
             val = a.meta.get("val")
-            if owner.startswith(path + ".") and isinstance(val, torch.Tensor) and val.dim() >= 2:
+            if (owner.startswith(path + ".") if path else owner) and isinstance(val, torch.Tensor) and val.dim() >= 2:
                 return owner
         return None
 

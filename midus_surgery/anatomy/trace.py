@@ -18,7 +18,9 @@ How it is found (no per-family table of names anywhere; probe.py, graph.py, read
    (``with_kwargs=True``), the real call of the first layer of each kind and of every module in
    it (and, with forward hooks, what each returned). The decoder layers are the ``ModuleList``
    of ``num_hidden_layers`` modules whose first element is called with the hidden states.
-3. Trace the layer into a graph whose module nodes are its direct children:
+3. Trace the layer into a graph whose module nodes are its direct children (a child made of an
+   attention and norms only, opening with a norm of its own input, is read in its own children:
+   DBRX's ``norm_attn_norm`` holds the attention's norm, residual add and the FFN's norm):
    * ``fx``: the layer class's ``forward`` unwrapped through its ``__wrapped__`` chain (HF
      decorators), called from a wrapper module with an explicit ``(hidden_states)`` signature
      and the captured kwargs, traced by an ``fx.Tracer`` whose leaves are the layer's children;
@@ -27,8 +29,9 @@ How it is found (no per-family table of names anywhere; probe.py, graph.py, read
      last, joining a value from outside the child with its own, is the layer's residual add made
      inside the child (BLOOM and MPT hand their modules the residual): it is kept out of the call.
 4. Classify the children by behaviour on their captured inputs (a norm's output does not change
-   when its input is scaled; an attention mixes tokens, so changing token 0 changes the output
-   at later tokens; "major" modules carry >= 2-D weights), and the block by data flow: the
+   when its input is scaled; an attention mixes tokens, so changing token 0, by a random vector
+   that a LayerNorm at the module's input does not erase, changes the output at later tokens;
+   "major" modules carry >= 2-D weights), and the block by data flow: the
    residual adds are the adds with one operand on the residual stream and the other behind a
    major module; each add's branch is what lies between the stream and that add. The FFN is the
    major modules that are not the attention's; the residual is parallel when the FFN does not
@@ -36,7 +39,10 @@ How it is found (no per-family table of names anywhere; probe.py, graph.py, read
 5. The attention's output projection (and the FFN's down projection, when the FFN is one
    module) is the last linear before the module's output: the nearest module with a >= 2-D
    weight walking back from the output (fx trace of that module; HF attention code is rarely
-   fx-traceable, so the export graph of the layer answers then, via parameter names).
+   fx-traceable, so the export graph of the layer answers then, via parameter names, or of the
+   module alone; where nothing exports, as DBRX's loop over the experts a batch hits, the module
+   is run with its ops logged and the walk goes back through them to a parameter: the
+   parameter's own path when its module holds several, as DBRX's w1, v1 and w2).
 6. For memory blocks (read.memory_facts): the attention is run alone with every aten op logged.
    It is softmax attention when a softmax (or fused attention) op runs; the head count and width
    are those of the [..., heads, head_dim] tensor that the output projection's input is a

@@ -283,7 +283,6 @@ def _memory_layers(model: nn.Module) -> list:
 def _triton_usable() -> bool:
     """Whether the Triton kernels can run: midus_surgery (kernels/hml_triton.py) and a triton of a
     tested version are installed. Asked without importing either (this module loads fast and alone)."""
-    import importlib.util
     from importlib import metadata
 
     try:
