@@ -215,6 +215,28 @@ def test_an_attention_that_norms_its_own_input_is_found(root, model_type, overri
     assert planned.anatomy.kind_of(1).anatomy.attention == "attention"
 
 
+def test_a_bias_added_after_the_output_projection_is_zeroed_in_identity_blocks(root):
+    """JetMoE's mixtures of attention heads and of experts add a bias of their own after the experts'
+    output projection: zeroing the projections left the block adding the biases (refused as not the
+    identity). The biases are found by walking back from each branch's output to its last linear."""
+    base = make_base(root, "jetmoe", num_hidden_layers=4, num_key_value_heads=2, kv_channels=16, num_local_experts=4,
+                     num_experts_per_tok=2)
+    path = recipe(root, base, slices([(1, "identity")], 4), "jetmoe-biases")
+    planned, out, checks = apply_and_verify(path)
+    assert json.loads((out / "midus_plan.json").read_text())["function_preserving"] is True
+    anatomy = planned.anatomy.kind_of(1).anatomy
+    assert anatomy.out_biases == ("self_attention.experts.bias", "mlp.bias")
+    assert "output biases:     [self_attention.experts.bias, mlp.bias]" in anatomy.describe()  # what plan prints
+    zeroed = {t.name for t in planned.plan.tensors if t.rule == "zeros"}
+    assert {"model.layers.4.self_attention.experts.bias", "model.layers.4.mlp.bias"} <= zeroed
+    # verify's perturbed-norms check leaves them at zero, as a surgery of the perturbed base would, also where
+    # the base's biases are at their init (zero: equal to the block's, so they look like copies)
+    from midus_surgery.emit.verify import _zeroed_out_biases
+
+    plan = json.loads((out / "midus_plan.json").read_text())
+    assert _zeroed_out_biases(plan, "model.layers") == {"model.layers.4.self_attention.experts.bias", "model.layers.4.mlp.bias"}
+
+
 def test_mla_memory_reads_the_value_heads_the_output_projection_receives(root):
     base = make_base(root, "deepseek_v3", **DEEPSEEK_V3)
     path = recipe(root, base, slices([(2, "identity"), (3, "memory")], 4), "deepseek-mla")

@@ -103,6 +103,9 @@ def _anatomy_from_flow(probe, flow: _Flow, source: str) -> Anatomy:
         ffn_down_proj = last  # the FFN is a set of modules (OPT): its last linear is one of them
     else:
         ffn_down_proj = _last_linear(probe, last, source, known, "ffn_down_proj")
+    out_biases = _out_biases(probe, attention, attn_out_proj)
+    if not _is_linear_leaf(probe.layer.get_submodule(last)):
+        out_biases += _out_biases(probe, last, ffn_down_proj)
     extra = []
     for k in sorted({branch_of[i] for i in extra_ids}):
         last_extra = flow.by_id[max(i for i in extra_ids if branch_of[i] == k)].target
@@ -110,7 +113,7 @@ def _anatomy_from_flow(probe, flow: _Flow, source: str) -> Anatomy:
                      else _last_linear(probe, last_extra, source, known, "extra_out_projs"))
     return Anatomy(layers_path=probe.layers_path, layer_class=probe.layer_class, attention=attention,
                    attn_out_proj=attn_out_proj, ffn=ffn, ffn_down_proj=ffn_down_proj, attn_norms=attn_norms,
-                   ffn_norms=ffn_norms, residual=residual, source=source, extra_out_projs=tuple(extra))
+                   ffn_norms=ffn_norms, residual=residual, source=source, extra_out_projs=tuple(extra), out_biases=out_biases)
 
 
 def _is_linear_leaf(module) -> bool:
@@ -188,6 +191,68 @@ def _last_linear_export_alone(probe, path: str) -> str:
         warnings.simplefilter("ignore")
         ep = torch.export.export(_CallWrapper(module, type(module).__call__, call), (call.hidden(),), strict=False)
     return f"{path}.{_last_linear_in(ep, '')}"
+
+
+_ADD_OPS = ("aten.add.", "aten.add_.", "aten.sub.", "aten.sub_.")
+
+
+def _out_biases(probe, path: str, projection: str) -> tuple[str, ...]:
+    """The 1-D parameters of module ``path`` that it adds to its output after its last linear
+    ``projection`` (JetMoE's mixtures add a bias of their own after the experts' output projection):
+    an identity block zeroes them with the projection, or the branch adds them. Found by running
+    the module with its ops logged and walking back from its output through floating-point values,
+    stopping at any op that reads a >= 2-D weight. () where the module has no such parameter."""
+    module = probe.layer.get_submodule(path)
+    rel = projection[len(path) + 1:] if projection.startswith(path + ".") else None
+    candidates = {p.untyped_storage().data_ptr(): name for name, p in module.named_parameters()
+                  if p.dim() == 1 and p.is_floating_point() and not (rel and (name == rel or name.startswith(rel + ".")))}
+    if not candidates or path not in probe.calls:
+        return ()
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters() if p.dim() >= 2}
+    log = _OpLog()
+    try:
+        with torch.no_grad(), log:
+            out = _first_tensor(module(*probe.calls[path].args, **probe.calls[path].kwargs))
+    except Exception:  # noqa: BLE001 - a module that does not run alone: none found (the replica check still judges the block)
+        return ()
+    producer = {}
+    for name, inputs, result in log.ops:
+        for t in torch.utils._pytree.tree_leaves(result):
+            if isinstance(t, torch.Tensor):
+                producer[id(t)] = (name, inputs)
+
+    def storage(t: torch.Tensor) -> int:
+        return t.untyped_storage().data_ptr()
+
+    def bias_of(t: torch.Tensor) -> str | None:
+        """The candidate ``t`` is, or is re-laid out from (a cast, a view, a broadcast)."""
+        for _ in range(4):
+            if storage(t) in candidates:
+                return candidates[storage(t)]
+            step = producer.get(id(t))
+            if step is None or not step[0].startswith(_RELAYOUT_OPS) or not step[1]:
+                return None
+            t = step[1][0]
+        return None
+
+    found: list[str] = []
+    seen: set[int] = set()
+    stack = [out] if out is not None else []
+    while stack:
+        t = stack.pop()
+        if id(t) in seen or not t.is_floating_point():
+            continue
+        seen.add(id(t))
+        step = producer.get(id(t))
+        if step is None:
+            continue
+        name, inputs = step
+        if any(storage(a) in weights for a in inputs):
+            continue  # a linear: what lies behind it is not added after the last one
+        if name.startswith(_ADD_OPS):
+            found += [b for b in map(bias_of, inputs) if b and b not in found]
+        stack += [a for a in inputs if storage(a) not in candidates]
+    return tuple(f"{path}.{name}" for name in found)
 
 
 def _last_weight_run(probe, path: str) -> str:

@@ -731,8 +731,11 @@ def _block_tensor_rule(kind: str, rest: str, anatomy: Anatomy | None, tapped: bo
 
     anatomy: the source layer's; ffn_outputs: for identity blocks, the FFN tensors zeroed
     (``_ffn_output_tensors``). Further residual branches (``extra_out_projs``) start at zero in
-    identity and memory blocks alike."""
+    identity and memory blocks alike, and so do the biases added after a branch's output projection
+    (``out_biases``)."""
     if kind in ("identity", "memory") and any(_is_under(rest, m) for m in anatomy.extra_out_projs):
+        return "zeros"
+    if kind == "identity" and any(_is_under(rest, m) for m in anatomy.out_biases):
         return "zeros"
     if kind == "memory":
         if any(_is_under(rest, m) for m in (*anatomy.ffn, *anatomy.ffn_norms)):
@@ -740,6 +743,8 @@ def _block_tensor_rule(kind: str, rest: str, anatomy: Anatomy | None, tapped: bo
         if _is_under(rest, anatomy.attn_out_proj):
             # heads: replaced by the tap; hidden: kept, zero at the start (as LLaMA-Pro's) so the block starts as the identity
             return None if tapped else "zeros"
+        if any(_is_under(rest, m) for m in anatomy.out_biases):
+            return "zeros"  # the attention's (the FFN's are gone with it, above)
     if kind == "identity" and (_is_under(rest, anatomy.attn_out_proj) or rest in ffn_outputs):
         return "zeros"
     return "copy"

@@ -535,6 +535,22 @@ def _base_name(name: str, layers_path: str, layer_source: dict[int, int]) -> str
     return f"{prefix}{layer_source[int(index)]}.{rest}"
 
 
+def _zeroed_out_biases(plan: dict, layers_path: str) -> set[str]:
+    """The output's tensors that are biases added after a branch's output projection (``out_biases``:
+    JetMoE's) in its identity and memory blocks: zero by the surgery's rule, not copies."""
+    from midus_surgery.recipe.anatomy_spec import Anatomy, StackAnatomy
+
+    stack = StackAnatomy.model_validate(plan["block_kinds"]) if plan.get("block_kinds") else None
+    single = Anatomy.model_validate(plan["anatomy"]) if plan.get("anatomy") else None
+    names = set()
+    for entry in plan["layers"]:
+        if entry["kind"] not in ("identity", "memory"):
+            continue
+        anatomy = single or (stack.kind_of(int(entry["source"])).anatomy if stack else None)
+        names |= {f"{layers_path}.{entry['index']}.{bias}" for bias in (anatomy.out_biases if anatomy else ())}
+    return names
+
+
 def _zeroed_with_its_module(name: str, out_sd: dict, base_sd: dict, base_name: str) -> bool:
     """An all-zero bias whose module's weight the surgery zeroed (an identity block's output
     projection): zero by the surgery's rule, not a copy, though a base at its init has a zero bias
@@ -568,6 +584,7 @@ def perturbed_identity_check(model, base_model, plan: dict | None, ids: torch.Te
     if not layers_path:
         return _skip(name, "the plan does not say where the decoder layers are")
     layer_source = {int(layer["index"]): int(layer["source"]) for layer in plan["layers"]}
+    zeroed_biases = _zeroed_out_biases(plan, layers_path)
     canonical: dict[int, str] = {}  # a tied base tensor is perturbed once, by its first name's amount
     for bname, tensor in base_sd.items():
         canonical.setdefault(id(tensor), bname)
@@ -581,7 +598,7 @@ def perturbed_identity_check(model, base_model, plan: dict | None, ids: torch.Te
         btensor = base_sd.get(bname)
         if btensor is None or btensor.shape != tensor.shape or not torch.equal(btensor, tensor):
             continue  # new, or changed by the surgery: a surgery of the perturbed base leaves it so
-        if not tensor.any() and _zeroed_with_its_module(oname, out_sd, base_sd, bname):
+        if not tensor.any() and (oname in zeroed_biases or _zeroed_with_its_module(oname, out_sd, base_sd, bname)):
             continue
         key = canonical[id(btensor)]
         moves[id(tensor)] = (tensor, key)

@@ -24,6 +24,7 @@ class Anatomy(BaseModel):
     ffn_down_proj: str = Field(description="The last linear of the FFN branch, e.g. 'mlp.down_proj' or 'fc2'.")
     attn_norms: tuple[str, ...] = Field(description="Norms on the attention branch (pre and post), e.g. ['input_layernorm'].")
     ffn_norms: tuple[str, ...] = Field(description="Norms on the FFN branch (pre and post), e.g. ['post_attention_layernorm'].")
+    out_biases: tuple[str, ...] = Field((), description="Parameters a branch adds to its output after its last linear (JetMoE's mixtures of attention heads and of experts add a bias of their own): zeroed with the output projections, so that identity and memory blocks start as the identity.")
     extra_out_projs: tuple[str, ...] = Field((), description="The last linear of each further residual branch (Gemma-4's per-layer input): zeroed, like the FFN's, so that identity and memory blocks start as the identity.")
     residual: Literal["sequential", "parallel"] = Field(description="'sequential' (x + attn, then + ffn) or 'parallel' (x + attn(x) + ffn(x), GPT-NeoX/Falcon/Phi).")
     source: Literal["fx", "export", "recipe"] = Field("fx", description="How the anatomy was found.")
@@ -46,7 +47,8 @@ class Anatomy(BaseModel):
             f"  down projection {self.ffn_down_proj}"
             + (f"  (adds the residual itself, from its argument {self.ffn_residual})" if self.ffn_residual is not None else "")
             + ("  (returns the tokens flattened)" if self.ffn_flat else ""),
-        ] + ([f"  further branches:  output projections [{', '.join(self.extra_out_projs)}]"] if self.extra_out_projs else []))
+        ] + ([f"  further branches:  output projections [{', '.join(self.extra_out_projs)}]"] if self.extra_out_projs else [])
+          + ([f"  output biases:     [{', '.join(self.out_biases)}]   (added after the output projections)"] if self.out_biases else []))
 
 
 class BlockKind(BaseModel):
