@@ -378,8 +378,8 @@ def cmd_eval(args) -> int:
     from midus_surgery.downstream.harness import TaskError
 
     if (args.data is None) == (args.tasks is None):
-        given = "both were given; " if args.data is not None else ""
-        raise TaskError(f"eval: {given}give --data (held-out perplexity) or --tasks (lm-evaluation-harness tasks), not both")
+        given, tail = ("both were given; ", ", not both") if args.data is not None else ("", "")
+        raise TaskError(f"eval: {given}give --data (held-out perplexity) or --tasks (lm-evaluation-harness tasks){tail}")
     mode, other = ("--tasks", "--data") if args.tasks is not None else ("--data", "--tasks")
     ignored = [flag for flag, dest in EVAL_MODE_FLAGS[other].items() if getattr(args, dest) is not None and getattr(args, dest) is not False]
     if ignored:  # silently dropped, they would make the user believe the run was limited, seeded or cached as asked
@@ -437,7 +437,7 @@ def cmd_analyze(args) -> int:
                           max_memory_blocks=args.max_memory_blocks, batch_size=args.batch_size, device=args.device,
                           dtype=args.dtype, progress=not args.quiet, threads=args.threads,
                           fixed_retrieval=Path(args.fixed_retrieval) if args.fixed_retrieval else None,
-                          importance=not args.slots_only)
+                          importance=not args.slots_only, text_field=args.text_field, cache_dir=args.cache_dir)
     rows, usages = result["head_importance"], result["slot_usage"]
     print(f"{result['model']}: held-out loss {result['held_out']['loss']:.4f} over {result['held_out']['blocks']} blocks of "
           f"{result['held_out']['block_size']} tokens; {result['what']}" + (", loss increase when zeroed (max, mean per layer):" if rows else ":"))
@@ -509,6 +509,8 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--max-blocks", type=_int_at_least(1), default=16, help="held-out blocks per measurement (default 16)")
     p.add_argument("--max-memory-blocks", type=_int_at_least(1), default=None, help="analyse only the first N Memory (or inserted) blocks")
     p.add_argument("--slots-only", action="store_true", help="slot usage only, no head importance (one held-out pass instead of one per head)")
+    p.add_argument("--text-field", default="text", help="the JSONL field holding the text (default: text)")
+    p.add_argument("--cache-dir", default=None, help="token cache (default: $MIDUS_CACHE/tokens or ~/.cache/midus-surgery/tokens)")
     p.add_argument("--fixed-retrieval", metavar="MODEL_DIR", help="a model trained like MODEL_DIR but with memory.retrieval: frozen: "
                    "its held-out loss on the same blocks, against the learned retrieval's")
     p.add_argument("--batch-size", type=_int_at_least(1), default=4, help="sequences per forward pass (default 4)")

@@ -136,6 +136,20 @@ def test_errors_are_one_line(world, capsys):
     assert not (world["root"] / "an-missing").exists()
 
 
+def test_jsonl_data_names_its_text_field_and_the_cache_its_folder(world, tmp_path, capsys):
+    """analyze read JSONL only from a 'text' field, and its error pointed at eval's option (trial48)."""
+    texts = [p.read_text() for p in sorted((world["root"] / "corpus").iterdir()) if p.is_file()]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "held.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    argv = ["analyze", str(world["memory-trained"]), "--data", str(tmp_path / "data" / "held.jsonl"), "--block-size", "16", "--max-blocks", "2",
+            "--slots-only", "--quiet", "--cache-dir", str(tmp_path / "cache")]
+    assert main([*argv, "--out", str(tmp_path / "an-text")]) == 3  # a data error, as in eval and train
+    assert "no 'text' field (it has: ['body']); name the field with data.text_field (train) or --text-field (eval, analyze)" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "an-body"), "--text-field", "body"]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "an-body" / "analysis.json").read_text())["held_out"]["blocks"] == 2
+    assert any((tmp_path / "cache").iterdir())
+
+
 @pytest.mark.parametrize("inside", ["memory", "corpus"])
 def test_the_token_cache_may_not_lie_inside_the_model_or_the_data(world, tmp_path, capsys, monkeypatch, inside):
     """MIDUS_CACHE inside the model or the data: eval refused it, analyze wrote its token cache into them (trial39)."""

@@ -85,8 +85,19 @@ def test_bad_data_errors(tmp_path, tok):
     with pytest.raises(D.DataError, match=r"r\.jsonl:2: the record has no 'text' field \(it has: \['body'\]\)"):
         prep([tmp_path / "r.jsonl"], tmp_path, tok)
     (tmp_path / "bad.jsonl").write_text("{not json\n")
-    with pytest.raises(D.DataError, match=r"bad\.jsonl:1: not a JSON record"):
+    with pytest.raises(D.DataError, match=r"bad\.jsonl:1: not a JSON record \(Expecting property name enclosed in double quotes at column 2\)$"):
         prep([tmp_path / "bad.jsonl"], tmp_path, tok)
+    # trial48: a lone UTF-16 surrogate (half an emoji, as JS exports write it) parsed as JSON and crashed the tokenizer
+    (tmp_path / "half.jsonl").write_text(json.dumps({"text": "the cat"}) + "\n" + '{"text": "the \\ud83d cat"}\n')
+    with pytest.raises(D.DataError, match=r"half\.jsonl:2: field 'text' holds a lone UTF-16 surrogate \('\\ud83d' at character 4\)"):
+        prep([tmp_path / "half.jsonl"], tmp_path, tok)
+    # trial48: bytes that are not UTF-8 are named by their line and their offset in the file, not in a decoder's buffer
+    lines = [json.dumps({"text": f"the cat {i}"}).encode() + b"\n" for i in range(3000)]
+    lines[2500] = b'{"text": "caf\xe9"}\n'
+    (tmp_path / "latin.jsonl").write_bytes(b"".join(lines))
+    at = sum(map(len, lines[:2500])) + lines[2500].index(b"\xe9")
+    with pytest.raises(D.DataError, match=rf"latin\.jsonl:2501: not UTF-8 text \(invalid continuation byte at byte {at} of the file\)"):
+        prep([tmp_path / "latin.jsonl"], tmp_path, tok)
     for value, kind in ((5, "a number"), (None, "null"), (["the"], "a list")):  # JSON's words, not Python's ('a NoneType')
         (tmp_path / "kinds.jsonl").write_text(json.dumps({"text": value}) + "\n")
         with pytest.raises(D.DataError, match=rf"kinds\.jsonl:1: field 'text' is {kind}, not text"):
@@ -263,6 +274,25 @@ def test_a_folder_of_data_skips_hidden_files_and_folders(tmp_path, tok):
     (tmp_path / "c" / ".git" / "notes.txt").write_text("nor this\n")
     files = D.resolve_inputs(["c"], tmp_path, ["**/*.txt"])
     assert len(files) == 1 and not any(".secret" in str(f) or ".git" in f.parts for f in files), files
+
+
+def test_a_folder_of_data_follows_linked_folders_once_and_refuses_broken_links(tmp_path):
+    """trial48: a linked subfolder of a data folder was skipped without a word, and so were a broken link
+    and a link loop that the same link named directly refused."""
+    (tmp_path / "c" / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    for path in (tmp_path / "c" / "a.txt", tmp_path / "c" / "sub" / "b.md", tmp_path / "elsewhere" / "e.txt"):
+        path.write_text("the cat\n")
+    (tmp_path / "c" / "more").symlink_to(tmp_path / "elsewhere")  # a linked folder: read
+    (tmp_path / "c" / "sub" / "up").symlink_to(tmp_path / "c")  # a link back up: each real folder once, no loop
+    (tmp_path / "c" / "notes.pdf").write_text("not matched")
+    files = D.resolve_inputs(["c"], tmp_path, ["**/*.txt", "**/*.md"])
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == ["c/a.txt", "elsewhere/e.txt", "c/sub/b.md"]
+    assert [f.name for f in D.resolve_inputs(["c"], tmp_path, ["*.txt"])] == ["a.txt"]  # patterns keep their depth
+    (tmp_path / "c" / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    with pytest.raises(D.DataError, match=r"^data: .*gone\.txt is a symbolic link to .*nowhere\.txt, which does not exist \(in the folder .*c\)$"):
+        D.resolve_inputs(["c"], tmp_path, ["**/*.txt"])
+    assert len(D.resolve_inputs(["c"], tmp_path, ["**/*.md"])) == 1  # a broken link the patterns do not select is no data
 
 
 def test_a_file_edited_while_it_is_tokenised_leaves_no_cache_entry(tmp_path, tok, monkeypatch):

@@ -429,6 +429,24 @@ def test_the_token_cache_may_not_be_written_into_the_model_or_the_data(train_pro
     assert tree_digest(train_project) == before
 
 
+def test_a_cache_behind_a_hidden_folder_may_lie_in_the_folder_of_data_files(train_project, monkeypatch, capsys):
+    """`eval MODEL --data ~/held.txt` with the default cache (~/.cache/midus-surgery/tokens) was refused: the
+    cache lay in the data file's folder (trial48). A hidden folder there writes nothing beside the user's
+    files, and the corpus reader never reads one. A folder given whole as data still may not hold the cache."""
+    monkeypatch.delenv("MIDUS_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(train_project / "corpus"))
+    files = sorted(str(p.relative_to(train_project)) for p in (train_project / "corpus").iterdir())
+    before = {f: (train_project / f).read_bytes() for f in files}
+    assert main(["eval", "model", "--data", *files, "--quiet"]) == 0, capsys.readouterr().err
+    assert (train_project / "corpus" / ".cache" / "midus-surgery" / "tokens").is_dir()
+    assert {f: (train_project / f).read_bytes() for f in files} == before
+    assert sorted(p.name for p in (train_project / "corpus").iterdir() if not p.name.startswith(".")) == sorted(Path(f).name for f in files)
+    capsys.readouterr()
+    assert main(["eval", "model", "--data", "corpus", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "is inside data (corpus)" in err and "(--cache-dir for eval and analyze, data.cache_dir for train, or MIDUS_CACHE)" in err, err
+
+
 def test_the_token_cache_may_not_be_written_into_the_folder_of_data_given_as_files(train_project, capsys):
     """`--data corpus/*.txt` reaches the tool as the files the shell expanded: the cache was checked against
     each file, never their folder, and eval, analyze and train wrote into the user's data folder (trial40)."""

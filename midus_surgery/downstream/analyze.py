@@ -221,7 +221,7 @@ def check_fixed_retrieval(model_dir: Path, twin: Path) -> list[str]:
 def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int | None = None, max_blocks: int = 16,
                  max_memory_blocks: int | None = None, batch_size: int = 4, device: str = "auto", dtype: str = "float32",
                  progress: bool = True, threads: int | None = None, fixed_retrieval: Path | None = None,
-                 importance: bool = True) -> dict:
+                 importance: bool = True, text_field: str = "text", cache_dir: str | None = None) -> dict:
     """Analyse ``model_dir`` on ``data``; writes ``out`` (analysis.json and the PNGs) and returns the JSON."""
     from midus_surgery.compiler.plan import read_plan_file
     from midus_surgery.io.output_dir import atomic_directory, check_cache_location, check_output_dir, data_folder, input_root
@@ -251,14 +251,15 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
     if fixed_retrieval is not None:
         inputs.append(("the fixed-retrieval model", Path(fixed_retrieval)))
     # as eval's: never into the model or the data's folders (trial39, trial40)
-    cache = check_cache_location(D.default_cache_dir(), inputs=[*inputs, *((f"the data folder of {p}", data_folder(p)) for p in data)])
+    cache = check_cache_location(Path(cache_dir) if cache_dir else D.default_cache_dir(), inputs=inputs,
+                                 data_folders=[(f"the data folder of {p}", data_folder(p)) for p in data])
     out = check_output_dir(out, kind=ANALYSIS_KIND, inputs=inputs, reuse=True, flag=None)
     if dtype not in DTYPES:
         raise TaskError(f"--dtype must be one of {', '.join(DTYPES)}")
     run_on = eval_device(device)
     tokenizer = load_tokenizer(model_dir, how_to_allow=NO_OWN_CODE)
     stream = D.prepare_corpus(list(data), Path.cwd(), tokenizer, dir_glob=DIR_GLOB,
-                              text_field="text", cache_dir=cache, progress=progress, what="analysis data",
+                              text_field=text_field, cache_dir=cache, progress=progress, what="analysis data",
                               tokenizer_source=str(model_dir))
     model = load_causal_lm(model_dir, dtype=DTYPES[dtype], progress=progress, how_to_allow=NO_OWN_CODE).to(run_on).eval()
     check_vocabulary(stream, model, model_dir)

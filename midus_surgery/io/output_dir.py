@@ -359,19 +359,30 @@ def _check_can_write(out: Path, *, into: bool, probe: bool = True) -> None:
             raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
 
 
-def check_cache_location(cache: str | os.PathLike, *, inputs: Iterable[tuple[str, str | os.PathLike]]) -> Path:
+CACHE_CHOICES = "choose another cache directory (--cache-dir for eval and analyze, data.cache_dir for train, or MIDUS_CACHE)"
+
+
+def check_cache_location(cache: str | os.PathLike, *, inputs: Iterable[tuple[str, str | os.PathLike]],
+                         data_folders: Iterable[tuple[str, str | os.PathLike]] = ()) -> Path:
     """A cache folder (the token cache) only gains new hash-named entries, never replaces one, so it
     may hold inputs (a cached corpus given as data); it may not be or lie inside one, where the tool
-    would write into the user's model or data. Returns it resolved; raises OutputError."""
+    would write into the user's model or data. ``data_folders``: the folders data files lie in (a folder
+    given whole as data is one of ``inputs``); the cache may lie inside one behind a hidden folder, as
+    the default ``~/.cache/...`` lies in the home folder of ``--data ~/held.txt`` (trial48): that writes
+    nothing beside the user's files, and the corpus reader never reads a hidden folder. Returns it
+    resolved; raises OutputError."""
     resolved = Path(cache).resolve()
     blocker = next((p for p in (resolved, *resolved.parents) if p.exists()), None)  # the cache or the nearest folder to make it in
     if blocker is not None and not blocker.is_dir():
-        raise OutputError(f"the token cache {resolved} cannot be made: {blocker} is a file, not a folder; choose another cache directory")
-    for what, path in inputs:
+        raise OutputError(f"the token cache {resolved} cannot be made: {blocker} is a file, not a folder; {CACHE_CHOICES}")
+    hidden_behind = lambda folder: any(part.startswith(".") for part in resolved.relative_to(folder).parts)  # noqa: E731
+    for (what, path), is_data_folder in [*((i, False) for i in inputs), *((f, True) for f in data_folders)]:
         other = Path(path).resolve()
         relation = _relation(resolved, other)
+        if relation == "is inside" and is_data_folder and hidden_behind(other):
+            continue
         if relation in ("is", "is inside"):
-            raise OutputError(f"the token cache {resolved} {relation} {what} at {other}: the tool would write into it; choose another cache directory")
+            raise OutputError(f"the token cache {resolved} {relation} {what} at {other}: the tool would write into it; {CACHE_CHOICES}")
     above = _whole_output_above(resolved, including=True)
     if above is not None:  # a later apply --overwrite or export would delete it, or refuse to replace what holds it
         raise OutputError(f"the token cache {resolved} {'is' if above[0] == resolved else 'lies inside'} {above[0]}, written whole by {_written_by(above[1])}; "

@@ -68,7 +68,7 @@ class DataConfig(Strict):
     held_out: list[str] | None = Field(None, description="Separate held-out files, directories or globs. When given, `held_out_fraction` is ignored and all training text is trained on.")
     held_out_fraction: float = Field(0.01, ge=0.0, lt=0.5, description="Without `held_out`: the fraction of packed blocks kept out of training, spread evenly over the corpus (block i is held out when floor((i+1)f) > floor(i f)). 0 disables held-out evaluation.")
     text_field: str = Field("text", description="The field of each JSONL record that holds the document's text.")
-    dir_glob: list[str] = Field(default_factory=lambda: list(DIR_GLOB), min_length=1, description="Patterns selecting files inside directories named in `train` / `held_out` (sorted, deduplicated; hidden files and folders skipped).")
+    dir_glob: list[str] = Field(default_factory=lambda: list(DIR_GLOB), min_length=1, description="Patterns selecting files inside directories named in `train` / `held_out` (sorted, deduplicated; hidden files and folders skipped, linked folders followed once each).")
     block_size: StrictInt = Field(512, ge=2, le=MAX_BLOCK_SIZE, description="Tokens per training sequence (at least 2: one to read, one to predict). Documents are joined with the tokenizer's EOS token and the stream is cut into blocks of this length (the tail shorter than one block is dropped).")
     cache_dir: str | None = Field(None, description="Where tokenised corpora are cached (memory-mapped token files keyed by a hash of the files' contents and the tokenizer). Default: $MIDUS_CACHE/tokens, or ~/.cache/midus-surgery/tokens without MIDUS_CACHE.")
 

@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import codecs
 import errno
+import fnmatch
 import glob
 import hashlib
 import json
@@ -98,9 +100,7 @@ def resolve_inputs(entries: Iterable[str], base_dir: Path, dir_glob: Iterable[st
             if (path / META_FILE).is_file():  # an already tokenised corpus
                 found = [path]
             else:
-                # hidden files and folders (.git, an editor's .swp) are not the corpus, as a shell glob skips them
-                found = sorted({p for pat in patterns for p in path.glob(pat)
-                                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)})
+                found = _folder_files(path, patterns, what)
                 if not found:
                     raise DataError(f"{what}: the directory {path} holds no files matching {patterns}")
         elif path.is_file():
@@ -119,6 +119,41 @@ def resolve_inputs(entries: Iterable[str], base_dir: Path, dir_glob: Iterable[st
     return files
 
 
+def _folder_files(folder: Path, patterns: list[str], what: str) -> list[Path]:
+    """The files under ``folder`` whose path below it matches one of ``patterns`` (glob patterns, ``**``
+    for any number of folders), sorted. Linked folders are followed, each real folder once (a link
+    back up is not a loop); hidden files and folders (.git, an editor's .swp) are not the corpus, as
+    a shell glob skips them. A matching name that is a broken link or a link loop is refused, as the
+    same link named directly is: a folder read without it would silently train on less (trial48:
+    both were skipped without a word, and so were linked folders)."""
+    found, seen_dirs = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        below = Path(dirpath).relative_to(folder).parts
+        for name in filenames:
+            if name.startswith(".") or not any(_glob_match([*below, name], pattern.split("/")) for pattern in patterns):
+                continue
+            path = Path(dirpath) / name
+            if not path.is_file():
+                raise DataError(f"{what}: {link_problem(path) or f'{path} is not a regular file'} (in the folder {folder})")
+            found.append(path)
+    return sorted(found)
+
+
+def _glob_match(parts: list[str], pattern: list[str]) -> bool:
+    """Whether path ``parts`` match glob ``pattern`` segments, ``**`` matching any number of folders."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_glob_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
+
+
 def _json_kind(value) -> str:
     """A JSON value's kind in JSON's words (a Python type name reads 'a NoneType')."""
     if value is None:
@@ -132,27 +167,47 @@ def iter_documents(path: Path, text_field: str) -> Iterator[str]:
     """The documents of one file: the whole file, or one per JSONL record."""
     try:
         if path.suffix.lower() in JSONL_SUFFIXES:
-            with open(path, encoding="utf-8-sig") as fh:  # a byte-order mark (Windows editors) is no JSON error
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{path}:{lineno}: not a JSON record ({exc.msg})") from None
-                    if not isinstance(record, dict) or text_field not in record:
-                        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                        raise DataError(f"{path}:{lineno}: the record has no {text_field!r} field (it has: {keys}); name the field with data.text_field (train) or --text-field (eval)")
-                    text = record[text_field]
-                    if not isinstance(text, str):
-                        raise DataError(f"{path}:{lineno}: field {text_field!r} is {_json_kind(text)}, not text")
-                    yield text
+            yield from _jsonl_texts(path, text_field)
         else:
             yield path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
+    """The text field of each record, read line by line as bytes, so that a problem is named by its
+    line and its byte in the file (a text decoder's offsets count from its buffer: trial48)."""
+    offset = 0  # of the line in the file
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            start, offset = offset, offset + len(raw)
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # a byte-order mark (Windows editors) is no JSON error
+                raw, start = raw[len(codecs.BOM_UTF8):], start + len(codecs.BOM_UTF8)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {start + exc.start} of the file)") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not a JSON record ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise DataError(f"{path}:{lineno}: the record has no {text_field!r} field (it has: {keys}); name the field "
+                                f"with data.text_field (train) or --text-field (eval, analyze)")
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{lineno}: field {text_field!r} is {_json_kind(text)}, not text")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # JSON's \ud83d escape without its pair: no tokenizer encodes it (trial48)
+                raise DataError(f"{path}:{lineno}: field {text_field!r} holds a lone UTF-16 surrogate ({text[exc.start]!a} at "
+                                f"character {exc.start}): half of a character, which is not text any tokenizer encodes") from None
+            yield text
 
 
 # --------------------------------------------------------------------------- tokenizer identity

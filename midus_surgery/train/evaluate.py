@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from midus_surgery.errors import MidusError, UsageError, load_error_line, one_line
 from midus_surgery.io.hf_output import hf_progress_bars
-from midus_surgery.io.output_dir import CHECKPOINT_STATE, check_cache_location, data_folder, run_export_hint
+from midus_surgery.io.output_dir import CHECKPOINT_STATE, check_cache_location, data_folder, input_root, run_export_hint
 from midus_surgery.train.config import DIR_GLOB
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -384,7 +384,8 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None,
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}")
     run_on = eval_device(device)
     cache = check_cache_location(Path(cache_dir) if cache_dir else D.default_cache_dir(),
-                                 inputs=[("the model", model_dir), *((f"the data folder of {p}", data_folder(p)) for p in data)])
+                                 inputs=[("the model", model_dir), *((f"data ({p})", input_root(p)) for p in data)],
+                                 data_folders=[(f"the data folder of {p}", data_folder(p)) for p in data])
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     stream = D.prepare_corpus(list(data), Path.cwd(), tokenizer, dir_glob=dir_glob, text_field=text_field,
                               cache_dir=cache, progress=progress,

@@ -484,8 +484,8 @@ class Runner:
         inputs += [(f"data ({p})", input_root(loaded.resolve(p))) for p in [*d.train, *(d.held_out or [])]]
         cache = loaded.resolve(d.cache_dir) if d.cache_dir else D.default_cache_dir()
         try:
-            check_cache_location(cache, inputs=[*inputs, *((f"the data folder of {p}", data_folder(loaded.resolve(p)))
-                                                          for p in [*d.train, *(d.held_out or [])])])
+            check_cache_location(cache, inputs=inputs, data_folders=[(f"the data folder of {p}", data_folder(loaded.resolve(p)))
+                                                                     for p in [*d.train, *(d.held_out or [])]])
         except OutputError as exc:
             raise RecipeError([loaded.problem(("data", "cache_dir") if d.cache_dir else ("data",), str(exc))]) from None
         inputs.append(("the token cache", cache))
