@@ -614,10 +614,11 @@ def _dispatch(args) -> int:
         return 2
     except KeyboardInterrupt as exc:
         _ignore_sigterm()  # a second Ctrl-C or SIGTERM now would interrupt the report: chained tracebacks, exit 1 (trial40)
+        after = f": {exc.midus_note}" if getattr(exc, "midus_note", None) else ""  # what was finished when it came
         if isinstance(exc, Terminated):
-            err.print("hung up" if exc.signum == signal.SIGHUP else "terminated", markup=False)
+            err.print(("hung up" if exc.signum == signal.SIGHUP else "terminated") + after, markup=False)
             return 128 + exc.signum
-        err.print("interrupted", markup=False)
+        err.print("interrupted" + after, markup=False)
         return 130
     except Exception as exc:  # noqa: BLE001 - a full disk reaches us through safetensors' and torch's own errors too
         if "No space left on device" not in str(exc) and "Disk quota exceeded" not in str(exc):

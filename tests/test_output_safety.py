@@ -210,7 +210,7 @@ def test_leftovers_of_killed_runs_are_removed_but_live_ones_and_foreign_ones_kep
     with atomic_directory(out, kind="apply", report=lines.append) as tmp:
         (tmp / "x").write_text("1")
     assert not dead.exists() and live.is_dir() and foreign.is_dir()
-    assert len(lines) == 1 and "killed run" in lines[0]
+    assert len(lines) == 1 and "a partial output that a run of midus-surgery killed before it finished left behind" in lines[0]
     assert (out / "x").read_text() == "1" and read_marker(out)["kind"] == "apply"
     assert clean_leftovers(out) == []
 
@@ -242,6 +242,7 @@ def test_leftover_cleaning_keeps_a_users_folders_of_like_names_and_an_old_output
     import time
 
     out = tmp_path / "model"
+    out.mkdir()  # in place: an old output beside it is an earlier one (with nothing there, it would be put back)
     gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
 
     def dead_output(path: Path) -> Path:
@@ -994,6 +995,80 @@ def test_a_swap_the_system_refuses_keeps_the_finished_output(project, monkeypatc
     assert len(kept) == 1 and f"it is in {kept[0]}" in err and "Device or resource busy" in err
     assert read_marker(kept[0])["kind"] == "apply" and (kept[0] / "config.json").is_file()
     assert not output_dir._not_written_by_tool(kept[0], read_marker(kept[0]))
+
+
+def _whole_output(path: Path, content: str) -> Path:
+    """A finished output of `apply`, as the swap leaves one (marked, its files recorded)."""
+    path.mkdir()
+    (path / "config.json").write_text(content)
+    write_marker(path, "apply")
+    record_written_files(path)
+    return path
+
+
+def test_an_interrupt_between_the_swaps_renames_is_held_until_the_new_output_is_in_place(tmp_path, monkeypatch):
+    """trial49: a Ctrl-C landing between moving the old output aside and renaming the new one into place left
+    neither at `out` (the new one removed as a partial, the old one hidden, then removed by the next run as a
+    partial). The renames hold Ctrl-C back; the interrupt comes after, with the new output in place."""
+    import os
+    import signal
+
+    from midus_surgery.io import output_dir
+
+    out = _whole_output(tmp_path / "model", "old")
+    real_replace = os.replace
+
+    def interrupted_midway(src, dst):
+        real_replace(src, dst)
+        if Path(src) == out:  # the old output just moved aside: the worst moment for a Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(output_dir.os, "replace", interrupted_midway)
+    with pytest.raises(KeyboardInterrupt) as info:
+        with atomic_directory(out, kind="apply", replace=True) as tmp:
+            (tmp / "config.json").write_text("new")
+    monkeypatch.undo()
+    assert (out / "config.json").read_text() == "new"
+    assert "the new output is in place at" in info.value.midus_note
+    (left,) = tmp_path.glob(".model.old-*")  # the replaced output, still marked: the next run removes it
+    lines = []
+    assert clean_leftovers(out, lines.append) == [left] and "an earlier output that a run of midus-surgery killed" in lines[0]
+
+
+def test_an_output_a_kill_left_moved_aside_is_put_back_by_the_next_run(tmp_path):
+    """A SIGKILL between the renames (no handler can hold it) leaves the old output hidden as .NAME.old-* and
+    nothing at NAME: a whole earlier output, put back, not removed as a partial (trial49)."""
+    aside = _whole_output(tmp_path / ".model.old-0123abcd", "old")
+    lines = []
+    assert clean_leftovers(tmp_path / "other", lines.append) == []
+    assert (tmp_path / "model" / "config.json").read_text() == "old" and not aside.exists()
+    assert lines == [f"put back {tmp_path / 'model'}: a run of midus-surgery killed while replacing it had moved it aside to .model.old-0123abcd"]
+    again = _whole_output(tmp_path / ".model.old-4567cdef", "older")  # NAME is taken now: this one is an earlier output, removed
+    assert clean_leftovers(tmp_path / "model") == [again] and (tmp_path / "model" / "config.json").read_text() == "old"
+
+
+def test_an_interrupted_removal_of_the_replaced_output_leaves_it_marked_and_says_the_new_one_is_in_place(project, monkeypatch, capsys):
+    """trial49: Ctrl-C while the replaced output was removed left an unmarked hidden folder no run ever removed
+    (gigabytes, never named), and said only 'interrupted' of an output written whole."""
+    from midus_surgery.io import output_dir
+
+    assert apply(str(recipe(project, "out"))) == 0
+    real_rmtree = shutil.rmtree
+
+    def interrupted(path, *args, **kwargs):
+        if ".old-" in str(path):
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(output_dir.shutil, "rmtree", interrupted)
+    capsys.readouterr()
+    assert main(["apply", str(recipe(project, "out")), "--overwrite", "--quiet"]) == 130
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert "\ninterrupted: the new output is in place at " in err and "is removed by the next run of midus-surgery" in err, err
+    (left,) = project.glob(".out.old-*")
+    assert read_marker(left) is not None and (project / "out" / "config.json").is_file()
+    assert clean_leftovers(project / "out") == [left]
 
 
 def test_a_bind_mount_of_a_folder_of_the_same_disk_is_found_in_the_mount_table():

@@ -25,13 +25,16 @@ run into the same parent.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -422,19 +425,46 @@ def clean_leftovers(out: Path, report=None) -> list[Path]:
         if not _LEFTOVER_NAME.match(entry.name) or entry.is_symlink() or not entry.is_dir():
             continue
         marker = read_marker(entry)
+        if _restore_replaced(entry, marker, report):
+            continue
         if _empty_and_old(entry):
             try:
                 entry.rmdir()  # fails, and keeps it, if anything was put there meanwhile
             except OSError:
                 continue
-        elif _owner_is_gone(marker) and not _not_written_by_tool(entry, marker):
+        elif (_owner_is_gone(marker) or _whole(entry, marker)) and not _not_written_by_tool(entry, marker):
             shutil.rmtree(entry, ignore_errors=True)
         else:
             continue
         removed.append(entry)
         if report is not None:
-            report(f"removed {entry}: a partial output a killed run of midus-surgery left behind")
+            what = "an earlier output that a run" if ".old-" in entry.name else "a partial output that a run"
+            report(f"removed {entry}: {what} of midus-surgery killed before it finished left behind")
     return removed
+
+
+def _whole(entry: Path, marker: dict | None) -> bool:
+    """An ``.old-`` folder holding a finished output (its files recorded): no live run is still writing it,
+    whoever wrote it (a process still alive: the one that replaced it and was stopped while removing it)."""
+    return ".old-" in entry.name and isinstance(marker, dict) and isinstance(marker.get("files"), list)
+
+
+def _restore_replaced(entry: Path, marker: dict | None, report) -> bool:
+    """Put back an output that a run killed in the swap (SIGKILL between its two renames) left hidden
+    as ``.NAME.old-*``, where NAME is now absent: a whole earlier output, not a partial (trial49: the
+    next run removed it as one). True when it was put back."""
+    if ".old-" not in entry.name or marker is None:
+        return False
+    home = entry.parent / entry.name[1:entry.name.rindex(".old-")]
+    if home.exists() or home.is_symlink() or _not_written_by_tool(entry, marker):
+        return False
+    try:
+        os.replace(entry, home)
+    except OSError:
+        return False
+    if report is not None:
+        report(f"put back {home}: a run of midus-surgery killed while replacing it had moved it aside to {entry.name}")
+    return True
 
 
 EMPTY_LEFTOVER_AGE_S = 60.0
@@ -512,15 +542,20 @@ def replace_directory(new: Path, out: Path, *, kind: str | None = None, owner: s
                           "move it where you want it")
     old = None
     try:
-        if out.exists() and any(out.iterdir()):
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(new, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            if out.exists():
-                out.rmdir()  # an empty folder: nothing to lose (fails, and keeps it, if anything appeared in it meanwhile)
-            os.replace(new, out)
+        with _signals_deferred():
+            if out.exists() and any(out.iterdir()):
+                old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(out, old)
+                os.replace(new, out)
+            else:
+                if out.exists():
+                    out.rmdir()  # an empty folder: nothing to lose (fails, and keeps it, if anything appeared in it meanwhile)
+                os.replace(new, out)
+    except KeyboardInterrupt as exc:  # held back during the renames, delivered as they end: the swap is done
+        if old is not None:
+            exc.midus_note = (f"the new output is in place at {out}; the one it replaced, {old}, is removed by the next run of "
+                              f"midus-surgery into {out.parent}")
+        raise
     except OSError as exc:  # the system refused the swap itself (a mount point that appeared, a busy folder): keep the work
         if old is not None and old.exists() and not out.exists():
             os.replace(old, out)  # the output it was to replace goes back where it was
@@ -528,6 +563,52 @@ def replace_directory(new: Path, out: Path, *, kind: str | None = None, owner: s
         os.replace(new, kept)
         raise OutputError(f"could not put the finished output in place at {out} ({exc.strerror or exc}); it is in {kept}: "
                           "move it where you want it") from None
+    if old is not None:
+        try:
+            _remove_marked_last(old)
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM while the replaced output is removed: the new one is whole (trial49)
+            exc.midus_note = (f"the new output is in place at {out}; the rest of the one it replaced, {old}, is removed by the "
+                              f"next run of midus-surgery into {out.parent}")
+            raise
+
+
+@contextmanager
+def _signals_deferred():
+    """Ctrl-C, SIGTERM and SIGHUP held back until the block ends (then delivered): an interrupt between
+    the swap's two renames left neither output in place, the new one removed as a partial and the old
+    one hidden (trial49). A SIGKILL there leaves the old output hidden: the next run puts it back
+    (clean_leftovers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Python runs signal handlers in the main thread only, and only there may they be changed
+        return
+    # Python-level handlers that note the signal, not a blocked signal mask: the kernel hands a signal to
+    # any thread that does not block it (torch's OpenMP workers), and Python acts on it at once
+    caught: list[int] = []
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    before = {signum: handler for signum, handler in before.items() if handler is not None}  # None: set outside Python, left be
+    for signum in before:
+        signal.signal(signum, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+        if caught:
+            os.kill(os.getpid(), caught[0])  # now, to the handler that was in place
+
+
+def _remove_marked_last(folder: Path) -> None:
+    """Remove a folder this tool wrote, its marker last: a removal cut short leaves it marked, so the
+    next run removes the rest (a folder without the marker would be kept for ever, unnamed: trial49)."""
+    for entry in folder.iterdir():
+        if entry.name == MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _why_not_replaceable(out: Path, *, kind: str | None, owner: str | None, replace: bool) -> str | None:
