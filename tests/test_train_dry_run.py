@@ -164,6 +164,29 @@ def test_what_a_start_refuses_at_once_a_dry_run_refuses_too(midus, tmp_path, cap
         (m / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
     both(write_config(tmp_path / "b.yaml", model_with("wider", wider), run, midus["corpus"], cache), says="mlp")
 
+    # weights that lack a tensor the model has, or hold one it lacks (trial50: the dry run said the run would train)
+    from safetensors.torch import load_file, save_file
+
+    def edit_weights(change):
+        def edit(m: Path) -> None:
+            tensors = load_file(m / "model.safetensors")
+            change(tensors)
+            save_file(tensors, m / "model.safetensors", metadata={"format": "pt"})
+        return edit
+    name = "model.layers.0.mlp.up_proj.weight"
+    lacking = model_with("lacking", edit_weights(lambda t: t.pop(name)))
+    both(write_config(tmp_path / "a2.yaml", lacking, run, midus["corpus"], cache),
+         says=f"the weights do not match the model's architecture: missing 1 tensor(s): {name}", start_says=f"missing 1: ['{name}']")
+    extra = model_with("extra", edit_weights(lambda t: t.__setitem__("model.layers.0.mlp.spare.weight", t[name].clone())))
+    both(write_config(tmp_path / "a3.yaml", extra, run, midus["corpus"], cache),
+         says="the weights do not match the model's architecture: 1 unexpected tensor(s): model.layers.0.mlp.spare.weight",
+         start_says="unexpected 1: ['model.layers.0.mlp.spare.weight']")
+
+    # a run directory or an export the system will not make (trial50: the dry run said the run would train)
+    plain = write_config(tmp_path / "a4.yaml", midus["model"], run, midus["corpus"], cache)
+    both(plain, "run_dir=/proc/midus-no-such/run", says="run_dir: cannot write /proc/midus-no-such/run: ")
+    both(plain, "export.dir=/proc/midus-no-such/final", says="export.dir: cannot write /proc/midus-no-such/final: ")
+
     # a config value with which every logit is NaN: one line naming it (was a NaN loss at step 1, exit 4)
     def negative_eps(m: Path) -> None:
         config = json.loads((m / "config.json").read_text())

@@ -339,6 +339,30 @@ def mount_points(mountinfo: str) -> set[str]:
     return {unescape(fields[4]) for fields in (line.split() for line in mountinfo.splitlines()) if len(fields) > 4}
 
 
+_KERNEL_FILE_SYSTEMS = {"proc", "sysfs", "cgroup", "cgroup2", "devpts", "securityfs", "debugfs", "tracefs", "pstore", "bpf",
+                        "configfs", "fusectl", "mqueue", "binfmt_misc", "efivarfs", "autofs"}
+
+
+def _kernel_file_system(place: Path) -> str | None:
+    """The type of the file system ``place`` lies on when it is one of the kernel's (/proc, /sys), where no
+    folder can be made; None otherwise, or where the mount table cannot be read (not Linux)."""
+    try:
+        table = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return None
+    path, best, kind = str(place.resolve()), "", None
+    unescape = lambda field: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)  # noqa: E731
+    for line in table.splitlines():
+        fields, _, after = line.partition(" - ")
+        fields, after = fields.split(), after.split()
+        if len(fields) < 5 or not after:
+            continue
+        mount = unescape(fields[4])
+        if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+            best, kind = mount, after[0]
+    return kind if kind in _KERNEL_FILE_SYSTEMS else None
+
+
 def _check_can_write(out: Path, *, into: bool, probe: bool = True) -> None:
     """Before any work: the system lets the tool make ``out`` (its hidden sibling, the folders on the
     way to it) and, for an output written ``into``, write inside it. One probe folder is made and
@@ -355,6 +379,9 @@ def _check_can_write(out: Path, *, into: bool, probe: bool = True) -> None:
         if not probe:
             if not os.access(place, os.W_OK | os.X_OK):
                 raise OutputError(f"cannot write {out}: {place} is not writable (a read-only disk, or a folder this user may not write)")
+            kind = _kernel_file_system(place)
+            if kind:  # root may "write" there by access(2), and no folder can be made (trial50: a dry run passed /proc/x)
+                raise OutputError(f"cannot write {out}: {place} is on a {kind} file system, the kernel's view of the system, not a disk")
             continue
         try:
             os.rmdir(tempfile.mkdtemp(prefix=".midus-surgery-probe-", dir=place))

@@ -25,6 +25,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -78,6 +79,7 @@ from midus_surgery.train.config import LoadedTrainConfig, OptimConfig, TrainConf
 from midus_surgery.train.evaluate import (
     DTYPES,
     ModelLoadError,
+    _names,
     block_batches,
     check_model_dir,
     context_problem,
@@ -310,7 +312,9 @@ class Runner:
     def check_weight_headers(self, model) -> None:
         """What the start's strict load refuses at once, found from the weights' headers alone (a dry run reads no
         weights): no weights file, a safetensors header the library's rules refuse, a tensor stored in another shape
-        than the model's. Names only one side has are left to the load (tied heads, names transformers converts)."""
+        than the model's, a tensor missing or one too many (trial50: the dry run said the run would train). A tied
+        pair is one tensor, stored under either name. Weights this tool did not write may store names transformers
+        converts on load (one tensor per expert): where any stored name is not the model's, the load judges them."""
         from midus_surgery.io.tensor_source import SafetensorsSource
 
         d = self.init_from
@@ -327,6 +331,21 @@ class Runner:
             if name in stored and tuple(stored[name][1]) != tuple(tensor.shape):
                 raise RecipeError([self.loaded.problem(("init_from",), f"{d}: {name} is stored with shape {tuple(stored[name][1])}, "
                                                                        f"its config.json makes it {tuple(tensor.shape)}: the weights are not this model's")])
+        groups: dict[int, list[str]] = {}  # one per tensor: a tied embedding and head are one group of two names
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            groups.setdefault(id(tensor), []).append(name)
+        ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
+        missing = [names[0] for names in groups.values()
+                   if not set(names) & set(stored) and not any(p.search(names[0]) for p in ignored)]
+        unexpected = sorted(set(stored) - {name for names in groups.values() for name in names})
+        ours = (d / "midus_plan.json").is_file() or (d / "midus_train.json").is_file()  # apply and export write the model's own names
+        problems = []
+        if missing and (ours or not unexpected):
+            problems.append(f"missing {len(missing)} tensor(s): {_names(missing)}")
+        if unexpected and ours:
+            problems.append(f"{len(unexpected)} unexpected tensor(s): {_names(unexpected)}")
+        if problems:  # as the start's load says it
+            raise ModelLoadError(f"{d}: the weights do not match the model's architecture: {'; '.join(problems)}")
 
     def state_bytes_line(self) -> str:
         """What the weights, gradients and AdamW moments hold in memory, per process: fp32 master weights (bf16
