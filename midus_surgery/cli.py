@@ -401,9 +401,9 @@ def cmd_eval(args) -> int:
             print(f"{result['model']}: perplexity {result['perplexity']:.4f} (loss {result['loss']:.4f} nats/token) over "
                   f"{result['tokens']:,} predicted tokens in {result['sequences']} {'blocks' if result['mode'] == 'blocks' else 'document windows'} of <= {result['block_size']} tokens; "
                   f"{result['tokens_per_s']:,.0f} tokens/s ({result['dtype']} on {result['device']}, {result['seconds']:.1f} s)")
-            if result["loss"] != result["loss"]:  # NaN: not a score, a broken model or a dtype that overflows
-                print(f"note: {result['model']}: the loss is not a number: its weights hold NaN or inf, or its activations overflow "
-                      f"in {result['dtype']}", file=sys.stderr)
+        if result["loss"] != result["loss"]:  # NaN: not a score, a broken model or a dtype that overflows (--json too: trial50)
+            print(f"note: {result['model']}: the loss is not a number: its weights hold NaN or inf, or its activations overflow "
+                  f"in {result['dtype']}", file=sys.stderr)
     if args.json:
         print(strict_json(results[0] if len(results) == 1 else results, indent=2))
     return 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import stat
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,8 +279,11 @@ def load_yaml(path: str | Path, text: str | None = None) -> YamlSource:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         raise RecipeError([Problem(_at(file, mark), "", f"YAML syntax error: {exc.problem or exc}")]) from None
-    except yaml.reader.ReaderError as exc:
-        raise RecipeError([Problem(file, "", f"YAML error: {exc}")]) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow (a NUL): located, in one line (trial50)
+        at = exc.position if isinstance(exc.position, int) else 0
+        mark = types.SimpleNamespace(line=text.count("\n", 0, at), column=at - (text.rfind("\n", 0, at) + 1))
+        char = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        raise RecipeError([Problem(_at(file, mark), "", f"YAML error: the character {char} is not allowed in YAML ({exc.reason})")]) from None
     except (yaml.YAMLError, RecursionError) as exc:
         raise RecipeError([Problem(file, "", f"YAML error: {str(exc)[:200] or type(exc).__name__}")]) from None
     finally:
