@@ -544,6 +544,26 @@ def test_an_interrupted_run_says_which_checkpoint_resume_auto_takes(world, tmp_p
                         "run again with resume: auto to continue from it"), said
 
 
+@pytest.mark.parametrize("at_start", [False, True])
+def test_a_run_stopped_before_its_first_step_leaves_no_run_directory_unless_it_logged(world, tmp_path, monkeypatch, at_start):
+    """trial48: Ctrl-C during the first step (minutes of compiling under compile: true) left a run directory of
+    empty folders (checkpoints/, tensorboard/), though a run that fails before its first step leaves none. One whose
+    step-0 evaluation was logged keeps it: metrics.jsonl holds a number of the run's."""
+    from midus_surgery.train.runner import Runner
+
+    def stopped(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Runner, "train_step", stopped)
+    cfg = config(world, tmp_path, tokens=16 * 4 * 2, **{"eval.at_start": at_start, "log.tensorboard": True})
+    with pytest.raises(KeyboardInterrupt):
+        train(load_train_config(cfg), echo=lambda line: None)
+    run = tmp_path / "run"
+    assert run.exists() == at_start
+    if at_start:
+        assert [m["step"] for m in metrics(run)] == [0]
+
+
 def test_kill_9_and_resume_gives_the_same_weights(world, tmp_path):
     steps = 60
     extra = dict(tokens=16 * 4 * steps, resume="auto", **{"checkpoint.every": 4, "checkpoint.keep_last": 2, "log.every": 10,

@@ -824,6 +824,12 @@ class Runner:
             written = complete_checkpoints(self.ckpt_root)
             if not written or written[-1][0] != self.step:
                 self.save_checkpoint()
+        except BaseException:
+            if self.step == 0:  # stopped before its first step (the step-0 evaluation or the first step compiling, minutes of
+                # it under compile: true): no trace, as a failed setup; an evaluation already logged keeps the run (trial48)
+                self.close_logs()
+                self.remove_unused_run_dir(self.created)
+            raise
         finally:
             self.close_logs()
         if cfg.log.data_trace:
