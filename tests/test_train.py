@@ -788,6 +788,10 @@ def test_compile_switch_trains_the_same_model(world, tmp_path):
     # the compiling step is announced and kept out of tok/s and the ETA
     assert any(line.startswith("step 1: the first step (compiling) took") for line in said["compiled"])
     assert not any("(compiling)" in line or "compiles the model" in line for line in said["eager"])
+    # the held-out evaluations run uncompiled (trial48: each batch shape compiled anew, minutes without a line)
+    assert any(line.startswith("compile: ") and "the held-out evaluations run uncompiled" in line for line in said["compiled"])
+    held_out = {run: [m["eval_loss"] for m in metrics(tmp_path / run) if "eval_loss" in m] for run in said}
+    assert held_out["compiled"][0] == held_out["eager"][0]  # step 0: the same weights, the same eager code
     start = state_of(world["model"])
     a, b = state_of(tmp_path / "eager" / "final"), state_of(tmp_path / "compiled" / "final")
     assert a.keys() == b.keys()

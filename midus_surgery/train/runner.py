@@ -936,8 +936,11 @@ class Runner:
             if n == 0:
                 return None
         batches = block_batches(self.held_blocks, cfg.eval.batch_size or cfg.micro_batch_size, self.rank, self.world, n)
-        result = evaluate_batches(model, batches, device=self.acc.device, autocast=self.acc.autocast,
-                                  reduce=lambda t: self.acc.reduce(t, reduction="sum"))
+        # under compile: true the evaluation runs eager: compiled, each batch shape compiled anew without a word (trial48:
+        # 36-147 s of silence before step 0, and after the last step's ETA 0:00), for a pass that runs a few times a run
+        with torch.compiler.set_stance("force_eager") if cfg.compile else contextlib.nullcontext():
+            result = evaluate_batches(model, batches, device=self.acc.device, autocast=self.acc.autocast,
+                                      reduce=lambda t: self.acc.reduce(t, reduction="sum"))
         return {"eval_loss": result.loss, "eval_ppl": result.perplexity, "eval_tokens": result.tokens, "eval_seconds": round(result.seconds, 3)}
 
     def evaluate_and_log(self, label: str, *, once: bool = False) -> dict | None:
@@ -1036,8 +1039,9 @@ class Runner:
         if self.is_midus:
             self.say_memory_backend()
         if cfg.compile:
-            self.say("compile: the first step compiles the model (about 2 minutes for the 45-layer SmolLM2 outputs on an H200); "
-                     "tok/s and ETA count from the second step")
+            self.say("compile: the first step compiles the model (minutes: about 2 for the 45-layer SmolLM2 outputs on an H200, "
+                     "1-3 for a tiny model on a 2-core CPU); tok/s and ETA count from the second step; the held-out evaluations "
+                     "run uncompiled")
 
     def say_memory_backend(self) -> None:
         """The memory layer's line: the kernels the start built, or for a dry run (which builds none) the
