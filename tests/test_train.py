@@ -154,6 +154,12 @@ def test_overrides(tmp_path):
         with pytest.raises(RecipeError) as err:
             load_train_config(path, [override])
         assert str(err.value) == f"command line ({override}): {said}"
+    # an override's unknown key is listed with the file's own problems, the file's first (trial50: it hid them)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("init_from: m\nrun_dir: r\ntokens: 2M\ndata:\n  train: x.txt\noptim:\n  lrr: 1\n")
+    with pytest.raises(RecipeError) as err:
+        load_train_config(typo, ["optim.lrr=1"])
+    assert [p.where for p in err.value.problems] == [f"{typo}:7:3", "command line (optim.lrr=1)"], str(err.value)
 
 
 

@@ -267,8 +267,10 @@ def _on_command_line(text: str, limit: int = 80) -> str:
     return f"command line ({text if len(text) <= limit else text[:limit] + '...'})"
 
 
-def apply_overrides(source: YamlSource, overrides: list[str]) -> _OverriddenSource:
-    """Apply ``dotted.key=value`` overrides (values read as YAML) to ``source.data`` in place."""
+def apply_overrides(source: YamlSource, overrides: list[str]) -> tuple[_OverriddenSource, list[Problem]]:
+    """Apply ``dotted.key=value`` overrides (values read as YAML) to ``source.data`` in place; the
+    problems of those that cannot be applied (an unknown key, a value that is not YAML) are returned,
+    to be listed with the file's own (trial50: an override's unknown key hid them)."""
     problems: list[Problem] = []
     overridden: dict[PathKey, str] = {}
     for text in overrides:
@@ -294,9 +296,7 @@ def apply_overrides(source: YamlSource, overrides: list[str]) -> _OverriddenSour
             node = node[part]
         node[parts[-1]] = value
         overridden[tuple(parts)] = _on_command_line(text)
-    if problems:
-        raise RecipeError(problems)
-    return _OverriddenSource(source, overridden)
+    return _OverriddenSource(source, overridden), problems
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> LoadedTrainConfig:
@@ -309,11 +309,13 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> L
         raise RecipeError([Problem(source.where(), "", "this is a recipe (it has base: and layout:), not a training config: `midus-surgery apply` "
                                    "writes its model; a training config has init_from:, run_dir:, data: and tokens: "
                                    "(`midus-surgery train --keys`, recipes/train/)")])
-    located = apply_overrides(source, list(overrides or []))
+    located, unapplied = apply_overrides(source, list(overrides or []))
     try:
         config = TrainConfig.model_validate(located.data)
-    except ValidationError as exc:
-        raise RecipeError(problems_from_validation(exc, located, TrainConfig)) from None
+    except ValidationError as exc:  # the file's problems in its order, then the command line's
+        raise RecipeError(problems_from_validation(exc, located, TrainConfig) + unapplied) from None
+    if unapplied:
+        raise RecipeError(unapplied)
     return LoadedTrainConfig(config=config, source=located, directory=path.resolve().parent)
 
 
