@@ -754,6 +754,8 @@ def test_gradient_checkpointing_recomputes_each_layer_and_trains_the_same(world,
     every run)."""
     from transformers.models.llama import modeling_llama
 
+    from midus_surgery.train.runner import Runner
+
     # The FFN inside the layer, not the layer's own forward: transformers checkpoints that one by wrapping it.
     calls: list[bool] = []
     forward = modeling_llama.LlamaMLP.forward
@@ -763,14 +765,22 @@ def test_gradient_checkpointing_recomputes_each_layer_and_trains_the_same(world,
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counting)
-    with_grad = {}
+    with_grad, said = {}, {False: [], True: []}
     for on in (False, True):
         calls.clear()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = train(load_train_config(config(world, tmp_path, name=f"ckpt-{on}", tokens=16 * 4 * 4,
-                                                    gradient_checkpointing=on)), echo=lambda line: None)
+                                                    gradient_checkpointing=on)), echo=said[on].append)
         assert result.steps == 4
+        # the start says it is on, and so does a dry run's model-state line (trial48: it advised turning it on when it was)
+        assert any(line.startswith("gradient_checkpointing: each decoder layer runs again") for line in said[on]) == on
+        cfg = config(world, tmp_path, name=f"ckpt-dry-{on}", tokens=16 * 4 * 4, gradient_checkpointing=on)
+        dry_said = []
+        Runner(load_train_config(cfg), echo=dry_said.append).dry_run()
+        (state,) = [line for line in dry_said if line.startswith("model state: ")]
+        assert ("gradient_checkpointing is on: each layer's are recomputed in the backward pass" in state) == on, state
+        assert ("gradient_checkpointing: true trades them for recompute" in state) == (not on), state
         assert not [w for w in caught if "checkpointing" in str(w.message)], [str(w.message) for w in caught]
         with_grad[on] = sum(calls)
     assert with_grad[False] == 4 * 4  # 4 steps x 4 layers

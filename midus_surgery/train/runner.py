@@ -354,9 +354,11 @@ class Runner:
         trainable = g.numel("decay") + g.numel("no_decay") + g.numel("memory")
         weights, training = 4 * (trainable + g.numel("frozen")), 12 * trainable
         sharded = ", before FSDP shards it" if self.fsdp else ""
+        recompute = ("gradient_checkpointing is on: each layer's are recomputed in the backward pass" if self.cfg.gradient_checkpointing
+                     else "gradient_checkpointing: true trades them for recompute")  # trial48: the advice was given when it was on
         return (f"model state: {human_bytes(weights + training)} per process{sharded} (fp32 weights {human_bytes(weights)}; "
                 f"gradients and AdamW moments {human_bytes(training)}); activations come on top, growing with "
-                "micro_batch_size x block_size (gradient_checkpointing: true trades them for recompute)")
+                f"micro_batch_size x block_size ({recompute})")
 
     def restore(self) -> None:
         """The model, optimiser, scheduler, RNG and data position of the checkpoint to continue: a
@@ -1031,6 +1033,9 @@ class Runner:
         self.say(describe_groups(self.groups, cfg))
         if self.dry:
             self.say(self.state_bytes_line())
+        elif cfg.gradient_checkpointing:  # a dry run's model-state line says it (trial48: the start did not)
+            self.say("gradient_checkpointing: each decoder layer runs again in the backward pass (less activation memory, "
+                     "about 30% more compute)")
         mode = "single process" if self.world == 1 else f"{acc.distributed_type.name} ({acc.state.backend})"
         adamw = "fused" if self.adamw_options.get("fused") else {True: "foreach", False: "for-loop"}.get(self.adamw_options.get("foreach"), "torch's default")
         self.say(f"precision {self.precision}, {mode} on {acc.device} x {self.world}, AdamW {adamw}, warmup {self.warmup_steps} steps, {cfg.optim.schedule} decay")
