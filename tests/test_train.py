@@ -946,3 +946,7 @@ def test_the_cards_training_line_names_held_out_data_and_frozen_retrieval():
                                       "memory retrieval frozen. Held-out loss 1.0000, perplexity 2.718 (48 tokens of `held.txt`). "
                                       "Every setting: `midus_train.json`.")
     assert training_line({**summary, "steps": 1}).startswith("Trained by `midus-surgery train`: 1 step, 96 tokens")
+    # a bfloat16 export: the number is of the float32 weights before the rounding, and the card says so (trial48)
+    assert ("(48 tokens of `held.txt`; of the float32 weights trained, before they were stored as bfloat16: `midus-surgery eval` "
+            "measures the stored ones).") in training_line({**summary, "export_dtype": "bfloat16"})
+    assert "before they were stored" not in training_line({**summary, "export_dtype": "float32"})

@@ -55,5 +55,8 @@ def training_line(summary: dict) -> str:
     if isinstance(held, dict) and held.get("eval_loss") is not None:
         named = data.get("held_out")
         source = f" of {', '.join(f'`{PurePath(p).name or p}`' for p in named)}" if named else ""
-        text += f" Held-out loss {held['eval_loss']:.4f}, perplexity {held['eval_ppl']:.3f} ({held.get('eval_tokens', 0):,} tokens{source})."
+        stored = summary.get("export_dtype")
+        rounded = (f"; of the float32 weights trained, before they were stored as {stored}: `midus-surgery eval` measures "
+                   "the stored ones") if stored and stored != "float32" else ""  # trial48: the card's number was not the export's
+        text += f" Held-out loss {held['eval_loss']:.4f}, perplexity {held['eval_ppl']:.3f} ({held.get('eval_tokens', 0):,} tokens{source}{rounded})."
     return text + SETTINGS

@@ -920,6 +920,7 @@ class Runner:
         summary = {"init_from": self.cfg.init_from, "steps": self.step, "tokens": self.samples_seen * self.cfg.data.block_size,
                    "held_out": final_eval, "precision": self.precision, "processes": self.world,
                    "unchanged_since_apply": self.unchanged_since_apply(), "init_dtype": str(self.init_dtype).removeprefix("torch."),
+                   "export_dtype": str(dtype_name).removeprefix("torch."),  # held_out is of the float32 weights before this rounding
                    "config": self.cfg.model_dump(mode="json")}
         return export_model(self.acc, self.model, self.export_dir, run_dir=self.run_dir, init_from=self.init_from,
                             dtype=DTYPES.get(str(dtype_name).replace("torch.", ""), torch.float32), is_midus=self.is_midus,
