@@ -100,21 +100,21 @@ def cmd_validate(args) -> int:
 OVERSIZED_MEMORY = 10
 
 
-def _tokenizer_ids(planned) -> tuple[int, int] | None:
+def _tokenizer_ids(planned) -> tuple[int, int] | str | None:
     """(tokens, the largest id) the base directory's tokenizer.json gives (added tokens included); None without
-    one, or one that does not read (its own problem, said where it is loaded). The Rust tokenizers reader runs no code."""
+    one; why it does not load, as one line, for one that does not (apply copies it with a warning). The Rust
+    tokenizers reader runs no code."""
     from midus_surgery.compiler.base import resolve_base
+    from midus_surgery.emit.emitter import read_tokenizer_json
 
     path = resolve_base(planned.loaded).directory / "tokenizer.json"
     if not path.is_file():
         return None
-    try:
-        from tokenizers import Tokenizer
-
-        ids = Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True).values()
-        return (len(ids), max(ids)) if ids else None
-    except Exception:  # noqa: BLE001 - a tokenizer that does not parse is not this note's business
-        return None
+    tokenizer, problem = read_tokenizer_json(path)
+    if tokenizer is None:
+        return problem
+    ids = tokenizer.get_vocab(with_added_tokens=True).values()
+    return (len(ids), max(ids)) if ids else None
 
 
 def _plan_notes(planned, start: bool) -> list[str]:
@@ -139,7 +139,10 @@ def _plan_notes(planned, start: bool) -> list[str]:
                      "transformers reads layer_types, but a tool that reads max_window_layers instead would build another attention pattern")
     ids = _tokenizer_ids(planned)
     vocab = plan.config.get("vocab_size")
-    if ids is not None and isinstance(vocab, int) and ids[1] >= vocab:  # by the largest id: a tokenizer's ids need not be 0..n-1
+    if isinstance(ids, str):
+        notes.append(f"the base's tokenizer.json does not load ({ids}): apply copies it as it is, and the output's tokenizer "
+                     "will not load either (eval and train need one); fix or replace it")
+    elif ids is not None and isinstance(vocab, int) and ids[1] >= vocab:  # by the largest id: a tokenizer's ids need not be 0..n-1
         notes.append(f"the base's tokenizer.json has {ids[0]:,} tokens with ids up to {ids[1]:,} but its config's vocab_size is {vocab:,}: "
                      f"text whose ids reach {vocab:,} or more cannot be embedded (train and eval refuse such data); a tokenizer of another model?")
     from midus_surgery.emit.emitter import emit

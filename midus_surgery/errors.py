@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -34,6 +38,66 @@ def load_error_line(exc: BaseException, limit: int = 300) -> str:
         reason = reason.split(" Please use")[0].split(" Check the documentation")[0].strip()
         return f"not plain tensors and numbers, refused by torch.load(weights_only=True) ({reason[:limit]})"
     return one_line(exc, limit, whole=True)
+
+
+def is_library_panic(exc: BaseException) -> bool:
+    """Whether ``exc`` is a panic inside a Rust extension (tokenizers, safetensors): pyo3 raises it as
+    ``pyo3_runtime.PanicException``, which derives from BaseException, not Exception, so an
+    ``except Exception`` guard misses it and the user gets a traceback (trial49: a tokenizer.json
+    whose BPE merge gives a token not in its vocabulary). Told by its class name: pyo3_runtime is no
+    module to import it from. A guard around such a library catches BaseException, takes a panic as
+    the library failing on the file, and re-raises anything else (Ctrl-C, SystemExit)."""
+    return type(exc).__name__ == "PanicException"
+
+
+# what Rust's default panic hook writes: (an empty line,) "thread '<unnamed>' (123) panicked at src/x.rs:1:2:", the
+# message, then its advice to set RUST_BACKTRACE, or (with RUST_BACKTRACE set) the backtrace and a last note
+_RUST_PANIC_LINES = re.compile(
+    rb"(?:^\n)?^thread '[^\n]*panicked at [^\n]*\n(?:(?!note: |stack backtrace:)[^\n]*\n)*?"
+    rb"(?:note: run with `RUST_BACKTRACE=1`[^\n]*\n|stack backtrace:\n(?:[ \t][^\n]*\n)*(?:note: [^\n]*RUST_BACKTRACE=full[^\n]*\n)?)",
+    re.M)
+
+
+@contextmanager
+def quiet_library_panic():
+    """Around a call into a Rust extension whose panic the caller reports in one line of its own: Rust's
+    panic hook writes the panic to the process's stderr (file descriptor 2, past sys.stderr) before pyo3
+    raises it, a block of lines naming the library's source files above that line. Held back here;
+    everything else written meanwhile is passed on after the call (without file descriptor 2 or a
+    temporary file, nothing is held). Its backtrace too, with RUST_BACKTRACE set: a setting for Rust's
+    developers, and the library's internals say nothing of the user's file."""
+    held = saved = None
+    try:
+        sys.stderr.flush()
+        held = tempfile.TemporaryFile()
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)
+    except (OSError, ValueError, AttributeError):
+        if saved is not None:
+            os.close(saved)
+        if held is not None:
+            held.close()
+        held = saved = None
+    if held is None:
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+        os.dup2(saved, 2)
+        os.close(saved)
+        with held:
+            held.seek(0)
+            rest = memoryview(_RUST_PANIC_LINES.sub(b"", held.read()))
+        try:
+            while rest:
+                rest = rest[os.write(2, rest):]
+        except OSError:  # stderr gone (its reader closed): nothing to pass on to
+            pass
 
 
 class MidusError(Exception):

@@ -21,7 +21,7 @@ from midus_surgery.compiler.base import BaseRef, resolve_base
 from midus_surgery.compiler.plan import PLAN_FILE, Plan, TensorEntry
 from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.emit.card import write_model_card
-from midus_surgery.errors import BaseModelError, MidusError, shown
+from midus_surgery.errors import BaseModelError, MidusError, is_library_panic, one_line, quiet_library_panic, shown
 from midus_surgery.io.dtypes import ITEMSIZE, TAGS, torch_dtype
 from midus_surgery.io.output_dir import add_to_marker, atomic_directory, check_output_dir
 from midus_surgery.io.progress import progress_bar
@@ -149,9 +149,14 @@ def _copy_tokenizer(ref, dest: Path, trust_remote_code: bool) -> None:
         from transformers import AutoTokenizer
 
         try:  # trust_remote_code explicit (the recipe's): with None transformers asks on the terminal whether to run the folder's code
-            AutoTokenizer.from_pretrained(ref.directory, gguf_file=ref.gguf_file, trust_remote_code=trust_remote_code).save_pretrained(dest)
-        except Exception as exc:  # noqa: BLE001 - a base without a usable tokenizer still emits
-            _warn(f"no tokenizer written (the GGUF's could not be read: {exc})")
+            with quiet_library_panic():
+                tokenizer = AutoTokenizer.from_pretrained(ref.directory, gguf_file=ref.gguf_file, trust_remote_code=trust_remote_code)
+            tokenizer.save_pretrained(dest)
+        except BaseException as exc:  # noqa: BLE001 - a base without a usable tokenizer still emits
+            if not isinstance(exc, Exception) and not is_library_panic(exc):
+                raise
+            why = exc if isinstance(exc, Exception) else one_line(exc, 300, whole=True)  # a panic's own text names no kind
+            _warn(f"no tokenizer written (the GGUF's could not be read: {why})")
         return
     copied = 0
     for name in TOKENIZER_FILES:
@@ -165,6 +170,11 @@ def _copy_tokenizer(ref, dest: Path, trust_remote_code: bool) -> None:
                 continue
             shutil.copy2(ref.directory / name, dest / name)
             copied += 1
+    if (dest / "tokenizer.json").is_file():
+        problem = read_tokenizer_json(dest / "tokenizer.json")[1]
+        if problem:  # copied as the base holds it (a newer tokenizers may read it), but said: the card tells users to load it
+            _warn(f"the base's tokenizer.json does not load ({problem}); copied as it is, so the output's tokenizer does not "
+                  "load either: fix or replace tokenizer.json in the output before using or publishing it")
     if not copied:
         _warn(f"{ref.directory} has no tokenizer files; the output has none either")
     for name in _tokenizer_code_files(ref.directory / "tokenizer_config.json"):
@@ -173,6 +183,21 @@ def _copy_tokenizer(ref, dest: Path, trust_remote_code: bool) -> None:
         else:
             _warn(f"the base's tokenizer names its own code in {name}, which it does not hold; the output's tokenizer "
                   "will not load until that file is beside it")
+
+
+def read_tokenizer_json(path: Path):
+    """(the tokenizers library's Tokenizer of ``path``, None), or (None, why it does not load, in one line).
+    The Rust reader runs no code; a file it panics on (trial49: a BPE merge whose result is not in the
+    vocabulary) is one that does not load, as transformers' loader, which runs the same reader, fails on it."""
+    from tokenizers import Tokenizer
+
+    try:
+        with quiet_library_panic():
+            return Tokenizer.from_file(str(path)), None
+    except BaseException as exc:  # noqa: BLE001 - a tokenizer.json that does not parse is the file's problem, said by the caller
+        if not isinstance(exc, Exception) and not is_library_panic(exc):
+            raise
+        return None, one_line(exc, 300, whole=True)
 
 
 def _tokenizer_code_files(config: Path) -> list[str]:

@@ -34,7 +34,7 @@ import torch
 
 from midus_surgery.compiler.custom_code import BUILDING_KEYS
 from midus_surgery.compiler.plan import guess_layers_path, read_plan_file
-from midus_surgery.errors import MachineError, MidusError, UsageError, disk_problem, load_error_line, one_line
+from midus_surgery.errors import MachineError, MidusError, UsageError, disk_problem, is_library_panic, load_error_line, one_line, quiet_library_panic
 from midus_surgery.io.output_dir import recorded_base, run_export_hint
 from midus_surgery.model.midus_names import is_memory_parameter
 
@@ -129,11 +129,15 @@ def _tokenizer(path: Path, trust_remote_code: bool = False):
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return None, None  # cli's note says so
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if len(tokenizer(PROMPT).input_ids):
+        with quiet_library_panic():
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            tokens = len(tokenizer(PROMPT).input_ids)
+        if tokens:
             return tokenizer, None
         return None, "it turns the sample prompt into no tokens"
-    except Exception as exc:  # noqa: BLE001 - an unreadable tokenizer is not the model's fault: said, not failed
+    except BaseException as exc:  # noqa: BLE001 - an unreadable tokenizer is not the model's fault: said, not failed
+        if not isinstance(exc, Exception) and not is_library_panic(exc):  # a Rust panic (trial49) is the file's fault too
+            raise
         return None, f"AutoTokenizer.from_pretrained fails on it: {load_error_line(exc, 400)}"
 
 

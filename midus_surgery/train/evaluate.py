@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from midus_surgery.errors import MidusError, UsageError, load_error_line, one_line
+from midus_surgery.errors import MidusError, UsageError, is_library_panic, load_error_line, one_line, quiet_library_panic
 from midus_surgery.io.hf_output import hf_progress_bars
 from midus_surgery.io.output_dir import CHECKPOINT_STATE, check_cache_location, data_folder, input_root, run_export_hint
 from midus_surgery.train.config import DIR_GLOB
@@ -215,8 +215,11 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False, how_to_allow: st
         raise ModelLoadError(f"{path} holds no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.*, *.model...): "
                              "copy them from the model it was made from")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
+        with quiet_library_panic():
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except BaseException as exc:  # noqa: BLE001 - transformers raises many kinds here, the Rust tokenizers a panic (trial49)
+        if not isinstance(exc, Exception) and not is_library_panic(exc):
+            raise
         raise ModelLoadError(f"{path}: no usable tokenizer ({one_line(exc, 300, whole=True)})") from None
     own = None if trust_remote_code else _own_tokenizer_code(path)
     if own and (str(Path(path).resolve()), own) not in _NOTED_CODE:
