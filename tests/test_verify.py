@@ -547,3 +547,20 @@ def test_an_output_whose_tokenizer_does_not_load_is_said_not_passed_silently(bas
     assert "SKIP tokenizer: the folder's tokenizer does not load (AutoTokenizer.from_pretrained fails on it: " in text
     assert "the checks ran on random token ids" in text and "1 skipped (tokenizer)" in text
     assert "note: no tokenizer files" not in text
+
+
+def test_verify_with_the_flag_runs_no_code_of_a_stock_base(bases, tmp_path):
+    """trial49: `verify --trust-remote-code OUT` loaded the recorded base with the flag too, and transformers then ran
+    the base's custom_generate/generate.py, which no message named. The flag is for the output's own code: a base
+    whose config maps to no code of its own is loaded without it."""
+    import shutil
+
+    base = tmp_path / "llama-with-generate"
+    shutil.copytree(bases["llama"], base)
+    marker = tmp_path / "generate-ran"
+    (base / "custom_generate").mkdir()
+    (base / "custom_generate" / "generate.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n\ndef generate(model, *args, **kwargs):\n    return model.generate(*args, **kwargs)\n")
+    out = emit(plan_recipe(write_recipe(tmp_path, base, "midus")), progress=False).out_dir
+    checks = {c.name: c for c in verify(out, trust_remote_code=True, report=lambda c: None)}
+    assert checks["identity"].ok and not marker.exists()

@@ -87,6 +87,20 @@ def own_memory(model):
     return model
 
 
+def _builds_with_own_code(directory: Path, gguf: str | None) -> bool:
+    """Whether the base's config.json maps its model to code of its own: only then does verify load it with
+    trust_remote_code (the flag asked for the output's code). Given it, transformers also runs a folder's
+    ``custom_generate/generate.py``, which a stock base may carry and no message named (trial49)."""
+    if gguf:
+        return False
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    return isinstance(auto_map, dict) and any(k in auto_map for k in BUILDING_KEYS)
+
+
 def _not_a_base(path: Path) -> str | None:
     """Why ``path`` cannot be a base model to load (transformers would take it for a hub id, or fail
     deep in its loader), or None: a directory with a config.json, or a .gguf file."""
@@ -350,7 +364,7 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     if base_path is not None:
         base_dir, gguf = (base_path.parent, base_path.name) if base_path.suffix == ".gguf" else (base_path, None)
         try:
-            base_model, _ = _load(base_dir, gguf, trust_remote_code=trust)
+            base_model, _ = _load(base_dir, gguf, trust_remote_code=trust and _builds_with_own_code(base_dir, gguf))
         except Exception as exc:  # noqa: BLE001 - the comparison's result, said in one line
             record(Check("identity", False, f"the base model {base_path} does not load: {load_error_line(exc, 300)}"))
             return checks
