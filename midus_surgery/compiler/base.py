@@ -164,6 +164,22 @@ def config_math_problems(data: dict) -> list[str]:
     return problems
 
 
+def _gguf_config(data, unused: dict):
+    """The config AutoConfig.from_pretrained builds of a GGUF's config dict (its own steps for a known model
+    type), without reading the file again (seconds for a large vocabulary); None where it would do more."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if not isinstance(data, dict) or "auto_map" in data or data.get("model_type") not in CONFIG_MAPPING or "layer_types" in data:
+        return None
+    return CONFIG_MAPPING[data["model_type"]].from_dict(data, **unused)
+
+
+def _from_metadata(problem: str, keys: dict[str, str]) -> str:
+    """Where in a GGUF's metadata the config keys a problem names come from: " (its metadata's llama.rope.freq_base)"."""
+    named = sorted((m.start(), keys[k]) for k in keys if (m := re.search(rf"\b{re.escape(k)}\b", problem)))
+    return f" (its metadata's {' and '.join(dict.fromkeys(key for _, key in named))})" if named else ""
+
+
 def _rope_problems(key: str, value) -> list[str]:
     if value is None:
         return []
@@ -307,17 +323,28 @@ def load_base_config(loaded: LoadedRecipe):
     key = "path"
     try:
         if ref.exists and ref.is_gguf:
-            from transformers import AutoConfig
+            from transformers import AutoConfig, PretrainedConfig
 
             from midus_surgery.io.hf_output import transformers_quiet
-            from midus_surgery.io.tensor_source import gguf_problem
+            from midus_surgery.io.tensor_source import gguf_config_keys, gguf_problem
 
             where = str(ref.directory / ref.gguf_file)
+            at = ("base", "path" if spec.gguf_file is None else "gguf_file")
             problem = gguf_problem(ref.directory / ref.gguf_file)
             if problem:
-                raise RecipeError([loaded.problem(("base", "path" if spec.gguf_file is None else "gguf_file"), problem)])
+                raise RecipeError([loaded.problem(at, problem)])
+            # the config transformers derives from the metadata, checked as a config.json is (a GGUF's numbers are
+            # as much the user's as a config.json's: transformers would build a model of them, or fail to load it)
             with transformers_quiet():
-                config = AutoConfig.from_pretrained(ref.directory, gguf_file=ref.gguf_file, trust_remote_code=spec.trust_remote_code)
+                data, unused = PretrainedConfig.get_config_dict(ref.directory, gguf_file=ref.gguf_file, name_or_path=ref.directory)
+            numbers = config_number_problems(data) if isinstance(data, dict) else []
+            if numbers:
+                keys = gguf_config_keys(ref.directory / ref.gguf_file)
+                raise RecipeError([loaded.problem(at, f"{where}: {problem}{_from_metadata(problem, keys)}") for problem in numbers])
+            with transformers_quiet():
+                config = _gguf_config(data, unused)
+                if config is None:  # what the dict alone does not settle: transformers' own way, and its words
+                    config = AutoConfig.from_pretrained(ref.directory, gguf_file=ref.gguf_file, trust_remote_code=spec.trust_remote_code)
         elif ref.exists or spec.config is not None:
             path = ref.directory / "config.json" if ref.exists else loaded.resolve(spec.config)
             if not ref.exists:

@@ -9,6 +9,7 @@ from midus_surgery.compiler.base import load_base_config
 from midus_surgery.compiler.layout import COPY, expand_layout
 from midus_surgery.compiler.plan import Plan, base_tied_pairs, make_plan
 from midus_surgery.compiler.planned import PlannedRecipe
+from midus_surgery.errors import RecipeError
 from midus_surgery.io.dtypes import auto_dtype
 from midus_surgery.recipe.anatomy_spec import StackAnatomy
 from midus_surgery.recipe.schema import LoadedRecipe, load_recipe
@@ -47,21 +48,29 @@ def plan_loaded(loaded: LoadedRecipe, *, anatomy_only_if_needed: bool = False) -
     # transformers 5 reads an old config's torch_dtype into dtype; its torch_dtype attribute only warns
     base_dtype = auto_dtype(getattr(config, "dtype", None) or vars(config).get("torch_dtype"))
     plan = make_plan(loaded, config, anatomy, anatomy_problem=why)
-    check_base_weights(loaded, plan)
+    check_base_weights(loaded, plan, config)
     return PlannedRecipe(loaded, config, anatomy, plan, base_dtype=base_dtype, tied=tuple(base_tied_pairs(config).items()))
 
 
-def check_base_weights(loaded: LoadedRecipe, plan: Plan) -> None:
+def check_base_weights(loaded: LoadedRecipe, plan: Plan, config=None) -> None:
     """When the base's safetensors are there: refuse weights its config.json does not describe.
 
-    Reads only the headers (cheap), so ``validate`` and ``plan`` check too. A GGUF base is
-    consistent by construction (transformers derives its config and tensors from the one file);
-    pickle checkpoints are checked when ``apply`` opens them (emit).
+    Reads only the headers (cheap), so ``validate`` and ``plan`` check too. A GGUF base's tensor
+    infos are checked against the shapes the config transformers derives from its metadata implies
+    (``config``, the base's: the two halves of one file can disagree); pickle checkpoints are checked
+    when ``apply`` opens them (emit).
     """
     from midus_surgery.compiler.base import resolve_base
-    from midus_surgery.io.tensor_source import SafetensorsSource, check_matches_config, checkpoint_renames
+    from midus_surgery.io.tensor_source import SafetensorsSource, check_matches_config, checkpoint_renames, gguf_shape_problem
 
     ref = resolve_base(loaded)
+    if ref.exists and ref.is_gguf and config is not None:
+        from midus_surgery.compiler.plan import base_tensor_shapes
+
+        problem = gguf_shape_problem(ref.directory / ref.gguf_file, config, base_tensor_shapes(config))
+        if problem:
+            raise RecipeError([loaded.problem(("base", "path" if loaded.recipe.base.gguf_file is None else "gguf_file"), problem)])
+        return
     if not ref.exists or ref.is_gguf or not any(ref.directory.glob("*.safetensors")):
         return
     prefixes = tuple({t.name.split(".", 1)[0] for t in plan.tensors if "." in t.name})

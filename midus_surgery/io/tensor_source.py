@@ -18,6 +18,7 @@ not describe. Each problem is one BaseModelError naming the file.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
@@ -402,33 +403,207 @@ class DictSource(TensorSource):
         return self._where[key].clone()
 
 
+@dataclass(frozen=True)
+class GgufInfo:
+    """What the checks read of a GGUF file (not its tokenizer's arrays, not its weights)."""
+
+    arch: object  # general.architecture, None without one
+    block_count: object  # <arch>.block_count, None without one
+    keys: frozenset[str]  # every metadata key
+    tensors: tuple[tuple[str, tuple[int, ...]], ...]  # each tensor's name and shape, in torch's order (the reverse of GGML's)
+
+
+def read_gguf_info(path: Path) -> GgufInfo:
+    """The file's GgufInfo; raises what the gguf reader raises for a file it cannot read. Kept for the
+    file as it is (its size and time): the reader parses every metadata array, seconds for a large vocabulary,
+    and validate's checks read one file several times."""
+    stat = path.stat()
+    return _gguf_info(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_info(path: str, size: int, mtime_ns: int) -> GgufInfo:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)  # memory-maps the file: every tensor must lie within it
+
+    def field(key: str):
+        try:
+            return reader.fields[key].contents()
+        except (KeyError, AttributeError, IndexError, TypeError, ValueError):
+            return None
+
+    arch = field("general.architecture")
+    return GgufInfo(arch, field(f"{arch}.block_count") if isinstance(arch, str) else None, frozenset(reader.fields),
+                    tuple((t.name, tuple(int(d) for d in reversed(t.shape.tolist()))) for t in reader.tensors))
+
+
 def gguf_problem(path: Path) -> str | None:
     """None when the GGUF file reads whole; else why not, one line. (transformers' own errors for
     a cut or corrupt GGUF speak of JSON config files and array shapes.)"""
     try:
-        from gguf import GGUFReader
+        import gguf  # noqa: F401 - only whether it is there
     except ImportError:
         return None  # transformers says it needs the gguf package
     try:
-        reader = GGUFReader(path)  # memory-maps the file: every tensor must lie within it
+        info = read_gguf_info(path)
     except Exception as exc:  # noqa: BLE001 - the reader raises many types for a file it cannot read
+        twice = _gguf_twice(exc)
+        if twice:  # a whole file, read to its tensor list: which of the two a loader takes is up to the loader
+            return f"{path}: {twice} (a corrupt GGUF file: a GGUF file holds each once)"
         return f"{path}: not a whole GGUF file ({path.stat().st_size} bytes; cut short, or not GGUF: {one_line(exc, 160)})"
-    return _gguf_block_problem(path, reader)
+    return _gguf_block_problem(path, info)
 
 
-def _gguf_block_problem(path: Path, reader) -> str | None:
+def _gguf_twice(exc: Exception) -> str | None:
+    """What the gguf reader found twice (a tensor name, a metadata key), said for the user; None for other errors."""
+    text = str(exc.args[0]) if exc.args else ""
+    if isinstance(exc, ValueError) and (m := re.fullmatch(r"Found duplicated tensor with name (.*)", text, re.S)):
+        return f"it holds two tensors named {shown(m.group(1))}"
+    if isinstance(exc, KeyError) and (m := re.fullmatch(r"Duplicate (.*) already in list at offset \d+", text, re.S)):
+        return f"its metadata holds the key {shown(m.group(1))} twice"
+    return None
+
+
+def _gguf_block_problem(path: Path, info: GgufInfo) -> str | None:
     """A GGUF file whose ``<arch>.block_count`` disagrees with its ``blk.N`` tensors (llama.cpp refuses it too):
     transformers builds block_count layers and drops the tensors of any others without a word."""
-    try:
-        arch = reader.fields["general.architecture"].contents()
-        stated = reader.fields[f"{arch}.block_count"].contents()
-    except (KeyError, AttributeError, IndexError, TypeError, ValueError):
+    arch, stated = info.arch, info.block_count
+    blocks = {int(m.group(1)) for name, _ in info.tensors if (m := re.match(r"blk\.(\d+)\.", name))}
+    if isinstance(stated, bool) or not isinstance(stated, int) or not blocks or blocks == set(range(stated)):
         return None  # no layer count to compare: the config's own checks speak
-    blocks = {int(m.group(1)) for t in reader.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))}
-    if not isinstance(stated, int) or not blocks or blocks == set(range(stated)):
+    held = sorted(blocks)
+    held_text = f"{len(held)} blocks, {_blocks(held)}" if held == list(range(held[0], held[-1] + 1)) else f"{len(held)} blocks ({_blocks(held)})"
+    missing = sorted(set(range(stated)) - blocks)
+    lacking = f", with no tensor of {_blocks(missing)}" if missing else ""
+    return (f"{path}: its metadata says {arch}.block_count = {stated}, but its tensors are {held_text}{lacking}: "
+            "a file that contradicts itself (a model built from it would lose or invent layers)")
+
+
+def _blocks(indices: list[int], limit: int = 8) -> str:
+    """``blk.0 to blk.3``, ``blk.0, blk.1, blk.3``: runs of three or more as a range."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    parts = [f"blk.{r[0]} to blk.{r[-1]}" if len(r) > 2 else ", ".join(f"blk.{i}" for i in r) for r in runs]
+    return ", ".join(parts[:limit]) + (f" and {len(parts) - limit} more" if len(parts) > limit else "")
+
+
+def gguf_config_keys(path: Path) -> dict[str, str]:
+    """Config key -> the GGUF metadata key transformers takes it from (``rope_theta`` -> ``llama.rope.freq_base``),
+    for the keys the file has: a problem with a derived config names what to fix in the file."""
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_TO_TRANSFORMERS_MAPPING
+
+        info = read_gguf_info(path)
+        renames = GGUF_TO_TRANSFORMERS_MAPPING["config"].get(info.arch, {})
+    except Exception:  # noqa: BLE001 - only a hint: without it the message names the config key alone
+        return {}
+    return {target: f"{info.arch}.{key}" for key, target in renames.items() if isinstance(target, str) and f"{info.arch}.{key}" in info.keys}
+
+
+class _ModuleNames:
+    """What transformers' GGUF name mapping reads of a model (its config, its state_dict's names, its children),
+    from the tensor names alone: no model is built. The mapping, run again for each child module, rebuilds
+    gguf-py's name table each time (seconds for a model's hundreds of modules); a layer's own modules (below a
+    numbered child) are not offered, as no GGUF name can be mapped without the block number."""
+
+    def __init__(self, names: Iterable[str], config=None):
+        self.config = config
+        self._names = list(names)
+
+    def state_dict(self) -> dict:
+        return dict.fromkeys(self._names)
+
+    def named_children(self):
+        children: dict[str, list[str]] = {}
+        for name in self._names:
+            head, dot, rest = name.partition(".")
+            if dot and not head.isdigit():
+                children.setdefault(head, []).append(rest)
+        return [(head, _ModuleNames(rest)) for head, rest in children.items()]
+
+
+def _gguf_mapping(arch, names: Iterable[str], config):
+    """(GGUF tensor name -> the module tensor name transformers' GGUF loader loads it into, the loader's tensor
+    processor for the architecture), by transformers' own mapping, for the model's tensor ``names``;
+    None where it has none."""
+    from types import SimpleNamespace
+
+    try:
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+        processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+        model = _ModuleNames(names, SimpleNamespace(model_type=config.model_type, num_hidden_layers=config.num_hidden_layers))
+        return get_gguf_hf_weights_map(model, processor), processor
+    except Exception:  # noqa: BLE001 - an architecture gguf-py or transformers cannot map: the load itself speaks
         return None
-    return (f"{path}: its metadata says {arch}.block_count = {stated}, but its tensors are {len(blocks)} blocks, blk.{min(blocks)} to "
-            f"blk.{max(blocks)}: a file that contradicts itself (a model built from it would lose or invent layers)")
+
+
+# transformers' tensor processors that give each GGUF tensor its module's shape as stored (others transpose,
+# add a dimension or stack experts: for those only the number of values is compared)
+_SHAPE_KEEPING = ("TensorProcessor", "LlamaTensorProcessor", "BloomTensorProcessor", "T5TensorProcessor",
+                  "NemotronTensorProcessor", "Gemma2TensorProcessor")
+_SIZE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
+
+
+def gguf_shape_problem(path: Path, config, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """A GGUF tensor whose shape (its tensor info) is not the one the config transformers derives from the same
+    file's metadata implies for its module tensor (``shapes``: module tensor name -> shape, from the config); one
+    line naming it, else None. transformers' load fails on one with its own words ("look at the above report")."""
+    try:
+        import gguf  # noqa: F401 - only whether it is there
+    except ImportError:
+        return None  # transformers says it needs the gguf package
+    info = read_gguf_info(path)
+    mapped = _gguf_mapping(info.arch, shapes, config)
+    if mapped is None:
+        return None
+    mapping, processor = mapped
+    targets: dict[str, int] = {}
+    for target in mapping.values():
+        targets[target] = targets.get(target, 0) + 1
+    exact = type(processor).__name__ in _SHAPE_KEEPING
+    data = config.to_dict()
+    for name, got in info.tensors:
+        target = mapping.get(name)
+        if target not in shapes or targets[target] > 1:  # unmapped, or one of several stacked into one module tensor
+            continue
+        want = tuple(shapes[target])
+        if got == want or (not exact and _count(got) == _count(want)):
+            continue
+        sizes = ", ".join(f"{k}={data[k]}" for k in _SIZE_KEYS if data.get(k) is not None)
+        return (f"{path}: its tensor {shown(name)} has shape {got}, but the config its metadata gives ({sizes}) implies "
+                f"{want} for {target}, which transformers loads it into: a file that contradicts itself")
+    return None
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def gguf_left_out(path: Path, model) -> dict:
+    """The GGUF file's tensors that transformers' GGUF loader leaves out (no module tensor of the architecture
+    takes them), name -> tensor (dequantised): the loader drops them without a word."""
+    import torch
+    from gguf import GGUFReader, dequantize
+
+    info = read_gguf_info(path)
+    mapped = _gguf_mapping(info.arch, model.state_dict(), model.config)
+    if mapped is None:
+        return {}
+    mapping, processor = mapped
+    own = [p for key, p in vars(type(processor)).items() if key.startswith("GGUF_") and isinstance(p, re.Pattern)]  # names it takes itself
+    left = {name for name, _ in info.tensors if name not in mapping and not any(p.search(name) for p in own)}
+    if not left:
+        return {}
+    return {t.name: torch.from_numpy(dequantize(t.data, t.tensor_type).copy()) for t in GGUFReader(path).tensors if t.name in left}
 
 
 def _loaded_by_transformers(ref: BaseRef, prefixes: tuple[str, ...], what: str, *, progress: bool = True, **kwargs) -> DictSource:
@@ -447,7 +622,10 @@ def _loaded_by_transformers(ref: BaseRef, prefixes: tuple[str, ...], what: str, 
         where = "in the GGUF file" if ref.is_gguf else "in its files, also as transformers' loader reads them"
         raise BaseModelError(f"the base checkpoint {ref.directory / (ref.gguf_file or '')} lacks {len(missing)} tensor(s) of the model, "
                              f"e.g. {', '.join(missing[:3])}: not {where}")
-    return DictSource(model.state_dict(), prefixes, how=f"whole, through transformers' loader ({what})")
+    tensors = model.state_dict()
+    if ref.is_gguf:  # under their GGUF names, so that apply says they are left out (a safetensors base's extras are there too)
+        tensors.update(gguf_left_out(ref.directory / ref.gguf_file, model))
+    return DictSource(tensors, prefixes, how=f"whole, through transformers' loader ({what})")
 
 
 def available_memory() -> int:

@@ -1,0 +1,159 @@
+"""A GGUF base's metadata checked as a config.json is, and its tensors as a safetensors header's (trial49 F3, F7).
+
+The config transformers derives from a GGUF's metadata and the file's own tensor infos can disagree: heads
+that do not share out over the key/value heads, a vocabulary the embedding does not have, a tensor of
+another shape, a RoPE base no model computes with. validate, plan and apply refuse each in one located
+line, exit 2, nothing written (validate said OK, then apply failed with exit 1 and transformers' words, or
+the anatomy was blamed). A block missing from the middle is named; two tensors of one name are said so (not
+"cut short"); a tensor the architecture lacks is noted as left out, as for a safetensors base.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from midus_surgery.cli import main
+
+IDENTITY = "layout:\n  interleave:\n    after_every: 2\n    kind: identity\n"
+HIDDEN, INTER, HEADS, KV, VOCAB, LAYERS = 16, 32, 4, 2, 32, 4
+NAMES = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (KV * 4, HIDDEN), "attn_v": (KV * 4, HIDDEN), "attn_output": (HIDDEN, HIDDEN),
+         "ffn_gate": (INTER, HIDDEN), "ffn_up": (INTER, HIDDEN), "ffn_down": (HIDDEN, INTER), "attn_norm": (HIDDEN,), "ffn_norm": (HIDDEN,)}
+
+
+def write_llama_gguf(path: Path, *, kv: int = KV, vocab: int = VOCAB, rope=10000.0, bad_shape: str | None = None,
+                     skip_block: int | None = None, extra: str | None = None, duplicate: bool = False) -> Path:
+    """A tiny 4-block llama GGUF (numpy order shapes as transformers loads them), spoiled as asked."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(LAYERS)
+    writer.add_context_length(64)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(INTER)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(kv)
+    if isinstance(rope, str):
+        writer.add_string("llama.rope.freq_base", rope)
+    else:
+        writer.add_rope_freq_base(rope)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_vocab_size(vocab)
+    writer.add_rope_dimension_count(HIDDEN // HEADS)
+
+    def add(name: str, shape: tuple[int, ...]) -> None:
+        if name == bad_shape:
+            shape = (shape[0], shape[1] // 2)
+        writer.add_tensor(name, rng.standard_normal(shape).astype(np.float32) * 0.1)
+
+    add("token_embd.weight", (VOCAB, HIDDEN))
+    add("output_norm.weight", (HIDDEN,))
+    add("output.weight", (VOCAB, HIDDEN))
+    for i in range(LAYERS):
+        if i != skip_block:
+            for short, shape in NAMES.items():
+                add(f"blk.{i}.{short}.weight", shape)
+    if extra:
+        add(extra, (4, 4))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    if duplicate:  # the same length of name, so the file stays whole: only the tensor list names one twice
+        data = path.read_bytes()
+        assert data.count(b"blk.1.attn_k.weight") == 1
+        path.write_bytes(data.replace(b"blk.1.attn_k.weight", b"blk.1.attn_q.weight"))
+    return path
+
+
+def write_recipe(tmp: Path, base: Path) -> Path:
+    path = tmp / f"{base.stem}.yaml"
+    path.write_text(f"base:\n  path: {base}\n{IDENTITY}output:\n  dir: out/{base.stem}\n  dtype: float32\n")
+    return path
+
+
+def refused(recipe: Path, capsys, command: str) -> str:
+    """Run the command: exit 2, one located line, no traceback, nothing written. Returns the problem line."""
+    code = main([command, str(recipe)] + (["--quiet"] if command == "apply" else ["--json"] if command == "plan" else []))
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert "Traceback" not in captured.err + captured.out
+    out = recipe.parent / "out"
+    assert not out.exists() or not any(out.iterdir())
+    if command == "plan":
+        data = json.loads(captured.out)
+        assert data["valid"] is False and len(data["problems"]) == 1, data
+        problem = data["problems"][0]
+        assert problem["field"] == "base.path"
+        return problem["message"]
+    lines = [line.strip() for line in captured.err.splitlines() if line.strip() and not line.startswith("INVALID")]
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"{recipe}:2:3: base.path: "), lines[0]
+    return lines[0]
+
+
+CASES = {
+    "kv3": ({"kv": 3}, "num_attention_heads (4) is not a multiple of num_key_value_heads (3): the query heads cannot share the key/value "
+                       "heads out evenly (its metadata's llama.attention.head_count and llama.attention.head_count_kv)"),
+    "vocab": ({"vocab": 40}, "its tensor 'token_embd.weight' has shape (32, 16), but the config its metadata gives (hidden_size=16, "),
+    "shape": ({"bad_shape": "blk.1.attn_q.weight"}, "its tensor 'blk.1.attn_q.weight' has shape (16, 8), but the config its metadata gives"),
+    "rope-negative": ({"rope": -1.0}, "rope_theta is -1.0; it must be a number above 0 (its metadata's llama.rope.freq_base)"),
+    "rope-string": ({"rope": "10000"}, "rope_theta is '10000'; it must be a number above 0 (its metadata's llama.rope.freq_base)"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gguf_metadata_that_contradicts_itself_is_one_located_line_everywhere(tmp_path, capsys, case):
+    """trial49: validate and plan said valid (function_preserving true), apply exited 1 with "look at the above report"
+    (no report shown) or "cannot reshape array"; a bad RoPE base was blamed on the anatomy (write an anatomy: block)."""
+    spoil, expected = CASES[case]
+    path = write_llama_gguf(tmp_path / f"{case}.gguf", **spoil)
+    recipe = write_recipe(tmp_path, path)
+    for command in ("validate", "plan", "apply"):
+        line = refused(recipe, capsys, command)
+        assert f"{path}: {expected}" in line, (command, line)
+        assert "anatomy" not in line and "trust_remote_code" not in line and "report" not in line
+    if case == "vocab":
+        assert "vocab_size=40) implies (40, 16) for model.embed_tokens.weight" in line
+    if case == "shape":
+        assert "implies (16, 16) for model.layers.1.self_attn.q_proj.weight" in line
+
+
+def test_a_gguf_missing_a_block_names_it(tmp_path, capsys):
+    """trial49: "its tensors are 3 blocks, blk.0 to blk.3" for blocks 0, 1 and 3."""
+    path = write_llama_gguf(tmp_path / "gap.gguf", skip_block=2)
+    line = refused(write_recipe(tmp_path, path), capsys, "validate")
+    assert ("its metadata says llama.block_count = 4, but its tensors are 3 blocks (blk.0, blk.1, blk.3), with no tensor of blk.2: "
+            "a file that contradicts itself") in line
+
+
+def test_a_gguf_naming_a_tensor_twice_says_so(tmp_path, capsys):
+    """trial49: a whole file was called "not a whole GGUF file (... cut short, or not GGUF ...)"."""
+    path = write_llama_gguf(tmp_path / "dup.gguf", duplicate=True)
+    for command in ("validate", "apply"):
+        line = refused(write_recipe(tmp_path, path), capsys, command)
+        assert f"{path}: it holds two tensors named 'blk.1.attn_q.weight' (a corrupt GGUF file" in line
+        assert "not a whole" not in line and "cut short" not in line
+
+
+def test_a_gguf_tensor_the_architecture_lacks_is_noted_as_left_out(tmp_path, capsys):
+    """trial49: dropped without a word, where a safetensors base's extra tensor gets the note. A GGUF without one
+    applies as before, with no note."""
+    sound = write_recipe(tmp_path, write_llama_gguf(tmp_path / "sound.gguf"))
+    assert main(["validate", str(sound)]) == 0
+    assert main(["apply", str(sound), "--quiet"]) == 0
+    assert "left out" not in capsys.readouterr().err
+    assert (tmp_path / "out" / "sound" / "config.json").is_file()
+
+    recipe = write_recipe(tmp_path, write_llama_gguf(tmp_path / "extra.gguf", extra="blk.1.foo.weight"))
+    assert main(["validate", str(recipe)]) == 0
+    capsys.readouterr()
+    assert main(["apply", str(recipe), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert ("note: 1 tensor(s) of the base that its architecture does not have are left out of the output, as transformers' load "
+            "leaves them out: 'blk.1.foo.weight'") in err, err
+    assert (tmp_path / "out" / "extra" / "config.json").is_file()
