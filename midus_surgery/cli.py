@@ -117,6 +117,20 @@ def _tokenizer_ids(planned) -> tuple[int, int] | str | None:
     return (len(ids), max(ids)) if ids else None
 
 
+def _index_beside_single_file(planned) -> str | None:
+    """A base folder holding model.safetensors and an index of shards too: transformers reads
+    model.safetensors, and so does apply; the shards are not read (trial49: apply read the shards)."""
+    from midus_surgery.compiler.base import resolve_base
+
+    ref = resolve_base(planned.loaded)
+    if not ref.exists or ref.is_gguf:
+        return None
+    if (ref.directory / "model.safetensors").is_file() and (ref.directory / "model.safetensors.index.json").is_file():
+        return (f"{ref.directory} holds model.safetensors and model.safetensors.index.json: transformers loads model.safetensors, "
+                "and so does apply; the index and its shards are not read (remove the one that is not the model)")
+    return None
+
+
 def _plan_notes(planned, start: bool) -> list[str]:
     """What a valid plan does that its author may not have meant: base layers pruned on purpose,
     memory that does not start as the identity (``start``: plan says that in its own line), memory
@@ -128,6 +142,9 @@ def _plan_notes(planned, start: bool) -> list[str]:
     dropped = plan.dropped_layers
     if dropped:
         notes.append(f"base layer{'s' if len(dropped) > 1 else ''} {', '.join(map(str, dropped))} left out of the output (allow_dropped_layers)")
+    both = _index_beside_single_file(planned)
+    if both:
+        notes.append(both)
     if start and plan.function_preserving is None and plan.memory_layers and recipe.memory.init == "random":
         notes.append("memory.init: random: the memory blocks start from random values, so the output does not start as the base's "
                      "function (verify then compares perplexity, not logits)")

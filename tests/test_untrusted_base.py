@@ -539,6 +539,23 @@ def test_a_second_safetensors_file_beside_model_safetensors_is_not_read(llama, t
     assert len(said) == 1 and "is in both model-a.safetensors and model-b.safetensors" in said[0], err
 
 
+def test_model_safetensors_beside_an_index_is_read_as_transformers_reads_it(sharded, tmp_path, capsys):
+    """trial49: a folder with an index and its shards and a model.safetensors too: apply read the shards,
+    transformers model.safetensors, and verify then blamed the output ('not the base it was made from').
+    apply reads model.safetensors, as transformers does, and validate says the shards are not read."""
+    base = copy_base(sharded, tmp_path / "both")
+    shards = {}
+    for shard in sorted(base.glob("model-*.safetensors")):
+        shards.update(load_file(shard))
+    save_file({k: torch.full_like(v, 0.5) for k, v in shards.items()}, base / "model.safetensors")
+    recipe = write_recipe(tmp_path, base)
+    assert main(["validate", str(recipe)]) == 0
+    assert "holds model.safetensors and model.safetensors.index.json: transformers loads model.safetensors, and so does apply" in capsys.readouterr().out
+    assert main(["apply", str(recipe), "--quiet"]) == 0, capsys.readouterr().err
+    out = load_file(tmp_path / "out" / "both" / "model.safetensors")
+    assert torch.equal(out["model.embed_tokens.weight"], torch.full_like(shards["model.embed_tokens.weight"], 0.5))
+
+
 @pytest.mark.parametrize("index_text, says", [("{not json", "not valid JSON"), ('{"metadata": {}}', "weight_map"),
                                               ('{"weight_map": ["a"]}', "weight_map"), ('{"weight_map": {"x": 3}}', "weight_map"),
                                               ("[]", "weight_map")])

@@ -314,13 +314,14 @@ def check_matches_config(source: TensorSource, tensors, layers_path: str | None,
 class SafetensorsSource(TensorSource):
     def __init__(self, directory: Path, prefixes: tuple[str, ...], renames: list[tuple[str, str]]):
         index = directory / "model.safetensors.index.json"
-        if index.is_file():
+        if (directory / "model.safetensors").is_file():
+            # what transformers reads, index or not (trial49: with both, apply read the shards and transformers
+            # model.safetensors); a model.fp16.safetensors or a leftover conversion beside it is not the model, and read
+            # too it would replace the weights it shares names with
+            files, weight_map = ["model.safetensors"], None
+        elif index.is_file():
             weight_map = _read_index(index, directory)
             files = sorted(set(weight_map.values()))
-        elif (directory / "model.safetensors").is_file():
-            # what transformers reads without an index: a model.fp16.safetensors or a leftover conversion beside
-            # it is not the model, and read too it would replace the weights it shares names with
-            files, weight_map = ["model.safetensors"], None
         else:
             files = sorted(p.name for p in directory.glob("*.safetensors"))
             weight_map = None
