@@ -229,7 +229,7 @@ def _emit_tiny(planned: PlannedRecipe, base, attn, tmp: Path, emit, function_pre
     config = AutoConfig.from_pretrained(tmp / "base", trust_remote_code=trust)
     plan = dataclasses.replace(make_plan(loaded, config, planned.anatomy), function_preserving=function_preserving)
     emit(PlannedRecipe(loaded, config, planned.anatomy, plan, base_dtype="float32"), progress=False)
-    from midus_surgery.emit.verify import own_memory
+    from midus_surgery.emit.comparable import own_memory
 
     kwargs = {"attn_implementation": attn} if attn else {}
     return own_memory(AutoModelForCausalLM.from_pretrained(tmp / "out", dtype=torch.float32, trust_remote_code=trust, **kwargs).eval())

@@ -34,6 +34,7 @@ import torch
 
 from midus_surgery.compiler.custom_code import BUILDING_KEYS
 from midus_surgery.compiler.plan import guess_layers_path, read_plan_file
+from midus_surgery.emit.comparable import own_memory
 from midus_surgery.errors import MachineError, MidusError, UsageError, disk_problem, is_library_panic, load_error_line, one_line, quiet_library_panic
 from midus_surgery.io.output_dir import recorded_base, run_export_hint
 from midus_surgery.model.midus_names import is_memory_parameter
@@ -74,17 +75,6 @@ def _load(path: Path, gguf_file: str | None = None, *, trust_remote_code: bool =
     model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
                                                        trust_remote_code=trust_remote_code, **kwargs)
     return own_memory(model.eval()), info
-
-
-def own_memory(model):
-    """``model`` with every parameter and buffer in memory of its own. Loaded weights can sit in the
-    safetensors file's mapping at the offsets the file gives them, and a matrix product blocks an
-    unaligned operand otherwise, so the same weights give results that differ in the last bit from
-    one file to another (DBRX's experts, 1 in 3 random replicas): the identity checks compare bits."""
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            tensor.data = tensor.data.clone()
-    return model
 
 
 def _builds_with_own_code(directory: Path, gguf: str | None) -> bool:
