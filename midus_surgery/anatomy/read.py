@@ -209,17 +209,10 @@ def _out_biases(probe, path: str, projection: str) -> tuple[str, ...]:
     if not candidates or path not in probe.calls:
         return ()
     weights = {p.untyped_storage().data_ptr() for p in module.parameters() if p.dim() >= 2}
-    log = _OpLog()
     try:
-        with torch.no_grad(), log:
-            out = _first_tensor(module(*probe.calls[path].args, **probe.calls[path].kwargs))
+        out, producer = _run_logged(probe, path)
     except Exception:  # noqa: BLE001 - a module that does not run alone: none found (the replica check still judges the block)
         return ()
-    producer = {}
-    for name, inputs, result in log.ops:
-        for t in torch.utils._pytree.tree_leaves(result):
-            if isinstance(t, torch.Tensor):
-                producer[id(t)] = (name, inputs)
 
     def storage(t: torch.Tensor) -> int:
         return t.untyped_storage().data_ptr()
@@ -246,7 +239,7 @@ def _out_biases(probe, path: str, projection: str) -> tuple[str, ...]:
         step = producer.get(id(t))
         if step is None:
             continue
-        name, inputs = step
+        name, inputs, _ = step
         if any(storage(a) in weights for a in inputs):
             continue  # a linear: what lies behind it is not added after the last one
         if name.startswith(_ADD_OPS):
@@ -263,24 +256,17 @@ def _last_weight_run(probe, path: str) -> str:
     still reach w1 and v1)."""
     module = probe.layer.get_submodule(path)
     weights = {p.untyped_storage().data_ptr(): name for name, p in module.named_parameters() if p.dim() >= 2}
-    log = _OpLog()
-    with torch.no_grad(), log:
-        out = _first_tensor(module(*probe.calls[path].args, **probe.calls[path].kwargs))
+    out, producer = _run_logged(probe, path)
     if out is None:
         raise AnatomyError(f"{path!r} returned no tensor")
-    producer = {}
-    for _, inputs, result in log.ops:
-        for t in torch.utils._pytree.tree_leaves(result):
-            if isinstance(t, torch.Tensor):
-                producer[id(t)] = inputs
-    by_id = {id(t): t for _, inputs, _ in log.ops for t in inputs}
+    by_id = {id(t): t for _, inputs, _ in producer.values() for t in inputs}
     by_id[id(out)] = out
 
     def hit(tid: int) -> str | None:
         t = by_id[tid]
         return weights.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
 
-    found = _backward_first([id(out)], lambda tid: [id(a) for a in producer.get(tid, [])], hit)
+    found = _backward_first([id(out)], lambda tid: [id(a) for a in producer.get(tid, ("", []))[1]], hit)
     if found is None:
         raise AnatomyError(f"no weight on the way to the output of {path!r}")
     owner = found.rpartition(".")[0]
@@ -358,6 +344,22 @@ class _OpLog(TorchDispatchMode):
         return out
 
 
+def _producers(log: _OpLog) -> dict[int, tuple[str, list[torch.Tensor], torch.Tensor]]:
+    """id of each tensor an op made -> (the op's name, its tensor inputs, the tensor, held so that its id stays its
+    own): what a walk back from an output follows."""
+    return {id(t): (name, inputs, t) for name, inputs, result in log.ops
+            for t in torch.utils._pytree.tree_leaves(result) if isinstance(t, torch.Tensor)}
+
+
+def _run_logged(probe, path: str) -> tuple[torch.Tensor | None, dict]:
+    """Module ``path`` run alone on its captured call with its ops logged: (its first output tensor, ``_producers``)."""
+    module, call = probe.layer.get_submodule(path), probe.calls[path]
+    log = _OpLog()
+    with torch.no_grad(), log:
+        out = _first_tensor(module(*call.args, **call.kwargs))
+    return out, _producers(log)
+
+
 def _logged_run(probe, attention: str, out_proj: str) -> tuple[_OpLog, torch.Tensor | None]:
     """Run ``attention`` alone on its captured call, logging its ops and catching what ``out_proj`` receives."""
     seen: list[torch.Tensor] = []
@@ -376,11 +378,7 @@ def _head_split(log: _OpLog, handed: torch.Tensor) -> tuple[int, int] | None:
     """(heads, head width) of the per-head outputs the output projection received, concatenated:
     walking back from what it got, through re-layout and elementwise ops, to a tensor [..., H, d]
     with H*d its width."""
-    producer = {}
-    for name, inputs, out in log.ops:
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                producer[id(t)] = (name, inputs)
+    producer = _producers(log)
     width = handed.shape[-1]
     t = handed
     for _ in range(32):
@@ -389,7 +387,7 @@ def _head_split(log: _OpLog, handed: torch.Tensor) -> tuple[int, int] | None:
         step = producer.get(id(t))
         if step is None or not step[1]:
             return None
-        name, inputs = step
+        name, inputs, _ = step
         if name.startswith(_RELAYOUT_OPS):
             t = inputs[0]
         else:  # an elementwise op (an output gate: Qwen3-Next): on along its input shaped as its output

@@ -32,11 +32,12 @@ from pathlib import Path
 
 import torch
 
-from midus_surgery.compiler.custom_code import BUILDING_KEYS
+from midus_surgery.compiler.custom_code import BUILDING_KEYS, building_code
 from midus_surgery.compiler.plan import guess_layers_path, read_plan_file
 from midus_surgery.emit.comparable import own_memory
 from midus_surgery.errors import MachineError, MidusError, UsageError, disk_problem, is_library_panic, load_error_line, one_line, quiet_library_panic
 from midus_surgery.io.output_dir import recorded_base, run_export_hint
+from midus_surgery.io.tensor_source import name_groups
 from midus_surgery.model.midus_names import is_memory_parameter
 
 SAMPLE_TEXT = (
@@ -84,11 +85,9 @@ def _builds_with_own_code(directory: Path, gguf: str | None) -> bool:
     if gguf:
         return False
     try:
-        config = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError):
+        return bool(building_code(json.loads((directory / "config.json").read_text())))
+    except (OSError, ValueError, AttributeError):  # no config.json, or not a JSON object: the load says so
         return False
-    auto_map = config.get("auto_map") if isinstance(config, dict) else None
-    return isinstance(auto_map, dict) and any(k in auto_map for k in BUILDING_KEYS)
 
 
 def _not_a_base(path: Path) -> str | None:
@@ -325,7 +324,7 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
         # apply writes the model's own tensor names: each tensor (each group of tied names) is on disk
         # once, nothing else is. Other directories may store renamed tensors (one per expert) that
         # transformers converts on load: its own report is what counts for them.
-        groups = _name_groups(model)
+        groups = name_groups(model)
         missing |= {names[0] for names in groups if not on_disk & set(names)}
         unexpected |= on_disk - {name for names in groups for name in names}
     missing, unexpected = sorted(missing), sorted(unexpected)
@@ -861,11 +860,3 @@ def _round_trip_check(before: dict, after: dict, logits: torch.Tensor, again: to
         return Check("round-trip", True, "save_pretrained + reload gives identical tensors and logits")
     close = torch.allclose(logits, again, rtol=1e-5, atol=1e-5)
     return Check("round-trip", close, f"save_pretrained + reload gives identical tensors; logits {'within float rounding' if close else 'DIFFER'}: max difference {diff:g}")
-
-
-def _name_groups(model) -> list[list[str]]:
-    """The model's state-dict names, grouped by tensor (tied embeddings: one group of two names)."""
-    groups: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        groups.setdefault(id(tensor), []).append(name)
-    return list(groups.values())

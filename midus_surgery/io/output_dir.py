@@ -333,10 +333,22 @@ def _is_mount_point(path: Path) -> bool:
         return False
 
 
-def mount_points(mountinfo: str) -> set[str]:
-    """The mount points of a /proc/PID/mountinfo table (its fifth field; a space in a path is written "\\040")."""
+def mounts(mountinfo: str) -> list[tuple[str, str]]:
+    """(mount point, file system type) of each line of a /proc/PID/mountinfo table: its fifth field (a space in a
+    path written "\\040") and the first after its " - " separator."""
     unescape = lambda field: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)  # noqa: E731
-    return {unescape(fields[4]) for fields in (line.split() for line in mountinfo.splitlines()) if len(fields) > 4}
+    found = []
+    for line in mountinfo.splitlines():
+        fields, _, after = line.partition(" - ")
+        fields, after = fields.split(), after.split()
+        if len(fields) > 4:
+            found.append((unescape(fields[4]), after[0] if after else ""))
+    return found
+
+
+def mount_points(mountinfo: str) -> set[str]:
+    """The mount points of a /proc/PID/mountinfo table."""
+    return {point for point, _ in mounts(mountinfo)}
 
 
 _KERNEL_FILE_SYSTEMS = {"proc", "sysfs", "cgroup", "cgroup2", "devpts", "securityfs", "debugfs", "tracefs", "pstore", "bpf",
@@ -350,16 +362,9 @@ def _kernel_file_system(place: Path) -> str | None:
         table = Path("/proc/self/mountinfo").read_text()
     except OSError:
         return None
-    path, best, kind = str(place.resolve()), "", None
-    unescape = lambda field: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)  # noqa: E731
-    for line in table.splitlines():
-        fields, _, after = line.partition(" - ")
-        fields, after = fields.split(), after.split()
-        if len(fields) < 5 or not after:
-            continue
-        mount = unescape(fields[4])
-        if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
-            best, kind = mount, after[0]
+    path = str(place.resolve())
+    holding = [(point, kind) for point, kind in mounts(table) if path == point or path.startswith(point.rstrip("/") + "/")]
+    kind = max(holding, key=lambda m: len(m[0]))[1] if holding else None  # the innermost mount holding it
     return kind if kind in _KERNEL_FILE_SYSTEMS else None
 
 

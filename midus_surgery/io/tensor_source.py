@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -311,6 +312,14 @@ def check_matches_config(source: TensorSource, tensors, layers_path: str | None,
                                  f"the config ({sizes}) implies {tuple(shape)}")
 
 
+def name_groups(model) -> list[list[str]]:
+    """The model's state-dict names, grouped by tensor (tied embeddings: one group of two names)."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    return list(groups.values())
+
+
 class SafetensorsSource(TensorSource):
     def __init__(self, directory: Path, prefixes: tuple[str, ...], renames: list[tuple[str, str]]):
         index = directory / "model.safetensors.index.json"
@@ -574,19 +583,12 @@ def gguf_shape_problem(path: Path, config, shapes: dict[str, tuple[int, ...]]) -
         if target not in shapes or targets[target] > 1:  # unmapped, or one of several stacked into one module tensor
             continue
         want = tuple(shapes[target])
-        if got == want or (not exact and _count(got) == _count(want)):
+        if got == want or (not exact and math.prod(got) == math.prod(want)):
             continue
         sizes = ", ".join(f"{k}={data[k]}" for k in _SIZE_KEYS if data.get(k) is not None)
         return (f"{path}: its tensor {shown(name)} has shape {got}, but the config its metadata gives ({sizes}) implies "
                 f"{want} for {target}, which transformers loads it into: a file that contradicts itself")
     return None
-
-
-def _count(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def gguf_left_out(path: Path, model) -> dict:

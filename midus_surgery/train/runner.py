@@ -315,7 +315,7 @@ class Runner:
         than the model's, a tensor missing or one too many (trial50: the dry run said the run would train). A tied
         pair is one tensor, stored under either name. Weights this tool did not write may store names transformers
         converts on load (one tensor per expert): where any stored name is not the model's, the load judges them."""
-        from midus_surgery.io.tensor_source import SafetensorsSource
+        from midus_surgery.io.tensor_source import SafetensorsSource, name_groups
 
         d = self.init_from
         if not (d / "model.safetensors.index.json").is_file() and not any(d.glob("*.safetensors")):
@@ -331,13 +331,10 @@ class Runner:
             if name in stored and tuple(stored[name][1]) != tuple(tensor.shape):
                 raise RecipeError([self.loaded.problem(("init_from",), f"{d}: {name} is stored with shape {tuple(stored[name][1])}, "
                                                                        f"its config.json makes it {tuple(tensor.shape)}: the weights are not this model's")])
-        groups: dict[int, list[str]] = {}  # one per tensor: a tied embedding and head are one group of two names
-        for name, tensor in model.state_dict(keep_vars=True).items():
-            groups.setdefault(id(tensor), []).append(name)
+        groups = name_groups(model)  # a tied embedding and head are one group of two names
         ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
-        missing = [names[0] for names in groups.values()
-                   if not set(names) & set(stored) and not any(p.search(names[0]) for p in ignored)]
-        unexpected = sorted(set(stored) - {name for names in groups.values() for name in names})
+        missing = [names[0] for names in groups if stored.keys().isdisjoint(names) and not any(p.search(names[0]) for p in ignored)]
+        unexpected = sorted(stored.keys() - {name for names in groups for name in names})
         ours = (d / "midus_plan.json").is_file() or (d / "midus_train.json").is_file()  # apply and export write the model's own names
         problems = []
         if missing and (ours or not unexpected):
