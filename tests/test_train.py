@@ -667,7 +667,7 @@ def test_midus_output_trains_memory_with_its_own_group(world, tmp_path):
     instead = "the compiled kernels' own" if path.startswith("compiled") else "sparse_mm (what auto picks here)"
     assert f"\nmemory bank gradient: bank_grad segment is a Triton kernel (CUDA); on the {path} the bank's gradient is {instead}" in text
     final = tmp_path / "run" / "final"
-    assert {"modeling_midus.py", "configuration_midus.py", "hml.py", "midus_plan.json"} <= {p.name for p in final.iterdir()}
+    assert {"modeling_midus.py", "configuration_midus.py", "hml.py", "midus_names.py", "midus_plan.json"} <= {p.name for p in final.iterdir()}  # training.md lists the four
     # the base apply recorded travels in the export's marker (what verify compares the trained model with), not in a published file
     assert read_marker(final)["base_path"] == read_marker(out)["base_path"] == str(world["plain"].resolve())
     assert "base_path" not in (final / "midus_plan.json").read_text()
