@@ -65,6 +65,19 @@ def test_tokenise_packs_with_eos_and_caches(tmp_path, tok, monkeypatch):
     assert prep([tmp_path / "a.txt", tmp_path / "b.jsonl"], tmp_path, tok).path != s.path
 
 
+def test_nul_characters_are_counted_per_file_and_noted(tmp_path, tok):
+    """A file with NUL characters (UTF-16 text read as UTF-8, or a binary file) is tokenised as it is,
+    and the note names it and counts them, in a plain file and in a JSONL record (trial48)."""
+    (tmp_path / "clean.txt").write_text("the cat sat .")
+    assert D.nul_note(prep([tmp_path / "clean.txt"], tmp_path, tok)) is None
+    (tmp_path / "wide.txt").write_bytes("the cat".encode("utf-16-le"))
+    (tmp_path / "rec.jsonl").write_text(json.dumps({"text": "a\u0000b\u0000"}) + "\n")
+    stream = prep([tmp_path / "clean.txt", tmp_path / "wide.txt", tmp_path / "rec.jsonl"], tmp_path, tok)
+    assert stream.meta["nul_chars"] == {str(tmp_path / "wide.txt"): 7, str(tmp_path / "rec.jsonl"): 2}
+    note = D.nul_note(stream)
+    assert note.startswith(f"NUL characters in {tmp_path / 'wide.txt'} (7), {tmp_path / 'rec.jsonl'} (2): text rarely holds them"), note
+
+
 def test_a_folder_reads_ndjson_records_by_default(tmp_path, tok):
     """.ndjson is read as JSON records like .jsonl; the default folder patterns (DIR_GLOB) take it,
     and the docs said .json-lines, a suffix that is read as plain text."""

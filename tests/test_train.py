@@ -505,13 +505,18 @@ def test_the_start_lines_note_what_a_user_would_want_to_know_first(world, tmp_pa
     from train_fixtures.tiny import sentences
 
     (tmp_path / "records.json").write_text('[{"text": "' + " ".join(sentences(40)) + '"}]')
-    cfg = write_config(tmp_path / "run.yaml", world["model"], tmp_path / "run", [world["corpus"], tmp_path / "records.json"], world["cache"],
-                       tokens=16 * 4 * 2, **{"data.held_out": [str(world["corpus"]), str(tmp_path / "records.json")], "optim.warmup": 10,
-                                             "eval.at_start": False})
+    utf16 = tmp_path / "windows.txt"  # UTF-16 without a byte-order mark: valid UTF-8, every other byte 0
+    utf16.write_bytes(" ".join(sentences(10)).encode("utf-16-le"))
+    files = [world["corpus"], tmp_path / "records.json", utf16]
+    cfg = write_config(tmp_path / "run.yaml", world["model"], tmp_path / "run", files, world["cache"],
+                       tokens=16 * 4 * 2, **{"data.held_out": [str(f) for f in files], "optim.warmup": 10, "eval.at_start": False})
     said = []
     train(load_train_config(cfg), echo=said.append)
     notes = [line for line in said if line.startswith("note: ")]
+    nul = len(" ".join(sentences(10)))
     assert notes == ["note: data.held_out is the same text as data.train: the held-out perplexity is measured on text the run trains on",
+                     f"note: NUL characters in {utf16} ({nul:,}): text rarely holds them; is it a binary file, or UTF-16 text? "
+                     "(tokenised as they are; convert UTF-16 with iconv -f UTF-16 -t UTF-8)",
                      "note: records.json is read as plain text, braces and all (records are read from JSON Lines: .jsonl)",
                      "note: the warmup (10 steps) is longer than the run (2 steps): the learning rate never reaches optim.lr"], said
     said = []

@@ -340,6 +340,19 @@ def test_a_trained_output_is_compared_by_perplexity_not_by_identity(bases, tmp_p
     assert failed(checks) == []
 
 
+def test_a_trained_model_that_no_apply_made_is_not_said_to_be_trained_since_apply(bases, tmp_path):
+    """`train` also trains a plain model (no midus_plan.json): against its base the logit row
+    says it was trained, not "since apply" (trial48)."""
+    import shutil
+
+    out = tmp_path / "trained-plain"
+    shutil.copytree(bases["llama"], out)
+    (out / "midus_train.json").write_text(json.dumps({"steps": 1}))
+    checks = {c.name: c for c in verify(out, bases["llama"], report=lambda c: None)}
+    assert "since apply" not in checks["logits"].detail
+    assert "trained by `midus-surgery train`; no apply made it" in checks["logits"].detail
+
+
 def test_a_generate_bug_of_the_stock_architecture_is_not_blamed_on_a_copy(bases, tmp_path, monkeypatch):
     """A DUS output is a stock architecture: when a fresh random instance of it fails the padded
     check too (as CpmAnt's cache with left padding does at some weights), the surgery is not to blame.

@@ -261,6 +261,8 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
     stream = D.prepare_corpus(list(data), Path.cwd(), tokenizer, dir_glob=DIR_GLOB,
                               text_field=text_field, cache_dir=cache, progress=progress, what="analysis data",
                               tokenizer_source=str(model_dir))
+    if nul := D.nul_note(stream):
+        notes.append(f"note: {nul}")
     model = load_causal_lm(model_dir, dtype=DTYPES[dtype], progress=progress, how_to_allow=NO_OWN_CODE).to(run_on).eval()
     check_vocabulary(stream, model, model_dir)
     if block_size is None:  # 256, or the model's positions when it has fewer

@@ -383,7 +383,7 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
             record(perturbed_identity_check(model, base_model, plan, ids))
         else:
             ppl_out, ppl_base = perplexity(model, ids), perplexity(base_model, ids)
-            why = ("trained since apply" if trained else f"base layer{'s' if len(dropped) > 1 else ''} {', '.join(map(str, dropped))} "
+            why = (("trained since apply" if plan else "trained by `midus-surgery train`; no apply made it") if trained else f"base layer{'s' if len(dropped) > 1 else ''} {', '.join(map(str, dropped))} "
                    f"{'are' if len(dropped) > 1 else 'is'} left out (allow_dropped_layers)"
                    if (dropped := _dropped_layers(plan)) else "the recipe accepts blocks that do not start as the identity"
                    if plan and plan.get("function_preserving") is False else "plain copies or random memory change the function")

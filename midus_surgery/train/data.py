@@ -371,6 +371,7 @@ def _tokenize_to(files: list[Path], tokenizer, text_field: str, dest: Path, prog
     starts: list[int] = []
     batch: list[str] = []
     batch_chars = 0
+    nul_chars: dict[str, int] = {}  # file -> NUL characters: valid UTF-8, but binary data or UTF-16 text read as UTF-8
 
     with open(dest / "tokens.bin", "wb") as out, progress_bar(total_bytes, desc, enabled=progress, unit="B", unit_scale=True,
                                                                  unit_divisor=1024) as bar:
@@ -392,6 +393,8 @@ def _tokenize_to(files: list[Path], tokenizer, text_field: str, dest: Path, prog
 
         for f in files:
             for text in iter_documents(f, text_field):
+                if "\x00" in text:
+                    nul_chars[str(f)] = nul_chars.get(str(f), 0) + text.count("\x00")
                 if not text.strip():
                     continue
                 batch.append(text)
@@ -401,7 +404,20 @@ def _tokenize_to(files: list[Path], tokenizer, text_field: str, dest: Path, prog
             flush()
             bar.update(f.stat().st_size)
     np.save(dest / "docs.npy", np.asarray(starts, dtype=np.int64))
-    return {"num_tokens": n_tokens, "num_docs": n_docs, "max_token": max_token, "dtype": np.dtype(dtype).name}
+    return {"num_tokens": n_tokens, "num_docs": n_docs, "max_token": max_token, "dtype": np.dtype(dtype).name,
+            "nul_chars": nul_chars}
+
+
+def nul_note(*streams: TokenStream) -> str | None:
+    """A note naming the files that held NUL characters, which text almost never does: a binary file,
+    or UTF-16 text (every other byte 0) read as UTF-8 (trial48). Tokenised as they are."""
+    found = {name: count for stream in streams for name, count in (stream.meta.get("nul_chars") or {}).items()}
+    if not found:
+        return None
+    named = ", ".join(f"{name} ({count:,})" for name, count in list(found.items())[:3])
+    more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+    return (f"NUL characters in {named}{more}: text rarely holds them; is it a binary file, or UTF-16 text? "
+            "(tokenised as they are; convert UTF-16 with iconv -f UTF-16 -t UTF-8)")
 
 
 def find_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: Iterable[str], text_field: str,

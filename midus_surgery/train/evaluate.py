@@ -393,6 +393,8 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None,
     stream = D.prepare_corpus(list(data), Path.cwd(), tokenizer, dir_glob=dir_glob, text_field=text_field,
                               cache_dir=cache, progress=progress,
                               what="eval data", tokenizer_source=str(model_dir))
+    if nul := D.nul_note(stream):
+        print(f"note: {nul}")
     model = load_causal_lm(model_dir, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=progress).to(run_on)
     check_vocabulary(stream, model, model_dir)
     if block_size is None:

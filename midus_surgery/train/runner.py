@@ -1109,6 +1109,8 @@ class Runner:
             notes.append("data.held_out is the same text as data.train: the held-out perplexity is measured on text the run trains on")
         elif self.cfg.data.held_out and (overlap := self.held_out_overlap()):
             notes.append(overlap)
+        if nul := D.nul_note(*self.streams):
+            notes.append(nul)
         read = [*(f for s in self.streams for f in s.meta.get("files", [])), *(f for _, files, _ in self.untokenised for f in files)]
         json_files = sorted({Path(f).name for f in read if Path(f).suffix.lower() == ".json"})
         if json_files:
