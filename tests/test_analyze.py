@@ -148,6 +148,13 @@ def test_jsonl_data_names_its_text_field_and_the_cache_its_folder(world, tmp_pat
     assert main([*argv, "--out", str(tmp_path / "an-body"), "--text-field", "body"]) == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "an-body" / "analysis.json").read_text())["held_out"]["blocks"] == 2
     assert any((tmp_path / "cache").iterdir())
+    assert "NUL" not in capsys.readouterr().out
+    # a record holding NUL characters: analysed as it is, and noted (trial48)
+    (tmp_path / "data" / "held.jsonl").write_text("".join(json.dumps({"body": t + "\0\0"}) + "\n" for t in texts))
+    assert main([*argv, "--out", str(tmp_path / "an-nul"), "--text-field", "body"]) == 0
+    note = f"note: NUL characters in {tmp_path / 'data' / 'held.jsonl'} ({2 * len(texts)}): text rarely holds them"
+    assert note in capsys.readouterr().out
+    assert json.loads((tmp_path / "an-nul" / "analysis.json").read_text())["notes"][0].startswith(note)
 
 
 @pytest.mark.parametrize("inside", ["memory", "corpus"])

@@ -103,6 +103,17 @@ def test_several_models_get_a_line_each_and_a_json_list_in_their_order(setup, ca
     assert isinstance(json.loads(capsys.readouterr().out), dict)  # one model: an object
 
 
+def test_data_with_nul_characters_is_noted_beside_the_json(setup, capsys, tmp_path):
+    """UTF-16 text read as UTF-8 (every other byte 0): evaluated as it is, with a note on stderr, so
+    --json's stdout stays one JSON value."""
+    (tmp_path / "wide.txt").write_bytes(" the cat sat on the mat .".encode("utf-16-le"))
+    data = [str(setup["root"] / "corpus"), str(tmp_path / "wide.txt")]
+    assert main(["eval", str(setup["model"]), "--data", *data, "--block-size", "16", "--cache-dir", str(setup["cache"]), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["tokens"] > 0
+    assert captured.err.startswith(f"note: NUL characters in {tmp_path / 'wide.txt'} (25): text rarely holds them"), captured.err
+
+
 def test_eval_cli_json_and_errors(setup, capsys, tmp_path):
     from transformers.utils import logging as hf_logging
 

@@ -394,7 +394,7 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None,
                               cache_dir=cache, progress=progress,
                               what="eval data", tokenizer_source=str(model_dir))
     if nul := D.nul_note(stream):
-        print(f"note: {nul}")
+        print(f"note: {nul}", file=sys.stderr)  # beside the result, not in it: --json's stdout is one JSON value
     model = load_causal_lm(model_dir, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=progress).to(run_on)
     check_vocabulary(stream, model, model_dir)
     if block_size is None:
