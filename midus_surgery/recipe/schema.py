@@ -74,7 +74,7 @@ class Slice(Strict):
 
     layers: tuple[NonNegInt, NonNegInt] = Field(description="[start, end): base layers start..end-1, e.g. [0, 24].")
     kind: InsertedKind = Field("copy", description="Kind given to the copies in this slice (base layers that already appeared in an earlier slice).")
-    memory: list[NonNegInt] = Field(default_factory=list, description="Base layer indices whose copies in this slice become `memory` blocks (overrides `kind` for them).")
+    memory: list[NonNegInt] = Field(default=[], description="Base layer indices whose copies in this slice become `memory` blocks (overrides `kind` for them).")
 
     @model_validator(mode="after")
     def _ordered(self) -> "Slice":
