@@ -52,6 +52,30 @@ def test_good_recipe_loads_with_defaults(tmp_path):
     assert loaded.resolve(r.base.path) == tmp_path / "base-model"
 
 
+def test_paths_expand_environment_variables_and_an_unset_one_is_an_error(tmp_path, monkeypatch):
+    """`$SCRATCH/models` in a recipe: an output written to a folder literally named `$SCRATCH` under
+    the recipe's folder was no user's intent (trial49)."""
+    monkeypatch.setenv("MIDUS_TEST_ROOT", str(tmp_path / "scratch"))
+    monkeypatch.delenv("MIDUS_TEST_UNSET", raising=False)
+    loaded = load_recipe(write(tmp_path, GOOD.replace("path: base-model", "path: ${MIDUS_TEST_ROOT}/base")
+                                           .replace("dir: out", "dir: $MIDUS_TEST_ROOT/out-$$1")))
+    assert loaded.resolve(loaded.recipe.base.path) == tmp_path / "scratch" / "base"
+    assert loaded.resolve(loaded.recipe.output.dir) == tmp_path / "scratch" / "out-$1"
+    (p,) = problems(tmp_path, GOOD.replace("dir: out", "dir: $MIDUS_TEST_UNSET/out"))
+    assert (p.field, p.message) == ("output.dir", "'$MIDUS_TEST_UNSET/out' names $MIDUS_TEST_UNSET, which is not set in the "
+                                                  "environment (write $$ for a $ itself)")
+    assert p.where.endswith("r.yaml:11:3")
+    (p,) = problems(tmp_path, GOOD.replace("dir: out", "dir: '${out'"))
+    assert p.message == "'${out' opens ${ without closing it (write $$ for a $ itself)"
+
+
+def test_a_bare_tilde_is_yamls_null_and_the_error_says_so(tmp_path):
+    (p,) = problems(tmp_path, GOOD.replace("dir: out", "dir: ~"))
+    assert p.field == "output.dir"
+    assert p.message == ("should be text, got nothing (null: YAML reads ~, null and an empty value so; quote a path that starts "
+                         "with ~, e.g. '~/models')")
+
+
 def test_unknown_key_names_field_and_line(tmp_path):
     (p,) = problems(tmp_path, GOOD.replace("  topk: 8\n", "  topk: 8\n  top_k: 8\n"))
     assert p.field == "memory.top_k"

@@ -128,6 +128,24 @@ def test_a_nul_escape_in_a_path_is_a_located_line_not_a_traceback(tmp_path, caps
     assert f"{path}:2:10: run_dir: a NUL character (\\0) in a string" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("key", ["run_dir", "init_from", "data.train", "data.cache_dir", "export.dir", "resume", "data.held_out"])
+def test_every_path_expands_environment_variables_and_an_unset_one_is_a_located_line(tmp_path, monkeypatch, key):
+    """`$SCRATCH/runs` was taken literally: a folder named `$SCRATCH` under the config's (trial49)."""
+    monkeypatch.setenv("MIDUS_TEST_ROOT", str(tmp_path / "scratch"))
+    monkeypatch.delenv("MIDUS_TEST_UNSET", raising=False)
+    path = tmp_path / "ok.yaml"
+    path.write_text("init_from: m\nrun_dir: r\ntokens: 2M\ndata:\n  train: x.txt\n")
+    loaded = load_train_config(path, [f"{key}=${{MIDUS_TEST_ROOT}}/p"])
+    section, _, name = key.rpartition(".")
+    value = getattr(getattr(loaded.config, section) if section else loaded.config, name)
+    assert value in (f"{tmp_path}/scratch/p", [f"{tmp_path}/scratch/p"])
+    with pytest.raises(RecipeError) as err:
+        load_train_config(path, [f"{key}=$MIDUS_TEST_UNSET/p"])
+    where = f"{key}.0" if key in ("data.train", "data.held_out") else key  # a list's item
+    assert str(err.value) == (f"command line ({key}=$MIDUS_TEST_UNSET/p): {where}: '$MIDUS_TEST_UNSET/p' names $MIDUS_TEST_UNSET, "
+                              "which is not set in the environment (write $$ for a $ itself)")
+
+
 def test_overrides(tmp_path):
     path = tmp_path / "ok.yaml"
     path.write_text("init_from: m\nrun_dir: r\ntokens: 2M\ndata:\n  train: x.txt\n")

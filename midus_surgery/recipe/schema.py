@@ -17,7 +17,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
 from midus_surgery.errors import Problem, RecipeError
 from midus_surgery.recipe.anatomy_spec import Anatomy
@@ -43,6 +43,33 @@ HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}", re.
 
 NonNegInt = Annotated[StrictInt, Field(ge=0, le=MAX_BASE_LAYERS)]  # a base layer index (or a slice's end)
 
+# $NAME, ${NAME} (or ${...} that is no name: an error), and $$ for a $ itself
+_ENV_REFERENCE = re.compile(r"\$(?:\{(?P<braced>[^}]*)\}|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<dollar>\$)|(?P<open>\{))")
+
+
+def expand_environment(text: str) -> str:
+    """A path as written in a YAML file with $NAME and ${NAME} read from the environment, as a shell
+    would ($SCRATCH/models on a cluster). Not left as they are: an output written to a folder named
+    `$HOME` under the recipe's folder is no user's intent (trial49). An unset name is an error, not
+    an empty text (`$OUT/model` would become `/model`); $$ is a literal $."""
+    def value(match: re.Match) -> str:
+        if match["dollar"]:
+            return "$"
+        if match["open"]:
+            raise ValueError(f"{text!r} opens ${{ without closing it (write $$ for a $ itself)")
+        name = match["braced"] if match["braced"] is not None else match["name"]
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"{text!r}: ${{{name}}} is not an environment variable's name (write $$ for a $ itself)")
+        if name not in os.environ:
+            raise ValueError(f"{text!r} names ${name}, which is not set in the environment (write $$ for a $ itself)")
+        return os.environ[name]
+
+    return _ENV_REFERENCE.sub(value, text)
+
+
+# A path a user writes in a recipe or a training config: ~ and $NAME / ${NAME} expanded
+PathText = Annotated[str, AfterValidator(expand_environment)]
+
 
 class Strict(BaseModel):
     """The base of both YAML schemas (recipes and training configs): unknown keys are errors,
@@ -54,8 +81,8 @@ class Strict(BaseModel):
 class BaseModelSpec(Strict):
     """The pre-trained model to up-scale."""
 
-    path: str = Field(min_length=1, description="A local Hugging Face model directory (config.json + safetensors) or a .gguf file. Relative paths are resolved against the recipe's directory.")
-    config: str | None = Field(None, description="A config.json to plan from when `path` is not present (lets `validate`/`plan` run on a machine without the weights). Defaults to `path`/config.json, or the GGUF's own metadata.")
+    path: PathText = Field(min_length=1, description="A local Hugging Face model directory (config.json + safetensors) or a .gguf file. Relative paths are resolved against the recipe's directory; `~` and `$NAME` / `${NAME}` expand (an unset variable is an error; `$$` is a `$`).")
+    config: PathText | None = Field(None, description="A config.json to plan from when `path` is not present (lets `validate`/`plan` run on a machine without the weights). Defaults to `path`/config.json, or the GGUF's own metadata.")
     gguf_file: str | None = Field(None, description="The GGUF file's name inside `path` when `path` is a directory holding one.")
     trust_remote_code: StrictBool = Field(False, description="Allow the base model's own modeling code (Hub `auto_map`). Off by default.")
     hub_id: str | None = Field(None, description="The base's Hugging Face Hub id (`org/name`), written as `base_model` in the output's model card. Found without it when `path` is a snapshot in the Hub cache (`models--org--name/snapshots/...`). Nothing is downloaded.")
@@ -203,7 +230,7 @@ def _short(value, limit: int = 40) -> str:
 class OutputSpec(Strict):
     """Where and how the up-scaled model is written."""
 
-    dir: str = Field(min_length=1, description="Output directory (relative to the recipe's directory). Written atomically. It may not be, contain or lie inside an input; an existing output of midus-surgery is replaced only with --overwrite, and a directory the tool did not write never (docs/reliability.md).")
+    dir: PathText = Field(min_length=1, description="Output directory (relative to the recipe's directory; `~` and `$NAME` expand, as in `base.path`). Written atomically. It may not be, contain or lie inside an input; an existing output of midus-surgery is replaced only with --overwrite, and a directory the tool did not write never (docs/reliability.md).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of the written weights. `auto`: the base's dtype.")
     shard_size: StrictInt | str = Field("2GB", description="Largest output shard, e.g. 2GB, 500MB, 1GiB, or bytes (from 1MB to 1PB).")
 
@@ -301,6 +328,9 @@ def _say(item: dict, loc: tuple) -> tuple[str, str | None]:
         return (f"missing required key {loc[-1]!r}" if loc else "missing required key"), None
     if kind == "too_long":
         return f"should have at most {ctx.get('max_length')} item(s), got {ctx.get('actual_length', 'more')}", None
+    if kind == "string_type" and item.get("input") is None:  # `dir: ~` meant home: YAML's ~ is null
+        return ("should be text, got nothing (null: YAML reads ~, null and an empty value so; quote a path that starts with ~, "
+                "e.g. '~/models')"), _EXPECTED[kind]
     if kind in _EXPECTED:
         return f"should be {_EXPECTED[kind]}, got {got}", _EXPECTED[kind]
     if kind in _BOUNDS and _BOUNDS[kind][0] in ctx:

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 from midus_surgery.errors import Problem, RecipeError
-from midus_surgery.recipe.schema import RECIPE_ONLY_KEYS, TRAIN_ONLY_KEYS, Strict, did_you_mean, problems_from_validation, wrong_kind_of_file
+from midus_surgery.recipe.schema import RECIPE_ONLY_KEYS, TRAIN_ONLY_KEYS, PathText, Strict, did_you_mean, problems_from_validation, wrong_kind_of_file
 from midus_surgery.recipe.yaml_source import PathKey, YamlSource, load_yaml
 
 # Bounds on numbers with a physical meaning, checked before anything is read or allocated.
@@ -64,13 +64,13 @@ DIR_GLOB = ("**/*.txt", "**/*.md", "**/*.rst", "**/*.jsonl", "**/*.ndjson")  # t
 class DataConfig(Strict):
     """The text to train on and the held-out split."""
 
-    train: list[str] = Field(min_length=1, description="Training text: files (.txt/.md/.rst read as one document each; .jsonl/.ndjson one JSON record per line, see `text_field`; any other file is read as text), directories (every file matching `dir_glob` under them) and glob patterns. Relative paths are resolved against the config file's directory.")
-    held_out: list[str] | None = Field(None, description="Separate held-out files, directories or globs. When given, `held_out_fraction` is ignored and all training text is trained on.")
+    train: list[PathText] = Field(min_length=1, description="Training text: files (.txt/.md/.rst read as one document each; .jsonl/.ndjson one JSON record per line, see `text_field`; any other file is read as text), directories (every file matching `dir_glob` under them) and glob patterns. Relative paths are resolved against the config file's directory; `~` and `$NAME` / `${NAME}` expand in every path of this config (an unset variable is an error; `$$` is a `$`).")
+    held_out: list[PathText] | None = Field(None, description="Separate held-out files, directories or globs. When given, `held_out_fraction` is ignored and all training text is trained on.")
     held_out_fraction: float = Field(0.01, ge=0.0, lt=0.5, description="Without `held_out`: the fraction of packed blocks kept out of training, spread evenly over the corpus (block i is held out when floor((i+1)f) > floor(i f)). 0 disables held-out evaluation.")
     text_field: str = Field("text", description="The field of each JSONL record that holds the document's text.")
     dir_glob: list[str] = Field(default_factory=lambda: list(DIR_GLOB), min_length=1, description="Patterns selecting files inside directories named in `train` / `held_out` (sorted, deduplicated; hidden files and folders skipped, linked folders followed once each).")
     block_size: StrictInt = Field(512, ge=2, le=MAX_BLOCK_SIZE, description="Tokens per training sequence (at least 2: one to read, one to predict). Documents are joined with the tokenizer's EOS token and the stream is cut into blocks of this length (the tail shorter than one block is dropped).")
-    cache_dir: str | None = Field(None, description="Where tokenised corpora are cached (memory-mapped token files keyed by a hash of the files' contents and the tokenizer). Default: $MIDUS_CACHE/tokens, or ~/.cache/midus-surgery/tokens without MIDUS_CACHE.")
+    cache_dir: PathText | None = Field(None, description="Where tokenised corpora are cached (memory-mapped token files keyed by a hash of the files' contents and the tokenizer). Default: $MIDUS_CACHE/tokens, or ~/.cache/midus-surgery/tokens without MIDUS_CACHE.")
 
     @field_validator("train", "held_out", "dir_glob", mode="before")
     @classmethod
@@ -145,16 +145,16 @@ class CheckpointConfig(Strict):
 class ExportConfig(Strict):
     """The final model directory, loadable by transformers, `verify` and `eval`."""
 
-    dir: str | None = Field(None, min_length=1, description="Where to write the trained model (default: `run_dir`/final). Relative to the config file's directory.")
+    dir: PathText | None = Field(None, min_length=1, description="Where to write the trained model (default: `run_dir`/final). Relative to the config file's directory.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of the exported weights (`auto`: the dtype `init_from` was stored in).")
 
 
 class TrainConfig(Strict):
     """A continued pre-training run of a model directory (an `apply` output or any causal LM)."""
 
-    init_from: str = Field(min_length=1, description="The model directory to start from (weights, config, tokenizer; `midus_plan.json` when made by `apply`). Relative to the config file's directory.")
-    resume: str | None = Field(None, description="Continue a run from its full state: `auto` (the newest complete checkpoint in `run_dir`/checkpoints; start fresh if there is none) or a checkpoint directory. Unset: start fresh (an error if `run_dir` already holds checkpoints).")
-    run_dir: str = Field(min_length=1, description="Where checkpoints, metrics.jsonl, TensorBoard logs, the loss plot and (by default) the final model go. Relative to the config file's directory.")
+    init_from: PathText = Field(min_length=1, description="The model directory to start from (weights, config, tokenizer; `midus_plan.json` when made by `apply`). Relative to the config file's directory.")
+    resume: PathText | None = Field(None, description="Continue a run from its full state: `auto` (the newest complete checkpoint in `run_dir`/checkpoints; start fresh if there is none) or a checkpoint directory. Unset: start fresh (an error if `run_dir` already holds checkpoints).")
+    run_dir: PathText = Field(min_length=1, description="Where checkpoints, metrics.jsonl, TensorBoard logs, the loss plot and (by default) the final model go. Relative to the config file's directory.")
     trust_remote_code: StrictBool = Field(False, description="Allow the model directory's own modeling code (config.json `auto_map`); without it such a model is refused, as the stock class of its type would silently replace it. Not needed for MIDUS outputs: `import midus_surgery` registers their classes.")
     seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description="Seed of the data order (a deterministic function of it) and of torch's RNG.")
     data: DataConfig = Field(description="Training and held-out text (see `data`).")
