@@ -15,6 +15,7 @@ from midus_surgery.model.hml import (
     LatentBank,
     candidate_pairs,
     hml_parameter_count,
+    prepare_kernels,
     two_stage_topk,
 )
 
@@ -684,3 +685,50 @@ def test_the_layer_with_weight_gradients_in_pieces_matches_the_dense_reference(k
     # the gradients were cut (3 x 5 tokens); the CPU kernels' own lookup backward has no GEMM, and without HIVE
     # there is no projection
     assert set(cut) == (set() if hml_path == "fused" and kw.get("hive") is False else {15})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_layer_offloaded_by_accelerate_reads_every_weight_through_its_hooks(dtype):
+    """accelerate's offload keeps each module's weights on the meta device and loads them when the
+    module is called. The bank (read as an attribute) and, in bfloat16 on CPU, the query projection,
+    gate and output projection (read as weights to compute in float32) were read without their call:
+    the logits came out wrong, with no error (trial51)."""
+    from accelerate.hooks import attach_align_device_hook, remove_hook_from_submodules
+
+    torch.manual_seed(0)
+    layer = HeadwiseMemory(2, 8, 24, HMLConfig(n_subkeys=8, topk=4, latent_dim=6, init="random", query_source="hidden",
+                                               gate=True, output_proj="always")).to(dtype).eval()
+    x = torch.randn(3, 5, 24, dtype=dtype)
+    with torch.no_grad():
+        expected = layer(x)
+        weights = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+        attach_align_device_hook(layer, execution_device=torch.device("cpu"), offload=True, weights_map=weights)
+        assert layer.latent_bank.weight.device.type == "meta" and layer.gate.weight.device.type == "meta"
+        got = layer(x)
+        remove_hook_from_submodules(layer)
+    if dtype == torch.float32:
+        assert torch.equal(got, expected)
+    else:  # a hooked bf16 projection computes in bf16 (called, as a LoRA-wrapped one is), a plain one in float32
+        torch.testing.assert_close(got, expected, rtol=0.02, atol=0.01)
+
+
+def test_a_batch_query_norm_out_of_training_compiles_to_one_graph(hml_path):
+    """Evaluation asked torch._C._current_graph_task_id() (is this checkpointing's recompute?) on every
+    call, which Dynamo cannot trace: a MIDUS model with `query_norm: batch` broke its graph at every
+    Memory block (trial51). Out of training nothing was tracked, so the question is not asked."""
+    torch.manual_seed(0)
+    layer = HeadwiseMemory(2, 8, 16, HMLConfig(n_subkeys=8, topk=4, latent_dim=6, init="random", query_norm="batch"))
+    prepare_kernels(layer, "cpu")  # as before any torch.compile on CPU: the backend answered outside the graph
+    layer.train()
+    layer(torch.randn(6, 2, 8)).sum().backward()  # a training step: the statistics move, and the step's are kept
+    layer.eval()
+    x = torch.randn(5, 2, 8)
+    with torch.no_grad():
+        expected = layer(x)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(layer)(x)
+        assert not [r for r in explained.break_reasons if "graph_task" in str(r) or "_in_backward" in str(r)]
+        if hml_path != "torch":  # the checked exact top-k of the "torch" path syncs (.item()): a break of its own
+            assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons[:2]
+        torch.testing.assert_close(torch.compile(layer, backend="aot_eager")(x), expected)
+    torch._dynamo.reset()

@@ -366,6 +366,28 @@ def check_dynamic_quantisation(model_dir: Path) -> str:
     return f"int8 dynamic: top-1 agrees on {agree:.0%} of positions"
 
 
+def check_offload(model_dir: Path) -> str:
+    """accelerate's offload (a device_map sending the Memory blocks and a shared bank to disk, as
+    device_map="auto" does past max_memory): the same logits as in memory, in float32 and bfloat16.
+    The latent bank was read as an attribute, which the offload hooks never load: it stayed on the
+    meta device, and the logits were garbage without an error (trial51)."""
+    import json
+    import tempfile
+
+    config = json.loads((model_dir / "config.json").read_text())
+    memory = {f"model.layers.{i}" for i in config["midus"]["memory_blocks"]}
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "disk" if f"model.layers.{i}" in memory else "cpu" for i in range(config["num_hidden_layers"])}}
+    if config["midus"].get("share_bank"):
+        device_map["midus_shared_bank"] = "disk"
+    for dtype in (torch.float32, torch.bfloat16):
+        with tempfile.TemporaryDirectory() as offload:
+            offloaded = load(model_dir, dtype=dtype, device_map=device_map, offload_folder=offload)
+            assert {k for k, v in offloaded.hf_device_map.items() if v == "disk"} >= memory
+            assert torch.equal(logits(offloaded), logits(load(model_dir, dtype=dtype))), dtype
+    return f"{len(memory)} Memory blocks{' and the shared bank' if config['midus'].get('share_bank') else ''} on disk: the same logits, fp32 and bf16"
+
+
 CHECKS = {
     "re-save round trips, fresh process, no package": check_resave_round_trips,
     "re-save with the package imported": check_resave_with_the_package,
@@ -376,6 +398,7 @@ CHECKS = {
     "eager / sdpa, gradient checkpointing": check_attention_and_checkpointing,
     "torch.compile": check_compile,
     "dynamic int8 quantisation": check_dynamic_quantisation,
+    "accelerate offload to disk": check_offload,
 }
 
 

@@ -860,6 +860,12 @@ class LatentBank(nn.Module):
     def num_slots(self) -> int:
         return self.n_subkeys**2
 
+    def forward(self) -> Tensor:
+        """The table [n*n, d_l]. Read through this call, not ``.weight``: what wraps the module loads its
+        weight on a call (accelerate's offload hooks: read as an attribute, an offloaded bank was still on
+        the meta device, and the model's logits were garbage without an error: trial51)."""
+        return self.weight
+
     def reset_parameters(self, seed: int = 0, zero: bool = False, name: str = "bank.weight") -> None:
         """normal(0, d_l^-0.5) from a generator keyed by (seed, name); zeros when ``zero``."""
         _fill(self.weight, "zeros" if zero else "normal", seed, name, self.latent_dim**-0.5)
@@ -877,7 +883,7 @@ def _project(linear: nn.Module, x: Tensor, cd: torch.dtype) -> Tensor:
     changed the output by exactly 0, and merging it changed the model: trial36)."""
     if linear.weight.dtype == cd or torch.is_autocast_enabled(x.device.type):
         return linear(x.to(cd))
-    if type(linear) is not nn.Linear or linear._forward_hooks or linear._forward_pre_hooks:
+    if type(linear) is not nn.Linear or linear._forward_hooks or linear._forward_pre_hooks or hasattr(linear, "_hf_hook"):
         return linear(x.to(linear.weight.dtype)).to(cd)
     return F.linear(x.to(cd), linear.weight.to(cd))
 
@@ -947,7 +953,9 @@ class _HeadNorm(nn.Module):
             # gradient checkpointing's second forward runs inside the backward pass (a graph task is running),
             # after a first one that tracked; reentrant checkpointing's first forward runs without grad and
             # tracks nothing, so there the second one is the batch's only training forward
-            recomputing = _in_backward() and self._used is not None
+            # (_used first: out of training it is None, and the graph-task query, which Dynamo cannot trace, is not asked:
+            # an evaluation compiles to one graph, trial51)
+            recomputing = self._used is not None and _in_backward()
             mean, var = self._used if recomputing else (self.running_mean, self.running_var)
             # the statistics of earlier batches: untouched (0, 1) they change nothing, to the bit
             q = (q - mean.to(q.dtype)) * torch.rsqrt(var.to(q.dtype).clamp_min(self.eps))
@@ -1248,7 +1256,7 @@ class HeadwiseMemory(nn.Module):
         on ``backend`` (one decision per call, for the lookup and the pooling alike)."""
         cfg, H, dh = self.config, self.num_heads, self.head_dim
         N = cfg.n_subkeys**2
-        table = self.latent_bank.weight if cfg.hive else self.values.view(H * N, dh)
+        table = self.latent_bank() if cfg.hive else self.values.view(H * N, dh)  # the bank by its call (LatentBank.forward)
         q = self._normed(q)
         if backend == "triton-fused":  # one kernel reads, another differentiates the read
             keys, head_rows = self.keys.float(), 0 if cfg.hive else N
