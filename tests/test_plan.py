@@ -355,6 +355,24 @@ def test_shared_bank_is_counted_once():
     assert [t.name for t in shared.tensors if "bank" in t.name] == ["midus_shared_bank.weight"]
 
 
+def test_attention_flops_count_a_window_where_the_model_attends_over_one():
+    """Mistral has no layer_types: its sliding_window is every layer's, and the FLOPs counted every
+    layer over the whole context, 6x too many on trial52's base. Layer types, where a config has
+    them, say which layers slide; Qwen2 without use_sliding_window has no window."""
+    def scores(config, seq_len=64):  # the attention-context term of the base's FLOPs per token
+        layout = {"slices": [{"layers": [0, 4]}, {"layers": [3, 4]}]}
+        plan = plan_for(config, layout, flops_seq_len=seq_len)
+        heads, head_dim = attention_dims(config)
+        linear = plan_for(config, layout, flops_seq_len=1).flops_per_token["base"] - 4 * 4 * heads * head_dim
+        return (plan.flops_per_token["base"] - linear) // (4 * heads * head_dim)  # tokens attended, summed over the 4 layers
+
+    assert scores(tiny_config("mistral")) == 4 * 16  # every layer: its window of 16, not the 64 positions
+    assert scores(tiny_config("mistral", sliding_window=None)) == 4 * 64
+    assert scores(tiny_config("llama")) == 4 * 64
+    assert scores(tiny_config("qwen2")) == 2 * 64 + 2 * 16  # layer_types: 2 full layers, then 2 sliding
+    assert scores(tiny_config("qwen2", use_sliding_window=False)) == 4 * 64
+
+
 def test_dus_flops_equal_plan_flops_for_plain_copies():
     plan = plan_for(tiny_config("llama"), {"slices": [{"layers": [0, 3]}, {"layers": [1, 4]}]})
     assert plan.flops_per_token["plan"] == plan.flops_per_token["dus"]

@@ -751,8 +751,10 @@ def _block_tensor_rule(kind: str, rest: str, anatomy: Anatomy | None, tapped: bo
 
 
 def _attention_context(layer_types, window: int | None, seq_len: int, index: int) -> int:
-    """Tokens layer ``index`` attends over: the window for sliding layers, else the sequence."""
-    if layer_types and "sliding" in str(layer_types[index]) and window:
+    """Tokens layer ``index`` attends over: the window for sliding layers, else the sequence. Without
+    ``layer_types`` a window is every layer's (Mistral, Mixtral, Phi-3, Starcoder2 pass config.sliding_window
+    to each layer's attention; Qwen2's flag, when off, leaves no window to read: trial52)."""
+    if window and (not layer_types or "sliding" in str(layer_types[index])):
         return min(seq_len, window)
     return seq_len
 
