@@ -406,3 +406,47 @@ def test_a_bug_of_the_tool_in_the_replica_check_is_not_advised_away(root, monkey
     said = str(info.value)
     assert "failed inside midus-surgery at midus_surgery/emit/" in said and "a bug of the tool, not of the recipe" in said
     assert "accept_function_change" not in said
+
+
+HY_V4 = dict(num_hidden_layers=3, mlp_layer_types=["dense", "sparse", "sparse"], num_key_value_heads=4, head_dim=8, n_routed_experts=4,
+             num_experts_per_tok=2, moe_intermediate_size=32, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+             index_n_heads=4, index_head_dim=16)
+
+
+def test_a_hyper_connection_ahead_of_the_ffn_norm_is_the_streams_and_memory_blocks_keep_it(root):
+    """HunYuan-V4 keeps 4 residual streams; ffn_hc folds them into the FFN's input and returns the
+    weights the FFN's output is written back with. It was read as part of the FFN, a memory block put
+    an Identity in its place, and the readout met 4 streams where it expected one: the replica failed."""
+    base = make_base(root, "hy_v4", **HY_V4)
+    path = recipe(root, base, slices([(0, "identity"), (1, "memory")], 3), "hy_v4-hyper-connection")
+    planned = plan_recipe(path)
+    out = emit(planned, progress=False).out_dir  # verify's padded generation alone takes 20 s here: the logits are compared below
+    assert json.loads((out / "midus_plan.json").read_text())["function_preserving"] is True
+    anatomy = planned.anatomy.kind_of(1).anatomy
+    assert (anatomy.ffn, anatomy.ffn_norms) == (("mlp",), ("post_attention_layernorm",))
+    model, original = AutoModelForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(base)
+    memory_block = model.model.layers[4]
+    assert type(memory_block.mlp).__name__ == "MemoryReadout"
+    assert type(memory_block.ffn_hc).__name__ == "HYV4HyperConnection"  # kept, with its weights, as in every block
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, original(ids).logits)
+        for p in memory_block.mlp.hml.parameters():  # and the memory reaches the output through the kept write-back
+            p.add_(torch.randn_like(p))
+        assert not torch.equal(model(ids).logits, original(ids).logits)
+
+
+def test_a_layer_whose_residual_stream_is_mixed_says_no_block_of_it_can_start_as_the_identity(root):
+    """DeepSeek-V4 mixes its residual streams with a learned matrix (comb^T @ streams): no add joins
+    the layer input with a branch, so neither a stated anatomy nor any recipe makes an identity block."""
+    overrides = dict(num_hidden_layers=2, moe_intermediate_size=32, q_lora_rank=16, n_routed_experts=4, num_experts_per_tok=2,
+                     o_groups=2, o_lora_rank=16, index_n_heads=4, index_head_dim=16, qk_rope_head_dim=2, sliding_window=64,
+                     layer_types=["heavily_compressed_attention", "compressed_sparse_attention"], mlp_layer_types=["hash_moe", "moe"])
+    base = make_base(root, "deepseek_v4", **overrides)
+    with pytest.raises(RecipeError) as refused:
+        plan_recipe(recipe(root, base, slices([(1, "identity")], 2), "deepseek_v4-identity"))
+    said = str(refused.value)
+    assert ("Could not find the residual adds of DeepseekV4DecoderLayer: no add joins the layer input with a module's output, and "
+            "the input reaches the output only through other operations") in said, said
+    assert "plain copies (DUS, kind: copy) can" in said and "anatomy:" not in said
+    plan_recipe(recipe(root, base, slices([(1, "copy")], 2), "deepseek_v4-copy"))  # DUS plans

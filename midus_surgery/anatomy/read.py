@@ -58,6 +58,11 @@ def _anatomy_from_flow(probe, flow: _Flow, source: str) -> Anatomy:
     tail = {j for j in flow.closure(out.id) - flow.closure(cur) if j in norms}
     if tail and branches:
         stream_norms.append((len(branches) - 1, tail))
+    if not branches and _reaches_without_modules(flow, inp.id, out.id):  # no `anatomy:` can help: say what no block of it can do
+        raise AnatomyError(f"Could not find the residual adds of {probe.layer_class}: no add joins the layer input with a module's "
+                           "output, and the input reaches the output only through other operations (mixed, as DeepSeek-V4's "
+                           "hyper-connections mix the residual streams with a learned matrix), so no copy of this layer can start as "
+                           "the identity: identity and memory blocks cannot be inserted into this model; plain copies (DUS, kind: copy) can.")
     if not branches:
         raise _error(f"the residual adds of {probe.layer_class} (no add joins the layer input with a module's output)", known)
 
@@ -76,6 +81,13 @@ def _anatomy_from_flow(probe, flow: _Flow, source: str) -> Anatomy:
     ffn_branch = min((k for k in branch_of.values() if k != a_branch), default=a_branch)
     extra_ids = [i for i in ffn_ids if branch_of[i] not in (ffn_branch, a_branch)]
     ffn_ids = [i for i in ffn_ids if i not in extra_ids]
+    # A module with weights ahead of the FFN branch's own norm is the stream's, not the FFN's: HunYuan-V4's
+    # hyper-connection (ffn_hc) folds the residual streams into the branch input and returns the weights its
+    # output is written back with. A memory block keeps it, as every block keeps attn_hc before the attention's norm.
+    branch_norms = [j for j in norms if j in branches[ffn_branch][1]]
+    ahead = {i for i in ffn_ids if any(i in flow.anc(j) and any(j in flow.anc(f) for f in ffn_ids) for j in branch_norms)}
+    if len(ahead) < len(ffn_ids):
+        ffn_ids = [i for i in ffn_ids if i not in ahead]
     ffn = tuple(dict.fromkeys(flow.by_id[i].target for i in ffn_ids))
     known["ffn"] = list(ffn)
     f_branches = {k for k, (_, b) in enumerate(branches) if set(ffn_ids) & b}
@@ -114,6 +126,22 @@ def _anatomy_from_flow(probe, flow: _Flow, source: str) -> Anatomy:
     return Anatomy(layers_path=probe.layers_path, layer_class=probe.layer_class, attention=attention,
                    attn_out_proj=attn_out_proj, ffn=ffn, ffn_down_proj=ffn_down_proj, attn_norms=attn_norms,
                    ffn_norms=ffn_norms, residual=residual, source=source, extra_out_projs=tuple(extra), out_biases=out_biases)
+
+
+def _reaches_without_modules(flow: _Flow, source: int, target: int) -> bool:
+    """Whether ``source`` reaches ``target`` through operations alone, no child module in between: the residual
+    stream of a layer that mixes it (DeepSeek-V4: comb^T @ streams), not one that hands it to a module which
+    adds it (BERT's output modules)."""
+    seen, todo = set(), [target]
+    while todo:
+        node = flow.by_id[todo.pop()]
+        if node.id == source:
+            return True
+        if node.id in seen or (node.kind == "call" and node.id != target):
+            continue
+        seen.add(node.id)
+        todo.extend(node.inputs)
+    return False
 
 
 def _is_linear_leaf(module) -> bool:

@@ -142,7 +142,8 @@ def _difference(planned: PlannedRecipe, emit) -> str | None:
                 # accept_function_change can help (trial45)
                 raise RecipeError([planned.loaded.problem(("base",), f"transformers cannot build the base's model here: a package it "
                                                                      f"needs is missing ({one_line(exc, 200)})")]) from None
-            return f"the recipe applied to a tiny replica of the base fails ({one_line(exc, 200)}), so the output would not load or run"
+            return (f"the recipe applied to a tiny replica of the base fails ({one_line(exc, 200)}), so the output would not load or "
+                    "run; `plan` prints the block anatomy it was built from, and an `anatomy:` section corrects a misreading")
 
 
 def _temp_disk_error(tmp: str | None, exc: BaseException) -> MachineError:
