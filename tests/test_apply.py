@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -26,7 +27,7 @@ from midus_surgery.compiler.planner import plan_recipe
 from midus_surgery.emit import emitter
 from midus_surgery.emit.emitter import emit
 from midus_surgery.emit.verify import _round_trip_check, verify
-from midus_surgery.errors import MidusError
+from midus_surgery.errors import MidusError, RecipeError
 
 KINDS = {"dus": "transformer", "llama-pro": "identity", "midus": "memory"}
 MEMORY = "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n"
@@ -584,3 +585,28 @@ def test_a_tokenizer_with_its_own_code_travels_with_it_and_never_runs(bases, tmp
     (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": "owner/repo--tok.MyTok",
                                                                          "AutoProcessor": "../evil.X", "AutoConfig": "sub.tok.X"}}))
     assert emitter._tokenizer_code_files(base / "tokenizer_config.json") == []  # transformers loads none of these either
+
+
+def test_a_base_value_past_the_output_dtypes_range_is_refused_before_anything_is_written(bases, tmp_path):
+    """output.dtype: float16 over a weight of 1e6 (float16 ends at 65504) wrote inf with exit 0;
+    only verify said so (trial52). A finite value the cast would make infinite is the recipe's
+    output.dtype problem, located, and the output folder is not left behind."""
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "large-weight"
+    shutil.copytree(bases["llama"], base)
+    weights = load_file(base / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    weights[name][0, 0] = 1e6
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    path = write_recipe(tmp_path, base, "dus")
+    path.write_text(path.read_text().replace("dtype: float32", "dtype: float16"))
+    with pytest.raises(RecipeError) as refused:
+        emit(plan_recipe(path), progress=False)
+    (problem,) = refused.value.problems
+    assert problem.field == "output.dtype" and problem.where.endswith(":9:3"), problem
+    assert problem.message == (f"float16 cannot hold base tensor {name}: it holds 1e+06, and float16's largest value is 65504, so the "
+                               "output would hold inf; write bfloat16 (float32's range) or float32")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    path.write_text(path.read_text().replace("dtype: float16", "dtype: bfloat16"))
+    assert emit(plan_recipe(path), progress=False).out_dir.is_dir()  # bfloat16 holds it

@@ -21,7 +21,7 @@ from midus_surgery.compiler.base import BaseRef, resolve_base
 from midus_surgery.compiler.plan import PLAN_FILE, Plan, TensorEntry
 from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.emit.card import write_model_card
-from midus_surgery.errors import BaseModelError, MidusError, is_library_panic, one_line, quiet_library_panic, shown
+from midus_surgery.errors import BaseModelError, MidusError, RecipeError, is_library_panic, one_line, quiet_library_panic, shown
 from midus_surgery.io.dtypes import ITEMSIZE, TAGS, torch_dtype
 from midus_surgery.io.output_dir import add_to_marker, atomic_directory, check_output_dir
 from midus_surgery.io.progress import progress_bar
@@ -339,14 +339,10 @@ def _write_weights(planned: PlannedRecipe, source, tmp: Path, progress: bool) ->
     weight_map: dict[str, str] = {}
     bar = progress_bar(total_bytes, "apply", leave=True, unit="B", unit_scale=True, unit_divisor=1024) if progress else None
     try:
-        shard_items = [[_shard_item(entry, source, init, dtype) for entry in shard] for shard in shards]
-        workers = min(COPY_WORKERS, os.cpu_count() or 1, len(shards))
-        if workers > 1 and all(item.bytes_from is not None for items in shard_items for item in items):
-            _write_copy_shards_in_parallel(tmp, names, shard_items, workers, bar)
-        else:  # tensors to materialise (conversions, new memory): one shard at a time, bounded memory
-            for items, file in zip(shard_items, names):
-                write_shard(tmp / file, items, metadata={"format": "pt"}, on_bytes=bar.update if bar else None)
-                source.release()
+        try:
+            _write_shards(tmp, names, shards, source, init, dtype, bar)
+        except _CastOverflow as exc:
+            raise RecipeError([planned.loaded.problem(("output", "dtype"), str(exc))]) from None
         for shard, file in zip(shards, names):
             os.chmod(tmp / file, 0o644)
             weight_map.update((entry.name, file) for entry in shard)
@@ -357,6 +353,18 @@ def _write_weights(planned: PlannedRecipe, source, tmp: Path, progress: bool) ->
         index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return total_bytes, len(shards)
+
+
+def _write_shards(tmp: Path, names: list[str], shards, source, init, dtype: str, bar) -> None:
+    """Every shard: file-to-file copies several at once, anything to materialise one shard at a time."""
+    shard_items = [[_shard_item(entry, source, init, dtype) for entry in shard] for shard in shards]
+    workers = min(COPY_WORKERS, os.cpu_count() or 1, len(shards))
+    if workers > 1 and all(item.bytes_from is not None for items in shard_items for item in items):
+        _write_copy_shards_in_parallel(tmp, names, shard_items, workers, bar)
+    else:  # tensors to materialise (conversions, new memory): one shard at a time, bounded memory
+        for items, file in zip(shard_items, names):
+            write_shard(tmp / file, items, metadata={"format": "pt"}, on_bytes=bar.update if bar else None)
+            source.release()
 
 
 def _write_copy_shards_in_parallel(tmp: Path, names: list[str], shard_items: list[list[ShardItem]], workers: int, bar) -> None:
@@ -442,4 +450,17 @@ def _materialise(entry: TensorEntry, source, init: MemoryInit, dtype_name: str):
             raise MidusError(_shape_mismatch(entry, tensor.shape))
         if entry.rule == "zeros":
             tensor = torch.zeros(entry.shape, dtype=dtype)
-    return tensor.to(dtype).contiguous()  # safetensors wants contiguous tensors
+    cast = tensor.to(dtype).contiguous()  # safetensors wants contiguous tensors
+    if cast.dtype != tensor.dtype and cast.is_floating_point() and not torch.isfinite(cast).all():
+        overflowed = torch.isfinite(tensor) & ~torch.isfinite(cast)
+        if overflowed.any():  # a finite base value past the output dtype's range: it would be written as inf
+            raise _CastOverflow(entry.source or entry.name, float(tensor[overflowed].abs().max()), dtype_name, float(torch.finfo(dtype).max))
+    return cast
+
+
+class _CastOverflow(Exception):
+    """A finite base value beyond the output dtype's largest: said as the recipe's output.dtype problem."""
+
+    def __init__(self, name: str, value: float, dtype: str, largest: float):
+        super().__init__(f"{dtype} cannot hold base tensor {name}: it holds {value:.4g}, and {dtype}'s largest value is {largest:.6g}, "
+                         f"so the output would hold inf; write bfloat16 (float32's range) or float32")
