@@ -131,6 +131,30 @@ def _index_beside_single_file(planned) -> str | None:
     return None
 
 
+def _base_layers_out_of_order(plan) -> str | None:
+    """The base's own layers (each one's `base` use) out of their order: valid, but no up-scaling
+    method does it, and slices listed in the wrong order do it silently (trial52)."""
+    originals = [layer for layer in plan.layers if layer.kind == "base"]
+    for before, after in zip(originals, originals[1:]):
+        if after.source < before.source:
+            return (f"the output runs base layer {after.source} (output layer {after.index}) after base layer {before.source} (output "
+                    f"layer {before.index}): the base's own layers are out of their order, which no up-scaling method does; slices listed "
+                    "in the wrong order?")
+    return None
+
+
+def _base_without_weights(planned) -> str | None:
+    """validate and plan read a base's config alone; a folder with no weights at all is said before apply finds it so (trial52)."""
+    from midus_surgery.compiler.base import resolve_base
+
+    ref = resolve_base(planned.loaded)
+    if not ref.exists or ref.is_gguf:
+        return None
+    if any(ref.directory.glob("*.safetensors")) or any(ref.directory.glob("*.bin")):
+        return None
+    return f"{ref.directory} holds no weights (.safetensors files): validate and plan read its config.json alone; apply needs the weights"
+
+
 def _plan_notes(planned, start: bool) -> list[str]:
     """What a valid plan does that its author may not have meant: base layers pruned on purpose,
     memory that does not start as the identity (``start``: plan says that in its own line), memory
@@ -145,6 +169,12 @@ def _plan_notes(planned, start: bool) -> list[str]:
     both = _index_beside_single_file(planned)
     if both:
         notes.append(both)
+    unordered = _base_layers_out_of_order(plan)
+    if unordered:
+        notes.append(unordered)
+    weightless = _base_without_weights(planned)
+    if weightless:
+        notes.append(weightless)
     if start and plan.function_preserving is None and plan.memory_layers and recipe.memory.init == "random":
         notes.append("memory.init: random: the memory blocks start from random values, so the output does not start as the base's "
                      "function (verify then compares perplexity, not logits)")

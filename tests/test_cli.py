@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -316,6 +317,24 @@ def test_validate_and_plan_note_what_the_author_may_not_have_meant(tiny_base, tm
     validate_lines(tmp_path, capsys, tiny_base, "layout: {interleave: {after: [1], kind: copy}}\noutput: {dir: out}\n")
     assert main(["plan", str(tmp_path / "r.yaml")]) == 0
     assert "starts as the base's function: no: plain copies change it (as in DUS and SOLAR)" in capsys.readouterr().out
+
+
+def test_validate_notes_base_layers_out_of_their_order_and_a_base_without_weights(tiny_base, tmp_path, capsys):
+    """Two slices in the wrong order validated without a word, and so did a folder holding only
+    config.json, which apply then refused (trial52). Both are notes: each is a valid recipe."""
+    body = "layout: {slices: [{layers: [2, 4]}, {layers: [0, 4]}]}\noutput: {dir: out}\n"
+    code, text = validate_lines(tmp_path, capsys, tiny_base, body)
+    assert code == 0 and ("note: the output runs base layer 0 (output layer 2) after base layer 3 (output layer 1): the base's own "
+                          "layers are out of their order") in text, text
+    code, text = validate_lines(tmp_path, capsys, tiny_base, "layout: {slices: [{layers: [0, 4]}, {layers: [2, 4]}]}\noutput: {dir: out}\n")
+    assert code == 0 and "note:" not in text, text  # SOLAR's overlap: the base's layers in order, copies after
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(tiny_base / "config.json", config_only)
+    code, text = validate_lines(tmp_path, capsys, config_only, "layout: {slices: [{layers: [0, 4]}, {layers: [2, 4]}]}\noutput: {dir: out}\n")
+    assert code == 0 and f"note: {config_only} holds no weights (.safetensors files): validate and plan read its config.json alone" in text
+    assert main(["apply", str(tmp_path / "r.yaml")]) == 2  # a problem of the base's: exit 2, as the others
+    assert f"error: no weights found in {config_only} (expected .safetensors files)" in capsys.readouterr().err
 
 
 def test_validate_notes_a_tokenizer_larger_than_the_bases_vocabulary(tmp_path, capsys):

@@ -693,4 +693,4 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
             except Exception as exc:  # noqa: BLE001 - corrupt or unsafe pickles raise many types
                 raise BaseModelError(f"cannot read {file}: {load_error_line(exc)}") from None
         return DictSource(tensors, prefixes, renames)
-    raise MidusError(f"no weights found in {ref.directory} (expected .safetensors files)")
+    raise BaseModelError(f"no weights found in {ref.directory} (expected .safetensors files)")
