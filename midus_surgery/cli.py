@@ -295,7 +295,12 @@ def cmd_plan(args) -> int:
         for t in plan.tensors:
             origin = t.source if t.rule == "copy" else (f"{t.source} (zeroed)" if t.source else t.rule)
             tensors.add_row(t.name, "x".join(map(str, t.shape)), origin)
-        out.print(tensors)
+        if out.is_terminal:
+            out.print(tensors)
+        else:  # piped (grep, a file), rich cut the names at 80 columns (trial52): the table as wide as its rows
+            from rich.console import Console
+
+            Console(highlight=False, soft_wrap=True, width=100_000).print(tensors)
     from midus_surgery.compiler.header_plan import plan_from_headers
 
     _, why_full = plan_from_headers(loaded)  # reads config.json and the safetensors headers only

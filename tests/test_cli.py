@@ -337,6 +337,17 @@ def test_validate_notes_base_layers_out_of_their_order_and_a_base_without_weight
     assert f"error: no weights found in {config_only} (expected .safetensors files)" in capsys.readouterr().err
 
 
+def test_plans_tensor_map_piped_keeps_whole_names_and_rules(tiny_base, tmp_path, capsys):
+    """Piped to grep or a file, rich cut the tensor map to 80 columns: names ended in '…' and the
+    rule column (zeroed) was gone (trial52)."""
+    validate_lines(tmp_path, capsys, tiny_base, "layout: {interleave: {after: [1], kind: identity}}\noutput: {dir: out}\n")
+    assert main(["plan", str(tmp_path / "r.yaml"), "--tensors"]) == 0
+    text = capsys.readouterr().out
+    assert "…" not in text
+    row = next(line for line in text.splitlines() if "model.layers.2.self_attn.o_proj.weight" in line)
+    assert "model.layers.1.self_attn.o_proj.weight (zeroed)" in row, row
+
+
 def test_validate_notes_a_tokenizer_larger_than_the_bases_vocabulary(tmp_path, capsys):
     """A config whose vocab_size is under its tokenizer's: apply went through without a word and eval / analyze
     refused the data later (trial36). validate (and plan, apply) say it first; the matching tiny base says nothing."""

@@ -185,6 +185,13 @@ def test_duplicate_key_is_an_error(tmp_path):
 def test_yaml_syntax_error_is_located(tmp_path):
     (p,) = problems(tmp_path, "base:\n  path: [unclosed\nlayout: {}\n")
     assert "YAML syntax error" in p.message and ":3:" in p.where
+    # the mistakes people make most, in a reader's words beside PyYAML's (trial52)
+    (p,) = problems(tmp_path, GOOD + "---\n" + GOOD)
+    assert p.where.endswith("r.yaml:12:1") and p.message == (
+        "YAML syntax error: a second YAML document starts here ('---'): the file holds one; put each in a file of its own "
+        "(YAML: but found another document)")
+    (p,) = problems(tmp_path, GOOD.replace("dir: out", "dir: out: final"))
+    assert p.message.startswith("YAML syntax error: a 'key: value' where a value was expected: an indent off, or a value with ': '")
 
 
 def test_top_level_must_be_mapping(tmp_path):

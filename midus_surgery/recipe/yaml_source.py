@@ -263,6 +263,20 @@ def _read(path: str | Path, file: str) -> str:
         raise RecipeError([Problem(file, "", f"cannot read: not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
 
 
+# PyYAML's words for the mistakes people make most, said in a reader's (trial52)
+_SYNTAX_HINTS = {
+    "but found another document": "a second YAML document starts here ('---'): the file holds one; put each in a file of its own",
+    "mapping values are not allowed here": ("a 'key: value' where a value was expected: an indent off, or a value with ': ' in "
+                                            "it that needs quotes"),
+}
+
+
+def _syntax_error(exc: yaml.MarkedYAMLError) -> str:
+    problem = exc.problem or str(exc)
+    hint = _SYNTAX_HINTS.get(problem.strip())
+    return f"YAML syntax error: {hint} (YAML: {problem})" if hint else f"YAML syntax error: {problem}"
+
+
 def load_yaml(path: str | Path, text: str | None = None) -> YamlSource:
     """Parse ``path`` (or ``text``, reported as ``path``) keeping positions; every problem raises RecipeError."""
     file = str(path)
@@ -278,7 +292,7 @@ def load_yaml(path: str | Path, text: str | None = None) -> YamlSource:
         raise RecipeError([Problem(_at(file, exc.mark), "", exc.message)]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        raise RecipeError([Problem(_at(file, mark), "", f"YAML syntax error: {exc.problem or exc}")]) from None
+        raise RecipeError([Problem(_at(file, mark), "", _syntax_error(exc))]) from None
     except yaml.reader.ReaderError as exc:  # a character YAML does not allow (a NUL): located, in one line (trial50)
         at = exc.position if isinstance(exc.position, int) else 0
         mark = types.SimpleNamespace(line=text.count("\n", 0, at), column=at - (text.rfind("\n", 0, at) + 1))
