@@ -171,15 +171,17 @@ def test_apply_replaces_only_its_own_output(project, capsys):
     assert apply(str(r), "--out", "empty") == 0 and (project / "empty" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("kind", ["train run", "train export", "fetch_corpus", "fetch_smollm2", "workspace"])
-def test_apply_overwrite_never_replaces_another_commands_output(project, kind, capsys):
+@pytest.mark.parametrize(("kind", "command"), [("train run", "train (its run directory)"), ("train export", "train (its export)"),
+                                               ("fetch_corpus", "tools/fetch_corpus.py"), ("fetch_smollm2", "tools/fetch_smollm2.py"),
+                                               ("workspace", "a tool (its scratch folder)"), ("analysis", "analyze")])
+def test_apply_overwrite_never_replaces_another_commands_output(project, kind, command, capsys):
     """A training run, a fetched corpus or model: written by midus-surgery, but not by `apply`."""
     other = project / "other"
     other.mkdir()
     write_marker(other, kind)
     (other / "metrics.jsonl").write_text("a week of training\n")
     assert apply(str(recipe(project, "out")), "--out", "other", "--overwrite") == 2
-    assert f"was written by midus-surgery {kind}" in capsys.readouterr().err
+    assert f"was written by midus-surgery {command}, not by apply;" in capsys.readouterr().err  # the command's name (trial52: "analysis")
     assert (other / "metrics.jsonl").read_text() == "a week of training\n"
 
 
@@ -503,7 +505,7 @@ def test_train_replaces_its_own_export_but_not_an_apply_output(train_project, ca
     cfg3 = write_config(train_project / "run3.yaml", train_project / "model", train_project / "runs" / "c", train_project / "corpus",
                         train_project / "cache", **{"export.dir": "trained", "tokens": 256})
     assert main(["train", str(cfg3), "--quiet"]) == 2
-    assert "not by train export for" in capsys.readouterr().err
+    assert "not by train (its export) for" in capsys.readouterr().err
     assert (train_project / "trained" / "model.safetensors").read_bytes() == first
     # an output of `apply` is the user's model, not this run's export
     applied = train_project / "applied"

@@ -216,8 +216,18 @@ def _whole_output_above(path: Path, *, including: bool = False) -> tuple[Path, d
     return None
 
 
+# a marker's kind in the words of the command that writes it ("analysis" is what analyze's markers say)
+_COMMAND_OF_KIND = {"analysis": "analyze", "train export": "train (its export)", "train run": "train (its run directory)",
+                    "fetch_corpus": "tools/fetch_corpus.py", "fetch_smollm2": "tools/fetch_smollm2.py",
+                    WORKSPACE: "a tool (its scratch folder)"}
+
+
+def _command(kind: str) -> str:
+    return _COMMAND_OF_KIND.get(kind, kind)
+
+
 def _written_by(marker: dict) -> str:
-    return f"midus-surgery {marker.get('kind', '?')}" + (f" for {marker['owner']}" if marker.get("owner") else "")
+    return f"midus-surgery {_command(marker.get('kind', '?'))}" + (f" for {marker['owner']}" if marker.get("owner") else "")
 
 
 def _relation(out: Path, other: Path) -> str | None:
@@ -303,7 +313,7 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
                           f"it is never replaced{never}: choose another directory, or move it away yourself")
     written_by = _written_by(marker)
     if marker.get("kind") != kind or marker.get("owner") != owner:
-        this = kind + (f" for {owner}" if owner else "")
+        this = _command(kind) + (f" for {owner}" if owner else "")
         raise OutputError(f"output {resolved} was written by {written_by}, not by {this}; one command never replaces "
                           "another's output: choose another directory")
     if writes_into:
