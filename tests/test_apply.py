@@ -610,3 +610,12 @@ def test_a_base_value_past_the_output_dtypes_range_is_refused_before_anything_is
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     path.write_text(path.read_text().replace("dtype: float16", "dtype: bfloat16"))
     assert emit(plan_recipe(path), progress=False).out_dir.is_dir()  # bfloat16 holds it
+
+
+def test_shards_fill_to_shard_size_and_a_larger_tensor_gets_one_of_its_own():
+    """recipes.md: shard_size bounds a shard's tensor data; one tensor larger than it is a shard alone."""
+    from midus_surgery.compiler.plan import TensorEntry
+
+    entries = [TensorEntry(f"t{i}", shape, f"t{i}", "copy") for i, shape in enumerate([(100,), (100,), (600,), (100,), (150,), (100,)])]
+    shards = emitter.shard_tensors(entries, "float32", 1000)  # 4 bytes a value: 400, 400, 2400, 400, 600, 400 bytes
+    assert [[e.name for e in shard] for shard in shards] == [["t0", "t1"], ["t2"], ["t3", "t4"], ["t5"]]

@@ -114,9 +114,15 @@ def test_a_section_that_is_not_a_mapping_is_said_so(tmp_path):
 
 def test_impossible_value(tmp_path):
     (p,) = problems(tmp_path, GOOD.replace("topk: 8", "topk: 100"))
-    assert p.field == "memory"
+    assert p.field == "memory.topk"  # at topk's line, not memory's (trial52)
     assert "topk (100) must be <= n_subkeys (64)" in p.message
-    assert p.where.endswith("r.yaml:7:1")
+    assert p.where.endswith("r.yaml:9:3")
+    # said beside the other fields' problems, not after they are fixed (trial52), and for topk's default too
+    found = problems(tmp_path, GOOD.replace("n_subkeys: 64", "n_subkeys: 4").replace("topk: 8", "topk: 5\n  latent_dim: 0"))
+    assert [(p.field, p.message) for p in found] == [("memory.topk", "topk (5) must be <= n_subkeys (4)"),
+                                                    ("memory.latent_dim", "should be at least 1, got 0")]
+    (p,) = problems(tmp_path, GOOD.replace("n_subkeys: 64", "n_subkeys: 4").replace("  topk: 8\n", ""))
+    assert (p.field, p.message) == ("memory.topk", "topk (32) must be <= n_subkeys (4)")
 
 
 def test_every_problem_is_listed_at_once(tmp_path):

@@ -301,6 +301,22 @@ def test_a_dus_copy_must_be_its_base_layer_bit_for_bit(bases, tmp_path):
     assert checks["weights"].detail.startswith(f"1 of the output's tensors differ from the base tensors the layer map says they copy (e.g. {name})")
 
 
+def test_an_edited_zeroed_tensor_is_said_to_differ_from_the_zeros_apply_wrote(bases, tmp_path):
+    """An identity block's output projection is zeros, not a copy: verify said an edited one differed
+    from what it "copies" (trial52)."""
+    out = emitted(bases, tmp_path, "llama", "llama-pro")
+    identity = next(la for la in json.loads((out / "midus_plan.json").read_text())["layers"] if la["kind"] == "identity")
+    tensors = load_file(out / "model.safetensors")
+    name = f"model.layers.{identity['index']}.mlp.down_proj.weight"
+    assert not tensors[name].any()
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    checks = run(out)
+    assert "weights" in failed(checks)
+    assert checks["weights"].detail.startswith("1 of the output's tensors differ from the base tensors the layer map says they copy or, "
+                                               f"in identity and memory blocks, from the zeros apply wrote (e.g. {name})"), checks["weights"].detail
+
+
 @pytest.mark.parametrize(("kind", "failing"), [("dus", ["weights"]), ("llama-pro", ["identity", "identity (perturbed)", "weights"])])
 def test_a_base_of_the_same_shapes_that_is_not_the_outputs_fails(kind, failing, bases, tmp_path):
     """A model of the same config and vocabulary, other weights: plain copies passed every check

@@ -708,7 +708,10 @@ def weights_check(out: Path, base_model, plan: dict, left_alone: str | None = No
         else:
             differ.append(oname)
     if differ:
-        return Check(name, False, f"{len(differ)} of the output's tensors differ from the base tensors the layer map says they copy "
+        # in identity and memory blocks a tensor may be the zeros apply wrote in place of the copy (trial52: an edited
+        # zeroed down_proj was said to differ from what it "copies")
+        zeros = " or, in identity and memory blocks, from the zeros apply wrote" if any(in_inserted_block(n) for n in differ) else ""
+        return Check(name, False, f"{len(differ)} of the output's tensors differ from the base tensors the layer map says they copy{zeros} "
                                   f"(e.g. {', '.join(differ[:3])}); {same} are equal: this is not the base the output was made from, "
                                   "or the output was changed since apply")
     if not same:

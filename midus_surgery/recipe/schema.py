@@ -167,9 +167,9 @@ class Layout(Strict):
 class MemorySettings(Strict):
     """The Head-wise Memory Layer (HML + HIVE) of every `memory` block (docs/method.md: the MIDUS paper's sections 3-5)."""
 
-    n_subkeys: StrictInt = Field(256, ge=2, le=MAX_N_SUBKEYS, description="n: sub-keys per query half; each head addresses n*n slots.")
-    topk: StrictInt = Field(32, ge=1, le=MAX_TOPK, description="k: slots read per head and token (two-stage top-k). Must be <= n.")
-    latent_dim: StrictInt = Field(256, ge=1, le=MAX_LATENT_DIM, description="d_l: width of the shared HIVE latent bank (n*n x d_l). Ignored when hive is false.")
+    n_subkeys: StrictInt = Field(256, ge=2, le=MAX_N_SUBKEYS, description=f"n: sub-keys per query half; each head addresses n*n slots (2 to {MAX_N_SUBKEYS}).")
+    topk: StrictInt = Field(32, ge=1, le=MAX_TOPK, validate_default=True, description=f"k: slots read per head and token (two-stage top-k); 1 to n (and at most {MAX_TOPK}).")
+    latent_dim: StrictInt = Field(256, ge=1, le=MAX_LATENT_DIM, description=f"d_l: width of the shared HIVE latent bank (n*n x d_l; 1 to {MAX_LATENT_DIM}, and n*n*d_l at most {MAX_BANK_ELEMENTS:.3g}). Not used when hive is false (its range is still checked).")
     hive: StrictBool = Field(True, description="HIVE values: one latent bank shared by all heads plus a d_l x d_h projection per head. False: a value table of width d_h per head.")
     query_norm: Literal["none", "rms", "layer", "batch"] = Field("rms", description="Per-head normalisation of the query before scoring. "
         "`batch`: each query feature standardised with running statistics over the tokens seen in training (the product-key "
@@ -183,10 +183,17 @@ class MemorySettings(Strict):
     share_bank: StrictBool = Field(False, description="One latent bank shared by all memory blocks of the model instead of one per block.")
     kernels: Literal["auto", "fused", "torch", "triton", "triton-fused"] | None = Field(None, description="What the memory layer runs on, written into the output's config when set: `auto` (compiled CPU kernels on CPU, Triton on CUDA, else pure torch), `fused` (insist on the CPU kernels), `torch`, `triton`, `triton-fused` (the whole read in one Triton kernel on CUDA; opt-in: slower than `triton` at 16 x 1024 on an H200). Unset: `MIDUS_HML_KERNELS` where the model is loaded, else `auto` (docs/hml.md).")
 
+    @field_validator("topk")
+    @classmethod
+    def _k_le_n(cls, topk: int, info) -> int:
+        # a field's check, not the model's: located at topk, and said beside the other fields' problems (trial52)
+        n = info.data.get("n_subkeys")
+        if n is not None and topk > n:
+            raise ValueError(f"topk ({topk}) must be <= n_subkeys ({n})")
+        return topk
+
     @model_validator(mode="after")
-    def _k_le_n(self) -> "MemorySettings":
-        if self.topk > self.n_subkeys:
-            raise ValueError(f"topk ({self.topk}) must be <= n_subkeys ({self.n_subkeys})")
+    def _bank_size(self) -> "MemorySettings":
         if self.hive and self.n_subkeys**2 * self.latent_dim > MAX_BANK_ELEMENTS:
             raise ValueError(f"the HIVE bank would hold n_subkeys^2 * latent_dim = {self.n_subkeys**2 * self.latent_dim:.3g} values per memory block "
                              f"(more than {MAX_BANK_ELEMENTS:.3g}, {MAX_BANK_ELEMENTS * 4 / 1e12:.1f} TB in fp32); use a smaller n_subkeys or latent_dim")
@@ -232,7 +239,7 @@ class OutputSpec(Strict):
 
     dir: PathText = Field(min_length=1, description="Output directory (relative to the recipe's directory; `~` and `$NAME` expand, as in `base.path`). Written atomically. It may not be, contain or lie inside an input; an existing output of midus-surgery is replaced only with --overwrite, and a directory the tool did not write never (docs/reliability.md).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of the written weights. `auto`: the base's dtype.")
-    shard_size: StrictInt | str = Field("2GB", description="Largest output shard, e.g. 2GB, 500MB, 1GiB, or bytes (from 1MB to 1PB).")
+    shard_size: StrictInt | str = Field("2GB", description="Largest output shard's tensor data, e.g. 2GB, 500MB, 1GiB, or bytes (from 1MB to 1PB); each file adds its header (the tensors' names and shapes, padded for alignment), and a tensor larger than this gets a shard of its own.")
 
     @field_validator("shard_size")
     @classmethod
