@@ -76,6 +76,34 @@ def test_a_bare_tilde_is_yamls_null_and_the_error_says_so(tmp_path):
                          "with ~, e.g. '~/models')")
 
 
+MERGEKIT = """\
+slices:
+  - sources:
+      - model: /models/mistral-7b
+        layer_range: [0, 24]
+  - sources:
+      - model: /models/mistral-7b
+        layer_range: [8, 32]
+merge_method: passthrough
+dtype: bfloat16
+"""
+
+
+def test_a_mergekit_config_is_named_and_a_passthrough_of_one_model_translated(tmp_path):
+    """trial52 pasted mergekit's SOLAR config: six lines of missing and unknown keys that named neither."""
+    (p,) = problems(tmp_path, MERGEKIT)
+    assert p.message == ("this is a mergekit config (merge_method:, slices: of sources:), not a recipe; the recipe that says the same: "
+                         "base: {path: /models/mistral-7b}, layout: {slices: [{layers: [0, 24]}, {layers: [8, 32]}]}, "
+                         "output: {dir: OUT, dtype: bfloat16} (each on its own line; mergekit's layer_range is a recipe's layers, the "
+                         "same half-open range)")
+    (p,) = problems(tmp_path, MERGEKIT.replace("passthrough", "slerp"))
+    assert p.message.startswith("this is a mergekit config (merge_method:, slices: of sources:), not a recipe: a recipe up-scales one base")
+    # mergekit's key inside a recipe's slice
+    found = problems(tmp_path, GOOD.replace("  interleave:\n    after_every: 2\n    kind: memory\n", "  slices:\n    - layer_range: [0, 4]\n"))
+    assert [p.message for p in found if p.field.endswith("layer_range")] == [
+        "unknown key 'layer_range'; did you mean 'layers' (mergekit's layer_range: the same half-open [start, end))?"]
+
+
 def test_unknown_key_names_field_and_line(tmp_path):
     (p,) = problems(tmp_path, GOOD.replace("  topk: 8\n", "  topk: 8\n  top_k: 8\n"))
     assert p.field == "memory.top_k"
