@@ -1081,3 +1081,17 @@ def test_a_bind_mount_of_a_folder_of_the_same_disk_is_found_in_the_mount_table()
     table = ("22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
              "97 22 8:1 /work/hostout /work/my\\040volume rw,relatime shared:1 - ext4 /dev/sda1 rw\n")
     assert mount_points(table) == {"/", "/work/my volume"}
+
+
+def test_overwrite_of_another_recipes_output_says_whose_it_replaces(project, capsys):
+    """--overwrite replaces any apply's output: a mistyped --out replaced another recipe's model
+    without a word (trial52). It still does (the flag says so), with a note naming that recipe."""
+    first = recipe(project, "model-a", name="a.yaml")
+    assert apply(str(first)) == 0
+    assert apply(str(first), "--overwrite") == 0  # the same recipe again: nothing to say
+    assert "note:" not in capsys.readouterr().err
+    second = recipe(project, "model-b", name="b.yaml")
+    assert apply(str(second), "--out", "model-a", "--overwrite") == 0
+    assert (f"note: --overwrite replaces {project / 'model-a'}, the output of another recipe ({first}, base {project / 'base'})"
+            in capsys.readouterr().err)
+    assert read_marker(project / "model-a")["recipe"] == str(second)

@@ -23,7 +23,7 @@ from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.emit.card import write_model_card
 from midus_surgery.errors import BaseModelError, MidusError, RecipeError, is_library_panic, one_line, quiet_library_panic, shown
 from midus_surgery.io.dtypes import ITEMSIZE, TAGS, torch_dtype
-from midus_surgery.io.output_dir import add_to_marker, atomic_directory, check_output_dir
+from midus_surgery.io.output_dir import add_to_marker, atomic_directory, check_output_dir, read_marker
 from midus_surgery.io.progress import progress_bar
 from midus_surgery.io.shard_writer import ShardItem, write_shard
 from midus_surgery.io.tensor_source import check_matches_config, inside_base, open_base_tensors
@@ -256,6 +256,9 @@ def emit(planned: PlannedRecipe, *, out_dir: Path | None = None, overwrite: bool
                                trust_remote_code=planned.loaded.recipe.base.trust_remote_code)
     try:
         check_tied_copies(planned, source)
+        replaced = _replaced_output(planned, out) if overwrite else None
+        if replaced:
+            _note(replaced)
         with atomic_directory(out, kind="apply", replace=overwrite, report=_note) as tmp:
             num_bytes, shards = _write_weights(planned, source, tmp, progress)
             _write_companions(planned, ref, tmp)
@@ -266,6 +269,17 @@ def emit(planned: PlannedRecipe, *, out_dir: Path | None = None, overwrite: bool
     finally:
         source.close()
     return EmitResult(out, len(planned.plan.tensors), num_bytes, shards, source.how)
+
+
+def _replaced_output(planned: PlannedRecipe, out: Path) -> str | None:
+    """A note when --overwrite replaces the output of another recipe: it replaces any apply's output, and
+    a mistyped --out replaced another model without a word (trial52)."""
+    marker = read_marker(out) if out.is_dir() else None
+    recipe = str(Path(planned.loaded.source.file).resolve())
+    if not marker or marker.get("recipe") in (None, recipe):  # older outputs recorded no recipe: nothing to compare
+        return None
+    return (f"note: --overwrite replaces {out}, the output of another recipe ({marker['recipe']}, base {marker.get('base_path', '?')}); "
+            "the run stops before replacing it if anything fails")
 
 
 def check_tied_copies(planned: PlannedRecipe, source) -> None:
@@ -432,7 +446,8 @@ def _write_companions(planned: PlannedRecipe, ref, tmp: Path) -> None:
     (tmp / "midus_recipe.yaml").write_text(recipe_text)
     summary = plan.to_json(tensors=False)  # the layout and its readers: compiler/plan.py, read_plan_json
     # for `verify` without --base; in the marker, not here: midus_plan.json is published with the model
-    add_to_marker(tmp, base_path=str(planned.loaded.resolve(recipe.base.path).resolve()))
+    add_to_marker(tmp, base_path=str(planned.loaded.resolve(recipe.base.path).resolve()),
+                  recipe=str(Path(planned.loaded.source.file).resolve()))  # which recipe's output a later --overwrite replaces
     summary["trust_remote_code"] = recipe.base.trust_remote_code  # `verify` loads the output and the base as apply read it
     (tmp / PLAN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     write_model_card(planned, recipe_text, ref, tmp)
