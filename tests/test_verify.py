@@ -8,6 +8,7 @@ purpose (the outputs' tensors edited, or a module's forward patched) and run thr
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -59,6 +60,7 @@ def test_correct_outputs_pass_every_check(arch, kind, bases, tmp_path):
     assert "in both models" in perturbed and ": 0 (must be 0" in perturbed
     assert "as loaded and with the all-zero weights filled" in checks["batch"].detail
     assert "agrees with and without KV cache and with each prompt alone" in checks["kv-cache (padded batch)"].detail
+    assert re.search(r"agree: ids \[\d+(, \d+)*\]$", checks["kv-cache"].detail), checks["kv-cache"].detail  # no tokenizer: the ids
     assert "tensors equal, bit for bit, the base tensors the layer map says they copy" in checks["weights"].detail
     # LLaMA-Pro zeroes its blocks' output projections; a MIDUS block drops them (its FFN is the memory)
     assert ("zeroed or reshaped in identity and memory blocks" in checks["weights"].detail) == (kind == "llama-pro")
