@@ -173,7 +173,9 @@ class MemorySettings(Strict):
     hive: StrictBool = Field(True, description="HIVE values: one latent bank shared by all heads plus a d_l x d_h projection per head. False: a value table of width d_h per head.")
     query_norm: Literal["none", "rms", "layer", "batch"] = Field("rms", description="Per-head normalisation of the query before scoring. "
         "`batch`: each query feature standardised with running statistics over the tokens seen in training (the product-key "
-        "memory paper's query BatchNorm, without batch statistics: no token's query depends on another token), then rms.")
+        "memory paper's query BatchNorm, without batch statistics: no token's query depends on another token), then rms; its "
+        "statistics (2 x heads x head_dim + 1 values a memory block) are written with the weights but are no parameters, so "
+        "plan's parameter counts leave them out.")
     gate: StrictBool = Field(False, description="Memory+-style SiLU gate on the memory output.")
     output_proj: Literal["auto", "always", "never"] = Field("auto", description="Output projection to the hidden size: `auto` adds one only when heads*head_dim != hidden size.")
     query_source: Literal["heads", "hidden"] = Field("heads", description="`heads`: each head's attention output queries its memory (MIDUS). `hidden`: the generic variant, queries projected from x + Attn(Norm(x)); the attention keeps its output projection, zeroed as in LLaMA-Pro so the block starts as the identity.")
