@@ -450,3 +450,37 @@ def test_a_layer_whose_residual_stream_is_mixed_says_no_block_of_it_can_start_as
             "the input reaches the output only through other operations") in said, said
     assert "plain copies (DUS, kind: copy) can" in said and "anatomy:" not in said
     plan_recipe(recipe(root, base, slices([(1, "copy")], 2), "deepseek_v4-copy"))  # DUS plans
+
+
+@pytest.mark.parametrize("model_type,config", [
+    ("falcon", dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, vocab_size=128, parallel_attn=True,
+                    new_decoder_architecture=False, alibi=False, bias=False)),
+    ("gptj", dict(n_embd=64, n_layer=4, n_head=4, rotary_dim=8, vocab_size=128, n_positions=128)),
+])
+def test_a_norm_both_parallel_branches_read_stays_with_a_memory_blocks_attention(root, model_type, config):
+    """Falcon's, GPT-J's (and Phi's, CodeGen's) one norm feeds the attention and the MLP side by side. It was
+    listed with both branches, a memory block drops its FFN's norms, and its attention read the raw residual
+    stream: every check passed, the output starting at zero either way (trial53)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:  # norms away from their init, as trained ones are
+                p.add_(0.3 * torch.randn_like(p))
+    base = root / f"{model_type}-shared-norm-base"
+    model.save_pretrained(base)
+    path = recipe(root, base, slices([(2, "memory")], 4), f"{model_type}-shared-norm")
+    planned, out, _ = apply_and_verify(path)
+    anatomy = planned.anatomy.kind_of(2).anatomy
+    assert anatomy.residual == "parallel" and not set(anatomy.attn_norms) & set(anatomy.ffn_norms)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    block = model.get_submodule(anatomy.layers_path)[4]
+    (norm,) = anatomy.attn_norms
+    assert type(block.get_submodule(norm)).__name__ != "Identity"  # the norm is there, with its weights
+    first = next(m for name, m in block.get_submodule(anatomy.attention).named_modules() if isinstance(m, torch.nn.Linear))
+    seen = {}
+    block.register_forward_pre_hook(lambda m, args, kwargs: seen.update(x=args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    first.register_forward_pre_hook(lambda m, args: seen.update(q_in=args[0]))
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 128, (1, 12)))
+    torch.testing.assert_close(seen["q_in"], block.get_submodule(norm)(seen["x"]))  # Attn'(Norm(x)), as the base's block

@@ -8,8 +8,8 @@ purpose (the outputs' tensors edited, or a module's forward patched) and run thr
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path

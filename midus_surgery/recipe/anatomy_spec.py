@@ -23,7 +23,7 @@ class Anatomy(BaseModel):
     ffn: tuple[str, ...] = Field(description="Modules making the FFN branch in call order, e.g. ['mlp'] or ['fc1', 'fc2'].")
     ffn_down_proj: str = Field(description="The last linear of the FFN branch, e.g. 'mlp.down_proj' or 'fc2'.")
     attn_norms: tuple[str, ...] = Field(description="Norms on the attention branch (pre and post), e.g. ['input_layernorm'].")
-    ffn_norms: tuple[str, ...] = Field(description="Norms on the FFN branch (pre and post), e.g. ['post_attention_layernorm'].")
+    ffn_norms: tuple[str, ...] = Field(description="Norms on the FFN branch (pre and post), e.g. ['post_attention_layernorm']. A norm both branches read (Falcon's, Phi's, GPT-J's one norm before a parallel attention and MLP) is the attention's: listed in attn_norms, it is taken out of ffn_norms, so a memory block keeps it.")
     out_biases: tuple[str, ...] = Field((), description="Parameters a branch adds to its output after its last linear (JetMoE's mixtures of attention heads and of experts add a bias of their own): zeroed with the output projections, so that identity and memory blocks start as the identity.")
     extra_out_projs: tuple[str, ...] = Field((), description="The last linear of each further residual branch (Gemma-4's per-layer input): zeroed, like the FFN's, so that identity and memory blocks start as the identity.")
     residual: Literal["sequential", "parallel"] = Field(description="'sequential' (x + attn, then + ffn) or 'parallel' (x + attn(x) + ffn(x), GPT-NeoX/Falcon/Phi).")
@@ -34,6 +34,16 @@ class Anatomy(BaseModel):
     ffn_tuple: tuple[StrictInt, StrictInt] | None = Field(None, description="When the FFN returns a tuple (mixtures of experts that also return router scores): (its length, the position of the hidden states); None: it returns a tensor.")
     ffn_flat: bool = Field(False, description="Whether the FFN returns its output with the tokens flattened into one axis ([tokens, hidden] for a [batch, sequence, hidden] input: Llama-4's mixture of experts); a memory readout standing in for it does the same.")
     ffn_residual: Annotated[StrictInt, Field(ge=1)] | str | None = Field(None, description="When the FFN adds the residual stream itself (BLOOM, MPT: `mlp(hidden, residual)`): the argument that hands it in, a position among the call's positional arguments (the hidden states are 0) or a keyword; a memory readout standing in for the FFN adds it too. None: the layer adds it.")
+
+    @model_validator(mode="after")
+    def _shared_norms_are_the_attentions(self) -> "Anatomy":
+        # A norm both branches read (Falcon's, Phi's, GPT-J's one norm before a parallel attention and MLP) is the
+        # attention's: a memory block drops its FFN's norms, and dropped, this one left the attention reading the
+        # raw residual stream (trial53). Recorded once, with the attention.
+        shared = set(self.ffn_norms) & set(self.attn_norms)
+        if shared:
+            object.__setattr__(self, "ffn_norms", tuple(n for n in self.ffn_norms if n not in shared))
+        return self
 
     def describe(self) -> str:
         """A few human-readable lines, e.g. for ``midus-surgery plan``."""
