@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -663,6 +664,40 @@ def test_two_process_ddp_reads_different_data_and_agrees(world, tmp_path):
     s, d = state_of(tmp_path / "single" / "final"), state_of(tmp_path / "ddp" / "final")
     for name in s:
         torch.testing.assert_close(s[name], d[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_over_parameters_the_loss_never_reaches_is_one_line_then_trains_when_told(world, tmp_path):
+    """HunYuan-V4's attention indexer is trainable and gets no gradient from the LM loss: two processes died at
+    step 1 with DDP's traceback, each (trial53). Now one line names the parameters and the setting, and with
+    ddp_find_unused_parameters: true the run trains."""
+    from tiny_configs import tiny_config  # noqa: F401 - the path tests/ is on
+    from train_fixtures.tiny import make_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("hy_v4", hidden_size=32, intermediate_size=64, num_hidden_layers=2, mlp_layer_types=["dense", "dense"],
+                                  num_attention_heads=4, num_key_value_heads=4, head_dim=8, vocab_size=64, max_position_embeddings=64,
+                                  kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                                  index_n_heads=2, index_head_dim=16, bos_token_id=None, eos_token_id=1, pad_token_id=2)
+    base = tmp_path / "hy_v4"
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    make_tokenizer().save_pretrained(base)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541", "-m", "midus_surgery.cli",
+              "train"]
+    cfg = write_config(tmp_path / "run.yaml", base, tmp_path / "run", world["corpus"], world["cache"], tokens=16 * 4 * 2 * 2,
+                       **{"eval.at_start": False})
+    proc = subprocess.run([*launch, str(cfg), "--quiet"], env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors and errors[0].startswith("error: several processes (DDP) need every trained parameter to get a gradient each step, and "), proc.stderr[-2000:]
+    assert "self_attn.indexer." in errors[0] and "set ddp_find_unused_parameters: true" in errors[0], errors[0]
+    ours = re.split(r"torch[./]distributed[./]elastic", proc.stderr)[0]  # torchrun's own report of the failed process follows
+    assert "Traceback" not in ours, ours[-3000:]
+    proc = subprocess.run([*launch, str(cfg), "run_dir=run-unused", "ddp_find_unused_parameters=true", "--quiet"], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run-unused" / "final" / "model.safetensors").is_file()
 
 
 def test_midus_output_trains_memory_with_its_own_group(world, tmp_path):

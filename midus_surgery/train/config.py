@@ -165,6 +165,7 @@ class TrainConfig(Strict):
     freeze: Literal["none", "base", "memory-only"] = Field("none", description="`none`: train everything. `base`: train only inserted blocks (layers whose kind is not `base` in midus_plan.json: the LLaMA-Pro/MIDUS protocol). `memory-only`: train only the memory tables.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="AdamW and schedule of the non-memory parameters (see `optim`).")
     memory: MemoryOptimConfig = Field(default_factory=MemoryOptimConfig, description="Optimiser settings of the memory tables (see `memory`).")
+    ddp_find_unused_parameters: StrictBool = Field(False, description="Several processes (DDP) only: let trained parameters that get no gradient in a step take part (torch's find_unused_parameters, a walk of the autograd graph every step). A model part the loss never reaches (HunYuan-V4's attention indexer) needs it; without it such a run stops at its first step, naming those parameters.")
     gradient_checkpointing: StrictBool = Field(False, description="Recompute activations in the backward pass (less memory, about 30% more compute).")
     compile: StrictBool = Field(False, description="torch.compile the model (on a 2-core CPU: a minute or two of compiling, then 0-12% off the step. On an H200, bf16, 16 x 1024 tokens: a step of the 45-layer SmolLM2 outputs takes 0.55x (DUS) and 0.70x (MIDUS) its eager time, after about 2 minutes of compiling; docs/benchmarks.md).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation (see `eval`).")

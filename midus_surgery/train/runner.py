@@ -472,8 +472,11 @@ class Runner:
         self.precision = precision
         cpu_fsdp_note = sharding.before_accelerator(on_cpu)
         # cpu=True also makes several CPU processes (torchrun / accelerate launch --multi_gpu) use DDP over gloo.
+        from accelerate.utils import DistributedDataParallelKwargs
+
         self.acc = Accelerator(cpu=on_cpu, mixed_precision="bf16" if precision == "bf16" else "no",
-                               dynamo_backend="inductor" if cfg.compile else "no")
+                               dynamo_backend="inductor" if cfg.compile else "no",
+                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused_parameters)])
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.sharding_note = cpu_fsdp_note or sharding.after_accelerator(self.acc) or sharding.one_process_note(self.acc.num_processes)
         self.fsdp = self.acc.distributed_type.name == "FSDP"
@@ -1257,6 +1260,9 @@ def train(loaded: LoadedTrainConfig, *, echo=print) -> TrainResult:
         runner.say_where_to_resume()
         raise
     except RuntimeError as exc:
+        unused = _parameters_without_gradient(exc, runner)
+        if unused is not None:
+            raise TrainingError(unused) from None
         if not lost_a_process(exc):
             raise
         said = one_line(exc, 300).split(". ")[0]  # gloo's first sentence says what broke; the rest is advice
@@ -1264,6 +1270,24 @@ def train(loaded: LoadedTrainConfig, *, echo=print) -> TrainResult:
                             "launch the run again with resume: auto to continue from the newest") from None
     finally:
         release_marker(runner.run_lock)
+
+
+def _parameters_without_gradient(exc: RuntimeError, runner) -> str | None:
+    """DDP's error when a trained parameter got no gradient in a step (a model part the loss never reaches), said in
+    one line naming the parameters (DDP numbers them among the trained ones, in the model's order), with the
+    setting that lets it train (trial53: hy_v4's indexer, a traceback from every process)."""
+    text = str(exc)
+    if "Expected to have finished reduction in the prior iteration" not in text:
+        return None
+    found = re.search(r"did not receive grad for rank \d+: ([\d ]+)", text)
+    model = getattr(runner, "raw", None)
+    trained = [name for name, p in model.named_parameters() if p.requires_grad] if model is not None else []
+    indices = [int(i) for i in found.group(1).split()] if found else []
+    names = [trained[i] for i in indices if i < len(trained)]
+    which = (f"{len(names)} trained parameter(s) got no gradient in a step (e.g. {', '.join(names[:3])})" if names
+             else "trained parameters got no gradient in a step")
+    return (f"several processes (DDP) need every trained parameter to get a gradient each step, and {which}: the loss does "
+            "not reach them; set ddp_find_unused_parameters: true (or freeze them)")
 
 
 # What a collective says when a peer process has died: NCCL's errors are DistError (DistBackendError);
