@@ -1008,3 +1008,7 @@ def test_the_cards_training_line_names_held_out_data_and_frozen_retrieval():
     assert ("(48 tokens of `held.txt`; of the float32 weights trained, before they were stored as bfloat16: `midus-surgery eval` "
             "measures the stored ones).") in training_line({**summary, "export_dtype": "bfloat16"})
     assert "before they were stored" not in training_line({**summary, "export_dtype": "float32"})
+    # the learning rates the run trained at: memory-only trains the tables alone, at memory.lr (trial53: the card named optim.lr)
+    rates = {"optim": {"lr": 3e-3}, "memory": {"lr": 1e-2}}
+    assert "; freeze: memory-only, memory lr 0.01." in training_line({**summary, "config": {**summary["config"], **rates, "freeze": "memory-only"}})
+    assert "; freeze: base, lr 0.003, memory lr 0.01." in training_line({**summary, "config": {**summary["config"], **rates, "memory": {"lr": 1e-2}}})

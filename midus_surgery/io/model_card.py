@@ -44,8 +44,12 @@ def training_line(summary: dict) -> str:
     how = [f"freeze: {cfg.get('freeze')}"] if cfg.get("freeze") else []
     if summary.get("precision"):
         how.append(f"precision {summary['precision']}")
-    if (cfg.get("optim") or {}).get("lr") is not None:
-        how.append(f"lr {cfg['optim']['lr']:g}")
+    lr, memory_lr = (cfg.get("optim") or {}).get("lr"), (cfg.get("memory") or {}).get("lr")
+    if cfg.get("freeze") == "memory-only":  # only the memory tables trained: at memory.lr (trial53 read optim.lr, which trained nothing)
+        if memory_lr is not None:
+            how.append(f"memory lr {memory_lr:g}")
+    elif lr is not None:
+        how.append(f"lr {lr:g}" + (f", memory lr {memory_lr:g}" if memory_lr is not None and memory_lr != lr else ""))
     if (cfg.get("memory") or {}).get("retrieval") == "frozen":
         how.append("memory retrieval frozen")
     steps = summary.get("steps", 0)
