@@ -117,12 +117,9 @@ def _tokenizer_ids(planned) -> tuple[int, int] | str | None:
     return (len(ids), max(ids)) if ids else None
 
 
-def _index_beside_single_file(planned) -> str | None:
+def _index_beside_single_file(ref) -> str | None:
     """A base folder holding model.safetensors and an index of shards too: transformers reads
     model.safetensors, and so does apply; the shards are not read (trial49: apply read the shards)."""
-    from midus_surgery.compiler.base import resolve_base
-
-    ref = resolve_base(planned.loaded)
     if not ref.exists or ref.is_gguf:
         return None
     if (ref.directory / "model.safetensors").is_file() and (ref.directory / "model.safetensors.index.json").is_file():
@@ -143,11 +140,8 @@ def _base_layers_out_of_order(plan) -> str | None:
     return None
 
 
-def _base_without_weights(planned) -> str | None:
+def _base_without_weights(ref) -> str | None:
     """validate and plan read a base's config alone; a folder with no weights at all is said before apply finds it so (trial52)."""
-    from midus_surgery.compiler.base import resolve_base
-
-    ref = resolve_base(planned.loaded)
     if not ref.exists or ref.is_gguf:
         return None
     if any(ref.directory.glob("*.safetensors")) or any(ref.directory.glob("*.bin")):
@@ -159,6 +153,7 @@ def _plan_notes(planned, start: bool) -> list[str]:
     """What a valid plan does that its author may not have meant: base layers pruned on purpose,
     memory that does not start as the identity (``start``: plan says that in its own line), memory
     blocks far larger than the blocks they extend."""
+    from midus_surgery.compiler.base import resolve_base
     from midus_surgery.compiler.plan import window_layers_boundary
 
     plan, recipe = planned.plan, planned.loaded.recipe
@@ -166,13 +161,14 @@ def _plan_notes(planned, start: bool) -> list[str]:
     dropped = plan.dropped_layers
     if dropped:
         notes.append(f"base layer{'s' if len(dropped) > 1 else ''} {', '.join(map(str, dropped))} left out of the output (allow_dropped_layers)")
-    both = _index_beside_single_file(planned)
+    ref = resolve_base(planned.loaded)  # once, for the notes on the base folder's files
+    both = _index_beside_single_file(ref)
     if both:
         notes.append(both)
     unordered = _base_layers_out_of_order(plan)
     if unordered:
         notes.append(unordered)
-    weightless = _base_without_weights(planned)
+    weightless = _base_without_weights(ref)
     if weightless:
         notes.append(weightless)
     if start and plan.function_preserving is None and plan.memory_layers and recipe.memory.init == "random":
