@@ -543,7 +543,8 @@ def test_a_tied_base_holding_another_head_is_refused_not_written_without_it(tmp_
 
 def test_a_base_missing_a_tensor_of_its_architecture_is_exit_2_naming_it(tmp_path, capsys):
     """An untied base (tie_word_embeddings: false) saved without its lm_head.weight: broken base
-    files, so exit 2 like every other (was 1), and the line names the tensor."""
+    files, so exit 2 like every other (was 1), and the line names the tensor. validate says so
+    too, from the safetensors headers (it passed such a base, and apply then refused it)."""
     from safetensors.torch import load_file, save_file
 
     from midus_surgery.cli import main
@@ -557,10 +558,36 @@ def test_a_base_missing_a_tensor_of_its_architecture_is_exit_2_naming_it(tmp_pat
     save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after: [1]\n    kind: transformer\noutput:\n  dir: out\n")
+    said = f"the base checkpoint {base} lacks 1 tensor(s) the output copies, e.g. lm_head.weight: its safetensors files hold no tensor of that name"
+    for command in (["validate", str(recipe)], ["plan", str(recipe)], ["apply", str(recipe), "--quiet"]):
+        assert main(command) == 2
+        captured = capsys.readouterr()
+        assert said in captured.out + captured.err, command
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_base_missing_a_tensor_transformers_would_convert_is_refused_by_its_strict_load(tmp_path, capsys):
+    """Mixtral: transformers stacks the per-expert tensors on load, so a module name is in no file and
+    the headers cannot tell; apply loads the base through transformers, and its strict load names
+    the tensor it could not build (exit 2, nothing written; it said "look at the report above", a report
+    the quiet load never printed)."""
+    from safetensors.torch import load_file, save_file
+
+    from midus_surgery.cli import main
+
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(tiny_config("mixtral")).save_pretrained(base)
+    weights = load_file(base / "model.safetensors")
+    gone = next(k for k in weights if k.startswith("model.layers.1.") and "experts" in k)
+    del weights[gone]
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after: [1]\n    kind: transformer\noutput:\n  dir: out\n")
     assert main(["apply", str(recipe), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert f"error: the base checkpoint {base} lacks 1 tensor(s) of the model, e.g. lm_head.weight" in err
-    assert "lm_head.weight: not in its files, also as transformers' loader reads them" in err and "expert" not in err
+    assert (f"error: the base checkpoint {base} does not give transformers every tensor of the model: it could not build "
+            "model.layers.1.mlp.experts.gate_up_proj (missing, conversion failed) from the files") in err
+    assert "a tensor it is made from is missing or of another shape" in err and "above report" not in err
     assert not (tmp_path / "out").exists()
 
 

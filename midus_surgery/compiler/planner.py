@@ -9,7 +9,7 @@ from midus_surgery.compiler.base import load_base_config
 from midus_surgery.compiler.layout import COPY, expand_layout
 from midus_surgery.compiler.plan import Plan, base_tied_pairs, make_plan
 from midus_surgery.compiler.planned import PlannedRecipe
-from midus_surgery.errors import RecipeError
+from midus_surgery.errors import BaseModelError, RecipeError
 from midus_surgery.io.dtypes import auto_dtype
 from midus_surgery.recipe.anatomy_spec import StackAnatomy
 from midus_surgery.recipe.schema import LoadedRecipe, load_recipe
@@ -53,15 +53,18 @@ def plan_loaded(loaded: LoadedRecipe, *, anatomy_only_if_needed: bool = False) -
 
 
 def check_base_weights(loaded: LoadedRecipe, plan: Plan, config=None) -> None:
-    """When the base's safetensors are there: refuse weights its config.json does not describe.
+    """When the base's safetensors are there: refuse weights its config.json does not describe, and a
+    checkpoint that lacks a tensor the output copies (unless transformers converts this architecture's
+    checkpoints on load: then ``apply`` loads it through transformers, whose strict load decides).
 
-    Reads only the headers (cheap), so ``validate`` and ``plan`` check too. A GGUF base's tensor
+    Reads only the headers (cheap), so ``validate`` and ``plan`` check too (validate passed a base
+    with a tensor missing that apply then refused). A GGUF base's tensor
     infos are checked against the shapes the config transformers derives from its metadata implies
     (``config``, the base's: the two halves of one file can disagree); pickle checkpoints are checked
     when ``apply`` opens them (emit).
     """
     from midus_surgery.compiler.base import resolve_base
-    from midus_surgery.io.tensor_source import SafetensorsSource, check_matches_config, checkpoint_renames, gguf_shape_problem
+    from midus_surgery.io.tensor_source import SafetensorsSource, check_matches_config, checkpoint_renames, converts_on_load, gguf_shape_problem
 
     ref = resolve_base(loaded)
     if ref.exists and ref.is_gguf and config is not None:
@@ -75,8 +78,12 @@ def check_base_weights(loaded: LoadedRecipe, plan: Plan, config=None) -> None:
         return
     prefixes = tuple({t.name.split(".", 1)[0] for t in plan.tensors if "." in t.name})
     source = SafetensorsSource(ref.directory, prefixes, checkpoint_renames(plan.model_type))
-    check_matches_config(source, [(t.source, t.shape) for t in plan.tensors if t.source is not None], plan.layers_path,
-                         plan.base_num_layers, plan.config, str(ref.directory / "config.json"))
+    read = [(t.source, t.shape) for t in plan.tensors if t.source is not None]
+    check_matches_config(source, read, plan.layers_path, plan.base_num_layers, plan.config, str(ref.directory / "config.json"))
+    absent = sorted({name for name, _ in read if source.resolve(name) is None})
+    if absent and not converts_on_load(plan.model_type):
+        raise BaseModelError(f"the base checkpoint {ref.directory} lacks {len(absent)} tensor(s) the output copies, e.g. "
+                             f"{', '.join(absent[:3])}: its safetensors files hold no tensor of that name")
 
 
 def plan_for_apply(recipe: str | os.PathLike | LoadedRecipe, *, full: bool = False) -> tuple[PlannedRecipe, str | None]:

@@ -8,7 +8,9 @@ de-quantizing bar, which is a bare tqdm) is not the user's to act on, and ``--qu
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 
 
 @contextlib.contextmanager
@@ -45,3 +47,33 @@ def transformers_quiet(progress: bool = True):
             yield
     finally:
         hf_logging.set_verbosity(level)
+
+
+_REPORT_ROW = re.compile(r"^(\S+)\s*\|\s*(MISSING|CONVERSION|MISMATCH)\b")
+_STYLE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@contextlib.contextmanager
+def kept_load_report():
+    """transformers' load report (its table of MISSING / CONVERSION / MISMATCH tensors, logged as a
+    warning) kept, not printed: (key, status) rows. A failed load's exception says only "look at the
+    report above", which a quiet load never printed."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    rows: list[tuple[str, str]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            for line in _STYLE.sub("", record.getMessage()).splitlines():
+                if match := _REPORT_ROW.match(line):
+                    rows.append((match.group(1), match.group(2)))
+
+    handler, level, propagate = Keep(logging.WARNING), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False  # the report is ours to say, once, in the error
+    try:
+        yield rows
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate

@@ -75,6 +75,14 @@ def checkpoint_renames(model_type: str) -> list[tuple[str, str]]:
     ]
 
 
+def converts_on_load(model_type: str) -> bool:
+    """Whether transformers does more than rename this architecture's checkpoint tensors on load
+    (stacks experts, splits fused projections): its module names may then be in no file."""
+    from transformers.core_model_loading import WeightRenaming
+
+    return any(type(t) is not WeightRenaming or len(t._original_source_patterns) != 1 for t in _checkpoint_transforms(model_type))
+
+
 class TensorSource:
     """name -> tensor for the base model, tolerant of a missing base-model prefix in names."""
 
@@ -613,13 +621,23 @@ def _loaded_by_transformers(ref: BaseRef, prefixes: tuple[str, ...], what: str, 
     """The whole base loaded by transformers (dequantised, converted), as name -> tensor in memory."""
     from transformers import AutoModelForCausalLM
 
-    from midus_surgery.io.hf_output import transformers_quiet
+    from midus_surgery.io.hf_output import kept_load_report, transformers_quiet
 
     try:
-        with transformers_quiet(progress):
+        with transformers_quiet(progress), kept_load_report() as report:
             model, info = AutoModelForCausalLM.from_pretrained(ref.directory, output_loading_info=True, **kwargs)
     except Exception as exc:  # transformers' loaders raise many types for files they cannot read
-        raise MidusError(f"cannot load the base {ref.directory / (ref.gguf_file or '')} with transformers ({what}): {exc}") from None
+        where = ref.directory / (ref.gguf_file or "")
+        if report:  # what the exception calls "the above report" (transformers could not convert or fill these)
+            said = {"MISSING": "missing", "CONVERSION": "conversion failed", "MISMATCH": "shape mismatch"}
+            keys: dict[str, list[str]] = {}
+            for key, status in report:
+                keys.setdefault(key, []).append(said[status])
+            named = ", ".join(f"{key} ({', '.join(dict.fromkeys(how))})" for key, how in list(keys.items())[:4])
+            raise BaseModelError(f"the base checkpoint {where} does not give transformers every tensor of the model: it could not "
+                                 f"build {named}{', ...' if len(keys) > 4 else ''} from the files: a tensor it is made from is "
+                                 "missing or of another shape") from None
+        raise MidusError(f"cannot load the base {where} with transformers ({what}): {exc}") from None
     missing = sorted(info.get("missing_keys", []))
     if missing:  # transformers initialised them at random: never copy those into an output
         where = "in the GGUF file" if ref.is_gguf else "in its files, also as transformers' loader reads them"
