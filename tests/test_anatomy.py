@@ -126,10 +126,13 @@ def test_export_source_gives_the_same_anatomy(arch, overrides):
     assert anatomy.source == "export"
 
 
-def test_gemma2_post_norms_sit_on_their_branches():
-    anatomy = _found("gemma2", (), "fx")
+@pytest.mark.parametrize("source", ["fx", "export"])
+def test_gemma2_post_norms_sit_on_their_branches(source):
+    anatomy = _found("gemma2", (), source)
     # post_attention_layernorm is, in Gemma2, the norm AFTER the attention, before the first add
     assert "post_attention_layernorm" in anatomy.attn_norms
+    assert anatomy.attn_post_norms == ("post_attention_layernorm",)  # a tapped memory block drops it
+    assert _found("llama", (), source).attn_post_norms == () and _found("gpt_neox", (), source).attn_post_norms == ()
     assert "post_attention_layernorm" not in anatomy.ffn_norms
     assert set(anatomy.ffn_norms) == {"pre_feedforward_layernorm", "post_feedforward_layernorm"}
     text = anatomy.describe()

@@ -121,6 +121,29 @@ def test_emitted_tensors_follow_the_plan(bases, tmp_path):
     assert "lm_head.weight" not in made.keys()  # tied embeddings are written once
 
 
+def test_a_memory_block_drops_the_attention_post_norm_that_would_normalise_the_taps_zeros(bases, tmp_path):
+    """Gemma-2 normalises the attention's output before the residual add (post_attention_layernorm). In a
+    memory block the attention's output projection is a tap that returns zeros, so that norm's weight
+    was copied, counted and trained for nothing; it is an identity now. With query_source: hidden the
+    attention keeps its output projection, and the norm is kept with it."""
+    for source, dropped in (("heads", True), ("hidden", False)):
+        recipe = write_recipe(tmp_path, bases["gemma2"], "midus", name=f"gemma2-{source}")
+        recipe.write_text(recipe.read_text().replace("  latent_dim: 8\n", f"  latent_dim: 8\n  query_source: {source}\n"))
+        planned = plan_recipe(recipe)
+        assert planned.plan.anatomy.single.attn_post_norms == ("post_attention_layernorm",)
+        names = {t.name for t in planned.plan.tensors}
+        assert ("model.layers.2.post_attention_layernorm.weight" not in names) == dropped
+        assert "model.layers.2.input_layernorm.weight" in names and "model.layers.3.post_attention_layernorm.weight" in names
+        out = emit(planned, progress=False).out_dir
+        if dropped:  # still the base's function, KV cache and reload included
+            checks = verify(out, report=lambda c: None)
+            assert all(c.ok for c in checks), [c.detail for c in checks if not c.ok]
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        norm = model.model.layers[2].post_attention_layernorm
+        assert isinstance(norm, torch.nn.Identity) == dropped
+        assert not any(n.startswith("model.layers.2.post_attention_layernorm") for n, _ in model.named_parameters()) == dropped
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
 def test_identity_blocks_of_a_mixture_of_experts_zero_only_the_output_projections(arch, bases, tmp_path):
     """LLaMA-Pro on a MoE: every expert's and the shared expert's down_proj is zero, the rest copied,

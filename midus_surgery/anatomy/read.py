@@ -98,6 +98,7 @@ def _anatomy_from_flow(probe, flow: _Flow, source: str) -> Anatomy:
         return any(j == f or j in flow.anc(f) or f in flow.anc(j) for f in ffn_ids if f in b)
 
     attn_norm_ids: list[int] = [j for j in sorted(a_nodes) if j in norms and j in attn_side]
+    attn_post_ids = [j for j in attn_norm_ids if A.id in flow.anc(j)]  # on the branch, after the attention (Gemma-2)
     ffn_norm_ids: list[int] = []
     for k in sorted(f_branches):
         b = branches[k][1]
@@ -105,7 +106,7 @@ def _anatomy_from_flow(probe, flow: _Flow, source: str) -> Anatomy:
     for k, js in stream_norms:  # post-LN: a norm on the stream right after a branch's add
         (attn_norm_ids if k == a_branch else ffn_norm_ids if k in f_branches else []).extend(sorted(js))
     names = lambda ids: tuple(dict.fromkeys(flow.by_id[j].target for j in ids))  # noqa: E731
-    attn_norms, ffn_norms = names(attn_norm_ids), names(ffn_norm_ids)
+    attn_norms, ffn_norms, attn_post_norms = names(attn_norm_ids), names(ffn_norm_ids), names(attn_post_ids)
     known.update(attn_norms=list(attn_norms), ffn_norms=list(ffn_norms))
 
     attn_out_proj = _last_linear(probe, attention, source, known, "attn_out_proj")
@@ -125,7 +126,8 @@ def _anatomy_from_flow(probe, flow: _Flow, source: str) -> Anatomy:
                      else _last_linear(probe, last_extra, source, known, "extra_out_projs"))
     return Anatomy(layers_path=probe.layers_path, layer_class=probe.layer_class, attention=attention,
                    attn_out_proj=attn_out_proj, ffn=ffn, ffn_down_proj=ffn_down_proj, attn_norms=attn_norms,
-                   ffn_norms=ffn_norms, residual=residual, source=source, extra_out_projs=tuple(extra), out_biases=out_biases)
+                   ffn_norms=ffn_norms, attn_post_norms=attn_post_norms, residual=residual, source=source, extra_out_projs=tuple(extra),
+                   out_biases=out_biases)
 
 
 def _reaches_without_modules(flow: _Flow, source: int, target: int) -> bool:

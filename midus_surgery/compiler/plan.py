@@ -743,6 +743,8 @@ def _block_tensor_rule(kind: str, rest: str, anatomy: Anatomy | None, tapped: bo
         if _is_under(rest, anatomy.attn_out_proj):
             # heads: replaced by the tap; hidden: kept, zero at the start (as LLaMA-Pro's) so the block starts as the identity
             return None if tapped else "zeros"
+        if tapped and any(_is_under(rest, m) for m in anatomy.attn_post_norms):
+            return None  # they would normalise the tap's zeros: identities (Gemma-2's post_attention_layernorm)
         if any(_is_under(rest, m) for m in anatomy.out_biases):
             return "zeros"  # the attention's (the FFN's are gone with it, above)
     if kind == "identity" and (_is_under(rest, anatomy.attn_out_proj) or rest in ffn_outputs):

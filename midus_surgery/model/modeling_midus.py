@@ -11,7 +11,8 @@ class keep working unchanged:
   the residual;
 - the last FFN module becomes a ``MemoryReadout``: it returns HML(tapped heads) shaped like its
   input, which the layer adds to the residual; other FFN modules (OPT's fc1) become identities;
-- the FFN-branch norms become identities.
+- the FFN-branch norms become identities, and so do the attention's post-norms (Gemma-2's
+  post_attention_layernorm), which would only normalise the tap's zeros.
 With ``query_source: hidden`` (the generic variant) the attention keeps its output projection
 and the readout queries the memory with the FFN branch's input instead.
 
@@ -167,6 +168,8 @@ def install_memory_blocks(model: nn.Module, config) -> None:
         if hml_config.query_source == "heads":
             tap = AttentionTap(_out_features(layer.get_submodule(anatomy["attn_out_proj"])))
             _stand_in(layer, anatomy["attn_out_proj"], tap)
+            for path in anatomy.get("attn_post_norms", ()):  # they would normalise the tap's zeros (absent: older outputs)
+                _stand_in(layer, path, nn.Identity())
         _swap(layer, anatomy["ffn"][-1], MemoryReadout(hml, tap, heads, head_dim, anatomy.get("ffn_tuple"),
                                                          anatomy.get("ffn_residual"), bool(anatomy.get("ffn_flat"))))
         for path in list(anatomy["ffn"][:-1]) + list(anatomy["ffn_norms"]):

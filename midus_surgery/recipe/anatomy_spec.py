@@ -24,6 +24,7 @@ class Anatomy(BaseModel):
     ffn_down_proj: str = Field(description="The last linear of the FFN branch, e.g. 'mlp.down_proj' or 'fc2'.")
     attn_norms: tuple[str, ...] = Field(description="Norms on the attention branch (pre and post), e.g. ['input_layernorm'].")
     ffn_norms: tuple[str, ...] = Field(description="Norms on the FFN branch (pre and post), e.g. ['post_attention_layernorm']. A norm both branches read (Falcon's, Phi's, GPT-J's one norm before a parallel attention and MLP) is the attention's: listed in attn_norms, it is taken out of ffn_norms, so a memory block keeps it.")
+    attn_post_norms: tuple[str, ...] = Field((), description="The attention branch's norms that read the attention's output, before the residual add (Gemma-2's and OLMo-2's post_attention_layernorm), listed in attn_norms too. A memory block whose attention adds nothing (query_source: heads) drops them: they would only normalise zeros.")
     out_biases: tuple[str, ...] = Field((), description="Parameters a branch adds to its output after its last linear (JetMoE's mixtures of attention heads and of experts add a bias of their own): zeroed with the output projections, so that identity and memory blocks start as the identity.")
     extra_out_projs: tuple[str, ...] = Field((), description="The last linear of each further residual branch (Gemma-4's per-layer input): zeroed, like the FFN's, so that identity and memory blocks start as the identity.")
     residual: Literal["sequential", "parallel"] = Field(description="'sequential' (x + attn, then + ffn) or 'parallel' (x + attn(x) + ffn(x), GPT-NeoX/Falcon/Phi).")
@@ -43,6 +44,9 @@ class Anatomy(BaseModel):
         shared = set(self.ffn_norms) & set(self.attn_norms)
         if shared:
             object.__setattr__(self, "ffn_norms", tuple(n for n in self.ffn_norms if n not in shared))
+        stray = [n for n in self.attn_post_norms if n not in self.attn_norms]
+        if stray:
+            raise ValueError(f"attn_post_norms {stray} are not among attn_norms {list(self.attn_norms)}: a post-norm is one of the attention branch's norms")
         return self
 
     def describe(self) -> str:
@@ -51,7 +55,9 @@ class Anatomy(BaseModel):
         return "\n".join([
             f"{self.layer_class} at {self.layers_path}[i]   (found by {self.source})",
             f"  residual:          {self.residual}   ({form})",
-            f"  attention branch:  norms [{', '.join(self.attn_norms)}]  attention {self.attention}"
+            f"  attention branch:  norms [{', '.join(self.attn_norms)}]"
+            + (f" (after the attention: {', '.join(self.attn_post_norms)})" if self.attn_post_norms else "")
+            + f"  attention {self.attention}"
             f"  output projection {self.attn_out_proj}",
             f"  FFN branch:        norms [{', '.join(self.ffn_norms)}]  ffn [{', '.join(self.ffn)}]"
             f"  down projection {self.ffn_down_proj}"
