@@ -178,8 +178,10 @@ def inserted_attention_out_projs(plan: dict, config) -> dict[int, str]:
 
 
 @functools.lru_cache(maxsize=8)
-def _base_model_facts(config_json: str) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], tuple[tuple[str, str], ...]]:
-    """(every tensor -> shape, tied ones once; the tied pairs target -> source) of the causal LM a config builds."""
+def _base_model_facts(config_json: str) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], tuple[tuple[str, str], ...],
+                                                 tuple[tuple[str, str], ...] | None]:
+    """(every tensor -> shape, tied ones once; the tied pairs target -> source; transformers' renames on load,
+    ``_load_renames``) of the causal LM a config builds."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -198,7 +200,26 @@ def _base_model_facts(config_json: str) -> tuple[tuple[tuple[str, tuple[int, ...
     shapes = [(tied.get(name, name), tuple(p.shape)) for name, p in model.named_parameters()]
     persistent = set(model.state_dict().keys())
     shapes += [(name, tuple(b.shape)) for name, b in model.named_buffers() if name in persistent]
-    return tuple(shapes), tuple((str(k), str(v)) for k, v in tied.items())
+    return tuple(shapes), tuple((str(k), str(v)) for k, v in tied.items()), _load_renames(model)
+
+
+def _load_renames(model) -> tuple[tuple[str, str], ...] | None:
+    """transformers' (checkpoint pattern -> module name) renames when it loads ``model``'s checkpoints, or
+    None when its load does more than rename by plain patterns (stacks experts, fuses projections, renames
+    only under a submodule): then which module tensor a file lacks is for its load to say, not the headers."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # noqa: BLE001 - another transformers version: the headers decide nothing
+        return None
+    renames = []
+    for t in transforms:
+        if type(t) is not WeightRenaming or len(t._original_target_patterns) != 1 or getattr(t, "scope_prefix", None):
+            return None
+        renames += [(source, t._original_target_patterns[0]) for source in t._original_source_patterns]
+    return tuple(renames)
 
 
 def _config_key(config) -> str:
@@ -216,6 +237,12 @@ def base_tied_pairs(config) -> dict[str, str]:
     """The base's tied tensors, target -> source (``lm_head.weight`` -> ``model.embed_tokens.weight``),
     when its config ties them; the target is not planned (transformers saves the source only)."""
     return dict(_base_model_facts(_config_key(config))[1])
+
+
+def base_load_renames(config) -> list[tuple[str, str]] | None:
+    """What transformers renames when it loads the base's checkpoint (``_load_renames``); None: it converts more."""
+    renames = _base_model_facts(_config_key(config))[2]
+    return None if renames is None else list(renames)
 
 
 def config_value(config, name: str):

@@ -64,7 +64,7 @@ def check_base_weights(loaded: LoadedRecipe, plan: Plan, config=None) -> None:
     when ``apply`` opens them (emit).
     """
     from midus_surgery.compiler.base import resolve_base
-    from midus_surgery.io.tensor_source import SafetensorsSource, check_matches_config, checkpoint_renames, converts_on_load, gguf_shape_problem
+    from midus_surgery.io.tensor_source import SafetensorsSource, check_matches_config, checkpoint_renames, gguf_shape_problem
 
     ref = resolve_base(loaded)
     if ref.exists and ref.is_gguf and config is not None:
@@ -76,12 +76,15 @@ def check_base_weights(loaded: LoadedRecipe, plan: Plan, config=None) -> None:
         return
     if not ref.exists or ref.is_gguf or not any(ref.directory.glob("*.safetensors")):
         return
+    from midus_surgery.compiler.plan import base_load_renames
+
     prefixes = tuple({t.name.split(".", 1)[0] for t in plan.tensors if "." in t.name})
-    source = SafetensorsSource(ref.directory, prefixes, checkpoint_renames(plan.model_type))
+    renames = base_load_renames(config) if config is not None else None  # None: transformers converts more than names
+    source = SafetensorsSource(ref.directory, prefixes, renames if renames is not None else checkpoint_renames(plan.model_type))
     read = [(t.source, t.shape) for t in plan.tensors if t.source is not None]
     check_matches_config(source, read, plan.layers_path, plan.base_num_layers, plan.config, str(ref.directory / "config.json"))
     absent = sorted({name for name, _ in read if source.resolve(name) is None})
-    if absent and not converts_on_load(plan.model_type):
+    if absent and renames is not None:
         raise BaseModelError(f"the base checkpoint {ref.directory} lacks {len(absent)} tensor(s) the output copies, e.g. "
                              f"{', '.join(absent[:3])}: its safetensors files hold no tensor of that name")
 

@@ -75,14 +75,6 @@ def checkpoint_renames(model_type: str) -> list[tuple[str, str]]:
     ]
 
 
-def converts_on_load(model_type: str) -> bool:
-    """Whether transformers does more than rename this architecture's checkpoint tensors on load
-    (stacks experts, splits fused projections): its module names may then be in no file."""
-    from transformers.core_model_loading import WeightRenaming
-
-    return any(type(t) is not WeightRenaming or len(t._original_source_patterns) != 1 for t in _checkpoint_transforms(model_type))
-
-
 class TensorSource:
     """name -> tensor for the base model, tolerant of a missing base-model prefix in names."""
 
