@@ -164,6 +164,30 @@ def test_blocks_whose_modules_add_the_residual_themselves_keep_the_function(root
     assert "identity" in failed, failed
 
 
+CPMANT = dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, dim_head=16, dim_ff=128, vocab_size=512, prompt_length=32,
+              prompt_types=32, segment_types=32, position_bias_num_buckets=512)
+
+
+def test_an_ffn_block_that_adds_its_own_input_keeps_the_stream_in_a_memory_block(root):
+    """CPM-Ant's FFN block normalises its input, runs the FFN and adds the input back (``x + FFN(norm(x))``
+    inside one module): a memory readout standing in for it returned the memory's output alone, so the
+    stream was dropped and validate refused every memory block ("logits differ by up to 44"). The
+    anatomy reads it (ffn_residual 0: its own input) and the readout adds it back."""
+    base = make_base(root, "cpmant", **CPMANT)
+    path = recipe(root, base, slices([(1, "memory")], 4), "cpmant-residual-inside")
+    planned, out, checks = apply_and_verify(path)
+    assert any(c.name == "identity" and c.ok for c in checks)
+    (block,) = planned.plan.midus["memory_blocks"].values()
+    assert block["anatomy"]["ffn_residual"] == 0
+    assert "(adds the residual itself, its own input)" in planned.anatomy.kind_of(1).anatomy.describe()
+
+    config = json.loads((out / "config.json").read_text())  # without the fact, the stream is lost and verify says so
+    for memory_block in config["midus"]["memory_blocks"].values():
+        memory_block["anatomy"]["ffn_residual"] = None
+    (out / "config.json").write_text(json.dumps(config))
+    assert "identity" in {c.name for c in verify(out, report=lambda c: None) if not c.ok}
+
+
 DBRX = dict(num_hidden_layers=4, d_model=64, max_seq_len=128, attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
             ffn_config={"hidden_size": 64, "ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2})
 

@@ -451,20 +451,33 @@ def _output_form(out, like: torch.Tensor | None) -> str | None:
     return None
 
 
-def _residual_argument(probe, path: str) -> int | str | None:
+def _residual_argument(probe, path: str, down_proj: str) -> int | str | None:
     """The argument of ``path``'s call that hands in the residual stream when the module adds it to
     its output itself (BLOOM's and MPT's MLP take ``(hidden, residual)``): zeroing that argument
-    takes exactly its value off the output. None when no argument does (the layer adds the
-    residual); "unreadable" when one does but the hidden states are not the first positional
-    argument (the memory readout's calling convention)."""
+    takes exactly its value off the output. 0 when the module adds its own input to its last
+    linear's output (``down_proj``, inside it: CPM-Ant's FFN block). None when it adds neither (the
+    layer adds the residual); "unreadable" when one does but the hidden states are not the first
+    positional argument (the memory readout's calling convention)."""
     call = probe.calls.get(path)
     if call is None:
         return None
     module = probe.layer.get_submodule(path)
-    with torch.no_grad():
-        out = _first_tensor(module(*call.args, **call.kwargs))
+    last: list[torch.Tensor] = []
+    inside = down_proj.startswith(path + ".")
+    hook = probe.layer.get_submodule(down_proj).register_forward_hook(lambda m, a, o: last.append(o)) if inside else None
+    try:
+        with torch.no_grad():
+            out = _first_tensor(module(*call.args, **call.kwargs))
+    finally:
+        if hook is not None:
+            hook.remove()
     if out is None:
         return None
+    own = call.hidden()
+    if len(last) == 1 and isinstance(last[0], torch.Tensor) and last[0].shape == out.shape == own.shape:
+        scale = own.abs().max().item() + 1e-12
+        if torch.allclose(out - last[0], own, rtol=0, atol=1e-5 * scale):
+            return 0 if call.slot == ("arg", 0) else "unreadable"
     slots = [("arg", i, a) for i, a in enumerate(call.args)] + [("kw", k, v) for k, v in call.kwargs.items()]
     for kind, where, value in slots:
         if (kind, where) == call.slot or not isinstance(value, torch.Tensor) or value.shape != out.shape:
@@ -508,9 +521,9 @@ def memory_facts(probe, anatomy: Anatomy) -> tuple[dict[str, Any], str | None]:
         return facts, f"its FFN {anatomy.ffn[-1]!r} returns a {type(ffn_out).__name__}, not a tensor or tuple"
     if _output_form(ffn_out, ffn_in) == "flat":
         facts["ffn_flat"] = True
-    residual = _residual_argument(probe, anatomy.ffn[-1])
+    residual = _residual_argument(probe, anatomy.ffn[-1], anatomy.ffn_down_proj)
     if residual == "unreadable":
-        return facts, f"its FFN {anatomy.ffn[-1]!r} adds the residual stream itself, but not from its second argument or a keyword"
+        return facts, f"its FFN {anatomy.ffn[-1]!r} adds the residual stream itself, but its hidden states are not its first argument"
     if residual is not None:
         facts["ffn_residual"] = residual
     split = _head_split(log, handed) if handed is not None else None

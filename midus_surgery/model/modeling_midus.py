@@ -71,14 +71,16 @@ class MemoryReadout(nn.Module):
         object.__setattr__(self, "_tap", tap)
         self.num_heads, self.head_dim = num_heads, head_dim
         self.returns = tuple(returns) if returns else None
-        self.residual = residual  # the argument handing in the residual stream, when the FFN added it itself
+        self.residual = residual  # the argument handing in the residual stream, when the FFN added it itself (0: x)
         self.flat = flat  # the FFN returned [tokens, hidden] (Llama-4's MoE), the layer reshapes it back
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         out = self._read(x)
         if self.flat:
             out = out.reshape(-1, out.shape[-1])
-        if self.residual is not None:  # BLOOM's and MPT's MLP return FFN(x) + residual
+        if self.residual == 0:  # CPM-Ant's FFN block returns x + FFN(norm(x))
+            out = out + x
+        elif self.residual is not None:  # BLOOM's and MPT's MLP return FFN(x) + residual
             out = out + (args[self.residual - 1] if isinstance(self.residual, int) else kwargs[self.residual])
         if self.returns is None:
             return out

@@ -34,7 +34,7 @@ class Anatomy(BaseModel):
     out_proj_in_axis: StrictInt = Field(1, ge=0, le=1, description="The axis of the output projection's weight that takes the concatenated heads: 1 for nn.Linear ([out, in]), 0 for GPT-2's Conv1D ([in, out]).")
     ffn_tuple: tuple[StrictInt, StrictInt] | None = Field(None, description="When the FFN returns a tuple (mixtures of experts that also return router scores): (its length, the position of the hidden states); None: it returns a tensor.")
     ffn_flat: bool = Field(False, description="Whether the FFN returns its output with the tokens flattened into one axis ([tokens, hidden] for a [batch, sequence, hidden] input: Llama-4's mixture of experts); a memory readout standing in for it does the same.")
-    ffn_residual: Annotated[StrictInt, Field(ge=1)] | str | None = Field(None, description="When the FFN adds the residual stream itself (BLOOM, MPT: `mlp(hidden, residual)`): the argument that hands it in, a position among the call's positional arguments (the hidden states are 0) or a keyword; a memory readout standing in for the FFN adds it too. None: the layer adds it.")
+    ffn_residual: Annotated[StrictInt, Field(ge=0)] | str | None = Field(None, description="When the FFN adds the residual stream itself (BLOOM, MPT: `mlp(hidden, residual)`): the argument that hands it in, a position among the call's positional arguments, or a keyword; 0: the hidden states it is called with, its own input (CPM-Ant's FFN block normalises its input, runs the FFN and adds the input back); a memory readout standing in for the FFN adds it too. None: the layer adds it.")
 
     @model_validator(mode="after")
     def _shared_norms_are_the_attentions(self) -> "Anatomy":
@@ -61,7 +61,8 @@ class Anatomy(BaseModel):
             f"  output projection {self.attn_out_proj}",
             f"  FFN branch:        norms [{', '.join(self.ffn_norms)}]  ffn [{', '.join(self.ffn)}]"
             f"  down projection {self.ffn_down_proj}"
-            + (f"  (adds the residual itself, from its argument {self.ffn_residual})" if self.ffn_residual is not None else "")
+            + (f"  (adds the residual itself, {'its own input' if self.ffn_residual == 0 else f'from its argument {self.ffn_residual}'})"
+               if self.ffn_residual is not None else "")
             + ("  (returns the tokens flattened)" if self.ffn_flat else ""),
         ] + ([f"  further branches:  output projections [{', '.join(self.extra_out_projs)}]"] if self.extra_out_projs else [])
           + ([f"  output biases:     [{', '.join(self.out_biases)}]   (added after the output projections)"] if self.out_biases else []))
