@@ -171,6 +171,10 @@ def _plan_notes(planned, start: bool) -> list[str]:
     weightless = _base_without_weights(ref)
     if weightless:
         notes.append(weightless)
+    if plan.inserted_before:
+        earlier = ", ".join(f"{i} ({kind})" for i, kind in sorted(plan.inserted_before.items()))
+        notes.append(f"the base is an output of `midus-surgery apply`: its layers {earlier} were inserted there. They are base layers "
+                     "to this recipe, and midus_plan.json records them, so `train` with freeze: base trains them with this recipe's blocks")
     if start and plan.function_preserving is None and plan.memory_layers and recipe.memory.init == "random":
         notes.append("memory.init: random: the memory blocks start from random values, so the output does not start as the base's "
                      "function (verify then compares perplexity, not logits)")
@@ -271,7 +275,8 @@ def cmd_plan(args) -> int:
         table.add_column(col, justify="right" if col != "kind" else "left")
     style = {"base": "dim", "copy": "cyan", "identity": "yellow", "memory": "bold magenta"}
     for layer, n in zip(plan.layers, plan.layer_params):
-        table.add_row(str(layer.index), str(layer.source), f"[{style[layer.kind]}]{layer.kind}[/]", human_count(n))
+        before = f" [dim](was {plan.inserted_before[layer.source]})[/]" if layer.source in plan.inserted_before else ""
+        table.add_row(str(layer.index), str(layer.source), f"[{style[layer.kind]}]{layer.kind}[/]{before}", human_count(n))
     out.print(table)
 
     counts = Table(title="Counts")

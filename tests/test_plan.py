@@ -324,7 +324,7 @@ def test_a_batch_query_norms_running_statistics_are_written_but_not_counted_as_p
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "opt", "gpt_neox"])
 def test_memory_counts_match_real_modules(arch):
-    """params of a memory plan = base + copies - (o_proj, FFN, FFN norms) + real HML modules."""
+    """params of a memory plan = base + copies - (o_proj, FFN, FFN norms, the attention's post-norms) + real HML modules."""
     config = tiny_config(arch)
     stack = find_stack_anatomy(config)
     anatomy = stack.single
@@ -336,7 +336,7 @@ def test_memory_counts_match_real_modules(arch):
     expected = count(base)
     for source in (1, 3):
         layer = layers[source]
-        removed = {anatomy.attn_out_proj, *anatomy.ffn, *anatomy.ffn_norms}
+        removed = {anatomy.attn_out_proj, *anatomy.ffn, *anatomy.ffn_norms, *anatomy.attn_post_norms}
         expected += count(layer) - sum(count(layer.get_submodule(m)) for m in removed) + count(hml)
     assert plan.params["total"] == expected
     assert plan.params["added"] == expected - count(base)

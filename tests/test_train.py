@@ -1012,3 +1012,6 @@ def test_the_cards_training_line_names_held_out_data_and_frozen_retrieval():
     rates = {"optim": {"lr": 3e-3}, "memory": {"lr": 1e-2}}
     assert "; freeze: memory-only, memory lr 0.01." in training_line({**summary, "config": {**summary["config"], **rates, "freeze": "memory-only"}})
     assert "; freeze: base, lr 0.003, memory lr 0.01." in training_line({**summary, "config": {**summary["config"], **rates, "memory": {"lr": 1e-2}}})
+    # a run with no memory to train (a LLaMA-Pro or DUS model) names no memory lr (trial55)
+    assert "; freeze: base, lr 0.003. Held-out" in training_line({**summary, "memory_trained": False,
+                                                                   "config": {**summary["config"], **rates, "memory": {"lr": 1e-2}}})

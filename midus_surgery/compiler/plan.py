@@ -70,6 +70,9 @@ class Plan:
     # True: every inserted block was checked to start as the identity (emit/replica.py); False: it
     # was found not to and the recipe accepted it; None: not checked (copies change the function anyway)
     function_preserving: bool | None = None
+    # base layer -> the kind an earlier `apply` inserted it as, when the base is itself an apply output
+    # (``earlier_insertions``): `train --freeze base` trains those layers with this recipe's blocks
+    inserted_before: dict[int, str] = field(default_factory=dict)
 
     @property
     def num_hidden_layers(self) -> int:
@@ -88,7 +91,9 @@ class Plan:
         """The plan as JSON: ``plan --json`` prints it, midus_plan.json is it without ``tensors``.
 
         Each fact once. ``layers`` is the layer map (index, source, kind, params), ``block_kinds``
-        the anatomy of every kind of base layer and which kind each is (null for copy-only plans),
+        the anatomy of every kind of base layer and which kind each is (null for copy-only plans); a
+        layer whose source an earlier `apply` inserted (the base is an apply output) says so in
+        ``inserted_before`` (that kind),
         ``anatomy`` the block anatomy when all layers are of one kind (else null; what plans held
         before hybrid stacks were planned per kind), ``layers_path`` where the decoder layers are (set
         for every plan), ``midus`` only the memory settings no other key holds (``hml``,
@@ -100,7 +105,9 @@ class Plan:
             "model_type": self.model_type,
             "base_num_hidden_layers": self.base_num_layers,
             "num_hidden_layers": self.num_hidden_layers,
-            "layers": [{**asdict(layer), "params": n} for layer, n in zip(self.layers, self.layer_params)],
+            "layers": [{**asdict(layer), "params": n,
+                        **({"inserted_before": self.inserted_before[layer.source]} if layer.source in self.inserted_before else {})}
+                       for layer, n in zip(self.layers, self.layer_params)],
             "params": self.params,
             "flops_per_token": self.flops_per_token,
             "anatomy": self.anatomy.single.model_dump(mode="json") if self.anatomy and self.anatomy.single else None,
@@ -155,6 +162,48 @@ def read_plan_file(model_dir: Path) -> dict | None:
         return read_plan_json(json.loads(path.read_text()))
     except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
         raise MidusError(f"{path}: not a readable plan ({one_line(exc, 200)})") from None
+
+
+def earlier_insertions(base_dir: Path, num_layers: int) -> dict[int, str]:
+    """Base layer -> the kind it was inserted as, when ``base_dir`` is itself an `apply` output (its
+    midus_plan.json, describing ``num_layers`` layers; a chain of applies keeps the first kind). Empty
+    for any other base, and for a plan that does not describe it (unreadable, or another depth)."""
+    try:
+        plan = read_plan_file(base_dir)
+    except MidusError:
+        return {}
+    if plan is None or len(plan["layers"]) != num_layers:
+        return {}
+    return {int(layer["index"]): layer.get("inserted_before") or layer["kind"] for layer in plan["layers"]
+            if layer.get("kind") != "base" or layer.get("inserted_before")}
+
+
+def plan_mismatch(plan: dict, config: dict) -> str | None:
+    """Why a read midus_plan.json does not describe the model whose config.json holds ``config``: another
+    depth, or (a MIDUS output's config.json holds its layer map too) another layer map; None when it does.
+    A plan copied from another output or edited made `train --freeze base` train base layers (trial55)."""
+    layers = plan["layers"]
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    depth = config.get("num_hidden_layers", text.get("num_hidden_layers"))
+    if isinstance(depth, int) and depth != len(layers):
+        return f"lists {len(layers)} layers, and config.json's num_hidden_layers is {depth}"
+    own = (config.get("midus") or {}).get("layer_map") if isinstance(config.get("midus"), dict) else None
+    if isinstance(own, list):
+        read = read_plan_json({"layers": own})["layers"]  # older configs called plain copies "transformer"
+        for theirs, mine in zip(layers, read):
+            a = (theirs.get("index"), theirs.get("source"), theirs.get("kind"))
+            b = (mine.get("index"), mine.get("source"), mine.get("kind"))
+            if a != b:
+                return (f"says output layer {a[0]} is {a[2]} from base layer {a[1]}, and config.json's layer map says "
+                        f"{b[2]} from base layer {b[1]}")
+        if len(read) != len(layers):
+            return f"lists {len(layers)} layers, and config.json's layer map {len(read)}"
+    return None
+
+
+def is_inserted(layer: dict) -> bool:
+    """Whether a plan's layer entry is a block some `apply` inserted: this one's, or an earlier one's in a chain."""
+    return layer.get("kind") != "base" or bool(layer.get("inserted_before"))
 
 
 def inserted_attention_out_projs(plan: dict, config) -> dict[int, str]:

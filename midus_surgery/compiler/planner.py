@@ -49,6 +49,7 @@ def plan_loaded(loaded: LoadedRecipe, *, anatomy_only_if_needed: bool = False) -
     base_dtype = auto_dtype(getattr(config, "dtype", None) or vars(config).get("torch_dtype"))
     plan = make_plan(loaded, config, anatomy, anatomy_problem=why)
     check_base_weights(loaded, plan, config)
+    record_earlier_insertions(loaded, plan)
     return PlannedRecipe(loaded, config, anatomy, plan, base_dtype=base_dtype, tied=tuple(base_tied_pairs(config).items()))
 
 
@@ -89,6 +90,18 @@ def check_base_weights(loaded: LoadedRecipe, plan: Plan, config=None) -> None:
                              f"{', '.join(absent[:3])}: its safetensors files hold no tensor of that name")
 
 
+def record_earlier_insertions(loaded: LoadedRecipe, plan: Plan) -> None:
+    """A base that an earlier `apply` made: which of its layers that apply inserted, into the plan
+    (trial55: chained, they read as base layers, and `train --freeze base` kept a LLaMA-Pro step's
+    zeroed blocks at zero for good)."""
+    from midus_surgery.compiler.base import resolve_base
+    from midus_surgery.compiler.plan import earlier_insertions
+
+    ref = resolve_base(loaded)
+    if ref.exists and not ref.is_gguf:
+        plan.inserted_before = earlier_insertions(ref.directory, plan.base_num_layers)
+
+
 def plan_for_apply(recipe: str | os.PathLike | LoadedRecipe, *, full: bool = False) -> tuple[PlannedRecipe, str | None]:
     """What ``apply`` runs: the plan from the safetensors headers when the recipe allows it, else the full one.
     ``recipe``: its path, or the recipe already loaded.
@@ -103,6 +116,7 @@ def plan_for_apply(recipe: str | os.PathLike | LoadedRecipe, *, full: bool = Fal
 
     planned, why = plan_from_headers(loaded)
     if planned is not None:
+        record_earlier_insertions(loaded, planned.plan)
         return planned, None
     return plan_loaded(loaded, anatomy_only_if_needed=True), why
 

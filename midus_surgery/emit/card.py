@@ -12,7 +12,7 @@ from pathlib import Path
 
 from midus_surgery.compiler.base import BaseRef
 from midus_surgery.compiler.planned import PlannedRecipe
-from midus_surgery.io.model_card import NOT_TRAINED, training_section
+from midus_surgery.io.model_card import NOT_TRAINED, SETTINGS, TRAINING_END, TRAINING_START, training_section
 
 # how huggingface_hub lays out its cache: .../models--ORG--NAME/snapshots/REVISION/
 _HUB_CACHE_FOLDER = re.compile(r"^models--(?P<repo>[\w.-]+)$")
@@ -33,6 +33,31 @@ def base_hub_id(planned: PlannedRecipe, ref: BaseRef) -> str | None:
         if below == "snapshots" and (found := _HUB_CACHE_FOLDER.match(folder)):
             return found["repo"].replace("--", "/", 1)  # repo names cannot hold "--": the first one is the org's end
     return None
+
+
+def earlier_apply(planned: PlannedRecipe, ref: BaseRef) -> tuple[str | None, str]:
+    """When the base is itself an `apply` output (a chain): (the Hub id its card names as base_model, or
+    None; what the card says of it: the layers inserted there, and its training since when its card
+    has any). (None, "") for any other base."""
+    inserted = planned.plan.inserted_before
+    if not inserted or ref.is_gguf:
+        return None, ""
+    layers = ", ".join(f"{i} ({kind})" for i, kind in sorted(inserted.items()))
+    text = f"Its base is itself a `midus-surgery apply` output: its layers {layers} were inserted there."
+    card = ref.directory / "README.md"
+    try:
+        earlier = card.read_text() if card.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        earlier = ""
+    front = earlier.split("---", 2)[1] if earlier.startswith("---") and earlier.count("---") >= 2 else ""
+    hub_id = next((m["id"] for m in re.finditer(r"^base_model:\s*(?P<id>[\w./-]+)\s*$", front, re.M)), None)
+    if hub_id:
+        text += f" That apply was made from `{hub_id}`."
+    start, end = earlier.find(TRAINING_START), earlier.find(TRAINING_END)
+    trained = earlier[start + len(TRAINING_START):end].strip() if 0 <= start < end else ""
+    if trained and trained != NOT_TRAINED:
+        text += f" The base's training, from its card: {trained.replace(SETTINGS, '')}"
+    return hub_id, text
 
 
 def method_title(kinds: set[str]) -> str:
@@ -71,8 +96,11 @@ def model_card(planned: PlannedRecipe, recipe_text: str, ref: BaseRef) -> str:
     kinds = {layer.kind for layer in inserted}
     hub_id = base_hub_id(planned, ref)
     base_name = hub_id or (ref.gguf_file if ref.is_gguf else ref.directory.resolve().name)
+    earlier_hub_id, lineage = earlier_apply(planned, ref)
+    hub_id = hub_id or earlier_hub_id  # a chain's first base, for the Hub's lineage (the title keeps this base's name)
     counts = "; ".join(_count(sum(layer.kind == kind for layer in inserted), *_KINDS[kind]) for kind in _KINDS if kind in kinds)
-    rows = "\n".join(f"| {layer.index} | {layer.source} | {layer.kind} | {n:,} |" for layer, n in zip(plan.layers, plan.layer_params))
+    was = {i: f" (was {kind})" for i, kind in plan.inserted_before.items()}
+    rows = "\n".join(f"| {layer.index} | {layer.source} | {layer.kind}{was.get(layer.source, '')} | {n:,} |" for layer, n in zip(plan.layers, plan.layer_params))
     front = ["library_name: transformers"] + ([f"base_model: {hub_id}"] if hub_id else [])
     tags = ["midus-surgery", "depth-up-scaling"] + (["midus"] if plan.memory_layers else ["llama-pro"] if "identity" in kinds else [])
     loading = (
@@ -92,7 +120,7 @@ tags: [{', '.join(tags)}]
 
 Made by `midus-surgery apply`: the base's {plan.base_num_layers} `{plan.model_type}` layers
 become {plan.num_hidden_layers}, with {len(inserted)} inserted: {counts}.
-{start_sentence(plan.function_preserving, kinds, plan.dropped_layers)}
+{start_sentence(plan.function_preserving, kinds, plan.dropped_layers)}{chr(10) + chr(10) + lineage if lineage else ""}
 
 {training_section(NOT_TRAINED)}
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from midus_surgery.compiler.custom_code import BUILDING_KEYS, building_code
-from midus_surgery.compiler.plan import guess_layers_path, read_plan_file
+from midus_surgery.compiler.plan import guess_layers_path, is_inserted, plan_mismatch, read_plan_file
 from midus_surgery.emit.comparable import own_memory
 from midus_surgery.errors import MachineError, MidusError, UsageError, disk_problem, is_library_panic, load_error_line, one_line, quiet_library_panic
 from midus_surgery.io.output_dir import recorded_base, run_export_hint
@@ -309,6 +309,9 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
 
     shipped = False
     config = _config_dict(out)
+    mismatch = plan_mismatch(plan, config) if plan is not None else None
+    if mismatch:  # the layer map the checks below read would be another model's
+        record(Check("plan", False, f"midus_plan.json does not describe this model: it {mismatch} (copied from another output, or edited)"))
     if config.get("model_type") == "midus":
         code = shipped_code_check(out, config, trust)
         record(code)
@@ -679,7 +682,7 @@ def weights_check(out: Path, base_model, plan: dict, left_alone: str | None = No
     layer_source = {int(layer["index"]): int(layer["source"]) for layer in plan["layers"]}
     inserted = {int(layer["index"]) for layer in plan["layers"] if layer["kind"] in ("identity", "memory")}
     prefix = layers_path + "."
-    trained_layers = {int(layer["index"]) for layer in plan["layers"] if layer["kind"] != "base"} if left_alone == "base" else set()
+    trained_layers = {int(layer["index"]) for layer in plan["layers"] if is_inserted(layer)} if left_alone == "base" else set()
 
     def trained(oname: str) -> bool:
         if left_alone == "all but memory":

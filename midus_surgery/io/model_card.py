@@ -49,7 +49,8 @@ def training_line(summary: dict) -> str:
         if memory_lr is not None:
             how.append(f"memory lr {memory_lr:g}")
     elif lr is not None:
-        how.append(f"lr {lr:g}" + (f", memory lr {memory_lr:g}" if memory_lr is not None and memory_lr != lr else ""))
+        memory = memory_lr is not None and memory_lr != lr and summary.get("memory_trained", True)  # older summaries did not say
+        how.append(f"lr {lr:g}" + (f", memory lr {memory_lr:g}" if memory else ""))
     if (cfg.get("memory") or {}).get("retrieval") == "frozen":
         how.append("memory retrieval frozen")
     steps = summary.get("steps", 0)

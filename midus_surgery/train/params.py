@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from midus_surgery.compiler.plan import guess_layers_path, read_plan_json
+from midus_surgery.compiler.plan import guess_layers_path, is_inserted, plan_mismatch, read_plan_json
 from midus_surgery.errors import MidusError, RecipeError
 from midus_surgery.model.midus_names import SHARED_BANK, is_memory_parameter
 from midus_surgery.train.config import LoadedTrainConfig, TrainConfig
@@ -20,7 +20,8 @@ from midus_surgery.units import human_count
 
 
 def inserted_layers(plan: dict, param_names: list[str] = ()) -> tuple[str, list[int]]:
-    """(dotted path of the decoder layers, indices of the inserted layers) of an output's midus_plan.json.
+    """(dotted path of the decoder layers, indices of the inserted layers) of an output's midus_plan.json:
+    this apply's blocks and, in a chain of applies, the blocks an earlier one inserted.
 
     ``plan``: a midus_plan.json's contents in any layout it was ever written in (read through
     ``read_plan_json``). Copy-only plans written before ``layers_path`` was recorded (no anatomy
@@ -34,7 +35,7 @@ def inserted_layers(plan: dict, param_names: list[str] = ()) -> tuple[str, list[
         layers_path = guess_layers_path(dict.fromkeys(param_names), len(layers))
     if not layers_path:
         raise MidusError("midus_plan.json has no layers_path, and the model's parameter names do not show where the decoder layers are")
-    return layers_path, [int(layer["index"]) for layer in layers if layer.get("kind") != "base"]
+    return layers_path, [int(layer["index"]) for layer in layers if is_inserted(layer)]
 
 
 @dataclass
@@ -44,6 +45,7 @@ class ParamGroups:
     memory: list = field(default_factory=list)
     frozen: list = field(default_factory=list)
     trained_layers: list[int] | None = None
+    earlier_layers: list[int] = field(default_factory=list)  # of trained_layers, those an earlier apply of a chain inserted
     retrieval_frozen: int | None = None  # how many tensors memory.retrieval: frozen holds still
 
     def numel(self, group: str) -> int:
@@ -88,12 +90,17 @@ def choose_params(model, freeze: str, plan: dict | None, loaded: LoadedTrainConf
     elif freeze == "base":
         if plan is None:
             raise RecipeError([loaded.problem(("freeze",), f"`base` needs {loaded.config.init_from}/midus_plan.json (written by `midus-surgery apply`) to know which layers were inserted; this model directory has none (use freeze: none)")])
+        mismatch = plan_mismatch(read_plan_json(plan), model.config.to_dict())
+        if mismatch:
+            raise RecipeError([loaded.problem(("freeze",), f"`base` reads which layers were inserted from {loaded.config.init_from}/midus_plan.json, "
+                                              f"which does not describe this model: it {mismatch} (a plan copied from another output, or edited)")])
         layers_path, inserted = inserted_layers(plan, names)
         if not inserted:
             raise RecipeError([loaded.problem(("freeze",), "`base` but midus_plan.json lists no inserted layers: nothing would train")])
         prefixes = tuple(f"{layers_path}.{i}." for i in inserted)
         trainable = {n: n.startswith(prefixes) or SHARED_BANK in n for n in names}
         groups.trained_layers = inserted
+        groups.earlier_layers = [int(layer["index"]) for layer in read_plan_json(plan)["layers"] if layer.get("inserted_before")]
         if not any(trainable.values()):
             raise RecipeError([loaded.problem(("freeze",), f"`base`: no parameter of the model is under {layers_path}.<inserted layer>")])
     if retrieval == "frozen":
@@ -134,7 +141,8 @@ def describe_groups(groups: ParamGroups, cfg: TrainConfig) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.append(f"trainable: {human_count(trainable)} of {human_count(total)} parameters ({100 * trainable / max(total, 1):.2f}%), freeze: {cfg.freeze}")
     if groups.trained_layers is not None:
-        lines.append(f"trained layers (inserted): {', '.join(map(str, groups.trained_layers))}")
+        earlier = f" ({', '.join(map(str, groups.earlier_layers))} inserted by an earlier apply of its base)" if groups.earlier_layers else ""
+        lines.append(f"trained layers (inserted): {', '.join(map(str, groups.trained_layers))}{earlier}")
     if groups.retrieval_frozen is not None:
         lines.append(f"memory retrieval frozen: {groups.retrieval_frozen} tensors of the Memory blocks' query path and sub-keys do not train; "
                      "the values do")

@@ -919,6 +919,7 @@ class Runner:
         dtype_name = self.init_dtype if self.cfg.export.dtype == "auto" else self.cfg.export.dtype
         summary = {"init_from": self.cfg.init_from, "steps": self.step, "tokens": self.samples_seen * self.cfg.data.block_size,
                    "held_out": final_eval, "precision": self.precision, "processes": self.world,
+                   "memory_trained": bool(self.groups.memory),  # the card names a memory lr only then (trial55: a LLaMA-Pro run's did)
                    "unchanged_since_apply": self.unchanged_since_apply(), "init_dtype": str(self.init_dtype).removeprefix("torch."),
                    "export_dtype": str(dtype_name).removeprefix("torch."),  # held_out is of the float32 weights before this rounding
                    "config": self.cfg.model_dump(mode="json")}
