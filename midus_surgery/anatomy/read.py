@@ -463,8 +463,11 @@ def _residual_argument(probe, path: str, down_proj: str) -> int | str | None:
         return None
     module = probe.layer.get_submodule(path)
     last: list[torch.Tensor] = []
-    inside = down_proj.startswith(path + ".")
-    hook = probe.layer.get_submodule(down_proj).register_forward_hook(lambda m, a, o: last.append(o)) if inside else None
+    try:
+        target = probe.layer.get_submodule(down_proj) if down_proj.startswith(path + ".") else None
+    except AttributeError:  # a weight, not a module (DBRX's experts hold w1, v1 and w2 in one module)
+        target = None
+    hook = target.register_forward_hook(lambda m, a, o: last.append(o)) if target is not None else None
     try:
         with torch.no_grad():
             out = _first_tensor(module(*call.args, **call.kwargs))
