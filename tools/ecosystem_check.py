@@ -205,6 +205,7 @@ def check_copies(model_dir: Path) -> str:
     return "deepcopy, pickle, torch.save: same logits; unpickled in a fresh process"
 
 
+MIDUS_MODULE = "midus_surgery.model.modeling_midus"  # where the MIDUS classes live: what a PEFT adapter of one records
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -216,7 +217,7 @@ def check_lora_usual_names(model_dir: Path) -> str:
     until trained, so with the memory frozen its adapters get no gradient.)"""
     import tempfile
 
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 
     from midus_surgery.model.midus_names import HML_MODULE, SHARED_BANK, is_memory_parameter
 
@@ -255,12 +256,24 @@ def check_lora_usual_names(model_dir: Path) -> str:
         model.save_pretrained(tmp)  # the adapters and the modules_to_save: what PEFT saves by default
         reloaded = PeftModel.from_pretrained(load(model_dir), tmp).eval()
         same = torch.allclose(logits(reloaded), adapted_logits, rtol=1e-5, atol=1e-5)
+        # PEFT's one-call reload: the adapter records the base's class by module, and PEFT imports only the modules
+        # it is told to (trial55: without the allowlist it refuses the MIDUS module)
+        try:
+            AutoPeftModelForCausalLM.from_pretrained(tmp)
+            allowlist = "not needed"
+        except ValueError as exc:
+            assert "allowlist" in str(exc), exc
+            allowlist = "needs import_allowlist=[the MIDUS module]"
+        auto = AutoPeftModelForCausalLM.from_pretrained(tmp, import_allowlist=[MIDUS_MODULE]).eval()
+        auto_same = torch.allclose(logits(auto), adapted_logits, rtol=1e-5, atol=1e-5)
+    assert auto_same == same, "AutoPeftModelForCausalLM reloads another model than PeftModel.from_pretrained"
     assert same != shared, "an adapter-only save kept the memory without modules_to_save" if shared else "an adapter-only save lost the memory"
     merged = model.merge_and_unload()
     torch.testing.assert_close(logits(merged), adapted_logits, rtol=1e-5, atol=1e-5)
     n_adapters = sum(n.endswith(".lora_A") for n in names)
     saved = ("the memory (a shared bank) trains in place, so an adapter-only save reloads without it (save merged)" if shared else
-             f"an adapter-only save with modules_to_save=['{HML_MODULE}'] reloads the same")
+             f"an adapter-only save with modules_to_save=['{HML_MODULE}'] reloads the same, with PeftModel.from_pretrained and with "
+             f"AutoPeftModelForCausalLM ({allowlist})")
     return f"{n_adapters} adapters on the 7 names, taps skipped; loss {losses[0]:.3f} -> {losses[-1]:.3f}; {saved}; merged = adapted"
 
 
