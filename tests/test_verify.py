@@ -316,7 +316,21 @@ def test_an_edited_zeroed_tensor_is_said_to_differ_from_the_zeros_apply_wrote(ba
     checks = run(out)
     assert "weights" in failed(checks)
     assert checks["weights"].detail.startswith("1 of the output's tensors differ from the base tensors the layer map says they copy or, "
-                                               f"in identity and memory blocks, from the zeros apply wrote (e.g. {name})"), checks["weights"].detail
+                                               f"in identity blocks, from the zeros apply wrote (e.g. {name})"), checks["weights"].detail
+
+
+def test_an_edited_tensor_of_a_memory_block_whose_attention_apply_did_not_zero_names_no_zeros(bases, tmp_path):
+    """A memory block reading the heads (the default) holds no zeros apply wrote: a changed q_proj in one (LoRA merged
+    into a random-init MIDUS model) was said to differ "from the zeros apply wrote" (trial55)."""
+    out = emitted(bases, tmp_path, "llama", "midus")
+    memory = next(la for la in json.loads((out / "midus_plan.json").read_text())["layers"] if la["kind"] == "memory")
+    tensors = load_file(out / "model.safetensors")
+    name = f"model.layers.{memory['index']}.self_attn.q_proj.weight"
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    checks = run(out)
+    assert checks["weights"].detail.startswith("1 of the output's tensors differ from the base tensors the layer map says they copy "
+                                               f"(e.g. {name})"), checks["weights"].detail
 
 
 @pytest.mark.parametrize(("kind", "failing"), [("dus", ["weights"]), ("llama-pro", ["identity", "identity (perturbed)", "weights"])])

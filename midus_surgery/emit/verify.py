@@ -229,6 +229,12 @@ class NeedsTrust(MidusError):
     exit_code = 2
 
 
+def _layer_of(name: str, prefix: str) -> int | None:
+    """The decoder layer a tensor name is in (``prefix``: the layers' path and a dot), or None."""
+    index = name[len(prefix):].partition(".")[0] if name.startswith(prefix) else ""
+    return int(index) if index.isdigit() else None
+
+
 def _config_dict(out: Path) -> dict:
     """config.json as a dict; {} when it is not one (the load check then says why)."""
     try:
@@ -687,12 +693,10 @@ def weights_check(out: Path, base_model, plan: dict, left_alone: str | None = No
     def trained(oname: str) -> bool:
         if left_alone == "all but memory":
             return is_memory_parameter(oname)
-        index = oname[len(prefix):].partition(".")[0] if oname.startswith(prefix) else ""
-        return index.isdigit() and int(index) in trained_layers
+        return _layer_of(oname, prefix) in trained_layers
 
     def in_inserted_block(oname: str) -> bool:
-        index = oname[len(prefix):].partition(".")[0] if oname.startswith(prefix) else ""
-        return index.isdigit() and int(index) in inserted
+        return _layer_of(oname, prefix) in inserted
 
     same = changed_by_surgery = 0
     differ: list[str] = []
@@ -713,7 +717,12 @@ def weights_check(out: Path, base_model, plan: dict, left_alone: str | None = No
     if differ:
         # in identity and memory blocks a tensor may be the zeros apply wrote in place of the copy (trial52: an edited
         # zeroed down_proj was said to differ from what it "copies")
-        zeros = " or, in identity and memory blocks, from the zeros apply wrote" if any(in_inserted_block(n) for n in differ) else ""
+        # not where apply wrote no zeros (trial55: LoRA merged into the attention of random-init memory blocks): it zeroes
+        # identity blocks' output projections, and a memory block's attention output only when it keeps it (query_source: hidden)
+        hidden = ((plan.get("midus") or {}).get("hml") or {}).get("query_source") == "hidden"
+        zeroing = {int(layer["index"]) for layer in plan["layers"] if layer["kind"] == "identity" or (layer["kind"] == "memory" and hidden)}
+        zeros = (" or, in identity blocks, from the zeros apply wrote" + (" (and in memory blocks)" if hidden else "")
+                 if any(_layer_of(n, prefix) in zeroing for n in differ) else "")
         return Check(name, False, f"{len(differ)} of the output's tensors differ from the base tensors the layer map says they copy{zeros} "
                                   f"(e.g. {', '.join(differ[:3])}); {same} are equal: this is not the base the output was made from, "
                                   "or the output was changed since apply")
