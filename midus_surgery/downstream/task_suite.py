@@ -5,8 +5,8 @@ need only a folder of documents (e.g. the Debian documentation `tools/fetch_corp
 so downstream evaluation runs offline, in tests and in the README's demo:
 
 - ``midus_next_sentence`` (multiple choice): a sentence, then four candidates for the sentence
-  that follows it in its document: the true one and three sentences of similar length drawn
-  from other documents. Scored by lm-eval as ``acc`` and ``acc_norm``.
+  that follows it in its document: the true one (the very next sentence: both are prose, nothing
+  dropped between them) and three sentences of similar length drawn from other documents. Scored by lm-eval as ``acc`` and ``acc_norm``.
 - ``midus_cloze`` (LAMBADA-like): a sentence without its last word; the model must predict the
   word. Scored as ``acc`` (the word is the greedy continuation) and ``perplexity``.
 
@@ -78,34 +78,44 @@ metadata:
 """
 
 
+def _is_prose(s: str, min_words: int, max_words: int) -> bool:
+    if not (min_words <= len(s.split()) <= max_words and s[-1] in ".!?") or MARKUP.search(s):
+        return False
+    visible = [c for c in s if not c.isspace()]
+    return sum(c.isalpha() for c in visible) >= 0.85 * len(visible)
+
+
+def sentence_slots(text: str, min_words: int = 6, max_words: int = 40) -> list[str | None]:
+    """Every sentence of a document in order (whitespace joined, split after . ! ? before a capital),
+    None where it is not prose: fewer than ``min_words`` or more than ``max_words`` words, no end
+    mark, markup, or not mostly letters. Kept in place, so that neighbours stay neighbours."""
+    return [s if _is_prose(s, min_words, max_words) else None for s in SENTENCE_END.split(" ".join(text.split()))]
+
+
 def sentences(text: str, min_words: int = 6, max_words: int = 40) -> list[str]:
-    """The prose sentences of a document: whitespace joined, split after . ! ? before a capital,
-    keeping those of ``min_words`` to ``max_words`` words that end a sentence, carry no markup and
-    are mostly letters."""
-    out = []
-    for s in SENTENCE_END.split(" ".join(text.split())):
-        if not (min_words <= len(s.split()) <= max_words and s[-1] in ".!?") or MARKUP.search(s):
-            continue
-        visible = [c for c in s if not c.isspace()]
-        if sum(c.isalpha() for c in visible) >= 0.85 * len(visible):
-            out.append(s)
-    return out
+    """The prose sentences of a document (``sentence_slots`` less the rest)."""
+    return [s for s in sentence_slots(text, min_words, max_words) if s is not None]
 
 
-def next_sentence_items(documents: list[list[str]], n: int, rng: random.Random) -> list[dict]:
-    """Up to ``n`` items: a sentence, the one after it in its document, three from other documents."""
-    pairs = [(d, i) for d, sents in enumerate(documents) for i in range(len(sents) - 1)]
+def next_sentence_items(documents: list[list[str | None]], n: int, rng: random.Random) -> list[dict]:
+    """Up to ``n`` items: a sentence, the one right after it in its document (both prose: a pair with a
+    dropped sentence between was keyed as next, trial54), three from other documents; each context once."""
+    pairs = [(d, i) for d, slots in enumerate(documents) for i in range(len(slots) - 1) if slots[i] and slots[i + 1]]
     rng.shuffle(pairs)
-    pool = [(d, s) for d, sents in enumerate(documents) for s in sents]
+    pool = [(d, s) for d, slots in enumerate(documents) for s in slots if s]
     followers: dict[str, set[str]] = {}  # a sentence -> every sentence that follows it somewhere: never a distractor
-    for sents in documents:
-        for a, b in zip(sents, sents[1:]):
-            followers.setdefault(a, set()).add(b)
-    items = []
+    for slots in documents:
+        for a, b in zip(slots, slots[1:]):
+            if a and b:
+                followers.setdefault(a, set()).add(b)
+    items, used = [], set()
     for d, i in pairs:
         if len(items) == n:
             break
         context, true = documents[d][i], documents[d][i + 1]
+        if context in used:  # documentation repeats passages across files: one item per context
+            continue
+        used.add(context)
         others = list(dict.fromkeys(s for od, s in rng.sample(pool, min(len(pool), 64)) if od != d and s not in followers[context]))
         others.sort(key=lambda s: abs(len(s) - len(true)))  # similar length: length alone must not give it away
         if len(others) < 3:
@@ -116,16 +126,20 @@ def next_sentence_items(documents: list[list[str]], n: int, rng: random.Random) 
     return items
 
 
-def cloze_items(documents: list[list[str]], n: int, rng: random.Random) -> list[dict]:
-    """Up to ``n`` items: a sentence without its last word (a plain word of 4+ letters), and the word."""
-    candidates = []
-    for sents in documents:
-        for s in sents:
+def cloze_items(documents: list[list[str | None]], n: int, rng: random.Random) -> list[dict]:
+    """Up to ``n`` items: a prose sentence without its last word (a plain word of 4+ letters), and the
+    word; each sentence once (documentation repeats passages across files)."""
+    candidates = {}
+    for slots in documents:
+        for s in slots:
+            if s is None:
+                continue
             *head, last = s[:-1].split(" ")
             if WORD.match(last) and len(head) >= 5:
-                candidates.append({"context": " ".join(head), "target": last})
-    rng.shuffle(candidates)
-    return candidates[:n]
+                candidates.setdefault(s, {"context": " ".join(head), "target": last})
+    rows = list(candidates.values())
+    rng.shuffle(rows)
+    return rows[:n]
 
 
 def build_task_suite(sources: list[str], out: Path, *, items: int = 500, seed: int = 0, text_field: str = "text",
@@ -136,7 +150,8 @@ def build_task_suite(sources: list[str], out: Path, *, items: int = 500, seed: i
 
     files = D.resolve_inputs(sources, Path.cwd(), dir_glob, what="task text")
     out = check_output_dir(out, kind=SUITE_KIND, inputs=[(f"text ({p})", input_root(p)) for p in sources], reuse=True, flag=None)
-    documents = [s for f in files for doc in D.iter_documents(f, text_field) if len(s := sentences(doc)) >= 2]
+    documents = [slots for slots in (sentence_slots(doc) for f in files for doc in D.iter_documents(f, text_field))
+                 if sum(s is not None for s in slots) >= 2]
     if len(documents) < 4:
         raise TaskError(f"task text: {len(documents)} document(s) with two prose sentences or more in {', '.join(sources)}; "
                          "the suite needs at least 4 (distractors come from other documents)")
