@@ -442,10 +442,19 @@ def cmd_eval(args) -> int:
         raise TaskError(f"eval: {', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} to {other} only, not {mode}")
     if args.tasks is not None:
         return _eval_tasks(args)
-    from midus_surgery.train.evaluate import check_model_dir, run_eval
+    from pathlib import Path
+
+    from midus_surgery.train.evaluate import DTYPES, check_model_dir, load_causal_lm, run_eval, tokenizer_difference
 
     for model in args.model:  # every model there (and its own code allowed) before the first evaluation
         check_model_dir(model, trust_remote_code=args.trust_remote_code)
+    if len(args.model) > 1:
+        # and every model loads (trial54: a broken last model was found after the others were scored, whose --json was lost)
+        for model in args.model:
+            load_causal_lm(Path(model), dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code, progress=False)
+        differ = tokenizer_difference([Path(m) for m in args.model], args.trust_remote_code)
+        if differ:
+            print(f"note: {differ}: their perplexities are per token of different tokenisations, not comparable", file=sys.stderr)
     results = []
     for model in args.model:
         result = run_eval(model, args.data, block_size=args.block_size, per_document=args.per_document,
@@ -456,7 +465,7 @@ def cmd_eval(args) -> int:
         if not args.json:
             print(f"{result['model']}: perplexity {result['perplexity']:.4f} (loss {result['loss']:.4f} nats/token) over "
                   f"{result['tokens']:,} predicted tokens in {result['sequences']} {'blocks' if result['mode'] == 'blocks' else 'document windows'} of <= {result['block_size']} tokens; "
-                  f"{result['tokens_per_s']:,.0f} tokens/s ({result['dtype']} on {result['device']}, {result['seconds']:.1f} s)")
+                  f"{result['tokens_per_s']:,.0f} tokens read/s ({result['dtype']} on {result['device']}, {result['seconds']:.1f} s)")
         if result["loss"] != result["loss"]:  # NaN: not a score, a broken model or a dtype that overflows (--json too: trial50)
             print(f"note: {result['model']}: the loss is not a number: its weights hold NaN or inf, or its activations overflow "
                   f"in {result['dtype']}", file=sys.stderr)

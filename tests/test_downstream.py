@@ -91,12 +91,39 @@ def test_the_base_and_its_function_preserving_outputs_score_alike(world, capsys)
     assert {"acc", "perplexity"} <= set(base["midus_cloze"])
     for other in result["models"][1:]:
         assert other["results"] == base
+    # which folder's tasks were scored (every offline suite names its tasks alike: trial54)
+    assert result["settings"]["task_files"] == {t: str(world["tasks"] / f"{t}.yaml") for t in ("midus_next_sentence", "midus_cloze")}
     assert main(["eval", *args[:2], *common[:-1]]) == 0  # not --quiet, into a log (capsys: not a terminal)
     captured = capsys.readouterr()
     assert "\r" not in captured.err  # lm-eval's tqdm bars would redraw their frames into the log
     table = captured.out.splitlines()
     assert table[0].split()[:4] == ["task", "(items)", "metric", "base"] and "identity-out" in table[0]
     assert any(row.startswith("midus_cloze (8)") and "perplexity" in row for row in table)
+
+
+def test_a_task_two_folders_define_is_refused_and_one_named_twice_is_scored_once(world, tmp_path, capsys):
+    """trial54: with two suites in --include-path (their tasks are named alike), lm-eval scored the one it read
+    last without a word; a task named twice in --tasks printed its rows twice; a suite moved after it was built
+    failed as a model that could not be scored."""
+    import shutil
+
+    second = tmp_path / "second-suite"
+    shutil.copytree(world["tasks"], second)
+    common = ["--limit", "2", "--batch-size", "2", "--quiet"]
+    assert main(["eval", str(world["base"]), "--tasks", "midus_cloze", "--include-path", str(world["tasks"]), "--include-path", str(second),
+                 *common]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --tasks: 'midus_cloze' is defined in 2 task files (") and "pass the folder you mean alone" in err
+    assert main(["eval", str(world["base"]), "--tasks", "midus_cloze", "midus_cloze", "--include-path", str(world["tasks"]), *common]) == 0
+    assert sum(row.startswith("midus_cloze (2)") for row in capsys.readouterr().out.splitlines()) == 2  # acc and perplexity, once each
+
+    built, moved = tmp_path / "built-suite", tmp_path / "moved-suite"
+    build_task_suite([str(world["text"])], built, items=4)
+    shutil.move(built, moved)  # its YAMLs still name their data where it was built
+    assert main(["eval", str(world["base"]), "--tasks", "midus_cloze", "--include-path", str(moved), *common]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: task 'midus_cloze' ({moved / 'midus_cloze.yaml'}) reads its data from {built / 'midus_cloze.jsonl'}, "
+                          "which is not there: was the suite folder moved?"), err
 
 
 def run_cli(*args: str, block_lm_eval: bool = False, cwd: Path = REPO) -> subprocess.CompletedProcess:

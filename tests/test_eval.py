@@ -103,6 +103,30 @@ def test_several_models_get_a_line_each_and_a_json_list_in_their_order(setup, ca
     assert isinstance(json.loads(capsys.readouterr().out), dict)  # one model: an object
 
 
+def test_several_models_all_load_before_the_first_is_scored_and_other_tokenizers_are_noted(setup, capsys, tmp_path):
+    """trial54: a model with unreadable weights last in the list was found after the others were scored, and
+    with --json their results were lost; models with other tokenizers were compared per token without a word."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(setup["model"], broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    args = ["--data", str(setup["root"] / "corpus"), "--block-size", "16", "--cache-dir", str(setup["cache"]), "--quiet", "--json"]
+    assert main(["eval", str(setup["model"]), str(broken), *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"error: {broken}: cannot load the weights")
+
+    other = make_model_dir(tmp_path / "other-tokenizer", with_plan=False, seed=4, vocab_size=80)
+    tokenizer = make_tokenizer()
+    tokenizer.add_tokens(["zebra"])  # one more word: another vocabulary
+    tokenizer.save_pretrained(other)
+    assert main(["eval", str(setup["model"]), str(other), *args]) == 0
+    err = capsys.readouterr().err
+    assert f"note: the models' tokenizers differ ({setup['model']}: " in err and "not comparable" in err
+    assert main(["eval", str(setup["model"]), str(setup["model"]), *args]) == 0
+    assert "tokenizers differ" not in capsys.readouterr().err
+
+
 def test_data_with_nul_characters_is_noted_beside_the_json(setup, capsys, tmp_path):
     """UTF-16 text read as UTF-8 (every other byte 0): evaluated as it is, with a note on stderr, so
     --json's stdout stays one JSON value."""

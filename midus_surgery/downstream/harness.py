@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from unittest import mock
 
-from midus_surgery.downstream.task_guard import TaskError, check_task_folders, sandboxed_templates
+from midus_surgery.downstream.task_guard import TaskError, check_task_folders, sandboxed_templates, task_files
 from midus_surgery.errors import one_line
 
 
@@ -51,6 +51,16 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
     from jinja2.exceptions import SecurityError
     include_path = [Path(p) for p in include_path]
     check_task_folders(include_path, allow_task_code)
+    tasks = list(dict.fromkeys(tasks))  # a task named twice is scored once (it printed each row twice)
+    defined = task_files(include_path)
+    twice = next((t for t in tasks if len(defined.get(t, [])) > 1), None)
+    if twice:  # every offline suite names its tasks alike: lm-eval would score the one it read last, without a word (trial54)
+        files = defined[twice]
+        raise TaskError(f"--tasks: {twice!r} is defined in {len(files)} task files ({', '.join(map(str, files[:3]))}): lm-eval "
+                        "would score one of them without a word; pass the folder you mean alone in --include-path")
+    for t in tasks:
+        if t in defined:
+            _check_data_files(t, defined[t][0])
     if dtype not in DTYPES:
         raise TaskError(f"--dtype must be one of {', '.join(DTYPES)}")
     for name in ("lm-eval", "lm_eval"):
@@ -94,7 +104,27 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
                      "seconds": round(time.perf_counter() - start, 1)})
         del model, lm
     return {"tasks": list(tasks), "models": rows,
-            "settings": {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size, "device": str(run_on), "dtype": dtype, "seed": seed}}
+            "settings": {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size, "device": str(run_on), "dtype": dtype, "seed": seed,
+                         # which folder's task was scored (every offline suite names its tasks alike)
+                         "task_files": {t: str(defined[t][0]) for t in tasks if t in defined}}}
+
+
+def _check_data_files(task: str, yaml_file: Path) -> None:
+    """A local task's data files are there: a suite names its data by absolute path, and a moved suite
+    failed as "lm-eval could not score it on MODEL", blaming the model (trial54)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(yaml_file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # tags (allowed task code): lm-eval reads it, and says what fails
+        return
+    files = ((config or {}).get("dataset_kwargs") or {}).get("data_files") if isinstance(config, dict) else None
+    named = files.values() if isinstance(files, dict) else [files]
+    for entry in named:
+        for name in entry if isinstance(entry, list) else [entry]:
+            if isinstance(name, str) and Path(name).is_absolute() and "*" not in name and not Path(name).is_file():
+                raise TaskError(f"task {task!r} ({yaml_file}) reads its data from {name}, which is not there: was the suite folder "
+                                "moved? Rebuild it where it is (python tools/make_task_suite.py TEXT --out DIR)")
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -180,7 +181,9 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
                   "the package's code, not what trust_remote_code=True runs elsewhere (--trust-remote-code uses the shipped files)",
                   file=sys.stderr)
     try:
-        with hf_progress_bars(progress):
+        with hf_progress_bars(progress), warnings.catch_warnings():
+            # torch's note on a pickle's protocol came before the one-line refusal of a pickle checkpoint (trial54)
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             # ignore_mismatched_sizes: report misshapen tensors by name below instead of transformers'
             # "look at the above report" error
             model, info = loader.from_pretrained(path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
@@ -369,6 +372,16 @@ def check_vocabulary(stream, model, model_dir: Path) -> None:
     vocab = model.get_input_embeddings().weight.shape[0]
     if stream.meta.get("max_token", -1) >= vocab:
         raise D.DataError(f"the tokenizer of {model_dir} produces id {stream.meta['max_token']}, outside the model's vocabulary of {vocab}")
+
+
+def tokenizer_difference(models: list[Path], trust_remote_code: bool) -> str | None:
+    """What differs between the models' tokenizers (their vocabularies), or None when they are alike."""
+    vocabularies = [load_tokenizer(m, trust_remote_code).get_vocab() for m in models]
+    for model, vocab in zip(models[1:], vocabularies[1:]):
+        if vocab != vocabularies[0]:
+            return (f"the models' tokenizers differ ({models[0]}: {len(vocabularies[0]):,} tokens, {model}: {len(vocab):,} tokens"
+                    f"{', other ids' if len(vocab) == len(vocabularies[0]) else ''})")
+    return None
 
 
 def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None, per_document: bool = False, batch_size: int = 4,
