@@ -174,8 +174,7 @@ def earlier_insertions(base_dir: Path, num_layers: int) -> dict[int, str]:
         return {}
     if plan is None or len(plan["layers"]) != num_layers:
         return {}
-    return {int(layer["index"]): layer.get("inserted_before") or layer["kind"] for layer in plan["layers"]
-            if layer.get("kind") != "base" or layer.get("inserted_before")}
+    return {int(layer["index"]): layer.get("inserted_before") or layer["kind"] for layer in plan["layers"] if is_inserted(layer)}
 
 
 def plan_mismatch(plan: dict, config: dict) -> str | None:
