@@ -127,6 +127,26 @@ def test_several_models_all_load_before_the_first_is_scored_and_other_tokenizers
     assert "tokenizers differ" not in capsys.readouterr().err
 
 
+def test_a_converting_load_that_fails_names_the_tensors_it_could_not_build(tmp_path, capsys):
+    """Mixtral's experts are stored one tensor each and stacked on load; with one missing, transformers'
+    error said only "look at the CONVERSION entries of the above report", a report no load here prints."""
+    from safetensors.torch import load_file, save_file
+    from tiny_configs import tiny_config
+
+    from midus_surgery.errors import MidusError
+    from midus_surgery.train.evaluate import load_causal_lm
+
+    AutoModelForCausalLM.from_config(tiny_config("mixtral")).save_pretrained(tmp_path / "moe")
+    weights = load_file(tmp_path / "moe" / "model.safetensors")
+    del weights[next(k for k in weights if k.startswith("model.layers.1.") and "experts" in k)]
+    save_file(weights, tmp_path / "moe" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MidusError) as caught:
+        load_causal_lm(tmp_path / "moe", progress=False)
+    assert str(caught.value) == (f"{tmp_path / 'moe'}: cannot load the weights: transformers could not build "
+                                 "model.layers.1.mlp.experts.gate_up_proj (missing, conversion failed) from its files")
+    assert "LOAD REPORT" not in capsys.readouterr().err
+
+
 def test_data_with_nul_characters_is_noted_beside_the_json(setup, capsys, tmp_path):
     """UTF-16 text read as UTF-8 (every other byte 0): evaluated as it is, with a note on stderr, so
     --json's stdout stays one JSON value."""

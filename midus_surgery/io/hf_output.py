@@ -51,29 +51,43 @@ def transformers_quiet(progress: bool = True):
 
 _REPORT_ROW = re.compile(r"^(\S+)\s*\|\s*(MISSING|CONVERSION|MISMATCH)\b")
 _STYLE = re.compile(r"\x1b\[[0-9;]*m")
+_SAID = {"MISSING": "missing", "CONVERSION": "conversion failed", "MISMATCH": "shape mismatch"}
 
 
 @contextlib.contextmanager
 def kept_load_report():
-    """transformers' load report (its table of MISSING / CONVERSION / MISMATCH tensors, logged as a
-    warning) kept, not printed: (key, status) rows. A failed load's exception says only "look at the
-    report above", which a quiet load never printed."""
+    """transformers' load report (its LOAD REPORT table of MISSING / CONVERSION / MISMATCH tensors, logged
+    as a warning) kept, not printed: (key, status) rows; the logger's other records pass as they did. A
+    failed load's exception says only "look at the report above", which a quiet load never printed."""
     logger = logging.getLogger("transformers.modeling_utils")
     rows: list[tuple[str, str]] = []
+    shown = logger.getEffectiveLevel()
 
-    class Keep(logging.Handler):
-        def emit(self, record):
-            for line in _STYLE.sub("", record.getMessage()).splitlines():
+    class Keep(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            message = record.getMessage()
+            if "LOAD REPORT" not in message:
+                return record.levelno >= shown
+            for line in _STYLE.sub("", message).splitlines():
                 if match := _REPORT_ROW.match(line):
                     rows.append((match.group(1), match.group(2)))
+            return False
 
-    handler, level, propagate = Keep(logging.WARNING), logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
-    logger.propagate = False  # the report is ours to say, once, in the error
+    keep, level = Keep(), logger.level
+    logger.addFilter(keep)
+    if shown > logging.WARNING:  # the report is a warning: kept under a quiet verbosity too (a level set on this
+        logger.setLevel(logging.WARNING)  # logger otherwise turns on transformers' tensor-parallel plan warning)
     try:
         yield rows
     finally:
-        logger.removeHandler(handler)
+        logger.removeFilter(keep)
         logger.setLevel(level)
-        logger.propagate = propagate
+
+
+def load_report_words(rows: list[tuple[str, str]], most: int = 4) -> str:
+    """The kept report's tensors in words: 'a.weight (missing, conversion failed), ...'."""
+    keys: dict[str, list[str]] = {}
+    for key, status in rows:
+        keys.setdefault(key, []).append(_SAID[status])
+    named = ", ".join(f"{key} ({', '.join(dict.fromkeys(how))})" for key, how in list(keys.items())[:most])
+    return named + (", ..." if len(keys) > most else "")

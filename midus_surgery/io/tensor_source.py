@@ -613,7 +613,7 @@ def _loaded_by_transformers(ref: BaseRef, prefixes: tuple[str, ...], what: str, 
     """The whole base loaded by transformers (dequantised, converted), as name -> tensor in memory."""
     from transformers import AutoModelForCausalLM
 
-    from midus_surgery.io.hf_output import kept_load_report, transformers_quiet
+    from midus_surgery.io.hf_output import kept_load_report, load_report_words, transformers_quiet
 
     try:
         with transformers_quiet(progress), kept_load_report() as report:
@@ -621,14 +621,9 @@ def _loaded_by_transformers(ref: BaseRef, prefixes: tuple[str, ...], what: str, 
     except Exception as exc:  # transformers' loaders raise many types for files they cannot read
         where = ref.directory / (ref.gguf_file or "")
         if report:  # what the exception calls "the above report" (transformers could not convert or fill these)
-            said = {"MISSING": "missing", "CONVERSION": "conversion failed", "MISMATCH": "shape mismatch"}
-            keys: dict[str, list[str]] = {}
-            for key, status in report:
-                keys.setdefault(key, []).append(said[status])
-            named = ", ".join(f"{key} ({', '.join(dict.fromkeys(how))})" for key, how in list(keys.items())[:4])
             raise BaseModelError(f"the base checkpoint {where} does not give transformers every tensor of the model: it could not "
-                                 f"build {named}{', ...' if len(keys) > 4 else ''} from the files: a tensor it is made from is "
-                                 "missing or of another shape") from None
+                                 f"build {load_report_words(report)} from the files: a tensor it is made from is missing or of "
+                                 "another shape") from None
         raise MidusError(f"cannot load the base {where} with transformers ({what}): {exc}") from None
     missing = sorted(info.get("missing_keys", []))
     if missing:  # transformers initialised them at random: never copy those into an output

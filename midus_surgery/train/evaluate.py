@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import sys
 import time
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from midus_surgery.errors import MidusError, UsageError, is_library_panic, load_error_line, one_line, quiet_library_panic
-from midus_surgery.io.hf_output import hf_progress_bars
+from midus_surgery.io.hf_output import hf_progress_bars, kept_load_report, load_report_words
 from midus_surgery.io.output_dir import CHECKPOINT_STATE, check_cache_location, data_folder, input_root, run_export_hint
 from midus_surgery.train.config import DIR_GLOB
 
@@ -43,13 +42,6 @@ def _names(keys, limit: int = 3) -> str:
     keys = sorted(keys)
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
-
-
-class _DropLoadReport(logging.Filter):
-    """transformers' LOAD REPORT table: a strict load names the same tensors in its one-line error."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in record.getMessage()
 
 
 DEFAULT_EVAL_BLOCK = 512  # eval's tokens per block unless told (fewer when the model has fewer positions)
@@ -162,9 +154,6 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - a bad config.json surfaces as many kinds
         raise ModelLoadError(f"{path}: cannot read config.json ({one_line(exc, 300, whole=True)})") from None
-    report_logger = logging.getLogger("transformers.modeling_utils")
-    quiet = _DropLoadReport()
-    report_logger.addFilter(quiet)
     loader, kwargs = AutoModelForCausalLM, {"config": config, "trust_remote_code": trust_remote_code}
     if getattr(config, "model_type", None) == "midus":
         from midus_surgery.model import shipped_causal_lm_class, shipped_code_differences
@@ -181,16 +170,18 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
                   "the package's code, not what trust_remote_code=True runs elsewhere (--trust-remote-code uses the shipped files)",
                   file=sys.stderr)
     try:
-        with hf_progress_bars(progress), warnings.catch_warnings():
+        # transformers' LOAD REPORT table kept, not printed: a strict load names its tensors in one line below
+        with hf_progress_bars(progress), warnings.catch_warnings(), kept_load_report() as report:
             # torch's note on a pickle's protocol came before the one-line refusal of a pickle checkpoint (trial54)
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             # ignore_mismatched_sizes: report misshapen tensors by name below instead of transformers'
             # "look at the above report" error
             model, info = loader.from_pretrained(path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - unreadable files, MIDUS's own key check, remote code: all one line
+        if report:  # a converting load (experts stored one by one) that failed: its exception points at the report
+            raise ModelLoadError(f"{path}: cannot load the weights: transformers could not build {load_report_words(report)} "
+                                 "from its files") from None
         raise ModelLoadError(f"{path}: cannot load the weights ({load_error_line(exc, 300)})") from None  # not torch's advice to unpickle unsafely
-    finally:
-        report_logger.removeFilter(quiet)
     problems = []
     if info.get("missing_keys"):
         problems.append(f"missing {len(info['missing_keys'])} tensor(s): {_names(info['missing_keys'])}")
