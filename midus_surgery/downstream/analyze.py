@@ -7,9 +7,9 @@
 - **Slot usage**: per Memory block and head, over the held-out tokens: the fraction of slots
   selected at least once, the entropy of the selection distribution over the slots as a fraction
   of a uniform selection's (1.0: every slot equally often), the share of selections that go to
-  the most used 1% of slots, and the norm of the memory's output (what the block adds to the
-  residual stream) against the norm of the residual stream entering the block, averaged over
-  tokens.
+  the most used 1% of slots, and the mean norm over tokens of the memory's output (what the block
+  adds to the residual stream) over the mean norm of the residual stream entering the block (a
+  ratio of means, not a mean of per-token ratios).
 - **Fixed retrieval** (``fixed_retrieval``): the held-out loss, on the same blocks, of a model
   trained like this one but with ``memory.retrieval: frozen`` (which slots each token reads fixed
   at the start, only the values trained), against this model's learned retrieval.
