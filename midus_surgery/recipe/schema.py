@@ -173,7 +173,9 @@ class MemorySettings(Strict):
     hive: StrictBool = Field(True, description="HIVE values: one latent bank shared by all heads plus a d_l x d_h projection per head. False: a value table of width d_h per head.")
     query_norm: Literal["none", "rms", "layer", "batch"] = Field("rms", description="Per-head normalisation of the query before scoring. "
         "`batch`: each query feature standardised with running statistics over the tokens seen in training (the product-key "
-        "memory paper's query BatchNorm, without batch statistics: no token's query depends on another token), then rms; its "
+        "memory paper's query BatchNorm, without batch statistics: no token's query depends on another token), then rms. The "
+        "statistics count every token a training forward sees, pad tokens too: `midus-surgery train` packs blocks with none, "
+        "a trainer with a padding collator counts its pads. Its "
         "statistics (2 x heads x head_dim + 1 values a memory block) are written with the weights but are no parameters, so "
         "plan's parameter counts leave them out.")
     gate: StrictBool = Field(False, description="Memory+-style SiLU gate on the memory output.")
