@@ -149,9 +149,11 @@ def test_input_errors_are_one_line(world, tmp_path, capsys):
     assert "eval: both were given; give --data (held-out perplexity) or --tasks" in capsys.readouterr().err  # trial33
     assert main(["eval", str(world["base"]), "--tasks", "midus_cloze", "--include-path", str(world["tasks"]), "--limit", "0"]) == 2
     assert "--limit must be above 0" in capsys.readouterr().err
-    # a task whose data cannot be read (as a Hub task without the network): one line, not lm-eval's traceback
+    # a task whose data cannot be read (as a Hub task without the network; here a file that is not JSON lines): one
+    # line, not lm-eval's traceback (a data file that is not there at all is said before lm-eval runs: a moved suite)
     broken = tmp_path / "broken"
     broken.mkdir()
+    (tmp_path / "gone.jsonl").write_text('{"context": "not closed\n')
     (broken / "midus_cloze_gone.yaml").write_text((world["tasks"] / "midus_cloze.yaml").read_text()
                                                   .replace("task: midus_cloze", "task: midus_cloze_gone")
                                                   .replace(str(world["tasks"] / "midus_cloze.jsonl"), str(tmp_path / "gone.jsonl")))

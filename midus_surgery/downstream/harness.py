@@ -65,6 +65,7 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         raise TaskError(f"--dtype must be one of {', '.join(DTYPES)}")
     for name in ("lm-eval", "lm_eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)  # a data file it cannot read: our one line says so, not its log
     manager = TaskManager(include_path=[str(p) for p in include_path] or None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:

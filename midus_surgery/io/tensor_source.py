@@ -620,7 +620,7 @@ def _loaded_by_transformers(ref: BaseRef, prefixes: tuple[str, ...], what: str, 
             model, info = AutoModelForCausalLM.from_pretrained(ref.directory, output_loading_info=True, **kwargs)
     except Exception as exc:  # transformers' loaders raise many types for files they cannot read
         where = ref.directory / (ref.gguf_file or "")
-        if report:  # what the exception calls "the above report" (transformers could not convert or fill these)
+        if report and "above report" in str(exc):  # transformers could not convert or fill these, and says only "see the report"
             raise BaseModelError(f"the base checkpoint {where} does not give transformers every tensor of the model: it could not "
                                  f"build {load_report_words(report)} from the files: a tensor it is made from is missing or of "
                                  "another shape") from None

@@ -178,7 +178,7 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
             # "look at the above report" error
             model, info = loader.from_pretrained(path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - unreadable files, MIDUS's own key check, remote code: all one line
-        if report:  # a converting load (experts stored one by one) that failed: its exception points at the report
+        if report and "above report" in str(exc):  # a converting load (experts stored one by one) that failed: its exception points at the report
             raise ModelLoadError(f"{path}: cannot load the weights: transformers could not build {load_report_words(report)} "
                                  "from its files") from None
         raise ModelLoadError(f"{path}: cannot load the weights ({load_error_line(exc, 300)})") from None  # not torch's advice to unpickle unsafely
