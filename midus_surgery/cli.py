@@ -444,7 +444,7 @@ def cmd_eval(args) -> int:
         return _eval_tasks(args)
     from pathlib import Path
 
-    from midus_surgery.train.evaluate import DTYPES, check_model_dir, load_causal_lm, run_eval, tokenizer_difference
+    from midus_surgery.train.evaluate import DTYPES, check_model_dir, load_causal_lm, run_eval
 
     for model in args.model:  # every model there (and its own code allowed) before the first evaluation
         check_model_dir(model, trust_remote_code=args.trust_remote_code)
@@ -452,9 +452,6 @@ def cmd_eval(args) -> int:
         # and every model loads (trial54: a broken last model was found after the others were scored, whose --json was lost)
         for model in args.model:
             load_causal_lm(Path(model), dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code, progress=False)
-        differ = tokenizer_difference([Path(m) for m in args.model], args.trust_remote_code)
-        if differ:
-            print(f"note: {differ}: their perplexities are per token of different tokenisations, not comparable", file=sys.stderr)
     results = []
     for model in args.model:
         result = run_eval(model, args.data, block_size=args.block_size, per_document=args.per_document,
@@ -469,6 +466,10 @@ def cmd_eval(args) -> int:
         if result["loss"] != result["loss"]:  # NaN: not a score, a broken model or a dtype that overflows (--json too: trial50)
             print(f"note: {result['model']}: the loss is not a number: its weights hold NaN or inf, or its activations overflow "
                   f"in {result['dtype']}", file=sys.stderr)
+    if len({r["corpus_sha1"] for r in results}) > 1:  # trial54/56: compared per token without a word
+        counts = ", ".join(f"{r['model']}: {r['corpus_tokens']:,} tokens" for r in results)
+        print(f"note: the models' tokenizers turn the data into different token ids ({counts}): a perplexity is per token, "
+              "so theirs are not comparable", file=sys.stderr)
     if args.json:
         print(strict_json(results[0] if len(results) == 1 else results, indent=2))
     return 0

@@ -11,6 +11,7 @@ Perplexity is token-weighted: exp(sum of next-token NLL / number of predicted to
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import sys
@@ -365,16 +366,6 @@ def check_vocabulary(stream, model, model_dir: Path) -> None:
         raise D.DataError(f"the tokenizer of {model_dir} produces id {stream.meta['max_token']}, outside the model's vocabulary of {vocab}")
 
 
-def tokenizer_difference(models: list[Path], trust_remote_code: bool) -> str | None:
-    """What differs between the models' tokenizers (their vocabularies), or None when they are alike."""
-    vocabularies = [load_tokenizer(m, trust_remote_code).get_vocab() for m in models]
-    for model, vocab in zip(models[1:], vocabularies[1:]):
-        if vocab != vocabularies[0]:
-            return (f"the models' tokenizers differ ({models[0]}: {len(vocabularies[0]):,} tokens, {model}: {len(vocab):,} tokens"
-                    f"{', other ids' if len(vocab) == len(vocabularies[0]) else ''})")
-    return None
-
-
 def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None, per_document: bool = False, batch_size: int = 4,
              max_blocks: int | None = None, dtype: str = "float32", text_field: str = "text",
              dir_glob: Iterable[str] = DIR_GLOB, cache_dir: Path | None = None,
@@ -418,4 +409,7 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None,
     with progress_bar(total, "eval", enabled=progress, unit="seq") as bar:
         result = evaluate_batches(model, batches, device=run_on, progress=bar)
     return {"model": str(model_dir), "mode": "documents" if per_document else "blocks", "block_size": block_size,
-            "dtype": dtype, "device": str(run_on), **result.to_json(), "corpus_tokens": len(stream), "corpus_files": len(stream.meta.get("files", [])), "token_cache": str(stream.path)}
+            "dtype": dtype, "device": str(run_on), **result.to_json(), "corpus_tokens": len(stream), "corpus_files": len(stream.meta.get("files", [])),
+            "token_cache": str(stream.path),
+            # which token ids the data became: models whose tokenizers cut or number it otherwise are not comparable per token
+            "corpus_sha1": hashlib.sha1(np.ascontiguousarray(stream.tokens, dtype=np.int64).tobytes()).hexdigest()}
