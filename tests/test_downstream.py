@@ -104,7 +104,7 @@ def test_the_base_and_its_function_preserving_outputs_score_alike(world, capsys)
 def test_a_task_two_folders_define_is_refused_and_one_named_twice_is_scored_once(world, tmp_path, capsys):
     """trial54: with two suites in --include-path (their tasks are named alike), lm-eval scored the one it read
     last without a word; a task named twice in --tasks printed its rows twice; a suite moved after it was built
-    failed as a model that could not be scored."""
+    failed as a model that could not be scored; a copied suite scored its original's data after a rebuild (trial56)."""
     import shutil
 
     second = tmp_path / "second-suite"
@@ -116,6 +116,22 @@ def test_a_task_two_folders_define_is_refused_and_one_named_twice_is_scored_once
     assert err.startswith("error: --tasks: 'midus_cloze' is defined in 2 task files (") and "pass the folder you mean alone" in err
     assert main(["eval", str(world["base"]), "--tasks", "midus_cloze", "midus_cloze", "--include-path", str(world["tasks"]), *common]) == 0
     assert sum(row.startswith("midus_cloze (2)") for row in capsys.readouterr().out.splitlines()) == 2  # acc and perplexity, once each
+
+    # one folder reached twice (another path to it) is one suite, not two definitions
+    again = tmp_path / "the-same-suite"
+    again.symlink_to(world["tasks"], target_is_directory=True)
+    assert main(["eval", str(world["base"]), "--tasks", "midus_cloze", "--include-path", str(world["tasks"]), "--include-path", str(again),
+                 *common]) == 0
+    capsys.readouterr()
+    # a copy of a suite whose original was rebuilt from other items: its YAMLs name the original's data
+    original, copy = tmp_path / "original-suite", tmp_path / "copied-suite"
+    build_task_suite([str(world["text"])], original, items=4)
+    shutil.copytree(original, copy)
+    build_task_suite([str(world["text"])], original, items=3)
+    assert main(["eval", str(world["base"]), "--tasks", "midus_cloze", "--include-path", str(copy), *common]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: task 'midus_cloze' ({copy / 'midus_cloze.yaml'}) reads its data from {original / 'midus_cloze.jsonl'}, "
+                          "which has changed since the task was written"), err
 
     built, moved = tmp_path / "built-suite", tmp_path / "moved-suite"
     build_task_suite([str(world["text"])], built, items=4)

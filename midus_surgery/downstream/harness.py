@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import logging
 import os
 import sys
@@ -119,13 +120,21 @@ def _check_data_files(task: str, yaml_file: Path) -> None:
         config = yaml.safe_load(yaml_file.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):  # tags (allowed task code): lm-eval reads it, and says what fails
         return
-    files = ((config or {}).get("dataset_kwargs") or {}).get("data_files") if isinstance(config, dict) else None
-    named = files.values() if isinstance(files, dict) else [files]
-    for entry in named:
-        for name in entry if isinstance(entry, list) else [entry]:
-            if isinstance(name, str) and Path(name).is_absolute() and "*" not in name and not Path(name).is_file():
-                raise TaskError(f"task {task!r} ({yaml_file}) reads its data from {name}, which is not there: was the suite folder "
-                                "moved? Rebuild it where it is (python tools/make_task_suite.py TEXT --out DIR)")
+    if not isinstance(config, dict):
+        return
+    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    named = [name for entry in (files.values() if isinstance(files, dict) else [files])
+             for name in (entry if isinstance(entry, list) else [entry]) if isinstance(name, str)]
+    rebuild = "rebuild the suite where it is (python tools/make_task_suite.py TEXT --out DIR)"
+    for name in named:
+        if Path(name).is_absolute() and "*" not in name and not Path(name).is_file():
+            raise TaskError(f"task {task!r} ({yaml_file}) reads its data from {name}, which is not there: was the suite folder "
+                            f"moved? {rebuild[0].upper()}{rebuild[1:]}")
+    digest = (config.get("metadata") or {}).get("data_sha256")
+    if isinstance(digest, str) and len(named) == 1 and Path(named[0]).is_file():  # a suite's: its data as written
+        if hashlib.sha256(Path(named[0]).read_bytes()).hexdigest() != digest:
+            raise TaskError(f"task {task!r} ({yaml_file}) reads its data from {named[0]}, which has changed since the task was "
+                            f"written (a copy of a suite whose original was rebuilt scores the new items); {rebuild}")
 
 
 @contextlib.contextmanager

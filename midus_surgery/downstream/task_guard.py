@@ -51,23 +51,23 @@ def check_task_folders(paths: list[Path], allow_code: bool) -> None:
 
 
 def task_files(paths: list[Path]) -> dict[str, list[Path]]:
-    """Task name -> the YAML files in ``paths`` that define it (a ``task:`` at a document's top). Read
+    """Task name -> the YAML files (resolved, each once) in ``paths`` that define it (a ``task:`` at a document's top). Read
     as nodes, nothing built, so a YAML with tags (allowed code) is read too; unreadable files are skipped
     (check_task_folders says why, where it reads them)."""
     import yaml
 
     found: dict[str, list[Path]] = {}
-    for path in paths:
-        for file in sorted({*path.rglob("*.yaml"), *path.rglob("*.yml")}):
-            try:
-                documents = list(yaml.compose_all(file.read_text(), Loader=yaml.SafeLoader))
-            except (OSError, UnicodeDecodeError, yaml.YAMLError):
-                continue
-            for node in documents:
-                if isinstance(node, yaml.MappingNode):
-                    for key, value in node.value:
-                        if key.value == "task" and isinstance(value, yaml.ScalarNode):
-                            found.setdefault(value.value, []).append(file)
+    files = {f.resolve() for path in paths for f in (*path.rglob("*.yaml"), *path.rglob("*.yml"))}  # a folder given twice, or in another
+    for file in sorted(files):
+        try:
+            documents = list(yaml.compose_all(file.read_text(), Loader=yaml.SafeLoader))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        for node in documents:
+            if isinstance(node, yaml.MappingNode):
+                for key, value in node.value:
+                    if key.value == "task" and isinstance(value, yaml.ScalarNode):
+                        found.setdefault(value.value, []).append(file)
     return found
 
 

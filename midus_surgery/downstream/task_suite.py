@@ -17,6 +17,7 @@ no ``!function``: loading the suite runs no code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -53,6 +54,7 @@ metric_list:
 metadata:
   version: 1.0
   source: {source}
+  data_sha256: {digest}
 """
 
 CLOZE_YAML = """task: midus_cloze
@@ -75,6 +77,7 @@ metric_list:
 metadata:
   version: 1.0
   source: {source}
+  data_sha256: {digest}
 """
 
 
@@ -163,7 +166,10 @@ def build_task_suite(sources: list[str], out: Path, *, items: int = 500, seed: i
     source = json.dumps(", ".join(sources))
     with atomic_directory(out, kind=SUITE_KIND, replace=True) as tmp:
         for name, rows in made.items():
-            (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+            (tmp / f"{name}.jsonl").write_bytes(data)
             template = NEXT_SENTENCE_YAML if name == "midus_next_sentence" else CLOZE_YAML
-            (tmp / f"{name}.yaml").write_text(template.format(data=json.dumps(str(out / f"{name}.jsonl")), source=source))
+            # the data's digest: a copy of the suite still names the original's data, which a rebuild may change (trial56)
+            (tmp / f"{name}.yaml").write_text(template.format(data=json.dumps(str(out / f"{name}.jsonl")), source=source,
+                                                              digest=hashlib.sha256(data).hexdigest()))
     return {name: len(rows) for name, rows in made.items()}
