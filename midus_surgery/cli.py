@@ -173,7 +173,7 @@ def _plan_notes(planned, start: bool) -> list[str]:
         notes.append(weightless)
     if plan.inserted_before:
         earlier = ", ".join(f"{i} ({kind})" for i, kind in sorted(plan.inserted_before.items()))
-        notes.append(f"the base is an output of `midus-surgery apply`: its layers {earlier} were inserted there. They are base layers "
+        notes.append(f"the base is an output of `midus-surgery apply`: its layers {earlier} were inserted by that apply or one before it. They are base layers "
                      "to this recipe, and midus_plan.json records them, so `train` with freeze: base trains them with this recipe's blocks")
     if start and plan.function_preserving is None and plan.memory_layers and recipe.memory.init == "random":
         notes.append("memory.init: random: the memory blocks start from random values, so the output does not start as the base's "

@@ -46,7 +46,7 @@ def chain(tmp_path_factory):
 def test_validate_and_plan_say_which_base_layers_an_earlier_apply_inserted(chain, capsys):
     assert main(["validate", str(chain["recipe"])]) == 0
     said = capsys.readouterr().out
-    assert ("note: the base is an output of `midus-surgery apply`: its layers 2 (identity), 5 (identity) were inserted there. "
+    assert ("note: the base is an output of `midus-surgery apply`: its layers 2 (identity), 5 (identity) were inserted by that apply or one before it. "
             "They are base layers to this recipe") in said
     assert main(["plan", str(chain["recipe"]), "--json"]) == 0
     layers = json.loads(capsys.readouterr().out)["layers"]
@@ -69,7 +69,7 @@ def test_train_with_freeze_base_trains_the_blocks_an_earlier_apply_inserted(chai
     card = (out / "README.md").read_text()
     assert "base_model: org/tiny-llama" in card  # the chain's first base, for the Hub's lineage
     assert "# MIDUS (Memory-Infused Depth Up-Scaling) of `lpro`" in card  # the title names this recipe's own base
-    assert ("Its base is itself a `midus-surgery apply` output: its layers 2 (identity), 5 (identity) were inserted there. "
+    assert ("Its base is itself a `midus-surgery apply` output: its layers 2 (identity), 5 (identity) were inserted by that apply or one before it. "
             "That apply was made from `org/tiny-llama`.") in card
     assert "| 3 | 2 | base (was identity) |" in card
 

@@ -43,7 +43,7 @@ def earlier_apply(planned: PlannedRecipe, ref: BaseRef) -> tuple[str | None, str
     if not inserted or ref.is_gguf:
         return None, ""
     layers = ", ".join(f"{i} ({kind})" for i, kind in sorted(inserted.items()))
-    text = f"Its base is itself a `midus-surgery apply` output: its layers {layers} were inserted there."
+    text = f"Its base is itself a `midus-surgery apply` output: its layers {layers} were inserted by that apply or one before it."
     card = ref.directory / "README.md"
     try:
         earlier = card.read_text() if card.is_file() else ""
