@@ -287,17 +287,24 @@ def test_a_generation_that_fails_on_a_padded_batch_is_a_one_line_failed_check(ba
         "generation for a left-padded batch of 2 fails: RuntimeError: index out of range in self (as loaded)")
 
 
+def nudge_first_block_tensor(out: Path, kind: str, tensor: str) -> tuple[str, torch.Tensor]:
+    """Add 1e-3 to ``tensor`` of the output's first inserted block of ``kind``, in its file; (its name, its value before)."""
+    layer = next(la for la in json.loads((out / "midus_plan.json").read_text())["layers"] if la["kind"] == kind)
+    tensors = load_file(out / "model.safetensors")
+    name = f"model.layers.{layer['index']}.{tensor}"
+    before = tensors[name].clone()
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return name, before
+
+
 def test_a_dus_copy_must_be_its_base_layer_bit_for_bit(bases, tmp_path):
     """Plain copies change the function, so no logit check can say they are copies: the weights
     check does, tensor by tensor along the layer map."""
     out = emitted(bases, tmp_path, "llama", "dus")
     checks = run(out)
     assert failed(checks) == [] and checks["logits"].ok, {n: c.detail for n, c in checks.items()}
-    copy = next(la for la in json.loads((out / "midus_plan.json").read_text())["layers"] if la["kind"] == "copy")
-    tensors = load_file(out / "model.safetensors")
-    name = f"model.layers.{copy['index']}.self_attn.q_proj.weight"
-    tensors[name] = tensors[name] + 1e-3
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    name, _ = nudge_first_block_tensor(out, "copy", "self_attn.q_proj.weight")
     checks = run(out)
     assert failed(checks) == ["weights"]
     assert checks["weights"].detail.startswith(f"1 of the output's tensors differ from the base tensors the layer map says they copy (e.g. {name})")
@@ -307,12 +314,8 @@ def test_an_edited_zeroed_tensor_is_said_to_differ_from_the_zeros_apply_wrote(ba
     """An identity block's output projection is zeros, not a copy: verify said an edited one differed
     from what it "copies" (trial52)."""
     out = emitted(bases, tmp_path, "llama", "llama-pro")
-    identity = next(la for la in json.loads((out / "midus_plan.json").read_text())["layers"] if la["kind"] == "identity")
-    tensors = load_file(out / "model.safetensors")
-    name = f"model.layers.{identity['index']}.mlp.down_proj.weight"
-    assert not tensors[name].any()
-    tensors[name] = tensors[name] + 1e-3
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    name, before = nudge_first_block_tensor(out, "identity", "mlp.down_proj.weight")
+    assert not before.any()
     checks = run(out)
     assert "weights" in failed(checks)
     assert checks["weights"].detail.startswith("1 of the output's tensors differ from the base tensors the layer map says they copy or, "
@@ -323,11 +326,7 @@ def test_an_edited_tensor_of_a_memory_block_whose_attention_apply_did_not_zero_n
     """A memory block reading the heads (the default) holds no zeros apply wrote: a changed q_proj in one (LoRA merged
     into a random-init MIDUS model) was said to differ "from the zeros apply wrote" (trial55)."""
     out = emitted(bases, tmp_path, "llama", "midus")
-    memory = next(la for la in json.loads((out / "midus_plan.json").read_text())["layers"] if la["kind"] == "memory")
-    tensors = load_file(out / "model.safetensors")
-    name = f"model.layers.{memory['index']}.self_attn.q_proj.weight"
-    tensors[name] = tensors[name] + 1e-3
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    name, _ = nudge_first_block_tensor(out, "memory", "self_attn.q_proj.weight")
     checks = run(out)
     assert checks["weights"].detail.startswith("1 of the output's tensors differ from the base tensors the layer map says they copy "
                                                f"(e.g. {name})"), checks["weights"].detail
