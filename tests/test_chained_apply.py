@@ -70,7 +70,7 @@ def test_train_with_freeze_base_trains_the_blocks_an_earlier_apply_inserted(chai
     assert "base_model: org/tiny-llama" in card  # the chain's first base, for the Hub's lineage
     assert "# MIDUS (Memory-Infused Depth Up-Scaling) of `lpro`" in card  # the title names this recipe's own base
     assert ("Its base is itself a `midus-surgery apply` output: its layers 2 (identity), 5 (identity) were inserted by that apply or one before it. "
-            "That apply was made from `org/tiny-llama`.") in card
+            "The chain starts from `org/tiny-llama`.") in card
     assert "| 3 | 2 | base (was identity) |" in card
 
     # a plan that does not describe its model: train and verify refuse to act on it

@@ -52,7 +52,7 @@ def earlier_apply(planned: PlannedRecipe, ref: BaseRef) -> tuple[str | None, str
     front = earlier.split("---", 2)[1] if earlier.startswith("---") and earlier.count("---") >= 2 else ""
     hub_id = next((m["id"] for m in re.finditer(r"^base_model:\s*(?P<id>[\w./-]+)\s*$", front, re.M)), None)
     if hub_id:
-        text += f" That apply was made from `{hub_id}`."
+        text += f" The chain starts from `{hub_id}`."
     start, end = earlier.find(TRAINING_START), earlier.find(TRAINING_END)
     trained = earlier[start + len(TRAINING_START):end].strip() if 0 <= start < end else ""
     if trained and trained != NOT_TRAINED:
