@@ -149,6 +149,27 @@ def _base_without_weights(ref) -> str | None:
     return f"{ref.directory} holds no weights (.safetensors files): validate and plan read its config.json alone; apply needs the weights"
 
 
+def _left_out_base_tensors(planned, ref) -> str | None:
+    """apply's note on base tensors the architecture does not have, said before apply (trial56), from the
+    safetensors headers; not for a checkpoint transformers converts on load (its names are not the model's)."""
+    if not ref.exists or ref.is_gguf or not any(ref.directory.glob("*.safetensors")):
+        return None
+    from midus_surgery.compiler.plan import base_load_renames
+    from midus_surgery.emit.emitter import left_out_words, unread_base_tensors
+    from midus_surgery.io.tensor_source import SafetensorsSource
+
+    renames = base_load_renames(planned.config)
+    if renames is None:
+        return None
+    prefixes = tuple({t.name.split(".", 1)[0] for t in planned.plan.tensors if "." in t.name})
+    source = SafetensorsSource(ref.directory, prefixes, renames)
+    try:
+        left = unread_base_tensors(planned, source)
+    finally:
+        source.close()
+    return left_out_words(left) if left else None
+
+
 def _plan_notes(planned, start: bool) -> list[str]:
     """What a valid plan does that its author may not have meant: base layers pruned on purpose,
     memory that does not start as the identity (``start``: plan says that in its own line), memory
@@ -171,6 +192,9 @@ def _plan_notes(planned, start: bool) -> list[str]:
     weightless = _base_without_weights(ref)
     if weightless:
         notes.append(weightless)
+    left = _left_out_base_tensors(planned, ref)
+    if left:
+        notes.append(left)
     if plan.inserted_before:
         earlier = ", ".join(f"{i} ({kind})" for i, kind in sorted(plan.inserted_before.items()))
         notes.append(f"the base is an output of `midus-surgery apply`: its layers {earlier} were inserted by that apply or one before it. They are base layers "

@@ -464,13 +464,16 @@ def test_a_base_tensor_the_architecture_lacks_is_said_to_be_left_out(llama, tmp_
     layouts = {"midus": ("layout:\n  slices:\n    - layers: [0, 4]\n    - layers: [1, 2]\n      kind: memory\n", memory),
                "dropping": ("allow_dropped_layers: true\nlayout:\n  slices:\n    - layers: [0, 2]\n    - layers: [3, 4]\n"
                             "    - layers: [3, 4]\n", "")}
+    said = ("1 tensor(s) of the base that its architecture does not have are left out of the output, as "
+            "transformers' load leaves them out: 'model.layers.0.mlp.secret'")
     for name, (layout, extra) in layouts.items():
         (tmp_path / name).mkdir()
         recipe = write_recipe(tmp_path / name, base, layout=layout, extra=extra)
+        assert main(["validate", str(recipe)]) == 0  # said before apply too (trial56: validate printed a bare OK)
+        assert f"  note: {said}" in capsys.readouterr().out.splitlines()
         assert main(["apply", str(recipe), "--quiet"]) == 0
         notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
-        assert notes == ["note: 1 tensor(s) of the base that its architecture does not have are left out of the output, as "
-                         "transformers' load leaves them out: 'model.layers.0.mlp.secret'"], (name, notes)  # not layer 2's tensors
+        assert notes == [f"note: {said}"], (name, notes)  # not layer 2's tensors
 
 
 def test_a_base_that_needs_a_missing_package_says_so_without_other_advice(llama, tmp_path, capsys, monkeypatch):

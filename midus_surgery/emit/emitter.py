@@ -262,10 +262,9 @@ def emit(planned: PlannedRecipe, *, out_dir: Path | None = None, overwrite: bool
         with atomic_directory(out, kind="apply", replace=overwrite, report=_note) as tmp:
             num_bytes, shards = _write_weights(planned, source, tmp, progress)
             _write_companions(planned, ref, tmp)
-        left = _unread_base_tensors(planned, source)
+        left = unread_base_tensors(planned, source)
         if left:  # trial41/45: dropped without a word (transformers' load names them in a warning)
-            _note(f"note: {len(left)} tensor(s) of the base that its architecture does not have are left out of the output, as "
-                  f"transformers' load leaves them out: {', '.join(shown(n) for n in left[:3])}{', ...' if len(left) > 3 else ''}")
+            _note(f"note: {left_out_words(left)}")
     finally:
         source.close()
     return EmitResult(out, len(planned.plan.tensors), num_bytes, shards, source.how)
@@ -320,7 +319,13 @@ def check_apply_output(loaded: LoadedRecipe, ref: BaseRef, out_dir: Path | None,
                             probe=probe)
 
 
-def _unread_base_tensors(planned: PlannedRecipe, source) -> list[str]:
+def left_out_words(left: list[str]) -> str:
+    """apply's note (and validate's) on the base tensors the output holds nothing of."""
+    return (f"{len(left)} tensor(s) of the base that its architecture does not have are left out of the output, as transformers' "
+            f"load leaves them out: {', '.join(shown(n) for n in left[:3])}{', ...' if len(left) > 3 else ''}")
+
+
+def unread_base_tensors(planned: PlannedRecipe, source) -> list[str]:
     """The base checkpoint's tensors the output holds nothing of, less those a layout leaves out on purpose
     (allow_dropped_layers) and a tied LM head (the output ties it again)."""
     plan = planned.plan
