@@ -161,8 +161,7 @@ def _left_out_base_tensors(planned, ref) -> str | None:
     renames = base_load_renames(planned.config)
     if renames is None:
         return None
-    prefixes = tuple({t.name.split(".", 1)[0] for t in planned.plan.tensors if "." in t.name})
-    source = SafetensorsSource(ref.directory, prefixes, renames)
+    source = SafetensorsSource(ref.directory, planned.plan.name_prefixes, renames)
     try:
         left = unread_base_tensors(planned, source)
     finally:

@@ -79,6 +79,12 @@ class Plan:
         return len(self.layers)
 
     @property
+    def name_prefixes(self) -> tuple[str, ...]:
+        """The first parts of the output's tensor names ('model', 'lm_head'): a base checkpoint saved without its
+        body's prefix is read under them."""
+        return tuple({t.name.split(".", 1)[0] for t in self.tensors if "." in t.name})
+
+    @property
     def dropped_layers(self) -> list[int]:
         """The base layers the output leaves out (a layout with allow_dropped_layers)."""
         return sorted(set(range(self.base_num_layers)) - {layer.source for layer in self.layers})

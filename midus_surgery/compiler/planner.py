@@ -79,9 +79,8 @@ def check_base_weights(loaded: LoadedRecipe, plan: Plan, config=None) -> None:
         return
     from midus_surgery.compiler.plan import base_load_renames
 
-    prefixes = tuple({t.name.split(".", 1)[0] for t in plan.tensors if "." in t.name})
     renames = base_load_renames(config) if config is not None else None  # None: transformers converts more than names
-    source = SafetensorsSource(ref.directory, prefixes, renames if renames is not None else checkpoint_renames(plan.model_type))
+    source = SafetensorsSource(ref.directory, plan.name_prefixes, renames if renames is not None else checkpoint_renames(plan.model_type))
     read = [(t.source, t.shape) for t in plan.tensors if t.source is not None]
     check_matches_config(source, read, plan.layers_path, plan.base_num_layers, plan.config, str(ref.directory / "config.json"))
     absent = sorted({name for name, _ in read if source.resolve(name) is None})

@@ -250,7 +250,7 @@ def emit(planned: PlannedRecipe, *, out_dir: Path | None = None, overwrite: bool
     ref = resolve_base(planned.loaded)
     planned = check_planned(planned)
     out = check_apply_output(planned.loaded, ref, out_dir, overwrite)
-    prefixes = tuple({t.name.split(".", 1)[0] for t in planned.plan.tensors if "." in t.name})
+    prefixes = planned.plan.name_prefixes
     source = open_base_tensors(ref, allow_pickle=allow_pickle, prefixes=prefixes, model_type=planned.plan.model_type,
                                renames=planned.renames, needed=[t.source for t in planned.plan.tensors if t.source is not None], progress=progress,
                                trust_remote_code=planned.loaded.recipe.base.trust_remote_code)
