@@ -35,8 +35,8 @@ def test_each_path_runs_what_it_names(tiny, monkeypatch):
                 with torch.profiler.profile() as prof:
                     layer(x)
             ops = {e.name for e in prof.events()}
-            seen.append((p, "midus_hml::read" in ops, "midus_hml::topk2" in ops))
-    # one op: topk2 runs inside it, not as an operator of its own
+            seen.append((p, "midus_hml::read" in ops, "midus_hml::score_topk2" in ops))
+    # one op: the selection runs inside it, not as an operator of its own
     assert seen == ["Functions", ("Functions", False, True), ("operators", False, True), ("one op", True, False)]
     assert (hml._builds_graph, hml._read_forward) == saved  # path() puts everything back
 

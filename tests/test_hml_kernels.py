@@ -162,6 +162,55 @@ def test_topk2_kernel_thresholds_hold_on_hard_rows(monkeypatch, fused_ops, rows)
     assert torch.equal(f[0], t[0])
 
 
+def _bmm_then_topk2(ops, q, keys, k):
+    """The selection score_topk2 replaces: the half scores by bmm, then topk2."""
+    T, H, dh = q.shape
+    n = keys.shape[2]
+    s = torch.bmm(q.reshape(T, 2 * H, dh // 2).transpose(0, 1), keys.reshape(2 * H, n, dh // 2).transpose(1, 2))
+    s = s.view(H, 2, T, n)
+    return ops.topk2(s[:, 0], s[:, 1], k)
+
+
+@pytest.mark.parametrize(
+    "T, H, dh, n, k",
+    [
+        (1024, 9, 64, 256, 32),  # the SmolLM2 size
+        (130, 3, 12, 70, 70),  # n not a whole block, d_h/2 odd, a short last tile of tokens, k = n
+        (257, 2, 128, 64, 1),
+        (128, 1, 2, 5, 3),  # the fewest tokens that take the scoring loop, one feature per half
+    ],
+)
+def test_score_topk2_selects_what_bmm_then_topk2_selects(fused_ops, T, H, dh, n, k):
+    # From 128 tokens on the kernel scores in its own loop. Quarter-integers keep every dot product exact
+    # whatever order it sums in, and make many sums tie, so the selection and the tie rule are compared
+    # exactly; random values then check the scores against a float64 reference.
+    g = torch.Generator().manual_seed(T + n)
+    q = torch.randint(-8, 9, (T, H, dh), generator=g).float() / 4
+    keys = torch.randint(-8, 9, (H, 2, n, dh // 2), generator=g).float() / 4
+    got = fused_ops.score_topk2(q, keys, k)
+    ref = _bmm_then_topk2(fused_ops, q, keys, k)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    q, keys = torch.randn(T, H, dh, generator=g), torch.randn(H, 2, n, dh // 2, generator=g)
+    scores, i, j = fused_ops.score_topk2(q, keys, k)
+    half = dh // 2
+    exact = torch.einsum("thc,hnc->htn", q[..., :half].double(), keys[:, 0].double())  # [H, T, n]
+    exact2 = torch.einsum("thc,hnc->htn", q[..., half:].double(), keys[:, 1].double())
+    chosen = exact.gather(-1, i) + exact2.gather(-1, j)  # the exact sums of the slots chosen
+    torch.testing.assert_close(scores.double(), chosen, rtol=1e-5, atol=1e-5)
+    best = (exact.unsqueeze(-1) + exact2.unsqueeze(-2)).flatten(-2).topk(k, dim=-1).values  # [H, T, k]
+    torch.testing.assert_close(scores.double(), best, rtol=1e-5, atol=1e-5)  # the k best, in order
+
+
+def test_score_topk2_below_128_tokens_is_bmm_then_topk2_to_the_bit(fused_ops):
+    # a decode step's few tokens: the bmm costs less than the keys' transposed copy the loop needs
+    g = torch.Generator().manual_seed(5)
+    q, keys = torch.randn(127, 4, 32, generator=g), torch.randn(4, 2, 64, 16, generator=g)
+    for dtype in (torch.float32, torch.float64):
+        for a, b in zip(fused_ops.score_topk2(q.to(dtype), keys.to(dtype), 8), _bmm_then_topk2(fused_ops, q.to(dtype), keys.to(dtype), 8)):
+            assert torch.equal(a, b)
+
+
 def test_topk2_kernel_nan_rows_are_filled_not_garbage(fused_ops):
     a = torch.randn(1, 3, 16)
     b = torch.randn(1, 3, 16)

@@ -106,7 +106,7 @@ def _build():
             )
     _register_fakes()
     ops = torch.ops.midus_hml
-    return SimpleNamespace(topk2=ops.topk2, lookup_backward=ops.lookup_backward, bag_forward=ops.bag_forward,
+    return SimpleNamespace(topk2=ops.topk2, score_topk2=ops.score_topk2, lookup_backward=ops.lookup_backward, bag_forward=ops.bag_forward,
                            bag_backward=ops.bag_backward, read=ops.read)
 
 
@@ -117,6 +117,11 @@ def _register_fakes() -> None:
     def _(a, b, k):
         shape = (a.shape[0], a.shape[1], k)
         return a.new_empty(shape), a.new_empty(shape, dtype=torch.long), a.new_empty(shape, dtype=torch.long)
+
+    @torch.library.register_fake("midus_hml::score_topk2")
+    def _(q, keys, k):
+        shape = (keys.shape[0], q.shape[0], k)
+        return q.new_empty(shape), q.new_empty(shape, dtype=torch.long), q.new_empty(shape, dtype=torch.long)
 
     @torch.library.register_fake("midus_hml::lookup_backward")
     def _(dsel, q, keys, isub, jsub, need_q, need_keys):

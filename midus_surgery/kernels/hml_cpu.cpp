@@ -7,6 +7,8 @@
 //
 //   midus_hml::topk2(a [P,Q,n], b [P,Q,n], k) -> (scores [P,Q,k], i [P,Q,k], j [P,Q,k])
 //       exact top-k of the n*n sums a[..,i] + b[..,j], ranked by (score desc, i*n+j asc).
+//   midus_hml::score_topk2(q [T,H,d_h], keys [H,2,n,d_h/2], k) -> (scores [H,T,k], i [H,T,k], j [H,T,k])
+//       the half scores q . keys and topk2's selection of them (float32 from 128 tokens on: row by row, in one pass)
 //   midus_hml::lookup_backward(dsel [H,T,k], q [T,H,d_h], keys [H,2,n,d_h/2], i, j, need_q, need_keys)
 //       -> (dq, dkeys): the scoring bmm's backward restricted to the chosen sub-keys
 //   midus_hml::bag_forward(table [N,d], idx [B,k], w [B,k]) -> z [B,d]
@@ -27,6 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -51,7 +54,7 @@ namespace {
 // NaN scores never pass a comparison: the row then comes back partly NaN-filled, never with
 // uninitialised memory (a model producing NaN scores has diverged anyway).
 
-constexpr int64_t kPad = 8;        // kept lists are padded to a multiple of this (whole vectors)
+constexpr int64_t kPad = 8;        // lanes of the min / max scan
 constexpr int64_t kLanes = 16;     // room past the end for a whole vector store
 constexpr int kMaxBisections = 12;  // each halves the threshold's uncertainty
 
@@ -150,12 +153,66 @@ inline int64_t compact<float>(const float* v, const int32_t* id, int64_t m, floa
 }
 #endif
 
+// rank[x] for x < cp = how many of the c kept entries beat entry x under (value desc, id asc).
+template <typename T>
+inline void rank_kept(const T* v, const int32_t* id, int64_t c, int64_t cp, int32_t* rank) {
+  for (int64_t x = 0; x < cp; ++x) rank[x] = 0;
+  for (int64_t y = 0; y < c; ++y) {
+    const T vy = v[y];
+    const int32_t iy = id[y];
+    for (int64_t x = 0; x < cp; ++x) rank[x] += (vy > v[x]) | ((vy == v[x]) & (iy < id[x]));
+  }
+}
+
+#if defined(__AVX512F__)
+// NV vectors of 16 entries held in registers for the whole pairwise loop: the plain loop above
+// loads and stores every rank once per entry y, a chain through memory that took a third of topk2.
+template <int NV>
+inline void rank_kept_registers(const float* v, const int32_t* id, int64_t c, int32_t* rank) {
+  __m512 V[NV];
+  __m512i I[NV], R[NV];
+  for (int i = 0; i < NV; ++i) {
+    V[i] = _mm512_loadu_ps(v + 16 * i);
+    I[i] = _mm512_loadu_si512(id + 16 * i);
+    R[i] = _mm512_setzero_si512();
+  }
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int64_t y = 0; y < c; ++y) {
+    const __m512 vy = _mm512_set1_ps(v[y]);
+    const __m512i iy = _mm512_set1_epi32(id[y]);
+    for (int i = 0; i < NV; ++i) {
+      const __mmask16 beats = _mm512_cmp_ps_mask(vy, V[i], _CMP_GT_OQ) |
+                              (_mm512_cmp_ps_mask(vy, V[i], _CMP_EQ_OQ) & _mm512_cmplt_epi32_mask(iy, I[i]));
+      R[i] = _mm512_mask_add_epi32(R[i], beats, R[i], one);
+    }
+  }
+  for (int i = 0; i < NV; ++i) _mm512_storeu_si512(rank + 16 * i, R[i]);
+}
+
+template <>
+inline void rank_kept<float>(const float* v, const int32_t* id, int64_t c, int64_t cp, int32_t* rank) {
+  switch (cp / 16) {  // cp is a multiple of kLanes (16) here
+    case 1: return rank_kept_registers<1>(v, id, c, rank);
+    case 2: return rank_kept_registers<2>(v, id, c, rank);
+    case 3: return rank_kept_registers<3>(v, id, c, rank);
+    case 4: return rank_kept_registers<4>(v, id, c, rank);
+    default:
+      for (int64_t x = 0; x < cp; ++x) rank[x] = 0;
+      for (int64_t y = 0; y < c; ++y) {
+        const float vy = v[y];
+        const int32_t iy = id[y];
+        for (int64_t x = 0; x < cp; ++x) rank[x] += (vy > v[x]) | ((vy == v[x]) & (iy < id[x]));
+      }
+  }
+}
+#endif
+
 // Keep the entries of v[0:m] >= th, then rank them; out gets the best k in order.
 template <typename T>
 inline void keep_and_rank(const T* v, const int32_t* id, int64_t m, T th, int64_t k, T* buf_v, int32_t* buf_id,
                           int32_t* rank, T* out_v, int32_t* out_id) {
   const int64_t c = compact(v, id, m, th, buf_v, buf_id);
-  const int64_t cp = (c + kPad - 1) / kPad * kPad;
+  const int64_t cp = (c + kLanes - 1) / kLanes * kLanes;  // whole vectors (the buffers have kLanes of room)
   for (int64_t x = c; x < cp; ++x) {  // padding: loses to every kept entry, never written out
     buf_v[x] = -std::numeric_limits<T>::infinity();
     buf_id[x] = std::numeric_limits<int32_t>::max();
@@ -164,12 +221,7 @@ inline void keep_and_rank(const T* v, const int32_t* id, int64_t m, T th, int64_
     out_v[x] = std::numeric_limits<T>::quiet_NaN();
     out_id[x] = 0;
   }
-  for (int64_t x = 0; x < cp; ++x) rank[x] = 0;
-  for (int64_t y = 0; y < c; ++y) {
-    const T vy = buf_v[y];
-    const int32_t iy = buf_id[y];
-    for (int64_t x = 0; x < cp; ++x) rank[x] += (vy > buf_v[x]) | ((vy == buf_v[x]) & (iy < buf_id[x]));
-  }
+  rank_kept(buf_v, buf_id, c, cp, rank);
   for (int64_t x = 0; x < c; ++x)
     if (rank[x] < k) {
       out_v[rank[x]] = buf_v[x];
@@ -351,6 +403,110 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk2(const at::Tensor& a, const 
   auto jsub = at::empty({a.size(0), a.size(1), k}, idx_opts);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "midus_hml_topk2",
                              [&] { topk2_rows<scalar_t>(a, b, k, scores, isub, jsub); });
+  return {scores, isub, jsub};
+}
+
+// Scores and selection in one pass (the training-size lookup): each (head, token) row's two
+// half-score rows are computed into a buffer the thread reuses, then selected as topk2 selects,
+// instead of one bmm writing [2H, T, n] float32 scores to memory for topk2 to read back.
+// The keys are laid out once per call as kt [H, 2, d_h/2, n_pad] (sub-key index fastest, padded
+// with zeros to whole blocks), so a block of sub-keys is a few vector registers per query feature.
+constexpr int64_t kScoreBlock = 64;  // sub-keys scored per pass
+constexpr int64_t kTileRows = 4;     // tokens scored per pass: each key vector loaded serves four of them
+
+// out[r * n_pad + j] for r < kTileRows, j < n_pad: the scores of query halves q[r][0:half] against one
+// key table kt [half, n_pad]: sum over c = 0, 1, ... of q[r][c] * kt[c][j], one fused multiply-add per
+// term in that order, which is the order and rounding of a float32 GEMM's inner loop (MKL's bmm gives
+// the same bits here: tests/test_hml_kernels.py compares the two).
+inline void half_scores(const float* const* q, const float* kt, int64_t half, int64_t n_pad, float* out) {
+  for (int64_t j0 = 0; j0 < n_pad; j0 += kScoreBlock) {
+#if defined(__AVX512F__)
+    __m512 acc[kTileRows][4];  // [row][16 sub-keys]: 16 registers
+    for (auto& row : acc)
+      for (auto& v : row) v = _mm512_setzero_ps();
+    const float* col = kt + j0;
+    for (int64_t c = 0; c < half; ++c, col += n_pad) {
+      const __m512 k0 = _mm512_loadu_ps(col), k1 = _mm512_loadu_ps(col + 16), k2 = _mm512_loadu_ps(col + 32),
+                   k3 = _mm512_loadu_ps(col + 48);
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        const __m512 qc = _mm512_set1_ps(q[r][c]);
+        acc[r][0] = _mm512_fmadd_ps(qc, k0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(qc, k1, acc[r][1]);
+        acc[r][2] = _mm512_fmadd_ps(qc, k2, acc[r][2]);
+        acc[r][3] = _mm512_fmadd_ps(qc, k3, acc[r][3]);
+      }
+    }
+    for (int64_t r = 0; r < kTileRows; ++r)
+      for (int v = 0; v < 4; ++v) _mm512_storeu_ps(out + r * n_pad + j0 + 16 * v, acc[r][v]);
+#else
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      float acc[kScoreBlock] = {};
+      const float* col = kt + j0;
+      for (int64_t c = 0; c < half; ++c, col += n_pad)
+        for (int64_t l = 0; l < kScoreBlock; ++l) acc[l] = std::fma(q[r][c], col[l], acc[l]);
+      std::memcpy(out + r * n_pad + j0, acc, sizeof(acc));
+    }
+#endif
+  }
+}
+
+// From this many tokens on, score_topk2 scores in its own loop (the keys' transposed copy, about
+// 50 us at the SmolLM2 size, is then a small part of the call); below, one bmm and topk2, which cost
+// less at a decode step's few tokens.  One rule for every caller: the read with and without gradients
+// must pick the same slots for the same tokens (a checkpointed forward runs both).
+constexpr int64_t kScoreLoopMinTokens = 128;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> score_topk2(const at::Tensor& q, const at::Tensor& keys, int64_t k) {
+  TORCH_CHECK(keys.dim() == 4 && keys.size(1) == 2, "score_topk2: keys must be [H, 2, n, d_h/2]");
+  const int64_t H = keys.size(0), n = keys.size(2), half = keys.size(3);
+  TORCH_CHECK(q.dim() == 3 && q.size(1) == H && q.size(2) == 2 * half, "score_topk2: q must be [T, H, d_h]");
+  TORCH_CHECK(q.scalar_type() == keys.scalar_type(), "score_topk2: q and keys must have one dtype");
+  const int64_t T_ = q.size(0);
+  if (q.scalar_type() != at::kFloat || T_ < kScoreLoopMinTokens) {
+    const at::Tensor s = at::bmm(q.reshape({T_, 2 * H, half}).transpose(0, 1),
+                                 keys.reshape({2 * H, n, half}).transpose(1, 2)).view({H, 2, T_, n});  // [2H, T, n]
+    return topk2(s.select(1, 0), s.select(1, 1), k);
+  }
+  TORCH_CHECK(k >= 1 && k <= n, "score_topk2: need 1 <= k <= n");
+  TORCH_CHECK(n * n < (int64_t(1) << 31), "score_topk2: n*n must be < 2^31");
+  const int64_t n_pad = (n + kScoreBlock - 1) / kScoreBlock * kScoreBlock;
+  const at::Tensor qc = q.contiguous();
+  // kt[h, hf, c, j] = keys[h, hf, j, c]; the padding sub-keys score 0 and are never selected (only j < n is)
+  at::Tensor kt = at::zeros({H, 2, half, n_pad}, keys.options());
+  kt.narrow(3, 0, n).copy_(keys.transpose(2, 3));
+  auto scores = at::empty({H, T_, k}, q.options());
+  auto isub = at::empty({H, T_, k}, q.options().dtype(at::kLong));
+  auto jsub = at::empty({H, T_, k}, q.options().dtype(at::kLong));
+  const float* qp = qc.const_data_ptr<float>();
+  const float* ktp = kt.const_data_ptr<float>();
+  float* out_v = scores.mutable_data_ptr<float>();
+  int64_t* out_i = isub.mutable_data_ptr<int64_t>();
+  int64_t* out_j = jsub.mutable_data_ptr<int64_t>();
+  const Stage2Plan plan(n, k);
+  // Tiles of kTileRows tokens of one head, in (head, token) order: a thread's consecutive tiles score
+  // against one head's keys, kept in cache.  A last, short tile scores copies of its last token.
+  const int64_t tiles_per_head = (T_ + kTileRows - 1) / kTileRows;
+  at::parallel_for(0, H * tiles_per_head, 4, [&](int64_t begin, int64_t end) {
+    Scratch<float> w(n, k, static_cast<int64_t>(plan.pairs.size()));
+    std::vector<float> sa(kTileRows * n_pad), sb(kTileRows * n_pad);
+    const float* qa[kTileRows];
+    const float* qb[kTileRows];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t h = tile / tiles_per_head, t0 = tile % tiles_per_head * kTileRows;
+      const int64_t rows = std::min(kTileRows, T_ - t0);
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        qa[r] = qp + ((t0 + std::min(r, rows - 1)) * H + h) * 2 * half;
+        qb[r] = qa[r] + half;
+      }
+      half_scores(qa, ktp + (h * 2) * half * n_pad, half, n_pad, sa.data());
+      half_scores(qb, ktp + (h * 2 + 1) * half * n_pad, half, n_pad, sb.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t row = h * T_ + t0 + r;
+        select_row(sa.data() + r * n_pad, sb.data() + r * n_pad, n, k, plan, w, out_v + row * k, out_i + row * k,
+                   out_j + row * k);
+      }
+    }
+  });
   return {scores, isub, jsub};
 }
 
@@ -592,8 +748,8 @@ std::tuple<at::Tensor, at::Tensor> bag_backward(const at::Tensor& dz, const at::
   return {dw, dtable};
 }
 
-// The memory layer's whole read when no gradient is recorded (decode, evaluation): the scoring bmm,
-// topk2, softmax, bag_forward and HIVE's projection in one call.  The same operators in the same
+// The memory layer's whole read when no gradient is recorded (decode, evaluation): score_topk2,
+// softmax, bag_forward and HIVE's projection in one call.  The same operators in the same
 // order as hml.py's _lookup_forward + _pool_project_forward / _pool_forward, so the same values to
 // the bit; what goes is the ~20 operator dispatches and the Python around them, which cost more
 // than the work itself for the few tokens of a decode step.
@@ -607,10 +763,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> memory_read(const at::Tensor& q, 
                   2 * keys.size(3) == q.size(2),
               "read: q must be [T, H, d_h] and keys [H, 2, n, d_h/2]");
   TORCH_CHECK(q.scalar_type() == keys.scalar_type(), "read: q and keys must have one dtype");
-  const int64_t T_ = q.size(0), H = q.size(1), dh = q.size(2), n = keys.size(2);
-  const at::Tensor s = at::bmm(q.reshape({T_, 2 * H, dh / 2}).transpose(0, 1),
-                               keys.reshape({2 * H, n, dh / 2}).transpose(1, 2)).view({H, 2, T_, n});  // [2H, T, n]
-  auto [scores, isub, jsub] = topk2(s.select(1, 0), s.select(1, 1), k);  // [H, T, k] each
+  const int64_t T_ = q.size(0), H = q.size(1), n = keys.size(2);
+  auto [scores, isub, jsub] = score_topk2(q, keys, k);  // [H, T, k] each
   at::Tensor w = at::softmax(scores, -1);
   at::Tensor slots = isub * n + jsub;
   at::Tensor rows = head_rows ? slots + at::arange(H, slots.options()).mul_(head_rows).view({H, 1, 1}) : slots;
@@ -626,6 +780,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> memory_read(const at::Tensor& q, 
 
 TORCH_LIBRARY(midus_hml, m) {
   m.def("topk2(Tensor a, Tensor b, int k) -> (Tensor, Tensor, Tensor)");
+  m.def("score_topk2(Tensor q, Tensor keys, int k) -> (Tensor, Tensor, Tensor)");
   m.def("lookup_backward(Tensor dsel, Tensor q, Tensor keys, Tensor isub, Tensor jsub, bool need_q, bool need_keys) -> (Tensor, Tensor)");
   m.def("bag_forward(Tensor table, Tensor idx, Tensor w) -> Tensor");
   m.def("bag_backward(Tensor dz, Tensor table, Tensor idx, Tensor w, bool need_w, bool need_table) -> (Tensor, Tensor)");
@@ -634,6 +789,7 @@ TORCH_LIBRARY(midus_hml, m) {
 
 TORCH_LIBRARY_IMPL(midus_hml, CPU, m) {
   m.impl("topk2", &topk2);
+  m.impl("score_topk2", &score_topk2);
   m.impl("lookup_backward", &lookup_backward);
   m.impl("bag_forward", &bag_forward);
   m.impl("bag_backward", &bag_backward);

@@ -453,13 +453,14 @@ def _lookup_forward(q: Tensor, keys: Tensor, k: int, backend: str):
     gradient is wanted (decode: no autograd node to build)."""
     T, H, dh = q.shape
     n = keys.shape[2]
+    if backend == "cpu":  # scores and the same selection and tie rule, compiled, parallel over (h, t)
+        scores, i_sub, j_sub = torch.ops.midus_hml.score_topk2(q, keys, k)  # [H, T, k] each
+        w = torch.softmax(scores, dim=-1)
+        return w, i_sub * n + j_sub, i_sub, j_sub
     qh = q.reshape(T, 2 * H, dh // 2).transpose(0, 1)  # [2H, T, dh/2]
     kf = keys.reshape(2 * H, n, dh // 2)
     s = torch.bmm(qh, kf.transpose(1, 2))  # [2H, T, n]
-    if backend == "cpu":  # the same selection and tie rule in one compiled pass, parallel over (h, t)
-        halves = s.view(H, 2, T, n)
-        scores, i_sub, j_sub = torch.ops.midus_hml.topk2(halves[:, 0], halves[:, 1], k)  # [H, T, k] each
-    elif backend in ("triton", "triton-fused"):  # the same again, one Triton program per block of (h, t) rows
+    if backend in ("triton", "triton-fused"):  # the same again, one Triton program per block of (h, t) rows
         halves = s.view(H, 2, T, n)
         scores, i_sub, j_sub = _triton_kernel("topk2")(halves[:, 0], halves[:, 1], k, candidate_pairs(k, halves.device))  # [H, T, k] each
     else:
