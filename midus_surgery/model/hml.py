@@ -532,6 +532,7 @@ class _Lookup(torch.autograd.Function):
     def forward(ctx, q, keys, k, backend):
         w, slots, i_sub, j_sub = _lookup_forward(q, keys, k, backend)
         ctx.mark_non_differentiable(slots)
+        ctx.set_materialize_grads(False)  # the slots' gradient would be an int64 [H, T, k] of zeros, filled per step
         ctx.save_for_backward(q, keys, w, i_sub, j_sub)
         ctx.fused = backend == "cpu"
         return w, slots
@@ -539,6 +540,8 @@ class _Lookup(torch.autograd.Function):
     @staticmethod
     @_autocast_off
     def backward(ctx, dw, _dslots):
+        if dw is None:  # nothing downstream of the weights asked for a gradient
+            return None, None, None, None
         q, keys, w, i_sub, j_sub = ctx.saved_tensors
         T, H, dh = q.shape
         n = keys.shape[2]
@@ -966,7 +969,7 @@ class _HeadNorm(nn.Module):
                 if tracking:
                     self._track(seen)  # after use: this batch's statistics normalise the next batches only
         if self.kind in ("rms", "batch"):
-            q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + self.eps)
+            q = F.rms_norm(q, (q.shape[-1],), eps=self.eps)  # q * rsqrt(mean(q^2) + eps), one fused op each way
             return q * self.weight.to(q.dtype)
         mu = q.mean(-1, keepdim=True)
         q = q - mu
