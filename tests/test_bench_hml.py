@@ -166,3 +166,31 @@ def test_the_physical_picture_in_hml_md_is_what_traffic_computes():
         assert f"{t['bank'] / 1e6:.0f} MB" in row, row
         assert f"{t['gathered'] / 1e9:.1f} GB" in row or f"{t['gathered'] / 1e9:.0f} GB" in row, row
         assert f"{t['gathered'] / 4.8e12 * 1e3:.2f} ms" in row or f"{t['gathered'] / 4.8e12 * 1e3:.1f} ms" in row, row
+
+
+def test_ops_mode_times_each_matmul_in_both_precisions_and_the_selection_both_ways(tiny, monkeypatch):
+    # a clock that only goes up: each (op, way)'s minimum is its time in the first interleaved round
+    ticks = iter(range(1, 1000))
+    monkeypatch.setattr(bh, "timed", lambda fn: (fn(), float(next(ticks)))[1])
+    rows = bh.op_rows("tiny", 8, repeats=3)
+    ways = [(r["op"], r["how"]) for r in rows]
+    matmuls = ["scoring bmm", "projection z @ P", "projection dz = dm @ P^T", "projection dP = z^T @ dm"]
+    expected = [(m, how) for m in matmuls for how in ("float32", "bfloat16", "bfloat16 + casts")]
+    from midus_surgery.kernels import cpu_ops
+
+    if cpu_ops() is not None:  # the compiled CPU kernels: the selection both ways
+        expected += [("selection", "score_topk2"), ("selection", "bmm + topk2")]
+    assert ways == expected
+    assert [r["ms"] for r in rows] == [float(i) for i in range(1, len(rows) + 1)]  # the first round's, in order
+    assert all(r["size"] == "tiny" and r["tokens"] == 8 for r in rows)
+    table = bh.ops_table(rows)
+    assert "| tiny | 8 | scoring bmm | bfloat16 + casts | 3.0 |" in table
+
+
+def test_ops_mode_prints_its_table_and_writes_nothing(tiny, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(bh, "DOCS", tmp_path / "benchmarks.md")
+    monkeypatch.setattr(bh, "JSON", tmp_path / "bench_hml.json")
+    assert bh.main(["--ops", "--sizes", "tiny", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| tiny | 8 | projection dP = z^T @ dm | float32 |" in out
+    assert not (tmp_path / "benchmarks.md").exists() and not (tmp_path / "bench_hml.json").exists()

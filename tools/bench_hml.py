@@ -8,6 +8,7 @@ Forward+backward time and peak memory, side by side, interleaved repeats, at two
     python tools/bench_hml.py --json     # one JSON object {"rows": [...]}
     python tools/bench_hml.py --quick    # fewer repeats (whole run under about a minute)
     python tools/bench_hml.py --kernels torch   # time the pure-torch path in the main column
+    python tools/bench_hml.py --ops      # the layer's matmuls and selection alone, float32 beside bf16 (docs/hml.md, Precision)
 
 Time: the minimum over interleaved repeats (the machine is shared; the minimum is the least
 disturbed run).  Peak memory: sum of live tensor bytes allocated during one fwd+bwd step,
@@ -206,6 +207,54 @@ def run_row(size: str, dtype: torch.dtype, repeats: int, sub_tokens: int | None,
     return row
 
 
+def op_rows(size: str, tokens: int, repeats: int) -> list[dict]:
+    """The layer's matmuls and its selection timed alone at ``size`` for ``tokens`` tokens (minimum of
+    ``repeats`` interleaved rounds, ms): the scoring bmm and the three projection bmm's in float32 and in
+    bfloat16 (alone, and with the casts to and from float32 a bf16 rule inside the float32 layer would add),
+    and the selection as the compiled CPU kernels run it (``score_topk2``) beside the bmm + ``topk2`` it
+    replaces. What the bf16 units could take from the layer (docs/hml.md, Precision)."""
+    from midus_surgery.kernels import cpu_ops
+
+    s = SIZES[size]
+    H, dh, n, k, dl, T = s["heads"], s["head_dim"], s["n"], s["k"], s["d_l"], tokens
+    g = torch.Generator().manual_seed(0)
+    q, keys = torch.randn(T, H, dh, generator=g), torch.randn(H, 2, n, dh // 2, generator=g)
+    mats = {  # name: ([B, M, K], [B, K, N])
+        "scoring bmm": ((2 * H, T, dh // 2), (2 * H, dh // 2, n)),
+        "projection z @ P": ((H, T, dl), (H, dl, dh)),
+        "projection dz = dm @ P^T": ((H, T, dh), (H, dh, dl)),
+        "projection dP = z^T @ dm": ((H, dl, T), (H, T, dh)),
+    }
+    fns = {}
+    for name, (sa, sb) in mats.items():
+        a, b = torch.randn(sa, generator=g), torch.randn(sb, generator=g)
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        fns[name] = {"float32": lambda a=a, b=b: torch.bmm(a, b), "bfloat16": lambda a=a16, b=b16: torch.bmm(a, b),
+                     "bfloat16 + casts": lambda a=a, b=b16: torch.bmm(a.bfloat16(), b).float()}
+    ops = cpu_ops()
+    if ops is not None:
+        def bmm_topk2():
+            sc = torch.bmm(q.reshape(T, 2 * H, dh // 2).transpose(0, 1), keys.reshape(2 * H, n, dh // 2).transpose(1, 2))
+            sc = sc.view(H, 2, T, n)
+            return ops.topk2(sc[:, 0], sc[:, 1], k)
+
+        fns["selection"] = {"score_topk2": lambda: ops.score_topk2(q, keys, k), "bmm + topk2": bmm_topk2}
+    best = {(name, how): float("inf") for name, ways in fns.items() for how in ways}
+    for fn in (f for ways in fns.values() for f in ways.values()):
+        fn()  # warm-up
+    for _ in range(repeats):  # interleaved: every op once per round
+        for name, ways in fns.items():
+            for how, fn in ways.items():
+                best[name, how] = min(best[name, how], timed(fn))
+    return [{"size": size, "tokens": T, "op": name, "how": how, "ms": round(ms, 3)} for (name, how), ms in best.items()]
+
+
+def ops_table(rows: list[dict]) -> str:
+    lines = ["| size | tokens | op | how | ms |", "|---|---|---|---|---|"]
+    lines += [f"| {r['size']} | {r['tokens']} | {r['op']} | {r['how']} | {r['ms']} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def machine() -> str:
     bf16 = "native bf16 (AVX512-BF16/AMX)" if cpu_native_bf16() else "no native bf16"
     return f"{cpu_name()}, {os.cpu_count()} CPU cores, {bf16}, torch threads {torch.get_num_threads()}"
@@ -221,10 +270,17 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", "--path", dest="kernels", choices=("fused", "torch"), default="fused",
                     help="the HML's kernels timed in the main column (fused: compiled CPU kernels; float32 rows also time "
                          "the pure-torch path beside it)")
+    ap.add_argument("--ops", action="store_true", help="time the layer's matmuls and selection alone, float32 beside bf16, "
+                                                        "at the given sizes (BATCH x SEQ tokens); writes nothing")
     ap.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md (## HML) and the rows into docs/results/bench_hml.json")
     args = ap.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 5)
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    if args.ops:
+        rows = [r for size in args.sizes.split(",") for r in op_rows(size, BATCH * SEQ, max(repeats, 3) * 4)]
+        print(json.dumps({"rows": rows, "machine": machine(), "versions": versions()}) if args.json else
+              f"{machine()}\n\n{ops_table(rows)}")
+        return 0
     rows = []
     native_bf16 = cpu_native_bf16()  # a bf16 GEMM at the Llama size takes minutes without it
     gbps = copy_gb_per_s("cpu")
