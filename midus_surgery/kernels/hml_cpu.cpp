@@ -574,6 +574,34 @@ void lookup_backward_impl(const at::Tensor& dsel, const at::Tensor& q, const at:
   const T* qp = q.const_data_ptr<T>();
   const T* kp = keys.const_data_ptr<T>();
   const int64_t* sub[2] = {isub.const_data_ptr<int64_t>(), jsub.const_data_ptr<int64_t>()};
+  if (dq.numel() && dkeys.numel()) {
+    // Both in one pass per (head, half) task: each (t, x) entry's score gradient and sub-key id are read
+    // once for the two products (separate passes read dsel and the ids twice; in a training step those
+    // come from memory, not cache).  Each dq row half is summed in x order and each dkeys row in (t, x)
+    // order, as in the separate loops below: the same bits.
+    T* dqp = dq.mutable_data_ptr<T>();
+    T* dkp = dkeys.mutable_data_ptr<T>();
+    at::parallel_for(0, H * 2, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t h = task / 2, hf = task % 2;
+        const T* table = kp + task * n * half;
+        T* grad = dkp + task * n * half;
+        for (int64_t t = 0; t < T_; ++t) {
+          const int64_t row = h * T_ + t;
+          const T* g = gp + row * k;
+          const int64_t* id = sub[hf] + row * k;
+          const T* qrow = qp + (t * H + h) * 2 * half + hf * half;
+          T* out = dqp + (t * H + h) * 2 * half + hf * half;
+          std::fill(out, out + half, T(0));
+          for (int64_t x = 0; x < k; ++x) {
+            axpy(out, g[x], table + id[x] * half, half);
+            axpy(grad + id[x] * half, g[x], qrow, half);
+          }
+        }
+      }
+    });
+    return;
+  }
   if (dq.numel()) {
     T* dqp = dq.mutable_data_ptr<T>();
     at::parallel_for(0, H * T_, 64, [&](int64_t begin, int64_t end) {
