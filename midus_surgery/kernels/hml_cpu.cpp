@@ -155,13 +155,18 @@ inline int64_t compact<float>(const float* v, const int32_t* id, int64_t m, floa
 
 // rank[x] for x < cp = how many of the c kept entries beat entry x under (value desc, id asc).
 template <typename T>
-inline void rank_kept(const T* v, const int32_t* id, int64_t c, int64_t cp, int32_t* rank) {
+inline void rank_kept_loop(const T* v, const int32_t* id, int64_t c, int64_t cp, int32_t* rank) {
   for (int64_t x = 0; x < cp; ++x) rank[x] = 0;
   for (int64_t y = 0; y < c; ++y) {
     const T vy = v[y];
     const int32_t iy = id[y];
     for (int64_t x = 0; x < cp; ++x) rank[x] += (vy > v[x]) | ((vy == v[x]) & (iy < id[x]));
   }
+}
+
+template <typename T>
+inline void rank_kept(const T* v, const int32_t* id, int64_t c, int64_t cp, int32_t* rank) {
+  rank_kept_loop(v, id, c, cp, rank);
 }
 
 #if defined(__AVX512F__)
@@ -196,13 +201,7 @@ inline void rank_kept<float>(const float* v, const int32_t* id, int64_t c, int64
     case 2: return rank_kept_registers<2>(v, id, c, rank);
     case 3: return rank_kept_registers<3>(v, id, c, rank);
     case 4: return rank_kept_registers<4>(v, id, c, rank);
-    default:
-      for (int64_t x = 0; x < cp; ++x) rank[x] = 0;
-      for (int64_t y = 0; y < c; ++y) {
-        const float vy = v[y];
-        const int32_t iy = id[y];
-        for (int64_t x = 0; x < cp; ++x) rank[x] += (vy > v[x]) | ((vy == v[x]) & (iy < id[x]));
-      }
+    default: return rank_kept_loop(v, id, c, cp, rank);  // more than 64 kept (k > 56)
   }
 }
 #endif
