@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -280,3 +281,29 @@ def test_a_model_whose_config_makes_every_logit_nan_is_one_line(setup, tmp_path,
         err = capsys.readouterr().err
         assert f"config.json: rms_norm_eps is {value}; it must be a number, 0 or above" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "gpt2", "llama", "mixtral", "opt", "qwen2_moe"])
+def test_the_header_check_passes_every_saved_model_and_finds_a_lacking_tensor_where_names_are_plain(tmp_path, model_type):
+    """The check eval makes before the first evaluation must never refuse what the load takes: each architecture as
+    transformers saves it passes (GPT-NeoX stores its head as embed_out, renamed on load). A tensor taken out is found
+    where the load only renames; where it converts (experts stored one tensor each), the load judges the names."""
+    from safetensors.torch import load_file, save_file
+    from tiny_configs import tiny_config
+
+    from midus_surgery.compiler.plan import load_renames
+    from midus_surgery.train.evaluate import ModelLoadError, check_weight_headers, model_on_meta
+
+    AutoModelForCausalLM.from_config(tiny_config(model_type)).save_pretrained(tmp_path)
+    model = model_on_meta(tmp_path)
+    check_weight_headers(tmp_path, model)
+    weights = load_file(tmp_path / "model.safetensors")
+    name = next(k for k in sorted(weights) if ".layers.1." in k or ".h.1." in k)
+    del weights[name]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    if load_renames(model) is None:
+        assert model_type in ("mixtral", "qwen2_moe")
+        check_weight_headers(tmp_path, model)  # left to the load
+    else:
+        with pytest.raises(ModelLoadError, match=f"missing 1 tensor\\(s\\): {re.escape(name)}$"):
+            check_weight_headers(tmp_path, model)

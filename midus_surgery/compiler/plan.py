@@ -235,7 +235,7 @@ def inserted_attention_out_projs(plan: dict, config) -> dict[int, str]:
 def _base_model_facts(config_json: str) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], tuple[tuple[str, str], ...],
                                                  tuple[tuple[str, str], ...] | None]:
     """(every tensor -> shape, tied ones once; the tied pairs target -> source; transformers' renames on load,
-    ``_load_renames``) of the causal LM a config builds."""
+    ``load_renames``) of the causal LM a config builds."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -254,10 +254,10 @@ def _base_model_facts(config_json: str) -> tuple[tuple[tuple[str, tuple[int, ...
     shapes = [(tied.get(name, name), tuple(p.shape)) for name, p in model.named_parameters()]
     persistent = set(model.state_dict().keys())
     shapes += [(name, tuple(b.shape)) for name, b in model.named_buffers() if name in persistent]
-    return tuple(shapes), tuple((str(k), str(v)) for k, v in tied.items()), _load_renames(model)
+    return tuple(shapes), tuple((str(k), str(v)) for k, v in tied.items()), load_renames(model)
 
 
-def _load_renames(model) -> tuple[tuple[str, str], ...] | None:
+def load_renames(model) -> tuple[tuple[str, str], ...] | None:
     """transformers' (checkpoint pattern -> module name) renames when it loads ``model``'s checkpoints, or
     None when its load does more than rename by plain patterns (stacks experts, fuses projections, renames
     only under a submodule): then which module tensor a file lacks is for its load to say, not the headers."""
@@ -294,7 +294,7 @@ def base_tied_pairs(config) -> dict[str, str]:
 
 
 def base_load_renames(config) -> list[tuple[str, str]] | None:
-    """What transformers renames when it loads the base's checkpoint (``_load_renames``); None: it converts more."""
+    """What transformers renames when it loads the base's checkpoint (``load_renames``); None: it converts more."""
     renames = _base_model_facts(_config_key(config))[2]
     return None if renames is None else list(renames)
 

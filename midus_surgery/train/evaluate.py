@@ -138,15 +138,9 @@ def _without_the_code(model_type) -> str:
 _NOTED_CODE: set[tuple[str, object]] = set()  # (model directory, differing files or own tokenizer classes) already said in this process
 
 
-def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float32, trust_remote_code: bool = False,
-                   progress: bool = True, how_to_allow: str = ALLOW_CODE):
-    """Load a model directory (base, DUS, LLaMA-Pro or MIDUS output) as a causal LM, strictly.
-
-    Every tensor the architecture has must be in the weights (tied ones excepted), with its shape,
-    and the weights may hold no other: transformers would otherwise start missing tensors from
-    random values with only a log line. Any failure is one ``ModelLoadError`` line (exit 2).
-    ``progress=False`` keeps transformers' loading bar off too (``eval --quiet`` prints one line).
-    """
+def _causal_lm_loader(path: Path, *, trust_remote_code: bool, how_to_allow: str):
+    """(path checked, config, class, from_pretrained keyword arguments): what ``load_causal_lm`` loads ``path``
+    with, and ``model_on_meta`` builds. A MIDUS output is this package's classes, or, allowed, its shipped code."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     # The MIDUS classes are registered by this package's __init__, so MIDUS outputs load too.
@@ -166,10 +160,90 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
             except Exception as exc:  # noqa: BLE001 - the directory's own code: anything can fail
                 raise ModelLoadError(f"{path}: its modeling code does not load ({one_line(exc, 300, whole=True)})") from None
         elif different and (str(Path(path).resolve()), tuple(different)) not in _NOTED_CODE:
-            _NOTED_CODE.add((str(Path(path).resolve()), tuple(different)))  # once per model: eval --tasks loads each twice
+            # once per model: eval checks each model (model_on_meta) before it loads it, train's dry run builds it too
+            _NOTED_CODE.add((str(Path(path).resolve()), tuple(different)))
             print(f"note: {path}: {', '.join(different)} differ{'s' if len(different) == 1 else ''} from this package's copy; loaded with "
                   "the package's code, not what trust_remote_code=True runs elsewhere (--trust-remote-code uses the shipped files)",
                   file=sys.stderr)
+    return path, config, loader, kwargs
+
+
+def model_on_meta(path: Path, *, trust_remote_code: bool = False, how_to_allow: str = ALLOW_CODE) -> torch.nn.Module:
+    """The model ``load_causal_lm`` would load from ``path``, built from its config.json on the meta device:
+    its tensors' names, shapes and ties, no storage, no weights read (seconds at any size)."""
+    from transformers import AutoModelForCausalLM
+
+    path, config, loader, kwargs = _causal_lm_loader(path, trust_remote_code=trust_remote_code, how_to_allow=how_to_allow)
+    try:
+        with torch.device("meta"):
+            if loader is AutoModelForCausalLM:
+                return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            return loader._from_config(loader.config_class.from_pretrained(path))  # the shipped code reads its own config
+    except Exception as exc:  # noqa: BLE001 - a config transformers cannot build surfaces as many kinds
+        raise ModelLoadError(f"{path}: cannot build its model from config.json ({one_line(exc, 300)})") from None
+
+
+class WeightFilesError(ModelLoadError):
+    """The weights' files, judged from their headers: none, unreadable, or a tensor stored in another shape than config.json makes it."""
+
+
+def check_weight_headers(path: Path, model) -> None:
+    """What ``load_causal_lm``'s strict load refuses at once, found from the weights' safetensors headers alone (no
+    tensor data read): no weights file, a header the library's rules refuse, a tensor stored in another shape than
+    ``model``'s (``model_on_meta``), a tensor missing or one too many. A tied pair is one tensor, stored under either
+    name. Weights this tool did not write may store names transformers converts on load (one tensor per expert, an
+    old name): its plain renames are applied, and where a stored name is still not the model's, the load judges
+    the names. Pickle weights are not read (their names need unpickling): the load judges them. Raises
+    ``WeightFilesError`` for the files and shapes, ``ModelLoadError`` for the names, worded as the load words them."""
+    import re
+
+    from midus_surgery.compiler.plan import load_renames
+    from midus_surgery.io.tensor_source import SafetensorsSource, name_groups
+
+    d = Path(path)
+    if not (d / "model.safetensors.index.json").is_file() and not any(d.glob("*.safetensors")):
+        if any(d.glob("pytorch_model*.bin")):
+            return
+        raise WeightFilesError(f"{d} holds no weights (model.safetensors, its index, or pytorch_model.bin)")
+    renames = load_renames(model)
+    try:
+        source = SafetensorsSource(d, (), renames or ())
+        try:
+            held, module_names = source.shapes(), source.checkpoint_names()
+        finally:
+            source.close()
+    except MidusError as exc:
+        raise WeightFilesError(f"{d}: cannot load the weights: {exc}") from None
+    stored = {module_names[key][0]: shape for key, shape in held.items()}  # module name (renamed as the load renames) -> shape
+    shapes = {f"{name} (weights {list(stored[name])}, model {list(tensor.shape)})" for name, tensor in model.state_dict().items()
+              if name in stored and tuple(stored[name]) != tuple(tensor.shape)}
+    if shapes:  # as the load says it
+        raise WeightFilesError(f"{d}: the weights do not match the model's architecture: {len(shapes)} tensor(s) of the wrong shape: "
+                               f"{_names(shapes)}")
+    groups = name_groups(model)  # a tied embedding and head are one group of two names
+    ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
+    missing = [names[0] for names in groups if stored.keys().isdisjoint(names) and not any(p.search(names[0]) for p in ignored)]
+    unexpected = sorted(stored.keys() - {name for names in groups for name in names})
+    ours = (d / "midus_plan.json").is_file() or (d / "midus_train.json").is_file()  # apply and export write the model's own names
+    problems = []
+    if missing and (ours or not unexpected):
+        problems.append(f"missing {len(missing)} tensor(s): {_names(missing)}")
+    if unexpected and ours:
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {_names(unexpected)}")
+    if problems:  # as the load says it
+        raise ModelLoadError(f"{d}: the weights do not match the model's architecture: {'; '.join(problems)}")
+
+
+def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float32, trust_remote_code: bool = False,
+                   progress: bool = True, how_to_allow: str = ALLOW_CODE):
+    """Load a model directory (base, DUS, LLaMA-Pro or MIDUS output) as a causal LM, strictly.
+
+    Every tensor the architecture has must be in the weights (tied ones excepted), with its shape,
+    and the weights may hold no other: transformers would otherwise start missing tensors from
+    random values with only a log line. Any failure is one ``ModelLoadError`` line (exit 2).
+    ``progress=False`` keeps transformers' loading bar off too (``eval --quiet`` prints one line).
+    """
+    path, _, loader, kwargs = _causal_lm_loader(path, trust_remote_code=trust_remote_code, how_to_allow=how_to_allow)
     try:
         # transformers' LOAD REPORT table kept, not printed: a strict load names its tensors in one line below
         with hf_progress_bars(progress), warnings.catch_warnings(), kept_load_report() as report:

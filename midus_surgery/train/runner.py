@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from midus_surgery.compiler.plan import read_plan_file
-from midus_surgery.errors import MidusError, RecipeError, TrainingError, one_line
+from midus_surgery.errors import RecipeError, TrainingError, one_line
 from midus_surgery.io.json_text import strict_json
 from midus_surgery.io.output_dir import (
     MARKER,
@@ -79,13 +79,15 @@ from midus_surgery.train.config import LoadedTrainConfig, OptimConfig, TrainConf
 from midus_surgery.train.evaluate import (
     DTYPES,
     ModelLoadError,
-    _names,
+    WeightFilesError,
     block_batches,
     check_model_dir,
+    check_weight_headers,
     context_problem,
     evaluate_batches,
     load_causal_lm,
     load_tokenizer,
+    model_on_meta,
     positions_problem,
     stated_positions,
 )
@@ -297,52 +299,19 @@ class Runner:
         self.say_what_runs()
 
     def model_on_meta(self) -> torch.nn.Module:
-        """init_from's model built from its config on the meta device: its parameters' names and shapes, no weights read."""
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        allow = self.cfg.trust_remote_code
+        """init_from's model built from its config on the meta device, as the start loads it: its parameters' names
+        and shapes, no weights read."""
         self.is_midus = json.loads((self.init_from / "config.json").read_text()).get("model_type") == "midus"
-        try:
-            config = AutoConfig.from_pretrained(self.init_from, trust_remote_code=allow)
-            with torch.device("meta"):
-                return AutoModelForCausalLM.from_config(config, trust_remote_code=allow)
-        except Exception as exc:  # noqa: BLE001 - a config transformers cannot build surfaces as many kinds
-            raise ModelLoadError(f"{self.init_from}: cannot build its model from config.json ({one_line(exc, 300)})") from None
+        return model_on_meta(self.init_from, trust_remote_code=self.cfg.trust_remote_code, how_to_allow=ALLOW_CODE)
 
     def check_weight_headers(self, model) -> None:
         """What the start's strict load refuses at once, found from the weights' headers alone (a dry run reads no
-        weights): no weights file, a safetensors header the library's rules refuse, a tensor stored in another shape
-        than the model's, a tensor missing or one too many (trial50: the dry run said the run would train). A tied
-        pair is one tensor, stored under either name. Weights this tool did not write may store names transformers
-        converts on load (one tensor per expert): where any stored name is not the model's, the load judges them."""
-        from midus_surgery.io.tensor_source import SafetensorsSource, name_groups
-
-        d = self.init_from
-        if not (d / "model.safetensors.index.json").is_file() and not any(d.glob("*.safetensors")):
-            if any(d.glob("pytorch_model*.bin")):
-                return  # pickle weights: their names and shapes are not read without unpickling
-            raise RecipeError([self.loaded.problem(("init_from",), f"{d} holds no weights (model.safetensors, its index, or "
-                                                                   "pytorch_model.bin): there is nothing to train")])
+        weights; trial50: the dry run said the run would train): ``evaluate.check_weight_headers``, eval's check
+        too. The files and shapes are init_from's problem, the names said as the start's load says them."""
         try:
-            stored = SafetensorsSource(d, (), ()).stored()
-        except MidusError as exc:
+            check_weight_headers(self.init_from, model)
+        except WeightFilesError as exc:
             raise RecipeError([self.loaded.problem(("init_from",), str(exc))]) from None
-        for name, tensor in model.state_dict().items():
-            if name in stored and tuple(stored[name][1]) != tuple(tensor.shape):
-                raise RecipeError([self.loaded.problem(("init_from",), f"{d}: {name} is stored with shape {tuple(stored[name][1])}, "
-                                                                       f"its config.json makes it {tuple(tensor.shape)}: the weights are not this model's")])
-        groups = name_groups(model)  # a tied embedding and head are one group of two names
-        ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
-        missing = [names[0] for names in groups if stored.keys().isdisjoint(names) and not any(p.search(names[0]) for p in ignored)]
-        unexpected = sorted(stored.keys() - {name for names in groups for name in names})
-        ours = (d / "midus_plan.json").is_file() or (d / "midus_train.json").is_file()  # apply and export write the model's own names
-        problems = []
-        if missing and (ours or not unexpected):
-            problems.append(f"missing {len(missing)} tensor(s): {_names(missing)}")
-        if unexpected and ours:
-            problems.append(f"{len(unexpected)} unexpected tensor(s): {_names(unexpected)}")
-        if problems:  # as the start's load says it
-            raise ModelLoadError(f"{d}: the weights do not match the model's architecture: {'; '.join(problems)}")
 
     def state_bytes_line(self) -> str:
         """What the weights, gradients and AdamW moments hold in memory, per process: fp32 master weights (bf16
