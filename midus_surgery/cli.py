@@ -465,22 +465,28 @@ def cmd_eval(args) -> int:
         raise TaskError(f"eval: {', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} to {other} only, not {mode}")
     if args.tasks is not None:
         return _eval_tasks(args)
-    from pathlib import Path
+    import torch
 
-    from midus_surgery.train.evaluate import DTYPES, check_model_dir, load_causal_lm, run_eval
+    from midus_surgery.train.evaluate import ModelFailed, check_model_loads, eval_device, out_of_memory, run_eval
 
-    for model in args.model:  # every model there (and its own code allowed) before the first evaluation
-        check_model_dir(model, trust_remote_code=args.trust_remote_code)
-    if len(args.model) > 1:
-        # and every model loads (trial54: a broken last model was found after the others were scored, whose --json was lost)
-        for model in args.model:
-            load_causal_lm(Path(model), dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code, progress=False)
+    eval_device(args.device)  # a device this machine lacks: said before any model is read
+    for model in args.model:  # every model checked as far as it goes without reading its weights, before the first evaluation
+        check_model_loads(model, trust_remote_code=args.trust_remote_code, block_size=args.block_size)
     results = []
-    for model in args.model:
-        result = run_eval(model, args.data, block_size=args.block_size, per_document=args.per_document,
-                          batch_size=args.batch_size, max_blocks=args.max_blocks, dtype=args.dtype, text_field=args.text_field or "text",
-                          cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code,
-                          progress=not (args.quiet or args.json), threads=args.threads, device=args.device)
+    for model in args.model:  # each model's weights read once, to be evaluated
+        try:
+            result = run_eval(model, args.data, block_size=args.block_size, per_document=args.per_document,
+                              batch_size=args.batch_size, max_blocks=args.max_blocks, dtype=args.dtype, text_field=args.text_field or "text",
+                              cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code,
+                              progress=not (args.quiet or args.json), threads=args.threads, device=args.device)
+        except (Exception, KeyboardInterrupt) as exc:
+            # what the checks could not see (a tensor's bytes, a converting load, memory): the results before it are kept
+            _eval_report(results, args)
+            if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+                raise out_of_memory(model, exc, eval_device(args.device)) from None
+            if isinstance(exc, MidusError) and len(args.model) > 1:
+                raise ModelFailed(model, exc) from None
+            raise
         results.append(result)
         if not args.json:
             print(f"{result['model']}: perplexity {result['perplexity']:.4f} (loss {result['loss']:.4f} nats/token) over "
@@ -489,13 +495,21 @@ def cmd_eval(args) -> int:
         if result["loss"] != result["loss"]:  # NaN: not a score, a broken model or a dtype that overflows (--json too: trial50)
             print(f"note: {result['model']}: the loss is not a number: its weights hold NaN or inf, or its activations overflow "
                   f"in {result['dtype']}", file=sys.stderr)
+    _eval_report(results, args)
+    return 0
+
+
+def _eval_report(results: list[dict], args) -> None:
+    """After eval --data's models, or after those scored before one failed: the note on tokenizers that make other
+    token ids, and with --json the results, one object for one model given, a list for several (a failure: those
+    scored before it, in order; nothing when none was)."""
     if len({r["corpus_sha1"] for r in results}) > 1:  # trial54/56: compared per token without a word
         counts = ", ".join(f"{r['model']}: {r['corpus_tokens']:,} tokens" for r in results)
         print(f"note: the models' tokenizers turn the data into different token ids ({counts}): a perplexity is per token, "
               "so theirs are not comparable", file=sys.stderr)
-    if args.json:
-        print(strict_json(results[0] if len(results) == 1 else results, indent=2))
-    return 0
+    if args.json and results:
+        print(strict_json(results[0] if len(args.model) == 1 else results, indent=2))
+    sys.stdout.flush()  # before the error line on stderr
 
 
 def _eval_tasks(args) -> int:

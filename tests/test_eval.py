@@ -250,7 +250,8 @@ def test_eval_auto_device_and_device_errors(setup, capsys):
 
 
 def test_a_midus_models_differing_code_is_noted_once_however_often_it_loads(tmp_path, capsys):
-    """eval --tasks loads each model twice (trial36 saw each "differs from this package's copy" note twice)."""
+    """A model is built twice in one command (eval checks it on the meta device before loading it; eval --tasks once
+    loaded it twice): trial36 saw each "differs from this package's copy" note twice."""
     from midus_surgery.compiler.planner import plan_recipe
     from midus_surgery.emit.emitter import emit
     from midus_surgery.train.evaluate import load_causal_lm
@@ -281,6 +282,119 @@ def test_a_model_whose_config_makes_every_logit_nan_is_one_line(setup, tmp_path,
         err = capsys.readouterr().err
         assert f"config.json: rms_norm_eps is {value}; it must be a number, 0 or above" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.fixture
+def three_models(setup, tmp_path):
+    """Three tiny models (the module's and two more), for the several-model runs."""
+    return [setup["model"], make_model_dir(tmp_path / "second", with_plan=False, seed=4),
+            make_model_dir(tmp_path / "third", with_plan=False, seed=5)]
+
+
+def count_weight_reads(monkeypatch) -> dict:
+    """Each model directory -> how often its weights were read: load_causal_lm's calls, and transformers' own
+    from_pretrained under it (whatever path reads weights goes through the latter)."""
+    from collections import Counter
+
+    from transformers import PreTrainedModel
+
+    from midus_surgery.train import evaluate
+
+    counts = {"load_causal_lm": Counter(), "from_pretrained": Counter()}
+    loader, hf_load = evaluate.load_causal_lm, PreTrainedModel.from_pretrained.__func__
+
+    def counted_load(path, **kwargs):
+        counts["load_causal_lm"][str(path)] += 1
+        return loader(path, **kwargs)
+
+    def counted_from_pretrained(cls, path, *args, **kwargs):
+        counts["from_pretrained"][str(path)] += 1
+        return hf_load(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "load_causal_lm", counted_load)
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(counted_from_pretrained))
+    return counts
+
+
+def test_several_models_each_read_their_weights_once(setup, three_models, capsys, monkeypatch):
+    """The check before the first evaluation read every model's weights (a load dropped at once), then each was loaded
+    again to be evaluated: twice the minutes of loading per model at 7B. The check reads headers; each loads once."""
+    counts = count_weight_reads(monkeypatch)
+    args = ["eval", *map(str, three_models), "--data", str(setup["root"] / "corpus"), "--block-size", "16",
+            "--cache-dir", str(setup["cache"]), "--quiet", "--json"]
+    assert main(args) == 0
+    assert [r["model"] for r in json.loads(capsys.readouterr().out)] == list(map(str, three_models))
+    assert counts["load_causal_lm"] == {str(m): 1 for m in three_models}
+    assert counts["from_pretrained"] == {str(m): 1 for m in three_models}
+
+
+def broken_weights(source, target, how: str):
+    """A copy of ``source`` whose weights lack a tensor, or hold one in another shape."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    weights = load_file(target / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    if how == "lacking":
+        del weights[name]
+    else:
+        weights[name] = torch.zeros(3, 3)
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+    return target, name
+
+
+@pytest.mark.parametrize("how", ["lacking", "misshapen"])
+def test_a_last_model_whose_weights_do_not_fit_is_refused_before_any_is_evaluated(setup, three_models, tmp_path, capsys, monkeypatch, how):
+    """From the safetensors headers and the model built on the meta device: no model's weights read, none evaluated."""
+    from midus_surgery.train import evaluate
+
+    last, name = broken_weights(three_models[2], tmp_path / "broken", how)
+    evaluated = []
+    monkeypatch.setattr(evaluate, "run_eval", lambda model, *a, **k: evaluated.append(model) or pytest.fail("evaluated"))
+    counts = count_weight_reads(monkeypatch)
+    for flags in ([], ["--json"]):
+        assert main(["eval", str(three_models[0]), str(three_models[1]), str(last), "--data", str(setup["files"][0]),
+                     "--block-size", "16", "--cache-dir", str(setup["cache"]), "--quiet", *flags]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and "perplexity" not in captured.err
+        said = {"lacking": f"the weights do not match the model's architecture: missing 1 tensor(s): {name}",
+                "misshapen": f"the weights do not match the model's architecture: 1 tensor(s) of the wrong shape: {name} "
+                             "(weights [3, 3], model [64, 32])"}  # as the load words them
+        assert captured.err == f"error: {last}: {said[how]}\n"
+    assert evaluated == [] and not counts["load_causal_lm"] and not counts["from_pretrained"]
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_a_model_that_fails_at_its_real_load_keeps_the_results_before_it(setup, three_models, capsys, monkeypatch, named):
+    """What headers cannot show (a tensor's bytes, a converting load) fails at the real load: the models scored before
+    it are printed, as text lines or as --json's list, then one error line naming the model, exit 2. ``named``: the
+    error's own words name the model, or it is named in front of them."""
+    from midus_surgery.train import evaluate
+    from midus_surgery.train.evaluate import ModelLoadError
+
+    loader, third = evaluate.load_causal_lm, three_models[2]
+
+    def fails_on_the_third(path, **kwargs):
+        if str(path) == str(third):
+            raise ModelLoadError(f"{path}: cannot load the weights (SafetensorError: bytes gone)" if named else "bytes gone")
+        return loader(path, **kwargs)
+
+    monkeypatch.setattr(evaluate, "load_causal_lm", fails_on_the_third)
+    args = ["eval", *map(str, three_models), "--data", str(setup["root"] / "corpus"), "--block-size", "16",
+            "--cache-dir", str(setup["cache"]), "--quiet"]
+    error = f"error: {third}: " + ("cannot load the weights (SafetensorError: bytes gone)" if named else "bytes gone") + "\n"
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"{m}: perplexity ") for line, m in zip(lines, three_models)), lines
+    assert captured.err == error
+    assert main([*args, "--json"]) == 2
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)
+    assert [r["model"] for r in results] == list(map(str, three_models[:2])) and all(r["perplexity"] > 1 for r in results)
+    assert captured.err == error
 
 
 @pytest.mark.parametrize("model_type", ["gpt_neox", "gpt2", "llama", "mixtral", "opt", "qwen2_moe"])

@@ -39,6 +39,26 @@ class ModelLoadError(MidusError):
     exit_code = 2
 
 
+class ModelFailed(MidusError):
+    """One of several models failed: its error in one line that names it, with that error's exit code. ``partial``:
+    what the models before it scored, for the caller to print before the error (``eval --tasks``' result)."""
+
+    def __init__(self, model, exc: MidusError, partial=None):
+        text, shown = str(exc), str(Path(model))
+        named = text.startswith(shown) or f" {shown}" in text or f"({shown}" in text
+        super().__init__(text if named else f"{shown}: {text}")
+        self.exit_code = exc.exit_code
+        self.partial = partial
+
+
+def out_of_memory(model, exc: BaseException, device, less: str = "a smaller --batch-size or --block-size") -> MidusError:
+    """A model's load or evaluation that ran out of memory (``MemoryError``, torch's ``OutOfMemoryError``), as one line
+    naming it, not a traceback; ``less``: the options that need less memory."""
+    from midus_surgery.errors import MachineError
+
+    return MachineError(f"{Path(model)}: out of memory on {device} ({one_line(exc, 200)}); {less}, or --dtype bfloat16, needs less")
+
+
 def _names(keys, limit: int = 3) -> str:
     keys = sorted(keys)
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
@@ -232,6 +252,22 @@ def check_weight_headers(path: Path, model) -> None:
         problems.append(f"{len(unexpected)} unexpected tensor(s): {_names(unexpected)}")
     if problems:  # as the load says it
         raise ModelLoadError(f"{d}: the weights do not match the model's architecture: {'; '.join(problems)}")
+
+
+def check_model_loads(path: Path, *, trust_remote_code: bool = False, block_size: int | None = None) -> Path:
+    """``path`` checked as far as it can be without reading its weights, before an evaluation starts (each model
+    then loads once, to be evaluated): ``check_model_dir``, config.json, the tokenizer, the model built on the meta
+    device and the weights' headers against it (``check_weight_headers``), and ``block_size`` against its positions.
+    A load can still fail on what headers do not show (a tensor's bytes, a converting load): the caller keeps the
+    results of the models before it."""
+    path = check_model_dir(path, trust_remote_code=trust_remote_code)
+    load_tokenizer(path, trust_remote_code)
+    model = model_on_meta(path, trust_remote_code=trust_remote_code)
+    check_weight_headers(path, model)
+    too_long = context_problem(model, block_size) if block_size is not None else None
+    if too_long:
+        raise ModelLoadError(f"{path}: --block-size: {too_long}")
+    return path
 
 
 def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float32, trust_remote_code: bool = False,
