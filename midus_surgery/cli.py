@@ -520,11 +520,18 @@ def _eval_tasks(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from midus_surgery.train.evaluate import ModelFailed
+
     tasks = [t for entry in args.tasks for t in entry.split(",") if t]
-    result = run_tasks(args.model, tasks, include_path=args.include_path or [], allow_task_code=args.allow_task_code,
-                       limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device,
-                       seed=0 if args.seed is None else args.seed, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                       progress=not (args.quiet or args.json))
+    try:
+        result = run_tasks(args.model, tasks, include_path=args.include_path or [], allow_task_code=args.allow_task_code,
+                           limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device,
+                           seed=0 if args.seed is None else args.seed, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                           progress=not (args.quiet or args.json))
+    except ModelFailed as exc:  # one of several failed: the models scored before it are printed (the same table or JSON), then its error
+        if exc.partial is not None:
+            print(strict_json(exc.partial, indent=2) if args.json else format_table(exc.partial), flush=True)
+        raise
     print(strict_json(result, indent=2) if args.json else format_table(result))
     return 0
 
@@ -577,7 +584,11 @@ def _add_train_commands(subparsers) -> None:
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("eval", help="held-out perplexity (--data) or downstream tasks (--tasks, lm-evaluation-harness) of causal LM directories",
-                              description="Several models are evaluated one after the other on the same data or tasks, with the same seed.")
+                              description="Several models are evaluated one after the other on the same data or tasks, with the same seed. "
+                                          "Every model is checked first without reading its weights (config, tokenizer, the weights' headers "
+                                          "against the architecture), then loaded once. One that still fails later ends the command (non-zero "
+                                          "exit, one error line naming it) after the results of the models before it are printed: their "
+                                          "lines, or with --json the list of their results.")
     p.add_argument("model", nargs="+", metavar="MODEL_DIR")
     p.add_argument("--data", nargs="+", metavar="PATH", help="held-out perplexity on text files, directories, globs, JSONL, or a token cache directory")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="lm-evaluation-harness task names (space or comma separated; needs the eval extra: "

@@ -377,3 +377,41 @@ def test_the_suite_refuses_to_write_over_its_text_and_needs_documents(world, tmp
     proc = subprocess.run([sys.executable, "tools/make_task_suite.py", str(few), "--out", str(tmp_path / "suite")],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and proc.stderr.startswith("error: task text:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_several_models_load_once_each_and_one_failing_late_keeps_the_scores_before_it(world, capsys, monkeypatch):
+    """eval --tasks loaded every model twice (once to check it, dropped); now the check reads headers and each model
+    loads once. One that still fails at its real load ends the run after the table (or JSON) of those scored before it."""
+    from collections import Counter
+
+    from midus_surgery.train import evaluate
+    from midus_surgery.train.evaluate import ModelLoadError
+
+    loader, loads = evaluate.load_causal_lm, Counter()
+
+    def counted(path, **kwargs):
+        loads[str(path)] += 1
+        return loader(path, **kwargs)
+
+    monkeypatch.setattr(evaluate, "load_causal_lm", counted)
+    models = [str(world["base"]), str(world["identity"])]
+    common = ["--tasks", "midus_cloze", "--include-path", str(world["tasks"]), "--limit", "3", "--quiet"]
+    assert main(["eval", *models, *common, "--json"]) == 0
+    assert [r["model"] for r in json.loads(capsys.readouterr().out)["models"]] == models
+    assert loads == {m: 1 for m in models}
+
+    def fails_on_the_second(path, **kwargs):
+        if str(path) == models[1]:
+            raise ModelLoadError("bytes gone")
+        return loader(path, **kwargs)
+
+    monkeypatch.setattr(evaluate, "load_causal_lm", fails_on_the_second)
+    assert main(["eval", *models, *common, "--json"]) == 2
+    captured = capsys.readouterr()
+    partial = json.loads(captured.out)
+    assert [r["model"] for r in partial["models"]] == models[:1] and partial["models"][0]["results"]["midus_cloze"]["items"] == 3
+    assert captured.err == f"error: {models[1]}: bytes gone\n"
+    assert main(["eval", *models, *common]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0].split()[:4] == ["task", "(items)", "metric", "base"] and "identity" not in captured.out
+    assert captured.err == f"error: {models[1]}: bytes gone\n"

@@ -39,8 +39,13 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
               limit: float | None = None, num_fewshot: int | None = None, batch_size: int = 4, device: str = "auto",
               seed: int = 0, dtype: str = "float32", trust_remote_code: bool = False, progress: bool = True) -> dict:
     """Score every model on every task; ``{"tasks", "settings", "models": [{"model", "results", "seconds"}]}``.
-    ``results``: task -> metric -> value, with ``<metric>_stderr`` beside each."""
-    from midus_surgery.train.evaluate import DTYPES, check_model_dir, eval_device, load_causal_lm, load_tokenizer
+    ``results``: task -> metric -> value, with ``<metric>_stderr`` beside each. Every model is checked before the
+    first is scored (``check_model_loads``, no weights read), then loaded once; one of several that still fails
+    raises ``ModelFailed`` naming it, whose ``partial`` is this result for the models scored before it (None: none)."""
+    import torch
+
+    from midus_surgery.errors import MidusError
+    from midus_surgery.train.evaluate import DTYPES, ModelFailed, check_model_loads, eval_device, load_causal_lm, load_tokenizer, out_of_memory
 
     if limit is not None and not limit > 0:
         raise TaskError(f"--limit must be above 0 (items per task, or a fraction below 1), got {limit:g}")
@@ -74,16 +79,21 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         said = "; ".join(f"{t!r}" + (f" (did you mean {', '.join(near[t])}?)" if near[t] else "") for t in unknown)
         raise TaskError(f"--tasks: lm-eval knows no task {said}; local task folders go in --include-path")
     run_on = eval_device(device)
-    for m in models:  # every model readable (and its own code allowed) before the first long evaluation
-        check_model_dir(Path(m), trust_remote_code=trust_remote_code)
-    if len(models) > 1:  # and every model loads: the table comes at the end, so a later failure lost the earlier scores
-        for m in models:
-            load_causal_lm(Path(m), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=False)  # strict, or raises; dropped
+    for m in models:  # every model checked as far as it goes without reading its weights, before the first long evaluation
+        check_model_loads(Path(m), trust_remote_code=trust_remote_code)
     from huggingface_hub import constants
 
     hub_down = None if constants.HF_HUB_OFFLINE else _hub_unreachable()  # probed once for all the models
     rows = []
-    for m in models:
+
+    def result() -> dict:
+        return {"tasks": list(tasks), "models": list(rows),
+                "settings": {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size, "device": str(run_on), "dtype": dtype,
+                             "seed": seed,
+                             # which folder's task was scored (every offline suite names its tasks alike)
+                             "task_files": {t: str(defined[t][0]) for t in tasks if t in defined}}}
+
+    def score(m) -> dict:
         start = time.perf_counter()
         model = load_causal_lm(Path(m), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=progress).to(run_on).eval()
         lm = HFLM(pretrained=model, tokenizer=load_tokenizer(Path(m), trust_remote_code), batch_size=batch_size)
@@ -102,13 +112,19 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         except Exception as exc:  # noqa: BLE001 - a dataset that cannot be read (no network), a task that does not build
             why = f"; {offline}, so only datasets in the local datasets cache can be read" if offline else ""
             raise TaskError(f"lm-eval could not score {', '.join(tasks)} on {m}: {one_line(exc, 800, whole=True)}{why}") from None
-        rows.append({"model": str(m), "results": {t: _metrics(out["results"].get(t, {})) for t in tasks},
-                     "seconds": round(time.perf_counter() - start, 1)})
-        del model, lm
-    return {"tasks": list(tasks), "models": rows,
-            "settings": {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size, "device": str(run_on), "dtype": dtype, "seed": seed,
-                         # which folder's task was scored (every offline suite names its tasks alike)
-                         "task_files": {t: str(defined[t][0]) for t in tasks if t in defined}}}
+        return {"model": str(m), "results": {t: _metrics(out["results"].get(t, {})) for t in tasks},
+                "seconds": round(time.perf_counter() - start, 1)}  # the model and its wrapper freed on return
+
+    for m in models:  # each model's weights read once, to be scored
+        try:
+            rows.append(score(m))
+        except (MemoryError, torch.OutOfMemoryError) as exc:  # the table of the models before it is kept
+            raise ModelFailed(m, out_of_memory(m, exc, run_on, "a smaller --batch-size"), result() if rows else None) from None
+        except MidusError as exc:  # what the checks could not see (a tensor's bytes, a converting load), a task that fails on it
+            if len(models) == 1:
+                raise
+            raise ModelFailed(m, exc, result() if rows else None) from None
+    return result()
 
 
 def _check_data_files(task: str, yaml_file: Path) -> None:
