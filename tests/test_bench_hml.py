@@ -194,3 +194,12 @@ def test_ops_mode_prints_its_table_and_writes_nothing(tiny, monkeypatch, capsys,
     out = capsys.readouterr().out
     assert "| tiny | 8 | projection dP = z^T @ dm | float32 |" in out
     assert not (tmp_path / "benchmarks.md").exists() and not (tmp_path / "bench_hml.json").exists()
+
+
+def test_the_bf16_note_says_what_the_machine_line_says_about_bf16_units():
+    row = {"size": "tiny", "dtype": "bfloat16"}
+    without = bhr.bf16_notes([row], "AMD EPYC, 2 CPU cores, no native bf16, torch threads 2")
+    with_units = bhr.bf16_notes([row], "AMD EPYC, 2 CPU cores, native bf16 (AVX512-BF16/AMX), torch threads 2")
+    assert "float32 whatever the input" in without and "projection's matmuls in bf16" not in without
+    assert "projection's matmuls in bf16" in with_units and "slow bf16 GEMM" not in with_units
+    assert "scaled" not in without and "scaled" in bhr.bf16_notes([dict(row, ffn_tokens_timed=16)], "native bf16")

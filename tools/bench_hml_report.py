@@ -43,17 +43,23 @@ def versions_line(v: dict) -> str:
     return f"Python {v['python']}, torch {v['torch']}, transformers {v['transformers']} (the FFN is its `LlamaMLP`)"
 
 
-def bf16_notes(rows: list[dict]) -> str:
-    """The bf16 bullets of the docs section: what bf16 means on the CPU the rows were timed on."""
-    notes = ("- bfloat16 rows: module and input cast to bf16. HML runs its matmuls, scores and top-k in "
-             "float32 on CPU whatever the input (see docs/hml.md, Precision) and reads its bank in the bank's "
-             "dtype, so its bf16 times differ from its fp32 times by the bank's bytes only")
+def bf16_notes(rows: list[dict], machine: str = "") -> str:
+    """The bf16 bullets of the docs section: what bf16 means on the CPU the rows were timed on (``machine``, the
+    run's machine line, says "no native bf16" for a CPU without bf16 units), and how scaled FFN rows were timed."""
+    if "no native bf16" in machine:
+        notes = ("- bfloat16 rows: module and input cast to bf16. On this CPU without bf16 units HML runs its matmuls, "
+                 "scores and top-k in float32 whatever the input (see docs/hml.md, Precision) and reads its bank in the "
+                 "bank's dtype, so its bf16 times differ from its fp32 times by the bank's bytes only, while the FFN's "
+                 "bf16 times hit slow bf16 GEMM kernels.\n")
+    else:
+        notes = ("- bfloat16 rows: module and input cast to bf16. HML scores, selects and takes its softmax in float32 "
+                 "whatever the input, reads its bank in the bank's dtype, and on a CPU with bf16 units runs its "
+                 "projection's matmuls in bf16 (see docs/hml.md, Precision); the FFN's bf16 GEMMs run on the same units.\n")
     if any("ffn_tokens_timed" in r for r in rows):
-        return notes + (", while the FFN's bf16 times hit slow bf16 GEMM kernels.\n"
-                        "- bfloat16 FFN at the Llama size: bf16 GEMMs on this CPU without native bf16 take "
-                        "minutes, so it is timed on fewer tokens and scaled linearly in tokens; its peak memory "
-                        "is not measured at the full size.\n")
-    return notes + "; the FFN's bf16 GEMMs run on this CPU's bf16 units.\n"
+        notes += ("- bfloat16 FFN rows marked scaled: timed on fewer tokens and scaled linearly in tokens (a bf16 GEMM at the "
+                  "Llama size takes minutes on a CPU without native bf16; --quick times every bf16 FFN so); their peak "
+                  "memory is not measured at the full size.\n")
+    return notes
 
 
 # HML/FFN targets per block size (the rows of the other sizes are for reference).
@@ -87,7 +93,7 @@ def write_docs(path, payload: dict, source: Path | None = None) -> None:
         + "".join(line + "\n" for line in raw_numbers_line(source, path, "bench_hml_report.py")) +
         "- Peak memory: live tensor bytes during one fwd+bwd step from torch.profiler allocation events "
         "(`profile_memory=True`); parameters excluded, gradients included.\n"
-        + bf16_notes(rows) +
+        + bf16_notes(rows, payload.get("machine", "")) +
         "- HML ms: the compiled CPU kernels (`midus_surgery/kernels`, what runs on CPU by default); the "
         "pure-torch column is the same layer with `MIDUS_HML_KERNELS=torch` (what runs without a compiler), "
         "timed in the same interleaved loop.\n"

@@ -135,8 +135,7 @@ def _register_fakes() -> None:
     def _(q, keys, table, proj, k, head_rows):
         T, H, dh = q.shape
         acc = torch.float64 if table.dtype == torch.float64 else torch.float32
-        cd = torch.float64 if proj is not None and proj.dtype == torch.float64 else torch.float32
-        m = q.new_empty((H, T, dh), dtype=cd) if proj is not None else q.new_empty((H, T, table.shape[1]), dtype=acc)
+        m = q.new_empty((H, T, dh), dtype=proj.dtype) if proj is not None else q.new_empty((H, T, table.shape[1]), dtype=acc)
         return m, q.new_empty((H, T, k)), q.new_empty((H, T, k), dtype=torch.long)
 
     @torch.library.register_fake("midus_hml::bag_backward")

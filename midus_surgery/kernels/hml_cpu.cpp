@@ -780,8 +780,8 @@ std::tuple<at::Tensor, at::Tensor> bag_backward(const at::Tensor& dz, const at::
 // order as hml.py's _lookup_forward + _pool_project_forward / _pool_forward, so the same values to
 // the bit; what goes is the ~20 operator dispatches and the Python around them, which cost more
 // than the work itself for the few tokens of a decode step.
-//   q [T, H, d_h], keys [H, 2, n, d_h/2] (one float dtype); table [rows, d]; proj [H, d, d_h] (HIVE)
-//   or none (table = per-head values; head h's slots start at row h * head_rows)
+//   q [T, H, d_h], keys [H, 2, n, d_h/2] (one float dtype); table [rows, d]; proj [H, d, d_h] (HIVE, in the
+//   dtype the projection runs in) or none (table = per-head values; head h's slots start at row h * head_rows)
 //   -> (m [H, T, d_h], w [H, T, k], slots [H, T, k] int64)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> memory_read(const at::Tensor& q, const at::Tensor& keys,
                                                            const at::Tensor& table, const std::optional<at::Tensor>& proj,
@@ -799,8 +799,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> memory_read(const at::Tensor& q, 
                              w.reshape({H * T_, k}).to(at::toOpMathType(table.scalar_type())).contiguous())
                      .view({H, T_, -1});
   if (!proj.has_value()) return {z, w, slots};
-  const auto cd = proj->scalar_type() == at::kDouble ? at::kDouble : at::kFloat;  // as _pool_project_forward on CPU
-  return {at::bmm(z.to(cd), proj->to(cd)), w, slots};
+  // in proj's dtype, which the caller chose as _pool_project_forward chooses its bmm's (hml.py _matmul_dtype)
+  return {at::bmm(z.to(proj->scalar_type()), *proj), w, slots};
 }
 
 }  // namespace

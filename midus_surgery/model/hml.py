@@ -570,6 +570,30 @@ class _Lookup(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------
 
 
+def _cpu_bf16_units() -> bool:
+    """Whether this CPU runs bf16 matmuls on bf16 units (AVX512-BF16 or AMX): there a bf16 GEMM at the layer's
+    shapes is 2-2.5x faster than float32; without them 40-180x slower (docs/hml.md, Precision)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return any(check() for check in checks if check is not None)
+    except Exception:  # noqa: BLE001 - a torch or platform that cannot tell: the float32 rule
+        return False
+
+
+_CPU_BF16_UNITS = _cpu_bf16_units()  # asked once, at import: a constant to torch.compile
+
+
+def _matmul_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype the layer's matmuls (HIVE's projection, the query, gate and output projections) run in for
+    parameters or inputs of ``dtype``: float64 as it is; on an accelerator, its own dtype; on a CPU, float32, except
+    bf16 on a CPU with bf16 units, which runs it as an accelerator does. Scores, top-k and softmax are float32
+    everywhere (docs/hml.md, Precision)."""
+    if dtype == torch.float64 or device_type != "cpu":
+        return dtype
+    return dtype if dtype == torch.bfloat16 and _CPU_BF16_UNITS else torch.float32
+
+
 def _acc_dtype(table: Tensor) -> torch.dtype:
     return torch.float64 if table.dtype == torch.float64 else torch.float32
 
@@ -685,8 +709,7 @@ def _pool_project_forward(w: Tensor, slots: Tensor, bank: Tensor, proj: Tensor, 
     H, T, k = slots.shape
     z, offsets, offset2bag = _bag_forward(bank, slots.reshape(H * T, k), w.reshape(H * T, k), backend == "cpu")
     z = z.view(H, T, -1)
-    # float32 on CPU (see HeadwiseMemory's precision note), the parameter dtype on an accelerator
-    cd = proj.dtype if proj.dtype == torch.float64 or bank.device.type != "cpu" else torch.float32
+    cd = _matmul_dtype(proj.dtype, bank.device.type)  # float32 on most CPUs, the parameter dtype on an accelerator
     return torch.bmm(z.to(cd), proj.to(cd)), z, offsets, offset2bag, cd
 
 
@@ -782,7 +805,8 @@ def _read_forward(q: Tensor, keys: Tensor, table: Tensor, proj: Optional[Tensor]
     the heads' value tables stacked in ``table``, ``head_rows`` rows each. On the compiled CPU kernels one call
     (``midus_hml::read``: the same operators in the same order, so the same values) replaces about 20 operators
     and the Python between them, which cost more than the work at a decode step's few tokens."""
-    if backend == "cpu":
+    if backend == "cpu":  # the projection in the dtype _pool_project_forward's bmm takes
+        proj = None if proj is None else proj.to(_matmul_dtype(proj.dtype, proj.device.type))
         return torch.ops.midus_hml.read(q, keys, table, proj, k, head_rows)
     w, slots, _, _ = _lookup_forward(q, keys, k, backend)
     if proj is not None:
@@ -989,9 +1013,10 @@ class HeadwiseMemory(nn.Module):
     [hidden, H*d_h].
 
     Precision: scores, top-k and softmax always run in float32 (float64 when the input is
-    float64).  On CPU all matmuls run in float32 too, because bfloat16 GEMMs without hardware
-    support are 40-100x slower there; on CUDA they run in the parameter dtype.  The output has
-    the input's dtype.  Autocast is disabled inside the layer for the same reasons.
+    float64).  On CUDA the matmuls run in the parameter dtype; on a CPU in float32, because
+    bfloat16 GEMMs without hardware support are 40-180x slower there, except bf16 on a CPU with
+    bf16 units (AVX512-BF16 or AMX), which runs them in bf16 as CUDA does.  The output has the
+    input's dtype.  Autocast is disabled inside the layer for the same reasons.
     """
 
     def __init__(
@@ -1235,11 +1260,7 @@ class HeadwiseMemory(nn.Module):
         return q, flat_in, lead
 
     def _mm_dtype(self, x: Tensor) -> torch.dtype:
-        if x.dtype == torch.float64:
-            return torch.float64
-        if x.device.type == "cpu":
-            return torch.float32
-        return x.dtype
+        return _matmul_dtype(x.dtype, x.device.type)
 
     def _normed(self, q: Tensor) -> Tensor:
         """The queries as the lookup scores them: float32 (float64 for float64 input), normalised."""
@@ -1270,7 +1291,7 @@ class HeadwiseMemory(nn.Module):
                 z, w, slots = _fused_read_forward(q, keys, table, cfg.topk, head_rows)[:3]
             if not cfg.hive:
                 return z, w, slots
-            cd = self.proj.dtype if z.device.type != "cpu" else torch.float32  # as _PoolProject's bmm
+            cd = _matmul_dtype(self.proj.dtype, z.device.type)  # as _PoolProject's bmm
             z, proj = z.to(cd), self.proj.to(cd)
             if _builds_graph(z, proj):
                 return _Project.apply(z, proj), w, slots
