@@ -329,7 +329,7 @@ def test_several_models_each_read_their_weights_once(setup, three_models, capsys
 
 
 def broken_weights(source, target, how: str):
-    """A copy of ``source`` whose weights lack a tensor, or hold one in another shape."""
+    """A copy of ``source`` whose weights lack a tensor, hold one more, or hold one in another shape."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -339,13 +339,16 @@ def broken_weights(source, target, how: str):
     name = "model.layers.1.mlp.up_proj.weight"
     if how == "lacking":
         del weights[name]
+    elif how == "extra":  # in a model this tool did not write (no midus_plan.json), where the load only renames
+        name = "model.layers.1.mlp.extra_proj.weight"
+        weights[name] = torch.zeros(3, 3)
     else:
         weights[name] = torch.zeros(3, 3)
     save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
     return target, name
 
 
-@pytest.mark.parametrize("how", ["lacking", "misshapen"])
+@pytest.mark.parametrize("how", ["lacking", "misshapen", "extra"])
 def test_a_last_model_whose_weights_do_not_fit_is_refused_before_any_is_evaluated(setup, three_models, tmp_path, capsys, monkeypatch, how):
     """From the safetensors headers and the model built on the meta device: no model's weights read, none evaluated."""
     from midus_surgery.train import evaluate
@@ -361,7 +364,8 @@ def test_a_last_model_whose_weights_do_not_fit_is_refused_before_any_is_evaluate
         assert captured.out == "" and "perplexity" not in captured.err
         said = {"lacking": f"the weights do not match the model's architecture: missing 1 tensor(s): {name}",
                 "misshapen": f"the weights do not match the model's architecture: 1 tensor(s) of the wrong shape: {name} "
-                             "(weights [3, 3], model [64, 32])"}  # as the load words them
+                             "(weights [3, 3], model [64, 32])",
+                "extra": f"the weights do not match the model's architecture: 1 unexpected tensor(s): {name}"}  # as the load words them
         assert captured.err == f"error: {last}: {said[how]}\n"
     assert evaluated == [] and not counts["load_causal_lm"] and not counts["from_pretrained"]
 
