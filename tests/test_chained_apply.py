@@ -64,7 +64,7 @@ def test_train_with_freeze_base_trains_the_blocks_an_earlier_apply_inserted(chai
                           freeze="base")
     capsys.readouterr()
     assert main(["train", str(config), "--dry-run"]) == 0
-    assert "trained layers (inserted): 1, 3, 6 (3, 6 inserted by an earlier apply of its base)" in capsys.readouterr().out
+    assert "trained layers (the inserted blocks' indices): 1, 3, 6 (3, 6 inserted by an earlier apply of its base)" in capsys.readouterr().out
 
     card = (out / "README.md").read_text()
     assert "base_model: org/tiny-llama" in card  # the chain's first base, for the Hub's lineage

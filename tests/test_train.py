@@ -258,7 +258,7 @@ def test_freeze_base_trains_only_inserted_layers(world, tmp_path):
         same = torch.equal(before[name], after[name])
         assert same != inserted, f"{name}: {'changed' if not same else 'unchanged'}"
     text = "\n".join(lines)
-    assert "trained layers (inserted): 1, 3" in text and "\nfrozen " in text
+    assert "trained layers (the inserted blocks' indices): 1, 3" in text and "\nfrozen " in text
 
 
 @pytest.mark.parametrize("export_dtype, stored", [("auto", torch.bfloat16), ("float32", torch.float32)])

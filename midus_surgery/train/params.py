@@ -142,7 +142,7 @@ def describe_groups(groups: ParamGroups, cfg: TrainConfig) -> str:
     lines.append(f"trainable: {human_count(trainable)} of {human_count(total)} parameters ({100 * trainable / max(total, 1):.2f}%), freeze: {cfg.freeze}")
     if groups.trained_layers is not None:
         earlier = f" ({', '.join(map(str, groups.earlier_layers))} inserted by an earlier apply of its base)" if groups.earlier_layers else ""
-        lines.append(f"trained layers (inserted): {', '.join(map(str, groups.trained_layers))}{earlier}")
+        lines.append(f"trained layers (the inserted blocks' indices): {', '.join(map(str, groups.trained_layers))}{earlier}")
     if groups.retrieval_frozen is not None:
         lines.append(f"memory retrieval frozen: {groups.retrieval_frozen} tensors of the Memory blocks' query path and sub-keys do not train; "
                      "the values do")
