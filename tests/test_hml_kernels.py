@@ -103,23 +103,25 @@ def test_fused_bfloat16_bank_close_to_torch(monkeypatch, fused_ops):
 
 
 @pytest.mark.parametrize("units", [True, False])
-def test_a_bf16_layer_projects_in_bf16_only_on_a_cpu_with_bf16_units(monkeypatch, fused_ops, units):
-    # on a CPU with bf16 units (AVX512-BF16 / AMX) a bf16 layer's matmuls run in bf16, as on CUDA; elsewhere in
-    # float32 (a bf16 GEMM there is 40-180x slower). Scores and selection stay float32 either way.
+def test_a_bf16_layer_projects_in_bf16_only_on_a_cpu_with_bf16_units_and_from_128_tokens(monkeypatch, fused_ops, units):
+    # on a CPU with bf16 units (AVX512-BF16 / AMX) a bf16 layer's matmuls run in bf16, as on CUDA, in calls of 128
+    # tokens or more; below (decode), and on a CPU without the units (a bf16 GEMM there is 40-180x slower), float32.
+    # Scores and selection stay float32 either way.
     monkeypatch.setattr(hml, "_CPU_BF16_UNITS", units)
     torch.manual_seed(2)
     m = HeadwiseMemory(2, 16, 32, HMLConfig(n_subkeys=32, topk=8, latent_dim=16, init="random")).to(torch.bfloat16)
-    x = torch.randn(5, 9, 2, 16, dtype=torch.bfloat16)
     seen, bmm = [], torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda a, b: seen.append((a.dtype, b.dtype)) or bmm(a, b))
-    out = m(x.clone().requires_grad_())  # the autograd path: its projection is a Python bmm
-    expected = torch.bfloat16 if units else torch.float32
-    assert seen == [(expected, expected)]
-    with torch.no_grad():  # the no-grad read, one C++ call, takes the projection in the same dtype: the same values
-        assert torch.equal(m(x), out.detach())
-    assert hml._matmul_dtype(torch.bfloat16, "cpu") == expected
-    assert hml._matmul_dtype(torch.float32, "cpu") == torch.float32 and hml._matmul_dtype(torch.float16, "cpu") == torch.float32
-    assert hml._matmul_dtype(torch.float64, "cpu") == torch.float64 and hml._matmul_dtype(torch.bfloat16, "cuda") == torch.bfloat16
+    for tokens, expected in ((140, torch.bfloat16 if units else torch.float32), (127, torch.float32)):
+        x = torch.randn(tokens, 2, 16, dtype=torch.bfloat16)
+        seen.clear()
+        out = m(x.clone().requires_grad_())  # the autograd path: its projection is a Python bmm
+        assert seen == [(expected, expected)], tokens
+        with torch.no_grad():  # the no-grad read, one C++ call, takes the projection in the same dtype: the same values
+            assert torch.equal(m(x), out.detach()), tokens
+        assert hml._matmul_dtype(torch.bfloat16, "cpu", tokens) == expected
+    assert hml._matmul_dtype(torch.float32, "cpu", 1024) == torch.float32 and hml._matmul_dtype(torch.float16, "cpu", 1024) == torch.float32
+    assert hml._matmul_dtype(torch.float64, "cpu", 1) == torch.float64 and hml._matmul_dtype(torch.bfloat16, "cuda", 1) == torch.bfloat16
 
 
 def test_fused_results_do_not_depend_on_thread_count(monkeypatch, fused_ops):

@@ -584,14 +584,21 @@ def _cpu_bf16_units() -> bool:
 _CPU_BF16_UNITS = _cpu_bf16_units()  # asked once, at import: a constant to torch.compile
 
 
-def _matmul_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+# From this many tokens a call on a CPU with bf16 units runs bf16 matmuls in bf16: below, at a decode step's few
+# tokens, oneDNN's bf16 bmm costs more than MKL's float32 one (one layer call at 1 token: 175 vs 129 us, at 16:
+# 289 vs 248 us). The read with and without gradients sees the same count, so both take the same rule.
+_BF16_MATMUL_MIN_TOKENS = 128
+
+
+def _matmul_dtype(dtype: torch.dtype, device_type: str, tokens: int) -> torch.dtype:
     """The dtype the layer's matmuls (HIVE's projection, the query, gate and output projections) run in for
-    parameters or inputs of ``dtype``: float64 as it is; on an accelerator, its own dtype; on a CPU, float32, except
-    bf16 on a CPU with bf16 units, which runs it as an accelerator does. Scores, top-k and softmax are float32
-    everywhere (docs/hml.md, Precision)."""
+    parameters or inputs of ``dtype`` in a call of ``tokens`` tokens: float64 as it is; on an accelerator, its own
+    dtype; on a CPU, float32, except bf16 on a CPU with bf16 units from _BF16_MATMUL_MIN_TOKENS tokens on, which
+    runs it as an accelerator does. Scores, top-k and softmax are float32 everywhere (docs/hml.md, Precision)."""
     if dtype == torch.float64 or device_type != "cpu":
         return dtype
-    return dtype if dtype == torch.bfloat16 and _CPU_BF16_UNITS else torch.float32
+    bf16 = dtype == torch.bfloat16 and _CPU_BF16_UNITS and tokens >= _BF16_MATMUL_MIN_TOKENS
+    return dtype if bf16 else torch.float32
 
 
 def _acc_dtype(table: Tensor) -> torch.dtype:
@@ -709,7 +716,7 @@ def _pool_project_forward(w: Tensor, slots: Tensor, bank: Tensor, proj: Tensor, 
     H, T, k = slots.shape
     z, offsets, offset2bag = _bag_forward(bank, slots.reshape(H * T, k), w.reshape(H * T, k), backend == "cpu")
     z = z.view(H, T, -1)
-    cd = _matmul_dtype(proj.dtype, bank.device.type)  # float32 on most CPUs, the parameter dtype on an accelerator
+    cd = _matmul_dtype(proj.dtype, bank.device.type, T)  # float32 on most CPUs, the parameter dtype on an accelerator
     return torch.bmm(z.to(cd), proj.to(cd)), z, offsets, offset2bag, cd
 
 
@@ -806,7 +813,7 @@ def _read_forward(q: Tensor, keys: Tensor, table: Tensor, proj: Optional[Tensor]
     (``midus_hml::read``: the same operators in the same order, so the same values) replaces about 20 operators
     and the Python between them, which cost more than the work at a decode step's few tokens."""
     if backend == "cpu":  # the projection in the dtype _pool_project_forward's bmm takes
-        proj = None if proj is None else proj.to(_matmul_dtype(proj.dtype, proj.device.type))
+        proj = None if proj is None else proj.to(_matmul_dtype(proj.dtype, proj.device.type, q.shape[0]))
         return torch.ops.midus_hml.read(q, keys, table, proj, k, head_rows)
     w, slots, _, _ = _lookup_forward(q, keys, k, backend)
     if proj is not None:
@@ -1249,7 +1256,7 @@ class HeadwiseMemory(nn.Module):
                 raise ValueError(f"expected [..., {self.hidden_size}] input, got {tuple(x.shape)}")
             lead = x.shape[:-1]
             flat_in = x.reshape(-1, self.hidden_size)
-            cd = self._mm_dtype(x)
+            cd = self._mm_dtype(x, flat_in.shape[0])
             q = _project(self.query_proj, flat_in, cd).view(-1, H, dh)
         else:
             if x.dim() < 2 or x.shape[-2:] != (H, dh):
@@ -1259,8 +1266,8 @@ class HeadwiseMemory(nn.Module):
             flat_in = q.reshape(-1, H * dh)
         return q, flat_in, lead
 
-    def _mm_dtype(self, x: Tensor) -> torch.dtype:
-        return _matmul_dtype(x.dtype, x.device.type)
+    def _mm_dtype(self, x: Tensor, tokens: int) -> torch.dtype:
+        return _matmul_dtype(x.dtype, x.device.type, tokens)
 
     def _normed(self, q: Tensor) -> Tensor:
         """The queries as the lookup scores them: float32 (float64 for float64 input), normalised."""
@@ -1291,7 +1298,7 @@ class HeadwiseMemory(nn.Module):
                 z, w, slots = _fused_read_forward(q, keys, table, cfg.topk, head_rows)[:3]
             if not cfg.hive:
                 return z, w, slots
-            cd = _matmul_dtype(self.proj.dtype, z.device.type)  # as _PoolProject's bmm
+            cd = _matmul_dtype(self.proj.dtype, z.device.type, z.shape[1])  # as _PoolProject's bmm
             z, proj = z.to(cd), self.proj.to(cd)
             if _builds_graph(z, proj):
                 return _Project.apply(z, proj), w, slots
@@ -1322,7 +1329,7 @@ class HeadwiseMemory(nn.Module):
         m, w, slots = self._read(q, self._backend(q))  # m [H, T, d_h]; w, slots [H, T, k]
         if self.observer is not None:
             m = self.observer(w, slots, m)  # w, slots: [H, T, k]; m: [H, T, d_h]
-        cd = self._mm_dtype(x)
+        cd = self._mm_dtype(x, T)
         out = m.to(cd).transpose(0, 1).reshape(T, H * dh)
         if self.gate is not None:
             out = out * F.silu(_project(self.gate, flat_in, cd))
