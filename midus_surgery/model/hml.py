@@ -1022,8 +1022,8 @@ class HeadwiseMemory(nn.Module):
     Precision: scores, top-k and softmax always run in float32 (float64 when the input is
     float64).  On CUDA the matmuls run in the parameter dtype; on a CPU in float32, because
     bfloat16 GEMMs without hardware support are 40-180x slower there, except bf16 on a CPU with
-    bf16 units (AVX512-BF16 or AMX), which runs them in bf16 as CUDA does.  The output has the
-    input's dtype.  Autocast is disabled inside the layer for the same reasons.
+    bf16 units (AVX512-BF16 or AMX), which runs them in bf16 as CUDA does in calls of 128 tokens
+    or more (_matmul_dtype).  The output has the input's dtype.  Autocast is disabled inside the layer for the same reasons.
     """
 
     def __init__(
