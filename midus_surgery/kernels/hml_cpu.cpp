@@ -471,8 +471,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_topk2(const at::Tensor& q, 
   const int64_t n_pad = (n + kScoreBlock - 1) / kScoreBlock * kScoreBlock;
   const at::Tensor qc = q.contiguous();
   // kt[h, hf, c, j] = keys[h, hf, j, c]; the padding sub-keys score 0 and are never selected (only j < n is)
-  at::Tensor kt = at::zeros({H, 2, half, n_pad}, keys.options());
+  at::Tensor kt = at::empty({H, 2, half, n_pad}, keys.options());
   kt.narrow(3, 0, n).copy_(keys.transpose(2, 3));
+  if (n_pad > n) kt.narrow(3, n, n_pad - n).zero_();  // only the padding: the rest was just written
   auto scores = at::empty({H, T_, k}, q.options());
   auto isub = at::empty({H, T_, k}, q.options().dtype(at::kLong));
   auto jsub = at::empty({H, T_, k}, q.options().dtype(at::kLong));
