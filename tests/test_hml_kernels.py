@@ -233,19 +233,22 @@ def test_score_topk2_below_128_tokens_is_bmm_then_topk2_to_the_bit(fused_ops):
             assert torch.equal(a, b)
 
 
-def test_lookup_backward_gives_the_same_bits_for_both_gradients_as_for_each_alone(fused_ops):
+@pytest.mark.parametrize("half", [8, 32, 64])  # 32 and 64 (head_dim 64 and 128) take the fixed-width row loop
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lookup_backward_gives_the_same_bits_for_both_gradients_as_for_each_alone(fused_ops, half, dtype):
     # both gradients come from one pass per (head, half); one alone from its own loop: same sums, same order
     g = torch.Generator().manual_seed(6)
-    q, keys = torch.randn(300, 3, 16, generator=g), torch.randn(3, 2, 40, 8, generator=g)
+    q, keys = torch.randn(300, 3, 2 * half, generator=g), torch.randn(3, 2, 40, half, generator=g)
+    q, keys = q.to(dtype), keys.to(dtype)
     _, i, j = fused_ops.score_topk2(q, keys, 6)
-    dsel = torch.randn(3, 300, 6, generator=g)
+    dsel = torch.randn(3, 300, 6, generator=g).to(dtype)
     dq, dkeys = fused_ops.lookup_backward(dsel, q, keys, i, j, True, True)
     assert torch.equal(dq, fused_ops.lookup_backward(dsel, q, keys, i, j, True, False)[0])
     assert torch.equal(dkeys, fused_ops.lookup_backward(dsel, q, keys, i, j, False, True)[1])
     # and they are the scoring's gradients: autograd through the dense float64 half scores of the chosen sub-keys
     qd, kd = q.double().requires_grad_(), keys.double().requires_grad_()
-    s1 = torch.einsum("thc,hnc->htn", qd[..., :8], kd[:, 0]).gather(-1, i)
-    s2 = torch.einsum("thc,hnc->htn", qd[..., 8:], kd[:, 1]).gather(-1, j)
+    s1 = torch.einsum("thc,hnc->htn", qd[..., :half], kd[:, 0]).gather(-1, i)
+    s2 = torch.einsum("thc,hnc->htn", qd[..., half:], kd[:, 1]).gather(-1, j)
     ((s1 + s2) * dsel.double()).sum().backward()
     torch.testing.assert_close(dq.double(), qd.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dkeys.double(), kd.grad, rtol=1e-5, atol=1e-5)

@@ -566,6 +566,23 @@ inline void row_out(const A* src, T* dst, int64_t d) {
 // (n/k times the work, plus a large zero-fill) gather and scatter those rows directly.
 //   dq[t, h, half]          = sum_x dsel[h, t, x] * keys[h, half, id_half[h, t, x]]
 //   dkeys[h, half, i]      += dsel[h, t, x] * q[t, h, half]     for id_half[h, t, x] == i
+// One (head, half, token) row of the one-pass loop below at a fixed half width D: the dq half row is
+// summed in registers (a row in memory makes every x wait on the last one's store) and q's half row
+// is loaded once.  The same products in the same order as the axpy loop: the same bits.
+template <int D, typename T>
+inline void lookup_grads_row(const T* g, const int64_t* id, int64_t k, const T* table, const T* qrow, T* grad, T* out) {
+  T acc[D], qv[D];
+  for (int c = 0; c < D; ++c) acc[c] = T(0), qv[c] = qrow[c];
+  for (int64_t x = 0; x < k; ++x) {
+    const T gx = g[x];
+    const T* key = table + id[x] * D;
+    T* dkey = grad + id[x] * D;
+    for (int c = 0; c < D; ++c) acc[c] += gx * key[c];
+    for (int c = 0; c < D; ++c) dkey[c] += gx * qv[c];
+  }
+  for (int c = 0; c < D; ++c) out[c] = acc[c];
+}
+
 template <typename T>
 void lookup_backward_impl(const at::Tensor& dsel, const at::Tensor& q, const at::Tensor& keys, const at::Tensor& isub,
                           const at::Tensor& jsub, at::Tensor& dq, at::Tensor& dkeys) {
@@ -592,10 +609,16 @@ void lookup_backward_impl(const at::Tensor& dsel, const at::Tensor& q, const at:
           const int64_t* id = sub[hf] + row * k;
           const T* qrow = qp + (t * H + h) * 2 * half + hf * half;
           T* out = dqp + (t * H + h) * 2 * half + hf * half;
-          std::fill(out, out + half, T(0));
-          for (int64_t x = 0; x < k; ++x) {
-            axpy(out, g[x], table + id[x] * half, half);
-            axpy(grad + id[x] * half, g[x], qrow, half);
+          if (half == 32) {
+            lookup_grads_row<32>(g, id, k, table, qrow, grad, out);
+          } else if (half == 64) {
+            lookup_grads_row<64>(g, id, k, table, qrow, grad, out);
+          } else {
+            std::fill(out, out + half, T(0));
+            for (int64_t x = 0; x < k; ++x) {
+              axpy(out, g[x], table + id[x] * half, half);
+              axpy(grad + id[x] * half, g[x], qrow, half);
+            }
           }
         }
       }
@@ -665,31 +688,70 @@ void check_bag_args(const at::Tensor& table, const at::Tensor& idx, const at::Te
               "bag: w must have the table's accumulation dtype");
 }
 
+// Calls f(std::integral_constant<int, D>) with D = d for the row widths the layer uses (d_l, or d_h
+// with HIVE off), else D = 0: a fixed width lets a row's sum live in registers across its k terms
+// (a row in memory makes every term wait on the last one's store).
+template <typename F>
+inline void with_row_width(int64_t d, F&& f) {
+  switch (d) {
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    case 256: f(std::integral_constant<int, 256>{}); break;
+    default: f(std::integral_constant<int, 0>{});
+  }
+}
+
+// z[0:D] = sum_i w[i] * row(idx[i]): summed in registers, terms in i order from 0 (the same bits as
+// axpy into a zeroed row).
+template <int D, typename A, typename T>
+inline void bag_row(A* z, const A* w, const int64_t* idx, int64_t k, const T* table) {
+  A acc[D];
+  for (int c = 0; c < D; ++c) acc[c] = A(0);
+  A buf[D];
+  for (int64_t i = 0; i < k; ++i) {
+    const A wi = w[i];
+    const A* row = row_in(table + idx[i] * D, buf, D);
+    for (int c = 0; c < D; ++c) acc[c] += wi * row[c];
+  }
+  for (int c = 0; c < D; ++c) z[c] = acc[c];
+}
+
 at::Tensor bag_forward(const at::Tensor& table, const at::Tensor& idx, const at::Tensor& w) {
   check_bag_args(table, idx, w);
   const int64_t B = idx.size(0), k = idx.size(1), d = table.size(1);
-  auto z = at::zeros({B, d}, table.options().dtype(w.scalar_type()));
+  auto z = at::empty({B, d}, table.options().dtype(w.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, table.scalar_type(), "midus_hml_bag_forward", [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* tp = table.const_data_ptr<scalar_t>();
     const int64_t* ip = idx.const_data_ptr<int64_t>();
     const A* wp = w.const_data_ptr<A>();
     A* zp = z.mutable_data_ptr<A>();
-    at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t bag = begin; bag < end; ++bag) {
-        // The rows are scattered over the table: ask for the next bag's rows while summing this one.
-        if (bag + 1 < end)
-          for (int64_t i = 0; i < k; ++i) {
-            const char* row = reinterpret_cast<const char*>(tp + ip[(bag + 1) * k + i] * d);
-            for (int64_t off = 0; off < d * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
-              __builtin_prefetch(row + off);
+    with_row_width(d, [&](auto width) {
+      constexpr int D = decltype(width)::value;
+      at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t bag = begin; bag < end; ++bag) {
+          // The rows are scattered over the table: ask for the next bag's rows while summing this one.
+          if (bag + 1 < end)
+            for (int64_t i = 0; i < k; ++i) {
+              const char* row = reinterpret_cast<const char*>(tp + ip[(bag + 1) * k + i] * d);
+              for (int64_t off = 0; off < d * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
+                __builtin_prefetch(row + off);
+            }
+          if constexpr (D > 0) {
+            bag_row<D>(zp + bag * d, wp + bag * k, ip + bag * k, k, tp);
+          } else {
+            std::fill(zp + bag * d, zp + (bag + 1) * d, A(0));
+            for (int64_t i = 0; i < k; ++i) axpy(zp + bag * d, wp[bag * k + i], tp + ip[bag * k + i] * d, d);
           }
-        for (int64_t i = 0; i < k; ++i) axpy(zp + bag * d, wp[bag * k + i], tp + ip[bag * k + i] * d, d);
-      }
+        }
+      });
     });
   });
   return z;
 }
+
+constexpr int64_t kBagLookahead = 8;  // entries ahead: enough to cover a miss at a few ns an entry
 
 std::tuple<at::Tensor, at::Tensor> bag_backward(const at::Tensor& dz, const at::Tensor& table, const at::Tensor& idx,
                                                 const at::Tensor& w, bool need_w, bool need_table) {
@@ -758,19 +820,38 @@ std::tuple<at::Tensor, at::Tensor> bag_backward(const at::Tensor& dz, const at::
     });
     scalar_t* dtp = dtable.mutable_data_ptr<scalar_t>();
     const int kshift = exact_log2(k);  // an entry's bag by a shift, not a division, when it can
-    at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
-      std::vector<A> acc(d), buf(d);
+    // One slot: its entries' dw (dot with the slot's row, converted once) and its dtable row, summed in
+    // (bag, i) order; at a fixed width D the row's sum stays in registers across the entries.
+    auto slot_rows = [&](auto width, int64_t begin, int64_t end) {
+      constexpr int D = decltype(width)::value;
+      const int64_t dd = D > 0 ? D : d;
+      std::vector<A> acc_mem(D > 0 ? 0 : d), buf(d);
+      A acc_reg[D > 0 ? D : 1];
+      A* acc = D > 0 ? acc_reg : acc_mem.data();
       for (int64_t slot = begin; slot < end; ++slot) {
-        const A* row = dwp ? row_in(tp + slot * d, buf.data(), d) : nullptr;  // converted once per slot
-        std::fill(acc.begin(), acc.end(), A(0));
+        const A* row = dwp ? row_in(tp + slot * dd, buf.data(), dd) : nullptr;
+        for (int64_t c = 0; c < dd; ++c) acc[c] = A(0);
         for (int64_t x = start[slot]; x < start[slot + 1]; ++x) {
+          // The entries' dz rows, weights and dw cells are scattered: ask for those a few entries ahead
+          // (order[] runs on across slots, so the lookahead crosses slot boundaries too).
+          if (x + kBagLookahead < total) {
+            const int64_t ahead = order[x + kBagLookahead];
+            const char* grow = reinterpret_cast<const char*>(gp + (kshift >= 0 ? ahead >> kshift : ahead / k) * dd);
+            for (int64_t off = 0; off < dd * static_cast<int64_t>(sizeof(A)); off += 64) __builtin_prefetch(grow + off);
+            __builtin_prefetch(wp + ahead);
+            if (dwp) __builtin_prefetch(dwp + ahead, 1);
+          }
           const int64_t e = order[x];
-          const A* g = gp + (kshift >= 0 ? e >> kshift : e / k) * d;
-          if (dwp) dwp[e] = dot(g, row, d);
-          axpy(acc.data(), wp[e], g, d);
+          const A* g = gp + (kshift >= 0 ? e >> kshift : e / k) * dd;
+          if (dwp) dwp[e] = dot(g, row, dd);
+          const A we = wp[e];
+          for (int64_t c = 0; c < dd; ++c) acc[c] += we * g[c];
         }
-        row_out(acc.data(), dtp + slot * d, d);
+        row_out(acc, dtp + slot * dd, dd);
       }
+    };
+    with_row_width(d, [&](auto width) {
+      at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) { slot_rows(width, begin, end); });
     });
   });
   return {dw, dtable};
