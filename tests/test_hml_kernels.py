@@ -156,13 +156,14 @@ def test_topk2_kernel_equals_torch_on_wide_rows(monkeypatch, fused_ops):
 
 @pytest.mark.parametrize(
     "rows",
-    ["few distinct values", "constant", "infinities", "huge and tiny", "n not a power of two"],
+    ["few distinct values", "constant", "infinities", "huge and tiny", "n not a power of two", "n not a multiple of 32"],
 )
 def test_topk2_kernel_thresholds_hold_on_hard_rows(monkeypatch, fused_ops, rows):
-    # The kernel picks its keep-threshold by bisection between the row's min and max: rows where
-    # many entries tie at the threshold, or where (max - min) overflows, must still come out exact.
+    # The kernel picks its keep-threshold by bisection, from the smallest of 32 group maxima (rows of whole
+    # 32-entry blocks, k <= 32) or the row's min (other rows) up to its max: rows where many entries tie at
+    # the threshold, or where (max - min) overflows, must still come out exact.
     g = torch.Generator().manual_seed(7)
-    n = 96 if rows == "n not a power of two" else 256
+    n = {"n not a power of two": 96, "n not a multiple of 32": 80}.get(rows, 256)
     s1 = torch.randn(3, 20, n, generator=g)
     s2 = torch.randn(3, 20, n, generator=g)
     if rows == "few distinct values":
