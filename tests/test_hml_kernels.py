@@ -186,12 +186,13 @@ def test_topk2_kernel_thresholds_hold_on_hard_rows(monkeypatch, fused_ops, rows)
 
 
 def _bmm_then_topk2(ops, q, keys, k):
-    """The selection score_topk2 replaces: the half scores by bmm, then topk2."""
+    """The selection score_topk2 replaces: the half scores by bmm, then topk2: (scores, slots i * n + j)."""
     T, H, dh = q.shape
     n = keys.shape[2]
     s = torch.bmm(q.reshape(T, 2 * H, dh // 2).transpose(0, 1), keys.reshape(2 * H, n, dh // 2).transpose(1, 2))
     s = s.view(H, 2, T, n)
-    return ops.topk2(s[:, 0], s[:, 1], k)
+    scores, i, j = ops.topk2(s[:, 0], s[:, 1], k)
+    return scores, i * n + j
 
 
 @pytest.mark.parametrize(
@@ -215,7 +216,8 @@ def test_score_topk2_selects_what_bmm_then_topk2_selects(fused_ops, T, H, dh, n,
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
     q, keys = torch.randn(T, H, dh, generator=g), torch.randn(H, 2, n, dh // 2, generator=g)
-    scores, i, j = fused_ops.score_topk2(q, keys, k)
+    scores, slots = fused_ops.score_topk2(q, keys, k)
+    i, j = slots // n, slots % n
     half = dh // 2
     exact = torch.einsum("thc,hnc->htn", q[..., :half].double(), keys[:, 0].double())  # [H, T, n]
     exact2 = torch.einsum("thc,hnc->htn", q[..., half:].double(), keys[:, 1].double())
@@ -236,16 +238,18 @@ def test_score_topk2_below_128_tokens_is_bmm_then_topk2_to_the_bit(fused_ops):
 
 @pytest.mark.parametrize("half", [8, 32, 64])  # 32 and 64 (head_dim 64 and 128) take the fixed-width row loop
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_lookup_backward_gives_the_same_bits_for_both_gradients_as_for_each_alone(fused_ops, half, dtype):
+@pytest.mark.parametrize("n", [40, 64])  # the sub-key ids come from the slots by division, or by shifts
+def test_lookup_backward_gives_the_same_bits_for_both_gradients_as_for_each_alone(fused_ops, half, dtype, n):
     # both gradients come from one pass per (head, half); one alone from its own loop: same sums, same order
     g = torch.Generator().manual_seed(6)
-    q, keys = torch.randn(300, 3, 2 * half, generator=g), torch.randn(3, 2, 40, half, generator=g)
+    q, keys = torch.randn(300, 3, 2 * half, generator=g), torch.randn(3, 2, n, half, generator=g)
     q, keys = q.to(dtype), keys.to(dtype)
-    _, i, j = fused_ops.score_topk2(q, keys, 6)
+    _, slots = fused_ops.score_topk2(q, keys, 6)
+    i, j = slots // n, slots % n
     dsel = torch.randn(3, 300, 6, generator=g).to(dtype)
-    dq, dkeys = fused_ops.lookup_backward(dsel, q, keys, i, j, True, True)
-    assert torch.equal(dq, fused_ops.lookup_backward(dsel, q, keys, i, j, True, False)[0])
-    assert torch.equal(dkeys, fused_ops.lookup_backward(dsel, q, keys, i, j, False, True)[1])
+    dq, dkeys = fused_ops.lookup_backward(dsel, q, keys, slots, True, True)
+    assert torch.equal(dq, fused_ops.lookup_backward(dsel, q, keys, slots, True, False)[0])
+    assert torch.equal(dkeys, fused_ops.lookup_backward(dsel, q, keys, slots, False, True)[1])
     # and they are the scoring's gradients: autograd through the dense float64 half scores of the chosen sub-keys
     qd, kd = q.double().requires_grad_(), keys.double().requires_grad_()
     s1 = torch.einsum("thc,hnc->htn", qd[..., :half], kd[:, 0]).gather(-1, i)

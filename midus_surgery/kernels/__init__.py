@@ -121,10 +121,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("midus_hml::score_topk2")
     def _(q, keys, k):
         shape = (keys.shape[0], q.shape[0], k)
-        return q.new_empty(shape), q.new_empty(shape, dtype=torch.long), q.new_empty(shape, dtype=torch.long)
+        return q.new_empty(shape), q.new_empty(shape, dtype=torch.long)
 
     @torch.library.register_fake("midus_hml::lookup_backward")
-    def _(dsel, q, keys, isub, jsub, need_q, need_keys):
+    def _(dsel, q, keys, slots, need_q, need_keys):
         return q.new_empty(q.shape if need_q else (0,)), keys.new_empty(keys.shape if need_keys else (0,))
 
     @torch.library.register_fake("midus_hml::bag_forward")

@@ -7,9 +7,9 @@
 //
 //   midus_hml::topk2(a [P,Q,n], b [P,Q,n], k) -> (scores [P,Q,k], i [P,Q,k], j [P,Q,k])
 //       exact top-k of the n*n sums a[..,i] + b[..,j], ranked by (score desc, i*n+j asc).
-//   midus_hml::score_topk2(q [T,H,d_h], keys [H,2,n,d_h/2], k) -> (scores [H,T,k], i [H,T,k], j [H,T,k])
+//   midus_hml::score_topk2(q [T,H,d_h], keys [H,2,n,d_h/2], k) -> (scores [H,T,k], slots [H,T,k] = i*n+j)
 //       the half scores q . keys and topk2's selection of them (float32 from 128 tokens on: row by row, in one pass)
-//   midus_hml::lookup_backward(dsel [H,T,k], q [T,H,d_h], keys [H,2,n,d_h/2], i, j, need_q, need_keys)
+//   midus_hml::lookup_backward(dsel [H,T,k], q [T,H,d_h], keys [H,2,n,d_h/2], slots, need_q, need_keys)
 //       -> (dq, dkeys): the scoring bmm's backward restricted to the chosen sub-keys
 //   midus_hml::bag_forward(table [N,d], idx [B,k], w [B,k]) -> z [B,d]
 //       z[b] = sum_i w[b,i] * table[idx[b,i]]
@@ -392,10 +392,10 @@ inline void candidates<float>(const Stage2Plan& plan, int64_t n, int64_t k, Scra
 }
 #endif
 
-// Exact top-k of the n*n sums ra[i] + rb[j] of one row, ranked by (sum desc, i*n+j asc).
+// Exact top-k of the n*n sums ra[i] + rb[j] of one row, ranked by (sum desc, i*n+j asc): the sums into
+// ov[0:k], their slot ids i*n+j into w.ic[0:k].
 template <typename T>
-inline void select_row(const T* ra, const T* rb, int64_t n, int64_t k, const Stage2Plan& plan, Scratch<T>& w,
-                       T* ov, int64_t* oi, int64_t* oj) {
+inline void select_row(const T* ra, const T* rb, int64_t n, int64_t k, const Stage2Plan& plan, Scratch<T>& w, T* ov) {
   half_topk(ra, n, k, w.va.data(), w.ia.data(), w);
   half_topk(rb, n, k, w.vb.data(), w.ib.data(), w);
   // Stage 2.  Any set of >= k pairs closed under "rank down" (r' <= r, s' <= s) bounds the
@@ -412,11 +412,6 @@ inline void select_row(const T* ra, const T* rb, int64_t n, int64_t k, const Sta
   const T th = tighten(w.cand_v.data(), m, k, lo, w.va[0] + w.vb[0]);
   keep_and_rank(w.cand_v.data(), w.cand_id.data(), m, th, k, w.buf_v.data(), w.buf_id.data(), w.rank.data(), ov,
                 w.ic.data());
-  for (int64_t x = 0; x < k; ++x) {
-    const int32_t id = w.ic[x];
-    oi[x] = plan.shift >= 0 ? id >> plan.shift : id / n;
-    oj[x] = plan.shift >= 0 ? id & ((int32_t(1) << plan.shift) - 1) : id % n;
-  }
 }
 
 template <typename T>
@@ -434,8 +429,12 @@ void topk2_rows(const at::Tensor& a, const at::Tensor& b, int64_t k, at::Tensor&
     Scratch<T> w(n, k, static_cast<int64_t>(plan.pairs.size()));
     for (int64_t row = begin; row < end; ++row) {
       const int64_t p = row / Q, q = row % Q;
-      select_row(ap + p * as0 + q * as1, bp + p * bs0 + q * bs1, n, k, plan, w, out_v + row * k, out_i + row * k,
-                 out_j + row * k);
+      select_row(ap + p * as0 + q * as1, bp + p * bs0 + q * bs1, n, k, plan, w, out_v + row * k);
+      for (int64_t x = 0; x < k; ++x) {
+        const int32_t id = w.ic[x];
+        out_i[row * k + x] = plan.shift >= 0 ? id >> plan.shift : id / n;
+        out_j[row * k + x] = plan.shift >= 0 ? id & ((int32_t(1) << plan.shift) - 1) : id % n;
+      }
     }
   });
 }
@@ -505,7 +504,7 @@ inline void half_scores(const float* const* q, const float* kt, int64_t half, in
 // must pick the same slots for the same tokens (a checkpointed forward runs both).
 constexpr int64_t kScoreLoopMinTokens = 128;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> score_topk2(const at::Tensor& q, const at::Tensor& keys, int64_t k) {
+std::tuple<at::Tensor, at::Tensor> score_topk2(const at::Tensor& q, const at::Tensor& keys, int64_t k) {
   TORCH_CHECK(keys.dim() == 4 && keys.size(1) == 2, "score_topk2: keys must be [H, 2, n, d_h/2]");
   const int64_t H = keys.size(0), n = keys.size(2), half = keys.size(3);
   TORCH_CHECK(q.dim() == 3 && q.size(1) == H && q.size(2) == 2 * half, "score_topk2: q must be [T, H, d_h]");
@@ -514,7 +513,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_topk2(const at::Tensor& q, 
   if (q.scalar_type() != at::kFloat || T_ < kScoreLoopMinTokens) {
     const at::Tensor s = at::bmm(q.reshape({T_, 2 * H, half}).transpose(0, 1),
                                  keys.reshape({2 * H, n, half}).transpose(1, 2)).view({H, 2, T_, n});  // [2H, T, n]
-    return topk2(s.select(1, 0), s.select(1, 1), k);
+    auto [scores, isub, jsub] = topk2(s.select(1, 0), s.select(1, 1), k);
+    return {scores, isub.mul_(n).add_(jsub)};
   }
   TORCH_CHECK(k >= 1 && k <= n, "score_topk2: need 1 <= k <= n");
   TORCH_CHECK(n * n < (int64_t(1) << 31), "score_topk2: n*n must be < 2^31");
@@ -525,13 +525,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_topk2(const at::Tensor& q, 
   kt.narrow(3, 0, n).copy_(keys.transpose(2, 3));
   if (n_pad > n) kt.narrow(3, n, n_pad - n).zero_();  // only the padding: the rest was just written
   auto scores = at::empty({H, T_, k}, q.options());
-  auto isub = at::empty({H, T_, k}, q.options().dtype(at::kLong));
-  auto jsub = at::empty({H, T_, k}, q.options().dtype(at::kLong));
+  auto slots = at::empty({H, T_, k}, q.options().dtype(at::kLong));
   const float* qp = qc.const_data_ptr<float>();
   const float* ktp = kt.const_data_ptr<float>();
   float* out_v = scores.mutable_data_ptr<float>();
-  int64_t* out_i = isub.mutable_data_ptr<int64_t>();
-  int64_t* out_j = jsub.mutable_data_ptr<int64_t>();
+  int64_t* out_slot = slots.mutable_data_ptr<int64_t>();
   const Stage2Plan plan(n, k);
   // Tiles of kTileRows tokens of one head, in (head, token) order: a thread's consecutive tiles score
   // against one head's keys, kept in cache.  A last, short tile scores copies of its last token.
@@ -552,12 +550,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_topk2(const at::Tensor& q, 
       half_scores(qb, ktp + (h * 2 + 1) * half * n_pad, half, n_pad, sb.data());
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = h * T_ + t0 + r;
-        select_row(sa.data() + r * n_pad, sb.data() + r * n_pad, n, k, plan, w, out_v + row * k, out_i + row * k,
-                   out_j + row * k);
+        select_row(sa.data() + r * n_pad, sb.data() + r * n_pad, n, k, plan, w, out_v + row * k);
+        std::copy(w.ic.begin(), w.ic.begin() + k, out_slot + row * k);
       }
     }
   });
-  return {scores, isub, jsub};
+  return {scores, slots};
 }
 
 // y[0:d] += w * x[0:d]   (element-wise: the compiler vectorises it)
@@ -616,6 +614,19 @@ inline void row_out(const A* src, T* dst, int64_t d) {
 // (n/k times the work, plus a large zero-fill) gather and scatter those rows directly.
 //   dq[t, h, half]          = sum_x dsel[h, t, x] * keys[h, half, id_half[h, t, x]]
 //   dkeys[h, half, i]      += dsel[h, t, x] * q[t, h, half]     for id_half[h, t, x] == i
+// where id_0 = slot / n and id_1 = slot % n (the slots score_topk2 returned).
+
+// The sub-key ids of half hf of k slots into out: slot / n (hf 0) or slot % n (hf 1), by shifts when
+// n is a power of two.
+inline void half_ids(const int64_t* slot, int64_t k, int64_t n, int shift, int64_t hf, int64_t* out) {
+  if (shift >= 0) {
+    const int64_t mask = (int64_t(1) << shift) - 1;
+    for (int64_t x = 0; x < k; ++x) out[x] = hf ? slot[x] & mask : slot[x] >> shift;
+  } else {
+    for (int64_t x = 0; x < k; ++x) out[x] = hf ? slot[x] % n : slot[x] / n;
+  }
+}
+
 // One (head, half, token) row of the one-pass loop below at a fixed half width D: the dq half row is
 // summed in registers (a row in memory makes every x wait on the last one's store) and q's half row
 // is loaded once.  The same products in the same order as the axpy loop: the same bits.
@@ -634,13 +645,14 @@ inline void lookup_grads_row(const T* g, const int64_t* id, int64_t k, const T* 
 }
 
 template <typename T>
-void lookup_backward_impl(const at::Tensor& dsel, const at::Tensor& q, const at::Tensor& keys, const at::Tensor& isub,
-                          const at::Tensor& jsub, at::Tensor& dq, at::Tensor& dkeys) {
+void lookup_backward_impl(const at::Tensor& dsel, const at::Tensor& q, const at::Tensor& keys, const at::Tensor& slots,
+                          at::Tensor& dq, at::Tensor& dkeys) {
   const int64_t H = keys.size(0), n = keys.size(2), half = keys.size(3), T_ = q.size(0), k = dsel.size(2);
   const T* gp = dsel.const_data_ptr<T>();
   const T* qp = q.const_data_ptr<T>();
   const T* kp = keys.const_data_ptr<T>();
-  const int64_t* sub[2] = {isub.const_data_ptr<int64_t>(), jsub.const_data_ptr<int64_t>()};
+  const int64_t* sp = slots.const_data_ptr<int64_t>();
+  const int shift = exact_log2(n);
   if (dq.numel() && dkeys.numel()) {
     // Both in one pass per (head, half) task: each (t, x) entry's score gradient and sub-key id are read
     // once for the two products (separate passes read dsel and the ids twice; in a training step those
@@ -649,6 +661,8 @@ void lookup_backward_impl(const at::Tensor& dsel, const at::Tensor& q, const at:
     T* dqp = dq.mutable_data_ptr<T>();
     T* dkp = dkeys.mutable_data_ptr<T>();
     at::parallel_for(0, H * 2, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> ids(k);
+      const int64_t* id = ids.data();
       for (int64_t task = begin; task < end; ++task) {
         const int64_t h = task / 2, hf = task % 2;
         const T* table = kp + task * n * half;
@@ -656,7 +670,7 @@ void lookup_backward_impl(const at::Tensor& dsel, const at::Tensor& q, const at:
         for (int64_t t = 0; t < T_; ++t) {
           const int64_t row = h * T_ + t;
           const T* g = gp + row * k;
-          const int64_t* id = sub[hf] + row * k;
+          half_ids(sp + row * k, k, n, shift, hf, ids.data());
           const T* qrow = qp + (t * H + h) * 2 * half + hf * half;
           T* out = dqp + (t * H + h) * 2 * half + hf * half;
           if (half == 32) {
@@ -678,12 +692,14 @@ void lookup_backward_impl(const at::Tensor& dsel, const at::Tensor& q, const at:
   if (dq.numel()) {
     T* dqp = dq.mutable_data_ptr<T>();
     at::parallel_for(0, H * T_, 64, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> ids(k);
+      const int64_t* id = ids.data();
       for (int64_t row = begin; row < end; ++row) {  // row = h * T + t
         const int64_t h = row / T_, t = row % T_;
         const T* g = gp + row * k;
         for (int64_t hf = 0; hf < 2; ++hf) {
           const T* table = kp + (h * 2 + hf) * n * half;
-          const int64_t* id = sub[hf] + row * k;
+          half_ids(sp + row * k, k, n, shift, hf, ids.data());
           T* out = dqp + (t * H + h) * 2 * half + hf * half;
           std::fill(out, out + half, T(0));
           for (int64_t x = 0; x < k; ++x) axpy(out, g[x], table + id[x] * half, half);
@@ -695,13 +711,15 @@ void lookup_backward_impl(const at::Tensor& dsel, const at::Tensor& q, const at:
     T* dkp = dkeys.mutable_data_ptr<T>();
     // One (head, half) table per task, rows accumulated in (t, x) order: deterministic.
     at::parallel_for(0, H * 2, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> ids(k);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t h = task / 2, hf = task % 2;
         T* table = dkp + task * n * half;
         for (int64_t t = 0; t < T_; ++t) {
           const int64_t row = h * T_ + t;
           const T* qrow = qp + (t * H + h) * 2 * half + hf * half;
-          for (int64_t x = 0; x < k; ++x) axpy(table + sub[hf][row * k + x] * half, gp[row * k + x], qrow, half);
+          half_ids(sp + row * k, k, n, shift, hf, ids.data());
+          for (int64_t x = 0; x < k; ++x) axpy(table + ids[x] * half, gp[row * k + x], qrow, half);
         }
       }
     });
@@ -709,23 +727,21 @@ void lookup_backward_impl(const at::Tensor& dsel, const at::Tensor& q, const at:
 }
 
 std::tuple<at::Tensor, at::Tensor> lookup_backward(const at::Tensor& dsel, const at::Tensor& q, const at::Tensor& keys,
-                                                   const at::Tensor& isub, const at::Tensor& jsub, bool need_q,
-                                                   bool need_keys) {
+                                                   const at::Tensor& slots, bool need_q, bool need_keys) {
   TORCH_CHECK(keys.dim() == 4 && keys.size(1) == 2 && keys.is_contiguous(), "lookup_backward: keys must be [H, 2, n, d_h/2]");
   const int64_t H = keys.size(0), half = keys.size(3);
   TORCH_CHECK(q.dim() == 3 && q.size(1) == H && q.size(2) == 2 * half && q.is_contiguous(),
               "lookup_backward: q must be a contiguous [T, H, d_h]");
   TORCH_CHECK(dsel.dim() == 3 && dsel.size(0) == H && dsel.size(1) == q.size(0) && dsel.is_contiguous(),
               "lookup_backward: dsel must be a contiguous [H, T, k]");
-  TORCH_CHECK(isub.sizes() == dsel.sizes() && jsub.sizes() == dsel.sizes() && isub.is_contiguous() &&
-                  jsub.is_contiguous() && isub.scalar_type() == at::kLong && jsub.scalar_type() == at::kLong,
-              "lookup_backward: isub/jsub must be contiguous int64 like dsel");
+  TORCH_CHECK(slots.sizes() == dsel.sizes() && slots.is_contiguous() && slots.scalar_type() == at::kLong,
+              "lookup_backward: slots must be a contiguous int64 like dsel");
   TORCH_CHECK(q.scalar_type() == keys.scalar_type() && dsel.scalar_type() == keys.scalar_type(),
               "lookup_backward: dsel, q and keys must have one dtype");
   auto dq = need_q ? at::empty(q.sizes(), q.options()) : at::empty({0}, q.options());
   auto dkeys = need_keys ? at::zeros(keys.sizes(), keys.options()) : at::empty({0}, keys.options());
   AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "midus_hml_lookup_backward",
-                             [&] { lookup_backward_impl<scalar_t>(dsel, q, keys, isub, jsub, dq, dkeys); });
+                             [&] { lookup_backward_impl<scalar_t>(dsel, q, keys, slots, dq, dkeys); });
   return {dq, dkeys};
 }
 
@@ -922,10 +938,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> memory_read(const at::Tensor& q, 
                   2 * keys.size(3) == q.size(2),
               "read: q must be [T, H, d_h] and keys [H, 2, n, d_h/2]");
   TORCH_CHECK(q.scalar_type() == keys.scalar_type(), "read: q and keys must have one dtype");
-  const int64_t T_ = q.size(0), H = q.size(1), n = keys.size(2);
-  auto [scores, isub, jsub] = score_topk2(q, keys, k);  // [H, T, k] each
+  const int64_t T_ = q.size(0), H = q.size(1);
+  auto [scores, slots] = score_topk2(q, keys, k);  // [H, T, k] each
   at::Tensor w = at::softmax(scores, -1);
-  at::Tensor slots = isub * n + jsub;
   at::Tensor rows = head_rows ? slots + at::arange(H, slots.options()).mul_(head_rows).view({H, 1, 1}) : slots;
   at::Tensor z = bag_forward(table, rows.reshape({H * T_, k}).contiguous(),
                              w.reshape({H * T_, k}).to(at::toOpMathType(table.scalar_type())).contiguous())
@@ -939,8 +954,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> memory_read(const at::Tensor& q, 
 
 TORCH_LIBRARY(midus_hml, m) {
   m.def("topk2(Tensor a, Tensor b, int k) -> (Tensor, Tensor, Tensor)");
-  m.def("score_topk2(Tensor q, Tensor keys, int k) -> (Tensor, Tensor, Tensor)");
-  m.def("lookup_backward(Tensor dsel, Tensor q, Tensor keys, Tensor isub, Tensor jsub, bool need_q, bool need_keys) -> (Tensor, Tensor)");
+  m.def("score_topk2(Tensor q, Tensor keys, int k) -> (Tensor, Tensor)");
+  m.def("lookup_backward(Tensor dsel, Tensor q, Tensor keys, Tensor slots, bool need_q, bool need_keys) -> (Tensor, Tensor)");
   m.def("bag_forward(Tensor table, Tensor idx, Tensor w) -> Tensor");
   m.def("bag_backward(Tensor dz, Tensor table, Tensor idx, Tensor w, bool need_w, bool need_table) -> (Tensor, Tensor)");
   m.def("read(Tensor q, Tensor keys, Tensor table, Tensor? proj, int k, int head_rows) -> (Tensor, Tensor, Tensor)");

@@ -449,14 +449,14 @@ def _autocast_off(backward):
 
 def _lookup_forward(q: Tensor, keys: Tensor, k: int, backend: str):
     """Scores, exact two-stage top-k and softmax of queries q [T, H, d_h] against keys [H, 2, n, d_h/2] on
-    ``backend``: (w, slots, i_sub, j_sub), each [H, T, k]. _Lookup's forward, and the whole lookup when no
-    gradient is wanted (decode: no autograd node to build)."""
+    ``backend``: (w, slots, i_sub, j_sub), each [H, T, k] (i_sub and j_sub None on "cpu", whose backward
+    reads them from the slots). _Lookup's forward, and the whole lookup when no gradient is wanted (decode:
+    no autograd node to build)."""
     T, H, dh = q.shape
     n = keys.shape[2]
     if backend == "cpu":  # scores and the same selection and tie rule, compiled, parallel over (h, t)
-        scores, i_sub, j_sub = torch.ops.midus_hml.score_topk2(q, keys, k)  # [H, T, k] each
-        w = torch.softmax(scores, dim=-1)
-        return w, i_sub * n + j_sub, i_sub, j_sub
+        scores, slots = torch.ops.midus_hml.score_topk2(q, keys, k)  # [H, T, k] each
+        return torch.softmax(scores, dim=-1), slots, None, None
     qh = q.reshape(T, 2 * H, dh // 2).transpose(0, 1)  # [2H, T, dh/2]
     kf = keys.reshape(2 * H, n, dh // 2)
     s = torch.bmm(qh, kf.transpose(1, 2))  # [2H, T, n]
@@ -533,8 +533,9 @@ class _Lookup(torch.autograd.Function):
         w, slots, i_sub, j_sub = _lookup_forward(q, keys, k, backend)
         ctx.mark_non_differentiable(slots)
         ctx.set_materialize_grads(False)  # the slots' gradient would be an int64 [H, T, k] of zeros, filled per step
-        ctx.save_for_backward(q, keys, w, i_sub, j_sub)
         ctx.fused = backend == "cpu"
+        # the compiled backward reads both halves' sub-key ids from the slots: two [H, T, k] int64 fewer kept
+        ctx.save_for_backward(q, keys, w, *((slots,) if ctx.fused else (i_sub, j_sub)))
         return w, slots
 
     @staticmethod
@@ -542,16 +543,17 @@ class _Lookup(torch.autograd.Function):
     def backward(ctx, dw, _dslots):
         if dw is None:  # nothing downstream of the weights asked for a gradient
             return None, None, None, None
-        q, keys, w, i_sub, j_sub = ctx.saved_tensors
+        q, keys, w, *ids = ctx.saved_tensors  # ids: (slots,) on the compiled path, else (i_sub, j_sub)
         T, H, dh = q.shape
         n = keys.shape[2]
         dsel = w * (dw - (w * dw).sum(-1, keepdim=True))  # softmax backward, [H, T, k]
         if ctx.fused:
             need_q, need_keys = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             dq, dkeys = torch.ops.midus_hml.lookup_backward(
-                dsel.contiguous(), q, keys.contiguous(), i_sub, j_sub, need_q, need_keys
+                dsel.contiguous(), q, keys.contiguous(), ids[0], need_q, need_keys
             )
             return (dq if need_q else None), (dkeys if need_keys else None), None, None
+        i_sub, j_sub = ids
         ds = torch.zeros(H, 2, T, n, dtype=dsel.dtype, device=dsel.device)
         ds[:, 0].scatter_add_(-1, i_sub, dsel)
         ds[:, 1].scatter_add_(-1, j_sub, dsel)
