@@ -20,7 +20,7 @@ import torch
 
 from midus_surgery import kernels
 from midus_surgery.model import hml
-from midus_surgery.model.hml import HeadwiseMemory, HMLConfig, LatentBank, two_stage_topk
+from midus_surgery.model.hml import HeadwiseMemory, HMLConfig, LatentBank, _HeadNorm, two_stage_topk
 
 
 def run_on(kernels: str, fn, layer):
@@ -476,3 +476,40 @@ def test_a_compiled_read_without_gradients_is_one_graph_on_the_single_read_op(mo
         torch._dynamo.reset()
         assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
         assert torch.equal(compiled, ref)  # the op's fake shapes and dtypes are what it returns
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_query_rms_norm_with_its_compiled_backward_is_the_composite(fused_ops, dtype):
+    # The compiled CPU path normalises the queries through _QueryRMSNorm: the same forward ops (so the same
+    # values, hence the same slots), and one compiled pass for the backward instead of autograd through them.
+    g = torch.Generator().manual_seed(8)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    norm = _HeadNorm("rms", 3, 64, 1e-6, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(3, 64, generator=g) + 0.5)
+    q = (torch.randn(300, 3, 64, generator=g) * 3).to(dtype)  # 300 tokens: three blocks of the dweight sum
+    dy = torch.randn(300, 3, 64, generator=g).to(acc)
+    grads = {}
+    for fused in (True, False):
+        qq = q.clone().requires_grad_()
+        norm.weight.grad = None
+        y = norm(qq if fused else qq.to(acc), fused_backward=fused)
+        y.backward(dy)
+        grads[fused] = (y.detach(), qq.grad, norm.weight.grad)
+    (y1, dq1, dw1), (y0, dq0, dw0) = grads[True], grads[False]
+    assert y1.dtype == acc and torch.equal(y1, y0)
+    assert dq1.dtype == dtype and dw1.dtype == dtype
+    tol = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5),
+           torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}[dtype]  # bf16: each rounded once from float32 sums
+    torch.testing.assert_close(dq1, dq0, **tol)
+    torch.testing.assert_close(dw1, dw0, **tol)
+    # the weight's gradient sums the token blocks in a fixed order: the same bits on one thread as on two
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused_ops.rms_norm_backward(dy, q, norm.weight.detach().to(acc), 1e-6, True, True)
+        torch.set_num_threads(2)
+        two = fused_ops.rms_norm_backward(dy, q, norm.weight.detach().to(acc), 1e-6, True, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])

@@ -107,7 +107,7 @@ def _build():
     _register_fakes()
     ops = torch.ops.midus_hml
     return SimpleNamespace(topk2=ops.topk2, score_topk2=ops.score_topk2, lookup_backward=ops.lookup_backward, bag_forward=ops.bag_forward,
-                           bag_backward=ops.bag_backward, read=ops.read)
+                           bag_backward=ops.bag_backward, read=ops.read, rms_norm_backward=ops.rms_norm_backward)
 
 
 def _register_fakes() -> None:
@@ -130,6 +130,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("midus_hml::bag_forward")
     def _(table, idx, w):
         return table.new_empty((idx.shape[0], table.shape[1]), dtype=w.dtype)
+
+    @torch.library.register_fake("midus_hml::rms_norm_backward")
+    def _(g, x, weight, eps, need_x, need_weight):
+        return x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_weight else (0,))
 
     @torch.library.register_fake("midus_hml::read")
     def _(q, keys, table, proj, k, head_rows):

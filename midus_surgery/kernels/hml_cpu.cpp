@@ -17,6 +17,8 @@
 //       -> (dw [B,k], dtable [N,d])   (an empty tensor for a gradient not asked for)
 //   midus_hml::read(q [T,H,d_h], keys, table, proj?, k, head_rows) -> (m [H,T,d_h], w [H,T,k], slots [H,T,k])
 //       the whole forward read in one call, for reads that record no gradient (decode)
+//   midus_hml::rms_norm_backward(g [T,H,d], x [T,H,d], weight [H,d], eps, need_x, need_weight) -> (dx, dweight)
+//       the query norm's backward (y = x * rsqrt(mean(x^2) + eps) * weight) in one pass
 //
 // Accumulation is in the "opmath" type (float for float/bfloat16/half tables, double for double);
 // z and dw come back in that type, dtable in the table's (each row rounded once, when stored).  Results do not depend on the number of threads:
@@ -923,6 +925,79 @@ std::tuple<at::Tensor, at::Tensor> bag_backward(const at::Tensor& dz, const at::
   return {dw, dtable};
 }
 
+// Backward of the query norm y = x * rsqrt(mean(x^2) + eps) * weight over each (token, head) row of d
+// features, in one pass (the composite's autograd runs ~12 elementwise ops over [T, H, d], each a
+// pass through memory).  Per row, with r = rsqrt(mean(x^2) + eps), xh = x * r and gw = g * weight:
+//   dx      = r * (gw - xh * sum(gw * xh) / d)        (rounded once to x's dtype)
+//   dweight += g * xh                                  (summed over tokens)
+// Tasks are (head, block of kNormTokenBlock tokens): each block's dweight part is summed in token
+// order, then the parts in block order: the same bits whatever the thread count.
+constexpr int64_t kNormTokenBlock = 128;
+
+template <typename A, typename T>
+void rms_norm_backward_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, double eps,
+                            at::Tensor& dx, at::Tensor& dweight) {
+  const int64_t T_ = x.size(0), H = x.size(1), d = x.size(2);
+  const int64_t blocks = (T_ + kNormTokenBlock - 1) / kNormTokenBlock;
+  const A* gp = g.const_data_ptr<A>();
+  const T* xp = x.const_data_ptr<T>();
+  const A* wp = weight.const_data_ptr<A>();
+  T* dxp = dx.numel() ? dx.mutable_data_ptr<T>() : nullptr;
+  std::vector<A> parts(dweight.numel() ? H * blocks * d : 0, A(0));
+  with_row_width(d, [&](auto width) {
+    constexpr int D = decltype(width)::value;  // 0: d at run time
+    const int64_t dd = D > 0 ? D : d;
+    at::parallel_for(0, H * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<A> xbuf(dd), out(dd);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t h = task / blocks, b = task % blocks;
+        const A* w = wp + h * dd;
+        A* part = parts.empty() ? nullptr : parts.data() + task * dd;
+        for (int64_t t = b * kNormTokenBlock; t < std::min(T_, (b + 1) * kNormTokenBlock); ++t) {
+          const int64_t at = (t * H + h) * dd;
+          const A* xr = row_in(xp + at, xbuf.data(), dd);
+          const A* gr = gp + at;
+          const A r = A(1) / std::sqrt(dot(xr, xr, dd) / A(dd) + A(eps));
+          if (dxp) {
+            for (int64_t c = 0; c < dd; ++c) out[c] = gr[c] * w[c];  // gw
+            const A scale = dot(out.data(), xr, dd) * r * r / A(dd);  // sum(gw * xh) / d, times r once more for xh = x * r
+            for (int64_t c = 0; c < dd; ++c) out[c] = r * (out[c] - xr[c] * scale);
+            row_out(out.data(), dxp + at, dd);
+          }
+          if (part)
+            for (int64_t c = 0; c < dd; ++c) part[c] += gr[c] * (xr[c] * r);
+        }
+      }
+    });
+  });
+  if (!parts.empty()) {
+    A* dwp = dweight.mutable_data_ptr<A>();
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t c = 0; c < d; ++c) {
+        A sum = 0;
+        for (int64_t b = 0; b < blocks; ++b) sum += parts[(h * blocks + b) * d + c];
+        dwp[h * d + c] = sum;
+      }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight,
+                                                     double eps, bool need_x, bool need_weight) {
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "rms_norm_backward: x must be a contiguous [T, H, d]");
+  TORCH_CHECK(g.sizes() == x.sizes() && g.is_contiguous(), "rms_norm_backward: g must be a contiguous tensor like x");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == x.size(1) && weight.size(1) == x.size(2) && weight.is_contiguous(),
+              "rms_norm_backward: weight must be a contiguous [H, d]");
+  TORCH_CHECK(g.scalar_type() == at::toOpMathType(x.scalar_type()) && weight.scalar_type() == g.scalar_type(),
+              "rms_norm_backward: g and weight must have x's accumulation dtype");
+  auto dx = need_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  auto dweight = need_weight ? at::empty(weight.sizes(), weight.options()) : at::empty({0}, weight.options());
+  if (!need_x && !need_weight) return {dx, dweight};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "midus_hml_rms_norm_backward", [&] {
+    rms_norm_backward_impl<at::opmath_type<scalar_t>, scalar_t>(g, x, weight, eps, dx, dweight);
+  });
+  return {dx, dweight};
+}
+
 // The memory layer's whole read when no gradient is recorded (decode, evaluation): score_topk2,
 // softmax, bag_forward and HIVE's projection in one call.  The same operators in the same
 // order as hml.py's _lookup_forward + _pool_project_forward / _pool_forward, so the same values to
@@ -959,6 +1034,7 @@ TORCH_LIBRARY(midus_hml, m) {
   m.def("bag_forward(Tensor table, Tensor idx, Tensor w) -> Tensor");
   m.def("bag_backward(Tensor dz, Tensor table, Tensor idx, Tensor w, bool need_w, bool need_table) -> (Tensor, Tensor)");
   m.def("read(Tensor q, Tensor keys, Tensor table, Tensor? proj, int k, int head_rows) -> (Tensor, Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor g, Tensor x, Tensor weight, float eps, bool need_x, bool need_weight) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(midus_hml, CPU, m) {
@@ -968,4 +1044,5 @@ TORCH_LIBRARY_IMPL(midus_hml, CPU, m) {
   m.impl("bag_forward", &bag_forward);
   m.impl("bag_backward", &bag_backward);
   m.impl("read", &memory_read);
+  m.impl("rms_norm_backward", &rms_norm_backward);
 }

@@ -932,6 +932,31 @@ def _in_backward() -> bool:
     return task is not None and task() != -1
 
 
+class _QueryRMSNorm(torch.autograd.Function):
+    """_HeadNorm's "rms": q [T, H, d_h] (any float dtype) -> F.rms_norm(q in float32) * weight in float32
+    (float64 for float64 q), the unfused path's ops, so its values to the bit. The backward is one
+    compiled pass (kernels/hml_cpu.cpp, rms_norm_backward) where autograd through the composite runs
+    ~12 elementwise ops over [T, H, d_h] and a cast, and it keeps q itself (bf16 in a bf16 model), not its
+    float32 copy."""
+
+    @staticmethod
+    def forward(ctx, q, weight, eps):
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        ctx.save_for_backward(q, weight)
+        ctx.eps = eps
+        return (F.rms_norm(q.to(acc), (q.shape[-1],), eps=eps) * weight.to(acc)).contiguous()
+
+    @staticmethod
+    @_autocast_off
+    def backward(ctx, dy):
+        q, weight = ctx.saved_tensors
+        need_q, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dq, dweight = torch.ops.midus_hml.rms_norm_backward(
+            dy.contiguous(), q.contiguous(), weight.to(dy.dtype).contiguous(), ctx.eps, need_q, need_weight
+        )
+        return (dq if need_q else None), (dweight.to(weight.dtype) if need_weight else None), None
+
+
 class _HeadNorm(nn.Module):
     """Per-head query norm over d_h with a per-head affine weight [H, d_h] (float32 math).
 
@@ -984,7 +1009,11 @@ class _HeadNorm(nn.Module):
         self.running_var.lerp_(q.var(0, unbiased=False).to(self.running_var.dtype), momentum)
         self.updates.add_(1).clamp_max_(self.COUNTED_UPDATES)  # bf16 counts exactly only to 256
 
-    def forward(self, q: Tensor) -> Tensor:  # q [T, H, d_h] (float32/64)
+    def forward(self, q: Tensor, fused_backward: bool = False) -> Tensor:  # q [T, H, d_h] (float32/64)
+        """fused_backward (rms only; the compiled CPU kernels loaded): the same values from _QueryRMSNorm,
+        whose backward is one compiled pass; q may then be in any float dtype (it casts as it normalises)."""
+        if fused_backward and self.kind == "rms":
+            return _QueryRMSNorm.apply(q, self.weight, self.eps)
         if self.kind == "batch":
             seen = q.detach()
             # gradient checkpointing's second forward runs inside the backward pass (a graph task is running),
@@ -1271,15 +1300,18 @@ class HeadwiseMemory(nn.Module):
     def _mm_dtype(self, x: Tensor, tokens: int) -> torch.dtype:
         return _matmul_dtype(x.dtype, x.device.type, tokens)
 
-    def _normed(self, q: Tensor) -> Tensor:
-        """The queries as the lookup scores them: float32 (float64 for float64 input), normalised."""
-        q = q.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-        if self.query_norm is not None:
-            q = self.query_norm(q)
+    def _normed(self, q: Tensor, backend: str) -> Tensor:
+        """The queries as the lookup scores them: float32 (float64 for float64 input), normalised.
+        On the compiled CPU kernels an rms norm's backward is one compiled pass (_QueryRMSNorm), which casts too."""
+        fused = backend == "cpu" and self.query_norm is not None and self.query_norm.kind == "rms"
+        if not fused:
+            q = q.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        if self.query_norm is not None:  # called, not read: an offloading hook loads its weight at the call
+            q = self.query_norm(q, fused_backward=fused)
         return q.contiguous()
 
     def _lookup(self, q: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-        q = self._normed(q)
+        q = self._normed(q, backend)
         keys = self.keys.to(q.dtype)
         if _builds_graph(q, keys):
             return _Lookup.apply(q, keys, self.config.topk, backend)  # w, slots: [H, T, k]
@@ -1291,7 +1323,7 @@ class HeadwiseMemory(nn.Module):
         cfg, H, dh = self.config, self.num_heads, self.head_dim
         N = cfg.n_subkeys**2
         table = self.latent_bank() if cfg.hive else self.values.view(H * N, dh)  # the bank by its call (LatentBank.forward)
-        q = self._normed(q)
+        q = self._normed(q, backend)
         if backend == "triton-fused":  # one kernel reads, another differentiates the read
             keys, head_rows = self.keys.float(), 0 if cfg.hive else N
             if _builds_graph(q, keys, table):
