@@ -467,7 +467,7 @@ def cmd_eval(args) -> int:
         return _eval_tasks(args)
     import torch
 
-    from midus_surgery.train.evaluate import ModelFailed, check_model_loads, eval_device, out_of_memory, run_eval
+    from midus_surgery.train.evaluate import ModelFailed, check_model_loads, eval_device, out_of_memory, run_eval, unforeseen, unforeseen_failure
 
     eval_device(args.device)  # a device this machine lacks: said before any model is read
     for model in args.model:  # every model checked as far as it goes without reading its weights, before the first evaluation
@@ -486,6 +486,8 @@ def cmd_eval(args) -> int:
                 raise out_of_memory(model, exc, eval_device(args.device)) from None
             if isinstance(exc, MidusError) and len(args.model) > 1:
                 raise ModelFailed(model, exc) from None
+            if unforeseen(exc) and len(args.model) > 1:  # a RuntimeError in its forward: one line under the results, not a traceback
+                raise ModelFailed(model, unforeseen_failure(model, exc)) from None
             raise
         results.append(result)
         if not args.json:

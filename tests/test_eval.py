@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -399,6 +400,86 @@ def test_a_model_that_fails_at_its_real_load_keeps_the_results_before_it(setup, 
     results = json.loads(captured.out)
     assert [r["model"] for r in results] == list(map(str, three_models[:2])) and all(r["perplexity"] > 1 for r in results)
     assert captured.err == error
+
+
+@pytest.fixture(scope="module")
+def task_suite(tmp_path_factory):
+    """An offline lm-eval task suite (tools/make_task_suite.py's) built from a few prose documents, for eval --tasks."""
+    from midus_surgery.downstream.task_suite import build_task_suite
+
+    root = tmp_path_factory.mktemp("task-suite")
+    (root / "text").mkdir()
+    animals, places = ["cat", "dog", "bird", "fish"], ["mat", "tree", "pond", "log"]
+    for d in range(4):
+        (root / "text" / f"doc{d}.txt").write_text(" ".join(
+            f"The {['big', 'small', 'quick'][i]} {animals[(d + i) % 4]} sat on the {places[d]} and then slept under the {places[(d + i + 1) % 4]}."
+            for i in range(3)) + "\n")
+    build_task_suite([str(root / "text")], root / "suite", items=4, seed=0)
+    return root / "suite"
+
+
+def tasks_args(models, suite) -> list[str]:
+    return ["eval", *map(str, models), "--tasks", "midus_cloze", "--include-path", str(suite), "--limit", "2", "--batch-size", "2", "--quiet"]
+
+
+def fail_in_forward(monkeypatch, model, error):
+    """The tiny Llama's forward raises ``error()`` for ``model`` alone (lm-eval's scoring and eval --data run it)."""
+    from transformers import LlamaForCausalLM
+
+    forward = LlamaForCausalLM.forward
+
+    def failing(self, *args, **kwargs):
+        if Path(self.config._name_or_path) == Path(model):
+            raise error()
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", failing)
+
+
+def test_an_unexpected_error_in_a_later_models_forward_keeps_the_results_before_it(setup, three_models, capsys, monkeypatch):
+    """A RuntimeError inside the second model's forward (an error no check foresees) was a traceback under the first
+    model's result; now, as for a MidusError, the results before it are printed, then one line naming the model, the
+    exception and where it was raised, exit 1."""
+    second = three_models[1]
+    fail_in_forward(monkeypatch, second, lambda: RuntimeError("boom in forward\nits second line"))
+    args = ["eval", *map(str, three_models), "--data", str(setup["root"] / "corpus"), "--block-size", "16",
+            "--cache-dir", str(setup["cache"]), "--quiet"]
+    error = re.compile(f"error: {re.escape(str(second))}: the evaluation failed with an unexpected error "
+                       r"\(RuntimeError: boom in forward, raised at \S*test_eval\.py:\d+\); please report it\n")
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{three_models[0]}: perplexity "), lines
+    assert error.fullmatch(captured.err) and "Traceback" not in captured.err, captured.err
+    assert main([*args, "--json"]) == 1
+    captured = capsys.readouterr()
+    assert [r["model"] for r in json.loads(captured.out)] == [str(three_models[0])]
+    assert error.fullmatch(captured.err), captured.err
+
+
+def test_an_unexpected_error_at_a_later_models_tasks_keeps_the_table_before_it(setup, three_models, task_suite, capsys, monkeypatch):
+    """eval --tasks: an error no check foresees outside lm-eval's scoring (its wrapper of the second model) was a
+    traceback; now the table (or JSON) of the model scored before it, then one line naming the model, exit 1."""
+    from lm_eval.models.huggingface import HFLM
+
+    second, wrap = three_models[1], HFLM.__init__
+
+    def failing(self, pretrained, **kwargs):
+        if Path(pretrained.config._name_or_path) == Path(second):
+            raise ValueError("no such wrapper")
+        wrap(self, pretrained=pretrained, **kwargs)
+
+    monkeypatch.setattr(HFLM, "__init__", failing)
+    error = re.compile(f"error: {re.escape(str(second))}: the evaluation failed with an unexpected error "
+                       r"\(ValueError: no such wrapper, raised at \S*test_eval\.py:\d+\); please report it\n")
+    assert main(tasks_args(three_models, task_suite)) == 1
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0].split()[:4] == ["task", "(items)", "metric", three_models[0].name]
+    assert str(second.name) not in captured.out and error.fullmatch(captured.err), captured
+    assert main([*tasks_args(three_models, task_suite), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert [r["model"] for r in json.loads(captured.out)["models"]] == [str(three_models[0])]
+    assert error.fullmatch(captured.err), captured.err
 
 
 @pytest.mark.parametrize("model_type", ["gpt_neox", "gpt2", "llama", "mixtral", "opt", "qwen2_moe"])

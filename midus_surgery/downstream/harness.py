@@ -45,7 +45,17 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
     import torch
 
     from midus_surgery.errors import MidusError
-    from midus_surgery.train.evaluate import DTYPES, ModelFailed, check_model_loads, eval_device, load_causal_lm, load_tokenizer, out_of_memory
+    from midus_surgery.train.evaluate import (
+        DTYPES,
+        ModelFailed,
+        check_model_loads,
+        eval_device,
+        load_causal_lm,
+        load_tokenizer,
+        out_of_memory,
+        unforeseen,
+        unforeseen_failure,
+    )
 
     if limit is not None and not limit > 0:
         raise TaskError(f"--limit must be above 0 (items per task, or a fraction below 1), got {limit:g}")
@@ -124,6 +134,10 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
             if len(models) == 1:
                 raise
             raise ModelFailed(m, exc, result() if rows else None) from None
+        except Exception as exc:  # noqa: BLE001 - outside lm-eval's scoring (moving the model to the device, lm-eval's wrapper)
+            if unforeseen(exc) and len(models) > 1:  # one line under the table, not a traceback
+                raise ModelFailed(m, unforeseen_failure(m, exc), result() if rows else None) from None
+            raise
     return result()
 
 

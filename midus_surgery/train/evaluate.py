@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from midus_surgery.errors import MidusError, UsageError, is_library_panic, load_error_line, one_line, quiet_library_panic
+from midus_surgery.errors import MidusError, UsageError, disk_problem, is_library_panic, load_error_line, one_line, quiet_library_panic
 from midus_surgery.io.hf_output import hf_progress_bars, kept_load_report, load_report_words
 from midus_surgery.io.output_dir import CHECKPOINT_STATE, check_cache_location, data_folder, input_root, run_export_hint
 from midus_surgery.train.config import DIR_GLOB
@@ -57,6 +57,27 @@ def out_of_memory(model, exc: BaseException, device, less: str = "a smaller --ba
     from midus_surgery.errors import MachineError
 
     return MachineError(f"{Path(model)}: out of memory on {device} ({one_line(exc, 200)}); {less}, or --dtype bfloat16, needs less")
+
+
+def unforeseen(exc: BaseException) -> bool:
+    """Whether ``exc`` is an error no check foresees (a RuntimeError inside a model's forward, a library's own error),
+    not a MidusError, Ctrl-C, or what the CLI words itself (a full disk, a path it cannot write: OSError)."""
+    return isinstance(exc, Exception) and not isinstance(exc, (MidusError, OSError)) and not disk_problem(exc)
+
+
+def unforeseen_failure(model, exc: BaseException) -> MidusError:
+    """``unforeseen`` ``exc``, from one of several models' load or evaluation, as one line naming the model, the
+    exception and where it was raised: under the results of the models before it, not a traceback (exit 1)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = ""
+    if frames:
+        raised = Path(frames[-1].filename)
+        roots = sorted({Path(p) for p in sys.path if p and Path(p).is_absolute()}, key=lambda p: len(p.parts), reverse=True)
+        raised = next((raised.relative_to(root) for root in roots if raised.is_relative_to(root)), raised)  # transformers/models/...
+        where = f", raised at {raised}:{frames[-1].lineno}"
+    return MidusError(f"{Path(model)}: the evaluation failed with an unexpected error ({one_line(exc, 300)}{where}); please report it")
 
 
 def _names(keys, limit: int = 3) -> str:
