@@ -530,9 +530,10 @@ def _eval_tasks(args) -> int:
                            limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device,
                            seed=0 if args.seed is None else args.seed, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                            progress=not (args.quiet or args.json))
-    except ModelFailed as exc:  # one of several failed: the models scored before it are printed (the same table or JSON), then its error
-        if exc.partial is not None:
-            print(strict_json(exc.partial, indent=2) if args.json else format_table(exc.partial), flush=True)
+    except (ModelFailed, KeyboardInterrupt) as exc:  # one of several failed, or Ctrl-C: the models scored before it are printed
+        partial = getattr(exc, "partial", None)  # (the same table or JSON), then its error, or "interrupted"
+        if partial is not None:
+            print(strict_json(partial, indent=2) if args.json else format_table(partial), flush=True)
         raise
     print(strict_json(result, indent=2) if args.json else format_table(result))
     return 0

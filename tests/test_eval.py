@@ -482,6 +482,37 @@ def test_an_unexpected_error_at_a_later_models_tasks_keeps_the_table_before_it(s
     assert error.fullmatch(captured.err), captured.err
 
 
+def test_ctrl_c_at_a_later_models_tasks_prints_the_table_before_it(three_models, task_suite, capsys, monkeypatch):
+    """Ctrl-C while lm-eval scored the second model printed only "interrupted": the first model's table was lost. Now
+    its table (or JSON), then "interrupted", exit 130, as eval --data and train do."""
+    fail_in_forward(monkeypatch, three_models[1], KeyboardInterrupt)
+    assert main(tasks_args(three_models, task_suite)) == 130
+    captured = capsys.readouterr()
+    table = captured.out.splitlines()
+    assert table[0].split()[:4] == ["task", "(items)", "metric", three_models[0].name] and len(table[0].split()) == 4, table
+    assert any(row.startswith("midus_cloze (2)") and "perplexity" in row for row in table) and captured.err == "interrupted\n"
+    assert main([*tasks_args(three_models, task_suite), "--json"]) == 130
+    captured = capsys.readouterr()
+    assert [r["model"] for r in json.loads(captured.out)["models"]] == [str(three_models[0])] and captured.err == "interrupted\n"
+    fail_in_forward(monkeypatch, three_models[0], KeyboardInterrupt)  # none scored yet: nothing printed
+    assert main([*tasks_args(three_models, task_suite), "--json"]) == 130
+    assert capsys.readouterr() == ("", "interrupted\n")
+
+
+def test_ctrl_c_at_a_later_models_data_prints_the_results_before_it(setup, three_models, capsys, monkeypatch):
+    """eval --data: the perplexity line of each model completed (or --json's list of them), then "interrupted", exit 130."""
+    fail_in_forward(monkeypatch, three_models[1], KeyboardInterrupt)
+    args = ["eval", *map(str, three_models), "--data", str(setup["root"] / "corpus"), "--block-size", "16",
+            "--cache-dir", str(setup["cache"]), "--quiet"]
+    assert main(args) == 130
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{three_models[0]}: perplexity ") and captured.err == "interrupted\n", captured
+    assert main([*args, "--json"]) == 130
+    captured = capsys.readouterr()
+    assert [r["model"] for r in json.loads(captured.out)] == [str(three_models[0])] and captured.err == "interrupted\n"
+
+
 @pytest.mark.parametrize("model_type", ["gpt_neox", "gpt2", "llama", "mixtral", "opt", "qwen2_moe"])
 def test_the_header_check_passes_every_saved_model_and_finds_a_lacking_tensor_where_names_are_plain(tmp_path, model_type):
     """The check eval makes before the first evaluation must never refuse what the load takes: each architecture as

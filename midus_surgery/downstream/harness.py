@@ -41,7 +41,8 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
     """Score every model on every task; ``{"tasks", "settings", "models": [{"model", "results", "seconds"}]}``.
     ``results``: task -> metric -> value, with ``<metric>_stderr`` beside each. Every model is checked before the
     first is scored (``check_model_loads``, no weights read), then loaded once; one of several that still fails
-    raises ``ModelFailed`` naming it, whose ``partial`` is this result for the models scored before it (None: none)."""
+    raises ``ModelFailed`` naming it, whose ``partial`` is this result for the models scored before it (None: none);
+    a ``KeyboardInterrupt`` (Ctrl-C, SIGTERM) leaves with the same ``partial``."""
     import torch
 
     from midus_surgery.errors import MidusError
@@ -137,6 +138,9 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         except Exception as exc:  # noqa: BLE001 - outside lm-eval's scoring (moving the model to the device, lm-eval's wrapper)
             if unforeseen(exc) and len(models) > 1:  # one line under the table, not a traceback
                 raise ModelFailed(m, unforeseen_failure(m, exc), result() if rows else None) from None
+            raise
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (cli.Terminated): the caller prints the models scored, then "interrupted"
+            exc.partial = result() if rows else None
             raise
     return result()
 
