@@ -470,15 +470,15 @@ def cmd_eval(args) -> int:
     from midus_surgery.train.evaluate import ModelFailed, check_model_loads, eval_device, out_of_memory, run_eval, unforeseen, unforeseen_failure
 
     eval_device(args.device)  # a device this machine lacks: said before any model is read
-    for model in args.model:  # every model checked as far as it goes without reading its weights, before the first evaluation
-        check_model_loads(model, trust_remote_code=args.trust_remote_code, block_size=args.block_size)
+    # every model checked as far as it goes without reading its weights, before the first evaluation; its tokenizer kept
+    tokenizers = [check_model_loads(model, trust_remote_code=args.trust_remote_code, block_size=args.block_size) for model in args.model]
     results = []
-    for model in args.model:  # each model's weights read once, to be evaluated
+    for model, tokenizer in zip(args.model, tokenizers):  # each model's weights read once, to be evaluated
         try:
             result = run_eval(model, args.data, block_size=args.block_size, per_document=args.per_document,
                               batch_size=args.batch_size, max_blocks=args.max_blocks, dtype=args.dtype, text_field=args.text_field or "text",
                               cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code,
-                              progress=not (args.quiet or args.json), threads=args.threads, device=args.device)
+                              progress=not (args.quiet or args.json), threads=args.threads, device=args.device, tokenizer=tokenizer)
         except (Exception, KeyboardInterrupt) as exc:
             # what the checks could not see (a tensor's bytes, a converting load, memory): the results before it are kept
             _eval_report(results, args)

@@ -513,6 +513,31 @@ def test_ctrl_c_at_a_later_models_data_prints_the_results_before_it(setup, three
     assert [r["model"] for r in json.loads(captured.out)] == [str(three_models[0])] and captured.err == "interrupted\n"
 
 
+def test_several_models_each_read_their_tokenizer_once(setup, three_models, task_suite, capsys, monkeypatch):
+    """The check before the first evaluation loaded each model's tokenizer, dropped it, and the evaluation loaded it
+    again; now the check's is the one evaluated with, eval --data and --tasks alike (a model named twice: twice)."""
+    from collections import Counter
+
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    reads, hf_load = Counter(), PreTrainedTokenizerBase.from_pretrained.__func__
+
+    def counted(cls, path, *args, **kwargs):  # every tokenizer load, whichever class AutoTokenizer picks, goes through it
+        reads[str(path)] += 1
+        return hf_load(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "from_pretrained", classmethod(counted))
+    models = [*three_models, three_models[0]]
+    assert main(["eval", *map(str, models), "--data", str(setup["root"] / "corpus"), "--block-size", "16",
+                 "--cache-dir", str(setup["cache"]), "--quiet", "--json"]) == 0
+    assert [r["model"] for r in json.loads(capsys.readouterr().out)] == list(map(str, models))
+    assert reads == {str(three_models[0]): 2, str(three_models[1]): 1, str(three_models[2]): 1}
+    reads.clear()
+    assert main([*tasks_args(three_models[:2], task_suite), "--json"]) == 0
+    assert [r["model"] for r in json.loads(capsys.readouterr().out)["models"]] == list(map(str, three_models[:2]))
+    assert reads == {str(m): 1 for m in three_models[:2]}
+
+
 @pytest.mark.parametrize("model_type", ["gpt_neox", "gpt2", "llama", "mixtral", "opt", "qwen2_moe"])
 def test_the_header_check_passes_every_saved_model_and_finds_a_lacking_tensor_where_names_are_plain(tmp_path, model_type):
     """The check eval makes before the first evaluation must never refuse what the load takes: each architecture as

@@ -52,7 +52,6 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         check_model_loads,
         eval_device,
         load_causal_lm,
-        load_tokenizer,
         out_of_memory,
         unforeseen,
         unforeseen_failure,
@@ -90,8 +89,8 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         said = "; ".join(f"{t!r}" + (f" (did you mean {', '.join(near[t])}?)" if near[t] else "") for t in unknown)
         raise TaskError(f"--tasks: lm-eval knows no task {said}; local task folders go in --include-path")
     run_on = eval_device(device)
-    for m in models:  # every model checked as far as it goes without reading its weights, before the first long evaluation
-        check_model_loads(Path(m), trust_remote_code=trust_remote_code)
+    # every model checked as far as it goes without reading its weights, before the first long evaluation; its tokenizer kept
+    tokenizers = [check_model_loads(Path(m), trust_remote_code=trust_remote_code) for m in models]
     from huggingface_hub import constants
 
     hub_down = None if constants.HF_HUB_OFFLINE else _hub_unreachable()  # probed once for all the models
@@ -104,10 +103,10 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
                              # which folder's task was scored (every offline suite names its tasks alike)
                              "task_files": {t: str(defined[t][0]) for t in tasks if t in defined}}}
 
-    def score(m) -> dict:
+    def score(m, tokenizer) -> dict:
         start = time.perf_counter()
         model = load_causal_lm(Path(m), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=progress).to(run_on).eval()
-        lm = HFLM(pretrained=model, tokenizer=load_tokenizer(Path(m), trust_remote_code), batch_size=batch_size)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         try:
             with _lm_eval_output(progress), _no_git(), _no_fork_pool(), _offline_for(hub_down) as offline, \
                     (contextlib.nullcontext() if allow_task_code else sandboxed_templates()):
@@ -126,9 +125,9 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         return {"model": str(m), "results": {t: _metrics(out["results"].get(t, {})) for t in tasks},
                 "seconds": round(time.perf_counter() - start, 1)}  # the model and its wrapper freed on return
 
-    for m in models:  # each model's weights read once, to be scored
+    for m, tokenizer in zip(models, tokenizers):  # each model's weights read once, to be scored
         try:
-            rows.append(score(m))
+            rows.append(score(m, tokenizer))
         except (MemoryError, torch.OutOfMemoryError) as exc:  # the table of the models before it is kept
             raise ModelFailed(m, out_of_memory(m, exc, run_on, "a smaller --batch-size"), result() if rows else None) from None
         except MidusError as exc:  # what the checks could not see (a tensor's bytes, a converting load), a task that fails on it

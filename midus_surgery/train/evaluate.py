@@ -282,20 +282,20 @@ def check_weight_headers(path: Path, model) -> None:
         raise ModelLoadError(f"{d}: the weights do not match the model's architecture: {'; '.join(problems)}")
 
 
-def check_model_loads(path: Path, *, trust_remote_code: bool = False, block_size: int | None = None) -> Path:
+def check_model_loads(path: Path, *, trust_remote_code: bool = False, block_size: int | None = None):
     """``path`` checked as far as it can be without reading its weights, before an evaluation starts (each model
     then loads once, to be evaluated): ``check_model_dir``, config.json, the tokenizer, the model built on the meta
     device and the weights' headers against it (``check_weight_headers``), and ``block_size`` against its positions.
     A load can still fail on what headers do not show (a tensor's bytes, a converting load): the caller keeps the
-    results of the models before it."""
+    results of the models before it. Returns the tokenizer it loaded, for the evaluation (read once, not twice)."""
     path = check_model_dir(path, trust_remote_code=trust_remote_code)
-    load_tokenizer(path, trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code)
     model = model_on_meta(path, trust_remote_code=trust_remote_code)
     check_weight_headers(path, model)
     too_long = context_problem(model, block_size) if block_size is not None else None
     if too_long:
         raise ModelLoadError(f"{path}: --block-size: {too_long}")
-    return path
+    return tokenizer
 
 
 def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float32, trust_remote_code: bool = False,
@@ -507,9 +507,11 @@ def check_vocabulary(stream, model, model_dir: Path) -> None:
 def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None, per_document: bool = False, batch_size: int = 4,
              max_blocks: int | None = None, dtype: str = "float32", text_field: str = "text",
              dir_glob: Iterable[str] = DIR_GLOB, cache_dir: Path | None = None,
-             trust_remote_code: bool = False, progress: bool = True, threads: int | None = None, device: str = "auto") -> dict:
+             trust_remote_code: bool = False, progress: bool = True, threads: int | None = None, device: str = "auto",
+             tokenizer=None) -> dict:
     """``midus-surgery eval``: perplexity of ``model_dir`` on ``data``, on ``device`` (auto: CUDA when there is one).
-    block_size: tokens per block or window; None: 512, or the model's positions when it has fewer."""
+    block_size: tokens per block or window; None: 512, or the model's positions when it has fewer. tokenizer:
+    ``model_dir``'s, already loaded (``check_model_loads``'s); None: loaded here."""
     from midus_surgery.io.progress import progress_bar
     from midus_surgery.train import data as D
 
@@ -522,7 +524,8 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None,
     cache = check_cache_location(Path(cache_dir) if cache_dir else D.default_cache_dir(),
                                  inputs=[("the model", model_dir), *((f"data ({p})", input_root(p)) for p in data)],
                                  data_folders=[(f"the data folder of {p}", data_folder(p)) for p in data])
-    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_dir, trust_remote_code)
     stream = D.prepare_corpus(list(data), Path.cwd(), tokenizer, dir_glob=dir_glob, text_field=text_field,
                               cache_dir=cache, progress=progress,
                               what="eval data", tokenizer_source=str(model_dir))
