@@ -770,6 +770,10 @@ inline void with_row_width(int64_t d, F&& f) {
   }
 }
 
+// Rows up to this wide sum in registers in bag_forward; wider ones (d_l = 256: 16 AVX-512 registers of sum
+// and as many of row) ran 2x slower that way at the Llama-3.2-1B size than through the row in memory.
+constexpr int kBagRowMaxRegisters = 128;
+
 // z[0:D] = sum_i w[i] * row(idx[i]): summed in registers, terms in i order from 0 (the same bits as
 // axpy into a zeroed row).
 template <int D, typename A, typename T>
@@ -806,7 +810,7 @@ at::Tensor bag_forward(const at::Tensor& table, const at::Tensor& idx, const at:
               for (int64_t off = 0; off < d * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
                 __builtin_prefetch(row + off);
             }
-          if constexpr (D > 0) {
+          if constexpr (D > 0 && D <= kBagRowMaxRegisters) {
             bag_row<D>(zp + bag * d, wp + bag * k, ip + bag * k, k, tp);
           } else {
             std::fill(zp + bag * d, zp + (bag + 1) * d, A(0));
