@@ -522,7 +522,6 @@ def _eval_tasks(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from midus_surgery.train.evaluate import ModelFailed
 
     tasks = [t for entry in args.tasks for t in entry.split(",") if t]
     try:
@@ -530,7 +529,7 @@ def _eval_tasks(args) -> int:
                            limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device,
                            seed=0 if args.seed is None else args.seed, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                            progress=not (args.quiet or args.json))
-    except (ModelFailed, KeyboardInterrupt) as exc:  # one of several failed, or Ctrl-C: the models scored before it are printed
+    except BaseException as exc:  # one of several failed, Ctrl-C, a full disk: the models scored before it are printed
         partial = getattr(exc, "partial", None)  # (the same table or JSON), then its error, or "interrupted"
         if partial is not None:
             print(strict_json(partial, indent=2) if args.json else format_table(partial), flush=True)

@@ -334,6 +334,37 @@ def test_an_unreachable_hub_fails_a_hub_task_at_once_and_local_tasks_still_run(w
     assert "midus_cloze" in capsys.readouterr().out
 
 
+def test_an_error_in_the_models_forward_is_not_blamed_on_the_unreachable_hub(world, capsys, monkeypatch):
+    """With the Hub unreachable every lm-eval failure ended "..., so only datasets in the local datasets cache
+    can be read", a RuntimeError in the model's forward too (helper-61): now only a failure to read something."""
+    from huggingface_hub import constants
+    from transformers import LlamaForCausalLM
+
+    from midus_surgery.downstream import harness
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(harness, "_hub_unreachable", lambda: "huggingface.co is unreachable from here (test)")
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("shapes do not match in the forward")
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", broken)
+    capsys.readouterr()
+    args = ["eval", str(world["base"]), "--tasks", "midus_cloze", "--include-path", str(world["tasks"]), "--limit", "2", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: lm-eval could not score midus_cloze on ") and len(err.strip().splitlines()) == 1, err
+    assert "RuntimeError: shapes do not match in the forward" in err and "unreachable" not in err, err
+    assert harness._reading_failed(FileNotFoundError(2, "No such file")) and not harness._reading_failed(RuntimeError("x"))
+    try:  # a library's error raised from an OSError counts, through the chain
+        try:
+            raise ConnectionError("no route")
+        except ConnectionError as cause:
+            raise ValueError("the dataset could not be built") from cause
+    except ValueError as exc:
+        assert harness._reading_failed(exc)
+
+
 def test_the_offline_suite_renders_in_the_sandbox(world, capsys):
     from midus_surgery.downstream.task_guard import check_task_folders
 

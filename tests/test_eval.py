@@ -482,6 +482,30 @@ def test_an_unexpected_error_at_a_later_models_tasks_keeps_the_table_before_it(s
     assert error.fullmatch(captured.err), captured.err
 
 
+def test_a_full_disk_at_a_later_models_tasks_keeps_the_table_before_it(three_models, task_suite, capsys, monkeypatch):
+    """An OSError outside lm-eval's scoring (here a full disk as lm-eval wraps the second model) dropped the first
+    model's table (helper-61); now the table, then the CLI's own line for a full disk, exit 1."""
+    import errno
+
+    from lm_eval.models.huggingface import HFLM
+
+    second, wrap = three_models[1], HFLM.__init__
+
+    def failing(self, pretrained, **kwargs):
+        if Path(pretrained.config._name_or_path) == Path(second):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        wrap(self, pretrained=pretrained, **kwargs)
+
+    monkeypatch.setattr(HFLM, "__init__", failing)
+    assert main(tasks_args(three_models, task_suite)) == 1
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0].split()[:4] == ["task", "(items)", "metric", three_models[0].name], captured.out
+    assert captured.err.startswith("error: the disk is full") and "Traceback" not in captured.err, captured.err
+    assert main([*tasks_args(three_models, task_suite), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert [r["model"] for r in json.loads(captured.out)["models"]] == [str(three_models[0])]
+
+
 def test_ctrl_c_at_a_later_models_tasks_prints_the_table_before_it(three_models, task_suite, capsys, monkeypatch):
     """Ctrl-C while lm-eval scored the second model printed only "interrupted": the first model's table was lost. Now
     its table (or JSON), then "interrupted", exit 130, as eval --data and train do."""

@@ -120,7 +120,8 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
             raise TaskError(f"lm-eval could not score {', '.join(tasks)} on {m}: a task has no documents "
                             "(an empty data file, or a split with no rows)") from None
         except Exception as exc:  # noqa: BLE001 - a dataset that cannot be read (no network), a task that does not build
-            why = f"; {offline}, so only datasets in the local datasets cache can be read" if offline else ""
+            reading = offline and _reading_failed(exc)  # not said of an error in the model's forward (helper-61)
+            why = f"; {offline}, so only datasets in the local datasets cache can be read" if reading else ""
             raise TaskError(f"lm-eval could not score {', '.join(tasks)} on {m}: {one_line(exc, 800, whole=True)}{why}") from None
         return {"model": str(m), "results": {t: _metrics(out["results"].get(t, {})) for t in tasks},
                 "seconds": round(time.perf_counter() - start, 1)}  # the model and its wrapper freed on return
@@ -137,11 +138,23 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         except Exception as exc:  # noqa: BLE001 - outside lm-eval's scoring (moving the model to the device, lm-eval's wrapper)
             if unforeseen(exc) and len(models) > 1:  # one line under the table, not a traceback
                 raise ModelFailed(m, unforeseen_failure(m, exc), result() if rows else None) from None
+            exc.partial = result() if rows else None  # a full disk, a file it cannot read: the CLI's own line, under the table
             raise
         except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (cli.Terminated): the caller prints the models scored, then "interrupted"
             exc.partial = result() if rows else None
             raise
     return result()
+
+
+def _reading_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it came from) is a failure to read or fetch something: an OSError (a missing
+    file, a connection: requests' errors are OSErrors too) or an error of the libraries that fetch datasets."""
+    seen = 0
+    while exc is not None and seen < 16:
+        if isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in ("datasets", "huggingface_hub", "fsspec"):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _check_data_files(task: str, yaml_file: Path) -> None:
