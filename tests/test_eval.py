@@ -330,7 +330,8 @@ def test_several_models_each_read_their_weights_once(setup, three_models, capsys
 
 
 def broken_weights(source, target, how: str):
-    """A copy of ``source`` whose weights lack a tensor, hold one more, or hold one in another shape."""
+    """A copy of ``source`` whose weights lack a tensor, hold one more, hold one in another shape, or store one as
+    int32 integers."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -343,13 +344,15 @@ def broken_weights(source, target, how: str):
     elif how == "extra":  # in a model this tool did not write (no midus_plan.json), where the load only renames
         name = "model.layers.1.mlp.extra_proj.weight"
         weights[name] = torch.zeros(3, 3)
+    elif how == "integers":  # transformers would cast them into the float parameter without a word
+        weights[name] = (weights[name] * 1000).to(torch.int32)
     else:
         weights[name] = torch.zeros(3, 3)
     save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
     return target, name
 
 
-@pytest.mark.parametrize("how", ["lacking", "misshapen", "extra"])
+@pytest.mark.parametrize("how", ["lacking", "misshapen", "extra", "integers"])
 def test_a_last_model_whose_weights_do_not_fit_is_refused_before_any_is_evaluated(setup, three_models, tmp_path, capsys, monkeypatch, how):
     """From the safetensors headers and the model built on the meta device: no model's weights read, none evaluated."""
     from midus_surgery.train import evaluate
@@ -366,9 +369,22 @@ def test_a_last_model_whose_weights_do_not_fit_is_refused_before_any_is_evaluate
         said = {"lacking": f"the weights do not match the model's architecture: missing 1 tensor(s): {name}",
                 "misshapen": f"the weights do not match the model's architecture: 1 tensor(s) of the wrong shape: {name} "
                              "(weights [3, 3], model [64, 32])",
-                "extra": f"the weights do not match the model's architecture: 1 unexpected tensor(s): {name}"}  # as the load words them
+                "extra": f"the weights do not match the model's architecture: 1 unexpected tensor(s): {name}",  # as the load words them
+                "integers": f"1 floating-point tensor(s) stored as integers or booleans, which the load would cast without a "
+                            f"word: {name} (I32)"}
         assert captured.err == f"error: {last}: {said[how]}\n"
     assert evaluated == [] and not counts["load_causal_lm"] and not counts["from_pretrained"]
+
+
+def test_the_strict_load_refuses_floats_stored_as_integers(three_models, tmp_path):
+    """load_causal_lm (what analyze loads with, without eval's header check first) refuses them too: transformers
+    loaded an up_proj stored as int32 as its integer values, with no word."""
+    from midus_surgery.train.evaluate import ModelLoadError, load_causal_lm
+
+    broken, name = broken_weights(three_models[1], tmp_path / "ints", "integers")
+    with pytest.raises(ModelLoadError, match=re.escape(f"{broken}: 1 floating-point tensor(s) stored as integers") + ".*" + re.escape(f"{name} (I32)")):
+        load_causal_lm(broken, progress=False)
+    assert load_causal_lm(three_models[1], progress=False) is not None  # its source loads
 
 
 @pytest.mark.parametrize("named", [True, False])

@@ -181,6 +181,10 @@ def test_what_a_start_refuses_at_once_a_dry_run_refuses_too(midus, tmp_path, cap
     both(write_config(tmp_path / "a3.yaml", extra, run, midus["corpus"], cache),
          says="the weights do not match the model's architecture: 1 unexpected tensor(s): model.layers.0.mlp.spare.weight",
          start_says="unexpected 1: ['model.layers.0.mlp.spare.weight']")
+    # a float tensor stored as integers: transformers' load casts it without a word, and the run trains on garbage
+    ints = model_with("ints", edit_weights(lambda t: t.__setitem__(name, (t[name] * 1000).int())))
+    both(write_config(tmp_path / "a5.yaml", ints, run, midus["corpus"], cache),
+         says=f"1 floating-point tensor(s) stored as integers or booleans, which the load would cast without a word: {name} (I32)")
 
     # a run directory or an export the system will not make (trial50: the dry run said the run would train)
     plain = write_config(tmp_path / "a4.yaml", midus["model"], run, midus["corpus"], cache)

@@ -250,17 +250,20 @@ def check_weight_headers(path: Path, model) -> None:
     try:
         source = SafetensorsSource(d, (), renames or ())
         try:
-            held, module_names = source.shapes(), source.checkpoint_names()
+            held, module_names = source.stored(), source.checkpoint_names()
         finally:
             source.close()
     except MidusError as exc:
         raise WeightFilesError(f"{d}: cannot load the weights: {exc}") from None
-    stored = {module_names[key][0]: shape for key, shape in held.items()}  # module name (renamed as the load renames) -> shape
+    stored = {module_names[key][0]: tuple(shape) for key, (_, shape) in held.items()}  # module name (renamed as the load renames) -> shape
     shapes = {f"{name} (weights {list(stored[name])}, model {list(tensor.shape)})" for name, tensor in model.state_dict().items()
               if name in stored and tuple(stored[name]) != tuple(tensor.shape)}
     if shapes:  # as the load says it
         raise WeightFilesError(f"{d}: the weights do not match the model's architecture: {len(shapes)} tensor(s) of the wrong shape: "
                                f"{_names(shapes)}")
+    integers = _floats_stored_as_integers({module_names[key][0]: tag for key, (tag, _) in held.items()}, model)
+    if integers:
+        raise WeightFilesError(f"{d}: {integers}")
     groups = name_groups(model)  # a tied embedding and head are one group of two names
 
     def ignored(kind: str) -> list:
@@ -280,6 +283,41 @@ def check_weight_headers(path: Path, model) -> None:
         problems.append(f"{len(unexpected)} unexpected tensor(s): {_names(unexpected)}")
     if problems:  # as the load says it
         raise ModelLoadError(f"{d}: the weights do not match the model's architecture: {'; '.join(problems)}")
+
+
+def _floats_stored_as_integers(tags: dict[str, str], model) -> str | None:
+    """What is wrong when floating-point tensors of ``model`` are stored as integers or booleans (``tags``: module
+    name -> safetensors dtype tag, e.g. "I32"): transformers casts them into the float parameters without a word,
+    and the model then computes with garbage (seen: an up_proj stored as I32 loaded as its integer values). None
+    when there are none, or the model is quantized (its checkpoint's dtypes follow the quantizer's rules)."""
+    if getattr(getattr(model, "config", None), "quantization_config", None):
+        return None
+    floats = {name for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
+    wrong = sorted(f"{name} ({tags[name]})" for name in floats & tags.keys() if not tags[name].startswith(("F", "BF")))
+    if not wrong:
+        return None
+    return (f"{len(wrong)} floating-point tensor(s) stored as integers or booleans, which the load would cast without a word: "
+            f"{_names(wrong)}")
+
+
+def _stored_dtype_problem(path: Path, model) -> str | None:
+    """``_floats_stored_as_integers`` for a loaded ``model`` against the safetensors headers in ``path`` (None without
+    safetensors files: pickle weights are not read here)."""
+    from midus_surgery.compiler.plan import load_renames
+    from midus_surgery.io.tensor_source import SafetensorsSource
+
+    d = Path(path)
+    if not (d / "model.safetensors.index.json").is_file() and not any(d.glob("*.safetensors")):
+        return None
+    try:
+        source = SafetensorsSource(d, (), load_renames(model) or ())
+        try:
+            held, module_names = source.stored(), source.checkpoint_names()
+        finally:
+            source.close()
+    except MidusError:  # the load itself read these files: what it could not, it said
+        return None
+    return _floats_stored_as_integers({module_names[key][0]: tag for key, (tag, _) in held.items()}, model)
 
 
 def check_model_loads(path: Path, *, trust_remote_code: bool = False, block_size: int | None = None):
@@ -333,6 +371,9 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
         problems.append(" ".join(" ".join(info["error_msgs"]).split())[:300])
     if problems:
         raise ModelLoadError(f"{path}: the weights do not match the model's architecture: {'; '.join(problems)}")
+    integers = _stored_dtype_problem(path, model)  # callers that load without eval's up-front header check (analyze)
+    if integers:
+        raise ModelLoadError(f"{path}: {integers}")
     return model
 
 
