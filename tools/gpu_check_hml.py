@@ -780,7 +780,8 @@ def fused_read_kernels(layer, x, dev, sync, dry_run: bool, check, what: str) -> 
 
     cfg = layer.config
     with torch.no_grad():
-        q = layer._normed(x.reshape(-1, layer.num_heads, layer.head_dim))  # [T, H, d_h] float32, as the layer reads
+        q = x.reshape(-1, layer.num_heads, layer.head_dim)
+        q = layer._normed(q, layer._backend(q))  # [T, H, d_h] float32, as the layer reads
         keys = layer.keys.float()
         table = layer.latent_bank.weight if cfg.hive else layer.values.view(-1, layer.head_dim)
         head_rows = 0 if cfg.hive else cfg.n_subkeys**2

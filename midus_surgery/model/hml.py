@@ -1013,7 +1013,9 @@ class _HeadNorm(nn.Module):
         """fused_backward (rms only; the compiled CPU kernels loaded): the same values from _QueryRMSNorm,
         whose backward is one compiled pass; q may then be in any float dtype (it casts as it normalises)."""
         if fused_backward and self.kind == "rms":
-            return _QueryRMSNorm.apply(q, self.weight, self.eps)
+            if _builds_graph(q, self.weight):
+                return _QueryRMSNorm.apply(q, self.weight, self.eps)
+            q = q.to(torch.float64 if q.dtype == torch.float64 else torch.float32)  # no backward: the plain ops (decode)
         if self.kind == "batch":
             seen = q.detach()
             # gradient checkpointing's second forward runs inside the backward pass (a graph task is running),
