@@ -602,3 +602,27 @@ def test_the_header_check_passes_every_saved_model_and_finds_a_lacking_tensor_wh
     else:
         with pytest.raises(ModelLoadError, match=f"missing 1 tensor\\(s\\): {re.escape(name)}$"):
             check_weight_headers(tmp_path, model)
+
+
+def test_a_full_disk_while_the_token_cache_is_written_is_one_line(setup, tmp_path, capsys, monkeypatch):
+    """numpy's tofile reported a full disk as "N requested and M written" with no errno, which the CLI could not
+    tell from any other OSError: a traceback (trial61). The cache's tokens now go through the file's own write:
+    ENOSPC, the CLI's one line, and no cache entry left behind."""
+    import builtins
+
+    from midus_surgery.train import data
+
+    real_open = builtins.open
+
+    def full_disk(path, mode="r", *args, **kwargs):  # tokens.bin on a disk with no room left: /dev/full
+        if str(path).endswith("tokens.bin") and "w" in mode:
+            return real_open("/dev/full", mode, *args, **kwargs)
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(data, "open", full_disk, raising=False)
+    cache = tmp_path / "cache"
+    assert main(["eval", str(setup["model"]), "--data", str(setup["root"] / "corpus"), "--block-size", "16",
+                 "--cache-dir", str(cache), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the disk is full") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not any(p.name == "tokens.bin" for p in cache.rglob("*")), list(cache.rglob("*"))

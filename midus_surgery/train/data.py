@@ -386,7 +386,9 @@ def _tokenize_to(files: list[Path], tokenizer, text_field: str, dest: Path, prog
                 starts.append(n_tokens)
                 arr = np.asarray(ids + [eos], dtype=np.int64)
                 max_token = max(max_token, int(arr.max()))
-                arr.astype(dtype).tofile(out)
+                # the file's own write, not numpy's tofile: a full disk then raises ENOSPC, which the CLI words in one line
+                # (tofile reported it as "N requested and M written", no errno: a traceback, trial61)
+                out.write(arr.astype(dtype).tobytes())
                 n_tokens += arr.shape[0]
                 n_docs += 1
             batch, batch_chars = [], 0
