@@ -589,6 +589,46 @@ def test_a_base_missing_a_tensor_of_its_architecture_is_exit_2_naming_it(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("kind", ["memory", "transformer"])
+def test_a_base_storing_a_float_tensor_as_integers_is_refused_naming_it(tmp_path, capsys, kind):
+    """A base whose up_proj is stored as int32: apply cast it into the float output, verify passed, and eval and
+    train then accepted the output (trial61). validate, plan and apply now refuse it from the headers (exit 2,
+    nothing written), and verify fails a model that stores one."""
+    from safetensors.torch import load_file, save_file
+
+    from midus_surgery.cli import main
+    from midus_surgery.emit.verify import verify
+
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(base)
+    weights = load_file(base / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    weights[name] = (weights[name] * 1000).to(torch.int32)
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    recipe = tmp_path / "r.yaml"
+    memory = "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n" if kind == "memory" else ""
+    recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after: [1]\n    kind: {kind}\n{memory}output:\n  dir: out\n")
+    said = (f"the base checkpoint {base} stores 1 tensor(s) the output copies as integers or booleans ({name} (I32)): "
+            "the model's weights are floating point")
+    for command in (["validate", str(recipe)], ["plan", str(recipe)], ["apply", str(recipe), "--quiet"]):
+        assert main(command) == 2, command
+        captured = capsys.readouterr()
+        assert said in captured.out + captured.err and "Traceback" not in captured.err, (command, captured)
+    assert not (tmp_path / "out").exists()
+    tensors = {c.name: c for c in verify(base, report=lambda *a: None)}["tensors"]  # the base itself, verified as a model
+    assert not tensors.ok and f"{name} (I32)" in tensors.detail, tensors
+    # a pickle base (read with --allow-pickle, its headers unread): refused as its tensors are read, nothing written
+    pickled = tmp_path / "pickled"
+    shutil.copytree(base, pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save(weights, pickled / "pytorch_model.bin")
+    recipe.write_text(recipe.read_text().replace(str(base), str(pickled)))
+    assert main(["apply", str(recipe), "--quiet", "--allow-pickle"]) == 2
+    err = capsys.readouterr().err
+    assert f"the base checkpoint stores 1 tensor(s) the output copies as integers or booleans ({name} (int32))" in err, err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
 def test_a_base_missing_a_tensor_transformers_would_convert_is_refused_by_its_strict_load(tmp_path, capsys):
     """Mixtral: transformers stacks the per-expert tensors on load, so a module name is in no file and
     the headers cannot tell; apply loads the base through transformers, and its strict load names

@@ -87,6 +87,21 @@ def check_base_weights(loaded: LoadedRecipe, plan: Plan, config=None) -> None:
     if absent and renames is not None:
         raise BaseModelError(f"the base checkpoint {ref.directory} lacks {len(absent)} tensor(s) the output copies, e.g. "
                              f"{', '.join(absent[:3])}: its safetensors files hold no tensor of that name")
+    stored = source.stored()
+    integers = sorted({f"{name} ({stored[key][0]})" for name, _ in read
+                       if (key := source.resolve(name)) is not None and not stored[key][0].startswith(("F", "BF"))})
+    if integers:  # the output's tensors are floating point: a cast would write the integers as weights (trial61)
+        raise BaseModelError(integer_base_tensors(ref.directory, integers))
+
+
+def integer_base_tensors(directory, integers: list[str]) -> str:
+    """The problem of a base whose tensors the output copies are stored as integers or booleans (``integers``:
+    "name (dtype)"): the output is floating point, and a cast would write their integer values as weights."""
+    shown = ", ".join(integers[:3]) + (f" and {len(integers) - 3} more" if len(integers) > 3 else "")
+    where = f" {directory}" if directory is not None else ""
+    return (f"the base checkpoint{where} stores {len(integers)} tensor(s) the output copies as integers or booleans "
+            f"({shown}): the model's weights are floating point, and a cast would write those integers as weights "
+            "(a broken file, or a quantized checkpoint, which apply does not read)")
 
 
 def record_earlier_insertions(loaded: LoadedRecipe, plan: Plan) -> None:

@@ -468,6 +468,10 @@ def _materialise(entry: TensorEntry, source, init: MemoryInit, dtype_name: str):
         tensor = source.get(entry.source)
         if tuple(tensor.shape) != entry.shape:
             raise MidusError(_shape_mismatch(entry, tensor.shape))
+        if not tensor.is_floating_point() and dtype.is_floating_point and entry.rule != "zeros":  # a pickle base (headers unread)
+            from midus_surgery.compiler.planner import integer_base_tensors
+
+            raise BaseModelError(integer_base_tensors(None, [f"{entry.source} ({str(tensor.dtype).removeprefix('torch.')})"]))
         if entry.rule == "zeros":
             tensor = torch.zeros(entry.shape, dtype=dtype)
     cast = tensor.to(dtype).contiguous()  # safetensors wants contiguous tensors

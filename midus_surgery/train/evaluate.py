@@ -300,7 +300,7 @@ def _floats_stored_as_integers(tags: dict[str, str], model) -> str | None:
             f"{_names(wrong)}")
 
 
-def _stored_dtype_problem(path: Path, model) -> str | None:
+def stored_dtype_problem(path: Path, model) -> str | None:
     """``_floats_stored_as_integers`` for a loaded ``model`` against the safetensors headers in ``path`` (None without
     safetensors files: pickle weights are not read here)."""
     from midus_surgery.compiler.plan import load_renames
@@ -371,7 +371,7 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
         problems.append(" ".join(" ".join(info["error_msgs"]).split())[:300])
     if problems:
         raise ModelLoadError(f"{path}: the weights do not match the model's architecture: {'; '.join(problems)}")
-    integers = _stored_dtype_problem(path, model)  # callers that load without eval's up-front header check (analyze)
+    integers = stored_dtype_problem(path, model)  # callers that load without eval's up-front header check (analyze)
     if integers:
         raise ModelLoadError(f"{path}: {integers}")
     return model
