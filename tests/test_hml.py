@@ -732,3 +732,18 @@ def test_a_batch_query_norm_out_of_training_compiles_to_one_graph(hml_path):
             assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons[:2]
         torch.testing.assert_close(torch.compile(layer, backend="aot_eager")(x), expected)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("source", ["heads", "hidden"])
+def test_an_empty_batch_gives_an_empty_output_as_the_ffn_does(source):
+    """Zero tokens raised "cannot reshape tensor of 0 elements" on every path (trial61); the FFN it replaces
+    takes them. Now an empty output of the FFN's shape, in the input's graph."""
+    layer = HeadwiseMemory(4, 16, 64, HMLConfig(n_subkeys=16, topk=8, latent_dim=32, init="random", query_source=source, gate=True))
+    x = torch.randn(*((2, 0, 4, 16) if source == "heads" else (2, 0, 64)), requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 0, 64) and y.dtype == x.dtype
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    with torch.no_grad():
+        assert layer(x).shape == (2, 0, 64)
+    assert layer(x[:, :0].new_zeros(*x.shape[:1], 3, *x.shape[2:])).shape == (2, 3, 64)  # and tokens again after it

@@ -1362,6 +1362,8 @@ class HeadwiseMemory(nn.Module):
         out_dtype = x.dtype
         q, flat_in, lead = self._queries(x)
         T = q.shape[0]
+        if T == 0:  # an empty batch, as an FFN takes it: zeros of the output's shape, still in the input's graph
+            return (flat_in[:, :1] * 0).expand(0, self.hidden_size).to(out_dtype).view(*lead, self.hidden_size)
         m, w, slots = self._read(q, self._backend(q))  # m [H, T, d_h]; w, slots [H, T, k]
         if self.observer is not None:
             m = self.observer(w, slots, m)  # w, slots: [H, T, k]; m: [H, T, d_h]
