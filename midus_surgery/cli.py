@@ -486,7 +486,7 @@ def cmd_eval(args) -> int:
                 raise out_of_memory(model, exc, eval_device(args.device)) from None
             if isinstance(exc, MidusError) and len(args.model) > 1:
                 raise ModelFailed(model, exc) from None
-            if unforeseen(exc) and len(args.model) > 1:  # a RuntimeError in its forward: one line under the results, not a traceback
+            if unforeseen(exc):  # a RuntimeError in its forward: one line (under the results before it), not a traceback
                 raise ModelFailed(model, unforeseen_failure(model, exc)) from None
             raise
         results.append(result)

@@ -461,7 +461,7 @@ def test_an_unexpected_error_in_a_later_models_forward_keeps_the_results_before_
     args = ["eval", *map(str, three_models), "--data", str(setup["root"] / "corpus"), "--block-size", "16",
             "--cache-dir", str(setup["cache"]), "--quiet"]
     error = re.compile(f"error: {re.escape(str(second))}: the evaluation failed with an unexpected error "
-                       r"\(RuntimeError: boom in forward, raised at \S*test_eval\.py:\d+\); please report it\n")
+                       r"\(RuntimeError: boom in forward, raised at \S*test_eval\.py:\d+\)\n")
     assert main(args) == 1
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
@@ -471,6 +471,26 @@ def test_an_unexpected_error_in_a_later_models_forward_keeps_the_results_before_
     captured = capsys.readouterr()
     assert [r["model"] for r in json.loads(captured.out)] == [str(three_models[0])]
     assert error.fullmatch(captured.err), captured.err
+
+
+def test_an_unexpected_error_in_a_lone_models_forward_is_one_line_and_only_ours_asks_for_a_report(setup, capsys, monkeypatch):
+    """One model alone printed a traceback for the error that is one line among several (trial61: a model's own
+    remote code raising); and the line asked for a report of an error the model's code raised. Now one line, exit 1,
+    and "please report it" only for an error raised in this package."""
+    from midus_surgery.train.evaluate import _names, unforeseen_failure
+
+    model = setup["model"]
+    fail_in_forward(monkeypatch, model, lambda: RuntimeError("boom in a custom forward"))
+    assert main(["eval", str(model), "--data", str(setup["root"] / "corpus"), "--block-size", "16",
+                 "--cache-dir", str(setup["cache"]), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(f"error: {re.escape(str(model))}: the evaluation failed with an unexpected error "
+                        r"\(RuntimeError: boom in a custom forward, raised at \S*test_eval\.py:\d+\)\n", err), err
+    try:
+        _names(None)  # raises inside midus_surgery/train/evaluate.py
+    except TypeError as exc:
+        line = str(unforeseen_failure(model, exc))
+    assert re.search(r"raised at \S*midus_surgery/train/evaluate\.py:\d+\); a bug in midus-surgery: please report it$", line), line
 
 
 def test_an_unexpected_error_at_a_later_models_tasks_keeps_the_table_before_it(setup, three_models, task_suite, capsys, monkeypatch):
@@ -487,7 +507,7 @@ def test_an_unexpected_error_at_a_later_models_tasks_keeps_the_table_before_it(s
 
     monkeypatch.setattr(HFLM, "__init__", failing)
     error = re.compile(f"error: {re.escape(str(second))}: the evaluation failed with an unexpected error "
-                       r"\(ValueError: no such wrapper, raised at \S*test_eval\.py:\d+\); please report it\n")
+                       r"\(ValueError: no such wrapper, raised at \S*test_eval\.py:\d+\)\n")
     assert main(tasks_args(three_models, task_suite)) == 1
     captured = capsys.readouterr()
     assert captured.out.splitlines()[0].split()[:4] == ["task", "(items)", "metric", three_models[0].name]

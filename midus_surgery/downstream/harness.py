@@ -136,7 +136,7 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
                 raise
             raise ModelFailed(m, exc, result() if rows else None) from None
         except Exception as exc:  # noqa: BLE001 - outside lm-eval's scoring (moving the model to the device, lm-eval's wrapper)
-            if unforeseen(exc) and len(models) > 1:  # one line under the table, not a traceback
+            if unforeseen(exc):  # one line (under the table of the models before it), not a traceback
                 raise ModelFailed(m, unforeseen_failure(m, exc), result() if rows else None) from None
             exc.partial = result() if rows else None  # a full disk, a file it cannot read: the CLI's own line, under the table
             raise

@@ -66,18 +66,23 @@ def unforeseen(exc: BaseException) -> bool:
 
 
 def unforeseen_failure(model, exc: BaseException) -> MidusError:
-    """``unforeseen`` ``exc``, from one of several models' load or evaluation, as one line naming the model, the
-    exception and where it was raised: under the results of the models before it, not a traceback (exit 1)."""
+    """``unforeseen`` ``exc``, from a model's load or evaluation, as one line naming the model, the exception and
+    where it was raised, not a traceback (exit 1); under the results of the models before it, if any. "please
+    report it" only when this package raised it: a model's own code or a library's error is theirs (trial61)."""
     import traceback
 
+    import midus_surgery
+
     frames = traceback.extract_tb(exc.__traceback__)
-    where = ""
+    where, ours = "", False
     if frames:
         raised = Path(frames[-1].filename)
+        ours = raised.is_relative_to(Path(midus_surgery.__file__).parent)
         roots = sorted({Path(p) for p in sys.path if p and Path(p).is_absolute()}, key=lambda p: len(p.parts), reverse=True)
         raised = next((raised.relative_to(root) for root in roots if raised.is_relative_to(root)), raised)  # transformers/models/...
         where = f", raised at {raised}:{frames[-1].lineno}"
-    return MidusError(f"{Path(model)}: the evaluation failed with an unexpected error ({one_line(exc, 300)}{where}); please report it")
+    report = "; a bug in midus-surgery: please report it" if ours else ""
+    return MidusError(f"{Path(model)}: the evaluation failed with an unexpected error ({one_line(exc, 300)}{where}){report}")
 
 
 def _names(keys, limit: int = 3) -> str:
