@@ -473,7 +473,13 @@ def test_a_layer_whose_residual_stream_is_mixed_says_no_block_of_it_can_start_as
     assert ("Could not find the residual adds of DeepseekV4DecoderLayer: no add joins the layer input with a module's output, and "
             "the input reaches the output only through other operations") in said, said
     assert "plain copies (DUS, kind: copy) can" in said and "anatomy:" not in said
-    plan_recipe(recipe(root, base, slices([(1, "copy")], 2), "deepseek_v4-copy"))  # DUS plans
+    # DUS plans, writes and verifies: its hash-routing buffers (tid2eid) are integers by right, not weights
+    # stored as integers (which the base checks refuse)
+    from safetensors import safe_open
+
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys() if k.endswith("tid2eid")} == {"I64"}
+    apply_and_verify(recipe(root, base, slices([(1, "copy")], 2), "deepseek_v4-copy"))
 
 
 @pytest.mark.parametrize("model_type,config", [

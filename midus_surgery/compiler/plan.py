@@ -233,9 +233,9 @@ def inserted_attention_out_projs(plan: dict, config) -> dict[int, str]:
 
 @functools.lru_cache(maxsize=8)
 def _base_model_facts(config_json: str) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], tuple[tuple[str, str], ...],
-                                                 tuple[tuple[str, str], ...] | None]:
+                                                 tuple[tuple[str, str], ...] | None, frozenset[str]]:
     """(every tensor -> shape, tied ones once; the tied pairs target -> source; transformers' renames on load,
-    ``load_renames``) of the causal LM a config builds."""
+    ``load_renames``; the tensors that are not floating point) of the causal LM a config builds."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -254,7 +254,8 @@ def _base_model_facts(config_json: str) -> tuple[tuple[tuple[str, tuple[int, ...
     shapes = [(tied.get(name, name), tuple(p.shape)) for name, p in model.named_parameters()]
     persistent = set(model.state_dict().keys())
     shapes += [(name, tuple(b.shape)) for name, b in model.named_buffers() if name in persistent]
-    return tuple(shapes), tuple((str(k), str(v)) for k, v in tied.items()), load_renames(model)
+    integers = frozenset(name for name, t in model.state_dict().items() if not t.is_floating_point())
+    return tuple(shapes), tuple((str(k), str(v)) for k, v in tied.items()), load_renames(model), integers
 
 
 def load_renames(model) -> tuple[tuple[str, str], ...] | None:
@@ -291,6 +292,12 @@ def base_tied_pairs(config) -> dict[str, str]:
     """The base's tied tensors, target -> source (``lm_head.weight`` -> ``model.embed_tokens.weight``),
     when its config ties them; the target is not planned (transformers saves the source only)."""
     return dict(_base_model_facts(_config_key(config))[1])
+
+
+def base_integer_tensors(config) -> frozenset[str]:
+    """The base's tensors that are not floating point (persistent integer buffers, such as DeepSeek-V4's
+    ``tid2eid``): stored as integers by right, unlike a weight."""
+    return _base_model_facts(_config_key(config))[3]
 
 
 def base_load_renames(config) -> list[tuple[str, str]] | None:

@@ -87,11 +87,14 @@ def check_base_weights(loaded: LoadedRecipe, plan: Plan, config=None) -> None:
     if absent and renames is not None:
         raise BaseModelError(f"the base checkpoint {ref.directory} lacks {len(absent)} tensor(s) the output copies, e.g. "
                              f"{', '.join(absent[:3])}: its safetensors files hold no tensor of that name")
-    stored = source.stored()
-    integers = sorted({f"{name} ({stored[key][0]})" for name, _ in read
-                       if (key := source.resolve(name)) is not None and not stored[key][0].startswith(("F", "BF"))})
-    if integers:  # the output's tensors are floating point: a cast would write the integers as weights (trial61)
-        raise BaseModelError(integer_base_tensors(ref.directory, integers))
+    if config is not None:  # the model's own integer tensors (buffers) known: weights stored as integers are refused
+        from midus_surgery.compiler.plan import base_integer_tensors
+
+        stored, by_right = source.stored(), base_integer_tensors(config)
+        integers = sorted({f"{name} ({stored[key][0]})" for name, _ in read if name not in by_right
+                           and (key := source.resolve(name)) is not None and not stored[key][0].startswith(("F", "BF"))})
+        if integers:  # the output's tensors are floating point: a cast would write the integers as weights (trial61)
+            raise BaseModelError(integer_base_tensors(ref.directory, integers))
 
 
 def integer_base_tensors(directory, integers: list[str]) -> str:

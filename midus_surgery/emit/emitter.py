@@ -356,10 +356,16 @@ def _write_weights(planned: PlannedRecipe, source, tmp: Path, progress: bool) ->
     init = MemoryInit(planned, dtype) if any(t.source is None for t in plan.tensors) else None
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))] if len(shards) > 1 else ["model.safetensors"]
     weight_map: dict[str, str] = {}
+
+    def integer_ok(name: str) -> bool:  # asked only of an integer tensor (rare): the model built once, on the meta device
+        from midus_surgery.compiler.plan import base_integer_tensors
+
+        return planned.config is not None and name in base_integer_tensors(planned.config)
+
     bar = progress_bar(total_bytes, "apply", leave=True, unit="B", unit_scale=True, unit_divisor=1024) if progress else None
     try:
         try:
-            _write_shards(tmp, names, shards, source, init, dtype, bar)
+            _write_shards(tmp, names, shards, source, init, dtype, bar, integer_ok)
         except _CastOverflow as exc:
             raise RecipeError([planned.loaded.problem(("output", "dtype"), str(exc))]) from None
         for shard, file in zip(shards, names):
@@ -374,9 +380,9 @@ def _write_weights(planned: PlannedRecipe, source, tmp: Path, progress: bool) ->
     return total_bytes, len(shards)
 
 
-def _write_shards(tmp: Path, names: list[str], shards, source, init, dtype: str, bar) -> None:
+def _write_shards(tmp: Path, names: list[str], shards, source, init, dtype: str, bar, integer_ok) -> None:
     """Every shard: file-to-file copies several at once, anything to materialise one shard at a time."""
-    shard_items = [[_shard_item(entry, source, init, dtype) for entry in shard] for shard in shards]
+    shard_items = [[_shard_item(entry, source, init, dtype, integer_ok) for entry in shard] for shard in shards]
     workers = min(COPY_WORKERS, os.cpu_count() or 1, len(shards))
     if workers > 1 and all(item.bytes_from is not None for items in shard_items for item in items):
         _write_copy_shards_in_parallel(tmp, names, shard_items, workers, bar)
@@ -410,7 +416,7 @@ def _write_copy_shards_in_parallel(tmp: Path, names: list[str], shard_items: lis
             pass
 
 
-def _shard_item(entry: TensorEntry, source, init: MemoryInit, dtype: str) -> ShardItem:
+def _shard_item(entry: TensorEntry, source, init: MemoryInit, dtype: str, integer_ok) -> ShardItem:
     tag = TAGS[dtype]
     if entry.source is not None and entry.rule == "copy":
         found = source.locate(entry.source)
@@ -420,7 +426,7 @@ def _shard_item(entry: TensorEntry, source, init: MemoryInit, dtype: str) -> Sha
                 raise MidusError(_shape_mismatch(entry, shape))
             if stored_tag == tag:
                 return ShardItem(entry.name, tag, entry.shape, bytes_from=where)
-    return ShardItem(entry.name, tag, entry.shape, make=lambda: _materialise(entry, source, init, dtype))
+    return ShardItem(entry.name, tag, entry.shape, make=lambda: _materialise(entry, source, init, dtype, integer_ok))
 
 
 def _shape_mismatch(entry: TensorEntry, shape) -> str:
@@ -458,7 +464,9 @@ def _write_companions(planned: PlannedRecipe, ref, tmp: Path) -> None:
     write_model_card(planned, recipe_text, ref, tmp)
 
 
-def _materialise(entry: TensorEntry, source, init: MemoryInit, dtype_name: str):
+def _materialise(entry: TensorEntry, source, init: MemoryInit, dtype_name: str, integer_ok=lambda name: False):
+    """``entry``'s tensor in the output dtype. ``integer_ok(name)``: whether base tensor ``name`` is stored as integers
+    by right (a buffer of the model's); any other integer tensor is a weight stored as integers: refused."""
     import torch
 
     dtype = torch_dtype(dtype_name)
@@ -468,7 +476,7 @@ def _materialise(entry: TensorEntry, source, init: MemoryInit, dtype_name: str):
         tensor = source.get(entry.source)
         if tuple(tensor.shape) != entry.shape:
             raise MidusError(_shape_mismatch(entry, tensor.shape))
-        if not tensor.is_floating_point() and dtype.is_floating_point and entry.rule != "zeros":  # a pickle base (headers unread)
+        if not tensor.is_floating_point() and entry.rule != "zeros" and not integer_ok(entry.source):  # a pickle base (headers unread)
             from midus_surgery.compiler.planner import integer_base_tensors
 
             raise BaseModelError(integer_base_tensors(None, [f"{entry.source} ({str(tensor.dtype).removeprefix('torch.')})"]))
