@@ -89,10 +89,11 @@ def check_base_weights(loaded: LoadedRecipe, plan: Plan, config=None) -> None:
                              f"{', '.join(absent[:3])}: its safetensors files hold no tensor of that name")
     if config is not None:  # the model's own integer tensors (buffers) known: weights stored as integers are refused
         from midus_surgery.compiler.plan import base_integer_tensors
+        from midus_surgery.io.stored_dtypes import is_float_tag
 
         stored, by_right = source.stored(), base_integer_tensors(config)
         integers = sorted({f"{name} ({stored[key][0]})" for name, _ in read if name not in by_right
-                           and (key := source.resolve(name)) is not None and not stored[key][0].startswith(("F", "BF"))})
+                           and (key := source.resolve(name)) is not None and not is_float_tag(stored[key][0])})
         if integers:  # the output's tensors are floating point: a cast would write the integers as weights (trial61)
             raise BaseModelError(integer_base_tensors(ref.directory, integers))
 

@@ -337,10 +337,11 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
         missing |= {names[0] for names in groups if not on_disk & set(names)}
         unexpected |= on_disk - {name for names in groups for name in names}
     missing, unexpected = sorted(missing), sorted(unexpected)
-    from midus_surgery.train.evaluate import stored_dtype_problem
+    from midus_surgery.compiler.plan import load_renames
+    from midus_surgery.io.stored_dtypes import stored_dtype_problem
 
     # floats stored as integers: the load casts them without a word (trial61: verify passed such a model)
-    wrong_dtype = stored_dtype_problem(out, model) or dtype_mismatch(out, config)
+    wrong_dtype = stored_dtype_problem(out, model, load_renames(model)) or dtype_mismatch(out, config)
     record(Check("tensors", not missing and not unexpected and wrong_dtype is None,
                  f"missing {missing[:5]}, unexpected {unexpected[:5]}" if missing or unexpected else wrong_dtype or f"{len(on_disk)} tensors on disk, all loaded"))
 

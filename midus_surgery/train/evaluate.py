@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from midus_surgery.errors import MidusError, UsageError, disk_problem, is_library_panic, load_error_line, one_line, quiet_library_panic
 from midus_surgery.io.hf_output import hf_progress_bars, kept_load_report, load_report_words
 from midus_surgery.io.output_dir import CHECKPOINT_STATE, check_cache_location, data_folder, input_root, run_export_hint
+from midus_surgery.io.stored_dtypes import floats_stored_as_integers, stored_dtype_problem
 from midus_surgery.train.config import DIR_GLOB
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,7 +63,8 @@ def out_of_memory(model, exc: BaseException, device, less: str = "a smaller --ba
 def unforeseen(exc: BaseException) -> bool:
     """Whether ``exc`` is an error no check foresees (a RuntimeError inside a model's forward, a library's own error),
     not a MidusError, Ctrl-C, or what the CLI words itself (a full disk, a path it cannot write: OSError)."""
-    return isinstance(exc, Exception) and not isinstance(exc, (MidusError, OSError)) and not disk_problem(exc)
+    symlink_loop = isinstance(exc, RuntimeError) and str(exc).startswith("Symlink loop from")  # pathlib's: the CLI words it
+    return isinstance(exc, Exception) and not isinstance(exc, (MidusError, OSError)) and not disk_problem(exc) and not symlink_loop
 
 
 def unforeseen_failure(model, exc: BaseException) -> MidusError:
@@ -266,7 +268,7 @@ def check_weight_headers(path: Path, model) -> None:
     if shapes:  # as the load says it
         raise WeightFilesError(f"{d}: the weights do not match the model's architecture: {len(shapes)} tensor(s) of the wrong shape: "
                                f"{_names(shapes)}")
-    integers = _floats_stored_as_integers({module_names[key][0]: tag for key, (tag, _) in held.items()}, model)
+    integers = floats_stored_as_integers({module_names[key][0]: tag for key, (tag, _) in held.items()}, model)
     if integers:
         raise WeightFilesError(f"{d}: {integers}")
     groups = name_groups(model)  # a tied embedding and head are one group of two names
@@ -288,41 +290,6 @@ def check_weight_headers(path: Path, model) -> None:
         problems.append(f"{len(unexpected)} unexpected tensor(s): {_names(unexpected)}")
     if problems:  # as the load says it
         raise ModelLoadError(f"{d}: the weights do not match the model's architecture: {'; '.join(problems)}")
-
-
-def _floats_stored_as_integers(tags: dict[str, str], model) -> str | None:
-    """What is wrong when floating-point tensors of ``model`` are stored as integers or booleans (``tags``: module
-    name -> safetensors dtype tag, e.g. "I32"): transformers casts them into the float parameters without a word,
-    and the model then computes with garbage (seen: an up_proj stored as I32 loaded as its integer values). None
-    when there are none, or the model is quantized (its checkpoint's dtypes follow the quantizer's rules)."""
-    if getattr(getattr(model, "config", None), "quantization_config", None):
-        return None
-    floats = {name for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
-    wrong = sorted(f"{name} ({tags[name]})" for name in floats & tags.keys() if not tags[name].startswith(("F", "BF")))
-    if not wrong:
-        return None
-    return (f"{len(wrong)} floating-point tensor(s) stored as integers or booleans, which the load would cast without a word: "
-            f"{_names(wrong)}")
-
-
-def stored_dtype_problem(path: Path, model) -> str | None:
-    """``_floats_stored_as_integers`` for a loaded ``model`` against the safetensors headers in ``path`` (None without
-    safetensors files: pickle weights are not read here)."""
-    from midus_surgery.compiler.plan import load_renames
-    from midus_surgery.io.tensor_source import SafetensorsSource
-
-    d = Path(path)
-    if not (d / "model.safetensors.index.json").is_file() and not any(d.glob("*.safetensors")):
-        return None
-    try:
-        source = SafetensorsSource(d, (), load_renames(model) or ())
-        try:
-            held, module_names = source.stored(), source.checkpoint_names()
-        finally:
-            source.close()
-    except MidusError:  # the load itself read these files: what it could not, it said
-        return None
-    return _floats_stored_as_integers({module_names[key][0]: tag for key, (tag, _) in held.items()}, model)
 
 
 def check_model_loads(path: Path, *, trust_remote_code: bool = False, block_size: int | None = None):
@@ -376,7 +343,9 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
         problems.append(" ".join(" ".join(info["error_msgs"]).split())[:300])
     if problems:
         raise ModelLoadError(f"{path}: the weights do not match the model's architecture: {'; '.join(problems)}")
-    integers = stored_dtype_problem(path, model)  # callers that load without eval's up-front header check (analyze)
+    from midus_surgery.compiler.plan import load_renames
+
+    integers = stored_dtype_problem(path, model, load_renames(model))  # for callers without eval's header check (analyze)
     if integers:
         raise ModelLoadError(f"{path}: {integers}")
     return model
