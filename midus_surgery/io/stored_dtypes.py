@@ -36,17 +36,13 @@ def stored_dtype_problem(path, model, renames) -> str | None:
     ``renames`` (transformers' load renames, ``compiler.plan.load_renames``; None: none). None without safetensors
     files (pickle weights are not read here) or when the headers do not read (the load said what it could not)."""
     from midus_surgery.errors import MidusError
-    from midus_surgery.io.tensor_source import SafetensorsSource
+    from midus_surgery.io.tensor_source import stored_by_module_name
 
     d = Path(path)
     if not (d / "model.safetensors.index.json").is_file() and not any(d.glob("*.safetensors")):
         return None
     try:
-        source = SafetensorsSource(d, (), renames or ())
-        try:
-            held, module_names = source.stored(), source.checkpoint_names()
-        finally:
-            source.close()
+        held = stored_by_module_name(d, renames)
     except MidusError:
         return None
-    return floats_stored_as_integers({module_names[key][0]: tag for key, (tag, _) in held.items()}, model)
+    return floats_stored_as_integers({name: tag for name, (tag, _) in held.items()}, model)

@@ -399,6 +399,18 @@ class SafetensorsSource(TensorSource):
         self._handles.clear()
 
 
+def stored_by_module_name(directory: Path, renames) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """A safetensors checkpoint's tensors from its headers alone: module name (the checkpoint name renamed as
+    transformers' load renames it, ``renames``: (pattern, module name) pairs, or None) -> (dtype tag, shape).
+    Raises MidusError when the headers do not read or break the safetensors rules."""
+    source = SafetensorsSource(Path(directory), (), renames or ())
+    try:
+        held, module_names = source.stored(), source.checkpoint_names()
+    finally:
+        source.close()
+    return {module_names[key][0]: (tag, tuple(shape)) for key, (tag, shape) in held.items()}
+
+
 class DictSource(TensorSource):
     def __init__(self, tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...], renames: list[tuple[str, str]] = (), how: str | None = None):
         super().__init__(dict(tensors), prefixes, renames)

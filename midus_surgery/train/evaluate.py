@@ -246,7 +246,7 @@ def check_weight_headers(path: Path, model) -> None:
     import re
 
     from midus_surgery.compiler.plan import load_renames
-    from midus_surgery.io.tensor_source import SafetensorsSource, name_groups
+    from midus_surgery.io.tensor_source import name_groups, stored_by_module_name
 
     d = Path(path)
     if not (d / "model.safetensors.index.json").is_file() and not any(d.glob("*.safetensors")):
@@ -255,20 +255,16 @@ def check_weight_headers(path: Path, model) -> None:
         raise WeightFilesError(f"{d} holds no weights (model.safetensors, its index, or pytorch_model.bin)")
     renames = load_renames(model)
     try:
-        source = SafetensorsSource(d, (), renames or ())
-        try:
-            held, module_names = source.stored(), source.checkpoint_names()
-        finally:
-            source.close()
+        held = stored_by_module_name(d, renames)  # module name (renamed as the load renames) -> (dtype tag, shape)
     except MidusError as exc:
         raise WeightFilesError(f"{d}: cannot load the weights: {exc}") from None
-    stored = {module_names[key][0]: tuple(shape) for key, (_, shape) in held.items()}  # module name (renamed as the load renames) -> shape
+    stored = {name: shape for name, (_, shape) in held.items()}
     shapes = {f"{name} (weights {list(stored[name])}, model {list(tensor.shape)})" for name, tensor in model.state_dict().items()
               if name in stored and tuple(stored[name]) != tuple(tensor.shape)}
     if shapes:  # as the load says it
         raise WeightFilesError(f"{d}: the weights do not match the model's architecture: {len(shapes)} tensor(s) of the wrong shape: "
                                f"{_names(shapes)}")
-    integers = floats_stored_as_integers({module_names[key][0]: tag for key, (tag, _) in held.items()}, model)
+    integers = floats_stored_as_integers({name: tag for name, (tag, _) in held.items()}, model)
     if integers:
         raise WeightFilesError(f"{d}: {integers}")
     groups = name_groups(model)  # a tied embedding and head are one group of two names
