@@ -542,6 +542,23 @@ def test_a_full_disk_at_a_later_models_tasks_keeps_the_table_before_it(three_mod
     assert [r["model"] for r in json.loads(captured.out)["models"]] == [str(three_models[0])]
 
 
+def test_a_full_disk_at_a_later_models_data_keeps_the_results_before_it(setup, three_models, capsys, monkeypatch):
+    """eval --data: a full disk while the second model is evaluated: the first model's line (or --json's list), then
+    the CLI's one line for a full disk, exit 1 (docs/evaluate.md says both modes keep what completed)."""
+    import errno
+
+    fail_in_forward(monkeypatch, three_models[1], lambda: OSError(errno.ENOSPC, "No space left on device"))
+    args = ["eval", *map(str, three_models), "--data", str(setup["root"] / "corpus"), "--block-size", "16",
+            "--cache-dir", str(setup["cache"]), "--quiet"]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{three_models[0]}: perplexity "), captured
+    assert captured.err.startswith("error: the disk is full") and "Traceback" not in captured.err, captured.err
+    assert main([*args, "--json"]) == 1
+    assert [r["model"] for r in json.loads(capsys.readouterr().out)] == [str(three_models[0])]
+
+
 def test_ctrl_c_at_a_later_models_tasks_prints_the_table_before_it(three_models, task_suite, capsys, monkeypatch):
     """Ctrl-C while lm-eval scored the second model printed only "interrupted": the first model's table was lost. Now
     its table (or JSON), then "interrupted", exit 130, as eval --data and train do."""
