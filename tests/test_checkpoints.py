@@ -64,7 +64,7 @@ def record_size(checkpoint: Path, name: str) -> None:
 
 def make_legacy(checkpoint: Path) -> None:
     """Rewrite a checkpoint as the trainer wrote them before: a pickled scheduler (scheduler.pt),
-    accelerate's RNG pickle, no file sizes recorded. A checkpoint already in that form stays."""
+    accelerate's RNG pickle, no file sizes or header digests recorded. A checkpoint already in that form stays."""
     from safetensors import safe_open
 
     if (checkpoint / "scheduler.json").exists():
@@ -84,6 +84,7 @@ def make_legacy(checkpoint: Path) -> None:
         rng.unlink()
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     state.pop("files", None)
+    state.pop("headers", None)  # recorded since 2026-12-06
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
 
 
@@ -189,8 +190,19 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def float_to_int_header(path: Path) -> None:
+    """One float tensor's dtype rewritten to I32 in the header, the file's size unchanged (trial61: it passed the size
+    check and accelerate's load cast its bytes' integers into the weights)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8:8 + n]
+    at = header.index(b'"dtype":"F32"')
+    path.write_bytes(raw[:8 + at] + b'"dtype":"I32"' + raw[8 + at + len(b'"dtype":"F32"'):])
+
+
 CORRUPTIONS = {
     "weights-truncated": ("model.safetensors", truncate),
+    "weights-header-dtype": ("model.safetensors", float_to_int_header),
     "weights-deleted": ("model.safetensors", Path.unlink),
     "optimizer-truncated": ("optimizer.bin", truncate),
     "scheduler-truncated": ("scheduler.json", truncate),

@@ -81,6 +81,18 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
+def header_digest(path: Path) -> str | None:
+    """The sha256 of a safetensors file's header (its tensors' names, dtypes, shapes and offsets), or None when the
+    file does not read: recorded when a checkpoint is written, so a header changed at the same size (a dtype
+    rewritten, trial61: a float tensor made I32 loaded as its integer values) is caught before a resume."""
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            return hashlib.sha256(fh.read(min(n, 100 * 2**20))).hexdigest()
+    except OSError:
+        return None
+
+
 def read_checkpoint_state(path: Path) -> dict:
     """The checkpoint's state file, with the keys a resume needs; ``ValueError`` (one line) when not."""
     try:
@@ -104,8 +116,9 @@ def read_checkpoint_state(path: Path) -> dict:
 def verify_checkpoint(path: Path) -> str | None:
     """None when the checkpoint is whole as far as can be told without loading it; else one line:
     which file, what is wrong. Whole: the state file parses with its keys, every file it records
-    is there with the recorded size, every safetensors header parses and fits its file. Older
-    checkpoints record no sizes: their state file, scheduler file and headers are checked."""
+    is there with the recorded size, every safetensors header parses and fits its file, and is the one
+    written (its digest, where recorded). Older checkpoints record no sizes: their state file, scheduler
+    file and headers are checked."""
     try:
         state = read_checkpoint_state(path)
     except ValueError as exc:
@@ -131,6 +144,11 @@ def verify_checkpoint(path: Path) -> str | None:
         problem = _safetensors_problem(path / name)
         if problem:
             return problem
+    digests = state.get("headers")
+    if isinstance(digests, dict):
+        for name, digest in sorted(digests.items()):
+            if header_digest(path / name) != digest:
+                return f"{name}: its header changed since it was written (the tensors' names, dtypes or shapes)"
     return None
 
 
@@ -285,7 +303,8 @@ def save_checkpoint(root: Path, acc, scheduler, *, step: int, samples_seen: int,
     if main:
         (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()) + "\n")  # plain numbers, no pickle
         files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        state = {"step": step, "samples_seen": samples_seen, **facts, "time": time.time(), "files": files}
+        headers = {name: header_digest(tmp / name) for name in files if name.endswith(".safetensors")}
+        state = {"step": step, "samples_seen": samples_seen, **facts, "time": time.time(), "files": files, "headers": headers}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the checkpoint complete
         if final.exists():
             extras = checkpoint_extras(final)
