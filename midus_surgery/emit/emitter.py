@@ -464,7 +464,7 @@ def _write_companions(planned: PlannedRecipe, ref, tmp: Path) -> None:
     write_model_card(planned, recipe_text, ref, tmp)
 
 
-def _materialise(entry: TensorEntry, source, init: MemoryInit, dtype_name: str, integer_ok=lambda name: False):
+def _materialise(entry: TensorEntry, source, init: MemoryInit, dtype_name: str, integer_ok):
     """``entry``'s tensor in the output dtype. ``integer_ok(name)``: whether base tensor ``name`` is stored as integers
     by right (a buffer of the model's); any other integer tensor is a weight stored as integers: refused."""
     import torch

@@ -1009,13 +1009,12 @@ class _HeadNorm(nn.Module):
         self.running_var.lerp_(q.var(0, unbiased=False).to(self.running_var.dtype), momentum)
         self.updates.add_(1).clamp_max_(self.COUNTED_UPDATES)  # bf16 counts exactly only to 256
 
-    def forward(self, q: Tensor, fused_backward: bool = False) -> Tensor:  # q [T, H, d_h] (float32/64)
-        """fused_backward (rms only; the compiled CPU kernels loaded): the same values from _QueryRMSNorm,
-        whose backward is one compiled pass; q may then be in any float dtype (it casts as it normalises)."""
-        if fused_backward and self.kind == "rms":
-            if _builds_graph(q, self.weight):
-                return _QueryRMSNorm.apply(q, self.weight, self.eps)
-            q = q.to(torch.float64 if q.dtype == torch.float64 else torch.float32)  # no backward: the plain ops (decode)
+    def forward(self, q: Tensor, fused_backward: bool = False) -> Tensor:  # q [T, H, d_h], any float dtype
+        """q normalised in float32 (float64 for float64 q). fused_backward (the compiled CPU kernels loaded): an rms
+        norm that records a graph runs through _QueryRMSNorm, the same values with a one-pass backward."""
+        if fused_backward and self.kind == "rms" and _builds_graph(q, self.weight):
+            return _QueryRMSNorm.apply(q, self.weight, self.eps)
+        q = q.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
         if self.kind == "batch":
             seen = q.detach()
             # gradient checkpointing's second forward runs inside the backward pass (a graph task is running),
@@ -1304,13 +1303,10 @@ class HeadwiseMemory(nn.Module):
 
     def _normed(self, q: Tensor, backend: str) -> Tensor:
         """The queries as the lookup scores them: float32 (float64 for float64 input), normalised.
-        On the compiled CPU kernels an rms norm's backward is one compiled pass (_QueryRMSNorm), which casts too."""
-        fused = backend == "cpu" and self.query_norm is not None and self.query_norm.kind == "rms"
-        if not fused:
-            q = q.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        On the compiled CPU kernels an rms norm's backward is one compiled pass (_QueryRMSNorm)."""
         if self.query_norm is not None:  # called, not read: an offloading hook loads its weight at the call
-            q = self.query_norm(q, fused_backward=fused)
-        return q.contiguous()
+            return self.query_norm(q, fused_backward=backend == "cpu").contiguous()  # it casts
+        return q.to(torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
 
     def _lookup(self, q: Tensor, backend: str) -> tuple[Tensor, Tensor]:
         q = self._normed(q, backend)
