@@ -22,10 +22,11 @@ from midus_surgery.compiler.plan import PLAN_FILE, Plan, TensorEntry
 from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.emit.card import write_model_card
 from midus_surgery.errors import BaseModelError, MidusError, RecipeError, is_library_panic, one_line, quiet_library_panic, shown
-from midus_surgery.io.dtypes import ITEMSIZE, TAGS, torch_dtype
+from midus_surgery.io.dtypes import DTYPE_OF_TAG, ITEMSIZE, TAGS, torch_dtype
 from midus_surgery.io.output_dir import add_to_marker, atomic_directory, check_output_dir, read_marker
 from midus_surgery.io.progress import progress_bar
 from midus_surgery.io.shard_writer import ShardItem, write_shard
+from midus_surgery.io.stored_dtypes import is_float_tag
 from midus_surgery.io.tensor_source import check_matches_config, inside_base, open_base_tensors
 from midus_surgery.model import copy_modeling_files
 from midus_surgery.model.midus_names import AUTO_MAP, HML_MODULE, SHARED_BANK
@@ -352,7 +353,6 @@ def _write_weights(planned: PlannedRecipe, source, tmp: Path, progress: bool) ->
                              plan.base_num_layers, plan.config, "the base's config.json")
     dtype = output_dtype(planned)
     shards = shard_tensors(plan.tensors, dtype, planned.loaded.recipe.output.shard_bytes)
-    total_bytes = sum(t.numel for t in plan.tensors) * ITEMSIZE[TAGS[dtype]]
     init = MemoryInit(planned, dtype) if any(t.source is None for t in plan.tensors) else None
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))] if len(shards) > 1 else ["model.safetensors"]
     weight_map: dict[str, str] = {}
@@ -362,10 +362,12 @@ def _write_weights(planned: PlannedRecipe, source, tmp: Path, progress: bool) ->
 
         return planned.config is not None and name in base_integer_tensors(planned.config)
 
+    shard_items = [[_shard_item(entry, source, init, dtype, integer_ok) for entry in shard] for shard in shards]
+    total_bytes = sum(item.nbytes for items in shard_items for item in items)
     bar = progress_bar(total_bytes, "apply", leave=True, unit="B", unit_scale=True, unit_divisor=1024) if progress else None
     try:
         try:
-            _write_shards(tmp, names, shards, source, init, dtype, bar, integer_ok)
+            _write_shards(tmp, names, shard_items, source, bar)
         except _CastOverflow as exc:
             raise RecipeError([planned.loaded.problem(("output", "dtype"), str(exc))]) from None
         for shard, file in zip(shards, names):
@@ -380,10 +382,9 @@ def _write_weights(planned: PlannedRecipe, source, tmp: Path, progress: bool) ->
     return total_bytes, len(shards)
 
 
-def _write_shards(tmp: Path, names: list[str], shards, source, init, dtype: str, bar, integer_ok) -> None:
+def _write_shards(tmp: Path, names: list[str], shard_items: list[list[ShardItem]], source, bar) -> None:
     """Every shard: file-to-file copies several at once, anything to materialise one shard at a time."""
-    shard_items = [[_shard_item(entry, source, init, dtype, integer_ok) for entry in shard] for shard in shards]
-    workers = min(COPY_WORKERS, os.cpu_count() or 1, len(shards))
+    workers = min(COPY_WORKERS, os.cpu_count() or 1, len(shard_items))
     if workers > 1 and all(item.bytes_from is not None for items in shard_items for item in items):
         _write_copy_shards_in_parallel(tmp, names, shard_items, workers, bar)
     else:  # tensors to materialise (conversions, new memory): one shard at a time, bounded memory
@@ -417,6 +418,10 @@ def _write_copy_shards_in_parallel(tmp: Path, names: list[str], shard_items: lis
 
 
 def _shard_item(entry: TensorEntry, source, init: MemoryInit, dtype: str, integer_ok) -> ShardItem:
+    if entry.source is not None and entry.rule == "copy":
+        held = source.held_tag(entry.source)
+        if held is not None and not is_float_tag(held) and integer_ok(entry.source):
+            dtype = DTYPE_OF_TAG[held]  # a buffer of the model's (DeepSeek-V4's tid2eid): written as the base holds it
     tag = TAGS[dtype]
     if entry.source is not None and entry.rule == "copy":
         found = source.locate(entry.source)
@@ -465,8 +470,9 @@ def _write_companions(planned: PlannedRecipe, ref, tmp: Path) -> None:
 
 
 def _materialise(entry: TensorEntry, source, init: MemoryInit, dtype_name: str, integer_ok):
-    """``entry``'s tensor in the output dtype. ``integer_ok(name)``: whether base tensor ``name`` is stored as integers
-    by right (a buffer of the model's); any other integer tensor is a weight stored as integers: refused."""
+    """``entry``'s tensor in ``dtype_name`` (the output dtype; a buffer of the model's stored as integers, its own).
+    ``integer_ok(name)``: whether base tensor ``name`` is stored as integers by right (a buffer of the model's); any
+    other integer tensor is a weight stored as integers: refused."""
     import torch
 
     dtype = torch_dtype(dtype_name)

@@ -10,6 +10,7 @@ TAGS = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
 }
+DTYPE_OF_TAG = {tag: name for name, tag in TAGS.items()}
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 # Every dtype tag a base's safetensors file may hold that torch reads (safetensors.torch's own table):
 # the ones the tool writes, and those it only converts from.

@@ -29,7 +29,7 @@ from stat import S_ISREG
 from typing import TYPE_CHECKING, Iterable
 
 from midus_surgery.errors import BaseModelError, MidusError, load_error_line, one_line, shown
-from midus_surgery.io.dtypes import STORED_ITEMSIZE
+from midus_surgery.io.dtypes import STORED_ITEMSIZE, TAGS
 from midus_surgery.io.shard_writer import file_slice
 
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit on a header
@@ -119,6 +119,11 @@ class TensorSource:
 
     def locate(self, name: str):
         """(FileSlice, dtype, shape) when the tensor's raw bytes sit in a file as-is, else None."""
+        return None
+
+    def held_tag(self, name: str) -> str | None:
+        """The safetensors dtype tag ``name`` is held in, when known without reading its data (None: not a tensor of
+        the base's, or one of a pickle file, seen only when it is read)."""
         return None
 
     def release(self) -> None:
@@ -372,6 +377,10 @@ class SafetensorsSource(TensorSource):
             out[key] = (info["dtype"], info["shape"])
         return out
 
+    def held_tag(self, name: str) -> str | None:
+        key = self.resolve(name)
+        return None if key is None else self._header(self._where[key])[0][key]["dtype"]
+
     def _handle(self, file: str):
         if file not in self._handles:
             from safetensors import safe_open
@@ -418,6 +427,10 @@ class DictSource(TensorSource):
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {key: tuple(t.shape) for key, t in self._where.items()}
+
+    def held_tag(self, name: str) -> str | None:
+        key = self.resolve(name)
+        return None if key is None else TAGS.get(str(self._where[key].dtype).removeprefix("torch."))
 
     def _read(self, key: str) -> torch.Tensor:
         # A copy: the same base tensor may be written twice (duplicated layers), and
