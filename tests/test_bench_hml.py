@@ -217,3 +217,41 @@ def test_the_peak_is_the_same_whichever_step_is_profiled_and_counts_the_gradient
     grads = sum(p.numel() * p.element_size() for p in hml.parameters()) + x.numel() * x.element_size()
     assert peaks[0] >= grads  # every gradient is live at the end of the backward
     assert all(p.grad is None for p in hml.parameters()) and x.grad is None  # dropped within the step
+
+
+def test_an_autocast_row_steps_float32_parameters_under_bf16_autocast(tiny, monkeypatch, capsys):
+    """`--dtypes autocast`: what `midus-surgery train` runs for precision bf16 (float32 parameters, bf16 autocast):
+    the FFN's output comes out of autocast in bf16, the HML's in its bf16 queries' dtype, the parameters and their
+    gradients stay float32, and the row and the report's note say which precision it is."""
+    seen = []
+    real_step_fn = bh.step_fn
+
+    def spying_step_fn(mod, x, autocast=False):
+        step = real_step_fn(mod, x, autocast)
+
+        def run():
+            handle = mod.register_forward_hook(lambda m, args, out: seen.append((type(m).__name__, out.dtype, x.dtype)))
+            try:
+                step()
+            finally:
+                handle.remove()
+            assert all(p.dtype == torch.float32 for p in mod.parameters())
+
+        return run
+
+    monkeypatch.setattr(bh, "step_fn", spying_step_fn)
+    fake_clock(monkeypatch, [4.0, 1.0])
+    assert bh.main(["--json", "--sizes", "tiny", "--dtypes", "autocast", "--repeats", "1"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert [(r["size"], r["dtype"]) for r in payload["rows"]] == [("tiny", "bf16 autocast")]
+    assert "hml_torch_ms" not in payload["rows"][0]
+    assert ("LlamaMLP", torch.bfloat16, torch.float32) in seen  # autocast ran the FFN's GEMMs in bf16 on a float32 input
+    assert ("HeadwiseMemory", torch.bfloat16, torch.bfloat16) in seen
+    assert "bf16 autocast rows" in bhr.bf16_notes(payload["rows"])
+    assert "bf16 autocast rows" not in bhr.bf16_notes([dict(payload["rows"][0], dtype="bfloat16")])
+
+
+def test_an_unknown_precision_is_one_usage_error(capsys):
+    with pytest.raises(SystemExit) as exited:
+        bh.main(["--dtypes", "float32,fp8"])
+    assert exited.value.code == 2 and "fp8: use float32, bfloat16 or autocast" in capsys.readouterr().err

@@ -102,8 +102,9 @@ def build(size: str, dtype: torch.dtype):
     return ffn, hml, cfg
 
 
-def step_fn(mod, x):
-    """One forward + backward of ``mod`` on ``x``. The gradients are dropped at the end of the step, not at the
+def step_fn(mod, x, autocast: bool = False):
+    """One forward + backward of ``mod`` on ``x`` (``autocast``: the forward under bf16 autocast, as
+    `midus-surgery train` runs ``precision: bf16`` over float32 parameters). The gradients are dropped at the end of the step, not at the
     start of the next: every tensor a step allocates is then freed within it, so peak_bytes measures each step
     from the same baseline (dropped at the start, the last step's gradients were freed inside the profiled
     step: counted there when a profiler saw them allocated, not when none did, and the peak read 11.0 or 17.6
@@ -112,7 +113,8 @@ def step_fn(mod, x):
 
     def step():
         nonlocal gy
-        y = mod(x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            y = mod(x)
         if gy is None:
             gy = torch.ones_like(y)
         y.backward(gy)
@@ -152,19 +154,26 @@ def on_kernels(kernels: str, layer, fn):
     return run
 
 
+AUTOCAST = "bf16 autocast"  # a row's dtype: float32 parameters under bf16 autocast
+
+
 def run_row(size: str, dtype: torch.dtype, repeats: int, sub_tokens: int | None, log, kernels: str = "fused",
-            compare_torch: bool = False, copy_gbps: float | None = None) -> dict:
+            compare_torch: bool = False, copy_gbps: float | None = None, autocast: bool = False) -> dict:
+    """One size and precision. ``autocast``: float32 parameters (``dtype`` must be float32) stepped under bf16
+    autocast, the HML fed bf16 queries (the attention's query projection's output under autocast) and the FFN a
+    float32 input (the residual stream's normed copy), as in a `midus-surgery train` step with ``precision: bf16``."""
     s = SIZES[size]
     torch.manual_seed(0)
     ffn, hml, cfg = build(size, dtype)
     xf = torch.randn(BATCH, SEQ, s["hidden"], dtype=dtype, requires_grad=True)
-    xh = torch.randn(BATCH, SEQ, s["heads"], s["head_dim"], dtype=dtype, requires_grad=True)
+    query_dtype = torch.bfloat16 if autocast else dtype
+    xh = torch.randn(BATCH, SEQ, s["heads"], s["head_dim"], dtype=query_dtype, requires_grad=True)
     ffn_tokens = BATCH * SEQ
     if sub_tokens:
         xf = torch.randn(1, sub_tokens, s["hidden"], dtype=dtype, requires_grad=True)
         ffn_tokens = sub_tokens
-    f_step, h_step = step_fn(ffn, xf), on_kernels(kernels, hml, step_fn(hml, xh))
-    t_step = on_kernels("torch", hml, step_fn(hml, xh)) if compare_torch else None
+    f_step, h_step = step_fn(ffn, xf, autocast), on_kernels(kernels, hml, step_fn(hml, xh, autocast))
+    t_step = on_kernels("torch", hml, step_fn(hml, xh, autocast)) if compare_torch else None
     f_step(), h_step()  # warm-up (and the one-time kernel build)
     if t_step:
         t_step()
@@ -181,7 +190,7 @@ def run_row(size: str, dtype: torch.dtype, repeats: int, sub_tokens: int | None,
     ffn_peak = peak_bytes(f_step) if not sub_tokens else None
     row = dict(
         size=size,
-        dtype=str(dtype).replace("torch.", ""),
+        dtype=AUTOCAST if autocast else str(dtype).replace("torch.", ""),
         hml_ms=round(hml_ms, 1),
         ffn_ms=round(ffn_ms, 1),
         ratio=round(hml_ms / ffn_ms, 3),
@@ -271,7 +280,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats (under about a minute)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--sizes", default=",".join(SIZES))
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default="float32,bfloat16",
+                    help="comma-separated: float32, bfloat16 (module and input cast), autocast (float32 parameters under "
+                         "bf16 autocast, as `midus-surgery train` runs precision: bf16)")
     ap.add_argument("--kernels", "--path", dest="kernels", choices=("fused", "torch"), default="fused",
                     help="the HML's kernels timed in the main column (fused: compiled CPU kernels; float32 rows also time "
                          "the pure-torch path beside it)")
@@ -286,19 +297,23 @@ def main(argv=None) -> int:
         print(json.dumps({"rows": rows, "machine": machine(), "versions": versions()}) if args.json else
               f"{machine()}\n\n{ops_table(rows)}")
         return 0
+    unknown = [dt for dt in args.dtypes.split(",") if dt not in ("float32", "bfloat16", "autocast")]
+    if unknown:
+        ap.error(f"--dtypes: {', '.join(unknown)}: use float32, bfloat16 or autocast")
     rows = []
     native_bf16 = cpu_native_bf16()  # a bf16 GEMM at the Llama size takes minutes without it
     gbps = copy_gb_per_s("cpu")
     log(f"memory bandwidth (copy): {gbps:.1f} GB/s")
     for size in args.sizes.split(","):
         for dt in args.dtypes.split(","):
-            dtype = getattr(torch, dt)
+            autocast = dt == "autocast"
+            dtype = torch.float32 if autocast else getattr(torch, dt)
             sub = None
             if dtype == torch.bfloat16 and ((size == "Llama-3.2-1B" and not native_bf16) or args.quick):
                 sub = 16 if args.quick else 64
             rows.append(run_row(size, dtype, repeats if not sub else max(1, repeats // 2), sub, log,
-                                kernels=args.kernels, compare_torch=dtype == torch.float32 and args.kernels == "fused",
-                                copy_gbps=gbps))
+                                kernels=args.kernels, compare_torch=dtype == torch.float32 and not autocast and args.kernels == "fused",
+                                copy_gbps=gbps, autocast=autocast))
     payload = {"rows": rows, "machine": machine(), "copy_gbps": round(gbps, 1), "versions": versions(), "batch": BATCH, "seq": SEQ,
                "command": command_line("tools/bench_hml.py", argv).strip()}
     if args.json:

@@ -55,6 +55,11 @@ def bf16_notes(rows: list[dict], machine: str = "") -> str:
         notes = ("- bfloat16 rows: module and input cast to bf16. HML scores, selects and takes its softmax in float32 "
                  "whatever the input, reads its bank in the bank's dtype, and on a CPU with bf16 units runs its "
                  "projection's matmuls in bf16 (see docs/hml.md, Precision); the FFN's bf16 GEMMs run on the same units.\n")
+    if any(r["dtype"] == "bf16 autocast" for r in rows):
+        notes += ("- bf16 autocast rows: float32 parameters stepped under `torch.autocast(bfloat16)`, as `midus-surgery "
+                  "train` runs `precision: bf16`; the HML gets bf16 queries (its attention's query projection's output "
+                  "under autocast) and runs with autocast off inside (docs/hml.md, Precision), the FFN gets a float32 "
+                  "input and runs its GEMMs in bf16.\n")
     if any("ffn_tokens_timed" in r for r in rows):
         notes += ("- bfloat16 FFN rows marked scaled: timed on fewer tokens and scaled linearly in tokens (a bf16 GEMM at the "
                   "Llama size takes minutes on a CPU without native bf16; --quick times every bf16 FFN so); their peak "
