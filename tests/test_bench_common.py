@@ -58,3 +58,13 @@ def test_a_section_without_hand_text_is_replaced_whole_and_a_missing_one_appende
     assert page.read_text() == _page(_drawn("0.83x") + "\n")
     bc.write_section(page, "## New", "## New\n\nbody", log=lambda m: None)
     assert page.read_text().endswith("kept after\n\n## New\n\nbody\n")
+
+
+def test_the_machine_line_names_the_bf16_units_this_cpu_has(monkeypatch):
+    """A Zen 4 EPYC has AVX512-BF16 and no AMX: the line said "AVX512-BF16/AMX" on every CPU with either."""
+    for flags, said in (("fpu avx2 avx512f avx512_bf16", "native bf16 (AVX512-BF16)"),
+                        ("fpu avx512_bf16 amx_bf16 amx_tile", "native bf16 (AVX512-BF16, AMX)"),
+                        ("fpu avx2 fma", "no native bf16")):
+        monkeypatch.setattr(bc, "_cpuinfo", lambda field, flags=flags: flags if field == "flags" else None)
+        assert bc.bf16_words() == said
+        assert bc.cpu_native_bf16() == (said != "no native bf16")

@@ -110,7 +110,7 @@ def test_write_docs_puts_the_run_into_its_section_and_keeps_the_others(tiny, mon
     assert "- tiny float32: HML/FFN 0.25x (target <= 0.3: met)" in section
     assert "batch 1 x 8 tokens" in section and "`python tools/bench_hml.py --sizes tiny --dtypes float32 --repeats 1 --write-docs`" in section
     assert f"- Machine: {saved['machine']}" in section and "- Versions: Python " in section
-    assert ("no native bf16" in section) != ("native bf16 (AVX512-BF16/AMX)" in section)
+    assert ("no native bf16" in section) != ("native bf16 (" in section)
     assert "- Raw numbers: [bench_hml.json](results/bench_hml.json)" in section
 
 

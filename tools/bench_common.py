@@ -37,6 +37,13 @@ def cpu_native_bf16() -> bool:
     return bool(set((_cpuinfo("flags") or "").split()) & {"avx512_bf16", "amx_bf16"})
 
 
+def bf16_words() -> str:
+    """What a machine line says of this CPU's bf16: which of the units it has, by name."""
+    flags = set((_cpuinfo("flags") or "").split())
+    units = [name for flag, name in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX")) if flag in flags]
+    return f"native bf16 ({', '.join(units)})" if units else "no native bf16"
+
+
 def command_line(script: str, argv) -> str:
     """The command a benchmark report quotes: this script with the arguments it ran with, quoted for a shell
     (e.g. --models "DUS,FFN-free floor" keeps its space inside one argument)."""

@@ -65,7 +65,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import command_line, cpu_name, cpu_native_bf16, finish, load_avg, median, save_json, versions
+from bench_common import bf16_words, command_line, cpu_name, finish, load_avg, median, save_json, versions
 from bench_decode_report import FUSED_ROW, REFERENCE, ROWS, json_path, redraw, table, target_lines, targets, write_docs
 from bench_step import ensure_outputs, load_model, models_for, paired_ratio_stats
 from bench_step_report import FORCED_KERNELS, LAYOUTS
@@ -682,7 +682,7 @@ def run(args, argv) -> int:
             raise BadInput("--device cuda, but torch sees no CUDA device")
         machine = f"{torch.cuda.get_device_name(0)} (torch CUDA {torch.version.cuda}), {os.cpu_count()} CPU cores"
     else:
-        machine = f"{cpu_name()}, {os.cpu_count()} CPU cores, " + ("native bf16 (AVX512-BF16/AMX)" if cpu_native_bf16() else "no native bf16")
+        machine = f"{cpu_name()}, {os.cpu_count()} CPU cores, " + bf16_words()
     models, custom = resolve_models(args, log)
     from midus_surgery.errors import MidusError
     from midus_surgery.model.hml import backend_words

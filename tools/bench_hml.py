@@ -35,7 +35,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import command_line, cpu_name, cpu_native_bf16, save_json, versions  # noqa: E402
+from bench_common import bf16_words, command_line, cpu_name, cpu_native_bf16, save_json, versions  # noqa: E402
 from bench_hml_report import DOCS, JSON, table, write_docs  # noqa: E402
 
 from midus_surgery.model.hml import HeadwiseMemory, HMLConfig, hml_parameter_count, use_kernels  # noqa: E402
@@ -270,7 +270,7 @@ def ops_table(rows: list[dict]) -> str:
 
 
 def machine() -> str:
-    bf16 = "native bf16 (AVX512-BF16/AMX)" if cpu_native_bf16() else "no native bf16"
+    bf16 = bf16_words()
     return f"{cpu_name()}, {os.cpu_count()} CPU cores, {bf16}, torch threads {torch.get_num_threads()}"
 
 

@@ -61,7 +61,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import command_line, cpu_name, cpu_native_bf16, finish, load_avg, median, recipe_output, save_json, versions
+from bench_common import bf16_words, command_line, cpu_name, finish, load_avg, median, recipe_output, save_json, versions
 from bench_step_report import FORCED_KERNELS, LAYOUTS, ROWS, json_path, redraw, setting, table, target_lines, targets, write_docs
 
 # not a method: DUS with the inserted blocks' FFNs replaced by a zero-cost stub, i.e. the
@@ -537,7 +537,7 @@ def main(argv=None) -> int:
             raise SystemExit("bench_step: --device cuda, but torch sees no CUDA device")
         machine = f"{torch.cuda.get_device_name(0)} (torch CUDA {torch.version.cuda}), {os.cpu_count()} CPU cores"
     else:
-        machine = f"{cpu_name()}, {os.cpu_count()} CPU cores, " + ("native bf16 (AVX512-BF16/AMX)" if cpu_native_bf16() else "no native bf16")
+        machine = f"{cpu_name()}, {os.cpu_count()} CPU cores, " + bf16_words()
     plans = make_plans(args, gpu)
     load_start = load_avg()
     t0 = time.perf_counter()

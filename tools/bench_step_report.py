@@ -242,7 +242,7 @@ def section_text(payload: dict, source: Path | None = None) -> str:
                "AdamW state and allocator caches.")
         # runs before the machine line said so were made on CPUs without native bf16
         native = "native bf16" in payload["machine"] and "no native bf16" not in payload["machine"]
-        bf16_speed = ("This CPU has native bf16 (AVX512-BF16/AMX)." if native
+        bf16_speed = ("This CPU has native bf16." if native
                       else "This CPU has no native bf16, so bf16 is far slower.")
         prec = "- `fp32`: weights, activations and AdamW in fp32." + (
             " `bf16`: `torch.autocast('cpu', bfloat16)` over fp32 master weights and optimiser state, as `midus-surgery train` runs "
