@@ -633,6 +633,18 @@ def test_a_copied_run_directory_continues_and_exports_into_itself(train_project,
     assert (copied / "NOTES.md").read_text() == "mine"
 
 
+def test_an_export_onto_the_run_directorys_own_marker_stops_before_any_step(train_project, capsys):
+    """A new run's marker does not exist yet when the outputs are checked: export.dir there passed the check, the
+    whole run trained, and the export failed at its end (trial63). Refused before any work, by the dry run too."""
+    run = train_project / "runs" / "fresh"
+    cfg = train_config(train_project, "runs/fresh")
+    for dry in (["--dry-run"], []):
+        assert main(["train", str(cfg), f"export.dir={run / '.midus-surgery'}", "--quiet", *dry]) == 2
+        err = capsys.readouterr().err
+        assert "export.dir" in err and "which train itself writes" in err, err
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+
+
 def test_files_a_user_put_deep_in_a_run_directory_are_never_deleted(train_project, capsys):
     """Checkpoints are pruned (keep_last) and rewritten, an export replaced, a demo's run removed:
     a note inside any of them is kept, and the run says why it stops or what it kept."""

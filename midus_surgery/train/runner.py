@@ -492,7 +492,7 @@ class Runner:
         self.export_owner = export_owner  # the export's final swap checks again against it (output_dir.replace_directory)
         if self.run_dir in self.export_dir.parents:
             part = self.export_dir.relative_to(self.run_dir).parts[0]
-            if part in RUN_ENTRIES - {"final"}:  # checkpoints/ (pruned, rewritten), tensorboard/, ...: an export there deletes them
+            if part in (RUN_ENTRIES - {"final"}) | {MARKER}:  # checkpoints/ (pruned, rewritten), tensorboard/, the marker: an export there deletes them
                 raise RecipeError([loaded.problem(("export", "dir"), f"{self.export_dir} is or lies inside {self.run_dir / part}, which "
                                                   "train itself writes; choose another directory (the default is run_dir/final)")])
         extras = [f"checkpoints/{x}" for x in not_written_in_checkpoints(self.ckpt_root)] if self.ckpt_root.is_dir() else []
