@@ -357,9 +357,20 @@ def test_partial_checkpoint_cleanup_removes_only_what_save_checkpoint_names(tmp_
     outside.mkdir()
     (outside / "keep.txt").write_text("mine")
     (root / ".tmp-step-00000004-link").symlink_to(outside, target_is_directory=True)
-    remove_partial_checkpoints(root)
-    assert sorted(p.name for p in root.iterdir()) == [".tmp-notes", ".tmp-step-00000004-link", ".tmp-step-notes"]
-    assert (outside / "keep.txt").read_text() == "mine"
+    fsdp = root / ".tmp-step-00000005-d4e5f6"  # killed in the middle of an FSDP save_state: the tool's files alone
+    (fsdp / "pytorch_model_fsdp_0").mkdir(parents=True)
+    (fsdp / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"x")
+    (fsdp / "optimizer_0").mkdir()
+    (fsdp / "rng_state_0.safetensors").write_bytes(b"x")
+    noted = root / ".tmp-step-00000006-0a0b0c"  # the tool's name, and a user's file inside (trial63): kept, and said
+    noted.mkdir()
+    (noted / "model.safetensors").write_bytes(b"x")
+    (noted / "keep.txt").write_text("precious")
+    said = []
+    remove_partial_checkpoints(root, report=said.append)
+    assert sorted(p.name for p in root.iterdir()) == [".tmp-notes", ".tmp-step-00000004-link", ".tmp-step-00000006-0a0b0c", ".tmp-step-notes"]
+    assert (outside / "keep.txt").read_text() == "mine" and (noted / "keep.txt").read_text() == "precious"
+    assert said == [f"kept {noted}, a partial checkpoint of a killed run: it also holds keep.txt, which midus-surgery did not write"]
 
 
 def test_an_interrupt_just_after_the_partial_checkpoint_is_made_removes_it(tmp_path):

@@ -645,6 +645,30 @@ def test_an_export_onto_the_run_directorys_own_marker_stops_before_any_step(trai
     assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
 
 
+def test_a_users_file_in_a_folder_named_like_a_partial_checkpoint_is_kept(train_project, capsys):
+    """train removes the partial checkpoints a killed run left (.tmp-step-NNNNNNNN-xxxxxx); one that holds a file a
+    checkpoint never holds is not the tool's alone: the next run stops before any work, as for a file in
+    checkpoints/ itself, and the demo's remover keeps it (trial63: it was deleted without a word)."""
+    from tool_modules import load_tool
+
+    cfg = train_config(train_project)
+    assert main(["train", str(cfg), "--quiet"]) == 0, capsys.readouterr().err
+    partial = train_project / "runs" / "a" / "checkpoints" / ".tmp-step-00000004-abcdef"
+    partial.mkdir()
+    (partial / "keep.txt").write_text("precious")
+    capsys.readouterr()
+    assert main(["train", str(cfg), "resume=auto", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoints/.tmp-step-00000004-abcdef/keep.txt" in err and "move them out first" in err, err
+    assert load_tool("remove_own_dir").main([str(train_project / "runs" / "a")]) != 0
+    assert ".tmp-step-00000004-abcdef/keep.txt" in capsys.readouterr().err
+    assert (partial / "keep.txt").read_text() == "precious"
+    (partial / "keep.txt").unlink()  # a partial of the tool's own files alone goes with the next start
+    (partial / "model.safetensors").write_bytes(b"half")
+    assert main(["train", str(cfg), "resume=auto", "--quiet"]) == 0, capsys.readouterr().err
+    assert not partial.exists()
+
+
 def test_files_a_user_put_deep_in_a_run_directory_are_never_deleted(train_project, capsys):
     """Checkpoints are pruned (keep_last) and rewritten, an export replaced, a demo's run removed:
     a note inside any of them is kept, and the run says why it stops or what it kept."""

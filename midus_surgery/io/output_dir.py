@@ -751,13 +751,30 @@ def checkpoint_extras(checkpoint: Path) -> list[str]:
     return sorted(_entries(checkpoint) - set(recorded) - {CHECKPOINT_STATE})
 
 
+# What a partial checkpoint (a killed run's PARTIAL_CHECKPOINT_NAME folder) may hold, by relative path: accelerate's
+# save_state files (weights, optimiser, RNG, a scaler, FSDP's folders of shards) and train's own (its RNG, scheduler and
+# state files). Nothing else in it is the tool's: a partial holding more is kept, whatever its name.
+_PARTIAL_CHECKPOINT_FILES = re.compile(
+    r"^(?:model(?:_\d+)?\.safetensors|(?:pytorch_model|optimizer|scheduler|sampler|dl_state_dict)(?:_\d+)?\.bin"
+    r"|pytorch_model_fsdp_\d+\.bin|scaler\.pt|random_states_\d+\.pkl"
+    r"|rng_state_\d+\.safetensors|scheduler\.json|trainer_state\.json|custom_checkpoint_\d+\.pkl"
+    r"|(?:pytorch_model_fsdp|optimizer)_\d+/(?:__\d+_\d+\.distcp|\.metadata)?)$")  # an empty one: killed as it began
+
+
+def partial_checkpoint_extras(partial: Path) -> list[str]:
+    """What a partial checkpoint folder holds that a checkpoint never does (relative paths; a user's notes): such a
+    folder is not removed, whatever its name."""
+    return sorted(name for name in _entries(partial) if not _PARTIAL_CHECKPOINT_FILES.match(name))
+
+
 def not_written_in_checkpoints(root: Path) -> list[str]:
     """What a run's checkpoints folder holds that train did not write (paths relative to it): entries
     that are no ``step-N`` folder, and files a checkpoint's state file does not record."""
     found = []
     for child in sorted(root.iterdir()):
-        if PARTIAL_CHECKPOINT_NAME.match(child.name):
-            continue  # a checkpoint a killed run was writing
+        if PARTIAL_CHECKPOINT_NAME.match(child.name) and child.is_dir() and not child.is_symlink():  # a killed run's partial
+            found += [f"{child.name}/{x}" for x in partial_checkpoint_extras(child)]
+            continue
         ours = _CHECKPOINT_NAME.match(child.name) or SET_ASIDE_CHECKPOINT_NAME.match(child.name)
         if not (ours and child.is_dir() and not child.is_symlink()):
             found.append(child.name)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from midus_surgery.errors import TrainingError, load_error_line, one_line
-from midus_surgery.io.output_dir import CHECKPOINT_STATE, PARTIAL_CHECKPOINT_NAME, checkpoint_extras
+from midus_surgery.io.output_dir import CHECKPOINT_STATE, PARTIAL_CHECKPOINT_NAME, checkpoint_extras, partial_checkpoint_extras
 from midus_surgery.train.dcp_guard import dcp_checkpoint_problem
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
@@ -247,12 +247,18 @@ def weights_checksum(model) -> str:
 # --------------------------------------------------------------------------- writing, choosing, loading
 
 
-def remove_partial_checkpoints(root: Path) -> None:
+def remove_partial_checkpoints(root: Path, report: Callable[[str], None] = print) -> None:
     """Remove the ``.tmp-step-*`` directories of checkpoints a killed run was writing (main process only):
     exactly the names save_checkpoint gives them (a user's ``.tmp-step-notes`` is kept), real
-    directories only (a link is never followed)."""
+    directories only (a link is never followed), holding only what a checkpoint holds (one that holds
+    more, a user's file, is kept, and ``report`` says so)."""
     for stale in root.iterdir():
         if PARTIAL_CHECKPOINT_NAME.match(stale.name) and stale.is_dir() and not stale.is_symlink():
+            extras = partial_checkpoint_extras(stale)
+            if extras:
+                report(f"kept {stale}, a partial checkpoint of a killed run: it also holds {', '.join(extras[:5])}, which "
+                       "midus-surgery did not write")
+                continue
             shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -553,7 +553,7 @@ class Runner:
                                                        "checkpoints and logs: wait for it to end, or choose another run_dir")])
             write_marker(self.run_dir, RUN_KIND)  # this process is the one writing now
             self.ckpt_root.mkdir(exist_ok=True)
-            remove_partial_checkpoints(self.ckpt_root)
+            remove_partial_checkpoints(self.ckpt_root, report=self.say)
         self.acc.wait_for_everyone()
 
     def load_tokenizer(self) -> None:
