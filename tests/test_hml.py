@@ -287,7 +287,7 @@ def test_lora_on_the_memory_layers_own_projections_takes_part(dtype):
     """The layer read query_proj's, gate's and out_proj's weights directly: PEFT wrapped those
     modules (`all-linear` picks them), and an adapter changed the output by exactly 0, its
     parameters never got a gradient. They are called as modules now, also in a bf16 model on the
-    CPU, where the layer computes in float32 (trial36: there the adapters still did nothing)."""
+    CPU (trial36: there the adapters still did nothing)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     m = tiny(D=16, query_source="hidden", gate=True, output_proj="always").to(dtype)
@@ -489,16 +489,51 @@ def test_float32_and_bfloat16():
 
 
 def test_autocast_cpu_bf16():
-    m = tiny(H=2, dh=8, D=16, gate=True)
+    """Under autocast the read (scores, top-k, softmax, pooling) runs as without it, in float32; the layer's own
+    Linear projections (gate, output, query_proj) run in autocast's dtype, as every Linear of the model does."""
+    torch.manual_seed(0)
+    read_only = tiny(H=2, dh=8, D=16)  # no projection of its own: the whole output is the read
     x = torch.randn(3, 4, 2, 8)
-    ref = m(x)
+    ref = read_only(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = read_only(x)
+        w, slots = read_only.lookup(x)
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+    assert [torch.equal(a, b) for a, b in zip((w, slots), read_only.lookup(x))] == [True, True]
+    m = tiny(H=2, dh=8, D=24, gate=True)  # a gate, and an output projection (2 x 8 != 24)
+    seen = []
+    for name in ("gate", "out_proj"):
+        getattr(m, name).register_forward_hook(lambda mod, args, y, name=name: seen.append((name, y.dtype)))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x)
-    assert out.dtype == torch.float32 and torch.equal(out, ref)
+    assert seen == [("gate", torch.bfloat16), ("out_proj", torch.bfloat16)] and out.dtype == torch.float32
+    assert not torch.equal(out, m(x))  # the projections' bf16 rounding shows
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x.bfloat16())
         out.float().sum().backward()
     assert out.dtype == torch.bfloat16 and m.keys.grad is not None
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_hooked_projection_computes_what_a_plain_one_does(dtype, autocast):
+    """A forward hook that does nothing on the layer's own projections changed a bf16 model's logits on CPU: a plain
+    projection computed in float32 from its cast weight, a hooked one (as accelerate's offload hooks it) in bf16
+    (trial62). Every projection is now called as a module, in its weight's dtype or autocast's: the same bits."""
+    torch.manual_seed(0)
+    m = tiny(H=2, dh=8, D=24, query_source="hidden", gate=True, output_proj="always").to(dtype)
+    x = torch.randn(2, 30, 24, dtype=dtype)  # under 128 tokens: where the layer computed a plain projection in float32
+
+    def run():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return m(x)
+
+    plain = run()
+    hooks = [getattr(m, name).register_forward_hook(lambda mod, args, y: None) for name in ("query_proj", "gate", "out_proj")]
+    hooked = run()
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(hooked, plain)
 
 
 def test_torch_compile_small():
@@ -706,10 +741,7 @@ def test_a_layer_offloaded_by_accelerate_reads_every_weight_through_its_hooks(dt
         assert layer.latent_bank.weight.device.type == "meta" and layer.gate.weight.device.type == "meta"
         got = layer(x)
         remove_hook_from_submodules(layer)
-    if dtype == torch.float32:
-        assert torch.equal(got, expected)
-    else:  # a hooked bf16 projection computes in bf16 (called, as a LoRA-wrapped one is), a plain one in float32
-        torch.testing.assert_close(got, expected, rtol=0.02, atol=0.01)
+    assert torch.equal(got, expected)  # in bf16 too: every projection is called as a module (trial62)
 
 
 def test_a_batch_query_norm_out_of_training_compiles_to_one_graph(hml_path):

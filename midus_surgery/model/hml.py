@@ -911,18 +911,17 @@ class LatentBank(nn.Module):
         return f"slots={self.num_slots}, latent_dim={self.latent_dim}"
 
 
-def _project(linear: nn.Module, x: Tensor, cd: torch.dtype) -> Tensor:
-    """``linear``'s bias-free projection of ``x``, in ``cd``. Through the module's own call when its
-    weight already is in ``cd`` (or autocast casts it), so that what wraps the module takes part
-    (PEFT's LoRA layers, forward hooks), which reading its weight bypassed. A bfloat16 weight on CPU,
-    where the layer computes in float32, is cast into float32 for a plain ``nn.Linear``; a wrapped or
-    hooked one is called in its own dtype and its output cast (a LoRA adapter in a bf16 model on CPU
-    changed the output by exactly 0, and merging it changed the model: trial36)."""
-    if linear.weight.dtype == cd or torch.is_autocast_enabled(x.device.type):
-        return linear(x.to(cd))
-    if type(linear) is not nn.Linear or linear._forward_hooks or linear._forward_pre_hooks or hasattr(linear, "_hf_hook"):
-        return linear(x.to(linear.weight.dtype)).to(cd)
-    return F.linear(x.to(cd), linear.weight.to(cd))
+def _project(linear: nn.Module, x: Tensor, autocast_dtype: Optional[torch.dtype]) -> Tensor:
+    """``linear``'s projection of ``x`` as any Linear of the model computes it: through the module's own call, so
+    that what wraps it takes part (PEFT's LoRA layers, forward hooks, accelerate's offload, which loads the weight
+    at the call), in its weight's dtype, or in ``autocast_dtype`` when the caller runs under autocast (which the
+    layer turns off for its read). One rule for a plain, a hooked and a wrapped module: computing a plain one in
+    float32 from a cast of its bf16 weight, as the layer once did on CPU, gave another bf16 output than the same
+    module hooked or offloaded (trial62), and reading the weight bypassed LoRA (trial36)."""
+    if autocast_dtype is not None:
+        with torch.autocast(x.device.type, dtype=autocast_dtype):
+            return linear(x)
+    return linear(x.to(linear.weight.dtype))
 
 
 def _in_backward() -> bool:
@@ -1038,6 +1037,12 @@ class _HeadNorm(nn.Module):
         q = q - mu
         q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + self.eps)
         return q * self.weight.to(q.dtype) + self.bias.to(q.dtype)
+
+
+def _caller_autocast(x: Tensor) -> tuple[str, Optional[torch.dtype]]:
+    """(autocast device type of ``x``, the caller's autocast dtype there, or None when autocast is off)."""
+    dev = x.device.type if x.device.type in ("cpu", "cuda") else "cpu"
+    return dev, (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
 
 
 class HeadwiseMemory(nn.Module):
@@ -1277,19 +1282,19 @@ class HeadwiseMemory(nn.Module):
     # -- forward -------------------------------------------------------------------------
     def lookup(self, queries: Tensor) -> tuple[Tensor, Tensor]:
         """(weights [H, T, k], slots [H, T, k]) for queries of the forward's input shape."""
-        q, _, _ = self._queries(queries)
-        w, slots = self._lookup(q, self._backend(q))
-        return w, slots
+        dev, autocast_dtype = _caller_autocast(queries)
+        with torch.autocast(device_type=dev, enabled=False):
+            q, _, _ = self._queries(queries, autocast_dtype)
+            return self._lookup(q, self._backend(q))
 
-    def _queries(self, x: Tensor):
+    def _queries(self, x: Tensor, autocast_dtype: Optional[torch.dtype]):
         H, dh = self.num_heads, self.head_dim
         if self.config.query_source == "hidden":
             if x.shape[-1] != self.hidden_size:
                 raise ValueError(f"expected [..., {self.hidden_size}] input, got {tuple(x.shape)}")
             lead = x.shape[:-1]
             flat_in = x.reshape(-1, self.hidden_size)
-            cd = self._mm_dtype(x, flat_in.shape[0])
-            q = _project(self.query_proj, flat_in, cd).view(-1, H, dh)
+            q = _project(self.query_proj, flat_in, autocast_dtype).view(-1, H, dh)
         else:
             if x.dim() < 2 or x.shape[-2:] != (H, dh):
                 raise ValueError(f"expected [..., {H}, {dh}] queries, got {tuple(x.shape)}")
@@ -1347,16 +1352,16 @@ class HeadwiseMemory(nn.Module):
         return m, w, slots
 
     def forward(self, queries: Tensor) -> Tensor:
-        dev = queries.device.type if queries.device.type in ("cpu", "cuda") else "cpu"
-        if not torch.is_autocast_enabled(dev):  # entering the context costs a decode step's call
-            return self._forward(queries)
-        with torch.autocast(device_type=dev, enabled=False):
-            return self._forward(queries)
+        dev, autocast_dtype = _caller_autocast(queries)
+        if autocast_dtype is None:  # entering the context costs a decode step's call
+            return self._forward(queries, None)
+        with torch.autocast(device_type=dev, enabled=False):  # the read; the Linear projections take autocast_dtype
+            return self._forward(queries, autocast_dtype)
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor, autocast_dtype: Optional[torch.dtype]) -> Tensor:
         H, dh = self.num_heads, self.head_dim
         out_dtype = x.dtype
-        q, flat_in, lead = self._queries(x)
+        q, flat_in, lead = self._queries(x, autocast_dtype)
         T = q.shape[0]
         if T == 0:  # an empty batch, as an FFN takes it: zeros of the output's shape, still in the input's graph
             return (flat_in[:, :1] * 0).expand(0, self.hidden_size).to(out_dtype).view(*lead, self.hidden_size)
@@ -1366,9 +1371,9 @@ class HeadwiseMemory(nn.Module):
         cd = self._mm_dtype(x, T)
         out = m.to(cd).transpose(0, 1).reshape(T, H * dh)
         if self.gate is not None:
-            out = out * F.silu(_project(self.gate, flat_in, cd))
+            out = out * F.silu(_project(self.gate, flat_in, autocast_dtype).to(cd))
         if self.out_proj is not None:
-            out = _project(self.out_proj, out, cd)
+            out = _project(self.out_proj, out, autocast_dtype)
         return out.to(out_dtype).view(*lead, self.hidden_size)
 
 
