@@ -8,8 +8,10 @@ One short run (4 steps, a checkpoint every 2) is trained once; each test resumes
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -212,6 +214,11 @@ CORRUPTIONS = {
     # crafted state files were tracebacks (AttributeError on data.get) instead of a skipped checkpoint
     "state-data-a-list": ("trainer_state.json", lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "data": ["x"]}))),
     "state-world-size-text": ("trainer_state.json", lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "world_size": "two"}))),
+    # values that contradict each other, edited by hand (trial63: a samples_seen edit replayed data or claimed 64 billion
+    # tokens; a scheduler position edited at the same size resumed at another learning rate, without a word)
+    "state-samples-seen-edited": ("trainer_state.json", lambda p: p.write_text(json.dumps(
+        {**json.loads(p.read_text()), "samples_seen": json.loads(p.read_text())["samples_seen"] // 2}))),
+    "scheduler-position-edited": ("scheduler.json", lambda p: p.write_text(p.read_text().replace('"last_epoch": 4', '"last_epoch": 3'))),
 }
 
 
@@ -389,6 +396,42 @@ def test_an_interrupt_just_after_the_partial_checkpoint_is_made_removes_it(tmp_p
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(root, acc, None, step=3, samples_seen=12, keep_last=2, facts={})
     assert list(root.iterdir()) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_ctrl_c_once_the_files_are_written_waits_for_the_checkpoint_to_be_put_in_place(tmp_path, monkeypatch, signum):
+    """A Ctrl-C (or SIGTERM, as the command line handles it) just after the state file was written left a complete
+    checkpoint under its temporary name, and the run named an older one as its newest (trial63). It now waits the
+    moment the rename takes, then acts: the checkpoint is in place and no partial is left."""
+    from types import SimpleNamespace
+
+    from midus_surgery.cli import Terminated, _on_sigterm
+    from midus_surgery.train import checkpoint as ck
+
+    before = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        def save_state(path, safe_serialization=True):
+            Path(path, "model.safetensors").write_bytes(b"weights")
+
+        def digest_then_signal(path):  # the signal arrives while the state file is being made
+            os.kill(os.getpid(), signum)
+            return "0" * 64
+
+        monkeypatch.setattr(ck, "header_digest", digest_then_signal)
+        acc = SimpleNamespace(is_main_process=True, process_index=0, num_processes=1, wait_for_everyone=lambda: None,
+                              save_state=save_state)
+        scheduler = SimpleNamespace(state_dict=lambda: {"last_epoch": 3})
+        root = tmp_path / "checkpoints"
+        root.mkdir()
+        with pytest.raises(KeyboardInterrupt) as raised:
+            ck.save_checkpoint(root, acc, scheduler, step=3, samples_seen=12, keep_last=2, facts={})
+        assert isinstance(raised.value, Terminated) == (signum == signal.SIGTERM)
+        assert [p.name for p in root.iterdir()] == ["step-00000003"]
+        assert json.loads((root / "step-00000003" / "trainer_state.json").read_text())["step"] == 3
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and signal.getsignal(signal.SIGTERM) is _on_sigterm
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_a_resume_under_another_token_budget_says_how_the_schedule_moves(done, tmp_path):

@@ -13,12 +13,15 @@ accelerator, the optimiser, the scheduler, paths), not the runner. Every process
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -110,6 +113,13 @@ def read_checkpoint_state(path: Path) -> dict:
     m = CHECKPOINT_RE.match(path.name)
     if m and state["step"] != int(m.group(1)):
         raise ValueError(f"{STATE_FILE}: says step {state['step']}, the directory step {int(m.group(1))}")
+    # written together from the same numbers: one that disagrees was changed since (trial63: samples_seen edited by
+    # hand replayed data, or claimed 64 billion tokens trained in the export's history)
+    block = ((state.get("config") or {}).get("data") or {}).get("block_size") if isinstance(state.get("config"), dict) else None
+    tokens = state.get("tokens_seen")
+    if isinstance(block, int) and isinstance(tokens, int) and tokens != state["samples_seen"] * block:
+        raise ValueError(f"{STATE_FILE}: says samples_seen {state['samples_seen']:,} of {block} tokens ({state['samples_seen'] * block:,} "
+                         f"tokens) but tokens_seen {tokens:,}: changed since it was written")
     return state
 
 
@@ -144,6 +154,13 @@ def verify_checkpoint(path: Path) -> str | None:
         problem = _safetensors_problem(path / name)
         if problem:
             return problem
+    if isinstance(files, dict) and SCHEDULER_FILE in files:  # the scheduler steps with the optimiser: its position is the step
+        try:
+            position = json.loads((path / SCHEDULER_FILE).read_text()).get("last_epoch")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            position = None  # unreadable: the load says so, naming the file
+        if isinstance(position, int) and position != state["step"]:
+            return f"{SCHEDULER_FILE}: its schedule is at step {position}, the checkpoint at step {state['step']}: changed since it was written"
     digests = state.get("headers")
     if isinstance(digests, dict):
         for name, digest in sorted(digests.items()):
@@ -247,6 +264,33 @@ def weights_checksum(model) -> str:
 # --------------------------------------------------------------------------- writing, choosing, loading
 
 
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Ctrl-C, SIGTERM and SIGHUP, as the command line handles them, wait until the block ends, then act: a block
+    that puts a written checkpoint in place (a fraction of a second) ends whole. A Ctrl-C just after the state
+    file was written had left a complete checkpoint under its temporary name, and the run named an older one as
+    its newest (trial63). Signals left to their default action (SIG_DFL, SIG_IGN) and any call off the main thread,
+    where Python cannot set handlers, are left as they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[tuple[int, object]] = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            previous[signum] = handler
+            signal.signal(signum, lambda got, frame: held.append((got, frame)))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if held:  # as it would have acted: KeyboardInterrupt, or the command line's Terminated
+        signum, frame = held[0]
+        previous[signum](signum, frame)
+
+
 def remove_partial_checkpoints(root: Path, report: Callable[[str], None] = print) -> None:
     """Remove the ``.tmp-step-*`` directories of checkpoints a killed run was writing (main process only):
     exactly the names save_checkpoint gives them (a user's ``.tmp-step-notes`` is kept), real
@@ -307,19 +351,23 @@ def save_checkpoint(root: Path, acc, scheduler, *, step: int, samples_seen: int,
                                                      if last else "no checkpoint was written yet")) from None
     acc.wait_for_everyone()
     if main:
-        (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()) + "\n")  # plain numbers, no pickle
-        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        headers = {name: header_digest(tmp / name) for name in files if name.endswith(".safetensors")}
-        state = {"step": step, "samples_seen": samples_seen, **facts, "time": time.time(), "files": files, "headers": headers}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the checkpoint complete
-        if final.exists():
-            extras = checkpoint_extras(final)
-            if extras:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise TrainingError(f"{final} also holds what midus-surgery did not write there ({', '.join(extras[:5])}); "
-                                    "rewriting it would delete them: move them out, then resume")
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:  # the files are written: the rest takes a moment, and a Ctrl-C waits for it (the checkpoint is kept whole)
+            with interrupts_deferred():
+                (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()) + "\n")  # plain numbers, no pickle
+                files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+                headers = {name: header_digest(tmp / name) for name in files if name.endswith(".safetensors")}
+                state = {"step": step, "samples_seen": samples_seen, **facts, "time": time.time(), "files": files, "headers": headers}
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the checkpoint complete
+                if final.exists():
+                    extras = checkpoint_extras(final)
+                    if extras:
+                        raise TrainingError(f"{final} also holds what midus-surgery did not write there ({', '.join(extras[:5])}); "
+                                            "rewriting it would delete them: move them out, then resume")
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+        except BaseException:  # a full disk, a refusal above, or the Ctrl-C that waited, after the rename: no partial left
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         for _, old in complete_checkpoints(root)[:-keep_last]:
             extras = checkpoint_extras(old)
             if extras:
