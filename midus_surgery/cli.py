@@ -465,6 +465,7 @@ def cmd_eval(args) -> int:
         raise TaskError(f"eval: {', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} to {other} only, not {mode}")
     if args.tasks is not None:
         return _eval_tasks(args)
+    _check_data_links(args.data)
     import torch
 
     from midus_surgery.train.evaluate import ModelFailed, check_model_loads, eval_device, out_of_memory, run_eval, unforeseen, unforeseen_failure
@@ -538,12 +539,24 @@ def _eval_tasks(args) -> int:
     return 0
 
 
+def _check_data_links(data) -> None:
+    """--data that is a link loop or a broken link: the data error train gives for one (exit 3), said before any model
+    is read (eval and analyze said pathlib's own words, exit 2; trial63)."""
+    from pathlib import Path
+
+    from midus_surgery.train.data import check_data_links
+
+    check_data_links([Path(p) for p in (data if isinstance(data, (list, tuple)) else [data]) if p is not None], what="--data")
+
+
 def cmd_analyze(args) -> int:
     from pathlib import Path
 
     import numpy as np
 
     from midus_surgery.downstream.analyze import run_analysis
+
+    _check_data_links(args.data)
 
     result = run_analysis(args.model, args.data, Path(args.out), block_size=args.block_size, max_blocks=args.max_blocks,
                           max_memory_blocks=args.max_memory_blocks, batch_size=args.batch_size, device=args.device,

@@ -393,9 +393,26 @@ def test_a_symlink_loop_is_one_line(tiny_base, tmp_path, capsys):
     """pathlib's resolve() raises RuntimeError on a loop: it was a traceback in eval, analyze and train."""
     (tmp_path / "loopA").symlink_to(tmp_path / "loopB")
     (tmp_path / "loopB").symlink_to(tmp_path / "loopA")
-    assert main(["eval", str(tiny_base), "--data", str(tmp_path / "loopA"), "--quiet"]) == 2
+    assert main(["eval", str(tiny_base), "--data", str(tmp_path / "loopA"), "--quiet"]) == 3  # a data error since trial63
     err = capsys.readouterr().err
-    assert err.startswith("error: Symlink loop from") and "points back at itself" in err and len(err.splitlines()) == 1, err
+    assert "loopA is a symbolic link that leads back to itself (a link loop)" in err and len(err.splitlines()) == 1, err
+    (tmp_path / "runs").symlink_to(tmp_path / "runs")  # pathlib's own loop error elsewhere (an output's parent): still one line
+    assert main(["eval", str(tiny_base), "--data", str(tiny_base / "config.json"), "--cache-dir", str(tmp_path / "runs" / "c"),
+                 "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command", ["eval", "analyze"])
+def test_data_that_is_a_link_loop_is_the_data_error_train_gives(tiny_base, tmp_path, capsys, command):
+    """train says a --data link loop as a data error (exit 3, naming the link); eval and analyze said pathlib's words,
+    exit 2 (trial63). The same line from all three, before any model is read."""
+    (tmp_path / "loop.txt").symlink_to(tmp_path / "loop.txt")
+    extra = ["--out", str(tmp_path / "analysis")] if command == "analyze" else []
+    assert main([command, str(tiny_base), "--data", str(tmp_path / "loop.txt"), "--quiet", *extra]) == 3
+    err = capsys.readouterr().err
+    assert f"--data: {tmp_path / 'loop.txt'} is a symbolic link that leads back to itself (a link loop)" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "analysis").exists()
 
 
 @pytest.mark.parametrize("argv", [["validate"], ["frobnicate"]])

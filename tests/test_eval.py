@@ -206,7 +206,7 @@ def test_eval_cli_json_and_errors(setup, capsys, tmp_path):
     (tmp_path / "step-00000004").mkdir()
     (tmp_path / "step-00000004" / "trainer_state.json").write_text("{}")  # a run's checkpoint
     assert main(["eval", str(tmp_path / "step-00000004"), "--data", str(setup["files"][0])]) == 2
-    assert "is a training checkpoint (resume state), not a model directory: evaluate the run's export" in capsys.readouterr().err
+    assert "is a training checkpoint (resume state), not a model directory: use the run's export" in capsys.readouterr().err
     import shutil
 
     no_tokenizer = tmp_path / "no-tokenizer"  # transformers' own error asks to install sentencepiece

@@ -190,6 +190,7 @@ def test_what_a_start_refuses_at_once_a_dry_run_refuses_too(midus, tmp_path, cap
     plain = write_config(tmp_path / "a4.yaml", midus["model"], run, midus["corpus"], cache)
     both(plain, "run_dir=/proc/midus-no-such/run", says="run_dir: cannot write /proc/midus-no-such/run: ")
     both(plain, "export.dir=/proc/midus-no-such/final", says="export.dir: cannot write /proc/midus-no-such/final: ")
+    both(plain, "export.dir=''", says="export.dir: should be a path, got an empty text")  # was "should have at least 1 item(s)" (trial63)
 
     # a config value with which every logit is NaN: one line naming it (was a NaN loss at step 1, exit 4)
     def negative_eps(m: Path) -> None:
@@ -197,6 +198,21 @@ def test_what_a_start_refuses_at_once_a_dry_run_refuses_too(midus, tmp_path, cap
         (m / "config.json").write_text(json.dumps({**config, "rms_norm_eps": -1.0}))
     both(write_config(tmp_path / "c.yaml", model_with("eps", negative_eps), run, midus["corpus"], cache),
          says="rms_norm_eps is -1.0; it must be a number, 0 or above")
+
+    # a MIDUS config whose depth disagrees with its own layer map: said so (trial63: transformers' "IndexError: index 5 is
+    # out of range" from eval, train and analyze alike)
+    def shallower(m: Path) -> None:
+        config = json.loads((m / "config.json").read_text())
+        (m / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] - 1}))
+    cut = model_with("shallower", shallower)
+    depth = json.loads((cut / "config.json").read_text())["num_hidden_layers"]
+    says = f"num_hidden_layers is {depth}, but its layer map (midus.layer_map) lists {depth + 1} layers"
+    both(write_config(tmp_path / "c2.yaml", cut, run, midus["corpus"], cache), says=says)
+    for command in (["eval", str(cut), "--data", str(midus["corpus"])], ["analyze", str(cut), "--data", str(midus["corpus"]),
+                                                                          "--out", str(tmp_path / "analysis")]):
+        assert main([*command, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
 
     # a token cache that is a file: located (the start said "File exists", naming no key)
     (tmp_path / "notes.txt").write_text("mine")

@@ -350,6 +350,8 @@ def _say(item: dict, loc: tuple) -> tuple[str, str | None]:
         return f"should be one of {ctx.get('expected')}, got {got}", None
     if kind == "string_too_short":
         return "should be a path, got an empty text", None
+    if kind == "too_short" and item.get("input") == "":  # a path field's empty text (export.dir='')
+        return "should be a path, got an empty text", None
     if kind == "too_short":
         return f"should have at least {ctx.get('min_length')} item(s), got {ctx.get('actual_length', 'fewer')}", None
     message = item["msg"]

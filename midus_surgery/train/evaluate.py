@@ -152,7 +152,7 @@ def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow
         raise ModelLoadError(f"{path} is not a directory")
     if not (path / "config.json").is_file():
         if (path / CHECKPOINT_STATE).is_file():  # a run's checkpoint: its state, not a model to load
-            raise ModelLoadError(f"{path} is a training checkpoint (resume state), not a model directory: evaluate the run's export "
+            raise ModelLoadError(f"{path} is a training checkpoint (resume state), not a model directory: use the run's export "
                                  "(export.dir, by default run_dir/final), or resume the run to export it")
         raise ModelLoadError(f"{path} is not a model directory (no config.json){run_export_hint(path)}")
     try:
@@ -161,6 +161,7 @@ def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ModelLoadError(f"{path}: cannot read config.json ({one_line(exc, 300, whole=True)})") from None
     broken = config_math_problems(data) if isinstance(data, dict) else []
+    broken += [problem] if isinstance(data, dict) and (problem := _midus_depth_problem(data)) else []
     if broken:  # every logit would be NaN or inf: said now, not as a NaN loss at step 1 or a nan perplexity
         raise ModelLoadError(f"{path}/config.json: {broken[0]}")
     if trust_remote_code:
@@ -170,6 +171,26 @@ def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow
         raise ModelLoadError(f"{path} is its own modeling code (config.json auto_map: {names[:200]}), "
                              f"{_without_the_code(data.get('model_type'))}; it runs only when allowed: {how_to_allow}")
     return path
+
+
+def _midus_depth_problem(data: dict) -> str | None:
+    """Why a MIDUS config.json's depth disagrees with its own layer map (the model would not build, or build other
+    blocks than the map says: trial63 got transformers' "IndexError: index 5 is out of range"), or None."""
+    midus = data.get("midus") if data.get("model_type") == "midus" else None
+    layer_map = midus.get("layer_map") if isinstance(midus, dict) else None
+    if not isinstance(layer_map, list):
+        return None
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        depth = data.get(key)
+        if isinstance(depth, int) and not isinstance(depth, bool):
+            if depth != len(layer_map):
+                return (f"{key} is {depth}, but its layer map (midus.layer_map) lists {len(layer_map)} layers: "
+                        "the config was changed since apply wrote it")
+            break
+    outside = [i for i in (midus.get("memory_layers") or []) if not (isinstance(i, int) and 0 <= i < len(layer_map))]
+    if outside:
+        return f"midus.memory_layers names layer(s) {outside[:5]} outside its layer map of {len(layer_map)} layers"
+    return None
 
 
 def _without_the_code(model_type) -> str:
