@@ -1287,7 +1287,7 @@ class HeadwiseMemory(nn.Module):
             q, _, _ = self._queries(queries, autocast_dtype)
             return self._lookup(q, self._backend(q))
 
-    def _queries(self, x: Tensor, autocast_dtype: Optional[torch.dtype]):
+    def _queries(self, x: Tensor, autocast_dtype: Optional[torch.dtype] = None):
         H, dh = self.num_heads, self.head_dim
         if self.config.query_source == "hidden":
             if x.shape[-1] != self.hidden_size:
