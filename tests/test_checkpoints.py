@@ -408,7 +408,8 @@ def test_a_ctrl_c_once_the_files_are_written_waits_for_the_checkpoint_to_be_put_
     from midus_surgery.cli import Terminated, _on_sigterm
     from midus_surgery.train import checkpoint as ck
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as the command line has them (an xdist worker ignores SIGINT)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         def save_state(path, safe_serialization=True):
@@ -431,7 +432,8 @@ def test_a_ctrl_c_once_the_files_are_written_waits_for_the_checkpoint_to_be_put_
         assert json.loads((root / "step-00000003" / "trainer_state.json").read_text())["step"] == 3
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and signal.getsignal(signal.SIGTERM) is _on_sigterm
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 def test_a_resume_under_another_token_budget_says_how_the_schedule_moves(done, tmp_path):
