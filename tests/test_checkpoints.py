@@ -150,6 +150,24 @@ def test_a_malicious_pickle_in_a_checkpoint_never_runs(done, tmp_path, name, leg
         assert result.steps == STEPS
 
 
+def test_a_resume_keeps_the_checkpoint_steps_tensorboard_points(done, tmp_path):
+    """The resumed run's writer purged from the checkpoint's step: the loss logged at that step went from every
+    curve, though metrics.jsonl kept it (trial65). It purges from the step after: each step once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = done["root"]
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yaml", done["model"], run, root / "corpus", root / "cache",
+                       **{**EXTRA, "log.tensorboard": True, "log.every": 1})
+    train(load_train_config(cfg), echo=lambda line: None)
+    shutil.rmtree(ckpt(run, 4))  # killed after step 4's log line, before its checkpoint: resumed from step 2
+    shutil.rmtree(run / "final")
+    train(load_train_config(cfg), echo=lambda line: None)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
 def test_a_torn_last_line_in_the_metrics_log_does_not_stop_a_resume(done, tmp_path):
     """A run killed (or out of disk) while appending to metrics.jsonl leaves a cut-off line: the
     resume read every line as JSON and stopped with a JSONDecodeError traceback, run after run."""

@@ -516,6 +516,7 @@ def test_the_logged_lr_is_the_one_each_steps_update_used(world, tmp_path):
     assert [r["lr"] for r in steps] == pytest.approx([lr * f for f in (0.25, 0.5, 0.75, 1.0)])
     assert any(line.startswith("step 1/4 | ") and "| lr 2.50e-04 |" in line for line in said), said
     assert not any("never reaches optim.lr" in line for line in said)
+    assert any(line.endswith("warmup 4 steps, then a constant lr") for line in said), said  # not "constant decay" (trial65)
 
 
 def test_the_start_lines_note_what_a_user_would_want_to_know_first(world, tmp_path):
@@ -990,6 +991,7 @@ def test_accelerate_launch_of_n_processes_without_multi_gpu_says_it_runs_one(wor
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "single process on cpu x 1" in proc.stdout
     assert "note: one process: accelerate launch --num_processes N starts N processes only with --multi_gpu" in proc.stdout
+    assert "leave out --cpu, which accelerate refuses beside it" in proc.stdout  # its advice works as written (trial65)
     # a plain single-process run says nothing of the kind
     lines = []
     train(load_train_config(config(world, tmp_path, name="plain", tokens=16 * 4, **{"eval.at_start": False})), echo=lines.append)

@@ -965,7 +965,7 @@ class Runner:
             if cfg.log.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step if self.step else None)
+                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1 if self.step else None)  # the step resumed from was logged: kept
         if cfg.log.data_trace:  # each process its own file, before it writes again
             self.cut_back(self.run_dir / "trace" / f"rank{self.rank}.jsonl")
         self.bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
@@ -1009,7 +1009,8 @@ class Runner:
                      "about 30% more compute)")
         mode = "single process" if self.world == 1 else f"{acc.distributed_type.name} ({acc.state.backend})"
         adamw = "fused" if self.adamw_options.get("fused") else {True: "foreach", False: "for-loop"}.get(self.adamw_options.get("foreach"), "torch's default")
-        self.say(f"precision {self.precision}, {mode} on {acc.device} x {self.world}, AdamW {adamw}, warmup {self.warmup_steps} steps, {cfg.optim.schedule} decay")
+        self.say(f"precision {self.precision}, {mode} on {acc.device} x {self.world}, AdamW {adamw}, warmup {self.warmup_steps} steps, "
+                 + ("then a constant lr" if cfg.optim.schedule == "constant" else f"{cfg.optim.schedule} decay"))
         if self.sharding_note:
             self.say(self.sharding_note)
         if self.is_midus:

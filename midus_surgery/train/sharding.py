@@ -44,7 +44,8 @@ def one_process_note(processes: int) -> str | None:
     launched_by_accelerate = "ACCELERATE_USE_CPU" in os.environ
     if processes == 1 and launched_by_accelerate and "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ:
         return ("note: one process: accelerate launch --num_processes N starts N processes only with --multi_gpu "
-                "(also on CPU, where it gives DDP over gloo) or a config file that says so")
+                "(also on CPU, where it gives DDP over gloo; leave out --cpu, which accelerate refuses beside it) "
+                "or a config file that says so")
     return None
 
 
