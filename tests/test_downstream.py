@@ -446,3 +446,14 @@ def test_several_models_load_once_each_and_one_failing_late_keeps_the_scores_bef
     captured = capsys.readouterr()
     assert captured.out.splitlines()[0].split()[:4] == ["task", "(items)", "metric", "base"] and "identity" not in captured.out
     assert captured.err == f"error: {models[1]}: bytes gone\n"
+
+
+def test_two_models_never_share_a_column_label(tmp_path, monkeypatch):
+    """runs/a/final and x/runs/a/final were both labelled "a/final" in the --tasks table (trial65): each label takes as
+    much of its path as tells it from the others; a run's export keeps its run's name; one model given twice, one label."""
+    from midus_surgery.downstream.harness import model_labels
+
+    monkeypatch.chdir(tmp_path)
+    labels = model_labels(["runs/a/final", "x/runs/a/final", "base", "out/dus", "other/dus", "base"])
+    assert labels == [f"{tmp_path.name}/runs/a/final", "x/runs/a/final", "base", "out/dus", "other/dus", "base"]
+    assert model_labels(["runs/a/final", "runs/b/final", "out/midus"]) == ["a/final", "b/final", "midus"]

@@ -857,11 +857,18 @@ def test_compile_switch_trains_the_same_model(world, tmp_path):
     eager_cfg = load_train_config(config(world, tmp_path, name="eager", tokens=16 * 4 * 4, precision="fp32"))
     said = {"eager": [], "compiled": []}
     eager = train(eager_cfg, echo=said["eager"].append)
-    compiled = train(load_train_config(config(world, tmp_path, name="compiled", tokens=16 * 4 * 4, compile=True, precision="fp32")),
+    compiled = train(load_train_config(config(world, tmp_path, name="compiled", tokens=16 * 4 * 4, compile=True, precision="fp32",
+                                              **{"log.every": 1})),
                      echo=said["compiled"].append)
     assert compiled.steps == eager.steps == 4
-    # the compiling step is announced and kept out of tok/s and the ETA
+    # the compiling step is announced and kept out of tok/s and the ETA, its own log line included (trial65: it said
+    # "9 tok/s | 57.43 s/step | ETA 6:42" with a second left)
     assert any(line.startswith("step 1: the first step (compiling) took") for line in said["compiled"])
+    (first,) = [line for line in said["compiled"] if line.startswith("step 1/4 | ")]
+    assert first.endswith("| compiled in this step: tok/s and ETA from the next line") and "tok/s |" not in first, first
+    assert any(line.startswith("step 2/4 | ") and " tok/s | " in line and "| ETA " in line for line in said["compiled"])
+    steps = [m for m in metrics(tmp_path / "compiled") if "loss" in m and "eval_loss" not in m]
+    assert ["tokens_per_s" in m for m in steps] == [False, True, True, True]
     assert not any("(compiling)" in line or "compiles the model" in line for line in said["eager"])
     # the held-out evaluations run uncompiled (trial48: each batch shape compiled anew, minutes without a line)
     assert any(line.startswith("compile: ") and "the held-out evaluations run uncompiled" in line for line in said["compiled"])

@@ -280,9 +280,18 @@ def _metrics(task_result: dict) -> dict:
 
 def model_labels(paths: list[str]) -> list[str]:
     """Column names: each directory's name, with its parent's where that alone says little (a
-    training run's ``final``) or two models share it."""
-    names = [Path(p).name or p for p in paths]
-    return [f"{Path(p).parent.name}/{n}" if n in ("final", "export") or names.count(n) > 1 else n for p, n in zip(paths, names)]
+    training run's ``final``), and with as many more of its path as it takes for two different models
+    never to share one (runs/a/final and x/runs/a/final were both "a/final": trial65)."""
+    parts = [Path(p).absolute().parts for p in paths]
+    depth = [2 if len(pp) > 1 and pp[-1] in ("final", "export") else 1 for pp in parts]
+    while True:
+        labels = ["/".join(pp[-d:]).removeprefix("//") for pp, d in zip(parts, depth)]
+        deeper = [i for i, label in enumerate(labels)
+                  if any(labels[j] == label and parts[j] != parts[i] for j in range(len(labels))) and depth[i] < len(parts[i])]
+        if not deeper:
+            return labels
+        for i in deeper:
+            depth[i] += 1
 
 
 def format_table(result: dict) -> str:

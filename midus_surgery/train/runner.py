@@ -779,7 +779,7 @@ class Runner:
                 self.bar.update(1)
                 last = self.step == self.total_steps  # the end evaluates and checkpoints below, once
                 if self.step % cfg.log.every == 0 or last:
-                    self.log_step(numbers, meter)
+                    self.log_step(numbers, meter, compiling=compiling)
                 if compiling:
                     compiling = False
                     self.say(f"step {self.step}: the first step (compiling) took {time.perf_counter() - meter.started:.0f} s")
@@ -926,8 +926,10 @@ class Runner:
             self.say(f"{label} | held-out loss {ev['eval_loss']:.4f} | ppl {ev['eval_ppl']:.2f}")
         return ev
 
-    def log_step(self, numbers: StepNumbers, meter: Meter) -> None:
-        """The metrics record and the log line of the steps since the last one."""
+    def log_step(self, numbers: StepNumbers, meter: Meter, compiling: bool = False) -> None:
+        """The metrics record and the log line of the steps since the last one. ``compiling``: the steps include the one
+        that compiled the model: no speed or ETA is said or recorded for them (trial65: "9 tok/s | 57.43 s/step | ETA
+        6:42" with a second of training left), the next line's count from after it."""
         cfg = self.cfg
         now = time.perf_counter()
         # tok/s and s/step: the same steps, those since the last line (an evaluation or checkpoint
@@ -940,14 +942,14 @@ class Runner:
         base_lr = lrs.get("base", lrs.get("base_no_decay"))  # None: no base parameter trains (memory only), no lr to write
         rec = {"step": self.step, "tokens": self.samples_seen * cfg.data.block_size, "loss": float(np.mean(meter.losses)),
                **({"lr": base_lr} if base_lr is not None else {}), **({"memory_lr": lrs["memory"]} if "memory" in lrs else {}),
-               **numbers.norms, "tokens_per_s": tps, "seconds_per_step": per_step, "elapsed": now - meter.started}
+               **numbers.norms, **({} if compiling else {"tokens_per_s": tps, "seconds_per_step": per_step}), "elapsed": now - meter.started}
         self.record(rec)
         mem = f" | mem lr {rec['memory_lr']:.2e}" if "memory_lr" in rec else ""
         base = f" | lr {rec['lr']:.2e}" if "lr" in rec else ""
+        speed = "compiled in this step: tok/s and ETA from the next line" if compiling else f"{tps:,.0f} tok/s | {per_step:.2f} s/step | ETA {_hms(eta)}"
         self.say(f"step {self.step}/{self.total_steps} | loss {rec['loss']:.4f}{base}{mem} | "
-                 f"{' | '.join(f'{NORM_LABELS[k]} {v:.3g}' for k, v in numbers.norms.items())} | {tps:,.0f} tok/s | "
-                 f"{per_step:.2f} s/step | ETA {_hms(eta)}")
-        self.bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}")
+                 f"{' | '.join(f'{NORM_LABELS[k]} {v:.3g}' for k, v in numbers.norms.items())} | {speed}")
+        self.bar.set_postfix(loss=f"{rec['loss']:.3f}", **({} if compiling else {"tok_s": f"{tps:,.0f}"}))
         meter.interval_t, meter.interval_tokens, meter.interval_step, meter.losses = now, 0, self.step, []
 
     def open_logs(self) -> None:
