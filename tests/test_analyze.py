@@ -293,3 +293,21 @@ def test_the_query_diagnosis_reruns_the_lookup_per_memory_block(world, capsys):
     assert "no Memory block" in capsys.readouterr().err
     assert tool.main([str(world["root"] / "no-such-model"), "--data", str(world["root"] / "corpus")]) == 2  # never a hub id
     assert "not a model directory (no config.json)" in capsys.readouterr().err
+
+
+def test_an_all_zero_head_importance_heatmap_says_so_without_an_offset_label(tmp_path, monkeypatch):
+    """An untrained memory's heads are all exactly 0: the colour bar spanned 1e-12 and drew a "1e-12" offset over the
+    title (trial65). Now a span of 1 and a title that says every one is 0."""
+    import matplotlib.pyplot as plt
+
+    from midus_surgery.downstream.analyze import _plot_importance
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    _plot_importance({"head_importance": {2: [0.0] * 4, 5: [0.0] * 4}, "what": "heads"}, tmp_path / "zero.png")
+    fig = figures[0]
+    fig.canvas.draw()
+    image_ax, bar_ax = fig.axes
+    assert image_ax.get_title().endswith("zeroed one at a time: every one 0")
+    assert bar_ax.get_ylim() == (-1.0, 1.0) and bar_ax.yaxis.get_offset_text().get_text() == ""
+    assert (tmp_path / "zero.png").stat().st_size > 0

@@ -332,13 +332,16 @@ def _plot_importance(result: dict, path: Path) -> None:
     from matplotlib.colors import TwoSlopeNorm
 
     fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.5 * grid.shape[1]), max(3.0, 1.2 + 0.3 * grid.shape[0])))
-    span = max(float(np.abs(grid).max()), 1e-12)  # 0 in the middle: red hurts when zeroed, blue helps
-    image = ax.imshow(grid, aspect="auto", cmap="coolwarm", norm=TwoSlopeNorm(0.0, -span, span))
+    span = float(np.abs(grid).max())  # 0 in the middle: red hurts when zeroed, blue helps
+    silent = span == 0.0  # an untrained memory: every head exactly 0 (a span of 1e-12 drew an offset label over the title)
+    image = ax.imshow(grid, aspect="auto", cmap="coolwarm", norm=TwoSlopeNorm(0.0, -(span or 1.0), span or 1.0))
     ax.set_yticks(range(len(rows)), [f"layer {k}" for k in rows])
     ax.set_xticks(range(grid.shape[1]))
     ax.set_xlabel("head")
-    ax.set_title(f"held-out loss increase, {result['what']} zeroed one at a time", fontsize=9)
-    fig.colorbar(image, ax=ax, label="Δ loss (nats/token)")
+    ax.set_title(f"held-out loss increase, {result['what']} zeroed one at a time" + (": every one 0" if silent else ""), fontsize=9)
+    bar = fig.colorbar(image, ax=ax, label="Δ loss (nats/token)")
+    bar.formatter.set_useOffset(False)  # the values themselves on the ticks, not an offset drawn above them
+    bar.update_ticks()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
