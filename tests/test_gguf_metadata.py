@@ -157,3 +157,21 @@ def test_a_gguf_tensor_the_architecture_lacks_is_noted_as_left_out(tmp_path, cap
     assert ("note: 1 tensor(s) of the base that its architecture does not have are left out of the output, as transformers' load "
             "leaves them out: 'blk.1.foo.weight'") in err, err
     assert (tmp_path / "out" / "extra" / "config.json").is_file()
+
+
+def test_a_gguf_given_as_a_folder_and_its_file_is_the_base_verify_compares_with(tmp_path, capsys):
+    """base.path a folder and base.gguf_file its file: apply recorded the folder alone, and verify then said the base
+    was not there any more and skipped the identity and weights checks, exit 0 (trial64). It records the file."""
+    from midus_surgery.emit.verify import verify
+    from midus_surgery.io.output_dir import read_marker
+
+    (tmp_path / "models").mkdir()
+    gguf = write_llama_gguf(tmp_path / "models" / "tiny.gguf")
+    recipe = tmp_path / "folder.yaml"
+    recipe.write_text(f"base:\n  path: {gguf.parent}\n  gguf_file: {gguf.name}\n{IDENTITY}output:\n  dir: out/folder\n  dtype: float32\n")
+    assert main(["apply", str(recipe), "--quiet"]) == 0, capsys.readouterr().err
+    out = tmp_path / "out" / "folder"
+    assert read_marker(out)["base_path"] == str(gguf.resolve())
+    checks = verify(out, report=lambda c: None)
+    assert not [c.name for c in checks if not c.ok] and not [c.name for c in checks if "not there" in c.detail]
+    assert any(c.name.startswith("identity") and c.ok and not c.skipped for c in checks), [(c.name, c.detail) for c in checks]

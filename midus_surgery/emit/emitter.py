@@ -462,7 +462,9 @@ def _write_companions(planned: PlannedRecipe, ref, tmp: Path) -> None:
     (tmp / "midus_recipe.yaml").write_text(recipe_text)
     summary = plan.to_json(tensors=False)  # the layout and its readers: compiler/plan.py, read_plan_json
     # for `verify` without --base; in the marker, not here: midus_plan.json is published with the model
-    add_to_marker(tmp, base_path=str(planned.loaded.resolve(recipe.base.path).resolve()),
+    base = planned.loaded.resolve(recipe.base.path)
+    base = base / recipe.base.gguf_file if recipe.base.gguf_file else base  # a folder and its GGUF: the file (trial64)
+    add_to_marker(tmp, base_path=str(base.resolve()),
                   recipe=str(Path(planned.loaded.source.file).resolve()))  # which recipe's output a later --overwrite replaces
     summary["trust_remote_code"] = recipe.base.trust_remote_code  # `verify` loads the output and the base as apply read it
     (tmp / PLAN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
