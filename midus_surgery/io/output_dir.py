@@ -391,12 +391,13 @@ def _check_can_write(out: Path, *, into: bool, probe: bool = True) -> None:
     for place in places:
         if not place.is_dir():
             raise OutputError(f"cannot write {out}: {place} is a file, not a folder")
+        kind = _kernel_file_system(place)
+        if kind:  # root may "write" there by access(2), and no folder can be made (trial50: a dry run passed /proc/x;
+            # trial64: apply's probe said only "No such file or directory")
+            raise OutputError(f"cannot write {out}: {place} is on a {kind} file system, the kernel's view of the system, not a disk")
         if not probe:
             if not os.access(place, os.W_OK | os.X_OK):
                 raise OutputError(f"cannot write {out}: {place} is not writable (a read-only disk, or a folder this user may not write)")
-            kind = _kernel_file_system(place)
-            if kind:  # root may "write" there by access(2), and no folder can be made (trial50: a dry run passed /proc/x)
-                raise OutputError(f"cannot write {out}: {place} is on a {kind} file system, the kernel's view of the system, not a disk")
             continue
         try:
             os.rmdir(tempfile.mkdtemp(prefix=".midus-surgery-probe-", dir=place))
