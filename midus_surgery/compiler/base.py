@@ -65,10 +65,12 @@ def read_config_json(path: Path) -> dict:
     return data
 
 
+# The names a config.json gives its number of decoder layers (transformers' and its attribute_maps' aliases).
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
 # Config keys with a physical meaning (transformers' names and the aliases its attribute_maps use),
 # each with its largest sane value. Checked on the raw JSON before transformers builds anything.
 _SIZES = {
-    ("num_hidden_layers", "n_layer", "n_layers", "num_layers"): MAX_BASE_LAYERS,
+    LAYER_COUNT_KEYS: MAX_BASE_LAYERS,
     ("hidden_size", "n_embd", "d_model"): 2**20,
     ("num_attention_heads", "n_head", "n_heads", "num_heads"): 2**14,
     ("num_key_value_heads", "n_kv_heads", "num_kv_heads"): 2**14,

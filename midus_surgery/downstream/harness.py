@@ -285,7 +285,7 @@ def model_labels(paths: list[str]) -> list[str]:
     parts = [Path(p).absolute().parts for p in paths]
     depth = [2 if len(pp) > 1 and pp[-1] in ("final", "export") else 1 for pp in parts]
     while True:
-        labels = ["/".join(pp[-d:]).removeprefix("//") for pp, d in zip(parts, depth)]
+        labels = [Path(*pp[-d:]).as_posix() for pp, d in zip(parts, depth)]
         deeper = [i for i, label in enumerate(labels)
                   if any(labels[j] == label and parts[j] != parts[i] for j in range(len(labels))) and depth[i] < len(parts[i])]
         if not deeper:

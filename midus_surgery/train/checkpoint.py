@@ -115,7 +115,9 @@ def read_checkpoint_state(path: Path) -> dict:
         raise ValueError(f"{STATE_FILE}: says step {state['step']}, the directory step {int(m.group(1))}")
     # written together from the same numbers: one that disagrees was changed since (trial63: samples_seen edited by
     # hand replayed data, or claimed 64 billion tokens trained in the export's history)
-    block = ((state.get("config") or {}).get("data") or {}).get("block_size") if isinstance(state.get("config"), dict) else None
+    config = state.get("config")
+    data = config.get("data") if isinstance(config, dict) else None
+    block = data.get("block_size") if isinstance(data, dict) else None  # a hand-edited config of other types: not compared
     tokens = state.get("tokens_seen")
     if isinstance(block, int) and isinstance(tokens, int) and tokens != state["samples_seen"] * block:
         raise ValueError(f"{STATE_FILE}: says samples_seen {state['samples_seen']:,} of {block} tokens ({state['samples_seen'] * block:,} "

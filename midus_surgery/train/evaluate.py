@@ -180,7 +180,9 @@ def _midus_depth_problem(data: dict) -> str | None:
     layer_map = midus.get("layer_map") if isinstance(midus, dict) else None
     if not isinstance(layer_map, list):
         return None
-    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+    from midus_surgery.compiler.base import LAYER_COUNT_KEYS
+
+    for key in LAYER_COUNT_KEYS:
         depth = data.get(key)
         if isinstance(depth, int) and not isinstance(depth, bool):
             if depth != len(layer_map):
