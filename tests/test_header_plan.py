@@ -323,3 +323,17 @@ def test_plan_says_which_planner_apply_will_use(bases, tmp_path, capsys):
     assert "apply: plans from the safetensors headers" in capsys.readouterr().out
     assert main(["plan", str(write_recipe(tmp_path, bases["gpt2"]))]) == 0
     assert "apply: plans through transformers (model type 'gpt2' is not one the header planner covers)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("base, dtype", [("llama-tied", "auto"), ("llama-tied", "bfloat16"), ("llama-sharded-bf16", "auto"),
+                                         ("llama-sharded-bf16", "float16"), ("gpt2", "bfloat16")])
+def test_plan_json_states_the_output_dtype(base, dtype, bases, tmp_path, capsys):
+    """`plan --json`'s config and the published midus_plan.json say the dtype apply writes, not the base's (trial64)."""
+    recipe = write_recipe(tmp_path, bases[base], dtype=dtype)
+    assert main(["plan", str(recipe), "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)["config"]["dtype"]
+    assert main(["apply", str(recipe)]) == 0
+    out = tmp_path / "out" / base
+    written = json.loads((out / "config.json").read_text())["dtype"]
+    assert planned == written == json.loads((out / "midus_plan.json").read_text())["config"]["dtype"]
+    assert written == {"auto": {"llama-tied": "float32", "llama-sharded-bf16": "bfloat16"}.get(base)}.get(dtype, dtype)

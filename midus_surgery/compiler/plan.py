@@ -23,6 +23,7 @@ from pathlib import Path
 from midus_surgery.anatomy.config_lists import is_per_layer, list_kinds
 from midus_surgery.compiler.layout import LayerSpec, expand_layout
 from midus_surgery.errors import MidusError, RecipeError, one_line
+from midus_surgery.io.dtypes import auto_dtype
 from midus_surgery.model.midus_names import HML_MODULE, PLAN_FILE, SHARED_BANK
 from midus_surgery.recipe.anatomy_spec import Anatomy, StackAnatomy, index_ranges
 from midus_surgery.recipe.schema import LoadedRecipe, MemorySettings
@@ -685,6 +686,11 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
     hmls: output memory layer -> a (meta-device) memory module of its size.
     """
     recipe = loaded.recipe
+    # the config the output will have, so its dtype is the written weights' (`plan --json` and midus_plan.json
+    # said the base's when output.dtype converts; trial64)
+    base_dtype = auto_dtype(new_config.get("dtype") or new_config.get("torch_dtype"))
+    new_config = {**{k: v for k, v in new_config.items() if k != "torch_dtype"},
+                  "dtype": base_dtype if recipe.output.dtype == "auto" else recipe.output.dtype}
     L = base.num_layers
     prefix = layers_path + "."
     split = _split_layers(shapes, layers_path)
