@@ -11,7 +11,7 @@ import signal
 import sys
 from collections import Counter
 
-from midus_surgery.errors import MachineError, MidusError, Problem, RecipeError, one_line
+from midus_surgery.errors import FILE_TOO_LARGE, MachineError, MidusError, Problem, RecipeError, file_too_large, one_line
 from midus_surgery.io.json_text import strict_json
 from midus_surgery.units import human_count
 
@@ -431,7 +431,8 @@ def cmd_train(args) -> int:
         if runner.acc.is_main_process:
             text = " and ".join(what for what, _, _ in runner.untokenised)
             print("dry run: nothing was written, no weights were read (their headers only); " +
-                  (f"{text} is read as text when the run tokenises it, first thing: a file that is not text, or too short, is "
+                  (f"{text} {'are' if len(runner.untokenised) > 1 else 'is'} read as text when the run tokenises "
+                   f"{'them' if len(runner.untokenised) > 1 else 'it'}, first thing: a file that is not text, or too short, is "
                    "found then" if text else "the same command without --dry-run trains"))
         return 0
 
@@ -654,11 +655,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="midus-surgery", description="Memory-Infused Depth Up-Scaling: compile YAML recipes into deeper models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("validate", help="check recipes against their base models' configs (no weights read)")
+    p = sub.add_parser("validate", help="check recipes against their base models' configs and safetensors headers (no weights read)")
     p.add_argument("recipes", nargs="+", metavar="RECIPE")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("plan", help="print the layer map, parameter and FLOP counts of a recipe (no weights read)")
+    p = sub.add_parser("plan", help="print the layer map, parameter and FLOP counts of a recipe (headers only, no weights read)")
     p.add_argument("recipe", metavar="RECIPE")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--tensors", action="store_true", help="include the tensor map")
@@ -750,20 +751,25 @@ def _dispatch(args) -> int:
         err.print("interrupted" + after, markup=False)
         return 130
     except Exception as exc:  # noqa: BLE001 - a full disk reaches us through safetensors' and torch's own errors too
-        if "No space left on device" not in str(exc) and "Disk quota exceeded" not in str(exc):
+        if "No space left on device" not in str(exc) and "Disk quota exceeded" not in str(exc) and not file_too_large(exc):
             raise
         return _disk_full(exc)
 
 
-FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: one file past a size limit (ulimit -f, FAT32)
 
 
 def _disk_full(exc: BaseException) -> int:
-    """A write that ran out of space: one line. Outputs are written into hidden partial folders, so
-    nothing half-written is left in place; a training run resumes from its last whole checkpoint."""
+    """A write that ran out of space, or past the size one file may have: one line. Outputs are written
+    into hidden partial folders, so nothing half-written is left in place; a training run resumes from
+    its last whole checkpoint."""
     # a copy's error names its source first and the file it was writing second (filename2)
     target = getattr(exc, "filename2", None) or getattr(exc, "filename", None)
     where = f" writing {target}" if target else ""
+    if file_too_large(exc):
+        err.print(f"error: {FILE_TOO_LARGE}{where}; nothing half-written was kept: raise the limit or write to another file "
+                  "system (apply: a smaller output.shard_size keeps each file under it), and run again", markup=False)
+        return 1
     err.print(f"error: the disk is full{where} ({one_line(exc, 200)}); nothing half-written was kept: free space and run again",
               markup=False)
     return 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -144,6 +145,24 @@ DISK_PROBLEMS = ("No space left on device", "Disk quota exceeded", "File too lar
 def disk_problem(exc: BaseException) -> bool:
     """Whether ``exc`` is the disk refusing a write (full, capped, read-only), not the data's fault."""
     return any(text in str(exc) for text in DISK_PROBLEMS)
+
+
+FILE_TOO_LARGE = ("a file grew past the largest this system lets one file be (File too large: a `ulimit -f` limit, or a "
+                  "file system such as FAT32, whose files stop at 4 GiB)")
+
+
+def file_too_large(exc: BaseException) -> bool:
+    """EFBIG: one file past a size limit, with room left on the disk; "free space" is the wrong advice for it (trial66)."""
+    return getattr(exc, "errno", None) == errno.EFBIG or "File too large" in str(exc)
+
+
+def disk_advice(exc: BaseException) -> str:
+    """What to do about a disk that refused a write."""
+    if file_too_large(exc):
+        return "raise the file-size limit, or write to another file system"
+    if "Read-only file system" in str(exc):
+        return "write to a disk that is not read-only"
+    return "free space there"
 
 
 class MachineError(MidusError):

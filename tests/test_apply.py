@@ -379,8 +379,9 @@ def test_a_pruned_layer_is_named_as_why_the_output_is_not_the_base(bases, tmp_pa
     card = (out / "README.md").read_text()
     assert "It leaves out base layer 2 (`allow_dropped_layers`), so it computes another function than the base until trained." in card
     assert "found not to start as the identity" not in card
-    logits = {c.name: c for c in verify(out, report=lambda c: None)}["logits"]
-    assert logits.ok and "(base layer 2 is left out (allow_dropped_layers))" in logits.detail, logits.detail
+    checks = {c.name: c for c in verify(out, report=lambda c: None)}
+    assert checks["logits"].ok and checks["identity"].skipped
+    assert checks["identity"].detail.startswith("base layer 2 is left out (allow_dropped_layers): not meant"), checks["identity"].detail
 
 
 def test_only_the_marker_holds_this_machines_paths(bases, tmp_path, capsys):

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -1138,3 +1139,127 @@ def test_overwrite_of_another_recipes_output_says_whose_it_replaces(project, cap
     assert (f"note: --overwrite replaces {project / 'model-a'}, the output of another recipe ({first}, base {project / 'base'})"
             in capsys.readouterr().err)
     assert read_marker(project / "model-a")["recipe"] == str(second)
+
+
+@pytest.mark.parametrize("odd", ["fifo", "dev-zero", "folder"])
+def test_a_marker_that_is_a_pipe_a_device_or_a_folder_is_not_ours_and_never_blocks(tmp_path, odd):
+    """A named pipe in a marker's place made apply, verify, train and analyze wait forever for a writer; one linked to
+    /dev/zero grew apply to 5 GB before a MemoryError (trial66). Only a regular file is read, and only so much."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    {"fifo": lambda p: os.mkfifo(p), "dev-zero": lambda p: p.symlink_to("/dev/zero"), "folder": lambda p: p.mkdir()}[odd](folder / MARKER)
+    assert read_marker(folder) is None  # returns at once: a blocking read would hang the test
+    leftover = tmp_path / ".model.partial-0000dead"
+    leftover.mkdir()
+    {"fifo": lambda p: os.mkfifo(p), "dev-zero": lambda p: p.symlink_to("/dev/zero"), "folder": lambda p: p.mkdir()}[odd](leftover / MARKER)
+    with atomic_directory(folder / "model", kind="apply", report=lambda line: None) as tmp:
+        (tmp / "x").write_text("1")
+    assert (folder / "model" / "x").read_text() == "1" and leftover.is_dir()  # not ours: kept
+
+
+def test_a_kill_while_a_marker_is_rewritten_leaves_the_old_marker_whole(tmp_path, monkeypatch):
+    """add_to_marker and record_written_files truncated the marker, then wrote it: a SIGKILL between the two left an
+    empty marker, and the full-size partial output it marked was never cleaned up (trial66)."""
+    from midus_surgery.io import output_dir
+
+    folder = tmp_path / ".model.partial-0000dead"
+    folder.mkdir()
+    write_marker(folder, "apply")
+    before = (folder / MARKER).read_text()
+
+    def killed(self, text, *args, **kwargs):  # the process dies inside the write: the file truncated, nothing written
+        open(self, "w").close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        output_dir.add_to_marker(folder, base_path="/base")
+    monkeypatch.undo()
+    assert (folder / MARKER).read_text() == before and sorted(p.name for p in folder.iterdir()) == [MARKER]
+
+
+def test_a_run_directory_whose_log_is_a_pipe_is_refused_before_it_blocks(train_project, capsys):
+    """A resumed run cut back metrics.jsonl by reading it: a named pipe there waited forever (trial66)."""
+    cfg = train_config(train_project)
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    run = train_project / "runs" / "a"
+    (run / "metrics.jsonl").unlink()
+    os.mkfifo(run / "metrics.jsonl")
+    capsys.readouterr()
+    more = train_config(train_project, tokens=1024, resume="auto")
+    assert main(["train", str(more), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run} holds metrics.jsonl as something other than a regular file (a named pipe, a device or a folder)" in err, err
+
+
+def test_a_checkpoint_state_that_is_a_pipe_is_a_broken_checkpoint_not_a_hang(train_project, capsys):
+    cfg = train_config(train_project, **{"checkpoint.every": 4})
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    run = train_project / "runs" / "a"
+    newest = sorted((run / "checkpoints").glob("step-*"))[-1]
+    (newest / "trainer_state.json").unlink()
+    os.mkfifo(newest / "trainer_state.json")
+    capsys.readouterr()
+    more = train_config(train_project, tokens=1024, resume="auto", **{"checkpoint.every": 4})
+    code = main(["train", str(more), "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0 and "Traceback" not in captured.err, captured.err
+    assert not newest.exists()  # moved aside as broken; the run went on from the checkpoint before it
+
+
+def test_a_file_size_limit_during_apply_is_one_line_that_says_so(tmp_path):
+    """EFBIG (`ulimit -f`, FAT32's 4 GiB files) gave a traceback from the shard writer, and elsewhere the advice to free
+    space on a disk with room (trial66): one line naming the limit, exit 1, nothing half-written."""
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama", hidden_size=128, intermediate_size=256)).save_pretrained(base)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after_every: 1\n    kind: transformer\noutput:\n  dir: out\n")
+    limit = (base / "model.safetensors").stat().st_size // 2  # the output's shard passes it, its small files do not
+    capped = textwrap.dedent(f"""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))  # Python ignores SIGXFSZ: the write fails with EFBIG
+        sys.argv = ["midus-surgery", "apply", {str(recipe)!r}, "--quiet"]
+        from midus_surgery.cli import run
+        run()
+    """)
+    done = subprocess.run([sys.executable, "-c", capped], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error: a file grew past the largest this system lets one file be (File too large"), done.stderr
+    assert "smaller output.shard_size" in done.stderr
+    assert not list(tmp_path.glob(".out*")) and not (tmp_path / "out").exists()
+
+
+def test_an_output_name_whose_partial_sibling_would_not_fit_is_refused_before_any_work(project, capsys):
+    """A name of 238-255 bytes is legal, but `.NAME.partial-XXXXXXXX` is not: apply failed after planning and train at
+    its export, after the whole budget (trial66). validate, apply and train's start say it."""
+    fits, too_long = "m" * 237, "m" * 238
+    assert main(["validate", str(recipe(project, fits, "fits.yaml"))]) == 0
+    capsys.readouterr()
+    r = recipe(project, too_long)
+    assert main(["validate", str(r)]) == 2
+    captured = capsys.readouterr()
+    err = captured.out + captured.err
+    assert "its name is 238 bytes; midus-surgery writes an output as .NAME.partial-XXXXXXXX beside it first" in err, err
+    assert "at most 237 bytes on this file system (255)" in err
+    assert apply(str(r)) == 2 and "its name is 238 bytes" in capsys.readouterr().err
+    assert not list(project.glob("*mmmm*"))
+
+
+def test_train_refuses_an_export_name_whose_partial_would_not_fit_at_the_start(train_project, capsys):
+    cfg = train_config(train_project, **{"export.dir": "m" * 240})
+    assert main(["train", str(cfg), "--quiet"]) == 2
+    assert "its name is 240 bytes" in capsys.readouterr().err and not (train_project / "runs").exists()
+
+
+def test_a_private_output_folder_stays_private(project, capsys):
+    """A 0700 folder given as the output, and an earlier output made private, were swapped for 0755 ones (trial66)."""
+    private = project / "private"
+    private.mkdir(mode=0o700)
+    r = recipe(project, "private")
+    assert apply(str(r)) == 0 and (private / "config.json").is_file()
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    private.chmod(0o750)
+    assert apply(str(r), "--overwrite") == 0
+    assert stat.S_IMODE(private.stat().st_mode) == 0o750

@@ -122,7 +122,7 @@ def test_verify_reports_an_output_whose_tokenizer_panics_as_a_skip_row(panicking
     rows = [line for line in out.splitlines() if "tokenizer" in line]
     assert rows[0] == ("SKIP tokenizer: the folder's tokenizer does not load (AutoTokenizer.from_pretrained fails on it: "
                        f"{KINDS['panics'][1]}); the checks ran on random token ids: fix or replace its tokenizer files before publishing")
-    assert "1 skipped (tokenizer)" in out and "FAIL" not in out
+    assert "2 skipped (tokenizer, identity)" in out and "FAIL" not in out
 
 
 def test_eval_refuses_an_output_whose_tokenizer_panics_in_one_line(panicking_output, tmp_path, capfd):

@@ -86,6 +86,9 @@ def test_a_dry_run_writes_nothing_reads_no_weights_and_says_what_the_start_then_
     assert planned in ("memory layer: compiled CPU kernels, built at the start, or found in the cache (a dry run builds none) "
                        "(MIDUS_HML_KERNELS=torch runs the pure-torch path instead)", "memory layer: pure-torch path"), out
 
+    code, out, _ = dry(capsys, config, f"data.held_out=[{json.dumps(str(midus['corpus']))}]")
+    assert code == 0 and "data.train and data.held_out are read as text when the run tokenises them, first thing" in out.splitlines()[-1], out
+
     assert main(["train", str(config), "--quiet"]) == 2  # the start reads the values, and refuses them
     assert "hold non-finite values" in capsys.readouterr().err and not run.exists()
     weights.write_bytes(kept)

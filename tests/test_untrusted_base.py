@@ -28,10 +28,12 @@ from tiny_configs import tiny_config
 from transformers import AutoModelForCausalLM
 
 from midus_surgery.cli import main
+from midus_surgery.model.midus_names import AUTO_MAP as MIDUS_AUTO_MAP
 
 REPO = Path(__file__).resolve().parents[1]
 SLICES = "layout:\n  slices:\n    - layers: [0, 3]\n    - layers: [1, 4]\n"
 IDENTITY = "layout:\n  interleave:\n    after_every: 2\n    kind: identity\n"
+MEMORY_LAYOUT = "layout:\n  interleave:\n    after_every: 2\n    kind: memory\nmemory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n"
 
 
 @pytest.fixture(scope="module")
@@ -707,19 +709,24 @@ def run_cli(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.Comple
                           stdin=subprocess.DEVNULL, env=subprocess_env(tmp_path), timeout=timeout, cwd=tmp_path)
 
 
-def test_a_base_whose_auto_map_names_only_its_tokenizer_applies_and_verifies_without_running_it(llama, tmp_path, capsys):
+@pytest.mark.parametrize("layout", ["identity", "memory"])
+def test_a_base_whose_auto_map_names_only_its_tokenizer_applies_and_verifies_without_running_it(layout, llama, tmp_path, capsys):
     """auto_map entries that build nothing here (a tokenizer's own class) do not change the causal
     LM: an identity recipe was refused ('tok.py is not a file in the base directory', from the
-    replica's folder), and verify of its output refused with an empty list of classes."""
+    replica's folder), and verify of its output refused with an empty list of classes. A memory
+    recipe's output kept the base's auto_map in place of MIDUS's own, so it loaded only where the
+    package is installed (trial66)."""
     base = copy_base(llama, tmp_path / "tokcode")
     marker = tmp_path / "ran"
     (base / "tok.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
     edit_config(base, auto_map={"AutoTokenizer": [None, "tok.Tok"]})
-    recipe = write_recipe(tmp_path, base, layout=IDENTITY)
+    recipe = write_recipe(tmp_path, base, layout=IDENTITY if layout == "identity" else MEMORY_LAYOUT)
     assert main(["validate", str(recipe)]) == 0, capsys.readouterr().err
     assert main(["apply", str(recipe), "--quiet"]) == 0, capsys.readouterr().err
     out = tmp_path / "out" / "tokcode"
     assert (out / "tok.py").is_file()  # the config's auto_map names it: it travels, unread
+    if layout == "memory":
+        assert json.loads((out / "config.json").read_text())["auto_map"] == {"AutoTokenizer": [None, "tok.Tok"], **MIDUS_AUTO_MAP}
     capsys.readouterr()
     assert main(["verify", str(out)]) == 0, capsys.readouterr()
     assert not marker.exists()
@@ -741,6 +748,14 @@ def test_eval_says_when_a_models_own_tokenizer_code_is_not_run(llama, tmp_path, 
     assert main(args) == 0
     err = capsys.readouterr().err
     assert err.count("its tokenizer names code of its own (evtok.T), not run: the stock ") == 1 and "(to run it: read that code, then pass --trust-remote-code)" in err
+    assert not marker.exists()
+    # its tokenizer_class names the own class too (as Hub tokenizers with code do): transformers refused to build any
+    # tokenizer, and eval stopped with exit 2 (trial66); the stock fast tokenizer reads its tokenizer.json instead
+    (base / "tokenizer_config.json").write_text(json.dumps({**config, "auto_map": {"AutoTokenizer": [None, "evtok.Fast"]},
+                                                           "tokenizer_class": "Fast"}))
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "its tokenizer names code of its own (evtok.Fast), not run: the stock " in err, err
     assert not marker.exists()
     config.pop("auto_map", None)
     (base / "tokenizer_config.json").write_text(json.dumps(config))

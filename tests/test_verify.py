@@ -304,6 +304,7 @@ def test_a_dus_copy_must_be_its_base_layer_bit_for_bit(bases, tmp_path):
     out = emitted(bases, tmp_path, "llama", "dus")
     checks = run(out)
     assert failed(checks) == [] and checks["logits"].ok, {n: c.detail for n, c in checks.items()}
+    assert checks["identity"].skipped and checks["identity"].detail.startswith("plain copies or random memory change the function: not meant")
     name, _ = nudge_first_block_tensor(out, "copy", "self_attn.q_proj.weight")
     checks = run(out)
     assert failed(checks) == ["weights"]
@@ -365,9 +366,11 @@ def test_a_trained_output_is_compared_by_perplexity_not_by_identity(bases, tmp_p
 
     (out / "midus_train.json").write_text(json.dumps({"steps": 1}))
     checks = run(out)
-    assert "identity" not in checks and "identity (perturbed)" not in checks
+    assert "identity (perturbed)" not in checks
     assert checks["weights"].skipped and checks["weights"].detail == "trained since apply, so its weights are no longer the base's"
-    assert checks["logits"].ok and "trained since apply" in checks["logits"].detail and "perplexity" in checks["logits"].detail
+    # nothing to compare the function with is a SKIP, never a PASS (trial67); the logits row checks they are finite
+    assert checks["identity"].skipped and checks["identity"].detail.startswith("trained since apply: ")
+    assert checks["logits"].ok and checks["logits"].detail.startswith("the output's logits are finite;") and "perplexity" in checks["logits"].detail
     assert failed(checks) == []
 
 
@@ -380,8 +383,8 @@ def test_a_trained_model_that_no_apply_made_is_not_said_to_be_trained_since_appl
     shutil.copytree(bases["llama"], out)
     (out / "midus_train.json").write_text(json.dumps({"steps": 1}))
     checks = {c.name: c for c in verify(out, bases["llama"], report=lambda c: None)}
-    assert "since apply" not in checks["logits"].detail
-    assert "trained by `midus-surgery train`; no apply made it" in checks["logits"].detail
+    assert "since apply" not in checks["identity"].detail
+    assert checks["identity"].skipped and "trained by `midus-surgery train`; no apply made it" in checks["identity"].detail
 
 
 def test_a_generate_bug_of_the_stock_architecture_is_not_blamed_on_a_copy(bases, tmp_path, monkeypatch):
@@ -480,6 +483,22 @@ def test_what_is_no_model_directory_is_a_usage_error_not_a_failed_check(tmp_path
     for path in (tmp_path / "missing", tmp_path):
         assert main(["verify", str(path)]) == 2
         assert capsys.readouterr().err.strip() == f"error: {path} is not a model directory (no config.json)"
+
+
+def test_a_folder_of_pickle_weights_only_is_one_line_and_never_unpickled(bases, tmp_path, capsys):
+    """A folder saved with safe_serialization=False: a FileNotFoundError traceback (trial66)."""
+    import shutil
+
+    from midus_surgery.cli import main
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(bases["llama"], folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")  # as older save_pretrained wrote it
+    (folder / "model.safetensors").unlink()
+    assert main(["verify", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {folder} holds its weights as pickle files only (pytorch_model.bin): verify reads safetensors, which apply and "
+                   "train write; re-save it with save_pretrained(..., safe_serialization=True) to check it"), err
 
 
 def test_a_base_moved_away_or_not_a_base_is_one_line(bases, tmp_path, capsys):

@@ -29,7 +29,10 @@ import sys
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging
 
+if not sys.stderr.isatty():
+    logging.disable_progress_bar()  # "Loading weights" redrawn into a log file is a line of \r frames
 path = sys.argv[1]
 tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)  # it reads config.json too
 model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
@@ -55,7 +58,7 @@ step "8/8 held-out perplexity: base vs trained MIDUS (python docs: the training 
 for model in work/smollm2-135m "$run/final"; do
   for corpus in python3.11-doc git-doc; do
     printf '%-40s %-16s ' "$model" "$corpus"
-    midus-surgery eval "$model" --data "work/corpora/$corpus" --block-size 256 --max-blocks 8 --quiet --json \
+    midus-surgery eval "$model" --data "work/corpora/$corpus" --block-size 256 --max-blocks 8 --quiet --json --cache-dir work/cache/tokens \
       | python -c 'import json, sys; r = json.load(sys.stdin); print("ppl %.3f  (%d tokens, %.0f tok/s)" % (r["perplexity"], r["tokens"], r["tokens_per_s"]))'
   done
 done

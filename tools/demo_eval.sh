@@ -33,4 +33,4 @@ midus-surgery train recipes/train/smollm2-midus.yaml \
 
 step "5/5 what the trained memory does, on text it did not train on (the git docs)"
 midus-surgery analyze work/runs/demo-smollm2-midus/final --data work/corpora/git-doc --out work/analysis/demo-smollm2-midus \
-  --block-size 256 --max-blocks 8 --fixed-retrieval "$frozen/final" --quiet
+  --block-size 256 --max-blocks 8 --fixed-retrieval "$frozen/final" --cache-dir work/cache/tokens --quiet

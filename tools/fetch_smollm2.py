@@ -31,6 +31,7 @@ import time
 import zipfile
 from pathlib import Path
 
+from midus_surgery.io.hf_output import hf_progress_bars, transformers_quiet
 from midus_surgery.io.output_dir import OutputError, check_output_dir, replace_directory, write_marker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -162,9 +163,11 @@ def load_from_gguf(gguf: Path, dtype=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     directory, name = str(gguf.parent), gguf.name
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=name, quantization_config=GgufConfig(gguf_file=name, dequantize=True), dtype=dtype
-    )
+    # the GGUF reader's bare tqdm bar, piped into a log, is a line of \r frames: drawn on a terminal only
+    with transformers_quiet(progress=True):
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=name, quantization_config=GgufConfig(gguf_file=name, dequantize=True), dtype=dtype
+        )
     # With dequantize=True transformers 5.24 leaves no quantizer on the model; should a version keep
     # one (its weights are dense either way), drop it, or save_pretrained refuses to serialise.
     quantizer = getattr(model, "hf_quantizer", None)
@@ -340,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                 why = "a file is there" if isinstance(exc, FileExistsError) else exc.strerror or exc
                 raise OutputError(f"cannot write {folder}: {why}") from None
         t = time.perf_counter()
-        build(out, args.dtype, cache, args.gguf.absolute() if args.gguf else None)
+        with hf_progress_bars(True):  # transformers' load and save bars on a terminal, none in a log file
+            build(out, args.dtype, cache, args.gguf.absolute() if args.gguf else None)
         log(f"total {time.perf_counter() - t:.1f} s")
         return 0
     except FetchError as e:

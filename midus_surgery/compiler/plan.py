@@ -24,6 +24,7 @@ from midus_surgery.anatomy.config_lists import is_per_layer, list_kinds
 from midus_surgery.compiler.layout import LayerSpec, expand_layout
 from midus_surgery.errors import MidusError, RecipeError, one_line
 from midus_surgery.io.dtypes import auto_dtype
+from midus_surgery.io.small_files import read_small_text
 from midus_surgery.model.midus_names import HML_MODULE, PLAN_FILE, SHARED_BANK
 from midus_surgery.recipe.anatomy_spec import Anatomy, StackAnatomy, index_ranges
 from midus_surgery.recipe.schema import LoadedRecipe, MemorySettings
@@ -163,10 +164,10 @@ def read_plan_file(model_dir: Path) -> dict | None:
     """``model_dir``'s midus_plan.json through ``read_plan_json``; None when it has none (not made
     by `apply`); MidusError, one line, when it is not a readable plan."""
     path = Path(model_dir) / PLAN_FILE
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):  # a pipe or a folder in its place is not "no plan" (trial66): it is said
         return None
     try:
-        return read_plan_json(json.loads(path.read_text()))
+        return read_plan_json(json.loads(read_small_text(path)))
     except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
         raise MidusError(f"{path}: not a readable plan ({one_line(exc, 200)})") from None
 

@@ -31,6 +31,7 @@ import torch
 
 from midus_surgery.downstream.harness import TaskError
 from midus_surgery.io.json_text import strict_json
+from midus_surgery.io.small_files import read_small_text
 from midus_surgery.train.config import DIR_GLOB
 
 ANALYSIS_KIND = "analysis"  # the output_dir marker
@@ -174,7 +175,7 @@ def _train_summary(folder: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        summary = json.loads(path.read_text())
+        summary = json.loads(read_small_text(path))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"unreadable midus_train.json ({type(exc).__name__})") from None
     if not isinstance(summary, dict) or not isinstance(summary.get("config", {}), dict):

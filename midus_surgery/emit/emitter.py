@@ -130,11 +130,21 @@ def emitted_config(plan: Plan, dtype: str) -> dict:
     return {
         "model_type": "midus",
         "architectures": ["MidusForCausalLM"],
-        "auto_map": dict(AUTO_MAP),
+        # MIDUS's classes, and the base's entries that build no model (its own tokenizer: AutoTokenizer): the base's
+        # auto_map replaced MIDUS's, and the output loaded only where the package is installed (trial66)
+        "auto_map": {**base_code_entries(config.pop("auto_map", None)), **AUTO_MAP},
         "base_model_type": base_type,
         "midus": plan.midus,
         **config,
     }
+
+
+def base_code_entries(auto_map) -> dict:
+    """The entries of a base's ``auto_map`` a MIDUS output keeps: those that build no model (``AutoTokenizer``,
+    ``AutoProcessor``...). Its model classes would build the base's code from a MIDUS config."""
+    if not isinstance(auto_map, dict):
+        return {}
+    return {key: ref for key, ref in auto_map.items() if key not in AUTO_MAP and not key.startswith("AutoModel")}
 
 
 def _causal_lm_class_name(model_type) -> list[str] | None:
@@ -446,13 +456,14 @@ def _write_companions(planned: PlannedRecipe, ref, tmp: Path) -> None:
     (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, default=str) + "\n")
     if plan.memory_layers:
         copy_modeling_files(tmp)
-    elif config_dict.get("auto_map") and not ref.is_gguf:
+    base_code = base_code_entries(config_dict["auto_map"]) if plan.memory_layers else config_dict.get("auto_map")
+    if base_code and not ref.is_gguf:
         # the base's own code (allowed by the recipe, or auto_map entries that build nothing here):
         # the output's config names it, so it travels with the output
         from midus_surgery.compiler.custom_code import code_files
 
         try:
-            for path in code_files(ref.directory, config_dict["auto_map"]):
+            for path in code_files(ref.directory, base_code):
                 shutil.copy2(path, tmp / path.name)
         except ValueError as exc:
             raise MidusError(str(exc)) from None

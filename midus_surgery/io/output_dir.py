@@ -33,6 +33,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -42,6 +43,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from midus_surgery.errors import MidusError
+from midus_surgery.io.small_files import read_small_text, regular_file_problem, write_text_atomically
 
 MARKER = ".midus-surgery"  # JSON: {"tool", "kind", "owner", "pid", "host", "time"}, "base_path" (apply, export), and "files" once written whole
 WORKSPACE = "workspace"  # the marker kind of a tool's scratch folder: everything inside it is the tool's
@@ -61,7 +63,7 @@ class OutputError(MidusError):
 def read_marker(directory: Path) -> dict | None:
     """The marker of a directory this tool wrote, or None (no marker, or not ours)."""
     try:
-        data = json.loads((Path(directory) / MARKER).read_text())
+        data = json.loads(read_small_text(Path(directory) / MARKER))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and data.get("tool") == "midus-surgery" else None
@@ -80,7 +82,7 @@ def add_to_marker(directory: Path, **facts) -> None:
     so that every other file is free of this machine's paths."""
     marker = read_marker(directory) or {}
     marker.update(facts)
-    (Path(directory) / MARKER).write_text(json.dumps(marker) + "\n")
+    write_text_atomically(Path(directory) / MARKER, json.dumps(marker) + "\n")
 
 
 def recorded_base(directory: Path) -> str | None:
@@ -89,7 +91,7 @@ def recorded_base(directory: Path) -> str | None:
     found = (read_marker(directory) or {}).get("base_path")
     if found is None:
         try:
-            found = json.loads((Path(directory) / "midus_plan.json").read_text()).get("base_path")
+            found = json.loads(read_small_text(Path(directory) / "midus_plan.json")).get("base_path")
         except (OSError, ValueError, AttributeError):
             return None
     return found if isinstance(found, str) and found else None
@@ -146,14 +148,14 @@ def _fingerprint(path: Path) -> list:
     None for a link or anything else."""
     if path.is_symlink() or not path.is_file():
         return None
-    stat = path.stat()
-    if stat.st_size > DIGEST_MAX_BYTES:
-        return [stat.st_size, None, stat.st_mtime_ns]
+    info = path.stat()
+    if info.st_size > DIGEST_MAX_BYTES:
+        return [info.st_size, None, info.st_mtime_ns]
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(2**20), b""):
             digest.update(chunk)
-    return [stat.st_size, digest.hexdigest()]
+    return [info.st_size, digest.hexdigest()]
 
 
 def _changed(recorded, now) -> bool:
@@ -171,7 +173,7 @@ def record_written_files(directory: Path) -> None:
     names = sorted(_entries(directory))
     marker["files"] = names
     marker["fingerprints"] = {name: _fingerprint(directory / name) for name in names}
-    (Path(directory) / MARKER).write_text(json.dumps(marker) + "\n")
+    write_text_atomically(Path(directory) / MARKER, json.dumps(marker) + "\n")
 
 
 def _not_written_by_tool(directory: Path, marker: dict) -> list[str]:
@@ -258,6 +260,24 @@ def data_folder(path: str | os.PathLike) -> Path:
     return root.parent if root.is_file() else root
 
 
+SIBLING_EXTRA = len(".") + len(".partial-") + 8  # what atomic_directory adds to a name: .NAME.partial-0123abcd
+
+
+def _name_too_long(out: Path) -> str | None:
+    """An output name that fits the file system, but whose hidden partial sibling does not: apply failed after planning,
+    train after its whole budget, with "File name too long" (trial66)."""
+    try:
+        limit = os.pathconf(next(p for p in (out.parent, *out.parent.parents) if p.exists()), "PC_NAME_MAX")
+    except (OSError, ValueError, StopIteration):
+        limit = 255
+    room = limit - SIBLING_EXTRA
+    size = len(os.fsencode(out.name))
+    if size <= room or size > limit:  # past the limit itself: the probe's "File name too long" says it
+        return None
+    return (f"output {out}: its name is {size} bytes; midus-surgery writes an output as .NAME.partial-XXXXXXXX beside it first "
+            f"and renames it at the end, so a name may have at most {room} bytes on this file system ({limit}); choose a shorter one")
+
+
 def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tuple[str, str | os.PathLike]] = (),
                      folders: Iterable[tuple[str, str | os.PathLike]] = (), overwrite: bool = False,
                      reuse: bool = False, writes_into: bool = False, owner: str | None = None,
@@ -295,6 +315,8 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
     if above is not None:
         raise OutputError(f"output {resolved} lies inside {above[0]}, written whole by {_written_by(above[1])}, which a later run "
                           "replaces with everything in it; choose a directory outside it")
+    if not writes_into and (too_long := _name_too_long(resolved)):
+        raise OutputError(too_long)
     _check_can_write(resolved, into=writes_into, probe=probe)
     if not resolved.exists():
         return resolved
@@ -583,6 +605,7 @@ def replace_directory(new: Path, out: Path, *, kind: str | None = None, owner: s
         os.replace(new, kept)
         raise OutputError(f"{out} {why_not} since this run checked it, so it was not replaced; the finished output is in {kept}: "
                           "move it where you want it")
+    _keep_access_of(out, new)
     old = None
     try:
         with _signals_deferred():
@@ -613,6 +636,21 @@ def replace_directory(new: Path, out: Path, *, kind: str | None = None, owner: s
             exc.midus_note = (f"the new output is in place at {out}; the rest of the one it replaced, {old}, is removed by the "
                               f"next run of midus-surgery into {out.parent}")
             raise
+
+
+def _keep_access_of(out: Path, new: Path) -> None:
+    """The folder that replaces ``out`` gets its permissions and group: a private (0700) folder given as the output, or an
+    earlier output made private, was swapped for a world-readable one (trial66)."""
+    try:
+        info = out.stat()
+    except OSError:  # no folder there yet: the user's umask made ``new`` as it makes any folder
+        return
+    try:
+        os.chmod(new, stat.S_IMODE(info.st_mode))
+        if new.stat().st_gid != info.st_gid:
+            os.chown(new, -1, info.st_gid)
+    except OSError:  # a group this user is not in: the mode is what guards it
+        pass
 
 
 @contextmanager
@@ -744,7 +782,7 @@ def checkpoint_extras(checkpoint: Path) -> list[str]:
     """What a checkpoint folder holds beyond the files its state file records (a user's notes), as
     relative paths; [] for a checkpoint that records none (written before files were recorded)."""
     try:
-        recorded = json.loads((checkpoint / CHECKPOINT_STATE).read_text()).get("files")
+        recorded = json.loads(read_small_text(checkpoint / CHECKPOINT_STATE)).get("files")
     except (OSError, ValueError, AttributeError):
         return []
     if not isinstance(recorded, dict):
@@ -812,6 +850,16 @@ def not_written_in_run_dir(run_dir: Path) -> list[str]:
         elif name in _RUN_FOLDER_FILES and entry.is_dir():
             found += [f"{name}/{x}" for x in sorted(_entries(entry)) if not _RUN_FOLDER_FILES[name].match(x) or (entry / x).is_symlink()]
     return found
+
+
+def logs_that_are_not_files(run_dir: Path) -> list[str]:
+    """The logs of an existing run directory train reads back and appends to (metrics.jsonl, trace/rank0.jsonl)
+    that are not regular files: a named pipe there made a resumed run wait forever for a writer (trial66)."""
+    logs = [run_dir / "metrics.jsonl"]
+    if (run_dir / "trace").is_dir() and not (run_dir / "trace").is_symlink():
+        logs += [run_dir / "trace" / x for x in sorted(_entries(run_dir / "trace")) if _RUN_FOLDER_FILES["trace"].match(x)]
+    return [path.relative_to(run_dir).as_posix() for path in logs
+            if (path.exists() or path.is_symlink()) and not path.is_symlink() and regular_file_problem(path)]
 
 
 def links_train_writes_through(run_dir: Path) -> list[str]:

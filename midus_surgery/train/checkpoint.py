@@ -30,8 +30,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from midus_surgery.errors import TrainingError, load_error_line, one_line
+from midus_surgery.errors import FILE_TOO_LARGE, TrainingError, disk_advice, file_too_large, load_error_line, one_line
 from midus_surgery.io.output_dir import CHECKPOINT_STATE, PARTIAL_CHECKPOINT_NAME, checkpoint_extras, partial_checkpoint_extras
+from midus_surgery.io.small_files import read_small_text
 from midus_surgery.train.dcp_guard import dcp_checkpoint_problem
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
@@ -99,7 +100,7 @@ def header_digest(path: Path) -> str | None:
 def read_checkpoint_state(path: Path) -> dict:
     """The checkpoint's state file, with the keys a resume needs; ``ValueError`` (one line) when not."""
     try:
-        state = json.loads((path / STATE_FILE).read_text())
+        state = json.loads(read_small_text(path / STATE_FILE))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"{STATE_FILE}: unreadable ({load_error_line(exc, 120)})") from None
     if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
@@ -158,7 +159,7 @@ def verify_checkpoint(path: Path) -> str | None:
             return problem
     if isinstance(files, dict) and SCHEDULER_FILE in files:  # the scheduler steps with the optimiser: its position is the step
         try:
-            position = json.loads((path / SCHEDULER_FILE).read_text()).get("last_epoch")
+            position = json.loads(read_small_text(path / SCHEDULER_FILE)).get("last_epoch")
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
             position = None  # unreadable: the load says so, naming the file
         if isinstance(position, int) and position != state["step"]:
@@ -240,7 +241,7 @@ def load_legacy_rng_state(path: Path) -> None:
 def scheduler_state(path: Path, current: dict) -> dict:
     """The scheduler state a checkpoint holds, checked against the keys of ``current`` (ours)."""
     if (path / SCHEDULER_FILE).is_file():
-        state = json.loads((path / SCHEDULER_FILE).read_text())
+        state = json.loads(read_small_text(path / SCHEDULER_FILE))
     else:
         state = torch.load(path / LEGACY_SCHEDULER_FILE, weights_only=True)
     # only the keys this scheduler has (plus an older torch's "verbose"), one lambda per parameter group
@@ -348,9 +349,11 @@ def save_checkpoint(root: Path, acc, scheduler, *, step: int, samples_seen: int,
             raise
         # torch's writer reports a full disk as "unexpected pos": say how much room is left instead
         last = complete_checkpoints(root)
-        raise TrainingError(f"cannot write the checkpoint {final} ({one_line(exc, 160)}); {shutil.disk_usage(root).free / 2**20:.1f} MiB "
-                            f"free on its disk; " + (f"the last whole checkpoint is {last[-1][1]}: free space, then resume: auto"
-                                                     if last else "no checkpoint was written yet")) from None
+        room = (FILE_TOO_LARGE if file_too_large(exc)  # room on the disk: its free MiB said nothing about it (trial66)
+                else f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free on its disk")
+        raise TrainingError(f"cannot write the checkpoint {final} ({one_line(exc, 160)}); {room}; " +
+                            (f"the last whole checkpoint is {last[-1][1]}: {disk_advice(exc)}, then resume: auto"
+                             if last else "no checkpoint was written yet")) from None
     acc.wait_for_everyone()
     if main:
         try:  # the files are written: the rest takes a moment, and a Ctrl-C waits for it (the checkpoint is kept whole)

@@ -33,6 +33,7 @@ import numpy as np
 
 from midus_surgery.errors import MidusError, one_line
 from midus_surgery.io.output_dir import MARKER, clean_leftovers, write_marker
+from midus_surgery.io.small_files import read_small_text
 
 FORMAT_VERSION = 1
 META_FILE = "midus_tokens.json"
@@ -315,7 +316,7 @@ def open_stream(path: Path, fingerprint: str | None = None, vocab_size: int | No
     ``id_end``, past which no id it made can lie (the model's own vocabulary is checked where it is loaded)."""
     meta_path = path / META_FILE
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(read_small_text(meta_path))
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not a readable token cache ({exc}); delete it to re-tokenise") from None
     if not isinstance(meta, dict):

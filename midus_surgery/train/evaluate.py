@@ -381,14 +381,23 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False, how_to_allow: st
         # transformers' own error blames a missing sentencepiece install
         raise ModelLoadError(f"{path} holds no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.*, *.model...): "
                              "copy them from the model it was made from")
+    own = None if trust_remote_code else _own_tokenizer_code(path)
     try:
         with quiet_library_panic():
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            except ValueError:
+                if not (own and (Path(path) / "tokenizer.json").is_file()):
+                    raise
+                # tokenizer_class names the folder's own class too, which AutoTokenizer will not build without running its
+                # code: the stock fast tokenizer reads the same tokenizer.json (trial66: an exit 2 where the docs promise this)
+                from transformers import PreTrainedTokenizerFast
+
+                tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     except BaseException as exc:  # noqa: BLE001 - transformers raises many kinds here, the Rust tokenizers a panic (trial49)
         if not isinstance(exc, Exception) and not is_library_panic(exc):
             raise
         raise ModelLoadError(f"{path}: no usable tokenizer ({one_line(exc, 300, whole=True)})") from None
-    own = None if trust_remote_code else _own_tokenizer_code(path)
     if own and (str(Path(path).resolve()), own) not in _NOTED_CODE:
         _NOTED_CODE.add((str(Path(path).resolve()), own))
         print(f"note: {path}: its tokenizer names code of its own ({own}), not run: the stock {type(tokenizer).__name__} "

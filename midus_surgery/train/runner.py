@@ -50,12 +50,14 @@ from midus_surgery.io.output_dir import (
     hold_marker,
     input_root,
     links_train_writes_through,
+    logs_that_are_not_files,
     not_written_in_checkpoints,
     not_written_in_run_dir,
     read_marker,
     release_marker,
     write_marker,
 )
+from midus_surgery.io.small_files import read_small_text
 from midus_surgery.recipe.schema import cwd_relative_hint
 from midus_surgery.train import data as D
 from midus_surgery.train import sharding
@@ -499,6 +501,11 @@ class Runner:
         if extras:  # checkpoints are pruned (keep_last) and rewritten: what else they hold would go with them
             raise RecipeError([loaded.problem(("run_dir",), f"{self.ckpt_root} also holds what midus-surgery did not write there "
                                               f"({', '.join(extras[:5])}); train prunes and rewrites checkpoints: move them out first")])
+        odd = logs_that_are_not_files(self.run_dir) if self.run_dir.is_dir() else []
+        if odd:
+            raise RecipeError([loaded.problem(("run_dir",), f"{self.run_dir} holds {', '.join(odd[:5])} as something other than a regular "
+                                              "file (a named pipe, a device or a folder), where train reads back and appends its logs: "
+                                              "move it away, or choose another run_dir")])
         links = links_train_writes_through(self.run_dir) if self.run_dir.is_dir() else []
         if links:
             raise RecipeError([loaded.problem(("run_dir",), f"{self.run_dir} holds symlinks where train writes ({', '.join(links[:5])}); "
@@ -877,7 +884,7 @@ class Runner:
         earlier = self.init_from / "midus_train.json"
         if earlier.is_file():
             try:
-                before = json.loads(earlier.read_text()).get("unchanged_since_apply")
+                before = json.loads(read_small_text(earlier)).get("unchanged_since_apply")
             except (OSError, ValueError, AttributeError):
                 before = None
             order = [None, "base", "all but memory"]

@@ -1,0 +1,72 @@
+"""Reading the files the tool keeps beside its outputs (markers, checkpoint state, plans, logs) back from
+folders other people and tools may also write to.
+
+Only a regular file is read, and a bookkeeping file only up to a bound: a named pipe in a marker's place
+made apply, verify, train and analyze wait forever for a writer, and a marker linked to /dev/zero grew
+apply to 5 GB before a MemoryError (trial66). What is not a regular file, or is larger than any file the
+tool writes there, raises ``NotBookkeeping`` (an ``OSError``), which every reader already treats as
+"unreadable": not ours, not a checkpoint, not an apply output.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+SMALL_BYTES = 16 << 20  # markers, plans and state files are a few KB; a marker listing a large output's files, a few MB
+
+
+class NotBookkeeping(OSError):
+    """A path where the tool keeps a file of its own holds something else (a pipe, a device, a folder, a huge file)."""
+
+
+def regular_file_problem(path: Path) -> str | None:
+    """Why ``path`` (which exists) is not a regular file the tool may open, or None. Links are followed."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if stat.S_ISREG(mode):
+        return None
+    kind = "a named pipe" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return f"{path} is {kind}, not a regular file"
+
+
+def read_small_bytes(path: str | os.PathLike, limit: int = SMALL_BYTES) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` of them; FileNotFoundError when it is not there."""
+    # O_NONBLOCK: opening a pipe nothing writes to returns at once instead of waiting (then refused by fstat)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotBookkeeping(regular_file_problem(Path(path)) or f"{path} is not a regular file")
+        if info.st_size > limit:
+            raise NotBookkeeping(f"{path} is {info.st_size:,} bytes, more than the {limit:,} any file the tool keeps there has")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # grew while read
+        raise NotBookkeeping(f"{path} is more than {limit:,} bytes")
+    return data
+
+
+def read_small_text(path: str | os.PathLike, limit: int = SMALL_BYTES) -> str:
+    """``read_small_bytes`` decoded as UTF-8 (UnicodeDecodeError, a ValueError, when it is not)."""
+    return read_small_bytes(path, limit).decode("utf-8")
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """``path`` holds ``text`` whole or its earlier content, never a part: written beside it, then renamed over it.
+    A marker rewritten in place (truncated, then written) and killed between the two read as no marker, and its
+    full-size partial output was never cleaned up (trial66)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
