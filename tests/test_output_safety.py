@@ -1263,3 +1263,28 @@ def test_a_private_output_folder_stays_private(project, capsys):
     private.chmod(0o750)
     assert apply(str(r), "--overwrite") == 0
     assert stat.S_IMODE(private.stat().st_mode) == 0o750
+
+
+def test_a_partial_whose_writer_holds_its_lock_is_kept_though_its_pid_reads_as_gone(tmp_path):
+    """Containers sharing a host name and a volume but not a PID namespace: the writer's pid reads as gone from the
+    other, which removed a live apply's partial output (trial66). The writer holds a lock on the folder itself."""
+    live = tmp_path / ".model.partial-0000beef"
+    live.mkdir()
+    (live / "model.safetensors").write_bytes(b"x" * 100)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    write_marker(live, "apply")
+    (live / MARKER).write_text(json.dumps({**json.loads((live / MARKER).read_text()), "pid": int(gone)}))
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        fd = os.open({str(live)!r}, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("held", flush=True)
+        time.sleep(120)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert clean_leftovers(tmp_path / "other") == [] and live.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert clean_leftovers(tmp_path / "other") == [live] and not live.exists()  # its writer is gone now: a leftover

@@ -473,6 +473,44 @@ def _owner_is_gone(marker: dict | None) -> bool:
     return False
 
 
+def hold_directory(directory: Path) -> int | None:
+    """An exclusive lock (flock) on ``directory`` itself while this run writes it, released by ``release_marker`` or by
+    the OS when the process ends, however it ends. The owner's pid in the marker cannot say a partial is live across
+    PID namespaces (containers sharing a host name and a volume): a second run removed a live one (trial66). None where
+    the file system takes no locks."""
+    import fcntl
+
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _held_by_a_live_run(entry: Path) -> bool:
+    """Whether a running process holds ``entry``'s lock (``hold_directory``); a file system without locks says no."""
+    import fcntl
+
+    try:
+        fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
 def clean_leftovers(out: Path, report=None) -> list[Path]:
     """Remove the ``.NAME.partial-*`` / ``.NAME.old-*`` folders that killed runs of this tool left
     beside ``out``, whatever their NAME.
@@ -497,7 +535,7 @@ def clean_leftovers(out: Path, report=None) -> list[Path]:
                 entry.rmdir()  # fails, and keeps it, if anything was put there meanwhile
             except OSError:
                 continue
-        elif (_owner_is_gone(marker) or _whole(entry, marker)) and not _not_written_by_tool(entry, marker):
+        elif ((_owner_is_gone(marker) and not _held_by_a_live_run(entry)) or _whole(entry, marker)) and not _not_written_by_tool(entry, marker):
             shutil.rmtree(entry, ignore_errors=True)
         else:
             continue
@@ -558,6 +596,7 @@ def atomic_directory(out: Path, *, kind: str, owner: str | None = None, replace:
     """
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    held = None
     tmp_is_ours = True  # until its mkdir fails: then what is at tmp, if anything, is not this run's to remove
     try:
         try:
@@ -569,6 +608,7 @@ def atomic_directory(out: Path, *, kind: str, owner: str | None = None, replace:
         except OSError as exc:  # a place the system will not write (/proc, a read-only disk): said for the path asked
             tmp_is_ours = False
             raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
+        held = hold_directory(tmp)  # live while this process runs, whatever its pid reads as elsewhere
         write_marker(tmp, kind, owner)
         yield tmp
         replace_directory(tmp, out, kind=kind, owner=owner if replaces_owner is None else replaces_owner, replace=replace)
@@ -577,6 +617,8 @@ def atomic_directory(out: Path, *, kind: str, owner: str | None = None, replace:
             shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)  # a failed run leaves no trace, not even the empty folders it made
         raise
+    finally:
+        release_marker(held)
 
 
 def _remove_empty(folders: list[Path]) -> None:

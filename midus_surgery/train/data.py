@@ -32,7 +32,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from midus_surgery.errors import MidusError, one_line
-from midus_surgery.io.output_dir import MARKER, clean_leftovers, write_marker
+from midus_surgery.io.output_dir import MARKER, clean_leftovers, hold_directory, release_marker, write_marker
 from midus_surgery.io.small_files import read_small_text
 
 FORMAT_VERSION = 1
@@ -460,6 +460,7 @@ def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: I
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(final)  # a killed tokenisation's hidden .KEY.partial-* (2 bytes a token), once its process is gone
     tmp = final.parent / f".{key}.partial-{uuid.uuid4().hex[:8]}"
+    held = None
     tmp_is_ours = True  # until its mkdir fails: then what is at tmp, if anything, is not this run's to remove
     try:
         try:
@@ -467,6 +468,7 @@ def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: I
         except OSError:
             tmp_is_ours = False
             raise
+        held = hold_directory(tmp)  # live while this process runs (a pid says nothing across containers sharing the cache)
         write_marker(tmp, "tokenise")  # whose partial this is, for the cleaning above
         old = getattr(tokenizer, "model_max_length", None)
         tokenizer.model_max_length = int(1e30)  # whole documents; no "sequence too long" warnings
@@ -492,6 +494,8 @@ def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: I
         if tmp_is_ours:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        release_marker(held)
     return _check_nonempty(open_stream(final, fingerprint, vocab), what, files)
 
 
