@@ -349,6 +349,23 @@ def test_per_layer_head_widths_give_each_memory_block_its_own(root):
     assert widths == {1: 16, 5: 32}
 
 
+@pytest.mark.parametrize("widths", ["same", "per-layer"])
+def test_a_copy_the_config_class_would_run_as_another_kind_of_layer_is_refused(root, widths):
+    """Gemma-4's config makes its last layer full attention whatever layer_types says: a DUS copy of a sliding layer
+    there was written and verified as a full-attention layer (same widths), or refused with transformers' riddle about
+    homogeneous layer types (wider full-attention heads) (trial68)."""
+    overrides = GEMMA4 if widths == "per-layer" else {k: v for k, v in GEMMA4.items() if k != "per_layer_config"}
+    base = make_base(root, "gemma4_text", **overrides)
+    path = recipe(root, base, slices([(1, "copy")], 6), f"gemma4-last-sliding-{widths}")
+    with pytest.raises(RecipeError) as info:
+        plan_recipe(path)
+    assert ("output layer 6 copies base layer 1, a sliding_attention layer, but transformers' gemma4_text config makes it "
+            "full_attention whatever layer_types says") in str(info.value), str(info.value)
+    assert not (root / "out" / path.stem).exists()
+    ends_full = recipe(root, base, slices([(1, "copy"), (2, "copy")], 6), f"gemma4-last-full-{widths}")
+    assert plan_recipe(ends_full).plan.config["layer_types"][-2:] == ["sliding_attention", "full_attention"]
+
+
 def test_tensors_sized_by_the_depth_outside_the_layers_are_refused(root):
     base = make_base(root, "gemma4_text", **{**GEMMA4, "hidden_size_per_layer_input": 8})
     path = recipe(root, base, "  interleave:\n    after_every: 3\n    kind: copy", "gemma4-per-layer-inputs")

@@ -474,6 +474,29 @@ def check_config_accepted(config_dict: dict) -> str | None:
     return None
 
 
+def layer_kinds_changed(config, new_config: dict, layers: list[LayerSpec]) -> str | None:
+    """Why an output layer would not run as the base layer it copies because the config class rewrites its kind, or None.
+
+    Some config classes fix a layer's kind whatever the config says (Gemma-4's last layer is always full attention): a
+    copy of a sliding-attention layer there was written, and verified, as a full-attention layer (trial68)."""
+    from transformers import AutoConfig
+
+    data = dict(new_config)
+    try:
+        built = AutoConfig.for_model(data.pop("model_type"), **data)
+    except Exception:  # noqa: BLE001 - check_config_accepted says why
+        return None
+    base_kinds, out_kinds = getattr(config, "layer_types", None), getattr(built, "layer_types", None)
+    if not (isinstance(base_kinds, list) and isinstance(out_kinds, list) and len(out_kinds) == len(layers)):
+        return None
+    for layer in layers:
+        if layer.source < len(base_kinds) and out_kinds[layer.index] != base_kinds[layer.source]:
+            return (f"output layer {layer.index} copies base layer {layer.source}, a {base_kinds[layer.source]} layer, but transformers' "
+                    f"{built.model_type} config makes it {out_kinds[layer.index]} whatever layer_types says (the class fixes some "
+                    f"layers' kind, e.g. the last one's); choose a layout whose layer {layer.index} comes from a {out_kinds[layer.index]} layer")
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # Memory checks and the HML module's own facts
 
@@ -567,7 +590,7 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: StackAnatomy | None, *, ana
         raise RecipeError(problems)
 
     new_config, config_problems = rewrite_config(config, layers)
-    refusal = check_config_accepted(new_config)
+    refusal = check_config_accepted(new_config) or layer_kinds_changed(config, new_config, layers)
     if config_problems or refusal:
         raise RecipeError([loaded.problem(("layout",), msg) for msg in config_problems + ([refusal] if refusal else [])])
 
