@@ -366,6 +366,20 @@ def test_a_copy_the_config_class_would_run_as_another_kind_of_layer_is_refused(r
     assert plan_recipe(ends_full).plan.config["layer_types"][-2:] == ["sliding_attention", "full_attention"]
 
 
+def test_the_bases_stored_buffers_are_not_counted_as_parameters(root):
+    """Gemma-4's per-layer layer_scalar is a persistent buffer: plan counted it in params.base and params.total, which
+    then disagreed with sum(p.numel()) of the loaded models (trial68)."""
+    base = make_base(root, "gemma4_text", **GEMMA4)
+    path = recipe(root, base, slices([(1, "memory"), (2, "identity")], 6), "gemma4-counted")
+    planned, out, _ = apply_and_verify(path)
+    params = planned.plan.params
+    assert "model.layers.0.layer_scalar" in {t.name for t in planned.plan.tensors}  # written all the same
+    assert params["base"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters())
+    loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert params["total"] == sum(p.numel() for p in loaded.parameters())
+    assert sum(planned.plan.layer_params) == sum(p.numel() for n, p in loaded.named_parameters() if ".layers." in n)
+
+
 def test_tensors_sized_by_the_depth_outside_the_layers_are_refused(root):
     base = make_base(root, "gemma4_text", **{**GEMMA4, "hidden_size_per_layer_input": 8})
     path = recipe(root, base, "  interleave:\n    after_every: 3\n    kind: copy", "gemma4-per-layer-inputs")

@@ -235,9 +235,9 @@ def inserted_attention_out_projs(plan: dict, config) -> dict[int, str]:
 
 @functools.lru_cache(maxsize=8)
 def _base_model_facts(config_json: str) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], tuple[tuple[str, str], ...],
-                                                 tuple[tuple[str, str], ...] | None, frozenset[str]]:
+                                                 tuple[tuple[str, str], ...] | None, frozenset[str], frozenset[str]]:
     """(every tensor -> shape, tied ones once; the tied pairs target -> source; transformers' renames on load,
-    ``load_renames``; the tensors that are not floating point) of the causal LM a config builds."""
+    ``load_renames``; the tensors that are not floating point; the persistent buffers) of the causal LM a config builds."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -257,7 +257,8 @@ def _base_model_facts(config_json: str) -> tuple[tuple[tuple[str, tuple[int, ...
     persistent = set(model.state_dict().keys())
     shapes += [(name, tuple(b.shape)) for name, b in model.named_buffers() if name in persistent]
     integers = frozenset(name for name, t in model.state_dict().items() if not t.is_floating_point())
-    return tuple(shapes), tuple((str(k), str(v)) for k, v in tied.items()), load_renames(model), integers
+    buffers = frozenset(name for name, _ in model.named_buffers() if name in persistent)
+    return tuple(shapes), tuple((str(k), str(v)) for k, v in tied.items()), load_renames(model), integers, buffers
 
 
 def load_renames(model) -> tuple[tuple[str, str], ...] | None:
@@ -300,6 +301,12 @@ def base_integer_tensors(config) -> frozenset[str]:
     """The base's tensors that are not floating point (persistent integer buffers, such as DeepSeek-V4's
     ``tid2eid``): stored as integers by right, unlike a weight."""
     return _base_model_facts(_config_key(config))[3]
+
+
+def base_buffers(config) -> frozenset[str]:
+    """The base's persistent buffers (Gemma-4's ``layer_scalar``, GLM-4-MoE's ``e_score_correction_bias``): stored
+    beside the weights, but no parameters, so not counted as any (plan counted them; trial68)."""
+    return _base_model_facts(_config_key(config))[4]
 
 
 def base_load_renames(config) -> list[tuple[str, str]] | None:
@@ -632,7 +639,7 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: StackAnatomy | None, *, ana
     except Exception as exc:  # noqa: BLE001
         raise RecipeError([loaded.problem(("memory",), f"cannot build the memory layer for this base: {one_line(exc)}")]) from None
     return assemble_plan(loaded, BaseFacts.of(config), layers, new_config, shapes, layers_path, anatomy,
-                         {index: hmls[g] for index, g in geometry.items()})
+                         {index: hmls[g] for index, g in geometry.items()}, buffers=base_buffers(config))
 
 
 def block_kind_problems(loaded: LoadedRecipe, anatomy: StackAnatomy, layers: list[LayerSpec]) -> list:
@@ -701,13 +708,15 @@ def layers_changed_by_config(base_shapes: dict[str, tuple[int, ...]], new_config
 
 
 def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec], new_config: dict,
-                  shapes: dict[str, tuple[int, ...]], layers_path: str, anatomy: StackAnatomy | None, hmls: dict | None = None) -> Plan:
+                  shapes: dict[str, tuple[int, ...]], layers_path: str, anatomy: StackAnatomy | None, hmls: dict | None = None,
+                  buffers: frozenset[str] = frozenset()) -> Plan:
     """The tensor map and the counts, from the checked layer map, the rewritten config and the base's tensors.
 
     shapes: every base tensor (tied ones once) -> shape, in module order (what named_parameters
     lists); the output has the tensors outside the decoder layers first, in this order, then each
     output layer's tensors in the order of its source layer.
     hmls: output memory layer -> a (meta-device) memory module of its size.
+    buffers: the base's persistent buffers among ``shapes``: written, not counted as parameters.
     """
     recipe = loaded.recipe
     # the config the output will have, so its dtype is the written weights' (`plan --json` and midus_plan.json
@@ -754,7 +763,7 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
                 continue
             tensors.append(TensorEntry(out_prefix + rest, shape, src_prefix + rest, rule))
             kept[rest] = shape
-            count += math.prod(shape)
+            count += 0 if src_prefix + rest in buffers else math.prod(shape)
         flops = 2 * _matmul_params(kept, base.experts_per_token) + attn_ctx_flops[layer.index]
         if layer.kind == "memory":
             hml = hmls[layer.index]
@@ -779,9 +788,9 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
         first = next(iter(hmls.values()))
         tensors.append(TensorEntry(f"{SHARED_BANK}.weight", hml_bank_shape, None, first.init_rules().get("bank.weight", "init")))
 
-    base_total = sum(math.prod(s) for s in shapes.values())
-    total = sum(t.numel for t in tensors) - buffer_numel
-    layer_size = [sum(math.prod(s) for s in per_layer[i].values()) for i in range(L)]
+    base_total = sum(math.prod(s) for name, s in shapes.items() if name not in buffers)
+    total = sum(t.numel for t in tensors if t.source not in buffers) - buffer_numel
+    layer_size = [sum(math.prod(s) for rest, s in per_layer[i].items() if f"{prefix}{i}.{rest}" not in buffers) for i in range(L)]
     dus_added = sum(layer_size[layer.source] for layer in layers if layer.inserted)
     base_layer_flops = [2 * _matmul_params(per_layer[i], base.experts_per_token) for i in range(L)]
     head_flops = 2 * base.vocab_size * base.hidden_size
