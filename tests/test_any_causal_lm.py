@@ -380,6 +380,19 @@ def test_the_bases_stored_buffers_are_not_counted_as_parameters(root):
     assert sum(planned.plan.layer_params) == sum(p.numel() for n, p in loaded.named_parameters() if ".layers." in n)
 
 
+def test_a_memory_block_over_an_ffn_of_parallel_parts_is_refused_even_when_function_change_is_accepted(root):
+    """GraniteMoeShared's FFN is block_sparse_moe(h) + shared_mlp(h): the memory stood in for shared_mlp and the experts
+    became a pass-through, so the block added its input again; accept_function_change wrote it (trial68)."""
+    base = make_base(root, "granitemoeshared", num_hidden_layers=4, shared_intermediate_size=64, num_local_experts=4,
+                     num_experts_per_tok=2)
+    path = recipe(root, base, slices([(1, "memory")], 4), "granite-shared-memory", extra="accept_function_change: true\n")
+    with pytest.raises(RecipeError) as info:
+        plan_recipe(path)
+    assert "its FFN is parts that each read the same input and add their outputs (block_sparse_moe, shared_mlp)" in str(info.value), str(info.value)
+    copies = recipe(root, base, slices([(1, "copy")], 4), "granite-shared-copy")
+    apply_and_verify(copies)  # plain copies are unaffected
+
+
 def test_tensors_sized_by_the_depth_outside_the_layers_are_refused(root):
     base = make_base(root, "gemma4_text", **{**GEMMA4, "hidden_size_per_layer_input": 8})
     path = recipe(root, base, "  interleave:\n    after_every: 3\n    kind: copy", "gemma4-per-layer-inputs")

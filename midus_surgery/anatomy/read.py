@@ -439,6 +439,18 @@ def _heads_key(config, heads: int) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+def _parallel_ffn_parts(probe, ffn: tuple[str, ...]) -> list[str]:
+    """The FFN's modules, when two of them read the very same input (GraniteMoeShared's ``block_sparse_moe(h) +
+    shared_mlp(h)``); empty for one module or a chain, where each reads the one before's output."""
+    if len(ffn) < 2 or any(m not in probe.calls for m in ffn):
+        return []
+    inputs = [probe.calls[m].hidden() for m in ffn]
+    same = [m for m, x in zip(ffn[:-1], inputs[:-1])
+            if x is inputs[-1] or (isinstance(x, torch.Tensor) and isinstance(inputs[-1], torch.Tensor)
+                                   and x.shape == inputs[-1].shape and torch.equal(x, inputs[-1]))]
+    return [*same, ffn[-1]] if same else []
+
+
 def _output_form(out, like: torch.Tensor | None) -> str | None:
     """How an FFN's output ``out`` is laid out against its input ``like``: "same" shape, "flat"
     (the tokens flattened into one axis, [tokens, hidden]: Llama-4's mixture of experts), or None."""
@@ -512,6 +524,12 @@ def memory_facts(probe, anatomy: Anatomy) -> tuple[dict[str, Any], str | None]:
     facts["mixer"] = "attention" if softmax else "other"
     if not softmax:
         return facts, f"its token mixer {anatomy.attention!r} is not softmax attention (a convolution, linear attention or state-space layer): the memory reads attention heads"
+    parallel = _parallel_ffn_parts(probe, anatomy.ffn)
+    if parallel:
+        # a memory readout stands in for the last part and the others become pass-throughs: in a sum each would add its
+        # input again, a block computing about twice its input that accept_function_change still wrote (trial68)
+        return facts, (f"its FFN is parts that each read the same input and add their outputs ({', '.join(parallel)}): a memory block "
+                       "stands in for a single FFN module; identity or copy blocks can be inserted")
     ffn_out = probe.outputs.get(anatomy.ffn[-1])
     ffn_in = probe.calls[anatomy.ffn[-1]].hidden() if anatomy.ffn[-1] in probe.calls else None
     if isinstance(ffn_out, (tuple, list)):
