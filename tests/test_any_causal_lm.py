@@ -393,6 +393,26 @@ def test_a_memory_block_over_an_ffn_of_parallel_parts_is_refused_even_when_funct
     apply_and_verify(copies)  # plain copies are unaffected
 
 
+def test_multi_token_prediction_layers_stored_after_the_decoders_are_left_out_not_refused(root, capsys):
+    """GLM-4.5/4.6 checkpoints store their MTP layer as model.layers.<num_hidden_layers>.*, which transformers leaves out
+    on load: the base was refused as weights holding a layer more than the config states (trial68)."""
+    from safetensors.torch import load_file, save_file
+
+    from midus_surgery.cli import main
+
+    base = make_base(root, "glm4_moe", num_hidden_layers=4, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=32, num_nextn_predict_layers=1)
+    weights = load_file(base / "model.safetensors")
+    mtp = {"model.layers.4." + k[len("model.layers.3."):]: v.clone() for k, v in weights.items() if k.startswith("model.layers.3.")}
+    mtp["model.layers.4.eh_proj.weight"] = torch.randn(64, 128)
+    save_file({**weights, **mtp}, base / "model.safetensors", metadata={"format": "pt"})
+    path = recipe(root, base, "  interleave:\n    after_every: 2\n    kind: copy", "glm-mtp")
+    assert main(["validate", str(path)]) == 0, capsys.readouterr()
+    _, out, _ = apply_and_verify(path)
+    written = load_file(out / "model.safetensors")
+    assert not any(k.endswith("eh_proj.weight") for k in written) and max(int(k.split(".")[2]) for k in written if ".layers." in k) == 5
+
+
 def test_tensors_sized_by_the_depth_outside_the_layers_are_refused(root):
     base = make_base(root, "gemma4_text", **{**GEMMA4, "hidden_size_per_layer_input": 8})
     path = recipe(root, base, "  interleave:\n    after_every: 3\n    kind: copy", "gemma4-per-layer-inputs")

@@ -303,7 +303,11 @@ def check_matches_config(source: TensorSource, tensors, layers_path: str | None,
     """
     if layers_path:
         found = source.layer_indices(layers_path)
-        if found and found != set(range(num_layers)):
+        # multi-token-prediction layers stored after the decoder's (GLM-4.5/4.6: model.layers.46.* of 46 layers): the
+        # causal LM leaves them out on load, and so does the output (they were refused as layers the config does not state)
+        predict = config.get("num_nextn_predict_layers")
+        extra = predict if isinstance(predict, int) and not isinstance(predict, bool) and 0 < predict <= 8 else 0
+        if found and found != set(range(num_layers)) and not (extra and found == set(range(num_layers + extra))):
             held = f"{len(found)} layers ({layers_path}.{min(found)} to {layers_path}.{max(found)})" if found == set(range(min(found), max(found) + 1)) \
                 else f"layers {', '.join(map(str, sorted(found)[:12]))} under {layers_path}"
             raise BaseModelError(f"{where} states num_hidden_layers={num_layers}, but the weights hold {held}: "
