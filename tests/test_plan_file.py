@@ -11,6 +11,7 @@ had no ``layers_path``.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from train_fixtures.tiny import make_midus_output, write_config, write_corpus
@@ -107,4 +108,8 @@ def test_an_unreadable_plan_is_one_line(tmp_path):
         read_plan_file(tmp_path)
     (tmp_path / PLAN_FILE).write_text("[1, 2]")
     with pytest.raises(MidusError, match="not a JSON object"):
+        read_plan_file(tmp_path)
+    (tmp_path / PLAN_FILE).unlink()
+    os.mkfifo(tmp_path / PLAN_FILE)  # a pipe read as "no plan" (verify ran the generic checks only), or waited on (trial66)
+    with pytest.raises(MidusError, match=r"midus_plan\.json: not a readable plan \(.+midus_plan\.json is a named pipe, not a regular file\)$"):
         read_plan_file(tmp_path)

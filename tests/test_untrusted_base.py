@@ -762,6 +762,23 @@ def test_eval_says_when_a_models_own_tokenizer_code_is_not_run(llama, tmp_path, 
     assert main(args) == 0 and "code of its own" not in capsys.readouterr().err
 
 
+def test_a_tokenizer_file_that_is_a_pipe_is_one_line_not_a_wait_forever(llama, tmp_path, capsys):
+    """transformers opens tokenizer_config.json as it finds it: a named pipe there made eval wait for a writer (trial66)."""
+    import os
+
+    from train_fixtures.tiny import make_tokenizer, write_corpus
+
+    base = copy_base(llama, tmp_path / "tokpipe")
+    make_tokenizer().save_pretrained(base)
+    (base / "tokenizer_config.json").unlink()
+    os.mkfifo(base / "tokenizer_config.json")
+    write_corpus(tmp_path / "corpus", files=1, sentences_per_file=20)
+    args = ["eval", str(base), "--data", str(tmp_path / "corpus"), "--block-size", "16", "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {base}: tokenizer_config.json is not a regular file (a named pipe, a device or a "
+                                               "folder), so no tokenizer reads it: replace it with the tokenizer's own file")
+
+
 def test_a_gguf_bases_tokenizer_is_read_with_the_recipes_trust_never_none(tmp_path, monkeypatch):
     """transformers asks on the terminal whether to run a folder's tokenizer code when
     trust_remote_code is None; a 'y' ran it though the recipe never allowed code."""

@@ -24,7 +24,7 @@ from midus_surgery.anatomy.config_lists import is_per_layer, list_kinds
 from midus_surgery.compiler.layout import LayerSpec, expand_layout
 from midus_surgery.errors import MidusError, RecipeError, one_line
 from midus_surgery.io.dtypes import auto_dtype
-from midus_surgery.io.small_files import read_small_text
+from midus_surgery.io.small_files import NotBookkeeping, read_small_text
 from midus_surgery.model.midus_names import HML_MODULE, PLAN_FILE, SHARED_BANK
 from midus_surgery.recipe.anatomy_spec import Anatomy, StackAnatomy, index_ranges
 from midus_surgery.recipe.schema import LoadedRecipe, MemorySettings
@@ -169,7 +169,7 @@ def read_plan_file(model_dir: Path) -> dict | None:
     try:
         return read_plan_json(json.loads(read_small_text(path)))
     except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
-        raise MidusError(f"{path}: not a readable plan ({one_line(exc, 200)})") from None
+        raise MidusError(f"{path}: not a readable plan ({exc if isinstance(exc, NotBookkeeping) else one_line(exc, 200)})") from None
 
 
 def earlier_insertions(base_dir: Path, num_layers: int) -> dict[int, str]:

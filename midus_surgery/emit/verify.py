@@ -139,7 +139,10 @@ def _tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     from midus_surgery.emit.emitter import TOKENIZER_FILES
+    from midus_surgery.train.data import odd_tokenizer_files
 
+    if odd := odd_tokenizer_files(path):  # transformers would open a pipe and wait for a writer forever (trial66)
+        return None, odd
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return None, None  # cli's note says so
     try:
@@ -310,7 +313,10 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
         # its tensor checks read the safetensors files; a traceback stood here (trial66)
         raise UsageError(f"{out} holds its weights as pickle files only ({', '.join(pickles[:3])}): verify reads safetensors, which "
                          "apply and train write; re-save it with save_pretrained(..., safe_serialization=True) to check it")
-    plan = read_plan_file(out)  # None: not made by `apply`
+    try:
+        plan = read_plan_file(out)  # None: not made by `apply`
+    except MidusError as exc:  # the folder's own file is unusable: exit 2, as for no config.json (exit 1 says a check failed)
+        raise UsageError(str(exc)) from None
     if base is not None and (why_not := _not_a_base(Path(base))):
         raise UsageError(f"--base {base}: {why_not}")
     recorded = recorded_base(out) if plan is not None else None

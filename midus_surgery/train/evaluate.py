@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from midus_surgery.errors import MidusError, UsageError, disk_problem, is_library_panic, load_error_line, one_line, quiet_library_panic
 from midus_surgery.io.hf_output import hf_progress_bars, kept_load_report, load_report_words
 from midus_surgery.io.output_dir import CHECKPOINT_STATE, check_cache_location, data_folder, input_root, run_export_hint
+from midus_surgery.io.small_files import read_small_text
 from midus_surgery.io.stored_dtypes import floats_stored_as_integers, stored_dtype_problem
 from midus_surgery.train.config import DIR_GLOB
 
@@ -373,10 +374,12 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
 def load_tokenizer(path: Path, trust_remote_code: bool = False, how_to_allow: str = ALLOW_CODE):
     from transformers import AutoTokenizer
 
-    from midus_surgery.train.data import has_tokenizer_files
+    from midus_surgery.train.data import has_tokenizer_files, odd_tokenizer_files
 
     if not Path(path).is_dir():  # transformers would take the name for a Hub repository and retry the network
         raise ModelLoadError(f"{path} is not a directory")
+    if odd := odd_tokenizer_files(path):
+        raise ModelLoadError(f"{path}: {odd}: replace it with the tokenizer's own file")
     if not trust_remote_code and not has_tokenizer_files(path):
         # transformers' own error blames a missing sentencepiece install
         raise ModelLoadError(f"{path} holds no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.*, *.model...): "
@@ -411,7 +414,7 @@ def _own_tokenizer_code(path: Path) -> str | None:
     (auto_map AutoTokenizer), as one text; None when it names none. Read as JSON: nothing runs."""
     for name in ("tokenizer_config.json", "config.json"):
         try:
-            data = json.loads((Path(path) / name).read_text(encoding="utf-8"))
+            data = json.loads(read_small_text(Path(path) / name))
         except (OSError, ValueError):
             continue
         auto_map = data.get("auto_map") if isinstance(data, dict) else None
