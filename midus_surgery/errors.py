@@ -156,6 +156,13 @@ def file_too_large(exc: BaseException) -> bool:
     return getattr(exc, "errno", None) == errno.EFBIG or "File too large" in str(exc)
 
 
+def temp_disk_advice(exc: BaseException) -> str:
+    """What to do about a temporary folder (TMPDIR) that refused a write."""
+    if file_too_large(exc):
+        return "raise the file-size limit, or point TMPDIR at another file system"
+    return "free space there, or point TMPDIR at a disk with room"
+
+
 def disk_advice(exc: BaseException) -> str:
     """What to do about a disk that refused a write."""
     if file_too_large(exc):

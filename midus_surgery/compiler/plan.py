@@ -597,7 +597,7 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: StackAnatomy | None, *, ana
         raise RecipeError(problems)
 
     new_config, config_problems = rewrite_config(config, layers)
-    refusal = check_config_accepted(new_config) or layer_kinds_changed(config, new_config, layers)
+    refusal = check_config_accepted(new_config)
     if config_problems or refusal:
         raise RecipeError([loaded.problem(("layout",), msg) for msg in config_problems + ([refusal] if refusal else [])])
 
@@ -615,9 +615,11 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: StackAnatomy | None, *, ana
         raise RecipeError([loaded.problem(("base",), f"the model keeps its layers' parts in parallel lists ({', '.join([layers_path, *parallel][:4])}), "
                                                      f"not one module per layer: surgery copies decoder-layer modules, so this architecture cannot be made deeper")])
     try:
-        moved = layers_changed_by_config(shapes, new_config, layers, layers_path)
+        # a layer built unlike its source says why by its tensors first (an index rule that the layout moves: Jamba)
+        moved = layers_changed_by_config(shapes, new_config, layers, layers_path) or layer_kinds_changed(config, new_config, layers)
     except Exception as exc:  # noqa: BLE001
-        moved = f"transformers cannot build the up-scaled model from the rewritten config: {one_line(exc)}"
+        moved = (layer_kinds_changed(config, new_config, layers)
+                 or f"transformers cannot build the up-scaled model from the rewritten config: {one_line(exc)}")
     if moved:
         raise RecipeError([loaded.problem(("layout",), moved)])
     hidden = config_value(config, "hidden_size")

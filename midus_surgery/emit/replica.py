@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 
 from midus_surgery.compiler.planned import PlannedRecipe
-from midus_surgery.errors import MachineError, MidusError, RecipeError, disk_advice, disk_problem, one_line
+from midus_surgery.errors import MachineError, MidusError, RecipeError, disk_problem, one_line, temp_disk_advice
 
 REPLICA_SEED = 0
 NORM_PERTURBATION = 0.3  # added to every 1-D parameter (norm weights, biases), times N(0, 1)
@@ -149,7 +149,7 @@ def _difference(planned: PlannedRecipe, emit) -> str | None:
 def _temp_disk_error(tmp: str | None, exc: BaseException) -> MachineError:
     where = tmp or tempfile.gettempdir()
     return MachineError(f"cannot check the recipe on a tiny replica of the base: writing its temporary files in {where} failed "
-                      f"({one_line(exc, 160)}); {disk_advice(exc)}, or point TMPDIR at another disk, and run again")
+                      f"({one_line(exc, 160)}); {temp_disk_advice(exc)}, and run again")
 
 
 @contextlib.contextmanager

@@ -39,12 +39,12 @@ from midus_surgery.errors import (
     MachineError,
     MidusError,
     UsageError,
-    disk_advice,
     disk_problem,
     is_library_panic,
     load_error_line,
     one_line,
     quiet_library_panic,
+    temp_disk_advice,
 )
 from midus_surgery.io.output_dir import recorded_base, run_export_hint
 from midus_surgery.io.small_files import read_small_text
@@ -468,7 +468,7 @@ def round_trip_check(model, ids: torch.Tensor, trust: bool, shipped: bool = Fals
     except Exception as exc:  # noqa: BLE001
         if disk_problem(exc):  # the machine's temp disk, not the model: no verdict (it read as the base's failure, exit 0)
             raise MachineError(f"cannot run the round-trip check: saving the model into {tempfile.gettempdir()} failed "
-                               f"({one_line(exc, 160)}); {disk_advice(exc)}, or point TMPDIR at another disk, and run again") from None
+                               f"({one_line(exc, 160)}); {temp_disk_advice(exc)}, and run again") from None
         return Check("round-trip", False, f"save_pretrained + reload fails: {one_line(exc, 300)}")
     return _round_trip_check(model.state_dict(), reloaded.state_dict(), logits, again)
 
