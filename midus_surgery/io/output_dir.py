@@ -107,15 +107,25 @@ def hold_marker(directory: Path) -> int | None:
     """Hold ``directory``'s marker under an exclusive lock (flock) until ``release_marker``, or until
     this process ends however it ends (the OS drops the lock, SIGKILL included). Returns the open
     file descriptor, or None when another process holds it: a directory in use."""
-    import fcntl
-
     fd = os.open(Path(directory) / MARKER, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    if _lock_now(fd) != "taken":
         os.close(fd)
         return None
     return fd
+
+
+def _lock_now(fd: int) -> str:
+    """Try to take an exclusive flock on ``fd`` without waiting: "taken", "busy" (another open file holds it), or
+    "none" (the file system takes no locks)."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "busy"
+    except OSError:
+        return "none"
+    return "taken"
 
 
 def release_marker(fd: int | None) -> None:
@@ -478,15 +488,11 @@ def hold_directory(directory: Path) -> int | None:
     the OS when the process ends, however it ends. The owner's pid in the marker cannot say a partial is live across
     PID namespaces (containers sharing a host name and a volume): a second run removed a live one (trial66). None where
     the file system takes no locks."""
-    import fcntl
-
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    if _lock_now(fd) != "taken":
         os.close(fd)
         return None
     return fd
@@ -494,21 +500,14 @@ def hold_directory(directory: Path) -> int | None:
 
 def _held_by_a_live_run(entry: Path) -> bool:
     """Whether a running process holds ``entry``'s lock (``hold_directory``); a file system without locks says no."""
-    import fcntl
-
     try:
         fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
+        return _lock_now(fd) == "busy"
     finally:
         os.close(fd)
-    return False
 
 
 def clean_leftovers(out: Path, report=None) -> list[Path]:
