@@ -367,7 +367,7 @@ def _run_verify(path, base, trust_remote_code: bool) -> int:
     if not (Path(path) / "midus_plan.json").is_file():
         out.print("  note: no midus_plan.json, so this is not an output of `midus-surgery apply`: only what any causal LM must do "
                   "was checked", markup=False)
-    from midus_surgery.train.data import has_tokenizer_files
+    from midus_surgery.io.tokenizer_files import has_tokenizer_files
 
     if not has_tokenizer_files(Path(path)):
         out.print("  note: no tokenizer files: the checks ran on random token ids, and AutoTokenizer.from_pretrained fails on this "

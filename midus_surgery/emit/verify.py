@@ -139,7 +139,7 @@ def _tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     from midus_surgery.emit.emitter import TOKENIZER_FILES
-    from midus_surgery.train.data import odd_tokenizer_files
+    from midus_surgery.io.tokenizer_files import odd_tokenizer_files
 
     if odd := odd_tokenizer_files(path):  # transformers would open a pipe and wait for a writer forever (trial66)
         return None, odd

@@ -33,27 +33,12 @@ import numpy as np
 
 from midus_surgery.errors import MidusError, one_line
 from midus_surgery.io.output_dir import MARKER, clean_leftovers, hold_directory, release_marker, write_marker
-from midus_surgery.io.small_files import read_small_text, regular_file_problem
+from midus_surgery.io.small_files import read_small_text
 
 FORMAT_VERSION = 1
 META_FILE = "midus_tokens.json"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 # what a tokenizer's files are named (tokenizer.json, vocab.txt, spiece.model...): one of them must be there
-TOKENIZER_FILE_PREFIXES = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece", "special_tokens_map", "added_tokens")
-
-
-def has_tokenizer_files(directory: Path) -> bool:
-    return any(p.name.startswith(TOKENIZER_FILE_PREFIXES) for p in Path(directory).iterdir())
-
-
-def odd_tokenizer_files(directory: Path) -> str | None:
-    """Why a model folder's tokenizer files cannot be read (one that is a named pipe, a device or a folder), or None.
-    transformers opens tokenizer_config.json as it finds it: a pipe there made eval wait forever (trial66)."""
-    odd = [p.name for p in sorted(Path(directory).iterdir()) if p.name.startswith(TOKENIZER_FILE_PREFIXES) and regular_file_problem(p)]
-    return (f"{', '.join(odd[:3])} {'is' if len(odd) == 1 else 'are'} not a regular file (a named pipe, a device or a folder), "
-            "so no tokenizer reads it") if odd else None
-
-
 class DataError(MidusError):
     """Bad training or evaluation data (empty corpus, missing field, too short, mismatched cache)."""
 

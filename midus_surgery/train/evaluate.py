@@ -374,7 +374,7 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
 def load_tokenizer(path: Path, trust_remote_code: bool = False, how_to_allow: str = ALLOW_CODE):
     from transformers import AutoTokenizer
 
-    from midus_surgery.train.data import has_tokenizer_files, odd_tokenizer_files
+    from midus_surgery.io.tokenizer_files import has_tokenizer_files, odd_tokenizer_files
 
     if not Path(path).is_dir():  # transformers would take the name for a Hub repository and retry the network
         raise ModelLoadError(f"{path} is not a directory")
