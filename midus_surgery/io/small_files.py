@@ -5,7 +5,8 @@ Only a regular file is read, and a bookkeeping file only up to a bound: a named 
 made apply, verify, train and analyze wait forever for a writer, and a marker linked to /dev/zero grew
 apply to 5 GB before a MemoryError (trial66). What is not a regular file, or is larger than any file the
 tool writes there, raises ``NotBookkeeping`` (an ``OSError``), which every reader already treats as
-"unreadable": not ours, not a checkpoint, not an apply output.
+"unreadable": not ours, not a checkpoint, not an apply output. A marker is rewritten whole or not at all
+(``write_text_atomically``).
 """
 
 from __future__ import annotations
