@@ -413,6 +413,20 @@ def test_multi_token_prediction_layers_stored_after_the_decoders_are_left_out_no
     assert not any(k.endswith("eh_proj.weight") for k in written) and max(int(k.split(".")[2]) for k in written if ".layers." in k) == 5
 
 
+def test_a_refusal_names_the_added_layer_not_one_left_in_place(root):
+    """Zamba2's hybrid layers share one transformer block with an adapter per use: a SOLAR-style copy of the hybrid layer
+    changed the block of every hybrid layer, and the refusal blamed base layer 6 in place as "moved" (trial68)."""
+    from tool_modules import import_tool
+
+    torch.manual_seed(0)
+    base = root / "zamba2"
+    AutoModelForCausalLM.from_config(import_tool("arch_sweep").tiny_config("zamba2")).save_pretrained(base)
+    path = recipe(root, base, "  slices:\n    - layers: [0, 8]\n    - layers: [5, 8]\n      kind: copy", "zamba2-solar")
+    with pytest.raises(RecipeError) as info:
+        plan_recipe(path)
+    assert "the rewritten config builds output layer 9 unlike its source, base layer 6" in str(info.value), str(info.value)
+
+
 def test_tensors_sized_by_the_depth_outside_the_layers_are_refused(root):
     base = make_base(root, "gemma4_text", **{**GEMMA4, "hidden_size_per_layer_input": 8})
     path = recipe(root, base, "  interleave:\n    after_every: 3\n    kind: copy", "gemma4-per-layer-inputs")

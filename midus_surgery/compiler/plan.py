@@ -699,14 +699,21 @@ def layers_changed_by_config(base_shapes: dict[str, tuple[int, ...]], new_config
                 f"{len(layers)}), e.g. per-layer input embeddings; surgery does not split them per layer, so this architecture "
                 f"cannot be made deeper")
     base_layers, new_layers = _split_layers(base_shapes, layers_path), _split_layers(new_shapes, layers_path)
-    for layer in layers:
-        got, want = new_layers.get(layer.index, {}), base_layers.get(layer.source, {})
-        if got != want:
-            differ = sorted(set(got.items()) ^ set(want.items()))
-            return (f"the rewritten config builds output layer {layer.index} unlike its source, base layer {layer.source} "
-                    f"(tensors differ: {', '.join(name for name, _ in differ[:3])}): the base config chooses some layers' kind by "
-                    f"index, and this layout moves them; use a layout that keeps the pattern")
-    return None
+    unlike = [layer for layer in layers if new_layers.get(layer.index, {}) != base_layers.get(layer.source, {})]
+    if not unlike:
+        return None
+    # a moved or inserted layer first: an in-place one that changes too (Zamba2's shared block, an adapter per use) is
+    # changed by what was added, which the message then blamed on a move it did not make (trial68)
+    layer = next((la for la in unlike if la.index != la.source), unlike[0])
+    differ = sorted(set(new_layers.get(layer.index, {}).items()) ^ set(base_layers.get(layer.source, {}).items()))
+    names = ", ".join(name for name, _ in differ[:3])
+    if layer.index == layer.source:
+        return (f"the rewritten config builds output layer {layer.index} unlike base layer {layer.source}, though it stays in place "
+                f"(tensors differ: {names}): its tensors depend on the rest of the stack (e.g. a block shared by several layers, "
+                "with a part per use), so the layers this layout adds change it; this architecture cannot take this layout")
+    return (f"the rewritten config builds output layer {layer.index} unlike its source, base layer {layer.source} "
+            f"(tensors differ: {names}): the base config chooses some layers' kind by "
+            f"index, and this layout moves them; use a layout that keeps the pattern")
 
 
 def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec], new_config: dict,
