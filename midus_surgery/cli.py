@@ -729,7 +729,7 @@ def _dispatch(args) -> int:
         return 2
     except OSError as exc:
         if exc.errno in FULL_DISK_ERRNOS:
-            return _disk_full(exc)
+            return _disk_full(exc, apply=args.func is cmd_apply)
         if exc.errno == errno.EPIPE:
             return _reader_gone()
         if exc.filename is None:
@@ -753,13 +753,13 @@ def _dispatch(args) -> int:
     except Exception as exc:  # noqa: BLE001 - a full disk reaches us through safetensors' and torch's own errors too
         if "No space left on device" not in str(exc) and "Disk quota exceeded" not in str(exc) and not file_too_large(exc):
             raise
-        return _disk_full(exc)
+        return _disk_full(exc, apply=args.func is cmd_apply)
 
 
 FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: one file past a size limit (ulimit -f, FAT32)
 
 
-def _disk_full(exc: BaseException) -> int:
+def _disk_full(exc: BaseException, *, apply: bool = False) -> int:
     """A write that ran out of space, or past the size one file may have: one line. Outputs are written
     into hidden partial folders, so nothing half-written is left in place; a training run resumes from
     its last whole checkpoint."""
@@ -767,8 +767,9 @@ def _disk_full(exc: BaseException) -> int:
     target = getattr(exc, "filename2", None) or getattr(exc, "filename", None)
     where = f" writing {target}" if target else ""
     if file_too_large(exc):
+        smaller = " (or a smaller output.shard_size, which keeps each file under it)" if apply else ""
         err.print(f"error: {FILE_TOO_LARGE}{where}; nothing half-written was kept: raise the limit or write to another file "
-                  "system (apply: a smaller output.shard_size keeps each file under it), and run again", markup=False)
+                  f"system{smaller}, and run again", markup=False)
         return 1
     err.print(f"error: the disk is full{where} ({one_line(exc, 200)}); nothing half-written was kept: free space and run again",
               markup=False)

@@ -411,6 +411,7 @@ def test_multi_token_prediction_layers_stored_after_the_decoders_are_left_out_no
     _, out, _ = apply_and_verify(path)
     written = load_file(out / "model.safetensors")
     assert not any(k.endswith("eh_proj.weight") for k in written) and max(int(k.split(".")[2]) for k in written if ".layers." in k) == 5
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 0  # it holds none
 
 
 def test_a_refusal_names_the_added_layer_not_one_left_in_place(root):

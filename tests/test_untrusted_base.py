@@ -905,7 +905,7 @@ def test_eval_analyze_and_train_run_a_models_own_code_only_when_allowed(custom, 
     config = write_config(tmp_path / "train.yaml", model, tmp_path / "runs" / "a", corpus, cache, tokens=16 * 4 * 2)
 
     for argv, allow in ((["eval", str(model), "--data", str(corpus), "--cache-dir", str(cache)], "pass --trust-remote-code"),
-                        (["analyze", str(model), "--data", str(corpus), "--out", str(tmp_path / "analysis")], "analyze runs no model's own code"),
+                        (["analyze", str(model), "--data", str(corpus), "--out", str(tmp_path / "analysis")], "eval --trust-remote-code runs it; analyze never runs a model's own code"),
                         (["train", str(config)], "set trust_remote_code: true in the train config")):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

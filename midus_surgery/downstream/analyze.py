@@ -35,7 +35,7 @@ from midus_surgery.io.small_files import read_small_text
 from midus_surgery.train.config import DIR_GLOB
 
 ANALYSIS_KIND = "analysis"  # the output_dir marker
-NO_OWN_CODE = "analyze runs no model's own code"  # and has no flag to allow it: a MIDUS output needs none
+NO_OWN_CODE = "eval --trust-remote-code runs it; analyze never runs a model's own code"  # and has no flag to allow it: a MIDUS output needs none
 DEFAULT_ANALYSIS_BLOCK = 256  # tokens per block unless told (fewer when the model has fewer positions)
 
 

@@ -121,6 +121,10 @@ def emitted_config(plan: Plan, dtype: str) -> dict:
     config.pop("_name_or_path", None)  # where the base was read from (custom code is found there): not the output's
     config.pop("_model_name_or_path", None)  # transformers' GGUF reader: the GGUF's own model name, not the output's
     config["dtype"] = dtype
+    if config.get("num_nextn_predict_layers"):
+        # the output carries no multi-token-prediction weights (the causal LM has no modules for them; the plan's config
+        # keeps the base's count, which says where they were): a server reading this key would look for missing layers
+        config["num_nextn_predict_layers"] = 0
     if not plan.memory_layers:
         if not config.get("architectures") and (named := _causal_lm_class_name(config.get("model_type"))):
             config["architectures"] = named  # a GGUF base's config names none; serving tools read architectures[0]
