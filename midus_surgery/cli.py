@@ -200,7 +200,7 @@ def _plan_notes(planned, start: bool) -> list[str]:
                      "to this recipe, and midus_plan.json records them, so `train` with freeze: base trains them with this recipe's blocks")
     if start and plan.function_preserving is None and plan.memory_layers and recipe.memory.init == "random":
         notes.append("memory.init: random: the memory blocks start from random values, so the output does not start as the base's "
-                     "function (verify then compares perplexity, not logits)")
+                     "function (verify then skips its identity check and shows both perplexities)")
     types = plan.config.get("layer_types")
     sliding = [i for i, t in enumerate(types) if "sliding" in str(t)] if isinstance(types, list) else []
     if sliding and "max_window_layers" in plan.config and window_layers_boundary(plan.config) is None:

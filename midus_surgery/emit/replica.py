@@ -50,7 +50,7 @@ def check_function_preserving(planned: PlannedRecipe, emit) -> PlannedRecipe:
     why = skeleton_change(planned) or replica_difference(planned, emit)
     if why is not None and not planned.loaded.recipe.accept_function_change:
         raise RecipeError([planned.loaded.problem(("layout",), f"{why}. To write it anyway, set accept_function_change: true "
-                                                               f"(verify then compares perplexity instead of requiring equal logits)")])
+                                                               f"(verify then skips its identity check and shows both perplexities)")])
     return dataclasses.replace(planned, plan=dataclasses.replace(planned.plan, function_preserving=why is None))
 
 
