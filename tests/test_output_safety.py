@@ -1288,3 +1288,16 @@ def test_a_partial_whose_writer_holds_its_lock_is_kept_though_its_pid_reads_as_g
         holder.kill()
         holder.wait()
     assert clean_leftovers(tmp_path / "other") == [live] and not live.exists()  # its writer is gone now: a leftover
+
+
+def test_a_marker_larger_than_any_the_tool_writes_is_not_read(tmp_path):
+    """reliability.md: bookkeeping files are read only up to 16 MiB; a larger one (sparse: no disk used) is not ours."""
+    from midus_surgery.io.small_files import SMALL_BYTES, NotBookkeeping, read_small_bytes
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    with open(folder / MARKER, "wb") as handle:
+        handle.truncate(SMALL_BYTES + 1)
+    assert SMALL_BYTES == 16 << 20 and read_marker(folder) is None
+    with pytest.raises(NotBookkeeping, match="more than the 16,777,216"):
+        read_small_bytes(folder / MARKER)
