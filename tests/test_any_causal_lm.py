@@ -596,3 +596,45 @@ def test_a_norm_both_parallel_branches_read_stays_with_a_memory_blocks_attention
     with torch.no_grad():
         model(input_ids=torch.randint(3, 128, (1, 12)))
     torch.testing.assert_close(seen["q_in"], block.get_submodule(norm)(seen["x"]))  # Attn'(Norm(x)), as the base's block
+
+
+def interleave(after: list[int], kind: str) -> str:
+    return f"  interleave:\n    after: {after}\n    kind: {kind}"
+
+
+@pytest.mark.parametrize("kind", ["identity", "memory"])
+def test_first_k_dense_replace_moves_to_the_new_count_of_dense_layers(root, kind):
+    """DeepSeek-V3 runs its first first_k_dense_replace layers with a dense FFN and the rest with MoE: a block inserted
+    among the dense layers pushes the first MoE layer down. Every layout off the default was refused, so DeepSeek-V3,
+    Kimi-K2 and GLM-5 bases could only grow after their dense prefix."""
+    base = make_base(root, "deepseek_v3", **{**DEEPSEEK_V3, "first_k_dense_replace": 2})
+    path = recipe(root, base, interleave([1, 3], kind), f"deepseek-dense-prefix-{kind}")
+    planned, out, _ = apply_and_verify(path)  # verify: the output computes the base's function, layer by layer
+    config = json.loads((out / "config.json").read_text())
+    assert config["first_k_dense_replace"] == 3  # base layers 0, 1 and the block after 1
+    model = AutoModelForCausalLM.from_pretrained(out)
+    moe = [type(layer.mlp).__name__.endswith("MoE") for layer in model.model.layers]
+    assert moe == [False, False, False, True, True, kind != "memory"]  # a memory block's FFN is the memory layer
+
+
+def test_first_k_dense_replace_is_refused_where_a_dense_copy_lands_among_moe_layers(root):
+    base = make_base(root, "deepseek_v3", **{**DEEPSEEK_V3, "first_k_dense_replace": 2})
+    path = recipe(root, base, slices([(1, "transformer")], 4), "deepseek-dense-after-moe")
+    with pytest.raises(RecipeError) as info:
+        plan_recipe(path)
+    assert ("first_k_dense_replace=2 assigns behaviour to layers by index, and the new layout gives output layer 4 (from base layer 1) "
+            "a different one, and the config can only say 'the first k layers are dense'") in str(info.value), str(info.value)
+
+
+def test_decoder_sparse_step_becomes_step_one_with_the_dense_layers_named(root):
+    """Qwen-MoE's decoder_sparse_step=2 makes every second layer MoE; inserting one block shifts the parity of all
+    layers after it. The layers' own mlp_only_layers list can name the dense ones at any position."""
+    base = make_base(root, "qwen2_moe", num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                     shared_expert_intermediate_size=32, decoder_sparse_step=2, mlp_only_layers=[])
+    path = recipe(root, base, interleave([0], "identity"), "qwen2-moe-sparse-step")
+    planned, out, _ = apply_and_verify(path)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["decoder_sparse_step"], config["mlp_only_layers"]) == (1, [0, 1, 3])  # sources 0, 0, 1, 2, 3: MoE at 1 and 3
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert [type(layer.mlp).__name__ for layer in model.model.layers] == [
+        "Qwen2MoeMLP", "Qwen2MoeMLP", "Qwen2MoeSparseMoeBlock", "Qwen2MoeMLP", "Qwen2MoeSparseMoeBlock"]

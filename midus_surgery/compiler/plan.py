@@ -30,7 +30,8 @@ from midus_surgery.recipe.anatomy_spec import Anatomy, StackAnatomy, index_range
 from midus_surgery.recipe.schema import LoadedRecipe, MemorySettings
 
 # Config integers that assign behaviour to layers by index. Where the new layout would give an
-# output layer a different behaviour than its source layer, the plan refuses (named, explained).
+# output layer a different behaviour than its source layer, the plan restates the integer at the new
+# depth (``restate_index_pattern``) or, where the config cannot say it, refuses (named, explained).
 INDEX_PATTERNS = {
     "first_k_dense_replace": lambda cfg, i: i < cfg["first_k_dense_replace"],
     "decoder_sparse_step": lambda cfg, i: (i + 1) % max(1, cfg["decoder_sparse_step"]) == 0,
@@ -387,12 +388,44 @@ def remap_per_layer(data: dict, num_layers: int, layers: list[LayerSpec], kinds:
             chosen = set(data[key])
             updates[key] = [layer.index for layer in layers if layer.source in chosen]
     for key, rule in INDEX_PATTERNS.items():
-        if isinstance(data.get(key), int):
-            moved = [layer for layer in layers if rule(data, layer.index) != rule(data, layer.source)]
-            if moved:
-                problems.append(f"the base config's {key}={data[key]} assigns behaviour to layers by index, and the new layout gives output layer "
-                                f"{moved[0].index} (from base layer {moved[0].source}) a different one; use a layout that keeps the pattern")
+        if not isinstance(data.get(key), int) or isinstance(data.get(key), bool):
+            continue
+        wanted = [rule(data, layer.source) for layer in layers]  # each output layer behaves as its source did
+        if all(rule(data, layer.index) == w for layer, w in zip(layers, wanted)):
+            continue
+        restated = restate_index_pattern(key, data, layers, wanted, updates)
+        if restated is not None:
+            updates.update(restated)
+            continue
+        moved = next(layer for layer, w in zip(layers, wanted) if rule(data, layer.index) != w)
+        problems.append(f"the base config's {key}={data[key]} assigns behaviour to layers by index, and the new layout gives output layer "
+                        f"{moved.index} (from base layer {moved.source}) a different one{INDEX_PATTERN_ADVICE[key]}; use a layout that keeps the pattern")
     return updates, problems
+
+
+# What a layout must keep for each INDEX_PATTERNS key to be restated at the new depth (the refusal's advice).
+INDEX_PATTERN_ADVICE = {
+    "first_k_dense_replace": ", and the config can only say 'the first k layers are dense': the copies of dense layers must "
+                             "all come before the first MoE layer",
+    "decoder_sparse_step": ", and the config has no mlp_only_layers list to name the dense layers by",
+}
+
+
+def restate_index_pattern(key: str, data: dict, layers: list[LayerSpec], wanted: list[bool], updates: dict) -> dict | None:
+    """Config values that give every output layer its source layer's behaviour under the index rule ``key``
+    (``wanted``: the rule's value for each output layer), or None when the config cannot say it.
+
+    DeepSeek-V3's ``first_k_dense_replace`` (dense FFNs first, MoE after) moves to the new count of dense layers
+    when those still come first; Qwen-MoE's ``decoder_sparse_step`` (every step-th layer MoE) becomes step 1 with
+    the dense layers named in ``mlp_only_layers``, which its layers also read. ``layers_changed_by_config`` then
+    checks the result by building it."""
+    if key == "first_k_dense_replace":
+        dense = wanted.count(True)
+        return {key: dense} if wanted == [True] * dense + [False] * (len(wanted) - dense) else None
+    if key == "decoder_sparse_step" and isinstance(data.get("mlp_only_layers"), list):
+        dense = [layer.index for layer, sparse in zip(layers, wanted) if not sparse]
+        return {key: 1, "mlp_only_layers": sorted(set(updates.get("mlp_only_layers", [])) | set(dense))}
+    return None
 
 
 _INDEX_NAME = re.compile(r"(_ids|_idxs|_idx|_indices|_layers)$")
