@@ -638,3 +638,18 @@ def test_decoder_sparse_step_becomes_step_one_with_the_dense_layers_named(root):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert [type(layer.mlp).__name__ for layer in model.model.layers] == [
         "Qwen2MoeMLP", "Qwen2MoeMLP", "Qwen2MoeSparseMoeBlock", "Qwen2MoeMLP", "Qwen2MoeSparseMoeBlock"]
+
+
+def test_a_base_whose_last_layers_share_caches_is_traced_at_full_depth_and_told_where_blocks_may_go(root):
+    """Gemma-4's last num_kv_shared_layers reuse the keys and values of the last earlier layer of their type: the tool's
+    tiny replica with fewer layers could not be built, and the refusal read as if the base were broken (trial68 L2b)."""
+    types = ["sliding_attention"] * 5 + ["full_attention", "sliding_attention", "full_attention"]
+    base = make_base(root, "gemma4_unified_text", num_hidden_layers=8, num_kv_shared_layers=2, layer_types=types,
+                     hidden_size_per_layer_input=0, vocab_size_per_layer_input=128)
+    apply_and_verify(recipe(root, base, interleave([0, 1], "identity"), "gemma4-kv-shared-early"))
+    late = recipe(root, base, interleave([0, 3, 4], "identity"), "gemma4-kv-shared-late")
+    with pytest.raises(RecipeError) as info:
+        check_planned(plan_recipe(late))
+    assert ("base layer 6 computes differently though its input is the same: it is one of the last num_kv_shared_layers=2" in str(info.value)
+            and "insert blocks only before base layer 6, and no sliding_attention block after base layer 4 and no full_attention block "
+                "after base layer 5" in str(info.value)), str(info.value)

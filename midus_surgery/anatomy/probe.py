@@ -332,7 +332,12 @@ class StackProbe:
                     cfg = shrink.config(n)
                     model = _build_model(auto_cls, cfg, trust_remote_code, attn_implementation=attn)
                 except Exception as e:
-                    raise _Skip(f"building {getattr(shrink.original, 'model_type', '?')} failed: {type(e).__name__}: {str(e).strip()[:200]}") from e
+                    failure = _Skip(f"building {getattr(shrink.original, 'model_type', '?')} failed: {type(e).__name__}: {str(e).strip()[:200]}")
+                    if n != depths[-1]:
+                        # a config that ties its layer pattern to the depth (Gemma-4's num_kv_shared_layers: the last
+                        # layers read caches only earlier layers of each type make) may build only at its full depth
+                        break
+                    raise failure from e
                 tiny_lists = dict(_layer_lists(model, n))
                 if any(name in tiny_lists and [sigs[k] for k in of_layer[:n]] != [_layer_signature(m) for m in tiny_lists[name]]
                        for name, (sigs, of_layer) in kinds.items()):

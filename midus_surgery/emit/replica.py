@@ -405,6 +405,9 @@ def _where_it_parts(planned: PlannedRecipe, want: tuple, got: tuple, diff: float
             moved_only = all(bool((got[b.index + 1] == got[b.index]).all()) for b in inserted_since)
             if inserted_since and not moved_only:
                 return _not_identity(inserted_since, anatomy, diff)
+            shared = _reads_a_shared_cache(planned, layer.source, diff)
+            if shared:
+                return shared
             return (f"on a tiny random replica of the base, base layer {layer.source} computes differently at output position "
                     f"{layer.index} though its input is the same: its code depends on its index or on the depth (num_hidden_layers), "
                     f"so no inserted block keeps the function; the logits differ by up to {diff:.3g}")
@@ -413,6 +416,24 @@ def _where_it_parts(planned: PlannedRecipe, want: tuple, got: tuple, diff: float
         return _not_identity(inserted_since, anatomy, diff)
     return (f"on a tiny random replica of the base (norms perturbed from their init), the up-scaled model's logits differ from the "
             f"base's by up to {diff:.3g} although each layer's hidden states match: the final layers or head depend on the depth")
+
+
+def _reads_a_shared_cache(planned: PlannedRecipe, source: int, diff: float) -> str | None:
+    """Why base layer ``source`` computes differently, when it is one of Gemma-3n/4's last num_kv_shared_layers: those
+    take their keys and values from the last earlier layer of their type, which an inserted block after it becomes."""
+    config = planned.plan.config
+    shared, types, n = config.get("num_kv_shared_layers"), config.get("layer_types"), planned.plan.base_num_layers
+    if planned.config is not None:
+        types = getattr(planned.config, "layer_types", None)
+    if not (isinstance(shared, int) and 0 < shared < n and isinstance(types, list) and len(types) == n and source >= n - shared):
+        return None
+    first_shared = n - shared
+    providers = {t: max(i for i in range(first_shared) if types[i] == t) for t in set(types[first_shared:]) if t in types[:first_shared]}
+    advice = " and ".join(f"no {t} block after base layer {i}" for t, i in sorted(providers.items(), key=lambda kv: kv[1]))
+    return (f"on a tiny random replica of the base, base layer {source} computes differently though its input is the same: "
+            f"it is one of the last num_kv_shared_layers={shared}, which reuse the keys and values of the last earlier layer "
+            f"of their type, and in this layout it reads other ones or none (the logits differ by up to {diff:.3g}); insert blocks only "
+            f"before base layer {first_shared}, and {advice}")
 
 
 def _not_identity(blocks: list, anatomy, diff: float) -> str:
