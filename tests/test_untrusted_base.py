@@ -629,6 +629,21 @@ def test_a_tokenizer_file_that_is_a_pipe_or_a_device_is_left_out_with_a_warning(
         assert (tmp_path / name / "out" / "base" / "tokenizer_config.json").is_file()
 
 
+def test_a_generation_config_that_is_a_pipe_or_a_broken_link_is_replaced_with_a_warning(llama, tmp_path, capsys):
+    """trial66: a named pipe as generation_config.json was replaced by one derived from config.json without a word:
+    the base's sampling settings were lost unseen."""
+    for name, make in (("fifo", lambda p: os.mkfifo(p)), ("broken", lambda p: p.symlink_to(p.parent / "gone.json"))):
+        base = copy_base(llama, tmp_path / name / "base")
+        (base / "generation_config.json").unlink(missing_ok=True)
+        make(base / "generation_config.json")
+        assert main(["apply", str(write_recipe(tmp_path / name, base)), "--quiet"]) == 0
+        err = capsys.readouterr().err
+        why = "is a named pipe, not a regular file" if name == "fifo" else "is a broken link"
+        assert f"generation_config.json {why}: the output's generation_config.json is derived from config.json" in err, err
+        written = json.loads((tmp_path / name / "out" / "base" / "generation_config.json").read_text())
+        assert written["eos_token_id"] == json.loads((base / "config.json").read_text())["eos_token_id"]
+
+
 def test_a_config_json_transformers_cannot_decode_is_refused_as_transformers_refuses_it(llama, tmp_path, capsys):
     """trial45: a UTF-16 config.json validated and applied (json.loads detects UTF-16 from bytes), and verify
     then could not load the base: transformers reads it as UTF-8."""

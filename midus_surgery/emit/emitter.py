@@ -26,6 +26,7 @@ from midus_surgery.io.dtypes import DTYPE_OF_TAG, ITEMSIZE, TAGS, torch_dtype
 from midus_surgery.io.output_dir import add_to_marker, atomic_directory, check_output_dir, read_marker
 from midus_surgery.io.progress import progress_bar
 from midus_surgery.io.shard_writer import ShardItem, write_shard
+from midus_surgery.io.small_files import regular_file_problem
 from midus_surgery.io.stored_dtypes import is_float_tag
 from midus_surgery.io.tensor_source import check_matches_config, inside_base, open_base_tensors
 from midus_surgery.model import copy_modeling_files
@@ -252,6 +253,10 @@ def _write_generation_config(ref, config_dict: dict, dest: Path) -> None:
     if not ref.is_gguf and source.is_file() and _inside(ref, source.name):
         shutil.copy2(source, dest / "generation_config.json")
         return
+    if not ref.is_gguf and os.path.lexists(source) and not source.is_file():
+        # a named pipe or a broken link: replaced without a word, the base's generation settings were lost unseen (trial66)
+        why = f"{source} is a broken link" if not source.exists() else regular_file_problem(source)
+        _warn(f"{why}: the output's generation_config.json is derived from config.json (bos/eos/pad token ids) instead")
     keys = ("bos_token_id", "eos_token_id", "pad_token_id")
     data = {k: config_dict[k] for k in keys if config_dict.get(k) is not None}
     (dest / "generation_config.json").write_text(json.dumps(data, indent=2) + "\n")
