@@ -69,6 +69,23 @@ def test_paths_expand_environment_variables_and_an_unset_one_is_an_error(tmp_pat
     assert p.message == "'${out' opens ${ without closing it (write $$ for a $ itself)"
 
 
+def test_a_folder_to_write_named_with_a_control_character_is_refused(tmp_path, monkeypatch):
+    """A newline in output.dir (a YAML escape or block scalar slip) made a folder of that name, and apply's 'wrote'
+    line split in two (trial66 L4). The training config's run_dir and export.dir are folders to write too."""
+    (p,) = problems(tmp_path, GOOD.replace("dir: out", 'dir: "out\\nnext"'))
+    assert (p.field, p.message) == ("output.dir", "'out\\nnext' holds the control character '\\n': a folder to write is not named with one")
+    monkeypatch.setenv("MIDUS_TEST_TAB", "a\tb")
+    (p,) = problems(tmp_path, GOOD.replace("dir: out", "dir: $MIDUS_TEST_TAB"))  # also where the environment brings it
+    assert "holds the control character '\\t'" in p.message
+    from midus_surgery.train.config import load_train_config
+
+    for run_dir, export in (('"runs/a\\r"', "{}"), ("runs/a", '{dir: "final\\x7f"}')):
+        config = write(tmp_path, f"init_from: model\nrun_dir: {run_dir}\ntokens: 1000\ndata: {{train: [a.txt]}}\nexport: {export}\n", "t.yaml")
+        with pytest.raises(RecipeError) as info:
+            load_train_config(config)
+        assert "holds the control character" in str(info.value), str(info.value)
+
+
 def test_a_bare_tilde_is_yamls_null_and_the_error_says_so(tmp_path):
     (p,) = problems(tmp_path, GOOD.replace("dir: out", "dir: ~"))
     assert p.field == "output.dir"

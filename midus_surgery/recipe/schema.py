@@ -71,6 +71,20 @@ def expand_environment(text: str) -> str:
 PathText = Annotated[str, AfterValidator(expand_environment)]
 
 
+def no_control_characters(text: str) -> str:
+    """A folder the tool creates may not be named with a newline, tab or other control character: such a name is a
+    YAML slip (a block scalar, an escape in double quotes) far more often than a wish, and every line that names it
+    (apply's 'wrote' line) split in two (trial66)."""
+    bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ValueError(f"{text!r} holds the control character {bad!r}: a folder to write is not named with one")
+    return text
+
+
+# A folder the tool writes: a PathText without control characters
+OutputPathText = Annotated[PathText, AfterValidator(no_control_characters)]
+
+
 class Strict(BaseModel):
     """The base of both YAML schemas (recipes and training configs): unknown keys are errors,
     values are frozen once validated, and no float may be infinite or NaN."""
@@ -241,7 +255,7 @@ def _short(value, limit: int = 40) -> str:
 class OutputSpec(Strict):
     """Where and how the up-scaled model is written."""
 
-    dir: PathText = Field(min_length=1, description="Output directory (relative to the recipe's directory; `~` and `$NAME` expand, as in `base.path`). Written atomically. It may not be, contain or lie inside an input; an existing output of midus-surgery is replaced only with --overwrite, and a directory the tool did not write never (docs/reliability.md).")
+    dir: OutputPathText = Field(min_length=1, description="Output directory (relative to the recipe's directory; `~` and `$NAME` expand, as in `base.path`). Written atomically. It may not be, contain or lie inside an input; an existing output of midus-surgery is replaced only with --overwrite, and a directory the tool did not write never (docs/reliability.md).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of the written weights. `auto`: the base's dtype.")
     shard_size: StrictInt | str = Field("2GB", description="Largest output shard's tensor data, e.g. 2GB, 500MB, 1GiB, or bytes (from 1MB to 1PB); each file adds its header (the tensors' names and shapes, padded for alignment), and a tensor larger than this gets a shard of its own.")
 

@@ -20,7 +20,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 from midus_surgery.errors import Problem, RecipeError
-from midus_surgery.recipe.schema import RECIPE_ONLY_KEYS, TRAIN_ONLY_KEYS, PathText, Strict, did_you_mean, problems_from_validation, wrong_kind_of_file
+from midus_surgery.recipe.schema import (
+    RECIPE_ONLY_KEYS,
+    TRAIN_ONLY_KEYS,
+    OutputPathText,
+    PathText,
+    Strict,
+    did_you_mean,
+    problems_from_validation,
+    wrong_kind_of_file,
+)
 from midus_surgery.recipe.yaml_source import PathKey, YamlSource, load_yaml
 
 # Bounds on numbers with a physical meaning, checked before anything is read or allocated.
@@ -145,7 +154,7 @@ class CheckpointConfig(Strict):
 class ExportConfig(Strict):
     """The final model directory, loadable by transformers, `verify` and `eval`."""
 
-    dir: PathText | None = Field(None, min_length=1, description="Where to write the trained model (default: `run_dir`/final). Relative to the config file's directory.")
+    dir: OutputPathText | None = Field(None, min_length=1, description="Where to write the trained model (default: `run_dir`/final). Relative to the config file's directory.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of the exported weights (`auto`: the dtype `init_from` was stored in).")
 
 
@@ -154,7 +163,7 @@ class TrainConfig(Strict):
 
     init_from: PathText = Field(min_length=1, description="The model directory to start from (weights, config, tokenizer; `midus_plan.json` when made by `apply`). Relative to the config file's directory.")
     resume: PathText | None = Field(None, description="Continue a run from its full state: `auto` (the newest complete checkpoint in `run_dir`/checkpoints; start fresh if there is none) or a checkpoint directory. Unset: start fresh (an error if `run_dir` already holds checkpoints).")
-    run_dir: PathText = Field(min_length=1, description="Where checkpoints, metrics.jsonl, TensorBoard logs, the loss plot and (by default) the final model go. Relative to the config file's directory.")
+    run_dir: OutputPathText = Field(min_length=1, description="Where checkpoints, metrics.jsonl, TensorBoard logs, the loss plot and (by default) the final model go. Relative to the config file's directory.")
     trust_remote_code: StrictBool = Field(False, description="Allow the model directory's own modeling code (config.json `auto_map`); without it such a model is refused, as the stock class of its type would silently replace it. Not needed for MIDUS outputs: `import midus_surgery` registers their classes.")
     seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description="Seed of the data order (a deterministic function of it) and of torch's RNG.")
     data: DataConfig = Field(description="Training and held-out text (see `data`).")
