@@ -59,7 +59,9 @@ def _pickle_only_base(loaded) -> str | None:
     from midus_surgery.compiler.base import resolve_base
 
     ref = resolve_base(loaded)
-    if ref.is_gguf or not ref.exists or any(ref.directory.glob("*.safetensors")) or not any(ref.directory.glob("*.bin")):
+    from midus_surgery.io.tensor_source import holds_only_pickle_weights
+
+    if ref.is_gguf or not ref.exists or not holds_only_pickle_weights(ref.directory):
         return None
     return f"{ref.directory} holds only pickle .bin weights: apply reads them only with --allow-pickle (and then with weights_only=True)"
 
@@ -473,14 +475,16 @@ def cmd_eval(args) -> int:
 
     eval_device(args.device)  # a device this machine lacks: said before any model is read
     # every model checked as far as it goes without reading its weights, before the first evaluation; its tokenizer kept
-    tokenizers = [check_model_loads(model, trust_remote_code=args.trust_remote_code, block_size=args.block_size) for model in args.model]
+    tokenizers = [check_model_loads(model, trust_remote_code=args.trust_remote_code, block_size=args.block_size, allow_pickle=args.allow_pickle)
+                  for model in args.model]
     results = []
     for model, tokenizer in zip(args.model, tokenizers):  # each model's weights read once, to be evaluated
         try:
             result = run_eval(model, args.data, block_size=args.block_size, per_document=args.per_document,
                               batch_size=args.batch_size, max_blocks=args.max_blocks, dtype=args.dtype, text_field=args.text_field or "text",
                               cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code,
-                              progress=not (args.quiet or args.json), threads=args.threads, device=args.device, tokenizer=tokenizer)
+                              progress=not (args.quiet or args.json), threads=args.threads, device=args.device, tokenizer=tokenizer,
+                              allow_pickle=args.allow_pickle)
         except (Exception, KeyboardInterrupt) as exc:
             # what the checks could not see (a tensor's bytes, a converting load, memory): the results before it are kept
             _eval_report(results, args)
@@ -530,7 +534,7 @@ def _eval_tasks(args) -> int:
         result = run_tasks(args.model, tasks, include_path=args.include_path or [], allow_task_code=args.allow_task_code,
                            limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device,
                            seed=0 if args.seed is None else args.seed, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                           progress=not (args.quiet or args.json))
+                           progress=not (args.quiet or args.json), allow_pickle=args.allow_pickle)
     except BaseException as exc:  # one of several failed, Ctrl-C, a full disk: the models scored before it are printed
         partial = getattr(exc, "partial", None)  # (the same table or JSON), then its error, or "interrupted"
         if partial is not None:
@@ -563,7 +567,7 @@ def cmd_analyze(args) -> int:
                           max_memory_blocks=args.max_memory_blocks, batch_size=args.batch_size, device=args.device,
                           dtype=args.dtype, progress=not args.quiet, threads=args.threads,
                           fixed_retrieval=Path(args.fixed_retrieval) if args.fixed_retrieval else None,
-                          importance=not args.slots_only, text_field=args.text_field, cache_dir=args.cache_dir)
+                          importance=not args.slots_only, text_field=args.text_field, cache_dir=args.cache_dir, allow_pickle=args.allow_pickle)
     rows, usages = result["head_importance"], result["slot_usage"]
     print(f"{result['model']}: held-out loss {result['held_out']['loss']:.4f} over {result['held_out']['blocks']} blocks of "
           f"{result['held_out']['block_size']} tokens; {result['what']}" + (", loss increase when zeroed (max, mean per layer):" if rows else ":"))
@@ -625,6 +629,7 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model directory's own modeling code (config.json auto_map; without it such a model is refused)")
+    p.add_argument("--allow-pickle", action="store_true", help="read model folders whose weights are pickle .bin files alone (with weights_only=True; without it they are refused)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
@@ -647,6 +652,7 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype to run the model in (default float32)")
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads")
+    p.add_argument("--allow-pickle", action="store_true", help="read model folders whose weights are pickle .bin files alone (with weights_only=True; without it they are refused)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_analyze)
 

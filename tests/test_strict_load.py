@@ -124,8 +124,8 @@ class _Planted:
 
 
 def test_pickle_weights_are_read_as_data_only_and_the_refusal_gives_no_unsafe_advice(world, tmp_path):
-    """eval (and train, through the same loader) read a .bin model with torch.load(weights_only=True):
-    a planted object is refused in one line naming what it refers to, without torch's advice that
+    """eval, analyze and train (one loader) read a model whose weights are pickles alone only when allowed (--allow-pickle,
+    train's allow_pickle: the rule apply holds a base to), and then with torch.load(weights_only=True): a planted object is refused in one line naming what it refers to, without torch's advice that
     re-running with weights_only=False "will likely succeed"; nothing runs."""
     import shutil
 
@@ -135,7 +135,14 @@ def test_pickle_weights_are_read_as_data_only_and_the_refusal_gives_no_unsafe_ad
     (model / "model.safetensors").unlink()
     marker = tmp_path / "ran"
     torch.save({**tensors, "planted": _Planted(str(marker))}, model / "pytorch_model.bin")
-    proc = run_cli("eval", model, "--data", world["files"][0], "--quiet")
+    proc = run_cli("eval", model, "--data", world["files"][0], "--quiet")  # one rule with apply: pickles are read only when allowed
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (f"error: {model} holds only pickle .bin weights; pickle can run code when loaded: pass --allow-pickle "
+                                   "to read them (with weights_only=True)")
+    proc = run_cli("analyze", model, "--data", world["files"][0], "--out", tmp_path / "analysis", "--quiet")
+    assert proc.returncode == 2 and "holds only pickle .bin weights" in proc.stderr and "--allow-pickle" in proc.stderr, proc.stderr
+    assert not (tmp_path / "analysis").exists()
+    proc = run_cli("eval", model, "--data", world["files"][0], "--quiet", "--allow-pickle")
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip()
     assert err.startswith(f"error: {model}: cannot load the weights (not plain tensors and numbers, refused by torch.load(weights_only=True)")

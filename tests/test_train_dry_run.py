@@ -162,6 +162,18 @@ def test_what_a_start_refuses_at_once_a_dry_run_refuses_too(midus, tmp_path, cap
     empty = model_with("no-weights", lambda m: (m / "model.safetensors").unlink())
     both(write_config(tmp_path / "a.yaml", empty, run, midus["corpus"], cache), says="holds no weights", start_says="cannot load the weights")
 
+    # weights that are pickles alone: read only when the config allows it, as apply reads such a base only with --allow-pickle
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = model_with("pickled", lambda m: (torch.save(load_file(m / "model.safetensors"), m / "pytorch_model.bin"),
+                                               (m / "model.safetensors").unlink()))
+    pickled_config = write_config(tmp_path / "p.yaml", pickled, run, midus["corpus"], cache)
+    both(pickled_config, says=f"init_from: {pickled} holds only pickle .bin weights; pickle can run code when loaded: "
+                              "set allow_pickle: true in the train config to read them (with weights_only=True)")
+    assert main(["train", str(pickled_config), "allow_pickle=true", "--dry-run"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+
     def wider(m: Path) -> None:
         config = json.loads((m / "config.json").read_text())
         (m / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))

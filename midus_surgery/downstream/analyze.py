@@ -222,7 +222,7 @@ def check_fixed_retrieval(model_dir: Path, twin: Path) -> list[str]:
 def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int | None = None, max_blocks: int = 16,
                  max_memory_blocks: int | None = None, batch_size: int = 4, device: str = "auto", dtype: str = "float32",
                  progress: bool = True, threads: int | None = None, fixed_retrieval: Path | None = None,
-                 importance: bool = True, text_field: str = "text", cache_dir: str | None = None) -> dict:
+                 importance: bool = True, text_field: str = "text", cache_dir: str | None = None, allow_pickle: bool = False) -> dict:
     """Analyse ``model_dir`` on ``data``; writes ``out`` (analysis.json and the PNGs) and returns the JSON."""
     from midus_surgery.compiler.plan import read_plan_file
     from midus_surgery.io.output_dir import atomic_directory, check_cache_location, check_output_dir, data_folder, input_root
@@ -243,10 +243,10 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
 
     if threads:
         torch.set_num_threads(threads)
-    model_dir = check_model_dir(model_dir, how_to_allow=NO_OWN_CODE)
+    model_dir = check_model_dir(model_dir, how_to_allow=NO_OWN_CODE, allow_pickle=allow_pickle)
     notes = []
     if fixed_retrieval is not None:
-        check_model_dir(fixed_retrieval, how_to_allow=NO_OWN_CODE)
+        check_model_dir(fixed_retrieval, how_to_allow=NO_OWN_CODE, allow_pickle=allow_pickle)
         notes = check_fixed_retrieval(model_dir, Path(fixed_retrieval))
     inputs = [("the model", model_dir), *((f"data ({p})", input_root(p)) for p in data)]
     if fixed_retrieval is not None:
@@ -264,7 +264,7 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
                               tokenizer_source=str(model_dir))
     if nul := D.nul_note(stream):
         notes.append(f"note: {nul}")
-    model = load_causal_lm(model_dir, dtype=DTYPES[dtype], progress=progress, how_to_allow=NO_OWN_CODE).to(run_on).eval()
+    model = load_causal_lm(model_dir, dtype=DTYPES[dtype], progress=progress, how_to_allow=NO_OWN_CODE, allow_pickle=allow_pickle).to(run_on).eval()
     check_vocabulary(stream, model, model_dir)
     if block_size is None:  # 256, or the model's positions when it has fewer
         block_size = min(DEFAULT_ANALYSIS_BLOCK, (position_limit(model) or (DEFAULT_ANALYSIS_BLOCK, ""))[0])
@@ -300,7 +300,8 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
     fixed = None
     if fixed_retrieval is not None:
         del model
-        model = load_causal_lm(Path(fixed_retrieval), dtype=DTYPES[dtype], progress=progress, how_to_allow=NO_OWN_CODE).to(run_on).eval()
+        model = load_causal_lm(Path(fixed_retrieval), dtype=DTYPES[dtype], progress=progress, how_to_allow=NO_OWN_CODE,
+                               allow_pickle=allow_pickle).to(run_on).eval()
         if not _memory_layers(model):
             raise TaskError(f"--fixed-retrieval {fixed_retrieval}: not a MIDUS model (no Memory block)")
         frozen_loss = loss()

@@ -37,7 +37,7 @@ def _lm_eval():
 
 def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] = (), allow_task_code: bool = False,
               limit: float | None = None, num_fewshot: int | None = None, batch_size: int = 4, device: str = "auto",
-              seed: int = 0, dtype: str = "float32", trust_remote_code: bool = False, progress: bool = True) -> dict:
+              seed: int = 0, dtype: str = "float32", trust_remote_code: bool = False, progress: bool = True, allow_pickle: bool = False) -> dict:
     """Score every model on every task; ``{"tasks", "settings", "models": [{"model", "results", "seconds"}]}``.
     ``results``: task -> metric -> value, with ``<metric>_stderr`` beside each. Every model is checked before the
     first is scored (``check_model_loads``, no weights read), then loaded once; one of several that still fails
@@ -90,7 +90,7 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         raise TaskError(f"--tasks: lm-eval knows no task {said}; local task folders go in --include-path")
     run_on = eval_device(device)
     # every model checked as far as it goes without reading its weights, before the first long evaluation; its tokenizer kept
-    tokenizers = [check_model_loads(Path(m), trust_remote_code=trust_remote_code) for m in models]
+    tokenizers = [check_model_loads(Path(m), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle) for m in models]
     from huggingface_hub import constants
 
     hub_down = None if constants.HF_HUB_OFFLINE else _hub_unreachable()  # probed once for all the models
@@ -105,7 +105,8 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
 
     def score(m, tokenizer) -> dict:
         start = time.perf_counter()
-        model = load_causal_lm(Path(m), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=progress).to(run_on).eval()
+        model = load_causal_lm(Path(m), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=progress,
+                               allow_pickle=allow_pickle).to(run_on).eval()
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         try:
             with _lm_eval_output(progress), _no_git(), _no_fork_pool(), _offline_for(hub_down) as offline, \

@@ -680,6 +680,15 @@ def _check_fits_in_memory(num_bytes: int, where: Path) -> None:
                          f"and {free / 2**30:.1f} GiB of memory is available; run apply on a machine with more memory")
 
 
+PICKLE_RISK = "pickle can run code when loaded"
+
+
+def holds_only_pickle_weights(directory: Path) -> bool:
+    """Whether a model folder's weights are pickle .bin files alone: transformers reads safetensors when there are
+    any, so a folder with both is read without unpickling."""
+    return not any(directory.glob("*.safetensors")) and any(directory.glob("*.bin"))
+
+
 def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, ...], model_type: str,
                       renames: list[tuple[str, str]] | None = None, needed: Iterable[str] = (), progress: bool = True,
                       trust_remote_code: bool = False) -> TensorSource:
@@ -719,7 +728,7 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
         import torch
 
         if not allow_pickle:
-            raise BaseModelError(f"{ref.directory} holds only pickle .bin weights; pickle can run code when loaded: pass --allow-pickle to read them (with weights_only=True)")
+            raise BaseModelError(f"{ref.directory} holds only pickle .bin weights; {PICKLE_RISK}: pass --allow-pickle to read them (with weights_only=True)")
         tensors: dict[str, torch.Tensor] = {}
         for file in bins:
             try:

@@ -30,6 +30,7 @@ from midus_surgery.io.hf_output import hf_progress_bars, kept_load_report, load_
 from midus_surgery.io.output_dir import CHECKPOINT_STATE, check_cache_location, data_folder, input_root, run_export_hint
 from midus_surgery.io.small_files import read_small_text
 from midus_surgery.io.stored_dtypes import floats_stored_as_integers, stored_dtype_problem
+from midus_surgery.io.tensor_source import PICKLE_RISK, holds_only_pickle_weights
 from midus_surgery.train.config import DIR_GLOB
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -135,14 +136,18 @@ def positions_problem(stated: tuple[int, str] | None, block_size: int) -> str | 
 
 
 ALLOW_CODE = "read that code, then pass --trust-remote-code"  # how eval's users allow it; train's config says it another way
+ALLOW_PICKLE = "pass --allow-pickle"  # eval's and analyze's words; train's config says it another way
 
 
-def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow: str = ALLOW_CODE) -> Path:
+def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow: str = ALLOW_CODE, allow_pickle: bool = False,
+                    how_to_allow_pickle: str = ALLOW_PICKLE) -> Path:
     """``path`` as a model directory a command may load, checked before any slow work: it holds a
     config.json, and a model that is its own code (config.json's ``auto_map`` replaces the config or
     causal-LM class) only when the user allowed that code: transformers would otherwise build the
     stock class of its model_type in its place, and the scores would be another model's. MIDUS
-    outputs map to the classes this package registers (the same code) and need no permission."""
+    outputs map to the classes this package registers (the same code) and need no permission. Weights that are
+    pickles alone are read only when allowed too (``allow_pickle``; transformers then reads them with
+    weights_only=True), the rule apply holds a base to."""
     import json
 
     from midus_surgery.compiler.base import config_math_problems
@@ -165,6 +170,9 @@ def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow
     broken += [problem] if isinstance(data, dict) and (problem := _midus_depth_problem(data)) else []
     if broken:  # every logit would be NaN or inf: said now, not as a NaN loss at step 1 or a nan perplexity
         raise ModelLoadError(f"{path}/config.json: {broken[0]}")
+    if not allow_pickle and holds_only_pickle_weights(path):
+        raise ModelLoadError(f"{path} holds only pickle .bin weights; {PICKLE_RISK}: {how_to_allow_pickle} to read them "
+                             "(with weights_only=True)")
     if trust_remote_code:
         return path
     if code:
@@ -210,13 +218,15 @@ def _without_the_code(model_type) -> str:
 _NOTED_CODE: set[tuple[str, object]] = set()  # (model directory, differing files or own tokenizer classes) already said in this process
 
 
-def _causal_lm_loader(path: Path, *, trust_remote_code: bool, how_to_allow: str):
+def _causal_lm_loader(path: Path, *, trust_remote_code: bool, how_to_allow: str, allow_pickle: bool = False,
+                      how_to_allow_pickle: str = ALLOW_PICKLE):
     """(path checked, config, class, from_pretrained keyword arguments): what ``load_causal_lm`` loads ``path``
     with, and ``model_on_meta`` builds. A MIDUS output is this package's classes, or, allowed, its shipped code."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     # The MIDUS classes are registered by this package's __init__, so MIDUS outputs load too.
-    path = check_model_dir(path, trust_remote_code=trust_remote_code, how_to_allow=how_to_allow)
+    path = check_model_dir(path, trust_remote_code=trust_remote_code, how_to_allow=how_to_allow, allow_pickle=allow_pickle,
+                           how_to_allow_pickle=how_to_allow_pickle)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - a bad config.json surfaces as many kinds
@@ -240,12 +250,14 @@ def _causal_lm_loader(path: Path, *, trust_remote_code: bool, how_to_allow: str)
     return path, config, loader, kwargs
 
 
-def model_on_meta(path: Path, *, trust_remote_code: bool = False, how_to_allow: str = ALLOW_CODE) -> torch.nn.Module:
+def model_on_meta(path: Path, *, trust_remote_code: bool = False, how_to_allow: str = ALLOW_CODE, allow_pickle: bool = False,
+                  how_to_allow_pickle: str = ALLOW_PICKLE) -> torch.nn.Module:
     """The model ``load_causal_lm`` would load from ``path``, built from its config.json on the meta device:
     its tensors' names, shapes and ties, no storage, no weights read (seconds at any size)."""
     from transformers import AutoModelForCausalLM
 
-    path, config, loader, kwargs = _causal_lm_loader(path, trust_remote_code=trust_remote_code, how_to_allow=how_to_allow)
+    path, config, loader, kwargs = _causal_lm_loader(path, trust_remote_code=trust_remote_code, how_to_allow=how_to_allow,
+                                                     allow_pickle=allow_pickle, how_to_allow_pickle=how_to_allow_pickle)
     try:
         with torch.device("meta"):
             if loader is AutoModelForCausalLM:
@@ -312,15 +324,15 @@ def check_weight_headers(path: Path, model) -> None:
         raise ModelLoadError(f"{d}: the weights do not match the model's architecture: {'; '.join(problems)}")
 
 
-def check_model_loads(path: Path, *, trust_remote_code: bool = False, block_size: int | None = None):
+def check_model_loads(path: Path, *, trust_remote_code: bool = False, block_size: int | None = None, allow_pickle: bool = False):
     """``path`` checked as far as it can be without reading its weights, before an evaluation starts (each model
     then loads once, to be evaluated): ``check_model_dir``, config.json, the tokenizer, the model built on the meta
     device and the weights' headers against it (``check_weight_headers``), and ``block_size`` against its positions.
     A load can still fail on what headers do not show (a tensor's bytes, a converting load): the caller keeps the
     results of the models before it. Returns the tokenizer it loaded, for the evaluation (read once, not twice)."""
-    path = check_model_dir(path, trust_remote_code=trust_remote_code)
+    path = check_model_dir(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     tokenizer = load_tokenizer(path, trust_remote_code)
-    model = model_on_meta(path, trust_remote_code=trust_remote_code)
+    model = model_on_meta(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     check_weight_headers(path, model)
     too_long = context_problem(model, block_size) if block_size is not None else None
     if too_long:
@@ -329,7 +341,7 @@ def check_model_loads(path: Path, *, trust_remote_code: bool = False, block_size
 
 
 def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float32, trust_remote_code: bool = False,
-                   progress: bool = True, how_to_allow: str = ALLOW_CODE):
+                   progress: bool = True, how_to_allow: str = ALLOW_CODE, allow_pickle: bool = False, how_to_allow_pickle: str = ALLOW_PICKLE):
     """Load a model directory (base, DUS, LLaMA-Pro or MIDUS output) as a causal LM, strictly.
 
     Every tensor the architecture has must be in the weights (tied ones excepted), with its shape,
@@ -337,7 +349,8 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
     random values with only a log line. Any failure is one ``ModelLoadError`` line (exit 2).
     ``progress=False`` keeps transformers' loading bar off too (``eval --quiet`` prints one line).
     """
-    path, _, loader, kwargs = _causal_lm_loader(path, trust_remote_code=trust_remote_code, how_to_allow=how_to_allow)
+    path, _, loader, kwargs = _causal_lm_loader(path, trust_remote_code=trust_remote_code, how_to_allow=how_to_allow, allow_pickle=allow_pickle,
+                                                how_to_allow_pickle=how_to_allow_pickle)
     try:
         # transformers' LOAD REPORT table kept, not printed: a strict load names its tensors in one line below
         with hf_progress_bars(progress), warnings.catch_warnings(), kept_load_report() as report:
@@ -554,7 +567,7 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None,
              max_blocks: int | None = None, dtype: str = "float32", text_field: str = "text",
              dir_glob: Iterable[str] = DIR_GLOB, cache_dir: Path | None = None,
              trust_remote_code: bool = False, progress: bool = True, threads: int | None = None, device: str = "auto",
-             tokenizer=None) -> dict:
+             tokenizer=None, allow_pickle: bool = False) -> dict:
     """``midus-surgery eval``: perplexity of ``model_dir`` on ``data``, on ``device`` (auto: CUDA when there is one).
     block_size: tokens per block or window; None: 512, or the model's positions when it has fewer. tokenizer:
     ``model_dir``'s, already loaded (``check_model_loads``'s); None: loaded here."""
@@ -563,7 +576,7 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None,
 
     if threads:
         torch.set_num_threads(threads)
-    model_dir = check_model_dir(model_dir, trust_remote_code=trust_remote_code)
+    model_dir = check_model_dir(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}")
     run_on = eval_device(device)
@@ -577,7 +590,8 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None,
                               what="eval data", tokenizer_source=str(model_dir))
     if nul := D.nul_note(stream):
         print(f"note: {nul}", file=sys.stderr)  # beside the result, not in it: --json's stdout is one JSON value
-    model = load_causal_lm(model_dir, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=progress).to(run_on)
+    model = load_causal_lm(model_dir, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=progress,
+                           allow_pickle=allow_pickle).to(run_on)
     check_vocabulary(stream, model, model_dir)
     if block_size is None:
         block_size = min(DEFAULT_EVAL_BLOCK, (position_limit(model) or (DEFAULT_EVAL_BLOCK, ""))[0])

@@ -100,6 +100,7 @@ from midus_surgery.units import human_bytes
 NORM_LABELS = {"grad_norm": "gnorm", "memory_grad_norm": "mem gnorm"}  # metrics key -> log line label
 
 ALLOW_CODE = "read that code, then set trust_remote_code: true in the train config"
+ALLOW_PICKLE = "set allow_pickle: true in the train config"
 
 
 @dataclass
@@ -304,7 +305,8 @@ class Runner:
         """init_from's model built from its config on the meta device, as the start loads it: its parameters' names
         and shapes, no weights read."""
         self.is_midus = json.loads((self.init_from / "config.json").read_text()).get("model_type") == "midus"
-        return model_on_meta(self.init_from, trust_remote_code=self.cfg.trust_remote_code, how_to_allow=ALLOW_CODE)
+        return model_on_meta(self.init_from, trust_remote_code=self.cfg.trust_remote_code, how_to_allow=ALLOW_CODE,
+                             allow_pickle=self.cfg.allow_pickle, how_to_allow_pickle=ALLOW_PICKLE)
 
     def check_weight_headers(self, model) -> None:
         """What the start's strict load refuses at once, found from the weights' headers alone (a dry run reads no
@@ -457,8 +459,8 @@ class Runner:
         self.export_dir = (loaded.resolve(cfg.export.dir) if cfg.export.dir else self.run_dir / "final").resolve()
         self.init_from = loaded.resolve(cfg.init_from).resolve()
         try:
-            check_model_dir(self.init_from, trust_remote_code=cfg.trust_remote_code,
-                            how_to_allow=ALLOW_CODE)
+            check_model_dir(self.init_from, trust_remote_code=cfg.trust_remote_code, how_to_allow=ALLOW_CODE,
+                            allow_pickle=cfg.allow_pickle, how_to_allow_pickle=ALLOW_PICKLE)
         except ModelLoadError as exc:
             raise RecipeError([loaded.problem(("init_from",), f"{exc}{cwd_relative_hint(cfg.init_from, loaded.directory)}")]) from None
 
@@ -625,9 +627,8 @@ class Runner:
         config_data = json.loads((self.init_from / "config.json").read_text())
         self.init_dtype = config_data.get("dtype") or config_data.get("torch_dtype") or "float32"
         self.is_midus = config_data.get("model_type") == "midus"
-        model = load_causal_lm(self.init_from, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
-                               progress=self.bars,
-                               how_to_allow=ALLOW_CODE)
+        model = load_causal_lm(self.init_from, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, progress=self.bars,
+                               how_to_allow=ALLOW_CODE, allow_pickle=cfg.allow_pickle, how_to_allow_pickle=ALLOW_PICKLE)
         if self.resume_from is None:  # a resume's weights are the checkpoint's, checked by its first step
             broken = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
             if broken:  # else the run stops at step 1 on a "non-finite loss" that hides the cause
