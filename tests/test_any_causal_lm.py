@@ -653,3 +653,19 @@ def test_a_base_whose_last_layers_share_caches_is_traced_at_full_depth_and_told_
     assert ("base layer 6 computes differently though its input is the same: it is one of the last num_kv_shared_layers=2" in str(info.value)
             and "insert blocks only before base layer 6, and no sliding_attention block after base layer 4 and no full_attention block "
                 "after base layer 5" in str(info.value)), str(info.value)
+
+
+def test_other_dense_prefix_and_moe_range_settings_are_restated_too(root):
+    """LFM2-MoE's num_dense_layers is DeepSeek-V3's rule under another name; ERNIE-4.5-MoE makes layers start..end MoE
+    (end stored as the base's last layer, so every block appended after it came out dense: refused)."""
+    lfm2 = make_base(root, "lfm2_moe", num_hidden_layers=6, layer_types=["conv", "full_attention"] * 3, num_dense_layers=2,
+                     num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    planned, out, _ = apply_and_verify(recipe(root, lfm2, interleave([1, 3], "identity"), "lfm2-moe-dense-prefix"))
+    assert json.loads((out / "config.json").read_text())["num_dense_layers"] == 3
+    ernie = make_base(root, "ernie4_5_moe", num_hidden_layers=4, moe_num_experts=4, moe_k=2, moe_intermediate_size=32,
+                      moe_layer_start_index=1)
+    planned, out, _ = apply_and_verify(recipe(root, ernie, "  stack:\n    layers: [2, 4]\n    kind: transformer", "ernie-moe-stack"))
+    config = json.loads((out / "config.json").read_text())
+    assert [config[k] for k in ("moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval")] == [1, 5, 1]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert [type(layer.mlp).__name__ for layer in model.model.layers] == ["Ernie4_5_MoeMLP"] + ["Ernie4_5_MoeSparseMoeBlock"] * 5

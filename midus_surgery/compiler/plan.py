@@ -19,6 +19,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from midus_surgery.anatomy.config_lists import is_per_layer, list_kinds
 from midus_surgery.compiler.layout import LayerSpec, expand_layout
@@ -29,13 +30,66 @@ from midus_surgery.model.midus_names import HML_MODULE, PLAN_FILE, SHARED_BANK
 from midus_surgery.recipe.anatomy_spec import Anatomy, StackAnatomy, index_ranges
 from midus_surgery.recipe.schema import LoadedRecipe, MemorySettings
 
-# Config integers that assign behaviour to layers by index. Where the new layout would give an
-# output layer a different behaviour than its source layer, the plan restates the integer at the new
-# depth (``restate_index_pattern``) or, where the config cannot say it, refuses (named, explained).
-INDEX_PATTERNS = {
-    "first_k_dense_replace": lambda cfg, i: i < cfg["first_k_dense_replace"],
-    "decoder_sparse_step": lambda cfg, i: (i + 1) % max(1, cfg["decoder_sparse_step"]) == 0,
-}
+
+# Config integers that assign behaviour to layers by index. Where the new layout would give an output layer another
+# behaviour than its source layer's, the plan restates the integers at the new depth or, where they cannot say it,
+# refuses (named, explained). ``layers_changed_by_config`` then builds the result and checks every layer's tensors.
+@dataclass(frozen=True)
+class IndexRule:
+    keys: tuple[str, ...]  # the config integers the rule reads (all present for it to apply)
+    applies: Callable[[dict, int], bool]  # (config dict, layer index): the behaviour the integers give that layer
+    # (config dict, the behaviour wanted per output layer, the output layers, updates so far) -> {key: value}, or None
+    restate: Callable[[dict, list[bool], list[LayerSpec], dict], dict | None]
+    cannot: str  # why the integers cannot say a pattern they refuse (the refusal's advice)
+
+
+def _prefix(key: str) -> IndexRule:
+    """Dense FFNs in the first ``key`` layers, MoE after (DeepSeek-V3's first_k_dense_replace, LFM2-MoE's and AFMoE's
+    num_dense_layers): the new count of dense layers, when those still come first."""
+    def restate(data, wanted, layers, updates):
+        dense = wanted.count(True)
+        return {key: dense} if wanted == [True] * dense + [False] * (len(wanted) - dense) else None
+    return IndexRule((key,), lambda cfg, i: i < cfg[key], restate,
+                     "the config can only say 'the first k layers are dense': the copies of dense layers must all come before the first MoE layer")
+
+
+def _sparse_step_restated(data, wanted, layers, updates):
+    """Qwen-MoE: every step-th layer MoE, but for those mlp_only_layers names: step 1 and the dense layers named."""
+    if not isinstance(data.get("mlp_only_layers"), list):
+        return None
+    dense = [layer.index for layer, sparse in zip(layers, wanted) if not sparse]
+    return {"decoder_sparse_step": 1, "mlp_only_layers": sorted(set(updates.get("mlp_only_layers", [])) | set(dense))}
+
+
+ERNIE_MOE_KEYS = ("moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval")
+
+
+def _ernie_moe(cfg, i: int) -> bool:
+    return (i + 1) % max(1, cfg["moe_layer_interval"]) == 0 and cfg["moe_layer_start_index"] <= i <= cfg["moe_layer_end_index"]
+
+
+def _ernie_moe_restated(data, wanted, layers, updates):
+    """ERNIE-4.5-MoE: MoE on every interval-th layer from start to end (end stored resolved, the base's last layer):
+    the three values that give the wanted MoE layers, when some do."""
+    moe = [i for i, w in enumerate(wanted) if w]
+    if not moe:
+        return {"moe_layer_start_index": len(wanted), "moe_layer_end_index": len(wanted) - 1, "moe_layer_interval": 1}
+    for interval in range(1, len(wanted) + 1):
+        trial = {"moe_layer_start_index": moe[0], "moe_layer_end_index": moe[-1], "moe_layer_interval": interval}
+        if all(_ernie_moe(trial, i) == w for i, w in enumerate(wanted)):
+            return trial
+    return None
+
+
+INDEX_RULES = (
+    _prefix("first_k_dense_replace"),
+    _prefix("num_dense_layers"),
+    IndexRule(("decoder_sparse_step",), lambda cfg, i: (i + 1) % max(1, cfg["decoder_sparse_step"]) == 0, _sparse_step_restated,
+              "the config has no mlp_only_layers list to name the dense layers by"),
+    IndexRule(ERNIE_MOE_KEYS, _ernie_moe, _ernie_moe_restated,
+              "no start, end and interval make the MoE layers the layout asks for"),
+)
+INDEX_PATTERNS = tuple(key for rule in INDEX_RULES for key in rule.keys)  # every config integer an IndexRule reads
 # Config lists holding layer indices (not one entry per layer).
 INDEX_LISTS = ("mlp_only_layers", "moe_layers")
 
@@ -368,7 +422,7 @@ def remap_per_layer(data: dict, num_layers: int, layers: list[LayerSpec], kinds:
     """The per-layer entries of a config dict for the new layout, each taken from its source layer.
 
     Returns {key: new value} for every list with one entry per base layer and every list of layer
-    indices, and problems (messages) for per-layer behaviour a dict can't express (INDEX_PATTERNS).
+    indices, and problems (messages) for per-layer behaviour the config cannot restate (INDEX_RULES).
     ``kinds`` (``list_kinds``, when the config class is at hand) overrides the length and name rules.
     """
     L = num_layers
@@ -387,45 +441,22 @@ def remap_per_layer(data: dict, num_layers: int, layers: list[LayerSpec], kinds:
         if isinstance(data.get(key), list):
             chosen = set(data[key])
             updates[key] = [layer.index for layer in layers if layer.source in chosen]
-    for key, rule in INDEX_PATTERNS.items():
-        if not isinstance(data.get(key), int) or isinstance(data.get(key), bool):
+    for rule in INDEX_RULES:
+        if not all(isinstance(data.get(key), int) and not isinstance(data.get(key), bool) for key in rule.keys):
             continue
-        wanted = [rule(data, layer.source) for layer in layers]  # each output layer behaves as its source did
-        if all(rule(data, layer.index) == w for layer, w in zip(layers, wanted)):
+        wanted = [rule.applies(data, layer.source) for layer in layers]  # each output layer behaves as its source did
+        if all(rule.applies(data, layer.index) == w for layer, w in zip(layers, wanted)):
             continue
-        restated = restate_index_pattern(key, data, layers, wanted, updates)
+        restated = rule.restate(data, wanted, layers, updates)
         if restated is not None:
             updates.update(restated)
             continue
-        moved = next(layer for layer, w in zip(layers, wanted) if rule(data, layer.index) != w)
-        problems.append(f"the base config's {key}={data[key]} assigns behaviour to layers by index, and the new layout gives output layer "
-                        f"{moved.index} (from base layer {moved.source}) a different one{INDEX_PATTERN_ADVICE[key]}; use a layout that keeps the pattern")
+        moved = next(layer for layer, w in zip(layers, wanted) if rule.applies(data, layer.index) != w)
+        said = ", ".join(f"{key}={data[key]}" for key in rule.keys)
+        problems.append(f"the base config's {said} assign{'s' if len(rule.keys) == 1 else ''} behaviour to layers by index, and the new layout "
+                        f"gives output layer {moved.index} (from base layer {moved.source}) a different one, and {rule.cannot}; "
+                        "use a layout that keeps the pattern")
     return updates, problems
-
-
-# What a layout must keep for each INDEX_PATTERNS key to be restated at the new depth (the refusal's advice).
-INDEX_PATTERN_ADVICE = {
-    "first_k_dense_replace": ", and the config can only say 'the first k layers are dense': the copies of dense layers must "
-                             "all come before the first MoE layer",
-    "decoder_sparse_step": ", and the config has no mlp_only_layers list to name the dense layers by",
-}
-
-
-def restate_index_pattern(key: str, data: dict, layers: list[LayerSpec], wanted: list[bool], updates: dict) -> dict | None:
-    """Config values that give every output layer its source layer's behaviour under the index rule ``key``
-    (``wanted``: the rule's value for each output layer), or None when the config cannot say it.
-
-    DeepSeek-V3's ``first_k_dense_replace`` (dense FFNs first, MoE after) moves to the new count of dense layers
-    when those still come first; Qwen-MoE's ``decoder_sparse_step`` (every step-th layer MoE) becomes step 1 with
-    the dense layers named in ``mlp_only_layers``, which its layers also read. ``layers_changed_by_config`` then
-    checks the result by building it."""
-    if key == "first_k_dense_replace":
-        dense = wanted.count(True)
-        return {key: dense} if wanted == [True] * dense + [False] * (len(wanted) - dense) else None
-    if key == "decoder_sparse_step" and isinstance(data.get("mlp_only_layers"), list):
-        dense = [layer.index for layer, sparse in zip(layers, wanted) if not sparse]
-        return {key: 1, "mlp_only_layers": sorted(set(updates.get("mlp_only_layers", [])) | set(dense))}
-    return None
 
 
 _INDEX_NAME = re.compile(r"(_ids|_idxs|_idx|_indices|_layers)$")
