@@ -669,3 +669,14 @@ def test_other_dense_prefix_and_moe_range_settings_are_restated_too(root):
     assert [config[k] for k in ("moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval")] == [1, 5, 1]
     model = AutoModelForCausalLM.from_pretrained(out)
     assert [type(layer.mlp).__name__ for layer in model.model.layers] == ["Ernie4_5_MoeMLP"] + ["Ernie4_5_MoeSparseMoeBlock"] * 5
+
+
+def test_a_kind_list_that_repeats_to_the_depth_is_written_out_for_the_new_layout(root):
+    """RecurrentGemma's block_types (recurrent, recurrent, attention) repeats to the depth: an inserted block shifted
+    every later layer's kind, so every layout but appending whole cycles was refused."""
+    base = make_base(root, "recurrent_gemma", num_hidden_layers=6, block_types=["recurrent", "recurrent", "attention"],
+                     lru_width=64, attention_window_size=16)
+    for kind in ("transformer", "identity"):
+        planned, out, _ = apply_and_verify(recipe(root, base, interleave([0, 2], kind), f"recurrent-gemma-{kind}"))
+        assert json.loads((out / "config.json").read_text())["block_types"] == [
+            "recurrent", "recurrent", "recurrent", "attention", "attention", "recurrent", "recurrent", "attention"]

@@ -28,7 +28,16 @@ from typing import Callable
 
 from midus_surgery.compiler.base import check_stated_config, resolve_base
 from midus_surgery.compiler.layout import COPY, expand_layout
-from midus_surgery.compiler.plan import INDEX_LISTS, INDEX_PATTERNS, BaseFacts, assemble_plan, guess_layers_path, remap_per_layer, sync_max_window_layers
+from midus_surgery.compiler.plan import (
+    CYCLED_LISTS,
+    INDEX_LISTS,
+    INDEX_PATTERNS,
+    BaseFacts,
+    assemble_plan,
+    guess_layers_path,
+    remap_per_layer,
+    sync_max_window_layers,
+)
 from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.errors import BaseModelError, MidusError
 from midus_surgery.io.dtypes import FLOATS, TAGS, auto_dtype
@@ -178,7 +187,7 @@ def _plan(loaded: LoadedRecipe) -> PlannedRecipe:
 
 def _check_per_layer_settings(config: dict, arch: Arch) -> None:
     """Refuse configs whose layers' behaviour depends on their index or on a computed default."""
-    for key in (*INDEX_PATTERNS, *INDEX_LISTS):
+    for key in (*INDEX_PATTERNS, *INDEX_LISTS, *CYCLED_LISTS):
         if key in config:
             raise NotCovered(f"config.json's {key} assigns behaviour by layer index")
     if arch.window_flag and config.get(arch.window_flag) and "layer_types" not in config:

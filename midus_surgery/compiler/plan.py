@@ -90,6 +90,9 @@ INDEX_RULES = (
               "no start, end and interval make the MoE layers the layout asks for"),
 )
 INDEX_PATTERNS = tuple(key for rule in INDEX_RULES for key in rule.keys)  # every config integer an IndexRule reads
+# Config lists of layer kinds that repeat to the depth (RecurrentGemma's block_types: recurrent, recurrent, attention,
+# recurrent, ...): written out in full for the new layout, one entry per output layer from its source's.
+CYCLED_LISTS = ("block_types",)
 # Config lists holding layer indices (not one entry per layer).
 INDEX_LISTS = ("mlp_only_layers", "moe_layers")
 
@@ -441,6 +444,11 @@ def remap_per_layer(data: dict, num_layers: int, layers: list[LayerSpec], kinds:
         if isinstance(data.get(key), list):
             chosen = set(data[key])
             updates[key] = [layer.index for layer in layers if layer.source in chosen]
+    for key in CYCLED_LISTS:
+        value = data.get(key)
+        if key not in updates and isinstance(value, list) and 0 < len(value) < L:
+            cycle = [value[i % len(value)] for i in range(L)]
+            updates[key] = [cycle[layer.source] for layer in layers]
     for rule in INDEX_RULES:
         if not all(isinstance(data.get(key), int) and not isinstance(data.get(key), bool) for key in rule.keys):
             continue
