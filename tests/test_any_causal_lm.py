@@ -680,3 +680,17 @@ def test_a_kind_list_that_repeats_to_the_depth_is_written_out_for_the_new_layout
         planned, out, _ = apply_and_verify(recipe(root, base, interleave([0, 2], kind), f"recurrent-gemma-{kind}"))
         assert json.loads((out / "config.json").read_text())["block_types"] == [
             "recurrent", "recurrent", "recurrent", "attention", "attention", "recurrent", "recurrent", "attention"]
+
+
+@pytest.mark.parametrize("model_type, overrides", [("mamba", dict(state_size=8)), ("falcon_mamba", dict(state_size=8))])
+def test_a_block_whose_one_branch_is_its_mixer_makes_identity_blocks_not_memory_blocks(root, model_type, overrides):
+    """Mamba's block is x + mixer(norm(x)), no FFN: identity blocks were refused ("Could not find an FFN") though zeroing the
+    mixer's output projection makes one. A memory block has no FFN to stand in for: refused, saying so."""
+    base = make_base(root, model_type, num_hidden_layers=4, **overrides)
+    planned, out, _ = apply_and_verify(recipe(root, base, interleave([1, 3], "identity"), f"{model_type}-identity"))
+    block = planned.anatomy.kind_of(1).anatomy
+    assert (block.ffn, block.ffn_down_proj, block.attn_out_proj) == ((), None, "mixer.out_proj")
+    zeroed = {t.name for t in planned.plan.tensors if t.rule == "zeros"}
+    assert zeroed == {"backbone.layers.2.mixer.out_proj.weight", "backbone.layers.5.mixer.out_proj.weight"}
+    with pytest.raises(RecipeError, match="not softmax attention"):
+        plan_recipe(recipe(root, base, interleave([1], "memory"), f"{model_type}-memory"))

@@ -72,6 +72,10 @@ def _anatomy_from_flow(probe, flow: _Flow, source: str) -> Anatomy:
     a_nodes = branches[a_branch][1]
     attn_side = {j for j in a_nodes if j == A.id or j in flow.anc(A.id) or A.id in flow.anc(j)}
     ffn_ids = sorted(i for i in major if i != A.id and i not in attn_side and any(i in b for _, b in branches))
+    if not ffn_ids and len(branches) == 1 and a_branch == 0:
+        # one residual branch, the token mixer's (Mamba's x + mixer(norm(x)), Nemotron-H's attention blocks): an identity
+        # block zeroes the mixer's output projection; a memory block has no FFN to stand in for (memory_facts)
+        return _mixer_only_anatomy(probe, flow, A, a_nodes, norms, source, known)
     if not ffn_ids:
         raise _error(f"an FFN in {probe.layer_class} (no module with weights besides the attention {attention!r} "
                      f"feeds a residual add)", known)
@@ -128,6 +132,18 @@ def _anatomy_from_flow(probe, flow: _Flow, source: str) -> Anatomy:
                    attn_out_proj=attn_out_proj, ffn=ffn, ffn_down_proj=ffn_down_proj, attn_norms=attn_norms,
                    ffn_norms=ffn_norms, attn_post_norms=attn_post_norms, residual=residual, source=source, extra_out_projs=tuple(extra),
                    out_biases=out_biases)
+
+
+def _mixer_only_anatomy(probe, flow: _Flow, A, a_nodes: frozenset[int], norms: set[int], source: str, known: dict) -> Anatomy:
+    """The anatomy of a block whose one residual branch is its token mixer: no FFN."""
+    attention = A.target
+    attn_norms = tuple(dict.fromkeys(flow.by_id[j].target for j in sorted(a_nodes) if j in norms))
+    attn_post_norms = tuple(dict.fromkeys(flow.by_id[j].target for j in sorted(a_nodes) if j in norms and A.id in flow.anc(j)))
+    known.update(ffn=[], attn_norms=list(attn_norms), ffn_norms=[])
+    attn_out_proj = _last_linear(probe, attention, source, known, "attn_out_proj")
+    return Anatomy(layers_path=probe.layers_path, layer_class=probe.layer_class, attention=attention, attn_out_proj=attn_out_proj,
+                   ffn=(), ffn_down_proj=None, attn_norms=attn_norms, ffn_norms=(), attn_post_norms=attn_post_norms,
+                   residual="sequential", source=source, out_biases=_out_biases(probe, attention, attn_out_proj))
 
 
 def _reaches_without_modules(flow: _Flow, source: int, target: int) -> bool:
@@ -524,6 +540,9 @@ def memory_facts(probe, anatomy: Anatomy) -> tuple[dict[str, Any], str | None]:
     facts["mixer"] = "attention" if softmax else "other"
     if not softmax:
         return facts, f"its token mixer {anatomy.attention!r} is not softmax attention (a convolution, linear attention or state-space layer): the memory reads attention heads"
+    if not anatomy.ffn:
+        return facts, (f"it has no FFN (its one residual branch is its attention {anatomy.attention!r}): a memory block stands in for an "
+                       "FFN; identity or copy blocks can be inserted")
     parallel = _parallel_ffn_parts(probe, anatomy.ffn)
     if parallel:
         # a memory readout stands in for the last part and the others become pass-throughs: in a sum each would add its

@@ -919,6 +919,8 @@ def _ffn_output_tensors(layer: dict[str, tuple[int, ...]], anatomy: Anatomy) -> 
     projection so; zeroing only these keeps the experts' input projections, so gradients reach
     them from the first step (zeroing the whole experts module would leave them stuck at zero).
     """
+    if not anatomy.ffn:  # a block whose one branch is its mixer: zeroing the mixer's output projection is enough
+        return set()
     ffn = [name for name in layer if any(_is_under(name, m) for m in anatomy.ffn)]
     if not any(len(layer[name]) >= 3 for name in ffn):
         return {name for name in ffn if _is_under(name, anatomy.ffn_down_proj)}

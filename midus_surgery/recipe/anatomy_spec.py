@@ -20,8 +20,8 @@ class Anatomy(BaseModel):
     layer_class: str = Field(description="Class name of the decoder layer, e.g. 'LlamaDecoderLayer'.")
     attention: str = Field(description="The attention module, relative to the layer, e.g. 'self_attn'.")
     attn_out_proj: str = Field(description="The attention's output projection (last linear of the attention branch), e.g. 'self_attn.o_proj'.")
-    ffn: tuple[str, ...] = Field(description="Modules making the FFN branch in call order, e.g. ['mlp'] or ['fc1', 'fc2'].")
-    ffn_down_proj: str = Field(description="The last linear of the FFN branch, e.g. 'mlp.down_proj' or 'fc2'.")
+    ffn: tuple[str, ...] = Field(description="Modules making the FFN branch in call order, e.g. ['mlp'] or ['fc1', 'fc2']; [] for a block whose one residual branch is its token mixer (Mamba's `x + mixer(norm(x))`): identity blocks of it zero the mixer's output projection, and it cannot make a memory block.")
+    ffn_down_proj: str | None = Field(description="The last linear of the FFN branch, e.g. 'mlp.down_proj' or 'fc2'; null when `ffn` is [].")
     attn_norms: tuple[str, ...] = Field(description="Norms on the attention branch (pre and post), e.g. ['input_layernorm'].")
     ffn_norms: tuple[str, ...] = Field(description="Norms on the FFN branch (pre and post), e.g. ['post_attention_layernorm']. A norm both branches read (Falcon's, Phi's, GPT-J's one norm before a parallel attention and MLP) is the attention's: listed in attn_norms, it is taken out of ffn_norms, so a memory block keeps it.")
     attn_post_norms: tuple[str, ...] = Field((), description="The attention branch's norms that read the attention's output, before the residual add (Gemma-2's and OLMo-2's post_attention_layernorm), listed in attn_norms too. A memory block whose attention adds nothing (query_source: heads) drops them: they would only normalise zeros.")
@@ -44,6 +44,9 @@ class Anatomy(BaseModel):
         shared = set(self.ffn_norms) & set(self.attn_norms)
         if shared:
             object.__setattr__(self, "ffn_norms", tuple(n for n in self.ffn_norms if n not in shared))
+        if (not self.ffn) != (self.ffn_down_proj is None):
+            raise ValueError("ffn and ffn_down_proj go together: a block without an FFN (ffn: []) has no down projection (null), "
+                             "and one with an FFN names its down projection")
         stray = [n for n in self.attn_post_norms if n not in self.attn_norms]
         if stray:
             raise ValueError(f"attn_post_norms {stray} are not among attn_norms {list(self.attn_norms)}: a post-norm is one of the attention branch's norms")
@@ -51,7 +54,7 @@ class Anatomy(BaseModel):
 
     def describe(self) -> str:
         """A few human-readable lines, e.g. for ``midus-surgery plan``."""
-        form = ("x + attn(x) + ffn(x)" if self.residual == "parallel" else "x = x + attn(x); x = x + ffn(x)")
+        form = ("x = x + mixer(x)" if not self.ffn else "x + attn(x) + ffn(x)" if self.residual == "parallel" else "x = x + attn(x); x = x + ffn(x)")
         return "\n".join([
             f"{self.layer_class} at {self.layers_path}[i]   (found by {self.source})",
             f"  residual:          {self.residual}   ({form})",
@@ -59,11 +62,12 @@ class Anatomy(BaseModel):
             + (f" (after the attention: {', '.join(self.attn_post_norms)})" if self.attn_post_norms else "")
             + f"  attention {self.attention}"
             f"  output projection {self.attn_out_proj}",
-            f"  FFN branch:        norms [{', '.join(self.ffn_norms)}]  ffn [{', '.join(self.ffn)}]"
-            f"  down projection {self.ffn_down_proj}"
-            + (f"  (adds the residual itself, {'its own input' if self.ffn_residual == 0 else f'from its argument {self.ffn_residual}'})"
-               if self.ffn_residual is not None else "")
-            + ("  (returns the tokens flattened)" if self.ffn_flat else ""),
+            (f"  FFN branch:        norms [{', '.join(self.ffn_norms)}]  ffn [{', '.join(self.ffn)}]"
+             f"  down projection {self.ffn_down_proj}"
+             + (f"  (adds the residual itself, {'its own input' if self.ffn_residual == 0 else f'from its argument {self.ffn_residual}'})"
+                if self.ffn_residual is not None else "")
+             + ("  (returns the tokens flattened)" if self.ffn_flat else "")) if self.ffn else
+            "  FFN branch:        none (the token mixer's is the block's one residual branch)",
         ] + ([f"  further branches:  output projections [{', '.join(self.extra_out_projs)}]"] if self.extra_out_projs else [])
           + ([f"  output biases:     [{', '.join(self.out_biases)}]   (added after the output projections)"] if self.out_biases else []))
 
