@@ -389,6 +389,8 @@ def test_a_memory_block_over_an_ffn_of_parallel_parts_is_refused_even_when_funct
     with pytest.raises(RecipeError) as info:
         plan_recipe(path)
     assert "its FFN is parts that each read the same input and add their outputs (block_sparse_moe, shared_mlp)" in str(info.value), str(info.value)
+    # the advice on its own line, after the refusal's reason (it read "...can be inserted, and no base layer ... can make a memory block")
+    assert str(info.value).endswith("and no base layer of this model can make a memory block.\nIdentity and copy blocks of it can be inserted."), str(info.value)
     copies = recipe(root, base, slices([(1, "copy")], 4), "granite-shared-copy")
     apply_and_verify(copies)  # plain copies are unaffected
 

@@ -542,13 +542,13 @@ def memory_facts(probe, anatomy: Anatomy) -> tuple[dict[str, Any], str | None]:
         return facts, f"its token mixer {anatomy.attention!r} is not softmax attention (a convolution, linear attention or state-space layer): the memory reads attention heads"
     if not anatomy.ffn:
         return facts, (f"it has no FFN (its one residual branch is its attention {anatomy.attention!r}): a memory block stands in for an "
-                       "FFN; identity or copy blocks can be inserted")
+                       "FFN\nIdentity and copy blocks of it can be inserted.")
     parallel = _parallel_ffn_parts(probe, anatomy.ffn)
     if parallel:
         # a memory readout stands in for the last part and the others become pass-throughs: in a sum each would add its
         # input again, a block computing about twice its input that accept_function_change still wrote (trial68)
         return facts, (f"its FFN is parts that each read the same input and add their outputs ({', '.join(parallel)}): a memory block "
-                       "stands in for a single FFN module; identity or copy blocks can be inserted")
+                       "stands in for a single FFN module\nIdentity and copy blocks of it can be inserted.")
     ffn_out = probe.outputs.get(anatomy.ffn[-1])
     ffn_in = probe.calls[anatomy.ffn[-1]].hidden() if anatomy.ffn[-1] in probe.calls else None
     if isinstance(ffn_out, (tuple, list)):
