@@ -696,3 +696,50 @@ def test_a_block_whose_one_branch_is_its_mixer_makes_identity_blocks_not_memory_
     assert zeroed == {"backbone.layers.2.mixer.out_proj.weight", "backbone.layers.5.mixer.out_proj.weight"}
     with pytest.raises(RecipeError, match="not softmax attention"):
         plan_recipe(recipe(root, base, interleave([1], "memory"), f"{model_type}-memory"))
+
+
+def test_a_full_size_deepseek_v3_config_is_planned_and_checked_without_building_anything_large(tmp_path, monkeypatch):
+    """`plan` of a MIDUS recipe on DeepSeek-V3's own config (671B parameters, no weights) was killed for memory: the
+    replica check built each way of shrinking for real before counting it, down to the base's own widths. Now each is
+    counted on the meta device, and MLA's ranks and a deep MoE are shrunk until a replica of all 61 layers fits."""
+    from midus_surgery.anatomy import probe
+
+    AutoConfig.for_model("deepseek_v3").save_pretrained(tmp_path / "config")
+    path = tmp_path / "r.yaml"
+    path.write_text(f"base:\n  path: {tmp_path / 'weights-not-here'}\n  config: {tmp_path / 'config' / 'config.json'}\n"
+                    f"layout:\n{interleave([1, 20, 40], 'memory')}\n{MEMORY}output:\n  dir: out\n  dtype: bfloat16\n")
+    built, build = [], probe._build_model
+
+    def counted(auto_cls, cfg, trust_remote_code, **kwargs):
+        if torch.get_default_device().type == "meta":
+            return build(auto_cls, cfg, trust_remote_code, **kwargs)
+        with torch.device("meta"):  # counted before it is built for real: a regression fails here, not by the OOM killer
+            size = sum(p.numel() for p in build(auto_cls, cfg, trust_remote_code, to_cpu=False).parameters())
+        assert size <= probe._MAX_PROBE_PARAMS, f"built a model of {size:,} parameters for real"
+        built.append(size)
+        return build(auto_cls, cfg, trust_remote_code, **kwargs)
+
+    monkeypatch.setattr(probe, "_build_model", counted)
+    planned = check_planned(plan_recipe(path))
+    assert planned.plan.function_preserving is True  # checked on a replica, not given up
+    assert planned.plan.config["first_k_dense_replace"] == 4 and planned.plan.num_hidden_layers == 64
+    assert built and max(built) <= probe._MAX_PROBE_PARAMS, built
+
+
+def test_identity_blocks_beside_a_copy_are_still_checked_one_by_one(root):
+    """A plain copy anywhere in a recipe changes the function, so the whole-model check did not run, and FalconH1 identity
+    blocks, whose parallel attention still adds its output, were written as identity blocks without a word (trial71 H1).
+    Each block meant as the identity must now output exactly its input on the replica."""
+    falcon = make_base(root, "falcon_h1", num_hidden_layers=4, mamba_d_ssm=64, mamba_d_state=16, mamba_n_heads=4, mamba_d_head=16,
+                       mamba_n_groups=1)
+    layers = "  layers:\n" + "".join(f"    - {{source: {i}}}\n" for i in range(4)) + "    - {source: 1, kind: identity}\n    - {source: 3, kind: copy}"
+    mixed = recipe(root, falcon, layers.replace("    - {source: 1, kind: identity}\n", "").replace(
+        "    - {source: 1}\n", "    - {source: 1}\n    - {source: 1, kind: identity}\n"), "falcon-identity-beside-copy")
+    with pytest.raises(RecipeError) as info:
+        check_planned(plan_recipe(mixed))
+    assert "output layer(s) 2 (identity from base layer 1, a FalconH1DecoderLayer) do not start as the identity: a block's output differs" in str(info.value)
+    assert not (root / "out" / mixed.stem).exists()
+    llama = make_base(root, "llama", num_hidden_layers=4)
+    fine = recipe(root, llama, slices([(1, "identity"), (3, "copy"), (2, "memory")], 4), "llama-identity-memory-beside-copy")
+    planned, _, checks = apply_and_verify(fine)  # blocks that are the identity pass, and verify skips its whole-model identity check
+    assert planned.plan.function_preserving is None and any(c.name == "identity" and c.skipped for c in checks)

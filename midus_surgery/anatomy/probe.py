@@ -19,6 +19,7 @@ from midus_surgery.anatomy.problems import AnatomyError, _error
 
 _TINY_HIDDEN, _TINY_HEADS, _TINY_HEAD_DIM, _TINY_FFN, _TINY_VOCAB = 128, 4, 32, 256, 256
 _TINY_EXPERTS, _TINY_EXPERTS_PER_TOKEN = 8, 2
+_TINY_RANK = 32  # low-rank projections (MLA's q_lora_rank, kv_lora_rank)
 _SEQ = 8
 _MAX_PROBE_PARAMS = 50_000_000  # a probe larger than this is not "tiny": refuse, never build it
 _FFN_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "moe_intermediate_size",
@@ -64,6 +65,22 @@ class _Shrink:
         d.pop("transformers_version", None)
         return type(self.original).from_dict(d)
 
+    def narrower(self) -> "_Shrink":
+        """This shrinking with the FFNs, the expert count and low ranks cut further: for a replica at full depth,
+        where a deep mixture of experts (DeepSeek-V3's 61 layers) is past the cap at the probe's widths."""
+        base = self.original.to_dict()
+        changes = dict(self.changes)
+        for k in _FFN_KEYS:
+            if isinstance(changes.get(k, base.get(k)), int):
+                changes[k] = min(changes.get(k, base.get(k)), _TINY_FFN // 4)
+        for k in _EXPERT_KEYS:
+            if isinstance(changes.get(k), int):
+                changes[k] = min(changes[k], _TINY_EXPERTS // 2)
+        for k, v in base.items():
+            if k.endswith("_lora_rank") and isinstance(v, int) and not isinstance(v, bool):
+                changes[k] = min(v, _TINY_RANK // 2)
+        return _Shrink(self.label + ", narrower", changes, self.original, self.list_kinds)
+
 
 def _shrinks(config) -> list[_Shrink]:
     """Ways to shrink ``config``, smallest first; the last keeps the original widths."""
@@ -90,6 +107,18 @@ def _shrinks(config) -> list[_Shrink]:
             small["word_embed_proj_dim"] = _TINY_HEADS * hd
         if isinstance(base.get("rotary_dim"), int):
             small["rotary_dim"] = min(base["rotary_dim"], hd)
+        # multi-head latent attention (DeepSeek-V2/V3): its low ranks and per-part head widths are as large as the rest;
+        # left whole, one layer held ~2M parameters and a 61-layer replica was past the probe's cap at any shrinking
+        for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if isinstance(base.get(k), int) and not isinstance(base[k], bool) and base[k] > 0:
+                small[k] = min(base[k], hd // 2 if k == "qk_rope_head_dim" else hd)
+        if "qk_rope_head_dim" in small and base.get("head_dim") == base.get("qk_rope_head_dim"):
+            small["head_dim"] = small["qk_rope_head_dim"]  # the rotary width, which these configs call head_dim
+        if "qk_head_dim" in base and "qk_nope_head_dim" in small:
+            small["qk_head_dim"] = small["qk_nope_head_dim"] + small["qk_rope_head_dim"]
+        for k, v in base.items():
+            if k.endswith("_lora_rank") and isinstance(v, int) and not isinstance(v, bool) and v > _TINY_RANK:
+                small[k] = _TINY_RANK
         for k in _FFN_KEYS:
             if isinstance(base.get(k), int):
                 small[k] = _TINY_FFN

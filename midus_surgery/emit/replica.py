@@ -44,8 +44,15 @@ def check_function_preserving(planned: PlannedRecipe, emit) -> PlannedRecipe:
     """``planned`` with ``plan.function_preserving`` set, or RecipeError when the identity and
     memory blocks would not start as the identity and the recipe does not accept that.
 
-    emit: the emitter's ``emit`` (passed in: the emitter calls this before it writes anything)."""
-    if planned.plan.function_preserving is not None or not promises_identity(planned):
+    emit: the emitter's ``emit`` (passed in: the emitter calls this before it writes anything). A recipe whose function
+    changes anyway (a plain copy beside them, or memory blocks initialised at random) still has its identity blocks, and
+    its memory blocks when they start at zero, checked one by one: each must output exactly its input."""
+    if planned.plan.function_preserving is not None:
+        return planned
+    if not promises_identity(planned):
+        why = blocks_difference(planned, emit)
+        if why is not None and not planned.loaded.recipe.accept_function_change:
+            raise RecipeError([planned.loaded.problem(("layout",), f"{why}. To write it anyway, set accept_function_change: true")])
         return planned
     why = skeleton_change(planned) or replica_difference(planned, emit)
     if why is not None and not planned.loaded.recipe.accept_function_change:
@@ -194,13 +201,32 @@ def _tiny_base(planned: PlannedRecipe):
     trust = planned.loaded.recipe.base.trust_remote_code
     n_layers = planned.plan.base_num_layers
     problems = []
+
+    def size_problem(shrink) -> tuple[str | None, bool]:
+        """(why ``shrink`` makes no replica, whether for its size), counted on the meta device: the last ways of shrinking
+        keep the base's widths, and a replica of a 671B-parameter config was built for real to learn it was too large
+        (the process was killed for memory)."""
+        try:
+            with torch.device("meta"):
+                size = sum(p.numel() for p in _build_model(AutoModelForCausalLM, shrink.config(n_layers), trust, to_cpu=False).parameters())
+        except Exception as exc:  # noqa: BLE001 - a way of shrinking the config or model refuses: try the next
+            return f"{shrink.label}: {one_line(exc, 120)}", False
+        if size > _MAX_PROBE_PARAMS:
+            return f"{shrink.label}: {size / 1e6:,.0f}M parameters at {n_layers} layers, past the {_MAX_PROBE_PARAMS / 1e6:.0f}M cap", True
+        return None, False
+
     for shrink in _shrinks(planned.config):
+        why, too_large = size_problem(shrink)
+        if too_large:  # the same, narrower: a deep mixture of experts (DeepSeek-V3's 61 layers) is past the cap at the probe's widths
+            shrink = shrink.narrower()
+            why, _ = size_problem(shrink)
+        if why:
+            problems.append(why)
+            continue
         for attn in ("eager", None):
             try:
                 cfg = shrink.config(n_layers)
                 base = _build_model(AutoModelForCausalLM, cfg, trust, attn_implementation=attn)
-                if sum(p.numel() for p in base.parameters()) > _MAX_PROBE_PARAMS:
-                    break
                 _perturb(base)
                 ids = torch.randint(0, max(2, min(int(cfg.vocab_size), 1000)), (2, 12), generator=torch.Generator().manual_seed(REPLICA_SEED))
                 with torch.no_grad():
@@ -269,6 +295,75 @@ def _run_replica(planned: PlannedRecipe, tmp: Path, emit) -> str | None:
     if diff == 0.0:
         return None
     return _where_it_parts(planned, want.hidden_states, got.hidden_states, diff)
+
+
+def blocks_meant_as_identity(planned: PlannedRecipe) -> list:
+    """The inserted blocks that start as the identity by the recipe's word: identity blocks, and memory blocks unless
+    initialised at random."""
+    random_memory = planned.loaded.recipe.memory.init == "random"
+    return [layer for layer in planned.plan.layers
+            if layer.inserted and (layer.kind == "identity" or (layer.kind == "memory" and not random_memory))]
+
+
+def blocks_difference(planned: PlannedRecipe, emit) -> str | None:
+    """For a recipe whose function changes anyway (a plain copy, random memory): None when each block meant as the
+    identity outputs exactly its input on a tiny replica; else which does not, one line. Without this, a copy anywhere
+    in a recipe let FalconH1 identity blocks whose parallel attention still adds its output be written as identity
+    blocks, with no word (trial71)."""
+    blocks = blocks_meant_as_identity(planned)
+    if not blocks or not planned.plan.layers_path:
+        return None
+    return _cached(_recipe_key(planned, "blocks"), lambda: _blocks_checked(planned, blocks, emit))
+
+
+def _blocks_checked(planned: PlannedRecipe, blocks: list, emit) -> str | None:
+    with _sandbox() as tmp:
+        try:
+            return _run_blocks(planned, blocks, tmp, emit)
+        except RecipeError as exc:
+            return f"the recipe applied to a tiny replica of the base is refused: {str(exc).strip().splitlines()[0]}"
+        except Exception as exc:  # noqa: BLE001 - as the whole-model check says it
+            if _out_of_memory(exc):
+                raise _too_large(planned, exc) from None
+            return f"whether the identity and memory blocks start as the identity could not be checked: the recipe applied to a tiny replica fails ({one_line(exc, 200)})"
+
+
+def _run_blocks(planned: PlannedRecipe, blocks: list, tmp: Path, emit) -> str | None:
+    import torch
+
+    from midus_surgery.anatomy.trace import decoder_layers
+
+    base, attn, ids, problems = _tiny_base(planned)
+    if base is None:
+        return ("whether the identity and memory blocks start as the identity could not be checked: no tiny replica of the base "
+                f"builds and runs ({'; '.join(problems[:2]) or 'too large'})")
+    out = _emit_tiny(planned, base, attn, tmp, emit, function_preserving=False)  # False: a copy changes it anyway
+    seen: dict[int, tuple] = {}
+    layers = decoder_layers(out, planned.plan.layers_path)
+
+    def record(index):
+        def pre(_module, args, kwargs):
+            seen[index] = ((args[0] if args else kwargs["hidden_states"]).clone(),)
+
+        def post(_module, _args, _kwargs, output):
+            seen[index] += ((output[0] if isinstance(output, (tuple, list)) else output).clone(),)
+        return pre, post
+
+    for block in blocks:
+        pre, post = record(block.index)
+        layers[block.index].register_forward_pre_hook(pre, with_kwargs=True)
+        layers[block.index].register_forward_hook(post, with_kwargs=True)
+    with torch.no_grad():
+        out(input_ids=ids, use_cache=False)
+    differ = [(block, float((seen[block.index][1].float() - seen[block.index][0].float()).abs().max())) for block in blocks
+              if seen[block.index][1].shape != seen[block.index][0].shape or not bool((seen[block.index][1] == seen[block.index][0]).all())]
+    if not differ:
+        return None
+    named = ", ".join(f"{b.index} ({b.kind} from base layer {b.source}"
+                      + (f", a {planned.anatomy.kind_of(b.source).label}" if planned.anatomy else "") + ")" for b, _ in differ[:3])
+    return (f"on a tiny random replica of the base (norms perturbed from their init), the inserted block(s) at output layer(s) {named} "
+            f"do not start as the identity: a block's output differs from its input by up to {max(d for _, d in differ):.3g} "
+            "(post-norm blocks, or a branch that adds something even with its output projections zeroed)")
 
 
 def moved_layer_difference(planned: PlannedRecipe, emit) -> str | None:
