@@ -743,3 +743,16 @@ def test_identity_blocks_beside_a_copy_are_still_checked_one_by_one(root):
     fine = recipe(root, llama, slices([(1, "identity"), (3, "copy"), (2, "memory")], 4), "llama-identity-memory-beside-copy")
     planned, _, checks = apply_and_verify(fine)  # blocks that are the identity pass, and verify skips its whole-model identity check
     assert planned.plan.function_preserving is None and any(c.name == "identity" and c.skipped for c in checks)
+
+
+def test_experts_per_token_given_per_layer_are_counted_per_layer(root):
+    """HunYuan-MoE's moe_topk may be a list, one per layer: planning any layout was a TypeError traceback (trial71 M1)."""
+    base = make_base(root, "hunyuan_v1_moe", num_hidden_layers=4, num_experts=4, moe_topk=[1, 2, 2, 1], moe_intermediate_size=32)
+    planned, out, _ = apply_and_verify(recipe(root, base, interleave([0, 3], "identity"), "hunyuan-topk-per-layer"))
+    assert json.loads((out / "config.json").read_text())["moe_topk"] == [1, 1, 2, 2, 1, 1]
+    from midus_surgery.compiler.plan import BaseFacts
+
+    facts = BaseFacts.of(planned.config)  # each layer's FLOPs count the experts it routes to
+    assert [facts.experts_of(i) for i in range(4)] == [1, 2, 2, 1]
+    flops = planned.plan.flops_per_token
+    assert flops["plan"] > flops["base"] and flops["dus"] == flops["plan"]  # identity blocks compute what copies do

@@ -635,7 +635,16 @@ class BaseFacts:
     vocab_size: int
     sliding_window: int | None
     layer_types: list | None  # the base's per-layer attention kinds, when its config has them
-    experts_per_token: int | None = None  # a mixture of experts' routed experts per token (num_experts_per_tok)
+    # a mixture of experts' routed experts per token (num_experts_per_tok): one for all layers, or one per base layer
+    # (HunYuan-MoE's moe_topk list)
+    experts_per_token: int | list | None = None
+
+    def experts_of(self, layer: int) -> int | None:
+        """The routed experts per token of base layer ``layer``."""
+        value = self.experts_per_token
+        if isinstance(value, list):
+            value = value[layer] if layer < len(value) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     @classmethod
     def of(cls, config) -> "BaseFacts":
@@ -845,7 +854,7 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
             tensors.append(TensorEntry(out_prefix + rest, shape, src_prefix + rest, rule))
             kept[rest] = shape
             count += 0 if src_prefix + rest in buffers else math.prod(shape)
-        flops = 2 * _matmul_params(kept, base.experts_per_token) + attn_ctx_flops[layer.index]
+        flops = 2 * _matmul_params(kept, base.experts_of(layer.source)) + attn_ctx_flops[layer.index]
         if layer.kind == "memory":
             hml = hmls[layer.index]
             rules = hml.init_rules()
@@ -873,7 +882,7 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
     total = sum(t.numel for t in tensors if t.source not in buffers) - buffer_numel
     layer_size = [sum(math.prod(s) for rest, s in per_layer[i].items() if f"{prefix}{i}.{rest}" not in buffers) for i in range(L)]
     dus_added = sum(layer_size[layer.source] for layer in layers if layer.inserted)
-    base_layer_flops = [2 * _matmul_params(per_layer[i], base.experts_per_token) for i in range(L)]
+    base_layer_flops = [2 * _matmul_params(per_layer[i], base.experts_of(i)) for i in range(L)]
     head_flops = 2 * base.vocab_size * base.hidden_size
     base_types = base.layer_types
     base_flops = head_flops + sum(base_layer_flops[i] + 4 * _attention_context(base_types, window, recipe.flops_seq_len, i) * heads * head_dim for i in range(L))
