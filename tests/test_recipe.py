@@ -86,6 +86,15 @@ def test_a_folder_to_write_named_with_a_control_character_is_refused(tmp_path, m
         assert "holds the control character" in str(info.value), str(info.value)
 
 
+def test_bare_layer_numbers_in_layout_layers_are_one_problem_with_the_form_an_entry_has(tmp_path):
+    """`layers: [0, 1, 1, 2]` was one 'should be a mapping' line per entry, with no word of {source: N} (trial71 L1)."""
+    text = GOOD.replace("  interleave:\n    after_every: 2\n    kind: memory\n", "  layers: [0, 1, 1, 2]\n")
+    (p,) = problems(tmp_path, text)
+    assert (p.field, p.message) == ("layout.layers", "its entries are mappings, not bare layer numbers (got 0, 1, 1, 2): write each as "
+                                                     "{source: N}, or {source: N, kind: identity} for an inserted block, e.g. - {source: 0}")
+    assert p.where.endswith("r.yaml:4:12")  # at the first bare number
+
+
 def test_a_bare_tilde_is_yamls_null_and_the_error_says_so(tmp_path):
     (p,) = problems(tmp_path, GOOD.replace("dir: out", "dir: ~"))
     assert p.field == "output.dir"

@@ -319,6 +319,7 @@ _EXPECTED = {
     "model_attributes_type": "a mapping (key: value pairs)",
     "float_parsing": "a number", "int_parsing": "a whole number",
 }
+_MAPPING_TYPES = ("dict_type", "model_type", "model_attributes_type")
 
 
 def _as_yaml(value) -> str:
@@ -415,11 +416,16 @@ def problems_from_validation(error: ValidationError, source: YamlSource, schema:
     suggesting the known key an unknown one is a typo of."""
     problems: dict[tuple, Problem] = {}
     expected: dict[tuple, list[str]] = {}
+    bare_layers: list = []  # `layers: [0, 1, 1, 2]`: said once, with the form an entry has (trial71 L1)
     for item in error.errors():
         # pydantic adds pseudo-locations for union members and validators; keep the data path.
         loc = tuple(part for part in item["loc"] if not (isinstance(part, str) and ("[" in part or part.startswith("function-"))))
         if len(loc) > 1 and loc[-1] in _UNION_MEMBERS:
             loc = loc[:-1]
+        if (len(loc) == 3 and loc[:2] == ("layout", "layers") and isinstance(loc[2], int) and item["type"] in _MAPPING_TYPES
+                and isinstance(item.get("input"), int) and not isinstance(item.get("input"), bool)):
+            bare_layers.append((loc, item["input"]))
+            continue
         message, wanted = _say(item, loc)
         if item["type"] == "extra_forbidden":
             message += did_you_mean(schema, loc)
@@ -433,6 +439,12 @@ def problems_from_validation(error: ValidationError, source: YamlSource, schema:
         else:
             expected[loc] = [wanted] if wanted else []
         problems[loc] = Problem(source.where(loc), ".".join(map(str, loc)), message)
+    if bare_layers:  # at the first such entry
+        numbers = [n for _, n in bare_layers]
+        shown_numbers = ", ".join(map(str, numbers[:8])) + (", ..." if len(numbers) > 8 else "")
+        problems[bare_layers[0][0]] = Problem(source.where(bare_layers[0][0]), "layout.layers", (
+            f"its entries are mappings, not bare layer numbers (got {shown_numbers}): write each as {{source: N}}, or "
+            f"{{source: N, kind: identity}} for an inserted block, e.g. - {{source: {numbers[0]}}}"))
     # in the file's order, as a reader goes down it (pydantic reports missing keys, then unknown ones)
     return [problems[loc] for loc in sorted(problems, key=lambda loc: source.position(loc) or (0, 0))]
 
