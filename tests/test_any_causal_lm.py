@@ -756,3 +756,14 @@ def test_experts_per_token_given_per_layer_are_counted_per_layer(root):
     assert [facts.experts_of(i) for i in range(4)] == [1, 2, 2, 1]
     flops = planned.plan.flops_per_token
     assert flops["plan"] > flops["base"] and flops["dus"] == flops["plan"]  # identity blocks compute what copies do
+
+
+def test_a_kind_by_index_refusal_names_the_settings_that_may_set_it(root):
+    """Jamba's attention and experts come every attn_layer_period / expert_layer_period layers: the refusal said only
+    'the base config chooses some layers' kind by index', leaving the user to find which keys (trial71 L2)."""
+    base = make_base(root, "jamba", num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                     expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, mamba_d_state=8, mamba_dt_rank=8)
+    with pytest.raises(RecipeError) as info:
+        plan_recipe(recipe(root, base, interleave([0], "transformer"), "jamba-moved"))
+    assert ("the base config chooses some layers' kind by index (settings such as expert_layer_period=2, expert_layer_offset=1, "
+            "attn_layer_period=2, attn_layer_offset=1), and this layout moves them") in str(info.value), str(info.value)

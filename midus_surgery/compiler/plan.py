@@ -792,9 +792,17 @@ def layers_changed_by_config(base_shapes: dict[str, tuple[int, ...]], new_config
         return (f"the rewritten config builds output layer {layer.index} unlike base layer {layer.source}, though it stays in place "
                 f"(tensors differ: {names}): its tensors depend on the rest of the stack (e.g. a block shared by several layers, "
                 "with a part per use), so the layers this layout adds change it; this architecture cannot take this layout")
+    suspects = [f"{k}={v}" for k, v in new_config.items()
+                if isinstance(v, int) and not isinstance(v, bool) and _PATTERN_KEY.search(k) and k not in INDEX_PATTERNS]
     return (f"the rewritten config builds output layer {layer.index} unlike its source, base layer {layer.source} "
-            f"(tensors differ: {names}): the base config chooses some layers' kind by "
-            f"index, and this layout moves them; use a layout that keeps the pattern")
+            f"(tensors differ: {names}): the base config chooses some layers' kind by index"
+            + (f" (settings such as {', '.join(suspects[:4])})" if suspects else "")
+            + ", and this layout moves them; use a layout that keeps the pattern")
+
+
+# Names of config integers that may choose a layer's kind by its index (Jamba's attn_layer_period / offset): named in
+# the refusal above, which otherwise left the user to find which key sets the pattern (trial71 L2)
+_PATTERN_KEY = re.compile(r"(_period|_offset|_interval|_step|_freq|_every|start_index|end_index)$")
 
 
 def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec], new_config: dict,
