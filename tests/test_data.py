@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -260,6 +261,31 @@ def test_a_token_cache_changed_after_tokenising_is_one_line_not_a_crash(tmp_path
     np.save(cache / "docs.npy", np.array([0.5, 2.0]))
     with pytest.raises(D.DataError, match="docs.npy does not hold ascending document starts"):
         prep([cache], tmp_path, tok)
+    for name in ("docs.npy", "tokens.bin"):  # a named pipe: np.load waited forever for a writer (trial70)
+        (cache / name).unlink()
+        os.mkfifo(cache / name)
+        with pytest.raises(D.DataError, match=f"{name} is a named pipe, not a regular file; not a token cache midus-surgery wrote"):
+            prep([cache], tmp_path, tok)
+        (cache / name).unlink()
+        shutil.copy2(s.path / name, cache / name)
+
+
+def test_the_same_bytes_read_as_text_and_as_jsonl_are_different_cache_entries(tmp_path, tok):
+    """b.json (read as one document, braces and all) renamed to b.jsonl (one document per record) kept its tokens: the
+    cache key covered the files' bytes, not how they are read (trial70)."""
+    records = "".join(json.dumps({"text": t}) + "\n" for t in ("the cat sat .", "a fish"))
+    (tmp_path / "b.json").write_text(records)
+    as_text = prep([tmp_path / "b.json"], tmp_path, tok)
+    (tmp_path / "b.json").rename(tmp_path / "b.jsonl")
+    as_records = prep([tmp_path / "b.jsonl"], tmp_path, tok)
+    assert as_records.path != as_text.path
+    assert as_records.doc_starts.tolist() == [0, len(tok("the cat sat .")["input_ids"]) + 1]
+
+
+def test_a_jsonl_record_nested_past_the_json_reader_is_one_line(tmp_path, tok):
+    (tmp_path / "deep.jsonl").write_text('{"x": ' + "[" * 200_000 + "]" * 200_000 + ', "text": "a"}\n')
+    with pytest.raises(D.DataError, match=r"deep.jsonl:1: a JSON record nested deeper than the JSON reader goes"):
+        prep([tmp_path / "deep.jsonl"], tmp_path, tok)
 
 
 @pytest.mark.parametrize("edit", [lambda m: [m], lambda m: {**m, "dtype": "uint8"}, lambda m: {**m, "dtype": "float16"},

@@ -33,7 +33,7 @@ import numpy as np
 
 from midus_surgery.errors import MidusError, one_line
 from midus_surgery.io.output_dir import MARKER, clean_leftovers, hold_directory, release_marker, write_marker
-from midus_surgery.io.small_files import read_small_text
+from midus_surgery.io.small_files import read_small_text, regular_file_problem
 
 FORMAT_VERSION = 1
 META_FILE = "midus_tokens.json"
@@ -189,6 +189,8 @@ def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: not a JSON record ({exc.msg} at column {exc.colno})") from None
+            except RecursionError:  # [[[[...]]]] 200,000 deep: Python's JSON reader gives up (was a traceback, trial70)
+                raise DataError(f"{path}:{lineno}: a JSON record nested deeper than the JSON reader goes") from None
             if not isinstance(record, dict) or text_field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise DataError(f"{path}:{lineno}: the record has no {text_field!r} field (it has: {keys}); name the field "
@@ -261,7 +263,10 @@ def corpus_key(files: list[Path], fingerprint: str, text_field: str) -> str:
     if any(f.suffix.lower() in JSONL_SUFFIXES for f in files):
         h.update(f"text_field={text_field}\n".encode())
     for f in files:
-        h.update(_file_digest(f).encode() + b"\n")
+        # how the file is read is part of its entry: the same bytes as a.json (one document) and as a.jsonl (one per record)
+        # are different documents, and a rename between the two reused the stale tokens (trial70)
+        read_as = b" jsonl" if f.suffix.lower() in JSONL_SUFFIXES else b""
+        h.update(_file_digest(f).encode() + read_as + b"\n")
     return h.hexdigest()[:24]
 
 
@@ -308,6 +313,10 @@ def open_stream(path: Path, fingerprint: str | None = None, vocab_size: int | No
     """Open a tokenised corpus, checking it was made with this tokenizer; ``vocab_size``: the tokenizer's
     ``id_end``, past which no id it made can lie (the model's own vocabulary is checked where it is loaded)."""
     meta_path = path / META_FILE
+    for name in ("tokens.bin", "docs.npy"):  # a named pipe here made np.load wait forever for a writer (trial70)
+        odd = (path / name).exists() and regular_file_problem(path / name)
+        if odd:
+            raise DataError(f"{path}: {odd}; not a token cache midus-surgery wrote: delete the directory to re-tokenise")
     try:
         meta = json.loads(read_small_text(meta_path))
     except (OSError, json.JSONDecodeError) as exc:
