@@ -364,6 +364,27 @@ def open_stream(path: Path, fingerprint: str | None = None, vocab_size: int | No
     return TokenStream(path, tokens, doc_starts, meta)
 
 
+# A document longer than this is tokenised in pieces cut at line ends: a fast tokenizer holds ~180 bytes per character
+# while it encodes, so one 50 MB file (one document) took 9.2 GB (trial70). Tokens across a cut may differ from those
+# of the document tokenised whole; documents up to this length are tokenised whole, as before.
+DOC_PIECE_CHARS = 1_000_000
+
+
+def _pieces(text: str, limit: int = DOC_PIECE_CHARS) -> Iterator[str]:
+    """``text`` in consecutive pieces of at most ``limit`` characters, each cut after a line end where there is one in
+    its second half, else after a space, else at the limit."""
+    start = 0
+    while len(text) - start > limit:
+        end = start + limit
+        cut = text.rfind("\n", start + limit // 2, end)
+        if cut < 0:
+            cut = text.rfind(" ", start + limit // 2, end)
+        end = cut + 1 if cut >= 0 else end
+        yield text[start:end]
+        start = end
+    yield text[start:]
+
+
 def _tokenize_to(files: list[Path], tokenizer, text_field: str, dest: Path, progress: bool, desc: str) -> dict:
     from midus_surgery.io.progress import progress_bar
 
@@ -378,8 +399,19 @@ def _tokenize_to(files: list[Path], tokenizer, text_field: str, dest: Path, prog
 
     with open(dest / "tokens.bin", "wb") as out, progress_bar(total_bytes, desc, enabled=progress, unit="B", unit_scale=True,
                                                                  unit_divisor=1024) as bar:
+        def write(ids: list[int]) -> None:
+            nonlocal n_tokens, max_token
+            if not ids:
+                return
+            arr = np.asarray(ids, dtype=np.int64)
+            max_token = max(max_token, int(arr.max()))
+            # the file's own write, not numpy's tofile: a full disk then raises ENOSPC, which the CLI words in one line
+            # (tofile reported it as "N requested and M written", no errno: a traceback, trial61)
+            out.write(arr.astype(dtype).tobytes())
+            n_tokens += arr.shape[0]
+
         def flush() -> None:
-            nonlocal n_tokens, n_docs, max_token, batch, batch_chars
+            nonlocal n_docs, batch, batch_chars
             if not batch:
                 return
             encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
@@ -387,14 +419,27 @@ def _tokenize_to(files: list[Path], tokenizer, text_field: str, dest: Path, prog
                 if not ids:
                     continue
                 starts.append(n_tokens)
-                arr = np.asarray(ids + [eos], dtype=np.int64)
-                max_token = max(max_token, int(arr.max()))
-                # the file's own write, not numpy's tofile: a full disk then raises ENOSPC, which the CLI words in one line
-                # (tofile reported it as "N requested and M written", no errno: a traceback, trial61)
-                out.write(arr.astype(dtype).tobytes())
-                n_tokens += arr.shape[0]
+                write(ids + [eos])
                 n_docs += 1
             batch, batch_chars = [], 0
+
+        shown = 0  # bytes of the current file the bar has already counted (a long document's pieces as they go)
+
+        def long_document(text: str) -> None:
+            """One document, tokenised piece by piece (DOC_PIECE_CHARS); the bar moves with the pieces (one big file
+            showed no progress for minutes, trial70)."""
+            nonlocal n_docs, shown
+            flush()
+            first = n_tokens
+            for piece in _pieces(text):
+                write(tokenizer(piece, add_special_tokens=False)["input_ids"])
+                size = len(piece.encode("utf-8", "surrogatepass"))
+                bar.update(size)
+                shown += size
+            if n_tokens > first:
+                starts.append(first)
+                write([eos])
+                n_docs += 1
 
         for f in files:
             for text in iter_documents(f, text_field):
@@ -402,12 +447,16 @@ def _tokenize_to(files: list[Path], tokenizer, text_field: str, dest: Path, prog
                     nul_chars[str(f)] = nul_chars.get(str(f), 0) + text.count("\x00")
                 if not text.strip():
                     continue
+                if len(text) > DOC_PIECE_CHARS:
+                    long_document(text)
+                    continue
                 batch.append(text)
                 batch_chars += len(text)
                 if batch_chars >= 4_000_000 or len(batch) >= 2048:
                     flush()
             flush()
-            bar.update(f.stat().st_size)
+            bar.update(max(0, f.stat().st_size - shown))
+            shown = 0
     np.save(dest / "docs.npy", np.asarray(starts, dtype=np.int64))
     return {"num_tokens": n_tokens, "num_docs": n_docs, "max_token": max_token, "dtype": np.dtype(dtype).name,
             "nul_chars": nul_chars}
