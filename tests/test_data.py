@@ -251,6 +251,15 @@ def test_a_token_cache_changed_after_tokenising_is_one_line_not_a_crash(tmp_path
     tokens = np.fromfile(cache / "tokens.bin", dtype=s.tokens.dtype)
     tokens[3] = len(tok) + 5
     tokens.tofile(cache / "tokens.bin")
+    with pytest.raises(D.DataError, match=r"tokens.bin is not what was tokenised \(its SHA-256 is not the one midus_tokens.json records\)"):
+        prep([cache], tmp_path, tok)
+    np.zeros_like(tokens).tofile(cache / "tokens.bin")  # the same size, every id valid: trained on without a word (trial70)
+    with pytest.raises(D.DataError, match=r"tokens.bin is not what was tokenised"):
+        prep([cache], tmp_path, tok)
+    # an entry written before the sums were recorded is still read, its ids checked against the vocabulary
+    meta = json.loads((cache / D.META_FILE).read_text())
+    (cache / D.META_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "sha256"}))
+    tokens.tofile(cache / "tokens.bin")
     with pytest.raises(D.DataError, match=rf"tokens.bin holds token id {len(tok) + 5}, past the tokenizer's ids \(0 to {len(tok) - 1}; .* delete the directory"):
         prep([cache], tmp_path, tok)
     shutil.copy2(s.path / "tokens.bin", cache / "tokens.bin")

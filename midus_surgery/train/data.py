@@ -37,6 +37,7 @@ from midus_surgery.io.small_files import read_small_text, regular_file_problem
 
 FORMAT_VERSION = 1
 META_FILE = "midus_tokens.json"
+CACHE_DATA_FILES = ("tokens.bin", "docs.npy")  # a cache entry's data, its SHA-256 recorded in META_FILE
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 # what a tokenizer's files are named (tokenizer.json, vocab.txt, spiece.model...): one of them must be there
 class DataError(MidusError):
@@ -313,7 +314,7 @@ def open_stream(path: Path, fingerprint: str | None = None, vocab_size: int | No
     """Open a tokenised corpus, checking it was made with this tokenizer; ``vocab_size``: the tokenizer's
     ``id_end``, past which no id it made can lie (the model's own vocabulary is checked where it is loaded)."""
     meta_path = path / META_FILE
-    for name in ("tokens.bin", "docs.npy"):  # a named pipe here made np.load wait forever for a writer (trial70)
+    for name in CACHE_DATA_FILES:  # a named pipe here made np.load wait forever for a writer (trial70)
         odd = (path / name).exists() and regular_file_problem(path / name)
         if odd:
             raise DataError(f"{path}: {odd}; not a token cache midus-surgery wrote: delete the directory to re-tokenise")
@@ -343,6 +344,13 @@ def open_stream(path: Path, fingerprint: str | None = None, vocab_size: int | No
     size = (path / "tokens.bin").stat().st_size if (path / "tokens.bin").exists() else -1
     if size != n * dtype.itemsize:
         raise DataError(f"{path}: tokens.bin has {size} bytes, expected {n * dtype.itemsize}; delete the directory to re-tokenise")
+    sums = meta.get("sha256")
+    if isinstance(sums, dict):  # entries written before these were recorded are read as before
+        for name in CACHE_DATA_FILES:
+            if (path / name).exists() and _file_digest(path / name) != sums.get(name):
+                # tokens.bin overwritten at the same size (all zeros) was trained on without a word (trial70)
+                raise DataError(f"{path}: {name} is not what was tokenised (its SHA-256 is not the one {META_FILE} records): "
+                                "changed since; delete the directory to re-tokenise")
     tokens = np.memmap(path / "tokens.bin", dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dtype)
     if vocab_size is not None and n:
         # the ids themselves, not only the record's max_token: a cache is user input, and one id past the table
@@ -534,7 +542,8 @@ def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: I
                             "stays as it is")
         meta = {"format": FORMAT_VERSION, "tokenizer": fingerprint, "tokenizer_source": tokenizer_source,
                 "vocab_size": vocab, "eos": eos_id(tokenizer), "text_field": text_field,
-                "files": [str(f) for f in files], **stats}
+                "files": [str(f) for f in files], **stats,
+                "sha256": {name: _file_digest(tmp / name) for name in CACHE_DATA_FILES}}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / MARKER).unlink()  # a finished cache entry is no output of the tool's to replace: only the partial needed an owner
         try:
