@@ -377,3 +377,13 @@ def test_a_long_document_is_tokenised_in_pieces_cut_at_line_ends_as_one_document
     assert stream.doc_starts.tolist() == [0, len(expected)]
     # a text without line ends or spaces is cut at the limit
     assert [len(p) for p in D._pieces("x" * 250, 100)] == [100, 100, 50]
+
+
+def test_a_data_folder_linking_into_proc_is_refused_not_walked(tmp_path, tok):
+    """A link to /proc in a data folder was followed through every process's root and cwd: 51k folders of the
+    machine's files (trial70 F6)."""
+    write_corpus(tmp_path / "c", files=1, sentences_per_file=2)
+    (tmp_path / "c" / "p").symlink_to("/proc")
+    with pytest.raises(D.DataError) as info:
+        prep([tmp_path / "c"], tmp_path, tok)
+    assert f"{tmp_path / 'c' / 'p'} links to /proc, on the kernel's proc file system, not data" in str(info.value), str(info.value)

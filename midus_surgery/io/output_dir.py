@@ -397,7 +397,7 @@ _KERNEL_FILE_SYSTEMS = {"proc", "sysfs", "cgroup", "cgroup2", "devpts", "securit
                         "configfs", "fusectl", "mqueue", "binfmt_misc", "efivarfs", "autofs"}
 
 
-def _kernel_file_system(place: Path) -> str | None:
+def kernel_file_system(place: Path) -> str | None:
     """The type of the file system ``place`` lies on when it is one of the kernel's (/proc, /sys), where no
     folder can be made; None otherwise, or where the mount table cannot be read (not Linux)."""
     try:
@@ -423,7 +423,7 @@ def _check_can_write(out: Path, *, into: bool, probe: bool = True) -> None:
     for place in places:
         if not place.is_dir():
             raise OutputError(f"cannot write {out}: {place} is a file, not a folder")
-        kind = _kernel_file_system(place)
+        kind = kernel_file_system(place)
         if kind:  # root may "write" there by access(2), and no folder can be made (trial50: a dry run passed /proc/x;
             # trial64: apply's probe said only "No such file or directory")
             raise OutputError(f"cannot write {out}: {place} is on a {kind} file system, the kernel's view of the system, not a disk")

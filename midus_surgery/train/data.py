@@ -32,7 +32,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from midus_surgery.errors import MidusError, one_line
-from midus_surgery.io.output_dir import MARKER, clean_leftovers, hold_directory, release_marker, write_marker
+from midus_surgery.io.output_dir import MARKER, clean_leftovers, hold_directory, kernel_file_system, release_marker, write_marker
 from midus_surgery.io.small_files import read_small_text, regular_file_problem
 
 FORMAT_VERSION = 1
@@ -129,6 +129,13 @@ def _folder_files(folder: Path, patterns: list[str], what: str) -> list[Path]:
             continue
         seen_dirs.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for d in dirnames:  # a linked folder into /proc walked every process's root and cwd: the whole machine (trial70)
+            linked = Path(dirpath) / d
+            kind = linked.is_symlink() and kernel_file_system(linked)
+            if kind:
+                raise DataError(f"{what}: {linked} links to {linked.resolve()}, on the kernel's {kind} file system, not data: a data "
+                                f"folder's linked folders are followed, and this one leads through the machine's processes (in the "
+                                f"folder {folder}); remove the link")
         below = Path(dirpath).relative_to(folder).parts
         for name in filenames:
             if name.startswith(".") or not any(_glob_match([*below, name], pattern.split("/")) for pattern in patterns):
