@@ -36,6 +36,16 @@ out = _LazyConsole()
 err = _LazyConsole(stderr=True)
 
 
+def _threads(text: str) -> int:
+    """--threads: 1 to 4 per CPU of this machine. 100000 made torch fail to map its threads' stacks, which eval then
+    reported as its weights failing to load (trial70)."""
+    value = _int_at_least(1)(text)
+    most = 4 * (os.cpu_count() or 1)
+    if value > most:
+        raise argparse.ArgumentTypeError(f"at most {most} (4 per CPU of this machine's {os.cpu_count() or 1}), got {value}")
+    return value
+
+
 def _int_at_least(low: int):
     """An argparse type: an integer of at least ``low`` (a zero batch or block is a usage error, not a traceback
     nor a NaN result)."""
@@ -626,7 +636,7 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--text-field", default=None, help="the JSONL field holding the text (default: text)")
     p.add_argument("--cache-dir", default=None, help="token cache (default: $MIDUS_CACHE/tokens or ~/.cache/midus-surgery/tokens)")
     p.add_argument("--device", default="auto", help="auto (default: the first CUDA device when there is one, else the CPU), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (at most 4 per CPU)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model directory's own modeling code (config.json auto_map; without it such a model is refused)")
     p.add_argument("--allow-pickle", action="store_true", help="read model folders whose weights are pickle .bin files alone (with weights_only=True; without it they are refused)")
@@ -651,7 +661,7 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--batch-size", type=_int_at_least(1), default=4, help="sequences per forward pass (default 4)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype to run the model in (default float32)")
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (at most 4 per CPU)")
     p.add_argument("--allow-pickle", action="store_true", help="read model folders whose weights are pickle .bin files alone (with weights_only=True; without it they are refused)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_analyze)
