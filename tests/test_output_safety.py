@@ -188,6 +188,21 @@ def test_apply_overwrite_never_replaces_another_commands_output(project, kind, c
     assert (other / "metrics.jsonl").read_text() == "a week of training\n"
 
 
+def test_no_output_goes_inside_the_folders_train_writes_in_its_run_directory(tmp_path):
+    """analyze --out RUN/checkpoints/x was written, and the run then refused to resume until it was moved (trial70 F8).
+    A folder of one's own beside them (RUN/analysis) is fine: train keeps what it did not write there."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    write_marker(run, "train run")
+    for inside in ("checkpoints/x", "tensorboard/x", "final/x"):
+        with pytest.raises(OutputError) as info:
+            check_output_dir(run / inside, kind="analysis", reuse=True, flag=None)
+        part = inside.split("/")[0]
+        assert f"lies inside {run / part}, which train writes (and prunes, or rewrites) in its run directory {run}" in str(info.value)
+    assert check_output_dir(run / "analysis", kind="analysis", reuse=True, flag=None) == run / "analysis"
+    assert not (run / "checkpoints" / "x").exists()
+
+
 def test_a_forged_marker_from_another_tool_is_not_ours(project):
     user = project / "mine"
     user.mkdir()

@@ -228,6 +228,15 @@ def _whole_output_above(path: Path, *, including: bool = False) -> tuple[Path, d
     return None
 
 
+def _run_dir_above(path: Path) -> Path | None:
+    """The nearest training run directory above ``path`` (not ``path`` itself)."""
+    for parent in path.parents:
+        marker = read_marker(parent)
+        if marker is not None and marker.get("kind") == RUN_KIND:
+            return parent
+    return None
+
+
 # a marker's kind in the words of the command that writes it ("analysis" is what analyze's markers say)
 _COMMAND_OF_KIND = {"analysis": "analyze", "train export": "train (its export)", "train run": "train (its run directory)",
                     "fetch_corpus": "tools/fetch_corpus.py", "fetch_smollm2": "tools/fetch_smollm2.py",
@@ -325,6 +334,11 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
     if above is not None:
         raise OutputError(f"output {resolved} lies inside {above[0]}, written whole by {_written_by(above[1])}, which a later run "
                           "replaces with everything in it; choose a directory outside it")
+    run = _run_dir_above(resolved) if kind != "train export" else None
+    part = resolved.relative_to(run).parts[0] if run is not None else None
+    if part in RUN_ENTRIES:  # analyze --out RUN/checkpoints/x: the run then refused to resume until it was moved (trial70)
+        raise OutputError(f"output {resolved} lies inside {run / part}, which train writes (and prunes, or rewrites) in its run "
+                          f"directory {run}; choose a directory outside it, e.g. {run / 'analysis'}")
     if not writes_into and (too_long := _name_too_long(resolved)):
         raise OutputError(too_long)
     _check_can_write(resolved, into=writes_into, probe=probe)
