@@ -265,7 +265,13 @@ def test_a_token_cache_changed_after_tokenising_is_one_line_not_a_crash(tmp_path
     shutil.copy2(s.path / "tokens.bin", cache / "tokens.bin")
     assert len(prep([cache], tmp_path, tok)) == len(s)
     np.save(cache / "docs.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(D.DataError, match="docs.npy is not a readable array of document starts"):
+    with pytest.raises(D.DataError) as pickled:
+        prep([cache], tmp_path, tok)
+    # in the tool's words: numpy's advice to load the file unsafely is not passed on (trial70)
+    assert "docs.npy is not a readable array of document starts (it holds Python objects, which are never unpickled)" in str(pickled.value)
+    assert "allow_pickle" not in str(pickled.value)
+    np.save(cache / "docs.npy", np.arange(len(s) + 5))  # more document starts than tokens: refused before it is read whole
+    with pytest.raises(D.DataError, match=f"docs.npy holds {len(s) + 5:,} document starts for {len(s):,} tokens"):
         prep([cache], tmp_path, tok)
     np.save(cache / "docs.npy", np.array([0.5, 2.0]))
     with pytest.raises(D.DataError, match="docs.npy does not hold ascending document starts"):
@@ -387,3 +393,10 @@ def test_a_data_folder_linking_into_proc_is_refused_not_walked(tmp_path, tok):
     with pytest.raises(D.DataError) as info:
         prep([tmp_path / "c"], tmp_path, tok)
     assert f"{tmp_path / 'c' / 'p'} links to /proc, on the kernel's proc file system, not data" in str(info.value), str(info.value)
+
+
+def test_a_utf16_file_with_its_byte_order_mark_is_named_as_such(tmp_path, tok):
+    (tmp_path / "wide.txt").write_bytes("the cat sat .".encode("utf-16"))  # with its BOM, as Windows editors save it
+    with pytest.raises(D.DataError, match=r"not UTF-8 text \(invalid start byte at byte 0\); it starts with a UTF-16 byte-order mark: "
+                                          r"convert it, e.g. iconv -f UTF-16 -t UTF-8"):
+        prep([tmp_path / "wide.txt"], tmp_path, tok)

@@ -24,6 +24,7 @@ import signal
 import threading
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -186,7 +187,8 @@ def first_unreadable_file(path: Path, names) -> str | None:
                     for key in st.keys():
                         st.get_tensor(key)
             elif name.endswith((".bin", ".pt", ".pkl")):
-                safe_torch_load(f, map_location="cpu")
+                with quiet_pickle_notes():
+                    safe_torch_load(f, map_location="cpu")
         except Exception as exc:  # noqa: BLE001 - whatever the reader says, said in one line
             return f"{name}: {load_error_line(exc)}"
     return None
@@ -225,12 +227,22 @@ def load_rng_state(path: Path) -> None:
             torch.cuda.set_rng_state(t[key], i)
 
 
+@contextlib.contextmanager
+def quiet_pickle_notes():
+    """torch's two-line UserWarning on a pickle's protocol ("Detected pickle protocol 4 ..."), printed before the one-line
+    error a bad checkpoint file gets (trial70), or before nothing at all: not the user's business."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        yield
+
+
 def load_legacy_rng_state(path: Path) -> None:
     """accelerate's pickle of an older checkpoint, read as accelerate reads it (weights_only=True with
     numpy's types allowed), but its errors raise: accelerate only logs them."""
     from accelerate.utils import load as safe_torch_load
 
-    states = safe_torch_load(path)
+    with quiet_pickle_notes():
+        states = safe_torch_load(path)
     random.setstate(states["random_state"])
     np.random.set_state(states["numpy_random_seed"])
     torch.set_rng_state(states["torch_manual_seed"])
@@ -243,7 +255,8 @@ def scheduler_state(path: Path, current: dict) -> dict:
     if (path / SCHEDULER_FILE).is_file():
         state = json.loads(read_small_text(path / SCHEDULER_FILE))
     else:
-        state = torch.load(path / LEGACY_SCHEDULER_FILE, weights_only=True)
+        with quiet_pickle_notes():
+            state = torch.load(path / LEGACY_SCHEDULER_FILE, weights_only=True)
     # only the keys this scheduler has (plus an older torch's "verbose"), one lambda per parameter group
     if (not isinstance(state, dict) or set(state) - set(current) - {"verbose"} or {"base_lrs", "last_epoch"} - set(state)
             or len(state.get("lr_lambdas") or ()) != len(current["lr_lambdas"])):
@@ -562,7 +575,8 @@ def load_checkpoint(path: Path, acc, optimizer, scheduler, *, adamw_options: dic
     if problem:
         raise fail(problem)
     try:
-        acc.load_state(str(path))  # accelerate reads its pickles with weights_only=True; DCP's were checked above
+        with quiet_pickle_notes():
+            acc.load_state(str(path))  # accelerate reads its pickles with weights_only=True; DCP's were checked above
     except Exception as exc:  # noqa: BLE001 - said as one line, naming the file that does not read
         files = list(state["files"]) if isinstance(state.get("files"), dict) else sorted(p.name for p in path.iterdir())
         raise fail(first_unreadable_file(path, files) or load_error_line(exc)) from None

@@ -173,7 +173,9 @@ def iter_documents(path: Path, text_field: str) -> Iterator[str]:
         else:
             yield path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        bom = exc.start < 2 and exc.object[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+        hint = "; it starts with a UTF-16 byte-order mark: convert it, e.g. iconv -f UTF-16 -t UTF-8" if bom else ""
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}){hint}") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
@@ -368,10 +370,16 @@ def open_stream(path: Path, fingerprint: str | None = None, vocab_size: int | No
                             f"{META_FILE} says at most {meta.get('max_token')}: changed since it was "
                             "tokenised); delete the directory to re-tokenise")
     try:
-        doc_starts = np.load(path / "docs.npy", allow_pickle=False)  # a cache directory is user input: plain numbers only
+        # a cache directory is user input: plain numbers only, mapped rather than read (a header claiming 400M starts
+        # was read whole into 7 GB, trial70)
+        doc_starts = np.load(path / "docs.npy", allow_pickle=False, mmap_mode="r")
     except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: docs.npy is not a readable array of document starts ({one_line(exc, 120)}); delete the "
+        # numpy's own words advise loading the pickle unsafely: not passed on
+        why = "it holds Python objects, which are never unpickled" if "pickle" in str(exc) or "object" in str(exc) else one_line(exc, 120)
+        raise DataError(f"{path}: docs.npy is not a readable array of document starts ({why}); delete the "
                         "directory to re-tokenise") from None
+    if doc_starts.ndim == 1 and len(doc_starts) > n + 1:
+        raise DataError(f"{path}: docs.npy holds {len(doc_starts):,} document starts for {n:,} tokens; delete the directory to re-tokenise")
     if doc_starts.ndim != 1 or doc_starts.dtype.kind not in "iu" or (len(doc_starts) and (
             doc_starts.min() < 0 or doc_starts.max() > n or np.any(np.diff(doc_starts) < 0))):
         raise DataError(f"{path}: docs.npy does not hold ascending document starts within the {n} tokens "
