@@ -72,9 +72,11 @@ def _anatomy_from_flow(probe, flow: _Flow, source: str) -> Anatomy:
     a_nodes = branches[a_branch][1]
     attn_side = {j for j in a_nodes if j == A.id or j in flow.anc(A.id) or A.id in flow.anc(j)}
     ffn_ids = sorted(i for i in major if i != A.id and i not in attn_side and any(i in b for _, b in branches))
-    if not ffn_ids and len(branches) == 1 and a_branch == 0:
-        # one residual branch, the token mixer's (Mamba's x + mixer(norm(x)), Nemotron-H's attention blocks): an identity
-        # block zeroes the mixer's output projection; a memory block has no FFN to stand in for (memory_facts)
+    if not ffn_ids and len(branches) == 1 and a_branch == 0 and major == {A.id}:
+        # one residual branch, the token mixer's, and no other module with weights (Mamba's x + mixer(norm(x)),
+        # Nemotron-H's attention blocks): an identity block zeroes the mixer's output projection; a memory block has no
+        # FFN to stand in for (memory_facts). An FFN the graph shows on no branch (MPT's adds the residual inside
+        # itself) is not this: the export graph, which sees inside it, reads that block
         return _mixer_only_anatomy(probe, flow, A, a_nodes, norms, source, known)
     if not ffn_ids:
         raise _error(f"an FFN in {probe.layer_class} (no module with weights besides the attention {attention!r} "
