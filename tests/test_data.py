@@ -395,8 +395,23 @@ def test_a_data_folder_linking_into_proc_is_refused_not_walked(tmp_path, tok):
     assert f"{tmp_path / 'c' / 'p'} links to /proc, on the kernel's proc file system, not data" in str(info.value), str(info.value)
 
 
-def test_a_utf16_file_with_its_byte_order_mark_is_named_as_such(tmp_path, tok):
-    (tmp_path / "wide.txt").write_bytes("the cat sat .".encode("utf-16"))  # with its BOM, as Windows editors save it
-    with pytest.raises(D.DataError, match=r"not UTF-8 text \(invalid start byte at byte 0\); it starts with a UTF-16 byte-order mark: "
-                                          r"convert it, e.g. iconv -f UTF-16 -t UTF-8"):
-        prep([tmp_path / "wide.txt"], tmp_path, tok)
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_a_utf16_or_utf32_file_with_its_byte_order_mark_is_named_as_such(tmp_path, tok, encoding, suffix):
+    text = json.dumps({"text": "the cat sat ."}) + "\n" if suffix == ".jsonl" else "the cat sat ."
+    (tmp_path / f"wide{suffix}").write_bytes(text.encode(encoding))  # with its BOM, as Windows editors save it
+    name = encoding.upper()  # UTF-32's mark starts with UTF-16's: not called UTF-16 (trial72)
+    with pytest.raises(D.DataError, match=rf"not UTF-8 text \(invalid start byte at byte 0.*\); it starts with a {name} byte-order mark: "
+                                          rf"convert it, e.g. iconv -f {name} -t UTF-8"):
+        prep([tmp_path / f"wide{suffix}"], tmp_path, tok)
+
+
+def test_a_data_file_linked_into_proc_is_refused_not_read(tmp_path, tok):
+    """z.txt -> /proc/self/status was trained on without a word; /proc/self/pagemap was read for minutes (trial72)."""
+    (tmp_path / "z.txt").symlink_to("/proc/self/status")
+    with pytest.raises(D.DataError, match=r"is /proc/.*/status, on the kernel's proc file system: the machine's state, not text"):
+        prep([tmp_path / "z.txt"], tmp_path, tok)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "y.txt").symlink_to("/proc/self/status")  # found in a data folder, too
+    with pytest.raises(D.DataError, match="on the kernel's proc file system"):
+        prep([tmp_path / "c"], tmp_path, tok)

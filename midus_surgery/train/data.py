@@ -106,6 +106,10 @@ def resolve_inputs(entries: Iterable[str], base_dir: Path, dir_glob: Iterable[st
             raise DataError(f"{what}: {link_problem(path) or f'{path} does not exist'}")
         for p in found:
             p = p.resolve()
+            kind = p.parts[1:2] in (("proc",), ("sys",)) and kernel_file_system(p)
+            if kind:  # z.txt -> /proc/self/status was trained on, /proc/self/pagemap read for minutes (trial72)
+                raise DataError(f"{what}: {entry} is {p}, on the kernel's {kind} file system: the machine's state, not text; "
+                                "give the data files themselves")
             if p not in seen:
                 seen.add(p)
                 files.append(p)
@@ -133,8 +137,9 @@ def _folder_files(folder: Path, patterns: list[str], what: str) -> list[Path]:
             linked = Path(dirpath) / d
             kind = linked.is_symlink() and kernel_file_system(linked)
             if kind:
+                through = "the machine's processes" if kind == "proc" else "the kernel's state"
                 raise DataError(f"{what}: {linked} links to {linked.resolve()}, on the kernel's {kind} file system, not data: a data "
-                                f"folder's linked folders are followed, and this one leads through the machine's processes (in the "
+                                f"folder's linked folders are followed, and this one leads through {through} (in the "
                                 f"folder {folder}); remove the link")
         below = Path(dirpath).relative_to(folder).parts
         for name in filenames:
@@ -173,11 +178,19 @@ def iter_documents(path: Path, text_field: str) -> Iterator[str]:
         else:
             yield path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        bom = exc.start < 2 and exc.object[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
-        hint = "; it starts with a UTF-16 byte-order mark: convert it, e.g. iconv -f UTF-16 -t UTF-8" if bom else ""
+        hint = _bom_hint(exc.object) if exc.start < 4 else ""
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}){hint}") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _bom_hint(data: bytes) -> str:
+    """A clause naming the byte-order mark ``data`` starts with, when it is a UTF-16 or UTF-32 one (Windows editors save
+    text so), with the conversion that reads it; "" otherwise."""
+    for encoding, marks in (("UTF-32", (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)), ("UTF-16", (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))):
+        if data.startswith(marks):  # UTF-32's little-endian mark begins with UTF-16's: tried first
+            return f"; it starts with a {encoding} byte-order mark: convert it, e.g. iconv -f {encoding} -t UTF-8"
+    return ""
 
 
 def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
@@ -192,7 +205,8 @@ def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {start + exc.start} of the file)") from None
+                hint = _bom_hint(raw) if lineno == 1 else ""
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {start + exc.start} of the file){hint}") from None
             if not line.strip():
                 continue
             try:
