@@ -252,6 +252,13 @@ def eos_id(tokenizer) -> int:
     return int(eos)
 
 
+def _written_stamp(path: Path) -> list[int]:
+    """(inode, size, modification time in ns) of a cache file: unchanged, the file is as written, and its SHA-256 need
+    not be computed again on every open (a 20 GB tokens.bin took 50 s, trial72); a copy or an edit changes it."""
+    st = os.stat(path)
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -367,9 +374,11 @@ def open_stream(path: Path, fingerprint: str | None = None, vocab_size: int | No
     size = (path / "tokens.bin").stat().st_size if (path / "tokens.bin").exists() else -1
     if size != n * dtype.itemsize:
         raise DataError(f"{path}: tokens.bin has {size} bytes, expected {n * dtype.itemsize}; delete the directory to re-tokenise")
-    sums = meta.get("sha256")
+    sums, written = meta.get("sha256"), meta.get("written")
     if isinstance(sums, dict):  # entries written before these were recorded are read as before
         for name in CACHE_DATA_FILES:
+            if isinstance(written, dict) and (path / name).exists() and written.get(name) == _written_stamp(path / name):
+                continue  # untouched since it was written (same inode, size and modification time): no need to read it all
             if (path / name).exists() and _file_digest(path / name) != sums.get(name):
                 # tokens.bin overwritten at the same size (all zeros) was trained on without a word (trial70)
                 raise DataError(f"{path}: {name} is not what was tokenised (its SHA-256 is not the one {META_FILE} records): "
@@ -572,7 +581,8 @@ def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: I
         meta = {"format": FORMAT_VERSION, "tokenizer": fingerprint, "tokenizer_source": tokenizer_source,
                 "vocab_size": vocab, "eos": eos_id(tokenizer), "text_field": text_field,
                 "files": [str(f) for f in files], **stats,
-                "sha256": {name: _file_digest(tmp / name) for name in CACHE_DATA_FILES}}
+                "sha256": {name: _file_digest(tmp / name) for name in CACHE_DATA_FILES},
+                "written": {name: _written_stamp(tmp / name) for name in CACHE_DATA_FILES}}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / MARKER).unlink()  # a finished cache entry is no output of the tool's to replace: only the partial needed an owner
         try:
