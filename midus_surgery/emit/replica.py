@@ -297,6 +297,16 @@ def _run_replica(planned: PlannedRecipe, tmp: Path, emit) -> str | None:
     return _where_it_parts(planned, want.hidden_states, got.hidden_states, diff)
 
 
+def _layer_input(args, kwargs):
+    """A decoder layer's hidden states, as a forward pre-hook with kwargs sees its call."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _layer_output(output):
+    """A decoder layer's hidden states out of what it returns (a tensor, or a tuple that starts with them)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
 def blocks_meant_as_identity(planned: PlannedRecipe) -> list:
     """The inserted blocks that start as the identity by the recipe's word: identity blocks, and memory blocks unless
     initialised at random."""
@@ -343,10 +353,10 @@ def _run_blocks(planned: PlannedRecipe, blocks: list, tmp: Path, emit) -> str | 
 
     def record(index):
         def pre(_module, args, kwargs):
-            seen[index] = ((args[0] if args else kwargs["hidden_states"]).clone(),)
+            seen[index] = (_layer_input(args, kwargs).clone(),)
 
         def post(_module, _args, _kwargs, output):
-            seen[index] += ((output[0] if isinstance(output, (tuple, list)) else output).clone(),)
+            seen[index] += (_layer_output(output).clone(),)
         return pre, post
 
     for block in blocks:
@@ -400,18 +410,12 @@ def _run_moved(planned: PlannedRecipe, moved: list, tmp: Path, emit) -> str | No
     path = planned.plan.layers_path
     seen_in, seen_out = {}, {}  # base layer index -> its hidden-states input and output in the base's run
 
-    def hidden(args, kwargs):
-        return args[0] if args else kwargs["hidden_states"]
-
-    def first(output):
-        return output[0] if isinstance(output, (tuple, list)) else output
-
     def record(i):
         def pre(_module, args, kwargs):
-            seen_in[i] = hidden(args, kwargs).clone()
+            seen_in[i] = _layer_input(args, kwargs).clone()
 
         def post(_module, _args, _kwargs, output):
-            seen_out[i] = first(output).clone()
+            seen_out[i] = _layer_output(output).clone()
         return pre, post
 
     handles = []
@@ -431,7 +435,7 @@ def _run_moved(planned: PlannedRecipe, moved: list, tmp: Path, emit) -> str | No
             return args, {**kwargs, "hidden_states": seen_in[source]}
 
         def post(_module, _args, _kwargs, output):
-            got[index] = first(output).clone()
+            got[index] = _layer_output(output).clone()
         return pre, post
 
     layers = decoder_layers(out, path)
