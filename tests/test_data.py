@@ -256,26 +256,24 @@ def test_a_token_cache_changed_after_tokenising_is_one_line_not_a_crash(tmp_path
     np.zeros_like(tokens).tofile(cache / "tokens.bin")  # the same size, every id valid: trained on without a word (trial70)
     with pytest.raises(D.DataError, match=r"tokens.bin is not what was tokenised"):
         prep([cache], tmp_path, tok)
-    # an entry written before the sums were recorded is still read, its ids checked against the vocabulary
-    meta = json.loads((cache / D.META_FILE).read_text())
-    (cache / D.META_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "sha256"}))
+    # the checks behind the digests, for an entry rewritten with digests that agree (a consistent forgery, trial72)
     tokens.tofile(cache / "tokens.bin")
     with pytest.raises(D.DataError, match=rf"tokens.bin holds token id {len(tok) + 5}, past the tokenizer's ids \(0 to {len(tok) - 1}; .* delete the directory"):
-        prep([cache], tmp_path, tok)
+        prep([reseal(cache)], tmp_path, tok)
     shutil.copy2(s.path / "tokens.bin", cache / "tokens.bin")
-    assert len(prep([cache], tmp_path, tok)) == len(s)
+    assert len(prep([reseal(cache)], tmp_path, tok)) == len(s)
     np.save(cache / "docs.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(D.DataError) as pickled:
-        prep([cache], tmp_path, tok)
+        prep([reseal(cache)], tmp_path, tok)
     # in the tool's words: numpy's advice to load the file unsafely is not passed on (trial70)
     assert "docs.npy is not a readable array of document starts (it holds Python objects, which are never unpickled)" in str(pickled.value)
     assert "allow_pickle" not in str(pickled.value)
     np.save(cache / "docs.npy", np.arange(len(s) + 5))  # more document starts than tokens: refused before it is read whole
     with pytest.raises(D.DataError, match=f"docs.npy holds {len(s) + 5:,} document starts for {len(s):,} tokens"):
-        prep([cache], tmp_path, tok)
+        prep([reseal(cache)], tmp_path, tok)
     np.save(cache / "docs.npy", np.array([0.5, 2.0]))
     with pytest.raises(D.DataError, match="docs.npy does not hold ascending document starts"):
-        prep([cache], tmp_path, tok)
+        prep([reseal(cache)], tmp_path, tok)
     for name in ("docs.npy", "tokens.bin"):  # a named pipe: np.load waited forever for a writer (trial70)
         (cache / name).unlink()
         os.mkfifo(cache / name)
@@ -283,6 +281,38 @@ def test_a_token_cache_changed_after_tokenising_is_one_line_not_a_crash(tmp_path
             prep([cache], tmp_path, tok)
         (cache / name).unlink()
         shutil.copy2(s.path / name, cache / name)
+
+
+def reseal(cache):
+    """Record the digests of a cache entry's files as they now are, as a consistent rewrite would."""
+    meta = json.loads((cache / D.META_FILE).read_text())
+    meta["sha256"] = {name: D._file_digest(cache / name) for name in D.CACHE_DATA_FILES}
+    meta.pop("written", None)
+    (cache / D.META_FILE).write_text(json.dumps(meta))
+    return cache
+
+
+def test_a_cache_entry_without_digests_is_tokenised_again_not_trusted(tmp_path, tok):
+    """trial72 N2: an entry written before the digests were recorded was read as before: its tokens.bin zeroed (the same
+    size, every id valid) was trained on without a word. In the cache it is now tokenised again, once, and replaced (only
+    its own files removed); named directly it is refused, saying to name the text."""
+    write_corpus(tmp_path / "c", files=1, sentences_per_file=5)
+    s = prep([tmp_path / "c"], tmp_path, tok)
+    honest = np.array(s.tokens).copy()
+    meta = json.loads((s.path / D.META_FILE).read_text())
+    (s.path / D.META_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k not in ("sha256", "written")}))
+    np.zeros_like(honest).tofile(s.path / "tokens.bin")
+    named = tmp_path / "named"
+    shutil.copytree(s.path, named)
+    with pytest.raises(D.DataError, match=r"named: midus_tokens.json records no SHA-256 of tokens.bin and docs.npy .* name the text files"):
+        prep([named], tmp_path, tok)
+    files, stream, entry = D.find_corpus([str(tmp_path / "c")], tmp_path, tok, dir_glob=["**/*.txt"], text_field="text",
+                                         cache_dir=tmp_path / "cache")
+    assert stream is None and entry == s.path  # a dry run says it will tokenise
+    again = prep([tmp_path / "c"], tmp_path, tok)
+    assert again.path == s.path and np.array_equal(np.array(again.tokens), honest)
+    assert D._records_digests(json.loads((s.path / D.META_FILE).read_text()))
+    assert not [p.name for p in (tmp_path / "cache").iterdir() if p.name != s.path.name]  # nothing left aside
 
 
 def test_the_same_bytes_read_as_text_and_as_jsonl_are_different_cache_entries(tmp_path, tok):

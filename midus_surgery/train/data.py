@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import errno
 import fnmatch
 import glob
@@ -259,6 +260,12 @@ def _written_stamp(path: Path) -> list[int]:
     return [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
+def _records_digests(meta: dict) -> bool:
+    """Whether a cache record holds a SHA-256 for each of its data files, to check them against."""
+    sums = meta.get("sha256")
+    return isinstance(sums, dict) and all(isinstance(sums.get(name), str) for name in CACHE_DATA_FILES)
+
+
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -375,14 +382,19 @@ def open_stream(path: Path, fingerprint: str | None = None, vocab_size: int | No
     if size != n * dtype.itemsize:
         raise DataError(f"{path}: tokens.bin has {size} bytes, expected {n * dtype.itemsize}; delete the directory to re-tokenise")
     sums, written = meta.get("sha256"), meta.get("written")
-    if isinstance(sums, dict):  # entries written before these were recorded are read as before
-        for name in CACHE_DATA_FILES:
-            if isinstance(written, dict) and (path / name).exists() and written.get(name) == _written_stamp(path / name):
-                continue  # untouched since it was written (same inode, size and modification time): no need to read it all
-            if (path / name).exists() and _file_digest(path / name) != sums.get(name):
-                # tokens.bin overwritten at the same size (all zeros) was trained on without a word (trial70)
-                raise DataError(f"{path}: {name} is not what was tokenised (its SHA-256 is not the one {META_FILE} records): "
-                                "changed since; delete the directory to re-tokenise")
+    if not _records_digests(meta):
+        # written before the digests were recorded (or with them removed): nothing says its files are as tokenised, and a
+        # zeroed tokens.bin was trained on without a word (trial72 N2). A cache entry is tokenised again (_cached).
+        raise DataError(f"{path}: {META_FILE} records no SHA-256 of {' and '.join(CACHE_DATA_FILES)} (an entry written before "
+                        "midus-surgery recorded them), so nothing shows they are as tokenised; name the text files to "
+                        "tokenise them again")
+    for name in CACHE_DATA_FILES:
+        if isinstance(written, dict) and (path / name).exists() and written.get(name) == _written_stamp(path / name):
+            continue  # untouched since it was written (same inode, size and modification time): no need to read it all
+        if (path / name).exists() and _file_digest(path / name) != sums.get(name):
+            # tokens.bin overwritten at the same size (all zeros) was trained on without a word (trial70)
+            raise DataError(f"{path}: {name} is not what was tokenised (its SHA-256 is not the one {META_FILE} records): "
+                            "changed since; delete the directory to re-tokenise")
     tokens = np.memmap(path / "tokens.bin", dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dtype)
     if vocab_size is not None and n:
         # the ids themselves, not only the record's max_token: a cache is user input, and one id past the table
@@ -538,9 +550,31 @@ def _cached(files: list[Path], fingerprint: str, vocab: int, text_field: str, ca
             raise DataError(f"{what}: a tokenised corpus ({tokenised[0]}) must be the only entry")
         return _check_nonempty(open_stream(tokenised[0], fingerprint, vocab), what, files), None
     final = Path(cache_dir) / corpus_key(files, fingerprint, text_field)
-    if (final / META_FILE).is_file():
+    if (final / META_FILE).is_file() and not _unchecked_entry(final):
         return _check_nonempty(open_stream(final, fingerprint, vocab), what, files), final
     return None, final
+
+
+def _unchecked_entry(entry: Path) -> bool:
+    """Whether a cache entry was written before the digests of its files were recorded: it is tokenised again, as
+    if absent (once; the new entry replaces it), rather than trusted (trial72 N2)."""
+    try:
+        meta = json.loads(read_small_text(entry / META_FILE))
+    except (OSError, ValueError):
+        return False  # open_stream says what is wrong with it
+    return isinstance(meta, dict) and meta.get("format") == FORMAT_VERSION and not _records_digests(meta)
+
+
+def _retire(entry: Path) -> None:
+    """Remove an unchecked cache entry being replaced: moved aside first (a reader never sees it half removed), then
+    only the files a cache entry holds are deleted; anything else put there is left in the hidden folder."""
+    aside = entry.parent / f".{entry.name}.replaced-{uuid.uuid4().hex[:8]}"
+    os.replace(entry, aside)
+    for name in (*CACHE_DATA_FILES, META_FILE):
+        with contextlib.suppress(OSError):
+            (aside / name).unlink()
+    with contextlib.suppress(OSError):
+        aside.rmdir()
 
 
 def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: Iterable[str], text_field: str,
@@ -585,6 +619,8 @@ def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: I
                 "written": {name: _written_stamp(tmp / name) for name in CACHE_DATA_FILES}}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / MARKER).unlink()  # a finished cache entry is no output of the tool's to replace: only the partial needed an owner
+        if final.is_dir() and _unchecked_entry(final):
+            _retire(final)
         try:
             os.replace(tmp, final)
         except OSError:  # another process finished first: use theirs
