@@ -252,6 +252,8 @@ def _start_line(planned) -> str | None:
         return ("yes (checked on a tiny random replica of the base)" if plan.function_preserving
                 else "NO (found on a tiny random replica; accepted by accept_function_change)")
     kinds = {layer.kind for layer in plan.layers if layer.inserted}
+    if "copy" in kinds and plan.accepted_change:
+        return f"no: plain copies change it (as in DUS and SOLAR), and NO for the identity blocks beside them: {plan.accepted_change} (accepted by accept_function_change)"
     if "copy" in kinds:
         return "no: plain copies change it (as in DUS and SOLAR)"
     if "memory" in kinds and planned.loaded.recipe.memory.init == "random":

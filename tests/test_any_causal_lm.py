@@ -739,10 +739,26 @@ def test_identity_blocks_beside_a_copy_are_still_checked_one_by_one(root):
         check_planned(plan_recipe(mixed))
     assert "output layer(s) 2 (identity from base layer 1, a FalconH1DecoderLayer) do not start as the identity: a block's output differs" in str(info.value)
     assert not (root / "out" / mixed.stem).exists()
+    # accepted: plan, its JSON and the model card name the blocks, not only "plain copies change it" (trial72 N5)
+    accepted = mixed.with_name("falcon-accepted.yaml")
+    accepted.write_text(mixed.read_text().replace("output:", "accept_function_change: true\noutput:").replace(mixed.stem, "falcon-accepted"))
+    planned = check_planned(plan_recipe(accepted))
+    assert planned.plan.function_preserving is None and "output layer(s) 2 (identity from base layer 1" in planned.plan.accepted_change
+    assert planned.plan.to_json()["accepted_change"] == planned.plan.accepted_change
+    from midus_surgery.cli import _start_line
+
+    line = _start_line(planned)
+    assert line.startswith("no: plain copies change it (as in DUS and SOLAR), and NO for the identity blocks beside them: on a tiny random replica")
+    assert "output layer(s) 2 (identity from base layer 1" in line and line.endswith("(accepted by accept_function_change)")
+    emit(planned, progress=False)
+    card = (root / "out" / "falcon-accepted" / "README.md").read_text()
+    assert "Its blocks meant as the identity do not start as it either, and the recipe accepted it" in card
+    assert "output layer(s) 2 (identity from base layer 1" in card
     llama = make_base(root, "llama", num_hidden_layers=4)
     fine = recipe(root, llama, slices([(1, "identity"), (3, "copy"), (2, "memory")], 4), "llama-identity-memory-beside-copy")
     planned, _, checks = apply_and_verify(fine)  # blocks that are the identity pass, and verify skips its whole-model identity check
     assert planned.plan.function_preserving is None and any(c.name == "identity" and c.skipped for c in checks)
+    assert planned.plan.accepted_change is None and "accepted_change" not in planned.plan.to_json()
 
 
 def test_experts_per_token_given_per_layer_are_counted_per_layer(root):

@@ -130,6 +130,9 @@ class Plan:
     # True: every inserted block was checked to start as the identity (emit/replica.py); False: it
     # was found not to and the recipe accepted it; None: not checked (copies change the function anyway)
     function_preserving: bool | None = None
+    # of a recipe whose function changes anyway (a plain copy beside them): which blocks meant as the identity were found
+    # not to start as it, accepted by accept_function_change (one line; None: all do, or none was meant to)
+    accepted_change: str | None = None
     # base layer -> the kind an earlier `apply` inserted it as, when the base is itself an apply output
     # (``earlier_insertions``): `train --freeze base` trains those layers with this recipe's blocks
     inserted_before: dict[int, str] = field(default_factory=dict)
@@ -180,6 +183,7 @@ class Plan:
             "block_kinds": self.anatomy.model_dump(mode="json") if self.anatomy else None,
             "layers_path": self.layers_path,
             "function_preserving": self.function_preserving,
+            **({"accepted_change": self.accepted_change} if self.accepted_change else {}),
             "midus": {k: self.midus[k] for k in PLAN_MIDUS_KEYS} if self.memory_layers else None,
             "config": self.config,
         }

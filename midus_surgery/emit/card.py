@@ -68,9 +68,10 @@ def method_title(kinds: set[str]) -> str:
     return "Depth Up-Scaling" + (" with identity blocks" if "identity" in kinds else "")
 
 
-def start_sentence(function_preserving: bool | None, kinds: set[str], dropped: list[int] = ()) -> str:
+def start_sentence(function_preserving: bool | None, kinds: set[str], dropped: list[int] = (), accepted_change: str | None = None) -> str:
     """How the model starts; ``dropped``: base layers the layout leaves out (allow_dropped_layers), the
-    cause of the change then, whatever the inserted blocks do."""
+    cause of the change then, whatever the inserted blocks do; ``accepted_change``: which blocks meant as the identity
+    beside plain copies were found not to start as it (accepted by the recipe)."""
     if dropped:
         layers = f"base layer{'s' if len(dropped) > 1 else ''} {', '.join(map(str, dropped))}"
         return (f"It leaves out {layers} (`allow_dropped_layers`), so it computes another function than the base "
@@ -80,6 +81,9 @@ def start_sentence(function_preserving: bool | None, kinds: set[str], dropped: l
     if function_preserving is False:
         return ("Its inserted blocks were found not to start as the identity, and the recipe accepted it (`accept_function_change`): "
                 "it computes another function than the base until trained.")
+    if "copy" in kinds and accepted_change:
+        return ("Copies change the function: like any DUS model it needs continued pre-training to recover and pass the base. "
+                f"Its blocks meant as the identity do not start as it either, and the recipe accepted it (`accept_function_change`): {accepted_change}.")
     if "copy" in kinds:
         return "Copies change the function: like any DUS model it needs continued pre-training to recover and pass the base."
     return "Its memory blocks start from random values: it computes another function than the base until trained."
@@ -120,7 +124,7 @@ tags: [{', '.join(tags)}]
 
 Made by `midus-surgery apply`: the base's {plan.base_num_layers} `{plan.model_type}` layers
 become {plan.num_hidden_layers}, with {len(inserted)} inserted: {counts}.
-{start_sentence(plan.function_preserving, kinds, plan.dropped_layers)}{chr(10) + chr(10) + lineage if lineage else ""}
+{start_sentence(plan.function_preserving, kinds, plan.dropped_layers, plan.accepted_change)}{chr(10) + chr(10) + lineage if lineage else ""}
 
 {training_section(NOT_TRAINED)}
 

@@ -53,7 +53,8 @@ def check_function_preserving(planned: PlannedRecipe, emit) -> PlannedRecipe:
         why = blocks_difference(planned, emit)
         if why is not None and not planned.loaded.recipe.accept_function_change:
             raise RecipeError([planned.loaded.problem(("layout",), f"{why}. To write it anyway, set accept_function_change: true")])
-        return planned
+        # accepted: said where the output is described (plan, the model card), not left behind "plain copies change it" (trial72 N5)
+        return dataclasses.replace(planned, plan=dataclasses.replace(planned.plan, accepted_change=why)) if why else planned
     why = skeleton_change(planned) or replica_difference(planned, emit)
     if why is not None and not planned.loaded.recipe.accept_function_change:
         raise RecipeError([planned.loaded.problem(("layout",), f"{why}. To write it anyway, set accept_function_change: true "
