@@ -181,10 +181,11 @@ def _left_out_base_tensors(planned, ref) -> str | None:
     return left_out_words(left) if left else None
 
 
-def _plan_notes(planned, start: bool) -> list[str]:
+def _plan_notes(planned, start: bool, apply: bool = False) -> list[str]:
     """What a valid plan does that its author may not have meant: base layers pruned on purpose,
     memory that does not start as the identity (``start``: plan says that in its own line), memory
-    blocks far larger than the blocks they extend."""
+    blocks far larger than the blocks they extend. ``apply``: less what apply's writing says itself (base
+    tensors left out, a tokenizer that does not load) or refuses (a base without weights)."""
     from midus_surgery.compiler.base import resolve_base
     from midus_surgery.compiler.plan import window_layers_boundary
 
@@ -200,10 +201,10 @@ def _plan_notes(planned, start: bool) -> list[str]:
     unordered = _base_layers_out_of_order(plan)
     if unordered:
         notes.append(unordered)
-    weightless = _base_without_weights(ref)
+    weightless = None if apply else _base_without_weights(ref)
     if weightless:
         notes.append(weightless)
-    left = _left_out_base_tensors(planned, ref)
+    left = None if apply else _left_out_base_tensors(planned, ref)
     if left:
         notes.append(left)
     if plan.inserted_before:
@@ -221,7 +222,7 @@ def _plan_notes(planned, start: bool) -> list[str]:
                      "transformers reads layer_types, but a tool that reads max_window_layers instead would build another attention pattern")
     ids = _tokenizer_ids(planned)
     vocab = plan.config.get("vocab_size")
-    if isinstance(ids, str):
+    if isinstance(ids, str) and not apply:
         notes.append(f"the base's tokenizer.json does not load ({ids}): apply copies it as it is, and the output's tokenizer "
                      "will not load either (eval and train need one); fix or replace it")
     elif ids is not None and isinstance(vocab, int) and ids[1] >= vocab:  # by the largest id: a tokenizer's ids need not be 0..n-1
@@ -404,6 +405,8 @@ def cmd_apply(args) -> int:
     plan_done = time.perf_counter()
     plan = planned.plan
     print(f"{args.recipe}: {plan.base_num_layers} -> {plan.num_hidden_layers} layers, {human_count(plan.params['total'])} parameters", flush=True)
+    for note in _plan_notes(planned, start=True, apply=True):  # what validate and plan would have said (trial72 N7: apply said none)
+        print(f"note: {note}", file=sys.stderr, flush=True)
     result = emit(planned, out_dir=args.out, overwrite=args.overwrite, allow_pickle=args.allow_pickle, progress=not args.quiet)
     done = time.perf_counter()
     print(f"wrote {result.out_dir}: {result.num_tensors} tensors, {result.num_bytes / 2**20:.1f} MiB in {result.shards} shard(s), "

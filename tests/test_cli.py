@@ -320,6 +320,27 @@ def test_validate_and_plan_note_what_the_author_may_not_have_meant(tiny_base, tm
     assert "starts as the base's function: no: plain copies change it (as in DUS and SOLAR)" in capsys.readouterr().out
 
 
+def test_apply_says_the_notes_validate_and_plan_say(tmp_path, capsys):
+    """apply printed none of validate's notes, so an author who went straight to apply was not told that the output keeps
+    a max_window_layers that cannot say its sliding layers, or that its memory starts random (trial72 N7). What apply's
+    writing says itself (base tensors left out) is not said twice."""
+    from tiny_configs import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "qwen2"
+    AutoModelForCausalLM.from_config(tiny_config("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2)).save_pretrained(base)
+    recipe = tmp_path / "r.yaml"
+    random = MEM.replace("}", ", init: random}")
+    recipe.write_text(f"base:\n  path: {base}\nlayout: {{slices: [{{layers: [0, 3]}}, {{layers: [1, 2], kind: memory}}, {{layers: [3, 4]}}]}}\n"
+                      f"{random}output: {{dir: {tmp_path / 'out'}}}\n")
+    assert main(["apply", str(recipe), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "note: the output's sliding-window layers" in err and "so max_window_layers (2, kept) cannot say them" in err, err
+    assert "note: memory.init: random: the memory blocks start from random values" in err, err
+    assert err.count("note:") == 2, err
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
 def test_validate_notes_base_layers_out_of_their_order_and_a_base_without_weights(tiny_base, tmp_path, capsys):
     """Two slices in the wrong order validated without a word, and so did a folder holding only
     config.json, which apply then refused (trial52). Both are notes: each is a valid recipe."""
