@@ -337,8 +337,10 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
     run = _run_dir_above(resolved) if kind != "train export" else None
     part = resolved.relative_to(run).parts[0] if run is not None else None
     if part in RUN_ENTRIES:  # analyze --out RUN/checkpoints/x: the run then refused to resume until it was moved (trial70)
-        raise OutputError(f"output {resolved} lies inside {run / part}, which train writes (and prunes, or rewrites) in its run "
-                          f"directory {run}; choose a directory outside it, e.g. {run / 'analysis'}")
+        where = (f"is {part}/, one of the folders train writes" if resolved == run / part  # not "RUN/trace lies inside RUN/trace" (trial72 N8)
+                 else f"lies inside {run / part}, which train writes")
+        raise OutputError(f"output {resolved} {where} (and prunes, or rewrites) in its run directory {run}; choose a directory "
+                          f"outside it, e.g. {run / 'analysis'}")
     if not writes_into and (too_long := _name_too_long(resolved)):
         raise OutputError(too_long)
     _check_can_write(resolved, into=writes_into, probe=probe)
