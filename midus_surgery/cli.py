@@ -231,7 +231,9 @@ def _plan_notes(planned, start: bool, apply: bool = False) -> list[str]:
     from midus_surgery.emit.emitter import emit
     from midus_surgery.emit.replica import moved_layer_difference
 
-    moved = moved_layer_difference(planned, emit)  # a DUS layout on a base whose layers read their index
+    # a DUS layout on a base whose layers read their index (a plan apply made from the safetensors headers has no config to build
+    # a replica from: the header planner takes only bases whose layers do not)
+    moved = moved_layer_difference(planned, emit) if planned.config is not None else None
     if moved:
         notes.append(moved)
     originals = {layer.source: n for layer, n in zip(plan.layers, plan.layer_params) if layer.kind == "base"}

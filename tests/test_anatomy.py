@@ -23,6 +23,7 @@ from midus_surgery.anatomy.trace import (
     _anatomy_from_probe,
     decoder_layers,
     find_anatomy,
+    find_stack_anatomy,
 )
 from midus_surgery.compiler.plan import _ffn_output_tensors
 
@@ -213,11 +214,12 @@ def test_zeroing_the_projections_makes_the_layer_the_identity(arch, overrides):
 class _ToyConfig(PretrainedConfig):
     model_type = "midus_test_toy"
 
-    def __init__(self, hidden_size=32, num_hidden_layers=3, vocab_size=64, with_attention=True, **kwargs):
+    def __init__(self, hidden_size=32, num_hidden_layers=3, vocab_size=64, with_attention=True, second_ffn=False, **kwargs):
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.vocab_size = vocab_size
         self.with_attention = with_attention
+        self.second_ffn = second_ffn
         super().__init__(**kwargs)
 
 
@@ -246,11 +248,15 @@ class _ToyBlock(nn.Module):
         if config.with_attention:
             self.n1 = nn.LayerNorm(d)
             self.mix = _Mixer(d)
+        if config.second_ffn:
+            self.chan2 = nn.Linear(d, d)
 
     def forward(self, x):
         out = x + self.chan(self.n2(x))
         if hasattr(self, "mix"):
             out = out + self.mix(self.n1(x))
+        if hasattr(self, "chan2"):
+            out = out + self.chan2(out)
         return out
 
 
@@ -289,9 +295,20 @@ def test_unknown_names_are_found_from_the_graph(toy_registered):
     )
 
 
+def test_a_layer_that_is_one_ffn_branch_is_read_as_an_ffn_alone(toy_registered):
+    """x + chan(n2(x)), no token mixer (Nemotron-H's MLP layers): identity blocks zero its output projection; no memory."""
+    anatomy = find_anatomy(_ToyConfig(with_attention=False))
+    assert anatomy.model_dump(include=NAME_FIELDS) == dict(
+        layers_path="blocks", layer_class="_ToyBlock", attention=None, attn_out_proj=None,
+        ffn=("chan",), ffn_down_proj="chan.2", attn_norms=(), ffn_norms=("n2",), residual="sequential")
+    kind = find_stack_anatomy(_ToyConfig(with_attention=False)).kind_of(0)
+    assert kind.anatomy.mixer == "none" and kind.refusal("identity") is None
+    assert kind.refusal("memory").startswith("it has no token mixer (its one residual branch is its FFN 'chan'): the memory reads attention heads")
+
+
 def test_a_layer_without_attention_raises_with_the_recipe_hint(toy_registered):
-    with pytest.raises(AnatomyError) as info:
-        find_anatomy(_ToyConfig(with_attention=False))
+    with pytest.raises(AnatomyError) as info:  # two residual branches and neither mixes tokens: no block the planner knows
+        find_anatomy(_ToyConfig(with_attention=False, second_ffn=True))
     msg = str(info.value)
     assert len(msg.splitlines()) <= 2, msg  # a refusal is short: what is missing, what was found, what to state
     assert "attention module" in msg.splitlines()[0] and "`anatomy:` block" in msg

@@ -684,6 +684,42 @@ def test_a_kind_list_that_repeats_to_the_depth_is_written_out_for_the_new_layout
             "recurrent", "recurrent", "recurrent", "attention", "attention", "recurrent", "recurrent", "attention"]
 
 
+NEMOTRON_H = dict(layer_types=["mamba", "attention", "mlp", "moe", "attention", "mlp"], num_hidden_layers=6, n_routed_experts=4,
+                  num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=32, n_group=1, topk_group=1,
+                  mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=1)
+
+
+def test_nemotron_h_blocks_of_every_kind_make_identity_blocks_and_its_attention_blocks_memory_blocks(root):
+    """Nemotron-H's layers are one branch each, x + mixer(norm(x)), the mixer a Mamba-2, an attention, an MLP or a MoE. Identity
+    blocks of its MLP and MoE layers were refused ("Could not find an attention module"), and memory blocks of its attention
+    layers too ("it has no FFN"): MIDUS could not be applied to it at all. A memory block of an attention-only layer computes
+    x + HML(heads(norm(x))), as any memory block does (its tap adds zeros, its readout the memory): the readout stands in for
+    the attention's output projection. A save_pretrained of the MIDUS output failed on transformers' generic layer_types rule
+    ('mlp' is Nemotron-H's own): the base config class's rules are the ones applied."""
+    base = make_base(root, "nemotron_h", **NEMOTRON_H)
+    planned, out, checks = apply_and_verify(recipe(root, base, interleave([1, 4], "memory"), "nemotron-h-memory"))
+    assert {c.name for c in checks if c.ok and not c.skipped} >= {"identity", "identity (perturbed)", "round-trip", "kv-cache"}
+    assert [planned.anatomy.kind_of(i).anatomy.mixer for i in range(4)] == ["other", "attention", "none", "none"]
+    memory = [t.name for t in planned.plan.tensors if ".hml." in t.name]
+    assert memory and all(n.startswith(("model.layers.2.mixer.midus_o_proj.hml.", "model.layers.6.mixer.midus_o_proj.hml.")) for n in memory)
+    assert not any(t.name.startswith("model.layers.2.mixer.o_proj") for t in planned.plan.tensors)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(3, 128, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()  # the memory learns: gradients reach its tables through the readout
+    grads = {n: p.grad for n, p in model.named_parameters() if ".hml." in n}
+    assert grads and any(g is not None and bool(g.abs().sum() > 0) for g in grads.values()), sorted(grads)
+    identity = recipe(root, base, slices([(0, "identity"), (1, "identity"), (2, "identity"), (3, "identity")], 6), "nemotron-h-identity")
+    planned, _, _ = apply_and_verify(identity)  # logits equal to the base's: each kind's output projections zeroed
+    mlp = planned.anatomy.kind_of(2).anatomy
+    assert (mlp.attention, mlp.ffn, mlp.ffn_down_proj) == (None, ("mixer",), "mixer.down_proj")
+    zeroed = {t.name.split(".", 3)[3] for t in planned.plan.tensors if t.rule == "zeros" and t.name.startswith("model.layers.9.")}
+    assert zeroed >= {"mixer.experts.down_proj", "mixer.shared_experts.down_proj.weight"}, zeroed  # the MoE copy's every output
+    with pytest.raises(RecipeError, match=r"it has no token mixer \(its one residual branch is its FFN 'mixer'\): the memory reads attention heads"):
+        plan_recipe(recipe(root, base, interleave([2], "memory"), "nemotron-h-mlp-memory"))
+    with pytest.raises(RecipeError, match="the layer has no FFN .* use query_source: heads"):
+        plan_recipe(recipe(root, base, interleave([1], "memory"), "nemotron-h-hidden", extra="  query_source: hidden\n"))  # in memory:
+
+
 @pytest.mark.parametrize("model_type, overrides", [("mamba", dict(state_size=8)), ("falcon_mamba", dict(state_size=8))])
 def test_a_block_whose_one_branch_is_its_mixer_makes_identity_blocks_not_memory_blocks(root, model_type, overrides):
     """Mamba's block is x + mixer(norm(x)), no FFN: identity blocks were refused ("Could not find an FFN") though zeroing the

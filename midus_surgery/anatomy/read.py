@@ -24,12 +24,6 @@ def _anatomy_from_flow(probe, flow: _Flow, source: str) -> Anatomy:
     major = {i for i, r in role.items() if r in ("major", "attention")}
     norms = {i for i, r in role.items() if r == "norm"}
     att_nodes = [n for n in calls if role[n.id] == "attention"]
-    if not att_nodes:
-        raise _error(f"an attention module in {probe.layer_class} (no child mixes tokens: children called "
-                     f"{[n.target for n in calls]})", known)
-    A = att_nodes[0]
-    attention = A.target
-    known["attention"] = attention
     inp = next(n for n in flow.nodes if n.kind == "input")
     out = next(n for n in flow.nodes if n.kind == "output")
     # residual stream: walk the adds in order
@@ -63,6 +57,16 @@ def _anatomy_from_flow(probe, flow: _Flow, source: str) -> Anatomy:
                            "output, and the input reaches the output only through other operations (mixed, as DeepSeek-V4's "
                            "hyper-connections mix the residual streams with a learned matrix), so no copy of this layer can start as "
                            "the identity: identity and memory blocks cannot be inserted into this model; plain copies (DUS, kind: copy) can.")
+    if not att_nodes and len(branches) == 1 and major and major <= branches[0][1]:
+        # one residual branch, with every module with weights on it, and no token mixer: an FFN alone (Nemotron-H's MLP and
+        # MoE layers, x + mlp(norm(x))). Identity blocks zero its output projections; no memory block reads heads from it.
+        return _ffn_only_anatomy(probe, flow, branches[0][1], major, norms, source, known)
+    if not att_nodes:
+        raise _error(f"an attention module in {probe.layer_class} (no child mixes tokens: children called "
+                     f"{[n.target for n in calls]})", known)
+    A = att_nodes[0]
+    attention = A.target
+    known["attention"] = attention
     if not branches:
         raise _error(f"the residual adds of {probe.layer_class} (no add joins the layer input with a module's output)", known)
 
@@ -146,6 +150,19 @@ def _mixer_only_anatomy(probe, flow: _Flow, A, a_nodes: frozenset[int], norms: s
     return Anatomy(layers_path=probe.layers_path, layer_class=probe.layer_class, attention=attention, attn_out_proj=attn_out_proj,
                    ffn=(), ffn_down_proj=None, attn_norms=attn_norms, ffn_norms=(), attn_post_norms=attn_post_norms,
                    residual="sequential", source=source, out_biases=_out_biases(probe, attention, attn_out_proj))
+
+
+def _ffn_only_anatomy(probe, flow: _Flow, branch: frozenset[int], major: set[int], norms: set[int], source: str, known: dict) -> Anatomy:
+    """The anatomy of a block whose one residual branch is an FFN and which mixes no tokens: no attention."""
+    ffn = tuple(dict.fromkeys(flow.by_id[i].target for i in sorted(major)))
+    ffn_norms = tuple(dict.fromkeys(flow.by_id[j].target for j in sorted(branch) if j in norms))
+    known.update(attention=None, ffn=list(ffn), attn_norms=[], ffn_norms=list(ffn_norms), residual="sequential")
+    last = ffn[-1]
+    down = last if _is_linear_leaf(probe.layer.get_submodule(last)) else _last_linear(probe, last, source, known, "ffn_down_proj")
+    out_biases = () if _is_linear_leaf(probe.layer.get_submodule(last)) else _out_biases(probe, last, down)
+    return Anatomy(layers_path=probe.layers_path, layer_class=probe.layer_class, attention=None, attn_out_proj=None, ffn=ffn,
+                   ffn_down_proj=down, attn_norms=(), ffn_norms=ffn_norms, residual="sequential", source=source, out_biases=out_biases,
+                   mixer="none")
 
 
 def _reaches_without_modules(flow: _Flow, source: int, target: int) -> bool:
@@ -534,6 +551,9 @@ def memory_facts(probe, anatomy: Anatomy) -> tuple[dict[str, Any], str | None]:
     """What a memory block made from this layer needs beyond the names, as Anatomy fields, and
     why one cannot be made (None when it can)."""
     facts: dict[str, Any] = {}
+    if anatomy.attention is None:
+        return {"mixer": "none"}, (f"it has no token mixer (its one residual branch is its FFN {', '.join(map(repr, anatomy.ffn))}): the memory reads "
+                                   "attention heads\nIdentity and copy blocks of it can be inserted.")
     try:
         log, handed = _logged_run(probe, anatomy.attention, anatomy.attn_out_proj)
     except Exception as e:  # noqa: BLE001 - a module that does not run alone: no memory from it
@@ -542,32 +562,11 @@ def memory_facts(probe, anatomy: Anatomy) -> tuple[dict[str, Any], str | None]:
     facts["mixer"] = "attention" if softmax else "other"
     if not softmax:
         return facts, f"its token mixer {anatomy.attention!r} is not softmax attention (a convolution, linear attention or state-space layer): the memory reads attention heads"
-    if not anatomy.ffn:
-        return facts, (f"it has no FFN (its one residual branch is its attention {anatomy.attention!r}): a memory block stands in for an "
-                       "FFN\nIdentity and copy blocks of it can be inserted.")
-    parallel = _parallel_ffn_parts(probe, anatomy.ffn)
-    if parallel:
-        # a memory readout stands in for the last part and the others become pass-throughs: in a sum each would add its
-        # input again, a block computing about twice its input that accept_function_change still wrote (trial68)
-        return facts, (f"its FFN is parts that each read the same input and add their outputs ({', '.join(parallel)}): a memory block "
-                       "stands in for a single FFN module\nIdentity and copy blocks of it can be inserted.")
-    ffn_out = probe.outputs.get(anatomy.ffn[-1])
-    ffn_in = probe.calls[anatomy.ffn[-1]].hidden() if anatomy.ffn[-1] in probe.calls else None
-    if isinstance(ffn_out, (tuple, list)):
-        at = next((i for i, o in enumerate(ffn_out) if _output_form(o, ffn_in)), None)
-        if at is None:
-            return facts, f"its FFN {anatomy.ffn[-1]!r} returns a {type(ffn_out).__name__} without a tensor shaped like its input"
-        facts["ffn_tuple"] = (len(ffn_out), at)
-        ffn_out = ffn_out[at]
-    elif not isinstance(ffn_out, torch.Tensor):
-        return facts, f"its FFN {anatomy.ffn[-1]!r} returns a {type(ffn_out).__name__}, not a tensor or tuple"
-    if _output_form(ffn_out, ffn_in) == "flat":
-        facts["ffn_flat"] = True
-    residual = _residual_argument(probe, anatomy.ffn[-1], anatomy.ffn_down_proj)
-    if residual == "unreadable":
-        return facts, f"its FFN {anatomy.ffn[-1]!r} adds the residual stream itself, but its hidden states are not its first argument"
-    if residual is not None:
-        facts["ffn_residual"] = residual
+    # a block whose one residual branch is its attention (Nemotron-H's attention layers) has no FFN facts to read: its memory
+    # readout stands in for the attention's output projection (modeling_midus.HeadsReadout)
+    problem = _ffn_facts(probe, anatomy, facts) if anatomy.ffn else None
+    if problem:
+        return facts, problem
     split = _head_split(log, handed) if handed is not None else None
     if split is None:
         return facts, f"the per-head outputs that {anatomy.attn_out_proj!r} receives could not be traced to [..., heads, head_dim]"
@@ -580,3 +579,31 @@ def memory_facts(probe, anatomy: Anatomy) -> tuple[dict[str, Any], str | None]:
     if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] != heads * head_dim and weight.shape[0] == heads * head_dim:
         facts["out_proj_in_axis"] = 0  # GPT-2's Conv1D: [in, out]
     return facts, None
+
+
+def _ffn_facts(probe, anatomy: Anatomy, facts: dict[str, Any]) -> str | None:
+    """Add to ``facts`` how the FFN a memory readout stands in for is called and returns; why it cannot be, or None."""
+    parallel = _parallel_ffn_parts(probe, anatomy.ffn)
+    if parallel:
+        # a memory readout stands in for the last part and the others become pass-throughs: in a sum each would add its
+        # input again, a block computing about twice its input that accept_function_change still wrote (trial68)
+        return (f"its FFN is parts that each read the same input and add their outputs ({', '.join(parallel)}): a memory block "
+                "stands in for a single FFN module\nIdentity and copy blocks of it can be inserted.")
+    ffn_out = probe.outputs.get(anatomy.ffn[-1])
+    ffn_in = probe.calls[anatomy.ffn[-1]].hidden() if anatomy.ffn[-1] in probe.calls else None
+    if isinstance(ffn_out, (tuple, list)):
+        at = next((i for i, o in enumerate(ffn_out) if _output_form(o, ffn_in)), None)
+        if at is None:
+            return f"its FFN {anatomy.ffn[-1]!r} returns a {type(ffn_out).__name__} without a tensor shaped like its input"
+        facts["ffn_tuple"] = (len(ffn_out), at)
+        ffn_out = ffn_out[at]
+    elif not isinstance(ffn_out, torch.Tensor):
+        return f"its FFN {anatomy.ffn[-1]!r} returns a {type(ffn_out).__name__}, not a tensor or tuple"
+    if _output_form(ffn_out, ffn_in) == "flat":
+        facts["ffn_flat"] = True
+    residual = _residual_argument(probe, anatomy.ffn[-1], anatomy.ffn_down_proj)
+    if residual == "unreadable":
+        return f"its FFN {anatomy.ffn[-1]!r} adds the residual stream itself, but its hidden states are not its first argument"
+    if residual is not None:
+        facts["ffn_residual"] = residual
+    return None

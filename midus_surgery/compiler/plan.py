@@ -26,7 +26,7 @@ from midus_surgery.compiler.layout import LayerSpec, expand_layout
 from midus_surgery.errors import MidusError, RecipeError, one_line
 from midus_surgery.io.dtypes import auto_dtype
 from midus_surgery.io.small_files import NotBookkeeping, read_small_text
-from midus_surgery.model.midus_names import HML_MODULE, PLAN_FILE, SHARED_BANK
+from midus_surgery.model.midus_names import HML_MODULE, PLAN_FILE, SHARED_BANK, STAND_IN_PREFIX
 from midus_surgery.recipe.anatomy_spec import Anatomy, StackAnatomy, index_ranges
 from midus_surgery.recipe.schema import LoadedRecipe, MemorySettings
 
@@ -280,7 +280,7 @@ def inserted_attention_out_projs(plan: dict, config) -> dict[int, str]:
     inserted block of a read plan whose layer kind has an anatomy. ``config``: the output's own."""
     inserted = [entry for entry in plan["layers"] if entry["kind"] != "base"]
     if plan.get("anatomy"):  # one kind of layer
-        return {entry["index"]: plan["anatomy"]["attn_out_proj"] for entry in inserted}
+        return {entry["index"]: plan["anatomy"]["attn_out_proj"] for entry in inserted if plan["anatomy"]["attn_out_proj"]}
     if plan.get("block_kinds"):  # a hybrid stack: each base layer's kind
         stack, at = StackAnatomy.model_validate(plan["block_kinds"]), "source"
     else:  # a copy-only plan, read from the safetensors headers, records none: the output's layers are traced
@@ -288,7 +288,7 @@ def inserted_attention_out_projs(plan: dict, config) -> dict[int, str]:
 
         stack, at = find_stack_anatomy(config), "index"
     kinds = {entry["index"]: stack.kind_of(entry[at]).anatomy for entry in inserted}
-    return {index: anatomy.attn_out_proj for index, anatomy in kinds.items() if anatomy is not None}
+    return {index: anatomy.attn_out_proj for index, anatomy in kinds.items() if anatomy is not None and anatomy.attn_out_proj}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -611,8 +611,9 @@ def build_hml(hidden_size: int, geometry: tuple[int, int], mem: MemorySettings, 
 # The planner
 
 
-def _is_under(name: str, module: str) -> bool:
-    return name == module or name.startswith(module + ".")
+def _is_under(name: str, module: str | None) -> bool:
+    """Whether tensor or module ``name`` is ``module`` or inside it (None, a block's absent attention: never)."""
+    return module is not None and (name == module or name.startswith(module + "."))
 
 
 def _matmul_params(shapes: dict[str, tuple[int, ...]], experts_per_token: int | None = None) -> int:
@@ -711,7 +712,11 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: StackAnatomy | None, *, ana
     geometry: dict[int, tuple[int, int]] = {}  # output memory layer -> (heads, head width) it reads
     problems = []
     for layer in layers:
-        if layer.kind == "memory":
+        if layer.kind == "memory" and not anatomy.kind_of(layer.source).anatomy.ffn and recipe.memory.query_source == "hidden":
+            problems.append(loaded.problem(("memory", "query_source"), f"output layer {layer.index} (memory from base layer {layer.source}, a "
+                                           f"{anatomy.kind_of(layer.source).label}): the layer has no FFN (its one residual branch is its "
+                                           "attention), whose input query_source: hidden would query the memory with; use query_source: heads"))
+        elif layer.kind == "memory":
             try:
                 geometry[layer.index] = memory_geometry(config, shapes, layers_path, anatomy.kind_of(layer.source).anatomy, layer.source)
             except ValueError as exc:
@@ -870,7 +875,7 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
         if layer.kind == "memory":
             hml = hmls[layer.index]
             rules = hml.init_rules()
-            readout = f"{out_prefix}{block.ffn[-1]}.{HML_MODULE}."
+            readout = f"{out_prefix}{memory_module_path(block)}.{HML_MODULE}."
             parameters = dict(hml.named_parameters())
             for pname, p in hml.state_dict().items():  # parameters and the query norm's running statistics
                 if share and pname == "bank.weight":
@@ -928,6 +933,15 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
     )
 
 
+def memory_module_path(anatomy: Anatomy) -> str:
+    """Where a memory block's readout sits in its layer (its HML module is under it): the last FFN module's place, or in a
+    block with no FFN the attention's output projection's, registered as a stand-in (modeling_midus.install_memory_blocks)."""
+    if anatomy.ffn:
+        return anatomy.ffn[-1]
+    parent, _, name = anatomy.attn_out_proj.rpartition(".")
+    return f"{parent}.{STAND_IN_PREFIX}{name}" if parent else f"{STAND_IN_PREFIX}{name}"
+
+
 _DOWN_PROJ = re.compile(r"(^|\.)down_proj(\.weight|\.bias|_bias)?$")
 
 
@@ -969,6 +983,8 @@ def _block_tensor_rule(kind: str, rest: str, anatomy: Anatomy | None, tapped: bo
     if kind == "identity" and any(_is_under(rest, m) for m in anatomy.out_biases):
         return "zeros"
     if kind == "memory":
+        if not anatomy.ffn and (_is_under(rest, anatomy.attn_out_proj) or any(_is_under(rest, m) for m in anatomy.attn_post_norms)):
+            return None  # no FFN: the memory readout stands in for the attention's output projection, its post-norms identities
         if any(_is_under(rest, m) for m in (*anatomy.ffn, *anatomy.ffn_norms)):
             return None  # replaced by the HML readout / identities
         if _is_under(rest, anatomy.attn_out_proj):

@@ -48,6 +48,17 @@ class MidusConfig(PretrainedConfig):
             raise AttributeError(name)
         return getattr(snapshot, name)
 
+    def validate(self) -> None:
+        # The base architecture's own rules, which its config class carries (Nemotron-H's layer_types hold 'mlp' and 'moe'
+        # layers, which transformers' generic rule refuses): save_pretrained of a MIDUS Nemotron-H failed on them. They are
+        # applied to a base config built from this one's values, as the class builds and standardises them (Phi-3's rope
+        # rule reads a rope_parameters entry its own init fills in).
+        if self.base_model_type not in CONFIG_MAPPING:
+            super().validate()
+            return
+        own = ("model_type", "base_model_type", "midus", "auto_map", "architectures", "transformers_version")
+        CONFIG_MAPPING[self.base_model_type](**{k: v for k, v in self.to_dict().items() if k not in own}).validate()
+
     def to_dict(self) -> dict:
         data = super().to_dict()
         data.pop("_base_snapshot", None)

@@ -13,6 +13,8 @@ class keep working unchanged:
   input, which the layer adds to the residual; other FFN modules (OPT's fc1) become identities;
 - the FFN-branch norms become identities, and so do the attention's post-norms (Gemma-2's
   post_attention_layernorm), which would only normalise the tap's zeros.
+A block with no FFN (its one residual branch is its attention: Nemotron-H) computes the same thing with
+one swap: a ``HeadsReadout`` stands in for the attention's output projection and returns HML(heads).
 With ``query_source: hidden`` (the generic variant) the attention keeps its output projection
 and the readout queries the memory with the FFN branch's input instead.
 
@@ -101,6 +103,23 @@ class MemoryReadout(nn.Module):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+class HeadsReadout(nn.Module):
+    """Stands in for the attention's output projection in a block with no FFN (its one residual branch is its
+    attention: Nemotron-H's attention layers). It returns HML(per-head outputs) where the projection returned the
+    attention's output, so the block computes x + HML(heads(norm(x))): what a Memory block with an FFN computes, its
+    tap adding zeros and its readout the memory."""
+
+    def __init__(self, hml: HeadwiseMemory, num_heads: int, head_dim: int):
+        super().__init__()
+        self.hml = hml
+        self.num_heads, self.head_dim = num_heads, head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [..., H*d_h] -> [..., H, d_h] -> HML -> [..., hidden]
+        out = self.hml(x.reshape(*x.shape[:-1], self.num_heads, self.head_dim))
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 def _out_features(module: nn.Module) -> int:
     """Output width of a linear layer (nn.Linear, or GPT-2's Conv1D which calls it ``nf``)."""
     for name in ("out_features", "nf"):
@@ -166,6 +185,11 @@ def install_memory_blocks(model: nn.Module, config) -> None:
             raise ValueError(f"{type(model).__name__} keeps its decoder layers elsewhere than the causal LM's {anatomy['layers_path']} "
                              f"(its body is {getattr(model, 'base_model_prefix', '?')!r}): a MIDUS model's weights cannot load into it") from None
         hml = HeadwiseMemory(heads, head_dim, config.hidden_size, hml_config, bank=bank)
+        if not anatomy["ffn"]:  # no FFN to stand in for: the readout takes the attention's output projection's place
+            _stand_in(layer, anatomy["attn_out_proj"], HeadsReadout(hml, heads, head_dim))
+            for path in anatomy.get("attn_post_norms", ()):  # as a Memory block with an FFN adds its readout un-normalised
+                _stand_in(layer, path, nn.Identity())
+            continue
         tap = None
         if hml_config.query_source == "heads":
             tap = AttentionTap(_out_features(layer.get_submodule(anatomy["attn_out_proj"])))

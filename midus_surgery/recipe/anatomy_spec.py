@@ -18,8 +18,8 @@ class Anatomy(BaseModel):
 
     layers_path: str = Field(description="Dotted path of the ModuleList of decoder layers in the causal LM, e.g. 'model.layers'.")
     layer_class: str = Field(description="Class name of the decoder layer, e.g. 'LlamaDecoderLayer'.")
-    attention: str = Field(description="The attention module, relative to the layer, e.g. 'self_attn'.")
-    attn_out_proj: str = Field(description="The attention's output projection (last linear of the attention branch), e.g. 'self_attn.o_proj'.")
+    attention: str | None = Field(description="The attention module, relative to the layer, e.g. 'self_attn'; null for a block whose one residual branch is its FFN (Nemotron-H's MLP and MoE layers: `x + mlp(norm(x))`), which identity blocks of it zero and which cannot make a memory block.")
+    attn_out_proj: str | None = Field(description="The attention's output projection (last linear of the attention branch), e.g. 'self_attn.o_proj'; null when `attention` is.")
     ffn: tuple[str, ...] = Field(description="Modules making the FFN branch in call order, e.g. ['mlp'] or ['fc1', 'fc2']; [] for a block whose one residual branch is its token mixer (Mamba's `x + mixer(norm(x))`): identity blocks of it zero the mixer's output projection, and it cannot make a memory block.")
     ffn_down_proj: str | None = Field(description="The last linear of the FFN branch, e.g. 'mlp.down_proj' or 'fc2'; null when `ffn` is [].")
     attn_norms: tuple[str, ...] = Field(description="Norms on the attention branch (pre and post), e.g. ['input_layernorm'].")
@@ -29,7 +29,7 @@ class Anatomy(BaseModel):
     extra_out_projs: tuple[str, ...] = Field((), description="The last linear of each further residual branch (Gemma-4's per-layer input): zeroed, like the FFN's, so that identity and memory blocks start as the identity.")
     residual: Literal["sequential", "parallel"] = Field(description="'sequential' (x + attn, then + ffn) or 'parallel' (x + attn(x) + ffn(x), GPT-NeoX/Falcon/Phi).")
     source: Literal["fx", "export", "recipe"] = Field("fx", description="How the anatomy was found.")
-    mixer: Literal["attention", "other"] = Field("attention", description="'attention' when the token mixer is softmax attention (a memory block needs it); 'other' for convolutions, linear attention, state-space layers.")
+    mixer: Literal["attention", "other", "none"] = Field("attention", description="'attention' when the token mixer is softmax attention (a memory block needs it); 'other' for convolutions, linear attention, state-space layers; 'none' for a block with no token mixer (`attention` null).")
     heads_key: str | None = Field(None, description="The config key holding the attention's query-head count (traced from the heads its output projection receives); None: num_attention_heads.")
     out_proj_in_axis: StrictInt = Field(1, ge=0, le=1, description="The axis of the output projection's weight that takes the concatenated heads: 1 for nn.Linear ([out, in]), 0 for GPT-2's Conv1D ([in, out]).")
     ffn_tuple: tuple[StrictInt, StrictInt] | None = Field(None, description="When the FFN returns a tuple (mixtures of experts that also return router scores): (its length, the position of the hidden states); None: it returns a tensor.")
@@ -47,6 +47,14 @@ class Anatomy(BaseModel):
         if (not self.ffn) != (self.ffn_down_proj is None):
             raise ValueError("ffn and ffn_down_proj go together: a block without an FFN (ffn: []) has no down projection (null), "
                              "and one with an FFN names its down projection")
+        if (self.attention is None) != (self.attn_out_proj is None):
+            raise ValueError("attention and attn_out_proj go together: a block without a token mixer (attention: null) has no output "
+                             "projection of it (null)")
+        if self.attention is None and (not self.ffn or self.attn_norms or self.residual != "sequential"):
+            raise ValueError("a block without a token mixer (attention: null) is its FFN alone: ffn names it, attn_norms is [] and "
+                             "residual is 'sequential'")
+        if (self.attention is None) != (self.mixer == "none"):
+            object.__setattr__(self, "mixer", "none" if self.attention is None else ("attention" if self.mixer == "none" else self.mixer))
         stray = [n for n in self.attn_post_norms if n not in self.attn_norms]
         if stray:
             raise ValueError(f"attn_post_norms {stray} are not among attn_norms {list(self.attn_norms)}: a post-norm is one of the attention branch's norms")
@@ -54,14 +62,17 @@ class Anatomy(BaseModel):
 
     def describe(self) -> str:
         """A few human-readable lines, e.g. for ``midus-surgery plan``."""
-        form = ("x = x + mixer(x)" if not self.ffn else "x + attn(x) + ffn(x)" if self.residual == "parallel" else "x = x + attn(x); x = x + ffn(x)")
+        form = ("x = x + mixer(x)" if not self.ffn else "x = x + ffn(x)" if self.attention is None
+                else "x + attn(x) + ffn(x)" if self.residual == "parallel" else "x = x + attn(x); x = x + ffn(x)")
+        attention_line = ("  attention branch:  none (the FFN's is the block's one residual branch)" if self.attention is None else
+                          f"  attention branch:  norms [{', '.join(self.attn_norms)}]"
+                          + (f" (after the attention: {', '.join(self.attn_post_norms)})" if self.attn_post_norms else "")
+                          + f"  attention {self.attention}"
+                          f"  output projection {self.attn_out_proj}")
         return "\n".join([
             f"{self.layer_class} at {self.layers_path}[i]   (found by {self.source})",
             f"  residual:          {self.residual}   ({form})",
-            f"  attention branch:  norms [{', '.join(self.attn_norms)}]"
-            + (f" (after the attention: {', '.join(self.attn_post_norms)})" if self.attn_post_norms else "")
-            + f"  attention {self.attention}"
-            f"  output projection {self.attn_out_proj}",
+            attention_line,
             (f"  FFN branch:        norms [{', '.join(self.ffn_norms)}]  ffn [{', '.join(self.ffn)}]"
              f"  down projection {self.ffn_down_proj}"
              + (f"  (adds the residual itself, {'its own input' if self.ffn_residual == 0 else f'from its argument {self.ffn_residual}'})"
