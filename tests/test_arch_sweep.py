@@ -28,6 +28,20 @@ def test_sweep_reports_passes_and_refusals(tmp_path):
     assert not any(p.name.startswith("llama") for p in tmp_path.iterdir())  # outputs, and a base that passed, removed
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_a_hybrid_refused_for_its_other_layers_is_tried_after_the_layers_that_can(tmp_path):
+    """The every-N layout puts memory blocks after a Nemotron-H MoE layer, which cannot make one, and the refusal names the
+    attention layers that can: the sweep then inserts after those, and reports that apart from a plain ok."""
+    assert sweep_tool.layers_that_can("x; base layers that can: 0-1, 3-6") == [0, 1]
+    assert sweep_tool.layers_that_can("x; base layers that can: 2, 6 / layout: y") == [2, 6]
+    assert sweep_tool.layers_that_can("no layers named") == []
+    results = sweep_tool.sweep(["nemotron_h"], tmp_path, lambda line: None, isolate=False)["nemotron_h"]
+    assert results["dus"] == "ok" and results["llama-pro"] == "ok"
+    assert results["midus"].startswith("ok on other layers: after base layers 2, 6 (after every ") and "it has no token mixer" in results["midus"]
+    assert sweep_tool.outcome_class(results["midus"]) == "ok on other layers"
+    assert sweep_tool.counts({"nemotron_h": results})["midus"]["ok on other layers"] == 1
+
+
 def _hybrid(kinds: set[str]) -> bool:
     """Softmax attention layers and others (linear attention, short convolutions, state-space layers)."""
     softmax = kinds & {"full_attention", "sliding_attention", "attention"}

@@ -515,9 +515,24 @@ class BuildError(Exception):
 # One recipe kind on one base
 
 
-def recipe_text(base: Path, kind: str, out: Path) -> str:
-    return (f"base:\n  path: {base}\nlayout:\n  interleave:\n    after_every: {AFTER_EVERY}\n    kind: {KINDS[kind]}\n"
+def recipe_text(base: Path, kind: str, out: Path, after: list[int] | None = None) -> str:
+    where = f"after: {after}" if after else f"after_every: {AFTER_EVERY}"
+    return (f"base:\n  path: {base}\nlayout:\n  interleave:\n    {where}\n    kind: {KINDS[kind]}\n"
             f"{MEMORY if kind == 'midus' else ''}output:\n  dir: {out}\n  dtype: float32\n")
+
+
+_ABLE = re.compile(r"base layers that can: ([0-9][0-9, \-]*)")
+
+
+def layers_that_can(message: str, most: int = 2) -> list[int]:
+    """The first ``most`` base layers a refusal says can make the blocks ("base layers that can: 0-1, 3-6" -> [0, 1])."""
+    found = _ABLE.search(message)
+    layers: list[int] = []
+    for part in (found.group(1).split(",") if found else []):
+        bounds = [int(x) for x in part.strip().split("-") if x.strip().isdigit()]
+        if bounds:
+            layers.extend(range(bounds[0], bounds[-1] + 1))
+    return layers[:most]
 
 
 _WHERE = re.compile(r"^\s*\S*?\.ya?ml(:\d+)*:\s*")  # "/path/x.yaml:3:1: "
@@ -557,6 +572,18 @@ def try_kind(base: Path, kind: str, work: Path, base_failures: dict[str, str] | 
 
 
 def _try_kind(base: Path, kind: str, work: Path, base_failures: dict[str, str] | None) -> str:
+    """The outcome of the every-N layout; where it is refused for reaching layers of a kind that cannot make the blocks (a
+    hybrid's convolution or state-space layers) and the refusal names layers that can, the outcome of inserting after
+    those instead, as 'ok on other layers: ...' when that applies and verifies (else the first refusal)."""
+    outcome, message = _try_layout(base, kind, work, base_failures, None)
+    able = layers_that_can(message) if outcome.startswith("refused:") and kind != "dus" else []
+    if able and _try_layout(base, kind, work, base_failures, able)[0] == "ok":
+        return f"ok on other layers: after base layers {', '.join(map(str, able))} (after every {AFTER_EVERY}: {outcome})"
+    return outcome
+
+
+def _try_layout(base: Path, kind: str, work: Path, base_failures: dict[str, str] | None, after: list[int] | None) -> tuple[str, str]:
+    """(the outcome, a refusal's whole message or '') of one layout."""
     from midus_surgery.compiler.planner import plan_recipe
     from midus_surgery.emit.emitter import check_planned, emit
     from midus_surgery.emit.verify import verify
@@ -565,34 +592,34 @@ def _try_kind(base: Path, kind: str, work: Path, base_failures: dict[str, str] |
     out = work / f"{base.name}-{kind}"
     remove_own_directory(out)
     recipe = work / f"{base.name}-{kind}.yaml"
-    recipe.write_text(recipe_text(base, kind, out))
+    recipe.write_text(recipe_text(base, kind, out, after))
     stage = "plan"
     try:
         try:
             planned = check_planned(plan_recipe(recipe))  # what `validate` runs
         except RecipeError as exc:
-            return f"refused: {refusal(str(exc))}"
+            return f"refused: {refusal(str(exc))}", str(exc)
         stage = "apply"
         try:
             emit(planned, progress=False)
         except RecipeError as exc:
-            return f"apply failed: {refusal(str(exc))}"
+            return f"apply failed: {refusal(str(exc))}", ""
         except MidusError as exc:
-            return f"apply failed: {one_line(exc, 240, whole=True)}"
+            return f"apply failed: {one_line(exc, 240, whole=True)}", ""
         stage = "verify"
         try:
             checks = verify(out, report=lambda c: None)
         except MidusError as exc:
-            return f"verify failed: {one_line(exc, 240, whole=True)}"
+            return f"verify failed: {one_line(exc, 240, whole=True)}", ""
     except Exception as exc:  # noqa: BLE001 - any other exception is a bug of the tool: shown, not hidden
-        return f"CRASH: {one_line(exc, 200, whole=True)} (in {stage}, at {_where(exc)})"
+        return f"CRASH: {one_line(exc, 200, whole=True)} (in {stage}, at {_where(exc)})", ""
     failed = [c for c in checks if not c.ok]
     if failed:
         shared = " [the base fails this check too]" if failed[0].name in (base_failures or {}) else ""
-        return f"verify failed: {failed[0].name}: {' '.join(failed[0].detail.split())[:200]}{shared}"
+        return f"verify failed: {failed[0].name}: {' '.join(failed[0].detail.split())[:200]}{shared}", ""
     remove_own_directory(out)
     recipe.unlink(missing_ok=True)
-    return "ok"
+    return "ok", ""
 
 
 def run_type(model_type: str, work: Path, emit_line=None) -> tuple[dict[str, str], dict]:
@@ -747,8 +774,8 @@ def sweep(model_types: list[str], work: Path, log, *, isolate: bool = True, jobs
 # Report
 
 
-CLASSES = ("ok", "refused", "apply failed", "verify failed", "CRASH", "crash", "timeout", "build")
-_GROUP_ORDER = ("CRASH", "crash", "timeout", "verify failed", "apply failed", "build", "refused", "ok")  # bugs first
+CLASSES = ("ok", "ok on other layers", "refused", "apply failed", "verify failed", "CRASH", "crash", "timeout", "build")
+_GROUP_ORDER = ("CRASH", "crash", "timeout", "verify failed", "apply failed", "build", "refused", "ok on other layers", "ok")  # bugs first
 
 
 def outcome_class(outcome: str) -> str:
@@ -835,7 +862,9 @@ def markdown(results: dict[str, dict[str, str]], meta: dict, info: dict | None =
         "names the level when it is not the first). Overridden by hand, each for a stated reason in",
         f"`tools/arch_sweep.py`: {', '.join(sorted(set(OVERRIDES) | set(TINY_OVERRIDES)))}.",
         "",
-        "Outcomes: **ok** (applied, every `verify` check passed); **refused** (`validate` refused the recipe,",
+        "Outcomes: **ok** (applied, every `verify` check passed); **ok on other layers** (the every-N layout reached layers",
+        "of a kind that cannot make these blocks, a hybrid's convolution or state-space layers, and was refused naming the",
+        "layers that can; inserting after the first two of those applied and passed every check); **refused** (`validate` refused the recipe,",
         "its message shown); **apply failed** / **verify failed** (a bug: the recipe was accepted; "
         "\"the base fails this check too\" marks a check",
         "the tiny base itself fails); **CRASH** (an exception other than the tool's own errors: a bug);",
