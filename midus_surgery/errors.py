@@ -38,6 +38,10 @@ def load_error_line(exc: BaseException, limit: int = 300) -> str:
         reason = " ".join(" ".join(reason if isinstance(reason, list) else [reason]).split())
         reason = reason.split(" Please use")[0].split(" Check the documentation")[0].strip()
         return f"not plain tensors and numbers, refused by torch.load(weights_only=True) ({reason[:limit]})"
+    if "weights_only" in raw and ("legacy .tar format" in raw or "weights_only set to False" in raw):
+        # torch takes a damaged file (zeroed, say) for an old tar archive and advises loading it unsafely: not passed on
+        # (trial74 F5: the advice, cut mid-word, was the whole message)
+        return "not a file torch.save wrote (torch.load reads it as neither its zip format nor plain tensors: damaged or replaced)"
     return one_line(exc, limit, whole=True)
 
 

@@ -23,7 +23,7 @@ from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.emit.card import write_model_card
 from midus_surgery.errors import BaseModelError, MidusError, RecipeError, is_library_panic, one_line, quiet_library_panic, shown
 from midus_surgery.io.dtypes import DTYPE_OF_TAG, ITEMSIZE, TAGS, torch_dtype
-from midus_surgery.io.output_dir import add_to_marker, atomic_directory, check_output_dir, read_marker
+from midus_surgery.io.output_dir import add_to_marker, atomic_directory, check_output_dir, give_default_mode, read_marker
 from midus_surgery.io.progress import progress_bar
 from midus_surgery.io.shard_writer import ShardItem, write_shard
 from midus_surgery.io.small_files import regular_file_problem
@@ -390,7 +390,7 @@ def _write_weights(planned: PlannedRecipe, source, tmp: Path, progress: bool) ->
         except _CastOverflow as exc:
             raise RecipeError([planned.loaded.problem(("output", "dtype"), str(exc))]) from None
         for shard, file in zip(shards, names):
-            os.chmod(tmp / file, 0o644)
+            give_default_mode(tmp / file)  # safetensors writes 0600
             weight_map.update((entry.name, file) for entry in shard)
     finally:
         if bar is not None:

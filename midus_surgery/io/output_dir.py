@@ -413,6 +413,14 @@ _KERNEL_FILE_SYSTEMS = {"proc", "sysfs", "cgroup", "cgroup2", "devpts", "securit
                         "configfs", "fusectl", "mqueue", "binfmt_misc", "efivarfs", "autofs"}
 
 
+def give_default_mode(path: Path) -> None:
+    """Give a file the mode a newly created one gets here (0666 less the umask): safetensors writes its files 0600
+    whatever the umask, so a trained model was unreadable to a teammate or a serving account (trial74 F4)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def kernel_file_system(place: Path) -> str | None:
     """The type of the file system ``place`` lies on when it is one of the kernel's (/proc, /sys), where no
     folder can be made; None otherwise, or where the mount table cannot be read (not Linux)."""

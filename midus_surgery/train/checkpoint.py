@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from midus_surgery.errors import FILE_TOO_LARGE, TrainingError, disk_advice, file_too_large, load_error_line, one_line
-from midus_surgery.io.output_dir import CHECKPOINT_STATE, PARTIAL_CHECKPOINT_NAME, checkpoint_extras, partial_checkpoint_extras
+from midus_surgery.io.output_dir import CHECKPOINT_STATE, PARTIAL_CHECKPOINT_NAME, checkpoint_extras, give_default_mode, partial_checkpoint_extras
 from midus_surgery.io.small_files import read_small_text
 from midus_surgery.train.dcp_guard import dcp_checkpoint_problem
 
@@ -367,16 +367,28 @@ def save_checkpoint(root: Path, acc, scheduler, *, step: int, samples_seen: int,
         raise TrainingError(f"cannot write the checkpoint {final} ({one_line(exc, 160)}); {room}; " +
                             (f"the last whole checkpoint is {last[-1][1]}: {disk_advice(exc)}, then resume: auto"
                              if last else "no checkpoint was written yet")) from None
-    acc.wait_for_everyone()
+    try:
+        acc.wait_for_everyone()
+    except BaseException:  # a Ctrl-C while the others finish their part left the whole temp folder behind (trial74 F3)
+        if main and tmp_is_ours:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if main:
         try:  # the files are written: the rest takes a moment, and a Ctrl-C waits for it (the checkpoint is kept whole)
             with interrupts_deferred():
+                for written in tmp.rglob("*.safetensors"):
+                    give_default_mode(written)  # safetensors writes 0600
                 (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()) + "\n")  # plain numbers, no pickle
                 files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
                 headers = {name: header_digest(tmp / name) for name in files if name.endswith(".safetensors")}
                 state = {"step": step, "samples_seen": samples_seen, **facts, "time": time.time(), "files": files, "headers": headers}
                 (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the checkpoint complete
-                if final.exists():
+                if final.exists() and not (final / STATE_FILE).is_file():
+                    # not a checkpoint (its state file moved out, a user's folder so named): nothing says what in it is the
+                    # tool's, and it was deleted whole, notes and all (trial74 F2). Kept, renamed, out of the way.
+                    aside = move_aside(final, "broken", acc)
+                    report(f"{final} holds no {STATE_FILE}, so it is no checkpoint train wrote whole; moved to {aside.name}, kept")
+                elif final.exists():
                     extras = checkpoint_extras(final)
                     if extras:
                         raise TrainingError(f"{final} also holds what midus-surgery did not write there ({', '.join(extras[:5])}); "
@@ -426,7 +438,20 @@ def newest_whole_checkpoint(root: Path, acc, say: Callable[[str], None], *, move
             continue
         aside = move_aside(path, "broken", acc)
         say(f"checkpoint {path.name} skipped: {problem}; moved to {aside.name}")
+    newest = int(CHECKPOINT_RE.match(chosen.name).group(1)) if chosen is not None else -1
+    for step, path in stateless_step_folders(root):
+        if step > newest:  # resumed from an earlier one without a word, then deleted whole when that step came again (trial74 F2)
+            say(f"{path.name} holds no {STATE_FILE}, so it is no checkpoint to resume from" + (f" (resuming from {chosen.name})" if chosen else "")
+                + f"; it is kept, and moved to {path.name}.broken if the run reaches step {step}")
     return chosen
+
+
+def stateless_step_folders(root: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the folders named as checkpoints that hold no state file (oldest first)."""
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir()
+                  if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir() and not (p / STATE_FILE).is_file())
 
 
 def move_aside(path: Path, why: str, acc) -> Path:
@@ -579,7 +604,10 @@ def load_checkpoint(path: Path, acc, optimizer, scheduler, *, adamw_options: dic
             acc.load_state(str(path))  # accelerate reads its pickles with weights_only=True; DCP's were checked above
     except Exception as exc:  # noqa: BLE001 - said as one line, naming the file that does not read
         files = list(state["files"]) if isinstance(state.get("files"), dict) else sorted(p.name for p in path.iterdir())
-        raise fail(first_unreadable_file(path, files) or load_error_line(exc)) from None
+        earlier = [p for s, p in complete_checkpoints(path.parent) if s < state.get("step", 0) and verify_checkpoint(p) is None]
+        way = (f"; it is damaged (its sizes and headers are as written, its contents are not): move it out of {path.parent}, and "
+               "resume: auto continues from the newest whole checkpoint before it" + (f" ({earlier[-1].name})" if earlier else ""))
+        raise fail((first_unreadable_file(path, files) or load_error_line(exc)) + way) from None
     # A loaded optimiser state brings the implementation it was saved with; the config decides.
     # The fused kernel also wants each parameter's step count as a float32 tensor beside it.
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper, or the optimiser itself

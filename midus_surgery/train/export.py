@@ -19,7 +19,7 @@ import torch
 from midus_surgery.errors import MidusError
 from midus_surgery.io.json_text import strict_json
 from midus_surgery.io.model_card import card_with_training, training_line
-from midus_surgery.io.output_dir import add_to_marker, atomic_directory, recorded_base
+from midus_surgery.io.output_dir import add_to_marker, atomic_directory, give_default_mode, recorded_base
 from midus_surgery.io.tensor_source import inside_base
 from midus_surgery.model import copy_modeling_files
 
@@ -57,6 +57,8 @@ def export_model(acc, model, out: Path, *, run_dir: Path, init_from: Path, dtype
                 raw.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             finally:
                 raw.config.dtype, raw.config.use_cache = old_dtype, False
+            for weights in tmp.glob("*.safetensors"):
+                give_default_mode(weights)  # safetensors writes 0600
             # save_pretrained writes the dtype of the model it was given (the training copy, fp32) over
             # ours; the config must say the stored weights' dtype, or "auto" loads a bf16 export as fp32
             config_file = tmp / "config.json"

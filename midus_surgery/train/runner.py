@@ -532,13 +532,18 @@ class Runner:
         if cfg.resume is None:
             existing = complete_checkpoints(self.ckpt_root)
             if existing:
-                raise RecipeError([loaded.problem(("resume",), f"{self.ckpt_root} already holds checkpoints (newest: step {existing[-1][0]}); set resume: auto to continue that run, or choose another run_dir")])
+                raise RecipeError([loaded.problem(("resume",), f"resume is not set, and {self.ckpt_root} already holds checkpoints (newest: step "
+                                                               f"{existing[-1][0]}); set resume: auto to continue that run, or choose another run_dir")])
+            self.refuse_to_replace_an_earlier_export()
             return None
         if cfg.resume == "auto":
             try:
-                return newest_whole_checkpoint(self.ckpt_root, self.acc, self.say, move=not dry)
+                chosen = newest_whole_checkpoint(self.ckpt_root, self.acc, self.say, move=not dry)
             except NoWholeCheckpoint as exc:
                 raise RecipeError([loaded.problem(("resume",), str(exc))]) from None
+            if chosen is None:
+                self.refuse_to_replace_an_earlier_export()
+            return chosen
         path = loaded.resolve(cfg.resume).resolve()
         if not path.exists():
             raise RecipeError([loaded.problem(("resume",), f"{path} does not exist (resume: auto continues the newest checkpoint of run_dir)")])
@@ -546,6 +551,20 @@ class Runner:
         if problem:
             raise RecipeError([loaded.problem(("resume",), f"{path} is not a complete checkpoint ({problem})")])
         return path
+
+    def refuse_to_replace_an_earlier_export(self) -> None:
+        """A fresh start where an earlier run's export holds its trained weights (its checkpoints deleted to free the disk, the
+        model kept): the new run's export would replace it when it finishes, without a word (trial74 F1). Refused: the
+        trained model is what a run is for, and apply without --overwrite refuses its own earlier output alike."""
+        out = self.export_dir
+        marker = read_marker(out) if out.is_dir() else None
+        weights = sorted(p.name for p in out.glob("*.safetensors")) if marker and marker.get("kind") == EXPORT_KIND else []
+        if weights:
+            where = ("export", "dir") if self.cfg.export.dir else ("run_dir",)
+            raise RecipeError([self.loaded.problem(where, f"{out} holds the model an earlier run exported ({', '.join(weights[:3])}), "
+                                                          "and this run starts afresh (no checkpoint to continue): its export would "
+                                                          "replace that model; move it out first, or choose another "
+                                                          f"{'export.dir' if self.cfg.export.dir else 'run_dir'}")])
 
     def prepare_run_dir(self) -> None:
         """The run directory, marked as this tool's and held by this run (a second run started in it
