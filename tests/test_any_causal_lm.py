@@ -27,6 +27,7 @@ SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_k
              max_position_embeddings=128, head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 MEMORY = "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n"
 LFM2 = dict(num_hidden_layers=6, layer_types=["conv", "full_attention"] * 3)
+LFM3 = dict(num_hidden_layers=6, layer_types=["conv", "conv", "full_attention", "conv", "sliding_attention", "conv"], sliding_window=8)
 QWEN3_NEXT = dict(num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
 # MLA: queries and keys 24 wide per head (16 without position + 8 rotary), values 40 wide
 DEEPSEEK_V3 = dict(num_hidden_layers=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
@@ -96,7 +97,9 @@ def test_a_hybrid_stack_has_one_anatomy_per_kind_of_layer():
 @pytest.mark.parametrize("model_type,overrides,copies", [
     ("lfm2", LFM2, [(0, "identity"), (1, "identity"), (3, "memory")]),  # conv and attention layers
     ("qwen3_next", QWEN3_NEXT, [(0, "identity"), (3, "identity"), (3, "memory")]),  # linear and full attention
-], ids=["lfm2", "qwen3_next"])
+    # LFM3's attention reads its config class's _rope_type_labels, a private constant a MIDUS config did not answer (AttributeError)
+    ("lfm3", LFM3, [(2, "memory"), (0, "identity"), (4, "memory"), (2, "identity")]),  # conv, full and sliding attention
+], ids=["lfm2", "qwen3_next", "lfm3"])
 def test_hybrid_stacks_keep_the_function_for_blocks_of_every_kind(root, model_type, overrides, copies):
     base = make_base(root, model_type, **overrides)
     path = recipe(root, base, slices(copies, overrides["num_hidden_layers"]), f"{model_type}-hybrid")

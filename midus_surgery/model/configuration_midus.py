@@ -44,7 +44,14 @@ class MidusConfig(PretrainedConfig):
         # Only reached when normal lookup fails. Private state is this config's own, never the
         # snapshot's (the snapshot's per-layer state would make this config recurse into itself).
         snapshot = self.__dict__.get("_base_snapshot")
-        if snapshot is None or name.startswith("_"):
+        if snapshot is None or name.startswith("__"):
+            raise AttributeError(name)
+        if name.startswith("_"):
+            # a constant of the base config class (LFM3's _rope_type_labels, which its modeling code reads) is answered;
+            # private state of the snapshot instance is not
+            value = getattr(type(snapshot), name, None)
+            if isinstance(value, (str, int, float, bool, tuple, frozenset)):
+                return value
             raise AttributeError(name)
         return getattr(snapshot, name)
 
