@@ -170,6 +170,17 @@ def test_the_token_cache_may_not_lie_inside_the_model_or_the_data(world, tmp_pat
     assert sorted(p for p in target.rglob("*")) == before and not (tmp_path / "an").exists()
 
 
+def test_a_token_cache_inside_the_output_is_refused_before_the_analysis_runs(world, tmp_path, capsys):
+    """--out X --cache-dir X/tokens ran the whole analysis, then exited 2 saying X had appeared since it was checked (this
+    run had written the cache there), leaving X.new-* behind (trial73 F7)."""
+    out = tmp_path / "an"
+    assert main(["analyze", str(world["memory"]), "--data", str(world["root"] / "corpus"), "--out", str(out), "--cache-dir",
+                 str(out / "tokens"), "--block-size", "16", "--max-blocks", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"output {out} contains the token cache (--cache-dir) at {out / 'tokens'}" in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and not list(tmp_path.glob("an.new-*"))
+
+
 def test_the_clock_of_an_evaluation_starts_after_the_memory_layers_kernels_are_ready(world, monkeypatch):
     """eval's tokens/s included the one-time build of the CPU kernels: 1 tokens/s (24.5 s), then 39 once built (trial40)."""
     import numpy as np

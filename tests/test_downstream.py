@@ -272,6 +272,45 @@ def test_task_yaml_that_would_run_code_is_refused_before_lm_eval_reads_it(world,
     assert not marker.exists()
 
 
+def test_a_task_folder_that_would_hang_the_check_or_read_the_kernels_files_is_one_line(tmp_path):
+    """trial73: a named pipe called t.yaml waited forever; nested aliases (886 bytes) ran for minutes; a list holding itself
+    and deep nesting were RecursionError tracebacks; data_files naming /proc/self/environ put the environment into the
+    datasets cache, world-readable; dataset_kwargs.cache_dir made folders anywhere. Each is now one TaskError line."""
+    import os
+
+    from midus_surgery.downstream.task_guard import TaskError, check_task_folders
+
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(9)) + "task: t\n"
+    cases = {
+        "fifo": None,
+        "laughs": laughs,
+        "self": "task: t\nx: &l [*l]\n",
+        "deep": "task: t\nx: " + "[" * 5000 + "]" * 5000 + "\n",
+        "environ": "task: t\ndataset_path: text\ndataset_kwargs:\n  data_files: /proc/self/environ\n",
+        "pipe_data": "task: t\ndataset_path: text\ndataset_kwargs:\n  data_files: {test: data.txt}\n",
+        "cache_dir": "task: t\ndataset_path: text\ndataset_kwargs:\n  cache_dir: /tmp/anywhere\n",
+    }
+    said = {"fifo": "is a named pipe, not a regular file", "laughs": None, "self": None,
+            "deep": "nested deeper than the YAML reader goes", "environ": "lies on the kernel's proc file system, not data",
+            "pipe_data": "data.txt): " , "cache_dir": "dataset_kwargs.cache_dir '/tmp/anywhere'"}
+    for case, text in cases.items():
+        folder = tmp_path / case
+        folder.mkdir()
+        if text is None:
+            os.mkfifo(folder / "t.yaml")
+        else:
+            (folder / "t.yaml").write_text(text)
+        if case == "pipe_data":
+            os.mkfifo(folder / "data.txt")
+        if said[case] is None:  # walked once per shared object: at once, and nothing in it to refuse
+            check_task_folders([folder], allow_code=False)
+            continue
+        with pytest.raises(TaskError) as info:
+            check_task_folders([folder], allow_code=False)
+        assert said[case] in str(info.value) and len(str(info.value).splitlines()) == 1, (case, str(info.value))
+
+
 def test_a_task_template_that_reaches_python_internals_runs_only_with_allow_task_code(world, tmp_path):
     """lm-eval renders templates with a Jinja environment that is not sandboxed; without the flag
     the run renders them in jinja2's sandbox. Run from a folder that is not a git repository:

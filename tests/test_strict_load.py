@@ -142,6 +142,11 @@ def test_pickle_weights_are_read_as_data_only_and_the_refusal_gives_no_unsafe_ad
     proc = run_cli("analyze", model, "--data", world["files"][0], "--out", tmp_path / "analysis", "--quiet")
     assert proc.returncode == 2 and "holds only pickle .bin weights" in proc.stderr and "--allow-pickle" in proc.stderr, proc.stderr
     assert not (tmp_path / "analysis").exists()
+    # a stray .safetensors beside the pickle is not what transformers reads: it passed for safe, and torch.load ran (trial73 F5)
+    save_file({"x": torch.zeros(1)}, model / "adapter.safetensors")
+    proc = run_cli("eval", model, "--data", world["files"][0], "--quiet")
+    assert proc.returncode == 2 and "holds only pickle .bin weights" in proc.stderr, proc.stderr
+    (model / "adapter.safetensors").unlink()
     proc = run_cli("eval", model, "--data", world["files"][0], "--quiet", "--allow-pickle")
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip()

@@ -476,6 +476,18 @@ def test_a_midus_output_without_its_modeling_files_fails_the_code_check(bases, t
     assert "auto_map does not name MIDUS's own classes" in run(out)["code"].detail
 
 
+def test_a_midus_output_shipping_tokenizer_code_fails_the_code_check(bases, tmp_path):
+    """Its modeling files untouched, a MIDUS output whose tokenizer_config.json maps the tokenizer to a shipped evil_tok.py
+    passed (trial75 F1): a load with trust_remote_code=True, as a MIDUS output is loaded without the package, runs it."""
+    out = emitted(bases, tmp_path, "llama", "midus")
+    (out / "evil_tok.py").write_text("raise SystemExit('ran')\n")
+    (out / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["evil_tok.EvilTokenizer", None]}}))
+    checks = run(out)
+    assert "code" in failed(checks), {n: c.detail for n, c in checks.items()}
+    assert checks["code"].detail.startswith("the folder ships code besides MIDUS's modeling files (evil_tok.py, tokenizer_config.json's "
+                                            "auto_map: "), checks["code"].detail
+
+
 def test_what_is_no_model_directory_is_a_usage_error_not_a_failed_check(tmp_path, capsys):
     """exit 1 means verify ran and a check failed; a path that is no model directory is exit 2."""
     from midus_surgery.cli import main

@@ -254,7 +254,9 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
     # as eval's: never into the model or the data's folders (trial39, trial40)
     cache = check_cache_location(Path(cache_dir) if cache_dir else D.default_cache_dir(), inputs=inputs,
                                  data_folders=[(f"the data folder of {p}", data_folder(p)) for p in data])
-    out = check_output_dir(out, kind=ANALYSIS_KIND, inputs=inputs, reuse=True, flag=None)
+    # the token cache is an input too: a cache inside the output was tokenised into it, and the finished analysis then
+    # found its folder "changed since this run checked it" (trial73 F7)
+    out = check_output_dir(out, kind=ANALYSIS_KIND, inputs=[*inputs, ("the token cache (--cache-dir)", cache)], reuse=True, flag=None)
     if dtype not in DTYPES:
         raise TaskError(f"--dtype must be one of {', '.join(DTYPES)}")
     run_on = eval_device(device)

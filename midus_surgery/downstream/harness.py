@@ -23,6 +23,7 @@ from unittest import mock
 
 from midus_surgery.downstream.task_guard import TaskError, check_task_folders, sandboxed_templates, task_files
 from midus_surgery.errors import one_line
+from midus_surgery.io.small_files import regular_file_problem
 
 
 def _lm_eval():
@@ -174,6 +175,9 @@ def _check_data_files(task: str, yaml_file: Path) -> None:
              for name in (entry if isinstance(entry, list) else [entry]) if isinstance(name, str)]
     rebuild = "rebuild the suite where it is (python tools/make_task_suite.py TEXT --out DIR)"
     for name in named:
+        odd = Path(name).exists() and regular_file_problem(Path(name))
+        if odd:  # a pipe or a device was said as "not there: was the suite folder moved?" (trial73 F9)
+            raise TaskError(f"task {task!r} ({yaml_file}) reads its data from {name}: {odd}")
         if Path(name).is_absolute() and "*" not in name and not Path(name).is_file():
             raise TaskError(f"task {task!r} ({yaml_file}) reads its data from {name}, which is not there: was the suite folder "
                             f"moved? {rebuild[0].upper()}{rebuild[1:]}")

@@ -20,12 +20,16 @@ that reaches for Python's internals.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from unittest import mock
 
 from midus_surgery.errors import MidusError, one_line
+from midus_surgery.io.output_dir import kernel_file_system
+from midus_surgery.io.small_files import read_small_text, regular_file_problem
 
 ALLOW = "pass --allow-task-code if you trust this folder"
+TASK_YAML_BYTES = 4 << 20  # a task description is a few KB; lm-eval's largest are tens of KB
 # The tags YAML's safe loader builds data from; anything else is the loader's (lm-eval's) to interpret.
 CORE_TAGS = frozenset(f"tag:yaml.org,2002:{name}" for name in
                       ("str", "int", "float", "bool", "null", "seq", "map", "merge", "timestamp", "binary", "set", "omap", "pairs"))
@@ -60,8 +64,8 @@ def task_files(paths: list[Path]) -> dict[str, list[Path]]:
     files = {f.resolve() for path in paths for f in (*path.rglob("*.yaml"), *path.rglob("*.yml"))}  # a folder given twice, or in another
     for file in sorted(files):
         try:
-            documents = list(yaml.compose_all(file.read_text(), Loader=yaml.SafeLoader))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            documents = list(yaml.compose_all(read_small_text(file, TASK_YAML_BYTES), Loader=yaml.SafeLoader))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
             continue
         for node in documents:
             if isinstance(node, yaml.MappingNode):
@@ -79,16 +83,20 @@ def _check_task_yaml(file: Path, seen: set[Path]) -> None:
         return
     seen.add(file)
     try:
-        text = file.read_text()
+        # a regular file of a task's size: a named pipe waited forever, /dev/zero grew to a MemoryError (trial73 F3)
+        text = read_small_text(file, TASK_YAML_BYTES)
         documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))  # nodes with their tags, nothing built
     except (OSError, UnicodeDecodeError) as exc:
         raise TaskError(f"{file}: cannot read it ({one_line(exc, 200, whole=True)})") from None
     except yaml.YAMLError as exc:  # lm-eval would skip the file without a word, then not know its task
         raise TaskError(f"{file}: not valid YAML ({one_line(exc, 200, whole=True)}); fix it, or move it out of the task folder") from None
+    except RecursionError:
+        raise TaskError(f"{file}: nested deeper than the YAML reader goes; not a task description") from None
     for document in documents:
         _refuse_tags(file, document)
+    visited: set[int] = set()  # aliases share one object: walked once each (nested aliases doubled the walk per level)
     for config in yaml.safe_load_all(text):  # core tags only, checked above
-        _check_entries(file, config, seen)
+        _check_entries(file, config, seen, visited)
 
 
 def _refuse_tags(file: Path, root) -> None:
@@ -109,14 +117,16 @@ def _refuse_tags(file: Path, root) -> None:
             stack.extend(item for pair in node.value for item in pair)
 
 
-def _check_entries(file: Path, config, seen: set[Path]) -> None:
-    """Includes (checked in turn) and metrics, in the task and in any task a group defines inline."""
+def _check_entries(file: Path, config, seen: set[Path], visited: set[int]) -> None:
+    """Includes (checked in turn), metrics and the data it reads, in the task and in any task a group defines inline."""
+    if not isinstance(config, (dict, list)) or id(config) in visited:
+        return
+    visited.add(id(config))  # also ends a list that holds itself (&l [*l]), a RecursionError traceback (trial73 F3)
     if isinstance(config, list):
         for item in config:
-            _check_entries(file, item, seen)
+            _check_entries(file, item, seen, visited)
         return
-    if not isinstance(config, dict):
-        return
+    _check_data(file, config)
     includes = config.get("include")
     for include in includes if isinstance(includes, list) else [includes] if includes is not None else []:
         target = Path(str(include))
@@ -124,7 +134,7 @@ def _check_entries(file: Path, config, seen: set[Path]) -> None:
         if not target.is_file():  # refused rather than skipped: whatever lm-eval would open instead is unchecked
             raise TaskError(f"{file}: include {include!r} is not a file ({target}); {ALLOW}")
         _check_task_yaml(target, seen)
-    for metric in config.get("metric_list") or []:
+    for metric in config.get("metric_list") if isinstance(config.get("metric_list"), list) else []:
         if isinstance(metric, dict):
             name = metric.get("metric")
             if metric.get("hf_evaluate"):
@@ -134,7 +144,31 @@ def _check_entries(file: Path, config, seen: set[Path]) -> None:
                                 f"which can import a metric script; {ALLOW}")
     for value in config.values():
         if isinstance(value, (dict, list)):
-            _check_entries(file, value, seen)
+            _check_entries(file, value, seen, visited)
+
+
+def _check_data(file: Path, config: dict) -> None:
+    """What a task reads and where HF datasets writes for it: its data files may not lie on the kernel's file systems
+    (/proc/self/environ was copied into the datasets cache, world-readable, trial73 F1) nor be other than regular files,
+    and its dataset_kwargs may not choose where datasets writes (cache_dir made folders anywhere, F2)."""
+    kwargs = config.get("dataset_kwargs")
+    if not isinstance(kwargs, dict):
+        return
+    if "cache_dir" in kwargs:
+        raise TaskError(f"{file}: dataset_kwargs.cache_dir {kwargs['cache_dir']!r}: where HF datasets writes is the user's to choose "
+                        f"(HF_DATASETS_CACHE), not a task's; {ALLOW}")
+    files = kwargs.get("data_files")
+    named = [name for entry in (files.values() if isinstance(files, dict) else [files])
+             for name in (entry if isinstance(entry, list) else [entry]) if isinstance(name, str)]
+    for name in named:
+        path = Path(name) if Path(name).is_absolute() else file.parent / name
+        if not os.path.lexists(path):
+            continue  # a pattern, or not there (harness._check_data_files says so for a suite's)
+        real = path.resolve()
+        kernel = kernel_file_system(real)
+        odd = f"it lies on the kernel's {kernel} file system, not data" if kernel else regular_file_problem(real)
+        if odd:
+            raise TaskError(f"{file}: dataset_kwargs.data_files {name!r} ({real}): {odd}; a task folder names data files")
 
 
 def _known_metric(name: str) -> bool:

@@ -275,6 +275,22 @@ def _refuse_own_code(out: Path, plan: dict | None) -> None:
                          "told to: read that code, then pass --trust-remote-code (without it transformers would check another class)")
 
 
+def _other_shipped_code(out: Path) -> str | None:
+    """The code a MIDUS output holds besides its modeling files, in a few words: other .py files, and a tokenizer whose
+    tokenizer_config.json maps it to code (auto_map); None when there is none."""
+    from midus_surgery.model.midus_names import MODELING_FILES
+
+    found = [p.name for p in sorted(out.glob("*.py")) if p.name not in MODELING_FILES]
+    try:
+        tokenizer = json.loads(read_small_text(out / "tokenizer_config.json"))
+    except (OSError, ValueError):
+        tokenizer = None
+    auto_map = tokenizer.get("auto_map") if isinstance(tokenizer, dict) else None
+    if auto_map:
+        found.append(f"tokenizer_config.json's auto_map: {one_line(json.dumps(auto_map), 120)}")
+    return ", ".join(found) or None
+
+
 def shipped_code_check(out: Path, config: dict, trust_remote_code: bool) -> Check:
     """A MIDUS output's modeling files are what ``trust_remote_code=True`` runs where midus-surgery
     is not installed; with the package imported, transformers runs the package's registered copy
@@ -285,6 +301,11 @@ def shipped_code_check(out: Path, config: dict, trust_remote_code: bool) -> Chec
     from midus_surgery.model.midus_names import AUTO_MAP, MODELING_FILES
 
     missing, differ = shipped_code_differences(out)
+    other = _other_shipped_code(out)
+    if other and not trust_remote_code:  # trust_remote_code=True, which a MIDUS output is loaded with, runs it too (trial75 F1)
+        return Check("code", False, f"the folder ships code besides MIDUS's modeling files ({other}), which a load with "
+                                    "trust_remote_code=True (as a MIDUS output is loaded where midus-surgery is not installed) runs; "
+                                    "read it, then pass --trust-remote-code to check the folder as it is, or remove it")
     auto_map = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else {}
     if missing or any(auto_map.get(key) != ref for key, ref in AUTO_MAP.items()):  # beside them, a base tokenizer's own entry
         what = f"{', '.join(missing)} missing" if missing else "config.json's auto_map does not name MIDUS's own classes"

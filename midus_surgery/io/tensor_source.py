@@ -684,9 +684,11 @@ PICKLE_RISK = "pickle can run code when loaded"
 
 
 def holds_only_pickle_weights(directory: Path) -> bool:
-    """Whether a model folder's weights are pickle .bin files alone: transformers reads safetensors when there are
-    any, so a folder with both is read without unpickling."""
-    return not any(directory.glob("*.safetensors")) and any(directory.glob("*.bin"))
+    """Whether transformers would read a model folder's weights from pickle .bin files: it reads model.safetensors (or
+    the shards its index names) when it is there, and else the .bin. Another .safetensors file beside a pickle is not
+    what it reads: such a folder passed for safe, and torch.load ran without --allow-pickle (trial73 F5)."""
+    read_safe = (directory / "model.safetensors").is_file() or (directory / "model.safetensors.index.json").is_file()
+    return not read_safe and any(directory.glob("*.bin"))
 
 
 def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, ...], model_type: str,
