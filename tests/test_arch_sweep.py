@@ -200,5 +200,8 @@ def test_the_counts_the_readme_and_apply_md_give_are_the_saved_sweeps():
     said = f"{ok['dus']} apply and verify as DUS, {ok['llama-pro']} as LLaMA-Pro and {ok['midus']} as MIDUS"
     assert said in readme and said in apply_md
     assert f"({refused['dus']}, {refused['llama-pro']} and {refused['midus']})" in apply_md
+    other = {kind: counts[kind].get("ok on other layers", 0) for kind in ("llama-pro", "midus")}
+    more = f"{other['llama-pro']} more as LLaMA-Pro and {other['midus']} more as MIDUS"
+    assert more in readme and more in apply_md
     types = len(json.loads((root / "docs" / "results" / "arch_sweep.json").read_text())["results"])
     assert re.search(rf"of (its )?{types} causal-LM model types", readme) and re.search(rf"of (its )?{types} causal-LM model types", apply_md)
