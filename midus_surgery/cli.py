@@ -222,9 +222,9 @@ def _plan_notes(planned, start: bool, apply: bool = False) -> list[str]:
                      "transformers reads layer_types, but a tool that reads max_window_layers instead would build another attention pattern")
     ids = _tokenizer_ids(planned)
     vocab = plan.config.get("vocab_size")
-    if isinstance(ids, str) and not apply:
-        notes.append(f"the base's tokenizer.json does not load ({ids}): apply copies it as it is, and the output's tokenizer "
-                     "will not load either (eval and train need one); fix or replace it")
+    if isinstance(ids, str):  # apply's writing warns of it itself
+        notes += [] if apply else [f"the base's tokenizer.json does not load ({ids}): apply copies it as it is, and the output's "
+                                   "tokenizer will not load either (eval and train need one); fix or replace it"]
     elif ids is not None and isinstance(vocab, int) and ids[1] >= vocab:  # by the largest id: a tokenizer's ids need not be 0..n-1
         notes.append(f"the base's tokenizer.json has {ids[0]:,} tokens with ids up to {ids[1]:,} but its config's vocab_size is {vocab:,}: "
                      f"text whose ids reach {vocab:,} or more cannot be embedded (train and eval refuse such data); a tokenizer of another model?")
