@@ -350,6 +350,18 @@ def test_a_token_cache_whose_record_is_not_as_written_is_one_line(tmp_path, tok,
         prep([cache], tmp_path, tok)
 
 
+def test_a_recursive_pattern_over_a_linked_loop_ends(tmp_path):
+    """eval --data "DIR/**/*.txt" hung: Python's recursive glob follows a linked folder that leads back up forever (trial73
+    F6). A pattern with ** is walked as a folder is, each real folder once."""
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "a.txt").write_text("x")
+    (tmp_path / "d" / "sub" / "b.txt").write_text("y")
+    os.symlink(tmp_path / "d", tmp_path / "d" / "sub" / "loop")
+    got = D.resolve_inputs(["d/**/*.txt"], tmp_path, ["**/*.txt"])
+    assert got == [tmp_path / "d" / "a.txt", tmp_path / "d" / "sub" / "b.txt"]
+    assert D.resolve_inputs([str(tmp_path / "d" / "*.txt")], tmp_path, ["**/*.txt"]) == [tmp_path / "d" / "a.txt"]
+
+
 def test_a_folder_of_data_skips_hidden_files_and_folders(tmp_path, tok):
     """trial44: a .secret.txt (and files under .git/) in a data folder were trained on; a shell glob skips them."""
     write_corpus(tmp_path / "c", files=1, sentences_per_file=3)

@@ -84,7 +84,12 @@ def resolve_inputs(entries: Iterable[str], base_dir: Path, dir_glob: Iterable[st
         raw = Path(entry).expanduser()
         path = raw if raw.is_absolute() else base_dir / raw
         if _has_magic(str(entry)):
-            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+            first = next(i for i, part in enumerate(path.parts) if _has_magic(part))
+            root, rest = Path(*path.parts[:first]), "/".join(path.parts[first:])
+            if "**" in rest and root.is_dir():  # glob's ** followed a linked folder's loop forever (trial73 F6): walked as a folder is
+                matches = _folder_files(root, [rest], what)
+            else:
+                matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
             found = [p for p in matches if p.is_file()]
             if not found and matches:  # only folders: a pattern is not searched inside them, as a folder entry is
                 raise DataError(f"{what}: the pattern {entry!r} matches {len(matches)} folder{'s' if len(matches) > 1 else ''} "
