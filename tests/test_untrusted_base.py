@@ -961,3 +961,19 @@ def test_verify_compares_against_a_base_that_is_its_own_code_only_when_allowed(l
     assert main(["verify", str(out), "--base", str(custom)]) == 2
     err = capsys.readouterr().err
     assert f"{custom}/config.json maps its model to its own code" in err and "--trust-remote-code" in err, err
+
+
+def test_a_config_naming_a_hub_kernel_is_loaded_only_when_code_is_allowed(llama, tmp_path, capsys):
+    """config.json's attn_implementation "kernels-community/flash-attn" made transformers fetch a kernel from the Hub (compiled
+    code the kernels library runs) without --trust-remote-code; offline it failed after a stray line (trial73 F9e)."""
+    model = copy_base(llama, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "attn_implementation": "kernels-community/flash-attn"}))
+    (tmp_path / "a.txt").write_text("the cat sat on the mat . " * 20)
+    assert main(["eval", str(model), "--data", str(tmp_path / "a.txt"), "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "asks for attn_implementation 'kernels-community/flash-attn', a kernel from the Hugging Face Hub" in err, err
+    assert "pass --trust-remote-code" in err and not (tmp_path / "cache").exists()
+    recipe = write_recipe(tmp_path, model, layout="layout:\n  interleave:\n    after: [1]\n    kind: identity\n")  # apply's base too
+    err = refused(recipe, capsys)
+    assert "attn_implementation 'kernels-community/flash-attn' names a kernel on the Hugging Face Hub" in err and "base.trust_remote_code: true" in err, err
