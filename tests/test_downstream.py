@@ -134,6 +134,14 @@ def test_a_task_two_folders_define_is_refused_and_one_named_twice_is_scored_once
     assert err.startswith(f"error: task 'midus_cloze' ({copy / 'midus_cloze.yaml'}) reads its data from {original / 'midus_cloze.jsonl'}, "
                           "which has changed since the task was written"), err
 
+    # a local task named like one of lm-eval's own replaces it: said, not only in --json's task_files (trial73 F4)
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "arc_easy.yaml").write_text((world["tasks"] / "midus_cloze.yaml").read_text().replace("task: midus_cloze", "task: arc_easy"))
+    assert main(["eval", str(world["base"]), "--tasks", "arc_easy", "--include-path", str(shadow), *common]) == 0
+    err = capsys.readouterr().err
+    assert f"note: task 'arc_easy' is read from {shadow / 'arc_easy.yaml'} (--include-path), in place of lm-eval's own (" in err, err
+
     built, moved = tmp_path / "built-suite", tmp_path / "moved-suite"
     build_task_suite([str(world["text"])], built, items=4)
     shutil.move(built, moved)  # its YAMLs still name their data where it was built

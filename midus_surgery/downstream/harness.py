@@ -83,7 +83,11 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
     for name in ("lm-eval", "lm_eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger("datasets").setLevel(logging.CRITICAL)  # a data file it cannot read: our one line says so, not its log
-    manager = TaskManager(include_path=[str(p) for p in include_path] or None)
+    with _task_overrides() as overridden:
+        manager = TaskManager(include_path=[str(p) for p in include_path] or None)
+    for task, (local, builtin) in overridden.items():
+        if task in tasks:  # lm-eval's own warning is muted with its log: a local arc_easy was scored silently (trial73 F4)
+            print(f"note: task {task!r} is read from {local} (--include-path), in place of lm-eval's own ({builtin})", file=sys.stderr)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         near = {t: difflib.get_close_matches(t, manager.all_tasks, n=3) for t in unknown}
@@ -186,6 +190,30 @@ def _check_data_files(task: str, yaml_file: Path) -> None:
         if hashlib.sha256(Path(named[0]).read_bytes()).hexdigest() != digest:
             raise TaskError(f"task {task!r} ({yaml_file}) reads its data from {named[0]}, which has changed since the task was "
                             f"written (a copy of a suite whose original was rebuilt scores the new items); {rebuild}")
+
+
+@contextlib.contextmanager
+def _task_overrides():
+    """Collect, while lm-eval indexes its tasks, the task names a later folder's YAML takes over: name -> (new, old file)."""
+    found: dict[str, tuple[str, str]] = {}
+
+    class Overrides(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if str(record.msg).startswith("Task '%s' from %s overrides") and len(record.args or ()) == 3:
+                name, new, old = record.args
+                found[str(name)] = (str(new), str(old))
+
+    index_log = logging.getLogger("lm_eval.tasks._index")
+    handler, level, propagate = Overrides(logging.WARNING), index_log.level, index_log.propagate
+    index_log.addHandler(handler)
+    index_log.setLevel(logging.WARNING)
+    index_log.propagate = False  # collected here, not printed as lm-eval's log line
+    try:
+        yield found
+    finally:
+        index_log.removeHandler(handler)
+        index_log.setLevel(level)
+        index_log.propagate = propagate
 
 
 @contextlib.contextmanager
