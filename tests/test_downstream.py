@@ -134,6 +134,13 @@ def test_a_task_two_folders_define_is_refused_and_one_named_twice_is_scored_once
     assert err.startswith(f"error: task 'midus_cloze' ({copy / 'midus_cloze.yaml'}) reads its data from {original / 'midus_cloze.jsonl'}, "
                           "which has changed since the task was written"), err
 
+    # a task file lm-eval skips without a word (an include cycle) was "lm-eval knows no task" (trial73 F9b)
+    cycle = tmp_path / "cycle"
+    cycle.mkdir()
+    (cycle / "t.yaml").write_text("task: t_cycle\ninclude: t.yaml\n")
+    assert main(["eval", str(world["base"]), "--tasks", "t_cycle", "--include-path", str(cycle), *common]) == 2
+    err = capsys.readouterr().err
+    assert f"'t_cycle' is defined in {(cycle / 't.yaml').resolve()}, but lm-eval could not read that file" in err, err
     # a local task named like one of lm-eval's own replaces it: said, not only in --json's task_files (trial73 F4)
     shadow = tmp_path / "shadow"
     shadow.mkdir()

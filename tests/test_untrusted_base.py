@@ -976,4 +976,8 @@ def test_a_config_naming_a_hub_kernel_is_loaded_only_when_code_is_allowed(llama,
     assert "pass --trust-remote-code" in err and not (tmp_path / "cache").exists()
     recipe = write_recipe(tmp_path, model, layout="layout:\n  interleave:\n    after: [1]\n    kind: identity\n")  # apply's base too
     err = refused(recipe, capsys)
+    listed = copy_base(llama, tmp_path / "listed")  # a config.json that is a JSON list was blamed on the tokenizer (trial73 F9d)
+    (listed / "config.json").write_text("[1, 2]")
+    assert main(["eval", str(listed), "--data", str(tmp_path / "a.txt"), "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert f"{listed}/config.json holds a JSON list, not an object: not a model's config" in capsys.readouterr().err
     assert "attn_implementation 'kernels-community/flash-attn' names a kernel on the Hugging Face Hub" in err and "base.trust_remote_code: true" in err, err

@@ -89,6 +89,10 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         if task in tasks:  # lm-eval's own warning is muted with its log: a local arc_easy was scored silently (trial73 F4)
             print(f"note: task {task!r} is read from {local} (--include-path), in place of lm-eval's own ({builtin})", file=sys.stderr)
     unknown = [t for t in tasks if t not in manager.all_tasks]
+    unread = [t for t in unknown if t in defined]
+    if unread:  # a task file lm-eval skipped without a word (an include cycle, a template it fails on) was "no task" (trial73 F9b)
+        raise TaskError(f"--tasks: {unread[0]!r} is defined in {defined[unread[0]][0]}, but lm-eval could not read that file (it "
+                        "skips a task file it fails on without a word: an include that leads back to itself, a key it does not know)")
     if unknown:
         near = {t: difflib.get_close_matches(t, manager.all_tasks, n=3) for t in unknown}
         said = "; ".join(f"{t!r}" + (f" (did you mean {', '.join(near[t])}?)" if near[t] else "") for t in unknown)

@@ -166,6 +166,8 @@ def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow
         code = building_code(data) if isinstance(data, dict) and data.get("model_type") != "midus" else {}
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ModelLoadError(f"{path}: cannot read config.json ({one_line(exc, 300, whole=True)})") from None
+    if not isinstance(data, dict):  # a list was blamed on the tokenizer, the first thing to read it (trial73 F9d)
+        raise ModelLoadError(f"{path}/config.json holds a JSON {type(data).__name__}, not an object: not a model's config")
     broken = config_math_problems(data) if isinstance(data, dict) else []
     broken += [problem] if isinstance(data, dict) and (problem := _midus_depth_problem(data)) else []
     if broken:  # every logit would be NaN or inf: said now, not as a NaN loss at step 1 or a nan perplexity
