@@ -668,6 +668,26 @@ def test_two_process_ddp_reads_different_data_and_agrees(world, tmp_path):
 
 
 @pytest.mark.slow
+def test_processes_reading_other_data_stop_with_one_line(world, tmp_path):
+    """data.train expanded per process (a node-local path) trained on without a word, the log and the checkpoints naming
+    the main process's data alone (trial74 F7)."""
+    from train_fixtures.tiny import write_corpus
+
+    other = write_corpus(tmp_path / "other", files=2, sentences_per_file=30)[0].parent
+    cfg = config(world, tmp_path, name="mixed", tokens=16 * 8 * 2, **{"eval.at_start": False})
+    wrapper = tmp_path / "per_rank.sh"
+    wrapper.write_text(f'#!/bin/sh\nif [ "$LOCAL_RANK" = 1 ]; then data={other}; else data={world["corpus"]}; fi\n'
+                       f'exec {sys.executable} -m midus_surgery.cli train {cfg} "data.train=[$data]" --quiet\n')
+    wrapper.chmod(0o755)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547", "--no-python",
+                           str(wrapper)], env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors and errors[0].startswith("error: process 1 reads other data than process 0 (token cache entry "), proc.stderr[-2000:]
+    assert not (tmp_path / "mixed" / "final").exists()
+
+
+@pytest.mark.slow
 def test_ddp_over_parameters_the_loss_never_reaches_is_one_line_then_trains_when_told(world, tmp_path):
     """HunYuan-V4's attention indexer is trainable and gets no gradient from the LM loss: two processes died at
     step 1 with DDP's traceback, each (trial53). Now one line names the parameters and the setting, and with

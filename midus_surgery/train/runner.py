@@ -610,7 +610,21 @@ class Runner:
             train_stream = D.prepare_corpus(d.train, loaded.directory, self.tokenizer, what="data.train", **common)
             held_stream = D.prepare_corpus(d.held_out, loaded.directory, self.tokenizer, what="data.held_out", **common) if d.held_out else None
         self.split_data(train_stream, held_stream)
+        self.same_data_on_every_process()
         self.size_run()
+
+    def same_data_on_every_process(self) -> None:
+        """Every process trains on the same corpus: one whose data.train reads other files (a per-node path, a variable
+        expanded per rank) trained on without a word, its log and checkpoints naming the main process's data alone (trial74 F7)."""
+        if self.acc.num_processes < 2:
+            return
+        from accelerate.utils import gather_object
+
+        seen = gather_object([self.data_identity])
+        if any(other != seen[0] for other in seen):
+            rank = next(i for i, other in enumerate(seen) if other != seen[0])
+            raise TrainingError(f"process {rank} reads other data than process 0 (token cache entry {seen[rank].get('train')} against "
+                                f"{seen[0].get('train')}): every process must read the same data.train and data.held_out files")
 
     def split_data(self, train_stream: D.TokenStream, held_stream: D.TokenStream | None) -> None:
         """The training and held-out blocks of the tokenised corpora, the sampler, and the data identity."""
