@@ -192,7 +192,7 @@ def test_input_errors_are_one_line(world, tmp_path, capsys):
                                                   .replace(str(world["tasks"] / "midus_cloze.jsonl"), str(tmp_path / "gone.jsonl")))
     assert main(["eval", str(world["base"]), "--tasks", "midus_cloze_gone", "--include-path", str(broken), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: lm-eval could not score midus_cloze_gone on ") and "\n" not in err
+    assert err.startswith("error: lm-eval could not score midus_cloze_gone with the model ") and "\n" not in err
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "gone.jsonl").write_text("")
@@ -380,7 +380,7 @@ def test_an_unreachable_hub_fails_a_hub_task_at_once_and_local_tasks_still_run(w
     capsys.readouterr()
     assert main(["eval", str(world["base"]), "--tasks", "wikitext", "--limit", "2", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: lm-eval could not score wikitext on ") and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: lm-eval could not score wikitext with the model ") and len(err.strip().splitlines()) == 1
     assert err.rstrip().endswith("; huggingface.co is unreachable from here (test), so only datasets in the local datasets cache can be read")
     assert constants.HF_HUB_OFFLINE is False  # offline for the evaluation only
     # the offline suite's data is local: it scores as it does online
@@ -407,8 +407,9 @@ def test_an_error_in_the_models_forward_is_not_blamed_on_the_unreachable_hub(wor
     args = ["eval", str(world["base"]), "--tasks", "midus_cloze", "--include-path", str(world["tasks"]), "--limit", "2", "--quiet"]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: lm-eval could not score midus_cloze on ") and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: lm-eval could not score midus_cloze with the model ") and len(err.strip().splitlines()) == 1, err
     assert "RuntimeError: shapes do not match in the forward" in err and "unreachable" not in err, err
+    assert "(raised at tests/test_downstream.py:" in err or "(raised at test_downstream.py:" in err, err  # where (trial73 F9c)
     assert harness._reading_failed(FileNotFoundError(2, "No such file")) and not harness._reading_failed(RuntimeError("x"))
     try:  # a library's error raised from an OSError counts, through the chain
         try:

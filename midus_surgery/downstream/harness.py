@@ -54,6 +54,7 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         eval_device,
         load_causal_lm,
         out_of_memory,
+        raised_at,
         unforeseen,
         unforeseen_failure,
     )
@@ -132,7 +133,10 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         except Exception as exc:  # noqa: BLE001 - a dataset that cannot be read (no network), a task that does not build
             reading = offline and _reading_failed(exc)  # not said of an error in the model's forward (helper-61)
             why = f"; {offline}, so only datasets in the local datasets cache can be read" if reading else ""
-            raise TaskError(f"lm-eval could not score {', '.join(tasks)} on {m}: {one_line(exc, 800, whole=True)}{why}") from None
+            # where it was raised: an empty AssertionError in lm-eval's task code read as the model's failure (trial73 F9c)
+            at = raised_at(exc)
+            where = f" (raised at {at[1]})" if at else ""
+            raise TaskError(f"lm-eval could not score {', '.join(tasks)} with the model {m}: {one_line(exc, 800, whole=True)}{where}{why}") from None
         return {"model": str(m), "results": {t: _metrics(out["results"].get(t, {})) for t in tasks},
                 "seconds": round(time.perf_counter() - start, 1)}  # the model and its wrapper freed on return
 

@@ -73,20 +73,26 @@ def unforeseen_failure(model, exc: BaseException) -> MidusError:
     """``unforeseen`` ``exc``, from a model's load or evaluation, as one line naming the model, the exception and
     where it was raised, not a traceback (exit 1); under the results of the models before it, if any. "please
     report it" only when this package raised it: a model's own code or a library's error is theirs (trial61)."""
-    import traceback
-
     import midus_surgery
 
-    frames = traceback.extract_tb(exc.__traceback__)
-    where, ours = "", False
-    if frames:
-        raised = Path(frames[-1].filename)
-        ours = raised.is_relative_to(Path(midus_surgery.__file__).parent)
-        roots = sorted({Path(p) for p in sys.path if p and Path(p).is_absolute()}, key=lambda p: len(p.parts), reverse=True)
-        raised = next((raised.relative_to(root) for root in roots if raised.is_relative_to(root)), raised)  # transformers/models/...
-        where = f", raised at {raised}:{frames[-1].lineno}"
+    raised = raised_at(exc)
+    ours = raised is not None and Path(raised[0]).is_relative_to(Path(midus_surgery.__file__).parent)
+    where = f", raised at {raised[1]}" if raised else ""
     report = "; a bug in midus-surgery: please report it" if ours else ""
     return MidusError(f"{Path(model)}: the evaluation failed with an unexpected error ({one_line(exc, 300)}{where}){report}")
+
+
+def raised_at(exc: BaseException) -> tuple[str, str] | None:
+    """(the file, 'path:line' relative to the import root, transformers/models/...) where ``exc`` was raised, or None."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return None
+    raised = Path(frames[-1].filename)
+    roots = sorted({Path(p) for p in sys.path if p and Path(p).is_absolute()}, key=lambda p: len(p.parts), reverse=True)
+    short = next((raised.relative_to(root) for root in roots if raised.is_relative_to(root)), raised)
+    return str(raised), f"{short}:{frames[-1].lineno}"
 
 
 def _names(keys, limit: int = 3) -> str:
