@@ -20,6 +20,7 @@ from train_fixtures.tiny import make_model_dir, state_of, write_config, write_co
 
 from midus_surgery.cli import main as cli_main
 from midus_surgery.errors import RecipeError, TrainingError
+from midus_surgery.io.file_digest import sha256_of
 from midus_surgery.train.checkpoint import complete_checkpoints, verify_checkpoint
 from midus_surgery.train.config import load_train_config
 from midus_surgery.train.runner import train
@@ -61,6 +62,9 @@ def record_size(checkpoint: Path, name: str) -> None:
     state = json.loads(state_file.read_text())
     if "files" in state:
         state["files"][name] = (checkpoint / name).stat().st_size
+        if "sha256" in state:  # and its digest: a consistent forgery, which only the load itself can catch
+            state["sha256"][name] = sha256_of(checkpoint / name)
+            state.get("written", {}).pop(name, None)
         state_file.write_text(json.dumps(state))
 
 
@@ -287,6 +291,10 @@ def test_a_same_size_corruption_is_one_line_naming_the_file(done, tmp_path):
     shutil.rmtree(ckpt(run, 2))
     opt = ckpt(run, 4) / "optimizer.bin"
     opt.write_bytes(b"\0" * opt.stat().st_size)
+    # the digest recorded since trial74 F6 finds it; one it did not record (forged, or a checkpoint written before) is loaded
+    assert verify_checkpoint(ckpt(run, 4)) == ("optimizer.bin: its contents changed since it was written (its SHA-256 is not the one "
+                                               "trainer_state.json records)")
+    record_size(ckpt(run, 4), "optimizer.bin")
     assert verify_checkpoint(ckpt(run, 4)) is None
     with pytest.raises(TrainingError) as err:
         train(load_train_config(cfg))
@@ -312,6 +320,8 @@ def test_same_size_changes_to_a_checkpoints_weights_never_replace_a_good_export(
     start = 8 + struct.unpack("<Q", data[:8])[0]  # past the header: tensor bytes only
     data[start:start + 4096] = b"\x7f\x7f\x7f\x7f" * 1024  # float32 3.4e38 where weights were
     weights.write_bytes(bytes(data))
+    assert verify_checkpoint(ckpt(run, 4)).startswith("model.safetensors: its contents changed since it was written")  # trial74 F6
+    record_size(ckpt(run, 4), "model.safetensors")  # a consistent forgery: the end's check still keeps the export
     assert verify_checkpoint(ckpt(run, 4)) is None
     final_before = {p.name: p.read_bytes() for p in (run / "final").iterdir() if p.is_file()}
     with pytest.raises(TrainingError) as err:

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from train_fixtures.tiny import make_tokenizer, write_corpus
 
+from midus_surgery.io.file_digest import sha256_of
 from midus_surgery.train import data as D
 
 
@@ -286,7 +287,7 @@ def test_a_token_cache_changed_after_tokenising_is_one_line_not_a_crash(tmp_path
 def reseal(cache):
     """Record the digests of a cache entry's files as they now are, as a consistent rewrite would."""
     meta = json.loads((cache / D.META_FILE).read_text())
-    meta["sha256"] = {name: D._file_digest(cache / name) for name in D.CACHE_DATA_FILES}
+    meta["sha256"] = {name: sha256_of(cache / name) for name in D.CACHE_DATA_FILES}
     meta.pop("written", None)
     (cache / D.META_FILE).write_text(json.dumps(meta))
     return cache
@@ -467,8 +468,8 @@ def test_a_cache_entry_untouched_since_written_is_not_hashed_again_on_open(tmp_p
     write_corpus(tmp_path / "c", files=1, sentences_per_file=5)
     s = prep([tmp_path / "c"], tmp_path, tok)
     hashed = []
-    digest = D._file_digest
-    monkeypatch.setattr(D, "_file_digest", lambda path: hashed.append(os.path.basename(path)) or digest(path))
+    digest = D.sha256_of
+    monkeypatch.setattr(D, "sha256_of", lambda path: hashed.append(os.path.basename(path)) or digest(path))
     assert len(prep([tmp_path / "c"], tmp_path, tok)) == len(s) and "tokens.bin" not in hashed
     tokens = np.fromfile(s.path / "tokens.bin", dtype=s.tokens.dtype)
     np.zeros_like(tokens).tofile(s.path / "tokens.bin")  # in place, the same size

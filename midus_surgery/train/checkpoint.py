@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from midus_surgery.errors import FILE_TOO_LARGE, TrainingError, disk_advice, file_too_large, load_error_line, one_line
+from midus_surgery.io.file_digest import changed_since_written, sha256_of, written_stamp
 from midus_surgery.io.output_dir import CHECKPOINT_STATE, PARTIAL_CHECKPOINT_NAME, checkpoint_extras, give_default_mode, partial_checkpoint_extras
 from midus_surgery.io.small_files import read_small_text
 from midus_surgery.train.dcp_guard import dcp_checkpoint_problem
@@ -170,6 +171,12 @@ def verify_checkpoint(path: Path) -> str | None:
         for name, digest in sorted(digests.items()):
             if header_digest(path / name) != digest:
                 return f"{name}: its header changed since it was written (the tensors' names, dtypes or shapes)"
+    contents, stamps = state.get("sha256"), state.get("written")
+    if isinstance(contents, dict):  # recorded since trial74; unchanged stamps (inode, size, mtime) spare reading them all
+        for name, digest in sorted(contents.items()):
+            stamp = stamps.get(name) if isinstance(stamps, dict) else None
+            if (path / name).is_file() and changed_since_written(path / name, digest, stamp):
+                return f"{name}: its contents changed since it was written (its SHA-256 is not the one {STATE_FILE} records)"
     return None
 
 
@@ -381,7 +388,11 @@ def save_checkpoint(root: Path, acc, scheduler, *, step: int, samples_seen: int,
                 (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()) + "\n")  # plain numbers, no pickle
                 files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
                 headers = {name: header_digest(tmp / name) for name in files if name.endswith(".safetensors")}
-                state = {"step": step, "samples_seen": samples_seen, **facts, "time": time.time(), "files": files, "headers": headers}
+                # each file's contents, so a resume finds one changed at the same size (trial74 F6: trained on without a word)
+                contents = {name: sha256_of(tmp / name) for name in files}
+                stamps = {name: written_stamp(tmp / name) for name in files}
+                state = {"step": step, "samples_seen": samples_seen, **facts, "time": time.time(), "files": files, "headers": headers,
+                         "sha256": contents, "written": stamps}
                 (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the checkpoint complete
                 if final.exists() and not (final / STATE_FILE).is_file():
                     # not a checkpoint (its state file moved out, a user's folder so named): nothing says what in it is the

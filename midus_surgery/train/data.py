@@ -33,6 +33,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from midus_surgery.errors import MidusError, one_line
+from midus_surgery.io.file_digest import sha256_of, written_stamp
 from midus_surgery.io.output_dir import MARKER, clean_leftovers, hold_directory, kernel_file_system, release_marker, write_marker
 from midus_surgery.io.small_files import read_small_text, regular_file_problem
 
@@ -258,25 +259,10 @@ def eos_id(tokenizer) -> int:
     return int(eos)
 
 
-def _written_stamp(path: Path) -> list[int]:
-    """(inode, size, modification time in ns) of a cache file: unchanged, the file is as written, and its SHA-256 need
-    not be computed again on every open (a 20 GB tokens.bin took 50 s, trial72); a copy or an edit changes it."""
-    st = os.stat(path)
-    return [st.st_ino, st.st_size, st.st_mtime_ns]
-
-
 def _records_digests(meta: dict) -> bool:
     """Whether a cache record holds a SHA-256 for each of its data files, to check them against."""
     sums = meta.get("sha256")
     return isinstance(sums, dict) and all(isinstance(sums.get(name), str) for name in CACHE_DATA_FILES)
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def shared_files(train: list[Path], held: list[Path]) -> list[tuple[Path, Path]]:
@@ -290,7 +276,7 @@ def shared_files(train: list[Path], held: list[Path]) -> list[tuple[Path, Path]]
 
     def digest(f: Path) -> str:
         if f not in digests:
-            digests[f] = _file_digest(f)
+            digests[f] = sha256_of(f)
         return digests[f]
 
     for h in held:
@@ -309,7 +295,7 @@ def corpus_key(files: list[Path], fingerprint: str, text_field: str) -> str:
         # how the file is read is part of its entry: the same bytes as a.json (one document) and as a.jsonl (one per record)
         # are different documents, and a rename between the two reused the stale tokens (trial70)
         read_as = b" jsonl" if f.suffix.lower() in JSONL_SUFFIXES else b""
-        h.update(_file_digest(f).encode() + read_as + b"\n")
+        h.update(sha256_of(f).encode() + read_as + b"\n")
     return h.hexdigest()[:24]
 
 
@@ -394,9 +380,9 @@ def open_stream(path: Path, fingerprint: str | None = None, vocab_size: int | No
                         "midus-surgery recorded them), so nothing shows they are as tokenised; name the text files to "
                         "tokenise them again")
     for name in CACHE_DATA_FILES:
-        if isinstance(written, dict) and (path / name).exists() and written.get(name) == _written_stamp(path / name):
+        if isinstance(written, dict) and (path / name).exists() and written.get(name) == written_stamp(path / name):
             continue  # untouched since it was written (same inode, size and modification time): no need to read it all
-        if (path / name).exists() and _file_digest(path / name) != sums.get(name):
+        if (path / name).exists() and sha256_of(path / name) != sums.get(name):
             # tokens.bin overwritten at the same size (all zeros) was trained on without a word (trial70)
             raise DataError(f"{path}: {name} is not what was tokenised (its SHA-256 is not the one {META_FILE} records): "
                             "changed since; delete the directory to re-tokenise")
@@ -620,8 +606,8 @@ def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: I
         meta = {"format": FORMAT_VERSION, "tokenizer": fingerprint, "tokenizer_source": tokenizer_source,
                 "vocab_size": vocab, "eos": eos_id(tokenizer), "text_field": text_field,
                 "files": [str(f) for f in files], **stats,
-                "sha256": {name: _file_digest(tmp / name) for name in CACHE_DATA_FILES},
-                "written": {name: _written_stamp(tmp / name) for name in CACHE_DATA_FILES}}
+                "sha256": {name: sha256_of(tmp / name) for name in CACHE_DATA_FILES},
+                "written": {name: written_stamp(tmp / name) for name in CACHE_DATA_FILES}}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / MARKER).unlink()  # a finished cache entry is no output of the tool's to replace: only the partial needed an owner
         if final.is_dir() and _unchecked_entry(final):
