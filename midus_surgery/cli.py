@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from collections import Counter
+from pathlib import Path
 
 from midus_surgery.errors import FILE_TOO_LARGE, MachineError, MidusError, Problem, RecipeError, file_too_large, one_line
 from midus_surgery.io.json_text import strict_json
@@ -366,7 +367,6 @@ def _print_check(check) -> None:
 
 
 def _run_verify(path, base, trust_remote_code: bool) -> int:
-    from pathlib import Path
 
     from midus_surgery.emit.verify import verify
     from midus_surgery.io.hf_output import transformers_quiet
@@ -483,6 +483,11 @@ def cmd_eval(args) -> int:
     ignored = [flag for flag, dest in EVAL_MODE_FLAGS[other].items() if getattr(args, dest) is not None and getattr(args, dest) is not False]
     if ignored:  # silently dropped, they would make the user believe the run was limited, seeded or cached as asked
         raise TaskError(f"eval: {', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} to {other} only, not {mode}")
+    resolved = [Path(m).resolve() for m in args.model]
+    twice = next((m for i, m in enumerate(args.model) if resolved[i] in resolved[:i]), None)
+    if twice is not None:  # "eval base ./base" scored it twice under one label (trial73 F9h)
+        first = args.model[resolved.index(Path(twice).resolve())]
+        raise TaskError(f"eval: {twice} is {first} again: name each model once")
     if args.tasks is not None:
         return _eval_tasks(args)
     _check_data_links(args.data)
@@ -564,7 +569,6 @@ def _eval_tasks(args) -> int:
 def _check_data_links(data) -> None:
     """--data that is a link loop or a broken link: the data error train gives for one (exit 3), said before any model
     is read (eval and analyze said pathlib's own words, exit 2; trial63)."""
-    from pathlib import Path
 
     from midus_surgery.train.data import check_data_links
 
@@ -572,7 +576,6 @@ def _check_data_links(data) -> None:
 
 
 def cmd_analyze(args) -> int:
-    from pathlib import Path
 
     import numpy as np
 

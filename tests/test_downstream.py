@@ -181,6 +181,9 @@ def test_input_errors_are_one_line(world, tmp_path, capsys):
     assert "eval: both were given; give --data (held-out perplexity) or --tasks" in capsys.readouterr().err  # trial33
     assert main(["eval", str(world["base"]), "--tasks", "midus_cloze", "--include-path", str(world["tasks"]), "--limit", "0"]) == 2
     assert "--limit must be above 0" in capsys.readouterr().err
+    again = str(world["base"]) + "/."  # the same model twice was scored twice under one label (trial73 F9h)
+    assert main(["eval", str(world["base"]), again, "--tasks", "midus_cloze", "--include-path", str(world["tasks"])]) == 2
+    assert f"eval: {again} is {world['base']} again: name each model once" in capsys.readouterr().err
     # a task whose data cannot be read (as a Hub task without the network; here a file that is not JSON lines): one
     # line, not lm-eval's traceback (a data file that is not there at all is said before lm-eval runs: a moved suite)
     broken = tmp_path / "broken"
