@@ -745,6 +745,11 @@ def test_a_base_whose_auto_map_names_only_its_tokenizer_applies_and_verifies_wit
         assert json.loads((out / "config.json").read_text())["auto_map"] == {"AutoTokenizer": [None, "tok.Tok"], **MIDUS_AUTO_MAP}
     capsys.readouterr()
     assert main(["verify", str(out)]) == 0, capsys.readouterr()
+    if layout == "memory":  # loaded with trust_remote_code=True without the package, it runs: said, as the base's own (trial75 F1)
+        assert "it also ships its base's own code, byte for byte (tok.py)" in capsys.readouterr().out
+        (out / "tok.py").write_text((out / "tok.py").read_text() + "\n# changed\n")
+        assert main(["verify", str(out)]) == 1
+        assert "FAIL code: the folder ships code besides MIDUS's modeling files that is not its base's (tok.py)" in capsys.readouterr().out
     assert not marker.exists()
 
 

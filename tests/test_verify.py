@@ -484,8 +484,8 @@ def test_a_midus_output_shipping_tokenizer_code_fails_the_code_check(bases, tmp_
     (out / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["evil_tok.EvilTokenizer", None]}}))
     checks = run(out)
     assert "code" in failed(checks), {n: c.detail for n, c in checks.items()}
-    assert checks["code"].detail.startswith("the folder ships code besides MIDUS's modeling files (evil_tok.py, tokenizer_config.json's "
-                                            "auto_map: "), checks["code"].detail
+    assert checks["code"].detail.startswith("the folder ships code besides MIDUS's modeling files that is not its base's (evil_tok.py, "
+                                            "tokenizer_config.json's auto_map: "), checks["code"].detail
 
 
 def test_what_is_no_model_directory_is_a_usage_error_not_a_failed_check(tmp_path, capsys):

@@ -275,23 +275,38 @@ def _refuse_own_code(out: Path, plan: dict | None) -> None:
                          "told to: read that code, then pass --trust-remote-code (without it transformers would check another class)")
 
 
-def _other_shipped_code(out: Path) -> str | None:
-    """The code a MIDUS output holds besides its modeling files, in a few words: other .py files, and a tokenizer whose
-    tokenizer_config.json maps it to code (auto_map); None when there is none."""
+def _other_shipped_code(out: Path, base_dir: Path | None) -> tuple[str | None, str | None]:
+    """The code a MIDUS output holds besides its modeling files, in a few words: (what is not the base's, what is the base's
+    own, byte for byte: a custom tokenizer apply carried over), each None when there is none. Code: other .py files, and a
+    tokenizer_config.json that maps the tokenizer to code (auto_map)."""
     from midus_surgery.model.midus_names import MODELING_FILES
 
-    found = [p.name for p in sorted(out.glob("*.py")) if p.name not in MODELING_FILES]
-    try:
-        tokenizer = json.loads(read_small_text(out / "tokenizer_config.json"))
-    except (OSError, ValueError):
-        tokenizer = None
-    auto_map = tokenizer.get("auto_map") if isinstance(tokenizer, dict) else None
+    def same_in_base(name: str) -> bool:
+        theirs = base_dir / name if base_dir is not None else None
+        try:
+            return theirs is not None and theirs.is_file() and theirs.read_bytes() == (out / name).read_bytes()
+        except OSError:
+            return False
+
+    def tokenizer_map(folder: Path | None):
+        try:
+            data = json.loads(read_small_text(folder / "tokenizer_config.json")) if folder is not None else None
+        except (OSError, ValueError):
+            return None
+        return data.get("auto_map") if isinstance(data, dict) else None
+
+    foreign, own = [], []
+    for p in sorted(out.glob("*.py")):
+        if p.name not in MODELING_FILES:
+            (own if same_in_base(p.name) else foreign).append(p.name)
+    auto_map = tokenizer_map(out)
     if auto_map:
-        found.append(f"tokenizer_config.json's auto_map: {one_line(json.dumps(auto_map), 120)}")
-    return ", ".join(found) or None
+        said = f"tokenizer_config.json's auto_map: {one_line(json.dumps(auto_map), 120)}"
+        (own if auto_map == tokenizer_map(base_dir) else foreign).append(said)
+    return ", ".join(foreign) or None, ", ".join(own) or None
 
 
-def shipped_code_check(out: Path, config: dict, trust_remote_code: bool) -> Check:
+def shipped_code_check(out: Path, config: dict, trust_remote_code: bool, base_dir: Path | None = None) -> Check:
     """A MIDUS output's modeling files are what ``trust_remote_code=True`` runs where midus-surgery
     is not installed; with the package imported, transformers runs the package's registered copy
     instead. So the shipped files must be the package's (byte for byte, and config.json's auto_map
@@ -301,11 +316,13 @@ def shipped_code_check(out: Path, config: dict, trust_remote_code: bool) -> Chec
     from midus_surgery.model.midus_names import AUTO_MAP, MODELING_FILES
 
     missing, differ = shipped_code_differences(out)
-    other = _other_shipped_code(out)
+    other, own = _other_shipped_code(out, base_dir)
     if other and not trust_remote_code:  # trust_remote_code=True, which a MIDUS output is loaded with, runs it too (trial75 F1)
-        return Check("code", False, f"the folder ships code besides MIDUS's modeling files ({other}), which a load with "
-                                    "trust_remote_code=True (as a MIDUS output is loaded where midus-surgery is not installed) runs; "
-                                    "read it, then pass --trust-remote-code to check the folder as it is, or remove it")
+        return Check("code", False, f"the folder ships code besides MIDUS's modeling files that is not its base's ({other}), which a "
+                                    "load with trust_remote_code=True (as a MIDUS output is loaded where midus-surgery is not installed) "
+                                    "runs; read it, then pass --trust-remote-code to check the folder as it is, or remove it")
+    also = (f"; it also ships its base's own code, byte for byte ({own}), which trust_remote_code=True runs as the base's did"
+            if own else "")
     auto_map = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else {}
     if missing or any(auto_map.get(key) != ref for key, ref in AUTO_MAP.items()):  # beside them, a base tokenizer's own entry
         what = f"{', '.join(missing)} missing" if missing else "config.json's auto_map does not name MIDUS's own classes"
@@ -313,7 +330,7 @@ def shipped_code_check(out: Path, config: dict, trust_remote_code: bool) -> Chec
                                     "would not load this model's code where midus-surgery is not installed")
     if not differ:
         return Check("code", True, f"the {len(MODELING_FILES)} modeling files beside the weights are midus-surgery "
-                                   f"{midus_surgery.__version__}'s own, which the checks below run")
+                                   f"{midus_surgery.__version__}'s own, which the checks below run{also}")
     names = ", ".join(differ) + (" differs" if len(differ) == 1 else " differ")
     if trust_remote_code:
         return Check("code", True, f"{names} from midus-surgery {midus_surgery.__version__}'s copy (edited, or written by "
@@ -362,7 +379,8 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     if mismatch:  # the layer map the checks below read would be another model's
         record(Check("plan", False, f"midus_plan.json does not describe this model: it {mismatch} (copied from another output, or edited)"))
     if config.get("model_type") == "midus":
-        code = shipped_code_check(out, config, trust)
+        base_dir = base_path if base_path is not None and base_path.is_dir() else None
+        code = shipped_code_check(out, config, trust, base_dir)
         record(code)
         shipped = trust and code.ok  # the files are there and the user allowed them: run them, as a load without the package does
     try:
