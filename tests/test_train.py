@@ -996,8 +996,8 @@ def test_a_lost_peer_process_is_one_line_saying_to_resume(world, tmp_path, monke
 
     monkeypatch.setattr(runner.Runner, "run", collective_fails)
     cfg = load_train_config(config(world, tmp_path))
-    with pytest.raises(TrainingError, match=r"^another process of this run stopped \(.*Connection reset by peer.*\); every checkpoint written is whole: "
-                                            r"launch the run again with resume: auto"):
+    with pytest.raises(TrainingError, match=r"^another process of this run stopped \(.*Connection reset by peer.*\): its own error says why; if it "
+                                            r"was killed, every checkpoint written is whole: launch the run again with resume: auto"):
         train(cfg)
 
     def another_failure(self):

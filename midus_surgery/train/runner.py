@@ -1280,8 +1280,10 @@ def train(loaded: LoadedTrainConfig, *, echo=print) -> TrainResult:
         if not lost_a_process(exc):
             raise
         said = one_line(exc, 300).split(". ")[0]  # gloo's first sentence says what broke; the rest is advice
-        raise TrainingError(f"another process of this run stopped ({said}); every checkpoint written is whole: "
-                            "launch the run again with resume: auto to continue from the newest") from None
+        # its own error line, printed beside this one, says why: a refusal at the start (a run dir in use) is no crash to
+        # resume from (trial74 F8: this process's advice read as the reason)
+        raise TrainingError(f"another process of this run stopped ({said}): its own error says why; if it was killed, every "
+                            "checkpoint written is whole: launch the run again with resume: auto to continue from the newest") from None
     finally:
         release_marker(runner.run_lock)
 
