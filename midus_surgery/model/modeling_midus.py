@@ -139,7 +139,8 @@ def _swap(root: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def _stand_in(root: nn.Module, path: str, new: nn.Module) -> None:
-    """Put a parameterless ``new`` where ``path`` was: the parent still calls it by its name
+    """Put ``new`` where ``path`` was (parameterless, or a ``HeadsReadout`` holding the memory's tables, then named
+    ``midus_<name>.hml.*``): the parent still calls it by its name
     (an instance attribute, found before nn.Module's own lookup), but it is registered as
     ``midus_<name>``, so name-matching tools (PEFT target lists) do not take it for the module it
     replaces. ``get_submodule(path)`` still finds it."""
