@@ -265,8 +265,9 @@ def _config_from_dict(data: dict, where: str, trust_remote_code: bool):
             raise ValueError(f"{where}: model_type {model_type!r} needs its own code (auto_map); set base.trust_remote_code: true to allow it")
         if building_code(data):  # a known type, but the stock class would silently build another model
             raise ValueError(refusal(where, building_code(data)))
-    kernel = next(((k, v) for k in ("attn_implementation", "_attn_implementation", "experts_implementation", "_experts_implementation")
-                   if isinstance(v := data.get(k), str) and "/" in v), None)
+    from midus_surgery.compiler.custom_code import hub_kernel
+
+    kernel = hub_kernel(data)
     if kernel and not trust_remote_code:  # the kernels library downloads compiled code for it and runs it (trial73 F9e)
         raise ValueError(f"{where}: {kernel[0]} {kernel[1]!r} names a kernel on the Hugging Face Hub, code that is downloaded and run; "
                          f"midus-surgery runs it only when allowed: set base.trust_remote_code: true, or {kernel[0]} to sdpa or eager")

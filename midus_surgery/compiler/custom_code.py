@@ -28,6 +28,16 @@ def building_code(data: dict) -> dict[str, str]:
     return {k: auto_map[k] for k in BUILDING_KEYS if k in auto_map}
 
 
+def hub_kernel(data: dict) -> tuple[str, str] | None:
+    """(key, value) of a raw config's entry that names a kernel repository on the Hugging Face Hub for its attention or
+    experts (``kernels-community/flash-attn``: a name with a slash), which the kernels library downloads and runs; or None."""
+    for key in ("attn_implementation", "_attn_implementation", "experts_implementation", "_experts_implementation"):
+        value = data.get(key)
+        if isinstance(value, str) and "/" in value:
+            return key, value
+    return None
+
+
 def refusal(where: str, code: dict[str, str]) -> str:
     names = ", ".join(str(v) for v in code.values())
     return (f"{where}: the base ships its own modeling code (auto_map: {names}), which the stock class would silently "

@@ -559,6 +559,8 @@ def _unchecked_entry(entry: Path) -> bool:
 def _retire(entry: Path) -> None:
     """Remove an unchecked cache entry being replaced: moved aside first (a reader never sees it half removed), then
     only the files a cache entry holds are deleted; anything else put there is left in the hidden folder."""
+    if entry.is_symlink():  # its files would be another folder's: not an entry this tool wrote
+        raise DataError(f"{entry}: a link where the token cache keeps an entry; not written by midus-surgery: remove it to re-tokenise")
     aside = entry.parent / f".{entry.name}.replaced-{uuid.uuid4().hex[:8]}"
     os.replace(entry, aside)
     for name in (*CACHE_DATA_FILES, META_FILE):

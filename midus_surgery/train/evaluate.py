@@ -158,6 +158,7 @@ def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow
 
     from midus_surgery.compiler.base import config_math_problems
     from midus_surgery.compiler.custom_code import building_code
+    from midus_surgery.compiler.custom_code import hub_kernel as find_hub_kernel
 
     path = Path(path)
     if not path.is_dir():
@@ -183,7 +184,7 @@ def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow
                              "(with weights_only=True)")
     if trust_remote_code:
         return path
-    hub_kernel = _hub_kernel(data) if isinstance(data, dict) else None
+    hub_kernel = find_hub_kernel(data)
     if hub_kernel:  # transformers hands such a name to the kernels library, which downloads compiled code and runs it (trial73 F9e)
         raise ModelLoadError(f"{path}/config.json asks for {hub_kernel[0]} {hub_kernel[1]!r}, a kernel from the Hugging Face Hub: code that is "
                              f"downloaded and run; it runs only when allowed: {how_to_allow}, or set {hub_kernel[0]} to a built-in one "
@@ -193,16 +194,6 @@ def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow
         raise ModelLoadError(f"{path} is its own modeling code (config.json auto_map: {names[:200]}), "
                              f"{_without_the_code(data.get('model_type'))}; it runs only when allowed: {how_to_allow}")
     return path
-
-
-def _hub_kernel(data: dict) -> tuple[str, str] | None:
-    """(key, value) of a config.json entry that names a kernel repository on the Hub (``kernels-community/flash-attn``: a
-    name with a slash) for the attention or the experts, or None."""
-    for key in ("attn_implementation", "_attn_implementation", "experts_implementation", "_experts_implementation"):
-        value = data.get(key)
-        if isinstance(value, str) and "/" in value:
-            return key, value
-    return None
 
 
 def _midus_depth_problem(data: dict) -> str | None:
