@@ -12,7 +12,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from midus_surgery.errors import FILE_TOO_LARGE, MachineError, MidusError, Problem, RecipeError, file_too_large, one_line
+from midus_surgery.errors import FILE_TOO_LARGE, MachineError, MidusError, Problem, RecipeError, file_too_large, one_line, printable
 from midus_surgery.io.json_text import strict_json
 from midus_surgery.units import human_count
 
@@ -519,11 +519,11 @@ def cmd_eval(args) -> int:
             raise
         results.append(result)
         if not args.json:
-            print(f"{result['model']}: perplexity {result['perplexity']:.4f} (loss {result['loss']:.4f} nats/token) over "
+            print(f"{printable(result['model'])}: perplexity {result['perplexity']:.4f} (loss {result['loss']:.4f} nats/token) over "
                   f"{result['tokens']:,} predicted tokens in {result['sequences']} {'blocks' if result['mode'] == 'blocks' else 'document windows'} of <= {result['block_size']} tokens; "
                   f"{result['tokens_per_s']:,.0f} tokens read/s ({result['dtype']} on {result['device']}, {result['seconds']:.1f} s)")
         if result["loss"] != result["loss"]:  # NaN: not a score, a broken model or a dtype that overflows (--json too: trial50)
-            print(f"note: {result['model']}: the loss is not a number: its weights hold NaN or inf, or its activations overflow "
+            print(f"note: {printable(result['model'])}: the loss is not a number: its weights hold NaN or inf, or its activations overflow "
                   f"in {result['dtype']}", file=sys.stderr)
     _eval_report(results, args)
     return 0
@@ -589,7 +589,7 @@ def cmd_analyze(args) -> int:
                           fixed_retrieval=Path(args.fixed_retrieval) if args.fixed_retrieval else None,
                           importance=not args.slots_only, text_field=args.text_field, cache_dir=args.cache_dir, allow_pickle=args.allow_pickle)
     rows, usages = result["head_importance"], result["slot_usage"]
-    print(f"{result['model']}: held-out loss {result['held_out']['loss']:.4f} over {result['held_out']['blocks']} blocks of "
+    print(f"{printable(result['model'])}: held-out loss {result['held_out']['loss']:.4f} over {result['held_out']['blocks']} blocks of "
           f"{result['held_out']['block_size']} tokens; {result['what']}" + (", loss increase when zeroed (max, mean per layer):" if rows else ":"))
     for layer in rows or usages:
         deltas, usage = rows.get(layer), usages.get(layer)
@@ -604,7 +604,7 @@ def cmd_analyze(args) -> int:
     for note in result.get("notes", []):
         print(note)
     pngs = ["head_importance.png"] * bool(rows) + ["slot_usage.png"] * bool(usages)
-    print(f"wrote {args.out} (analysis.json{''.join(', ' + p for p in pngs)})")
+    print(f"wrote {printable(args.out)} (analysis.json{''.join(', ' + p for p in pngs)})")
     return 0
 
 

@@ -28,6 +28,15 @@ def shown(name: str, limit: int = 120) -> str:
     return repr(name[:limit]) + (f" (cut; {len(name):,} characters)" if len(name) > limit else "")
 
 
+def printable(text: str) -> str:
+    """``text`` with its control characters written as escapes (``\\x1b``, ``\\n``): a name the user typed
+    (a task, an output folder) echoed into a table or a "wrote" line must not move the cursor, colour
+    the terminal or break the line (trial73 F9g). Plain text comes back unchanged."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def load_error_line(exc: BaseException, limit: int = 300) -> str:
     """An exception as one line; for torch's weights_only refusal, its reason, not its advice to load unsafely."""
     raw = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))

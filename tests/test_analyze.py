@@ -322,3 +322,13 @@ def test_an_all_zero_head_importance_heatmap_says_so_without_an_offset_label(tmp
     assert image_ax.get_title().endswith("zeroed one at a time: every one 0")
     assert bar_ax.get_ylim() == (-1.0, 1.0) and bar_ax.yaxis.get_offset_text().get_text() == ""
     assert (tmp_path / "zero.png").stat().st_size > 0
+
+
+def test_an_output_folder_named_with_control_characters_is_escaped_in_the_wrote_line(world, tmp_path, capsys):
+    """`--out` holding ESC / LF was echoed raw in analyze's "wrote" line (trial73 F9g): the folder is written as named,
+    the line shows the escapes and stays one line."""
+    out = tmp_path / "an_\x1b[31mred\nline2"
+    assert main(["analyze", str(world["memory"]), "--data", str(world["root"] / "corpus"), "--out", str(out),
+                 "--block-size", "16", "--max-blocks", "2", "--slots-only", "--quiet"]) == 0
+    wrote = capsys.readouterr().out.splitlines()[-1]
+    assert out.is_dir() and "\x1b" not in wrote and wrote.startswith("wrote ") and "an_\\x1b[31mred\\nline2" in wrote, wrote

@@ -515,3 +515,14 @@ def test_two_models_never_share_a_column_label(tmp_path, monkeypatch):
     labels = model_labels(["runs/a/final", "x/runs/a/final", "base", "out/dus", "other/dus", "base"])
     assert labels == [f"{tmp_path.name}/runs/a/final", "x/runs/a/final", "base", "out/dus", "other/dus", "base"]
     assert model_labels(["runs/a/final", "runs/b/final", "out/midus"]) == ["a/final", "b/final", "midus"]
+
+
+def test_names_with_control_characters_are_escaped_in_the_table():
+    """A task or model name with ESC, CR or LF was echoed raw into the --tasks table, colouring the terminal or
+    splitting a row (trial73 F9g): each shows as its escape, and each row stays one line."""
+    from midus_surgery.downstream.harness import format_table
+
+    result = {"tasks": ["t_\x1b[31mred"], "models": [{"model": "out/a\rb", "results": {"t_\x1b[31mred": {"acc": 0.5, "items": 4}}}]}
+    table = format_table(result)
+    assert "\x1b" not in table and "\r" not in table and len(table.splitlines()) == 3, table
+    assert "t_\\x1b[31mred (4)" in table and "a\\rb" in table.splitlines()[0]

@@ -22,7 +22,7 @@ from pathlib import Path
 from unittest import mock
 
 from midus_surgery.downstream.task_guard import TaskError, check_task_folders, sandboxed_templates, task_files
-from midus_surgery.errors import one_line
+from midus_surgery.errors import one_line, printable
 from midus_surgery.io.small_files import regular_file_problem
 
 
@@ -337,7 +337,7 @@ def model_labels(paths: list[str]) -> list[str]:
 
 def format_table(result: dict) -> str:
     """One row per task metric, one column per model: ``0.412 ± 0.022``."""
-    names = model_labels([r["model"] for r in result["models"]])
+    names = [printable(name) for name in model_labels([r["model"] for r in result["models"]])]
     header = ["task (items)", "metric", *names]
     lines = []
     for task in result["tasks"]:
@@ -349,7 +349,7 @@ def format_table(result: dict) -> str:
                 value, err = got.get(metric), got.get(f"{metric}_stderr")
                 cells.append("-" if value is None else f"{value:.4f}" + (f" ± {err:.4f}" if isinstance(err, float) and err == err else ""))
             items = max((r["results"][task].get("items", 0) for r in result["models"]), default=0)
-            lines.append([f"{task} ({items})", metric, *cells])
+            lines.append([f"{printable(task)} ({items})", metric, *cells])
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
     fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
