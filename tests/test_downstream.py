@@ -345,12 +345,55 @@ def test_a_task_template_that_reaches_python_internals_runs_only_with_allow_task
     common = ("eval", str(world["base"]), "--tasks", "midus_cloze_jinja", "--include-path", str(tasks), "--limit", "2")
     refused = run_cli(*common, "--quiet", cwd=tmp_path)
     assert refused.returncode == 2, refused.stderr
-    assert refused.stderr.startswith("error: a task template reaches for Python's internals, refused by the sandbox (SecurityError: ")
+    assert refused.stderr.startswith("error: a task template reaches for Python's internals or does more work than a template needs, "
+                                      "refused by the sandbox (SecurityError: ")
     assert "Traceback" not in refused.stderr and not marker.exists()
     allowed = run_cli(*common, "--allow-task-code", cwd=tmp_path)
     assert allowed.returncode == 0, allowed.stderr
     assert marker.exists()  # the payload is real: lm-eval's own environment runs it
     assert "fatal" not in allowed.stderr and "midus_cloze_jinja (2)" in allowed.stdout
+
+
+def test_a_task_template_that_would_run_without_end_is_one_line(world, tmp_path):
+    """Nested ranges (the sandbox capped each range, not their nesting) ran until killed (trial73 F8): a render's work
+    is bounded, and the run stops in one line."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    loops = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    (tasks / "midus_cloze_loops.yaml").write_text((world["tasks"] / "midus_cloze.yaml").read_text()
+                                                  .replace("task: midus_cloze", "task: midus_cloze_loops")
+                                                  .replace('doc_to_text: "{{context}}"', f'doc_to_text: "{loops}{{{{context}}}}"'))
+    refused = run_cli("eval", str(world["base"]), "--tasks", "midus_cloze_loops", "--include-path", str(tasks), "--limit", "2",
+                      "--quiet", cwd=tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.startswith("error: a task template reaches for Python's internals or does more work than a template "
+                                      "needs, refused by the sandbox (TemplateTooCostly: a template's range() calls make over 1,000,000 "
+                                      "items in one render"), refused.stderr
+    assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_the_sandbox_bounds_a_renders_work_and_renders_what_tasks_do(monkeypatch):
+    """Each bound of one render (trial73 F8), and what task templates do still rendering as before."""
+    from jinja2.exceptions import SecurityError
+    from jinja2.sandbox import SandboxedEnvironment
+
+    from midus_surgery.downstream import task_guard
+
+    env = task_guard._bounded_sandbox(SandboxedEnvironment)()
+    env.filters["regex_replace"] = task_guard._regex_replace_in_time
+    render = lambda text: env.from_string(text).render(choices=["a", "b"])  # noqa: E731
+    assert render("{% for c in choices %}{{ loop.index }}. {{ c }} {% endfor %}|{{ 'ab' | regex_replace('b', 'c') }}|"
+                  "{{ '-' * 3 }}|{{ 2 ** 10 }}") == "1. a 2. b |ac|---|1024"
+    loop = env.from_string("{% for i in range(90000) %}{% endfor %}ok")
+    assert [loop.render() for _ in range(20)] == ["ok"] * 20  # the budget is each render's, not the run's
+    for text, said in (("{% for i in range(100000) %}{% for j in range(100) %}{% endfor %}{% endfor %}", "range() calls make over"),
+                       ("{{ 'a' * 10**10 }}", "repeats a str of 1 10,000,000,000 times"),
+                       ("{{ [1, 2] * 10**8 }}", "repeats a list of 2"), ("{{ 3 ** 100000 }}", "a number of over 4,096 powers")):
+        with pytest.raises(SecurityError, match=re.escape(said)):
+            render(text)
+    monkeypatch.setattr(task_guard, "REGEX_SECONDS", 0.05)
+    with pytest.raises(SecurityError, match=r"regex_replace with '\(a\|aa\)\+\$' ran past 0.05 s on one document"):
+        render("{{ ('a' * 36 + '!') | regex_replace('(a|aa)+$', '') }}")
 
 
 def test_the_stderr_bootstrap_forks_no_pool(world, monkeypatch):

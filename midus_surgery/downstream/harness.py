@@ -125,7 +125,8 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
                                       log_samples=False, bootstrap_iters=1000, verbosity="ERROR", random_seed=seed,
                                       numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
         except SecurityError as exc:
-            raise TaskError(f"a task template reaches for Python's internals, refused by the sandbox ({one_line(exc, 200)}); "
+            raise TaskError(f"a task template reaches for Python's internals or does more work than a template needs, refused by "
+                            f"the sandbox ({one_line(exc, 200)}); "
                             "pass --allow-task-code if you trust it") from None
         except StopIteration:  # lm-eval takes the first document of each task to build it
             raise TaskError(f"lm-eval could not score {', '.join(tasks)} on {m}: a task has no documents "

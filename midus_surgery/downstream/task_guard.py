@@ -14,7 +14,7 @@ So, unless the user passes ``--allow-task-code``: every YAML in the folders (and
 include) is composed, not constructed, and refused at the first tag outside YAML's core schema,
 the first metric lm-eval does not know, or ``hf_evaluate``; and for the run lm-eval renders its
 templates in jinja2's ``SandboxedEnvironment`` (``sandboxed_templates``), which refuses a template
-that reaches for Python's internals.
+that reaches for Python's internals, and (bounded here) one that would run without end.
 """
 
 from __future__ import annotations
@@ -189,7 +189,71 @@ def sandboxed_templates():
     if not isinstance(current, Environment) or not callable(getattr(lm_utils, "apply_template", None)):
         raise TaskError("this lm-eval renders task templates where midus-surgery cannot sandbox them; pass --allow-task-code "
                         "to render them unsandboxed if you trust every task's templates")
-    sandbox = SandboxedEnvironment(loader=current.loader, undefined=current.undefined, keep_trailing_newline=current.keep_trailing_newline)
+    sandbox = _bounded_sandbox(SandboxedEnvironment)(loader=current.loader, undefined=current.undefined,
+                                                     keep_trailing_newline=current.keep_trailing_newline)
     sandbox.filters.update(current.filters)  # lm-eval's own (regex_replace)
+    if "regex_replace" in sandbox.filters:
+        sandbox.filters["regex_replace"] = _regex_replace_in_time
     with mock.patch.object(lm_utils, "env", sandbox):
         yield
+
+
+# What one render of a sandboxed template may do. A task's template formats one document: a few loops over its fields
+# and choices. jinja2's sandbox caps each range() at 100,000 items, not their nesting, and neither a string repeated
+# nor a regex's backtracking: a template of two nested ranges ran until killed (trial73 F8).
+RENDER_RANGE_ITEMS = 1_000_000  # all the range() items of one render, together
+RENDER_TEXT = 10_000_000  # characters (or items) one `*` may make
+REGEX_SECONDS = 2.0  # one regex_replace
+
+
+def _bounded_sandbox(base):
+    """``base`` (jinja2's SandboxedEnvironment) with the work one render may do bounded (above); past a bound the render
+    raises TemplateTooCostly, a SecurityError, which the run reports in one line."""
+    import weakref
+
+    from jinja2.exceptions import SecurityError
+    from jinja2.sandbox import safe_range
+
+    class TemplateTooCostly(SecurityError):
+        pass
+
+    class BoundedSandbox(base):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._range_items = weakref.WeakKeyDictionary()  # render context -> range() items made in it
+
+        def call(self, __context, __obj, *args, **kwargs):
+            if __obj is safe_range:
+                made = self._range_items.get(__context, 0) + len(range(*args))
+                if made > RENDER_RANGE_ITEMS:
+                    raise TemplateTooCostly(f"a template's range() calls make over {RENDER_RANGE_ITEMS:,} items in one render "
+                                            "(nested loops?)")
+                self._range_items[__context] = made
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 4096:
+                raise TemplateTooCostly(f"{left} ** {right} in a template: a number of over 4,096 powers")
+            if operator == "*":
+                for seq, times in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > RENDER_TEXT:
+                        raise TemplateTooCostly(f"a template repeats a {type(seq).__name__} of {len(seq):,} {times:,} times "
+                                                f"(over {RENDER_TEXT:,})")
+            return super().call_binop(context, operator, left, right)
+
+    return BoundedSandbox
+
+
+def _regex_replace_in_time(string, pattern, repl, count: int = 0):
+    """lm-eval's regex_replace filter (re.sub) with a time limit: a pattern that backtracks without end, ``(a+)+$`` on 40
+    a's and a '!', ran until killed (trial73 F8). The ``regex`` module (transformers' own dependency) reads re's syntax."""
+    import regex
+    from jinja2.exceptions import SecurityError
+
+    try:
+        return regex.sub(pattern, repl, string, count=count, timeout=REGEX_SECONDS)
+    except TimeoutError:
+        raise SecurityError(f"regex_replace with {str(pattern)[:80]!r} ran past {REGEX_SECONDS:g} s on one document "
+                            "(a pattern that backtracks without end?)") from None
