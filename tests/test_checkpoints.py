@@ -645,72 +645,45 @@ def test_other_training_tokens_are_not_said_to_be_other_text():
     from midus_surgery.train.checkpoint import data_changes
 
     (said,) = data_changes({"train": "entry-a", "seed": 0}, {"train": "entry-b", "seed": 0})
-    assert said == "data.train gives other tokens (its text, init_from's tokenizer or data.text_field changed)"
+    assert said == ("data.train gives other tokens (its text, init_from's tokenizer or data.text_field changed, or the checkpoint "
+                    "was written by a midus-surgery that named token-cache entries by other rules)")
     assert data_changes({"train": "entry-a", "seed": 0}, {"train": "entry-a", "seed": 0}) == []
 
 
-def test_a_fresh_start_does_not_replace_an_earlier_runs_exported_model(done, tmp_path, capsys):
-    """The checkpoints deleted to free the disk, the exported model kept: a fresh start in the same run_dir (resume unset, or
-    auto with nothing to continue) trained and replaced that model without a word, exit 0 (trial74 F1)."""
-    run = tmp_path / "run"
-    shutil.copytree(done["run"], run)
-    shutil.rmtree(run / "checkpoints")
+def test_other_training_tokens_name_the_part_that_changed():
+    """A checkpoint records what its token-cache entry read (tokenizer, JSONL field, files, the naming rules): a resume
+    whose entry differs says which of them changed, and an upgrade that renamed entries is not said as other text."""
+    from midus_surgery.train.checkpoint import data_changes
+
+    reads = {"tokenizer": "t1", "text_field": "text", "files": ["/d/a.jsonl", "/d/b.jsonl"], "key_rules": 2}
+
+    def said(**now) -> str:
+        (line,) = data_changes({"train": "entry-a", "train_reads": reads}, {"train": "entry-b", "train_reads": {**reads, **now}})
+        return line.removeprefix("data.train gives other tokens (").removesuffix(")")
+
+    assert said() == "the text of its files changed"
+    assert said(tokenizer="t2") == "init_from's tokenizer changed"
+    assert said(text_field="body") == "data.text_field text -> body"
+    assert said(files=["/d/a.jsonl", "/d/c.jsonl"]) == "other files: -/d/b.jsonl, +/d/c.jsonl"
+    assert said(files=["/d/b.jsonl", "/d/a.jsonl"]) == "other files: the same files in another order"
+    assert said(key_rules=3).startswith("the checkpoint was written by a midus-surgery that named token-cache entries by other rules")
+    # the same entry read from elsewhere (another node's path to the same bytes) is the same data
+    assert data_changes({"train": "entry-a", "train_reads": reads}, {"train": "entry-a", "train_reads": {**reads, "files": ["/x"]}}) == []
+
+
+def test_a_resume_on_edited_text_says_the_text_changed(done, tmp_path):
+    """The corpus edited after the checkpoint: the resume is refused, saying it is the text (not the tokenizer, the field
+    or the files named)."""
     root = done["root"]
-    before = (run / "final" / "model.safetensors").read_bytes()
-    for resume in ("auto", None):
-        extra = {**EXTRA, "resume": resume} if resume else {k: v for k, v in EXTRA.items() if k != "resume"}
-        cfg = write_config(tmp_path / "run.yaml", done["model"], run, root / "corpus", root / "cache", **extra)
-        for dry in ([], ["--dry-run"]):
-            assert cli_main(["train", str(cfg), "--quiet", *dry]) == RecipeError.exit_code
-            err = capsys.readouterr().err.strip()
-            assert len(err.splitlines()) == 1 and "run_dir: " in err, err
-            assert f"{run / 'final'} holds the model an earlier run exported (model.safetensors), and this run starts afresh" in err, err
-    assert (run / "final" / "model.safetensors").read_bytes() == before
-
-
-def test_a_step_folder_without_its_state_file_is_said_and_kept_not_deleted(done, tmp_path, capsys):
-    """The newest checkpoint's state file moved out (to skip it, keeping its weights) and a note added: resume: auto went on
-    from the one before without a word, then deleted the folder, note and all, when it wrote that step again (trial74 F2)."""
-    run, cfg = copy_run(done, tmp_path)
-    newest = ckpt(run, 4)
-    (newest / "trainer_state.json").rename(tmp_path / "kept_state.json")
-    (newest / "NOTES.md").write_text("why I skipped this one\n")
-    assert cli_main(["train", str(cfg), "--quiet"]) == 0
-    out = capsys.readouterr().out
-    assert "step-00000004 holds no trainer_state.json, so it is no checkpoint to resume from (resuming from step-00000002)" in out, out
-    assert "holds no trainer_state.json, so it is no checkpoint train wrote whole; moved to step-00000004.broken, kept" in out, out
-    assert (run / "checkpoints" / "step-00000004.broken" / "NOTES.md").read_text() == "why I skipped this one\n"
-    assert (ckpt(run, 4) / "trainer_state.json").is_file()  # the run's own, written whole
-
-
-def test_written_weights_get_the_mode_a_new_file_gets(done):
-    """safetensors writes 0600 whatever the umask: a trained model and its checkpoints were unreadable to a teammate or a
-    serving account, while apply's output was not (trial74 F4)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [done["run"] / "final" / "model.safetensors", *(done["run"] / "checkpoints").glob("step-*/*.safetensors")]:
-        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (path, oct(path.stat().st_mode))
-
-
-def test_an_interrupt_while_the_other_processes_finish_their_part_removes_the_partial(tmp_path, monkeypatch):
-    """A Ctrl-C in the wait between every process's writes and the main process's putting the checkpoint in place left the
-    whole temp folder behind (trial74 F3: 1 in 7 tries under torchrun)."""
-    from midus_surgery.train import checkpoint as C
-
-    class Acc:
-        is_main_process, process_index, num_processes = True, 0, 1
-        waits = 0
-
-        def wait_for_everyone(self):
-            Acc.waits += 1
-            if Acc.waits == 2:  # the wait after the files are written
-                raise KeyboardInterrupt
-
-        def save_state(self, path, safe_serialization=True):
-            (Path(path) / "model.safetensors").write_bytes(b"x")
-
-    root = tmp_path / "checkpoints"
-    root.mkdir()
-    with pytest.raises(KeyboardInterrupt):
-        C.save_checkpoint(root, Acc(), None, step=3, samples_seen=0, keep_last=2, facts={})
-    assert list(root.iterdir()) == []
+    corpus = tmp_path / "corpus"
+    shutil.copytree(root / "corpus", corpus)
+    cfg = write_config(tmp_path / "run.yaml", done["model"], tmp_path / "run", corpus, tmp_path / "cache",
+                       **{**EXTRA, "tokens": 16 * 4 * 2})
+    train(load_train_config(cfg))
+    first = sorted(corpus.iterdir())[0]
+    first.write_text(first.read_text() + "one more sentence .\n")
+    shutil.rmtree(tmp_path / "run" / "final")
+    cfg = write_config(tmp_path / "run.yaml", done["model"], tmp_path / "run", corpus, tmp_path / "cache", **EXTRA)
+    with pytest.raises(TrainingError) as err:
+        train(load_train_config(cfg))
+    assert "the data changed since it was written (data.train gives other tokens (the text of its files changed))" in str(err.value)

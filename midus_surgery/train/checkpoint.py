@@ -504,14 +504,37 @@ def data_changes(saved: dict, now: dict) -> list[str]:
         if was == new or (key == "held_out" and was is not None and new is not None):
             continue
         if key == "train":
-            # the cache entry's name covers the text, the tokenizer and the JSONL field: any of them (trial46: a
-            # swapped tokenizer was said as other text)
-            changes.append("data.train gives other tokens (its text, init_from's tokenizer or data.text_field changed)")
+            changes.append(f"data.train gives other tokens ({_why_other_tokens(saved.get('train_reads'), now.get('train_reads'))})")
         elif key == "held_out":
             changes.append(f"data.held_out {'added' if was is None else 'removed'}, which changes the training blocks")
         else:
             changes.append(f"{'seed' if key == 'seed' else 'data.' + key}: {was} -> {new}")
     return changes
+
+
+def _why_other_tokens(saved: dict | None, now: dict | None) -> str:
+    """Why the token-cache entry of data.train differs from the checkpoint's, as far as the checkpoint recorded what the
+    entry read (data.reads_of): the entry's name covers the text, the tokenizer, the JSONL field and the naming rules
+    (trial46: a swapped tokenizer was said as other text)."""
+    if not isinstance(saved, dict) or not isinstance(now, dict):
+        return ("its text, init_from's tokenizer or data.text_field changed, or the checkpoint was written by a midus-surgery "
+                "that named token-cache entries by other rules")
+    said = []
+    if saved.get("tokenizer") != now.get("tokenizer"):
+        said.append("init_from's tokenizer changed")
+    if saved.get("text_field") != now.get("text_field"):
+        said.append(f"data.text_field {saved.get('text_field')} -> {now.get('text_field')}")
+    was, new = saved.get("files") or [], now.get("files") or []
+    if was != new:
+        gone, added = [f for f in was if f not in new], [f for f in new if f not in was]
+        said.append("other files: " + ", ".join([*(f"-{f}" for f in gone[:2]), *(f"+{f}" for f in added[:2])] or ["the same files in another order"])
+                    + (" ..." if len(gone) > 2 or len(added) > 2 else ""))
+    if said:
+        return "; ".join(said)
+    if saved.get("key_rules") != now.get("key_rules"):
+        return ("the checkpoint was written by a midus-surgery that named token-cache entries by other rules: the text may be the "
+                "same, but the run cannot tell")
+    return "the text of its files changed"
 
 
 def data_change_problem(state: dict, data_identity: dict) -> str | None:

@@ -287,6 +287,21 @@ def shared_files(train: list[Path], held: list[Path]) -> list[tuple[Path, Path]]
     return pairs
 
 
+# The rules corpus_key names an entry by, counted: 2 since a file's JSONL reading joined its key (trial70). A checkpoint
+# records it beside what the entry read, so a resume refused for other tokens can say when an upgrade renamed the entry.
+KEY_RULES = 2
+
+
+def reads_of(stream: TokenStream) -> dict:
+    """What a cache entry's key was made of, but the files' bytes: the tokenizer, the JSONL field, the files and the key's
+    rules. A checkpoint records it, so a resume whose entry differs can name the part that changed."""
+    meta = stream.meta
+    files = [str(f) for f in meta.get("files", [])]
+    jsonl = any(Path(f).suffix.lower() in JSONL_SUFFIXES for f in files)
+    return {"tokenizer": meta.get("tokenizer"), "text_field": meta.get("text_field") if jsonl else None, "files": files,
+            "key_rules": KEY_RULES}
+
+
 def corpus_key(files: list[Path], fingerprint: str, text_field: str) -> str:
     h = hashlib.sha256(f"midus-tokens-v{FORMAT_VERSION}\n{fingerprint}\n".encode())
     if any(f.suffix.lower() in JSONL_SUFFIXES for f in files):

@@ -62,6 +62,7 @@ from midus_surgery.recipe.schema import cwd_relative_hint
 from midus_surgery.train import data as D
 from midus_surgery.train import sharding
 from midus_surgery.train.checkpoint import (
+    DATA_KEYS,
     STATE_FILE,
     NoWholeCheckpoint,
     complete_checkpoints,
@@ -620,7 +621,8 @@ class Runner:
             return
         from accelerate.utils import gather_object
 
-        seen = gather_object([self.data_identity])
+        # the blocks each reads, not where from: the same files under a node's own path are the same data
+        seen = gather_object([{key: self.data_identity.get(key) for key in DATA_KEYS}])
         if any(other != seen[0] for other in seen):
             rank = next(i for i, other in enumerate(seen) if other != seen[0])
             raise TrainingError(f"process {rank} reads other data than process 0 (token cache entry {seen[rank].get('train')} against "
@@ -633,6 +635,7 @@ class Runner:
         self.train_blocks, self.held_blocks = D.split(train_stream, held_stream, d.block_size, d.held_out_fraction, what="data.train")
         self.sampler = D.BlockSampler(self.train_blocks, cfg.seed)
         self.data_identity = self.identity_of_data(train_stream.path.name, held_stream.path.name if held_stream else None)
+        self.data_identity["train_reads"] = D.reads_of(train_stream)
 
     def identity_of_data(self, train: str, held_out: str | None) -> dict:
         """What a checkpoint records of the data (its corpora's cache entries and how blocks are cut), and a resume
