@@ -33,8 +33,27 @@ class _LazyConsole:
         return getattr(self._console, name)
 
 
+class _ErrorConsole(_LazyConsole):
+    """stderr. Under ``torchrun`` / ``accelerate launch`` every process says its own error, most often the same
+    line as its peers (a config problem): a process other than the first tags its lines with its rank, so the
+    repeats read as what they are, and a line only one process says is told apart (trial74 F8)."""
+
+    def print(self, *objects, **kwargs):
+        tag = _rank_tag()
+        if tag and objects:
+            objects = (f"{tag}{objects[0]}", *objects[1:])
+        return self.__getattr__("print")(*objects, **kwargs)
+
+
+def _rank_tag() -> str:
+    """``[rank N] `` in a process other than the first of a multi-process launch (torchrun and accelerate set
+    RANK and WORLD_SIZE), else ""."""
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    return f"[rank {rank}] " if rank.isdigit() and world.isdigit() and int(world) > 1 and int(rank) > 0 else ""
+
+
 out = _LazyConsole()
-err = _LazyConsole(stderr=True)
+err = _ErrorConsole(stderr=True)
 
 
 def _threads(text: str) -> int:

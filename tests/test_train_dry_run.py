@@ -101,7 +101,7 @@ def test_a_dry_run_writes_nothing_reads_no_weights_and_says_what_the_start_then_
     assert f"budget {STEP_TOKENS * 5:,} tokens = 5 steps of {STEP_TOKENS}" in said
 
 
-def test_a_dry_run_of_a_resume_says_the_checkpoint_and_the_changes_and_moves_nothing(midus, tmp_path, capsys):
+def test_a_dry_run_of_a_resume_says_the_checkpoint_and_the_changes_and_moves_nothing(midus, tmp_path, capsys, monkeypatch):
     cache, run = tmp_path / "cache", tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", midus["model"], run, midus["corpus"], cache, tokens=STEP_TOKENS * 4,
                           resume="auto", **{"checkpoint.every": 2, "checkpoint.keep_last": 3, "eval.at_start": False})
@@ -133,6 +133,16 @@ def test_a_dry_run_of_a_resume_says_the_checkpoint_and_the_changes_and_moves_not
 
     code, out, err = dry(capsys, config, "resume=null")  # what a start refuses, a dry run refuses the same way
     assert code == 2 and "already holds checkpoints" in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(tmp_path) == before
+    # a config without the key: the line names the file, not its line 1 (which says nothing of resume; trial74 F8);
+    # in a second process of a launch the line carries its rank, so its repeat of the first process's line reads as one
+    unset = tmp_path / "unset.yaml"
+    unset.write_text("".join(line for line in config.read_text().splitlines(keepends=True) if not line.startswith("resume:")))
+    before = snapshot(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    code, out, err = dry(capsys, unset)
+    assert code == 2 and err.startswith(f"[rank 1] {unset}: resume: resume is not set, and ") and len(err.strip().splitlines()) == 1, err
     assert snapshot(tmp_path) == before
 
 

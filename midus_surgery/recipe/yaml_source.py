@@ -53,9 +53,12 @@ class YamlSource:
     marks: dict[PathKey, tuple[int, int]] = field(default_factory=dict)  # path -> (line, col), 1-based
 
     def where(self, path: PathKey = ()) -> str:
-        """``file:line:col`` of the deepest known prefix of ``path``."""
+        """``file:line:col`` of the deepest known prefix of ``path``; the file alone for a top-level key the file does
+        not hold (``resume`` unset: "run.yaml:1:1: resume:" pointed at a line that says nothing of it; trial74 F8)."""
         mark = self.position(path)
-        return f"{self.file}:{mark[0]}:{mark[1]}" if mark else self.file
+        if mark is None or (path and not any(tuple(path[:cut]) in self.marks for cut in range(len(path), 0, -1))):
+            return self.file
+        return f"{self.file}:{mark[0]}:{mark[1]}"
 
     def position(self, path: PathKey = ()) -> tuple[int, int] | None:
         """(line, col) of the deepest known prefix of ``path``; None when none is known."""
