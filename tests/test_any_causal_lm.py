@@ -711,6 +711,18 @@ def test_nemotron_h_blocks_of_every_kind_make_identity_blocks_and_its_attention_
     model(input_ids=ids, labels=ids).loss.backward()  # the memory learns: gradients reach its tables through the readout
     grads = {n: p.grad for n, p in model.named_parameters() if ".hml." in n}
     assert grads and any(g is not None and bool(g.abs().sum() > 0) for g in grads.values()), sorted(grads)
+    # analyze reads the memory of a stand-in readout as of any memory block (checked by hand before: trial75 leftover)
+    from train_fixtures.tiny import make_tokenizer, write_corpus
+
+    from midus_surgery.downstream.analyze import run_analysis
+
+    make_tokenizer().save_pretrained(out)
+    write_corpus(root / "nemotron-corpus", files=1, sentences_per_file=40)
+    found = run_analysis(out, [str(root / "nemotron-corpus")], root / "nemotron-analysis", block_size=16, max_blocks=4, progress=False,
+                         cache_dir=str(root / "nemotron-cache"))
+    assert sorted(found["slot_usage"]) == sorted(found["head_importance"]) and len(found["slot_usage"]) == 2, found.keys()
+    assert all(0 < u["used_fraction"][0] <= 1 for u in found["slot_usage"].values()), found["slot_usage"]
+    assert all(len(deltas) == SMALL["num_attention_heads"] for deltas in found["head_importance"].values())
     identity = recipe(root, base, slices([(0, "identity"), (1, "identity"), (2, "identity"), (3, "identity")], 6), "nemotron-h-identity")
     planned, _, _ = apply_and_verify(identity)  # logits equal to the base's: each kind's output projections zeroed
     mlp = planned.anatomy.kind_of(2).anatomy
