@@ -165,8 +165,26 @@ FILE_TOO_LARGE = ("a file grew past the largest this system lets one file be (Fi
 
 
 def file_too_large(exc: BaseException) -> bool:
-    """EFBIG: one file past a size limit, with room left on the disk; "free space" is the wrong advice for it (trial66)."""
-    return getattr(exc, "errno", None) == errno.EFBIG or "File too large" in str(exc)
+    """EFBIG: one file past a size limit, with room left on the disk; "free space" is the wrong advice for it (trial66).
+    torch's writer says no errno: its failure under a `ulimit -f` limit is taken for one (trial78 F4)."""
+    if getattr(exc, "errno", None) == errno.EFBIG or "File too large" in str(exc):
+        return True
+    return torch_write_failed(exc) and file_size_limit() is not None
+
+
+def torch_write_failed(exc: BaseException) -> bool:
+    """torch.save's writer failing part-way (a full disk, a file-size limit): its message carries no errno, only
+    "unexpected pos" or "file write failed"."""
+    text = str(exc)
+    return "unexpected pos" in text or "file write failed" in text
+
+
+def file_size_limit() -> int | None:
+    """This process's limit on one file's size (``ulimit -f``), in bytes; None when there is none."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def temp_disk_advice(exc: BaseException) -> str:

@@ -392,6 +392,7 @@ def test_partial_checkpoint_cleanup_removes_only_what_save_checkpoint_names(tmp_
     root = tmp_path / "checkpoints"
     (root / ".tmp-step-00000003-a1b2c3").mkdir(parents=True)  # a killed run's partial checkpoint
     (root / ".tmp-step-00000003-a1b2c3" / "model.safetensors").write_bytes(b"x")
+    (root / ".tmp-step-00000003-a1b2c3" / ".tmpQY75Kl").write_bytes(b"x")  # safetensors' own temp file, killed mid-write (trial78 F1)
     (root / ".tmp-notes").mkdir()  # someone else's hidden folder
     (root / ".tmp-step-notes").mkdir()  # a name like the tool's, not the tool's (8 digits, 6 hex)
     outside = tmp_path / "elsewhere"
@@ -430,6 +431,115 @@ def test_an_interrupt_just_after_the_partial_checkpoint_is_made_removes_it(tmp_p
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(root, acc, None, step=3, samples_seen=12, keep_last=2, facts={})
     assert list(root.iterdir()) == []
+
+
+def fake_accelerator(save_state=None):
+    """The little of accelerate's Accelerator that save_checkpoint uses, for one process: save_state writes a model file."""
+    from types import SimpleNamespace
+
+    def write_model(path, safe_serialization=True):
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(2)}, Path(path, "model.safetensors"))
+
+    return SimpleNamespace(is_main_process=True, process_index=0, num_processes=1, wait_for_everyone=lambda: None,
+                           save_state=save_state or write_model)
+
+
+def test_a_kill_while_pruning_leaves_no_checkpoint_folder_without_its_state_file(tmp_path, monkeypatch):
+    """Pruning deleted step-N in place: killed in the middle (tmpfs lists trainer_state.json first, so it went first),
+    it left a checkpoint-sized step-N that no run pruned nor reported (trial78 F2). The checkpoint is renamed to a
+    partial's name first: what a kill leaves is removed by the next run."""
+    from types import SimpleNamespace
+
+    from midus_surgery.train import checkpoint as ck
+
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    scheduler = SimpleNamespace(state_dict=lambda: {"last_epoch": 1})
+    ck.save_checkpoint(root, fake_accelerator(), scheduler, step=1, samples_seen=4, keep_last=1, facts={"data": {}})
+    scheduler = SimpleNamespace(state_dict=lambda: {"last_epoch": 2})
+    real_rmtree = shutil.rmtree
+
+    def killed_in_the_middle(path, *args, **kwargs):
+        if (Path(path) / "trainer_state.json").is_file():  # the pruned checkpoint: its state file goes, then the kill
+            (Path(path) / "trainer_state.json").unlink()
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ck.shutil, "rmtree", killed_in_the_middle)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint(root, fake_accelerator(), scheduler, step=2, samples_seen=8, keep_last=1, facts={"data": {}})
+    monkeypatch.setattr(ck.shutil, "rmtree", real_rmtree)
+    assert ck.stateless_step_folders(root) == []
+    (left,) = [p for p in root.iterdir() if p.name != "step-00000002"]
+    assert ck.PARTIAL_CHECKPOINT_NAME.match(left.name), left.name
+    ck.remove_partial_checkpoints(root)  # what the next run does first
+    assert [p.name for p in root.iterdir()] == ["step-00000002"]
+    # one such folder an earlier version left: said at a resume, never taken for a checkpoint nor deleted
+    (root / "step-00000001").mkdir()
+    (root / "step-00000001" / "model.safetensors").write_bytes(b"weights")
+    said = []
+    assert ck.newest_whole_checkpoint(root, fake_accelerator(), said.append) == root / "step-00000002"
+    assert said == ["step-00000001 holds no trainer_state.json, so it is no checkpoint: checkpoint.keep_last does not prune it; it is "
+                    "kept (remove it yourself if nothing in it is wanted)"]
+
+
+def test_a_full_disk_at_the_state_file_names_the_checkpoint_to_resume_from(tmp_path, monkeypatch):
+    """The disk filling while trainer_state.json was written gave the plain "the disk is full ... run again", without the
+    checkpoint to resume from that a failure of the weights' write names (trial78 F3)."""
+    import errno
+    from types import SimpleNamespace
+
+    from midus_surgery.errors import TrainingError
+    from midus_surgery.train import checkpoint as ck
+
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    scheduler = SimpleNamespace(state_dict=lambda: {"last_epoch": 1})
+    ck.save_checkpoint(root, fake_accelerator(), scheduler, step=1, samples_seen=4, keep_last=2, facts={})
+    real_write_text = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name == "trainer_state.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(TrainingError) as err:
+        ck.save_checkpoint(root, fake_accelerator(), scheduler, step=2, samples_seen=8, keep_last=2, facts={})
+    said = str(err.value)
+    assert said.startswith(f"cannot write the checkpoint {root / 'step-00000002'} (OSError: [Errno 28] No space left on device"), said
+    assert said.endswith(f"the last whole checkpoint is {root / 'step-00000001'}: free space there, then resume: auto"), said
+    assert [p.name for p in root.iterdir()] == ["step-00000001"]
+
+
+def test_torchs_writer_stopped_by_a_file_size_limit_is_said_as_that_limit(tmp_path):
+    """torch's writer past a `ulimit -f` limit says "unexpected pos", no errno: the run said the disk's 20 GB free and
+    nothing of the limit (trial78 F4; FAT32's 4 GiB is the real-world case)."""
+    import resource
+    from types import SimpleNamespace
+
+    from midus_surgery.errors import TrainingError
+    from midus_surgery.train import checkpoint as ck
+
+    def save_state(path, safe_serialization=True):
+        torch.save({"exp_avg": torch.zeros(100_000)}, Path(path, "optimizer.bin"))  # 400 KB past a 200 KB limit
+
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))  # Python ignores SIGXFSZ: the write fails with EFBIG
+    try:
+        with pytest.raises(TrainingError) as err:
+            ck.save_checkpoint(root, fake_accelerator(save_state), SimpleNamespace(state_dict=dict), step=1, samples_seen=4,
+                               keep_last=2, facts={})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    said = str(err.value)
+    assert "unexpected pos" in said and "a file grew past the largest this system lets one file be" in said, said
+    assert "this process may write files of at most 200,000 bytes" in said and "MiB free" not in said, said
+    assert said.endswith("no checkpoint was written yet") and list(root.iterdir()) == []
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

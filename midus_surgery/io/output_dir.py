@@ -862,7 +862,10 @@ _PARTIAL_CHECKPOINT_FILES = re.compile(
     r"^(?:model(?:_\d+)?\.safetensors|(?:pytorch_model|optimizer|scheduler|sampler|dl_state_dict)(?:_\d+)?\.bin"
     r"|pytorch_model_fsdp_\d+\.bin|scaler\.pt|random_states_\d+\.pkl"
     r"|rng_state_\d+\.safetensors|scheduler\.json|trainer_state\.json|custom_checkpoint_\d+\.pkl"
-    r"|(?:pytorch_model_fsdp|optimizer)_\d+/(?:__\d+_\d+\.distcp|\.metadata)?)$")  # an empty one: killed as it began
+    r"|(?:pytorch_model_fsdp|optimizer)_\d+/(?:__\d+_\d+\.distcp|\.metadata)?"  # an empty one: killed as it began
+    # safetensors writes each file as .tmpXXXXXX beside it, then renames it: a kill mid-write leaves that (trial78 F1:
+    # taken for the user's, it blocked every resume)
+    r"|\.tmp[A-Za-z0-9]{6})$")
 
 
 def partial_checkpoint_extras(partial: Path) -> list[str]:

@@ -31,7 +31,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from midus_surgery.errors import FILE_TOO_LARGE, TrainingError, disk_advice, file_too_large, load_error_line, one_line
+from midus_surgery.errors import (
+    FILE_TOO_LARGE,
+    TrainingError,
+    disk_advice,
+    file_size_limit,
+    file_too_large,
+    load_error_line,
+    one_line,
+    torch_write_failed,
+)
 from midus_surgery.io.file_digest import changed_since_written, sha256_of, written_stamp
 from midus_surgery.io.output_dir import CHECKPOINT_STATE, PARTIAL_CHECKPOINT_NAME, checkpoint_extras, give_default_mode, partial_checkpoint_extras
 from midus_surgery.io.small_files import read_small_text
@@ -367,13 +376,7 @@ def save_checkpoint(root: Path, acc, scheduler, *, step: int, samples_seen: int,
             shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(exc, Exception):
             raise
-        # torch's writer reports a full disk as "unexpected pos": say how much room is left instead
-        last = complete_checkpoints(root)
-        room = (FILE_TOO_LARGE if file_too_large(exc)  # room on the disk: its free MiB said nothing about it (trial66)
-                else f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free on its disk")
-        raise TrainingError(f"cannot write the checkpoint {final} ({one_line(exc, 160)}); {room}; " +
-                            (f"the last whole checkpoint is {last[-1][1]}: {disk_advice(exc)}, then resume: auto"
-                             if last else "no checkpoint was written yet")) from None
+        raise _cannot_write(exc, final, root) from None
     try:
         acc.wait_for_everyone()
     except BaseException:  # a Ctrl-C while the others finish their part left the whole temp folder behind (trial74 F3)
@@ -406,17 +409,41 @@ def save_checkpoint(root: Path, acc, scheduler, *, step: int, samples_seen: int,
                                             "rewriting it would delete them: move them out, then resume")
                     shutil.rmtree(final)
                 os.replace(tmp, final)
-        except BaseException:  # a full disk, a refusal above, or the Ctrl-C that waited, after the rename: no partial left
+        except BaseException as exc:  # a full disk, a refusal above, or the Ctrl-C that waited, after the rename: no partial left
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):  # the scheduler's or the state file's write (trial78 F3: the plain "disk is full")
+                raise _cannot_write(exc, final, root) from None
             raise
         for _, old in complete_checkpoints(root)[:-keep_last]:
             extras = checkpoint_extras(old)
             if extras:
                 report(f"kept {old} past checkpoint.keep_last: it also holds {', '.join(extras[:5])}, which midus-surgery did not write")
                 continue
-            shutil.rmtree(old, ignore_errors=True)
+            # renamed to a partial's name first: a kill in the middle of the removal leaves a folder the next run removes, not a
+            # step-N without its state file (deleted first on some file systems) that no run prunes (trial78 F2)
+            doomed = root / f".tmp-{old.name}-{uuid.uuid4().hex[:6]}"
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     acc.wait_for_everyone()
     return final
+
+
+def _cannot_write(exc: OSError | Exception, final: Path, root: Path) -> TrainingError:
+    """A checkpoint's write that failed (a full disk, a file-size limit, a read-only disk), in one line naming the
+    checkpoint to resume from. torch's writer reports a full disk as "unexpected pos": the room left is said instead."""
+    last = complete_checkpoints(root)
+    free = shutil.disk_usage(root).free
+    if file_too_large(exc):  # room on the disk: its free MiB said nothing about it (trial66)
+        limit = file_size_limit()
+        room = FILE_TOO_LARGE + (f"; this process may write files of at most {limit:,} bytes" if limit is not None else "")
+    elif torch_write_failed(exc) and free > 1 << 30:
+        room = (f"{free / 2**20:.1f} MiB free on its disk: torch's writer failed with room left, so a limit on one file's size "
+                "(a file system such as FAT32, whose files stop at 4 GiB) or a failing disk")
+    else:
+        room = f"{free / 2**20:.1f} MiB free on its disk"
+    return TrainingError(f"cannot write the checkpoint {final} ({one_line(exc, 160)}); {room}; " +
+                         (f"the last whole checkpoint is {last[-1][1]}: {disk_advice(exc)}, then resume: auto"
+                          if last else "no checkpoint was written yet"))
 
 
 class NoWholeCheckpoint(ValueError):
@@ -454,6 +481,9 @@ def newest_whole_checkpoint(root: Path, acc, say: Callable[[str], None], *, move
         if step > newest:  # resumed from an earlier one without a word, then deleted whole when that step came again (trial74 F2)
             say(f"{path.name} holds no {STATE_FILE}, so it is no checkpoint to resume from" + (f" (resuming from {chosen.name})" if chosen else "")
                 + f"; it is kept, and moved to {path.name}.broken if the run reaches step {step}")
+        else:  # what a kill in the middle of pruning left before pruning renamed first (trial78 F2), or a user's: never pruned
+            say(f"{path.name} holds no {STATE_FILE}, so it is no checkpoint: checkpoint.keep_last does not prune it; it is kept "
+                "(remove it yourself if nothing in it is wanted)")
     return chosen
 
 
