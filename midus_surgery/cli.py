@@ -665,7 +665,7 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--text-field", default=None, help="the JSONL field holding the text (default: text)")
     p.add_argument("--cache-dir", default=None, help="token cache (default: $MIDUS_CACHE/tokens or ~/.cache/midus-surgery/tokens)")
     p.add_argument("--device", default="auto", help="auto (default: the first CUDA device when there is one, else the CPU), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (at most 4 per CPU)")
+    p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (refused above 4 x the CPUs os.cpu_count() reports)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model directory's own modeling code (config.json auto_map; without it such a model is refused)")
     p.add_argument("--allow-pickle", action="store_true", help="read model folders whose weights are pickle .bin files alone (with weights_only=True; without it they are refused)")
@@ -690,7 +690,7 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--batch-size", type=_int_at_least(1), default=4, help="sequences per forward pass (default 4)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype to run the model in (default float32)")
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (at most 4 per CPU)")
+    p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (refused above 4 x the CPUs os.cpu_count() reports)")
     p.add_argument("--allow-pickle", action="store_true", help="read model folders whose weights are pickle .bin files alone (with weights_only=True; without it they are refused)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_analyze)
@@ -700,18 +700,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="midus-surgery", description="Memory-Infused Depth Up-Scaling: compile YAML recipes into deeper models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("validate", help="check recipes against their base models' configs and safetensors headers (no weights read)")
-    p.add_argument("recipes", nargs="+", metavar="RECIPE")
+    p = sub.add_parser("validate", help="check recipes against their base models' configs and safetensors headers (no weights read)",
+                       description="Check each recipe against its base model's config (and, when the weights are there, their "
+                                   "safetensors headers), that its identity and memory blocks start as the base's function (on a tiny "
+                                   "random replica), and that output.dir is a place apply may write. Nothing is written.",
+                       epilog=RECIPE_EXITS)
+    p.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML files (each checked and reported on its own)")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("plan", help="print the layer map, parameter and FLOP counts of a recipe (headers only, no weights read)")
-    p.add_argument("recipe", metavar="RECIPE")
+    p = sub.add_parser("plan", help="print the layer map, parameter and FLOP counts of a recipe (headers only, no weights read)",
+                       description="Print what apply would write: the layer map, the block anatomy, whether the output starts as "
+                                   "the base's function, parameter and FLOP counts against plain DUS, and validate's notes. "
+                                   "Nothing is written and no weights are read.", epilog=RECIPE_EXITS)
+    p.add_argument("recipe", metavar="RECIPE", help="one recipe YAML file")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--tensors", action="store_true", help="include the tensor map")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("apply", help="emit the up-scaled model a recipe describes")
-    p.add_argument("recipe", metavar="RECIPE")
+    p = sub.add_parser("apply", help="emit the up-scaled model a recipe describes",
+                       description="Stream the base weights into the up-scaled model the recipe describes (sharded safetensors, "
+                                   "config, tokenizer, model card, initialised memory), after saying the notes validate would say. "
+                                   "The output is written into a hidden folder beside it and renamed into place when whole.",
+                       epilog=RECIPE_EXITS + "; 1: the machine stopped it (a full disk), nothing half-written kept")
+    p.add_argument("recipe", metavar="RECIPE", help="one recipe YAML file")
     p.add_argument("--out", help="output directory (default: the recipe's output.dir)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output directory that midus-surgery wrote (it carries a .midus-surgery marker); "
@@ -723,7 +734,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan through transformers even where the safetensors headers suffice (debugging; also MIDUS_SURGERY_FULL_PLAN=1)")
     p.set_defaults(func=cmd_apply)
 
-    p = sub.add_parser("verify", help="load an emitted model and check it (tensors, identity at start, KV cache, reload)")
+    p = sub.add_parser("verify", help="load an emitted model and check it (tensors, identity at start, KV cache, reload)",
+                       epilog="exit status: 0 every check passed (or was skipped, saying why); 1: a check failed; 2: the model "
+                              "cannot be checked (it does not load, or runs its own code without --trust-remote-code)")
     p.add_argument("model", metavar="MODEL_DIR")
     p.add_argument("--base", help="the base model to compare logits with (default: the one recorded at apply time)")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -737,6 +750,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RECIPE_EXITS = "exit status: 0 valid; 2: a problem in the recipe, each said with its file:line:col"
+
+
 def parse_arguments(argv: list[str] | None = None):
     """The parsed command line. train's key=value overrides may also follow its options
     (`train run.yaml --quiet optim.lr=1e-4`): argparse stops filling a positional list at the
@@ -745,8 +761,9 @@ def parse_arguments(argv: list[str] | None = None):
     args, unknown = parser.parse_known_args(argv)
     if unknown and getattr(args, "func", None) is cmd_train and all("=" in a and not a.startswith("-") for a in unknown):
         args.overrides = [*args.overrides, *unknown]
-    elif unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    elif unknown:  # said with the command's own usage (`plan A B` printed the top-level one; trial77 F11)
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        commands.get(getattr(args, "command", None), parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     return args
 
 

@@ -192,6 +192,10 @@ def test_validate_says_where_a_block_replaces_its_original(tiny_base, tmp_path, 
     assert "depends on its index" not in text
     code, text = validate_lines(tmp_path, capsys, tiny_base, body + "accept_function_change: true\n")
     assert code == 0, text
+    # every dropped layer named, as ranges (trial77 F2: "base layers 5, 6, ... 11" of 26 read as the whole list)
+    pruned = "layout: {layers: [{source: 0}, {source: 0, kind: memory}]}\nallow_dropped_layers: true\n" + MEM + "output: {dir: out}\n"
+    code, text = validate_lines(tmp_path, capsys, tiny_base, pruned)
+    assert code == 2 and "base layer 1 (and base layers 2-3) is not in the output: the layout leaves it out" in text, text
 
 
 def test_validate_says_a_bank_too_large_to_build_is_too_large(tiny_base, tmp_path, capsys, monkeypatch):
@@ -569,6 +573,20 @@ def test_train_overrides_may_follow_its_options(capsys):
         with pytest.raises(SystemExit) as exit_:
             parse_arguments(argv)
         assert exit_.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # said with the command's usage, not the top-level one (trial77 F11)
+        parse_arguments(["plan", "a.yaml", "b.yaml"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: midus-surgery plan [-h]") and "midus-surgery plan: error: unrecognized arguments: b.yaml" in err, err
+
+
+def test_the_recipe_commands_help_says_what_they_read_and_their_exit_status(capsys):
+    from midus_surgery.cli import parse_arguments
+
+    for command in ("validate", "plan", "apply"):
+        with pytest.raises(SystemExit):
+            parse_arguments([command, "--help"])
+        said = " ".join(capsys.readouterr().out.split())
+        assert re.search(r"RECIPE (one )?recipe YAML file", said) and "exit status: 0 valid; 2: a problem in the recipe" in said, said
 
 
 def test_train_without_a_config_is_a_usage_error(capsys):

@@ -199,6 +199,7 @@ def test_no_output_goes_inside_the_folders_train_writes_in_its_run_directory(tmp
             check_output_dir(run / inside, kind="analysis", reuse=True, flag=None)
         part = inside.split("/")[0]
         assert f"lies inside {run / part}, which train writes (and prunes, or rewrites) in its run directory {run}" in str(info.value)
+        assert str(info.value).endswith(f"choose a directory outside {run / part}, e.g. {run / 'analysis'} beside it")  # trial77 F9
     with pytest.raises(OutputError) as info:  # the folder itself: "RUN/trace lies inside RUN/trace" (trial72 N8)
         check_output_dir(run / "trace", kind="analysis", reuse=True, flag=None)
     assert f"output {run / 'trace'} is trace/, one of the folders train writes (and prunes, or rewrites) in its run directory {run}" in str(info.value)

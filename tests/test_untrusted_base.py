@@ -302,8 +302,14 @@ def test_a_shard_symlinked_outside_the_base_is_refused(sharded, tmp_path, capsys
     moved = tmp_path / "elsewhere.safetensors"
     shard.rename(moved)
     shard.symlink_to(moved)
-    err = refused(write_recipe(tmp_path, base), capsys)
+    recipe = write_recipe(tmp_path, base)
+    err = refused(recipe, capsys)
     assert "outside" in err and shard.name in err
+    # said as a link, where the recipe names the base, with what to do (trial77 F4: "the base's file X names 'X'", no place)
+    assert main(["validate", str(recipe)]) == 2
+    said = capsys.readouterr().err
+    assert f"{recipe}:" in said and f" base.path: {shard} is a link to {moved}, outside the base directory" in said, said
+    assert "copy the files in, or give the folder they are in" in said
 
 
 def test_a_hub_cache_snapshot_whose_files_link_into_its_blobs_applies(sharded, tmp_path, capsys):

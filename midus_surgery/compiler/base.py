@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
 
-from midus_surgery.errors import RecipeError, one_line
+from midus_surgery.errors import BaseModelError, RecipeError, one_line
 from midus_surgery.io.tensor_source import BaseRef
 from midus_surgery.recipe.schema import MAX_BASE_LAYERS, LoadedRecipe, cwd_relative_hint
 
@@ -20,6 +21,16 @@ def _is_file(loaded: LoadedRecipe, key: str, path: Path) -> bool:
     except (OSError, ValueError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise RecipeError([loaded.problem(("base", key), f"cannot use this path: {why}")]) from None
+
+
+@contextlib.contextmanager
+def located_at_base_path(loaded: LoadedRecipe):
+    """A problem with the base's files (BaseModelError) said where the recipe names the base, as every problem
+    validate finds is said (trial77 F4: a base file linking outside the folder was the one line without a place)."""
+    try:
+        yield
+    except BaseModelError as exc:
+        raise RecipeError([loaded.problem(("base", "path"), str(exc))]) from None
 
 
 def resolve_base(loaded: LoadedRecipe) -> BaseRef:

@@ -26,7 +26,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
-from midus_surgery.compiler.base import check_stated_config, resolve_base
+from midus_surgery.compiler.base import check_stated_config, located_at_base_path, resolve_base
 from midus_surgery.compiler.layout import COPY, expand_layout
 from midus_surgery.compiler.plan import (
     CYCLED_LISTS,
@@ -116,7 +116,8 @@ class NotCovered(Exception):
 def plan_from_headers(loaded: LoadedRecipe) -> tuple[PlannedRecipe | None, str | None]:
     """(the plan, None), or (None, why not) when the full planner must make it."""
     try:
-        return _plan(loaded), None
+        with located_at_base_path(loaded):
+            return _plan(loaded), None
     except NotCovered as exc:
         return None, str(exc)
 

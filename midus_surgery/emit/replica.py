@@ -26,6 +26,7 @@ from pathlib import Path
 
 from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.errors import MachineError, MidusError, RecipeError, disk_problem, one_line, temp_disk_advice
+from midus_surgery.recipe.anatomy_spec import index_ranges
 
 REPLICA_SEED = 0
 NORM_PERTURBATION = 0.3  # added to every 1-D parameter (norm weights, biases), times N(0, 1)
@@ -75,7 +76,7 @@ def skeleton_change(planned: PlannedRecipe) -> str | None:
         first = missing[0]
         uses = [f"the inserted {layer.kind} block at output layer {layer.index}" for layer in plan.layers if layer.source == first]
         how = f"its only use is {' and '.join(uses)}" if uses else "the layout leaves it out"
-        more = f" (and base layer{'s' if len(missing) > 2 else ''} {', '.join(map(str, missing[1:8]))})" if len(missing) > 1 else ""
+        more = f" (and base layer{'s' if len(missing) > 2 else ''} {index_ranges(missing[1:])})" if len(missing) > 1 else ""
         return (f"base layer {first}{more} is not in the output: {how}, so the up-scaled model cannot start as the base's function; "
                 f"an identity or memory block goes beside its source's original, which the layout keeps as `base`")
     return ("the base's own layers are not in their order in the output, so the up-scaled model cannot start as the base's "

@@ -339,8 +339,9 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
     if part in RUN_ENTRIES:  # analyze --out RUN/checkpoints/x: the run then refused to resume until it was moved (trial70)
         where = (f"is {part}/, one of the folders train writes" if resolved == run / part  # not "RUN/trace lies inside RUN/trace" (trial72 N8)
                  else f"lies inside {run / part}, which train writes")
+        # "outside it" with an example inside the run directory read as a contradiction (trial77 F9)
         raise OutputError(f"output {resolved} {where} (and prunes, or rewrites) in its run directory {run}; choose a directory "
-                          f"outside it, e.g. {run / 'analysis'}")
+                          f"outside {run / part}, e.g. {run / 'analysis'} beside it")
     if not writes_into and (too_long := _name_too_long(resolved)):
         raise OutputError(too_long)
     _check_can_write(resolved, into=writes_into, probe=probe)

@@ -173,6 +173,10 @@ def inside_base(directory: Path, name: str, what: str) -> Path:
     if root.parent.name == "snapshots":
         allowed.append(root.parent.parent / "blobs")
     if not any(target == top or top in target.parents for top in allowed):
+        if path.is_symlink() and path.parent.resolve() == root:  # a folder of links to the files (trial77 F4: "names" read oddly)
+            raise BaseModelError(f"{path} is a link to {target}, outside the base directory: apply reads only files inside it "
+                                 "(a link could make it copy any file into the output); copy the files in, or give the folder they "
+                                 "are in (a link to a whole folder is followed)")
         raise BaseModelError(f"{what} names {shown(name)}, which leads outside the base directory {directory} (to {target})")
     return path
 

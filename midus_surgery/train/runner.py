@@ -1055,7 +1055,7 @@ class Runner:
                      "about 30% more compute)")
         mode = "single process" if self.world == 1 else f"{acc.distributed_type.name} ({acc.state.backend})"
         adamw = "fused" if self.adamw_options.get("fused") else {True: "foreach", False: "for-loop"}.get(self.adamw_options.get("foreach"), "torch's default")
-        self.say(f"precision {self.precision}, {mode} on {acc.device} x {self.world}, AdamW {adamw}, warmup {self.warmup_steps} steps, "
+        self.say(f"precision {self.precision}, {mode} on {acc.device} x {self.world}, AdamW {adamw}, warmup {self.warmup_steps} step{'' if self.warmup_steps == 1 else 's'}, "
                  + ("then a constant lr" if cfg.optim.schedule == "constant" else f"{cfg.optim.schedule} decay"))
         if self.sharding_note:
             self.say(self.sharding_note)
