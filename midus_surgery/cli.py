@@ -612,7 +612,7 @@ def cmd_analyze(args) -> int:
           f"{result['held_out']['block_size']} tokens; {result['what']}" + (", loss increase when zeroed (max, mean per layer):" if rows else ":"))
     for layer in rows or usages:
         deltas, usage = rows.get(layer), usages.get(layer)
-        worth = f"max {max(deltas):+.4f} (head {int(np.argmax(deltas))}), mean {np.mean(deltas):+.4f}" if deltas else ""
+        worth = f"max {_signed(max(deltas))} (head {int(np.argmax(deltas))}), mean {_signed(np.mean(deltas))}" if deltas else ""
         used = (f"slots used {np.mean(usage['used_fraction']):.1%}, entropy {np.mean(usage['entropy_vs_uniform']):.2f} of uniform, "
                 f"top 1% {np.mean(usage['top1pct_share']):.1%}, |memory|/|residual| {usage['memory_to_residual_norm']:.3f}") if usage else ""
         print(f"  layer {layer}: {'; '.join(x for x in (worth, used) if x)}")
@@ -625,6 +625,12 @@ def cmd_analyze(args) -> int:
     pngs = ["head_importance.png"] * bool(rows) + ["slot_usage.png"] * bool(usages)
     print(f"wrote {printable(args.out)} (analysis.json{''.join(', ' + p for p in pngs)})")
     return 0
+
+
+def _signed(value: float) -> str:
+    """A loss difference with its sign: four decimals, or two significant digits below 1e-4 (-1.1e-05 printed as -0.0000
+    read as a sign on zero; trial79 F3)."""
+    return f"{value:+.4f}" if value == 0 or abs(value) >= 1e-4 else f"{value:+.1e}"
 
 
 def _add_train_commands(subparsers) -> None:

@@ -602,3 +602,10 @@ def test_train_help_says_how_to_launch_several_processes(capsys):
     assert "accelerate launch --multi_gpu --num_processes N -m midus_surgery.cli train run.yaml" in text
     assert "torchrun --nproc_per_node N -m midus_surgery.cli train run.yaml" in text
     assert "--dry-run" in text
+
+
+def test_a_loss_difference_below_the_fourth_decimal_keeps_its_digits():
+    """analyze's summary printed -1.12e-05 as "-0.0000", a sign on zero (trial79 F3)."""
+    from midus_surgery.cli import _signed
+
+    assert [_signed(x) for x in (-1.12e-5, 0.0, 0.01234, -0.5, 3e-7)] == ["-1.1e-05", "+0.0000", "+0.0123", "-0.5000", "+3.0e-07"]

@@ -373,6 +373,20 @@ def test_attention_flops_count_a_window_where_the_model_attends_over_one():
     assert scores(tiny_config("qwen2", use_sliding_window=False)) == 4 * 64
 
 
+def test_flops_per_token_are_the_formula_docs_apply_md_states():
+    """2 x the weights a token multiplies per layer, 4 x context x heads x head_dim of attention per layer, the LM head's
+    2 x vocab x hidden once; embeddings, norms and activations uncounted (trial79 F1: the formula was not written down)."""
+    config = tiny_config("llama", tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config)
+    heads, head_dim = attention_dims(config)
+    seq = 128
+    per_layer = [sum(p.numel() for p in layer.parameters() if p.dim() >= 2) for layer in model.model.layers]
+    base = sum(2 * w + 4 * seq * heads * head_dim for w in per_layer) + 2 * config.vocab_size * config.hidden_size
+    plan = plan_for(config, {"slices": [{"layers": [0, 4]}, {"layers": [3, 4]}]}, flops_seq_len=seq)
+    assert plan.flops_per_token["base"] == base
+    assert plan.flops_per_token["dus"] == base + 2 * per_layer[3] + 4 * seq * heads * head_dim
+
+
 def test_dus_flops_equal_plan_flops_for_plain_copies():
     plan = plan_for(tiny_config("llama"), {"slices": [{"layers": [0, 3]}, {"layers": [1, 4]}]})
     assert plan.flops_per_token["plan"] == plan.flops_per_token["dus"]

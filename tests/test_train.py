@@ -310,11 +310,13 @@ def test_param_groups_and_freeze_policies_on_memory_tables(world):
     hml = torch.nn.Module()
     hml.keys = torch.nn.Parameter(torch.zeros(4, 2, 3))
     hml.proj = torch.nn.Parameter(torch.zeros(4, 8))
+    hml.query_norm = torch.nn.LayerNorm(8)  # the layer's 1-D tensors are the memory group's too (docs/training.md; trial79 F4)
     model.model.layers[1].mlp.hml = hml
     model.midus_shared_bank = torch.nn.Embedding(16, 8)
     plan = json.loads((world["model"] / "midus_plan.json").read_text())
     loaded = load_train_config(write_config(world["root"] / "g.yaml", world["model"], world["root"] / "g", world["corpus"], world["cache"]))
-    memory = {"model.layers.1.mlp.hml.keys", "model.layers.1.mlp.hml.proj", "midus_shared_bank.weight"}
+    memory = {"model.layers.1.mlp.hml.keys", "model.layers.1.mlp.hml.proj", "model.layers.1.mlp.hml.query_norm.weight",
+              "model.layers.1.mlp.hml.query_norm.bias", "midus_shared_bank.weight"}
     assert {n for n, _ in model.named_parameters() if is_memory_parameter(n)} == memory
 
     groups = choose_params(model, "none", plan, loaded)

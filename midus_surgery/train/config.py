@@ -93,7 +93,7 @@ class OptimConfig(Strict):
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="The decay ends at lr * min_lr_ratio.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup: cosine or linear to lr * min_lr_ratio at the end of the run (the last step runs just above it), or constant.")
-    warmup: float = Field(0.02, ge=0, le=MAX_STEPS, description="Linear warmup over this many steps (step s of W runs at lr * (s + 1) / W, so the first at lr / W and step W at lr): a number of optimiser steps if >= 1, a fraction of all steps if < 1.")
+    warmup: float = Field(0.02, ge=0, le=MAX_STEPS, description="Linear warmup over this many steps (step s of W runs at lr * (s + 1) / W, so the first at lr / W and step W at lr): a number of optimiser steps if >= 1, a fraction of all steps if < 1 (rounded to the nearest step, a half to the even one: the default 0.02 warms up no step in a run under 25 steps).")
     weight_decay: float = Field(0.1, ge=0.0, description="AdamW decoupled weight decay, applied to matrices only (not to biases, norms or 1-D tensors).")
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = Field((0.9, 0.95), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
