@@ -171,6 +171,19 @@ def test_without_lm_eval_one_line_names_the_extra(world):
     assert proc.stderr.strip() == 'error: eval --tasks needs lm-evaluation-harness, an extra: pip install -e ".[eval]" (or pip install lm-eval)'
 
 
+def test_an_lm_eval_that_does_not_import_is_said_so_not_missing(monkeypatch):
+    """lm-eval installed but failing to import (a version that does not fit this transformers) was said as "needs
+    lm-evaluation-harness ... pip install" (trial76 F5): the line says it does not import, and why."""
+    from midus_surgery.downstream import harness
+    from midus_surgery.downstream.task_guard import TaskError
+
+    monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", None)  # its HF model class fails to import
+    with pytest.raises(TaskError) as err:
+        harness._lm_eval()
+    said = str(err.value)
+    assert said.startswith("lm-evaluation-harness is installed but does not import (ModuleNotFoundError: ") and "lm_eval.models.huggingface" in said
+
+
 def test_input_errors_are_one_line(world, tmp_path, capsys):
     assert main(["eval", str(world["base"]), "--tasks", "midus_clozee", "--include-path", str(world["tasks"])]) == 2
     assert "lm-eval knows no task 'midus_clozee' (did you mean midus_cloze" in capsys.readouterr().err

@@ -31,7 +31,16 @@ def _lm_eval():
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
-    except ImportError:
+    except ImportError as exc:
+        import importlib.util
+
+        try:
+            installed = importlib.util.find_spec("lm_eval") is not None
+        except (ValueError, AttributeError):  # a module entry of None (imports blocked): not installed, as far as we can use it
+            installed = False
+        if installed:  # installed, and failing to import: say why, not "install it" (trial76 F5)
+            raise TaskError(f"lm-evaluation-harness is installed but does not import ({one_line(exc, 300)}): a version that does not "
+                            "fit this transformers or its own dependencies; pip install -U \"lm-eval>=0.4.12,<0.5\"") from None
         raise TaskError("eval --tasks needs lm-evaluation-harness, an extra: pip install -e \".[eval]\" (or pip install lm-eval)") from None
     return simple_evaluate, HFLM, TaskManager
 

@@ -30,6 +30,11 @@ class MidusConfig(PretrainedConfig):
         fields = {k: v for k, v in kwargs.items() if k not in ("auto_map", "architectures", "transformers_version")}
         snapshot = CONFIG_MAPPING[base_model_type](**fields) if base_model_type else None
         object.__setattr__(self, "_base_snapshot", snapshot)
+        # transformers 5.17 remaps "legacy" layer_types of configs it takes for custom code (this class: conv, mamba ->
+        # linear_attention, attention -> full_attention) while the base's own modeling code still reads the old names:
+        # keep the base class's layer_types
+        if snapshot is not None and isinstance(getattr(snapshot, "layer_types", None), list):
+            self.layer_types = list(snapshot.layer_types)
         for key, value in (vars(snapshot) if snapshot is not None else {}).items():
             # a nested config (MPT's attn_config, a multimodal config's towers) is read as attributes
             # (config.attn_config.softmax_scale): keep the base class's object, not the JSON dict

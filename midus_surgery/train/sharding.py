@@ -21,12 +21,19 @@ def _fsdp_version() -> str:
     return os.environ.get("FSDP_VERSION", "1")  # accelerate's default
 
 
+# The oldest accelerate whose FSDP2 runs were checked to end as the single-process run does: with 1.6.0, the first
+# with FSDP2, a shared memory bank ended different (trial76 F3b)
+FSDP2_ACCELERATE = (1, 16)
+
+
 def before_accelerator(on_cpu: bool) -> str | None:
     """Settle an FSDP config on CPU before accelerate reads it; the line to print, or None.
 
     FSDP1 cannot shard here: the config is set aside (the run is DDP). FSDP2's
     ``sync_module_states`` is turned off: every process loads the same weights from disk, so
     there is nothing to broadcast, and accelerate refuses it without an accelerator."""
+    if _asked_for_fsdp() and _fsdp_version() == "2":
+        _check_accelerate_for_fsdp2()
     if not (on_cpu and _asked_for_fsdp()):
         return None
     if _fsdp_version() != "2":
@@ -36,6 +43,18 @@ def before_accelerator(on_cpu: bool) -> str | None:
     if os.environ.get("FSDP_SYNC_MODULE_STATES", "false").lower() == "true":
         os.environ["FSDP_SYNC_MODULE_STATES"] = "false"
     return None
+
+
+def _check_accelerate_for_fsdp2() -> None:
+    import accelerate
+
+    from midus_surgery.errors import TrainingError
+
+    found = tuple(int(part) for part in accelerate.__version__.split(".")[:2] if part.isdigit())
+    if found < FSDP2_ACCELERATE:
+        raise TrainingError(f"an FSDP2 run needs accelerate {'.'.join(map(str, FSDP2_ACCELERATE))} or later (the oldest checked "
+                            f"to train as one process does; 1.6 ended with a shared memory bank apart), and this is "
+                            f"accelerate {accelerate.__version__}: pip install -U \"accelerate>={'.'.join(map(str, FSDP2_ACCELERATE))}\"")
 
 
 def one_process_note(processes: int) -> str | None:
