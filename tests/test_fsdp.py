@@ -29,6 +29,19 @@ from midus_surgery.train.runner import train
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
+
+def accelerate_for_fsdp2() -> bool:
+    """Whether this accelerate is one train runs FSDP2 on (train/sharding.py: older ones are refused in one line)."""
+    import accelerate
+
+    from midus_surgery.train.sharding import FSDP2_ACCELERATE
+
+    return tuple(int(p) for p in accelerate.__version__.split(".")[:2] if p.isdigit()) >= FSDP2_ACCELERATE
+
+
+# an FSDP2 launch on an older accelerate is refused at the start (that refusal has its own test below)
+needs_fsdp2_accelerate = pytest.mark.skipif(not accelerate_for_fsdp2(), reason="this accelerate is older than the one FSDP2 runs on")
+
 FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
 distributed_type: FSDP
 num_machines: 1
@@ -90,6 +103,7 @@ def assert_same_weights(a_dir: Path, b_dir: Path) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+@needs_fsdp2_accelerate
 @pytest.mark.parametrize("bank", ["own", "shared", "plain"])
 def test_fsdp2_on_two_cpu_processes_ends_with_the_single_process_weights(world, tmp_path, bank):
     """own / shared: MIDUS outputs (their memory tables clip apart); plain: a model without memory,
@@ -150,6 +164,7 @@ def read_data_identity(ckpt: Path) -> dict:
     return read_checkpoint_state(ckpt).get("data", {})
 
 
+@needs_fsdp2_accelerate
 def test_a_checkpoint_resumes_only_in_the_layout_it_was_written_in(world, tmp_path):
     """accelerate reads an FSDP run's checkpoint from pytorch_model_fsdp_0/ and any other run's from
     model.safetensors: a resume across the two was a storm of DCP tracebacks (under FSDP) or a line
@@ -180,7 +195,8 @@ def test_an_fsdp2_run_on_an_accelerate_older_than_the_checked_one_is_refused(mon
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
     monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "false")
-    assert sharding.before_accelerator(on_cpu=True) is None  # this accelerate (1.16 or later, as pyproject.toml asks)
+    monkeypatch.setattr(accelerate, "__version__", "1.16.0")
+    assert sharding.before_accelerator(on_cpu=True) is None
     monkeypatch.setattr(accelerate, "__version__", "1.6.0")
     with pytest.raises(TrainingError, match=r"an FSDP2 run needs accelerate 1\.16 or later .* this is accelerate 1\.6\.0"):
         sharding.before_accelerator(on_cpu=False)
