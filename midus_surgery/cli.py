@@ -39,9 +39,16 @@ class _ErrorConsole(_LazyConsole):
     repeats read as what they are, and a line only one process says is told apart (trial74 F8)."""
 
     def print(self, *objects, **kwargs):
-        tag = _rank_tag()
-        if tag and objects:
-            objects = (f"{tag}{objects[0]}", *objects[1:])
+        if objects and isinstance(objects[0], str):
+            # every line tagged (a refusal of several problems read as the first process's past its first line: trial80 N3),
+            # and a name the user typed holding ESC or CR shown as its escape, not coloring the terminal (N5)
+            tag = "" if self.__dict__.get("_mid_line") else _rank_tag()  # a line begun by the print before: tagged there
+            if kwargs.get("markup") and tag:
+                tag = tag.replace("[", "\\[")  # rich would read "[rank 1]" as a style
+            lines = objects[0].split("\n")
+            text = "\n".join(f"{tag}{line if kwargs.get('markup') else printable(line)}" for line in lines)
+            objects = (text, *objects[1:])
+        self.__dict__["_mid_line"] = not kwargs.get("end", "\n").endswith("\n")
         return self.__getattr__("print")(*objects, **kwargs)
 
 
@@ -109,14 +116,16 @@ def cmd_validate(args) -> int:
             raise  # the machine, not this recipe: one error line, not INVALID
         except MidusError as exc:
             failed += 1
-            err.print(f"[bold red]INVALID[/] {path}", markup=True)
+            err.print("[bold red]INVALID[/] ", markup=True, end="")
+            err.print(str(path), markup=False)
             for line in str(exc).splitlines():
                 err.print(f"  {line}", markup=False)
             continue
         plan = planned.plan
         kinds = Counter(layer.kind for layer in plan.layers if layer.inserted)
         summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
-        out.print(f"[bold green]OK[/] {path}: {plan.base_num_layers} -> {plan.num_hidden_layers} layers ({summary})", markup=True)
+        out.print("[bold green]OK[/] ", markup=True, end="")
+        out.print(f"{printable(str(path))}: {plan.base_num_layers} -> {plan.num_hidden_layers} layers ({summary})", markup=False)
         pickled = _pickle_only_base(planned.loaded)
         if pickled:
             out.print(f"  note: {pickled}", markup=False)

@@ -542,6 +542,30 @@ def test_torchs_writer_stopped_by_a_file_size_limit_is_said_as_that_limit(tmp_pa
     assert said.endswith("no checkpoint was written yet") and list(root.iterdir()) == []
 
 
+def test_a_full_disk_under_a_file_size_limit_is_said_as_a_full_disk(tmp_path, monkeypatch):
+    """With any `ulimit -f` set, torch's writer failing on a full disk was said as the file-size limit, and the advice to
+    free space was left out (trial80 N1): a nearly full disk is the cause said."""
+    from collections import namedtuple
+
+    from midus_surgery import errors
+    from midus_surgery.train import checkpoint as ck
+
+    monkeypatch.setattr(errors, "file_size_limit", lambda: 10_000_000_000)  # as `ulimit -f 9765625` sets it
+    monkeypatch.setattr(ck, "file_size_limit", errors.file_size_limit)
+    root = tmp_path / "checkpoints"
+    (root / "step-00000001").mkdir(parents=True)
+    (root / "step-00000001" / "trainer_state.json").write_text("{}")
+    failed = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda path: usage(10 << 30, 10 << 30, 200 << 10))
+    said = str(ck._cannot_write(failed, root / "step-00000002", root))
+    assert "0.2 MiB free on its disk" in said and said.endswith("free space there, then resume: auto"), said
+    assert "grew past the largest" not in said
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda path: usage(10 << 30, 5 << 30, 5 << 30))  # room left: the limit
+    said = str(ck._cannot_write(failed, root / "step-00000002", root))
+    assert "at most 10,000,000,000 bytes" in said and "raise the file-size limit" in said, said
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_ctrl_c_once_the_files_are_written_waits_for_the_checkpoint_to_be_put_in_place(tmp_path, monkeypatch, signum):
     """A Ctrl-C (or SIGTERM, as the command line handles it) just after the state file was written left a complete
@@ -774,8 +798,11 @@ def test_other_training_tokens_name_the_part_that_changed():
     assert said() == "the text of its files changed"
     assert said(tokenizer="t2") == "init_from's tokenizer changed"
     assert said(text_field="body") == "data.text_field text -> body"
-    assert said(files=["/d/a.jsonl", "/d/c.jsonl"]) == "other files: -/d/b.jsonl, +/d/c.jsonl"
+    assert said(files=["/d/a.jsonl", "/d/c.jsonl"]) == "other files: -b.jsonl, +c.jsonl"
     assert said(files=["/d/b.jsonl", "/d/a.jsonl"]) == "other files: the same files in another order"
+    # the corpus folder moved and a file added: the added file named, not every path (trial80 N4)
+    assert said(files=["/e/a.jsonl", "/e/b.jsonl", "/e/c.jsonl"]) == "other files: +c.jsonl"
+    assert said(files=["/e/a.jsonl", "/e/b.jsonl"]) == "the text of its files changed"  # moved only, its text edited
     assert said(key_rules=3).startswith("the checkpoint was written by a midus-surgery that named token-cache entries by other rules")
     # the same entry read from elsewhere (another node's path to the same bytes) is the same data
     assert data_changes({"train": "entry-a", "train_reads": reads}, {"train": "entry-a", "train_reads": {**reads, "files": ["/x"]}}) == []

@@ -609,3 +609,19 @@ def test_a_loss_difference_below_the_fourth_decimal_keeps_its_digits():
     from midus_surgery.cli import _signed
 
     assert [_signed(x) for x in (-1.12e-5, 0.0, 0.01234, -0.5, 3e-7)] == ["-1.1e-05", "+0.0000", "+0.0123", "-0.5000", "+3.0e-07"]
+
+
+def test_error_lines_show_control_characters_as_escapes_and_each_carries_the_rank(tmp_path, capsys, monkeypatch):
+    """A path with ESC in an error line colored the terminal (trial80 N5); under a launch, a refusal of several problems
+    carried the rank on its first line only, and the rest read as the first process's (N3)."""
+    bad = tmp_path / "nope\x1b[31m.yaml"
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "nope\\x1b[31m.yaml" in err, err
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text("base: {path: x}\nlayout: {interleave: {after_every: 0}}\noutput: {dir: out}\nbogus: 1\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["validate", str(recipe)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) >= 3 and all(line.startswith("[rank 1] ") for line in lines), lines

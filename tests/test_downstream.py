@@ -387,26 +387,34 @@ def test_a_task_template_that_would_run_without_end_is_one_line(world, tmp_path)
 
 def test_the_sandbox_bounds_a_renders_work_and_renders_what_tasks_do(monkeypatch):
     """Each bound of one render (trial73 F8), and what task templates do still rendering as before."""
+    import lm_eval.utils
     from jinja2.exceptions import SecurityError
-    from jinja2.sandbox import SandboxedEnvironment
 
     from midus_surgery.downstream import task_guard
 
-    env = task_guard._bounded_sandbox(SandboxedEnvironment)()
-    env.filters["regex_replace"] = task_guard._regex_replace_in_time
+    env = task_guard.bounded_sandbox_like(lm_eval.utils.env)  # what the run renders lm-eval's templates in
     render = lambda text: env.from_string(text).render(choices=["a", "b"])  # noqa: E731
     assert render("{% for c in choices %}{{ loop.index }}. {{ c }} {% endfor %}|{{ 'ab' | regex_replace('b', 'c') }}|"
                   "{{ '-' * 3 }}|{{ 2 ** 10 }}") == "1. a 2. b |ac|---|1024"
     loop = env.from_string("{% for i in range(90000) %}{% endfor %}ok")
     assert [loop.render() for _ in range(20)] == ["ok"] * 20  # the budget is each render's, not the run's
     for text, said in (("{% for i in range(100000) %}{% for j in range(100) %}{% endfor %}{% endfor %}", "range() calls make over"),
-                       ("{{ 'a' * 10**10 }}", "repeats a str of 1 10,000,000,000 times"),
-                       ("{{ [1, 2] * 10**8 }}", "repeats a list of 2"), ("{{ 3 ** 100000 }}", "a number of over 4,096 powers")):
+                       ("{{ 'a' * 10**10 }}", "repeats a text of 1 characters 10,000,000,000 times"),
+                       ("{{ [1, 2] * 10**8 }}", "repeats a list of 2 items"), ("{{ 3 ** 100000 }}", "over 4,096 powers"),
+                       ("{{ (10**4096)**4096 }}", "a number of over 2**20 bits"),  # trial80 N2: these got past the bounds
+                       ("{{ 'a'.center(1500000000) }}", "calls center with 1,500,000,000"),
+                       ("{{ '%1500000000d' % 1 }}", "formats with a width over 10,000,000"),
+                       ("{{ 'x\ny' | indent(1500000000) }}", "filter indent is given 1,500,000,000")):
         with pytest.raises(SecurityError, match=re.escape(said)):
             render(text)
     monkeypatch.setattr(task_guard, "REGEX_SECONDS", 0.05)
     with pytest.raises(SecurityError, match=r"regex_replace with '\(a\|aa\)\+\$' ran past 0.05 s on one document"):
         render("{{ ('a' * 36 + '!') | regex_replace('(a|aa)+$', '') }}")
+    # what no bound above sees (a macro calling itself twice a level) stops at the render's time limit
+    monkeypatch.setattr(task_guard, "RENDER_SECONDS", 0.5)
+    with pytest.raises(SecurityError, match=r"a template render ran past 0.5 s"):
+        render("{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}")
+    assert render("{{ '%5d' % 3 }}|{{ 'a'.center(3) }}|{{ 'a b c' | wordwrap(3) }}") == "    3| a |a b\nc"
 
 
 def test_the_stderr_bootstrap_forks_no_pool(world, monkeypatch):

@@ -183,42 +183,63 @@ def sandboxed_templates():
     """lm-eval renders its task templates in jinja2's SandboxedEnvironment while this is open."""
     import lm_eval.utils as lm_utils
     from jinja2 import Environment
-    from jinja2.sandbox import SandboxedEnvironment
 
     current = getattr(lm_utils, "env", None)
     if not isinstance(current, Environment) or not callable(getattr(lm_utils, "apply_template", None)):
         raise TaskError("this lm-eval renders task templates where midus-surgery cannot sandbox them; pass --allow-task-code "
                         "to render them unsandboxed if you trust every task's templates")
+    with mock.patch.object(lm_utils, "env", bounded_sandbox_like(current)):
+        yield
+
+
+def bounded_sandbox_like(current):
+    """A sandboxed environment with ``current``'s loader, settings and filters (lm-eval's regex_replace), each render's
+    work bounded (below)."""
+    from jinja2.sandbox import SandboxedEnvironment
+
     sandbox = _bounded_sandbox(SandboxedEnvironment)(loader=current.loader, undefined=current.undefined,
                                                      keep_trailing_newline=current.keep_trailing_newline)
-    sandbox.filters.update(current.filters)  # lm-eval's own (regex_replace)
+    sandbox.filters.update(current.filters)
     if "regex_replace" in sandbox.filters:
         sandbox.filters["regex_replace"] = _regex_replace_in_time
-    with mock.patch.object(lm_utils, "env", sandbox):
-        yield
+    # a filter's width or count (indent(1.5e9), center, batch) past what a document needs: refused before it allocates
+    sandbox.filters.update({name: _bounded_filter(name, f) for name, f in sandbox.filters.items()})
+    return sandbox
 
 
 # What one render of a sandboxed template may do. A task's template formats one document: a few loops over its fields
 # and choices. jinja2's sandbox caps each range() at 100,000 items, not their nesting, and neither a string repeated
 # nor a regex's backtracking: a template of two nested ranges ran until killed (trial73 F8).
 RENDER_RANGE_ITEMS = 1_000_000  # all the range() items of one render, together
-RENDER_TEXT = 10_000_000  # characters (or items) one `*` may make
+RENDER_TEXT = 10_000_000  # characters (or items) one `*` may make, and the largest number a call or a `%` format takes
 REGEX_SECONDS = 2.0  # one regex_replace
+RENDER_SECONDS = 10.0  # one render, wall time: what the bounds above do not see (a macro calling itself, loops over a string)
 
 
 def _bounded_sandbox(base):
     """``base`` (jinja2's SandboxedEnvironment) with the work one render may do bounded (above); past a bound the render
     raises TemplateTooCostly, a SecurityError, which the run reports in one line."""
+    import re
     import weakref
 
+    from jinja2 import Template
     from jinja2.exceptions import SecurityError
     from jinja2.sandbox import safe_range
 
     class TemplateTooCostly(SecurityError):
         pass
 
+    def too_large(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > RENDER_TEXT
+
+    class BoundedTemplate(Template):
+        def render(self, *args, **kwargs):
+            with _time_limit(RENDER_SECONDS, TemplateTooCostly):
+                return super().render(*args, **kwargs)
+
     class BoundedSandbox(base):
-        intercepted_binops = frozenset({"*", "**"})
+        intercepted_binops = frozenset({"*", "**", "%"})
+        template_class = BoundedTemplate
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -231,19 +252,71 @@ def _bounded_sandbox(base):
                     raise TemplateTooCostly(f"a template's range() calls make over {RENDER_RANGE_ITEMS:,} items in one render "
                                             "(nested loops?)")
                 self._range_items[__context] = made
+            # a width or count past what a document needs (center(1.5e9), zfill, lipsum(2e6)): refused before the call
+            # allocates it in one step, which no time limit interrupts
+            big = next((v for v in (*args, *kwargs.values()) if too_large(v)), None)
+            if big is not None:
+                raise TemplateTooCostly(f"a template calls {getattr(__obj, '__name__', type(__obj).__name__)} with {big:,}, over "
+                                        f"{RENDER_TEXT:,}")
             return super().call(__context, __obj, *args, **kwargs)
 
         def call_binop(self, context, operator, left, right):
-            if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 4096:
-                raise TemplateTooCostly(f"{left} ** {right} in a template: a number of over 4,096 powers")
+            if (operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1
+                    and (right > 4096 or left.bit_length() * right > 1 << 20)):
+                raise TemplateTooCostly(f"a power of {right} in a template: over 4,096 powers, or a number of over 2**20 bits")
             if operator == "*":
                 for seq, times in ((left, right), (right, left)):
                     if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > RENDER_TEXT:
-                        raise TemplateTooCostly(f"a template repeats a {type(seq).__name__} of {len(seq):,} {times:,} times "
-                                                f"(over {RENDER_TEXT:,})")
+                        what = f"a text of {len(seq):,} characters" if isinstance(seq, str) else f"a list of {len(seq):,} items"
+                        raise TemplateTooCostly(f"a template repeats {what} {times:,} times (over {RENDER_TEXT:,})")
+            if operator == "%" and isinstance(left, str) and any(int(w) > RENDER_TEXT for w in re.findall(r"%[-+ #0]*(\d{8,})", left)):
+                raise TemplateTooCostly(f"a template formats with a width over {RENDER_TEXT:,}")
             return super().call_binop(context, operator, left, right)
 
     return BoundedSandbox
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float, error: type[Exception]):
+    """Raise ``error`` in this thread if the block runs past ``seconds`` of wall time (SIGALRM: the main thread only, where
+    lm-eval renders; elsewhere no limit). An earlier timer or handler is put back after."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def stop(signum, frame):
+        raise error(f"a template render ran past {seconds:g} s (a loop or recursion past what a document needs?)")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    earlier = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if earlier[0]:
+            signal.setitimer(signal.ITIMER_REAL, *earlier)
+
+
+def _bounded_filter(name: str, f):
+    """``f`` refusing a number past RENDER_TEXT among its arguments after the value it filters (its pass_context /
+    pass_environment marks kept: functools.wraps copies them)."""
+    import functools
+
+    from jinja2.exceptions import SecurityError
+
+    @functools.wraps(f)
+    def bounded(*args, **kwargs):
+        big = next((v for v in (*args[1:], *kwargs.values()) if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and abs(v) > RENDER_TEXT), None)
+        if big is not None:
+            raise SecurityError(f"a template's filter {name} is given {big:,}, over {RENDER_TEXT:,}")
+        return f(*args, **kwargs)
+
+    return bounded
 
 
 def _regex_replace_in_time(string, pattern, repl, count: int = 0):

@@ -433,7 +433,11 @@ def _cannot_write(exc: OSError | Exception, final: Path, root: Path) -> Training
     checkpoint to resume from. torch's writer reports a full disk as "unexpected pos": the room left is said instead."""
     last = complete_checkpoints(root)
     free = shutil.disk_usage(root).free
-    if file_too_large(exc):  # room on the disk: its free MiB said nothing about it (trial66)
+    # torch's writer says no errno: under a `ulimit -f` limit its failure is taken for that limit, unless the disk is
+    # nearly full, which is then the likelier cause (trial80 N1: a full disk said as the limit, "free space" left out)
+    full = torch_write_failed(exc) and getattr(exc, "errno", None) is None and free < 64 << 20
+    advice = "free space there" if full else disk_advice(exc)
+    if file_too_large(exc) and not full:  # room on the disk: its free MiB said nothing about it (trial66)
         limit = file_size_limit()
         room = FILE_TOO_LARGE + (f"; this process may write files of at most {limit:,} bytes" if limit is not None else "")
     elif torch_write_failed(exc) and free > 1 << 30:
@@ -442,7 +446,7 @@ def _cannot_write(exc: OSError | Exception, final: Path, root: Path) -> Training
     else:
         room = f"{free / 2**20:.1f} MiB free on its disk"
     return TrainingError(f"cannot write the checkpoint {final} ({one_line(exc, 160)}); {room}; " +
-                         (f"the last whole checkpoint is {last[-1][1]}: {disk_advice(exc)}, then resume: auto"
+                         (f"the last whole checkpoint is {last[-1][1]}: {advice}, then resume: auto"
                           if last else "no checkpoint was written yet"))
 
 
@@ -554,7 +558,9 @@ def _why_other_tokens(saved: dict | None, now: dict | None) -> str:
         said.append("init_from's tokenizer changed")
     if saved.get("text_field") != now.get("text_field"):
         said.append(f"data.text_field {saved.get('text_field')} -> {now.get('text_field')}")
-    was, new = saved.get("files") or [], now.get("files") or []
+    # by their place in the corpus, not their absolute path: a corpus folder moved (or read through a shared token cache
+    # under another path) with one file added named every file as changed (trial80 N4)
+    was, new = _within_corpus(saved.get("files") or []), _within_corpus(now.get("files") or [])
     if was != new:
         gone, added = [f for f in was if f not in new], [f for f in new if f not in was]
         said.append("other files: " + ", ".join([*(f"-{f}" for f in gone[:2]), *(f"+{f}" for f in added[:2])] or ["the same files in another order"])
@@ -565,6 +571,15 @@ def _why_other_tokens(saved: dict | None, now: dict | None) -> str:
         return ("the checkpoint was written by a midus-surgery that named token-cache entries by other rules: the text may be the "
                 "same, but the run cannot tell")
     return "the text of its files changed"
+
+
+def _within_corpus(files: list) -> list[str]:
+    """Each file's path below the folder all of them are in (one file: its name)."""
+    files = [str(f) for f in files if isinstance(f, str)]
+    if not files:
+        return []
+    root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+    return [os.path.relpath(f, root) for f in files]
 
 
 def data_change_problem(state: dict, data_identity: dict) -> str | None:
