@@ -186,7 +186,7 @@ def test_a_checkpoint_resumes_only_in_the_layout_it_was_written_in(world, tmp_pa
 
 
 def test_an_fsdp2_run_on_an_accelerate_older_than_the_checked_one_is_refused(monkeypatch):
-    """accelerate 1.6 (its first FSDP2) ended a shared-bank FSDP2 run apart from the one-process run (trial76 F3b): an
+    """accelerate 1.6 to 1.14 ended a shared-bank FSDP2 run apart from the one-process run (trial76 F3b): an
     FSDP2 config on an older accelerate than the one checked stops in one line; an FSDP1 config or none is not refused."""
     import accelerate
 
@@ -195,10 +195,10 @@ def test_an_fsdp2_run_on_an_accelerate_older_than_the_checked_one_is_refused(mon
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
     monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "false")
-    monkeypatch.setattr(accelerate, "__version__", "1.16.0")
+    monkeypatch.setattr(accelerate, "__version__", "1.15.0")
     assert sharding.before_accelerator(on_cpu=True) is None
-    monkeypatch.setattr(accelerate, "__version__", "1.6.0")
-    with pytest.raises(TrainingError, match=r"an FSDP2 run needs accelerate 1\.16 or later .* this is accelerate 1\.6\.0"):
+    monkeypatch.setattr(accelerate, "__version__", "1.14.0")
+    with pytest.raises(TrainingError, match=r"an FSDP2 run needs accelerate 1\.15 or later .* this is accelerate 1\.14\.0"):
         sharding.before_accelerator(on_cpu=False)
     monkeypatch.setenv("FSDP_VERSION", "1")
     assert sharding.before_accelerator(on_cpu=False) is None
