@@ -422,7 +422,11 @@ def save_checkpoint(root: Path, acc, scheduler, *, step: int, samples_seen: int,
             # renamed to a partial's name first: a kill in the middle of the removal leaves a folder the next run removes, not a
             # step-N without its state file (deleted first on some file systems) that no run prunes (trial78 F2)
             doomed = root / f".tmp-{old.name}-{uuid.uuid4().hex[:6]}"
-            os.replace(old, doomed)
+            try:
+                os.replace(old, doomed)
+            except OSError as exc:  # the new checkpoint is whole: a pruning that cannot happen is said, not fatal
+                report(f"kept {old} past checkpoint.keep_last: it could not be removed ({exc.strerror or exc})")
+                continue
             shutil.rmtree(doomed, ignore_errors=True)
     acc.wait_for_everyone()
     return final
@@ -578,7 +582,10 @@ def _within_corpus(files: list) -> list[str]:
     files = [str(f) for f in files if isinstance(f, str)]
     if not files:
         return []
-    root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+    try:
+        root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+    except ValueError:  # absolute and relative paths mixed (a hand-edited state file): compared as they are
+        return files
     return [os.path.relpath(f, root) for f in files]
 
 
