@@ -114,6 +114,19 @@ def hold_marker(directory: Path) -> int | None:
     return fd
 
 
+def marker_in_use(directory: Path) -> bool:
+    """Whether a running process holds ``directory``'s marker (hold_marker), without keeping it: what is in such a
+    directory is that process's to change while it is looked at."""
+    try:
+        fd = os.open(Path(directory) / MARKER, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return _lock_now(fd) == "busy"
+    finally:
+        os.close(fd)  # a lock taken to look is dropped with the descriptor
+
+
 def _lock_now(fd: int) -> str:
     """Try to take an exclusive flock on ``fd`` without waiting: "taken", "busy" (another open file holds it), or
     "none" (the file system takes no locks)."""

@@ -51,6 +51,7 @@ from midus_surgery.io.output_dir import (
     input_root,
     links_train_writes_through,
     logs_that_are_not_files,
+    marker_in_use,
     not_written_in_checkpoints,
     not_written_in_run_dir,
     read_marker,
@@ -485,6 +486,10 @@ class Runner:
             raise RecipeError([loaded.problem(("data", "cache_dir") if d.cache_dir else ("data",), str(exc))]) from None
         inputs.append(("the token cache", cache))
         folders = [("the config's folder", loaded.directory)]
+        if self.run_dir.is_dir() and marker_in_use(self.run_dir):
+            # first: what a live run's directory holds changes as it is read (a checkpoint pruned away between the listing
+            # and the look was said as "not written by midus-surgery", not "in use")
+            raise self.in_use()
         unmarked_run = read_marker(self.run_dir) is None and bool(complete_checkpoints(self.ckpt_root))
         if unmarked_run and not dry:
             write_marker(self.run_dir, RUN_KIND)  # a run directory written before markers existed: its checkpoints say it is ours
@@ -567,6 +572,13 @@ class Runner:
                                                           "replace that model; move it out first, or choose another "
                                                           f"{'export.dir' if self.cfg.export.dir else 'run_dir'}")])
 
+    def in_use(self) -> RecipeError:
+        """The refusal of a run directory another live train run holds."""
+        marker = read_marker(self.run_dir) or {}
+        return RecipeError([self.loaded.problem(("run_dir",), f"{self.run_dir} is in use by another train run (pid {marker.get('pid')} "
+                                                "started it, or resumed it, and still runs); two runs in one run_dir would mix their "
+                                                "checkpoints and logs: wait for it to end, or choose another run_dir")])
+
     def prepare_run_dir(self) -> None:
         """The run directory, marked as this tool's and held by this run (a second run started in it
         is refused), with no half-written checkpoint in it."""
@@ -576,10 +588,7 @@ class Runner:
                 write_marker(self.run_dir, RUN_KIND)
             self.run_lock = hold_marker(self.run_dir)
             if self.run_lock is None:  # before anything is removed: the partial checkpoint below may be that run's
-                marker = read_marker(self.run_dir) or {}
-                raise RecipeError([self.loaded.problem(("run_dir",), f"{self.run_dir} is in use by another train run (pid {marker.get('pid')} "
-                                                       "started it, or resumed it, and still runs); two runs in one run_dir would mix their "
-                                                       "checkpoints and logs: wait for it to end, or choose another run_dir")])
+                raise self.in_use()
             write_marker(self.run_dir, RUN_KIND)  # this process is the one writing now
             self.ckpt_root.mkdir(exist_ok=True)
             remove_partial_checkpoints(self.ckpt_root, report=self.say)
