@@ -486,7 +486,8 @@ class Runner:
             raise RecipeError([loaded.problem(("data", "cache_dir") if d.cache_dir else ("data",), str(exc))]) from None
         inputs.append(("the token cache", cache))
         folders = [("the config's folder", loaded.directory)]
-        if self.run_dir.is_dir() and marker_in_use(self.run_dir):
+        # the main process asks (the others would find it holding the marker it takes in prepare_run_dir)
+        if self.acc.is_main_process and self.run_dir.is_dir() and marker_in_use(self.run_dir):
             # first: what a live run's directory holds changes as it is read (a checkpoint pruned away between the listing
             # and the look was said as "not written by midus-surgery", not "in use")
             raise self.in_use()
