@@ -229,9 +229,6 @@ def _bounded_sandbox(base):
     class TemplateTooCostly(SecurityError):
         pass
 
-    def too_large(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > RENDER_TEXT
-
     class BoundedTemplate(Template):
         def render(self, *args, **kwargs):
             with _time_limit(RENDER_SECONDS, TemplateTooCostly):
@@ -254,7 +251,7 @@ def _bounded_sandbox(base):
                 self._range_items[__context] = made
             # a width or count past what a document needs (center(1.5e9), zfill, lipsum(2e6)): refused before the call
             # allocates it in one step, which no time limit interrupts
-            big = next((v for v in (*args, *kwargs.values()) if too_large(v)), None)
+            big = _past_render_text([*args, *kwargs.values()])
             if big is not None:
                 raise TemplateTooCostly(f"a template calls {getattr(__obj, '__name__', type(__obj).__name__)} with {big:,}, over "
                                         f"{RENDER_TEXT:,}")
@@ -301,6 +298,11 @@ def _time_limit(seconds: float, error: type[Exception]):
             signal.setitimer(signal.ITIMER_REAL, *earlier)
 
 
+def _past_render_text(values: list):
+    """The first number among ``values`` past RENDER_TEXT (a width, a count), else None."""
+    return next((v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) > RENDER_TEXT), None)
+
+
 def _bounded_filter(name: str, f):
     """``f`` refusing a number past RENDER_TEXT among its arguments after the value it filters (its pass_context /
     pass_environment marks kept: functools.wraps copies them)."""
@@ -310,8 +312,7 @@ def _bounded_filter(name: str, f):
 
     @functools.wraps(f)
     def bounded(*args, **kwargs):
-        big = next((v for v in (*args[1:], *kwargs.values()) if isinstance(v, (int, float)) and not isinstance(v, bool)
-                    and abs(v) > RENDER_TEXT), None)
+        big = _past_render_text([*args[1:], *kwargs.values()])
         if big is not None:
             raise SecurityError(f"a template's filter {name} is given {big:,}, over {RENDER_TEXT:,}")
         return f(*args, **kwargs)

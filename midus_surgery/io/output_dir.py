@@ -117,14 +117,20 @@ def hold_marker(directory: Path) -> int | None:
 def marker_in_use(directory: Path) -> bool:
     """Whether a running process holds ``directory``'s marker (hold_marker), without keeping it: what is in such a
     directory is that process's to change while it is looked at."""
+    return _locked_by_another(Path(directory) / MARKER, os.O_RDONLY)
+
+
+def _locked_by_another(path: Path, flags: int) -> bool:
+    """Whether another open file holds ``path``'s flock; a lock taken to look is dropped with the descriptor. A path
+    that does not open, or a file system without locks, says no."""
     try:
-        fd = os.open(Path(directory) / MARKER, os.O_RDONLY)
+        fd = os.open(path, flags)
     except OSError:
         return False
     try:
         return _lock_now(fd) == "busy"
     finally:
-        os.close(fd)  # a lock taken to look is dropped with the descriptor
+        os.close(fd)
 
 
 def _lock_now(fd: int) -> str:
@@ -538,14 +544,7 @@ def hold_directory(directory: Path) -> int | None:
 
 def _held_by_a_live_run(entry: Path) -> bool:
     """Whether a running process holds ``entry``'s lock (``hold_directory``); a file system without locks says no."""
-    try:
-        fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return False
-    try:
-        return _lock_now(fd) == "busy"
-    finally:
-        os.close(fd)
+    return _locked_by_another(entry, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def clean_leftovers(out: Path, report=None) -> list[Path]:
