@@ -135,9 +135,9 @@ def test_unknown_key_names_field_and_line(tmp_path):
     assert p.field == "memory.top_k"
     assert p.message == "unknown key 'top_k'; did you mean 'topk'?"
     assert p.where.endswith("r.yaml:10:3")
-    # a key no known one is close to: no guess; inside a list item (slices) the item's keys are the candidates
+    # a key no known one is close to: no guess, the keys that place has; inside a list item (slices) the item's keys are the candidates
     (p,) = problems(tmp_path, GOOD.replace("  topk: 8\n", "  topk: 8\n  colour: blue\n"))
-    assert p.message == "unknown key 'colour'"
+    assert p.message.startswith("unknown key 'colour' (known: ") and "n_subkeys, topk, " in p.message
     (p,) = problems(tmp_path, GOOD.replace("  interleave:\n    after_every: 2\n    kind: memory\n", "  slices:\n    - layers: [0, 2]\n      memroy: [1]\n"))
     assert p.field == "layout.slices.0.memroy" and p.message == "unknown key 'memroy'; did you mean 'memory'?"
 
@@ -152,7 +152,7 @@ def test_wrong_type_names_field_and_line(tmp_path):
 @pytest.mark.parametrize(("text", "field", "message"), [
     ("after_every: 2", "after_every: '2'", "should be a whole number, got the text '2'"),  # no silent conversion from text
     ("after_every: 2", "after_every: true", "should be a whole number, got true"),          # nor from a boolean (true was 1)
-    ("kind: memory", "kind: memory\n    extra: [1]", "unknown key 'extra'"),
+    ("kind: memory", "kind: memory\n    extra: [1]", "unknown key 'extra' (known: after_every, after, kind)"),
     ("kind: memory", "kind: memroy", "should be one of 'copy', 'transformer', 'identity' or 'memory', got the text 'memroy'"),
     ("after_every: 2", "after_every: 0", "should be at least 1, got 0"),
 ])

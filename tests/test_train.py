@@ -154,10 +154,17 @@ def test_overrides(tmp_path):
     c = loaded.config
     assert (c.optim.lr, c.freeze, c.data.train, c.eval.every, c.memory.schedule, c.token_budget) == (1e-4, "base", ["a.txt", "b.txt"], 50, "same", 2_000_000)
     assert loaded.resolve(c.run_dir) == tmp_path / "r"
-    with pytest.raises(RecipeError, match=r"command line \(optim\.lrr=1\): optim\.lrr: unknown key 'lrr' in optim; did you mean 'lr'\?$"):
+    with pytest.raises(RecipeError, match=r"command line \(optim\.lrr=1\): optim\.lrr: unknown key 'lrr'; did you mean 'lr'\?$"):
         load_train_config(path, ["optim.lrr=1"])
-    with pytest.raises(RecipeError, match=r"unknown key 'zzz' in optim \(known: lr, "):  # nothing close: the keys there
+    with pytest.raises(RecipeError, match=r"optim\.zzz: unknown key 'zzz' \(known: lr, "):  # nothing close: the keys there
         load_train_config(path, ["optim.zzz=1"])
+    # the file's own unknown key is told in the same words (trial77 F7)
+    (tmp_path / "zzz.yaml").write_text(path.read_text() + "optim:\n  zzz: 1\n")
+    with pytest.raises(RecipeError) as from_file:
+        load_train_config(tmp_path / "zzz.yaml")
+    with pytest.raises(RecipeError) as from_line:
+        load_train_config(path, ["optim.zzz=1"])
+    assert str(from_file.value).split(": ", 1)[1] == str(from_line.value).split(": ", 1)[1]
     with pytest.raises(RecipeError, match=r"command line \(tokens\.x=1\): tokens\.x: tokens is not a section"):
         load_train_config(path, ["tokens.x=1"])
     with pytest.raises(RecipeError, match=r"command line \(micro_batch_size=abc\): micro_batch_size: should be a whole number, got the text 'abc'"):

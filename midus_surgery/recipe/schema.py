@@ -411,6 +411,16 @@ def did_you_mean(schema: type[BaseModel] | None, loc: tuple) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def unknown_key_hint(schema: type[BaseModel] | None, loc: tuple) -> str:
+    """What follows "unknown key 'x'": the known key it is a typo of, else the keys that place has
+    (the same words for a config file's key and a command-line override's, trial77 F7)."""
+    hint = did_you_mean(schema, loc)
+    if hint or schema is None or not loc or not isinstance(loc[-1], str):
+        return hint
+    known = _keys_at(schema, loc[:-1])
+    return f" (known: {', '.join(known)})" if known else ""
+
+
 def problems_from_validation(error: ValidationError, source: YamlSource, schema: type[BaseModel] | None = None) -> list[Problem]:
     """One located problem per place, in the file's order; ``schema``: the validated class, for
     suggesting the known key an unknown one is a typo of."""
@@ -428,7 +438,7 @@ def problems_from_validation(error: ValidationError, source: YamlSource, schema:
             continue
         message, wanted = _say(item, loc)
         if item["type"] == "extra_forbidden":
-            message += did_you_mean(schema, loc)
+            message += unknown_key_hint(schema, loc)
         if item["type"] == "missing" and loc and isinstance(loc[-1], int):
             loc = loc[:-1]  # a list an item short: said of the list, where the user wrote it
         if loc in problems and wanted and expected.get(loc):  # `tokens: true` against `int | str`: one line, both kinds

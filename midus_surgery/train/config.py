@@ -26,8 +26,8 @@ from midus_surgery.recipe.schema import (
     OutputPathText,
     PathText,
     Strict,
-    did_you_mean,
     problems_from_validation,
+    unknown_key_hint,
     wrong_kind_of_file,
 )
 from midus_surgery.recipe.yaml_source import PathKey, YamlSource, load_yaml
@@ -266,9 +266,7 @@ def _check_key(dotted: str) -> list[str] | str:
         if model is None:
             return f"{'.'.join(parts[:i])} is not a section (it has no key {part!r})"
         if part not in model.model_fields:
-            where = ".".join(parts[:i]) or "the top level"
-            hint = did_you_mean(TrainConfig, tuple(parts[: i + 1]))  # as the config file's own typo is told
-            return f"unknown key {part!r} in {where}" + (hint or f" (known: {', '.join(model.model_fields)})")
+            return f"unknown key {part!r}" + unknown_key_hint(TrainConfig, tuple(parts[: i + 1]))  # as the file's own key is told
         model = _submodel(model.model_fields[part].annotation)
     return parts
 
