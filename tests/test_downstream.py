@@ -158,10 +158,10 @@ def test_a_task_two_folders_define_is_refused_and_one_named_twice_is_scored_once
                           "which is not there: was the suite folder moved?"), err
 
 
-def run_cli(*args: str, block_lm_eval: bool = False, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run_cli(*args: str, block_lm_eval: bool = False, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
     prelude = "import sys\n" + ("sys.modules['lm_eval'] = None\n" if block_lm_eval else "")
     script = prelude + "from midus_surgery.cli import run\nsys.argv = ['midus-surgery', *sys.argv[1:]]\nrun()\n"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=cwd, timeout=300, env=env)
 
 
@@ -341,6 +341,36 @@ def test_a_task_folder_that_would_hang_the_check_or_read_the_kernels_files_is_on
             check_task_folders([folder], allow_code=False)
         assert said[case] in str(info.value) and len(str(info.value).splitlines()) == 1, (case, str(info.value))
 
+
+
+@pytest.mark.parametrize("case", ["pattern_in_include", "data_dir", "pattern_to_a_pipe"])
+def test_what_a_tasks_data_resolves_to_is_checked_before_it_is_read(world, tmp_path, case):
+    """trial83: the YAML check refused data_files naming /proc/self/environ, but not a pattern that matches it
+    (put in an included YAML too), nor a data_dir on /proc: the environment went into the datasets cache again. A
+    pattern matching only a named pipe failed in datasets' words. The files datasets resolved are checked now."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    scored = ("output_type: loglikelihood\ntest_split: test\ndoc_to_text: \"{{text[:20]}}\"\ndoc_to_target: \" the\"\n"
+              "metric_list:\n  - metric: acc\n")
+    data = {"pattern_in_include": "  data_files:\n    test: /proc/self/envir[o]n\n",
+            "data_dir": "  data_dir: /proc/self/task\n",
+            "pattern_to_a_pipe": f"  data_files:\n    test: {tasks}/dat[a].txt\n"}[case]
+    (tasks / "_data.inc").write_text("dataset_path: text\ndataset_kwargs:\n" + data)
+    (tasks / "t.yaml").write_text("task: t\ninclude: _data.inc\n" + scored)
+    if case == "pattern_to_a_pipe":
+        os.mkfifo(tasks / "data.txt")
+    cache = tmp_path / "datasets-cache"
+    proc = run_cli("eval", str(world["base"]), "--tasks", "t", "--include-path", str(tasks), "--limit", "2", "--quiet", cwd=tmp_path,
+                   env={"HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "MIDUS_TEST_SECRET": "hunter2-t83"})
+    assert proc.returncode == 2, proc.stderr
+    said = {"pattern_in_include": "split reads /proc/self/environ (/proc/",
+            "data_dir": "split reads /proc/",
+            "pattern_to_a_pipe": "test split finds no data file (its pattern matches no regular file)"}[case]
+    assert said in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    if case != "pattern_to_a_pipe":
+        assert "it lies on the kernel's proc file system, not data" in proc.stderr and "pass --allow-task-code" in proc.stderr
+    written = [f for f in cache.rglob("*") if f.is_file()] if cache.exists() else []
+    assert not [f for f in written if b"hunter2-t83" in f.read_bytes()]
 
 def test_a_task_template_that_reaches_python_internals_runs_only_with_allow_task_code(world, tmp_path):
     """lm-eval renders templates with a Jinja environment that is not sandboxed; without the flag

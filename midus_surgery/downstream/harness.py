@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from unittest import mock
 
-from midus_surgery.downstream.task_guard import TaskError, check_task_folders, sandboxed_templates, task_files
+from midus_surgery.downstream.task_guard import TaskError, check_task_folders, checked_data_reads, sandboxed_templates, task_files
 from midus_surgery.errors import one_line, printable
 from midus_surgery.io.small_files import regular_file_problem
 
@@ -129,7 +129,8 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         try:
             with _lm_eval_output(progress), _no_git(), _no_fork_pool(), _offline_for(hub_down) as offline, \
-                    (contextlib.nullcontext() if allow_task_code else sandboxed_templates()):
+                    (contextlib.nullcontext() if allow_task_code else sandboxed_templates()), \
+                    (contextlib.nullcontext() if allow_task_code else checked_data_reads()):
                 out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                                       log_samples=False, bootstrap_iters=1000, verbosity="ERROR", random_seed=seed,
                                       numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
@@ -137,6 +138,8 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
             raise TaskError(f"a task template reaches for Python's internals or does more work than a template needs, refused by "
                             f"the sandbox ({one_line(exc, 200)}); "
                             "pass --allow-task-code if you trust it") from None
+        except TaskError:  # what the task reads, refused (checked_data_reads): the task's fault, not the model's
+            raise
         except StopIteration:  # lm-eval takes the first document of each task to build it
             raise TaskError(f"lm-eval could not score {', '.join(tasks)} on {m}: a task has no documents "
                             "(an empty data file, or a split with no rows)") from None
@@ -200,7 +203,7 @@ def _check_data_files(task: str, yaml_file: Path) -> None:
         odd = Path(name).exists() and regular_file_problem(Path(name))
         if odd:  # a pipe or a device was said as "not there: was the suite folder moved?" (trial73 F9)
             raise TaskError(f"task {task!r} ({yaml_file}) reads its data from {name}: {odd}")
-        if Path(name).is_absolute() and "*" not in name and not Path(name).is_file():
+        if Path(name).is_absolute() and not any(c in name for c in "*?[") and not Path(name).is_file():  # a pattern: checked as read
             raise TaskError(f"task {task!r} ({yaml_file}) reads its data from {name}, which is not there: was the suite folder "
                             f"moved? {rebuild[0].upper()}{rebuild[1:]}")
     digest = (config.get("metadata") or {}).get("data_sha256")

@@ -171,6 +171,49 @@ def _check_data(file: Path, config: dict) -> None:
             raise TaskError(f"{file}: dataset_kwargs.data_files {name!r} ({real}): {odd}; a task folder names data files")
 
 
+
+@contextlib.contextmanager
+def checked_data_reads():
+    """While open, HF datasets reads only regular files off the kernel's file systems: each dataset's data files are
+    checked as datasets resolved them, before any is read. The YAML check above sees a task's literal paths only; a
+    pattern (``/proc/self/envir[o]n``), a ``data_dir``, a path relative to the working directory or an included YAML's
+    entries resolve only here (trial83: the environment again reached the datasets cache; a named pipe waited forever)."""
+    import datasets.load
+
+    resolve = datasets.load.load_dataset_builder  # what load_dataset calls to resolve the files it will read
+
+    def resolved_then_checked(*args, **kwargs):
+        builder = resolve(*args, **kwargs)
+        dataset = kwargs.get("path", args[0] if args else "?")
+        for split, names in (getattr(builder.config, "data_files", None) or {}).items():
+            if not names:  # a pattern that matched only what is not a file (a named pipe): an empty split datasets fails on unsaid
+                raise TaskError(f"a task's {dataset!r} dataset's {split} split finds no data file (its pattern matches no "
+                                f"regular file)")
+            for name in names:
+                _check_data_file(f"{dataset!r} dataset's {split} split", str(name))
+        return builder
+
+    with mock.patch.object(datasets.load, "load_dataset_builder", resolved_then_checked):
+        yield
+
+
+def _check_data_file(what: str, name: str) -> None:
+    """``name``: one file datasets resolved (a local path, or a URL it fetches: ``hf://``, ``https://``, left to it)."""
+    local = name.rsplit("::", 1)[-1]  # an archive member (zip://member::/path/archive.zip) lies in its archive
+    if local.startswith("file://"):
+        local = local[len("file://"):]
+    elif "://" in local:
+        return
+    path = Path(local)
+    if not os.path.lexists(path):
+        return  # datasets says so
+    real = path.resolve()
+    kernel = kernel_file_system(real)
+    odd = f"it lies on the kernel's {kernel} file system, not data" if kernel else regular_file_problem(real)
+    if odd:
+        raise TaskError(f"a task's {what} reads {name} ({real}): {odd}; a task folder names data files; {ALLOW}")
+
+
 def _known_metric(name: str) -> bool:
     import lm_eval.api.metrics  # noqa: F401 - registers lm-eval's metrics
     from lm_eval.api.registry import metric_registry
