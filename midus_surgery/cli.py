@@ -73,6 +73,17 @@ def _threads(text: str) -> int:
     return value
 
 
+def _folder_to_write(text: str) -> str:
+    """--out, --cache-dir: named as output.dir must be, without control characters (a newline split every line naming
+    it; an escape sequence reached the terminal in the "wrote" line: trial83 F6)."""
+    from midus_surgery.recipe.schema import no_control_characters
+
+    try:
+        return no_control_characters(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(printable(str(exc))) from None
+
+
 def _int_at_least(low: int):
     """An argparse type: an integer of at least ``low`` (a zero batch or block is a usage error, not a traceback
     nor a NaN result)."""
@@ -678,7 +689,8 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--max-blocks", type=_int_at_least(1), default=None, help="evaluate at most this many blocks / windows")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype to run the model in (default float32)")
     p.add_argument("--text-field", default=None, help="the JSONL field holding the text (default: text)")
-    p.add_argument("--cache-dir", default=None, help="token cache (default: $MIDUS_CACHE/tokens or ~/.cache/midus-surgery/tokens)")
+    p.add_argument("--cache-dir", default=None, type=_folder_to_write,
+                   help="token cache (default: $MIDUS_CACHE/tokens or ~/.cache/midus-surgery/tokens)")
     p.add_argument("--device", default="auto", help="auto (default: the first CUDA device when there is one, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (refused above 4 x the CPUs os.cpu_count() reports)")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -693,13 +705,15 @@ def _add_train_commands(subparsers) -> None:
                                           "memory, the inserted blocks' attention heads) and slot usage per Memory block.")
     p.add_argument("model", metavar="MODEL_DIR")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="held-out text: files, directories, globs, JSONL")
-    p.add_argument("--out", required=True, metavar="DIR", help="where analysis.json and the PNGs go (a new directory, or an earlier analysis)")
+    p.add_argument("--out", required=True, metavar="DIR", type=_folder_to_write,
+                   help="where analysis.json and the PNGs go (a new directory, or an earlier analysis)")
     p.add_argument("--block-size", type=_int_at_least(2), help="tokens per block (default 256, or the model's positions when fewer)")
     p.add_argument("--max-blocks", type=_int_at_least(1), default=16, help="held-out blocks per measurement (default 16)")
     p.add_argument("--max-memory-blocks", type=_int_at_least(1), default=None, help="analyse only the first N Memory (or inserted) blocks")
     p.add_argument("--slots-only", action="store_true", help="slot usage only, no head importance (one held-out pass instead of one per head)")
     p.add_argument("--text-field", default="text", help="the JSONL field holding the text (default: text)")
-    p.add_argument("--cache-dir", default=None, help="token cache (default: $MIDUS_CACHE/tokens or ~/.cache/midus-surgery/tokens)")
+    p.add_argument("--cache-dir", default=None, type=_folder_to_write,
+                   help="token cache (default: $MIDUS_CACHE/tokens or ~/.cache/midus-surgery/tokens)")
     p.add_argument("--fixed-retrieval", metavar="MODEL_DIR", help="a model trained like MODEL_DIR but with memory.retrieval: frozen: "
                    "its held-out loss on the same blocks, against the learned retrieval's")
     p.add_argument("--batch-size", type=_int_at_least(1), default=4, help="sequences per forward pass (default 4)")
@@ -738,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "The output is written into a hidden folder beside it and renamed into place when whole.",
                        epilog=RECIPE_EXITS + "; 1: the machine stopped it (a full disk), nothing half-written kept")
     p.add_argument("recipe", metavar="RECIPE", help="one recipe YAML file")
-    p.add_argument("--out", help="output directory (default: the recipe's output.dir)")
+    p.add_argument("--out", type=_folder_to_write, help="output directory (default: the recipe's output.dir)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output directory that midus-surgery wrote (it carries a .midus-surgery marker); "
                         "a directory the tool did not write, an input, the current directory or a file is never replaced")

@@ -136,6 +136,44 @@ def test_errors_are_one_line(world, capsys):
     assert not (world["root"] / "an-missing").exists()
 
 
+def test_a_plan_that_does_not_name_the_models_layers_is_one_line(world, tmp_path, capsys):
+    """An edited midus_plan.json (no layers_path, or one naming no module list) was an AttributeError traceback (trial83 F4)."""
+    import shutil
+
+    plan_of = json.loads((world["identity"] / "midus_plan.json").read_text())
+    anatomy = {k: v for k, v in plan_of.get("anatomy", {}).items() if k != "layers_path"}
+    for case, plan in (("none", {k: v for k, v in plan_of.items() if k not in ("layers_path", "anatomy")} | {"anatomy": anatomy}),
+                       ("class", {**plan_of, "layers_path": "model.layers.__class__"})):
+        model = tmp_path / case
+        shutil.copytree(world["identity"], model)
+        (model / "midus_plan.json").write_text(json.dumps(plan))
+        assert main(["analyze", str(model), "--data", str(world["root"] / "corpus"), "--out", str(tmp_path / f"an-{case}"), "--quiet",
+                     "--block-size", "16", "--max-blocks", "2"]) == 2
+        err = capsys.readouterr().err
+        said = "not a readable plan (it names no layers_path" if case == "none" else "does not describe this model's layers"
+        assert f"{model / 'midus_plan.json'}: {said}" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / f"an-{case}").exists()
+
+
+def test_a_config_far_larger_than_its_weights_is_refused_from_the_headers(world, tmp_path, capsys):
+    """analyze, verify and train built the model config.json describes before comparing it with the weights: a config of
+    400B parameters over a tiny model's took the machine's memory (trial83 F3). Refused from the headers now, as eval does."""
+    import shutil
+
+    giant = tmp_path / "giant"
+    shutil.copytree(world["base"], giant)
+    config = json.loads((giant / "config.json").read_text())
+    (giant / "config.json").write_text(json.dumps({**config, "hidden_size": 16384, "intermediate_size": 53248, "num_hidden_layers": 126,
+                                                   "num_attention_heads": 128, "num_key_value_heads": 8, "vocab_size": 128256}))
+    said = f"{giant}: the weights do not match the model's architecture: "
+    assert main(["analyze", str(giant), "--data", str(world["root"] / "corpus"), "--out", str(tmp_path / "an"), "--quiet"]) == 2
+    assert said in capsys.readouterr().err and not (tmp_path / "an").exists()
+    assert main(["verify", str(giant)]) == 1
+    assert f"FAIL load: {said}" in capsys.readouterr().out
+    cfg = write_config(tmp_path / "run.yaml", giant, tmp_path / "run", world["root"] / "corpus", tmp_path / "cache", tokens=16 * 8)
+    assert main(["train", str(cfg), "--quiet"]) == 2
+    assert said in capsys.readouterr().err and not (tmp_path / "run").exists()
+
 def test_jsonl_data_names_its_text_field_and_the_cache_its_folder(world, tmp_path, capsys):
     """analyze read JSONL only from a 'text' field, and its error pointed at eval's option (trial48)."""
     texts = [p.read_text() for p in sorted((world["root"] / "corpus").iterdir()) if p.is_file()]

@@ -563,6 +563,18 @@ def test_counts_below_their_minimum_are_a_usage_error(command, option, value, me
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv", [["apply", "r.yaml", "--out"], ["analyze", "m", "--data", "d", "--out"],
+                                  ["eval", "m", "--data", "d", "--cache-dir"], ["analyze", "m", "--data", "d", "--out", "o", "--cache-dir"]])
+def test_a_folder_to_write_named_with_a_control_character_is_a_usage_error(argv, capsys):
+    """--out took a newline or an escape sequence that output.dir refuses, made the folder and printed it raw (trial83 F6)."""
+    from midus_surgery.cli import parse_arguments
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_arguments([*argv, "x\x1b]0;TITLE\x07y"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "holds the control character '\\x1b': a folder to write is not named with one" in err
+    assert "\x1b" not in err, err
+
 def test_train_overrides_may_follow_its_options(capsys):
     from midus_surgery.cli import cmd_train, parse_arguments
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from midus_surgery.downstream.harness import TaskError
+from midus_surgery.errors import one_line
 from midus_surgery.io.json_text import strict_json
 from midus_surgery.io.small_files import read_small_text
 from midus_surgery.train.config import DIR_GLOB
@@ -54,16 +55,23 @@ def _memory_layers(model) -> dict[int, torch.nn.Module]:
     return dict(sorted(layers_of.items()))
 
 
-def _inserted_attention(model, plan: dict | None) -> dict[int, tuple[torch.nn.Module, int]]:
+def _inserted_attention(model, plan: dict | None, model_dir: Path) -> dict[int, tuple[torch.nn.Module, int]]:
     """Output layer index -> (its attention output projection, heads) for every inserted block of a
     model without memory (a DUS or LLaMA-Pro output's midus_plan.json says which)."""
-    from midus_surgery.compiler.plan import inserted_attention_out_projs
+    from midus_surgery.compiler.plan import PLAN_FILE, inserted_attention_out_projs
 
     if not plan:
         return {}
-    layers = model.get_submodule(plan.get("layers_path") or (plan.get("anatomy") or {}).get("layers_path"))
-    heads = model.config.num_attention_heads
-    return {index: (layers[index].get_submodule(path), heads) for index, path in inserted_attention_out_projs(plan, model.config).items()}
+    layers_path = plan.get("layers_path") or (plan.get("anatomy") or {}).get("layers_path")
+    if not isinstance(layers_path, str):  # an edited or foreign plan (trial83 F4)
+        raise TaskError(f"{model_dir / PLAN_FILE}: not a readable plan (it names no layers_path, where the model's layers are)")
+    try:
+        layers = model.get_submodule(layers_path)
+        heads = model.config.num_attention_heads
+        return {index: (layers[index].get_submodule(path), heads) for index, path in inserted_attention_out_projs(plan, model.config).items()}
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError, OverflowError) as exc:  # an edited or foreign plan (trial83 F4)
+        raise TaskError(f"{model_dir / PLAN_FILE}: does not describe this model's layers (layers_path {layers_path!r}: "
+                        f"{one_line(exc, 200)})") from None
 
 
 class SlotCounter:
@@ -275,7 +283,7 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
         raise TaskError(f"--block-size: {too_long}")
     blocks, _ = D.split(stream, None, block_size, 0.0, what="analysis data", block_option="--block-size")
     memory = _memory_layers(model)
-    attention = {} if memory else _inserted_attention(model, read_plan_file(model_dir))
+    attention = {} if memory else _inserted_attention(model, read_plan_file(model_dir), model_dir)
     if not memory and not attention:
         raise TaskError(f"{model_dir}: no Memory block and no inserted block (midus_plan.json) to analyse")
     if not importance and not memory:

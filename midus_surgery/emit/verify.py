@@ -89,6 +89,21 @@ def _load(path: Path, gguf_file: str | None = None, *, trust_remote_code: bool =
     return own_memory(model.eval()), info
 
 
+def _weights_unlike_config(path: Path, trust_remote_code: bool) -> str | None:
+    """Why the weights' files cannot be what config.json makes (none, unreadable, a tensor of another shape), found from
+    their headers before the model is allocated (a config of 400B parameters over a tiny model's weights took the
+    machine's memory, trial83 F3); None otherwise. Names missing or extra are the tensors check's to say."""
+    from midus_surgery.train.evaluate import WeightFilesError, check_weight_headers, model_on_meta
+
+    try:
+        check_weight_headers(path, model_on_meta(path, trust_remote_code=trust_remote_code))
+    except WeightFilesError as exc:
+        return str(exc)
+    except MidusError:  # names, a config that does not build: the load below says it as it does
+        return None
+    return None
+
+
 def _builds_with_own_code(directory: Path, gguf: str | None) -> bool:
     """Whether the base's config.json maps its model to code of its own: only then does verify load it with
     trust_remote_code (the flag asked for the output's code). Given it, transformers also runs a folder's
@@ -383,6 +398,10 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
         code = shipped_code_check(out, config, trust, base_dir)
         record(code)
         shipped = trust and code.ok  # the files are there and the user allowed them: run them, as a load without the package does
+    unlike = _weights_unlike_config(out, trust)
+    if unlike:
+        record(Check("load", False, unlike))
+        return checks
     try:
         model, info = _load(out, trust_remote_code=trust, shipped=shipped)
     except Exception as exc:  # noqa: BLE001 - any load failure is the check's result
@@ -426,6 +445,10 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     base_for_generation = None
     if base_path is not None:
         base_dir, gguf = (base_path.parent, base_path.name) if base_path.suffix == ".gguf" else (base_path, None)
+        unlike = None if gguf else _weights_unlike_config(base_dir, trust and _builds_with_own_code(base_dir, gguf))
+        if unlike:
+            record(Check("identity", False, f"the base model {base_path} does not load: {unlike}"))
+            return checks
         try:
             base_model, _ = _load(base_dir, gguf, trust_remote_code=trust and _builds_with_own_code(base_dir, gguf))
         except Exception as exc:  # noqa: BLE001 - the comparison's result, said in one line

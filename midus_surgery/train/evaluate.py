@@ -365,6 +365,10 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
     """
     path, _, loader, kwargs = _causal_lm_loader(path, trust_remote_code=trust_remote_code, how_to_allow=how_to_allow, allow_pickle=allow_pickle,
                                                 how_to_allow_pickle=how_to_allow_pickle)
+    # the weights' headers against the model config.json makes, before the model is allocated: a config of 400B
+    # parameters over a tiny model's weights took the machine's memory before the shapes were compared (trial83 F3)
+    check_weight_headers(path, model_on_meta(path, trust_remote_code=trust_remote_code, how_to_allow=how_to_allow,
+                                             allow_pickle=allow_pickle, how_to_allow_pickle=how_to_allow_pickle))
     try:
         # transformers' LOAD REPORT table kept, not printed: a strict load names its tensors in one line below
         with hf_progress_bars(progress), warnings.catch_warnings(), kept_load_report() as report:
