@@ -898,7 +898,10 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
     base_total = sum(math.prod(s) for name, s in shapes.items() if name not in buffers)
     total = sum(t.numel for t in tensors if t.source not in buffers) - buffer_numel
     layer_size = [sum(math.prod(s) for rest, s in per_layer[i].items() if f"{prefix}{i}.{rest}" not in buffers) for i in range(L)]
-    dus_added = sum(layer_size[layer.source] for layer in layers if layer.inserted)
+    # plain DUS: the same layer map with every output layer a copy of its source, so a layout that drops base layers
+    # counts them out here as it does in the plan's own total and in the FLOPs (it counted inserted copies only, and a
+    # copy-only SOLAR layout with two layers dropped showed 0.955x plain DUS's parameters: trial82 F1)
+    dus_added = sum(layer_size[layer.source] for layer in layers) - sum(layer_size)
     base_layer_flops = [2 * _matmul_params(per_layer[i], base.experts_of(i)) for i in range(L)]
     head_flops = 2 * base.vocab_size * base.hidden_size
     base_types = base.layer_types
