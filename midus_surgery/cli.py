@@ -626,7 +626,8 @@ def cmd_analyze(args) -> int:
                           max_memory_blocks=args.max_memory_blocks, batch_size=args.batch_size, device=args.device,
                           dtype=args.dtype, progress=not args.quiet, threads=args.threads,
                           fixed_retrieval=Path(args.fixed_retrieval) if args.fixed_retrieval else None,
-                          importance=not args.slots_only, text_field=args.text_field, cache_dir=args.cache_dir, allow_pickle=args.allow_pickle)
+                          importance=not args.slots_only, text_field=args.text_field, cache_dir=args.cache_dir, allow_pickle=args.allow_pickle,
+                          overwrite=args.overwrite)
     rows, usages = result["head_importance"], result["slot_usage"]
     print(f"{printable(result['model'])}: held-out loss {result['held_out']['loss']:.4f} over {result['held_out']['blocks']} blocks of "
           f"{result['held_out']['block_size']} tokens; {result['what']}" + (", loss increase when zeroed (max, mean per layer):" if rows else ":"))
@@ -706,7 +707,8 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("model", metavar="MODEL_DIR")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="held-out text: files, directories, globs, JSONL")
     p.add_argument("--out", required=True, metavar="DIR", type=_folder_to_write,
-                   help="where analysis.json and the PNGs go (a new directory, or an earlier analysis)")
+                   help="where analysis.json and the PNGs go (a new directory, or an earlier analysis with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace the earlier analysis in --out")
     p.add_argument("--block-size", type=_int_at_least(2), help="tokens per block (default 256, or the model's positions when fewer)")
     p.add_argument("--max-blocks", type=_int_at_least(1), default=16, help="held-out blocks per measurement (default 16)")
     p.add_argument("--max-memory-blocks", type=_int_at_least(1), default=None, help="analyse only the first N Memory (or inserted) blocks")

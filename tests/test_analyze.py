@@ -136,6 +136,19 @@ def test_errors_are_one_line(world, capsys):
     assert not (world["root"] / "an-missing").exists()
 
 
+def test_an_earlier_analysis_is_replaced_only_with_overwrite(world, tmp_path, capsys):
+    """analyze --out replaced an earlier analysis without a word, another model's head importance too (trial82 F3)."""
+    argv = ["--data", str(world["root"] / "corpus"), "--out", str(tmp_path / "an"), "--quiet", "--block-size", "16", "--max-blocks", "2",
+            "--slots-only"]
+    assert main(["analyze", str(world["memory-trained"]), *argv]) == 0
+    first = (tmp_path / "an" / "analysis.json").read_text()
+    assert main(["analyze", str(world["memory"]), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "already exists (an earlier output of midus-surgery analyze" in err and "pass --overwrite to replace it" in err, err
+    assert (tmp_path / "an" / "analysis.json").read_text() == first
+    assert main(["analyze", str(world["memory"]), *argv, "--overwrite"]) == 0
+    assert json.loads((tmp_path / "an" / "analysis.json").read_text())["model"] == str(world["memory"])
+
 def test_a_plan_that_does_not_name_the_models_layers_is_one_line(world, tmp_path, capsys):
     """An edited midus_plan.json (no layers_path, or one naming no module list) was an AttributeError traceback (trial83 F4)."""
     import shutil
@@ -362,11 +375,13 @@ def test_an_all_zero_head_importance_heatmap_says_so_without_an_offset_label(tmp
     assert (tmp_path / "zero.png").stat().st_size > 0
 
 
-def test_an_output_folder_named_with_control_characters_is_escaped_in_the_wrote_line(world, tmp_path, capsys):
-    """`--out` holding ESC / LF was echoed raw in analyze's "wrote" line (trial73 F9g): the folder is written as named,
-    the line shows the escapes and stays one line."""
+def test_an_output_folder_named_with_control_characters_is_refused_as_output_dir_is(world, tmp_path, capsys):
+    """`--out` holding ESC / LF was echoed raw in analyze's "wrote" line (trial73 F9g), then written and shown escaped; a
+    recipe's output.dir refuses such a name, and --out now does too (trial83 F6): a usage error, nothing made."""
     out = tmp_path / "an_\x1b[31mred\nline2"
-    assert main(["analyze", str(world["memory"]), "--data", str(world["root"] / "corpus"), "--out", str(out),
-                 "--block-size", "16", "--max-blocks", "2", "--slots-only", "--quiet"]) == 0
-    wrote = capsys.readouterr().out.splitlines()[-1]
-    assert out.is_dir() and "\x1b" not in wrote and wrote.startswith("wrote ") and "an_\\x1b[31mred\\nline2" in wrote, wrote
+    with pytest.raises(SystemExit) as exit_:
+        main(["analyze", str(world["memory"]), "--data", str(world["root"] / "corpus"), "--out", str(out),
+              "--block-size", "16", "--max-blocks", "2", "--slots-only", "--quiet"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "holds the control character '\\x1b'" in err and "\x1b" not in err, err
+    assert not any(tmp_path.iterdir())

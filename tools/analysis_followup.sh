@@ -8,7 +8,7 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 variant=work/runs/demo-smollm2-midus-qn-layer
 
 step "1/4 slot usage of the untrained MIDUS output (the retrieval before any training)"
-midus-surgery analyze work/out/smollm2-135m-midus --data work/corpora/git-doc --out work/analysis/smollm2-135m-midus-untrained \
+midus-surgery analyze work/out/smollm2-135m-midus --data work/corpora/git-doc --out work/analysis/smollm2-135m-midus-untrained --overwrite \
   --block-size 256 --max-blocks 8 --slots-only --quiet
 
 step "2/4 the MIDUS recipe with query_norm: layer, trained as the demo trains (same data, budget, seed)"
@@ -21,7 +21,7 @@ midus-surgery train recipes/train/smollm2-midus.yaml \
   eval.every=12 eval.max_blocks=8 log.every=4 checkpoint.every=12 --quiet
 
 step "3/4 its slot usage (git docs)"
-midus-surgery analyze "$variant/final" --data work/corpora/git-doc --out work/analysis/demo-smollm2-midus-qn-layer \
+midus-surgery analyze "$variant/final" --data work/corpora/git-doc --out work/analysis/demo-smollm2-midus-qn-layer --overwrite \
   --block-size 256 --max-blocks 8 --slots-only --quiet
 
 step "4/4 held-out perplexity: base, the demo's MIDUS (rms) and the layer-norm variant"

@@ -47,12 +47,12 @@ mapfile -t held < <(cd tools && python -c "from bench_cpt import ROOT, split_fil
 args=(--data "${held[@]}" --block-size 256 --max-blocks 8 --quiet)
 
 step "2/4 analyze (8 held-out blocks of 256)"
-midus-surgery analyze "$midus" --out work/analysis/repro-midus --fixed-retrieval "$frozen" "${args[@]}"
-midus-surgery analyze "$llama_pro" --out work/analysis/repro-llama-pro "${args[@]}"
-midus-surgery analyze "$batch" --out work/analysis/repro-midus-qn-batch "${args[@]}"
-midus-surgery analyze "$hidden" --out work/analysis/repro-midus-qs-hidden-memlr1e-2 "${args[@]}"
-midus-surgery analyze "$midus_lr" --out work/analysis/repro-midus-memlr1e-2 --slots-only "${args[@]}"
-midus-surgery analyze "$batch_lr" --out work/analysis/repro-midus-qn-batch-memlr1e-2 --slots-only "${args[@]}"
+midus-surgery analyze "$midus" --out work/analysis/repro-midus --overwrite --fixed-retrieval "$frozen" "${args[@]}"
+midus-surgery analyze "$llama_pro" --out work/analysis/repro-llama-pro --overwrite "${args[@]}"
+midus-surgery analyze "$batch" --out work/analysis/repro-midus-qn-batch --overwrite "${args[@]}"
+midus-surgery analyze "$hidden" --out work/analysis/repro-midus-qs-hidden-memlr1e-2 --overwrite "${args[@]}"
+midus-surgery analyze "$midus_lr" --out work/analysis/repro-midus-memlr1e-2 --overwrite --slots-only "${args[@]}"
+midus-surgery analyze "$batch_lr" --out work/analysis/repro-midus-qn-batch-memlr1e-2 --overwrite --slots-only "${args[@]}"
 midus-surgery eval work/smollm2-135m "${args[@]}"
 
 step "3/4 the queries: shared direction and slot spread, untrained and trained"

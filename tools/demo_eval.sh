@@ -32,5 +32,5 @@ midus-surgery train recipes/train/smollm2-midus.yaml \
   eval.every=12 eval.max_blocks=8 log.every=4 checkpoint.every=12 --quiet
 
 step "5/5 what the trained memory does, on text it did not train on (the git docs)"
-midus-surgery analyze work/runs/demo-smollm2-midus/final --data work/corpora/git-doc --out work/analysis/demo-smollm2-midus \
+midus-surgery analyze work/runs/demo-smollm2-midus/final --data work/corpora/git-doc --out work/analysis/demo-smollm2-midus --overwrite \
   --block-size 256 --max-blocks 8 --fixed-retrieval "$frozen/final" --cache-dir work/cache/tokens --quiet

@@ -230,8 +230,11 @@ def check_fixed_retrieval(model_dir: Path, twin: Path) -> list[str]:
 def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int | None = None, max_blocks: int = 16,
                  max_memory_blocks: int | None = None, batch_size: int = 4, device: str = "auto", dtype: str = "float32",
                  progress: bool = True, threads: int | None = None, fixed_retrieval: Path | None = None,
-                 importance: bool = True, text_field: str = "text", cache_dir: str | None = None, allow_pickle: bool = False) -> dict:
-    """Analyse ``model_dir`` on ``data``; writes ``out`` (analysis.json and the PNGs) and returns the JSON."""
+                 importance: bool = True, text_field: str = "text", cache_dir: str | None = None, allow_pickle: bool = False,
+                 overwrite: bool = False) -> dict:
+    """Analyse ``model_dir`` on ``data``; writes ``out`` (analysis.json and the PNGs) and returns the JSON. An earlier
+    analysis in ``out`` is replaced only with ``overwrite``, as apply's output is (it was replaced without a word, another
+    model's too: trial82 F3)."""
     from midus_surgery.compiler.plan import read_plan_file
     from midus_surgery.io.output_dir import atomic_directory, check_cache_location, check_output_dir, data_folder, input_root
     from midus_surgery.io.progress import progress_bar
@@ -264,7 +267,7 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
                                  data_folders=[(f"the data folder of {p}", data_folder(p)) for p in data])
     # the token cache is an input too: a cache inside the output was tokenised into it, and the finished analysis then
     # found its folder "changed since this run checked it" (trial73 F7)
-    out = check_output_dir(out, kind=ANALYSIS_KIND, inputs=[*inputs, ("the token cache (--cache-dir)", cache)], reuse=True, flag=None)
+    out = check_output_dir(out, kind=ANALYSIS_KIND, inputs=[*inputs, ("the token cache (--cache-dir)", cache)], overwrite=overwrite)
     if dtype not in DTYPES:
         raise TaskError(f"--dtype must be one of {', '.join(DTYPES)}")
     run_on = eval_device(device)
