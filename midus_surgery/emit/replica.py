@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -133,6 +134,7 @@ def _sandbox():
 
 
 def _difference(planned: PlannedRecipe, emit) -> str | None:
+    _check_bank_fits(planned)
     with _sandbox() as tmp:
         try:
             return _run_replica(planned, tmp, emit)
@@ -181,6 +183,38 @@ def _out_of_memory(exc: BaseException) -> bool:
     import torch
 
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(exc)
+
+
+# The replica's memory: as small as the layer allows. Whether a block starts as the identity does not hang on the bank's
+# size, and a recipe's full-size banks (n_subkeys 1024, latent_dim 512: 2 GiB each) made `plan` take a minute and 9 GB
+# (trial82 F5); whether one bank fits this machine is asked of its memory instead (_check_bank_fits).
+REPLICA_N_SUBKEYS, REPLICA_LATENT_DIM = 8, 16
+
+
+def _tiny_memory(memory):
+    n = min(memory.n_subkeys, REPLICA_N_SUBKEYS)
+    return memory.model_copy(update={"n_subkeys": n, "topk": min(memory.topk, n), "latent_dim": min(memory.latent_dim, REPLICA_LATENT_DIM)})
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: nothing to compare with
+        return None
+
+
+def _check_bank_fits(planned: PlannedRecipe) -> None:
+    """One memory block's latent bank, in float32, fits in this machine's memory: apply builds it, and the output loads
+    it; said before anything is built (the replica's own banks are tiny)."""
+    memory = planned.loaded.recipe.memory
+    if not memory.hive or not any(layer.kind == "memory" for layer in planned.plan.layers):
+        return
+    values, total = memory.n_subkeys ** 2 * memory.latent_dim, _physical_memory()
+    if total is not None and values * 4 > total:
+        raise RecipeError([planned.loaded.problem(("memory",), (
+            f"n_subkeys {memory.n_subkeys}^2 x latent_dim {memory.latent_dim} make a latent bank of {values:,} values "
+            f"({values * 4 / 2**30:,.1f} GiB in float32) per memory block, more than this machine's {total / 2**30:,.1f} GiB of "
+            "memory: apply could not build it, nor could the output load here; choose a smaller n_subkeys or latent_dim"))])
 
 
 def _too_large(planned: PlannedRecipe, exc: BaseException) -> RecipeError:
@@ -253,6 +287,7 @@ def _emit_tiny(planned: PlannedRecipe, base, attn, tmp: Path, emit, function_pre
     tiny_recipe = recipe.model_copy(update={
         "base": recipe.base.model_copy(update={"path": str(tmp / "base"), "config": None, "gguf_file": None}),
         "output": recipe.output.model_copy(update={"dir": str(tmp / "out"), "dtype": "float32"}),
+        "memory": _tiny_memory(recipe.memory),
     })
     loaded = planned.loaded.model_copy(update={"recipe": tiny_recipe})
     config = AutoConfig.from_pretrained(tmp / "base", trust_remote_code=trust)
