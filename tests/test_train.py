@@ -88,6 +88,10 @@ def test_config_errors_are_located(tmp_path):
         load_train_config(path)
     assert "missing required key 'init_from'" in str(err.value)
     assert f"{path}:2:1: tokens: not a token count: 'lots'" in str(err.value)
+    # budgets as researchers write them (trial82 F10: 1e4 was refused while 10k was read)
+    for written, count in (("1e4", 10_000), ("2.5e9", 2_500_000_000), ("1.5B", 1_500_000_000), ("20M", 20_000_000)):
+        path.write_text(f"init_from: m\nrun_dir: r\ntokens: {written}\ndata:\n  train: x.txt\n")
+        assert load_train_config(path).config.token_budget == count
 
     # pydantic's own words ("Input should be a valid number, unable to parse string as a number",
     # "optim.betas.1: missing required key 1") said in the file's terms

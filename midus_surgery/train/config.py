@@ -44,12 +44,13 @@ PosInt = Annotated[StrictInt, Field(ge=1)]
 StepCount = Annotated[StrictInt, Field(ge=0, le=MAX_STEPS)]
 
 
-_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT])?\s*$", re.IGNORECASE)
+# 20M, 1.5B, 2000000, and scientific notation as researchers write budgets (1e6, 2.5e9: YAML reads those as text)
+_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\+?\d{1,2})?)\s*([KMGT])?\s*$", re.IGNORECASE)
 _SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9, "t": 10**12}
 
 
 def parse_count(value: int | str) -> int:
-    """``"20M"`` -> 20_000_000, ``"1.5B"`` -> 1_500_000_000; ints pass through."""
+    """``"20M"`` -> 20_000_000, ``"1.5B"`` -> 1_500_000_000, ``"1e6"`` -> 1_000_000; ints pass through."""
     if isinstance(value, bool):
         raise ValueError(f"not a count: {value!r}")
     if isinstance(value, int):
@@ -60,9 +61,9 @@ def parse_count(value: int | str) -> int:
     match = _COUNT.match(text)
     if not match:
         shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
-        raise ValueError(f"not a token count: {shown} (use e.g. 2000000, 20M, 1.5B)")
+        raise ValueError(f"not a token count: {shown} (use e.g. 2000000, 20M, 1.5B, 1e6)")
     number = match.group(1)
-    if len(number.split(".")[0].lstrip("0")) > 20:  # no float overflow or 400-digit arithmetic
+    if len(number.lower().split("e")[0].split(".")[0].lstrip("0")) > 20:  # no float overflow or 400-digit arithmetic
         raise ValueError(f"token count {text[:40]}... is far too large")
     return int(Decimal(number) * _SCALE[(match.group(2) or "").lower()])
 
@@ -168,7 +169,7 @@ class TrainConfig(Strict):
     allow_pickle: StrictBool = Field(False, description="Read an `init_from` whose weights are pickle .bin files alone (with weights_only=True); without it such a model is refused, as `apply` refuses such a base without --allow-pickle. Outputs of `apply` and `train` are safetensors.")
     seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description="Seed of the data order (a deterministic function of it) and of torch's RNG.")
     data: DataConfig = Field(description="Training and held-out text (see `data`).")
-    tokens: StrictInt | str = Field(description="Token budget: train for ceil(tokens / tokens_per_step) optimiser steps, where tokens_per_step = micro_batch_size * grad_accum * processes * block_size (a resume: the steps taken plus ceil(tokens left / tokens_per_step), so another step size still ends at the budget, rounded up to a whole step). E.g. 20000000 or 20M.")
+    tokens: StrictInt | str = Field(description="Token budget: train for ceil(tokens / tokens_per_step) optimiser steps, where tokens_per_step = micro_batch_size * grad_accum * processes * block_size (a resume: the steps taken plus ceil(tokens left / tokens_per_step), so another step size still ends at the budget, rounded up to a whole step). E.g. 20000000, 20M, 1.5B or 1e6.")
     micro_batch_size: PosInt = Field(4, le=MAX_BATCH, description="Blocks per forward/backward pass on each process.")
     grad_accum: PosInt = Field(1, le=MAX_GRAD_ACCUM, description="Micro-batches accumulated per optimiser step.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="`bf16`: bf16 autocast with fp32 master weights and optimiser state (for GPUs and CPUs with native bf16, e.g. AVX512-BF16/AMX). `fp32`: everything in fp32 (bit-reproducible; on CPUs without native bf16 it is the faster one: measured 4x here). `auto`: bf16 on a GPU that supports it, else fp32.")
