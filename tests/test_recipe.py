@@ -128,6 +128,12 @@ def test_a_mergekit_config_is_named_and_a_passthrough_of_one_model_translated(tm
     found = problems(tmp_path, GOOD.replace("  interleave:\n    after_every: 2\n    kind: memory\n", "  slices:\n    - layer_range: [0, 4]\n"))
     assert [p.message for p in found if p.field.endswith("layer_range")] == [
         "unknown key 'layer_range'; did you mean 'layers' (mergekit's layer_range: the same half-open [start, end))?"]
+    # a whole mergekit slice inside a recipe's layout (trial82 F9)
+    found = problems(tmp_path, GOOD.replace("  interleave:\n    after_every: 2\n    kind: memory\n",
+                                            "  slices:\n    - sources:\n        - model: m\n          layer_range: [0, 4]\n"))
+    assert [p.message for p in found if p.field.endswith("sources")] == [
+        "unknown key 'sources'; did you mean 'layers' (a mergekit slice's sources: [{model, layer_range}]; here a slice is "
+        "layers: [start, end) of the recipe's one base)?"]
 
 
 def test_unknown_key_names_field_and_line(tmp_path):

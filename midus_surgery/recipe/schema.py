@@ -396,7 +396,10 @@ def _keys_at(schema: type[BaseModel], loc: tuple) -> list[str]:
 
 
 # keys of the tools these users know, and the key a recipe says the same with
-_OTHER_TOOLS_KEYS = {"layer_range": ("layers", "mergekit's layer_range: the same half-open [start, end)")}
+_OTHER_TOOLS_KEYS = {"layer_range": ("layers", "mergekit's layer_range: the same half-open [start, end)"),
+                     # a mergekit slice inside a recipe's layout (trial82 F9)
+                     "sources": ("layers", "a mergekit slice's sources: [{model, layer_range}]; here a slice is layers: "
+                                           "[start, end) of the recipe's one base")}
 
 
 def did_you_mean(schema: type[BaseModel] | None, loc: tuple) -> str:
