@@ -25,7 +25,7 @@ import torch
 from train_fixtures.tiny import make_model_dir, state_of, write_config, write_corpus
 
 from midus_surgery.errors import RecipeError, TrainingError
-from midus_surgery.io.model_card import NOT_TRAINED, training_line, training_section
+from midus_surgery.io.model_card import NOT_TRAINED, STARTED_AS_BASE, STARTS_AS_BASE, training_line, training_section
 from midus_surgery.io.output_dir import MARKER, RUN_ENTRIES, not_written_in_run_dir, read_marker, release_marker
 from midus_surgery.model.midus_names import is_memory_parameter
 from midus_surgery.train.checkpoint import complete_checkpoints, load_checkpoint
@@ -777,7 +777,9 @@ def test_midus_output_trains_memory_with_its_own_group(world, tmp_path):
     line = f"Trained by `midus-surgery train`: {summary['steps']:,} steps, {summary['tokens']:,} tokens of `{world['corpus'].name}`"
     assert summary["steps"] == 4 and line in trained_card and "; freeze: base, precision fp32, lr " in trained_card
     assert str(world["corpus"]) not in trained_card  # a folder's name, not this machine's path
-    assert trained_card.replace(training_line(summary), NOT_TRAINED) == card
+    # and how it started is said in the past: it was trained since (trial82 F13)
+    assert STARTS_AS_BASE in card and STARTS_AS_BASE not in trained_card and STARTED_AS_BASE in trained_card
+    assert trained_card.replace(training_line(summary), NOT_TRAINED).replace(STARTED_AS_BASE, STARTS_AS_BASE) == card
     # memory-only, from that export: no base parameter trains, so there is no base lr to write (absent, not NaN)
     said = []
     cfg = write_config(tmp_path / "memory-only.yaml", final, tmp_path / "memory-only", world["corpus"], world["cache"], tokens=16 * 4 * 2,
@@ -790,6 +792,9 @@ def test_midus_output_trains_memory_with_its_own_group(world, tmp_path):
     assert len(steps) == 2 and all("lr" not in r and r["memory_lr"] > 0 for r in steps)
     step_lines = [line for line in said if line.startswith("step ")]
     assert step_lines and all(" | mem lr " in line and " | lr " not in line for line in step_lines)
+    # each checkpoint is said as it is written (trial82 F11: only the folder showed what a stop would lose)
+    saved = [line for line in said if line.startswith("checkpoint saved: ")]
+    assert saved == [f"checkpoint saved: {tmp_path / 'memory-only' / 'checkpoints' / 'step-00000002'}"], said
     # verify checks what the runs left frozen bit for bit against the base; the chain keeps the smaller part (freeze: base)
     from midus_surgery.emit.verify import verify
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from midus_surgery.compiler.base import BaseRef
 from midus_surgery.compiler.planned import PlannedRecipe
-from midus_surgery.io.model_card import NOT_TRAINED, SETTINGS, TRAINING_END, TRAINING_START, training_section
+from midus_surgery.io.model_card import NOT_TRAINED, SETTINGS, STARTS_AS_BASE, TRAINING_END, TRAINING_START, training_section
 
 # how huggingface_hub lays out its cache: .../models--ORG--NAME/snapshots/REVISION/
 _HUB_CACHE_FOLDER = re.compile(r"^models--(?P<repo>[\w.-]+)$")
@@ -77,7 +77,7 @@ def start_sentence(function_preserving: bool | None, kinds: set[str], dropped: l
         return (f"It leaves out {layers} (`allow_dropped_layers`), so it computes another function than the base "
                 "until trained.")
     if function_preserving:
-        return "It starts computing the base's function exactly: every inserted block was checked to add nothing until trained."
+        return STARTS_AS_BASE
     if function_preserving is False:
         return ("Its inserted blocks were found not to start as the identity, and the recipe accepted it (`accept_function_change`): "
                 "it computes another function than the base until trained.")

@@ -21,12 +21,18 @@ def training_section(body: str) -> str:
     return f"{TRAINING_START}\n{body}\n{TRAINING_END}"
 
 
+# apply's sentence for an output that computes its base's function, and what a trained export's card says instead: in a
+# trained model's card the present tense read as a claim about the trained weights (trial82 F13)
+STARTS_AS_BASE = "It starts computing the base's function exactly: every inserted block was checked to add nothing until trained."
+STARTED_AS_BASE = ("As applied, before any training, it computed the base's function exactly: every inserted block was checked "
+                   "to add nothing until trained.")
 SETTINGS = " Every setting: `midus_train.json`."  # true of the newest run's line only: an export replaces the file
 
 
 def card_with_training(card: str, line: str) -> str:
     """``card`` with ``line`` added to its training section (replacing "not trained yet"); a card
     without the section (its author's) gets one at its end, under a heading."""
+    card = card.replace(STARTS_AS_BASE, STARTED_AS_BASE)
     start, end = card.find(TRAINING_START), card.find(TRAINING_END)
     if start < 0 or end < start:
         return card.rstrip("\n") + "\n\n## Training by midus-surgery\n\n" + training_section(line) + "\n"

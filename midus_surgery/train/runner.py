@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from midus_surgery.compiler.plan import read_plan_file
-from midus_surgery.errors import RecipeError, TrainingError, one_line
+from midus_surgery.errors import RecipeError, TrainingError, one_line, printable
 from midus_surgery.io.json_text import strict_json
 from midus_surgery.io.output_dir import (
     MARKER,
@@ -911,8 +911,11 @@ class Runner:
         facts = {"tokens_seen": self.samples_seen * self.cfg.data.block_size, "total_steps": self.total_steps, "world_size": self.world,
                  "data": self.data_identity, "config": self.cfg.model_dump(mode="json"), "init_from": self.init_identity,
                  "losses_since_log": list(self.meter.losses) if self.meter is not None else []}
-        return save_checkpoint(self.ckpt_root, self.acc, self.scheduler, step=self.step, samples_seen=self.samples_seen,
+        path = save_checkpoint(self.ckpt_root, self.acc, self.scheduler, step=self.step, samples_seen=self.samples_seen,
                                keep_last=self.cfg.checkpoint.keep_last, facts=facts, report=self.say)
+        # said as Trainer says it: how much a stop would lose was found only in the folder (trial82 F11)
+        self.say(f"checkpoint saved: {printable(str(path))}")
+        return path
 
     def losses_since_log(self) -> list[float]:
         """The step losses the checkpoint resumed from had taken since its last log line: the first record after a
