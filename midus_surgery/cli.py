@@ -122,7 +122,7 @@ def cmd_validate(args) -> int:
     for path in args.recipes:
         try:
             planned = check_planned(plan_recipe(path))
-            _check_output_location(planned.loaded)
+            earlier_output = _check_output_location(planned.loaded)
         except MachineError:
             raise  # the machine, not this recipe: one error line, not INVALID
         except MidusError as exc:
@@ -144,6 +144,8 @@ def cmd_validate(args) -> int:
             out.print("  note: the recipe sets memory:, but no block is a memory block; it is not used", markup=False)
         for note in _plan_notes(planned, start=True):
             out.print(f"  note: {note}", markup=False)
+        if earlier_output:
+            out.print(f"  note: {earlier_output}", markup=False)
     return 2 if failed else 0
 
 
@@ -304,15 +306,19 @@ def _start_line(planned) -> str | None:
     return None
 
 
-def _check_output_location(loaded) -> None:
+def _check_output_location(loaded) -> str | None:
     """``output.dir`` held to apply's rule (as with --overwrite, which replaces only an earlier apply
-    output), as a located problem: validate's OK means apply will not refuse the place."""
+    output), as a located problem: validate's OK means apply will not refuse the place. Returns a note when
+    the place holds an earlier output, which apply replaces only with --overwrite (trial82 F6: OK, then refused)."""
     from midus_surgery.compiler.base import resolve_base
     from midus_surgery.emit.emitter import check_apply_output
     from midus_surgery.io.output_dir import OutputError
 
     try:
-        check_apply_output(loaded, resolve_base(loaded), None, overwrite=True, probe=False)
+        out = check_apply_output(loaded, resolve_base(loaded), None, overwrite=True, probe=False)
+        if out.is_dir() and any(out.iterdir()):
+            return f"output.dir {printable(str(out))} holds an earlier output of midus-surgery apply: apply replaces it only with --overwrite"
+        return None
     except OutputError as exc:
         raise RecipeError([loaded.problem(("output", "dir"), str(exc))]) from None
     except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop: the path cannot be looked at

@@ -177,6 +177,18 @@ def validate_lines(tmp_path: Path, capsys, base: Path, body: str, name: str = "r
 MEM = "memory: {n_subkeys: 4, topk: 2, latent_dim: 8}\n"
 
 
+def test_validate_notes_that_apply_will_need_overwrite_for_an_earlier_output(tiny_base, tmp_path, capsys):
+    """validate said OK for a recipe whose output.dir held an earlier output, and apply then refused without --overwrite
+    (trial82 F6): OK, with a note saying so."""
+    body = "layout: {interleave: {after: [1], kind: copy}}\noutput: {dir: out}\n"
+    code, text = validate_lines(tmp_path, capsys, tiny_base, body)
+    assert code == 0 and "--overwrite" not in text, text
+    assert main(["apply", str(tmp_path / "r.yaml"), "--quiet"]) == 0
+    capsys.readouterr()
+    code, text = validate_lines(tmp_path, capsys, tiny_base, body)
+    assert code == 0 and text.startswith("OK ") and (f"  note: output.dir {tmp_path / 'out'} holds an earlier output of midus-surgery "
+                                                     "apply: apply replaces it only with --overwrite") in text, text
+
 def test_a_nul_escape_in_a_recipe_path_is_a_located_line(tiny_base, tmp_path, capsys):
     """YAML's quoted "\\0" in output.dir was a 27-line ValueError traceback from validate and apply (trial39)."""
     code, text = validate_lines(tmp_path, capsys, tiny_base, 'layout: {interleave: {after_every: 2, kind: copy}}\noutput: {dir: "out\\0x"}\n')
