@@ -606,6 +606,11 @@ def test_a_run_stopped_before_its_first_step_leaves_no_run_directory_unless_it_l
     assert run.exists() == at_start
     if at_start:
         assert [m["step"] for m in metrics(run)] == [0]
+    else:  # a folder the user made for the run, empty: left empty again, not marked as a run (trial83 F5)
+        run.mkdir()
+        with pytest.raises(KeyboardInterrupt):
+            train(load_train_config(cfg), echo=lambda line: None)
+        assert run.is_dir() and not any(run.iterdir())
 
 
 def test_kill_9_and_resume_gives_the_same_weights(world, tmp_path):

@@ -219,6 +219,7 @@ class Runner:
         self.untokenised = []
         self.export_owner: str | None = None  # set by check_outputs
         self.created: list[Path] = []  # the folders setup made on the way to the run directory, deepest first
+        self.run_dir_was_empty = False  # the run directory was there, empty, before setup
 
     @property
     def bars(self) -> bool:
@@ -247,6 +248,8 @@ class Runner:
         self.check_same_groups()
         self.check_same_model()
         self.created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]  # deepest first
+        # a folder the user made for the run, empty: a failed start leaves it empty again, not marked as a run (trial83 F5)
+        self.run_dir_was_empty = self.run_dir.is_dir() and not self.run_dir.is_symlink() and not any(self.run_dir.iterdir())
         self.prepare_run_dir()
         try:
             set_seed(self.cfg.seed)
@@ -402,10 +405,10 @@ class Runner:
 
     def remove_unused_run_dir(self, created: list[Path]) -> None:
         """A run that fails before its first step (data that cannot be read, a block too long for
-        the model, its output's reader gone) leaves no trace: the run directory and folders it made,
+        the model, its output's reader gone) leaves no trace: the run directory (emptied when it was there, empty) and folders it made,
         if they still hold only the marker, the empty checkpoints folder ``prepare_run_dir`` put
         there and the logs ``open_logs`` started (an empty metrics.jsonl, tensorboard's event files)."""
-        if not self.acc.is_main_process or self.run_dir not in created:
+        if not self.acc.is_main_process or (self.run_dir not in created and not self.run_dir_was_empty):
             return
         held = {p.name for p in self.run_dir.iterdir()}
         metrics, tensorboard = self.run_dir / "metrics.jsonl", self.run_dir / "tensorboard"
