@@ -353,6 +353,28 @@ def test_a_kernel_library_cut_short_by_a_kill_is_built_again(tmp_path, monkeypat
     assert calls == [name] and not library.exists()
 
 
+@pytest.mark.parametrize("xdg", ["", "relative/cache"])
+def test_an_empty_or_relative_xdg_cache_home_builds_in_the_home_cache_not_the_working_folder(tmp_path, monkeypatch, xdg):
+    """XDG_CACHE_HOME= (set, empty) made torch build the kernels in ./torch_extensions of the folder the user ran in
+    (trial83 F8); the XDG rule is to ignore an empty or relative value: ~/.cache."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+
+    def load(**kw):
+        raise RuntimeError("the build (test)")
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    with pytest.raises(RuntimeError, match="the build"):
+        kernels._build()
+    assert not any((tmp_path / "work").iterdir())
+    assert (tmp_path / "home" / ".cache" / "torch_extensions").is_dir()
+    assert os.environ["XDG_CACHE_HOME"] == xdg  # the process's environment as it was
+
 def test_unknown_kernel_mode_is_an_error(monkeypatch):
     monkeypatch.setenv("MIDUS_HML_KERNELS", "fast")
     with pytest.raises(ValueError, match="MIDUS_HML_KERNELS"):

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import sys
 import threading
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
+from unittest import mock
 
 import torch
 
@@ -79,7 +81,22 @@ def _build_lock(build_dir: Path):
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _cache_home() -> dict:
+    """The environment torch reads its extension directory from, made to follow the XDG rule it does not: an empty or
+    relative XDG_CACHE_HOME is to be ignored, and torch built the kernels in ./torch_extensions of whatever folder the
+    user ran in (trial83 F8)."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if "TORCH_EXTENSIONS_DIR" in os.environ or xdg is None or os.path.isabs(xdg):
+        return {}
+    return {"XDG_CACHE_HOME": os.path.join(os.path.expanduser("~"), ".cache")}
+
+
 def _build():
+    with mock.patch.dict(os.environ, _cache_home()):
+        return _build_in_cache()
+
+
+def _build_in_cache():
     from torch.utils import cpp_extension
 
     name = _build_name()
