@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -900,6 +901,21 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated(signum)
 
 
+def _deliver_again(unraisable) -> None:
+    """``sys.unraisablehook``: a Ctrl-C (or SIGTERM, SIGHUP) whose handler ran inside a weakref callback or a
+    ``__del__`` is dropped by Python, which only prints such an exception: one landing while the garbage collector
+    ran torch's weakref callbacks (loading a GGUF base) was lost, and apply went on, wrote its output and exited 0
+    (trial82 F2). The signal is sent again, from a thread so that it reaches the main thread's own code once the
+    callback is over (one landing in another callback comes back here). Other such exceptions are printed as before."""
+    if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
+        return
+    signum = getattr(unraisable.exc_value, "signum", signal.SIGINT)
+    again = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+    again.daemon = True  # the program may end before it fires: then there is nothing left to interrupt
+    again.start()
+
+
 def _ignore_sigterm() -> None:
     """From here the program only reports and exits: a SIGTERM now (torchrun stops every process once
     one has failed) or a second Ctrl-C would raise inside the report or the interpreter's shutdown. Only
@@ -918,6 +934,7 @@ def run() -> None:
     freeing pydantic's and the plan's objects one by one took ~30 ms, a tenth of applying a small
     model, and by then apply has closed, renamed and reported everything it wrote."""
     args = parse_arguments()
+    sys.unraisablehook = _deliver_again
     signal.signal(signal.SIGTERM, _on_sigterm)
     if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # not under nohup, which asked for it to be ignored
         signal.signal(signal.SIGHUP, _on_sigterm)

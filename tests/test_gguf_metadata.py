@@ -175,3 +175,65 @@ def test_a_gguf_given_as_a_folder_and_its_file_is_the_base_verify_compares_with(
     checks = verify(out, report=lambda c: None)
     assert not [c.name for c in checks if not c.ok] and not [c.name for c in checks if "not there" in c.detail]
     assert any(c.name.startswith("identity") and c.ok and not c.skipped for c in checks), [(c.name, c.detail) for c in checks]
+
+
+CTRL_C_IN_A_CALLBACK = """
+import signal, sys, weakref
+from midus_surgery.io import tensor_source
+
+load = tensor_source._loaded_by_transformers
+
+def pressed():
+    signal.raise_signal(signal.SIGINT)
+    return sys.getrecursionlimit()  # a Python call after the signal: its handler runs here, inside the callback
+
+class Held:
+    pass
+
+def loaded_with_ctrl_c(*args, **kwargs):
+    held = Held()
+    ref = weakref.ref(held, lambda gone: pressed())
+    del held  # the callback runs now, as torch's do when the garbage collector frees their objects
+    return load(*args, **kwargs)
+
+tensor_source._loaded_by_transformers = loaded_with_ctrl_c
+sys.argv = ["midus-surgery", "apply", sys.argv[1]]
+from midus_surgery.cli import run
+run()
+"""
+
+
+def test_ctrl_c_landing_in_a_weakref_callback_during_a_gguf_load_interrupts_apply_on_a_terminal(tmp_path):
+    """Ctrl-C on a terminal while transformers read a GGUF base was lost (trial82 F2): its handler ran inside a weakref
+    callback the garbage collector called (torch's), where Python prints an exception and drops it; apply wrote its
+    whole output and exited 0. Now it is delivered again: "interrupted", exit 130, nothing written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    recipe = write_recipe(tmp_path, write_llama_gguf(tmp_path / "tiny.gguf"))
+    driver = tmp_path / "driver.py"
+    driver.write_text(CTRL_C_IN_A_CALLBACK)
+    main_fd, term_fd = os.openpty()  # on a terminal, as the user who presses Ctrl-C runs it
+
+    def as_from_a_shell():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a test runner's worker may ignore SIGINT, and a child inherits that
+
+    proc = subprocess.Popen([sys.executable, str(driver), str(recipe)], cwd=tmp_path, stdin=term_fd, stdout=term_fd, stderr=term_fd,
+                            preexec_fn=as_from_a_shell)
+    os.close(term_fd)
+    said = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 4096)
+        except OSError:  # EIO: the child's end of the terminal is closed
+            break
+        if not chunk:
+            break
+        said += chunk
+    os.close(main_fd)
+    text = said.decode(errors="replace")
+    assert proc.wait(timeout=120) == 130, text
+    assert text.strip().endswith("interrupted") and "Traceback" not in text and "Exception ignored" not in text, text
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
