@@ -386,6 +386,12 @@ def test_a_folder_of_data_follows_linked_folders_once_and_refuses_broken_links(t
     files = D.resolve_inputs(["c"], tmp_path, ["**/*.txt", "**/*.md"])
     assert [f.relative_to(tmp_path).as_posix() for f in files] == ["c/a.txt", "elsewhere/e.txt", "c/sub/b.md"]
     assert [f.name for f in D.resolve_inputs(["c"], tmp_path, ["*.txt"])] == ["a.txt"]  # patterns keep their depth
+    # a link up past the folder read every file beside it (trial83 F10): refused
+    (tmp_path / "c" / "sub" / "top").symlink_to(tmp_path)
+    with pytest.raises(D.DataError, match=rf"^data: .*top links to {tmp_path}, a folder that holds the data folder .*c: following it "
+                                          r"would read files outside the data folder; remove the link$"):
+        D.resolve_inputs(["c"], tmp_path, ["**/*.txt", "**/*.md"])
+    (tmp_path / "c" / "sub" / "top").unlink()
     (tmp_path / "c" / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
     with pytest.raises(D.DataError, match=r"^data: .*gone\.txt is a symbolic link to .*nowhere\.txt, which does not exist \(in the folder .*c\)$"):
         D.resolve_inputs(["c"], tmp_path, ["**/*.txt"])

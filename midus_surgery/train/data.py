@@ -128,7 +128,7 @@ def resolve_inputs(entries: Iterable[str], base_dir: Path, dir_glob: Iterable[st
 def _folder_files(folder: Path, patterns: list[str], what: str) -> list[Path]:
     """The files under ``folder`` whose path below it matches one of ``patterns`` (glob patterns, ``**``
     for any number of folders), sorted. Linked folders are followed, each real folder once (a link
-    back up is not a loop); hidden files and folders (.git, an editor's .swp) are not the corpus, as
+    back up is not a loop), but none that holds ``folder`` (its files are not the data); hidden files and folders (.git, an editor's .swp) are not the corpus, as
     a shell glob skips them. A matching name that is a broken link or a link loop is refused, as the
     same link named directly is: a folder read without it would silently train on less (trial48:
     both were skipped without a word, and so were linked folders)."""
@@ -143,6 +143,10 @@ def _folder_files(folder: Path, patterns: list[str], what: str) -> list[Path]:
         for d in dirnames:  # a linked folder into /proc walked every process's root and cwd: the whole machine (trial70)
             linked = Path(dirpath) / d
             kind = linked.is_symlink() and kernel_file_system(linked)
+            if linked.is_symlink() and folder.resolve() != linked.resolve() and folder.resolve().is_relative_to(linked.resolve()):
+                # a link up past the folder (up -> ../..) read every file beside it: the user's nearby files (trial83 F10)
+                raise DataError(f"{what}: {linked} links to {linked.resolve()}, a folder that holds the data folder {folder}: "
+                                "following it would read files outside the data folder; remove the link")
             if kind:
                 through = "the machine's processes" if kind == "proc" else "the kernel's state"
                 raise DataError(f"{what}: {linked} links to {linked.resolve()}, on the kernel's {kind} file system, not data: a data "
