@@ -9,6 +9,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 
 def one_line(exc: BaseException, limit: int = 200, *, whole: bool = False) -> str:
@@ -153,6 +154,18 @@ class RecipeError(MidusError):
 
 # what a full, size-capped or read-only temp disk raises, as OSError or inside safetensors' and torch's own errors
 DISK_PROBLEMS = ("No space left on device", "Disk quota exceeded", "File too large", "Read-only file system", "os error 28")
+
+
+@contextmanager
+def naming_the_file(path) -> Iterator[None]:
+    """A full disk (or a file size limit) met while writing ``path`` names it: a file object's write raises its OSError
+    without a file name, and "the disk is full" then said neither the file nor the disk (trial83 F9)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            exc.filename = str(path)
+        raise
 
 
 def disk_problem(exc: BaseException) -> bool:

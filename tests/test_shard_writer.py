@@ -178,3 +178,20 @@ def test_any_mix_of_copies_and_produced_tensors_reads_back_exactly(tmp_path, see
     assert set(got) == set(expected)
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
+
+
+def test_a_full_disk_while_a_shard_is_written_names_the_shard(tmp_path, monkeypatch):
+    """A file object's write raises ENOSPC without a file name: apply's "the disk is full" named neither the file nor
+    the disk (trial83 F9). The error now carries the shard's path, which the CLI's line shows."""
+    import errno
+
+    from midus_surgery.io import shard_writer
+
+    def full(out, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shard_writer, "_write_all", full)
+    path = tmp_path / "model.safetensors"
+    with pytest.raises(OSError) as info:
+        write_shard(path, [ShardItem("w", "F32", (2,), make=lambda: torch.zeros(2))])
+    assert info.value.filename == str(path) and info.value.errno == errno.ENOSPC

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Union
 
+from midus_surgery.errors import naming_the_file
 from midus_surgery.io.dtypes import ITEMSIZE, tag_of
 
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ def write_shard(path: Path, items: list[ShardItem], metadata: Optional[dict] = N
     blob += b" " * ((data_start - 8 - len(blob)) % WIDE)  # the data section starts where the layout wants it
     sources: dict[Path, int] = {}
     try:
-        with open(path, "wb", buffering=0) as out:  # unbuffered: copy_file_range writes at the fd's position
+        with naming_the_file(path), open(path, "wb", buffering=0) as out:  # unbuffered: copy_file_range writes at the fd's position
             _write_all(out, struct.pack("<Q", len(blob)) + blob)
             for copy, item in _merged_copies(items):
                 if copy is not None:

@@ -32,7 +32,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from midus_surgery.errors import MidusError, one_line
+from midus_surgery.errors import MidusError, naming_the_file, one_line
 from midus_surgery.io.file_digest import sha256_of, written_stamp
 from midus_surgery.io.output_dir import MARKER, clean_leftovers, hold_directory, kernel_file_system, release_marker, write_marker
 from midus_surgery.io.small_files import read_small_text, regular_file_problem
@@ -465,7 +465,7 @@ def _tokenize_to(files: list[Path], tokenizer, text_field: str, dest: Path, prog
     batch_chars = 0
     nul_chars: dict[str, int] = {}  # file -> NUL characters: valid UTF-8, but binary data or UTF-16 text read as UTF-8
 
-    with open(dest / "tokens.bin", "wb") as out, progress_bar(total_bytes, desc, enabled=progress, unit="B", unit_scale=True,
+    with naming_the_file(dest / "tokens.bin"), open(dest / "tokens.bin", "wb") as out, progress_bar(total_bytes, desc, enabled=progress, unit="B", unit_scale=True,
                                                                  unit_divisor=1024) as bar:
         def write(ids: list[int]) -> None:
             nonlocal n_tokens, max_token
@@ -525,7 +525,8 @@ def _tokenize_to(files: list[Path], tokenizer, text_field: str, dest: Path, prog
             flush()
             bar.update(max(0, f.stat().st_size - shown))
             shown = 0
-    np.save(dest / "docs.npy", np.asarray(starts, dtype=np.int64))
+    with naming_the_file(dest / "docs.npy"):
+        np.save(dest / "docs.npy", np.asarray(starts, dtype=np.int64))
     return {"num_tokens": n_tokens, "num_docs": n_docs, "max_token": max_token, "dtype": np.dtype(dtype).name,
             "nul_chars": nul_chars}
 
