@@ -208,7 +208,7 @@ def test_input_errors_are_one_line(world, tmp_path, capsys):
                                                   .replace(str(world["tasks"] / "midus_cloze.jsonl"), str(tmp_path / "gone.jsonl")))
     assert main(["eval", str(world["base"]), "--tasks", "midus_cloze_gone", "--include-path", str(broken), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: lm-eval could not score midus_cloze_gone with the model ") and "\n" not in err
+    assert err.startswith("error: lm-eval could not read the data of midus_cloze_gone: ") and "\n" not in err
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "gone.jsonl").write_text("")
@@ -477,7 +477,7 @@ def test_an_unreachable_hub_fails_a_hub_task_at_once_and_local_tasks_still_run(w
     capsys.readouterr()
     assert main(["eval", str(world["base"]), "--tasks", "wikitext", "--limit", "2", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: lm-eval could not score wikitext with the model ") and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: lm-eval could not read the data of wikitext: ") and len(err.strip().splitlines()) == 1
     assert err.rstrip().endswith("; huggingface.co is unreachable from here (test), so only datasets in the local datasets cache can be read")
     assert constants.HF_HUB_OFFLINE is False  # offline for the evaluation only
     # the offline suite's data is local: it scores as it does online
