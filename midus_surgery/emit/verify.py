@@ -92,11 +92,14 @@ def _load(path: Path, gguf_file: str | None = None, *, trust_remote_code: bool =
 def _weights_unlike_config(path: Path, trust_remote_code: bool) -> str | None:
     """Why the weights' files cannot be what config.json makes (none, unreadable, a tensor of another shape), found from
     their headers before the model is allocated (a config of 400B parameters over a tiny model's weights took the
-    machine's memory, trial83 F3); None otherwise. Names missing or extra are the tensors check's to say."""
-    from midus_surgery.train.evaluate import WeightFilesError, check_weight_headers, model_on_meta
+    machine's memory, trial83 F3); None otherwise. Names missing or extra, and floats stored as integers, are the tensors
+    check's to say."""
+    from midus_surgery.train.evaluate import StoredAsIntegersError, WeightFilesError, check_weight_headers, model_on_meta
 
     try:
         check_weight_headers(path, model_on_meta(path, trust_remote_code=trust_remote_code))
+    except StoredAsIntegersError:
+        return None
     except WeightFilesError as exc:
         return str(exc)
     except MidusError:  # names, a config that does not build: the load below says it as it does

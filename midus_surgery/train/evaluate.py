@@ -285,6 +285,10 @@ class WeightFilesError(ModelLoadError):
     """The weights' files, judged from their headers: none, unreadable, or a tensor stored in another shape than config.json makes it."""
 
 
+class StoredAsIntegersError(WeightFilesError):
+    """A floating-point tensor of the model stored as integers or booleans (the load would cast it without a word)."""
+
+
 def check_weight_headers(path: Path, model) -> None:
     """What ``load_causal_lm``'s strict load refuses at once, found from the weights' safetensors headers alone (no
     tensor data read): no weights file, a header the library's rules refuse, a tensor stored in another shape than
@@ -316,7 +320,7 @@ def check_weight_headers(path: Path, model) -> None:
                                f"{_names(shapes)}")
     integers = floats_stored_as_integers({name: tag for name, (tag, _) in held.items()}, model)
     if integers:
-        raise WeightFilesError(f"{d}: {integers}")
+        raise StoredAsIntegersError(f"{d}: {integers}")
     groups = name_groups(model)  # a tied embedding and head are one group of two names
 
     def ignored(kind: str) -> list:
