@@ -45,19 +45,22 @@ PY
 step "6/8 fetch real English text (Debian documentation packages)"
 python tools/fetch_corpus.py python3.11-doc git-doc
 
-step "7/8 train the memory blocks a few minutes (freeze: base) on the Python docs"
+step "7/8 train the memory blocks a few minutes (freeze: base) on the Python docs, less its tutorial (held out)"
 python tools/remove_own_dir.py "$run"  # the previous demo run, never a folder midus-surgery did not write
+# the tutorial's 17 files are the held-out text: never trained on, so step 8 measures text the run did not see
+# (eval --data knows nothing of a run's split: the corpus's first blocks would be training-split text)
 run_args=(init_from=../../$out run_dir=../../$run resume=null
-  "data.train=[../../work/corpora/python3.11-doc]" data.held_out_fraction=0.01 data.block_size=256
+  "data.train=[../../work/corpora/python3.11-doc]" "data.dir_glob=['[!t]*.txt']"
+  "data.held_out=[../../work/corpora/python3.11-doc/tutorial__*.txt]" data.block_size=256
   tokens=24576 micro_batch_size=4 grad_accum=1 optim.warmup=2
   eval.every=12 eval.max_blocks=8 log.every=1 checkpoint.every=12)
 midus-surgery train recipes/train/smollm2-midus.yaml "${run_args[@]}" --dry-run  # what will run; writes nothing
 midus-surgery train recipes/train/smollm2-midus.yaml "${run_args[@]}"
 
-step "8/8 held-out perplexity: base vs trained MIDUS (python docs: the training domain; git docs: another domain)"
+step "8/8 held-out perplexity: base vs trained MIDUS (python tutorial: the training domain, held out; git docs: another domain)"
 for model in work/smollm2-135m "$run/final"; do
-  for corpus in python3.11-doc git-doc; do
-    printf '%-40s %-16s ' "$model" "$corpus"
+  for corpus in "python3.11-doc/tutorial__*.txt" git-doc; do
+    printf '%-40s %-16s ' "$model" "${corpus%%/*}"
     midus-surgery eval "$model" --data "work/corpora/$corpus" --block-size 256 --max-blocks 8 --quiet --json --cache-dir work/cache/tokens \
       | python -c 'import json, sys; r = json.load(sys.stdin); print("ppl %.3f  (%d tokens, %.0f tok/s)" % (r["perplexity"], r["tokens"], r["tokens_per_s"]))'
   done
