@@ -540,6 +540,16 @@ def test_a_base_moved_away_or_not_a_base_is_one_line(bases, tmp_path, capsys):
     checks = {c.name: c for c in verify(out, other, report=lambda c: None)}
     assert not checks["identity"].ok and checks["identity"].detail == (f"the base model {other} has a vocabulary of 96 tokens and the "
                                                                       "output 128: it is not this output's base")
+    # a base of another depth: said first, not after every comparison failed (trial82 F12)
+    deeper = tmp_path / "other-depth"
+    config = tiny_config("llama")
+    config.num_hidden_layers += 2
+    AutoModelForCausalLM.from_config(config).save_pretrained(deeper)
+    checks = {c.name: c for c in verify(out, deeper, report=lambda c: None)}
+    made_from = json.loads((out / "midus_plan.json").read_text())["base_num_hidden_layers"]
+    assert not checks["identity"].ok and checks["identity"].detail == (f"the base model {deeper} has {made_from + 2} layers, and this "
+                                                                      f"output was made from a base of {made_from}: it is not this output's base")
+    assert "weights" not in checks
 
 
 def test_a_skipped_check_is_said_as_skip_not_pass(bases, capsys):

@@ -448,6 +448,12 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     base_for_generation = None
     if base_path is not None:
         base_dir, gguf = (base_path.parent, base_path.name) if base_path.suffix == ".gguf" else (base_path, None)
+        made_from, base_config = (plan or {}).get("base_num_hidden_layers"), {} if gguf else _config_dict(base_dir)
+        depth = base_config.get("num_hidden_layers") or (base_config.get("text_config") or {}).get("num_hidden_layers")
+        if isinstance(made_from, int) and isinstance(depth, int) and depth != made_from:  # said first, not after every check failed (trial82 F12)
+            record(Check("identity", False, f"the base model {base_path} has {depth} layers, and this output was made from a base of "
+                                             f"{made_from}: it is not this output's base"))
+            return checks
         unlike = None if gguf else _weights_unlike_config(base_dir, trust and _builds_with_own_code(base_dir, gguf))
         if unlike:
             record(Check("identity", False, f"the base model {base_path} does not load: {unlike}"))
