@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -927,6 +928,18 @@ def _ignore_sigterm() -> None:
             signal.signal(signum, signal.SIG_IGN)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The tool's own warnings (``midus-surgery: ...``: the CPU kernels unavailable, the slower path taken) as one
+    "warning:" line on stderr, not Python's file:line and source line; other libraries' as Python shows them."""
+    text = str(message)
+    if not text.startswith("midus-surgery"):  # as Python's own showwarning writes it
+        (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line))
+        return
+    text = text.removeprefix("midus-surgery").lstrip(": ")
+    err.print(f"warning: {printable(' '.join(text.split()))}", markup=False)
+
+
+
 def run() -> None:
     """The program's entry point (the console script and ``python -m midus_surgery.cli``).
 
@@ -935,6 +948,7 @@ def run() -> None:
     model, and by then apply has closed, renamed and reported everything it wrote."""
     args = parse_arguments()
     sys.unraisablehook = _deliver_again
+    warnings.showwarning = _show_warning
     signal.signal(signal.SIGTERM, _on_sigterm)
     if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # not under nohup, which asked for it to be ignored
         signal.signal(signal.SIGHUP, _on_sigterm)

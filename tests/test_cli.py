@@ -675,3 +675,14 @@ def test_error_lines_show_control_characters_as_escapes_and_each_carries_the_ran
     assert main(["validate", str(recipe)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) >= 3 and all(line.startswith("[rank 1] ") for line in lines), lines
+
+
+def test_the_tools_own_warnings_are_one_line(capsys):
+    """The CPU kernels' fallback warning came as Python's 'hml.py:318: UserWarning: ...' and the source line under it;
+    the tool's own warnings are one 'warning:' line, other libraries' as Python shows them."""
+    from midus_surgery.cli import _show_warning
+
+    _show_warning(UserWarning("midus-surgery: HML CPU kernels unavailable (x);\n  using the slower path"), UserWarning, "hml.py", 318)
+    assert capsys.readouterr().err == "warning: HML CPU kernels unavailable (x); using the slower path\n"
+    _show_warning(UserWarning("a library's own"), UserWarning, "lib.py", 7)
+    assert "lib.py:7: UserWarning: a library's own" in capsys.readouterr().err
