@@ -11,6 +11,7 @@ the anatomy was blamed). A block missing from the middle is named; two tensors o
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,99 @@ def test_ctrl_c_landing_in_a_weakref_callback_during_a_gguf_load_interrupts_appl
     assert proc.wait(timeout=120) == 130, text
     assert text.strip().endswith("interrupted") and "Traceback" not in text and "Exception ignored" not in text, text
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def gguf_bytes(*entries: bytes, n_kv: int | None = None, n_tensors: int = 0) -> bytes:
+    """A GGUF v3 file written by hand: its header, then ``entries`` (metadata entries as kv() makes them)."""
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, len(entries) if n_kv is None else n_kv) + b"".join(entries)
+
+
+def kv(key: str, value_type: int, value: bytes) -> bytes:
+    """One metadata entry: the key (u64 length, bytes), the value type (gguf.GGUFValueType), the value's bytes."""
+    return struct.pack("<Q", len(key)) + key.encode() + struct.pack("<I", value_type) + value
+
+
+def gguf_string(text: str, length: int | None = None) -> bytes:
+    """A GGUF string: its u64 length (``length`` when given, whatever the text's), then its bytes."""
+    return struct.pack("<Q", len(text) if length is None else length) + text.encode()
+
+
+ARCH = kv("general.architecture", 8, gguf_string("llama"))
+U8, STRING, ARRAY = 0, 8, 9
+HOSTILE = {  # trial83 F2: each kept validate busy for a minute and more, its memory growing, or was read as something else
+    "array-count": (gguf_bytes(ARCH, kv("x.arr", ARRAY, struct.pack("<IQ", U8, 2**40))),
+                    "metadata key 'x.arr' holds 1,099,511,627,776 uint8 items at byte 98, but 0 bytes are left"),
+    "string-array-count": (gguf_bytes(ARCH, kv("x.arr", ARRAY, struct.pack("<IQ", STRING, 2**40) + gguf_string("a"))),
+                           "metadata key 'x.arr' holds 1,099,511,627,776 string items (at least 8 bytes each)"),
+    "string-length": (gguf_bytes(kv("general.architecture", STRING, gguf_string("llama", 2**62))),
+                      "metadata key 'general.architecture' is 4,611,686,018,427,387,904 bytes long at byte 64, but 5 bytes are left"),
+    "nested": (gguf_bytes(ARCH, kv("x.arr", ARRAY, struct.pack("<IQ", ARRAY, 1) * 2000 + struct.pack("<IQ", U8, 0))),
+               "metadata key 'x.arr' nests arrays more than 4 deep (llama.cpp reads no array of arrays)"),
+    "kv-count": (gguf_bytes(ARCH, n_kv=2**60), "its header counts 1,152,921,504,606,846,976 metadata entries and 0 tensors"),
+    "tensor-count": (gguf_bytes(ARCH, n_tensors=2**60), "its header counts 1 metadata entries and 1,152,921,504,606,846,976 tensors"),
+    "tensor-name": (gguf_bytes(ARCH, n_tensors=1) + gguf_string("token_embd.weight" + "\0" * 30, 2**50),
+                    "the name of tensor 0 is 1,125,899,906,842,624 bytes long at byte 77, but 47 bytes are left"),
+    "value-type": (gguf_bytes(ARCH, kv("x.odd", 13, b"\0" * 16)), "metadata key 'x.odd' has value type 13, which GGUF does not define"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_gguf_counts_the_file_cannot_hold_are_refused_before_the_reader_sees_them(tmp_path, capsys, case):
+    """trial83 F2: gguf's reader walks every array item in Python, believing the count: an array said to hold 2^40
+    items in a 100-byte file kept validate busy past 60 s, its memory growing ~120 MB/s; 2,000 nested arrays took
+    40 s and then a MemoryError; a string said to be 2^62 bytes long was read as the 5 bytes there, and validated.
+    Each is now one located line, at once, from validate, plan and apply."""
+    import time
+
+    data, expected = HOSTILE[case]
+    path = tmp_path / "m.gguf"
+    path.write_bytes(data)
+    recipe = write_recipe(tmp_path, path)
+    for command in ("validate", "plan", "apply"):
+        start = time.monotonic()
+        line = refused(recipe, capsys, command)
+        assert time.monotonic() - start < 20, command  # was minutes, or the host's memory
+        assert f"{path}: not a whole GGUF file ({len(data)} bytes; cut short, or not GGUF: " in line, line
+        assert expected in line, line
+
+
+@pytest.mark.parametrize("missing", ["tensors", "sizes", "both"])
+def test_a_gguf_without_tensors_or_sizes_is_refused_not_filled_with_defaults(tmp_path, capsys, missing):
+    """trial83 F2: a 96-byte GGUF holding only general.architecture = llama validated as a 32-layer 6.6B model
+    (LlamaConfig's defaults for every size), and apply built 9.85B parameters until the OOM killer ended it."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / f"{missing}.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    if missing == "tensors":
+        writer.add_block_count(LAYERS)
+        writer.add_embedding_length(HIDDEN)
+    if missing == "sizes":
+        writer.add_tensor("token_embd.weight", np.ones((VOCAB, HIDDEN), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    recipe = write_recipe(tmp_path, path)
+    for command in ("validate", "plan", "apply"):
+        line = refused(recipe, capsys, command)
+        assert ("it holds no tensors (no weights: metadata alone)" in line) == (missing != "sizes"), line
+        lacks = "its metadata lacks llama.block_count and llama.embedding_length (the model's sizes: transformers would take its config"
+        assert (lacks in line) == (missing != "tensors"), line
+        assert line.endswith(": not a GGUF model to build from"), line
+
+
+def test_verify_checks_a_gguf_base_before_transformers_reads_it(tmp_path, capsys):
+    """verify --base handed a GGUF straight to transformers' loader (gguf's reader): the file's counts believed."""
+    from midus_surgery.emit.verify import verify
+
+    sound = write_recipe(tmp_path, write_llama_gguf(tmp_path / "sound.gguf"))
+    assert main(["apply", str(sound), "--quiet"]) == 0, capsys.readouterr().err
+    hostile = tmp_path / "hostile.gguf"
+    hostile.write_bytes(HOSTILE["array-count"][0])
+    checks = verify(tmp_path / "out" / "sound", hostile, report=lambda c: None)
+    identity = [c for c in checks if c.name.startswith("identity")]
+    assert identity and not identity[0].ok, [(c.name, c.detail) for c in checks]
+    assert identity[0].detail.startswith(f"the base model {hostile} does not load: not a whole GGUF file (98 bytes; cut short, or not GGUF: "
+                                         "metadata key 'x.arr' holds 1,099,511,627,776 uint8 items"), identity[0].detail

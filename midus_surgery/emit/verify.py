@@ -107,6 +107,15 @@ def _weights_unlike_config(path: Path, trust_remote_code: bool) -> str | None:
     return None
 
 
+def _gguf_unlike(path: Path) -> str | None:
+    """Why a GGUF base cannot be loaded (counts its size cannot hold, no tensors, no sizes), checked as validate checks
+    it before transformers' GGUF reader sees the file: that reader believes the file's counts (trial83 F2)."""
+    from midus_surgery.io.tensor_source import gguf_problem
+
+    problem = gguf_problem(path)
+    return problem.removeprefix(f"{path}: ") if problem else None  # the line names the base already
+
+
 def _builds_with_own_code(directory: Path, gguf: str | None) -> bool:
     """Whether the base's config.json maps its model to code of its own: only then does verify load it with
     trust_remote_code (the flag asked for the output's code). Given it, transformers also runs a folder's
@@ -454,7 +463,7 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
             record(Check("identity", False, f"the base model {base_path} has {depth} layers, and this output was made from a base of "
                                              f"{made_from}: it is not this output's base"))
             return checks
-        unlike = None if gguf else _weights_unlike_config(base_dir, trust and _builds_with_own_code(base_dir, gguf))
+        unlike = _gguf_unlike(base_path) if gguf else _weights_unlike_config(base_dir, trust and _builds_with_own_code(base_dir, gguf))
         if unlike:
             record(Check("identity", False, f"the base model {base_path} does not load: {unlike}"))
             return checks

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -464,10 +465,115 @@ def read_gguf_info(path: Path) -> GgufInfo:
     return _gguf_info(str(path), stat.st_size, stat.st_mtime_ns)
 
 
+# The GGUF (v2, v3) value types, as gguf.constants.GGUFValueType numbers them: the bytes of one item of each
+# fixed-size type; a string is a u64 length and its bytes, an array a u32 item type, a u64 count and its items.
+_GGUF_ITEM_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_TYPE_NAMES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "int32", 6: "float32", 7: "bool",
+                    8: "string", 9: "array", 10: "uint64", 11: "int64", 12: "float64"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_MAX_NESTING = 4  # arrays of arrays, deep: llama.cpp reads none nested; gguf's reader recurses in Python per level
+
+
+class GgufLayoutError(ValueError):
+    """A count or a length in a GGUF file's header, metadata or tensor list that the file's size cannot hold."""
+
+
+def check_gguf_layout(path: str) -> None:
+    """Raise GgufLayoutError unless every count and length in the file's header, metadata and tensor list fits in
+    the bytes the file has left, before gguf's GGUFReader (or transformers, through it) reads it. The reader believes
+    them: it walks an array said to hold 2^40 items one item at a time in Python, its memory growing ~120 MB/s in a
+    100-byte file, and reads a string said to be 2^62 bytes long as the bytes that are there (trial83 F2). An
+    array of fixed-size items is stepped over at once; strings and arrays of strings or arrays are walked, each
+    item taking at least 8 bytes, so the walk is bounded by the file's size."""
+    import mmap
+
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size < 24:
+            raise GgufLayoutError(f"{size} bytes is less than a GGUF header's 24")
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            _GgufLayout(data, size).check()
+
+
+class _GgufLayout:
+    """The walk check_gguf_layout makes, at ``pos``, in the file's byte order (gguf's reader takes a version whose
+    low 16 bits are 0 for a file written big-endian)."""
+
+    def __init__(self, data, size: int) -> None:
+        self.data, self.size, self.pos, self.order = data, size, 0, "<"
+
+    def take(self, n: int, claim: str) -> int:
+        """The offset of the next ``n`` bytes, which ``claim`` says are there; GgufLayoutError if the file has fewer."""
+        if n > self.size - self.pos:
+            raise GgufLayoutError(f"{claim} at byte {self.pos:,}, but {self.size - self.pos:,} bytes are left")
+        self.pos += n
+        return self.pos - n
+
+    def number(self, fmt: str, claim: str) -> int:
+        return struct.unpack_from(self.order + fmt, self.data, self.take(struct.calcsize(fmt), claim))[0]
+
+    def string(self, what: str) -> bytes:
+        length = self.number("Q", f"the length of {what}")
+        start = self.take(length, f"{what} is {length:,} bytes long")
+        return bytes(self.data[start:start + min(length, 200)])  # a name, for the messages: its head is enough
+
+    def value(self, kind: int, what: str, depth: int = 0) -> None:
+        if kind in _GGUF_ITEM_BYTES:
+            self.take(_GGUF_ITEM_BYTES[kind], f"{what}, a {_GGUF_TYPE_NAMES[kind]}, is cut short")
+        elif kind == _GGUF_STRING:
+            self.string(what)
+        elif kind == _GGUF_ARRAY:
+            if depth >= _GGUF_MAX_NESTING:
+                raise GgufLayoutError(f"{what} nests arrays more than {_GGUF_MAX_NESTING} deep (llama.cpp reads no array of arrays)")
+            item = self.number("I", f"the item type of {what}")
+            count = self.number("Q", f"the item count of {what}")
+            if item in _GGUF_ITEM_BYTES:  # fixed-size items: stepped over at once
+                self.take(count * _GGUF_ITEM_BYTES[item], f"{what} holds {count:,} {_GGUF_TYPE_NAMES[item]} items")
+                return
+            if item not in (_GGUF_STRING, _GGUF_ARRAY):
+                raise GgufLayoutError(f"{what} holds items of value type {item}, which GGUF does not define")
+            least = 8 if item == _GGUF_STRING else 12  # a string's length; an array's item type and count
+            if count * least > self.size - self.pos:  # before walking them: the walk would be as long as the count
+                raise GgufLayoutError(f"{what} holds {count:,} {_GGUF_TYPE_NAMES[item]} items (at least {least} bytes each) "
+                                      f"at byte {self.pos:,}, but {self.size - self.pos:,} bytes are left")
+            each = what if what.startswith("an item of ") else f"an item of {what}"  # one level said, however deep
+            for _ in range(count):
+                self.value(item, each, depth + 1)
+        else:
+            raise GgufLayoutError(f"{what} has value type {kind}, which GGUF does not define")
+
+    def check(self) -> None:
+        if bytes(self.data[:4]) != b"GGUF":
+            raise GgufLayoutError("it does not begin with 'GGUF'")
+        self.pos = 4
+        version = self.number("I", "its version")
+        if version & 0xFFFF == 0:  # as gguf's reader reads it: a file written on a big-endian machine
+            self.order, version = ">", int.from_bytes(version.to_bytes(4, "little"), "big")
+        if version not in (2, 3):
+            raise GgufLayoutError(f"it says GGUF version {version}; versions 2 and 3 are read")
+        n_tensors = self.number("Q", "its tensor count")
+        n_kv = self.number("Q", "its metadata count")
+        # each entry at least: a key's length, a value type and a one-byte value; each tensor's entry a name's
+        # length, a dimension count, a type and an offset
+        if n_kv * 13 + n_tensors * 24 > self.size - self.pos:
+            raise GgufLayoutError(f"its header counts {n_kv:,} metadata entries and {n_tensors:,} tensors (at least 13 and "
+                                  f"24 bytes each), but {self.size - self.pos:,} bytes follow it")
+        for i in range(n_kv):
+            key = self.string(f"the key of metadata entry {i}").decode("utf-8", "replace")
+            what = f"metadata key {shown(key)}"
+            self.value(self.number("I", f"the value type of {what}"), what)
+        for i in range(n_tensors):
+            name = self.string(f"the name of tensor {i}").decode("utf-8", "replace")
+            what = f"tensor {shown(name)}"
+            n_dims = self.number("I", f"the dimension count of {what}")
+            self.take(n_dims * 8 + 12, f"{what} has {n_dims:,} dimensions")  # each a u64; then its type and offset
+
+
 @functools.lru_cache(maxsize=4)
 def _gguf_info(path: str, size: int, mtime_ns: int) -> GgufInfo:
     from gguf import GGUFReader
 
+    check_gguf_layout(path)  # counts and lengths the reader would believe
     reader = GGUFReader(path)  # memory-maps the file: every tensor must lie within it
 
     def field(key: str):
@@ -494,8 +600,25 @@ def gguf_problem(path: Path) -> str | None:
         twice = _gguf_twice(exc)
         if twice:  # a whole file, read to its tensor list: which of the two a loader takes is up to the loader
             return f"{path}: {twice} (a corrupt GGUF file: a GGUF file holds each once)"
-        return f"{path}: not a whole GGUF file ({path.stat().st_size} bytes; cut short, or not GGUF: {one_line(exc, 160)})"
-    return _gguf_block_problem(path, info)
+        why = str(exc) if isinstance(exc, GgufLayoutError) else one_line(exc, 160)  # ours is said for the user already
+        return f"{path}: not a whole GGUF file ({path.stat().st_size} bytes; cut short, or not GGUF: {why})"
+    return _gguf_block_problem(path, info) or _gguf_size_problem(path, info)
+
+
+def _gguf_size_problem(path: Path, info: GgufInfo) -> str | None:
+    """A GGUF file without tensors, or without ``<arch>.block_count`` or ``<arch>.embedding_length`` (llama.cpp
+    refuses a file without either, for every architecture): transformers' config class fills each size the file
+    lacks with its own default, and a 96-byte file holding only general.architecture = llama validated as a
+    32-layer 6.6B model, which apply then built, taking the host's memory (trial83 F2). No default stands in
+    for a size the file lacks. (Without general.architecture, transformers refuses it in its own words.)"""
+    if not isinstance(info.arch, str):
+        return None
+    missing = [key for key in (f"{info.arch}.block_count", f"{info.arch}.embedding_length") if key not in info.keys]
+    said = [f"its metadata lacks {' and '.join(missing)} (the model's size{'s' if len(missing) > 1 else ''}: transformers "
+            "would take its config class's default, another model)"] if missing else []
+    if not info.tensors:
+        said.insert(0, "it holds no tensors (no weights: metadata alone)")
+    return f"{path}: {'; '.join(said)}: not a GGUF model to build from" if said else None
 
 
 def _gguf_twice(exc: Exception) -> str | None:
