@@ -90,21 +90,23 @@ def _load(path: Path, gguf_file: str | None = None, *, trust_remote_code: bool =
 
 
 def _weights_unlike_config(path: Path, trust_remote_code: bool) -> str | None:
-    """Why the weights' files cannot be what config.json makes (none, unreadable, a tensor of another shape), found from
-    their headers before the model is allocated (a config of 400B parameters over a tiny model's weights took the
-    machine's memory, trial83 F3); None otherwise. Names missing or extra, and floats stored as integers, are the tensors
-    check's to say."""
-    from midus_surgery.train.evaluate import StoredAsIntegersError, WeightFilesError, check_weight_headers, model_on_meta
+    """Why the weights' files cannot be what config.json makes (a tensor of another shape), found from their headers
+    before the model is allocated (a config of 400B parameters over a tiny model's weights took the machine's memory,
+    trial83 F3); None otherwise, and where the headers or the config do not read: the load says why."""
+    from transformers import AutoConfig, AutoModelForCausalLM  # MIDUS classes: registered by this package's __init__
+
+    from midus_surgery.compiler.plan import load_renames
+    from midus_surgery.io.tensor_source import stored_by_module_name, wrong_shapes
 
     try:
-        check_weight_headers(path, model_on_meta(path, trust_remote_code=trust_remote_code))
-    except StoredAsIntegersError:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        held = stored_by_module_name(path, load_renames(model))
+    except Exception:  # noqa: BLE001 - no config, code not allowed, headers that do not read: the load says it as it does
         return None
-    except WeightFilesError as exc:
-        return str(exc)
-    except MidusError:  # names, a config that does not build: the load below says it as it does
-        return None
-    return None
+    shapes = wrong_shapes({name: shape for name, (_, shape) in held.items()}, model)
+    return f"{path}: the weights do not match the model's architecture: {shapes}" if shapes else None
 
 
 def _gguf_unlike(path: Path) -> str | None:

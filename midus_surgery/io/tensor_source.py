@@ -417,6 +417,18 @@ class SafetensorsSource(TensorSource):
         self._handles.clear()
 
 
+def wrong_shapes(stored: dict[str, tuple[int, ...]], model) -> str | None:
+    """The tensors ``stored`` (module name -> shape, from the headers) holds in another shape than ``model`` (built on the
+    meta device from config.json) has them, as a load says it; None when none. Found before the model is allocated: a
+    config of 400B parameters over a tiny model's weights took the machine's memory first (trial83 F3)."""
+    shapes = sorted(f"{name} (weights {list(stored[name])}, model {list(tensor.shape)})" for name, tensor in model.state_dict().items()
+                    if name in stored and tuple(stored[name]) != tuple(tensor.shape))
+    if not shapes:
+        return None
+    more = f" and {len(shapes) - 3} more" if len(shapes) > 3 else ""
+    return f"{len(shapes)} tensor(s) of the wrong shape: {', '.join(shapes[:3])}{more}"
+
+
 def stored_by_module_name(directory: Path, renames) -> dict[str, tuple[str, tuple[int, ...]]]:
     """A safetensors checkpoint's tensors from its headers alone: module name (the checkpoint name renamed as
     transformers' load renames it, ``renames``: (pattern, module name) pairs, or None) -> (dtype tag, shape).

@@ -30,7 +30,7 @@ from midus_surgery.io.hf_output import hf_progress_bars, kept_load_report, load_
 from midus_surgery.io.output_dir import CHECKPOINT_STATE, check_cache_location, data_folder, input_root, run_export_hint
 from midus_surgery.io.small_files import read_small_text
 from midus_surgery.io.stored_dtypes import floats_stored_as_integers, stored_dtype_problem
-from midus_surgery.io.tensor_source import PICKLE_RISK, holds_only_pickle_weights
+from midus_surgery.io.tensor_source import PICKLE_RISK, holds_only_pickle_weights, wrong_shapes
 from midus_surgery.train.config import DIR_GLOB
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -313,11 +313,9 @@ def check_weight_headers(path: Path, model) -> None:
     except MidusError as exc:
         raise WeightFilesError(f"{d}: cannot load the weights: {exc}") from None
     stored = {name: shape for name, (_, shape) in held.items()}
-    shapes = {f"{name} (weights {list(stored[name])}, model {list(tensor.shape)})" for name, tensor in model.state_dict().items()
-              if name in stored and tuple(stored[name]) != tuple(tensor.shape)}
+    shapes = wrong_shapes(stored, model)
     if shapes:  # as the load says it
-        raise WeightFilesError(f"{d}: the weights do not match the model's architecture: {len(shapes)} tensor(s) of the wrong shape: "
-                               f"{_names(shapes)}")
+        raise WeightFilesError(f"{d}: the weights do not match the model's architecture: {shapes}")
     integers = floats_stored_as_integers({name: tag for name, (tag, _) in held.items()}, model)
     if integers:
         raise StoredAsIntegersError(f"{d}: {integers}")
