@@ -703,6 +703,17 @@ def test_processes_reading_other_data_stop_with_one_line(world, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors and errors[0].startswith("error: process 1 reads other data than process 0 (token cache entry "), proc.stderr[-2000:]
     assert not (tmp_path / "mixed" / "final").exists()
+    # another setting given to one process: it trained another model (optim.lr), or hung a collective (tokens,
+    # micro_batch_size), the export process 0's (trial87 F1); refused at the start, every process saying why
+    wrapper.write_text(f'#!/bin/sh\nif [ "$LOCAL_RANK" = 1 ]; then extra=optim.lr=0.01; else extra=seed=0; fi\n'
+                       f'exec {sys.executable} -m midus_surgery.cli train {cfg} "$extra" --quiet\n')
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29548", "--no-python",
+                           str(wrapper)], env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    said = "process 1 runs another config than process 0: optim.lr is 0.01 there and 0.003 on process 0; give every process the same"
+    assert errors and said in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "mixed").exists()
 
 
 @pytest.mark.slow

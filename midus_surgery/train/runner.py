@@ -153,6 +153,22 @@ class Meter:
 
 # --------------------------------------------------------------------------- the run
 
+# Config keys that name a path: a node's own mount may name the same files under another path, so they may differ
+# across processes (the data itself is compared by what it holds)
+PER_PROCESS_KEYS = ("init_from", "run_dir", "data.train", "data.held_out", "data.cache_dir", "export.dir")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """A nested config as dotted key -> value."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 class Runner:
     """One training run, from a loaded config. ``setup()`` builds everything, ``run()`` trains."""
 
@@ -242,6 +258,7 @@ class Runner:
         from accelerate.utils import set_seed
 
         self.setup_processes()
+        self.same_config_on_every_process()
         self.check_outputs()
         self.resume_from = self.choose_start()
         self.resume_state = read_checkpoint_state(self.resume_from) if self.resume_from is not None else None
@@ -626,6 +643,22 @@ class Runner:
         self.split_data(train_stream, held_stream)
         self.same_data_on_every_process()
         self.size_run()
+
+    def same_config_on_every_process(self) -> None:
+        """Every process runs the same config: one given another optim.lr trained another model, exported as process 0's;
+        another tokens or micro_batch_size hung the run in a collective (trial87 F1). Paths may differ (a node's own
+        mount of the same files): the data is compared by what it holds (same_data_on_every_process)."""
+        if self.acc.num_processes < 2:
+            return
+        from accelerate.utils import gather_object
+
+        seen = gather_object([{key: value for key, value in _flat(self.cfg.model_dump(mode="json")).items()
+                               if not key.startswith(PER_PROCESS_KEYS)}])
+        for rank, other in enumerate(seen):
+            if other != seen[0]:
+                key = next(k for k in sorted(set(other) | set(seen[0])) if other.get(k) != seen[0].get(k))
+                raise TrainingError(f"process {rank} runs another config than process 0: {key} is {other.get(key)!r} there and "
+                                    f"{seen[0].get(key)!r} on process 0; give every process the same config and overrides")
 
     def same_data_on_every_process(self) -> None:
         """Every process trains on the same corpus: one whose data.train reads other files (a per-node path, a variable
