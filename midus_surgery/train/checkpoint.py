@@ -288,6 +288,8 @@ def scheduler_state(path: Path, current: dict) -> dict:
 def weights_checksum(model) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
+        if hasattr(t, "full_tensor"):  # an FSDP2 shard (DTensor): the whole tensor, gathered by every process in this order
+            t = t.full_tensor()  # (.numpy() of the shard raised at the end of a data_trace run: trial87 F5)
         h.update(name.encode())
         h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
