@@ -110,18 +110,21 @@ def test_fsdp2_on_two_cpu_processes_ends_with_the_single_process_weights(world, 
     """own / shared: MIDUS outputs (their memory tables clip apart); plain: a model without memory,
     whose one clip group is every parameter (accelerate compared it with model.parameters() by ==
     and raised, unless the group is in the model's own order)."""
-    traced = {"log.data_trace": True} if bank == "plain" else {}  # its end's checksum of sharded weights raised (trial87 F5)
+    # plain: traced (its end's checksum of sharded weights raised, trial87 F5), and 3 held-out blocks for 2 processes, which
+    # FSDP evaluates 2 of without a word (F7)
+    traced = {"log.data_trace": True, "data.held_out_fraction": 0.2, "eval.max_blocks": 3} if bank == "plain" else {}
     fsdp = run_config(world, tmp_path, bank, "fsdp", 4, **{"checkpoint.every": 2, **traced})
     proc = launch(world, 2, fsdp, {"own": 29541, "shared": 29542, "plain": 29545}[bank])
     assert proc.returncode == 0, proc.stderr[-3000:]
     if traced:  # every process checksums the whole weights: the same
         ends = [json.loads((tmp_path / "fsdp" / "trace" / f"rank{r}.jsonl").read_text().splitlines()[-1]) for r in (0, 1)]
         assert ends[0]["final_checksum"] == ends[1]["final_checksum"], ends
+        assert "note: under FSDP the held-out pass reads 2 of its 3 blocks (a multiple of the 2 processes)" in proc.stdout, proc.stdout
     assert "FSDP (gloo) on cpu:0 x 2" in proc.stdout
     assert "this run shards with torch's FSDP2 over gloo" in proc.stdout
     ckpt = complete_checkpoints(tmp_path / "fsdp" / "checkpoints")[-1][1]
     assert list(ckpt.glob("pytorch_model_fsdp_0/*.distcp")), "the checkpoint is not sharded"
-    train(load_train_config(run_config(world, tmp_path, bank, "single", 8)))  # the same blocks per step, one process
+    train(load_train_config(run_config(world, tmp_path, bank, "single", 8, **traced)))  # the same blocks per step, one process
     assert_same_weights(tmp_path / "single" / "final", tmp_path / "fsdp" / "final")
 
     if bank == "shared":  # resumed from the step-2 sharded checkpoint, the run ends the same

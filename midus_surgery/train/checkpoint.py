@@ -656,7 +656,8 @@ def layout_problem(path: Path, fsdp_run: bool) -> str | None:
     fsdp_written = any(p.name.startswith(FSDP_MODEL) for p in path.iterdir())
     if fsdp_written and not fsdp_run:
         return ("it was written under FSDP (its weights in pytorch_model_fsdp_0/) and this run does not shard: "
-                "resume it launched with the FSDP config it was written with (accelerate launch --config_file ...)")
+                "resume it launched with the FSDP config it was written with (accelerate launch --config_file ...) on two "
+                "or more processes (one process never shards, whatever its config)")
     if not fsdp_written and fsdp_run:
         return ("it was written without FSDP (whole weights in model.safetensors) and this run shards with FSDP: "
                 "resume it launched as it was written (one process, or DDP), or start afresh in a run_dir of its own")

@@ -1185,6 +1185,15 @@ class Runner:
         if json_files:
             notes.append(f"{', '.join(json_files[:3])} {'is' if len(json_files) == 1 else 'are'} read as plain text, braces and all "
                          "(records are read from JSON Lines: .jsonl)")
+        held = getattr(self, "held_blocks", None)
+        if getattr(self, "fsdp", False) and held is not None:  # every rank runs the wrapped model on as many blocks: a multiple of the processes (trial87 F7)
+            n = len(held) if self.cfg.eval.max_blocks is None else min(len(held), self.cfg.eval.max_blocks)
+            if n < self.world:
+                notes.append(f"no held-out evaluation: under FSDP each of the {self.world} processes evaluates as many held-out blocks, "
+                             f"and there {'is' if n == 1 else 'are'} {n}; add held-out text or raise data.held_out_fraction")
+            elif n % self.world:
+                notes.append(f"under FSDP the held-out pass reads {n - n % self.world} of its {n} blocks (a multiple of the "
+                             f"{self.world} processes)")
         if self.total_steps and self.warmup_steps > self.total_steps:  # step s runs at (s + 1) / warmup: the last reaches it when equal
             notes.append(f"the warmup ({_count(self.warmup_steps, 'step')}) is longer than the run ({_count(self.total_steps, 'step')}): "
                          f"the learning rate never reaches optim.lr")
