@@ -88,6 +88,9 @@ def test_a_dry_run_writes_nothing_reads_no_weights_and_says_what_the_start_then_
 
     code, out, _ = dry(capsys, config, f"data.held_out=[{json.dumps(str(midus['corpus']))}]")
     assert code == 0 and "data.train and data.held_out are read as text when the run tokenises them, first thing" in out.splitlines()[-1], out
+    # a budget under one step: rounded up to a step, said (trial87 F10: it trained 8x the budget without a word)
+    code, out, _ = dry(capsys, config, "tokens=10")
+    assert code == 0 and f"note: the budget of 10 tokens is less than one step of {STEP_TOKENS:,} " in out, out
 
     assert main(["train", str(config), "--quiet"]) == 2  # the start reads the values, and refuses them
     assert "hold non-finite values" in capsys.readouterr().err and not run.exists()

@@ -1185,6 +1185,10 @@ class Runner:
         if json_files:
             notes.append(f"{', '.join(json_files[:3])} {'is' if len(json_files) == 1 else 'are'} read as plain text, braces and all "
                          "(records are read from JSON Lines: .jsonl)")
+        per_step = getattr(self, "tokens_per_step", None)
+        if per_step and self.resume_state is None and self.cfg.token_budget < per_step:  # rounded up to one step (trial87 F10)
+            notes.append(f"the budget of {self.cfg.token_budget:,} tokens is less than one step of {per_step:,} (micro_batch_size x "
+                         f"grad_accum x processes x block_size): the run trains one step, about {per_step / self.cfg.token_budget:.0f}x the budget")
         held = getattr(self, "held_blocks", None)
         if getattr(self, "fsdp", False) and held is not None:  # every rank runs the wrapped model on as many blocks: a multiple of the processes (trial87 F7)
             n = len(held) if self.cfg.eval.max_blocks is None else min(len(held), self.cfg.eval.max_blocks)
