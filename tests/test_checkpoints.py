@@ -824,3 +824,38 @@ def test_a_resume_on_edited_text_says_the_text_changed(done, tmp_path):
     with pytest.raises(TrainingError) as err:
         train(load_train_config(cfg))
     assert "the data changed since it was written (data.train gives other tokens (the text of its files changed))" in str(err.value)
+
+
+@pytest.mark.parametrize("inside", ["ctrl-c", "peer gone", "disk full"])
+def test_what_breaks_inside_a_sharded_save_is_said_as_what_it_is(tmp_path, inside):
+    """FSDP's sharded save (torch.distributed.checkpoint) gathers every process's exception into one CheckpointException:
+    a Ctrl-C there was a traceback with exit 1, and a lost peer was said as a full disk, "free space there" (trial87 F3,
+    F4). The interrupt is raised as the interrupt, the lost peer as the collective's error the run words; a disk error
+    is still the write's own line. No partial checkpoint is left either way."""
+    import errno
+    import traceback
+    from types import SimpleNamespace
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from midus_surgery.errors import TrainingError
+    from midus_surgery.train import checkpoint as ck
+
+    cause = {"ctrl-c": KeyboardInterrupt(),
+             "peer gone": RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:49296"),
+             "disk full": OSError(errno.ENOSPC, "No space left on device")}[inside]
+
+    def sharded_save(path, safe_serialization=True):
+        raise CheckpointException("CheckpointException ranks:dict_keys([0])", {0: (cause, traceback.StackSummary())})
+
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    scheduler = SimpleNamespace(state_dict=lambda: {"last_epoch": 1})
+    expected = {"ctrl-c": KeyboardInterrupt, "peer gone": RuntimeError, "disk full": TrainingError}[inside]
+    with pytest.raises(expected) as info:
+        ck.save_checkpoint(root, fake_accelerator(sharded_save), scheduler, step=1, samples_seen=4, keep_last=1, facts={"data": {}})
+    if inside == "peer gone":
+        assert ck.lost_a_process(info.value)
+    if inside == "disk full":
+        assert str(info.value).startswith(f"cannot write the checkpoint {root / 'step-00000001'}")
+    assert list(root.iterdir()) == []

@@ -376,9 +376,14 @@ def save_checkpoint(root: Path, acc, scheduler, *, step: int, samples_seen: int,
     except BaseException as exc:  # a full disk, an interrupt: no half-written checkpoint is left behind
         if tmp_is_ours:
             shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(exc, Exception):
+        inner = _inner_failure(exc)  # a sharded save's CheckpointException (a BaseException) holds what broke
+        if isinstance(inner, KeyboardInterrupt):  # a Ctrl-C (or SIGTERM's Terminated) inside a sharded save: said as one
+            raise inner from None
+        if not isinstance(inner, Exception):
             raise
-        raise _cannot_write(exc, final, root) from None
+        if lost_a_process(inner):  # the run says another process stopped, not a full disk
+            raise inner from None
+        raise _cannot_write(inner, final, root) from None
     try:
         acc.wait_for_everyone()
     except BaseException:  # a Ctrl-C while the others finish their part left the whole temp folder behind (trial74 F3)
@@ -644,6 +649,32 @@ def init_from_change(saved: dict | None, now: dict) -> tuple[str | None, str | N
                "history or weight files differ)")
     return (why + ": the export would carry another model's files, dtype and history as this run's; resume with the model it was "
             "written with, or start afresh (resume unset) in a run_dir of its own"), None
+
+
+# What a collective says when a peer process has died: NCCL's errors are DistError (DistBackendError);
+# gloo's are plain RuntimeErrors naming the lost connection.
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Socket closed")
+
+
+def lost_a_process(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because another process of the run is gone."""
+    if isinstance(exc, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and "gloo" in text and any(s in text for s in _PEER_GONE)
+
+
+def _inner_failure(exc: BaseException) -> BaseException:
+    """What broke inside torch.distributed.checkpoint's save (FSDP's sharded checkpoint): it gathers every process's
+    exception into one CheckpointException, so a Ctrl-C there read as a traceback, and a lost peer as a full disk
+    (trial87 F3, F4). Its first process's own exception, or ``exc``."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = failures[min(failures)]
+        inner = first[0] if isinstance(first, tuple) and first else first
+        if isinstance(inner, BaseException):
+            return inner
+    return exc
 
 
 FSDP_MODEL = "pytorch_model_fsdp"  # how accelerate names an FSDP checkpoint's weights (a folder of shards, or one file)

@@ -70,6 +70,7 @@ from midus_surgery.train.checkpoint import (
     data_change_problem,
     init_from_change,
     load_checkpoint,
+    lost_a_process,
     model_identity,
     newest_whole_checkpoint,
     read_checkpoint_state,
@@ -1371,14 +1372,3 @@ def _parameters_without_gradient(exc: RuntimeError, runner) -> str | None:
             "not reach them; set ddp_find_unused_parameters: true (or freeze them)")
 
 
-# What a collective says when a peer process has died: NCCL's errors are DistError (DistBackendError);
-# gloo's are plain RuntimeErrors naming the lost connection.
-_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Socket closed")
-
-
-def lost_a_process(exc: BaseException) -> bool:
-    """Whether ``exc`` is a collective failing because another process of the run is gone."""
-    if isinstance(exc, getattr(torch.distributed, "DistError", ())):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and "gloo" in text and any(s in text for s in _PEER_GONE)
