@@ -1109,6 +1109,8 @@ class Runner:
                  + ("then a constant lr" if cfg.optim.schedule == "constant" else f"{cfg.optim.schedule} decay"))
         if self.sharding_note:
             self.say(self.sharding_note)
+        if launched := sharding.launcher_precision_note(self.precision):
+            self.say(launched)
         if self.is_midus:
             self.say_memory_backend()
         if cfg.compile:

@@ -89,3 +89,13 @@ def after_accelerator(acc) -> str | None:
     acc.state.fsdp_plugin = plugin
     return (f"fsdp: accelerate runs FSDP configs as DDP on {acc.device.type}; this run shards with torch's FSDP2 "
             f"over {acc.state.backend} itself (the same plugin settings)")
+
+
+def launcher_precision_note(precision: str) -> str | None:
+    """``accelerate launch --mixed_precision X`` (ACCELERATE_MIXED_PRECISION) when the run uses another: the config's
+    ``precision`` decides, and the launcher's ask was ignored without a word (trial87 F10). ``precision``: the run's."""
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if asked in ("no", "bf16" if precision == "bf16" else "no"):
+        return None
+    return (f"note: accelerate launch asked for mixed precision {asked}; the run uses the config's precision, {precision} "
+            "(precision: in the config, or precision=... on the command line, sets it)")
