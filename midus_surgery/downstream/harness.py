@@ -125,7 +125,7 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
     def score(m, tokenizer) -> dict:
         start = time.perf_counter()
         model = load_causal_lm(Path(m), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=progress,
-                               allow_pickle=allow_pickle).to(run_on).eval()
+                               allow_pickle=allow_pickle, headers_checked=True).to(run_on).eval()  # check_model_loads, above
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         try:
             with _lm_eval_output(progress), _no_git(), _no_fork_pool(), _offline_for(hub_down) as offline, \

@@ -357,20 +357,24 @@ def check_model_loads(path: Path, *, trust_remote_code: bool = False, block_size
 
 
 def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float32, trust_remote_code: bool = False,
-                   progress: bool = True, how_to_allow: str = ALLOW_CODE, allow_pickle: bool = False, how_to_allow_pickle: str = ALLOW_PICKLE):
+                   progress: bool = True, how_to_allow: str = ALLOW_CODE, allow_pickle: bool = False, how_to_allow_pickle: str = ALLOW_PICKLE,
+                   headers_checked: bool = False):
     """Load a model directory (base, DUS, LLaMA-Pro or MIDUS output) as a causal LM, strictly.
 
     Every tensor the architecture has must be in the weights (tied ones excepted), with its shape,
     and the weights may hold no other: transformers would otherwise start missing tensors from
     random values with only a log line. Any failure is one ``ModelLoadError`` line (exit 2).
     ``progress=False`` keeps transformers' loading bar off too (``eval --quiet`` prints one line).
+    ``headers_checked``: the caller ran ``check_model_loads`` on ``path`` (eval does, for every model before the first):
+    its header check is not made again.
     """
     path, _, loader, kwargs = _causal_lm_loader(path, trust_remote_code=trust_remote_code, how_to_allow=how_to_allow, allow_pickle=allow_pickle,
                                                 how_to_allow_pickle=how_to_allow_pickle)
     # the weights' headers against the model config.json makes, before the model is allocated: a config of 400B
     # parameters over a tiny model's weights took the machine's memory before the shapes were compared (trial83 F3)
-    check_weight_headers(path, model_on_meta(path, trust_remote_code=trust_remote_code, how_to_allow=how_to_allow,
-                                             allow_pickle=allow_pickle, how_to_allow_pickle=how_to_allow_pickle))
+    if not headers_checked:
+        check_weight_headers(path, model_on_meta(path, trust_remote_code=trust_remote_code, how_to_allow=how_to_allow,
+                                                 allow_pickle=allow_pickle, how_to_allow_pickle=how_to_allow_pickle))
     try:
         # transformers' LOAD REPORT table kept, not printed: a strict load names its tensors in one line below
         with hf_progress_bars(progress), warnings.catch_warnings(), kept_load_report() as report:
@@ -603,6 +607,7 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None,
     cache = check_cache_location(Path(cache_dir) if cache_dir else D.default_cache_dir(),
                                  inputs=[("the model", model_dir), *((f"data ({p})", input_root(p)) for p in data)],
                                  data_folders=[(f"the data folder of {p}", data_folder(p)) for p in data])
+    tokenizer_given = tokenizer is not None  # check_model_loads gave it, its header check made
     if tokenizer is None:
         tokenizer = load_tokenizer(model_dir, trust_remote_code)
     stream = D.prepare_corpus(list(data), Path.cwd(), tokenizer, dir_glob=dir_glob, text_field=text_field,
@@ -611,7 +616,7 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None,
     if nul := D.nul_note(stream):
         print(f"note: {nul}", file=sys.stderr)  # beside the result, not in it: --json's stdout is one JSON value
     model = load_causal_lm(model_dir, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, progress=progress,
-                           allow_pickle=allow_pickle).to(run_on)
+                           allow_pickle=allow_pickle, headers_checked=tokenizer_given).to(run_on)
     check_vocabulary(stream, model, model_dir)
     if block_size is None:
         block_size = min(DEFAULT_EVAL_BLOCK, (position_limit(model) or (DEFAULT_EVAL_BLOCK, ""))[0])
