@@ -714,6 +714,20 @@ def test_processes_reading_other_data_stop_with_one_line(world, tmp_path):
     said = "process 1 runs another config than process 0: optim.lr is 0.01 there and 0.003 on process 0; give every process the same"
     assert errors and said in errors[0], proc.stderr[-2000:]
     assert not (tmp_path / "mixed").exists()
+    # one process refuses its outputs (here a node-local export.dir holding a user's file) while process 0 has made the
+    # run directory: its wait for the others fails, and the skeleton it made goes with it (trial87 F10)
+    foreign = tmp_path / "users_folder"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    wrapper.write_text(f'#!/bin/sh\nif [ "$LOCAL_RANK" = 1 ]; then extra=export.dir={foreign}; else extra=seed=0; fi\n'
+                       f'exec {sys.executable} -m midus_surgery.cli train {cfg} "$extra" --quiet\n')
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29564", "--no-python",
+                           str(wrapper)], env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert any(line.startswith("[rank 1] ") and "export.dir: output" in line and "was not written by midus-surgery" in line
+               for line in proc.stderr.splitlines()), proc.stderr[-2000:]
+    assert not (tmp_path / "mixed").exists(), sorted(p.name for p in (tmp_path / "mixed").rglob("*"))
+    assert (foreign / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.slow

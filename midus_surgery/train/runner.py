@@ -268,8 +268,9 @@ class Runner:
         self.created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]  # deepest first
         # a folder the user made for the run, empty: a failed start leaves it empty again, not marked as a run (trial83 F5)
         self.run_dir_was_empty = self.run_dir.is_dir() and not self.run_dir.is_symlink() and not any(self.run_dir.iterdir())
-        self.prepare_run_dir()
         try:
+            # inside: its closing wait fails when another process refused its start, which leaves this skeleton
+            self.prepare_run_dir()
             set_seed(self.cfg.seed)
             self.setup_data()
             self.setup_model()
@@ -428,6 +429,8 @@ class Runner:
         there and the logs ``open_logs`` started (an empty metrics.jsonl, tensorboard's event files)."""
         if not self.acc.is_main_process or (self.run_dir not in created and not self.run_dir_was_empty):
             return
+        if self.run_lock is None and self.run_dir.is_dir() and marker_in_use(self.run_dir):
+            return  # another live run took the folder first: what is there is its
         held = {p.name for p in self.run_dir.iterdir()}
         metrics, tensorboard = self.run_dir / "metrics.jsonl", self.run_dir / "tensorboard"
         logs = [p for p in (metrics, tensorboard) if p.exists()]
