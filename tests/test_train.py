@@ -683,6 +683,14 @@ def test_two_process_ddp_reads_different_data_and_agrees(world, tmp_path):
     s, d = state_of(tmp_path / "single" / "final"), state_of(tmp_path / "ddp" / "final")
     for name in s:
         torch.testing.assert_close(s[name], d[name], rtol=1e-4, atol=1e-5)
+    # One process accumulating the ranks' micro-batches (grad_accum 2 of 4) sums the same gradients in the same order as
+    # DDP's all-reduce: the same bits. One micro-batch of 8 agrees to rounding only, which the memory's top-k can turn
+    # into another slot for a near tie (trial87 F8: one lookup of 1,536 at step 5, the bank then 7e-4 apart).
+    train(load_train_config(config(world, tmp_path, name="accum", micro_batch_size=4, grad_accum=2, **extra)))
+    accum = [json.loads(x)["blocks"] for x in (tmp_path / "accum" / "trace" / "rank0.jsonl").read_text().splitlines() if "blocks" in x]
+    assert accum == single
+    a = state_of(tmp_path / "accum" / "final")
+    assert [name for name in a if not torch.equal(a[name], d[name])] == []
 
 
 @pytest.mark.slow
