@@ -834,3 +834,25 @@ def test_a_kind_by_index_refusal_names_the_settings_that_may_set_it(root):
         plan_recipe(recipe(root, base, interleave([0], "transformer"), "jamba-moved"))
     assert ("the base config chooses some layers' kind by index (settings such as expert_layer_period=2, expert_layer_offset=1, "
             "attn_layer_period=2, attn_layer_offset=1), and this layout moves them") in str(info.value), str(info.value)
+
+
+def test_an_inkling2_dus_copy_that_changes_its_block_boundary_is_said(root):
+    """Inkling2 makes every n_layers_per_attn_res_block-th layer a block boundary by its index: a DUS copy computed as its
+    new position, validate said nothing and verify passed (trial90 F1). The replica the check runs on did not save (its
+    shrunk vocabulary under unpadded_vocab_size), so the identity check's refusal blamed the recipe for a failed build."""
+    from tool_modules import import_tool
+
+    from midus_surgery.emit.replica import moved_layer_difference
+
+    config = import_tool("arch_sweep").tiny_config("inkling2_text")
+    assert config.n_layers_per_attn_res_block == 6 and config.num_hidden_layers == 8  # the class default, not shrunk to 1
+    torch.manual_seed(0)
+    base = root / "inkling2"
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    planned = plan_recipe(recipe(root, base, "  slices:\n    - layers: [0, 6]\n    - layers: [3, 8]", "inkling2-solar"))
+    note = moved_layer_difference(planned, emit)
+    assert note and note.startswith("on a tiny random replica of the base, the copy of base layer 3 at output position 6 "
+                                    "computes differently from its source"), note
+    with pytest.raises(RecipeError) as info:
+        check_planned(plan_recipe(recipe(root, base, "  interleave:\n    after_every: 2\n    kind: identity", "inkling2-pro")))
+    assert "computes differently at output position" in str(info.value) and "fails (" not in str(info.value), str(info.value)

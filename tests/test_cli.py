@@ -323,12 +323,16 @@ def test_validate_notes_a_dus_layout_on_a_base_whose_layers_read_their_index(tmp
     GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=128, bos_token_id=0, eos_token_id=0,
                                scale_attn_by_inverse_layer_idx=by_index)).save_pretrained(base)
     code, text = validate_lines(tmp_path, capsys, base, "layout: {interleave: {after_every: 2, kind: transformer}}\noutput: {dir: out}\n")
-    note = ("note: on a tiny random replica of the base, base layer 2 computes differently at output position 3 from the same "
-            "input: its code depends on its index or on the depth (num_hidden_layers), so the base's own layers after an "
-            "insertion do not compute as they did in the base")
+    why = ("from the same input: its code depends on its index or on the depth (num_hidden_layers), so copies compute as their "
+           "new position, not as their source layer, and the base's own layers after an insertion do not compute as they did in the base")
+    note = f"note: on a tiny random replica of the base, the copy of base layer 1 at output position 2 computes differently from its source {why}"
     assert code == 0 and (note in text) == by_index and ("note:" in text) == by_index, text
     assert main(["plan", str(tmp_path / "r.yaml"), "--json"]) == 0
     assert (note[len("note: "):] in json.loads(capsys.readouterr().out)["notes"]) == by_index
+    # copies after the last layer move no base layer: the copies themselves compute as their new index (trial90 F3)
+    code, text = validate_lines(tmp_path, capsys, base, "layout: {stack: {layers: [2, 4]}}\noutput: {dir: out}\n")
+    note = f"note: on a tiny random replica of the base, the copy of base layer 2 at output position 4 computes differently from its source {why}"
+    assert code == 0 and (note in text) == by_index and ("note:" in text) == by_index, text
 
 
 def test_validate_and_plan_note_what_the_author_may_not_have_meant(tiny_base, tmp_path, capsys):

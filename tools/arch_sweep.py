@@ -158,7 +158,7 @@ def _category(name: str) -> str | None:
         return "dt_rank" if re.search(r"dt_rank|time_step_rank", n) else "rank"
     if re.search(r"^(num_hidden_layers|n_layers?|num_layers|(encoder|decoder)_layers|depth|num_global_layers|num_blocks)$|_num_hidden_layers$", n):
         return "layers"
-    if re.search(r"period|interval|step|pattern|every|offset|layer_group_size", n):
+    if re.search(r"period|interval|step|pattern|every|offset|layer_group_size|layers_per_\w*block", n):  # a block of N layers (Inkling2)
         return "layer_period"
     if "layer" in n or n == "first_k_dense_replace":
         return "layer_count"

@@ -146,6 +146,11 @@ def _shrinks(config) -> list[_Shrink]:
         if isinstance(pad, int) and pad >= vocab_small[_key(config, "vocab_size")]:
             vocab_small["pad_token_id"] = None
         vocab_padded[_key(config, "vocab_size")] = min(vocab, max(_TINY_VOCAB, pad + 1 if isinstance(pad, int) else 0))
+        # the rows a padded vocabulary really uses (Inkling2) stay within the shrunk one: saving pads the head up to it
+        # (a replica of an Inkling2 base failed to save, and the check it served said nothing: trial90 F1)
+        if isinstance(base.get("unpadded_vocab_size"), int):
+            for small in (vocab_small, vocab_padded):
+                small["unpadded_vocab_size"] = min(base["unpadded_vocab_size"], small[_key(config, "vocab_size")])
     vocab_small.update(extra_vocabs)
     vocab_padded.update(extra_vocabs)
     head_dim = base.get("head_dim") if isinstance(base.get("head_dim"), int) else (

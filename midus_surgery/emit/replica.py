@@ -414,12 +414,15 @@ def _run_blocks(planned: PlannedRecipe, blocks: list, tmp: Path, emit) -> str | 
 
 
 def moved_layer_difference(planned: PlannedRecipe, emit) -> str | None:
-    """For a layout with plain copies (DUS), which moves base layers to new output positions: None when every moved
-    base layer of a tiny replica computes what its source computes from the same input; else which does not, one
-    line. A layer whose code reads its index or the depth (GPT-2's scale_attn_by_inverse_layer_idx) does not: the
-    base's own layers then no longer compute as they did in the base. Nothing is said when no replica runs."""
+    """For a layout with plain copies (DUS): None when every layer at another output position than its source's (a
+    copy, or a base layer an insertion moved) computes on a tiny replica what its source computes from the same input;
+    else which does not, one line. A layer whose code reads its index or the depth (GPT-2's
+    scale_attn_by_inverse_layer_idx, DiffLlama's lambda_init, Inkling2's block boundaries every
+    n_layers_per_attn_res_block layers) does not: its copies compute as their new position, and the base's own layers
+    after an insertion no longer compute as they did in the base. Nothing is said when no replica runs."""
     plan = planned.plan
-    moved = [layer for layer in plan.layers if not layer.inserted and layer.index != layer.source]
+    # copies too: a stack after the last layer moves no base layer, and its copies computed as their new index unsaid (trial90 F3)
+    moved = [layer for layer in plan.layers if layer.index != layer.source and (not layer.inserted or layer.kind == "copy")]
     if not moved or not plan.layers_path or promises_identity(planned):  # identity and memory: the replica check says it
         return None
     return _cached(_recipe_key(planned, "moved layers"), lambda: _quietly(planned, moved, emit))
@@ -485,9 +488,11 @@ def _run_moved(planned: PlannedRecipe, moved: list, tmp: Path, emit) -> str | No
     for layer in moved:
         a, b = got[layer.index], seen_out[layer.source]
         if a.shape != b.shape or not bool((a == b).all()):
-            return (f"on a tiny random replica of the base, base layer {layer.source} computes differently at output position "
-                    f"{layer.index} from the same input: its code depends on its index or on the depth "
-                    "(num_hidden_layers), so the base's own layers after an insertion do not compute as they did in the base")
+            which = (f"the copy of base layer {layer.source} at output position {layer.index} computes differently from its source"
+                     if layer.inserted else f"base layer {layer.source} computes differently at output position {layer.index}")
+            return (f"on a tiny random replica of the base, {which} from the same input: its code depends on its index or on the "
+                    "depth (num_hidden_layers), so copies compute as their new position, not as their source layer, and the base's "
+                    "own layers after an insertion do not compute as they did in the base")
     return None
 
 
