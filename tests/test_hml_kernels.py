@@ -287,8 +287,36 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     messages = [str(w.message) for w in caught if "HML CPU kernels unavailable" in str(w.message)]
     assert len(messages) == 1 and "no C++ compiler (test)" in messages[0]
     hml.use_kernels(m, "fused")
-    with pytest.raises(RuntimeError, match="could not be built"):
+    with pytest.raises(kernels.KernelsUnavailable, match="cannot be built on this machine"):
         m(torch.randn(5, 2, 8))
+
+
+def test_fused_kernels_that_cannot_build_are_one_line_in_eval_and_train(monkeypatch, tmp_path, capsys):
+    """MIDUS_HML_KERNELS=fused on a machine without a working compiler: eval said "a bug in midus-surgery: please report
+    it", and train printed a 40-line traceback (trial91 F4). A setting that cannot work here: one line, exit 2."""
+    from train_fixtures.tiny import make_midus_output, write_config, write_corpus
+
+    from midus_surgery.cli import main
+
+    out = make_midus_output(tmp_path)
+    corpus = write_corpus(tmp_path / "corpus", files=2, sentences_per_file=30)[0].parent
+    monkeypatch.setattr(kernels, "_state", {})
+
+    def broken_build():
+        raise OSError("no C++ compiler (test)")
+
+    monkeypatch.setattr(kernels, "_build", broken_build)
+    monkeypatch.setenv("MIDUS_HML_KERNELS", "fused")
+    capsys.readouterr()
+    said = "error: the HML CPU kernels were asked for (kernels 'fused', by MIDUS_HML_KERNELS or the memory config) but cannot be built"
+    assert main(["eval", str(out), "--data", str(corpus), "--block-size", "16", "--max-blocks", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "no C++ compiler (test)" in err and "please report" not in err and "Traceback" not in err, err
+    cfg = write_config(tmp_path / "run.yaml", out, tmp_path / "run", corpus, tmp_path / "cache", tokens=16 * 4 * 2)
+    assert main(["train", str(cfg), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and len([line for line in err.splitlines() if line.strip()]) == 1, err
+    assert not (tmp_path / "run").exists()
 
 
 def _ext_dir_with_this_build(tmp_path) -> tuple[dict, Path]:

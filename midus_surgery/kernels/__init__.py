@@ -30,10 +30,20 @@ from unittest import mock
 
 import torch
 
+from midus_surgery.errors import UsageError
+
 try:
     import fcntl
 except ImportError:  # not on Windows: torch's own lock alone there
     fcntl = None
+
+
+class KernelsUnavailable(UsageError, RuntimeError):
+    """Kernels asked for by name (kernels "fused" or "triton": MIDUS_HML_KERNELS or the memory config's ``kernels``)
+    that this machine cannot build or import: a setting that cannot work here, said in one line with exit 2 as other
+    usage errors are (it was a traceback in train and "a bug in midus-surgery" in eval: trial91 F4). A RuntimeError
+    too, for callers that catch what these kernels raised before."""
+
 
 SOURCE = Path(__file__).with_name("hml_cpu.cpp")
 
@@ -184,7 +194,9 @@ def cpu_ops(strict: bool = False) -> Optional[SimpleNamespace]:
                     )
         ops = _state["ops"]
     if ops is None and strict:
-        raise RuntimeError(f"MIDUS_HML_KERNELS=fused but the HML CPU kernels could not be built: {_state.get('error')}")
+        raise KernelsUnavailable(f"the HML CPU kernels were asked for (kernels 'fused', by MIDUS_HML_KERNELS or the memory config) "
+                                 f"but cannot be built on this machine ({_state.get('error')}): torch builds them with a C++ "
+                                 "compiler and ninja; or run the pure-torch path (MIDUS_HML_KERNELS=torch)")
     return ops
 
 
@@ -197,5 +209,6 @@ def triton_kernel(name: str):
     try:
         from . import hml_triton
     except ImportError as exc:
-        raise RuntimeError(f"MIDUS_HML_KERNELS=triton but triton cannot be imported ({exc}); CUDA builds of torch bring it") from None
+        raise KernelsUnavailable(f"the Triton kernels were asked for (kernels 'triton', by MIDUS_HML_KERNELS or the memory config) "
+                                 f"but triton cannot be imported ({exc}); CUDA builds of torch bring it") from None
     return getattr(hml_triton, name)
