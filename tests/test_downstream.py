@@ -130,6 +130,9 @@ def test_a_task_two_folders_define_is_refused_and_one_named_twice_is_scored_once
     shutil.copytree(original, copy)
     build_task_suite([str(world["text"])], original, items=3)
     assert main(["eval", str(world["base"]), "--tasks", "midus_cloze", "--include-path", str(copy), *common]) == 2
+    err = capsys.readouterr().err  # data outside the task's folder (trial92 F3)
+    assert "midus_cloze.jsonl): it lies outside the task folders (--include-path)" in err, err
+    assert main(["eval", str(world["base"]), "--tasks", "midus_cloze", "--include-path", str(copy), "--allow-task-code", *common]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: task 'midus_cloze' ({copy / 'midus_cloze.yaml'}) reads its data from {original / 'midus_cloze.jsonl'}, "
                           "which has changed since the task was written"), err
@@ -145,7 +148,8 @@ def test_a_task_two_folders_define_is_refused_and_one_named_twice_is_scored_once
     shadow = tmp_path / "shadow"
     shadow.mkdir()
     (shadow / "arc_easy.yaml").write_text((world["tasks"] / "midus_cloze.yaml").read_text().replace("task: midus_cloze", "task: arc_easy"))
-    assert main(["eval", str(world["base"]), "--tasks", "arc_easy", "--include-path", str(shadow), *common]) == 0
+    assert main(["eval", str(world["base"]), "--tasks", "arc_easy", "--include-path", str(shadow), "--include-path", str(world["tasks"]),
+                 *common]) == 0  # the suite's folder too: the copy reads its data
     err = capsys.readouterr().err
     assert f"note: task 'arc_easy' is read from {shadow / 'arc_easy.yaml'} (--include-path), in place of lm-eval's own (" in err, err
 
@@ -201,11 +205,11 @@ def test_input_errors_are_one_line(world, tmp_path, capsys):
     # line, not lm-eval's traceback (a data file that is not there at all is said before lm-eval runs: a moved suite)
     broken = tmp_path / "broken"
     broken.mkdir()
-    (tmp_path / "gone.jsonl").write_text('{"context": "not closed\n')
+    (broken / "gone.jsonl").write_text('{"context": "not closed\n')  # in the task's folder, the only one it may read
     hand_written = re.sub(r"  data_sha256: \w+\n", "", (world["tasks"] / "midus_cloze.yaml").read_text())  # a task of one's own
     (broken / "midus_cloze_gone.yaml").write_text(hand_written
                                                   .replace("task: midus_cloze", "task: midus_cloze_gone")
-                                                  .replace(str(world["tasks"] / "midus_cloze.jsonl"), str(tmp_path / "gone.jsonl")))
+                                                  .replace(str(world["tasks"] / "midus_cloze.jsonl"), str(broken / "gone.jsonl")))
     assert main(["eval", str(world["base"]), "--tasks", "midus_cloze_gone", "--include-path", str(broken), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: lm-eval could not read the data of midus_cloze_gone: ") and "\n" not in err
@@ -214,7 +218,7 @@ def test_input_errors_are_one_line(world, tmp_path, capsys):
     (empty / "gone.jsonl").write_text("")
     (empty / "midus_cloze_empty.yaml").write_text((broken / "midus_cloze_gone.yaml").read_text()
                                                   .replace("task: midus_cloze_gone", "task: midus_cloze_empty")
-                                                  .replace(str(tmp_path / "gone.jsonl"), str(empty / "gone.jsonl")))
+                                                  .replace(str(broken / "gone.jsonl"), str(empty / "gone.jsonl")))
     assert main(["eval", str(world["base"]), "--tasks", "midus_cloze_empty", "--include-path", str(empty), "--quiet"]) == 2
     assert "a task has no documents (an empty data file, or a split with no rows)" in capsys.readouterr().err
     coded = tmp_path / "coded"
@@ -272,8 +276,8 @@ CODE_IN_TASK_YAML = {
     "group_inline": "group: g\ntask:\n  - task: t\n    doc_to_text: !function utils.process\n",
 }
 REFUSAL = {"tag_directive": "t.yaml:4: tag !function", "verbatim_tag": "t.yaml:2: tag !function",
-           "python_tag": "t.yaml:2: tag tag:yaml.org,2002:python/name:os.system", "include_elsewhere": "coded.yaml:1: tag !function",
-           "include_tilde": "~/coded.yaml:1: tag !function", "include_missing": "include '../elsewhere/missing.yaml' is not a file",
+           "python_tag": "t.yaml:2: tag tag:yaml.org,2002:python/name:os.system", "include_elsewhere": "elsewhere/coded.yaml) lies outside the task folders (--include-path",
+           "include_tilde": "elsewhere/tilde.yaml) lies outside the task folders (--include-path", "include_missing": "include '../elsewhere/missing.yaml' is not a file",
            "unknown_metric": "metric './metric_script' is not one of lm-eval's", "hf_evaluate": "metric 'acc' with hf_evaluate",
            "group_inline": "t.yaml:4: tag !function"}
 
@@ -322,7 +326,7 @@ def test_a_task_folder_that_would_hang_the_check_or_read_the_kernels_files_is_on
         "pipe_data": "task: t\ndataset_path: text\ndataset_kwargs:\n  data_files: {test: data.txt}\n",
         "cache_dir": "task: t\ndataset_path: text\ndataset_kwargs:\n  cache_dir: /tmp/anywhere\n",
     }
-    said = {"fifo": "is a named pipe, not a regular file", "laughs": None, "self": None,
+    said = {"fifo": "is a named pipe, not a regular file", "laughs": "its aliases expand to over 100,000 entries", "self": None,
             "deep": "nested deeper than the YAML reader goes", "environ": "lies on the kernel's proc file system, not data",
             "pipe_data": "data.txt): " , "cache_dir": "dataset_kwargs.cache_dir '/tmp/anywhere'"}
     for case, text in cases.items():
@@ -334,7 +338,7 @@ def test_a_task_folder_that_would_hang_the_check_or_read_the_kernels_files_is_on
             (folder / "t.yaml").write_text(text)
         if case == "pipe_data":
             os.mkfifo(folder / "data.txt")
-        if said[case] is None:  # walked once per shared object: at once, and nothing in it to refuse
+        if said[case] is None:  # walked once per shared object: at once, and nothing in it to refuse (lm-eval expands laughs)
             check_task_folders([folder], allow_code=False)
             continue
         with pytest.raises(TaskError) as info:
@@ -364,13 +368,62 @@ def test_what_a_tasks_data_resolves_to_is_checked_before_it_is_read(world, tmp_p
                    env={"HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "MIDUS_TEST_SECRET": "hunter2-t83"})
     assert proc.returncode == 2, proc.stderr
     said = {"pattern_in_include": "split reads /proc/self/environ (/proc/",
-            "data_dir": "split reads /proc/",
+            "data_dir": "dataset_kwargs '/proc/self/task' (/proc/",
             "pattern_to_a_pipe": "test split finds no data file (its pattern matches no regular file)"}[case]
     assert said in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     if case != "pattern_to_a_pipe":
         assert "it lies on the kernel's proc file system, not data" in proc.stderr and "pass --allow-task-code" in proc.stderr
     written = [f for f in cache.rglob("*") if f.is_file()] if cache.exists() else []
     assert not [f for f in written if b"hunter2-t83" in f.read_bytes()]
+
+@pytest.mark.parametrize("case", ["local_scheme", "storage_options", "secret_outside", "include_outside", "data_dir_root", "regex"])
+def test_a_data_only_task_reads_its_own_folder_and_connects_nowhere_else(tmp_path, case):
+    """trial92: data_files spelt local:///proc/self/environ passed both checks (F1); dataset_kwargs.storage_options sent the
+    user's HF token to a server the task named (F2); any file the user can read (a token, an ssh key) became task rows,
+    and include: read /etc/passwd (F3); data_dir: / walked the whole file system before any check (F6); a metric's regex
+    that nests repeats backtracked without end (F4). Refused in one line, the YAML before any model work, and what
+    datasets resolves before it reads or walks it."""
+    import datasets
+
+    from midus_surgery.downstream.task_guard import TaskError, check_task_folders, checked_data_reads
+
+    tasks, elsewhere = tmp_path / "tasks", tmp_path / "home"
+    tasks.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "token").write_text("hf_secret\n")
+    (tasks / "data.txt").write_text("a line of data\n")
+    head = "task: t\ndataset_path: text\n"
+    yaml_text = {"local_scheme": head + "dataset_kwargs:\n  data_files: {test: 'local:///proc/self/environ'}\n",
+                 "storage_options": head + "dataset_kwargs:\n  storage_options: {hf: {endpoint: 'http://127.0.0.1:9'}}\n",
+                 "secret_outside": head + f"dataset_kwargs:\n  data_files: {{test: '{elsewhere / 'token'}'}}\n",
+                 "include_outside": f"task: t\ninclude: {elsewhere / 'token'}\n",
+                 "data_dir_root": head + "dataset_kwargs:\n  data_dir: /\n",
+                 "regex": head + "metric_list:\n  - metric: exact_match\n    regexes_to_ignore: ['(.*.*)*X']\n"}[case]
+    (tasks / "t.yaml").write_text(yaml_text)
+    said = {"local_scheme": "it lies on the kernel's proc file system, not data",
+            "storage_options": "dataset_kwargs.storage_options: where HF datasets connects",
+            "secret_outside": "it lies outside the task folders (--include-path)",
+            "include_outside": "lies outside the task folders (--include-path: give its folder as another if you trust it)",
+            "data_dir_root": "it lies outside the task folders (--include-path)",
+            "regex": "repeats a part that itself repeats"}[case]
+    with pytest.raises(TaskError) as info:
+        check_task_folders([tasks], allow_code=False)
+    assert said in str(info.value) and "pass --allow-task-code" in str(info.value) and "\n" not in str(info.value), str(info.value)
+    check_task_folders([tasks], allow_code=True)  # the user's word: the folder is trusted
+    # what lm-eval hands to datasets, checked as datasets resolves it (patterns, data_dir, other spellings)
+    runtime = {"local_scheme": dict(data_files={"test": "local:///proc/self/envir[o]n"}),
+               "storage_options": dict(data_files={"test": str(tasks / "data.txt")}, storage_options={"hf": {"endpoint": "http://127.0.0.1:9"}}),
+               "secret_outside": dict(data_files={"test": str(elsewhere / "tok[e]n")}),
+               "data_dir_root": dict(data_dir="/")}.get(case)
+    if runtime is None:
+        return
+    with checked_data_reads([tasks]), pytest.raises(TaskError) as info:
+        datasets.load_dataset("text", cache_dir=str(tmp_path / "cache"), **runtime)
+    assert "pass --allow-task-code" in str(info.value), str(info.value)
+    with checked_data_reads([tasks]):  # the task's own data is read
+        assert datasets.load_dataset("text", data_files={"test": str(tasks / "data.txt")}, cache_dir=str(tmp_path / "cache"))["test"][0] \
+            == {"text": "a line of data"}
+
 
 def test_a_task_template_that_reaches_python_internals_runs_only_with_allow_task_code(world, tmp_path):
     """lm-eval renders templates with a Jinja environment that is not sandboxed; without the flag
@@ -385,7 +438,8 @@ def test_a_task_template_that_reaches_python_internals_runs_only_with_allow_task
     (tasks / "midus_cloze_jinja.yaml").write_text((world["tasks"] / "midus_cloze.yaml").read_text()
                                                   .replace("task: midus_cloze", "task: midus_cloze_jinja")
                                                   .replace('doc_to_text: "{{context}}"', f'doc_to_text: "{payload}{{{{context}}}}"'))
-    common = ("eval", str(world["base"]), "--tasks", "midus_cloze_jinja", "--include-path", str(tasks), "--limit", "2")
+    common = ("eval", str(world["base"]), "--tasks", "midus_cloze_jinja", "--include-path", str(tasks), "--include-path", str(world["tasks"]),
+              "--limit", "2")
     refused = run_cli(*common, "--quiet", cwd=tmp_path)
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.startswith("error: a task template reaches for Python's internals or does more work than a template needs, "
@@ -406,8 +460,8 @@ def test_a_task_template_that_would_run_without_end_is_one_line(world, tmp_path)
     (tasks / "midus_cloze_loops.yaml").write_text((world["tasks"] / "midus_cloze.yaml").read_text()
                                                   .replace("task: midus_cloze", "task: midus_cloze_loops")
                                                   .replace('doc_to_text: "{{context}}"', f'doc_to_text: "{loops}{{{{context}}}}"'))
-    refused = run_cli("eval", str(world["base"]), "--tasks", "midus_cloze_loops", "--include-path", str(tasks), "--limit", "2",
-                      "--quiet", cwd=tmp_path)
+    refused = run_cli("eval", str(world["base"]), "--tasks", "midus_cloze_loops", "--include-path", str(tasks), "--include-path",
+                      str(world["tasks"]), "--limit", "2", "--quiet", cwd=tmp_path)
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.startswith("error: a task template reaches for Python's internals or does more work than a template "
                                       "needs, refused by the sandbox (TemplateTooCostly: a template's range() calls make over 1,000,000 "

@@ -130,7 +130,7 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
         try:
             with _lm_eval_output(progress), _no_git(), _no_fork_pool(), _offline_for(hub_down) as offline, \
                     (contextlib.nullcontext() if allow_task_code else sandboxed_templates()), \
-                    (contextlib.nullcontext() if allow_task_code else checked_data_reads()):
+                    (contextlib.nullcontext() if allow_task_code else checked_data_reads(include_path)):
                 out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                                       log_samples=False, bootstrap_iters=1000, verbosity="ERROR", random_seed=seed,
                                       numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)

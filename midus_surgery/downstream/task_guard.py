@@ -49,9 +49,10 @@ def check_task_folders(paths: list[Path], allow_code: bool) -> None:
     if allow_code:
         return
     seen: set[Path] = set()
+    roots = [path.resolve() for path in paths]
     for path in paths:
         for yaml_file in sorted({*path.rglob("*.yaml"), *path.rglob("*.yml")}):
-            _check_task_yaml(yaml_file, seen)
+            _check_task_yaml(yaml_file, seen, roots)
 
 
 def task_files(paths: list[Path]) -> dict[str, list[Path]]:
@@ -75,7 +76,7 @@ def task_files(paths: list[Path]) -> dict[str, list[Path]]:
     return found
 
 
-def _check_task_yaml(file: Path, seen: set[Path]) -> None:
+def _check_task_yaml(file: Path, seen: set[Path], roots: list[Path]) -> None:
     import yaml
 
     file = file.resolve()
@@ -94,9 +95,10 @@ def _check_task_yaml(file: Path, seen: set[Path]) -> None:
         raise TaskError(f"{file}: nested deeper than the YAML reader goes; not a task description") from None
     for document in documents:
         _refuse_tags(file, document)
+        _refuse_alias_bombs(file, document)
     visited: set[int] = set()  # aliases share one object: walked once each (nested aliases doubled the walk per level)
     for config in yaml.safe_load_all(text):  # core tags only, checked above
-        _check_entries(file, config, seen, visited)
+        _check_entries(file, config, seen, visited, roots)
 
 
 def _refuse_tags(file: Path, root) -> None:
@@ -117,23 +119,28 @@ def _refuse_tags(file: Path, root) -> None:
             stack.extend(item for pair in node.value for item in pair)
 
 
-def _check_entries(file: Path, config, seen: set[Path], visited: set[int]) -> None:
-    """Includes (checked in turn), metrics and the data it reads, in the task and in any task a group defines inline."""
+def _check_entries(file: Path, config, seen: set[Path], visited: set[int], roots: list[Path]) -> None:
+    """Includes (checked in turn), metrics, regexes and the data it reads, in the task and in any task a group defines
+    inline."""
     if not isinstance(config, (dict, list)) or id(config) in visited:
         return
     visited.add(id(config))  # also ends a list that holds itself (&l [*l]), a RecursionError traceback (trial73 F3)
     if isinstance(config, list):
         for item in config:
-            _check_entries(file, item, seen, visited)
+            _check_entries(file, item, seen, visited, roots)
         return
-    _check_data(file, config)
+    _check_data(file, config, roots)
+    _check_regexes(file, config)
     includes = config.get("include")
     for include in includes if isinstance(includes, list) else [includes] if includes is not None else []:
         target = Path(str(include))
         target = target if target.is_absolute() else file.parent / target  # exactly as lm-eval's load_yaml resolves it
         if not target.is_file():  # refused rather than skipped: whatever lm-eval would open instead is unchecked
             raise TaskError(f"{file}: include {include!r} is not a file ({target}); {ALLOW}")
-        _check_task_yaml(target, seen)
+        if not _inside(target.resolve(), roots):  # include: /etc/passwd was read and merged into the task (trial92 F3)
+            raise TaskError(f"{file}: include {include!r} ({target.resolve()}) lies outside the task folders "
+                            f"(--include-path: give its folder as another if you trust it); {ALLOW}")
+        _check_task_yaml(target, seen, roots)
     for metric in config.get("metric_list") if isinstance(config.get("metric_list"), list) else []:
         if isinstance(metric, dict):
             name = metric.get("metric")
@@ -144,74 +151,221 @@ def _check_entries(file: Path, config, seen: set[Path], visited: set[int]) -> No
                                 f"which can import a metric script; {ALLOW}")
     for value in config.values():
         if isinstance(value, (dict, list)):
-            _check_entries(file, value, seen, visited)
+            _check_entries(file, value, seen, visited, roots)
 
 
-def _check_data(file: Path, config: dict) -> None:
-    """What a task reads and where HF datasets writes for it: its data files may not lie on the kernel's file systems
-    (/proc/self/environ was copied into the datasets cache, world-readable, trial73 F1) nor be other than regular files,
-    and its dataset_kwargs may not choose where datasets writes (cache_dir made folders anywhere, F2)."""
+# dataset_kwargs that choose where datasets connects and with which credentials: storage_options.hf.endpoint sent the
+# user's Hugging Face token to a server the task named (trial92 F2)
+CONNECTION_KWARGS = ("storage_options", "token", "use_auth_token", "download_config", "trust_remote_code")
+# the schemes a data-only task may read through: the Hub and the web (fetched), archives' members, and local files, which
+# must lie in its folder; fsspec's others (local://, memory://, sftp://...) reached /proc past a prefix check (trial92 F1)
+FETCHED_SCHEMES = frozenset({"hf", "http", "https"})
+ARCHIVE_SCHEMES = frozenset({"zip", "tar", "gzip", "bz2", "xz", "zstd", "lz4"})
+LOCAL_SCHEMES = frozenset({"file", "local"})
+EXPANDED_YAML_NODES = 100_000  # a task description has hundreds of entries; aliases may not multiply them past this
+
+
+def _check_data(file: Path, config: dict, roots: list[Path]) -> None:
+    """What a task reads and where HF datasets writes for it: its data files lie in the task folders (any file the user
+    can read, a token or an ssh key, became task rows: trial92 F3), are regular files off the kernel's file systems
+    (/proc/self/environ was copied into the datasets cache, world-readable, trial73 F1), and its dataset_kwargs choose
+    neither where datasets writes (cache_dir made folders anywhere, F2) nor where it connects or with what."""
     kwargs = config.get("dataset_kwargs")
     if not isinstance(kwargs, dict):
         return
     if "cache_dir" in kwargs:
         raise TaskError(f"{file}: dataset_kwargs.cache_dir {kwargs['cache_dir']!r}: where HF datasets writes is the user's to choose "
                         f"(HF_DATASETS_CACHE), not a task's; {ALLOW}")
+    for key in CONNECTION_KWARGS:
+        if key in kwargs:
+            raise TaskError(f"{file}: dataset_kwargs.{key}: where HF datasets connects, and with which credentials, is the user's "
+                            f"to choose, not a task's; {ALLOW}")
     files = kwargs.get("data_files")
     named = [name for entry in (files.values() if isinstance(files, dict) else [files])
              for name in (entry if isinstance(entry, list) else [entry]) if isinstance(name, str)]
+    if isinstance(kwargs.get("data_dir"), str):
+        named.append(kwargs["data_dir"])
     for name in named:
-        path = Path(name) if Path(name).is_absolute() else file.parent / name
+        local, refused = _local_part(name)
+        if refused:
+            raise TaskError(f"{file}: dataset_kwargs {name!r}: {refused}; {ALLOW}")
+        if local is None:
+            continue
+        path = Path(local) if Path(local).is_absolute() else file.parent / local
         if not os.path.lexists(path):
-            continue  # a pattern, or not there (harness._check_data_files says so for a suite's)
-        real = path.resolve()
-        kernel = kernel_file_system(real)
-        odd = f"it lies on the kernel's {kernel} file system, not data" if kernel else regular_file_problem(real)
+            continue  # a pattern, or not there (harness._check_data_files says so for a suite's; the read is checked too)
+        odd = _local_read_problem(path, roots)
         if odd:
-            raise TaskError(f"{file}: dataset_kwargs.data_files {name!r} ({real}): {odd}; a task folder names data files")
+            raise TaskError(f"{file}: dataset_kwargs {name!r} ({path.resolve()}): {odd}; a task folder names data files; {ALLOW}")
 
+
+def _local_part(name: str) -> tuple[str | None, str | None]:
+    """(the local path ``name`` reads, or None for the Hub, the web or an archive's member; why it is refused, or None).
+    Each ``::``-joined part of an fsspec chain is looked at (zip://member::local:///path/archive.zip)."""
+    from fsspec.core import split_protocol
+
+    local = None
+    for part in name.split("::"):
+        scheme, rest = split_protocol(part)
+        scheme = scheme.lower() if scheme else None
+        if scheme is None or scheme in LOCAL_SCHEMES:
+            local = rest
+        elif scheme not in FETCHED_SCHEMES | ARCHIVE_SCHEMES:
+            return None, f"reads through {scheme}://, which a data-only task may not (local files in its folder, hf://, http(s)://)"
+    return local, None
+
+
+def _local_read_problem(path: Path, roots: list[Path]) -> str | None:
+    """Why a task may not read local ``path`` (a file or a folder), or None: it lies in one of ``roots``, off the kernel's
+    file systems, and a file is a regular one."""
+    real = path.resolve()
+    kernel = kernel_file_system(real)
+    if kernel:
+        return f"it lies on the kernel's {kernel} file system, not data"
+    if not _inside(real, roots):
+        return ("it lies outside the task folders (--include-path), and a task reads only its own data (give its folder as "
+                "another --include-path if you trust it)")
+    return None if real.is_dir() else regular_file_problem(real)
+
+
+def _inside(real: Path, roots: list[Path]) -> bool:
+    return any(real == root or real.is_relative_to(root) for root in roots)
+
+
+def _refuse_alias_bombs(file: Path, root) -> None:
+    """A document whose aliases expand past EXPANDED_YAML_NODES entries: 761 bytes of nested aliases under metadata: passed,
+    and lm-eval expanded them while collecting the results, until killed (trial92 F5). Counted on the composed nodes
+    (an alias is the node it names), each once."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:  # post-order without recursion: deep nesting is refused by the reader, not here
+        node, done = stack.pop()
+        if id(node) in sizes and not done:
+            continue
+        if done:
+            children = (node.value if isinstance(node, yaml.SequenceNode) else
+                        [item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode) else [])
+            sizes[id(node)] = 1 + sum(sizes.get(id(c), 1) for c in children)
+            if sizes[id(node)] > EXPANDED_YAML_NODES:
+                raise TaskError(f"{file}: its aliases expand to over {EXPANDED_YAML_NODES:,} entries, more than a task "
+                                f"description has; {ALLOW}")
+            continue
+        sizes[id(node)] = 1
+        stack.append((node, True))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((c, False) for c in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend((c, False) for pair in node.value for c in pair)
+
+
+def _check_regexes(file: Path, config: dict) -> None:
+    """The regexes lm-eval's metrics and filters run (regexes_to_ignore, regex_pattern): one that nests repeats,
+    ``(.*.*)*X``, backtracks without end on a model's answer (trial92 F4), and re cannot be stopped."""
+    for key, value in config.items():
+        if "regex" not in str(key).lower():
+            continue
+        for pattern in value if isinstance(value, list) else [value]:
+            if isinstance(pattern, str) and _nested_repeat(pattern):
+                raise TaskError(f"{file}: {key} {pattern[:80]!r} repeats a part that itself repeats, which can backtrack "
+                                f"without end on a model's answer; {ALLOW}")
+
+
+def _nested_repeat(pattern: str) -> bool:
+    """Whether ``pattern`` has a repeat (``*``, ``+``, ``{2,}``...) inside a repeat: the shape of catastrophic
+    backtracking. A pattern re cannot read is left to lm-eval, which says so."""
+    import re._parser as parser
+
+    try:
+        tree = parser.parse(pattern)
+    except Exception:  # noqa: BLE001 - re's own error comes from lm-eval
+        return False
+    repeats = {parser.MAX_REPEAT, parser.MIN_REPEAT, getattr(parser, "POSSESSIVE_REPEAT", parser.MAX_REPEAT)}
+
+    def walk(items, inside: bool) -> bool:
+        for op, arg in items:
+            if op in repeats:
+                low, high, sub = arg
+                if high > 1 and inside:
+                    return True
+                if walk(sub, inside or high > 1):
+                    return True
+            elif op is parser.SUBPATTERN and walk(arg[-1], inside):
+                return True
+            elif op is parser.BRANCH and any(walk(branch, inside) for branch in arg[1]):
+                return True
+            elif op in (parser.ASSERT, parser.ASSERT_NOT) and walk(arg[1], inside):
+                return True
+        return False
+
+    return walk(tree, False)
 
 
 @contextlib.contextmanager
-def checked_data_reads():
-    """While open, HF datasets reads only regular files off the kernel's file systems: each dataset's data files are
-    checked as datasets resolved them, before any is read. The YAML check above sees a task's literal paths only; a
-    pattern (``/proc/self/envir[o]n``), a ``data_dir``, a path relative to the working directory or an included YAML's
-    entries resolve only here (trial83: the environment again reached the datasets cache; a named pipe waited forever)."""
+def checked_data_reads(task_folders: list[Path] = ()):
+    """While open, HF datasets reads only what a data-only task may: local files in ``task_folders`` (the
+    --include-path folders) or in the Hugging Face caches (a Hub dataset read offline), regular and off the kernel's
+    file systems, and the Hub or the web; each dataset's data files are checked as datasets resolved them, before any is
+    read, and a local folder it would walk (``data_dir``, a ``path``) before it walks it (``data_dir: /`` walked the whole
+    file system: trial92 F6). The YAML check above sees a task's literal paths only; a pattern (``/proc/self/envir[o]n``),
+    a ``data_dir``, a path relative to the working directory or an included YAML's entries resolve only here (trial83:
+    the environment again reached the datasets cache; a named pipe waited forever)."""
+    import datasets.config
     import datasets.load
+    from huggingface_hub import constants
 
+    roots = [Path(p).resolve() for p in (*task_folders, constants.HF_HUB_CACHE, datasets.config.HF_DATASETS_CACHE)]
     resolve = datasets.load.load_dataset_builder  # what load_dataset calls to resolve the files it will read
 
     def resolved_then_checked(*args, **kwargs):
-        builder = resolve(*args, **kwargs)
         dataset = kwargs.get("path", args[0] if args else "?")
+        if kwargs.get("storage_options"):
+            raise TaskError(f"a task's {dataset!r} dataset sets storage_options (where HF datasets connects, with which "
+                            f"credentials); {ALLOW}")
+        for what, name in _folders_it_walks(dataset, kwargs.get("data_dir")):
+            _check_data_file(f"{dataset!r} dataset's {what}", name, roots)
+        builder = resolve(*args, **kwargs)
         for split, names in (getattr(builder.config, "data_files", None) or {}).items():
             if not names:  # a pattern that matched only what is not a file (a named pipe): an empty split datasets fails on unsaid
                 raise TaskError(f"a task's {dataset!r} dataset's {split} split finds no data file (its pattern matches no "
                                 f"regular file)")
             for name in names:
-                _check_data_file(f"{dataset!r} dataset's {split} split", str(name))
+                _check_data_file(f"{dataset!r} dataset's {split} split", str(name), roots)
         return builder
 
     with mock.patch.object(datasets.load, "load_dataset_builder", resolved_then_checked):
         yield
 
 
-def _check_data_file(what: str, name: str) -> None:
-    """``name``: one file datasets resolved (a local path, or a URL it fetches: ``hf://``, ``https://``, left to it)."""
-    local = name.rsplit("::", 1)[-1]  # an archive member (zip://member::/path/archive.zip) lies in its archive
-    if local.startswith("file://"):
-        local = local[len("file://"):]
-    elif "://" in local:
-        return
-    path = Path(local)
-    if not os.path.lexists(path):
-        return  # datasets says so
-    real = path.resolve()
-    kernel = kernel_file_system(real)
-    odd = f"it lies on the kernel's {kernel} file system, not data" if kernel else regular_file_problem(real)
+def _folders_it_walks(dataset, data_dir) -> list[tuple[str, str]]:
+    """The local folders datasets would list for ``load_dataset(dataset, data_dir=data_dir)``: a dataset that is a local
+    folder, and its data_dir, or a packaged builder's (text, json...) data_dir (a Hub dataset's lies in its repository)."""
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    walked = []
+    local = isinstance(dataset, str) and os.path.isdir(dataset)
+    if local:
+        walked.append(("path", dataset))
+    if isinstance(data_dir, str):
+        if os.path.isabs(data_dir) or dataset in _PACKAGED_DATASETS_MODULES:
+            walked.append(("data_dir", data_dir))
+        elif local:
+            walked.append(("data_dir", os.path.join(dataset, data_dir)))
+    return walked
+
+
+def _check_data_file(what: str, name: str, roots: list[Path]) -> None:
+    """``name``: one file (or folder) datasets resolved: a local path, a URL it fetches (``hf://``, ``https://``), or an
+    archive's member; other schemes refused."""
+    local, refused = _local_part(name)
+    if refused:
+        raise TaskError(f"a task's {what} {name}: {refused}; {ALLOW}")
+    if local is None or not os.path.lexists(local):
+        return  # fetched, or not there: datasets says so
+    odd = _local_read_problem(Path(local), roots)
     if odd:
-        raise TaskError(f"a task's {what} reads {name} ({real}): {odd}; a task folder names data files; {ALLOW}")
+        raise TaskError(f"a task's {what} reads {name} ({Path(local).resolve()}): {odd}; a task folder names data files; {ALLOW}")
 
 
 def _known_metric(name: str) -> bool:
