@@ -1320,3 +1320,25 @@ def test_a_marker_larger_than_any_the_tool_writes_is_not_read(tmp_path):
     assert SMALL_BYTES == 16 << 20 and read_marker(folder) is None
     with pytest.raises(NotBookkeeping, match="more than the 16,777,216"):
         read_small_bytes(folder / MARKER)
+
+
+def test_an_output_larger_than_its_disks_free_space_is_refused_before_writing(project, monkeypatch, capsys):
+    """A 195 GiB apply wrote until a shared disk was full, then removed what it wrote (trial93 F4): the output's size is
+    known before the first byte, and refused against the free space in one line. On the base's own file system the
+    copied blocks may be shared (reflinks): a note there, not a refusal."""
+    import collections
+
+    from midus_surgery.emit import emitter
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(emitter.shutil, "disk_usage", lambda path: usage(1 << 40, (1 << 40) - 1000, 1000))
+    monkeypatch.setattr(emitter, "_on_one_disk", lambda a, b: False)
+    before = tree_digest(project)
+    assert apply(str(recipe(project, "out"))) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the output's weights take ") and "has 1000 B free: free space there, or write the output elsewhere" in err, err
+    assert len(err.strip().splitlines()) == 1 and tree_digest(project) == {**before, "recipe.yaml": tree_digest(project)["recipe.yaml"]}
+    assert not (project / "out").exists()
+    monkeypatch.setattr(emitter, "_on_one_disk", lambda a, b: True)
+    assert apply(str(recipe(project, "out"))) == 0
+    assert "it fits only if this file system shares the blocks copied from the base (reflinks)" in capsys.readouterr().err

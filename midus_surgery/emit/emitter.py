@@ -21,7 +21,7 @@ from midus_surgery.compiler.base import BaseRef, resolve_base
 from midus_surgery.compiler.plan import PLAN_FILE, Plan, TensorEntry
 from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.emit.card import write_model_card
-from midus_surgery.errors import BaseModelError, MidusError, RecipeError, is_library_panic, one_line, quiet_library_panic, shown
+from midus_surgery.errors import BaseModelError, MachineError, MidusError, RecipeError, is_library_panic, one_line, quiet_library_panic, shown
 from midus_surgery.io.dtypes import DTYPE_OF_TAG, ITEMSIZE, TAGS, torch_dtype
 from midus_surgery.io.output_dir import add_to_marker, atomic_directory, check_output_dir, give_default_mode, read_marker
 from midus_surgery.io.progress import progress_bar
@@ -32,6 +32,7 @@ from midus_surgery.io.tensor_source import check_matches_config, inside_base, op
 from midus_surgery.model import copy_modeling_files
 from midus_surgery.model.midus_names import AUTO_MAP, HML_MODULE, SHARED_BANK
 from midus_surgery.recipe.schema import LoadedRecipe
+from midus_surgery.units import human_bytes
 
 # torch and tqdm are imported where tensors are materialised or a progress bar is drawn: a
 # copy-only `apply` whose plan came from the safetensors headers never imports torch.
@@ -360,6 +361,28 @@ def _note(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _check_room(total_bytes: int, tmp: Path, base: Path) -> None:
+    """Refuse, before writing, an output larger than its disk's free space (a 195 GiB apply wrote until a shared disk was
+    full: trial93 F4). On the base's own file system copy_file_range may share the copied blocks (reflinks), so there a
+    shortfall is a note, not a refusal."""
+    free = shutil.disk_usage(tmp).free
+    if total_bytes <= free:
+        return
+    same_disk = _on_one_disk(base, tmp)
+    need = f"the output's weights take {human_bytes(total_bytes)} and the disk holding {tmp.parent} has {human_bytes(free)} free"
+    if same_disk:
+        _note(f"note: {need}; it fits only if this file system shares the blocks copied from the base (reflinks)")
+        return
+    raise MachineError(f"{need}: free space there, or write the output elsewhere (output.dir, or --out)")
+
+
+def _on_one_disk(a: Path, b: Path) -> bool:
+    try:
+        return os.stat(a).st_dev == os.stat(b).st_dev
+    except OSError:
+        return False
+
+
 def _write_weights(planned: PlannedRecipe, source, tmp: Path, progress: bool) -> tuple[int, int]:
     """Stream every planned tensor into shards; returns (bytes written, number of shards).
 
@@ -383,6 +406,7 @@ def _write_weights(planned: PlannedRecipe, source, tmp: Path, progress: bool) ->
 
     shard_items = [[_shard_item(entry, source, init, dtype, integer_ok) for entry in shard] for shard in shards]
     total_bytes = sum(item.nbytes for items in shard_items for item in items)
+    _check_room(total_bytes, tmp, planned.loaded.resolve(planned.loaded.recipe.base.path))
     bar = progress_bar(total_bytes, "apply", leave=True, unit="B", unit_scale=True, unit_divisor=1024) if progress else None
     try:
         try:
