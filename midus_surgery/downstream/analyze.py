@@ -31,7 +31,7 @@ import torch
 
 from midus_surgery.downstream.harness import TaskError
 from midus_surgery.errors import one_line
-from midus_surgery.io.json_text import strict_json
+from midus_surgery.io.json_text import loads_checked, strict_json
 from midus_surgery.io.small_files import read_small_text
 from midus_surgery.train.config import DIR_GLOB
 
@@ -177,13 +177,12 @@ SAME_MODEL_KEYS = ("model_type", "layers", "midus", "config")
 def _train_summary(folder: Path) -> dict | None:
     """A training export's midus_train.json as a dict (its ``config`` a dict too); None when there is none;
     ValueError, in words, when it does not read as one."""
-    import json
 
     path = Path(folder) / "midus_train.json"
     if not path.is_file():
         return None
     try:
-        summary = json.loads(read_small_text(path))
+        summary = loads_checked(read_small_text(path))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"unreadable midus_train.json ({type(exc).__name__})") from None
     if not isinstance(summary, dict) or not isinstance(summary.get("config", {}), dict):

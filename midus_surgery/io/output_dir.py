@@ -43,6 +43,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from midus_surgery.errors import MidusError
+from midus_surgery.io.json_text import loads_checked
 from midus_surgery.io.small_files import read_small_text, regular_file_problem, write_text_atomically
 
 MARKER = ".midus-surgery"  # JSON: {"tool", "kind", "owner", "pid", "host", "time"}, "base_path" (apply, export), and "files" once written whole
@@ -63,7 +64,7 @@ class OutputError(MidusError):
 def read_marker(directory: Path) -> dict | None:
     """The marker of a directory this tool wrote, or None (no marker, or not ours)."""
     try:
-        data = json.loads(read_small_text(Path(directory) / MARKER))
+        data = loads_checked(read_small_text(Path(directory) / MARKER))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and data.get("tool") == "midus-surgery" else None
@@ -91,7 +92,7 @@ def recorded_base(directory: Path) -> str | None:
     found = (read_marker(directory) or {}).get("base_path")
     if found is None:
         try:
-            found = json.loads(read_small_text(Path(directory) / "midus_plan.json")).get("base_path")
+            found = loads_checked(read_small_text(Path(directory) / "midus_plan.json")).get("base_path")
         except (OSError, ValueError, AttributeError):
             return None
     return found if isinstance(found, str) and found else None
@@ -860,7 +861,7 @@ def checkpoint_extras(checkpoint: Path) -> list[str]:
     """What a checkpoint folder holds beyond the files its state file records (a user's notes), as
     relative paths; [] for a checkpoint that records none (written before files were recorded)."""
     try:
-        recorded = json.loads(read_small_text(checkpoint / CHECKPOINT_STATE)).get("files")
+        recorded = loads_checked(read_small_text(checkpoint / CHECKPOINT_STATE)).get("files")
     except (OSError, ValueError, AttributeError):
         return []
     if not isinstance(recorded, dict):

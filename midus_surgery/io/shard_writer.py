@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Union
 
 from midus_surgery.errors import naming_the_file
 from midus_surgery.io.dtypes import ITEMSIZE, tag_of
+from midus_surgery.io.json_text import loads_checked
 
 if TYPE_CHECKING:
     import torch
@@ -75,7 +76,7 @@ def read_header(path: Union[str, Path]) -> tuple[dict, int]:
     """(header dict, byte offset of the data section) of a safetensors file."""
     with open(path, "rb") as fh:
         (length,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(length))
+        header = loads_checked(fh.read(length))
     return header, 8 + length
 
 

@@ -42,6 +42,7 @@ from midus_surgery.errors import (
     torch_write_failed,
 )
 from midus_surgery.io.file_digest import changed_since_written, sha256_of, written_stamp
+from midus_surgery.io.json_text import loads_checked
 from midus_surgery.io.output_dir import CHECKPOINT_STATE, PARTIAL_CHECKPOINT_NAME, checkpoint_extras, give_default_mode, partial_checkpoint_extras
 from midus_surgery.io.small_files import read_small_text
 from midus_surgery.train.dcp_guard import dcp_checkpoint_problem
@@ -87,7 +88,7 @@ def _safetensors_problem(path: Path) -> str | None:
             n = int.from_bytes(fh.read(8), "little")
             if size < 8 or n > size - 8:
                 return f"{path.name}: cut short or not safetensors ({size} bytes; its header alone claims {n + 8})"
-            header = json.loads(fh.read(n))
+            header = loads_checked(fh.read(n))
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         return f"{path.name}: not a safetensors file ({load_error_line(exc, 120)})"
@@ -111,7 +112,7 @@ def header_digest(path: Path) -> str | None:
 def read_checkpoint_state(path: Path) -> dict:
     """The checkpoint's state file, with the keys a resume needs; ``ValueError`` (one line) when not."""
     try:
-        state = json.loads(read_small_text(path / STATE_FILE))
+        state = loads_checked(read_small_text(path / STATE_FILE))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"{STATE_FILE}: unreadable ({load_error_line(exc, 120)})") from None
     if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
@@ -170,7 +171,7 @@ def verify_checkpoint(path: Path) -> str | None:
             return problem
     if isinstance(files, dict) and SCHEDULER_FILE in files:  # the scheduler steps with the optimiser: its position is the step
         try:
-            position = json.loads(read_small_text(path / SCHEDULER_FILE)).get("last_epoch")
+            position = loads_checked(read_small_text(path / SCHEDULER_FILE)).get("last_epoch")
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
             position = None  # unreadable: the load says so, naming the file
         if isinstance(position, int) and position != state["step"]:
@@ -232,8 +233,8 @@ def load_rng_state(path: Path) -> None:
     with safe_open(path, framework="pt") as st:
         t = {k: st.get_tensor(k) for k in st.keys()}
         meta = st.metadata() or {}
-    py_version, py_gauss = json.loads(meta["python"])
-    np_name, np_pos, np_has_gauss, np_gauss = json.loads(meta["numpy"])
+    py_version, py_gauss = loads_checked(meta["python"])
+    np_name, np_pos, np_has_gauss, np_gauss = loads_checked(meta["numpy"])
     random.setstate((py_version, tuple(int(x) for x in t["python"].tolist()), py_gauss))
     np.random.set_state((np_name, t["numpy"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
     torch.set_rng_state(t["torch"])
@@ -269,7 +270,7 @@ def load_legacy_rng_state(path: Path) -> None:
 def scheduler_state(path: Path, current: dict) -> dict:
     """The scheduler state a checkpoint holds, checked against the keys of ``current`` (ours)."""
     if (path / SCHEDULER_FILE).is_file():
-        state = json.loads(read_small_text(path / SCHEDULER_FILE))
+        state = loads_checked(read_small_text(path / SCHEDULER_FILE))
     else:
         with quiet_pickle_notes():
             state = torch.load(path / LEGACY_SCHEDULER_FILE, weights_only=True)

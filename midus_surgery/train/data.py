@@ -34,6 +34,7 @@ import numpy as np
 
 from midus_surgery.errors import MidusError, naming_the_file, one_line
 from midus_surgery.io.file_digest import sha256_of, written_stamp
+from midus_surgery.io.json_text import loads_checked
 from midus_surgery.io.output_dir import MARKER, clean_leftovers, hold_directory, kernel_file_system, release_marker, write_marker
 from midus_surgery.io.small_files import read_small_text, regular_file_problem
 
@@ -366,8 +367,8 @@ def open_stream(path: Path, fingerprint: str | None = None, vocab_size: int | No
         if odd:
             raise DataError(f"{path}: {odd}; not a token cache midus-surgery wrote: delete the directory to re-tokenise")
     try:
-        meta = json.loads(read_small_text(meta_path))
-    except (OSError, json.JSONDecodeError) as exc:
+        meta = loads_checked(read_small_text(meta_path))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and loads_checked's refusals are ValueErrors
         raise DataError(f"{path}: not a readable token cache ({exc}); delete it to re-tokenise") from None
     if not isinstance(meta, dict):
         raise DataError(f"{path}: {META_FILE} is not a JSON object: not a token cache midus-surgery wrote; delete it to re-tokenise")
@@ -570,7 +571,7 @@ def _unchecked_entry(entry: Path) -> bool:
     """Whether a cache entry was written before the digests of its files were recorded: it is tokenised again, as
     if absent (once; the new entry replaces it), rather than trusted (trial72 N2)."""
     try:
-        meta = json.loads(read_small_text(entry / META_FILE))
+        meta = loads_checked(read_small_text(entry / META_FILE))
     except (OSError, ValueError):
         return False  # open_stream says what is wrong with it
     return isinstance(meta, dict) and meta.get("format") == FORMAT_VERSION and not _records_digests(meta)
