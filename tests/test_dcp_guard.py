@@ -134,3 +134,20 @@ def test_an_item_pointing_outside_its_folder_is_refused(tmp_path):
             info.relative_path = "../elsewhere.distcp"
     (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(metadata))
     assert "'optimizer.betas' points to '../elsewhere.distcp', not a file beside the metadata" in dcp_checkpoint_problem(tmp_path)
+
+
+@pytest.mark.parametrize("offset,length", [(-1, 10), (0, 10**9), (True, 1)])
+def test_an_item_outside_its_file_is_refused_in_one_line(tmp_path, offset, length):
+    """trial92 F9: the unpickler admits DCP's _StorageInfo with any numbers: an offset of -1 made seek raise
+    OSError (no file name), which the CLI re-raised as a traceback."""
+    save_sharded(tmp_path / "dcp")
+    metadata = pickle.loads((tmp_path / "dcp" / ".metadata").read_bytes())
+    for index, info in metadata.storage_data.items():
+        if index.fqn == "optimizer.lr":
+            info.offset, info.length = offset, length
+            size = (tmp_path / "dcp" / info.relative_path).stat().st_size
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(metadata))
+    said = f"dcp/__0_0.distcp: item 'optimizer.lr' claims bytes at offset {offset!r}, length {length!r}, outside the file ({size} bytes): a corrupt checkpoint"
+    assert dcp_checkpoint_problem(tmp_path) == said
+    with pytest.raises(TrainingError, match=r"pytorch_model_fsdp_0/__0_0\.distcp: item 'optimizer\.lr' claims bytes .* a corrupt checkpoint"):
+        resume(checkpoint_around(tmp_path / "dcp"))

@@ -82,9 +82,13 @@ def _bytes_items_problem(folder: Path, metadata) -> str | None:
         file = folder / str(info.relative_path)
         if file.parent != folder or not file.is_file():
             return f"{where} points to {info.relative_path!r}, not a file beside the metadata"
+        offset, length, size = getattr(info, "offset", None), getattr(info, "length", None), file.stat().st_size
+        # the unpickler admits _StorageInfo with any values: seek(-1) was an OSError with no file name, a traceback (trial92 F9)
+        if not all(type(n) is int and n >= 0 for n in (offset, length)) or offset + length > size:
+            return f"{file.name}: {where} claims bytes at offset {offset!r}, length {length!r}, outside the file ({size} bytes): a corrupt checkpoint"
         with open(file, "rb") as f:
-            f.seek(int(info.offset))
-            data = f.read(int(info.length))
+            f.seek(offset)
+            data = f.read(length)
         try:
             torch.load(io.BytesIO(data), weights_only=True)
         except Exception as exc:  # noqa: BLE001 - the reason is the answer
