@@ -484,10 +484,19 @@ _GGUF_TYPE_NAMES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32",
                     8: "string", 9: "array", 10: "uint64", 11: "int64", 12: "float64"}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 _GGUF_MAX_NESTING = 4  # arrays of arrays, deep: llama.cpp reads none nested; gguf's reader recurses in Python per level
+# The metadata entries, strings and arrays in arrays one file may declare in all: gguf's reader builds Python and numpy
+# objects for each, about 200 bytes of memory per byte of a file of empty strings (trial92 F7: 8 MB took 1.8 GB). A
+# real tokenizer's tokens and merges are under a million (256k tokens; 500k merges); 2^22 leaves room over that.
+_GGUF_MAX_ITEMS = 2**22
 
 
 class GgufLayoutError(ValueError):
     """A count or a length in a GGUF file's header, metadata or tensor list that the file's size cannot hold."""
+
+
+class GgufTooManyItems(GgufLayoutError):
+    """More metadata items in a GGUF file than any model's, which gguf's reader would take many times the file's size
+    of memory to read: a whole file, maybe, but not one to read."""
 
 
 def check_gguf_layout(path: str) -> None:
@@ -513,6 +522,16 @@ class _GgufLayout:
 
     def __init__(self, data, size: int) -> None:
         self.data, self.size, self.pos, self.order = data, size, 0, "<"
+        self.items = 0  # metadata entries and the strings and arrays in arrays, so far: what the reader builds one by one
+
+    def count_items(self, count: int, claim: str) -> None:
+        """Add ``count`` items the reader builds one by one, which ``claim`` says are there; GgufTooManyItems past
+        _GGUF_MAX_ITEMS, before they are walked."""
+        self.items += count
+        if self.items > _GGUF_MAX_ITEMS:
+            raise GgufTooManyItems(f"{claim}, past {_GGUF_MAX_ITEMS:,} metadata entries, strings and arrays in all (a real "
+                                   "tokenizer's tokens and merges are under a million), which gguf's reader would build one by "
+                                   "one, in about 200 times the file's size of memory")
 
     def take(self, n: int, claim: str) -> int:
         """The offset of the next ``n`` bytes, which ``claim`` says are there; GgufLayoutError if the file has fewer."""
@@ -548,6 +567,7 @@ class _GgufLayout:
             if count * least > self.size - self.pos:  # before walking them: the walk would be as long as the count
                 raise GgufLayoutError(f"{what} holds {count:,} {_GGUF_TYPE_NAMES[item]} items (at least {least} bytes each) "
                                       f"at byte {self.pos:,}, but {self.size - self.pos:,} bytes are left")
+            self.count_items(count, f"{what} holds {count:,} {_GGUF_TYPE_NAMES[item]} items")
             each = what if what.startswith("an item of ") else f"an item of {what}"  # one level said, however deep
             for _ in range(count):
                 self.value(item, each, depth + 1)
@@ -570,6 +590,7 @@ class _GgufLayout:
         if n_kv * 13 + n_tensors * 24 > self.size - self.pos:
             raise GgufLayoutError(f"its header counts {n_kv:,} metadata entries and {n_tensors:,} tensors (at least 13 and "
                                   f"24 bytes each), but {self.size - self.pos:,} bytes follow it")
+        self.count_items(n_kv, f"its header counts {n_kv:,} metadata entries")
         for i in range(n_kv):
             key = self.string(f"the key of metadata entry {i}").decode("utf-8", "replace")
             what = f"metadata key {shown(key)}"
@@ -612,6 +633,8 @@ def gguf_problem(path: Path) -> str | None:
         twice = _gguf_twice(exc)
         if twice:  # a whole file, read to its tensor list: which of the two a loader takes is up to the loader
             return f"{path}: {twice} (a corrupt GGUF file: a GGUF file holds each once)"
+        if isinstance(exc, GgufTooManyItems):  # the file may be whole: "cut short, or not GGUF" would mislead
+            return f"{path}: {exc}: refused before it is read"
         why = str(exc) if isinstance(exc, GgufLayoutError) else one_line(exc, 160)  # ours is said for the user already
         return f"{path}: not a whole GGUF file ({path.stat().st_size} bytes; cut short, or not GGUF: {why})"
     return _gguf_block_problem(path, info) or _gguf_size_problem(path, info)
