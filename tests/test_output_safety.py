@@ -514,6 +514,24 @@ def test_train_refuses_a_run_dir_with_the_users_files(train_project, capsys):
     assert (run / "loss.png").read_text() == "the user's plot"
 
 
+def test_train_never_overwrites_a_marker_file_it_did_not_write(train_project, capsys):
+    """trial92 F10: a folder with a checkpoint's state file was adopted as a run directory from before markers, its own
+    .midus-surgery (another tool's) overwritten with the run marker, and then the start was refused for the notes beside it."""
+    run = train_project / "runs" / "a"
+    (run / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000002" / "trainer_state.json").write_text('{"step": 2, "samples_seen": 8, "data": {}}\n')
+    (run / "checkpoints" / "NOTES.txt").write_text("my notes\n")
+    (run / MARKER).write_text('{"tool": "my-own-tool", "v": 1}\n')
+    config = train_config(train_project, resume="auto")
+    before = tree_digest(train_project)
+    for extra in ([], ["--dry-run"]):
+        assert main(["train", str(config), "--quiet", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "run.yaml:" in err and f"{run} holds a {MARKER} file that midus-surgery did not write (not its marker)" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert tree_digest(train_project) == before and (run / MARKER).read_text() == '{"tool": "my-own-tool", "v": 1}\n'
+
+
 def test_train_replaces_its_own_export_but_not_an_apply_output(train_project, capsys):
     cfg = train_config(train_project, **{"export.dir": "trained"})
     assert main(["train", str(cfg), "--quiet"]) == 0

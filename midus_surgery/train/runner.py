@@ -514,6 +514,11 @@ class Runner:
             # first: what a live run's directory holds changes as it is read (a checkpoint pruned away between the listing
             # and the look was said as "not written by midus-surgery", not "in use")
             raise self.in_use()
+        marker_file = self.run_dir / MARKER
+        if read_marker(self.run_dir) is None and (marker_file.exists() or marker_file.is_symlink()):
+            # a file of that name that is not this tool's marker is the user's: adopting the folder would overwrite it (trial92 F10)
+            raise RecipeError([loaded.problem(("run_dir",), f"{self.run_dir} holds a {MARKER} file that midus-surgery did not write "
+                                              "(not its marker); train never overwrites it: move it away, or choose another run_dir")])
         unmarked_run = read_marker(self.run_dir) is None and bool(complete_checkpoints(self.ckpt_root))
         if unmarked_run and not dry:
             write_marker(self.run_dir, RUN_KIND)  # a run directory written before markers existed: its checkpoints say it is ours
