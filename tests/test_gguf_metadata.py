@@ -296,20 +296,16 @@ def test_gguf_counts_the_file_cannot_hold_are_refused_before_the_reader_sees_the
 
 def test_a_gguf_of_more_strings_than_any_tokenizer_is_refused_before_the_reader_sees_them(tmp_path, capsys):
     """trial92 F7: empty strings (8 bytes each) fit the file, and gguf's reader then built objects for each, about 200
-    times the file's size in memory (8 MB: 33 s and 1.8 GB; a 1 GB file would need 200 GB). More than 2^22 metadata
+    times the file's size in memory (8 MB: 33 s and 1.8 GB; a 1 GB file would need 200 GB). More than 2^21 metadata
     items in all is refused at once, from validate, plan and apply; a tokenizer's tokens and merges are under a million."""
-    import time
-
-    count = 2**22 + 1
+    count = 2**21 + 1
     data = gguf_bytes(ARCH, kv("tokenizer.ggml.tokens", ARRAY, struct.pack("<IQ", STRING, count) + gguf_string("") * count))
     path = tmp_path / "m.gguf"
     path.write_bytes(data)
     recipe = write_recipe(tmp_path, path)
     for command in ("validate", "plan", "apply"):
-        start = time.monotonic()
-        line = refused(recipe, capsys, command)
-        assert time.monotonic() - start < 20, command  # the walk itself stops before the items
-        assert (f"{path}: metadata key 'tokenizer.ggml.tokens' holds 4,194,305 string items, past 4,194,304 metadata entries, "
+        line = refused(recipe, capsys, command)  # the walk itself stops before the items (89 s for validate before)
+        assert (f"{path}: metadata key 'tokenizer.ggml.tokens' holds 2,097,153 string items, past 2,097,152 metadata entries, "
                 "strings and arrays in all (a real tokenizer's tokens and merges are under a million)") in line, line
         assert line.endswith("refused before it is read"), line
 

@@ -486,8 +486,9 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 _GGUF_MAX_NESTING = 4  # arrays of arrays, deep: llama.cpp reads none nested; gguf's reader recurses in Python per level
 # The metadata entries, strings and arrays in arrays one file may declare in all: gguf's reader builds Python and numpy
 # objects for each, about 200 bytes of memory per byte of a file of empty strings (trial92 F7: 8 MB took 1.8 GB). A
-# real tokenizer's tokens and merges are under a million (256k tokens; 500k merges); 2^22 leaves room over that.
-_GGUF_MAX_ITEMS = 2**22
+# real tokenizer's tokens and merges are under a million (256k tokens; 500k merges); 2^21 leaves twice that, and a file
+# just under it costs gguf's reader a few GB at most.
+_GGUF_MAX_ITEMS = 2**21
 
 
 class GgufLayoutError(ValueError):
