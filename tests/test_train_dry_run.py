@@ -104,6 +104,24 @@ def test_a_dry_run_writes_nothing_reads_no_weights_and_says_what_the_start_then_
     assert f"budget {STEP_TOKENS * 5:,} tokens = 5 steps of {STEP_TOKENS}" in said
 
 
+def test_a_dry_run_says_when_the_model_state_is_more_than_the_machines_memory(midus, tmp_path, capsys, monkeypatch):
+    """A 70B dry run said 1.03 TiB of model state on a 23.5 GiB machine without a word, and the start would have been
+    killed midway through its load (trial93 F3); the state line also says the load holds the stored weights beside it
+    (a bf16 model peaked at 1.54x the state it said: F2)."""
+    import collections
+
+    import psutil
+
+    config = write_config(tmp_path / "run.yaml", midus["model"], tmp_path / "run", midus["corpus"], tmp_path / "cache", tokens=STEP_TOKENS)
+    code, out, err = dry(capsys, config)
+    assert code == 0 and "loading holds the stored weights beside them for a while" in out and "more than this machine's memory" not in out
+    memory = collections.namedtuple("memory", "total available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(1 << 10, 1 << 10))
+    code, out, err = dry(capsys, config)
+    assert code == 0, err
+    assert "note: that is more than this machine's memory (1.00 KiB): the start would run out of memory loading the model" in out, out
+
+
 def test_a_dry_run_of_a_resume_says_the_checkpoint_and_the_changes_and_moves_nothing(midus, tmp_path, capsys, monkeypatch):
     cache, run = tmp_path / "cache", tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", midus["model"], run, midus["corpus"], cache, tokens=STEP_TOKENS * 4,

@@ -349,9 +349,18 @@ class Runner:
         sharded = ", before FSDP shards it" if self.fsdp else ""
         recompute = ("gradient_checkpointing is on: each layer's are recomputed in the backward pass" if self.cfg.gradient_checkpointing
                      else "gradient_checkpointing: true trades them for recompute")  # trial48: the advice was given when it was on
-        return (f"model state: {human_bytes(weights + training)} per process{sharded} (fp32 weights {human_bytes(weights)}; "
-                f"gradients and AdamW moments {human_bytes(training)}); activations come on top, growing with "
-                f"micro_batch_size x block_size ({recompute})")
+        line = (f"model state: {human_bytes(weights + training)} per process{sharded} (fp32 weights {human_bytes(weights)}; "
+                f"gradients and AdamW moments {human_bytes(training)}); loading holds the stored weights beside them for a while "
+                f"(their size on disk more), and activations come on top, growing with micro_batch_size x block_size ({recompute})")
+        # the load's transient: a bf16 1.7B model peaked at 1.54x the state this line said (trial93 F2)
+        if self.acc.device.type == "cpu":  # a 1.03 TiB state was said on a 23.5 GiB machine without a word (trial93 F3)
+            import psutil
+
+            memory = psutil.virtual_memory().total
+            if weights + training > memory:
+                line += (f"\nnote: that is more than this machine's memory ({human_bytes(memory)}): the start would run out of "
+                         "memory loading the model; freeze more (freeze: base), or train on a machine with more")
+        return line
 
     def restore(self) -> None:
         """The model, optimiser, scheduler, RNG and data position of the checkpoint to continue: a
