@@ -524,12 +524,14 @@ class Runner:
             # and the look was said as "not written by midus-surgery", not "in use")
             raise self.in_use()
         marker_file = self.run_dir / MARKER
-        if read_marker(self.run_dir) is None and (marker_file.exists() or marker_file.is_symlink()):
+        # the main process asks, as above: another process could read process 0's marker while it is being written
+        # (write_marker truncates, then writes: not atomic, since the lock hold_marker takes is on the file itself)
+        if self.acc.is_main_process and read_marker(self.run_dir) is None and (marker_file.exists() or marker_file.is_symlink()):
             # a file of that name that is not this tool's marker is the user's: adopting the folder would overwrite it (trial92 F10)
             raise RecipeError([loaded.problem(("run_dir",), f"{self.run_dir} holds a {MARKER} file that midus-surgery did not write "
                                               "(not its marker); train never overwrites it: move it away, or choose another run_dir")])
         unmarked_run = read_marker(self.run_dir) is None and bool(complete_checkpoints(self.ckpt_root))
-        if unmarked_run and not dry:
+        if unmarked_run and not dry and self.acc.is_main_process:
             write_marker(self.run_dir, RUN_KIND)  # a run directory written before markers existed: its checkpoints say it is ours
         # An export inside this run directory is this run's, whichever run wrote it: the run
         # directory may be a copy of another (cp -r runs/a runs/b), export and all.
