@@ -622,6 +622,9 @@ class Runner:
     def prepare_run_dir(self) -> None:
         """The run directory, marked as this tool's and held by this run (a second run started in it
         is refused), with no half-written checkpoint in it."""
+        # every process has read the run directory (check_outputs) before process 0 writes its marker there: a marker read
+        # while it was being written looked like another tool's, and the run was refused (seen once, FSDP2 in the suite)
+        self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if read_marker(self.run_dir) is None:
