@@ -437,7 +437,9 @@ class Runner:
         there and the logs ``open_logs`` started (an empty metrics.jsonl, tensorboard's event files)."""
         if not self.acc.is_main_process or (self.run_dir not in created and not self.run_dir_was_empty):
             return
-        if self.run_lock is None and self.run_dir.is_dir() and marker_in_use(self.run_dir):
+        if not self.run_dir.is_dir():  # the start stopped before making it (prepare_run_dir's first wait): nothing to remove
+            return
+        if self.run_lock is None and marker_in_use(self.run_dir):
             return  # another live run took the folder first: what is there is its
         held = {p.name for p in self.run_dir.iterdir()}
         metrics, tensorboard = self.run_dir / "metrics.jsonl", self.run_dir / "tensorboard"
