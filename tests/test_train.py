@@ -910,8 +910,9 @@ def test_gradient_checkpointing_recomputes_each_layer_and_trains_the_same(world,
             result = train(load_train_config(config(world, tmp_path, name=f"ckpt-{on}", tokens=16 * 4 * 4,
                                                     gradient_checkpointing=on)), echo=said[on].append)
         assert result.steps == 4
-        # the start says it is on, and so does a dry run's model-state line (trial48: it advised turning it on when it was)
-        assert any(line.startswith("gradient_checkpointing: each decoder layer runs again") for line in said[on]) == on
+        # the start's model-state line says it is on, as a dry run's does (trial48: it advised turning it on when it was)
+        (started,) = [line for line in said[on] if line.startswith("model state: ")]
+        assert ("gradient_checkpointing is on: each layer's are recomputed in the backward pass" in started) == on, started
         cfg = config(world, tmp_path, name=f"ckpt-dry-{on}", tokens=16 * 4 * 4, gradient_checkpointing=on)
         dry_said = []
         Runner(load_train_config(cfg), echo=dry_said.append).dry_run()

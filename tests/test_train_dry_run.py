@@ -79,7 +79,8 @@ def test_a_dry_run_writes_nothing_reads_no_weights_and_says_what_the_start_then_
     table = group_table(out)
     memory_row = next(line for line in table if line.startswith("memory tables (memory.*)"))
     assert int(memory_row.split()[3]) > 0, table  # the Memory blocks' tables train under freeze: base
-    assert any(line.startswith("model state: ") and " per process (fp32 weights " in line for line in lines), out
+    (state_line,) = [line for line in lines if line.startswith("model state: ")]
+    assert " per process (fp32 weights " in state_line, out
     assert lines[-1].startswith("dry run: nothing was written, no weights were read"), out
     assert "data.train is read as text when the run tokenises it, first thing" in lines[-1], out  # what it could not check
     planned = next(line for line in lines if line.startswith("memory layer: "))
@@ -102,19 +103,20 @@ def test_a_dry_run_writes_nothing_reads_no_weights_and_says_what_the_start_then_
     built = next(line for line in started if line.startswith("memory layer: "))
     assert built == planned.replace(", built at the start, or found in the cache (a dry run builds none)", ""), (built, planned)  # the kernels build here
     assert f"budget {STEP_TOKENS * 5:,} tokens = 5 steps of {STEP_TOKENS}" in said
+    assert state_line in started  # a run's log says the state it was expected to hold, as its dry run did (trial93 F6)
 
 
 def test_a_dry_run_says_when_the_model_state_is_more_than_the_machines_memory(midus, tmp_path, capsys, monkeypatch):
     """A 70B dry run said 1.03 TiB of model state on a 23.5 GiB machine without a word, and the start would have been
-    killed midway through its load (trial93 F3); the state line also says the load holds the stored weights beside it
-    (a bf16 model peaked at 1.54x the state it said: F2)."""
+    killed midway through its load (trial93 F3); the state line also says the load maps the weights files beside it
+    (a bf16 model's maxrss was 1.54x the state it said: F2, page cache; tools/load_memory.py measures both)."""
     import collections
 
     import psutil
 
     config = write_config(tmp_path / "run.yaml", midus["model"], tmp_path / "run", midus["corpus"], tmp_path / "cache", tokens=STEP_TOKENS)
     code, out, err = dry(capsys, config)
-    assert code == 0 and "loading holds the stored weights beside them for a while" in out and "more than this machine's memory" not in out
+    assert code == 0 and "the load maps the weights files beside them (page cache the system can reclaim, counted in peak RSS)" in out and "more than this machine's memory" not in out
     memory = collections.namedtuple("memory", "total available")
     monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(1 << 10, 1 << 10))
     code, out, err = dry(capsys, config)

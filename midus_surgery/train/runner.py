@@ -350,16 +350,19 @@ class Runner:
         recompute = ("gradient_checkpointing is on: each layer's are recomputed in the backward pass" if self.cfg.gradient_checkpointing
                      else "gradient_checkpointing: true trades them for recompute")  # trial48: the advice was given when it was on
         line = (f"model state: {human_bytes(weights + training)} per process{sharded} (fp32 weights {human_bytes(weights)}; "
-                f"gradients and AdamW moments {human_bytes(training)}); loading holds the stored weights beside them for a while "
-                f"(their size on disk more), and activations come on top, growing with micro_batch_size x block_size ({recompute})")
-        # the load's transient: a bf16 1.7B model peaked at 1.54x the state this line said (trial93 F2)
+                f"gradients and AdamW moments {human_bytes(training)}); the load maps the weights files beside them (page cache the "
+                f"system can reclaim, counted in peak RSS), and activations come on top, growing with micro_batch_size x block_size "
+                f"({recompute})")
+        # a bf16 1.7B model's maxrss was 1.54x this line (trial93 F2): the mapped files, not memory the load allocates
+        # (tools/load_memory.py: anonymous pages 1.08x the fp32 weights)
         if self.acc.device.type == "cpu":  # a 1.03 TiB state was said on a 23.5 GiB machine without a word (trial93 F3)
             import psutil
 
             memory = psutil.virtual_memory().total
             if weights + training > memory:
-                line += (f"\nnote: that is more than this machine's memory ({human_bytes(memory)}): the start would run out of "
-                         "memory loading the model; freeze more (freeze: base), or train on a machine with more")
+                when = "the start would run out of memory loading the model" if self.dry else "the steps will swap or run out of memory"
+                line += (f"\nnote: that is more than this machine's memory ({human_bytes(memory)}): {when}; freeze more (freeze: base), "
+                         "or train on a machine with more")
         return line
 
     def restore(self) -> None:
@@ -1121,11 +1124,8 @@ class Runner:
         if spent:
             self.say(spent)
         self.say(describe_groups(self.groups, cfg))
-        if self.dry:
-            self.say(self.state_bytes_line())
-        elif cfg.gradient_checkpointing:  # a dry run's model-state line says it (trial48: the start did not)
-            self.say("gradient_checkpointing: each decoder layer runs again in the backward pass (less activation memory, "
-                     "about 30% more compute)")
+        # the start says it too: a run's log says what the run was expected to hold (trial93 F6)
+        self.say(self.state_bytes_line())
         mode = "single process" if self.world == 1 else f"{acc.distributed_type.name} ({acc.state.backend})"
         adamw = "fused" if self.adamw_options.get("fused") else {True: "foreach", False: "for-loop"}.get(self.adamw_options.get("foreach"), "torch's default")
         self.say(f"precision {self.precision}, {mode} on {acc.device} x {self.world}, AdamW {adamw}, warmup {self.warmup_steps} step{'' if self.warmup_steps == 1 else 's'}, "
