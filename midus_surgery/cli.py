@@ -445,11 +445,15 @@ def cmd_apply(args) -> int:
     from midus_surgery.compiler.base import resolve_base
     from midus_surgery.compiler.planner import plan_for_apply
     from midus_surgery.emit.emitter import check_apply_output, emit
+    from midus_surgery.io.tensor_source import check_base_weights_there
     from midus_surgery.recipe.schema import load_recipe
 
     started = time.perf_counter()
     loaded = load_recipe(args.recipe)
-    check_apply_output(loaded, resolve_base(loaded), args.out, args.overwrite)  # a bad --out fails now, not after the plan's seconds
+    base = resolve_base(loaded)
+    check_apply_output(loaded, base, args.out, args.overwrite)  # a bad --out fails now, not after the plan's seconds
+    if base.exists:  # a base not there is the plan's to say, at its line in the recipe
+        check_base_weights_there(base)  # a base without weights fails now too (trial93 F8: 16 s for a 70B config)
     planned, why_full = plan_for_apply(loaded, full=args.full_plan)
     plan_done = time.perf_counter()
     plan = planned.plan

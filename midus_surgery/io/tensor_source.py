@@ -866,11 +866,7 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
     of them (transformers converts this architecture's tensors on load),
     the base is loaded through transformers instead, whole, in memory (as a GGUF base is).
     """
-    if not ref.exists:
-        missing = ref.directory / (ref.gguf_file or "config.json")
-        fetch = " (the bundled SmolLM2 recipes' base: python tools/fetch_smollm2.py writes it)" if "smollm2-135m" in str(missing) else ""
-        raise BaseModelError(f"base model not found: {missing}: apply reads the weights there (base.config alone plans, it does not "
-                             f"apply){fetch}")
+    check_base_weights_there(ref)
     if ref.is_gguf:
         import torch
 
@@ -901,4 +897,16 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
             except Exception as exc:  # noqa: BLE001 - corrupt or unsafe pickles raise many types
                 raise BaseModelError(f"cannot read {file}: {load_error_line(exc)}") from None
         return DictSource(tensors, prefixes, renames)
-    raise BaseModelError(f"no weights found in {ref.directory} (expected .safetensors files)")
+    raise BaseModelError(f"no weights found in {ref.directory} (expected .safetensors files)")  # check_base_weights_there said it
+
+
+def check_base_weights_there(ref: BaseRef) -> None:
+    """The base's files apply reads exist: the GGUF file, or config.json and weights files beside it. From a listing,
+    before the plan (a 70B config without weights took 16 s of imports and planning to be told)."""
+    if not ref.exists:
+        missing = ref.directory / (ref.gguf_file or "config.json")
+        fetch = " (the bundled SmolLM2 recipes' base: python tools/fetch_smollm2.py writes it)" if "smollm2-135m" in str(missing) else ""
+        raise BaseModelError(f"base model not found: {missing}: apply reads the weights there (base.config alone plans, it does not "
+                             f"apply){fetch}")
+    if not ref.is_gguf and not any(ref.directory.glob("*.safetensors")) and not any(ref.directory.glob("*.bin")):
+        raise BaseModelError(f"no weights found in {ref.directory} (expected .safetensors files)")
