@@ -518,6 +518,22 @@ def test_the_stderr_bootstrap_forks_no_pool(world, monkeypatch):
     assert "perplexity" in ppl and "DISABLE_MULTIPROC" not in os.environ  # bootstrapped here; the switch put back
 
 
+def test_a_hub_failure_while_reading_a_tasks_data_is_not_blamed_on_the_model(world, capsys, monkeypatch):
+    """A data fetch that failed inside huggingface_hub was said as "could not score ... with the model" (trial92 N2)."""
+    import lm_eval
+    from huggingface_hub.utils import validate_repo_id
+
+    def fetch_fails(**kwargs):
+        validate_repo_id("not a repo id!")  # raises inside huggingface_hub, as a refused or failed download does
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fetch_fails)
+    capsys.readouterr()
+    assert main(["eval", str(world["base"]), "--tasks", "midus_cloze", "--include-path", str(world["tasks"]), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: lm-eval could not read the data of midus_cloze: ") and "(raised at huggingface_hub/" in err, err
+    assert "with the model" not in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_an_unreachable_hub_fails_a_hub_task_at_once_and_local_tasks_still_run(world, capsys, monkeypatch, tmp_path):
     """Offline, `--tasks wikitext` retried every file five times with back-off (47 s of "Retrying in
     8s" lines) before its error. Now an unreachable Hub means the datasets cache only, said in the line."""

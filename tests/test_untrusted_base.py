@@ -410,6 +410,15 @@ def rewrite_header(path: Path, edit) -> None:
     path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
 
 
+def utf16_header(path: Path) -> None:
+    """The same header in UTF-16: json.loads of bytes reads it, the safetensors library does not (trial92 N1)."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    text = raw[8:8 + length].decode().rstrip()
+    blob = (text + " " * (-len(text) % 4)).encode("utf-16-le")  # 2 bytes a character: 8-byte aligned
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + length:])
+
+
 def _tensors(header: dict) -> list[str]:
     return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
 
@@ -460,6 +469,21 @@ def test_a_header_the_safetensors_library_rejects_is_refused_by_validate_and_app
         err = refused(write_recipe(tmp_path, base), capsys, *flags, command=command)
         said = [line for line in err.strip().splitlines() if not line.startswith(("warning:", "INVALID "))]  # validate: file, then problems
         assert len(said) == 1 and "model.safetensors" in said[0] and says in said[0], (command, err)
+
+
+def test_a_header_not_in_utf8_is_refused_before_the_plan(llama, tmp_path, capsys):
+    """A UTF-16 header passed the header check (json.loads of bytes reads it); apply planned, then safetensors refused it
+    with exit 1 (trial92 N1). The safetensors rules read UTF-8 only."""
+    from safetensors import SafetensorError, safe_open
+
+    base = copy_base(llama, tmp_path / "base")
+    utf16_header(base / "model.safetensors")
+    with pytest.raises(SafetensorError, match="deserializing header"):  # the library itself refuses the file
+        safe_open(str(base / "model.safetensors"), "pt")
+    for command, flags in (("validate", ()), ("apply", ()), ("apply", ("--full-plan",))):
+        err = refused(write_recipe(tmp_path, base), capsys, *flags, command=command)
+        said = [line for line in err.strip().splitlines() if not line.startswith(("warning:", "INVALID "))]
+        assert len(said) == 1 and "model.safetensors: its header is not valid JSON" in said[0], (command, err)
 
 
 def test_a_base_tensor_the_architecture_lacks_is_said_to_be_left_out(llama, tmp_path, capsys):

@@ -149,7 +149,8 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
             # where it was raised: an empty AssertionError in lm-eval's task code read as the model's failure (trial73 F9c)
             at = raised_at(exc)
             where = f" (raised at {at[1]})" if at else ""
-            if at and at[1].startswith(("datasets/", "fsspec/")):  # the task's data, not the model (trial83 F7)
+            # the task's data, not the model (trial83 F7), fetched from the Hub too (trial92 N2: blamed on the model)
+            if at and at[1].startswith(("datasets/", "fsspec/", "huggingface_hub/")):
                 raise TaskError(f"lm-eval could not read the data of {', '.join(tasks)}: "
                                 f"{one_line(exc, 800, whole=True)}{where}{why}") from None
             raise TaskError(f"lm-eval could not score {', '.join(tasks)} with the model {m}: {one_line(exc, 800, whole=True)}{where}{why}") from None

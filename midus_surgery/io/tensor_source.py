@@ -247,7 +247,8 @@ def read_checked_header(path: Path) -> tuple[dict, int]:
     except OSError as exc:
         raise BaseModelError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
-        header = json.loads(raw, object_pairs_hook=_once_each)
+        # decoded as UTF-8 here: json.loads of bytes also takes UTF-16 and -32, which the safetensors library refuses (trial92 N1)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_once_each)
     except _Duplicate as exc:
         raise BaseModelError(f"{path}: its header names {shown(exc.name)} twice (a corrupt safetensors file)") from None
     except (ValueError, UnicodeDecodeError, RecursionError):
