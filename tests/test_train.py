@@ -1023,6 +1023,26 @@ def test_freeze_base_on_a_copy_only_dus_output(world, tmp_path):
             assert changed == tensor.startswith(tuple(f"model.layers.{i}." for i in inserted)), (name, tensor)
 
 
+def test_the_export_is_sharded_at_export_shard_size_and_loads(world, tmp_path):
+    """The export was one file whatever the model's size (transformers' default, 50GB), unlike the apply output it was
+    trained from (trial93 F5); export.shard_size shards it as output.shard_size does apply's, and transformers loads it."""
+    from midus_surgery.train.evaluate import load_causal_lm
+
+    model = make_model_dir(tmp_path / "wide", with_plan=False, vocab_size=8192)  # a 1 MiB embedding in fp32: a shard of its own
+    cfg = write_config(tmp_path / "run.yaml", model, tmp_path / "run", world["corpus"], world["cache"], tokens=16 * 4,
+                       **{"eval.at_start": False, "export.shard_size": "1MB"})
+    train(load_train_config(cfg), echo=lambda line: None)
+    final = tmp_path / "run" / "final"
+    shards = sorted(final.glob("model-*.safetensors"))
+    index = json.loads((final / "model.safetensors.index.json").read_text())
+    assert len(shards) == 2 and set(index["weight_map"].values()) == {p.name for p in shards}, shards
+    assert not (final / "model.safetensors").exists()
+    trained = load_causal_lm(final)
+    assert state_of(final).keys() == {n for n, _ in trained.named_parameters()}
+    with pytest.raises(RecipeError, match=r"export.shard_size: .*should be at least 1MB"):
+        load_train_config(cfg, ["export.shard_size=1KB"])
+
+
 def test_the_docs_try_out_is_the_six_steps_it_shows():
     """docs/training.md's quick-start try-out and its worked example run 6 optimiser steps of 2 x 256
     tokens (the recipe's grad_accum 8 would make them one step)."""

@@ -247,6 +247,16 @@ def parse_size(value: int | str) -> int:
     return int(Decimal(number) * _UNITS[(match.group(2) or "B").lower()])
 
 
+def checked_shard_size(value: int | str) -> int | str:
+    """A shard size (apply's ``output.shard_size``, train's ``export.shard_size``) from 1MB to 1PB, else ValueError."""
+    size = parse_size(value)
+    if size < 1_000_000:
+        raise ValueError(f"should be at least 1MB, got {value!r}")
+    if size > MAX_SHARD_BYTES:
+        raise ValueError(f"should be at most 1PB (larger than any model: one shard), got {value!r}")
+    return value
+
+
 def _short(value, limit: int = 40) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
@@ -262,12 +272,7 @@ class OutputSpec(Strict):
     @field_validator("shard_size")
     @classmethod
     def _size(cls, value: int | str) -> int | str:
-        size = parse_size(value)
-        if size < 1_000_000:
-            raise ValueError(f"should be at least 1MB, got {value!r}")
-        if size > MAX_SHARD_BYTES:
-            raise ValueError(f"should be at most 1PB (larger than any model: one shard), got {value!r}")
-        return value
+        return checked_shard_size(value)
 
     @property
     def shard_bytes(self) -> int:

@@ -26,6 +26,7 @@ from midus_surgery.recipe.schema import (
     OutputPathText,
     PathText,
     Strict,
+    checked_shard_size,
     problems_from_validation,
     unknown_key_hint,
     wrong_kind_of_file,
@@ -157,6 +158,12 @@ class ExportConfig(Strict):
 
     dir: OutputPathText | None = Field(None, min_length=1, description="Where to write the trained model (default: `run_dir`/final). Relative to the config file's directory.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of the exported weights (`auto`: the dtype `init_from` was stored in).")
+    shard_size: StrictInt | str = Field("2GB", description="Largest export shard, e.g. 2GB, 500MB, 1GiB, or bytes (from 1MB to 1PB), as `apply`'s `output.shard_size` (transformers' own default is one 50GB file).")
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, value: int | str) -> int | str:
+        return checked_shard_size(value)
 
 
 class TrainConfig(Strict):

@@ -29,7 +29,7 @@ SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.
 
 
 def export_model(acc, model, out: Path, *, run_dir: Path, init_from: Path, dtype: torch.dtype, is_midus: bool, summary: dict,
-                 report: Callable[[str], None], replaces_owner: str | None = None) -> Path:
+                 report: Callable[[str], None], replaces_owner: str | None = None, max_shard_bytes: int = 2 * 10**9) -> Path:
     """Write the prepared ``model``'s weights, cast to ``dtype``, as the model directory ``out``,
     marked as the export of ``run_dir`` (only a later export of the same run may replace it).
     ``replaces_owner``: the run whose export at ``out`` the start-of-run check let this one replace
@@ -37,7 +37,7 @@ def export_model(acc, model, out: Path, *, run_dir: Path, init_from: Path, dtype
 
     Every process calls it (gathering a sharded model's state dict is collective); the main
     process writes. ``summary`` becomes midus_train.json. ``report``: where the line about each
-    leftover of a killed export removed first goes.
+    leftover of a killed export removed first goes. ``max_shard_bytes``: the largest weights file (``export.shard_size``).
     """
     state_dict = acc.get_state_dict(model)
     # torch.compile wraps the model: its keys carry an `_orig_mod.` prefix the export must not keep.
@@ -54,7 +54,7 @@ def export_model(acc, model, out: Path, *, run_dir: Path, init_from: Path, dtype
             old_dtype = raw.config.dtype
             raw.config.dtype, raw.config.use_cache = dtype, True
             try:
-                raw.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                raw.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_bytes)
             finally:
                 raw.config.dtype, raw.config.use_cache = old_dtype, False
             for weights in tmp.glob("*.safetensors"):

@@ -58,7 +58,7 @@ from midus_surgery.io.output_dir import (
     write_marker,
 )
 from midus_surgery.io.small_files import read_small_text
-from midus_surgery.recipe.schema import cwd_relative_hint
+from midus_surgery.recipe.schema import cwd_relative_hint, parse_size
 from midus_surgery.train import data as D
 from midus_surgery.train import sharding
 from midus_surgery.train.checkpoint import (
@@ -1014,7 +1014,8 @@ class Runner:
                    "config": self.cfg.model_dump(mode="json")}
         return export_model(self.acc, self.model, self.export_dir, run_dir=self.run_dir, init_from=self.init_from,
                             dtype=DTYPES.get(str(dtype_name).replace("torch.", ""), torch.float32), is_midus=self.is_midus,
-                            summary=summary, report=self.say, replaces_owner=self.export_owner)
+                            summary=summary, report=self.say, replaces_owner=self.export_owner,
+                            max_shard_bytes=parse_size(self.cfg.export.shard_size))
 
     # ---------------------------------------------------------------- evaluation and logs
     def evaluate(self) -> dict | None:
