@@ -43,7 +43,7 @@ def read_small_bytes(path: str | os.PathLike, limit: int = SMALL_BYTES) -> bytes
         if not stat.S_ISREG(info.st_mode):
             raise NotBookkeeping(regular_file_problem(Path(path)) or f"{path} is not a regular file")
         if info.st_size > limit:
-            raise NotBookkeeping(f"{path} is {info.st_size:,} bytes, more than the {limit:,} any file the tool keeps there has")
+            raise NotBookkeeping(f"{path} is {info.st_size:,} bytes, more than the {limit:,} a file of its kind holds (not one the tool or transformers wrote)")
         os.set_blocking(fd, True)
         with os.fdopen(fd, "rb", closefd=False) as handle:
             data = handle.read(limit + 1)
