@@ -376,13 +376,15 @@ def test_what_a_tasks_data_resolves_to_is_checked_before_it_is_read(world, tmp_p
     written = [f for f in cache.rglob("*") if f.is_file()] if cache.exists() else []
     assert not [f for f in written if b"hunter2-t83" in f.read_bytes()]
 
-@pytest.mark.parametrize("case", ["local_scheme", "storage_options", "secret_outside", "include_outside", "data_dir_root", "regex"])
+@pytest.mark.parametrize("case", ["local_scheme", "storage_options", "secret_outside", "include_outside", "data_dir_root", "regex",
+                                  "harbor"])
 def test_a_data_only_task_reads_its_own_folder_and_connects_nowhere_else(tmp_path, case):
     """trial92: data_files spelt local:///proc/self/environ passed both checks (F1); dataset_kwargs.storage_options sent the
     user's HF token to a server the task named (F2); any file the user can read (a token, an ssh key) became task rows,
     and include: read /etc/passwd (F3); data_dir: / walked the whole file system before any check (F6); a metric's regex
-    that nests repeats backtracked without end (F4). Refused in one line, the YAML before any model work, and what
-    datasets resolves before it reads or walks it."""
+    that nests repeats backtracked without end (F4). trial95 F1: datasets' harbor builder read the instruction.md beside
+    its task.toml, a link to the token. Refused in one line, the YAML before any model work, and what datasets resolves
+    before it reads or walks it."""
     import datasets
 
     from midus_surgery.downstream.task_guard import TaskError, check_task_folders, checked_data_reads
@@ -392,20 +394,24 @@ def test_a_data_only_task_reads_its_own_folder_and_connects_nowhere_else(tmp_pat
     elsewhere.mkdir()
     (elsewhere / "token").write_text("hf_secret\n")
     (tasks / "data.txt").write_text("a line of data\n")
+    (tasks / "task.toml").write_text('[task]\nname = "h"\n')
+    (tasks / "instruction.md").symlink_to(elsewhere / "token")
     head = "task: t\ndataset_path: text\n"
     yaml_text = {"local_scheme": head + "dataset_kwargs:\n  data_files: {test: 'local:///proc/self/environ'}\n",
                  "storage_options": head + "dataset_kwargs:\n  storage_options: {hf: {endpoint: 'http://127.0.0.1:9'}}\n",
                  "secret_outside": head + f"dataset_kwargs:\n  data_files: {{test: '{elsewhere / 'token'}'}}\n",
                  "include_outside": f"task: t\ninclude: {elsewhere / 'token'}\n",
                  "data_dir_root": head + "dataset_kwargs:\n  data_dir: /\n",
-                 "regex": head + "metric_list:\n  - metric: exact_match\n    regexes_to_ignore: ['(.*.*)*X']\n"}[case]
+                 "regex": head + "metric_list:\n  - metric: exact_match\n    regexes_to_ignore: ['(.*.*)*X']\n",
+                 "harbor": f"task: t\ndataset_path: harbor\ndataset_kwargs:\n  data_files: {{test: '{tasks / 'task.toml'}'}}\n"}[case]
     (tasks / "t.yaml").write_text(yaml_text)
     said = {"local_scheme": "it lies on the kernel's proc file system, not data",
             "storage_options": "dataset_kwargs.storage_options: where HF datasets connects",
             "secret_outside": "it lies outside the task folders (--include-path)",
             "include_outside": "lies outside the task folders (--include-path: give its folder as another if you trust it)",
             "data_dir_root": "it lies outside the task folders (--include-path)",
-            "regex": "repeats a part that itself repeats"}[case]
+            "regex": "repeats a part that itself repeats",
+            "harbor": "HF datasets' 'harbor' builder opens files besides the data files it is given"}[case]
     with pytest.raises(TaskError) as info:
         check_task_folders([tasks], allow_code=False)
     assert said in str(info.value) and "pass --allow-task-code" in str(info.value) and "\n" not in str(info.value), str(info.value)
@@ -414,12 +420,17 @@ def test_a_data_only_task_reads_its_own_folder_and_connects_nowhere_else(tmp_pat
     runtime = {"local_scheme": dict(data_files={"test": "local:///proc/self/envir[o]n"}),
                "storage_options": dict(data_files={"test": str(tasks / "data.txt")}, storage_options={"hf": {"endpoint": "http://127.0.0.1:9"}}),
                "secret_outside": dict(data_files={"test": str(elsewhere / "tok[e]n")}),
-               "data_dir_root": dict(data_dir="/")}.get(case)
+               "data_dir_root": dict(data_dir="/"),
+               "harbor": dict(data_files={"test": str(tasks / "task.toml")})}.get(case)
+    if case == "regex":  # a fixed count inside a repeat matches one way only: a thousands separator is no risk (trial95 F10)
+        (tasks / "t.yaml").write_text(yaml_text.replace("'(.*.*)*X'", "'\\d{1,3}(,\\d{3})*'"))
+        check_task_folders([tasks], allow_code=False)
     if runtime is None:
         return
     with checked_data_reads([tasks]), pytest.raises(TaskError) as info:
-        datasets.load_dataset("text", cache_dir=str(tmp_path / "cache"), **runtime)
+        datasets.load_dataset("harbor" if case == "harbor" else "text", cache_dir=str(tmp_path / "cache"), **runtime)
     assert "pass --allow-task-code" in str(info.value), str(info.value)
+    assert not list((tmp_path / "cache").rglob("*.arrow"))  # refused before datasets read a byte
     with checked_data_reads([tasks]):  # the task's own data is read
         assert datasets.load_dataset("text", data_files={"test": str(tasks / "data.txt")}, cache_dir=str(tmp_path / "cache"))["test"][0] \
             == {"text": "a line of data"}

@@ -169,7 +169,13 @@ def _check_data(file: Path, config: dict, roots: list[Path]) -> None:
     """What a task reads and where HF datasets writes for it: its data files lie in the task folders (any file the user
     can read, a token or an ssh key, became task rows: trial92 F3), are regular files off the kernel's file systems
     (/proc/self/environ was copied into the datasets cache, world-readable, trial73 F1), and its dataset_kwargs choose
-    neither where datasets writes (cache_dir made folders anywhere, F2) nor where it connects or with what."""
+    neither where datasets writes (cache_dir made folders anywhere, F2) nor where it connects or with what; a packaged
+    builder that reads other files than its data files is refused (checked_data_reads checks what a Hub name resolves to)."""
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    builder = config.get("dataset_path")
+    if isinstance(builder, str) and builder in _PACKAGED_DATASETS_MODULES and builder not in DATA_ONLY_BUILDERS:
+        raise TaskError(f"{file}: dataset_path {builder!r}: {_builder_refusal(builder)}; {ALLOW}")
     kwargs = config.get("dataset_kwargs")
     if not isinstance(kwargs, dict):
         return
@@ -273,7 +279,7 @@ def _check_regexes(file: Path, config: dict) -> None:
 
 
 def _nested_repeat(pattern: str) -> bool:
-    """Whether ``pattern`` has a repeat (``*``, ``+``, ``{2,}``...) inside a repeat: the shape of catastrophic
+    """Whether ``pattern`` has a variable repeat (``*``, ``+``, ``{1,3}``...) inside a repeat: the shape of catastrophic
     backtracking. A pattern re cannot read is left to lm-eval, which says so."""
     import re._parser as parser
 
@@ -287,7 +293,8 @@ def _nested_repeat(pattern: str) -> bool:
         for op, arg in items:
             if op in repeats:
                 low, high, sub = arg
-                if high > 1 and inside:
+                # a fixed count inside (``(,\d{3})*``) matches one way only; a variable one is what backtracks (trial95 F10)
+                if high > low and inside:
                     return True
                 if walk(sub, inside or high > 1):
                     return True
@@ -326,6 +333,9 @@ def checked_data_reads(task_folders: list[Path] = ()):
         for what, name in _folders_it_walks(dataset, kwargs.get("data_dir")):
             _check_data_file(f"{dataset!r} dataset's {what}", name, roots)
         builder = resolve(*args, **kwargs)
+        kind = _builder_kind(builder)
+        if kind not in DATA_ONLY_BUILDERS:
+            raise TaskError(f"a task's {dataset!r} dataset: {_builder_refusal(kind)}; {ALLOW}")
         for split, names in (getattr(builder.config, "data_files", None) or {}).items():
             if not names:  # a pattern that matched only what is not a file (a named pipe): an empty split datasets fails on unsaid
                 raise TaskError(f"a task's {dataset!r} dataset's {split} split finds no data file (its pattern matches no "
@@ -336,6 +346,24 @@ def checked_data_reads(task_folders: list[Path] = ()):
 
     with mock.patch.object(datasets.load, "load_dataset_builder", resolved_then_checked):
         yield
+
+
+# HF datasets' builders that read their data files and nothing else; `cache` reads a Hub dataset prepared before (offline).
+# Others open what no check sees: `harbor` reads the instruction.md beside its task.toml, which a link made any file the
+# user can read (/proc/self/environ too) into task rows (trial95 F1); the *folder builders follow metadata paths.
+DATA_ONLY_BUILDERS = frozenset({"arrow", "csv", "json", "parquet", "text", "cache"})
+
+
+def _builder_refusal(kind: str) -> str:
+    return (f"HF datasets' {kind!r} builder opens files besides the data files it is given (a data-only task reads "
+            f"{', '.join(sorted(DATA_ONLY_BUILDERS - {'cache'}))} files, or a Hub dataset of them)")
+
+
+def _builder_kind(builder) -> str:
+    """The packaged builder ``builder`` is (``datasets.packaged_modules.json.json`` -> ``json``), or its module's name."""
+    module = type(builder).__module__
+    prefix = "datasets.packaged_modules."
+    return module[len(prefix):].split(".")[0] if module.startswith(prefix) else module
 
 
 def _folders_it_walks(dataset, data_dir) -> list[tuple[str, str]]:
