@@ -1,6 +1,7 @@
 """Checkpoints: writing one, choosing the newest whole one, loading one, and the files' own rules.
 
-A checkpoint (``run_dir/checkpoints/step-NNNNNNNN/``) holds the model (safetensors), the optimiser
+A checkpoint (``run_dir/checkpoints/step-NNNNNNNN/``) holds the model (safetensors: the trained tensors and buffers
+only when some parameters are frozen, every tensor under FSDP or when nothing is), the optimiser
 (accelerate's ``optimizer.bin``, read only with weights_only=True), the scheduler (JSON), each
 process's RNG state (safetensors) and ``trainer_state.json``, written last, which marks it complete
 and records every other file's size (docs/reliability.md). With the data position
@@ -293,6 +294,49 @@ def weights_checksum(model) -> str:
             t = t.full_tensor()  # (.numpy() of the shard raised at the end of a data_trace run: trial87 F5)
         h.update(name.encode())
         h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def frozen_names(model) -> set[str]:
+    """Every name of every parameter that does not train, tied aliases included (an embedding and the lm_head
+    it is tied to are one tensor under two state-dict keys: both go, or both stay)."""
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def trained_tensors_only(models, weights, output_dir) -> None:
+    """accelerate's save-state pre-hook: each model's state dict without its frozen parameters. They never change
+    during a run and are init_from's (checked by content on resume, ``frozen_digest``), so writing them in fp32 at
+    every checkpoint cost the whole model's size for the few tensors that train (a 1.7B base with freeze: base:
+    6.9 GB per checkpoint for 27M trained parameters). Under FSDP accelerate passes no state dicts (it writes its
+    sharded checkpoint itself): those checkpoints keep every tensor."""
+    if len(weights) != len(models):  # FSDP: none; another engine's layout: left as accelerate writes it
+        return
+    for i, (model, state) in enumerate(zip(models, weights)):
+        frozen = frozen_names(model)
+        if frozen:
+            weights[i] = {name: t for name, t in state.items() if name not in frozen}
+
+
+def frozen_digest(model) -> str | None:
+    """The SHA-256 over the frozen parameters' names, dtypes, shapes and bytes as loaded (sorted by name), or None
+    when every parameter trains. A checkpoint that holds only the trained tensors records it: its resume takes the
+    frozen ones from init_from, whose file sizes and headers (``model_identity``) say nothing of their values.
+    Each tensor is hashed on a thread of its own (hashlib lets go of the GIL): a whole model's bytes are read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    frozen = sorted((name, p) for name, p in model.named_parameters() if not p.requires_grad)
+    if not frozen:
+        return None
+
+    def one(item) -> bytes:
+        t = item[1].detach().to("cpu").contiguous().reshape(-1)
+        return hashlib.sha256(t.view(torch.uint8).numpy() if t.numel() else b"").digest()
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        parts = list(pool.map(one, frozen))
+    h = hashlib.sha256()
+    for (name, p), part in zip(frozen, parts):
+        h.update(f"{name}\0{p.dtype}\0{tuple(p.shape)}\0".encode() + part)
     return h.hexdigest()
 
 
@@ -614,6 +658,9 @@ IDENTITY_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 HEADER_MAX = 100 * 2**20  # a safetensors header is JSON of names, dtypes and shapes: megabytes at the most
 
 
+FROZEN_KEY = "frozen_sha256"  # in a checkpoint's init_from identity: frozen_digest of the model its run trained
+
+
 def model_identity(model_dir: Path) -> dict:
     """{"path", "digest"} of a model directory, for a checkpoint to record what its run started from."""
     h = hashlib.sha256()
@@ -638,6 +685,14 @@ def init_from_change(saved: dict | None, now: dict) -> tuple[str | None, str | N
     path (moved, or copied to another disk) goes on with a note."""
     if not isinstance(saved, dict) or not isinstance(saved.get("path"), str) or not isinstance(saved.get("digest"), str):
         return None, None
+    # recorded by checkpoints that hold the trained tensors only, compared once this run has loaded init_from (``now``
+    # has it then): their resume takes the frozen weights from init_from, so those must be the values the run trained beside
+    frozen, frozen_now = saved.get(FROZEN_KEY), now.get(FROZEN_KEY)
+    if saved["digest"] == now["digest"] and frozen is not None and frozen_now is not None and frozen != frozen_now:
+        return (f"the frozen weights of init_from {now['path']} differ from those the checkpoint's run trained beside (its files' "
+                "sizes and headers are the same, their values are not); the checkpoint holds the trained tensors only and takes "
+                "the frozen ones from init_from: resume with the model it was written with, or start afresh (resume unset) in a "
+                "run_dir of its own"), None
     if saved["digest"] == now["digest"]:
         if saved["path"] == now["path"]:
             return None, None
@@ -696,7 +751,46 @@ def layout_problem(path: Path, fsdp_run: bool) -> str | None:
     return None
 
 
-def load_checkpoint(path: Path, acc, optimizer, scheduler, *, adamw_options: dict, data_identity: dict, fsdp: bool = False) -> dict:
+def model_file_problem(path: Path, model, state: dict) -> str | None:
+    """Why the checkpoint's ``model.safetensors`` does not fit ``model`` (the prepared one, whose state-dict keys it
+    was written under), or None. It may lack frozen parameters (``trained_tensors_only``), so it is loaded with
+    strict=False: this is what strict loading checked, and more. Every trainable parameter must be in it (under one
+    of its tied names: safetensors keeps one of each shared pair), every key must be the model's, and a file without
+    frozen parameters needs the digest of init_from's (``frozen_digest``) its run recorded, else nothing says that
+    the frozen weights this run loaded are the ones it trained beside."""
+    from midus_surgery.errors import MidusError
+    from midus_surgery.io.tensor_source import read_checked_header
+
+    name = "model.safetensors"
+    try:
+        header, _ = read_checked_header(path / name)
+    except MidusError as exc:
+        return one_line(exc, 300)
+    held = set(header) - {"__metadata__"}
+    keys = set(model.state_dict())
+    foreign = sorted(held - keys)
+    if foreign:
+        return (f"{name} holds {len(foreign)} tensor(s) that are not this model's parameters or buffers (e.g. {', '.join(foreign[:3])}): "
+                "it was written for another model")
+    aliases: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
+    params = {id(p): p for _, p in model.named_parameters(remove_duplicate=False)}
+    absent = sorted(names[0] for i, names in aliases.items() if params[i].requires_grad and not held.intersection(names))
+    if absent:
+        return (f"{name} lacks {len(absent)} of this run's trainable parameter(s) (e.g. {', '.join(absent[:3])}): it was not "
+                "written by a run that trained them")
+    without_frozen = any(p.requires_grad is False and not held.intersection(aliases[i]) for i, p in params.items())
+    recorded = (state.get("init_from") or {}).get(FROZEN_KEY) if isinstance(state.get("init_from"), dict) else None
+    if without_frozen and not isinstance(recorded, str):
+        return (f"{name} holds the trained tensors only, but {STATE_FILE} records no digest of the frozen weights they were "
+                "trained beside, so init_from's cannot be checked: resume with a checkpoint that holds them, or start afresh "
+                "(resume unset) in a run_dir of its own")
+    return None
+
+
+def load_checkpoint(path: Path, acc, optimizer, scheduler, *, adamw_options: dict, data_identity: dict, fsdp: bool = False,
+                    model=None) -> dict:
     """Load a checkpoint that verified into the prepared model, optimiser and scheduler and this
     process's RNGs; returns its state file (``step``, ``samples_seen``...).
 
@@ -705,6 +799,8 @@ def load_checkpoint(path: Path, acc, optimizer, scheduler, *, adamw_options: dic
     weights_only=True. ``data_identity`` must match the one saved: other data would replay or skip
     blocks. ``adamw_options``: this run's AdamW implementation, which wins over the saved one.
     ``fsdp``: this run shards with FSDP, so the checkpoint must have been written under FSDP (and else not).
+    ``model``: the prepared model; given (and not under FSDP), its ``model.safetensors`` may lack the frozen
+    parameters (``model_file_problem`` checks what it holds), which keep the values init_from gave them.
     """
     def fail(why: str) -> TrainingError:
         return TrainingError(f"cannot resume from {path}: {why}")
@@ -720,9 +816,17 @@ def load_checkpoint(path: Path, acc, optimizer, scheduler, *, adamw_options: dic
     problem = dcp_checkpoint_problem(path) or layout_problem(path, fsdp)
     if problem:
         raise fail(problem)
+    # a pickle-era checkpoint (pytorch_model.bin) was always written whole: loaded strictly, as it was
+    partial = model is not None and not fsdp and (path / "model.safetensors").is_file()
+    if partial:
+        problem = model_file_problem(path, model, state)
+        if problem:
+            raise fail(problem)
     try:
         with quiet_pickle_notes():
-            acc.load_state(str(path))  # accelerate reads its pickles with weights_only=True; DCP's were checked above
+            # accelerate reads its pickles with weights_only=True; DCP's were checked above. strict=False reaches
+            # safetensors' load_model: the keys were checked just now, and frozen ones may be absent
+            acc.load_state(str(path), **({"strict": False} if partial else {}))
     except Exception as exc:  # noqa: BLE001 - said as one line, naming the file that does not read
         files = list(state["files"]) if isinstance(state.get("files"), dict) else sorted(p.name for p in path.iterdir())
         earlier = [p for s, p in complete_checkpoints(path.parent) if s < state.get("step", 0) and verify_checkpoint(p) is None]

@@ -63,10 +63,12 @@ from midus_surgery.train import data as D
 from midus_surgery.train import sharding
 from midus_surgery.train.checkpoint import (
     DATA_KEYS,
+    FROZEN_KEY,
     STATE_FILE,
     NoWholeCheckpoint,
     complete_checkpoints,
     data_change_problem,
+    frozen_digest,
     init_from_change,
     load_checkpoint,
     lost_a_process,
@@ -76,6 +78,7 @@ from midus_surgery.train.checkpoint import (
     remove_partial_checkpoints,
     save_checkpoint,
     set_aside_later_checkpoints,
+    trained_tensors_only,
     verify_checkpoint,
     weights_checksum,
 )
@@ -375,7 +378,7 @@ class Runner:
         wanted = [{k: group[k] for k in ("weight_decay", "betas", "eps")} for group in inner.param_groups]
         wanted_lrs = list(self.scheduler.base_lrs)
         state = load_checkpoint(self.resume_from, self.acc, self.optimizer, self.scheduler,
-                                adamw_options=self.adamw_options, data_identity=self.data_identity, fsdp=self.fsdp)
+                                adamw_options=self.adamw_options, data_identity=self.data_identity, fsdp=self.fsdp, model=self.model)
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
         # the checkpoint's optimiser and scheduler bring the lr, weight decay, betas and eps they were
         # written with; this run's config, which the start table shows, decides (the moments are kept)
@@ -432,6 +435,21 @@ class Runner:
             raise TrainingError(f"cannot resume from {self.resume_from}: {refused}")
         if note:
             self.resume_notes.append(note)
+
+    def check_same_frozen_weights(self, model) -> None:
+        """The frozen weights' digest (checkpoint.frozen_digest), once the freeze policy is applied to the fp32 master
+        weights: recorded in every checkpoint with init_from's identity, since those checkpoints hold the trained tensors
+        only, and compared on resume (init_from_change), where the frozen ones are init_from's again. Not under FSDP,
+        whose sharded checkpoints hold every tensor."""
+        if self.fsdp:
+            return
+        digest = frozen_digest(model)
+        if digest is None:
+            return
+        self.init_identity = {**self.init_identity, FROZEN_KEY: digest}
+        refused, _ = init_from_change((self.resume_state or {}).get("init_from"), self.init_identity)
+        if refused:
+            raise TrainingError(f"cannot resume from {self.resume_from}: {refused}")
 
     def remove_unused_run_dir(self, created: list[Path]) -> None:
         """A run that fails before its first step (data that cannot be read, a block too long for
@@ -490,6 +508,7 @@ class Runner:
                                dynamo_backend="inductor" if cfg.compile else "no",
                                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused_parameters)])
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.acc.register_save_state_pre_hook(trained_tensors_only)  # frozen weights are init_from's: not in checkpoints
         self.sharding_note = cpu_fsdp_note or sharding.after_accelerator(self.acc) or sharding.one_process_note(self.acc.num_processes)
         self.fsdp = self.acc.distributed_type.name == "FSDP"
 
@@ -746,6 +765,7 @@ class Runner:
         self.check_model_fits(model)
         model.config.use_cache = False
         self.groups = choose_params(model, cfg.freeze, read_plan_file(self.init_from), self.loaded, retrieval=cfg.memory.retrieval)
+        self.check_same_frozen_weights(model)
         if cfg.gradient_checkpointing:
             _enable_activation_checkpointing(model)
         model.train()
