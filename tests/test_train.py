@@ -613,10 +613,12 @@ def test_a_run_stopped_before_its_first_step_leaves_no_run_directory_unless_it_l
         assert run.is_dir() and not any(run.iterdir())
 
 
-def test_kill_9_and_resume_gives_the_same_weights(world, tmp_path):
+@pytest.mark.parametrize("freeze", ["none", "base"])
+def test_kill_9_and_resume_gives_the_same_weights(world, tmp_path, freeze):
+    """freeze: base: its checkpoints hold the trained tensors only, and the frozen ones come from init_from on resume."""
     steps = 60
-    extra = dict(tokens=16 * 4 * steps, resume="auto", **{"checkpoint.every": 4, "checkpoint.keep_last": 2, "log.every": 10,
-                                                           "log.data_trace": True})
+    extra = dict(tokens=16 * 4 * steps, resume="auto", freeze=freeze, **{"checkpoint.every": 4, "checkpoint.keep_last": 2,
+                                                                         "log.every": 10, "log.data_trace": True})
     train(load_train_config(config(world, tmp_path, name="straight", **extra)))
 
     cfg = config(world, tmp_path, name="killed", **extra)
@@ -640,6 +642,11 @@ def test_kill_9_and_resume_gives_the_same_weights(world, tmp_path):
     assert kills >= 1, "the run finished before it could be killed"
     assert not (tmp_path / "killed" / "final").exists() or kills < 2
 
+    if freeze == "base":  # what the resume read: the trained tensors only
+        from safetensors import safe_open
+
+        with safe_open(complete_checkpoints(ckpts)[-1][1] / "model.safetensors", framework="pt") as st:
+            assert {k.split(".")[2] for k in st.keys()} == {"1", "3"}, sorted(st.keys())
     result = train(load_train_config(cfg))
     assert result.steps == steps
     a, b = state_of(tmp_path / "straight" / "final"), state_of(tmp_path / "killed" / "final")
