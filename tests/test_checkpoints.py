@@ -999,8 +999,8 @@ def test_a_model_file_that_does_not_fit_the_frozen_run_is_one_line(frozen, tmp_p
     assert cli_main(["train", str(cfg), "--quiet"]) == TrainingError.exit_code
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"error: cannot resume from {ckpt(run, 4)}: model.safetensors "), err
-    assert {"trainable key missing": "lacks 1 of this run's trainable parameter(s) (e.g. model.layers.3.mlp.up_proj.weight)",
-            "foreign key": "holds 1 tensor(s) that are not this model's parameters or buffers (e.g. model.layers.9.mlp.up_proj.weight)",
+    assert {"trainable key missing": "lacks 1 of this run's trainable parameters and buffers (e.g. model.layers.3.mlp.up_proj.weight)",
+            "foreign key": "holds 1 tensor(s) that are not parameters or buffers of this run's model (e.g. model.layers.9.mlp.up_proj.weight)",
             "no frozen digest": "holds the trained tensors only, but trainer_state.json records no digest of the frozen weights"}[case] in err, err
 
 

@@ -754,8 +754,8 @@ def layout_problem(path: Path, fsdp_run: bool) -> str | None:
 def model_file_problem(path: Path, model, state: dict) -> str | None:
     """Why the checkpoint's ``model.safetensors`` does not fit ``model`` (the prepared one, whose state-dict keys it
     was written under), or None. It may lack frozen parameters (``trained_tensors_only``), so it is loaded with
-    strict=False: this is what strict loading checked, and more. Every trainable parameter must be in it (under one
-    of its tied names: safetensors keeps one of each shared pair), every key must be the model's, and a file without
+    strict=False: this is what strict loading checked, and more. Every trainable parameter and buffer must be in it
+    (under one of its tied names: safetensors keeps one of each shared pair), every key must be the model's, and a file without
     frozen parameters needs the digest of init_from's (``frozen_digest``) its run recorded, else nothing says that
     the frozen weights this run loaded are the ones it trained beside."""
     from midus_surgery.errors import MidusError
@@ -767,21 +767,21 @@ def model_file_problem(path: Path, model, state: dict) -> str | None:
     except MidusError as exc:
         return one_line(exc, 300)
     held = set(header) - {"__metadata__"}
-    keys = set(model.state_dict())
-    foreign = sorted(held - keys)
+    tensors = model.state_dict(keep_vars=True)  # the keys load_state_dict reads: parameters and persistent buffers
+    foreign = sorted(held - set(tensors))
     if foreign:
-        return (f"{name} holds {len(foreign)} tensor(s) that are not this model's parameters or buffers (e.g. {', '.join(foreign[:3])}): "
-                "it was written for another model")
-    aliases: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(n)
-    params = {id(p): p for _, p in model.named_parameters(remove_duplicate=False)}
-    absent = sorted(names[0] for i, names in aliases.items() if params[i].requires_grad and not held.intersection(names))
+        return (f"{name} holds {len(foreign)} tensor(s) that are not parameters or buffers of this run's model (e.g. "
+                f"{', '.join(foreign[:3])})")
+    aliases: dict[int, list[str]] = {}  # one tensor's names (tied weights): the file holds one of them
+    for key, t in tensors.items():
+        aliases.setdefault(id(t), []).append(key)
+    frozen = frozen_names(model)
+    absent = sorted(names[0] for names in aliases.values() if not frozen.intersection(names) and not held.intersection(names))
     if absent:
-        return (f"{name} lacks {len(absent)} of this run's trainable parameter(s) (e.g. {', '.join(absent[:3])}): it was not "
-                "written by a run that trained them")
-    without_frozen = any(p.requires_grad is False and not held.intersection(aliases[i]) for i, p in params.items())
-    recorded = (state.get("init_from") or {}).get(FROZEN_KEY) if isinstance(state.get("init_from"), dict) else None
+        return (f"{name} lacks {len(absent)} of this run's trainable parameters and buffers (e.g. {', '.join(absent[:3])}): it was "
+                "not written by a run that trained them")
+    without_frozen = any(frozen.intersection(names) and not held.intersection(names) for names in aliases.values())
+    recorded = state["init_from"].get(FROZEN_KEY) if isinstance(state.get("init_from"), dict) else None
     if without_frozen and not isinstance(recorded, str):
         return (f"{name} holds the trained tensors only, but {STATE_FILE} records no digest of the frozen weights they were "
                 "trained beside, so init_from's cannot be checked: resume with a checkpoint that holds them, or start afresh "
