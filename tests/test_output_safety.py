@@ -1342,14 +1342,17 @@ def test_a_marker_larger_than_any_the_tool_writes_is_not_read(tmp_path):
 
 def test_an_output_larger_than_its_disks_free_space_is_refused_before_writing(project, monkeypatch, capsys):
     """A 195 GiB apply wrote until a shared disk was full, then removed what it wrote (trial93 F4): the output's size is
-    known before the first byte, and refused against the free space in one line. On the base's own file system the
-    copied blocks may be shared (reflinks): a note there, not a refusal."""
+    known before the first byte, and refused against the free space in one line. On the base's own file system, where
+    that file system can share copied blocks (reflinks: btrfs, XFS), a note instead; on ext4 or tmpfs, which write every
+    byte again, refused too (trial95 F2: a note, then a full disk)."""
     import collections
 
     from midus_surgery.emit import emitter
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(emitter.shutil, "disk_usage", lambda path: usage(1 << 40, (1 << 40) - 1000, 1000))
+    real = shutil.disk_usage  # the memory recipe's check on a tiny replica of the base writes to a temp folder: room there
+    monkeypatch.setattr(emitter.shutil, "disk_usage", lambda path: usage(1 << 40, (1 << 40) - 1000, 1000)
+                        if Path(path).is_relative_to(project) else real(path))
     monkeypatch.setattr(emitter, "_on_one_disk", lambda a, b: False)
     before = tree_digest(project)
     assert apply(str(recipe(project, "out"))) == 1
@@ -1358,5 +1361,16 @@ def test_an_output_larger_than_its_disks_free_space_is_refused_before_writing(pr
     assert len(err.strip().splitlines()) == 1 and tree_digest(project) == {**before, "recipe.yaml": tree_digest(project)["recipe.yaml"]}
     assert not (project / "out").exists()
     monkeypatch.setattr(emitter, "_on_one_disk", lambda a, b: True)
-    assert apply(str(recipe(project, "out"))) == 0
-    assert "it fits only if this file system shares the blocks copied from the base (reflinks)" in capsys.readouterr().err
+    for kind in ("ext4", "tmpfs", "overlay", None):  # None: no mount table to read
+        monkeypatch.setattr(emitter, "file_system_type", lambda path: kind)
+        assert apply(str(recipe(project, "out"))) == 1, kind
+        assert "has 1000 B free: free space there" in capsys.readouterr().err and not (project / "out").exists()
+    monkeypatch.setattr(emitter, "file_system_type", lambda path: "btrfs")
+    assert apply(str(recipe(project, "out"))) == 0  # every tensor copied from the base: all of them may be shared
+    assert "it fits only if btrfs shares the blocks copied from the base (reflinks)" in capsys.readouterr().err
+    shutil.rmtree(project / "out")
+    memory = recipe(project, "out").read_text().replace("kind: transformer", "kind: memory") + \
+        "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n"
+    (project / "recipe.yaml").write_text(memory)  # its memory tables are made, not copied: no file system shares them
+    assert apply(str(project / "recipe.yaml")) == 1
+    assert "has 1000 B free: free space there" in capsys.readouterr().err and not (project / "out").exists()

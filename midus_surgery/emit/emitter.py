@@ -23,7 +23,7 @@ from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.emit.card import write_model_card
 from midus_surgery.errors import BaseModelError, MachineError, MidusError, RecipeError, is_library_panic, one_line, quiet_library_panic, shown
 from midus_surgery.io.dtypes import DTYPE_OF_TAG, ITEMSIZE, TAGS, torch_dtype
-from midus_surgery.io.output_dir import add_to_marker, atomic_directory, check_output_dir, give_default_mode, read_marker
+from midus_surgery.io.output_dir import add_to_marker, atomic_directory, check_output_dir, file_system_type, give_default_mode, read_marker
 from midus_surgery.io.progress import progress_bar
 from midus_surgery.io.shard_writer import ShardItem, write_shard
 from midus_surgery.io.small_files import regular_file_problem
@@ -361,17 +361,24 @@ def _note(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _check_room(total_bytes: int, tmp: Path, base: Path) -> None:
+# File systems whose copy_file_range can share a file's blocks with its copy (reflinks) instead of writing them again
+REFLINK_FILE_SYSTEMS = frozenset({"btrfs", "xfs", "bcachefs", "zfs", "ocfs2"})
+
+
+def _check_room(shard_items: list, tmp: Path, base: Path) -> None:
     """Refuse, before writing, an output larger than its disk's free space (a 195 GiB apply wrote until a shared disk was
-    full: trial93 F4). On the base's own file system copy_file_range may share the copied blocks (reflinks), so there a
-    shortfall is a note, not a refusal."""
+    full: trial93 F4). Only where the base's own file system can share copied blocks (reflinks: btrfs, XFS) may the
+    copied tensors take no room, and there only the produced ones (cast, initialised, new) must fit for certain: a
+    shortfall of the rest is a note. ext4, tmpfs and overlayfs write every byte again (trial95 F2: a note, then a full disk)."""
+    total = sum(item.nbytes for items in shard_items for item in items)
     free = shutil.disk_usage(tmp).free
-    if total_bytes <= free:
+    if total <= free:
         return
-    same_disk = _on_one_disk(base, tmp)
-    need = f"the output's weights take {human_bytes(total_bytes)} and the disk holding {tmp.parent} has {human_bytes(free)} free"
-    if same_disk:
-        _note(f"note: {need}; it fits only if this file system shares the blocks copied from the base (reflinks)")
+    need = f"the output's weights take {human_bytes(total)} and the disk holding {tmp.parent} has {human_bytes(free)} free"
+    produced = sum(item.nbytes for items in shard_items for item in items if item.bytes_from is None)
+    kind = file_system_type(tmp)
+    if _on_one_disk(base, tmp) and kind in REFLINK_FILE_SYSTEMS and produced <= free:
+        _note(f"note: {need}; it fits only if {kind} shares the blocks copied from the base (reflinks)")
         return
     raise MachineError(f"{need}: free space there, or write the output elsewhere (output.dir, or --out)")
 
@@ -406,7 +413,7 @@ def _write_weights(planned: PlannedRecipe, source, tmp: Path, progress: bool) ->
 
     shard_items = [[_shard_item(entry, source, init, dtype, integer_ok) for entry in shard] for shard in shards]
     total_bytes = sum(item.nbytes for items in shard_items for item in items)
-    _check_room(total_bytes, tmp, planned.loaded.resolve(planned.loaded.recipe.base.path))
+    _check_room(shard_items, tmp, planned.loaded.resolve(planned.loaded.recipe.base.path))
     bar = progress_bar(total_bytes, "apply", leave=True, unit="B", unit_scale=True, unit_divisor=1024) if progress else None
     try:
         try:

@@ -442,16 +442,22 @@ def give_default_mode(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def kernel_file_system(place: Path) -> str | None:
-    """The type of the file system ``place`` lies on when it is one of the kernel's (/proc, /sys), where no
-    folder can be made; None otherwise, or where the mount table cannot be read (not Linux)."""
+def file_system_type(place: Path) -> str | None:
+    """The type of the file system ``place`` lies on (``ext4``, ``btrfs``, ``proc``...), from the innermost mount
+    holding it; None where the mount table cannot be read (not Linux)."""
     try:
         table = Path("/proc/self/mountinfo").read_text()
     except OSError:
         return None
     path = str(place.resolve())
     holding = [(point, kind) for point, kind in mounts(table) if path == point or path.startswith(point.rstrip("/") + "/")]
-    kind = max(holding, key=lambda m: len(m[0]))[1] if holding else None  # the innermost mount holding it
+    return max(holding, key=lambda m: len(m[0]))[1] if holding else None
+
+
+def kernel_file_system(place: Path) -> str | None:
+    """The type of the file system ``place`` lies on when it is one of the kernel's (/proc, /sys), where no
+    folder can be made; None otherwise, or where the mount table cannot be read (not Linux)."""
+    kind = file_system_type(place)
     return kind if kind in _KERNEL_FILE_SYSTEMS else None
 
 
