@@ -151,3 +151,31 @@ def test_an_item_outside_its_file_is_refused_in_one_line(tmp_path, offset, lengt
     assert dcp_checkpoint_problem(tmp_path) == said
     with pytest.raises(TrainingError, match=r"pytorch_model_fsdp_0/__0_0\.distcp: item 'optimizer\.lr' claims bytes .* a corrupt checkpoint"):
         resume(checkpoint_around(tmp_path / "dcp"))
+
+
+@pytest.mark.parametrize("descriptors,said", [(7, "names 7 as its transforms"), ([1, 2], "names [1, 2] as its transforms")])
+def test_transform_descriptors_that_are_not_names_are_refused_in_one_line(tmp_path, descriptors, said):
+    """trial95 F7: the unpickler admits DCP's _StorageInfo with any transform_descriptors: 7 made the refusal's own
+    ', '.join a TypeError traceback."""
+    save_sharded(tmp_path / "dcp")
+    metadata = pickle.loads((tmp_path / "dcp" / ".metadata").read_bytes())
+    for index, info in metadata.storage_data.items():
+        if index.fqn == "optimizer.lr":
+            info.transform_descriptors = descriptors
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(metadata))
+    assert dcp_checkpoint_problem(tmp_path) == f"dcp/item 'optimizer.lr' {said}, not a list of their names: a corrupt checkpoint"
+    with pytest.raises(TrainingError, match=r"'optimizer\.lr' names .* as its transforms"):
+        resume(checkpoint_around(tmp_path / "dcp"))
+
+
+def test_any_other_malformed_field_is_refused_in_one_line(tmp_path):
+    """Any field of a value the unpickler admitted that is not what DCP writes (here a file name longer than the
+    system takes, whose look-up is an OSError pathlib does not swallow) is one line, not a traceback."""
+    save_sharded(tmp_path / "dcp")
+    metadata = pickle.loads((tmp_path / "dcp" / ".metadata").read_bytes())
+    for index, info in metadata.storage_data.items():
+        if index.fqn == "optimizer.lr":
+            info.relative_path = "x" * 300
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(metadata))
+    said = dcp_checkpoint_problem(tmp_path)
+    assert said.startswith("dcp/not DCP metadata torch could read (") and "name too long" in said and "\n" not in said

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import reprlib
 from pathlib import Path
 
 import torch
@@ -77,8 +78,13 @@ def _bytes_items_problem(folder: Path, metadata) -> str | None:
         if fqn not in byte_items:
             continue
         where = f"item {fqn!r}"
-        if getattr(info, "transform_descriptors", None):
-            return f"{where} is stored transformed ({', '.join(info.transform_descriptors)}), which cannot be checked before torch reads it"
+        descriptors = getattr(info, "transform_descriptors", None)
+        if descriptors:
+            # the unpickler admits _StorageInfo with any values: 7 here made the join below a TypeError traceback (trial95 F7)
+            named = isinstance(descriptors, (list, tuple)) and all(isinstance(d, str) for d in descriptors)
+            if not named:
+                return f"{where} names {reprlib.repr(descriptors)} as its transforms, not a list of their names: a corrupt checkpoint"
+            return f"{where} is stored transformed ({', '.join(descriptors)}), which cannot be checked before torch reads it"
         file = folder / str(info.relative_path)
         if file.parent != folder or not file.is_file():
             return f"{where} points to {info.relative_path!r}, not a file beside the metadata"
@@ -106,7 +112,10 @@ def dcp_checkpoint_problem(path: Path) -> str | None:
             metadata = read_dcp_metadata(metadata_file)
         except ValueError as exc:
             return f"{where}: {exc}"
-        problem = _bytes_items_problem(metadata_file.parent, metadata)
+        try:
+            problem = _bytes_items_problem(metadata_file.parent, metadata)
+        except Exception as exc:  # noqa: BLE001 - any other field of a value the unpickler admitted (an fqn that is a list): one line
+            problem = f"not DCP metadata torch could read ({load_error_line(exc, 200)}): a corrupt checkpoint"
         if problem:
             return f"{where.parent}/{problem}" if where.parent != Path(".") else problem
     return None
