@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from midus_surgery.io.json_text import loads_checked, strict_json
+from midus_surgery.io.json_text import loads_as_transformers, loads_checked, strict_json
 from midus_surgery.io.output_dir import MARKER, checkpoint_extras, read_marker
 from midus_surgery.train.checkpoint import STATE_FILE, _safetensors_problem, read_checkpoint_state
 from midus_surgery.train.evaluate import ModelLoadError, check_model_dir
@@ -36,7 +36,7 @@ def test_a_hostile_json_file_is_a_value_error_to_its_readers_never_a_traceback(t
         loads_checked(DEEP)
     with pytest.raises(ValueError, match="1e400 is out of range"):
         loads_checked('{"data_offsets": [0, 1e400]}')
-    assert loads_checked('{"x": 1.5e300, "n": -2, "s": "1e400", "lr": Infinity}') == {"x": 1.5e300, "n": -2, "s": "1e400", "lr": math.inf}
+    assert loads_checked('{"x": 1.5e300, "n": -2, "s": "1e400", "lr": Infinity}', special_floats=True) == {"x": 1.5e300, "n": -2, "s": "1e400", "lr": math.inf}
     (tmp_path / MARKER).write_text(DEEP)
     assert read_marker(tmp_path) is None
     (tmp_path / STATE_FILE).write_text(DEEP)
@@ -49,3 +49,47 @@ def test_a_hostile_json_file_is_a_value_error_to_its_readers_never_a_traceback(t
     (tmp_path / "config.json").write_text(DEEP)
     with pytest.raises(ModelLoadError, match="cannot read config.json .*nested too deeply"):
         check_model_dir(tmp_path)
+
+
+@pytest.mark.parametrize("literal", ["Infinity", "-Infinity", "NaN"])
+def test_a_checkpoint_header_with_a_non_finite_literal_is_a_broken_checkpoint_not_a_traceback(tmp_path, literal):
+    """trial95 F5: parse_float refused 1e400, but the Infinity/NaN literals went through parse_constant: a header's
+    [0, Infinity] offsets were an OverflowError traceback at a resume (int(inf))."""
+    with pytest.raises(ValueError, match=f"{literal} is not a JSON number"):
+        loads_checked(f'[0, {literal}]')
+    header = f'{{"w":{{"dtype":"F32","shape":[1],"data_offsets":[0,{literal}]}}}}'.encode()
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    said = _safetensors_problem(tmp_path / "model.safetensors")
+    assert f"model.safetensors: not a safetensors file (ValueError: {literal} is not a JSON number)" in said
+
+
+def test_a_checkpoint_state_with_a_huge_count_is_unreadable_not_a_traceback(tmp_path):
+    """trial95 F5: samples_seen of 10**400 (under Python's 4,300-digit limit) passed the reader and was an OverflowError
+    traceback where the resume divided it into a float."""
+    with pytest.raises(ValueError, match="out of range .*64-bit"):
+        loads_checked(str(10**400))
+    with pytest.raises(ValueError, match="out of range .*64-bit"):
+        loads_checked(str(-(2**63)))
+    assert loads_checked(str(2**63 - 1)) == 2**63 - 1
+    state = {"step": 8, "samples_seen": 10**400, "tokens_seen": 10**401, "data": {}}
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=f"{STATE_FILE}: unreadable .*out of range"):
+        read_checkpoint_state(tmp_path)
+
+
+def test_files_transformers_writes_still_read(tmp_path):
+    """What transformers reads, the tool reads: an older transformers wrote Mamba2's time_step_limit as [0.0, Infinity],
+    and many tokenizer_config.json files say model_max_length int(1e30), past 64 bits. Deep nesting is still refused."""
+    text = '{"time_step_limit": [0.0, Infinity], "x": NaN, "model_max_length": 1000000000000000019884624838656}'
+    data = loads_as_transformers(text)
+    assert data["time_step_limit"] == [0.0, math.inf] and math.isnan(data["x"]) and data["model_max_length"] == int(1e30)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        loads_as_transformers(DEEP)
+    # the newer transformers' own writing is plain JSON
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16).save_pretrained(tmp_path)
+    assert loads_checked((tmp_path / "config.json").read_text())["model_type"] == "llama"
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "time_step_limit": [0.0, Infinity], "max_position_embeddings": 64}')
+    check_model_dir(tmp_path)  # no ValueError: read as transformers reads it
+

@@ -47,7 +47,7 @@ from midus_surgery.errors import (
     quiet_library_panic,
     temp_disk_advice,
 )
-from midus_surgery.io.json_text import loads_checked
+from midus_surgery.io.json_text import loads_as_transformers, loads_checked
 from midus_surgery.io.output_dir import recorded_base, run_export_hint
 from midus_surgery.io.small_files import read_small_text
 from midus_surgery.io.tensor_source import name_groups
@@ -127,7 +127,7 @@ def _builds_with_own_code(directory: Path, gguf: str | None) -> bool:
     if gguf:
         return False
     try:
-        return bool(building_code(loads_checked((directory / "config.json").read_text())))
+        return bool(building_code(loads_as_transformers((directory / "config.json").read_text())))
     except (OSError, ValueError, AttributeError):  # no config.json, or not a JSON object: the load says so
         return False
 
@@ -192,7 +192,7 @@ def _tokenizer(path: Path, trust_remote_code: bool = False):
 def _safetensors_files(path: Path) -> list[str]:
     """The weight files of a model directory: its index's shards, or the one model.safetensors."""
     index = path / "model.safetensors.index.json"
-    return sorted(set(loads_checked(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    return sorted(set(loads_as_transformers(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
 
 
 def _file_tensor_names(path: Path) -> set[str]:
@@ -283,7 +283,7 @@ def _layer_of(name: str, prefix: str) -> int | None:
 def _config_dict(out: Path) -> dict:
     """config.json as a dict; {} when it is not one (the load check then says why)."""
     try:
-        config = loads_checked((out / "config.json").read_text())
+        config = loads_as_transformers((out / "config.json").read_text())
     except (OSError, UnicodeDecodeError, ValueError):
         return {}
     return config if isinstance(config, dict) else {}
@@ -321,7 +321,7 @@ def _other_shipped_code(out: Path, base_dir: Path | None) -> tuple[str | None, s
 
     def tokenizer_map(folder: Path | None):
         try:
-            data = loads_checked(read_small_text(folder / "tokenizer_config.json")) if folder is not None else None
+            data = loads_as_transformers(read_small_text(folder / "tokenizer_config.json")) if folder is not None else None
         except (OSError, ValueError):
             return None
         return data.get("auto_map") if isinstance(data, dict) else None

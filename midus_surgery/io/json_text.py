@@ -33,11 +33,46 @@ def _float_in_range(text: str) -> float:
     return value
 
 
-def loads_checked(text: str | bytes, **loads_options):
+INT_BOUND = 2**63  # a count, an offset, a step or a size of the tool's files fits a signed 64-bit integer
+
+
+def _refuse_constant(name: str):
+    """json parse_constant: ``Infinity``, ``-Infinity`` and ``NaN``, which Python's reader takes though JSON has no such
+    numbers. A safetensors header with ``[0, Infinity]`` offsets passed the reader and ``int(inf)`` was an OverflowError
+    traceback at a resume (trial95 F5)."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _int_in_bound(text: str) -> int:
+    """json parse_int: an integer a 64-bit field holds. ``samples_seen`` of 10**400 in a checkpoint's state passed the
+    reader and its division into a float was an OverflowError traceback (trial95 F5). The digits are counted before
+    converting: Python's int() of thousands of digits is slow, and past 4,300 a ValueError of its own."""
+    if len(text) > 21 or abs(value := int(text)) >= INT_BOUND:
+        raise ValueError(f"the integer {text[:40]}{'...' if len(text) > 40 else ''} is out of range (more than a 64-bit integer holds)")
+    return value
+
+
+def loads_checked(text: str | bytes, *, special_floats: bool = False, big_ints: bool = False, **loads_options):
     """``json.loads`` of a file the user (or whoever made a folder) controls, every failure a ``ValueError``, which its
     callers already catch: brackets nested too deep for Python's reader (a RecursionError, not a ValueError, about
-    100,000 deep) and a number out of range are said as such, not raised as a traceback (trial92 F8)."""
+    100,000 deep) and a number out of range are said as such, not raised as a traceback (trial92 F8).
+
+    Refused unless asked for: ``Infinity``/``NaN`` (``special_floats``: a file ``json.dumps`` wrote with its defaults,
+    or an older transformers' config: Mamba2's ``time_step_limit`` is ``[0.0, Infinity]``), and integers beyond 64 bits
+    (``big_ints``: tokenizer_config.json's ``model_max_length`` is often ``int(1e30)``). :func:`loads_as_transformers`
+    reads the files transformers reads."""
+    options = {"parse_float": _float_in_range}
+    if not special_floats:
+        options["parse_constant"] = _refuse_constant
+    if not big_ints:
+        options["parse_int"] = _int_in_bound
     try:
-        return json.loads(text, parse_float=_float_in_range, **loads_options)
+        return json.loads(text, **options, **loads_options)
     except RecursionError:
         raise ValueError("JSON nested too deeply to read") from None
+
+
+def loads_as_transformers(text: str | bytes, **loads_options):
+    """A model's config.json, tokenizer_config.json or weights index, taking what transformers' own reader takes
+    (``Infinity``, ``NaN``, integers of any size) but deep nesting and numbers past a float's range: a ``ValueError``."""
+    return loads_checked(text, special_floats=True, big_ints=True, **loads_options)

@@ -92,7 +92,7 @@ def recorded_base(directory: Path) -> str | None:
     found = (read_marker(directory) or {}).get("base_path")
     if found is None:
         try:
-            found = loads_checked(read_small_text(Path(directory) / "midus_plan.json")).get("base_path")
+            found = loads_checked(read_small_text(Path(directory) / "midus_plan.json"), special_floats=True).get("base_path")
         except (OSError, ValueError, AttributeError):
             return None
     return found if isinstance(found, str) and found else None
@@ -867,7 +867,7 @@ def checkpoint_extras(checkpoint: Path) -> list[str]:
     """What a checkpoint folder holds beyond the files its state file records (a user's notes), as
     relative paths; [] for a checkpoint that records none (written before files were recorded)."""
     try:
-        recorded = loads_checked(read_small_text(checkpoint / CHECKPOINT_STATE)).get("files")
+        recorded = loads_checked(read_small_text(checkpoint / CHECKPOINT_STATE), special_floats=True).get("files")
     except (OSError, ValueError, AttributeError):
         return []
     if not isinstance(recorded, dict):

@@ -113,7 +113,7 @@ def header_digest(path: Path) -> str | None:
 def read_checkpoint_state(path: Path) -> dict:
     """The checkpoint's state file, with the keys a resume needs; ``ValueError`` (one line) when not."""
     try:
-        state = loads_checked(read_small_text(path / STATE_FILE))
+        state = loads_checked(read_small_text(path / STATE_FILE), special_floats=True)  # json.dumps wrote it
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"{STATE_FILE}: unreadable ({load_error_line(exc, 120)})") from None
     if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
@@ -172,7 +172,7 @@ def verify_checkpoint(path: Path) -> str | None:
             return problem
     if isinstance(files, dict) and SCHEDULER_FILE in files:  # the scheduler steps with the optimiser: its position is the step
         try:
-            position = loads_checked(read_small_text(path / SCHEDULER_FILE)).get("last_epoch")
+            position = loads_checked(read_small_text(path / SCHEDULER_FILE), special_floats=True).get("last_epoch")
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
             position = None  # unreadable: the load says so, naming the file
         if isinstance(position, int) and position != state["step"]:
@@ -271,7 +271,7 @@ def load_legacy_rng_state(path: Path) -> None:
 def scheduler_state(path: Path, current: dict) -> dict:
     """The scheduler state a checkpoint holds, checked against the keys of ``current`` (ours)."""
     if (path / SCHEDULER_FILE).is_file():
-        state = loads_checked(read_small_text(path / SCHEDULER_FILE))
+        state = loads_checked(read_small_text(path / SCHEDULER_FILE), special_floats=True)  # json.dumps wrote it
     else:
         with quiet_pickle_notes():
             state = torch.load(path / LEGACY_SCHEDULER_FILE, weights_only=True)

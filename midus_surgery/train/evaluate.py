@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from midus_surgery.errors import MidusError, UsageError, disk_problem, is_library_panic, load_error_line, one_line, quiet_library_panic
 from midus_surgery.io.hf_output import hf_progress_bars, kept_load_report, load_report_words
-from midus_surgery.io.json_text import loads_checked
+from midus_surgery.io.json_text import loads_as_transformers
 from midus_surgery.io.output_dir import CHECKPOINT_STATE, check_cache_location, data_folder, input_root, run_export_hint
 from midus_surgery.io.small_files import read_small_text
 from midus_surgery.io.stored_dtypes import floats_stored_as_integers, stored_dtype_problem
@@ -168,7 +168,7 @@ def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow
                                  "(export.dir, by default run_dir/final), or resume the run to export it")
         raise ModelLoadError(f"{path} is not a model directory (no config.json){run_export_hint(path)}")
     try:
-        data = loads_checked(read_small_text(path / "config.json"))  # bounded: a config.json is a few KB
+        data = loads_as_transformers(read_small_text(path / "config.json"))  # bounded: a config.json is a few KB
         code = building_code(data) if isinstance(data, dict) and data.get("model_type") != "midus" else {}
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ModelLoadError(f"{path}: cannot read config.json ({one_line(exc, 300, whole=True)})") from None
@@ -450,7 +450,7 @@ def _own_tokenizer_code(path: Path) -> str | None:
     (auto_map AutoTokenizer), as one text; None when it names none. Read as JSON: nothing runs."""
     for name in ("tokenizer_config.json", "config.json"):
         try:
-            data = loads_checked(read_small_text(Path(path) / name))
+            data = loads_as_transformers(read_small_text(Path(path) / name))
         except (OSError, ValueError):
             continue
         auto_map = data.get("auto_map") if isinstance(data, dict) else None

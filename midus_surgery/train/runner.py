@@ -37,7 +37,7 @@ import torch
 
 from midus_surgery.compiler.plan import read_plan_file
 from midus_surgery.errors import RecipeError, TrainingError, one_line, printable
-from midus_surgery.io.json_text import loads_checked, strict_json
+from midus_surgery.io.json_text import loads_as_transformers, loads_checked, strict_json
 from midus_surgery.io.output_dir import (
     MARKER,
     RUN_ENTRIES,
@@ -330,7 +330,7 @@ class Runner:
     def model_on_meta(self) -> torch.nn.Module:
         """init_from's model built from its config on the meta device, as the start loads it: its parameters' names
         and shapes, no weights read."""
-        self.is_midus = loads_checked((self.init_from / "config.json").read_text()).get("model_type") == "midus"
+        self.is_midus = loads_as_transformers((self.init_from / "config.json").read_text()).get("model_type") == "midus"
         return model_on_meta(self.init_from, trust_remote_code=self.cfg.trust_remote_code, how_to_allow=ALLOW_CODE,
                              allow_pickle=self.cfg.allow_pickle, how_to_allow_pickle=ALLOW_PICKLE)
 
@@ -665,7 +665,7 @@ class Runner:
         """init_from's tokenizer, once the blocks are known to fit the model's positions (said now, not
         after tokenising, or as "all blocks held out")."""
         cfg, d = self.cfg, self.cfg.data
-        too_long = positions_problem(stated_positions(loads_checked((self.init_from / "config.json").read_text())), d.block_size)
+        too_long = positions_problem(stated_positions(loads_as_transformers((self.init_from / "config.json").read_text())), d.block_size)
         if too_long:
             raise RecipeError([self.loaded.problem(("data", "block_size"), too_long)])
         self.tokenizer = load_tokenizer(self.init_from, cfg.trust_remote_code, how_to_allow=ALLOW_CODE)
@@ -752,7 +752,7 @@ class Runner:
     def setup_model(self) -> None:
         """The model in fp32 (master weights; bf16 runs under autocast), the freeze policy applied."""
         cfg, loaded = self.cfg, self.loaded
-        config_data = loads_checked((self.init_from / "config.json").read_text())
+        config_data = loads_as_transformers((self.init_from / "config.json").read_text())
         self.init_dtype = config_data.get("dtype") or config_data.get("torch_dtype") or "float32"
         self.is_midus = config_data.get("model_type") == "midus"
         model = load_causal_lm(self.init_from, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, progress=self.bars,
@@ -1318,7 +1318,7 @@ def metric_lines(path: Path) -> list[tuple[str, dict]]:
     found = []
     for line in path.read_text(errors="replace").splitlines():
         try:
-            record = loads_checked(line)
+            record = loads_checked(line, special_floats=True)  # lines of older versions kept NaN losses
         except ValueError:
             continue
         if isinstance(record, dict) and isinstance(record.get("step", 0), int):
