@@ -215,6 +215,20 @@ def test_full_plan_can_be_forced(bases, tmp_path, monkeypatch):
     assert plan_for_apply(recipe)[0].planner == "transformers"
 
 
+def test_a_base_config_nested_too_deeply_is_one_line(bases, tmp_path, capsys):
+    """trial95 F6: the header planner read the base's config.json with bare json.loads: nested 200,000 deep it was a
+    RecursionError traceback (the full planner already said it in one line)."""
+    base = copy_base(bases["llama-tied"], tmp_path / "base")
+    text = (base / "config.json").read_text().rstrip().removesuffix("}")
+    (base / "config.json").write_text(text + ', "deep": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    recipe = write_recipe(tmp_path, base)
+    assert "nested too deeply" in why_not(recipe)
+    assert main(["apply", str(recipe), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "config.json is nested too deeply to be a config" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_layout_error_is_one_located_message_and_writes_nothing(bases, tmp_path, capsys):
     recipe = write_recipe(tmp_path, bases["llama-tied"], layout="layout:\n  slices:\n    - layers: [0, 3]\n    - layers: [1, 9]\n")
     assert main(["apply", str(recipe), "--quiet"]) == 2

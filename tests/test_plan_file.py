@@ -113,3 +113,11 @@ def test_an_unreadable_plan_is_one_line(tmp_path):
     os.mkfifo(tmp_path / PLAN_FILE)  # a pipe read as "no plan" (verify ran the generic checks only), or waited on (trial66)
     with pytest.raises(MidusError, match=r"midus_plan\.json: not a readable plan \(.+midus_plan\.json is a named pipe, not a regular file\)$"):
         read_plan_file(tmp_path)
+
+
+def test_a_plan_nested_too_deeply_is_one_line(tmp_path):
+    """trial95 F6: read with bare json.loads, a midus_plan.json nested 200,000 deep was a RecursionError traceback in
+    verify and train (read_plan_file caught ValueError and others, not RecursionError)."""
+    (tmp_path / PLAN_FILE).write_text('{"a": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    with pytest.raises(MidusError, match=r"midus_plan\.json: not a readable plan \(ValueError: JSON nested too deeply to read\)$"):
+        read_plan_file(tmp_path)

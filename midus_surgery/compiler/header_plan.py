@@ -21,12 +21,11 @@ hidden size, vocabulary), are refused here as in the full planner (BaseModelErro
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass
 from typing import Callable
 
-from midus_surgery.compiler.base import check_stated_config, located_at_base_path, resolve_base
+from midus_surgery.compiler.base import check_stated_config, located_at_base_path, read_config_json, resolve_base
 from midus_surgery.compiler.layout import COPY, expand_layout
 from midus_surgery.compiler.plan import (
     CYCLED_LISTS,
@@ -132,7 +131,8 @@ def _plan(loaded: LoadedRecipe) -> PlannedRecipe:
     if ref.is_gguf or not ref.exists:
         raise NotCovered(f"no base model at {ref.directory} yet" if not ref.is_gguf else "the base is a GGUF file")
     try:
-        config = json.loads((ref.directory / "config.json").read_text())
+        # as the full planner reads it: bare json.loads of a config nested 200,000 deep was a RecursionError traceback (trial95 F6)
+        config = read_config_json(ref.directory / "config.json")
     except (OSError, ValueError) as exc:
         raise NotCovered(f"config.json: {exc}") from None
     if not isinstance(config, dict):

@@ -25,6 +25,7 @@ from midus_surgery.anatomy.config_lists import is_per_layer, list_kinds
 from midus_surgery.compiler.layout import LayerSpec, expand_layout
 from midus_surgery.errors import MidusError, RecipeError, one_line
 from midus_surgery.io.dtypes import auto_dtype
+from midus_surgery.io.json_text import loads_checked
 from midus_surgery.io.small_files import NotBookkeeping, read_small_text
 from midus_surgery.model.midus_names import HML_MODULE, PLAN_FILE, SHARED_BANK, STAND_IN_PREFIX
 from midus_surgery.recipe.anatomy_spec import Anatomy, StackAnatomy, index_ranges
@@ -229,7 +230,8 @@ def read_plan_file(model_dir: Path) -> dict | None:
     if not (path.exists() or path.is_symlink()):  # a pipe or a folder in its place is not "no plan" (trial66): it is said
         return None
     try:
-        return read_plan_json(json.loads(read_small_text(path)))
+        # a plan nested 200,000 deep was a RecursionError traceback in verify and train (trial95 F6); json.dumps wrote it
+        return read_plan_json(loads_checked(read_small_text(path), special_floats=True))
     except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
         raise MidusError(f"{path}: not a readable plan ({exc if isinstance(exc, NotBookkeeping) else one_line(exc, 200)})") from None
 

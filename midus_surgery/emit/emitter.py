@@ -23,6 +23,7 @@ from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.emit.card import write_model_card
 from midus_surgery.errors import BaseModelError, MachineError, MidusError, RecipeError, is_library_panic, one_line, quiet_library_panic, shown
 from midus_surgery.io.dtypes import DTYPE_OF_TAG, ITEMSIZE, TAGS, torch_dtype
+from midus_surgery.io.json_text import loads_as_transformers
 from midus_surgery.io.output_dir import add_to_marker, atomic_directory, check_output_dir, file_system_type, give_default_mode, read_marker
 from midus_surgery.io.progress import progress_bar
 from midus_surgery.io.shard_writer import ShardItem, write_shard
@@ -222,7 +223,7 @@ def _tokenizer_code_files(config: Path) -> list[str]:
     tokenizer with its own code loads (with trust_remote_code) only with them beside it. A reference into
     another Hub repository (``owner/repo--tok.MyTokenizer``) is that repository's, not the folder's."""
     try:
-        auto_map = json.loads(config.read_text()).get("auto_map") if config.is_file() else None
+        auto_map = loads_as_transformers(config.read_text()).get("auto_map") if config.is_file() else None  # deep nesting: a ValueError
     except (OSError, ValueError, AttributeError):
         return []
     if not isinstance(auto_map, dict):
