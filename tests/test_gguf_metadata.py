@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -305,9 +306,40 @@ def test_a_gguf_of_more_strings_than_any_tokenizer_is_refused_before_the_reader_
     recipe = write_recipe(tmp_path, path)
     for command in ("validate", "plan", "apply"):
         line = refused(recipe, capsys, command)  # the walk itself stops before the items (89 s for validate before)
-        assert (f"{path}: metadata key 'tokenizer.ggml.tokens' holds 2,097,153 string items, past 2,097,152 metadata entries, "
-                "strings and arrays in all (a real tokenizer's tokens and merges are under a million)") in line, line
+        assert (f"{path}: metadata key 'tokenizer.ggml.tokens' holds 2,097,153 string items, past 2,097,152 metadata entries "
+                "and array items in all (a real tokenizer's tokens, scores, types and merges are about a million at most)") in line, line
         assert line.endswith("refused before it is read"), line
+
+
+def test_a_gguf_of_more_numbers_than_any_tokenizer_is_refused_before_the_reader_sees_them(tmp_path, capsys):
+    """trial95 F8: an array of fixed-size items was stepped over uncounted, but gguf's reader builds one numpy array per
+    item: a 2 MB file of one uint8 array took it 22.7 s and 1.4 GiB. Its items count toward the cap."""
+    from midus_surgery.io.tensor_source import GgufTooManyItems, check_gguf_layout
+
+    count = 2**21 + 1
+    path = tmp_path / "m.gguf"
+    path.write_bytes(gguf_bytes(ARCH, kv("x.bytes", ARRAY, struct.pack("<IQ", U8, count) + b"\0" * count)))
+    with pytest.raises(GgufTooManyItems, match="metadata key 'x.bytes' holds 2,097,153 uint8 items, past 2,097,152"):
+        check_gguf_layout(str(path))
+    start = time.monotonic()
+    line = refused(write_recipe(tmp_path, path), capsys, "validate")
+    assert time.monotonic() - start < 10 and line.endswith("refused before it is read"), line
+
+
+def test_a_tokenizer_of_the_largest_real_size_still_passes_the_item_cap(tmp_path):
+    """What the cap must let through: 256k tokens, each with a float32 score and an int32 type, and 500k merges (a
+    Gemma-sized vocabulary with a Llama-3-sized merge list), besides the architecture's entries."""
+    from midus_surgery.io.tensor_source import check_gguf_layout
+
+    tokens, merges = 256_000, 500_000
+    path = tmp_path / "tok.gguf"
+    path.write_bytes(gguf_bytes(
+        ARCH,
+        kv("tokenizer.ggml.tokens", ARRAY, struct.pack("<IQ", STRING, tokens) + gguf_string("t") * tokens),
+        kv("tokenizer.ggml.scores", ARRAY, struct.pack("<IQ", 6, tokens) + b"\0" * 4 * tokens),
+        kv("tokenizer.ggml.token_type", ARRAY, struct.pack("<IQ", 5, tokens) + b"\0" * 4 * tokens),
+        kv("tokenizer.ggml.merges", ARRAY, struct.pack("<IQ", STRING, merges) + gguf_string("a b") * merges)))
+    check_gguf_layout(str(path))  # no GgufTooManyItems
 
 
 @pytest.mark.parametrize("missing", ["tensors", "sizes", "both"])

@@ -485,10 +485,11 @@ _GGUF_TYPE_NAMES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32",
                     8: "string", 9: "array", 10: "uint64", 11: "int64", 12: "float64"}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 _GGUF_MAX_NESTING = 4  # arrays of arrays, deep: llama.cpp reads none nested; gguf's reader recurses in Python per level
-# The metadata entries, strings and arrays in arrays one file may declare in all: gguf's reader builds Python and numpy
-# objects for each, about 200 bytes of memory per byte of a file of empty strings (trial92 F7: 8 MB took 1.8 GB). A
-# real tokenizer's tokens and merges are under a million (256k tokens; 500k merges); 2^21 leaves twice that, and a file
-# just under it costs gguf's reader a few GB at most.
+# The metadata entries and array items (strings, arrays, numbers) one file may declare in all: gguf's reader builds
+# Python and numpy objects for each, about 200 bytes of memory per byte of a file of empty strings (trial92 F7: 8 MB
+# took 1.8 GB), about 700 bytes per item of a number array (trial95 F8). A real tokenizer's tokens, merges, scores and
+# token types are about a million at most (256k tokens, each with a score and a type; 500k merges); 2^21 leaves room,
+# and a file just under it costs gguf's reader about 1.5 GB at most.
 _GGUF_MAX_ITEMS = 2**21
 
 
@@ -531,8 +532,8 @@ class _GgufLayout:
         _GGUF_MAX_ITEMS, before they are walked."""
         self.items += count
         if self.items > _GGUF_MAX_ITEMS:
-            raise GgufTooManyItems(f"{claim}, past {_GGUF_MAX_ITEMS:,} metadata entries, strings and arrays in all (a real "
-                                   "tokenizer's tokens and merges are under a million), which gguf's reader would build one by "
+            raise GgufTooManyItems(f"{claim}, past {_GGUF_MAX_ITEMS:,} metadata entries and array items in all (a real "
+                                   "tokenizer's tokens, scores, types and merges are about a million at most), which gguf's reader would build one by "
                                    "one, in about 200 times the file's size of memory")
 
     def take(self, n: int, claim: str) -> int:
@@ -560,8 +561,12 @@ class _GgufLayout:
                 raise GgufLayoutError(f"{what} nests arrays more than {_GGUF_MAX_NESTING} deep (llama.cpp reads no array of arrays)")
             item = self.number("I", f"the item type of {what}")
             count = self.number("Q", f"the item count of {what}")
-            if item in _GGUF_ITEM_BYTES:  # fixed-size items: stepped over at once
+            if item in _GGUF_ITEM_BYTES:  # fixed-size items: stepped over at once here, but not by the reader
                 self.take(count * _GGUF_ITEM_BYTES[item], f"{what} holds {count:,} {_GGUF_TYPE_NAMES[item]} items")
+                # counted too: gguf's reader builds one numpy array per item of any type, ~700 bytes and 11 us each, so a
+                # 2 MB file of one uint8 array took 22.7 s and 1.4 GiB (trial95 F8). A real tokenizer's token_type and
+                # scores arrays, one item per token, stay far below the cap with its tokens and merges.
+                self.count_items(count, f"{what} holds {count:,} {_GGUF_TYPE_NAMES[item]} items")
                 return
             if item not in (_GGUF_STRING, _GGUF_ARRAY):
                 raise GgufLayoutError(f"{what} holds items of value type {item}, which GGUF does not define")
