@@ -678,3 +678,38 @@ def test_the_base_is_let_go_before_the_round_trip_loads_the_output_again(bases, 
     checks = run(out)
     assert alive_at_round_trip[0] == [], alive_at_round_trip  # nothing but the output itself when the output's round trip runs
     assert checks["round-trip"].skipped and checks["round-trip"].detail.startswith("the base model fails it too ("), checks["round-trip"]
+
+
+@pytest.mark.parametrize("how", ["gone", "memory"])
+def test_a_base_that_cannot_be_loaded_again_leaves_the_round_trip_failure_said(bases, tmp_path, monkeypatch, capsys, how):
+    """trial95 F4: after the output failed its round trip, the base was loaded again unguarded: a base moved away, or a
+    MemoryError there, was a traceback that hid the output's failure. Now the failure is said, with why the base could
+    not compare, in one line."""
+    import shutil
+
+    from midus_surgery.cli import main
+
+    base = tmp_path / "base"
+    shutil.copytree(bases["llama"], base)
+    out = emit(plan_recipe(write_recipe(tmp_path, base, "llama-pro")), progress=False).out_dir
+    load, loads = verify_module._load, []
+
+    def failing_round_trip(model, ids, trust, shipped=False):
+        if how == "gone":
+            shutil.move(base, tmp_path / "moved")
+        return verify_module.Check("round-trip", False, "broken for the test")
+
+    def loading(path, *args, **kwargs):
+        loads.append(path)
+        if how == "memory" and len(loads) == 3:  # the output, the base, then the base again
+            raise MemoryError()
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(verify_module, "round_trip_check", failing_round_trip)
+    monkeypatch.setattr(verify_module, "_load", loading)
+    assert main(["verify", str(out), "--base", str(base)]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err, captured.err
+    line = next(x for x in captured.out.splitlines() if "round-trip" in x)
+    why = "it is not there any more" if how == "gone" else "out of memory"
+    assert "FAIL" in line and f"broken for the test; the base model {base} could not be loaded again to compare ({why})" in line, line
