@@ -8,6 +8,7 @@ config's own folder. Every refusal happens before any work, and leaves every inp
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -1374,3 +1375,70 @@ def test_an_output_larger_than_its_disks_free_space_is_refused_before_writing(pr
     (project / "recipe.yaml").write_text(memory)  # its memory tables are made, not copied: no file system shares them
     assert apply(str(project / "recipe.yaml")) == 1
     assert "has 1000 B free: free space there" in capsys.readouterr().err and not (project / "out").exists()
+
+
+def test_a_marker_write_that_fails_keeps_the_earlier_marker_and_the_resume_works(train_project, monkeypatch, capsys):
+    """trial95 F3: a resume's start rewrote the run's marker in place (truncated, then written): a full disk between the
+    two left it empty, and every later resume was refused as holding a file midus-surgery did not write, though the
+    error had said nothing half-written was kept."""
+    assert main(["train", str(train_config(train_project)), "--quiet"]) == 0
+    run = train_project / "runs" / "a"
+    before = (run / MARKER).read_text()
+    write_text = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):  # the file opened (truncated), then the write fails
+        if self.name.startswith(MARKER):
+            open(self, "w").close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, text, *args, **kwargs)
+
+    config = train_config(train_project, resume="auto", tokens=384)
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_text", full_disk)
+        assert main(["train", str(config), "--quiet"]) == 1
+    assert "disk is full" in capsys.readouterr().err
+    assert (run / MARKER).read_text() == before and not [p.name for p in run.iterdir() if p.name.startswith(f"{MARKER}.")]
+    assert main(["train", str(config), "--quiet"]) == 0
+    assert read_marker(run)["pid"] == os.getpid()
+
+
+def test_the_marker_a_run_holds_is_rewritten_whole_and_stays_held(tmp_path):
+    """The start rewrites the marker it holds with its own pid: a new file, locked before it is renamed over the old
+    one, so the directory is never without a held marker, nor with a half-written one."""
+    from midus_surgery.io.output_dir import hold_marker, marker_in_use, release_marker, rewrite_held_marker, write_marker
+
+    write_marker(tmp_path, "train run")
+    held = hold_marker(tmp_path)
+    assert held is not None and marker_in_use(tmp_path)
+    held = rewrite_held_marker(tmp_path, "train run", held)
+    assert marker_in_use(tmp_path) and hold_marker(tmp_path) is None  # the file now at the name is held
+    assert read_marker(tmp_path)["kind"] == "train run" and sorted(p.name for p in tmp_path.iterdir()) == [MARKER]
+    release_marker(held)
+    assert not marker_in_use(tmp_path)
+
+
+def test_a_run_directory_whose_marker_is_a_link_to_another_runs_is_refused(train_project, capsys):
+    """trial95 F9: train ran in a run_dir whose .midus-surgery linked to another run's marker, held that run's lock and
+    wrote its own pid into it. A marker that is a link is not the tool's: refused in one line, nothing written."""
+    from midus_surgery.io.output_dir import hold_marker, marker_in_use, release_marker
+
+    assert main(["train", str(train_config(train_project)), "--quiet"]) == 0
+    other = train_project / "runs" / "a"
+    before = (other / MARKER).read_text()
+    linked = train_project / "runs" / "lnk"
+    linked.mkdir()
+    (linked / MARKER).symlink_to(other / MARKER)
+    config = train_config(train_project, run_dir="runs/lnk")
+    capsys.readouterr()
+    for extra in ([], ["--dry-run"]):
+        assert main(["train", str(config), "--quiet", *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"{linked} holds a {MARKER} that is a symlink; train never writes through a link" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert (other / MARKER).read_text() == before and sorted(p.name for p in linked.iterdir()) == [MARKER]
+    # read and looked at as no marker of the tool's: another run's lock is not this directory's
+    held = hold_marker(other)
+    try:
+        assert read_marker(linked) is None and not marker_in_use(linked) and marker_in_use(other)
+    finally:
+        release_marker(held)

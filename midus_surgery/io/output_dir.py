@@ -62,9 +62,11 @@ class OutputError(MidusError):
 
 
 def read_marker(directory: Path) -> dict | None:
-    """The marker of a directory this tool wrote, or None (no marker, or not ours)."""
+    """The marker of a directory this tool wrote, or None (no marker, or not ours). A marker that is a symlink is not
+    ours: through a link to another run directory's marker, train took that run's lock and wrote its own pid into it
+    (trial95 F9); the tool writes its markers as files, and never writes or locks one through a link."""
     try:
-        data = loads_checked(read_small_text(Path(directory) / MARKER))
+        data = loads_checked(read_small_text(Path(directory) / MARKER, follow_links=False))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and data.get("tool") == "midus-surgery" else None
@@ -73,8 +75,34 @@ def read_marker(directory: Path) -> dict | None:
 def write_marker(directory: Path, kind: str, owner: str | None = None) -> None:
     """Mark ``directory`` as written by this tool: by which command (``kind``), for which ``owner``
     (train's export: its run directory), and by which process (for leftovers of killed runs)."""
+    write_text_atomically(Path(directory) / MARKER, _marker_text(kind, owner))
+
+
+def _marker_text(kind: str, owner: str | None) -> str:
     data = {"tool": "midus-surgery", "kind": kind, "owner": owner, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
-    (Path(directory) / MARKER).write_text(json.dumps(data) + "\n")
+    return json.dumps(data) + "\n"
+
+
+def rewrite_held_marker(directory: Path, kind: str, held: int) -> int:
+    """``write_marker`` for the marker this process holds (``hold_marker``'s descriptor ``held``), kept held: the new
+    file is locked before it is renamed over the old one, and the old one let go after. Returns the descriptor now
+    held. The marker was truncated, then written, in place (the lock is on the file itself): a full disk or a kill
+    between the two left it empty, and the run's next start refused it as a file midus-surgery did not write (trial95 F3)."""
+    path = Path(directory) / MARKER
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    fd = None
+    try:
+        tmp.write_text(_marker_text(kind, None))
+        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
+        _lock_now(fd)  # a name only this process uses: taken (or "none", where the file system takes no locks, as before)
+        os.replace(tmp, path)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(held)  # after the rename: the marker's name is held throughout
+    return fd
 
 
 def add_to_marker(directory: Path, **facts) -> None:
@@ -108,8 +136,8 @@ def hold_marker(directory: Path) -> int | None:
     """Hold ``directory``'s marker under an exclusive lock (flock) until ``release_marker``, or until
     this process ends however it ends (the OS drops the lock, SIGKILL included). Returns the open
     file descriptor, or None when another process holds it: a directory in use."""
-    fd = os.open(Path(directory) / MARKER, os.O_RDONLY)
-    if _lock_now(fd) != "taken":
+    fd, state = _open_locked(Path(directory) / MARKER, os.O_RDONLY | os.O_NOFOLLOW)  # a link is no marker of ours (read_marker)
+    if state != "taken":
         os.close(fd)
         return None
     return fd
@@ -117,19 +145,36 @@ def hold_marker(directory: Path) -> int | None:
 
 def marker_in_use(directory: Path) -> bool:
     """Whether a running process holds ``directory``'s marker (hold_marker), without keeping it: what is in such a
-    directory is that process's to change while it is looked at."""
-    return _locked_by_another(Path(directory) / MARKER, os.O_RDONLY)
+    directory is that process's to change while it is looked at. A marker that is a link says no: it is not ours."""
+    return _locked_by_another(Path(directory) / MARKER, os.O_RDONLY | os.O_NOFOLLOW)
+
+
+def _open_locked(path: Path, flags: int) -> tuple[int, str]:
+    """``path`` opened and its flock tried (``_lock_now``'s answer). A holder renames a new, already locked marker over
+    the old one (``rewrite_held_marker``), then lets the old one go: a lock taken on a file no longer at ``path`` was
+    taken on the old one, and is tried again on the file there now. OSError when ``path`` does not open."""
+    for _ in range(10):
+        fd = os.open(path, flags)
+        state = _lock_now(fd)
+        try:
+            same = state != "taken" or os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=not flags & os.O_NOFOLLOW))
+        except OSError:  # gone meanwhile: the next try says so
+            same = False
+        if same:
+            return fd, state
+        os.close(fd)
+    return os.open(path, flags), "busy"  # renamed under each try: a live holder rewriting it
 
 
 def _locked_by_another(path: Path, flags: int) -> bool:
     """Whether another open file holds ``path``'s flock; a lock taken to look is dropped with the descriptor. A path
     that does not open, or a file system without locks, says no."""
     try:
-        fd = os.open(path, flags)
+        fd, state = _open_locked(path, flags)
     except OSError:
         return False
     try:
-        return _lock_now(fd) == "busy"
+        return state == "busy"
     finally:
         os.close(fd)
 

@@ -34,10 +34,11 @@ def regular_file_problem(path: Path) -> str | None:
     return f"{path} is {kind}, not a regular file"
 
 
-def read_small_bytes(path: str | os.PathLike, limit: int = SMALL_BYTES) -> bytes:
-    """The bytes of the regular file ``path``, at most ``limit`` of them; FileNotFoundError when it is not there."""
+def read_small_bytes(path: str | os.PathLike, limit: int = SMALL_BYTES, *, follow_links: bool = True) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` of them; FileNotFoundError when it is not there.
+    ``follow_links=False``: a symlink at ``path`` is an OSError (ELOOP), not the file it points to."""
     # O_NONBLOCK: opening a pipe nothing writes to returns at once instead of waiting (then refused by fstat)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW))
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -54,9 +55,9 @@ def read_small_bytes(path: str | os.PathLike, limit: int = SMALL_BYTES) -> bytes
     return data
 
 
-def read_small_text(path: str | os.PathLike, limit: int = SMALL_BYTES) -> str:
+def read_small_text(path: str | os.PathLike, limit: int = SMALL_BYTES, *, follow_links: bool = True) -> str:
     """``read_small_bytes`` decoded as UTF-8 (UnicodeDecodeError, a ValueError, when it is not)."""
-    return read_small_bytes(path, limit).decode("utf-8")
+    return read_small_bytes(path, limit, follow_links=follow_links).decode("utf-8")
 
 
 def write_text_atomically(path: Path, text: str) -> None:

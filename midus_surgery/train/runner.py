@@ -55,6 +55,7 @@ from midus_surgery.io.output_dir import (
     not_written_in_run_dir,
     read_marker,
     release_marker,
+    rewrite_held_marker,
     write_marker,
 )
 from midus_surgery.io.small_files import read_small_text
@@ -548,9 +549,13 @@ class Runner:
             # and the look was said as "not written by midus-surgery", not "in use")
             raise self.in_use()
         marker_file = self.run_dir / MARKER
-        # the main process asks, as above: another process could read process 0's marker while it is being written
-        # (write_marker truncates, then writes: not atomic, since the lock hold_marker takes is on the file itself)
-        if self.acc.is_main_process and read_marker(self.run_dir) is None and (marker_file.exists() or marker_file.is_symlink()):
+        if self.acc.is_main_process and marker_file.is_symlink():
+            # through a link to another run's marker this run took that run's lock and wrote its pid there (trial95 F9)
+            raise RecipeError([loaded.problem(("run_dir",), f"{self.run_dir} holds a {MARKER} that is a symlink; train never writes "
+                                              "through a link, which would change the file it points to: remove the link, or choose "
+                                              "another run_dir")])
+        # the main process asks, as above (what process 0 does to its marker meanwhile is its own)
+        if self.acc.is_main_process and read_marker(self.run_dir) is None and marker_file.exists():
             # a file of that name that is not this tool's marker is the user's: adopting the folder would overwrite it (trial92 F10)
             raise RecipeError([loaded.problem(("run_dir",), f"{self.run_dir} holds a {MARKER} file that midus-surgery did not write "
                                               "(not its marker); train never overwrites it: move it away, or choose another run_dir")])
@@ -656,7 +661,7 @@ class Runner:
             self.run_lock = hold_marker(self.run_dir)
             if self.run_lock is None:  # before anything is removed: the partial checkpoint below may be that run's
                 raise self.in_use()
-            write_marker(self.run_dir, RUN_KIND)  # this process is the one writing now
+            self.run_lock = rewrite_held_marker(self.run_dir, RUN_KIND, self.run_lock)  # this process is the one writing now
             self.ckpt_root.mkdir(exist_ok=True)
             remove_partial_checkpoints(self.ckpt_root, report=self.say)
         self.acc.wait_for_everyone()
