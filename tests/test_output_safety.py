@@ -33,6 +33,7 @@ from midus_surgery.io.output_dir import (
     atomic_directory,
     check_output_dir,
     clean_leftovers,
+    not_written_in_run_dir,
     read_marker,
     record_written_files,
     remove_own_directory,
@@ -1400,6 +1401,21 @@ def test_a_marker_write_that_fails_keeps_the_earlier_marker_and_the_resume_works
     assert (run / MARKER).read_text() == before and not [p.name for p in run.iterdir() if p.name.startswith(f"{MARKER}.")]
     assert main(["train", str(config), "--quiet"]) == 0
     assert read_marker(run)["pid"] == os.getpid()
+
+
+def test_a_marker_rewrite_a_kill_left_beside_an_output_is_the_tools(project, capsys):
+    """A marker is rewritten whole: written beside it, then renamed over it. A kill between the two leaves the new one
+    beside the old, the tool's own file: --overwrite still replaces the output, and a run directory holding one has
+    nothing in it the tool did not write."""
+    out = project / "out"
+    assert apply(str(recipe(project, "out"))) == 0
+    (out / f"{MARKER}.tmp-99999").write_text((out / MARKER).read_text())
+    assert apply(str(recipe(project, "out")), "--overwrite") == 0, capsys.readouterr().err
+    run = project / "run"
+    run.mkdir()
+    (run / f"{MARKER}.tmp-99999").write_text("{}\n")
+    (run / "notes.txt").write_text("mine\n")
+    assert not_written_in_run_dir(run) == ["notes.txt"]
 
 
 def test_the_marker_a_run_holds_is_rewritten_whole_and_stays_held(tmp_path):

@@ -53,6 +53,9 @@ RUN_KIND = "train run"  # the marker kind of a training run directory, which tra
 RUN_ENTRIES = frozenset({"checkpoints", "final", "metrics.jsonl", "tensorboard", "trace", "loss.png"})
 # The hidden siblings atomic_directory and replace_directory make: exactly these names, nothing like them
 _LEFTOVER_NAME = re.compile(r"^\..+\.(partial|old)-[0-9a-f]{8}$")
+# a marker rewritten whole (write_text_atomically, rewrite_held_marker) is first written beside it under this name: a
+# kill between the write and the rename leaves it, the tool's own, not a file of the user's that keeps a run from resuming
+_MARKER_TMP_NAME = re.compile(r"^\.midus-surgery\.tmp-\d+$")
 
 
 class OutputError(MidusError):
@@ -208,7 +211,7 @@ def _entries(directory: Path) -> set[str]:
         found.update((here / name).relative_to(directory).as_posix() for name in [*files, *links])
         if not dirs and not files and here != Path(directory):
             found.add(here.relative_to(directory).as_posix() + "/")
-    return found - {MARKER}
+    return {name for name in found if name != MARKER and not _MARKER_TMP_NAME.match(name)}
 
 
 # Files up to this size are recorded with a digest of their contents (configs, the model card, the
@@ -971,7 +974,8 @@ def not_written_in_run_dir(run_dir: Path) -> list[str]:
     found = []
     for entry in sorted(run_dir.iterdir()):
         name = entry.name
-        if name == MARKER or _export_leftover(entry):  # the marker; a partial or replaced export's hidden sibling
+        # the marker, or its rewrite a kill left; a partial or replaced export's hidden sibling
+        if name == MARKER or (_MARKER_TMP_NAME.match(name) and entry.is_file() and not entry.is_symlink()) or _export_leftover(entry):
             continue
         if name not in RUN_ENTRIES or entry.is_symlink():
             found.append(name)
