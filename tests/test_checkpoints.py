@@ -1029,3 +1029,58 @@ def test_a_whole_checkpoint_of_a_frozen_run_written_before_still_resumes_exactly
     assert train(load_train_config(cfg)).steps == STEPS
     assert_same_weights(frozen, run)
     assert "model.embed_tokens.weight" not in held_names(ckpt(run, 4))
+
+
+def test_a_whole_checkpoint_resumed_beside_other_frozen_values_records_the_ones_it_trained_with(frozen, tmp_path, capsys):
+    """A whole checkpoint brings its own frozen values: the run goes on with them, so its next checkpoints must record
+    their digest, not that of init_from's other values, or the resume after took init_from's in their place without a
+    word (trial97 F4: 19 tensors differed, up to 1.0)."""
+    from safetensors.torch import load_file
+
+    from midus_surgery.train.checkpoint import FROZEN_KEY
+
+    other = tmp_path / "other-model"
+    shutil.copytree(frozen["model"], other)
+    flip_one_value(other, "model.layers.0.mlp.up_proj.weight")  # a frozen base layer: same sizes and headers
+    run, cfg = copy_frozen_run(frozen, tmp_path, model=other)
+    shutil.rmtree(ckpt(run, 4))
+    whole = {**state_of(frozen["model"]), **load_file(ckpt(run, 2) / "model.safetensors")}  # every tensor, as written before
+
+    def as_before(state):
+        del state["init_from"][FROZEN_KEY]
+
+    rewrite_model_file(ckpt(run, 2), whole, as_before)
+    assert train(load_train_config(cfg)).steps == STEPS
+    assert_same_weights(frozen, run)  # the checkpoint's frozen values, not init_from's
+    recorded = json.loads((ckpt(run, 4) / "trainer_state.json").read_text())["init_from"][FROZEN_KEY]
+    assert recorded == json.loads((ckpt(frozen["run"], 4) / "trainer_state.json").read_text())["init_from"][FROZEN_KEY]
+    shutil.rmtree(run / "final")
+    capsys.readouterr()
+    assert cli_main(["train", str(write_config(tmp_path / "more.yaml", other, run, frozen["root"] / "corpus", frozen["root"] / "cache",
+                                               freeze="base", **{**EXTRA, "tokens": 16 * 4 * (STEPS + 2)})), "--quiet"]) == TrainingError.exit_code
+    assert "the frozen weights of init_from" in capsys.readouterr().err
+
+
+def test_a_checkpoint_is_read_whatever_wraps_the_model_that_reads_it(frozen):
+    """The names a checkpoint's file holds are the plain model's: DDP's `module.` and torch.compile's `_orig_mod.` are
+    not in them, and a model so wrapped fits its checkpoint (trial97 F1, F2: every 2-process and compiled resume was
+    refused as holding tensors of another model)."""
+    from midus_surgery.compiler.plan import read_plan_file
+    from midus_surgery.train.checkpoint import frozen_digest, model_file_problem, plain_name
+    from midus_surgery.train.evaluate import load_causal_lm
+    from midus_surgery.train.params import choose_params
+
+    assert plain_name("module._orig_mod.model.layers.1.mlp.up_proj.weight") == "model.layers.1.mlp.up_proj.weight"
+    model = load_causal_lm(frozen["model"])
+    loaded = load_train_config(frozen["root"] / "run.yaml")
+    choose_params(model, "base", read_plan_file(frozen["model"]), loaded)
+    state = json.loads((ckpt(frozen["run"], 4) / "trainer_state.json").read_text())
+
+    class Wrapper(torch.nn.Module):  # DDP's naming: the model under `module`
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    for wrapped in (model, Wrapper(model), torch.compile(model), Wrapper(torch.compile(model))):
+        assert model_file_problem(ckpt(frozen["run"], 4), wrapped, state) is None
+        assert frozen_digest(wrapped) == frozen_digest(model)

@@ -701,6 +701,27 @@ def test_two_process_ddp_reads_different_data_and_agrees(world, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_two_process_run_resumes_its_own_checkpoint_to_the_uninterrupted_weights(world, tmp_path):
+    """No test resumed a multi-process run, and every such resume was refused once checkpoints left frozen weights out:
+    the check compared the file's names with DDP's `module.`-prefixed ones (trial97 F1)."""
+    extra = {"tokens": 16 * 8 * 4, "eval.at_start": False, "checkpoint.every": 2, "resume": "auto", "freeze": "base"}
+    cfg = config(world, tmp_path, name="straight", micro_batch_size=4, **extra)
+
+    def launch(config_file: Path, port: int) -> None:
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                               "-m", "midus_surgery.cli", "train", str(config_file), "--quiet"],
+                              env=subprocess_env(), capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    launch(cfg, 29536)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight", resumed, ignore=shutil.ignore_patterns("final", "step-00000004"))
+    launch(config(world, tmp_path, name="resumed", micro_batch_size=4, **extra), 29537)
+    a, b = state_of(tmp_path / "straight" / "final"), state_of(resumed / "final")
+    assert a.keys() == b.keys() and [name for name in a if not torch.equal(a[name], b[name])] == []
+
+
+@pytest.mark.slow
 def test_processes_reading_other_data_stop_with_one_line(world, tmp_path):
     """data.train expanded per process (a node-local path) trained on without a word, the log and the checkpoints naming
     the main process's data alone (trial74 F7)."""
@@ -1048,6 +1069,23 @@ def test_the_export_is_sharded_at_export_shard_size_and_loads(world, tmp_path):
     assert state_of(final).keys() == {n for n, _ in trained.named_parameters()}
     with pytest.raises(RecipeError, match=r"export.shard_size: .*should be at least 1MB"):
         load_train_config(cfg, ["export.shard_size=1KB"])
+
+
+def test_an_export_stopped_by_a_file_size_limit_says_export_shard_size(world, tmp_path, monkeypatch, capsys):
+    """A `ulimit -f` stopped the export with no word of the setting that keeps each file under it (trial97 F7)."""
+    import errno
+
+    from midus_surgery.cli import main
+    from midus_surgery.train import runner
+
+    def too_large(*args, **kwargs):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(runner, "export_model", too_large)
+    assert main(["train", str(config(world, tmp_path, tokens=16 * 4, **{"eval.at_start": False})), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "past the largest this system lets one file be" in err and "or a smaller export.shard_size" in err, err
+    assert len(err.splitlines()) == 1, err
 
 
 def test_the_docs_try_out_is_the_six_steps_it_shows():

@@ -297,10 +297,21 @@ def weights_checksum(model) -> str:
     return h.hexdigest()
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP's and torch.compile's wrappers, around the model accelerate prepared
+
+
+def plain_name(name: str) -> str:
+    """A state-dict key without the wrappers' prefixes: the name a checkpoint's file holds whatever wrapped the model
+    that wrote it or reads it (2 processes or 1, compiled or not: trial97 F1, F2 refused every such resume)."""
+    while name.startswith(_WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
 def frozen_names(model) -> set[str]:
-    """Every name of every parameter that does not train, tied aliases included (an embedding and the lm_head
-    it is tied to are one tensor under two state-dict keys: both go, or both stay)."""
-    return {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    """Every name (``plain_name``) of every parameter that does not train, tied aliases included (an embedding and
+    the lm_head it is tied to are one tensor under two state-dict keys: both go, or both stay)."""
+    return {plain_name(name) for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
 
 def trained_tensors_only(models, weights, output_dir) -> None:
@@ -314,7 +325,10 @@ def trained_tensors_only(models, weights, output_dir) -> None:
     for i, (model, state) in enumerate(zip(models, weights)):
         frozen = frozen_names(model)
         if frozen:
-            weights[i] = {name: t for name, t in state.items() if name not in frozen}
+            # of the state dict's own type: accelerate drops a tied pair's second name only from an OrderedDict, and
+            # safetensors refuses two names on one tensor (trial97 F3: a tied embedding that trained, beside frozen
+            # memory retrieval, lost every checkpoint and the export)
+            weights[i] = type(state)((name, t) for name, t in state.items() if plain_name(name) not in frozen)
 
 
 def frozen_digest(model) -> str | None:
@@ -324,7 +338,7 @@ def frozen_digest(model) -> str | None:
     Each tensor is hashed on a thread of its own (hashlib lets go of the GIL): a whole model's bytes are read."""
     from concurrent.futures import ThreadPoolExecutor
 
-    frozen = sorted((name, p) for name, p in model.named_parameters() if not p.requires_grad)
+    frozen = sorted((plain_name(name), p) for name, p in model.named_parameters() if not p.requires_grad)  # compiled or not
     if not frozen:
         return None
 
@@ -766,8 +780,9 @@ def model_file_problem(path: Path, model, state: dict) -> str | None:
         header, _ = read_checked_header(path / name)
     except MidusError as exc:
         return one_line(exc, 300)
-    held = set(header) - {"__metadata__"}
-    tensors = model.state_dict(keep_vars=True)  # the keys load_state_dict reads: parameters and persistent buffers
+    held = {plain_name(key) for key in header if key != "__metadata__"}
+    # the keys load_state_dict reads, parameters and persistent buffers, without DDP's or torch.compile's prefix
+    tensors = {plain_name(key): t for key, t in model.state_dict(keep_vars=True).items()}
     foreign = sorted(held - set(tensors))
     if foreign:
         return (f"{name} holds {len(foreign)} tensor(s) that are not parameters or buffers of this run's model (e.g. "

@@ -279,6 +279,9 @@ class Runner:
             self.setup_model()
             self.setup_optimizer()
             self.restore()
+            # after the restore: a whole checkpoint (written before checkpoints left frozen weights out) brings frozen
+            # values of its own, and those are what the run goes on with and its checkpoints must record (trial97 F4)
+            self.check_same_frozen_weights(self.raw)
             if self.resume_from is not None:  # held by this run, and the resume loaded: nothing moves for a refused one
                 set_aside_later_checkpoints(self.ckpt_root, self.resume_from, int(self.resume_state["step"]), self.acc, self.say)
         except BaseException:
@@ -438,10 +441,10 @@ class Runner:
             self.resume_notes.append(note)
 
     def check_same_frozen_weights(self, model) -> None:
-        """The frozen weights' digest (checkpoint.frozen_digest), once the freeze policy is applied to the fp32 master
-        weights: recorded in every checkpoint with init_from's identity, since those checkpoints hold the trained tensors
-        only, and compared on resume (init_from_change), where the frozen ones are init_from's again. Not under FSDP,
-        whose sharded checkpoints hold every tensor."""
+        """The digest (checkpoint.frozen_digest) of the frozen weights ``model`` holds once a resume restored its
+        checkpoint: recorded in every checkpoint with init_from's identity, since those checkpoints hold the trained
+        tensors only, and compared on resume (init_from_change), where the frozen ones are init_from's again. Not under
+        FSDP, whose sharded checkpoints hold every tensor."""
         if self.fsdp:
             return
         digest = frozen_digest(model)
@@ -770,7 +773,6 @@ class Runner:
         self.check_model_fits(model)
         model.config.use_cache = False
         self.groups = choose_params(model, cfg.freeze, read_plan_file(self.init_from), self.loaded, retrieval=cfg.memory.retrieval)
-        self.check_same_frozen_weights(model)
         if cfg.gradient_checkpointing:
             _enable_activation_checkpointing(model)
         model.train()
