@@ -200,7 +200,9 @@ def _base_without_weights(ref) -> str | None:
     """validate and plan read a base's config alone; a folder with no weights at all is said before apply finds it so (trial52)."""
     if not ref.exists or ref.is_gguf:
         return None
-    if any(ref.directory.glob("*.safetensors")) or any(ref.directory.glob("*.bin")):
+    from midus_surgery.io.tensor_source import pickle_weight_files
+
+    if any(ref.directory.glob("*.safetensors")) or pickle_weight_files(ref.directory):
         return None
     return f"{ref.directory} holds no weights (.safetensors files): validate and plan read its config.json alone; apply needs the weights"
 
@@ -834,7 +836,7 @@ def _dispatch(args) -> int:
         return 2
     except OSError as exc:
         if exc.errno in FULL_DISK_ERRNOS:
-            return _disk_full(exc, apply=args.func is cmd_apply)
+            return _disk_full(exc, command=args.func)
         if exc.errno == errno.EPIPE:
             return _reader_gone()
         if exc.filename is None:
@@ -858,13 +860,13 @@ def _dispatch(args) -> int:
     except Exception as exc:  # noqa: BLE001 - a full disk reaches us through safetensors' and torch's own errors too
         if "No space left on device" not in str(exc) and "Disk quota exceeded" not in str(exc) and not file_too_large(exc):
             raise
-        return _disk_full(exc, apply=args.func is cmd_apply)
+        return _disk_full(exc, command=args.func)
 
 
 FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: one file past a size limit (ulimit -f, FAT32)
 
 
-def _disk_full(exc: BaseException, *, apply: bool = False) -> int:
+def _disk_full(exc: BaseException, *, command=None) -> int:
     """A write that ran out of space, or past the size one file may have: one line. Outputs are written
     into hidden partial folders, so nothing half-written is left in place; a training run resumes from
     its last whole checkpoint."""
@@ -872,7 +874,10 @@ def _disk_full(exc: BaseException, *, apply: bool = False) -> int:
     target = getattr(exc, "filename2", None) or getattr(exc, "filename", None)
     where = f" writing {target}" if target else ""
     if file_too_large(exc):
-        smaller = " (or a smaller output.shard_size, which keeps each file under it)" if apply else ""
+        # the weights are sharded at a size the user sets: the way under such a limit (trial97 F7: the export said none)
+        smaller = {cmd_apply: " (or a smaller output.shard_size, which keeps each file under it)",
+                   cmd_train: " (or a smaller export.shard_size, which keeps each weights file of the export under it, and "
+                              "resume: auto)"}.get(command, "")
         err.print(f"error: {FILE_TOO_LARGE}{where}; nothing half-written was kept: raise the limit or write to another file "
                   f"system{smaller}, and run again", markup=False)
         return 1

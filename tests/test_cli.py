@@ -405,6 +405,17 @@ def test_validate_notes_base_layers_out_of_their_order_and_a_base_without_weight
     out, err = capsys.readouterr()
     assert f"error: no weights found in {config_only} (expected .safetensors files)" in err
     assert " layers, " not in out, out  # said from a listing, before the plan (trial93 F8: 16 s for a 70B config)
+    # a Trainer's training_args.bin is no weights file: its floats were taken for tensors, a traceback (trial97 F9)
+    import torch
+
+    torch.save({"lr": 1.0}, config_only / "training_args.bin")
+    assert main(["apply", str(tmp_path / "r.yaml"), "--allow-pickle"]) == 2
+    assert f"error: no weights found in {config_only} (expected .safetensors files)" in capsys.readouterr().err
+    (config_only / "training_args.bin").rename(config_only / "pytorch_model.bin")
+    assert main(["apply", str(tmp_path / "r.yaml"), "--allow-pickle", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{config_only / 'pytorch_model.bin'} is not a weights file: it holds dict data, not named tensors" in err, err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_plans_tensor_map_piped_keeps_whole_names_and_rules(tiny_base, tmp_path, capsys):

@@ -852,12 +852,18 @@ def _check_fits_in_memory(num_bytes: int, where: Path) -> None:
 PICKLE_RISK = "pickle can run code when loaded"
 
 
+def pickle_weight_files(directory: Path) -> list[Path]:
+    """The pickle weights files transformers reads (``pytorch_model.bin`` and its shards), sorted: not any ``.bin``
+    (a Trainer's training_args.bin beside a config was taken for weights and its floats for tensors: trial97 F9)."""
+    return sorted(Path(directory).glob("pytorch_model*.bin"))
+
+
 def holds_only_pickle_weights(directory: Path) -> bool:
     """Whether transformers would read a model folder's weights from pickle .bin files: it reads model.safetensors (or
     the shards its index names) when it is there, and else the .bin. Another .safetensors file beside a pickle is not
     what it reads: such a folder passed for safe, and torch.load ran without --allow-pickle (trial73 F5)."""
     read_safe = (directory / "model.safetensors").is_file() or (directory / "model.safetensors.index.json").is_file()
-    return not read_safe and any(directory.glob("*.bin"))
+    return not read_safe and bool(pickle_weight_files(directory))
 
 
 def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, ...], model_type: str,
@@ -890,7 +896,7 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
             how = f"its safetensors files hold no {absent[0]} under that name; transformers converts some checkpoints on load"
             return _loaded_by_transformers(ref, prefixes, how, progress=progress, dtype="auto", trust_remote_code=trust_remote_code)
         return source
-    bins = sorted(ref.directory.glob("*.bin"))
+    bins = pickle_weight_files(ref.directory)
     if bins:
         import torch
 
@@ -899,9 +905,12 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
         tensors: dict[str, torch.Tensor] = {}
         for file in bins:
             try:
-                tensors.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+                loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # noqa: BLE001 - corrupt or unsafe pickles raise many types
                 raise BaseModelError(f"cannot read {file}: {load_error_line(exc)}") from None
+            if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
+                raise BaseModelError(f"{file} is not a weights file: it holds {type(loaded).__name__} data, not named tensors")
+            tensors.update(loaded)
         return DictSource(tensors, prefixes, renames)
     raise BaseModelError(f"no weights found in {ref.directory} (expected .safetensors files)")  # check_base_weights_there said it
 
@@ -914,5 +923,5 @@ def check_base_weights_there(ref: BaseRef) -> None:
         fetch = " (the bundled SmolLM2 recipes' base: python tools/fetch_smollm2.py writes it)" if "smollm2-135m" in str(missing) else ""
         raise BaseModelError(f"base model not found: {missing}: apply reads the weights there (base.config alone plans, it does not "
                              f"apply){fetch}")
-    if not ref.is_gguf and not any(ref.directory.glob("*.safetensors")) and not any(ref.directory.glob("*.bin")):
+    if not ref.is_gguf and not any(ref.directory.glob("*.safetensors")) and not pickle_weight_files(ref.directory):
         raise BaseModelError(f"no weights found in {ref.directory} (expected .safetensors files)")
