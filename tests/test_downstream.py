@@ -425,6 +425,10 @@ def test_a_data_only_task_reads_its_own_folder_and_connects_nowhere_else(tmp_pat
     if case == "regex":  # a fixed count inside a repeat matches one way only: a thousands separator is no risk (trial95 F10)
         (tasks / "t.yaml").write_text(yaml_text.replace("'(.*.*)*X'", "'\\d{1,3}(,\\d{3})*'"))
         check_task_folders([tasks], allow_code=False)
+        # beside an alternation a fixed count matches one text many ways: 2 s at 60 characters (trial97 F5)
+        (tasks / "t.yaml").write_text(yaml_text.replace("'(.*.*)*X'", "'^(a{3}|a{2})*$'"))
+        with pytest.raises(TaskError, match="repeats a part that itself repeats"):
+            check_task_folders([tasks], allow_code=False)
     if runtime is None:
         return
     with checked_data_reads([tasks]), pytest.raises(TaskError) as info:

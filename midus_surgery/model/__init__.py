@@ -33,11 +33,13 @@ def shipped_code_differences(model_dir: Path) -> tuple[list[str], list[str]]:
 def shipped_causal_lm_class(model_dir: Path) -> type:
     """The causal-LM class of a MIDUS directory built from the files beside its weights, as a
     trust_remote_code load without midus-surgery builds it (runs that code: the caller asks the user first)."""
+    import json
+
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    from midus_surgery.io.json_text import loads_as_transformers
-
-    reference = loads_as_transformers((Path(model_dir) / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+    # plain json: model/ is a leaf (tests/test_package_layout.py), and its callers (eval, verify) read this config.json
+    # through the checked reader first
+    reference = json.loads((Path(model_dir) / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
     model_class = get_class_from_dynamic_module(reference, str(model_dir), local_files_only=True)
     model_class.register_for_auto_class("AutoModelForCausalLM")  # its saves write the code and auto_map again
     return model_class
