@@ -91,6 +91,8 @@ def make_legacy(checkpoint: Path) -> None:
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     state.pop("files", None)
     state.pop("headers", None)  # recorded since 2026-12-06
+    for key in ("format", "written_by"):  # recorded since 2026-12-07 (none: format 1)
+        state.pop(key, None)
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
 
 
@@ -372,7 +374,48 @@ def test_going_back_to_an_earlier_checkpoint_sets_the_later_ones_aside(done, tmp
     assert all(torch.equal(v, state_of(run / "final")[k]) for k, v in branch.items())
 
 
-# --------------------------------------------------------------------------- older checkpoints
+# --------------------------------------------------------------------------- older checkpoints, and later ones
+
+def test_a_checkpoint_records_its_format_and_the_version_that_wrote_it(done):
+    from midus_surgery import __version__
+    from midus_surgery.train.checkpoint import CHECKPOINT_FORMAT
+
+    state = json.loads((ckpt(done["run"], 4) / "trainer_state.json").read_text())
+    assert state["format"] == CHECKPOINT_FORMAT == 2 and state["written_by"] == f"midus-surgery {__version__}"
+
+
+def set_format(checkpoint: Path, value) -> None:
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["format"] = value
+    state["written_by"] = "midus-surgery 9.0"
+    state_file.write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("how", ["auto", "explicit", "dry-run"])
+def test_a_checkpoint_in_a_later_format_is_refused_by_name_and_left_where_it_is(done, tmp_path, capsys, how):
+    """A later version's checkpoint is not damage: it is neither skipped for an older one (whose resume would branch that
+    run and prune its checkpoints) nor moved aside (trial97 F8: an older version advised moving a newer one out)."""
+    run, cfg = copy_run(done, tmp_path)
+    set_format(ckpt(run, 4), 3)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    args = ["train", str(cfg), "--quiet"] + {"auto": [], "explicit": [f"resume={ckpt(run, 4)}"], "dry-run": ["--dry-run"]}[how]
+    assert cli_main(args) == RecipeError.exit_code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "resume: cannot resume from " in err and f"{ckpt(run, 4)}: " in err, err
+    assert "checkpoint format 3, written by midus-surgery 9.0; this midus-surgery" in err and "reads formats up to 2" in err, err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing moved, nothing pruned
+    assert not (run / "final").exists()
+
+
+@pytest.mark.parametrize("value", ["2", True, 0, 2.0, None])
+def test_a_format_that_is_not_a_version_number_is_a_damaged_state_file(done, tmp_path, value):
+    run, _ = copy_run(done, tmp_path)
+    set_format(ckpt(run, 4), value)
+    assert verify_checkpoint(ckpt(run, 4)).startswith("trainer_state.json: its format is not a version number (got ")
+
+
 
 def test_an_older_checkpoint_still_resumes_exactly(done, tmp_path):
     run, cfg = copy_run(done, tmp_path)

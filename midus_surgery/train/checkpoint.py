@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from midus_surgery import __version__
 from midus_surgery.errors import (
     FILE_TOO_LARGE,
     TrainingError,
@@ -40,6 +41,7 @@ from midus_surgery.errors import (
     file_too_large,
     load_error_line,
     one_line,
+    printable,
     torch_write_failed,
 )
 from midus_surgery.io.file_digest import changed_since_written, sha256_of, written_stamp
@@ -71,6 +73,16 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 SCHEDULER_FILE = "scheduler.json"
 LEGACY_SCHEDULER_FILE = "scheduler.pt"  # checkpoints written before the JSON file; read with weights_only=True
 STATE_KEYS = ("step", "samples_seen", "data")
+# The layout a checkpoint's files follow, recorded in its state file as ``format`` (none recorded: 1). A version reads
+# the formats up to its own and refuses a later one by name, where it would otherwise misread it (an older version took
+# a format-2 checkpoint's missing frozen tensors for damage and advised moving it out).
+#   1: every tensor in model.safetensors.
+#   2: a run with frozen parameters keeps only the trained ones, beside the digest of the frozen (init_from's frozen_sha256).
+CHECKPOINT_FORMAT = 2
+
+
+class NewerCheckpoint(ValueError):
+    """A checkpoint written in a later format than this version reads: never skipped or moved aside as broken."""
 
 
 def rng_file(rank: int) -> str:
@@ -116,6 +128,16 @@ def read_checkpoint_state(path: Path) -> dict:
         state = loads_checked(read_small_text(path / STATE_FILE), special_floats=True)  # json.dumps wrote it
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"{STATE_FILE}: unreadable ({load_error_line(exc, 120)})") from None
+    if isinstance(state, dict):
+        fmt = state.get("format", 1)
+        if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+            raise ValueError(f"{STATE_FILE}: its format is not a version number (got {printable(repr(fmt))[:40]})")
+        if fmt > CHECKPOINT_FORMAT:
+            by = state.get("written_by")
+            raise NewerCheckpoint(f"{STATE_FILE}: it is in checkpoint format {fmt}"
+                                  + (f", written by {printable(by)[:60]}" if isinstance(by, str) else "")
+                                  + f"; this midus-surgery ({__version__}) reads formats up to {CHECKPOINT_FORMAT}: resume it with the "
+                                  "version that wrote it, or a later one (it is left as it is)")
     if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
         raise ValueError(f"{STATE_FILE}: lacks {', '.join(k for k in STATE_KEYS if not isinstance(state, dict) or k not in state)}")
     if not all(isinstance(state[k], int) and state[k] >= 0 for k in ("step", "samples_seen")):
@@ -147,6 +169,8 @@ def verify_checkpoint(path: Path) -> str | None:
     file and headers are checked."""
     try:
         state = read_checkpoint_state(path)
+    except NewerCheckpoint:
+        raise  # not broken: this version cannot tell
     except ValueError as exc:
         return str(exc)
     files = state.get("files")
@@ -189,6 +213,13 @@ def verify_checkpoint(path: Path) -> str | None:
             if (path / name).is_file() and changed_since_written(path / name, digest, stamp):
                 return f"{name}: its contents changed since it was written (its SHA-256 is not the one {STATE_FILE} records)"
     return None
+
+
+def _verifies(path: Path) -> bool:
+    try:
+        return verify_checkpoint(path) is None
+    except NewerCheckpoint:
+        return False
 
 
 def first_unreadable_file(path: Path, names) -> str | None:
@@ -460,7 +491,8 @@ def save_checkpoint(root: Path, acc, scheduler, *, step: int, samples_seen: int,
                 # each file's contents, so a resume finds one changed at the same size (trial74 F6: trained on without a word)
                 contents = {name: sha256_of(tmp / name) for name in files}
                 stamps = {name: written_stamp(tmp / name) for name in files}
-                state = {"step": step, "samples_seen": samples_seen, **facts, "time": time.time(), "files": files, "headers": headers,
+                state = {"format": CHECKPOINT_FORMAT, "written_by": f"midus-surgery {__version__}", "step": step,
+                         "samples_seen": samples_seen, **facts, "time": time.time(), "files": files, "headers": headers,
                          "sha256": contents, "written": stamps}
                 (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the checkpoint complete
                 if final.exists() and not (final / STATE_FILE).is_file():
@@ -530,11 +562,15 @@ def newest_whole_checkpoint(root: Path, acc, say: Callable[[str], None], *, move
     Newer ones that do not are said in one line each and moved aside (``step-N.broken``): kept
     for a look, out of the way of this run's own checkpoints and of pruning, which would otherwise
     keep them over good ones (``move=False``, a dry run: only said). NoWholeCheckpoint when there are
-    checkpoints and none verifies.
+    checkpoints and none verifies; NewerCheckpoint (naming it) when one, newer than the whole one, is in a format this
+    version does not read: nothing is moved then.
     """
     chosen, broken = None, []
     for _, path in reversed(complete_checkpoints(root)):
-        problem = verify_checkpoint(path)
+        try:
+            problem = verify_checkpoint(path)
+        except NewerCheckpoint as exc:  # resuming from an older one would branch that run, and ours would prune it
+            raise NewerCheckpoint(f"{path}: {exc}") from None
         if problem is None:
             chosen = path
             break
@@ -844,7 +880,7 @@ def load_checkpoint(path: Path, acc, optimizer, scheduler, *, adamw_options: dic
             acc.load_state(str(path), **({"strict": False} if partial else {}))
     except Exception as exc:  # noqa: BLE001 - said as one line, naming the file that does not read
         files = list(state["files"]) if isinstance(state.get("files"), dict) else sorted(p.name for p in path.iterdir())
-        earlier = [p for s, p in complete_checkpoints(path.parent) if s < state.get("step", 0) and verify_checkpoint(p) is None]
+        earlier = [p for s, p in complete_checkpoints(path.parent) if s < state.get("step", 0) and _verifies(p)]
         way = (f"; it is damaged (its sizes and headers are as written, its contents are not): move it out of {path.parent}, and "
                "resume: auto continues from the newest whole checkpoint before it" + (f" ({earlier[-1].name})" if earlier else ""))
         raise fail((first_unreadable_file(path, files) or load_error_line(exc)) + way) from None

@@ -66,6 +66,7 @@ from midus_surgery.train.checkpoint import (
     DATA_KEYS,
     FROZEN_KEY,
     STATE_FILE,
+    NewerCheckpoint,
     NoWholeCheckpoint,
     complete_checkpoints,
     data_change_problem,
@@ -619,13 +620,18 @@ class Runner:
                 chosen = newest_whole_checkpoint(self.ckpt_root, self.acc, self.say, move=not dry)
             except NoWholeCheckpoint as exc:
                 raise RecipeError([loaded.problem(("resume",), str(exc))]) from None
+            except NewerCheckpoint as exc:
+                raise RecipeError([loaded.problem(("resume",), f"cannot resume from {exc}")]) from None
             if chosen is None:
                 self.refuse_to_replace_an_earlier_export()
             return chosen
         path = loaded.resolve(cfg.resume).resolve()
         if not path.exists():
             raise RecipeError([loaded.problem(("resume",), f"{path} does not exist (resume: auto continues the newest checkpoint of run_dir)")])
-        problem = f"no {STATE_FILE}" if not (path / STATE_FILE).is_file() else verify_checkpoint(path)
+        try:
+            problem = f"no {STATE_FILE}" if not (path / STATE_FILE).is_file() else verify_checkpoint(path)
+        except NewerCheckpoint as exc:
+            raise RecipeError([loaded.problem(("resume",), f"cannot resume from {path}: {exc}")]) from None
         if problem:
             raise RecipeError([loaded.problem(("resume",), f"{path} is not a complete checkpoint ({problem})")])
         return path
