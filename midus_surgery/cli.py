@@ -14,7 +14,17 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from midus_surgery.errors import FILE_TOO_LARGE, MachineError, MidusError, Problem, RecipeError, file_too_large, one_line, printable
+from midus_surgery.errors import (
+    FILE_TOO_LARGE,
+    MachineError,
+    MidusError,
+    Problem,
+    RecipeError,
+    Terminated,
+    file_too_large,
+    one_line,
+    printable,
+)
 from midus_surgery.io.json_text import strict_json
 from midus_surgery.units import human_count
 
@@ -897,18 +907,9 @@ def _reader_gone() -> int:
     return 141
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, a scheduler cancelling the job) or SIGHUP (the terminal or ssh session closed),
-    raised where the program is: every path that cleans up after Ctrl-C (a partial output removed, logs
-    closed) runs for it too. The exit status is 128 + the signal's number, as the shell's."""
-
-    def __init__(self, signum: int = signal.SIGTERM):
-        super().__init__(signum)
-        self.signum = int(signum)
-
-
 def _on_sigterm(signum, frame) -> None:
-    raise Terminated(signum)
+    Terminated.last = stop = Terminated(signum)
+    raise stop
 
 
 def _deliver_again(unraisable) -> None:

@@ -647,6 +647,49 @@ def test_a_ctrl_c_once_the_files_are_written_waits_for_the_checkpoint_to_be_put_
             signal.signal(signum, handler)
 
 
+def test_a_sigterm_the_writer_swallows_is_said_as_the_signal_not_as_a_full_disk(tmp_path):
+    """torch.save into a stream (DCP's sharded checkpoint under FSDP) calls Python to write; a SIGTERM whose handler
+    raised there came out as torch's "unexpected pos" and was said as a full disk, exit 4 (trial87 F3). The signal is
+    raised instead, as it is anywhere else, and the partial checkpoint is removed."""
+    import io
+    from types import SimpleNamespace
+
+    from midus_surgery.cli import _on_sigterm
+    from midus_surgery.errors import Terminated
+    from midus_surgery.train import checkpoint as ck
+
+    class SignalledStream(io.BytesIO):
+        def write(self, data):
+            if self.tell() > 0:  # a few bytes in: the job is cancelled
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().write(data)
+
+    def save_state(path, safe_serialization=True):
+        Path(path, "model.safetensors").write_bytes(b"weights")
+        torch.save({"m": torch.zeros(256)}, SignalledStream())  # what DCP's writer does with each item
+
+    before = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        acc = SimpleNamespace(is_main_process=True, process_index=0, num_processes=1, wait_for_everyone=lambda: None,
+                              save_state=save_state)
+        root = tmp_path / "checkpoints"
+        root.mkdir()
+        with pytest.raises(Terminated) as raised:
+            ck.save_checkpoint(root, acc, SimpleNamespace(state_dict=dict), step=3, samples_seen=12, keep_last=2, facts={})
+        assert raised.value.signum == signal.SIGTERM
+        assert list(root.iterdir()) == []
+        # a save that fails of itself later in the same process is not taken for the old signal
+        def full_disk(path, safe_serialization=True):
+            raise OSError(28, "No space left on device")
+
+        with pytest.raises(TrainingError):
+            ck.save_checkpoint(root, SimpleNamespace(**{**vars(acc), "save_state": full_disk}), SimpleNamespace(state_dict=dict),
+                               step=4, samples_seen=16, keep_last=2, facts={})
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_a_resume_under_another_token_budget_says_how_the_schedule_moves(done, tmp_path):
     """The cosine schedule is a function of the total: a longer budget re-lays it, not continues it.
     The lr the checkpoint's run had comes from its own config (its peak and warmup), not this run's."""

@@ -35,6 +35,7 @@ import torch
 from midus_surgery import __version__
 from midus_surgery.errors import (
     FILE_TOO_LARGE,
+    Terminated,
     TrainingError,
     disk_advice,
     file_size_limit,
@@ -451,6 +452,7 @@ def save_checkpoint(root: Path, acc, scheduler, *, step: int, samples_seen: int,
         broadcast_object_list(holder)
     tmp = Path(holder[0])
     tmp_is_ours = True  # until the main process's mkdir fails: then what is at tmp, if anything, is not this run's
+    stop_before = Terminated.last
     try:
         if main:
             try:
@@ -467,6 +469,8 @@ def save_checkpoint(root: Path, acc, scheduler, *, step: int, samples_seen: int,
         if tmp_is_ours:
             shutil.rmtree(tmp, ignore_errors=True)
         inner = _inner_failure(exc)  # a sharded save's CheckpointException (a BaseException) holds what broke
+        if not isinstance(inner, KeyboardInterrupt) and Terminated.last is not stop_before:
+            inner = Terminated.last  # a SIGTERM the writer turned into its own error (trial87 F3: "unexpected pos"), not a full disk
         if isinstance(inner, KeyboardInterrupt):  # a Ctrl-C (or SIGTERM's Terminated) inside a sharded save: said as one
             raise inner from None
         if not isinstance(inner, Exception):
