@@ -217,6 +217,22 @@ def _base_without_weights(ref) -> str | None:
     return f"{ref.directory} holds no weights (.safetensors files): validate and plan read its config.json alone; apply needs the weights"
 
 
+def _base_tokenizer_code(ref) -> str | None:
+    """A base whose tokenizer runs code of its own (tokenizer_config.json's auto_map): apply copies that code with the
+    tokenizer files, never running it, but a MIDUS output is loaded with trust_remote_code=True where midus-surgery is not
+    installed, and that load runs it, where the base could be loaded only by consenting to it (trial99 S1)."""
+    if not ref.exists or ref.is_gguf:
+        return None
+    from midus_surgery.emit.emitter import tokenizer_code_files
+
+    names = [name for name in tokenizer_code_files(ref.directory / "tokenizer_config.json") if (ref.directory / name).is_file()]
+    if not names:
+        return None
+    return (f"the base's tokenizer runs code of its own ({', '.join(names)}, named by its tokenizer_config.json's auto_map): apply copies "
+            "it into the output, and AutoTokenizer.from_pretrained(..., trust_remote_code=True) of the output, as a MIDUS output is loaded "
+            "without midus-surgery installed, runs it; read it before you load or publish the output")
+
+
 def _left_out_base_tensors(planned, ref) -> str | None:
     """apply's note on base tensors the architecture does not have, said before apply (trial56), from the
     safetensors headers; not for a checkpoint transformers converts on load (its names are not the model's)."""
@@ -260,6 +276,9 @@ def _plan_notes(planned, start: bool, apply: bool = False) -> list[str]:
     weightless = None if apply else _base_without_weights(ref)
     if weightless:
         notes.append(weightless)
+    tokenizer_code = _base_tokenizer_code(ref)
+    if tokenizer_code:
+        notes.append(tokenizer_code)
     left = None if apply else _left_out_base_tensors(planned, ref)
     if left:
         notes.append(left)

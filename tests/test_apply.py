@@ -667,15 +667,26 @@ def test_a_tokenizer_with_its_own_code_travels_with_it_and_never_runs(bases, tmp
     (base / "tok.py").write_text(f"open({str(ran)!r}, 'w').close()\n")
     (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["tok.MyTok", None]},
                                                             "tokenizer_class": "MyTok"}))
-    out = emit(plan_recipe(write_recipe(tmp_path, base, "dus")), progress=False).out_dir
+    recipe = write_recipe(tmp_path, base, "dus")
+    out = emit(plan_recipe(recipe), progress=False).out_dir
     assert (out / "tok.py").read_text() == (base / "tok.py").read_text() and not ran.exists()
+    # said before apply and on the card: a MIDUS output's documented load passes trust_remote_code=True, which runs it (trial99 S1)
+    card = (out / "README.md").read_text()
+    assert "The tokenizer runs code of its own, copied from the base (`tok.py`" in card and "Read it first." in card
+    from midus_surgery.cli import main as cli_main
+
+    capsys.readouterr()
+    assert cli_main(["validate", str(recipe)]) == 0
+    said = capsys.readouterr().out
+    assert "note: the base's tokenizer runs code of its own (tok.py, named by its tokenizer_config.json's auto_map): apply copies it" in said, said
+    assert not ran.exists()
     (base / "tok.py").unlink()
     out = emit(plan_recipe(write_recipe(tmp_path, base, "dus", name="again")), progress=False).out_dir
     assert not (out / "tok.py").exists() and "names its own code in tok.py, which it does not hold" in capsys.readouterr().err
-    assert emitter._tokenizer_code_files(base / "tokenizer_config.json") == ["tok.py"]
+    assert emitter.tokenizer_code_files(base / "tokenizer_config.json") == ["tok.py"]
     (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": "owner/repo--tok.MyTok",
                                                                          "AutoProcessor": "../evil.X", "AutoConfig": "sub.tok.X"}}))
-    assert emitter._tokenizer_code_files(base / "tokenizer_config.json") == []  # transformers loads none of these either
+    assert emitter.tokenizer_code_files(base / "tokenizer_config.json") == []  # transformers loads none of these either
 
 
 def test_a_base_value_past_the_output_dtypes_range_is_refused_before_anything_is_written(bases, tmp_path):

@@ -116,6 +116,13 @@ def model_card(planned: PlannedRecipe, recipe_text: str, ref: BaseRef) -> str:
         if plan.memory_layers
         else "```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(PATH)\n```"
     )
+    from midus_surgery.emit.emitter import tokenizer_code_files  # the emitter writes this card: imported here, not at the top
+
+    tokenizer_code = [] if ref.is_gguf else [name for name in tokenizer_code_files(ref.directory / "tokenizer_config.json")
+                                              if (ref.directory / name).is_file()]
+    if tokenizer_code:  # the load lines above pass trust_remote_code=True, which runs it too (trial99 S1)
+        loading += (f"\n\nThe tokenizer runs code of its own, copied from the base ({', '.join(f'`{n}`' for n in tokenizer_code)}, "
+                    "named by `tokenizer_config.json`'s `auto_map`): `trust_remote_code=True` runs it. Read it first.")
     return f"""---
 {chr(10).join(front)}
 tags: [{', '.join(tags)}]

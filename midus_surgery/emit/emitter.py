@@ -195,7 +195,7 @@ def _copy_tokenizer(ref, dest: Path, trust_remote_code: bool) -> None:
                   "load either: fix or replace tokenizer.json in the output before using or publishing it")
     if not copied:
         _warn(f"{ref.directory} has no tokenizer files; the output has none either")
-    for name in _tokenizer_code_files(ref.directory / "tokenizer_config.json"):
+    for name in tokenizer_code_files(ref.directory / "tokenizer_config.json"):
         if (ref.directory / name).is_file() and _inside(ref, name):
             shutil.copy2(ref.directory / name, dest / name)  # copied, never imported: it runs only where a user trusts it
         else:
@@ -218,7 +218,7 @@ def read_tokenizer_json(path: Path):
         return None, one_line(exc, 300, whole=True)
 
 
-def _tokenizer_code_files(config: Path) -> list[str]:
+def tokenizer_code_files(config: Path) -> list[str]:
     """The module files a tokenizer_config.json's ``auto_map`` names (``tok.MyTokenizer`` -> tok.py): a
     tokenizer with its own code loads (with trust_remote_code) only with them beside it. A reference into
     another Hub repository (``owner/repo--tok.MyTokenizer``) is that repository's, not the folder's."""
