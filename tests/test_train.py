@@ -869,7 +869,9 @@ def test_midus_output_trains_memory_with_its_own_group(world, tmp_path):
     chained_out = tmp_path / "memory-only" / "final"
     assert json.loads((final / "midus_train.json").read_text())["unchanged_since_apply"] == "base"
     assert json.loads((chained_out / "midus_train.json").read_text())["unchanged_since_apply"] == "base"
-    weights = {c.name: c for c in verify(chained_out, report=lambda c: None)}["weights"]
+    checks = {c.name: c for c in verify(chained_out, report=lambda c: None)}
+    assert "record" not in checks  # the export's midus_train.json is the record train writes, in a folder marked as its export
+    weights = checks["weights"]
     assert weights.ok and not weights.skipped and "(trained since apply with freeze: base: the " in weights.detail, weights.detail
     tampered = state_of(chained_out)
     tampered["model.layers.0.mlp.down_proj.weight"] *= 3  # a frozen base layer

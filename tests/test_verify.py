@@ -44,6 +44,17 @@ def run(out) -> dict:
     return {c.name: c for c in checks}
 
 
+def as_if_trained(out: Path) -> None:
+    """What a run's export holds beside apply's files: the record train writes, in a folder its marker says a run exported."""
+    from midus_surgery.io.output_dir import MARKER
+    from midus_surgery.train.export import EXPORT_KIND
+
+    (out / "midus_train.json").write_text(json.dumps({"steps": 1, "tokens": 16, "config": {}}))
+    if (out / MARKER).is_file():
+        marker = json.loads((out / MARKER).read_text())
+        (out / MARKER).write_text(json.dumps({**marker, "kind": EXPORT_KIND}))
+
+
 def failed(checks: dict) -> list[str]:
     return [name for name, c in checks.items() if not c.ok]
 
@@ -364,7 +375,7 @@ def test_a_trained_output_is_compared_by_perplexity_not_by_identity(bases, tmp_p
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     assert not run(out)["identity"].ok  # as if untrained: must be the base's function
 
-    (out / "midus_train.json").write_text(json.dumps({"steps": 1}))
+    as_if_trained(out)
     checks = run(out)
     assert "identity (perturbed)" not in checks
     assert checks["weights"].skipped and checks["weights"].detail == "trained since apply, so its weights are no longer the base's"
@@ -374,6 +385,27 @@ def test_a_trained_output_is_compared_by_perplexity_not_by_identity(bases, tmp_p
     assert failed(checks) == []
 
 
+@pytest.mark.parametrize("record", ["{}", '{"unchanged_since_apply": "all"}', "not json", "whole, beside apply's marker"])
+def test_a_midus_train_json_train_did_not_write_excuses_no_changed_weights(bases, tmp_path, record):
+    """A midus_train.json makes verify skip identity and compare only the frozen weights: an empty one beside a changed base
+    layer passed every check, exit 0 (trial99 W1). Believed only in the shape train writes, in a folder apply did not mark."""
+    out = emitted(bases, tmp_path, "llama", "midus")
+    weights = load_file(out / "model.safetensors")
+    weights["model.layers.0.self_attn.q_proj.weight"] *= 1.5  # a base layer, not an inserted block
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    whole = json.dumps({"steps": 1, "tokens": 16, "config": {}})
+    (out / "midus_train.json").write_text(whole if record.startswith("whole") else record)
+    checks = run(out)
+    assert {"record", "identity", "weights"} <= set(failed(checks)), failed(checks)
+    said = checks["record"].detail
+    if record.startswith("whole"):
+        assert "but its .midus-surgery marker says 'apply' wrote it" in said, said
+    elif record == "not json":
+        assert said.startswith("midus_train.json does not read ("), said
+    else:
+        assert said.startswith("midus_train.json is not the record `midus-surgery train` writes (its steps, tokens and config)"), said
+
+
 def test_a_trained_model_that_no_apply_made_is_not_said_to_be_trained_since_apply(bases, tmp_path):
     """`train` also trains a plain model (no midus_plan.json): against its base the logit row
     says it was trained, not "since apply" (trial48)."""
@@ -381,7 +413,7 @@ def test_a_trained_model_that_no_apply_made_is_not_said_to_be_trained_since_appl
 
     out = tmp_path / "trained-plain"
     shutil.copytree(bases["llama"], out)
-    (out / "midus_train.json").write_text(json.dumps({"steps": 1}))
+    as_if_trained(out)
     checks = {c.name: c for c in verify(out, bases["llama"], report=lambda c: None)}
     assert "since apply" not in checks["identity"].detail
     assert checks["identity"].skipped and "trained by `midus-surgery train`; no apply made it" in checks["identity"].detail

@@ -44,6 +44,7 @@ from midus_surgery.errors import (
     is_library_panic,
     load_error_line,
     one_line,
+    printable,
     quiet_library_panic,
     temp_disk_advice,
 )
@@ -458,6 +459,9 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     vocab = logits.shape[-1]
     record(batch_check(model, vocab))
 
+    trained, not_a_record = train_record(out)
+    if not_a_record:  # the checks below then run as for an apply output: a record cannot excuse changed weights (trial99 W1)
+        record(Check("record", False, f"{not_a_record}, so it does not excuse the output from the checks an apply output passes"))
     base_for_generation = None
     if base_path is not None:
         base_dir, gguf = (base_path.parent, base_path.name) if base_path.suffix == ".gguf" else (base_path, None)
@@ -482,7 +486,6 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
                                              f"{out_vocab:,}: it is not this output's base"))
             return checks
         rounded = _round_to_stored_dtype(base_model, _config_dict(out).get("dtype"))
-        trained = (out / "midus_train.json").is_file()  # written by `midus-surgery train` on export
         left_alone, why_not = _untrained_since_apply(out, config) if trained else (None, None)
         if plan is None:
             weights = _skip("weights", "no midus_plan.json, so which base layer each layer copies is not known")
@@ -519,7 +522,7 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
                if base_gone else "no base given (--base) and none recorded")
         record(_skip("identity", why))
         if plan is not None:  # what the base would also have checked: the same under perturbed norms, each copied tensor bit for bit
-            if not (out / "midus_train.json").is_file() and function_preserving(plan):
+            if not trained and function_preserving(plan):
                 record(_skip("identity (perturbed)", "no base to compare with (see identity)"))
             record(_skip("weights", "no base to compare with (see identity)"))
 
@@ -776,6 +779,31 @@ def _disk_tensors(path: Path):
 
 
 @torch.no_grad()
+def train_record(out: Path) -> tuple[bool, str | None]:
+    """(whether ``out`` holds the record `midus-surgery train` writes on export, why its midus_train.json is not that record).
+    A trained export's weights are no longer the base's, so identity and most of the weights check are skipped for it: the
+    record is believed only in the shape train writes it (steps, tokens, its config), and not where the folder's marker says
+    apply wrote the folder (an empty midus_train.json beside changed base layers passed every check)."""
+    from midus_surgery.io.output_dir import MARKER, read_marker
+    from midus_surgery.train.export import EXPORT_KIND
+
+    path = out / "midus_train.json"
+    if not path.exists():
+        return False, None
+    try:
+        summary = loads_checked(read_small_text(path))
+    except (OSError, ValueError) as exc:
+        return False, f"midus_train.json does not read ({load_error_line(exc, 120)})"
+    if not (isinstance(summary, dict) and all(isinstance(summary.get(k), int) and not isinstance(summary.get(k), bool)
+                                              for k in ("steps", "tokens")) and isinstance(summary.get("config"), dict)):
+        return False, "midus_train.json is not the record `midus-surgery train` writes (its steps, tokens and config)"
+    marker = read_marker(out)
+    if marker is not None and marker.get("kind") != EXPORT_KIND:
+        return False, (f"midus_train.json says a training run exported this folder, but its {MARKER} marker says "
+                       f"{printable(str(marker.get('kind')))[:40]!r} wrote it")
+    return True, None
+
+
 def _untrained_since_apply(out: Path, config: dict) -> tuple[str | None, str]:
     """What of a trained export no run has trained ("base", "all but memory"), as midus_train.json
     records it, or None and why its weights cannot be compared with the base's."""
