@@ -21,6 +21,7 @@ from midus_surgery.errors import (
     Problem,
     RecipeError,
     Terminated,
+    UsageError,
     file_too_large,
     one_line,
     printable,
@@ -562,6 +563,13 @@ def cmd_eval(args) -> int:
         given, tail = ("both were given; ", ", not both") if args.data is not None else ("", "")
         raise TaskError(f"eval: {given}give --data (held-out perplexity) or --tasks (lm-evaluation-harness tasks){tail}")
     mode, other = ("--tasks", "--data") if args.tasks is not None else ("--data", "--tasks")
+    # --data and --tasks take every path after them: "eval base --data heldout out/dus" scored base on out/dus's model card
+    # too, and "eval --data heldout out/dus" said no model was given (trial98 F1, F2)
+    swallowed = _model_dir_after(args.data if args.data is not None else args.tasks, mode, "eval MODEL_DIR...")
+    if swallowed:
+        raise TaskError(f"eval: {swallowed}")
+    if not args.model:
+        raise TaskError(f"eval: no MODEL_DIR given (eval MODEL_DIR... {mode} ...)")
     ignored = [flag for flag, dest in EVAL_MODE_FLAGS[other].items() if getattr(args, dest) is not None and getattr(args, dest) is not False]
     if ignored:  # silently dropped, they would make the user believe the run was limited, seeded or cached as asked
         raise TaskError(f"eval: {', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} to {other} only, not {mode}")
@@ -648,6 +656,22 @@ def _eval_tasks(args) -> int:
     return 0
 
 
+def _model_dir_after(values: list[str], flag: str, synopsis: str) -> str | None:
+    """The first of ``values`` (what ``flag`` took) that is a folder transformers would load, config.json beside weights,
+    as the message that says so; None when there is none."""
+    for value in values:
+        folder = Path(value)
+        try:
+            found = (folder / "config.json").is_file() and any(next(folder.glob(pattern), None) for pattern in
+                                                                ("*.safetensors", "pytorch_model*.bin", "*.gguf"))
+        except OSError:  # unreadable: its own error comes later, where it is read
+            found = False
+        if found:
+            return (f"{printable(value)} follows {flag}, which takes every path after it, but it is a model directory (config.json "
+                    f"beside weights): name the model{'s' if synopsis.endswith('...') else ''} first ({synopsis} {flag} ...)")
+    return None
+
+
 def _check_data_links(data) -> None:
     """--data that is a link loop or a broken link: the data error train gives for one (exit 3), said before any model
     is read (eval and analyze said pathlib's own words, exit 2; trial63)."""
@@ -663,6 +687,9 @@ def cmd_analyze(args) -> int:
 
     from midus_surgery.downstream.analyze import run_analysis
 
+    swallowed = _model_dir_after(args.data, "--data", "analyze MODEL_DIR")
+    if swallowed:
+        raise UsageError(f"analyze: {swallowed}")
     _check_data_links(args.data)
 
     result = run_analysis(args.model, args.data, Path(args.out), block_size=args.block_size, max_blocks=args.max_blocks,
@@ -718,7 +745,7 @@ def _add_train_commands(subparsers) -> None:
                                           "against the architecture), then loaded once. One that still fails later ends the command (non-zero "
                                           "exit, one error line naming it) after the results of the models before it are printed: their "
                                           "lines, or with --json the list of their results.")
-    p.add_argument("model", nargs="+", metavar="MODEL_DIR")
+    p.add_argument("model", nargs="*", metavar="MODEL_DIR")  # none: cmd_eval says whether --data or --tasks took them
     p.add_argument("--data", nargs="+", metavar="PATH", help="held-out perplexity on text files, directories, globs, JSONL, or a token cache directory")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="lm-evaluation-harness task names (space or comma separated; needs the eval extra: "
                    "pip install -e \".[eval]\"); tasks of --include-path folders too")

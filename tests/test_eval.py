@@ -224,6 +224,25 @@ def test_eval_cli_json_and_errors(setup, capsys, tmp_path):
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.mark.parametrize("mode", ["--data", "--tasks"])
+@pytest.mark.parametrize("models_first", [True, False])
+def test_a_model_directory_after_data_or_tasks_is_said_not_read_as_data(setup, capsys, mode, models_first):
+    """--data and --tasks take every path after them: "eval base --data heldout out/dus" scored base on the held-out text and
+    on out/dus's model card, exit 0; without a model before --data, argparse said none was given (trial98 F1, F2)."""
+    model, data = str(setup["model"]), str(setup["files"][0])
+    args = ["eval", *([model] if models_first else []), mode, data if mode == "--data" else "x", model]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: eval: {model} follows {mode}, which takes every path after it, but it is a model directory (config.json "
+                   f"beside weights): name the models first (eval MODEL_DIR... {mode} ...)"), err
+    assert main(["eval", "--data", data]) == 2
+    assert capsys.readouterr().err.strip() == "error: eval: no MODEL_DIR given (eval MODEL_DIR... --data ...)"
+    assert main(["analyze", model, "--data", data, model, "--out", str(setup["root"] / "never")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: analyze: {model} follows --data, which takes every path after it, but it is a "
+                                               "model directory (config.json beside weights): name the model first (analyze MODEL_DIR --data ...)")
+    assert not (setup["root"] / "never").exists()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_eval_on_a_named_device_equals_the_hand_computation(setup, device):
     """--device puts the model and batches there (on a GPU machine this also runs on CUDA)."""

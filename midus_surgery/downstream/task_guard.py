@@ -279,7 +279,7 @@ def _check_regexes(file: Path, config: dict) -> None:
 
 
 def _nested_repeat(pattern: str) -> bool:
-    """Whether ``pattern`` has a repeat inside a repeat that can match one text in more than one way: the shape of
+    r"""Whether ``pattern`` has a repeat inside a repeat that can match one text in more than one way: the shape of
     catastrophic backtracking. An inner repeat of a variable count (``*``, ``+``, ``{1,3}``) always can; a fixed count
     (``(,\d{3})*``) only beside an alternation in the same repeated part (``(a{3}|a{2})*``: 2 s at 60 characters,
     trial97 F5; the thousands separator itself runs, trial95 F10). A pattern re cannot read is left to lm-eval, which
