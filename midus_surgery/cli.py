@@ -150,16 +150,18 @@ def cmd_validate(args) -> int:
         summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
         out.print("[bold green]OK[/] ", markup=True, end="")
         out.print(f"{printable(str(path))}: {plan.base_num_layers} -> {plan.num_hidden_layers} layers ({summary})", markup=False)
-        pickled = _pickle_only_base(planned.loaded)
-        if pickled:
-            out.print(f"  note: {pickled}", markup=False)
-        if "memory" in planned.loaded.recipe.model_fields_set and not kinds["memory"]:
-            out.print("  note: the recipe sets memory:, but no block is a memory block; it is not used", markup=False)
-        for note in _plan_notes(planned, start=True):
+        for note in _recipe_notes(planned, earlier_output, start=True):
             out.print(f"  note: {note}", markup=False)
-        if earlier_output:
-            out.print(f"  note: {earlier_output}", markup=False)
     return 2 if failed else 0
+
+
+def _recipe_notes(planned, earlier_output: str | None, *, start: bool) -> list[str]:
+    """validate's notes, which plan says too (trial98 F3: plan left out the first and last three): apply's need of
+    --allow-pickle, a memory: section no block uses, the plan's own notes, an earlier output at output.dir."""
+    notes = [_pickle_only_base(planned.loaded)]
+    if "memory" in planned.loaded.recipe.model_fields_set and not any(layer.kind == "memory" for layer in planned.plan.layers):
+        notes.append("the recipe sets memory:, but no block is a memory block; it is not used")
+    return [note for note in notes + _plan_notes(planned, start=start) + [earlier_output] if note]
 
 
 # a memory block this many times its base block's parameters is flagged: the memory defaults are
@@ -365,6 +367,7 @@ def cmd_plan(args) -> int:
 
     try:
         planned = check_planned(plan_recipe(args.recipe))  # errors: main() prints them and exits non-zero
+        earlier_output = _check_output_location(planned.loaded)  # validate's check of output.dir, and its note
     except MidusError as exc:
         if args.json and not isinstance(exc, MachineError):  # a JSON reader gets the problems as data too (stdout), a person the lines (stderr)
             problems = exc.problems if isinstance(exc, RecipeError) else [Problem(str(args.recipe), "", str(exc))]
@@ -375,7 +378,7 @@ def cmd_plan(args) -> int:
         data = {"valid": True, **plan.to_json()}  # a script asks .valid of either answer
         if not args.tensors:
             data.pop("tensors")
-        data["notes"] = _plan_notes(planned, start=True)  # what validate notes: pruned layers, random memory, oversized memory...
+        data["notes"] = _recipe_notes(planned, earlier_output, start=True)  # what validate notes: pruned layers, random memory...
         print(json.dumps(data, indent=2))
         return 0
 
@@ -407,7 +410,7 @@ def cmd_plan(args) -> int:
     counts.add_row("added parameters", "-", human_count(p["dus_added"]), human_count(p["added"]), _ratio(p["added"], p["dus_added"]))
     counts.add_row(f"FLOPs/token (ctx {loaded.recipe.flops_seq_len})", human_count(f["base"]), human_count(f["dus"]), human_count(f["plan"]), _ratio(f["plan"], f["dus"]))
     out.print(counts)
-    for note in _plan_notes(planned, start=False):
+    for note in _recipe_notes(planned, earlier_output, start=False):
         out.print(f"note: {note}", markup=False)
     if args.tensors:
         tensors = Table(title="Tensor map")

@@ -189,6 +189,31 @@ def test_validate_notes_that_apply_will_need_overwrite_for_an_earlier_output(tin
     assert code == 0 and text.startswith("OK ") and (f"  note: output.dir {tmp_path / 'out'} holds an earlier output of midus-surgery "
                                                      "apply: apply replaces it only with --overwrite") in text, text
 
+def test_plan_says_every_note_validate_says(tiny_base, tmp_path, capsys):
+    """The README says plan shows validate's notes; it left out three (trial98 F3): apply's need of --allow-pickle for a
+    pickle-only base, a memory: section no block uses, and an earlier output at output.dir."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = tmp_path / "pickled"
+    shutil.copytree(tiny_base, base)
+    torch.save(load_file(base / "model.safetensors"), base / "pytorch_model.bin")
+    (base / "model.safetensors").unlink()
+    body = "layout: {interleave: {after: [1], kind: copy}}\n" + MEM + "output: {dir: out}\n"
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".midus-surgery").write_text(json.dumps({"tool": "midus-surgery", "kind": "apply", "files": []}))
+    code, text = validate_lines(tmp_path, capsys, base, body)
+    said = [line.removeprefix("  note: ") for line in text.splitlines() if line.startswith("  note: ")]
+    assert code == 0 and len(said) == 3, text
+    assert said[0].endswith("holds only pickle .bin weights: apply reads them only with --allow-pickle (and then with weights_only=True)")
+    assert said[1] == "the recipe sets memory:, but no block is a memory block; it is not used"
+    assert said[2].startswith(f"output.dir {tmp_path / 'out'} holds an earlier output of midus-surgery apply")
+    assert main(["plan", str(tmp_path / "r.yaml")]) == 0
+    assert [line.removeprefix("note: ") for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")] == said
+    assert main(["plan", str(tmp_path / "r.yaml"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == said
+
+
 def test_a_nul_escape_in_a_recipe_path_is_a_located_line(tiny_base, tmp_path, capsys):
     """YAML's quoted "\\0" in output.dir was a 27-line ValueError traceback from validate and apply (trial39)."""
     code, text = validate_lines(tmp_path, capsys, tiny_base, 'layout: {interleave: {after_every: 2, kind: copy}}\noutput: {dir: "out\\0x"}\n')
