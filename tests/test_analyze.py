@@ -276,6 +276,32 @@ def test_analyze_compares_the_fixed_retrieval_with_the_learned(world, capsys):
     assert fixed["learned_loss"] != fixed["frozen_loss"] and fixed["difference"] == fixed["frozen_loss"] - fixed["learned_loss"]
 
 
+def test_the_fixed_retrieval_note_compares_budgets_in_tokens(world, tmp_path):
+    """The budget is in tokens: two runs of the same tokens in other step counts (another batch size) were said to be
+    "not the same budget" (trial98 F4)."""
+    import shutil
+
+    from midus_surgery.downstream.analyze import check_fixed_retrieval
+
+    def with_budget(source, name, steps, tokens):
+        folder = tmp_path / name
+        shutil.copytree(source, folder)
+        summary = json.loads((folder / "midus_train.json").read_text())
+        (folder / "midus_train.json").write_text(json.dumps({**summary, "steps": steps, "tokens": tokens}))
+        return folder
+
+    frozen = with_budget(world["frozen-trained"], "frozen", 8, 1024)
+    assert check_fixed_retrieval(with_budget(world["memory-trained"], "same", 8, 1024), frozen) == []
+    (note,) = check_fixed_retrieval(learned := with_budget(world["memory-trained"], "steps", 16, 1024), frozen)
+    assert note == (f"note: --fixed-retrieval {frozen} and {learned} trained the same 1024 tokens, in 8 and 16 steps: another batch "
+                    "size, so the two are not compared step for step")
+    (note,) = check_fixed_retrieval(learned := with_budget(world["memory-trained"], "tokens", 8, 2048), frozen)
+    assert note == (f"note: --fixed-retrieval {frozen} trained 1024 tokens in 8 steps; {learned}: 2048 tokens in 8 steps: the two "
+                    "are not the same budget")
+    (note,) = check_fixed_retrieval(world["memory"], frozen)
+    assert note.endswith(f"{world['memory']} is untrained: the two are not the same budget")
+
+
 def test_the_fixed_retrieval_model_must_be_this_model_trained_frozen(world, tmp_path, capsys):
     """--fixed-retrieval is labelled "memory.retrieval: frozen": a model that is not this one (another plan), or not
     trained so (learned, or untrained), is refused in one line before any work, with nothing written (trial36)."""

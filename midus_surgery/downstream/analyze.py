@@ -217,13 +217,17 @@ def check_fixed_retrieval(model_dir: Path, twin: Path) -> list[str]:
         own = _train_summary(model_dir)
     except ValueError:
         own = None  # the model analysed is not the one in question here: its summary only feeds the note
-    budget = lambda s: None if s is None else (s.get("steps"), s.get("tokens"))  # noqa: E731
-    notes = []
-    if budget(own) != budget(summary):
-        ours = "untrained" if own is None else f"{own.get('steps')} steps, {own.get('tokens')} tokens"
-        notes.append(f"note: --fixed-retrieval {twin} trained {summary.get('steps')} steps, {summary.get('tokens')} tokens; "
-                     f"{model_dir}: {ours}: the two are not the same budget")
-    return notes
+    # the budget is in tokens (training.md): the same tokens in other steps is another batch size, not another budget (trial98 F4)
+    theirs_said = f"{summary.get('tokens')} tokens in {summary.get('steps')} steps"
+    if own is None:
+        return [f"note: --fixed-retrieval {twin} trained {theirs_said}; {model_dir} is untrained: the two are not the same budget"]
+    if own.get("tokens") != summary.get("tokens"):
+        return [f"note: --fixed-retrieval {twin} trained {theirs_said}; {model_dir}: {own.get('tokens')} tokens in {own.get('steps')} "
+                "steps: the two are not the same budget"]
+    if own.get("steps") != summary.get("steps"):
+        return [f"note: --fixed-retrieval {twin} and {model_dir} trained the same {summary.get('tokens')} tokens, in {summary.get('steps')} "
+                f"and {own.get('steps')} steps: another batch size, so the two are not compared step for step"]
+    return []
 
 
 def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int | None = None, max_blocks: int = 16,
