@@ -827,7 +827,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "The output is written into a hidden folder beside it and renamed into place when whole.",
                        epilog=RECIPE_EXITS + "; 1: the machine stopped it (a full disk), nothing half-written kept")
     p.add_argument("recipe", metavar="RECIPE", help="one recipe YAML file")
-    p.add_argument("--out", type=_folder_to_write, help="output directory (default: the recipe's output.dir)")
+    p.add_argument("--out", type=_folder_to_write, help="output directory, relative to the current directory as every path on the command line (default: the recipe's "
+                   "output.dir, relative to the recipe's folder)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output directory that midus-surgery wrote (it carries a .midus-surgery marker); "
                         "a directory the tool did not write, an input, the current directory or a file is never replaced")

@@ -214,6 +214,19 @@ def test_plan_says_every_note_validate_says(tiny_base, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["notes"] == said
 
 
+def test_apply_out_is_relative_to_the_current_directory_and_output_dir_to_the_recipe(tiny_base, tmp_path, capsys, monkeypatch):
+    """As recipes.md and apply --help say (trial98 F6: train's key=value overrides are relative to the config's folder)."""
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "cwd").mkdir()
+    recipe = tmp_path / "recipes" / "r.yaml"
+    recipe.write_text(f"base:\n  path: {tiny_base}\nlayout: {{interleave: {{after: [1], kind: copy}}}}\noutput: {{dir: out}}\n")
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert main(["apply", "../recipes/r.yaml", "--quiet", "--out", "here"]) == 0
+    assert (tmp_path / "cwd" / "here" / "config.json").is_file() and not (tmp_path / "recipes" / "here").exists()
+    assert main(["apply", "../recipes/r.yaml", "--quiet"]) == 0
+    assert (tmp_path / "recipes" / "out" / "config.json").is_file() and not (tmp_path / "cwd" / "out").exists()
+
+
 def test_a_nul_escape_in_a_recipe_path_is_a_located_line(tiny_base, tmp_path, capsys):
     """YAML's quoted "\\0" in output.dir was a 27-line ValueError traceback from validate and apply (trial39)."""
     code, text = validate_lines(tmp_path, capsys, tiny_base, 'layout: {interleave: {after_every: 2, kind: copy}}\noutput: {dir: "out\\0x"}\n')

@@ -542,7 +542,7 @@ def test_a_folder_of_pickle_weights_only_is_one_line_and_never_unpickled(bases, 
     assert main(["verify", str(folder)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"error: {folder} holds its weights as pickle files only (pytorch_model.bin): verify reads safetensors, which apply and "
-                   "train write; re-save it with save_pretrained(..., safe_serialization=True) to check it"), err
+                   "train write; re-save it with save_pretrained (transformers 5 writes safetensors) to check it"), err
 
 
 def test_a_base_moved_away_or_not_a_base_is_one_line(bases, tmp_path, capsys):

@@ -382,7 +382,7 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     if not list(out.glob("*.safetensors")) and (pickles := sorted(p.name for p in out.glob("*.bin"))):
         # its tensor checks read the safetensors files; a traceback stood here (trial66)
         raise UsageError(f"{out} holds its weights as pickle files only ({', '.join(pickles[:3])}): verify reads safetensors, which "
-                         "apply and train write; re-save it with save_pretrained(..., safe_serialization=True) to check it")
+                         "apply and train write; re-save it with save_pretrained (transformers 5 writes safetensors) to check it")
     try:
         plan = read_plan_file(out)  # None: not made by `apply`
     except MidusError as exc:  # the folder's own file is unusable: exit 2, as for no config.json (exit 1 says a check failed)

@@ -54,7 +54,7 @@ def export_model(acc, model, out: Path, *, run_dir: Path, init_from: Path, dtype
             old_dtype = raw.config.dtype
             raw.config.dtype, raw.config.use_cache = dtype, True
             try:
-                raw.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_bytes)
+                raw.save_pretrained(tmp, state_dict=state_dict, max_shard_size=max_shard_bytes)  # safetensors: transformers 5 writes no other
             finally:
                 raw.config.dtype, raw.config.use_cache = old_dtype, False
             for weights in tmp.glob("*.safetensors"):
