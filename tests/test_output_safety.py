@@ -434,12 +434,17 @@ def test_a_run_dir_or_cache_the_system_will_not_make_is_one_line(train_project, 
     assert main(["train", str(train_config(train_project, "/proc/midus-no-such/run")), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "run.yaml:" in err and "run_dir: cannot write /proc/midus-no-such/run: " in err and len(err.strip().splitlines()) == 1, err
-    # a token cache: where it is made
-    for argv in (["train", str(train_config(train_project, **{"data.cache_dir": "/proc/midus-no-such/cache"})), "--quiet"],
-                 ["eval", "model", "--data", "corpus", "--cache-dir", "/proc/midus-no-such/cache", "--quiet"]):
-        assert main(argv) == 2, argv
-        err = capsys.readouterr().err
-        assert err.startswith("error: cannot make or open /proc/midus-no-such") and len(err.strip().splitlines()) == 1, err
+    # a token cache on /proc: refused before any work, the dry run too, saying why (trial99 M5: the dry run passed /proc/self
+    # and the start said only "No such file or directory")
+    for cache in ("/proc/midus-no-such/cache", "/proc/self"):
+        config = str(train_config(train_project, **{"data.cache_dir": cache}))
+        for argv in (["train", config, "--quiet"], ["train", config, "--dry-run"],
+                     ["eval", "model", "--data", "corpus", "--cache-dir", cache, "--quiet"]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert f"the token cache {Path(cache).resolve()} cannot be made: /proc" in err, err
+            assert "is on a proc file system, the kernel's view of the system, not a disk" in err and len(err.strip().splitlines()) == 1, err
+            assert ("data.cache_dir: " in err) == (argv[0] == "train"), err
     assert not (train_project / "runs").exists()
 
 

@@ -552,6 +552,10 @@ def check_cache_location(cache: str | os.PathLike, *, inputs: Iterable[tuple[str
     blocker = next((p for p in (resolved, *resolved.parents) if p.exists()), None)  # the cache or the nearest folder to make it in
     if blocker is not None and not blocker.is_dir():
         raise OutputError(f"the token cache {resolved} cannot be made: {blocker} is a file, not a folder; {CACHE_CHOICES}")
+    kind = kernel_file_system(blocker) if blocker is not None else None
+    if kind:  # a dry run passed /proc/self, and the start said only "No such file or directory" (trial99 M5)
+        raise OutputError(f"the token cache {resolved} cannot be made: {blocker} is on a {kind} file system, the kernel's view of "
+                          f"the system, not a disk; {CACHE_CHOICES}")
     hidden_behind = lambda folder: any(part.startswith(".") for part in resolved.relative_to(folder).parts)  # noqa: E731
     for (what, path), is_data_folder in [*((i, False) for i in inputs), *((f, True) for f in data_folders)]:
         other = Path(path).resolve()
