@@ -411,3 +411,25 @@ def test_an_output_folder_named_with_control_characters_is_refused_as_output_dir
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "holds the control character '\\x1b'" in err and "\x1b" not in err, err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("broken", ["truncated", "n_subkeys"])
+def test_a_model_that_cannot_load_is_refused_before_its_data_is_tokenised(world, tmp_path, capsys, broken):
+    """analyze tokenised the corpus into --cache-dir, then refused a model whose weights were truncated or whose config.json
+    cannot build it; eval refused the same folder before reading any text (trial99 L1)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(world["memory"], model)
+    if broken == "truncated":
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size * 6 // 10])
+    else:
+        config = json.loads((model / "config.json").read_text())
+        config["midus"]["hml"]["n_subkeys"] = 1  # fewer subkeys than topk picks
+        (model / "config.json").write_text(json.dumps(config))
+    assert main(["analyze", str(model), "--data", str(world["root"] / "corpus"), "--cache-dir", str(tmp_path / "cache"),
+                 "--out", str(tmp_path / "an"), "--block-size", "16", "--max-blocks", "2", "--slots-only", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert str(model) in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "an").exists()

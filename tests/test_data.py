@@ -412,7 +412,7 @@ def test_a_file_edited_while_it_is_tokenised_leaves_no_cache_entry(tmp_path, tok
     monkeypatch.setattr(D, "_tokenize_to", edited_midway)
     with pytest.raises(D.DataError, match=rf"data: {files[1]} changed while it was tokenised; nothing was cached"):
         prep([tmp_path / "c"], tmp_path, tok)
-    assert list((tmp_path / "cache").iterdir()) == []  # no entry, no partial
+    assert not (tmp_path / "cache").exists()  # no entry, no partial, nor the folder this run made for them (trial99 L1)
 
 
 def test_a_long_document_is_tokenised_in_pieces_cut_at_line_ends_as_one_document(tmp_path, tok, monkeypatch):
@@ -483,3 +483,17 @@ def test_a_cache_entry_untouched_since_written_is_not_hashed_again_on_open(tmp_p
     with pytest.raises(D.DataError, match="tokens.bin is not what was tokenised"):
         prep([tmp_path / "c"], tmp_path, tok)
     assert "tokens.bin" in hashed
+
+
+def test_a_data_refusal_leaves_no_cache_folder_it_made(tmp_path, tok):
+    """Every data refusal of train and eval left an empty cache folder that was not there before (trial99 L1); one that was
+    there before stays."""
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(D.DataError, match="not UTF-8"):
+        D.prepare_corpus([str(tmp_path / "latin1.txt")], tmp_path, tok, dir_glob=["**/*.txt"], text_field="text",
+                         cache_dir=tmp_path / "new" / "cache", progress=False)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "cache").mkdir()
+    with pytest.raises(D.DataError, match="not UTF-8"):
+        prep([tmp_path / "latin1.txt"], tmp_path, tok)
+    assert (tmp_path / "cache").is_dir() and not any((tmp_path / "cache").iterdir())

@@ -285,3 +285,20 @@ def test_what_a_start_refuses_at_once_a_dry_run_refuses_too(midus, tmp_path, cap
         both(config, data, "resume=null", f"run_dir={tmp_path / 'run-links'}", says=says, code=3)
         both(config, f"data.held_out=[{json.dumps(str(tmp_path / link))}]", "resume=null", f"run_dir={tmp_path / 'run-links'}",
              says=says, code=3)
+
+
+def test_a_freeze_policy_the_model_cannot_take_is_refused_before_the_data_is_tokenised(midus, tmp_path, capsys):
+    """freeze: base on a folder without midus_plan.json: the dry run refused it first thing, the start tokenised the corpus
+    into data.cache_dir, then refused it (trial99 L1). Both refuse it in the same line now, before reading any data."""
+    model = tmp_path / "no-plan"
+    shutil.copytree(midus["model"], model)
+    (model / "midus_plan.json").unlink()
+    config = write_config(tmp_path / "t.yaml", model, tmp_path / "run", midus["corpus"], tmp_path / "cache", freeze="base")
+    said = []
+    for flag in ("--dry-run", "--quiet"):
+        assert main(["train", str(config), flag]) == 2
+        err = capsys.readouterr().err
+        assert "midus_plan.json (written by `midus-surgery apply`) to know which layers were inserted" in err, err
+        said.append(err)
+    assert said[0] == said[1]
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()

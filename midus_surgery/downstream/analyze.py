@@ -246,12 +246,12 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
         DTYPES,
         block_batches,
         check_model_dir,
+        check_model_loads,
         check_vocabulary,
         context_problem,
         eval_device,
         evaluate_batches,
         load_causal_lm,
-        load_tokenizer,
         position_limit,
     )
 
@@ -274,13 +274,15 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
     if dtype not in DTYPES:
         raise TaskError(f"--dtype must be one of {', '.join(DTYPES)}")
     run_on = eval_device(device)
-    tokenizer = load_tokenizer(model_dir, how_to_allow=NO_OWN_CODE)
+    # what needs no data is refused before the corpus is tokenised into the cache, as eval does (trial99 L1)
+    tokenizer = check_model_loads(model_dir, block_size=block_size, allow_pickle=allow_pickle, how_to_allow=NO_OWN_CODE)
     stream = D.prepare_corpus(list(data), Path.cwd(), tokenizer, dir_glob=DIR_GLOB,
                               text_field=text_field, cache_dir=cache, progress=progress, what="analysis data",
                               tokenizer_source=str(model_dir))
     if nul := D.nul_note(stream):
         notes.append(f"note: {nul}")
-    model = load_causal_lm(model_dir, dtype=DTYPES[dtype], progress=progress, how_to_allow=NO_OWN_CODE, allow_pickle=allow_pickle).to(run_on).eval()
+    model = load_causal_lm(model_dir, dtype=DTYPES[dtype], progress=progress, how_to_allow=NO_OWN_CODE, allow_pickle=allow_pickle,
+                           headers_checked=True).to(run_on).eval()
     check_vocabulary(stream, model, model_dir)
     if block_size is None:  # 256, or the model's positions when it has fewer
         block_size = min(DEFAULT_ANALYSIS_BLOCK, (position_limit(model) or (DEFAULT_ANALYSIS_BLOCK, ""))[0])

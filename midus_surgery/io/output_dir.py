@@ -710,14 +710,14 @@ def atomic_directory(out: Path, *, kind: str, owner: str | None = None, replace:
     except BaseException:
         if tmp_is_ours:
             shutil.rmtree(tmp, ignore_errors=True)
-        _remove_empty(created)  # a failed run leaves no trace, not even the empty folders it made
+        remove_empty(created)  # a failed run leaves no trace, not even the empty folders it made
         raise
     finally:
         release_marker(held)
 
 
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove the folders a run made on its way to an output (deepest first), while they are empty."""
+def remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a run made on its way to an output or a cache entry (deepest first), while they are empty."""
     for folder in folders:
         try:
             folder.rmdir()

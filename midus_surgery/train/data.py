@@ -35,7 +35,15 @@ import numpy as np
 from midus_surgery.errors import MidusError, naming_the_file, one_line
 from midus_surgery.io.file_digest import sha256_of, written_stamp
 from midus_surgery.io.json_text import loads_checked
-from midus_surgery.io.output_dir import MARKER, clean_leftovers, hold_directory, kernel_file_system, release_marker, write_marker
+from midus_surgery.io.output_dir import (
+    MARKER,
+    clean_leftovers,
+    hold_directory,
+    kernel_file_system,
+    release_marker,
+    remove_empty,
+    write_marker,
+)
 from midus_surgery.io.small_files import read_small_text, regular_file_problem
 
 FORMAT_VERSION = 1
@@ -602,6 +610,8 @@ def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: I
         return stream
     key = final.name
 
+    # a data refusal leaves no empty cache folder behind that was not there before (trial99 L1)
+    created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]  # deepest first
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(final)  # a killed tokenisation's hidden .KEY.partial-* (2 bytes a token), once its process is gone
     tmp = final.parent / f".{key}.partial-{uuid.uuid4().hex[:8]}"
@@ -642,6 +652,7 @@ def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: I
     except BaseException:
         if tmp_is_ours:
             shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(created)
         raise
     finally:
         release_marker(held)

@@ -339,15 +339,16 @@ def check_weight_headers(path: Path, model) -> None:
         raise ModelLoadError(f"{d}: the weights do not match the model's architecture: {'; '.join(problems)}")
 
 
-def check_model_loads(path: Path, *, trust_remote_code: bool = False, block_size: int | None = None, allow_pickle: bool = False):
+def check_model_loads(path: Path, *, trust_remote_code: bool = False, block_size: int | None = None, allow_pickle: bool = False,
+                      how_to_allow: str = ALLOW_CODE):
     """``path`` checked as far as it can be without reading its weights, before an evaluation starts (each model
     then loads once, to be evaluated): ``check_model_dir``, config.json, the tokenizer, the model built on the meta
     device and the weights' headers against it (``check_weight_headers``), and ``block_size`` against its positions.
     A load can still fail on what headers do not show (a tensor's bytes, a converting load): the caller keeps the
     results of the models before it. Returns the tokenizer it loaded, for the evaluation (read once, not twice)."""
-    path = check_model_dir(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    tokenizer = load_tokenizer(path, trust_remote_code)
-    model = model_on_meta(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    path = check_model_dir(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, how_to_allow=how_to_allow)
+    tokenizer = load_tokenizer(path, trust_remote_code, how_to_allow=how_to_allow)
+    model = model_on_meta(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, how_to_allow=how_to_allow)
     check_weight_headers(path, model)
     too_long = context_problem(model, block_size) if block_size is not None else None
     if too_long:

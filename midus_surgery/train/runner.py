@@ -269,6 +269,7 @@ class Runner:
         self.resume_state = read_checkpoint_state(self.resume_from) if self.resume_from is not None else None
         self.check_same_groups()
         self.check_same_model()
+        self.choose_groups(self.model_on_meta())  # the real model's groups come with its weights (setup_model)
         self.created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]  # deepest first
         # a folder the user made for the run, empty: a failed start leaves it empty again, not marked as a run (trial83 F5)
         self.run_dir_was_empty = self.run_dir.is_dir() and not self.run_dir.is_symlink() and not any(self.run_dir.iterdir())
@@ -304,6 +305,8 @@ class Runner:
             self.step, self.samples_seen = int(self.resume_state["step"]), int(self.resume_state["samples_seen"])
         self.check_same_groups()
         self.check_same_model()
+        self.model = model = self.model_on_meta()  # parameters on the meta device: names and shapes, no storage
+        self.groups = self.choose_groups(model)
         self.load_tokenizer()
         streams, names = {}, {}  # data key -> its token stream (None: not tokenised yet), its cache entry's name
         for what, entries in (("data.train", d.train), ("data.held_out", d.held_out)):
@@ -322,15 +325,19 @@ class Runner:
             changed = data_change_problem(self.resume_state, self.identity_of_data(names["data.train"], names.get("data.held_out")))
             if changed:
                 raise TrainingError(f"cannot resume from {self.resume_from}: {changed}")
-        self.model = model = self.model_on_meta()  # parameters on the meta device: names and shapes, no storage
         self.check_model_fits(model)
         self.check_weight_headers(model)
-        self.groups = choose_params(model, cfg.freeze, read_plan_file(self.init_from), self.loaded, retrieval=cfg.memory.retrieval)
         self.warmup_steps = warmup_steps(cfg.optim, self.total_steps)
         self.adamw_options = adamw_options(cfg.optim.implementation, self.acc.device)
         if self.resume_state is not None:
             self.note_resume_changes(self.resume_state)
         self.say_what_runs()
+
+    def choose_groups(self, model) -> ParamGroups:
+        """The freeze policy applied to ``model``: refused where it cannot be (freeze: base without midus_plan.json), by the
+        dry run and the start alike before the data is read, as it needs none (the start tokenised first: trial99 L1)."""
+        cfg = self.cfg
+        return choose_params(model, cfg.freeze, read_plan_file(self.init_from), self.loaded, retrieval=cfg.memory.retrieval)
 
     def model_on_meta(self) -> torch.nn.Module:
         """init_from's model built from its config on the meta device, as the start loads it: its parameters' names
@@ -778,7 +785,7 @@ class Runner:
                                                   f"{len(broken)} tensor(s), e.g. {', '.join(broken[:3])}: training cannot start from them")])
         self.check_model_fits(model)
         model.config.use_cache = False
-        self.groups = choose_params(model, cfg.freeze, read_plan_file(self.init_from), self.loaded, retrieval=cfg.memory.retrieval)
+        self.groups = self.choose_groups(model)
         if cfg.gradient_checkpointing:
             _enable_activation_checkpointing(model)
         model.train()
