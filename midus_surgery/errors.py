@@ -53,6 +53,16 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def lone_surrogate(text: str) -> str | None:
+    """Why ``text`` is not text, when it holds half of a UTF-16 surrogate pair (a ``\\ud83d`` escape of JSON or YAML
+    without its other half: no file, tokenizer or terminal takes it), said in words, or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"holds a lone UTF-16 surrogate ({text[exc.start]!a} at character {exc.start}): half of a character"
+    return None
+
+
 def load_error_line(exc: BaseException, limit: int = 300) -> str:
     """An exception as one line; for torch's weights_only refusal, its reason, not its advice to load unsafely."""
     raw = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))

@@ -375,3 +375,20 @@ def test_the_readme_recipe_is_the_bundled_one_less_its_defaults(tmp_path):
     assert readme["output"].pop("dtype") == "auto" and bundled["output"].pop("dtype") == "float32"
     assert json.loads((repo / "recipes" / "configs" / "smollm2-135m.json").read_text())["dtype"] == "float32"
     assert readme == bundled
+
+
+def test_a_lone_utf16_surrogate_in_a_key_or_a_string_is_said_at_its_line_in_words(tmp_path):
+    """A key or string holding half of a UTF-16 pair ("\\ud800x") was reported at 1:1 in pydantic's words ("unable to parse
+    raw data as a unicode string"), in a recipe and a train config alike (trial99 M2)."""
+    from midus_surgery.train.config import load_train_config
+
+    lone = "holds a lone UTF-16 surrogate ('\\ud800' at character 0): half of a character; write the whole character"
+    said = [str(p) for p in problems(tmp_path, GOOD + '"\\ud800x": 1\n')]
+    assert said == [f"{tmp_path / 'r.yaml'}:12:1: '\\ud800x' {lone} (both halves of its \\u escape pair) or remove it"], said
+    said = [str(p) for p in problems(tmp_path, GOOD.replace("dir: out", 'dir: "o\\udc80ut"'))]
+    assert len(said) == 1 and said[0].startswith(f"{tmp_path / 'r.yaml'}:11:8: output.dir: 'o\\udc80ut' holds a lone UTF-16 "
+                                                 "surrogate ('\\udc80' at character 1): half of a character;"), said
+    config = write(tmp_path, 'init_from: model\nrun_dir: run\ntokens: 64\n"\\ud800x": 1\ndata: {train: [c.txt], block_size: 16}\n', "t.yaml")
+    with pytest.raises(RecipeError) as info:
+        load_train_config(config)
+    assert [str(p) for p in info.value.problems] == [f"{config}:4:1: '\\ud800x' {lone} (both halves of its \\u escape pair) or remove it"]

@@ -32,7 +32,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from midus_surgery.errors import MidusError, naming_the_file, one_line
+from midus_surgery.errors import MidusError, lone_surrogate, naming_the_file, one_line
 from midus_surgery.io.file_digest import sha256_of, written_stamp
 from midus_surgery.io.json_text import loads_checked
 from midus_surgery.io.output_dir import (
@@ -242,11 +242,8 @@ def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
             text = record[text_field]
             if not isinstance(text, str):
                 raise DataError(f"{path}:{lineno}: field {text_field!r} is {_json_kind(text)}, not text")
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as exc:  # JSON's \ud83d escape without its pair: no tokenizer encodes it (trial48)
-                raise DataError(f"{path}:{lineno}: field {text_field!r} holds a lone UTF-16 surrogate ({text[exc.start]!a} at "
-                                f"character {exc.start}): half of a character, which is not text any tokenizer encodes") from None
+            if lone := lone_surrogate(text):  # JSON's \ud83d escape without its pair: no tokenizer encodes it (trial48)
+                raise DataError(f"{path}:{lineno}: field {text_field!r} {lone}, which is not text any tokenizer encodes")
             yield text
 
 
