@@ -245,6 +245,7 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
     from midus_surgery.train.evaluate import (
         DTYPES,
         block_batches,
+        check_finite_weights,
         check_model_dir,
         check_model_loads,
         check_vocabulary,
@@ -276,13 +277,16 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
     run_on = eval_device(device)
     # what needs no data is refused before the corpus is tokenised into the cache, as eval does (trial99 L1)
     tokenizer = check_model_loads(model_dir, block_size=block_size, allow_pickle=allow_pickle, how_to_allow=NO_OWN_CODE)
+    model = load_causal_lm(model_dir, dtype=DTYPES[dtype], progress=progress, how_to_allow=NO_OWN_CODE, allow_pickle=allow_pickle,
+                           headers_checked=True).to(run_on).eval()
+    # NaN weights gave slot statistics of NaN scores (every token in one slot) and a nan loss, exit 0: refused before
+    # the data is read, as train refuses such an init_from (trial99 W2)
+    check_finite_weights(model, model_dir)
     stream = D.prepare_corpus(list(data), Path.cwd(), tokenizer, dir_glob=DIR_GLOB,
                               text_field=text_field, cache_dir=cache, progress=progress, what="analysis data",
                               tokenizer_source=str(model_dir))
     if nul := D.nul_note(stream):
         notes.append(f"note: {nul}")
-    model = load_causal_lm(model_dir, dtype=DTYPES[dtype], progress=progress, how_to_allow=NO_OWN_CODE, allow_pickle=allow_pickle,
-                           headers_checked=True).to(run_on).eval()
     check_vocabulary(stream, model, model_dir)
     if block_size is None:  # 256, or the model's positions when it has fewer
         block_size = min(DEFAULT_ANALYSIS_BLOCK, (position_limit(model) or (DEFAULT_ANALYSIS_BLOCK, ""))[0])
@@ -320,6 +324,7 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
         del model
         model = load_causal_lm(Path(fixed_retrieval), dtype=DTYPES[dtype], progress=progress, how_to_allow=NO_OWN_CODE,
                                allow_pickle=allow_pickle).to(run_on).eval()
+        check_finite_weights(model, Path(fixed_retrieval))
         if not _memory_layers(model):
             raise TaskError(f"--fixed-retrieval {fixed_retrieval}: not a MIDUS model (no Memory block)")
         frozen_loss = loss()

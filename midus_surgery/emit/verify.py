@@ -53,6 +53,7 @@ from midus_surgery.io.output_dir import recorded_base, run_export_hint
 from midus_surgery.io.small_files import read_small_text
 from midus_surgery.io.tensor_source import name_groups
 from midus_surgery.model.midus_names import is_memory_parameter
+from midus_surgery.train.evaluate import non_finite_tensors
 
 SAMPLE_TEXT = (
     "The history of science is the study of the development of science and scientific knowledge, "
@@ -442,7 +443,7 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     record(Check("tensors", not missing and not unexpected and wrong_dtype is None,
                  f"missing {missing[:5]}, unexpected {unexpected[:5]}" if missing or unexpected else wrong_dtype or f"{len(on_disk)} tensors on disk, all loaded"))
 
-    non_finite = [name for name, t in model.named_parameters() if t.is_floating_point() and not torch.isfinite(t).all()]  # buffers may hold -inf masks
+    non_finite = non_finite_tensors(model)
     if non_finite:  # every check below would fail on it and blame something else (NaN != NaN)
         record(Check("finite", False, f"{len(non_finite)} tensor(s) hold NaN or inf: {', '.join(non_finite[:5])}"))
         return checks

@@ -408,6 +408,21 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype | str | None = torch.float3
     return model
 
 
+def non_finite_tensors(model) -> list[str]:
+    """The names of ``model``'s floating-point parameters that hold NaN or inf (buffers may hold -inf masks)."""
+    return [name for name, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+
+
+def check_finite_weights(model, path: Path) -> None:
+    """ModelLoadError, one line naming the tensors, when ``model``'s weights hold NaN or inf: every number computed
+    from them (a loss, a slot's use) would describe those values, not the model."""
+    broken = non_finite_tensors(model)
+    if broken:
+        raise ModelLoadError(f"{path}'s weights hold non-finite values (NaN or inf) in {len(broken)} tensor(s), e.g. "
+                             f"{', '.join(broken[:3])}: nothing computed from them says what the model learned; check it "
+                             "with midus-surgery verify, and use an earlier export or checkpoint")
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False, how_to_allow: str = ALLOW_CODE):
     from transformers import AutoTokenizer
 

@@ -97,6 +97,7 @@ from midus_surgery.train.evaluate import (
     load_causal_lm,
     load_tokenizer,
     model_on_meta,
+    non_finite_tensors,
     positions_problem,
     stated_positions,
 )
@@ -779,7 +780,7 @@ class Runner:
         model = load_causal_lm(self.init_from, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, progress=self.bars,
                                how_to_allow=ALLOW_CODE, allow_pickle=cfg.allow_pickle, how_to_allow_pickle=ALLOW_PICKLE)
         if self.resume_from is None:  # a resume's weights are the checkpoint's, checked by its first step
-            broken = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+            broken = non_finite_tensors(model)
             if broken:  # else the run stops at step 1 on a "non-finite loss" that hides the cause
                 raise RecipeError([loaded.problem(("init_from",), f"{self.init_from}'s weights hold non-finite values (NaN or inf) in "
                                                   f"{len(broken)} tensor(s), e.g. {', '.join(broken[:3])}: training cannot start from them")])
@@ -901,7 +902,7 @@ class Runner:
         """A non-finite held-out loss at the end: weights the per-step checks let through (the last step's update made
         them overflow, or a checkpoint resumed from had its tensor bytes changed at the same size: trial37). Exported,
         they would replace a good export; stopped before the export and before a checkpoint of them is written."""
-        broken = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        broken = non_finite_tensors(self.model)
         why = (f"the weights hold non-finite values in {len(broken)} tensor(s), e.g. {', '.join(broken[:3])}" if broken
                else "the weights are finite but the model's outputs overflow")
         last = complete_checkpoints(self.ckpt_root)
