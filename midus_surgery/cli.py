@@ -141,7 +141,7 @@ def cmd_validate(args) -> int:
         except MidusError as exc:
             failed += 1
             err.print("[bold red]INVALID[/] ", markup=True, end="")
-            err.print(str(path), markup=False)
+            err.print(printable(str(path)), markup=False)
             for line in str(exc).splitlines():
                 err.print(f"  {line}", markup=False)
             continue

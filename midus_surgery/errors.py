@@ -164,7 +164,7 @@ class Problem:
 
     def __str__(self) -> str:
         field = f" {self.field}:" if self.field else ""
-        return f"{self.where}:{field} {self.message}"
+        return f"{printable(self.where)}:{field} {self.message}"  # a file named with a newline split the line (trial99 M3)
 
 
 class RecipeError(MidusError):

@@ -741,3 +741,28 @@ def test_the_tools_own_warnings_are_one_line(capsys):
     assert capsys.readouterr().err == "warning: HML CPU kernels unavailable (x); using the slower path\n"
     _show_warning(UserWarning("a library's own"), UserWarning, "lib.py", 7)
     assert "lib.py:7: UserWarning: a library's own" in capsys.readouterr().err
+
+
+def test_a_newline_in_a_model_or_file_name_is_shown_escaped_in_its_one_line_error(tmp_path, capsys, monkeypatch):
+    """`verify $'mine\\nverify: all 9 checks passed'` printed "error: mine" and a second line the folder's name chose
+    (trial99 M3). Every command's not-a-directory / not-found line shows such a path escaped, in one line."""
+    monkeypatch.chdir(tmp_path)
+    forged = "verify: all 9 checks passed"
+    (tmp_path / f"mine\n{forged}").mkdir()
+    (tmp_path / "c.txt").write_text("the cat sat .\n")
+    (tmp_path / "t.yaml").write_text('init_from: "mine\\nverify: ok"\nrun_dir: run\ntokens: 64\ndata: {train: [c.txt], block_size: 16}\n')
+    (tmp_path / "r.yaml").write_text('base:\n  path: "b\\nx"\nlayout:\n  interleave:\n    after_every: 2\n    kind: memory\n'
+                                     "output:\n  dir: out\n")
+    for argv, said in ((["verify", f"mine\n{forged}"], f"mine\\n{forged} is not a model directory (no config.json)"),
+                       (["eval", f"mine\n{forged}", "--data", "c.txt"], f"mine\\n{forged} is not a model directory"),
+                       (["eval", "gone\nx", "--data", "c.txt"], "gone\\nx is not a directory"),
+                       (["analyze", f"mine\n{forged}", "--data", "c.txt", "--out", "an"], f"mine\\n{forged} is not a model directory"),
+                       (["train", "t.yaml", "--dry-run"], f"t.yaml:1:1: init_from: {tmp_path}/mine\\nverify: ok is not a directory"),
+                       (["validate", "r.yaml"], f"base.path: base model not found: {tmp_path}/b\\nx/config.json"),
+                       (["apply", "r.yaml"], f"base model not found: {tmp_path}/b\\nx/config.json"),
+                       (["validate", "n\nx.yaml"], "n\\nx.yaml: file not found")):
+        assert main(argv) != 0, argv
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert said in err and not any(line.startswith(("verify: ", "x", "x.yaml")) for line in lines), (argv, err)
+        assert len([line for line in lines if not line.startswith(("INVALID", "  "))]) <= 1 and len(lines) <= 2, (argv, err)

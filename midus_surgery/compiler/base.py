@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from midus_surgery.errors import BaseModelError, RecipeError, one_line
+from midus_surgery.errors import BaseModelError, RecipeError, one_line, printable
 from midus_surgery.io.tensor_source import BaseRef
 from midus_surgery.recipe.schema import MAX_BASE_LAYERS, LoadedRecipe, cwd_relative_hint
 
@@ -369,7 +369,7 @@ def load_base_config(loaded: LoadedRecipe):
             if not ref.exists:
                 key = "config"
                 if not _is_file(loaded, "config", path):
-                    raise RecipeError([loaded.problem(("base", "config"), f"config file not found: {path}")])
+                    raise RecipeError([loaded.problem(("base", "config"), f"config file not found: {printable(str(path))}")])
             data = read_config_json(path)
             if ref.exists and spec.config is not None:
                 check_stated_config(loaded, data, path)
@@ -394,13 +394,13 @@ def load_base_config(loaded: LoadedRecipe):
         return config
     wanted = ref.directory / (ref.gguf_file or "config.json")
     if wanted.exists() and not wanted.is_file():  # a pipe would block the read, a device never ends
-        raise RecipeError([loaded.problem(("base", "path"), f"{wanted} is not a regular file (a pipe, a device or a folder)")])
+        raise RecipeError([loaded.problem(("base", "path"), f"{printable(str(wanted))} is not a regular file (a pipe, a device or a folder)")])
     ggufs = sorted(p.name for p in ref.directory.glob("*.gguf")) if ref.gguf_file is None and ref.directory.is_dir() else []
     if ggufs:  # a folder of GGUF files: which one is the user's to say
-        raise RecipeError([loaded.problem(("base", "path"), f"{ref.directory} has no config.json but holds GGUF weights ({', '.join(ggufs[:4])}): "
+        raise RecipeError([loaded.problem(("base", "path"), f"{printable(str(ref.directory))} has no config.json but holds GGUF weights ({', '.join(ggufs[:4])}): "
                                                             f"give the file, base.path: {ref.directory / ggufs[0]}, or set base.gguf_file: {ggufs[0]}")])
     if ref.gguf_file is None and ref.directory.is_file():
-        raise RecipeError([loaded.problem(("base", "path"), f"{ref.directory} is a file: give the model's directory (config.json beside "
+        raise RecipeError([loaded.problem(("base", "path"), f"{printable(str(ref.directory))} is a file: give the model's directory (config.json beside "
                                                             "the weights), or a .gguf file")])
-    raise RecipeError([loaded.problem(("base", "path"), f"base model not found: {wanted} (give base.config, a config.json, to validate and plan without the weights)"
+    raise RecipeError([loaded.problem(("base", "path"), f"base model not found: {printable(str(wanted))} (give base.config, a config.json, to validate and plan without the weights)"
                                                         f"{cwd_relative_hint(loaded.recipe.base.path, loaded.directory)}")])

@@ -378,11 +378,11 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
 
     trust_remote_code: run the model's (and the base's) own modeling code, as the user allowed."""
     out = Path(out)
-    if not (out / "config.json").is_file():
-        raise UsageError(f"{out} is not a model directory (no config.json){run_export_hint(out)}")
+    if not (out / "config.json").is_file():  # the name escaped: one with a newline split the line (trial99 M3)
+        raise UsageError(f"{printable(str(out))} is not a model directory (no config.json){run_export_hint(out)}")
     if not list(out.glob("*.safetensors")) and (pickles := sorted(p.name for p in out.glob("*.bin"))):
         # its tensor checks read the safetensors files; a traceback stood here (trial66)
-        raise UsageError(f"{out} holds its weights as pickle files only ({', '.join(pickles[:3])}): verify reads safetensors, which "
+        raise UsageError(f"{printable(str(out))} holds its weights as pickle files only ({', '.join(pickles[:3])}): verify reads safetensors, which "
                          "apply and train write; re-save it with save_pretrained (transformers 5 writes safetensors) to check it")
     try:
         plan = read_plan_file(out)  # None: not made by `apply`

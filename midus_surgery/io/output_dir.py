@@ -42,7 +42,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from midus_surgery.errors import MidusError
+from midus_surgery.errors import MidusError, printable
 from midus_surgery.io.json_text import loads_checked
 from midus_surgery.io.small_files import read_small_text, regular_file_problem, write_text_atomically
 
@@ -132,7 +132,7 @@ def recorded_base(directory: Path) -> str | None:
 def run_export_hint(path: Path) -> str:
     """For a model directory that is missing: a training run directory given in place of its export."""
     final = Path(path) / "final"
-    return f"; it looks like a training run directory: its export is {final}" if (final / "config.json").is_file() else ""
+    return f"; it looks like a training run directory: its export is {printable(str(final))}" if (final / "config.json").is_file() else ""
 
 
 def hold_marker(directory: Path) -> int | None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import TYPE_CHECKING, Iterable
 
-from midus_surgery.errors import BaseModelError, MidusError, load_error_line, one_line, shown
+from midus_surgery.errors import BaseModelError, MidusError, load_error_line, one_line, printable, shown
 from midus_surgery.io.dtypes import STORED_ITEMSIZE, TAGS
 from midus_surgery.io.shard_writer import file_slice
 
@@ -912,7 +912,7 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
                 raise BaseModelError(f"{file} is not a weights file: it holds {type(loaded).__name__} data, not named tensors")
             tensors.update(loaded)
         return DictSource(tensors, prefixes, renames)
-    raise BaseModelError(f"no weights found in {ref.directory} (expected .safetensors files)")  # check_base_weights_there said it
+    raise BaseModelError(f"no weights found in {printable(str(ref.directory))} (expected .safetensors files)")  # check_base_weights_there said it
 
 
 def check_base_weights_there(ref: BaseRef) -> None:
@@ -921,7 +921,7 @@ def check_base_weights_there(ref: BaseRef) -> None:
     if not ref.exists:
         missing = ref.directory / (ref.gguf_file or "config.json")
         fetch = " (the bundled SmolLM2 recipes' base: python tools/fetch_smollm2.py writes it)" if "smollm2-135m" in str(missing) else ""
-        raise BaseModelError(f"base model not found: {missing}: apply reads the weights there (base.config alone plans, it does not "
+        raise BaseModelError(f"base model not found: {printable(str(missing))}: apply reads the weights there (base.config alone plans, it does not "
                              f"apply){fetch}")
     if not ref.is_gguf and not any(ref.directory.glob("*.safetensors")) and not pickle_weight_files(ref.directory):
-        raise BaseModelError(f"no weights found in {ref.directory} (expected .safetensors files)")
+        raise BaseModelError(f"no weights found in {printable(str(ref.directory))} (expected .safetensors files)")

@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
-from midus_surgery.errors import Problem, RecipeError
+from midus_surgery.errors import Problem, RecipeError, printable
 from midus_surgery.recipe.anatomy_spec import Anatomy
 from midus_surgery.recipe.yaml_source import YamlSource, load_yaml
 
@@ -475,8 +475,8 @@ def cwd_relative_hint(written: str, directory: Path) -> str:
     here = Path.cwd() / path
     if path.is_absolute() or not here.exists() or here.resolve() == (directory / path).resolve():
         return ""
-    return (f"; {written} exists relative to the current directory, but paths in this file are relative to the file's own "
-            f"directory: write {os.path.relpath(here.resolve(), directory.resolve())} or an absolute path")
+    return (f"; {printable(written)} exists relative to the current directory, but paths in this file are relative to the file's own "
+            f"directory: write {printable(os.path.relpath(here.resolve(), directory.resolve()))} or an absolute path")
 
 
 # The top-level keys only one kind of file has: a recipe given to train, or a train config given to apply,

@@ -24,7 +24,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from midus_surgery.errors import MidusError, UsageError, disk_problem, is_library_panic, load_error_line, one_line, quiet_library_panic
+from midus_surgery.errors import (
+    MidusError,
+    UsageError,
+    disk_problem,
+    is_library_panic,
+    load_error_line,
+    one_line,
+    printable,
+    quiet_library_panic,
+)
 from midus_surgery.io.hf_output import hf_progress_bars, kept_load_report, load_report_words
 from midus_surgery.io.json_text import loads_as_transformers
 from midus_surgery.io.output_dir import CHECKPOINT_STATE, check_cache_location, data_folder, input_root, run_export_hint
@@ -47,7 +56,7 @@ class ModelFailed(MidusError):
     what the models before it scored, for the caller to print before the error (``eval --tasks``' result)."""
 
     def __init__(self, model, exc: MidusError, partial=None):
-        text, shown = str(exc), str(Path(model))
+        text, shown = str(exc), printable(str(Path(model)))  # as the messages show it
         named = text.startswith(shown) or f" {shown}" in text or f"({shown}" in text
         super().__init__(text if named else f"{shown}: {text}")
         self.exit_code = exc.exit_code
@@ -160,37 +169,39 @@ def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow
     from midus_surgery.compiler.custom_code import hub_kernel as find_hub_kernel
 
     path = Path(path)
+    # a folder name holding a newline split the one-line error into lines the name chose (trial99 M3)
+    said = printable(str(path))
     if not path.is_dir():
-        raise ModelLoadError(f"{path} is not a directory")
+        raise ModelLoadError(f"{said} is not a directory")
     if not (path / "config.json").is_file():
         if (path / CHECKPOINT_STATE).is_file():  # a run's checkpoint: its state, not a model to load
-            raise ModelLoadError(f"{path} is a training checkpoint (resume state), not a model directory: use the run's export "
+            raise ModelLoadError(f"{said} is a training checkpoint (resume state), not a model directory: use the run's export "
                                  "(export.dir, by default run_dir/final), or resume the run to export it")
-        raise ModelLoadError(f"{path} is not a model directory (no config.json){run_export_hint(path)}")
+        raise ModelLoadError(f"{said} is not a model directory (no config.json){run_export_hint(path)}")
     try:
         data = loads_as_transformers(read_small_text(path / "config.json"))  # bounded: a config.json is a few KB
         code = building_code(data) if isinstance(data, dict) and data.get("model_type") != "midus" else {}
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: cannot read config.json ({one_line(exc, 300, whole=True)})") from None
+        raise ModelLoadError(f"{said}: cannot read config.json ({one_line(exc, 300, whole=True)})") from None
     if not isinstance(data, dict):  # a list was blamed on the tokenizer, the first thing to read it (trial73 F9d)
-        raise ModelLoadError(f"{path}/config.json holds a JSON {type(data).__name__}, not an object: not a model's config")
+        raise ModelLoadError(f"{said}/config.json holds a JSON {type(data).__name__}, not an object: not a model's config")
     broken = config_math_problems(data) if isinstance(data, dict) else []
     broken += [problem] if isinstance(data, dict) and (problem := _midus_depth_problem(data)) else []
     if broken:  # every logit would be NaN or inf: said now, not as a NaN loss at step 1 or a nan perplexity
-        raise ModelLoadError(f"{path}/config.json: {broken[0]}")
+        raise ModelLoadError(f"{said}/config.json: {broken[0]}")
     if not allow_pickle and holds_only_pickle_weights(path):
-        raise ModelLoadError(f"{path} holds only pickle .bin weights; {PICKLE_RISK}: {how_to_allow_pickle} to read them "
+        raise ModelLoadError(f"{said} holds only pickle .bin weights; {PICKLE_RISK}: {how_to_allow_pickle} to read them "
                              "(with weights_only=True)")
     if trust_remote_code:
         return path
     hub_kernel = find_hub_kernel(data)
     if hub_kernel:  # transformers hands such a name to the kernels library, which downloads compiled code and runs it (trial73 F9e)
-        raise ModelLoadError(f"{path}/config.json asks for {hub_kernel[0]} {hub_kernel[1]!r}, a kernel from the Hugging Face Hub: code that is "
+        raise ModelLoadError(f"{said}/config.json asks for {hub_kernel[0]} {hub_kernel[1]!r}, a kernel from the Hugging Face Hub: code that is "
                              f"downloaded and run; it runs only when allowed: {how_to_allow}, or set {hub_kernel[0]} to a built-in one "
                              "(sdpa, eager)")
     if code:
         names = ", ".join(f"{k} -> {v}" for k, v in sorted(code.items()))
-        raise ModelLoadError(f"{path} is its own modeling code (config.json auto_map: {names[:200]}), "
+        raise ModelLoadError(f"{said} is its own modeling code (config.json auto_map: {names[:200]}), "
                              f"{_without_the_code(data.get('model_type'))}; it runs only when allowed: {how_to_allow}")
     return path
 
@@ -429,7 +440,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False, how_to_allow: st
     from midus_surgery.io.tokenizer_files import has_tokenizer_files, odd_tokenizer_files
 
     if not Path(path).is_dir():  # transformers would take the name for a Hub repository and retry the network
-        raise ModelLoadError(f"{path} is not a directory")
+        raise ModelLoadError(f"{printable(str(path))} is not a directory")
     if odd := odd_tokenizer_files(path):
         raise ModelLoadError(f"{path}: {odd}: replace it with the tokenizer's own file")
     if not trust_remote_code and not has_tokenizer_files(path):

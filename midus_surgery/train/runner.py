@@ -635,7 +635,7 @@ class Runner:
             return chosen
         path = loaded.resolve(cfg.resume).resolve()
         if not path.exists():
-            raise RecipeError([loaded.problem(("resume",), f"{path} does not exist (resume: auto continues the newest checkpoint of run_dir)")])
+            raise RecipeError([loaded.problem(("resume",), f"{printable(str(path))} does not exist (resume: auto continues the newest checkpoint of run_dir)")])
         try:
             problem = f"no {STATE_FILE}" if not (path / STATE_FILE).is_file() else verify_checkpoint(path)
         except NewerCheckpoint as exc:
