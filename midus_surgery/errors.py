@@ -44,6 +44,18 @@ def shown(name: str, limit: int = 120) -> str:
     return repr(name[:limit]) + (f" (cut; {len(name):,} characters)" if len(name) > limit else "")
 
 
+def not_utf8_path(path) -> str | None:
+    """Why a model folder cannot be read: its path holds bytes that are not UTF-8 (Linux allows them; Python keeps them as
+    surrogate escapes), which the Rust readers, tokenizers and safetensors, refuse, so eval blamed the tokenizer and verify the
+    weights (trial99 M4); None when it is UTF-8."""
+    try:
+        os.path.abspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return (f"{printable(str(path))}: its path is not UTF-8 text, which the tokenizers and safetensors libraries cannot open: "
+                "rename the folder")
+    return None
+
+
 def printable(text: str) -> str:
     """``text`` with its control characters written as escapes (``\\x1b``, ``\\n``): a name the user typed
     (a task, an output folder) echoed into a table or a "wrote" line must not move the cursor, colour

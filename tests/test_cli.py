@@ -743,6 +743,22 @@ def test_the_tools_own_warnings_are_one_line(capsys):
     assert "lib.py:7: UserWarning: a library's own" in capsys.readouterr().err
 
 
+def test_a_model_folder_whose_name_is_not_utf8_is_said_so(tiny_base, tmp_path, capsys):
+    """Linux allows any bytes in a name; the Rust readers take UTF-8 paths only, so eval blamed the tokenizer and verify the
+    weights (trial99 M4). Each says the name, escaped, and what to do."""
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/m\xff"))
+    shutil.copytree(tiny_base, folder)
+    (tmp_path / "c.txt").write_text("the cat sat .\n")
+    said = "m\\udcff: its path is not UTF-8 text, which the tokenizers and safetensors libraries cannot open: rename the folder"
+    for argv in (["verify", str(folder)], ["verify", str(tiny_base), "--base", str(folder)],
+                 ["eval", str(folder), "--data", str(tmp_path / "c.txt")],
+                 ["analyze", str(folder), "--data", str(tmp_path / "c.txt"), "--out", str(tmp_path / "an")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and err.endswith(said), (argv, err)
+    assert not (tmp_path / "an").exists()
+
+
 def test_a_newline_in_a_model_or_file_name_is_shown_escaped_in_its_one_line_error(tmp_path, capsys, monkeypatch):
     """`verify $'mine\\nverify: all 9 checks passed'` printed "error: mine" and a second line the folder's name chose
     (trial99 M3). Every command's not-a-directory / not-found line shows such a path escaped, in one line."""

@@ -43,6 +43,7 @@ from midus_surgery.errors import (
     disk_problem,
     is_library_panic,
     load_error_line,
+    not_utf8_path,
     one_line,
     printable,
     quiet_library_panic,
@@ -380,6 +381,9 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     out = Path(out)
     if not (out / "config.json").is_file():  # the name escaped: one with a newline split the line (trial99 M3)
         raise UsageError(f"{printable(str(out))} is not a model directory (no config.json){run_export_hint(out)}")
+    for folder in (out, base):
+        if folder is not None and not_utf8_path(folder):
+            raise UsageError(not_utf8_path(folder))
     if not list(out.glob("*.safetensors")) and (pickles := sorted(p.name for p in out.glob("*.bin"))):
         # its tensor checks read the safetensors files; a traceback stood here (trial66)
         raise UsageError(f"{printable(str(out))} holds its weights as pickle files only ({', '.join(pickles[:3])}): verify reads safetensors, which "
