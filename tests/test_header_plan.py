@@ -351,3 +351,28 @@ def test_plan_json_states_the_output_dtype(base, dtype, bases, tmp_path, capsys)
     written = json.loads((out / "config.json").read_text())["dtype"]
     assert planned == written == json.loads((out / "midus_plan.json").read_text())["config"]["dtype"]
     assert written == {"auto": {"llama-tied": "float32", "llama-sharded-bf16": "bfloat16"}.get(base)}.get(dtype, dtype)
+
+
+def test_an_absurd_layer_count_is_refused_before_the_layout_is_expanded(bases, tmp_path, capsys, monkeypatch):
+    """trial99 C1: apply's header planner expanded the layout over config.json's num_hidden_layers before its
+    numbers were checked: 10^9 layers were an OOM kill or a MemoryError traceback (validate refused it in one line)."""
+    import midus_surgery.compiler.header_plan as header_plan
+
+    expanded = []
+    real = header_plan.expand_layout
+
+    def expand_layout(loaded, L):
+        expanded.append(L)
+        assert L <= 1024, "the layout was expanded over an unchecked layer count"
+        return real(loaded, L)
+
+    monkeypatch.setattr(header_plan, "expand_layout", expand_layout)
+    base = copy_base(bases["llama-tied"], tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**9}))
+    recipe = write_recipe(tmp_path, base)
+    assert main(["apply", str(recipe), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "num_hidden_layers is 1000000000; it must be between 1 and 1024" in err and "config.json" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not expanded and not (tmp_path / "out").exists()

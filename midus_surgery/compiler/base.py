@@ -115,8 +115,9 @@ def _short(value, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def config_number_problems(data: dict) -> list[str]:
-    """What is wrong with the sizes of a base config's raw dict (wrong types, zero or absurd values, unknown rope types)."""
+def config_size_problems(data: dict) -> list[str]:
+    """The sizes of a raw config dict that are of the wrong type, zero or absurd (layers, widths, heads, vocabulary).
+    Needs neither torch nor transformers, so the header planner can check them too."""
     problems = []
     for keys, limit in _SIZES.items():
         for key in keys:
@@ -124,6 +125,12 @@ def config_number_problems(data: dict) -> list[str]:
                 problem = _count_problem(key, data[key], limit)
                 if problem:
                     problems.append(problem)
+    return problems
+
+
+def config_number_problems(data: dict) -> list[str]:
+    """What is wrong with the sizes of a base config's raw dict (wrong types, zero or absurd values, unknown rope types)."""
+    problems = config_size_problems(data)
     for key in ("rope_scaling", "rope_parameters"):
         problems += _rope_problems(key, data.get(key))
     problems += config_math_problems(data)

@@ -25,7 +25,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
-from midus_surgery.compiler.base import check_stated_config, located_at_base_path, read_config_json, resolve_base
+from midus_surgery.compiler.base import check_stated_config, config_size_problems, located_at_base_path, read_config_json, resolve_base
 from midus_surgery.compiler.layout import COPY, expand_layout
 from midus_surgery.compiler.plan import (
     CYCLED_LISTS,
@@ -139,6 +139,10 @@ def _plan(loaded: LoadedRecipe) -> PlannedRecipe:
         raise NotCovered("config.json is not a JSON object")
     if recipe.base.config is not None:
         check_stated_config(loaded, config, ref.directory / "config.json")
+    if config_size_problems(config):
+        # before expand_layout, which builds a set the size of the layer count: 10^9 layers were an OOM kill or a
+        # MemoryError traceback (trial99 C1); the full planner refuses these numbers first, in validate's words
+        raise NotCovered("config.json's sizes are out of range (the full planner reports them)")
     L = config.get("num_hidden_layers")
     counted = isinstance(L, int) and not isinstance(L, bool) and L >= 1
     layers, problems = expand_layout(loaded, L) if counted else ([], [])
