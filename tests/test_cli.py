@@ -782,3 +782,39 @@ def test_a_newline_in_a_model_or_file_name_is_shown_escaped_in_its_one_line_erro
         lines = err.strip().splitlines()
         assert said in err and not any(line.startswith(("verify: ", "x", "x.yaml")) for line in lines), (argv, err)
         assert len([line for line in lines if not line.startswith(("INVALID", "  "))]) <= 1 and len(lines) <= 2, (argv, err)
+
+
+@pytest.mark.parametrize("command", ["eval", "train --dry-run", "train", "verify", "analyze"])
+def test_a_model_folder_of_absurd_depth_is_refused_before_it_is_built(tiny_base, tmp_path, capsys, monkeypatch, command):
+    """eval, train, verify and analyze built a model of whatever depth config.json stated before any check: 10^5
+    layers took 347 s and 5 GB, where validate refuses the number at once (trial99 C3)."""
+    from train_fixtures.tiny import write_config, write_corpus
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    built = []
+    real = LlamaModel.__init__
+
+    def build(self, config, *args, **kwargs):  # every build, meta or not, the check must come before; refused, not waited for
+        built.append(config.num_hidden_layers)
+        if config.num_hidden_layers > 2048:
+            raise RuntimeError(f"built a model of {config.num_hidden_layers} layers")
+        real(self, config, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaModel, "__init__", build)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_base, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**5}))
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus, files=1)
+    argv = {"eval": ["eval", str(model), "--data", str(corpus), "--quiet"],
+            "train --dry-run": ["train", str(write_config(tmp_path / "t.yaml", model, tmp_path / "run", corpus, tmp_path / "cache")), "--dry-run"],
+            "train": ["train", str(write_config(tmp_path / "t.yaml", model, tmp_path / "run", corpus, tmp_path / "cache")), "--quiet"],
+            "verify": ["verify", str(model)],
+            "analyze": ["analyze", str(model), "--data", str(corpus), "--out", str(tmp_path / "analysis"), "--quiet"]}[command]
+    assert main(argv) != 0
+    captured = capsys.readouterr()
+    said = (captured.out + captured.err).strip().splitlines()
+    assert any(f"{model}/config.json: num_hidden_layers is 100000; it must be between 1 and 2048" in line for line in said), said
+    assert "Traceback" not in captured.err and not any(depth > 2048 for depth in built), built
+    assert not (tmp_path / "run").exists() and not (tmp_path / "analysis").exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from midus_surgery.errors import BaseModelError, RecipeError, one_line, printable
 from midus_surgery.io.tensor_source import BaseRef
-from midus_surgery.recipe.schema import MAX_BASE_LAYERS, LoadedRecipe, cwd_relative_hint
+from midus_surgery.recipe.schema import MAX_BASE_LAYERS, MAX_OUTPUT_LAYERS, LoadedRecipe, cwd_relative_hint
 
 MAX_CONFIG_BYTES = 16 * 2**20  # a config.json is a few KB (a few MB with big label maps)
 
@@ -115,11 +115,12 @@ def _short(value, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def config_size_problems(data: dict) -> list[str]:
+def config_size_problems(data: dict, max_layers: int = MAX_BASE_LAYERS) -> list[str]:
     """The sizes of a raw config dict that are of the wrong type, zero or absurd (layers, widths, heads, vocabulary).
     Needs neither torch nor transformers, so the header planner can check them too."""
     problems = []
     for keys, limit in _SIZES.items():
+        limit = max_layers if keys is LAYER_COUNT_KEYS else limit
         for key in keys:
             if key in data:
                 problem = _count_problem(key, data[key], limit)
@@ -138,6 +139,18 @@ def config_number_problems(data: dict) -> list[str]:
         value = data.get(key)
         if value is not None and not (isinstance(value, str) and re.fullmatch(r"(torch\.)?[a-z]+[0-9_a-z]*", value)):
             problems.append(f"{key} must be a dtype name such as \"bfloat16\", got {_short(value)}")
+    return problems
+
+
+def model_config_problems(data: dict) -> list[str]:
+    """What is wrong with the numbers of a model folder's config.json (a base, an output, a trained export) that eval,
+    train, verify and analyze open: checked before the model is built on the meta device, which takes minutes and
+    gigabytes for 10^5 layers whatever the weights hold (trial99 C3). An up-scaled output may have up to
+    MAX_OUTPUT_LAYERS layers. Rope types are left to transformers: a load converts some that validate does not know."""
+    problems = config_size_problems(data, MAX_OUTPUT_LAYERS) + config_math_problems(data)
+    text = data.get("text_config")  # a composite model's language model, built at its own depth
+    if isinstance(text, dict):
+        problems += [f"text_config.{problem}" for problem in config_size_problems(text, MAX_OUTPUT_LAYERS)]
     return problems
 
 

@@ -100,9 +100,13 @@ def _weights_unlike_config(path: Path, trust_remote_code: bool) -> str | None:
     trial83 F3); None otherwise, and where the headers or the config do not read: the load says why."""
     from transformers import AutoConfig, AutoModelForCausalLM  # MIDUS classes: registered by this package's __init__
 
+    from midus_surgery.compiler.base import model_config_problems
     from midus_surgery.compiler.plan import load_renames
     from midus_surgery.io.tensor_source import stored_by_module_name, wrong_shapes
 
+    numbers = model_config_problems(_config_dict(path))  # as eval checks them: 10^6 layers built for minutes (trial99 C3)
+    if numbers:
+        return f"{path}/config.json: {numbers[0]}"
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         with torch.device("meta"):

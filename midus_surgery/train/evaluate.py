@@ -165,7 +165,7 @@ def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow
     pickles alone are read only when allowed too (``allow_pickle``; transformers then reads them with
     weights_only=True), the rule apply holds a base to."""
 
-    from midus_surgery.compiler.base import config_math_problems
+    from midus_surgery.compiler.base import model_config_problems
     from midus_surgery.compiler.custom_code import building_code
     from midus_surgery.compiler.custom_code import hub_kernel as find_hub_kernel
 
@@ -188,9 +188,9 @@ def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow
         raise ModelLoadError(f"{said}: cannot read config.json ({one_line(exc, 300, whole=True)})") from None
     if not isinstance(data, dict):  # a list was blamed on the tokenizer, the first thing to read it (trial73 F9d)
         raise ModelLoadError(f"{said}/config.json holds a JSON {type(data).__name__}, not an object: not a model's config")
-    broken = config_math_problems(data) if isinstance(data, dict) else []
+    broken = model_config_problems(data)
     broken += [problem] if isinstance(data, dict) and (problem := _midus_depth_problem(data)) else []
-    if broken:  # every logit would be NaN or inf: said now, not as a NaN loss at step 1 or a nan perplexity
+    if broken:  # said before the model is built: every logit NaN or inf, or minutes building 10^5 layers (trial99 C3)
         raise ModelLoadError(f"{said}/config.json: {broken[0]}")
     if not allow_pickle and holds_only_pickle_weights(path):
         raise ModelLoadError(f"{said} holds only pickle .bin weights; {PICKLE_RISK}: {how_to_allow_pickle} to read them "
