@@ -334,6 +334,14 @@ def test_a_jsonl_record_nested_past_the_json_reader_is_one_line(tmp_path, tok):
         prep([tmp_path / "deep.jsonl"], tmp_path, tok)
 
 
+def test_a_jsonl_record_with_an_integer_past_pythons_digit_limit_is_one_line(tmp_path, tok):
+    """trial99 C2: an integer of 5,000 digits beside the text was Python's bare ValueError: a traceback in train,
+    "unexpected error" in eval, where every other bad record is a data error at its file:line."""
+    (tmp_path / "big.jsonl").write_text('{"text": "the cat sat ."}\n{"text": "the dog ran .", "id": ' + "9" * 5000 + "}\n")
+    with pytest.raises(D.DataError, match=r"big.jsonl:2: the record holds an integer of more than 4,300 digits, .*write it as a string"):
+        prep([tmp_path / "big.jsonl"], tmp_path, tok)
+
+
 @pytest.mark.parametrize("edit", [lambda m: [m], lambda m: {**m, "dtype": "uint8"}, lambda m: {**m, "dtype": "float16"},
                                   lambda m: {k: v for k, v in m.items() if k != "dtype"}, lambda m: {**m, "num_tokens": "many"},
                                   lambda m: {**m, "max_token": None}],

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +236,9 @@ def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
                 raise DataError(f"{path}:{lineno}: not a JSON record ({exc.msg} at column {exc.colno})") from None
             except RecursionError:  # [[[[...]]]] 200,000 deep: Python's JSON reader gives up (was a traceback, trial70)
                 raise DataError(f"{path}:{lineno}: a JSON record nested deeper than the JSON reader goes") from None
+            except ValueError:  # Python's int() refuses an integer past its digit limit: a bare ValueError, a traceback (trial99 C2)
+                raise DataError(f"{path}:{lineno}: the record holds an integer of more than {sys.get_int_max_str_digits():,} digits, "
+                                "more than the JSON reader converts; write it as a string (in quotes) or remove it") from None
             if not isinstance(record, dict) or text_field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise DataError(f"{path}:{lineno}: the record has no {text_field!r} field (it has: {keys}); name the field "
