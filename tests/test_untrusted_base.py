@@ -174,6 +174,29 @@ def test_a_pickle_base_is_checked_against_its_config_when_read(llama, tmp_path, 
     assert "num_hidden_layers=3" in err and "4 layers" in err
 
 
+def test_a_pickle_base_in_the_legacy_format_is_read(llama, tmp_path, capsys):
+    """trial99 M1: torch.save's format before 1.6 (not a zip) was refused with torch's "mmap can only be used with
+    files saved with ..." (apply mapped every .bin), where eval reads it."""
+    base = tmp_path / "legacy"
+    base.mkdir()
+    shutil.copy(llama / "config.json", base / "config.json")
+    weights = load_file(str(llama / "model.safetensors"))
+    torch.save(weights, base / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    recipe = write_recipe(tmp_path, base)  # SLICES: output layers 0..5 are base layers 0, 1, 2, 1, 2, 3
+    assert main(["apply", str(recipe), "--quiet", "--allow-pickle"]) == 0, capsys.readouterr().err
+    written = load_file(str(tmp_path / "out" / "legacy" / "model.safetensors"))
+    sources = [0, 1, 2, 1, 2, 3]
+
+    def base_name(name: str) -> str:
+        parts = name.split(".")
+        if name.startswith("model.layers."):
+            parts[2] = str(sources[int(parts[2])])
+        return ".".join(parts)
+
+    assert {base_name(name) for name in written} == weights.keys() and len(written) == len(weights) + 2 * (len(weights) - 3) // 4
+    assert all(torch.equal(tensor, weights[base_name(name)]) for name, tensor in written.items())
+
+
 class WritesFile:
     def __init__(self, path: Path):
         self.path = path

@@ -24,6 +24,7 @@ import math
 import os
 import re
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
@@ -905,7 +906,9 @@ def open_base_tensors(ref: BaseRef, *, allow_pickle: bool, prefixes: tuple[str, 
         tensors: dict[str, torch.Tensor] = {}
         for file in bins:
             try:
-                loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                # mmap reads only the zip format torch.save writes since 1.6; the legacy format (still on the Hub) was
+                # refused with torch's "mmap can only be used with files saved with..." where eval read it (trial99 M1)
+                loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
             except Exception as exc:  # noqa: BLE001 - corrupt or unsafe pickles raise many types
                 raise BaseModelError(f"cannot read {file}: {load_error_line(exc)}") from None
             if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
