@@ -185,6 +185,29 @@ def test_impossible_value(tmp_path):
     assert (p.field, p.message) == ("memory.topk", "topk (32) must be <= n_subkeys (4)")
 
 
+def test_a_norm_eps_that_float32_holds_as_zero_or_subnormal_is_refused(tmp_path):
+    """trial99 W3: norm_eps 1e-46 (or 5e-324) passed as "above 0", but the query norm computes in float32, where it is 0:
+    a pad position's zero query normalised to 0/0 = NaN and broke left-padded batched generation."""
+    import torch
+
+    from midus_surgery.model.hml import MIN_NORM_EPS, HMLConfig, _HeadNorm
+    from midus_surgery.recipe.schema import MIN_NORM_EPS as RECIPE_MIN_NORM_EPS
+
+    assert RECIPE_MIN_NORM_EPS == MIN_NORM_EPS == torch.finfo(torch.float32).tiny
+    for value in ("1.0e-46", "5e-324", "1.0e-40"):
+        [problem] = problems(tmp_path, GOOD.replace("topk: 8", f"topk: 8\n  norm_eps: {value}"))
+        assert problem.field == "memory.norm_eps" and problem.message.startswith(f"should be at least {MIN_NORM_EPS!r}, got "), problem.message
+        with pytest.raises(ValueError, match="norm_eps must be at least .*float32's smallest normal"):
+            HMLConfig(norm_eps=float(value))
+    load_recipe(write(tmp_path, GOOD.replace("topk: 8", f"topk: 8\n  norm_eps: {MIN_NORM_EPS!r}")))
+    for kind in ("rms", "layer", "batch"):  # at the bound, a zero query (a pad position's) stays finite
+        norm = _HeadNorm(kind, 2, 4, MIN_NORM_EPS)
+        torch.nn.init.ones_(norm.weight)
+        if norm.bias is not None:
+            torch.nn.init.zeros_(norm.bias)
+        assert torch.isfinite(norm(torch.zeros(3, 2, 4))).all(), kind
+
+
 def test_every_problem_is_listed_at_once(tmp_path):
     text = GOOD.replace("after_every: 2", "after_every: 0").replace("topk: 8", "topk: 8\n  bogus: 1").replace("  dir: out\n", "  dir: out\n  shard_size: lots\n")
     found = [p.field for p in problems(tmp_path, text)]

@@ -68,6 +68,9 @@ _BANK_GRADS = ("auto", "sparse_mm", "embedding_bag", "index_add", "segment")
 #   triton-fused  as triton, with the whole read (scores, selection, softmax, pooled gather) in one
 #           kernel and its backward in another; opt-in until timed on a GPU (docs/hml.md).
 KERNELS = ("auto", "fused", "torch", "triton", "triton-fused")
+# The query norm computes in float32: a smaller epsilon is 0 or subnormal there (flushed to 0 on some devices), and a
+# zero query (a pad position's) normalises to 0/0 = NaN, which reaches the real tokens of a padded batch (trial99 W3)
+MIN_NORM_EPS = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -126,8 +129,9 @@ class HMLConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"HMLConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
-            raise ValueError(f"HMLConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps >= MIN_NORM_EPS):
+            raise ValueError(f"HMLConfig.norm_eps must be at least {MIN_NORM_EPS!r} (float32's smallest normal number, which the "
+                             f"query norm computes in), got {self.norm_eps!r}")
         if self.kernels is not None and self.kernels not in KERNELS:
             raise ValueError(f"HMLConfig.kernels must be one of {KERNELS} or None, got {self.kernels!r}")
 

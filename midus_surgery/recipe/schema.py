@@ -38,6 +38,9 @@ MAX_BANK_ELEMENTS = 2**40  # n*n*d_l of one HIVE bank: 1.1e12 values, 4.4 TB in 
 MAX_SHARD_BYTES = 10**15  # 1 PB: larger than any model, i.e. "one shard"
 MAX_SEQ_LEN = 100_000_000
 MAX_SEED = 2**63 - 1
+# float32's smallest normal number (model.hml.MIN_NORM_EPS, without importing torch): the query norm computes in
+# float32, where a smaller epsilon is 0 or subnormal and a pad position's zero query normalises to NaN (trial99 W3)
+MIN_NORM_EPS = 2.0**-126
 
 HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}", re.ASCII)  # [org/]name
 
@@ -196,7 +199,9 @@ class MemorySettings(Strict):
     output_proj: Literal["auto", "always", "never"] = Field("auto", description="Output projection to the hidden size: `auto` adds one only when heads*head_dim != hidden size.")
     query_source: Literal["heads", "hidden"] = Field("heads", description="`heads`: each head's attention output queries its memory (MIDUS). `hidden`: the generic variant, queries projected from x + Attn(Norm(x)); the attention keeps its output projection, zeroed as in LLaMA-Pro so the block starts as the identity.")
     init: Literal["zero_proj", "zero_bank", "random"] = Field("zero_proj", description="`zero_proj`: head projections zero, bank random (output exactly 0 at start, function-preserving). `zero_bank`: bank zero, projections random (also function-preserving). `random`: not function-preserving.")
-    norm_eps: float = Field(1e-6, gt=0, le=1.0, description="Epsilon of the per-head query norm.")
+    norm_eps: float = Field(1e-6, ge=MIN_NORM_EPS, le=1.0, description=f"Epsilon of the per-head query norm; at least {MIN_NORM_EPS!r} "
+                            "(float32's smallest normal number, which the norm computes in: a smaller one is 0 or subnormal there, and "
+                            "a pad position's zero query then normalises to NaN).")
     bank_grad: Literal["auto", "sparse_mm", "embedding_bag", "index_add", "segment"] = Field("auto", description="How the backward accumulates the bank (or value table) gradient; all give the same dense gradient, at different speeds (docs/hml.md). auto: sparse_mm on CPU, embedding_bag on CUDA (segment on the Triton kernels for rows of 128+ and 2^23+ contributions). segment: the Triton kernels' deterministic sort-free segment reduce (CUDA; auto on a path without Triton kernels). index_add on the fused kernels: float atomics, not deterministic.")
     share_bank: StrictBool = Field(False, description="One latent bank shared by all memory blocks of the model instead of one per block.")
     kernels: Literal["auto", "fused", "torch", "triton", "triton-fused"] | None = Field(None, description="What the memory layer runs on, written into the output's config when set: `auto` (compiled CPU kernels on CPU, Triton on CUDA, else pure torch), `fused` (insist on the CPU kernels), `torch`, `triton`, `triton-fused` (the whole read in one Triton kernel on CUDA; opt-in: slower than `triton` at 16 x 1024 on an H200). Unset: `MIDUS_HML_KERNELS` where the model is loaded, else `auto` (docs/hml.md).")
