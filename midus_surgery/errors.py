@@ -47,9 +47,10 @@ def shown(name: str, limit: int = 120) -> str:
 def not_utf8_path(path) -> str | None:
     """Why a model folder cannot be read: its path holds bytes that are not UTF-8 (Linux allows them; Python keeps them as
     surrogate escapes), which the Rust readers, tokenizers and safetensors, refuse, so eval blamed the tokenizer and verify the
-    weights (trial99 M4); None when it is UTF-8."""
+    weights (trial99 M4); None when it is UTF-8. The path as given: a relative one under a folder whose name is not UTF-8
+    reads, since the libraries open it as given too (trial102 R06)."""
     try:
-        os.path.abspath(path).encode("utf-8")
+        os.fspath(path).encode("utf-8")
     except UnicodeEncodeError:
         return (f"{printable(str(path))}: its path is not UTF-8 text, which the tokenizers and safetensors libraries cannot open: "
                 "rename the folder")

@@ -757,6 +757,28 @@ def test_a_model_folder_whose_name_is_not_utf8_is_said_so(tiny_base, tmp_path, c
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("error: ") and err.endswith(said), (argv, err)
     assert not (tmp_path / "an").exists()
+    # a relative path is read as given, whatever the current folder is called (trial102 R06)
+    os.chdir(folder)
+    try:
+        (tmp_path / "long.txt").write_text("the cat sat on the mat .\n" * 20)
+        assert main(["eval", ".", "--data", str(tmp_path / "long.txt"), "--block-size", "8", "--quiet"]) == 0, capsys.readouterr()
+    finally:
+        os.chdir(tmp_path)
+    capsys.readouterr()
+    # apply's base and its --out too: the tokenizer was said not to load, and a folder no reader could open was written
+    os.environ["MIDUS_TEST_BASE"] = str(folder)  # a recipe's text is UTF-8; a $NAME it expands need not be
+    (tmp_path / "r.yaml").write_text("base:\n  path: $MIDUS_TEST_BASE\nlayout: {interleave: {after: [1], kind: copy}}\noutput:\n  dir: out\n")
+    try:
+        assert main(["validate", str(tmp_path / "r.yaml")]) == 2
+    finally:
+        del os.environ["MIDUS_TEST_BASE"]
+    err = capsys.readouterr().err
+    assert "base.path: " in err and err.rstrip().endswith(said), err
+    (tmp_path / "r.yaml").write_text(f"base:\n  path: {tiny_base}\nlayout: {{interleave: {{after: [1], kind: copy}}}}\noutput:\n  dir: out\n")
+    with pytest.raises(SystemExit):
+        main(["apply", str(tmp_path / "r.yaml"), "--out", os.fsdecode(bytes(tmp_path) + b"/o\xff")])
+    assert "is not UTF-8 text: the tokenizers and safetensors libraries could not read what is written there" in capsys.readouterr().err
+    assert not any(p.name.startswith("o") for p in tmp_path.iterdir())
 
 
 def test_a_newline_in_a_model_or_file_name_is_shown_escaped_in_its_one_line_error(tmp_path, capsys, monkeypatch):
@@ -818,3 +840,14 @@ def test_a_model_folder_of_absurd_depth_is_refused_before_it_is_built(tiny_base,
     assert any(f"{model}/config.json: num_hidden_layers is 100000; it must be between 1 and 2048" in line for line in said), said
     assert "Traceback" not in captured.err and not any(depth > 2048 for depth in built), built
     assert not (tmp_path / "run").exists() and not (tmp_path / "analysis").exists()
+
+
+def test_a_dense_config_with_zero_experts_is_no_size_problem():
+    """Granite 4.0's dense models ship num_local_experts: 0 and num_experts_per_tok: 0; eval scored them until the size
+    checks reached every command (trial102 R05)."""
+    from midus_surgery.compiler.base import config_size_problems
+
+    dense = {"num_hidden_layers": 4, "hidden_size": 64, "vocab_size": 128, "num_local_experts": 0, "num_experts_per_tok": 0}
+    assert config_size_problems(dense) == []
+    assert config_size_problems({**dense, "num_local_experts": -1}) == ["num_local_experts is -1; it must be between 0 and 65536"]
+    assert config_size_problems({**dense, "hidden_size": 0}) == ["hidden_size is 0; it must be between 1 and 1048576"]

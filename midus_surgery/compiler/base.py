@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from midus_surgery.errors import BaseModelError, RecipeError, one_line, printable
+from midus_surgery.errors import BaseModelError, RecipeError, not_utf8_path, one_line, printable
 from midus_surgery.io.tensor_source import BaseRef
 from midus_surgery.recipe.schema import MAX_BASE_LAYERS, MAX_OUTPUT_LAYERS, LoadedRecipe, cwd_relative_hint
 
@@ -93,6 +93,8 @@ _SIZES = {
     ("num_experts", "num_local_experts", "n_routed_experts"): 2**16,
     ("num_experts_per_tok",): 2**16,
 }
+# 0 experts is a dense model (Granite 4.0's dense configs: num_local_experts 0, num_experts_per_tok 0); no window, a full one
+_MAY_BE_ZERO = {"sliding_window", "num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok"}
 _PER_LAYER_OK = {"intermediate_size", "n_inner", "ffn_dim", "num_key_value_heads"}  # some configs list these per layer
 _REQUIRED = ("num_hidden_layers", "hidden_size", "vocab_size")  # heads too when the config has them (state-space models have none)
 
@@ -104,7 +106,7 @@ def _count_problem(key: str, value, limit: int) -> str | None:
             continue
         if isinstance(v, bool) or not isinstance(v, int):
             return f"{key} must be a whole number, got {_short(v)}"
-        low = 0 if key == "sliding_window" else 1
+        low = 0 if key in _MAY_BE_ZERO else 1
         if not low <= v <= limit:
             return f"{key} is {v}; it must be between {low} and {limit}"
     return None
@@ -360,6 +362,8 @@ def load_base_config(loaded: LoadedRecipe):
     spec = loaded.recipe.base
     ref = resolve_base(loaded)
     key = "path"
+    if ref.exists and not_utf8_path(ref.directory):  # its tokenizer.json read as broken, and an output no reader could open
+        raise RecipeError([loaded.problem(("base", "path"), not_utf8_path(ref.directory))])
     try:
         if ref.exists and ref.is_gguf:
             from transformers import AutoConfig, PretrainedConfig

@@ -787,7 +787,6 @@ def _disk_tensors(path: Path):
                 yield name, handle.get_tensor(name)
 
 
-@torch.no_grad()
 def train_record(out: Path) -> tuple[bool, str | None]:
     """(whether ``out`` holds the record `midus-surgery train` writes on export, why its midus_train.json is not that record).
     A trained export's weights are no longer the base's, so identity and most of the weights check are skipped for it: the

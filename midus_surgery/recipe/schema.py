@@ -81,6 +81,10 @@ def no_control_characters(text: str) -> str:
     bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
     if bad is not None:
         raise ValueError(f"{text!r} holds the control character {bad!r}: a folder to write is not named with one")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes from the command line: the tokenizers and safetensors libraries take UTF-8 paths only (trial102 R06)
+        raise ValueError(f"{text!r} is not UTF-8 text: the tokenizers and safetensors libraries could not read what is written there") from None
     return text
 
 
