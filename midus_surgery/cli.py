@@ -222,18 +222,23 @@ def _base_without_weights(ref) -> str | None:
 
 def _base_tokenizer_code(ref) -> str | None:
     """A base whose tokenizer runs code of its own (tokenizer_config.json's auto_map): apply copies that code with the
-    tokenizer files, never running it, but a MIDUS output is loaded with trust_remote_code=True where midus-surgery is not
-    installed, and that load runs it, where the base could be loaded only by consenting to it (trial99 S1)."""
+    tokenizer files, never running it, and keeps a reference into another Hub repository, but a MIDUS output is loaded
+    with trust_remote_code=True where midus-surgery is not installed, and that load runs it, where the base could be loaded
+    only by consenting to it (trial99 S1, trial102 R08)."""
     if not ref.exists or ref.is_gguf:
         return None
-    from midus_surgery.emit.emitter import tokenizer_code_files
+    from midus_surgery.emit.emitter import tokenizer_code_files, tokenizer_code_repos
 
-    names = [name for name in tokenizer_code_files(ref.directory / "tokenizer_config.json") if (ref.directory / name).is_file()]
-    if not names:
+    config = ref.directory / "tokenizer_config.json"
+    names = [name for name in tokenizer_code_files(config) if (ref.directory / name).is_file()]
+    repos = [printable(repo)[:80] for repo in tokenizer_code_repos(config)]
+    if not names and not repos:
         return None
-    return (f"the base's tokenizer runs code of its own ({', '.join(names)}, named by its tokenizer_config.json's auto_map): apply copies "
-            "it into the output, and AutoTokenizer.from_pretrained(..., trust_remote_code=True) of the output, as a MIDUS output is loaded "
-            "without midus-surgery installed, runs it; read it before you load or publish the output")
+    what = ", ".join([*names, *(f"code of the Hub repository {repo}" for repo in repos)])
+    copies = "copies it into the output" if not repos else "keeps the reference" if not names else "copies and keeps them"
+    return (f"the base's tokenizer runs code of its own ({what}, named by its tokenizer_config.json's auto_map): apply {copies}, and "
+            "AutoTokenizer.from_pretrained(..., trust_remote_code=True) of the output, as a MIDUS output is loaded without "
+            f"midus-surgery installed, {'downloads and ' if repos else ''}runs it; read it before you load or publish the output")
 
 
 def _left_out_base_tensors(planned, ref) -> str | None:

@@ -672,7 +672,7 @@ def test_a_tokenizer_with_its_own_code_travels_with_it_and_never_runs(bases, tmp
     assert (out / "tok.py").read_text() == (base / "tok.py").read_text() and not ran.exists()
     # said before apply and on the card: a MIDUS output's documented load passes trust_remote_code=True, which runs it (trial99 S1)
     card = (out / "README.md").read_text()
-    assert "The tokenizer runs code of its own, copied from the base (`tok.py`" in card and "Read it first." in card
+    assert "The tokenizer runs code of its own, from the base (`tok.py`, named by" in card and "Read it first." in card
     from midus_surgery.cli import main as cli_main
 
     capsys.readouterr()
@@ -687,6 +687,15 @@ def test_a_tokenizer_with_its_own_code_travels_with_it_and_never_runs(bases, tmp
     (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": "owner/repo--tok.MyTok",
                                                                          "AutoProcessor": "../evil.X", "AutoConfig": "sub.tok.X"}}))
     assert emitter.tokenizer_code_files(base / "tokenizer_config.json") == []  # transformers loads none of these either
+    # another Hub repository's code: nothing to copy, but the output keeps the reference, which a trusted load downloads (trial102 R08)
+    assert emitter.tokenizer_code_repos(base / "tokenizer_config.json") == ["owner/repo"]
+    capsys.readouterr()
+    assert cli_main(["validate", str(recipe)]) == 0
+    said = capsys.readouterr().out
+    assert ("the base's tokenizer runs code of its own (code of the Hub repository owner/repo, named by its tokenizer_config.json's "
+            "auto_map): apply keeps the reference") in said and "downloads and runs it" in said, said
+    out = emit(plan_recipe(write_recipe(tmp_path, base, "dus", name="hub")), progress=False).out_dir
+    assert "The tokenizer runs code of its own, from the base (code of the Hub repository `owner/repo`" in (out / "README.md").read_text()
 
 
 def test_a_base_value_past_the_output_dtypes_range_is_refused_before_anything_is_written(bases, tmp_path):

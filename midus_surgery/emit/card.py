@@ -116,13 +116,14 @@ def model_card(planned: PlannedRecipe, recipe_text: str, ref: BaseRef) -> str:
         if plan.memory_layers
         else "```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(PATH)\n```"
     )
-    from midus_surgery.emit.emitter import tokenizer_code_files  # the emitter writes this card: imported here, not at the top
+    from midus_surgery.emit.emitter import tokenizer_code_files, tokenizer_code_repos  # the emitter writes this card: not at the top
 
-    tokenizer_code = [] if ref.is_gguf else [name for name in tokenizer_code_files(ref.directory / "tokenizer_config.json")
-                                              if (ref.directory / name).is_file()]
-    if tokenizer_code:  # the load lines above pass trust_remote_code=True, which runs it too (trial99 S1)
-        loading += (f"\n\nThe tokenizer runs code of its own, copied from the base ({', '.join(f'`{n}`' for n in tokenizer_code)}, "
-                    "named by `tokenizer_config.json`'s `auto_map`): `trust_remote_code=True` runs it. Read it first.")
+    config = ref.directory / "tokenizer_config.json"
+    code = [] if ref.is_gguf else [f"`{name}`" for name in tokenizer_code_files(config) if (ref.directory / name).is_file()]
+    code += [] if ref.is_gguf else [f"code of the Hub repository `{repo}`" for repo in tokenizer_code_repos(config)]
+    if code:  # the load lines above pass trust_remote_code=True, which runs it too (trial99 S1, trial102 R08)
+        loading += (f"\n\nThe tokenizer runs code of its own, from the base ({', '.join(code)}, named by `tokenizer_config.json`'s "
+                    "`auto_map`): `trust_remote_code=True` runs it. Read it first.")
     return f"""---
 {chr(10).join(front)}
 tags: [{', '.join(tags)}]
