@@ -455,3 +455,23 @@ def test_weights_holding_nan_are_refused_before_any_work(world, tmp_path, capsys
     assert f"{model}'s weights hold non-finite values (NaN or inf) in 1 tensor(s), e.g. {tensor}:" in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "an").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_weight_past_the_analysis_dtypes_range_is_said_as_that(world, tmp_path, capsys):
+    """A float32 model with a weight of 70000 analysed in float16 (which ends at 65504) was refused as a model whose weights
+    hold NaN or inf, to be replaced by an earlier export (trial102 R03): the cast made it inf, and that is what is said."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(world["memory"], model)
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.layers.0.self_attn.v_proj.weight"][0, 0] = 70000.0
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    assert main(["analyze", str(model), "--data", str(world["root"] / "corpus"), "--out", str(tmp_path / "an"), "--block-size", "16",
+                 "--max-blocks", "2", "--slots-only", "--quiet", "--dtype", "float16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("model.layers.0.self_attn.v_proj.weight, as loaded in float16: a value past float16's range becomes inf; run "
+                        "with --dtype float32, and if they hold them then too, check the model with midus-surgery verify"), err
+    assert not (tmp_path / "an").exists()

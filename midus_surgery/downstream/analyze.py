@@ -281,7 +281,7 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
                            headers_checked=True).to(run_on).eval()
     # NaN weights gave slot statistics of NaN scores (every token in one slot) and a nan loss, exit 0: refused before
     # the data is read, as train refuses such an init_from (trial99 W2)
-    check_finite_weights(model, model_dir)
+    check_finite_weights(model, model_dir, dtype)
     stream = D.prepare_corpus(list(data), Path.cwd(), tokenizer, dir_glob=DIR_GLOB,
                               text_field=text_field, cache_dir=cache, progress=progress, what="analysis data",
                               tokenizer_source=str(model_dir))
@@ -324,7 +324,7 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
         del model
         model = load_causal_lm(Path(fixed_retrieval), dtype=DTYPES[dtype], progress=progress, how_to_allow=NO_OWN_CODE,
                                allow_pickle=allow_pickle).to(run_on).eval()
-        check_finite_weights(model, Path(fixed_retrieval))
+        check_finite_weights(model, Path(fixed_retrieval), dtype)
         if not _memory_layers(model):
             raise TaskError(f"--fixed-retrieval {fixed_retrieval}: not a MIDUS model (no Memory block)")
         frozen_loss = loss()
