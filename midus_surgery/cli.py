@@ -142,7 +142,7 @@ def cmd_validate(args) -> int:
             failed += 1
             err.print("[bold red]INVALID[/] ", markup=True, end="")
             err.print(printable(str(path)), markup=False)
-            for line in str(exc).splitlines():
+            for line in _message_lines(exc).splitlines():
                 err.print(f"  {line}", markup=False)
             continue
         plan = planned.plan
@@ -372,12 +372,15 @@ def cmd_plan(args) -> int:
 
     try:
         planned = check_planned(plan_recipe(args.recipe))  # errors: main() prints them and exits non-zero
-        earlier_output = _check_output_location(planned.loaded)  # validate's check of output.dir, and its note
     except MidusError as exc:
         if args.json and not isinstance(exc, MachineError):  # a JSON reader gets the problems as data too (stdout), a person the lines (stderr)
             problems = exc.problems if isinstance(exc, RecipeError) else [Problem(str(args.recipe), "", str(exc))]
             print(json.dumps({"valid": False, "problems": [dataclasses.asdict(p) for p in problems]}, indent=2))
         raise
+    try:
+        earlier_output = _check_output_location(planned.loaded)  # validate's check of output.dir, and its note
+    except RecipeError as exc:  # plan writes nothing, and apply --out may write elsewhere: a note, not a refusal (trial102 R12)
+        earlier_output = f"{exc.problems[0].message}; apply refuses it unless given --out elsewhere"
     loaded, config, anatomy, plan = planned.loaded, planned.config, planned.anatomy, planned.plan
     if args.json:
         data = {"valid": True, **plan.to_json()}  # a script asks .valid of either answer
@@ -698,6 +701,8 @@ def cmd_analyze(args) -> int:
     swallowed = _model_dir_after(args.data, "--data", "analyze MODEL_DIR")
     if swallowed:
         raise UsageError(f"analyze: {swallowed}")
+    if args.model is None:
+        raise UsageError("analyze: no MODEL_DIR given (analyze MODEL_DIR --data ...)")
     _check_data_links(args.data)
 
     result = run_analysis(args.model, args.data, Path(args.out), block_size=args.block_size, max_blocks=args.max_blocks,
@@ -782,7 +787,7 @@ def _add_train_commands(subparsers) -> None:
     p = subparsers.add_parser("analyze", help="what a MIDUS model's memory does on held-out text: head importance, slot usage (JSON + PNG)",
                               description="Head importance (held-out loss when one memory head is zeroed; for a model without "
                                           "memory, the inserted blocks' attention heads) and slot usage per Memory block.")
-    p.add_argument("model", metavar="MODEL_DIR")
+    p.add_argument("model", nargs="?", metavar="MODEL_DIR")  # none: cmd_analyze says whether --data took it
     p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="held-out text: files, directories, globs, JSONL")
     p.add_argument("--out", required=True, metavar="DIR", type=_folder_to_write,
                    help="where analysis.json and the PNGs go (a new directory, or an earlier analysis with --overwrite)")
@@ -892,7 +897,7 @@ def _dispatch(args) -> int:
         err.print(str(exc), markup=False)
         return exc.exit_code
     except MidusError as exc:
-        err.print(f"error: {exc}", markup=False)
+        err.print(f"error: {_message_lines(exc)}", markup=False)
         return exc.exit_code
     except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
         # a path the user gave cannot hold what the command writes there (a folder under a file, a
@@ -926,6 +931,14 @@ def _dispatch(args) -> int:
         if "No space left on device" not in str(exc) and "Disk quota exceeded" not in str(exc) and not file_too_large(exc):
             raise
         return _disk_full(exc, command=args.func)
+
+
+def _message_lines(exc: MidusError) -> str:
+    """The error as printed: a recipe's problems as they are (their places and values are written escaped; a problem may
+    end with a second line of advice, the anatomy's), any other error as one line with its control characters escaped: a
+    newline in a path such a message names (eval --data, verify --base) printed a second line the name chose (trial99 M3,
+    trial102 R11), escaped here once, whatever message carries it."""
+    return str(exc) if isinstance(exc, RecipeError) else printable(str(exc))
 
 
 FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: one file past a size limit (ulimit -f, FAT32)

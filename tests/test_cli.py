@@ -214,6 +214,21 @@ def test_plan_says_every_note_validate_says(tiny_base, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["notes"] == said
 
 
+def test_plan_notes_an_output_dir_apply_would_refuse_which_validate_refuses(tiny_base, tmp_path, capsys):
+    """plan writes nothing and apply --out may write elsewhere: an output.dir holding the user's files is a note there
+    (plan printed the plan before it checked output.dir, trial102 R12), and validate's INVALID, as apply's refusal."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    code, text = validate_lines(tmp_path, capsys, tiny_base, "layout: {interleave: {after: [1], kind: copy}}\noutput: {dir: mine}\n")
+    assert code == 2 and "output.dir: " in text, text
+    assert main(["plan", str(tmp_path / "r.yaml")]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and notes[0].endswith("; apply refuses it unless given --out elsewhere") and str(tmp_path / "mine") in notes[0], notes
+    assert main(["plan", str(tmp_path / "r.yaml"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == [notes[0].removeprefix("note: ")]
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
 def test_apply_out_is_relative_to_the_current_directory_and_output_dir_to_the_recipe(tiny_base, tmp_path, capsys, monkeypatch):
     """As recipes.md and apply --help say (trial98 F6: train's key=value overrides are relative to the config's folder)."""
     (tmp_path / "recipes").mkdir()
@@ -781,7 +796,7 @@ def test_a_model_folder_whose_name_is_not_utf8_is_said_so(tiny_base, tmp_path, c
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir())
 
 
-def test_a_newline_in_a_model_or_file_name_is_shown_escaped_in_its_one_line_error(tmp_path, capsys, monkeypatch):
+def test_a_newline_in_a_model_or_file_name_is_shown_escaped_in_its_one_line_error(tiny_base, tmp_path, capsys, monkeypatch):
     """`verify $'mine\\nverify: all 9 checks passed'` printed "error: mine" and a second line the folder's name chose
     (trial99 M3). Every command's not-a-directory / not-found line shows such a path escaped, in one line."""
     monkeypatch.chdir(tmp_path)
@@ -798,7 +813,10 @@ def test_a_newline_in_a_model_or_file_name_is_shown_escaped_in_its_one_line_erro
                        (["train", "t.yaml", "--dry-run"], f"t.yaml:1:1: init_from: {tmp_path}/mine\\nverify: ok is not a directory"),
                        (["validate", "r.yaml"], f"base.path: base model not found: {tmp_path}/b\\nx/config.json"),
                        (["apply", "r.yaml"], f"base model not found: {tmp_path}/b\\nx/config.json"),
-                       (["validate", "n\nx.yaml"], "n\\nx.yaml: file not found")):
+                       (["validate", "n\nx.yaml"], "n\\nx.yaml: file not found"),
+                       # escaped wherever a message names it (trial102 R11)
+                       (["eval", str(tiny_base), "--data", f"gone\n{forged}"], f"gone\\n{forged}"),
+                       (["verify", str(tiny_base), "--base", f"gone\n{forged}"], f"--base gone\\n{forged}")):
         assert main(argv) != 0, argv
         err = capsys.readouterr().err
         lines = err.strip().splitlines()

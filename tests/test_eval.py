@@ -241,6 +241,11 @@ def test_a_model_directory_after_data_or_tasks_is_said_not_read_as_data(setup, c
     assert capsys.readouterr().err.strip() == (f"error: analyze: {model} follows --data, which takes every path after it, but it is a "
                                                "model directory (config.json beside weights): name the model first (analyze MODEL_DIR --data ...)")
     assert not (setup["root"] / "never").exists()
+    assert main(["analyze", "--data", data, model, "--out", str(setup["root"] / "never")]) == 2  # trial102 R02
+    assert f"error: analyze: {model} follows --data" in capsys.readouterr().err
+    assert main(["analyze", "--data", data, "--out", str(setup["root"] / "never")]) == 2
+    assert capsys.readouterr().err.strip() == "error: analyze: no MODEL_DIR given (analyze MODEL_DIR --data ...)"
+    assert not (setup["root"] / "never").exists()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from midus_surgery.downstream.harness import TaskError
-from midus_surgery.errors import one_line
+from midus_surgery.errors import one_line, printable
 from midus_surgery.io.json_text import loads_checked, strict_json
 from midus_surgery.io.small_files import read_small_text
 from midus_surgery.train.config import DIR_GLOB
@@ -218,6 +218,7 @@ def check_fixed_retrieval(model_dir: Path, twin: Path) -> list[str]:
     except ValueError:
         own = None  # the model analysed is not the one in question here: its summary only feeds the note
     # the budget is in tokens (training.md): the same tokens in other steps is another batch size, not another budget (trial98 F4)
+    twin, model_dir = printable(str(twin)), printable(str(model_dir))
     theirs_said = f"{summary.get('tokens')} tokens in {summary.get('steps')} steps"
     if own is None:
         return [f"note: --fixed-retrieval {twin} trained {theirs_said}; {model_dir} is untrained: the two are not the same budget"]
