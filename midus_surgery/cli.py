@@ -227,7 +227,7 @@ def _base_tokenizer_code(ref) -> str | None:
     only by consenting to it (trial99 S1, trial102 R08)."""
     if not ref.exists or ref.is_gguf:
         return None
-    from midus_surgery.emit.emitter import tokenizer_code_files, tokenizer_code_repos
+    from midus_surgery.io.tokenizer_files import tokenizer_code_files, tokenizer_code_repos
 
     config = ref.directory / "tokenizer_config.json"
     names = [name for name in tokenizer_code_files(config) if (ref.directory / name).is_file()]

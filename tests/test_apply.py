@@ -28,6 +28,7 @@ from midus_surgery.emit import emitter
 from midus_surgery.emit.emitter import emit
 from midus_surgery.emit.verify import _round_trip_check, verify
 from midus_surgery.errors import MidusError, RecipeError
+from midus_surgery.io.tokenizer_files import tokenizer_code_files, tokenizer_code_repos
 
 KINDS = {"dus": "transformer", "llama-pro": "identity", "midus": "memory"}
 MEMORY = "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n"
@@ -683,12 +684,12 @@ def test_a_tokenizer_with_its_own_code_travels_with_it_and_never_runs(bases, tmp
     (base / "tok.py").unlink()
     out = emit(plan_recipe(write_recipe(tmp_path, base, "dus", name="again")), progress=False).out_dir
     assert not (out / "tok.py").exists() and "names its own code in tok.py, which it does not hold" in capsys.readouterr().err
-    assert emitter.tokenizer_code_files(base / "tokenizer_config.json") == ["tok.py"]
+    assert tokenizer_code_files(base / "tokenizer_config.json") == ["tok.py"]
     (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": "owner/repo--tok.MyTok",
                                                                          "AutoProcessor": "../evil.X", "AutoConfig": "sub.tok.X"}}))
-    assert emitter.tokenizer_code_files(base / "tokenizer_config.json") == []  # transformers loads none of these either
+    assert tokenizer_code_files(base / "tokenizer_config.json") == []  # transformers loads none of these either
     # another Hub repository's code: nothing to copy, but the output keeps the reference, which a trusted load downloads (trial102 R08)
-    assert emitter.tokenizer_code_repos(base / "tokenizer_config.json") == ["owner/repo"]
+    assert tokenizer_code_repos(base / "tokenizer_config.json") == ["owner/repo"]
     capsys.readouterr()
     assert cli_main(["validate", str(recipe)]) == 0
     said = capsys.readouterr().out

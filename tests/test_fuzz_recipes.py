@@ -92,9 +92,9 @@ def with_extra(text: str) -> str:
     ("seed: !fancy 3\n", "unsupported tag !fancy"),
     ("seed: !!python/object:os.system ls\n", "unsupported tag"),
     ("seed: " + "7" * 5000 + "\n", "4300 digits"),
-    ("seed: 0x" + "f" * 4000 + "\n", "is an integer of 16,000 bits; no setting takes one past 64 bits"),  # trial99 C3: a traceback
+    ("seed: 0x" + "f" * 4000 + "\n", "is an integer of 16,000 bits, past any setting's range"),  # trial99 C3: a traceback
     ("seed: 0" + "7" * 6000 + "\n", "is an integer of 18,000 bits"),  # YAML 1.1's octal
-    ("seed: 0x1" + "0" * 16 + "\n", "is an integer of 65 bits"),
+    ("seed: 0x1" + "0" * 256 + "\n", "is an integer of 1,025 bits"),
     ("12: 1\n", "a key must be a name"),
 ], ids=_short_id)
 def test_yaml_attack_shapes_are_located_problems(tmp_path, text, needle):

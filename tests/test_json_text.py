@@ -97,7 +97,7 @@ def test_files_transformers_writes_still_read(tmp_path):
 def test_other_json_of_a_model_folder_nested_too_deeply_is_a_value_error(tmp_path):
     """trial95 F6: a tokenizer_config.json's auto_map (apply copies the code it names) and a MIDUS output's config.json
     (its shipped class) were read with bare json.loads: a RecursionError where their readers catch ValueError."""
-    from midus_surgery.emit.emitter import tokenizer_code_files
+    from midus_surgery.io.tokenizer_files import tokenizer_code_files
     from midus_surgery.model import shipped_causal_lm_class
 
     (tmp_path / "tokenizer_config.json").write_text('{"auto_map": ' + "[" * 200_000 + "]" * 200_000 + "}")

@@ -46,8 +46,7 @@ def run(out) -> dict:
 
 def as_if_trained(out: Path) -> None:
     """What a run's export holds beside apply's files: the record train writes, in a folder its marker says a run exported."""
-    from midus_surgery.io.output_dir import MARKER
-    from midus_surgery.train.export import EXPORT_KIND
+    from midus_surgery.io.output_dir import EXPORT_KIND, MARKER
 
     (out / "midus_train.json").write_text(json.dumps({"steps": 1, "tokens": 16, "config": {}}))
     if (out / MARKER).is_file():

@@ -13,6 +13,7 @@ from pathlib import Path
 from midus_surgery.compiler.base import BaseRef
 from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.io.model_card import NOT_TRAINED, SETTINGS, STARTS_AS_BASE, TRAINING_END, TRAINING_START, training_section
+from midus_surgery.io.tokenizer_files import tokenizer_code_files, tokenizer_code_repos
 
 # how huggingface_hub lays out its cache: .../models--ORG--NAME/snapshots/REVISION/
 _HUB_CACHE_FOLDER = re.compile(r"^models--(?P<repo>[\w.-]+)$")
@@ -116,8 +117,6 @@ def model_card(planned: PlannedRecipe, recipe_text: str, ref: BaseRef) -> str:
         if plan.memory_layers
         else "```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(PATH)\n```"
     )
-    from midus_surgery.emit.emitter import tokenizer_code_files, tokenizer_code_repos  # the emitter writes this card: not at the top
-
     config = ref.directory / "tokenizer_config.json"
     code = [] if ref.is_gguf else [f"`{name}`" for name in tokenizer_code_files(config) if (ref.directory / name).is_file()]
     code += [] if ref.is_gguf else [f"code of the Hub repository `{repo}`" for repo in tokenizer_code_repos(config)]

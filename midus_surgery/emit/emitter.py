@@ -23,13 +23,13 @@ from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.emit.card import write_model_card
 from midus_surgery.errors import BaseModelError, MachineError, MidusError, RecipeError, is_library_panic, one_line, quiet_library_panic, shown
 from midus_surgery.io.dtypes import DTYPE_OF_TAG, ITEMSIZE, TAGS, torch_dtype
-from midus_surgery.io.json_text import loads_as_transformers
 from midus_surgery.io.output_dir import add_to_marker, atomic_directory, check_output_dir, file_system_type, give_default_mode, read_marker
 from midus_surgery.io.progress import progress_bar
 from midus_surgery.io.shard_writer import ShardItem, write_shard
 from midus_surgery.io.small_files import regular_file_problem
 from midus_surgery.io.stored_dtypes import is_float_tag
 from midus_surgery.io.tensor_source import check_matches_config, inside_base, open_base_tensors
+from midus_surgery.io.tokenizer_files import tokenizer_code_files
 from midus_surgery.model import copy_modeling_files
 from midus_surgery.model.midus_names import AUTO_MAP, HML_MODULE, SHARED_BANK
 from midus_surgery.recipe.schema import LoadedRecipe
@@ -216,32 +216,6 @@ def read_tokenizer_json(path: Path):
         if not isinstance(exc, Exception) and not is_library_panic(exc):
             raise
         return None, one_line(exc, 300, whole=True)
-
-
-def _tokenizer_code_refs(config: Path) -> list[str]:
-    """The references a tokenizer_config.json's ``auto_map`` holds (``tok.MyTokenizer``, ``owner/repo--tok.MyTokenizer``)."""
-    try:
-        auto_map = loads_as_transformers(config.read_text()).get("auto_map") if config.is_file() else None  # deep nesting: a ValueError
-    except (OSError, ValueError, AttributeError):
-        return []
-    if not isinstance(auto_map, dict):
-        return []
-    return [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
-
-
-def tokenizer_code_files(config: Path) -> list[str]:
-    """The module files a tokenizer_config.json's ``auto_map`` names (``tok.MyTokenizer`` -> tok.py): a
-    tokenizer with its own code loads (with trust_remote_code) only with them beside it. A reference into
-    another Hub repository (``owner/repo--tok.MyTokenizer``) is that repository's, not the folder's."""
-    # transformers reads a reference as exactly "module.Class" (a module file beside the config): nothing else loads
-    names = {r.split(".")[0] + ".py" for r in _tokenizer_code_refs(config) if "--" not in r and r.count(".") == 1}
-    return sorted(n for n in names if n != ".py" and "/" not in n and "\\" not in n)
-
-
-def tokenizer_code_repos(config: Path) -> list[str]:
-    """The other Hub repositories whose code a tokenizer_config.json's ``auto_map`` names (``owner/repo--tok.MyTokenizer``):
-    the output keeps the reference, and a load with trust_remote_code=True downloads and runs that code (trial102 R08)."""
-    return sorted({r.split("--", 1)[0] for r in _tokenizer_code_refs(config) if "--" in r})
 
 
 def _inside(ref, name: str) -> bool:

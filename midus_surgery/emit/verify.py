@@ -54,7 +54,6 @@ from midus_surgery.io.output_dir import recorded_base, run_export_hint
 from midus_surgery.io.small_files import read_small_text
 from midus_surgery.io.tensor_source import name_groups
 from midus_surgery.model.midus_names import is_memory_parameter
-from midus_surgery.train.evaluate import non_finite_tensors
 
 SAMPLE_TEXT = (
     "The history of science is the study of the development of science and scientific knowledge, "
@@ -451,7 +450,8 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     record(Check("tensors", not missing and not unexpected and wrong_dtype is None,
                  f"missing {missing[:5]}, unexpected {unexpected[:5]}" if missing or unexpected else wrong_dtype or f"{len(on_disk)} tensors on disk, all loaded"))
 
-    non_finite = non_finite_tensors(model)
+    # train.evaluate.non_finite_tensors's rule, written out: emit does not import train (tests/test_package_layout.py)
+    non_finite = [name for name, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
     if non_finite:  # every check below would fail on it and blame something else (NaN != NaN)
         record(Check("finite", False, f"{len(non_finite)} tensor(s) hold NaN or inf: {', '.join(non_finite[:5])}"))
         return checks
@@ -792,8 +792,7 @@ def train_record(out: Path) -> tuple[bool, str | None]:
     A trained export's weights are no longer the base's, so identity and most of the weights check are skipped for it: the
     record is believed only in the shape train writes it (steps, tokens, its config), and not where the folder's marker says
     apply wrote the folder (an empty midus_train.json beside changed base layers passed every check)."""
-    from midus_surgery.io.output_dir import MARKER, read_marker
-    from midus_surgery.train.export import EXPORT_KIND
+    from midus_surgery.io.output_dir import EXPORT_KIND, MARKER, read_marker
 
     path = out / "midus_train.json"
     if not path.exists():

@@ -49,6 +49,7 @@ from midus_surgery.io.small_files import read_small_text, regular_file_problem, 
 MARKER = ".midus-surgery"  # JSON: {"tool", "kind", "owner", "pid", "host", "time"}, "base_path" (apply, export), and "files" once written whole
 WORKSPACE = "workspace"  # the marker kind of a tool's scratch folder: everything inside it is the tool's
 RUN_KIND = "train run"  # the marker kind of a training run directory, which train writes into over time
+EXPORT_KIND = "train export"  # the marker kind of a run's export: what a later run may replace, and what verify reads as trained
 # What train writes at the top of a run directory (train/runner.py; tests/test_output_safety.py checks a real run)
 RUN_ENTRIES = frozenset({"checkpoints", "final", "metrics.jsonl", "tensorboard", "trace", "loss.png"})
 # The hidden siblings atomic_directory and replace_directory make: exactly these names, nothing like them

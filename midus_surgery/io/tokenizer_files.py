@@ -1,9 +1,11 @@
-"""Which files of a model folder are its tokenizer's, read as names only (nothing is opened but to check its kind)."""
+"""Which files of a model folder are its tokenizer's (read as names only: nothing is opened but to check its kind), and the
+code its tokenizer_config.json names (read as JSON, never imported)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from midus_surgery.io.json_text import loads_as_transformers
 from midus_surgery.io.small_files import regular_file_problem
 
 TOKENIZER_FILE_PREFIXES = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece", "special_tokens_map", "added_tokens")
@@ -19,3 +21,29 @@ def odd_tokenizer_files(directory: Path) -> str | None:
     odd = [p.name for p in sorted(Path(directory).iterdir()) if p.name.startswith(TOKENIZER_FILE_PREFIXES) and regular_file_problem(p)]
     return (f"{', '.join(odd[:3])} {'is' if len(odd) == 1 else 'are'} not a regular file (a named pipe, a device or a folder), "
             "so no tokenizer reads it") if odd else None
+
+
+def _tokenizer_code_refs(config: Path) -> list[str]:
+    """The references a tokenizer_config.json's ``auto_map`` holds (``tok.MyTokenizer``, ``owner/repo--tok.MyTokenizer``)."""
+    try:
+        auto_map = loads_as_transformers(config.read_text()).get("auto_map") if config.is_file() else None  # deep nesting: a ValueError
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(auto_map, dict):
+        return []
+    return [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+
+
+def tokenizer_code_files(config: Path) -> list[str]:
+    """The module files a tokenizer_config.json's ``auto_map`` names (``tok.MyTokenizer`` -> tok.py): a
+    tokenizer with its own code loads (with trust_remote_code) only with them beside it. A reference into
+    another Hub repository (``owner/repo--tok.MyTokenizer``) is that repository's, not the folder's."""
+    # transformers reads a reference as exactly "module.Class" (a module file beside the config): nothing else loads
+    names = {r.split(".")[0] + ".py" for r in _tokenizer_code_refs(config) if "--" not in r and r.count(".") == 1}
+    return sorted(n for n in names if n != ".py" and "/" not in n and "\\" not in n)
+
+
+def tokenizer_code_repos(config: Path) -> list[str]:
+    """The other Hub repositories whose code a tokenizer_config.json's ``auto_map`` names (``owner/repo--tok.MyTokenizer``):
+    the output keeps the reference, and a load with trust_remote_code=True downloads and runs that code (trial102 R08)."""
+    return sorted({r.split("--", 1)[0] for r in _tokenizer_code_refs(config) if "--" in r})

@@ -274,7 +274,7 @@ def _short(value, limit: int = 40) -> str:
 class OutputSpec(Strict):
     """Where and how the up-scaled model is written."""
 
-    dir: OutputPathText = Field(min_length=1, description="Output directory (relative to the recipe's directory; `~` and `$NAME` expand, as in `base.path`). Written atomically. It may not be, contain or lie inside an input; an existing output of midus-surgery is replaced only with --overwrite, and a directory the tool did not write never (docs/reliability.md).")
+    dir: OutputPathText = Field(min_length=1, description="Output directory (relative to the recipe's directory; `~` and `$NAME` expand, as in `base.path`). `apply --out DIR` replaces it; DIR, as every path given on the command line, is relative to the current directory. Written atomically. It may not be, contain or lie inside an input; an existing output of midus-surgery is replaced only with --overwrite, and a directory the tool did not write never (docs/reliability.md).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of the written weights. `auto`: the base's dtype.")
     shard_size: StrictInt | str = Field("2GB", description="Largest output shard's tensor data, e.g. 2GB, 500MB, 1GiB, or bytes (from 1MB to 1PB); each file adds its header (the tensors' names and shapes, padded for alignment), and a tensor larger than this gets a shard of its own.")
 

@@ -41,6 +41,7 @@ MAX_NODES = 10_000  # nodes after alias expansion; recipes have ~50
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+MAX_INT_BITS = 1024  # about 300 decimal digits: far past any setting, and printable in a message
 _SCALAR_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "timestamp", "binary")}
 
 
@@ -183,10 +184,10 @@ class _Builder:
             detail = f": {text.splitlines()[0][:120]}" if isinstance(exc, ValueError) and text else ""
             self.problem(node, path, f"{_preview(node.value)} is not a valid {_tag(node.tag)} value{detail}")
             return None
-        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
-            # no setting takes one, and a hex or octal literal reaches any length where decimal stops at 4,300 digits: the
-            # refusal that printed it could not (Python's int-to-text limit: a traceback, trial99 C3)
-            self.problem(node, path, f"{_preview(node.value)} is an integer of {value.bit_length():,} bits; no setting takes one past 64 bits")
+        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
+            # a hex or octal literal reaches any length where decimal stops at 4,300 digits: the refusal that printed it could
+            # not (Python's int-to-text limit: a traceback, trial99 C3). Below this, each setting says its own range.
+            self.problem(node, path, f"{_preview(node.value)} is an integer of {value.bit_length():,} bits, past any setting's range")
             return None
         if isinstance(value, str) and "\0" in value:  # a quoted "\0" escape: the reader refuses only raw NUL bytes
             self.problem(node, path, "a NUL character (\\0) in a string: no path or name may hold one")

@@ -19,11 +19,10 @@ import torch
 from midus_surgery.errors import MidusError
 from midus_surgery.io.json_text import strict_json
 from midus_surgery.io.model_card import card_with_training, training_line
-from midus_surgery.io.output_dir import add_to_marker, atomic_directory, give_default_mode, recorded_base
+from midus_surgery.io.output_dir import EXPORT_KIND, add_to_marker, atomic_directory, give_default_mode, recorded_base
 from midus_surgery.io.tensor_source import inside_base
 from midus_surgery.model import copy_modeling_files
 
-EXPORT_KIND = "train export"  # the export's output_dir marker: what a later run may replace
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")  # init_from's weights: never copied
 SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "midus_train.json"}  # written anew
 
