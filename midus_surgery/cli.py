@@ -97,6 +97,19 @@ def _folder_to_write(text: str) -> str:
         raise argparse.ArgumentTypeError(printable(str(exc))) from None
 
 
+def _model_folder_to_write(text: str) -> str:
+    """apply --out: a folder to write (_folder_to_write) that will hold a model, so its name must be UTF-8: bytes from the
+    command line that are not made a folder the tokenizers and safetensors libraries cannot read back (trial102 R06). Only
+    here: a token cache or an analysis is read by Python alone (trial103)."""
+    text = _folder_to_write(text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{printable(text)!r} is not UTF-8 text: the tokenizers and safetensors libraries could not "
+                                         "read the model written there") from None
+    return text
+
+
 def _int_at_least(low: int):
     """An argparse type: an integer of at least ``low`` (a zero batch or block is a usage error, not a traceback
     nor a NaN result)."""
@@ -390,9 +403,12 @@ def cmd_plan(args) -> int:
         print(json.dumps(data, indent=2))
         return 0
 
+    from rich.markup import escape
     from rich.table import Table
 
-    out.print(f"[bold]{args.recipe}[/]: {config.model_type}, {plan.base_num_layers} -> {plan.num_hidden_layers} layers", markup=True)
+    # the name as text: a newline in it printed lines it chose, and brackets were read as markup (a traceback: trial103)
+    out.print(f"[bold]{escape(printable(str(args.recipe)))}[/]: {config.model_type}, {plan.base_num_layers} -> {plan.num_hidden_layers} layers",
+              markup=True)
     if anatomy is not None:
         out.print(f"anatomy: {anatomy.describe()}", markup=False)
     zeroed = _zeroed_in_blocks(plan)
@@ -500,7 +516,7 @@ def cmd_apply(args) -> int:
     planned, why_full = plan_for_apply(loaded, full=args.full_plan)
     plan_done = time.perf_counter()
     plan = planned.plan
-    print(f"{args.recipe}: {plan.base_num_layers} -> {plan.num_hidden_layers} layers, {human_count(plan.params['total'])} parameters", flush=True)
+    print(f"{printable(str(args.recipe))}: {plan.base_num_layers} -> {plan.num_hidden_layers} layers, {human_count(plan.params['total'])} parameters", flush=True)
     for note in _plan_notes(planned, start=True, apply=True):  # what validate and plan would have said (trial72 N7: apply said none)
         print(f"note: {note}", file=sys.stderr, flush=True)
     result = emit(planned, out_dir=args.out, overwrite=args.overwrite, allow_pickle=args.allow_pickle, progress=not args.quiet)
@@ -837,7 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "The output is written into a hidden folder beside it and renamed into place when whole.",
                        epilog=RECIPE_EXITS + "; 1: the machine stopped it (a full disk), nothing half-written kept")
     p.add_argument("recipe", metavar="RECIPE", help="one recipe YAML file")
-    p.add_argument("--out", type=_folder_to_write, help="output directory, relative to the current directory as every path on the command line (default: the recipe's "
+    p.add_argument("--out", type=_model_folder_to_write, help="output directory, relative to the current directory as every path on the command line (default: the recipe's "
                    "output.dir, relative to the recipe's folder)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output directory that midus-surgery wrote (it carries a .midus-surgery marker); "

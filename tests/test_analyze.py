@@ -472,6 +472,6 @@ def test_a_weight_past_the_analysis_dtypes_range_is_said_as_that(world, tmp_path
     assert main(["analyze", str(model), "--data", str(world["root"] / "corpus"), "--out", str(tmp_path / "an"), "--block-size", "16",
                  "--max-blocks", "2", "--slots-only", "--quiet", "--dtype", "float16"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith("model.layers.0.self_attn.v_proj.weight, as loaded in float16: a value past float16's range becomes inf; run "
-                        "with --dtype float32, and if they hold them then too, check the model with midus-surgery verify"), err
+    assert err.endswith("model.layers.0.self_attn.v_proj.weight, as loaded in float16: a value past float16's range (65504) becomes "
+                        "inf; run with --dtype float32, and if they hold them then too, check the model with midus-surgery verify"), err
     assert not (tmp_path / "an").exists()

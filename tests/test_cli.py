@@ -229,6 +229,21 @@ def test_plan_notes_an_output_dir_apply_would_refuse_which_validate_refuses(tiny
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
 
 
+def test_plan_and_apply_show_the_recipes_name_as_text(tiny_base, tmp_path, capsys):
+    """plan read brackets in the recipe's file name as rich markup ('x[/b].yaml': a MarkupError traceback), and plan and apply
+    printed a newline in it as a line of its own (trial103)."""
+    body = f"base:\n  path: {tiny_base}\nlayout: {{interleave: {{after: [1], kind: copy}}}}\noutput: {{dir: out}}\n"
+    for name, shown in (("x[/b].yaml", "x[/b].yaml"), ("y[red]z.yaml", "y[red]z.yaml"), ("n\nv.yaml", "n\\nv.yaml")):
+        (tmp_path / name).parent.mkdir(exist_ok=True)  # "x[/b].yaml" is b].yaml in the folder x[
+        (tmp_path / name).write_text(body)
+        assert main(["plan", str(tmp_path / name)]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"{tmp_path}/{shown}: llama, 4 -> 5 layers"), out
+    assert main(["apply", str(tmp_path / "n\nv.yaml"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path}/n\\nv.yaml: 4 -> 5 layers" in out and not any(line.startswith("v.yaml") for line in out.splitlines()), out
+
+
 def test_apply_out_is_relative_to_the_current_directory_and_output_dir_to_the_recipe(tiny_base, tmp_path, capsys, monkeypatch):
     """As recipes.md and apply --help say (trial98 F6: train's key=value overrides are relative to the config's folder)."""
     (tmp_path / "recipes").mkdir()
@@ -777,6 +792,9 @@ def test_a_model_folder_whose_name_is_not_utf8_is_said_so(tiny_base, tmp_path, c
     try:
         (tmp_path / "long.txt").write_text("the cat sat on the mat .\n" * 20)
         assert main(["eval", ".", "--data", str(tmp_path / "long.txt"), "--block-size", "8", "--quiet"]) == 0, capsys.readouterr()
+        # a token cache is read by Python alone: any name does (trial103)
+        assert main(["eval", str(tiny_base), "--data", str(tmp_path / "long.txt"), "--block-size", "8", "--quiet",
+                     "--cache-dir", os.fsdecode(bytes(tmp_path) + b"/.cache\xff")]) == 0, capsys.readouterr()
     finally:
         os.chdir(tmp_path)
     capsys.readouterr()
@@ -792,7 +810,7 @@ def test_a_model_folder_whose_name_is_not_utf8_is_said_so(tiny_base, tmp_path, c
     (tmp_path / "r.yaml").write_text(f"base:\n  path: {tiny_base}\nlayout: {{interleave: {{after: [1], kind: copy}}}}\noutput:\n  dir: out\n")
     with pytest.raises(SystemExit):
         main(["apply", str(tmp_path / "r.yaml"), "--out", os.fsdecode(bytes(tmp_path) + b"/o\xff")])
-    assert "is not UTF-8 text: the tokenizers and safetensors libraries could not read what is written there" in capsys.readouterr().err
+    assert "is not UTF-8 text: the tokenizers and safetensors libraries could not read the model written there" in capsys.readouterr().err
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir())
 
 
@@ -869,3 +887,8 @@ def test_a_dense_config_with_zero_experts_is_no_size_problem():
     assert config_size_problems(dense) == []
     assert config_size_problems({**dense, "num_local_experts": -1}) == ["num_local_experts is -1; it must be between 0 and 65536"]
     assert config_size_problems({**dense, "hidden_size": 0}) == ["hidden_size is 0; it must be between 1 and 1048576"]
+    # experts beside none per token: every MoE block outputs zero (trial103); and the other way round
+    assert config_size_problems({**dense, "num_local_experts": 4}) == [
+        "num_experts_per_tok is 0 with num_local_experts 4: both are 0 (a dense model) or neither is"]
+    assert config_size_problems({**dense, "num_experts_per_tok": 2}) == [
+        "num_experts_per_tok is 2 with num_local_experts 0: both are 0 (a dense model) or neither is"]

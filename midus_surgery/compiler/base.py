@@ -93,8 +93,10 @@ _SIZES = {
     ("num_experts", "num_local_experts", "n_routed_experts"): 2**16,
     ("num_experts_per_tok",): 2**16,
 }
-# 0 experts is a dense model (Granite 4.0's dense configs: num_local_experts 0, num_experts_per_tok 0); no window, a full one
-_MAY_BE_ZERO = {"sliding_window", "num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok"}
+# 0 experts is a dense model (Granite 4.0's dense configs: num_local_experts 0, num_experts_per_tok 0: both, checked in
+# config_size_problems); no window, a full one
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
+_MAY_BE_ZERO = {"sliding_window", *_EXPERT_COUNTS, "num_experts_per_tok"}
 _PER_LAYER_OK = {"intermediate_size", "n_inner", "ffn_dim", "num_key_value_heads"}  # some configs list these per layer
 _REQUIRED = ("num_hidden_layers", "hidden_size", "vocab_size")  # heads too when the config has them (state-space models have none)
 
@@ -128,6 +130,12 @@ def config_size_problems(data: dict, max_layers: int = MAX_BASE_LAYERS) -> list[
                 problem = _count_problem(key, data[key], limit)
                 if problem:
                     problems.append(problem)
+    # zero experts per token beside experts: every MoE block outputs zero; experts per token beside none: no expert to pick
+    experts = [(key, data[key]) for key in _EXPERT_COUNTS if isinstance(data.get(key), int) and not isinstance(data.get(key), bool)]
+    per_token = data.get("num_experts_per_tok")
+    if not problems and experts and isinstance(per_token, int) and (per_token == 0) != (experts[0][1] == 0):
+        key, count = experts[0]
+        problems.append(f"num_experts_per_tok is {per_token} with {key} {count}: both are 0 (a dense model) or neither is")
     return problems
 
 

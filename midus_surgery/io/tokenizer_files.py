@@ -29,6 +29,8 @@ def _tokenizer_code_refs(config: Path) -> list[str]:
         auto_map = loads_as_transformers(config.read_text()).get("auto_map") if config.is_file() else None  # deep nesting: a ValueError
     except (OSError, ValueError, AttributeError):
         return []
+    if isinstance(auto_map, list):  # the older form, which transformers 5 still reads: the AutoTokenizer pair itself (trial103)
+        auto_map = {"AutoTokenizer": auto_map}
     if not isinstance(auto_map, dict):
         return []
     return [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]

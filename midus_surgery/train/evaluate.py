@@ -430,14 +430,14 @@ def non_finite_tensors(model) -> list[str]:
 def check_finite_weights(model, path: Path, dtype: str = "float32") -> None:
     """ModelLoadError, one line naming the tensors, when ``model``'s weights hold NaN or inf: every number computed
     from them (a loss, a slot's use) would describe those values, not the model. ``dtype``: what the model was loaded in;
-    a narrower one than the files' may have made a large finite weight inf (float16 ends at 65504: trial102 R03)."""
+    float16 may have made a large finite weight inf (it ends at 65504: trial102 R03)."""
     broken = non_finite_tensors(model)
     if not broken:
         return
     said = f"{printable(str(path))}'s weights hold non-finite values (NaN or inf) in {len(broken)} tensor(s), e.g. {', '.join(broken[:3])}"
-    if dtype != "float32":
-        raise ModelLoadError(f"{said}, as loaded in {dtype}: a value past {dtype}'s range becomes inf; run with --dtype float32, and if "
-                             "they hold them then too, check the model with midus-surgery verify")
+    if dtype == "float16":  # bfloat16 has float32's range: no cast to it makes a finite weight inf (trial103)
+        raise ModelLoadError(f"{said}, as loaded in float16: a value past float16's range (65504) becomes inf; run with --dtype "
+                             "float32, and if they hold them then too, check the model with midus-surgery verify")
     raise ModelLoadError(f"{said}: nothing computed from them says what the model learned; check it with midus-surgery verify, "
                          "and use an earlier export or checkpoint")
 
