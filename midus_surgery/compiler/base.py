@@ -370,8 +370,8 @@ def load_base_config(loaded: LoadedRecipe):
     spec = loaded.recipe.base
     ref = resolve_base(loaded)
     key = "path"
-    if ref.exists and not_utf8_path(ref.directory):  # its tokenizer.json read as broken, and an output no reader could open
-        raise RecipeError([loaded.problem(("base", "path"), not_utf8_path(ref.directory))])
+    if ref.exists and (not_utf8 := not_utf8_path(ref.directory)):  # its tokenizer.json read as broken, and an output no reader could open
+        raise RecipeError([loaded.problem(("base", "path"), not_utf8)])
     try:
         if ref.exists and ref.is_gguf:
             from transformers import AutoConfig, PretrainedConfig

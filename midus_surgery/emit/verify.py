@@ -385,8 +385,8 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     if not (out / "config.json").is_file():  # the name escaped: one with a newline split the line (trial99 M3)
         raise UsageError(f"{printable(str(out))} is not a model directory (no config.json){run_export_hint(out)}")
     for folder in (out, base):
-        if folder is not None and not_utf8_path(folder):
-            raise UsageError(not_utf8_path(folder))
+        if folder is not None and (not_utf8 := not_utf8_path(folder)):
+            raise UsageError(not_utf8)
     if not list(out.glob("*.safetensors")) and (pickles := sorted(p.name for p in out.glob("*.bin"))):
         # its tensor checks read the safetensors files; a traceback stood here (trial66)
         raise UsageError(f"{printable(str(out))} holds its weights as pickle files only ({', '.join(pickles[:3])}): verify reads safetensors, which "

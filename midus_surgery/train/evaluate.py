@@ -174,8 +174,8 @@ def check_model_dir(path: Path, *, trust_remote_code: bool = False, how_to_allow
     said = printable(str(path))
     if not path.is_dir():
         raise ModelLoadError(f"{said} is not a directory")
-    if not_utf8_path(path):
-        raise ModelLoadError(not_utf8_path(path))
+    if not_utf8 := not_utf8_path(path):
+        raise ModelLoadError(not_utf8)
     if not (path / "config.json").is_file():
         if (path / CHECKPOINT_STATE).is_file():  # a run's checkpoint: its state, not a model to load
             raise ModelLoadError(f"{said} is a training checkpoint (resume state), not a model directory: use the run's export "
