@@ -768,13 +768,17 @@ def _add_train_commands(subparsers) -> None:
                    "run (steps, parameter groups, model state in memory), then exit; writes nothing, reads no weights (their headers only), tokenises nothing")
     p.set_defaults(func=cmd_train)
 
+    # the model folders are optional to argparse only so that cmd_eval can say, when --data took them, that it did: the
+    # usage line says them as they must be given
     p = subparsers.add_parser("eval", help="held-out perplexity (--data) or downstream tasks (--tasks, lm-evaluation-harness) of causal LM directories",
+                              usage="midus-surgery eval [-h] MODEL_DIR [MODEL_DIR ...] (--data PATH [PATH ...] | --tasks TASK [TASK ...]) [options]",
                               description="Several models are evaluated one after the other on the same data or tasks, with the same seed. "
                                           "Every model is checked first without reading its weights (config, tokenizer, the weights' headers "
                                           "against the architecture), then loaded once. One that still fails later ends the command (non-zero "
                                           "exit, one error line naming it) after the results of the models before it are printed: their "
                                           "lines, or with --json the list of their results.")
-    p.add_argument("model", nargs="*", metavar="MODEL_DIR")  # none: cmd_eval says whether --data or --tasks took them
+    p.add_argument("model", nargs="*", metavar="MODEL_DIR", help="one or more model folders (config.json beside the weights), given "
+                   "before --data or --tasks, which take every path after them")
     p.add_argument("--data", nargs="+", metavar="PATH", help="held-out perplexity on text files, directories, globs, JSONL, or a token cache directory")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="lm-evaluation-harness task names (space or comma separated; needs the eval extra: "
                    "pip install -e \".[eval]\"); tasks of --include-path folders too")
@@ -801,9 +805,11 @@ def _add_train_commands(subparsers) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser("analyze", help="what a MIDUS model's memory does on held-out text: head importance, slot usage (JSON + PNG)",
+                              usage="midus-surgery analyze [-h] MODEL_DIR --data PATH [PATH ...] --out DIR [options]",
                               description="Head importance (held-out loss when one memory head is zeroed; for a model without "
                                           "memory, the inserted blocks' attention heads) and slot usage per Memory block.")
-    p.add_argument("model", nargs="?", metavar="MODEL_DIR")  # none: cmd_analyze says whether --data took it
+    p.add_argument("model", nargs="?", metavar="MODEL_DIR", help="the model folder (required), given before --data, which takes every path "
+                   "after it")  # optional to argparse: cmd_analyze says whether --data took it
     p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="held-out text: files, directories, globs, JSONL")
     p.add_argument("--out", required=True, metavar="DIR", type=_folder_to_write,
                    help="where analysis.json and the PNGs go (a new directory, or an earlier analysis with --overwrite)")

@@ -724,6 +724,20 @@ def test_the_recipe_commands_help_says_what_they_read_and_their_exit_status(caps
         assert re.search(r"RECIPE (one )?recipe YAML file", said) and "exit status: 0 valid; 2: a problem in the recipe" in said, said
 
 
+def test_eval_and_analyze_help_say_the_model_folder_is_required_and_comes_first(capsys):
+    """Optional to argparse (so that --data swallowing it is said in words), MODEL_DIR read as optional in their usage
+    lines ([MODEL_DIR], after every option)."""
+    from midus_surgery.cli import parse_arguments
+
+    for command, usage in (("eval", "usage: midus-surgery eval [-h] MODEL_DIR [MODEL_DIR ...] (--data PATH [PATH ...] | --tasks TASK [TASK ...])"),
+                           ("analyze", "usage: midus-surgery analyze [-h] MODEL_DIR --data PATH [PATH ...] --out DIR [options]")):
+        with pytest.raises(SystemExit):
+            parse_arguments([command, "--help"])
+        said = capsys.readouterr().out
+        assert said.startswith(usage) and "[MODEL_DIR]" not in said, said
+        assert "given before --data" in " ".join(said.split()), said
+
+
 def test_train_without_a_config_is_a_usage_error(capsys):
     assert main(["train"]) == 2
     assert "train needs a config file" in capsys.readouterr().err
