@@ -26,7 +26,7 @@ import midus_surgery  # noqa: F401 - registers the MIDUS classes
 from midus_surgery.compiler.planner import plan_recipe
 from midus_surgery.emit import emitter
 from midus_surgery.emit.emitter import emit
-from midus_surgery.emit.verify import _round_trip_check, verify
+from midus_surgery.emit.verify import _round_trip_check, _tensor_digests, verify
 from midus_surgery.errors import MidusError, RecipeError
 from midus_surgery.io.tokenizer_files import tokenizer_code_files, tokenizer_code_repos
 
@@ -186,15 +186,19 @@ def test_memory_model_of_a_mixture_of_experts_runs_the_bases_kernels(bases, tmp_
     assert midus_kernels == base_kernels
 
 
-def test_round_trip_check_wants_every_tensor_back_and_the_logits_up_to_rounding():
+def test_round_trip_check_wants_every_tensor_back_bit_for_bit_and_the_logits_up_to_rounding():
     tensors = {"a": torch.arange(4.0), "b": torch.ones(2)}
+    before = _tensor_digests(tensors)
     logits = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0))
-    assert _round_trip_check(tensors, dict(tensors), logits, logits.clone()).ok
-    rounded = _round_trip_check(tensors, dict(tensors), logits, logits + 1e-7)
+    assert _round_trip_check(before, _tensor_digests(dict(tensors)), logits, logits.clone()).ok
+    rounded = _round_trip_check(before, _tensor_digests(dict(tensors)), logits, logits + 1e-7)
     assert rounded.ok and "within float rounding" in rounded.detail
-    assert not _round_trip_check(tensors, dict(tensors), logits, logits + 1e-2).ok
-    assert not _round_trip_check(tensors, {**tensors, "b": torch.zeros(2)}, logits, logits).ok
-    assert not _round_trip_check(tensors, {"a": tensors["a"]}, logits, logits).ok
+    assert not _round_trip_check(before, _tensor_digests(dict(tensors)), logits, logits + 1e-2).ok
+    for changed in ({"b": torch.zeros(2)}, {"b": torch.ones(2, dtype=torch.float64)}, {"b": torch.ones(1, 2)},
+                    {"a": torch.tensor([-0.0, 1.0, 2.0, 3.0])}):  # a value, a dtype, a shape, a sign bit (-0.0 == 0.0)
+        check = _round_trip_check(before, _tensor_digests({**tensors, **changed}), logits, logits)
+        assert not check.ok and check.detail == f"save_pretrained + reload changed 1 tensors, e.g. {next(iter(changed))}"
+    assert not _round_trip_check(before, _tensor_digests({"a": tensors["a"]}), logits, logits).ok
 
 
 def test_a_mixture_of_experts_base_too_big_for_memory_is_refused_before_loading(bases, tmp_path, monkeypatch):

@@ -698,10 +698,10 @@ def test_the_base_is_let_go_before_the_round_trip_loads_the_output_again(bases, 
         loaded.append((Path(path), weakref.ref(model)))
         return model, info
 
-    def failing_round_trip(model, ids, trust, shipped=False):
+    def failing_round_trip(handed, ids, trust, shipped=False):
         gc.collect()
-        alive_at_round_trip.append([p for p, ref in loaded if ref() is not None and ref() is not model])
-        round_trip(model, ids, trust, shipped=shipped)
+        alive_at_round_trip.append([p for p, ref in loaded if ref() is not None and ref() is not handed[0]])
+        round_trip(handed, ids, trust, shipped=shipped)
         return verify_module.Check("round-trip", False, "broken for the test")  # the base fails it too, below
 
     monkeypatch.setattr(verify_module, "_load", recorded)
@@ -709,6 +709,42 @@ def test_the_base_is_let_go_before_the_round_trip_loads_the_output_again(bases, 
     checks = run(out)
     assert alive_at_round_trip[0] == [], alive_at_round_trip  # nothing but the output itself when the output's round trip runs
     assert checks["round-trip"].skipped and checks["round-trip"].detail.startswith("the base model fails it too ("), checks["round-trip"]
+
+
+def test_the_output_is_let_go_once_saved_so_the_round_trips_reload_is_the_only_model_in_memory(bases, tmp_path, monkeypatch):
+    """The round trip held the output and its reload at once, twice the float32 weights (the peak of a 1.7B verify).
+    What the reload must give back is kept as digests: when the reload starts, no model verify loaded is alive, and a
+    tensor the save changes is still caught."""
+    import gc
+    import weakref
+
+    out = emitted(bases, tmp_path, "llama", "midus")
+    loaded, alive_at_reload = [], []
+    load = verify_module._load
+
+    def recorded(path, *args, **kwargs):
+        if Path(path) not in (out, bases["llama"]):  # the round trip's reload, from its temporary folder
+            gc.collect()
+            alive_at_reload.append([p for p, ref in loaded if ref() is not None])
+        model, info = load(path, *args, **kwargs)
+        loaded.append((Path(path), weakref.ref(model)))
+        return model, info
+
+    monkeypatch.setattr(verify_module, "_load", recorded)
+    checks = run(out)
+    assert checks["round-trip"].ok and alive_at_reload == [[]], alive_at_reload
+
+    def saving_changed(self, folder, *args, **kwargs):
+        with torch.no_grad():
+            self.lm_head.weight[0, 0] += 1.0  # the saved tensor differs from the one verify hashed
+        return original(self, folder, *args, **kwargs)
+
+    model_class = type(load(out)[0])
+    original = model_class.save_pretrained
+    monkeypatch.setattr(model_class, "save_pretrained", saving_changed)
+    check = run(out)["round-trip"]
+    assert not check.ok and check.detail.startswith("save_pretrained + reload changed "), check
+    assert re.search(r"e\.g\. (lm_head|model\.embed_tokens)\.weight$", check.detail), check  # tied, it is both
 
 
 @pytest.mark.parametrize("how", ["gone", "memory"])
@@ -725,7 +761,7 @@ def test_a_base_that_cannot_be_loaded_again_leaves_the_round_trip_failure_said(b
     out = emit(plan_recipe(write_recipe(tmp_path, base, "llama-pro")), progress=False).out_dir
     load, loads = verify_module._load, []
 
-    def failing_round_trip(model, ids, trust, shipped=False):
+    def failing_round_trip(handed, ids, trust, shipped=False):
         if how == "gone":
             shutil.move(base, tmp_path / "moved")
         return verify_module.Check("round-trip", False, "broken for the test")

@@ -49,6 +49,7 @@ from midus_surgery.errors import (
     quiet_library_panic,
     temp_disk_advice,
 )
+from midus_surgery.io.file_digest import tensor_sha256s
 from midus_surgery.io.json_text import loads_as_transformers, loads_checked
 from midus_surgery.io.output_dir import recorded_base, run_export_hint
 from midus_surgery.io.small_files import read_small_text
@@ -546,11 +547,13 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
                                               f"so its generate path does, not the surgery ({result.detail})")
         record(result)
     # the round trip loads the output a second time: the base is let go first, loaded again only if the output fails it
-    # (the output, the base and the reload, each in float32, took 22 GB for a 1.7B model: trial93 F1)
+    # (the output, the base and the reload, each in float32, took 22 GB for a 1.7B model: trial93 F1), and the output
+    # once it is saved, so that the reload is the only model in memory
     had_base = base_for_generation is not None
     base_for_generation = base_model = None
+    handed, model = [model], None
     gc.collect()
-    result = round_trip_check(model, ids, trust, shipped=shipped)
+    result = round_trip_check(handed, ids, trust, shipped=shipped)
     if not result.ok and had_base:
         try:
             base_model, _ = _load(base_dir, gguf, trust_remote_code=trust and _builds_with_own_code(base_dir, gguf))
@@ -559,19 +562,26 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
                    else load_error_line(exc, 200))  # transformers says a folder gone as a failed Hub download
             result = Check(result.name, False, f"{result.detail}; the base model {base_path} could not be loaded again to compare ({why})")
         else:
-            if not round_trip_check(base_model, ids, trust).ok:
+            if not round_trip_check([base_model], ids, trust).ok:
                 result = _skip(result.name, f"the base model fails it too ({result.detail})")  # RWKV rescales on save
     record(result)
     return checks
 
 
-def round_trip_check(model, ids: torch.Tensor, trust: bool, shipped: bool = False) -> Check:
+def round_trip_check(handed: list, ids: torch.Tensor, trust: bool, shipped: bool = False) -> Check:
     """save_pretrained, reload (through the saved code when ``shipped``): the same tensors and logits
-    (``_round_trip_check``)."""
+    (``_round_trip_check``). ``handed``: a one-item list holding the model, emptied once the model is saved, so that a
+    caller that keeps no other reference to it has let it go before the reload: what the reload must give back is
+    kept as each tensor's digest, and the two models are never in memory at once (they were: twice the float32
+    weights)."""
     try:
+        model = handed.pop()
         logits = _logits(model, ids)
+        before = _tensor_digests(model.state_dict())
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
+            model = None
+            gc.collect()
             reloaded, _ = _load(Path(tmp), trust_remote_code=trust, shipped=shipped)
             again = _logits(reloaded, ids)
     except Exception as exc:  # noqa: BLE001
@@ -579,7 +589,13 @@ def round_trip_check(model, ids: torch.Tensor, trust: bool, shipped: bool = Fals
             raise MachineError(f"cannot run the round-trip check: saving the model into {tempfile.gettempdir()} failed "
                                f"({one_line(exc, 160)}); {temp_disk_advice(exc)}, and run again") from None
         return Check("round-trip", False, f"save_pretrained + reload fails: {one_line(exc, 300)}")
-    return _round_trip_check(model.state_dict(), reloaded.state_dict(), logits, again)
+    return _round_trip_check(before, _tensor_digests(reloaded.state_dict()), logits, again)
+
+
+def _tensor_digests(tensors: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """Each tensor's (dtype, shape, SHA-256 of its bytes), by name: equal digests are the same tensor bit for bit."""
+    digests = tensor_sha256s(tensors)
+    return {name: (t.dtype, tuple(t.shape), digests[name]) for name, t in tensors.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1025,13 +1041,14 @@ def cache_check(model, prompt: torch.Tensor, tokenizer) -> Check:
 
 
 def _round_trip_check(before: dict, after: dict, logits: torch.Tensor, again: torch.Tensor) -> Check:
-    """save_pretrained + reload must give back every tensor bit for bit, and the same function.
+    """save_pretrained + reload must give back every tensor bit for bit (``before`` and ``after``: their
+    ``_tensor_digests``), and the same function.
 
     The logits may differ by float rounding alone: transformers saves a MoE's stacked experts one
     tensor per expert and stacks them again on load, at other memory alignments, and the CPU
     kernels round differently on differently aligned data (~1e-7 in fp32).
     """
-    changed = sorted(set(before) ^ set(after)) or [k for k in before if not torch.equal(before[k], after[k])]
+    changed = sorted(set(before) ^ set(after)) or [k for k in before if before[k] != after[k]]
     if changed:
         return Check("round-trip", False, f"save_pretrained + reload changed {len(changed)} tensors, e.g. {changed[0]}")
     diff = float((logits - again).abs().max())

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import torch
 
 
 def sha256_of(path: Path) -> str:
@@ -34,3 +37,17 @@ def changed_since_written(path: Path, digest: str, stamp=None) -> bool:
     if stamp is not None and stamp == written_stamp(path):
         return False
     return sha256_of(path) != digest
+
+
+def tensor_sha256s(tensors: dict[str, torch.Tensor]) -> dict[str, bytes]:
+    """The SHA-256 of each tensor's bytes as held (moved to the CPU first), by name. Each is hashed on a thread of its
+    own (hashlib lets go of the GIL): a whole model's bytes are read, and a digest kept in their place lets a caller
+    let go of the tensors and still say later whether others are the same bit for bit."""
+
+    def one(t: torch.Tensor) -> bytes:
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        return hashlib.sha256(t.view(torch.uint8).numpy() if t.numel() else b"").digest()
+
+    names = list(tensors)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        return dict(zip(names, pool.map(one, (tensors[name] for name in names))))

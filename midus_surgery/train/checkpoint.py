@@ -45,7 +45,7 @@ from midus_surgery.errors import (
     printable,
     torch_write_failed,
 )
-from midus_surgery.io.file_digest import changed_since_written, sha256_of, written_stamp
+from midus_surgery.io.file_digest import changed_since_written, sha256_of, tensor_sha256s, written_stamp
 from midus_surgery.io.json_text import loads_checked
 from midus_surgery.io.output_dir import CHECKPOINT_STATE, PARTIAL_CHECKPOINT_NAME, checkpoint_extras, give_default_mode, partial_checkpoint_extras
 from midus_surgery.io.small_files import read_small_text
@@ -366,23 +366,14 @@ def trained_tensors_only(models, weights, output_dir) -> None:
 def frozen_digest(model) -> str | None:
     """The SHA-256 over the frozen parameters' names, dtypes, shapes and bytes as loaded (sorted by name), or None
     when every parameter trains. A checkpoint that holds only the trained tensors records it: its resume takes the
-    frozen ones from init_from, whose file sizes and headers (``model_identity``) say nothing of their values.
-    Each tensor is hashed on a thread of its own (hashlib lets go of the GIL): a whole model's bytes are read."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    frozen = sorted((plain_name(name), p) for name, p in model.named_parameters() if not p.requires_grad)  # compiled or not
+    frozen ones from init_from, whose file sizes and headers (``model_identity``) say nothing of their values."""
+    frozen = dict(sorted((plain_name(name), p) for name, p in model.named_parameters() if not p.requires_grad))  # compiled or not
     if not frozen:
         return None
-
-    def one(item) -> bytes:
-        t = item[1].detach().to("cpu").contiguous().reshape(-1)
-        return hashlib.sha256(t.view(torch.uint8).numpy() if t.numel() else b"").digest()
-
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        parts = list(pool.map(one, frozen))
+    parts = tensor_sha256s(frozen)
     h = hashlib.sha256()
-    for (name, p), part in zip(frozen, parts):
-        h.update(f"{name}\0{p.dtype}\0{tuple(p.shape)}\0".encode() + part)
+    for name, p in frozen.items():
+        h.update(f"{name}\0{p.dtype}\0{tuple(p.shape)}\0".encode() + parts[name])
     return h.hexdigest()
 
 
