@@ -522,7 +522,7 @@ def test_a_hooked_projection_computes_what_a_plain_one_does(dtype, autocast):
     (trial62). Every projection is now called as a module, in its weight's dtype or autocast's: the same bits."""
     torch.manual_seed(0)
     m = tiny(H=2, dh=8, D=24, query_source="hidden", gate=True, output_proj="always").to(dtype)
-    x = torch.randn(2, 30, 24, dtype=dtype)  # under 128 tokens: where the layer computed a plain projection in float32
+    x = torch.randn(2, 30, 24, dtype=dtype)  # few tokens: where the layer once computed a plain projection in float32
 
     def run():
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

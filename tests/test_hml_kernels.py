@@ -103,25 +103,46 @@ def test_fused_bfloat16_bank_close_to_torch(monkeypatch, fused_ops):
 
 
 @pytest.mark.parametrize("units", [True, False])
-def test_a_bf16_layer_projects_in_bf16_only_on_a_cpu_with_bf16_units_and_from_128_tokens(monkeypatch, fused_ops, units):
-    # on a CPU with bf16 units (AVX512-BF16 / AMX) a bf16 layer's matmuls run in bf16, as on CUDA, in calls of 128
-    # tokens or more; below (decode), and on a CPU without the units (a bf16 GEMM there is 40-180x slower), float32.
-    # Scores and selection stay float32 either way.
+def test_a_bf16_layer_projects_in_bf16_only_on_a_cpu_with_bf16_units_at_any_token_count(monkeypatch, fused_ops, units):
+    # on a CPU with bf16 units (AVX512-BF16 / AMX) a bf16 layer's matmuls run in bf16, as on CUDA; on a CPU without
+    # them (a bf16 GEMM there is 40-180x slower), float32. Never by the call's token count (it was bf16 from 128
+    # tokens on: a sequence's logits moved with its batch, trial105). Scores and selection stay float32 either way.
     monkeypatch.setattr(hml, "_CPU_BF16_UNITS", units)
     torch.manual_seed(2)
     m = HeadwiseMemory(2, 16, 32, HMLConfig(n_subkeys=32, topk=8, latent_dim=16, init="random")).to(torch.bfloat16)
     seen, bmm = [], torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda a, b: seen.append((a.dtype, b.dtype)) or bmm(a, b))
-    for tokens, expected in ((140, torch.bfloat16 if units else torch.float32), (127, torch.float32)):
+    expected = torch.bfloat16 if units else torch.float32
+    for tokens in (1, 127, 140):
         x = torch.randn(tokens, 2, 16, dtype=torch.bfloat16)
         seen.clear()
         out = m(x.clone().requires_grad_())  # the autograd path: its projection is a Python bmm
         assert seen == [(expected, expected)], tokens
         with torch.no_grad():  # the no-grad read, one C++ call, takes the projection in the same dtype: the same values
             assert torch.equal(m(x), out.detach()), tokens
-        assert hml._matmul_dtype(torch.bfloat16, "cpu", tokens) == expected
-    assert hml._matmul_dtype(torch.float32, "cpu", 1024) == torch.float32 and hml._matmul_dtype(torch.float16, "cpu", 1024) == torch.float32
-    assert hml._matmul_dtype(torch.float64, "cpu", 1) == torch.float64 and hml._matmul_dtype(torch.bfloat16, "cuda", 1) == torch.bfloat16
+    assert hml._matmul_dtype(torch.bfloat16, "cpu") == expected
+    assert hml._matmul_dtype(torch.float32, "cpu") == torch.float32 and hml._matmul_dtype(torch.float16, "cpu") == torch.float32
+    assert hml._matmul_dtype(torch.float64, "cpu") == torch.float64 and hml._matmul_dtype(torch.bfloat16, "cuda") == torch.bfloat16
+
+
+@pytest.mark.parametrize("kernels_", ["fused", "torch"])
+@pytest.mark.parametrize("dtype, units", [(torch.float32, False), (torch.bfloat16, True), (torch.bfloat16, False)])
+def test_a_sequence_reads_the_same_bits_alone_and_in_a_batch(monkeypatch, fused_ops, kernels_, dtype, units):
+    """A sequence's output must not depend on what else is in its call: read alone (90 tokens) and as one row of a batch
+    (180, 360 tokens, across the 128 at which the kernels once changed how they computed), the same bits, as a stock
+    model's FFN gives (a call of one token, as a decode step, may differ in the last bits, as the FFN's GEMMs do). In bf16 a MIDUS model's logits moved by up to 0.25 and its greedy tokens changed
+    with the batch (trial105)."""
+    monkeypatch.setattr(hml, "_CPU_BF16_UNITS", units)
+    torch.manual_seed(4)
+    m = HeadwiseMemory(4, 16, 64, HMLConfig(n_subkeys=32, topk=8, latent_dim=16, init="random", gate=True, output_proj="always",
+                                            query_source="hidden")).to(dtype)
+    hml.use_kernels(m, kernels_)
+    seq, others = torch.randn(1, 90, 64, dtype=dtype), torch.randn(3, 90, 64, dtype=dtype)
+    with torch.no_grad():
+        alone = m(seq)
+        for batch in (torch.cat([seq, others[:1]]), torch.cat([others[:1], seq, others[1:]])):
+            row = next(i for i in range(len(batch)) if torch.equal(batch[i], seq[0]))
+            assert torch.equal(m(batch)[row], alone[0]), len(batch)
 
 
 def test_fused_results_do_not_depend_on_thread_count(monkeypatch, fused_ops):
@@ -201,11 +222,13 @@ def _bmm_then_topk2(ops, q, keys, k):
         (1024, 9, 64, 256, 32),  # the SmolLM2 size
         (130, 3, 12, 70, 70),  # n not a whole block, d_h/2 odd, a short last tile of tokens, k = n
         (257, 2, 128, 64, 1),
-        (128, 1, 2, 5, 3),  # the fewest tokens that take the scoring loop, one feature per half
+        (128, 1, 2, 5, 3),  # one feature per half
+        (1, 3, 16, 64, 8),  # a decode step's one token: a single, short tile
+        (5, 2, 32, 33, 4),
     ],
 )
 def test_score_topk2_selects_what_bmm_then_topk2_selects(fused_ops, T, H, dh, n, k):
-    # From 128 tokens on the kernel scores in its own loop. Quarter-integers keep every dot product exact
+    # The kernel scores float32 queries in its own loop. Quarter-integers keep every dot product exact
     # whatever order it sums in, and make many sums tie, so the selection and the tie rule are compared
     # exactly; random values then check the scores against a float64 reference.
     g = torch.Generator().manual_seed(T + n)
@@ -227,13 +250,18 @@ def test_score_topk2_selects_what_bmm_then_topk2_selects(fused_ops, T, H, dh, n,
     torch.testing.assert_close(scores.double(), best, rtol=1e-5, atol=1e-5)  # the k best, in order
 
 
-def test_score_topk2_below_128_tokens_is_bmm_then_topk2_to_the_bit(fused_ops):
-    # a decode step's few tokens: the bmm costs less than the keys' transposed copy the loop needs
+def test_score_topk2_scores_a_token_the_same_bits_whatever_else_is_in_the_call(fused_ops):
+    # below 128 tokens it once scored by one bmm, above in its own loop: the same token's scores differed in the last
+    # bits with the call's size, and the slots at near-ties (trial105)
     g = torch.Generator().manual_seed(5)
-    q, keys = torch.randn(127, 4, 32, generator=g), torch.randn(4, 2, 64, 16, generator=g)
-    for dtype in (torch.float32, torch.float64):
-        for a, b in zip(fused_ops.score_topk2(q.to(dtype), keys.to(dtype), 8), _bmm_then_topk2(fused_ops, q.to(dtype), keys.to(dtype), 8)):
-            assert torch.equal(a, b)
+    q, keys = torch.randn(300, 4, 32, generator=g), torch.randn(4, 2, 64, 16, generator=g)
+    scores, slots = fused_ops.score_topk2(q, keys, 8)  # [H, T, k]
+    for start, count in ((0, 1), (7, 5), (20, 127), (150, 128), (1, 299)):
+        part_scores, part_slots = fused_ops.score_topk2(q[start:start + count].contiguous(), keys, 8)
+        assert torch.equal(part_scores, scores[:, start:start + count]) and torch.equal(part_slots, slots[:, start:start + count])
+    double = [t.to(torch.float64) for t in (q[:127], keys)]  # float64 takes the reference path: bmm, then topk2
+    for a, b in zip(fused_ops.score_topk2(*double, 8), _bmm_then_topk2(fused_ops, *double, 8)):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("half", [8, 32, 64])  # 32 and 64 (head_dim 64 and 128) take the fixed-width row loop

@@ -8,7 +8,7 @@
 //   midus_hml::topk2(a [P,Q,n], b [P,Q,n], k) -> (scores [P,Q,k], i [P,Q,k], j [P,Q,k])
 //       exact top-k of the n*n sums a[..,i] + b[..,j], ranked by (score desc, i*n+j asc).
 //   midus_hml::score_topk2(q [T,H,d_h], keys [H,2,n,d_h/2], k) -> (scores [H,T,k], slots [H,T,k] = i*n+j)
-//       the half scores q . keys and topk2's selection of them (float32 from 128 tokens on: row by row, in one pass)
+//       the half scores q . keys and topk2's selection of them (float32: row by row, in one pass, the same bits at any T)
 //   midus_hml::lookup_backward(dsel [H,T,k], q [T,H,d_h], keys [H,2,n,d_h/2], slots, need_q, need_keys)
 //       -> (dq, dkeys): the scoring bmm's backward restricted to the chosen sub-keys
 //   midus_hml::bag_forward(table [N,d], idx [B,k], w [B,k]) -> z [B,d]
@@ -500,19 +500,18 @@ inline void half_scores(const float* const* q, const float* kt, int64_t half, in
   }
 }
 
-// From this many tokens on, score_topk2 scores in its own loop (the keys' transposed copy, about
-// 50 us at the SmolLM2 size, is then a small part of the call); below, one bmm and topk2, which cost
-// less at a decode step's few tokens.  One rule for every caller: the read with and without gradients
-// must pick the same slots for the same tokens (a checkpointed forward runs both).
-constexpr int64_t kScoreLoopMinTokens = 128;
-
+// float32 queries are scored in score_topk2's own loop at every token count, so that a token's scores, and the
+// slots they select, are the same bits whatever else is in the call: below 128 tokens one bmm and topk2 cost less
+// (the keys' transposed copy, about 50 us at the SmolLM2 size, is then most of the call), but a bmm sums in
+// another order, and a sequence read alone and in a batch chose differently at near-ties (trial105).  The read
+// with and without gradients scores the same way (a checkpointed forward runs both).
 std::tuple<at::Tensor, at::Tensor> score_topk2(const at::Tensor& q, const at::Tensor& keys, int64_t k) {
   TORCH_CHECK(keys.dim() == 4 && keys.size(1) == 2, "score_topk2: keys must be [H, 2, n, d_h/2]");
   const int64_t H = keys.size(0), n = keys.size(2), half = keys.size(3);
   TORCH_CHECK(q.dim() == 3 && q.size(1) == H && q.size(2) == 2 * half, "score_topk2: q must be [T, H, d_h]");
   TORCH_CHECK(q.scalar_type() == keys.scalar_type(), "score_topk2: q and keys must have one dtype");
   const int64_t T_ = q.size(0);
-  if (q.scalar_type() != at::kFloat || T_ < kScoreLoopMinTokens) {
+  if (q.scalar_type() != at::kFloat) {  // float64: the reference path, one bmm and topk2
     const at::Tensor s = at::bmm(q.reshape({T_, 2 * H, half}).transpose(0, 1),
                                  keys.reshape({2 * H, n, half}).transpose(1, 2)).view({H, 2, T_, n});  // [2H, T, n]
     auto [scores, isub, jsub] = topk2(s.select(1, 0), s.select(1, 1), k);

@@ -590,21 +590,15 @@ def _cpu_bf16_units() -> bool:
 _CPU_BF16_UNITS = _cpu_bf16_units()  # asked once, at import: a constant to torch.compile
 
 
-# From this many tokens a call on a CPU with bf16 units runs bf16 matmuls in bf16: below, at a decode step's few
-# tokens, oneDNN's bf16 bmm costs more than MKL's float32 one (one layer call at 1 token: 175 vs 129 us, at 16:
-# 289 vs 248 us). The read with and without gradients sees the same count, so both take the same rule.
-_BF16_MATMUL_MIN_TOKENS = 128
-
-
-def _matmul_dtype(dtype: torch.dtype, device_type: str, tokens: int) -> torch.dtype:
-    """The dtype the layer's matmuls (HIVE's projection, the query, gate and output projections) run in for
-    parameters or inputs of ``dtype`` in a call of ``tokens`` tokens: float64 as it is; on an accelerator, its own
-    dtype; on a CPU, float32, except bf16 on a CPU with bf16 units from _BF16_MATMUL_MIN_TOKENS tokens on, which
-    runs it as an accelerator does. Scores, top-k and softmax are float32 everywhere (docs/hml.md, Precision)."""
+def _matmul_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype the layer's matmuls (HIVE's projection) run in for parameters or inputs of ``dtype``: float64 as it
+    is; on an accelerator, its own dtype; on a CPU, float32, except bf16 on a CPU with bf16 units, which runs it as an
+    accelerator does. Scores, top-k and softmax are float32 everywhere (docs/hml.md, Precision). Never by the call's
+    token count: a sequence's bf16 logits moved by up to 0.25 with what else was in its batch when 128 tokens a call
+    switched the projection to bf16 (trial105), where the stock model's are the same bits."""
     if dtype == torch.float64 or device_type != "cpu":
         return dtype
-    bf16 = dtype == torch.bfloat16 and _CPU_BF16_UNITS and tokens >= _BF16_MATMUL_MIN_TOKENS
-    return dtype if bf16 else torch.float32
+    return dtype if dtype == torch.bfloat16 and _CPU_BF16_UNITS else torch.float32
 
 
 def _acc_dtype(table: Tensor) -> torch.dtype:
@@ -722,7 +716,7 @@ def _pool_project_forward(w: Tensor, slots: Tensor, bank: Tensor, proj: Tensor, 
     H, T, k = slots.shape
     z, offsets, offset2bag = _bag_forward(bank, slots.reshape(H * T, k), w.reshape(H * T, k), backend == "cpu")
     z = z.view(H, T, -1)
-    cd = _matmul_dtype(proj.dtype, bank.device.type, T)  # float32 on most CPUs, the parameter dtype on an accelerator
+    cd = _matmul_dtype(proj.dtype, bank.device.type)  # float32 on most CPUs, the parameter dtype on an accelerator
     return torch.bmm(z.to(cd), proj.to(cd)), z, offsets, offset2bag, cd
 
 
@@ -819,7 +813,7 @@ def _read_forward(q: Tensor, keys: Tensor, table: Tensor, proj: Optional[Tensor]
     (``midus_hml::read``: the same operators in the same order, so the same values) replaces about 20 operators
     and the Python between them, which cost more than the work at a decode step's few tokens."""
     if backend == "cpu":  # the projection in the dtype _pool_project_forward's bmm takes
-        proj = None if proj is None else proj.to(_matmul_dtype(proj.dtype, proj.device.type, q.shape[0]))
+        proj = None if proj is None else proj.to(_matmul_dtype(proj.dtype, proj.device.type))
         return torch.ops.midus_hml.read(q, keys, table, proj, k, head_rows)
     w, slots, _, _ = _lookup_forward(q, keys, k, backend)
     if proj is not None:
@@ -1063,8 +1057,7 @@ class HeadwiseMemory(nn.Module):
     Precision: scores, top-k and softmax always run in float32 (float64 when the input is
     float64).  On CUDA the matmuls run in the parameter dtype; on a CPU in float32, because
     bfloat16 GEMMs without hardware support are 40-180x slower there, except bf16 on a CPU with
-    bf16 units (AVX512-BF16 or AMX), which runs them in bf16 as CUDA does in calls of 128 tokens
-    or more (_matmul_dtype).  The output has the input's dtype.  Autocast is disabled inside the layer for the same reasons.
+    bf16 units (AVX512-BF16 or AMX), which runs them in bf16 as CUDA does (_matmul_dtype).  The output has the input's dtype.  Autocast is disabled inside the layer for the same reasons.
     """
 
     def __init__(
@@ -1307,8 +1300,8 @@ class HeadwiseMemory(nn.Module):
             flat_in = q.reshape(-1, H * dh)
         return q, flat_in, lead
 
-    def _mm_dtype(self, x: Tensor, tokens: int) -> torch.dtype:
-        return _matmul_dtype(x.dtype, x.device.type, tokens)
+    def _mm_dtype(self, x: Tensor) -> torch.dtype:
+        return _matmul_dtype(x.dtype, x.device.type)
 
     def _normed(self, q: Tensor, backend: str) -> Tensor:
         """The queries as the lookup scores them: float32 (float64 for float64 input), normalised.
@@ -1339,7 +1332,7 @@ class HeadwiseMemory(nn.Module):
                 z, w, slots = _fused_read_forward(q, keys, table, cfg.topk, head_rows)[:3]
             if not cfg.hive:
                 return z, w, slots
-            cd = _matmul_dtype(self.proj.dtype, z.device.type, z.shape[1])  # as _PoolProject's bmm
+            cd = _matmul_dtype(self.proj.dtype, z.device.type)  # as _PoolProject's bmm
             z, proj = z.to(cd), self.proj.to(cd)
             if _builds_graph(z, proj):
                 return _Project.apply(z, proj), w, slots
@@ -1372,7 +1365,7 @@ class HeadwiseMemory(nn.Module):
         m, w, slots = self._read(q, self._backend(q))  # m [H, T, d_h]; w, slots [H, T, k]
         if self.observer is not None:
             m = self.observer(w, slots, m)  # w, slots: [H, T, k]; m: [H, T, d_h]
-        cd = self._mm_dtype(x, T)
+        cd = self._mm_dtype(x)
         out = m.to(cd).transpose(0, 1).reshape(T, H * dh)
         if self.gate is not None:
             out = out * F.silu(_project(self.gate, flat_in, autocast_dtype).to(cd))
