@@ -6,7 +6,7 @@
 
 Runs on the GPU: (1) two-stage top-k == brute force incl. ties, (2) values and gradients vs the
 dense reference of tests/test_hml.py (float64), (3) CPU vs CUDA agreement (float32), (4) bf16 and
-autocast, (5) torch.compile (inductor) and no graph break, (6) fwd+bwd timing HML vs LlamaMLP at both bench sizes,
+autocast, and (printed) how much a sequence's output owes to the rest of its batch, beside the FFN's, (5) torch.compile (inductor) and no graph break, (6) fwd+bwd timing HML vs LlamaMLP at both bench sizes,
 (7) the pure-torch path's variants side by side (sync-free vs tie-checked top-k, bank-gradient
 methods, torch.compile) and a profile of one step, (8) the Triton kernels (top-k and the bag's weight
 gradient, the CUDA default): the same selection, the same layer outputs and gradients (to float32
@@ -141,6 +141,8 @@ def main() -> int:
         inside = torch.autograd.grad(mg(xg).square().sum(), list(mg.parameters()))
     check("backward inside autocast == plain gradients", all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain, inside)))
 
+    batch_dependence(dev, card)
+
     # 5. torch.compile (inductor)
     torch._dynamo.reset()
     cm = torch.compile(mc)
@@ -199,6 +201,30 @@ def main() -> int:
 
     print("OK" if not failures else f"FAILED: {failures}")
     return 1 if failures else 0
+
+
+def batch_dependence(dev, card) -> None:
+    """What a sequence's output owes to the rest of its batch on this device: the largest difference between a 90-token
+    sequence read alone and as one row of a batch of 2 and of 4, for the memory layer on the default path and for the
+    FFN it replaces (a stock layer's own batch dependence, the yardstick), fp32 and bf16. Printed, not checked: cuBLAS
+    promises no batch invariance (on a CPU the layer and the FFN give the same bits, tests/test_hml_kernels.py)."""
+    from bench_hml import SIZES, build
+
+    size = "SmolLM2-135M recipe"
+    s = SIZES[size]
+    for dtype in (torch.float32, torch.bfloat16):
+        ffn, hml, _ = build(size, dtype)
+        ffn, hml = ffn.to(dev).eval(), hml.to(dev).eval()
+        g = torch.Generator().manual_seed(0)
+        rows = torch.randn(4, 90, s["heads"], s["head_dim"], generator=g).to(dev, dtype)
+        hidden = torch.randn(4, 90, s["hidden"], generator=g).to(dev, dtype)
+        words = []
+        for name, layer, x in (("memory layer", hml, rows), ("FFN", ffn, hidden)):
+            with torch.no_grad():
+                alone = layer(x[:1])[0].float()
+                diffs = [float((layer(x[:b])[0].float() - alone).abs().max()) for b in (2, 4)]
+            words.append(f"{name} {diffs[0]:.3g} / {diffs[1]:.3g}")
+        print(f"[info] a sequence alone vs in a batch of 2 / 4, max |difference| {str(dtype)[6:]}: {', '.join(words)}  ({card})")
 
 
 def check_fsdp(dry_run: bool, check) -> None:
