@@ -301,6 +301,10 @@ def _body_class_for(config):
         extra.pop(key, None)
 
 
+# from_pretrained's arguments that say where its config.json is (transformers' DownloadKwargs, and trust_remote_code)
+_CONFIG_DOWNLOAD_KWARGS = ("trust_remote_code", "revision", "cache_dir", "local_files_only", "token", "force_download", "proxies")
+
+
 class MidusPreTrainedModel(PreTrainedModel):
     """What every MIDUS class adds to its base class: Memory blocks, their initialisation, a
     strict load, and a save that carries the modeling files and the plan. See the module docstring."""
@@ -356,13 +360,17 @@ class MidusPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
-        # Compare by model type, not class: trust_remote_code may load this module twice.
-        if getattr(config, "model_type", None) != MidusConfig.model_type:
-            config_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "revision", "cache_dir", "local_files_only", "token") if k in kwargs}
-            config = MidusConfig.from_pretrained(config or pretrained_model_name_or_path, **config_kwargs)
-        target = cls._base_dispatch(config)
-        if target is not cls:
-            return target.from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
+        if cls.__name__ in TASK_CLASSES:
+            # A public class reads the config only to pick the runtime class (MidusLlamaForCausalLM) and hands the caller's
+            # config argument on unchanged: where it is no config object, transformers loads it there and applies the config
+            # attributes among kwargs (use_cache=False) to it, as for a stock class; given a loaded config here, transformers
+            # would pass them to __init__ (TypeError, trial105 F3). Compare by model type, not class: trust_remote_code may
+            # load this module twice.
+            probe = config
+            if getattr(probe, "model_type", None) != MidusConfig.model_type:
+                probe_kwargs = {k: kwargs[k] for k in _CONFIG_DOWNLOAD_KWARGS if k in kwargs}
+                probe = MidusConfig.from_pretrained(config or pretrained_model_name_or_path, **probe_kwargs)
+            return cls._base_dispatch(probe).from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, config=config, output_loading_info=True, **kwargs)
         missing, unexpected = cls._not_loaded(info.get("missing_keys", [])), cls._not_loaded(info.get("unexpected_keys", []))

@@ -1,0 +1,39 @@
+"""The MIDUS classes' from_pretrained / save_pretrained keep the stock classes' API (trial105 findings 2-5):
+config overrides passed to from_pretrained, subfolder=, save_pretrained(push_to_hub=True) with the Hub calls
+recorded (no network), and the refusal of an untying override. Tiny models from tools/ecosystem_check.py."""
+
+from __future__ import annotations
+
+import pytest
+from tool_modules import load_tool
+
+eco = load_tool("ecosystem_check")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def midus_out(tmp_path_factory):
+    return eco.make_models(tmp_path_factory.mktemp("api"))["own"]
+
+
+def public_and_runtime():
+    import midus_surgery  # noqa: F401 - registers the MIDUS classes
+    from midus_surgery.model.modeling_midus import MidusForCausalLM, midus_class_for
+
+    return MidusForCausalLM, midus_class_for("llama")
+
+
+# ----------------------------------------------------------------------------- finding 3: config overrides
+
+@pytest.mark.parametrize("override", [{"use_cache": False}, {"output_hidden_states": True}])
+@pytest.mark.parametrize("via", ["public", "runtime"])
+def test_config_overrides_go_to_the_config_as_for_a_stock_class(midus_out, override, via):
+    """LlamaForCausalLM.from_pretrained(path, use_cache=False) sets config.use_cache; so must the MIDUS classes."""
+    import torch
+
+    cls = dict(zip(("public", "runtime"), public_and_runtime()))[via]
+    (key, value), = override.items()
+    model = cls.from_pretrained(midus_out, dtype=torch.float64, **override)
+    assert getattr(model.config, key) == value
+    assert model.dtype == torch.float64  # a model-load kwarg still reaches the load, not the config alone
+    assert model._midus_plan is not None
