@@ -4,6 +4,8 @@ recorded (no network), and the refusal of an untying override. Tiny models from 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from tool_modules import load_tool
 
@@ -37,3 +39,25 @@ def test_config_overrides_go_to_the_config_as_for_a_stock_class(midus_out, overr
     assert getattr(model.config, key) == value
     assert model.dtype == torch.float64  # a model-load kwarg still reaches the load, not the config alone
     assert model._midus_plan is not None
+
+
+# ----------------------------------------------------------------------------- finding 4: subfolder=
+
+@pytest.mark.parametrize("via", ["auto", "public", "runtime"])
+def test_subfolder_reads_config_and_plan_there(midus_out, tmp_path, via):
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path / "repo"
+    shutil.copytree(midus_out, root / "sub")
+    cls = {"auto": AutoModelForCausalLM, **dict(zip(("public", "runtime"), public_and_runtime()))}[via]
+    model = cls.from_pretrained(root, subfolder="sub")
+    assert model._midus_plan == (midus_out / "midus_plan.json").read_text()
+    model.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "midus_plan.json").read_text() == model._midus_plan
+
+
+def test_a_subfolder_without_a_config_is_transformers_error_not_a_causal_lm_for_none(midus_out, tmp_path):
+    cls, _ = public_and_runtime()
+    shutil.copytree(midus_out, tmp_path / "sub")
+    with pytest.raises(OSError, match="config.json"):
+        cls.from_pretrained(tmp_path, subfolder="nothing-here")

@@ -302,7 +302,8 @@ def _body_class_for(config):
 
 
 # from_pretrained's arguments that say where its config.json is (transformers' DownloadKwargs, and trust_remote_code)
-_CONFIG_DOWNLOAD_KWARGS = ("trust_remote_code", "revision", "cache_dir", "local_files_only", "token", "force_download", "proxies")
+_CONFIG_DOWNLOAD_KWARGS = ("trust_remote_code", "revision", "cache_dir", "local_files_only", "token", "force_download", "proxies",
+                           "subfolder")
 
 
 class MidusPreTrainedModel(PreTrainedModel):
@@ -370,6 +371,10 @@ class MidusPreTrainedModel(PreTrainedModel):
             if getattr(probe, "model_type", None) != MidusConfig.model_type:
                 probe_kwargs = {k: kwargs[k] for k in _CONFIG_DOWNLOAD_KWARGS if k in kwargs}
                 probe = MidusConfig.from_pretrained(config or pretrained_model_name_or_path, **probe_kwargs)
+                if probe.base_model_type is None:
+                    # transformers reads a local directory without config.json as an empty config, which names no base class
+                    where = Path(str(config or pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+                    raise OSError(f"{where}: no MIDUS config.json there (a MIDUS model's config names its base_model_type)")
             return cls._base_dispatch(probe).from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, config=config, output_loading_info=True, **kwargs)
@@ -380,8 +385,10 @@ class MidusPreTrainedModel(PreTrainedModel):
                 f"{pretrained_model_name_or_path}: the checkpoint does not match the MIDUS architecture "
                 f"(missing {len(missing)}: {missing[:5]}; unexpected {len(unexpected)}: {unexpected[:5]})"
             )
-        plan = Path(pretrained_model_name_or_path) / PLAN_FILE  # local directories only: nothing is downloaded for it
-        if plan.is_file():
+        # Beside config.json, where transformers read it (subfolder= included: trial105 F4). Local directories only: nothing
+        # is downloaded for it, so a Hub repo id finds no file here and loads without the plan, as before.
+        plan = Path(pretrained_model_name_or_path or "", kwargs.get("subfolder") or "", PLAN_FILE)
+        if pretrained_model_name_or_path is not None and plan.is_file():
             model._midus_plan = plan.read_text()
         return (model, info) if want_info else model
 
