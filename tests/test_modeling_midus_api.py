@@ -61,3 +61,43 @@ def test_a_subfolder_without_a_config_is_transformers_error_not_a_causal_lm_for_
     shutil.copytree(midus_out, tmp_path / "sub")
     with pytest.raises(OSError, match="config.json"):
         cls.from_pretrained(tmp_path, subfolder="nothing-here")
+
+
+# ----------------------------------------------------------------------------- finding 2: push_to_hub
+
+RECORD_HUB = """
+import os, sys, json
+import transformers.modeling_utils as mu
+import transformers.utils.hub as hub
+
+class FakeApi:  # what save_pretrained(push_to_hub=True) calls on the Hub, recorded
+    def create_repo(self, repo_id, **kw):
+        return type("Repo", (), {"repo_id": "user/" + repo_id})()
+    def create_commit(self, repo_id, operations, **kw):
+        uploaded.extend(op.path_in_repo for op in operations)
+
+uploaded = []
+mu.hf_api = hub.hf_api = lambda: FakeApi()
+mu.create_and_tag_model_card = lambda *a, **k: type("Card", (), {"save": lambda self, path: None})()
+"""
+
+PUSH = RECORD_HUB + """
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+model.save_pretrained(sys.argv[2], push_to_hub=True)
+print(json.dumps({"module": type(model).__module__, "uploaded": sorted(uploaded)}))
+"""
+
+
+@pytest.mark.parametrize("package", [True, False])
+def test_save_pretrained_push_to_hub_uploads_the_code_and_the_plan(midus_out, tmp_path, package):
+    """transformers uploads inside save_pretrained: the files the MIDUS save adds must be there by then.
+    With the package the class is not remote code (transformers copies no code); without it, it is."""
+    import json
+
+    from midus_surgery.model.midus_names import MODELING_FILES, PLAN_FILE
+
+    script = ("import midus_surgery  # the README's way: registers the MIDUS classes\n" if package else "") + PUSH
+    out = json.loads(eco.fresh_python(script, str(midus_out), str(tmp_path / "pushed"), package=package).splitlines()[-1])
+    assert out["module"].startswith("midus_surgery" if package else "transformers_modules")
+    assert set(MODELING_FILES) | {PLAN_FILE, "config.json", "model.safetensors"} <= set(out["uploaded"]), out["uploaded"]

@@ -408,8 +408,20 @@ class MidusPreTrainedModel(PreTrainedModel):
         without midus-surgery: the modeling files and the plan (config.json names the public
         classes: MidusConfig.to_dict)."""
         super().save_pretrained(save_directory, *args, **kwargs)
-        if not kwargs.get("is_main_process", True) or getattr(self, "_hf_peft_config_loaded", False):
-            return  # another rank writes; or an adapter-only save (PEFT's format): no model directory
+        if not kwargs.get("is_main_process", True):
+            return  # another rank writes
+        self._write_midus_files(save_directory)
+
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        # save_pretrained(push_to_hub=True) uploads inside transformers' save_pretrained, before the lines above add the
+        # modeling files and the plan: without this the upload had a config.json naming code it lacked (trial105 F2).
+        # Written here, after transformers took the folder's timestamps, they count as modified and go up with the rest.
+        self._write_midus_files(working_dir)
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
+
+    def _write_midus_files(self, save_directory) -> None:
+        if getattr(self, "_hf_peft_config_loaded", False):
+            return  # an adapter-only save (PEFT's format): no model directory
         here, dest = Path(__file__).resolve().parent, Path(save_directory)
         for name in MODELING_FILES:
             if not (dest / name).exists() or not (dest / name).samefile(here / name):
