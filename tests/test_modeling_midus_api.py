@@ -101,3 +101,29 @@ def test_save_pretrained_push_to_hub_uploads_the_code_and_the_plan(midus_out, tm
     out = json.loads(eco.fresh_python(script, str(midus_out), str(tmp_path / "pushed"), package=package).splitlines()[-1])
     assert out["module"].startswith("midus_surgery" if package else "transformers_modules")
     assert set(MODELING_FILES) | {PLAN_FILE, "config.json", "model.safetensors"} <= set(out["uploaded"]), out["uploaded"]
+
+
+# ----------------------------------------------------------------------------- finding 5: untying a tied output
+
+def test_untying_a_tied_checkpoint_is_refused_saying_why_and_what_to_do(midus_out):
+    from transformers import AutoModelForCausalLM
+
+    assert "lm_head.weight" not in __import__("safetensors.torch").torch.load_file(midus_out / "model.safetensors")
+    with pytest.raises(ValueError, match=r"no lm_head.weight: it was saved with tied .*tie_word_embeddings=False unties them.*random weights.*"
+                                         r"model\.lm_head\.weight = torch\.nn\.Parameter\(.*clone\(\)\)"):
+        AutoModelForCausalLM.from_pretrained(midus_out, tie_word_embeddings=False)
+
+
+def test_the_untying_the_message_advises_works(midus_out, tmp_path):
+    """The message's way to untie: load tied, give lm_head its own copy, save; it reloads untied with the same logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(midus_out).eval()
+    before = eco.logits(model)
+    model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    model.save_pretrained(tmp_path / "untied")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "untied").eval()
+    assert again.lm_head.weight.data_ptr() != again.get_input_embeddings().weight.data_ptr()
+    assert torch.equal(eco.logits(again), before)

@@ -380,7 +380,19 @@ class MidusPreTrainedModel(PreTrainedModel):
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, config=config, output_loading_info=True, **kwargs)
         missing, unexpected = cls._not_loaded(info.get("missing_keys", [])), cls._not_loaded(info.get("unexpected_keys", []))
         if missing or unexpected:
-            # Never run with silently re-initialised weights.
+            # Never run with silently re-initialised weights. Stock transformers loads an untying override of a tied
+            # checkpoint (tie_word_embeddings=False) with a fresh random LM head and a log line (trial105 F5): a model whose
+            # logits are noise. Kept refused, saying why and how to untie with the head starting from the embedding.
+            tied = getattr(model, "_tied_weights_keys", None) or {}
+            if missing and not unexpected and all(n in tied for n in missing) and not model.config.get_text_config().tie_word_embeddings:
+                sources = ", ".join(sorted({tied[n] for n in missing}))
+                raise ValueError(
+                    f"{pretrained_model_name_or_path}: the checkpoint has no {', '.join(missing)}: it was saved with tied word embeddings "
+                    f"({sources} serves as both), and tie_word_embeddings=False unties them, which would start {', '.join(missing)} from "
+                    "random weights. Load it tied; to untie with the head starting as a copy of the embedding, after loading: "
+                    "model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone()); "
+                    "model.config.tie_word_embeddings = False"
+                )
             raise ValueError(
                 f"{pretrained_model_name_or_path}: the checkpoint does not match the MIDUS architecture "
                 f"(missing {len(missing)}: {missing[:5]}; unexpected {len(unexpected)}: {unexpected[:5]})"
