@@ -95,12 +95,15 @@ def test_save_pretrained_push_to_hub_uploads_the_code_and_the_plan(midus_out, tm
     With the package the class is not remote code (transformers copies no code); without it, it is."""
     import json
 
+    from midus_surgery.model import shipped_code_differences
     from midus_surgery.model.midus_names import MODELING_FILES, PLAN_FILE
 
     script = ("import midus_surgery  # the README's way: registers the MIDUS classes\n" if package else "") + PUSH
     out = json.loads(eco.fresh_python(script, str(midus_out), str(tmp_path / "pushed"), package=package).splitlines()[-1])
     assert out["module"].startswith("midus_surgery" if package else "transformers_modules")
     assert set(MODELING_FILES) | {PLAN_FILE, "config.json", "model.safetensors"} <= set(out["uploaded"]), out["uploaded"]
+    # what went up is the package's code byte for byte (verify's code check), also when the remote-code class wrote it
+    assert shipped_code_differences(tmp_path / "pushed") == ([], [])
 
 
 # ----------------------------------------------------------------------------- finding 5: untying a tied output
