@@ -113,18 +113,18 @@ def test_untying_a_tied_checkpoint_is_refused_saying_why_and_what_to_do(midus_ou
 
     assert "lm_head.weight" not in __import__("safetensors.torch").torch.load_file(midus_out / "model.safetensors")
     with pytest.raises(ValueError, match=r"no lm_head.weight: it was saved with tied .*tie_word_embeddings=False unties them.*random weights.*"
-                                         r"model\.lm_head\.weight = torch\.nn\.Parameter\(.*clone\(\)\)"):
+                                         r"model\.get_output_embeddings\(\)\.weight = torch\.nn\.Parameter\(.*clone\(\)\)"):
         AutoModelForCausalLM.from_pretrained(midus_out, tie_word_embeddings=False)
 
 
 def test_the_untying_the_message_advises_works(midus_out, tmp_path):
-    """The message's way to untie: load tied, give lm_head its own copy, save; it reloads untied with the same logits."""
+    """The message's way to untie: load tied, give the LM head its own copy, save; it reloads untied with the same logits."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(midus_out).eval()
     before = eco.logits(model)
-    model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    model.get_output_embeddings().weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
     model.config.tie_word_embeddings = False
     model.save_pretrained(tmp_path / "untied")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "untied").eval()

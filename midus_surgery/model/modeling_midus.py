@@ -390,7 +390,7 @@ class MidusPreTrainedModel(PreTrainedModel):
                     f"{pretrained_model_name_or_path}: the checkpoint has no {', '.join(missing)}: it was saved with tied word embeddings "
                     f"({sources} serves as both), and tie_word_embeddings=False unties them, which would start {', '.join(missing)} from "
                     "random weights. Load it tied; to untie with the head starting as a copy of the embedding, after loading: "
-                    "model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone()); "
+                    "model.get_output_embeddings().weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone()); "
                     "model.config.tie_word_embeddings = False"
                 )
             raise ValueError(
