@@ -310,6 +310,11 @@ def _plan_notes(planned, start: bool, apply: bool = False) -> list[str]:
     if start and plan.function_preserving is None and plan.memory_layers and recipe.memory.init == "random":
         notes.append("memory.init: random: the memory blocks start from random values, so the output does not start as the base's "
                      "function (verify then skips its identity check and shows both perplexities)")
+    if plan.lists_by_length:  # a guess that cannot be checked: said, so a list that is not about layers can be fixed by hand
+        keys = ", ".join(plan.lists_by_length)
+        notes.append(f"config.json's {keys} ha{'s' if len(plan.lists_by_length) == 1 else 've'} as many entries as the base has layers, and neither "
+                     "the config class nor the name says what they hold: taken for one entry a layer and rewritten through the layer map; "
+                     "if not per layer, restore the base's value in the output's config.json")
     types = plan.config.get("layer_types")
     sliding = [i for i, t in enumerate(types) if "sliding" in str(t)] if isinstance(types, list) else []
     if sliding and "max_window_layers" in plan.config and window_layers_boundary(plan.config) is None:

@@ -376,3 +376,33 @@ def test_an_absurd_layer_count_is_refused_before_the_layout_is_expanded(bases, t
     assert "num_hidden_layers is 1000000000; it must be between 1 and 1024" in err and "config.json" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not expanded and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layout, sources", [
+    ("layout:\n  interleave: {after: [0], kind: transformer}\n", [0, 0, 1, 2]),
+    # depth pruning: base layer 2 is dropped, and with it, through the length rule, eos id 7 was
+    ("allow_dropped_layers: true\nlayout:\n  layers: [{source: 0}, {source: 0, kind: copy}, {source: 1}]\n", [0, 0, 1]),
+])
+def test_token_id_lists_as_long_as_the_base_is_deep_are_kept(layout, sources, tmp_path, capsys):
+    """A 3-layer base with Llama-3-style eos ids [2, 5, 7]: the length rule took them for one entry a layer and wrote
+    [2, 2, 5, 7] (or [2, 2, 5], id 7 lost) in config.json and the generation_config.json made from it (trial106 F1).
+    Both planners keep token ids as they are; a list nothing explains is still remapped, and plan says so."""
+    base = tmp_path / "llama-eos"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama", num_hidden_layers=3, eos_token_id=[2, 5, 7], bos_token_id=1,
+                                                 pad_token_id=0)).save_pretrained(base)
+    (base / "generation_config.json").unlink()  # many checkpoints ship config.json only: the output's is made from config.json
+    config = json.loads((base / "config.json").read_text())
+    config.update(stop_token_ids=[1, 2], my_scales=[0.5, 1.0, 2.0])  # ids that read as layer indices, and a list nothing explains
+    (base / "config.json").write_text(json.dumps(config))
+    recipe = write_recipe(tmp_path, base, layout=layout)
+    fast, full = plan_both(recipe)
+    for planned in (fast, full):
+        assert planned.plan.config["eos_token_id"] == [2, 5, 7] and planned.plan.config["stop_token_ids"] == [1, 2]
+        assert planned.plan.config["my_scales"] == [[0.5, 1.0, 2.0][s] for s in sources]  # what it holds is a guess ...
+        assert planned.plan.lists_by_length == ("my_scales",)
+        out = emit(planned, out_dir=tmp_path / planned.planner, progress=False).out_dir
+        assert json.loads((out / "config.json").read_text())["eos_token_id"] == [2, 5, 7]
+        assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2, 5, 7]
+    assert main(["plan", str(recipe)]) == 0
+    assert "config.json's my_scales has as many entries as the base has layers" in capsys.readouterr().out  # ... said out loud

@@ -6,9 +6,31 @@ A list with as many entries as the base has layers is not always one entry a lay
 ``no_rope_layers``) read as distinct layer indices. The planner renumbers per-layer lists for the new
 layout and the anatomy probe cuts them for its tiny instance; both ask here first, and fall back on the
 length and name rules only where the class has no default to ask.
+
+Some lists are never one entry a layer, whatever their length: token ids (a Llama-3-style ``eos_token_id``
+of three ids on a three-layer base went through the layer map, and a pruning layout dropped an id: trial106)
+and the other keys in ``NOT_PER_LAYER``. Those are kept as they are before any rule is asked.
 """
 
 from __future__ import annotations
+
+import re
+
+# Config lists about tokens, rotary frequencies or the model's classes, never about layers (trial106):
+# their length can equal the depth by chance, and the length rule would push them through the layer map.
+NOT_PER_LAYER = frozenset({
+    "architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "forced_decoder_ids",
+    "sequence_bias", "long_factor", "short_factor", "mrope_section",
+})
+# every *_token_id / *_token_ids / *_token_index (eos, bos, pad, image, ...): token ids, never layers
+_TOKEN_KEY = re.compile(r"(^|_)token_(id|ids|index|indices)$")
+# a name that says the list is about layers or blocks (layer_types, no_rope_layers, attn_layers, block_types)
+_LAYER_NAME = re.compile(r"layer|block")
+
+
+def never_per_layer(key: str) -> bool:
+    """Whether config key ``key`` holds something other than layers (token ids, rope factors), whatever its length."""
+    return key in NOT_PER_LAYER or bool(_TOKEN_KEY.search(key))
 
 
 def list_kinds(config) -> dict[str, str]:
@@ -58,6 +80,14 @@ def _default_depth(config) -> int | None:
 
 def is_per_layer(key: str, value, num_layers: int, kinds: dict[str, str]) -> bool:
     """Whether config list ``key`` holds one entry a layer: the class's verdict (``list_kinds``), else its length."""
-    if not isinstance(value, (list, tuple)) or kinds.get(key) == "fixed":
+    if not isinstance(value, (list, tuple)) or kinds.get(key) == "fixed" or never_per_layer(key):
         return False
     return len(value) == num_layers and (num_layers > 1 or kinds.get(key) == "per-layer")
+
+
+def taken_by_length(data: dict, num_layers: int, kinds: dict[str, str]) -> list[str]:
+    """The lists ``is_per_layer`` takes for one entry a layer on their length alone: neither the config class
+    (``kinds``) nor their name says they are about layers. They are remapped as before (real per-layer lists of
+    classes without defaults are such), but what they hold is a guess that plan and apply say out loud."""
+    return [k for k, v in data.items() if is_per_layer(k, v, num_layers, kinds)
+            and kinds.get(k) != "per-layer" and not _LAYER_NAME.search(k)]

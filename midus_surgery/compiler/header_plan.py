@@ -21,10 +21,12 @@ hidden size, vocabulary), are refused here as in the full planner (BaseModelErro
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass
 from typing import Callable
 
+from midus_surgery.anatomy.config_lists import taken_by_length
 from midus_surgery.compiler.base import check_stated_config, config_size_problems, located_at_base_path, read_config_json, resolve_base
 from midus_surgery.compiler.layout import COPY, expand_layout
 from midus_surgery.compiler.plan import (
@@ -186,6 +188,7 @@ def _plan(loaded: LoadedRecipe) -> PlannedRecipe:
     window = config.get("sliding_window") if arch.window_flag is None or config.get(arch.window_flag) else None
     facts = BaseFacts(config["model_type"], L, dims.heads, dims.head_dim, dims.hidden, dims.vocab, window, config.get("layer_types"))
     plan = assemble_plan(loaded, facts, layers, new_config, shapes, layers_path, None)
+    plan = dataclasses.replace(plan, lists_by_length=tuple(taken_by_length(data, L, {})))
     tied = ((LM_HEAD, EMBED),) if config.get("tie_word_embeddings", False) else ()
     return PlannedRecipe(loaded, None, None, plan, base_dtype=base_dtype, renames=(), planner="headers", tied=tied)
 

@@ -13,6 +13,7 @@ shapes from the safetensors headers, neither transformers nor torch imported).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from midus_surgery.anatomy.config_lists import is_per_layer, list_kinds
+from midus_surgery.anatomy.config_lists import is_per_layer, list_kinds, never_per_layer, taken_by_length
 from midus_surgery.compiler.layout import LayerSpec, expand_layout
 from midus_surgery.errors import MidusError, RecipeError, one_line
 from midus_surgery.io.dtypes import auto_dtype
@@ -137,6 +138,8 @@ class Plan:
     # base layer -> the kind an earlier `apply` inserted it as, when the base is itself an apply output
     # (``earlier_insertions``): `train --freeze base` trains those layers with this recipe's blocks
     inserted_before: dict[int, str] = field(default_factory=dict)
+    # base config lists remapped as one entry a layer on their length alone (config_lists.taken_by_length): plan notes them
+    lists_by_length: tuple[str, ...] = ()
 
     @property
     def num_hidden_layers(self) -> int:
@@ -481,31 +484,34 @@ def index_list_keys(data: dict, num_layers: int) -> list[str]:
     named so (``hybrid_layer_ids``, ``full_attn_idxs``...) of distinct ints that are all layer indices."""
     keys = [k for k in INDEX_LISTS if isinstance(data.get(k), list)]
     for key, value in data.items():
-        if key in keys or not isinstance(value, list) or not _INDEX_NAME.search(key):
-            continue
+        if key in keys or not isinstance(value, list) or not _INDEX_NAME.search(key) or never_per_layer(key):
+            continue  # stop_token_ids [1, 2] on a four-layer base are token ids, not layers 1 and 2
         if all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < num_layers for v in value) and len(set(value)) == len(value):
             keys.append(key)
     return keys
 
 
-def rewrite_config(config, layers: list[LayerSpec]) -> tuple[dict, list[str]]:
+def rewrite_config(config, layers: list[LayerSpec]) -> tuple[dict, list[str], list[str]]:
     """The base config with the new depth, every per-layer entry taken from its source layer.
 
-    Returns the config dict and problems (messages) for per-layer behaviour the dict can't express.
+    Returns the config dict, problems (messages) for per-layer behaviour the dict can't express, and the
+    lists remapped on their length alone (``taken_by_length``).
     """
     new = copy.deepcopy(config)
-    updates, problems = remap_per_layer(config.to_dict(), config.num_hidden_layers, layers, list_kinds(config))
+    data, kinds = config.to_dict(), list_kinds(config)
+    updates, problems = remap_per_layer(data, config.num_hidden_layers, layers, kinds)
+    by_length = taken_by_length(data, config.num_hidden_layers, kinds)
     try:
         new.num_hidden_layers = len(layers)  # first: per-layer overrides are checked against it
     except Exception as exc:  # noqa: BLE001 - a config whose depth is derived from others (ProphetNet)
-        return config.to_dict(), [f"the base config does not let its depth be set: {one_line(exc, 160)}"]
+        return config.to_dict(), [f"the base config does not let its depth be set: {one_line(exc, 160)}"], []
     for key, value in updates.items():
         setattr(new, key, value)  # through the config object: attribute_map aliases (gpt2's n_layer) apply
     out = new.to_dict()
     out.pop("transformers_version", None)
     sync_max_window_layers(out)
     sync_attention_types(out)
-    return out, problems
+    return out, problems, by_length
 
 
 def window_layers_boundary(config: dict) -> int | None:
@@ -684,7 +690,7 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: StackAnatomy | None, *, ana
     if problems:
         raise RecipeError(problems)
 
-    new_config, config_problems = rewrite_config(config, layers)
+    new_config, config_problems, by_length = rewrite_config(config, layers)
     refusal = check_config_accepted(new_config)
     if config_problems or refusal:
         raise RecipeError([loaded.problem(("layout",), msg) for msg in config_problems + ([refusal] if refusal else [])])
@@ -732,8 +738,9 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: StackAnatomy | None, *, ana
         hmls = {g: build_hml(hidden, g, recipe.memory) for g in set(geometry.values())}
     except Exception as exc:  # noqa: BLE001
         raise RecipeError([loaded.problem(("memory",), f"cannot build the memory layer for this base: {one_line(exc)}")]) from None
-    return assemble_plan(loaded, BaseFacts.of(config), layers, new_config, shapes, layers_path, anatomy,
+    plan = assemble_plan(loaded, BaseFacts.of(config), layers, new_config, shapes, layers_path, anatomy,
                          {index: hmls[g] for index, g in geometry.items()}, buffers=base_buffers(config))
+    return dataclasses.replace(plan, lists_by_length=tuple(by_length))
 
 
 def block_kind_problems(loaded: LoadedRecipe, anatomy: StackAnatomy, layers: list[LayerSpec]) -> list:
