@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest, and steady on a busy machine
 
-NAMES = ["tensors", "batch", "identity", "identity (perturbed)", "weights", "kv-cache", "kv-cache (padded batch)", "round-trip"]
+NAMES = ["tensors", "batch", "identity", "identity (perturbed)", "weights", "config", "kv-cache", "kv-cache (padded batch)", "round-trip"]
 
 
 def emitted(bases, tmp_path, arch: str, kind: str):
@@ -295,6 +295,31 @@ def test_a_generation_that_fails_on_a_padded_batch_is_a_one_line_failed_check(ba
     assert failed(checks) == ["kv-cache (padded batch)"]
     assert checks["kv-cache (padded batch)"].detail == (
         "generation for a left-padded batch of 2 fails: RuntimeError: index out of range in self (as loaded)")
+
+
+@pytest.mark.parametrize("kind", ["dus", "llama-pro", "midus"])
+def test_a_layer_type_unlike_its_source_layers_fails_the_config_check(kind, bases, tmp_path):
+    """Qwen2's layers 2 and 3 slide; after_every 2 makes output layer 5 a copy of layer 3. Its layer_types entry
+    made full attention passed every check: an identity block's output is zero whatever its window, and DUS has
+    no reference to compare logits with (trial106 F2). The config check compares each per-layer list with the
+    base's through the layer map; without a base, it says it could not."""
+    out = emitted(bases, tmp_path, "qwen2", kind)
+    checks = run(out)
+    assert failed(checks) == [] and "layer_types" in checks["config"].detail, {n: c.detail for n, c in checks.items()}
+    config = json.loads((out / "config.json").read_text())
+    assert config["layer_types"][5] == "sliding_attention"
+    config["layer_types"][5] = "full_attention"
+    (out / "config.json").write_text(json.dumps(config))
+    checks = run(out)
+    assert failed(checks) == ["config"], {n: c.detail for n, c in checks.items()}
+    assert checks["config"].detail == ("config.json's layer_types gives output layer 5 'full_attention', but the layer map makes it from "
+                                       "base layer 3, whose entry is 'sliding_attention' (config.json edited, or written wrong)")
+    from midus_surgery.io.output_dir import MARKER
+
+    marker = json.loads((out / MARKER).read_text())
+    (out / MARKER).write_text(json.dumps({**marker, "base_path": str(tmp_path / "moved-away")}))  # the recorded base is gone
+    skipped = run(out)["config"]
+    assert skipped.skipped and skipped.detail == "no base to compare the per-layer config lists with (see identity)"
 
 
 def nudge_first_block_tensor(out: Path, kind: str, tensor: str) -> tuple[str, torch.Tensor]:

@@ -8,7 +8,8 @@ permuted: a block that mixes rows, e.g. one that unpacks a tensor as if it were 
 ``identity`` (function-preserving plans: the logits equal the base's bit for bit; ``logits``
 otherwise), ``identity (perturbed)`` (the same with the base's norm weights and biases moved far
 from their init in both models: a block that is the identity only at init fails), ``weights``
-(each tensor the layer map traces to a base tensor equals it bit for bit), ``kv-cache``
+(each tensor the layer map traces to a base tensor equals it bit for bit), ``config`` (each per-layer
+config list is the base's through the layer map: ``config_check``), ``kv-cache``
 (greedy generation with and without the cache agree), ``kv-cache (padded batch)`` (the same for a
 left-padded batch of two prompts, each also as generated alone) and ``round-trip``
 (save_pretrained + reload).
@@ -526,6 +527,8 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
             record(Check("logits", finite, f"the output's logits are {'finite' if finite else 'NOT finite'}; max |logit difference| against the base: "
                                            f"{diff:.4g}; perplexity on the sample: base {ppl_base:.2f}, output {ppl_out:.2f}"))
         record(weights)
+        if plan is not None:
+            record(config_check(model.config, base_model.config, plan))
         base_for_generation = base_model  # kept: a generation the base itself cannot do is not the output's fault
     else:
         why = (f"the base recorded at apply time, {recorded}, is not there any more ({base_gone}); give --base to compare with it"
@@ -535,6 +538,7 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
             if not trained and function_preserving(plan):
                 record(_skip("identity (perturbed)", "no base to compare with (see identity)"))
             record(_skip("weights", "no base to compare with (see identity)"))
+            record(_skip("config", "no base to compare the per-layer config lists with (see identity)"))
 
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids if tokenizer is not None else ids[:1, :8]
     for check in (lambda m: cache_check(m, prompt, tokenizer), lambda m: padded_cache_check(m, vocab)):
@@ -908,6 +912,45 @@ def weights_check(out: Path, base_model, plan: dict, left_alone: str | None = No
     zeroed = f", {changed_by_surgery} zeroed or reshaped in identity and memory blocks" if changed_by_surgery else ""
     frozen = f" (trained since apply with freeze: {'base' if left_alone == 'base' else 'memory-only'}: the {skipped_trained} trained tensors left out)" if left_alone else ""
     return Check(name, True, f"{same} tensors equal, bit for bit, the base tensors the layer map says they copy{zeroed}{frozen}")
+
+
+def config_check(out_config, base_config, plan: dict) -> Check:
+    """Every per-layer list of the output's config (``layer_types``, ``no_rope_layers``, layer-index lists such as
+    ``mlp_only_layers``) is the base's, remapped through midus_plan.json's layer map by the planner's own rule
+    (``compiler.plan.remap_per_layer``): a copy of a sliding-window layer written as full attention runs another
+    model, and no other check sees it (an identity block's output is zero whatever its window; DUS has no
+    reference to compare logits with: trial106 F2). Both configs as their classes load them, as the model runs them."""
+    from midus_surgery.anatomy.config_lists import list_kinds
+    from midus_surgery.compiler.layout import LayerSpec
+    from midus_surgery.compiler.plan import index_list_keys, remap_per_layer
+
+    name = "config"
+    layers = [LayerSpec(int(layer["index"]), int(layer["source"]), str(layer["kind"])) for layer in plan["layers"]]
+    base, out = base_config.to_dict(), out_config.to_dict()
+    try:
+        depth = base_config.num_hidden_layers
+        expected, _ = remap_per_layer(base, depth, layers, list_kinds(base_config))
+    except Exception as exc:  # noqa: BLE001 - a base config the planner's rule cannot read: said, not a traceback
+        return _skip(name, f"the base's config lists cannot be remapped to compare: {one_line(exc, 200)}")
+    index_lists = set(index_list_keys(base, depth))
+    compared = []
+    for key, want in expected.items():
+        if not isinstance(want, list):  # a restated scalar (an index rule's period) or transformers' per-layer overrides
+            continue
+        got = out.get(key)
+        got = list(got) if isinstance(got, (list, tuple)) else got
+        if got == want:
+            compared.append(key)
+            continue
+        if key not in index_lists and isinstance(got, list) and len(got) == len(want) == len(layers):
+            i = next(i for i, (g, w) in enumerate(zip(got, want)) if g != w)
+            return Check(name, False, f"config.json's {key} gives output layer {i} {got[i]!r}, but the layer map makes it from base layer "
+                                      f"{layers[i].source}, whose entry is {want[i]!r} (config.json edited, or written wrong)")
+        return Check(name, False, f"config.json's {key} is {one_line(repr(got), 200)}, but the base's {one_line(repr(base.get(key)), 200)} through "
+                                  f"the layer map is {one_line(repr(want), 200)} (config.json edited, or written wrong)")
+    if not compared:
+        return Check(name, True, "the base config has no per-layer lists: nothing for the layer map to rewrite")
+    return Check(name, True, f"{', '.join(compared)}: each output layer has its source layer's entry, as the layer map says")
 
 
 # ----------------------------------------------------------------------------------------------
