@@ -240,10 +240,13 @@ def _base_tokenizer_code(ref) -> str | None:
     only by consenting to it (trial99 S1, trial102 R08)."""
     if not ref.exists or ref.is_gguf:
         return None
-    from midus_surgery.io.tokenizer_files import tokenizer_code_files, tokenizer_code_repos
+    from midus_surgery.io.tokenizer_files import is_module_file_name, tokenizer_code_files, tokenizer_code_repos
 
     config = ref.directory / "tokenizer_config.json"
-    names = [name for name in tokenizer_code_files(config) if (ref.directory / name).is_file()]
+    # the files AutoTokenizer imports; every name escaped, as it is the file's text (a newline or ESC[8m in one forged the
+    # note's lines and hid the rest of it: trial104), and one that is no module name said so
+    names = [printable(name)[:80] + ("" if is_module_file_name(name) else " (not a Python module name: suspicious)")
+             for name in tokenizer_code_files(config, tokenizer_only=True) if (ref.directory / name).is_file()]
     repos = [printable(repo)[:80] for repo in tokenizer_code_repos(config)]
     if not names and not repos:
         return None

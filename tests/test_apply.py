@@ -735,3 +735,35 @@ def test_shards_fill_to_shard_size_and_a_larger_tensor_gets_one_of_its_own():
     entries = [TensorEntry(f"t{i}", shape, f"t{i}", "copy") for i, shape in enumerate([(100,), (100,), (600,), (100,), (150,), (100,)])]
     shards = emitter.shard_tensors(entries, "float32", 1000)  # 4 bytes a value: 400, 400, 2400, 400, 600, 400 bytes
     assert [[e.name for e in shard] for shard in shards] == [["t0", "t1"], ["t2"], ["t3", "t4"], ["t5"]]
+
+
+def test_a_tokenizer_code_name_is_shown_escaped_and_only_autotokenizers_entries_are_noted(bases, tmp_path, capsys):
+    """trial104: a module name from auto_map was printed raw in the note (stdout for validate, stderr for apply) and on
+    the card, so a decoy entry of another class (`"AutoConfig": "\\n...\\x1b[8m.X"`, sorted first) forged lines and hid the
+    warning. The note names AutoTokenizer's files alone, every name escaped; a name that is no module is called suspicious."""
+    import shutil
+
+    from midus_surgery.cli import main as cli_main
+
+    base = tmp_path / "tokcode"
+    shutil.copytree(bases["llama"], base)
+    decoy = "\nOK forged\x1b[8m"
+    (base / "tok.py").write_text("")
+    (base / f"{decoy}.py").write_text("")
+    (base / "w\x1b[8m.py").write_text("")
+    (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoConfig": f"{decoy}.X",
+                                                                         "AutoTokenizer": ["tok.Evil", "w\x1b[8m.Fast"]}}))
+    recipe = write_recipe(tmp_path, base, "dus")
+    capsys.readouterr()
+    assert cli_main(["validate", str(recipe)]) == 0
+    said = capsys.readouterr().out
+    assert "\x1b" not in said and "forged" not in said, said
+    assert ("note: the base's tokenizer runs code of its own (tok.py, w\\x1b[8m.py (not a Python module name: suspicious), "
+            "named by its tokenizer_config.json's auto_map)") in said, said
+    assert cli_main(["apply", str(recipe), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "\x1b" not in captured.err + captured.out and "forged" not in captured.err, captured
+    out = tmp_path / "out" / "tokcode-dus"
+    card = (out / "README.md").read_text()
+    assert "\x1b" not in card and "forged" not in card and "(`tok.py`, `w\\x1b[8m.py`, named by" in card, card
+    assert (out / "tok.py").is_file()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from midus_surgery.compiler.base import BaseRef
 from midus_surgery.compiler.planned import PlannedRecipe
+from midus_surgery.errors import printable
 from midus_surgery.io.model_card import NOT_TRAINED, SETTINGS, STARTS_AS_BASE, TRAINING_END, TRAINING_START, training_section
 from midus_surgery.io.tokenizer_files import tokenizer_code_files, tokenizer_code_repos
 
@@ -118,8 +119,10 @@ def model_card(planned: PlannedRecipe, recipe_text: str, ref: BaseRef) -> str:
         else "```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(PATH)\n```"
     )
     config = ref.directory / "tokenizer_config.json"
-    code = [] if ref.is_gguf else [f"`{name}`" for name in tokenizer_code_files(config) if (ref.directory / name).is_file()]
-    code += [] if ref.is_gguf else [f"code of the Hub repository `{repo}`" for repo in tokenizer_code_repos(config)]
+    # escaped: a name is the base's text, and `cat README.md` showed a raw ESC[8m in it (trial104)
+    code = [] if ref.is_gguf else [f"`{printable(name)[:80]}`" for name in tokenizer_code_files(config, tokenizer_only=True)
+                                   if (ref.directory / name).is_file()]
+    code += [] if ref.is_gguf else [f"code of the Hub repository `{printable(repo)[:80]}`" for repo in tokenizer_code_repos(config)]
     if code:  # the load lines above pass trust_remote_code=True, which runs it too (trial99 S1, trial102 R08)
         loading += (f"\n\nThe tokenizer runs code of its own, from the base ({', '.join(code)}, named by `tokenizer_config.json`'s "
                     "`auto_map`): `trust_remote_code=True` runs it. Read it first.")

@@ -21,7 +21,7 @@ from midus_surgery.compiler.base import BaseRef, resolve_base
 from midus_surgery.compiler.plan import PLAN_FILE, Plan, TensorEntry
 from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.emit.card import write_model_card
-from midus_surgery.errors import BaseModelError, MachineError, MidusError, RecipeError, is_library_panic, one_line, quiet_library_panic, shown
+from midus_surgery.errors import BaseModelError, MachineError, MidusError, RecipeError, is_library_panic, one_line, printable, quiet_library_panic, shown
 from midus_surgery.io.dtypes import DTYPE_OF_TAG, ITEMSIZE, TAGS, torch_dtype
 from midus_surgery.io.output_dir import add_to_marker, atomic_directory, check_output_dir, file_system_type, give_default_mode, read_marker
 from midus_surgery.io.progress import progress_bar
@@ -199,7 +199,7 @@ def _copy_tokenizer(ref, dest: Path, trust_remote_code: bool) -> None:
         if (ref.directory / name).is_file() and _inside(ref, name):
             shutil.copy2(ref.directory / name, dest / name)  # copied, never imported: it runs only where a user trusts it
         else:
-            _warn(f"the base's tokenizer names its own code in {name}, which it does not hold; the output's tokenizer "
+            _warn(f"the base's tokenizer names its own code in {printable(name)[:80]}, which it does not hold; the output's tokenizer "
                   "will not load until that file is beside it")
 
 

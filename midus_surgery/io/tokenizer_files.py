@@ -23,8 +23,10 @@ def odd_tokenizer_files(directory: Path) -> str | None:
             "so no tokenizer reads it") if odd else None
 
 
-def _tokenizer_code_refs(config: Path) -> list[str]:
-    """The references a tokenizer_config.json's ``auto_map`` holds (``tok.MyTokenizer``, ``owner/repo--tok.MyTokenizer``)."""
+def _tokenizer_code_refs(config: Path, tokenizer_only: bool = False) -> list[str]:
+    """The references a tokenizer_config.json's ``auto_map`` holds (``tok.MyTokenizer``, ``owner/repo--tok.MyTokenizer``).
+    tokenizer_only: only its AutoTokenizer entry, the code AutoTokenizer.from_pretrained imports (a decoy entry of another
+    class sorted first and forged the note's lines: trial104)."""
     try:
         auto_map = loads_as_transformers(config.read_text()).get("auto_map") if config.is_file() else None  # deep nesting: a ValueError
     except (OSError, ValueError, AttributeError):
@@ -33,16 +35,25 @@ def _tokenizer_code_refs(config: Path) -> list[str]:
         auto_map = {"AutoTokenizer": auto_map}
     if not isinstance(auto_map, dict):
         return []
+    if tokenizer_only:
+        auto_map = {"AutoTokenizer": auto_map.get("AutoTokenizer")}
     return [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
 
 
-def tokenizer_code_files(config: Path) -> list[str]:
+def tokenizer_code_files(config: Path, tokenizer_only: bool = False) -> list[str]:
     """The module files a tokenizer_config.json's ``auto_map`` names (``tok.MyTokenizer`` -> tok.py): a
     tokenizer with its own code loads (with trust_remote_code) only with them beside it. A reference into
-    another Hub repository (``owner/repo--tok.MyTokenizer``) is that repository's, not the folder's."""
+    another Hub repository (``owner/repo--tok.MyTokenizer``) is that repository's, not the folder's.
+    tokenizer_only: as _tokenizer_code_refs. The names are the file's text: show them through printable()."""
     # transformers reads a reference as exactly "module.Class" (a module file beside the config): nothing else loads
-    names = {r.split(".")[0] + ".py" for r in _tokenizer_code_refs(config) if "--" not in r and r.count(".") == 1}
+    names = {r.split(".")[0] + ".py" for r in _tokenizer_code_refs(config, tokenizer_only) if "--" not in r and r.count(".") == 1}
     return sorted(n for n in names if n != ".py" and "/" not in n and "\\" not in n)
+
+
+def is_module_file_name(name: str) -> bool:
+    """Whether ``name`` (``tok.py``) is a Python module's file, as transformers imports ``tok.MyTokenizer``: any other name
+    (a newline, an escape sequence) is no code a tokenizer needs, only text meant to be shown (trial104)."""
+    return name.endswith(".py") and name.removesuffix(".py").isidentifier()
 
 
 def tokenizer_code_repos(config: Path) -> list[str]:
