@@ -101,12 +101,11 @@ def _model_folder_to_write(text: str) -> str:
     """apply --out: a folder to write (_folder_to_write) that will hold a model, so its name must be UTF-8: bytes from the
     command line that are not made a folder the tokenizers and safetensors libraries cannot read back (trial102 R06). Only
     here: a token cache or an analysis is read by Python alone (trial103)."""
+    from midus_surgery.errors import model_folder_name_problem
+
     text = _folder_to_write(text)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError(f"{printable(text)!r} is not UTF-8 text: the tokenizers and safetensors libraries could not "
-                                         "read the model written there") from None
+    if problem := model_folder_name_problem(text):  # escaped once there (it was escaped, then quoted: 'o\\udcff': trial104)
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 
@@ -529,7 +528,7 @@ def cmd_apply(args) -> int:
         print(f"note: {note}", file=sys.stderr, flush=True)
     result = emit(planned, out_dir=args.out, overwrite=args.overwrite, allow_pickle=args.allow_pickle, progress=not args.quiet)
     done = time.perf_counter()
-    print(f"wrote {result.out_dir}: {result.num_tensors} tensors, {result.num_bytes / 2**20:.1f} MiB in {result.shards} shard(s), "
+    print(f"wrote {printable(str(result.out_dir))}: {result.num_tensors} tensors, {result.num_bytes / 2**20:.1f} MiB in {result.shards} shard(s), "
           f"{done - started:.2f} s (plan {plan_done - started:.2f} s, writing {done - plan_done:.2f} s); "
           + ("planned from the safetensors headers" if why_full is None else f"planned with transformers ({why_full})")
           + (f"; base read {result.base_read}" if result.base_read else ""))
@@ -578,7 +577,7 @@ def cmd_train(args) -> int:
         return 0
     final = result.final_eval or {}
     ppl = f", held-out ppl {final['eval_ppl']:.3f}" if final else ""
-    print(f"done: {result.steps:,} step{'' if result.steps == 1 else 's'}, {result.tokens:,} tokens{ppl}; model in {result.export_dir}")
+    print(f"done: {result.steps:,} step{'' if result.steps == 1 else 's'}, {result.tokens:,} tokens{ppl}; model in {printable(str(result.export_dir))}")
     return 0
 
 

@@ -57,6 +57,22 @@ def not_utf8_path(path) -> str | None:
     return None
 
 
+def model_folder_name_problem(path) -> str | None:
+    """Why the tool may not write a model folder at ``path`` (resolved), in one line, or None: a path that is not UTF-8,
+    which the tokenizers and safetensors libraries cannot read back (eval and verify then refuse it: trial99 M4, trial104),
+    or one with a control character, which split every line naming it (a recipe folder's name reached apply's "wrote"
+    line: trial104). Only for model folders: a token cache or an analysis is read by Python alone (trial103)."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return (f"{printable(text)}: its path is not UTF-8 text, so the tokenizers and safetensors libraries could not read the "
+                "model written there: choose a folder whose path is")
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text):  # C0, DEL and C1 (0x9b is a terminal's ESC [)
+        return f"{printable(text)}: its path holds a control character, which a model folder is not named with: choose another folder"
+    return None
+
+
 def printable(text: str) -> str:
     """``text`` with its control characters written as escapes (``\\x1b``, ``\\n``): a name the user typed
     (a task, an output folder) echoed into a table or a "wrote" line must not move the cursor, colour

@@ -824,8 +824,42 @@ def test_a_model_folder_whose_name_is_not_utf8_is_said_so(tiny_base, tmp_path, c
     (tmp_path / "r.yaml").write_text(f"base:\n  path: {tiny_base}\nlayout: {{interleave: {{after: [1], kind: copy}}}}\noutput:\n  dir: out\n")
     with pytest.raises(SystemExit):
         main(["apply", str(tmp_path / "r.yaml"), "--out", os.fsdecode(bytes(tmp_path) + b"/o\xff")])
-    assert "is not UTF-8 text: the tokenizers and safetensors libraries could not read the model written there" in capsys.readouterr().err
+    # escaped once, as every error line writes it (it was 'o\\udcff': escaped, then quoted: trial104)
+    assert (f"argument --out: {tmp_path}/o\\udcff: its path is not UTF-8 text, so the tokenizers and safetensors libraries could "
+            "not read the model written there: choose a folder whose path is") in capsys.readouterr().err
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir())
+
+
+def test_a_model_folder_apply_would_write_where_no_model_reader_takes_it_is_refused(tiny_base, tmp_path, capsys, monkeypatch):
+    """trial104: the UTF-8 check moved to apply --out alone, so output.dir: $BAD/o (BAD a folder whose name is not UTF-8)
+    validated and apply wrote a model eval and verify then refused; so did a relative output.dir under a recipe folder so
+    named, and under one whose name holds a newline and ESC (the "wrote" line split, with the raw escape). validate and
+    apply refuse the resolved path in one line, and nothing is written."""
+    bad = Path(os.fsdecode(bytes(tmp_path) + b"/bad\xff"))
+    forged = tmp_path / "e\nOK forged\x1b[31m"
+    for folder in (bad, forged):
+        folder.mkdir()
+    monkeypatch.setenv("MIDUS_TEST_BAD", str(bad))
+    layout = "layout: {interleave: {after: [1], kind: copy}}\n"
+    cases = [(tmp_path / "env.yaml", "$MIDUS_TEST_BAD/o", "bad\\udcff/o: its path is not UTF-8 text"),
+             (bad / "rel.yaml", "out", "bad\\udcff/out: its path is not UTF-8 text"),
+             (forged / "rel.yaml", "out", "e\\nOK forged\\x1b[31m/out: its path holds a control character")]
+    for recipe, out, said in cases:
+        recipe.write_text(f"base:\n  path: {tiny_base}\n{layout}output:\n  dir: {out}\n")
+        for argv in (["validate", str(recipe)], ["apply", str(recipe), "--quiet"]):
+            assert main(argv) == 2, argv
+            captured = capsys.readouterr()
+            err = (captured.out + captured.err).strip()
+            assert said in err and "\x1b" not in err and "forged\n" not in err, (argv, err)
+    assert [p.name for p in bad.iterdir()] == ["rel.yaml"] and [p.name for p in forged.iterdir()] == ["rel.yaml"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("o")]
+    # a name the tool writes that is printable only escaped (a line separator) is written, and said escaped (finding 7)
+    odd = tmp_path / "l\u2028s"
+    odd.mkdir()
+    (odd / "r.yaml").write_text(f"base:\n  path: {tiny_base}\n{layout}output:\n  dir: out\n")
+    assert main(["apply", str(odd / "r.yaml"), "--quiet"]) == 0
+    wrote = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrote ")]
+    assert wrote and wrote[0].startswith(f"wrote {tmp_path}/l\\u2028s/out: "), wrote
 
 
 def test_a_newline_in_a_model_or_file_name_is_shown_escaped_in_its_one_line_error(tiny_base, tmp_path, capsys, monkeypatch):

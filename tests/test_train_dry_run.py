@@ -5,6 +5,7 @@ of the real run then says (steps, parameter groups, resume notes)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import struct
@@ -302,3 +303,26 @@ def test_a_freeze_policy_the_model_cannot_take_is_refused_before_the_data_is_tok
         said.append(err)
     assert said[0] == said[1]
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_run_dir_or_export_dir_whose_path_no_model_reader_takes_is_refused_before_anything_is_written(midus, tmp_path, capsys,
+                                                                                                      monkeypatch):
+    """trial104: the UTF-8 check moved to apply --out alone, so run_dir: $BAD/run (BAD a folder whose name is not UTF-8)
+    trained and exported a model eval and verify then refused; a relative run_dir under a config folder whose name holds
+    a newline wrote a run whose "exported" line split. Both are refused, dry or not, in one line, with nothing written."""
+    bad = Path(os.fsdecode(bytes(tmp_path) + b"/bad\xff"))
+    bad.mkdir()
+    monkeypatch.setenv("MIDUS_TEST_BAD", str(bad))
+    cache = tmp_path / "cache"
+    odd = tmp_path / "e\nOK forged"
+    odd.mkdir()
+    cases = [(write_config(tmp_path / "a.yaml", midus["model"], "$MIDUS_TEST_BAD/run", midus["corpus"], cache), "run_dir: ", "not UTF-8"),
+             (write_config(tmp_path / "b.yaml", midus["model"], tmp_path / "run", midus["corpus"], cache,
+                           **{"export.dir": "$MIDUS_TEST_BAD/final"}), "export.dir: ", "not UTF-8"),
+             (write_config(odd / "c.yaml", midus["model"], "run", midus["corpus"], cache), "run_dir: ", "control character")]
+    for config, where, said in cases:
+        for flags in (["--dry-run"], ["--quiet"]):
+            assert main(["train", str(config), *flags]) == 2, (config, flags)
+            err = capsys.readouterr().err
+            assert where in err and said in err and len(err.strip().splitlines()) == 1, (config, flags, err)
+    assert list(bad.iterdir()) == [] and sorted(p.name for p in odd.iterdir()) == ["c.yaml"] and not (tmp_path / "run").exists()

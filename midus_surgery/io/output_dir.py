@@ -42,7 +42,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from midus_surgery.errors import MidusError, printable
+from midus_surgery.errors import MidusError, model_folder_name_problem, printable
 from midus_surgery.io.json_text import loads_checked
 from midus_surgery.io.small_files import read_small_text, regular_file_problem, write_text_atomically
 
@@ -50,6 +50,8 @@ MARKER = ".midus-surgery"  # JSON: {"tool", "kind", "owner", "pid", "host", "tim
 WORKSPACE = "workspace"  # the marker kind of a tool's scratch folder: everything inside it is the tool's
 RUN_KIND = "train run"  # the marker kind of a training run directory, which train writes into over time
 EXPORT_KIND = "train export"  # the marker kind of a run's export: what a later run may replace, and what verify reads as trained
+# the kinds of folder that hold a model (safetensors, a tokenizer): their paths must be UTF-8 for the Rust readers
+MODEL_KINDS = frozenset({"apply", RUN_KIND, EXPORT_KIND})
 # What train writes at the top of a run directory (train/runner.py; tests/test_output_safety.py checks a real run)
 RUN_ENTRIES = frozenset({"checkpoints", "final", "metrics.jsonl", "tensorboard", "trace", "loss.png"})
 # The hidden siblings atomic_directory and replace_directory make: exactly these names, nothing like them
@@ -389,6 +391,8 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
         raise OutputError(f"output {given} is a symlink (to {os.readlink(given)}); give a real directory path: "
                           "the tool never writes through a link")
     resolved = given.resolve()
+    if kind in MODEL_KINDS and (bad_name := model_folder_name_problem(resolved)):  # the resolved path: a relative output.dir or
+        raise OutputError(f"output {bad_name}")  # run_dir under a recipe folder so named was written (trial104)
     for what, path in inputs:
         other = Path(path).resolve()
         relation = _relation(resolved, other)

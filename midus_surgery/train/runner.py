@@ -965,7 +965,7 @@ class Runner:
             self.trace({"final_checksum": weights_checksum(self.raw)})
         self.plot()
         out = self.export(final_eval)
-        self.say(f"exported {out}")
+        self.say(f"exported {printable(str(out))}")
         tps = trained_steps * self.tokens_per_step / elapsed if trained_steps else 0.0
         return TrainResult(self.run_dir, out, self.step, self.samples_seen * cfg.data.block_size, final_eval, tps,
                            elapsed / trained_steps if trained_steps else 0.0, self.acc.is_main_process)
