@@ -44,11 +44,16 @@ def run(out) -> dict:
     return {c.name: c for c in checks}
 
 
+# the least of what train writes into midus_train.json (train/runner.py's export)
+RECORD = {"steps": 1, "tokens": 16, "config": {"init_from": "m", "run_dir": "run", "data": {"train": ["c.txt"]}, "tokens": 16,
+                                               "freeze": "none"}}
+
+
 def as_if_trained(out: Path) -> None:
     """What a run's export holds beside apply's files: the record train writes, in a folder its marker says a run exported."""
     from midus_surgery.io.output_dir import EXPORT_KIND, MARKER
 
-    (out / "midus_train.json").write_text(json.dumps({"steps": 1, "tokens": 16, "config": {}}))
+    (out / "midus_train.json").write_text(json.dumps(RECORD))
     if (out / MARKER).is_file():
         marker = json.loads((out / MARKER).read_text())
         (out / MARKER).write_text(json.dumps({**marker, "kind": EXPORT_KIND}))
@@ -409,7 +414,8 @@ def test_a_trained_output_is_compared_by_perplexity_not_by_identity(bases, tmp_p
     assert failed(checks) == []
 
 
-@pytest.mark.parametrize("record", ["{}", '{"unchanged_since_apply": "all"}', "not json", "whole, beside apply's marker"])
+@pytest.mark.parametrize("record", ["{}", '{"unchanged_since_apply": "all"}', "not json", "whole, beside apply's marker",
+                                    '{"steps": 1, "tokens": 16, "config": {}}', "no steps", "no steps, no marker", "no tokens"])
 def test_a_midus_train_json_train_did_not_write_excuses_no_changed_weights(bases, tmp_path, record):
     """A midus_train.json makes verify skip identity and compare only the frozen weights: an empty one beside a changed base
     layer passed every check, exit 0 (trial99 W1). Believed only in the shape train writes, in a folder apply did not mark."""
@@ -417,12 +423,23 @@ def test_a_midus_train_json_train_did_not_write_excuses_no_changed_weights(bases
     weights = load_file(out / "model.safetensors")
     weights["model.layers.0.self_attn.q_proj.weight"] *= 1.5  # a base layer, not an inserted block
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-    whole = json.dumps({"steps": 1, "tokens": 16, "config": {}})
-    (out / "midus_train.json").write_text(whole if record.startswith("whole") else record)
-    checks = run(out)
+    whole = json.dumps(RECORD)
+    if record.startswith(("no steps", "no tokens")):  # trial104: a record of 0 steps and 0 tokens excused every change
+        from midus_surgery.io.output_dir import EXPORT_KIND, MARKER
+
+        if record == "no steps, no marker":
+            (out / MARKER).unlink()  # a model from the Hub may lack it: the record alone must then say a run changed it
+        else:
+            (out / MARKER).write_text(json.dumps({**json.loads((out / MARKER).read_text()), "kind": EXPORT_KIND}))
+        whole = json.dumps({**RECORD, "steps": 0 if record.startswith("no steps") else 1, "tokens": 0})
+    (out / "midus_train.json").write_text(whole if record.startswith(("whole", "no ")) else record)
+    # the marker names the base; without it, the base is given (verify --base)
+    checks = {c.name: c for c in verify(out, bases["llama"], report=lambda c: None)} if record.endswith("no marker") else run(out)
     assert {"record", "identity", "weights"} <= set(failed(checks)), failed(checks)
     said = checks["record"].detail
-    if record.startswith("whole"):
+    if record.startswith("no "):
+        assert said.startswith("midus_train.json records ") and "a run of no steps changed no weight, so it excuses none" in said, said
+    elif record.startswith("whole"):
         assert "but its .midus-surgery marker says 'apply' wrote it" in said, said
     elif record == "not json":
         assert said.startswith("midus_train.json does not read ("), said

@@ -807,6 +807,11 @@ def _disk_tensors(path: Path):
                 yield name, handle.get_tensor(name)
 
 
+# keys the config train records always holds (TrainConfig's required fields, and freeze, which the weights check reads);
+# named here, as emit does not import train (tests/test_package_layout.py)
+TRAIN_CONFIG_KEYS = ("init_from", "run_dir", "data", "tokens", "freeze")
+
+
 def train_record(out: Path) -> tuple[bool, str | None]:
     """(whether ``out`` holds the record `midus-surgery train` writes on export, why its midus_train.json is not that record).
     A trained export's weights are no longer the base's, so identity and most of the weights check are skipped for it: the
@@ -822,8 +827,12 @@ def train_record(out: Path) -> tuple[bool, str | None]:
     except (OSError, ValueError) as exc:
         return False, f"midus_train.json does not read ({load_error_line(exc, 120)})"
     if not (isinstance(summary, dict) and all(isinstance(summary.get(k), int) and not isinstance(summary.get(k), bool)
-                                              for k in ("steps", "tokens")) and isinstance(summary.get("config"), dict)):
+                                              for k in ("steps", "tokens")) and isinstance(summary.get("config"), dict)
+            and all(k in summary["config"] for k in TRAIN_CONFIG_KEYS)):
         return False, "midus_train.json is not the record `midus-surgery train` writes (its steps, tokens and config)"
+    if summary["steps"] < 1 or summary["tokens"] < 1:  # a run of no steps changed no weight (trial104: it excused every change)
+        return False, (f"midus_train.json records {summary['steps']} steps and {summary['tokens']} tokens: a run of no steps "
+                       "changed no weight, so it excuses none")
     marker = read_marker(out)
     if marker is not None and marker.get("kind") != EXPORT_KIND:
         return False, (f"midus_train.json says a training run exported this folder, but its {MARKER} marker says "
