@@ -935,8 +935,42 @@ def test_a_dense_config_with_zero_experts_is_no_size_problem():
     assert config_size_problems(dense) == []
     assert config_size_problems({**dense, "num_local_experts": -1}) == ["num_local_experts is -1; it must be between 0 and 65536"]
     assert config_size_problems({**dense, "hidden_size": 0}) == ["hidden_size is 0; it must be between 1 and 1048576"]
-    # experts beside none per token: every MoE block outputs zero (trial103); and the other way round
+    # experts beside none per token: every MoE block outputs zero (trial103)
     assert config_size_problems({**dense, "num_local_experts": 4}) == [
-        "num_experts_per_tok is 0 with num_local_experts 4: both are 0 (a dense model) or neither is"]
-    assert config_size_problems({**dense, "num_experts_per_tok": 2}) == [
-        "num_experts_per_tok is 2 with num_local_experts 0: both are 0 (a dense model) or neither is"]
+        "num_experts_per_tok is 0 with num_local_experts 4: each token would use no expert; set it to between 1 and 4"]
+    # per token beside 0 experts: refused where transformers' forward pass then fails (Mixtral's topk)...
+    assert config_size_problems({**dense, "model_type": "mixtral", "num_experts_per_tok": 2}) == [
+        "num_experts_per_tok is 2 with num_local_experts 0: mixtral has no dense form at 0 experts (its forward pass fails); "
+        "set num_experts_per_tok to 0 for a dense model"]
+
+
+@pytest.mark.parametrize("model_type,key,per_token", [("qwen2_moe", "num_experts", 4), ("qwen3_moe", "num_experts", 8),
+                                                      ("granitemoehybrid", "num_local_experts", 2)])
+def test_zero_experts_with_the_class_default_per_token_is_dense_where_transformers_builds_it_dense(model_type, key, per_token):
+    """trial104: save_pretrained writes the class's default experts per token when only the expert count is set to 0, and
+    these classes then build a plain MLP and run; every command refused them."""
+    from midus_surgery.compiler.base import config_size_problems
+
+    dense = {"model_type": model_type, "num_hidden_layers": 4, "hidden_size": 64, "vocab_size": 128, key: 0,
+             "num_experts_per_tok": per_token}
+    assert config_size_problems(dense) == []
+
+
+def test_experts_per_token_is_checked_against_every_expert_count():
+    """trial104: only the first expert-count key was read, so DeepSeek-V3's n_routed_experts 4 with num_experts_per_tok 0 passed
+    beside a decoy num_experts: 0 (DeepSeek-V3 reads no such key); and more experts per token than experts validated, and
+    eval ended in "unexpected error (RuntimeError: selected index k out of range)"."""
+    from midus_surgery.compiler.base import config_size_problems
+
+    dsv3 = {"model_type": "deepseek_v3", "num_hidden_layers": 4, "hidden_size": 64, "vocab_size": 128, "n_routed_experts": 4,
+            "num_experts_per_tok": 0}
+    for config in (dsv3, {**dsv3, "num_experts": 0}):
+        assert config_size_problems(config) == [
+            "num_experts_per_tok is 0 with n_routed_experts 4: each token would use no expert; set it to between 1 and 4"]
+    assert config_size_problems({**dsv3, "num_experts": 0, "num_experts_per_tok": 2}) == []
+    mixtral = {"model_type": "mixtral", "num_hidden_layers": 4, "hidden_size": 64, "vocab_size": 128, "num_local_experts": 4,
+               "num_experts_per_tok": 8}
+    assert config_size_problems(mixtral) == [
+        "num_experts_per_tok is 8, more than num_local_experts 4: a token cannot use more experts than there are; "
+        "set it to between 1 and 4"]
+    assert config_size_problems({**mixtral, "num_experts_per_tok": 4}) == []

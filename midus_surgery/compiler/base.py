@@ -93,8 +93,8 @@ _SIZES = {
     ("num_experts", "num_local_experts", "n_routed_experts"): 2**16,
     ("num_experts_per_tok",): 2**16,
 }
-# 0 experts is a dense model (Granite 4.0's dense configs: num_local_experts 0, num_experts_per_tok 0: both, checked in
-# config_size_problems); no window, a full one
+# 0 experts is a dense model (Granite 4.0's dense configs: num_local_experts 0, num_experts_per_tok 0: the pair is checked
+# in _experts_problems); no window, a full one
 _EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
 _MAY_BE_ZERO = {"sliding_window", *_EXPERT_COUNTS, "num_experts_per_tok"}
 _PER_LAYER_OK = {"intermediate_size", "n_inner", "ffn_dim", "num_key_value_heads"}  # some configs list these per layer
@@ -130,13 +130,36 @@ def config_size_problems(data: dict, max_layers: int = MAX_BASE_LAYERS) -> list[
                 problem = _count_problem(key, data[key], limit)
                 if problem:
                     problems.append(problem)
-    # zero experts per token beside experts: every MoE block outputs zero; experts per token beside none: no expert to pick
-    experts = [(key, data[key]) for key in _EXPERT_COUNTS if isinstance(data.get(key), int) and not isinstance(data.get(key), bool)]
-    per_token = data.get("num_experts_per_tok")
-    if not problems and experts and isinstance(per_token, int) and (per_token == 0) != (experts[0][1] == 0):
-        key, count = experts[0]
-        problems.append(f"num_experts_per_tok is {per_token} with {key} {count}: both are 0 (a dense model) or neither is")
+    if not problems:
+        problems += _experts_problems(data)
     return problems
+
+
+# Model types transformers builds dense (a plain MLP) at 0 experts, whatever num_experts_per_tok says: save_pretrained writes
+# the class default (4, 8, 2) when only the expert count is set to 0 (trial104). Others (Mixtral, OLMoE, DeepSeek-V3) fail
+# in their first forward pass ("selected index k out of range").
+_DENSE_AT_ZERO_EXPERTS = frozenset({"qwen2_moe", "qwen3_moe", "granitemoehybrid"})
+
+
+def _experts_problems(data: dict) -> list[str]:
+    """What is wrong with a config's experts per token against its expert counts, at most one line. Every count key is read:
+    a decoy num_experts: 0 beside DeepSeek-V3's n_routed_experts hid a per-token 0 (trial104)."""
+    per_token = data.get("num_experts_per_tok")
+    if not isinstance(per_token, int) or isinstance(per_token, bool):
+        return []
+    experts = [(key, data[key]) for key in _EXPERT_COUNTS if isinstance(data.get(key), int) and not isinstance(data.get(key), bool)]
+    routed = [(key, count) for key, count in experts if count > 0]
+    for key, count in routed:
+        if per_token == 0:  # every MoE block would output zero
+            return [f"num_experts_per_tok is 0 with {key} {count}: each token would use no expert; set it to between 1 and {count}"]
+        if per_token > count:  # torch.topk fails in the first forward pass
+            return [f"num_experts_per_tok is {per_token}, more than {key} {count}: a token cannot use more experts than there are; "
+                    f"set it to between 1 and {count}"]
+    if experts and not routed and per_token > 0 and data.get("model_type") not in _DENSE_AT_ZERO_EXPERTS:
+        key = experts[0][0]
+        return [f"num_experts_per_tok is {per_token} with {key} 0: {printable(str(data.get('model_type')))[:40]} has no dense "
+                "form at 0 experts (its forward pass fails); set num_experts_per_tok to 0 for a dense model"]
+    return []
 
 
 def config_number_problems(data: dict) -> list[str]:
