@@ -472,6 +472,29 @@ def test_a_weight_past_the_analysis_dtypes_range_is_said_as_that(world, tmp_path
     assert main(["analyze", str(model), "--data", str(world["root"] / "corpus"), "--out", str(tmp_path / "an"), "--block-size", "16",
                  "--max-blocks", "2", "--slots-only", "--quiet", "--dtype", "float16"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith("model.layers.0.self_attn.v_proj.weight, as loaded in float16: a value past float16's range (65504) becomes "
-                        "inf; run with --dtype float32, and if they hold them then too, check the model with midus-surgery verify"), err
+    assert err.endswith("model.layers.0.self_attn.v_proj.weight, which are finite as stored but not as loaded in float16: a value "
+                        "past float16's range (65504) becomes inf; run with --dtype float32"), err
+    assert not (tmp_path / "an").exists()
+
+
+@pytest.mark.parametrize("value,dtype,said", [
+    (3.4e38, "bfloat16", "which are finite as stored but not as loaded in bfloat16: a value past bfloat16's range (3.38953e+38) "
+                         "becomes inf; run with --dtype float32"),
+    (float("nan"), "float16", "v_proj.weight: nothing computed from them says what the model learned")])
+def test_a_non_finite_weight_is_put_down_to_the_cast_only_where_the_stored_one_is_finite(world, tmp_path, capsys, value, dtype, said):
+    """trial104: bfloat16 does not have float32's whole range (3.4e38 becomes inf), and analyze blamed the model for the cast;
+    a NaN the file holds was put down to a float16 cast, which never makes one. The stored weights say which it was."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(world["memory"], model)
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.layers.0.self_attn.v_proj.weight"][0, 0] = value
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    assert main(["analyze", str(model), "--data", str(world["root"] / "corpus"), "--out", str(tmp_path / "an"), "--block-size", "16",
+                 "--max-blocks", "2", "--slots-only", "--quiet", "--dtype", dtype]) == 2
+    err = capsys.readouterr().err.strip()
+    assert said in err and len(err.splitlines()) == 1 and (dtype in said or dtype not in err), err
     assert not (tmp_path / "an").exists()

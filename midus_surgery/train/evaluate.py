@@ -427,19 +427,42 @@ def non_finite_tensors(model) -> list[str]:
     return [name for name, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
 
 
+def _finite_as_stored(path: Path, names: list[str]) -> bool | None:
+    """Whether the tensors ``names`` are finite as the folder's safetensors files store them (read one at a time, in their
+    file dtype), or None where the files do not hold them all under these names (pickle weights, renamed tensors)."""
+    from safetensors import safe_open
+
+    wanted, finite = set(names), {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as stored:
+                for name in wanted & set(stored.keys()):
+                    finite[name] = bool(torch.isfinite(stored.get_tensor(name)).all())
+        except Exception:  # noqa: BLE001 - a file that does not read: the model loaded, so no answer from it, not an error
+            return None
+    return all(finite.values()) if set(finite) == wanted else None
+
+
 def check_finite_weights(model, path: Path, dtype: str = "float32") -> None:
     """ModelLoadError, one line naming the tensors, when ``model``'s weights hold NaN or inf: every number computed
-    from them (a loss, a slot's use) would describe those values, not the model. ``dtype``: what the model was loaded in;
-    float16 may have made a large finite weight inf (it ends at 65504: trial102 R03)."""
+    from them (a loss, a slot's use) would describe those values, not the model. ``dtype``: what the model was loaded in.
+    A cast is blamed only where the stored weights are finite: float16 makes a weight past 65504 inf (trial102 R03), and
+    bfloat16 one past 3.39e38 (trial104), but no cast makes a NaN or inf the file holds."""
     broken = non_finite_tensors(model)
     if not broken:
         return
     said = f"{printable(str(path))}'s weights hold non-finite values (NaN or inf) in {len(broken)} tensor(s), e.g. {', '.join(broken[:3])}"
-    if dtype == "float16":  # bfloat16 has float32's range: no cast to it makes a finite weight inf (trial103)
-        raise ModelLoadError(f"{said}, as loaded in float16: a value past float16's range (65504) becomes inf; run with --dtype "
-                             "float32, and if they hold them then too, check the model with midus-surgery verify")
-    raise ModelLoadError(f"{said}: nothing computed from them says what the model learned; check it with midus-surgery verify, "
-                         "and use an earlier export or checkpoint")
+    stored = _finite_as_stored(path, broken)
+    if stored and dtype != "float32":
+        largest = torch.finfo(getattr(torch, dtype)).max
+        raise ModelLoadError(f"{said}, which are finite as stored but not as loaded in {dtype}: a value past {dtype}'s range "
+                             f"({largest:g}) becomes inf; run with --dtype float32")
+    if stored is None and dtype != "float32":  # the stored values unread: the cast may have done it, or not
+        raise ModelLoadError(f"{said}, as loaded in {dtype}: a value past {dtype}'s range ({torch.finfo(getattr(torch, dtype)).max:g}) "
+                             "becomes inf; run with --dtype float32, and if they hold them then too, check the model with "
+                             "midus-surgery verify")
+    raise ModelLoadError(f"{said}: nothing computed from them says what the model learned; "
+                         "check it with midus-surgery verify, and use an earlier export or checkpoint")
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False, how_to_allow: str = ALLOW_CODE):
