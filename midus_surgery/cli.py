@@ -42,7 +42,8 @@ class _LazyConsole:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(highlight=False, soft_wrap=True, **self._kwargs)
+            # emoji=False: rich replaced ":fire:" in a recipe's name with its emoji, markup or not (trial104)
+            self._console = Console(highlight=False, soft_wrap=True, emoji=False, **self._kwargs)
         return getattr(self._console, name)
 
 
@@ -455,7 +456,7 @@ def cmd_plan(args) -> int:
         else:  # piped (grep, a file), rich cut the names at 80 columns (trial52): the table as wide as its rows
             from rich.console import Console
 
-            Console(highlight=False, soft_wrap=True, width=100_000).print(tensors)
+            Console(highlight=False, soft_wrap=True, width=100_000, emoji=False).print(tensors)
     from midus_surgery.compiler.header_plan import plan_from_headers
 
     _, why_full = plan_from_headers(loaded)  # reads config.json and the safetensors headers only

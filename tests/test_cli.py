@@ -233,12 +233,15 @@ def test_plan_and_apply_show_the_recipes_name_as_text(tiny_base, tmp_path, capsy
     """plan read brackets in the recipe's file name as rich markup ('x[/b].yaml': a MarkupError traceback), and plan and apply
     printed a newline in it as a line of its own (trial103)."""
     body = f"base:\n  path: {tiny_base}\nlayout: {{interleave: {{after: [1], kind: copy}}}}\noutput: {{dir: out}}\n"
-    for name, shown in (("x[/b].yaml", "x[/b].yaml"), ("y[red]z.yaml", "y[red]z.yaml"), ("n\nv.yaml", "n\\nv.yaml")):
+    for name, shown in (("x[/b].yaml", "x[/b].yaml"), ("y[red]z.yaml", "y[red]z.yaml"), ("n\nv.yaml", "n\\nv.yaml"),
+                        ("a:fire:b.yaml", "a:fire:b.yaml")):  # rich's emoji codes too (shown as a fire emoji: trial104)
         (tmp_path / name).parent.mkdir(exist_ok=True)  # "x[/b].yaml" is b].yaml in the folder x[
         (tmp_path / name).write_text(body)
         assert main(["plan", str(tmp_path / name)]) == 0
         out = capsys.readouterr().out
         assert out.startswith(f"{tmp_path}/{shown}: llama, 4 -> 5 layers"), out
+    assert main(["validate", str(tmp_path / "a:fire:b.yaml")]) == 0
+    assert f"OK {tmp_path}/a:fire:b.yaml: " in capsys.readouterr().out
     assert main(["apply", str(tmp_path / "n\nv.yaml"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert f"{tmp_path}/n\\nv.yaml: 4 -> 5 layers" in out and not any(line.startswith("v.yaml") for line in out.splitlines()), out
