@@ -247,7 +247,7 @@ def _base_tokenizer_code(ref) -> str | None:
     # note's lines and hid the rest of it: trial104), and one that is no module name said so
     names = [printable(name)[:80] + ("" if is_module_file_name(name) else " (not a Python module name: suspicious)")
              for name in tokenizer_code_files(config, tokenizer_only=True) if (ref.directory / name).is_file()]
-    repos = [printable(repo)[:80] for repo in tokenizer_code_repos(config)]
+    repos = [printable(repo)[:80] for repo in tokenizer_code_repos(config, tokenizer_only=True)]
     if not names and not repos:
         return None
     what = ", ".join([*names, *(f"code of the Hub repository {repo}" for repo in repos)])

@@ -751,13 +751,13 @@ def test_a_tokenizer_code_name_is_shown_escaped_and_only_autotokenizers_entries_
     (base / "tok.py").write_text("")
     (base / f"{decoy}.py").write_text("")
     (base / "w\x1b[8m.py").write_text("")
-    (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoConfig": f"{decoy}.X",
+    (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoConfig": f"{decoy}.X", "AutoProcessor": "o/r--p.X",
                                                                          "AutoTokenizer": ["tok.Evil", "w\x1b[8m.Fast"]}}))
     recipe = write_recipe(tmp_path, base, "dus")
     capsys.readouterr()
     assert cli_main(["validate", str(recipe)]) == 0
     said = capsys.readouterr().out
-    assert "\x1b" not in said and "forged" not in said, said
+    assert "\x1b" not in said and "forged" not in said and "o/r" not in said, said
     assert ("note: the base's tokenizer runs code of its own (tok.py, w\\x1b[8m.py (not a Python module name: suspicious), "
             "named by its tokenizer_config.json's auto_map)") in said, said
     assert cli_main(["apply", str(recipe), "--quiet"]) == 0

@@ -122,7 +122,7 @@ def model_card(planned: PlannedRecipe, recipe_text: str, ref: BaseRef) -> str:
     # escaped: a name is the base's text, and `cat README.md` showed a raw ESC[8m in it (trial104)
     code = [] if ref.is_gguf else [f"`{printable(name)[:80]}`" for name in tokenizer_code_files(config, tokenizer_only=True)
                                    if (ref.directory / name).is_file()]
-    code += [] if ref.is_gguf else [f"code of the Hub repository `{printable(repo)[:80]}`" for repo in tokenizer_code_repos(config)]
+    code += [] if ref.is_gguf else [f"code of the Hub repository `{printable(repo)[:80]}`" for repo in tokenizer_code_repos(config, tokenizer_only=True)]
     if code:  # the load lines above pass trust_remote_code=True, which runs it too (trial99 S1, trial102 R08)
         loading += (f"\n\nThe tokenizer runs code of its own, from the base ({', '.join(code)}, named by `tokenizer_config.json`'s "
                     "`auto_map`): `trust_remote_code=True` runs it. Read it first.")

@@ -56,7 +56,7 @@ def is_module_file_name(name: str) -> bool:
     return name.endswith(".py") and name.removesuffix(".py").isidentifier()
 
 
-def tokenizer_code_repos(config: Path) -> list[str]:
+def tokenizer_code_repos(config: Path, tokenizer_only: bool = False) -> list[str]:
     """The other Hub repositories whose code a tokenizer_config.json's ``auto_map`` names (``owner/repo--tok.MyTokenizer``):
     the output keeps the reference, and a load with trust_remote_code=True downloads and runs that code (trial102 R08)."""
-    return sorted({r.split("--", 1)[0] for r in _tokenizer_code_refs(config) if "--" in r})
+    return sorted({r.split("--", 1)[0] for r in _tokenizer_code_refs(config, tokenizer_only) if "--" in r})
