@@ -1176,3 +1176,19 @@ def test_the_cards_training_line_names_held_out_data_and_frozen_retrieval():
     # a run with no memory to train (a LLaMA-Pro or DUS model) names no memory lr (trial55)
     assert "; freeze: base, lr 0.003. Held-out" in training_line({**summary, "memory_trained": False,
                                                                    "config": {**summary["config"], **rates, "memory": {"lr": 1e-2}}})
+
+
+def test_the_exported_and_done_lines_show_the_model_folder_escaped(world, tmp_path, capsys):
+    """trial104 (finding 7): "checkpoint saved" was escaped, but "exported" and "done: ... model in" printed the path raw.
+    A name the tool writes but a terminal shows otherwise (a line separator) is said as its escape in both."""
+    from midus_surgery.cli import main
+
+    path = config(world, tmp_path, name="run\u2028x", tokens=16 * 4, **{"eval.at_start": False})
+    assert main(["train", str(path)]) == 0
+    captured = capsys.readouterr()
+    lines = (captured.out + captured.err).splitlines()
+    exported = [line for line in lines if "exported " in line]
+    done = [line for line in lines if line.startswith("done: ")]
+    assert exported and exported[-1].endswith(f"exported {tmp_path}/run\\u2028x/final"), lines
+    assert done and done[0].endswith(f"model in {tmp_path}/run\\u2028x/final"), lines
+    assert (tmp_path / "run\u2028x" / "final" / "config.json").is_file()
