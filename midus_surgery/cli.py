@@ -233,28 +233,27 @@ def _base_without_weights(ref) -> str | None:
     return f"{ref.directory} holds no weights (.safetensors files): validate and plan read its config.json alone; apply needs the weights"
 
 
-def _base_tokenizer_code(ref) -> str | None:
-    """A base whose tokenizer runs code of its own (tokenizer_config.json's auto_map): apply copies that code with the
-    tokenizer files, never running it, and keeps a reference into another Hub repository, but a MIDUS output is loaded
-    with trust_remote_code=True where midus-surgery is not installed, and that load runs it, where the base could be loaded
-    only by consenting to it (trial99 S1, trial102 R08)."""
-    if not ref.exists or ref.is_gguf:
-        return None
-    from midus_surgery.io.tokenizer_files import is_module_file_name, tokenizer_code_files, tokenizer_code_repos
+def _base_code(ref, plan) -> str | None:
+    """A base with code of its own that the output carries (what config.json's kept auto_map and every entry of
+    tokenizer_config.json's name, and what they import relatively): apply copies it, never running it, and keeps a
+    reference into another Hub repository, but a MIDUS output is loaded with trust_remote_code=True where midus-surgery
+    is not installed, and that load runs it (trial99 S1, trial102 R08; every entry, not AutoTokenizer's alone: trial111)."""
+    from midus_surgery.compiler.custom_code import base_code_in_output
+    from midus_surgery.io.tokenizer_files import is_module_file_name
 
-    config = ref.directory / "tokenizer_config.json"
-    # the files AutoTokenizer imports; every name escaped, as it is the file's text (a newline or ESC[8m in one forged the
-    # note's lines and hid the rest of it: trial104), and one that is no module name said so
-    names = [printable(name)[:80] + ("" if is_module_file_name(name) else " (not a Python module name: suspicious)")
-             for name in tokenizer_code_files(config, tokenizer_only=True) if (ref.directory / name).is_file()]
-    repos = [printable(repo)[:80] for repo in tokenizer_code_repos(config, tokenizer_only=True)]
+    files, repos = base_code_in_output(ref, plan)
+    # every name escaped, as it is the file's text (a newline or ESC[8m in one forged the note's lines and hid the rest of
+    # it: trial104), and one that is no module name said so
+    names = [printable(name)[:80] + ("" if is_module_file_name(name) else " (not a Python module name: suspicious)") for name in files]
+    repos = [printable(repo)[:80] for repo in repos]
     if not names and not repos:
         return None
     what = ", ".join([*names, *(f"code of the Hub repository {repo}" for repo in repos)])
     copies = "copies it into the output" if not repos else "keeps the reference" if not names else "copies and keeps them"
-    return (f"the base's tokenizer runs code of its own ({what}, named by its tokenizer_config.json's auto_map): apply {copies}, and "
-            "AutoTokenizer.from_pretrained(..., trust_remote_code=True) of the output, as a MIDUS output is loaded without "
-            f"midus-surgery installed, {'downloads and ' if repos else ''}runs it; read it before you load or publish the output")
+    return (f"the base has code of its own that the output carries ({what}, named by the auto_map of its config.json or "
+            f"tokenizer_config.json): apply {copies}, and a load of the output with trust_remote_code=True (AutoTokenizer, "
+            f"AutoProcessor...), as a MIDUS output is loaded without midus-surgery installed, {'downloads and ' if repos else ''}"
+            "runs it; read it before you load or publish the output")
 
 
 def _left_out_base_tensors(planned, ref) -> str | None:
@@ -300,9 +299,9 @@ def _plan_notes(planned, start: bool, apply: bool = False) -> list[str]:
     weightless = None if apply else _base_without_weights(ref)
     if weightless:
         notes.append(weightless)
-    tokenizer_code = _base_tokenizer_code(ref)
-    if tokenizer_code:
-        notes.append(tokenizer_code)
+    base_code = _base_code(ref, plan)
+    if base_code:
+        notes.append(base_code)
     left = None if apply else _left_out_base_tensors(planned, ref)
     if left:
         notes.append(left)

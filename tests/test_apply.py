@@ -677,13 +677,13 @@ def test_a_tokenizer_with_its_own_code_travels_with_it_and_never_runs(bases, tmp
     assert (out / "tok.py").read_text() == (base / "tok.py").read_text() and not ran.exists()
     # said before apply and on the card: a MIDUS output's documented load passes trust_remote_code=True, which runs it (trial99 S1)
     card = (out / "README.md").read_text()
-    assert "The tokenizer runs code of its own, from the base (`tok.py`, named by" in card and "Read it first." in card
+    assert "This model carries code of its own, from the base (`tok.py`, named by" in card and "Read it first." in card
     from midus_surgery.cli import main as cli_main
 
     capsys.readouterr()
     assert cli_main(["validate", str(recipe)]) == 0
     said = capsys.readouterr().out
-    assert "note: the base's tokenizer runs code of its own (tok.py, named by its tokenizer_config.json's auto_map): apply copies it" in said, said
+    assert "note: the base has code of its own that the output carries (tok.py, named by the auto_map of its config.json or tokenizer_config.json): apply copies it" in said, said
     assert not ran.exists()
     (base / "tok.py").unlink()
     out = emit(plan_recipe(write_recipe(tmp_path, base, "dus", name="again")), progress=False).out_dir
@@ -697,10 +697,10 @@ def test_a_tokenizer_with_its_own_code_travels_with_it_and_never_runs(bases, tmp
     capsys.readouterr()
     assert cli_main(["validate", str(recipe)]) == 0
     said = capsys.readouterr().out
-    assert ("the base's tokenizer runs code of its own (code of the Hub repository owner/repo, named by its tokenizer_config.json's "
-            "auto_map): apply keeps the reference") in said and "downloads and runs it" in said, said
+    assert ("the base has code of its own that the output carries (code of the Hub repository owner/repo, named by the auto_map of its config.json or "
+            "tokenizer_config.json): apply keeps the reference") in said and "downloads and runs it" in said, said
     out = emit(plan_recipe(write_recipe(tmp_path, base, "dus", name="hub")), progress=False).out_dir
-    assert "The tokenizer runs code of its own, from the base (code of the Hub repository `owner/repo`" in (out / "README.md").read_text()
+    assert "This model carries code of its own, from the base (code of the Hub repository `owner/repo`" in (out / "README.md").read_text()
 
 
 def test_a_base_value_past_the_output_dtypes_range_is_refused_before_anything_is_written(bases, tmp_path):
@@ -737,10 +737,11 @@ def test_shards_fill_to_shard_size_and_a_larger_tensor_gets_one_of_its_own():
     assert [[e.name for e in shard] for shard in shards] == [["t0", "t1"], ["t2"], ["t3", "t4"], ["t5"]]
 
 
-def test_a_tokenizer_code_name_is_shown_escaped_and_only_autotokenizers_entries_are_noted(bases, tmp_path, capsys):
+def test_a_tokenizer_code_name_is_shown_escaped_and_every_entry_is_noted(bases, tmp_path, capsys):
     """trial104: a module name from auto_map was printed raw in the note (stdout for validate, stderr for apply) and on
     the card, so a decoy entry of another class (`"AutoConfig": "\\n...\\x1b[8m.X"`, sorted first) forged lines and hid the
-    warning. The note names AutoTokenizer's files alone, every name escaped; a name that is no module is called suspicious."""
+    warning. Every name is escaped; a name that is no module is called suspicious. trial111: naming AutoTokenizer's entry
+    alone left the other entries' files (copied, and run by AutoProcessor.from_pretrained) and Hub references unnamed."""
     import shutil
 
     from midus_surgery.cli import main as cli_main
@@ -757,13 +758,43 @@ def test_a_tokenizer_code_name_is_shown_escaped_and_only_autotokenizers_entries_
     capsys.readouterr()
     assert cli_main(["validate", str(recipe)]) == 0
     said = capsys.readouterr().out
-    assert "\x1b" not in said and "forged" not in said and "o/r" not in said, said
-    assert ("note: the base's tokenizer runs code of its own (tok.py, w\\x1b[8m.py (not a Python module name: suspicious), "
-            "named by its tokenizer_config.json's auto_map)") in said, said
+    assert "\x1b" not in said and "\nOK" not in said, said
+    assert ("note: the base has code of its own that the output carries (\\nOK forged\\x1b[8m.py (not a Python module name: suspicious), "
+            "tok.py, w\\x1b[8m.py (not a Python module name: suspicious), code of the Hub repository o/r, named by") in said, said
     assert cli_main(["apply", str(recipe), "--quiet"]) == 0
     captured = capsys.readouterr()
-    assert "\x1b" not in captured.err + captured.out and "forged" not in captured.err, captured
+    assert "\x1b" not in captured.err + captured.out and "\nOK" not in captured.err, captured
     out = tmp_path / "out" / "tokcode-dus"
     card = (out / "README.md").read_text()
-    assert "\x1b" not in card and "forged" not in card and "(`tok.py`, `w\\x1b[8m.py`, named by" in card, card
-    assert (out / "tok.py").is_file()
+    assert "\x1b" not in card and "\nOK" not in card, card
+    assert "(`\\nOK forged\\x1b[8m.py`, `tok.py`, `w\\x1b[8m.py`, code of the Hub repository `o/r`, named by" in card, card
+    assert (out / "tok.py").is_file() and (out / f"{decoy}.py").is_file()  # what is named is what is copied
+
+
+def test_every_code_file_the_output_carries_is_named_and_relative_imports_travel(bases, tmp_path, capsys):
+    """trial111: apply copied the module of every auto_map entry (tokenizer_config.json's AutoProcessor, config.json's
+    AutoProcessor, which AutoProcessor.from_pretrained(out, trust_remote_code=True) runs) but the note and the card named
+    AutoTokenizer's alone; and a module's relative import (from .helper import X) was not copied, so the output's
+    tokenizer did not load. Every file copied is named, imports included."""
+    from midus_surgery.cli import main as cli_main
+
+    base = tmp_path / "code"
+    shutil.copytree(bases["llama"], base)
+    (base / "tok.py").write_text("from .helper import X\n")
+    (base / "helper.py").write_text("X = 1\n")
+    (base / "proc.py").write_text("")
+    (base / "cproc.py").write_text("")
+    (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": [None, "tok.Tok"], "AutoProcessor": "proc.P"}}))
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoProcessor": "cproc.Q"}}))
+    for kind in ("dus", "midus"):
+        recipe = write_recipe(tmp_path, base, kind)
+        capsys.readouterr()
+        assert cli_main(["validate", str(recipe)]) == 0
+        said = capsys.readouterr().out
+        assert "note: the base has code of its own that the output carries (cproc.py, helper.py, proc.py, tok.py, named by" in said, said
+        out = emit(plan_recipe(recipe), progress=False).out_dir
+        assert {p.name for p in out.glob("*.py")} >= {"cproc.py", "helper.py", "proc.py", "tok.py"}
+        assert "(`cproc.py`, `helper.py`, `proc.py`, `tok.py`, named by" in (out / "README.md").read_text()
+        assert json.loads((out / "config.json").read_text())["auto_map"]["AutoProcessor"] == "cproc.Q"
+    assert tokenizer_code_files(base / "tokenizer_config.json") == ["helper.py", "proc.py", "tok.py"]

@@ -105,3 +105,31 @@ def code_files(directory: Path, auto_map: dict) -> list[Path]:
                 if path not in files and directory.resolve() in path.resolve().parents:
                     files.append(path)
     return files
+
+
+def base_code_entries(auto_map) -> dict:
+    """The entries of a base's ``auto_map`` a MIDUS output keeps: those that build no model (``AutoTokenizer``,
+    ``AutoProcessor``...). Its model classes would build the base's code from a MIDUS config."""
+    from midus_surgery.model.midus_names import AUTO_MAP
+
+    if not isinstance(auto_map, dict):
+        return {}
+    return {key: ref for key, ref in auto_map.items() if key not in AUTO_MAP and not key.startswith("AutoModel")}
+
+
+def base_code_in_output(ref, plan) -> tuple[list[str], list[str]]:
+    """(the base's code files apply copies into the output, the other Hub repositories whose code the output's files name):
+    what config.json's kept auto_map and tokenizer_config.json's name, with their relative imports. A load of the output
+    with trust_remote_code=True (AutoTokenizer, AutoProcessor...) runs them, so the note and the card name them all (trial111)."""
+    if not ref.exists or ref.is_gguf:
+        return [], []
+    from midus_surgery.io.tokenizer_files import tokenizer_code_files, tokenizer_code_repos
+
+    kept = base_code_entries(plan.config.get("auto_map")) if plan.memory_layers else plan.config.get("auto_map")
+    try:
+        files = [path.name for path in code_files(ref.directory, kept)] if isinstance(kept, dict) else []
+    except (OSError, ValueError):  # apply refuses such a reference itself
+        files = []
+    config = ref.directory / "tokenizer_config.json"
+    files += [name for name in tokenizer_code_files(config) if name not in files and (ref.directory / name).is_file()]
+    return files, tokenizer_code_repos(config)

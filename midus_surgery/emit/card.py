@@ -14,7 +14,6 @@ from midus_surgery.compiler.base import BaseRef
 from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.errors import printable
 from midus_surgery.io.model_card import NOT_TRAINED, SETTINGS, STARTS_AS_BASE, TRAINING_END, TRAINING_START, training_section
-from midus_surgery.io.tokenizer_files import tokenizer_code_files, tokenizer_code_repos
 
 # how huggingface_hub lays out its cache: .../models--ORG--NAME/snapshots/REVISION/
 _HUB_CACHE_FOLDER = re.compile(r"^models--(?P<repo>[\w.-]+)$")
@@ -118,14 +117,14 @@ def model_card(planned: PlannedRecipe, recipe_text: str, ref: BaseRef) -> str:
         if plan.memory_layers
         else "```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(PATH)\n```"
     )
-    config = ref.directory / "tokenizer_config.json"
+    from midus_surgery.compiler.custom_code import base_code_in_output
+
+    files, repos = base_code_in_output(ref, plan)
     # escaped: a name is the base's text, and `cat README.md` showed a raw ESC[8m in it (trial104)
-    code = [] if ref.is_gguf else [f"`{printable(name)[:80]}`" for name in tokenizer_code_files(config, tokenizer_only=True)
-                                   if (ref.directory / name).is_file()]
-    code += [] if ref.is_gguf else [f"code of the Hub repository `{printable(repo)[:80]}`" for repo in tokenizer_code_repos(config, tokenizer_only=True)]
-    if code:  # the load lines above pass trust_remote_code=True, which runs it too (trial99 S1, trial102 R08)
-        loading += (f"\n\nThe tokenizer runs code of its own, from the base ({', '.join(code)}, named by `tokenizer_config.json`'s "
-                    "`auto_map`): `trust_remote_code=True` runs it. Read it first.")
+    code = [f"`{printable(name)[:80]}`" for name in files] + [f"code of the Hub repository `{printable(repo)[:80]}`" for repo in repos]
+    if code:  # the load lines above pass trust_remote_code=True, which runs it too (trial99 S1, trial102 R08, trial111)
+        loading += (f"\n\nThis model carries code of its own, from the base ({', '.join(code)}, named by the `auto_map` of its "
+                    "`config.json` or `tokenizer_config.json`): `trust_remote_code=True` runs it. Read it first.")
     return f"""---
 {chr(10).join(front)}
 tags: [{', '.join(tags)}]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from midus_surgery.compiler.base import BaseRef, resolve_base
+from midus_surgery.compiler.custom_code import base_code_entries
 from midus_surgery.compiler.plan import PLAN_FILE, Plan, TensorEntry
 from midus_surgery.compiler.planned import PlannedRecipe
 from midus_surgery.emit.card import write_model_card
@@ -144,14 +145,6 @@ def emitted_config(plan: Plan, dtype: str) -> dict:
         "midus": plan.midus,
         **config,
     }
-
-
-def base_code_entries(auto_map) -> dict:
-    """The entries of a base's ``auto_map`` a MIDUS output keeps: those that build no model (``AutoTokenizer``,
-    ``AutoProcessor``...). Its model classes would build the base's code from a MIDUS config."""
-    if not isinstance(auto_map, dict):
-        return {}
-    return {key: ref for key, ref in auto_map.items() if key not in AUTO_MAP and not key.startswith("AutoModel")}
 
 
 def _causal_lm_class_name(model_type) -> list[str] | None:

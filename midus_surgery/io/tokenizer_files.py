@@ -23,10 +23,10 @@ def odd_tokenizer_files(directory: Path) -> str | None:
             "so no tokenizer reads it") if odd else None
 
 
-def _tokenizer_code_refs(config: Path, tokenizer_only: bool = False) -> list[str]:
-    """The references a tokenizer_config.json's ``auto_map`` holds (``tok.MyTokenizer``, ``owner/repo--tok.MyTokenizer``).
-    tokenizer_only: only its AutoTokenizer entry, the code AutoTokenizer.from_pretrained imports (a decoy entry of another
-    class sorted first and forged the note's lines: trial104)."""
+def _tokenizer_code_refs(config: Path) -> list[str]:
+    """The references a tokenizer_config.json's ``auto_map`` holds (``tok.MyTokenizer``, ``owner/repo--tok.MyTokenizer``),
+    of every entry: transformers reads more than AutoTokenizer's from it (AutoProcessor.from_pretrained takes its
+    AutoProcessor entry: trial111), and apply copies them all, so every one is named (escaped: a decoy of trial104)."""
     try:
         auto_map = loads_as_transformers(config.read_text()).get("auto_map") if config.is_file() else None  # deep nesting: a ValueError
     except (OSError, ValueError, AttributeError):
@@ -35,19 +35,40 @@ def _tokenizer_code_refs(config: Path, tokenizer_only: bool = False) -> list[str
         auto_map = {"AutoTokenizer": auto_map}
     if not isinstance(auto_map, dict):
         return []
-    if tokenizer_only:
-        auto_map = {"AutoTokenizer": auto_map.get("AutoTokenizer")}
     return [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
 
 
-def tokenizer_code_files(config: Path, tokenizer_only: bool = False) -> list[str]:
-    """The module files a tokenizer_config.json's ``auto_map`` names (``tok.MyTokenizer`` -> tok.py): a
-    tokenizer with its own code loads (with trust_remote_code) only with them beside it. A reference into
-    another Hub repository (``owner/repo--tok.MyTokenizer``) is that repository's, not the folder's.
-    tokenizer_only: as _tokenizer_code_refs. The names are the file's text: show them through printable()."""
+def relative_import_files(module: Path) -> list[str]:
+    """The names of the files beside ``module`` that it imports relatively (``from .helper import X`` -> helper.py), and
+    theirs, as transformers finds them (read as text, never imported): it runs them with the module (trial111)."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    found: list[str] = []
+    todo = [module]
+    while todo:
+        try:
+            imports = get_relative_imports(str(todo.pop()))
+        except (OSError, ValueError):  # a file it does not hold (named, so the copy warns of it), or one that is no UTF-8 text
+            continue
+        for name in sorted(f"{m}.py" for m in imports):
+            if name not in found and name != module.name and "/" not in name and "\\" not in name:
+                found.append(name)
+                todo.append(module.parent / name)
+    return found
+
+
+def tokenizer_code_files(config: Path) -> list[str]:
+    """The module files a tokenizer_config.json's ``auto_map`` names (``tok.MyTokenizer`` -> tok.py), with the files they
+    import relatively: a tokenizer with its own code loads (with trust_remote_code) only with them beside it. A reference
+    into another Hub repository (``owner/repo--tok.MyTokenizer``) is that repository's, not the folder's.
+    The names are the file's text: show them through printable()."""
     # transformers reads a reference as exactly "module.Class" (a module file beside the config): nothing else loads
-    names = {r.split(".")[0] + ".py" for r in _tokenizer_code_refs(config, tokenizer_only) if "--" not in r and r.count(".") == 1}
-    return sorted(n for n in names if n != ".py" and "/" not in n and "\\" not in n)
+    names = {r.split(".")[0] + ".py" for r in _tokenizer_code_refs(config) if "--" not in r and r.count(".") == 1}
+    names = {n for n in names if n != ".py" and "/" not in n and "\\" not in n}
+    for name in sorted(names):
+        if (config.parent / name).is_file():
+            names.update(relative_import_files(config.parent / name))
+    return sorted(names)
 
 
 def is_module_file_name(name: str) -> bool:
@@ -56,7 +77,7 @@ def is_module_file_name(name: str) -> bool:
     return name.endswith(".py") and name.removesuffix(".py").isidentifier()
 
 
-def tokenizer_code_repos(config: Path, tokenizer_only: bool = False) -> list[str]:
+def tokenizer_code_repos(config: Path) -> list[str]:
     """The other Hub repositories whose code a tokenizer_config.json's ``auto_map`` names (``owner/repo--tok.MyTokenizer``):
     the output keeps the reference, and a load with trust_remote_code=True downloads and runs that code (trial102 R08)."""
-    return sorted({r.split("--", 1)[0] for r in _tokenizer_code_refs(config, tokenizer_only) if "--" in r})
+    return sorted({r.split("--", 1)[0] for r in _tokenizer_code_refs(config) if "--" in r})
