@@ -412,9 +412,11 @@ def cmd_plan(args) -> int:
 
     from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     # the name as text: a newline in it printed lines it chose, and brackets were read as markup (a traceback: trial103)
-    out.print(f"[bold]{escape(printable(str(args.recipe)))}[/]: {config.model_type}, {plan.base_num_layers} -> {plan.num_hidden_layers} layers",
+    # model_type and a chained base's inserted_before are the base's file text too: never markup (a MarkupError, a link: trial111)
+    out.print(f"[bold]{escape(printable(str(args.recipe)))}[/]: {escape(printable(str(config.model_type)))}, {plan.base_num_layers} -> {plan.num_hidden_layers} layers",
               markup=True)
     if anatomy is not None:
         out.print(f"anatomy: {anatomy.describe()}", markup=False)
@@ -429,7 +431,7 @@ def cmd_plan(args) -> int:
         table.add_column(col, justify="right" if col != "kind" else "left")
     style = {"base": "dim", "copy": "cyan", "identity": "yellow", "memory": "bold magenta"}
     for layer, n in zip(plan.layers, plan.layer_params):
-        before = f" [dim](was {plan.inserted_before[layer.source]})[/]" if layer.source in plan.inserted_before else ""
+        before = f" [dim](was {escape(printable(str(plan.inserted_before[layer.source])))})[/]" if layer.source in plan.inserted_before else ""
         table.add_row(str(layer.index), str(layer.source), f"[{style[layer.kind]}]{layer.kind}[/]{before}", human_count(n))
     out.print(table)
 
@@ -449,7 +451,7 @@ def cmd_plan(args) -> int:
             tensors.add_column(col)
         for t in plan.tensors:
             origin = t.source if t.rule == "copy" else (f"{t.source} (zeroed)" if t.source else t.rule)
-            tensors.add_row(t.name, "x".join(map(str, t.shape)), origin)
+            tensors.add_row(Text(printable(t.name)), "x".join(map(str, t.shape)), Text(printable(str(origin))))  # names: never markup
         if out.is_terminal:
             out.print(tensors)
         else:  # piped (grep, a file), rich cut the names at 80 columns (trial52): the table as wide as its rows

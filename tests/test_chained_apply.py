@@ -83,3 +83,24 @@ def test_train_with_freeze_base_trains_the_blocks_an_earlier_apply_inserted(chai
             "base from base layer 0, and config.json's layer map says memory from base layer 0") in err
     assert main(["verify", str(out)]) == 1
     assert "FAIL plan: midus_plan.json does not describe this model: it says output layer 1 is base" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text", ["copy[/]", "[link=https://e.vil/x]copy[/link][blink]"])
+def test_plan_shows_a_base_plans_text_as_text_not_markup(chain, tmp_path, capsys, text):
+    """trial111: plan's Layer map printed a chained base's midus_plan.json `inserted_before` as rich markup: `copy[/]`
+    crashed plan (MarkupError), and `[link=...]` put a hyperlink into the terminal. It is shown as the file holds it."""
+    import shutil
+
+    base = tmp_path / "lpro"
+    shutil.copytree(chain["lpro"], base)
+    data = json.loads((base / "midus_plan.json").read_text())
+    for layer in data["layers"]:
+        if layer["kind"] != "base":
+            layer["inserted_before"] = text
+    (base / "midus_plan.json").write_text(json.dumps(data))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after: [0]\n    kind: transformer\noutput:\n  dir: out\n")
+    capsys.readouterr()
+    assert main(["plan", str(recipe), "--tensors"]) == 0
+    said = capsys.readouterr().out
+    assert f"(was {text})" in said, said
