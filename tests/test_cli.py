@@ -941,20 +941,18 @@ def test_a_dense_config_with_zero_experts_is_no_size_problem():
     # experts beside none per token: every MoE block outputs zero (trial103)
     assert config_size_problems({**dense, "num_local_experts": 4}) == [
         "num_experts_per_tok is 0 with num_local_experts 4: each token would use no expert; set it to between 1 and 4"]
-    # per token beside 0 experts: refused where transformers' forward pass then fails (Mixtral's topk)...
-    assert config_size_problems({**dense, "model_type": "mixtral", "num_experts_per_tok": 2}) == [
-        "num_experts_per_tok is 2 with num_local_experts 0: mixtral has no dense form at 0 experts (its forward pass fails); "
-        "set num_experts_per_tok to 0 for a dense model"]
 
 
-@pytest.mark.parametrize("model_type,key,per_token", [("qwen2_moe", "num_experts", 4), ("qwen3_moe", "num_experts", 8),
-                                                      ("granitemoehybrid", "num_local_experts", 2)])
-def test_zero_experts_with_the_class_default_per_token_is_dense_where_transformers_builds_it_dense(model_type, key, per_token):
+@pytest.mark.parametrize("model_type,key,count,per_token", [
+    ("qwen2_moe", "num_experts", 0, 4), ("qwen3_moe", "num_experts", 0, 8), ("granitemoehybrid", "num_local_experts", 0, 2),
+    ("qwen3_next", "num_experts", 0, 10), ("deepseek_v3", "n_routed_experts", 0, 8), ("jamba", "num_experts", 1, 2)])
+def test_a_dense_count_of_experts_with_the_class_default_per_token_is_no_size_problem(model_type, key, count, per_token):
     """trial104: save_pretrained writes the class's default experts per token when only the expert count is set to 0, and
-    these classes then build a plain MLP and run; every command refused them."""
+    these classes then build a plain MLP and run; every command refused them. trial111: the same for Qwen3-Next and an
+    all-dense DeepSeek-V3 at 0 experts, and Jamba at 1 expert (a plain MLP beside the saved default 2 per token)."""
     from midus_surgery.compiler.base import config_size_problems
 
-    dense = {"model_type": model_type, "num_hidden_layers": 4, "hidden_size": 64, "vocab_size": 128, key: 0,
+    dense = {"model_type": model_type, "num_hidden_layers": 4, "hidden_size": 64, "vocab_size": 128, key: count,
              "num_experts_per_tok": per_token}
     assert config_size_problems(dense) == []
 

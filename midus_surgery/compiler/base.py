@@ -135,30 +135,23 @@ def config_size_problems(data: dict, max_layers: int = MAX_BASE_LAYERS) -> list[
     return problems
 
 
-# Model types transformers builds dense (a plain MLP) at 0 experts, whatever num_experts_per_tok says: save_pretrained writes
-# the class default (4, 8, 2) when only the expert count is set to 0 (trial104). Others (Mixtral, OLMoE, DeepSeek-V3) fail
-# in their first forward pass ("selected index k out of range").
-_DENSE_AT_ZERO_EXPERTS = frozenset({"qwen2_moe", "qwen3_moe", "granitemoehybrid"})
-
-
 def _experts_problems(data: dict) -> list[str]:
     """What is wrong with a config's experts per token against its expert counts, at most one line. Every count key is read:
-    a decoy num_experts: 0 beside DeepSeek-V3's n_routed_experts hid a per-token 0 (trial104)."""
+    a decoy num_experts: 0 beside DeepSeek-V3's n_routed_experts hid a per-token 0 (trial104).
+    Refused: no expert per token beside experts (every MoE block outputs zero: a silently wrong model), and more per token
+    than 2 or more experts (topk fails). Not judged: 0 experts, or 1 (Jamba builds a plain MLP there, beside the per-token
+    default 2 that save_pretrained writes; Qwen2/3-MoE, Qwen3-Next and GraniteMoeHybrid are dense at 0, and DeepSeek-V3 with
+    every layer dense): a class that fails there fails its forward pass, an error the commands report (trial111)."""
     per_token = data.get("num_experts_per_tok")
     if not isinstance(per_token, int) or isinstance(per_token, bool):
         return []
     experts = [(key, data[key]) for key in _EXPERT_COUNTS if isinstance(data.get(key), int) and not isinstance(data.get(key), bool)]
-    routed = [(key, count) for key, count in experts if count > 0]
-    for key, count in routed:
-        if per_token == 0:  # every MoE block would output zero
+    for key, count in experts:
+        if per_token == 0 and count > 0:  # every MoE block would output zero
             return [f"num_experts_per_tok is 0 with {key} {count}: each token would use no expert; set it to between 1 and {count}"]
-        if per_token > count:  # torch.topk fails in the first forward pass
+        if per_token > count >= 2:  # torch.topk fails in the first forward pass
             return [f"num_experts_per_tok is {per_token}, more than {key} {count}: a token cannot use more experts than there are; "
                     f"set it to between 1 and {count}"]
-    if experts and not routed and per_token > 0 and data.get("model_type") not in _DENSE_AT_ZERO_EXPERTS:
-        key = experts[0][0]
-        return [f"num_experts_per_tok is {per_token} with {key} 0: {printable(str(data.get('model_type')))[:40]} has no dense "
-                "form at 0 experts (its forward pass fails); set num_experts_per_tok to 0 for a dense model"]
     return []
 
 
