@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest, and steady on a busy machine
 
-NAMES = ["tensors", "batch", "identity", "identity (perturbed)", "weights", "config", "kv-cache", "kv-cache (padded batch)", "round-trip"]
+NAMES = ["tensors", "batch", "identity", "identity (perturbed)", "weights", "kv-cache", "kv-cache (padded batch)", "round-trip"]  # + config where the base has per-layer lists
 
 
 def emitted(bases, tmp_path, arch: str, kind: str):

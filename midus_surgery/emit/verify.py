@@ -527,8 +527,8 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
             record(Check("logits", finite, f"the output's logits are {'finite' if finite else 'NOT finite'}; max |logit difference| against the base: "
                                            f"{diff:.4g}; perplexity on the sample: base {ppl_base:.2f}, output {ppl_out:.2f}"))
         record(weights)
-        if plan is not None:
-            record(config_check(model.config, base_model.config, plan))
+        if plan is not None and (config_row := config_check(model.config, base_model.config, plan)) is not None:
+            record(config_row)
         base_for_generation = base_model  # kept: a generation the base itself cannot do is not the output's fault
     else:
         why = (f"the base recorded at apply time, {recorded}, is not there any more ({base_gone}); give --base to compare with it"
@@ -923,12 +923,13 @@ def weights_check(out: Path, base_model, plan: dict, left_alone: str | None = No
     return Check(name, True, f"{same} tensors equal, bit for bit, the base tensors the layer map says they copy{zeroed}{frozen}")
 
 
-def config_check(out_config, base_config, plan: dict) -> Check:
+def config_check(out_config, base_config, plan: dict) -> Check | None:
     """Every per-layer list of the output's config (``layer_types``, ``no_rope_layers``, layer-index lists such as
     ``mlp_only_layers``) is the base's, remapped through midus_plan.json's layer map by the planner's own rule
     (``compiler.plan.remap_per_layer``): a copy of a sliding-window layer written as full attention runs another
     model, and no other check sees it (an identity block's output is zero whatever its window; DUS has no
-    reference to compare logits with: trial106 F2). Both configs as their classes load them, as the model runs them."""
+    reference to compare logits with: trial106 F2). Both configs as their classes load them, as the model runs them.
+    None when the base config has no per-layer list: nothing for the layer map to rewrite, nothing to report."""
     from midus_surgery.anatomy.config_lists import list_kinds
     from midus_surgery.compiler.layout import LayerSpec
     from midus_surgery.compiler.plan import index_list_keys, remap_per_layer
@@ -957,8 +958,8 @@ def config_check(out_config, base_config, plan: dict) -> Check:
                                       f"{layers[i].source}, whose entry is {want[i]!r} (config.json edited, or written wrong)")
         return Check(name, False, f"config.json's {key} is {one_line(repr(got), 200)}, but the base's {one_line(repr(base.get(key)), 200)} through "
                                   f"the layer map is {one_line(repr(want), 200)} (config.json edited, or written wrong)")
-    if not compared:
-        return Check(name, True, "the base config has no per-layer lists: nothing for the layer map to rewrite")
+    if not compared:  # no row: a PASS would claim a check that compared nothing (a SKIP row on every Llama reads as a gap)
+        return None
     return Check(name, True, f"{', '.join(compared)}: each output layer has its source layer's entry, as the layer map says")
 
 
