@@ -771,6 +771,36 @@ def test_a_tokenizer_code_name_is_shown_escaped_and_every_entry_is_noted(bases, 
     assert (out / "tok.py").is_file() and (out / f"{decoy}.py").is_file()  # what is named is what is copied
 
 
+def test_base_code_named_like_midus_modeling_files_is_refused_and_a_pipe_is_not_read(bases, tmp_path, capsys):
+    """trial113: a tokenizer module's `from .hml import X` (or a config.json auto_map entry) carried the base's hml.py into a
+    MIDUS output over MIDUS's own, and loading the output as a model ran it: refused before anything is written. And a
+    relative import that is a named pipe hung validate, plan and apply: only regular files are read."""
+    import os
+    import signal
+
+    from midus_surgery.cli import main as cli_main
+
+    base = tmp_path / "code"
+    shutil.copytree(bases["llama"], base)
+    (base / "tok.py").write_text("from .hml import X\nfrom .piped import Y\n")
+    (base / "hml.py").write_text("X = 1\n")
+    os.mkfifo(base / "piped.py")
+    (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": [None, "tok.Tok"]}}))
+    signal.alarm(120)  # a read of the pipe blocks for ever: fail the test instead
+    try:
+        capsys.readouterr()
+        midus = write_recipe(tmp_path, base, "midus")
+        assert cli_main(["validate", str(midus)]) == 2
+        err = capsys.readouterr().err
+        assert "the base has code of its own named like MIDUS's modeling files (hml.py)" in err, err
+        assert cli_main(["apply", str(midus)]) == 2 and not (tmp_path / "out").exists()
+        capsys.readouterr()
+        assert cli_main(["validate", str(write_recipe(tmp_path, base, "dus"))]) == 0  # a DUS output ships no MIDUS files
+        assert "(hml.py, tok.py, named by" in capsys.readouterr().out  # the pipe is no module file: not read, not named
+    finally:
+        signal.alarm(0)
+
+
 def test_every_code_file_the_output_carries_is_named_and_relative_imports_travel(bases, tmp_path, capsys):
     """trial111: apply copied the module of every auto_map entry (tokenizer_config.json's AutoProcessor, config.json's
     AutoProcessor, which AutoProcessor.from_pretrained(out, trust_remote_code=True) runs) but the note and the card named

@@ -957,6 +957,18 @@ def test_a_dense_count_of_experts_with_the_class_default_per_token_is_no_size_pr
     assert config_size_problems(dense) == []
 
 
+@pytest.mark.parametrize("per_token,experts", [("moe_k", "moe_num_experts"), ("moe_topk", "moe_num_experts"),
+                                               ("num_experts_per_token", "num_experts")])
+def test_experts_per_token_is_read_under_every_name_configs_give_it(per_token, experts):
+    """trial113: Ernie 4.5's moe_k 0 beside 8 experts passed validate and apply, and every routed MoE block output zero
+    (Aria and Hunyuan name it moe_topk, Kimi-Linear num_experts_per_token)."""
+    from midus_surgery.compiler.base import config_size_problems
+
+    config = {"num_hidden_layers": 4, "hidden_size": 64, "vocab_size": 128, experts: 8, per_token: 0}
+    assert config_size_problems(config) == [f"{per_token} is 0 with {experts} 8: each token would use no expert; set it to between 1 and 8"]
+    assert config_size_problems({**config, per_token: 2}) == []
+
+
 def test_experts_per_token_is_checked_against_every_expert_count():
     """trial104: only the first expert-count key was read, so DeepSeek-V3's n_routed_experts 4 with num_experts_per_tok 0 passed
     beside a decoy num_experts: 0 (DeepSeek-V3 reads no such key); and more experts per token than experts validated, and

@@ -95,7 +95,9 @@ _SIZES = {
 }
 # 0 experts is a dense model (Granite 4.0's dense configs: num_local_experts 0, num_experts_per_tok 0: the pair is checked
 # in _experts_problems); no window, a full one
-_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+# experts per token, by the names configs give it (Ernie 4.5's moe_k, Aria's and Hunyuan's moe_topk, Kimi's num_experts_per_token)
+_PER_TOKEN = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk")
 _MAY_BE_ZERO = {"sliding_window", *_EXPERT_COUNTS, "num_experts_per_tok"}
 _PER_LAYER_OK = {"intermediate_size", "n_inner", "ffn_dim", "num_key_value_heads"}  # some configs list these per layer
 _REQUIRED = ("num_hidden_layers", "hidden_size", "vocab_size")  # heads too when the config has them (state-space models have none)
@@ -142,16 +144,16 @@ def _experts_problems(data: dict) -> list[str]:
     than 2 or more experts (topk fails). Not judged: 0 experts, or 1 (Jamba builds a plain MLP there, beside the per-token
     default 2 that save_pretrained writes; Qwen2/3-MoE, Qwen3-Next and GraniteMoeHybrid are dense at 0, and DeepSeek-V3 with
     every layer dense): a class that fails there fails its forward pass, an error the commands report (trial111)."""
-    per_token = data.get("num_experts_per_tok")
-    if not isinstance(per_token, int) or isinstance(per_token, bool):
-        return []
-    experts = [(key, data[key]) for key in _EXPERT_COUNTS if isinstance(data.get(key), int) and not isinstance(data.get(key), bool)]
-    for key, count in experts:
-        if per_token == 0 and count > 0:  # every MoE block would output zero
-            return [f"num_experts_per_tok is 0 with {key} {count}: each token would use no expert; set it to between 1 and {count}"]
-        if per_token > count >= 2:  # torch.topk fails in the first forward pass
-            return [f"num_experts_per_tok is {per_token}, more than {key} {count}: a token cannot use more experts than there are; "
-                    f"set it to between 1 and {count}"]
+    def ints(keys) -> list[tuple[str, int]]:
+        return [(key, data[key]) for key in keys if isinstance(data.get(key), int) and not isinstance(data.get(key), bool)]
+
+    for name, per_token in ints(_PER_TOKEN):  # Ernie 4.5's moe_k 0 beside 8 experts passed (trial113)
+        for key, count in ints(_EXPERT_COUNTS):
+            if per_token == 0 and count > 0:  # every MoE block would output zero
+                return [f"{name} is 0 with {key} {count}: each token would use no expert; set it to between 1 and {count}"]
+            if per_token > count >= 2:  # torch.topk fails in the first forward pass
+                return [f"{name} is {per_token}, more than {key} {count}: a token cannot use more experts than there are; "
+                        f"set it to between 1 and {count}"]
     return []
 
 

@@ -303,7 +303,24 @@ def check_planned(planned: PlannedRecipe) -> PlannedRecipe:
     ``validate`` and ``plan`` run too, and ``emit`` before it writes."""
     from midus_surgery.emit.replica import check_function_preserving
 
+    _refuse_base_code_named_like_midus(planned)
     return check_function_preserving(planned, emit)
+
+
+def _refuse_base_code_named_like_midus(planned: PlannedRecipe) -> None:
+    """A MIDUS output ships MIDUS's modeling files; base code the output carries under one of their names (a tokenizer
+    module's `from .hml import X`, a config.json auto_map entry) was copied over it, and loading the output as a model
+    ran the base's file (trial113). Refused before anything is written."""
+    if not planned.plan.memory_layers:
+        return
+    from midus_surgery.compiler.custom_code import base_code_in_output
+    from midus_surgery.model.midus_names import MODELING_FILES
+
+    files, _ = base_code_in_output(resolve_base(planned.loaded), planned.plan)
+    clash = sorted(set(files) & set(MODELING_FILES))
+    if clash:
+        raise BaseModelError(f"the base has code of its own named like MIDUS's modeling files ({', '.join(printable(n) for n in clash)}), "
+                             "which a MIDUS output ships under those names: rename the base's file (and its imports), then apply again")
 
 
 def check_apply_output(loaded: LoadedRecipe, ref: BaseRef, out_dir: Path | None, overwrite: bool, probe: bool = True) -> Path:

@@ -38,6 +38,9 @@ def _tokenizer_code_refs(config: Path) -> list[str]:
     return [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
 
 
+MAX_MODULE_BYTES = 4 * 2**20  # a Python module beside a tokenizer: kilobytes; read whole to find its imports
+
+
 def relative_import_files(module: Path) -> list[str]:
     """The names of the files beside ``module`` that it imports relatively (``from .helper import X`` -> helper.py), and
     theirs, as transformers finds them (read as text, never imported): it runs them with the module (trial111)."""
@@ -46,8 +49,12 @@ def relative_import_files(module: Path) -> list[str]:
     found: list[str] = []
     todo = [module]
     while todo:
+        path = todo.pop()
+        # a regular file of a module's size only: a named pipe there hung validate, plan and apply (trial113)
+        if not path.is_file() or path.stat().st_size > MAX_MODULE_BYTES:
+            continue
         try:
-            imports = get_relative_imports(str(todo.pop()))
+            imports = get_relative_imports(str(path))
         except (OSError, ValueError):  # a file it does not hold (named, so the copy warns of it), or one that is no UTF-8 text
             continue
         for name in sorted(f"{m}.py" for m in imports):
