@@ -1,12 +1,15 @@
 """What `midus-surgery verify` holds in memory, and what its round trip adds, side by side.
 
-verify loads the output in float32 (4 bytes a parameter), then its base beside it for the identity checks, then lets
-the base go and saves the output for its round trip (save_pretrained + reload). The round trip used to reload with the
-output still in memory (twice the float32 weights); it now keeps each tensor's digest and lets the output go once it
-is saved. This script builds a random bf16 Llama, applies a LLaMA-Pro recipe to it (one identity block after every
-fourth layer), and in fresh processes measures the round trip's growth of anonymous memory (the process's own pages,
-``RssAnon``, sampled every 10 ms) both ways, the output **held** by its caller through the reload (as before) and
-**handed** over (as verify does now), then the peak RSS of a whole `verify` run, by check.
+verify loads the output in float32 (4 bytes a parameter), runs the checks that need only it, keeps what the base's
+checks compare (its logits on the sample, its norm weights and biases) and saves it for its round trip (save_pretrained
++ reload), then loads the base alone, then the output again for the perturbed identity. The round trip used to reload
+with the output still in memory (twice the float32 weights); it keeps each tensor's digest and lets the output go once
+it is saved. Until 2026-12-07 the base was loaded beside the output (both in float32: the peak of a verify). This script
+builds a random bf16 Llama, applies a LLaMA-Pro recipe to it (one identity block after every fourth layer), and in
+fresh processes measures the round trip's growth of anonymous memory (the process's own pages, ``RssAnon``, sampled
+every 10 ms) both ways, the output **held** by its caller through the reload and **handed** over (as verify does),
+then the peaks of a whole `verify` run, by check: anonymous memory beside the output's and the base's float32 weights
+together (what holding both at once took), and RSS with the file-backed pages of the mapped weights files.
 
     python tools/verify_memory.py [--hidden 1536 --layers 16]   # about 500M parameters: 2 GB as float32
 
@@ -68,6 +71,9 @@ def child_round_trip(out: str, how: str) -> None:
 
     model, _ = verify_module._load(Path(out))
     fp32 = sum(p.numel() * p.element_size() for p in model.parameters())
+    base = verify_module._load(Path(out).parent / "base")[0]
+    base_fp32 = sum(p.numel() * p.element_size() for p in base.parameters())
+    base = None
     ids = verify_module._row_ids(model.config.vocab_size)
     gc.collect()
     before = status_kib()
@@ -79,7 +85,8 @@ def child_round_trip(out: str, how: str) -> None:
             handed, model = [model], None
             check = verify_module.round_trip_check(handed, ids, trust=False)
     peak = sampler.peaks["round-trip"]
-    print(json.dumps({"ok": check.ok, "fp32_weights_kib": fp32 // 1024, "before": before, "peak": peak}))
+    print(json.dumps({"ok": check.ok, "fp32_weights_kib": fp32 // 1024, "base_fp32_weights_kib": base_fp32 // 1024, "before": before,
+                      "peak": peak}))
 
 
 def child_verify(out: str) -> None:
@@ -147,18 +154,24 @@ def main(argv=None) -> None:
     if not all(t["ok"] for t in trips.values()):
         sys.exit(f"a round trip failed: {trips}")
     peaks = {phase: round(p["VmRSS"] / GIB_KIB, 3) for phase, p in whole["peaks"].items()}
+    anon = {phase: round(p["RssAnon"] / GIB_KIB, 3) for phase, p in whole["peaks"].items()}
+    both = fp32 + trips["held"]["base_fp32_weights_kib"] / GIB_KIB
     result = {"command": command_line("tools/verify_memory.py", argv), "cpu": cpu_name(), "versions": versions(),
               "output_fp32_weights_gib": round(fp32, 3),
               "round_trip_growth_gib": {how: round(g, 3) for how, g in growth.items()},
               "round_trip_growth_ratio_handed_to_held": round(growth["handed"] / growth["held"], 3),
-              "verify_checks": whole["checks"], "verify_peak_rss_gib_by_check": peaks, "verify_s": whole["seconds"]}
+              "base_fp32_weights_gib": round(trips["held"]["base_fp32_weights_kib"] / GIB_KIB, 3),
+              "verify_checks": whole["checks"], "verify_peak_rss_gib_by_check": peaks, "verify_peak_anon_gib_by_check": anon,
+              "verify_peak_anon_over_output_and_base": round(max(anon.values()) / both, 3), "verify_s": whole["seconds"]}
     print(f"a LLaMA-Pro output of {fp32:.3f} GiB as float32 weights")
     for how, g in growth.items():
         print(f"  round trip, the output {how:6s}: anonymous memory grew {g:.3f} GiB = {g / fp32:.2f}x the float32 weights")
     print(f"  handed / held: {result['round_trip_growth_ratio_handed_to_held']:.2f}")
     print(f"  a whole verify ({whole['seconds']} s; {', '.join(whole['checks'])}): peak RSS while each check ran (GiB, file-backed pages included):")
     for phase, gib in peaks.items():
-        print(f"    {phase:26s} {gib:.3f} = {gib / fp32:.2f}x the float32 weights")
+        print(f"    {phase:26s} {gib:.3f} = {gib / fp32:.2f}x the float32 weights (anonymous: {anon[phase]:.3f})")
+    print(f"  peak anonymous memory {max(anon.values()):.3f} GiB against {both:.3f} GiB for the output's and the base's float32 "
+          f"weights together: {result['verify_peak_anon_over_output_and_base']:.2f}x")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "verify_memory.json").write_text(json.dumps(result, indent=2) + "\n")
 

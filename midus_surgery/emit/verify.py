@@ -14,6 +14,11 @@ config list is the base's through the layer map: ``config_check``), ``kv-cache``
 left-padded batch of two prompts, each also as generated alone) and ``round-trip``
 (save_pretrained + reload).
 
+Memory: one model at a time, in float32. The output runs every check that needs only it, keeps what
+the base's checks compare with (its logits on the sample, its norm weights and biases) and is let
+go by its round trip; then the base runs alone; then, for the perturbed identity only, the output
+is loaded again. The two side by side were the peak of a verify.
+
 Every transformers call passes an explicit ``trust_remote_code``: the caller's (the user's
 ``--trust-remote-code``, or for ``apply --verify`` the recipe the user wrote), never the
 directory's own word (its midus_plan.json is as untrusted as the rest of it). With None,
@@ -246,11 +251,9 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits.float()
 
 
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor) -> float:
-    """Next-token perplexity of ``ids``, from the logits (not the model's own loss, which some
+def _perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Next-token perplexity of ``ids`` from their ``logits`` (not a model's own loss, which some
     architectures compute over other tokens or not at all)."""
-    logits = _logits(model, ids)
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     return float(torch.exp(loss))
 
@@ -429,6 +432,11 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     if unlike:
         record(Check("load", False, unlike))
         return checks
+
+    # The output and its base are never in memory at once (both in float32, they were the peak of a verify):
+    # 1. the output alone: every check that needs only it, with what the base phase compares kept (its logits, its
+    #    norm weights and biases), then its round trip, which lets it go; 2. the base alone: identity, weights, config,
+    #    and whether the base fails what the output failed; 3. the output again, only for the perturbed identity.
     try:
         model, info = _load(out, trust_remote_code=trust, shipped=shipped)
     except Exception as exc:  # noqa: BLE001 - any load failure is the check's result
@@ -473,63 +481,39 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     trained, not_a_record = train_record(out)
     if not_a_record:  # the checks below then run as for an apply output: a record cannot excuse changed weights (trial99 W1)
         record(Check("record", False, f"{not_a_record}, so it does not excuse the output from the checks an apply output passes"))
-    base_for_generation = None
+    identity_expected = not trained and (plan is None or function_preserving(plan))
+    # the base phase compares the output's norm weights and biases with the base's, to move the copies in both models
+    snapshot = _norms_and_zeros(model) if base_path is not None and identity_expected and plan is not None else None
+    out_class, out_config = type(model), model.config  # a fresh instance of it, if the output fails a generation check
+
+    prompt = tokenizer(PROMPT, return_tensors="pt").input_ids if tokenizer is not None else ids[:1, :8]
+    generation = [(check, check(model)) for check in (lambda m: cache_check(m, prompt, tokenizer), lambda m: padded_cache_check(m, vocab))]
+    # the round trip loads the output a second time: what the reload must give back is kept as digests, and the output
+    # is let go once saved, so that the reload is the only model in memory (the output, the base and the reload, each
+    # in float32, took 22 GB for a 1.7B model: trial93 F1)
+    handed, model = [model], None
+    gc.collect()
+    round_trip = round_trip_check(handed, ids, trust, shipped=shipped)
+
+    base_fails: dict[int, bool] = {}  # index in `generation` -> whether the base fails that check too
     if base_path is not None:
-        base_dir, gguf = (base_path.parent, base_path.name) if base_path.suffix == ".gguf" else (base_path, None)
-        made_from, base_config = (plan or {}).get("base_num_hidden_layers"), {} if gguf else _config_dict(base_dir)
-        depth = base_config.get("num_hidden_layers") or (base_config.get("text_config") or {}).get("num_hidden_layers")
-        if isinstance(made_from, int) and isinstance(depth, int) and depth != made_from:  # said first, not after every check failed (trial82 F12)
-            record(Check("identity", False, f"the base model {base_path} has {depth} layers, and this output was made from a base of "
-                                             f"{made_from}: it is not this output's base"))
-            return checks
-        unlike = _gguf_unlike(base_path) if gguf else _weights_unlike_config(base_dir, trust and _builds_with_own_code(base_dir, gguf))
-        if unlike:
-            record(Check("identity", False, f"the base model {base_path} does not load: {unlike}"))
-            return checks
-        try:
-            base_model, _ = _load(base_dir, gguf, trust_remote_code=trust and _builds_with_own_code(base_dir, gguf))
-        except Exception as exc:  # noqa: BLE001 - the comparison's result, said in one line
-            record(Check("identity", False, f"the base model {base_path} does not load: {load_error_line(exc, 300)}"))
-            return checks
-        base_vocab, out_vocab = (m.get_input_embeddings().weight.shape[0] for m in (base_model, model))
-        if base_vocab != out_vocab:  # the output's token ids would index past the base's table
-            record(Check("identity", False, f"the base model {base_path} has a vocabulary of {base_vocab:,} tokens and the output "
-                                             f"{out_vocab:,}: it is not this output's base"))
-            return checks
-        rounded = _round_to_stored_dtype(base_model, _config_dict(out).get("dtype"))
-        left_alone, why_not = _untrained_since_apply(out, config) if trained else (None, None)
-        if plan is None:
-            weights = _skip("weights", "no midus_plan.json, so which base layer each layer copies is not known")
-        elif trained and left_alone is None:
-            weights = _skip("weights", why_not)
-        else:
-            weights = weights_check(out, base_model, plan, left_alone)  # before the base runs (weights_check says why)
-        try:
-            base_logits = _logits(base_model, ids)
-        except Exception as exc:  # noqa: BLE001
-            record(Check("identity", False, f"the base model {base_dir} fails to run a forward pass: {one_line(exc, 300)}"))
-            return checks
-        diff = float((logits - base_logits).abs().max())
-        if not trained and (plan is None or function_preserving(plan)):
-            against = f"the base rounded to {rounded}, the output's dtype" if rounded else "the base"
-            record(Check("identity", diff == 0.0, f"max |logit difference| against {against}: {diff:g} (every inserted block starts as the identity, so it must be 0)"))
-            record(perturbed_identity_check(model, base_model, plan, ids))
-        else:
-            ppl_out, ppl_base = perplexity(model, ids), perplexity(base_model, ids)
-            why = (("trained since apply" if plan else "trained by `midus-surgery train`; no apply made it") if trained else f"base layer{'s' if len(dropped) > 1 else ''} {', '.join(map(str, dropped))} "
-                   f"{'are' if len(dropped) > 1 else 'is'} left out (allow_dropped_layers)"
-                   if (dropped := _dropped_layers(plan)) else "the recipe accepts blocks that do not start as the identity"
-                   if plan and plan.get("function_preserving") is False else "plain copies or random memory change the function")
-            # nothing to compare the function with: identity is a SKIP (a PASS here read as "same as the base"; trial67),
-            # and what is checked is that the output computes finite logits, the difference and perplexities shown
-            record(_skip("identity", f"{why}: not meant to compute the base's function, so there is none to compare"))
-            finite = math.isfinite(diff) and math.isfinite(ppl_out)
-            record(Check("logits", finite, f"the output's logits are {'finite' if finite else 'NOT finite'}; max |logit difference| against the base: "
-                                           f"{diff:.4g}; perplexity on the sample: base {ppl_base:.2f}, output {ppl_out:.2f}"))
-        record(weights)
-        if plan is not None and (config_row := config_check(model.config, base_model.config, plan)) is not None:
-            record(config_row)
-        base_for_generation = base_model  # kept: a generation the base itself cannot do is not the output's fault
+        base_model, rows = _base_phase(out, config, plan, base_path, trust, trained, identity_expected, logits, ids, out_config, record)
+        if base_model is not None:
+            perturbed = None
+            if identity_expected:
+                perturbed = _base_perturbed(base_model, plan, snapshot, ids) if plan is not None else _skip(PERTURBED, NO_LAYER_MAP)
+            for index, (check, result) in enumerate(generation):
+                if not result.ok:  # what the base model itself cannot do (an architecture's generate bug) is not the output's fault
+                    base_fails[index] = not check(base_model).ok
+            handed, base_model = [base_model], None
+            if not round_trip.ok and not round_trip_check(handed, ids, trust).ok:  # last: it lets the base go once saved
+                round_trip = _skip(round_trip.name, f"the base model fails it too ({round_trip.detail})")  # RWKV rescales on save
+            handed = None
+            gc.collect()
+            if perturbed is not None:  # phase 3: the output again, its copies moved as the base's were
+                record(perturbed if isinstance(perturbed, Check) else _output_perturbed(out, trust, shipped, perturbed, ids))
+            for row in rows:
+                record(row)
     else:
         why = (f"the base recorded at apply time, {recorded}, is not there any more ({base_gone}); give --base to compare with it"
                if base_gone else "no base given (--base) and none recorded")
@@ -540,36 +524,75 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
             record(_skip("weights", "no base to compare with (see identity)"))
             record(_skip("config", "no base to compare the per-layer config lists with (see identity)"))
 
-    prompt = tokenizer(PROMPT, return_tensors="pt").input_ids if tokenizer is not None else ids[:1, :8]
-    for check in (lambda m: cache_check(m, prompt, tokenizer), lambda m: padded_cache_check(m, vocab)):
-        result = check(model)
-        if not result.ok and base_for_generation is not None and not check(base_for_generation).ok:
-            # what the base model itself cannot do (an architecture's generate bug) is not the output's fault
+    for index, (check, result) in enumerate(generation):
+        if not result.ok and base_fails.get(index):
             result = _skip(result.name, f"the base model fails it too ({result.detail})")
-        elif not result.ok and _stock_instance_fails(model, check):
+        elif not result.ok and _stock_instance_fails(out_class, out_config, check):
             result = _skip(result.name, f"a fresh random instance of this architecture at this config fails it too, "
                                               f"so its generate path does, not the surgery ({result.detail})")
         record(result)
-    # the round trip loads the output a second time: the base is let go first, loaded again only if the output fails it
-    # (the output, the base and the reload, each in float32, took 22 GB for a 1.7B model: trial93 F1), and the output
-    # once it is saved, so that the reload is the only model in memory
-    had_base = base_for_generation is not None
-    base_for_generation = base_model = None
-    handed, model = [model], None
-    gc.collect()
-    result = round_trip_check(handed, ids, trust, shipped=shipped)
-    if not result.ok and had_base:
-        try:
-            base_model, _ = _load(base_dir, gguf, trust_remote_code=trust and _builds_with_own_code(base_dir, gguf))
-        except Exception as exc:  # noqa: BLE001 - moved away, or out of memory: a traceback hid the output's failure (trial95 F4)
-            why = ("it is not there any more" if not base_path.exists() else "out of memory" if isinstance(exc, MemoryError)
-                   else load_error_line(exc, 200))  # transformers says a folder gone as a failed Hub download
-            result = Check(result.name, False, f"{result.detail}; the base model {base_path} could not be loaded again to compare ({why})")
-        else:
-            if not round_trip_check([base_model], ids, trust).ok:
-                result = _skip(result.name, f"the base model fails it too ({result.detail})")  # RWKV rescales on save
-    record(result)
+    record(round_trip)
     return checks
+
+
+def _base_phase(out: Path, config: dict, plan: dict | None, base_path: Path, trust: bool, trained: bool, identity_expected: bool,
+                logits: torch.Tensor, ids: torch.Tensor, out_config, record) -> tuple[torch.nn.Module | None, list[Check]]:
+    """Load the base (the output is no longer in memory) and record identity (or logits) against what the output phase
+    kept: its ``logits`` on ``ids`` and its config. Returns the base model and the weights and config rows, said after
+    the perturbed identity; or (None, []) when it is not this output's base or does not load (said in the identity row)."""
+    base_dir, gguf = (base_path.parent, base_path.name) if base_path.suffix == ".gguf" else (base_path, None)
+    made_from, base_config = (plan or {}).get("base_num_hidden_layers"), {} if gguf else _config_dict(base_dir)
+    depth = base_config.get("num_hidden_layers") or (base_config.get("text_config") or {}).get("num_hidden_layers")
+    if isinstance(made_from, int) and isinstance(depth, int) and depth != made_from:  # said before a load (trial82 F12)
+        record(Check("identity", False, f"the base model {base_path} has {depth} layers, and this output was made from a base of "
+                                         f"{made_from}: it is not this output's base"))
+        return None, []
+    unlike = _gguf_unlike(base_path) if gguf else _weights_unlike_config(base_dir, trust and _builds_with_own_code(base_dir, gguf))
+    if unlike:
+        record(Check("identity", False, f"the base model {base_path} does not load: {unlike}"))
+        return None, []
+    try:
+        base_model, _ = _load(base_dir, gguf, trust_remote_code=trust and _builds_with_own_code(base_dir, gguf))
+    except Exception as exc:  # noqa: BLE001 - the comparison's result, said in one line
+        why = "out of memory" if isinstance(exc, MemoryError) else load_error_line(exc, 300)
+        record(Check("identity", False, f"the base model {base_path} does not load: {why}"))
+        return None, []
+    base_vocab, out_vocab = base_model.get_input_embeddings().weight.shape[0], logits.shape[-1]
+    if base_vocab != out_vocab:  # the output's token ids would index past the base's table
+        record(Check("identity", False, f"the base model {base_path} has a vocabulary of {base_vocab:,} tokens and the output "
+                                         f"{out_vocab:,}: it is not this output's base"))
+        return None, []
+    rounded = _round_to_stored_dtype(base_model, config.get("dtype"))
+    left_alone, why_not = _untrained_since_apply(out, config) if trained else (None, None)
+    if plan is None:
+        weights = _skip("weights", NO_LAYER_MAP)
+    elif trained and left_alone is None:
+        weights = _skip("weights", why_not)
+    else:
+        weights = weights_check(out, base_model, plan, left_alone)  # before the base runs (weights_check says why)
+    try:
+        base_logits = _logits(base_model, ids)
+    except Exception as exc:  # noqa: BLE001
+        record(Check("identity", False, f"the base model {base_dir} fails to run a forward pass: {one_line(exc, 300)}"))
+        return None, []
+    diff = float((logits - base_logits).abs().max())
+    if identity_expected:
+        against = f"the base rounded to {rounded}, the output's dtype" if rounded else "the base"
+        record(Check("identity", diff == 0.0, f"max |logit difference| against {against}: {diff:g} (every inserted block starts as the identity, so it must be 0)"))
+    else:
+        ppl_out, ppl_base = _perplexity(logits, ids), _perplexity(base_logits, ids)
+        why = (("trained since apply" if plan else "trained by `midus-surgery train`; no apply made it") if trained else f"base layer{'s' if len(dropped) > 1 else ''} {', '.join(map(str, dropped))} "
+               f"{'are' if len(dropped) > 1 else 'is'} left out (allow_dropped_layers)"
+               if (dropped := _dropped_layers(plan)) else "the recipe accepts blocks that do not start as the identity"
+               if plan and plan.get("function_preserving") is False else "plain copies or random memory change the function")
+        # nothing to compare the function with: identity is a SKIP (a PASS here read as "same as the base"; trial67),
+        # and what is checked is that the output computes finite logits, the difference and perplexities shown
+        record(_skip("identity", f"{why}: not meant to compute the base's function, so there is none to compare"))
+        finite = math.isfinite(diff) and math.isfinite(ppl_out)
+        record(Check("logits", finite, f"the output's logits are {'finite' if finite else 'NOT finite'}; max |logit difference| against the base: "
+                                       f"{diff:.4g}; perplexity on the sample: base {ppl_base:.2f}, output {ppl_out:.2f}"))
+    config_row = config_check(out_config, base_model.config, plan) if plan is not None else None
+    return base_model, [weights] + ([config_row] if config_row is not None else [])
 
 
 def round_trip_check(handed: list, ids: torch.Tensor, trust: bool, shipped: bool = False) -> Check:
@@ -725,20 +748,141 @@ def _zeroed_out_biases(plan: dict, layers_path: str) -> set[str]:
     return names
 
 
-def _zeroed_with_its_module(name: str, out_sd: dict, base_sd: dict, base_name: str) -> bool:
+def _zeroed_with_its_module(name: str, out_nonzero: dict[str, bool], base_sd: dict, base_name: str) -> bool:
     """An all-zero bias whose module's weight the surgery zeroed (an identity block's output
     projection): zero by the surgery's rule, not a copy, though a base at its init has a zero bias
     there too. A norm's bias (its weight copied) is a copy, and moves with the base."""
     for suffix, weight in ((".bias", ".weight"), ("_bias", "")):
         if name.endswith(suffix):
-            w_out = out_sd.get(name[: -len(suffix)] + weight)
+            out_nonzero_weight = out_nonzero.get(name[: -len(suffix)] + weight)
             w_base = base_sd.get(base_name[: -len(suffix)] + weight)
-            if w_out is not None and w_base is not None and not w_out.any() and w_base.any():
+            if out_nonzero_weight is False and w_base is not None and w_base.any():
                 return True
     return False
 
 
+PERTURBED = "identity (perturbed)"
+NO_LAYER_MAP = "no midus_plan.json, so which base layer each layer copies is not known"
+
+
+@dataclass
+class Norms:
+    """What the perturbed identity check needs of the output once it is let go: its 1-D floating parameters
+    (norm weights, biases; each tied tensor once, under its first name), and, per tensor name, whether any of it is
+    nonzero (an all-zero bias beside a zeroed weight is the surgery's, not a copy)."""
+
+    tensors: dict[str, torch.Tensor]
+    nonzero: dict[str, bool]
+
+
 @torch.no_grad()
+def _norms_and_zeros(model) -> Norms:
+    state = model.state_dict(keep_vars=True)
+    tensors, seen = {}, set()
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.nn.Parameter) and tensor.ndim == 1 and tensor.is_floating_point() and id(tensor) not in seen:
+            seen.add(id(tensor))
+            tensors[name] = tensor.detach().clone()
+    return Norms(tensors, {name: bool(tensor.any()) for name, tensor in state.items()})
+
+
+@dataclass
+class Moves:
+    """The copies the perturbed identity check moves: the output's tensors by name, each with the base name whose
+    seeded amount it gets, and the base's perturbed logits (how many base tensors moved: ``base_count``)."""
+
+    output: dict[str, str]
+    base_count: int
+    base_logits: torch.Tensor
+
+
+def _copies_to_move(norms: Norms, base_model, plan: dict) -> tuple[dict[str, str], list[tuple[torch.Tensor, str]]] | Check:
+    """The output's norm weights and biases that are copies of a base tensor (by the plan's layer map, equal bit for
+    bit), each with the base name whose amount it gets, and the base tensors themselves: both move by the same amount.
+    Tensors the surgery changed (zeroed copies) stay as they are, as a surgery of the perturbed base would leave them."""
+    base_sd = base_model.state_dict(keep_vars=True)
+    layers_path = plan.get("layers_path") or guess_layers_path(dict.fromkeys(norms.nonzero), len(plan["layers"]))
+    if not layers_path:
+        return _skip(PERTURBED, "the plan does not say where the decoder layers are")
+    layer_source = {int(layer["index"]): int(layer["source"]) for layer in plan["layers"]}
+    zeroed_biases = _zeroed_out_biases(plan, layers_path)
+    canonical: dict[int, str] = {}  # a tied base tensor is perturbed once, by its first name's amount
+    for bname, tensor in base_sd.items():
+        canonical.setdefault(id(tensor), bname)
+
+    moves: dict[str, str] = {}  # output name -> base name whose amount it gets
+    base_moves: dict[int, tuple[torch.Tensor, str]] = {}
+    for oname, tensor in norms.tensors.items():
+        bname = _base_name(oname, layers_path, layer_source)
+        btensor = base_sd.get(bname)
+        if btensor is None or btensor.shape != tensor.shape or not torch.equal(btensor, tensor):
+            continue  # new, or changed by the surgery: a surgery of the perturbed base leaves it so
+        if not tensor.any() and (oname in zeroed_biases or _zeroed_with_its_module(oname, norms.nonzero, base_sd, bname)):
+            continue
+        key = canonical[id(btensor)]
+        moves[oname] = key
+        base_moves[id(btensor)] = (btensor, key)
+    if not moves:
+        return _skip(PERTURBED, "no norm weight or bias of the output is a copy of the base's")
+    return moves, list(base_moves.values())
+
+
+@torch.no_grad()
+def _perturbed_logits(model, moved: list[tuple[torch.Tensor, str]], ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits with each tensor of ``moved`` moved by its key's seeded amount; restored after, bit for bit."""
+    saved = [(tensor, tensor.detach().clone()) for tensor, _ in moved]
+    try:
+        for tensor, key in moved:
+            tensor.data.add_(_delta(key, tensor))
+        return _logits(model, ids)
+    finally:
+        for tensor, original in saved:
+            tensor.data.copy_(original)
+
+
+def _output_moved(model, moves: dict[str, str]) -> list[tuple[torch.Tensor, str]]:
+    state = model.state_dict(keep_vars=True)
+    return [(state[name], key) for name, key in moves.items()]
+
+
+def _perturbed_result(diff: float, moves: Moves) -> Check:
+    return Check(PERTURBED, diff == 0.0,
+                 f"max |logit difference| against the base with {moves.base_count} of its norm weights and biases moved by "
+                 f"{PERTURB_SCALE:g} x N(0, 1) in both models ({len(moves.output)} tensors of the output): {diff:g} (must be 0: an inserted "
+                 f"block may not be the identity only at the base's init)")
+
+
+def _failed_forward(exc: Exception) -> Check:
+    return Check(PERTURBED, False, f"the forward pass fails with perturbed norms and biases: {one_line(exc, 300)}")
+
+
+def _base_perturbed(base_model, plan: dict, norms: Norms, ids: torch.Tensor) -> Moves | Check:
+    """The base half of the perturbed identity check (the output is not in memory): which copies move, and the base's
+    logits with its own moved; a Check when there is nothing to compare or the base fails to run."""
+    found = _copies_to_move(norms, base_model, plan)
+    if isinstance(found, Check):
+        return found
+    moves, base_moved = found
+    try:
+        return Moves(moves, len(base_moved), _perturbed_logits(base_model, base_moved, ids))
+    except Exception as exc:  # noqa: BLE001
+        return _failed_forward(exc)
+
+
+def _output_perturbed(out: Path, trust: bool, shipped: bool, moves: Moves, ids: torch.Tensor) -> Check:
+    """The output half, with the base let go: the output loaded again, its copies moved as the base's were."""
+    try:
+        model, _ = _load(out, trust_remote_code=trust, shipped=shipped)
+    except Exception as exc:  # noqa: BLE001 - it loaded a moment ago: out of memory, or the folder changed
+        why = "out of memory" if isinstance(exc, MemoryError) else load_error_line(exc, 300)
+        return Check(PERTURBED, False, f"the output could not be loaded again to compare ({why})")
+    try:
+        logits = _perturbed_logits(model, _output_moved(model, moves.output), ids)
+    except Exception as exc:  # noqa: BLE001
+        return _failed_forward(exc)
+    return _perturbed_result(float((logits - moves.base_logits).abs().max()), moves)
+
+
 def perturbed_identity_check(model, base_model, plan: dict | None, ids: torch.Tensor) -> Check:
     """The identity check again, with every 1-D floating parameter of the output that is a copy of
     a base tensor (norm weights, biases; by the plan's layer map) moved by the same seeded random
@@ -748,53 +892,19 @@ def perturbed_identity_check(model, base_model, plan: dict | None, ids: torch.Te
     changed (zeroed copies) stay as they are, as a surgery of the perturbed base would leave them.
     Bit-exact, like the identity check: an identity block adds exact zeros; everything else runs
     the same operations on the same numbers in both models. Both models are restored afterwards.
-    """
-    name = "identity (perturbed)"
+
+    ``verify`` runs the same steps with only one of the two models in memory at a time (``_base_perturbed``, then
+    ``_output_perturbed``); this is them with both at hand."""
     if plan is None:
-        return _skip(name, "no midus_plan.json, so which base layer each layer copies is not known")
-    out_sd = model.state_dict(keep_vars=True)
-    base_sd = base_model.state_dict(keep_vars=True)
-    layers_path = plan.get("layers_path") or guess_layers_path(dict.fromkeys(out_sd), len(plan["layers"]))
-    if not layers_path:
-        return _skip(name, "the plan does not say where the decoder layers are")
-    layer_source = {int(layer["index"]): int(layer["source"]) for layer in plan["layers"]}
-    zeroed_biases = _zeroed_out_biases(plan, layers_path)
-    canonical: dict[int, str] = {}  # a tied base tensor is perturbed once, by its first name's amount
-    for bname, tensor in base_sd.items():
-        canonical.setdefault(id(tensor), bname)
-
-    moves: dict[int, tuple[torch.Tensor, str]] = {}  # id -> (parameter, base name whose amount it gets)
-    base_moves: dict[int, tuple[torch.Tensor, str]] = {}
-    for oname, tensor in out_sd.items():
-        if not isinstance(tensor, torch.nn.Parameter) or tensor.ndim != 1 or not tensor.is_floating_point() or id(tensor) in moves:
-            continue
-        bname = _base_name(oname, layers_path, layer_source)
-        btensor = base_sd.get(bname)
-        if btensor is None or btensor.shape != tensor.shape or not torch.equal(btensor, tensor):
-            continue  # new, or changed by the surgery: a surgery of the perturbed base leaves it so
-        if not tensor.any() and (oname in zeroed_biases or _zeroed_with_its_module(oname, out_sd, base_sd, bname)):
-            continue
-        key = canonical[id(btensor)]
-        moves[id(tensor)] = (tensor, key)
-        base_moves[id(btensor)] = (btensor, key)
-    if not moves:
-        return _skip(name, "no norm weight or bias of the output is a copy of the base's")
-
-    saved = [(t, t.detach().clone()) for t, _ in (*moves.values(), *base_moves.values())]
+        return _skip(PERTURBED, NO_LAYER_MAP)
+    moves = _base_perturbed(base_model, plan, _norms_and_zeros(model), ids)
+    if isinstance(moves, Check):
+        return moves
     try:
-        for tensor, key in (*moves.values(), *base_moves.values()):
-            tensor.data.add_(_delta(key, tensor))
-        try:
-            diff = float((_logits(model, ids) - _logits(base_model, ids)).abs().max())
-        except Exception as exc:  # noqa: BLE001
-            return Check(name, False, f"the forward pass fails with perturbed norms and biases: {one_line(exc, 300)}")
-    finally:
-        for tensor, original in saved:
-            tensor.data.copy_(original)
-    return Check(name, diff == 0.0,
-                 f"max |logit difference| against the base with {len(base_moves)} of its norm weights and biases moved by "
-                 f"{PERTURB_SCALE:g} x N(0, 1) in both models ({len(moves)} tensors of the output): {diff:g} (must be 0: an inserted "
-                 f"block may not be the identity only at the base's init)")
+        logits = _perturbed_logits(model, _output_moved(model, moves.output), ids)
+    except Exception as exc:  # noqa: BLE001
+        return _failed_forward(exc)
+    return _perturbed_result(float((logits - moves.base_logits).abs().max()), moves)
 
 
 def _disk_tensors(path: Path):
@@ -1053,18 +1163,18 @@ def _same_greedy(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, to
     return True
 
 
-def _stock_instance_fails(model, check, seeds: tuple[int, ...] = (0, 1)) -> bool:
+def _stock_instance_fails(model_class, config, check, seeds: tuple[int, ...] = (0, 1)) -> bool:
     """Whether a freshly initialised model of the same class and config fails ``check`` too (at any
     of ``seeds``): then the architecture's own generation code does (CpmAnt's cache with left
     padding, at some random weights), and the output is not to blame. Stock architectures only: a
     MIDUS model's memory code is the surgery's own, so a fresh instance failing proves nothing."""
-    if any(cls.__name__ == "MidusForCausalLM" for cls in type(model).__mro__):
+    if any(cls.__name__ == "MidusForCausalLM" for cls in model_class.__mro__):
         return False
     state = torch.random.get_rng_state()
     try:
         for seed in seeds:
             torch.manual_seed(seed)
-            fresh = type(model)(model.config).eval()
+            fresh = model_class(config).eval()
             if not check(fresh).ok:
                 return True
     except Exception:  # noqa: BLE001 - a class that does not build from its config alone: no verdict
