@@ -957,6 +957,40 @@ def test_a_dense_count_of_experts_with_the_class_default_per_token_is_no_size_pr
     assert config_size_problems(dense) == []
 
 
+SMALL = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+             head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+
+
+@pytest.mark.parametrize("model_type,key,per_token,n,refused", [
+    ("mixtral", "num_local_experts", "num_experts_per_tok", 2, True), ("olmoe", "num_experts", "num_experts_per_tok", 2, True),
+    ("ernie4_5_moe", "moe_num_experts", "moe_k", 2, True), ("qwen2_moe", "num_experts", "num_experts_per_tok", 4, False),
+    ("qwen3_moe", "num_experts", "num_experts_per_tok", 8, False), ("qwen3_next", "num_experts", "num_experts_per_tok", 10, False),
+    ("deepseek_v3", "n_routed_experts", "num_experts_per_tok", 8, False),
+    ("granitemoehybrid", "num_local_experts", "num_experts_per_tok", 2, False)])
+def test_experts_per_token_beside_no_experts_is_refused_where_the_model_routes_over_none(tmp_path, capsys, model_type, key,
+                                                                                         per_token, n, refused):
+    """Mixtral with num_local_experts 0 and num_experts_per_tok 2 was accepted (validate crashed dividing by its 0 experts,
+    and a model of it fails its first forward pass: "selected index k out of range"). Refused up front where the class
+    builds its MoE blocks over no experts; the classes that build a plain MLP at 0 experts and run (trial104, trial111)
+    stay accepted."""
+    from transformers import AutoConfig
+
+    fields = AutoConfig.for_model(model_type).to_dict()
+    base = tmp_path / model_type  # the config alone: validate reads no weights
+    AutoConfig.for_model(model_type, **{k: v for k, v in SMALL.items() if k in fields}, **{key: 0, per_token: n}).save_pretrained(base)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base:\n  path: {base}\nlayout: {{interleave: {{after: [1], kind: copy}}}}\noutput: {{dir: {tmp_path / 'out'}}}\n")
+    capsys.readouterr()
+    code = main(["validate", str(recipe)])
+    said = capsys.readouterr()
+    if refused:
+        assert code == 2 and "OK" not in said.out, said
+        assert (f"base.path: {per_token} is {n} with {key} 0: {model_type} then builds its MoE blocks over no experts ('model.layers."
+                in said.err and f"has shape (0, 64)), and its forward pass fails; set {key} to the number of experts" in said.err), said.err
+    else:
+        assert code == 0 and said.out.startswith("OK"), said
+
+
 @pytest.mark.parametrize("per_token,experts", [("moe_k", "moe_num_experts"), ("moe_topk", "moe_num_experts"),
                                                ("num_experts_per_token", "num_experts")])
 def test_experts_per_token_is_read_under_every_name_configs_give_it(per_token, experts):

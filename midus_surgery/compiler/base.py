@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from midus_surgery.errors import BaseModelError, RecipeError, not_utf8_path, one_line, printable
+from midus_surgery.errors import BaseModelError, RecipeError, not_utf8_path, one_line, printable, shown
 from midus_surgery.io.tensor_source import BaseRef
 from midus_surgery.recipe.schema import MAX_BASE_LAYERS, MAX_OUTPUT_LAYERS, LoadedRecipe, cwd_relative_hint
 
@@ -144,17 +144,34 @@ def _experts_problems(data: dict) -> list[str]:
     than 2 or more experts (topk fails). Not judged: 0 experts, or 1 (Jamba builds a plain MLP there, beside the per-token
     default 2 that save_pretrained writes; Qwen2/3-MoE, Qwen3-Next and GraniteMoeHybrid are dense at 0, and DeepSeek-V3 with
     every layer dense): a class that fails there fails its forward pass, an error the commands report (trial111)."""
-    def ints(keys) -> list[tuple[str, int]]:
-        return [(key, data[key]) for key in keys if isinstance(data.get(key), int) and not isinstance(data.get(key), bool)]
-
-    for name, per_token in ints(_PER_TOKEN):  # Ernie 4.5's moe_k 0 beside 8 experts passed (trial113)
-        for key, count in ints(_EXPERT_COUNTS):
+    for name, per_token in _ints(data, _PER_TOKEN):  # Ernie 4.5's moe_k 0 beside 8 experts passed (trial113)
+        for key, count in _ints(data, _EXPERT_COUNTS):
             if per_token == 0 and count > 0:  # every MoE block would output zero
                 return [f"{name} is 0 with {key} {count}: each token would use no expert; set it to between 1 and {count}"]
             if per_token > count >= 2:  # torch.topk fails in the first forward pass
                 return [f"{name} is {per_token}, more than {key} {count}: a token cannot use more experts than there are; "
                         f"set it to between 1 and {count}"]
     return []
+
+
+def _ints(data: dict, keys) -> list[tuple[str, int]]:
+    return [(key, data[key]) for key in keys if isinstance(data.get(key), int) and not isinstance(data.get(key), bool)]
+
+
+def no_experts_problem(data: dict, tensors) -> str | None:
+    """Experts per token beside 0 experts, where the model's class builds its MoE blocks over no experts (a router or
+    expert weights with no elements, among ``tensors``, the plan's): its first forward pass fails (Mixtral's topk).
+    The config alone cannot tell: Qwen2/3-MoE, Qwen3-Next and GraniteMoeHybrid build a plain MLP at 0 experts beside the
+    per-token default save_pretrained writes, and run (trial104, trial111); no transformers default config has 0
+    experts beside experts per token."""
+    per_token = [(name, n) for name, n in _ints(data, _PER_TOKEN) if n >= 1]
+    zero = [key for key, count in _ints(data, _EXPERT_COUNTS) if count == 0]
+    empty = next((t for t in tensors if 0 in t.shape), None) if per_token and zero else None
+    if empty is None:
+        return None
+    (name, n), key = per_token[0], zero[0]
+    return (f"{name} is {n} with {key} 0: {printable(str(data.get('model_type')))[:40]} then builds its MoE blocks over no experts "
+            f"({shown(empty.name, 80)} has shape {tuple(empty.shape)}), and its forward pass fails; set {key} to the number of experts")
 
 
 def config_number_problems(data: dict) -> list[str]:

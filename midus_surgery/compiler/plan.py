@@ -629,7 +629,7 @@ def _matmul_params(shapes: dict[str, tuple[int, ...]], experts_per_token: int | 
     (transformers' MoE layout) only the ``experts_per_token`` experts the router picks."""
     total = 0
     for s in shapes.values():
-        if len(s) >= 3 and experts_per_token:
+        if len(s) >= 3 and experts_per_token and s[0]:  # a stack of 0 experts holds no weights (and divided by zero)
             total += math.prod(s) * min(experts_per_token, s[0]) // s[0]
         elif len(s) >= 2:
             total += math.prod(s)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from midus_surgery.compiler.base import load_base_config, located_at_base_path
+from midus_surgery.compiler.base import load_base_config, located_at_base_path, no_experts_problem
 from midus_surgery.compiler.layout import COPY, expand_layout
 from midus_surgery.compiler.plan import Plan, base_tied_pairs, make_plan
 from midus_surgery.compiler.planned import PlannedRecipe
@@ -49,6 +49,9 @@ def plan_loaded(loaded: LoadedRecipe, *, anatomy_only_if_needed: bool = False) -
     base_dtype = auto_dtype(getattr(config, "dtype", None) or vars(config).get("torch_dtype"))
     plan = make_plan(loaded, config, anatomy, anatomy_problem=why)
     with located_at_base_path(loaded):
+        problem = no_experts_problem(plan.config, plan.tensors)
+        if problem:  # Mixtral with num_local_experts 0 failed only in its first forward pass
+            raise BaseModelError(problem)
         check_base_weights(loaded, plan, config)
     record_earlier_insertions(loaded, plan)
     return PlannedRecipe(loaded, config, anatomy, plan, base_dtype=base_dtype, tied=tuple(base_tied_pairs(config).items()))
