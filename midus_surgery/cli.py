@@ -233,7 +233,7 @@ def _base_without_weights(ref) -> str | None:
     return f"{ref.directory} holds no weights (.safetensors files): validate and plan read its config.json alone; apply needs the weights"
 
 
-def _base_code(ref, plan) -> str | None:
+def _base_code(ref, plan, trusted: bool) -> str | None:
     """A base with code of its own that the output carries (what config.json's kept auto_map and every entry of
     tokenizer_config.json's name, and what they import relatively): apply copies it, never running it, and keeps a
     reference into another Hub repository, but a MIDUS output is loaded with trust_remote_code=True where midus-surgery
@@ -241,7 +241,7 @@ def _base_code(ref, plan) -> str | None:
     from midus_surgery.compiler.custom_code import base_code_in_output
     from midus_surgery.io.tokenizer_files import is_module_file_name
 
-    files, repos = base_code_in_output(ref, plan)
+    files, repos = base_code_in_output(ref, plan, trusted)
     # every name escaped, as it is the file's text (a newline or ESC[8m in one forged the note's lines and hid the rest of
     # it: trial104), and one that is no module name said so
     names = [printable(name)[:80] + ("" if is_module_file_name(name) else " (not a Python module name: suspicious)") for name in files]
@@ -299,7 +299,7 @@ def _plan_notes(planned, start: bool, apply: bool = False) -> list[str]:
     weightless = None if apply else _base_without_weights(ref)
     if weightless:
         notes.append(weightless)
-    base_code = _base_code(ref, plan)
+    base_code = _base_code(ref, plan, recipe.base.trust_remote_code)
     if base_code:
         notes.append(base_code)
     left = None if apply else _left_out_base_tensors(planned, ref)

@@ -46,14 +46,16 @@ def refusal(where: str, code: dict[str, str]) -> str:
 
 def _module_file(directory: Path, reference, where: str) -> Path:
     """The base's own .py file a ``module.Class`` reference names; refused when it is not a file there."""
+    from midus_surgery.errors import shown
+    from midus_surgery.io.tokenizer_files import carried_code_file
+
     if not isinstance(reference, str) or not _LOCAL_REFERENCE.fullmatch(reference):
-        raise ValueError(f"{where}: auto_map entry {str(reference)[:80]!r} is not a 'module.Class' of the base's own files "
+        raise ValueError(f"{where}: auto_map entry {shown(str(reference), 80)} is not a 'module.Class' of the base's own files "
                          "(code from another repository is not fetched)")
-    path = directory / (reference.split(".")[0] + ".py")
-    root = directory.resolve()
-    if not path.is_file() or root not in path.resolve().parents:
-        raise ValueError(f"{where}: auto_map names {reference!r}, but {path} is not a file in the base directory")
-    return path
+    name = reference.split(".")[0] + ".py"
+    if not carried_code_file(directory, name):
+        raise ValueError(f"{where}: auto_map names {shown(reference, 80)}, but {shown(name, 80)} is not a file in the base directory")
+    return directory / name
 
 
 def config_with_custom_code(data: dict, directory: Path, where: str):
@@ -92,18 +94,24 @@ def custom_causal_lm(config_data: dict):
 
 
 def code_files(directory: Path, auto_map: dict) -> list[Path]:
-    """The base's .py files an output keeping ``auto_map`` needs: each module it names and their relative imports."""
-    from transformers.dynamic_module_utils import get_relative_import_files
+    """The base's .py files an output keeping ``auto_map`` needs: each module it names and their relative imports.
+    Raises ValueError for one the base does not hold as a file inside it: the output's code would not load."""
+    from midus_surgery.errors import shown
+    from midus_surgery.io.tokenizer_files import carried_code_file, relative_import_files
 
+    where = str(directory / "config.json")
     files: list[Path] = []
     for reference in auto_map.values():
         for ref in reference if isinstance(reference, list) else [reference]:
             if ref is None:
                 continue
-            module = _module_file(directory, ref, str(directory / "config.json"))
-            for path in [module, *map(Path, get_relative_import_files(str(module)))]:
-                if path not in files and directory.resolve() in path.resolve().parents:
-                    files.append(path)
+            module = _module_file(directory, ref, where)
+            for name in [module.name, *relative_import_files(module)]:
+                if not carried_code_file(directory, name):
+                    raise ValueError(f"{where}: auto_map names {shown(ref, 80)}, whose module imports {shown(name, 80)}, which is "
+                                     "not a file in the base directory: the output's code would not load without it")
+                if directory / name not in files:
+                    files.append(directory / name)
     return files
 
 
@@ -117,19 +125,26 @@ def base_code_entries(auto_map) -> dict:
     return {key: ref for key, ref in auto_map.items() if key not in AUTO_MAP and not key.startswith("AutoModel")}
 
 
-def base_code_in_output(ref, plan) -> tuple[list[str], list[str]]:
+def base_code_in_output(ref, plan, trusted: bool) -> tuple[list[str], list[str]]:
     """(the base's code files apply copies into the output, the other Hub repositories whose code the output's files name):
     what config.json's kept auto_map and tokenizer_config.json's name, with their relative imports. A load of the output
-    with trust_remote_code=True (AutoTokenizer, AutoProcessor...) runs them, so the note and the card name them all (trial111)."""
-    if not ref.exists or ref.is_gguf:
-        return [], []
-    from midus_surgery.io.tokenizer_files import tokenizer_code_files, tokenizer_code_repos
+    with trust_remote_code=True (AutoTokenizer, AutoProcessor...) runs them, so the note and the card name them all (trial111).
+    ``trusted``: the recipe's base.trust_remote_code. Raises BaseModelError for config.json code apply cannot carry (a
+    module or a relative import the base does not hold, another repository's reference): validate and plan refuse it as
+    apply does, before they say OK (trial113: plan named no code at all, and apply refused)."""
+    from midus_surgery.errors import BaseModelError
+    from midus_surgery.io.tokenizer_files import tokenizer_code, tokenizer_code_repos
 
+    if not ref.exists:
+        return [], []
+    if ref.is_gguf:
+        # a GGUF base's tokenizer is loaded through transformers, which runs its own code only when trusted; apply then
+        # carries that code as it carries a folder's (trial113: save_pretrained carried it unnamed)
+        return (tokenizer_code(ref.directory)[0], []) if trusted else ([], [])
     kept = base_code_entries(plan.config.get("auto_map")) if plan.memory_layers else plan.config.get("auto_map")
     try:
         files = [path.name for path in code_files(ref.directory, kept)] if isinstance(kept, dict) else []
-    except (OSError, ValueError):  # apply refuses such a reference itself
-        files = []
-    config = ref.directory / "tokenizer_config.json"
-    files += [name for name in tokenizer_code_files(config) if name not in files and (ref.directory / name).is_file()]
-    return files, tokenizer_code_repos(config)
+    except ValueError as exc:
+        raise BaseModelError(str(exc)) from None
+    files += [name for name in tokenizer_code(ref.directory)[0] if name not in files]
+    return files, tokenizer_code_repos(ref.directory / "tokenizer_config.json")

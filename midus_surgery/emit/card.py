@@ -119,7 +119,7 @@ def model_card(planned: PlannedRecipe, recipe_text: str, ref: BaseRef) -> str:
     )
     from midus_surgery.compiler.custom_code import base_code_in_output
 
-    files, repos = base_code_in_output(ref, plan)
+    files, repos = base_code_in_output(ref, plan, planned.loaded.recipe.base.trust_remote_code)
     # escaped: a name is the base's text, and `cat README.md` showed a raw ESC[8m in it (trial104)
     code = [f"`{printable(name)[:80]}`" for name in files] + [f"code of the Hub repository `{printable(repo)[:80]}`" for repo in repos]
     if code:  # the load lines above pass trust_remote_code=True, which runs it too (trial99 S1, trial102 R08, trial111)

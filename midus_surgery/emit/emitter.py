@@ -30,7 +30,7 @@ from midus_surgery.io.shard_writer import ShardItem, write_shard
 from midus_surgery.io.small_files import regular_file_problem
 from midus_surgery.io.stored_dtypes import is_float_tag
 from midus_surgery.io.tensor_source import check_matches_config, inside_base, open_base_tensors
-from midus_surgery.io.tokenizer_files import tokenizer_code_files
+from midus_surgery.io.tokenizer_files import tokenizer_code
 from midus_surgery.model import copy_modeling_files
 from midus_surgery.model.midus_names import AUTO_MAP, HML_MODULE, SHARED_BANK
 from midus_surgery.recipe.schema import LoadedRecipe
@@ -162,12 +162,15 @@ def _copy_tokenizer(ref, dest: Path, trust_remote_code: bool) -> None:
         try:  # trust_remote_code explicit (the recipe's): with None transformers asks on the terminal whether to run the folder's code
             with quiet_library_panic():
                 tokenizer = AutoTokenizer.from_pretrained(ref.directory, gguf_file=ref.gguf_file, trust_remote_code=trust_remote_code)
-            tokenizer.save_pretrained(dest)
+            _save_tokenizer_without_code(tokenizer, dest)
         except BaseException as exc:  # noqa: BLE001 - a base without a usable tokenizer still emits
             if not isinstance(exc, Exception) and not is_library_panic(exc):
                 raise
             why = exc if isinstance(exc, Exception) else one_line(exc, 300, whole=True)  # a panic's own text names no kind
             _warn(f"no tokenizer written (the GGUF's could not be read: {why})")
+            return
+        if trust_remote_code:  # the code that tokenizer ran: carried as a folder base's is, by the same rule (trial113)
+            _copy_tokenizer_code(ref, dest)
         return
     copied = 0
     for name in TOKENIZER_FILES:
@@ -188,12 +191,39 @@ def _copy_tokenizer(ref, dest: Path, trust_remote_code: bool) -> None:
                   "load either: fix or replace tokenizer.json in the output before using or publishing it")
     if not copied:
         _warn(f"{ref.directory} has no tokenizer files; the output has none either")
-    for name in tokenizer_code_files(ref.directory / "tokenizer_config.json"):
-        if (ref.directory / name).is_file() and _inside(ref, name):
-            shutil.copy2(ref.directory / name, dest / name)  # copied, never imported: it runs only where a user trusts it
-        else:
-            _warn(f"the base's tokenizer names its own code in {printable(name)[:80]}, which it does not hold; the output's tokenizer "
-                  "will not load until that file is beside it")
+    _copy_tokenizer_code(ref, dest)
+
+
+def _copy_tokenizer_code(ref, dest: Path) -> None:
+    """The code the base's tokenizer_config.json names, copied (never imported: it runs only where a user trusts it) by
+    tokenizer_code's rule, the one the note and the card name the files by; one warning for each file it leaves behind."""
+    carried, left = tokenizer_code(ref.directory)
+    for name in carried:
+        shutil.copy2(ref.directory / name, dest / name)
+    for name in left:
+        _warn(f"the base's tokenizer names its own code in {printable(name)[:80]}, which it does not hold as a file inside the base "
+              "directory (missing, not a regular file, or a link leading out): not copied, so the output's tokenizer will not load "
+              "until that file is beside it")
+
+
+def _save_tokenizer_without_code(tokenizer, dest: Path) -> None:
+    """A GGUF base's tokenizer, saved into ``dest`` without the code save_pretrained copies beside it (the caller copies
+    that by the rule the note follows). A class name without "Tokenizer" (tok.Tok) is written as a bare string in
+    auto_map, which AutoTokenizer cannot read back (trial113): written as the [slow, fast] pair it reads, in the slot
+    transformers itself gives a class that is not named ...Fast."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=dest) as saved:
+        tokenizer.save_pretrained(saved)
+        for path in Path(saved).iterdir():
+            if path.suffix != ".py":
+                shutil.copy2(path, dest / path.name)
+    config = dest / "tokenizer_config.json"
+    data = json.loads(config.read_text()) if config.is_file() else {}
+    entry = data.get("auto_map", {}).get("AutoTokenizer") if isinstance(data.get("auto_map"), dict) else None
+    if isinstance(entry, str):
+        data["auto_map"]["AutoTokenizer"] = [entry, None]
+        config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_tokenizer_json(path: Path):
@@ -303,20 +333,21 @@ def check_planned(planned: PlannedRecipe) -> PlannedRecipe:
     ``validate`` and ``plan`` run too, and ``emit`` before it writes."""
     from midus_surgery.emit.replica import check_function_preserving
 
-    _refuse_base_code_named_like_midus(planned)
+    _check_base_code(planned)
     return check_function_preserving(planned, emit)
 
 
-def _refuse_base_code_named_like_midus(planned: PlannedRecipe) -> None:
-    """A MIDUS output ships MIDUS's modeling files; base code the output carries under one of their names (a tokenizer
-    module's `from .hml import X`, a config.json auto_map entry) was copied over it, and loading the output as a model
-    ran the base's file (trial113). Refused before anything is written."""
-    if not planned.plan.memory_layers:
-        return
+def _check_base_code(planned: PlannedRecipe) -> None:
+    """The base code the output carries, refused where apply would refuse it (base_code_in_output raises), so validate and
+    plan refuse it too, before they say OK (trial113). And a MIDUS output ships MIDUS's modeling files; base code the output
+    carries under one of their names (a tokenizer module's `from .hml import X`, a config.json auto_map entry) was copied
+    over it, and loading the output as a model ran the base's file (trial113). Refused before anything is written."""
     from midus_surgery.compiler.custom_code import base_code_in_output
     from midus_surgery.model.midus_names import MODELING_FILES
 
-    files, _ = base_code_in_output(resolve_base(planned.loaded), planned.plan)
+    files, _ = base_code_in_output(resolve_base(planned.loaded), planned.plan, planned.loaded.recipe.base.trust_remote_code)
+    if not planned.plan.memory_layers:
+        return
     clash = sorted(set(files) & set(MODELING_FILES))
     if clash:
         raise BaseModelError(f"the base has code of its own named like MIDUS's modeling files ({', '.join(printable(n) for n in clash)}), "

@@ -51,7 +51,7 @@ def relative_import_files(module: Path) -> list[str]:
     while todo:
         path = todo.pop()
         # a regular file of a module's size only: a named pipe there hung validate, plan and apply (trial113)
-        if not path.is_file() or path.stat().st_size > MAX_MODULE_BYTES:
+        if not _is_file(path) or path.stat().st_size > MAX_MODULE_BYTES:
             continue
         try:
             imports = get_relative_imports(str(path))
@@ -73,9 +73,42 @@ def tokenizer_code_files(config: Path) -> list[str]:
     names = {r.split(".")[0] + ".py" for r in _tokenizer_code_refs(config) if "--" not in r and r.count(".") == 1}
     names = {n for n in names if n != ".py" and "/" not in n and "\\" not in n}
     for name in sorted(names):
-        if (config.parent / name).is_file():
+        if _is_file(config.parent / name):
             names.update(relative_import_files(config.parent / name))
     return sorted(names)
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False for a name no file can have: a 300-character relative import raised ENAMETOOLONG out of
+    is_file, and validate printed OK, then failed on it (trial113)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def carried_code_file(directory: Path, name: str) -> bool:
+    """Whether apply copies the base's code file ``name`` into the output: a regular file inside the base (a Hub cache
+    snapshot's link into its blobs is). The one rule for what is copied and what the note and the card name: a link
+    leading out was named as copied and left behind (trial113)."""
+    from midus_surgery.errors import MidusError
+    from midus_surgery.io.tensor_source import inside_base
+
+    if not _is_file(directory / name):
+        return False
+    try:
+        inside_base(directory, name, f"the base's {name}")
+    except MidusError:
+        return False
+    return True
+
+
+def tokenizer_code(directory: Path) -> tuple[list[str], list[str]]:
+    """(the tokenizer code files apply copies from ``directory``, those its tokenizer_config.json names that it cannot:
+    missing, not a regular file, or a link leading out of the base)."""
+    names = tokenizer_code_files(directory / "tokenizer_config.json")
+    carried = [name for name in names if carried_code_file(directory, name)]
+    return carried, [name for name in names if name not in carried]
 
 
 def is_module_file_name(name: str) -> bool:

@@ -1,0 +1,175 @@
+"""The base's own code an output carries (config.json's kept auto_map, tokenizer_config.json's), checked the same way by
+validate, plan and apply, and named exactly as it is copied (trial113 F3, F5 and the Hub reference of config.json)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_configs import tiny_config
+from transformers import AutoModelForCausalLM
+
+from midus_surgery.cli import main
+
+LAYOUT = "layout:\n  interleave:\n    after: [1]\n    kind: transformer\n"
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bases") / "llama"
+    AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(path)
+    return path
+
+
+def base_with(llama: Path, tmp_path: Path, files: dict[str, str], tokenizer_map=None, config_map=None) -> Path:
+    base = tmp_path / "base"
+    shutil.copytree(llama, base)
+    for name, text in files.items():
+        (base / name).write_text(text)
+    if tokenizer_map is not None:
+        (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": tokenizer_map}))
+    if config_map is not None:
+        config = json.loads((base / "config.json").read_text())
+        (base / "config.json").write_text(json.dumps({**config, "auto_map": config_map}))
+    return base
+
+
+def recipe_for(tmp_path: Path, base: Path, extra: str = "") -> Path:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base:\n  path: {base}\n{extra}{LAYOUT}output:\n  dir: {tmp_path / 'out'}\n  dtype: float32\n")
+    return recipe
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_a_helper_linked_outside_the_base_is_neither_named_nor_copied(llama, tmp_path, capsys):
+    """trial113 F5a: ext.py, a link to a file outside the base, was named in the note and the card as copied, then left
+    behind with two contradictory warnings. One rule decides both: not named, not copied, one warning."""
+    outside = tmp_path / "outside.py"
+    outside.write_text("OUTSIDE = 1\n")
+    base = base_with(llama, tmp_path, {"tok.py": "from .ext import OUTSIDE\nfrom .helper import X\n", "helper.py": "X = 1\n"},
+                     tokenizer_map={"AutoTokenizer": [None, "tok.Tok"]})
+    (base / "ext.py").symlink_to(outside)
+    recipe = recipe_for(tmp_path, base)
+    code, said, _ = run(capsys, "validate", str(recipe))
+    assert code == 0 and "(helper.py, tok.py, named by" in said and "ext.py" not in said, said
+    code, said, err = run(capsys, "apply", str(recipe), "--quiet")
+    assert code == 0, err
+    out = tmp_path / "out"
+    assert {p.name for p in out.glob("*.py")} == {"helper.py", "tok.py"}
+    assert "ext.py" not in (out / "README.md").read_text() and "(`helper.py`, `tok.py`, named by" in (out / "README.md").read_text()
+    warned = [line for line in err.splitlines() if "ext.py" in line]
+    assert len(warned) == 1 and "names its own code in ext.py, which it does not hold as a file inside the base" in warned[0], err
+
+
+def test_config_code_with_a_missing_relative_import_is_refused_by_validate_plan_and_apply_alike(llama, tmp_path, capsys):
+    """trial113 F5b: config.json's kept auto_map names ctok.Tok, whose module imports .missing: plan's note dropped all
+    config code (exit 0) while apply refused (exit 2). Now all three refuse in one message, before any OK or table."""
+    base = base_with(llama, tmp_path, {"ctok.py": "from .helper import X\nfrom .missing import Y\n", "helper.py": "X = 1\n"},
+                     config_map={"AutoTokenizer": [None, "ctok.Tok"]})
+    recipe = recipe_for(tmp_path, base)
+    why = f"{base / 'config.json'}: auto_map names 'ctok.Tok', whose module imports 'missing.py', which is not a file in the base directory"
+    code, said, err = run(capsys, "validate", str(recipe))
+    assert code == 2 and "OK" not in said and "INVALID" in err and why in err, (said, err)
+    code, said, err = run(capsys, "plan", str(recipe))
+    assert code == 2 and said == "" and why in err, (said, err)
+    code, said, err = run(capsys, "apply", str(recipe), "--quiet")
+    assert code == 2 and why in err and not (tmp_path / "out").exists(), err
+
+
+def test_a_relative_import_name_too_long_for_a_file_is_said_short_and_validate_does_not_fail_after_ok(llama, tmp_path, capsys):
+    """trial113 F5c: a tokenizer module's `from .AAAA...(300) import X` made Path.is_file raise ENAMETOOLONG: validate
+    printed OK, then exited 2 printing the whole name. It is a file the base does not hold: apply warns of it, cut short,
+    as of any missing tokenizer file; in config.json's code it is refused up front, also cut short."""
+    long = "A" * 300
+    base = base_with(llama, tmp_path, {"tok.py": f"try:\n    from .{long} import X\nexcept ImportError:\n    pass\n"},
+                     tokenizer_map={"AutoTokenizer": [None, "tok.Tok"]})
+    recipe = recipe_for(tmp_path, base)
+    code, said, err = run(capsys, "validate", str(recipe))
+    assert code == 0 and said.startswith("OK") and "(tok.py, named by" in said and long not in said + err, (said, err)
+    code, said, err = run(capsys, "apply", str(recipe), "--quiet")
+    assert code == 0 and long not in err and "names its own code in AAAA" in err, err
+    shutil.rmtree(tmp_path / "out")
+    (base / "tokenizer_config.json").unlink()
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoTokenizer": [None, "tok.Tok"]}}))
+    for command in ("validate", "plan", "apply"):
+        code, said, err = run(capsys, command, str(recipe))
+        assert code == 2 and "OK" not in said and long not in said + err, (command, said, err)
+        assert "whose module imports 'AAAA" in err and "(cut; 303 characters)" in err, err
+
+
+def test_a_hub_reference_in_config_jsons_tokenizer_entry_is_refused_by_validate_as_by_apply(llama, tmp_path, capsys):
+    """validate and plan accepted config.json's {"AutoTokenizer": [null, "owner/repo--tok.Tok"]}, which apply refused:
+    all three refuse it with apply's message."""
+    base = base_with(llama, tmp_path, {}, config_map={"AutoTokenizer": [None, "owner/repo--tok.Tok"]})
+    recipe = recipe_for(tmp_path, base)
+    why = (f"{base / 'config.json'}: auto_map entry 'owner/repo--tok.Tok' is not a 'module.Class' of the base's own files "
+           "(code from another repository is not fetched)")
+    for command in ("validate", "plan", "apply"):
+        code, said, err = run(capsys, command, str(recipe))
+        assert code == 2 and "OK" not in said and why in err, (command, said, err)
+    assert not (tmp_path / "out").exists()
+
+
+TOK = '''from .helper import VOCAB
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+
+class Tok(PreTrainedTokenizerFast):
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        tokenizer = Tokenizer(models.WordLevel(VOCAB, unk_token="t0"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        return cls(tokenizer_object=tokenizer, unk_token="t0")
+'''
+
+
+def test_a_gguf_bases_tokenizer_code_is_named_carried_and_loads_from_the_output(tmp_path, capsys):
+    """trial113 F3: a GGUF folder's tokenizer with its own code (trusted by the recipe) was carried into the output by
+    save_pretrained, but named in neither the note nor the card, and its auto_map was written as a bare string that
+    AutoTokenizer could not read. The code is named and copied by the folder base's rule, and the output's tokenizer loads."""
+    from test_gguf_metadata import write_llama_gguf
+
+    base = tmp_path / "gb"
+    base.mkdir()
+    write_llama_gguf(base / "model.gguf")
+    (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": [None, "tok.Tok"]}}))
+    (base / "helper.py").write_text("VOCAB = {f't{i}': i for i in range(32)}\n")
+    (base / "tok.py").write_text(TOK)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base:\n  path: {base / 'model.gguf'}\n  trust_remote_code: true\n{LAYOUT}output:\n  dir: {tmp_path / 'out'}\n"
+                      "  dtype: float32\n")
+    code, said, _ = run(capsys, "plan", str(recipe))
+    assert code == 0 and "code of its own that the output carries (helper.py, tok.py, named by" in said, said
+    code, said, err = run(capsys, "apply", str(recipe), "--quiet")
+    assert code == 0, err
+    out = tmp_path / "out"
+    assert {p.name for p in out.glob("*.py")} == {"helper.py", "tok.py"}
+    assert "(`helper.py`, `tok.py`, named by" in (out / "README.md").read_text()
+    assert json.loads((out / "tokenizer_config.json").read_text())["auto_map"]["AutoTokenizer"] == ["tok.Tok", None]
+    load = textwrap.dedent(f"""
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=True)
+        print(type(tokenizer).__name__, tokenizer("t3 t5")["input_ids"])
+    """)
+    done = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "Tok [3, 5]" in done.stdout, done.stderr[-2000:]
+    # untrusted, the tokenizer does not load, so no code is named or carried
+    recipe.write_text(recipe.read_text().replace("trust_remote_code: true", "trust_remote_code: false"))
+    code, said, _ = run(capsys, "plan", str(recipe))
+    assert code == 0 and "code of its own" not in said, said
+
