@@ -856,3 +856,20 @@ def test_an_inkling2_dus_copy_that_changes_its_block_boundary_is_said(root):
     with pytest.raises(RecipeError) as info:
         check_planned(plan_recipe(recipe(root, base, "  interleave:\n    after_every: 2\n    kind: identity", "inkling2-pro")))
     assert "computes differently at output position" in str(info.value) and "fails (" not in str(info.value), str(info.value)
+
+
+def test_a_diffllama_dus_copy_computes_as_its_new_index_and_is_said(root):
+    """DiffLlama's attention mixes its two maps by lambda_init = 0.8 - 0.6 * exp(-0.3 * layer_idx): a copy computes as
+    its new position, and the base layers after an insertion as theirs, not as in the base. validate's note (README,
+    docs/method.md) says so, on the replica it runs."""
+    from tool_modules import import_tool
+
+    from midus_surgery.emit.replica import moved_layer_difference
+
+    torch.manual_seed(0)
+    base = root / "diffllama"
+    AutoModelForCausalLM.from_config(import_tool("arch_sweep").tiny_config("diffllama")).save_pretrained(base)
+    planned = plan_recipe(recipe(root, base, "  interleave:\n    after_every: 2\n    kind: transformer", "diffllama-dus"))
+    note = moved_layer_difference(planned, emit)
+    assert note and note.startswith("on a tiny random replica of the base, the copy of base layer 1 at output position 2 "
+                                    "computes differently from its source"), note

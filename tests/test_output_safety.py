@@ -1463,3 +1463,19 @@ def test_a_run_directory_whose_marker_is_a_link_to_another_runs_is_refused(train
         assert read_marker(linked) is None and not marker_in_use(linked) and marker_in_use(other)
     finally:
         release_marker(held)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_weights_get_the_mode_a_new_file_gets_under_the_umask(project, train_project, umask):
+    """safetensors writes its files 0600 whatever the umask: a model apply or train wrote was unreadable to a teammate
+    or a serving account. Weights files (apply's output, train's checkpoints and export) get 0666 less the umask, as
+    every other file the tools write (docs/reliability.md)."""
+    old = os.umask(umask)
+    try:
+        assert apply(str(recipe(project, "shared"))) == 0
+        assert main(["train", str(train_config(train_project, **{"checkpoint.every": 4})), "--quiet"]) == 0
+    finally:
+        os.umask(old)
+    weights = [project / "shared" / "model.safetensors", *sorted((train_project / "runs" / "a").rglob("*.safetensors"))]
+    assert len(weights) >= 3 and train_project / "runs" / "a" / "final" / "model.safetensors" in weights, weights
+    assert {str(w): oct(stat.S_IMODE(w.stat().st_mode)) for w in weights} == {str(w): oct(0o666 & ~umask) for w in weights}
