@@ -881,9 +881,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("verify", help="load an emitted model and check it (tensors, identity at start, KV cache, reload)",
+                       description="Load a model directory and check it, each check one line (PASS, FAIL, or SKIP saying why): "
+                                   "every tensor loaded, rows of a batch independent, the logits at start the base's (bit for "
+                                   "bit, also with the base's norms perturbed), every copied tensor the base's, per-layer config "
+                                   "lists remapped, KV-cache generation, a save and reload. Nothing is written beside the model.",
                        epilog="exit status: 0 every check passed (or was skipped, saying why); 1: a check failed; 2: the model "
                               "cannot be checked (it does not load, or runs its own code without --trust-remote-code)")
-    p.add_argument("model", metavar="MODEL_DIR")
+    p.add_argument("model", metavar="MODEL_DIR", help="the model directory to check (an apply or train output, or any "
+                                                      "causal LM directory transformers loads)")
     p.add_argument("--base", help="the base model to compare logits with (default: the one recorded at apply time)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the model's own modeling code (auto_map), and the base's: read it first")
@@ -891,7 +896,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_train_commands(sub)
 
-    p = sub.add_parser("schema", help="print the recipe JSON Schema (for editors and tools)")
+    p = sub.add_parser("schema", help="print the recipe JSON Schema (for editors and tools)",
+                       description="Print the JSON Schema of recipes (the same as docs/recipe.schema.json): editors with a "
+                                   "YAML language server complete and check recipes from it.")
     p.set_defaults(func=cmd_schema)
     return parser
 

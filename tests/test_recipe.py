@@ -337,6 +337,8 @@ def test_schema_command_prints_json_schema():
     assert schema["additionalProperties"] is False
     assert set(schema["required"]) == {"base", "layout", "output"}
     assert schema == json.loads(json.dumps(Recipe.model_json_schema() | {"$schema": schema["$schema"], "title": schema["title"]}))
+    # what `schema --help` and the README say editors read: the committed file is this schema (tools/gen_docs.py writes it)
+    assert json.loads((Path(__file__).resolve().parents[1] / "docs" / "recipe.schema.json").read_text()) == schema
 
 
 def test_every_optional_setting_of_the_schema_states_its_default():

@@ -855,3 +855,18 @@ def test_a_base_that_cannot_be_loaded_leaves_the_round_trip_failure_said(bases, 
     assert lines["round-trip"].startswith("FAIL") and lines["round-trip"].endswith("broken for the test"), lines
     assert lines["identity"].startswith("FAIL") and f"the base model {base} does not load: " in lines["identity"], lines
     assert ("out of memory" in lines["identity"]) == (how == "memory"), lines
+
+
+def test_verify_writes_nothing_into_the_model_folder(bases, tmp_path):
+    """`verify --help` says nothing is written beside the model: its round trip saves into a temporary folder."""
+    import hashlib
+
+    out = emitted(bases, tmp_path, "llama", "midus")
+
+    def tree() -> dict:
+        return {str(p.relative_to(out)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+                for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before = tree()
+    assert failed(run(out)) == []
+    assert tree() == before
