@@ -1021,3 +1021,43 @@ def test_experts_per_token_is_checked_against_every_expert_count():
         "num_experts_per_tok is 8, more than num_local_experts 4: a token cannot use more experts than there are; "
         "set it to between 1 and 4"]
     assert config_size_problems({**mixtral, "num_experts_per_tok": 4}) == []
+
+
+@pytest.mark.parametrize("key,value,said", [
+    ("moe_k", -1, "moe_k is -1; it must be between 0 and 65536"), ("moe_k", False, "moe_k must be a whole number, got False"),
+    ("moe_k", 2.5, "moe_k must be a whole number, got 2.5"), ("moe_k", "0", "moe_k must be a whole number, got '0'"),
+    ("moe_k", [0, 0], "moe_k must be a whole number, got [0, 0]"), ("moe_topk", False, "moe_topk must be a whole number, got False"),
+    ("moe_topk", [2, -1], "moe_topk is -1; it must be between 0 and 65536"),
+    ("num_experts_per_token", -3, "num_experts_per_token is -3; it must be between 0 and 65536"),
+    ("moe_num_experts", -8, "moe_num_experts is -8; it must be between 0 and 65536"),
+    ("moe_num_experts", 10**9, "moe_num_experts is 1000000000; it must be between 0 and 65536")])
+def test_experts_per_token_and_expert_counts_get_the_size_check_under_every_name(key, value, said):
+    """trial114 F3: moe_k, moe_topk, num_experts_per_token and moe_num_experts were judged as ints only, so moe_k -1 passed
+    validate and apply wrote an output whose forward pass fails ("selected index k out of range"), while
+    num_experts_per_tok -1 was refused. HunYuan's per-layer moe_topk list stays accepted, each entry checked."""
+    from midus_surgery.compiler.base import config_size_problems
+
+    ernie = {"num_hidden_layers": 4, "hidden_size": 64, "vocab_size": 128, "moe_num_experts": 8, "moe_k": 2}
+    assert config_size_problems({**ernie, key: value}) == [said]
+    assert config_size_problems({**ernie, "moe_topk": [1, 2, 2, 1]}) == []
+
+
+def test_a_negative_moe_k_is_refused_by_validate_and_apply_naming_the_key(tmp_path, capsys):
+    """trial114 F3: an Ernie 4.5 MoE base with moe_k -1 validated OK and a copy recipe applied with exit 0."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = tmp_path / "ernie"
+    fields = AutoConfig.for_model("ernie4_5_moe").to_dict()
+    config = AutoConfig.for_model("ernie4_5_moe", **{k: v for k, v in SMALL.items() if k in fields}, moe_num_experts=4, moe_k=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)  # weights: apply reads them
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "moe_k": -1}))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base:\n  path: {base}\nlayout: {{interleave: {{after: [1], kind: copy}}}}\noutput: {{dir: {tmp_path / 'out'}}}\n")
+    for command in (["validate", str(recipe)], ["apply", str(recipe), "--quiet"]):
+        capsys.readouterr()
+        code = main(command)
+        said = capsys.readouterr()
+        assert code == 2 and "OK" not in said.out, said
+        assert "moe_k is -1; it must be between 0 and 65536" in said.err, said.err
+    assert not (tmp_path / "out").exists()

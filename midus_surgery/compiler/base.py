@@ -90,16 +90,18 @@ _SIZES = {
     ("vocab_size",): 2**24,
     ("max_position_embeddings", "n_positions"): 2**30,
     ("sliding_window",): 2**30,
-    ("num_experts", "num_local_experts", "n_routed_experts"): 2**16,
-    ("num_experts_per_tok",): 2**16,
 }
 # 0 experts is a dense model (Granite 4.0's dense configs: num_local_experts 0, num_experts_per_tok 0: the pair is checked
 # in _experts_problems); no window, a full one
 _EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 # experts per token, by the names configs give it (Ernie 4.5's moe_k, Aria's and Hunyuan's moe_topk, Kimi's num_experts_per_token)
 _PER_TOKEN = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk")
-_MAY_BE_ZERO = {"sliding_window", *_EXPERT_COUNTS, "num_experts_per_tok"}
-_PER_LAYER_OK = {"intermediate_size", "n_inner", "ffn_dim", "num_key_value_heads"}  # some configs list these per layer
+# every name of both gets the size check: moe_k -1 was judged by nothing, validated, and applied into an output whose
+# forward pass fails (trial114)
+_SIZES.update({_EXPERT_COUNTS: 2**16, _PER_TOKEN: 2**16})
+_MAY_BE_ZERO = {"sliding_window", *_EXPERT_COUNTS, *_PER_TOKEN}
+# some configs list these per layer (HunYuan-MoE's moe_topk: trial71)
+_PER_LAYER_OK = {"intermediate_size", "n_inner", "ffn_dim", "num_key_value_heads", "moe_topk"}
 _REQUIRED = ("num_hidden_layers", "hidden_size", "vocab_size")  # heads too when the config has them (state-space models have none)
 
 
