@@ -71,7 +71,7 @@ def test_a_helper_linked_outside_the_base_is_neither_named_nor_copied(llama, tmp
     assert {p.name for p in out.glob("*.py")} == {"helper.py", "tok.py"}
     assert "ext.py" not in (out / "README.md").read_text() and "(`helper.py`, `tok.py`, named by" in (out / "README.md").read_text()
     warned = [line for line in err.splitlines() if "ext.py" in line]
-    assert len(warned) == 1 and "names its own code in ext.py, which it does not hold as a file inside the base" in warned[0], err
+    assert len(warned) == 1 and "names its own code in ext.py, which is a link leading out of the base directory" in warned[0], err
 
 
 def test_config_code_with_a_missing_relative_import_is_refused_by_validate_plan_and_apply_alike(llama, tmp_path, capsys):
@@ -173,3 +173,63 @@ def test_a_gguf_bases_tokenizer_code_is_named_carried_and_loads_from_the_output(
     code, said, _ = run(capsys, "plan", str(recipe))
     assert code == 0 and "code of its own" not in said, said
 
+
+
+def odd_file(path: Path, kind: str) -> str:
+    """``path`` made a named pipe, a link to /dev/zero, a folder or a sparse file over the module bound; what is said of it."""
+    import os
+
+    from midus_surgery.io.tokenizer_files import MAX_MODULE_BYTES
+
+    if kind == "fifo":
+        os.mkfifo(path)
+        return "is a named pipe, not a regular file"
+    if kind == "devzero":
+        path.symlink_to("/dev/zero")
+        return "is a device, not a regular file"
+    if kind == "dir":
+        path.mkdir()
+        return "is a folder, not a regular file"
+    with open(path, "wb") as handle:
+        handle.truncate(MAX_MODULE_BYTES + 1)
+    return f"is {MAX_MODULE_BYTES + 1:,} bytes, more than the {MAX_MODULE_BYTES:,} a Python module is read or copied up to"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "devzero", "big"])
+def test_config_code_importing_what_is_no_module_file_is_refused_by_validate_plan_and_apply(llama, tmp_path, capsys, kind):
+    """trial114 F2: config.json's kept auto_map names ctok.Tok, whose module imports .helper: a named pipe there hung
+    validate, plan and apply, a link to /dev/zero or a 1 GiB file ended in a MemoryError traceback. The tokenizer path's
+    rule (a regular file of a module's size) now holds here too: refused in one line that says what is there."""
+    base = base_with(llama, tmp_path, {"ctok.py": "from .helper import X\n"}, config_map={"AutoTokenizer": [None, "ctok.Tok"]})
+    what = odd_file(base / "helper.py", kind)
+    recipe = recipe_for(tmp_path, base)
+    why = f"{base / 'config.json'}: auto_map names 'ctok.Tok', whose module imports 'helper.py', which {what}"
+    for command in (["validate"], ["plan"], ["apply", "--quiet"]):
+        code, said, err = run(capsys, command[0], str(recipe), *command[1:])
+        assert code == 2 and "OK" not in said and why in err and "Traceback" not in err, (command, said, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_code_whose_module_is_over_the_bound_is_refused(llama, tmp_path, capsys):
+    """The module an auto_map entry names is held to the same rule as its imports."""
+    base = base_with(llama, tmp_path, {}, config_map={"AutoTokenizer": [None, "ctok.Tok"]})
+    what = odd_file(base / "ctok.py", "big")
+    code, said, err = run(capsys, "validate", str(recipe_for(tmp_path, base)))
+    assert code == 2 and f"auto_map names 'ctok.Tok', but 'ctok.py' {what}" in err, (said, err)
+
+
+@pytest.mark.parametrize("kind", ["devzero", "dir", "big"])
+def test_a_tokenizer_helper_that_is_no_module_file_is_said_for_what_it_is_and_not_copied(llama, tmp_path, capsys, kind):
+    """trial114 F4: a tokenizer helper that was a link to /dev/zero or a folder was warned of as one the base "does not
+    hold"; a 1 GiB helper.py was named as carried and copied whole, without a word. One rule: neither named nor copied,
+    and the warning says what is there."""
+    base = base_with(llama, tmp_path, {"tok.py": "from .helper import X\n"}, tokenizer_map={"AutoTokenizer": [None, "tok.Tok"]})
+    what = odd_file(base / "helper.py", kind)
+    recipe = recipe_for(tmp_path, base)
+    code, said, _ = run(capsys, "validate", str(recipe))
+    assert code == 0 and "(tok.py, named by" in said and "helper.py" not in said, said
+    code, said, err = run(capsys, "apply", str(recipe), "--quiet")
+    assert code == 0, err
+    assert f"warning: the base's tokenizer names its own code in helper.py, which {what}: not copied" in err, err
+    out = tmp_path / "out"
+    assert {p.name for p in out.glob("*.py")} == {"tok.py"} and "helper.py" not in (out / "README.md").read_text()

@@ -47,14 +47,15 @@ def refusal(where: str, code: dict[str, str]) -> str:
 def _module_file(directory: Path, reference, where: str) -> Path:
     """The base's own .py file a ``module.Class`` reference names; refused when it is not a file there."""
     from midus_surgery.errors import shown
-    from midus_surgery.io.tokenizer_files import carried_code_file
+    from midus_surgery.io.tokenizer_files import code_file_problem
 
     if not isinstance(reference, str) or not _LOCAL_REFERENCE.fullmatch(reference):
         raise ValueError(f"{where}: auto_map entry {shown(str(reference), 80)} is not a 'module.Class' of the base's own files "
                          "(code from another repository is not fetched)")
     name = reference.split(".")[0] + ".py"
-    if not carried_code_file(directory, name):
-        raise ValueError(f"{where}: auto_map names {shown(reference, 80)}, but {shown(name, 80)} is not a file in the base directory")
+    problem = code_file_problem(directory, name)
+    if problem:
+        raise ValueError(f"{where}: auto_map names {shown(reference, 80)}, but {shown(name, 80)} {problem}")
     return directory / name
 
 
@@ -95,9 +96,10 @@ def custom_causal_lm(config_data: dict):
 
 def code_files(directory: Path, auto_map: dict) -> list[Path]:
     """The base's .py files an output keeping ``auto_map`` needs: each module it names and their relative imports.
-    Raises ValueError for one the base does not hold as a file inside it: the output's code would not load."""
+    Raises ValueError for one the base does not hold as a module file inside it (code_file_problem, the tokenizer path's
+    rule too): the output's code would not load."""
     from midus_surgery.errors import shown
-    from midus_surgery.io.tokenizer_files import carried_code_file, relative_import_files
+    from midus_surgery.io.tokenizer_files import code_file_problem, relative_import_files
 
     where = str(directory / "config.json")
     files: list[Path] = []
@@ -107,9 +109,10 @@ def code_files(directory: Path, auto_map: dict) -> list[Path]:
                 continue
             module = _module_file(directory, ref, where)
             for name in [module.name, *relative_import_files(module)]:
-                if not carried_code_file(directory, name):
-                    raise ValueError(f"{where}: auto_map names {shown(ref, 80)}, whose module imports {shown(name, 80)}, which is "
-                                     "not a file in the base directory: the output's code would not load without it")
+                problem = code_file_problem(directory, name)
+                if problem:
+                    raise ValueError(f"{where}: auto_map names {shown(ref, 80)}, whose module imports {shown(name, 80)}, which "
+                                     f"{problem}: the output's code would not load without it")
                 if directory / name not in files:
                     files.append(directory / name)
     return files

@@ -30,7 +30,7 @@ from midus_surgery.io.shard_writer import ShardItem, write_shard
 from midus_surgery.io.small_files import regular_file_problem
 from midus_surgery.io.stored_dtypes import is_float_tag
 from midus_surgery.io.tensor_source import check_matches_config, inside_base, open_base_tensors
-from midus_surgery.io.tokenizer_files import tokenizer_code
+from midus_surgery.io.tokenizer_files import code_file_problem, tokenizer_code
 from midus_surgery.model import copy_modeling_files
 from midus_surgery.model.midus_names import AUTO_MAP, HML_MODULE, SHARED_BANK
 from midus_surgery.recipe.schema import LoadedRecipe
@@ -200,10 +200,9 @@ def _copy_tokenizer_code(ref, dest: Path) -> None:
     carried, left = tokenizer_code(ref.directory)
     for name in carried:
         shutil.copy2(ref.directory / name, dest / name)
-    for name in left:
-        _warn(f"the base's tokenizer names its own code in {printable(name)[:80]}, which it does not hold as a file inside the base "
-              "directory (missing, not a regular file, or a link leading out): not copied, so the output's tokenizer will not load "
-              "until that file is beside it")
+    for name in left:  # what the base holds there said, not "missing" for a device or a folder (trial114)
+        _warn(f"the base's tokenizer names its own code in {printable(name)[:80]}, which {code_file_problem(ref.directory, name)}: "
+              "not copied, so the output's tokenizer will not load until a module of that name is beside it")
 
 
 def _save_tokenizer_without_code(tokenizer, dest: Path) -> None:

@@ -30,8 +30,12 @@ def regular_file_problem(path: Path) -> str | None:
         return exc.strerror or str(exc)
     if stat.S_ISREG(mode):
         return None
-    kind = "a named pipe" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
-    return f"{path} is {kind}, not a regular file"
+    return f"{path} is {file_kind(mode)}, not a regular file"
+
+
+def file_kind(mode: int) -> str:
+    """What a path of ``mode`` (os.stat's st_mode) that is not a regular file is, in words."""
+    return "a named pipe" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
 
 
 def read_small_bytes(path: str | os.PathLike, limit: int = SMALL_BYTES, *, follow_links: bool = True) -> bytes:

@@ -3,10 +3,12 @@ code its tokenizer_config.json names (read as JSON, never imported)."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from midus_surgery.io.json_text import loads_as_transformers
-from midus_surgery.io.small_files import regular_file_problem
+from midus_surgery.io.small_files import file_kind, regular_file_problem
 
 TOKENIZER_FILE_PREFIXES = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece", "special_tokens_map", "added_tokens")
 
@@ -50,8 +52,9 @@ def relative_import_files(module: Path) -> list[str]:
     todo = [module]
     while todo:
         path = todo.pop()
-        # a regular file of a module's size only: a named pipe there hung validate, plan and apply (trial113)
-        if not _is_file(path) or path.stat().st_size > MAX_MODULE_BYTES:
+        # a regular file of a module's size only (code_file_problem): a named pipe there hung validate, plan and apply,
+        # a link to /dev/zero ended in a MemoryError (trial113, trial114)
+        if code_file_problem(path.parent, path.name):
             continue
         try:
             imports = get_relative_imports(str(path))
@@ -73,39 +76,42 @@ def tokenizer_code_files(config: Path) -> list[str]:
     names = {r.split(".")[0] + ".py" for r in _tokenizer_code_refs(config) if "--" not in r and r.count(".") == 1}
     names = {n for n in names if n != ".py" and "/" not in n and "\\" not in n}
     for name in sorted(names):
-        if _is_file(config.parent / name):
-            names.update(relative_import_files(config.parent / name))
+        names.update(relative_import_files(config.parent / name))  # read only where code_file_problem allows
     return sorted(names)
 
 
-def _is_file(path: Path) -> bool:
-    """Path.is_file, False for a name no file can have: a 300-character relative import raised ENAMETOOLONG out of
-    is_file, and validate printed OK, then failed on it (trial113)."""
-    try:
-        return path.is_file()
-    except OSError:
-        return False
-
-
-def carried_code_file(directory: Path, name: str) -> bool:
-    """Whether apply copies the base's code file ``name`` into the output: a regular file inside the base (a Hub cache
-    snapshot's link into its blobs is). The one rule for what is copied and what the note and the card name: a link
-    leading out was named as copied and left behind (trial113)."""
+def code_file_problem(directory: Path, name: str) -> str | None:
+    """Why apply does not carry (nor read) the base's code file ``name``, as words that follow the name ("is a device, not a
+    regular file"), or None: a regular file of a module's size inside the base (a Hub cache snapshot's link into its blobs
+    is). The one rule for what is read, copied, and named by the note and the card, for config.json's code and the
+    tokenizer's alike: a link leading out was named as copied and left behind (trial113); a pipe hung the config path, and
+    /dev/zero or a 1 GiB file ended in a MemoryError there, while the tokenizer path copied the 1 GiB whole (trial114)."""
     from midus_surgery.errors import MidusError
     from midus_surgery.io.tensor_source import inside_base
 
-    if not _is_file(directory / name):
-        return False
+    try:
+        info = os.stat(directory / name)
+    except (OSError, ValueError):  # missing, a broken link, a name too long to be a file's (ENAMETOOLONG: trial113)
+        return "is not a file in the base directory"
+    if not stat.S_ISREG(info.st_mode):
+        return f"is {file_kind(info.st_mode)}, not a regular file"
+    if info.st_size > MAX_MODULE_BYTES:
+        return f"is {info.st_size:,} bytes, more than the {MAX_MODULE_BYTES:,} a Python module is read or copied up to"
     try:
         inside_base(directory, name, f"the base's {name}")
     except MidusError:
-        return False
-    return True
+        return "is a link leading out of the base directory"
+    return None
+
+
+def carried_code_file(directory: Path, name: str) -> bool:
+    """Whether apply copies the base's code file ``name`` into the output (code_file_problem's rule)."""
+    return code_file_problem(directory, name) is None
 
 
 def tokenizer_code(directory: Path) -> tuple[list[str], list[str]]:
     """(the tokenizer code files apply copies from ``directory``, those its tokenizer_config.json names that it cannot:
-    missing, not a regular file, or a link leading out of the base)."""
+    code_file_problem says why)."""
     names = tokenizer_code_files(directory / "tokenizer_config.json")
     carried = [name for name in names if carried_code_file(directory, name)]
     return carried, [name for name in names if name not in carried]
