@@ -512,7 +512,7 @@ def cmd_apply(args) -> int:
 
     from midus_surgery.compiler.base import resolve_base
     from midus_surgery.compiler.planner import plan_for_apply
-    from midus_surgery.emit.emitter import check_apply_output, emit
+    from midus_surgery.emit.emitter import check_apply_output, check_base_code, emit
     from midus_surgery.io.tensor_source import check_base_weights_there
     from midus_surgery.recipe.schema import load_recipe
 
@@ -526,6 +526,7 @@ def cmd_apply(args) -> int:
     plan_done = time.perf_counter()
     plan = planned.plan
     print(f"{printable(str(args.recipe))}: {plan.base_num_layers} -> {plan.num_hidden_layers} layers, {human_count(plan.params['total'])} parameters", flush=True)
+    check_base_code(planned)  # before the notes: one named the base code it would copy, and the next line refused it (trial114)
     for note in _plan_notes(planned, start=True, apply=True):  # what validate and plan would have said (trial72 N7: apply said none)
         print(f"note: {note}", file=sys.stderr, flush=True)
     result = emit(planned, out_dir=args.out, overwrite=args.overwrite, allow_pickle=args.allow_pickle, progress=not args.quiet)

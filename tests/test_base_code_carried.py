@@ -175,6 +175,45 @@ def test_a_gguf_bases_tokenizer_code_is_named_carried_and_loads_from_the_output(
 
 
 
+MEMORY = "layout:\n  interleave:\n    after: [1]\n    kind: memory\nmemory: {n_subkeys: 8, topk: 4, latent_dim: 8}\n"
+
+
+@pytest.mark.parametrize("module", ["hml", "HML"])
+def test_a_gguf_bases_tokenizer_code_named_like_midus_files_is_refused_before_anything_is_written(tmp_path, capsys, module):
+    """trial114 F1: a GGUF base's trusted tokenizer module did `from .hml import VOCAB`, and the base's hml.py replaced
+    MIDUS's in the output and ran on the output's model load. Refused by validate, plan and apply as for a folder base,
+    before anything is written; F5: compared case-folded (HML.py is hml.py on macOS and Windows); F6: apply refuses
+    without first noting that it will copy the file."""
+    from test_gguf_metadata import write_llama_gguf
+
+    base = tmp_path / "gb"
+    base.mkdir()
+    write_llama_gguf(base / "model.gguf")
+    (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": [None, "tok.Tok"]}}))
+    (base / f"{module}.py").write_text("VOCAB = {f't{i}': i for i in range(32)}\n")
+    (base / "tok.py").write_text(TOK.replace("from .helper import", f"from .{module} import"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base:\n  path: {base / 'model.gguf'}\n  trust_remote_code: true\n{MEMORY}output:\n  dir: {tmp_path / 'out'}\n"
+                      "  dtype: float32\n")
+    why = f"the base has code of its own named like MIDUS's modeling files ({module}.py), which a MIDUS output ships under those names"
+    for command in (["validate"], ["plan"], ["apply", "--quiet"]):
+        code, said, err = run(capsys, command[0], str(recipe), *command[1:])
+        assert code == 2 and "OK" not in said and why in err, (command, said, err)
+        assert "code of its own that the output carries" not in said + err, (command, said, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_bases_code_named_like_midus_files_in_another_case_is_refused(llama, tmp_path, capsys):
+    """trial114 F5: the name clash was compared case-sensitively; Midus_Names.py is midus_names.py where the output is
+    used on macOS or Windows."""
+    base = base_with(llama, tmp_path, {"tok.py": "from .Midus_Names import X\n", "Midus_Names.py": "X = 1\n"},
+                     tokenizer_map={"AutoTokenizer": [None, "tok.Tok"]})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base:\n  path: {base}\n{MEMORY}output:\n  dir: {tmp_path / 'out'}\n")
+    code, said, err = run(capsys, "validate", str(recipe))
+    assert code == 2 and "named like MIDUS's modeling files (Midus_Names.py)" in err, (said, err)
+
+
 def odd_file(path: Path, kind: str) -> str:
     """``path`` made a named pipe, a link to /dev/zero, a folder or a sparse file over the module bound; what is said of it."""
     import os

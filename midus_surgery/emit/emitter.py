@@ -332,22 +332,24 @@ def check_planned(planned: PlannedRecipe) -> PlannedRecipe:
     ``validate`` and ``plan`` run too, and ``emit`` before it writes."""
     from midus_surgery.emit.replica import check_function_preserving
 
-    _check_base_code(planned)
+    check_base_code(planned)
     return check_function_preserving(planned, emit)
 
 
-def _check_base_code(planned: PlannedRecipe) -> None:
+def check_base_code(planned: PlannedRecipe) -> None:
     """The base code the output carries, refused where apply would refuse it (base_code_in_output raises), so validate and
     plan refuse it too, before they say OK (trial113). And a MIDUS output ships MIDUS's modeling files; base code the output
     carries under one of their names (a tokenizer module's `from .hml import X`, a config.json auto_map entry) was copied
-    over it, and loading the output as a model ran the base's file (trial113). Refused before anything is written."""
+    over it, and loading the output as a model ran the base's file (trial113). Refused before anything is written, and
+    compared case-folded: on macOS's and Windows' file systems, where outputs are used, HML.py is hml.py (trial114)."""
     from midus_surgery.compiler.custom_code import base_code_in_output
     from midus_surgery.model.midus_names import MODELING_FILES
 
     files, _ = base_code_in_output(resolve_base(planned.loaded), planned.plan, planned.loaded.recipe.base.trust_remote_code)
     if not planned.plan.memory_layers:
         return
-    clash = sorted(set(files) & set(MODELING_FILES))
+    ours = {name.casefold() for name in MODELING_FILES}
+    clash = sorted(name for name in files if name.casefold() in ours)
     if clash:
         raise BaseModelError(f"the base has code of its own named like MIDUS's modeling files ({', '.join(printable(n) for n in clash)}), "
                              "which a MIDUS output ships under those names: rename the base's file (and its imports), then apply again")
