@@ -272,3 +272,15 @@ def test_a_tokenizer_helper_that_is_no_module_file_is_said_for_what_it_is_and_no
     assert f"warning: the base's tokenizer names its own code in helper.py, which {what}: not copied" in err, err
     out = tmp_path / "out"
     assert {p.name for p in out.glob("*.py")} == {"tok.py"} and "helper.py" not in (out / "README.md").read_text()
+
+
+def test_trusted_building_code_importing_a_named_pipe_is_refused_before_transformers_reads_it(llama, tmp_path, capsys):
+    """config.json's AutoConfig module, run when the recipe trusts it, imported .helper, a named pipe: transformers read
+    it while building the config and validate hung. The module file rule holds for its imports before that."""
+    base = base_with(llama, tmp_path, {"cfg.py": "from .helper import X\nfrom transformers import LlamaConfig\n\n\n"
+                                                 "class MyConfig(LlamaConfig):\n    pass\n"},
+                     config_map={"AutoConfig": "cfg.MyConfig"})
+    what = odd_file(base / "helper.py", "fifo")
+    recipe = recipe_for(tmp_path, base, extra="  trust_remote_code: true\n")
+    code, said, err = run(capsys, "validate", str(recipe))
+    assert code == 2 and f"auto_map names 'cfg.MyConfig', whose module imports 'helper.py', which {what}" in err, (said, err)

@@ -71,6 +71,8 @@ def config_with_custom_code(data: dict, directory: Path, where: str):
     code = building_code(data)
     for reference in code.values():
         _module_file(directory, reference, where)
+    # and their relative imports, by the same rule, before transformers reads them: a named pipe there hung validate (trial114)
+    code_files(directory, code)
     fields = {k: v for k, v in data.items() if k not in ("model_type", "transformers_version", "_name_or_path")}
     if "AutoConfig" in code:
         config_class = get_class_from_dynamic_module(code["AutoConfig"], str(directory), local_files_only=True)
