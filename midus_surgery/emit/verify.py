@@ -28,7 +28,6 @@ at a prompt.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import tempfile
@@ -41,7 +40,7 @@ import torch
 
 from midus_surgery.compiler.custom_code import BUILDING_KEYS, building_code
 from midus_surgery.compiler.plan import guess_layers_path, is_inserted, plan_mismatch, read_plan_file
-from midus_surgery.emit.comparable import own_memory
+from midus_surgery.emit.comparable import own_memory, release_memory
 from midus_surgery.errors import (
     MachineError,
     MidusError,
@@ -93,10 +92,10 @@ def _load(path: Path, gguf_file: str | None = None, *, trust_remote_code: bool =
         from midus_surgery.model import shipped_causal_lm_class
 
         model, info = shipped_causal_lm_class(path).from_pretrained(path, dtype=torch.float32, output_loading_info=True)
-        return own_memory(model.eval()), info
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
-                                                       trust_remote_code=trust_remote_code, **kwargs)
+    else:
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
+                                                           trust_remote_code=trust_remote_code, **kwargs)
     return own_memory(model.eval()), info
 
 
@@ -485,6 +484,7 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     # the base phase compares the output's norm weights and biases with the base's, to move the copies in both models
     snapshot = _norms_and_zeros(model) if base_path is not None and identity_expected and plan is not None else None
     out_class, out_config = type(model), model.config  # a fresh instance of it, if the output fails a generation check
+    out_rows = model.get_input_embeddings().weight.shape[0]  # not the logits' width: CPM-Ant's and Moshi's differ from it
 
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids if tokenizer is not None else ids[:1, :8]
     generation = [(check, check(model)) for check in (lambda m: cache_check(m, prompt, tokenizer), lambda m: padded_cache_check(m, vocab))]
@@ -492,12 +492,14 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     # is let go once saved, so that the reload is the only model in memory (the output, the base and the reload, each
     # in float32, took 22 GB for a 1.7B model: trial93 F1)
     handed, model = [model], None
-    gc.collect()
+    release_memory()
     round_trip = round_trip_check(handed, ids, trust, shipped=shipped)
+    release_memory()  # the round trip's reload: gone before the base comes
 
     base_fails: dict[int, bool] = {}  # index in `generation` -> whether the base fails that check too
     if base_path is not None:
-        base_model, rows = _base_phase(out, config, plan, base_path, trust, trained, identity_expected, logits, ids, out_config, record)
+        base_model, rows = _base_phase(out, config, plan, base_path, trust, trained, identity_expected, logits, ids, out_config, out_rows,
+                                       record)
         if base_model is not None:
             perturbed = None
             if identity_expected:
@@ -509,7 +511,7 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
             if not round_trip.ok and not round_trip_check(handed, ids, trust).ok:  # last: it lets the base go once saved
                 round_trip = _skip(round_trip.name, f"the base model fails it too ({round_trip.detail})")  # RWKV rescales on save
             handed = None
-            gc.collect()
+            release_memory()
             if perturbed is not None:  # phase 3: the output again, its copies moved as the base's were
                 record(perturbed if isinstance(perturbed, Check) else _output_perturbed(out, trust, shipped, perturbed, ids))
             for row in rows:
@@ -536,9 +538,10 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
 
 
 def _base_phase(out: Path, config: dict, plan: dict | None, base_path: Path, trust: bool, trained: bool, identity_expected: bool,
-                logits: torch.Tensor, ids: torch.Tensor, out_config, record) -> tuple[torch.nn.Module | None, list[Check]]:
+                logits: torch.Tensor, ids: torch.Tensor, out_config, out_rows: int,
+                record) -> tuple[torch.nn.Module | None, list[Check]]:
     """Load the base (the output is no longer in memory) and record identity (or logits) against what the output phase
-    kept: its ``logits`` on ``ids`` and its config. Returns the base model and the weights and config rows, said after
+    kept: its ``logits`` on ``ids``, its config and its embedding table's row count (``out_rows``). Returns the base model and the weights and config rows, said after
     the perturbed identity; or (None, []) when it is not this output's base or does not load (said in the identity row)."""
     base_dir, gguf = (base_path.parent, base_path.name) if base_path.suffix == ".gguf" else (base_path, None)
     made_from, base_config = (plan or {}).get("base_num_hidden_layers"), {} if gguf else _config_dict(base_dir)
@@ -557,7 +560,7 @@ def _base_phase(out: Path, config: dict, plan: dict | None, base_path: Path, tru
         why = "out of memory" if isinstance(exc, MemoryError) else load_error_line(exc, 300)
         record(Check("identity", False, f"the base model {base_path} does not load: {why}"))
         return None, []
-    base_vocab, out_vocab = base_model.get_input_embeddings().weight.shape[0], logits.shape[-1]
+    base_vocab, out_vocab = base_model.get_input_embeddings().weight.shape[0], out_rows
     if base_vocab != out_vocab:  # the output's token ids would index past the base's table
         record(Check("identity", False, f"the base model {base_path} has a vocabulary of {base_vocab:,} tokens and the output "
                                          f"{out_vocab:,}: it is not this output's base"))
@@ -608,7 +611,7 @@ def round_trip_check(handed: list, ids: torch.Tensor, trust: bool, shipped: bool
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             model = None
-            gc.collect()
+            release_memory()
             reloaded, _ = _load(Path(tmp), trust_remote_code=trust, shipped=shipped)
             again = _logits(reloaded, ids)
     except Exception as exc:  # noqa: BLE001
