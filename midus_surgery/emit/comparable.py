@@ -29,13 +29,14 @@ def own_memory(model):
 
     Where the load had already copied the weights, each original is freed as its clone is made, into a heap the
     clones do not draw from: without a hand-back every so often the copy held the weights twice."""
-    cloned = 0
+    cloned = total = 0
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             tensor.data = tensor.data.clone()
             cloned += tensor.numel() * tensor.element_size()
             if cloned >= RELEASE_EVERY:
                 release_memory()
-                cloned = 0
-    release_memory()
+                total, cloned = total + cloned, 0
+    if total + cloned >= RELEASE_EVERY // 4:  # a tiny model (validate's replicas) is not worth a collection
+        release_memory()
     return model
