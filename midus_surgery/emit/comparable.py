@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import sys
 
 import torch
 
@@ -15,9 +16,11 @@ def release_memory() -> None:
     freed model stays in glibc's per-thread heaps (transformers loads on a thread pool), and the next model, allocated
     from other heaps, comes on top of it: verify, which lets the output go before the base loads, still held both."""
     gc.collect()
+    if not sys.platform.startswith("linux"):  # glibc's call; elsewhere (ctypes.CDLL(None) raises TypeError on Windows)
+        return
     try:
-        ctypes.CDLL(None).malloc_trim(0)  # glibc only; a no-op for what the heaps still use
-    except (OSError, AttributeError):  # another C library (musl, macOS): it keeps what it keeps
+        ctypes.CDLL(None).malloc_trim(0)  # a no-op for what the heaps still use
+    except (OSError, AttributeError, TypeError):  # another C library (musl): it keeps what it keeps
         pass
 
 
