@@ -1042,6 +1042,19 @@ def test_experts_per_token_and_expert_counts_get_the_size_check_under_every_name
     assert config_size_problems({**ernie, "moe_topk": [1, 2, 2, 1]}) == []
 
 
+@pytest.mark.parametrize("value,said", [
+    ([9, 9], "an entry of moe_topk is 9, more than moe_num_experts 8"), ([2, 9], "an entry of moe_topk is 9, more than"),
+    ([0, 0], "an entry of moe_topk is 0 with moe_num_experts 8: each token would use no expert")])
+def test_a_per_layer_moe_topk_list_is_judged_against_the_expert_count_entry_by_entry(value, said):
+    """HunYuan's per-layer moe_topk was size-checked only: [9]*L beside 8 experts validated and applied into an output whose
+    forward fails, and [0]*L passed where a plain 0 is refused. Each entry is judged as the plain number is."""
+    from midus_surgery.compiler.base import config_size_problems
+
+    config = {"num_hidden_layers": 2, "hidden_size": 64, "vocab_size": 128, "moe_num_experts": 8, "moe_topk": value}
+    problems = config_size_problems(config)
+    assert len(problems) == 1 and said in problems[0], problems
+
+
 def test_a_negative_moe_k_is_refused_by_validate_and_apply_naming_the_key(tmp_path, capsys):
     """trial114 F3: an Ernie 4.5 MoE base with moe_k -1 validated OK and a copy recipe applied with exit 0."""
     from transformers import AutoConfig, AutoModelForCausalLM

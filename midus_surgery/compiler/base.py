@@ -146,7 +146,7 @@ def _experts_problems(data: dict) -> list[str]:
     than 2 or more experts (topk fails). Not judged: 0 experts, or 1 (Jamba builds a plain MLP there, beside the per-token
     default 2 that save_pretrained writes; Qwen2/3-MoE, Qwen3-Next and GraniteMoeHybrid are dense at 0, and DeepSeek-V3 with
     every layer dense): a class that fails there fails its forward pass, an error the commands report (trial111)."""
-    for name, per_token in _ints(data, _PER_TOKEN):  # Ernie 4.5's moe_k 0 beside 8 experts passed (trial113)
+    for name, per_token in _per_token_counts(data):  # Ernie 4.5's moe_k 0 beside 8 experts passed (trial113)
         for key, count in _ints(data, _EXPERT_COUNTS):
             if per_token == 0 and count > 0:  # every MoE block would output zero
                 return [f"{name} is 0 with {key} {count}: each token would use no expert; set it to between 1 and {count}"]
@@ -154,6 +154,16 @@ def _experts_problems(data: dict) -> list[str]:
                 return [f"{name} is {per_token}, more than {key} {count}: a token cannot use more experts than there are; "
                         f"set it to between 1 and {count}"]
     return []
+
+
+def _per_token_counts(data: dict) -> list[tuple[str, int]]:
+    """(how to name it, experts per token) for each plain number and each entry of a per-layer list (HunYuan's moe_topk):
+    an entry is judged as the plain number is, as the layer it configures fails or outputs zero alike."""
+    found = _ints(data, _PER_TOKEN)
+    for key in _PER_LAYER_OK.intersection(_PER_TOKEN):
+        if isinstance(data.get(key), list):
+            found += [(f"an entry of {key}", v) for v in data[key] if isinstance(v, int) and not isinstance(v, bool)]
+    return found
 
 
 def _ints(data: dict, keys) -> list[tuple[str, int]]:
