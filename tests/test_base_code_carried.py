@@ -284,3 +284,52 @@ def test_trusted_building_code_importing_a_named_pipe_is_refused_before_transfor
     recipe = recipe_for(tmp_path, base, extra="  trust_remote_code: true\n")
     code, said, err = run(capsys, "validate", str(recipe))
     assert code == 2 and f"auto_map names 'cfg.MyConfig', whose module imports 'helper.py', which {what}" in err, (said, err)
+
+
+CFG = "from transformers import LlamaConfig\n\n\nclass MyConfig(LlamaConfig):\n    pass\n"
+
+
+@pytest.mark.parametrize("line,made", [("from .sub/../helper import X", "helper.py"), ("from .{outside} import X", None)])
+def test_trusted_building_code_whose_relative_import_holds_a_slash_is_refused_before_transformers_reads_it(
+        llama, tmp_path, capsys, line, made):
+    """A relative import name with a '/' (read by transformers' regex even in a docstring) was dropped unchecked, and
+    transformers then opened base/sub/../helper.py (a named pipe there hung validate) or, through an absolute name, a file
+    outside the base. Every name transformers would open is refused unless it is a module name inside the base."""
+    outside = tmp_path / "outside.py"
+    outside.write_text("X = 1\n")
+    line = line.format(outside=outside.with_suffix(""))  # "from ./tmp/.../outside": an absolute name
+    base = base_with(llama, tmp_path, {"cfg.py": f'"""notes:\n{line}\n"""\n' + CFG}, config_map={"AutoConfig": "cfg.MyConfig"})
+    (base / "sub").mkdir()
+    if made:
+        (base / made).write_text("X = 1\n")
+    recipe = recipe_for(tmp_path, base, extra="  trust_remote_code: true\n")
+    for command in (["validate"], ["plan"]):
+        code, said, err = run(capsys, command[0], str(recipe), *command[1:])
+        assert code == 2 and "whose module imports" in err and "which is not a module name inside the base" in err, (said, err)
+
+
+@pytest.mark.parametrize("line,kind", [("from .sub/../helper import VOCAB", None), ("from .helper import VOCAB", "big")])
+def test_a_gguf_bases_trusted_tokenizer_importing_what_fails_the_rule_is_refused_before_transformers_reads_it(
+        tmp_path, capsys, line, kind):
+    """A GGUF base's tokenizer is loaded by transformers, which reads the module's relative imports: a name with a '/'
+    (a named pipe behind it hung apply) or a file the rule refuses is refused by validate, plan and apply alike."""
+    from test_gguf_metadata import write_llama_gguf
+
+    base = tmp_path / "gb"
+    (base / "sub").mkdir(parents=True)
+    write_llama_gguf(base / "model.gguf")
+    (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": [None, "tok.Tok"]}}))
+    (base / "tok.py").write_text(f'"""notes:\n{line}\n"""\n' + TOK)
+    if kind:
+        odd_file(base / "helper.py", kind)
+    else:
+        (base / "helper.py").write_text("VOCAB = {f't{i}': i for i in range(32)}\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base:\n  path: {base / 'model.gguf'}\n  trust_remote_code: true\n{LAYOUT}output:\n  dir: {tmp_path / 'out'}\n"
+                      "  dtype: float32\n")
+    for command in (["validate"], ["plan"], ["apply", "--quiet"]):
+        code, said, err = run(capsys, command[0], str(recipe), *command[1:])
+        assert code == 2 and "tokenizer code names '" + line.split()[1][1:] + ".py', which is" in err, (command, said, err)
+        assert "OK" not in said, (command, said, err)
+    assert not (tmp_path / "out").exists()
+

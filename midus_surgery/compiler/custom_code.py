@@ -137,15 +137,23 @@ def base_code_in_output(ref, plan, trusted: bool) -> tuple[list[str], list[str]]
     ``trusted``: the recipe's base.trust_remote_code. Raises BaseModelError for config.json code apply cannot carry (a
     module or a relative import the base does not hold, another repository's reference): validate and plan refuse it as
     apply does, before they say OK (trial113: plan named no code at all, and apply refused)."""
-    from midus_surgery.errors import BaseModelError
-    from midus_surgery.io.tokenizer_files import tokenizer_code, tokenizer_code_repos
+    from midus_surgery.errors import BaseModelError, shown
+    from midus_surgery.io.tokenizer_files import code_file_problem, tokenizer_code, tokenizer_code_repos
 
     if not ref.exists:
         return [], []
     if ref.is_gguf:
         # a GGUF base's tokenizer is loaded through transformers, which runs its own code only when trusted; apply then
-        # carries that code as it carries a folder's (trial113: save_pretrained carried it unnamed)
-        return (tokenizer_code(ref.directory)[0], []) if trusted else ([], [])
+        # carries that code as it carries a folder's (trial113: save_pretrained carried it unnamed). transformers reads every
+        # module file it names while loading, so one the rule refuses is refused here, before that (a named pipe hung apply)
+        if not trusted:
+            return [], []
+        carried, left = tokenizer_code(ref.directory)
+        if left:
+            problem = code_file_problem(ref.directory, left[0])
+            raise BaseModelError(f"{ref.directory / 'tokenizer_config.json'}: its tokenizer code names {shown(left[0], 80)}, which "
+                                 f"{problem}: transformers would read it while loading the GGUF's tokenizer")
+        return carried, []
     kept = base_code_entries(plan.config.get("auto_map")) if plan.memory_layers else plan.config.get("auto_map")
     try:
         files = [path.name for path in code_files(ref.directory, kept)] if isinstance(kept, dict) else []

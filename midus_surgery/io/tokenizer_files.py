@@ -45,25 +45,28 @@ MAX_MODULE_BYTES = 4 * 2**20  # a Python module beside a tokenizer: kilobytes; r
 
 def relative_import_files(module: Path) -> list[str]:
     """The names of the files beside ``module`` that it imports relatively (``from .helper import X`` -> helper.py), and
-    theirs, as transformers finds them (read as text, never imported): it runs them with the module (trial111)."""
-    from transformers.dynamic_module_utils import get_relative_imports
+    theirs, as transformers finds them (read as text, never imported): it runs them with the module (trial111).
+    Every name transformers would open is returned, one that is no module name inside the base too (``from .sub/../x``,
+    ``from ./tmp/x``: its regex reads docstrings as well), so that the caller holds it to code_file_problem's rule."""
+    from transformers.dynamic_module_utils import get_relative_imports  # its own regex: no name slips between the two
 
+    directory = module.parent  # transformers opens f"{module_dir / m}.py" for every name, nested imports too
     found: list[str] = []
-    todo = [module]
+    todo = [module.name]
     while todo:
-        path = todo.pop()
+        name = todo.pop()
         # a regular file of a module's size only (code_file_problem): a named pipe there hung validate, plan and apply,
         # a link to /dev/zero ended in a MemoryError (trial113, trial114)
-        if code_file_problem(path.parent, path.name):
+        if code_file_problem(directory, name):
             continue
         try:
-            imports = get_relative_imports(str(path))
+            imports = get_relative_imports(str(directory / name))
         except (OSError, ValueError):  # a file it does not hold (named, so the copy warns of it), or one that is no UTF-8 text
             continue
-        for name in sorted(f"{m}.py" for m in imports):
-            if name not in found and name != module.name and "/" not in name and "\\" not in name:
-                found.append(name)
-                todo.append(module.parent / name)
+        for new in sorted(f"{m}.py" for m in imports):
+            if new not in found and new != module.name:
+                found.append(new)
+                todo.append(new)
     return found
 
 
@@ -89,6 +92,8 @@ def code_file_problem(directory: Path, name: str) -> str | None:
     from midus_surgery.errors import MidusError
     from midus_surgery.io.tensor_source import inside_base
 
+    if "/" in name or "\\" in name:  # transformers would open a path below, above or outside the base (an absolute one)
+        return "is not a module name inside the base"
     try:
         info = os.stat(directory / name)
     except (OSError, ValueError):  # missing, a broken link, a name too long to be a file's (ENAMETOOLONG: trial113)
