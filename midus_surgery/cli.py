@@ -302,6 +302,10 @@ def _plan_notes(planned, start: bool, apply: bool = False) -> list[str]:
     base_code = _base_code(ref, plan, recipe.base.trust_remote_code)
     if base_code:
         notes.append(base_code)
+    if not apply and ref.exists and not ref.is_gguf:  # apply warns of these as it copies (a GGUF's are refused before)
+        from midus_surgery.emit.emitter import tokenizer_code_left
+
+        notes += tokenizer_code_left(ref.directory)
     left = None if apply else _left_out_base_tensors(planned, ref)
     if left:
         notes.append(left)

@@ -265,11 +265,13 @@ def test_a_tokenizer_helper_that_is_no_module_file_is_said_for_what_it_is_and_no
     base = base_with(llama, tmp_path, {"tok.py": "from .helper import X\n"}, tokenizer_map={"AutoTokenizer": [None, "tok.Tok"]})
     what = odd_file(base / "helper.py", kind)
     recipe = recipe_for(tmp_path, base)
-    code, said, _ = run(capsys, "validate", str(recipe))
-    assert code == 0 and "(tok.py, named by" in said and "helper.py" not in said, said
+    warned = f"the base's tokenizer names its own code in helper.py, which {what}: not copied"
+    for command in ("validate", "plan"):  # said before apply, as apply says it (validate and plan were silent)
+        code, said, _ = run(capsys, command, str(recipe))
+        assert code == 0 and "(tok.py, named by" in said and warned in " ".join(said.split()), (command, said)
     code, said, err = run(capsys, "apply", str(recipe), "--quiet")
     assert code == 0, err
-    assert f"warning: the base's tokenizer names its own code in helper.py, which {what}: not copied" in err, err
+    assert f"warning: {warned}" in err, err
     out = tmp_path / "out"
     assert {p.name for p in out.glob("*.py")} == {"tok.py"} and "helper.py" not in (out / "README.md").read_text()
 

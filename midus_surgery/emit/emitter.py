@@ -197,12 +197,19 @@ def _copy_tokenizer(ref, dest: Path, trust_remote_code: bool) -> None:
 def _copy_tokenizer_code(ref, dest: Path) -> None:
     """The code the base's tokenizer_config.json names, copied (never imported: it runs only where a user trusts it) by
     tokenizer_code's rule, the one the note and the card name the files by; one warning for each file it leaves behind."""
-    carried, left = tokenizer_code(ref.directory)
-    for name in carried:
+    for name in tokenizer_code(ref.directory)[0]:
         shutil.copy2(ref.directory / name, dest / name)
-    for name in left:  # what the base holds there said, not "missing" for a device or a folder (trial114)
-        _warn(f"the base's tokenizer names its own code in {printable(name)[:80]}, which {code_file_problem(ref.directory, name)}: "
-              "not copied, so the output's tokenizer will not load until a module of that name is beside it")
+    for warning in tokenizer_code_left(ref.directory):
+        _warn(warning)
+
+
+def tokenizer_code_left(directory: Path) -> list[str]:
+    """A warning for each code file the base's tokenizer names that apply does not copy (code_file_problem), the one apply
+    gives and validate and plan give before it (only apply said it, and the output's tokenizer did not load)."""
+    # what the base holds there said, not "missing" for a device or a folder (trial114)
+    return [f"the base's tokenizer names its own code in {printable(name)[:80]}, which {code_file_problem(directory, name)}: "
+            "not copied, so the output's tokenizer will not load until a module of that name is beside it"
+            for name in tokenizer_code(directory)[1]]
 
 
 def _save_tokenizer_without_code(tokenizer, dest: Path) -> None:
