@@ -338,3 +338,11 @@ def test_a_gguf_bases_trusted_tokenizer_importing_what_fails_the_rule_is_refused
         assert "OK" not in said, (command, said, err)
     assert not (tmp_path / "out").exists()
 
+
+def test_trusted_building_code_importing_a_file_that_is_not_utf8_names_it(llama, tmp_path, capsys):
+    """transformers reads a module's imports as UTF-8: a latin-1 helper.py was refused as "base.path: 'utf-8' codec can't
+    decode...", naming no file."""
+    base = base_with(llama, tmp_path, {"cfg.py": "from .helper import X\n" + CFG}, config_map={"AutoConfig": "cfg.MyConfig"})
+    (base / "helper.py").write_bytes(b"# caf\xe9\nX = 1\n")
+    code, said, err = run(capsys, "validate", str(recipe_for(tmp_path, base, extra="  trust_remote_code: true\n")))
+    assert code == 2 and "'helper.py', which is not UTF-8 text" in err, (said, err)
