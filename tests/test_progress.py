@@ -62,3 +62,18 @@ def test_apply_and_eval_into_a_log_write_no_bar_frames(tmp_path, monkeypatch, ca
     err = capfd.readouterr().err
     assert "\r" not in err, err
     assert "apply: 100% (" in err and "eval: 100% (" in err, err
+
+
+def test_apply_quiet_draws_no_progress(tmp_path, monkeypatch, capfd):
+    """`apply --quiet` (README's command table): no bar on a terminal and no progress line in a log."""
+    base = make_model_dir(tmp_path / "base", with_plan=False)
+    (tmp_path / "r.yaml").write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after_every: 2\n    kind: identity\n"
+                                     "output:\n  dir: out\n")
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    for terminal in (False, True):
+        monkeypatch.setattr(progress, "on_terminal", lambda: terminal)
+        capfd.readouterr()
+        assert main(["apply", str(tmp_path / "r.yaml"), "--quiet", "--out", str(tmp_path / f"out-{terminal}")]) == 0
+        err = capfd.readouterr().err
+        assert "apply:" not in err and "\r" not in err, err
+        assert (tmp_path / f"out-{terminal}" / "config.json").is_file()
