@@ -465,9 +465,9 @@ def test_progress_bars_on_a_terminal_and_clean_lines_in_a_log_file(world, tmp_pa
     import struct
     import termios
 
-    def run(name: str, terminal: bool) -> str:
+    def run(name: str, terminal: bool, *flags: str) -> str:
         cfg = config(world, tmp_path, name=name, tokens=16 * 4 * 3, **{"log.every": 1, "log.progress": True, "eval.at_start": False})
-        command = [sys.executable, "-m", "midus_surgery.cli", "train", str(cfg)]
+        command = [sys.executable, "-m", "midus_surgery.cli", "train", str(cfg), *flags]
         if not terminal:
             done = subprocess.run(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
             assert done.returncode == 0, done.stdout.decode()[-2000:]
@@ -496,6 +496,9 @@ def test_progress_bars_on_a_terminal_and_clean_lines_in_a_log_file(world, tmp_pa
     assert all("ETA" in line for line in lines if line.startswith("step ") and "/3 |" in line)
     shown = run("shown", terminal=True)
     assert "train: 100%|" in shown and "3/3" in shown, shown
+    quiet = run("quiet", True, "--quiet")  # README: no progress bar, the log lines stay
+    assert "%|" not in quiet and [line.split(" |")[0] for line in quiet.splitlines() if line.startswith("step ")] == \
+        ["step 1/3", "step 2/3", "step 3/3"], quiet
 
 
 def test_a_second_run_in_a_run_dir_in_use_is_refused(world, tmp_path):
