@@ -932,7 +932,11 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     try:
         try:
-            return args.func(args)
+            with warnings.catch_warnings():
+                # transformers' deprecation notices (a base config's rope_scaling) came before the one line a refused
+                # input gets, with a path into site-packages: noise the user cannot act on through this tool
+                warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
+                return args.func(args)
         except BaseException:
             _ignore_sigterm()  # a launcher's SIGTERM to the survivors must not cut the one-line report below into a traceback
             raise

@@ -1074,3 +1074,18 @@ def test_a_negative_moe_k_is_refused_by_validate_and_apply_naming_the_key(tmp_pa
         assert code == 2 and "OK" not in said.out, said
         assert "moe_k is -1; it must be between 0 and 65536" in said.err, said.err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_refused_config_gets_its_one_line_without_transformers_deprecation_notice(tmp_path):
+    """A base config with a rope_scaling transformers deprecates: its FutureWarning (a path into site-packages and a
+    source line) came before the one located line the refusal is (found by tools/fuzz_recipes.py)."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 4, "n_head": 4, "vocab_size": 128,
+                                                      "n_positions": 128, "rope_scaling": {"rope_type": "dynamic"}}))
+    (tmp_path / "r.yaml").write_text("base:\n  path: no-such-model\n  config: config.json\nlayout:\n  interleave: {after_every: 2, kind: transformer}\n"
+                                     "output:\n  dir: out\n")
+    # a process of its own: pytest captures warnings before they reach stderr
+    done = subprocess.run([sys.executable, "-m", "midus_surgery.cli", "validate", str(tmp_path / "r.yaml")], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    err = done.stderr + done.stdout
+    assert "FutureWarning" not in err and "site-packages" not in err, err
+    assert err.splitlines()[0].startswith("INVALID ") and "base.config: transformers cannot build a config from it" in err, err
