@@ -522,7 +522,7 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
         record(_skip("identity", why))
         if plan is not None:  # what the base would also have checked: the same under perturbed norms, each copied tensor bit for bit
             if not trained and function_preserving(plan):
-                record(_skip("identity (perturbed)", "no base to compare with (see identity)"))
+                record(_skip(PERTURBED, "no base to compare with (see identity)"))
             record(_skip("weights", "no base to compare with (see identity)"))
             record(_skip("config", "no base to compare the per-layer config lists with (see identity)"))
 
