@@ -346,3 +346,52 @@ def test_trusted_building_code_importing_a_file_that_is_not_utf8_names_it(llama,
     (base / "helper.py").write_bytes(b"# caf\xe9\nX = 1\n")
     code, said, err = run(capsys, "validate", str(recipe_for(tmp_path, base, extra="  trust_remote_code: true\n")))
     assert code == 2 and "'helper.py', which is not UTF-8 text" in err, (said, err)
+
+
+def cli(*argv: str) -> subprocess.CompletedProcess:
+    """The command as a user runs it: its warnings as they reach a terminal, not as pytest captures them."""
+    return subprocess.run([sys.executable, "-m", "midus_surgery.cli", *argv], capture_output=True, text=True, timeout=600)
+
+
+LATIN1_TOK = "# -*- coding: latin-1 -*-\n# (c) Caf\xe9 Labs\n" + TOK
+
+
+def test_a_tokenizer_module_that_is_not_utf8_is_warned_of_on_a_folder_and_refused_on_a_trusted_gguf(llama, tmp_path, capsys):
+    """trial121 F1: the UTF-8 rule held for config.json's code only. A Latin-1 tok.py named by tokenizer_config.json passed
+    validate, plan and apply without a word and was copied into an output whose tokenizer failed with a bare codec error;
+    on a trusted GGUF base validate said OK and apply wrote no tokenizer. The one module file rule now holds it: a folder
+    base is warned of it (not copied), a trusted GGUF refused before transformers reads it, config.json's refusal as before."""
+    from test_gguf_metadata import write_llama_gguf
+
+    base = base_with(llama, tmp_path, {"helper.py": "VOCAB = {f't{i}': i for i in range(32)}\n"},
+                     tokenizer_map={"AutoTokenizer": [None, "tok.Tok"]})
+    (base / "tok.py").write_text(LATIN1_TOK, encoding="latin-1")
+    recipe = recipe_for(tmp_path, base)
+    warned = ("the base's tokenizer names its own code in tok.py, which is not UTF-8 text (byte 0xe9 at offset 35), as "
+              "transformers reads a module: not copied, so the output's tokenizer will not load")
+    for command in (["validate"], ["plan"], ["apply", "--quiet"]):
+        done = cli(command[0], str(recipe), *command[1:])
+        assert done.returncode == 0 and warned in done.stdout + done.stderr, (command, done.stdout, done.stderr)
+    assert not list((tmp_path / "out").glob("*.py"))  # its imports unread, as transformers would not get that far
+
+    gguf = tmp_path / "gb"
+    gguf.mkdir()
+    write_llama_gguf(gguf / "model.gguf")
+    for name in ("tokenizer_config.json", "tok.py", "helper.py"):
+        shutil.copy(base / name, gguf / name)
+    recipe = tmp_path / "g.yaml"
+    recipe.write_text(f"base:\n  path: {gguf / 'model.gguf'}\n  trust_remote_code: true\n{LAYOUT}output:\n  dir: {tmp_path / 'gout'}\n"
+                      "  dtype: float32\n")
+    why = f"{gguf / 'tokenizer_config.json'}: its tokenizer code names 'tok.py', which is not UTF-8 text (byte 0xe9 at offset 35)"
+    for command in (["validate"], ["plan"], ["apply", "--quiet"]):
+        code, said, err = run(capsys, command[0], str(recipe), *command[1:])
+        assert code == 2 and why in err and "OK" not in said and "Traceback" not in err, (command, said, err)
+    assert not (tmp_path / "gout").exists()
+
+    # config.json's code keeps its refusal, in the same words
+    (base / "tokenizer_config.json").unlink()
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoTokenizer": [None, "tok.Tok"]}}))
+    code, said, err = run(capsys, "validate", str(recipe_for(tmp_path, base)))
+    assert code == 2 and ("config.json: auto_map names 'tok.Tok', but 'tok.py' is not UTF-8 text (byte 0xe9 at offset 35), "
+                          "as transformers reads a module") in err, (said, err)

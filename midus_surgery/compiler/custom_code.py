@@ -111,7 +111,7 @@ def code_files(directory: Path, auto_map: dict) -> list[Path]:
                 continue
             module = _module_file(directory, ref, where)
             for name in [module.name, *relative_import_files(module)]:
-                problem = code_file_problem(directory, name) or _not_utf8(directory / name)
+                problem = code_file_problem(directory, name)
                 if problem and name == module.name:
                     raise ValueError(f"{where}: auto_map names {shown(ref, 80)}, but {shown(name, 80)} {problem}")
                 if problem:
@@ -120,16 +120,6 @@ def code_files(directory: Path, auto_map: dict) -> list[Path]:
                 if directory / name not in files:
                     files.append(directory / name)
     return files
-
-
-def _not_utf8(path: Path) -> str | None:
-    """Why transformers cannot read ``path`` (a module file that passed code_file_problem, so a small regular one), or None:
-    it reads every module and relative import as UTF-8, and its bare codec error named no file."""
-    try:
-        path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return f"is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}), as transformers reads a module"
-    return None
 
 
 def base_code_entries(auto_map) -> dict:

@@ -86,9 +86,11 @@ def tokenizer_code_files(config: Path) -> list[str]:
 def code_file_problem(directory: Path, name: str) -> str | None:
     """Why apply does not carry (nor read) the base's code file ``name``, as words that follow the name ("is a device, not a
     regular file"), or None: a regular file of a module's size inside the base (a Hub cache snapshot's link into its blobs
-    is). The one rule for what is read, copied, and named by the note and the card, for config.json's code and the
-    tokenizer's alike: a link leading out was named as copied and left behind (trial113); a pipe hung the config path, and
-    /dev/zero or a 1 GiB file ended in a MemoryError there, while the tokenizer path copied the 1 GiB whole (trial114)."""
+    is), in UTF-8 as transformers reads it. The one rule for what is read, copied, and named by the note and the card, for
+    config.json's code and the tokenizer's alike: a link leading out was named as copied and left behind (trial113); a pipe
+    hung the config path, and /dev/zero or a 1 GiB file ended in a MemoryError there, while the tokenizer path copied the
+    1 GiB whole (trial114); a Latin-1 tokenizer module was copied without a word into an output whose tokenizer then failed
+    with a bare codec error (trial121 F1)."""
     from midus_surgery.errors import MidusError
     from midus_surgery.io.tensor_source import inside_base
 
@@ -106,6 +108,18 @@ def code_file_problem(directory: Path, name: str) -> str | None:
         inside_base(directory, name, f"the base's {name}")
     except MidusError:
         return "is a link leading out of the base directory"
+    return _not_utf8(directory / name)
+
+
+def _not_utf8(path: Path) -> str | None:
+    """Why transformers cannot read ``path`` (a small regular file), or None: it reads every module and relative import as
+    UTF-8 (a coding cookie notwithstanding), and its bare codec error named no file."""
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}), as transformers reads a module"
+    except OSError as exc:  # unreadable (its permissions), or gone since the stat
+        return f"could not be read ({exc.strerror})"
     return None
 
 
