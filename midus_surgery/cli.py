@@ -302,7 +302,8 @@ def _plan_notes(planned, start: bool, apply: bool = False) -> list[str]:
     base_code = _base_code(ref, plan, recipe.base.trust_remote_code)
     if base_code:
         notes.append(base_code)
-    if not apply and ref.exists and not ref.is_gguf:  # apply warns of these as it copies (a GGUF's are refused before)
+    # apply warns of these as it copies; a GGUF's code is copied only when trusted (what would harm its load is refused before)
+    if not apply and ref.exists and (not ref.is_gguf or recipe.base.trust_remote_code):
         from midus_surgery.emit.emitter import tokenizer_code_left
 
         notes += tokenizer_code_left(ref.directory)

@@ -313,7 +313,7 @@ def test_trusted_building_code_whose_relative_import_holds_a_slash_is_refused_be
         assert code == 2 and "whose module imports" in err and "which is not a module name inside the base" in err, (said, err)
 
 
-@pytest.mark.parametrize("line,kind", [("from .sub/../helper import VOCAB", None), ("from .helper import VOCAB", "big")])
+@pytest.mark.parametrize("line,kind", [("from .sub/../helper import VOCAB", None), ("from .helper import VOCAB", "fifo")])
 def test_a_gguf_bases_trusted_tokenizer_importing_what_fails_the_rule_is_refused_before_transformers_reads_it(
         tmp_path, capsys, line, kind):
     """A GGUF base's tokenizer is loaded by transformers, which reads the module's relative imports: a name with a '/'
@@ -395,3 +395,38 @@ def test_a_tokenizer_module_that_is_not_utf8_is_warned_of_on_a_folder_and_refuse
     code, said, err = run(capsys, "validate", str(recipe_for(tmp_path, base)))
     assert code == 2 and ("config.json: auto_map names 'tok.Tok', but 'tok.py' is not UTF-8 text (byte 0xe9 at offset 35), "
                           "as transformers reads a module") in err, (said, err)
+
+
+def test_a_trusted_gguf_is_refused_only_for_what_its_tokenizer_load_opens_and_warned_of_the_rest(tmp_path):
+    """trial121 F2: a trusted GGUF base was refused for any file of any tokenizer_config.json auto_map entry the rule
+    rejects (an AutoProcessor module, a 4 MiB + 1 helper transformers reads without trouble), where a folder base with the
+    same files is warned of. AutoTokenizer opens only its own entry's module (the fast one of a [slow, fast] pair) and
+    its relative imports, and only what would harm that read is refused; the rest is warned of in the folder's words."""
+    from test_gguf_metadata import write_llama_gguf
+
+    from midus_surgery.io.tokenizer_files import MAX_MODULE_BYTES
+
+    base = tmp_path / "gb"
+    base.mkdir()
+    write_llama_gguf(base / "model.gguf")
+    (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["slowtok.Tok", "tok.Tok"],
+                                                                         "AutoProcessor": "proc.Proc"}}))
+    (base / "tok.py").write_text(TOK)
+    vocab = "VOCAB = {f't{i}': i for i in range(32)}\n"
+    (base / "helper.py").write_text(vocab + "#" * (MAX_MODULE_BYTES - len(vocab)) + "\n")  # one byte over, and importable
+    import os
+
+    os.mkfifo(base / "slowtok.py")  # the slow half of the pair: AutoTokenizer takes the fast one
+    os.mkfifo(base / "proc.py")  # AutoProcessor's: AutoTokenizer never opens it
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base:\n  path: {base / 'model.gguf'}\n  trust_remote_code: true\n{LAYOUT}output:\n  dir: {tmp_path / 'out'}\n"
+                      "  dtype: float32\n")
+    warned = [f"the base's tokenizer names its own code in helper.py, which is {MAX_MODULE_BYTES + 1:,} bytes, more than the "
+              f"{MAX_MODULE_BYTES:,} a Python module is read or copied up to: not copied",
+              "the base's tokenizer names its own code in proc.py, which is a named pipe, not a regular file: not copied",
+              "the base's tokenizer names its own code in slowtok.py, which is a named pipe, not a regular file: not copied"]
+    for command in (["validate"], ["plan"], ["apply", "--quiet"]):
+        done = cli(command[0], str(recipe), *command[1:])
+        said = " ".join((done.stdout + done.stderr).split())
+        assert done.returncode == 0 and all(w in said for w in warned), (command, done.stdout, done.stderr)
+    assert {p.name for p in (tmp_path / "out").glob("*.py")} == {"tok.py"}  # the tokenizer loaded, its code carried

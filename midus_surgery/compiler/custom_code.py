@@ -140,22 +140,23 @@ def base_code_in_output(ref, plan, trusted: bool) -> tuple[list[str], list[str]]
     module or a relative import the base does not hold, another repository's reference): validate and plan refuse it as
     apply does, before they say OK (trial113: plan named no code at all, and apply refused)."""
     from midus_surgery.errors import BaseModelError, shown
-    from midus_surgery.io.tokenizer_files import code_file_problem, tokenizer_code, tokenizer_code_repos
+    from midus_surgery.io.tokenizer_files import auto_tokenizer_files, code_file_problem, tokenizer_code, tokenizer_code_repos
 
     if not ref.exists:
         return [], []
     if ref.is_gguf:
         # a GGUF base's tokenizer is loaded through transformers, which runs its own code only when trusted; apply then
-        # carries that code as it carries a folder's (trial113: save_pretrained carried it unnamed). transformers reads every
-        # module file it names while loading, so one the rule refuses is refused here, before that (a named pipe hung apply)
+        # carries that code as it carries a folder's (trial113: save_pretrained carried it unnamed). What transformers opens
+        # while loading it (the AutoTokenizer entry's module and its imports) is refused here when opening it would do harm
+        # (a named pipe hung apply); the rest, and a missing or oversized file, apply warns of as for a folder (trial121 F2)
         if not trusted:
             return [], []
-        carried, left = tokenizer_code(ref.directory)
-        if left:
-            problem = code_file_problem(ref.directory, left[0])
-            raise BaseModelError(f"{ref.directory / 'tokenizer_config.json'}: its tokenizer code names {shown(left[0], 80)}, which "
-                                 f"{problem}: transformers would read it while loading the GGUF's tokenizer")
-        return carried, []
+        for name in auto_tokenizer_files(ref.directory):
+            problem = code_file_problem(ref.directory, name, hazards_only=True)
+            if problem:
+                raise BaseModelError(f"{ref.directory / 'tokenizer_config.json'}: its tokenizer code names {shown(name, 80)}, which "
+                                     f"{problem}: transformers would read it while loading the GGUF's tokenizer")
+        return tokenizer_code(ref.directory)[0], []
     kept = base_code_entries(plan.config.get("auto_map")) if plan.memory_layers else plan.config.get("auto_map")
     try:
         files = [path.name for path in code_files(ref.directory, kept)] if isinstance(kept, dict) else []

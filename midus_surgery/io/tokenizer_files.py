@@ -83,14 +83,39 @@ def tokenizer_code_files(config: Path) -> list[str]:
     return sorted(names)
 
 
-def code_file_problem(directory: Path, name: str) -> str | None:
+def auto_tokenizer_files(directory: Path) -> list[str]:
+    """The code files ``AutoTokenizer.from_pretrained(directory, trust_remote_code=True)`` opens, as transformers 5 picks
+    them (models/auto/tokenization_auto.py): of tokenizer_config.json's auto_map only the AutoTokenizer entry (or the
+    older list form), a [slow, fast] pair whose fast reference it takes, the slow one where that is null, with that
+    module's relative imports. Other entries (AutoProcessor...) are read by other loaders, not by this one (trial121 F2).
+    Names with '/' are kept: transformers would open them, so the caller refuses them."""
+    try:
+        config = directory / "tokenizer_config.json"
+        auto_map = loads_as_transformers(config.read_text()).get("auto_map") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return []
+    entry = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else auto_map
+    if not isinstance(entry, (list, tuple)) or len(entry) < 2:  # a bare string fails in transformers before it opens a file
+        return []
+    reference = entry[1] if entry[1] is not None else entry[0]
+    if not isinstance(reference, str) or "--" in reference or reference.count(".") != 1:  # another repository's, or no module
+        return []
+    module = reference.split(".")[0] + ".py"
+    return [module, *relative_import_files(directory / module)]
+
+
+def code_file_problem(directory: Path, name: str, *, hazards_only: bool = False) -> str | None:
     """Why apply does not carry (nor read) the base's code file ``name``, as words that follow the name ("is a device, not a
     regular file"), or None: a regular file of a module's size inside the base (a Hub cache snapshot's link into its blobs
     is), in UTF-8 as transformers reads it. The one rule for what is read, copied, and named by the note and the card, for
     config.json's code and the tokenizer's alike: a link leading out was named as copied and left behind (trial113); a pipe
     hung the config path, and /dev/zero or a 1 GiB file ended in a MemoryError there, while the tokenizer path copied the
     1 GiB whole (trial114); a Latin-1 tokenizer module was copied without a word into an output whose tokenizer then failed
-    with a bare codec error (trial121 F1)."""
+    with a bare codec error (trial121 F1).
+    ``hazards_only``: only what must stop a reader that opens the file (transformers loading a GGUF's tokenizer code): a
+    name leading elsewhere, no regular file (a pipe hangs it), a link leading out, text that is not UTF-8 (a codec error
+    naming no file). A missing file or one over the size bound is None then: transformers says the one itself, reads
+    the other, and apply warns that it is not copied (trial121 F2)."""
     from midus_surgery.errors import MidusError
     from midus_surgery.io.tensor_source import inside_base
 
@@ -99,16 +124,17 @@ def code_file_problem(directory: Path, name: str) -> str | None:
     try:
         info = os.stat(directory / name)
     except (OSError, ValueError):  # missing, a broken link, a name too long to be a file's (ENAMETOOLONG: trial113)
-        return "is not a file in the base directory"
+        return None if hazards_only else "is not a file in the base directory"
     if not stat.S_ISREG(info.st_mode):
         return f"is {file_kind(info.st_mode)}, not a regular file"
-    if info.st_size > MAX_MODULE_BYTES:
+    too_big = info.st_size > MAX_MODULE_BYTES  # never read here, not even for its encoding
+    if too_big and not hazards_only:
         return f"is {info.st_size:,} bytes, more than the {MAX_MODULE_BYTES:,} a Python module is read or copied up to"
     try:
         inside_base(directory, name, f"the base's {name}")
     except MidusError:
         return "is a link leading out of the base directory"
-    return _not_utf8(directory / name)
+    return None if too_big else _not_utf8(directory / name)
 
 
 def _not_utf8(path: Path) -> str | None:
