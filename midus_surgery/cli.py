@@ -128,6 +128,19 @@ def _ratio(a: int, b: int) -> str:
     return f"{a / b:.3f}x" if b else "-"
 
 
+def _recipe_warnings(planned) -> list[str]:
+    """The warnings apply gives as it copies the base's tokenizer code (a file it will not copy), given by validate and
+    plan before it at the same level: they said it as a note, apply as a warning (trial121 F3)."""
+    from midus_surgery.compiler.base import resolve_base
+    from midus_surgery.emit.emitter import tokenizer_code_left
+
+    ref = resolve_base(planned.loaded)
+    # a GGUF's code is copied only when trusted (what would harm its load is refused before)
+    if not ref.exists or (ref.is_gguf and not planned.loaded.recipe.base.trust_remote_code):
+        return []
+    return tokenizer_code_left(ref.directory)
+
+
 def _pickle_only_base(loaded) -> str | None:
     """What apply will ask for when the base's weights are pickle only (validate reads no weights)."""
     from midus_surgery.compiler.base import resolve_base
@@ -165,6 +178,8 @@ def cmd_validate(args) -> int:
         out.print(f"{printable(str(path))}: {plan.base_num_layers} -> {plan.num_hidden_layers} layers ({summary})", markup=False)
         for note in _recipe_notes(planned, earlier_output, start=True):
             out.print(f"  note: {note}", markup=False)
+        for warning in _recipe_warnings(planned):
+            out.print(f"  warning: {warning}", markup=False)
     return 2 if failed else 0
 
 
@@ -302,11 +317,6 @@ def _plan_notes(planned, start: bool, apply: bool = False) -> list[str]:
     base_code = _base_code(ref, plan, recipe.base.trust_remote_code)
     if base_code:
         notes.append(base_code)
-    # apply warns of these as it copies; a GGUF's code is copied only when trusted (what would harm its load is refused before)
-    if not apply and ref.exists and (not ref.is_gguf or recipe.base.trust_remote_code):
-        from midus_surgery.emit.emitter import tokenizer_code_left
-
-        notes += tokenizer_code_left(ref.directory)
     left = None if apply else _left_out_base_tensors(planned, ref)
     if left:
         notes.append(left)
@@ -412,6 +422,7 @@ def cmd_plan(args) -> int:
         if not args.tensors:
             data.pop("tensors")
         data["notes"] = _recipe_notes(planned, earlier_output, start=True)  # what validate notes: pruned layers, random memory...
+        data["warnings"] = _recipe_warnings(planned)  # what apply warns of (tokenizer code it will not copy)
         print(json.dumps(data, indent=2))
         return 0
 
@@ -450,6 +461,8 @@ def cmd_plan(args) -> int:
     out.print(counts)
     for note in _recipe_notes(planned, earlier_output, start=False):
         out.print(f"note: {note}", markup=False)
+    for warning in _recipe_warnings(planned):
+        out.print(f"warning: {warning}", markup=False)
     if args.tensors:
         tensors = Table(title="Tensor map")
         for col in ("output tensor", "shape", "from"):

@@ -66,7 +66,7 @@ def test_a_helper_linked_outside_the_base_is_neither_named_nor_copied(llama, tmp
     code, said, _ = run(capsys, "validate", str(recipe))  # not named as carried: warned of, as apply warns
     assert code == 0 and "(helper.py, tok.py, named by" in said, said
     assert [line for line in said.splitlines() if "ext.py" in line] == [
-        "  note: the base's tokenizer names its own code in ext.py, which is a link leading out of the base directory: not "
+        "  warning: the base's tokenizer names its own code in ext.py, which is a link leading out of the base directory: not "
         "copied, so the output's tokenizer will not load until a module of that name is beside it"], said
     code, said, err = run(capsys, "apply", str(recipe), "--quiet")
     assert code == 0, err
@@ -430,3 +430,20 @@ def test_a_trusted_gguf_is_refused_only_for_what_its_tokenizer_load_opens_and_wa
         said = " ".join((done.stdout + done.stderr).split())
         assert done.returncode == 0 and all(w in said for w in warned), (command, done.stdout, done.stderr)
     assert {p.name for p in (tmp_path / "out").glob("*.py")} == {"tok.py"}  # the tokenizer loaded, its code carried
+
+
+def test_validate_and_plan_give_the_uncarried_tokenizer_code_as_the_warning_apply_gives(llama, tmp_path):
+    """trial121 F3: validate and plan said apply's "warning:" about tokenizer code it will not copy as a "note:", so a
+    reader scanning validate for warnings saw none. All three give it as a warning; plan --json lists it under warnings."""
+    base = base_with(llama, tmp_path, {"tok.py": '"""Example:\n    from ./tools import helper\n"""\n'},
+                     tokenizer_map={"AutoTokenizer": [None, "tok.Tok"]})
+    recipe = recipe_for(tmp_path, base)
+    text = ("the base's tokenizer names its own code in /tools.py, which is not a module name inside the base: not copied, "
+            "so the output's tokenizer will not load until a module of that name is beside it")
+    for command in (["validate"], ["plan"], ["apply", "--quiet"]):
+        done = cli(command[0], str(recipe), *command[1:])
+        lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if "/tools.py" in line]
+        assert done.returncode == 0 and lines == [f"warning: {text}"], (command, done.stdout, done.stderr)
+    done = cli("plan", str(recipe), "--json")
+    data = json.loads(done.stdout)
+    assert data["warnings"] == [text] and not [n for n in data["notes"] if "/tools.py" in n], data["notes"]
