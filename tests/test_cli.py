@@ -1055,6 +1055,34 @@ def test_a_per_layer_moe_topk_list_is_judged_against_the_expert_count_entry_by_e
     assert len(problems) == 1 and said in problems[0], problems
 
 
+
+def test_a_per_layer_num_experts_list_is_refused_in_one_line_saying_transformers_takes_none(tmp_path):
+    """trial121 F4: HunYuan-V1-MoE's gate reads num_experts[layer_idx] for a list, so [8]*L looked as legitimate as
+    moe_topk's list, but was refused as "must be a whole number". transformers 5 builds no such model (its config class
+    takes an int only, its experts one count): still refused, by validate and apply alike, now saying why."""
+    import torch
+    from transformers import AutoModelForCausalLM, HunYuanMoEV1Config
+
+    layers = 4
+    sizes = dict(num_hidden_layers=layers, hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, vocab_size=128, moe_topk=2)
+    with pytest.raises(Exception, match="num_experts"):  # when transformers takes the list, accept it here too
+        AutoModelForCausalLM.from_config(HunYuanMoEV1Config(**sizes, num_experts=[8] * layers))
+    config = HunYuanMoEV1Config(**sizes, num_experts=8)
+    torch.manual_seed(0)
+    base = tmp_path / "hb"
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    data = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**data, "num_experts": [8] * layers, "moe_topk": [2] * layers}))
+    (tmp_path / "r.yaml").write_text(f"base:\n  path: {base}\nlayout: {{interleave: {{after: [1], kind: copy}}}}\n"
+                                     f"output: {{dir: {tmp_path / 'out'}, dtype: float32}}\n")
+    said = (f"{base / 'config.json'}: num_experts must be one whole number for every layer, got [8, 8, 8, 8]: transformers' "
+            "config classes take no per-layer list of it")
+    for command in (["validate"], ["apply", "--quiet"]):
+        done = run(command[0], str(tmp_path / "r.yaml"), *command[1:])
+        assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, (command, done.stderr)
+    assert not (tmp_path / "out").exists()
+
 def test_a_negative_moe_k_is_refused_by_validate_and_apply_naming_the_key(tmp_path, capsys):
     """trial114 F3: an Ernie 4.5 MoE base with moe_k -1 validated OK and a copy recipe applied with exit 0."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -100,7 +100,9 @@ _PER_TOKEN = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk
 # forward pass fails (trial114)
 _SIZES.update({_EXPERT_COUNTS: 2**16, _PER_TOKEN: 2**16})
 _MAY_BE_ZERO = {"sliding_window", *_EXPERT_COUNTS, *_PER_TOKEN}
-# some configs list these per layer (HunYuan-MoE's moe_topk: trial71)
+# some configs list these per layer (HunYuan-MoE's moe_topk: trial71). Not an expert count: HunYuan-V1-MoE's gate reads
+# num_experts[layer_idx] for a list, but its config class refuses a list (a strict int field) and its experts are built
+# from the one count, and no other transformers 5 config takes a list there (trial121 F4)
 _PER_LAYER_OK = {"intermediate_size", "n_inner", "ffn_dim", "num_key_value_heads", "moe_topk"}
 _REQUIRED = ("num_hidden_layers", "hidden_size", "vocab_size")  # heads too when the config has them (state-space models have none)
 
@@ -110,6 +112,9 @@ def _count_problem(key: str, value, limit: int) -> str | None:
     for v in values:
         if v is None:
             continue
+        if isinstance(v, list) and key in _EXPERT_COUNTS:  # said, as moe_topk's list is taken: transformers takes none
+            return (f"{key} must be one whole number for every layer, got {_short(v)}: transformers' config classes take "
+                    "no per-layer list of it")
         if isinstance(v, bool) or not isinstance(v, int):
             return f"{key} must be a whole number, got {_short(v)}"
         low = 0 if key in _MAY_BE_ZERO else 1
