@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,6 +50,13 @@ def world(tmp_path_factory):
     train(load_train_config(cfg), echo=out["frozen-said"].append)
     out["frozen-trained"] = root / "frozen-run" / "final"
     out["frozen-cfg"] = cfg
+    # and with the base frozen too (tools/bench_cpt.py's protocol): only the inserted blocks' values train
+    cfg = write_config(root / "frozen-base-run.yaml", out["memory"], root / "frozen-base-run", root / "corpus", root / "cache",
+                       tokens=16 * 8 * 6, micro_batch_size=8, **{"eval.at_start": False, "optim.lr": 1e-2, "memory.lr": 3e-2,
+                                                                 "memory.retrieval": "frozen", "freeze": "base"})
+    out["frozen-base-said"] = []
+    train(load_train_config(cfg), echo=out["frozen-base-said"].append)
+    out["frozen-base-trained"] = root / "frozen-base-run" / "final"
     return out
 
 
@@ -265,6 +273,41 @@ def test_frozen_retrieval_trains_the_values_only(world):
     values = [n for n in start if ".hml.proj" in n or "midus_shared_bank" in n]
     assert values and all(not start[n].equal(frozen[n]) for n in values)
     assert "\nmemory retrieval frozen: " in "\n".join(world["frozen-said"])
+
+
+def slots_read(model_dir: Path, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Per Memory block, the sorted slots [H, T, k] every token of ``ids`` reads, through the layer's observer."""
+    from transformers import AutoModelForCausalLM
+
+    from midus_surgery.downstream.analyze import _memory_layers
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    read: dict[int, torch.Tensor] = {}
+    for index, layer in _memory_layers(model).items():
+        layer.observer = lambda w, slots, m, index=index: read.__setitem__(index, slots.sort(-1).values) or m
+    with torch.no_grad():
+        model(ids)
+    return read
+
+
+def test_frozen_retrieval_holds_the_slots_only_in_blocks_nothing_trains_below(world):
+    """Frozen query parameters are not fixed slots: a block's query is made from the residual stream entering it. With
+    the base frozen, the first Memory block (2) reads the very slots it read at the start; the second (5) reads a stream
+    block 2's trained values write into, and its slots move. The start line says which is which."""
+    ids = torch.randint(0, 60, (1, 64), generator=torch.Generator().manual_seed(0))
+    start, held = slots_read(world["memory"], ids), slots_read(world["frozen-base-trained"], ids)
+    assert sorted(start) == [2, 5]
+    assert start[2].equal(held[2])
+    assert not start[5].equal(held[5])
+    said = "\n".join(world["frozen-base-said"])
+    assert ("the slots each token reads stay as at the start in Memory block 2 only; Memory block 5 reads a residual "
+            "stream that layers training below it change, so the slots its tokens read move with it") in said
+    # freeze: none trains the embedding and every base layer: no block keeps its slots
+    assert ("no Memory block keeps the slots it read at the start: Memory blocks 2, 5 read a residual stream that layers "
+            "training below them change, so the slots their tokens read move with it (freeze: base keeps the base layers "
+            "still)") in "\n".join(world["frozen-said"])
+    trained = slots_read(world["frozen-trained"], ids)
+    assert not start[2].equal(trained[2]) and not start[5].equal(trained[5])
 
 
 def test_analyze_compares_the_fixed_retrieval_with_the_learned(world, capsys):

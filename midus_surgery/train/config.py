@@ -121,10 +121,13 @@ class MemoryOptimConfig(Strict):
     weight_decay: float = Field(0.0, ge=0.0, description="Weight decay of the memory tables (none by default).")
     grad_clip: float = Field(1.0, ge=0.0, description="Clip the memory tables' gradient norm separately from the rest (0: no clipping).")
     retrieval: Literal["learned", "frozen"] = Field(
-        "learned", description="`frozen`: which slots each token reads stays as it is at the start (the Memory blocks' query path: "
-        "their attention, query norm (and a `batch` norm's running statistics) and projection, and the sub-keys do not train); only the values (latent bank, head "
-        "projections, value tables, gate, output projection) train. The fixed-retrieval analysis: compare its held-out loss "
-        "with a `learned` run's (`midus-surgery analyze --fixed-retrieval`).")
+        "learned", description="`frozen`: the Memory blocks' query path (their attention, query norm (and a `batch` norm's running "
+        "statistics) and projection) and the sub-keys do not train; only the values (latent bank, head projections, value tables, "
+        "gate, output projection) train. A block's query is made from the residual stream entering it, so the slots its tokens "
+        "read stay as at the start only where nothing trains below it: with `freeze: base`, the first Memory block (when no "
+        "other inserted block sits under it); later blocks read a stream the earlier blocks' trained values write into, and "
+        "with `freeze: none` every block's stream moves. The start says which blocks keep their slots. The fixed-retrieval "
+        "analysis: compare its held-out loss with a `learned` run's (`midus-surgery analyze --fixed-retrieval`).")
 
 
 class EvalConfig(Strict):

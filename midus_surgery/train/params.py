@@ -47,6 +47,10 @@ class ParamGroups:
     trained_layers: list[int] | None = None
     earlier_layers: list[int] = field(default_factory=list)  # of trained_layers, those an earlier apply of a chain inserted
     retrieval_frozen: int | None = None  # how many tensors memory.retrieval: frozen holds still
+    # under memory.retrieval: frozen, the Memory blocks (layer indices) whose slots stay as at the start, and those whose
+    # query still moves because something trains below them (the residual stream it is made from changes)
+    fixed_slots: list[int] = field(default_factory=list)
+    moving_slots: list[int] = field(default_factory=list)
 
     def numel(self, group: str) -> int:
         return sum(p.numel() for _, p in getattr(self, group))
@@ -73,6 +77,25 @@ def retrieval_parameters(model, names: list[str]) -> set[str]:
         if inner is None or not inner.startswith(VALUE_PARAMETERS):
             out.add(name)
     return out
+
+
+def slots_held(model, trainable: dict[str, bool]) -> tuple[list[int], list[int]]:
+    """(the Memory blocks whose every token reads the slots it read at the start, the others), by layer index, once
+    ``trainable`` is decided with their query path frozen. A block's query is made from the residual stream entering
+    it, so it holds only where nothing below the block trains: no layer under it (an earlier Memory block's values
+    included: they write into that stream) and nothing outside the layers but the memory tables (the embedding
+    under freeze: none moves every block's stream). Frozen query parameters alone are not fixed slots (trial122)."""
+    from midus_surgery.model.modeling_midus import memory_blocks
+
+    blocks = {i: f"{anatomy['layers_path']}." for i, (anatomy, _, _) in memory_blocks(model.config).items()}
+    layer_of: dict[str, int | None] = {}
+    for name in trainable:
+        layer_of[name] = next((int(name[len(path):].split(".", 1)[0]) for path in set(blocks.values())
+                               if name.startswith(path) and name[len(path):].split(".", 1)[0].isdigit()), None)
+    moved_everywhere = any(trains and layer_of[n] is None and not is_memory_parameter(n) for n, trains in trainable.items())
+    lowest = min((layer_of[n] for n, trains in trainable.items() if trains and layer_of[n] is not None), default=None)
+    fixed = [i for i in sorted(blocks) if not moved_everywhere and (lowest is None or lowest >= i)]
+    return fixed, [i for i in sorted(blocks) if i not in fixed]
 
 
 def choose_params(model, freeze: str, plan: dict | None, loaded: LoadedTrainConfig, retrieval: str = "learned") -> ParamGroups:
@@ -109,6 +132,7 @@ def choose_params(model, freeze: str, plan: dict | None, loaded: LoadedTrainConf
             raise RecipeError([loaded.problem(("memory", "retrieval"), "`frozen` but the model has no Memory block: nothing retrieves")])
         trainable = {n: t and n not in fixed for n, t in trainable.items()}
         groups.retrieval_frozen = len(fixed)
+        groups.fixed_slots, groups.moving_slots = slots_held(model, trainable)
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if id(p) in seen:
@@ -146,7 +170,24 @@ def describe_groups(groups: ParamGroups, cfg: TrainConfig) -> str:
     if groups.retrieval_frozen is not None:
         lines.append(f"memory retrieval frozen: {groups.retrieval_frozen} tensors of the Memory blocks' query path and sub-keys do not train; "
                      "the values do")
+        lines.append(slots_line(groups, cfg.freeze))
     return "\n".join(lines)
+
+
+def slots_line(groups: ParamGroups, freeze: str) -> str:
+    """What memory.retrieval: frozen holds: the slots themselves only in the blocks nothing trains below."""
+    def blocks(indices: list[int]) -> str:
+        return ("Memory block " if len(indices) == 1 else "Memory blocks ") + ", ".join(map(str, indices))
+
+    if not groups.moving_slots:
+        return "the slots each token reads stay as at the start in every Memory block"
+    one = len(groups.moving_slots) == 1
+    moving = (f"{blocks(groups.moving_slots)} {'reads' if one else 'read'} a residual stream that layers training below "
+              f"{'it change' if one else 'them change'}, so the slots {'its' if one else 'their'} tokens read move with it")
+    if groups.fixed_slots:
+        return f"the slots each token reads stay as at the start in {blocks(groups.fixed_slots)} only; {moving}"
+    advice = " (freeze: base keeps the base layers still)" if freeze == "none" else ""
+    return f"no Memory block keeps the slots it read at the start: {moving}{advice}"
 
 
 def adamw_options(implementation: str, device: torch.device) -> dict:
