@@ -286,3 +286,18 @@ def test_fuzz_classifier():
     assert fuzz.classify(case, 2, "/r.yaml: file not found\n", "/r.yaml") == "invalid_file"
     assert fuzz.classify(case, 2, "something went wrong\n", "/r.yaml") == "unlocated"
     assert fuzz.classify(case, 1, "error: x\n", "/r.yaml") == "other_exit"
+
+
+def test_fuzz_lists_the_cases_of_a_class(tmp_path, capsys):
+    fuzz = load_tool("fuzz_recipes")
+    target = str(tmp_path / "r.yaml")
+    out = f"INVALID {target}\n  {target}:3:4: x: bad\n  {target}: layout: missing required key 'layout'\n"
+    assert fuzz.first_unlocated(out, target) == "r.yaml: layout: missing required key 'layout'"
+    assert fuzz._compact_int_lists('{\n  "a": [\n    3,\n    17\n  ]\n}') == '{\n  "a": [3, 17]\n}'
+    summary = fuzz.run_cases(12, seed=0, jobs=1)
+    assert sorted(i for ids in summary["cases_by_class"].values() for i in ids) == sorted(
+        r["index"] for r in summary["results"] if r["outcome"] not in ("ok", "invalid_located"))
+    assert fuzz.main(["--cases", "12", "--jobs", "1", "--list", "invalid_located", "--json", str(tmp_path / "s.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "cases invalid_located:" in printed and "cases_by_class" in (tmp_path / "s.json").read_text()
+    assert "results" not in json.loads((tmp_path / "s.json").read_text())

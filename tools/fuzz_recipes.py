@@ -24,6 +24,12 @@ Every case is classified:
     python tools/fuzz_recipes.py --cases 5000            # summary; exit 1 if any failure
     python tools/fuzz_recipes.py --cases 300 --seed 7 --json out.json
     python tools/fuzz_recipes.py --show 1234             # one case: its files and output
+    python tools/fuzz_recipes.py --cases 5000 --list invalid_file   # each such case: number, shape, line
+
+--list CLASS prints, after the summary, every case of that class with the first problem line that
+has no line:col (for invalid_file and unlocated; the first problem line for the other non-ok
+classes), the case's directory cut from it. --json keeps the case numbers of every class other
+than ok and invalid_located under ``cases_by_class``, so any of them can be looked at with --show.
 """
 
 from __future__ import annotations
@@ -433,6 +439,14 @@ def classify(case: dict, code, output: str, target: str) -> str:
     return "invalid_located" if located else "invalid_file"
 
 
+def first_unlocated(output: str, target: str) -> str:
+    """The first problem line of ``output`` without line:col (else its first problem line), the target's folder cut."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip() and not ln.strip().startswith("INVALID ")]
+    pick = next((ln for ln in lines if ln.startswith(target) and not _LOC.match(ln[len(target):])), lines[0] if lines else "")
+    folder = str(Path(target).parent) + os.sep if target else ""
+    return (pick.replace(folder, "") if folder != os.sep else pick)[:300]
+
+
 def _clip(text: str, head: int = 6000, tail: int = 2000) -> str:
     return text if len(text) <= head + tail else text[:head] + "\n[...]\n" + text[-tail:]
 
@@ -598,6 +612,9 @@ def run_cases(cases: int, seed: int = 0, jobs: int | None = None, slow: float = 
         "slowest_case": slowest["index"] if slowest else None, "wall_s": round(wall, 1),
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "by_shape": _by_shape(results),
+        "cases_by_class": {name: sorted(res["index"] for res in results if res["outcome"] == name)
+                           for name in OUTCOMES if name not in ("ok", "invalid_located") and counts[name]},
+        "results": sorted(results, key=lambda res: res["index"]),
         "failed": [res for res in results if res["outcome"] in FAILURES],
     }
 
@@ -617,6 +634,8 @@ def _record(case: dict, payload: bytes, killed: bool, wall: float, slow: float) 
     if outcome not in FAILURES and result["seconds"] > slow:
         outcome = "slow"
     out = {**base, "outcome": outcome}
+    if outcome not in ("ok", "invalid_located"):
+        out["line"] = first_unlocated(result["output"], result["target"])
     if outcome in FAILURES:
         out["detail"] = f"exit {result['code']}: {result['output'][:1500]}"
     return out
@@ -631,6 +650,11 @@ def _by_shape(results: list[dict]) -> dict:
     return shapes
 
 
+def _compact_int_lists(text: str) -> str:
+    """json.dumps(indent=2) with each list of whole numbers on one line (the case numbers stay short)."""
+    return re.sub(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]", lambda m: "[" + ", ".join(m.group(1).replace(",", " ").split()) + "]", text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=1000)
@@ -642,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mem-mb", type=int, default=4096, help="address space a worker may add (RLIMIT_AS), MiB")
     parser.add_argument("--json", type=Path, help="write the summary and every failure here")
     parser.add_argument("--show", type=int, help="print case SHOW's files and run it in this process")
+    parser.add_argument("--list", choices=OUTCOMES, metavar="CLASS",
+                        help="print every case of this outcome class: number, shape, mode and its first unlocated problem line")
     args = parser.parse_args(argv)
     if args.show is not None:
         case = make_case(args.seed, args.show, seed_recipes(), seed_train_configs())
@@ -661,8 +687,14 @@ def main(argv: list[str] | None = None) -> int:
           f"(timeouts {summary['timeouts']}), slowest case {summary['slowest_case']}: {summary['slowest_s']} s")
     for res in summary["failed"][:20]:
         print(f"FAILED case {res['index']} ({res['shape']}, {res['mode']}): {res['outcome']}\n    " + res.get("detail", "").strip().replace("\n", "\n    ")[-1200:])
+    results = summary.pop("results")
+    if args.list:
+        listed = [res for res in results if res["outcome"] == args.list]
+        print(f"{len(listed)} cases {args.list}:")
+        for res in listed:
+            print(f"  {res['index']:6d} {res['shape']:32s} {res['mode']:9s} {res.get('line', '')}")
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
+        args.json.write_text(_compact_int_lists(json.dumps(summary, indent=2)))
     return 1 if summary["failures"] else 0
 
 
