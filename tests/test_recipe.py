@@ -417,3 +417,23 @@ def test_a_lone_utf16_surrogate_in_a_key_or_a_string_is_said_at_its_line_in_word
     with pytest.raises(RecipeError) as info:
         load_train_config(config)
     assert [str(p) for p in info.value.problems] == [f"{config}:4:1: '\\ud800x' {lone} (both halves of its \\u escape pair) or remove it"]
+
+
+def test_a_missing_key_written_misspelt_or_indented_too_far_is_one_located_problem(tmp_path):
+    # `output_:` for output: the missing key is said at the misspelt one, not as a second line naming the file only
+    (p,) = problems(tmp_path, GOOD.replace("output:", "output_:"))
+    assert p.field == "output_" and p.where.endswith("r.yaml:10:1")
+    assert p.message == "unknown key 'output_'; did you mean 'output'? (a required key the file lacks)"
+    # layout: indented under base: said where it is
+    (p,) = problems(tmp_path, GOOD.replace("layout:\n  interleave:\n    after_every: 2\n    kind: memory\n",
+                                           "  layout:\n    interleave:\n      after_every: 2\n      kind: memory\n"))
+    assert p.field == "base.layout" and p.where.endswith("r.yaml:3:3")
+    assert p.message == "unknown key 'layout' here: it belongs one level up, where it is missing (indented too far?)"
+    # nested: output's dir misspelt, one line at the misspelt key
+    (p,) = problems(tmp_path, GOOD.replace("  dir: out\n", "  dirr: out\n"))
+    assert p.field == "output.dirr" and p.where.endswith("r.yaml:11:3")
+    assert p.message == "unknown key 'dirr'; did you mean 'dir'? (a required key the file lacks)"
+    # a missing key with an unrelated unknown one stays two problems
+    found = problems(tmp_path, GOOD.replace("output:\n  dir: out\n", "colour: blue\n"))
+    assert [(q.field, q.message.split(" (")[0]) for q in found] == [("output", "missing required key 'output'"),
+                                                                      ("colour", "unknown key 'colour'")]

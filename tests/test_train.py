@@ -88,6 +88,12 @@ def test_config_errors_are_located(tmp_path):
         load_train_config(path)
     assert "missing required key 'init_from'" in str(err.value)
     assert f"{path}:2:1: tokens: not a token count: 'lots'" in str(err.value)
+    # run_dir misspelt: one located problem, not a second line naming the file only
+    path.write_text("init_from: m\nrundir: r\ntokens: 1M\ndata:\n  train: x.txt\n")
+    with pytest.raises(RecipeError) as err:
+        load_train_config(path)
+    assert [str(p) for p in err.value.problems] == [
+        f"{path}:2:1: rundir: unknown key 'rundir'; did you mean 'run_dir'? (a required key the file lacks)"]
     # budgets as researchers write them (trial82 F10: 1e4 was refused while 10k was read)
     for written, count in (("1e4", 10_000), ("2.5e9", 2_500_000_000), ("1.5B", 1_500_000_000), ("20M", 20_000_000)):
         path.write_text(f"init_from: m\nrun_dir: r\ntokens: {written}\ndata:\n  train: x.txt\n")

@@ -439,6 +439,7 @@ def problems_from_validation(error: ValidationError, source: YamlSource, schema:
     suggesting the known key an unknown one is a typo of."""
     problems: dict[tuple, Problem] = {}
     expected: dict[tuple, list[str]] = {}
+    missing: list[tuple] = []  # the places of missing required keys
     bare_layers: list = []  # `layers: [0, 1, 1, 2]`: said once, with the form an entry has (trial71 L1)
     for item in error.errors():
         # pydantic adds pseudo-locations for union members and validators; keep the data path.
@@ -462,6 +463,9 @@ def problems_from_validation(error: ValidationError, source: YamlSource, schema:
         else:
             expected[loc] = [wanted] if wanted else []
         problems[loc] = Problem(source.where(loc), ".".join(map(str, loc)), message)
+        if item["type"] == "missing" and loc and isinstance(loc[-1], str):
+            missing.append(loc)
+    _fold_missing_into_misplaced(problems, missing)
     if bare_layers:  # at the first such entry
         numbers = [n for _, n in bare_layers]
         shown_numbers = ", ".join(map(str, numbers[:8])) + (", ..." if len(numbers) > 8 else "")
@@ -470,6 +474,26 @@ def problems_from_validation(error: ValidationError, source: YamlSource, schema:
             f"{{source: N, kind: identity}} for an inserted block, e.g. - {{source: {numbers[0]}}}"))
     # in the file's order, as a reader goes down it (pydantic reports missing keys, then unknown ones)
     return [problems[loc] for loc in sorted(problems, key=lambda loc: source.position(loc) or (0, 0))]
+
+
+def _fold_missing_into_misplaced(problems: dict[tuple, Problem], missing: list[tuple]) -> None:
+    """A required key the file lacks because it wrote it misspelt (``output_:``) or indented one level too far
+    (``layout:`` under ``base:``) is one problem, at the key the file holds: a top-level missing key has no line
+    of its own, so it was a second line naming the file only."""
+    for loc in missing:
+        key, parent = loc[-1], loc[:-1]
+        for other, problem in problems.items():
+            if not (problem.message.startswith("unknown key ") and other and other[:-1][:len(parent)] == parent):
+                continue
+            if len(other) == len(loc) and f"did you mean {key!r}?" in problem.message:
+                problems[other] = Problem(problem.where, problem.field, problem.message + " (a required key the file lacks)")
+            elif len(other) == len(loc) + 1 and other[-1] == key:
+                problems[other] = Problem(problem.where, problem.field,
+                                          f"unknown key {key!r} here: it belongs one level up, where it is missing (indented too far?)")
+            else:
+                continue
+            del problems[loc]
+            break
 
 
 def cwd_relative_hint(written: str, directory: Path) -> str:
