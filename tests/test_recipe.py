@@ -429,6 +429,11 @@ def test_a_missing_key_written_misspelt_or_indented_too_far_is_one_located_probl
                                            "  layout:\n    interleave:\n      after_every: 2\n      kind: memory\n"))
     assert p.field == "base.layout" and p.where.endswith("r.yaml:3:3")
     assert p.message == "unknown key 'layout' here: it belongs one level up, where it is missing (indented too far?)"
+    # the layout: line lost: its interleave: is read under base:, said there
+    (p,) = problems(tmp_path, GOOD.replace("layout:\n", ""))
+    assert p.field == "base.interleave" and p.where.endswith("r.yaml:3:3")
+    assert p.message == ("unknown key 'interleave' here: it is a key of layout:, which the file lacks (a layout: line above it "
+                         "missing, or this key indented wrongly?)")
     # nested: output's dir misspelt, one line at the misspelt key
     (p,) = problems(tmp_path, GOOD.replace("  dir: out\n", "  dirr: out\n"))
     assert p.field == "output.dirr" and p.where.endswith("r.yaml:11:3")

@@ -465,7 +465,7 @@ def problems_from_validation(error: ValidationError, source: YamlSource, schema:
         problems[loc] = Problem(source.where(loc), ".".join(map(str, loc)), message)
         if item["type"] == "missing" and loc and isinstance(loc[-1], str):
             missing.append(loc)
-    _fold_missing_into_misplaced(problems, missing)
+    _fold_missing_into_misplaced(problems, missing, schema)
     if bare_layers:  # at the first such entry
         numbers = [n for _, n in bare_layers]
         shown_numbers = ", ".join(map(str, numbers[:8])) + (", ..." if len(numbers) > 8 else "")
@@ -476,12 +476,13 @@ def problems_from_validation(error: ValidationError, source: YamlSource, schema:
     return [problems[loc] for loc in sorted(problems, key=lambda loc: source.position(loc) or (0, 0))]
 
 
-def _fold_missing_into_misplaced(problems: dict[tuple, Problem], missing: list[tuple]) -> None:
-    """A required key the file lacks because it wrote it misspelt (``output_:``) or indented one level too far
-    (``layout:`` under ``base:``) is one problem, at the key the file holds: a top-level missing key has no line
-    of its own, so it was a second line naming the file only."""
+def _fold_missing_into_misplaced(problems: dict[tuple, Problem], missing: list[tuple], schema: type[BaseModel] | None) -> None:
+    """A required key the file lacks because it wrote it misspelt (``output_:``), indented one level too far
+    (``layout:`` under ``base:``) or lost its line (``interleave:`` left under ``base:``) is one problem, at the
+    key the file holds: a top-level missing key has no line of its own, so it was a second line naming the file only."""
     for loc in missing:
         key, parent = loc[-1], loc[:-1]
+        children = set(_keys_at(schema, loc)) if schema is not None else set()
         for other, problem in problems.items():
             if not (problem.message.startswith("unknown key ") and other and other[:-1][:len(parent)] == parent):
                 continue
@@ -490,6 +491,10 @@ def _fold_missing_into_misplaced(problems: dict[tuple, Problem], missing: list[t
             elif len(other) == len(loc) + 1 and other[-1] == key:
                 problems[other] = Problem(problem.where, problem.field,
                                           f"unknown key {key!r} here: it belongs one level up, where it is missing (indented too far?)")
+            elif len(other) == len(loc) + 1 and other[-1] in children:
+                problems[other] = Problem(problem.where, problem.field,
+                                          f"unknown key {other[-1]!r} here: it is a key of {key}:, which the file lacks "
+                                          f"(a {key}: line above it missing, or this key indented wrongly?)")
             else:
                 continue
             del problems[loc]
