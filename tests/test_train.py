@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures.tiny import make_model_dir, state_of, write_config, write_corpus
+from train_fixtures.tiny import make_midus_output, make_model_dir, state_of, write_config, write_corpus
 
 from midus_surgery.errors import RecipeError, TrainingError
 from midus_surgery.io.model_card import NOT_TRAINED, STARTED_AS_BASE, STARTS_AS_BASE, training_line, training_section
@@ -710,6 +710,24 @@ def test_two_process_ddp_reads_different_data_and_agrees(world, tmp_path):
     assert accum == single
     a = state_of(tmp_path / "accum" / "final")
     assert [name for name in a if not torch.equal(a[name], d[name])] == []
+
+
+@pytest.fixture(scope="module")
+def batch_norm_model(world, tmp_path_factory):
+    """A MIDUS output whose Memory blocks' queries use query_norm: batch (running statistics and a 0-dim `updates`)."""
+    return make_midus_output(tmp_path_factory.mktemp("batch"), "  query_norm: batch\n")
+
+
+def test_a_data_trace_run_of_a_batch_norm_model_exports(world, tmp_path, batch_norm_model):
+    """The end's weights checksum viewed each tensor as bytes, and a 0-dim one (`updates`) raised: the run ended in a
+    traceback before its export (trial122 F2)."""
+    cfg = write_config(tmp_path / "run.yaml", batch_norm_model, tmp_path / "run", world["corpus"], world["cache"],
+                       tokens=16 * 4 * 2, **{"log.data_trace": True, "eval.at_start": False})
+    train(load_train_config(cfg))
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    end = json.loads((tmp_path / "run" / "trace" / "rank0.jsonl").read_text().splitlines()[-1])
+    assert len(end["final_checksum"]) == 64
+    assert any(name.endswith("query_norm.updates") for name in state_of(tmp_path / "run" / "final"))
 
 
 @pytest.mark.slow

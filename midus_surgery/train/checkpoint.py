@@ -325,7 +325,8 @@ def weights_checksum(model) -> str:
         if hasattr(t, "full_tensor"):  # an FSDP2 shard (DTensor): the whole tensor, gathered by every process in this order
             t = t.full_tensor()  # (.numpy() of the shard raised at the end of a data_trace run: trial87 F5)
         h.update(name.encode())
-        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape(-1) first: a 0-dim tensor (query_norm batch's `updates`) cannot be viewed as bytes (trial122 F2)
+        h.update(t.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

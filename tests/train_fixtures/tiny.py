@@ -76,15 +76,16 @@ def make_model_dir(path: Path, *, with_plan: bool = True, seed: int = 0, vocab_s
     return path
 
 
-def make_midus_output(root: Path) -> Path:
-    """A MIDUS output of the tiny Llama (4 layers -> 6: a memory block after every second layer), applied into root/out."""
+def make_midus_output(root: Path, memory: str = "") -> Path:
+    """A MIDUS output of the tiny Llama (4 layers -> 6: a memory block after every second layer), applied into root/out;
+    ``memory``: more lines of the recipe's memory section (e.g. "  query_norm: batch\n")."""
     from midus_surgery.compiler.planner import plan_recipe
     from midus_surgery.emit.emitter import emit
 
     base = make_model_dir(root / "base", with_plan=False)
     recipe = root / "midus.yaml"
     recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after_every: 2\n    kind: memory\n"
-                      "memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\noutput:\n  dir: out\n  dtype: float32\n")
+                      f"memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n{memory}output:\n  dir: out\n  dtype: float32\n")
     return emit(plan_recipe(recipe), progress=False).out_dir
 
 
