@@ -731,6 +731,28 @@ def test_a_data_trace_run_of_a_batch_norm_model_exports(world, tmp_path, batch_n
 
 
 @pytest.mark.slow
+def test_two_process_ddp_counts_both_processes_batch_norm_statistics(world, tmp_path, batch_norm_model):
+    """query_norm: batch under DDP: each process tracked its own micro-batches and DDP's buffer broadcast kept rank 0's,
+    so the statistics saw half the tokens (trial122 F3). Now both processes apply both micro-batches' statistics in
+    rank order: the same buffers on both (the end's checksums), `updates` counting both, and after one step the
+    statistics of one process accumulating the two micro-batches (grad_accum 2), bit for bit."""
+    extra = {"tokens": 16 * 8, "log.data_trace": True, "eval.at_start": False}
+    ddp = write_config(tmp_path / "ddp.yaml", batch_norm_model, tmp_path / "ddp", world["corpus"], world["cache"], micro_batch_size=4, **extra)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29538",
+                           "-m", "midus_surgery.cli", "train", str(ddp), "--quiet"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ends = [json.loads((tmp_path / "ddp" / "trace" / f"rank{r}.jsonl").read_text().splitlines()[-1]) for r in (0, 1)]
+    assert ends[0]["final_checksum"] == ends[1]["final_checksum"]
+    train(load_train_config(write_config(tmp_path / "accum.yaml", batch_norm_model, tmp_path / "accum", world["corpus"], world["cache"],
+                                         micro_batch_size=4, grad_accum=2, **extra)))
+    d, a = state_of(tmp_path / "ddp" / "final"), state_of(tmp_path / "accum" / "final")
+    statistics = [name for name in d if ".query_norm.running_" in name or name.endswith(".query_norm.updates")]
+    assert len(statistics) == 6 and {float(d[name]) for name in statistics if name.endswith("updates")} == {2.0}
+    assert [name for name in statistics if not torch.equal(d[name], a[name])] == []
+
+
+@pytest.mark.slow
 def test_a_two_process_run_resumes_its_own_checkpoint_to_the_uninterrupted_weights(world, tmp_path):
     """No test resumed a multi-process run, and every such resume was refused once checkpoints left frozen weights out:
     the check compared the file's names with DDP's `module.`-prefixed ones (trial97 F1)."""

@@ -969,7 +969,10 @@ class _HeadNorm(nn.Module):
            where the norm's weight trains (so frozen retrieval holds them), from the first batch on (momentum max(0.1, 1/(updates+1)): the
            first batch sets them; ``updates`` counts training forward passes, one per micro-batch, up
            to 10, from where the momentum stays 0.1: a count any float dtype holds exactly, bf16's included);
-           untouched they are 0 and 1, and the norm is exactly rms. Under gradient checkpointing the
+           under several processes (torch.distributed initialised, DDP or FSDP) a tracking forward
+           gathers every process's (mean, var) and applies them in rank order, one update each, so the
+           buffers stay the same everywhere and count every micro-batch; every process runs each
+           training forward in step there, so the collective matches. Untouched they are 0 and 1, and the norm is exactly rms. Under gradient checkpointing the
            forward runs again inside the backward pass: that second run normalises with the
            statistics the first one used and updates nothing, so the gradients are the ones of the
            forward that made the loss (the first run had already moved the statistics on).
@@ -1001,10 +1004,18 @@ class _HeadNorm(nn.Module):
 
     @torch.no_grad()
     def _track(self, q: Tensor) -> None:  # q [T, H, d_h]
-        momentum = (1.0 / (self.updates + 1.0)).clamp_min(self.MOMENTUM)  # a tensor: no host sync on CUDA
-        self.running_mean.lerp_(q.mean(0).to(self.running_mean.dtype), momentum)
-        self.running_var.lerp_(q.var(0, unbiased=False).to(self.running_var.dtype), momentum)
-        self.updates.add_(1).clamp_max_(self.COUNTED_UPDATES)  # bf16 counts exactly only to 256
+        stats = [(q.mean(0), q.var(0, unbiased=False))]
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # several processes (DDP, FSDP) run each training forward in step, each on its own micro-batch: every
+            # process applies every process's statistics, in rank order, so the buffers stay the same everywhere and
+            # count every micro-batch (DDP's buffer broadcast had kept rank 0's alone: trial122 F3)
+            stats = _every_process(*stats[0])
+        for mean, var in stats:
+            momentum = (1.0 / (self.updates + 1.0)).clamp_min(self.MOMENTUM)  # a tensor: no host sync on CUDA
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+            self.running_var.lerp_(var.to(self.running_var.dtype), momentum)
+            self.updates.add_(1).clamp_max_(self.COUNTED_UPDATES)  # bf16 counts exactly only to 256
 
     def forward(self, q: Tensor, fused_backward: bool = False) -> Tensor:  # q [T, H, d_h], any float dtype
         """q normalised in float32 (float64 for float64 q). fused_backward (the compiled CPU kernels loaded): an rms
@@ -1035,6 +1046,20 @@ class _HeadNorm(nn.Module):
         q = q - mu
         q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + self.eps)
         return q * self.weight.to(q.dtype) + self.bias.to(q.dtype)
+
+
+@torch.compiler.disable  # a collective: run eagerly under torch.compile
+def _every_process(mean: Tensor, var: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """(mean, var) of every process of the default group, in rank order: one all_gather, in the statistics' own float
+    dtype (float32 / float64, which gloo and NCCL both gather); through the CPU for gloo, which gathers no CUDA tensor."""
+    dist = torch.distributed
+    both = torch.stack((mean, var))
+    on = both.device
+    if on.type != "cpu" and dist.get_backend() == "gloo":
+        both = both.cpu()
+    parts = [torch.empty_like(both) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, both.contiguous())
+    return [(part[0].to(on), part[1].to(on)) for part in parts]
 
 
 def _caller_autocast(x: Tensor) -> tuple[str, Optional[torch.dtype]]:

@@ -192,7 +192,9 @@ class MemorySettings(Strict):
         "`batch`: each query feature standardised with running statistics over the tokens seen in training (the product-key "
         "memory paper's query BatchNorm, without batch statistics: no token's query depends on another token), then rms. The "
         "statistics count every token a training forward sees, pad tokens too: `midus-surgery train` packs blocks with none, "
-        "a trainer with a padding collator counts its pads. Its "
+        "a trainer with a padding collator counts its pads. Under several processes (DDP, FSDP) they count every "
+        "process's micro-batches: each training forward gathers every process's statistics and applies them in rank order, "
+        "so they are the same on every process. Its "
         "statistics (2 x heads x head_dim + 1 values a memory block) are written with the weights but are no parameters, so "
         "plan's parameter counts leave them out.")
     gate: StrictBool = Field(False, description="Memory+-style SiLU gate on the memory output.")
