@@ -202,6 +202,18 @@ def test_overrides(tmp_path):
 
 
 
+def test_held_out_fraction_is_not_judged_beside_held_out(tmp_path):
+    """data.held_out makes the fraction ignored: 0.5 was refused there while 0.3 was accepted and ignored (trial122 F4)."""
+    path = tmp_path / "ok.yaml"
+    path.write_text("init_from: m\nrun_dir: r\ntokens: 2M\ndata:\n  train: x.txt\n")
+    for fraction in ("0.3", "0.5", "0.9"):
+        assert load_train_config(path, ["data.held_out=[h.txt]", f"data.held_out_fraction={fraction}"]).config.data.held_out == ["h.txt"]
+    with pytest.raises(RecipeError, match=r"data\.held_out_fraction: should be a number, got the text 'half'"):
+        load_train_config(path, ["data.held_out=[h.txt]", "data.held_out_fraction=half"])
+    with pytest.raises(RecipeError, match=r"data\.held_out_fraction: should be below 0\.5, got 0\.5"):  # without held_out: judged
+        load_train_config(path, ["data.held_out_fraction=0.5"])
+
+
 def test_relative_paths_on_the_command_line_are_relative_to_the_config_file(tmp_path, monkeypatch):
     """docs/training.md: in the file and in overrides alike, whatever the working directory."""
     (tmp_path / "recipes" / "train").mkdir(parents=True)

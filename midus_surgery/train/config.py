@@ -88,6 +88,15 @@ class DataConfig(Strict):
     def _listify(cls, value):
         return [value] if isinstance(value, str) else value
 
+    @field_validator("held_out_fraction", mode="wrap")
+    @classmethod
+    def _not_judged_beside_held_out(cls, value, handler, info):
+        """Beside data.held_out the fraction is ignored, so its range is not judged: 0.5 was refused there while 0.3
+        was accepted and ignored (trial122 F4). A value that is not a number is still refused."""
+        if info.data.get("held_out") is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        return handler(value)
+
 
 class OptimConfig(Strict):
     """AdamW and the learning-rate schedule of every parameter outside the memory tables."""
