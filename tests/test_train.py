@@ -186,7 +186,8 @@ def test_overrides(tmp_path):
         load_train_config(path, ["optim.betas=[0.9, 0x" + "f" * 4000 + "]"])
     # pydantic's errors in YAML's words, one line per key (`tokens` is a number or a text like 20M)
     for override, said in (("tokens=true", "tokens: should be a whole number or text, got true"),
-                           ("freeze=true", "freeze: should be one of 'none', 'base' or 'memory-only', got true"),
+                           ("freeze=true", "freeze: should be one of 'none', 'base' or 'memory-only', got true (YAML reads yes/no, on/off "
+                                           "and true/false as booleans; quote a word meant as text)"),
                            ("data.train=[]", "data.train: should have at least 1 item(s), got 0"),
                            ("data.block_size=1", "data.block_size: should be at least 2, got 1"),
                            ("tokens=0", "tokens: should be at least 1 token, got 0")):
@@ -212,6 +213,22 @@ def test_held_out_fraction_is_not_judged_beside_held_out(tmp_path):
         load_train_config(path, ["data.held_out=[h.txt]", "data.held_out_fraction=half"])
     with pytest.raises(RecipeError, match=r"data\.held_out_fraction: should be below 0\.5, got 0\.5"):  # without held_out: judged
         load_train_config(path, ["data.held_out_fraction=0.5"])
+
+
+def test_an_override_yaml_misreads_says_how_to_write_it(tmp_path):
+    """A leading * (a YAML alias) gave a bare syntax error, and freeze=no said "got false" without why (trial122 F5)."""
+    path = tmp_path / "ok.yaml"
+    path.write_text("init_from: m\nrun_dir: r\ntokens: 2M\ndata:\n  train: x.txt\n")
+    for override, quoted in (("data.dir_glob=*.md", "data.dir_glob='*.md'"), ("data.dir_glob=[*.txt]", "data.dir_glob=['*.txt']"),
+                             ("data.dir_glob=[a.md, *.txt]", "data.dir_glob=[a.md, '*.txt']")):
+        with pytest.raises(RecipeError) as err:
+            load_train_config(path, [override])
+        assert str(err.value).endswith(f"(YAML reads a leading * as an alias: quote the value inside the shell's quotes, \"{quoted}\")"), err.value
+        assert load_train_config(path, [quoted]).config.data.dir_glob[-1] == "*.txt" if "txt" in quoted else True
+    for override, got in (("freeze=no", "false"), ("freeze=on", "true"), ("init_from=off", "false")):
+        with pytest.raises(RecipeError) as err:
+            load_train_config(path, [override])
+        assert str(err.value).endswith(f"got {got} (YAML reads yes/no, on/off and true/false as booleans; quote a word meant as text)"), err.value
 
 
 def test_relative_paths_on_the_command_line_are_relative_to_the_config_file(tmp_path, monkeypatch):

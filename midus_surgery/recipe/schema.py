@@ -369,6 +369,8 @@ def _say(item: dict, loc: tuple) -> tuple[str, str | None]:
     if kind == "string_type" and item.get("input") is None:  # `dir: ~` meant home: YAML's ~ is null
         return ("should be text, got nothing (null: YAML reads ~, null and an empty value so; quote a path that starts with ~, "
                 "e.g. '~/models')"), _EXPECTED[kind]
+    if kind in ("literal_error", "string_type") and isinstance(item.get("input"), bool):  # freeze=no read as false (trial122 F5)
+        got += " (YAML reads yes/no, on/off and true/false as booleans; quote a word meant as text)"
     if kind in _EXPECTED:
         return f"should be {_EXPECTED[kind]}, got {got}", _EXPECTED[kind]
     if kind in _BOUNDS and _BOUNDS[kind][0] in ctx:

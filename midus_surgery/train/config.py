@@ -316,7 +316,11 @@ def apply_overrides(source: YamlSource, overrides: list[str]) -> tuple[_Overridd
             # the recipe loader, with its limits (no alias bombs, no unknown tags, no 5000-digit numbers)
             value = load_yaml("command line", text=raw).data if raw.strip() else None
         except RecipeError as exc:
-            problems.append(Problem(_on_command_line(text), key, f"cannot read the value as YAML: {'; '.join(p.message for p in exc.problems)}"))
+            said = "; ".join(p.message for p in exc.problems)
+            if re.search(r"(^|[\[{,])\s*\*", raw.strip()):  # data.dir_glob=*.md: a leading * is a YAML alias (trial122 F5)
+                quoted = re.sub(r"(^|[\[{,]\s*)(\*[^,\]}]*)", r"\1'\2'", raw.strip())
+                said += f" (YAML reads a leading * as an alias: quote the value inside the shell's quotes, \"{key}={quoted}\")"
+            problems.append(Problem(_on_command_line(text), key, f"cannot read the value as YAML: {said}"))
             continue
         node = source.data
         for part in parts[:-1]:
