@@ -1270,3 +1270,54 @@ def test_the_exported_and_done_lines_show_the_model_folder_escaped(world, tmp_pa
     assert exported and exported[-1].endswith(f"exported {tmp_path}/run\\u2028x/final"), lines
     assert done and done[0].endswith(f"model in {tmp_path}/run\\u2028x/final"), lines
     assert (tmp_path / "run\u2028x" / "final" / "config.json").is_file()
+
+
+_TRACK_ON_EACH_RANK = """
+import sys, torch, torch.distributed as dist
+from midus_surgery.model.hml import _HeadNorm
+dist.init_process_group("gloo")
+rank, qs = dist.get_rank(), torch.load(sys.argv[1])
+norm = _HeadNorm("batch", 2, 8, 1e-6)
+torch.nn.init.ones_(norm.weight)
+for step in qs:  # every rank runs each training forward in step, on its own micro-batch
+    norm(step[rank])
+torch.save({k: v.clone() for k, v in norm.state_dict().items()}, sys.argv[2] + f"/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_batch_query_norm_counts_every_processs_micro_batches_in_rank_order(tmp_path):
+    """Under DDP each process tracked its own micro-batches and DDP's buffer broadcast kept rank 0's: the statistics
+    saw 1/N of the tokens (trial122 F3). Now every process applies every process's (mean, var), in rank order: the
+    buffers are the same on every rank and equal one process's that saw the micro-batches in that order."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from midus_surgery.model.hml import _HeadNorm
+
+    g = torch.Generator().manual_seed(0)
+    qs = torch.randn(3, 2, 11, 2, 8, generator=g) * torch.linspace(0.5, 3.0, 8) + torch.arange(3.0).reshape(3, 1, 1, 1, 1)
+    torch.save(qs, tmp_path / "qs.pt")
+    (tmp_path / "track.py").write_text(_TRACK_ON_EACH_RANK)
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p))
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29591",
+                           str(tmp_path / "track.py"), str(tmp_path / "qs.pt"), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    one = _HeadNorm("batch", 2, 8, 1e-6)
+    torch.nn.init.ones_(one.weight)
+    for step in qs:
+        for rank_q in step:  # rank 0's micro-batch, then rank 1's
+            one(rank_q)
+    expected = one.state_dict()
+    assert float(expected["updates"]) == 6
+    for r in (0, 1):
+        assert ranks[r].keys() == expected.keys()
+        for k in expected:
+            assert torch.equal(ranks[r][k], expected[k]), (r, k)
