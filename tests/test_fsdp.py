@@ -67,10 +67,11 @@ def world(tmp_path_factory):
     write_corpus(root / "corpus", files=2, sentences_per_file=60)
     base = make_model_dir(root / "base", with_plan=False)
     models = {}
-    for bank in ("own", "shared"):
+    for bank in ("own", "shared", "batch"):
         recipe = root / f"{bank}.yaml"
+        norm = "  query_norm: batch\n" if bank == "batch" else ""
         recipe.write_text(f"base:\n  path: {base}\nlayout:\n  interleave:\n    after_every: 2\n    kind: memory\n"
-                          f"memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n  share_bank: {str(bank == 'shared').lower()}\n"
+                          f"memory:\n  n_subkeys: 8\n  topk: 4\n  latent_dim: 8\n  share_bank: {str(bank == 'shared').lower()}\n{norm}"
                           f"output:\n  dir: {bank}-out\n  dtype: float32\n")
         models[bank] = emit(plan_recipe(recipe), progress=False).out_dir
     for version in (1, 2):
@@ -136,6 +137,22 @@ def test_fsdp2_on_two_cpu_processes_ends_with_the_single_process_weights(world, 
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "resuming from" in proc.stdout and "(step 2)" in proc.stdout
         assert_same_weights(tmp_path / "fsdp" / "final", resumed / "final")
+
+
+@needs_fsdp2_accelerate
+def test_fsdp2_counts_both_processes_batch_norm_statistics(world, tmp_path):
+    """query_norm: batch under FSDP2: FSDP never broadcasts buffers, so each process's running statistics followed its
+    own micro-batches and the processes ended with different ones. Every process now applies every process's statistics
+    in rank order: the same buffers on both (their end checksums agree), each counting both processes' micro-batches."""
+    root = world["root"]
+    cfg = write_config(tmp_path / "fsdp.yaml", world["batch"], tmp_path / "fsdp", root / "corpus", root / "cache",
+                       tokens=16 * 4 * 2 * 2, micro_batch_size=4, **{"eval.at_start": False, "log.data_trace": True})
+    proc = launch(world, 2, cfg, 29546)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ends = [json.loads((tmp_path / "fsdp" / "trace" / f"rank{r}.jsonl").read_text().splitlines()[-1]) for r in (0, 1)]
+    assert ends[0]["final_checksum"] == ends[1]["final_checksum"], ends
+    updates = {name: float(t) for name, t in state_of(tmp_path / "fsdp" / "final").items() if name.endswith("query_norm.updates")}
+    assert len(updates) == 2 and set(updates.values()) == {4.0}, updates  # 2 steps x 2 processes' micro-batches
 
 
 def test_an_fsdp1_config_on_cpu_says_it_runs_as_ddp(world, tmp_path):
