@@ -301,11 +301,12 @@ def test_frozen_retrieval_holds_the_slots_only_in_blocks_nothing_trains_below(wo
     assert not start[5].equal(held[5])
     said = "\n".join(world["frozen-base-said"])
     assert ("the slots each token reads stay as at the start in Memory block 2 only; Memory block 5 reads a residual "
-            "stream that layers training below it change, so the slots its tokens read move with it") in said
+            "stream that parameters training before it change (the embedding or layers below), so the slots its tokens read "
+            "move with it") in said
     # freeze: none trains the embedding and every base layer: no block keeps its slots
-    assert ("no Memory block keeps the slots it read at the start: Memory blocks 2, 5 read a residual stream that layers "
-            "training below them change, so the slots their tokens read move with it (freeze: base keeps the base layers "
-            "still)") in "\n".join(world["frozen-said"])
+    assert ("no Memory block keeps the slots it read at the start: Memory blocks 2, 5 read a residual stream that "
+            "parameters training before them change (the embedding or layers below), so the slots their tokens read move "
+            "with it (freeze: base would keep the first Memory block's)") in "\n".join(world["frozen-said"])
     trained = slots_read(world["frozen-trained"], ids)
     assert not start[2].equal(trained[2]) and not start[5].equal(trained[5])
 

@@ -11,8 +11,9 @@
   adds to the residual stream) over the mean norm of the residual stream entering the block (a
   ratio of means, not a mean of per-token ratios).
 - **Fixed retrieval** (``fixed_retrieval``): the held-out loss, on the same blocks, of a model
-  trained like this one but with ``memory.retrieval: frozen`` (which slots each token reads fixed
-  at the start, only the values trained), against this model's learned retrieval.
+  trained like this one but with ``memory.retrieval: frozen`` (the Memory blocks' query path and
+  sub-keys held, only the values trained: the slots stay as at the start only in blocks nothing
+  trains below), against this model's learned retrieval.
 
 Writes ``analysis.json`` and two PNGs (``head_importance.png``, a blocks x heads heatmap;
 ``slot_usage.png``, each block's slot-use counts, sorted) into an output directory that appears

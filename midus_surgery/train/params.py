@@ -51,6 +51,7 @@ class ParamGroups:
     # query still moves because something trains below them (the residual stream it is made from changes)
     fixed_slots: list[int] = field(default_factory=list)
     moving_slots: list[int] = field(default_factory=list)
+    base_would_hold: bool = False  # under freeze: none, whether freeze: base would keep the first Memory block's slots
 
     def numel(self, group: str) -> int:
         return sum(p.numel() for _, p in getattr(self, group))
@@ -133,6 +134,10 @@ def choose_params(model, freeze: str, plan: dict | None, loaded: LoadedTrainConf
         trainable = {n: t and n not in fixed for n, t in trainable.items()}
         groups.retrieval_frozen = len(fixed)
         groups.fixed_slots, groups.moving_slots = slots_held(model, trainable)
+        if freeze == "none" and plan is not None and groups.moving_slots:
+            # freeze: base trains the inserted blocks only: the first Memory block holds when none sits below it
+            _, inserted = inserted_layers(plan, names)
+            groups.base_would_hold = not any(i < min(groups.moving_slots) for i in inserted)
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if id(p) in seen:
@@ -182,11 +187,12 @@ def slots_line(groups: ParamGroups, freeze: str) -> str:
     if not groups.moving_slots:
         return "the slots each token reads stay as at the start in every Memory block"
     one = len(groups.moving_slots) == 1
-    moving = (f"{blocks(groups.moving_slots)} {'reads' if one else 'read'} a residual stream that layers training below "
-              f"{'it change' if one else 'them change'}, so the slots {'its' if one else 'their'} tokens read move with it")
+    moving = (f"{blocks(groups.moving_slots)} {'reads' if one else 'read'} a residual stream that parameters training before "
+              f"{'it' if one else 'them'} change (the embedding or layers below), so the slots {'its' if one else 'their'} "
+              "tokens read move with it")
     if groups.fixed_slots:
         return f"the slots each token reads stay as at the start in {blocks(groups.fixed_slots)} only; {moving}"
-    advice = " (freeze: base keeps the base layers still)" if freeze == "none" else ""
+    advice = " (freeze: base would keep the first Memory block's)" if groups.base_would_hold else ""
     return f"no Memory block keeps the slots it read at the start: {moving}{advice}"
 
 
