@@ -442,3 +442,18 @@ def test_a_missing_key_written_misspelt_or_indented_too_far_is_one_located_probl
     found = problems(tmp_path, GOOD.replace("output:\n  dir: out\n", "colour: blue\n"))
     assert [(q.field, q.message.split(" (")[0]) for q in found] == [("output", "missing required key 'output'"),
                                                                       ("colour", "unknown key 'colour'")]
+
+
+def test_a_list_an_item_short_beside_a_misspelt_sibling_keeps_its_problem(tmp_path):
+    # trial126 F1: `layers: [2]` is a list an item short, not a missing key: its problem stays, and the misspelt
+    # sibling is a plain did-you-mean (the file holds layers:)
+    stack = GOOD.replace("layout:\n  interleave:\n    after_every: 2\n    kind: memory\n",
+                         "layout:\n  stack:\n    layers: [2]\n    layer: [2, 4]\n")
+    found = [str(p).split("r.yaml:")[1] for p in problems(tmp_path, stack)]
+    assert found == ["5:5: layout.stack.layers: needs 2 items, got 1",
+                     "6:5: layout.stack.layer: unknown key 'layer'; did you mean 'layers'?"]
+    slices = GOOD.replace("layout:\n  interleave:\n    after_every: 2\n    kind: memory\n",
+                          "layout:\n  slices:\n    - layers: [0]\n      Layers: [0, 4]\n")
+    found = problems(tmp_path, slices)
+    assert [q.field for q in found] == ["layout.slices.0.layers", "layout.slices.0.Layers"]
+    assert "needs 2 items, got 1" in found[0].message and "the file lacks" not in found[1].message

@@ -94,6 +94,12 @@ def test_config_errors_are_located(tmp_path):
         load_train_config(path)
     assert [str(p) for p in err.value.problems] == [
         f"{path}:2:1: rundir: unknown key 'rundir'; did you mean 'run_dir'? (a required key the file lacks)"]
+    # optim.betas an item short beside a misspelt beta: (trial126 F1): both said, and betas is not a missing key
+    path.write_text("init_from: m\nrun_dir: r\ntokens: 1M\ndata:\n  train: x.txt\noptim:\n  betas: [0.9]\n  beta: 0.95\n")
+    with pytest.raises(RecipeError) as err:
+        load_train_config(path)
+    assert [(p.where, p.field) for p in err.value.problems] == [(f"{path}:7:3", "optim.betas"), (f"{path}:8:3", "optim.beta")]
+    assert "2 items" in err.value.problems[0].message and "lacks" not in err.value.problems[1].message
     # budgets as researchers write them (trial82 F10: 1e4 was refused while 10k was read)
     for written, count in (("1e4", 10_000), ("2.5e9", 2_500_000_000), ("1.5B", 1_500_000_000), ("20M", 20_000_000)):
         path.write_text(f"init_from: m\nrun_dir: r\ntokens: {written}\ndata:\n  train: x.txt\n")

@@ -455,6 +455,9 @@ def problems_from_validation(error: ValidationError, source: YamlSource, schema:
             bare_layers.append((loc, item["input"]))
             continue
         message, wanted = _say(item, loc)
+        # a required key the data lacks: pydantic's `missing` at the key itself, not at a list's index (a list an item
+        # short, `layers: [2]`, is no missing key: its problem must stay, trial126 F1)
+        missing_key = item["type"] == "missing" and bool(loc) and isinstance(loc[-1], str)
         if item["type"] == "extra_forbidden":
             message += unknown_key_hint(schema, loc)
         if item["type"] == "missing" and loc and isinstance(loc[-1], int):
@@ -467,7 +470,7 @@ def problems_from_validation(error: ValidationError, source: YamlSource, schema:
         else:
             expected[loc] = [wanted] if wanted else []
         problems[loc] = Problem(source.where(loc), ".".join(map(str, loc)), message)
-        if item["type"] == "missing" and loc and isinstance(loc[-1], str):
+        if missing_key:
             missing.append(loc)
     _fold_missing_into_misplaced(problems, missing, schema)
     if bare_layers:  # at the first such entry
@@ -485,6 +488,8 @@ def _fold_missing_into_misplaced(problems: dict[tuple, Problem], missing: list[t
     (``layout:`` under ``base:``) or lost its line (``interleave:`` left under ``base:``) is one problem, at the
     key the file holds: a top-level missing key has no line of its own, so it was a second line naming the file only."""
     for loc in missing:
+        if loc not in problems or not problems[loc].message.startswith("missing required key"):
+            continue  # only the missing key's own problem is folded; any other problem at that place stays
         key, parent = loc[-1], loc[:-1]
         children = set(_keys_at(schema, loc)) if schema is not None else set()
         for other, problem in problems.items():
