@@ -457,3 +457,15 @@ def test_a_list_an_item_short_beside_a_misspelt_sibling_keeps_its_problem(tmp_pa
     found = problems(tmp_path, slices)
     assert [q.field for q in found] == ["layout.slices.0.layers", "layout.slices.0.Layers"]
     assert "needs 2 items, got 1" in found[0].message and "the file lacks" not in found[1].message
+
+
+def test_a_misspelt_missing_key_wins_over_a_stray_key_named_like_its_child(tmp_path):
+    # trial126 F2: outptu: is the missing output:, so a dtype: under base: is not said to be output's with its line lost
+    found = [str(p).split("r.yaml:")[1] for p in problems(tmp_path, GOOD.replace("output:", "outptu:").replace(
+        "  path: base-model\n", "  path: base-model\n  dtype: bfloat16\n"))]
+    assert found == ["3:3: base.dtype: unknown key 'dtype' (known: path, config, gguf_file, trust_remote_code, hub_id)",
+                     "11:1: outptu: unknown key 'outptu'; did you mean 'output'? (a required key the file lacks)"]
+    found = [str(p).split("r.yaml:")[1] for p in problems(tmp_path, GOOD.replace("layout:", "layuot:").replace(
+        "  path: base-model\n", "  path: base-model\n  layers: 32\n"))]
+    assert found == ["3:3: base.layers: unknown key 'layers' (known: path, config, gguf_file, trust_remote_code, hub_id)",
+                     "4:1: layuot: unknown key 'layuot'; did you mean 'layout'? (a required key the file lacks)"]

@@ -94,6 +94,13 @@ def test_config_errors_are_located(tmp_path):
         load_train_config(path)
     assert [str(p) for p in err.value.problems] == [
         f"{path}:2:1: rundir: unknown key 'rundir'; did you mean 'run_dir'? (a required key the file lacks)"]
+    # data: misspelt beside a held_out: under eval: (trial126 F2): the misspelling is the missing data:, held_out stays plain
+    path.write_text("init_from: m\nrun_dir: r\ntokens: 1M\ndat:\n  train: x.txt\neval:\n  every: 50\n  held_out: h.txt\n")
+    with pytest.raises(RecipeError) as err:
+        load_train_config(path)
+    assert [str(p) for p in err.value.problems] == [
+        f"{path}:4:1: dat: unknown key 'dat'; did you mean 'data'? (a required key the file lacks)",
+        f"{path}:8:3: eval.held_out: unknown key 'held_out' (known: every, max_blocks, batch_size, at_start)"]
     # optim.betas an item short beside a misspelt beta: (trial126 F1): both said, and betas is not a missing key
     path.write_text("init_from: m\nrun_dir: r\ntokens: 1M\ndata:\n  train: x.txt\noptim:\n  betas: [0.9]\n  beta: 0.95\n")
     with pytest.raises(RecipeError) as err:

@@ -486,28 +486,43 @@ def problems_from_validation(error: ValidationError, source: YamlSource, schema:
 def _fold_missing_into_misplaced(problems: dict[tuple, Problem], missing: list[tuple], schema: type[BaseModel] | None) -> None:
     """A required key the file lacks because it wrote it misspelt (``output_:``), indented one level too far
     (``layout:`` under ``base:``) or lost its line (``interleave:`` left under ``base:``) is one problem, at the
-    key the file holds: a top-level missing key has no line of its own, so it was a second line naming the file only."""
-    for loc in missing:
-        if loc not in problems or not problems[loc].message.startswith("missing required key"):
-            continue  # only the missing key's own problem is folded; any other problem at that place stays
-        key, parent = loc[-1], loc[:-1]
-        children = set(_keys_at(schema, loc)) if schema is not None else set()
-        for other, problem in problems.items():
-            if not (problem.message.startswith("unknown key ") and other and other[:-1][:len(parent)] == parent):
-                continue
-            if len(other) == len(loc) and f"did you mean {key!r}?" in problem.message:
-                problems[other] = Problem(problem.where, problem.field, problem.message + " (a required key the file lacks)")
-            elif len(other) == len(loc) + 1 and other[-1] == key:
-                problems[other] = Problem(problem.where, problem.field,
-                                          f"unknown key {key!r} here: it belongs one level up, where it is missing (indented too far?)")
-            elif len(other) == len(loc) + 1 and other[-1] in children:
-                problems[other] = Problem(problem.where, problem.field,
-                                          f"unknown key {other[-1]!r} here: it is a key of {key}:, which the file lacks "
-                                          f"(a {key}: line above it missing, or this key indented wrongly?)")
-            else:
-                continue
-            del problems[loc]
-            break
+    key the file holds: a top-level missing key has no line of its own, so it was a second line naming the file only.
+    The exact misspelling at the key's own level is tried first, for every missing key, then the key one level too deep,
+    then a child of the missing key elsewhere: a stray ``dtype:`` under ``base:`` is not taken for output's while
+    ``outptu:`` is in the file (trial126 F2); each unknown key is folded into one missing key at most."""
+    missing = [loc for loc in missing if loc in problems and problems[loc].message.startswith("missing required key")]
+
+    def misspelt(loc: tuple, other: tuple, problem: Problem) -> str | None:
+        if len(other) == len(loc) and f"did you mean {loc[-1]!r}?" in problem.message:
+            return problem.message + " (a required key the file lacks)"
+        return None
+
+    def too_deep(loc: tuple, other: tuple, problem: Problem) -> str | None:
+        if len(other) == len(loc) + 1 and other[-1] == loc[-1]:
+            return f"unknown key {loc[-1]!r} here: it belongs one level up, where it is missing (indented too far?)"
+        return None
+
+    def child(loc: tuple, other: tuple, problem: Problem) -> str | None:
+        if len(other) == len(loc) + 1 and schema is not None and other[-1] in _keys_at(schema, loc):
+            return (f"unknown key {other[-1]!r} here: it is a key of {loc[-1]}:, which the file lacks "
+                    f"(a {loc[-1]}: line above it missing, or this key indented wrongly?)")
+        return None
+
+    folded: set[tuple] = set()
+    for rule in (misspelt, too_deep, child):
+        for loc in missing:
+            if loc not in problems:
+                continue  # folded by an earlier rule
+            for other, problem in problems.items():
+                if other in folded or not (problem.message.startswith("unknown key ") and other
+                                           and other[:-1][:len(loc) - 1] == loc[:-1]):
+                    continue
+                message = rule(loc, other, problem)
+                if message is not None:
+                    problems[other] = Problem(problem.where, problem.field, message)
+                    folded.add(other)
+                    del problems[loc]
+                    break
 
 
 def cwd_relative_hint(written: str, directory: Path) -> str:
