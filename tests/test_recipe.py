@@ -432,7 +432,7 @@ def test_a_missing_key_written_misspelt_or_indented_too_far_is_one_located_probl
     # the layout: line lost: its interleave: is read under base:, said there
     (p,) = problems(tmp_path, GOOD.replace("layout:\n", ""))
     assert p.field == "base.interleave" and p.where.endswith("r.yaml:3:3")
-    assert p.message == ("unknown key 'interleave' here: it is a key of layout:, which the file lacks (a layout: line above it "
+    assert p.message == ("unknown key 'interleave' here: it is a key of layout:, which the file lacks (the layout: line above it "
                          "missing, or this key indented wrongly?)")
     # nested: output's dir misspelt, one line at the misspelt key
     (p,) = problems(tmp_path, GOOD.replace("  dir: out\n", "  dirr: out\n"))
@@ -469,3 +469,22 @@ def test_a_misspelt_missing_key_wins_over_a_stray_key_named_like_its_child(tmp_p
         "  path: base-model\n", "  path: base-model\n  layers: 32\n"))]
     assert found == ["3:3: base.layers: unknown key 'layers' (known: path, config, gguf_file, trust_remote_code, hub_id)",
                      "4:1: layuot: unknown key 'layuot'; did you mean 'layout'? (a required key the file lacks)"]
+
+
+def test_no_indentation_hint_where_nothing_is_indented(tmp_path):
+    # trial126 F3: in {...} and JSON nothing is indented, so no "(indented too far?)" nor "line above it missing"
+    flow = "{base: {path: m, layout: {interleave: {after_every: 2}}}, output: {dir: o}}\n"
+    (p,) = problems(tmp_path, flow)
+    assert (p.field, p.message) == ("base.layout", "unknown key 'layout' here: it belongs one level up, where it is missing")
+    path = write(tmp_path, '{"base": {"path": "m", "interleave": {"after_every": 2}}, "output": {"dir": "o"}}\n', "r.json")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    (p,) = info.value.problems
+    assert (p.field, p.message) == ("base.interleave", "unknown key 'interleave' here: it is a key of layout:, which the file lacks")
+    # a flow mapping merged into a block one: its keys are still not indented
+    (p,) = problems(tmp_path, "base:\n  path: m\n  <<: {layout: {interleave: {after_every: 2}}}\noutput:\n  dir: o\n")
+    assert p.message == "unknown key 'layout' here: it belongs one level up, where it is missing"
+    # a block mapping holding the key keeps the hint, worded for any key (not "a output:")
+    (p,) = problems(tmp_path, GOOD.replace("output:\n  dir: out\n", "").replace("  path: base-model\n", "  path: base-model\n  dir: out\n"))
+    assert p.message == ("unknown key 'dir' here: it is a key of output:, which the file lacks (the output: line above it missing, "
+                         "or this key indented wrongly?)")

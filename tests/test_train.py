@@ -216,6 +216,26 @@ def test_overrides(tmp_path):
 
 
 
+def test_an_override_holding_a_missing_key_says_nothing_of_indents_or_the_file(tmp_path):
+    """A section written on the command line has no indent, and its keys are not the file's (trial126 F3)."""
+    path = tmp_path / "t.yaml"
+    path.write_text("init_from: m\nrun_dir: r\n")
+    for overrides, said in (
+            (["tokens=1M", "optim={lr: 0.001, train: x.txt}"],
+             "command line (optim={lr: 0.001, train: x.txt}): optim.train: unknown key 'train' here: it is a key of data:, which is missing"),
+            (["tokens=1M", "data={trian: x.txt}"],
+             "command line (data={trian: x.txt}): data.trian: unknown key 'trian'; did you mean 'train'? (a required key that is missing)")):
+        with pytest.raises(RecipeError) as err:
+            load_train_config(path, overrides)
+        assert [str(p) for p in err.value.problems] == [said]
+    path.write_text("init_from: m\nrun_dir: r\ndata:\n  train: x.txt\n")
+    with pytest.raises(RecipeError) as err:
+        load_train_config(path, ["optim={lr: 0.001, tokens: 5M}"])
+    assert [str(p) for p in err.value.problems] == [
+        "command line (optim={lr: 0.001, tokens: 5M}): optim.tokens: unknown key 'tokens' here: it belongs one level up, where it is missing"]
+
+
+
 def test_held_out_fraction_is_not_judged_beside_held_out(tmp_path):
     """data.held_out makes the fraction ignored: 0.5 was refused there while 0.3 was accepted and ignored (trial122 F4)."""
     path = tmp_path / "ok.yaml"

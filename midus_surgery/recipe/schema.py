@@ -472,7 +472,7 @@ def problems_from_validation(error: ValidationError, source: YamlSource, schema:
         problems[loc] = Problem(source.where(loc), ".".join(map(str, loc)), message)
         if missing_key:
             missing.append(loc)
-    _fold_missing_into_misplaced(problems, missing, schema)
+    _fold_missing_into_misplaced(problems, missing, schema, source)
     if bare_layers:  # at the first such entry
         numbers = [n for _, n in bare_layers]
         shown_numbers = ", ".join(map(str, numbers[:8])) + (", ..." if len(numbers) > 8 else "")
@@ -483,29 +483,36 @@ def problems_from_validation(error: ValidationError, source: YamlSource, schema:
     return [problems[loc] for loc in sorted(problems, key=lambda loc: source.position(loc) or (0, 0))]
 
 
-def _fold_missing_into_misplaced(problems: dict[tuple, Problem], missing: list[tuple], schema: type[BaseModel] | None) -> None:
+def _fold_missing_into_misplaced(problems: dict[tuple, Problem], missing: list[tuple], schema: type[BaseModel] | None,
+                                 source: YamlSource) -> None:
     """A required key the file lacks because it wrote it misspelt (``output_:``), indented one level too far
     (``layout:`` under ``base:``) or lost its line (``interleave:`` left under ``base:``) is one problem, at the
     key the file holds: a top-level missing key has no line of its own, so it was a second line naming the file only.
     The exact misspelling at the key's own level is tried first, for every missing key, then the key one level too deep,
     then a child of the missing key elsewhere: a stray ``dtype:`` under ``base:`` is not taken for output's while
-    ``outptu:`` is in the file (trial126 F2); each unknown key is folded into one missing key at most."""
+    ``outptu:`` is in the file (trial126 F2); each unknown key is folded into one missing key at most. Indentation is
+    spoken of only for a key of the file's block mappings: not in ``{...}`` or JSON, not on the command line, whose
+    keys are not "the file's" either (trial126 F3)."""
     missing = [loc for loc in missing if loc in problems and problems[loc].message.startswith("missing required key")]
 
     def misspelt(loc: tuple, other: tuple, problem: Problem) -> str | None:
         if len(other) == len(loc) and f"did you mean {loc[-1]!r}?" in problem.message:
-            return problem.message + " (a required key the file lacks)"
+            return problem.message + (" (a required key that is missing)" if source.from_command_line(other)
+                                      else " (a required key the file lacks)")
         return None
 
     def too_deep(loc: tuple, other: tuple, problem: Problem) -> str | None:
         if len(other) == len(loc) + 1 and other[-1] == loc[-1]:
-            return f"unknown key {loc[-1]!r} here: it belongs one level up, where it is missing (indented too far?)"
+            return (f"unknown key {loc[-1]!r} here: it belongs one level up, where it is missing"
+                    + (" (indented too far?)" if source.in_block(other) else ""))
         return None
 
     def child(loc: tuple, other: tuple, problem: Problem) -> str | None:
         if len(other) == len(loc) + 1 and schema is not None and other[-1] in _keys_at(schema, loc):
-            return (f"unknown key {other[-1]!r} here: it is a key of {loc[-1]}:, which the file lacks "
-                    f"(a {loc[-1]}: line above it missing, or this key indented wrongly?)")
+            if source.from_command_line(other):
+                return f"unknown key {other[-1]!r} here: it is a key of {loc[-1]}:, which is missing"
+            return (f"unknown key {other[-1]!r} here: it is a key of {loc[-1]}:, which the file lacks"
+                    + (f" (the {loc[-1]}: line above it missing, or this key indented wrongly?)" if source.in_block(other) else ""))
         return None
 
     folded: set[tuple] = set()

@@ -52,6 +52,7 @@ class YamlSource:
     file: str
     data: Any
     marks: dict[PathKey, tuple[int, int]] = field(default_factory=dict)  # path -> (line, col), 1-based
+    block_keys: set[PathKey] = field(default_factory=set)  # keys written in a block (indented) mapping, not in {...} or JSON
 
     def where(self, path: PathKey = ()) -> str:
         """``file:line:col`` of the deepest known prefix of ``path``; the file alone for a top-level key the file does
@@ -60,6 +61,15 @@ class YamlSource:
         if mark is None or (path and not any(tuple(path[:cut]) in self.marks for cut in range(len(path), 0, -1))):
             return self.file
         return f"{self.file}:{mark[0]}:{mark[1]}"
+
+    def in_block(self, path: PathKey) -> bool:
+        """Whether the key at ``path`` is written in a block mapping, where its indent says where it belongs (not in a
+        flow ``{...}`` mapping or JSON, where nothing is indented)."""
+        return tuple(path) in self.block_keys
+
+    def from_command_line(self, path: PathKey) -> bool:
+        """Whether the value at ``path`` came from a command-line override (never, for a file alone)."""
+        return False
 
     def position(self, path: PathKey = ()) -> tuple[int, int] | None:
         """(line, col) of the deepest known prefix of ``path``; None when none is known."""
@@ -152,6 +162,7 @@ class _Builder:
     def __init__(self, file: str):
         self.file = file
         self.marks: dict[PathKey, tuple[int, int]] = {}
+        self.block_keys: set[PathKey] = set()
         self.problems: list[Problem] = []
         self.constructor = yaml.constructor.SafeConstructor()
 
@@ -200,10 +211,11 @@ class _Builder:
             return None
         return value
 
-    def pairs(self, node: yaml.MappingNode, path: PathKey) -> list[tuple[yaml.Node, Any, yaml.Node]]:
-        """(key node, key, value node) of a mapping, merge keys (``<<``) expanded; explicit keys win."""
-        merged: dict[Any, tuple[yaml.Node, Any, yaml.Node]] = {}
-        explicit: list[tuple[yaml.Node, Any, yaml.Node]] = []
+    def pairs(self, node: yaml.MappingNode, path: PathKey) -> list[tuple[yaml.Node, Any, yaml.Node, bool]]:
+        """(key node, key, value node, whether the mapping holding the key is block style) of a mapping, merge keys
+        (``<<``) expanded; explicit keys win."""
+        merged: dict[Any, tuple[yaml.Node, Any, yaml.Node, bool]] = {}
+        explicit: list[tuple[yaml.Node, Any, yaml.Node, bool]] = []
         for key_node, value_node in node.value:
             if isinstance(key_node, yaml.ScalarNode) and key_node.tag == _MERGE_TAG:
                 sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
@@ -216,8 +228,8 @@ class _Builder:
                 continue
             key = self.key(key_node, path)
             if key is not None:
-                explicit.append((key_node, key, value_node))
-        seen = {k for _, k, _ in explicit}
+                explicit.append((key_node, key, value_node, not node.flow_style))
+        seen = {k for _, k, _, _ in explicit}
         return [item for k, item in merged.items() if k not in seen] + explicit
 
     def key(self, key_node: yaml.Node, path: PathKey) -> str | None:
@@ -235,13 +247,15 @@ class _Builder:
 
     def mapping(self, node: yaml.MappingNode, path: PathKey) -> dict:
         out: dict = {}
-        for key_node, key, value_node in self.pairs(node, path):
+        for key_node, key, value_node, block in self.pairs(node, path):
             if key in out:
                 self.problem(key_node, path + (key,), "duplicate key")
                 continue
             out[key] = self.build(value_node, path + (key,))
             # Errors about a field (unknown key, wrong type) point at its key, where the reader looks.
             self.marks[path + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            if block:
+                self.block_keys.add(path + (key,))
         return out
 
 
@@ -327,4 +341,4 @@ def load_yaml(path: str | Path, text: str | None = None) -> YamlSource:
     data = builder.build(node, ())
     if builder.problems:
         raise RecipeError(builder.problems)
-    return YamlSource(file, data, builder.marks)
+    return YamlSource(file, data, builder.marks, builder.block_keys)

@@ -259,6 +259,14 @@ class _OverriddenSource:
                 return text
         return self._source.where(path)
 
+    def from_command_line(self, path: PathKey) -> bool:
+        """Whether the value at ``path`` (or a section holding it) was set by an override."""
+        return any(tuple(path[:cut]) in self._overridden for cut in range(len(path), 0, -1))
+
+    def in_block(self, path: PathKey) -> bool:
+        """Whether the key is the file's, in a block mapping (an override's value has no indent to speak of)."""
+        return not self.from_command_line(path) and self._source.in_block(path)
+
     def position(self, path: PathKey = ()) -> tuple[int, int] | None:
         """An overridden key sorts after the file's lines: the command line comes after the file."""
         if any(tuple(path[:cut]) in self._overridden for cut in range(len(path), 0, -1)):
