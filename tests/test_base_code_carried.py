@@ -412,16 +412,19 @@ def test_a_trusted_gguf_is_refused_only_for_what_its_tokenizer_load_opens_and_wa
     (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["slowtok.Tok", "tok.Tok"],
                                                                          "AutoProcessor": "proc.Proc"}}))
     (base / "tok.py").write_text(TOK)
-    vocab = "VOCAB = {f't{i}': i for i in range(32)}\n"
-    (base / "helper.py").write_text(vocab + "#" * (MAX_MODULE_BYTES - len(vocab)) + "\n")  # one byte over, and importable
+    (base / "helper.py").write_text("VOCAB = {f't{i}': i for i in range(32)}\n")
     import os
 
     os.mkfifo(base / "slowtok.py")  # the slow half of the pair: AutoTokenizer takes the fast one
     os.mkfifo(base / "proc.py")  # AutoProcessor's: AutoTokenizer never opens it
+    (base / "procbig.py").write_text("#" * (MAX_MODULE_BYTES + 1))  # imported by proc.py only: not opened by AutoTokenizer
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"base:\n  path: {base / 'model.gguf'}\n  trust_remote_code: true\n{LAYOUT}output:\n  dir: {tmp_path / 'out'}\n"
                       "  dtype: float32\n")
-    warned = [f"the base's tokenizer names its own code in helper.py, which is {MAX_MODULE_BYTES + 1:,} bytes, more than the "
+    (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["slowtok.Tok", "tok.Tok"],
+                                                                         "AutoProcessor": "proc.Proc",
+                                                                         "AutoImageProcessor": "procbig.P"}}))
+    warned = [f"the base's tokenizer names its own code in procbig.py, which is {MAX_MODULE_BYTES + 1:,} bytes, more than the "
               f"{MAX_MODULE_BYTES:,} a Python module is read or copied up to: not copied",
               "the base's tokenizer names its own code in proc.py, which is a named pipe, not a regular file: not copied",
               "the base's tokenizer names its own code in slowtok.py, which is a named pipe, not a regular file: not copied"]
@@ -429,7 +432,7 @@ def test_a_trusted_gguf_is_refused_only_for_what_its_tokenizer_load_opens_and_wa
         done = cli(command[0], str(recipe), *command[1:])
         said = " ".join((done.stdout + done.stderr).split())
         assert done.returncode == 0 and all(w in said for w in warned), (command, done.stdout, done.stderr)
-    assert {p.name for p in (tmp_path / "out").glob("*.py")} == {"tok.py"}  # the tokenizer loaded, its code carried
+    assert {p.name for p in (tmp_path / "out").glob("*.py")} == {"helper.py", "tok.py"}  # the tokenizer loaded, its code carried
 
 
 def test_validate_and_plan_give_the_uncarried_tokenizer_code_as_the_warning_apply_gives(llama, tmp_path):
@@ -447,3 +450,40 @@ def test_validate_and_plan_give_the_uncarried_tokenizer_code_as_the_warning_appl
     done = cli("plan", str(recipe), "--json")
     data = json.loads(done.stdout)
     assert data["warnings"] == [text] and not [n for n in data["notes"] if "/tools.py" in n], data["notes"]
+
+
+def test_a_trusted_ggufs_tokenizer_module_over_the_bound_is_refused_as_it_cannot_be_checked(llama, tmp_path, capsys):
+    """A module transformers opens for a trusted GGUF's tokenizer (tok.py's helper.py) one byte over the bound was waved
+    through unread, so its own imports were never checked: a named pipe behind it hung apply, a link leading out ran an
+    outside file, a 1 GiB one was read whole. It is refused by validate, plan and apply; a folder base is warned of it."""
+    import os
+
+    from test_gguf_metadata import write_llama_gguf
+
+    from midus_surgery.io.tokenizer_files import MAX_MODULE_BYTES
+
+    base = tmp_path / "gb"
+    base.mkdir()
+    write_llama_gguf(base / "model.gguf")
+    (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": [None, "tok.Tok"]}}))
+    (base / "tok.py").write_text(TOK)
+    first = "from .fifo import X\n"
+    (base / "helper.py").write_text(first + "#" * (MAX_MODULE_BYTES - len(first)) + "\n")  # one byte over
+    os.mkfifo(base / "fifo.py")  # transformers would open it: apply hung
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base:\n  path: {base / 'model.gguf'}\n  trust_remote_code: true\n{LAYOUT}output:\n  dir: {tmp_path / 'out'}\n"
+                      "  dtype: float32\n")
+    why = (f"{base / 'tokenizer_config.json'}: its tokenizer code names 'helper.py', which is {MAX_MODULE_BYTES + 1:,} bytes, "
+           f"more than the {MAX_MODULE_BYTES:,} a Python module is read up to, so it cannot be checked (its own imports are "
+           "not read): transformers would run it while loading the GGUF's tokenizer during apply")
+    for command in (["validate"], ["plan"], ["apply", "--quiet"]):
+        code, said, err = run(capsys, command[0], str(recipe), *command[1:])
+        assert code == 2 and why in err and "OK" not in said and sum("helper.py" in line for line in err.splitlines()) == 1, (command, said, err)
+    assert not (tmp_path / "out").exists()
+
+    # a folder base: its code runs only when the output is loaded, so it is warned of and not carried, as before
+    fold = base_with(llama, tmp_path, {"tok.py": TOK}, tokenizer_map={"AutoTokenizer": [None, "tok.Tok"]})
+    shutil.copy(base / "helper.py", fold / "helper.py")
+    done = cli("validate", str(recipe_for(tmp_path, fold)))
+    assert done.returncode == 0 and (f"helper.py, which is {MAX_MODULE_BYTES + 1:,} bytes, more than the {MAX_MODULE_BYTES:,} "
+                                     "a Python module is read or copied up to: not copied") in done.stdout + done.stderr, done

@@ -148,14 +148,15 @@ def base_code_in_output(ref, plan, trusted: bool) -> tuple[list[str], list[str]]
         # a GGUF base's tokenizer is loaded through transformers, which runs its own code only when trusted; apply then
         # carries that code as it carries a folder's (trial113: save_pretrained carried it unnamed). What transformers opens
         # while loading it (the AutoTokenizer entry's module and its imports) is refused here when opening it would do harm
-        # (a named pipe hung apply); the rest, and a missing or oversized file, apply warns of as for a folder (trial121 F2)
+        # (a named pipe hung apply) or cannot be checked (one over the size bound: its imports unread); the rest, and a
+        # missing file, apply warns of as for a folder (trial121 F2)
         if not trusted:
             return [], []
         for name in auto_tokenizer_files(ref.directory):
             problem = code_file_problem(ref.directory, name, hazards_only=True)
             if problem:
                 raise BaseModelError(f"{ref.directory / 'tokenizer_config.json'}: its tokenizer code names {shown(name, 80)}, which "
-                                     f"{problem}: transformers would read it while loading the GGUF's tokenizer")
+                                     f"{problem}: transformers would run it while loading the GGUF's tokenizer during apply")
         return tokenizer_code(ref.directory)[0], []
     kept = base_code_entries(plan.config.get("auto_map")) if plan.memory_layers else plan.config.get("auto_map")
     try:

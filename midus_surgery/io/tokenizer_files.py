@@ -114,8 +114,9 @@ def code_file_problem(directory: Path, name: str, *, hazards_only: bool = False)
     with a bare codec error (trial121 F1).
     ``hazards_only``: only what must stop a reader that opens the file (transformers loading a GGUF's tokenizer code): a
     name leading elsewhere, no regular file (a pipe hangs it), a link leading out, text that is not UTF-8 (a codec error
-    naming no file). A missing file or one over the size bound is None then: transformers says the one itself, reads
-    the other, and apply warns that it is not copied (trial121 F2)."""
+    naming no file), a file over the size bound (it cannot be checked: its own imports are never read here, and a pipe or
+    a link leading out behind it was opened by transformers, a 1 GiB one read whole and copied into its cache). A missing
+    file is None then: transformers says so itself, and apply warns that it is not copied (trial121 F2)."""
     from midus_surgery.errors import MidusError
     from midus_surgery.io.tensor_source import inside_base
 
@@ -127,14 +128,16 @@ def code_file_problem(directory: Path, name: str, *, hazards_only: bool = False)
         return None if hazards_only else "is not a file in the base directory"
     if not stat.S_ISREG(info.st_mode):
         return f"is {file_kind(info.st_mode)}, not a regular file"
-    too_big = info.st_size > MAX_MODULE_BYTES  # never read here, not even for its encoding
-    if too_big and not hazards_only:
+    if info.st_size > MAX_MODULE_BYTES:  # never read here, not even for its encoding
+        if hazards_only:  # its imports unread: what transformers would open behind it is unchecked
+            return (f"is {info.st_size:,} bytes, more than the {MAX_MODULE_BYTES:,} a Python module is read up to, so it "
+                    "cannot be checked (its own imports are not read)")
         return f"is {info.st_size:,} bytes, more than the {MAX_MODULE_BYTES:,} a Python module is read or copied up to"
     try:
         inside_base(directory, name, f"the base's {name}")
     except MidusError:
         return "is a link leading out of the base directory"
-    return None if too_big else _not_utf8(directory / name)
+    return _not_utf8(directory / name)
 
 
 def _not_utf8(path: Path) -> str | None:
