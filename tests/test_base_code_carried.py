@@ -487,3 +487,48 @@ def test_a_trusted_ggufs_tokenizer_module_over_the_bound_is_refused_as_it_cannot
     done = cli("validate", str(recipe_for(tmp_path, fold)))
     assert done.returncode == 0 and (f"helper.py, which is {MAX_MODULE_BYTES + 1:,} bytes, more than the {MAX_MODULE_BYTES:,} "
                                      "a Python module is read or copied up to: not copied") in done.stdout + done.stderr, done
+
+
+def test_a_bare_string_autotokenizer_entry_is_refused_on_a_trusted_gguf_and_warned_of_on_a_folder(llama, tmp_path, capsys):
+    """transformers 5 indexes a bare-string AutoTokenizer entry as a [slow, fast] pair: "t.Tok"[1] is ".", so it reads and
+    runs the file .py; the GGUF check took a string to open nothing, and a .py linked out of the base ran outside code
+    during apply. A trusted GGUF with such an entry is refused; a folder base is warned of it, and .py is named."""
+    from test_gguf_metadata import write_llama_gguf
+
+    from midus_surgery.io.tokenizer_files import auto_tokenizer_files, tokenizer_code_files
+
+    outside = tmp_path / "outside.py"
+    marker = tmp_path / "RAN"
+    outside.write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    base = tmp_path / "gb"
+    base.mkdir()
+    write_llama_gguf(base / "model.gguf")
+    (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": "t.Tok"}}))
+    (base / ".py").symlink_to(outside)
+    assert auto_tokenizer_files(base) == [".py"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base:\n  path: {base / 'model.gguf'}\n  trust_remote_code: true\n{LAYOUT}output:\n  dir: {tmp_path / 'out'}\n"
+                      "  dtype: float32\n")
+    why = (f"{base / 'tokenizer_config.json'}: auto_map's AutoTokenizer entry is one string ('t.Tok'), not a [slow, fast] "
+           "pair: transformers would read the module named by its second character while loading the GGUF's tokenizer")
+    for command in (["validate"], ["plan"], ["apply", "--quiet"]):
+        code, said, err = run(capsys, command[0], str(recipe), *command[1:])
+        assert code == 2 and why in err and "OK" not in said, (command, said, err)
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+    # a folder base: warned of, in the same words by validate, plan and apply; .py is named (and left, as a link out)
+    fold = base_with(llama, tmp_path, {"t.py": "X = 1\n"}, tokenizer_map={"AutoTokenizer": "t.Tok"})
+    (fold / ".py").write_text("Y = 2\n")
+    assert tokenizer_code_files(fold / "tokenizer_config.json") == [".py", "t.py"]
+    assert auto_tokenizer_files(fold) == [".py"]
+    (fold / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": "tok.Tok"}}))
+    assert auto_tokenizer_files(fold) == []  # "o": transformers fails before it opens a file
+    (fold / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": "t.Tok"}}))
+    text = ("warning: the base's tokenizer_config.json gives auto_map AutoTokenizer as one string ('t.Tok'), not a [slow, "
+            "fast] pair: the output's tokenizer will not load as meant (transformers reads the module named by its second "
+            "character)")
+    for command in (["validate"], ["plan"], ["apply", "--quiet"]):
+        done = cli(command[0], str(recipe_for(tmp_path, fold)), *command[1:])
+        lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if "one string" in line]
+        assert done.returncode == 0 and lines == [text], (command, done.stdout, done.stderr)
+    assert (tmp_path / "out" / ".py").is_file() and (tmp_path / "out" / "t.py").is_file()  # named, so carried

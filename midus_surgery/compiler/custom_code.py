@@ -140,7 +140,13 @@ def base_code_in_output(ref, plan, trusted: bool) -> tuple[list[str], list[str]]
     module or a relative import the base does not hold, another repository's reference): validate and plan refuse it as
     apply does, before they say OK (trial113: plan named no code at all, and apply refused)."""
     from midus_surgery.errors import BaseModelError, shown
-    from midus_surgery.io.tokenizer_files import auto_tokenizer_files, code_file_problem, tokenizer_code, tokenizer_code_repos
+    from midus_surgery.io.tokenizer_files import (
+        auto_tokenizer_entry,
+        auto_tokenizer_files,
+        code_file_problem,
+        tokenizer_code,
+        tokenizer_code_repos,
+    )
 
     if not ref.exists:
         return [], []
@@ -152,6 +158,11 @@ def base_code_in_output(ref, plan, trusted: bool) -> tuple[list[str], list[str]]
         # missing file, apply warns of as for a folder (trial121 F2)
         if not trusted:
             return [], []
+        entry = auto_tokenizer_entry(ref.directory)
+        if isinstance(entry, str):  # transformers indexes it as a pair: "t.Tok"[1] is ".", and it runs the file .py
+            raise BaseModelError(f"{ref.directory / 'tokenizer_config.json'}: auto_map's AutoTokenizer entry is one string "
+                                 f"({shown(entry, 80)}), not a [slow, fast] pair: transformers would read the module named "
+                                 "by its second character while loading the GGUF's tokenizer")
         for name in auto_tokenizer_files(ref.directory):
             problem = code_file_problem(ref.directory, name, hazards_only=True)
             if problem:

@@ -30,7 +30,7 @@ from midus_surgery.io.shard_writer import ShardItem, write_shard
 from midus_surgery.io.small_files import regular_file_problem
 from midus_surgery.io.stored_dtypes import is_float_tag
 from midus_surgery.io.tensor_source import check_matches_config, inside_base, open_base_tensors
-from midus_surgery.io.tokenizer_files import code_file_problem, tokenizer_code
+from midus_surgery.io.tokenizer_files import auto_tokenizer_entry, code_file_problem, tokenizer_code
 from midus_surgery.model import copy_modeling_files
 from midus_surgery.model.midus_names import AUTO_MAP, HML_MODULE, SHARED_BANK
 from midus_surgery.recipe.schema import LoadedRecipe
@@ -207,7 +207,11 @@ def tokenizer_code_left(directory: Path) -> list[str]:
     """A warning for each code file the base's tokenizer names that apply does not copy (code_file_problem), the one apply
     gives and validate and plan give before it (only apply said it, and the output's tokenizer did not load)."""
     # what the base holds there said, not "missing" for a device or a folder (trial114)
-    return [f"the base's tokenizer names its own code in {printable(name)[:80]}, which {code_file_problem(directory, name)}: "
+    entry = auto_tokenizer_entry(directory)
+    string = ([f"the base's tokenizer_config.json gives auto_map AutoTokenizer as one string ({shown(entry, 80)}), not a "
+               "[slow, fast] pair: the output's tokenizer will not load as meant (transformers reads the module named by "
+               "its second character)"] if isinstance(entry, str) else [])
+    return string + [f"the base's tokenizer names its own code in {printable(name)[:80]}, which {code_file_problem(directory, name)}: "
             "not copied, so the output's tokenizer will not load until a module of that name is beside it"
             for name in tokenizer_code(directory)[1]]
 

@@ -75,33 +75,50 @@ def tokenizer_code_files(config: Path) -> list[str]:
     import relatively: a tokenizer with its own code loads (with trust_remote_code) only with them beside it. A reference
     into another Hub repository (``owner/repo--tok.MyTokenizer``) is that repository's, not the folder's.
     The names are the file's text: show them through printable()."""
-    # transformers reads a reference as exactly "module.Class" (a module file beside the config): nothing else loads
+    # transformers reads a reference as exactly "module.Class" (a module file beside the config): nothing else loads;
+    # ".Tok" names the module "" (the file .py), which transformers opens as it opens any other
     names = {r.split(".")[0] + ".py" for r in _tokenizer_code_refs(config) if "--" not in r and r.count(".") == 1}
-    names = {n for n in names if n != ".py" and "/" not in n and "\\" not in n}
+    names = {n for n in names if "/" not in n and "\\" not in n}
+    module = entry_module(auto_tokenizer_entry(config.parent))  # a bare string's: the module its second character names
+    if module and "/" not in module and "\\" not in module:
+        names.add(module)
     for name in sorted(names):
         names.update(relative_import_files(config.parent / name))  # read only where code_file_problem allows
     return sorted(names)
 
 
-def auto_tokenizer_files(directory: Path) -> list[str]:
-    """The code files ``AutoTokenizer.from_pretrained(directory, trust_remote_code=True)`` opens, as transformers 5 picks
-    them (models/auto/tokenization_auto.py): of tokenizer_config.json's auto_map only the AutoTokenizer entry (or the
-    older list form), a [slow, fast] pair whose fast reference it takes, the slow one where that is null, with that
-    module's relative imports. Other entries (AutoProcessor...) are read by other loaders, not by this one (trial121 F2).
-    Names with '/' are kept: transformers would open them, so the caller refuses them."""
+def auto_tokenizer_entry(directory: Path):
+    """tokenizer_config.json's ``auto_map`` AutoTokenizer entry as transformers 5 takes it (the older list form is the
+    entry itself), or None."""
     try:
         config = directory / "tokenizer_config.json"
         auto_map = loads_as_transformers(config.read_text()).get("auto_map") if config.is_file() else None
     except (OSError, ValueError, AttributeError):
-        return []
-    entry = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else auto_map
-    if not isinstance(entry, (list, tuple)) or len(entry) < 2:  # a bare string fails in transformers before it opens a file
-        return []
+        return None
+    return auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else auto_map if isinstance(auto_map, list) else None
+
+
+def entry_module(entry) -> str | None:
+    """The module file AutoTokenizer opens for an auto_map ``entry``, as transformers 5 picks it
+    (models/auto/tokenization_auto.py, dynamic_module_utils.get_class_from_dynamic_module), or None where it opens none
+    (it fails first, or the reference is another repository's). It indexes the entry as a [slow, fast] pair, taking the
+    fast slot unless it is null, a bare string too: "t.Tok"[1] is ".", the module "" (the file .py), which it reads and
+    runs; a string whose second character is no '.' fails before any file is opened, as does one shorter than two."""
+    if not isinstance(entry, (list, tuple, str)) or len(entry) < 2:
+        return None
     reference = entry[1] if entry[1] is not None else entry[0]
     if not isinstance(reference, str) or "--" in reference or reference.count(".") != 1:  # another repository's, or no module
-        return []
-    module = reference.split(".")[0] + ".py"
-    return [module, *relative_import_files(directory / module)]
+        return None
+    return reference.split(".")[0] + ".py"
+
+
+def auto_tokenizer_files(directory: Path) -> list[str]:
+    """The code files ``AutoTokenizer.from_pretrained(directory, trust_remote_code=True)`` opens, as transformers 5 picks
+    them (entry_module): the AutoTokenizer entry's module, with its relative imports. Other entries (AutoProcessor...)
+    are read by other loaders, not by this one (trial121 F2). Names with '/' are kept: transformers would open them, so
+    the caller refuses them."""
+    module = entry_module(auto_tokenizer_entry(directory))
+    return [module, *relative_import_files(directory / module)] if module else []
 
 
 def code_file_problem(directory: Path, name: str, *, hazards_only: bool = False) -> str | None:
