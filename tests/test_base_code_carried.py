@@ -425,13 +425,17 @@ def test_a_trusted_gguf_is_refused_only_for_what_its_tokenizer_load_opens_and_wa
                                                                          "AutoProcessor": "proc.Proc",
                                                                          "AutoImageProcessor": "procbig.P"}}))
     warned = [f"the base's tokenizer names its own code in procbig.py, which is {MAX_MODULE_BYTES + 1:,} bytes, more than the "
-              f"{MAX_MODULE_BYTES:,} a Python module is read or copied up to: not copied",
-              "the base's tokenizer names its own code in proc.py, which is a named pipe, not a regular file: not copied",
-              "the base's tokenizer names its own code in slowtok.py, which is a named pipe, not a regular file: not copied"]
+              f"{MAX_MODULE_BYTES:,} a Python module is read or copied up to: not copied, so code that needs it (auto_map "
+              "AutoImageProcessor) will not load until a module of that name is beside it",
+              "the base's tokenizer names its own code in proc.py, which is a named pipe, not a regular file: not copied, so "
+              "code that needs it (auto_map AutoProcessor) will not load",
+              "the base's tokenizer names its own code in slowtok.py, which is a named pipe, not a regular file: not copied, "
+              "so code that needs it (auto_map AutoTokenizer's slow entry) will not load"]
     for command in (["validate"], ["plan"], ["apply", "--quiet"]):
         done = cli(command[0], str(recipe), *command[1:])
         said = " ".join((done.stdout + done.stderr).split())
         assert done.returncode == 0 and all(w in said for w in warned), (command, done.stdout, done.stderr)
+        assert "the output's tokenizer will not load" not in said, (command, done.stdout, done.stderr)  # it does load
     assert {p.name for p in (tmp_path / "out").glob("*.py")} == {"helper.py", "tok.py"}  # the tokenizer loaded, its code carried
 
 

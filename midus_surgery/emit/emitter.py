@@ -30,7 +30,13 @@ from midus_surgery.io.shard_writer import ShardItem, write_shard
 from midus_surgery.io.small_files import regular_file_problem
 from midus_surgery.io.stored_dtypes import is_float_tag
 from midus_surgery.io.tensor_source import check_matches_config, inside_base, open_base_tensors
-from midus_surgery.io.tokenizer_files import auto_tokenizer_entry, code_file_problem, tokenizer_code
+from midus_surgery.io.tokenizer_files import (
+    auto_tokenizer_entry,
+    auto_tokenizer_files,
+    code_file_problem,
+    tokenizer_code,
+    tokenizer_code_users,
+)
 from midus_surgery.model import copy_modeling_files
 from midus_surgery.model.midus_names import AUTO_MAP, HML_MODULE, SHARED_BANK
 from midus_surgery.recipe.schema import LoadedRecipe
@@ -211,9 +217,17 @@ def tokenizer_code_left(directory: Path) -> list[str]:
     string = ([f"the base's tokenizer_config.json gives auto_map AutoTokenizer as one string ({shown(entry, 80)}), not a "
                "[slow, fast] pair: the output's tokenizer will not load as meant (transformers reads the module named by "
                "its second character)"] if isinstance(entry, str) else [])
+    opened, users = auto_tokenizer_files(directory), tokenizer_code_users(directory)
+
+    def what(name: str) -> str:  # what will not load: the output's tokenizer only where AutoTokenizer opens the module
+        if name in opened:
+            return "the output's tokenizer"
+        named = ", ".join(printable(user)[:40] for user in users.get(name, [])[:3])
+        return f"code that needs it (auto_map {named})" if named else "code that needs it"
+
     return string + [f"the base's tokenizer names its own code in {printable(name)[:80]}, which {code_file_problem(directory, name)}: "
-            "not copied, so the output's tokenizer will not load until a module of that name is beside it"
-            for name in tokenizer_code(directory)[1]]
+                     f"not copied, so {what(name)} will not load until a module of that name is beside it"
+                     for name in tokenizer_code(directory)[1]]
 
 
 def _save_tokenizer_without_code(tokenizer, dest: Path) -> None:

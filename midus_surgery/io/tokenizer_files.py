@@ -87,6 +87,32 @@ def tokenizer_code_files(config: Path) -> list[str]:
     return sorted(names)
 
 
+def tokenizer_code_users(directory: Path) -> dict[str, list[str]]:
+    """For each module file tokenizer_config.json's ``auto_map`` names (and each of their relative imports), the entries
+    that need it ("AutoProcessor", "AutoTokenizer's slow entry"): what will not load without it."""
+    try:
+        config = directory / "tokenizer_config.json"
+        auto_map = loads_as_transformers(config.read_text()).get("auto_map") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if isinstance(auto_map, list):
+        auto_map = {"AutoTokenizer": auto_map}
+    users: dict[str, list[str]] = {}
+    for key, value in (auto_map.items() if isinstance(auto_map, dict) else []):
+        refs = value if isinstance(value, list) else [value]
+        for i, ref in enumerate(refs):
+            if not isinstance(ref, str) or "--" in ref or ref.count(".") != 1:
+                continue
+            slow = key == "AutoTokenizer" and i == 0 and len(refs) > 1 and refs[1] is not None
+            label = f"{key}'s slow entry" if slow else str(key)
+            module = ref.split(".")[0] + ".py"
+            imports = relative_import_files(directory / module) if "/" not in module and "\\" not in module else []
+            for name in [module, *imports]:
+                if label not in users.setdefault(name, []):
+                    users[name].append(label)
+    return users
+
+
 def auto_tokenizer_entry(directory: Path):
     """tokenizer_config.json's ``auto_map`` AutoTokenizer entry as transformers 5 takes it (the older list form is the
     entry itself), or None."""
