@@ -536,3 +536,25 @@ def test_a_bare_string_autotokenizer_entry_is_refused_on_a_trusted_gguf_and_warn
         lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if "one string" in line]
         assert done.returncode == 0 and lines == [text], (command, done.stdout, done.stderr)
     assert (tmp_path / "out" / ".py").is_file() and (tmp_path / "out" / "t.py").is_file()  # named, so carried
+
+
+def test_a_trusted_ggufs_tokenizer_that_fails_to_load_is_warned_of_by_apply_as_by_validate(tmp_path):
+    """tok.py imports gone.py, which the base lacks: validate and plan warned of gone.py, apply only said "no tokenizer
+    written" (it returned before the code warnings). apply now gives validate's warning too."""
+    from test_gguf_metadata import write_llama_gguf
+
+    base = tmp_path / "gb"
+    base.mkdir()
+    write_llama_gguf(base / "model.gguf")
+    (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": [None, "tok.Tok"]}}))
+    (base / "tok.py").write_text("from .gone import X\n" + TOK)
+    (base / "helper.py").write_text("VOCAB = {f't{i}': i for i in range(32)}\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base:\n  path: {base / 'model.gguf'}\n  trust_remote_code: true\n{LAYOUT}output:\n  dir: {tmp_path / 'out'}\n"
+                      "  dtype: float32\n")
+    text = ("warning: the base's tokenizer names its own code in gone.py, which is not a file in the base directory: not "
+            "copied, so the output's tokenizer will not load until a module of that name is beside it")
+    for command in (["validate"], ["plan"], ["apply", "--quiet"]):
+        done = cli(command[0], str(recipe), *command[1:])
+        lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if "gone.py" in line and "names its own" in line]
+        assert done.returncode == 0 and lines == [text], (command, done.stdout, done.stderr)

@@ -173,6 +173,9 @@ def _copy_tokenizer(ref, dest: Path, trust_remote_code: bool) -> None:
             if not isinstance(exc, Exception) and not is_library_panic(exc):
                 raise
             why = exc if isinstance(exc, Exception) else one_line(exc, 300, whole=True)  # a panic's own text names no kind
+            if trust_remote_code:  # what validate and plan warned of the code, said here too (the load failed on it, maybe)
+                for warning in tokenizer_code_left(ref.directory):
+                    _warn(warning)
             _warn(f"no tokenizer written (the GGUF's could not be read: {why})")
             return
         if trust_remote_code:  # the code that tokenizer ran: carried as a folder base's is, by the same rule (trial113)
