@@ -558,3 +558,38 @@ def test_a_trusted_ggufs_tokenizer_that_fails_to_load_is_warned_of_by_apply_as_b
         done = cli(command[0], str(recipe), *command[1:])
         lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if "gone.py" in line and "names its own" in line]
         assert done.returncode == 0 and lines == [text], (command, done.stdout, done.stderr)
+
+
+def test_a_module_with_a_byte_order_mark_is_warned_of_on_a_folder_and_refused_where_transformers_runs_it(llama, tmp_path, capsys):
+    """A tok.py starting with a UTF-8 byte-order mark passed every check, and transformers failed on it with "invalid
+    non-printable character U+FEFF" naming no file (it reads modules as plain UTF-8, then ast.parse). The one rule holds
+    it as not loadable: a folder's tokenizer code is warned of and not copied, a trusted GGUF's and config.json's refused."""
+    from test_gguf_metadata import write_llama_gguf
+
+    base = base_with(llama, tmp_path, {"helper.py": "VOCAB = {f't{i}': i for i in range(32)}\n"},
+                     tokenizer_map={"AutoTokenizer": [None, "tok.Tok"]})
+    (base / "tok.py").write_bytes(b"\xef\xbb\xbf" + TOK.encode())
+    bom = "tok.py, which starts with a UTF-8 byte-order mark (U+FEFF) that transformers does not strip when it reads a module"
+    for command in (["validate"], ["plan"], ["apply", "--quiet"]):
+        done = cli(command[0], str(recipe_for(tmp_path, base)), *command[1:])
+        assert done.returncode == 0 and f"names its own code in {bom}: not copied" in done.stdout + done.stderr, (command, done)
+    assert not (tmp_path / "out" / "tok.py").exists()
+
+    gguf = tmp_path / "gb"
+    gguf.mkdir()
+    write_llama_gguf(gguf / "model.gguf")
+    for name in ("tokenizer_config.json", "tok.py", "helper.py"):
+        shutil.copy(base / name, gguf / name)
+    recipe = tmp_path / "g.yaml"
+    recipe.write_text(f"base:\n  path: {gguf / 'model.gguf'}\n  trust_remote_code: true\n{LAYOUT}output:\n  dir: {tmp_path / 'gout'}\n"
+                      "  dtype: float32\n")
+    for command in (["validate"], ["plan"], ["apply", "--quiet"]):
+        code, said, err = run(capsys, command[0], str(recipe), *command[1:])
+        assert code == 2 and f"its tokenizer code names '{bom[:6]}', which starts with a UTF-8 byte-order mark" in err, (command, err)
+    assert not (tmp_path / "gout").exists()
+
+    (base / "tokenizer_config.json").unlink()
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoTokenizer": [None, "tok.Tok"]}}))
+    code, said, err = run(capsys, "validate", str(recipe_for(tmp_path, base)))
+    assert code == 2 and "config.json: auto_map names 'tok.Tok', but 'tok.py' starts with a UTF-8 byte-order mark" in err, err

@@ -185,9 +185,11 @@ def code_file_problem(directory: Path, name: str, *, hazards_only: bool = False)
 
 def _not_utf8(path: Path) -> str | None:
     """Why transformers cannot read ``path`` (a small regular file), or None: it reads every module and relative import as
-    UTF-8 (a coding cookie notwithstanding), and its bare codec error named no file."""
+    UTF-8 (a coding cookie notwithstanding), and its bare codec error named no file; a byte-order mark it keeps in the
+    text, and the module it loads then fails with a SyntaxError naming no file."""
     try:
-        path.read_bytes().decode("utf-8")
+        if path.read_bytes().decode("utf-8").startswith("\ufeff"):  # ast.parse of its text: "invalid non-printable character"
+            return "starts with a UTF-8 byte-order mark (U+FEFF) that transformers does not strip when it reads a module"
     except UnicodeDecodeError as exc:
         return f"is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}), as transformers reads a module"
     except OSError as exc:  # unreadable (its permissions), or gone since the stat
