@@ -538,6 +538,42 @@ def test_a_bare_string_autotokenizer_entry_is_refused_on_a_trusted_gguf_and_warn
     assert (tmp_path / "out" / ".py").is_file() and (tmp_path / "out" / "t.py").is_file()  # named, so carried
 
 
+@pytest.mark.parametrize("case", ["folder-reference", "out-of-range-number"])
+def test_a_trusted_gguf_runs_no_tokenizer_code_from_outside_the_base(tmp_path, capsys, case):
+    """Two ways transformers ran code from outside a trusted GGUF's folder during apply, with every check silent:
+    folder-reference: a "path--module.Class" reference, which transformers reads from that folder when it exists (the
+    check took every "--" for another Hub repository's and looked no further); out-of-range-number: a 1e400 anywhere in
+    tokenizer_config.json, which transformers' plain json reads as infinity, made the stricter reader skip the whole file,
+    so tok.py, a link out of the base, was never checked. Both are refused before transformers reads anything."""
+    from test_gguf_metadata import write_llama_gguf
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    marker = tmp_path / "RAN"
+    for folder in (elsewhere,):
+        (folder / "tok.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nclass Tok: pass\n")
+    base = tmp_path / "gb"
+    base.mkdir()
+    write_llama_gguf(base / "model.gguf")
+    if case == "folder-reference":
+        config = {"auto_map": {"AutoTokenizer": [None, f"{elsewhere}--tok.Tok"]}}
+        why = (f"{base / 'tokenizer_config.json'}: auto_map's AutoTokenizer entry names code outside the base "
+               f"('{str(elsewhere)[:40]}")  # the reference, shortened to 80 characters
+    else:
+        (base / "tok.py").symlink_to(elsewhere / "tok.py")
+        config = {"model_max_length": 1e400, "auto_map": {"AutoTokenizer": [None, "tok.Tok"]}}
+        why = f"{base / 'tokenizer_config.json'}: its tokenizer code names 'tok.py', which is a link leading out of the base"
+    (base / "tokenizer_config.json").write_text(json.dumps(config).replace("Infinity", "1e400"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base:\n  path: {base / 'model.gguf'}\n  trust_remote_code: true\n{LAYOUT}output:\n  dir: {tmp_path / 'out'}\n"
+                      "  dtype: float32\n")
+    for command in (["validate"], ["plan"], ["apply", "--quiet"]):
+        code, said, err = run(capsys, command[0], str(recipe), *command[1:])
+        assert code == 2 and why in err and "OK" not in said, (command, said, err)
+        assert "transformers would" in err and len(err.strip().splitlines()) <= 2, err  # one line (validate: under INVALID)
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
 def test_a_trusted_ggufs_tokenizer_that_fails_to_load_is_warned_of_by_apply_as_by_validate(tmp_path):
     """tok.py imports gone.py, which the base lacks: validate and plan warned of gone.py, apply only said "no tokenizer
     written" (it returned before the code warnings). apply now gives validate's warning too."""

@@ -144,6 +144,7 @@ def base_code_in_output(ref, plan, trusted: bool) -> tuple[list[str], list[str]]
         auto_tokenizer_entry,
         auto_tokenizer_files,
         code_file_problem,
+        entry_reference,
         tokenizer_code,
         tokenizer_code_repos,
     )
@@ -163,6 +164,11 @@ def base_code_in_output(ref, plan, trusted: bool) -> tuple[list[str], list[str]]
             raise BaseModelError(f"{ref.directory / 'tokenizer_config.json'}: auto_map's AutoTokenizer entry is one string "
                                  f"({shown(entry, 80)}), not a [slow, fast] pair: transformers would read the module named "
                                  "by its second character while loading the GGUF's tokenizer")
+        reference = entry_reference(entry)
+        if reference is not None and "--" in reference:  # another repository's code, or a folder's outside the base
+            raise BaseModelError(f"{ref.directory / 'tokenizer_config.json'}: auto_map's AutoTokenizer entry names code outside "
+                                 f"the base ({shown(reference, 160)}): transformers would read and run it from that repository "
+                                 "or folder while loading the GGUF's tokenizer during apply")
         for name in auto_tokenizer_files(ref.directory):
             problem = code_file_problem(ref.directory, name, hazards_only=True)
             if problem:

@@ -3,11 +3,11 @@ code its tokenizer_config.json names (read as JSON, never imported)."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
 
-from midus_surgery.io.json_text import loads_as_transformers
 from midus_surgery.io.small_files import file_kind, regular_file_problem
 
 TOKENIZER_FILE_PREFIXES = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece", "special_tokens_map", "added_tokens")
@@ -25,18 +25,28 @@ def odd_tokenizer_files(directory: Path) -> str | None:
             "so no tokenizer reads it") if odd else None
 
 
+def tokenizer_auto_map(config: Path):
+    """tokenizer_config.json's ``auto_map`` as transformers' tokenizer loader reads the file (plain ``json.load``: a number
+    past a float's range is infinity there, not an error), the older list form as {"AutoTokenizer": the list}; None where
+    it holds none or transformers could not read it either. One reader for every question about the tokenizer's code:
+    where a stricter reader refused the file over an unrelated 1e400, every check of its code was skipped while
+    transformers loaded it and ran that code (trial129 F1)."""
+    try:
+        if not config.is_file():
+            return None
+        auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map")
+    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: deep nesting, which transformers fails on too
+        return None
+    if isinstance(auto_map, list):  # the older form, which transformers 5 still reads: the AutoTokenizer pair itself (trial103)
+        return {"AutoTokenizer": auto_map}
+    return auto_map if isinstance(auto_map, dict) else None
+
+
 def _tokenizer_code_refs(config: Path) -> list[str]:
     """The references a tokenizer_config.json's ``auto_map`` holds (``tok.MyTokenizer``, ``owner/repo--tok.MyTokenizer``),
     of every entry: transformers reads more than AutoTokenizer's from it (AutoProcessor.from_pretrained takes its
     AutoProcessor entry: trial111), and apply copies them all, so every one is named (escaped: a decoy of trial104)."""
-    try:
-        auto_map = loads_as_transformers(config.read_text()).get("auto_map") if config.is_file() else None  # deep nesting: a ValueError
-    except (OSError, ValueError, AttributeError):
-        return []
-    if isinstance(auto_map, list):  # the older form, which transformers 5 still reads: the AutoTokenizer pair itself (trial103)
-        auto_map = {"AutoTokenizer": auto_map}
-    if not isinstance(auto_map, dict):
-        return []
+    auto_map = tokenizer_auto_map(config) or {}
     return [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
 
 
@@ -90,15 +100,9 @@ def tokenizer_code_files(config: Path) -> list[str]:
 def tokenizer_code_users(directory: Path) -> dict[str, list[str]]:
     """For each module file tokenizer_config.json's ``auto_map`` names (and each of their relative imports), the entries
     that need it ("AutoProcessor", "AutoTokenizer's slow entry"): what will not load without it."""
-    try:
-        config = directory / "tokenizer_config.json"
-        auto_map = loads_as_transformers(config.read_text()).get("auto_map") if config.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        return {}
-    if isinstance(auto_map, list):
-        auto_map = {"AutoTokenizer": auto_map}
+    auto_map = tokenizer_auto_map(directory / "tokenizer_config.json") or {}
     users: dict[str, list[str]] = {}
-    for key, value in (auto_map.items() if isinstance(auto_map, dict) else []):
+    for key, value in auto_map.items():
         refs = value if isinstance(value, list) else [value]
         for i, ref in enumerate(refs):
             if not isinstance(ref, str) or "--" in ref or ref.count(".") != 1:
@@ -116,12 +120,7 @@ def tokenizer_code_users(directory: Path) -> dict[str, list[str]]:
 def auto_tokenizer_entry(directory: Path):
     """tokenizer_config.json's ``auto_map`` AutoTokenizer entry as transformers 5 takes it (the older list form is the
     entry itself), or None."""
-    try:
-        config = directory / "tokenizer_config.json"
-        auto_map = loads_as_transformers(config.read_text()).get("auto_map") if config.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        return None
-    return auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else auto_map if isinstance(auto_map, list) else None
+    return (tokenizer_auto_map(directory / "tokenizer_config.json") or {}).get("AutoTokenizer")
 
 
 def entry_module(entry) -> str | None:
@@ -130,12 +129,20 @@ def entry_module(entry) -> str | None:
     (it fails first, or the reference is another repository's). It indexes the entry as a [slow, fast] pair, taking the
     fast slot unless it is null, a bare string too: "t.Tok"[1] is ".", the module "" (the file .py), which it reads and
     runs; a string whose second character is no '.' fails before any file is opened, as does one shorter than two."""
+    reference = entry_reference(entry)
+    if reference is None or "--" in reference or reference.count(".") != 1:  # another repository's (or folder's), or no module
+        return None
+    return reference.split(".")[0] + ".py"
+
+
+def entry_reference(entry) -> str | None:
+    """The reference AutoTokenizer takes from an auto_map ``entry`` (entry_module's rule), or None where it takes none.
+    A "repo--module.Class" one is read from that Hub repository, or from that folder where one of that name exists (a
+    path before the "--" is a folder transformers reads and runs code from: trial129 F0)."""
     if not isinstance(entry, (list, tuple, str)) or len(entry) < 2:
         return None
     reference = entry[1] if entry[1] is not None else entry[0]
-    if not isinstance(reference, str) or "--" in reference or reference.count(".") != 1:  # another repository's, or no module
-        return None
-    return reference.split(".")[0] + ".py"
+    return reference if isinstance(reference, str) else None
 
 
 def auto_tokenizer_files(directory: Path) -> list[str]:
