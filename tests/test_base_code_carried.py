@@ -558,7 +558,7 @@ def test_a_trusted_gguf_runs_no_tokenizer_code_from_outside_the_base(tmp_path, c
     if case == "folder-reference":
         config = {"auto_map": {"AutoTokenizer": [None, f"{elsewhere}--tok.Tok"]}}
         why = (f"{base / 'tokenizer_config.json'}: auto_map's AutoTokenizer entry names code outside the base "
-               f"('{str(elsewhere)[:40]}")  # the reference, shortened to 80 characters
+               f"('{str(elsewhere)[:40]}")  # the reference, shortened to 160 characters
     else:
         (base / "tok.py").symlink_to(elsewhere / "tok.py")
         config = {"model_max_length": 1e400, "auto_map": {"AutoTokenizer": [None, "tok.Tok"]}}
@@ -571,6 +571,7 @@ def test_a_trusted_gguf_runs_no_tokenizer_code_from_outside_the_base(tmp_path, c
         code, said, err = run(capsys, command[0], str(recipe), *command[1:])
         assert code == 2 and why in err and "OK" not in said, (command, said, err)
         assert "transformers would" in err and len(err.strip().splitlines()) <= 2, err  # one line (validate: under INVALID)
+        assert case != "folder-reference" or "(remove the entry to load the GGUF's own tokenizer, or set base.trust_remote_code: false)" in err
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 

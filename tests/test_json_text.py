@@ -105,3 +105,23 @@ def test_other_json_of_a_model_folder_nested_too_deeply_is_a_value_error(tmp_pat
     (tmp_path / "config.json").write_text(DEEP)
     with pytest.raises(ValueError, match="nested too deeply"):
         shipped_causal_lm_class(tmp_path)
+
+
+def test_every_reader_of_a_tokenizer_configs_code_reads_what_transformers_reads(tmp_path):
+    """transformers reads tokenizer_config.json with plain json.load: a 1e400 beside the auto_map is infinity to it, and
+    the code the file names loads. The readers that say what code a folder's tokenizer names (apply's checks, eval's
+    refusal without --trust-remote-code) read the same, not a stricter parse that saw no code at all; nesting past
+    what json can parse is a ValueError, as it fails transformers too."""
+    from midus_surgery.io.json_text import loads_as_tokenizer_config
+    from midus_surgery.io.tokenizer_files import auto_tokenizer_entry
+    from midus_surgery.train.evaluate import _own_tokenizer_code
+
+    text = '{"model_max_length": 1e400, "auto_map": {"AutoTokenizer": [null, "tok.Tok"]}}'
+    assert loads_as_tokenizer_config(text)["model_max_length"] == math.inf
+    with pytest.raises(ValueError):
+        loads_as_transformers(text)  # the reader of config.json and the weights index stays strict
+    (tmp_path / "tokenizer_config.json").write_text(text)
+    assert auto_tokenizer_entry(tmp_path) == [None, "tok.Tok"]
+    assert _own_tokenizer_code(tmp_path) == "tok.Tok"
+    with pytest.raises(ValueError):
+        loads_as_tokenizer_config("[" * 100_000 + "]" * 100_000)

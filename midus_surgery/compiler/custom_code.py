@@ -168,7 +168,8 @@ def base_code_in_output(ref, plan, trusted: bool) -> tuple[list[str], list[str]]
         if reference is not None and "--" in reference:  # another repository's code, or a folder's outside the base
             raise BaseModelError(f"{ref.directory / 'tokenizer_config.json'}: auto_map's AutoTokenizer entry names code outside "
                                  f"the base ({shown(reference, 160)}): transformers would read and run it from that repository "
-                                 "or folder while loading the GGUF's tokenizer during apply")
+                                 "or folder while loading the GGUF's tokenizer during apply (remove the entry to load the GGUF's "
+                                 "own tokenizer, or set base.trust_remote_code: false)")
         for name in auto_tokenizer_files(ref.directory):
             problem = code_file_problem(ref.directory, name, hazards_only=True)
             if problem:

@@ -55,7 +55,7 @@ from midus_surgery.errors import (
     temp_disk_advice,
 )
 from midus_surgery.io.file_digest import tensor_sha256s
-from midus_surgery.io.json_text import loads_as_transformers, loads_checked
+from midus_surgery.io.json_text import loads_as_tokenizer_config, loads_as_transformers, loads_checked
 from midus_surgery.io.output_dir import recorded_base, run_export_hint
 from midus_surgery.io.small_files import read_small_text
 from midus_surgery.io.tensor_source import name_groups
@@ -331,7 +331,7 @@ def _other_shipped_code(out: Path, base_dir: Path | None) -> tuple[str | None, s
 
     def tokenizer_map(folder: Path | None):
         try:
-            data = loads_as_transformers(read_small_text(folder / "tokenizer_config.json")) if folder is not None else None
+            data = loads_as_tokenizer_config(read_small_text(folder / "tokenizer_config.json")) if folder is not None else None
         except (OSError, ValueError):
             return None
         return data.get("auto_map") if isinstance(data, dict) else None

@@ -72,6 +72,17 @@ def loads_checked(text: str | bytes, *, special_floats: bool = False, big_ints: 
         raise ValueError("JSON nested too deeply to read") from None
 
 
+def loads_as_tokenizer_config(text: str | bytes):
+    """A tokenizer_config.json as transformers' tokenizer loader reads it (plain ``json.load``: a number past a float's
+    range is infinity, an integer of any length below Python's digit limit is read); deep nesting: a ``ValueError``, as
+    for transformers, which fails on it too. Whatever reads the file to say what code it names must read what
+    transformers reads: a stricter reader saw no code where transformers ran some."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def loads_as_transformers(text: str | bytes, **loads_options):
     """A model's config.json, tokenizer_config.json or weights index, taking what transformers' own reader takes
     (``Infinity``, ``NaN``, integers of any size) but deep nesting and numbers past a float's range: a ``ValueError``."""

@@ -3,11 +3,11 @@ code its tokenizer_config.json names (read as JSON, never imported)."""
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from pathlib import Path
 
+from midus_surgery.io.json_text import loads_as_tokenizer_config
 from midus_surgery.io.small_files import file_kind, regular_file_problem
 
 TOKENIZER_FILE_PREFIXES = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece", "special_tokens_map", "added_tokens")
@@ -34,8 +34,8 @@ def tokenizer_auto_map(config: Path):
     try:
         if not config.is_file():
             return None
-        auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map")
-    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: deep nesting, which transformers fails on too
+        auto_map = loads_as_tokenizer_config(config.read_text(encoding="utf-8")).get("auto_map")
+    except (OSError, ValueError, AttributeError):
         return None
     if isinstance(auto_map, list):  # the older form, which transformers 5 still reads: the AutoTokenizer pair itself (trial103)
         return {"AutoTokenizer": auto_map}

@@ -36,7 +36,7 @@ from midus_surgery.errors import (
     quiet_library_panic,
 )
 from midus_surgery.io.hf_output import hf_progress_bars, kept_load_report, load_report_words
-from midus_surgery.io.json_text import loads_as_transformers
+from midus_surgery.io.json_text import loads_as_tokenizer_config, loads_as_transformers
 from midus_surgery.io.output_dir import CHECKPOINT_STATE, check_cache_location, data_folder, input_root, run_export_hint
 from midus_surgery.io.small_files import read_small_text
 from midus_surgery.io.stored_dtypes import floats_stored_as_integers, stored_dtype_problem
@@ -508,7 +508,8 @@ def _own_tokenizer_code(path: Path) -> str | None:
     (auto_map AutoTokenizer), as one text; None when it names none. Read as JSON: nothing runs."""
     for name in ("tokenizer_config.json", "config.json"):
         try:
-            data = loads_as_transformers(read_small_text(Path(path) / name))
+            text = read_small_text(Path(path) / name)
+            data = loads_as_tokenizer_config(text) if name == "tokenizer_config.json" else loads_as_transformers(text)
         except (OSError, ValueError):
             continue
         auto_map = data.get("auto_map") if isinstance(data, dict) else None
