@@ -353,6 +353,22 @@ def cli(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "midus_surgery.cli", *argv], capture_output=True, text=True, timeout=600)
 
 
+def trusted_gguf_beside(base: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A trusted GGUF base (tmp_path/gb) holding the folder ``base``'s tokenizer_config.json, tok.py and helper.py, and
+    a recipe (tmp_path/g.yaml) that writes its output to tmp_path/gout."""
+    from test_gguf_metadata import write_llama_gguf
+
+    gguf = tmp_path / "gb"
+    gguf.mkdir()
+    write_llama_gguf(gguf / "model.gguf")
+    for name in ("tokenizer_config.json", "tok.py", "helper.py"):
+        shutil.copy(base / name, gguf / name)
+    recipe = tmp_path / "g.yaml"
+    recipe.write_text(f"base:\n  path: {gguf / 'model.gguf'}\n  trust_remote_code: true\n{LAYOUT}output:\n  dir: {tmp_path / 'gout'}\n"
+                      "  dtype: float32\n")
+    return gguf, recipe
+
+
 LATIN1_TOK = "# -*- coding: latin-1 -*-\n# (c) Caf\xe9 Labs\n" + TOK
 
 
@@ -361,7 +377,6 @@ def test_a_tokenizer_module_that_is_not_utf8_is_warned_of_on_a_folder_and_refuse
     validate, plan and apply without a word and was copied into an output whose tokenizer failed with a bare codec error;
     on a trusted GGUF base validate said OK and apply wrote no tokenizer. The one module file rule now holds it: a folder
     base is warned of it (not copied), a trusted GGUF refused before transformers reads it, config.json's refusal as before."""
-    from test_gguf_metadata import write_llama_gguf
 
     base = base_with(llama, tmp_path, {"helper.py": "VOCAB = {f't{i}': i for i in range(32)}\n"},
                      tokenizer_map={"AutoTokenizer": [None, "tok.Tok"]})
@@ -374,14 +389,7 @@ def test_a_tokenizer_module_that_is_not_utf8_is_warned_of_on_a_folder_and_refuse
         assert done.returncode == 0 and warned in done.stdout + done.stderr, (command, done.stdout, done.stderr)
     assert not list((tmp_path / "out").glob("*.py"))  # its imports unread, as transformers would not get that far
 
-    gguf = tmp_path / "gb"
-    gguf.mkdir()
-    write_llama_gguf(gguf / "model.gguf")
-    for name in ("tokenizer_config.json", "tok.py", "helper.py"):
-        shutil.copy(base / name, gguf / name)
-    recipe = tmp_path / "g.yaml"
-    recipe.write_text(f"base:\n  path: {gguf / 'model.gguf'}\n  trust_remote_code: true\n{LAYOUT}output:\n  dir: {tmp_path / 'gout'}\n"
-                      "  dtype: float32\n")
+    gguf, recipe = trusted_gguf_beside(base, tmp_path)
     why = f"{gguf / 'tokenizer_config.json'}: its tokenizer code names 'tok.py', which is not UTF-8 text (byte 0xe9 at offset 35)"
     for command in (["validate"], ["plan"], ["apply", "--quiet"]):
         code, said, err = run(capsys, command[0], str(recipe), *command[1:])
@@ -601,7 +609,6 @@ def test_a_module_with_a_byte_order_mark_is_warned_of_on_a_folder_and_refused_wh
     """A tok.py starting with a UTF-8 byte-order mark passed every check, and transformers failed on it with "invalid
     non-printable character U+FEFF" naming no file (it reads modules as plain UTF-8, then ast.parse). The one rule holds
     it as not loadable: a folder's tokenizer code is warned of and not copied, a trusted GGUF's and config.json's refused."""
-    from test_gguf_metadata import write_llama_gguf
 
     base = base_with(llama, tmp_path, {"helper.py": "VOCAB = {f't{i}': i for i in range(32)}\n"},
                      tokenizer_map={"AutoTokenizer": [None, "tok.Tok"]})
@@ -612,14 +619,7 @@ def test_a_module_with_a_byte_order_mark_is_warned_of_on_a_folder_and_refused_wh
         assert done.returncode == 0 and f"names its own code in {bom}: not copied" in done.stdout + done.stderr, (command, done)
     assert not (tmp_path / "out" / "tok.py").exists()
 
-    gguf = tmp_path / "gb"
-    gguf.mkdir()
-    write_llama_gguf(gguf / "model.gguf")
-    for name in ("tokenizer_config.json", "tok.py", "helper.py"):
-        shutil.copy(base / name, gguf / name)
-    recipe = tmp_path / "g.yaml"
-    recipe.write_text(f"base:\n  path: {gguf / 'model.gguf'}\n  trust_remote_code: true\n{LAYOUT}output:\n  dir: {tmp_path / 'gout'}\n"
-                      "  dtype: float32\n")
+    gguf, recipe = trusted_gguf_beside(base, tmp_path)
     for command in (["validate"], ["plan"], ["apply", "--quiet"]):
         code, said, err = run(capsys, command[0], str(recipe), *command[1:])
         assert code == 2 and f"its tokenizer code names '{bom[:6]}', which starts with a UTF-8 byte-order mark" in err, (command, err)
