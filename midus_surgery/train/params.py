@@ -88,14 +88,22 @@ def slots_held(model, trainable: dict[str, bool]) -> tuple[list[int], list[int]]
     under freeze: none moves every block's stream). Frozen query parameters alone are not fixed slots (trial122)."""
     from midus_surgery.model.modeling_midus import memory_blocks
 
-    blocks = {i: f"{anatomy['layers_path']}." for i, (anatomy, _, _) in memory_blocks(model.config).items()}
-    layer_of: dict[str, int | None] = {}
-    for name in trainable:
-        layer_of[name] = next((int(name[len(path):].split(".", 1)[0]) for path in set(blocks.values())
-                               if name.startswith(path) and name[len(path):].split(".", 1)[0].isdigit()), None)
-    moved_everywhere = any(trains and layer_of[n] is None and not is_memory_parameter(n) for n, trains in trainable.items())
-    lowest = min((layer_of[n] for n, trains in trainable.items() if trains and layer_of[n] is not None), default=None)
-    fixed = [i for i in sorted(blocks) if not moved_everywhere and (lowest is None or lowest >= i)]
+    blocks = memory_blocks(model.config)
+    prefixes = {f"{anatomy['layers_path']}." for anatomy, _, _ in blocks.values()}
+
+    def layer_of(name: str) -> int | None:  # "model.layers.5.mlp.x" -> 5; None outside the decoder layers
+        for prefix in prefixes:
+            index = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
+            if index.isdigit():
+                return int(index)
+        return None
+
+    training = [name for name, trains in trainable.items() if trains]
+    # a trained tensor outside the layers but the memory tables (the embedding) moves every block's stream
+    if any(layer_of(name) is None and not is_memory_parameter(name) for name in training):
+        return [], sorted(blocks)
+    lowest = min((i for i in map(layer_of, training) if i is not None), default=None)
+    fixed = [i for i in sorted(blocks) if lowest is None or lowest >= i]
     return fixed, [i for i in sorted(blocks) if i not in fixed]
 
 
