@@ -87,8 +87,7 @@ def tokenizer_code_files(config: Path) -> list[str]:
     The names are the file's text: show them through printable()."""
     # transformers reads a reference as exactly "module.Class" (a module file beside the config): nothing else loads;
     # ".Tok" names the module "" (the file .py), which transformers opens as it opens any other
-    names = {r.split(".")[0] + ".py" for r in _tokenizer_code_refs(config) if "--" not in r and r.count(".") == 1}
-    names = {n for n in names if "/" not in n and "\\" not in n}
+    names = {n for n in map(reference_module, _tokenizer_code_refs(config)) if n and "/" not in n and "\\" not in n}
     module = entry_module(auto_tokenizer_entry(config.parent))  # a bare string's: the module its second character names
     if module and "/" not in module and "\\" not in module:
         names.add(module)
@@ -105,11 +104,11 @@ def tokenizer_code_users(directory: Path) -> dict[str, list[str]]:
     for key, value in auto_map.items():
         refs = value if isinstance(value, list) else [value]
         for i, ref in enumerate(refs):
-            if not isinstance(ref, str) or "--" in ref or ref.count(".") != 1:
+            module = reference_module(ref)
+            if module is None:
                 continue
             slow = key == "AutoTokenizer" and i == 0 and len(refs) > 1 and refs[1] is not None
             label = f"{key}'s slow entry" if slow else str(key)
-            module = ref.split(".")[0] + ".py"
             imports = relative_import_files(directory / module) if "/" not in module and "\\" not in module else []
             for name in [module, *imports]:
                 if label not in users.setdefault(name, []):
@@ -129,8 +128,14 @@ def entry_module(entry) -> str | None:
     (it fails first, or the reference is another repository's). It indexes the entry as a [slow, fast] pair, taking the
     fast slot unless it is null, a bare string too: "t.Tok"[1] is ".", the module "" (the file .py), which it reads and
     runs; a string whose second character is no '.' fails before any file is opened, as does one shorter than two."""
-    reference = entry_reference(entry)
-    if reference is None or "--" in reference or reference.count(".") != 1:  # another repository's (or folder's), or no module
+    return reference_module(entry_reference(entry))
+
+
+def reference_module(reference) -> str | None:
+    """The module file beside tokenizer_config.json an auto_map reference names ("tok.Tok" -> tok.py; ".Tok" -> .py, which
+    transformers opens as any other), or None: no reference, another repository's or folder's ("x--tok.Tok"), or no
+    "module.Class" shape, which loads nothing."""
+    if not isinstance(reference, str) or "--" in reference or reference.count(".") != 1:
         return None
     return reference.split(".")[0] + ".py"
 
