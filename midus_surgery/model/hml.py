@@ -1013,8 +1013,11 @@ class _HeadNorm(nn.Module):
             stats = _every_process(*stats[0])
         for mean, var in stats:
             momentum = (1.0 / (self.updates + 1.0)).clamp_min(self.MOMENTUM)  # a tensor: no host sync on CUDA
-            self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
-            self.running_var.lerp_(var.to(self.running_var.dtype), momentum)
+            # new tensors, not lerp_ in place: this forward normalised with the buffers, and torch.compile's backward
+            # (AOTAutograd) may read a buffer it saved after the forward's in-place update landed; compile: true then
+            # trained the query path on gradients up to 37% off, silently. DDP re-reads reassigned buffers.
+            self.running_mean = torch.lerp(self.running_mean, mean.to(self.running_mean.dtype), momentum)
+            self.running_var = torch.lerp(self.running_var, var.to(self.running_var.dtype), momentum)
             self.updates.add_(1).clamp_max_(self.COUNTED_UPDATES)  # bf16 counts exactly only to 256
 
     def forward(self, q: Tensor, fused_backward: bool = False) -> Tensor:  # q [T, H, d_h], any float dtype
