@@ -1356,6 +1356,58 @@ def test_batch_query_norm_counts_every_processs_micro_batches_in_rank_order(tmp_
             assert torch.equal(ranks[r][k], expected[k]), (r, k)
 
 
+_COMPILED_TRACK_ON_EACH_RANK = """
+import copy, sys, torch, torch.distributed as dist
+from midus_surgery.model.hml import _HeadNorm
+dist.init_process_group("gloo")
+rank, qs = dist.get_rank(), torch.load(sys.argv[1])
+eager = _HeadNorm("batch", 2, 8, 1e-6)
+torch.nn.init.ones_(eager.weight)
+twin = copy.deepcopy(eager)
+compiled = torch.compile(twin, backend="aot_eager")
+out = {}
+for name, norm in (("eager", eager), ("compiled", compiled)):  # every rank runs each forward and backward in step
+    grads = []
+    for step in qs:
+        q = step[rank].clone().requires_grad_()
+        norm(q).pow(3).sum().backward()
+        grads.append(q.grad)
+    out[name] = {"q_grads": torch.stack(grads), "weight_grad": (eager if name == "eager" else twin).weight.grad.clone(),
+                 **{k: v.clone() for k, v in (eager if name == "eager" else twin).state_dict().items()}}
+torch.save(out, sys.argv[2] + f"/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_a_compiled_batch_query_norm_trains_under_several_processes_with_the_eager_gradients(tmp_path):
+    """compile: true with `query_norm: batch` under DDP or FSDP died in the first backward ("modified by an inplace
+    operation"): the statistics' gather runs eagerly, a graph break inside the norm, and the in-place update after
+    it changed buffers the compiled backward had saved. Two processes, each compiled (aot_eager: the part of
+    torch.compile that saves for the backward): the same gradients and statistics as eager."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    g = torch.Generator().manual_seed(1)
+    qs = torch.randn(3, 2, 9, 2, 8, generator=g) * torch.linspace(0.5, 3.0, 8) + torch.arange(3.0).reshape(3, 1, 1, 1, 1)
+    torch.save(qs, tmp_path / "qs.pt")
+    (tmp_path / "track.py").write_text(_COMPILED_TRACK_ON_EACH_RANK)
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p))
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29592",
+                           str(tmp_path / "track.py"), str(tmp_path / "qs.pt"), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert float(got["eager"]["updates"]) == 6  # both processes' micro-batches, three steps
+        assert got["eager"]["weight_grad"].abs().max() > 0
+        for key, expected in got["eager"].items():
+            torch.testing.assert_close(got["compiled"][key], expected, rtol=1e-5, atol=1e-6, msg=f"rank {r}: {key}")
+
 def test_a_compiled_training_forward_of_a_batch_query_norm_gives_the_eager_gradients():
     """compile: true trained a `query_norm: batch` model's query path on wrong gradients (up to 37% of the largest, on
     a tiny model at step 2; the loss and the statistics right): the forward normalised with the running statistics
