@@ -1356,6 +1356,56 @@ def test_batch_query_norm_counts_every_processs_micro_batches_in_rank_order(tmp_
             assert torch.equal(ranks[r][k], expected[k]), (r, k)
 
 
+_ONE_TOKEN_ON_RANK_1 = """
+import sys, torch, torch.distributed as dist
+from midus_surgery.model.hml import _HeadNorm
+dist.init_process_group("gloo")
+rank, qs = dist.get_rank(), torch.load(sys.argv[1])
+norm = _HeadNorm("batch", 2, 8, 1e-6)
+torch.nn.init.ones_(norm.weight)
+for step, q in enumerate(qs):
+    norm(q[rank][:1] if rank == 1 and step == 1 else q[rank])  # rank 1's second micro-batch: one token
+torch.save({k: v.clone() for k, v in norm.state_dict().items()}, sys.argv[2] + f"/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_a_one_token_micro_batch_on_one_process_joins_the_statistics_gather_and_counts_for_nothing(tmp_path):
+    """Whether a process gathered the statistics depended on its own micro-batch (more than one token): a process
+    with one token skipped the collective its peers waited in, and the run hung. Every tracking forward joins it
+    now; a batch of one token counts for nothing (it has no spread), on every process alike."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from midus_surgery.model.hml import _HeadNorm
+
+    g = torch.Generator().manual_seed(2)
+    qs = torch.randn(3, 2, 5, 2, 8, generator=g) * 2 + 1
+    torch.save(qs, tmp_path / "qs.pt")
+    (tmp_path / "track.py").write_text(_ONE_TOKEN_ON_RANK_1)
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p))
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29593",
+                           str(tmp_path / "track.py"), str(tmp_path / "qs.pt"), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=120)  # a hang is a failure, not a wait
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = _HeadNorm("batch", 2, 8, 1e-6)
+    torch.nn.init.ones_(one.weight)
+    for step, q in enumerate(qs):
+        one(q[0])
+        if step != 1:
+            one(q[1])  # rank 1's one-token batch is left out
+    expected = one.state_dict()
+    assert float(expected["updates"]) == 5
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        for k in expected:
+            torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0, msg=f"rank {r}: {k}")
+
 _COMPILED_TRACK_ON_EACH_RANK = """
 import copy, sys, torch, torch.distributed as dist
 from midus_surgery.model.hml import _HeadNorm

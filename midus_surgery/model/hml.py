@@ -1004,21 +1004,27 @@ class _HeadNorm(nn.Module):
 
     @torch.no_grad()
     def _track(self, q: Tensor) -> None:  # q [T, H, d_h]
-        stats = [(q.mean(0), q.var(0, unbiased=False))]
+        # one token (or none) has no spread to learn from: its statistics count for nothing (weight 0), but they are
+        # still gathered: under several processes the others wait in the gather, so whether a process joins it may
+        # not depend on its data
+        counts = q.shape[0] > 1
+        mean = q.mean(0) if counts else q.new_zeros(q.shape[1:])  # [H, d_h]
+        var = q.var(0, unbiased=False) if counts else q.new_ones(q.shape[1:])
+        stats = [(mean, var, q.new_tensor(1.0 if counts else 0.0))]
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # several processes (DDP, FSDP) run each training forward in step, each on its own micro-batch: every
             # process applies every process's statistics, in rank order, so the buffers stay the same everywhere and
             # count every micro-batch (DDP's buffer broadcast had kept rank 0's alone: trial122 F3)
             stats = _every_process(*stats[0])
-        for mean, var in stats:
-            momentum = (1.0 / (self.updates + 1.0)).clamp_min(self.MOMENTUM)  # a tensor: no host sync on CUDA
+        for mean, var, weight in stats:  # weight: 1 for a batch that counts, 0 for one that does not (no branch on data)
+            momentum = (1.0 / (self.updates + 1.0)).clamp_min(self.MOMENTUM) * weight.to(self.updates.dtype)
             # new tensors, not lerp_ in place: this forward normalised with the buffers, and torch.compile's backward
             # (AOTAutograd) may read a buffer it saved after the forward's in-place update landed; compile: true then
             # trained the query path on gradients up to 37% off, silently. DDP re-reads reassigned buffers.
             self.running_mean = torch.lerp(self.running_mean, mean.to(self.running_mean.dtype), momentum)
             self.running_var = torch.lerp(self.running_var, var.to(self.running_var.dtype), momentum)
-            self.updates.add_(1).clamp_max_(self.COUNTED_UPDATES)  # bf16 counts exactly only to 256
+            self.updates.add_(weight.to(self.updates.dtype)).clamp_max_(self.COUNTED_UPDATES)  # bf16 counts exactly only to 256
 
     def forward(self, q: Tensor, fused_backward: bool = False) -> Tensor:  # q [T, H, d_h], any float dtype
         """q normalised in float32 (float64 for float64 q). fused_backward (the compiled CPU kernels loaded): an rms
@@ -1038,7 +1044,7 @@ class _HeadNorm(nn.Module):
             # the statistics of earlier batches: untouched (0, 1) they change nothing, to the bit
             q = (q - mean.to(q.dtype)) * torch.rsqrt(var.to(q.dtype).clamp_min(self.eps))
             if not recomputing:
-                tracking = self.training and self.weight.requires_grad and torch.is_grad_enabled() and seen.shape[0] > 1
+                tracking = self.training and self.weight.requires_grad and torch.is_grad_enabled()  # the same on every process
                 self._used = (self.running_mean.clone(), self.running_var.clone()) if tracking else None
                 if tracking:
                     self._track(seen)  # after use: this batch's statistics normalise the next batches only
@@ -1052,17 +1058,18 @@ class _HeadNorm(nn.Module):
 
 
 @torch.compiler.disable  # a collective: run eagerly under torch.compile
-def _every_process(mean: Tensor, var: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """(mean, var) of every process of the default group, in rank order: one all_gather, in the statistics' own float
-    dtype (float32 / float64, which gloo and NCCL both gather); through the CPU for gloo, which gathers no CUDA tensor."""
+def _every_process(mean: Tensor, var: Tensor, weight: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """(mean, var, weight) of every process of the default group, in rank order: one all_gather, in the statistics'
+    own float dtype (float32 / float64, which gloo and NCCL both gather); through the CPU for gloo, which gathers no
+    CUDA tensor. mean, var [H, d_h]; weight [] (1 or 0: whether that process's batch counts)."""
     dist = torch.distributed
-    both = torch.stack((mean, var))
+    both = torch.stack((mean, var, weight.to(mean.dtype).expand_as(mean)))  # [3, H, d_h]
     on = both.device
     if on.type != "cpu" and dist.get_backend() == "gloo":
         both = both.cpu()
     parts = [torch.empty_like(both) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, both.contiguous())
-    return [(part[0].to(on), part[1].to(on)) for part in parts]
+    return [(part[0].to(on), part[1].to(on), part[2, 0, 0].to(on)) for part in parts]
 
 
 def _caller_autocast(x: Tensor) -> tuple[str, Optional[torch.dtype]]:
