@@ -605,6 +605,35 @@ def test_a_trusted_ggufs_tokenizer_that_fails_to_load_is_warned_of_by_apply_as_b
         assert done.returncode == 0 and lines == [text], (command, done.stdout, done.stderr)
 
 
+def test_a_relative_import_with_a_byte_order_mark_is_carried_and_the_outputs_tokenizer_loads(llama, tmp_path, capsys):
+    """trial129 F2: helper.py (which tok.py imports relatively) starting with a UTF-8 byte-order mark was refused on a
+    trusted GGUF and left out of a folder base's output, though transformers loads it: only the module an auto_map entry
+    names is parsed (check_imports' ast.parse fails on the mark); importlib, which runs a relative import, strips it."""
+    from transformers import AutoTokenizer
+
+    base = base_with(llama, tmp_path, {"tok.py": TOK}, tokenizer_map={"AutoTokenizer": [None, "tok.Tok"]})
+    (base / "helper.py").write_bytes(b"\xef\xbb\xbf" + b"VOCAB = {f't{i}': i for i in range(32)}\n")
+    assert type(AutoTokenizer.from_pretrained(base, trust_remote_code=True)).__name__ == "Tok"  # transformers loads it
+    for command in (["validate"], ["plan"], ["apply", "--quiet"]):
+        done = cli(command[0], str(recipe_for(tmp_path, base)), *command[1:])
+        assert done.returncode == 0 and "warning" not in done.stdout + done.stderr, (command, done)
+    assert (tmp_path / "out" / "helper.py").read_bytes().startswith(b"\xef\xbb\xbf") and (tmp_path / "out" / "tok.py").is_file()
+    assert type(AutoTokenizer.from_pretrained(tmp_path / "out", trust_remote_code=True)).__name__ == "Tok"
+
+    gguf, recipe = trusted_gguf_beside(base, tmp_path)
+    for command in (["validate"], ["plan"], ["apply", "--quiet"]):
+        code, said, err = run(capsys, command[0], str(recipe), *command[1:])
+        assert code == 0 and "byte-order" not in said + err, (command, said, err)
+    assert {p.name for p in (tmp_path / "gout").glob("*.py")} == {"helper.py", "tok.py"}
+    assert type(AutoTokenizer.from_pretrained(tmp_path / "gout", trust_remote_code=True)).__name__ == "Tok"
+
+    (base / "tokenizer_config.json").unlink()  # config.json's code: the helper's mark is no bar there either
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoTokenizer": [None, "tok.Tok"]}}))
+    code, said, err = run(capsys, "validate", str(recipe_for(tmp_path, base)))
+    assert code == 0 and "(tok.py, helper.py, named by" in said and "byte-order" not in said + err, (said, err)
+
+
 def test_a_module_with_a_byte_order_mark_is_warned_of_on_a_folder_and_refused_where_transformers_runs_it(llama, tmp_path, capsys):
     """A tok.py starting with a UTF-8 byte-order mark passed every check, and transformers failed on it with "invalid
     non-printable character U+FEFF" naming no file (it reads modules as plain UTF-8, then ast.parse). The one rule holds

@@ -111,7 +111,7 @@ def code_files(directory: Path, auto_map: dict) -> list[Path]:
                 continue
             module = _module_file(directory, ref, where)
             for name in [module.name, *relative_import_files(module)]:
-                problem = code_file_problem(directory, name)
+                problem = code_file_problem(directory, name, entry=name == module.name)  # a helper's mark loads
                 if problem and name == module.name:
                     raise ValueError(f"{where}: auto_map names {shown(ref, 80)}, but {shown(name, 80)} {problem}")
                 if problem:
@@ -170,8 +170,8 @@ def base_code_in_output(ref, plan, trusted: bool) -> tuple[list[str], list[str]]
                                  f"the base ({shown(reference, 160)}): transformers would read and run it from that repository "
                                  "or folder while loading the GGUF's tokenizer during apply (remove the entry to load the GGUF's "
                                  "own tokenizer, or set base.trust_remote_code: false)")
-        for name in auto_tokenizer_files(ref.directory):
-            problem = code_file_problem(ref.directory, name, hazards_only=True)
+        for i, name in enumerate(auto_tokenizer_files(ref.directory)):  # the entry module first, then its relative imports
+            problem = code_file_problem(ref.directory, name, hazards_only=True, entry=i == 0)
             if problem:
                 raise BaseModelError(f"{ref.directory / 'tokenizer_config.json'}: its tokenizer code names {shown(name, 80)}, which "
                                      f"{problem}: transformers would run it while loading the GGUF's tokenizer during apply")

@@ -33,8 +33,8 @@ from midus_surgery.io.tensor_source import check_matches_config, inside_base, op
 from midus_surgery.io.tokenizer_files import (
     auto_tokenizer_entry,
     auto_tokenizer_files,
-    code_file_problem,
     tokenizer_code,
+    tokenizer_code_problems,
     tokenizer_code_users,
 )
 from midus_surgery.model import copy_modeling_files
@@ -228,9 +228,9 @@ def tokenizer_code_left(directory: Path) -> list[str]:
         named = ", ".join(printable(user)[:40] for user in users.get(name, [])[:3])
         return f"code that needs it (auto_map {named})" if named else "code that needs it"
 
-    return string + [f"the base's tokenizer names its own code in {printable(name)[:80]}, which {code_file_problem(directory, name)}: "
+    return string + [f"the base's tokenizer names its own code in {printable(name)[:80]}, which {problem}: "
                      f"not copied, so {what(name)} will not load until a module of that name is beside it"
-                     for name in tokenizer_code(directory)[1]]
+                     for name, problem in tokenizer_code_problems(directory).items() if problem]
 
 
 def _save_tokenizer_without_code(tokenizer, dest: Path) -> None:

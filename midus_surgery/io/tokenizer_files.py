@@ -67,7 +67,7 @@ def relative_import_files(module: Path) -> list[str]:
         name = todo.pop()
         # a regular file of a module's size only (code_file_problem): a named pipe there hung validate, plan and apply,
         # a link to /dev/zero ended in a MemoryError (trial113, trial114)
-        if code_file_problem(directory, name):
+        if code_file_problem(directory, name, entry=name == module.name):  # a helper's mark is no bar (code_file_problem)
             continue
         try:
             imports = get_relative_imports(str(directory / name))
@@ -85,14 +85,21 @@ def tokenizer_code_files(config: Path) -> list[str]:
     import relatively: a tokenizer with its own code loads (with trust_remote_code) only with them beside it. A reference
     into another Hub repository (``owner/repo--tok.MyTokenizer``) is that repository's, not the folder's.
     The names are the file's text: show them through printable()."""
+    names = set(tokenizer_entry_modules(config))
+    for name in sorted(names):
+        names.update(relative_import_files(config.parent / name))  # read only where code_file_problem allows
+    return sorted(names)
+
+
+def tokenizer_entry_modules(config: Path) -> list[str]:
+    """The module files a tokenizer_config.json's ``auto_map`` names itself (not through a relative import): those a loader
+    opens first, parsing them before it runs them (code_file_problem's ``entry``)."""
     # transformers reads a reference as exactly "module.Class" (a module file beside the config): nothing else loads;
     # ".Tok" names the module "" (the file .py), which transformers opens as it opens any other
     names = {n for n in map(reference_module, _tokenizer_code_refs(config)) if n and "/" not in n and "\\" not in n}
     module = entry_module(auto_tokenizer_entry(config.parent))  # a bare string's: the module its second character names
     if module and "/" not in module and "\\" not in module:
         names.add(module)
-    for name in sorted(names):
-        names.update(relative_import_files(config.parent / name))  # read only where code_file_problem allows
     return sorted(names)
 
 
@@ -159,7 +166,7 @@ def auto_tokenizer_files(directory: Path) -> list[str]:
     return [module, *relative_import_files(directory / module)] if module else []
 
 
-def code_file_problem(directory: Path, name: str, *, hazards_only: bool = False) -> str | None:
+def code_file_problem(directory: Path, name: str, *, hazards_only: bool = False, entry: bool = True) -> str | None:
     """Why apply does not carry (nor read) the base's code file ``name``, as words that follow the name ("is a device, not a
     regular file"), or None: a regular file of a module's size inside the base (a Hub cache snapshot's link into its blobs
     is), in UTF-8 as transformers reads it. The one rule for what is read, copied, and named by the note and the card, for
@@ -171,7 +178,10 @@ def code_file_problem(directory: Path, name: str, *, hazards_only: bool = False)
     name leading elsewhere, no regular file (a pipe hangs it), a link leading out, text that is not UTF-8 (a codec error
     naming no file), a file over the size bound (it cannot be checked: its own imports are never read here, and a pipe or
     a link leading out behind it was opened by transformers, a 1 GiB one read whole and copied into its cache). A missing
-    file is None then: transformers says so itself, and apply warns that it is not copied (trial121 F2)."""
+    file is None then: transformers says so itself, and apply warns that it is not copied (trial121 F2).
+    ``entry``: the module an ``auto_map`` reference names, which transformers parses (check_imports' ast.parse) before
+    it runs it, and which fails there on a byte-order mark; a relative import (``entry=False``) is imported by importlib,
+    which strips the mark, so a mark is no bar there (trial129 F2: a helper that loaded was refused)."""
     from midus_surgery.errors import MidusError
     from midus_surgery.io.tensor_source import inside_base
 
@@ -192,15 +202,16 @@ def code_file_problem(directory: Path, name: str, *, hazards_only: bool = False)
         inside_base(directory, name, f"the base's {name}")
     except MidusError:
         return "is a link leading out of the base directory"
-    return _not_utf8(directory / name)
+    return _not_utf8(directory / name, entry)
 
 
-def _not_utf8(path: Path) -> str | None:
+def _not_utf8(path: Path, entry: bool = True) -> str | None:
     """Why transformers cannot read ``path`` (a small regular file), or None: it reads every module and relative import as
     UTF-8 (a coding cookie notwithstanding), and its bare codec error named no file; a byte-order mark it keeps in the
-    text, and the module it loads then fails with a SyntaxError naming no file."""
+    text, and the ``entry`` module it loads then fails with a SyntaxError naming no file (a relative import's mark is
+    stripped by importlib, which runs it)."""
     try:
-        if path.read_bytes().decode("utf-8").startswith("\ufeff"):  # ast.parse of its text: "invalid non-printable character"
+        if path.read_bytes().decode("utf-8").startswith("\ufeff") and entry:  # ast.parse of its text: "invalid non-printable character"
             return "starts with a UTF-8 byte-order mark (U+FEFF) that transformers does not strip when it reads a module"
     except UnicodeDecodeError as exc:
         return f"is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}), as transformers reads a module"
@@ -209,17 +220,22 @@ def _not_utf8(path: Path) -> str | None:
     return None
 
 
-def carried_code_file(directory: Path, name: str) -> bool:
-    """Whether apply copies the base's code file ``name`` into the output (code_file_problem's rule)."""
-    return code_file_problem(directory, name) is None
+def tokenizer_code_problems(directory: Path) -> dict[str, str | None]:
+    """For each tokenizer code file of ``directory`` (tokenizer_code_files), why apply does not copy it
+    (code_file_problem), or None. A module some code imports relatively is held to a relative import's rule, even where
+    an entry names it too: the code importing it loads with it, and without it does not."""
+    config = directory / "tokenizer_config.json"
+    names = tokenizer_code_files(config)
+    entries = tokenizer_entry_modules(config)
+    imported = {i for name in entries for i in relative_import_files(directory / name)}
+    return {name: code_file_problem(directory, name, entry=name in entries and name not in imported) for name in names}
 
 
 def tokenizer_code(directory: Path) -> tuple[list[str], list[str]]:
     """(the tokenizer code files apply copies from ``directory``, those its tokenizer_config.json names that it cannot:
     code_file_problem says why)."""
-    names = tokenizer_code_files(directory / "tokenizer_config.json")
-    carried = [name for name in names if carried_code_file(directory, name)]
-    return carried, [name for name in names if name not in carried]
+    problems = tokenizer_code_problems(directory)
+    return [name for name, problem in problems.items() if problem is None], [name for name, problem in problems.items() if problem]
 
 
 def is_module_file_name(name: str) -> bool:
