@@ -659,3 +659,35 @@ def test_a_module_with_a_byte_order_mark_is_warned_of_on_a_folder_and_refused_wh
     (base / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoTokenizer": [None, "tok.Tok"]}}))
     code, said, err = run(capsys, "validate", str(recipe_for(tmp_path, base)))
     assert code == 2 and "config.json: auto_map names 'tok.Tok', but 'tok.py' starts with a UTF-8 byte-order mark" in err, err
+
+
+def test_the_uncarried_code_warning_blames_autotokenizer_only_for_a_module_it_opens(tmp_path):
+    """trial129 F3: the labels of the uncarried-code warning read AutoTokenizer's entry by their own rule, not by the one
+    transformers follows (entry_module): a bare "t.Tok" blamed t.py on it (it opens .py), a three-item list its third
+    item (never opened), and a bare ".Tok" (whose second character "T" opens nothing) named and carried .py."""
+    from midus_surgery.emit.emitter import tokenizer_code_left
+    from midus_surgery.io.tokenizer_files import tokenizer_code_files
+
+    def left(auto_map, files: dict[str, bytes]) -> list[str]:
+        base = tmp_path / str(len(list(tmp_path.iterdir())))
+        base.mkdir()
+        (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": auto_map}))
+        for name, data in files.items():
+            (base / name).write_bytes(data)
+        return [line.split(": not copied, so ")[1] for line in tokenizer_code_left(base) if "names its own code" in line]
+
+    assert left({"AutoTokenizer": "t.Tok"}, {"t.py": b"X = '\xe9'\n", ".py": b"Y = 1\n"}) == [
+        "code that needs it will not load until a module of that name is beside it"]
+    assert left({"AutoTokenizer": ["a.A", "b.B", "c.C"]}, {"a.py": b"", "b.py": b""}) == [
+        "code that needs it will not load until a module of that name is beside it"]  # c.py: nothing opens it
+    assert left({"AutoTokenizer": ["a.A", "b.B"]}, {"b.py": b""}) == [
+        "code that needs it (auto_map AutoTokenizer's slow entry) will not load until a module of that name is beside it"]
+    assert left({"AutoTokenizer": [None, "b.B"], "AutoProcessor": "b.P"}, {}) == [
+        "the output's tokenizer will not load until a module of that name is beside it"]
+    base = tmp_path / "dot"
+    base.mkdir()
+    (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ".Tok"}}))
+    (base / ".py").write_text("Y = 1\n")
+    assert tokenizer_code_files(base / "tokenizer_config.json") == []  # "T": transformers opens no file
+    (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": [None, ".Tok"]}}))
+    assert tokenizer_code_files(base / "tokenizer_config.json") == [".py"]  # as a pair's slot it opens .py

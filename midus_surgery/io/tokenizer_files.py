@@ -96,8 +96,15 @@ def tokenizer_entry_modules(config: Path) -> list[str]:
     opens first, parsing them before it runs them (code_file_problem's ``entry``)."""
     # transformers reads a reference as exactly "module.Class" (a module file beside the config): nothing else loads;
     # ".Tok" names the module "" (the file .py), which transformers opens as it opens any other
-    names = {n for n in map(reference_module, _tokenizer_code_refs(config)) if n and "/" not in n and "\\" not in n}
-    module = entry_module(auto_tokenizer_entry(config.parent))  # a bare string's: the module its second character names
+    # AutoTokenizer given as one string: the module transformers opens indexing it (entry_module: "t.Tok" the file .py),
+    # and the module the string names where that is a module's name (t.py, which a pair written from it needs); ".Tok"
+    # opens nothing, so its ".py" is neither named nor carried (trial129 F3)
+    auto_map = tokenizer_auto_map(config) or {}
+    refs = [r for key, value in auto_map.items() for r in (value if isinstance(value, list) else [value])
+            if isinstance(r, str) and not (key == "AutoTokenizer" and isinstance(value, str)
+                                           and not is_module_file_name(str(reference_module(r))))]
+    names = {n for n in map(reference_module, refs) if n and "/" not in n and "\\" not in n}
+    module = entry_module(auto_map.get("AutoTokenizer"))  # a bare string's: the module its second character names
     if module and "/" not in module and "\\" not in module:
         names.add(module)
     return sorted(names)
@@ -109,18 +116,29 @@ def tokenizer_code_users(directory: Path) -> dict[str, list[str]]:
     auto_map = tokenizer_auto_map(directory / "tokenizer_config.json") or {}
     users: dict[str, list[str]] = {}
     for key, value in auto_map.items():
-        refs = value if isinstance(value, list) else [value]
-        for i, ref in enumerate(refs):
+        for ref, label in _entry_users(key, value):
             module = reference_module(ref)
             if module is None:
                 continue
-            slow = key == "AutoTokenizer" and i == 0 and len(refs) > 1 and refs[1] is not None
-            label = f"{key}'s slow entry" if slow else str(key)
             imports = relative_import_files(directory / module) if "/" not in module and "\\" not in module else []
             for name in [module, *imports]:
                 if label not in users.setdefault(name, []):
                     users[name].append(label)
     return users
+
+
+def _entry_users(key, value) -> list[tuple[str, str]]:
+    """(reference, the label of what needs its module) for each reference of one ``auto_map`` entry a loader opens.
+    AutoTokenizer's is read as entry_module reads it (trial129 F3: "t.Tok" blamed t.py on it, which it never opens): the
+    reference it takes, labelled "AutoTokenizer", and a pair's other (slow) slot, "AutoTokenizer's slow entry"; a bare
+    string's characters past the second, or a list's items past the pair, it never opens, and none is labelled."""
+    if key != "AutoTokenizer":
+        return [(ref, str(key)) for ref in (value if isinstance(value, list) else [value])]
+    taken = entry_reference(value)
+    found = [(taken, "AutoTokenizer")] if taken is not None else []
+    if isinstance(value, (list, tuple)) and len(value) > 1 and value[1] is not None:
+        found.append((value[0], "AutoTokenizer's slow entry"))
+    return found
 
 
 def auto_tokenizer_entry(directory: Path):
