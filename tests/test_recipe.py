@@ -484,6 +484,17 @@ def test_no_indentation_hint_where_nothing_is_indented(tmp_path):
     # a flow mapping merged into a block one: its keys are still not indented
     (p,) = problems(tmp_path, "base:\n  path: m\n  <<: {layout: {interleave: {after_every: 2}}}\noutput:\n  dir: o\n")
     assert p.message == "unknown key 'layout' here: it belongs one level up, where it is missing"
+    # trial129 F4: a key merged in from a block anchor, or a block mapping aliased, is written (and indented) at the
+    # anchor, not here: no hint; but the anchor's own keys, where they are written in a block mapping of the recipe, keep it
+    anchor = "x: &d\n  path: m\n  layout:\n    interleave: {after_every: 2}\n"
+    for text in (anchor + "base:\n  <<: *d\noutput: {dir: o}\n", anchor + "base: {<<: *d}\noutput: {dir: o}\n",
+                 anchor + "base: *d\noutput: {dir: o}\n"):
+        found = [(p.field, p.message) for p in problems(tmp_path, text) if p.field == "base.layout"]
+        assert found == [("base.layout", "unknown key 'layout' here: it belongs one level up, where it is missing")], text
+    (p,) = [p for p in problems(tmp_path, "base: &b\n  path: m\n  layout:\n    interleave: {after_every: 2}\nother: *b\noutput: {dir: o}\n")
+            if p.field == "base.layout"]
+    assert (p.field, p.message) == ("base.layout", "unknown key 'layout' here: it belongs one level up, where it is missing "
+                                                   "(indented too far?)")
     # a block mapping holding the key keeps the hint, worded for any key (not "a output:")
     (p,) = problems(tmp_path, GOOD.replace("output:\n  dir: out\n", "").replace("  path: base-model\n", "  path: base-model\n  dir: out\n"))
     assert p.message == ("unknown key 'dir' here: it is a key of output:, which the file lacks (the output: line above it missing, "

@@ -163,6 +163,7 @@ class _Builder:
         self.file = file
         self.marks: dict[PathKey, tuple[int, int]] = {}
         self.block_keys: set[PathKey] = set()
+        self.built: set[int] = set()  # the mapping nodes built so far (an alias builds its anchor's node again)
         self.problems: list[Problem] = []
         self.constructor = yaml.constructor.SafeConstructor()
 
@@ -212,8 +213,8 @@ class _Builder:
         return value
 
     def pairs(self, node: yaml.MappingNode, path: PathKey) -> list[tuple[yaml.Node, Any, yaml.Node, bool]]:
-        """(key node, key, value node, whether the mapping holding the key is block style) of a mapping, merge keys
-        (``<<``) expanded; explicit keys win."""
+        """(key node, key, value node, whether the key is written here in a block-style mapping: not one merged in) of a
+        mapping, merge keys (``<<``) expanded; explicit keys win."""
         merged: dict[Any, tuple[yaml.Node, Any, yaml.Node, bool]] = {}
         explicit: list[tuple[yaml.Node, Any, yaml.Node, bool]] = []
         for key_node, value_node in node.value:
@@ -223,8 +224,8 @@ class _Builder:
                     if not isinstance(source, yaml.MappingNode) or source.tag != _MAP_TAG:
                         self.problem(source, path, "a merge key (<<) takes a mapping or a list of mappings")
                         continue
-                    for item in self.pairs(source, path):
-                        merged.setdefault(item[1], item)  # earlier sources take precedence, as in YAML
+                    for key_node_, key_, value_node_, _ in self.pairs(source, path):  # written elsewhere: not block here
+                        merged.setdefault(key_, (key_node_, key_, value_node_, False))  # earlier sources take precedence, as in YAML
                 continue
             key = self.key(key_node, path)
             if key is not None:
@@ -246,6 +247,9 @@ class _Builder:
         return value
 
     def mapping(self, node: yaml.MappingNode, path: PathKey) -> dict:
+        # a mapping built before is an alias of its anchor (``base: *b``): its keys are written at the anchor, not here
+        aliased = id(node) in self.built
+        self.built.add(id(node))
         out: dict = {}
         for key_node, key, value_node, block in self.pairs(node, path):
             if key in out:
@@ -254,7 +258,7 @@ class _Builder:
             out[key] = self.build(value_node, path + (key,))
             # Errors about a field (unknown key, wrong type) point at its key, where the reader looks.
             self.marks[path + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            if block:
+            if block and not aliased:
                 self.block_keys.add(path + (key,))
         return out
 
