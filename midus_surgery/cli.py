@@ -254,21 +254,24 @@ def _base_code(ref, plan, trusted: bool) -> str | None:
     reference into another Hub repository, but a MIDUS output is loaded with trust_remote_code=True where midus-surgery
     is not installed, and that load runs it (trial99 S1, trial102 R08; every entry, not AutoTokenizer's alone: trial111)."""
     from midus_surgery.compiler.custom_code import base_code_in_output
-    from midus_surgery.io.tokenizer_files import is_module_file_name
+    from midus_surgery.io.tokenizer_files import is_module_file_name, reference_place
 
     files, repos = base_code_in_output(ref, plan, trusted)
     # every name escaped, as it is the file's text (a newline or ESC[8m in one forged the note's lines and hid the rest of
     # it: trial104), and one that is no module name said so
     names = [printable(name)[:80] + ("" if is_module_file_name(name) else " (not a Python module name: suspicious)") for name in files]
-    repos = [printable(repo)[:80] for repo in repos]
-    if not names and not repos:
+    places = [reference_place(repo).format(printable(repo)[:80]) for repo in repos]  # a Hub repository, or a local folder
+    if not names and not places:
         return None
-    what = ", ".join([*names, *(f"code of the Hub repository {repo}" for repo in repos)])
+    what = ", ".join([*names, *places])
     copies = "copies it into the output" if not repos else "keeps the reference" if not names else "copies and keeps them"
+    hub = any(place.startswith("code of the Hub") for place in places)
+    local = ("; the output does not hold a local folder's code: that load reads it from the same path, on any machine where "
+             "it exists" if not all(place.startswith("code of the Hub") for place in places) else "")
     return (f"the base has code of its own that the output carries ({what}, named by the auto_map of its config.json or "
             f"tokenizer_config.json): apply {copies}, and a load of the output with trust_remote_code=True (AutoTokenizer, "
-            f"AutoProcessor...), as a MIDUS output is loaded without midus-surgery installed, {'downloads and ' if repos else ''}"
-            "runs it; read it before you load or publish the output")
+            f"AutoProcessor...), as a MIDUS output is loaded without midus-surgery installed, {'downloads and ' if hub else ''}"
+            f"runs it{local}; read it before you load or publish the output")
 
 
 def _left_out_base_tensors(planned, ref) -> str | None:

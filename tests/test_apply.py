@@ -701,6 +701,22 @@ def test_a_tokenizer_with_its_own_code_travels_with_it_and_never_runs(bases, tmp
             "tokenizer_config.json): apply keeps the reference") in said and "downloads and runs it" in said, said
     out = emit(plan_recipe(write_recipe(tmp_path, base, "dus", name="hub")), progress=False).out_dir
     assert "This model carries code of its own, from the base (code of the Hub repository `owner/repo`" in (out / "README.md").read_text()
+    # trial130 F2: "/abs/path--tok.Tok" is read by transformers from that local folder when it exists (nothing downloaded);
+    # it was called code of a Hub repository. The output keeps the reference and not the folder's code, and says so
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "tok.py").write_text("X = 1\n")
+    (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": [None, f"{elsewhere}--tok.Tok"]}}))
+    capsys.readouterr()
+    assert cli_main(["validate", str(recipe)]) == 0
+    said = capsys.readouterr().out
+    assert (f"the base has code of its own that the output carries (code of the local folder {elsewhere}, outside the base, "
+            "named by the auto_map of its config.json or tokenizer_config.json): apply keeps the reference") in said, said
+    assert "Hub" not in said and "downloads" not in said and "the output does not hold a local folder's code" in said, said
+    out = emit(plan_recipe(write_recipe(tmp_path, base, "dus", name="local")), progress=False).out_dir
+    assert f"from the base (code of the local folder `{elsewhere}`, outside the base, named by" in (out / "README.md").read_text()
+    assert not (out / "tok.py").exists()
+    assert json.loads((out / "tokenizer_config.json").read_text())["auto_map"]["AutoTokenizer"] == [None, f"{elsewhere}--tok.Tok"]
 
 
 def test_a_base_value_past_the_output_dtypes_range_is_refused_before_anything_is_written(bases, tmp_path):

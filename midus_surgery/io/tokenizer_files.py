@@ -266,3 +266,15 @@ def tokenizer_code_repos(config: Path) -> list[str]:
     """The other Hub repositories whose code a tokenizer_config.json's ``auto_map`` names (``owner/repo--tok.MyTokenizer``):
     the output keeps the reference, and a load with trust_remote_code=True downloads and runs that code (trial102 R08)."""
     return sorted({r.split("--", 1)[0] for r in _tokenizer_code_refs(config) if "--" in r})
+
+
+def reference_place(repo: str) -> str:
+    """What a "repo--module.Class" reference's part before "--" names, as transformers reads it (get_cached_module_file:
+    a local folder where one of that name exists, from the working directory, else a Hub repository), in words for
+    the note and the card: "/abs/path--tok.Tok" was called code of a Hub repository, and nothing is downloaded; the
+    output keeps the reference, so a trusted load of it runs that folder's code wherever the folder exists (trial130 F2)."""
+    try:
+        local = os.path.isdir(repo)
+    except (OSError, ValueError):  # a NUL, a name too long to be a path's
+        local = False
+    return "code of the local folder {}, outside the base" if local else "code of the Hub repository {}"
