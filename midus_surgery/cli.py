@@ -135,6 +135,11 @@ def _recipe_warnings(planned) -> list[str]:
     from midus_surgery.emit.emitter import tokenizer_code_left
 
     ref = resolve_base(planned.loaded)
+    if ref.exists and ref.is_gguf:  # its tokenizer loads through transformers, which cannot read such a file: apply writes none
+        from midus_surgery.io.tokenizer_files import tokenizer_config_unreadable
+
+        if why := tokenizer_config_unreadable(ref.directory / "tokenizer_config.json"):
+            return [f"apply will write no tokenizer (the GGUF's tokenizer_config.json cannot be read: {printable(why)})"]
     # a GGUF's code is copied only when trusted (what would harm its load is refused before)
     if not ref.exists or (ref.is_gguf and not planned.loaded.recipe.base.trust_remote_code):
         return []

@@ -691,3 +691,29 @@ def test_the_uncarried_code_warning_blames_autotokenizer_only_for_a_module_it_op
     assert tokenizer_code_files(base / "tokenizer_config.json") == []  # "T": transformers opens no file
     (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": [None, ".Tok"]}}))
     assert tokenizer_code_files(base / "tokenizer_config.json") == [".py"]  # as a pair's slot it opens .py
+
+
+@pytest.mark.parametrize("case", ["bom", "latin-1", "deep"])
+def test_validate_and_plan_warn_as_apply_does_of_a_gguf_tokenizer_config_transformers_cannot_read(tmp_path, case):
+    """trial130 F4: a GGUF base's tokenizer_config.json with a UTF-8 byte-order mark, a byte that is not UTF-8 or nesting
+    too deep for json: validate and plan said OK without a word, and apply then wrote no tokenizer (transformers reads the
+    file with plain json.load to load the GGUF's tokenizer, and fails). The dry run now warns of it too."""
+    from test_gguf_metadata import write_llama_gguf
+
+    base = tmp_path / "gb"
+    base.mkdir()
+    write_llama_gguf(base / "model.gguf")
+    data = {"bom": b"\xef\xbb\xbf{}", "latin-1": b'{"a": "\xe9"}', "deep": b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b"}"}[case]
+    (base / "tokenizer_config.json").write_bytes(data)
+    why = {"bom": "Unexpected UTF-8 BOM", "latin-1": "'utf-8' codec can't decode byte 0xe9", "deep": "maximum recursion depth"}[case]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base:\n  path: {base / 'model.gguf'}\n{LAYOUT}output:\n  dir: {tmp_path / 'out'}\n  dtype: float32\n")
+    for command in (["validate"], ["plan"], ["plan", "--json"]):
+        done = cli(command[0], str(recipe), *command[1:])
+        assert done.returncode == 0, (command, done.stdout, done.stderr)
+        said = json.loads(done.stdout)["warnings"] if "--json" in command else [
+            line.strip().removeprefix("warning: ") for line in done.stdout.splitlines() if "warning:" in line]
+        assert len(said) == 1 and said[0].startswith(
+            f"apply will write no tokenizer (the GGUF's tokenizer_config.json cannot be read: {why}"), (command, said)
+    done = cli("apply", str(recipe), "--quiet")
+    assert done.returncode == 0 and f"no tokenizer written (the GGUF's could not be read: {why}" in done.stderr, done.stderr

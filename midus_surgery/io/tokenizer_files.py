@@ -278,3 +278,22 @@ def reference_place(repo: str) -> str:
     except (OSError, ValueError):  # a NUL, a name too long to be a path's
         local = False
     return "code of the local folder {}, outside the base" if local else "code of the Hub repository {}"
+
+
+def tokenizer_config_unreadable(config: Path) -> str | None:
+    """Why transformers' tokenizer loader cannot read ``config`` (a tokenizer_config.json), in its own words, or None: it
+    opens the file as UTF-8 and reads it with plain ``json.load``, so a byte-order mark, a byte that is not UTF-8 or
+    nesting too deep fails it. A GGUF base's tokenizer is loaded through it, and apply then writes none: validate and
+    plan said OK without a word of it (trial130 F4)."""
+    import json
+
+    try:
+        if not config.is_file():
+            return None
+        with open(config, encoding="utf-8") as handle:
+            json.load(handle)
+    except (ValueError, RecursionError) as exc:  # a UnicodeDecodeError or a JSONDecodeError is a ValueError
+        return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    except OSError:
+        return None
+    return None
