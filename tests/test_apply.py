@@ -701,7 +701,7 @@ def test_a_tokenizer_with_its_own_code_travels_with_it_and_never_runs(bases, tmp
             "tokenizer_config.json): apply keeps the reference") in said and "downloads and runs it" in said, said
     out = emit(plan_recipe(write_recipe(tmp_path, base, "dus", name="hub")), progress=False).out_dir
     assert "This model carries code of its own, from the base (code of the Hub repository `owner/repo`" in (out / "README.md").read_text()
-    # trial130 F2: "/abs/path--tok.Tok" is read by transformers from that local folder when it exists (nothing downloaded);
+    # "/abs/path--tok.Tok" is read by transformers from that local folder when it exists (nothing downloaded);
     # it was called code of a Hub repository. The output keeps the reference and not the folder's code, and says so
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -606,7 +606,7 @@ def test_a_trusted_ggufs_tokenizer_that_fails_to_load_is_warned_of_by_apply_as_b
 
 
 def test_a_relative_import_with_a_byte_order_mark_is_carried_and_the_outputs_tokenizer_loads(llama, tmp_path, capsys):
-    """trial129 F2: helper.py (which tok.py imports relatively) starting with a UTF-8 byte-order mark was refused on a
+    """helper.py (which tok.py imports relatively) starting with a UTF-8 byte-order mark was refused on a
     trusted GGUF and left out of a folder base's output, though transformers loads it: only the module an auto_map entry
     names is parsed (check_imports' ast.parse fails on the mark); importlib, which runs a relative import, strips it."""
     from transformers import AutoTokenizer
@@ -662,7 +662,7 @@ def test_a_module_with_a_byte_order_mark_is_warned_of_on_a_folder_and_refused_wh
 
 
 def test_the_uncarried_code_warning_blames_autotokenizer_only_for_a_module_it_opens(tmp_path):
-    """trial129 F3: the labels of the uncarried-code warning read AutoTokenizer's entry by their own rule, not by the one
+    """The labels of the uncarried-code warning read AutoTokenizer's entry by their own rule, not by the one
     transformers follows (entry_module): a bare "t.Tok" blamed t.py on it (it opens .py), a three-item list its third
     item (never opened), and a bare ".Tok" (whose second character "T" opens nothing) named and carried .py."""
     from midus_surgery.emit.emitter import tokenizer_code_left
@@ -695,7 +695,7 @@ def test_the_uncarried_code_warning_blames_autotokenizer_only_for_a_module_it_op
 
 @pytest.mark.parametrize("case", ["bom", "latin-1", "deep"])
 def test_validate_and_plan_warn_as_apply_does_of_a_gguf_tokenizer_config_transformers_cannot_read(tmp_path, case):
-    """trial130 F4: a GGUF base's tokenizer_config.json with a UTF-8 byte-order mark, a byte that is not UTF-8 or nesting
+    """A GGUF base's tokenizer_config.json with a UTF-8 byte-order mark, a byte that is not UTF-8 or nesting
     too deep for json: validate and plan said OK without a word, and apply then wrote no tokenizer (transformers reads the
     file with plain json.load to load the GGUF's tokenizer, and fails). The dry run now warns of it too."""
     from test_gguf_metadata import write_llama_gguf

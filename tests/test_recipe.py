@@ -484,7 +484,7 @@ def test_no_indentation_hint_where_nothing_is_indented(tmp_path):
     # a flow mapping merged into a block one: its keys are still not indented
     (p,) = problems(tmp_path, "base:\n  path: m\n  <<: {layout: {interleave: {after_every: 2}}}\noutput:\n  dir: o\n")
     assert p.message == "unknown key 'layout' here: it belongs one level up, where it is missing"
-    # trial129 F4: a key merged in from a block anchor, or a block mapping aliased, is written (and indented) at the
+    # a key merged in from a block anchor, or a block mapping aliased, is written (and indented) at the
     # anchor, not here: no hint; but the anchor's own keys, where they are written in a block mapping of the recipe, keep it
     anchor = "x: &d\n  path: m\n  layout:\n    interleave: {after_every: 2}\n"
     for text in (anchor + "base:\n  <<: *d\noutput: {dir: o}\n", anchor + "base: {<<: *d}\noutput: {dir: o}\n",

@@ -98,7 +98,7 @@ def tokenizer_entry_modules(config: Path) -> list[str]:
     # ".Tok" names the module "" (the file .py), which transformers opens as it opens any other
     # AutoTokenizer given as one string: the module transformers opens indexing it (entry_module: "t.Tok" the file .py),
     # and the module the string names where that is a module's name (t.py, which a pair written from it needs); ".Tok"
-    # opens nothing, so its ".py" is neither named nor carried (trial129 F3)
+    # opens nothing, so its ".py" is neither named nor carried
     auto_map = tokenizer_auto_map(config) or {}
     refs = [r for key, value in auto_map.items() for r in (value if isinstance(value, list) else [value])
             if isinstance(r, str) and not (key == "AutoTokenizer" and isinstance(value, str)
@@ -129,7 +129,7 @@ def tokenizer_code_users(directory: Path) -> dict[str, list[str]]:
 
 def _entry_users(key, value) -> list[tuple[str, str]]:
     """(reference, the label of what needs its module) for each reference of one ``auto_map`` entry a loader opens.
-    AutoTokenizer's is read as entry_module reads it (trial129 F3: "t.Tok" blamed t.py on it, which it never opens): the
+    AutoTokenizer's is read as entry_module reads it ("t.Tok" blamed t.py on it, which it never opens): the
     reference it takes, labelled "AutoTokenizer", and a pair's other (slow) slot, "AutoTokenizer's slow entry"; a bare
     string's characters past the second, or a list's items past the pair, it never opens, and none is labelled."""
     if key != "AutoTokenizer":
@@ -199,7 +199,7 @@ def code_file_problem(directory: Path, name: str, *, hazards_only: bool = False,
     file is None then: transformers says so itself, and apply warns that it is not copied (trial121 F2).
     ``entry``: the module an ``auto_map`` reference names, which transformers parses (check_imports' ast.parse) before
     it runs it, and which fails there on a byte-order mark; a relative import (``entry=False``) is imported by importlib,
-    which strips the mark, so a mark is no bar there (trial129 F2: a helper that loaded was refused)."""
+    which strips the mark, so a mark is no bar there (a helper that loaded was refused)."""
     from midus_surgery.errors import MidusError
     from midus_surgery.io.tensor_source import inside_base
 
@@ -272,7 +272,7 @@ def reference_place(repo: str) -> str:
     """What a "repo--module.Class" reference's part before "--" names, as transformers reads it (get_cached_module_file:
     a local folder where one of that name exists, from the working directory, else a Hub repository), in words for
     the note and the card: "/abs/path--tok.Tok" was called code of a Hub repository, and nothing is downloaded; the
-    output keeps the reference, so a trusted load of it runs that folder's code wherever the folder exists (trial130 F2)."""
+    output keeps the reference, so a trusted load of it runs that folder's code wherever the folder exists."""
     try:
         local = os.path.isdir(repo)
     except (OSError, ValueError):  # a NUL, a name too long to be a path's
@@ -284,7 +284,7 @@ def tokenizer_config_unreadable(config: Path) -> str | None:
     """Why transformers' tokenizer loader cannot read ``config`` (a tokenizer_config.json), in its own words, or None: it
     opens the file as UTF-8 and reads it with plain ``json.load``, so a byte-order mark, a byte that is not UTF-8 or
     nesting too deep fails it. A GGUF base's tokenizer is loaded through it, and apply then writes none: validate and
-    plan said OK without a word of it (trial130 F4)."""
+    plan said OK without a word of it."""
     import json
 
     try:
