@@ -170,6 +170,35 @@ def test_a_dry_run_of_a_resume_says_the_checkpoint_and_the_changes_and_moves_not
     assert snapshot(tmp_path) == before
 
 
+def test_a_budget_not_a_whole_number_of_steps_says_the_tokens_and_epochs_the_run_trains(midus, tmp_path, capsys):
+    """65 tokens in steps of 64: the run trains two whole steps, 128 tokens, and the start line's epochs are
+    those 128 tokens' (they were the budget's, 65, about half)."""
+    cache = tmp_path / "cache"
+    real = write_config(tmp_path / "real.yaml", midus["model"], tmp_path / "real", midus["corpus"], cache,
+                        tokens=STEP_TOKENS + 1, **{"eval.at_start": False})
+    said = []
+    result = train(load_train_config(real), echo=said.append)
+    assert (result.steps, result.tokens) == (2, 2 * STEP_TOKENS)
+    (data_line,) = [line for line in said if line.startswith("data: ")]
+    train_tokens = int(re.search(r"\(([\d,]+) train tokens\)", data_line).group(1).replace(",", ""))
+    assert (f"budget {STEP_TOKENS + 1} tokens = 2 steps of {STEP_TOKENS} (4 x 1 accum x 1 proc x 16), training "
+            f"{2 * STEP_TOKENS} tokens (the budget rounded up to a whole step), {2 * STEP_TOKENS / train_tokens:.2f} epochs") in data_line
+
+    # the dry run of the same budget (the tokens cached: the epochs are known) says the same
+    config = write_config(tmp_path / "dry.yaml", midus["model"], tmp_path / "dry", midus["corpus"], cache, tokens=STEP_TOKENS + 1)
+    code, out, err = dry(capsys, config)
+    assert code == 0, err
+    (dry_line,) = [line for line in out.splitlines() if line.startswith("data: ")]
+    assert dry_line == data_line
+
+    # a whole number of steps: no rounding to say, the epochs are the budget's
+    code, out, err = dry(capsys, config, f"tokens={STEP_TOKENS * 2}")
+    assert code == 0, err
+    (dry_line,) = [line for line in out.splitlines() if line.startswith("data: ")]
+    assert dry_line.endswith(f"budget {2 * STEP_TOKENS} tokens = 2 steps of {STEP_TOKENS} (4 x 1 accum x 1 proc x 16), "
+                             f"{2 * STEP_TOKENS / train_tokens:.2f} epochs"), dry_line
+
+
 def test_what_a_start_refuses_at_once_a_dry_run_refuses_too(midus, tmp_path, capsys):
     """trial43: these passed the dry run ("the same command without --dry-run trains") and the start then refused
     them at once. Each is refused by both in one line (the same one but for the missing weights, which transformers

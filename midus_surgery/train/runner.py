@@ -1200,9 +1200,14 @@ class Runner:
         """The token budget in steps: 'budget 1,024 tokens = 8 steps of 128 (...)'."""
         cfg, d = self.cfg, self.cfg.data
         size = f"{self.tokens_per_step:,} ({cfg.micro_batch_size} x {cfg.grad_accum} accum x {self.world} proc x {d.block_size})"
-        steps = (f"{_count(self.total_steps, 'step')} of {size}" if not self.resume_from else  # a resume: the steps taken may have had another size
+        steps = (f"{_count(self.total_steps, 'step')} of {size}{self.rounded_words()}" if not self.resume_from else  # a resume: the steps taken may have had another size
                  f"{self.total_steps} steps, {self.step} taken ({self.samples_seen * d.block_size:,} tokens) and {self.total_steps - self.step} to go of {size}")
         return f"budget {cfg.token_budget:,} tokens = {steps}"
+
+    def rounded_words(self) -> str:
+        """A fresh run whose budget is not a whole number of steps: the tokens it trains, said beside the budget."""
+        ends = self.total_steps * self.tokens_per_step
+        return "" if ends == self.cfg.token_budget else f", training {ends:,} tokens (the budget rounded up to a whole step)"
 
     def data_line(self) -> str:
         d = self.cfg.data
@@ -1216,9 +1221,10 @@ class Runner:
                 f"{self.ends_at_tokens() / max(1, len(self.train_blocks) * d.block_size):.2f} epochs")
 
     def ends_at_tokens(self) -> int:
-        """The tokens the run has trained when it ends: the budget, or what a resumed checkpoint already trained past it
-        (trial46: a resume past the budget said the budget's epochs, half of what the model had trained)."""
-        return max(self.cfg.token_budget, self.samples_seen * self.cfg.data.block_size)
+        """The tokens the run has trained when it ends: those trained so far (a resume's checkpoint) and the whole steps
+        left, so the budget rounded up to a whole step, or what a resumed checkpoint already trained past it (trial46:
+        a resume past the budget said the budget's epochs, half of what the model had trained)."""
+        return self.samples_seen * self.cfg.data.block_size + (self.total_steps - self.step) * self.tokens_per_step
 
     def held_out_overlap(self) -> str | None:
         """The note on held-out files that are also training files byte for byte (listed in both, or
