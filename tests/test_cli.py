@@ -78,6 +78,7 @@ def test_plan_json_keys():
     assert set(plan["layers"][0]) >= {"index", "source", "kind"}
     assert set(plan["params"]) == {"base", "added", "total", "dus_added"}
     assert set(plan["flops_per_token"]) == {"base", "dus", "plan"}
+    assert plan["flops_seq_len"] == 2048  # the context the FLOPs are counted at (the recipe's default)
     # the paper's setting: fewer added parameters and FLOPs than 8 plain copies
     assert plan["params"]["added"] < plan["params"]["dus_added"]
     assert plan["flops_per_token"]["plan"] < plan["flops_per_token"]["dus"]

@@ -403,6 +403,15 @@ def test_plan_json_has_the_documented_keys():
     assert data["layers"][2] == {"index": 2, "source": 1, "kind": "memory", "params": plan.layer_params[2]}
     assert set(data["params"]) == {"base", "added", "total", "dus_added"}
     assert set(data["flops_per_token"]) == {"base", "dus", "plan"}
+    assert data["flops_seq_len"] == 2048  # the recipe's default context, said beside the counts
+
+
+def test_plan_json_says_the_context_its_flops_are_counted_at():
+    """The FLOPs per token depend on the context (attention over it): the JSON carries it beside them."""
+    layout = {"interleave": {"after_every": 2, "kind": "memory"}}
+    short, long = (plan_for(tiny_config("llama"), layout, memory=MEMORY, flops_seq_len=n) for n in (64, 4096))
+    assert (short.to_json()["flops_seq_len"], long.to_json()["flops_seq_len"]) == (64, 4096)
+    assert short.to_json()["flops_per_token"]["base"] < long.to_json()["flops_per_token"]["base"]
 
 
 # ----------------------------------------------------------------------------------------------

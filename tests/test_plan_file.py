@@ -54,6 +54,18 @@ def test_the_plan_holds_each_fact_once(midus_output):
     assert read_plan_json(plan) == plan  # today's layout reads as itself
 
 
+def test_the_plan_and_the_card_say_the_context_the_flops_are_counted_at(midus_output):
+    """The FLOPs per token are the forward pass's at flops_seq_len tokens of context: midus_plan.json holds it beside
+    them and the model card says it; a plan written before it was recorded reads with it unknown (null)."""
+    plan = midus_output["plan"]
+    assert plan["flops_seq_len"] == 2048 and set(plan["flops_per_token"]) == {"base", "dus", "plan"}
+    card = (midus_output["out"] / "README.md").read_text()
+    f = plan["flops_per_token"]
+    assert f"| forward FLOPs per token at a context of 2,048 tokens (estimate) | {f['base']:,} | {f['dus']:,} | {f['plan']:,} |" in card
+    older = {k: v for k, v in plan.items() if k != "flops_seq_len"}
+    assert read_plan_json(older) == {**plan, "flops_seq_len": None}
+
+
 def test_older_layouts_read_as_todays(midus_output):
     plan, config = midus_output["plan"], midus_output["config"]
     for what, old in old_layouts(plan, config["midus"]).items():

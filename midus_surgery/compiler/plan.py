@@ -123,7 +123,7 @@ class Plan:
     midus: dict  # what the emitted config carries beyond the base architecture
     tensors: list[TensorEntry]
     params: dict[str, int]  # base, added, total, dus_added
-    flops_per_token: dict[str, int]  # base, dus, plan
+    flops_per_token: dict[str, int]  # base, dus, plan: forward FLOPs per token at a context of flops_seq_len tokens
     layer_params: list[int] = field(default_factory=list)  # per output layer
     anatomy: StackAnatomy | None = None  # every kind of base layer (hybrid stacks have several)
     # where the decoder layers are (e.g. 'model.layers'), also for copy-only plans that trace no anatomy:
@@ -140,6 +140,8 @@ class Plan:
     inserted_before: dict[int, str] = field(default_factory=dict)
     # base config lists remapped as one entry a layer on their length alone (config_lists.taken_by_length): plan notes them
     lists_by_length: tuple[str, ...] = ()
+    # the context (tokens) flops_per_token is counted at: the recipe's flops_seq_len (attention's share grows with it)
+    flops_seq_len: int = 2048
 
     @property
     def num_hidden_layers(self) -> int:
@@ -169,7 +171,8 @@ class Plan:
         ``inserted_before`` (that kind),
         ``anatomy`` the block anatomy when all layers are of one kind (else null; what plans held
         before hybrid stacks were planned per kind), ``layers_path`` where the decoder layers are (set
-        for every plan), ``midus`` only the memory settings no other key holds (``hml``,
+        for every plan), ``flops_per_token`` the forward pass's FLOPs per token at a context of
+        ``flops_seq_len`` tokens (null in plans written before it was recorded), ``midus`` only the memory settings no other key holds (``hml``,
         ``share_bank``; null without memory blocks). The emitted config.json's own ``midus`` dict
         (``self.midus``: layer map, memory layers, anatomy... as modeling_midus reads them) is a
         different file; ``read_plan_json`` also reads plans written when this repeated it.
@@ -183,6 +186,7 @@ class Plan:
                        for layer, n in zip(self.layers, self.layer_params)],
             "params": self.params,
             "flops_per_token": self.flops_per_token,
+            "flops_seq_len": self.flops_seq_len,
             "anatomy": self.anatomy.single.model_dump(mode="json") if self.anatomy and self.anatomy.single else None,
             "block_kinds": self.anatomy.model_dump(mode="json") if self.anatomy else None,
             "layers_path": self.layers_path,
@@ -223,6 +227,7 @@ def read_plan_json(data: dict) -> dict:
     plan["layers_path"] = plan.get("layers_path") or (plan["anatomy"] or {}).get("layers_path")
     has_memory = any(layer.get("kind") == "memory" for layer in plan["layers"])
     plan["midus"] = {k: old_midus[k] for k in PLAN_MIDUS_KEYS if k in old_midus} if has_memory and old_midus else None
+    plan.setdefault("flops_seq_len", None)  # plans written before it was recorded: the context is not known
     return plan
 
 
@@ -939,6 +944,7 @@ def assemble_plan(loaded: LoadedRecipe, base: BaseFacts, layers: list[LayerSpec]
         tensors=tensors,
         params={"base": base_total, "added": total - base_total, "total": total, "dus_added": dus_added},
         flops_per_token={"base": base_flops, "dus": dus_flops, "plan": plan_flops},
+        flops_seq_len=recipe.flops_seq_len,
         layer_params=layer_params,
         anatomy=anatomy,
         layers_path=layers_path,

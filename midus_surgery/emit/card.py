@@ -147,7 +147,7 @@ become {plan.num_hidden_layers}, with {len(inserted)} inserted: {counts}.
 | --- | --- | --- | --- |
 | parameters | {p['base']:,} | {p['base'] + p['dus_added']:,} | {p['total']:,} |
 | added parameters | - | {p['dus_added']:,} | {p['added']:,} |
-| FLOPs per token (estimate) | {f['base']:,} | {f['dus']:,} | {f['plan']:,} |
+| forward FLOPs per token at a context of {plan.flops_seq_len:,} tokens (estimate) | {f['base']:,} | {f['dus']:,} | {f['plan']:,} |
 
 ## Layer map
 | out | source | kind | parameters |
