@@ -49,7 +49,9 @@ def test_block_perplexity_equals_hand_computation(setup):
     assert got["tokens"] == count == len(blocks) * 15 and got["sequences"] == len(blocks)
     assert got["loss"] == pytest.approx(nll / count, rel=1e-6)
     assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-6)
-    assert got["tokens_per_s"] > 0
+    # tokens: predicted (15 of each block of 16); tokens_read: what the forward passes read (all 16), their rate beside it
+    assert got["tokens_read"] == len(blocks) * 16 and "tokens_per_s" not in got
+    assert got["tokens_read_per_s"] == pytest.approx(got["tokens_read"] / got["seconds"], rel=1e-3)
 
 
 def test_per_document_perplexity_equals_hand_computation(setup):
@@ -63,6 +65,7 @@ def test_per_document_perplexity_equals_hand_computation(setup):
     got = run_eval(setup["model"], [str(f) for f in setup["files"]], block_size=32, batch_size=4, per_document=True,
                    cache_dir=setup["cache"], progress=False)
     assert got["mode"] == "documents" and got["tokens"] == count
+    assert got["tokens_read"] == count + len(windows)  # each window's first token is read, not predicted; padding neither
     assert got["loss"] == pytest.approx(nll / count, rel=1e-6)
 
 

@@ -62,7 +62,7 @@ for model in work/smollm2-135m "$run/final"; do
   for corpus in "python3.11-doc/tutorial__*.txt" git-doc; do
     printf '%-40s %-16s ' "$model" "${corpus%%/*}"
     midus-surgery eval "$model" --data "work/corpora/$corpus" --block-size 256 --max-blocks 8 --quiet --json --cache-dir work/cache/tokens \
-      | python -c 'import json, sys; r = json.load(sys.stdin); print("ppl %.3f  (%d tokens, %.0f tok/s)" % (r["perplexity"], r["tokens"], r["tokens_per_s"]))'
+      | python -c 'import json, sys; r = json.load(sys.stdin); print("ppl %.3f  (%d tokens predicted, %.0f tokens read/s)" % (r["perplexity"], r["tokens"], r["tokens_read_per_s"]))'
   done
 done
 echo

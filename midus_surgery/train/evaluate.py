@@ -539,10 +539,11 @@ def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
 class EvalResult:
     loss: float
     perplexity: float
-    tokens: int  # predicted tokens
+    tokens: int  # predicted tokens: those the perplexity averages over (a window's first token is read, not predicted)
     sequences: int
     seconds: float
-    tokens_per_s: float  # tokens read (including the first of each window) per second
+    tokens_read: int  # tokens the forward passes read: the predicted ones and the first of each block or window
+    tokens_read_per_s: float  # tokens_read / seconds
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -551,7 +552,8 @@ class EvalResult:
 def _finish(nll: float, count: int, sequences: int, seen: int, seconds: float) -> EvalResult:
     loss = nll / count if count else float("nan")
     # exp overflows a float past a loss of ~709; a NaN loss stays NaN (not "inf", which reads as merely bad)
-    return EvalResult(loss, float("inf") if loss > 700 else math.exp(loss), count, sequences, seconds, seen / seconds if seconds > 0 else 0.0)
+    return EvalResult(loss, float("inf") if loss > 700 else math.exp(loss), count, sequences, seconds, seen,
+                      seen / seconds if seconds > 0 else 0.0)
 
 
 @torch.no_grad()
