@@ -158,6 +158,25 @@ def _pickle_only_base(loaded) -> str | None:
     return f"{ref.directory} holds only pickle .bin weights: apply reads them only with --allow-pickle (and then with weights_only=True)"
 
 
+def _copy_word(recipe) -> str:
+    """What a recipe calls its plain copies: `transformer` when its layout says that (the older name) and never
+    `copy`, else `copy`; validate's count uses the recipe's own word."""
+    said = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("kind"), str):
+                said.add(node["kind"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(recipe.layout.model_dump(exclude_unset=True))
+    return "transformer" if "transformer" in said and "copy" not in said else "copy"
+
+
 def cmd_validate(args) -> int:
     from midus_surgery.compiler.planner import plan_recipe
     from midus_surgery.emit.emitter import check_planned
@@ -178,7 +197,8 @@ def cmd_validate(args) -> int:
             continue
         plan = planned.plan
         kinds = Counter(layer.kind for layer in plan.layers if layer.inserted)
-        summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+        copy_word = _copy_word(planned.loaded.recipe)
+        summary = ", ".join(f"{n} {copy_word if k == 'copy' else k}" for k, n in sorted(kinds.items()))
         out.print("[bold green]OK[/] ", markup=True, end="")
         out.print(f"{printable(str(path))}: {plan.base_num_layers} -> {plan.num_hidden_layers} layers ({summary})", markup=False)
         for note in _recipe_notes(planned, earlier_output, start=True):

@@ -68,6 +68,18 @@ def test_invalid_recipe_lists_every_problem_and_exits_2(tmp_path):
     assert f"{bad}:6:16: layout.interleave.after.1: layer 40 is out of range" in result.stderr
 
 
+def test_validate_counts_plain_copies_in_the_recipes_own_word(tmp_path, capsys):
+    """`kind: transformer` (the older name of `copy`) was counted as "6 copy": the count says the recipe's word."""
+    older = ROOT / "recipes" / "smollm2-135m-dus.yaml"
+    assert "kind: transformer" in older.read_text()
+    newer = tmp_path / "copy.yaml"
+    newer.write_text(older.read_text().replace("kind: transformer", "kind: copy").replace("../work", str(ROOT / "work"))
+                     .replace("configs/", str(ROOT / "recipes" / "configs") + "/"))
+    assert main(["validate", str(older), str(newer)]) == 0
+    out = capsys.readouterr().out
+    assert f"{older}: 30 -> 36 layers (6 transformer)" in out and f"{newer}: 30 -> 36 layers (6 copy)" in out, out
+
+
 def test_plan_json_keys():
     result = run("plan", str(ROOT / "recipes" / "llama-3.2-1b-midus.yaml"), "--json")
     assert result.returncode == 0, result.stderr
