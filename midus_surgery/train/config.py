@@ -123,7 +123,9 @@ class OptimConfig(Strict):
 
 
 class MemoryOptimConfig(Strict):
-    """Optimiser settings of the memory tables: every parameter under `.hml.` (sub-keys, latent bank, head projections, gates) and the shared bank `midus_shared_bank`."""
+    """Optimiser settings of the memory tables: every parameter under `.hml.` (sub-keys, latent bank, head projections, the
+    query norm's weights, and a query projection, gate or output projection where the recipe has them) and the shared bank
+    `midus_shared_bank`."""
 
     lr: float = Field(1e-3, gt=0, description="Learning rate of the memory tables (Meta's memory-layer code uses about 1e-3).")
     schedule: Literal["constant", "same"] = Field("constant", description="`constant`: fixed after the common warmup. `same`: the base schedule's shape scaled to this lr.")
