@@ -158,6 +158,17 @@ def _pickle_only_base(loaded) -> str | None:
     return f"{ref.directory} holds only pickle .bin weights: apply reads them only with --allow-pickle (and then with weights_only=True)"
 
 
+def shared_bank_words(plan) -> str | None:
+    """With memory.share_bank the memory layers' rows leave out the latent bank they share: where it is counted."""
+    from midus_surgery.model.midus_names import SHARED_BANK
+
+    bank = plan.shared_bank_params
+    if not bank:
+        return None
+    return (f"shared latent bank ({SHARED_BANK}.weight): {human_count(bank)} parameters, counted once in the totals and in no "
+            f"layer's row (the {len(plan.memory_layers)} memory layers read it)")
+
+
 def _copy_word(recipe) -> str:
     """What a recipe calls its plain copies: `transformer` when its layout says that (the older name) and never
     `copy`, else `copy`; validate's count uses the recipe's own word."""
@@ -478,6 +489,9 @@ def cmd_plan(args) -> int:
         before = f" [dim](was {escape(printable(str(plan.inserted_before[layer.source])))})[/]" if layer.source in plan.inserted_before else ""
         table.add_row(str(layer.index), str(layer.source), f"[{style[layer.kind]}]{layer.kind}[/]{before}", human_count(n))
     out.print(table)
+    shared = shared_bank_words(plan)
+    if shared:
+        out.print(shared, markup=False)
 
     counts = Table(title="Counts")
     for col in ("", "base", "DUS equivalent", "this plan", "plan / DUS"):

@@ -80,6 +80,30 @@ def test_validate_counts_plain_copies_in_the_recipes_own_word(tmp_path, capsys):
     assert f"{older}: 30 -> 36 layers (6 transformer)" in out and f"{newer}: 30 -> 36 layers (6 copy)" in out, out
 
 
+def test_plan_says_where_a_shared_bank_is_counted(tmp_path, capsys):
+    """With share_bank the memory layers' rows leave the bank out, so the rows fell short of the total by it, unsaid:
+    a line under the layer map says where it is counted."""
+    from midus_surgery.compiler.planner import plan_recipe
+    from midus_surgery.units import human_count
+
+    recipe = tmp_path / "shared.yaml"
+    recipe.write_text(f"base:\n  path: {tmp_path / 'absent'}\n  config: {ROOT / 'recipes' / 'configs' / 'smollm2-135m.json'}\n"
+                      "layout:\n  interleave:\n    after_every: 15\n    kind: memory\n"
+                      "memory:\n  n_subkeys: 16\n  topk: 4\n  latent_dim: 8\n  share_bank: true\noutput:\n  dir: out\n")
+    plan = plan_recipe(recipe).plan
+    assert plan.shared_bank_params == 16 * 16 * 8  # n^2 slots of d_l
+    base_rows = sum(n for layer, n in zip(plan.layers, plan.layer_params) if layer.kind == "base")
+    outside_layers = plan.params["base"] - base_rows  # embeddings and the final norm
+    assert plan.params["total"] - sum(plan.layer_params) - outside_layers == plan.shared_bank_params  # the gap is the bank
+    assert main(["plan", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert (f"shared latent bank (midus_shared_bank.weight): {human_count(16 * 16 * 8)} parameters, counted once in the totals "
+            "and in no layer's row (the 2 memory layers read it)") in out
+    recipe.write_text(recipe.read_text().replace("  share_bank: true\n", ""))
+    assert main(["plan", str(recipe)]) == 0
+    assert "shared latent bank" not in capsys.readouterr().out
+
+
 def test_plan_json_keys():
     result = run("plan", str(ROOT / "recipes" / "llama-3.2-1b-midus.yaml"), "--json")
     assert result.returncode == 0, result.stderr

@@ -66,6 +66,15 @@ def test_the_plan_and_the_card_say_the_context_the_flops_are_counted_at(midus_ou
     assert read_plan_json(older) == {**plan, "flops_seq_len": None}
 
 
+def test_the_card_says_where_a_shared_bank_is_counted(midus_output, tmp_path):
+    """With share_bank the card's layer rows leave out the bank the memory layers share: a sentence says where it is."""
+    out = make_midus_output(tmp_path, memory="  share_bank: true\n")
+    card = (out / "README.md").read_text()
+    assert ("The latent bank the 2 memory layers share (`midus_shared_bank.weight`, 512 parameters) is counted once in the "
+            "totals above and in no layer's row.") in card  # 8 x 8 slots of 8
+    assert "latent bank the" not in (midus_output["out"] / "README.md").read_text()
+
+
 def test_older_layouts_read_as_todays(midus_output):
     plan, config = midus_output["plan"], midus_output["config"]
     for what, old in old_layouts(plan, config["midus"]).items():

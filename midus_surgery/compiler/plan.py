@@ -159,6 +159,12 @@ class Plan:
         return sorted(set(range(self.base_num_layers)) - {layer.source for layer in self.layers})
 
     @property
+    def shared_bank_params(self) -> int:
+        """The latent bank the memory layers share (memory.share_bank), counted once in ``params`` and in no layer's
+        ``layer_params``; 0 without one."""
+        return sum(t.numel for t in self.tensors if t.name.startswith(f"{SHARED_BANK}."))
+
+    @property
     def memory_layers(self) -> list[int]:
         return [layer.index for layer in self.layers if layer.kind == "memory"]
 

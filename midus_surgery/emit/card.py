@@ -127,6 +127,9 @@ def model_card(planned: PlannedRecipe, recipe_text: str, ref: BaseRef) -> str:
     if code:  # the load lines above pass trust_remote_code=True, which runs it too (trial99 S1, trial102 R08, trial111)
         loading += (f"\n\nThis model carries code of its own, from the base ({', '.join(code)}, named by the `auto_map` of its "
                     "`config.json` or `tokenizer_config.json`): `trust_remote_code=True` runs it. Read it first.")
+    bank = plan.shared_bank_params
+    shared = (f"\nThe latent bank the {len(plan.memory_layers)} memory layers share (`midus_shared_bank.weight`, {bank:,} parameters) is "
+              "counted once in the totals above and in no layer's row.\n" if bank else "")
     return f"""---
 {chr(10).join(front)}
 tags: [{', '.join(tags)}]
@@ -153,7 +156,7 @@ become {plan.num_hidden_layers}, with {len(inserted)} inserted: {counts}.
 | out | source | kind | parameters |
 | --- | --- | --- | --- |
 {rows}
-
+{shared}
 ## Recipe
 ```yaml
 {recipe_text.rstrip()}
