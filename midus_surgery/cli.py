@@ -143,7 +143,11 @@ def _recipe_warnings(planned) -> list[str]:
     # a GGUF's code is copied only when trusted (what would harm its load is refused before)
     if not ref.exists or (ref.is_gguf and not planned.loaded.recipe.base.trust_remote_code):
         return []
-    return tokenizer_code_left(ref.directory)
+    from midus_surgery.compiler.custom_code import base_code_in_output
+    from midus_surgery.io.tokenizer_files import hub_load_warnings
+
+    carried = base_code_in_output(ref, planned.plan, planned.loaded.recipe.base.trust_remote_code)[0]
+    return tokenizer_code_left(ref.directory) + hub_load_warnings(ref.directory, carried)
 
 
 def _pickle_only_base(loaded) -> str | None:

@@ -33,6 +33,7 @@ from midus_surgery.io.tensor_source import check_matches_config, inside_base, op
 from midus_surgery.io.tokenizer_files import (
     auto_tokenizer_entry,
     auto_tokenizer_files,
+    hub_load_warnings,
     tokenizer_code,
     tokenizer_code_problems,
     tokenizer_code_users,
@@ -564,6 +565,8 @@ def _write_companions(planned: PlannedRecipe, ref, tmp: Path) -> None:
         except ValueError as exc:
             raise MidusError(str(exc)) from None
     _copy_tokenizer(ref, tmp, recipe.base.trust_remote_code)
+    for warning in hub_load_warnings(tmp, sorted(path.name for path in tmp.glob("*.py"))):  # the base's code, copied (ours has no mark)
+        _warn(warning)
     _write_generation_config(ref, config_dict, tmp)
     recipe_text = Path(planned.loaded.source.file).read_text()
     (tmp / "midus_recipe.yaml").write_text(recipe_text)

@@ -297,3 +297,25 @@ def tokenizer_config_unreadable(config: Path) -> str | None:
     except OSError:
         return None
     return None
+
+
+def hub_load_warnings(directory: Path, names: list[str]) -> list[str]:
+    """One warning for each of ``names`` (code files the output carries, in ``directory``, already held to code_file_problem's
+    rule: small regular files) that starts with a UTF-8 byte-order mark. A helper's mark is no bar to a load from a folder
+    (Python strips it when it imports the module, code_file_problem's ``entry``), but transformers' Hub branch parses every
+    module it fetches, relative imports included (check_imports' ast.parse), and fails on it: an output that loads here
+    would not load once published."""
+    from midus_surgery.errors import printable
+
+    marked = []
+    for name in names:
+        try:
+            with open(directory / name, "rb") as handle:
+                if handle.read(3) == b"\xef\xbb\xbf":
+                    marked.append(name)
+        except OSError:
+            continue
+    return [f"the base's code {printable(name)[:80]} starts with a UTF-8 byte-order mark: copied, and a load of the output from its "
+            "folder runs it (Python strips the mark of a module it imports), but a load from the Hub parses every module first and "
+            "fails on the mark (SyntaxError: invalid non-printable character U+FEFF): remove its first 3 bytes before publishing "
+            "the output" for name in marked]
