@@ -569,8 +569,7 @@ def check_cache_location(cache: str | os.PathLike, *, inputs: Iterable[tuple[str
             continue
         if relation in ("is", "is inside") and is_data_folder:  # a sibling folder of one named file: say why it counts
             raise OutputError(f"the token cache {resolved} {relation} {what} at {other}: the folder a data file lies in counts as "
-                              f"the user's data, and the tool writes nothing beside it; {CACHE_CHOICES}, or a hidden folder there "
-                              f"({other / '.cache'}), which the corpus reader never reads")
+                              f"the user's data, and the tool writes nothing beside it; {CACHE_CHOICES}, outside {other}")
         if relation in ("is", "is inside"):
             raise OutputError(f"the token cache {resolved} {relation} {what} at {other}: the tool would write into it; {CACHE_CHOICES}")
     above = _whole_output_above(resolved, including=True)
