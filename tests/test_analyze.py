@@ -356,7 +356,9 @@ def test_the_fixed_retrieval_model_must_be_this_model_trained_frozen(world, tmp_
     plan = json.loads((other / "midus_plan.json").read_text())
     plan["layers"] = plan["layers"][::-1]
     (other / "midus_plan.json").write_text(json.dumps(plan))
-    for twin, said in ((world["memory-trained"], "trained with memory.retrieval: learned"),
+    learned = tmp_path / "learned-copy"
+    shutil.copytree(world["memory-trained"], learned)
+    for twin, said in ((learned, "trained with memory.retrieval: learned"),
                        (world["memory"], "no midus_train.json: not a training run's export"),
                        (world["identity-trained"], "not a MIDUS model"),
                        (other, "not the same model as")):
@@ -542,3 +544,51 @@ def test_a_non_finite_weight_is_put_down_to_the_cast_only_where_the_stored_one_i
     err = capsys.readouterr().err.strip()
     assert said in err and len(err.splitlines()) == 1 and (dtype in said or dtype not in err), err
     assert not (tmp_path / "an").exists()
+
+
+def test_the_fixed_retrieval_pair_must_start_from_the_same_weights_and_model_dir_be_the_learned_side(world, tmp_path, capsys):
+    """A frozen run of another apply output (the same recipe at another seed: the plans read alike, the sub-keys and bank
+    do not), a frozen run as MODEL_DIR (the arguments swapped) and the same folder twice were each reported as a learned vs
+    frozen comparison. Each is refused in one line before any work; a run's midus_train.json records the digest of the
+    weights it started from."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from midus_surgery.train.checkpoint import weights_sha256
+
+    frozen = world["frozen-trained"]
+    summary = json.loads((frozen / "midus_train.json").read_text())
+    assert summary["init_weights_sha256"] == weights_sha256(world["memory"])
+    # another apply output: the same files but one memory tensor drawn otherwise, and a frozen run of it
+    other_start = tmp_path / "other-seed"
+    shutil.copytree(world["memory"], other_start)
+    tensors = load_file(other_start / "model.safetensors")
+    name = next(k for k in tensors if k.endswith("hml.keys"))
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, other_start / "model.safetensors", metadata={"format": "pt"})
+    other_frozen = tmp_path / "other-frozen"
+    shutil.copytree(frozen, other_frozen)
+    (other_frozen / "midus_train.json").write_text(json.dumps({**summary, "init_from": str(other_start),
+                                                               "init_weights_sha256": weights_sha256(other_start)}))
+    cases = ((world["memory-trained"], other_frozen, "whose weights differ from those"),
+             (world["memory"], other_frozen, "whose weights differ from those"),
+             (other_start, frozen, "whose weights differ from those"),
+             (frozen, world["frozen-base-trained"], "was trained with memory.retrieval: frozen: it is not the learned retrieval"),
+             (world["memory-trained"], world["memory-trained"], "the model analysed itself"),
+             (frozen, frozen, "the model analysed itself"))
+    for i, (model, twin, said) in enumerate(cases):
+        out = tmp_path / f"an-{i}"
+        assert main(["analyze", str(model), "--data", str(world["root"] / "corpus"), "--out", str(out),
+                     "--block-size", "16", "--max-blocks", "2", "--quiet", "--fixed-retrieval", str(twin)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (i, err)
+        assert not out.exists()
+    # a run of an earlier midus-surgery records no digest: compared as before, with a note that it could not be checked
+    old = tmp_path / "old-frozen"
+    shutil.copytree(frozen, old)
+    (old / "midus_train.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "init_weights_sha256"}))
+    from midus_surgery.downstream.analyze import check_fixed_retrieval
+
+    (note,) = check_fixed_retrieval(world["memory-trained"], old)
+    assert "records no digest of the weights its run started from" in note

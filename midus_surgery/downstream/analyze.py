@@ -193,10 +193,14 @@ def _train_summary(folder: Path) -> dict | None:
 
 def check_fixed_retrieval(model_dir: Path, twin: Path) -> list[str]:
     """TaskError, one line, unless ``twin`` is what --fixed-retrieval asks for: the same up-scaled model as ``model_dir``
-    (the same plan: base, layer map, memory) exported by a training run with ``memory.retrieval: frozen``. Checked from
-    the two folders' JSON before any work. Returns notes (the two runs' budgets differ: a comparison of unequal runs)."""
+    (the same plan: base, layer map, memory, and the same starting weights: midus_train.json's init_weights_sha256)
+    exported by a training run with ``memory.retrieval: frozen``, and ``model_dir`` another folder not trained so.
+    Checked from the two folders' JSON (and an untrained ``model_dir``'s weight files) before any work. Returns notes (the two runs' budgets differ: a comparison of unequal runs)."""
     from midus_surgery.compiler.plan import read_plan_file
 
+    if Path(twin).resolve() == Path(model_dir).resolve():
+        raise TaskError(f"--fixed-retrieval {printable(str(twin))}: the model analysed itself; pass the learned run's export as "
+                        "MODEL_DIR and the frozen run's as --fixed-retrieval")
     mine, theirs = read_plan_file(model_dir), read_plan_file(twin)
     if theirs is None or not theirs.get("midus"):
         raise TaskError(f"--fixed-retrieval {twin}: not a MIDUS model (no midus_plan.json with Memory blocks)")
@@ -218,18 +222,39 @@ def check_fixed_retrieval(model_dir: Path, twin: Path) -> list[str]:
         own = _train_summary(model_dir)
     except ValueError:
         own = None  # the model analysed is not the one in question here: its summary only feeds the note
+    # the analysed model is the learned side: a frozen run there (the two arguments swapped) was reported as "learned"
+    own_memory = own.get("config", {}).get("memory", {}) if own else {}
+    if isinstance(own_memory, dict) and own_memory.get("retrieval") == "frozen":
+        raise TaskError(f"{printable(str(model_dir))} was trained with memory.retrieval: frozen: it is not the learned retrieval "
+                        "--fixed-retrieval is compared with; pass the learned run's export as MODEL_DIR")
+    # the plans read alike for two apply outputs of one recipe at other seeds (other sub-keys and bank): the weights each run
+    # started from tell them apart (an untrained MODEL_DIR is its own start)
+    from midus_surgery.train.checkpoint import weights_sha256
+
+    theirs_start = summary.get("init_weights_sha256")
+    mine_start = own.get("init_weights_sha256") if own else weights_sha256(model_dir)
+    if isinstance(theirs_start, str) and isinstance(mine_start, str) and theirs_start != mine_start:
+        mine_from = f"trained from {printable(str(own.get('init_from')))}" if own else "untrained"
+        raise TaskError(f"--fixed-retrieval {printable(str(twin))}: trained from {printable(str(summary.get('init_from')))}, whose weights "
+                        f"differ from those {printable(str(model_dir))} ({mine_from}) started from: not the same model; pass an "
+                        "export of a run trained from the same apply output")
+    notes = []
+    if not (isinstance(theirs_start, str) and isinstance(mine_start, str)):
+        notes.append(f"note: --fixed-retrieval {printable(str(twin))} and {printable(str(model_dir))}: a midus_train.json records no digest "
+                     "of the weights its run started from (written by an earlier midus-surgery), so whether both started from the "
+                     "same apply output is not checked")
     # the budget is in tokens (training.md): the same tokens in other steps is another batch size, not another budget (trial98 F4)
     twin, model_dir = printable(str(twin)), printable(str(model_dir))
     theirs_said = f"{summary.get('tokens')} tokens in {summary.get('steps')} steps"
     if own is None:
-        return [f"note: --fixed-retrieval {twin} trained {theirs_said}; {model_dir} is untrained: the two are not the same budget"]
+        return [*notes, f"note: --fixed-retrieval {twin} trained {theirs_said}; {model_dir} is untrained: the two are not the same budget"]
     if own.get("tokens") != summary.get("tokens"):
-        return [f"note: --fixed-retrieval {twin} trained {theirs_said}; {model_dir}: {own.get('tokens')} tokens in {own.get('steps')} "
+        return [*notes, f"note: --fixed-retrieval {twin} trained {theirs_said}; {model_dir}: {own.get('tokens')} tokens in {own.get('steps')} "
                 "steps: the two are not the same budget"]
     if own.get("steps") != summary.get("steps"):
-        return [f"note: --fixed-retrieval {twin} and {model_dir} trained the same {summary.get('tokens')} tokens, in {summary.get('steps')} "
+        return [*notes, f"note: --fixed-retrieval {twin} and {model_dir} trained the same {summary.get('tokens')} tokens, in {summary.get('steps')} "
                 f"and {own.get('steps')} steps: another batch size, so the two are not compared step for step"]
-    return []
+    return notes
 
 
 def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int | None = None, max_blocks: int = 16,

@@ -722,6 +722,19 @@ def model_identity(model_dir: Path) -> dict:
     return {"path": str(model_dir), "digest": h.hexdigest()}
 
 
+def weights_sha256(model_dir: Path) -> str:
+    """The SHA-256 over a model directory's weight files (names and whole contents, sorted by name): what
+    midus_train.json records of the weights a run started from, so that `analyze --fixed-retrieval` can tell two runs of
+    the same apply output from runs of two outputs whose plans read alike (another apply `seed`: other sub-keys and bank).
+    Reads the whole model once."""
+    from midus_surgery.io.file_digest import sha256_of
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in model_dir.iterdir() if p.is_file() and p.name.endswith(IDENTITY_WEIGHTS)):
+        h.update(f"{f.name}\0{sha256_of(f)}\0".encode())
+    return h.hexdigest()
+
+
 def init_from_change(saved: dict | None, now: dict) -> tuple[str | None, str | None]:
     """(why a resume from ``init_from`` ``now`` is refused, a note to say) against the identity the checkpoint
     ``saved`` (None for checkpoints written before it was recorded: nothing to compare).

@@ -83,6 +83,7 @@ from midus_surgery.train.checkpoint import (
     trained_tensors_only,
     verify_checkpoint,
     weights_checksum,
+    weights_sha256,
 )
 from midus_surgery.train.config import LoadedTrainConfig, OptimConfig, TrainConfig, parse_count
 from midus_surgery.train.evaluate import (
@@ -1047,7 +1048,10 @@ class Runner:
 
     def export(self, final_eval: dict | None) -> Path:
         dtype_name = self.init_dtype if self.cfg.export.dtype == "auto" else self.cfg.export.dtype
-        summary = {"init_from": self.cfg.init_from, "steps": self.step, "tokens": self.samples_seen * self.cfg.data.block_size,
+        summary = {"init_from": self.cfg.init_from,
+                   # the starting weights' digest: analyze --fixed-retrieval compares it (two apply seeds share a plan)
+                   "init_weights_sha256": weights_sha256(self.init_from) if self.acc.is_main_process else None,
+                   "steps": self.step, "tokens": self.samples_seen * self.cfg.data.block_size,
                    "held_out": final_eval, "precision": self.precision, "processes": self.world,
                    "memory_trained": bool(self.groups.memory),  # the card names a memory lr only then (trial55: a LLaMA-Pro run's did)
                    "unchanged_since_apply": self.unchanged_since_apply(), "init_dtype": str(self.init_dtype).removeprefix("torch."),
