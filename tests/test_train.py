@@ -248,6 +248,20 @@ def test_held_out_fraction_is_not_judged_beside_held_out(tmp_path):
         load_train_config(path, ["data.held_out_fraction=0.5"])
 
 
+def test_an_empty_held_out_list_is_as_not_given(tmp_path):
+    """`held_out: []` names no file: the runner used the fraction, which was then not judged (0.9 held out 90% of the
+    corpus). An empty list reads as not given: the fraction is judged, in the file as on the command line."""
+    path = tmp_path / "ok.yaml"
+    path.write_text("init_from: m\nrun_dir: r\ntokens: 2M\ndata:\n  train: x.txt\n  held_out: []\n  held_out_fraction: 0.9\n")
+    with pytest.raises(RecipeError, match=r"data\.held_out_fraction: should be below 0\.5, got 0\.9"):
+        load_train_config(path)
+    for fraction in ("0.9", "-1"):
+        with pytest.raises(RecipeError, match=r"data\.held_out_fraction: should be"):
+            load_train_config(path, ["data.held_out=[]", f"data.held_out_fraction={fraction}"])
+    loaded = load_train_config(path, ["data.held_out_fraction=0.2"]).config.data
+    assert loaded.held_out is None and loaded.held_out_fraction == 0.2
+
+
 def test_an_override_yaml_misreads_says_how_to_write_it(tmp_path):
     """A leading * (a YAML alias) gave a bare syntax error, and freeze=no said "got false" without why (trial122 F5)."""
     path = tmp_path / "ok.yaml"

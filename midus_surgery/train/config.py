@@ -76,7 +76,7 @@ class DataConfig(Strict):
     """The text to train on and the held-out split."""
 
     train: list[PathText] = Field(min_length=1, description="Training text: files (.txt/.md/.rst read as one document each; .jsonl/.ndjson one JSON record per line, see `text_field`; any other file is read as text), directories (every file matching `dir_glob` under them) and glob patterns. Relative paths are resolved against the config file's directory; `~` and `$NAME` / `${NAME}` expand in every path of this config (an unset variable is an error; `$$` is a `$`).")
-    held_out: list[PathText] | None = Field(None, description="Separate held-out files, directories or globs. When given, `held_out_fraction` is ignored and all training text is trained on.")
+    held_out: list[PathText] | None = Field(None, description="Separate held-out files, directories or globs. When given, `held_out_fraction` is ignored and all training text is trained on; an empty list is as not given.")
     held_out_fraction: float = Field(0.01, ge=0.0, lt=0.5, description="Without `held_out`: the fraction of packed blocks kept out of training, spread evenly over the corpus (block i is held out when floor((i+1)f) > floor(i f)). 0 disables held-out evaluation.")
     text_field: str = Field("text", description="The field of each JSONL record that holds the document's text.")
     dir_glob: list[str] = Field(default_factory=lambda: list(DIR_GLOB), min_length=1, description="Patterns selecting files inside directories named in `train` / `held_out` (sorted, deduplicated; hidden files and folders skipped, linked folders followed once each).")
@@ -87,6 +87,13 @@ class DataConfig(Strict):
     @classmethod
     def _listify(cls, value):
         return [value] if isinstance(value, str) else value
+
+    @field_validator("held_out", mode="after")
+    @classmethod
+    def _empty_is_not_given(cls, value):
+        """`held_out: []` names no file: read as not given (the fraction is judged and used), as the runner read it
+        while the fraction beside it went unjudged (0.9 held out 90% of the corpus)."""
+        return value or None
 
     @field_validator("held_out_fraction", mode="wrap")
     @classmethod
