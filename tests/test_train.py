@@ -262,6 +262,23 @@ def test_an_empty_held_out_list_is_as_not_given(tmp_path):
     assert loaded.held_out is None and loaded.held_out_fraction == 0.2
 
 
+def test_the_leading_star_hint_suggests_a_shell_text_that_reads_as_the_value(tmp_path):
+    """The hint for `*it's` suggested '*it's', itself a YAML error (an inner ' in single quotes is doubled), and a value
+    holding a " or a $ would have broken the suggested double quotes. The suggested shell text, split as the shell splits
+    it and applied, gives the value meant."""
+    import shlex
+
+    path = tmp_path / "ok.yaml"
+    path.write_text("init_from: m\nrun_dir: r\ntokens: 2M\ndata:\n  train: x.txt\n")
+    for value in ("*it's", '*say "hi"', "*$HOME", "*a\\b", "*it's $5"):
+        with pytest.raises(RecipeError) as err:
+            load_train_config(path, [f"data.text_field={value}"])
+        shell = str(err.value).split("quote the value inside the shell's quotes, ", 1)[1].removesuffix(")")
+        (suggested,) = shlex.split(shell)
+        assert load_train_config(path, [suggested]).config.data.text_field == value, (value, shell)
+    assert "\"data.text_field='*it''s'\"" in str(pytest.raises(RecipeError, load_train_config, path, ["data.text_field=*it's"]).value)
+
+
 def test_an_override_yaml_misreads_says_how_to_write_it(tmp_path):
     """A leading * (a YAML alias) gave a bare syntax error, and freeze=no said "got false" without why (trial122 F5)."""
     path = tmp_path / "ok.yaml"

@@ -10,6 +10,7 @@ override naming an unknown key is an error.
 from __future__ import annotations
 
 import re
+import shlex
 import types
 import typing
 from decimal import Decimal
@@ -334,9 +335,13 @@ def apply_overrides(source: YamlSource, overrides: list[str]) -> tuple[_Overridd
             value = load_yaml("command line", text=raw).data if raw.strip() else None
         except RecipeError as exc:
             said = "; ".join(p.message for p in exc.problems)
-            if re.search(r"(^|[\[{,])\s*\*", raw.strip()):  # data.dir_glob=*.md: a leading * is a YAML alias (trial122 F5)
-                quoted = re.sub(r"(^|[\[{,]\s*)(\*[^,\]}]*)", r"\1'\2'", raw.strip())
-                said += f" (YAML reads a leading * as an alias: quote the value inside the shell's quotes, \"{key}={quoted}\")"
+            if re.search(r"(^|[\[{,]|:\s)\s*\*", raw.strip()):  # data.dir_glob=*.md: a leading * is a YAML alias (trial122 F5)
+                # in YAML's single quotes an inner ' is doubled ('*it''s'); the shell text is then quoted as a whole, in
+                # double quotes unless it holds what the shell reads inside them
+                quoted = re.sub(r"(^|[\[{,]\s*|:\s+)(\*[^,\]}]*)", lambda m: m[1] + "'" + m[2].replace("'", "''") + "'", raw.strip())
+                suggestion = f"{key}={quoted}"
+                shell = f'"{suggestion}"' if not re.search(r'["$`\\!]', suggestion) else shlex.quote(suggestion)
+                said += f" (YAML reads a leading * as an alias: quote the value inside the shell's quotes, {shell})"
             problems.append(Problem(_on_command_line(text), key, f"cannot read the value as YAML: {said}"))
             continue
         node = source.data
