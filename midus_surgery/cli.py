@@ -717,6 +717,9 @@ def cmd_eval(args) -> int:
             print(f"note: {printable(result['model'])}: the loss is not a number: its weights hold NaN or inf, or its activations overflow "
                   f"in {result['dtype']}", file=sys.stderr)
     _eval_report(results, args)
+    not_scored = [printable(r["model"]) for r in results if r["loss"] != r["loss"]]
+    if not_scored:  # after every model's result: a script that checks the exit status took NaN for a score (exit 0)
+        raise MidusError(f"eval: no perplexity for {', '.join(not_scored)}: the loss is not a number (the note above says why)")
     return 0
 
 

@@ -81,15 +81,23 @@ def test_eval_json_writes_a_non_finite_perplexity_as_null(setup, capsys, tmp_pat
     weights["model.norm.weight"][0] = float("nan")
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     args = ["eval", str(model), "--data", str(setup["files"][0]), "--block-size", "16", "--cache-dir", str(setup["cache"]), "--quiet"]
-    assert main(args + ["--json"]) == 0
+    # exit 1 (ran, and found a problem), after the result: a script that checks the exit status took NaN for a score
+    assert main(args + ["--json"]) == 1
     captured = capsys.readouterr()
     result = json.loads(captured.out, parse_constant=lambda name: pytest.fail(f"{name} in eval --json: not JSON"))
     assert result["loss"] is None and result["perplexity"] is None and result["tokens"] > 0
     assert "the loss is not a number" in captured.err  # the note on stderr, the JSON clean (trial50: no note with --json)
-    assert main(args) == 0
+    assert captured.err.strip().splitlines()[-1] == f"error: eval: no perplexity for {model}: the loss is not a number (the note above says why)"
+    assert main(args) == 1
     captured = capsys.readouterr()
     assert "perplexity nan (loss nan nats/token)" in captured.out
     assert "the loss is not a number: its weights hold NaN or inf, or its activations overflow in float32" in captured.err
+    # among several models: the models after the broken one are scored too, every result is written, then the error
+    assert main(["eval", str(model), str(setup["model"]), *args[2:], "--json"]) == 1
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)
+    assert [r["perplexity"] is None for r in results] == [True, False]
+    assert captured.err.strip().splitlines()[-1].startswith(f"error: eval: no perplexity for {model}:")
 
 
 def test_several_models_get_a_line_each_and_a_json_list_in_their_order(setup, capsys, tmp_path):
