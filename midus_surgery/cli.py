@@ -110,6 +110,18 @@ def _model_folder_to_write(text: str) -> str:
     return text
 
 
+def _seed(text: str) -> int:
+    """An argparse type: a seed numpy takes, 0 to 2**32 - 1 (lm-eval's ValueError came only after the first model
+    loaded, blamed on it)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value <= 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"between 0 and 2**32 - 1 ({2**32 - 1}), got {value}")
+    return value
+
+
 def _int_at_least(low: int):
     """An argparse type: an integer of at least ``low`` (a zero batch or block is a usage error, not a traceback
     nor a NaN result)."""
@@ -740,12 +752,14 @@ def _eval_tasks(args) -> int:
     """eval --tasks: lm-evaluation-harness on every model, one table (or one JSON)."""
     import torch
 
-    from midus_surgery.downstream.harness import format_table, run_tasks
+    from midus_surgery.downstream.harness import TaskError, format_table, run_tasks
 
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    tasks = [t for entry in args.tasks for t in entry.split(",") if t]
+    tasks = [t for entry in args.tasks for t in entry.split(",") if t.strip()]
+    if not tasks or any(not entry.replace(",", "").strip() for entry in args.tasks):  # lm-eval said so after the first model loaded
+        raise TaskError("--tasks: an empty task name (--tasks NAME..., space or comma separated)")
     try:
         result = run_tasks(args.model, tasks, include_path=args.include_path or [], allow_task_code=args.allow_task_code,
                            limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device,
@@ -863,7 +877,7 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--allow-task-code", action="store_true", help="let --include-path tasks run Python (!function, includes, HF evaluate metrics) and render their templates unsandboxed")
     p.add_argument("--limit", type=float, default=None, help="--tasks: at most this many items per task (a fraction below 1)")
     p.add_argument("--num-fewshot", type=_int_at_least(0), default=None, help="--tasks: few-shot examples (default: each task's own)")
-    p.add_argument("--seed", type=int, default=None, help="--tasks: the seed of every random choice lm-eval makes (default 0)")
+    p.add_argument("--seed", type=_seed, default=None, help="--tasks: the seed of every random choice lm-eval makes (default 0)")
     p.add_argument("--block-size", type=_int_at_least(2), help="tokens per block / window (default 512, or the model's positions when fewer)")
     p.add_argument("--per-document", action="store_true", help="evaluate each document on its own (windows of --block-size) instead of packed blocks")
     p.add_argument("--batch-size", type=_int_at_least(1), default=4, help="sequences per forward pass (default 4)")

@@ -705,3 +705,30 @@ def test_names_with_control_characters_are_escaped_in_the_table():
     table = format_table(result)
     assert "\x1b" not in table and "\r" not in table and len(table.splitlines()) == 3, table
     assert "t_\\x1b[31mred (4)" in table and "a\\rb" in table.splitlines()[0]
+
+
+def test_bad_task_flags_are_named_not_blamed_on_the_model(world, capsys, monkeypatch):
+    """--seed out of numpy's range and an empty --tasks failed only after the first model loaded, as "lm-eval could not
+    score ... with the model" (and "could not score  with"); they are refused before any model is read, naming the flag.
+    More few-shot examples than the task's pool holds names --num-fewshot, not the model."""
+    import midus_surgery.train.evaluate as evaluate
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    suite = ["--include-path", str(world["tasks"]), "--quiet"]
+    with monkeypatch.context() as patched:
+        patched.setattr(evaluate, "load_causal_lm", no_load)
+        for seed in ("-1", "99999999999999999999", str(2**32)):
+            with pytest.raises(SystemExit) as stop:
+                main(["eval", str(world["base"]), "--tasks", "midus_cloze", "--seed", seed, *suite])
+            assert stop.value.code == 2
+            assert f"argument --seed: between 0 and 2**32 - 1 (4294967295), got {int(seed)}" in capsys.readouterr().err
+        for tasks in ([""], [","], ["midus_cloze", " "]):
+            assert main(["eval", str(world["base"]), "--tasks", *tasks, *suite]) == 2
+            err = capsys.readouterr().err
+            assert err.strip() == "error: --tasks: an empty task name (--tasks NAME..., space or comma separated)", err
+    assert main(["eval", str(world["base"]), "--tasks", "midus_cloze", "--num-fewshot", "100000", "--limit", "2", *suite]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --num-fewshot 100000: more few-shot examples than a task of midus_cloze has") and "\n" not in err, err
+    assert "with the model" not in err

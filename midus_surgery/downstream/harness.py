@@ -144,6 +144,10 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
             raise TaskError(f"lm-eval could not score {', '.join(tasks)} on {m}: a task has no documents "
                             "(an empty data file, or a split with no rows)") from None
         except Exception as exc:  # noqa: BLE001 - a dataset that cannot be read (no network), a task that does not build
+            if num_fewshot is not None and isinstance(exc, ValueError) and "larger than population" in str(exc):
+                # random.sample of a task's few-shot pool: the flag's fault, not the model's
+                raise TaskError(f"--num-fewshot {num_fewshot}: more few-shot examples than a task of {', '.join(tasks)} has to "
+                                "draw them from; give fewer") from None
             reading = offline and _reading_failed(exc)  # not said of an error in the model's forward (helper-61)
             why = f"; {offline}, so only datasets in the local datasets cache can be read" if reading else ""
             # where it was raised: an empty AssertionError in lm-eval's task code read as the model's failure (trial73 F9c)
