@@ -122,6 +122,13 @@ def _seed(text: str) -> int:
     return value
 
 
+def _field_name(text: str) -> str:
+    """An argparse type: a JSONL field name, not empty (an empty one read the `text` field without a word)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty field name (the JSONL field holding the text; default: text)")
+    return text
+
+
 def _int_at_least(low: int):
     """An argparse type: an integer of at least ``low`` (a zero batch or block is a usage error, not a traceback
     nor a NaN result)."""
@@ -883,7 +890,7 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--batch-size", type=_int_at_least(1), default=4, help="sequences per forward pass (default 4)")
     p.add_argument("--max-blocks", type=_int_at_least(1), default=None, help="evaluate at most this many blocks / windows")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype to run the model in (default float32)")
-    p.add_argument("--text-field", default=None, help="the JSONL field holding the text (default: text)")
+    p.add_argument("--text-field", default=None, type=_field_name, help="the JSONL field holding the text (default: text)")
     p.add_argument("--cache-dir", default=None, type=_folder_to_write,
                    help="token cache (default: $MIDUS_CACHE/tokens or ~/.cache/midus-surgery/tokens)")
     p.add_argument("--device", default="auto", help="auto (default: the first CUDA device when there is one, else the CPU), cpu, cuda or cuda:N")
@@ -909,7 +916,7 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--max-blocks", type=_int_at_least(1), default=16, help="held-out blocks per measurement (default 16)")
     p.add_argument("--max-memory-blocks", type=_int_at_least(1), default=None, help="analyse only the first N Memory (or inserted) blocks")
     p.add_argument("--slots-only", action="store_true", help="slot usage only, no head importance (one held-out pass instead of one per head)")
-    p.add_argument("--text-field", default="text", help="the JSONL field holding the text (default: text)")
+    p.add_argument("--text-field", default="text", type=_field_name, help="the JSONL field holding the text (default: text)")
     p.add_argument("--cache-dir", default=None, type=_folder_to_write,
                    help="token cache (default: $MIDUS_CACHE/tokens or ~/.cache/midus-surgery/tokens)")
     p.add_argument("--fixed-retrieval", metavar="MODEL_DIR", help="a model trained like MODEL_DIR but with memory.retrieval: frozen: "

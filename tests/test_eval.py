@@ -698,3 +698,15 @@ def test_a_full_disk_while_the_token_cache_is_written_is_one_line(setup, tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("error: the disk is full") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not any(p.name == "tokens.bin" for p in cache.rglob("*")), list(cache.rglob("*"))
+
+
+def test_an_empty_text_field_is_refused_not_read_as_text(setup, capsys, tmp_path):
+    """`--text-field ""` scored the `text` field without a word (eval's `or "text"`; analyze's too)."""
+    for argv in (["eval", str(setup["model"]), "--data", str(setup["files"][0])],
+                 ["analyze", str(setup["model"]), "--data", str(setup["files"][0]), "--out", str(tmp_path / "an")]):
+        for field in ("", " "):
+            with pytest.raises(SystemExit) as stop:
+                main([*argv, "--text-field", field, "--quiet"])
+            assert stop.value.code == 2
+            assert "argument --text-field: an empty field name" in capsys.readouterr().err
+    assert not (tmp_path / "an").exists()
