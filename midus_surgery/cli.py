@@ -709,10 +709,11 @@ def cmd_eval(args) -> int:
     # every model checked as far as it goes without reading its weights, before the first evaluation; its tokenizer kept
     tokenizers = [check_model_loads(model, trust_remote_code=args.trust_remote_code, block_size=args.block_size, allow_pickle=args.allow_pickle)
                   for model in args.model]
+    block_size = args.block_size if args.block_size is not None else _shared_eval_block(args.model)
     results = []
     for model, tokenizer in zip(args.model, tokenizers):  # each model's weights read once, to be evaluated
         try:
-            result = run_eval(model, args.data, block_size=args.block_size, per_document=args.per_document,
+            result = run_eval(model, args.data, block_size=block_size, per_document=args.per_document,
                               batch_size=args.batch_size, max_blocks=args.max_blocks, dtype=args.dtype, text_field=args.text_field or "text",
                               cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code,
                               progress=not (args.quiet or args.json), threads=args.threads, device=args.device, tokenizer=tokenizer,
@@ -740,6 +741,31 @@ def cmd_eval(args) -> int:
     if not_scored:  # after every model's result: a script that checks the exit status took NaN for a score (exit 0)
         raise MidusError(f"eval: no perplexity for {', '.join(not_scored)}: the loss is not a number (the note above says why)")
     return 0
+
+
+def _shared_eval_block(models: list[str]) -> int | None:
+    """eval --data of several models without --block-size: one block size for all, the smallest of their defaults (512,
+    or a model's positions when fewer), said in a note when they differ. Each at its own had scored one model over 128-token
+    blocks and another over 64 on other tokens, side by side without a word; None leaves each model its default."""
+    from midus_surgery.io.json_text import loads_as_transformers
+    from midus_surgery.train.evaluate import DEFAULT_EVAL_BLOCK, stated_positions
+
+    if len(models) < 2:
+        return None
+    defaults = {}
+    for model in models:
+        try:
+            stated = stated_positions(loads_as_transformers((Path(model) / "config.json").read_text()))
+        except (OSError, ValueError, AttributeError):  # check_model_loads read it already; as a guard only
+            stated = None
+        defaults[model] = min(DEFAULT_EVAL_BLOCK, stated[0] if stated else DEFAULT_EVAL_BLOCK)
+    if len(set(defaults.values())) == 1:
+        return None
+    smallest = min(defaults.values())
+    each = ", ".join(f"{printable(m)}: {n}" for m, n in defaults.items())
+    print(f"note: every model is scored in blocks of {smallest} tokens, the smallest of their default block sizes ({each}), "
+          "so that their perplexities cover the same windows; --block-size sets another", file=sys.stderr)
+    return smallest
 
 
 def _eval_report(results: list[dict], args) -> None:

@@ -710,3 +710,30 @@ def test_an_empty_text_field_is_refused_not_read_as_text(setup, capsys, tmp_path
             assert stop.value.code == 2
             assert "argument --text-field: an empty field name" in capsys.readouterr().err
     assert not (tmp_path / "an").exists()
+
+
+def test_several_models_are_scored_over_the_same_windows(setup, capsys, tmp_path):
+    """Each model was scored at its own default block size: the same weights with fewer positions in config.json gave
+    another perplexity over other tokens, side by side without a word. Without --block-size every model is scored at
+    the smallest default, said in a note; with it, as given, without the note."""
+    import shutil
+
+    short = tmp_path / "short"
+    shutil.copytree(setup["model"], short)
+    config = json.loads((short / "config.json").read_text())
+    positions = config["max_position_embeddings"]
+    assert positions > 32
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32}))
+    common = ["--data", str(setup["root"] / "corpus"), "--cache-dir", str(setup["cache"]), "--quiet", "--json"]
+    assert main(["eval", str(setup["model"]), str(short), *common]) == 0
+    captured = capsys.readouterr()
+    first, second = json.loads(captured.out)
+    assert first["block_size"] == second["block_size"] == 32
+    assert first["tokens"] == second["tokens"] and first["loss"] == pytest.approx(second["loss"], rel=1e-6)
+    assert (f"note: every model is scored in blocks of 32 tokens, the smallest of their default block sizes ({setup['model']}: "
+            f"{min(512, positions)}, {short}: 32), so that their perplexities cover the same windows; --block-size sets another") in captured.err
+    assert main(["eval", str(setup["model"]), str(short), *common, "--block-size", "16"]) == 0
+    captured = capsys.readouterr()
+    assert [r["block_size"] for r in json.loads(captured.out)] == [16, 16] and "note:" not in captured.err
+    assert main(["eval", str(setup["model"]), *common]) == 0  # one model: its own default
+    assert json.loads(capsys.readouterr().out)["block_size"] == min(512, positions)
