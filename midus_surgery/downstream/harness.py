@@ -21,7 +21,14 @@ import time
 from pathlib import Path
 from unittest import mock
 
-from midus_surgery.downstream.task_guard import TaskError, check_task_folders, checked_data_reads, sandboxed_templates, task_files
+from midus_surgery.downstream.task_guard import (
+    TaskError,
+    check_task_folders,
+    checked_data_reads,
+    moved_suite,
+    sandboxed_templates,
+    task_files,
+)
 from midus_surgery.errors import one_line, printable
 from midus_surgery.io.small_files import regular_file_problem
 
@@ -87,7 +94,7 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
                         "would score one of them without a word; pass the folder you mean alone in --include-path")
     for t in tasks:
         if t in defined:
-            _check_data_files(t, defined[t][0])
+            _check_data_files(t, defined[t][0], include_path)
     if dtype not in DTYPES:
         raise TaskError(f"--dtype must be one of {', '.join(DTYPES)}")
     for name in ("lm-eval", "lm_eval"):
@@ -192,7 +199,12 @@ def _reading_failed(exc: BaseException) -> bool:
     return False
 
 
-def _check_data_files(task: str, yaml_file: Path) -> None:
+def _inside_any(path: Path, folders) -> bool:
+    real = (path if path.is_absolute() else Path.cwd() / path).resolve()
+    return any(real.is_relative_to(Path(f).resolve()) for f in folders)
+
+
+def _check_data_files(task: str, yaml_file: Path, include_path=()) -> None:
     """A local task's data files are there: a suite names its data by absolute path, and a moved suite
     failed as "lm-eval could not score it on MODEL", blaming the model (trial54)."""
     import yaml
@@ -215,6 +227,9 @@ def _check_data_files(task: str, yaml_file: Path) -> None:
             raise TaskError(f"task {task!r} ({yaml_file}) reads its data from {name}, which is not there: was the suite folder "
                             f"moved? {rebuild[0].upper()}{rebuild[1:]}")
     digest = (config.get("metadata") or {}).get("data_sha256")
+    if isinstance(digest, str) and len(named) == 1 and not _inside_any(Path(named[0]), include_path) and \
+            (moved := moved_suite(yaml_file, config, named[0])):
+        raise TaskError(moved)  # with --allow-task-code too: a copy scored its original's items without a word
     if isinstance(digest, str) and len(named) == 1 and Path(named[0]).is_file():  # a suite's: its data as written
         if hashlib.sha256(Path(named[0]).read_bytes()).hexdigest() != digest:
             raise TaskError(f"task {task!r} ({yaml_file}) reads its data from {named[0]}, which has changed since the task was "

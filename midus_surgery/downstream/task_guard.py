@@ -201,8 +201,25 @@ def _check_data(file: Path, config: dict, roots: list[Path]) -> None:
         if not os.path.lexists(path):
             continue  # a pattern, or not there (harness._check_data_files says so for a suite's; the read is checked too)
         odd = _local_read_problem(path, roots)
+        if odd and (moved := moved_suite(file, config, name)):
+            raise TaskError(moved)
         if odd:
             raise TaskError(f"{file}: dataset_kwargs {name!r} ({path.resolve()}): {odd}; a task folder names data files; {ALLOW}")
+
+
+def moved_suite(yaml_file: Path, config: dict, data: str) -> str | None:
+    """Why a suite's task (a YAML make_task_suite wrote: ``metadata.data_sha256``, its data beside it) that reads ``data``
+    from another folder cannot run: it was copied or moved, and still names its original's data. Said before the task
+    folder's own rule (give the data's folder as another --include-path, or --allow-task-code), which led to "defined in 2
+    task files", or to the original's items scored without a word."""
+    metadata = config.get("metadata")
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("data_sha256"), str):
+        return None
+    path = Path(data) if Path(data).is_absolute() else yaml_file.parent / data
+    if path.parent.resolve() == yaml_file.parent.resolve():
+        return None
+    return (f"{yaml_file}: this task suite was copied or moved from {path.parent}: it still reads that folder's data ({path}); "
+            f"rebuild the suite where it is (python tools/make_task_suite.py TEXT --out {yaml_file.parent})")
 
 
 def _local_part(name: str) -> tuple[str | None, str | None]:
