@@ -772,10 +772,15 @@ def _eval_report(results: list[dict], args) -> None:
     """After eval --data's models, or after those scored before one failed: the note on tokenizers that make other
     token ids, and with --json the results, one object for one model given, a list for several (a failure: those
     scored before it, in order; nothing when none was)."""
-    if len({r["corpus_sha1"] for r in results}) > 1:  # trial54/56: compared per token without a word
-        counts = ", ".join(f"{r['model']}: {r['corpus_tokens']:,} tokens" for r in results)
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(r["corpus_sha1"], []).append(r)
+    if len(groups) > 1:  # trial54/56: compared per token without a word
+        # models that share token ids are named together: those are comparable with each other
+        counts = "; ".join(f"{', '.join(r['model'] for r in group)}: {group[0]['corpus_tokens']:,} tokens" for group in groups.values())
+        shared = any(len(group) > 1 for group in groups.values())
         print(f"note: the models' tokenizers turn the data into different token ids ({counts}): a perplexity is per token, "
-              "so theirs are not comparable", file=sys.stderr)
+              f"so {'only those named together are comparable' if shared else 'theirs are not comparable'}", file=sys.stderr)
     if args.json and results:
         print(strict_json(results[0] if len(args.model) == 1 else results, indent=2))
     sys.stdout.flush()  # before the error line on stderr

@@ -148,6 +148,11 @@ def test_several_models_all_load_before_the_first_is_scored_and_other_tokenizers
     assert main(["eval", str(setup["model"]), str(other), *args]) == 0
     err = capsys.readouterr().err
     assert f"note: the models' tokenizers turn the data into different token ids ({setup['model']}: " in err and "not comparable" in err
+    # models that share token ids are named together, as the ones comparable with each other (each was listed alone)
+    assert main(["eval", str(setup["model"]), str(other), str(same_ids), *args]) == 0
+    err = capsys.readouterr().err
+    assert f"different token ids ({setup['model']}, {same_ids}: " in err and f"; {other}: " in err, err
+    assert "so only those named together are comparable" in err
 
 
 def test_a_converting_load_that_fails_names_the_tensors_it_could_not_build(tmp_path, capsys):
