@@ -761,3 +761,22 @@ def test_a_json_file_as_data_is_noted_as_read_as_text(setup, capsys, tmp_path):
     # analyze says it before it refuses this model (no Memory or inserted block)
     assert main(["analyze", str(setup["model"]), "--data", str(as_json), "--out", str(tmp_path / "an"), *common]) != 0
     assert f"note: {as_json} {said}" in capsys.readouterr().err
+
+
+def test_an_own_config_class_that_does_not_load_is_not_blamed_on_the_tokenizer(setup, tmp_path):
+    """With --trust-remote-code, an auto_map naming a config class its module lacks was said as "no usable tokenizer"
+    (AutoTokenizer builds the config first): the config class is named."""
+    import shutil
+
+    from midus_surgery.train.evaluate import ModelLoadError, load_tokenizer
+
+    model = tmp_path / "own-config"
+    shutil.copytree(setup["model"], model)
+    (model / "configuration_own.py").write_text("from transformers import LlamaConfig\n\n\nclass OtherConfig(LlamaConfig):\n    pass\n")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "configuration_own.OwnConfig"}}))
+    with pytest.raises(ModelLoadError) as err:
+        load_tokenizer(model, trust_remote_code=True)
+    said = str(err.value)
+    assert said.startswith(f"{model}: its own config class configuration_own.OwnConfig (config.json auto_map AutoConfig) could not be "
+                           "loaded (AttributeError: ") and "tokenizer" not in said, said

@@ -494,6 +494,9 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False, how_to_allow: st
     except BaseException as exc:  # noqa: BLE001 - transformers raises many kinds here, the Rust tokenizers a panic (trial49)
         if not isinstance(exc, Exception) and not is_library_panic(exc):
             raise
+        if trust_remote_code and (config_class := _own_config_failed(path, exc)):  # AutoTokenizer builds the config first
+            raise ModelLoadError(f"{path}: its own config class {config_class} (config.json auto_map AutoConfig) could not be "
+                                 f"loaded ({one_line(exc, 300, whole=True)})") from None
         raise ModelLoadError(f"{path}: no usable tokenizer ({one_line(exc, 300, whole=True)})") from None
     if own and (str(Path(path).resolve()), own) not in _NOTED_CODE:
         _NOTED_CODE.add((str(Path(path).resolve()), own))
@@ -501,6 +504,23 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False, how_to_allow: st
               f"tokenizes instead and may split text otherwise than the model's own would (to run it: {how_to_allow})",
               file=sys.stderr)
     return tokenizer
+
+
+def _own_config_failed(path: Path, exc: BaseException) -> str | None:
+    """The folder's own config class (auto_map AutoConfig, 'module.Class') when ``exc`` names its module or class: a
+    missing class was said as "no usable tokenizer"."""
+    from midus_surgery.io.json_text import loads_as_transformers
+
+    try:
+        auto_map = loads_as_transformers((Path(path) / "config.json").read_text()).get("auto_map") or {}
+        ref = auto_map.get("AutoConfig") if isinstance(auto_map, dict) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(ref, str) or "." not in ref:
+        return None
+    module, _, name = ref.split("--")[-1].rpartition(".")
+    said = str(exc)
+    return ref if isinstance(exc, (AttributeError, ImportError)) and (name in said or module in said) else None
 
 
 def _own_tokenizer_code(path: Path) -> str | None:
