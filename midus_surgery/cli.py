@@ -319,7 +319,7 @@ def _base_code(ref, plan, trusted: bool) -> str | None:
     # every name escaped, as it is the file's text (a newline or ESC[8m in one forged the note's lines and hid the rest of
     # it: trial104), and one that is no module name said so
     names = [printable(name)[:80] + ("" if is_module_file_name(name) else " (not a Python module name: suspicious)") for name in files]
-    places = [reference_place(repo).format(printable(repo)[:80]) for repo in repos]  # a Hub repository, or a local folder
+    places = [reference_place(repo).format(printable(repo)[:300]) for repo in repos]  # a Hub repository, or a local folder (a path: longer)
     if not names and not places:
         return None
     what = ", ".join([*names, *places])

@@ -645,7 +645,7 @@ def test_every2_recipes_are_the_bundled_set_at_the_papers_proportion():
     assert {p.name for p in every2} == {f"smollm2-135m-{k}-every2.yaml" for k in ("dus", "llama-pro", "midus", "midus-qs-hidden")}
     result = run("validate", *map(str, every2))
     assert result.returncode == 0, result.stderr
-    for kind in ("copy", "identity"):
+    for kind in ("transformer", "identity"):  # the DUS recipe's own word for its copies
         assert result.stdout.count(f"30 -> 45 layers (15 {kind})") == 1
     assert result.stdout.count("30 -> 45 layers (15 memory)") == 2
     for path in every2:
@@ -695,7 +695,7 @@ def test_llama1b_width_recipes_are_the_three_methods_at_the_papers_block_size_an
     assert {p.name for p in paths} == {f"llama-1b-8l-{k}-every2.yaml" for k in ("dus", "llama-pro", "midus")}
     result = run("validate", *map(str, paths))
     assert result.returncode == 0, result.stderr
-    for kind in ("copy", "identity", "memory"):
+    for kind in ("transformer", "identity", "memory"):  # the DUS recipe's own word for its copies
         assert result.stdout.count(f"8 -> 12 layers (4 {kind})") == 1
     paper = yaml.safe_load((ROOT / "recipes" / "llama-3.2-1b-midus.yaml").read_text())
     midus = yaml.safe_load((folder / "llama-1b-8l-midus-every2.yaml").read_text())

@@ -123,7 +123,7 @@ def model_card(planned: PlannedRecipe, recipe_text: str, ref: BaseRef) -> str:
     files, repos = base_code_in_output(ref, plan, planned.loaded.recipe.base.trust_remote_code)
     # escaped: a name is the base's text, and `cat README.md` showed a raw ESC[8m in it (trial104)
     code = [f"`{printable(name)[:80]}`" for name in files] + [
-        reference_place(repo).format(f"`{printable(repo)[:80]}`") for repo in repos]  # a Hub repository, or a local folder
+        reference_place(repo).format(f"`{printable(repo)[:300]}`") for repo in repos]  # a Hub repository, or a local folder
     if code:  # the load lines above pass trust_remote_code=True, which runs it too (trial99 S1, trial102 R08, trial111)
         loading += (f"\n\nThis model carries code of its own, from the base ({', '.join(code)}, named by the `auto_map` of its "
                     "`config.json` or `tokenizer_config.json`): `trust_remote_code=True` runs it. Read it first.")
