@@ -1170,3 +1170,31 @@ def test_a_checkpoint_is_read_whatever_wraps_the_model_that_reads_it(frozen):
     for wrapped in (model, Wrapper(model), torch.compile(model), Wrapper(torch.compile(model))):
         assert model_file_problem(ckpt(frozen["run"], 4), wrapped, state) is None
         assert frozen_digest(wrapped) == frozen_digest(model)
+
+
+def test_an_export_records_the_weights_its_run_started_from_even_after_init_from_was_rewritten(done, tmp_path):
+    """midus_train.json's init_weights_sha256 (what analyze --fixed-retrieval compares) was taken at export: a run whose
+    init_from was rewritten meanwhile (apply --overwrite at another seed, the same files' names, sizes and headers) and
+    then resumed recorded the new weights as its start. The digest is taken as the run starts, carried in every
+    checkpoint, and written from there."""
+    from safetensors.torch import load_file, save_file
+
+    from midus_surgery.train.checkpoint import START_KEY, weights_sha256
+
+    run, _ = copy_run(done, tmp_path)
+    shutil.rmtree(ckpt(run, 4))  # resume from step 2
+    start = weights_sha256(done["model"])
+    assert json.loads((ckpt(run, 2) / "trainer_state.json").read_text())["init_from"][START_KEY] == start
+    rewritten = tmp_path / "model"  # the same model rewritten with other values: its identity (names, sizes, headers) holds
+    shutil.copytree(done["model"], rewritten)
+    tensors = load_file(rewritten / "model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, rewritten / "model.safetensors", metadata={"format": "pt"})
+    assert weights_sha256(rewritten) != start
+    root = done["root"]
+    said = []
+    train(load_train_config(write_config(tmp_path / "resume.yaml", rewritten, run, root / "corpus", root / "cache", **EXTRA)),
+          echo=said.append)
+    assert any(f"resuming from {ckpt(run, 2)}" in line for line in said), said
+    assert json.loads((run / "final" / "midus_train.json").read_text())["init_weights_sha256"] == start

@@ -705,6 +705,7 @@ HEADER_MAX = 100 * 2**20  # a safetensors header is JSON of names, dtypes and sh
 
 
 FROZEN_KEY = "frozen_sha256"  # in a checkpoint's init_from identity: frozen_digest of the model its run trained
+START_KEY = "weights_sha256"  # in a checkpoint's init_from identity: weights_sha256 of init_from as the run started
 
 
 def model_identity(model_dir: Path) -> dict:

@@ -65,6 +65,7 @@ from midus_surgery.train import sharding
 from midus_surgery.train.checkpoint import (
     DATA_KEYS,
     FROZEN_KEY,
+    START_KEY,
     STATE_FILE,
     NewerCheckpoint,
     NoWholeCheckpoint,
@@ -444,7 +445,11 @@ class Runner:
         the export copies init_from's files and takes its dtype and history, so another model would be exported as this
         run's. Refused before any work, as a regrouping is."""
         self.init_identity = model_identity(self.init_from)
-        refused, note = init_from_change((self.resume_state or {}).get("init_from"), self.init_identity)
+        saved = (self.resume_state or {}).get("init_from")
+        start = saved.get(START_KEY) if isinstance(saved, dict) else None
+        if isinstance(start, str):  # what the run started from, kept: init_from may have been rewritten since (apply --overwrite)
+            self.init_identity[START_KEY] = start
+        refused, note = init_from_change(saved, self.init_identity)
         if refused:
             raise TrainingError(f"cannot resume from {self.resume_from}: {refused}")
         if note:
@@ -781,6 +786,9 @@ class Runner:
         model = load_causal_lm(self.init_from, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, progress=self.bars,
                                how_to_allow=ALLOW_CODE, allow_pickle=cfg.allow_pickle, how_to_allow_pickle=ALLOW_PICKLE)
         if self.resume_from is None:  # a resume's weights are the checkpoint's, checked by its first step
+            # the start's weight files, digested as the run starts (just read: from the page cache) by every process alike,
+            # carried in every checkpoint and written at export for analyze --fixed-retrieval (two apply seeds share a plan)
+            self.init_identity[START_KEY] = weights_sha256(self.init_from)
             broken = non_finite_tensors(model)
             if broken:  # else the run stops at step 1 on a "non-finite loss" that hides the cause
                 raise RecipeError([loaded.problem(("init_from",), f"{self.init_from}'s weights hold non-finite values (NaN or inf) in "
@@ -1050,7 +1058,7 @@ class Runner:
         dtype_name = self.init_dtype if self.cfg.export.dtype == "auto" else self.cfg.export.dtype
         summary = {"init_from": self.cfg.init_from,
                    # the starting weights' digest: analyze --fixed-retrieval compares it (two apply seeds share a plan)
-                   "init_weights_sha256": weights_sha256(self.init_from) if self.acc.is_main_process else None,
+                   "init_weights_sha256": self.init_identity.get(START_KEY),  # None: resumed from a checkpoint that had none
                    "steps": self.step, "tokens": self.samples_seen * self.cfg.data.block_size,
                    "held_out": final_eval, "precision": self.precision, "processes": self.world,
                    "memory_trained": bool(self.groups.memory),  # the card names a memory lr only then (trial55: a LLaMA-Pro run's did)
