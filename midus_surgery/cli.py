@@ -710,7 +710,7 @@ def cmd_eval(args) -> int:
     # every model checked as far as it goes without reading its weights, before the first evaluation; its tokenizer kept
     tokenizers = [check_model_loads(model, trust_remote_code=args.trust_remote_code, block_size=args.block_size, allow_pickle=args.allow_pickle)
                   for model in args.model]
-    block_size = args.block_size if args.block_size is not None else _shared_eval_block(args.model)
+    block_size = args.block_size if args.block_size is not None else _shared_eval_block(args.model, args)
     results = []
     for model, tokenizer in zip(args.model, tokenizers):  # each model's weights read once, to be evaluated
         try:
@@ -744,20 +744,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _shared_eval_block(models: list[str]) -> int | None:
+def _shared_eval_block(models: list[str], args) -> int | None:
     """eval --data of several models without --block-size: one block size for all, the smallest of their defaults (512,
     or a model's positions when fewer), said in a note when they differ. Each at its own had scored one model over 128-token
-    blocks and another over 64 on other tokens, side by side without a word; None leaves each model its default."""
-    from midus_surgery.io.json_text import loads_as_transformers
-    from midus_surgery.train.evaluate import DEFAULT_EVAL_BLOCK, stated_positions
+    blocks and another over 64 on other tokens, side by side without a word; None leaves each model its default. The
+    positions are read as run_eval reads them, from the model's config class (an alias such as RWKV's context_length
+    counts: config.json's keys as written missed it, and a model was then asked for more blocks than it has positions)."""
+    from midus_surgery.errors import MidusError
+    from midus_surgery.train.evaluate import DEFAULT_EVAL_BLOCK, model_positions
 
     if len(models) < 2:
         return None
     defaults = {}
     for model in models:
         try:
-            stated = stated_positions(loads_as_transformers((Path(model) / "config.json").read_text()))
-        except (OSError, ValueError, AttributeError):  # check_model_loads read it already; as a guard only
+            stated = model_positions(Path(model), trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+        except (MidusError, OSError, ValueError):  # check_model_loads read it already; as a guard only
             stated = None
         defaults[model] = min(DEFAULT_EVAL_BLOCK, stated[0] if stated else DEFAULT_EVAL_BLOCK)
     if len(set(defaults.values())) == 1:

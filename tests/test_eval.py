@@ -780,3 +780,26 @@ def test_an_own_config_class_that_does_not_load_is_not_blamed_on_the_tokenizer(s
     said = str(err.value)
     assert said.startswith(f"{model}: its own config class configuration_own.OwnConfig (config.json auto_map AutoConfig) could not be "
                            "loaded (AttributeError: ") and "tokenizer" not in said, said
+
+
+def test_several_models_share_a_block_size_read_from_each_config_class(setup, capsys, tmp_path):
+    """The shared block size read config.json's keys as written: RWKV states its positions as context_length, an alias
+    only its config class knows, so it was taken for 512 and the run failed on "--block-size: ... exceed 64
+    positions" that the user never gave. Read as run_eval reads them: both models scored in blocks of 64."""
+    import shutil
+
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    vocab = json.loads((setup["model"] / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    rwkv = tmp_path / "rwkv"
+    RwkvForCausalLM(RwkvConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                               intermediate_size=64, context_length=64)).save_pretrained(rwkv)
+    assert "max_position_embeddings" not in json.loads((rwkv / "config.json").read_text())
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(setup["model"] / name, rwkv / name)
+    common = ["--data", str(setup["root"] / "corpus"), "--cache-dir", str(setup["cache"]), "--quiet", "--json", "--max-blocks", "2"]
+    assert main(["eval", str(setup["model"]), str(rwkv), *common]) == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert [r["block_size"] for r in json.loads(captured.out)] == [64, 64]
+    assert f"{rwkv}: 64), so that their perplexities cover the same windows" in captured.err, captured.err

@@ -118,7 +118,12 @@ POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
 
 def position_limit(model) -> tuple[int, str] | None:
     """How many positions the model's config states, and under which key; None when it states none."""
-    config = model.config.get_text_config()
+    return config_position_limit(model.config)
+
+
+def config_position_limit(config) -> tuple[int, str] | None:
+    """``position_limit`` of a built config object (its class's aliases count, as for a model)."""
+    config = config.get_text_config()
     for key in POSITION_KEYS:  # getattr, not the config's dict: a config class's attribute_map aliases count
         limit = getattr(config, key, None)
         if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
@@ -131,6 +136,14 @@ def context_problem(model, block_size: int) -> str | None:
     position tables fail past their end (an index error deep in the forward); rotary models run
     but past the context they were trained on."""
     return positions_problem(position_limit(model), block_size)
+
+
+def model_positions(path: Path, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> tuple[int, str] | None:
+    """``position_limit`` of the model at ``path`` from its config class, no weights read (the config ``load_causal_lm``
+    builds it with: an alias such as RWKV's context_length counts, which config.json's keys as written miss)."""
+    _, config, _, _ = _causal_lm_loader(Path(path), trust_remote_code=trust_remote_code, how_to_allow=ALLOW_CODE,
+                                        allow_pickle=allow_pickle)
+    return config_position_limit(config)
 
 
 def stated_positions(config_json: dict) -> tuple[int, str] | None:
