@@ -701,7 +701,6 @@ def cmd_eval(args) -> int:
     if args.tasks is not None:
         return _eval_tasks(args)
     _check_data_links(args.data)
-    _json_read_as_text(args.data)
     import torch
 
     from midus_surgery.train.evaluate import ModelFailed, check_model_loads, eval_device, out_of_memory, run_eval, unforeseen, unforeseen_failure
@@ -737,6 +736,7 @@ def cmd_eval(args) -> int:
         if result["loss"] != result["loss"]:  # NaN: not a score, a broken model or a dtype that overflows (--json too: trial50)
             print(f"note: {printable(result['model'])}: the loss is not a number: its weights hold NaN or inf, or its activations overflow "
                   f"in {result['dtype']}", file=sys.stderr)
+    _json_read_as_text(args.data)  # once scored: a refusal of the data or the cache stays the one line it is
     _eval_report(results, args)
     not_scored = [printable(r["model"]) for r in results if r["loss"] != r["loss"]]
     if not_scored:  # after every model's result: a script that checks the exit status took NaN for a score (exit 0)
@@ -862,7 +862,6 @@ def cmd_analyze(args) -> int:
     if args.model is None:
         raise UsageError("analyze: no MODEL_DIR given (analyze MODEL_DIR --data ...)")
     _check_data_links(args.data)
-    _json_read_as_text(args.data)
 
     result = run_analysis(args.model, args.data, Path(args.out), block_size=args.block_size, max_blocks=args.max_blocks,
                           max_memory_blocks=args.max_memory_blocks, batch_size=args.batch_size, device=args.device,
@@ -870,6 +869,7 @@ def cmd_analyze(args) -> int:
                           fixed_retrieval=Path(args.fixed_retrieval) if args.fixed_retrieval else None,
                           importance=not args.slots_only, text_field=args.text_field, cache_dir=args.cache_dir, allow_pickle=args.allow_pickle,
                           overwrite=args.overwrite)
+    _json_read_as_text(args.data)  # once analysed: a refusal stays the one line it is
     rows, usages = result["head_importance"], result["slot_usage"]
     print(f"{printable(result['model'])}: held-out loss {result['held_out']['loss']:.4f} over {result['held_out']['blocks']} blocks of "
           f"{result['held_out']['block_size']} tokens; {result['what']}" + (", loss increase when zeroed (max, mean per layer):" if rows else ":"))
