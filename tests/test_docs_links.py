@@ -48,3 +48,16 @@ def test_the_docs_top_level_holds_pages_and_the_schema_only():
     top = {p.name for p in (ROOT / "docs").iterdir() if p.is_file()}
     assert {p for p in top if not p.endswith(".md")} == {"recipe.schema.json"}
 
+
+
+def test_the_readme_demo_perplexities_are_the_kept_demo_output():
+    """The README's demo numbers (held-out perplexity, base -> trained, on two corpora) are those of the demo's step 8/8
+    output kept in docs/results/demo_step8.txt, rounded as the README writes them."""
+    kept = (ROOT / "docs" / "results" / "demo_step8.txt").read_text()
+    ppl = {(model.split("/")[1], corpus): float(value)
+           for model, corpus, value in re.findall(r"^(work/\S+)\s+(\S+)\s+ppl ([0-9.]+)", kept, flags=re.M)}
+    assert len(ppl) == 4, kept
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    for corpus in ("python3.11-doc", "git-doc"):
+        base, trained = ppl[("smollm2-135m", corpus)], ppl[("runs", corpus)]
+        assert f"from {base:.2f} to {trained:.2f}" in readme or f"drops from {base:.2f} to {trained:.2f}" in readme, (corpus, base, trained)
