@@ -571,9 +571,9 @@ def test_the_fixed_retrieval_pair_must_start_from_the_same_weights_and_model_dir
     shutil.copytree(frozen, other_frozen)
     (other_frozen / "midus_train.json").write_text(json.dumps({**summary, "init_from": str(other_start),
                                                                "init_weights_sha256": weights_sha256(other_start)}))
-    cases = ((world["memory-trained"], other_frozen, "whose weights differ from those"),
-             (world["memory"], other_frozen, "whose weights differ from those"),
-             (other_start, frozen, "whose weights differ from those"),
+    cases = ((world["memory-trained"], other_frozen, "whose weight files differ from those"),
+             (world["memory"], other_frozen, "whose weight files differ from those"),
+             (other_start, frozen, "whose weight files differ from those"),
              (frozen, world["frozen-base-trained"], "was trained with memory.retrieval: frozen: it is not the learned retrieval"),
              (world["memory-trained"], world["memory-trained"], "the model analysed itself"),
              (frozen, frozen, "the model analysed itself"))
@@ -584,6 +584,14 @@ def test_the_fixed_retrieval_pair_must_start_from_the_same_weights_and_model_dir
         err = capsys.readouterr().err
         assert said in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (i, err)
         assert not out.exists()
+    # a MODEL_DIR whose midus_train.json does not read was taken for untrained (and its trained weights hashed): said
+    unread = tmp_path / "unread-learned"
+    shutil.copytree(world["memory-trained"], unread)
+    (unread / "midus_train.json").write_text("{not json")
+    assert main(["analyze", str(unread), "--data", str(world["root"] / "corpus"), "--out", str(tmp_path / "an-unread"),
+                 "--block-size", "16", "--max-blocks", "2", "--quiet", "--fixed-retrieval", str(frozen)]) == 2
+    err = capsys.readouterr().err
+    assert "unreadable midus_train.json" in err and "cannot tell what it was trained from" in err and len(err.strip().splitlines()) == 1, err
     # a run of an earlier midus-surgery records no digest: compared as before, with a note that it could not be checked
     old = tmp_path / "old-frozen"
     shutil.copytree(frozen, old)

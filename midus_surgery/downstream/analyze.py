@@ -220,8 +220,8 @@ def check_fixed_retrieval(model_dir: Path, twin: Path) -> list[str]:
         raise TaskError(f"--fixed-retrieval {twin}: {said}; it must be the export of a run with memory.retrieval: frozen")
     try:
         own = _train_summary(model_dir)
-    except ValueError:
-        own = None  # the model analysed is not the one in question here: its summary only feeds the note
+    except ValueError as exc:  # it says whether MODEL_DIR trained and from what: unread, it was taken for untrained
+        raise TaskError(f"{printable(str(model_dir))}: {exc}: --fixed-retrieval cannot tell what it was trained from") from None
     # the analysed model is the learned side: a frozen run there (the two arguments swapped) was reported as "learned"
     own_memory = own.get("config", {}).get("memory", {}) if own else {}
     if isinstance(own_memory, dict) and own_memory.get("retrieval") == "frozen":
@@ -235,9 +235,10 @@ def check_fixed_retrieval(model_dir: Path, twin: Path) -> list[str]:
     mine_start = own.get("init_weights_sha256") if own else weights_sha256(model_dir)
     if isinstance(theirs_start, str) and isinstance(mine_start, str) and theirs_start != mine_start:
         mine_from = f"trained from {printable(str(own.get('init_from')))}" if own else "untrained"
-        raise TaskError(f"--fixed-retrieval {printable(str(twin))}: trained from {printable(str(summary.get('init_from')))}, whose weights "
-                        f"differ from those {printable(str(model_dir))} ({mine_from}) started from: not the same model; pass an "
-                        "export of a run trained from the same apply output")
+        raise TaskError(f"--fixed-retrieval {printable(str(twin))}: trained from {printable(str(summary.get('init_from')))}, whose weight "
+                        f"files differ from those {printable(str(model_dir))} ({mine_from}) started from (the digest is over the files: "
+                        "the same tensors re-sharded or re-saved differ too): not the same start; pass an export of a run trained from "
+                        "the same apply output")
     notes = []
     if not (isinstance(theirs_start, str) and isinstance(mine_start, str)):
         notes.append(f"note: --fixed-retrieval {printable(str(twin))} and {printable(str(model_dir))}: a midus_train.json records no digest "
