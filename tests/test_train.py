@@ -1336,6 +1336,20 @@ def test_the_exported_and_done_lines_show_the_model_folder_escaped(world, tmp_pa
     assert (tmp_path / "run\u2028x" / "final" / "config.json").is_file()
 
 
+def _on_two_ranks(tmp_path, script: str, qs, port: int, timeout: int) -> list[dict]:
+    """``script`` run by two gloo processes (torch.distributed.run) on the micro-batches ``qs``; what each rank saved."""
+    torch.save(qs, tmp_path / "qs.pt")
+    (tmp_path / "track.py").write_text(script)
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p))
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                           str(tmp_path / "track.py"), str(tmp_path / "qs.pt"), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=timeout)  # a hang is a failure, not a wait
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+
+
 _TRACK_ON_EACH_RANK = """
 import sys, torch, torch.distributed as dist
 from midus_surgery.model.hml import _HeadNorm
@@ -1355,25 +1369,11 @@ def test_batch_query_norm_counts_every_processs_micro_batches_in_rank_order(tmp_
     """Under DDP each process tracked its own micro-batches and DDP's buffer broadcast kept rank 0's: the statistics
     saw 1/N of the tokens (trial122 F3). Now every process applies every process's (mean, var), in rank order: the
     buffers are the same on every rank and equal one process's that saw the micro-batches in that order."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from midus_surgery.model.hml import _HeadNorm
 
     g = torch.Generator().manual_seed(0)
     qs = torch.randn(3, 2, 11, 2, 8, generator=g) * torch.linspace(0.5, 3.0, 8) + torch.arange(3.0).reshape(3, 1, 1, 1, 1)
-    torch.save(qs, tmp_path / "qs.pt")
-    (tmp_path / "track.py").write_text(_TRACK_ON_EACH_RANK)
-    repo = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p))
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29591",
-                           str(tmp_path / "track.py"), str(tmp_path / "qs.pt"), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    ranks = _on_two_ranks(tmp_path, _TRACK_ON_EACH_RANK, qs, 29591, 240)
     one = _HeadNorm("batch", 2, 8, 1e-6)
     torch.nn.init.ones_(one.weight)
     for step in qs:
@@ -1406,24 +1406,11 @@ def test_a_one_token_micro_batch_on_one_process_joins_the_statistics_gather_and_
     """Whether a process gathered the statistics depended on its own micro-batch (more than one token): a process
     with one token skipped the collective its peers waited in, and the run hung. Every tracking forward joins it
     now; a batch of one token counts for nothing (it has no spread), on every process alike."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from midus_surgery.model.hml import _HeadNorm
 
     g = torch.Generator().manual_seed(2)
     qs = torch.randn(3, 2, 5, 2, 8, generator=g) * 2 + 1
-    torch.save(qs, tmp_path / "qs.pt")
-    (tmp_path / "track.py").write_text(_ONE_TOKEN_ON_RANK_1)
-    repo = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p))
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29593",
-                           str(tmp_path / "track.py"), str(tmp_path / "qs.pt"), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=120)  # a hang is a failure, not a wait
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = _on_two_ranks(tmp_path, _ONE_TOKEN_ON_RANK_1, qs, 29593, 120)
     one = _HeadNorm("batch", 2, 8, 1e-6)
     torch.nn.init.ones_(one.weight)
     for step, q in enumerate(qs):
@@ -1432,8 +1419,7 @@ def test_a_one_token_micro_batch_on_one_process_joins_the_statistics_gather_and_
             one(q[1])  # rank 1's one-token batch is left out
     expected = one.state_dict()
     assert float(expected["updates"]) == 5
-    for r in (0, 1):
-        got = torch.load(tmp_path / f"rank{r}.pt")
+    for r, got in enumerate(ranks):
         for k in expected:
             torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0, msg=f"rank {r}: {k}")
 
@@ -1466,24 +1452,10 @@ def test_a_compiled_batch_query_norm_trains_under_several_processes_with_the_eag
     operation"): the statistics' gather runs eagerly, a graph break inside the norm, and the in-place update after
     it changed buffers the compiled backward had saved. Two processes, each compiled (aot_eager: the part of
     torch.compile that saves for the backward): the same gradients and statistics as eager."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     g = torch.Generator().manual_seed(1)
     qs = torch.randn(3, 2, 9, 2, 8, generator=g) * torch.linspace(0.5, 3.0, 8) + torch.arange(3.0).reshape(3, 1, 1, 1, 1)
-    torch.save(qs, tmp_path / "qs.pt")
-    (tmp_path / "track.py").write_text(_COMPILED_TRACK_ON_EACH_RANK)
-    repo = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p))
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29592",
-                           str(tmp_path / "track.py"), str(tmp_path / "qs.pt"), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for r in (0, 1):
-        got = torch.load(tmp_path / f"rank{r}.pt")
+    ranks = _on_two_ranks(tmp_path, _COMPILED_TRACK_ON_EACH_RANK, qs, 29592, 300)
+    for r, got in enumerate(ranks):
         assert float(got["eager"]["updates"]) == 6  # both processes' micro-batches, three steps
         assert got["eager"]["weight_grad"].abs().max() > 0
         for key, expected in got["eager"].items():
