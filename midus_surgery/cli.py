@@ -835,10 +835,16 @@ def _json_read_as_text(data) -> None:
     """A note for each --data file named *.json: it is read as plain text, its braces and keys scored with the text (JSON
     records, one a line, are read as JSONL only from .jsonl and .ndjson files); a perplexity of 52.9 against the
     records' 66.0 came without a word."""
-    for p in data if isinstance(data, (list, tuple)) else [data]:
-        if p is not None and str(p).lower().endswith(".json") and Path(p).is_file():
-            print(f"note: {printable(str(p))} is read as plain text, braces and keys included (JSON records, one a line, are read "
-                  "as records from a .jsonl or .ndjson file)", file=sys.stderr)
+    import glob
+
+    for given in data if isinstance(data, (list, tuple)) else [data]:
+        if given is None:
+            continue
+        # a quoted glob ('recs/*.json', 'recs/*') reaches the tool unexpanded: the files it reads are its matches
+        for p in sorted(glob.glob(str(given))) if glob.has_magic(str(given)) else [str(given)]:
+            if p.lower().endswith(".json") and Path(p).is_file():
+                print(f"note: {printable(p)} is read as plain text, braces and keys included (JSON records, one a line, are read "
+                      "as records from a .jsonl or .ndjson file)", file=sys.stderr)
 
 
 def _check_data_links(data) -> None:

@@ -758,6 +758,10 @@ def test_a_json_file_as_data_is_noted_as_read_as_text(setup, capsys, tmp_path):
     assert f"note: {as_json} {said}" in capsys.readouterr().err
     assert main(["eval", str(setup["model"]), "--data", str(as_jsonl), *common]) == 0
     assert "read as plain text" not in capsys.readouterr().err
+    # a quoted glob reaches the tool unexpanded: its .json matches get the note too (and the .jsonl none)
+    assert main(["eval", str(setup["model"]), "--data", str(tmp_path / "held.*"), *common]) == 0
+    err = capsys.readouterr().err
+    assert err.count("read as plain text") == 1 and f"note: {as_json} {said}" in err, err
     # said once the data were read: a refusal (analyze of a model with no Memory or inserted block) stays one line
     assert main(["analyze", str(setup["model"]), "--data", str(as_json), "--out", str(tmp_path / "an"), *common]) != 0
     err = capsys.readouterr().err
