@@ -195,7 +195,7 @@ class MemorySettings(Strict):
         "a trainer with a padding collator counts its pads. Under several processes (DDP, FSDP) they count every "
         "process's micro-batches: each training forward gathers every process's statistics and applies them in rank order, "
         "so they are the same on every process; every process must then run each training forward together, as "
-        "`midus-surgery train` does (a training forward run by one process alone waits for the others). Its "
+        "`midus-surgery train` does (the gather is a collective that every process enters). Its "
         "statistics (2 x heads x head_dim + 1 values a memory block) are written with the weights but are no parameters, so "
         "plan's parameter counts leave them out.")
     gate: StrictBool = Field(False, description="Memory+-style SiLU gate on the memory output.")
