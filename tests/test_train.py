@@ -284,11 +284,20 @@ def test_an_override_yaml_misreads_says_how_to_write_it(tmp_path):
     path = tmp_path / "ok.yaml"
     path.write_text("init_from: m\nrun_dir: r\ntokens: 2M\ndata:\n  train: x.txt\n")
     for override, quoted in (("data.dir_glob=*.md", "data.dir_glob='*.md'"), ("data.dir_glob=[*.txt]", "data.dir_glob=['*.txt']"),
-                             ("data.dir_glob=[a.md, *.txt]", "data.dir_glob=[a.md, '*.txt']")):
+                             ("data.dir_glob=[a.md, *.txt]", "data.dir_glob=[a.md, '*.txt']"),
+                             # a bare comma list is a list in brackets; quoted item by item it was a YAML error (trial136 F9)
+                             ("data.dir_glob=*.md, *.txt", "data.dir_glob=['*.md', '*.txt']"),
+                             ("data.text_field=*a, b", "data.text_field='*a, b'")):
         with pytest.raises(RecipeError) as err:
             load_train_config(path, [override])
         assert str(err.value).endswith(f"(YAML reads a leading * as an alias: quote the value inside the shell's quotes, \"{quoted}\")"), err.value
-        assert load_train_config(path, [quoted]).config.data.dir_glob[-1] == "*.txt" if "txt" in quoted else True
+        key, _, value = override.partition("=")  # the suggestion reads as the value meant
+        data = load_train_config(path, [quoted]).config.data
+        meant = [v.strip() for v in value.strip("[]").split(",")] if key == "data.dir_glob" else value
+        assert getattr(data, key.split(".")[1]) == meant, quoted
+    with pytest.raises(RecipeError) as err:  # no quoting of its items makes [*a]b YAML: no suggestion that is not
+        load_train_config(path, ["data.dir_glob=[*a]b"])
+    assert str(err.value).endswith("(YAML reads a leading * as an alias: put the value in YAML's single quotes, inside the shell's quotes)")
     for override, got in (("freeze=no", "false"), ("freeze=on", "true"), ("init_from=off", "false")):
         with pytest.raises(RecipeError) as err:
             load_train_config(path, [override])

@@ -314,6 +314,33 @@ def _on_command_line(text: str, limit: int = 80) -> str:
     return f"command line ({text if len(text) <= limit else text[:limit] + '...'})"
 
 
+def _leading_star_hint(key: str, parts: list[str], raw: str) -> str:
+    """How to write an override whose value YAML read as an alias (a leading *): each starred item in YAML's single
+    quotes (an inner ' doubled: '*it''s'), the whole quoted for the shell, in double quotes unless it holds what the
+    shell reads inside them. A bare comma list (*.md, *.txt) is a list only in brackets: quoted item by item without
+    them, the suggestion was itself a YAML error (trial136 F9). A suggestion that still would not read is not given."""
+    quoted = re.sub(r"(^|[\[{,]\s*|:\s+)(\*[^,\]}]*)", lambda m: m[1] + "'" + m[2].replace("'", "''") + "'", raw.strip())
+    if not quoted.startswith(("[", "{")) and "," in quoted:
+        quoted = f"[{quoted}]" if _holds_a_list(parts) else "'" + raw.strip().replace("'", "''") + "'"
+    try:
+        load_yaml("command line", text=quoted)
+    except RecipeError:  # e.g. [*a]b: no quoting of its items makes it YAML
+        return " (YAML reads a leading * as an alias: put the value in YAML's single quotes, inside the shell's quotes)"
+    suggestion = f"{key}={quoted}"
+    shell = f'"{suggestion}"' if not re.search(r'["$`\\!]', suggestion) else shlex.quote(suggestion)
+    return f" (YAML reads a leading * as an alias: quote the value inside the shell's quotes, {shell})"
+
+
+def _holds_a_list(parts: list[str]) -> bool:
+    """Whether the config key at ``parts`` (checked by _check_key) takes a list (also through ``X | None``)."""
+    model: type[BaseModel] = TrainConfig
+    for part in parts[:-1]:
+        model = _submodel(model.model_fields[part].annotation)
+    annotation = model.model_fields[parts[-1]].annotation
+    kinds = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    return any(typing.get_origin(kind) is list for kind in kinds)
+
+
 def apply_overrides(source: YamlSource, overrides: list[str]) -> tuple[_OverriddenSource, list[Problem]]:
     """Apply ``dotted.key=value`` overrides (values read as YAML) to ``source.data`` in place; the
     problems of those that cannot be applied (an unknown key, a value that is not YAML) are returned,
@@ -336,12 +363,7 @@ def apply_overrides(source: YamlSource, overrides: list[str]) -> tuple[_Overridd
         except RecipeError as exc:
             said = "; ".join(p.message for p in exc.problems)
             if re.search(r"(^|[\[{,]|:\s)\s*\*", raw.strip()):  # data.dir_glob=*.md: a leading * is a YAML alias (trial122 F5)
-                # in YAML's single quotes an inner ' is doubled ('*it''s'); the shell text is then quoted as a whole, in
-                # double quotes unless it holds what the shell reads inside them
-                quoted = re.sub(r"(^|[\[{,]\s*|:\s+)(\*[^,\]}]*)", lambda m: m[1] + "'" + m[2].replace("'", "''") + "'", raw.strip())
-                suggestion = f"{key}={quoted}"
-                shell = f'"{suggestion}"' if not re.search(r'["$`\\!]', suggestion) else shlex.quote(suggestion)
-                said += f" (YAML reads a leading * as an alias: quote the value inside the shell's quotes, {shell})"
+                said += _leading_star_hint(key, parts, raw)
             problems.append(Problem(_on_command_line(text), key, f"cannot read the value as YAML: {said}"))
             continue
         node = source.data
