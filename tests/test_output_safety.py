@@ -684,6 +684,27 @@ def test_a_copied_run_directory_continues_and_exports_into_itself(train_project,
     assert (copied / "NOTES.md").read_text() == "mine"
 
 
+def test_a_run_in_a_hard_linked_copy_of_a_run_directory_leaves_the_original_as_it_was(train_project, capsys):
+    """cp -al runs/a runs/b (a branch of a run at no disk cost) shares every file's inode: a run resumed in b truncated
+    and appended to a's metrics.jsonl and data trace and drew over a's loss.png (trial139 F1). Each is now a new file
+    renamed into place; every file of run a keeps its bytes."""
+    extra = {"log.data_trace": True, "log.plot": True}
+    assert main(["train", str(train_config(train_project, **extra)), "--quiet"]) == 0
+    original = train_project / "runs" / "a"
+    branch = train_project / "runs" / "b"
+    shutil.copytree(original, branch, symlinks=True, copy_function=os.link)
+    assert os.stat(branch / "metrics.jsonl").st_nlink == 2 and os.stat(branch / "loss.png").st_nlink == 2
+    before = tree_digest(original)
+    capsys.readouterr()
+    more = train_config(train_project, "runs/b", **extra, tokens=1024, resume="auto")
+    assert main(["train", str(more), "--quiet"]) == 0, capsys.readouterr().err
+    assert tree_digest(original) == before
+    steps = [json.loads(line).get("step") for line in (branch / "metrics.jsonl").read_text().splitlines()]
+    assert max(s for s in steps if s is not None) > max(json.loads(line).get("step") or 0
+                                                         for line in (original / "metrics.jsonl").read_text().splitlines())
+    assert not list(branch.glob("*.tmp-*")) and not list((branch / "trace").glob("*.tmp-*"))
+
+
 def test_an_export_onto_the_run_directorys_own_marker_stops_before_any_step(train_project, capsys):
     """A new run's marker does not exist yet when the outputs are checked: export.dir there passed the check, the
     whole run trained, and the export failed at its end (trial63). Refused before any work, by the dry run too."""

@@ -58,7 +58,7 @@ from midus_surgery.io.output_dir import (
     rewrite_held_marker,
     write_marker,
 )
-from midus_surgery.io.small_files import read_small_text
+from midus_surgery.io.small_files import read_small_text, write_text_atomically
 from midus_surgery.recipe.schema import cwd_relative_hint, parse_size
 from midus_surgery.train import data as D
 from midus_surgery.train import sharding
@@ -1155,7 +1155,10 @@ class Runner:
         if not path.exists():
             return
         keep = [line for line, record in metric_lines(path) if (record["step"] <= self.step if "step" in record else stepless)]
-        path.write_text("".join(line + "\n" for line in keep) if self.resume_from is not None else "")
+        # a new file renamed over it, never truncated in place: a run directory copied with hard links (cp -al runs/a
+        # runs/b) shares its logs' inodes with the original, and a run in the copy rewrote and appended to run a's own
+        # log (trial139 F1); the appends that follow go to this run's file
+        write_text_atomically(path, "".join(line + "\n" for line in keep) if self.resume_from is not None else "")
 
     def close_logs(self) -> None:
         if self.bar is not None:
@@ -1334,8 +1337,16 @@ class Runner:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(self.run_dir / "loss.png")
-        plt.close(fig)
+        path = self.run_dir / "loss.png"
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        try:  # renamed over it: a hard-linked copy's loss.png is the original run's too (trial139 F1), and never half-drawn
+            fig.savefig(tmp, format="png")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            plt.close(fig)
 
     def _logged_eval_at(self, step: int) -> bool:
         path = self.run_dir / "metrics.jsonl"
