@@ -741,6 +741,11 @@ def cmd_eval(args) -> int:
     not_scored = [printable(r["model"]) for r in results if r["loss"] != r["loss"]]
     if not_scored:  # after every model's result: a script that checks the exit status took NaN for a score (exit 0)
         raise MidusError(f"eval: no perplexity for {', '.join(not_scored)}: the loss is not a number (the note above says why)")
+    overflowed = [r for r in results if r["perplexity"] == float("inf")]
+    if overflowed:  # a finite loss past ~709 nats: e^loss overflows, "perplexity": null in --json, and exit 0 read as a score
+        said = ", ".join(f"{printable(r['model'])} (loss {r['loss']:,.1f} nats/token)" for r in overflowed)
+        raise MidusError(f"eval: no perplexity for {said}: e^loss overflows past a loss of 709; a loss this far above the "
+                         "log of the vocabulary size is a broken model (weights or activations far out of range)")
     return 0
 
 
@@ -798,7 +803,7 @@ def _eval_tasks(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    tasks = [t for entry in args.tasks for t in entry.split(",") if t.strip()]
+    tasks = [t.strip() for entry in args.tasks for t in entry.split(",") if t.strip()]  # "a, b": ' b' reached lm-eval
     if not tasks or any(not entry.replace(",", "").strip() for entry in args.tasks):  # lm-eval said so after the first model loaded
         raise TaskError("--tasks: an empty task name (--tasks NAME..., space or comma separated)")
     try:
@@ -810,9 +815,24 @@ def _eval_tasks(args) -> int:
         partial = getattr(exc, "partial", None)  # (the same table or JSON), then its error, or "interrupted"
         if partial is not None:
             print(strict_json(partial, indent=2) if args.json else format_table(partial), flush=True)
+            _not_numbers_notes(partial["models"], args.dtype)
         raise
-    print(strict_json(result, indent=2) if args.json else format_table(result))
+    print(strict_json(result, indent=2) if args.json else format_table(result), flush=True)
+    broken = _not_numbers_notes(result["models"], args.dtype)
+    if broken:  # after the table, as eval --data says a NaN loss: the exit status must not take it for a score
+        raise MidusError(f"eval: no scores for {', '.join(printable(r['model']) for r in broken)}: log-likelihoods that are not "
+                         "numbers (the note above says why)")
     return 0
+
+
+def _not_numbers_notes(rows: list[dict], dtype: str) -> list[dict]:
+    """A note for each scored model some of whose log-likelihoods are NaN or inf; those models."""
+    broken = [r for r in rows if r["loglikelihoods_not_numbers"]]
+    for r in broken:
+        print(f"note: {printable(r['model'])}: {r['loglikelihoods_not_numbers']:,} of the {r['loglikelihoods']:,} log-likelihoods "
+              f"its scores stand on are not numbers: its weights hold NaN or inf, or its activations overflow in {dtype}",
+              file=sys.stderr)
+    return broken
 
 
 def _model_dir_after(values: list[str], flag: str, synopsis: str) -> str | None:

@@ -740,3 +740,30 @@ def test_bad_task_flags_are_named_not_blamed_on_the_model(world, capsys, monkeyp
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --num-fewshot 100000: more few-shot examples than a task of midus_cloze has") and "\n" not in err, err
     assert "with the model" not in err
+
+
+def test_a_model_whose_log_likelihoods_are_not_numbers_gets_no_score_and_exit_1(world, capsys, tmp_path):
+    """A model whose activations overflow scored acc 1.0000 ± 0.0000 and perplexity nan, exit 0: lm-eval's argmax over
+    NaN choices picks the first (trial136 F2). The table (or JSON) is still printed, every model's, then a note naming
+    the broken one and an error line, exit 1, as eval --data does for a NaN loss. Task names are stripped ("a, b")."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan-base"
+    shutil.copytree(world["base"], broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.norm.weight"][0] = float("nan")  # every logit NaN, as an fp16 overflow makes them
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    common = ["--tasks", "midus_cloze, midus_next_sentence", "--include-path", str(world["tasks"]), "--limit", "3", "--quiet"]
+    assert main(["eval", str(world["base"]), str(broken), *common, "--json"]) == 1
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["tasks"] == ["midus_cloze", "midus_next_sentence"]
+    good, bad = result["models"]
+    assert good["loglikelihoods"] == bad["loglikelihoods"] > 0 and good["loglikelihoods_not_numbers"] == 0
+    assert bad["loglikelihoods_not_numbers"] == bad["loglikelihoods"]
+    err = captured.err.strip().splitlines()
+    assert err[-2] == (f"note: {broken}: {bad['loglikelihoods']:,} of the {bad['loglikelihoods']:,} log-likelihoods its scores stand "
+                       "on are not numbers: its weights hold NaN or inf, or its activations overflow in float32")
+    assert err[-1] == f"error: eval: no scores for {broken}: log-likelihoods that are not numbers (the note above says why)"
+    assert main(["eval", str(world["base"]), *common]) == 0  # a sound model: exit 0, no note
+    assert "note:" not in capsys.readouterr().err

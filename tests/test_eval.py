@@ -100,6 +100,29 @@ def test_eval_json_writes_a_non_finite_perplexity_as_null(setup, capsys, tmp_pat
     assert captured.err.strip().splitlines()[-1].startswith(f"error: eval: no perplexity for {model}:")
 
 
+def test_a_loss_whose_perplexity_overflows_is_no_score_either(setup, capsys, tmp_path):
+    """A finite loss past ~709 nats makes e^loss inf: --json wrote "perplexity": null and eval exited 0, the pair a NaN
+    loss no longer gets (trial136 F5). The result is printed, then an error line naming the loss, exit 1."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "huge-logits"
+    shutil.copytree(setup["model"], model)
+    weights = load_file(model / "model.safetensors")
+    weights["model.norm.weight"] *= 1e5  # (the head is tied) finite logits far apart: a loss of thousands of nats per token
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    args = ["eval", str(model), "--data", str(setup["files"][0]), "--block-size", "16", "--cache-dir", str(setup["cache"]), "--quiet"]
+    assert main(args + ["--json"]) == 1
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["loss"] > 709 and result["perplexity"] is None
+    assert captured.err.strip().splitlines()[-1] == (
+        f"error: eval: no perplexity for {model} (loss {result['loss']:,.1f} nats/token): e^loss overflows past a loss of 709; a loss "
+        "this far above the log of the vocabulary size is a broken model (weights or activations far out of range)")
+    assert main(["eval", str(setup["model"]), *args[2:]]) == 0  # the sound model it came from: a score, exit 0
+
+
 def test_several_models_get_a_line_each_and_a_json_list_in_their_order(setup, capsys, tmp_path):
     """training.md: one line per model; --json one object for one model, a list for several (trial42: untested)."""
     other = make_model_dir(tmp_path / "other", with_plan=False, seed=4)

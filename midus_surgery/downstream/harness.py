@@ -15,6 +15,7 @@ import contextlib
 import difflib
 import hashlib
 import logging
+import math
 import os
 import sys
 import time
@@ -49,7 +50,26 @@ def _lm_eval():
             raise TaskError(f"lm-evaluation-harness is installed but does not import ({one_line(exc, 300)}): a version that does not "
                             "fit this transformers or its own dependencies; pip install -U \"lm-eval>=0.4.12,<0.5\"") from None
         raise TaskError("eval --tasks needs lm-evaluation-harness, an extra: pip install -e \".[eval]\" (or pip install lm-eval)") from None
-    return simple_evaluate, HFLM, TaskManager
+    return simple_evaluate, _counting(HFLM), TaskManager
+
+
+def _counting(HFLM):
+    """lm-eval's HFLM, counting the log-likelihoods it computes and those that are not numbers. A model whose activations
+    overflow (fp16) gives NaN for every choice; lm-eval's argmax then picks the first, and a cloze task scored it acc
+    1.0000 ± 0.0000 beside perplexity nan, exit 0 (trial136 F2). Every loglikelihood task, rolling ones included, goes
+    through ``_loglikelihood_tokens``: its ``(logprob, is_greedy)`` pairs are counted there."""
+
+    class CountingHFLM(HFLM):
+        scored = 0
+        not_numbers = 0
+
+        def _loglikelihood_tokens(self, requests, *args, **kwargs):
+            out = super()._loglikelihood_tokens(requests, *args, **kwargs)
+            self.scored += len(out)
+            self.not_numbers += sum(not math.isfinite(logprob) for logprob, _ in out)
+            return out
+
+    return CountingHFLM
 
 
 def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] = (), allow_task_code: bool = False,
@@ -166,6 +186,8 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
                                 f"{one_line(exc, 800, whole=True)}{where}{why}") from None
             raise TaskError(f"lm-eval could not score {', '.join(tasks)} with the model {m}: {one_line(exc, 800, whole=True)}{where}{why}") from None
         return {"model": str(m), "results": {t: _metrics(out["results"].get(t, {})) for t in tasks},
+                # how many of the log-likelihoods its scores stand on are NaN or inf: any is a model that computed nothing
+                "loglikelihoods": lm.scored, "loglikelihoods_not_numbers": lm.not_numbers,
                 "seconds": round(time.perf_counter() - start, 1)}  # the model and its wrapper freed on return
 
     for m, tokenizer in zip(models, tokenizers):  # each model's weights read once, to be scored
