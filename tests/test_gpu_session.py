@@ -50,6 +50,20 @@ def test_the_carry_refuses_a_missing_model_and_a_folder_it_did_not_write(tmp_pat
     with pytest.raises(SystemExit, match="not written by"):
         gs.carry([a], foreign, root=tmp_path)
     assert (foreign / "notes.txt").read_text() == "mine"
+    # the marker alone is not enough: files the user put in a carry prepare wrote, or a file of it changed, are kept
+    # (the whole folder went with the next prepare: trial139 F2)
+    dest = tmp_path / "work" / "gpu-carry"
+    gs.carry([a], dest, root=tmp_path)
+    (dest / "timings.json").write_text("from the GPU")
+    (dest / "notes").mkdir()
+    with pytest.raises(SystemExit, match=r"also holds what `gpu_session.py prepare` did not write there \(notes/, timings.json\)"):
+        gs.carry([a], dest, root=tmp_path)
+    assert (dest / "timings.json").read_text() == "from the GPU" and (dest / "work/out/dus/config.json").is_file()
+    (dest / "timings.json").unlink()
+    (dest / "notes").rmdir()
+    (dest / "work/out/dus/config.json").write_text("edited by hand, longer than before")
+    with pytest.raises(SystemExit, match=r"\(work/out/dus/config.json\)"):
+        gs.carry([a], dest, root=tmp_path)
 
 
 def test_unpacking_on_the_gpu_machine_places_files_and_overwrites_nothing(tmp_path):

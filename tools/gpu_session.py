@@ -120,14 +120,47 @@ def carry(dirs: list[Path], dest: Path, root: Path = REPO) -> int:
     if dest.exists():
         if not (dest / MARKER).is_file():
             raise SystemExit(f"{dest} exists and was not written by `gpu_session.py prepare`; move it away first")
-        shutil.rmtree(dest)  # an earlier prepare's copy (it carries the marker)
+        foreign = not_written_by_prepare(dest)
+        if foreign:  # a marker alone let a user's notes or fetched timings in the carry go with it (trial139 F2)
+            raise SystemExit(f"{dest} also holds what `gpu_session.py prepare` did not write there ({', '.join(foreign[:5])}); "
+                             "move it away first")
+        shutil.rmtree(dest)  # an earlier prepare's copy, every file of it recorded in its marker
     dest.mkdir(parents=True)
-    (dest / MARKER).write_text("written by tools/gpu_session.py prepare; replaced by the next prepare\n")
     for f in files:
         target = dest / f.resolve().relative_to(root.resolve())
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, target)
+    record_carry(dest)
     return total
+
+
+def record_carry(dest: Path) -> None:
+    """The marker that makes ``dest`` this tool's to replace: every file in it, with its size (rewritten once the
+    packages are unpacked into it too)."""
+    written = {f.relative_to(dest).as_posix(): f.stat().st_size for f in sorted(dest.rglob("*")) if f.is_file() and f.name != MARKER}
+    (dest / MARKER).write_text(json.dumps({"written_by": "tools/gpu_session.py prepare; replaced by the next prepare",
+                                           "files": written}, indent=1) + "\n")
+
+
+def not_written_by_prepare(dest: Path) -> list[str]:
+    """What ``dest`` holds beyond its marker's record (relative paths): a file not listed, or of another size, a
+    folder or link where none was written. An unreadable marker records nothing."""
+    try:
+        recorded = json.loads((dest / MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = {}
+    folders = {parent.as_posix() for name in recorded for parent in Path(name).parents}
+    found = []
+    for entry in sorted(dest.rglob("*")):
+        name = entry.relative_to(dest).as_posix()
+        if entry.name == MARKER and entry.parent == dest:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            if name not in folders:  # a folder of the user's, empty or not
+                found.append(name + "/")
+        elif entry.is_symlink() or not entry.is_file() or recorded.get(name) != entry.stat().st_size:
+            found.append(name)
+    return found
 
 
 def bundle_packages(dest: Path, download=None) -> int:
@@ -305,6 +338,7 @@ def main(argv=None) -> int:
             ensure_outputs(print, False, layout)
         total = carry(model_dirs(), CARRY)
         total += bundle_packages(CARRY / PYLIB)
+        record_carry(CARRY)  # the packages too: the next prepare replaces them
         if total > CARRY_LIMIT:
             print(f"gpu_session prepare: the carry is {total / 2**20:.0f} MiB with the packages, over the device tool's limit",
                   file=sys.stderr)
