@@ -262,6 +262,15 @@ def test_an_empty_held_out_list_is_as_not_given(tmp_path):
     assert loaded.held_out is None and loaded.held_out_fraction == 0.2
 
 
+def test_an_empty_text_field_is_refused_when_the_config_is_read(tmp_path):
+    """data.text_field: '' was accepted as the name of the records' text field, which eval's --text-field "" is not."""
+    path = tmp_path / "ok.yaml"
+    path.write_text("init_from: m\nrun_dir: r\ntokens: 2M\ndata:\n  train: x.txt\n  text_field: ''\n")
+    with pytest.raises(RecipeError, match=r"ok\.yaml:6:3: data\.text_field: should name the field of each JSONL record that holds its "
+                                          r"text, got an empty text"):
+        load_train_config(path)
+
+
 def test_the_leading_star_hint_suggests_a_shell_text_that_reads_as_the_value(tmp_path):
     """The hint for `*it's` suggested '*it's', itself a YAML error (an inner ' in single quotes is doubled), and a value
     holding a " or a $ would have broken the suggested double quotes. The suggested shell text, split as the shell splits

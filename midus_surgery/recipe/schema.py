@@ -378,6 +378,8 @@ def _say(item: dict, loc: tuple) -> tuple[str, str | None]:
         return f"should be {_BOUNDS[kind][1]} {ctx[_BOUNDS[kind][0]]}, got {got}", None
     if kind == "literal_error":
         return f"should be one of {ctx.get('expected')}, got {got}", None
+    if kind == "string_too_short" and loc and loc[-1] == "text_field":
+        return "should name the field of each JSONL record that holds its text, got an empty text", None
     if kind == "string_too_short":
         return "should be a path, got an empty text", None
     if kind == "too_short" and item.get("input") == "":  # a path field's empty text (export.dir='')
