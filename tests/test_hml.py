@@ -264,6 +264,26 @@ def test_batch_query_norm_counts_its_updates_exactly_in_bf16():
     torch.testing.assert_close(m.query_norm.running_mean.float(), before + 0.1, atol=0.02, rtol=0)
 
 
+def test_a_one_token_batch_leaves_the_running_statistics_bit_for_bit():
+    """A micro-batch of one token has no spread: its statistics count for nothing (weight 0, gathered all the same so
+    that every process joins the collective). Weighted by 0 through lerp they still turned a -0.0 statistic into
+    0.0 and an inf into NaN (trial135 N1); they now leave every bit as it was, the update counter too."""
+    from midus_surgery.model.hml import _HeadNorm
+
+    norm = _HeadNorm("batch", 2, 4, 1e-6)
+    torch.nn.init.ones_(norm.weight)
+    norm.train()
+    norm(torch.randn(5, 2, 4))
+    norm.running_mean[0, 0] = -0.0
+    norm.running_mean[0, 1] = float("inf")
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    norm(torch.randn(1, 2, 4))  # one token
+    for k, v in norm.state_dict().items():
+        assert torch.equal(v.view(torch.int32) if v.dtype == torch.float32 else v, before[k].view(torch.int32)), k  # bitwise
+    norm(torch.randn(3, 2, 4))  # a batch that counts still moves them
+    assert float(norm.updates) == float(before["updates"]) + 1 and not torch.equal(norm.running_var, before["running_var"])
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_batch_query_norm_gives_the_same_gradients_under_gradient_checkpointing(reentrant):
     """The recomputed forward ran with the statistics its first run had just updated: other queries,

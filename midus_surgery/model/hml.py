@@ -1022,8 +1022,10 @@ class _HeadNorm(nn.Module):
             # new tensors, not lerp_ in place: this forward normalised with the buffers, and torch.compile's backward
             # (AOTAutograd) may read a buffer it saved after the forward's in-place update landed; compile: true then
             # trained the query path on gradients up to 37% off, silently. DDP re-reads reassigned buffers.
-            self.running_mean = torch.lerp(self.running_mean, mean.to(self.running_mean.dtype), momentum)
-            self.running_var = torch.lerp(self.running_var, var.to(self.running_var.dtype), momentum)
+            # a batch that does not count leaves them as they were, to the bit (lerp by 0 turned -0.0 into 0.0 and inf into NaN)
+            counted = weight > 0
+            self.running_mean = torch.where(counted, torch.lerp(self.running_mean, mean.to(self.running_mean.dtype), momentum), self.running_mean)
+            self.running_var = torch.where(counted, torch.lerp(self.running_var, var.to(self.running_var.dtype), momentum), self.running_var)
             self.updates.add_(weight.to(self.updates.dtype)).clamp_max_(self.COUNTED_UPDATES)  # bf16 counts exactly only to 256
 
     def forward(self, q: Tensor, fused_backward: bool = False) -> Tensor:  # q [T, H, d_h], any float dtype
