@@ -720,6 +720,8 @@ def cmd_eval(args) -> int:
                               allow_pickle=args.allow_pickle)
         except (Exception, KeyboardInterrupt) as exc:
             # what the checks could not see (a tensor's bytes, a converting load, memory): the results before it are kept
+            if results:  # the data were read: what they were read as is said with the scores (trial137 F1)
+                _json_read_as_text(args.data)
             _eval_report(results, args)
             if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
                 raise out_of_memory(model, exc, eval_device(args.device)) from None
@@ -857,13 +859,21 @@ def _json_read_as_text(data) -> None:
     records' 66.0 came without a word."""
     import glob
 
+    from midus_surgery.train.config import DIR_GLOB
+    from midus_surgery.train.data import DataError, resolve_inputs
+
     for given in data if isinstance(data, (list, tuple)) else [data]:
         if given is None:
             continue
-        # a quoted glob ('recs/*.json', 'recs/*') reaches the tool unexpanded: the files it reads are its matches
-        for p in sorted(glob.glob(str(given))) if glob.has_magic(str(given)) else [str(given)]:
-            if p.lower().endswith(".json") and Path(p).is_file():
-                print(f"note: {printable(p)} is read as plain text, braces and keys included (JSON records, one a line, are read "
+        # the files the data reader reads for it: a quoted glob ('recs/**/*.json', '~/recs/*') reaches the tool unexpanded
+        try:
+            read = resolve_inputs([str(given)], Path.cwd(), DIR_GLOB, "--data")
+        except (DataError, OSError):  # said where the data were read
+            read = []
+        for p in read:
+            if p.name.lower().endswith(".json") and p.is_file():
+                shown = str(given) if not glob.has_magic(str(given)) else os.path.relpath(p) if not Path(given).is_absolute() else str(p)
+                print(f"note: {printable(shown)} is read as plain text, braces and keys included (JSON records, one a line, are read "
                       "as records from a .jsonl or .ndjson file)", file=sys.stderr)
 
 

@@ -592,6 +592,16 @@ def test_the_fixed_retrieval_pair_must_start_from_the_same_weights_and_model_dir
                  "--block-size", "16", "--max-blocks", "2", "--quiet", "--fixed-retrieval", str(frozen)]) == 2
     err = capsys.readouterr().err
     assert "unreadable midus_train.json" in err and "cannot tell what it was trained from" in err and len(err.strip().splitlines()) == 1, err
+    # a dangling link or a folder in its place says as little (it too was taken for untrained: trial137 F4)
+    (unread / "midus_train.json").unlink()
+    for i, (make, said) in enumerate(((lambda p: p.symlink_to(tmp_path / "nowhere.json"), "a link to nothing"),
+                                      (lambda p: p.mkdir(), "not a regular file"))):
+        make(unread / "midus_train.json")
+        assert main(["analyze", str(unread), "--data", str(world["root"] / "corpus"), "--out", str(tmp_path / f"an-unread{i}"),
+                     "--block-size", "16", "--max-blocks", "2", "--quiet", "--fixed-retrieval", str(frozen)]) == 2
+        err = capsys.readouterr().err
+        assert f"unreadable midus_train.json ({said})" in err and len(err.strip().splitlines()) == 1, err
+        (unread / "midus_train.json").unlink() if i == 0 else (unread / "midus_train.json").rmdir()
     # a run of an earlier midus-surgery records no digest: compared as before, with a note that it could not be checked
     old = tmp_path / "old-frozen"
     shutil.copytree(frozen, old)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -767,7 +768,7 @@ def test_several_models_are_scored_over_the_same_windows(setup, capsys, tmp_path
     assert json.loads(capsys.readouterr().out)["block_size"] == min(512, positions)
 
 
-def test_a_json_file_as_data_is_noted_as_read_as_text(setup, capsys, tmp_path):
+def test_a_json_file_as_data_is_noted_as_read_as_text(setup, capsys, tmp_path, monkeypatch):
     """JSON records in a .json file (as HF datasets writes them) were scored as raw text, braces and keys included,
     without a word (perplexity 52.9 against 66.0 for the same records as .jsonl). Eval and analyze say so; a .jsonl
     file gets no note."""
@@ -785,6 +786,29 @@ def test_a_json_file_as_data_is_noted_as_read_as_text(setup, capsys, tmp_path):
     assert main(["eval", str(setup["model"]), "--data", str(tmp_path / "held.*"), *common]) == 0
     err = capsys.readouterr().err
     assert err.count("read as plain text") == 1 and f"note: {as_json} {said}" in err, err
+    # a recursive glob: every .json file the reader reads for it, in folders below too (a plain glob found one: trial137 F2)
+    deeper = tmp_path / "sub" / "more.json"
+    deeper.parent.mkdir()
+    deeper.write_text(records)
+    assert main(["eval", str(setup["model"]), "--data", str(tmp_path / "**" / "*.json"), *common]) == 0
+    err = capsys.readouterr().err
+    assert err.count("read as plain text") == 2 and f"note: {as_json} {said}" in err and f"note: {deeper} {said}" in err, err
+    # a model that fails after one was scored: the note comes with the scores printed (it was said on success only: trial137 F1)
+    import midus_surgery.train.evaluate as evaluate
+
+    other, scored = tmp_path / "other", evaluate.run_eval
+    shutil.copytree(setup["model"], other)
+
+    def interrupted_at_the_second(model, *args, **kwargs):
+        if Path(model) == other:
+            raise KeyboardInterrupt
+        return scored(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "run_eval", interrupted_at_the_second)
+    assert main(["eval", str(setup["model"]), str(other), "--data", str(as_json), *common]) != 0
+    err = capsys.readouterr().err
+    assert f"note: {as_json} {said}" in err and "interrupted" in err.strip().splitlines()[-1], err
+    monkeypatch.undo()
     # said once the data were read: a refusal (analyze of a model with no Memory or inserted block) stays one line
     assert main(["analyze", str(setup["model"]), "--data", str(as_json), "--out", str(tmp_path / "an"), *common]) != 0
     err = capsys.readouterr().err

@@ -180,8 +180,10 @@ def _train_summary(folder: Path) -> dict | None:
     ValueError, in words, when it does not read as one."""
 
     path = Path(folder) / "midus_train.json"
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         return None
+    if not path.is_file():  # a dangling link or a folder says the folder was trained as little as broken JSON does (trial137 F4)
+        raise ValueError(f"unreadable midus_train.json ({'a link to nothing' if not path.exists() else 'not a regular file'})")
     try:
         summary = loads_checked(read_small_text(path))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -242,7 +244,7 @@ def check_fixed_retrieval(model_dir: Path, twin: Path) -> list[str]:
     notes = []
     if not (isinstance(theirs_start, str) and isinstance(mine_start, str)):
         notes.append(f"note: --fixed-retrieval {printable(str(twin))} and {printable(str(model_dir))}: a midus_train.json records no digest "
-                     "of the weights its run started from (written by an earlier midus-surgery), so whether both started from the "
+                     "of the weights its run started from (an earlier midus-surgery wrote it, or the checkpoint its run resumed from), so whether both started from the "
                      "same apply output is not checked")
     # the budget is in tokens (training.md): the same tokens in other steps is another batch size, not another budget (trial98 F4)
     twin, model_dir = printable(str(twin)), printable(str(model_dir))

@@ -757,7 +757,7 @@ def init_from_change(saved: dict | None, now: dict) -> tuple[str | None, str | N
         if saved["path"] == now["path"]:
             return None, None
         return None, (f"note: init_from is {now['path']}, the checkpoint's run started from {saved['path']}: the same config, plan, "
-                      "training history and weight files, so the run goes on")
+                      "training history and weight files (names, sizes and headers), so the run goes on")
     if saved["path"] == now["path"]:
         why = f"init_from {now['path']} changed since the checkpoint was written (its config, plan, training history or weight files differ)"
     else:
