@@ -183,6 +183,33 @@ def test_base_config_that_is_not_an_object(tmp_path, text, needle):
     assert_located(tmp_path, validate(tmp_path, config_text=text), needle, "base.config")
 
 
+def test_a_base_config_that_is_not_a_regular_file_is_one_located_line(tmp_path):
+    """base.config naming a named pipe, beside a base.path that holds the model, blocked validate, plan and apply in
+    open() forever; without the base a pipe, a device or a folder there was "config file not found" (trial138 F1)."""
+    import os
+    import threading
+
+    fifo = tmp_path / "cfg.pipe"
+    os.mkfifo(fifo)
+    # should the read block again, a writer opens the pipe after the time bound: the test fails, it does not hang
+    watchdog = threading.Timer(TIME_BOUND_S, lambda: open(fifo, "w").close())
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        base = tmp_path / "base"
+        base.mkdir()
+        (base / "config.json").write_text(json.dumps(TINY))
+        for where in (str(base), "no-such-model"):
+            recipe = RECIPE.replace("path: no-such-model", f"path: {where}")
+            for stated, kind in ((fifo, "a named pipe"), (tmp_path, "a folder")):
+                out = assert_located(tmp_path, validate(tmp_path, recipe.replace("config: config.json", f"config: {stated}")), "base.config")
+                assert f"{stated} is {kind}, not a config.json file" in out, out
+    finally:
+        watchdog.cancel()
+    out = assert_located(tmp_path, validate(tmp_path, RECIPE.replace("config: config.json", "config: ''")), "base.config")
+    assert "should be a path, got an empty text" in out, out
+
+
 @pytest.mark.parametrize("key,value,needle", [
     ("num_hidden_layers", "4", "num_hidden_layers must be a whole number"),
     ("num_hidden_layers", 4.0, "num_hidden_layers must be a whole number"),

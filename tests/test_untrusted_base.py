@@ -625,6 +625,22 @@ def test_a_broken_index_is_one_message_naming_it(sharded, tmp_path, capsys, inde
     assert "model.safetensors.index.json" in err and says in err
 
 
+@pytest.mark.parametrize("kind", ["a named pipe", "a folder", "a link to nothing"])
+def test_an_index_that_is_not_a_regular_file_is_refused_not_passed_over(sharded, tmp_path, capsys, kind):
+    """An index that is a pipe or a folder was passed over: validate said OK and apply wrote an output from every shard
+    it found, of a base transformers cannot load (it reads a sharded model through the index), exit 0 (trial138 F5)."""
+    import os
+
+    base = copy_base(sharded, tmp_path / "base")
+    index = base / "model.safetensors.index.json"
+    index.unlink()
+    {"a named pipe": os.mkfifo, "a folder": os.mkdir, "a link to nothing": lambda p: p.symlink_to(tmp_path / "gone.json")}[kind](index)
+    err = refused(write_recipe(tmp_path, base), capsys)
+    assert str(index) in err and "transformers loads a sharded model through its index, so it would not load this base" in err, err
+    assert kind not in ("a named pipe", "a folder") or f"is {kind}, not a regular file" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_index_naming_a_missing_shard_is_one_message_naming_it(sharded, tmp_path, capsys):
     base = copy_base(sharded, tmp_path / "base")
     index = json.loads((base / "model.safetensors.index.json").read_text())

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
 from midus_surgery.errors import BaseModelError, RecipeError, not_utf8_path, one_line, printable, shown
+from midus_surgery.io.small_files import file_kind
 from midus_surgery.io.tensor_source import BaseRef
 from midus_surgery.recipe.schema import MAX_BASE_LAYERS, MAX_OUTPUT_LAYERS, LoadedRecipe, cwd_relative_hint
 
@@ -55,6 +58,12 @@ _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", boo
 
 def read_config_json(path: Path) -> dict:
     """A config.json as a dict, as transformers reads it (special floats included); ValueError says what is wrong."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # not there, or not reachable: open says which
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):  # a named pipe blocked validate, plan and apply in open() forever (trial138 F1)
+        raise ValueError(f"{printable(str(path))} is {file_kind(mode)}, not a config.json file")
     with open(path, "rb") as handle:
         raw = handle.read(MAX_CONFIG_BYTES + 1)
     if len(raw) > MAX_CONFIG_BYTES:
@@ -452,7 +461,7 @@ def load_base_config(loaded: LoadedRecipe):
             path = ref.directory / "config.json" if ref.exists else loaded.resolve(spec.config)
             if not ref.exists:
                 key = "config"
-                if not _is_file(loaded, "config", path):
+                if not _is_file(loaded, "config", path) and not path.exists():  # one that is not a regular file: said by the read
                     raise RecipeError([loaded.problem(("base", "config"), f"config file not found: {printable(str(path))}")])
             data = read_config_json(path)
             if ref.exists and spec.config is not None:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Iterable
 from midus_surgery.errors import BaseModelError, MidusError, load_error_line, one_line, printable, shown
 from midus_surgery.io.dtypes import STORED_ITEMSIZE, TAGS
 from midus_surgery.io.shard_writer import file_slice
+from midus_surgery.io.small_files import regular_file_problem
 
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit on a header
 MAX_INDEX_BYTES = 64 * 2**20  # an index is a few MB even for the largest checkpoints
@@ -347,6 +348,10 @@ class SafetensorsSource(TensorSource):
         elif index.is_file():
             weight_map = _read_index(index, directory)
             files = sorted(set(weight_map.values()))
+        elif index.exists() or index.is_symlink():  # a pipe, a folder, a dangling link: the shards were read without it,
+            # and the output of a base transformers cannot load was written, exit 0 (trial138 F5)
+            why = f"{index} is a link to nothing" if not index.exists() else regular_file_problem(index) or f"{index} cannot be read"
+            raise BaseModelError(f"{why}; transformers loads a sharded model through its index, so it would not load this base")
         else:
             files = sorted(p.name for p in directory.glob("*.safetensors"))
             weight_map = None

@@ -99,7 +99,7 @@ class BaseModelSpec(Strict):
     """The pre-trained model to up-scale."""
 
     path: PathText = Field(min_length=1, description="A local Hugging Face model directory (config.json + safetensors) or a .gguf file. Relative paths are resolved against the recipe's directory; `~` and `$NAME` / `${NAME}` expand (an unset variable is an error; `$$` is a `$`).")
-    config: PathText | None = Field(None, description="A config.json to plan from when `path` is not present (lets `validate`/`plan` run on a machine without the weights). Defaults to `path`/config.json, or the GGUF's own metadata.")
+    config: PathText | None = Field(None, min_length=1, description="A config.json to plan from when `path` is not present (lets `validate`/`plan` run on a machine without the weights). Defaults to `path`/config.json, or the GGUF's own metadata.")
     gguf_file: str | None = Field(None, description="The GGUF file's name inside `path` when `path` is a directory holding one.")
     trust_remote_code: StrictBool = Field(False, description="Allow the base model's own modeling code (Hub `auto_map`). Off by default.")
     hub_id: str | None = Field(None, description="The base's Hugging Face Hub id (`org/name`), written as `base_model` in the output's model card. Found without it when `path` is a snapshot in the Hub cache (`models--org--name/snapshots/...`). Nothing is downloaded.")
