@@ -161,6 +161,7 @@ def test_wrong_type_names_field_and_line(tmp_path):
     ("kind: memory", "kind: memory\n    extra: [1]", "unknown key 'extra' (known: after_every, after, kind)"),
     ("kind: memory", "kind: memroy", "should be one of 'copy', 'transformer', 'identity' or 'memory', got the text 'memroy'"),
     ("after_every: 2", "after_every: 0", "should be at least 1, got 0"),
+    ("topk: 8", "topk: 8\n  norm_eps: true", "should be a number, got true"),  # a float field: true was 1.0 (trial138 F4)
 ])
 def test_strict_types_in_yaml_words(tmp_path, text, field, message):
     (p,) = problems(tmp_path, GOOD.replace(text, field))

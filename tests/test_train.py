@@ -271,6 +271,36 @@ def test_an_empty_text_field_is_refused_when_the_config_is_read(tmp_path):
         load_train_config(path)
 
 
+def test_a_boolean_is_no_number_in_any_float_key(tmp_path):
+    """optim.lr: true trained at a learning rate of 1, weight_decay: true at 1, held_out_fraction=false held out
+    nothing: pydantic's lax float took YAML's booleans (trial138 F4). Every float key refuses them, in the file and on
+    the command line; whole numbers and numbers YAML reads as text (3e-4) are still numbers."""
+    import typing
+
+    from midus_surgery.train.config import TrainConfig, _submodel
+
+    path = tmp_path / "ok.yaml"
+    path.write_text("init_from: m\nrun_dir: r\ntokens: 2M\ndata:\n  train: x.txt\n")
+    floats = []
+
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            inner = _submodel(field.annotation)
+            if inner is not None:
+                walk(inner, f"{prefix}{name}.")
+            elif field.annotation is float or typing.get_origin(field.annotation) is tuple:  # optim.betas: a pair of them
+                floats.append(prefix + name)
+
+    walk(TrainConfig, "")
+    assert {"optim.lr", "optim.warmup", "memory.lr", "data.held_out_fraction", "optim.betas"} <= set(floats), floats
+    for key in floats:
+        value = "[true, 0.9]" if key.endswith("betas") else "true"
+        with pytest.raises(RecipeError, match=r"should be a number, got true"):
+            load_train_config(path, [f"{key}={value}"])
+    config = load_train_config(path, ["optim.lr=3e-4", "optim.warmup=1", "memory.lr='1e-3'"]).config
+    assert (config.optim.lr, config.optim.warmup, config.memory.lr) == (3e-4, 1.0, 1e-3)
+
+
 def test_the_leading_star_hint_suggests_a_shell_text_that_reads_as_the_value(tmp_path):
     """The hint for `*it's` suggested '*it's', itself a YAML error (an inner ' in single quotes is doubled), and a value
     holding a " or a $ would have broken the suggested double quotes. The suggested shell text, split as the shell splits

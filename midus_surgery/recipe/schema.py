@@ -17,7 +17,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from midus_surgery.errors import Problem, RecipeError, printable
 from midus_surgery.recipe.anatomy_spec import Anatomy
@@ -86,6 +87,18 @@ def no_control_characters(text: str) -> str:
 
 # A folder the tool writes: a PathText without control characters
 OutputPathText = Annotated[PathText, AfterValidator(no_control_characters)]
+
+
+def not_a_boolean(value):
+    """YAML's true/false (and yes/no, on/off) are no number: pydantic's lax float took true for 1.0, so `optim.lr:
+    true` trained at a learning rate of 1 (trial138 F4). Whole numbers and numbers written as text (3e-4, which YAML
+    1.1 reads as a string) still are numbers."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("float_type", "Input should be a valid number")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(not_a_boolean)]  # a float field: every number but a boolean
 
 
 class Strict(BaseModel):
@@ -202,7 +215,7 @@ class MemorySettings(Strict):
     output_proj: Literal["auto", "always", "never"] = Field("auto", description="Output projection to the hidden size: `auto` adds one only when heads*head_dim != hidden size.")
     query_source: Literal["heads", "hidden"] = Field("heads", description="`heads`: each head's attention output queries its memory (MIDUS). `hidden`: the generic variant, queries projected from x + Attn(Norm(x)); the attention keeps its output projection, zeroed as in LLaMA-Pro so the block starts as the identity.")
     init: Literal["zero_proj", "zero_bank", "random"] = Field("zero_proj", description="`zero_proj`: head projections zero, bank random (output exactly 0 at start, function-preserving). `zero_bank`: bank zero, projections random (also function-preserving). `random`: not function-preserving.")
-    norm_eps: float = Field(1e-6, ge=MIN_NORM_EPS, le=1.0, description=f"Epsilon of the per-head query norm; at least {MIN_NORM_EPS!r} "
+    norm_eps: Number = Field(1e-6, ge=MIN_NORM_EPS, le=1.0, description=f"Epsilon of the per-head query norm; at least {MIN_NORM_EPS!r} "
                             "(float32's smallest normal number, which the norm computes in: a smaller one is 0 or subnormal there, and "
                             "a pad position's zero query then normalises to NaN).")
     bank_grad: Literal["auto", "sparse_mm", "embedding_bag", "index_add", "segment"] = Field("auto", description="How the backward accumulates the bank (or value table) gradient; all give the same dense gradient, at different speeds (docs/hml.md). auto: sparse_mm on CPU, embedding_bag on CUDA (segment on the Triton kernels for rows of 128+ and 2^23+ contributions). segment: the Triton kernels' deterministic sort-free segment reduce (CUDA; auto on a path without Triton kernels). index_add on the fused kernels: float atomics, not deterministic.")

@@ -24,6 +24,7 @@ from midus_surgery.errors import Problem, RecipeError
 from midus_surgery.recipe.schema import (
     RECIPE_ONLY_KEYS,
     TRAIN_ONLY_KEYS,
+    Number,
     OutputPathText,
     PathText,
     Strict,
@@ -78,7 +79,7 @@ class DataConfig(Strict):
 
     train: list[PathText] = Field(min_length=1, description="Training text: files (.txt/.md/.rst read as one document each; .jsonl/.ndjson one JSON record per line, see `text_field`; any other file is read as text), directories (every file matching `dir_glob` under them) and glob patterns. Relative paths are resolved against the config file's directory; `~` and `$NAME` / `${NAME}` expand in every path of this config (an unset variable is an error; `$$` is a `$`).")
     held_out: list[PathText] | None = Field(None, description="Separate held-out files, directories or globs. When given, `held_out_fraction` is ignored and all training text is trained on; an empty list is as not given.")
-    held_out_fraction: float = Field(0.01, ge=0.0, lt=0.5, description="Without `held_out`: the fraction of packed blocks kept out of training, spread evenly over the corpus (block i is held out when floor((i+1)f) > floor(i f)). 0 disables held-out evaluation.")
+    held_out_fraction: Number = Field(0.01, ge=0.0, lt=0.5, description="Without `held_out`: the fraction of packed blocks kept out of training, spread evenly over the corpus (block i is held out when floor((i+1)f) > floor(i f)). 0 disables held-out evaluation.")
     text_field: str = Field("text", min_length=1, description="The field of each JSONL record that holds the document's text.")
     dir_glob: list[str] = Field(default_factory=lambda: list(DIR_GLOB), min_length=1, description="Patterns selecting files inside directories named in `train` / `held_out` (sorted, deduplicated; hidden files and folders skipped, linked folders followed once each).")
     block_size: StrictInt = Field(512, ge=2, le=MAX_BLOCK_SIZE, description="Tokens per training sequence (at least 2: one to read, one to predict). Documents are joined with the tokenizer's EOS token and the stream is cut into blocks of this length (the tail shorter than one block is dropped).")
@@ -109,14 +110,14 @@ class DataConfig(Strict):
 class OptimConfig(Strict):
     """AdamW and the learning-rate schedule of every parameter outside the memory tables."""
 
-    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="The decay ends at lr * min_lr_ratio.")
+    lr: Number = Field(3e-4, gt=0, description="Peak learning rate.")
+    min_lr_ratio: Number = Field(0.1, ge=0.0, le=1.0, description="The decay ends at lr * min_lr_ratio.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup: cosine or linear to lr * min_lr_ratio at the end of the run (the last step runs just above it), or constant.")
-    warmup: float = Field(0.02, ge=0, le=MAX_STEPS, description="Linear warmup over this many steps (step s of W runs at lr * (s + 1) / W, so the first at lr / W and step W at lr): a number of optimiser steps if >= 1, a fraction of all steps if < 1 (rounded to the nearest step, a half to the even one: the default 0.02 warms up no step in a run under 25 steps).")
-    weight_decay: float = Field(0.1, ge=0.0, description="AdamW decoupled weight decay, applied to matrices only (not to biases, norms or 1-D tensors).")
-    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = Field((0.9, 0.95), description="AdamW betas.")
-    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    grad_clip: float = Field(1.0, ge=0.0, description="Clip the global gradient norm of these parameters to this value (0: no clipping).")
+    warmup: Number = Field(0.02, ge=0, le=MAX_STEPS, description="Linear warmup over this many steps (step s of W runs at lr * (s + 1) / W, so the first at lr / W and step W at lr): a number of optimiser steps if >= 1, a fraction of all steps if < 1 (rounded to the nearest step, a half to the even one: the default 0.02 warms up no step in a run under 25 steps).")
+    weight_decay: Number = Field(0.1, ge=0.0, description="AdamW decoupled weight decay, applied to matrices only (not to biases, norms or 1-D tensors).")
+    betas: tuple[Annotated[Number, Field(ge=0.0, lt=1.0)], Annotated[Number, Field(ge=0.0, lt=1.0)]] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: Number = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: Number = Field(1.0, ge=0.0, description="Clip the global gradient norm of these parameters to this value (0: no clipping).")
     implementation: Literal["auto", "fused", "foreach", "for-loop"] = Field(
         "auto", description="How torch runs the AdamW update of every parameter, the memory tables' included: `fused` (one kernel over all tensors), "
         "`foreach` (batched tensor ops) or `for-loop` (one tensor at a time): the same update up to float rounding, at different speeds "
@@ -135,10 +136,10 @@ class MemoryOptimConfig(Strict):
     query norm's weights, and a query projection, gate or output projection where the recipe has them) and the shared bank
     `midus_shared_bank`."""
 
-    lr: float = Field(1e-3, gt=0, description="Learning rate of the memory tables (Meta's memory-layer code uses about 1e-3).")
+    lr: Number = Field(1e-3, gt=0, description="Learning rate of the memory tables (Meta's memory-layer code uses about 1e-3).")
     schedule: Literal["constant", "same"] = Field("constant", description="`constant`: fixed after the common warmup. `same`: the base schedule's shape scaled to this lr.")
-    weight_decay: float = Field(0.0, ge=0.0, description="Weight decay of the memory tables (none by default).")
-    grad_clip: float = Field(1.0, ge=0.0, description="Clip the memory tables' gradient norm separately from the rest (0: no clipping).")
+    weight_decay: Number = Field(0.0, ge=0.0, description="Weight decay of the memory tables (none by default).")
+    grad_clip: Number = Field(1.0, ge=0.0, description="Clip the memory tables' gradient norm separately from the rest (0: no clipping).")
     retrieval: Literal["learned", "frozen"] = Field(
         "learned", description="`frozen`: the Memory blocks' query path (their attention, query norm (and a `batch` norm's running "
         "statistics) and projection) and the sub-keys do not train; only the values (latent bank, head projections, value tables, "
