@@ -158,6 +158,31 @@ def main() -> int:
     eager_grads = [xe.grad] + [p.grad.clone() for p in mc.parameters()]
     check("torch.compile inductor matches eager (outputs and gradients)",
           torch.allclose(yc, ye, atol=1e-5) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(compiled_grads, eager_grads)))
+    # query_norm: batch trains its running statistics inside the forward: compiled, a backward that read a buffer the
+    # same forward had updated in place took wrong query-path gradients (seen on CPU with aot_eager, 2026-12-07; the
+    # update now assigns new tensors). Two training steps each, eager and inductor, fp32 and bf16: the second step
+    # normalises with the statistics the first one moved, where the wrong gradients showed.
+    # (off by their largest entry: inductor rounds otherwise, 8e-7 in fp32 on a CPU; the bug was 5e-2 to 3.7e-1 there)
+    def off(a, b):
+        return (a.float() - b.float()).abs().max().item() / max(a.float().abs().max().item(), 1e-30)
+
+    for qn_dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+        torch.manual_seed(0)
+        qn_cfg = HMLConfig(n_subkeys=16, topk=4, latent_dim=16, init="random", query_norm="batch")
+        eager_qn = HeadwiseMemory(4, 16, 64, qn_cfg).to(dev, qn_dtype).train()
+        compiled_qn = HeadwiseMemory(4, 16, 64, qn_cfg).to(dev, qn_dtype).train()
+        compiled_qn.load_state_dict(eager_qn.state_dict())
+        torch._dynamo.reset()
+        run_compiled = torch.compile(compiled_qn)
+        same = True
+        for step in range(2):
+            xq = torch.randn(2, 33, 4, 16, generator=torch.Generator().manual_seed(step)).to(dev, qn_dtype)
+            ge = torch.autograd.grad(eager_qn(xq).float().square().sum(), list(eager_qn.parameters()))
+            gc = torch.autograd.grad(run_compiled(xq).float().square().sum(), list(compiled_qn.parameters()))
+            same &= all(off(a, b) <= tol for a, b in zip(ge, gc))
+        same &= all(off(a, b) <= tol for a, b in zip(eager_qn.buffers(), compiled_qn.buffers()))
+        check(f"query_norm: batch, 2 training steps: inductor == eager to {tol:g} of the largest ({str(qn_dtype)[6:]}: gradients, "
+              "running statistics)", same)
     # The layer must trace into one graph: every graph break is a return to Python in the middle of
     # the layer. Its backend is answered before compiling (prepare_kernels, as the trainer does).
     from midus_surgery.model.hml import backend_words, prepare_kernels
