@@ -98,6 +98,25 @@ def _folder_to_write(text: str) -> str:
         raise argparse.ArgumentTypeError(printable(str(exc))) from None
 
 
+def _given_path(what: str):
+    """An argparse type: a path that is not the empty text. Path("") is the current folder: `--data "$HELDOUT"` with the
+    variable unset read every file under it as held-out text, `--base ""` and `--cache-dir ""` fell back to their defaults,
+    exit 0 without a word (trial138 F2). ``what``: what to give instead, said in the refusal."""
+    def parse(text: str) -> str:
+        if text == "":
+            raise argparse.ArgumentTypeError(f"an empty path (an unset shell variable?); {what}")
+        return text
+    return parse
+
+
+_data_path = _given_path("name the files, folders or globs to read (an empty one would read every file in the current folder)")
+
+
+def _cache_folder(text: str) -> str:
+    """--cache-dir: a folder to write (_folder_to_write), not the empty text (that fell back to the default cache)."""
+    return _folder_to_write(_given_path("name the token cache's folder, or leave --cache-dir out for the default one")(text))
+
+
 def _model_folder_to_write(text: str) -> str:
     """apply --out: a folder to write (_folder_to_write) that will hold a model, so its name must be UTF-8: bytes from the
     command line that are not made a folder the tokenizers and safetensors libraries cannot read back (trial102 R06). Only
@@ -958,7 +977,7 @@ def _add_train_commands(subparsers) -> None:
                                           "lines, or with --json the list of their results.")
     p.add_argument("model", nargs="*", metavar="MODEL_DIR", help="one or more model folders (config.json beside the weights), given "
                    "before --data or --tasks, which take every path after them")
-    p.add_argument("--data", nargs="+", metavar="PATH", help="held-out perplexity on text files, directories, globs, JSONL, or a token cache directory")
+    p.add_argument("--data", nargs="+", metavar="PATH", type=_data_path, help="held-out perplexity on text files, directories, globs, JSONL, or a token cache directory")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="lm-evaluation-harness task names (space or comma separated; needs the eval extra: "
                    "pip install -e \".[eval]\"); tasks of --include-path folders too")
     p.add_argument("--include-path", action="append", metavar="DIR", help="a folder of lm-eval task YAMLs (e.g. the offline suite of tools/make_task_suite.py); repeatable")
@@ -972,7 +991,7 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--max-blocks", type=_int_at_least(1), default=None, help="evaluate at most this many blocks / windows")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype to run the model in (default float32)")
     p.add_argument("--text-field", default=None, type=_field_name, help="the JSONL field holding the text (default: text)")
-    p.add_argument("--cache-dir", default=None, type=_folder_to_write,
+    p.add_argument("--cache-dir", default=None, type=_cache_folder,
                    help="token cache (default: $MIDUS_CACHE/tokens or ~/.cache/midus-surgery/tokens)")
     p.add_argument("--device", default="auto", help="auto (default: the first CUDA device when there is one, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (refused above 4 x the CPUs os.cpu_count() reports)")
@@ -989,7 +1008,7 @@ def _add_train_commands(subparsers) -> None:
                                           "memory, the inserted blocks' attention heads) and slot usage per Memory block.")
     p.add_argument("model", nargs="?", metavar="MODEL_DIR", help="the model folder (required), given before --data, which takes every path "
                    "after it")  # optional to argparse: cmd_analyze says whether --data took it
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="held-out text: files, directories, globs, JSONL")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", type=_data_path, help="held-out text: files, directories, globs, JSONL")
     p.add_argument("--out", required=True, metavar="DIR", type=_folder_to_write,
                    help="where analysis.json and the PNGs go (a new directory, or an earlier analysis with --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace the earlier analysis in --out")
@@ -998,7 +1017,7 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--max-memory-blocks", type=_int_at_least(1), default=None, help="analyse only the first N Memory (or inserted) blocks")
     p.add_argument("--slots-only", action="store_true", help="slot usage only, no head importance (one held-out pass instead of one per head)")
     p.add_argument("--text-field", default="text", type=_field_name, help="the JSONL field holding the text (default: text)")
-    p.add_argument("--cache-dir", default=None, type=_folder_to_write,
+    p.add_argument("--cache-dir", default=None, type=_cache_folder,
                    help="token cache (default: $MIDUS_CACHE/tokens or ~/.cache/midus-surgery/tokens)")
     p.add_argument("--fixed-retrieval", metavar="MODEL_DIR", help="a model trained like MODEL_DIR but with memory.retrieval: frozen: "
                    "its held-out loss on the same blocks, against the learned retrieval's")
@@ -1059,7 +1078,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "cannot be checked (it does not load, or runs its own code without --trust-remote-code)")
     p.add_argument("model", metavar="MODEL_DIR", help="the model directory to check (an apply or train output, or any "
                                                       "causal LM directory transformers loads)")
-    p.add_argument("--base", help="the base model to compare logits with (default: the one recorded at apply time)")
+    p.add_argument("--base", type=_given_path("name the base model's folder, or leave --base out for the one recorded at apply time"),
+                   help="the base model to compare logits with (default: the one recorded at apply time)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the model's own modeling code (auto_map), and the base's: read it first")
     p.set_defaults(func=cmd_verify)

@@ -429,6 +429,17 @@ def test_the_query_diagnosis_reruns_the_lookup_per_memory_block(world, capsys):
     assert "not a model directory (no config.json)" in capsys.readouterr().err
 
 
+def test_the_query_diagnosis_refuses_an_empty_data_path(tmp_path, capsys):
+    """--data "" was the current folder: every file under it read as held-out text, exit 0 (trial138 F2), as eval's was."""
+    from tool_modules import load_tool
+
+    tool = load_tool("diagnose_queries")
+    with pytest.raises(SystemExit) as exit_:
+        tool.main([str(tmp_path), "--data", ""])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --data: an empty path (an unset shell variable?)" in err, err
+
+
 def test_an_all_zero_head_importance_heatmap_says_so_without_an_offset_label(tmp_path, monkeypatch):
     """An untrained memory's heads are all exactly 0: the colour bar spanned 1e-12 and drew a "1e-12" offset over the
     title (trial65). Now a span of 1 and a title that says every one is 0."""

@@ -738,6 +738,28 @@ def test_a_folder_to_write_named_with_a_control_character_is_a_usage_error(argv,
     assert exit_.value.code == 2 and "holds the control character '\\x1b': a folder to write is not named with one" in err
     assert "\x1b" not in err, err
 
+@pytest.mark.parametrize("argv, option", [
+    (["eval", "m", "--data", ""], "--data"),
+    (["eval", "m", "--data", "corpus", ""], "--data"),
+    (["analyze", "m", "--out", "o", "--data", ""], "--data"),
+    (["eval", "m", "--data", "d", "--cache-dir", ""], "--cache-dir"),
+    (["analyze", "m", "--data", "d", "--out", "o", "--cache-dir", ""], "--cache-dir"),
+    (["verify", "m", "--base", ""], "--base"),
+])
+def test_an_empty_path_on_the_command_line_is_a_usage_error(argv, option, tmp_path, monkeypatch, capsys):
+    """--data "" (an unset shell variable) read every file under the current folder as held-out text, exit 0; --cache-dir ""
+    and --base "" fell back to the default cache and the recorded base without a word (trial138 F2). Now one usage line,
+    exit 2, before any model is read."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").write_text("some text " * 50)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert f"argument {option}: an empty path (an unset shell variable?); " in err.strip().splitlines()[-1], err
+    assert "Traceback" not in err
+
+
 def test_train_overrides_may_follow_its_options(capsys):
     from midus_surgery.cli import cmd_train, parse_arguments
 

@@ -301,6 +301,27 @@ def test_a_boolean_is_no_number_in_any_float_key(tmp_path):
     assert (config.optim.lr, config.optim.warmup, config.memory.lr) == (3e-4, 1.0, 1e-3)
 
 
+@pytest.mark.parametrize("data, says", [
+    ("  train: ['']\n", r"ok\.yaml:5:11: data\.train\.0: should be a path, got an empty text$"),
+    ("  train: x.txt\n  held_out: [y.txt, '']\n", r"ok\.yaml:6:21: data\.held_out\.1: should be a path, got an empty text$"),
+    ("  train: x.txt\n  cache_dir: ''\n", r"ok\.yaml:6:3: data\.cache_dir: should be a path, got an empty text$"),
+    ("  train: [$MIDUS_TEST_EMPTY]\n", r"data\.train\.0: should be a path, got an empty text \('\$MIDUS_TEST_EMPTY' expands to nothing\)$"),
+])
+def test_an_empty_data_path_is_refused_when_the_config_is_read(data, says, tmp_path, monkeypatch):
+    """data.train: [''] was Path(''), the config's folder: every file under it read as training text, exit 0, as were an
+    empty held_out entry and an empty cache_dir the default cache (trial138 F2). Refused, located, as init_from: '' is."""
+    monkeypatch.setenv("MIDUS_TEST_EMPTY", "")
+    path = tmp_path / "ok.yaml"
+    path.write_text("init_from: m\nrun_dir: r\ntokens: 2M\ndata:\n" + data)
+    with pytest.raises(RecipeError, match=says):
+        load_train_config(path)
+    path.write_text("init_from: m\nrun_dir: r\ntokens: 2M\ndata:\n  train: x.txt\n")
+    for override, field in (("data.train=['']", r"data\.train\.0"), ("data.held_out=''", r"data\.held_out\.0"),
+                            ("data.cache_dir=''", r"data\.cache_dir")):
+        with pytest.raises(RecipeError, match=field + ": should be a path, got an empty text"):
+            load_train_config(path, [override])
+
+
 def test_the_leading_star_hint_suggests_a_shell_text_that_reads_as_the_value(tmp_path):
     """The hint for `*it's` suggested '*it's', itself a YAML error (an inner ' in single quotes is doubled), and a value
     holding a " or a $ would have broken the suggested double quotes. The suggested shell text, split as the shell splits

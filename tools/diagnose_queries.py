@@ -134,11 +134,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def data_path(text: str) -> str:
+    """--data "" (an unset shell variable) was the current folder: every file under it read as held-out text, exit 0
+    (trial138 F2); refused as eval's --data refuses it."""
+    if text == "":
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?); name the files, folders or globs to read "
+                                         "(an empty one would read every file in the current folder)")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("model", type=Path, help="a MIDUS model directory (`apply` or `train` output)")
-    ap.add_argument("--data", nargs="+", required=True, help="held-out files or directories")
+    ap.add_argument("--data", nargs="+", required=True, type=data_path, help="held-out files or directories")
     ap.add_argument("--block-size", type=positive_int, default=256, help="tokens per packed block")
     ap.add_argument("--max-blocks", type=positive_int, default=8, help="blocks read (4 per batch)")
     args = ap.parse_args(argv)

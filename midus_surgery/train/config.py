@@ -74,16 +74,21 @@ def parse_count(value: int | str) -> int:
 DIR_GLOB = ("**/*.txt", "**/*.md", "**/*.rst", "**/*.jsonl", "**/*.ndjson")  # the files read inside a folder named as data
 
 
+# A data entry: an empty text would be Path("") - the current folder, every file under it read as training or
+# held-out text without a word (trial138 F2); refused as init_from: "" is
+DataPathText = Annotated[PathText, Field(min_length=1)]
+
+
 class DataConfig(Strict):
     """The text to train on and the held-out split."""
 
-    train: list[PathText] = Field(min_length=1, description="Training text: files (.txt/.md/.rst read as one document each; .jsonl/.ndjson one JSON record per line, see `text_field`; any other file is read as text), directories (every file matching `dir_glob` under them) and glob patterns. Relative paths are resolved against the config file's directory; `~` and `$NAME` / `${NAME}` expand in every path of this config (an unset variable is an error; `$$` is a `$`).")
-    held_out: list[PathText] | None = Field(None, description="Separate held-out files, directories or globs. When given, `held_out_fraction` is ignored and all training text is trained on; an empty list is as not given.")
+    train: list[DataPathText] = Field(min_length=1, description="Training text: files (.txt/.md/.rst read as one document each; .jsonl/.ndjson one JSON record per line, see `text_field`; any other file is read as text), directories (every file matching `dir_glob` under them) and glob patterns. Relative paths are resolved against the config file's directory; `~` and `$NAME` / `${NAME}` expand in every path of this config (an unset variable is an error; `$$` is a `$`).")
+    held_out: list[DataPathText] | None = Field(None, description="Separate held-out files, directories or globs. When given, `held_out_fraction` is ignored and all training text is trained on; an empty list is as not given.")
     held_out_fraction: Number = Field(0.01, ge=0.0, lt=0.5, description="Without `held_out`: the fraction of packed blocks kept out of training, spread evenly over the corpus (block i is held out when floor((i+1)f) > floor(i f)). 0 disables held-out evaluation.")
     text_field: str = Field("text", min_length=1, description="The field of each JSONL record that holds the document's text.")
     dir_glob: list[str] = Field(default_factory=lambda: list(DIR_GLOB), min_length=1, description="Patterns selecting files inside directories named in `train` / `held_out` (sorted, deduplicated; hidden files and folders skipped, linked folders followed once each).")
     block_size: StrictInt = Field(512, ge=2, le=MAX_BLOCK_SIZE, description="Tokens per training sequence (at least 2: one to read, one to predict). Documents are joined with the tokenizer's EOS token and the stream is cut into blocks of this length (the tail shorter than one block is dropped).")
-    cache_dir: PathText | None = Field(None, description="Where tokenised corpora are cached (memory-mapped token files keyed by a hash of the files' contents and the tokenizer). Default: $MIDUS_CACHE/tokens, or ~/.cache/midus-surgery/tokens without MIDUS_CACHE.")
+    cache_dir: PathText | None = Field(None, min_length=1, description="Where tokenised corpora are cached (memory-mapped token files keyed by a hash of the files' contents and the tokenizer). Default: $MIDUS_CACHE/tokens, or ~/.cache/midus-surgery/tokens without MIDUS_CACHE.")
 
     @field_validator("train", "held_out", "dir_glob", mode="before")
     @classmethod
