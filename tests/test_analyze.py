@@ -429,6 +429,59 @@ def test_the_query_diagnosis_reruns_the_lookup_per_memory_block(world, capsys):
     assert "not a model directory (no config.json)" in capsys.readouterr().err
 
 
+def test_the_query_diagnosis_checks_the_model_and_data_as_analyze_does(world, tmp_path, monkeypatch, capsys):
+    """tools/diagnose_queries.py ran its default 256-token blocks past a model's positions and a tokenizer's ids past its
+    vocabulary into torch's IndexError traceback, and scored blocks of 1 token as a NaN loss with a verdict, exit 0
+    (trial138 F3). Now: the default block fits the model, a --block-size past its positions and a tokenizer past its
+    vocabulary are one line each, a block is at least 2 tokens, and a loss that is not a number is an error, exit 1."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tool_modules import load_tool
+    from train_fixtures.tiny import WORDS
+    from transformers import PreTrainedTokenizerFast
+
+    tool = load_tool("diagnose_queries")
+    corpus = str(world["root"] / "corpus")
+
+    def error_line(argv: list[str], code: int) -> str:
+        assert tool.main(argv) == code
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) == 1, captured.err
+        return captured.err
+
+    short = tmp_path / "short"  # a model of 32 positions: the default block (256) must fit it, as eval's does
+    shutil.copytree(world["memory"], short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32}))
+    assert tool.main([str(short), "--data", corpus, "--max-blocks", "2"]) == 0
+    assert capsys.readouterr().out.startswith(f"{short}: 64 tokens;")  # 2 blocks of 32
+    said = error_line([str(short), "--data", corpus, "--block-size", "64"], 2)
+    assert "--block-size: 64 tokens per block exceed the model's 32 positions (config.json max_position_embeddings)" in said
+
+    wide = tmp_path / "wide-tokenizer"  # its ids past the model's 64: the embedding's IndexError was the message
+    shutil.copytree(world["memory"], wide)
+    vocab = {"<unk>": 0, "<eos>": 1, "<pad>": 2, ".": 3, **{w: 100 + i for i, w in enumerate(dict.fromkeys(WORDS))}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<pad>").save_pretrained(wide)
+    said = error_line([str(wide), "--data", corpus, "--block-size", "16", "--max-blocks", "2"], 3)
+    assert f"the tokenizer of {wide} produces id" in said and "outside the model's vocabulary of 64" in said
+
+    with pytest.raises(SystemExit) as exit_:
+        tool.main([str(world["memory"]), "--data", corpus, "--block-size", "1"])
+    assert exit_.value.code == 2 and "--block-size: must be at least 2" in capsys.readouterr().err
+
+    def not_a_number(model, memory, batches):
+        return {"loss": float("nan"), "loss_constant_reads": float("nan"), "loss_memory_off": 4.0, "constant_share_of_gain": None}
+
+    monkeypatch.setattr(tool, "constant_reads", not_a_number)
+    assert tool.main([str(world["memory"]), "--data", corpus, "--block-size", "16", "--max-blocks", "2"]) == 1
+    captured = capsys.readouterr()
+    assert "held-out loss:" not in captured.out and "nothing measurable" not in captured.out
+    assert "the held-out loss is not a number (nan as is, nan with the reads averaged, 4.0 with the memory off)" in captured.err
+
+
 def test_the_query_diagnosis_refuses_an_empty_data_path(tmp_path, capsys):
     """--data "" was the current folder: every file under it read as held-out text, exit 0 (trial138 F2), as eval's was."""
     from tool_modules import load_tool

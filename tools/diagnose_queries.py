@@ -23,6 +23,7 @@ of what the memory adds depends on the token at all.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -127,10 +128,22 @@ def constant_reads(model, memory: dict, batches) -> dict:
             "constant_share_of_gain": (off - constant) / gain if gain > 0 else None}
 
 
+OWN_CODE = "eval --trust-remote-code runs it; this tool never runs a model's own code"  # a MIDUS output needs none
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def block_size(text: str) -> int:
+    """--block-size: at least 2, as eval's (one to read, one to predict): a block of 1 predicts nothing, and its loss
+    was NaN, shown as a verdict (trial138 F3)."""
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (one token to read, one to predict), got {value}")
     return value
 
 
@@ -148,41 +161,72 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("model", type=Path, help="a MIDUS model directory (`apply` or `train` output)")
     ap.add_argument("--data", nargs="+", required=True, type=data_path, help="held-out files or directories")
-    ap.add_argument("--block-size", type=positive_int, default=256, help="tokens per packed block")
+    ap.add_argument("--block-size", type=block_size, default=None,
+                    help="tokens per packed block (default: 256, or the model's positions when fewer)")
     ap.add_argument("--max-blocks", type=positive_int, default=8, help="blocks read (4 per batch)")
     args = ap.parse_args(argv)
-    from midus_surgery.downstream.analyze import _memory_layers
-    from midus_surgery.errors import MidusError
+    from midus_surgery.downstream.analyze import DEFAULT_ANALYSIS_BLOCK, _memory_layers
+    from midus_surgery.errors import MidusError, printable
     from midus_surgery.train import data as D
     from midus_surgery.train.config import DIR_GLOB
-    from midus_surgery.train.evaluate import block_batches, load_causal_lm, load_tokenizer
+    from midus_surgery.train.evaluate import (
+        block_batches,
+        check_finite_weights,
+        check_model_loads,
+        check_vocabulary,
+        context_problem,
+        load_causal_lm,
+        position_limit,
+        unforeseen,
+        unforeseen_failure,
+    )
 
     if not (args.model / "config.json").is_file():  # never a hub id: nothing here downloads
         print(f"error: {args.model}: not a model directory (no config.json)", file=sys.stderr)
         return 2
     try:
-        model = load_causal_lm(args.model, dtype=torch.float32, progress=False).eval()
+        # what eval and analyze check first (trial138 F3: a block past a learned position table, or a tokenizer whose ids
+        # pass the model's vocabulary, ended in torch's IndexError traceback): the model dir, its tokenizer, the weights'
+        # headers, a --block-size given past the positions
+        tokenizer = check_model_loads(args.model, block_size=args.block_size, how_to_allow=OWN_CODE)
+        model = load_causal_lm(args.model, dtype=torch.float32, progress=False, how_to_allow=OWN_CODE, headers_checked=True).eval()
+        check_finite_weights(model, args.model)
         memory = _memory_layers(model)
         if not memory:
             print(f"error: {args.model}: no Memory block", file=sys.stderr)
             return 2
-        tokenizer = load_tokenizer(args.model)
         stream = D.prepare_corpus(list(args.data), Path.cwd(), tokenizer, dir_glob=DIR_GLOB,
                                   text_field="text", cache_dir=D.default_cache_dir(), progress=False, what="data",
                                   tokenizer_source=str(args.model))
-        blocks, _ = D.split(stream, None, args.block_size, 0.0, what="data (--block-size)")
+        check_vocabulary(stream, model, args.model)
+        size = args.block_size or min(DEFAULT_ANALYSIS_BLOCK, (position_limit(model) or (DEFAULT_ANALYSIS_BLOCK, ""))[0])
+        if too_long := context_problem(model, size):  # an alias only the built config knows (check_model_loads saw the rest)
+            print(f"error: {args.model}: --block-size: {too_long}", file=sys.stderr)
+            return 2
+        blocks, _ = D.split(stream, None, size, 0.0, what="data (--block-size)")
+        queries = collect_queries(model, block_batches(blocks, 4, max_blocks=args.max_blocks))
+        result = {str(i): diagnose(memory[i], q) for i, q in queries.items()}
+        reads = constant_reads(model, memory, lambda: block_batches(blocks, 4, max_blocks=args.max_blocks))
     except MidusError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    queries = collect_queries(model, block_batches(blocks, 4, max_blocks=args.max_blocks))
-    result = {str(i): diagnose(memory[i], q) for i, q in queries.items()}
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - a RuntimeError in the model's forward: one line, as eval says it
+        if not unforeseen(exc):
+            raise
+        print(f"error: {printable(str(unforeseen_failure(args.model, exc)))}", file=sys.stderr)
+        return 1
     print(f"{args.model}: {next(iter(result.values()))['tokens']:,} tokens; per layer: cos(query, mean query) | "
           "slots read at least once / top-1% share of reads")
     for layer, r in result.items():
         cells = " | ".join(f"{name} {r[name]['used_fraction']:6.1%} / {r[name]['top1pct_share']:5.1%}"
                            for name in ("as is", "centred", "standardised", "cosine keys"))
         print(f"layer {layer:>2}: cos {r['cosine_to_mean_query']:.2f} | {cells}")
-    reads = constant_reads(model, memory, lambda: block_batches(blocks, 4, max_blocks=args.max_blocks))
+    losses = {"as is": reads["loss"], "with the reads averaged": reads["loss_constant_reads"], "with the memory off": reads["loss_memory_off"]}
+    if not all(math.isfinite(v) for v in losses.values()):  # a NaN was shown as a verdict, "(+nan nats)", exit 0 (trial138 F3)
+        said = ", ".join(f"{v} {name}" for name, v in losses.items())
+        print(f"error: {args.model}: the held-out loss is not a number ({said}): its activations overflow in float32 "
+              "(its weights are finite); no verdict on the memory", file=sys.stderr)
+        return 1
     gain = reads["loss_memory_off"] - reads["loss"]
     # a share of a gain below the printed precision would be noise dressed as a percentage
     verdict = (f": the memory gains {gain:.4f} nats, of which the averages keep {reads['constant_share_of_gain']:.0%}" if gain >= 5e-4
