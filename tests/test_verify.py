@@ -707,6 +707,53 @@ def test_an_output_whose_tokenizer_does_not_load_is_said_not_passed_silently(bas
     assert "note: no tokenizer files" not in text
 
 
+@pytest.mark.parametrize("how", ["fifo", "folder", "cut"])
+def test_weights_that_cannot_be_read_are_a_model_that_cannot_be_checked(how, bases, tmp_path, capsys):
+    """A model.safetensors that is a pipe, a folder or cut short: FAIL load with transformers' "no file named
+    model.safetensors" (the file is there) or a bare SafetensorError naming no file, exit 1, where --help promises 2 for
+    a model that cannot be checked (trial138 F6). Now eval's words for the file, one line, exit 2."""
+    from midus_surgery.cli import main
+
+    out = emitted(bases, tmp_path, "llama", "llama-pro")
+    capsys.readouterr()  # apply's own warnings
+    weights = out / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.unlink()
+    if how == "fifo":
+        os.mkfifo(weights)
+    elif how == "folder":
+        weights.mkdir()
+    else:
+        weights.write_bytes(whole[:len(whole) // 2])
+    assert main(["verify", str(out)]) == 2
+    err = capsys.readouterr().err
+    said = "is not a regular file (a pipe, a device or a folder)" if how != "cut" else "a corrupt or truncated safetensors file"
+    assert err.startswith(f"error: {out}: cannot load the weights: {weights}") and said in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "no file named" not in err, err
+
+
+def test_a_tokenizer_past_the_models_vocabulary_is_said_as_the_tokenizers_not_the_forward_pass(bases, tmp_path, capsys):
+    """A folder whose tokenizer gives ids past the model's embedding: "FAIL forward: the model fails to run a forward pass:
+    IndexError", blaming the model (trial138 F6). Now a FAIL tokenizer row in eval's words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from midus_surgery.cli import main
+    from midus_surgery.emit.verify import SAMPLE_TEXT
+
+    out = emitted(bases, tmp_path, "llama", "llama-pro")
+    words = dict.fromkeys(SAMPLE_TEXT.split())
+    tok = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "<eos>": 1, **{w: 100_000 + i for i, w in enumerate(words)}}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(out)
+    assert main(["verify", str(out)]) == 1
+    printed = capsys.readouterr()
+    vocab = json.loads((out / "config.json").read_text())["vocab_size"]
+    assert f"FAIL tokenizer: the tokenizer of {out} produces id 1000" in printed.out
+    assert f"outside the model's vocabulary of {vocab}: the folder's tokenizer files are not this model's" in printed.out
+    assert "FAIL forward" not in printed.out and "verify failed: tokenizer" in printed.err
+
+
 def test_verify_with_the_flag_runs_no_code_of_a_stock_base(bases, tmp_path):
     """trial49: `verify --trust-remote-code OUT` loaded the recorded base with the flag too, and transformers then ran
     the base's custom_generate/generate.py, which no message named. The flag is for the output's own code: a base

@@ -116,8 +116,17 @@ def _weights_unlike_config(path: Path, trust_remote_code: bool) -> str | None:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        held = stored_by_module_name(path, load_renames(model))
-    except Exception:  # noqa: BLE001 - no config, code not allowed, headers that do not read: the load says it as it does
+        renames = load_renames(model)
+    except Exception:  # noqa: BLE001 - no config, code not allowed: the load says it as it does
+        return None
+    try:
+        held = stored_by_module_name(path, renames)
+    except MidusError as exc:
+        # weights that cannot be read (a pipe, a folder, a cut file): the model cannot be checked, exit 2 as --help says,
+        # in eval's words; the load said transformers' "no file named model.safetensors" or a bare SafetensorError, exit 1
+        # (trial138 F6)
+        raise UsageError(f"{printable(str(path))}: cannot load the weights: {exc}") from None
+    except Exception:  # noqa: BLE001 - headers that do not read otherwise: the load says it as it does
         return None
     shapes = wrong_shapes({name: shape for name, (_, shape) in held.items()}, model)
     return f"{path}: the weights do not match the model's architecture: {shapes}" if shapes else None
@@ -469,6 +478,13 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
         record(_skip("tokenizer", f"the folder's tokenizer does not load ({unusable}); the checks ran on random token ids: "
                                   "fix or replace its tokenizer files before publishing"))
     ids = _batch(model, tokenizer)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if tokenizer is not None and ids.numel() and int(ids.max()) >= rows:
+        # the embedding's IndexError was said as "the model fails to run a forward pass", blaming the model for a tokenizer
+        # that is not its own; eval's words (trial138 F6)
+        record(Check("tokenizer", False, f"the tokenizer of {printable(str(out))} produces id {int(ids.max())}, outside the model's "
+                                         f"vocabulary of {rows}: the folder's tokenizer files are not this model's"))
+        return checks
     try:
         logits = _logits(model, ids)
     except Exception as exc:  # noqa: BLE001 - a model that cannot run is the check's result
