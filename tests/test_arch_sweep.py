@@ -42,6 +42,15 @@ def test_a_hybrid_refused_for_its_other_layers_is_tried_after_the_layers_that_ca
     assert sweep_tool.counts({"nemotron_h": results})["midus"]["ok on other layers"] == 1
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_a_midus_output_of_a_base_that_derives_its_layer_types_saves_again(tmp_path):
+    """RecurrentGemma (and Bamba) compute layer_types from a read-only property: the MIDUS config kept a copy, wrote
+    it on save, and the reload passed it back, AttributeError: every save_pretrained of the loaded output, and so
+    verify's round trip, PEFT merges and Trainer checkpoints, failed (trial140 F1) while the sweep's table said ok."""
+    results = sweep_tool.sweep(["recurrent_gemma"], tmp_path, lambda line: None, isolate=False)["recurrent_gemma"]
+    assert results["midus"].startswith("ok on other layers: after base layers 2, 5 "), results["midus"]
+
+
 def _hybrid(kinds: set[str]) -> bool:
     """Softmax attention layers and others (linear attention, short convolutions, state-space layers)."""
     softmax = kinds & {"full_attention", "sliding_attention", "attention"}

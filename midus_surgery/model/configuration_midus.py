@@ -27,13 +27,14 @@ class MidusConfig(PretrainedConfig):
         super().__init__(**kwargs)
         # The base config class, built once from the same attributes: answers aliases (GPT-2's
         # hidden_size -> n_embd) and computed properties that the flat attributes don't hold.
-        fields = {k: v for k, v in kwargs.items() if k not in ("auto_map", "architectures", "transformers_version")}
+        derived = _derived_keys(CONFIG_MAPPING[base_model_type]) if base_model_type in CONFIG_MAPPING else set()
+        fields = {k: v for k, v in kwargs.items() if k not in ("auto_map", "architectures", "transformers_version") and k not in derived}
         snapshot = CONFIG_MAPPING[base_model_type](**fields) if base_model_type else None
         object.__setattr__(self, "_base_snapshot", snapshot)
         # transformers 5.17 remaps "legacy" layer_types of configs it takes for custom code (this class: conv, mamba ->
         # linear_attention, attention -> full_attention) while the base's own modeling code still reads the old names:
-        # keep the base class's layer_types
-        if snapshot is not None and isinstance(getattr(snapshot, "layer_types", None), list):
+        # keep the base class's layer_types (unless the base derives them, read through the snapshot then)
+        if snapshot is not None and "layer_types" not in derived and isinstance(getattr(snapshot, "layer_types", None), list):
             self.layer_types = list(snapshot.layer_types)
         for key, value in (vars(snapshot) if snapshot is not None else {}).items():
             # a nested config (MPT's attn_config, a multimodal config's towers) is read as attributes
@@ -74,6 +75,8 @@ class MidusConfig(PretrainedConfig):
     def to_dict(self) -> dict:
         data = super().to_dict()
         data.pop("_base_snapshot", None)
+        for key in _derived_keys(CONFIG_MAPPING[self.base_model_type]) if self.base_model_type in CONFIG_MAPPING else ():
+            data.pop(key, None)  # the base config computes it, and refuses it as an argument
         # save_pretrained names the instance's class (MidusLlamaForCausalLM, built at run time) and,
         # with trust_remote_code, points auto_map at it: write the public classes this file's
         # modeling_midus.py defines by name, so the directory loads again anywhere.
@@ -81,6 +84,19 @@ class MidusConfig(PretrainedConfig):
         data["architectures"] = [n[0] if n else a for n, a in zip(named, data.get("architectures") or [])] or ["MidusForCausalLM"]
         data["auto_map"] = dict(AUTO_MAP)
         return data
+
+
+def _derived_keys(base_class: type) -> set[str]:
+    """The names a base config class computes and refuses as arguments: its properties without a setter, and the
+    aliases its attribute_map points at them (Bamba's and RecurrentGemma's layer_types -> layers_block_type). Kept
+    in this config, a save wrote layer_types, and the reload (or validate) passed it back: AttributeError, so a
+    MIDUS Bamba could not be saved again."""
+    def read_only(name: str) -> bool:
+        attribute = getattr(base_class, name, None)
+        return isinstance(attribute, property) and attribute.fset is None
+
+    aliases = {alias for alias, target in getattr(base_class, "attribute_map", {}).items() if read_only(target)}
+    return aliases | {name for name in dir(base_class) if not name.startswith("_") and read_only(name)}
 
 
 def split_runtime_name(name: str) -> tuple[str, str] | None:
