@@ -67,6 +67,11 @@ def test_paths_expand_environment_variables_and_an_unset_one_is_an_error(tmp_pat
     assert p.where.endswith("r.yaml:11:3")
     (p,) = problems(tmp_path, GOOD.replace("dir: out", "dir: '${out'"))
     assert p.message == "'${out' opens ${ without closing it (write $$ for a $ itself)"
+    # set to nothing: the empty text, which is the recipe's own folder (an empty data path read every file under it)
+    monkeypatch.setenv("MIDUS_TEST_EMPTY", "")
+    for old, new, field in (("path: base-model", "path: $MIDUS_TEST_EMPTY", "base.path"), ("dir: out", "dir: ${MIDUS_TEST_EMPTY}", "output.dir")):
+        (p,) = problems(tmp_path, GOOD.replace(old, new))
+        assert (p.field, p.message) == (field, f"should be a path, got an empty text ({new.split(': ')[1]!r} expands to nothing)")
 
 
 def test_a_folder_to_write_named_with_a_control_character_is_refused(tmp_path, monkeypatch):

@@ -317,7 +317,8 @@ def test_an_empty_data_path_is_refused_when_the_config_is_read(data, says, tmp_p
         load_train_config(path)
     path.write_text("init_from: m\nrun_dir: r\ntokens: 2M\ndata:\n  train: x.txt\n")
     for override, field in (("data.train=['']", r"data\.train\.0"), ("data.held_out=''", r"data\.held_out\.0"),
-                            ("data.cache_dir=''", r"data\.cache_dir")):
+                            ("data.cache_dir=''", r"data\.cache_dir"), ("init_from=$MIDUS_TEST_EMPTY", "init_from"),
+                            ("run_dir=$MIDUS_TEST_EMPTY", "run_dir"), ("export.dir=$MIDUS_TEST_EMPTY", r"export\.dir")):
         with pytest.raises(RecipeError, match=field + ": should be a path, got an empty text"):
             load_train_config(path, [override])
 

@@ -68,7 +68,10 @@ def expand_environment(text: str) -> str:
             raise ValueError(f"{text!r} names ${name}, which is not set in the environment (write $$ for a $ itself)")
         return os.environ[name]
 
-    return _ENV_REFERENCE.sub(value, text)
+    expanded = _ENV_REFERENCE.sub(value, text)
+    if text and not expanded:  # init_from: $EMPTY was "", the config's own folder (as an empty data path was: trial138 F2)
+        raise ValueError(f"should be a path, got an empty text ({text!r} expands to nothing)")
+    return expanded
 
 
 # A path a user writes in a recipe or a training config: ~ and $NAME / ${NAME} expanded
@@ -111,7 +114,7 @@ class Strict(BaseModel):
 class BaseModelSpec(Strict):
     """The pre-trained model to up-scale."""
 
-    path: PathText = Field(min_length=1, description="A local Hugging Face model directory (config.json + safetensors) or a .gguf file. Relative paths are resolved against the recipe's directory; `~` and `$NAME` / `${NAME}` expand (an unset variable is an error; `$$` is a `$`).")
+    path: PathText = Field(min_length=1, description="A local Hugging Face model directory (config.json + safetensors) or a .gguf file. Relative paths are resolved against the recipe's directory; `~` and `$NAME` / `${NAME}` expand (an unset variable is an error, as is a path that expands to nothing; `$$` is a `$`).")
     config: PathText | None = Field(None, min_length=1, description="A config.json to plan from when `path` is not present (lets `validate`/`plan` run on a machine without the weights). Defaults to `path`/config.json, or the GGUF's own metadata.")
     gguf_file: str | None = Field(None, description="The GGUF file's name inside `path` when `path` is a directory holding one.")
     trust_remote_code: StrictBool = Field(False, description="Allow the base model's own modeling code (Hub `auto_map`). Off by default.")

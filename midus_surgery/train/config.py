@@ -82,7 +82,7 @@ DataPathText = Annotated[PathText, Field(min_length=1)]
 class DataConfig(Strict):
     """The text to train on and the held-out split."""
 
-    train: list[DataPathText] = Field(min_length=1, description="Training text: files (.txt/.md/.rst read as one document each; .jsonl/.ndjson one JSON record per line, see `text_field`; any other file is read as text), directories (every file matching `dir_glob` under them) and glob patterns. Relative paths are resolved against the config file's directory; `~` and `$NAME` / `${NAME}` expand in every path of this config (an unset variable is an error; `$$` is a `$`).")
+    train: list[DataPathText] = Field(min_length=1, description="Training text: files (.txt/.md/.rst read as one document each; .jsonl/.ndjson one JSON record per line, see `text_field`; any other file is read as text), directories (every file matching `dir_glob` under them) and glob patterns. Relative paths are resolved against the config file's directory; `~` and `$NAME` / `${NAME}` expand in every path of this config (an unset variable is an error, as is a path that expands to nothing; `$$` is a `$`).")
     held_out: list[DataPathText] | None = Field(None, description="Separate held-out files, directories or globs. When given, `held_out_fraction` is ignored and all training text is trained on; an empty list is as not given.")
     held_out_fraction: Number = Field(0.01, ge=0.0, lt=0.5, description="Without `held_out`: the fraction of packed blocks kept out of training, spread evenly over the corpus (block i is held out when floor((i+1)f) > floor(i f)). 0 disables held-out evaluation.")
     text_field: str = Field("text", min_length=1, description="The field of each JSONL record that holds the document's text.")
