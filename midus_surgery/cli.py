@@ -92,6 +92,8 @@ def _folder_to_write(text: str) -> str:
     it; an escape sequence reached the terminal in the "wrote" line: trial83 F6)."""
     from midus_surgery.recipe.schema import no_control_characters
 
+    if text == "":  # the current folder: refused only because it held an input, or written into (apply --out "")
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?); name the folder to write")
     try:
         return no_control_characters(text)
     except ValueError as exc:

@@ -738,7 +738,10 @@ def test_a_folder_to_write_named_with_a_control_character_is_a_usage_error(argv,
     assert exit_.value.code == 2 and "holds the control character '\\x1b': a folder to write is not named with one" in err
     assert "\x1b" not in err, err
 
+
 @pytest.mark.parametrize("argv, option", [
+    (["apply", "r.yaml", "--out", ""], "--out"),  # the current folder: refused only when it held an input
+    (["analyze", "m", "--data", "d", "--out", ""], "--out"),
     (["eval", "m", "--data", ""], "--data"),
     (["eval", "m", "--data", "corpus", ""], "--data"),
     (["analyze", "m", "--out", "o", "--data", ""], "--data"),
