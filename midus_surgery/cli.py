@@ -982,7 +982,7 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--data", nargs="+", metavar="PATH", type=_data_path, help="held-out perplexity on text files, directories, globs, JSONL, or a token cache directory")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="lm-evaluation-harness task names (space or comma separated; needs the eval extra: "
                    "pip install -e \".[eval]\"); tasks of --include-path folders too")
-    p.add_argument("--include-path", action="append", metavar="DIR", help="a folder of lm-eval task YAMLs (e.g. the offline suite of tools/make_task_suite.py); repeatable")
+    p.add_argument("--include-path", action="append", metavar="DIR", type=_given_path("name the folder of task YAMLs"), help="a folder of lm-eval task YAMLs (e.g. the offline suite of tools/make_task_suite.py); repeatable")
     p.add_argument("--allow-task-code", action="store_true", help="let --include-path tasks run Python (!function, includes, HF evaluate metrics) and render their templates unsandboxed")
     p.add_argument("--limit", type=float, default=None, help="--tasks: at most this many items per task (a fraction below 1)")
     p.add_argument("--num-fewshot", type=_int_at_least(0), default=None, help="--tasks: few-shot examples (default: each task's own)")
@@ -1021,7 +1021,8 @@ def _add_train_commands(subparsers) -> None:
     p.add_argument("--text-field", default="text", type=_field_name, help="the JSONL field holding the text (default: text)")
     p.add_argument("--cache-dir", default=None, type=_cache_folder,
                    help="token cache (default: $MIDUS_CACHE/tokens or ~/.cache/midus-surgery/tokens)")
-    p.add_argument("--fixed-retrieval", metavar="MODEL_DIR", help="a model trained like MODEL_DIR but with memory.retrieval: frozen: "
+    p.add_argument("--fixed-retrieval", metavar="MODEL_DIR", type=_given_path("name the frozen-retrieval run's export, or leave "
+                   "--fixed-retrieval out"), help="a model trained like MODEL_DIR but with memory.retrieval: frozen: "
                    "its held-out loss on the same blocks, against the learned retrieval's")
     p.add_argument("--batch-size", type=_int_at_least(1), default=4, help="sequences per forward pass (default 4)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype to run the model in (default float32)")

@@ -748,6 +748,8 @@ def test_a_folder_to_write_named_with_a_control_character_is_a_usage_error(argv,
     (["eval", "m", "--data", "d", "--cache-dir", ""], "--cache-dir"),
     (["analyze", "m", "--data", "d", "--out", "o", "--cache-dir", ""], "--cache-dir"),
     (["verify", "m", "--base", ""], "--base"),
+    (["analyze", "m", "--data", "d", "--out", "o", "--fixed-retrieval", ""], "--fixed-retrieval"),  # the comparison skipped, exit 0
+    (["eval", "m", "--tasks", "t", "--include-path", ""], "--include-path"),  # the current folder read as a task folder
 ])
 def test_an_empty_path_on_the_command_line_is_a_usage_error(argv, option, tmp_path, monkeypatch, capsys):
     """--data "" (an unset shell variable) read every file under the current folder as held-out text, exit 0; --cache-dir ""

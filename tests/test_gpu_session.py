@@ -64,6 +64,9 @@ def test_the_carry_refuses_a_missing_model_and_a_folder_it_did_not_write(tmp_pat
     (dest / "work/out/dus/config.json").write_text("edited by hand, longer than before")
     with pytest.raises(SystemExit, match=r"\(work/out/dus/config.json\)"):
         gs.carry([a], dest, root=tmp_path)
+    (dest / gs.MARKER).write_text("written by tools/gpu_session.py prepare; replaced by the next prepare\n")  # an earlier version's
+    with pytest.raises(SystemExit, match=r"marker records no files \(an earlier gpu_session.py wrote it\)"):
+        gs.carry([a], dest, root=tmp_path)
 
 
 def test_unpacking_on_the_gpu_machine_places_files_and_overwrites_nothing(tmp_path):

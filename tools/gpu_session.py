@@ -121,6 +121,9 @@ def carry(dirs: list[Path], dest: Path, root: Path = REPO) -> int:
         if not (dest / MARKER).is_file():
             raise SystemExit(f"{dest} exists and was not written by `gpu_session.py prepare`; move it away first")
         foreign = not_written_by_prepare(dest)
+        if foreign and not recorded_files(dest):  # an earlier prepare's marker lists no files: nothing to tell them apart by
+            raise SystemExit(f"{dest}'s marker records no files (an earlier gpu_session.py wrote it), so what prepare wrote "
+                             "there cannot be told from anything added since; move it away first")
         if foreign:  # a marker alone let a user's notes or fetched timings in the carry go with it (trial139 F2)
             raise SystemExit(f"{dest} also holds what `gpu_session.py prepare` did not write there ({', '.join(foreign[:5])}); "
                              "move it away first")
@@ -142,13 +145,19 @@ def record_carry(dest: Path) -> None:
                                            "files": written}, indent=1) + "\n")
 
 
-def not_written_by_prepare(dest: Path) -> list[str]:
-    """What ``dest`` holds beyond its marker's record (relative paths): a file not listed, or of another size, a
-    folder or link where none was written. An unreadable marker records nothing."""
+def recorded_files(dest: Path) -> dict:
+    """The files ``dest``'s marker records (relative path -> size); empty when it records none or does not read."""
     try:
         recorded = json.loads((dest / MARKER).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
-        recorded = {}
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def not_written_by_prepare(dest: Path) -> list[str]:
+    """What ``dest`` holds beyond its marker's record (relative paths): a file not listed, or of another size, a
+    folder or link where none was written. An unreadable marker records nothing."""
+    recorded = recorded_files(dest)
     folders = {parent.as_posix() for name in recorded for parent in Path(name).parents}
     found = []
     for entry in sorted(dest.rglob("*")):
