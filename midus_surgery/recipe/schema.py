@@ -400,8 +400,6 @@ def _say(item: dict, loc: tuple) -> tuple[str, str | None]:
         return "should be a path, got an empty text", None
     if kind == "too_short" and item.get("input") == "":  # a path field's empty text (export.dir='')
         return "should be a path, got an empty text", None
-    if kind == "too_short" and isinstance(item.get("input"), str):  # a path whose $NAME is set to nothing: empty once expanded
-        return f"should be a path, got an empty text ({item['input']!r} expands to nothing)", None
     if kind == "too_short":
         return f"should have at least {ctx.get('min_length')} item(s), got {ctx.get('actual_length', 'fewer')}", None
     message = item["msg"]
