@@ -11,6 +11,7 @@ tool writes there, raises ``NotBookkeeping`` (an ``OSError``), which every reade
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -64,15 +65,24 @@ def read_small_text(path: str | os.PathLike, limit: int = SMALL_BYTES, *, follow
     return read_small_bytes(path, limit, follow_links=follow_links).decode("utf-8")
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """``path`` holds ``text`` whole or its earlier content, never a part: written beside it, then renamed over it.
-    A marker rewritten in place (truncated, then written) and killed between the two read as no marker, and its
-    full-size partial output was never cleaned up (trial66)."""
+@contextlib.contextmanager
+def replaced_atomically(path: Path):
+    """Yields a path beside ``path`` to write; renamed over ``path`` when the block ends, removed when it fails. So
+    ``path`` holds the new file whole or its earlier content, never a part, and is a new file: one hard-linked
+    elsewhere (a run directory copied with cp -al) leaves the other link's content as it was."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """``path`` holds ``text`` whole or its earlier content, never a part (``replaced_atomically``). A marker rewritten
+    in place (truncated, then written) and killed between the two read as no marker, and its full-size partial output
+    was never cleaned up (trial66)."""
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(text)

@@ -11,6 +11,8 @@ base architecture's own modeling code reads this config unchanged.
 
 from __future__ import annotations
 
+import functools
+
 from transformers import PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -86,7 +88,8 @@ class MidusConfig(PretrainedConfig):
         return data
 
 
-def _derived_keys(base_class: type) -> set[str]:
+@functools.lru_cache(maxsize=None)  # per class: read at every config built and every to_dict
+def _derived_keys(base_class: type) -> frozenset[str]:
     """The names a base config class computes and refuses as arguments: its properties without a setter, and the
     aliases its attribute_map points at them (Bamba's and RecurrentGemma's layer_types -> layers_block_type). Kept
     in this config, a save wrote layer_types, and the reload (or validate) passed it back: AttributeError, so a
@@ -96,7 +99,7 @@ def _derived_keys(base_class: type) -> set[str]:
         return isinstance(attribute, property) and attribute.fset is None
 
     aliases = {alias for alias, target in getattr(base_class, "attribute_map", {}).items() if read_only(target)}
-    return aliases | {name for name in dir(base_class) if not name.startswith("_") and read_only(name)}
+    return frozenset(aliases | {name for name in dir(base_class) if not name.startswith("_") and read_only(name)})
 
 
 def split_runtime_name(name: str) -> tuple[str, str] | None:

@@ -58,7 +58,7 @@ from midus_surgery.io.output_dir import (
     rewrite_held_marker,
     write_marker,
 )
-from midus_surgery.io.small_files import read_small_text, write_text_atomically
+from midus_surgery.io.small_files import read_small_text, replaced_atomically, write_text_atomically
 from midus_surgery.recipe.schema import cwd_relative_hint, parse_size
 from midus_surgery.train import data as D
 from midus_surgery.train import sharding
@@ -1337,14 +1337,9 @@ class Runner:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        path = self.run_dir / "loss.png"
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        try:  # renamed over it: a hard-linked copy's loss.png is the original run's too (trial139 F1), and never half-drawn
-            fig.savefig(tmp, format="png")
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        try:  # a new file renamed over it: a hard-linked copy's loss.png is the original run's too (trial139 F1)
+            with replaced_atomically(self.run_dir / "loss.png") as tmp:
+                fig.savefig(tmp, format="png")
         finally:
             plt.close(fig)
 
