@@ -9,6 +9,10 @@ cd "$(dirname "$0")/.."
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 out=work/out/smollm2-135m-midus
 run=work/runs/demo-smollm2-midus
+# the demo keeps its files under work/: the user's own cache must come out as it went in (checked at the end)
+user_cache="$HOME/.cache/midus-surgery"
+cache_listing() { find "$user_cache" -printf '%p %s %T@\n' 2>/dev/null | sort; }
+cache_before=$(cache_listing)
 
 step "1/8 validate every bundled recipe (configs only, no weights)"
 midus-surgery validate recipes/*.yaml
@@ -67,3 +71,8 @@ for model in work/smollm2-135m "$run/final"; do
 done
 echo
 echo "loss plot: $run/loss.png    metrics: $run/metrics.jsonl    model: $run/final"
+if [[ "$(cache_listing)" != "$cache_before" ]]; then
+  echo "demo: something under $user_cache was added or changed; the demo's files belong under work/" >&2
+  exit 1
+fi
+echo "nothing added or changed under $user_cache"
