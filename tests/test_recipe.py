@@ -72,6 +72,36 @@ def test_paths_expand_environment_variables_and_an_unset_one_is_an_error(tmp_pat
     for old, new, field in (("path: base-model", "path: $MIDUS_TEST_EMPTY", "base.path"), ("dir: out", "dir: ${MIDUS_TEST_EMPTY}", "output.dir")):
         (p,) = problems(tmp_path, GOOD.replace(old, new))
         assert (p.field, p.message) == (field, f"should be a path, got an empty text ({new.split(': ')[1]!r} expands to nothing)")
+    # set to nothing inside a longer path: $OUT/model with OUT="" was /model, written at the filesystem's top (trial144 F1)
+    for old, new, field in (("dir: out", "dir: ${MIDUS_TEST_EMPTY}/tmp/out", "output.dir"),
+                            ("path: base-model", "path: base-$MIDUS_TEST_EMPTY", "base.path")):
+        (p,) = problems(tmp_path, GOOD.replace(old, new))
+        name, text = "$MIDUS_TEST_EMPTY", new.split(": ")[1]
+        assert (p.field, p.message) == (field, f"{text!r} names {name}, which is set to nothing: the path would be "
+                                               f"{text.replace('${MIDUS_TEST_EMPTY}', '').replace(name, '')!r} (set it, or leave it out of the path)")
+    # nothing but blanks, written or brought by a variable: a folder named one space was made (trial144 F5)
+    monkeypatch.setenv("MIDUS_TEST_BLANK", " ")
+    for new in ('dir: "  "', "dir: $MIDUS_TEST_BLANK"):
+        (p,) = problems(tmp_path, GOOD.replace("dir: out", new))
+        assert p.field == "output.dir" and p.message.startswith("should be a path, got only blanks"), p.message
+
+
+def test_gguf_file_expands_as_a_path_and_its_problems_are_located_at_it(tmp_path, monkeypatch):
+    """base.gguf_file was a plain text: `$GG` stayed as written, its 'not found' was said at base.path, and "" was taken
+    as no GGUF at all (trial144 F6)."""
+    monkeypatch.setenv("MIDUS_TEST_GGUF", "model.gguf")
+    (tmp_path / "base-model").mkdir()
+    text = GOOD.replace("path: base-model", "path: base-model\n  gguf_file: $MIDUS_TEST_GGUF")
+    loaded = load_recipe(write(tmp_path, text))
+    assert loaded.recipe.base.gguf_file == "model.gguf"
+    from midus_surgery.compiler.base import load_base_config
+
+    with pytest.raises(RecipeError) as info:
+        load_base_config(loaded)
+    (p,) = info.value.problems
+    assert p.field == "base.gguf_file" and p.message.startswith("base model not found: ") and "model.gguf" in p.message, p
+    (p,) = problems(tmp_path, GOOD.replace("path: base-model", 'path: base-model\n  gguf_file: ""'))
+    assert p.field == "base.gguf_file", p
 
 
 def test_a_folder_to_write_named_with_a_control_character_is_refused(tmp_path, monkeypatch):

@@ -486,8 +486,9 @@ def load_base_config(loaded: LoadedRecipe):
             raise RecipeError([loaded.problem(("base", key), f"{where}: {problem}") for problem in problems])
         return config
     wanted = ref.directory / (ref.gguf_file or "config.json")
+    at = ("base", "gguf_file" if ref.gguf_file is not None and ref.gguf_file == loaded.recipe.base.gguf_file else "path")
     if wanted.exists() and not wanted.is_file():  # a pipe would block the read, a device never ends
-        raise RecipeError([loaded.problem(("base", "path"), f"{printable(str(wanted))} is not a regular file (a pipe, a device or a folder)")])
+        raise RecipeError([loaded.problem(at, f"{printable(str(wanted))} is not a regular file (a pipe, a device or a folder)")])
     ggufs = sorted(p.name for p in ref.directory.glob("*.gguf")) if ref.gguf_file is None and ref.directory.is_dir() else []
     if ggufs:  # a folder of GGUF files: which one is the user's to say
         raise RecipeError([loaded.problem(("base", "path"), f"{printable(str(ref.directory))} has no config.json but holds GGUF weights ({', '.join(ggufs[:4])}): "
@@ -495,5 +496,5 @@ def load_base_config(loaded: LoadedRecipe):
     if ref.gguf_file is None and ref.directory.is_file():
         raise RecipeError([loaded.problem(("base", "path"), f"{printable(str(ref.directory))} is a file: give the model's directory (config.json beside "
                                                             "the weights), or a .gguf file")])
-    raise RecipeError([loaded.problem(("base", "path"), f"base model not found: {printable(str(wanted))} (give base.config, a config.json, to validate and plan without the weights)"
+    raise RecipeError([loaded.problem(at, f"base model not found: {printable(str(wanted))} (give base.config, a config.json, to validate and plan without the weights)"
                                                         f"{cwd_relative_hint(loaded.recipe.base.path, loaded.directory)}")])

@@ -55,7 +55,11 @@ def expand_environment(text: str) -> str:
     """A path as written in a YAML file with $NAME and ${NAME} read from the environment, as a shell
     would ($SCRATCH/models on a cluster). Not left as they are: an output written to a folder named
     `$HOME` under the recipe's folder is no user's intent (trial49). An unset name is an error, not
-    an empty text (`$OUT/model` would become `/model`); $$ is a literal $."""
+    an empty text (`$OUT/model` would become `/model`), and so is a name set to nothing, for the same
+    reason (trial144 F1); $$ is a literal $. A path of nothing but blanks is refused too: a folder
+    named one space is a slip, never a wish."""
+    set_to_nothing: list[str] = []
+
     def value(match: re.Match) -> str:
         if match["dollar"]:
             return "$"
@@ -66,11 +70,18 @@ def expand_environment(text: str) -> str:
             raise ValueError(f"{text!r}: ${{{name}}} is not an environment variable's name (write $$ for a $ itself)")
         if name not in os.environ:
             raise ValueError(f"{text!r} names ${name}, which is not set in the environment (write $$ for a $ itself)")
+        if os.environ[name] == "":
+            set_to_nothing.append(name)
         return os.environ[name]
 
     expanded = _ENV_REFERENCE.sub(value, text)
     if text and not expanded:  # init_from: $EMPTY was "", the config's own folder (as an empty data path was: trial138 F2)
         raise ValueError(f"should be a path, got an empty text ({text!r} expands to nothing)")
+    if set_to_nothing:  # $OUT/model with OUT="" is /model: written as root at the top of the filesystem
+        raise ValueError(f"{text!r} names ${set_to_nothing[0]}, which is set to nothing: the path would be {expanded!r} "
+                         "(set it, or leave it out of the path)")
+    if text and not expanded.strip():
+        raise ValueError(f"should be a path, got only blanks ({expanded!r})")
     return expanded
 
 
@@ -114,9 +125,9 @@ class Strict(BaseModel):
 class BaseModelSpec(Strict):
     """The pre-trained model to up-scale."""
 
-    path: PathText = Field(min_length=1, description="A local Hugging Face model directory (config.json + safetensors) or a .gguf file. Relative paths are resolved against the recipe's directory; `~` and `$NAME` / `${NAME}` expand (an unset variable is an error, as is a path that expands to nothing; `$$` is a `$`).")
+    path: PathText = Field(min_length=1, description="A local Hugging Face model directory (config.json + safetensors) or a .gguf file. Relative paths are resolved against the recipe's directory; `~` and `$NAME` / `${NAME}` expand (an unset variable or one set to nothing is an error, as is a path that expands to nothing or to blanks; `$$` is a `$`).")
     config: PathText | None = Field(None, min_length=1, description="A config.json to plan from when `path` is not present (lets `validate`/`plan` run on a machine without the weights). Defaults to `path`/config.json, or the GGUF's own metadata.")
-    gguf_file: str | None = Field(None, description="The GGUF file's name inside `path` when `path` is a directory holding one.")
+    gguf_file: PathText | None = Field(None, min_length=1, description="The GGUF file's name inside `path` when `path` is a directory holding one (`$NAME` expands as in `path`).")
     trust_remote_code: StrictBool = Field(False, description="Allow the base model's own modeling code (Hub `auto_map`). Off by default.")
     hub_id: str | None = Field(None, description="The base's Hugging Face Hub id (`org/name`), written as `base_model` in the output's model card. Found without it when `path` is a snapshot in the Hub cache (`models--org--name/snapshots/...`). Nothing is downloaded.")
 
