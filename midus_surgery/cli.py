@@ -92,8 +92,8 @@ def _folder_to_write(text: str) -> str:
     it; an escape sequence reached the terminal in the "wrote" line: trial83 F6)."""
     from midus_surgery.recipe.schema import no_control_characters
 
-    if text == "":  # the current folder: refused only because it held an input, or written into (apply --out "")
-        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?); name the folder to write")
+    if not text.strip():  # "": the current folder, refused only because it held an input, or written into (apply --out "")
+        raise argparse.ArgumentTypeError(f"{_no_path(text)} (an unset shell variable?); name the folder to write")
     try:
         return no_control_characters(text)
     except ValueError as exc:
@@ -105,12 +105,19 @@ def _given_path(what: str):
     variable unset read every file under it as held-out text, `--base ""` and `--cache-dir ""` fell back to their defaults,
     exit 0 without a word (trial138 F2). ``what``: what to give instead, said in the refusal."""
     def parse(text: str) -> str:
-        if text == "":
-            raise argparse.ArgumentTypeError(f"an empty path (an unset shell variable?); {what}")
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{_no_path(text)} (an unset shell variable?); {what}")
         return text
     return parse
 
 
+def _no_path(text: str) -> str:
+    """What a path argument of nothing, or of nothing but blanks (`--out "$A $B"` with both unset), is called."""
+    return "an empty path" if text == "" else f"a path of only blanks ({text!r})"
+
+
+_model_path = _given_path("name the model folder (an empty one would be the current folder)")
+_recipe_path = _given_path("name the recipe YAML file")
 _data_path = _given_path("name the files, folders or globs to read (an empty one would read every file in the current folder)")
 
 
@@ -960,7 +967,7 @@ def _add_train_commands(subparsers) -> None:
                                           "Several processes or GPUs: `accelerate launch --multi_gpu --num_processes N -m midus_surgery.cli train run.yaml` "
                                           "or `torchrun --nproc_per_node N -m midus_surgery.cli train run.yaml` (without --multi_gpu, accelerate "
                                           "launch starts one process).")
-    p.add_argument("config", nargs="?", metavar="CONFIG", help="the training config (YAML)")
+    p.add_argument("config", nargs="?", metavar="CONFIG", type=_given_path("name the training config (YAML)"), help="the training config (YAML)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted-key overrides, values read as YAML (e.g. optim.lr=3e-4 data.block_size=256)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (log lines only)")
     p.add_argument("--keys", action="store_true", help="print every config key with its default and meaning (Markdown), then exit")
@@ -977,7 +984,7 @@ def _add_train_commands(subparsers) -> None:
                                           "against the architecture), then loaded once. One that still fails later ends the command (non-zero "
                                           "exit, one error line naming it) after the results of the models before it are printed: their "
                                           "lines, or with --json the list of their results.")
-    p.add_argument("model", nargs="*", metavar="MODEL_DIR", help="one or more model folders (config.json beside the weights), given "
+    p.add_argument("model", nargs="*", metavar="MODEL_DIR", type=_model_path, help="one or more model folders (config.json beside the weights), given "
                    "before --data or --tasks, which take every path after them")
     p.add_argument("--data", nargs="+", metavar="PATH", type=_data_path, help="held-out perplexity on text files, directories, globs, JSONL, or a token cache directory")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="lm-evaluation-harness task names (space or comma separated; needs the eval extra: "
@@ -1008,7 +1015,7 @@ def _add_train_commands(subparsers) -> None:
                               usage="midus-surgery analyze [-h] MODEL_DIR --data PATH [PATH ...] --out DIR [options]",
                               description="Head importance (held-out loss when one memory head is zeroed; for a model without "
                                           "memory, the inserted blocks' attention heads) and slot usage per Memory block.")
-    p.add_argument("model", nargs="?", metavar="MODEL_DIR", help="the model folder (required), given before --data, which takes every path "
+    p.add_argument("model", nargs="?", metavar="MODEL_DIR", type=_model_path, help="the model folder (required), given before --data, which takes every path "
                    "after it")  # optional to argparse: cmd_analyze says whether --data took it
     p.add_argument("--data", nargs="+", required=True, metavar="PATH", type=_data_path, help="held-out text: files, directories, globs, JSONL")
     p.add_argument("--out", required=True, metavar="DIR", type=_folder_to_write,
@@ -1042,14 +1049,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "safetensors headers), that its identity and memory blocks start as the base's function (on a tiny "
                                    "random replica), and that output.dir is a place apply may write. Nothing is written.",
                        epilog=RECIPE_EXITS)
-    p.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML files (each checked and reported on its own)")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE", type=_recipe_path, help="recipe YAML files (each checked and reported on its own)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plan", help="print the layer map, parameter and FLOP counts of a recipe (headers only, no weights read)",
                        description="Print what apply would write: the layer map, the block anatomy, whether the output starts as "
                                    "the base's function, parameter and FLOP counts against plain DUS, and validate's notes. "
                                    "Nothing is written and no weights are read.", epilog=RECIPE_EXITS)
-    p.add_argument("recipe", metavar="RECIPE", help="one recipe YAML file")
+    p.add_argument("recipe", metavar="RECIPE", type=_recipe_path, help="one recipe YAML file")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--tensors", action="store_true", help="include the tensor map")
     p.set_defaults(func=cmd_plan)
@@ -1059,7 +1066,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "config, tokenizer, model card, initialised memory), after saying the notes validate would say. "
                                    "The output is written into a hidden folder beside it and renamed into place when whole.",
                        epilog=RECIPE_EXITS + "; 1: the machine stopped it (a full disk), nothing half-written kept")
-    p.add_argument("recipe", metavar="RECIPE", help="one recipe YAML file")
+    p.add_argument("recipe", metavar="RECIPE", type=_recipe_path, help="one recipe YAML file")
     p.add_argument("--out", type=_model_folder_to_write, help="output directory, relative to the current directory as every path on the command line (default: the recipe's "
                    "output.dir, relative to the recipe's folder)")
     p.add_argument("--overwrite", action="store_true",
@@ -1079,7 +1086,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "lists remapped, KV-cache generation, a save and reload. Nothing is written beside the model.",
                        epilog="exit status: 0 every check passed (or was skipped, saying why); 1: a check failed; 2: the model "
                               "cannot be checked (it does not load, or runs its own code without --trust-remote-code)")
-    p.add_argument("model", metavar="MODEL_DIR", help="the model directory to check (an apply or train output, or any "
+    p.add_argument("model", metavar="MODEL_DIR", type=_model_path, help="the model directory to check (an apply or train output, or any "
                                                       "causal LM directory transformers loads)")
     p.add_argument("--base", type=_given_path("name the base model's folder, or leave --base out for the one recorded at apply time"),
                    help="the base model to compare logits with (default: the one recorded at apply time)")

@@ -750,6 +750,9 @@ def test_a_folder_to_write_named_with_a_control_character_is_a_usage_error(argv,
     (["verify", "m", "--base", ""], "--base"),
     (["analyze", "m", "--data", "d", "--out", "o", "--fixed-retrieval", ""], "--fixed-retrieval"),  # the comparison skipped, exit 0
     (["eval", "m", "--tasks", "t", "--include-path", ""], "--include-path"),  # the current folder read as a task folder
+    # the positionals: `verify ''` inside a model folder checked it and passed, exit 0 (trial144 F4)
+    (["verify", ""], "MODEL_DIR"), (["eval", "", "--data", "d"], "MODEL_DIR"), (["analyze", "", "--data", "d", "--out", "o"], "MODEL_DIR"),
+    (["validate", "r.yaml", ""], "RECIPE"), (["plan", ""], "RECIPE"), (["apply", ""], "RECIPE"), (["train", ""], "CONFIG"),
 ])
 def test_an_empty_path_on_the_command_line_is_a_usage_error(argv, option, tmp_path, monkeypatch, capsys):
     """--data "" (an unset shell variable) read every file under the current folder as held-out text, exit 0; --cache-dir ""
@@ -763,6 +766,19 @@ def test_an_empty_path_on_the_command_line_is_a_usage_error(argv, option, tmp_pa
     assert exit_.value.code == 2, err
     assert f"argument {option}: an empty path (an unset shell variable?); " in err.strip().splitlines()[-1], err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["apply", "r.yaml", "--out", " "], "--out"), (["verify", "  "], "MODEL_DIR"), (["eval", "m", "--data", "\t"], "--data"),
+])
+def test_a_path_of_only_blanks_on_the_command_line_is_a_usage_error(argv, option, tmp_path, monkeypatch, capsys):
+    """`apply --out ' '` made a folder named one space, exit 0 (trial144 F5): `--out "$A $B"` with both unset."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {option}: a path of only blanks ({argv[-1]!r}) (an unset shell variable?); " in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_train_overrides_may_follow_its_options(capsys):
