@@ -130,3 +130,36 @@ def test_the_untying_the_message_advises_works(midus_out, tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "untied").eval()
     assert again.lm_head.weight.data_ptr() != again.get_input_embeddings().weight.data_ptr()
     assert torch.equal(eco.logits(again), before)
+
+
+# ----------------------------------------------------------------------------- keys the base config computes
+
+BAMBA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+             mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1)
+
+
+def test_keys_the_base_computes_follow_a_later_override_and_are_never_stored():
+    """Bamba derives layer_types from attn_layer_indices. The MIDUS config answered it from a base config built once in
+    __init__: from_pretrained(..., attn_layer_indices=...) (set after __init__) built the old layer kinds and saved the new
+    indices, a folder that no longer loaded; and a layer_types given at construction (as an older save wrote it) shadowed
+    the derived one until a save dropped it (trial144 F2, F3)."""
+    import copy
+    import pickle
+
+    from transformers import BambaConfig
+
+    from midus_surgery.model.configuration_midus import MidusConfig
+
+    config = MidusConfig(base_model_type="bamba", attn_layer_indices=[1], **BAMBA)
+    assert config.layer_types == BambaConfig(attn_layer_indices=[1], **BAMBA).layer_types
+    config.attn_layer_indices = [0, 3]  # as from_pretrained sets an override
+    assert config.layer_types == BambaConfig(attn_layer_indices=[0, 3], **BAMBA).layer_types == [
+        "full_attention", "linear_attention", "linear_attention", "full_attention"]
+    with pytest.raises(AttributeError, match="layer_types is computed by BambaConfig from the config's other keys"):
+        config.layer_types = ["full_attention"] * 4  # as the base class refuses it
+    stale = MidusConfig(base_model_type="bamba", attn_layer_indices=[0, 3], layer_types=["full_attention"] * 4, **BAMBA)
+    assert stale.layer_types == config.layer_types and "layer_types" not in stale.__dict__
+    saved = config.to_dict()
+    assert not {"_base_snapshot", "_snapshot_stale"} & set(saved) and "layer_types" not in saved and saved["attn_layer_indices"] == [0, 3]
+    for copied in (copy.deepcopy(config), pickle.loads(pickle.dumps(config)), MidusConfig(**saved)):
+        assert copied.layer_types == config.layer_types and copied.to_dict() == saved

@@ -26,11 +26,15 @@ class MidusConfig(PretrainedConfig):
         # ``midus``: layer_map, memory_layers, hml (HML settings), share_bank, anatomy.
         self.base_model_type = base_model_type
         self.midus = midus or {}
+        # a key the base computes (Bamba's layer_types) is the base's to answer: kept here, a value an older save wrote
+        # would shadow the one computed from the keys it derives from, until the next save dropped it again
+        derived = _derived_keys(CONFIG_MAPPING[base_model_type]) if base_model_type in CONFIG_MAPPING else frozenset()
+        kwargs = {k: v for k, v in kwargs.items() if k not in derived}
         super().__init__(**kwargs)
-        # The base config class, built once from the same attributes: answers aliases (GPT-2's
-        # hidden_size -> n_embd) and computed properties that the flat attributes don't hold.
-        derived = _derived_keys(CONFIG_MAPPING[base_model_type]) if base_model_type in CONFIG_MAPPING else set()
-        fields = {k: v for k, v in kwargs.items() if k not in ("auto_map", "architectures", "transformers_version") and k not in derived}
+        # The base config class, built from the same attributes: answers aliases (GPT-2's hidden_size
+        # -> n_embd) and computed properties that the flat attributes don't hold. Built again when an
+        # attribute is set later (__setattr__), as from_pretrained sets the overrides it is given.
+        fields = {k: v for k, v in kwargs.items() if k not in ("auto_map", "architectures", "transformers_version")}
         snapshot = CONFIG_MAPPING[base_model_type](**fields) if base_model_type else None
         object.__setattr__(self, "_base_snapshot", snapshot)
         # transformers 5.17 remaps "legacy" layer_types of configs it takes for custom code (this class: conv, mamba ->
@@ -47,10 +51,25 @@ class MidusConfig(PretrainedConfig):
             # transformers' per-layer overrides (Gemma-4's head_dim) live in private state that its
             # property setter builds: set them on this config, not answered from the snapshot
             self.per_layer_config = kwargs["per_layer_config"]
+        object.__setattr__(self, "_snapshot_stale", False)
+
+    def __setattr__(self, name: str, value) -> None:
+        # After __init__, a public attribute set (from_pretrained(..., attn_layer_indices=[0, 2]) sets its overrides
+        # this way) changes what the base computes from it: the snapshot is built again at its next use, or the model
+        # was built from the old layer kinds and saved with the new indices (trial144 F2)
+        if "_base_snapshot" in self.__dict__ and not name.startswith("_"):
+            if name in _derived_keys(type(self.__dict__["_base_snapshot"])):
+                raise AttributeError(f"{name} is computed by {type(self.__dict__['_base_snapshot']).__name__} from the config's "
+                                     "other keys and cannot be set")
+            object.__setattr__(self, "_snapshot_stale", True)
+        super().__setattr__(name, value)
 
     def __getattr__(self, name: str):
         # Only reached when normal lookup fails. Private state is this config's own, never the
         # snapshot's (the snapshot's per-layer state would make this config recurse into itself).
+        if self.__dict__.get("_snapshot_stale"):
+            object.__setattr__(self, "_snapshot_stale", False)  # first: to_dict below may read attributes through here
+            object.__setattr__(self, "_base_snapshot", self._base_config())
         snapshot = self.__dict__.get("_base_snapshot")
         if snapshot is None or name.startswith("__"):
             raise AttributeError(name)
@@ -71,12 +90,17 @@ class MidusConfig(PretrainedConfig):
         if self.base_model_type not in CONFIG_MAPPING:
             super().validate()
             return
+        self._base_config().validate()
+
+    def _base_config(self) -> PretrainedConfig:
+        """A base config built from this one's values, as the base class builds and standardises them."""
         own = ("model_type", "base_model_type", "midus", "auto_map", "architectures", "transformers_version")
-        CONFIG_MAPPING[self.base_model_type](**{k: v for k, v in self.to_dict().items() if k not in own}).validate()
+        return CONFIG_MAPPING[self.base_model_type](**{k: v for k, v in self.to_dict().items() if k not in own})
 
     def to_dict(self) -> dict:
         data = super().to_dict()
         data.pop("_base_snapshot", None)
+        data.pop("_snapshot_stale", None)
         for key in _derived_keys(CONFIG_MAPPING[self.base_model_type]) if self.base_model_type in CONFIG_MAPPING else ():
             data.pop(key, None)  # the base config computes it, and refuses it as an argument
         # save_pretrained names the instance's class (MidusLlamaForCausalLM, built at run time) and,

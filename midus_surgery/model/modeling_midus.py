@@ -185,6 +185,7 @@ def install_memory_blocks(model: nn.Module, config) -> None:
         except AttributeError:
             raise ValueError(f"{type(model).__name__} keeps its decoder layers elsewhere than the causal LM's {anatomy['layers_path']} "
                              f"(its body is {getattr(model, 'base_model_prefix', '?')!r}): a MIDUS model's weights cannot load into it") from None
+        _check_block_parts(layer, index, anatomy, midus["memory_layers"])
         hml = HeadwiseMemory(heads, head_dim, config.hidden_size, hml_config, bank=bank)
         if not anatomy["ffn"]:  # no FFN to stand in for: the readout takes the attention's output projection's place
             _stand_in(layer, anatomy["attn_out_proj"], HeadsReadout(hml, heads, head_dim))
@@ -201,6 +202,20 @@ def install_memory_blocks(model: nn.Module, config) -> None:
                                                          anatomy.get("ffn_residual"), bool(anatomy.get("ffn_flat"))))
         for path in list(anatomy["ffn"][:-1]) + list(anatomy["ffn_norms"]):
             _stand_in(layer, path, nn.Identity())
+
+
+def _check_block_parts(layer: nn.Module, index: int, anatomy: dict, memory_layers: list) -> None:
+    """A Memory block's layer holds the modules its anatomy names: a config override that changes the layer kinds
+    (from_pretrained(..., attn_layer_indices=...) on a hybrid) can build a state-space layer where a Memory block reads
+    attention heads; said in these words, not as an AttributeError from deep in the install (trial144 F2)."""
+    paths = [anatomy["attn_out_proj"], *anatomy["ffn"], *anatomy["ffn_norms"], *anatomy.get("attn_post_norms", ())]
+    for path in paths:
+        try:
+            layer.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"layer {index} is a Memory block, but this config builds it as a {type(layer).__name__} without "
+                             f"{path!r}: the config's layer kinds do not fit the Memory blocks at layers {list(memory_layers)} "
+                             "(a config override such as attn_layer_indices or layer_types?)") from None
 
 
 # ------------------------------------------------------------------------------------------------
