@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -64,9 +65,24 @@ def test_the_carry_refuses_a_missing_model_and_a_folder_it_did_not_write(tmp_pat
     (dest / "work/out/dus/config.json").write_text("edited by hand, longer than before")
     with pytest.raises(SystemExit, match=r"\(work/out/dus/config.json\)"):
         gs.carry([a], dest, root=tmp_path)
-    (dest / gs.MARKER).write_text("written by tools/gpu_session.py prepare; replaced by the next prepare\n")  # an earlier version's
-    with pytest.raises(SystemExit, match=r"marker records no files \(an earlier gpu_session.py wrote it\)"):
+    # edited in place at the same size: told apart by its modification time, kept (trial144 F7)
+    shutil.rmtree(dest)
+    gs.carry([a], dest, root=tmp_path)
+    edited = dest / "work/out/dus/config.json"
+    before = edited.stat()
+    edited.write_text("x" * before.st_size)
+    os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
+    with pytest.raises(SystemExit, match=r"\(work/out/dus/config.json\)"):
         gs.carry([a], dest, root=tmp_path)
+    assert edited.read_text() == "x" * before.st_size
+    for marker in ("written by tools/gpu_session.py prepare; replaced by the next prepare\n",  # an earlier version's: no list
+                   '{"files": {"work/out/dus/config.json": 10}}',  # an earlier version's: sizes alone
+                   "{not json"):  # one that does not read
+        (dest / gs.MARKER).write_text(marker)
+        with pytest.raises(SystemExit, match=r"marker records no files this version can check \(an earlier gpu_session.py's "
+                                             r"marker, or one that does not read\)"):
+            gs.carry([a], dest, root=tmp_path)
+        assert edited.read_text() == "x" * before.st_size
 
 
 def test_unpacking_on_the_gpu_machine_places_files_and_overwrites_nothing(tmp_path):

@@ -121,9 +121,10 @@ def carry(dirs: list[Path], dest: Path, root: Path = REPO) -> int:
         if not (dest / MARKER).is_file():
             raise SystemExit(f"{dest} exists and was not written by `gpu_session.py prepare`; move it away first")
         foreign = not_written_by_prepare(dest)
-        if foreign and not recorded_files(dest):  # an earlier prepare's marker lists no files: nothing to tell them apart by
-            raise SystemExit(f"{dest}'s marker records no files (an earlier gpu_session.py wrote it), so what prepare wrote "
-                             "there cannot be told from anything added since; move it away first")
+        if foreign and not recorded_files(dest):  # nothing to tell them apart by
+            raise SystemExit(f"{dest}'s marker records no files this version can check (an earlier gpu_session.py's marker, or "
+                             "one that does not read), so what prepare wrote there cannot be told from anything added since; "
+                             "move it away first")
         if foreign:  # a marker alone let a user's notes or fetched timings in the carry go with it (trial139 F2)
             raise SystemExit(f"{dest} also holds what `gpu_session.py prepare` did not write there ({', '.join(foreign[:5])}); "
                              "move it away first")
@@ -137,21 +138,29 @@ def carry(dirs: list[Path], dest: Path, root: Path = REPO) -> int:
     return total
 
 
+def _stamp(path: Path) -> list[int]:
+    """[size, modification time in ns]: a file edited in place at the same size is told apart by its time (trial144 F7)."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 def record_carry(dest: Path) -> None:
-    """The marker that makes ``dest`` this tool's to replace: every file in it, with its size (rewritten once the
-    packages are unpacked into it too)."""
-    written = {f.relative_to(dest).as_posix(): f.stat().st_size for f in sorted(dest.rglob("*")) if f.is_file() and f.name != MARKER}
+    """The marker that makes ``dest`` this tool's to replace: every file in it, with its size and modification time
+    (rewritten once the packages are unpacked into it too)."""
+    written = {f.relative_to(dest).as_posix(): _stamp(f) for f in sorted(dest.rglob("*")) if f.is_file() and f.name != MARKER}
     (dest / MARKER).write_text(json.dumps({"written_by": "tools/gpu_session.py prepare; replaced by the next prepare",
                                            "files": written}, indent=1) + "\n")
 
 
 def recorded_files(dest: Path) -> dict:
-    """The files ``dest``'s marker records (relative path -> size); empty when it records none or does not read."""
+    """The files ``dest``'s marker records (relative path -> [size, mtime_ns]); empty when it records none, does not read,
+    or records them as an earlier version did (sizes alone, or no list)."""
     try:
         recorded = json.loads((dest / MARKER).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return {}
-    return recorded if isinstance(recorded, dict) else {}
+    stamps = isinstance(recorded, dict) and all(isinstance(v, list) and len(v) == 2 for v in recorded.values())
+    return recorded if stamps else {}
 
 
 def not_written_by_prepare(dest: Path) -> list[str]:
@@ -167,7 +176,7 @@ def not_written_by_prepare(dest: Path) -> list[str]:
         if entry.is_dir() and not entry.is_symlink():
             if name not in folders:  # a folder of the user's, empty or not
                 found.append(name + "/")
-        elif entry.is_symlink() or not entry.is_file() or recorded.get(name) != entry.stat().st_size:
+        elif entry.is_symlink() or not entry.is_file() or recorded.get(name) != _stamp(entry):
             found.append(name)
     return found
 
