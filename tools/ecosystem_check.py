@@ -277,6 +277,43 @@ def check_lora_usual_names(model_dir: Path) -> str:
     return f"{n_adapters} adapters on the 7 names, taps skipped; loss {losses[0]:.3f} -> {losses[-1]:.3f}; {saved}; merged = adapted"
 
 
+def check_lora_memory_projection(model_dir: Path) -> str:
+    """LoRA into the memory itself: PEFT's ``target_parameters`` on HIVE's per-head projection ``proj`` (a 3-D
+    parameter, no module: ``target_modules`` cannot name it, nor the bank or the keys). The adapters start as a no-op,
+    train, merge to the same function, and the merged save reloads the same (trial144 F8)."""
+    import tempfile
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = load(model_dir)
+    start = logits(base)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=[], target_parameters=["proj"], lora_dropout=0.0))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    memory_layers = {n.split(".lora_")[0] for n in trainable}
+    assert trainable and all(".hml.lora_" in n for n in trainable), trainable
+    assert torch.equal(logits(model), start), "the adapters are not a no-op at the start"
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    model.eval()
+    adapted = logits(model)
+    assert not torch.allclose(adapted, start), "the adapters did not change the model"
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(logits(merged), adapted, rtol=1e-5, atol=1e-5)
+    with tempfile.TemporaryDirectory() as tmp:
+        merged.save_pretrained(tmp)
+        torch.testing.assert_close(logits(load(Path(tmp))), adapted, rtol=1e-5, atol=1e-5)
+    return f"{len(memory_layers)} memory layers adapted through proj; trained, merged and reloaded the same"
+
+
 def check_task_heads(model_dir: Path) -> str:
     """AutoModelForSequenceClassification / TokenClassification build the base's head over the
     MIDUS body (the same hidden states as the causal LM's body); a head transformers lacks for
@@ -406,6 +443,7 @@ CHECKS = {
     "re-save with the package imported": check_resave_with_the_package,
     "deepcopy / pickle / torch.save": check_copies,
     "PEFT LoRA, the usual 7 projection names": check_lora_usual_names,
+    "PEFT LoRA into the memory (target_parameters)": check_lora_memory_projection,
     "task heads": check_task_heads,
     "generation and pipeline": check_generation,
     "eager / sdpa, gradient checkpointing": check_attention_and_checkpointing,
