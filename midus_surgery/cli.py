@@ -387,7 +387,7 @@ def _plan_notes(planned, start: bool, apply: bool = False) -> list[str]:
     blocks far larger than the blocks they extend. ``apply``: less what apply's writing says itself (base
     tensors left out, a tokenizer that does not load) or refuses (a base without weights)."""
     from midus_surgery.compiler.base import resolve_base
-    from midus_surgery.compiler.plan import window_layers_boundary
+    from midus_surgery.compiler.plan import EVERY_NTH_LISTS, every_nth_keys_unsaid, window_layers_boundary
 
     plan, recipe = planned.plan, planned.loaded.recipe
     notes = []
@@ -428,6 +428,11 @@ def _plan_notes(planned, start: bool, apply: bool = False) -> list[str]:
         notes.append(f"the output's sliding-window layers ({', '.join(map(str, sliding[:12]))}{' ...' if len(sliding) > 12 else ''}) are "
                      f"not 'every layer from N on', so max_window_layers ({plan.config['max_window_layers']}, kept) cannot say them: "
                      "transformers reads layer_types, but a tool that reads max_window_layers instead would build another attention pattern")
+    unsaid = every_nth_keys_unsaid(plan.config)
+    for key in [k for k in unsaid if k.lstrip("_") not in unsaid or not k.startswith("_")]:  # Gemma-3 states it twice
+        notes.append(f"the output's {key} ({plan.config[key]}, kept) cannot say the new layout's {EVERY_NTH_LISTS[key]} (it makes layer i "
+                     f"special where (i + 1) % {plan.config[key]} == 0): transformers reads {EVERY_NTH_LISTS[key]}, but a tool that reads "
+                     f"{key} instead would build another pattern")
     ids = _tokenizer_ids(planned)
     vocab = plan.config.get("vocab_size")
     if isinstance(ids, str):  # apply's writing warns of it itself

@@ -469,6 +469,15 @@ def test_validate_and_plan_note_what_the_author_may_not_have_meant(tiny_base, tm
     code, text = validate_lines(tmp_path, capsys, tmp_path / "no-weights", f"  config: {qwen2}\n"
                                 "layout: {slices: [{layers: [0, 3]}, {layers: [1, 4]}]}\noutput: {dir: out2}\n")
     assert code == 0 and "note: the output's sliding-window layers (2, 4, 5) are not 'every layer from N on', so max_window_layers (2, kept)" in text, text
+    gemma3 = tmp_path / "gemma3.json"  # the same for Gemma-3's sliding_window_pattern, said once though stated twice
+    from tiny_configs import TINY
+    from transformers import Gemma3TextConfig
+
+    gemma3.write_text(Gemma3TextConfig(**{**TINY["gemma2"], "num_hidden_layers": 6, "sliding_window_pattern": 3}).to_json_string())
+    code, text = validate_lines(tmp_path, capsys, tmp_path / "no-weights", f"  config: {gemma3}\n"
+                                "layout: {interleave: {after: [2], kind: copy}}\noutput: {dir: out3}\n")
+    assert code == 0 and text.count("note:") == 1 and ("note: the output's sliding_window_pattern (3, kept) cannot say the new layout's "
+                                                        "layer_types (it makes layer i special where (i + 1) % 3 == 0)") in text, text
     validate_lines(tmp_path, capsys, tiny_base, "layout: {interleave: {after: [1], kind: copy}}\noutput: {dir: out}\n")
     assert main(["plan", str(tmp_path / "r.yaml")]) == 0
     assert "starts as the base's function: no: plain copies change it (as in DUS and SOLAR)" in capsys.readouterr().out

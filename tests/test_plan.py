@@ -159,6 +159,37 @@ def test_max_window_layers_says_the_new_layer_types_where_it_can():
     assert plan.config["max_window_layers"] == 2 and window_layers_boundary(plan.config) is None  # cannot say it: kept (plan notes it)
 
 
+def test_every_nth_layer_integers_say_the_new_lists_where_they_can():
+    """Gemma-3 and Cohere-2 restate layer_types as sliding_window_pattern, Llama-4 no_rope_layers and moe_layers as
+    no_rope_layer_interval and interleave_moe_layer_step: 'layer i is special where (i + 1) % N == 0'. The integers
+    were kept as the base had them, another pattern than the rewritten lists for a tool that reads them (trial142 F1)."""
+    from tiny_configs import TINY
+    from transformers import Gemma3TextConfig
+
+    from midus_surgery.compiler.plan import every_nth_keys_unsaid, sync_every_nth_keys
+
+    config = Gemma3TextConfig(**{**TINY["gemma2"], "num_hidden_layers": 6, "sliding_window_pattern": 3})
+    assert config.layer_types == ["sliding_attention", "sliding_attention", "full_attention"] * 2
+    layers = [{"source": i} for i in (0, 1, 0, 2, 3, 4, 3, 5)]  # S S S F S S S F: every 4th
+    plan = plan_for(config, {"layers": layers})
+    assert [t[0] for t in plan.config["layer_types"]] == list("sssfsssf")
+    assert plan.config["sliding_window_pattern"] == plan.config["_sliding_window_pattern"] == 4
+    assert every_nth_keys_unsaid(plan.config) == []
+    plan = plan_for(config, {"interleave": {"after": [2], "kind": "copy"}})  # S S F F S S F: no N says it, kept and noted
+    assert plan.config["sliding_window_pattern"] == 3 and every_nth_keys_unsaid(plan.config) == ["sliding_window_pattern", "_sliding_window_pattern"]
+    llama4 = {"num_hidden_layers": 5, "no_rope_layer_interval": 2, "no_rope_layers": [1, 1, 0, 1, 0], "interleave_moe_layer_step": 2,
+              "moe_layers": [2, 4]}  # a copy of layer 0 first: the special layers moved from 1, 3 to 2, 4
+    sync_every_nth_keys(llama4)
+    assert (llama4["no_rope_layer_interval"], llama4["interleave_moe_layer_step"]) == (2, 2)  # (i + 1) % 2 == 0 at 1, 3: not said
+    assert every_nth_keys_unsaid(llama4) == ["no_rope_layer_interval", "interleave_moe_layer_step"]
+    llama4 |= {"no_rope_layers": [1, 1, 0, 1, 1], "moe_layers": [2]}
+    sync_every_nth_keys(llama4)
+    assert (llama4["no_rope_layer_interval"], llama4["interleave_moe_layer_step"]) == (3, 3) and every_nth_keys_unsaid(llama4) == []
+    llama4 |= {"moe_layers": [], "interleave_moe_layer_step": 9}  # no MoE layer, and 9 says so already: left as it is
+    sync_every_nth_keys(llama4)
+    assert llama4["interleave_moe_layer_step"] == 9
+
+
 def test_a_layout_that_drops_a_base_layer_while_inserting_is_refused_unless_allowed():
     """SOLAR [0, 3] + [1, 4] mistyped as [0, 2] + [1, 2] + [3, 4] inserts a copy of layer 1 and loses
     layer 2: the same depth, a different model. Named, located at the list, and allowed on purpose."""

@@ -37,6 +37,7 @@ from midus_surgery.compiler.plan import (
     assemble_plan,
     guess_layers_path,
     remap_per_layer,
+    sync_every_nth_keys,
     sync_max_window_layers,
 )
 from midus_surgery.compiler.planned import PlannedRecipe
@@ -185,6 +186,7 @@ def _plan(loaded: LoadedRecipe) -> PlannedRecipe:
         raise NotCovered("; ".join(problems))
     new_config = {**data, **updates, "num_hidden_layers": len(layers)}
     sync_max_window_layers(new_config)
+    sync_every_nth_keys(new_config)
     window = config.get("sliding_window") if arch.window_flag is None or config.get(arch.window_flag) else None
     facts = BaseFacts(config["model_type"], L, dims.heads, dims.head_dim, dims.hidden, dims.vocab, window, config.get("layer_types"))
     plan = assemble_plan(loaded, facts, layers, new_config, shapes, layers_path, None)

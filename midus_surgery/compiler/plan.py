@@ -522,6 +522,7 @@ def rewrite_config(config, layers: list[LayerSpec]) -> tuple[dict, list[str], li
     out.pop("transformers_version", None)
     sync_max_window_layers(out)
     sync_attention_types(out)
+    sync_every_nth_keys(out)
     return out, problems, by_length
 
 
@@ -546,6 +547,54 @@ def sync_max_window_layers(config: dict) -> None:
     boundary = window_layers_boundary(config)
     if boundary is not None:
         config["max_window_layers"] = boundary
+
+
+# Integers that restate a per-layer list as "every N-th layer is special" (layer i special when (i + 1) % N == 0):
+# Gemma-3's and Cohere-2's sliding_window_pattern (the full-attention layers of layer_types), Llama-4's
+# no_rope_layer_interval (the 0 entries of no_rope_layers) and interleave_moe_layer_step (moe_layers). transformers 5
+# reads the lists, which the layer map rewrites; a reader of the integer builds the pattern from it.
+_EVERY_NTH = {
+    "sliding_window_pattern": ("layer_types", lambda value, i: value[i] == "full_attention"),
+    "_sliding_window_pattern": ("layer_types", lambda value, i: value[i] == "full_attention"),
+    "no_rope_layer_interval": ("no_rope_layers", lambda value, i: value[i] == 0),
+    "interleave_moe_layer_step": ("moe_layers", lambda value, i: i in value),
+}
+
+
+EVERY_NTH_LISTS = {key: list_key for key, (list_key, _) in _EVERY_NTH.items()}
+
+
+def _every_nth(config: dict, key: str) -> tuple[int, int | None] | None:
+    """(the key's value, the N that says its list at this depth, None when no N does); None when the config does not
+    state both the key and its list."""
+    list_key, special = _EVERY_NTH[key]
+    value, listed, n = config.get(key), config.get(list_key), config.get("num_hidden_layers")
+    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0 and isinstance(listed, list) and isinstance(n, int)):
+        return None
+    if list_key != "moe_layers" and len(listed) != n:
+        return None
+    marked = [special(listed, i) for i in range(n)]
+    step = marked.index(True) + 1 if any(marked) else n + 1  # n + 1: no layer is special
+    said = all(m == ((i + 1) % step == 0) for i, m in enumerate(marked))
+    return value, (step if said else None)
+
+
+def sync_every_nth_keys(config: dict) -> None:
+    """Keep each _EVERY_NTH integer true to its list at the new depth where an N can say it (a value past the depth
+    that already says 'none' is left as it is); where none can, plan notes it (every_nth_keys_unsaid)."""
+    for key in _EVERY_NTH:
+        found = _every_nth(config, key)
+        if found is None or found[1] is None:
+            continue
+        value, step = found
+        if not (step > config["num_hidden_layers"] and value > config["num_hidden_layers"]):
+            config[key] = step
+
+
+def every_nth_keys_unsaid(config: dict) -> list[str]:
+    """The _EVERY_NTH integers of ``config`` that no N can make say their list (kept as the base had them)."""
+    return [key for key in _EVERY_NTH if (found := _every_nth(config, key)) is not None and found[1] is None
+            and found[0] != found[1]]
 
 
 def sync_attention_types(config: dict) -> None:
