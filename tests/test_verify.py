@@ -939,3 +939,27 @@ def test_handing_freed_memory_back_never_fails_where_there_is_no_glibc(platform,
     monkeypatch.setattr(ctypes, "CDLL", NoTrim)
     comparable.release_memory()  # no exception
     assert calls == ([None] if platform == "linux" else [])  # only glibc's platform calls it: musl's AttributeError passes
+
+
+def test_an_unfinished_output_fails_even_when_its_weights_are_whole(bases, tmp_path):
+    """A killed apply's hidden `.NAME.partial-XXXXXXXX` could hold every weight: verify passed it and from_pretrained loaded
+    it (trial143 F1). Its marker records no files (an output records them as it is put in place): a FAIL row says so. A
+    finished output of a version that recorded no files, under its own name, is not failed for it."""
+    import shutil
+
+    from midus_surgery.io.output_dir import MARKER
+
+    out = emitted(bases, tmp_path, "llama", "dus")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process that has ended: the pid a killed apply left in its marker
+    partial = tmp_path / f".{out.name}.partial-0123abcd"
+    shutil.copytree(out, partial)
+    marker = json.loads((partial / MARKER).read_text())
+    (partial / MARKER).write_text(json.dumps({k: v for k, v in marker.items() if k != "files"} | {"pid": gone.pid}))
+    checks = run(partial)
+    assert failed(checks) == ["whole"], checks
+    assert checks["whole"].detail == (f"{partial} is an unfinished output of midus-surgery apply (its process {gone.pid} stopped before it "
+                                      "finished): what it holds may be a part of the model; run the command again for a whole one")
+    older = tmp_path / "older"
+    partial.rename(older)  # under an output's own name, a marker without files is an older version's finished output
+    assert "whole" not in run(older) and failed(run(older)) == []

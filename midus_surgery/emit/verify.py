@@ -56,7 +56,7 @@ from midus_surgery.errors import (
 )
 from midus_surgery.io.file_digest import tensor_sha256s
 from midus_surgery.io.json_text import loads_as_tokenizer_config, loads_as_transformers, loads_checked
-from midus_surgery.io.output_dir import recorded_base, run_export_hint
+from midus_surgery.io.output_dir import recorded_base, run_export_hint, unfinished_output
 from midus_surgery.io.small_files import read_small_text
 from midus_surgery.io.tensor_source import name_groups
 from midus_surgery.model.midus_names import is_memory_parameter
@@ -426,6 +426,9 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
         checks.append(check)
         report(check)
 
+    unfinished = unfinished_output(out)
+    if unfinished:  # its weights may be whole and pass every check below: said first, and failed
+        record(Check("whole", False, unfinished))
     shipped = False
     config = _config_dict(out)
     mismatch = plan_mismatch(plan, config) if plan is not None else None

@@ -609,6 +609,25 @@ def hold_directory(directory: Path) -> int | None:
     return fd
 
 
+def unfinished_output(directory: Path) -> str | None:
+    """Why ``directory`` is an output of this tool that was never finished, or None. An apply or an export is written
+    into a hidden ``.NAME.partial-XXXXXXXX`` and records its files in its marker as it is put in place: a partial folder,
+    found by hand (`ls -a`, a `mv` to "recover" a long apply), held complete weights and loaded (trial143 F1). A
+    finished output of a version that recorded no files (before 2026-12-03) is not refused: said by its caller."""
+    directory = Path(directory)
+    marker = read_marker(directory)
+    if marker is None or marker.get("kind") not in ("apply", EXPORT_KIND) or isinstance(marker.get("files"), list):
+        return None
+    partial = _LEFTOVER_NAME.match(directory.name) is not None and ".partial-" in directory.name
+    running = not _owner_is_gone(marker) and marker.get("host") == socket.gethostname()
+    if not (partial or running):
+        return None
+    pid = marker.get("pid")
+    state = f"its process {pid} is still writing it" if running else f"its process {pid} stopped before it finished"
+    return (f"{printable(str(directory))} is an unfinished output of midus-surgery {marker['kind']} ({state}): what it holds "
+            "may be a part of the model; run the command again for a whole one")
+
+
 def _held_by_a_live_run(entry: Path) -> bool:
     """Whether a running process holds ``entry``'s lock (``hold_directory``); a file system without locks says no."""
     return _locked_by_another(entry, os.O_RDONLY | os.O_DIRECTORY)
