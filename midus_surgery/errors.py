@@ -267,6 +267,8 @@ def disk_advice(exc: BaseException) -> str:
         return "raise the file-size limit, or write to another file system"
     if "Read-only file system" in str(exc):
         return "write to a disk that is not read-only"
+    if isinstance(exc, PermissionError):  # EACCES, EPERM (an immutable folder): said as a full disk before (trial143 F2)
+        return "make that folder writable (its permissions or attributes), or write elsewhere"
     return "free space there"
 
 

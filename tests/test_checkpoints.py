@@ -1198,3 +1198,26 @@ def test_an_export_records_the_weights_its_run_started_from_even_after_init_from
           echo=said.append)
     assert any(f"resuming from {ckpt(run, 2)}" in line for line in said), said
     assert json.loads((run / "final" / "midus_train.json").read_text())["init_weights_sha256"] == start
+
+
+def test_a_checkpoints_folder_that_cannot_be_written_is_refused_before_any_step(done, tmp_path, monkeypatch, capsys):
+    """An existing run_dir/checkpoints made unwritable (an immutable attribute, as root; chmod does not stop root) was
+    found at the first save, checkpoint.every steps in, and said as a full disk: "free space there" (trial143 F2). Now
+    refused at the start, before any step, with advice for a permission error."""
+    import tempfile as tempfile_module
+
+    run, cfg = copy_run(done, tmp_path)
+    before = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*")}
+    real_mkdtemp = tempfile_module.mkdtemp
+
+    def refusing(*args, dir=None, **kwargs):  # what an immutable checkpoints/ answers, for root too
+        if dir is not None and Path(dir) == run / "checkpoints":
+            raise PermissionError(1, "Operation not permitted", str(Path(dir) / ".midus-surgery-probe-x"))
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile_module, "mkdtemp", refusing)
+    assert cli_main(["train", str(cfg), f"tokens={16 * 4 * (STEPS + 2)}", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"run_dir: cannot write in {run / 'checkpoints'}, where the checkpoints go (" in err, err
+    assert err.endswith("): make that folder writable (its permissions or attributes), or write elsewhere") and "free space" not in err, err
+    assert {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*")} == before  # not a step trained, nothing written

@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from midus_surgery.compiler.plan import read_plan_file
-from midus_surgery.errors import RecipeError, TrainingError, one_line, printable
+from midus_surgery.errors import RecipeError, TrainingError, disk_advice, one_line, printable
 from midus_surgery.io.json_text import loads_as_transformers, loads_checked, strict_json
 from midus_surgery.io.output_dir import (
     MARKER,
@@ -606,6 +607,14 @@ class Runner:
             raise RecipeError([loaded.problem(("run_dir",), f"{self.run_dir} holds symlinks where train writes ({', '.join(links[:5])}); "
                                               "train never writes through a link, which would change the file it points to: remove "
                                               "the links, or choose another run_dir")])
+        if not dry and self.ckpt_root.is_dir() and not self.ckpt_root.is_symlink():
+            # the run_dir probe below does not reach into an existing checkpoints/: unwritable (an immutable attribute, a
+            # read-only mount), it was found at the first save, after checkpoint.every steps (trial143 F2)
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".midus-surgery-probe-", dir=self.ckpt_root))
+            except OSError as exc:
+                raise RecipeError([loaded.problem(("run_dir",), f"cannot write in {self.ckpt_root}, where the checkpoints go "
+                                                  f"({one_line(exc, 160)}): {disk_advice(exc)}")]) from None
         # where a problem is reported: the key in the config, or run_dir for the default export
         export_at = (("export", "dir"), "") if cfg.export.dir else (("run_dir",), f"the export (export.dir not set: {self.export_dir}): ")
         for where, said, path, kind, owner, extra, into in (
