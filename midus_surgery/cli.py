@@ -1271,7 +1271,11 @@ def run() -> None:
     A successful ``apply`` exits without the interpreter's teardown (``os._exit``, as mypy does):
     freeing pydantic's and the plan's objects one by one took ~30 ms, a tenth of applying a small
     model, and by then apply has closed, renamed and reported everything it wrote."""
-    args = parse_arguments()
+    try:
+        args = parse_arguments()
+    except KeyboardInterrupt:  # Ctrl-C while the command's modules import: one line, as during the work (trial143 F4)
+        err.print("interrupted", markup=False)
+        sys.exit(130)
     sys.unraisablehook = _deliver_again
     warnings.showwarning = _show_warning
     signal.signal(signal.SIGTERM, _on_sigterm)

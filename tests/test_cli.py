@@ -1206,3 +1206,17 @@ def test_a_refused_config_gets_its_one_line_without_transformers_deprecation_not
     err = done.stderr + done.stdout
     assert "FutureWarning" not in err and "site-packages" not in err, err
     assert err.splitlines()[0].startswith("INVALID ") and "base.config: transformers cannot build a config from it" in err, err
+
+
+def test_ctrl_c_while_the_arguments_are_read_is_one_line(monkeypatch, capsys):
+    """A Ctrl-C in the first moments (the command's modules importing) was a KeyboardInterrupt traceback, not the one
+    'interrupted' line and exit 130 of an interrupt during the work (trial143 F4)."""
+    from midus_surgery import cli
+
+    def interrupted(argv=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "parse_arguments", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        cli.run()
+    assert exit_.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
