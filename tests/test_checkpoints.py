@@ -1221,3 +1221,18 @@ def test_a_checkpoints_folder_that_cannot_be_written_is_refused_before_any_step(
     assert f"run_dir: cannot write in {run / 'checkpoints'}, where the checkpoints go (" in err, err
     assert err.endswith("): make that folder writable (its permissions or attributes), or write elsewhere") and "free space" not in err, err
     assert {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*")} == before  # not a step trained, nothing written
+
+
+def test_a_probe_folder_a_kill_left_does_not_keep_a_run_from_resuming(done, tmp_path):
+    """The empty folder train makes and removes in run_dir and checkpoints/ to see that they take writes: one a kill left
+    between the two (or another process's, seen between them) is the tool's own, not a file of the user's (trial145 F5)."""
+    run, cfg = copy_run(done, tmp_path)
+    for folder in (run, run / "checkpoints"):
+        (folder / ".midus-surgery-probe-ab12cd_3").mkdir()
+    assert cli_main(["train", str(cfg), f"tokens={16 * 4 * (STEPS + 2)}", "--quiet"]) == 0
+    assert complete_checkpoints(run / "checkpoints")[-1][0] == STEPS + 2
+    (run / "checkpoints" / ".midus-surgery-probe-notempty").mkdir()
+    (run / "checkpoints" / ".midus-surgery-probe-notempty" / "mine.txt").write_text("a user's file")
+    with pytest.raises(RecipeError, match=r"also holds what midus-surgery did not write there \(checkpoints/\.midus-surgery-probe-notempty"):
+        train(load_train_config(write_config(tmp_path / "run.yaml", done["model"], run, done["root"] / "corpus", done["root"] / "cache",
+                                             **{**EXTRA, "tokens": 16 * 4 * (STEPS + 4)})))

@@ -155,11 +155,13 @@ def test_keys_the_base_computes_follow_a_later_override_and_are_never_stored():
     config.attn_layer_indices = [0, 3]  # as from_pretrained sets an override
     assert config.layer_types == BambaConfig(attn_layer_indices=[0, 3], **BAMBA).layer_types == [
         "full_attention", "linear_attention", "linear_attention", "full_attention"]
+    snapshot = config._base_snapshot
+    assert config.layer_types and config.hidden_size and config._base_snapshot is snapshot  # reads never rebuild (compiled forwards)
     with pytest.raises(AttributeError, match="layer_types is computed by BambaConfig from the config's other keys"):
         config.layer_types = ["full_attention"] * 4  # as the base class refuses it
     stale = MidusConfig(base_model_type="bamba", attn_layer_indices=[0, 3], layer_types=["full_attention"] * 4, **BAMBA)
     assert stale.layer_types == config.layer_types and "layer_types" not in stale.__dict__
     saved = config.to_dict()
-    assert not {"_base_snapshot", "_snapshot_stale"} & set(saved) and "layer_types" not in saved and saved["attn_layer_indices"] == [0, 3]
+    assert not {"_base_snapshot", "_built"} & set(saved) and "layer_types" not in saved and saved["attn_layer_indices"] == [0, 3]
     for copied in (copy.deepcopy(config), pickle.loads(pickle.dumps(config)), MidusConfig(**saved)):
         assert copied.layer_types == config.layer_types and copied.to_dict() == saved

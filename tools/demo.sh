@@ -10,8 +10,8 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 out=work/out/smollm2-135m-midus
 run=work/runs/demo-smollm2-midus
 # the demo keeps its files under work/: the user's own cache must come out as it went in (checked at the end)
-user_cache="$HOME/.cache/midus-surgery"
-cache_listing() { find "$user_cache" -printf '%p %s %T@\n' 2>/dev/null | sort; }
+user_cache="${MIDUS_CACHE:-$HOME/.cache/midus-surgery}"
+cache_listing() { if [[ -e "$user_cache" ]]; then find "$user_cache" -printf '%p %s %T@\n' | sort; fi; }
 cache_before=$(cache_listing)
 
 step "1/8 validate every bundled recipe (configs only, no weights)"

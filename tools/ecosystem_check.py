@@ -394,6 +394,7 @@ def check_compile(model_dir: Path) -> str:
 
     model = load(model_dir)
     prepare_kernels(model, "cpu")  # as the trainer does: the memory layer's backend answered before tracing
+    model.config.use_cache = False  # as the trainer sets it before compiling: a set config key must not break the graph
     torch._dynamo.reset()
     explained = torch._dynamo.explain(lambda ids: model(input_ids=ids, labels=ids).loss)(IDS)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons[:3]

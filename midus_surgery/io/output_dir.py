@@ -59,6 +59,10 @@ _LEFTOVER_NAME = re.compile(r"^\..+\.(partial|old)-[0-9a-f]{8}$")
 # a marker rewritten whole (write_text_atomically, rewrite_held_marker) is first written beside it under this name: a
 # kill between the write and the rename leaves it, the tool's own, not a file of the user's that keeps a run from resuming
 _MARKER_TMP_NAME = re.compile(r"^\.midus-surgery\.tmp-\d+$")
+# the empty folder made and removed at once to see that a place takes writes (probe_write): one a kill left, or another
+# process's seen between the two, is the tool's own, not a file of the user's that keeps a run from resuming
+_PROBE_PREFIX = ".midus-surgery-probe-"
+_PROBE_NAME = re.compile(r"^\.midus-surgery-probe-[a-z0-9_]{8}$")
 
 
 class OutputError(MidusError):
@@ -536,9 +540,14 @@ def _check_can_write(out: Path, *, into: bool, probe: bool = True) -> None:
                 raise OutputError(f"cannot write {out}: {place} is not writable (a read-only disk, or a folder this user may not write)")
             continue
         try:
-            os.rmdir(tempfile.mkdtemp(prefix=".midus-surgery-probe-", dir=place))
+            probe_write(place)
         except OSError as exc:
             raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
+
+
+def probe_write(place: Path) -> None:
+    """Make and remove one empty folder in ``place``: OSError when it takes no writes (read-only, immutable, no room)."""
+    os.rmdir(tempfile.mkdtemp(prefix=_PROBE_PREFIX, dir=place))
 
 
 CACHE_CHOICES = "choose another cache directory (--cache-dir for eval and analyze, data.cache_dir for train, or MIDUS_CACHE)"
@@ -613,17 +622,15 @@ def unfinished_output(directory: Path) -> str | None:
     """Why ``directory`` is an output of this tool that was never finished, or None. An apply or an export is written
     into a hidden ``.NAME.partial-XXXXXXXX`` and records its files in its marker as it is put in place: a partial folder,
     found by hand (`ls -a`, a `mv` to "recover" a long apply), held complete weights and loaded (trial143 F1). A
-    finished output of a version that recorded no files (before 2026-12-03) is not refused: said by its caller."""
+    finished output of a version that recorded no files (before 2026-12-03) is not refused: only a folder still named as
+    a partial is (a marker's pid says nothing once the process is gone: another may have it now)."""
     directory = Path(directory)
     marker = read_marker(directory)
     if marker is None or marker.get("kind") not in ("apply", EXPORT_KIND) or isinstance(marker.get("files"), list):
         return None
-    partial = _LEFTOVER_NAME.match(directory.name) is not None and ".partial-" in directory.name
-    running = not _owner_is_gone(marker) and marker.get("host") == socket.gethostname()
-    if not (partial or running):
-        return None
-    pid = marker.get("pid")
-    state = f"its process {pid} is still writing it" if running else f"its process {pid} stopped before it finished"
+    if not (_LEFTOVER_NAME.match(directory.name) and ".partial-" in directory.name):
+        return None  # under an output's own name: an older version's finished output (its pid may be any live process's now)
+    state = "a running process is still writing it" if _held_by_a_live_run(directory) else "the process that wrote it did not finish it"
     return (f"{printable(str(directory))} is an unfinished output of midus-surgery {marker['kind']} ({state}): what it holds "
             "may be a part of the model; run the command again for a whole one")
 
@@ -978,6 +985,8 @@ def not_written_in_checkpoints(root: Path) -> list[str]:
     that are no ``step-N`` folder, and files a checkpoint's state file does not record."""
     found = []
     for child in sorted(root.iterdir()):
+        if _own_probe(child):
+            continue
         if PARTIAL_CHECKPOINT_NAME.match(child.name) and child.is_dir() and not child.is_symlink():  # a killed run's partial
             found += [f"{child.name}/{x}" for x in partial_checkpoint_extras(child)]
             continue
@@ -987,6 +996,11 @@ def not_written_in_checkpoints(root: Path) -> list[str]:
         else:
             found += [f"{child.name}/{x}" for x in checkpoint_extras(child)]
     return found
+
+
+def _own_probe(entry: Path) -> bool:
+    """An empty folder named as probe_write names its probes (a real folder, not a link)."""
+    return bool(_PROBE_NAME.match(entry.name)) and entry.is_dir() and not entry.is_symlink() and not any(entry.iterdir())
 
 
 def _export_leftover(entry: Path) -> bool:
@@ -1006,7 +1020,8 @@ def not_written_in_run_dir(run_dir: Path) -> list[str]:
     for entry in sorted(run_dir.iterdir()):
         name = entry.name
         # the marker, or its rewrite a kill left; a partial or replaced export's hidden sibling
-        if name == MARKER or (_MARKER_TMP_NAME.match(name) and entry.is_file() and not entry.is_symlink()) or _export_leftover(entry):
+        if name == MARKER or (_MARKER_TMP_NAME.match(name) and entry.is_file() and not entry.is_symlink()) or _export_leftover(entry) \
+                or _own_probe(entry):
             continue
         if name not in RUN_ENTRIES or entry.is_symlink():
             found.append(name)

@@ -51,28 +51,28 @@ class MidusConfig(PretrainedConfig):
             # transformers' per-layer overrides (Gemma-4's head_dim) live in private state that its
             # property setter builds: set them on this config, not answered from the snapshot
             self.per_layer_config = kwargs["per_layer_config"]
-        object.__setattr__(self, "_snapshot_stale", False)
+        object.__setattr__(self, "_built", True)
 
     def __setattr__(self, name: str, value) -> None:
         # After __init__, a public attribute set (from_pretrained(..., attn_layer_indices=[0, 2]) sets its overrides
-        # this way) changes what the base computes from it: the snapshot is built again at its next use, or the model
-        # was built from the old layer kinds and saved with the new indices (trial144 F2)
-        if "_base_snapshot" in self.__dict__ and not name.startswith("_"):
-            if name in _derived_keys(type(self.__dict__["_base_snapshot"])):
-                raise AttributeError(f"{name} is computed by {type(self.__dict__['_base_snapshot']).__name__} from the config's "
-                                     "other keys and cannot be set")
-            object.__setattr__(self, "_snapshot_stale", True)
+        # this way) changes what the base computes from it: the snapshot is built again here, or the model was built
+        # from the old layer kinds and saved with the new indices (trial144 F2). Here, not at the next read: a read
+        # inside a compiled forward would trace the rebuild (a graph break after `config.use_cache = False`), and a
+        # rebuild that fails would be tried again at every read (trial145)
+        built = self.__dict__.get("_built") and not name.startswith("_")
+        if built and name in _derived_keys(type(self.__dict__["_base_snapshot"])):
+            raise AttributeError(f"{name} is computed by {type(self.__dict__['_base_snapshot']).__name__} from the config's "
+                                 "other keys and cannot be set")
         super().__setattr__(name, value)
+        if built:
+            try:
+                object.__setattr__(self, "_base_snapshot", self._base_config())
+            except Exception:  # noqa: BLE001 - between two sets the keys may disagree (num_hidden_layers before layer_types):
+                pass  # answered as before until a set makes them agree again
 
     def __getattr__(self, name: str):
         # Only reached when normal lookup fails. Private state is this config's own, never the
         # snapshot's (the snapshot's per-layer state would make this config recurse into itself).
-        if self.__dict__.get("_snapshot_stale"):
-            object.__setattr__(self, "_snapshot_stale", False)  # first: to_dict below may read attributes through here
-            try:
-                object.__setattr__(self, "_base_snapshot", self._base_config())
-            except Exception:  # noqa: BLE001 - between two sets the keys may disagree (num_hidden_layers before layer_types):
-                object.__setattr__(self, "_snapshot_stale", True)  # answered as before, built again at the next read
         snapshot = self.__dict__.get("_base_snapshot")
         if snapshot is None or name.startswith("__"):
             raise AttributeError(name)
@@ -103,7 +103,7 @@ class MidusConfig(PretrainedConfig):
     def to_dict(self) -> dict:
         data = super().to_dict()
         data.pop("_base_snapshot", None)
-        data.pop("_snapshot_stale", None)
+        data.pop("_built", None)
         for key in _derived_keys(CONFIG_MAPPING[self.base_model_type]) if self.base_model_type in CONFIG_MAPPING else ():
             data.pop(key, None)  # the base config computes it, and refuses it as an argument
         # save_pretrained names the instance's class (MidusLlamaForCausalLM, built at run time) and,

@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +53,7 @@ from midus_surgery.io.output_dir import (
     marker_in_use,
     not_written_in_checkpoints,
     not_written_in_run_dir,
+    probe_write,
     read_marker,
     release_marker,
     rewrite_held_marker,
@@ -607,11 +607,12 @@ class Runner:
             raise RecipeError([loaded.problem(("run_dir",), f"{self.run_dir} holds symlinks where train writes ({', '.join(links[:5])}); "
                                               "train never writes through a link, which would change the file it points to: remove "
                                               "the links, or choose another run_dir")])
-        if not dry and self.ckpt_root.is_dir() and not self.ckpt_root.is_symlink():
+        if not dry and self.acc.is_main_process and self.ckpt_root.is_dir() and not self.ckpt_root.is_symlink():
             # the run_dir probe below does not reach into an existing checkpoints/: unwritable (an immutable attribute, a
-            # read-only mount), it was found at the first save, after checkpoint.every steps (trial143 F2)
+            # read-only mount), it was found at the first save, after checkpoint.every steps (trial143 F2). The main
+            # process saves the checkpoints, and probes alone: the others list checkpoints/ meanwhile
             try:
-                os.rmdir(tempfile.mkdtemp(prefix=".midus-surgery-probe-", dir=self.ckpt_root))
+                probe_write(self.ckpt_root)
             except OSError as exc:
                 raise RecipeError([loaded.problem(("run_dir",), f"cannot write in {self.ckpt_root}, where the checkpoints go "
                                                   f"({one_line(exc, 160)}): {disk_advice(exc)}")]) from None
