@@ -767,3 +767,72 @@ def test_a_model_whose_log_likelihoods_are_not_numbers_gets_no_score_and_exit_1(
     assert err[-1] == f"error: eval: no scores for {broken}: log-likelihoods that are not numbers (the note above says why)"
     assert main(["eval", str(world["base"]), *common]) == 0  # a sound model: exit 0, no note
     assert "note:" not in capsys.readouterr().err
+
+
+TWO_FILTERS = """task: twofilter
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: generate_until
+test_split: test
+doc_to_text: "{{{{q}}}}"
+doc_to_target: "{{{{a}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 2
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+filter_list:
+  - name: strict
+    filter:
+      - function: regex
+        regex_pattern: "ZZZ(\\\\d)"
+      - function: take_first
+  - name: loose
+    filter:
+      - function: take_first
+"""
+
+TAGGED = """task: tiny_cloze
+tag: tinytag
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: loglikelihood
+test_split: test
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{' ' + target}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_each_filter_is_its_own_row_and_a_tag_is_its_tasks(world, tmp_path, capsys):
+    """lm-eval reports a metric once per filter (gsm8k: exact_match,strict-match and exact_match,flexible-extract): cut at
+    the comma, both wrote to one `exact_match`, the last read (trial146 F1). A tag (ai2_arc) is scored as its tasks, which
+    lm-eval reports by their own names: the table was its header alone, exit 0 (F3)."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    # the strict filter finds no "ZZZ<digit>" in any generation and gives "[invalid]", the target; the loose one does not
+    (tasks / "q.jsonl").write_text("".join(json.dumps({"q": f"the cat sat on the {w}", "a": "[invalid]"}) + "\n" for w in ("mat", "log", "tree")))
+    (tasks / "c.jsonl").write_text("".join(json.dumps({"context": f"the {w} sat on the", "target": "mat"}) + "\n" for w in ("cat", "dog")))
+    (tasks / "twofilter.yaml").write_text(TWO_FILTERS.format(data=tasks / "q.jsonl"))
+    (tasks / "tagged.yaml").write_text(TAGGED.format(data=tasks / "c.jsonl"))
+    assert main(["eval", str(world["base"]), "--tasks", "twofilter", "tinytag", "--include-path", str(tasks), "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tasks"] == ["twofilter", "tiny_cloze"], result["tasks"]
+    scores = result["models"][0]["results"]
+    assert (scores["twofilter"]["exact_match (strict)"], scores["twofilter"]["exact_match (loose)"]) == (1.0, 0.0), scores
+    assert "exact_match" not in scores["twofilter"] and scores["tiny_cloze"]["items"] == 2 and "acc" in scores["tiny_cloze"]
+    assert result["settings"]["task_files"] == {"twofilter": str(tasks / "twofilter.yaml"), "tiny_cloze": str(tasks / "tagged.yaml")}
+    assert main(["eval", str(world["base"]), "--tasks", "tinytag", "--include-path", str(tasks), "--quiet"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert len(rows) == 3 and rows[2].split()[:3] == ["tiny_cloze", "(2)", "acc"], rows

@@ -143,11 +143,13 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
     rows = []
 
     def result() -> dict:
-        return {"tasks": list(tasks), "models": list(rows),
+        # what lm-eval scored: a tag (ai2_arc) or a group is its tasks, which it reports by their own names (trial146 F3)
+        scored = list(dict.fromkeys(t for r in rows for t in r["results"])) or list(tasks)
+        return {"tasks": scored, "models": list(rows),
                 "settings": {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size, "device": str(run_on), "dtype": dtype,
                              "seed": seed,
                              # which folder's task was scored (every offline suite names its tasks alike)
-                             "task_files": {t: str(defined[t][0]) for t in tasks if t in defined}}}
+                             "task_files": {t: str(defined[t][0]) for t in scored if t in defined}}}
 
     def score(m, tokenizer) -> dict:
         start = time.perf_counter()
@@ -185,7 +187,9 @@ def run_tasks(models: list[Path], tasks: list[str], *, include_path: list[Path] 
                 raise TaskError(f"lm-eval could not read the data of {', '.join(tasks)}: "
                                 f"{one_line(exc, 800, whole=True)}{where}{why}") from None
             raise TaskError(f"lm-eval could not score {', '.join(tasks)} with the model {m}: {one_line(exc, 800, whole=True)}{where}{why}") from None
-        return {"model": str(m), "results": {t: _metrics(out["results"].get(t, {})) for t in tasks},
+        reported = out["results"]
+        names = [t for t in tasks if t in reported] + [t for t in reported if t not in tasks]  # the given first, then a tag's tasks
+        return {"model": str(m), "results": {t: _metrics(reported[t]) for t in names},
                 # how many of the log-likelihoods its scores stand on are NaN or inf: any is a model that computed nothing
                 "loglikelihoods": lm.scored, "loglikelihoods_not_numbers": lm.not_numbers,
                 "seconds": round(time.perf_counter() - start, 1)}  # the model and its wrapper freed on return
@@ -366,14 +370,18 @@ def _lm_eval_output(progress: bool):
 
 
 def _metrics(task_result: dict) -> dict:
-    """lm-eval's ``acc,none`` / ``acc_stderr,none`` keys as ``acc`` / ``acc_stderr``; ``items``: how many it scored."""
+    """lm-eval's ``acc,none`` / ``acc_stderr,none`` keys as ``acc`` / ``acc_stderr``, and a filter's (gsm8k's
+    ``exact_match,strict-match``) as ``exact_match (strict-match)`` / ``exact_match (strict-match)_stderr``: cut at the
+    comma, every filter of a metric wrote to one entry, the last one read (trial146 F1); ``items``: how many it scored."""
     out = {}
     for key, value in task_result.items():
-        metric, _, _ = key.partition(",")
+        metric, _, kept = key.partition(",")
         if metric == "sample_len":
             out["items"] = int(value)
-        elif isinstance(value, (int, float)) and metric != "alias":
-            out[metric] = float(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and metric != "alias":
+            stderr = metric.endswith("_stderr")
+            name = metric.removesuffix("_stderr") + ("" if kept in ("", "none") else f" ({kept})")
+            out[name + ("_stderr" if stderr else "")] = float(value)
     return out
 
 
@@ -399,14 +407,14 @@ def format_table(result: dict) -> str:
     header = ["task (items)", "metric", *names]
     lines = []
     for task in result["tasks"]:
-        metrics = sorted({k for r in result["models"] for k in r["results"][task] if not k.endswith("_stderr") and k != "items"})
+        metrics = sorted({k for r in result["models"] for k in r["results"].get(task, {}) if not k.endswith("_stderr") and k != "items"})
         for metric in metrics:
             cells = []
             for r in result["models"]:
-                got = r["results"][task]
+                got = r["results"].get(task, {})
                 value, err = got.get(metric), got.get(f"{metric}_stderr")
                 cells.append("-" if value is None else f"{value:.4f}" + (f" ± {err:.4f}" if isinstance(err, float) and err == err else ""))
-            items = max((r["results"][task].get("items", 0) for r in result["models"]), default=0)
+            items = max((r["results"].get(task, {}).get("items", 0) for r in result["models"]), default=0)
             lines.append([f"{printable(task)} ({items})", metric, *cells])
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
     fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
