@@ -505,3 +505,15 @@ def test_a_data_refusal_leaves_no_cache_folder_it_made(tmp_path, tok):
     with pytest.raises(D.DataError, match="not UTF-8"):
         prep([tmp_path / "latin1.txt"], tmp_path, tok)
     assert (tmp_path / "cache").is_dir() and not any((tmp_path / "cache").iterdir())
+
+
+def test_split_special_tokens_is_part_of_the_token_cache_key():
+    """split_special_tokens lives on the Python side, not in the tokenizer's serialised rules: two models sharing one
+    tokenizer.json, one with it set, read the same cache entry, the first one's tokens, and `eval A B` scored B on A's
+    ids (trial146 F2)."""
+    plain, split = make_tokenizer(), make_tokenizer()
+    split.split_special_tokens = True
+    text = "the<eos>cat sat"
+    assert plain(text, add_special_tokens=False)["input_ids"] != split(text, add_special_tokens=False)["input_ids"]
+    assert D.tokenizer_fingerprint(plain) != D.tokenizer_fingerprint(split)
+    assert D.tokenizer_fingerprint(plain) == D.tokenizer_fingerprint(make_tokenizer())

@@ -263,6 +263,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
         for token, index in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
             h.update(f"{index}\t{token}\n".encode())
     h.update(f"eos={eos_id(tokenizer)}".encode())
+    if getattr(tokenizer, "split_special_tokens", False):  # read by the Python side, not in the serialised rules: "<eos>" in
+        # the text is one id or several; left out, two models' tokens were one cache entry, the first one's (trial146 F2).
+        # Added only when set, so the caches of every other tokenizer keep their keys
+        h.update(b"split_special_tokens")
     return h.hexdigest()[:16]
 
 
