@@ -766,7 +766,9 @@ def cmd_eval(args) -> int:
         results.append(result)
         if not args.json:
             print(f"{printable(result['model'])}: perplexity {result['perplexity']:.4f} (loss {result['loss']:.4f} nats/token) over "
-                  f"{result['tokens']:,} predicted tokens in {result['sequences']} {'blocks' if result['mode'] == 'blocks' else 'document windows'} of <= {result['block_size']} tokens; "
+                  f"{result['tokens']:,} predicted tokens in {result['sequences']} {'blocks' if result['mode'] == 'blocks' else 'document windows'} of <= {result['block_size']} tokens"
+                  + (f" (the last {result['tokens_after_the_last_block']:,} tokens fill no block: not scored)" if result.get("tokens_after_the_last_block") else "")
+                  + "; "
                   f"{result['tokens_read_per_s']:,.0f} tokens read/s ({result['dtype']} on {result['device']}, {result['seconds']:.1f} s)")
         if result["loss"] != result["loss"]:  # NaN: not a score, a broken model or a dtype that overflows (--json too: trial50)
             print(f"note: {printable(result['model'])}: the loss is not a number: its weights hold NaN or inf, or its activations overflow "

@@ -725,10 +725,13 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None,
     else:
         blocks, _ = D.split(stream, None, block_size, 0.0, what="eval data", block_option="--block-size")
         batches, total = block_batches(blocks, batch_size, max_blocks=max_blocks), min(len(blocks), max_blocks or len(blocks))
+    # every whole block read, what is left after the last one is not scored: said with the result, not dropped unsaid (trial146 F5)
+    tail = len(stream) - len(blocks) * block_size if not per_document and total == len(blocks) else 0
     with progress_bar(total, "eval", enabled=progress, unit="seq") as bar:
         result = evaluate_batches(model, batches, device=run_on, progress=bar)
     return {"model": str(model_dir), "mode": "documents" if per_document else "blocks", "block_size": block_size,
-            "dtype": dtype, "device": str(run_on), **result.to_json(), "corpus_tokens": len(stream), "corpus_files": len(stream.meta.get("files", [])),
+            "dtype": dtype, "device": str(run_on), **result.to_json(), "corpus_tokens": len(stream), "tokens_after_the_last_block": tail,
+            "corpus_files": len(stream.meta.get("files", [])),
             "token_cache": str(stream.path),
             # which token ids the data became: models whose tokenizers cut or number it otherwise are not comparable per token
             "corpus_sha1": hashlib.sha1(np.ascontiguousarray(stream.tokens, dtype=np.int64).tobytes()).hexdigest()}
