@@ -517,3 +517,18 @@ def test_split_special_tokens_is_part_of_the_token_cache_key():
     assert plain(text, add_special_tokens=False)["input_ids"] != split(text, add_special_tokens=False)["input_ids"]
     assert D.tokenizer_fingerprint(plain) != D.tokenizer_fingerprint(split)
     assert D.tokenizer_fingerprint(plain) == D.tokenizer_fingerprint(make_tokenizer())
+
+
+def test_a_utf8_byte_order_mark_is_not_read_as_text(tmp_path):
+    """A .txt or .md file saved with a UTF-8 byte-order mark (Windows editors) had it tokenised as text, 3 tokens a file
+    with SmolLM2's tokenizer (trial146 F6); JSONL already skipped it."""
+    import codecs
+
+    text = "the cat sat on the mat .\n"
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "marked").mkdir()
+    (tmp_path / "plain" / "a.txt").write_text(text)
+    (tmp_path / "marked" / "a.txt").write_bytes(codecs.BOM_UTF8 + text.encode())
+    assert list(D.iter_documents(tmp_path / "marked" / "a.txt", "text")) == [text]
+    plain, marked = prep([tmp_path / "plain"], tmp_path, make_tokenizer()), prep([tmp_path / "marked"], tmp_path, make_tokenizer())
+    assert len(plain.tokens) > 0 and np.array_equal(np.asarray(plain.tokens), np.asarray(marked.tokens))
