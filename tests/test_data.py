@@ -532,3 +532,25 @@ def test_a_utf8_byte_order_mark_is_not_read_as_text(tmp_path):
     assert list(D.iter_documents(tmp_path / "marked" / "a.txt", "text")) == [text]
     plain, marked = prep([tmp_path / "plain"], tmp_path, make_tokenizer()), prep([tmp_path / "marked"], tmp_path, make_tokenizer())
     assert len(plain.tokens) > 0 and np.array_equal(np.asarray(plain.tokens), np.asarray(marked.tokens))
+
+
+def test_a_python_tokenizers_settings_are_part_of_the_token_cache_key(tmp_path):
+    """A slow tokenizer's rules are its code and its settings: with the vocabulary alone in the key, a lowercasing copy and
+    a plain one read one cache entry, and eval scored the second on the first's ids (trial147 F1). The same tokenizer in
+    two folders keeps one key (its files' paths are no rule)."""
+    from transformers import AutoTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[SEP]", "[CLS]", "[MASK]", "the", "cat", "The", "Cat", "sat", "."]
+    loaded = {}
+    for name, lower in (("lower", True), ("plain", False), ("lower-again", True)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "prophetnet.tokenizer").write_text("\n".join(vocab) + "\n")
+        (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ProphetNetTokenizer", "do_lower_case": lower,
+                                                                  "eos_token": "[SEP]"}))
+        loaded[name] = AutoTokenizer.from_pretrained(folder)
+    assert getattr(loaded["lower"], "backend_tokenizer", None) is None  # a Python tokenizer
+    ids = {name: t("The Cat sat .", add_special_tokens=False)["input_ids"] for name, t in loaded.items()}
+    assert ids["lower"] != ids["plain"]
+    assert D.tokenizer_fingerprint(loaded["lower"]) != D.tokenizer_fingerprint(loaded["plain"])
+    assert D.tokenizer_fingerprint(loaded["lower"]) == D.tokenizer_fingerprint(loaded["lower-again"])

@@ -1504,3 +1504,16 @@ def test_written_weights_get_the_mode_a_new_file_gets_under_the_umask(project, t
     weights = [project / "shared" / "model.safetensors", *sorted((train_project / "runs" / "a").rglob("*.safetensors"))]
     assert len(weights) >= 3 and train_project / "runs" / "a" / "final" / "model.safetensors" in weights, weights
     assert {str(w): oct(stat.S_IMODE(w.stat().st_mode)) for w in weights} == {str(w): oct(0o666 & ~umask) for w in weights}
+
+
+def test_a_folder_empty_but_for_a_probe_a_kill_left_is_still_empty_to_write_into(tmp_path):
+    """The probe train makes and removes in a new run_dir: one a kill left between the two made the next start refuse
+    the folder as one midus-surgery did not write (trial147 F4). A folder so named that holds anything is the user's."""
+    from midus_surgery.io.output_dir import RUN_KIND, OutputError, check_output_dir
+
+    run = tmp_path / "run"
+    (run / ".midus-surgery-probe-ab12cd_3").mkdir(parents=True)
+    assert check_output_dir(run, kind=RUN_KIND, reuse=True, writes_into=True, flag=None) == run.resolve()
+    (run / ".midus-surgery-probe-ab12cd_3" / "mine.txt").write_text("a user's file")
+    with pytest.raises(OutputError, match="was not written by midus-surgery"):
+        check_output_dir(run, kind=RUN_KIND, reuse=True, writes_into=True, flag=None)

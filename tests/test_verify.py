@@ -960,7 +960,17 @@ def test_an_unfinished_output_fails_even_when_its_weights_are_whole(bases, tmp_p
     assert failed(checks) == ["whole"], checks
     assert checks["whole"].detail == (f"{partial} is an unfinished output of midus-surgery apply (the process that wrote it did not "
                                       "finish it): what it holds may be a part of the model; run the command again for a whole one")
+    from midus_surgery.io.output_dir import hold_directory, release_marker
+
+    held = hold_directory(partial)  # as apply holds the folder it writes: the lock goes with it when it is renamed by hand
+    renamed = tmp_path / "renamed"
+    partial.rename(renamed)
+    try:
+        assert run(renamed)["whole"].detail.startswith(f"{renamed} is an unfinished output of midus-surgery apply (a running "
+                                                      "process is still writing it)")  # trial147 F2
+    finally:
+        release_marker(held)
     older = tmp_path / "older"
-    partial.rename(older)  # under an output's own name, a marker without files is an older version's finished output,
+    renamed.rename(older)  # under an output's own name, a marker without files is an older version's finished output,
     (older / MARKER).write_text(json.dumps({k: v for k, v in marker.items() if k != "files"} | {"pid": os.getpid()}))
     assert "whole" not in run(older) and failed(run(older)) == []  # whatever live process has its recorded pid now (trial145)

@@ -432,6 +432,8 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
                           f"folder inside it, e.g. {resolved / 'output'}")
     if not any(resolved.iterdir()):
         return resolved  # an empty directory: nothing to lose
+    if writes_into and all(_own_probe(entry) for entry in resolved.iterdir()):
+        return resolved  # empty but for a probe a kill left there (or another process's, made and removed at once)
     marker = read_marker(resolved)
     if marker is None:
         never = f", with or without {flag}" if flag else ""
@@ -628,9 +630,10 @@ def unfinished_output(directory: Path) -> str | None:
     marker = read_marker(directory)
     if marker is None or marker.get("kind") not in ("apply", EXPORT_KIND) or isinstance(marker.get("files"), list):
         return None
-    if not (_LEFTOVER_NAME.match(directory.name) and ".partial-" in directory.name):
+    writing = _held_by_a_live_run(directory)  # the lock goes with the folder: one renamed by hand while it is written holds it
+    if not writing and not (_LEFTOVER_NAME.match(directory.name) and ".partial-" in directory.name):
         return None  # under an output's own name: an older version's finished output (its pid may be any live process's now)
-    state = "a running process is still writing it" if _held_by_a_live_run(directory) else "the process that wrote it did not finish it"
+    state = "a running process is still writing it" if writing else "the process that wrote it did not finish it"
     return (f"{printable(str(directory))} is an unfinished output of midus-surgery {marker['kind']} ({state}): what it holds "
             "may be a part of the model; run the command again for a whole one")
 

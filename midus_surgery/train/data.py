@@ -196,8 +196,15 @@ def iter_documents(path: Path, text_field: str) -> Iterator[str]:
     try:
         if path.suffix.lower() in JSONL_SUFFIXES:
             yield from _jsonl_texts(path, text_field)
-        else:  # a UTF-8 byte-order mark (Windows editors) is no text: read as such it was 3 tokens a file (trial146 F6)
-            yield path.read_text(encoding="utf-8-sig")
+        else:
+            raw = path.read_bytes()
+            mark = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0  # no text: read as such, 3 tokens a file (trial146 F6)
+            try:
+                text = raw[mark:].decode("utf-8")
+            except UnicodeDecodeError as exc:  # the byte named as the file counts it, the mark included (trial147 F3)
+                hint = _bom_hint(raw) if exc.start + mark < 4 else ""
+                raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start + mark}){hint}") from None
+            yield text.replace("\r\n", "\n").replace("\r", "\n")  # the newlines read_text's text mode gave: the same tokens as before
     except UnicodeDecodeError as exc:
         hint = _bom_hint(exc.object) if exc.start < 4 else ""
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}){hint}") from None
@@ -262,6 +269,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     else:
         for token, index in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
             h.update(f"{index}\t{token}\n".encode())
+        # a Python tokenizer's rules are its code and its settings (do_lower_case, strip_accents, sp_model_kwargs): with the
+        # vocabulary alone, a lowercasing copy and a plain one shared one cache entry, the first one's ids (trial147 F1).
+        # Its files' paths are not its rules: the same tokenizer in two model folders keeps one key
+        settings = {k: v for k, v in (getattr(tokenizer, "init_kwargs", None) or {}).items()
+                    if k not in ("name_or_path", "model_max_length") and not k.endswith("_file")}
+        h.update(json.dumps({"class": f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}", **settings},
+                            sort_keys=True, default=repr).encode())
     h.update(f"eos={eos_id(tokenizer)}".encode())
     if getattr(tokenizer, "split_special_tokens", False):  # read by the Python side, not in the serialised rules: "<eos>" in
         # the text is one id or several; left out, two models' tokens were one cache entry, the first one's (trial146 F2).
