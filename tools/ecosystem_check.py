@@ -209,6 +209,22 @@ MIDUS_MODULE = "midus_surgery.model.modeling_midus"  # where the MIDUS classes l
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def train_a_few_steps(model, steps: int = 5) -> list[float]:
+    """AdamW on the model's trainable parameters over IDS; the loss must fall. Leaves the model in eval mode; the losses."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    model.eval()
+    return losses
+
+
 def check_lora_usual_names(model_dir: Path) -> str:
     """LoRA on the usual seven projection names applies (a Memory block's tap is not an o_proj to
     PEFT), trains with the memory tables, saves adapter-only with the memory as modules_to_save and
@@ -237,20 +253,10 @@ def check_lora_usual_names(model_dir: Path) -> str:
     assert taps and not any(n.startswith(t + ".") for t in taps for n in names), "a tap was adapted"
     adapted = {n.rsplit(".", 2)[-2] for n in names if n.endswith(".lora_A")}
     assert adapted == set(SEVEN), adapted
-    model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in trainable]
-    opt = torch.optim.AdamW(trainable, lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = model(input_ids=IDS, labels=IDS).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0], losses
+    losses = train_a_few_steps(model)
     assert all(not torch.equal(a, b) for a, b in zip(before, trainable)), "a parameter did not train"
-    model.eval()
     adapted_logits = logits(model)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)  # the adapters and the modules_to_save: what PEFT saves by default
@@ -293,17 +299,7 @@ def check_lora_memory_projection(model_dir: Path) -> str:
     memory_layers = {n.split(".lora_")[0] for n in trainable}
     assert trainable and all(".hml.lora_" in n for n in trainable), trainable
     assert torch.equal(logits(model), start), "the adapters are not a no-op at the start"
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = model(input_ids=IDS, labels=IDS).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0], losses
-    model.eval()
+    train_a_few_steps(model)
     adapted = logits(model)
     assert not torch.allclose(adapted, start), "the adapters did not change the model"
     merged = model.merge_and_unload()
