@@ -429,7 +429,7 @@ def _plan_notes(planned, start: bool, apply: bool = False) -> list[str]:
                      f"not 'every layer from N on', so max_window_layers ({plan.config['max_window_layers']}, kept) cannot say them: "
                      "transformers reads layer_types, but a tool that reads max_window_layers instead would build another attention pattern")
     unsaid = every_nth_keys_unsaid(plan.config)
-    for key in [k for k in unsaid if k.lstrip("_") not in unsaid or not k.startswith("_")]:  # Gemma-3 states it twice
+    for key in [k for k in unsaid if not (k.startswith("_") and k[1:] in unsaid)]:  # Gemma-3 states it twice: said once
         notes.append(f"the output's {key} ({plan.config[key]}, kept) cannot say the new layout's {EVERY_NTH_LISTS[key]} (it makes layer i "
                      f"special where (i + 1) % {plan.config[key]} == 0): transformers reads {EVERY_NTH_LISTS[key]}, but a tool that reads "
                      f"{key} instead would build another pattern")
