@@ -63,7 +63,7 @@ def test_paths_expand_environment_variables_and_an_unset_one_is_an_error(tmp_pat
     assert loaded.resolve(loaded.recipe.output.dir) == tmp_path / "scratch" / "out-$1"
     (p,) = problems(tmp_path, GOOD.replace("dir: out", "dir: $MIDUS_TEST_UNSET/out"))
     assert (p.field, p.message) == ("output.dir", "'$MIDUS_TEST_UNSET/out' names $MIDUS_TEST_UNSET, which is not set in the "
-                                                  "environment (write $$ for a $ itself)")
+                                                  "environment (write $$ for a $ itself, ${MIDUS_TEST_UNSET:-DEFAULT} for a default)")
     assert p.where.endswith("r.yaml:11:3")
     (p,) = problems(tmp_path, GOOD.replace("dir: out", "dir: '${out'"))
     assert p.message == "'${out' opens ${ without closing it (write $$ for a $ itself)"
@@ -78,12 +78,44 @@ def test_paths_expand_environment_variables_and_an_unset_one_is_an_error(tmp_pat
         (p,) = problems(tmp_path, GOOD.replace(old, new))
         name, text = "$MIDUS_TEST_EMPTY", new.split(": ")[1]
         assert (p.field, p.message) == (field, f"{text!r} names {name}, which is set to nothing: the path would be "
-                                               f"{text.replace('${MIDUS_TEST_EMPTY}', '').replace(name, '')!r} (set it, or leave it out of the path)")
+                                               f"{text.replace('${MIDUS_TEST_EMPTY}', '').replace(name, '')!r} (set it, leave it out of the path, or write "
+                                               "${MIDUS_TEST_EMPTY:-} where nothing is meant)")
     # nothing but blanks, written or brought by a variable: a folder named one space was made (trial144 F5)
     monkeypatch.setenv("MIDUS_TEST_BLANK", " ")
     for new in ('dir: "  "', "dir: $MIDUS_TEST_BLANK"):
         (p,) = problems(tmp_path, GOOD.replace("dir: out", new))
         assert p.field == "output.dir" and p.message.startswith("should be a path, got only blanks"), p.message
+
+
+def test_a_shells_defaults_say_what_to_use_for_an_unset_or_empty_variable(tmp_path, monkeypatch):
+    """`out${SUFFIX}` with SUFFIX="" was refused with no way to say that nothing is fine there (trial145 F8): `${NAME:-WORD}`
+    and `${NAME-WORD}` mean what they mean in a shell, WORD's own $NAME expanded by the same rules."""
+    monkeypatch.setenv("MIDUS_TEST_ROOT", str(tmp_path / "scratch"))
+    monkeypatch.setenv("MIDUS_TEST_EMPTY", "")
+    monkeypatch.delenv("MIDUS_TEST_UNSET", raising=False)
+
+    def output_dir(written: str) -> Path:
+        loaded = load_recipe(write(tmp_path, GOOD.replace("dir: out", f"dir: '{written}'")))
+        return loaded.resolve(loaded.recipe.output.dir)
+
+    assert output_dir("out${MIDUS_TEST_EMPTY:-}") == tmp_path / "out"  # set to nothing, and nothing is what was meant
+    assert output_dir("out${MIDUS_TEST_UNSET:-}") == tmp_path / "out"
+    assert output_dir("${MIDUS_TEST_UNSET:-$MIDUS_TEST_ROOT}/out") == tmp_path / "scratch" / "out"  # the default's $NAME
+    assert output_dir("${MIDUS_TEST_EMPTY:-runs}/out") == tmp_path / "runs" / "out"
+    assert output_dir("${MIDUS_TEST_ROOT:-runs}/out") == tmp_path / "scratch" / "out"  # set: its value, not the default
+    assert output_dir("${MIDUS_TEST_UNSET-v1}") == tmp_path / "v1"  # unset: the default
+    assert output_dir("${MIDUS_TEST_UNSET:-a-b:-c}") == tmp_path / "a-b:-c"  # everything after the first :- is the default
+    # set to nothing with NAME-WORD (the default only for unset): refused as $NAME is, the way out said
+    (p,) = problems(tmp_path, GOOD.replace("dir: out", "dir: 'x/${MIDUS_TEST_EMPTY-v1}'"))
+    assert p.message == ("'x/${MIDUS_TEST_EMPTY-v1}' names $MIDUS_TEST_EMPTY, which is set to nothing: the path would be 'x/' "
+                         "(set it, leave it out of the path, or write ${MIDUS_TEST_EMPTY:-} where nothing is meant)"), p.message
+    # a default that is itself unset, a default of nothing for the whole path, a ${...} inside a default
+    (p,) = problems(tmp_path, GOOD.replace("dir: out", "dir: '${MIDUS_TEST_UNSET:-$MIDUS_TEST_UNSET}/o'"))
+    assert "names $MIDUS_TEST_UNSET, which is not set in the environment" in p.message, p.message
+    (p,) = problems(tmp_path, GOOD.replace("dir: out", "dir: '${MIDUS_TEST_UNSET:-}'"))
+    assert p.message.startswith("should be a path, got an empty text"), p.message
+    (p,) = problems(tmp_path, GOOD.replace("dir: out", "dir: '${MIDUS_TEST_UNSET:-${MIDUS_TEST_ROOT}}'"))
+    assert p.message.endswith("holds a ${...} (write $NAME there)"), p.message
 
 
 def test_gguf_file_expands_as_a_path_and_its_problems_are_located_at_it(tmp_path, monkeypatch):

@@ -167,7 +167,7 @@ def test_every_path_expands_environment_variables_and_an_unset_one_is_a_located_
         load_train_config(path, [f"{key}=$MIDUS_TEST_UNSET/p"])
     where = f"{key}.0" if key in ("data.train", "data.held_out") else key  # a list's item
     assert str(err.value) == (f"command line ({key}=$MIDUS_TEST_UNSET/p): {where}: '$MIDUS_TEST_UNSET/p' names $MIDUS_TEST_UNSET, "
-                              "which is not set in the environment (write $$ for a $ itself)")
+                              "which is not set in the environment (write $$ for a $ itself, ${MIDUS_TEST_UNSET:-DEFAULT} for a default)")
 
 
 def test_overrides(tmp_path):

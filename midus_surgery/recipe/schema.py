@@ -49,6 +49,8 @@ NonNegInt = Annotated[StrictInt, Field(ge=0, le=MAX_BASE_LAYERS)]  # a base laye
 
 # $NAME, ${NAME} (or ${...} that is no name: an error), and $$ for a $ itself
 _ENV_REFERENCE = re.compile(r"\$(?:\{(?P<braced>[^}]*)\}|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<dollar>\$)|(?P<open>\{))")
+# inside ${...}: NAME:-WORD (WORD where NAME is unset or set to nothing) and NAME-WORD (WORD where NAME is unset), as in a shell
+_WITH_DEFAULT = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?-)(?P<word>.*)", re.DOTALL)
 
 
 def expand_environment(text: str) -> str:
@@ -56,8 +58,10 @@ def expand_environment(text: str) -> str:
     would ($SCRATCH/models on a cluster). Not left as they are: an output written to a folder named
     `$HOME` under the recipe's folder is no user's intent (trial49). An unset name is an error, not
     an empty text (`$OUT/model` would become `/model`), and so is a name set to nothing, for the same
-    reason (trial144 F1); $$ is a literal $. A path of nothing but blanks is refused too: a folder
-    named one space is a slip, never a wish."""
+    reason (trial144 F1); $$ is a literal $. A shell's defaults say what to use instead, and that
+    nothing is fine where it is said so: `${SUFFIX:-}` (unset or empty: nothing), `${RUNS:-$HOME/runs}`,
+    `${TAG-v1}` (unset: v1; set to nothing: refused as $TAG is). A path of nothing but blanks is
+    refused too: a folder named one space is a slip, never a wish."""
     set_to_nothing: list[str] = []
 
     def value(match: re.Match) -> str:
@@ -66,10 +70,18 @@ def expand_environment(text: str) -> str:
         if match["open"]:
             raise ValueError(f"{text!r} opens ${{ without closing it (write $$ for a $ itself)")
         name = match["braced"] if match["braced"] is not None else match["name"]
+        default = _WITH_DEFAULT.fullmatch(name) if match["braced"] is not None else None
+        if default is not None:
+            name, word = default["name"], default["word"]
+            if "${" in word:  # the reference's end is the first }, so ${A:-${B}} would be cut at B's
+                raise ValueError(f"{text!r}: the default of ${{{name}{default['op']}...}} holds a ${{...}} (write $NAME there)")
+            if name not in os.environ or (default["op"] == ":-" and os.environ[name] == ""):
+                return _ENV_REFERENCE.sub(value, word)  # the default, its own $NAME expanded by the same rules
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             raise ValueError(f"{text!r}: ${{{name}}} is not an environment variable's name (write $$ for a $ itself)")
         if name not in os.environ:
-            raise ValueError(f"{text!r} names ${name}, which is not set in the environment (write $$ for a $ itself)")
+            raise ValueError(f"{text!r} names ${name}, which is not set in the environment (write $$ for a $ itself, "
+                             f"${{{name}:-DEFAULT}} for a default)")
         if os.environ[name] == "":
             set_to_nothing.append(name)
         return os.environ[name]
@@ -79,7 +91,7 @@ def expand_environment(text: str) -> str:
         raise ValueError(f"should be a path, got an empty text ({text!r} expands to nothing)")
     if set_to_nothing:  # $OUT/model with OUT="" is /model: written as root at the top of the filesystem
         raise ValueError(f"{text!r} names ${set_to_nothing[0]}, which is set to nothing: the path would be {expanded!r} "
-                         "(set it, or leave it out of the path)")
+                         f"(set it, leave it out of the path, or write ${{{set_to_nothing[0]}:-}} where nothing is meant)")
     if text and not expanded.strip():
         raise ValueError(f"should be a path, got only blanks ({expanded!r})")
     return expanded
@@ -125,7 +137,7 @@ class Strict(BaseModel):
 class BaseModelSpec(Strict):
     """The pre-trained model to up-scale."""
 
-    path: PathText = Field(min_length=1, description="A local Hugging Face model directory (config.json + safetensors) or a .gguf file. Relative paths are resolved against the recipe's directory; `~` and `$NAME` / `${NAME}` expand (an unset variable or one set to nothing is an error, as is a path that expands to nothing or to blanks; `$$` is a `$`).")
+    path: PathText = Field(min_length=1, description="A local Hugging Face model directory (config.json + safetensors) or a .gguf file. Relative paths are resolved against the recipe's directory; `~` and `$NAME` / `${NAME}` expand (an unset variable or one set to nothing is an error, as is a path that expands to nothing or to blanks; `${NAME:-DEFAULT}` and `${NAME-DEFAULT}` give a default as in a shell, `${NAME:-}` says that nothing is fine; `$$` is a `$`).")
     config: PathText | None = Field(None, min_length=1, description="A config.json to plan from when `path` is not present (lets `validate`/`plan` run on a machine without the weights). Defaults to `path`/config.json, or the GGUF's own metadata.")
     gguf_file: PathText | None = Field(None, min_length=1, description="The GGUF file's name inside `path` when `path` is a directory holding one (`$NAME` expands as in `path`).")
     trust_remote_code: StrictBool = Field(False, description="Allow the base model's own modeling code (Hub `auto_map`). Off by default.")
