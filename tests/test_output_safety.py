@@ -1517,3 +1517,35 @@ def test_a_folder_empty_but_for_a_probe_a_kill_left_is_still_empty_to_write_into
     (run / ".midus-surgery-probe-ab12cd_3" / "mine.txt").write_text("a user's file")
     with pytest.raises(OutputError, match="was not written by midus-surgery"):
         check_output_dir(run, kind=RUN_KIND, reuse=True, writes_into=True, flag=None)
+
+
+def test_a_second_run_into_an_output_another_run_is_writing_stops_before_any_work(project, capsys):
+    """Two `apply --overwrite` into one output at once both said "wrote", the second having replaced the first's output
+    unsaid (trial143 F3). A run holds a lock on its partial folder while it writes; another run into the same output sees
+    it, at its start and again once its own partial is held (two started in one instant), and stops."""
+    from midus_surgery.io.output_dir import hold_directory, release_marker
+
+    r = recipe(project, "out")
+    assert apply(str(r)) == 0
+    before = tree_digest(project)
+    live = project / f".out.partial-{'0' * 4}beef"  # as another apply names its partial while it writes
+    live.mkdir()
+    write_marker(live, "apply")
+    held = hold_directory(live)
+    try:
+        capsys.readouterr()
+        for args in ((str(r), "--overwrite"), (str(r), "--out", "out", "--overwrite")):
+            assert apply(*args) == 2
+            err = capsys.readouterr().err
+            assert f"another run of midus-surgery is writing {project / 'out'} now (into {live.name})" in err, err
+        assert tree_digest(project) == {**before, f"{live.name}/{MARKER}": tree_digest(project)[f"{live.name}/{MARKER}"]}
+        # the second look, once its own partial is held: refused inside the write, its partial removed, the rival kept
+        with pytest.raises(OutputError, match="another run of midus-surgery is writing"):
+            with atomic_directory(project / "out", kind="apply", replace=True):
+                raise AssertionError("wrote while another run was writing the same output")
+        assert sorted(p.name for p in project.iterdir() if ".partial-" in p.name) == [live.name]
+        # another output in the same folder is not held up
+        assert apply(str(r), "--out", "other") == 0
+    finally:
+        release_marker(held)
+    assert apply(str(r), "--overwrite") == 0  # the other run has ended: its output may be replaced again

@@ -422,6 +422,8 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
     if not writes_into and (too_long := _name_too_long(resolved)):
         raise OutputError(too_long)
     _check_can_write(resolved, into=writes_into, probe=probe)
+    if probe and not writes_into and (rival := _another_run_writing(resolved)):  # said now, not after a plan's minutes
+        raise OutputError(_being_written(resolved, rival))
     if not resolved.exists():
         return resolved
     if not resolved.is_dir():
@@ -741,6 +743,9 @@ def atomic_directory(out: Path, *, kind: str, owner: str | None = None, replace:
             tmp_is_ours = False
             raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
         held = hold_directory(tmp)  # live while this process runs, whatever its pid reads as elsewhere
+        rival = _another_run_writing(out, tmp)  # looked for after ours is held: of two started at once, one sees the other
+        if rival is not None:
+            raise OutputError(_being_written(out, rival))
         write_marker(tmp, kind, owner)
         yield tmp
         replace_directory(tmp, out, kind=kind, owner=owner if replaces_owner is None else replaces_owner, replace=replace)
@@ -751,6 +756,25 @@ def atomic_directory(out: Path, *, kind: str, owner: str | None = None, replace:
         raise
     finally:
         release_marker(held)
+
+
+def _another_run_writing(out: Path, ours: Path | None = None) -> Path | None:
+    """The partial folder of another live run writing ``out`` (not ``ours``), or None. Two `apply --overwrite` into one
+    output at once both said "wrote", the second having replaced the first's output unsaid (trial143 F3); two started in
+    the same instant may each see the other and both stop, which loses nothing."""
+    if not out.parent.is_dir():
+        return None
+    prefix = f".{out.name}.partial-"
+    for entry in out.parent.iterdir():
+        if (entry != ours and entry.name.startswith(prefix) and _LEFTOVER_NAME.match(entry.name) and not entry.is_symlink()
+                and entry.is_dir() and _held_by_a_live_run(entry)):
+            return entry
+    return None
+
+
+def _being_written(out: Path, rival: Path) -> str:
+    return (f"another run of midus-surgery is writing {out} now (into {rival.name}): nothing was written; run this again "
+            "once it has finished, or choose another output")
 
 
 def remove_empty(folders: list[Path]) -> None:
