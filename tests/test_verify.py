@@ -974,3 +974,27 @@ def test_an_unfinished_output_fails_even_when_its_weights_are_whole(bases, tmp_p
     renamed.rename(older)  # under an output's own name, a marker without files is an older version's finished output,
     (older / MARKER).write_text(json.dumps({k: v for k, v in marker.items() if k != "files"} | {"pid": os.getpid()}))
     assert "whole" not in run(older) and failed(run(older)) == []  # whatever live process has its recorded pid now (trial145)
+
+
+@pytest.mark.parametrize("base_fails_too", [True, False])
+def test_a_forward_the_base_fails_too_is_said_with_the_outputs_failure(bases, tmp_path, monkeypatch, base_fails_too):
+    """A copy-only output of a base whose own config cannot run (a hand-edited head_dim) failed 'forward' with the blame on
+    the output alone (trial142 F3): the row now says that the base fails it too. It stays a FAIL: the output cannot run."""
+    out = emitted(bases, tmp_path, "llama", "dus")
+    cls = type(AutoModelForCausalLM.from_pretrained(out))
+    deeper, original = AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers, cls.forward
+
+    def broken(self, *args, **kwargs):
+        if base_fails_too or self.config.num_hidden_layers == deeper:
+            raise RuntimeError("The size of tensor a (4) must match the size of tensor b (8)")
+        return original(self, *args, **kwargs)  # the base runs
+
+    monkeypatch.setattr(cls, "forward", broken)
+    checks = run(out)
+    assert failed(checks) == ["forward"]
+    detail = checks["forward"].detail
+    assert detail.startswith("the model fails to run a forward pass: RuntimeError: The size of tensor a (4)"), detail
+    said = f"; the base {bases['llama']} fails it too (RuntimeError: The size of tensor a (4)"
+    assert (said in detail) == base_fails_too and ("fails it too" in detail) == base_fails_too, detail
+    if base_fails_too:
+        assert detail.endswith("): the base's config or code is the cause, not the surgery"), detail

@@ -491,7 +491,12 @@ def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = Fal
     try:
         logits = _logits(model, ids)
     except Exception as exc:  # noqa: BLE001 - a model that cannot run is the check's result
-        record(Check("forward", False, f"the model fails to run a forward pass: {one_line(exc, 300)}"))
+        model = None
+        release_memory()
+        also = _base_forward_fails(base_path, trust, ids) if base_path is not None else None
+        record(Check("forward", False, f"the model fails to run a forward pass: {one_line(exc, 300)}" + (
+            f"; the base {printable(str(base_path))} fails it too ({also}): the base's config or code is the cause, not the "
+            "surgery" if also else "")))
         return checks
     vocab = logits.shape[-1]
     record(batch_check(model, vocab))
@@ -615,6 +620,27 @@ def _base_phase(out: Path, config: dict, plan: dict | None, base_path: Path, tru
                                        f"{diff:.4g}; perplexity on the sample: base {ppl_base:.2f}, output {ppl_out:.2f}"))
     config_row = config_check(out_config, base_model.config, plan) if plan is not None else None
     return base_model, [weights] + ([config_row] if config_row is not None else [])
+
+
+def _base_forward_fails(base_path: Path, trust: bool, ids: torch.Tensor) -> str | None:
+    """Why the base fails the forward pass the output failed, or None (it runs, or does not load: nothing to say). A
+    copy-only output of a base whose own config cannot run (a hand-edited head_dim) was written, and its FAIL blamed the
+    output alone (trial142 F3)."""
+    base_dir, gguf = (base_path.parent, base_path.name) if base_path.suffix == ".gguf" else (base_path, None)
+    try:
+        base_model, _ = _load(base_dir, gguf, trust_remote_code=trust and _builds_with_own_code(base_dir, gguf))
+    except Exception:  # noqa: BLE001 - a base that does not load says nothing of the output's forward
+        return None
+    try:
+        if int(ids.max()) >= base_model.get_input_embeddings().weight.shape[0]:
+            return None  # not this output's vocabulary: its failure would be another one
+        _logits(base_model, ids)
+    except Exception as exc:  # noqa: BLE001
+        return one_line(exc, 200)
+    finally:
+        base_model = None
+        release_memory()
+    return None
 
 
 def round_trip_check(handed: list, ids: torch.Tensor, trust: bool, shipped: bool = False) -> Check:
