@@ -554,3 +554,48 @@ def test_a_python_tokenizers_settings_are_part_of_the_token_cache_key(tmp_path):
     assert ids["lower"] != ids["plain"]
     assert D.tokenizer_fingerprint(loaded["lower"]) != D.tokenizer_fingerprint(loaded["plain"])
     assert D.tokenizer_fingerprint(loaded["lower"]) == D.tokenizer_fingerprint(loaded["lower-again"])
+
+
+def test_a_python_tokenizers_key_is_the_same_however_it_was_read_or_saved(tmp_path, monkeypatch):
+    """What a load or a save puts in a Python tokenizer's init_kwargs is not its rules: local_files_only (set by
+    HF_HUB_OFFLINE: a run started offline and resumed online was refused as 'the tokenizer changed'), and the AddedToken
+    objects and added_tokens_decoder a save_pretrained round trip brings (the same data tokenised again) (trial149 F1,
+    F4). A setting no JSON holds neither crashes the key nor changes it from one process to the next (F6)."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "prophetnet.tokenizer").write_text("\n".join(["[PAD]", "[UNK]", "[SEP]", "[CLS]", "[MASK]", "the", "cat", "."]) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ProphetNetTokenizer", "eos_token": "[SEP]"}))
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)  # as HF_HUB_OFFLINE=1 reads it
+    key = D.tokenizer_fingerprint(tokenizer)
+    online = AutoTokenizer.from_pretrained(folder, local_files_only=False)
+    assert online.init_kwargs.get("local_files_only") is False and tokenizer.init_kwargs.get("local_files_only") is True
+    assert D.tokenizer_fingerprint(online) == key
+    tokenizer.save_pretrained(tmp_path / "saved")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert type(saved.init_kwargs["eos_token"]).__name__ == "AddedToken"  # what made the key differ
+    assert D.tokenizer_fingerprint(saved) == key
+    # odd settings a tokenizer's own code may keep: mixed key types, an object printed with its address, a set
+    tokenizer.init_kwargs["custom"] = {1: "a", "b": {2, 1}, "o": object()}
+    odd = D.tokenizer_fingerprint(tokenizer)
+    tokenizer.init_kwargs["custom"] = {1: "a", "b": {1, 2}, "o": object()}
+    assert D.tokenizer_fingerprint(tokenizer) == odd != key
+
+
+def test_no_bos_is_added_to_the_text_read_for_training_and_eval(tmp_path):
+    """docs/commands.md: eval --data (and train) add no BOS token, even for a tokenizer that adds one to what it encodes
+    (Llama, Gemma): documents are joined with EOS alone (trial149 F8)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, "<bos>": 2, "the": 3, "cat": 4, "sat": 5}
+    rules = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    rules.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    rules.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=rules, eos_token="<eos>", bos_token="<bos>", unk_token="<unk>")
+    assert tokenizer("the cat")["input_ids"] == [2, 3, 4]  # this tokenizer adds a BOS to what it encodes
+    (tmp_path / "a.txt").write_text("the cat sat\n")
+    (tmp_path / "b.txt").write_text("sat the cat\n")
+    stream = prep([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path, tokenizer)
+    assert list(np.asarray(stream.tokens)) == [3, 4, 5, 1, 5, 3, 4, 1]

@@ -200,11 +200,13 @@ def iter_documents(path: Path, text_field: str) -> Iterator[str]:
             raw = path.read_bytes()
             mark = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0  # no text: read as such, 3 tokens a file (trial146 F6)
             try:
-                text = raw[mark:].decode("utf-8")
+                text = str(memoryview(raw)[mark:], "utf-8")  # a view: the bytes past the mark are not copied first
             except UnicodeDecodeError as exc:  # the byte named as the file counts it, the mark included (trial147 F3)
                 hint = _bom_hint(raw) if exc.start + mark < 4 else ""
                 raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start + mark}){hint}") from None
-            yield text.replace("\r\n", "\n").replace("\r", "\n")  # the newlines read_text's text mode gave: the same tokens as before
+            del raw  # this frame waits at the yield while the document is tokenised: only the text is held then (trial149 F7)
+            text = text.replace("\r\n", "\n").replace("\r", "\n")  # the newlines read_text's text mode gave: the same tokens as before
+            yield text
     except UnicodeDecodeError as exc:
         hint = _bom_hint(exc.object) if exc.start < 4 else ""
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}){hint}") from None
@@ -271,17 +273,48 @@ def tokenizer_fingerprint(tokenizer) -> str:
             h.update(f"{index}\t{token}\n".encode())
         # a Python tokenizer's rules are its code and its settings (do_lower_case, strip_accents, sp_model_kwargs): with the
         # vocabulary alone, a lowercasing copy and a plain one shared one cache entry, the first one's ids (trial147 F1).
-        # Its files' paths are not its rules: the same tokenizer in two model folders keeps one key
-        settings = {k: v for k, v in (getattr(tokenizer, "init_kwargs", None) or {}).items()
-                    if k not in ("name_or_path", "model_max_length") and not k.endswith("_file")}
+        # What a load or a save puts beside them is not: the same tokenizer in two model folders, read offline or not,
+        # saved again by save_pretrained, keeps one key (trial149 F1, F4)
+        settings = {k: _settings_value(v) for k, v in (getattr(tokenizer, "init_kwargs", None) or {}).items()
+                    if k not in _NOT_TOKENIZING_RULES and not k.endswith("_file")}
         h.update(json.dumps({"class": f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}", **settings},
-                            sort_keys=True, default=repr).encode())
+                            sort_keys=True).encode())
     h.update(f"eos={eos_id(tokenizer)}".encode())
     if getattr(tokenizer, "split_special_tokens", False):  # read by the Python side, not in the serialised rules: "<eos>" in
         # the text is one id or several; left out, two models' tokens were one cache entry, the first one's (trial146 F2).
         # Added only when set, so the caches of every other tokenizer keep their keys
         h.update(b"split_special_tokens")
     return h.hexdigest()[:16]
+
+
+# init_kwargs of a Python tokenizer that do not change the ids of text encoded without special tokens: where and how it
+# was read (local_files_only follows HF_HUB_OFFLINE), what save_pretrained adds (the added tokens, in get_vocab already),
+# and what only decoding, padding or chat formatting reads
+_NOT_TOKENIZING_RULES = frozenset({
+    "name_or_path", "model_max_length", "is_local", "local_files_only", "backend", "_commit_hash", "cache_dir", "revision",
+    "token", "use_auth_token", "trust_remote_code", "use_fast", "_from_auto", "subfolder", "proxies", "force_download",
+    "resume_download", "user_agent", "added_tokens_decoder", "model_specific_special_tokens", "tokenizer_class", "auto_map",
+    "processor_class", "clean_up_tokenization_spaces", "padding_side", "truncation_side", "model_input_names",
+    "chat_template", "add_bos_token", "add_eos_token", "add_special_tokens",
+})
+
+
+def _settings_value(value):
+    """A tokenizer setting as JSON that reads the same in every process: a special token saved by save_pretrained (an
+    AddedToken) is its text, as it was before the save; keys as text (mixed key types do not sort: trial149 F6); a set
+    sorted; an object named by its class where its repr holds a memory address (a new key in every process)."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if type(value).__name__ == "AddedToken" and hasattr(value, "content"):
+        return str(value.content)
+    if isinstance(value, dict):
+        return {str(k): _settings_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_settings_value(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_settings_value(v) for v in value), key=repr)
+    text = repr(value)
+    return type(value).__qualname__ if " at 0x" in text else text
 
 
 def eos_id(tokenizer) -> int:
@@ -319,9 +352,10 @@ def shared_files(train: list[Path], held: list[Path]) -> list[tuple[Path, Path]]
     return pairs
 
 
-# The rules corpus_key names an entry by, counted: 2 since a file's JSONL reading joined its key (trial70). A checkpoint
-# records it beside what the entry read, so a resume refused for other tokens can say when an upgrade renamed the entry.
-KEY_RULES = 2
+# The rules corpus_key names an entry by, counted: 2 since a file's JSONL reading joined its key (trial70), 3 since a text
+# file's byte-order mark and a Python tokenizer's class and settings did (2026-12-07). A checkpoint records it beside what
+# the entry read, so a resume refused for other tokens can say when an upgrade renamed the entry (trial149 F5).
+KEY_RULES = 3
 
 
 def reads_of(stream: TokenStream) -> dict:
