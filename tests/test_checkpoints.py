@@ -890,8 +890,27 @@ def test_other_training_tokens_name_the_part_that_changed():
     assert said(files=["/e/a.jsonl", "/e/b.jsonl", "/e/c.jsonl"]) == "other files: +c.jsonl"
     assert said(files=["/e/a.jsonl", "/e/b.jsonl"]) == "the text of its files changed"  # moved only, its text edited
     assert said(key_rules=3).startswith("the checkpoint was written by a midus-surgery that named token-cache entries by other rules")
+    # under other rules the tokenizer's part of the name may differ by the rules alone: not said as a changed tokenizer,
+    # nor the text as changed when only the rules are (trial149 F2, F5)
+    assert said(key_rules=3, tokenizer="t2").startswith("the checkpoint was written by a midus-surgery that named token-cache")
+    assert said(key_rules=3, text_field="body").startswith("data.text_field text -> body; the checkpoint was written by")
     # the same entry read from elsewhere (another node's path to the same bytes) is the same data
     assert data_changes({"train": "entry-a", "train_reads": reads}, {"train": "entry-a", "train_reads": {**reads, "files": ["/x"]}}) == []
+
+
+def test_an_entry_named_otherwise_with_the_same_tokens_is_the_same_data():
+    """A checkpoint records its entry's digests (tokens and document boundaries): an entry named otherwise (an upgrade's
+    naming rules, a tokenizer setting that changes no id of this text, HF_HUB_OFFLINE set at one start and not the other)
+    with the same digests reads the same blocks, and the resume goes on (trial149 F1, F2)."""
+    from midus_surgery.train.checkpoint import data_changes
+
+    sums = {"tokens.bin": "a" * 64, "docs.npy": "b" * 64}
+    assert data_changes({"train": "entry-a", "train_sha256": sums}, {"train": "entry-b", "train_sha256": dict(sums)}) == []
+    (line,) = data_changes({"train": "entry-a", "train_sha256": sums}, {"train": "entry-b", "train_sha256": {**sums, "docs.npy": "c" * 64}})
+    assert line.startswith("data.train gives other tokens ("), line
+    # a checkpoint that recorded none (written before this) is compared by name, as before
+    assert len(data_changes({"train": "entry-a"}, {"train": "entry-b", "train_sha256": sums})) == 1
+    assert len(data_changes({"train": "entry-a", "train_sha256": {}}, {"train": "entry-b", "train_sha256": {}})) == 1
 
 
 def test_a_resume_on_edited_text_says_the_text_changed(done, tmp_path):

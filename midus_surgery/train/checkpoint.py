@@ -639,6 +639,8 @@ def data_changes(saved: dict, now: dict) -> list[str]:
         was, new = saved.get(key), now.get(key)
         if was == new or (key == "held_out" and was is not None and new is not None):
             continue
+        if key == "train" and _same_tokens(saved.get("train_sha256"), now.get("train_sha256")):
+            continue  # another entry name, the same tokens and documents: the same blocks
         if key == "train":
             changes.append(f"data.train gives other tokens ({_why_other_tokens(saved.get('train_reads'), now.get('train_reads'))})")
         elif key == "held_out":
@@ -646,6 +648,11 @@ def data_changes(saved: dict, now: dict) -> list[str]:
         else:
             changes.append(f"{'seed' if key == 'seed' else 'data.' + key}: {was} -> {new}")
     return changes
+
+
+def _same_tokens(saved, now) -> bool:
+    """Whether two token-cache entries' recorded SHA-256s (of their tokens and document boundaries) are the same."""
+    return isinstance(saved, dict) and bool(saved) and saved == now
 
 
 def _why_other_tokens(saved: dict | None, now: dict | None) -> str:
@@ -656,7 +663,8 @@ def _why_other_tokens(saved: dict | None, now: dict | None) -> str:
         return ("its text, init_from's tokenizer or data.text_field changed, or the checkpoint was written by a midus-surgery "
                 "that named token-cache entries by other rules")
     said = []
-    if saved.get("tokenizer") != now.get("tokenizer"):
+    other_rules = saved.get("key_rules") != now.get("key_rules")  # then the tokenizer's part of the name may differ by the rules alone
+    if saved.get("tokenizer") != now.get("tokenizer") and not other_rules:
         said.append("init_from's tokenizer changed")
     if saved.get("text_field") != now.get("text_field"):
         said.append(f"data.text_field {saved.get('text_field')} -> {now.get('text_field')}")
@@ -667,11 +675,11 @@ def _why_other_tokens(saved: dict | None, now: dict | None) -> str:
         gone, added = [f for f in was if f not in new], [f for f in new if f not in was]
         said.append("other files: " + ", ".join([*(f"-{f}" for f in gone[:2]), *(f"+{f}" for f in added[:2])] or ["the same files in another order"])
                     + (" ..." if len(gone) > 2 or len(added) > 2 else ""))
+    if other_rules:
+        said.append("the checkpoint was written by a midus-surgery that named token-cache entries by other rules: the text and "
+                    "the tokenizer may be the same, but the run cannot tell")
     if said:
         return "; ".join(said)
-    if saved.get("key_rules") != now.get("key_rules"):
-        return ("the checkpoint was written by a midus-surgery that named token-cache entries by other rules: the text may be the "
-                "same, but the run cannot tell")
     return "the text of its files changed"
 
 

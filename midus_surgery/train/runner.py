@@ -766,6 +766,9 @@ class Runner:
         self.sampler = D.BlockSampler(self.train_blocks, cfg.seed)
         self.data_identity = self.identity_of_data(train_stream.path.name, held_stream.path.name if held_stream else None)
         self.data_identity["train_reads"] = D.reads_of(train_stream)
+        # the entry's own digests: a resume whose entry is named otherwise (an upgrade's key rules, a tokenizer setting
+        # that changes no id of this text) reads the same tokens, and goes on (trial149 F1, F2)
+        self.data_identity["train_sha256"] = train_stream.meta.get("sha256")
 
     def identity_of_data(self, train: str, held_out: str | None) -> dict:
         """What a checkpoint records of the data (its corpora's cache entries and how blocks are cut), and a resume
