@@ -962,6 +962,7 @@ def test_an_unfinished_output_fails_even_when_its_weights_are_whole(bases, tmp_p
                                       "finish it): what it holds may be a part of the model; run the command again for a whole one")
     from midus_surgery.io.output_dir import hold_directory, release_marker
 
+    (partial / MARKER).write_text(json.dumps({k: v for k, v in marker.items() if k != "files"} | {"pid": os.getpid()}))  # its writer lives
     held = hold_directory(partial)  # as apply holds the folder it writes: the lock goes with it when it is renamed by hand
     renamed = tmp_path / "renamed"
     partial.rename(renamed)
@@ -974,6 +975,13 @@ def test_an_unfinished_output_fails_even_when_its_weights_are_whole(bases, tmp_p
     renamed.rename(older)  # under an output's own name, a marker without files is an older version's finished output,
     (older / MARKER).write_text(json.dumps({k: v for k, v in marker.items() if k != "files"} | {"pid": os.getpid()}))
     assert "whole" not in run(older) and failed(run(older)) == []  # whatever live process has its recorded pid now (trial145)
+    # any process may flock a folder (a user's `flock OUT cmd`): an older output whose writer is gone is not being written
+    (older / MARKER).write_text(json.dumps({k: v for k, v in marker.items() if k != "files"} | {"pid": gone.pid}))
+    held = hold_directory(older)
+    try:
+        assert "whole" not in run(older), run(older).get("whole")  # trial149 F3
+    finally:
+        release_marker(held)
 
 
 @pytest.mark.parametrize("base_fails_too", [True, False])

@@ -632,8 +632,12 @@ def unfinished_output(directory: Path) -> str | None:
     marker = read_marker(directory)
     if marker is None or marker.get("kind") not in ("apply", EXPORT_KIND) or isinstance(marker.get("files"), list):
         return None
-    writing = _held_by_a_live_run(directory)  # the lock goes with the folder: one renamed by hand while it is written holds it
-    if not writing and not (_LEFTOVER_NAME.match(directory.name) and ".partial-" in directory.name):
+    partial_name = bool(_LEFTOVER_NAME.match(directory.name)) and ".partial-" in directory.name
+    # the lock goes with the folder: one renamed by hand while it is written holds it. Under an output's own name, only
+    # while the process its marker names lives: any process may flock a folder (a user's `flock OUT cmd` serialising
+    # jobs), and an older version's finished output was failed as being written (trial149 F3)
+    writing = _held_by_a_live_run(directory) and (partial_name or not _owner_is_gone(marker))
+    if not writing and not partial_name:
         return None  # under an output's own name: an older version's finished output (its pid may be any live process's now)
     state = "a running process is still writing it" if writing else "the process that wrote it did not finish it"
     return (f"{printable(str(directory))} is an unfinished output of midus-surgery {marker['kind']} ({state}): what it holds "
