@@ -87,6 +87,11 @@ def _threads(text: str) -> int:
     return value
 
 
+def _tokens(count: int) -> str:
+    """'1 token', '2,048 tokens'."""
+    return f"{count:,} token{'' if count == 1 else 's'}"
+
+
 def _folder_to_write(text: str) -> str:
     """--out, --cache-dir: named as output.dir must be, without control characters (a newline split every line naming
     it; an escape sequence reached the terminal in the "wrote" line: trial83 F6)."""
@@ -766,8 +771,9 @@ def cmd_eval(args) -> int:
         results.append(result)
         if not args.json:
             print(f"{printable(result['model'])}: perplexity {result['perplexity']:.4f} (loss {result['loss']:.4f} nats/token) over "
-                  f"{result['tokens']:,} predicted tokens in {result['sequences']} {'blocks' if result['mode'] == 'blocks' else 'document windows'} of <= {result['block_size']} tokens"
-                  + (f" (the last {result['tokens_after_the_last_block']:,} tokens fill no block: not scored)" if result.get("tokens_after_the_last_block") else "")
+                  f"{result['tokens']:,} predicted tokens in {result['sequences']} {'block' if result['mode'] == 'blocks' else 'document window'}"
+                  f"{'' if result['sequences'] == 1 else 's'} of <= {result['block_size']} tokens"
+                  + (f" (the last {_tokens(result['tokens_after_the_last_block'])} fill no block: not scored)" if result.get("tokens_after_the_last_block") else "")
                   + "; "
                   f"{result['tokens_read_per_s']:,.0f} tokens read/s ({result['dtype']} on {result['device']}, {result['seconds']:.1f} s)")
         if result["loss"] != result["loss"]:  # NaN: not a score, a broken model or a dtype that overflows (--json too: trial50)

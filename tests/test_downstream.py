@@ -832,6 +832,7 @@ def test_each_filter_is_its_own_row_and_a_tag_is_its_tasks(world, tmp_path, caps
     scores = result["models"][0]["results"]
     assert (scores["twofilter"]["exact_match (strict)"], scores["twofilter"]["exact_match (loose)"]) == (1.0, 0.0), scores
     assert "exact_match" not in scores["twofilter"] and scores["tiny_cloze"]["items"] == 2 and "acc" in scores["tiny_cloze"]
+    assert {"exact_match (strict)_stderr", "exact_match (loose)_stderr"} <= set(scores["twofilter"]), scores  # docs/evaluate.md
     assert result["settings"]["task_files"] == {"twofilter": str(tasks / "twofilter.yaml"), "tiny_cloze": str(tasks / "tagged.yaml")}
     assert main(["eval", str(world["base"]), "--tasks", "tinytag", "--include-path", str(tasks), "--quiet"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()

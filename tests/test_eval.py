@@ -870,3 +870,8 @@ def test_the_tokens_after_the_last_whole_block_are_said_not_scored(setup, capsys
     assert f"in {blocks} blocks of <= 16 tokens (the last {tail} tokens fill no block: not scored); " in capsys.readouterr().out
     assert main(["eval", str(setup["model"]), "--data", *data, "--block-size", "16", "--max-blocks", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens_after_the_last_block"] == 0
+    (setup["root"] / "one").mkdir(exist_ok=True)
+    one = setup["root"] / "one" / "one-past.txt"  # 16 tokens and the EOS: one block, one token after it
+    one.write_text("the cat sat on the mat . the dog ran on the log . the bird\n")
+    assert main(["eval", str(setup["model"]), "--data", str(one), "--cache-dir", str(setup["cache"]), "--block-size", "16", "--quiet"]) == 0
+    assert " in 1 block of <= 16 tokens (the last 1 token fill no block: not scored); " in capsys.readouterr().out
