@@ -1261,6 +1261,25 @@ def test_a_run_directory_whose_log_is_a_pipe_is_refused_before_it_blocks(train_p
     assert f"{run} holds metrics.jsonl as something other than a regular file (a named pipe, a device or a folder)" in err, err
 
 
+def test_a_checkpoints_folder_that_became_a_file_is_said_as_such(train_project, capsys):
+    """run_dir/checkpoints a file: said as "no checkpoint to continue, its export would replace that model" beside an
+    export, or as the system's "File exists" without one (trial148 L1)."""
+    cfg = train_config(train_project)
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    run = train_project / "runs" / "a"
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").write_text("not a folder")
+    more = train_config(train_project, tokens=1024, resume="auto")
+    for final in (True, False):
+        if not final:
+            shutil.rmtree(run / "final")
+        capsys.readouterr()
+        assert main(["train", str(more), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"{run / 'checkpoints'} is a file, where train keeps its checkpoints (a folder): move it away" in err, err
+    assert (run / "checkpoints").read_text() == "not a folder"
+
+
 def test_a_checkpoint_state_that_is_a_pipe_is_a_broken_checkpoint_not_a_hang(train_project, capsys):
     cfg = train_config(train_project, **{"checkpoint.every": 4})
     assert main(["train", str(cfg), "--quiet"]) == 0

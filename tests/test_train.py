@@ -937,6 +937,27 @@ def test_a_two_process_run_resumes_its_own_checkpoint_to_the_uninterrupted_weigh
 
 
 @pytest.mark.slow
+def test_processes_that_find_other_checkpoints_stop_with_one_line(world, tmp_path):
+    """A node's own run_dir (allowed: a mount of the same files) that held no checkpoint: its process started afresh beside
+    one that resumed, and the two waited for each other in different collectives, silently, for ever (trial148 H1)."""
+    extra = {"eval.at_start": False, "checkpoint.every": 2, "resume": "auto"}
+    cfg = config(world, tmp_path, name="runA", tokens=16 * 8 * 2, **extra)
+    assert train(load_train_config(cfg)).steps == 4
+    wrapper = tmp_path / "per_rank.sh"
+    wrapper.write_text(f'#!/bin/sh\nif [ "$LOCAL_RANK" = 1 ]; then run={tmp_path / "runB"}; else run={tmp_path / "runA"}; fi\n'
+                       f'exec {sys.executable} -m midus_surgery.cli train {cfg} "run_dir=$run" tokens={16 * 8 * 4} --quiet\n')
+    wrapper.chmod(0o755)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29567", "--no-python",
+                           str(wrapper)], env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    said = ("process 1 starts afresh (no checkpoint) and process 0 resumes step-00000004 (step 4): every process must find the "
+            "same checkpoints; give every process the same run_dir (or a mount of the same folder)")
+    assert errors and said in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "runB").exists()
+
+
+@pytest.mark.slow
 def test_processes_reading_other_data_stop_with_one_line(world, tmp_path):
     """data.train expanded per process (a node-local path) trained on without a word, the log and the checkpoints naming
     the main process's data alone (trial74 F7)."""

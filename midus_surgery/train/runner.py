@@ -271,6 +271,7 @@ class Runner:
         self.check_outputs()
         self.resume_from = self.choose_start()
         self.resume_state = read_checkpoint_state(self.resume_from) if self.resume_from is not None else None
+        self.same_start_on_every_process()
         self.check_same_groups()
         self.check_same_model()
         self.choose_groups(self.model_on_meta())  # the real model's groups come with its weights (setup_model)
@@ -593,6 +594,10 @@ class Runner:
             if part in (RUN_ENTRIES - {"final"}) | {MARKER}:  # checkpoints/ (pruned, rewritten), tensorboard/, the marker: an export there deletes them
                 raise RecipeError([loaded.problem(("export", "dir"), f"{self.export_dir} is or lies inside {self.run_dir / part}, which "
                                                   "train itself writes; choose another directory (the default is run_dir/final)")])
+        if os.path.lexists(self.ckpt_root) and not self.ckpt_root.is_symlink() and not self.ckpt_root.is_dir():
+            # a file there read as "no checkpoint to continue", or as the system's "File exists" (trial148 L1)
+            raise RecipeError([loaded.problem(("run_dir",), f"{self.ckpt_root} is a file, where train keeps its checkpoints (a folder): "
+                                              "move it away, or choose another run_dir")])
         extras = [f"checkpoints/{x}" for x in not_written_in_checkpoints(self.ckpt_root)] if self.ckpt_root.is_dir() else []
         if extras:  # checkpoints are pruned (keep_last) and rewritten: what else they hold would go with them
             raise RecipeError([loaded.problem(("run_dir",), f"{self.ckpt_root} also holds what midus-surgery did not write there "
@@ -743,6 +748,25 @@ class Runner:
                 key = next(k for k in sorted(set(other) | set(seen[0])) if other.get(k) != seen[0].get(k))
                 raise TrainingError(f"process {rank} runs another config than process 0: {key} is {other.get(key)!r} there and "
                                     f"{seen[0].get(key)!r} on process 0; give every process the same config and overrides")
+
+    def same_start_on_every_process(self) -> None:
+        """Every process starts from the same step: a process whose run_dir (a node's own path) held no checkpoint started
+        afresh beside one that resumed, and the two waited for each other in different collectives, silently, for ever
+        (trial148 H1). The checkpoint is compared by its step and name, not its path (a node's own mount of the same files)."""
+        if self.acc.num_processes < 2:
+            return
+        from accelerate.utils import gather_object
+
+        def start(found: dict) -> str:
+            return f"resumes {found['name']} (step {found['step']})" if found["step"] is not None else "starts afresh (no checkpoint)"
+
+        mine = {"step": int(self.resume_state["step"]) if self.resume_state is not None else None,
+                "name": self.resume_from.name if self.resume_from is not None else None}
+        seen = gather_object([mine])
+        rank = next((i for i, other in enumerate(seen) if other != seen[0]), None)
+        if rank is not None:
+            raise TrainingError(f"process {rank} {start(seen[rank])} and process 0 {start(seen[0])}: every process must find the "
+                                "same checkpoints; give every process the same run_dir (or a mount of the same folder)")
 
     def same_data_on_every_process(self) -> None:
         """Every process trains on the same corpus: one whose data.train reads other files (a per-node path, a variable
