@@ -657,7 +657,17 @@ def cmd_apply(args) -> int:
           + ("planned from the safetensors headers" if why_full is None else f"planned with transformers ({why_full})")
           + (f"; base read {result.base_read}" if result.base_read else ""))
     if args.verify:
-        return _run_verify(result.out_dir, None, trust_remote_code=planned.loaded.recipe.base.trust_remote_code)  # the user's own recipe
+        # exit 1 either way, and the output said to be there: its own exit 2 read as "a problem in the recipe, nothing
+        # written", and apply's 1 as "nothing half-written kept", while a whole output stood there (trial150 M1)
+        try:
+            failed = _run_verify(result.out_dir, None, trust_remote_code=planned.loaded.recipe.base.trust_remote_code)  # the user's own recipe
+        except UsageError as exc:
+            err.print(f"verify could not check it: {exc}", markup=False)
+            failed = 1
+        if failed:
+            err.print(f"the output is written, whole, at {printable(str(result.out_dir))}: the lines above say what verify found",
+                      markup=False)
+        return failed
     return 0
 
 
@@ -1078,7 +1088,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Stream the base weights into the up-scaled model the recipe describes (sharded safetensors, "
                                    "config, tokenizer, model card, initialised memory), after saying the notes validate would say. "
                                    "The output is written into a hidden folder beside it and renamed into place when whole.",
-                       epilog=RECIPE_EXITS + "; 1: the machine stopped it (a full disk), nothing half-written kept")
+                       epilog=RECIPE_EXITS + "; 1: the machine stopped it (a full disk), nothing half-written kept, or with --verify: "
+                              "the output is written, whole, and a verify check failed or could not run (the lines above say which)")
     p.add_argument("recipe", metavar="RECIPE", type=_recipe_path, help="one recipe YAML file")
     p.add_argument("--out", type=_model_folder_to_write, help="output directory, relative to the current directory as every path on the command line (default: the recipe's "
                    "output.dir, relative to the recipe's folder)")
