@@ -477,3 +477,28 @@ def test_random_recipes_plan_or_fail_with_a_recipe_error(layout, memory, adjacen
     assert all(0 <= layer.source < LLAMA.num_hidden_layers for layer in plan.layers)
     statistics = ("query_norm.running_mean", "query_norm.running_var", "query_norm.updates")  # written, not parameters
     assert plan.params["total"] == sum(t.numel for t in plan.tensors if not t.name.endswith(statistics))
+
+
+def test_a_stated_anatomy_is_checked_against_the_model():
+    """`anatomy.layers_path: model.nope` was said at `base` as a model that keeps its layers in parallel lists, and
+    `layer_class: Foo` was written into the output's config unchecked (trial150 L2): each is one problem at its key."""
+    from midus_surgery.compiler.planner import anatomy_for
+
+    config = tiny_config("llama")
+    stated = {"layers_path": "model.layers", "layer_class": "LlamaDecoderLayer", "attention": "self_attn",
+              "attn_out_proj": "self_attn.o_proj", "ffn": ["mlp"], "ffn_down_proj": "mlp.down_proj",
+              "attn_norms": ["input_layernorm"], "ffn_norms": ["post_attention_layernorm"], "residual": "sequential"}
+    layout = {"interleave": {"after_every": 2, "kind": "identity"}}
+
+    def plan_with(**changed):
+        loaded = loaded_from({"layout": layout, "anatomy": {**stated, **changed}})
+        return make_plan(loaded, config, anatomy_for(loaded, config)[0])
+
+    assert plan_with().anatomy.layers_path == "model.layers"
+    for key, value, said in (("layers_path", "model.nope", f"'model.nope' is no list of this model's {config.num_hidden_layers} decoder layers: its weights "
+                                                           "name 'model.layers'"),
+                             ("layer_class", "Foo", "the layers at model.layers are LlamaDecoderLayer, not Foo")):
+        with pytest.raises(RecipeError) as info:
+            plan_with(**{key: value})
+        (problem,) = info.value.problems
+        assert (problem.field, problem.message) == (f"anatomy.{key}", said), problem

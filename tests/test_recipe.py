@@ -584,3 +584,10 @@ def test_no_indentation_hint_where_nothing_is_indented(tmp_path):
     (p,) = problems(tmp_path, GOOD.replace("output:\n  dir: out\n", "").replace("  path: base-model\n", "  path: base-model\n  dir: out\n"))
     assert p.message == ("unknown key 'dir' here: it is a key of output:, which the file lacks (the output: line above it missing, "
                          "or this key indented wrongly?)")
+
+
+def test_a_bank_past_the_limit_is_said_with_exact_counts(tmp_path):
+    """Rounded to 3 digits, a bank just past 2^40 values read "= 1.1e+12 values (more than 1.1e+12)" (trial150 L4)."""
+    (p,) = problems(tmp_path, GOOD.replace("  topk: 8\n", "  topk: 8\n  latent_dim: 16400\n").replace("n_subkeys: 64", "n_subkeys: 8192"))
+    assert p.field == "memory" and p.message.startswith("the HIVE bank would hold n_subkeys^2 * latent_dim = 1,100,585,369,600 values "
+                                                        "per memory block (more than 1,099,511,627,776 = 2^40, 4.4 TB in fp32)"), p

@@ -266,8 +266,10 @@ class MemorySettings(Strict):
     @model_validator(mode="after")
     def _bank_size(self) -> "MemorySettings":
         if self.hive and self.n_subkeys**2 * self.latent_dim > MAX_BANK_ELEMENTS:
-            raise ValueError(f"the HIVE bank would hold n_subkeys^2 * latent_dim = {self.n_subkeys**2 * self.latent_dim:.3g} values per memory block "
-                             f"(more than {MAX_BANK_ELEMENTS:.3g}, {MAX_BANK_ELEMENTS * 4 / 1e12:.1f} TB in fp32); use a smaller n_subkeys or latent_dim")
+            # exact counts: rounded, a bank just past the limit read "= 1.1e+12 values (more than 1.1e+12)" (trial150 L4)
+            raise ValueError(f"the HIVE bank would hold n_subkeys^2 * latent_dim = {self.n_subkeys**2 * self.latent_dim:,} values per memory "
+                             f"block (more than {MAX_BANK_ELEMENTS:,} = 2^40, {MAX_BANK_ELEMENTS * 4 / 1e12:.1f} TB in fp32); use a smaller "
+                             "n_subkeys or latent_dim")
         if self.share_bank and not self.hive:
             raise ValueError("share_bank needs hive: true (the shared object is the HIVE latent bank)")
         return self
