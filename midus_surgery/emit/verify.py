@@ -232,18 +232,23 @@ _SAFETENSORS_FLOATS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "
 def dtype_mismatch(path: Path, config: dict) -> str | None:
     """Why config.json's dtype is not the stored weights' (transformers' default dtype="auto" loads
     what the config says: a bf16 model said float32 loads at twice the memory), or None."""
+    stated, stored = config.get("dtype", config.get("torch_dtype")), stored_float_dtype(path)
+    if not isinstance(stated, str) or stored is None or stated == stored:
+        return None  # no stated dtype, or mixed storage (some quantised layouts): nothing one name could say
+    return f"config.json says dtype {stated}, but the weights are stored as {stored}: a dtype=\"auto\" load gets {stated}"
+
+
+def stored_float_dtype(path: Path) -> str | None:
+    """The one floating-point dtype a model folder's safetensors files store (torch's name), or None (mixed, or none)."""
     from safetensors import safe_open
 
-    stated = config.get("dtype", config.get("torch_dtype"))
     stored: set[str] = set()
     for file in _safetensors_files(path):
         with safe_open(str(path / file), framework="pt") as handle:
             for name in handle.keys():
                 stored.add(handle.get_slice(name).get_dtype())
     floats = {_SAFETENSORS_FLOATS[d] for d in stored if d in _SAFETENSORS_FLOATS}
-    if not isinstance(stated, str) or len(floats) != 1 or stated in floats:
-        return None  # no stated dtype, or mixed storage (some quantised layouts): nothing one name could say
-    return f"config.json says dtype {stated}, but the weights are stored as {floats.pop()}: a dtype=\"auto\" load gets {stated}"
+    return floats.pop() if len(floats) == 1 else None
 
 
 def _batch(model, tokenizer) -> torch.Tensor:
@@ -589,7 +594,9 @@ def _base_phase(out: Path, config: dict, plan: dict | None, base_path: Path, tru
         record(Check("identity", False, f"the base model {base_path} has a vocabulary of {base_vocab:,} tokens and the output "
                                          f"{out_vocab:,}: it is not this output's base"))
         return None, []
-    rounded = _round_to_stored_dtype(base_model, config.get("dtype"))
+    # the dtype the weights are stored in: a config.json that says another one fails the tensors row already, and its
+    # rounding made every copy differ, said as "not the base the output was made from" (trial150 L5)
+    rounded = _round_to_stored_dtype(base_model, stored_float_dtype(out) or config.get("dtype"))
     left_alone, why_not = _untrained_since_apply(out, config) if trained else (None, None)
     if plan is None:
         weights = _skip("weights", NO_LAYER_MAP)
