@@ -955,6 +955,17 @@ def test_processes_that_find_other_checkpoints_stop_with_one_line(world, tmp_pat
             "same checkpoints; give every process the same run_dir (or a mount of the same folder)")
     assert errors and said in errors[0], proc.stderr[-2000:]
     assert not (tmp_path / "runB").exists()
+    # both start afresh, each in a folder of its own: process 1's logs went to a folder no one made, found at its first
+    # step, and its resume would find no checkpoint (trial148 L2): said at the start
+    wrapper.write_text(f'#!/bin/sh\nif [ "$LOCAL_RANK" = 1 ]; then run={tmp_path / "runD"}; else run={tmp_path / "runC"}; fi\n'
+                       f'exec {sys.executable} -m midus_surgery.cli train {cfg} "run_dir=$run" --quiet\n')
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29568", "--no-python",
+                           str(wrapper)], env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    said = (f"process 1's run_dir {tmp_path / 'runD'} is not the run directory process 0 made (it does not exist): every process "
+            "must write into the same run_dir (one folder, or a node's mount of it)")
+    assert said in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "runD").exists() and not (tmp_path / "runC").exists()  # a failed start leaves no run directory
 
 
 @pytest.mark.slow

@@ -703,6 +703,13 @@ class Runner:
             self.ckpt_root.mkdir(exist_ok=True)
             remove_partial_checkpoints(self.ckpt_root, report=self.say)
         self.acc.wait_for_everyone()
+        # a process whose run_dir (a node's own path) is not the folder process 0 made: its own logs went nowhere, found at
+        # its first step (log.data_trace), and its resume would find no checkpoint (trial148 L2). Said now, by every process
+        mine = read_marker(self.run_dir) if self.run_dir.is_dir() else None
+        if self.acc.num_processes > 1 and (mine is None or mine.get("kind") != RUN_KIND):
+            raise TrainingError(f"process {self.acc.process_index}'s run_dir {self.run_dir} is not the run directory process 0 made "
+                                f"({'it does not exist' if not self.run_dir.is_dir() else 'it holds no marker of a training run'}): every "
+                                "process must write into the same run_dir (one folder, or a node's mount of it)")
 
     def load_tokenizer(self) -> None:
         """init_from's tokenizer, once the blocks are known to fit the model's positions (said now, not
