@@ -599,3 +599,23 @@ def test_no_bos_is_added_to_the_text_read_for_training_and_eval(tmp_path):
     (tmp_path / "b.txt").write_text("sat the cat\n")
     stream = prep([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path, tokenizer)
     assert list(np.asarray(stream.tokens)) == [3, 4, 5, 1, 5, 3, 4, 1]
+
+
+def test_a_python_tokenizers_added_tokens_matching_rules_are_in_its_key(tmp_path):
+    """get_vocab holds an added token's text and id, not how it matches: "catxx" with xx added as a whole word is one id
+    more than with xx added plainly, and the two tokenizers read one cache entry (trial151 H1)."""
+    from transformers import AddedToken, AutoTokenizer
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "prophetnet.tokenizer").write_text("\n".join(["[PAD]", "[UNK]", "[SEP]", "[CLS]", "[MASK]", "the", "cat", "."]) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ProphetNetTokenizer", "eos_token": "[SEP]"}))
+    loaded = {}
+    for whole in (True, False):
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer.add_tokens([AddedToken("xx", single_word=whole)])
+        tokenizer.save_pretrained(tmp_path / str(whole))
+        loaded[whole] = AutoTokenizer.from_pretrained(tmp_path / str(whole), local_files_only=True)
+    ids = {whole: t("the catxx cat .", add_special_tokens=False)["input_ids"] for whole, t in loaded.items()}
+    assert ids[True] != ids[False]
+    assert D.tokenizer_fingerprint(loaded[True]) != D.tokenizer_fingerprint(loaded[False])

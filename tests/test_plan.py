@@ -495,8 +495,8 @@ def test_a_stated_anatomy_is_checked_against_the_model():
         return make_plan(loaded, config, anatomy_for(loaded, config)[0])
 
     assert plan_with().anatomy.layers_path == "model.layers"
-    for key, value, said in (("layers_path", "model.nope", f"'model.nope' is no list of this model's {config.num_hidden_layers} decoder layers: its weights "
-                                                           "name 'model.layers'"),
+    for key, value, said in (("layers_path", "model.nope", f"'model.nope' is no list of modules in this model; its lists of "
+                                                           f"{config.num_hidden_layers} modules: 'model.layers'"),
                              ("layer_class", "Foo", "the layers at model.layers are LlamaDecoderLayer, not Foo")):
         with pytest.raises(RecipeError) as info:
             plan_with(**{key: value})

@@ -338,7 +338,7 @@ def _base_model_facts(config_json: str) -> tuple[tuple[tuple[str, tuple[int, ...
     shapes += [(name, tuple(b.shape)) for name, b in model.named_buffers() if name in persistent]
     integers = frozenset(name for name, t in model.state_dict().items() if not t.is_floating_point())
     buffers = frozenset(name for name, _ in model.named_buffers() if name in persistent)
-    lists = tuple((name, tuple(sorted({type(m).__name__ for m in module}))) for name, module in model.named_modules()
+    lists = tuple((name, (len(module), *sorted({type(m).__name__ for m in module}))) for name, module in model.named_modules()
                   if isinstance(module, torch.nn.ModuleList))
     return tuple(shapes), tuple((str(k), str(v)) for k, v in tied.items()), load_renames(model), integers, buffers, lists
 
@@ -391,9 +391,9 @@ def base_buffers(config) -> frozenset[str]:
     return _base_model_facts(_config_key(config))[4]
 
 
-def base_module_lists(config) -> dict[str, tuple[str, ...]]:
-    """Each module list of the base causal LM (``model.layers``) -> the class names of the modules it holds."""
-    return dict(_base_model_facts(_config_key(config))[5])
+def base_module_lists(config) -> dict[str, tuple[int, tuple[str, ...]]]:
+    """Each module list of the base causal LM (``model.layers``) -> (its length, the class names of its modules)."""
+    return {name: (facts[0], tuple(facts[1:])) for name, facts in _base_model_facts(_config_key(config))[5]}
 
 
 def base_load_renames(config) -> list[tuple[str, str]] | None:
@@ -772,7 +772,7 @@ def make_plan(loaded: LoadedRecipe, config, anatomy: StackAnatomy | None, *, ana
         raise RecipeError([loaded.problem(("base",), f"transformers cannot build the base model from its config: {one_line(exc)}")]) from None
     layers_path = anatomy.layers_path if anatomy else guess_layers_path(shapes, L)
     if recipe.anatomy is not None:
-        stated_anatomy_problem(loaded, config, shapes, L)
+        stated_anatomy_problem(loaded, config, L)
     if layers_path is None:
         raise RecipeError([loaded.problem(("base",), "cannot tell where the decoder layers are in this model; state it with an `anatomy:` block")])
     parallel = [p for p in layer_lists(shapes, L) if p != layers_path]
@@ -1092,17 +1092,18 @@ def _attention_context(layer_types, window: int | None, seq_len: int, index: int
     return seq_len
 
 
-def stated_anatomy_problem(loaded, config, shapes: dict[str, tuple[int, ...]], num_layers: int) -> None:
+def stated_anatomy_problem(loaded, config, num_layers: int) -> None:
     """A recipe's `anatomy:` checked against the model: a layers_path that names no list of its decoder layers was said
     as a model that keeps its layers in parallel lists, at `base`, and a layer_class that is not the layers' was written
     into the output's config unchecked (trial150 L2). Raises RecipeError, located at the key."""
     stated = loaded.recipe.anatomy
-    found = layer_lists(shapes, num_layers)
-    if stated.layers_path not in found:
-        raise RecipeError([loaded.problem(("anatomy", "layers_path"), f"{stated.layers_path!r} is no list of this model's {num_layers} decoder "
-                                          f"layers: its weights name {', '.join(repr(f) for f in found[:3]) or 'none'}")])
-    classes = base_module_lists(config).get(stated.layers_path)
-    if classes is not None and stated.layer_class not in classes:
+    lists = base_module_lists(config)  # by the modules, not by the weights' names (layers that share weights name fewer)
+    if stated.layers_path not in lists:
+        found = [name for name, (length, _) in lists.items() if length == num_layers]
+        raise RecipeError([loaded.problem(("anatomy", "layers_path"), f"{stated.layers_path!r} is no list of modules in this model; its lists "
+                                          f"of {num_layers} modules: {', '.join(repr(f) for f in found[:3]) or 'none'}")])
+    classes = lists[stated.layers_path][1]
+    if stated.layer_class not in classes:
         raise RecipeError([loaded.problem(("anatomy", "layer_class"), f"the layers at {stated.layers_path} are {', '.join(classes)}, "
                                           f"not {stated.layer_class}")])
 

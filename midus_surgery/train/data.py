@@ -279,6 +279,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
                     if k not in _NOT_TOKENIZING_RULES and not k.endswith("_file")}
         h.update(json.dumps({"class": f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}", **settings},
                             sort_keys=True).encode())
+        # the added tokens' matching rules: get_vocab holds their text and ids only, and "catxx" with xx added as a whole
+        # word or not is one id or two (trial151 H1). Read from the tokenizer, not its init_kwargs, which a save changes
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        h.update(json.dumps([[int(index), str(getattr(token, "content", token))]
+                             + [bool(getattr(token, flag, False)) for flag in ("single_word", "lstrip", "rstrip", "normalized", "special")]
+                             for index, token in sorted(added.items())]).encode())
     h.update(f"eos={eos_id(tokenizer)}".encode())
     if getattr(tokenizer, "split_special_tokens", False):  # read by the Python side, not in the serialised rules: "<eos>" in
         # the text is one id or several; left out, two models' tokens were one cache entry, the first one's (trial146 F2).
@@ -288,8 +294,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 # init_kwargs of a Python tokenizer that do not change the ids of text encoded without special tokens: where and how it
-# was read (local_files_only follows HF_HUB_OFFLINE), what save_pretrained adds (the added tokens, in get_vocab already),
-# and what only decoding, padding or chat formatting reads
+# was read (local_files_only follows HF_HUB_OFFLINE), what save_pretrained adds (the added tokens, hashed from the
+# tokenizer itself with their matching rules), and what only decoding, padding or chat formatting reads
 _NOT_TOKENIZING_RULES = frozenset({
     "name_or_path", "model_max_length", "is_local", "local_files_only", "backend", "_commit_hash", "cache_dir", "revision",
     "token", "use_auth_token", "trust_remote_code", "use_fast", "_from_auto", "subfolder", "proxies", "force_download",
