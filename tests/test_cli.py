@@ -748,18 +748,6 @@ def test_a_folder_to_write_named_with_a_control_character_is_a_usage_error(argv,
     assert "\x1b" not in err, err
 
 
-@pytest.mark.parametrize("name", ["  x", "x ", "o/ /x"])
-def test_a_folder_to_write_named_with_blanks_at_an_end_is_a_usage_error(name, capsys):
-    """--out '  x' made a folder named with two leading spaces (trial145 F7)."""
-    from midus_surgery.cli import parse_arguments
-
-    with pytest.raises(SystemExit) as exit_:
-        parse_arguments(["apply", "r.yaml", "--out", name])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "with blanks at its start or end: a folder to write is not named so" in err, err
-    assert parse_arguments(["apply", "r.yaml", "--out", "my out"]).out == "my out"
-
-
 @pytest.mark.parametrize("argv, option", [
     (["apply", "r.yaml", "--out", ""], "--out"),  # the current folder: refused only when it held an input
     (["analyze", "m", "--data", "d", "--out", ""], "--out"),

@@ -1568,3 +1568,23 @@ def test_a_second_run_into_an_output_another_run_is_writing_stops_before_any_wor
     finally:
         release_marker(held)
     assert apply(str(r), "--overwrite") == 0  # the other run has ended: its output may be replaced again
+
+
+def test_a_folder_the_tool_would_make_named_with_blanks_at_an_end_is_refused(project, capsys, monkeypatch):
+    """`o/$BLANK/x` made a folder named one space, `--out "  x"` one with two leading spaces (trial145 F7): refused before
+    any work, in a recipe's output.dir and on the command line alike. A folder that exists is the user's, whatever its
+    name: an output under `Backup /runs` was refused as a slip (trial151 M1)."""
+    monkeypatch.setenv("MIDUS_TEST_BLANK", " ")
+    for given, padded in (("  x", "  x"), ("x ", "x "), ("o/ /x", " ")):
+        capsys.readouterr()
+        assert apply(str(recipe(project, "out")), "--out", given) == 2
+        err = capsys.readouterr().err
+        assert f"would make a folder named {padded!r}, with blanks at its start or end (a stray space, or a variable of blanks?)" in err, err
+        assert not (project / given.split("/")[0]).exists()
+    assert apply(str(recipe(project, "'o/$MIDUS_TEST_BLANK/x'"))) == 2
+    assert "would make a folder named ' ', with blanks" in capsys.readouterr().err
+    (project / "Backup " / "runs").mkdir(parents=True)  # the user's own folders
+    assert apply(str(recipe(project, "'Backup /runs/out'"))) == 0 and (project / "Backup " / "runs" / "out" / "config.json").is_file()
+    assert apply(str(recipe(project, "out")), "--out", "my out") == 0  # blanks inside a name are a name
+    with pytest.raises(OutputError, match="would make a folder named ' a'"):
+        check_output_dir(project / "runs" / " a", kind="train run", writes_into=True)

@@ -395,6 +395,9 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
         raise OutputError(f"output {given} is a symlink (to {os.readlink(given)}); give a real directory path: "
                           "the tool never writes through a link")
     resolved = given.resolve()
+    if padded := _padded_new_folder(resolved):
+        raise OutputError(f"output {resolved} would make a folder named {padded!r}, with blanks at its start or end (a stray "
+                          "space, or a variable of blanks?): name it without them")
     if kind in MODEL_KINDS and (bad_name := model_folder_name_problem(resolved)):  # the resolved path: a relative output.dir or
         raise OutputError(f"output {bad_name}")  # run_dir under a recipe folder so named was written (trial104)
     for what, path in inputs:
@@ -460,6 +463,18 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
         return resolved
     todo = f"pass {flag} to replace it" if flag else "choose another directory"
     raise OutputError(f"output {resolved} already exists (an earlier output of {written_by}); {todo}")
+
+
+def _padded_new_folder(path: Path) -> str | None:
+    """The first folder the tool would make on the way to ``path`` whose name has blanks at its start or end, or None:
+    `o/$BLANK/x` and `--out "  x"` made such folders, hard to name again in a shell (trial145 F7). A folder that exists
+    is the user's, whatever its name (`Backup /runs`: trial151 M1)."""
+    new = []
+    for part in (path, *path.parents):
+        if os.path.lexists(part):
+            break
+        new.append(part.name)
+    return next((name for name in reversed(new) if name != name.strip(" ")), None)
 
 
 def _is_mount_point(path: Path) -> bool:

@@ -104,16 +104,10 @@ PathText = Annotated[str, AfterValidator(expand_environment)]
 def no_control_characters(text: str) -> str:
     """A folder the tool creates may not be named with a newline, tab or other control character: such a name is a
     YAML slip (a block scalar, an escape in double quotes) far more often than a wish, and every line that names it
-    (apply's 'wrote' line) split in two (trial66). Nor with blanks at either end of a name."""
+    (apply's 'wrote' line) split in two (trial66). (Blanks at either end of a name the tool makes: check_output_dir.)"""
     bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
     if bad is not None:
         raise ValueError(f"{text!r} holds the control character {bad!r}: a folder to write is not named with one")
-    # `o/$BLANK/x`, `--out "  x"`: a folder named with blanks at an end is made by a stray space or a variable of
-    # blanks, and is hard to name again in a shell (trial145 F7)
-    padded = next((part for part in text.split("/") if part != part.strip(" ")), None)
-    if padded is not None:
-        raise ValueError(f"{text!r} names a folder {padded!r}, with blanks at its start or end: a folder to write is not "
-                         "named so (a stray space, or a variable of blanks?)")
     return text
 
 
