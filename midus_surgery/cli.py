@@ -661,8 +661,8 @@ def cmd_apply(args) -> int:
         # written", and apply's 1 as "nothing half-written kept", while a whole output stood there (trial150 M1)
         try:
             failed = _run_verify(result.out_dir, None, trust_remote_code=planned.loaded.recipe.base.trust_remote_code)  # the user's own recipe
-        except UsageError as exc:
-            err.print(f"verify could not check it: {exc}", markup=False)
+        except MidusError as exc:  # a model it cannot check, a full disk for its round trip: the output stays as written
+            err.print(f"verify could not check it: {printable(str(exc))}", markup=False)
             failed = 1
         if failed:
             err.print(f"the output is written, whole, at {printable(str(result.out_dir))}: the lines above say what verify found",
