@@ -894,6 +894,23 @@ def test_other_training_tokens_name_the_part_that_changed():
     # nor the text as changed when only the rules are (trial149 F2, F5)
     assert said(key_rules=3, tokenizer="t2").startswith("the checkpoint was written by a midus-surgery that named token-cache")
     assert said(key_rules=3, text_field="body").startswith("data.text_field text -> body; the checkpoint was written by")
+
+
+def test_a_resume_refused_over_byte_order_marks_says_so(tmp_path):
+    """Under other naming rules, text files with a UTF-8 byte-order mark are the one change of reading (earlier versions
+    tokenised the mark): said as such, with what can be done, not as "the run cannot tell" (trial152 F3)."""
+    import codecs
+
+    from midus_surgery.train.checkpoint import data_changes
+
+    (tmp_path / "a.txt").write_bytes(codecs.BOM_UTF8 + b"the cat\n")
+    (tmp_path / "b.txt").write_text("the dog\n")
+    files = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+    reads = {"tokenizer": "t1", "text_field": None, "files": files, "key_rules": 2}
+    (line,) = data_changes({"train": "entry-a", "train_reads": reads}, {"train": "entry-b", "train_reads": {**reads, "key_rules": 3}})
+    assert line == ("data.train gives other tokens (1 of its text files (a.txt) starts with a UTF-8 byte-order mark, which this "
+                    "midus-surgery reads as no text and versions before 2026-12-07 tokenised (3 tokens a file with SmolLM2's "
+                    "tokenizer): finish the run with the version that started it, or remove the marks and start afresh)"), line
     # the same entry read from elsewhere (another node's path to the same bytes) is the same data
     assert data_changes({"train": "entry-a", "train_reads": reads}, {"train": "entry-a", "train_reads": {**reads, "files": ["/x"]}}) == []
 
@@ -908,8 +925,11 @@ def test_an_entry_named_otherwise_with_the_same_tokens_is_the_same_data():
     assert data_changes({"train": "entry-a", "train_sha256": sums}, {"train": "entry-b", "train_sha256": dict(sums)}) == []
     (line,) = data_changes({"train": "entry-a", "train_sha256": sums}, {"train": "entry-b", "train_sha256": {**sums, "docs.npy": "c" * 64}})
     assert line.startswith("data.train gives other tokens ("), line
-    # a checkpoint that recorded none (written before this) is compared by name, as before
+    # a checkpoint that recorded none (written before this) is compared by name, or by its entry's own record where that
+    # entry is still in the cache with the same digests (the runner looks it up: train_same_as; trial152 F1)
     assert len(data_changes({"train": "entry-a"}, {"train": "entry-b", "train_sha256": sums})) == 1
+    assert data_changes({"train": "entry-a"}, {"train": "entry-b", "train_sha256": sums, "train_same_as": "entry-a"}) == []
+    assert len(data_changes({"train": "entry-c"}, {"train": "entry-b", "train_sha256": sums, "train_same_as": "entry-a"})) == 1
     assert len(data_changes({"train": "entry-a", "train_sha256": {}}, {"train": "entry-b", "train_sha256": {}})) == 1
 
 
@@ -1255,3 +1275,19 @@ def test_a_probe_folder_a_kill_left_does_not_keep_a_run_from_resuming(done, tmp_
     with pytest.raises(RecipeError, match=r"also holds what midus-surgery did not write there \(checkpoints/\.midus-surgery-probe-notempty"):
         train(load_train_config(write_config(tmp_path / "run.yaml", done["model"], run, done["root"] / "corpus", done["root"] / "cache",
                                              **{**EXTRA, "tokens": 16 * 4 * (STEPS + 4)})))
+
+
+def test_an_entrys_recorded_digests_are_read_by_its_name_in_the_cache(tmp_path):
+    """What the runner compares an older checkpoint's entry by: its record's SHA-256s, read only for a plain name in the
+    cache folder, None for anything else."""
+    from midus_surgery.train import data as D
+
+    entry = tmp_path / "cache" / "abc"
+    entry.mkdir(parents=True)
+    sums = {"tokens.bin": "a" * 64, "docs.npy": "b" * 64}
+    (entry / D.META_FILE).write_text(json.dumps({"format": D.FORMAT_VERSION, "sha256": sums}))
+    assert D.recorded_digests(entry) == sums
+    (entry / D.META_FILE).write_text(json.dumps({"format": D.FORMAT_VERSION}))  # an entry that records none
+    assert D.recorded_digests(entry) is None
+    assert D.recorded_digests(tmp_path / "cache" / "missing") is None
+    assert D.recorded_digests(tmp_path / "cache" / "..") is None

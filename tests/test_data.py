@@ -619,3 +619,27 @@ def test_a_python_tokenizers_added_tokens_matching_rules_are_in_its_key(tmp_path
     ids = {whole: t("the catxx cat .", add_special_tokens=False)["input_ids"] for whole, t in loaded.items()}
     assert ids[True] != ids[False]
     assert D.tokenizer_fingerprint(loaded[True]) != D.tokenizer_fingerprint(loaded[False])
+
+
+def test_a_token_cache_of_a_python_tokenizer_made_before_its_settings_were_fingerprinted_says_so(tmp_path):
+    """A cache entry given as data, made by a version that fingerprinted a Python tokenizer by its vocabulary alone, was
+    refused as "made with a different tokenizer" naming this very model's folder (trial152 F2): said as what it is. It is
+    still refused: that fingerprint cannot tell a lowercasing tokenizer from a plain one (trial147 F1)."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "prophetnet.tokenizer").write_text("\n".join(["[PAD]", "[UNK]", "[SEP]", "[CLS]", "[MASK]", "the", "cat", "."]) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ProphetNetTokenizer", "eos_token": "[SEP]"}))
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("the cat .\n" * 20)
+    stream = prep([tmp_path / "text"], tmp_path, tokenizer)
+    meta = json.loads((stream.path / D.META_FILE).read_text())
+    (stream.path / D.META_FILE).write_text(json.dumps({**meta, "tokenizer": D.tokenizer_fingerprint(tokenizer, vocabulary_only=True)}))
+    with pytest.raises(D.DataError, match="made by a midus-surgery before 2026-12-07, which fingerprinted a Python tokenizer by "
+                                          "its vocabulary alone"):
+        prep([stream.path], tmp_path, tokenizer)
+    (stream.path / D.META_FILE).write_text(json.dumps({**meta, "tokenizer": "0123456789abcdef"}))
+    with pytest.raises(D.DataError, match="these tokens were made with a different tokenizer"):
+        prep([stream.path], tmp_path, tokenizer)

@@ -639,7 +639,7 @@ def data_changes(saved: dict, now: dict) -> list[str]:
         was, new = saved.get(key), now.get(key)
         if was == new or (key == "held_out" and was is not None and new is not None):
             continue
-        if key == "train" and _same_tokens(saved.get("train_sha256"), now.get("train_sha256")):
+        if key == "train" and (_same_tokens(saved.get("train_sha256"), now.get("train_sha256")) or now.get("train_same_as") == was):
             continue  # another entry name, the same tokens and documents: the same blocks
         if key == "train":
             changes.append(f"data.train gives other tokens ({_why_other_tokens(saved.get('train_reads'), now.get('train_reads'))})")
@@ -675,7 +675,15 @@ def _why_other_tokens(saved: dict | None, now: dict | None) -> str:
         gone, added = [f for f in was if f not in new], [f for f in new if f not in was]
         said.append("other files: " + ", ".join([*(f"-{f}" for f in gone[:2]), *(f"+{f}" for f in added[:2])] or ["the same files in another order"])
                     + (" ..." if len(gone) > 2 or len(added) > 2 else ""))
-    if other_rules:
+    from midus_surgery.train.data import files_with_a_byte_order_mark
+
+    marked = files_with_a_byte_order_mark(now.get("files") or []) if other_rules else []
+    if marked:  # the one change of reading between the rules: said as such, with what can be done (trial152 F3)
+        said.append(f"{len(marked)} of its text files ({', '.join(os.path.basename(f) for f in marked[:2])}"
+                    f"{' ...' if len(marked) > 2 else ''}) start{'s' if len(marked) == 1 else ''} with a UTF-8 byte-order mark, which this midus-surgery reads as no "
+                    "text and versions before 2026-12-07 tokenised (3 tokens a file with SmolLM2's tokenizer): finish the run with the "
+                    "version that started it, or remove the marks and start afresh")
+    elif other_rules:
         said.append("the checkpoint was written by a midus-surgery that named token-cache entries by other rules: the text and "
                     "the tokenizer may be the same, but the run cannot tell")
     if said:

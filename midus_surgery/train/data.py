@@ -262,8 +262,9 @@ def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
 
 # --------------------------------------------------------------------------- tokenizer identity
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of the tokenizer's vocabulary and rules (its serialised form when it has one)."""
+def tokenizer_fingerprint(tokenizer, *, vocabulary_only: bool = False) -> str:
+    """A hash of the tokenizer's vocabulary and rules (its serialised form when it has one). ``vocabulary_only``: a
+    Python tokenizer's fingerprint as versions before 2026-12-07 made it, to say why their cache entries do not match."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -271,6 +272,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     else:
         for token, index in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
             h.update(f"{index}\t{token}\n".encode())
+    if backend is None and not vocabulary_only:
         # a Python tokenizer's rules are its code and its settings (do_lower_case, strip_accents, sp_model_kwargs): with the
         # vocabulary alone, a lowercasing copy and a plain one shared one cache entry, the first one's ids (trial147 F1).
         # What a load or a save puts beside them is not: the same tokenizer in two model folders, read offline or not,
@@ -330,6 +332,18 @@ def eos_id(tokenizer) -> int:
     return int(eos)
 
 
+def recorded_digests(entry: Path) -> dict | None:
+    """The SHA-256s a token-cache entry's record holds of its data files, or None (no such entry, or no readable record).
+    Only a name under the cache folder is looked up: a name with a separator is no entry of ours."""
+    if entry.name in ("", ".", "..") or "/" in entry.name or "\\" in entry.name:
+        return None
+    try:
+        meta = loads_checked(read_small_text(entry / META_FILE))
+    except (OSError, ValueError):
+        return None
+    return meta["sha256"] if isinstance(meta, dict) and _records_digests(meta) else None
+
+
 def _records_digests(meta: dict) -> bool:
     """Whether a cache record holds a SHA-256 for each of its data files, to check them against."""
     sums = meta.get("sha256")
@@ -381,12 +395,25 @@ def corpus_key(files: list[Path], fingerprint: str, text_field: str) -> str:
     for f in files:
         # how the file is read is part of its entry: the same bytes as a.json (one document) and as a.jsonl (one per record)
         # are different documents, and a rename between the two reused the stale tokens (trial70)
-        read_as = b" jsonl" if f.suffix.lower() in JSONL_SUFFIXES else b" bom" if _starts_with_utf8_bom(f) else b""
+        read_as = b" jsonl" if f.suffix.lower() in JSONL_SUFFIXES else b" bom" if starts_with_utf8_bom(f) else b""
         h.update(sha256_of(f).encode() + read_as + b"\n")  # " bom": read without it since 2026-12-07, tokens cached before kept it
     return h.hexdigest()[:24]
 
 
-def _starts_with_utf8_bom(path: Path) -> bool:
+def files_with_a_byte_order_mark(files: list) -> list[str]:
+    """Those of ``files`` (paths as text) read as text that start with a UTF-8 byte-order mark, which versions before
+    2026-12-07 tokenised (said when a resume finds other tokens)."""
+    marked = []
+    for f in files:
+        try:
+            if isinstance(f, str) and not f.lower().endswith(JSONL_SUFFIXES) and starts_with_utf8_bom(Path(f)):
+                marked.append(f)
+        except OSError:
+            continue
+    return marked
+
+
+def starts_with_utf8_bom(path: Path) -> bool:
     with open(path, "rb") as fh:
         return fh.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8
 
@@ -430,9 +457,10 @@ def id_end(tokenizer) -> int:
     return max(len(tokenizer), max(ids) + 1 if ids else 0)
 
 
-def open_stream(path: Path, fingerprint: str | None = None, vocab_size: int | None = None) -> TokenStream:
+def open_stream(path: Path, fingerprint: str | None = None, vocab_size: int | None = None, *, tokenizer=None) -> TokenStream:
     """Open a tokenised corpus, checking it was made with this tokenizer; ``vocab_size``: the tokenizer's
-    ``id_end``, past which no id it made can lie (the model's own vocabulary is checked where it is loaded)."""
+    ``id_end``, past which no id it made can lie (the model's own vocabulary is checked where it is loaded). ``tokenizer``:
+    the one ``fingerprint`` is of, to say when the corpus was fingerprinted the way earlier versions did."""
     meta_path = path / META_FILE
     for name in CACHE_DATA_FILES:  # a named pipe here made np.load wait forever for a writer (trial70)
         odd = (path / name).exists() and regular_file_problem(path / name)
@@ -452,6 +480,14 @@ def open_stream(path: Path, fingerprint: str | None = None, vocab_size: int | No
         raise DataError(f"{path}: {META_FILE} does not record tokens as midus-surgery writes them (dtype uint16 or uint32, "
                         "whole-number num_tokens and max_token); delete the directory to re-tokenise")
     if fingerprint is not None and meta.get("tokenizer") != fingerprint:
+        if tokenizer is not None and getattr(tokenizer, "backend_tokenizer", None) is None and \
+                meta.get("tokenizer") == tokenizer_fingerprint(tokenizer, vocabulary_only=True):
+            # the same vocabulary: tokenised by a version that fingerprinted a Python tokenizer by it alone (trial152 F2)
+            raise DataError(
+                f"{path}: these tokens were made by a midus-surgery before 2026-12-07, which fingerprinted a Python tokenizer "
+                "by its vocabulary alone: they may be this tokenizer's, but the settings that change its ids (do_lower_case, "
+                "added tokens...) were not recorded, so they are not read; tokenise the text again (give the text files, not "
+                "the token cache)")
         raise DataError(
             f"{path}: these tokens were made with a different tokenizer (fingerprint {meta.get('tokenizer')} "
             f"from {meta.get('tokenizer_source', '?')}, this model's is {fingerprint}); "
@@ -622,17 +658,17 @@ def find_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: Iter
     already tokenised (a tokenised corpus named directly, or the cache's entry for these files and this
     tokenizer) else None, the cache entry it is or would be tokenised into (None: named directly))."""
     files = resolve_inputs(entries, base_dir, dir_glob, what)
-    return (files, *_cached(files, tokenizer_fingerprint(tokenizer), id_end(tokenizer), text_field, cache_dir, what))
+    return (files, *_cached(files, tokenizer_fingerprint(tokenizer), id_end(tokenizer), text_field, cache_dir, what, tokenizer))
 
 
 def _cached(files: list[Path], fingerprint: str, vocab: int, text_field: str, cache_dir: Path,
-            what: str) -> tuple[TokenStream | None, Path | None]:
+            what: str, tokenizer=None) -> tuple[TokenStream | None, Path | None]:
     """find_corpus for resolved ``files``: (the stream when tokenised, else None; the cache entry, None when named directly)."""
     tokenised = [f for f in files if f.is_dir()]
     if tokenised:
         if len(files) > 1:
             raise DataError(f"{what}: a tokenised corpus ({tokenised[0]}) must be the only entry")
-        return _check_nonempty(open_stream(tokenised[0], fingerprint, vocab), what, files), None
+        return _check_nonempty(open_stream(tokenised[0], fingerprint, vocab, tokenizer=tokenizer), what, files), None
     final = Path(cache_dir) / corpus_key(files, fingerprint, text_field)
     if (final / META_FILE).is_file() and not _unchecked_entry(final):
         return _check_nonempty(open_stream(final, fingerprint, vocab), what, files), final
@@ -669,7 +705,7 @@ def prepare_corpus(entries: list[str], base_dir: Path, tokenizer, *, dir_glob: I
     files = resolve_inputs(entries, base_dir, dir_glob, what)
     stamps = _stamps(files)  # before the key reads the files' contents
     fingerprint, vocab = tokenizer_fingerprint(tokenizer), id_end(tokenizer)
-    stream, final = _cached(files, fingerprint, vocab, text_field, cache_dir, what)
+    stream, final = _cached(files, fingerprint, vocab, text_field, cache_dir, what, tokenizer)
     if stream is not None:
         return stream
     key = final.name

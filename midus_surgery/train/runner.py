@@ -415,10 +415,18 @@ class Runner:
         if isinstance(state.get("total_steps"), int) and state["total_steps"] != self.total_steps:
             self.resume_notes.append(self.budget_change_note(state))
         identity = getattr(self, "data_identity", None) or {}  # a dry run of text not tokenised yet has none
-        held_before, held_now = (state.get("data") or {}).get("held_out"), identity.get("held_out")
-        if held_before is not None and held_now is not None and held_before != held_now:
-            self.resume_notes.append("note: data.held_out is not the text the checkpoint's run evaluated on: its held-out losses from here "
-                                     "on are not comparable with the earlier ones in metrics.jsonl (the training blocks are the same)")
+        saved = state.get("data") or {}
+        held_before, held_now = saved.get("held_out"), identity.get("held_out")
+        same = identity.get("held_out_same_as") == held_before or (bool(saved.get("held_out_sha256"))
+                                                                   and saved.get("held_out_sha256") == identity.get("held_out_sha256"))
+        if held_before is not None and held_now is not None and held_before != held_now and not same:
+            held = self.streams[-1] if len(getattr(self, "streams", [])) > 1 else None
+            marked = D.files_with_a_byte_order_mark([str(f) for f in held.meta.get("files", [])]) if held is not None else []
+            why = (f" (its tokens changed: {len(marked)} of its files start{'s' if len(marked) == 1 else ''} with a UTF-8 byte-order "
+                   "mark, which versions before 2026-12-07 tokenised)" if marked else "")
+            self.resume_notes.append(f"note: data.held_out is not the text the checkpoint's run evaluated on{why}: its held-out losses "
+                                     "from here on are not comparable with the earlier ones in metrics.jsonl (the training blocks are "
+                                     "the same)")
         if self.saved_config().get("precision") not in (None, self.cfg.precision):
             self.resume_notes.append(f"note: precision {self.saved_config()['precision']} -> {self.cfg.precision} since the checkpoint: "
                                      "the run goes on, but is no longer the bit-for-bit continuation of the one it resumes")
@@ -797,9 +805,19 @@ class Runner:
         self.sampler = D.BlockSampler(self.train_blocks, cfg.seed)
         self.data_identity = self.identity_of_data(train_stream.path.name, held_stream.path.name if held_stream else None)
         self.data_identity["train_reads"] = D.reads_of(train_stream)
-        # the entry's own digests: a resume whose entry is named otherwise (an upgrade's key rules, a tokenizer setting
-        # that changes no id of this text) reads the same tokens, and goes on (trial149 F1, F2)
-        self.data_identity["train_sha256"] = train_stream.meta.get("sha256")
+        # the entries' own digests: a resume whose entry is named otherwise (an upgrade's key rules, a tokenizer setting
+        # that changes no id of this text) reads the same tokens, and goes on (trial149 F1, F2). A checkpoint written before
+        # it recorded them names its entry only: that entry, still in the cache beside this one, records its own, and the
+        # same ones are the same blocks (a Python tokenizer's entries were renamed by an upgrade's key rules, and the run was
+        # refused as reading other tokens: trial152 F1; its held-out text was said to be other text: F5)
+        saved = (self.resume_state or {}).get("data") or {}
+        for key, stream in (("train", train_stream), ("held_out", held_stream)):
+            if stream is None:
+                continue
+            self.data_identity[f"{key}_sha256"] = stream.meta.get("sha256")
+            was = saved.get(key)
+            if isinstance(was, str) and was != stream.path.name and D.recorded_digests(stream.path.parent / was) == stream.meta.get("sha256"):
+                self.data_identity[f"{key}_same_as"] = was
 
     def identity_of_data(self, train: str, held_out: str | None) -> dict:
         """What a checkpoint records of the data (its corpora's cache entries and how blocks are cut), and a resume
