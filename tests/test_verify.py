@@ -1010,3 +1010,22 @@ def test_a_forward_the_base_fails_too_is_said_with_the_outputs_failure(bases, tm
     assert (said in detail) == base_fails_too and ("fails it too" in detail) == base_fails_too, detail
     if base_fails_too:
         assert detail.endswith("): the base's config or code is the cause, not the surgery"), detail
+
+
+def test_shipped_code_of_an_earlier_version_unedited_since_is_said_as_such(bases, tmp_path):
+    """Every earlier version's MIDUS output failed the code check as "edited, or written by another version", all of them
+    0.1.0 (trial152 F4): where the folder's marker shows the files as the tool wrote them, it says which, and the way
+    to this version's code. It still fails: the checks ran the package's copy, not the shipped one."""
+    from midus_surgery.emit.verify import shipped_code_check
+    from midus_surgery.io.output_dir import record_written_files
+
+    out = emitted(bases, tmp_path, "llama", "midus")
+    modeling = out / "modeling_midus.py"
+    modeling.write_text(modeling.read_text() + "\n# as an earlier version wrote it\n")
+    config = json.loads((out / "config.json").read_text())
+    edited = shipped_code_check(out, config, trust_remote_code=False)
+    assert not edited.ok and "(edited, or written by another version)" in edited.detail, edited
+    record_written_files(out)  # the marker's record as the version that wrote these files made it
+    earlier = shipped_code_check(out, config, trust_remote_code=False)
+    assert not earlier.ok and ("(written by another version of midus-surgery: unedited since, by its marker; `apply --overwrite` "
+                               "with this one ships this version's)") in earlier.detail, earlier

@@ -56,7 +56,7 @@ from midus_surgery.errors import (
 )
 from midus_surgery.io.file_digest import tensor_sha256s
 from midus_surgery.io.json_text import loads_as_tokenizer_config, loads_as_transformers, loads_checked
-from midus_surgery.io.output_dir import recorded_base, run_export_hint, unfinished_output
+from midus_surgery.io.output_dir import recorded_base, run_export_hint, unchanged_since_written, unfinished_output
 from midus_surgery.io.small_files import read_small_text
 from midus_surgery.io.tensor_source import name_groups
 from midus_surgery.model.midus_names import is_memory_parameter
@@ -387,12 +387,16 @@ def shipped_code_check(out: Path, config: dict, trust_remote_code: bool, base_di
         return Check("code", True, f"the {len(MODELING_FILES)} modeling files beside the weights are midus-surgery "
                                    f"{midus_surgery.__version__}'s own, which the checks below run{also}")
     names = ", ".join(differ) + (" differs" if len(differ) == 1 else " differ")
+    # an earlier version's output, its files as that version wrote them, was said as "edited, or written by another
+    # version" with no way to tell which, every version being 0.1.0 (trial152 F4)
+    why = ("written by another version of midus-surgery: unedited since, by its marker; `apply --overwrite` with this one "
+           "ships this version's" if unchanged_since_written(out, differ) else "edited, or written by another version")
     if trust_remote_code:
-        return Check("code", True, f"{names} from midus-surgery {midus_surgery.__version__}'s copy (edited, or written by "
-                                   "another version): the checks below run the shipped files (--trust-remote-code)")
-    return Check("code", False, f"{names} from midus-surgery {midus_surgery.__version__}'s copy (edited, or written by "
-                                "another version), and trust_remote_code=True loads run them: the checks below ran the package's "
-                                "copy instead; read the shipped files, then pass --trust-remote-code to check them")
+        return Check("code", True, f"{names} from midus-surgery {midus_surgery.__version__}'s copy ({why}): the checks below run "
+                                   "the shipped files (--trust-remote-code)")
+    return Check("code", False, f"{names} from midus-surgery {midus_surgery.__version__}'s copy ({why}), and trust_remote_code=True "
+                                "loads run them: the checks below ran the package's copy instead; read the shipped files, then pass "
+                                "--trust-remote-code to check them")
 
 
 def verify(out: Path, base: Path | None = None, *, trust_remote_code: bool = False, report=print) -> list[Check]:

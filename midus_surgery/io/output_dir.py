@@ -261,6 +261,14 @@ def record_written_files(directory: Path) -> None:
     write_text_atomically(Path(directory) / MARKER, json.dumps(marker) + "\n")
 
 
+def unchanged_since_written(directory: Path, names: list[str]) -> bool:
+    """Whether each of ``names`` in ``directory`` is as the tool recorded it when it wrote the folder (its marker's
+    fingerprints); False where the marker records none of them."""
+    marker = read_marker(directory) or {}
+    recorded = marker.get("fingerprints") if isinstance(marker.get("fingerprints"), dict) else {}
+    return bool(names) and all(name in recorded and not _changed(recorded[name], _fingerprint(Path(directory) / name)) for name in names)
+
+
 def _not_written_by_tool(directory: Path, marker: dict) -> list[str]:
     """What ``directory`` holds that the tool did not put there: beyond its recorded files, a recorded
     file changed since (a model card edited by hand: the user's words now), or (a directory written
