@@ -100,9 +100,16 @@ def _folder_to_write(text: str) -> str:
     if not text.strip():  # "": the current folder, refused only because it held an input, or written into (apply --out "")
         raise argparse.ArgumentTypeError(f"{_no_path(text)} (an unset shell variable?); name the folder to write")
     try:
-        return no_control_characters(text)
+        no_control_characters(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(printable(str(exc))) from None
+    from midus_surgery.io.output_dir import padded_new_folder
+
+    padded = padded_new_folder(Path(text).absolute())  # --cache-dir "c ": no output check sees the cache folder made (trial153 M3)
+    if padded:
+        raise argparse.ArgumentTypeError(f"{text!r} would make a folder named {padded!r}, with blanks at its start or end (a stray "
+                                         "space, or a variable of blanks?): name it without them")
+    return text
 
 
 def _given_path(what: str):
@@ -661,8 +668,9 @@ def cmd_apply(args) -> int:
         # written", and apply's 1 as "nothing half-written kept", while a whole output stood there (trial150 M1)
         try:
             failed = _run_verify(result.out_dir, None, trust_remote_code=planned.loaded.recipe.base.trust_remote_code)  # the user's own recipe
-        except MidusError as exc:  # a model it cannot check, a full disk for its round trip: the output stays as written
-            err.print(f"verify could not check it: {printable(str(exc))}", markup=False)
+        except (MidusError, OSError) as exc:  # a model it cannot check, a full disk for its round trip: the output stays as written
+            said = str(exc) if isinstance(exc, MidusError) else f"{type(exc).__name__}: {exc.strerror or exc}"
+            err.print(f"verify could not check it: {printable(said)}", markup=False)
             failed = 1
         if failed:
             err.print(f"the output is written, whole, at {printable(str(result.out_dir))}: the lines above say what verify found",

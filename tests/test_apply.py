@@ -846,7 +846,7 @@ def test_every_code_file_the_output_carries_is_named_and_relative_imports_travel
     assert tokenizer_code_files(base / "tokenizer_config.json") == ["helper.py", "proc.py", "tok.py"]
 
 
-@pytest.mark.parametrize("how", ["failed", "could not check", "full disk"])
+@pytest.mark.parametrize("how", ["failed", "could not check", "full disk", "system error"])
 def test_apply_verify_that_fails_is_exit_1_and_says_the_output_is_written(bases, tmp_path, monkeypatch, capsys, how):
     """apply --verify exited 1 after a failed check, which its --help gave as "nothing half-written kept", and 2 where verify
     could not check, read as a problem in the recipe: a whole output stood there either way (trial150 M1)."""
@@ -860,6 +860,8 @@ def test_apply_verify_that_fails_is_exit_1_and_says_the_output_is_written(bases,
             raise UsageError(f"{out} runs its own code")
         if how == "full disk":
             raise MachineError("cannot run the round-trip check: no space left on the temporary disk")
+        if how == "system error":  # said as "nothing half-written was kept" by the command's own handler (trial153 L2)
+            raise OSError(28, "No space left on device")
         report(Check("identity", False, "max |logit difference| against the base: 0.5"))
         return [Check("identity", False, "max |logit difference| against the base: 0.5")]
 
@@ -870,6 +872,7 @@ def test_apply_verify_that_fails_is_exit_1_and_says_the_output_is_written(bases,
     out = tmp_path / "out" / f"{bases['llama'].name}-llama-pro"
     assert err.rstrip().endswith(f"the output is written, whole, at {out}: the lines above say what verify found"), err
     said = {"failed": "verify failed: identity", "could not check": f"verify could not check it: {out} runs its own code",
-            "full disk": "verify could not check it: cannot run the round-trip check: no space left"}[how]
+            "full disk": "verify could not check it: cannot run the round-trip check: no space left",
+            "system error": "verify could not check it: OSError: No space left on device"}[how]
     assert said in err, err
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()

@@ -908,9 +908,15 @@ def test_a_resume_refused_over_byte_order_marks_says_so(tmp_path):
     files = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
     reads = {"tokenizer": "t1", "text_field": None, "files": files, "key_rules": 2}
     (line,) = data_changes({"train": "entry-a", "train_reads": reads}, {"train": "entry-b", "train_reads": {**reads, "key_rules": 3}})
-    assert line == ("data.train gives other tokens (1 of its text files (a.txt) starts with a UTF-8 byte-order mark, which this "
-                    "midus-surgery reads as no text and versions before 2026-12-07 tokenised (3 tokens a file with SmolLM2's "
-                    "tokenizer): finish the run with the version that started it, or remove the marks and start afresh)"), line
+    marks = ("1 of its text files (a.txt) starts with a UTF-8 byte-order mark, which this midus-surgery reads as no text and "
+             "versions before 2026-12-07 tokenised (3 tokens a file with SmolLM2's tokenizer): if the text is as it was, the marks "
+             "are why (finish the run with the version that started it, or remove the marks and start afresh)")
+    assert line == ("data.train gives other tokens (the checkpoint was written by a midus-surgery that named token-cache entries "
+                    f"by other rules: the text and the tokenizer may be the same, but the run cannot tell; {marks})"), line
+    # the checkpoint's own entry still in the cache, its files hashed: the run can tell (trial153 L1)
+    (line,) = data_changes({"train": "entry-a", "train_reads": reads},
+                           {"train": "entry-b", "train_reads": {**reads, "key_rules": 3}, "train_differs_from_saved": "entry-a"})
+    assert line == f"data.train gives other tokens (the checkpoint's own token-cache entry, still in the cache, holds other tokens than this run's; {marks})"
     # the same entry read from elsewhere (another node's path to the same bytes) is the same data
     assert data_changes({"train": "entry-a", "train_reads": reads}, {"train": "entry-a", "train_reads": {**reads, "files": ["/x"]}}) == []
 
@@ -1277,17 +1283,24 @@ def test_a_probe_folder_a_kill_left_does_not_keep_a_run_from_resuming(done, tmp_
                                              **{**EXTRA, "tokens": 16 * 4 * (STEPS + 4)})))
 
 
-def test_an_entrys_recorded_digests_are_read_by_its_name_in_the_cache(tmp_path):
-    """What the runner compares an older checkpoint's entry by: its record's SHA-256s, read only for a plain name in the
-    cache folder, None for anything else."""
+def test_an_entrys_digests_are_its_files_hashed_not_its_record(tmp_path):
+    """What the runner compares an older checkpoint's entry by: its files' SHA-256s as they are, when they are what its
+    record says; a record edited to name other digests is no entry to compare (trial153 M2); an entry whose files are of
+    other sizes than this run's differs without being read."""
+    from midus_surgery.io.file_digest import sha256_of
     from midus_surgery.train import data as D
 
-    entry = tmp_path / "cache" / "abc"
-    entry.mkdir(parents=True)
-    sums = {"tokens.bin": "a" * 64, "docs.npy": "b" * 64}
+    entry, other = tmp_path / "cache" / "abc", tmp_path / "cache" / "def"
+    for folder, size in ((entry, 8), (other, 9)):
+        folder.mkdir(parents=True)
+        (folder / "tokens.bin").write_bytes(b"t" * size)
+        (folder / "docs.npy").write_bytes(b"d" * 4)
+    sums = {name: sha256_of(entry / name) for name in D.CACHE_DATA_FILES}
     (entry / D.META_FILE).write_text(json.dumps({"format": D.FORMAT_VERSION, "sha256": sums}))
-    assert D.recorded_digests(entry) == sums
+    assert D.entry_digests(entry) == sums and D.entry_digests(entry, like=entry) == sums
+    assert D.entry_digests(entry, like=other) == {"tokens.bin": -1, "docs.npy": -1}  # another size: differs, nothing read
+    (entry / D.META_FILE).write_text(json.dumps({"format": D.FORMAT_VERSION, "sha256": {**sums, "tokens.bin": "a" * 64}}))
+    assert D.entry_digests(entry) is None  # its record names other digests than its files have
     (entry / D.META_FILE).write_text(json.dumps({"format": D.FORMAT_VERSION}))  # an entry that records none
-    assert D.recorded_digests(entry) is None
-    assert D.recorded_digests(tmp_path / "cache" / "missing") is None
-    assert D.recorded_digests(tmp_path / "cache" / "..") is None
+    assert D.entry_digests(entry) is None
+    assert D.entry_digests(tmp_path / "cache" / "missing") is None and D.entry_digests(tmp_path / "cache" / "..") is None

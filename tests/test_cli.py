@@ -1236,3 +1236,19 @@ def test_every_flag_of_every_command_is_documented():
     missing = [f"{name} {flag}" for name, parser in commands.items() for action in parser._actions
                for flag in action.option_strings if flag.startswith("--") and flag != "--help" and flag not in docs]
     assert len(commands) >= 8 and missing == []
+
+
+@pytest.mark.parametrize("argv", [["eval", "m", "--data", "d", "--cache-dir"], ["analyze", "m", "--data", "d", "--out", "o", "--cache-dir"],
+                                  ["apply", "r.yaml", "--out"]])
+def test_a_folder_to_make_named_with_blanks_at_an_end_is_a_usage_error(argv, tmp_path, monkeypatch, capsys):
+    """--cache-dir "c " made a token cache folder named with a trailing blank, which no output check sees (trial153 M3);
+    an existing folder so named is the user's, and taken."""
+    from midus_surgery.cli import parse_arguments
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        parse_arguments([*argv, "c "])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "'c ' would make a folder named 'c ', with blanks at its start or end" in err, err
+    (tmp_path / "c ").mkdir()
+    assert parse_arguments([*argv, "c "]) is not None

@@ -502,3 +502,22 @@ def test_a_stated_anatomy_is_checked_against_the_model():
             plan_with(**{key: value})
         (problem,) = info.value.problems
         assert (problem.field, problem.message) == (f"anatomy.{key}", said), problem
+
+
+def test_a_stated_layers_path_must_hold_as_many_modules_as_the_model_has_layers(monkeypatch):
+    """Any list of modules passed as layers_path, whatever its length (a model's experts or per-layer norms: trial153 L3)."""
+    import midus_surgery.compiler.plan as plan_module
+    from midus_surgery.compiler.planner import anatomy_for
+
+    config = tiny_config("llama")
+    lists = {**plan_module.base_module_lists(config), "model.extra": (config.num_hidden_layers - 1, ("LlamaDecoderLayer",))}
+    monkeypatch.setattr(plan_module, "base_module_lists", lambda config: lists)
+    stated = {"layers_path": "model.extra", "layer_class": "LlamaDecoderLayer", "attention": "self_attn",
+              "attn_out_proj": "self_attn.o_proj", "ffn": ["mlp"], "ffn_down_proj": "mlp.down_proj",
+              "attn_norms": ["input_layernorm"], "ffn_norms": ["post_attention_layernorm"], "residual": "sequential"}
+    loaded = loaded_from({"layout": {"interleave": {"after_every": 2, "kind": "identity"}}, "anatomy": stated})
+    with pytest.raises(RecipeError) as info:
+        make_plan(loaded, config, anatomy_for(loaded, config)[0])
+    (problem,) = info.value.problems
+    assert (problem.field, problem.message) == ("anatomy.layers_path", f"model.extra holds {config.num_hidden_layers - 1} modules, not "
+                                                                      f"the model's {config.num_hidden_layers} decoder layers"), problem

@@ -966,6 +966,19 @@ def test_processes_that_find_other_checkpoints_stop_with_one_line(world, tmp_pat
             "must write into the same run_dir (one folder, or a node's mount of it)")
     assert said in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "runD").exists() and not (tmp_path / "runC").exists()  # a failed start leaves no run directory
+    # process 1 pointed at another run's folder on the same machine, marked as one: it trained on, exit 0 (trial153 M4)
+    from midus_surgery.io.output_dir import RUN_KIND, write_marker
+
+    (tmp_path / "runF").mkdir()
+    write_marker(tmp_path / "runF", RUN_KIND)
+    wrapper.write_text(f'#!/bin/sh\nif [ "$LOCAL_RANK" = 1 ]; then run={tmp_path / "runF"}; else run={tmp_path / "runE"}; fi\n'
+                       f'exec {sys.executable} -m midus_surgery.cli train {cfg} "run_dir=$run" --quiet\n')
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29569", "--no-python",
+                           str(wrapper)], env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert (f"process 1's run_dir {tmp_path / 'runF'} is not the run directory process 0 made (another folder on the same "
+            "machine)") in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "runE").exists()
 
 
 @pytest.mark.slow

@@ -1027,5 +1027,5 @@ def test_shipped_code_of_an_earlier_version_unedited_since_is_said_as_such(bases
     assert not edited.ok and "(edited, or written by another version)" in edited.detail, edited
     record_written_files(out)  # the marker's record as the version that wrote these files made it
     earlier = shipped_code_check(out, config, trust_remote_code=False)
-    assert not earlier.ok and ("(written by another version of midus-surgery: unedited since, by its marker; `apply --overwrite` "
-                               "with this one ships this version's)") in earlier.detail, earlier
+    assert not earlier.ok and ("(as the folder's marker records midus-surgery wrote them: another version's, unless the marker "
+                               "was edited too; `apply --overwrite` with this one ships this version's)") in earlier.detail, earlier

@@ -389,8 +389,10 @@ def shipped_code_check(out: Path, config: dict, trust_remote_code: bool, base_di
     names = ", ".join(differ) + (" differs" if len(differ) == 1 else " differ")
     # an earlier version's output, its files as that version wrote them, was said as "edited, or written by another
     # version" with no way to tell which, every version being 0.1.0 (trial152 F4)
-    why = ("written by another version of midus-surgery: unedited since, by its marker; `apply --overwrite` with this one "
-           "ships this version's" if unchanged_since_written(out, differ) else "edited, or written by another version")
+    # (a marker can be edited too: it says what the folder records, and the check still fails: trial153 M5)
+    why = ("as the folder's marker records midus-surgery wrote them: another version's, unless the marker was edited too; "
+           "`apply --overwrite` with this one ships this version's" if unchanged_since_written(out, differ)
+           else "edited, or written by another version")
     if trust_remote_code:
         return Check("code", True, f"{names} from midus-surgery {midus_surgery.__version__}'s copy ({why}): the checks below run "
                                    "the shipped files (--trust-remote-code)")

@@ -403,7 +403,7 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
         raise OutputError(f"output {given} is a symlink (to {os.readlink(given)}); give a real directory path: "
                           "the tool never writes through a link")
     resolved = given.resolve()
-    if padded := _padded_new_folder(resolved):
+    if padded := padded_new_folder(resolved):
         raise OutputError(f"output {resolved} would make a folder named {padded!r}, with blanks at its start or end (a stray "
                           "space, or a variable of blanks?): name it without them")
     if kind in MODEL_KINDS and (bad_name := model_folder_name_problem(resolved)):  # the resolved path: a relative output.dir or
@@ -473,7 +473,7 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
     raise OutputError(f"output {resolved} already exists (an earlier output of {written_by}); {todo}")
 
 
-def _padded_new_folder(path: Path) -> str | None:
+def padded_new_folder(path: Path) -> str | None:
     """The first folder the tool would make on the way to ``path`` whose name has blanks at its start or end, or None:
     `o/$BLANK/x` and `--out "  x"` made such folders, hard to name again in a shell (trial145 F7). A folder that exists
     is the user's, whatever its name (`Backup /runs`: trial151 M1)."""

@@ -642,7 +642,8 @@ def data_changes(saved: dict, now: dict) -> list[str]:
         if key == "train" and (_same_tokens(saved.get("train_sha256"), now.get("train_sha256")) or now.get("train_same_as") == was):
             continue  # another entry name, the same tokens and documents: the same blocks
         if key == "train":
-            changes.append(f"data.train gives other tokens ({_why_other_tokens(saved.get('train_reads'), now.get('train_reads'))})")
+            why = _why_other_tokens(saved.get("train_reads"), now.get("train_reads"), differs=bool(now.get("train_differs_from_saved")))
+            changes.append(f"data.train gives other tokens ({why})")
         elif key == "held_out":
             changes.append(f"data.held_out {'added' if was is None else 'removed'}, which changes the training blocks")
         else:
@@ -655,10 +656,11 @@ def _same_tokens(saved, now) -> bool:
     return isinstance(saved, dict) and bool(saved) and saved == now
 
 
-def _why_other_tokens(saved: dict | None, now: dict | None) -> str:
+def _why_other_tokens(saved: dict | None, now: dict | None, *, differs: bool = False) -> str:
     """Why the token-cache entry of data.train differs from the checkpoint's, as far as the checkpoint recorded what the
     entry read (data.reads_of): the entry's name covers the text, the tokenizer, the JSONL field and the naming rules
-    (trial46: a swapped tokenizer was said as other text)."""
+    (trial46: a swapped tokenizer was said as other text). ``differs``: the checkpoint's own entry is still in the cache,
+    and its files hold other tokens than this run's (so the run can tell)."""
     if not isinstance(saved, dict) or not isinstance(now, dict):
         return ("its text, init_from's tokenizer or data.text_field changed, or the checkpoint was written by a midus-surgery "
                 "that named token-cache entries by other rules")
@@ -675,17 +677,21 @@ def _why_other_tokens(saved: dict | None, now: dict | None) -> str:
         gone, added = [f for f in was if f not in new], [f for f in new if f not in was]
         said.append("other files: " + ", ".join([*(f"-{f}" for f in gone[:2]), *(f"+{f}" for f in added[:2])] or ["the same files in another order"])
                     + (" ..." if len(gone) > 2 or len(added) > 2 else ""))
-    from midus_surgery.train.data import files_with_a_byte_order_mark
+    if other_rules:
+        from midus_surgery.train.data import files_with_a_byte_order_mark
 
-    marked = files_with_a_byte_order_mark(now.get("files") or []) if other_rules else []
-    if marked:  # the one change of reading between the rules: said as such, with what can be done (trial152 F3)
-        said.append(f"{len(marked)} of its text files ({', '.join(os.path.basename(f) for f in marked[:2])}"
-                    f"{' ...' if len(marked) > 2 else ''}) start{'s' if len(marked) == 1 else ''} with a UTF-8 byte-order mark, which this midus-surgery reads as no "
-                    "text and versions before 2026-12-07 tokenised (3 tokens a file with SmolLM2's tokenizer): finish the run with the "
-                    "version that started it, or remove the marks and start afresh")
-    elif other_rules:
-        said.append("the checkpoint was written by a midus-surgery that named token-cache entries by other rules: the text and "
-                    "the tokenizer may be the same, but the run cannot tell")
+        what = ("the checkpoint's own token-cache entry, still in the cache, holds other tokens than this run's"
+                if differs else
+                "the checkpoint was written by a midus-surgery that named token-cache entries by other rules: the text and the "
+                "tokenizer may be the same, but the run cannot tell")
+        marked = files_with_a_byte_order_mark(now.get("files") or [])
+        if marked:  # the one change of reading between the rules: named, with what can be done (trial152 F3, trial153 M1)
+            what += (f"; {len(marked)} of its text files ({', '.join(os.path.basename(f) for f in marked[:2])}"
+                     f"{' ...' if len(marked) > 2 else ''}) start{'s' if len(marked) == 1 else ''} with a UTF-8 byte-order mark, "
+                     "which this midus-surgery reads as no text and versions before 2026-12-07 tokenised (3 tokens a file with "
+                     "SmolLM2's tokenizer): if the text is as it was, the marks are why (finish the run with the version that "
+                     "started it, or remove the marks and start afresh)")
+        said.append(what)
     if said:
         return "; ".join(said)
     return "the text of its files changed"

@@ -711,13 +711,28 @@ class Runner:
             self.ckpt_root.mkdir(exist_ok=True)
             remove_partial_checkpoints(self.ckpt_root, report=self.say)
         self.acc.wait_for_everyone()
-        # a process whose run_dir (a node's own path) is not the folder process 0 made: its own logs went nowhere, found at
-        # its first step (log.data_trace), and its resume would find no checkpoint (trial148 L2). Said now, by every process
+        if self.acc.num_processes > 1:
+            self.same_run_dir_on_every_process()
+
+    def same_run_dir_on_every_process(self) -> None:
+        """A process whose run_dir (a node's own path) is not the folder process 0 made: its own logs went nowhere, found at
+        its first step (log.data_trace), and its resume would find no checkpoint (trial148 L2). Said at the start, by every
+        process. On process 0's machine the folder is compared by its identity (another run's folder, marked as one, passed:
+        trial153 M4); on another machine, by holding a training run's marker (a mount of it has another device number)."""
+        import socket
+
+        from accelerate.utils import gather_object
+
         mine = read_marker(self.run_dir) if self.run_dir.is_dir() else None
-        if self.acc.num_processes > 1 and (mine is None or mine.get("kind") != RUN_KIND):
+        info = self.run_dir.stat() if mine is not None else None
+        seen = gather_object([(socket.gethostname(), (info.st_dev, info.st_ino) if info else None)])
+        host, folder = seen[self.acc.process_index]
+        other = (mine is None or mine.get("kind") != RUN_KIND) or (host == seen[0][0] and folder != seen[0][1])
+        if other:
+            why = ("it does not exist" if not self.run_dir.is_dir() else "it holds no marker of a training run" if mine is None or
+                   mine.get("kind") != RUN_KIND else "another folder on the same machine")
             raise TrainingError(f"process {self.acc.process_index}'s run_dir {self.run_dir} is not the run directory process 0 made "
-                                f"({'it does not exist' if not self.run_dir.is_dir() else 'it holds no marker of a training run'}): every "
-                                "process must write into the same run_dir (one folder, or a node's mount of it)")
+                                f"({why}): every process must write into the same run_dir (one folder, or a node's mount of it)")
 
     def load_tokenizer(self) -> None:
         """init_from's tokenizer, once the blocks are known to fit the model's positions (said now, not
@@ -816,8 +831,10 @@ class Runner:
                 continue
             self.data_identity[f"{key}_sha256"] = stream.meta.get("sha256")
             was = saved.get(key)
-            if isinstance(was, str) and was != stream.path.name and D.recorded_digests(stream.path.parent / was) == stream.meta.get("sha256"):
-                self.data_identity[f"{key}_same_as"] = was
+            if isinstance(was, str) and was != stream.path.name and not saved.get(f"{key}_sha256"):
+                theirs = D.entry_digests(stream.path.parent / was, like=stream.path)
+                if theirs is not None:  # the checkpoint's own entry, still in the cache: the same tokens, or said to differ
+                    self.data_identity[f"{key}_same_as" if theirs == stream.meta.get("sha256") else f"{key}_differs_from_saved"] = was
 
     def identity_of_data(self, train: str, held_out: str | None) -> dict:
         """What a checkpoint records of the data (its corpora's cache entries and how blocks are cut), and a resume
