@@ -936,6 +936,16 @@ def test_a_two_process_run_resumes_its_own_checkpoint_to_the_uninterrupted_weigh
     assert a.keys() == b.keys() and [name for name in a if not torch.equal(a[name], b[name])] == []
 
 
+def per_rank_launch(wrapper: Path, cfg: Path, port: int, key: str, rank0, rank1, extra: str = "") -> subprocess.CompletedProcess:
+    """Two processes under torchrun, process 1 given ``key=rank1`` and process 0 ``key=rank0`` (a node's own path, as a
+    variable expanded per rank would give), through a wrapper script written at ``wrapper``."""
+    wrapper.write_text(f'#!/bin/sh\nif [ "$LOCAL_RANK" = 1 ]; then value={rank1}; else value={rank0}; fi\n'
+                       f'exec {sys.executable} -m midus_surgery.cli train {cfg} "{key}=$value" {extra} --quiet\n')
+    wrapper.chmod(0o755)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "--no-python",
+                           str(wrapper)], env=subprocess_env(), capture_output=True, text=True, timeout=240)
+
+
 @pytest.mark.slow
 def test_processes_that_find_other_checkpoints_stop_with_one_line(world, tmp_path):
     """A node's own run_dir (allowed: a mount of the same files) that held no checkpoint: its process started afresh beside
@@ -944,11 +954,7 @@ def test_processes_that_find_other_checkpoints_stop_with_one_line(world, tmp_pat
     cfg = config(world, tmp_path, name="runA", tokens=16 * 8 * 2, **extra)
     assert train(load_train_config(cfg)).steps == 4
     wrapper = tmp_path / "per_rank.sh"
-    wrapper.write_text(f'#!/bin/sh\nif [ "$LOCAL_RANK" = 1 ]; then run={tmp_path / "runB"}; else run={tmp_path / "runA"}; fi\n'
-                       f'exec {sys.executable} -m midus_surgery.cli train {cfg} "run_dir=$run" tokens={16 * 8 * 4} --quiet\n')
-    wrapper.chmod(0o755)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29567", "--no-python",
-                           str(wrapper)], env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    proc = per_rank_launch(wrapper, cfg, 29567, "run_dir", tmp_path / "runA", tmp_path / "runB", extra=f"tokens={16 * 8 * 4}")
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     said = ("process 1 starts afresh (no checkpoint) and process 0 resumes step-00000004 (step 4): every process must find the "
@@ -957,10 +963,7 @@ def test_processes_that_find_other_checkpoints_stop_with_one_line(world, tmp_pat
     assert not (tmp_path / "runB").exists()
     # both start afresh, each in a folder of its own: process 1's logs went to a folder no one made, found at its first
     # step, and its resume would find no checkpoint (trial148 L2): said at the start
-    wrapper.write_text(f'#!/bin/sh\nif [ "$LOCAL_RANK" = 1 ]; then run={tmp_path / "runD"}; else run={tmp_path / "runC"}; fi\n'
-                       f'exec {sys.executable} -m midus_surgery.cli train {cfg} "run_dir=$run" --quiet\n')
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29568", "--no-python",
-                           str(wrapper)], env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    proc = per_rank_launch(wrapper, cfg, 29568, "run_dir", tmp_path / "runC", tmp_path / "runD")
     assert proc.returncode != 0
     said = (f"process 1's run_dir {tmp_path / 'runD'} is not the run directory process 0 made (it does not exist): every process "
             "must write into the same run_dir (one folder, or a node's mount of it)")
@@ -971,10 +974,7 @@ def test_processes_that_find_other_checkpoints_stop_with_one_line(world, tmp_pat
 
     (tmp_path / "runF").mkdir()
     write_marker(tmp_path / "runF", RUN_KIND)
-    wrapper.write_text(f'#!/bin/sh\nif [ "$LOCAL_RANK" = 1 ]; then run={tmp_path / "runF"}; else run={tmp_path / "runE"}; fi\n'
-                       f'exec {sys.executable} -m midus_surgery.cli train {cfg} "run_dir=$run" --quiet\n')
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29569", "--no-python",
-                           str(wrapper)], env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    proc = per_rank_launch(wrapper, cfg, 29569, "run_dir", tmp_path / "runE", tmp_path / "runF")
     assert proc.returncode != 0
     assert (f"process 1's run_dir {tmp_path / 'runF'} is not the run directory process 0 made (another folder on the same "
             "machine)") in proc.stderr, proc.stderr[-2000:]
