@@ -1606,3 +1606,34 @@ def test_a_compiled_training_forward_of_a_batch_query_norm_gives_the_eager_gradi
     for name, b in buffers["eager"].items():  # the second batch was tracked in both
         torch.testing.assert_close(buffers["compiled"][name], b, msg=name)
     assert float(buffers["eager"]["query_norm.updates"]) == 2
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_resume_whose_token_cache_entry_was_renamed_goes_on_when_its_tokens_are_the_same(world, tmp_path, monkeypatch, recorded):
+    """An upgrade that names token-cache entries otherwise (a Python tokenizer's key: trial149 F1, F2; trial152 F1) made
+    every resume of a run it started refused as reading other tokens. A checkpoint records its entry's SHA-256s
+    (``recorded``); one written before that names its entry only, which the run finds in the cache and hashes. Either
+    way the same tokens go on, to the weights of a run that was never stopped."""
+    from midus_surgery.train import data as D
+    from midus_surgery.train import runner as runner_module
+
+    extra = {"eval.at_start": False, "checkpoint.every": 2, "checkpoint.keep_last": 10, "resume": "auto", "tokens": 16 * 8 * 4}
+    straight = write_config(tmp_path / "straight.yaml", world["model"], tmp_path / "straight", world["corpus"], tmp_path / "cache", **extra)
+    split = runner_module.Runner.split_data
+    if not recorded:  # as a version before the digests were recorded wrote its checkpoints
+        def split_without_digests(self, *args):
+            split(self, *args)
+            self.data_identity.pop("train_sha256", None)
+
+        monkeypatch.setattr(runner_module.Runner, "split_data", split_without_digests)
+    assert train(load_train_config(straight)).steps == 8
+    monkeypatch.setattr(runner_module.Runner, "split_data", split)
+    # the run stopped after step 4: its checkpoints up to there, nothing after
+    shutil.copytree(tmp_path / "straight", tmp_path / "run", ignore=shutil.ignore_patterns("final", "step-00000006", "step-00000008"))
+    fingerprint = D.tokenizer_fingerprint
+    monkeypatch.setattr(D, "tokenizer_fingerprint", lambda tokenizer, **kw: fingerprint(tokenizer, **kw)[::-1])  # other key rules
+    resumed = write_config(tmp_path / "resumed.yaml", world["model"], tmp_path / "run", world["corpus"], tmp_path / "cache", **extra)
+    assert train(load_train_config(resumed)).steps == 8
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # the entry was named otherwise
+    a, b = state_of(tmp_path / "straight" / "final"), state_of(tmp_path / "run" / "final")
+    assert [name for name in a if not torch.equal(a[name], b[name])] == []
