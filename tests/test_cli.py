@@ -1252,3 +1252,13 @@ def test_a_folder_to_make_named_with_blanks_at_an_end_is_a_usage_error(argv, tmp
     assert exit_.value.code == 2 and "'c ' would make a folder named 'c ', with blanks at its start or end" in err, err
     (tmp_path / "c ").mkdir()
     assert parse_arguments([*argv, "c "]) is not None
+
+
+def test_validate_reports_the_schemas_problems_first_and_the_bases_once_they_are_fixed(tiny_base, tmp_path, capsys):
+    """docs/commands.md: every problem of a phase at once, the schema's first, the base's once the recipe passes the
+    schema (trial150 L1: "every problem at once" promised more)."""
+    body = "layout: {interleave: {after: [40], kind: memory}}\nmemory: {n_subkeys: 1, topk: 2, latent_dim: 8}\noutput: {dir: out}\n"
+    code, text = validate_lines(tmp_path, capsys, tiny_base, body)
+    assert code == 2 and "memory.n_subkeys: should be at least 2, got 1" in text and "out of range" not in text, text
+    code, text = validate_lines(tmp_path, capsys, tiny_base, body.replace("n_subkeys: 1", "n_subkeys: 4"))
+    assert code == 2 and "layout.interleave.after.0: layer 40 is out of range" in text and "n_subkeys" not in text, text
