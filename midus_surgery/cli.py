@@ -105,7 +105,11 @@ def _folder_to_write(text: str) -> str:
         raise argparse.ArgumentTypeError(printable(str(exc))) from None
     from midus_surgery.io.output_dir import padded_new_folder
 
-    padded = padded_new_folder(Path(text).absolute())  # --cache-dir "c ": no output check sees the cache folder made (trial153 M3)
+    try:
+        where = Path(text).absolute()
+    except OSError as exc:  # a relative path from a folder since deleted: cwd() fails (trial154 L6)
+        raise argparse.ArgumentTypeError(f"{text!r}: cannot tell the current folder ({exc.strerror}); give an absolute path") from None
+    padded = padded_new_folder(where)  # --cache-dir "c ": no output check sees the cache folder made (trial153 M3)
     if padded:
         raise argparse.ArgumentTypeError(f"{text!r} would make a folder named {padded!r}, with blanks at its start or end (a stray "
                                          "space, or a variable of blanks?): name it without them")
@@ -669,7 +673,7 @@ def cmd_apply(args) -> int:
         try:
             failed = _run_verify(result.out_dir, None, trust_remote_code=planned.loaded.recipe.base.trust_remote_code)  # the user's own recipe
         except (MidusError, OSError) as exc:  # a model it cannot check, a full disk for its round trip: the output stays as written
-            said = str(exc) if isinstance(exc, MidusError) else f"{type(exc).__name__}: {exc.strerror or exc}"
+            said = str(exc) if isinstance(exc, MidusError) else _os_error_text(exc)
             err.print(f"verify could not check it: {printable(said)}", markup=False)
             failed = 1
         if failed:
@@ -677,6 +681,12 @@ def cmd_apply(args) -> int:
                       markup=False)
         return failed
     return 0
+
+
+def _os_error_text(exc: OSError) -> str:
+    """A system error in one line, with the file it is about: "Permission denied" alone did not say which (trial154 L1)."""
+    files = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None)
+    return f"{exc.strerror or exc}" + (f": {files}" if files else "")
 
 
 def cmd_verify(args) -> int:

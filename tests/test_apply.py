@@ -861,7 +861,7 @@ def test_apply_verify_that_fails_is_exit_1_and_says_the_output_is_written(bases,
         if how == "full disk":
             raise MachineError("cannot run the round-trip check: no space left on the temporary disk")
         if how == "system error":  # said as "nothing half-written was kept" by the command's own handler (trial153 L2)
-            raise OSError(28, "No space left on device")
+            raise OSError(28, "No space left on device", str(out / "model.safetensors"))  # the file said too (trial154 L1)
         report(Check("identity", False, "max |logit difference| against the base: 0.5"))
         return [Check("identity", False, "max |logit difference| against the base: 0.5")]
 
@@ -873,6 +873,6 @@ def test_apply_verify_that_fails_is_exit_1_and_says_the_output_is_written(bases,
     assert err.rstrip().endswith(f"the output is written, whole, at {out}: the lines above say what verify found"), err
     said = {"failed": "verify failed: identity", "could not check": f"verify could not check it: {out} runs its own code",
             "full disk": "verify could not check it: cannot run the round-trip check: no space left",
-            "system error": "verify could not check it: OSError: No space left on device"}[how]
+            "system error": f"verify could not check it: No space left on device: {out / 'model.safetensors'}"}[how]
     assert said in err, err
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()

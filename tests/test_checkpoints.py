@@ -917,6 +917,9 @@ def test_a_resume_refused_over_byte_order_marks_says_so(tmp_path):
     (line,) = data_changes({"train": "entry-a", "train_reads": reads},
                            {"train": "entry-b", "train_reads": {**reads, "key_rules": 3}, "train_differs_from_saved": "entry-a"})
     assert line == f"data.train gives other tokens (the checkpoint's own token-cache entry, still in the cache, holds other tokens than this run's; {marks})"
+    # a checkpoint older than train_reads: its entry, looked up and hashed, still says so (trial154 L3)
+    assert data_changes({"train": "entry-a"}, {"train": "entry-b", "train_reads": reads, "train_differs_from_saved": "entry-a"}) == [
+        "data.train gives other tokens (the checkpoint's own token-cache entry, still in the cache, holds other tokens than this run's)"]
     # the same entry read from elsewhere (another node's path to the same bytes) is the same data
     assert data_changes({"train": "entry-a", "train_reads": reads}, {"train": "entry-a", "train_reads": {**reads, "files": ["/x"]}}) == []
 
@@ -1295,10 +1298,20 @@ def test_an_entrys_digests_are_its_files_hashed_not_its_record(tmp_path):
         folder.mkdir(parents=True)
         (folder / "tokens.bin").write_bytes(b"t" * size)
         (folder / "docs.npy").write_bytes(b"d" * 4)
+    from midus_surgery.io.file_digest import written_stamp
+
     sums = {name: sha256_of(entry / name) for name in D.CACHE_DATA_FILES}
-    (entry / D.META_FILE).write_text(json.dumps({"format": D.FORMAT_VERSION, "sha256": sums}))
+    stamps = {name: written_stamp(entry / name) for name in D.CACHE_DATA_FILES}
+    (entry / D.META_FILE).write_text(json.dumps({"format": D.FORMAT_VERSION, "sha256": sums, "written": stamps}))
     assert D.entry_digests(entry) == sums and D.entry_digests(entry, like=entry) == sums
     assert D.entry_digests(entry, like=other) == {"tokens.bin": -1, "docs.npy": -1}  # another size: differs, nothing read
+    (entry / D.META_FILE).write_text(json.dumps({"format": D.FORMAT_VERSION, "sha256": sums}))  # no stamps: hashed
+    assert D.entry_digests(entry, like=other) == sums
+    (entry / D.META_FILE).write_text(json.dumps({"format": D.FORMAT_VERSION, "sha256": sums, "written": stamps}))
+    with open(entry / "tokens.bin", "r+b") as f:  # damaged since written: no entry to compare, not one that differs (trial154 L2)
+        f.truncate(4)
+    assert D.entry_digests(entry, like=other) is None
+    (entry / "tokens.bin").write_bytes(b"t" * 8)
     (entry / D.META_FILE).write_text(json.dumps({"format": D.FORMAT_VERSION, "sha256": {**sums, "tokens.bin": "a" * 64}}))
     assert D.entry_digests(entry) is None  # its record names other digests than its files have
     (entry / D.META_FILE).write_text(json.dumps({"format": D.FORMAT_VERSION}))  # an entry that records none

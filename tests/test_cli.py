@@ -1252,6 +1252,16 @@ def test_a_folder_to_make_named_with_blanks_at_an_end_is_a_usage_error(argv, tmp
     assert exit_.value.code == 2 and "'c ' would make a folder named 'c ', with blanks at its start or end" in err, err
     (tmp_path / "c ").mkdir()
     assert parse_arguments([*argv, "c "]) is not None
+    with pytest.raises(SystemExit):  # a pasted no-break space is a blank too (trial154 L5)
+        parse_arguments([*argv, nbsp := "c\xa0"])
+    assert f"would make a folder named {nbsp!r}, with blanks" in capsys.readouterr().err
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()  # a relative path from a deleted folder: one usage line, not pathlib's traceback (trial154 L6)
+    with pytest.raises(SystemExit) as exit_:
+        parse_arguments([*argv, "c"])
+    assert exit_.value.code == 2 and ": cannot tell the current folder (No such file or directory); give an absolute path" in capsys.readouterr().err
 
 
 def test_validate_reports_the_schemas_problems_first_and_the_bases_once_they_are_fixed(tiny_base, tmp_path, capsys):

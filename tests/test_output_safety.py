@@ -448,6 +448,26 @@ def test_a_run_dir_or_cache_the_system_will_not_make_is_one_line(train_project, 
     assert not (train_project / "runs").exists()
 
 
+def test_a_token_cache_folder_named_with_blanks_at_an_end_is_refused_wherever_it_is_named(train_project, capsys, monkeypatch):
+    """Only --cache-dir refused a cache folder named "tok " to make: $MIDUS_CACHE and data.cache_dir made it, and
+    data.cache_dir "tok\tx" a folder with a tab in its name (trial154 M1). A trailing no-break space is a blank too (L5)."""
+    for cache in ("tok ", "tok\xa0"):
+        config = str(train_config(train_project, **{"data.cache_dir": cache}))
+        for argv in (["train", config, "--dry-run"], ["train", config, "--quiet"]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert "data.cache_dir: the token cache " in err and f"would make a folder named {cache!r}, with blanks" in err, err
+        monkeypatch.setenv("MIDUS_CACHE", str(train_project / cache))
+        assert main(["eval", "model", "--data", "corpus", "--quiet"]) == 2
+        assert f"would make a folder named {cache!r}, with blanks at its start or end" in capsys.readouterr().err
+        monkeypatch.delenv("MIDUS_CACHE")
+    assert main(["train", str(train_config(train_project, **{"data.cache_dir": "tok\tx"})), "--dry-run"]) == 2
+    assert "data.cache_dir: 'tok\\tx' holds the control character '\\t'" in capsys.readouterr().err
+    assert sorted(p.name for p in train_project.iterdir() if p.name.startswith("tok")) == []
+    (train_project / "tok ").mkdir()  # a folder that exists is the user's to name, and taken
+    assert main(["train", str(train_config(train_project, **{"data.cache_dir": "tok "})), "--dry-run"]) == 0
+
+
 @pytest.mark.parametrize("cache", ["model/tokens", "corpus", "corpus/cache"])
 def test_the_token_cache_may_not_be_written_into_the_model_or_the_data(train_project, cache, capsys):
     cfg = train_config(train_project, **{"data.cache_dir": cache})

@@ -519,5 +519,6 @@ def test_a_stated_layers_path_must_hold_as_many_modules_as_the_model_has_layers(
     with pytest.raises(RecipeError) as info:
         make_plan(loaded, config, anatomy_for(loaded, config)[0])
     (problem,) = info.value.problems
-    assert (problem.field, problem.message) == ("anatomy.layers_path", f"model.extra holds {config.num_hidden_layers - 1} modules, not "
-                                                                      f"the model's {config.num_hidden_layers} decoder layers"), problem
+    assert (problem.field, problem.message) == ("anatomy.layers_path", f"'model.extra' holds {config.num_hidden_layers - 1} modules, not "
+                                                                      f"the model's {config.num_hidden_layers} decoder layers; its lists "
+                                                                      f"of {config.num_hidden_layers} modules: 'model.layers'"), problem

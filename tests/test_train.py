@@ -969,16 +969,22 @@ def test_processes_that_find_other_checkpoints_stop_with_one_line(world, tmp_pat
             "must write into the same run_dir (one folder, or a node's mount of it)")
     assert said in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "runD").exists() and not (tmp_path / "runC").exists()  # a failed start leaves no run directory
-    # process 1 pointed at another run's folder on the same machine, marked as one: it trained on, exit 0 (trial153 M4)
+    import socket
+
     from midus_surgery.io.output_dir import RUN_KIND, write_marker
 
+    # process 1 pointed at another run's folder, marked as one: it trained on, exit 0, and wrote its trace into it (trial153
+    # M4); on another host name too (trial154 M2): the folders are compared by their markers, not by the machine
     (tmp_path / "runF").mkdir()
     write_marker(tmp_path / "runF", RUN_KIND)
+    (tmp_path / "runF" / "metrics.jsonl").write_text('{"step": 1}\n')
+    files_of = lambda folder: {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}  # noqa: E731
+    before = files_of(tmp_path / "runF")
     proc = per_rank_launch(wrapper, cfg, 29569, "run_dir", tmp_path / "runE", tmp_path / "runF")
     assert proc.returncode != 0
-    assert (f"process 1's run_dir {tmp_path / 'runF'} is not the run directory process 0 made (another folder on the same "
-            "machine)") in proc.stderr, proc.stderr[-2000:]
-    assert not (tmp_path / "runE").exists()
+    assert (f"process 1's run_dir {tmp_path / 'runF'} is not the run directory process 0 made (another run's folder: its "
+            f"marker was written by pid {os.getpid()} on {socket.gethostname()}, process 0's by pid ") in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "runE").exists() and files_of(tmp_path / "runF") == before
 
 
 @pytest.mark.slow

@@ -1098,14 +1098,14 @@ def stated_anatomy_problem(loaded, config, num_layers: int) -> None:
     into the output's config unchecked (trial150 L2). Raises RecipeError, located at the key."""
     stated = loaded.recipe.anatomy
     lists = base_module_lists(config)  # by the modules, not by the weights' names (layers that share weights name fewer)
+    found = [name for name, (length, _) in lists.items() if length == num_layers]
+    hint = f"its lists of {num_layers} modules: {', '.join(repr(f) for f in found[:3]) or 'none'}"
     if stated.layers_path not in lists:
-        found = [name for name, (length, _) in lists.items() if length == num_layers]
-        raise RecipeError([loaded.problem(("anatomy", "layers_path"), f"{stated.layers_path!r} is no list of modules in this model; its lists "
-                                          f"of {num_layers} modules: {', '.join(repr(f) for f in found[:3]) or 'none'}")])
+        raise RecipeError([loaded.problem(("anatomy", "layers_path"), f"{stated.layers_path!r} is no list of modules in this model; {hint}")])
     length, classes = lists[stated.layers_path]
-    if length != num_layers:  # another list of modules (experts, per-layer norms): not the decoder layers (trial153 L3)
-        raise RecipeError([loaded.problem(("anatomy", "layers_path"), f"{stated.layers_path} holds {length} modules, not the model's "
-                                          f"{num_layers} decoder layers")])
+    if length != num_layers:  # another list of modules (experts, per-layer norms): not the decoder layers (trial153 L3, trial154 L4)
+        raise RecipeError([loaded.problem(("anatomy", "layers_path"), f"{stated.layers_path!r} holds {length} modules, not the model's "
+                                          f"{num_layers} decoder layers; {hint}")])
     if stated.layer_class not in classes:
         raise RecipeError([loaded.problem(("anatomy", "layer_class"), f"the layers at {stated.layers_path} are {', '.join(classes)}, "
                                           f"not {stated.layer_class}")])

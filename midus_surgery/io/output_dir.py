@@ -476,13 +476,14 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
 def padded_new_folder(path: Path) -> str | None:
     """The first folder the tool would make on the way to ``path`` whose name has blanks at its start or end, or None:
     `o/$BLANK/x` and `--out "  x"` made such folders, hard to name again in a shell (trial145 F7). A folder that exists
-    is the user's, whatever its name (`Backup /runs`: trial151 M1)."""
+    is the user's, whatever its name (`Backup /runs`: trial151 M1). Blanks are every white space Python knows, a pasted
+    no-break space (U+00A0) as much as a typed one."""
     new = []
     for part in (path, *path.parents):
         if os.path.lexists(part):
             break
         new.append(part.name)
-    return next((name for name in reversed(new) if name != name.strip(" ")), None)
+    return next((name for name in reversed(new) if name != name.strip()), None)
 
 
 def _is_mount_point(path: Path) -> bool:
@@ -589,7 +590,17 @@ def check_cache_location(cache: str | os.PathLike, *, inputs: Iterable[tuple[str
     the default ``~/.cache/...`` lies in the home folder of ``--data ~/held.txt`` (trial48): that writes
     nothing beside the user's files, and the corpus reader never reads a hidden folder. Returns it
     resolved; raises OutputError."""
+    from midus_surgery.recipe.schema import no_control_characters
+
+    try:  # wherever the cache folder is named (--cache-dir, $MIDUS_CACHE, data.cache_dir): made here, named as an output is
+        no_control_characters(str(cache))
+    except ValueError as exc:
+        raise OutputError(f"the token cache cannot be made: {exc}") from None
     resolved = Path(cache).resolve()
+    padded = padded_new_folder(resolved)
+    if padded:
+        raise OutputError(f"the token cache {resolved} would make a folder named {padded!r}, with blanks at its start or end (a stray "
+                          "space, or a variable of blanks?): name it without them")
     blocker = next((p for p in (resolved, *resolved.parents) if p.exists()), None)  # the cache or the nearest folder to make it in
     if blocker is not None and not blocker.is_dir():
         raise OutputError(f"the token cache {resolved} cannot be made: {blocker} is a file, not a folder; {CACHE_CHOICES}")

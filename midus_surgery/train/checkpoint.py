@@ -662,6 +662,8 @@ def _why_other_tokens(saved: dict | None, now: dict | None, *, differs: bool = F
     (trial46: a swapped tokenizer was said as other text). ``differs``: the checkpoint's own entry is still in the cache,
     and its files hold other tokens than this run's (so the run can tell)."""
     if not isinstance(saved, dict) or not isinstance(now, dict):
+        if differs:  # a checkpoint older than the record of what its entry read: its entry, looked up, still says (trial154 L3)
+            return "the checkpoint's own token-cache entry, still in the cache, holds other tokens than this run's"
         return ("its text, init_from's tokenizer or data.text_field changed, or the checkpoint was written by a midus-surgery "
                 "that named token-cache entries by other rules")
     said = []

@@ -335,16 +335,19 @@ def eos_id(tokenizer) -> int:
 def entry_digests(entry: Path, like: Path | None = None) -> dict | None:
     """The SHA-256s of a token-cache entry's data files as they are (hashed, not taken from its record, which a hand
     could edit: trial153 M2), or None (no such entry, no readable record, or files that are not what it records).
-    ``like``: another entry; where a file's size differs from that one's, the two differ, and nothing is hashed (the
-    names map to sizes of -1). Only a plain name under the cache folder is looked up."""
+    ``like``: another entry; where a file's size differs from that one's and the entry's files are untouched since
+    written (their recorded stamps), the two differ, and nothing is hashed (the names map to sizes of -1). A damaged
+    entry is hashed, and so "cannot tell", not "differs" (trial154 L2). Only a plain name under the cache folder is
+    looked up."""
     if entry.name in ("", ".", "..") or "/" in entry.name or "\\" in entry.name:
         return None
     try:
         meta = loads_checked(read_small_text(entry / META_FILE))
         if not isinstance(meta, dict) or not _records_digests(meta):
             return None
-        sizes = {name: (entry / name).stat().st_size for name in CACHE_DATA_FILES}
-        if like is not None and any(sizes[name] != (like / name).stat().st_size for name in CACHE_DATA_FILES):
+        written = meta.get("written")
+        untouched = isinstance(written, dict) and all(written.get(name) == written_stamp(entry / name) for name in CACHE_DATA_FILES)
+        if like is not None and untouched and any((entry / name).stat().st_size != (like / name).stat().st_size for name in CACHE_DATA_FILES):
             return {name: -1 for name in CACHE_DATA_FILES}
         found = {name: sha256_of(entry / name) for name in CACHE_DATA_FILES}
     except (OSError, ValueError):

@@ -717,22 +717,23 @@ class Runner:
     def same_run_dir_on_every_process(self) -> None:
         """A process whose run_dir (a node's own path) is not the folder process 0 made: its own logs went nowhere, found at
         its first step (log.data_trace), and its resume would find no checkpoint (trial148 L2). Said at the start, by every
-        process. On process 0's machine the folder is compared by its identity (another run's folder, marked as one, passed:
-        trial153 M4); on another machine, by holding a training run's marker (a mount of it has another device number)."""
-        import socket
-
+        process. The folder is known by what it holds, the same through any mount of it: the marker process 0 has just
+        written, with its pid, host and time. Another run's folder, marked as one, passed where a device number or a host
+        name was compared (trial153 M4, trial154 M2)."""
         from accelerate.utils import gather_object
 
-        mine = read_marker(self.run_dir) if self.run_dir.is_dir() else None
-        info = self.run_dir.stat() if mine is not None else None
-        seen = gather_object([(socket.gethostname(), (info.st_dev, info.st_ino) if info else None)])
-        host, folder = seen[self.acc.process_index]
-        other = (mine is None or mine.get("kind") != RUN_KIND) or (host == seen[0][0] and folder != seen[0][1])
-        if other:
-            why = ("it does not exist" if not self.run_dir.is_dir() else "it holds no marker of a training run" if mine is None or
-                   mine.get("kind") != RUN_KIND else "another folder on the same machine")
-            raise TrainingError(f"process {self.acc.process_index}'s run_dir {self.run_dir} is not the run directory process 0 made "
-                                f"({why}): every process must write into the same run_dir (one folder, or a node's mount of it)")
+        # said by every process, not the one alone: the others went on to wait in their first collective for it
+        seen = gather_object([(self.run_dir.is_dir(), read_marker(self.run_dir) if self.run_dir.is_dir() else None, str(self.run_dir))])
+        first = seen[0][1]
+        rank = next((r for r, (_, marker, _) in enumerate(seen) if marker is None or marker != first), None)
+        if rank is None:
+            return
+        exists, marker, path = seen[rank]
+        why = ("it does not exist" if not exists else "it holds no marker of a training run" if marker is None or marker.get("kind") !=
+               RUN_KIND else f"another run's folder: its marker was written by pid {marker.get('pid')} on {marker.get('host')}, process "
+               f"0's by pid {(first or {}).get('pid')} on {(first or {}).get('host')}")
+        raise TrainingError(f"process {rank}'s run_dir {path} is not the run directory process 0 made ({why}): every process must "
+                            "write into the same run_dir (one folder, or a node's mount of it)")
 
     def load_tokenizer(self) -> None:
         """init_from's tokenizer, once the blocks are known to fit the model's positions (said now, not
