@@ -683,6 +683,18 @@ def cmd_apply(args) -> int:
     return 0
 
 
+def _not_scored(result: dict, max_blocks: int | None) -> str:
+    """What eval --data's result line says of the tokens after the last block or window it read."""
+    tail = result.get("tokens_after_the_last_block")
+    if not tail:
+        return ""
+    if max_blocks is not None and result["sequences"] >= max_blocks:
+        return f" (the first {max_blocks} of the corpus, by --max-blocks: the {_tokens(tail)} after them not scored)"
+    if result["mode"] == "documents":  # windows of 2 tokens: a document's last token alone in a window predicts nothing
+        return f" ({_tokens(tail)} alone at a document's end: not read)"
+    return f" (the last {_tokens(tail)} fill no block: not scored)"
+
+
 def _os_error_text(exc: OSError) -> str:
     """A system error in one line, with the file it is about: "Permission denied" alone did not say which (trial154 L1)."""
     files = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None)
@@ -801,7 +813,7 @@ def cmd_eval(args) -> int:
             print(f"{printable(result['model'])}: perplexity {result['perplexity']:.4f} (loss {result['loss']:.4f} nats/token) over "
                   f"{result['tokens']:,} predicted tokens in {result['sequences']} {'block' if result['mode'] == 'blocks' else 'document window'}"
                   f"{'' if result['sequences'] == 1 else 's'} of <= {result['block_size']} tokens"
-                  + (f" (the last {_tokens(result['tokens_after_the_last_block'])} fill no block: not scored)" if result.get("tokens_after_the_last_block") else "")
+                  + _not_scored(result, args.max_blocks)
                   + "; "
                   f"{result['tokens_read_per_s']:,.0f} tokens read/s ({result['dtype']} on {result['device']}, {result['seconds']:.1f} s)")
         if result["loss"] != result["loss"]:  # NaN: not a score, a broken model or a dtype that overflows (--json too: trial50)

@@ -8,6 +8,7 @@ analysed by its inserted blocks' attention heads, again exactly 0 untrained."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -87,6 +88,20 @@ def test_slots_only_makes_one_pass_and_no_heatmap(world, capsys):
     result = json.loads((world["root"] / "slots" / "analysis.json").read_text())
     assert result["head_importance"] == {} and list(result["slot_usage"]) == ["2", "5"]
     assert not (world["root"] / "slots" / "head_importance.png").exists()
+
+
+def test_slot_usage_counts_the_top_one_percent_as_ceil_of_n_squared_over_100_and_entropy_over_all_slots():
+    """docs/evaluate.md's conventions (trial155 F3): the top 1% of 256 slots is 3 slots, and the entropy is over log(256),
+    so 4 slots read evenly are 0.25 of a uniform choice, not 1."""
+    from midus_surgery.downstream.analyze import SlotCounter
+
+    counter = SlotCounter(heads=2, slots=256)
+    slots = torch.tensor([[[0, 1], [2, 3]], [[5, 5], [5, 7]]])  # [heads, tokens, k]: head 0 reads 4 slots once each
+    counter.observe(None, slots, torch.zeros(1))
+    usage = counter.summary()
+    assert usage["used_fraction"] == [4 / 256, 2 / 256]
+    assert usage["entropy_vs_uniform"][0] == pytest.approx(math.log(4) / math.log(256))
+    assert usage["top1pct_share"] == [3 / 4, 1.0]  # ceil(2.56) = 3 slots of head 0's 4 read ones; head 1 reads only 2
 
 
 def test_a_trained_memory_matters_and_writes_into_the_residual_stream(world, capsys):

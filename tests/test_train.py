@@ -391,6 +391,21 @@ def test_every_key_is_documented_and_in_the_docs():
 
 # --------------------------------------------------------------------------- training
 
+def test_a_log_line_holds_the_intervals_mean_loss_and_its_last_steps_norms_before_clipping(world, tmp_path):
+    """docs/training.md: the loss is the mean over the steps since the previous line; lr and the gradient norms are its last
+    step's, taken before clipping (trial155 F2: the docs said the norms were over the interval too)."""
+    extra = {"tokens": 16 * 4 * 4, "eval.at_start": False, "optim.grad_clip": 1e-4, "log.tensorboard": False, "log.plot": False}
+    train(load_train_config(config(world, tmp_path, name="every1", **extra, **{"log.every": 1})))
+    train(load_train_config(config(world, tmp_path, name="every2", **extra, **{"log.every": 2})))
+    each, pairs = ([r for r in metrics(tmp_path / name) if "loss" in r] for name in ("every1", "every2"))
+    assert [r["step"] for r in each] == [1, 2, 3, 4] and [r["step"] for r in pairs] == [2, 4]
+    for pair in pairs:
+        last, before = each[pair["step"] - 1], each[pair["step"] - 2]
+        assert pair["loss"] == pytest.approx((last["loss"] + before["loss"]) / 2, rel=1e-9)
+        assert pair["grad_norm"] == last["grad_norm"] and pair["lr"] == last["lr"]
+    assert all(r["grad_norm"] > 100 * 1e-4 for r in each)  # before clipping: clipped, it would be 1e-4
+
+
 def test_loss_goes_down_and_the_run_writes_everything(world, tmp_path):
     lines = []
     cfg = config(world, tmp_path, tokens=16 * 4 * 30, **{"eval.every": 10, "checkpoint.every": 10, "checkpoint.keep_last": 2,
