@@ -105,11 +105,7 @@ def _folder_to_write(text: str) -> str:
         raise argparse.ArgumentTypeError(printable(str(exc))) from None
     from midus_surgery.io.output_dir import padded_new_folder
 
-    try:
-        where = Path(text).absolute()
-    except OSError as exc:  # a relative path from a folder since deleted: cwd() fails (trial154 L6)
-        raise argparse.ArgumentTypeError(f"{text!r}: cannot tell the current folder ({exc.strerror}); give an absolute path") from None
-    padded = padded_new_folder(where)  # --cache-dir "c ": no output check sees the cache folder made (trial153 M3)
+    padded = padded_new_folder(Path(text).absolute())  # --cache-dir "c ": no output check sees the cache folder made (trial153 M3)
     if padded:
         raise argparse.ArgumentTypeError(f"{text!r} would make a folder named {padded!r}, with blanks at its start or end (a stray "
                                          "space, or a variable of blanks?): name it without them")
@@ -683,13 +679,13 @@ def cmd_apply(args) -> int:
     return 0
 
 
-def _not_scored(result: dict, max_blocks: int | None) -> str:
+def _not_scored(result: dict) -> str:
     """What eval --data's result line says of the tokens after the last block or window it read."""
     tail = result.get("tokens_after_the_last_block")
     if not tail:
         return ""
-    if max_blocks is not None and result["sequences"] >= max_blocks:
-        return f" (the first {max_blocks} of the corpus, by --max-blocks: the {_tokens(tail)} after them not scored)"
+    if result.get("stopped_at_max_blocks"):  # more blocks or windows were there: --max-blocks stopped it (trial156 4)
+        return f" (stopped there by --max-blocks: the {_tokens(tail)} after them not scored)"
     if result["mode"] == "documents":  # windows of 2 tokens: a document's last token alone in a window predicts nothing
         return f" ({_tokens(tail)} alone at a document's end: not read)"
     return f" (the last {_tokens(tail)} fill no block: not scored)"
@@ -813,7 +809,7 @@ def cmd_eval(args) -> int:
             print(f"{printable(result['model'])}: perplexity {result['perplexity']:.4f} (loss {result['loss']:.4f} nats/token) over "
                   f"{result['tokens']:,} predicted tokens in {result['sequences']} {'block' if result['mode'] == 'blocks' else 'document window'}"
                   f"{'' if result['sequences'] == 1 else 's'} of <= {result['block_size']} tokens"
-                  + _not_scored(result, args.max_blocks)
+                  + _not_scored(result)
                   + "; "
                   f"{result['tokens_read_per_s']:,.0f} tokens read/s ({result['dtype']} on {result['device']}, {result['seconds']:.1f} s)")
         if result["loss"] != result["loss"]:  # NaN: not a score, a broken model or a dtype that overflows (--json too: trial50)
@@ -1164,6 +1160,12 @@ def parse_arguments(argv: list[str] | None = None):
     """The parsed command line. train's key=value overrides may also follow its options
     (`train run.yaml --quiet optim.lr=1e-4`): argparse stops filling a positional list at the
     first option and would call the rest unrecognised."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # every relative path is unreadable, and pathlib's traceback came from wherever one was met (trial156 3)
+        err.print("error: the current folder no longer exists (deleted while the shell was in it): cd into one that does, and "
+                  "run the command again", markup=False)
+        sys.exit(2)
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown and getattr(args, "func", None) is cmd_train and all("=" in a and not a.startswith("-") for a in unknown):

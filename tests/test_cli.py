@@ -1258,10 +1258,13 @@ def test_a_folder_to_make_named_with_blanks_at_an_end_is_a_usage_error(argv, tmp
     gone = tmp_path / "gone"
     gone.mkdir()
     monkeypatch.chdir(gone)
-    gone.rmdir()  # a relative path from a deleted folder: one usage line, not pathlib's traceback (trial154 L6)
-    with pytest.raises(SystemExit) as exit_:
-        parse_arguments([*argv, "c"])
-    assert exit_.value.code == 2 and ": cannot tell the current folder (No such file or directory); give an absolute path" in capsys.readouterr().err
+    gone.rmdir()  # a relative path from a deleted folder: one line, not pathlib's traceback (trial154 L6, trial156 3)
+    for args in ([*argv, "c"], ["validate", "r.yaml"], ["eval", "rel-model", "--data", "d"]):
+        with pytest.raises(SystemExit) as exit_:
+            parse_arguments(args)
+        assert exit_.value.code == 2 and capsys.readouterr().err == (
+            "error: the current folder no longer exists (deleted while the shell was in it): cd into one that does, and run the "
+            "command again\n")
 
 
 def test_validate_reports_the_schemas_problems_first_and_the_bases_once_they_are_fixed(tiny_base, tmp_path, capsys):

@@ -56,18 +56,20 @@ def test_block_perplexity_equals_hand_computation(setup):
     assert got["tokens_read_per_s"] == pytest.approx(got["tokens_read"] / got["seconds"], rel=1e-3)
 
 
-def test_per_document_perplexity_equals_hand_computation(setup):
+@pytest.mark.parametrize("block_size", [32, 56])  # the corpus's documents are 57 tokens: at 56, one past a whole window
+def test_per_document_perplexity_equals_hand_computation(setup, block_size):
     tok = make_tokenizer()
     windows = []
     for f in setup["files"]:
         doc = tok(f.read_text())["input_ids"] + [tok.eos_token_id]
-        cuts = [*range(0, len(doc), 32), len(doc)]
-        if len(doc) % 32 == 1 and len(doc) > 32:  # a last token alone: the last window starts one earlier
+        cuts = [*range(0, len(doc), block_size), len(doc)]
+        if len(doc) % block_size == 1 and len(doc) > block_size:  # a last token alone: the last window starts one earlier
             cuts[-2] -= 1
         windows += [doc[a:b] for a, b in zip(cuts, cuts[1:])]
     model = AutoModelForCausalLM.from_pretrained(setup["model"]).eval()
     nll, count = hand_nll(model, windows)
-    got = run_eval(setup["model"], [str(f) for f in setup["files"]], block_size=32, batch_size=4, per_document=True,
+    assert block_size == 32 or any(len(w) == 2 for w in windows)  # the case is met
+    got = run_eval(setup["model"], [str(f) for f in setup["files"]], block_size=block_size, batch_size=4, per_document=True,
                    cache_dir=setup["cache"], progress=False)
     assert got["mode"] == "documents" and got["tokens"] == count
     assert got["tokens_read"] == count + len(windows)  # each window's first token is read, not predicted; padding neither
@@ -897,8 +899,25 @@ def test_the_tokens_after_the_last_whole_block_are_said_not_scored(setup, capsys
     # all the tokens after the last block read, where --max-blocks stops early (trial155 F1: 0 was given)
     assert json.loads(capsys.readouterr().out)["tokens_after_the_last_block"] == result["corpus_tokens"] - 32
     assert main(["eval", str(setup["model"]), "--data", *data, "--block-size", "16", "--max-blocks", "2", "--quiet"]) == 0
-    assert (f"in 2 blocks of <= 16 tokens (the first 2 of the corpus, by --max-blocks: the {result['corpus_tokens'] - 32} tokens after "
+    assert (f"in 2 blocks of <= 16 tokens (stopped there by --max-blocks: the {result['corpus_tokens'] - 32} tokens after "
             "them not scored); ") in capsys.readouterr().out
+    # a --max-blocks that stops nothing is not said to (trial156 4); per document, the tokens after the last window read
+    assert main(["eval", str(setup["model"]), "--data", *data, "--block-size", "16", "--max-blocks", str(blocks), "--quiet"]) == 0
+    assert f"in {blocks} blocks of <= 16 tokens (the last {tail} tokens fill no block: not scored); " in capsys.readouterr().out
+    assert main(["eval", str(setup["model"]), "--data", *data, "--block-size", "16", "--per-document", "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert whole["tokens_after_the_last_block"] == 0 and not whole["stopped_at_max_blocks"], whole
+    assert main(["eval", str(setup["model"]), "--data", *data, "--block-size", "16", "--per-document", "--max-blocks", "3", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["stopped_at_max_blocks"] and first["tokens_after_the_last_block"] == first["corpus_tokens"] - first["tokens_read"] > 0
+    # windows of 2: a document's last token alone predicts nothing, and is said not read
+    assert main(["eval", str(setup["model"]), "--data", *data, "--block-size", "2", "--per-document", "--json"]) == 0
+    pairs = json.loads(capsys.readouterr().out)
+    lone = pairs["corpus_tokens"] - pairs["tokens_read"]
+    assert lone == pairs["tokens_after_the_last_block"] and not pairs["stopped_at_max_blocks"]
+    assert main(["eval", str(setup["model"]), "--data", *data, "--block-size", "2", "--per-document", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert (f" ({lone} tokens alone at a document's end: not read); " if lone else "document windows of <= 2 tokens; ") in out, out
     (setup["root"] / "one").mkdir(exist_ok=True)
     one = setup["root"] / "one" / "one-past.txt"  # 16 tokens and the EOS: one block, one token after it
     one.write_text("the cat sat on the mat . the dog ran on the log . the bird\n")

@@ -457,15 +457,19 @@ def test_a_token_cache_folder_named_with_blanks_at_an_end_is_refused_wherever_it
             assert main(argv) == 2, argv
             err = capsys.readouterr().err
             assert "data.cache_dir: the token cache " in err and f"would make a folder named {cache!r}, with blanks" in err, err
-        monkeypatch.setenv("MIDUS_CACHE", str(train_project / cache))
-        assert main(["eval", "model", "--data", "corpus", "--quiet"]) == 2
-        assert f"would make a folder named {cache!r}, with blanks at its start or end" in capsys.readouterr().err
+        monkeypatch.setenv("MIDUS_CACHE", str(train_project / cache))  # said as the variable's, not the config's (trial156 2)
+        for argv in (["eval", "model", "--data", "corpus", "--quiet"], ["train", str(train_config(train_project, **{"data.cache_dir": None})), "--dry-run"]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: $MIDUS_CACHE ({str(train_project / cache)!r}): the token cache ") and "run.yaml" not in err, err
+            assert f"would make a folder named {cache!r}, with blanks at its start or end" in err, err
         monkeypatch.delenv("MIDUS_CACHE")
     assert main(["train", str(train_config(train_project, **{"data.cache_dir": "tok\tx"})), "--dry-run"]) == 2
-    assert "data.cache_dir: 'tok\\tx' holds the control character '\\t'" in capsys.readouterr().err
+    assert "data.cache_dir: the token cache cannot be made: 'tok\\tx' holds the control character '\\t'" in capsys.readouterr().err
     assert sorted(p.name for p in train_project.iterdir() if p.name.startswith("tok")) == []
-    (train_project / "tok ").mkdir()  # a folder that exists is the user's to name, and taken
-    assert main(["train", str(train_config(train_project, **{"data.cache_dir": "tok "})), "--dry-run"]) == 0
+    for name in ("tok ", "tok\tx"):  # a folder that exists is the user's to name, and taken (a cache an earlier version filled: trial156 1)
+        (train_project / name).mkdir()
+        assert main(["train", str(train_config(train_project, **{"data.cache_dir": name})), "--dry-run"]) == 0
 
 
 @pytest.mark.parametrize("cache", ["model/tokens", "corpus", "corpus/cache"])

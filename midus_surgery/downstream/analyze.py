@@ -269,7 +269,7 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
     analysis in ``out`` is replaced only with ``overwrite``, as apply's output is (it was replaced without a word, another
     model's too: trial82 F3)."""
     from midus_surgery.compiler.plan import read_plan_file
-    from midus_surgery.io.output_dir import atomic_directory, check_cache_location, check_output_dir, data_folder, input_root
+    from midus_surgery.io.output_dir import atomic_directory, check_output_dir, data_folder, input_root
     from midus_surgery.io.progress import progress_bar
     from midus_surgery.train import data as D
     from midus_surgery.train.evaluate import (
@@ -297,7 +297,7 @@ def run_analysis(model_dir: Path, data: list[str], out: Path, *, block_size: int
     if fixed_retrieval is not None:
         inputs.append(("the fixed-retrieval model", Path(fixed_retrieval)))
     # as eval's: never into the model or the data's folders (trial39, trial40)
-    cache = check_cache_location(Path(cache_dir) if cache_dir else D.default_cache_dir(), inputs=inputs,
+    cache = D.token_cache_location(Path(cache_dir) if cache_dir else None, inputs=inputs,
                                  data_folders=[(f"the data folder of {p}", data_folder(p)) for p in data])
     # the token cache is an input too: a cache inside the output was tokenised into it, and the finished analysis then
     # found its folder "changed since this run checked it" (trial73 F7)

@@ -473,17 +473,22 @@ def check_output_dir(out: str | os.PathLike, *, kind: str, inputs: Iterable[tupl
     raise OutputError(f"output {resolved} already exists (an earlier output of {written_by}); {todo}")
 
 
-def padded_new_folder(path: Path) -> str | None:
-    """The first folder the tool would make on the way to ``path`` whose name has blanks at its start or end, or None:
-    `o/$BLANK/x` and `--out "  x"` made such folders, hard to name again in a shell (trial145 F7). A folder that exists
-    is the user's, whatever its name (`Backup /runs`: trial151 M1). Blanks are every white space Python knows, a pasted
-    no-break space (U+00A0) as much as a typed one."""
+def new_folder_names(path: Path) -> list[str]:
+    """The names of the folders the tool would make on the way to ``path`` (those that do not exist yet), outermost first."""
     new = []
     for part in (path, *path.parents):
         if os.path.lexists(part):
             break
         new.append(part.name)
-    return next((name for name in reversed(new) if name != name.strip()), None)
+    return new[::-1]
+
+
+def padded_new_folder(path: Path) -> str | None:
+    """The first folder the tool would make on the way to ``path`` whose name has blanks at its start or end, or None:
+    `o/$BLANK/x` and `--out "  x"` made such folders, hard to name again in a shell (trial145 F7). A folder that exists
+    is the user's, whatever its name (`Backup /runs`: trial151 M1). Blanks are every white space Python knows, a pasted
+    no-break space (U+00A0) as much as a typed one."""
+    return next((name for name in new_folder_names(path) if name != name.strip()), None)
 
 
 def _is_mount_point(path: Path) -> bool:
@@ -592,11 +597,14 @@ def check_cache_location(cache: str | os.PathLike, *, inputs: Iterable[tuple[str
     resolved; raises OutputError."""
     from midus_surgery.recipe.schema import no_control_characters
 
-    try:  # wherever the cache folder is named (--cache-dir, $MIDUS_CACHE, data.cache_dir): made here, named as an output is
-        no_control_characters(str(cache))
-    except ValueError as exc:
-        raise OutputError(f"the token cache cannot be made: {exc}") from None
     resolved = Path(cache).resolve()
+    # wherever the cache folder is named (--cache-dir, $MIDUS_CACHE, data.cache_dir), the folders it makes are named as an
+    # output's are; one that exists is the user's, whatever its name (a cache filled by an earlier version: trial156 1)
+    for name in new_folder_names(resolved):
+        try:
+            no_control_characters(name)
+        except ValueError as exc:
+            raise OutputError(f"the token cache cannot be made: {exc}") from None
     padded = padded_new_folder(resolved)
     if padded:
         raise OutputError(f"the token cache {resolved} would make a folder named {padded!r}, with blanks at its start or end (a stray "

@@ -88,7 +88,7 @@ class DataConfig(Strict):
     text_field: str = Field("text", min_length=1, description="The field of each JSONL record that holds the document's text.")
     dir_glob: list[str] = Field(default_factory=lambda: list(DIR_GLOB), min_length=1, description="Patterns selecting files inside directories named in `train` / `held_out` (sorted, deduplicated; hidden files and folders skipped, linked folders followed once each).")
     block_size: StrictInt = Field(512, ge=2, le=MAX_BLOCK_SIZE, description="Tokens per training sequence (at least 2: one to read, one to predict). Documents are joined with the tokenizer's EOS token and the stream is cut into blocks of this length (the tail shorter than one block is dropped).")
-    cache_dir: OutputPathText | None = Field(None, min_length=1, description="Where tokenised corpora are cached (memory-mapped token files keyed by a hash of the files' contents and the tokenizer). Default: $MIDUS_CACHE/tokens, or ~/.cache/midus-surgery/tokens without MIDUS_CACHE.")
+    cache_dir: PathText | None = Field(None, min_length=1, description="Where tokenised corpora are cached (memory-mapped token files keyed by a hash of the files' contents and the tokenizer). Default: $MIDUS_CACHE/tokens, or ~/.cache/midus-surgery/tokens without MIDUS_CACHE.")
 
     @field_validator("train", "held_out", "dir_glob", mode="before")
     @classmethod

@@ -38,6 +38,8 @@ from midus_surgery.io.file_digest import sha256_of, written_stamp
 from midus_surgery.io.json_text import loads_checked
 from midus_surgery.io.output_dir import (
     MARKER,
+    OutputError,
+    check_cache_location,
     clean_leftovers,
     hold_directory,
     kernel_file_system,
@@ -434,6 +436,17 @@ def default_cache_dir() -> Path:
     if env:
         return Path(env).expanduser() / "tokens"
     return Path.home() / ".cache" / "midus-surgery" / "tokens"
+
+
+def token_cache_location(given: Path | None, **checks) -> Path:
+    """``check_cache_location`` (its ``checks``) of the token cache folder given, or of the default one. A refusal of the
+    folder $MIDUS_CACHE names says so: train said it at the config's `data:` key, eval and analyze named no source (trial156 2)."""
+    try:
+        return check_cache_location(given if given is not None else default_cache_dir(), **checks)
+    except OutputError as exc:
+        if given is None and os.environ.get("MIDUS_CACHE"):
+            raise OutputError(f"$MIDUS_CACHE ({os.environ['MIDUS_CACHE']!r}): {exc}") from None
+        raise
 
 
 # --------------------------------------------------------------------------- token streams

@@ -37,7 +37,7 @@ from midus_surgery.errors import (
 )
 from midus_surgery.io.hf_output import hf_progress_bars, kept_load_report, load_report_words
 from midus_surgery.io.json_text import loads_as_tokenizer_config, loads_as_transformers
-from midus_surgery.io.output_dir import CHECKPOINT_STATE, check_cache_location, data_folder, input_root, run_export_hint
+from midus_surgery.io.output_dir import CHECKPOINT_STATE, data_folder, input_root, run_export_hint
 from midus_surgery.io.small_files import read_small_text
 from midus_surgery.io.stored_dtypes import floats_stored_as_integers, stored_dtype_problem
 from midus_surgery.io.tensor_source import PICKLE_RISK, holds_only_pickle_weights, wrong_shapes
@@ -651,7 +651,8 @@ def document_windows(stream, block_size: int, max_windows: int | None = None) ->
     windows = []
     for doc in stream.documents():
         cuts = list(range(0, len(doc), block_size)) + [len(doc)]
-        if len(doc) > block_size and len(doc) % block_size == 1 and block_size > 2:
+        reaches_end = max_windows is None or len(windows) + len(cuts) - 1 <= max_windows  # else no window was cut short for it
+        if len(doc) > block_size and len(doc) % block_size == 1 and block_size > 2 and reaches_end:
             cuts[-2] -= 1
         for start, end in zip(cuts, cuts[1:]):
             if end - start >= 2:
@@ -703,7 +704,7 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None,
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}")
     run_on = eval_device(device)
-    cache = check_cache_location(Path(cache_dir) if cache_dir else D.default_cache_dir(),
+    cache = D.token_cache_location(Path(cache_dir) if cache_dir else None,
                                  inputs=[("the model", model_dir), *((f"data ({p})", input_root(p)) for p in data)],
                                  data_folders=[(f"the data folder of {p}", data_folder(p)) for p in data])
     tokenizer_given = tokenizer is not None  # check_model_loads gave it, its header check made
@@ -723,14 +724,17 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None,
     if too_long:
         raise ModelLoadError(f"--block-size: {too_long}")
     if per_document:
-        windows = document_windows(stream, block_size, max_blocks)
+        windows = document_windows(stream, block_size, None if max_blocks is None else max_blocks + 1)  # one more: were there more?
         if not windows:
             raise D.DataError("eval data: no document has two tokens to predict from")
+        limited = max_blocks is not None and len(windows) > max_blocks
+        windows = document_windows(stream, block_size, max_blocks) if limited else windows
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else D.eos_id(tokenizer)
         batches, total = document_batches(windows, batch_size, pad), len(windows)
     else:
         blocks, _ = D.split(stream, None, block_size, 0.0, what="eval data", block_option="--block-size")
         batches, total = block_batches(blocks, batch_size, max_blocks=max_blocks), min(len(blocks), max_blocks or len(blocks))
+        limited = total < len(blocks)
     # the tokens after the last block or window read are not scored: said with the result, not dropped unsaid (trial146 F5);
     # with --max-blocks, all those after the last one it reads (trial155 F1: 0 was given, with thousands after it)
     tail = len(stream) - (sum(len(w) for w in windows) if per_document else total * block_size)
@@ -738,6 +742,7 @@ def run_eval(model_dir: Path, data: list[str], *, block_size: int | None = None,
         result = evaluate_batches(model, batches, device=run_on, progress=bar)
     return {"model": str(model_dir), "mode": "documents" if per_document else "blocks", "block_size": block_size,
             "dtype": dtype, "device": str(run_on), **result.to_json(), "corpus_tokens": len(stream), "tokens_after_the_last_block": tail,
+            "stopped_at_max_blocks": limited,
             "corpus_files": len(stream.meta.get("files", [])),
             "token_cache": str(stream.path),
             # which token ids the data became: models whose tokenizers cut or number it otherwise are not comparable per token

@@ -43,7 +43,6 @@ from midus_surgery.io.output_dir import (
     RUN_ENTRIES,
     RUN_KIND,
     OutputError,
-    check_cache_location,
     check_output_dir,
     data_folder,
     hold_marker,
@@ -565,9 +564,12 @@ class Runner:
         inputs += [(f"data ({p})", input_root(loaded.resolve(p))) for p in [*d.train, *(d.held_out or [])]]
         cache = loaded.resolve(d.cache_dir) if d.cache_dir else D.default_cache_dir()
         try:
-            check_cache_location(cache, inputs=inputs, data_folders=[(f"the data folder of {p}", data_folder(loaded.resolve(p)))
-                                                                     for p in [*d.train, *(d.held_out or [])]])
+            D.token_cache_location(loaded.resolve(d.cache_dir) if d.cache_dir else None, inputs=inputs,
+                                   data_folders=[(f"the data folder of {p}", data_folder(loaded.resolve(p)))
+                                                 for p in [*d.train, *(d.held_out or [])]])
         except OutputError as exc:
+            if not d.cache_dir and os.environ.get("MIDUS_CACHE"):  # not the config's: the variable's, said as such
+                raise
             raise RecipeError([loaded.problem(("data", "cache_dir") if d.cache_dir else ("data",), str(exc))]) from None
         inputs.append(("the token cache", cache))
         folders = [("the config's folder", loaded.directory)]
