@@ -27,3 +27,40 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def lm_eval_builtin_tasks_parsed_once():
+    """lm-eval's TaskManager parses all of its own ~14,000 task YAMLs on every build (~10 s here), and every in-process
+    `eval --tasks` builds one: each of those files is parsed once per test process instead, and a deep copy handed out
+    on each later build (lm-eval's installed files do not change while the suite runs). Task folders of the tests'
+    own are parsed afresh every time, as the product does."""
+    import copy
+    from pathlib import Path
+
+    try:
+        import lm_eval
+        import lm_eval.tasks._index as index
+    except ImportError:  # no lm-eval, or another layout of it: nothing to speed up
+        yield
+        return
+    own = str(Path(lm_eval.__file__).resolve().parent) + os.sep
+    parse, parsed = index.load_yaml, {}
+
+    def load_yaml(path, *args, **kwargs):
+        if not str(path).startswith(own):
+            return parse(path, *args, **kwargs)
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in parsed:
+            parsed[key] = parse(path, *args, **kwargs)
+        return copy.deepcopy(parsed[key])
+
+    index.load_yaml = load_yaml
+    yield
+    index.load_yaml = parse
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests marked slow (a minute or more each, several processes some of them) run first: pytest-xdist hands tests
+    out in this order, and one started last kept a worker busy for minutes after the other had finished."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the rest keep their order

@@ -13,6 +13,7 @@ from tool_modules import load_tool
 sweep_tool = load_tool("arch_sweep")
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_sweep_reports_passes_and_refusals(tmp_path):
     lines = []
@@ -28,6 +29,7 @@ def test_sweep_reports_passes_and_refusals(tmp_path):
     assert not any(p.name.startswith("llama") for p in tmp_path.iterdir())  # outputs, and a base that passed, removed
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_a_hybrid_refused_for_its_other_layers_is_tried_after_the_layers_that_can(tmp_path):
     """The every-N layout puts memory blocks after a Nemotron-H MoE layer, which cannot make one, and the refusal names the

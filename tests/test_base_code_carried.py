@@ -707,6 +707,7 @@ def test_the_uncarried_code_warning_blames_autotokenizer_only_for_a_module_it_op
     assert tokenizer_code_files(base / "tokenizer_config.json") == [".py"]  # as a pair's slot it opens .py
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["bom", "latin-1", "deep"])
 def test_validate_and_plan_warn_as_apply_does_of_a_gguf_tokenizer_config_transformers_cannot_read(tmp_path, case):
     """A GGUF base's tokenizer_config.json with a UTF-8 byte-order mark, a byte that is not UTF-8 or nesting

@@ -22,7 +22,7 @@ from midus_surgery.cli import main
 from midus_surgery.downstream.task_suite import build_task_suite, sentences
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "lm_eval_builtin_tasks_parsed_once")
 
 SUBJECTS = ["The cat", "The dog", "The bird", "The fish", "A cat", "A dog"]
 VERBS = ["sat on the mat", "ran to the log", "flew over the tree", "swam in the pond", "sat in the tree", "ran on the mat"]

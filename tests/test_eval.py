@@ -510,7 +510,7 @@ def test_a_model_that_fails_at_its_real_load_keeps_the_results_before_it(setup, 
 
 
 @pytest.fixture(scope="module")
-def task_suite(tmp_path_factory):
+def task_suite(tmp_path_factory, lm_eval_builtin_tasks_parsed_once):
     """An offline lm-eval task suite (tools/make_task_suite.py's) built from a few prose documents, for eval --tasks."""
     from midus_surgery.downstream.task_suite import build_task_suite
 

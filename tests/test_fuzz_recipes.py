@@ -297,6 +297,7 @@ def test_train_overrides_go_through_the_hardened_loader(tmp_path, override):
 # --- the fuzzer ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fuzzed_cases_never_crash_or_hang():
     fuzz = load_tool("fuzz_recipes")
     summary = fuzz.run_cases(240, seed=2026, jobs=2, slow=TIME_BOUND_S, kill_after=2 * TIME_BOUND_S)
