@@ -82,6 +82,14 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def control_character_in_name(text: str) -> str | None:
+    """Why a folder to write may not be named ``text``, when it holds a newline, tab or other control character, or None:
+    such a name is a YAML slip (a block scalar, an escape in double quotes) far more often than a wish, and every line
+    that names it (apply's 'wrote' line) split in two (trial66)."""
+    bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+    return None if bad is None else f"{text!r} holds the control character {bad!r}: a folder to write is not named with one"
+
+
 def lone_surrogate(text: str) -> str | None:
     """Why ``text`` is not text, when it holds half of a UTF-16 surrogate pair (a ``\\ud83d`` escape of JSON or YAML
     without its other half: no file, tokenizer or terminal takes it), said in words, or None."""

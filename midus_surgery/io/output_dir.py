@@ -42,7 +42,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from midus_surgery.errors import MidusError, model_folder_name_problem, printable
+from midus_surgery.errors import MidusError, control_character_in_name, model_folder_name_problem, printable
 from midus_surgery.io.json_text import loads_checked
 from midus_surgery.io.small_files import read_small_text, regular_file_problem, write_text_atomically
 
@@ -595,16 +595,12 @@ def check_cache_location(cache: str | os.PathLike, *, inputs: Iterable[tuple[str
     the default ``~/.cache/...`` lies in the home folder of ``--data ~/held.txt`` (trial48): that writes
     nothing beside the user's files, and the corpus reader never reads a hidden folder. Returns it
     resolved; raises OutputError."""
-    from midus_surgery.recipe.schema import no_control_characters
-
     resolved = Path(cache).resolve()
     # wherever the cache folder is named (--cache-dir, $MIDUS_CACHE, data.cache_dir), the folders it makes are named as an
     # output's are; one that exists is the user's, whatever its name (a cache filled by an earlier version: trial156 1)
-    for name in new_folder_names(resolved):
-        try:
-            no_control_characters(name)
-        except ValueError as exc:
-            raise OutputError(f"the token cache cannot be made: {exc}") from None
+    why = next(filter(None, map(control_character_in_name, new_folder_names(resolved))), None)
+    if why:
+        raise OutputError(f"the token cache cannot be made: {why}")
     padded = padded_new_folder(resolved)
     if padded:
         raise OutputError(f"the token cache {resolved} would make a folder named {padded!r}, with blanks at its start or end (a stray "

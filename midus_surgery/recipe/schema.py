@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from midus_surgery.errors import Problem, RecipeError, printable
+from midus_surgery.errors import Problem, RecipeError, control_character_in_name, printable
 from midus_surgery.recipe.anatomy_spec import Anatomy
 from midus_surgery.recipe.yaml_source import YamlSource, load_yaml
 
@@ -102,12 +102,11 @@ PathText = Annotated[str, AfterValidator(expand_environment)]
 
 
 def no_control_characters(text: str) -> str:
-    """A folder the tool creates may not be named with a newline, tab or other control character: such a name is a
-    YAML slip (a block scalar, an escape in double quotes) far more often than a wish, and every line that names it
-    (apply's 'wrote' line) split in two (trial66). (Blanks at either end of a name the tool makes: check_output_dir.)"""
-    bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
-    if bad is not None:
-        raise ValueError(f"{text!r} holds the control character {bad!r}: a folder to write is not named with one")
+    """A folder the tool creates may not be named with a newline, tab or other control character (control_character_in_name).
+    (Blanks at either end of a name the tool makes: check_output_dir.)"""
+    why = control_character_in_name(text)
+    if why:
+        raise ValueError(why)
     return text
 
 

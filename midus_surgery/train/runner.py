@@ -709,6 +709,7 @@ class Runner:
             self.run_lock = hold_marker(self.run_dir)
             if self.run_lock is None:  # before anything is removed: the partial checkpoint below may be that run's
                 raise self.in_use()
+            self.marker_before = read_marker(self.run_dir)  # what a node whose view of the folder lags may still read
             self.run_lock = rewrite_held_marker(self.run_dir, RUN_KIND, self.run_lock)  # this process is the one writing now
             self.ckpt_root.mkdir(exist_ok=True)
             remove_partial_checkpoints(self.ckpt_root, report=self.say)
@@ -724,13 +725,16 @@ class Runner:
         name was compared (trial153 M4, trial154 M2)."""
         from accelerate.utils import gather_object
 
-        # said by every process, not the one alone: the others went on to wait in their first collective for it
-        seen = gather_object([(self.run_dir.is_dir(), read_marker(self.run_dir) if self.run_dir.is_dir() else None, str(self.run_dir))])
-        first = seen[0][1]
-        rank = next((r for r, (_, marker, _) in enumerate(seen) if marker is None or marker != first), None)
+        # said by every process, not the one alone: the others went on to wait in their first collective for it. A node
+        # whose network file system shows the folder a little late may still read the marker process 0 replaced: that one
+        # names the same folder too (trial156)
+        before = getattr(self, "marker_before", None) if self.acc.is_main_process else None
+        seen = gather_object([(self.run_dir.is_dir(), read_marker(self.run_dir) if self.run_dir.is_dir() else None, str(self.run_dir), before)])
+        first, same = seen[0][1], [seen[0][1], *([seen[0][3]] if seen[0][3] is not None else [])]
+        rank = next((r for r, (_, marker, _, _) in enumerate(seen) if marker is None or marker not in same), None)
         if rank is None:
             return
-        exists, marker, path = seen[rank]
+        exists, marker, path, _ = seen[rank]
         why = ("it does not exist" if not exists else "it holds no marker of a training run" if marker is None or marker.get("kind") !=
                RUN_KIND else f"another run's folder: its marker was written by pid {marker.get('pid')} on {marker.get('host')}, process "
                f"0's by pid {(first or {}).get('pid')} on {(first or {}).get('host')}")
