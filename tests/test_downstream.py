@@ -448,6 +448,7 @@ def test_a_data_only_task_reads_its_own_folder_and_connects_nowhere_else(tmp_pat
             == {"text": "a line of data"}
 
 
+@pytest.mark.slow
 def test_a_task_template_that_reaches_python_internals_runs_only_with_allow_task_code(world, tmp_path):
     """lm-eval renders templates with a Jinja environment that is not sandboxed; without the flag
     the run renders them in jinja2's sandbox. Run from a folder that is not a git repository:

@@ -490,6 +490,7 @@ def verify_in_subprocess(out: Path, tmp_path: Path, *flags: str, command: str = 
                           text=True, env=env, stdin=subprocess.DEVNULL, timeout=300, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_shipped_code_that_is_not_the_packages_fails_unless_verify_may_run_it(bases, tmp_path):
     """With midus_surgery imported, transformers loads the package's registered classes, not the
     files beside the weights that a trust_remote_code load runs elsewhere: an edited (or stale)
