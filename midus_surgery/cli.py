@@ -22,6 +22,7 @@ from midus_surgery.errors import (
     RecipeError,
     Terminated,
     UsageError,
+    control_character_in_name,
     file_too_large,
     one_line,
     printable,
@@ -92,24 +93,37 @@ def _tokens(count: int) -> str:
     return f"{count:,} token{'' if count == 1 else 's'}"
 
 
-def _folder_to_write(text: str) -> str:
+def _folder_to_write(text: str, *, new_names_only: bool = False) -> str:
     """--out, --cache-dir: named as output.dir must be, without control characters (a newline split every line naming
-    it; an escape sequence reached the terminal in the "wrote" line: trial83 F6)."""
-    from midus_surgery.recipe.schema import no_control_characters
+    it; an escape sequence reached the terminal in the "wrote" line: trial83 F6), and no folder to make named with blanks
+    at an end. ``new_names_only``: the control characters too only in the folders to make (a token cache is written into,
+    and one an earlier version filled under such a name is the user's: trial157)."""
+    from midus_surgery.io.output_dir import new_folder_names, padded_new_folder
 
     if not text.strip():  # "": the current folder, refused only because it held an input, or written into (apply --out "")
         raise argparse.ArgumentTypeError(f"{_no_path(text)} (an unset shell variable?); name the folder to write")
-    try:
-        no_control_characters(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(printable(str(exc))) from None
-    from midus_surgery.io.output_dir import padded_new_folder
-
-    padded = padded_new_folder(Path(text).absolute())  # --cache-dir "c ": no output check sees the cache folder made (trial153 M3)
+    if _cwd_gone() and not os.path.isabs(text):  # pathlib's traceback (trial154 L6)
+        raise argparse.ArgumentTypeError(f"{text!r}: {CWD_GONE}")
+    where = Path(text).absolute()
+    why = next(filter(None, map(control_character_in_name, new_folder_names(where) if new_names_only else [text])), None)
+    if why:
+        raise argparse.ArgumentTypeError(printable(why))
+    padded = padded_new_folder(where)  # --cache-dir "c ": no output check sees the cache folder made (trial153 M3)
     if padded:
         raise argparse.ArgumentTypeError(f"{text!r} would make a folder named {padded!r}, with blanks at its start or end (a stray "
                                          "space, or a variable of blanks?): name it without them")
     return text
+
+
+CWD_GONE = "the current folder no longer exists (deleted while the shell was in it): cd into one that does, and run the command again"
+
+
+def _cwd_gone() -> bool:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
 
 
 def _given_path(what: str):
@@ -135,7 +149,8 @@ _data_path = _given_path("name the files, folders or globs to read (an empty one
 
 def _cache_folder(text: str) -> str:
     """--cache-dir: a folder to write (_folder_to_write), not the empty text (that fell back to the default cache)."""
-    return _folder_to_write(_given_path("name the token cache's folder, or leave --cache-dir out for the default one")(text))
+    return _folder_to_write(_given_path("name the token cache's folder, or leave --cache-dir out for the default one")(text),
+                            new_names_only=True)
 
 
 def _model_folder_to_write(text: str) -> str:
@@ -685,7 +700,7 @@ def _not_scored(result: dict) -> str:
     if not tail:
         return ""
     if result.get("stopped_at_max_blocks"):  # more blocks or windows were there: --max-blocks stopped it (trial156 4)
-        return f" (stopped there by --max-blocks: the {_tokens(tail)} after them not scored)"
+        return f" (stopped there by --max-blocks: the {_tokens(tail)} after the last one read not scored)"
     if result["mode"] == "documents":  # windows of 2 tokens: a document's last token alone in a window predicts nothing
         return f" ({_tokens(tail)} alone at a document's end: not read)"
     return f" (the last {_tokens(tail)} fill no block: not scored)"
@@ -1160,12 +1175,6 @@ def parse_arguments(argv: list[str] | None = None):
     """The parsed command line. train's key=value overrides may also follow its options
     (`train run.yaml --quiet optim.lr=1e-4`): argparse stops filling a positional list at the
     first option and would call the rest unrecognised."""
-    try:
-        os.getcwd()
-    except FileNotFoundError:  # every relative path is unreadable, and pathlib's traceback came from wherever one was met (trial156 3)
-        err.print("error: the current folder no longer exists (deleted while the shell was in it): cd into one that does, and "
-                  "run the command again", markup=False)
-        sys.exit(2)
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown and getattr(args, "func", None) is cmd_train and all("=" in a and not a.startswith("-") for a in unknown):
@@ -1207,6 +1216,9 @@ def _dispatch(args) -> int:
             return _disk_full(exc, command=args.func)
         if exc.errno == errno.EPIPE:
             return _reader_gone()
+        if isinstance(exc, FileNotFoundError) and _cwd_gone():  # a relative path met anywhere: pathlib's traceback (trial156 3)
+            err.print(f"error: {CWD_GONE}", markup=False)
+            return 2
         if exc.filename is None:
             raise
         # a path the system will not make or open (/proc/x: FileNotFoundError on mkdir): one line too

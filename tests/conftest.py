@@ -29,12 +29,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
+_LM_EVAL_PARSED: dict = {}  # lm-eval's own task YAMLs, parsed: (path, arguments) -> config, for the test process's life
+
+
+@pytest.fixture(scope="module")
 def lm_eval_builtin_tasks_parsed_once():
     """lm-eval's TaskManager parses all of its own ~14,000 task YAMLs on every build (~10 s here), and every in-process
-    `eval --tasks` builds one: each of those files is parsed once per test process instead, and a deep copy handed out
-    on each later build (lm-eval's installed files do not change while the suite runs). Task folders of the tests'
-    own are parsed afresh every time, as the product does."""
+    `eval --tasks` builds one: in the modules that ask, each of those files is parsed once per test process, and a deep
+    copy handed out on each later build (lm-eval's installed files do not change while the suite runs). Task folders of
+    the tests' own are parsed afresh every time, as the product does; other modules see lm-eval unpatched."""
     import copy
     from pathlib import Path
 
@@ -45,15 +48,15 @@ def lm_eval_builtin_tasks_parsed_once():
         yield
         return
     own = str(Path(lm_eval.__file__).resolve().parent) + os.sep
-    parse, parsed = index.load_yaml, {}
+    parse = index.load_yaml
 
     def load_yaml(path, *args, **kwargs):
         if not str(path).startswith(own):
             return parse(path, *args, **kwargs)
         key = (str(path), args, tuple(sorted(kwargs.items())))
-        if key not in parsed:
-            parsed[key] = parse(path, *args, **kwargs)
-        return copy.deepcopy(parsed[key])
+        if key not in _LM_EVAL_PARSED:
+            _LM_EVAL_PARSED[key] = parse(path, *args, **kwargs)
+        return copy.deepcopy(_LM_EVAL_PARSED[key])
 
     index.load_yaml = load_yaml
     yield
@@ -61,6 +64,12 @@ def lm_eval_builtin_tasks_parsed_once():
 
 
 def pytest_collection_modifyitems(config, items):
-    """The tests marked slow (a minute or more each, several processes some of them) run first: pytest-xdist hands tests
-    out in this order, and one started last kept a worker busy for minutes after the other had finished."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the rest keep their order
+    """The modules with tests marked slow (a minute or more each, several processes some of them) run first, their slow
+    tests first: pytest-xdist hands tests out in this order, and one started last kept a worker busy for minutes after
+    the other had finished. A module's tests stay together, so its module-scoped fixtures are built once."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    first_seen: dict[str, int] = {}
+    for index, item in enumerate(items):
+        first_seen.setdefault(item.module.__name__, index)
+    items.sort(key=lambda item: (item.module.__name__ not in slow_modules, first_seen[item.module.__name__],
+                                 item.get_closest_marker("slow") is None))

@@ -900,7 +900,7 @@ def test_the_tokens_after_the_last_whole_block_are_said_not_scored(setup, capsys
     assert json.loads(capsys.readouterr().out)["tokens_after_the_last_block"] == result["corpus_tokens"] - 32
     assert main(["eval", str(setup["model"]), "--data", *data, "--block-size", "16", "--max-blocks", "2", "--quiet"]) == 0
     assert (f"in 2 blocks of <= 16 tokens (stopped there by --max-blocks: the {result['corpus_tokens'] - 32} tokens after "
-            "them not scored); ") in capsys.readouterr().out
+            "the last one read not scored); ") in capsys.readouterr().out
     # a --max-blocks that stops nothing is not said to (trial156 4); per document, the tokens after the last window read
     assert main(["eval", str(setup["model"]), "--data", *data, "--block-size", "16", "--max-blocks", str(blocks), "--quiet"]) == 0
     assert f"in {blocks} blocks of <= 16 tokens (the last {tail} tokens fill no block: not scored); " in capsys.readouterr().out

@@ -467,6 +467,10 @@ def test_a_token_cache_folder_named_with_blanks_at_an_end_is_refused_wherever_it
     assert main(["train", str(train_config(train_project, **{"data.cache_dir": "tok\tx"})), "--dry-run"]) == 2
     assert "data.cache_dir: the token cache cannot be made: 'tok\\tx' holds the control character '\\t'" in capsys.readouterr().err
     assert sorted(p.name for p in train_project.iterdir() if p.name.startswith("tok")) == []
+    # a cache folder reached through one named badly that does not exist: the folder checked is the folder written, and
+    # the run made the badly named one on its way there (trial157)
+    assert main(["train", str(train_config(train_project, "runs/t", **{"data.cache_dir": "tok\tx/../tokens"})), "--quiet"]) == 0
+    assert (train_project / "tokens").is_dir() and not (train_project / "tok\tx").exists()
     for name in ("tok ", "tok\tx"):  # a folder that exists is the user's to name, and taken (a cache an earlier version filled: trial156 1)
         (train_project / name).mkdir()
         assert main(["train", str(train_config(train_project, **{"data.cache_dir": name})), "--dry-run"]) == 0

@@ -1000,13 +1000,14 @@ def test_processes_that_find_other_checkpoints_stop_with_one_line(world, tmp_pat
     assert (f"process 1's run_dir {tmp_path / 'runF'} is not the run directory process 0 made (another run's folder: its "
             f"marker was written by pid {os.getpid()} on {socket.gethostname()}, process 0's by pid ") in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "runE").exists() and files_of(tmp_path / "runF") == before
-    # a node whose network file system still shows the marker process 0 has just replaced (its view lags) reads the same
-    # folder: runH stands for that view, holding runG's marker as it was before process 0's start rewrote it
+    # a copy of process 0's run_dir (a backup taken before this start) is not it either, though it holds the same marker
+    # as the folder did before the start (trial157 1)
     (tmp_path / "runG").mkdir()
     write_marker(tmp_path / "runG", RUN_KIND)
     shutil.copytree(tmp_path / "runG", tmp_path / "runH")
     proc = per_rank_launch(wrapper, cfg, 29570, "run_dir", tmp_path / "runG", tmp_path / "runH")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode != 0 and f"process 1's run_dir {tmp_path / 'runH'} is not the run directory process 0 made (another run's" \
+        in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.slow

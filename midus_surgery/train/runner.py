@@ -108,6 +108,7 @@ from midus_surgery.train.params import ParamGroups, adamw_options, choose_params
 from midus_surgery.units import human_bytes
 
 NORM_LABELS = {"grad_norm": "gnorm", "memory_grad_norm": "mem gnorm"}  # metrics key -> log line label
+RUN_DIR_LOOKS = 10  # reads of a run_dir's marker, half a second apart, before it is said not to be process 0's
 
 ALLOW_CODE = "read that code, then set trust_remote_code: true in the train config"
 ALLOW_PICKLE = "set allow_pickle: true in the train config"
@@ -562,7 +563,7 @@ class Runner:
         inputs = [("init_from", self.init_from), ("the config file", Path(loaded.source.file))]
         D.check_data_links(loaded.resolve(p) for p in [*d.train, *(d.held_out or [])])  # resolving a loop below would be a path error
         inputs += [(f"data ({p})", input_root(loaded.resolve(p))) for p in [*d.train, *(d.held_out or [])]]
-        cache = loaded.resolve(d.cache_dir) if d.cache_dir else D.default_cache_dir()
+        cache = self.token_cache
         try:
             D.token_cache_location(loaded.resolve(d.cache_dir) if d.cache_dir else None, inputs=inputs,
                                    data_folders=[(f"the data folder of {p}", data_folder(loaded.resolve(p)))
@@ -709,7 +710,6 @@ class Runner:
             self.run_lock = hold_marker(self.run_dir)
             if self.run_lock is None:  # before anything is removed: the partial checkpoint below may be that run's
                 raise self.in_use()
-            self.marker_before = read_marker(self.run_dir)  # what a node whose view of the folder lags may still read
             self.run_lock = rewrite_held_marker(self.run_dir, RUN_KIND, self.run_lock)  # this process is the one writing now
             self.ckpt_root.mkdir(exist_ok=True)
             remove_partial_checkpoints(self.ckpt_root, report=self.say)
@@ -726,15 +726,20 @@ class Runner:
         from accelerate.utils import gather_object
 
         # said by every process, not the one alone: the others went on to wait in their first collective for it. A node
-        # whose network file system shows the folder a little late may still read the marker process 0 replaced: that one
-        # names the same folder too (trial156)
-        before = getattr(self, "marker_before", None) if self.acc.is_main_process else None
-        seen = gather_object([(self.run_dir.is_dir(), read_marker(self.run_dir) if self.run_dir.is_dir() else None, str(self.run_dir), before)])
-        first, same = seen[0][1], [seen[0][1], *([seen[0][3]] if seen[0][3] is not None else [])]
-        rank = next((r for r, (_, marker, _, _) in enumerate(seen) if marker is None or marker not in same), None)
+        # whose network file system shows the folder a little late may still read the marker process 0 replaced: it reads
+        # again for a few seconds before it says so (a copy of the folder holds that old marker for good: trial157 1)
+        mine = read_marker(self.run_dir) if self.run_dir.is_dir() else None
+        first = gather_object([mine])[0]
+        for _ in range(RUN_DIR_LOOKS - 1):
+            if mine == first:
+                break
+            time.sleep(0.5)
+            mine = read_marker(self.run_dir) if self.run_dir.is_dir() else None
+        seen = gather_object([(self.run_dir.is_dir(), mine, str(self.run_dir))])
+        rank = next((r for r, (_, marker, _) in enumerate(seen) if marker is None or marker != first), None)
         if rank is None:
             return
-        exists, marker, path, _ = seen[rank]
+        exists, marker, path = seen[rank]
         why = ("it does not exist" if not exists else "it holds no marker of a training run" if marker is None or marker.get("kind") !=
                RUN_KIND else f"another run's folder: its marker was written by pid {marker.get('pid')} on {marker.get('host')}, process "
                f"0's by pid {(first or {}).get('pid')} on {(first or {}).get('host')}")
@@ -752,8 +757,10 @@ class Runner:
 
     @property
     def token_cache(self) -> Path:
+        """The token cache folder, resolved as check_outputs checked it: a cache_dir of `tok<TAB>x/../cache` made the folder
+        named with a tab on the way to the one checked (trial157)."""
         d = self.cfg.data
-        return self.loaded.resolve(d.cache_dir) if d.cache_dir else D.default_cache_dir()
+        return (self.loaded.resolve(d.cache_dir) if d.cache_dir else D.default_cache_dir()).resolve()
 
     def setup_data(self) -> None:
         """Tokenise the corpora (once, by the main process; the others then open the cache), split
