@@ -104,7 +104,7 @@ def _folder_to_write(text: str, *, new_names_only: bool = False) -> str:
         raise argparse.ArgumentTypeError(f"{_no_path(text)} (an unset shell variable?); name the folder to write")
     if _cwd_gone() and not os.path.isabs(text):  # pathlib's traceback (trial154 L6)
         raise argparse.ArgumentTypeError(f"{text!r}: {CWD_GONE}")
-    where = Path(text).absolute()
+    where = Path(text).resolve() if new_names_only else Path(text).absolute()  # a cache is made where it resolves (trial158 F3)
     why = next(filter(None, map(control_character_in_name, new_folder_names(where) if new_names_only else [text])), None)
     if why:
         raise argparse.ArgumentTypeError(printable(why))
@@ -1177,6 +1177,10 @@ def parse_arguments(argv: list[str] | None = None):
     first option and would call the rest unrecognised."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    needs_no_folder = getattr(args, "func", None) is cmd_schema or getattr(args, "keys", False)
+    if _cwd_gone() and not needs_no_folder:  # torch, transformers and every relative path fail without it (trial156 3, trial158 F1)
+        err.print(f"error: {CWD_GONE}", markup=False)
+        sys.exit(2)
     if unknown and getattr(args, "func", None) is cmd_train and all("=" in a and not a.startswith("-") for a in unknown):
         args.overrides = [*args.overrides, *unknown]
     elif unknown:  # said with the command's own usage (`plan A B` printed the top-level one; trial77 F11)

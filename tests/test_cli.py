@@ -1255,6 +1255,7 @@ def test_a_folder_to_make_named_with_blanks_at_an_end_is_a_usage_error(argv, tmp
     (tmp_path / "t\tx").mkdir()  # a control character: refused in --out, and in a cache folder only where it is to be made
     if argv[-1] == "--cache-dir":
         assert parse_arguments([*argv, "t\tx/c"]) is not None
+        assert parse_arguments([*argv, "new\ty/../c"]) is not None  # made where it resolves, as train's (trial158 F3)
         with pytest.raises(SystemExit):
             parse_arguments([*argv, "c/t\tx"])
     else:
@@ -1272,11 +1273,13 @@ def test_a_folder_to_make_named_with_blanks_at_an_end_is_a_usage_error(argv, tmp
     with pytest.raises(SystemExit) as exit_:
         parse_arguments([*argv, "c"])
     assert exit_.value.code == 2 and f": {gone_line}" in capsys.readouterr().err
-    from midus_surgery.cli import main
-
-    assert main(["eval", "rel-model", "--data", "d"]) == 2  # a relative path met later: one line too (trial156 3)
-    assert capsys.readouterr().err == f"error: {gone_line}\n"
-    with pytest.raises(SystemExit) as exit_:  # what needs no current folder still works (trial157)
+    # every command, relative paths or not: torch and transformers do not import without it (trial156 3, trial158 F1)
+    for args in (["validate", "r.yaml"], ["eval", "rel-model", "--data", "d"], ["verify", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exit_:
+            parse_arguments(args)
+        assert exit_.value.code == 2 and capsys.readouterr().err == f"error: {gone_line}\n"
+    assert parse_arguments(["schema"]) is not None and parse_arguments(["train", "--keys"]) is not None  # what needs none
+    with pytest.raises(SystemExit) as exit_:
         parse_arguments(["--help"])
     assert exit_.value.code == 0 and "validate" in capsys.readouterr().out
 

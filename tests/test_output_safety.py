@@ -467,6 +467,14 @@ def test_a_token_cache_folder_named_with_blanks_at_an_end_is_refused_wherever_it
     assert main(["train", str(train_config(train_project, **{"data.cache_dir": "tok\tx"})), "--dry-run"]) == 2
     assert "data.cache_dir: the token cache cannot be made: 'tok\\tx' holds the control character '\\t'" in capsys.readouterr().err
     assert sorted(p.name for p in train_project.iterdir() if p.name.startswith("tok")) == []
+    # a link to nothing (a disk not mounted): followed, the cache was written on the disk that holds the mount point (trial158 F2)
+    (train_project / "gone-disk").symlink_to(train_project / "mnt" / "disk")
+    for argv in (["train", str(train_config(train_project, **{"data.cache_dir": "gone-disk/tokens"})), "--dry-run"],
+                 ["eval", "model", "--data", "corpus", "--cache-dir", "gone-disk/tokens", "--quiet"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{train_project / 'gone-disk'} is a link to {train_project / 'mnt' / 'disk'}, which does not exist (a disk not mounted?)" in err, err
+    assert not (train_project / "mnt").exists()
     # a cache folder reached through one named badly that does not exist: the folder checked is the folder written, and
     # the run made the badly named one on its way there (trial157)
     assert main(["train", str(train_config(train_project, "runs/t", **{"data.cache_dir": "tok\tx/../tokens"})), "--quiet"]) == 0

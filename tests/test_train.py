@@ -997,8 +997,9 @@ def test_processes_that_find_other_checkpoints_stop_with_one_line(world, tmp_pat
     before = files_of(tmp_path / "runF")
     proc = per_rank_launch(wrapper, cfg, 29569, "run_dir", tmp_path / "runE", tmp_path / "runF")
     assert proc.returncode != 0
-    assert (f"process 1's run_dir {tmp_path / 'runF'} is not the run directory process 0 made (another run's folder: its "
-            f"marker was written by pid {os.getpid()} on {socket.gethostname()}, process 0's by pid ") in proc.stderr, proc.stderr[-2000:]
+    assert (f"process 1's run_dir {tmp_path / 'runF'} is not the run directory process 0 made (its marker, written by pid "
+            f"{os.getpid()} on {socket.gethostname()}, is not the one process 0's start has just written (pid ") in proc.stderr, proc.stderr[-2000:]
+    assert "another run's folder, a copy of this one, or a view of it that did not catch up in 5 s)" in proc.stderr
     assert not (tmp_path / "runE").exists() and files_of(tmp_path / "runF") == before
     # a copy of process 0's run_dir (a backup taken before this start) is not it either, though it holds the same marker
     # as the folder did before the start (trial157 1)
@@ -1006,8 +1007,20 @@ def test_processes_that_find_other_checkpoints_stop_with_one_line(world, tmp_pat
     write_marker(tmp_path / "runG", RUN_KIND)
     shutil.copytree(tmp_path / "runG", tmp_path / "runH")
     proc = per_rank_launch(wrapper, cfg, 29570, "run_dir", tmp_path / "runG", tmp_path / "runH")
-    assert proc.returncode != 0 and f"process 1's run_dir {tmp_path / 'runH'} is not the run directory process 0 made (another run's" \
+    assert proc.returncode != 0 and f"process 1's run_dir {tmp_path / 'runH'} is not the run directory process 0 made (its marker" \
         in proc.stderr, proc.stderr[-2000:]
+    # a view that catches up within the 5 s (a node's network file system showing the new marker late): runK is given
+    # process 0's new marker about a second after process 0 writes it, and the run trains (trial158 F5)
+    (tmp_path / "runI").mkdir()
+    write_marker(tmp_path / "runI", RUN_KIND)
+    shutil.copytree(tmp_path / "runI", tmp_path / "runK")
+    catch_up = subprocess.Popen(["sh", "-c", f"while cmp -s {tmp_path / 'runI' / MARKER} {tmp_path / 'runK' / MARKER}; do sleep 0.1; done; "
+                                 f"sleep 1; cp {tmp_path / 'runI' / MARKER} {tmp_path / 'runK' / MARKER}"])
+    try:
+        proc = per_rank_launch(wrapper, cfg, 29571, "run_dir", tmp_path / "runI", tmp_path / "runK")
+    finally:
+        catch_up.kill()
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -595,7 +595,12 @@ def check_cache_location(cache: str | os.PathLike, *, inputs: Iterable[tuple[str
     the default ``~/.cache/...`` lies in the home folder of ``--data ~/held.txt`` (trial48): that writes
     nothing beside the user's files, and the corpus reader never reads a hidden folder. Returns it
     resolved; raises OutputError."""
-    resolved = Path(cache).resolve()
+    given = Path(cache).absolute()
+    dangling = next((p for p in (given, *given.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:  # followed, the cache was made on whatever disk holds the link's target's folder (trial158 F2)
+        raise OutputError(f"the token cache {given} cannot be made: {dangling} is a link to {os.readlink(dangling)}, which does not "
+                          f"exist (a disk not mounted?); {CACHE_CHOICES}")
+    resolved = given.resolve()
     # wherever the cache folder is named (--cache-dir, $MIDUS_CACHE, data.cache_dir), the folders it makes are named as an
     # output's are; one that exists is the user's, whatever its name (a cache filled by an earlier version: trial156 1)
     why = next(filter(None, map(control_character_in_name, new_folder_names(resolved))), None)

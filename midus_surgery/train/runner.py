@@ -108,7 +108,7 @@ from midus_surgery.train.params import ParamGroups, adamw_options, choose_params
 from midus_surgery.units import human_bytes
 
 NORM_LABELS = {"grad_norm": "gnorm", "memory_grad_norm": "mem gnorm"}  # metrics key -> log line label
-RUN_DIR_LOOKS = 10  # reads of a run_dir's marker, half a second apart, before it is said not to be process 0's
+RUN_DIR_LOOKS = 11  # reads of a run_dir's marker, half a second apart (5 s), before it is said not to be process 0's
 
 ALLOW_CODE = "read that code, then set trust_remote_code: true in the train config"
 ALLOW_PICKLE = "set allow_pickle: true in the train config"
@@ -741,8 +741,9 @@ class Runner:
             return
         exists, marker, path = seen[rank]
         why = ("it does not exist" if not exists else "it holds no marker of a training run" if marker is None or marker.get("kind") !=
-               RUN_KIND else f"another run's folder: its marker was written by pid {marker.get('pid')} on {marker.get('host')}, process "
-               f"0's by pid {(first or {}).get('pid')} on {(first or {}).get('host')}")
+               RUN_KIND else f"its marker, written by pid {marker.get('pid')} on {marker.get('host')}, is not the one process 0's start "
+               f"has just written (pid {(first or {}).get('pid')} on {(first or {}).get('host')}): another run's folder, a copy of "
+               "this one, or a view of it that did not catch up in 5 s")
         raise TrainingError(f"process {rank}'s run_dir {path} is not the run directory process 0 made ({why}): every process must "
                             "write into the same run_dir (one folder, or a node's mount of it)")
 
