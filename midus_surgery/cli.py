@@ -104,7 +104,10 @@ def _folder_to_write(text: str, *, new_names_only: bool = False) -> str:
         raise argparse.ArgumentTypeError(f"{_no_path(text)} (an unset shell variable?); name the folder to write")
     if _cwd_gone() and not os.path.isabs(text):  # pathlib's traceback (trial154 L6)
         raise argparse.ArgumentTypeError(f"{text!r}: {CWD_GONE}")
-    where = Path(text).resolve() if new_names_only else Path(text).absolute()  # a cache is made where it resolves (trial158 F3)
+    try:
+        where = Path(text).resolve() if new_names_only else Path(text).absolute()  # a cache is made where it resolves (trial158 F3)
+    except RuntimeError:  # pathlib's "Symlink loop from ..." (trial159 F1)
+        raise argparse.ArgumentTypeError(f"{text!r} reaches a link that leads back to itself") from None
     why = next(filter(None, map(control_character_in_name, new_folder_names(where) if new_names_only else [text])), None)
     if why:
         raise argparse.ArgumentTypeError(printable(why))

@@ -473,8 +473,16 @@ def test_a_token_cache_folder_named_with_blanks_at_an_end_is_refused_wherever_it
                  ["eval", "model", "--data", "corpus", "--cache-dir", "gone-disk/tokens", "--quiet"]):
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert f"{train_project / 'gone-disk'} is a link to {train_project / 'mnt' / 'disk'}, which does not exist (a disk not mounted?)" in err, err
+        assert f"{train_project / 'gone-disk'} is a link to {train_project / 'mnt' / 'disk'}, which does not exist (a disk not mounted? " \
+            "make that folder first if it is meant)" in err, err
     assert not (train_project / "mnt").exists()
+    (train_project / "loop").symlink_to(train_project / "loop")  # one line, not pathlib's traceback (trial159 F1)
+    assert main(["train", str(train_config(train_project, **{"data.cache_dir": "loop/tokens"})), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert ("leads back to itself" in err or "points back at itself" in err) and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit) as usage:
+        main(["eval", "model", "--data", "corpus", "--cache-dir", "loop/tokens", "--quiet"])
+    assert usage.value.code == 2 and "'loop/tokens' reaches a link that leads back to itself" in capsys.readouterr().err
     # a cache folder reached through one named badly that does not exist: the folder checked is the folder written, and
     # the run made the badly named one on its way there (trial157)
     assert main(["train", str(train_config(train_project, "runs/t", **{"data.cache_dir": "tok\tx/../tokens"})), "--quiet"]) == 0

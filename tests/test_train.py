@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -1014,12 +1015,13 @@ def test_processes_that_find_other_checkpoints_stop_with_one_line(world, tmp_pat
     (tmp_path / "runI").mkdir()
     write_marker(tmp_path / "runI", RUN_KIND)
     shutil.copytree(tmp_path / "runI", tmp_path / "runK")
-    catch_up = subprocess.Popen(["sh", "-c", f"while cmp -s {tmp_path / 'runI' / MARKER} {tmp_path / 'runK' / MARKER}; do sleep 0.1; done; "
-                                 f"sleep 1; cp {tmp_path / 'runI' / MARKER} {tmp_path / 'runK' / MARKER}"])
+    new, view = (shlex.quote(str(tmp_path / run / MARKER)) for run in ("runI", "runK"))
+    catch_up = subprocess.Popen(["sh", "-c", f"while cmp -s {new} {view}; do sleep 0.1; done; sleep 1; cp {new} {view}"])
     try:
         proc = per_rank_launch(wrapper, cfg, 29571, "run_dir", tmp_path / "runI", tmp_path / "runK")
     finally:
         catch_up.kill()
+        catch_up.wait()
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 

@@ -598,8 +598,13 @@ def check_cache_location(cache: str | os.PathLike, *, inputs: Iterable[tuple[str
     given = Path(cache).absolute()
     dangling = next((p for p in (given, *given.parents) if p.is_symlink() and not p.exists()), None)
     if dangling is not None:  # followed, the cache was made on whatever disk holds the link's target's folder (trial158 F2)
-        raise OutputError(f"the token cache {given} cannot be made: {dangling} is a link to {os.readlink(dangling)}, which does not "
-                          f"exist (a disk not mounted?); {CACHE_CHOICES}")
+        try:
+            target = dangling.resolve()  # the end of its chain of links
+        except RuntimeError:
+            raise OutputError(f"the token cache {given} cannot be made: {dangling} is a link that leads back to itself; "
+                              f"{CACHE_CHOICES}") from None
+        raise OutputError(f"the token cache {given} cannot be made: {dangling} is a link to {target}, which does not exist (a disk "
+                          f"not mounted? make that folder first if it is meant); {CACHE_CHOICES}")
     resolved = given.resolve()
     # wherever the cache folder is named (--cache-dir, $MIDUS_CACHE, data.cache_dir), the folders it makes are named as an
     # output's are; one that exists is the user's, whatever its name (a cache filled by an earlier version: trial156 1)
