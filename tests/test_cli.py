@@ -594,9 +594,14 @@ def test_a_symlink_loop_is_one_line(tiny_base, tmp_path, capsys):
     assert main(["eval", str(tiny_base), "--data", str(tmp_path / "loopA"), "--quiet"]) == 3  # a data error since trial63
     err = capsys.readouterr().err
     assert "loopA is a symbolic link that leads back to itself (a link loop)" in err and len(err.splitlines()) == 1, err
-    (tmp_path / "runs").symlink_to(tmp_path / "runs")  # pathlib's own loop error elsewhere (an output's parent): still one line
-    assert main(["eval", str(tiny_base), "--data", str(tiny_base / "config.json"), "--cache-dir", str(tmp_path / "runs" / "c"),
-                 "--quiet"]) != 0
+    (tmp_path / "runs").symlink_to(tmp_path / "runs")  # a loop on the way to a folder to make: a usage error (trial159 F1)
+    with pytest.raises(SystemExit) as usage:
+        main(["eval", str(tiny_base), "--data", str(tiny_base / "config.json"), "--cache-dir", str(tmp_path / "runs" / "c"), "--quiet"])
+    err = capsys.readouterr().err
+    assert usage.value.code == 2 and f"{str(tmp_path / 'runs' / 'c')!r} reaches a link that leads back to itself" in err, err
+    assert "Traceback" not in err
+    analyze_out = tmp_path / "runs" / "an"  # --out's loop: pathlib's own error, one line
+    assert main(["analyze", str(tiny_base), "--data", str(tiny_base / "config.json"), "--out", str(analyze_out), "--quiet"]) != 0
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
